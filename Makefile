@@ -1,0 +1,67 @@
+# Marie's developer entry points. `make run` and `make test` bootstrap
+# everything they need (tools, virtual environment, stubs) on a fresh machine.
+
+PYTHON ?= python3
+UV_VERSION := 0.13.8
+TOOLS := .tools
+UV := $(TOOLS)/bin/uv
+VENV := .venv
+PY := $(VENV)/bin/python
+PROTO_FILES := $(shell find protos -name '*.proto')
+STUBS_DIR := libs/kit/src
+STUBS_STAMP := $(STUBS_DIR)/marie/.stamp
+BUF := node_modules/.bin/buf
+
+.PHONY: all bootstrap stubs run test lint fmt bench clean
+
+all: bootstrap
+
+# uv itself comes from PyPI into a private tools venv, so nothing global is needed.
+$(UV):
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install --quiet uv==$(UV_VERSION)
+
+$(VENV)/.synced: $(UV) uv.lock pyproject.toml $(wildcard */pyproject.toml */*/pyproject.toml)
+	$(UV) sync --frozen --all-packages --python $(PYTHON)
+	touch $@
+
+# Stubs are generated, never committed: messages (.py + .pyi) and typed gRPC stubs.
+$(STUBS_STAMP): $(VENV)/.synced $(PROTO_FILES)
+	rm -rf $(STUBS_DIR)/marie
+	$(PY) -m grpc_tools.protoc -Iprotos \
+		--python_out=$(STUBS_DIR) --pyi_out=$(STUBS_DIR) \
+		--grpc_python_out=$(STUBS_DIR) \
+		--plugin=protoc-gen-mypy_grpc=$(VENV)/bin/protoc-gen-mypy_grpc \
+		--mypy_grpc_out=$(STUBS_DIR) \
+		$(PROTO_FILES)
+	find $(STUBS_DIR)/marie -type d -exec touch {}/__init__.py \;
+	touch $@
+
+bootstrap: $(STUBS_STAMP)
+stubs: $(STUBS_STAMP)
+
+run: bootstrap
+	$(VENV)/bin/marie up
+
+test: bootstrap
+	$(VENV)/bin/pytest
+
+$(BUF): package.json package-lock.json
+	npm ci --no-audit --no-fund --silent
+	touch $@
+
+lint: bootstrap $(BUF)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy libs/kit/src/marie_kit services/*/src cli/src tests
+	$(BUF) lint
+
+fmt: bootstrap
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+bench: bootstrap
+	$(PY) bench/run.py
+
+clean:
+	rm -rf $(VENV) $(TOOLS) $(STUBS_DIR)/marie node_modules
