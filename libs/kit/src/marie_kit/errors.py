@@ -1,0 +1,78 @@
+"""One error type for the whole suite: a gRPC status code plus a google.rpc.ErrorInfo.
+
+Services raise `ServiceError`; the server interceptor turns it into a rich
+status. Clients turn a failed call back into a `ServiceError` with
+`ServiceError.from_rpc_error`, so reason and metadata survive every hop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+
+class ServiceError(Exception):
+    """An error with a gRPC status code, a stable UPPER_SNAKE reason and metadata."""
+
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        reason: str,
+        message: str,
+        *,
+        domain: str = "marie",
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.reason = reason
+        self.message = message
+        self.domain = domain
+        self.metadata: dict[str, str] = dict(metadata or {})
+
+    def __repr__(self) -> str:
+        return f"ServiceError({self.code.name}, {self.reason!r}, {self.message!r})"
+
+    def to_status(self) -> grpc.Status:
+        """The rich status: code, message and ErrorInfo in the status details."""
+        info = error_details_pb2.ErrorInfo(
+            reason=self.reason, domain=self.domain, metadata=self.metadata
+        )
+        detail = any_pb2.Any()
+        detail.Pack(info)
+        proto = status_pb2.Status(code=self.code.value[0], message=self.message, details=[detail])
+        return rpc_status.to_status(proto)
+
+    @classmethod
+    def from_rpc_error(cls, error: grpc.aio.AioRpcError) -> ServiceError:
+        """Rebuild the error a peer raised, ErrorInfo included when it sent one."""
+        code = error.code()
+        message = error.details() or code.name
+        reason, domain, metadata = code.name, "marie", {}
+        for key, value in error.trailing_metadata() or ():
+            if key != STATUS_DETAILS_KEY or not isinstance(value, bytes):
+                continue
+            status = status_pb2.Status.FromString(value)
+            for detail in status.details:
+                if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                    info = error_details_pb2.ErrorInfo()
+                    detail.Unpack(info)
+                    reason, domain, metadata = info.reason, info.domain, dict(info.metadata)
+        return cls(code, reason, message, domain=domain, metadata=metadata)
+
+
+def invalid_argument(field: str, message: str, *, domain: str = "marie") -> ServiceError:
+    """INVALID_ARGUMENT naming the offending field in ErrorInfo metadata."""
+    return ServiceError(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_ARGUMENT",
+        message,
+        domain=domain,
+        metadata={"field": field},
+    )

@@ -1,0 +1,133 @@
+"""Server interceptor doing the cross-cutting work of every RPC.
+
+- request id: taken from `x-request-id` metadata (or created), bound to a
+  context variable for logs and downstream calls, echoed in initial metadata;
+- access log: one line per call with method, status code and latency;
+- errors: `ServiceError` becomes its rich status; anything else becomes
+  INTERNAL with ErrorInfo and no stack trace for the client (it is logged).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from marie_kit.context import REQUEST_ID_HEADER, clean_request_id, request_id_var
+from marie_kit.errors import ServiceError
+
+log = logging.getLogger("marie.access")
+
+Handler = grpc.RpcMethodHandler[Any, Any]
+
+
+class ServerInterceptor(grpc.aio.ServerInterceptor):
+    """Request id, access log and error mapping for unary and server-streaming RPCs."""
+
+    def __init__(self, domain: str) -> None:
+        self.domain = domain
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method: str = handler_call_details.method
+        metadata = handler_call_details.invocation_metadata or ()
+        incoming = next((v for k, v in metadata if k == REQUEST_ID_HEADER), None)
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary(handler.unary_unary, method, incoming),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(handler.unary_stream, method, incoming),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        # Client- and bidi-streaming RPCs are not part of Marie's contracts.
+        return handler
+
+    def _begin(self, context: grpc.aio.ServicerContext[Any, Any], incoming: Any) -> str:
+        rid = clean_request_id(incoming if isinstance(incoming, str) else None)
+        request_id_var.set(rid)
+        return rid
+
+    async def _fail(
+        self, context: grpc.aio.ServicerContext[Any, Any], exc: BaseException, method: str
+    ) -> grpc.StatusCode:
+        if isinstance(exc, ServiceError):
+            error = exc
+        else:
+            log.error("unhandled error in %s", method, exc_info=exc)
+            error = ServiceError(
+                grpc.StatusCode.INTERNAL,
+                "INTERNAL",
+                f"internal error (request id {request_id_var.get()})",
+                domain=self.domain,
+            )
+        status = error.to_status()
+        context.set_code(status.code)
+        context.set_details(status.details)
+        context.set_trailing_metadata(status.trailing_metadata)
+        return error.code
+
+    def _log(self, method: str, code: grpc.StatusCode, started: float) -> None:
+        log.info(
+            "rpc",
+            extra={
+                "method": method,
+                "code": code.name,
+                "latency_ms": round((time.perf_counter() - started) * 1000, 3),
+            },
+        )
+
+    def _wrap_unary(self, behavior: Any, method: str, incoming: Any) -> Any:
+        async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            started = time.perf_counter()
+            self._begin(context, incoming)
+            code = grpc.StatusCode.OK
+            try:
+                return await behavior(request, context)
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except Exception as exc:
+                code = await self._fail(context, exc, method)
+                return None
+            finally:
+                self._log(method, code, started)
+
+        return unary
+
+    def _wrap_stream(self, behavior: Any, method: str, incoming: Any) -> Any:
+        async def stream(
+            request: Any, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
+            started = time.perf_counter()
+            self._begin(context, incoming)
+            code = grpc.StatusCode.OK
+            try:
+                async for response in behavior(request, context):
+                    yield response
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except GeneratorExit:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except Exception as exc:
+                code = await self._fail(context, exc, method)
+            finally:
+                self._log(method, code, started)
+
+        return stream

@@ -1,0 +1,53 @@
+"""JSON-lines logging to stdout, with the request id and service name on every line."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+from typing import Any
+
+import orjson
+
+from marie_kit.context import request_id_var
+
+# Attributes every LogRecord has; anything else passed through `extra=` is emitted.
+_RESERVED = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, service, logger, message, request id, extras."""
+
+    def __init__(self, service: str) -> None:
+        super().__init__()
+        self.service = service
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "service": self.service,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        rid = request_id_var.get()
+        if rid:
+            entry["request_id"] = rid
+        for key, value in record.__dict__.items():
+            if key not in _RESERVED and not key.startswith("_"):
+                entry[key] = value
+        if record.exc_info:
+            entry["exception"] = "".join(traceback.format_exception(*record.exc_info))
+        return orjson.dumps(entry, default=str).decode()
+
+
+def setup_logging(service: str, level: str = "INFO") -> None:
+    """Route every logger to stdout as JSON lines; idempotent."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(JsonFormatter(service))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # Library chatter (HTTP client per-request lines) would drown the access log.
+    for noisy in ("httpx", "httpcore", "asyncio", "grpc"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

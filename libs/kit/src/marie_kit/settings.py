@@ -1,0 +1,81 @@
+"""Settings from the environment, validated at start.
+
+Each service subclasses `ServiceSettings` with its own prefix
+(`MARIE_PROVIDERS_`, `MARIE_AUTH_`, …). A bad value stops the process with
+one clear line naming the variable, not a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Literal, NoReturn, TypeVar
+
+from pydantic import AliasChoices, Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_DATA_DIR = "./.marie"
+DEFAULT_GRACE_SECONDS = 10.0
+
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "debug", "info", "warning", "error"]
+
+
+class ServiceSettings(BaseSettings):
+    """What every gRPC service is configured with."""
+
+    model_config = SettingsConfigDict(extra="ignore", frozen=True)
+
+    host: str = Field(default="127.0.0.1", description="Interface the gRPC server binds to.")
+    port: int = Field(default=0, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+    log_level: LogLevel = Field(
+        default="INFO", validation_alias=AliasChoices("MARIE_LOG_LEVEL", "log_level")
+    )
+    data_dir: Path = Field(
+        default=Path(DEFAULT_DATA_DIR),
+        validation_alias=AliasChoices("MARIE_DATA_DIR", "data_dir"),
+        description="Where embedded stores keep their files.",
+    )
+    grace_seconds: float = Field(
+        default=DEFAULT_GRACE_SECONDS,
+        ge=0,
+        le=600,
+        validation_alias=AliasChoices("MARIE_GRACE_SECONDS", "grace_seconds"),
+        description="How long in-flight calls may run on after SIGTERM.",
+    )
+
+
+S = TypeVar("S", bound=BaseSettings)
+
+
+def describe_error(error: ValidationError, prefix: str, settings_cls: type[BaseSettings]) -> str:
+    """One line naming each bad variable and why it is bad."""
+    parts = []
+    for item in error.errors():
+        field = str(item["loc"][0]) if item["loc"] else "?"
+        info = settings_cls.model_fields.get(field)
+        alias = info.validation_alias if info else None
+        if isinstance(alias, AliasChoices):
+            name = str(alias.choices[0])
+        elif isinstance(alias, str):
+            name = alias
+        else:
+            name = f"{prefix}{field}".upper()
+        got = item.get("input")
+        shown = "" if isinstance(got, dict) else f" (got {got!r})"
+        parts.append(f"{name}: {item['msg']}{shown}")
+    return "invalid settings: " + "; ".join(parts)
+
+
+def fail(message: str) -> NoReturn:
+    """Stop the process with one line on stderr and exit code 2."""
+    print(message, file=sys.stderr)
+    raise SystemExit(2)
+
+
+def load_settings(settings_cls: type[S], **overrides: Any) -> S:
+    """Read and validate settings; exit with one clear line when they are bad."""
+    try:
+        return settings_cls(**overrides)
+    except ValidationError as exc:
+        prefix = str(settings_cls.model_config.get("env_prefix", ""))
+        fail(describe_error(exc, prefix, settings_cls))
