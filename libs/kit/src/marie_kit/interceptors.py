@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 
@@ -22,7 +22,8 @@ from marie_kit.errors import ServiceError
 
 log = logging.getLogger("marie.access")
 
-Handler = grpc.RpcMethodHandler[Any, Any]
+# Generic only in the type stubs, so the alias exists for the type checker alone.
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 
 
 class ServerInterceptor(grpc.aio.ServerInterceptor):

@@ -1,0 +1,222 @@
+"""The service kit, exercised through a real gRPC server on an ephemeral port."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from marie_kit.apikeys import display_form, generate_key, is_well_formed, key_digest
+from marie_kit.channels import insecure_channel, is_serving
+from marie_kit.context import request_id_var
+from marie_kit.errors import ServiceError
+from marie_kit.server import RunningServer, start_server
+from marie_kit.settings import ServiceSettings, load_settings
+from pydantic_settings import SettingsConfigDict
+
+SERVICE = "test.v1.Probe"
+
+
+def _identity(b: bytes) -> bytes:
+    return b
+
+
+class ProbeComponent:
+    """A tiny service: methods that echo the request id, fail, or stream then fail."""
+
+    service_names: Sequence[str] = (SERVICE,)
+    domain = "marie.test"
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.release.set()
+        self.closed = False
+
+    def register(self, server: grpc.aio.Server) -> None:
+        async def echo_id(request: bytes, context: Any) -> bytes:
+            return request_id_var.get().encode()
+
+        async def fail_known(request: bytes, context: Any) -> bytes:
+            raise ServiceError(
+                grpc.StatusCode.NOT_FOUND,
+                "THING_NOT_FOUND",
+                "no thing named x",
+                domain=self.domain,
+                metadata={"name": "x"},
+            )
+
+        async def fail_unknown(request: bytes, context: Any) -> bytes:
+            raise RuntimeError("secret internals /etc/passwd")
+
+        async def stream_then_fail(request: bytes, context: Any) -> AsyncIterator[bytes]:
+            yield b"one"
+            yield b"two"
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "UPSTREAM_ERROR", "upstream broke")
+
+        handlers = {
+            "EchoId": grpc.unary_unary_rpc_method_handler(echo_id, _identity, _identity),
+            "FailKnown": grpc.unary_unary_rpc_method_handler(fail_known, _identity, _identity),
+            "FailUnknown": grpc.unary_unary_rpc_method_handler(fail_unknown, _identity, _identity),
+            "StreamThenFail": grpc.unary_stream_rpc_method_handler(
+                stream_then_fail, _identity, _identity
+            ),
+        }
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+
+    async def start(self) -> None:
+        await self.release.wait()
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+@pytest.fixture
+async def probe() -> AsyncIterator[tuple[RunningServer, ProbeComponent]]:
+    component = ProbeComponent()
+    running = await start_server([component])
+    yield running, component
+    await running.stop(0)
+
+
+def _unary(channel: grpc.aio.Channel, method: str) -> Any:
+    return channel.unary_unary(f"/{SERVICE}/{method}", _identity, _identity)
+
+
+async def test_request_id_from_metadata_reaches_the_handler(
+    probe: tuple[RunningServer, ProbeComponent],
+) -> None:
+    running, _ = probe
+    async with insecure_channel(running.target) as channel:
+        reply = await _unary(channel, "EchoId")(b"", metadata=(("x-request-id", "abc-123"),))
+    assert reply == b"abc-123"
+
+
+async def test_request_id_is_created_when_absent(
+    probe: tuple[RunningServer, ProbeComponent],
+) -> None:
+    running, _ = probe
+    async with insecure_channel(running.target) as channel:
+        first = await _unary(channel, "EchoId")(b"")
+        second = await _unary(channel, "EchoId")(b"")
+    assert len(first) == 24 and first != second
+
+
+async def test_service_error_arrives_with_code_reason_and_metadata(
+    probe: tuple[RunningServer, ProbeComponent],
+) -> None:
+    running, _ = probe
+    async with insecure_channel(running.target) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await _unary(channel, "FailKnown")(b"")
+    error = ServiceError.from_rpc_error(caught.value)
+    assert error.code == grpc.StatusCode.NOT_FOUND
+    assert (error.reason, error.domain, error.metadata) == (
+        "THING_NOT_FOUND",
+        "marie.test",
+        {"name": "x"},
+    )
+    assert error.message == "no thing named x"
+
+
+async def test_unhandled_exception_is_internal_without_internals(
+    probe: tuple[RunningServer, ProbeComponent],
+) -> None:
+    running, _ = probe
+    async with insecure_channel(running.target) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await _unary(channel, "FailUnknown")(b"", metadata=(("x-request-id", "rid-7"),))
+    error = ServiceError.from_rpc_error(caught.value)
+    assert error.code == grpc.StatusCode.INTERNAL
+    assert error.reason == "INTERNAL"
+    assert "passwd" not in error.message and "Traceback" not in error.message
+    assert "rid-7" in error.message
+
+
+async def test_stream_error_after_items_keeps_the_items(
+    probe: tuple[RunningServer, ProbeComponent],
+) -> None:
+    running, _ = probe
+    received = []
+    async with insecure_channel(running.target) as channel:
+        call = channel.unary_stream(f"/{SERVICE}/StreamThenFail", _identity, _identity)(b"")
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for item in call:
+                received.append(item)
+    assert received == [b"one", b"two"]
+    assert ServiceError.from_rpc_error(caught.value).reason == "UPSTREAM_ERROR"
+
+
+async def test_health_is_not_serving_until_components_started() -> None:
+    component = ProbeComponent()
+    component.release.clear()
+    starting = asyncio.create_task(start_server([component], port=0))
+    # The port is bound before start() finishes; find it through the task's server
+    # by polling a health check on every attempt until the task completes.
+    await asyncio.sleep(0.2)
+    assert not starting.done()
+    component.release.set()
+    running = await starting
+    async with insecure_channel(running.target) as channel:
+        assert await is_serving(channel, SERVICE)
+        await running.health.enter_graceful_shutdown()
+        assert not await is_serving(channel, SERVICE)
+    await running.stop(0)
+    assert component.closed
+
+
+async def test_reflection_lists_the_services(probe: tuple[RunningServer, ProbeComponent]) -> None:
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc  # noqa: PLC0415
+
+    running, _ = probe
+    async with insecure_channel(running.target) as channel:
+        stub: Any = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        async for reply in stub.ServerReflectionInfo(iter([request])):
+            names = {s.name for s in reply.list_services_response.service}
+            break
+    assert {SERVICE, "grpc.health.v1.Health"} <= names
+
+
+async def test_health_check_answers_for_the_whole_server(
+    probe: tuple[RunningServer, ProbeComponent],
+) -> None:
+    running, _ = probe
+    async with insecure_channel(running.target) as channel:
+        stub: Any = health_pb2_grpc.HealthStub(channel)
+        reply = await stub.Check(health_pb2.HealthCheckRequest(service=""))
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+class _Settings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="MARIE_PROBE_", extra="ignore", frozen=True)
+
+
+def test_bad_setting_exits_with_one_clear_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("MARIE_PROBE_PORT", "not-a-port")
+    with pytest.raises(SystemExit) as caught:
+        load_settings(_Settings)
+    assert caught.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err
+    assert err.startswith("invalid settings: MARIE_PROBE_PORT:") and "not-a-port" in err
+
+
+def test_generated_keys_are_well_formed_and_checksummed() -> None:
+    key = generate_key()
+    assert is_well_formed(key)
+    assert key != generate_key()
+    flipped = key[:-1] + ("A" if key[-1] != "A" else "B")
+    assert not is_well_formed(flipped)
+    assert not is_well_formed(key[:-1])
+    assert display_form(key) == f"mk-…{key[-4:]}"
+
+
+def test_key_digest_uses_the_pepper() -> None:
+    key = generate_key()
+    assert key_digest(key) != key_digest(key, b"pepper")
+    assert key not in key_digest(key)

@@ -1,0 +1,161 @@
+"""API-key checks on the hot path: extraction from headers, a short-lived
+in-process cache of validations, and a watcher of auth's key events that drops
+revoked keys from the cache at once.
+
+While the event stream is down the cache is bypassed, so a revocation can never
+be missed: every request is then validated by the auth service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+
+import grpc
+from marie.auth.v1 import auth_service_pb2 as auth_pb
+from marie.auth.v1 import auth_service_pb2_grpc as auth_grpc
+from marie_kit.apikeys import is_well_formed
+
+from marie_gateway.errors import from_rpc_error, invalid_api_key, permission_denied
+
+log = logging.getLogger("marie.gateway.access")
+
+# Scopes a key needs for each part of the HTTP surface.
+SCOPE_CHAT = "chat"
+SCOPE_MODELS = "models:read"
+SCOPE_EMBEDDINGS = "embeddings"
+_RECONNECT_MAX_SECONDS = 5.0
+_CACHE_MAX_ENTRIES = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling, from a validated key."""
+
+    key_id: str
+    owner: str
+    scopes: frozenset[str]
+    allowed_models: tuple[str, ...]
+
+    def require_scope(self, scope: str) -> None:
+        if scope not in self.scopes and "admin" not in self.scopes:
+            raise permission_denied(f"This API key lacks the '{scope}' scope.")
+
+    def may_use(self, model_id: str) -> bool:
+        if not self.allowed_models:
+            return True
+        for pattern in self.allowed_models:
+            if pattern.endswith("*"):
+                if model_id.startswith(pattern[:-1]):
+                    return True
+            elif pattern == model_id:
+                return True
+        return False
+
+    def require_model(self, model_id: str) -> None:
+        if not self.may_use(model_id):
+            raise permission_denied(f"This API key may not use the model '{model_id}'.")
+
+
+def extract_key(authorization: str | None, x_api_key: str | None) -> str:
+    """The key from `Authorization: Bearer …` or `X-API-Key`; 401 when absent."""
+    if authorization:
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise invalid_api_key("Malformed Authorization header: expected 'Bearer <key>'.")
+        return token.strip()
+    if x_api_key:
+        return x_api_key.strip()
+    raise invalid_api_key(
+        "You didn't provide an API key. Send it as 'Authorization: Bearer <key>' "
+        "or in the 'X-API-Key' header."
+    )
+
+
+class KeyValidator:
+    """Validates keys through the auth service, caching answers briefly."""
+
+    def __init__(self, channel: grpc.aio.Channel, *, cache_ttl: float, timeout: float) -> None:
+        self._stub = auth_grpc.AuthServiceStub(channel)
+        self._cache_ttl = cache_ttl
+        self._timeout = timeout
+        # sha256(key) -> (principal, expires at monotonic); no plaintext keys kept.
+        self._cache: dict[bytes, tuple[Principal, float]] = {}
+        self._events_live = False
+        self._watcher: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._cache_ttl > 0:
+            self._watcher = asyncio.create_task(self._watch(), name="key-events")
+
+    async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
+
+    async def validate(self, key: str, request_id: str) -> Principal:
+        """The principal of `key`; ApiError 401 when it is not valid."""
+        if not is_well_formed(key):
+            raise invalid_api_key()
+        digest = hashlib.sha256(key.encode()).digest()
+        hit = self._cache.get(digest)
+        now = time.monotonic()
+        if hit is not None and hit[1] > now and self._events_live:
+            return hit[0]
+        try:
+            reply = await self._stub.ValidateApiKey(
+                auth_pb.ValidateApiKeyRequest(key=key),
+                timeout=self._timeout,
+                metadata=(("x-request-id", request_id),),
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc, request_id) from None
+        p = reply.principal
+        principal = Principal(
+            key_id=p.key_id,
+            owner=p.owner,
+            scopes=frozenset(p.scopes),
+            allowed_models=tuple(p.allowed_models),
+        )
+        ttl = min(self._cache_ttl, reply.cache_ttl_seconds or self._cache_ttl)
+        if p.HasField("expire_time"):
+            ttl = min(ttl, p.expire_time.ToSeconds() - time.time())
+        if ttl > 0 and self._events_live:
+            if len(self._cache) >= _CACHE_MAX_ENTRIES:
+                self._cache.clear()
+            self._cache[digest] = (principal, now + ttl)
+        return principal
+
+    def _drop_key(self, key_id: str) -> None:
+        for digest in [d for d, (p, _) in self._cache.items() if p.key_id == key_id]:
+            del self._cache[digest]
+
+    async def _watch(self) -> None:
+        delay = 0.1
+        while True:
+            try:
+                call = self._stub.WatchKeyEvents(auth_pb.WatchKeyEventsRequest())
+                async for event in call:
+                    if event.type == auth_pb.KEY_EVENT_TYPE_SYNC:
+                        self._cache.clear()
+                        self._events_live = True
+                        delay = 0.1
+                    elif event.type in (
+                        auth_pb.KEY_EVENT_TYPE_REVOKED,
+                        auth_pb.KEY_EVENT_TYPE_UPDATED,
+                    ):
+                        self._drop_key(event.key_id)
+            except asyncio.CancelledError:
+                raise
+            except grpc.aio.AioRpcError as exc:
+                log.warning("key event stream lost: %s", exc.code().name)
+            except Exception:
+                log.exception("key event stream failed")
+            # Until the stream is back, nothing is served from the cache.
+            self._events_live = False
+            self._cache.clear()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _RECONNECT_MAX_SECONDS)

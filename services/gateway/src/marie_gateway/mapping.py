@@ -1,0 +1,213 @@
+"""Translation between the OpenAI surface (pydantic bodies, JSON dicts) and the
+providers contract (protobuf), in one place."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from google.protobuf import struct_pb2
+from marie.providers.v1 import provider_service_pb2 as pb
+
+from marie_gateway.protocol import (
+    ChatCompletionRequest,
+    ChatMessage,
+    NamedToolChoice,
+    TextPart,
+)
+
+_ROLES = {
+    "system": pb.ROLE_SYSTEM,
+    "developer": pb.ROLE_DEVELOPER,
+    "user": pb.ROLE_USER,
+    "assistant": pb.ROLE_ASSISTANT,
+    "tool": pb.ROLE_TOOL,
+}
+_TOOL_CHOICE = {
+    "none": pb.TOOL_CHOICE_MODE_NONE,
+    "auto": pb.TOOL_CHOICE_MODE_AUTO,
+    "required": pb.TOOL_CHOICE_MODE_REQUIRED,
+}
+_RESPONSE_FORMAT = {
+    "text": pb.RESPONSE_FORMAT_TYPE_TEXT,
+    "json_object": pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT,
+    "json_schema": pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA,
+}
+FINISH_REASONS: dict[int, str | None] = {
+    pb.FINISH_REASON_UNSPECIFIED: None,
+    pb.FINISH_REASON_STOP: "stop",
+    pb.FINISH_REASON_LENGTH: "length",
+    pb.FINISH_REASON_TOOL_CALLS: "tool_calls",
+    pb.FINISH_REASON_CONTENT_FILTER: "content_filter",
+}
+
+
+def _struct(value: dict[str, Any]) -> struct_pb2.Struct:
+    out = struct_pb2.Struct()
+    out.update(value)
+    return out
+
+
+def _message(msg: ChatMessage) -> pb.ChatMessage:
+    out = pb.ChatMessage(role=_ROLES[msg.role], name=msg.name or "")
+    if isinstance(msg.content, str):
+        out.content = msg.content
+    elif msg.content:
+        for part in msg.content:
+            if isinstance(part, TextPart):
+                out.parts.add(text=part.text)
+            else:
+                out.parts.add(
+                    image_url=pb.ImageUrl(
+                        url=part.image_url.url, detail=part.image_url.detail or ""
+                    )
+                )
+    for call in msg.tool_calls or ():
+        out.tool_calls.add(
+            id=call.id,
+            type=call.type,
+            function=pb.FunctionCall(name=call.function.name, arguments=call.function.arguments),
+        )
+    if msg.tool_call_id:
+        out.tool_call_id = msg.tool_call_id
+    return out
+
+
+def chat_request_to_proto(
+    body: ChatCompletionRequest, completion_id: str
+) -> pb.StreamChatCompletionRequest:
+    """The providers request for an OpenAI chat completion body."""
+    req = pb.StreamChatCompletionRequest(
+        model=body.model,
+        messages=[_message(m) for m in body.messages],
+        user=body.user or "",
+        completion_id=completion_id,
+    )
+    s = req.sampling
+    if body.temperature is not None:
+        s.temperature = body.temperature
+    if body.top_p is not None:
+        s.top_p = body.top_p
+    if body.top_k is not None:
+        s.top_k = body.top_k
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    if max_tokens is not None:
+        s.max_tokens = max_tokens
+    if body.stop is not None:
+        s.stop.extend([body.stop] if isinstance(body.stop, str) else body.stop)
+    if body.seed is not None:
+        s.seed = body.seed
+    if body.presence_penalty is not None:
+        s.presence_penalty = body.presence_penalty
+    if body.frequency_penalty is not None:
+        s.frequency_penalty = body.frequency_penalty
+    if body.response_format is not None:
+        rf = req.response_format
+        rf.type = _RESPONSE_FORMAT[body.response_format.type]
+        if body.response_format.json_schema is not None:
+            js = body.response_format.json_schema
+            rf.name = js.name
+            rf.json_schema.CopyFrom(_struct(js.schema_))
+            rf.strict = bool(js.strict)
+    for tool in body.tools or ():
+        fn = tool.function
+        req.tools.add(
+            type=tool.type,
+            function=pb.FunctionDefinition(
+                name=fn.name,
+                description=fn.description or "",
+                parameters=_struct(fn.parameters) if fn.parameters is not None else None,
+                strict=bool(fn.strict),
+            ),
+        )
+    if isinstance(body.tool_choice, NamedToolChoice):
+        req.tool_choice.mode = pb.TOOL_CHOICE_MODE_FUNCTION
+        req.tool_choice.function_name = body.tool_choice.function.name
+    elif body.tool_choice is not None:
+        req.tool_choice.mode = _TOOL_CHOICE[body.tool_choice]
+    return req
+
+
+def usage_dict(usage: pb.Usage) -> dict[str, int]:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+    }
+
+
+def chunk_delta(chunk: pb.StreamChatCompletionResponse) -> dict[str, Any]:
+    """The OpenAI `delta` of one providers chunk."""
+    delta: dict[str, Any] = {}
+    if chunk.role == pb.ROLE_ASSISTANT:
+        delta["role"] = "assistant"
+    if chunk.content or "role" in delta:
+        delta["content"] = chunk.content
+    if chunk.tool_calls:
+        calls = []
+        for tc in chunk.tool_calls:
+            call: dict[str, Any] = {"index": tc.index}
+            if tc.id:
+                call["id"] = tc.id
+                call["type"] = tc.type or "function"
+            fn: dict[str, str] = {"arguments": tc.arguments}
+            if tc.name:
+                fn["name"] = tc.name
+            call["function"] = fn
+            calls.append(call)
+        delta["tool_calls"] = calls
+    return delta
+
+
+class CompletionAggregate:
+    """Folds a stream of chunks into one non-streaming `chat.completion`."""
+
+    __slots__ = ("content", "finish_reason", "tool_calls", "usage")
+
+    def __init__(self) -> None:
+        self.content: list[str] = []
+        self.tool_calls: dict[int, dict[str, Any]] = {}
+        self.finish_reason: str | None = None
+        self.usage: pb.Usage | None = None
+
+    def add(self, chunk: pb.StreamChatCompletionResponse) -> None:
+        if chunk.content:
+            self.content.append(chunk.content)
+        for tc in chunk.tool_calls:
+            call = self.tool_calls.setdefault(
+                tc.index,
+                {"id": "", "type": "function", "function": {"name": "", "arguments": ""}},
+            )
+            if tc.id:
+                call["id"] = tc.id
+            if tc.name:
+                call["function"]["name"] = tc.name
+            call["function"]["arguments"] += tc.arguments
+        if chunk.finish_reason:
+            self.finish_reason = FINISH_REASONS.get(chunk.finish_reason)
+        if chunk.HasField("usage"):
+            self.usage = chunk.usage
+
+    def response(self, completion_id: str, created: int, model: str) -> dict[str, Any]:
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": "".join(self.content) if self.content or not self.tool_calls else None,
+        }
+        if self.tool_calls:
+            message["tool_calls"] = [self.tool_calls[i] for i in sorted(self.tool_calls)]
+        out: dict[str, Any] = {
+            "id": completion_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": message,
+                    "finish_reason": self.finish_reason or "stop",
+                    "logprobs": None,
+                }
+            ],
+        }
+        if self.usage is not None:
+            out["usage"] = usage_dict(self.usage)
+        return out

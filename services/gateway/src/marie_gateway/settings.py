@@ -1,0 +1,73 @@
+"""Gateway settings, from `MARIE_GATEWAY_*` (and the suite-wide port variables)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import AliasChoices, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_PROVIDERS_PORT = 50051
+DEFAULT_AUTH_PORT = 50053
+
+
+class GatewaySettings(BaseSettings):
+    """Where the gateway listens and which services it talks to."""
+
+    model_config = SettingsConfigDict(env_prefix="MARIE_GATEWAY_", extra="ignore", frozen=True)
+
+    host: str = Field(default="127.0.0.1", description="Interface the HTTP server binds to.")
+    port: int = Field(default=8000, ge=0, le=65535, description="HTTP port.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "debug", "info", "warning", "error"] = (
+        Field(default="INFO", validation_alias=AliasChoices("MARIE_LOG_LEVEL", "log_level"))
+    )
+    providers_addr: str = Field(
+        default="",
+        description="host:port of the providers service; default 127.0.0.1:$MARIE_PROVIDERS_PORT.",
+    )
+    auth_addr: str = Field(
+        default="", description="host:port of the auth service; default 127.0.0.1:$MARIE_AUTH_PORT."
+    )
+    providers_port: int = Field(
+        default=DEFAULT_PROVIDERS_PORT,
+        ge=1,
+        le=65535,
+        validation_alias=AliasChoices("MARIE_PROVIDERS_PORT", "providers_port"),
+    )
+    auth_port: int = Field(
+        default=DEFAULT_AUTH_PORT,
+        ge=1,
+        le=65535,
+        validation_alias=AliasChoices("MARIE_AUTH_PORT", "auth_port"),
+    )
+    key_cache_ttl_seconds: float = Field(
+        default=60.0,
+        ge=0,
+        le=3600,
+        description="Longest a key validation is reused without asking auth (0 disables the "
+        "cache). Revocations still apply at once through auth's event stream.",
+    )
+    request_timeout_seconds: float = Field(
+        default=600.0, gt=0, description="Deadline of one chat completion, end to end."
+    )
+    control_timeout_seconds: float = Field(
+        default=10.0, gt=0, description="Deadline of model listing, key validation and the like."
+    )
+    max_body_bytes: int = Field(
+        default=16 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 above)."
+    )
+    grace_seconds: float = Field(
+        default=10.0,
+        ge=0,
+        validation_alias=AliasChoices("MARIE_GRACE_SECONDS", "grace_seconds"),
+        description="How long in-flight requests may run on after SIGTERM.",
+    )
+
+    @model_validator(mode="after")
+    def _default_addresses(self) -> GatewaySettings:
+        # frozen model: fill derived defaults through object.__setattr__ once, at load.
+        if not self.providers_addr:
+            object.__setattr__(self, "providers_addr", f"127.0.0.1:{self.providers_port}")
+        if not self.auth_addr:
+            object.__setattr__(self, "auth_addr", f"127.0.0.1:{self.auth_port}")
+        return self
