@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -172,7 +172,7 @@ async def test_reflection_lists_the_services(probe: tuple[RunningServer, ProbeCo
 
     running, _ = probe
     async with insecure_channel(running.target) as channel:
-        stub: Any = reflection_pb2_grpc.ServerReflectionStub(channel)
+        stub: Any = reflection_pb2_grpc.ServerReflectionStub(cast(Any, channel))
         request = reflection_pb2.ServerReflectionRequest(list_services="")
         async for reply in stub.ServerReflectionInfo(iter([request])):
             names = {s.name for s in reply.list_services_response.service}
