@@ -15,6 +15,7 @@ from marie_kit.context import request_id_var
 from marie_kit.errors import ServiceError
 from marie_kit.server import RunningServer, start_server
 from marie_kit.settings import ServiceSettings, load_settings
+from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 SERVICE = "test.v1.Probe"
@@ -34,6 +35,7 @@ class ProbeComponent:
         self.release = asyncio.Event()
         self.release.set()
         self.closed = False
+        self.stopping_called = False
 
     def register(self, server: grpc.aio.Server) -> None:
         async def echo_id(request: bytes, context: Any) -> bytes:
@@ -68,6 +70,9 @@ class ProbeComponent:
 
     async def start(self) -> None:
         await self.release.wait()
+
+    async def stopping(self) -> None:
+        self.stopping_called = True
 
     async def close(self) -> None:
         self.closed = True
@@ -164,7 +169,7 @@ async def test_health_is_not_serving_until_components_started() -> None:
         await running.health.enter_graceful_shutdown()
         assert not await is_serving(channel, SERVICE)
     await running.stop(0)
-    assert component.closed
+    assert component.stopping_called and component.closed
 
 
 async def test_reflection_lists_the_services(probe: tuple[RunningServer, ProbeComponent]) -> None:
@@ -204,6 +209,21 @@ def test_bad_setting_exits_with_one_clear_line(
     err = capsys.readouterr().err.strip()
     assert "\n" not in err
     assert err.startswith("invalid settings: MARIE_PROBE_PORT:") and "not-a-port" in err
+
+
+class _SecretSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="MARIE_PROBE_", extra="ignore", frozen=True)
+    pepper: SecretStr | None = Field(default=None, min_length=8)
+
+
+def test_bad_secret_setting_is_reported_without_its_value(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("MARIE_PROBE_PEPPER", "hunter2")
+    with pytest.raises(SystemExit):
+        load_settings(_SecretSettings)
+    err = capsys.readouterr().err
+    assert "MARIE_PROBE_PEPPER" in err and "hunter2" not in err
 
 
 def test_generated_keys_are_well_formed_and_checksummed() -> None:

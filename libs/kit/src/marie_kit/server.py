@@ -39,6 +39,10 @@ class Component(Protocol):
     async def start(self) -> None:
         """Open stores and clients; raise if the service cannot become ready."""
 
+    async def stopping(self) -> None:
+        """Shutdown has begun: end calls that never end on their own (watch
+        streams) so the grace period is spent only on real work."""
+
     async def close(self) -> None:
         """Release everything `start` opened."""
 
@@ -59,6 +63,8 @@ class RunningServer:
     async def stop(self, grace: float) -> None:
         """NOT_SERVING first, then let in-flight calls finish, then close components."""
         await self.health.enter_graceful_shutdown()
+        for component in self.components:
+            await component.stopping()
         await self.server.stop(grace)
         for component in reversed(self.components):
             try:

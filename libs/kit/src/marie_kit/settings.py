@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any, Literal, NoReturn, TypeVar
 
-from pydantic import AliasChoices, Field, ValidationError
+from pydantic import AliasChoices, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_DATA_DIR = "./.marie"
@@ -28,7 +28,9 @@ class ServiceSettings(BaseSettings):
     host: str = Field(default="127.0.0.1", description="Interface the gRPC server binds to.")
     port: int = Field(default=0, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
     log_level: LogLevel = Field(
-        default="INFO", validation_alias=AliasChoices("MARIE_LOG_LEVEL", "log_level")
+        default="INFO",
+        validation_alias=AliasChoices("MARIE_LOG_LEVEL", "log_level"),
+        description="Least severe log level written to stdout.",
     )
     data_dir: Path = Field(
         default=Path(DEFAULT_DATA_DIR),
@@ -61,7 +63,8 @@ def describe_error(error: ValidationError, prefix: str, settings_cls: type[BaseS
         else:
             name = f"{prefix}{field}".upper()
         got = item.get("input")
-        shown = "" if isinstance(got, dict) else f" (got {got!r})"
+        secret = info is not None and info.annotation in (SecretStr, SecretStr | None)
+        shown = "" if isinstance(got, dict) or secret else f" (got {got!r})"
         parts.append(f"{name}: {item['msg']}{shown}")
     return "invalid settings: " + "; ".join(parts)
 

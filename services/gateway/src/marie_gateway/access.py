@@ -120,7 +120,7 @@ class KeyValidator:
             scopes=frozenset(p.scopes),
             allowed_models=tuple(p.allowed_models),
         )
-        ttl = min(self._cache_ttl, reply.cache_ttl_seconds or self._cache_ttl)
+        ttl = min(self._cache_ttl, reply.cache_ttl_seconds)
         if p.HasField("expire_time"):
             ttl = min(ttl, p.expire_time.ToSeconds() - time.time())
         if ttl > 0 and self._events_live:

@@ -1,0 +1,27 @@
+"""`marie-auth`: run the auth service until SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+from marie_kit.logs import setup_logging
+from marie_kit.server import run, serve
+from marie_kit.settings import load_settings
+
+from marie_auth.service import AuthComponent
+from marie_auth.settings import AuthSettings
+
+
+def main() -> None:
+    settings = load_settings(AuthSettings)
+    setup_logging("auth", settings.log_level)
+    run(
+        serve(
+            [AuthComponent(settings)],
+            host=settings.host,
+            port=settings.port,
+            grace=settings.grace_seconds,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

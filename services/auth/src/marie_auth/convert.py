@@ -1,0 +1,119 @@
+"""Translation between the auth protos and the core's dataclasses, in one place."""
+
+from __future__ import annotations
+
+from google.protobuf.timestamp_pb2 import Timestamp
+from marie.auth.v1 import auth_service_pb2 as pb
+
+from marie_auth.events import KeyEvent, KeyEventType
+from marie_auth.keys import Principal
+from marie_auth.store import KeyLimits, KeyRecord, KeySpec, KeyState
+
+_STATES: dict[KeyState, pb.ApiKeyState] = {
+    KeyState.ACTIVE: pb.API_KEY_STATE_ACTIVE,
+    KeyState.REVOKED: pb.API_KEY_STATE_REVOKED,
+    KeyState.EXPIRED: pb.API_KEY_STATE_EXPIRED,
+}
+
+_EVENT_TYPES: dict[KeyEventType, pb.KeyEventType] = {
+    KeyEventType.SYNC: pb.KEY_EVENT_TYPE_SYNC,
+    KeyEventType.REVOKED: pb.KEY_EVENT_TYPE_REVOKED,
+    KeyEventType.UPDATED: pb.KEY_EVENT_TYPE_UPDATED,
+}
+
+
+def timestamp(unix_seconds: float | None) -> Timestamp | None:
+    """A Timestamp for unix seconds; None stays None (an unset field)."""
+    if unix_seconds is None:
+        return None
+    ts = Timestamp()
+    ts.FromNanoseconds(round(unix_seconds * 1e9))
+    return ts
+
+
+def unix_seconds(ts: Timestamp) -> float:
+    return ts.seconds + ts.nanos / 1e9
+
+
+def limits_to_proto(limits: KeyLimits) -> pb.KeyLimits:
+    return pb.KeyLimits(
+        requests_per_minute=limits.requests_per_minute,
+        tokens_per_minute=limits.tokens_per_minute,
+        tokens_per_day=limits.tokens_per_day,
+    )
+
+
+def limits_from_proto(limits: pb.KeyLimits) -> KeyLimits:
+    return KeyLimits(
+        requests_per_minute=limits.requests_per_minute,
+        tokens_per_minute=limits.tokens_per_minute,
+        tokens_per_day=limits.tokens_per_day,
+    )
+
+
+def api_key_to_proto(record: KeyRecord, now: float) -> pb.ApiKey:
+    """The metadata of a key as its effective state at `now` shows it; never the secret."""
+    spec = record.spec
+    return pb.ApiKey(
+        id=record.id,
+        name=spec.name,
+        owner=spec.owner,
+        scopes=spec.scopes,
+        allowed_models=spec.allowed_models,
+        limits=limits_to_proto(spec.limits),
+        display=record.display,
+        state=_STATES[record.state_at(now)],
+        create_time=timestamp(record.create_time),
+        update_time=timestamp(record.update_time),
+        expire_time=timestamp(spec.expire_time),
+        revoke_time=timestamp(record.revoke_time),
+        last_used_time=timestamp(record.last_used_time),
+        labels=spec.labels,
+    )
+
+
+def spec_from_create(request: pb.CreateApiKeyRequest) -> KeySpec:
+    return KeySpec(
+        name=request.name,
+        owner=request.owner,
+        scopes=tuple(request.scopes),
+        allowed_models=tuple(request.allowed_models),
+        limits=limits_from_proto(request.limits),
+        expire_time=(
+            unix_seconds(request.expire_time) if request.HasField("expire_time") else None
+        ),
+        labels=dict(request.labels),
+    )
+
+
+def spec_from_api_key(api_key: pb.ApiKey) -> KeySpec:
+    """The settings an UpdateApiKey request carries (only the masked ones are used)."""
+    return KeySpec(
+        name=api_key.name,
+        owner=api_key.owner,
+        scopes=tuple(api_key.scopes),
+        allowed_models=tuple(api_key.allowed_models),
+        limits=limits_from_proto(api_key.limits),
+        expire_time=(
+            unix_seconds(api_key.expire_time) if api_key.HasField("expire_time") else None
+        ),
+        labels=dict(api_key.labels),
+    )
+
+
+def principal_to_proto(principal: Principal) -> pb.Principal:
+    return pb.Principal(
+        key_id=principal.key_id,
+        key_name=principal.key_name,
+        owner=principal.owner,
+        scopes=principal.scopes,
+        allowed_models=principal.allowed_models,
+        limits=limits_to_proto(principal.limits),
+        expire_time=timestamp(principal.expire_time),
+    )
+
+
+def event_to_proto(event: KeyEvent) -> pb.WatchKeyEventsResponse:
+    return pb.WatchKeyEventsResponse(
+        type=_EVENT_TYPES[event.type], key_id=event.key_id, event_time=timestamp(event.time)
+    )

@@ -1,0 +1,182 @@
+"""The AuthService gRPC servicer (a thin proto ⇄ core translation) and the
+component the kit's server bootstrap runs.
+
+What callers see beyond the proto comments:
+- scopes are "chat", "models:read", "embeddings", "memory" and "admin"
+  (see `scopes.py`); an empty list means all of them but "admin", and any
+  other name is INVALID_ARGUMENT (field "scopes");
+- ListApiKeys pages default to 50 keys; larger page sizes are cut to 500;
+- updating a revoked key, or rotating a revoked or expired one, is
+  FAILED_PRECONDITION with reason KEY_INACTIVE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+import grpc
+from marie.auth.v1 import auth_service_pb2 as pb
+from marie.auth.v1 import auth_service_pb2_grpc as pb_grpc
+from marie_kit.errors import ServiceError
+
+from marie_auth import convert
+from marie_auth.errors import DOMAIN
+from marie_auth.events import KeyEventBroadcaster
+from marie_auth.keys import DEFAULT_EXPIRY_CHECK_SECONDS, KeyManager, open_store
+from marie_auth.settings import AuthSettings
+
+log = logging.getLogger("marie.auth.service")
+
+SERVICE_NAME = "marie.auth.v1.AuthService"
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class AuthComponent:
+    """The auth service as a kit `Component`: opens the key store in `start()`,
+    closes it (and ends every WatchKeyEvents stream) in `close()`."""
+
+    service_names: Sequence[str] = (SERVICE_NAME,)
+    domain: str = DOMAIN
+
+    def __init__(
+        self,
+        settings: AuthSettings,
+        *,
+        clock: Callable[[], float] = time.time,
+        expiry_check_seconds: float = DEFAULT_EXPIRY_CHECK_SECONDS,
+    ) -> None:
+        self.settings = settings
+        self.events = KeyEventBroadcaster(clock=clock)
+        self._clock = clock
+        self._expiry_check_seconds = expiry_check_seconds
+        self._keys: KeyManager | None = None
+        self._expiry_task: asyncio.Task[None] | None = None
+
+    @property
+    def keys(self) -> KeyManager:
+        """The started key manager; UNAVAILABLE before `start()` and after `close()`."""
+        if self._keys is None:
+            raise ServiceError(
+                grpc.StatusCode.UNAVAILABLE, "UNAVAILABLE", "auth service not ready", domain=DOMAIN
+            )
+        return self._keys
+
+    def register(self, server: grpc.aio.Server) -> None:
+        pb_grpc.add_AuthServiceServicer_to_server(AuthServicer(self), server)
+
+    async def start(self) -> None:
+        store = await open_store(self.settings)
+        self._keys = KeyManager(
+            store,
+            pepper=self.settings.pepper_bytes,
+            cache_ttl_seconds=self.settings.validation_cache_ttl_seconds,
+            events=self.events,
+            clock=self._clock,
+        )
+        self._expiry_task = asyncio.create_task(
+            self._keys.notify_expirations(self._expiry_check_seconds)
+        )
+        log.info("key store open", extra={"store": self.settings.store})
+
+    async def stopping(self) -> None:
+        # Watch streams never end on their own; end them before the grace period.
+        self.events.close()
+
+    async def close(self) -> None:
+        self.events.close()
+        if self._expiry_task is not None:
+            self._expiry_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._expiry_task
+            self._expiry_task = None
+        if self._keys is not None:
+            keys, self._keys = self._keys, None
+            await keys.close()
+
+
+class AuthServicer(pb_grpc.AuthServiceServicer):
+    """AuthService RPCs: each translates its request, calls the KeyManager, translates back."""
+
+    def __init__(self, component: AuthComponent) -> None:
+        self._component = component
+
+    @property
+    def _keys(self) -> KeyManager:
+        return self._component.keys
+
+    async def CreateApiKey(
+        self, request: pb.CreateApiKeyRequest, context: Context
+    ) -> pb.CreateApiKeyResponse:
+        issued = await self._keys.create(convert.spec_from_create(request))
+        return pb.CreateApiKeyResponse(
+            api_key=convert.api_key_to_proto(issued.record, self._keys.now()), key=issued.key
+        )
+
+    async def GetApiKey(
+        self, request: pb.GetApiKeyRequest, context: Context
+    ) -> pb.GetApiKeyResponse:
+        record = await self._keys.get(request.id)
+        return pb.GetApiKeyResponse(api_key=convert.api_key_to_proto(record, self._keys.now()))
+
+    async def ListApiKeys(
+        self, request: pb.ListApiKeysRequest, context: Context
+    ) -> pb.ListApiKeysResponse:
+        page = await self._keys.list(
+            owner=request.owner or None,
+            include_inactive=request.include_inactive,
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        now = self._keys.now()
+        return pb.ListApiKeysResponse(
+            api_keys=[convert.api_key_to_proto(record, now) for record in page.keys],
+            next_page_token=page.next_page_token,
+        )
+
+    async def UpdateApiKey(
+        self, request: pb.UpdateApiKeyRequest, context: Context
+    ) -> pb.UpdateApiKeyResponse:
+        record = await self._keys.update(
+            request.api_key.id,
+            convert.spec_from_api_key(request.api_key),
+            list(request.update_mask.paths),
+        )
+        return pb.UpdateApiKeyResponse(api_key=convert.api_key_to_proto(record, self._keys.now()))
+
+    async def RevokeApiKey(
+        self, request: pb.RevokeApiKeyRequest, context: Context
+    ) -> pb.RevokeApiKeyResponse:
+        record = await self._keys.revoke(request.id)
+        return pb.RevokeApiKeyResponse(api_key=convert.api_key_to_proto(record, self._keys.now()))
+
+    async def RotateApiKey(
+        self, request: pb.RotateApiKeyRequest, context: Context
+    ) -> pb.RotateApiKeyResponse:
+        rotated = await self._keys.rotate(request.id, request.grace_period_seconds)
+        return pb.RotateApiKeyResponse(
+            api_key=convert.api_key_to_proto(rotated.record, self._keys.now()),
+            key=rotated.key,
+            previous_id=rotated.previous.id,
+        )
+
+    async def ValidateApiKey(
+        self, request: pb.ValidateApiKeyRequest, context: Context
+    ) -> pb.ValidateApiKeyResponse:
+        validation = await self._keys.validate(request.key)
+        return pb.ValidateApiKeyResponse(
+            principal=convert.principal_to_proto(validation.principal),
+            cache_ttl_seconds=validation.cache_ttl_seconds,
+        )
+
+    async def WatchKeyEvents(
+        self, request: pb.WatchKeyEventsRequest, context: Context
+    ) -> AsyncIterator[pb.WatchKeyEventsResponse]:
+        with self._component.events.subscribe() as subscription:
+            async for event in subscription:
+                yield convert.event_to_proto(event)
