@@ -1,0 +1,1 @@
+"""Marie providers service: provider abstraction, model registry, streaming chat over gRPC."""

@@ -1,0 +1,22 @@
+"""Entry point of the providers service: `marie-providers` or `python -m marie_providers`."""
+
+from __future__ import annotations
+
+from marie_kit.logs import setup_logging
+from marie_kit.server import run, serve
+from marie_kit.settings import load_settings
+
+from marie_providers.service import ProvidersComponent
+from marie_providers.settings import ProvidersSettings
+
+
+def main() -> None:
+    """Read the settings, then serve until SIGTERM or SIGINT."""
+    settings = load_settings(ProvidersSettings)
+    setup_logging("providers", settings.log_level)
+    component = ProvidersComponent(settings)
+    run(serve([component], host=settings.host, port=settings.port, grace=settings.grace_seconds))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""The provider abstraction: what the registry and the servicer need from every upstream.
+
+Protobuf messages are the domain types at this boundary: a provider builds the
+chunks the servicer sends, so the hot path converts each upstream line once.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncGenerator
+
+from marie.providers.v1 import provider_service_pb2 as pb
+
+
+class Provider(ABC):
+    """One configured upstream (an Ollama server, an OpenAI-compatible endpoint, …)."""
+
+    #: Name used in model ids ("ollama" in "ollama/llama3.2:latest").
+    name: str
+    #: Kind of upstream API ("ollama", "openai", …).
+    kind: str
+    supports_streaming: bool = True
+    supports_embeddings: bool = False
+    #: Model used when a request names the provider but no model; may be empty.
+    default_model: str = ""
+
+    @property
+    @abstractmethod
+    def base_url(self) -> str:
+        """The upstream's base URL without credentials: safe to show and log."""
+
+    @abstractmethod
+    async def list_models(self) -> list[pb.ModelInfo]:
+        """Every model the upstream offers, from its listing (details not loaded)."""
+
+    @abstractmethod
+    async def model_details(self, name: str) -> pb.ModelInfo:
+        """One model with the fields only a details call gives; NOT_FOUND when unknown."""
+
+    @abstractmethod
+    def stream_chat(
+        self,
+        request: pb.StreamChatCompletionRequest,
+        model_name: str,
+        completion_id: str,
+        created: int,
+    ) -> AsyncGenerator[pb.StreamChatCompletionResponse, None]:
+        """Stream the completion of an already validated request as chunks.
+
+        Closing the iterator early must close the upstream request.
+        """
+
+    @abstractmethod
+    async def embed(
+        self, request: pb.CreateEmbeddingsRequest, model_name: str
+    ) -> pb.CreateEmbeddingsResponse:
+        """Embed the request's inputs with `model_name`."""
+
+    @abstractmethod
+    async def probe(self) -> pb.ProviderHealth:
+        """Check that the upstream answers; never raises for an upstream failure."""
+
+    @abstractmethod
+    async def aclose(self) -> None:
+        """Close the upstream connections."""
+
+    def model_id(self, model_name: str) -> str:
+        """The globally unique id clients use for one of this provider's models."""
+        return f"{self.name}/{model_name}"
+
+    def to_proto(self) -> pb.Provider:
+        """This provider as the API describes it."""
+        return pb.Provider(
+            name=self.name,
+            kind=self.kind,
+            base_url=self.base_url,
+            supports_streaming=self.supports_streaming,
+            supports_embeddings=self.supports_embeddings,
+            default_model=self.default_model,
+        )

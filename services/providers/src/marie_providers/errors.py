@@ -1,0 +1,156 @@
+"""The providers service's error vocabulary and the one mapping of upstream failures to it.
+
+Provider modules raise `UpstreamStatusError` / `UpstreamProtocolError` for what
+an upstream answered, let httpx raise what the network did, and hand every one
+of them to `upstream_error`, so each provider reports failures alike.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import grpc
+import httpx
+from marie_kit.errors import ServiceError, invalid_argument
+
+DOMAIN = "marie.providers"
+
+# Upstream error text is relayed to the caller; a runaway body must not be.
+MAX_UPSTREAM_MESSAGE = 500
+
+
+class UpstreamStatusError(Exception):
+    """The upstream answered with an error: an HTTP error status or an error line mid-stream."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class UpstreamProtocolError(Exception):
+    """The upstream answered something that is not what its API promises."""
+
+
+def bad_request(field: str, message: str) -> ServiceError:
+    """INVALID_ARGUMENT in this service's domain, naming `field`."""
+    return invalid_argument(field, message, domain=DOMAIN)
+
+
+def provider_not_found(name: str, known: list[str]) -> ServiceError:
+    """NOT_FOUND for a provider name that is not configured."""
+    return ServiceError(
+        grpc.StatusCode.NOT_FOUND,
+        "PROVIDER_NOT_FOUND",
+        f"provider {name!r} is not configured (configured: {', '.join(known) or 'none'})",
+        domain=DOMAIN,
+        metadata={"provider": name},
+    )
+
+
+def model_not_found(model: str, provider: str = "") -> ServiceError:
+    """NOT_FOUND for a model no provider (or not the named one) serves."""
+    where = f"provider {provider!r}" if provider else "any provider"
+    metadata = {"model": model}
+    if provider:
+        metadata["provider"] = provider
+    return ServiceError(
+        grpc.StatusCode.NOT_FOUND,
+        "MODEL_NOT_FOUND",
+        f"model {model!r} not found on {where}",
+        domain=DOMAIN,
+        metadata=metadata,
+    )
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def _connect_failure(exc: httpx.HTTPError) -> str:
+    """Why a connection could not be made, in words an operator recognises."""
+    if isinstance(exc, httpx.ConnectTimeout):
+        return "connection timed out"
+    for cause in _causes(exc):
+        if isinstance(cause, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(cause, socket.gaierror):
+            return "host name could not be resolved"
+    return str(exc) or type(exc).__name__
+
+
+def _clip(text: str) -> str:
+    text = text.strip()
+    return text if len(text) <= MAX_UPSTREAM_MESSAGE else text[:MAX_UPSTREAM_MESSAGE] + "…"
+
+
+def upstream_error(exc: Exception, *, provider: str, url: str, model: str = "") -> ServiceError:
+    """Map any failure talking to an upstream to a ServiceError.
+
+    `url` is the provider's public base URL (never one with credentials): it is
+    what an operator needs to see to fix a PROVIDER_UNAVAILABLE.
+    """
+    if isinstance(exc, ServiceError):
+        return exc
+    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+        return ServiceError(
+            grpc.StatusCode.UNAVAILABLE,
+            "PROVIDER_UNAVAILABLE",
+            f"{provider} is not reachable at {url}: {_connect_failure(exc)}",
+            domain=DOMAIN,
+            metadata={"provider": provider, "url": url},
+        )
+    if isinstance(exc, httpx.TimeoutException | TimeoutError):
+        return ServiceError(
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            "UPSTREAM_TIMEOUT",
+            f"{provider} at {url} did not answer in time",
+            domain=DOMAIN,
+            metadata={"provider": provider, "url": url},
+        )
+    if isinstance(exc, UpstreamStatusError):
+        return _status_error(exc, provider=provider, model=model)
+    if isinstance(exc, UpstreamProtocolError):
+        return ServiceError(
+            grpc.StatusCode.UNAVAILABLE,
+            "UPSTREAM_ERROR",
+            f"{provider} sent a malformed response: {_clip(str(exc))}",
+            domain=DOMAIN,
+            metadata={"provider": provider},
+        )
+    # Connection dropped mid-response, protocol violations and the like.
+    return ServiceError(
+        grpc.StatusCode.UNAVAILABLE,
+        "UPSTREAM_ERROR",
+        f"{provider} at {url} failed: {_clip(str(exc)) or type(exc).__name__}",
+        domain=DOMAIN,
+        metadata={"provider": provider, "url": url},
+    )
+
+
+def _status_error(exc: UpstreamStatusError, *, provider: str, model: str) -> ServiceError:
+    status, text = exc.status, _clip(exc.message)
+    metadata = {"provider": provider, "upstream_status": str(status)}
+    # Ollama answers an unknown model with 404, and some versions with 400 "… not found".
+    if model and (status == 404 or (status == 400 and "not found" in text.lower())):
+        return model_not_found(model, provider)
+    if status == 400:
+        code, reason = grpc.StatusCode.INVALID_ARGUMENT, "UPSTREAM_BAD_REQUEST"
+    elif status == 429:
+        code, reason = grpc.StatusCode.RESOURCE_EXHAUSTED, "UPSTREAM_RATE_LIMITED"
+    else:
+        code, reason = grpc.StatusCode.UNAVAILABLE, "UPSTREAM_ERROR"
+    where = f"HTTP {status}" if status >= 400 else "an error mid-stream"
+    return ServiceError(
+        code,
+        reason,
+        f"{provider} answered with {where}: {text or 'no message'}",
+        domain=DOMAIN,
+        metadata=metadata,
+    )

@@ -1,0 +1,126 @@
+"""Request checks every provider relies on; each failure is INVALID_ARGUMENT naming its field.
+
+What only one upstream cannot take (Ollama and image links) is checked where
+that upstream's request is built.
+"""
+
+from __future__ import annotations
+
+from marie.providers.v1 import provider_service_pb2 as pb
+
+from marie_providers.errors import bad_request
+
+MAX_STOP_SEQUENCES = 4
+MAX_EMBEDDING_INPUTS = 2048
+DEFAULT_SEARCH_LIMIT = 50
+MAX_SEARCH_LIMIT = 500
+
+KNOWN_ROLES = frozenset(pb.Role.values()) - {pb.ROLE_UNSPECIFIED}
+
+
+def _require_model(model: str) -> None:
+    if not model.strip():
+        raise bad_request("model", "model is required")
+
+
+def _check_range(sampling: pb.SamplingParameters, field: str, low: float, high: float) -> None:
+    if sampling.HasField(field):
+        value = getattr(sampling, field)
+        # Written so NaN fails too: every comparison with NaN is false.
+        if not low <= value <= high:
+            raise bad_request(f"sampling.{field}", f"{field} must be between {low:g} and {high:g}")
+
+
+def _check_sampling(sampling: pb.SamplingParameters) -> None:
+    _check_range(sampling, "temperature", 0, 2)
+    _check_range(sampling, "top_p", 0, 1)
+    _check_range(sampling, "presence_penalty", -2, 2)
+    _check_range(sampling, "frequency_penalty", -2, 2)
+    if sampling.HasField("top_k") and sampling.top_k < 1:
+        raise bad_request("sampling.top_k", "top_k must be at least 1")
+    if sampling.HasField("max_tokens") and sampling.max_tokens < 1:
+        raise bad_request("sampling.max_tokens", "max_tokens must be at least 1")
+    if len(sampling.stop) > MAX_STOP_SEQUENCES:
+        raise bad_request("sampling.stop", f"at most {MAX_STOP_SEQUENCES} stop sequences")
+    for index, stop in enumerate(sampling.stop):
+        if not stop:
+            raise bad_request(f"sampling.stop[{index}]", "stop sequences must not be empty")
+
+
+def _check_messages(messages: list[pb.ChatMessage]) -> None:
+    if not messages:
+        raise bad_request("messages", "at least one message is required")
+    for index, message in enumerate(messages):
+        if message.role not in KNOWN_ROLES:
+            raise bad_request(f"messages[{index}].role", "role is required")
+        if message.role == pb.ROLE_TOOL and not message.tool_call_id:
+            raise bad_request(
+                f"messages[{index}].tool_call_id", "a tool message needs the id of its call"
+            )
+        for position, call in enumerate(message.tool_calls):
+            if not call.function.name:
+                raise bad_request(
+                    f"messages[{index}].tool_calls[{position}].function.name",
+                    "a tool call needs a function name",
+                )
+
+
+def _check_tools(request: pb.StreamChatCompletionRequest) -> None:
+    names = set()
+    for index, tool in enumerate(request.tools):
+        if tool.type not in ("", "function"):
+            raise bad_request(f"tools[{index}].type", "only function tools are supported")
+        if not tool.function.name:
+            raise bad_request(f"tools[{index}].function.name", "a tool needs a function name")
+        names.add(tool.function.name)
+    mode = request.tool_choice.mode
+    if mode in (pb.TOOL_CHOICE_MODE_REQUIRED, pb.TOOL_CHOICE_MODE_FUNCTION) and not names:
+        raise bad_request("tool_choice", "tool_choice requires tools")
+    if mode == pb.TOOL_CHOICE_MODE_FUNCTION and request.tool_choice.function_name not in names:
+        raise bad_request(
+            "tool_choice.function_name", "tool_choice names a function that is not among tools"
+        )
+
+
+def check_chat_request(request: pb.StreamChatCompletionRequest) -> None:
+    """Reject a chat request no provider could serve."""
+    _require_model(request.model)
+    _check_messages(list(request.messages))
+    _check_sampling(request.sampling)
+    _check_tools(request)
+    response_format = request.response_format
+    if response_format.type == pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA and not (
+        response_format.HasField("json_schema") and response_format.json_schema.fields
+    ):
+        raise bad_request("response_format.json_schema", "a json_schema response needs a schema")
+
+
+def check_embeddings_request(request: pb.CreateEmbeddingsRequest) -> None:
+    """Reject an embeddings request no provider could serve."""
+    _require_model(request.model)
+    if not request.inputs:
+        raise bad_request("inputs", "at least one input is required")
+    if len(request.inputs) > MAX_EMBEDDING_INPUTS:
+        raise bad_request("inputs", f"at most {MAX_EMBEDDING_INPUTS} inputs")
+    for index, text in enumerate(request.inputs):
+        if not text:
+            raise bad_request(f"inputs[{index}]", "inputs must not be empty")
+    if request.dimensions < 0:
+        raise bad_request("dimensions", "dimensions must not be negative")
+
+
+def check_get_model_request(request: pb.GetModelRequest) -> None:
+    """Reject a GetModel request without a model."""
+    _require_model(request.model)
+
+
+def check_search_request(request: pb.SearchModelsRequest) -> int:
+    """Reject a search without a query; return the result limit to use.
+
+    0 means the default; more than the maximum is capped rather than refused (AIP-158).
+    """
+    if not request.query.strip():
+        raise bad_request("query", "query is required")
+    if request.limit < 0:
+        raise bad_request("limit", "limit must not be negative")
+    return min(request.limit or DEFAULT_SEARCH_LIMIT, MAX_SEARCH_LIMIT)

@@ -1,0 +1,47 @@
+"""Fixtures: one fake Ollama for the session (reset per test), a fresh providers server per test."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+# `providers_testkit` is importable through the pytest `pythonpath` setting; it is
+# uniquely named so it clashes with no other service's helpers.
+from marie_providers.settings import ProvidersSettings
+from providers_testkit import Service, running_service
+
+from tests.fakes.ollama import FakeOllama
+
+
+@pytest.fixture(scope="session")
+def ollama_server() -> Iterator[FakeOllama]:
+    with FakeOllama() as fake:
+        yield fake
+
+
+@pytest.fixture
+def fake(ollama_server: FakeOllama) -> FakeOllama:
+    """The fake Ollama with its default models and no recorded requests."""
+    ollama_server.reset(models=True)
+    return ollama_server
+
+
+@pytest.fixture
+def settings(fake: FakeOllama) -> ProvidersSettings:
+    # Explicit values win over whatever MARIE_* variables the environment holds.
+    return ProvidersSettings(
+        ollama_base_url=fake.base_url,
+        ollama_enabled=True,
+        port=0,
+        model_cache_ttl_seconds=300,
+        connect_timeout_seconds=2,
+        read_timeout_seconds=5,
+        health_timeout_seconds=2,
+    )
+
+
+@pytest.fixture
+async def service(settings: ProvidersSettings) -> AsyncIterator[Service]:
+    async with running_service(settings) as running:
+        yield running

@@ -1,0 +1,112 @@
+"""Helpers for the providers service's tests: running servers, reading errors, dead URLs."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from marie.providers.v1 import provider_service_pb2 as pb
+from marie.providers.v1 import provider_service_pb2_grpc as pb_grpc
+from marie_kit.channels import insecure_channel
+from marie_kit.errors import ServiceError
+from marie_kit.server import RunningServer, start_server
+from marie_providers.base import Provider
+from marie_providers.ollama import OllamaProvider
+from marie_providers.service import ProviderFactory, ProvidersComponent
+from marie_providers.settings import ProvidersSettings
+
+STOP_GRACE_SECONDS = 0.5
+
+
+@dataclass
+class Service:
+    """A running providers server and a client stub connected to it."""
+
+    server: RunningServer
+    stub: pb_grpc.ProviderServiceAsyncStub
+
+
+@asynccontextmanager
+async def running_service(
+    settings: ProvidersSettings, providers: ProviderFactory | None = None
+) -> AsyncIterator[Service]:
+    """A real gRPC server on an ephemeral port, stopped (and its clients closed) on exit."""
+    component = (
+        ProvidersComponent(settings)
+        if providers is None
+        else ProvidersComponent(settings, providers=providers)
+    )
+    server = await start_server([component])
+    try:
+        async with insecure_channel(server.target) as channel:
+            yield Service(server, pb_grpc.ProviderServiceStub(channel))
+    finally:
+        await server.stop(STOP_GRACE_SECONDS)
+
+
+def ollama_providers(**urls: str) -> Callable[[ProvidersSettings], Sequence[Provider]]:
+    """A factory of Ollama providers named by keyword: `ollama_providers(a=url1, b=url2)`."""
+
+    def build(settings: ProvidersSettings) -> Sequence[Provider]:
+        return [
+            OllamaProvider(
+                url,
+                name=name,
+                connect_timeout=settings.connect_timeout_seconds,
+                read_timeout=settings.read_timeout_seconds,
+                health_timeout=settings.health_timeout_seconds,
+            )
+            for name, url in urls.items()
+        ]
+
+    return build
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def closed_port_url() -> str:
+    """An http URL on 127.0.0.1 where nothing listens: connecting is refused."""
+    return f"http://127.0.0.1:{free_port()}"
+
+
+async def rpc_error(call: Awaitable[Any]) -> ServiceError:
+    """The ServiceError a unary call failed with; AssertionError if it succeeded."""
+    try:
+        await call
+    except grpc.aio.AioRpcError as exc:
+        return ServiceError.from_rpc_error(exc)
+    raise AssertionError("the call succeeded")
+
+
+async def stream_outcome(
+    call: AsyncIterable[pb.StreamChatCompletionResponse],
+) -> tuple[list[pb.StreamChatCompletionResponse], ServiceError | None]:
+    """Every chunk a streaming call sent, and the error it ended with (None when OK)."""
+    chunks: list[pb.StreamChatCompletionResponse] = []
+    try:
+        async for chunk in call:
+            chunks.append(chunk)
+    except grpc.aio.AioRpcError as exc:
+        return chunks, ServiceError.from_rpc_error(exc)
+    return chunks, None
+
+
+def user(text: str) -> pb.ChatMessage:
+    return pb.ChatMessage(role=pb.ROLE_USER, content=text)
+
+
+def chat(model: str, *messages: pb.ChatMessage, **fields: Any) -> pb.StreamChatCompletionRequest:
+    """A chat request; `messages` default to one user "hi there"."""
+    return pb.StreamChatCompletionRequest(
+        model=model, messages=list(messages) or [user("hi there")], **fields
+    )

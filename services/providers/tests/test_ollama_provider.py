@@ -1,0 +1,143 @@
+"""OllamaProvider against upstreams that misbehave in ways the fake server does not script.
+
+These use httpx's in-process MockTransport to serve exactly the broken bytes
+under test (HTML error pages, truncated streams, wrong counts).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+import httpx
+import pytest
+from marie.providers.v1 import provider_service_pb2 as pb
+from marie_kit.errors import ServiceError
+from marie_providers.ollama import OllamaProvider
+from providers_testkit import chat, closed_port_url
+
+Handler = Callable[[httpx.Request], httpx.Response]
+
+
+@pytest.fixture
+async def answering() -> AsyncIterator[Callable[[Handler], OllamaProvider]]:
+    """Makes providers whose upstream is `handler`; closes them after the test."""
+    made: list[OllamaProvider] = []
+
+    def make(handler: Handler) -> OllamaProvider:
+        provider = OllamaProvider(
+            "http://ollama.test:11434", transport=httpx.MockTransport(handler)
+        )
+        made.append(provider)
+        return provider
+
+    yield make
+    for provider in made:
+        await provider.aclose()
+
+
+Answering = Callable[[Handler], OllamaProvider]
+
+
+async def test_credentials_in_the_base_url_are_never_shown() -> None:
+    url = closed_port_url().replace("http://", "http://admin:hunter2@")
+    provider = OllamaProvider(url)
+    try:
+        health = await provider.probe()
+    finally:
+        await provider.aclose()
+
+    assert "hunter2" not in provider.base_url
+    assert "hunter2" not in provider.to_proto().base_url
+    assert health.status == pb.HEALTH_STATUS_ERROR
+    assert "hunter2" not in health.error
+
+
+async def test_a_listing_that_is_not_json_is_an_upstream_error(
+    answering: Answering,
+) -> None:
+    provider = answering(lambda _: httpx.Response(200, text="<html>proxy</html>"))
+
+    with pytest.raises(ServiceError) as info:
+        await provider.list_models()
+
+    assert info.value.code == grpc.StatusCode.UNAVAILABLE
+    assert info.value.reason == "UPSTREAM_ERROR"
+
+
+async def test_a_gateway_error_page_is_an_upstream_error_with_its_status(
+    answering: Answering,
+) -> None:
+    provider = answering(lambda _: httpx.Response(502, text="<html>Bad Gateway</html>"))
+
+    with pytest.raises(ServiceError) as info:
+        await provider.list_models()
+
+    assert info.value.reason == "UPSTREAM_ERROR"
+    assert info.value.metadata["upstream_status"] == "502"
+    assert "Bad Gateway" in info.value.message
+
+
+async def test_a_chat_stream_cut_before_its_last_line_is_an_upstream_error(
+    answering: Answering,
+) -> None:
+    body = b'{"message":{"role":"assistant","content":"Hel"},"done":false}\n'
+    provider = answering(lambda _: httpx.Response(200, content=body))
+    chunks: list[pb.StreamChatCompletionResponse] = []
+
+    with pytest.raises(ServiceError) as info:
+        async for chunk in provider.stream_chat(chat("ollama/m"), "m", "chatcmpl-1", 0):
+            chunks.append(chunk)
+
+    assert [c.content for c in chunks] == ["Hel"]
+    assert info.value.reason == "UPSTREAM_ERROR"
+
+
+async def test_embeddings_of_the_wrong_count_are_an_upstream_error(
+    answering: Answering,
+) -> None:
+    provider = answering(lambda _: httpx.Response(200, json={"embeddings": [[0.1]]}))
+    request = pb.CreateEmbeddingsRequest(model="ollama/e", inputs=["a", "b"])
+
+    with pytest.raises(ServiceError) as info:
+        await provider.embed(request, "e")
+
+    assert info.value.reason == "UPSTREAM_ERROR"
+    assert "1 embeddings for 2 inputs" in info.value.message
+
+
+async def test_more_dimensions_than_the_model_has_is_invalid(answering: Answering) -> None:
+    provider = answering(lambda _: httpx.Response(200, json={"embeddings": [[0.6, 0.8]]}))
+    request = pb.CreateEmbeddingsRequest(model="ollama/e", inputs=["a"], dimensions=3)
+
+    with pytest.raises(ServiceError) as info:
+        await provider.embed(request, "e")
+
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.metadata["field"] == "dimensions"
+
+
+async def test_a_version_answer_without_a_version_is_unhealthy(
+    answering: Answering,
+) -> None:
+    provider = answering(lambda _: httpx.Response(200, json={"status": "ok"}))
+
+    health = await provider.probe()
+
+    assert health.status == pb.HEALTH_STATUS_UNHEALTHY
+    assert not health.available
+    assert health.error
+
+
+async def test_a_rate_limited_embedding_is_resource_exhausted(
+    answering: Answering,
+) -> None:
+    provider = answering(lambda _: httpx.Response(429, json={"error": "slow down"}))
+    request = pb.CreateEmbeddingsRequest(model="ollama/e", inputs=["a"])
+
+    with pytest.raises(ServiceError) as info:
+        await provider.embed(request, "e")
+
+    assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert info.value.reason == "UPSTREAM_RATE_LIMITED"
+    assert "slow down" in info.value.message
