@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -118,8 +119,11 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             self._begin(context, incoming)
             code = grpc.StatusCode.OK
             try:
-                async for response in behavior(request, context):
-                    yield response
+                # aclosing: a cancelled call closes the handler's generator now
+                # (and with it any upstream request), not at garbage collection.
+                async with contextlib.aclosing(behavior(request, context)) as responses:
+                    async for response in responses:
+                        yield response
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED
                 raise

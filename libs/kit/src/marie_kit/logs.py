@@ -12,7 +12,12 @@ import orjson
 from marie_kit.context import request_id_var
 
 # Attributes every LogRecord has; anything else passed through `extra=` is emitted.
-_RESERVED = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+# uvicorn adds an ANSI-coloured copy of its messages; it has no place in JSON.
+_RESERVED = frozenset(logging.makeLogRecord({}).__dict__) | {
+    "message",
+    "asctime",
+    "color_message",
+}
 
 
 class JsonFormatter(logging.Formatter):

@@ -84,6 +84,11 @@ async def start_server(
             ("grpc.max_receive_message_length", 64 * 1024 * 1024),
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
             ("grpc.so_reuseport", 0),
+            # Accept the clients' keepalive pings (channels.CHANNEL_OPTIONS ping
+            # every 30 s even when idle) instead of answering GOAWAY too_many_pings.
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+            ("grpc.http2.max_ping_strikes", 0),
         ),
     )
     health_servicer = health.aio.HealthServicer()

@@ -49,19 +49,35 @@ class ServiceSettings(BaseSettings):
 S = TypeVar("S", bound=BaseSettings)
 
 
+def _aliases(alias: object) -> list[str]:
+    if isinstance(alias, AliasChoices):
+        return [str(choice) for choice in alias.choices]
+    if isinstance(alias, str):
+        return [alias]
+    return []
+
+
 def describe_error(error: ValidationError, prefix: str, settings_cls: type[BaseSettings]) -> str:
     """One line naming each bad variable and why it is bad."""
     parts = []
     for item in error.errors():
         field = str(item["loc"][0]) if item["loc"] else "?"
         info = settings_cls.model_fields.get(field)
-        alias = info.validation_alias if info else None
-        if isinstance(alias, AliasChoices):
-            name = str(alias.choices[0])
-        elif isinstance(alias, str):
-            name = alias
+        if info is None:
+            # pydantic reports a field read through an alias by the alias itself.
+            info = next(
+                (
+                    f
+                    for f in settings_cls.model_fields.values()
+                    if _aliases(f.validation_alias) and field in _aliases(f.validation_alias)
+                ),
+                None,
+            )
+            name = field.upper()
         else:
-            name = f"{prefix}{field}".upper()
+            aliases = _aliases(info.validation_alias)
+            name = aliases[0] if aliases else f"{prefix}{field}"
+        name = name.upper()
         got = item.get("input")
         secret = info is not None and info.annotation in (SecretStr, SecretStr | None)
         shown = "" if isinstance(got, dict) or secret else f" (got {got!r})"
