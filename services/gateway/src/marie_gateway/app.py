@@ -179,7 +179,7 @@ class Gateway:
         aggregate = CompletionAggregate()
         aggregate.add(first)
         try:
-            async for chunk in call:
+            while isinstance(chunk := await call.read(), pb.StreamChatCompletionResponse):
                 aggregate.add(chunk)
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc, rid) from None
@@ -419,12 +419,14 @@ class RequestContext:
         request_id_var.set(rid)
         started = time.perf_counter()
         status = 500
+        response_started = False
         rid_header = (b"x-request-id", rid.encode())
 
         async def send_with_id(message: dict[str, Any]) -> None:
-            nonlocal status
+            nonlocal status, response_started
             if message["type"] == "http.response.start":
                 status = message["status"]
+                response_started = True
                 headers = list(message.get("headers", ()))
                 if not any(k == b"x-request-id" for k, _ in headers):
                     headers.append(rid_header)
@@ -433,6 +435,11 @@ class RequestContext:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception:
+            # Starlette re-raises after its 500 handler has logged the error and
+            # answered; once answered, there is nothing left to do with it.
+            if not response_started:
+                raise
         finally:
             access_log.info(
                 "http",
