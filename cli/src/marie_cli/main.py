@@ -1,0 +1,81 @@
+"""The `marie` command: `marie up` starts the suite; `marie keys …` manages API keys.
+
+Every command honours the same environment variables as the services
+(`MARIE_AUTH_PORT`, `MARIE_DATA_DIR`, …).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+
+import orjson
+
+from marie_cli import keys
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="marie", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("up", help="start every service and wait until Ctrl-C")
+
+    keys_parser = sub.add_parser("keys", help="manage API keys")
+    keys_sub = keys_parser.add_subparsers(dest="keys_command", required=True)
+
+    create = keys_sub.add_parser("create", help="create a key and print it (shown once)")
+    create.add_argument("--name", required=True, help="a name to recognise the key by")
+    create.add_argument("--owner", default="", help="user or team the key belongs to")
+    create.add_argument(
+        "--scope",
+        action="append",
+        default=[],
+        dest="scopes",
+        help="a scope the key gets (repeatable); default: every scope but admin",
+    )
+    create.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        dest="models",
+        help="a model id or 'provider/*' pattern the key may use (repeatable); default: all",
+    )
+    create.add_argument("--json", action="store_true", help="print one JSON object")
+
+    lst = keys_sub.add_parser("list", help="list keys (never their secrets)")
+    lst.add_argument("--owner", default="")
+    lst.add_argument("--all", action="store_true", help="include revoked and expired keys")
+    lst.add_argument("--json", action="store_true", help="print one JSON object")
+
+    revoke = keys_sub.add_parser("revoke", help="revoke a key by id")
+    revoke.add_argument("id")
+    revoke.add_argument("--json", action="store_true", help="print one JSON object")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    env = dict(os.environ)
+    env["MARIE_DATA_DIR"] = os.path.abspath(env.get("MARIE_DATA_DIR") or "./.marie")
+    if args.command == "up":
+        from marie_cli.supervisor import up  # noqa: PLC0415 - only `up` needs it
+
+        raise SystemExit(asyncio.run(up(env)))
+    try:
+        result = asyncio.run(keys.run(args, env))
+    except keys.CliError as exc:
+        print(f"marie: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    if getattr(args, "json", False):
+        sys.stdout.write(orjson.dumps(result.data).decode() + "\n")
+    else:
+        sys.stdout.write(result.text + "\n")
+    if result.note:
+        print(result.note, file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
