@@ -1,0 +1,47 @@
+"""Shared fixtures for the cross-service tests: one fake Ollama and one Marie
+suite (real processes via `marie up`) for the whole session."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.fakes import FakeModel, FakeOllama
+from tests.stack import Stack, start_stack
+
+# Scripted upstream models the end-to-end tests rely on, beside the defaults.
+ENDLESS = FakeModel(name="endless:latest", endless=True, chunk_delay=0.02)
+BROKEN = FakeModel(name="broken:latest", reply="one two three four", error_after=2)
+TOOLY = FakeModel(
+    name="tooly:latest",
+    capabilities=["completion", "tools"],
+    tool_calls=[{"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}],
+)
+
+
+@pytest.fixture(scope="session")
+def ollama() -> Iterator[FakeOllama]:
+    fake = FakeOllama()
+    for model in (ENDLESS, BROKEN, TOOLY):
+        fake.add_model(model)
+    with fake:
+        yield fake
+
+
+@pytest.fixture(scope="session")
+def stack(ollama: FakeOllama, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    running = start_stack(tmp_path_factory.mktemp("marie"), ollama.base_url)
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def api_key(stack: Stack) -> str:
+    return stack.create_key("e2e")
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    return tmp_path / "data"

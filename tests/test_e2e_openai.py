@@ -1,0 +1,293 @@
+"""End to end with the official OpenAI SDK: SDK → gateway → auth + providers →
+fake Ollama, every service a real process."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import cast
+
+import httpx
+import openai
+import pytest
+from openai.types.chat import ChatCompletionMessageParam, ChatCompletionToolParam
+
+from tests.fakes import FakeOllama
+from tests.stack import Stack, free_ports, start_stack
+
+MODEL = "ollama/llama3.2:latest"
+HELLO: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi there"}]
+
+
+@pytest.fixture
+def client(stack: Stack, api_key: str) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=api_key, max_retries=0) as c:
+        yield c
+
+
+def test_non_streaming_completion_returns_the_upstream_reply(
+    client: openai.OpenAI, ollama: FakeOllama
+) -> None:
+    reply = client.chat.completions.create(model=MODEL, messages=HELLO)
+    assert reply.object == "chat.completion"
+    assert reply.id.startswith("chatcmpl-")
+    assert reply.model == MODEL
+    assert reply.choices[0].message.role == "assistant"
+    assert reply.choices[0].message.content == "Hello from llama3.2:latest! You said: hi there"
+    assert reply.choices[0].finish_reason == "stop"
+    assert reply.usage is not None
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+    assert reply.usage.completion_tokens > 0
+
+
+def test_streaming_content_assembles_and_usage_comes_last(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=HELLO,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert content == "Hello from llama3.2:latest! You said: hi there"
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == "stop" and set(finishes[:-1]) == {None}
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens > 0
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_streaming_without_include_usage_sends_no_usage_chunk(client: openai.OpenAI) -> None:
+    chunks = list(client.chat.completions.create(model=MODEL, messages=HELLO, stream=True))
+    assert all(c.choices for c in chunks)
+    assert all(c.usage is None for c in chunks)
+
+
+def test_sampling_parameters_reach_ollama_as_options(
+    client: openai.OpenAI, ollama: FakeOllama
+) -> None:
+    ollama.reset()
+    client.chat.completions.create(
+        model=MODEL,
+        messages=HELLO,
+        temperature=0.3,
+        top_p=0.9,
+        max_tokens=42,
+        stop=["END"],
+        seed=7,
+    )
+    (request,) = ollama.chat_requests
+    assert request.body is not None
+    assert request.body["model"] == "llama3.2:latest"
+    assert request.body["messages"] == [{"role": "user", "content": "hi there"}]
+    options = request.body["options"]
+    assert options["temperature"] == pytest.approx(0.3)
+    assert options["top_p"] == pytest.approx(0.9)
+    assert (options["num_predict"], options["stop"], options["seed"]) == (42, ["END"], 7)
+
+
+def test_tool_calls_come_back_in_openai_shape(client: openai.OpenAI) -> None:
+    tools: list[ChatCompletionToolParam] = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+            },
+        }
+    ]
+    reply = client.chat.completions.create(
+        model="ollama/tooly:latest",
+        messages=[{"role": "user", "content": "weather in Paris?"}],
+        tools=tools,
+    )
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.tool_calls is not None
+    (call,) = choice.message.tool_calls
+    assert call.id.startswith("call_") and call.type == "function"
+    assert call.type == "function"
+    assert call.function.name == "get_weather"
+    assert call.function.arguments == '{"city":"Paris"}'
+
+
+def test_bare_model_name_resolves_when_one_provider_has_it(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(model="llama3.2", messages=HELLO)
+    assert reply.model == MODEL
+
+
+def test_x_api_key_header_is_accepted(stack: Stack, api_key: str) -> None:
+    r = httpx.post(
+        f"{stack.base_url}/v1/chat/completions",
+        headers={"X-API-Key": api_key},
+        json={"model": MODEL, "messages": HELLO},
+    )
+    assert r.status_code == 200, r.text
+    assert r.headers["x-request-id"]
+
+
+def test_bad_key_is_an_authentication_error(stack: Stack) -> None:
+    with (
+        openai.OpenAI(
+            base_url=f"{stack.base_url}/v1", api_key="mk-not-a-real-key", max_retries=0
+        ) as bad,
+        pytest.raises(openai.AuthenticationError) as caught,
+    ):
+        bad.chat.completions.create(model=MODEL, messages=HELLO)
+    assert caught.value.status_code == 401
+    assert caught.value.code == "invalid_api_key"
+
+
+def test_revoked_key_is_refused_at_once(stack: Stack) -> None:
+    import orjson  # noqa: PLC0415
+
+    created = orjson.loads(stack.marie("keys", "create", "--name", "short", "--json").stdout)
+    with openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=created["key"], max_retries=0) as c:
+        c.chat.completions.create(model=MODEL, messages=HELLO)
+        assert stack.marie("keys", "revoke", created["id"]).returncode == 0
+        with pytest.raises(openai.AuthenticationError):
+            c.chat.completions.create(model=MODEL, messages=HELLO)
+
+
+def test_missing_key_is_401_with_openai_envelope(stack: Stack) -> None:
+    r = httpx.post(f"{stack.base_url}/v1/chat/completions", json={"model": MODEL})
+    assert r.status_code == 401
+    error = r.json()["error"]
+    assert error["code"] == "invalid_api_key" and error["type"] == "authentication_error"
+    assert error["message"]
+
+
+def test_unknown_model_is_not_found(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.chat.completions.create(model="ollama/nope:latest", messages=HELLO)
+    assert caught.value.code == "model_not_found"
+    assert "nope" in caught.value.message
+
+
+def test_malformed_body_is_bad_request_naming_the_field(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model=MODEL,
+            messages=[cast(ChatCompletionMessageParam, {"role": "wizard", "content": "hi"})],
+        )
+    assert caught.value.status_code == 400
+    assert caught.value.param == "messages[0].role"
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        (b"{not json", None),
+        (b"[1, 2]", None),
+        (b'{"messages": [{"role": "user", "content": "x"}]}', "model"),
+        (b'{"model": "m", "messages": []}', "messages"),
+        (
+            b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": 5}',
+            "temperature",
+        ),
+        (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 2}', "n"),
+        (b'{"model": "m", "messages": [{"role": "tool", "content": "x"}]}', "messages[0]"),
+    ],
+)
+def test_bad_bodies_are_400_with_envelope(
+    stack: Stack, api_key: str, body: bytes, param: str | None
+) -> None:
+    r = httpx.post(
+        f"{stack.base_url}/v1/chat/completions",
+        content=body,
+        headers={"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"},
+    )
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param
+    assert error["message"]
+
+
+def test_unknown_extra_fields_are_ignored(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(
+        model=MODEL,
+        messages=HELLO,
+        extra_body={"vendor_thing": {"x": 1}, "parallel_tool_calls": False},
+    )
+    assert reply.choices[0].message.content
+
+
+def test_mid_stream_upstream_error_arrives_as_an_error_event(stack: Stack, api_key: str) -> None:
+    with httpx.stream(
+        "POST",
+        f"{stack.base_url}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {api_key}"},
+        json={"model": "ollama/broken:latest", "messages": HELLO, "stream": True},
+    ) as r:
+        assert r.status_code == 200
+        events = [line for line in r.iter_lines() if line]
+    assert events[-1] == "data: [DONE]"
+    assert '"error"' in events[-2] and "upstream_error" in events[-2]
+    assert any('"content"' in e for e in events[:-2])
+
+
+def test_models_list_and_retrieve(client: openai.OpenAI) -> None:
+    ids = [m.id for m in client.models.list()]
+    assert MODEL in ids and "ollama/nomic-embed-text:latest" in ids
+    model = client.models.retrieve(MODEL)
+    assert (model.id, model.object, model.owned_by) == (MODEL, "model", "ollama")
+
+
+def test_retrieving_an_unknown_model_is_not_found(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("ollama/nope:latest")
+
+
+def test_embeddings(client: openai.OpenAI) -> None:
+    reply = client.embeddings.create(
+        model="ollama/nomic-embed-text:latest", input=["alpha", "beta"]
+    )
+    assert [d.index for d in reply.data] == [0, 1]
+    assert len(reply.data[0].embedding) == 768
+    assert reply.data[0].embedding != reply.data[1].embedding
+
+
+def test_unknown_route_is_404_envelope(stack: Stack) -> None:
+    r = httpx.get(f"{stack.base_url}/v1/nothing-here")
+    assert r.status_code == 404
+    assert r.json()["error"]["message"]
+
+
+def test_health_endpoints(stack: Stack) -> None:
+    assert httpx.get(f"{stack.base_url}/healthz").json() == {"status": "ok"}
+    ready = httpx.get(f"{stack.base_url}/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["checks"] == {"providers": True, "auth": True}
+
+
+def test_client_disconnect_closes_the_upstream_stream(
+    client: openai.OpenAI, ollama: FakeOllama
+) -> None:
+    before = ollama.disconnects
+    stream = client.chat.completions.create(
+        model="ollama/endless:latest",
+        messages=HELLO,
+        stream=True,
+    )
+    chunks = iter(stream)
+    for _ in range(3):
+        next(chunks)
+    stream.close()
+    assert ollama.wait_for_disconnect(timeout=10, count=before + 1)
+    assert ollama.wait_for_active_streams(0, timeout=10)
+
+
+def test_upstream_down_is_a_server_error(tmp_path: Path) -> None:
+    (closed_port,) = free_ports(1)
+    down = start_stack(tmp_path / "down", f"http://127.0.0.1:{closed_port}")
+    try:
+        key = down.create_key("down")
+        c = openai.OpenAI(base_url=f"{down.base_url}/v1", api_key=key, max_retries=0)
+        with c, pytest.raises(openai.InternalServerError) as caught:
+            c.chat.completions.create(model=MODEL, messages=HELLO)
+        assert caught.value.status_code == 503
+        assert f"127.0.0.1:{closed_port}" in caught.value.message
+    finally:
+        assert down.stop() == 0
