@@ -1,0 +1,155 @@
+"""Hot-path benchmark: what Marie adds to a chat completion, in latency and CPU.
+
+Baseline and Marie run in the same session against the same fake Ollama (its
+own process): the baseline calls Ollama's /api/chat directly; the Marie path
+calls the gateway's /v1/chat/completions, which validates the key, calls the
+providers service over gRPC, which calls the same upstream. The difference is
+what Marie adds. CPU is read from /proc for every Marie process, so it counts
+the gateway, providers and auth together.
+
+Usage: make bench   (or .venv/bin/python bench/run.py --requests 500)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.stack import Stack, free_ports, start_stack  # noqa: E402
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+MESSAGES = [{"role": "user", "content": "Say hello in five words."}]
+
+
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of a process and its reaped children, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(v) for v in fields[11:15]) / CLK_TCK
+
+
+def _marie_pids(stack: Stack) -> list[int]:
+    """The service processes: children of `marie up`."""
+    parent = str(stack.process.pid)
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[1] == parent:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def _time(fn: Callable[[], None], count: int) -> list[float]:
+    samples = []
+    for _ in range(count):
+        started = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - started) * 1000)
+    return samples
+
+
+def _pct(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--requests", type=int, default=400)
+    parser.add_argument("--warmup", type=int, default=50)
+    args = parser.parse_args()
+
+    (ollama_port,) = free_ports(1)
+    fake = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; sys.path.insert(0, sys.argv[2]);"
+            "from tests.fakes import FakeOllama;"
+            "f = FakeOllama(port=int(sys.argv[1])).start(); print('ready', flush=True);"
+            "time.sleep(10**6)",
+            str(ollama_port),
+            str(ROOT),
+        ],
+        stdout=subprocess.PIPE,
+    )
+    assert fake.stdout is not None and fake.stdout.readline().strip() == b"ready"
+    ollama = f"http://127.0.0.1:{ollama_port}"
+    with tempfile.TemporaryDirectory() as tmp:
+        stack = start_stack(Path(tmp), ollama, MARIE_LOG_LEVEL="WARNING")
+        try:
+            key = stack.create_key("bench")
+            direct = httpx.Client(base_url=ollama, timeout=30)
+            marie = httpx.Client(
+                base_url=stack.base_url, timeout=30, headers={"Authorization": f"Bearer {key}"}
+            )
+            results = {}
+            for stream in (False, True):
+                direct_body: dict[str, object] = {
+                    "model": "llama3.2:latest",
+                    "messages": MESSAGES,
+                    "stream": stream,
+                }
+                marie_body: dict[str, object] = {
+                    "model": "ollama/llama3.2:latest",
+                    "messages": MESSAGES,
+                    "stream": stream,
+                }
+
+                def call_direct(body: dict[str, object] = direct_body) -> None:
+                    with direct.stream("POST", "/api/chat", json=body) as r:
+                        r.raise_for_status()
+                        for _ in r.iter_bytes():
+                            pass
+
+                def call_marie(body: dict[str, object] = marie_body) -> None:
+                    with marie.stream("POST", "/v1/chat/completions", json=body) as r:
+                        r.raise_for_status()
+                        for _ in r.iter_bytes():
+                            pass
+
+                _time(call_direct, args.warmup)
+                _time(call_marie, args.warmup)
+                pids = _marie_pids(stack)
+                cpu_before = sum(_cpu_seconds(p) for p in pids)
+                # Interleave the two so machine noise hits both alike.
+                d, m = [], []
+                for _ in range(args.requests // 10):
+                    d += _time(call_direct, 10)
+                    m += _time(call_marie, 10)
+                cpu_ms = (sum(_cpu_seconds(p) for p in pids) - cpu_before) * 1000 / len(m)
+                results["stream" if stream else "non-stream"] = (d, m, cpu_ms)
+        finally:
+            stack.stop()
+            fake.terminate()
+            fake.wait()
+
+    print(f"\nMarie hot-path benchmark: {args.requests} requests per path, sequential\n")
+    header = f"{'mode':<11}{'direct p50':>12}{'marie p50':>12}{'added p50':>12}"
+    header += f"{'direct p90':>12}{'marie p90':>12}{'ratio p50':>11}{'marie CPU/req':>15}"
+    print(header)
+    for mode, (d, m, cpu_ms) in results.items():
+        dp50, mp50 = statistics.median(d), statistics.median(m)
+        print(
+            f"{mode:<11}{dp50:>10.2f}ms{mp50:>10.2f}ms{mp50 - dp50:>10.2f}ms"
+            f"{_pct(d, 0.9):>10.2f}ms{_pct(m, 0.9):>10.2f}ms{mp50 / dp50:>10.2f}x{cpu_ms:>13.2f}ms"
+        )
+    print("\nadded = Marie p50 - direct p50; CPU = gateway + providers + auth, per request.")
+
+
+if __name__ == "__main__":
+    main()
