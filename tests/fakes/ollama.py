@@ -628,6 +628,10 @@ class FakeOllama:
         # connection attempt never races the server's startup.
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Served through `sockets=`, accepted connections get no TCP_NODELAY
+        # from asyncio; Linux copies it from the listener. Without it every
+        # keep-alive response stalls ~40 ms on Nagle + delayed ACK.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind((self._host, self._requested_port))
         sock.listen(128)
         self._socket = sock
