@@ -39,17 +39,19 @@ def _cpu_seconds(pid: int) -> float:
     return sum(int(v) for v in fields[11:15]) / CLK_TCK
 
 
-def _marie_pids(stack: Stack) -> list[int]:
-    """The service processes: children of `marie up`."""
+def _marie_pids(stack: Stack) -> dict[str, int]:
+    """The service processes (children of `marie up`), by service name."""
     parent = str(stack.process.pid)
-    pids = []
+    pids = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
         if fields[1] == parent:
-            pids.append(int(stat.parent.name))
+            module = next((a.decode() for a in cmdline if a.startswith(b"marie_")), "?")
+            pids[module.removeprefix("marie_")] = int(stat.parent.name)
     return pids
 
 
@@ -90,7 +92,8 @@ def main() -> None:
     assert fake.stdout is not None and fake.stdout.readline().strip() == b"ready"
     ollama = f"http://127.0.0.1:{ollama_port}"
     with tempfile.TemporaryDirectory() as tmp:
-        stack = start_stack(Path(tmp), ollama, MARIE_LOG_LEVEL="WARNING")
+        # Default log level: the access log is part of the real per-request cost.
+        stack = start_stack(Path(tmp), ollama)
         try:
             key = stack.create_key("bench")
             direct = httpx.Client(base_url=ollama, timeout=30)
@@ -125,13 +128,16 @@ def main() -> None:
                 _time(call_direct, args.warmup)
                 _time(call_marie, args.warmup)
                 pids = _marie_pids(stack)
-                cpu_before = sum(_cpu_seconds(p) for p in pids)
+                cpu_before = {name: _cpu_seconds(pid) for name, pid in pids.items()}
                 # Interleave the two so machine noise hits both alike.
                 d, m = [], []
                 for _ in range(args.requests // 10):
                     d += _time(call_direct, 10)
                     m += _time(call_marie, 10)
-                cpu_ms = (sum(_cpu_seconds(p) for p in pids) - cpu_before) * 1000 / len(m)
+                cpu_ms = {
+                    name: (_cpu_seconds(pid) - cpu_before[name]) * 1000 / len(m)
+                    for name, pid in pids.items()
+                }
                 results["stream" if stream else "non-stream"] = (d, m, cpu_ms)
         finally:
             stack.stop()
@@ -144,10 +150,14 @@ def main() -> None:
     print(header)
     for mode, (d, m, cpu_ms) in results.items():
         dp50, mp50 = statistics.median(d), statistics.median(m)
+        total_cpu = sum(cpu_ms.values())
         print(
             f"{mode:<11}{dp50:>10.2f}ms{mp50:>10.2f}ms{mp50 - dp50:>10.2f}ms"
-            f"{_pct(d, 0.9):>10.2f}ms{_pct(m, 0.9):>10.2f}ms{mp50 / dp50:>10.2f}x{cpu_ms:>13.2f}ms"
+            f"{_pct(d, 0.9):>10.2f}ms{_pct(m, 0.9):>10.2f}ms{mp50 / dp50:>10.2f}x"
+            f"{total_cpu:>13.2f}ms"
         )
+        split = ", ".join(f"{name} {ms:.2f}ms" for name, ms in sorted(cpu_ms.items()))
+        print(f"{'':<11}CPU per request by service: {split}")
     print("\nadded = Marie p50 - direct p50; CPU = gateway + providers + auth, per request.")
 
 
