@@ -291,3 +291,58 @@ def test_upstream_down_is_a_server_error(tmp_path: Path) -> None:
         assert f"127.0.0.1:{closed_port}" in caught.value.message
     finally:
         assert down.stop() == 0
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "says"),
+    [
+        (
+            {"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]},
+            "messages[0].content[0]",
+            "tag",
+        ),
+        ({"messages": [{"role": "user"}]}, "messages[0]", "need content"),
+        ({"messages": [{"role": "user", "content": "x"}], "stop": ["a"] * 5}, "stop", "at most 4"),
+    ],
+)
+def test_bad_body_errors_point_at_the_mistake(
+    stack: Stack, api_key: str, body: dict[str, object], param: str | None, says: str
+) -> None:
+    r = httpx.post(
+        f"{stack.base_url}/v1/chat/completions",
+        json={"model": MODEL, **body},
+        headers={"Authorization": f"Bearer {api_key}"},
+    )
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error["param"] == param
+    assert says in error["message"]
+
+
+def test_embeddings_reject_empty_strings(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.embeddings.create(model="ollama/nomic-embed-text:latest", input=["ok", ""])
+    assert caught.value.param == "input[1]"
+
+
+def test_key_without_chat_scope_is_forbidden(stack: Stack) -> None:
+    key = stack.create_key("reader", "--scope", "models:read")
+    with openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=key, max_retries=0) as c:
+        assert MODEL in [m.id for m in c.models.list()]
+        with pytest.raises(openai.PermissionDeniedError) as caught:
+            c.chat.completions.create(model=MODEL, messages=HELLO)
+    assert "chat" in caught.value.message
+
+
+def test_key_limited_to_some_models_sees_and_uses_only_those(stack: Stack) -> None:
+    key = stack.create_key("narrow", "--model", "ollama/qwen*")
+    with openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=key, max_retries=0) as c:
+        assert [m.id for m in c.models.list()] == ["ollama/qwen2.5:0.5b"]
+        c.chat.completions.create(model="ollama/qwen2.5:0.5b", messages=HELLO)
+        with pytest.raises(openai.PermissionDeniedError):
+            c.chat.completions.create(model=MODEL, messages=HELLO)
+        # A bare name is checked against the model it resolves to.
+        with pytest.raises(openai.PermissionDeniedError):
+            c.chat.completions.create(model="llama3.2", messages=HELLO)
+        with pytest.raises(openai.NotFoundError):
+            c.models.retrieve(MODEL)

@@ -79,13 +79,17 @@ def _error_response(error: ApiError) -> Response:
     return Response(error.body(), error.status, headers=headers, media_type="application/json")
 
 
+_TYPE_LABELS = frozenset({"str", "int", "float", "bool", "dict", "list", "none"})
+
+
 def _param(loc: tuple[int | str, ...]) -> str:
+    """The field path of a pydantic error location, OpenAI style: `messages[0].role`."""
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif not part[:1].isupper() and part not in ("str", "list[str]"):
-            # Union branches ("str", "list[…]", model names) are not fields.
+        elif part.isidentifier() and part not in _TYPE_LABELS and not part[:1].isupper():
+            # Union branch labels ("str", "list[…]", model names) are not fields.
             out += f".{part}" if out else part
     return out
 
@@ -97,7 +101,11 @@ def parse_body(model: type[M], raw: bytes) -> M:
     try:
         return model.model_validate_json(raw)
     except ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
+        errors = exc.errors(include_url=False)
+        # Of a union's per-branch errors, the deepest one says most about the
+        # mistake ("unknown content part type", not "should be a string"); at
+        # equal depth, a broken rule beats a mere "wrong type" for another branch.
+        first = max(errors, key=lambda e: (len(e["loc"]), not e["type"].endswith("_type")))
         if first["type"] == "json_invalid":
             raise bad_request(f"The request body is not valid JSON: {first['msg']}") from None
         if first["type"] == "model_type" and not first["loc"]:

@@ -12,6 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_STOP_SEQUENCES = 4
 
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
@@ -117,7 +119,7 @@ class ChatCompletionRequest(_Body):
     top_k: int | None = Field(default=None, ge=1)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    stop: str | list[str] | None = None
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
     seed: int | None = None
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
@@ -132,8 +134,6 @@ class ChatCompletionRequest(_Body):
 
     @model_validator(mode="after")
     def _check(self) -> ChatCompletionRequest:
-        if isinstance(self.stop, list) and len(self.stop) > MAX_STOP_SEQUENCES:
-            raise ValueError(f"stop takes at most {MAX_STOP_SEQUENCES} sequences")
         if isinstance(self.tool_choice, NamedToolChoice):
             names = {t.function.name for t in self.tools or ()}
             if self.tool_choice.function.name not in names:
@@ -145,7 +145,7 @@ class EmbeddingsRequest(_Body):
     """`POST /v1/embeddings`."""
 
     model: str = Field(min_length=1)
-    input: str | list[str] = Field(min_length=1)
+    input: NonEmptyStr | list[NonEmptyStr] = Field(min_length=1, max_length=2048)
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(default=None, ge=1)
     user: str | None = Field(default=None, max_length=256)
