@@ -7,11 +7,11 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-import grpc
 from marie.auth.v1 import auth_service_pb2 as pb
 from marie_auth.settings import AuthSettings
-from marie_kit.errors import ServiceError
 from marie_kit.server import RunningServer
+
+from tests.grpc_testing import rpc_error
 
 if TYPE_CHECKING:
     from marie.auth.v1.auth_service_pb2_grpc import AuthServiceAsyncStub as AuthStub
@@ -37,12 +37,3 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
-
-
-async def rpc_error(call: Awaitable[Any]) -> ServiceError:
-    """The ServiceError a call fails with (fails the test if it succeeds)."""
-    try:
-        await call
-    except grpc.aio.AioRpcError as exc:
-        return ServiceError.from_rpc_error(exc)
-    raise AssertionError("the call succeeded")

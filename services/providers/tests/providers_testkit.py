@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import socket
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +17,8 @@ from marie_providers.base import Provider
 from marie_providers.ollama import OllamaProvider
 from marie_providers.service import ProviderFactory, ProvidersComponent
 from marie_providers.settings import ProvidersSettings
+
+from tests.stack import free_ports
 
 STOP_GRACE_SECONDS = 0.5
 
@@ -68,24 +69,13 @@ def ollama_providers(**urls: str) -> Callable[[ProvidersSettings], Sequence[Prov
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
+    (port,) = free_ports(1)
     return port
 
 
 def closed_port_url() -> str:
     """An http URL on 127.0.0.1 where nothing listens: connecting is refused."""
     return f"http://127.0.0.1:{free_port()}"
-
-
-async def rpc_error(call: Awaitable[Any]) -> ServiceError:
-    """The ServiceError a unary call failed with; AssertionError if it succeeded."""
-    try:
-        await call
-    except grpc.aio.AioRpcError as exc:
-        return ServiceError.from_rpc_error(exc)
-    raise AssertionError("the call succeeded")
 
 
 async def stream_outcome(

@@ -15,13 +15,13 @@ from providers_testkit import (
     chat,
     closed_port_url,
     ollama_providers,
-    rpc_error,
     running_service,
     stream_outcome,
     user,
 )
 
 from tests.fakes.ollama import FakeModel, FakeOllama, fake_embedding
+from tests.grpc_testing import rpc_error
 
 LLAMA = "ollama/llama3.2:latest"
 WEATHER_CALL = {"function": {"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}}
