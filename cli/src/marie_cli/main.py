@@ -6,9 +6,14 @@ Every command honours the same environment variables as the services
 
 from __future__ import annotations
 
+import os
+
+# gRPC's C core logs connection chatter (GOAWAY on shutdown) at INFO; a
+# command-line tool shows only errors. Must be set before grpc is imported.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 import argparse
 import asyncio
-import os
 import sys
 from collections.abc import Sequence
 

@@ -240,3 +240,14 @@ def test_key_digest_uses_the_pepper() -> None:
     key = generate_key()
     assert key_digest(key) != key_digest(key, b"pepper")
     assert key not in key_digest(key)
+
+
+async def test_port_in_use_is_a_clear_os_error() -> None:
+    import socket  # noqa: PLC0415
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port}"):
+            await start_server([ProbeComponent()], port=port)

@@ -103,9 +103,10 @@ async def start_server(
     not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
     for name in ["", *names]:
         await health_servicer.set(name, not_serving)
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
-        raise OSError(f"cannot bind gRPC server to {host}:{port}")
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError as exc:  # grpc's way of saying the bind failed
+        raise OSError(f"cannot listen on {host}:{port}: the address is in use or not ours") from exc
     await server.start()
     started: list[Component] = []
     try:
@@ -124,7 +125,12 @@ async def start_server(
 
 async def serve(components: Sequence[Component], *, host: str, port: int, grace: float) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully."""
-    running = await start_server(components, host=host, port=port)
+    try:
+        running = await start_server(components, host=host, port=port)
+    except OSError as exc:
+        # One clear line, not a traceback: the operator has a port to change.
+        log.error("%s", exc)
+        raise SystemExit(1) from None
     log.info(
         "serving",
         extra={
