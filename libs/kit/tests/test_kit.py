@@ -18,6 +18,8 @@ from marie_kit.settings import ServiceSettings, load_settings
 from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
+from tests.stack import free_ports
+
 SERVICE = "test.v1.Probe"
 
 
@@ -157,14 +159,22 @@ async def test_stream_error_after_items_keeps_the_items(
 async def test_health_is_not_serving_until_components_started() -> None:
     component = ProbeComponent()
     component.release.clear()
-    starting = asyncio.create_task(start_server([component], port=0))
-    # The port is bound before start() finishes; find it through the task's server
-    # by polling a health check on every attempt until the task completes.
-    await asyncio.sleep(0.2)
-    assert not starting.done()
-    component.release.set()
-    running = await starting
-    async with insecure_channel(running.target) as channel:
+    (port,) = free_ports(1)
+    starting = asyncio.create_task(start_server([component], port=port))
+    async with insecure_channel(f"127.0.0.1:{port}") as channel:
+        # The server answers health checks while the component is still starting.
+        deadline = asyncio.get_running_loop().time() + 5
+        while True:
+            stub: Any = health_pb2_grpc.HealthStub(channel)
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=1)
+                break
+            except grpc.aio.AioRpcError:
+                assert asyncio.get_running_loop().time() < deadline
+                await asyncio.sleep(0.02)
+        assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        component.release.set()
+        running = await starting
         assert await is_serving(channel, SERVICE)
         await running.health.enter_graceful_shutdown()
         assert not await is_serving(channel, SERVICE)
