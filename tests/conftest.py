@@ -13,6 +13,7 @@ from tests.stack import Stack, start_stack
 
 # Scripted upstream models the end-to-end tests rely on, beside the defaults.
 ENDLESS = FakeModel(name="endless:latest", endless=True, chunk_delay=0.02)
+SLOW_START = FakeModel(name="slowstart:latest", first_byte_delay=30)
 BROKEN = FakeModel(name="broken:latest", reply="one two three four", error_after=2)
 TOOLY = FakeModel(
     name="tooly:latest",
@@ -24,7 +25,7 @@ TOOLY = FakeModel(
 @pytest.fixture(scope="session")
 def ollama() -> Iterator[FakeOllama]:
     fake = FakeOllama()
-    for model in (ENDLESS, BROKEN, TOOLY):
+    for model in (ENDLESS, SLOW_START, BROKEN, TOOLY):
         fake.add_model(model)
     with fake:
         yield fake

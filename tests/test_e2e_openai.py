@@ -346,3 +346,20 @@ def test_key_limited_to_some_models_sees_and_uses_only_those(stack: Stack) -> No
             c.chat.completions.create(model="llama3.2", messages=HELLO)
         with pytest.raises(openai.NotFoundError):
             c.models.retrieve(MODEL)
+
+
+@pytest.mark.parametrize("model", ["ollama/endless:latest", "ollama/slowstart:latest"])
+def test_client_leaving_a_non_streaming_request_closes_the_upstream(
+    stack: Stack, api_key: str, ollama: FakeOllama, model: str
+) -> None:
+    """Whether the upstream is generating or has not answered yet, a client that
+    gives up stops the work upstream."""
+    before = ollama.disconnects
+    with (
+        openai.OpenAI(
+            base_url=f"{stack.base_url}/v1", api_key=api_key, max_retries=0, timeout=0.5
+        ) as c,
+        pytest.raises(openai.APITimeoutError),
+    ):
+        c.chat.completions.create(model=model, messages=HELLO)
+    assert ollama.wait_for_disconnect(timeout=10, count=before + 1)

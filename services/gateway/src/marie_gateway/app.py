@@ -5,6 +5,7 @@ translate."""
 from __future__ import annotations
 
 import array
+import asyncio
 import base64
 import logging
 import secrets
@@ -45,7 +46,7 @@ from marie_gateway.mapping import (
 )
 from marie_gateway.protocol import ChatCompletionRequest, EmbeddingsRequest
 from marie_gateway.settings import GatewaySettings
-from marie_gateway.sse import DONE, EventStreamResponse, event
+from marie_gateway.sse import DONE, DisconnectWatch, EventStreamResponse, event
 
 log = logging.getLogger("marie.gateway")
 access_log = logging.getLogger("marie.access")
@@ -168,30 +169,41 @@ class Gateway:
             timeout=self.settings.request_timeout_seconds,
             metadata=_metadata(rid),
         )
-        # Nothing is sent before the first chunk: until then every failure is a
-        # plain HTTP error with the right status.
+        # Until the response starts, a client that leaves must still stop the
+        # call (a model loading for 30 s generates for nobody otherwise).
+        watch = DisconnectWatch(request.receive, call)
         try:
+            # Nothing is sent before the first chunk: until then every failure
+            # is a plain HTTP error with the right status.
             first = await call.read()
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc, rid) from None
-        if not isinstance(first, pb.StreamChatCompletionResponse):  # grpc.aio.EOF
-            raise ApiError(502, "The provider ended the stream without a reply.", "server_error")
-        if not principal.may_use(first.model):
-            call.cancel()
-            raise permission_denied(f"This API key may not use the model '{first.model}'.")
-        created = first.created or int(time.time())
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = self._sse_events(call, first, created, include_usage, rid)
-            return EventStreamResponse(events, [(b"x-request-id", rid.encode())])
-        aggregate = CompletionAggregate()
-        aggregate.add(first)
-        try:
+            if not isinstance(first, pb.StreamChatCompletionResponse):  # grpc.aio.EOF
+                raise ApiError(
+                    502, "The provider ended the stream without a reply.", "server_error"
+                )
+            if not principal.may_use(first.model):
+                call.cancel()
+                raise permission_denied(f"This API key may not use the model '{first.model}'.")
+            created = first.created or int(time.time())
+            if body.stream:
+                # The event stream watches for the disconnect itself from here on.
+                await watch.stop()
+                include_usage = bool(body.stream_options and body.stream_options.include_usage)
+                events = self._sse_events(call, first, created, include_usage, rid)
+                return EventStreamResponse(events, [(b"x-request-id", rid.encode())])
+            aggregate = CompletionAggregate()
+            aggregate.add(first)
             while isinstance(chunk := await call.read(), pb.StreamChatCompletionResponse):
                 aggregate.add(chunk)
+            return JSONResponse(aggregate.response(first.id, created, first.model))
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc, rid) from None
-        return JSONResponse(aggregate.response(first.id, created, first.model))
+        except asyncio.CancelledError:
+            if watch.fired:
+                # Nobody is left to answer; 499 shows in the access log only.
+                raise ApiError(499, "Client closed the request.", code="client_closed") from None
+            raise
+        finally:
+            await watch.stop()
 
     async def _sse_events(
         self,

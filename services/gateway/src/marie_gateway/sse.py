@@ -29,6 +29,32 @@ Receive = Callable[[], Any]
 Send = Callable[[dict[str, Any]], Any]
 
 
+class DisconnectWatch:
+    """Cancels `call` when the client disconnects, until stopped.
+
+    For the time before a response starts: the request body has been read, so
+    the next ASGI message can only be `http.disconnect`."""
+
+    def __init__(self, receive: Receive, call: Any) -> None:
+        self.fired = False
+        self._call = call
+        self._task: asyncio.Task[None] | None = asyncio.create_task(self._watch(receive))
+
+    async def _watch(self, receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.fired = True
+        self._call.cancel()
+
+    async def stop(self) -> None:
+        """Stop watching (idempotent); afterwards nothing else reads `receive`."""
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
 class EventStreamResponse:
     """Sends `events` as a 200 event stream.
 
