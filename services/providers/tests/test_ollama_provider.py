@@ -141,3 +141,70 @@ async def test_a_rate_limited_embedding_is_resource_exhausted(
     assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert info.value.reason == "UPSTREAM_RATE_LIMITED"
     assert "slow down" in info.value.message
+
+
+def _lines(*objects: str) -> bytes:
+    return b"".join(o.encode() + b"\n" for o in objects)
+
+
+_HEL = '{"message":{"role":"assistant","content":"Hel"},"done":false}'
+_LO = '{"message":{"role":"assistant","content":"lo"},"done":false}'
+_BANG = '{"message":{"role":"assistant","content":"!"},"done":false}'
+_DONE = (
+    '{"message":{"role":"assistant","content":""},"done":true,"done_reason":"stop",'
+    '"prompt_eval_count":3,"eval_count":3}'
+)
+
+
+async def test_lines_that_arrive_together_go_on_as_one_chunk(answering: Answering) -> None:
+    # One read holds the whole reply: one chunk says it all, in OpenAI's shape
+    # (role and content first, the finish reason with the last content).
+    provider = answering(lambda _: httpx.Response(200, content=_lines(_HEL, _LO, _BANG, _DONE)))
+
+    chunks = [c async for c in provider.stream_chat(chat("ollama/m"), "m", "chatcmpl-1", 0)]
+
+    assert len(chunks) == 1
+    (chunk,) = chunks
+    assert (chunk.role, chunk.content) == (pb.ROLE_ASSISTANT, "Hello!")
+    assert chunk.finish_reason == pb.FINISH_REASON_STOP
+    assert (chunk.usage.prompt_tokens, chunk.usage.completion_tokens) == (3, 3)
+
+
+async def test_lines_that_arrive_apart_stream_apart(answering: Answering) -> None:
+    async def body() -> AsyncIterator[bytes]:
+        for line in (_HEL, _LO, _BANG, _DONE):
+            yield _lines(line)
+
+    provider = answering(lambda _: httpx.Response(200, content=body()))
+
+    chunks = [c async for c in provider.stream_chat(chat("ollama/m"), "m", "chatcmpl-1", 0)]
+
+    assert [c.content for c in chunks] == ["Hel", "lo", "!", ""]
+    assert chunks[-1].finish_reason == pb.FINISH_REASON_STOP
+
+
+async def test_chunks_before_a_mid_batch_error_line_are_still_sent(answering: Answering) -> None:
+    body = _lines(_HEL, _LO, '{"error":"model runner crashed"}')
+    provider = answering(lambda _: httpx.Response(200, content=body))
+    chunks: list[pb.StreamChatCompletionResponse] = []
+
+    with pytest.raises(ServiceError) as info:
+        async for chunk in provider.stream_chat(chat("ollama/m"), "m", "chatcmpl-1", 0):
+            chunks.append(chunk)
+
+    assert [c.content for c in chunks] == ["Hello"]
+    assert "model runner crashed" in info.value.message
+
+
+async def test_tool_call_chunks_are_not_merged_with_content(answering: Answering) -> None:
+    call = (
+        '{"message":{"role":"assistant","content":"","tool_calls":[{"function":'
+        '{"name":"f","arguments":{"x":1}}}]},"done":false}'
+    )
+    provider = answering(lambda _: httpx.Response(200, content=_lines(_HEL, call, _DONE)))
+
+    chunks = [c async for c in provider.stream_chat(chat("ollama/m"), "m", "chatcmpl-1", 0)]
+
+    assert [c.content for c in chunks] == ["Hel", "", ""]
+    assert [len(c.tool_calls) for c in chunks] == [0, 1, 0]
+    assert chunks[-1].finish_reason == pb.FINISH_REASON_TOOL_CALLS

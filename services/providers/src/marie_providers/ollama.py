@@ -25,10 +25,11 @@ from marie_providers.errors import (
     bad_request,
     upstream_error,
 )
-from marie_providers.ndjson import iter_ndjson
+from marie_providers.ndjson import iter_ndjson_batches
 from marie_providers.ollama_translate import (
     ChatStreamTranslator,
     chat_payload,
+    coalesce,
     model_from_show,
     models_from_listing,
 )
@@ -172,15 +173,34 @@ class OllamaProvider(Provider):
                 if response.status_code >= 400:
                     body = await response.aread()
                     raise UpstreamStatusError(response.status_code, _error_text(body))
-                async with aclosing(iter_ndjson(response.aiter_bytes())) as lines:
-                    async for line in lines:
-                        # Nothing follows the last line but the end of the body; reading
-                        # on to it lets the connection go back to the pool.
-                        if translator.finished:
-                            continue
-                        chunk = translator.translate(line)
-                        if chunk is not None:
-                            yield chunk
+                batches = iter_ndjson_batches(response.aiter_bytes())
+                async with aclosing(batches):
+                    async for batch in batches:
+                        # Lines that arrived together go on as one chunk where
+                        # they can: per-chunk costs (gRPC message, SSE event)
+                        # then shrink as load grows, and nothing waits for it.
+                        pending: pb.StreamChatCompletionResponse | None = None
+                        try:
+                            for line in batch:
+                                # Nothing follows the last line but the end of the body;
+                                # reading on to it lets the connection go back to the pool.
+                                if translator.finished:
+                                    break
+                                chunk = translator.translate(line)
+                                if chunk is None or (
+                                    pending is not None and coalesce(pending, chunk)
+                                ):
+                                    continue
+                                if pending is not None:
+                                    yield pending
+                                pending = chunk
+                        except (UpstreamStatusError, UpstreamProtocolError):
+                            # What was translated before a bad line still goes out.
+                            if pending is not None:
+                                yield pending
+                            raise
+                        if pending is not None:
+                            yield pending
             if not translator.finished:
                 raise UpstreamProtocolError("chat stream ended before its last line")
         except (httpx.HTTPError, UpstreamStatusError, UpstreamProtocolError) as exc:
