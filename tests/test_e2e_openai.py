@@ -363,3 +363,17 @@ def test_client_leaving_a_non_streaming_request_closes_the_upstream(
     ):
         c.chat.completions.create(model=model, messages=HELLO)
     assert ollama.wait_for_disconnect(timeout=10, count=before + 1)
+
+
+def test_client_errors_are_not_logged_as_server_errors(stack: Stack, api_key: str) -> None:
+    marker = "zz-unknown-model-for-log-check"
+    r = httpx.post(
+        f"{stack.base_url}/v1/chat/completions",
+        json={"model": f"ollama/{marker}", "messages": HELLO},
+        headers={"Authorization": f"Bearer {api_key}"},
+    )
+    assert r.status_code == 404
+    request_id = r.headers["x-request-id"]
+    lines = [line for line in stack.log().splitlines() if request_id in line]
+    assert lines, "the request left no log line"
+    assert not [line for line in lines if '"level":"error"' in line]

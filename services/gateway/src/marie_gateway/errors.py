@@ -3,23 +3,34 @@ that maps gRPC errors from the services onto it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import grpc
 import orjson
 from marie_kit.errors import ServiceError
 
 
-@dataclass(frozen=True, slots=True)
 class ApiError(Exception):
-    """An error answered as `{"error": {message, type, param, code}}` with `status`."""
+    """An error answered as `{"error": {message, type, param, code}}` with `status`.
 
-    status: int
-    message: str
-    type: str = "invalid_request_error"
-    code: str | None = None
-    param: str | None = None
-    retry_after: int | None = None
+    A plain exception, not a frozen dataclass: Starlette clears the traceback
+    of handled exceptions, which a frozen instance refuses."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+        *,
+        retry_after: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.code = code
+        self.param = param
+        self.retry_after = retry_after
 
     def envelope(self) -> dict[str, dict[str, str | None]]:
         return {
@@ -87,7 +98,7 @@ def from_service_error(error: ServiceError, request_id: str) -> ApiError:
         message = f"The server had an error processing the request (request id {request_id})."
     param = error.metadata.get("field")
     retry_after = 1 if status == 429 else None
-    return ApiError(status, message, type_, code, param, retry_after)
+    return ApiError(status, message, type_, code, param, retry_after=retry_after)
 
 
 def from_rpc_error(error: grpc.aio.AioRpcError, request_id: str) -> ApiError:
