@@ -60,7 +60,13 @@ class ProbeComponent:
             yield b"two"
             raise ServiceError(grpc.StatusCode.UNAVAILABLE, "UPSTREAM_ERROR", "upstream broke")
 
+        async def slow_stream(request: bytes, context: Any) -> AsyncIterator[bytes]:
+            for part in (b"a", b"b", b"c"):
+                await asyncio.sleep(0.2)
+                yield part
+
         handlers = {
+            "SlowStream": grpc.unary_stream_rpc_method_handler(slow_stream, _identity, _identity),
             "EchoId": grpc.unary_unary_rpc_method_handler(echo_id, _identity, _identity),
             "FailKnown": grpc.unary_unary_rpc_method_handler(fail_known, _identity, _identity),
             "FailUnknown": grpc.unary_unary_rpc_method_handler(fail_unknown, _identity, _identity),
@@ -261,3 +267,27 @@ async def test_port_in_use_is_a_clear_os_error() -> None:
         port = taken.getsockname()[1]
         with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port}"):
             await start_server([ProbeComponent()], port=port)
+
+
+async def test_shutdown_lets_in_flight_streams_finish_within_the_grace_period() -> None:
+    running = await start_server([ProbeComponent()])
+    async with insecure_channel(running.target) as channel:
+        call = channel.unary_stream(f"/{SERVICE}/SlowStream", _identity, _identity)(b"")
+        first = await call.read()
+        stopping = asyncio.create_task(running.stop(5))
+        rest = [await call.read(), await call.read()]
+        assert await call.read() is grpc.aio.EOF
+        await stopping
+    assert [first, *rest] == [b"a", b"b", b"c"]
+    assert await call.code() == grpc.StatusCode.OK
+
+
+async def test_shutdown_cancels_streams_still_running_after_the_grace_period() -> None:
+    running = await start_server([ProbeComponent()])
+    async with insecure_channel(running.target) as channel:
+        call = channel.unary_stream(f"/{SERVICE}/SlowStream", _identity, _identity)(b"")
+        await call.read()
+        await running.stop(0.1)
+        with pytest.raises(grpc.aio.AioRpcError):
+            while await call.read() is not grpc.aio.EOF:
+                pass
