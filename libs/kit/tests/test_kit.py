@@ -33,7 +33,8 @@ class ProbeComponent:
     service_names: Sequence[str] = (SERVICE,)
     domain = "marie.test"
 
-    def __init__(self) -> None:
+    def __init__(self, name: str = "probe") -> None:
+        self.name = name
         self.release = asyncio.Event()
         self.release.set()
         self.closed = False
@@ -42,6 +43,9 @@ class ProbeComponent:
     def register(self, server: grpc.aio.Server) -> None:
         async def echo_id(request: bytes, context: Any) -> bytes:
             return request_id_var.get().encode()
+
+        async def who(request: bytes, context: Any) -> bytes:
+            return self.name.encode()
 
         async def fail_known(request: bytes, context: Any) -> bytes:
             raise ServiceError(
@@ -68,6 +72,7 @@ class ProbeComponent:
         handlers = {
             "SlowStream": grpc.unary_stream_rpc_method_handler(slow_stream, _identity, _identity),
             "EchoId": grpc.unary_unary_rpc_method_handler(echo_id, _identity, _identity),
+            "Who": grpc.unary_unary_rpc_method_handler(who, _identity, _identity),
             "FailKnown": grpc.unary_unary_rpc_method_handler(fail_known, _identity, _identity),
             "FailUnknown": grpc.unary_unary_rpc_method_handler(fail_unknown, _identity, _identity),
             "StreamThenFail": grpc.unary_stream_rpc_method_handler(
@@ -291,3 +296,16 @@ async def test_shutdown_cancels_streams_still_running_after_the_grace_period() -
         with pytest.raises(grpc.aio.AioRpcError):
             while await call.read() is not grpc.aio.EOF:
                 pass
+
+
+async def test_channels_spread_calls_over_every_resolved_replica() -> None:
+    first = await start_server([ProbeComponent("one")])
+    second = await start_server([ProbeComponent("two")])
+    try:
+        target = f"ipv4:127.0.0.1:{first.port},127.0.0.1:{second.port}"
+        async with insecure_channel(target) as channel:
+            answers = {await _unary(channel, "Who")(b"") for _ in range(10)}
+    finally:
+        await first.stop(0)
+        await second.stop(0)
+    assert answers == {b"one", b"two"}

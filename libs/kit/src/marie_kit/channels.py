@@ -11,7 +11,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 # Keepalive lets a channel notice a dead peer (and a restarted one) quickly;
 # message limits allow large embedding batches.
-CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
+CHANNEL_OPTIONS: tuple[tuple[str, int | str], ...] = (
+    # With a "dns:///service:port" target that resolves to several replicas,
+    # spread calls over all of them instead of pinning one.
+    ("grpc.lb_policy_name", "round_robin"),
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
