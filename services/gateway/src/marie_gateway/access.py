@@ -23,10 +23,12 @@ from marie_gateway.errors import from_rpc_error, invalid_api_key, permission_den
 
 log = logging.getLogger("marie.gateway.access")
 
-# Scopes a key needs for each part of the HTTP surface.
+# Scopes a key needs (the auth service's names; "admin" implies every other).
 SCOPE_CHAT = "chat"
 SCOPE_MODELS = "models:read"
 SCOPE_EMBEDDINGS = "embeddings"
+SCOPE_MEMORY = "memory"
+SCOPE_ADMIN = "admin"
 _RECONNECT_MAX_SECONDS = 5.0
 _CACHE_MAX_ENTRIES = 100_000
 
@@ -41,7 +43,7 @@ class Principal:
     allowed_models: tuple[str, ...]
 
     def require_scope(self, scope: str) -> None:
-        if scope not in self.scopes and "admin" not in self.scopes:
+        if scope not in self.scopes and SCOPE_ADMIN not in self.scopes:
             raise permission_denied(f"This API key lacks the '{scope}' scope.")
 
     def may_use(self, model_id: str) -> bool:

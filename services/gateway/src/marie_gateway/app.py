@@ -26,7 +26,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import Route, request_response
 
 from marie_gateway.access import (
     SCOPE_CHAT,
@@ -37,6 +37,7 @@ from marie_gateway.access import (
     extract_key,
 )
 from marie_gateway.errors import ApiError, bad_request, from_rpc_error, permission_denied
+from marie_gateway.grpc_authz import required_scope, upstream_headers
 from marie_gateway.mapping import (
     FINISH_REASONS,
     CompletionAggregate,
@@ -150,12 +151,23 @@ class Gateway:
                 raise too_large
         return b"".join(chunks)
 
-    async def authorize(self, request: Request, scope: str) -> Principal:
+    async def authenticate(self, request: Request) -> Principal:
+        """The caller's principal from its key header; 401 without a valid key."""
         headers = request.headers
         key = extract_key(headers.get("authorization"), headers.get("x-api-key"))
-        principal = await self.backends().keys.validate(key, _request_id(request))
+        return await self.backends().keys.validate(key, _request_id(request))
+
+    async def authorize(self, request: Request, scope: str) -> Principal:
+        principal = await self.authenticate(request)
         principal.require_scope(scope)
         return principal
+
+    async def grpc_authz(self, request: Request) -> Response:
+        """Envoy's ext_authz check of a gRPC call (see grpc_authz.py): 200 with
+        the caller's identity for the upstream, or the 401/403 envelope."""
+        principal = await self.authenticate(request)
+        principal.require_scope(required_scope("/" + request.path_params["method"]))
+        return Response(headers=upstream_headers(principal))
 
     async def chat_completions(self, request: Request) -> Response | EventStreamResponse:
         rid = _request_id(request)
@@ -393,6 +405,9 @@ def create_app(settings: GatewaySettings) -> Starlette:
         Route("/v1/embeddings", gw.embeddings, methods=["POST"]),
         Route("/healthz", gw.healthz, methods=["GET"]),
         Route("/readyz", gw.readyz, methods=["GET"]),
+        # Internal: Envoy's ext_authz check, prefixed to the gRPC call's path
+        # and sent with its method (Envoy answers 404 for /_authz from outside).
+        Route("/_authz/{method:path}", AnyMethod(gw.grpc_authz)),
     ]
     app = Starlette(
         routes=routes,
@@ -404,6 +419,17 @@ def create_app(settings: GatewaySettings) -> Starlette:
         },
     )
     return app
+
+
+class AnyMethod:
+    """A request handler routed for every HTTP method (Starlette routes a plain
+    function for GET only unless told a list)."""
+
+    def __init__(self, handler: Callable[[Request], Awaitable[Response]]) -> None:
+        self._app = request_response(handler)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self._app(scope, receive, send)
 
 
 def _model_object(model: pb.ModelInfo) -> dict[str, Any]:

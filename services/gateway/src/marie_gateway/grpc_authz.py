@@ -1,0 +1,86 @@
+"""Authorization of gRPC calls that reach the services through Envoy.
+
+Envoy's `ext_authz` filter (deploy/envoy/envoy.yaml) asks the gateway, before
+it forwards a gRPC call on its public listener, with the call's method, path
+and key headers: `POST /_authz/marie.providers.v1.ProviderService/ListModels`.
+The gateway answers with the same key checks as its HTTP API (one
+`KeyValidator`, so the same cache and the same at-once revocation):
+
+- 200 with `x-marie-key-id` and `x-marie-owner`, which Envoy adds to the call;
+- 401 when the key is missing, malformed, unknown, revoked or expired;
+- 403 when the key lacks the method's scope, or the method is not in the table.
+
+Envoy turns a refusal of a gRPC call into a gRPC status (401 UNAUTHENTICATED,
+403 PERMISSION_DENIED). Only the key's scopes are checked here: Envoy sends no
+request body (a protobuf message, possibly a long stream), so a key's
+allowed-models list is enforced on the HTTP API only, not on gRPC calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+from urllib.parse import quote
+
+from google.protobuf.descriptor import FileDescriptor
+from marie.auth.v1 import auth_service_pb2
+from marie.memory.v1 import memory_service_pb2
+
+from marie_gateway.access import (
+    SCOPE_ADMIN,
+    SCOPE_CHAT,
+    SCOPE_EMBEDDINGS,
+    SCOPE_MEMORY,
+    SCOPE_MODELS,
+    Principal,
+)
+from marie_gateway.errors import permission_denied
+
+KEY_ID_HEADER = "x-marie-key-id"
+OWNER_HEADER = "x-marie-owner"
+
+_PROVIDERS = "/marie.providers.v1.ProviderService/"
+
+
+def _every_method(file: FileDescriptor, service: str, scope: str) -> dict[str, str]:
+    """Every RPC of `service` (from its compiled contract) mapped to `scope`."""
+    methods = file.services_by_name[service].methods
+    return {f"/{m.containing_service.full_name}/{m.name}": scope for m in methods}
+
+
+#: gRPC full method -> the scope a key needs to call it. A method that is not
+#: here (a new RPC, another service, health, reflection) is refused.
+METHOD_SCOPES: Mapping[str, str] = MappingProxyType(
+    {
+        f"{_PROVIDERS}StreamChatCompletion": SCOPE_CHAT,
+        f"{_PROVIDERS}ListProviders": SCOPE_MODELS,
+        f"{_PROVIDERS}GetProviderHealth": SCOPE_MODELS,
+        f"{_PROVIDERS}ListModels": SCOPE_MODELS,
+        f"{_PROVIDERS}GetModel": SCOPE_MODELS,
+        f"{_PROVIDERS}SearchModels": SCOPE_MODELS,
+        f"{_PROVIDERS}CreateEmbeddings": SCOPE_EMBEDDINGS,
+        **_every_method(auth_service_pb2.DESCRIPTOR, "AuthService", SCOPE_ADMIN),
+        **_every_method(memory_service_pb2.DESCRIPTOR, "MemoryService", SCOPE_MEMORY),
+    }
+)
+
+# Printable ASCII but '%' and space stays readable in `x-marie-owner`; the rest
+# (non-ASCII owners included) is percent-encoded UTF-8, as gRPC metadata must
+# be printable ASCII.
+_OWNER_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) != "%")
+
+
+def required_scope(method: str) -> str:
+    """The scope `method` (`/package.Service/Method`) needs; 403 for an unknown method."""
+    scope = METHOD_SCOPES.get(method)
+    if scope is None:
+        raise permission_denied(f"The gRPC method '{method}' is not available through Envoy.")
+    return scope
+
+
+def upstream_headers(principal: Principal) -> dict[str, str]:
+    """What Envoy adds to an allowed call: who is calling."""
+    return {
+        KEY_ID_HEADER: principal.key_id,
+        OWNER_HEADER: quote(principal.owner, safe=_OWNER_SAFE),
+    }
