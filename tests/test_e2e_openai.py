@@ -11,6 +11,7 @@ import httpx
 import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam, ChatCompletionToolParam
+from openai.types.shared_params import ResponseFormatJSONSchema
 
 from tests.fakes import FakeOllama
 from tests.stack import Stack, free_ports, start_stack
@@ -377,3 +378,127 @@ def test_client_errors_are_not_logged_as_server_errors(stack: Stack, api_key: st
     lines = [line for line in stack.log().splitlines() if request_id in line]
     assert lines, "the request left no log line"
     assert not [line for line in lines if '"level":"error"' in line]
+
+
+def test_a_tool_round_trip_reaches_ollama_in_its_own_shape(
+    client: openai.OpenAI, ollama: FakeOllama
+) -> None:
+    ollama.reset()
+    tools: list[ChatCompletionToolParam] = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "Weather by city",
+                "parameters": {
+                    "type": "object",
+                    "properties": {"city": {"type": "string"}, "days": {"maxItems": 3}},
+                    "required": ["city"],
+                },
+            },
+        }
+    ]
+    messages: list[ChatCompletionMessageParam] = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "18C and sunny"},
+    ]
+    reply = client.chat.completions.create(
+        model="ollama/tooly:latest", messages=messages, tools=tools
+    )
+    assert reply.choices[0].message.content  # the model answers the tool result in text
+
+    (request,) = ollama.chat_requests
+    assert request.body is not None
+    sent = request.body
+    assert sent["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}],
+        },
+        {"role": "tool", "content": "18C and sunny", "tool_name": "get_weather"},
+    ]
+    (tool,) = sent["tools"]
+    assert tool["type"] == "function"
+    assert tool["function"]["name"] == "get_weather"
+    assert tool["function"]["parameters"]["properties"]["days"] == {"maxItems": 3}
+
+
+def test_json_schema_response_format_becomes_ollama_format(
+    client: openai.OpenAI, ollama: FakeOllama
+) -> None:
+    ollama.reset()
+    schema: dict[str, object] = {
+        "type": "object",
+        "properties": {"n": {"type": "integer"}},
+        "required": ["n"],
+    }
+    as_schema: ResponseFormatJSONSchema = {
+        "type": "json_schema",
+        "json_schema": {"name": "count", "schema": schema},
+    }
+    client.chat.completions.create(model=MODEL, messages=HELLO, response_format=as_schema)
+    client.chat.completions.create(
+        model=MODEL, messages=HELLO, response_format={"type": "json_object"}
+    )
+    first, second = ollama.chat_requests
+    assert first.body is not None and second.body is not None
+    assert first.body["format"] == schema
+    assert second.body["format"] == "json"
+
+
+def test_image_parts_reach_ollama_as_base64_images(
+    client: openai.OpenAI, ollama: FakeOllama
+) -> None:
+    ollama.reset()
+    pixel = (
+        "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9"
+        "awAAAABJRU5ErkJggg=="
+    )
+    client.chat.completions.create(
+        model=MODEL,
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "What is this?"},
+                    {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{pixel}"}},
+                ],
+            }
+        ],
+    )
+    (request,) = ollama.chat_requests
+    assert request.body is not None
+    (message,) = request.body["messages"]
+    assert message["content"] == "What is this?"
+    assert message["images"] == [pixel]
+
+
+def test_remote_image_urls_are_refused_with_a_clear_400(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model=MODEL,
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}
+                    ],
+                }
+            ],
+        )
+    assert "image" in caught.value.message.lower()
