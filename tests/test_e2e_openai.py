@@ -502,3 +502,21 @@ def test_remote_image_urls_are_refused_with_a_clear_400(client: openai.OpenAI) -
             ],
         )
     assert "image" in caught.value.message.lower()
+
+
+def test_streamed_tool_calls_follow_openai_delta_shape(client: openai.OpenAI) -> None:
+    chunks = list(
+        client.chat.completions.create(
+            model="ollama/tooly:latest",
+            messages=[{"role": "user", "content": "weather in Paris?"}],
+            stream=True,
+        )
+    )
+    calls = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
+    assert len(calls) == 1
+    (call,) = calls
+    assert call.index == 0 and call.type == "function"
+    assert call.id is not None and call.id.startswith("call_")
+    assert call.function is not None
+    assert (call.function.name, call.function.arguments) == ("get_weather", '{"city":"Paris"}')
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
