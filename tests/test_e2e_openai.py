@@ -9,6 +9,7 @@ from typing import cast
 
 import httpx
 import openai
+import orjson
 import pytest
 from openai.types.chat import ChatCompletionMessageParam, ChatCompletionToolParam
 from openai.types.shared_params import ResponseFormatJSONSchema
@@ -141,8 +142,6 @@ def test_bad_key_is_an_authentication_error(stack: Stack) -> None:
 
 
 def test_revoked_key_is_refused_at_once(stack: Stack) -> None:
-    import orjson  # noqa: PLC0415
-
     created = orjson.loads(stack.marie("keys", "create", "--name", "short", "--json").stdout)
     with openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=created["key"], max_retries=0) as c:
         c.chat.completions.create(model=MODEL, messages=HELLO)
@@ -378,6 +377,22 @@ def test_client_errors_are_not_logged_as_server_errors(stack: Stack, api_key: st
     lines = [line for line in stack.log().splitlines() if request_id in line]
     assert lines, "the request left no log line"
     assert not [line for line in lines if '"level":"error"' in line]
+
+
+def test_the_request_id_follows_the_call_into_every_service(stack: Stack, api_key: str) -> None:
+    r = httpx.post(
+        f"{stack.base_url}/v1/chat/completions",
+        json={"model": MODEL, "messages": HELLO},
+        headers={"Authorization": f"Bearer {api_key}", "X-Request-Id": "trace-me-42"},
+    )
+    assert r.status_code == 200
+    assert r.headers["x-request-id"] == "trace-me-42"
+    services = {
+        orjson.loads(line)["service"]
+        for line in stack.log().splitlines()
+        if line.startswith("{") and '"request_id":"trace-me-42"' in line
+    }
+    assert {"gateway", "providers"} <= services
 
 
 def test_a_tool_round_trip_reaches_ollama_in_its_own_shape(
