@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import orjson
 
 ROOT = Path(__file__).resolve().parent.parent
 MARIE = Path(sys.executable).parent / "marie"
@@ -64,8 +65,6 @@ class Stack:
         )
 
     def create_key(self, name: str = "test", *extra: str) -> str:
-        import orjson  # noqa: PLC0415
-
         done = self.marie("keys", "create", "--name", name, "--json", *extra)
         assert done.returncode == 0, done.stderr
         key: str = orjson.loads(done.stdout)["key"]
