@@ -12,7 +12,7 @@ STUBS_DIR := libs/kit/src
 STUBS_STAMP := $(STUBS_DIR)/marie/.stamp
 BUF := node_modules/.bin/buf
 
-.PHONY: all bootstrap stubs run test lint fmt bench clean
+.PHONY: all bootstrap stubs run test lint breaking proto-baseline fmt bench clean
 
 all: bootstrap
 
@@ -57,6 +57,12 @@ lint: bootstrap $(BUF)
 	# Test folders one by one: each has its own conftest module.
 	for d in libs/kit/tests services/*/tests tests bench; do $(VENV)/bin/mypy $$d || exit 1; done
 	$(BUF) lint
+	$(BUF) breaking --against protos/baseline.binpb
+
+# The contracts as landed: lint refuses changes that would break their clients.
+# Refresh it (and commit) only after a deliberate, additive contract change.
+proto-baseline: $(BUF)
+	$(BUF) build -o protos/baseline.binpb
 
 fmt: bootstrap
 	$(VENV)/bin/ruff format .
