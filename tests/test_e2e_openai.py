@@ -54,7 +54,7 @@ def test_streaming_content_assembles_and_usage_comes_last(client: openai.OpenAI)
     content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert content == "Hello from llama3.2:latest! You said: hi there"
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
-    assert finishes[-1] == "stop" and set(finishes[:-1]) == {None}
+    assert finishes[-1] == "stop" and all(f is None for f in finishes[:-1])
     assert chunks[-1].choices == [] and chunks[-1].usage is not None
     assert chunks[-1].usage.completion_tokens > 0
     assert len({c.id for c in chunks}) == 1

@@ -278,13 +278,50 @@ async def test_search_honours_the_limit(service: Service) -> None:
 async def test_chat_stream_content_assembles_to_the_upstream_reply(
     service: Service, fake: FakeOllama
 ) -> None:
-    fake.set_model("llama3.2:latest", reply="The sky is blue, mostly because of Rayleigh.")
+    # Lines that arrive apart stream apart (lines read together may be merged).
+    fake.set_model(
+        "llama3.2:latest", reply="The sky is blue, mostly because of Rayleigh.", chunk_delay=0.01
+    )
 
     chunks, error = await stream_outcome(service.stub.StreamChatCompletion(chat(LLAMA)))
 
     assert error is None
     assert "".join(c.content for c in chunks) == "The sky is blue, mostly because of Rayleigh."
     assert len(chunks) > 3
+
+
+async def test_an_aggregate_request_gets_the_whole_reply_in_one_chunk(
+    service: Service, fake: FakeOllama
+) -> None:
+    fake.set_model("llama3.2:latest", reply="One two three four.", chunk_delay=0.01, eval_count=4)
+
+    chunks, error = await stream_outcome(
+        service.stub.StreamChatCompletion(chat(LLAMA, aggregate=True))
+    )
+
+    assert error is None
+    (chunk,) = chunks
+    assert (chunk.role, chunk.content) == (pb.ROLE_ASSISTANT, "One two three four.")
+    assert chunk.finish_reason == pb.FINISH_REASON_STOP
+    assert chunk.usage.completion_tokens == 4
+
+
+async def test_an_aggregate_request_keeps_tool_calls_in_their_own_chunk(
+    service: Service, fake: FakeOllama
+) -> None:
+    fake.set_model(
+        "llama3.2:latest",
+        tool_calls=[{"function": {"name": "lookup", "arguments": {"q": "x"}}}],
+    )
+
+    chunks, error = await stream_outcome(
+        service.stub.StreamChatCompletion(chat(LLAMA, aggregate=True))
+    )
+
+    assert error is None
+    with_calls = [c for c in chunks if c.tool_calls]
+    assert len(with_calls) == 1 and with_calls[0].tool_calls[0].name == "lookup"
+    assert chunks[-1].finish_reason == pb.FINISH_REASON_TOOL_CALLS
 
 
 async def test_chat_stream_sends_the_role_on_the_first_chunk_only(service: Service) -> None:

@@ -81,6 +81,9 @@ def chat_request_to_proto(
         messages=[_message(m) for m in body.messages],
         user=body.user or "",
         completion_id=completion_id,
+        # A non-streaming reply is assembled here anyway: let providers send it
+        # in as few messages as it can.
+        aggregate=not body.stream,
     )
     s = req.sampling
     if body.temperature is not None:

@@ -19,6 +19,7 @@ from marie.providers.v1 import provider_service_pb2 as pb
 from marie_kit.errors import ServiceError
 
 from marie_providers.base import Provider
+from marie_providers.chunks import ChunkMerger
 from marie_providers.errors import (
     UpstreamProtocolError,
     UpstreamStatusError,
@@ -29,7 +30,6 @@ from marie_providers.ndjson import iter_ndjson_batches
 from marie_providers.ollama_translate import (
     ChatStreamTranslator,
     chat_payload,
-    coalesce,
     model_from_show,
     models_from_listing,
 )
@@ -179,7 +179,7 @@ class OllamaProvider(Provider):
                         # Lines that arrived together go on as one chunk where
                         # they can: per-chunk costs (gRPC message, SSE event)
                         # then shrink as load grows, and nothing waits for it.
-                        pending: pb.StreamChatCompletionResponse | None = None
+                        merger = ChunkMerger()
                         try:
                             for line in batch:
                                 # Nothing follows the last line but the end of the body;
@@ -187,20 +187,15 @@ class OllamaProvider(Provider):
                                 if translator.finished:
                                     break
                                 chunk = translator.translate(line)
-                                if chunk is None or (
-                                    pending is not None and coalesce(pending, chunk)
-                                ):
-                                    continue
-                                if pending is not None:
-                                    yield pending
-                                pending = chunk
+                                if chunk is not None and (ready := merger.add(chunk)) is not None:
+                                    yield ready
                         except (UpstreamStatusError, UpstreamProtocolError):
                             # What was translated before a bad line still goes out.
-                            if pending is not None:
-                                yield pending
+                            if (last := merger.flush()) is not None:
+                                yield last
                             raise
-                        if pending is not None:
-                            yield pending
+                        if (last := merger.flush()) is not None:
+                            yield last
             if not translator.finished:
                 raise UpstreamProtocolError("chat stream ended before its last line")
         except (httpx.HTTPError, UpstreamStatusError, UpstreamProtocolError) as exc:

@@ -312,25 +312,6 @@ def chat_payload(request: pb.StreamChatCompletionRequest, model_name: str) -> di
 # ---------------------------------------------------------------------------
 
 
-def coalesce(
-    pending: pb.StreamChatCompletionResponse, chunk: pb.StreamChatCompletionResponse
-) -> bool:
-    """Fold `chunk` into `pending` when one chunk can say what both do; True if done.
-
-    Content-only chunks join the chunk before them (which may carry the role),
-    and the last chunk's finish reason and usage join the content before it —
-    exactly the shape OpenAI streams have. Tool-call chunks stay on their own.
-    """
-    if pending.finish_reason or pending.tool_calls or chunk.tool_calls or chunk.role:
-        return False
-    pending.content += chunk.content
-    if chunk.finish_reason:
-        pending.finish_reason = chunk.finish_reason
-    if chunk.HasField("usage"):
-        pending.usage.CopyFrom(chunk.usage)
-    return True
-
-
 class ChatStreamTranslator:
     """Turns `/api/chat` NDJSON objects into chunks, one line at a time.
 

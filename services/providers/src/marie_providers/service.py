@@ -20,6 +20,7 @@ from marie.providers.v1 import provider_service_pb2_grpc as pb_grpc
 from marie_kit.errors import ServiceError
 
 from marie_providers.base import Provider
+from marie_providers.chunks import ChunkMerger
 from marie_providers.errors import DOMAIN
 from marie_providers.ollama import OllamaProvider
 from marie_providers.registry import ModelRegistry
@@ -143,8 +144,18 @@ class ProviderServicer(pb_grpc.ProviderServiceServicer):
         # provider's stream, which closes the upstream request.
         chunks = provider.stream_chat(request, model_name, completion_id, int(time.time()))
         async with aclosing(chunks):
+            if not request.aggregate:
+                async for chunk in chunks:
+                    yield chunk
+                return
+            # The caller wants the whole reply: one message where one will do
+            # (every chunk is a gRPC message to send and to read).
+            merger = ChunkMerger()
             async for chunk in chunks:
-                yield chunk
+                if (ready := merger.add(chunk)) is not None:
+                    yield ready
+            if (last := merger.flush()) is not None:
+                yield last
 
     async def CreateEmbeddings(
         self, request: pb.CreateEmbeddingsRequest, context: Context

@@ -1,0 +1,46 @@
+"""Operations on completion chunks that every provider shares."""
+
+from __future__ import annotations
+
+from marie.providers.v1 import provider_service_pb2 as pb
+
+
+class ChunkMerger:
+    """Merges consecutive chunks where one chunk can say what several do.
+
+    Content-only chunks join the chunk before them (which may carry the role),
+    and the last chunk's finish reason and usage join the content before it —
+    exactly the shape OpenAI streams have. Tool-call chunks stay on their own.
+    Content is joined once, when a merged chunk is handed out.
+    """
+
+    __slots__ = ("_parts", "_pending")
+
+    def __init__(self) -> None:
+        self._pending: pb.StreamChatCompletionResponse | None = None
+        self._parts: list[str] = []
+
+    def add(self, chunk: pb.StreamChatCompletionResponse) -> pb.StreamChatCompletionResponse | None:
+        """Take `chunk`; returns the previous merged chunk when `chunk` cannot join it."""
+        pending = self._pending
+        if pending is not None and not (
+            pending.finish_reason or pending.tool_calls or chunk.tool_calls or chunk.role
+        ):
+            self._parts.append(chunk.content)
+            if chunk.finish_reason:
+                pending.finish_reason = chunk.finish_reason
+            if chunk.HasField("usage"):
+                pending.usage.CopyFrom(chunk.usage)
+            return None
+        done = self.flush()
+        self._pending = chunk
+        self._parts = [chunk.content]
+        return done
+
+    def flush(self) -> pb.StreamChatCompletionResponse | None:
+        """The merged chunk held so far, if any; the merger is empty afterwards."""
+        pending, self._pending = self._pending, None
+        if pending is not None and len(self._parts) > 1:
+            pending.content = "".join(self._parts)
+        self._parts = []
+        return pending
