@@ -535,3 +535,17 @@ def test_streamed_tool_calls_follow_openai_delta_shape(client: openai.OpenAI) ->
     assert call.function is not None
     assert (call.function.name, call.function.arguments) == ("get_weather", '{"city":"Paris"}')
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_malformed_unknown_and_revoked_keys_get_the_same_answer(stack: Stack) -> None:
+    from marie_kit.apikeys import generate_key  # noqa: PLC0415
+
+    created = orjson.loads(stack.marie("keys", "create", "--name", "gone", "--json").stdout)
+    assert stack.marie("keys", "revoke", created["id"]).returncode == 0
+    answers = set()
+    for key in ("mk-malformed", generate_key(), created["key"]):
+        r = httpx.get(f"{stack.base_url}/v1/models", headers={"Authorization": f"Bearer {key}"})
+        answers.add((r.status_code, r.content))
+    assert len(answers) == 1
+    ((status, _),) = answers
+    assert status == 401

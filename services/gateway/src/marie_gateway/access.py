@@ -114,6 +114,9 @@ class KeyValidator:
                 metadata=(("x-request-id", request_id),),
             )
         except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                # Unknown, revoked, expired and malformed keys: one answer.
+                raise invalid_api_key() from None
             raise from_rpc_error(exc, request_id) from None
         p = reply.principal
         principal = Principal(
