@@ -303,6 +303,23 @@ def test_upstream_down_is_a_server_error(tmp_path: Path) -> None:
         ),
         ({"messages": [{"role": "user"}]}, "messages[0]", "need content"),
         ({"messages": [{"role": "user", "content": "x"}], "stop": ["a"] * 5}, "stop", "at most 4"),
+        ({"messages": [{"role": "user", "content": "x"}], "seed": 2**70}, "seed", "less than"),
+        (
+            {
+                "messages": [{"role": "user", "content": "x"}],
+                "tools": [{"type": "function", "function": {"name": "not a name"}}],
+            },
+            "tools[0].function.name",
+            "pattern",
+        ),
+        (
+            {
+                "messages": [{"role": "user", "content": "x"}],
+                "tool_choice": {"type": "function", "function": {"name": "nope"}},
+            },
+            "tool_choice",
+            "not in tools",
+        ),
     ],
 )
 def test_bad_body_errors_point_at_the_mistake(
@@ -549,3 +566,17 @@ def test_malformed_unknown_and_revoked_keys_get_the_same_answer(stack: Stack) ->
     assert len(answers) == 1
     ((status, _),) = answers
     assert status == 401
+
+
+def test_an_absurdly_long_model_id_is_a_400_not_a_transport_error(
+    stack: Stack, api_key: str
+) -> None:
+    headers = {"Authorization": f"Bearer {api_key}"}
+    r = httpx.post(
+        f"{stack.base_url}/v1/chat/completions",
+        json={"model": "m" * 10_000, "messages": HELLO},
+        headers=headers,
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model"
+    r = httpx.get(f"{stack.base_url}/v1/models/{'m' * 10_000}", headers=headers)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model"

@@ -8,9 +8,21 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 MAX_STOP_SEQUENCES = 4
+# Longest model id accepted (providers refuses longer ones too).
+MAX_MODEL_LENGTH = 512
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# OpenAI's rule for function names.
+FUNCTION_NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
 
 NonEmptyStr = Annotated[str, Field(min_length=1)]
 
@@ -87,7 +99,7 @@ class ResponseFormatBody(_Body):
 
 
 class FunctionDefinitionBody(_Body):
-    name: str = Field(min_length=1, max_length=64)
+    name: str = Field(pattern=FUNCTION_NAME_PATTERN)
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
@@ -107,10 +119,13 @@ class NamedToolChoice(_Body):
     function: NamedFunction
 
 
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice | None
+
+
 class ChatCompletionRequest(_Body):
     """`POST /v1/chat/completions`."""
 
-    model: str = Field(min_length=1)
+    model: str = Field(min_length=1, max_length=MAX_MODEL_LENGTH)
     messages: list[ChatMessage] = Field(min_length=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -120,31 +135,33 @@ class ChatCompletionRequest(_Body):
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     n: int = Field(default=1, ge=1, le=1, description="Only one choice per request is supported.")
     response_format: ResponseFormatBody | None = None
     tools: list[ToolBody] | None = None
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    tool_choice: ToolChoice = None
     user: str | None = Field(default=None, max_length=256)
     logprobs: Literal[False] | None = Field(
         default=None, description="Log probabilities are not supported yet."
     )
 
-    @model_validator(mode="after")
-    def _check(self) -> ChatCompletionRequest:
-        if isinstance(self.tool_choice, NamedToolChoice):
-            names = {t.function.name for t in self.tools or ()}
-            if self.tool_choice.function.name not in names:
+    @field_validator("tool_choice")
+    @classmethod
+    def _named_tool_exists(cls, choice: ToolChoice, info: ValidationInfo) -> ToolChoice:
+        # `tools` is declared (so validated) before `tool_choice`.
+        if isinstance(choice, NamedToolChoice):
+            names = {t.function.name for t in info.data.get("tools") or ()}
+            if choice.function.name not in names:
                 raise ValueError("tool_choice names a function that is not in tools")
-        return self
+        return choice
 
 
 class EmbeddingsRequest(_Body):
     """`POST /v1/embeddings`."""
 
-    model: str = Field(min_length=1)
+    model: str = Field(min_length=1, max_length=MAX_MODEL_LENGTH)
     input: NonEmptyStr | list[NonEmptyStr] = Field(min_length=1, max_length=2048)
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(default=None, ge=1)

@@ -18,9 +18,17 @@ MAX_SEARCH_LIMIT = 500
 KNOWN_ROLES = frozenset(pb.Role.values()) - {pb.ROLE_UNSPECIFIED}
 
 
+# Hub ids with a provider prefix and a routing suffix stay far below this; a
+# longer "model" is a mistake, and echoing it in errors would overflow gRPC's
+# metadata limit.
+MAX_MODEL_LENGTH = 512
+
+
 def _require_model(model: str) -> None:
     if not model.strip():
         raise bad_request("model", "model is required")
+    if len(model) > MAX_MODEL_LENGTH:
+        raise bad_request("model", f"model must be at most {MAX_MODEL_LENGTH} characters")
 
 
 def _check_range(sampling: pb.SamplingParameters, field: str, low: float, high: float) -> None:
