@@ -73,31 +73,26 @@ def api_key_to_proto(record: KeyRecord, now: float) -> pb.ApiKey:
 
 
 def spec_from_create(request: pb.CreateApiKeyRequest) -> KeySpec:
-    return KeySpec(
-        name=request.name,
-        owner=request.owner,
-        scopes=tuple(request.scopes),
-        allowed_models=tuple(request.allowed_models),
-        limits=limits_from_proto(request.limits),
-        expire_time=(
-            unix_seconds(request.expire_time) if request.HasField("expire_time") else None
-        ),
-        labels=dict(request.labels),
-    )
+    return _spec(request)
 
 
 def spec_from_api_key(api_key: pb.ApiKey) -> KeySpec:
     """The settings an UpdateApiKey request carries (only the masked ones are used)."""
+    return _spec(api_key)
+
+
+def _spec(message: pb.CreateApiKeyRequest | pb.ApiKey) -> KeySpec:
+    # Both messages carry the settings under the same field names.
     return KeySpec(
-        name=api_key.name,
-        owner=api_key.owner,
-        scopes=tuple(api_key.scopes),
-        allowed_models=tuple(api_key.allowed_models),
-        limits=limits_from_proto(api_key.limits),
+        name=message.name,
+        owner=message.owner,
+        scopes=tuple(message.scopes),
+        allowed_models=tuple(message.allowed_models),
+        limits=limits_from_proto(message.limits),
         expire_time=(
-            unix_seconds(api_key.expire_time) if api_key.HasField("expire_time") else None
+            unix_seconds(message.expire_time) if message.HasField("expire_time") else None
         ),
-        labels=dict(api_key.labels),
+        labels=dict(message.labels),
     )
 
 
