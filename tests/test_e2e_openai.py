@@ -3,6 +3,7 @@ fake Ollama, every service a real process."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import cast
@@ -255,6 +256,10 @@ def test_unknown_route_is_404_envelope(stack: Stack) -> None:
     assert r.json()["error"]["message"]
 
 
+def test_marie_up_reports_each_providers_health(stack: Stack) -> None:
+    assert re.search(r"^  ollama +healthy, \d+ models$", stack.log(), re.MULTILINE)
+
+
 def test_health_endpoints(stack: Stack) -> None:
     assert httpx.get(f"{stack.base_url}/healthz").json() == {"status": "ok"}
     ready = httpx.get(f"{stack.base_url}/readyz")
@@ -289,6 +294,10 @@ def test_upstream_down_is_a_server_error(tmp_path: Path) -> None:
             c.chat.completions.create(model=MODEL, messages=HELLO)
         assert caught.value.status_code == 503
         assert f"127.0.0.1:{closed_port}" in caught.value.message
+        # `marie up` told the person at the terminal, naming the URL.
+        assert re.search(
+            rf"^  ollama +NOT AVAILABLE: .*127\.0\.0\.1:{closed_port}", down.log(), re.MULTILINE
+        )
     finally:
         assert down.stop() == 0
 

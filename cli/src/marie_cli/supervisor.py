@@ -9,12 +9,16 @@ import sys
 import time
 from dataclasses import dataclass
 
+import grpc
 import httpx
-from marie_kit.channels import wait_until_serving
+from marie.providers.v1 import provider_service_pb2 as pb
+from marie.providers.v1 import provider_service_pb2_grpc as pb_grpc
+from marie_kit.channels import insecure_channel, wait_until_serving
 
 # Extra time past the services' own grace period before stragglers are killed.
 KILL_MARGIN_SECONDS = 5.0
 READY_TIMEOUT_SECONDS = 60.0
+HEALTH_TIMEOUT_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -122,7 +126,9 @@ async def up(env: dict[str, str]) -> int:
             await _wait_ready(spec, host, process)
             print(f"marie: {spec.name} ready on {host}:{spec.port}", flush=True)
         gateway = next(s for s in specs if s.name == "gateway")
+        providers = next(s for s in specs if s.name == "providers")
         print(_banner(host, specs, gateway.port, env["MARIE_DATA_DIR"]), flush=True)
+        print(await _provider_health(f"{host}:{providers.port}"), flush=True)
         exits = [asyncio.create_task(r.process.wait()) for r in running]
         stopper = asyncio.create_task(stop.wait())
         await asyncio.wait([*exits, stopper], return_when=asyncio.FIRST_COMPLETED)
@@ -143,6 +149,27 @@ async def up(env: dict[str, str]) -> int:
         await _stop_all(running, grace)
     print("marie: stopped", flush=True)
     return code
+
+
+async def _provider_health(target: str) -> str:
+    """One line per provider saying whether chats will work, and what to do if not."""
+    async with insecure_channel(target) as channel:
+        stub = pb_grpc.ProviderServiceStub(channel)
+        try:
+            reply = await stub.GetProviderHealth(
+                pb.GetProviderHealthRequest(), timeout=HEALTH_TIMEOUT_SECONDS
+            )
+        except grpc.aio.AioRpcError as exc:
+            return f"Providers: health unknown ({exc.code().name})"
+    lines = ["Providers:"]
+    for h in reply.providers:
+        if h.available:
+            lines.append(f"  {h.provider:<10} healthy, {h.models_count} models")
+        else:
+            lines.append(f"  {h.provider:<10} NOT AVAILABLE: {h.error}")
+    if len(lines) == 1:
+        lines.append("  none configured")
+    return "\n".join(lines)
 
 
 def _banner(host: str, specs: list[ServiceSpec], gateway_port: int, data_dir: str) -> str:
