@@ -18,6 +18,7 @@ import grpc
 from marie.auth.v1 import auth_service_pb2 as auth_pb
 from marie.auth.v1 import auth_service_pb2_grpc as auth_grpc
 from marie_kit.apikeys import is_well_formed
+from marie_kit.context import outgoing_metadata
 
 from marie_gateway.errors import from_rpc_error, invalid_api_key, permission_denied
 
@@ -111,7 +112,7 @@ class KeyValidator:
             reply = await self._stub.ValidateApiKey(
                 auth_pb.ValidateApiKeyRequest(key=key),
                 timeout=self._timeout,
-                metadata=(("x-request-id", request_id),),
+                metadata=outgoing_metadata(),
             )
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.UNAUTHENTICATED:

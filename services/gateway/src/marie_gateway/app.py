@@ -20,7 +20,7 @@ import orjson
 from marie.providers.v1 import provider_service_pb2 as pb
 from marie.providers.v1 import provider_service_pb2_grpc as pb_grpc
 from marie_kit.channels import insecure_channel, is_serving
-from marie_kit.context import REQUEST_ID_HEADER, clean_request_id, request_id_var
+from marie_kit.context import clean_request_id, outgoing_metadata, request_id_var
 from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -56,7 +56,6 @@ if TYPE_CHECKING:
     from marie.providers.v1.provider_service_pb2_grpc import ProviderServiceAsyncStub
 
 M = TypeVar("M", bound=BaseModel)
-JSON_HEADERS = {"content-type": "application/json"}
 
 
 class JSONResponse(Response):
@@ -117,12 +116,12 @@ def parse_body(model: type[M], raw: bytes) -> M:
         raise bad_request(f"Invalid request: {where}{first['msg']}", param or None) from None
 
 
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, f"Request body larger than {limit} bytes.")
+
+
 def _request_id(request: Request) -> str:
     return request_id_var.get() or clean_request_id(None)
-
-
-def _metadata(request_id: str) -> tuple[tuple[str, str], ...]:
-    return ((REQUEST_ID_HEADER, request_id),)
 
 
 class Gateway:
@@ -138,17 +137,16 @@ class Gateway:
 
     async def read_body(self, request: Request) -> bytes:
         limit = self.settings.max_body_bytes
-        too_large = ApiError(413, f"Request body larger than {limit} bytes.")
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
-            raise too_large
+            raise _too_large(limit)
         chunks: list[bytes] = []
         size = 0
         async for part in request.stream():
             chunks.append(part)
             size += len(part)
             if size > limit:
-                raise too_large
+                raise _too_large(limit)
         return b"".join(chunks)
 
     async def authenticate(self, request: Request) -> Principal:
@@ -179,7 +177,7 @@ class Gateway:
         call = self.backends().providers.StreamChatCompletion(
             chat_request_to_proto(body, completion_id),
             timeout=self.settings.request_timeout_seconds,
-            metadata=_metadata(rid),
+            metadata=outgoing_metadata(),
         )
         # Until the response starts, a client that leaves must still stop the
         # call (a model loading for 30 s generates for nobody otherwise).
@@ -271,7 +269,7 @@ class Gateway:
             reply = await self.backends().providers.ListModels(
                 pb.ListModelsRequest(),
                 timeout=self.settings.control_timeout_seconds,
-                metadata=_metadata(rid),
+                metadata=outgoing_metadata(),
             )
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc, rid) from None
@@ -286,7 +284,7 @@ class Gateway:
             reply = await self.backends().providers.GetModel(
                 pb.GetModelRequest(model=model_id),
                 timeout=self.settings.control_timeout_seconds,
-                metadata=_metadata(rid),
+                metadata=outgoing_metadata(),
             )
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc, rid) from None
@@ -310,7 +308,7 @@ class Gateway:
                     user=body.user or "",
                 ),
                 timeout=self.settings.request_timeout_seconds,
-                metadata=_metadata(rid),
+                metadata=outgoing_metadata(),
             )
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc, rid) from None
