@@ -1,0 +1,62 @@
+"""Helpers shared by the memory service's tests (uniquely named module)."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from collections.abc import Mapping, Sequence
+
+from marie_memory.records import (
+    EVENT_ADD,
+    Conversation,
+    HistoryEntry,
+    Memory,
+    MemoryChange,
+    Message,
+)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(8)}"
+
+
+def conversation(user: str, title: str = "", at: float | None = None) -> Conversation:
+    now = time.time() if at is None else at
+    return Conversation(
+        id=new_id("conv"), user_id=user, title=title, create_time=now, update_time=now
+    )
+
+
+def message(role: int, content: str) -> Message:
+    return Message(id=new_id("msg"), conversation_id="", role=role, content=content)
+
+
+def memory(
+    user: str,
+    text: str,
+    *,
+    at: float | None = None,
+    categories: Sequence[str] = (),
+    metadata: Mapping[str, str] | None = None,
+    source: str = "",
+) -> Memory:
+    now = time.time() if at is None else at
+    return Memory(
+        id=new_id("mem"),
+        user_id=user,
+        text=text,
+        hash=hashlib.sha256(text.encode()).hexdigest(),
+        categories=tuple(categories),
+        metadata=dict(metadata or {}),
+        source_conversation_id=source,
+        create_time=now,
+        update_time=now,
+    )
+
+
+def add(mem: Memory, vector: Sequence[float] | None = None) -> MemoryChange:
+    entry = HistoryEntry(
+        new_id("hist"), mem.id, EVENT_ADD, "", mem.text, mem.create_time, mem.user_id, False
+    )
+    return MemoryChange(EVENT_ADD, mem, entry, vector)
