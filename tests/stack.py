@@ -45,6 +45,7 @@ class Stack:
     gateway_port: int
     providers_port: int
     auth_port: int
+    memory_port: int
 
     @property
     def base_url(self) -> str:
@@ -84,13 +85,14 @@ class Stack:
 
 def start_stack(data_dir: Path, ollama_url: str, **extra_env: str) -> Stack:
     """Start the suite with `marie up` and wait until the gateway is ready."""
-    gateway, providers, auth = free_ports(3)
+    gateway, providers, auth, memory = free_ports(4)
     env = {
         **os.environ,
         "MARIE_DATA_DIR": str(data_dir),
         "MARIE_GATEWAY_PORT": str(gateway),
         "MARIE_PROVIDERS_PORT": str(providers),
         "MARIE_AUTH_PORT": str(auth),
+        "MARIE_MEMORY_PORT": str(memory),
         "OLLAMA_BASE_URL": ollama_url,
         "MARIE_GRACE_SECONDS": "2",
         **extra_env,
@@ -101,7 +103,7 @@ def start_stack(data_dir: Path, ollama_url: str, **extra_env: str) -> Stack:
         process = subprocess.Popen(
             [str(MARIE), "up"], env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT
         )
-    stack = Stack(process, env, log_path, gateway, providers, auth)
+    stack = Stack(process, env, log_path, gateway, providers, auth, memory)
     deadline = time.monotonic() + START_TIMEOUT_SECONDS
     while time.monotonic() < deadline:
         if process.poll() is not None:

@@ -11,8 +11,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from marie.memory.v1 import memory_service_pb2_grpc as pb_grpc
+from marie_kit.channels import insecure_channel
+from marie_kit.server import RunningServer, start_server
 from marie_memory.records import Store
+from marie_memory.service import MemoryComponent
+from marie_memory.settings import MemorySettings
 from marie_memory.sqlite_store import SqliteStore
+from memory_testkit import MemoryStub, StartMemory
+
+STOP_GRACE_SECONDS = 0.5
 
 
 async def _sqlite(tmp_path: Path) -> Store:
@@ -27,3 +35,37 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     opened = await STORE_OPENERS[request.param](tmp_path)
     yield opened
     await opened.close()
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> MemorySettings:
+    # Explicit values win over whatever MARIE_* variables the environment holds.
+    return MemorySettings(
+        data_dir=tmp_path / "data", port=0, embedding_model="", extraction_model=""
+    )
+
+
+@pytest.fixture
+async def start_memory() -> AsyncIterator[StartMemory]:
+    """Starts memory servers (each on a fresh port); stops those still running at the end."""
+    running: list[RunningServer] = []
+
+    async def start(settings: MemorySettings) -> RunningServer:
+        server = await start_server([MemoryComponent(settings)])
+        running.append(server)
+        return server
+
+    yield start
+    for server in running:
+        await server.stop(STOP_GRACE_SECONDS)
+
+
+@pytest.fixture
+async def server(start_memory: StartMemory, settings: MemorySettings) -> RunningServer:
+    return await start_memory(settings)
+
+
+@pytest.fixture
+async def stub(server: RunningServer) -> AsyncIterator[MemoryStub]:
+    async with insecure_channel(server.target) as channel:
+        yield pb_grpc.MemoryServiceStub(channel)

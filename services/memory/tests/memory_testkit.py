@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 import secrets
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
+from marie_kit.server import RunningServer
 from marie_memory.records import (
     EVENT_ADD,
     Conversation,
@@ -15,6 +17,9 @@ from marie_memory.records import (
     MemoryChange,
     Message,
 )
+from marie_memory.settings import MemorySettings
+
+__all__ = ["MemoryStub", "StartMemory", "add", "conversation", "memory", "message", "new_id"]
 
 
 def new_id(prefix: str) -> str:
@@ -60,3 +65,12 @@ def add(mem: Memory, vector: Sequence[float] | None = None) -> MemoryChange:
         new_id("hist"), mem.id, EVENT_ADD, "", mem.text, mem.create_time, mem.user_id, False
     )
     return MemoryChange(EVENT_ADD, mem, entry, vector)
+
+
+if TYPE_CHECKING:
+    from marie.memory.v1.memory_service_pb2_grpc import MemoryServiceAsyncStub as MemoryStub
+else:
+    MemoryStub = Any
+
+#: The `start_memory` fixture: starts a memory server over the given settings.
+StartMemory = Callable[[MemorySettings], Awaitable[RunningServer]]
