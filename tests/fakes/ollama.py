@@ -222,16 +222,29 @@ class RecordedRequest:
     raw_body: bytes
 
 
+def _seeded_unit(seed_text: str, dimension: int) -> list[float]:
+    seed = int.from_bytes(hashlib.sha256(seed_text.encode("utf-8")).digest()[:8], "big")
+    rng = random.Random(seed)
+    return [rng.gauss(0.0, 1.0) for _ in range(dimension)]
+
+
 def fake_embedding(text: str, dimension: int) -> list[float]:
     """The deterministic unit vector /api/embed returns for ``text``.
 
     It depends only on the text and the dimension (not on the model), so a
-    test can compute the expected vector. Like Ollama's /api/embed, vectors
-    are L2-normalised.
+    test can compute the expected vector. Texts that share words are near:
+    the vector is the normalised sum of one fixed random vector per distinct
+    lower-cased word (a text without words gets a vector of its own). Like
+    Ollama's /api/embed, vectors are L2-normalised.
     """
-    seed = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big")
-    rng = random.Random(seed)
-    vector = [rng.gauss(0.0, 1.0) for _ in range(dimension)]
+    words = sorted(set(re.findall(r"\w+", text.lower())))
+    if not words:
+        vector = _seeded_unit(text, dimension)
+    else:
+        vector = [0.0] * dimension
+        for word in words:
+            for i, x in enumerate(_seeded_unit(word, dimension)):
+                vector[i] += x
     norm = math.sqrt(sum(x * x for x in vector)) or 1.0
     return [x / norm for x in vector]
 

@@ -7,7 +7,7 @@ to STORE_OPENERS.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -18,7 +18,11 @@ from marie_memory.records import Store
 from marie_memory.service import MemoryComponent
 from marie_memory.settings import MemorySettings
 from marie_memory.sqlite_store import SqliteStore
-from memory_testkit import MemoryStub, StartMemory
+from marie_providers.service import ProvidersComponent
+from marie_providers.settings import ProvidersSettings
+from memory_testkit import EMBEDDING_MODEL, EXTRACTION_MODEL, MemoryStub, StartMemory
+
+from tests.fakes.ollama import FakeOllama
 
 STOP_GRACE_SECONDS = 0.5
 
@@ -67,5 +71,56 @@ async def server(start_memory: StartMemory, settings: MemorySettings) -> Running
 
 @pytest.fixture
 async def stub(server: RunningServer) -> AsyncIterator[MemoryStub]:
+    async with insecure_channel(server.target) as channel:
+        yield pb_grpc.MemoryServiceStub(channel)
+
+
+@pytest.fixture(scope="session")
+def ollama_server() -> Iterator[FakeOllama]:
+    with FakeOllama() as fake:
+        yield fake
+
+
+@pytest.fixture
+def ollama(ollama_server: FakeOllama) -> FakeOllama:
+    """The fake Ollama with its default models and no recorded requests."""
+    ollama_server.reset(models=True)
+    return ollama_server
+
+
+@pytest.fixture
+async def providers(ollama: FakeOllama) -> AsyncIterator[RunningServer]:
+    """A real providers service in front of the fake Ollama."""
+    settings = ProvidersSettings(
+        ollama_base_url=ollama.base_url,
+        ollama_enabled=True,
+        port=0,
+        connect_timeout_seconds=2,
+        read_timeout_seconds=10,
+    )
+    server = await start_server([ProvidersComponent(settings)])
+    yield server
+    await server.stop(STOP_GRACE_SECONDS)
+
+
+@pytest.fixture
+def ai_settings(tmp_path: Path, providers: RunningServer) -> MemorySettings:
+    """Settings with embeddings and extraction through the providers service."""
+    return MemorySettings(
+        data_dir=tmp_path / "data",
+        port=0,
+        providers_addr=providers.target,
+        embedding_model=EMBEDDING_MODEL,
+        extraction_model=EXTRACTION_MODEL,
+        queue_poll_seconds=0.05,
+        queue_backoff_seconds=0.05,
+    )
+
+
+@pytest.fixture
+async def ai_stub(
+    start_memory: StartMemory, ai_settings: MemorySettings
+) -> AsyncIterator[MemoryStub]:
+    server = await start_memory(ai_settings)
     async with insecure_channel(server.target) as channel:
         yield pb_grpc.MemoryServiceStub(channel)

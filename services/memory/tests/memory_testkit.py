@@ -19,7 +19,20 @@ from marie_memory.records import (
 )
 from marie_memory.settings import MemorySettings
 
-__all__ = ["MemoryStub", "StartMemory", "add", "conversation", "memory", "message", "new_id"]
+EMBEDDING_MODEL = "ollama/nomic-embed-text:latest"
+EXTRACTION_MODEL = "ollama/llama3.2:latest"
+
+__all__ = [
+    "EMBEDDING_MODEL",
+    "EXTRACTION_MODEL",
+    "MemoryStub",
+    "StartMemory",
+    "add",
+    "conversation",
+    "memory",
+    "message",
+    "new_id",
+]
 
 
 def new_id(prefix: str) -> str:

@@ -14,7 +14,7 @@ import grpc
 from marie.memory.v1 import memory_service_pb2 as pb
 from marie.memory.v1 import memory_service_pb2_grpc as pb_grpc
 from marie_kit.channels import insecure_channel, wait_until_serving
-from marie_memory.records import MemoryFilter
+from marie_memory.records import EmbeddingSpace, MemoryFilter
 from marie_memory.sqlite_store import SqliteStore
 
 START_TIMEOUT_SECONDS = 20.0
@@ -154,3 +154,26 @@ async def test_sigkill_during_writes_keeps_every_acknowledged_write(tmp_path: Pa
         assert [m.position for m in messages] == list(range(len(messages)))
     finally:
         await store.close()
+
+
+async def test_a_refused_embedding_model_change_exits_with_one_line(tmp_path: Path) -> None:
+    store = await SqliteStore.open(tmp_path / "memory.sqlite3")
+    await store.set_embedding_space(EmbeddingSpace("ollama/old-embed", 8))
+    await store.close()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "marie_memory",
+        env=_environment(
+            tmp_path,
+            MARIE_MEMORY_EMBEDDING_MODEL="ollama/new-embed",
+            MARIE_MEMORY_ON_MODEL_CHANGE="refuse",
+        ),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, stderr = await asyncio.wait_for(process.communicate(), START_TIMEOUT_SECONDS)
+    assert process.returncode == 2
+    lines = stderr.decode().strip().splitlines()
+    assert len(lines) == 1
+    assert "'ollama/new-embed'" in lines[0] and "'ollama/old-embed'" in lines[0]
