@@ -49,6 +49,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
+from tests.fakes.structured import structured_answer
+
 __all__ = [
     "FakeModel",
     "FakeOllama",
@@ -114,6 +116,9 @@ class FakeModel:
     # --- /api/chat behaviour ---
     # None means "Hello from <model>! You said: <last message content>".
     reply: str | None = None
+    # Replies used once each, first in first out, before `reply` (e.g. a bad
+    # JSON answer, then a good one).
+    replies: list[str] = field(default_factory=list)
     # Returned in message.tool_calls, verbatim: [{"function": {"name": ...,
     # "arguments": {...}}}]. With tool calls and reply None the content is "".
     tool_calls: list[JSONObject] = field(default_factory=list)
@@ -1075,11 +1080,16 @@ class FakeOllama:
                     "done": True,
                 },
             )
-        return _ChatResponse(self, self._plan(model, name, messages, stream is not False))
+        plan = self._plan(model, name, messages, stream is not False, body.get("format"))
+        return _ChatResponse(self, plan)
 
     @staticmethod
     def _plan(
-        model: FakeModel, requested: str, messages: list[JSONObject], stream: bool
+        model: FakeModel,
+        requested: str,
+        messages: list[JSONObject],
+        stream: bool,
+        response_format: Any = None,
     ) -> _ChatPlan:
         last = messages[-1] if messages else {}
         after_tool_result = last.get("role") == "tool"
@@ -1087,6 +1097,11 @@ class FakeOllama:
         if after_tool_result and not model.tool_calls_after_tool_result:
             tool_calls = []
         reply = model.reply
+        if model.replies:
+            reply = model.replies.pop(0)
+        elif reply is None and isinstance(response_format, dict) and not tool_calls:
+            # A schema in `format`: answer JSON that follows it, as a real model does.
+            reply = json.dumps(structured_answer(response_format, messages))
         if reply is None:
             if tool_calls:
                 reply = ""

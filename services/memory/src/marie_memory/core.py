@@ -33,6 +33,7 @@ from marie_memory.records import (
     EVENT_UPDATE,
     ROLE_SYSTEM,
     Conversation,
+    ExtractionJob,
     HistoryEntry,
     Memory,
     MemoryChange,
@@ -137,8 +138,18 @@ class MemoryCore:
         self._keyword_weight = keyword_weight / total
         self._similar = similar_memories
         self._clock = clock
+        #: Called after a job is queued (the queue's wake-up).
+        self.on_enqueue: Callable[[], None] | None = None
         # Memory writes of one user run one at a time, so dedupe sees every write.
         self._user_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+
+    @property
+    def similar_count(self) -> int:
+        """How many similar stored memories each extracted fact is compared with."""
+        return self._similar
+
+    def now(self) -> float:
+        return self._clock()
 
     # --- conversations ----------------------------------------------------
 
@@ -572,16 +583,33 @@ class MemoryCore:
             return f"{request.extraction_provider}/{request.extraction_model}"
         return model
 
-    async def add_memories(self, request: AddRequest) -> tuple[list[AddResult], str]:
+    async def _check_add_fully(self, request: AddRequest) -> str:
+        """Everything AddMemories checks before changing anything; the model to use."""
         self.check_add(request)
-        user_id = request.user_id
         model = self.extraction_model(request) if request.infer else ""
         if request.infer and self.extractor is None:
             raise extraction_model_not_configured()
         if request.conversation_id:
-            conversation = await self.store.get_conversation(user_id, request.conversation_id)
-            if conversation is None:
+            found = await self.store.get_conversation(request.user_id, request.conversation_id)
+            if found is None:
                 raise conversation_not_found(request.conversation_id)
+        return model
+
+    async def enqueue_memories(self, request: AddRequest) -> str:
+        """Checks an inferring AddMemories request and queues it durably; the job id."""
+        await self._check_add_fully(request)
+        from marie_memory.queue import encode_request  # noqa: PLC0415 - import cycle
+
+        now = self._clock()
+        job = ExtractionJob(new_id("job"), request.user_id, encode_request(request), 0, now, now)
+        await self.store.enqueue_job(job)
+        if self.on_enqueue is not None:
+            self.on_enqueue()
+        return job.id
+
+    async def add_memories(self, request: AddRequest) -> tuple[list[AddResult], str]:
+        model = await self._check_add_fully(request)
+        user_id = request.user_id
         async with self._user_locks[user_id]:
             if request.infer:
                 assert self.extractor is not None

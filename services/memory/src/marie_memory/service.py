@@ -26,6 +26,8 @@ from marie_memory import convert
 from marie_memory.core import MemoryCore
 from marie_memory.embedding import Embeddings
 from marie_memory.errors import DOMAIN, store_unavailable
+from marie_memory.extraction import LlmExtractor
+from marie_memory.queue import ExtractionQueue
 from marie_memory.records import Store
 from marie_memory.settings import MemorySettings
 from marie_memory.sqlite_store import SqliteStore
@@ -59,6 +61,7 @@ class MemoryComponent:
         self.settings = settings
         self._core: MemoryCore | None = None
         self._channel: grpc.aio.Channel | None = None
+        self._queue: ExtractionQueue | None = None
 
     @property
     def core(self) -> MemoryCore:
@@ -73,10 +76,9 @@ class MemoryComponent:
         settings = self.settings
         store = await open_store(settings)
         try:
-            providers: ProvidersStub | None = None
-            if settings.embedding_model or settings.extraction_model:
-                self._channel = insecure_channel(settings.providers_addr)
-                providers = ppb_grpc.ProviderServiceStub(self._channel)
+            # A channel connects lazily: it costs nothing until a model is used.
+            self._channel = insecure_channel(settings.providers_addr)
+            providers: ProvidersStub = ppb_grpc.ProviderServiceStub(self._channel)
             embeddings = Embeddings(
                 store,
                 providers if settings.embedding_model else None,
@@ -87,12 +89,21 @@ class MemoryComponent:
             self._core = MemoryCore(
                 store,
                 embeddings,
+                extractor=LlmExtractor(providers, settings.extraction_timeout_seconds),
                 default_extraction_model=settings.extraction_model,
                 vector_weight=settings.vector_weight,
                 keyword_weight=settings.keyword_weight,
                 similar_memories=settings.similar_memories,
             )
+            self._queue = ExtractionQueue(
+                self._core,
+                poll_seconds=settings.queue_poll_seconds,
+                backoff_seconds=settings.queue_backoff_seconds,
+                max_attempts=settings.queue_max_attempts,
+            )
+            self._core.on_enqueue = self._queue.wake
             embeddings.start()
+            self._queue.start()
         except BaseException:
             await store.close()
             raise
@@ -106,9 +117,14 @@ class MemoryComponent:
         )
 
     async def stopping(self) -> None:
-        return None
+        # A queued job not finished now runs again after the restart.
+        if self._queue is not None:
+            await self._queue.close()
 
     async def close(self) -> None:
+        if self._queue is not None:
+            await self._queue.close()
+            self._queue = None
         if self._core is not None:
             core, self._core = self._core, None
             await core.embeddings.close()
@@ -219,7 +235,13 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
     async def AddMemories(
         self, request: pb.AddMemoriesRequest, context: Context
     ) -> pb.AddMemoriesResponse:
-        results, model = await self._core.add_memories(convert.add_request_from_proto(request))
+        add = convert.add_request_from_proto(request)
+        if add.infer and request.background:
+            job_id = await self._core.enqueue_memories(add)
+            return pb.AddMemoriesResponse(
+                extraction_model=self._core.extraction_model(add), job_id=job_id
+            )
+        results, model = await self._core.add_memories(add)
         return pb.AddMemoriesResponse(
             results=[convert.add_result_to_proto(r) for r in results], extraction_model=model
         )
