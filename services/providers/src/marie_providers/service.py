@@ -22,6 +22,7 @@ from marie_kit.errors import ServiceError
 from marie_providers.base import Provider
 from marie_providers.chunks import ChunkMerger
 from marie_providers.errors import DOMAIN
+from marie_providers.model_access import ModelAccess
 from marie_providers.ollama import OllamaProvider
 from marie_providers.registry import ModelRegistry
 from marie_providers.settings import ProvidersSettings
@@ -73,6 +74,11 @@ async def within_deadline(context: Context) -> AsyncIterator[None]:
         ) from None
 
 
+def _access(context: Context) -> ModelAccess:
+    """The caller's allowed models, from the metadata its key check added."""
+    return ModelAccess.from_metadata(context.invocation_metadata())
+
+
 class ProviderServicer(pb_grpc.ProviderServiceServicer):
     """ProviderService over a ModelRegistry, which the component sets once started."""
 
@@ -112,6 +118,7 @@ class ProviderServicer(pb_grpc.ProviderServiceServicer):
                 request.provider,
                 force_refresh=request.force_refresh,
                 capability=request.capability,
+                access=_access(context),
             )
         return pb.ListModelsResponse(models=models, provider_errors=errors)
 
@@ -119,7 +126,7 @@ class ProviderServicer(pb_grpc.ProviderServiceServicer):
         check_get_model_request(request)
         registry = self._registry()
         async with within_deadline(context):
-            model = await registry.get_model(request.model, request.provider)
+            model = await registry.get_model(request.model, request.provider, _access(context))
         return pb.GetModelResponse(model=model)
 
     async def SearchModels(
@@ -128,7 +135,7 @@ class ProviderServicer(pb_grpc.ProviderServiceServicer):
         limit = check_search_request(request)
         registry = self._registry()
         async with within_deadline(context):
-            models = await registry.search(request.query, request.provider, limit)
+            models = await registry.search(request.query, request.provider, limit, _access(context))
         return pb.SearchModelsResponse(models=models)
 
     async def StreamChatCompletion(
@@ -137,7 +144,9 @@ class ProviderServicer(pb_grpc.ProviderServiceServicer):
         check_chat_request(request)
         registry = self._registry()
         async with within_deadline(context):
-            provider, model_name = await registry.resolve(request.model, request.provider)
+            provider, model_name = await registry.resolve(
+                request.model, request.provider, _access(context)
+            )
         completion_id = request.completion_id or new_completion_id()
         # The stream itself is bounded by gRPC: a passed deadline or a client
         # going away cancels this handler, and aclosing then closes the
@@ -163,7 +172,9 @@ class ProviderServicer(pb_grpc.ProviderServiceServicer):
         check_embeddings_request(request)
         registry = self._registry()
         async with within_deadline(context):
-            provider, model_name = await registry.resolve(request.model, request.provider)
+            provider, model_name = await registry.resolve(
+                request.model, request.provider, _access(context)
+            )
             return await provider.embed(request, model_name)
 
 
