@@ -293,10 +293,22 @@ def test_upstream_down_is_a_server_error(tmp_path: Path) -> None:
         with c, pytest.raises(openai.InternalServerError) as caught:
             c.chat.completions.create(model=MODEL, messages=HELLO)
         assert caught.value.status_code == 503
-        assert f"127.0.0.1:{closed_port}" in caught.value.message
+        # The client gets plain words and the request id, not internal addresses...
+        rid = caught.value.response.headers["x-request-id"]
+        assert caught.value.message.endswith(
+            f"The provider 'ollama' is not reachable right now (request id {rid})."
+        )
+        assert str(closed_port) not in caught.value.response.text
+        # ...which the log line with that request id names, for the operator.
+        failures = [
+            line for line in down.log().splitlines() if rid in line and "upstream failure" in line
+        ]
+        assert failures and f"127.0.0.1:{closed_port}" in failures[0]
         # `marie up` told the person at the terminal, naming the URL.
         assert re.search(
-            rf"^  ollama +NOT AVAILABLE: .*127\.0\.0\.1:{closed_port}", down.log(), re.MULTILINE
+            rf"^  ollama +NOT AVAILABLE \(at http://127\.0\.0\.1:{closed_port}\)",
+            down.log(),
+            re.MULTILINE,
         )
     finally:
         assert down.stop() == 0
