@@ -373,7 +373,7 @@ def test_key_without_chat_scope_is_forbidden(stack: Stack) -> None:
 
 
 def test_key_limited_to_some_models_sees_and_uses_only_those(stack: Stack) -> None:
-    key = stack.create_key("narrow", "--model", "ollama/qwen*")
+    key = stack.create_key("narrow", "--model", "ollama/qwen2.5:0.5b")
     with openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=key, max_retries=0) as c:
         assert [m.id for m in c.models.list()] == ["ollama/qwen2.5:0.5b"]
         c.chat.completions.create(model="ollama/qwen2.5:0.5b", messages=HELLO)
