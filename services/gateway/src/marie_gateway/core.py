@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from marie.providers.v1 import provider_service_pb2_grpc as pb_grpc
 from marie_kit.channels import insecure_channel
+from marie_kit.memory import LARGE_REQUEST_BYTES, schedule_trim
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 
@@ -138,7 +139,12 @@ class Gateway:
 
     def release(self, scope: dict[str, Any]) -> None:
         """Give back what the request reserved of the body budget."""
-        self.bodies.give_back(scope.pop(BODY_RESERVATION_KEY, 0))
+        reserved = scope.pop(BODY_RESERVATION_KEY, 0)
+        if reserved:
+            self.bodies.give_back(reserved)
+            if reserved >= LARGE_REQUEST_BYTES:
+                # glibc keeps the freed heap of a large body: hand it back.
+                schedule_trim()
 
     async def authenticate(self, request: Request) -> Principal:
         """The caller's principal from its key header; 401 without a valid key."""

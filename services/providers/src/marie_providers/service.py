@@ -18,6 +18,7 @@ import grpc
 from marie.providers.v1 import provider_service_pb2 as pb
 from marie.providers.v1 import provider_service_pb2_grpc as pb_grpc
 from marie_kit.errors import ServiceError
+from marie_kit.memory import LargeRequests
 
 from marie_providers.base import Provider
 from marie_providers.chunks import ChunkMerger
@@ -84,6 +85,7 @@ class ProviderServicer(pb_grpc.ProviderServiceServicer):
 
     def __init__(self) -> None:
         self.registry: ModelRegistry | None = None
+        self._large = LargeRequests()
 
     def _registry(self) -> ModelRegistry:
         if self.registry is None:
@@ -143,28 +145,34 @@ class ProviderServicer(pb_grpc.ProviderServiceServicer):
     ) -> AsyncIterator[pb.StreamChatCompletionResponse]:
         check_chat_request(request)
         registry = self._registry()
-        async with within_deadline(context):
-            provider, model_name = await registry.resolve(
-                request.model, request.provider, _access(context)
-            )
-        completion_id = request.completion_id or new_completion_id()
-        # The stream itself is bounded by gRPC: a passed deadline or a client
-        # going away cancels this handler, and aclosing then closes the
-        # provider's stream, which closes the upstream request.
-        chunks = provider.stream_chat(request, model_name, completion_id, int(time.time()))
-        async with aclosing(chunks):
-            if not request.aggregate:
+        # A large request leaves a large heap behind: trimmed after the last one.
+        large = self._large.started(request.ByteSize())
+        try:
+            async with within_deadline(context):
+                provider, model_name = await registry.resolve(
+                    request.model, request.provider, _access(context)
+                )
+            completion_id = request.completion_id or new_completion_id()
+            # The stream itself is bounded by gRPC: a passed deadline or a client
+            # going away cancels this handler, and aclosing then closes the
+            # provider's stream, which closes the upstream request.
+            chunks = provider.stream_chat(request, model_name, completion_id, int(time.time()))
+            async with aclosing(chunks):
+                if not request.aggregate:
+                    async for chunk in chunks:
+                        yield chunk
+                    return
+                # The caller wants the whole reply: one message where one will do
+                # (every chunk is a gRPC message to send and to read).
+                merger = ChunkMerger()
                 async for chunk in chunks:
-                    yield chunk
-                return
-            # The caller wants the whole reply: one message where one will do
-            # (every chunk is a gRPC message to send and to read).
-            merger = ChunkMerger()
-            async for chunk in chunks:
-                if (ready := merger.add(chunk)) is not None:
-                    yield ready
-            if (last := merger.flush()) is not None:
-                yield last
+                    if (ready := merger.add(chunk)) is not None:
+                        yield ready
+                if (last := merger.flush()) is not None:
+                    yield last
+        finally:
+            if large:
+                self._large.ended()
 
     async def CreateEmbeddings(
         self, request: pb.CreateEmbeddingsRequest, context: Context
