@@ -1,5 +1,5 @@
 """The gateway's HTTP application, assembled: each surface (the OpenAI `/v1`
-routes, health, Envoy's key check) lives in its own module; this one wires
+routes, the memory `/api` routes, health, Envoy's key check) lives in its own module; this one wires
 them to the shared state, the error handlers and the request context."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from starlette.responses import Response
 from marie_gateway import grpc_authz, health
 from marie_gateway.core import Gateway
 from marie_gateway.errors import ApiError
+from marie_gateway.memory_api import MemoryRoutes
 from marie_gateway.middleware import RequestContext
 from marie_gateway.openai_api import OpenAIRoutes
 from marie_gateway.settings import GatewaySettings
@@ -50,6 +51,7 @@ def create_app(settings: GatewaySettings) -> RequestContext:
     gw = Gateway(settings)
     routes = [
         *OpenAIRoutes(gw).routes(),
+        *MemoryRoutes(gw).routes(),
         *health.routes(gw),
         *grpc_authz.routes(gw),
     ]

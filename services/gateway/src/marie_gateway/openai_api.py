@@ -27,6 +27,7 @@ from marie_gateway.mapping import (
     chunk_delta,
     usage_dict,
 )
+from marie_gateway.memory_api import enrich_chat
 from marie_gateway.protocol import ChatCompletionRequest, EmbeddingsRequest
 from marie_gateway.sse import DONE, DisconnectWatch, EventStreamResponse, event
 from marie_gateway.web import JSONResponse, current_request_id, parse_body
@@ -56,10 +57,12 @@ class OpenAIRoutes:
         principal = await gw.authorize(request, SCOPE_CHAT)
         body = parse_body(ChatCompletionRequest, await gw.read_body(request))
         completion_id = "chatcmpl-" + secrets.token_hex(12)
+        chat = chat_request_to_proto(body, completion_id)
+        await enrich_chat(gw, principal, body.user, chat)
         # The key's allowed models travel with the call: providers checks the
         # model it resolves before any upstream call.
         call: ChatCall = gw.backends().providers.StreamChatCompletion(
-            chat_request_to_proto(body, completion_id),
+            chat,
             timeout=gw.settings.request_timeout_seconds,
             metadata=principal.call_metadata(),
         )

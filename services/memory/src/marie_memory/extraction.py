@@ -24,7 +24,6 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
-from google.protobuf import json_format, struct_pb2
 from marie.providers.v1 import provider_service_pb2 as ppb
 from marie_kit.context import outgoing_metadata
 from marie_kit.errors import ServiceError
@@ -218,8 +217,6 @@ class LlmExtractor:
     async def _complete(
         self, model: str, system: str, user: str, schema: dict[str, Any], name: str
     ) -> str:
-        structure = struct_pb2.Struct()
-        json_format.ParseDict(schema, structure)
         request = ppb.StreamChatCompletionRequest(
             model=model,
             messages=[
@@ -230,7 +227,7 @@ class LlmExtractor:
             response_format=ppb.ResponseFormat(
                 type=ppb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA,
                 name=name,
-                json_schema=structure,
+                json_schema_json=json.dumps(schema),
                 strict=True,
             ),
             aggregate=True,
