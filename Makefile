@@ -70,6 +70,7 @@ fmt: bootstrap
 
 bench: bootstrap
 	$(PY) bench/run.py
+	$(PY) bench/memory_search.py
 
 clean:
 	rm -rf $(VENV) $(TOOLS) $(STUBS_DIR)/marie node_modules
