@@ -1,19 +1,20 @@
 """Fixtures for the memory service's tests.
 
 `store` runs the store contract suite (test_memory_store_contract.py) against
-every store implementation; a new implementation joins by adding its opener
-to STORE_OPENERS.
+every store implementation (STORE_KINDS).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+import os
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 from marie.memory.v1 import memory_service_pb2_grpc as pb_grpc
 from marie_kit.channels import insecure_channel
 from marie_kit.server import RunningServer, start_server
+from marie_memory.opensearch_store import OpenSearchStore, index_prefix
 from marie_memory.records import Store
 from marie_memory.service import MemoryComponent
 from marie_memory.settings import MemorySettings
@@ -27,18 +28,27 @@ from tests.fakes.ollama import FakeOllama
 STOP_GRACE_SECONDS = 0.5
 
 
-async def _sqlite(tmp_path: Path) -> Store:
-    return await SqliteStore.open(tmp_path / "memory.sqlite3")
+STORE_KINDS = ["sqlite", "opensearch"]
 
 
-STORE_OPENERS: dict[str, Callable[[Path], Awaitable[Store]]] = {"sqlite": _sqlite}
-
-
-@pytest.fixture(params=sorted(STORE_OPENERS))
+@pytest.fixture(params=STORE_KINDS)
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    opened = await STORE_OPENERS[request.param](tmp_path)
+    """Every store implementation: SQLite on a file in tmp_path; OpenSearch on the
+    cluster at OPENSEARCH_URL when set, else on a fresh osmem-server clone."""
+    opened: Store
+    if request.param == "sqlite":
+        opened = await SqliteStore.open(tmp_path / "memory.sqlite3")
+    else:
+        url = os.environ.get("OPENSEARCH_URL") or request.getfixturevalue("osmem_clone").url
+        opened = await OpenSearchStore.open(url, prefix=index_prefix(str(tmp_path)))
     yield opened
     await opened.close()
+
+
+@pytest.fixture
+def emulated(request: pytest.FixtureRequest, store: Store) -> bool:
+    """True when the store runs on osmem-server (no knn query)."""
+    return isinstance(store, OpenSearchStore) and not os.environ.get("OPENSEARCH_URL")
 
 
 @pytest.fixture

@@ -20,11 +20,14 @@ from marie_memory.records import (
 from marie_memory.settings import MemorySettings
 
 EMBEDDING_MODEL = "ollama/nomic-embed-text:latest"
+#: Why a contract test cannot run on osmem-server; the test is skipped saying so.
+NO_KNN = "osmem-server has no knn query (knn bodies are checked in test_memory_opensearch.py)"
 EXTRACTION_MODEL = "ollama/llama3.2:latest"
 
 __all__ = [
     "EMBEDDING_MODEL",
     "EXTRACTION_MODEL",
+    "NO_KNN",
     "MemoryStub",
     "StartMemory",
     "add",

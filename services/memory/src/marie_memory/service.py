@@ -47,6 +47,12 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 
 async def open_store(settings: MemorySettings) -> Store:
+    if settings.store == "opensearch":
+        from marie_memory.opensearch_store import OpenSearchStore  # noqa: PLC0415 - optional
+
+        return await OpenSearchStore.open(
+            settings.opensearch_url, prefix=settings.opensearch_index_prefix
+        )
     return await SqliteStore.open(settings.db_path)
 
 

@@ -23,8 +23,19 @@ class MemorySettings(ServiceSettings):
     port: int = Field(
         default=DEFAULT_PORT, ge=0, le=65535, description="gRPC port; 0 picks a free one."
     )
-    store: Literal["sqlite"] = Field(
-        default="sqlite", description="Storage backend: the embedded SQLite store."
+    store: Literal["sqlite", "opensearch"] = Field(
+        default="sqlite",
+        description="Storage backend: the embedded SQLite store, or OpenSearch (OPENSEARCH_URL).",
+    )
+    opensearch_url: str = Field(
+        default="http://localhost:9200",
+        validation_alias=AliasChoices("OPENSEARCH_URL", "opensearch_url"),
+        description="The OpenSearch cluster of the opensearch store.",
+    )
+    opensearch_index_prefix: str = Field(
+        default="marie",
+        pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$",
+        description="Prefix of the store's index names (<prefix>_memory, …).",
     )
     db_path: Path = Field(
         default=Path(DEFAULT_DATA_DIR) / DB_FILE_NAME,
