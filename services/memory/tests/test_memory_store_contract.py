@@ -275,3 +275,45 @@ async def test_the_extraction_queue_delays_retries_and_finishes_jobs(store: Stor
     assert (retried.id, retried.attempts, retried.last_error) == (first.id, 1, "provider down")
     await store.finish_job(first.id)
     assert [j.id for j in await store.due_jobs(100.0, 10)] == [later.id]
+
+
+async def test_vector_search_sees_every_change_made_after_earlier_searches(
+    store: Store, emulated: bool
+) -> None:
+    if emulated:
+        pytest.skip(NO_KNN)
+    await store.set_embedding_space(EmbeddingSpace("fake/embed", 16))
+    mems = [memory("alice", f"fact {i}") for i in range(6)]
+    await store.apply_memory_changes("alice", [add(m, unit(i)) for i, m in enumerate(mems)])
+    # Search first (a store may cache the user's vectors), then change things.
+    assert (await store.vector_search_memories("alice", unit(0), MemoryFilter(), 1))[
+        0
+    ].memory.id == mems[0].id
+
+    new = memory("alice", "fact new", categories=("fresh",))
+    moved = replace(mems[1], text="moved", categories=("moved",))
+    recategorised = replace(mems[2], categories=("tagged",))
+    await store.apply_memory_changes(
+        "alice",
+        [
+            add(new, unit(50)),
+            MemoryChange(EVENT_UPDATE, moved, None, unit(51)),
+            MemoryChange(EVENT_UPDATE, recategorised, None),
+            MemoryChange(EVENT_DELETE, mems[0], None),
+        ],
+    )
+    top = await store.vector_search_memories("alice", unit(0), MemoryFilter(), 10)
+    assert mems[0].id not in {h.memory.id for h in top} and len(top) == 6
+    assert (await store.vector_search_memories("alice", unit(50), MemoryFilter(), 1))[
+        0
+    ].memory.id == new.id
+    best_moved = (await store.vector_search_memories("alice", unit(51), MemoryFilter(), 1))[0]
+    assert (best_moved.memory.id, best_moved.memory.text) == (mems[1].id, "moved")
+    tagged = await store.vector_search_memories(
+        "alice", unit(2), MemoryFilter(categories=("tagged",)), 10
+    )
+    assert [h.memory.id for h in tagged] == [mems[2].id]
+    fresh = await store.vector_search_memories(
+        "alice", unit(2), MemoryFilter(categories=("fresh",)), 10
+    )
+    assert [h.memory.id for h in fresh] == [new.id]
