@@ -226,7 +226,7 @@ async def test_message_search_highlights_pages_and_says_it_ranks_by_keywords(
         pb.SearchMessagesRequest(user_id=USER, query="lisbon", page_size=3)
     )
     assert first.mode_used == pb.SEARCH_MODE_KEYWORD
-    assert first.mode_note == "messages are ranked by keywords only"
+    assert first.mode_note == "no embedding model configured"
     assert len(first.hits) == 3 and first.next_page_token
     hit = first.hits[0]
     assert hit.conversation_id == conv.id and hit.conversation_title == "Holidays"

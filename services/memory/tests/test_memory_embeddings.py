@@ -158,3 +158,50 @@ async def test_a_changed_model_is_refused_or_re_embedded_never_mixed(
 
 def replace_setting(settings: MemorySettings, **changes: Any) -> MemorySettings:
     return settings.model_copy(update=changes)
+
+
+async def test_messages_are_embedded_after_they_are_appended_and_searched_by_meaning(
+    ai_stub: MemoryStub,
+) -> None:
+    conv = (
+        await ai_stub.CreateConversation(pb.CreateConversationRequest(user_id=USER, title="T"))
+    ).conversation
+    other = (
+        await ai_stub.CreateConversation(pb.CreateConversationRequest(user_id="bob"))
+    ).conversation
+    await ai_stub.AppendMessages(
+        pb.AppendMessagesRequest(
+            user_id=USER,
+            conversation_id=conv.id,
+            messages=[
+                pb.Message(role=pb.MESSAGE_ROLE_USER, content="Green tea <3 every morning"),
+                pb.Message(role=pb.MESSAGE_ROLE_ASSISTANT, content="Noted about your dog"),
+            ],
+        )
+    )
+    await ai_stub.AppendMessages(
+        pb.AppendMessagesRequest(
+            user_id="bob",
+            conversation_id=other.id,
+            messages=[pb.Message(role=pb.MESSAGE_ROLE_USER, content="green tea for bob")],
+        )
+    )
+    request = pb.SearchMessagesRequest(user_id=USER, query="tea", mode=pb.SEARCH_MODE_VECTOR)
+    for _ in range(200):
+        reply = await ai_stub.SearchMessages(request)
+        if len(reply.hits) == 2 and reply.mode_note == "":
+            break
+        await asyncio.sleep(0.05)
+    assert reply.mode_used == pb.SEARCH_MODE_VECTOR and reply.mode_note == ""
+    assert [h.message.content for h in reply.hits] == [
+        "Green tea <3 every morning",
+        "Noted about your dog",
+    ]
+    # Found by meaning: one snippet from the start, escaped, without marks.
+    assert reply.hits[0].snippets == ["Green tea &lt;3 every morning"]
+    assert reply.hits[0].conversation_title == "T"
+
+    hybrid = await ai_stub.SearchMessages(pb.SearchMessagesRequest(user_id=USER, query="tea"))
+    assert (hybrid.mode_used, hybrid.mode_note) == (pb.SEARCH_MODE_HYBRID, "")
+    assert hybrid.hits[0].snippets == ["Green <mark>tea</mark> &lt;3 every morning"]
+    assert hybrid.hits[0].score > hybrid.hits[1].score

@@ -16,6 +16,7 @@ from marie_memory.opensearch_store import (
     index_prefix,
     keyword_query_body,
     knn_query_body,
+    message_knn_body,
     message_search_body,
     vector_index_body,
 )
@@ -51,6 +52,25 @@ def test_knn_search_filters_by_user_inside_the_knn_clause() -> None:
             }
         },
     }
+
+
+def test_message_knn_search_filters_inside_the_knn_clause() -> None:
+    body = message_knn_body("alice", [1.0], "conv_1", [2, 3], 4)
+    assert body["query"]["knn"]["vector"] == {
+        "vector": [1.0],
+        "k": 4,
+        "filter": {
+            "bool": {
+                "filter": [
+                    {"term": {"user_id": "alice"}},
+                    {"term": {"conversation_id": "conv_1"}},
+                    {"terms": {"role": [2, 3]}},
+                ]
+            }
+        },
+    }
+    messages = vector_index_body(8, messages=True)["mappings"]["properties"]
+    assert set(messages) == {"user_id", "message_id", "conversation_id", "role", "vector"}
 
 
 def test_the_vector_index_is_hnsw_on_lucene_with_cosine() -> None:

@@ -317,3 +317,48 @@ async def test_vector_search_sees_every_change_made_after_earlier_searches(
         "alice", unit(2), MemoryFilter(categories=("fresh",)), 10
     )
     assert [h.memory.id for h in fresh] == [new.id]
+
+
+async def test_message_vectors_are_per_user_filtered_and_follow_the_space(
+    store: Store, emulated: bool
+) -> None:
+    await store.set_embedding_space(EmbeddingSpace("fake/embed", 16))
+    mine = conversation("alice", "Mine")
+    theirs = conversation("bob")
+    await store.create_conversation(mine)
+    await store.create_conversation(theirs)
+    stored = await store.append_messages(
+        "alice",
+        mine.id,
+        [message(ROLE_USER, "first <b>"), message(ROLE_ASSISTANT, "second")],
+        1.0,
+    )
+    await store.append_messages("bob", theirs.id, [message(ROLE_USER, "bob's")], 2.0)
+    assert stored is not None
+    first, second = stored[0]
+    pending = await store.messages_without_vectors(10)
+    assert sorted((u, m.content) for u, m in pending) == [
+        ("alice", "first <b>"),
+        ("alice", "second"),
+        ("bob", "bob's"),
+    ]
+    await store.set_message_vectors(
+        [("alice", first.id, unit(1)), ("alice", second.id, unit(2)), ("bob", first.id, unit(3))]
+    )
+    assert [(u, m.content) for u, m in await store.messages_without_vectors(10)] == [
+        ("bob", "bob's")
+    ]
+    if emulated:
+        pytest.skip(NO_KNN)
+    hits = await store.vector_search_messages("alice", unit(1), "", (), 10)
+    assert [h.message.id for h in hits] == [first.id, second.id]
+    assert hits[0].relevance == pytest.approx(1.0, abs=1e-5)
+    assert hits[0].snippets == ["first &lt;b&gt;"] and hits[0].conversation_title == "Mine"
+    assert await store.vector_search_messages("bob", unit(1), "", (), 10) == []
+    only = await store.vector_search_messages("alice", unit(1), "", (ROLE_ASSISTANT,), 10)
+    assert [h.message.id for h in only] == [second.id]
+    assert await store.vector_search_messages("alice", unit(1), theirs.id, (), 10) == []
+
+    await store.set_embedding_space(EmbeddingSpace("fake/other", 8))
+    assert len(await store.messages_without_vectors(10)) == 3
+    assert await store.vector_search_messages("alice", unit(1, 8), "", (), 10) == []

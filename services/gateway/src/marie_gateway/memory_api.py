@@ -856,7 +856,8 @@ class _Turn:
         timeout = self._routes.gw.settings.control_timeout_seconds
         answer = mpb.Message(
             role=mpb.MESSAGE_ROLE_ASSISTANT,
-            content="".join(self.parts) or ("(no answer)" if partial else ""),
+            # A message needs content: an empty answer is stored as said so.
+            content="".join(self.parts) or "(no answer)",
             provider=self.provider,
             model=self.model,
             prompt_tokens=self.usage.prompt_tokens if self.usage else 0,

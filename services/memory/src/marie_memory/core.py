@@ -20,7 +20,6 @@ from marie_memory import limits
 from marie_memory.embedding import Embeddings
 from marie_memory.errors import (
     conversation_not_found,
-    embeddings_not_configured,
     extraction_model_not_configured,
     invalid_argument,
     memory_not_found,
@@ -39,6 +38,7 @@ from marie_memory.records import (
     MemoryChange,
     MemoryFilter,
     Message,
+    MessageHit,
     ScoredMemory,
     Store,
 )
@@ -326,25 +326,58 @@ class MemoryCore:
         offset = decode_token(token, fields) or 0
         if not isinstance(offset, int) or offset < 0:
             raise invalid_argument("page_token", "malformed page token")
-        if mode == MODE_VECTOR:
-            # Messages carry no embeddings (yet): only keywords can rank them.
-            raise embeddings_not_configured()
+        if mode not in (MODE_UNSPECIFIED, MODE_HYBRID, MODE_VECTOR, MODE_KEYWORD):
+            raise invalid_argument("mode", "unknown search mode")
         if conversation_id and await self.store.get_conversation(user_id, conversation_id) is None:
             raise conversation_not_found(conversation_id)
-        found = await self.store.search_messages(
-            user_id, query, conversation_id, roles, offset + limit + 1
+        used, note, vector = await self._query_vector(query, mode)
+        wanted = offset + limit + 1
+        scores: dict[str, float] = {}
+        found: dict[str, MessageHit] = {}
+        if vector is not None:
+            for hit in await self.store.vector_search_messages(
+                user_id, vector, conversation_id, roles, wanted
+            ):
+                found[hit.message.id] = hit
+                scores[hit.message.id] = (
+                    self._vector_weight if used == MODE_HYBRID else 1.0
+                ) * max(0.0, min(1.0, hit.relevance))
+        if used in (MODE_HYBRID, MODE_KEYWORD):
+            keyword = await self.store.search_messages(
+                user_id, query, conversation_id, roles, wanted
+            )
+            best = keyword[0].relevance if keyword else 1.0
+            weight = self._keyword_weight if used == MODE_HYBRID else 1.0
+            for hit in keyword:
+                # Keyword hits carry the highlighted snippets: they win over vector ones.
+                found[hit.message.id] = hit
+                scores[hit.message.id] = scores.get(hit.message.id, 0.0) + weight * _ratio(
+                    hit.relevance, best
+                )
+        # Ties go oldest first, as the stores order equal ranks (pages stay stable).
+        ranked = sorted(
+            scores.items(),
+            key=lambda item: (
+                -item[1],
+                found[item[0]].message.create_time,
+                found[item[0]].message.conversation_id,
+                found[item[0]].message.position,
+            ),
         )
-        best = found[0].relevance if found else 1.0
-        page = found[offset : offset + limit]
+        page = ranked[offset : offset + limit]
         hits = [
-            ScoredHit(h.message, h.conversation_title, _ratio(h.relevance, best), h.snippets)
-            for h in page
+            ScoredHit(
+                found[message_id].message,
+                found[message_id].conversation_title,
+                score,
+                found[message_id].snippets,
+            )
+            for message_id, score in page
         ]
-        next_token = encode_token(offset + limit, fields) if len(found) > offset + limit else ""
-        note = ""
-        if mode != MODE_KEYWORD:
-            note = "messages are ranked by keywords only"
-        return Ranked(MODE_KEYWORD, note, hits=hits, next_page_token=next_token)
+        next_token = encode_token(offset + limit, fields) if len(ranked) > offset + limit else ""
+        if vector is not None and self.embeddings.messages_pending and not note:
+            note = "recent messages are still being embedded: vector results may be incomplete"
+        return Ranked(used, note, hits=hits, next_page_token=next_token)
 
     # --- memories ---------------------------------------------------------
 

@@ -10,7 +10,9 @@ of two models never mix:
   re-embeds every memory in the background (`reembed`, the default);
 - the dimension is learned from the first successful embedding call, so the
   service starts (in keyword mode) even while providers are unreachable,
-  and switches to vectors as soon as they answer.
+  and switches to vectors as soon as they answer;
+- messages are embedded in the background after they are appended, so an
+  append never waits for the embedding model.
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ class Embeddings:
         self._task: asyncio.Task[None] | None = None
         #: True while memories of the store still lack a vector of this model.
         self.backfilling = False
+        #: True while messages still wait for their vectors.
+        self.messages_pending = False
 
     @property
     def configured(self) -> bool:
@@ -160,6 +164,16 @@ class Embeddings:
                     )
                     continue
                 self.backfilling = False
+                # Messages are embedded here, off the append path, as they arrive.
+                messages = await self._store.messages_without_vectors(BATCH)
+                if messages:
+                    self.messages_pending = True
+                    vectors = await self.embed([m.content for _, m in messages])
+                    await self._store.set_message_vectors(
+                        [(u, m.id, v) for (u, m), v in zip(messages, vectors, strict=True)]
+                    )
+                    continue
+                self.messages_pending = False
                 self._wake.clear()
                 await self._wake.wait()
             except asyncio.CancelledError:

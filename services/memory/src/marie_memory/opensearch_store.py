@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import html
 import json
 import time
 from collections import defaultdict
@@ -74,6 +75,8 @@ MAPPINGS: dict[str, dict[str, Any]] = {
         "create_time": {"type": "double"},
         "metadata": _DISABLED,
         "tool_calls": _DISABLED,
+        "has_content": {"type": "boolean"},
+        "vector_space": _KEYWORD,
     },
     "memory": {
         "id": _KEYWORD,
@@ -115,17 +118,28 @@ def space_key(space: EmbeddingSpace) -> str:
     return f"{space.model}#{space.dimension}"
 
 
-def vector_index_body(dimension: int) -> dict[str, Any]:
-    """The vectors index: knn_vector with HNSW on the lucene engine, cosine similarity."""
+def vector_index_body(dimension: int, *, messages: bool = False) -> dict[str, Any]:
+    """A vectors index: knn_vector with HNSW on the lucene engine, cosine similarity,
+    beside the keyword fields its knn filters use."""
+    if messages:
+        fields: dict[str, Any] = {
+            "message_id": _KEYWORD,
+            "conversation_id": _KEYWORD,
+            "role": {"type": "integer"},
+        }
+    else:
+        fields = {
+            "memory_id": _KEYWORD,
+            "categories": _KEYWORD,
+            "meta_pairs": _KEYWORD,
+            "source_conversation_id": _KEYWORD,
+        }
     return {
         "settings": {"index": {"knn": True}},
         "mappings": {
             "properties": {
                 "user_id": _KEYWORD,
-                "memory_id": _KEYWORD,
-                "categories": _KEYWORD,
-                "meta_pairs": _KEYWORD,
-                "source_conversation_id": _KEYWORD,
+                **fields,
                 "vector": {
                     "type": "knn_vector",
                     "dimension": dimension,
@@ -162,6 +176,30 @@ def knn_query_body(
                     "vector": [float(x) for x in vector],
                     "k": k,
                     "filter": {"bool": {"filter": filter_clauses(user_id, memory_filter)}},
+                }
+            }
+        },
+    }
+
+
+def message_knn_body(
+    user_id: str, vector: Sequence[float], conversation_id: str, roles: Sequence[int], k: int
+) -> dict[str, Any]:
+    """A knn search of one user's message vectors, the filters inside the knn clause."""
+    filters: list[dict[str, Any]] = [{"term": {"user_id": user_id}}]
+    if conversation_id:
+        filters.append({"term": {"conversation_id": conversation_id}})
+    if roles:
+        filters.append({"terms": {"role": list(roles)}})
+    return {
+        "size": k,
+        "_source": ["message_id"],
+        "query": {
+            "knn": {
+                "vector": {
+                    "vector": [float(x) for x in vector],
+                    "k": k,
+                    "filter": {"bool": {"filter": filters}},
                 }
             }
         },
@@ -258,6 +296,7 @@ def _message_doc(user_id: str, m: Message) -> dict[str, Any]:
         "name": m.name,
         "tool_calls": {"calls": [[c.id, c.function_name, c.arguments] for c in m.tool_calls]},
         "tool_call_id": m.tool_call_id,
+        "has_content": bool(m.content),
     }
 
 
@@ -432,14 +471,18 @@ class OpenSearchStore:
     async def set_embedding_space(self, space: EmbeddingSpace | None) -> None:
         if space == await self.get_embedding_space():
             return
-        vectors = self.index("memory_vectors")
-        if await self._client.indices.exists(index=vectors):
-            await self._client.indices.delete(index=vectors)
+        for name in ("memory_vectors", "message_vectors"):
+            if await self._client.indices.exists(index=self.index(name)):
+                await self._client.indices.delete(index=self.index(name))
         if space is None:
             await self._client.delete(index=self.index("meta"), id="embedding_space", refresh=WAIT)
         else:
             await self._client.indices.create(
-                index=vectors, body=vector_index_body(space.dimension)
+                index=self.index("memory_vectors"), body=vector_index_body(space.dimension)
+            )
+            await self._client.indices.create(
+                index=self.index("message_vectors"),
+                body=vector_index_body(space.dimension, messages=True),
             )
             value = {"model": space.model, "dimension": space.dimension}
             await self._client.index(
@@ -482,6 +525,82 @@ class OpenSearchStore:
             ]
         if actions:
             await self._bulk(actions)
+
+    async def messages_without_vectors(self, limit: int) -> list[tuple[str, Message]]:
+        must_not: list[dict[str, Any]] = []
+        if self._space is not None:
+            must_not.append({"term": {"vector_space": space_key(self._space)}})
+        hits = await self._search(
+            "messages",
+            {
+                "size": limit,
+                "query": {
+                    "bool": {"filter": [{"term": {"has_content": True}}], "must_not": must_not}
+                },
+                "sort": [{"create_time": "asc"}, {"id": "asc"}],
+            },
+        )
+        return [(h["_source"]["user_id"], _message(h["_source"])) for h in hits]
+
+    async def set_message_vectors(
+        self, vectors: Sequence[tuple[str, str, Sequence[float]]]
+    ) -> None:
+        if self._space is None or not vectors:
+            return
+        key = space_key(self._space)
+        actions: list[dict[str, Any]] = []
+        for user_id, message_id, vector in vectors:
+            doc = await self._get("messages", message_id)
+            if doc is None or doc["user_id"] != user_id:
+                continue
+            actions += [
+                {"index": {"_index": self.index("message_vectors"), "_id": message_id}},
+                {
+                    "user_id": user_id,
+                    "message_id": message_id,
+                    "conversation_id": doc["conversation_id"],
+                    "role": doc["role"],
+                    "vector": [float(x) for x in vector],
+                },
+                {"update": {"_index": self.index("messages"), "_id": message_id}},
+                {"doc": {"vector_space": key}},
+            ]
+        if actions:
+            await self._bulk(actions)
+
+    async def vector_search_messages(
+        self,
+        user_id: str,
+        vector: Sequence[float],
+        conversation_id: str,
+        roles: Sequence[int],
+        limit: int,
+    ) -> list[MessageHit]:
+        if self._space is None or len(vector) != self._space.dimension:
+            return []
+        hits = await self._search(
+            "message_vectors",
+            message_knn_body(user_id, vector, conversation_id, roles, min(limit, MAX_RESULTS)),
+        )
+        out = []
+        titles: dict[str, str] = {}
+        for h in hits:
+            doc = await self._get("messages", h["_source"]["message_id"])
+            if doc is None or doc["user_id"] != user_id:
+                continue
+            message = _message(doc)
+            if message.conversation_id not in titles:
+                found = await self.get_conversation(user_id, message.conversation_id)
+                titles[message.conversation_id] = found.title if found else ""
+            out.append(
+                MessageHit(
+                    message=message,
+                    conversation_title=titles[message.conversation_id],
+                    relevance=2.0 * float(h["_score"]) - 1.0,
+                    snippets=[html.escape(message.content[:200])],
+                )
+            )
+        return out
 
     def _vector_doc(self, memory: Memory, vector: Sequence[float]) -> dict[str, Any]:
         return {
@@ -560,6 +679,21 @@ class OpenSearchStore:
             },
             refresh=True,
         )
+        if self._space is not None:
+            await self._client.delete_by_query(
+                index=self.index("message_vectors"),
+                body={
+                    "query": {
+                        "bool": {
+                            "filter": [
+                                {"term": {"conversation_id": conversation_id}},
+                                {"term": {"user_id": user_id}},
+                            ]
+                        }
+                    }
+                },
+                refresh=True,
+            )
         await self._client.delete(
             index=self.index("conversations"), id=conversation_id, refresh=WAIT
         )

@@ -187,6 +187,25 @@ class Store(Protocol):
     async def set_vectors(self, vectors: Sequence[tuple[str, str, Sequence[float]]]) -> None:
         """Store (user_id, memory_id, vector) triples; unknown memories are skipped."""
 
+    async def messages_without_vectors(self, limit: int) -> list[tuple[str, Message]]:
+        """(user_id, message) of messages with content and no vector in the current space."""
+
+    async def set_message_vectors(
+        self, vectors: Sequence[tuple[str, str, Sequence[float]]]
+    ) -> None:
+        """Store (user_id, message_id, vector) triples; unknown messages are skipped."""
+
+    async def vector_search_messages(
+        self,
+        user_id: str,
+        vector: Sequence[float],
+        conversation_id: str,
+        roles: Sequence[int],
+        limit: int,
+    ) -> list[MessageHit]:
+        """Cosine similarity against the user's message vectors, best first; `relevance`
+        is the cosine and the one snippet is the message's start, escaped, no marks."""
+
     # --- conversations ----------------------------------------------------
     async def create_conversation(self, conversation: Conversation) -> None: ...
     async def get_conversation(self, user_id: str, conversation_id: str) -> Conversation | None: ...

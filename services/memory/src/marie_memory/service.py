@@ -2,10 +2,9 @@
 component the kit's server bootstrap runs.
 
 Beyond the proto comments:
-- SearchMessages ranks by keywords (BM25) only: messages carry no embeddings,
-  so SEARCH_MODE_VECTOR is FAILED_PRECONDITION (EMBEDDINGS_NOT_CONFIGURED) and
-  hybrid is answered in keyword mode with a `mode_note` saying why;
-- hybrid memory scores are `w_v * max(0, cosine) + w_k * bm25 / best_bm25`
+- messages are embedded in the background after AppendMessages; until then
+  vector search does not see them (`mode_note` says so while some wait);
+- hybrid scores (memories and messages) are `w_v * max(0, cosine) + w_k * bm25 / best_bm25`
   with the weights of MARIE_MEMORY_VECTOR_WEIGHT / _KEYWORD_WEIGHT
   (normalised to sum to 1); vector scores are `max(0, cosine)`.
 """

@@ -96,9 +96,12 @@ CREATE TABLE IF NOT EXISTS messages (
     metadata          TEXT NOT NULL,
     name              TEXT NOT NULL,
     tool_calls        TEXT NOT NULL,
-    tool_call_id      TEXT NOT NULL
+    tool_call_id      TEXT NOT NULL,
+    vector            BLOB
 );
 CREATE UNIQUE INDEX IF NOT EXISTS messages_by_position ON messages (conversation_id, position);
+CREATE INDEX IF NOT EXISTS messages_by_user ON messages (user_id, seq);
+CREATE INDEX IF NOT EXISTS messages_without_vector ON messages (seq) WHERE vector IS NULL;
 CREATE VIRTUAL TABLE IF NOT EXISTS messages_fts USING fts5(
     content, content='messages', content_rowid='seq', tokenize='unicode61 remove_diacritics 2'
 );
@@ -172,6 +175,7 @@ _MESSAGE_COLUMNS = (
     "id, conversation_id, position, role, content, provider, model, prompt_tokens, "
     "completion_tokens, create_time, metadata, name, tool_calls, tool_call_id"
 )
+_PREFIXED_MESSAGE_COLUMNS = ", ".join("m." + c.strip() for c in _MESSAGE_COLUMNS.split(","))
 _MEMORY_COLUMNS = (
     "id, user_id, text, hash, categories, metadata, source_conversation_id, "
     "source_message_ids, create_time, update_time"
@@ -578,6 +582,7 @@ class SqliteStore:
         with self._transaction():
             if space != self._get_space():
                 self._db.execute("UPDATE memories SET vector = NULL WHERE vector IS NOT NULL")
+                self._db.execute("UPDATE messages SET vector = NULL WHERE vector IS NOT NULL")
             if space is None:
                 self._db.execute("DELETE FROM meta WHERE key = 'embedding_space'")
             else:
@@ -611,6 +616,79 @@ class SqliteStore:
                 self._vectors.pop(user, None)
 
         await self._run(_set)
+
+    async def messages_without_vectors(self, limit: int) -> list[tuple[str, Message]]:
+        def _select() -> list[tuple[str, Message]]:
+            rows = self._db.execute(
+                f"SELECT user_id, {_MESSAGE_COLUMNS} FROM messages WHERE vector IS NULL "
+                "AND content != '' ORDER BY seq LIMIT ?",
+                (limit,),
+            ).fetchall()
+            return [(r["user_id"], _message(r)) for r in rows]
+
+        return await self._run(_select)
+
+    async def set_message_vectors(
+        self, vectors: Sequence[tuple[str, str, Sequence[float]]]
+    ) -> None:
+        def _set() -> None:
+            with self._transaction():
+                self._db.executemany(
+                    "UPDATE messages SET vector = ? WHERE id = ? AND user_id = ?",
+                    [(_vector_blob(v), message_id, user) for user, message_id, v in vectors],
+                )
+
+        await self._run(_set)
+
+    async def vector_search_messages(
+        self,
+        user_id: str,
+        vector: Sequence[float],
+        conversation_id: str,
+        roles: Sequence[int],
+        limit: int,
+    ) -> list[MessageHit]:
+        query = _unit(vector)
+        sql = "SELECT seq, vector FROM messages WHERE user_id = :user AND vector IS NOT NULL"
+        params: dict[str, Any] = {"user": user_id}
+        if conversation_id:
+            sql += " AND conversation_id = :conv"
+            params["conv"] = conversation_id
+        if roles:
+            params["roles"] = _dumps(list(roles))
+            sql += " AND role IN (SELECT value FROM json_each(:roles))"
+
+        def _search() -> list[MessageHit]:
+            rows = self._db.execute(sql, params).fetchall()
+            rows = [r for r in rows if len(r[1]) == 4 * query.shape[0]]
+            if not rows:
+                return []
+            matrix = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32)
+            matrix = matrix.reshape(len(rows), -1)
+            norms = np.linalg.norm(matrix, axis=1)
+            scores = (matrix @ query) / np.where(norms == 0, 1, norms)
+            top = np.argsort(-scores, kind="stable")[:limit]
+            seqs = [int(rows[i][0]) for i in top]
+            found = self._db.execute(
+                f"SELECT m.seq, {_PREFIXED_MESSAGE_COLUMNS}, "
+                "c.title AS conversation_title FROM messages m "
+                "JOIN conversations c ON c.id = m.conversation_id "
+                "WHERE m.seq IN (SELECT value FROM json_each(?))",
+                (_dumps(seqs),),
+            ).fetchall()
+            by_seq = {int(r["seq"]): r for r in found}
+            return [
+                MessageHit(
+                    message=_message(by_seq[seq]),
+                    conversation_title=by_seq[seq]["conversation_title"],
+                    relevance=float(scores[i]),
+                    snippets=[html.escape(by_seq[seq]["content"][: 2 * SNIPPET_CONTEXT])],
+                )
+                for i, seq in zip(top, seqs, strict=True)
+                if seq in by_seq
+            ]
+
+        return await self._run(_search)
 
     # --- conversations ----------------------------------------------------
 
