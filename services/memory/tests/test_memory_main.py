@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -177,3 +178,24 @@ async def test_a_refused_embedding_model_change_exits_with_one_line(tmp_path: Pa
     lines = stderr.decode().strip().splitlines()
     assert len(lines) == 1
     assert "'ollama/new-embed'" in lines[0] and "'ollama/old-embed'" in lines[0]
+
+
+async def test_an_unreachable_opensearch_exits_with_one_line(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "marie_memory",
+        env=_environment(
+            tmp_path, MARIE_MEMORY_STORE="opensearch", OPENSEARCH_URL=f"http://127.0.0.1:{port}"
+        ),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, stderr = await asyncio.wait_for(process.communicate(), START_TIMEOUT_SECONDS * 3)
+    assert process.returncode == 2
+    lines = stderr.decode().strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith(f"cannot open the opensearch store at http://127.0.0.1:{port}")

@@ -9,7 +9,7 @@ from marie_kit.server import run, serve
 from marie_kit.settings import fail, load_settings
 
 from marie_memory.embedding import ModelChangeRefused
-from marie_memory.service import MemoryComponent
+from marie_memory.service import MemoryComponent, StoreUnavailable
 from marie_memory.settings import MemorySettings
 
 log = logging.getLogger("marie.memory")
@@ -23,7 +23,7 @@ async def _serve(settings: MemorySettings) -> None:
             port=settings.port,
             grace=settings.grace_seconds,
         )
-    except ModelChangeRefused as exc:
+    except (ModelChangeRefused, StoreUnavailable) as exc:
         fail(str(exc))
 
 

@@ -45,6 +45,10 @@ SERVICE_NAME = "marie.memory.v1.MemoryService"
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
+class StoreUnavailable(Exception):
+    """The store could not be opened at start; the message says where and why."""
+
+
 async def open_store(settings: MemorySettings) -> Store:
     if settings.store == "opensearch":
         from marie_memory.opensearch_store import OpenSearchStore  # noqa: PLC0415 - optional
@@ -79,7 +83,13 @@ class MemoryComponent:
 
     async def start(self) -> None:
         settings = self.settings
-        store = await open_store(settings)
+        try:
+            store = await open_store(settings)
+        except Exception as exc:
+            where = settings.opensearch_url if settings.store == "opensearch" else settings.db_path
+            raise StoreUnavailable(
+                f"cannot open the {settings.store} store at {where}: {exc}"
+            ) from exc
         try:
             # A channel connects lazily: it costs nothing until a model is used.
             self._channel = insecure_channel(settings.providers_addr)
