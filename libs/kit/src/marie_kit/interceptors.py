@@ -21,7 +21,7 @@ import grpc
 
 from marie_kit.context import REQUEST_ID_HEADER, clean_request_id, request_id_var
 from marie_kit.errors import ServiceError
-from marie_kit.metrics import RPC_CALLS, RPC_DURATION, RPC_STREAMS_IN_FLIGHT
+from marie_kit.metrics import rpc_calls, rpc_duration, rpc_streams_in_flight
 
 log = logging.getLogger("marie.access")
 
@@ -87,8 +87,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
 
     def _log(self, method: str, code: grpc.StatusCode, started: float) -> None:
         elapsed = time.perf_counter() - started
-        RPC_CALLS.labels(method, code.name).inc()
-        RPC_DURATION.labels(method).observe(elapsed)
+        rpc_calls(method, code.name).inc()
+        rpc_duration(method).observe(elapsed)
         log.info(
             "rpc",
             extra={"method": method, "code": code.name, "latency_ms": round(elapsed * 1000, 3)},
@@ -119,7 +119,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             started = time.perf_counter()
             self._begin(context, incoming)
             code = grpc.StatusCode.OK
-            in_flight = RPC_STREAMS_IN_FLIGHT.labels(method)
+            in_flight = rpc_streams_in_flight(method)
             in_flight.inc()
             try:
                 # aclosing: a cancelled call closes the handler's generator now

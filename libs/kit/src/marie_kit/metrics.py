@@ -9,6 +9,7 @@ anything else a caller chose.
 from __future__ import annotations
 
 import logging
+from typing import Any, Generic, TypeVar
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
@@ -36,6 +37,25 @@ LATENCY_BUCKETS = (
     300.0,
 )
 
+M = TypeVar("M", Counter, Gauge, Histogram)
+
+
+class Children(Generic[M]):
+    """The label children of one metric, each looked up once: `labels()`
+    validates and locks on every call, which costs more than the update itself
+    on a hot path. Only for labels from a bounded set."""
+
+    def __init__(self, metric: M) -> None:
+        self._metric: M = metric
+        self._cache: dict[tuple[Any, ...], M] = {}
+
+    def __call__(self, *labels: Any) -> M:
+        child = self._cache.get(labels)
+        if child is None:
+            child = self._cache[labels] = self._metric.labels(*labels)
+        return child
+
+
 RPC_CALLS = Counter(
     "marie_rpc_calls",
     "gRPC calls served, by full method and status code.",
@@ -60,3 +80,8 @@ def start_metrics_server(host: str, port: int) -> int:
     bound: int = server.server_address[1]
     log.info("metrics", extra={"address": f"{host}:{bound}"})
     return bound
+
+
+rpc_calls = Children(RPC_CALLS)
+rpc_duration = Children(RPC_DURATION)
+rpc_streams_in_flight = Children(RPC_STREAMS_IN_FLIGHT)

@@ -7,7 +7,7 @@ never a key, a prompt, a completion or a raw path a client chose.
 
 from __future__ import annotations
 
-from marie_kit.metrics import LATENCY_BUCKETS
+from marie_kit.metrics import LATENCY_BUCKETS, Children
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 from starlette.requests import Request
 from starlette.responses import Response
@@ -46,6 +46,11 @@ KEY_CACHE = Counter(
     "API-key validations, answered from the cache (hit) or by the auth service (miss).",
     ["result"],
 )
+http_requests = Children(HTTP_REQUESTS)
+http_duration = Children(HTTP_DURATION)
+time_to_first_token = Children(TIME_TO_FIRST_TOKEN)
+tokens = Children(TOKENS)
+upstream_errors = Children(UPSTREAM_ERRORS)
 KEY_CACHE_HIT = KEY_CACHE.labels("hit")
 KEY_CACHE_MISS = KEY_CACHE.labels("miss")
 

@@ -11,7 +11,7 @@ from typing import Any
 from marie_kit.context import clean_request_id, request_id_var
 
 from marie_gateway.core import Gateway
-from marie_gateway.metrics import HTTP_DURATION, HTTP_REQUESTS, UNMATCHED
+from marie_gateway.metrics import UNMATCHED, http_duration, http_requests
 
 access_log = logging.getLogger("marie.access")
 
@@ -71,8 +71,8 @@ class RequestContext:
             route = scope.get("route")
             # The template, never the raw path: a client must not mint labels.
             template = getattr(route, "path", UNMATCHED)
-            HTTP_REQUESTS.labels(template, method, status).inc()
-            HTTP_DURATION.labels(template, method).observe(elapsed)
+            http_requests(template, method, status).inc()
+            http_duration(template, method).observe(elapsed)
             access_log.info(
                 "http",
                 extra={

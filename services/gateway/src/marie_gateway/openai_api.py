@@ -27,7 +27,7 @@ from marie_gateway.mapping import (
     chunk_delta,
     usage_dict,
 )
-from marie_gateway.metrics import STREAMS_IN_FLIGHT, TIME_TO_FIRST_TOKEN, TOKENS, provider_of
+from marie_gateway.metrics import STREAMS_IN_FLIGHT, provider_of, time_to_first_token, tokens
 from marie_gateway.protocol import ChatCompletionRequest, EmbeddingsRequest
 from marie_gateway.sse import DONE, DisconnectWatch, EventStreamResponse, event
 from marie_gateway.web import JSONResponse, current_request_id, parse_body
@@ -80,9 +80,7 @@ class OpenAIRoutes:
                 raise ApiError(
                     502, "The provider ended the stream without a reply.", "server_error"
                 )
-            TIME_TO_FIRST_TOKEN.labels(*provider_of(first.model)).observe(
-                time.perf_counter() - started
-            )
+            time_to_first_token(*provider_of(first.model)).observe(time.perf_counter() - started)
             created = first.created or int(time.time())
             if body.stream:
                 # The event stream watches for the disconnect itself from here on.
@@ -241,8 +239,8 @@ class OpenAIRoutes:
 
 def count_tokens(model: str, usage: pb.Usage) -> None:
     provider, model_id = provider_of(model)
-    TOKENS.labels(provider, model_id, "in").inc(usage.prompt_tokens)
-    TOKENS.labels(provider, model_id, "out").inc(usage.completion_tokens)
+    tokens(provider, model_id, "in").inc(usage.prompt_tokens)
+    tokens(provider, model_id, "out").inc(usage.completion_tokens)
 
 
 def _model_object(model: pb.ModelInfo) -> dict[str, Any]:
