@@ -22,6 +22,7 @@ async def _serve(settings: MemorySettings) -> None:
             host=settings.host,
             port=settings.port,
             grace=settings.grace_seconds,
+            metrics_port=settings.metrics_port,
         )
     except (ModelChangeRefused, StoreUnavailable) as exc:
         fail(str(exc))

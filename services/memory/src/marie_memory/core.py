@@ -278,6 +278,7 @@ class MemoryCore:
         result = await self.store.append_messages(user_id, conversation_id, checked, self._clock())
         if result is None:
             raise conversation_not_found(conversation_id)
+        self.embeddings.wake()  # the new messages get their vectors in the background
         return result
 
     async def list_messages(

@@ -150,8 +150,11 @@ class Embeddings:
         return vectors
 
     async def _maintain(self) -> None:
-        """Learn the space, then give every memory lacking a vector one; forever."""
+        """Learn the space, then give every memory and message lacking a vector one;
+        forever. The wake-up is cleared before looking, so a wake() that comes while
+        a round runs is never lost."""
         while True:
+            self._wake.clear()
             try:
                 if self.space is None:
                     await self.embed(["dimension probe"])
@@ -174,7 +177,6 @@ class Embeddings:
                     )
                     continue
                 self.messages_pending = False
-                self._wake.clear()
                 await self._wake.wait()
             except asyncio.CancelledError:
                 raise
@@ -182,4 +184,3 @@ class Embeddings:
                 log.warning("embedding maintenance failed; will retry", exc_info=True)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), RETRY_SECONDS)
-                self._wake.clear()
