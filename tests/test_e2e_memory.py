@@ -3,16 +3,20 @@ embeddings and extraction through providers and the fake Ollama, real HTTP."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import grpc
 import httpx
 import orjson
 import pytest
+from marie.memory.v1 import memory_service_pb2_grpc as memory_grpc
 
 from tests.fakes import FakeOllama
-from tests.stack import Stack, free_ports, start_stack
+from tests.stack import Stack, start_stack
 
 CHAT_MODEL = "ollama/llama3.2:latest"
 
@@ -346,32 +350,54 @@ def test_a_client_leaving_mid_answer_leaves_the_partial_answer_marked(
     assert answer["metadata"]["partial"] == "true" and answer["content"]
 
 
-def test_a_dead_memory_service_never_fails_a_chat(
+class _HangingMemory(memory_grpc.MemoryServiceServicer):
+    """A memory service whose SearchMemories never answers (until released)."""
+
+    def __init__(self) -> None:
+        self.searches = 0
+        self.release = threading.Event()
+
+    def SearchMemories(self, request: Any, context: Any) -> Any:
+        self.searches += 1
+        self.release.wait(30)
+        context.abort(grpc.StatusCode.UNAVAILABLE, "released")
+
+
+def test_a_slow_or_dead_memory_service_never_fails_or_holds_a_chat(
     ollama: FakeOllama, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    (dead,) = free_ports(1)
+    hanging = _HangingMemory()  # type: ignore[abstract]  # only SearchMemories is served
+    server = grpc.server(ThreadPoolExecutor(max_workers=4))
+    memory_grpc.add_MemoryServiceServicer_to_server(hanging, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
     stack = start_stack(
         tmp_path_factory.mktemp("marie-nomem"),
         ollama.base_url,
         MARIE_GATEWAY_MEMORY="all",
-        MARIE_GATEWAY_MEMORY_ADDR=f"127.0.0.1:{dead}",
+        MARIE_GATEWAY_MEMORY_ADDR=f"127.0.0.1:{port}",
+        MARIE_GATEWAY_MEMORY_TIMEOUT_SECONDS="0.3",
     )
     try:
         api = client(stack, _key(stack, "k"))
-        started = time.monotonic()
-        reply = api(
-            "POST",
-            "/v1/chat/completions",
-            json={
-                "model": CHAT_MODEL,
-                "user": "someone",
-                "messages": [{"role": "user", "content": "Hello"}],
-            },
-        )
-        assert reply.status_code == 200, reply.text
-        assert time.monotonic() - started < 5
-        assert [m["role"] for m in _sent(ollama, "Hello")["messages"]] == ["user"]
+        body = {"model": CHAT_MODEL, "user": "someone"}
+        for content in ("Hello while memory hangs", "Hello while memory is gone"):
+            started = time.monotonic()
+            reply = api(
+                "POST",
+                "/v1/chat/completions",
+                json={**body, "messages": [{"role": "user", "content": content}]},
+            )
+            assert reply.status_code == 200, reply.text
+            assert time.monotonic() - started < 3
+            assert [m["role"] for m in _sent(ollama, content)["messages"]] == ["user"]
+            if hanging.searches:  # asked, then abandoned at the deadline: now kill it
+                hanging.release.set()
+                server.stop(0).wait()
+        assert hanging.searches == 1
         down = api("GET", "/api/memories")
         assert down.status_code == 503 and down.json()["error"]["type"] == "server_error"
     finally:
+        hanging.release.set()
+        server.stop(0)
         stack.stop()
