@@ -52,6 +52,26 @@ class SupervisorSettings(BaseSettings):
     )
 
 
+@dataclass
+class Backoff:
+    """When to restart a service that exited: the delay doubles with every
+    quick crash in a row (a run shorter than `stable_seconds`), a longer run
+    starts it over, and more than `max_restarts` quick crashes is a loop."""
+
+    settings: SupervisorSettings
+    quick_crashes: int = 0
+
+    def crashed(self, ran_for: float) -> float | None:
+        """The wait before the next restart, or None to give up."""
+        if ran_for >= self.settings.stable_seconds:
+            self.quick_crashes = 0
+        self.quick_crashes += 1
+        if self.quick_crashes > self.settings.max_restarts:
+            return None
+        doubled: float = self.settings.restart_delay_seconds * 2.0 ** (self.quick_crashes - 1)
+        return min(doubled, self.settings.restart_max_delay_seconds)
+
+
 @dataclass(frozen=True)
 class ServiceSpec:
     """One service process: its module and how to tell it is ready."""
@@ -98,8 +118,6 @@ class Service:
     process: asyncio.subprocess.Process | None = None
     started_at: float = 0.0
     restarts: int = 0
-    # Crashes in a row, each after less than `stable_seconds` of running.
-    quick_crashes: int = 0
 
     async def start(self) -> None:
         """Start the process and wait until it is ready; StartFailed if it is not."""
@@ -117,23 +135,18 @@ class Service:
     async def supervise(self) -> None:
         """Restart the process whenever it exits; return only when it crashes in
         a loop (more than `max_restarts` quick crashes in a row)."""
+        backoff = Backoff(self.settings)
         while True:
             assert self.process is not None
             code = await self.process.wait()
-            if time.monotonic() - self.started_at >= self.settings.stable_seconds:
-                self.quick_crashes = 0
-            self.quick_crashes += 1
-            if self.quick_crashes > self.settings.max_restarts:
+            delay = backoff.crashed(time.monotonic() - self.started_at)
+            if delay is None:
                 say(
                     f"{self.spec.name} exited with code {code} and keeps crashing "
-                    f"({self.quick_crashes} times in a row, each within "
+                    f"({backoff.quick_crashes} times in a row, each within "
                     f"{self.settings.stable_seconds:g} s of starting); giving up"
                 )
                 return
-            delay = min(
-                self.settings.restart_delay_seconds * 2 ** (self.quick_crashes - 1),
-                self.settings.restart_max_delay_seconds,
-            )
             self.restarts += 1
             say(
                 f"{self.spec.name} exited with code {code}; restarting in {delay:.1f} s "
