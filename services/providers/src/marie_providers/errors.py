@@ -7,6 +7,7 @@ of them to `upstream_error`, so each provider reports failures alike.
 
 from __future__ import annotations
 
+import logging
 import socket
 from collections.abc import Iterator
 
@@ -15,6 +16,8 @@ import httpx
 from marie_kit.errors import ServiceError, invalid_argument
 
 DOMAIN = "marie.providers"
+
+log = logging.getLogger("marie.providers.upstream")
 
 # Upstream error text is relayed to the caller; a runaway body must not be.
 MAX_UPSTREAM_MESSAGE = 500
@@ -93,26 +96,42 @@ def _clip(text: str) -> str:
 def upstream_error(exc: Exception, *, provider: str, url: str, model: str = "") -> ServiceError:
     """Map any failure talking to an upstream to a ServiceError.
 
-    `url` is the provider's public base URL (never one with credentials): it is
-    what an operator needs to see to fix a PROVIDER_UNAVAILABLE.
+    The caller sees the provider's name and what went wrong in plain words;
+    `url` (the provider's public base URL, never one with credentials), which
+    an operator needs to fix it, goes to the log line with the request id.
     """
     if isinstance(exc, ServiceError):
         return exc
+    error = _map(exc, provider=provider, model=model)
+    if error.code != grpc.StatusCode.NOT_FOUND:
+        log.warning(
+            "upstream failure",
+            extra={
+                "provider": provider,
+                "url": url,
+                "reason": error.reason,
+                "detail": _clip(str(exc)) or type(exc).__name__,
+            },
+        )
+    return error
+
+
+def _map(exc: Exception, *, provider: str, model: str) -> ServiceError:
     if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
         return ServiceError(
             grpc.StatusCode.UNAVAILABLE,
             "PROVIDER_UNAVAILABLE",
-            f"{provider} is not reachable at {url}: {_connect_failure(exc)}",
+            f"{provider} is not reachable: {_connect_failure(exc)}",
             domain=DOMAIN,
-            metadata={"provider": provider, "url": url},
+            metadata={"provider": provider},
         )
     if isinstance(exc, httpx.TimeoutException | TimeoutError):
         return ServiceError(
             grpc.StatusCode.DEADLINE_EXCEEDED,
             "UPSTREAM_TIMEOUT",
-            f"{provider} at {url} did not answer in time",
+            f"{provider} did not answer in time",
             domain=DOMAIN,
-            metadata={"provider": provider, "url": url},
+            metadata={"provider": provider},
         )
     if isinstance(exc, UpstreamStatusError):
         return _status_error(exc, provider=provider, model=model)
@@ -128,9 +147,9 @@ def upstream_error(exc: Exception, *, provider: str, url: str, model: str = "") 
     return ServiceError(
         grpc.StatusCode.UNAVAILABLE,
         "UPSTREAM_ERROR",
-        f"{provider} at {url} failed: {_clip(str(exc)) or type(exc).__name__}",
+        f"{provider} failed while answering ({type(exc).__name__})",
         domain=DOMAIN,
-        metadata={"provider": provider, "url": url},
+        metadata={"provider": provider},
     )
 
 

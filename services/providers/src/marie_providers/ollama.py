@@ -106,6 +106,11 @@ class OllamaProvider(Provider):
     def base_url(self) -> str:
         return self._base_url
 
+    def canonical_model_name(self, model_name: str) -> str:
+        # Ollama: an untagged name means ":latest", and names ignore case.
+        name = model_name.lower()
+        return name if ":" in name.rpartition("/")[2] else name + ":latest"
+
     def _error(self, exc: Exception, model: str = "") -> ServiceError:
         return upstream_error(exc, provider=self.name, url=self._base_url, model=model)
 

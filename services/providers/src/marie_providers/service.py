@@ -18,10 +18,12 @@ import grpc
 from marie.providers.v1 import provider_service_pb2 as pb
 from marie.providers.v1 import provider_service_pb2_grpc as pb_grpc
 from marie_kit.errors import ServiceError
+from marie_kit.memory import LargeRequests
 
 from marie_providers.base import Provider
 from marie_providers.chunks import ChunkMerger
 from marie_providers.errors import DOMAIN
+from marie_providers.model_access import ModelAccess
 from marie_providers.ollama import OllamaProvider
 from marie_providers.registry import ModelRegistry
 from marie_providers.settings import ProvidersSettings
@@ -73,11 +75,17 @@ async def within_deadline(context: Context) -> AsyncIterator[None]:
         ) from None
 
 
+def _access(context: Context) -> ModelAccess:
+    """The caller's allowed models, from the metadata its key check added."""
+    return ModelAccess.from_metadata(context.invocation_metadata())
+
+
 class ProviderServicer(pb_grpc.ProviderServiceServicer):
     """ProviderService over a ModelRegistry, which the component sets once started."""
 
     def __init__(self) -> None:
         self.registry: ModelRegistry | None = None
+        self._large = LargeRequests()
 
     def _registry(self) -> ModelRegistry:
         if self.registry is None:
@@ -112,6 +120,7 @@ class ProviderServicer(pb_grpc.ProviderServiceServicer):
                 request.provider,
                 force_refresh=request.force_refresh,
                 capability=request.capability,
+                access=_access(context),
             )
         return pb.ListModelsResponse(models=models, provider_errors=errors)
 
@@ -119,7 +128,7 @@ class ProviderServicer(pb_grpc.ProviderServiceServicer):
         check_get_model_request(request)
         registry = self._registry()
         async with within_deadline(context):
-            model = await registry.get_model(request.model, request.provider)
+            model = await registry.get_model(request.model, request.provider, _access(context))
         return pb.GetModelResponse(model=model)
 
     async def SearchModels(
@@ -128,7 +137,7 @@ class ProviderServicer(pb_grpc.ProviderServiceServicer):
         limit = check_search_request(request)
         registry = self._registry()
         async with within_deadline(context):
-            models = await registry.search(request.query, request.provider, limit)
+            models = await registry.search(request.query, request.provider, limit, _access(context))
         return pb.SearchModelsResponse(models=models)
 
     async def StreamChatCompletion(
@@ -136,26 +145,34 @@ class ProviderServicer(pb_grpc.ProviderServiceServicer):
     ) -> AsyncIterator[pb.StreamChatCompletionResponse]:
         check_chat_request(request)
         registry = self._registry()
-        async with within_deadline(context):
-            provider, model_name = await registry.resolve(request.model, request.provider)
-        completion_id = request.completion_id or new_completion_id()
-        # The stream itself is bounded by gRPC: a passed deadline or a client
-        # going away cancels this handler, and aclosing then closes the
-        # provider's stream, which closes the upstream request.
-        chunks = provider.stream_chat(request, model_name, completion_id, int(time.time()))
-        async with aclosing(chunks):
-            if not request.aggregate:
+        # A large request leaves a large heap behind: trimmed after the last one.
+        large = self._large.started(request.ByteSize())
+        try:
+            async with within_deadline(context):
+                provider, model_name = await registry.resolve(
+                    request.model, request.provider, _access(context)
+                )
+            completion_id = request.completion_id or new_completion_id()
+            # The stream itself is bounded by gRPC: a passed deadline or a client
+            # going away cancels this handler, and aclosing then closes the
+            # provider's stream, which closes the upstream request.
+            chunks = provider.stream_chat(request, model_name, completion_id, int(time.time()))
+            async with aclosing(chunks):
+                if not request.aggregate:
+                    async for chunk in chunks:
+                        yield chunk
+                    return
+                # The caller wants the whole reply: one message where one will do
+                # (every chunk is a gRPC message to send and to read).
+                merger = ChunkMerger()
                 async for chunk in chunks:
-                    yield chunk
-                return
-            # The caller wants the whole reply: one message where one will do
-            # (every chunk is a gRPC message to send and to read).
-            merger = ChunkMerger()
-            async for chunk in chunks:
-                if (ready := merger.add(chunk)) is not None:
-                    yield ready
-            if (last := merger.flush()) is not None:
-                yield last
+                    if (ready := merger.add(chunk)) is not None:
+                        yield ready
+                if (last := merger.flush()) is not None:
+                    yield last
+        finally:
+            if large:
+                self._large.ended()
 
     async def CreateEmbeddings(
         self, request: pb.CreateEmbeddingsRequest, context: Context
@@ -163,7 +180,9 @@ class ProviderServicer(pb_grpc.ProviderServiceServicer):
         check_embeddings_request(request)
         registry = self._registry()
         async with within_deadline(context):
-            provider, model_name = await registry.resolve(request.model, request.provider)
+            provider, model_name = await registry.resolve(
+                request.model, request.provider, _access(context)
+            )
             return await provider.embed(request, model_name)
 
 
