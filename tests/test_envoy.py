@@ -96,6 +96,9 @@ def keys(stack: Stack) -> dict[str, dict[str, Any]]:
         "chatter": create("envoy-chatter", "--scope", "chat"),
         "full": create("envoy-full"),
         "admin": create("envoy-admin", "--scope", "admin"),
+        "llama_only": create(
+            "envoy-llama-only", "--scope", "chat", "--scope", "models:read", "--model", MODEL
+        ),
     }
 
 
@@ -313,22 +316,40 @@ def test_every_identity_header_of_the_key_check_reaches_the_upstream(
     rule in ext_authz), the service gets them, with the same values."""
     answer = httpx.post(
         f"{stack.base_url}/_authz{LIST_MODELS}",
-        headers={"authorization": f"Bearer {keys['reader']['key']}"},
+        headers={"authorization": f"Bearer {keys['llama_only']['key']}"},
     )
     assert answer.status_code == 200
     identity = {k: v for k, v in answer.headers.items() if k.startswith("x-marie-")}
-    assert {"x-marie-key-id", "x-marie-owner"} <= identity.keys()
+    assert {"x-marie-key-id", "x-marie-owner", "x-marie-allowed-models"} <= identity.keys()
     rid = new_request_id()
     providers.ListModels(
         pb.ListModelsRequest(),
         metadata=(
-            bearer(keys["reader"]),
+            bearer(keys["llama_only"]),
             ("x-request-id", rid),
         ),
         timeout=10,
     )
     received = only_call(providers_hop, rid)
     assert {k: v for k, v in received.metadata if k.startswith("x-marie-")} == identity
+
+
+def test_a_keys_model_restriction_holds_on_grpc_and_cannot_be_forged_away(
+    providers: pb_grpc.ProviderServiceStub, keys: dict[str, dict[str, Any]]
+) -> None:
+    """The key's allowed models reach providers from the key check
+    (x-marie-allowed-models); a client's own value is dropped by Envoy."""
+    key = bearer(keys["llama_only"])
+    chunks = providers.StreamChatCompletion(chat_request(), metadata=(key,), timeout=30)
+    assert "".join(c.content for c in chunks) == REPLY
+    for forged in ((), (("x-marie-allowed-models", "ollama/*"),)):
+        with pytest.raises(grpc.RpcError) as caught:
+            list(
+                providers.StreamChatCompletion(
+                    chat_request("ollama/gemma3:1b"), metadata=(key, *forged), timeout=30
+                )
+            )
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
 @pytest.mark.parametrize("header", ["authorization", "x-api-key"])
