@@ -9,6 +9,7 @@ what the upstream really received."""
 
 from __future__ import annotations
 
+import base64
 import struct
 import time
 import uuid
@@ -23,8 +24,9 @@ from marie.auth.v1 import auth_service_pb2 as auth_pb
 from marie.auth.v1 import auth_service_pb2_grpc as auth_grpc
 from marie.providers.v1 import provider_service_pb2 as pb
 from marie.providers.v1 import provider_service_pb2_grpc as pb_grpc
+from marie_providers.settings import ProvidersSettings
 
-from tests.envoy import Config, Envoy, connection_manager, start_envoy
+from tests.envoy import Config, Envoy, connection_manager, load_config, start_envoy
 from tests.grpc_recorder import RecordedCall, RecordingProxy
 from tests.stack import Stack
 
@@ -436,31 +438,49 @@ def grpc_web_frames(body: bytes) -> tuple[list[bytes], dict[str, str]]:
     return messages, trailers
 
 
-def grpc_web_call(envoy: Envoy, method: str, message: bytes, **headers: str) -> httpx.Response:
-    return httpx.post(
+def grpc_web_call(
+    envoy: Envoy, method: str, message: bytes, *, text: bool = False, **headers: str
+) -> tuple[httpx.Response, bytes]:
+    """One gRPC-Web call, binary or text (base64) mode; the response and its
+    decoded body."""
+    framed = struct.pack(">BI", 0, len(message)) + message
+    content_type = "application/grpc-web-text" if text else "application/grpc-web+proto"
+    r = httpx.post(
         f"{envoy.url()}{method}",
-        content=struct.pack(">BI", 0, len(message)) + message,
+        content=base64.b64encode(framed) if text else framed,
         headers={
-            "content-type": "application/grpc-web+proto",
+            "content-type": content_type,
+            # As grpc-web clients do: the answer in the same mode.
+            "accept": content_type,
             "x-grpc-web": "1",
             "origin": "https://app.example",
             **headers,
         },
         timeout=10,
     )
+    body = r.content
+    if text:
+        # Each flushed piece is base64 of its own, padding included: decode in quads.
+        body = b"".join(base64.b64decode(body[i : i + 4]) for i in range(0, len(body), 4))
+    return r, body
 
 
-def test_grpc_web_call_with_a_key(envoy: Envoy, keys: dict[str, dict[str, Any]]) -> None:
-    r = grpc_web_call(
+@pytest.mark.parametrize("text", [False, True], ids=["binary", "text"])
+def test_grpc_web_call_with_a_key(
+    envoy: Envoy, keys: dict[str, dict[str, Any]], text: bool
+) -> None:
+    r, body = grpc_web_call(
         envoy,
         LIST_MODELS,
         pb.ListModelsRequest().SerializeToString(),
+        text=text,
         authorization=f"Bearer {keys['reader']['key']}",
     )
     assert r.status_code == 200
-    assert r.headers["content-type"] == "application/grpc-web+proto"
+    mode = "application/grpc-web-text" if text else "application/grpc-web+proto"
+    assert r.headers["content-type"].startswith(mode)
     assert r.headers["access-control-allow-origin"] == "https://app.example"
-    messages, trailers = grpc_web_frames(r.content)
+    messages, trailers = grpc_web_frames(body)
     assert trailers["grpc-status"] == "0"
     assert len(messages) == 1
     reply = pb.ListModelsResponse.FromString(messages[0])
@@ -468,7 +488,7 @@ def test_grpc_web_call_with_a_key(envoy: Envoy, keys: dict[str, dict[str, Any]])
 
 
 def test_grpc_web_call_without_a_key_is_unauthenticated(envoy: Envoy) -> None:
-    r = grpc_web_call(envoy, LIST_MODELS, pb.ListModelsRequest().SerializeToString())
+    r, _ = grpc_web_call(envoy, LIST_MODELS, pb.ListModelsRequest().SerializeToString())
     # A refusal is a trailers-only answer: the status is in the headers, which
     # the browser may read (exposed by CORS).
     assert r.headers["grpc-status"] == str(grpc.StatusCode.UNAUTHENTICATED.value[0])
@@ -499,6 +519,20 @@ def test_cors_preflight_for_grpc_web(envoy: Envoy) -> None:
     } <= allowed
     exposed = {h.strip() for h in r.headers["access-control-expose-headers"].split(",")}
     assert {"grpc-status", "grpc-message"} <= exposed
+
+
+def test_cors_preflight_for_the_rest_api(envoy: Envoy) -> None:
+    r = httpx.options(
+        f"{envoy.url()}/v1/chat/completions",
+        headers={
+            "origin": "https://app.example",
+            "access-control-request-method": "POST",
+            "access-control-request-headers": "content-type,authorization",
+        },
+    )
+    assert r.status_code == 200
+    assert r.headers["access-control-allow-origin"] == "https://app.example"
+    assert "access-control-allow-credentials" not in r.headers
 
 
 # ------------------------------------------------------------------ the admin
@@ -549,7 +583,7 @@ def test_key_events_stream_outlives_the_stream_idle_timeout(
         # (30 s before its first byte) is cut after about a second.
         providers = pb_grpc.ProviderServiceStub(ch)
         started = time.monotonic()
-        with pytest.raises(grpc.RpcError):
+        with pytest.raises(grpc.RpcError) as caught:
             list(
                 providers.StreamChatCompletion(
                     chat_request("ollama/slowstart:latest"),
@@ -558,6 +592,7 @@ def test_key_events_stream_outlives_the_stream_idle_timeout(
                 )
             )
         assert time.monotonic() - started < 10
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
         # The key event stream stays silent longer than that, and still works.
         events = auth.WatchKeyEvents(
             auth_pb.WatchKeyEventsRequest(), metadata=(bearer(keys["admin"]),), timeout=20
@@ -568,3 +603,13 @@ def test_key_events_stream_outlives_the_stream_idle_timeout(
         event = next(events)
         events.cancel()
     assert (event.type, event.key_id) == (auth_pb.KEY_EVENT_TYPE_REVOKED, victim_id)
+
+
+def test_envoy_outwaits_the_providers_upstream_read_timeout() -> None:
+    """A silent upstream must end with the providers service's clean error, not
+    with Envoy's reset: Envoy's idle timeouts are the longer ones."""
+    config = load_config()
+    read_timeout = ProvidersSettings.model_fields["read_timeout_seconds"].default
+    for listener in ("public", "providers_mesh"):
+        idle = connection_manager(config, listener)["stream_idle_timeout"]
+        assert float(idle.removesuffix("s")) > read_timeout
