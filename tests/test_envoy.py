@@ -27,6 +27,7 @@ from marie.providers.v1 import provider_service_pb2_grpc as pb_grpc
 from marie_providers.settings import ProvidersSettings
 
 from tests.envoy import Config, Envoy, connection_manager, load_config, start_envoy
+from tests.fakes import FakeOllama
 from tests.grpc_recorder import RecordedCall, RecordingProxy
 from tests.stack import Stack
 
@@ -184,9 +185,10 @@ def test_sse_stream_through_envoy_ends_with_done(
 
 
 def test_sse_chunks_arrive_one_by_one_not_buffered(
-    envoy: Envoy, keys: dict[str, dict[str, Any]]
+    envoy: Envoy, keys: dict[str, dict[str, Any]], ollama: FakeOllama
 ) -> None:
-    """An endless upstream stream: events reach the client while it still runs."""
+    """An endless upstream stream: events reach the client while it still runs,
+    and the client's disconnect reaches the upstream through Envoy."""
     with httpx.stream(
         "POST",
         f"{envoy.url()}/v1/chat/completions",
@@ -202,6 +204,7 @@ def test_sse_chunks_arrive_one_by_one_not_buffered(
         events = _sse_events(r)
         first = [orjson.loads(next(events)) for _ in range(5)]
     assert all(c["object"] == "chat.completion.chunk" for c in first)
+    assert ollama.wait_for_active_streams(0, timeout=10)
 
 
 # ---------------------------------------------------------------------- gRPC
