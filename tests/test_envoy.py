@@ -85,24 +85,25 @@ def auth(channel: grpc.Channel) -> auth_grpc.AuthServiceStub:
 
 @pytest.fixture(scope="module")
 def keys(stack: Stack) -> dict[str, dict[str, Any]]:
-    """Key records by role: reader (models:read), chatter (chat), full (every
-    scope but admin), admin."""
+    """Key records (`key`, `id`) by role: reader (models:read), chatter (chat),
+    full (every scope but admin), admin, llama_only (chat for one model).
+    Made straight on auth (one channel, no `marie` process per key)."""
 
-    def create(name: str, *extra: str) -> dict[str, Any]:
-        done = stack.marie("keys", "create", "--name", name, "--json", *extra)
-        assert done.returncode == 0, done.stderr
-        record: dict[str, Any] = orjson.loads(done.stdout)
-        return record
+    def create(name: str, *scopes: str, **fields: Any) -> dict[str, Any]:
+        reply = admin.CreateApiKey(
+            auth_pb.CreateApiKeyRequest(name=name, scopes=scopes, **fields), timeout=10
+        )
+        return {"key": reply.key, "id": reply.api_key.id}
 
-    return {
-        "reader": create("envoy-reader", "--scope", "models:read", "--owner", "team-envoy"),
-        "chatter": create("envoy-chatter", "--scope", "chat"),
-        "full": create("envoy-full"),
-        "admin": create("envoy-admin", "--scope", "admin"),
-        "llama_only": create(
-            "envoy-llama-only", "--scope", "chat", "--scope", "models:read", "--model", MODEL
-        ),
-    }
+    with grpc.insecure_channel(f"127.0.0.1:{stack.auth_port}") as ch:
+        admin = auth_grpc.AuthServiceStub(ch)
+        return {
+            "reader": create("envoy-reader", "models:read", owner="team-envoy"),
+            "chatter": create("envoy-chatter", "chat"),
+            "full": create("envoy-full", "chat", "models:read", "embeddings", "memory"),
+            "admin": create("envoy-admin", "admin"),
+            "llama_only": create("envoy-llama-only", "chat", "models:read", allowed_models=[MODEL]),
+        }
 
 
 def bearer(record: dict[str, Any]) -> tuple[str, str]:
@@ -578,8 +579,12 @@ def impatient_envoy(
 def test_key_events_stream_outlives_the_stream_idle_timeout(
     impatient_envoy: Envoy, stack: Stack, keys: dict[str, dict[str, Any]]
 ) -> None:
-    created = stack.marie("keys", "create", "--name", "envoy-watch-victim", "--json")
-    victim_id = orjson.loads(created.stdout)["id"]
+    with grpc.insecure_channel(f"127.0.0.1:{stack.auth_port}") as ch:
+        victim_id = (
+            auth_grpc.AuthServiceStub(ch)
+            .CreateApiKey(auth_pb.CreateApiKeyRequest(name="envoy-watch-victim"), timeout=10)
+            .api_key.id
+        )
     with grpc.insecure_channel(impatient_envoy.target) as ch:
         auth = auth_grpc.AuthServiceStub(ch)
         # The listener's idle timeout is alive in this Envoy: a silent chat stream
@@ -602,7 +607,9 @@ def test_key_events_stream_outlives_the_stream_idle_timeout(
         )
         assert next(events).type == auth_pb.KEY_EVENT_TYPE_SYNC
         time.sleep(SHORT_IDLE_SECONDS * 2.5)
-        assert stack.marie("keys", "revoke", victim_id).returncode == 0
+        auth.RevokeApiKey(
+            auth_pb.RevokeApiKeyRequest(id=victim_id), metadata=(bearer(keys["admin"]),), timeout=10
+        )
         event = next(events)
         events.cancel()
     assert (event.type, event.key_id) == (auth_pb.KEY_EVENT_TYPE_REVOKED, victim_id)
