@@ -15,7 +15,15 @@ def main() -> None:
     settings = load_settings(ProvidersSettings)
     setup_logging("providers", settings.log_level)
     component = ProvidersComponent(settings)
-    run(serve([component], host=settings.host, port=settings.port, grace=settings.grace_seconds))
+    run(
+        serve(
+            [component],
+            host=settings.host,
+            port=settings.port,
+            grace=settings.grace_seconds,
+            metrics_port=settings.metrics_port,
+        )
+    )
 
 
 if __name__ == "__main__":
