@@ -65,7 +65,7 @@ def test_a_crashed_service_comes_back_and_a_crash_loop_stops_the_suite(
         key = stack.create_key("supervised")
         assert chat(stack, key).status_code == 200
         before = stack.service_pids()
-        assert before.keys() == {"providers", "auth", "gateway"}
+        assert {"providers", "auth", "gateway"} <= before.keys()
 
         os.kill(before["providers"], signal.SIGKILL)
         stack.wait_for_log("marie: providers exited with code -9; restarting in 0.5 s (restart 1)")
@@ -77,7 +77,9 @@ def test_a_crashed_service_comes_back_and_a_crash_loop_stops_the_suite(
             time.sleep(0.1)
         after = stack.service_pids()
         assert after["providers"] != before["providers"]
-        assert (after["auth"], after["gateway"]) == (before["auth"], before["gateway"])
+        # Every other service is the same process as before.
+        others = before.keys() - {"providers"}
+        assert {n: after[n] for n in others} == {n: before[n] for n in others}
         assert stack.process.poll() is None
 
         # Killed again soon after its restart, and every restart now fails
