@@ -73,3 +73,25 @@ bench: bootstrap
 
 clean:
 	rm -rf $(VENV) $(TOOLS) $(STUBS_DIR)/marie node_modules
+
+# --- Client libraries (clients/<language>/, issue 13) ---------------------
+# Each is generated from protos/ by `buf generate` with local plugins from the
+# language's own registry. tests/test_clients.py builds and tests them against
+# the real suite; `make clients-check` is the contract check CI runs.
+.PHONY: clients clients-python clients-check
+
+PY_CLIENT_STAMP := clients/python/src/marie/.stamp
+
+$(PY_CLIENT_STAMP): $(STUBS_STAMP) $(BUF) $(PROTO_FILES) clients/python/buf.gen.yaml clients/python/tools/protoc-gen-grpc_python
+	rm -rf clients/python/src/marie
+	$(BUF) generate --template clients/python/buf.gen.yaml
+	touch $@
+
+clients-python: $(PY_CLIENT_STAMP)
+
+clients: clients-python
+
+# Regenerating every client leaves what is committed unchanged, and every
+# package carries clients/VERSION, whose major is the contracts' version.
+clients-check: bootstrap
+	$(PY) clients/check.py
