@@ -78,7 +78,7 @@ clean:
 # Each is generated from protos/ by `buf generate` with local plugins from the
 # language's own registry. tests/test_clients.py builds and tests them against
 # the real suite; `make clients-check` is the contract check CI runs.
-.PHONY: clients clients-python clients-check
+.PHONY: clients clients-python clients-typescript clients-check
 
 PY_CLIENT_STAMP := clients/python/src/marie/.stamp
 
@@ -89,7 +89,21 @@ $(PY_CLIENT_STAMP): $(STUBS_STAMP) $(BUF) $(PROTO_FILES) clients/python/buf.gen.
 
 clients-python: $(PY_CLIENT_STAMP)
 
-clients: clients-python
+TS_CLIENT := clients/typescript
+TS_CLIENT_STAMP := $(TS_CLIENT)/dist/.stamp
+
+$(TS_CLIENT)/node_modules/.stamp: $(TS_CLIENT)/package.json $(TS_CLIENT)/package-lock.json
+	cd $(TS_CLIENT) && npm ci --no-audit --no-fund --silent
+	touch $@
+
+# npm run build: buf generate (protoc-gen-es from npm) then tsc.
+$(TS_CLIENT_STAMP): $(TS_CLIENT)/node_modules/.stamp $(PROTO_FILES) $(wildcard $(TS_CLIENT)/src/*.ts) $(TS_CLIENT)/buf.gen.yaml $(TS_CLIENT)/tsconfig.json
+	cd $(TS_CLIENT) && npm run -s build
+	touch $@
+
+clients-typescript: $(TS_CLIENT_STAMP)
+
+clients: clients-python clients-typescript
 
 # Regenerating every client leaves what is committed unchanged, and every
 # package carries clients/VERSION, whose major is the contracts' version.

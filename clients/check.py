@@ -23,6 +23,7 @@ CLIENTS = ROOT / "clients"
 # language -> (toolchain needed to generate, target, stamp that forces regeneration)
 GENERATORS = {
     "python": (None, "clients-python", "clients/python/src/marie/.stamp"),
+    "typescript": ("npm", "clients-typescript", "clients/typescript/dist/.stamp"),
 }
 
 

@@ -134,3 +134,11 @@ def test_python_client(client_env: dict[str, str], ollama: FakeOllama, tmp_path:
     run([str(UV), "pip", "install", "-q", "--python", str(python), "./clients/python"])
     output = run([str(python), "clients/python/tests/e2e.py"], env=client_env)
     assert_checks(output, client_env, ollama)
+
+
+def test_typescript_client(client_env: dict[str, str], ollama: FakeOllama) -> None:
+    need("node")
+    need("npm")
+    run(["make", "-s", "clients-typescript"])
+    output = run(["node", "clients/typescript/test/e2e.mjs"], env=client_env)
+    assert_checks(output, client_env, ollama)
