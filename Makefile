@@ -78,7 +78,7 @@ clean:
 # Each is generated from protos/ by `buf generate` with local plugins from the
 # language's own registry. tests/test_clients.py builds and tests them against
 # the real suite; `make clients-check` is the contract check CI runs.
-.PHONY: clients clients-python clients-typescript clients-check
+.PHONY: clients clients-python clients-typescript clients-go clients-check
 
 PY_CLIENT_STAMP := clients/python/src/marie/.stamp
 
@@ -103,7 +103,13 @@ $(TS_CLIENT_STAMP): $(TS_CLIENT)/node_modules/.stamp $(PROTO_FILES) $(wildcard $
 
 clients-typescript: $(TS_CLIENT_STAMP)
 
-clients: clients-python clients-typescript
+# Go's generated code is committed (Go modules are consumed as source):
+# this regenerates it, with protoc-gen-go(-grpc) pinned as tools in go.mod.
+clients-go: $(BUF)
+	rm -rf clients/go/gen
+	cd clients/go && ../../$(BUF) generate ../.. --template buf.gen.yaml
+
+clients: clients-python clients-typescript clients-go
 
 # Regenerating every client leaves what is committed unchanged, and every
 # package carries clients/VERSION, whose major is the contracts' version.

@@ -24,6 +24,7 @@ CLIENTS = ROOT / "clients"
 GENERATORS = {
     "python": (None, "clients-python", "clients/python/src/marie/.stamp"),
     "typescript": ("npm", "clients-typescript", "clients/typescript/dist/.stamp"),
+    "go": ("go", "clients-go", None),
 }
 
 
@@ -72,7 +73,8 @@ def main() -> int:
         if tool is not None and shutil.which(tool) is None:
             failures.append(f"{language}: {tool} is not installed, cannot regenerate")
             continue
-        (ROOT / stamp).unlink(missing_ok=True)
+        if stamp is not None:
+            (ROOT / stamp).unlink(missing_ok=True)
         done = subprocess.run(["make", "-s", target], cwd=ROOT, check=False)  # noqa: S603, S607
         if done.returncode != 0:
             failures.append(f"{language}: `make {target}` failed")

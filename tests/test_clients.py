@@ -142,3 +142,14 @@ def test_typescript_client(client_env: dict[str, str], ollama: FakeOllama) -> No
     run(["make", "-s", "clients-typescript"])
     output = run(["node", "clients/typescript/test/e2e.mjs"], env=client_env)
     assert_checks(output, client_env, ollama)
+
+
+def test_go_client(client_env: dict[str, str], ollama: FakeOllama) -> None:
+    go = need("go")
+    # gen/ is committed (Go modules are source); `make clients-check` keeps it current.
+    output = run(
+        [go, "test", "-count=1", "-v", "-run", "TestE2E", "."],
+        env=client_env,
+        cwd=ROOT / "clients" / "go",
+    )
+    assert_checks(output, client_env, ollama)
