@@ -78,7 +78,7 @@ clean:
 # Each is generated from protos/ by `buf generate` with local plugins from the
 # language's own registry. tests/test_clients.py builds and tests them against
 # the real suite; `make clients-check` is the contract check CI runs.
-.PHONY: clients clients-python clients-typescript clients-go clients-check
+.PHONY: clients clients-python clients-typescript clients-go clients-java clients-check
 
 PY_CLIENT_STAMP := clients/python/src/marie/.stamp
 
@@ -108,6 +108,12 @@ clients-typescript: $(TS_CLIENT_STAMP)
 clients-go: $(BUF)
 	rm -rf clients/go/gen
 	cd clients/go && ../../$(BUF) generate ../.. --template buf.gen.yaml
+
+# Maven generates (buf, protoc and protoc-gen-grpc-java from Maven Central)
+# and compiles. Fails until ModelInfo's size/size_bytes collision is resolved
+# in the contract (clients/java/README.md), so `clients` leaves it out.
+clients-java: $(BUF)
+	cd clients/java && mvn -T 1 -q -B package -DskipTests
 
 clients: clients-python clients-typescript clients-go
 
