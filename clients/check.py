@@ -50,9 +50,8 @@ def package_versions() -> dict[str, str]:
         found["typescript/package.json"] = json.loads(ts.read_text())["version"]
     pom = CLIENTS / "java/pom.xml"
     if pom.exists():
-        found["java/pom.xml"] = re.search(
-            r"<artifactId>marie-client</artifactId>\s*<version>(.+?)</version>", pom.read_text()
-        )[1]  # type: ignore[index]
+        pattern = r"<artifactId>marie-client</artifactId>.*?<version>(.+?)</version>"
+        found["java/pom.xml"] = re.search(pattern, pom.read_text(), re.S)[1]  # type: ignore[index]
     go = CLIENTS / "go/version.go"
     if go.exists():
         found["go/version.go"] = re.search(r'Version = "(.+)"', go.read_text())[1]  # type: ignore[index]
