@@ -24,10 +24,13 @@ import sys
 import threading
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, urlparse
 
+import grpc
 import pytest
 
 from tests.fakes import FakeOllama
@@ -36,7 +39,15 @@ from tests.stack import ROOT, Stack
 UV = ROOT / ".tools" / "bin" / "uv"
 CHAT_MODEL = "ollama/llama3.2:latest"
 ENDLESS_MODEL = "ollama/endless:latest"
-CHECKS = ("list_models", "get_model", "stream_chat", "cancel", "invalid_argument", "not_found")
+CHECKS = (
+    "list_models",
+    "get_model",
+    "stream_chat",
+    "cancel",
+    "invalid_argument",
+    "not_found",
+    "bearer",
+)
 RUN_TIMEOUT_SECONDS = 300
 
 
@@ -74,8 +85,35 @@ def probe_url(ollama: FakeOllama) -> Iterator[str]:
     server.server_close()
 
 
+class MetadataRecorder(grpc.GenericRpcHandler):
+    """A gRPC server that answers every call UNIMPLEMENTED and records the
+    method and metadata it came with: what the client puts on the wire."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict[str, str | bytes]]] = []
+
+    def service(
+        self, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        metadata = dict(handler_call_details.invocation_metadata)
+        self.calls.append((handler_call_details.method, metadata))
+        return None
+
+
+@pytest.fixture(scope="module")
+def recorder() -> Iterator[tuple[MetadataRecorder, str]]:
+    handler = MetadataRecorder()
+    server = grpc.server(ThreadPoolExecutor(max_workers=2), handlers=[handler])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield handler, f"127.0.0.1:{port}"
+    server.stop(grace=None)
+
+
 @pytest.fixture
-def client_env(stack: Stack, probe_url: str) -> dict[str, str]:
+def client_env(
+    stack: Stack, probe_url: str, recorder: tuple[MetadataRecorder, str]
+) -> dict[str, str]:
     prompt = f"hello client {uuid.uuid4().hex[:8]}"
     return {
         **os.environ,
@@ -86,6 +124,7 @@ def client_env(stack: Stack, probe_url: str) -> dict[str, str]:
         "MARIE_EXPECTED_REPLY": f"Hello from llama3.2:latest! You said: {prompt}",
         "MARIE_ENDLESS_MODEL": ENDLESS_MODEL,
         "MARIE_PROBE_URL": probe_url,
+        "MARIE_RECORDER_ADDRESS": recorder[1],
     }
 
 
@@ -104,8 +143,11 @@ def run(args: list[str], env: dict[str, str] | None = None, cwd: Path = ROOT) ->
     return done.stdout
 
 
-def assert_checks(output: str, env: dict[str, str], ollama: FakeOllama) -> None:
-    passed = {line.split()[1]: line for line in output.splitlines() if line.startswith("ok ")}
+def assert_checks(
+    output: str, env: dict[str, str], ollama: FakeOllama, recorder: MetadataRecorder
+) -> None:
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", output)  # Maven colours its first line
+    passed = {line.split()[1]: line for line in plain.splitlines() if line.startswith("ok ")}
     missing = [check for check in CHECKS if check not in passed]
     assert not missing, f"checks not reported: {missing}\n{output}"
     assert passed["stream_chat"].endswith(env["MARIE_EXPECTED_REPLY"])
@@ -117,6 +159,11 @@ def assert_checks(output: str, env: dict[str, str], ollama: FakeOllama) -> None:
         if r.body["model"] == "llama3.2:latest"
     ]
     assert env["MARIE_PROMPT"] in said
+    # The key went on the wire as Envoy expects it.
+    bearer = f"Bearer {env['MARIE_API_KEY']}"
+    assert ("/marie.providers.v1.ProviderService/ListModels", bearer) in [
+        (method, metadata.get("authorization")) for method, metadata in recorder.calls
+    ]
 
 
 def need(tool: str) -> str:
@@ -139,7 +186,12 @@ def need_version(tool: str, query: list[str], minimum: tuple[int, ...]) -> str:
     return path
 
 
-def test_python_client(client_env: dict[str, str], ollama: FakeOllama, tmp_path: Path) -> None:
+def test_python_client(
+    client_env: dict[str, str],
+    ollama: FakeOllama,
+    recorder: tuple[MetadataRecorder, str],
+    tmp_path: Path,
+) -> None:
     run(["make", "-s", "clients-python"])
     venv = tmp_path / "venv"
     python = venv / "bin" / "python"
@@ -147,18 +199,22 @@ def test_python_client(client_env: dict[str, str], ollama: FakeOllama, tmp_path:
     run([str(UV), "venv", "-q", "--python", sys.executable, str(venv)])
     run([str(UV), "pip", "install", "-q", "--python", str(python), "./clients/python"])
     output = run([str(python), "clients/python/tests/e2e.py"], env=client_env)
-    assert_checks(output, client_env, ollama)
+    assert_checks(output, client_env, ollama, recorder[0])
 
 
-def test_typescript_client(client_env: dict[str, str], ollama: FakeOllama) -> None:
+def test_typescript_client(
+    client_env: dict[str, str], ollama: FakeOllama, recorder: tuple[MetadataRecorder, str]
+) -> None:
     need_version("node", ["--version"], (20,))
     need("npm")
     run(["make", "-s", "clients-typescript"])
     output = run(["node", "clients/typescript/test/e2e.mjs"], env=client_env)
-    assert_checks(output, client_env, ollama)
+    assert_checks(output, client_env, ollama, recorder[0])
 
 
-def test_go_client(client_env: dict[str, str], ollama: FakeOllama) -> None:
+def test_go_client(
+    client_env: dict[str, str], ollama: FakeOllama, recorder: tuple[MetadataRecorder, str]
+) -> None:
     # Go 1.21+ fetches the toolchain go.mod names (1.26) from the module proxy itself.
     go = need_version("go", ["env", "GOVERSION"], (1, 21))
     # gen/ is committed (Go modules are source); `make clients-check` keeps it current.
@@ -167,7 +223,7 @@ def test_go_client(client_env: dict[str, str], ollama: FakeOllama) -> None:
         env=client_env,
         cwd=ROOT / "clients" / "go",
     )
-    assert_checks(output, client_env, ollama)
+    assert_checks(output, client_env, ollama, recorder[0])
 
 
 # protobuf-java gives a string field `size` a getSizeBytes() accessor, which
@@ -178,7 +234,9 @@ JAVA_NAME_COLLISION = re.compile(
 )
 
 
-def test_java_client(client_env: dict[str, str], ollama: FakeOllama) -> None:
+def test_java_client(
+    client_env: dict[str, str], ollama: FakeOllama, recorder: tuple[MetadataRecorder, str]
+) -> None:
     need("java")
     mvn = need("mvn")
     contract = (ROOT / "protos/marie/providers/v1/provider_service.proto").read_text()
@@ -188,6 +246,8 @@ def test_java_client(client_env: dict[str, str], ollama: FakeOllama) -> None:
             "ModelInfo.size_bytes both become getSizeBytes() in protobuf-java"
         )
     output = run(
-        [mvn, "-T", "1", "-q", "-B", "test"], env=client_env, cwd=ROOT / "clients" / "java"
+        [mvn, "-T", "1", "-q", "-B", "-Dstyle.color=never", "test"],
+        env=client_env,
+        cwd=ROOT / "clients" / "java",
     )
-    assert_checks(output, client_env, ollama)
+    assert_checks(output, client_env, ollama, recorder[0])

@@ -177,4 +177,17 @@ func TestE2E(t *testing.T) {
 		t.Fatalf("unknown model: %v", err)
 	}
 	fmt.Printf("ok not_found %s\n", missing.Reason)
+
+	// A server that records what arrives: the key must be on the wire.
+	recorded, err := marie.New(os.Getenv("MARIE_RECORDER_ADDRESS"), os.Getenv("MARIE_API_KEY"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer recorded.Close()
+	_, err = recorded.ListModels(ctx, nil)
+	var unimplemented *marie.Error
+	if !errors.As(err, &unimplemented) || unimplemented.Code != codes.Unimplemented {
+		t.Fatalf("recorder: %v", err)
+	}
+	fmt.Println("ok bearer")
 }

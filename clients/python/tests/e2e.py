@@ -94,6 +94,14 @@ async def main() -> None:
         else:
             raise AssertionError("an unknown model was found")
 
+    # A server that records what arrives: the key must be on the wire.
+    async with MarieClient(env["MARIE_RECORDER_ADDRESS"], env["MARIE_API_KEY"]) as recorded:
+        try:
+            await recorded.list_models()
+        except MarieError as refused:
+            assert refused.code == grpc.StatusCode.UNIMPLEMENTED, refused
+            print("ok bearer")
+
 
 if __name__ == "__main__":
     asyncio.run(main())

@@ -102,3 +102,16 @@ try {
 } finally {
   marie.close();
 }
+
+// A server that records what arrives: the key must be on the wire.
+const recorded = new MarieClient({ address: env.MARIE_RECORDER_ADDRESS, apiKey: env.MARIE_API_KEY });
+try {
+  await recorded.listModels();
+  assert.fail("the recorder answered");
+} catch (error) {
+  assert.ok(error instanceof MarieError, String(error));
+  assert.equal(error.code, Code.Unimplemented);
+  console.log("ok bearer");
+} finally {
+  recorded.close();
+}

@@ -105,5 +105,12 @@ class E2ETest {
       assertEquals(Status.Code.NOT_FOUND, missing.code());
       System.out.println("ok not_found " + missing.reason());
     }
+    // A server that records what arrives: the key must be on the wire.
+    try (MarieClient recorded =
+        MarieClient.builder(env("MARIE_RECORDER_ADDRESS"), env("MARIE_API_KEY")).build()) {
+      MarieException unimplemented = assertThrows(MarieException.class, recorded::listModels);
+      assertEquals(Status.Code.UNIMPLEMENTED, unimplemented.code());
+      System.out.println("ok bearer");
+    }
   }
 }
