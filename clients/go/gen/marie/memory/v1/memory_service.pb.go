@@ -1985,7 +1985,15 @@ type AddMemoriesRequest struct {
 	// Free-form name of who makes this change (e.g. "gateway",
 	// "app:notes"), recorded in the history; at most 128 characters. Empty
 	// means the `user_id`.
-	Actor         string `protobuf:"bytes,9,opt,name=actor,proto3" json:"actor,omitempty"`
+	Actor string `protobuf:"bytes,9,opt,name=actor,proto3" json:"actor,omitempty"`
+	// With `infer`: instead of extracting now, queue the messages for
+	// extraction in the background and answer at once with `job_id` and no
+	// results. The request is checked first (INVALID_ARGUMENT, NOT_FOUND,
+	// FAILED_PRECONDITION as above); once answered, the job is durable: it
+	// survives restarts and is retried with backoff while the providers
+	// service is unavailable or the model's output is unusable. Extraction
+	// errors are then only logged. Ignored when not inferring.
+	Background    bool `protobuf:"varint,10,opt,name=background,proto3" json:"background,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2083,6 +2091,13 @@ func (x *AddMemoriesRequest) GetActor() string {
 	return ""
 }
 
+func (x *AddMemoriesRequest) GetBackground() bool {
+	if x != nil {
+		return x.Background
+	}
+	return false
+}
+
 // AddMemoriesResult is what happened to one memory during AddMemories.
 type AddMemoriesResult struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -2158,8 +2173,10 @@ type AddMemoriesResponse struct {
 	// The extraction model actually used, as "<provider>/<model>"; empty when
 	// not inferring.
 	ExtractionModel string `protobuf:"bytes,2,opt,name=extraction_model,json=extractionModel,proto3" json:"extraction_model,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// Id of the queued extraction job, with `background`; empty otherwise.
+	JobId         string `protobuf:"bytes,3,opt,name=job_id,json=jobId,proto3" json:"job_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *AddMemoriesResponse) Reset() {
@@ -2202,6 +2219,13 @@ func (x *AddMemoriesResponse) GetResults() []*AddMemoriesResult {
 func (x *AddMemoriesResponse) GetExtractionModel() string {
 	if x != nil {
 		return x.ExtractionModel
+	}
+	return ""
+}
+
+func (x *AddMemoriesResponse) GetJobId() string {
+	if x != nil {
+		return x.JobId
 	}
 	return ""
 }
@@ -3380,7 +3404,7 @@ const file_marie_memory_v1_memory_service_proto_rawDesc = "" +
 	"\x04role\x18\x01 \x01(\x0e2\x1c.marie.memory.v1.MessageRoleR\x04role\x12\x18\n" +
 	"\acontent\x18\x02 \x01(\tR\acontent\x12\x1d\n" +
 	"\n" +
-	"message_id\x18\x03 \x01(\tR\tmessageId\"\xd5\x03\n" +
+	"message_id\x18\x03 \x01(\tR\tmessageId\"\xf5\x03\n" +
 	"\x12AddMemoriesRequest\x12\x17\n" +
 	"\auser_id\x18\x01 \x01(\tR\x06userId\x12:\n" +
 	"\bmessages\x18\x02 \x03(\v2\x1e.marie.memory.v1.SourceMessageR\bmessages\x12\x19\n" +
@@ -3392,7 +3416,11 @@ const file_marie_memory_v1_memory_service_proto_rawDesc = "" +
 	"categories\x12M\n" +
 	"\bmetadata\x18\a \x03(\v21.marie.memory.v1.AddMemoriesRequest.MetadataEntryR\bmetadata\x12'\n" +
 	"\x0fconversation_id\x18\b \x01(\tR\x0econversationId\x12\x14\n" +
-	"\x05actor\x18\t \x01(\tR\x05actor\x1a;\n" +
+	"\x05actor\x18\t \x01(\tR\x05actor\x12\x1e\n" +
+	"\n" +
+	"background\x18\n" +
+	" \x01(\bR\n" +
+	"background\x1a;\n" +
 	"\rMetadataEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01B\b\n" +
@@ -3400,10 +3428,11 @@ const file_marie_memory_v1_memory_service_proto_rawDesc = "" +
 	"\x11AddMemoriesResult\x122\n" +
 	"\x05event\x18\x01 \x01(\x0e2\x1c.marie.memory.v1.MemoryEventR\x05event\x12/\n" +
 	"\x06memory\x18\x02 \x01(\v2\x17.marie.memory.v1.MemoryR\x06memory\x12#\n" +
-	"\rprevious_text\x18\x03 \x01(\tR\fpreviousText\"~\n" +
+	"\rprevious_text\x18\x03 \x01(\tR\fpreviousText\"\x95\x01\n" +
 	"\x13AddMemoriesResponse\x12<\n" +
 	"\aresults\x18\x01 \x03(\v2\".marie.memory.v1.AddMemoriesResultR\aresults\x12)\n" +
-	"\x10extraction_model\x18\x02 \x01(\tR\x0fextractionModel\"\xec\x01\n" +
+	"\x10extraction_model\x18\x02 \x01(\tR\x0fextractionModel\x12\x15\n" +
+	"\x06job_id\x18\x03 \x01(\tR\x05jobId\"\xec\x01\n" +
 	"\x15SearchMemoriesRequest\x12\x17\n" +
 	"\auser_id\x18\x01 \x01(\tR\x06userId\x12\x14\n" +
 	"\x05query\x18\x02 \x01(\tR\x05query\x12\x13\n" +
