@@ -44,8 +44,31 @@ def _key_dict(key: pb.ApiKey) -> dict[str, Any]:
         "state": pb.ApiKeyState.Name(key.state).removeprefix("API_KEY_STATE_").lower(),
         "scopes": list(key.scopes),
         "allowed_models": list(key.allowed_models),
+        "limits": {
+            "requests_per_minute": key.limits.requests_per_minute,
+            "tokens_per_minute": key.limits.tokens_per_minute,
+            "tokens_per_day": key.limits.tokens_per_day,
+            "max_concurrent_requests": key.limits.max_concurrent_requests,
+        },
         "create_time": key.create_time.ToJsonString() if key.HasField("create_time") else None,
     }
+
+
+def _limits(args: argparse.Namespace, base: pb.KeyLimits | None = None) -> pb.KeyLimits:
+    """The limits the options give, over `base` for those not given."""
+    limits = pb.KeyLimits()
+    if base is not None:
+        limits.CopyFrom(base)
+    for option, name in (
+        ("rpm", "requests_per_minute"),
+        ("tpm", "tokens_per_minute"),
+        ("tpd", "tokens_per_day"),
+        ("max_concurrent", "max_concurrent_requests"),
+    ):
+        value = getattr(args, option, None)
+        if value is not None:
+            setattr(limits, name, value)
+    return limits
 
 
 async def _call(args: argparse.Namespace, channel: grpc.aio.Channel) -> Result:
@@ -59,6 +82,7 @@ async def _call(args: argparse.Namespace, channel: grpc.aio.Channel) -> Result:
                     owner=args.owner,
                     scopes=args.scopes,
                     allowed_models=args.models,
+                    limits=_limits(args),
                 ),
                 timeout=t,
             )

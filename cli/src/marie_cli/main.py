@@ -48,6 +48,7 @@ def _parser() -> argparse.ArgumentParser:
         dest="models",
         help="a model id or 'provider/*' pattern the key may use (repeatable); default: all",
     )
+    _limit_options(create)
     create.add_argument("--json", action="store_true", help="print one JSON object")
 
     lst = keys_sub.add_parser("list", help="list keys (never their secrets)")
@@ -59,6 +60,19 @@ def _parser() -> argparse.ArgumentParser:
     revoke.add_argument("id")
     revoke.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
+
+
+def _limit_options(parser: argparse.ArgumentParser) -> None:
+    """The per-key limits (0 = no limit)."""
+    parser.add_argument("--rpm", type=int, help="requests per minute (0 = no limit)")
+    parser.add_argument("--tpm", type=int, help="tokens per minute (0 = no limit)")
+    parser.add_argument("--tpd", type=int, help="tokens per UTC day (0 = no limit)")
+    parser.add_argument(
+        "--max-concurrent",
+        type=int,
+        dest="max_concurrent",
+        help="requests running at once (0 = no limit)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -40,6 +40,7 @@ def limits_to_proto(limits: KeyLimits) -> pb.KeyLimits:
         requests_per_minute=limits.requests_per_minute,
         tokens_per_minute=limits.tokens_per_minute,
         tokens_per_day=limits.tokens_per_day,
+        max_concurrent_requests=limits.max_concurrent_requests,
     )
 
 
@@ -48,6 +49,7 @@ def limits_from_proto(limits: pb.KeyLimits) -> KeyLimits:
         requests_per_minute=limits.requests_per_minute,
         tokens_per_minute=limits.tokens_per_minute,
         tokens_per_day=limits.tokens_per_day,
+        max_concurrent_requests=limits.max_concurrent_requests,
     )
 
 

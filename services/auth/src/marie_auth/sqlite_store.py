@@ -121,6 +121,7 @@ def _spec_from_row(row: sqlite3.Row) -> KeySpec:
             requests_per_minute=int(limits.get("requests_per_minute", 0)),
             tokens_per_minute=int(limits.get("tokens_per_minute", 0)),
             tokens_per_day=int(limits.get("tokens_per_day", 0)),
+            max_concurrent_requests=int(limits.get("max_concurrent_requests", 0)),
         ),
         expire_time=row["expire_time"],
         labels=dict(json.loads(row["labels"])),
@@ -153,6 +154,7 @@ def _spec_columns(spec: KeySpec) -> dict[str, Any]:
                 "requests_per_minute": limits.requests_per_minute,
                 "tokens_per_minute": limits.tokens_per_minute,
                 "tokens_per_day": limits.tokens_per_day,
+                "max_concurrent_requests": limits.max_concurrent_requests,
             }
         ),
         "labels": json.dumps(dict(spec.labels), sort_keys=True),

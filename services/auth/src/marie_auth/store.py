@@ -31,6 +31,7 @@ class KeyLimits:
     requests_per_minute: int = 0
     tokens_per_minute: int = 0
     tokens_per_day: int = 0
+    max_concurrent_requests: int = 0
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from marie_kit.apikeys import is_well_formed
 from marie_kit.context import outgoing_metadata
 
 from marie_gateway.errors import from_rpc_error, invalid_api_key, permission_denied
+from marie_gateway.limits import NO_LIMITS, Limits
 from marie_gateway.metrics import KEY_CACHE_HIT, KEY_CACHE_MISS
 
 # The metadata that carries a key's allowed models to the services, which
@@ -49,6 +50,7 @@ class Principal:
     owner: str
     scopes: frozenset[str]
     allowed_models: tuple[str, ...]
+    limits: Limits = NO_LIMITS
     #: `allowed_models` as metadata for the services; empty when unrestricted.
     models_metadata: tuple[tuple[str, str], ...] = field(init=False, default=())
 
@@ -103,6 +105,14 @@ class KeyValidator:
             self._watcher.cancel()
             await asyncio.gather(self._watcher, return_exceptions=True)
 
+    def cached(self, key: str) -> Principal | None:
+        """The principal of `key` if it was validated recently and is still
+        cached (no call to auth); None otherwise."""
+        hit = self._cache.get(hashlib.sha256(key.encode()).digest())
+        if hit is not None and hit[1] > time.monotonic() and self._events_live:
+            return hit[0]
+        return None
+
     async def validate(self, key: str, request_id: str) -> Principal:
         """The principal of `key`; ApiError 401 when it is not valid."""
         if not is_well_formed(key):
@@ -131,6 +141,12 @@ class KeyValidator:
             owner=p.owner,
             scopes=frozenset(p.scopes),
             allowed_models=tuple(p.allowed_models),
+            limits=Limits(
+                requests_per_minute=p.limits.requests_per_minute,
+                tokens_per_minute=p.limits.tokens_per_minute,
+                tokens_per_day=p.limits.tokens_per_day,
+                max_concurrent_requests=p.limits.max_concurrent_requests,
+            ),
         )
         ttl = min(self._cache_ttl, reply.cache_ttl_seconds)
         if p.HasField("expire_time"):

@@ -19,6 +19,7 @@ from marie_gateway import grpc_authz, health, metrics, openapi
 from marie_gateway.compare import CompareRoutes
 from marie_gateway.core import Gateway
 from marie_gateway.errors import ApiError
+from marie_gateway.limits import RATE_LIMIT_HEADERS
 from marie_gateway.middleware import RequestContext
 from marie_gateway.models_api import ModelRoutes
 from marie_gateway.openai_api import OpenAIRoutes
@@ -71,7 +72,7 @@ def create_app(settings: GatewaySettings) -> RequestContext:
                 allow_origins=[o.strip() for o in settings.cors_origins.split(",") if o.strip()],
                 allow_methods=["GET", "POST", "PATCH", "DELETE"],
                 allow_headers=["authorization", "x-api-key", "content-type", "x-request-id"],
-                expose_headers=["x-request-id", "retry-after"],
+                expose_headers=["x-request-id", "retry-after", *RATE_LIMIT_HEADERS],
                 max_age=600,
             )
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -19,7 +20,16 @@ from starlette.requests import ClientDisconnect, Request
 
 from marie_gateway.access import KeyValidator, Principal, extract_key
 from marie_gateway.errors import ApiError, client_closed, service_unavailable
+from marie_gateway.limits import (
+    InvalidKeyThrottle,
+    Limiter,
+    LocalLimiter,
+    RateLimited,
+    quota_headers,
+)
+from marie_gateway.metrics import RATE_LIMITED
 from marie_gateway.settings import GatewaySettings
+from marie_gateway.usage import Tally
 from marie_gateway.web import current_request_id
 
 if TYPE_CHECKING:
@@ -30,6 +40,10 @@ log = logging.getLogger("marie.gateway")
 # Where the request-context middleware finds what a request reserved of the
 # body budget, to give it back when the request ends.
 BODY_RESERVATION_KEY = "marie.body_bytes"
+# Where a limited request keeps its account (see `admit`), and the
+# `x-ratelimit-*` headers the request-context middleware adds to its answer.
+TALLY_KEY = "marie.tally"
+RATE_HEADERS_KEY = "marie.ratelimit_headers"
 
 
 @dataclass
@@ -93,6 +107,10 @@ class Gateway:
         # period is nearly over (running calls are ended, new ones refused).
         self.draining = False
         self.shutting_down = False
+        self.limiter: Limiter = LocalLimiter()
+        self.invalid_keys = InvalidKeyThrottle(
+            settings.invalid_key_threshold, settings.invalid_key_window_seconds
+        )
 
     def backends(self) -> Backends:
         assert self._backends is not None, "used before the lifespan started"
@@ -147,10 +165,61 @@ class Gateway:
                 schedule_trim()
 
     async def authenticate(self, request: Request) -> Principal:
-        """The caller's principal from its key header; 401 without a valid key."""
+        """The caller's principal from its key header; 401 without a valid key.
+
+        A client address that presented too many invalid keys lately gets 429
+        for any key not validated recently, without auth being asked."""
         headers = request.headers
         key = extract_key(headers.get("authorization"), headers.get("x-api-key"))
-        return await self.backends().keys.validate(key, current_request_id())
+        keys = self.backends().keys
+        address = request.client.host if request.client else ""
+        wait = self.invalid_keys.retry_after(address)
+        if wait:
+            known = keys.cached(key)
+            if known is not None:
+                return known
+            RATE_LIMITED.labels("invalid_keys").inc()
+            raise ApiError(
+                429,
+                "Too many requests with invalid API keys from this address; slow down.",
+                "requests",
+                "rate_limit_exceeded",
+                retry_after=max(1, math.ceil(wait)),
+            )
+        try:
+            return await keys.validate(key, current_request_id())
+        except ApiError as exc:
+            if exc.status == 401:
+                self.invalid_keys.failed(address)
+            raise
+
+    async def admit(self, request: Request, principal: Principal, operation: str) -> Tally:
+        """Admit the request within its key's limits, or 429 with `Retry-After`;
+        either way the answer carries the key's `x-ratelimit-*` headers."""
+        try:
+            grant = await self.limiter.acquire(principal.key_id, principal.limits)
+        except RateLimited as exc:
+            request.scope[RATE_HEADERS_KEY] = quota_headers(exc.requests, exc.tokens)
+            RATE_LIMITED.labels(exc.limit).inc()
+            kind = "tokens" if exc.limit.startswith("tokens") else "requests"
+            raise ApiError(
+                429,
+                exc.message,
+                kind,
+                "rate_limit_exceeded",
+                retry_after=max(1, math.ceil(exc.retry_after)),
+            ) from None
+        if grant.requests is not None or grant.tokens is not None:
+            request.scope[RATE_HEADERS_KEY] = quota_headers(grant.requests, grant.tokens)
+        tally = Tally(principal, grant, self.limiter, operation)
+        request.scope[TALLY_KEY] = tally
+        return tally
+
+    def finish(self, scope: dict[str, Any], status: int) -> None:
+        """The request has ended (its whole stream included): close its account."""
+        tally: Tally | None = scope.pop(TALLY_KEY, None)
+        if tally is not None:
+            tally.finish()
 
     async def authorize(self, request: Request, scope: str) -> Principal:
         principal = await self.authenticate(request)

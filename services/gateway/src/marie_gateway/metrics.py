@@ -47,6 +47,12 @@ KEY_CACHE = Counter(
     ["result"],
 )
 KEY_CACHE_HIT = KEY_CACHE.labels("hit")
+RATE_LIMITED = Counter(
+    "marie_rate_limited_requests",
+    "Requests refused with 429 by the gateway, by the limit that refused them "
+    "(requests, tokens, tokens_per_day, concurrency, invalid_keys).",
+    ["limit"],
+)
 KEY_CACHE_MISS = KEY_CACHE.labels("miss")
 
 #: The route label of a request that matched no route.

@@ -30,6 +30,7 @@ from marie_gateway.mapping import (
 from marie_gateway.metrics import STREAMS_IN_FLIGHT, TIME_TO_FIRST_TOKEN, TOKENS, provider_of
 from marie_gateway.protocol import ChatCompletionRequest, EmbeddingsRequest
 from marie_gateway.sse import DONE, DisconnectWatch, EventStreamResponse, event
+from marie_gateway.usage import Tally
 from marie_gateway.web import JSONResponse, current_request_id, parse_body
 
 ChatCall = grpc.aio.UnaryStreamCall[pb.StreamChatCompletionRequest, pb.StreamChatCompletionResponse]
@@ -57,6 +58,7 @@ class OpenAIRoutes:
         gw = self.gw
         rid = current_request_id()
         principal = await gw.authorize(request, SCOPE_CHAT)
+        tally = await gw.admit(request, principal, "chat")
         body = parse_body(ChatCompletionRequest, await gw.read_body(request))
         completion_id = "chatcmpl-" + secrets.token_hex(12)
         started = time.perf_counter()
@@ -88,7 +90,7 @@ class OpenAIRoutes:
                 # The event stream watches for the disconnect itself from here on.
                 await watch.stop()
                 include_usage = bool(body.stream_options and body.stream_options.include_usage)
-                events = self._sse_events(call, first, created, include_usage, rid)
+                events = self._sse_events(call, first, created, include_usage, rid, tally=tally)
                 streaming = True
                 return EventStreamResponse(
                     events,
@@ -101,6 +103,9 @@ class OpenAIRoutes:
                 aggregate.add(chunk)
             if aggregate.usage is not None:
                 count_tokens(first.model, aggregate.usage)
+                tally.add(
+                    first.model, aggregate.usage.prompt_tokens, aggregate.usage.completion_tokens
+                )
             return JSONResponse(aggregate.response(first.id, created, first.model))
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc, rid) from None
@@ -123,6 +128,8 @@ class OpenAIRoutes:
         created: int,
         include_usage: bool,
         rid: str,
+        *,
+        tally: Tally,
     ) -> AsyncIterator[bytes]:
         head = {"id": first.id, "object": "chat.completion.chunk", "created": created}
         model = first.model
@@ -149,6 +156,7 @@ class OpenAIRoutes:
                 except grpc.aio.AioRpcError as exc:
                     # After the first byte the status is committed: the error
                     # travels as an event, then the stream ends normally.
+                    tally.failed = True
                     yield event(from_rpc_error(exc, rid).envelope())
                     yield DONE
                     return
@@ -157,6 +165,7 @@ class OpenAIRoutes:
                         raise
                     # The grace period is over: say so, and end the stream
                     # properly rather than cutting it mid-air.
+                    tally.failed = True
                     yield event(service_unavailable(SHUTDOWN_MESSAGE).envelope())
                     yield DONE
                     return
@@ -173,6 +182,7 @@ class OpenAIRoutes:
             STREAMS_IN_FLIGHT.dec()
             if usage is not None:
                 count_tokens(model, usage)
+                tally.add(model, usage.prompt_tokens, usage.completion_tokens)
 
     async def list_models(self, request: Request) -> Response:
         gw = self.gw
@@ -204,6 +214,7 @@ class OpenAIRoutes:
     async def embeddings(self, request: Request) -> Response:
         gw = self.gw
         principal = await gw.authorize(request, SCOPE_EMBEDDINGS)
+        tally = await gw.admit(request, principal, "embeddings")
         body = parse_body(EmbeddingsRequest, await gw.read_body(request))
         inputs = [body.input] if isinstance(body.input, str) else body.input
         try:
@@ -219,6 +230,7 @@ class OpenAIRoutes:
             )
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc, current_request_id()) from None
+        tally.add(reply.model, reply.usage.prompt_tokens, 0)
         as_base64 = body.encoding_format == "base64"
         data = [
             {

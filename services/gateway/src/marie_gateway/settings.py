@@ -98,6 +98,20 @@ class GatewaySettings(BaseSettings):
         description="How long in-flight requests may run on after SIGTERM.",
     )
 
+    invalid_key_threshold: int = Field(
+        default=20,
+        ge=0,
+        description="Invalid API keys one client address may present within "
+        "invalid_key_window_seconds before it gets 429 for keys not validated recently "
+        "(0 disables the slow-down).",
+    )
+    invalid_key_window_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        le=86_400,
+        description="The window of invalid_key_threshold: the allowance refills over it.",
+    )
+
     @model_validator(mode="after")
     def _default_addresses(self) -> GatewaySettings:
         # frozen model: fill derived defaults through object.__setattr__ once, at load.
