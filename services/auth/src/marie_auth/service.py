@@ -29,6 +29,7 @@ from marie_auth.errors import DOMAIN
 from marie_auth.events import KeyEventBroadcaster
 from marie_auth.keys import DEFAULT_EXPIRY_CHECK_SECONDS, KeyManager, open_store
 from marie_auth.settings import AuthSettings
+from marie_auth.usage import SqliteUsageStore, UsageLedger
 
 log = logging.getLogger("marie.auth.service")
 
@@ -56,6 +57,7 @@ class AuthComponent:
         self._clock = clock
         self._expiry_check_seconds = expiry_check_seconds
         self._keys: KeyManager | None = None
+        self._usage: UsageLedger | None = None
         self._expiry_task: asyncio.Task[None] | None = None
 
     @property
@@ -66,6 +68,15 @@ class AuthComponent:
                 grpc.StatusCode.UNAVAILABLE, "UNAVAILABLE", "auth service not ready", domain=DOMAIN
             )
         return self._keys
+
+    @property
+    def usage(self) -> UsageLedger:
+        """The started usage ledger; UNAVAILABLE before `start()` and after `close()`."""
+        if self._usage is None:
+            raise ServiceError(
+                grpc.StatusCode.UNAVAILABLE, "UNAVAILABLE", "auth service not ready", domain=DOMAIN
+            )
+        return self._usage
 
     def register(self, server: grpc.aio.Server) -> None:
         pb_grpc.add_AuthServiceServicer_to_server(AuthServicer(self), server)
@@ -79,6 +90,7 @@ class AuthComponent:
             events=self.events,
             clock=self._clock,
         )
+        self._usage = UsageLedger(await SqliteUsageStore.open(self.settings.db_path))
         self._expiry_task = asyncio.create_task(
             self._keys.notify_expirations(self._expiry_check_seconds)
         )
@@ -98,6 +110,9 @@ class AuthComponent:
         if self._keys is not None:
             keys, self._keys = self._keys, None
             await keys.close()
+        if self._usage is not None:
+            usage, self._usage = self._usage, None
+            await usage.close()
 
 
 class AuthServicer(pb_grpc.AuthServiceServicer):
@@ -180,3 +195,22 @@ class AuthServicer(pb_grpc.AuthServiceServicer):
         with self._component.events.subscribe() as subscription:
             async for event in subscription:
                 yield convert.event_to_proto(event)
+
+    async def RecordUsage(
+        self, request: pb.RecordUsageRequest, context: Context
+    ) -> pb.RecordUsageResponse:
+        records = [convert.usage_record_from_proto(r) for r in request.records]
+        recorded = await self._component.usage.record(records)
+        return pb.RecordUsageResponse(recorded=recorded)
+
+    async def QueryUsage(
+        self, request: pb.QueryUsageRequest, context: Context
+    ) -> pb.QueryUsageResponse:
+        report = await self._component.usage.query(
+            convert.unix_seconds(request.start_time) if request.HasField("start_time") else 0.0,
+            convert.unix_seconds(request.end_time) if request.HasField("end_time") else 0.0,
+            key_id=request.key_id,
+            owner=request.owner,
+            group_by=convert.GROUP_BY.get(request.group_by, convert.GROUP_BY[0]),
+        )
+        return convert.usage_report_to_proto(report)

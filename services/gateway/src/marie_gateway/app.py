@@ -24,6 +24,7 @@ from marie_gateway.middleware import RequestContext
 from marie_gateway.models_api import ModelRoutes
 from marie_gateway.openai_api import OpenAIRoutes
 from marie_gateway.settings import GatewaySettings
+from marie_gateway.usage import UsageRoutes
 from marie_gateway.web import current_request_id, error_response
 
 log = logging.getLogger("marie.gateway")
@@ -59,6 +60,7 @@ def create_app(settings: GatewaySettings) -> RequestContext:
         *OpenAIRoutes(gw).routes(),
         *ModelRoutes(gw).routes(),
         *CompareRoutes(gw).routes(),
+        *UsageRoutes(gw).routes(),
         *health.routes(gw),
         *metrics.routes(),
         *openapi.routes(version("marie-gateway")),

@@ -134,12 +134,13 @@ class CompareRoutes:
             }
             await queue.put(event(done))
         except grpc.aio.AioRpcError as exc:
-            arm.tally.failed = True
+            arm.tally.add_failure(resolved or model)
             error: ApiError = from_rpc_error(exc, rid)
             await queue.put(event({"type": "error", **tag, **error.envelope()}))
         except Exception:
             # A bug here must not leave the reader waiting for this model.
             log.exception("comparison of %s failed", model)
+            arm.tally.add_failure(resolved or model)
             error = ApiError(500, f"The comparison of this model failed (request id {rid}).")
             await queue.put(event({"type": "error", **tag, **error.envelope()}))
         finally:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import grpc
+from marie.auth.v1 import auth_service_pb2_grpc as auth_grpc
 from marie.providers.v1 import provider_service_pb2_grpc as pb_grpc
 from marie_kit.channels import insecure_channel
 from marie_kit.memory import LARGE_REQUEST_BYTES, schedule_trim
@@ -29,10 +30,11 @@ from marie_gateway.limits import (
 )
 from marie_gateway.metrics import RATE_LIMITED
 from marie_gateway.settings import GatewaySettings
-from marie_gateway.usage import Tally
+from marie_gateway.usage import Tally, UsageRecorder
 from marie_gateway.web import current_request_id
 
 if TYPE_CHECKING:
+    from marie.auth.v1.auth_service_pb2_grpc import AuthServiceAsyncStub
     from marie.providers.v1.provider_service_pb2_grpc import ProviderServiceAsyncStub
 
 log = logging.getLogger("marie.gateway")
@@ -54,6 +56,8 @@ class Backends:
     auth_channel: grpc.aio.Channel
     providers: ProviderServiceAsyncStub
     keys: KeyValidator
+    auth: AuthServiceAsyncStub
+    usage: UsageRecorder
 
 
 class BodyBudget:
@@ -218,8 +222,8 @@ class Gateway:
     def finish(self, scope: dict[str, Any], status: int) -> None:
         """The request has ended (its whole stream included): close its account."""
         tally: Tally | None = scope.pop(TALLY_KEY, None)
-        if tally is not None:
-            tally.finish()
+        if tally is not None and tally.finish() and self._backends is not None:
+            self._backends.usage.submit(tally.records(status))
 
     async def authorize(self, request: Request, scope: str) -> Principal:
         principal = await self.authenticate(request)
@@ -262,8 +266,22 @@ class Gateway:
             timeout=self.settings.control_timeout_seconds,
         )
         keys.start()
+        auth = auth_grpc.AuthServiceStub(auth_channel)
+        usage = UsageRecorder(
+            auth,
+            max_queue=self.settings.usage_max_queue,
+            batch_size=self.settings.usage_batch_size,
+            flush_seconds=self.settings.usage_flush_seconds,
+            timeout=self.settings.control_timeout_seconds,
+        )
+        usage.start()
         self._backends = Backends(
-            providers_channel, auth_channel, pb_grpc.ProviderServiceStub(providers_channel), keys
+            providers_channel,
+            auth_channel,
+            pb_grpc.ProviderServiceStub(providers_channel),
+            keys,
+            auth,
+            usage,
         )
         log.info(
             "gateway ready",
@@ -274,6 +292,8 @@ class Gateway:
         finally:
             self.shutting_down = True
             await keys.close()
+            # Requests have ended: what they used goes to the ledger now.
+            await usage.close()
             await providers_channel.close()
             await auth_channel.close()
 

@@ -60,6 +60,7 @@ class OpenAIRoutes:
         principal = await gw.authorize(request, SCOPE_CHAT)
         tally = await gw.admit(request, principal, "chat")
         body = parse_body(ChatCompletionRequest, await gw.read_body(request))
+        tally.requested = body.model
         completion_id = "chatcmpl-" + secrets.token_hex(12)
         started = time.perf_counter()
         # The key's allowed models travel with the call: providers checks the
@@ -216,6 +217,7 @@ class OpenAIRoutes:
         principal = await gw.authorize(request, SCOPE_EMBEDDINGS)
         tally = await gw.admit(request, principal, "embeddings")
         body = parse_body(EmbeddingsRequest, await gw.read_body(request))
+        tally.requested = body.model
         inputs = [body.input] if isinstance(body.input, str) else body.input
         try:
             reply = await gw.backends().providers.CreateEmbeddings(

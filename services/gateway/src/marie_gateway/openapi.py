@@ -27,6 +27,8 @@ from marie_gateway.access import SCOPE_CHAT, SCOPE_EMBEDDINGS, SCOPE_MODELS
 from marie_gateway.web import JSONResponse
 
 Method = Literal["get", "post", "put", "patch", "delete"]
+#: The `scope` of an operation open to any valid key.
+ANY_KEY = ""
 
 
 @dataclass(frozen=True)
@@ -171,6 +173,25 @@ OPERATIONS: tuple[Operation, ...] = (
         events=responses.CompareEvent,
     ),
     Operation(
+        "/api/usage",
+        "get",
+        "Usage totals: the caller's own key; any key or owner with `admin`",
+        "Usage",
+        ANY_KEY,
+        response=responses.UsageReport,
+        query=(
+            Param(
+                "from",
+                "Start, inclusive: ISO 8601 date or time (UTC), or unix seconds; "
+                "default 30 days before `to`.",
+            ),
+            Param("to", "End, exclusive; default now."),
+            Param("group_by", "day, model or key; none: only the totals."),
+            Param("key_id", "Only this key (admin, or the caller's own)."),
+            Param("owner", "Only this owner's keys (admin)."),
+        ),
+    ),
+    Operation(
         "/healthz", "get", "The process is up", "Operations", None, response=responses.Health
     ),
     Operation(
@@ -279,7 +300,9 @@ def _operation(op: Operation, refs: Refs) -> dict[str, Any]:
     responses_: dict[str, Any] = {"200": {"description": "OK", "content": content}}
     if op.scope is not None:
         out["security"] = [{"bearerAuth": []}, {"apiKeyHeader": []}]
-        out["description"] = f"Needs a key with the `{op.scope}` scope."
+        out["description"] = (
+            f"Needs a key with the `{op.scope}` scope." if op.scope else "Needs any valid key."
+        )
         for status in _ERROR_STATUSES:
             responses_[status] = {"$ref": "#/components/responses/Error"}
     else:

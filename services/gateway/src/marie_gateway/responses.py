@@ -247,3 +247,34 @@ class EmbeddingList(_Out):
 class Health(_Out):
     status: str
     checks: dict[str, bool] | None = None
+
+
+# -- usage ------------------------------------------------------------------------
+
+
+class UsageTotals(_Out):
+    group: str | None = Field(
+        description="The UTC day (YYYY-MM-DD), model id or key id; null for the overall totals."
+    )
+    requests: int = Field(description="Requests (a comparison counts once per model).")
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    errors: int = Field(
+        description="Answers with status 400 or above, and streams that ended with an error."
+    )
+    latency_p50_ms: float = Field(description="Median latency, admission to the end of the answer.")
+    latency_p95_ms: float
+
+
+class UsageReport(_Out):
+    """`GET /api/usage`: totals over [from, to)."""
+
+    object: Literal["usage"]
+    start: str = Field(serialization_alias="from", description="ISO 8601, inclusive.")
+    end: str = Field(serialization_alias="to", description="ISO 8601, exclusive.")
+    group_by: Literal["day", "model", "key"] | None
+    key_id: str | None = Field(description="Only this key's usage; null for every key.")
+    owner: str | None = Field(description="Only this owner's keys; null for every owner.")
+    total: UsageTotals
+    groups: list[UsageTotals] = Field(description="One entry per group, in order.")

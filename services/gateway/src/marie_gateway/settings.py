@@ -112,6 +112,25 @@ class GatewaySettings(BaseSettings):
         description="The window of invalid_key_threshold: the allowance refills over it.",
     )
 
+    usage_flush_seconds: float = Field(
+        default=1.0,
+        gt=0,
+        le=60,
+        description="How often queued usage records are sent to auth's ledger.",
+    )
+    usage_batch_size: int = Field(
+        default=200,
+        ge=1,
+        le=1000,
+        description="Usage records per batch; a full batch is sent at once.",
+    )
+    usage_max_queue: int = Field(
+        default=100_000,
+        ge=1,
+        description="Usage records held while auth is unreachable; beyond, new ones are "
+        "dropped (counted in marie_usage_records_dropped_total).",
+    )
+
     @model_validator(mode="after")
     def _default_addresses(self) -> GatewaySettings:
         # frozen model: fill derived defaults through object.__setattr__ once, at load.
