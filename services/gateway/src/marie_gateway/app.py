@@ -16,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from marie_gateway import grpc_authz, health, metrics, openapi
+from marie_gateway.admin_api import AdminRoutes
 from marie_gateway.compare import CompareRoutes
 from marie_gateway.core import Gateway
 from marie_gateway.errors import ApiError
@@ -61,6 +62,7 @@ def create_app(settings: GatewaySettings) -> RequestContext:
         *ModelRoutes(gw).routes(),
         *CompareRoutes(gw).routes(),
         *UsageRoutes(gw).routes(),
+        *AdminRoutes(gw).routes(),
         *health.routes(gw),
         *metrics.routes(),
         *openapi.routes(version("marie-gateway")),

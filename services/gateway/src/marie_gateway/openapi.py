@@ -22,8 +22,8 @@ from starlette.responses import HTMLResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from marie_gateway import protocol, responses
-from marie_gateway.access import SCOPE_CHAT, SCOPE_EMBEDDINGS, SCOPE_MODELS
+from marie_gateway import admin_api, protocol, responses
+from marie_gateway.access import SCOPE_ADMIN, SCOPE_CHAT, SCOPE_EMBEDDINGS, SCOPE_MODELS
 from marie_gateway.web import JSONResponse
 
 Method = Literal["get", "post", "put", "patch", "delete"]
@@ -190,6 +190,58 @@ OPERATIONS: tuple[Operation, ...] = (
             Param("key_id", "Only this key (admin, or the caller's own)."),
             Param("owner", "Only this owner's keys (admin)."),
         ),
+    ),
+    Operation(
+        "/api/keys",
+        "post",
+        "Create a key (its plaintext is in this answer only)",
+        "Keys",
+        SCOPE_ADMIN,
+        admin_api.CreateKeyRequest,
+        responses.CreatedApiKey,
+    ),
+    Operation(
+        "/api/keys",
+        "get",
+        "List keys, newest first, page by page",
+        "Keys",
+        SCOPE_ADMIN,
+        response=responses.ApiKeyList,
+        query=(
+            Param("owner", "Only this owner's keys."),
+            Param("include_inactive", "true includes revoked and expired keys.", type="boolean"),
+            Param("page_size", "1 to 500, default 50.", type="integer"),
+            Param("page_token", "next_page_token of the previous page."),
+        ),
+    ),
+    Operation(
+        "/api/keys/{key_id}", "get", "One key", "Keys", SCOPE_ADMIN, response=responses.ApiKeyOut
+    ),
+    Operation(
+        "/api/keys/{key_id}",
+        "patch",
+        "Change a key's settings (only the fields sent)",
+        "Keys",
+        SCOPE_ADMIN,
+        admin_api.KeySettings,
+        responses.ApiKeyOut,
+    ),
+    Operation(
+        "/api/keys/{key_id}",
+        "delete",
+        "Revoke a key, at once and for good",
+        "Keys",
+        SCOPE_ADMIN,
+        response=responses.ApiKeyOut,
+    ),
+    Operation(
+        "/api/keys/{key_id}/rotate",
+        "post",
+        "Replace a key's secret (the new plaintext is in this answer only)",
+        "Keys",
+        SCOPE_ADMIN,
+        admin_api.RotateKeyRequest,
+        responses.CreatedApiKey,
     ),
     Operation(
         "/healthz", "get", "The process is up", "Operations", None, response=responses.Health

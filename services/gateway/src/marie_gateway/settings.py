@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import AliasChoices, Field, model_validator
+from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_PROVIDERS_PORT = 50051
@@ -112,6 +112,13 @@ class GatewaySettings(BaseSettings):
         description="The window of invalid_key_threshold: the allowance refills over it.",
     )
 
+    admin_key: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("MARIE_ADMIN_KEY", "admin_key"),
+        description="A secret accepted as an API key with the admin scope (the first "
+        "admin, before any key exists); compared as a digest, never logged. Unset or "
+        "empty: none.",
+    )
     usage_flush_seconds: float = Field(
         default=1.0,
         gt=0,
