@@ -27,7 +27,12 @@ from marie_kit.errors import ServiceError
 from marie_auth import convert
 from marie_auth.errors import DOMAIN
 from marie_auth.events import KeyEventBroadcaster
-from marie_auth.keys import DEFAULT_EXPIRY_CHECK_SECONDS, KeyManager, open_store
+from marie_auth.keys import (
+    DEFAULT_EVENT_POLL_SECONDS,
+    DEFAULT_EXPIRY_CHECK_SECONDS,
+    KeyManager,
+    open_store,
+)
 from marie_auth.settings import AuthSettings
 from marie_auth.usage import SqliteUsageStore, UsageLedger
 
@@ -51,11 +56,14 @@ class AuthComponent:
         *,
         clock: Callable[[], float] = time.time,
         expiry_check_seconds: float = DEFAULT_EXPIRY_CHECK_SECONDS,
+        event_poll_seconds: float = DEFAULT_EVENT_POLL_SECONDS,
     ) -> None:
         self.settings = settings
         self.events = KeyEventBroadcaster(clock=clock)
         self._clock = clock
         self._expiry_check_seconds = expiry_check_seconds
+        self._event_poll_seconds = event_poll_seconds
+        self._follow_task: asyncio.Task[None] | None = None
         self._keys: KeyManager | None = None
         self._usage: UsageLedger | None = None
         self._expiry_task: asyncio.Task[None] | None = None
@@ -94,6 +102,8 @@ class AuthComponent:
         self._expiry_task = asyncio.create_task(
             self._keys.notify_expirations(self._expiry_check_seconds)
         )
+        # Events of the other processes on the same store (replicas, the CLI).
+        self._follow_task = asyncio.create_task(self._keys.follow_events(self._event_poll_seconds))
         log.info("key store open", extra={"store": self.settings.store})
 
     async def stopping(self) -> None:
@@ -102,6 +112,11 @@ class AuthComponent:
 
     async def close(self) -> None:
         self.events.close()
+        if self._follow_task is not None:
+            self._follow_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._follow_task
+            self._follow_task = None
         if self._expiry_task is not None:
             self._expiry_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -47,11 +47,11 @@ BODY_RESERVATION_KEY = "marie.body_bytes"
 # Where a limited request keeps its account (see `admit`), and the
 # `x-ratelimit-*` headers the request-context middleware adds to its answer.
 TALLY_KEY = "marie.tally"
+RATE_HEADERS_KEY = "marie.ratelimit_headers"
 #: The principal of MARIE_ADMIN_KEY.
 ADMIN_PRINCIPAL = Principal(
     key_id="admin-env", owner="", scopes=frozenset({SCOPE_ADMIN}), allowed_models=()
 )
-RATE_HEADERS_KEY = "marie.ratelimit_headers"
 
 
 @dataclass
@@ -184,10 +184,6 @@ class Gateway:
         for any key not validated recently, without auth being asked."""
         headers = request.headers
         key = extract_key(headers.get("authorization"), headers.get("x-api-key"))
-        if self._admin_digest is not None and hmac.compare_digest(
-            hashlib.sha256(key.encode()).digest(), self._admin_digest
-        ):
-            return ADMIN_PRINCIPAL
         keys = self.backends().keys
         address = request.client.host if request.client else ""
         wait = self.invalid_keys.retry_after(address)
@@ -203,6 +199,12 @@ class Gateway:
                 "rate_limit_exceeded",
                 retry_after=max(1, math.ceil(wait)),
             )
+        # The admin secret is checked after the slow-down: a throttled
+        # address cannot keep guessing it either.
+        if self._admin_digest is not None and hmac.compare_digest(
+            hashlib.sha256(key.encode()).digest(), self._admin_digest
+        ):
+            return ADMIN_PRINCIPAL
         try:
             return await keys.validate(key, current_request_id())
         except ApiError as exc:

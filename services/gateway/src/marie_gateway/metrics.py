@@ -61,6 +61,8 @@ RATE_LIMITED = Counter(
     ["limit"],
 )
 KEY_CACHE_MISS = KEY_CACHE.labels("miss")
+# Auth unreachable: a cached validation answered instead.
+KEY_CACHE_STALE = KEY_CACHE.labels("stale")
 
 #: The route label of a request that matched no route.
 UNMATCHED = "unmatched"
