@@ -8,16 +8,22 @@ same code path (and validation) serves both cases.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
+from google.protobuf.field_mask_pb2 import FieldMask
+from google.protobuf.timestamp_pb2 import Timestamp
 from marie.auth.v1 import auth_service_pb2 as pb
 from marie.auth.v1 import auth_service_pb2_grpc as pb_grpc
 from marie_kit.channels import insecure_channel, is_serving
 from marie_kit.errors import ServiceError
 from marie_kit.server import start_server
 from marie_kit.settings import load_settings
+
+if TYPE_CHECKING:
+    from marie.auth.v1.auth_service_pb2_grpc import AuthServiceAsyncStub
 
 CONTROL_TIMEOUT_SECONDS = 10.0
 
@@ -44,8 +50,137 @@ def _key_dict(key: pb.ApiKey) -> dict[str, Any]:
         "state": pb.ApiKeyState.Name(key.state).removeprefix("API_KEY_STATE_").lower(),
         "scopes": list(key.scopes),
         "allowed_models": list(key.allowed_models),
+        "limits": {
+            "requests_per_minute": key.limits.requests_per_minute,
+            "tokens_per_minute": key.limits.tokens_per_minute,
+            "tokens_per_day": key.limits.tokens_per_day,
+            "max_concurrent_requests": key.limits.max_concurrent_requests,
+        },
         "create_time": key.create_time.ToJsonString() if key.HasField("create_time") else None,
+        "expire_time": key.expire_time.ToJsonString() if key.HasField("expire_time") else None,
     }
+
+
+def _timestamp(value: str, option: str) -> Timestamp:
+    """An ISO 8601 date or time (UTC unless it says otherwise)."""
+    try:
+        parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise CliError(f"{option}: expected an ISO 8601 date or time, got {value!r}") from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=dt.UTC)
+    ts = Timestamp()
+    ts.FromDatetime(parsed)
+    return ts
+
+
+_GROUP_BY = {
+    "": pb.USAGE_GROUP_BY_UNSPECIFIED,
+    "day": pb.USAGE_GROUP_BY_DAY,
+    "model": pb.USAGE_GROUP_BY_MODEL,
+    "key": pb.USAGE_GROUP_BY_KEY,
+}
+
+
+def _totals_dict(t: pb.UsageTotals) -> dict[str, Any]:
+    return {
+        "group": t.group or None,
+        "requests": t.requests,
+        "prompt_tokens": t.prompt_tokens,
+        "completion_tokens": t.completion_tokens,
+        "total_tokens": t.prompt_tokens + t.completion_tokens,
+        "errors": t.errors,
+        "latency_p50_ms": round(t.latency_p50_ms, 3),
+        "latency_p95_ms": round(t.latency_p95_ms, 3),
+    }
+
+
+async def _update(stub: AuthServiceAsyncStub, args: argparse.Namespace) -> Result:
+    key = pb.ApiKey(id=args.id)
+    paths: list[str] = []
+    if args.name is not None:
+        key.name = args.name
+        paths.append("name")
+    if args.owner is not None:
+        key.owner = args.owner
+        paths.append("owner")
+    if args.scopes is not None:
+        key.scopes.extend(args.scopes)
+        paths.append("scopes")
+    if args.models is not None:
+        key.allowed_models.extend(args.models)
+        paths.append("allowed_models")
+    if any(getattr(args, o) is not None for o in ("rpm", "tpm", "tpd", "max_concurrent")):
+        # Limits change as a whole: start from the key's current ones.
+        current = await stub.GetApiKey(
+            pb.GetApiKeyRequest(id=args.id), timeout=CONTROL_TIMEOUT_SECONDS
+        )
+        key.limits.CopyFrom(_limits(args, current.api_key.limits))
+        paths.append("limits")
+    if args.expires is not None:
+        if args.expires != "never":
+            key.expire_time.CopyFrom(_timestamp(args.expires, "--expires"))
+        paths.append("expire_time")
+    if not paths:
+        raise CliError("nothing to update: give at least one option")
+    updated = await stub.UpdateApiKey(
+        pb.UpdateApiKeyRequest(api_key=key, update_mask=FieldMask(paths=paths)),
+        timeout=CONTROL_TIMEOUT_SECONDS,
+    )
+    return Result(f"updated {updated.api_key.id}", _key_dict(updated.api_key))
+
+
+async def _usage(stub: AuthServiceAsyncStub, args: argparse.Namespace) -> Result:
+    end = _timestamp(args.to, "--to") if args.to else None
+    if end is None:
+        end = Timestamp()
+        end.GetCurrentTime()
+    if args.start:
+        start = _timestamp(args.start, "--from")
+    else:
+        start = Timestamp(seconds=end.seconds - 30 * 86_400, nanos=end.nanos)
+    reply = await stub.QueryUsage(
+        pb.QueryUsageRequest(
+            start_time=start,
+            end_time=end,
+            key_id=args.key,
+            owner=args.owner,
+            group_by=_GROUP_BY[args.group_by],
+        ),
+        timeout=CONTROL_TIMEOUT_SECONDS,
+    )
+    total = _totals_dict(reply.total)
+    groups = [_totals_dict(g) for g in reply.groups]
+    lines = [
+        f"{(g['group'] or 'total'):<40} {g['requests']:>8} req {g['total_tokens']:>10} tok "
+        f"{g['errors']:>6} err  p50 {g['latency_p50_ms']} ms  p95 {g['latency_p95_ms']} ms"
+        for g in [*groups, total]
+    ]
+    data = {
+        "from": start.ToJsonString(),
+        "to": end.ToJsonString(),
+        "group_by": args.group_by or None,
+        "total": total,
+        "groups": groups,
+    }
+    return Result("\n".join(lines), data)
+
+
+def _limits(args: argparse.Namespace, base: pb.KeyLimits | None = None) -> pb.KeyLimits:
+    """The limits the options give, over `base` for those not given."""
+    limits = pb.KeyLimits()
+    if base is not None:
+        limits.CopyFrom(base)
+    for option, name in (
+        ("rpm", "requests_per_minute"),
+        ("tpm", "tokens_per_minute"),
+        ("tpd", "tokens_per_day"),
+        ("max_concurrent", "max_concurrent_requests"),
+    ):
+        value = getattr(args, option, None)
+        if value is not None:
+            setattr(limits, name, value)
+    return limits
 
 
 async def _call(args: argparse.Namespace, channel: grpc.aio.Channel) -> Result:
@@ -59,6 +194,7 @@ async def _call(args: argparse.Namespace, channel: grpc.aio.Channel) -> Result:
                     owner=args.owner,
                     scopes=args.scopes,
                     allowed_models=args.models,
+                    limits=_limits(args),
                 ),
                 timeout=t,
             )
@@ -87,6 +223,24 @@ async def _call(args: argparse.Namespace, channel: grpc.aio.Channel) -> Result:
                 f"{r['id']}  {r['display']}  {r['state']:<8} {r['name']}" for r in rows
             )
             return Result(text or "(no keys)", {"keys": rows})
+        if args.keys_command == "update":
+            return await _update(stub, args)
+        if args.keys_command == "rotate":
+            rotated = await stub.RotateApiKey(
+                pb.RotateApiKeyRequest(id=args.id, grace_period_seconds=args.grace), timeout=t
+            )
+            data = {
+                **_key_dict(rotated.api_key),
+                "key": rotated.key,
+                "previous_id": rotated.previous_id,
+            }
+            text = (
+                f"{rotated.key}\n(id {rotated.api_key.id}, replaces {rotated.previous_id}; "
+                "store this key now, it is not shown again)"
+            )
+            return Result(text, data)
+        if args.keys_command == "usage":
+            return await _usage(stub, args)
         if args.keys_command == "revoke":
             revoked = await stub.RevokeApiKey(pb.RevokeApiKeyRequest(id=args.id), timeout=t)
             return Result(f"revoked {revoked.api_key.id}", _key_dict(revoked.api_key))

@@ -48,6 +48,7 @@ def _parser() -> argparse.ArgumentParser:
         dest="models",
         help="a model id or 'provider/*' pattern the key may use (repeatable); default: all",
     )
+    _limit_options(create)
     create.add_argument("--json", action="store_true", help="print one JSON object")
 
     lst = keys_sub.add_parser("list", help="list keys (never their secrets)")
@@ -55,10 +56,57 @@ def _parser() -> argparse.ArgumentParser:
     lst.add_argument("--all", action="store_true", help="include revoked and expired keys")
     lst.add_argument("--json", action="store_true", help="print one JSON object")
 
+    update = keys_sub.add_parser(
+        "update", help="change a key's name, owner, scopes, models, limits or expiry"
+    )
+    update.add_argument("id")
+    update.add_argument("--name")
+    update.add_argument("--owner")
+    update.add_argument(
+        "--scope", action="append", dest="scopes", help="replaces the scopes (repeatable)"
+    )
+    update.add_argument(
+        "--model", action="append", dest="models", help="replaces the allowed models (repeatable)"
+    )
+    _limit_options(update)
+    update.add_argument("--expires", help="ISO 8601 date or time, or 'never'")
+    update.add_argument("--json", action="store_true", help="print one JSON object")
+
+    rotate = keys_sub.add_parser("rotate", help="replace a key's secret (prints the new key once)")
+    rotate.add_argument("id")
+    rotate.add_argument(
+        "--grace",
+        type=int,
+        default=0,
+        help="seconds the old secret keeps working (0 to 86400; default 0: revoked now)",
+    )
+    rotate.add_argument("--json", action="store_true", help="print one JSON object")
+
+    usage = keys_sub.add_parser("usage", help="usage totals from the ledger")
+    usage.add_argument("--key", default="", help="only this key id")
+    usage.add_argument("--owner", default="", help="only this owner's keys")
+    usage.add_argument("--from", dest="start", help="ISO 8601 start (default: 30 days ago)")
+    usage.add_argument("--to", help="ISO 8601 end, exclusive (default: now)")
+    usage.add_argument("--group-by", choices=["day", "model", "key"], default="")
+    usage.add_argument("--json", action="store_true", help="print one JSON object")
+
     revoke = keys_sub.add_parser("revoke", help="revoke a key by id")
     revoke.add_argument("id")
     revoke.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
+
+
+def _limit_options(parser: argparse.ArgumentParser) -> None:
+    """The per-key limits (0 = no limit)."""
+    parser.add_argument("--rpm", type=int, help="requests per minute (0 = no limit)")
+    parser.add_argument("--tpm", type=int, help="tokens per minute (0 = no limit)")
+    parser.add_argument("--tpd", type=int, help="tokens per UTC day (0 = no limit)")
+    parser.add_argument(
+        "--max-concurrent",
+        type=int,
+        dest="max_concurrent",
+        help="requests running at once (0 = no limit)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:

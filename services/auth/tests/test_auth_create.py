@@ -80,6 +80,10 @@ def _past() -> Timestamp:
         ({"allowed_models": ["/llama3.2"]}, "allowed_models"),
         ({"limits": pb.KeyLimits(requests_per_minute=-1)}, "limits.requests_per_minute"),
         ({"limits": pb.KeyLimits(tokens_per_day=-5)}, "limits.tokens_per_day"),
+        (
+            {"limits": pb.KeyLimits(max_concurrent_requests=-1)},
+            "limits.max_concurrent_requests",
+        ),
         ({"expire_time": _past()}, "expire_time"),
         ({"labels": {"has space": "v"}}, "labels"),
     ],

@@ -10,7 +10,12 @@ from marie_kit.apikeys import generate_key
 
 
 async def test_validate_returns_the_principal(create: CreateKey, stub: AuthStub) -> None:
-    limits = pb.KeyLimits(requests_per_minute=60, tokens_per_minute=1000, tokens_per_day=50_000)
+    limits = pb.KeyLimits(
+        requests_per_minute=60,
+        tokens_per_minute=1000,
+        tokens_per_day=50_000,
+        max_concurrent_requests=4,
+    )
     created = await create(
         name="ci-bot",
         owner="team-a",

@@ -8,6 +8,7 @@ from marie.auth.v1 import auth_service_pb2 as pb
 from marie_auth.events import KeyEvent, KeyEventType
 from marie_auth.keys import Principal
 from marie_auth.store import KeyLimits, KeyRecord, KeySpec, KeyState
+from marie_auth.usage import GroupBy, Totals, UsageRecord, UsageReport
 
 _STATES: dict[KeyState, pb.ApiKeyState] = {
     KeyState.ACTIVE: pb.API_KEY_STATE_ACTIVE,
@@ -40,6 +41,7 @@ def limits_to_proto(limits: KeyLimits) -> pb.KeyLimits:
         requests_per_minute=limits.requests_per_minute,
         tokens_per_minute=limits.tokens_per_minute,
         tokens_per_day=limits.tokens_per_day,
+        max_concurrent_requests=limits.max_concurrent_requests,
     )
 
 
@@ -48,6 +50,7 @@ def limits_from_proto(limits: pb.KeyLimits) -> KeyLimits:
         requests_per_minute=limits.requests_per_minute,
         tokens_per_minute=limits.tokens_per_minute,
         tokens_per_day=limits.tokens_per_day,
+        max_concurrent_requests=limits.max_concurrent_requests,
     )
 
 
@@ -111,4 +114,46 @@ def principal_to_proto(principal: Principal) -> pb.Principal:
 def event_to_proto(event: KeyEvent) -> pb.WatchKeyEventsResponse:
     return pb.WatchKeyEventsResponse(
         type=_EVENT_TYPES[event.type], key_id=event.key_id, event_time=timestamp(event.time)
+    )
+
+
+GROUP_BY: dict[int, GroupBy] = {
+    pb.USAGE_GROUP_BY_UNSPECIFIED: GroupBy.NONE,
+    pb.USAGE_GROUP_BY_DAY: GroupBy.DAY,
+    pb.USAGE_GROUP_BY_MODEL: GroupBy.MODEL,
+    pb.USAGE_GROUP_BY_KEY: GroupBy.KEY,
+}
+
+
+def usage_record_from_proto(record: pb.UsageRecord) -> UsageRecord:
+    return UsageRecord(
+        id=record.id,
+        key_id=record.key_id,
+        owner=record.owner,
+        provider=record.provider,
+        model=record.model,
+        operation=record.operation,
+        prompt_tokens=record.prompt_tokens,
+        completion_tokens=record.completion_tokens,
+        latency_ms=record.latency_ms,
+        status=record.status,
+        time=unix_seconds(record.time) if record.HasField("time") else 0.0,
+    )
+
+
+def totals_to_proto(totals: Totals) -> pb.UsageTotals:
+    return pb.UsageTotals(
+        group=totals.group,
+        requests=totals.requests,
+        prompt_tokens=totals.prompt_tokens,
+        completion_tokens=totals.completion_tokens,
+        errors=totals.errors,
+        latency_p50_ms=totals.latency_p50_ms,
+        latency_p95_ms=totals.latency_p95_ms,
+    )
+
+
+def usage_report_to_proto(report: UsageReport) -> pb.QueryUsageResponse:
+    return pb.QueryUsageResponse(
+        total=totals_to_proto(report.total), groups=[totals_to_proto(g) for g in report.groups]
     )

@@ -5,9 +5,9 @@ does not slow the others or grow memory: its backlog is thrown away and
 replaced by one SYNC event, which tells it to drop its whole cache — so it
 may lose precision but never a revocation.
 
-Events come from this process only: with several auth replicas, each sees
-only the changes made through it. Replicated deployments need events read
-from the store instead.
+Changes made through this process are published at once; changes made
+through other processes on the same store (replicas, the CLI) are read from
+the store's change log by `KeyManager.follow_events` and published here too.
 """
 
 from __future__ import annotations

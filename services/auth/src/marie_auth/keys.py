@@ -54,6 +54,11 @@ MAX_GRACE_PERIOD_SECONDS = 86_400
 TOUCH_INTERVAL_SECONDS = 60.0
 #: How often the service looks for keys that have just expired.
 DEFAULT_EXPIRY_CHECK_SECONDS = 1.0
+#: How often the service reads the store's change log for events of other processes.
+DEFAULT_EVENT_POLL_SECONDS = 0.2
+#: Events are kept this long in the change log (a replica down longer re-syncs).
+EVENT_RETENTION_SECONDS = 3600.0
+PRUNE_INTERVAL_SECONDS = 60.0
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
@@ -132,6 +137,8 @@ class KeyManager:
         self._write_lock = asyncio.Lock()
         self._touching: set[str] = set()
         self._background: set[asyncio.Task[None]] = set()
+        # Change-log entries this manager wrote (and published already).
+        self._own_events: set[int] = set()
         self._closed = False
 
     def now(self) -> float:
@@ -219,7 +226,7 @@ class KeyManager:
         if updated is None:
             raise key_not_found(key_id)
         log.info("api key updated", extra={"key_id": key_id, "fields": sorted(paths)})
-        self._publish(KeyEventType.UPDATED, key_id)
+        await self._log_event(KeyEventType.UPDATED, key_id)
         return updated
 
     async def revoke(self, key_id: str) -> KeyRecord:
@@ -232,7 +239,7 @@ class KeyManager:
         if revoked is None:
             raise key_not_found(key_id)
         log.info("api key revoked", extra={"key_id": key_id})
-        self._publish(KeyEventType.REVOKED, key_id)
+        await self._log_event(KeyEventType.REVOKED, key_id)
         return revoked
 
     async def rotate(self, key_id: str, grace_period_seconds: int = 0) -> RotatedKey:
@@ -258,9 +265,9 @@ class KeyManager:
             extra={"key_id": new.id, "previous_id": key_id, "grace_seconds": grace_period_seconds},
         )
         if retired.state is KeyState.REVOKED:
-            self._publish(KeyEventType.REVOKED, key_id)
+            await self._log_event(KeyEventType.REVOKED, key_id)
         elif retired.spec.expire_time != old.spec.expire_time:
-            self._publish(KeyEventType.UPDATED, key_id)
+            await self._log_event(KeyEventType.UPDATED, key_id)
         return RotatedKey(new, key, previous=retired)
 
     @staticmethod
@@ -326,6 +333,43 @@ class KeyManager:
             self._touching.discard(key_id)
 
     # -- events ----------------------------------------------------------------
+
+    async def _log_event(self, event_type: KeyEventType, key_id: str) -> None:
+        """Write the event to the store's change log (which every replica on the
+        same store follows), and publish it to this process's subscribers."""
+        try:
+            self._own_events.add(
+                await self._store.append_event(event_type.value, key_id, self._clock())
+            )
+        except Exception:
+            # The change itself is stored; other replicas' gateways then learn
+            # of it when their cached validations expire.
+            log.warning("could not log key event", extra={"key_id": key_id}, exc_info=True)
+        self._publish(event_type, key_id)
+
+    async def follow_events(self, interval: float = DEFAULT_EVENT_POLL_SECONDS) -> None:
+        """Publish the events any process (another replica, the CLI) logged in
+        the shared store, as they appear; runs until cancelled. Old events are
+        pruned about once a minute."""
+        seq = await self._store.last_event_seq()
+        last_prune = 0.0
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                events = await self._store.events_after(seq)
+                now = self._clock()
+                if now - last_prune > PRUNE_INTERVAL_SECONDS:
+                    await self._store.prune_events(now - EVENT_RETENTION_SECONDS)
+                    last_prune = now
+            except Exception:
+                log.warning("could not read key events", exc_info=True)
+                continue
+            for seq, event_type, key_id, _ in events:
+                if seq in self._own_events:
+                    # Published when it happened here.
+                    self._own_events.discard(seq)
+                    continue
+                self._publish(KeyEventType(event_type), key_id)
 
     def _publish(self, event_type: KeyEventType, key_id: str) -> None:
         if self._events is not None:

@@ -27,8 +27,14 @@ from marie_kit.errors import ServiceError
 from marie_auth import convert
 from marie_auth.errors import DOMAIN
 from marie_auth.events import KeyEventBroadcaster
-from marie_auth.keys import DEFAULT_EXPIRY_CHECK_SECONDS, KeyManager, open_store
+from marie_auth.keys import (
+    DEFAULT_EVENT_POLL_SECONDS,
+    DEFAULT_EXPIRY_CHECK_SECONDS,
+    KeyManager,
+    open_store,
+)
 from marie_auth.settings import AuthSettings
+from marie_auth.usage import SqliteUsageStore, UsageLedger
 
 log = logging.getLogger("marie.auth.service")
 
@@ -50,12 +56,16 @@ class AuthComponent:
         *,
         clock: Callable[[], float] = time.time,
         expiry_check_seconds: float = DEFAULT_EXPIRY_CHECK_SECONDS,
+        event_poll_seconds: float = DEFAULT_EVENT_POLL_SECONDS,
     ) -> None:
         self.settings = settings
         self.events = KeyEventBroadcaster(clock=clock)
         self._clock = clock
         self._expiry_check_seconds = expiry_check_seconds
+        self._event_poll_seconds = event_poll_seconds
+        self._follow_task: asyncio.Task[None] | None = None
         self._keys: KeyManager | None = None
+        self._usage: UsageLedger | None = None
         self._expiry_task: asyncio.Task[None] | None = None
 
     @property
@@ -66,6 +76,15 @@ class AuthComponent:
                 grpc.StatusCode.UNAVAILABLE, "UNAVAILABLE", "auth service not ready", domain=DOMAIN
             )
         return self._keys
+
+    @property
+    def usage(self) -> UsageLedger:
+        """The started usage ledger; UNAVAILABLE before `start()` and after `close()`."""
+        if self._usage is None:
+            raise ServiceError(
+                grpc.StatusCode.UNAVAILABLE, "UNAVAILABLE", "auth service not ready", domain=DOMAIN
+            )
+        return self._usage
 
     def register(self, server: grpc.aio.Server) -> None:
         pb_grpc.add_AuthServiceServicer_to_server(AuthServicer(self), server)
@@ -79,9 +98,12 @@ class AuthComponent:
             events=self.events,
             clock=self._clock,
         )
+        self._usage = UsageLedger(await SqliteUsageStore.open(self.settings.db_path))
         self._expiry_task = asyncio.create_task(
             self._keys.notify_expirations(self._expiry_check_seconds)
         )
+        # Events of the other processes on the same store (replicas, the CLI).
+        self._follow_task = asyncio.create_task(self._keys.follow_events(self._event_poll_seconds))
         log.info("key store open", extra={"store": self.settings.store})
 
     async def stopping(self) -> None:
@@ -90,6 +112,11 @@ class AuthComponent:
 
     async def close(self) -> None:
         self.events.close()
+        if self._follow_task is not None:
+            self._follow_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._follow_task
+            self._follow_task = None
         if self._expiry_task is not None:
             self._expiry_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -98,6 +125,9 @@ class AuthComponent:
         if self._keys is not None:
             keys, self._keys = self._keys, None
             await keys.close()
+        if self._usage is not None:
+            usage, self._usage = self._usage, None
+            await usage.close()
 
 
 class AuthServicer(pb_grpc.AuthServiceServicer):
@@ -180,3 +210,22 @@ class AuthServicer(pb_grpc.AuthServiceServicer):
         with self._component.events.subscribe() as subscription:
             async for event in subscription:
                 yield convert.event_to_proto(event)
+
+    async def RecordUsage(
+        self, request: pb.RecordUsageRequest, context: Context
+    ) -> pb.RecordUsageResponse:
+        records = [convert.usage_record_from_proto(r) for r in request.records]
+        recorded = await self._component.usage.record(records)
+        return pb.RecordUsageResponse(recorded=recorded)
+
+    async def QueryUsage(
+        self, request: pb.QueryUsageRequest, context: Context
+    ) -> pb.QueryUsageResponse:
+        report = await self._component.usage.query(
+            convert.unix_seconds(request.start_time) if request.HasField("start_time") else 0.0,
+            convert.unix_seconds(request.end_time) if request.HasField("end_time") else 0.0,
+            key_id=request.key_id,
+            owner=request.owner,
+            group_by=convert.GROUP_BY.get(request.group_by, convert.GROUP_BY[0]),
+        )
+        return convert.usage_report_to_proto(report)

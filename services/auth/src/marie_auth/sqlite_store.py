@@ -48,6 +48,14 @@ CREATE INDEX IF NOT EXISTS api_keys_owner_created ON api_keys (owner, create_tim
 CREATE INDEX IF NOT EXISTS api_keys_created ON api_keys (create_time, id);
 CREATE INDEX IF NOT EXISTS api_keys_expiring ON api_keys (expire_time)
     WHERE expire_time IS NOT NULL AND state = 'active';
+-- Key events (revocations, updates) in commit order, read by every auth
+-- replica that shares this file; pruned after EVENT_RETENTION_SECONDS.
+CREATE TABLE IF NOT EXISTS key_events (
+    seq    INTEGER PRIMARY KEY AUTOINCREMENT,
+    type   TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    time   REAL NOT NULL
+);
 """
 
 # Every statement is a literal; only `list_page` joins fixed fragments into its WHERE.
@@ -88,6 +96,13 @@ _EXPIRING = (
     "AND expire_time > :after AND expire_time <= :until ORDER BY expire_time"
 )
 
+_APPEND_EVENT = "INSERT INTO key_events (type, key_id, time) VALUES (:type, :key_id, :time)"
+_EVENTS_AFTER = (
+    "SELECT seq, type, key_id, time FROM key_events WHERE seq > :after ORDER BY seq LIMIT :limit"
+)
+_LAST_EVENT = "SELECT COALESCE(MAX(seq), 0) FROM key_events"
+_PRUNE_EVENTS = "DELETE FROM key_events WHERE time < :before"
+
 T = TypeVar("T")
 
 
@@ -121,6 +136,7 @@ def _spec_from_row(row: sqlite3.Row) -> KeySpec:
             requests_per_minute=int(limits.get("requests_per_minute", 0)),
             tokens_per_minute=int(limits.get("tokens_per_minute", 0)),
             tokens_per_day=int(limits.get("tokens_per_day", 0)),
+            max_concurrent_requests=int(limits.get("max_concurrent_requests", 0)),
         ),
         expire_time=row["expire_time"],
         labels=dict(json.loads(row["labels"])),
@@ -153,6 +169,7 @@ def _spec_columns(spec: KeySpec) -> dict[str, Any]:
                 "requests_per_minute": limits.requests_per_minute,
                 "tokens_per_minute": limits.tokens_per_minute,
                 "tokens_per_day": limits.tokens_per_day,
+                "max_concurrent_requests": limits.max_concurrent_requests,
             }
         ),
         "labels": json.dumps(dict(spec.labels), sort_keys=True),
@@ -305,6 +322,24 @@ class SqliteKeyStore:
     async def touch_last_used(self, key_id: str, used_time: float) -> None:
         params = {"id": key_id, "at": used_time}
         await self._run(lambda: self._db.execute(_TOUCH, params))
+
+    # -- the change log ---------------------------------------------------------
+
+    async def append_event(self, event_type: str, key_id: str, at: float) -> int:
+        params = {"type": event_type, "key_id": key_id, "time": at}
+        cursor = await self._run(lambda: self._db.execute(_APPEND_EVENT, params))
+        return int(cursor.lastrowid or 0)
+
+    async def last_event_seq(self) -> int:
+        return int(await self._run(lambda: self._db.execute(_LAST_EVENT).fetchone()[0]))
+
+    async def events_after(self, seq: int, limit: int = 1000) -> list[tuple[int, str, str, float]]:
+        params = {"after": seq, "limit": limit}
+        rows = await self._run(lambda: self._db.execute(_EVENTS_AFTER, params).fetchall())
+        return [(int(r["seq"]), str(r["type"]), str(r["key_id"]), float(r["time"])) for r in rows]
+
+    async def prune_events(self, before: float) -> None:
+        await self._run(lambda: self._db.execute(_PRUNE_EVENTS, {"before": before}))
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:

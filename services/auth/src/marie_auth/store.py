@@ -31,6 +31,7 @@ class KeyLimits:
     requests_per_minute: int = 0
     tokens_per_minute: int = 0
     tokens_per_day: int = 0
+    max_concurrent_requests: int = 0
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,19 @@ class KeyStore(Protocol):
 
     async def ids_expiring(self, after: float, until: float) -> list[str]:
         """Ids of unrevoked keys whose expiry lies in (`after`, `until`]."""
+
+    async def append_event(self, event_type: str, key_id: str, at: float) -> int:
+        """Append a key event ("revoked", "updated") to the store's change log;
+        its sequence number."""
+
+    async def last_event_seq(self) -> int:
+        """The sequence number of the newest event in the change log (0: none)."""
+
+    async def events_after(self, seq: int, limit: int = 1000) -> list[tuple[int, str, str, float]]:
+        """Up to `limit` events (seq, type, key_id, time) newer than `seq`, oldest first."""
+
+    async def prune_events(self, before: float) -> None:
+        """Forget events older than `before`."""
 
     async def close(self) -> None:
         """Release the store's resources; further calls fail."""

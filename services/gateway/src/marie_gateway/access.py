@@ -2,8 +2,12 @@
 in-process cache of validations, and a watcher of auth's key events that drops
 revoked keys from the cache at once.
 
-While the event stream is down the cache is bypassed, so a revocation can never
-be missed: every request is then validated by the auth service.
+While the event stream is down, every request is validated by the auth
+service, so a revocation is not missed while auth can answer. When auth cannot
+be reached at all, a key validated recently keeps working until its cached
+entry expires (at most `key_cache_ttl_seconds`); a key not in the cache gets
+503 (auth unavailable), never 401. When the stream is back (SYNC) the whole
+cache is dropped.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from marie_kit.apikeys import is_well_formed
 from marie_kit.context import outgoing_metadata
 
 from marie_gateway.errors import from_rpc_error, invalid_api_key, permission_denied
-from marie_gateway.metrics import KEY_CACHE_HIT, KEY_CACHE_MISS
+from marie_gateway.limits import NO_LIMITS, Limits
+from marie_gateway.metrics import KEY_CACHE_HIT, KEY_CACHE_MISS, KEY_CACHE_STALE
 
 # The metadata that carries a key's allowed models to the services, which
 # check the resolved model before any upstream call (providers'
@@ -39,6 +44,8 @@ SCOPE_MEMORY = "memory"
 SCOPE_ADMIN = "admin"
 _RECONNECT_MAX_SECONDS = 5.0
 _CACHE_MAX_ENTRIES = 100_000
+# Auth could not answer: the cache may stand in for it.
+_AUTH_DOWN = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +56,7 @@ class Principal:
     owner: str
     scopes: frozenset[str]
     allowed_models: tuple[str, ...]
+    limits: Limits = NO_LIMITS
     #: `allowed_models` as metadata for the services; empty when unrestricted.
     models_metadata: tuple[tuple[str, str], ...] = field(init=False, default=())
 
@@ -103,6 +111,14 @@ class KeyValidator:
             self._watcher.cancel()
             await asyncio.gather(self._watcher, return_exceptions=True)
 
+    def cached(self, key: str) -> Principal | None:
+        """The principal of `key` if it was validated recently and is still
+        cached (no call to auth); None otherwise."""
+        hit = self._cache.get(hashlib.sha256(key.encode()).digest())
+        if hit is not None and hit[1] > time.monotonic() and self._events_live:
+            return hit[0]
+        return None
+
     async def validate(self, key: str, request_id: str) -> Principal:
         """The principal of `key`; ApiError 401 when it is not valid."""
         if not is_well_formed(key):
@@ -124,6 +140,10 @@ class KeyValidator:
             if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
                 # Unknown, revoked, expired and malformed keys: one answer.
                 raise invalid_api_key() from None
+            if exc.code() in _AUTH_DOWN and hit is not None and hit[1] > now:
+                # Auth is unreachable: a recent validation stands until it expires.
+                KEY_CACHE_STALE.inc()
+                return hit[0]
             raise from_rpc_error(exc, request_id) from None
         p = reply.principal
         principal = Principal(
@@ -131,11 +151,19 @@ class KeyValidator:
             owner=p.owner,
             scopes=frozenset(p.scopes),
             allowed_models=tuple(p.allowed_models),
+            limits=Limits(
+                requests_per_minute=p.limits.requests_per_minute,
+                tokens_per_minute=p.limits.tokens_per_minute,
+                tokens_per_day=p.limits.tokens_per_day,
+                max_concurrent_requests=p.limits.max_concurrent_requests,
+            ),
         )
         ttl = min(self._cache_ttl, reply.cache_ttl_seconds)
         if p.HasField("expire_time"):
             ttl = min(ttl, p.expire_time.ToSeconds() - time.time())
-        if ttl > 0 and self._events_live:
+        # Cached even while the event stream is down: served then only when
+        # auth cannot be reached (above); the next SYNC drops it.
+        if ttl > 0:
             if len(self._cache) >= _CACHE_MAX_ENTRIES:
                 self._cache.clear()
             self._cache[digest] = (principal, now + ttl)
@@ -166,8 +194,8 @@ class KeyValidator:
                 log.warning("key event stream lost: %s", exc.code().name)
             except Exception:
                 log.exception("key event stream failed")
-            # Until the stream is back, nothing is served from the cache.
+            # Until the stream is back (its SYNC drops the cache), every
+            # request asks auth; the cache answers only when auth cannot.
             self._events_live = False
-            self._cache.clear()
             await asyncio.sleep(delay)
             delay = min(delay * 2, _RECONNECT_MAX_SECONDS)

@@ -16,14 +16,17 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from marie_gateway import grpc_authz, health, metrics, openapi
+from marie_gateway.admin_api import AdminRoutes
 from marie_gateway.compare import CompareRoutes
 from marie_gateway.core import Gateway
 from marie_gateway.errors import ApiError
+from marie_gateway.limits import RATE_LIMIT_HEADERS
 from marie_gateway.memory_api import MemoryRoutes
 from marie_gateway.middleware import RequestContext
 from marie_gateway.models_api import ModelRoutes
 from marie_gateway.openai_api import OpenAIRoutes
 from marie_gateway.settings import GatewaySettings
+from marie_gateway.usage import UsageRoutes
 from marie_gateway.web import current_request_id, error_response
 
 log = logging.getLogger("marie.gateway")
@@ -60,6 +63,8 @@ def create_app(settings: GatewaySettings) -> RequestContext:
         *MemoryRoutes(gw).routes(),
         *ModelRoutes(gw).routes(),
         *CompareRoutes(gw).routes(),
+        *UsageRoutes(gw).routes(),
+        *AdminRoutes(gw).routes(),
         *health.routes(gw),
         *metrics.routes(),
         *openapi.routes(version("marie-gateway")),
@@ -73,7 +78,7 @@ def create_app(settings: GatewaySettings) -> RequestContext:
                 allow_origins=[o.strip() for o in settings.cors_origins.split(",") if o.strip()],
                 allow_methods=["GET", "POST", "PATCH", "DELETE"],
                 allow_headers=["authorization", "x-api-key", "content-type", "x-request-id"],
-                expose_headers=["x-request-id", "retry-after"],
+                expose_headers=["x-request-id", "retry-after", *RATE_LIMIT_HEADERS],
                 max_age=600,
             )
         )

@@ -28,6 +28,7 @@ from marie_gateway.errors import ApiError, from_rpc_error
 from marie_gateway.mapping import FINISH_REASONS, chat_request_to_proto, chunk_delta, usage_dict
 from marie_gateway.protocol import CompareRequest
 from marie_gateway.sse import DONE, EventStreamResponse, event
+from marie_gateway.usage import Tally
 from marie_gateway.web import current_request_id, parse_body
 
 log = logging.getLogger("marie.gateway.compare")
@@ -45,6 +46,7 @@ class Arm:
     model: str
     principal: Principal
     request_id: str
+    tally: Tally
 
 
 class CompareRoutes:
@@ -56,20 +58,21 @@ class CompareRoutes:
 
     async def compare(self, request: Request) -> EventStreamResponse:
         principal = await self.gw.authorize(request, SCOPE_CHAT)
+        tally = await self.gw.admit(request, principal, "compare")
         body = parse_body(CompareRequest, await self.gw.read_body(request))
         rid = current_request_id()
         return EventStreamResponse(
-            self._events(body, principal, rid),
+            self._events(body, principal, rid, tally),
             [(b"x-request-id", rid.encode())],
             keep_alive_seconds=self.gw.settings.sse_keep_alive_seconds,
         )
 
     async def _events(
-        self, body: CompareRequest, principal: Principal, rid: str
+        self, body: CompareRequest, principal: Principal, rid: str, tally: Tally
     ) -> AsyncIterator[bytes]:
         queue: asyncio.Queue[bytes | None] = asyncio.Queue(QUEUE_SIZE)
         tasks = [
-            asyncio.create_task(self._run(Arm(index, model, principal, rid), body, queue))
+            asyncio.create_task(self._run(Arm(index, model, principal, rid, tally), body, queue))
             for index, model in enumerate(body.models)
         ]
         try:
@@ -116,6 +119,8 @@ class CompareRoutes:
                 if delta := chunk_delta(chunk):
                     await queue.put(event({"type": "delta", **tag, "delta": delta}))
             total = time.perf_counter() - started
+            if usage is not None:
+                arm.tally.add(resolved or model, usage.prompt_tokens, usage.completion_tokens)
             done: dict[str, Any] = {
                 "type": "done",
                 **tag,
@@ -129,11 +134,13 @@ class CompareRoutes:
             }
             await queue.put(event(done))
         except grpc.aio.AioRpcError as exc:
+            arm.tally.add_failure(resolved or model)
             error: ApiError = from_rpc_error(exc, rid)
             await queue.put(event({"type": "error", **tag, **error.envelope()}))
         except Exception:
             # A bug here must not leave the reader waiting for this model.
             log.exception("comparison of %s failed", model)
+            arm.tally.add_failure(resolved or model)
             error = ApiError(500, f"The comparison of this model failed (request id {rid}).")
             await queue.put(event({"type": "error", **tag, **error.envelope()}))
         finally:

@@ -4,13 +4,17 @@ stubs, key checks, bounded body reading, and the shutdown of running calls."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import logging
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import grpc
+from marie.auth.v1 import auth_service_pb2_grpc as auth_grpc
 from marie.memory.v1 import memory_service_pb2_grpc as memory_grpc
 from marie.providers.v1 import provider_service_pb2_grpc as pb_grpc
 from marie_kit.channels import insecure_channel
@@ -18,12 +22,22 @@ from marie_kit.memory import LARGE_REQUEST_BYTES, schedule_trim
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 
-from marie_gateway.access import KeyValidator, Principal, extract_key
+from marie_gateway.access import SCOPE_ADMIN, KeyValidator, Principal, extract_key
 from marie_gateway.errors import ApiError, client_closed, service_unavailable
+from marie_gateway.limits import (
+    InvalidKeyThrottle,
+    Limiter,
+    LocalLimiter,
+    RateLimited,
+    quota_headers,
+)
+from marie_gateway.metrics import RATE_LIMITED
 from marie_gateway.settings import GatewaySettings
+from marie_gateway.usage import Tally, UsageRecorder
 from marie_gateway.web import current_request_id
 
 if TYPE_CHECKING:
+    from marie.auth.v1.auth_service_pb2_grpc import AuthServiceAsyncStub
     from marie.memory.v1.memory_service_pb2_grpc import MemoryServiceAsyncStub
     from marie.providers.v1.provider_service_pb2_grpc import ProviderServiceAsyncStub
 
@@ -32,6 +46,14 @@ log = logging.getLogger("marie.gateway")
 # Where the request-context middleware finds what a request reserved of the
 # body budget, to give it back when the request ends.
 BODY_RESERVATION_KEY = "marie.body_bytes"
+# Where a limited request keeps its account (see `admit`), and the
+# `x-ratelimit-*` headers the request-context middleware adds to its answer.
+TALLY_KEY = "marie.tally"
+RATE_HEADERS_KEY = "marie.ratelimit_headers"
+#: The principal of MARIE_ADMIN_KEY.
+ADMIN_PRINCIPAL = Principal(
+    key_id="admin-env", owner="", scopes=frozenset({SCOPE_ADMIN}), allowed_models=()
+)
 
 
 @dataclass
@@ -44,6 +66,8 @@ class Backends:
     keys: KeyValidator
     memory_channel: grpc.aio.Channel
     memory: MemoryServiceAsyncStub
+    auth: AuthServiceAsyncStub
+    usage: UsageRecorder
 
 
 class BodyBudget:
@@ -97,6 +121,13 @@ class Gateway:
         # period is nearly over (running calls are ended, new ones refused).
         self.draining = False
         self.shutting_down = False
+        self.limiter: Limiter = LocalLimiter()
+        admin = settings.admin_key.get_secret_value() if settings.admin_key else ""
+        # Only a digest is kept; presented keys are compared digest to digest.
+        self._admin_digest = hashlib.sha256(admin.encode()).digest() if admin else None
+        self.invalid_keys = InvalidKeyThrottle(
+            settings.invalid_key_threshold, settings.invalid_key_window_seconds
+        )
 
     def backends(self) -> Backends:
         assert self._backends is not None, "used before the lifespan started"
@@ -151,10 +182,67 @@ class Gateway:
                 schedule_trim()
 
     async def authenticate(self, request: Request) -> Principal:
-        """The caller's principal from its key header; 401 without a valid key."""
+        """The caller's principal from its key header; 401 without a valid key.
+
+        A client address that presented too many invalid keys lately gets 429
+        for any key not validated recently, without auth being asked."""
         headers = request.headers
         key = extract_key(headers.get("authorization"), headers.get("x-api-key"))
-        return await self.backends().keys.validate(key, current_request_id())
+        keys = self.backends().keys
+        address = request.client.host if request.client else ""
+        wait = self.invalid_keys.retry_after(address)
+        if wait:
+            known = keys.cached(key)
+            if known is not None:
+                return known
+            RATE_LIMITED.labels("invalid_keys").inc()
+            raise ApiError(
+                429,
+                "Too many requests with invalid API keys from this address; slow down.",
+                "requests",
+                "rate_limit_exceeded",
+                retry_after=max(1, math.ceil(wait)),
+            )
+        # The admin secret is checked after the slow-down: a throttled
+        # address cannot keep guessing it either.
+        if self._admin_digest is not None and hmac.compare_digest(
+            hashlib.sha256(key.encode()).digest(), self._admin_digest
+        ):
+            return ADMIN_PRINCIPAL
+        try:
+            return await keys.validate(key, current_request_id())
+        except ApiError as exc:
+            if exc.status == 401:
+                self.invalid_keys.failed(address)
+            raise
+
+    async def admit(self, request: Request, principal: Principal, operation: str) -> Tally:
+        """Admit the request within its key's limits, or 429 with `Retry-After`;
+        either way the answer carries the key's `x-ratelimit-*` headers."""
+        try:
+            grant = await self.limiter.acquire(principal.key_id, principal.limits)
+        except RateLimited as exc:
+            request.scope[RATE_HEADERS_KEY] = quota_headers(exc.requests, exc.tokens)
+            RATE_LIMITED.labels(exc.limit).inc()
+            kind = "tokens" if exc.limit.startswith("tokens") else "requests"
+            raise ApiError(
+                429,
+                exc.message,
+                kind,
+                "rate_limit_exceeded",
+                retry_after=max(1, math.ceil(exc.retry_after)),
+            ) from None
+        if grant.requests is not None or grant.tokens is not None:
+            request.scope[RATE_HEADERS_KEY] = quota_headers(grant.requests, grant.tokens)
+        tally = Tally(principal, grant, self.limiter, operation)
+        request.scope[TALLY_KEY] = tally
+        return tally
+
+    def finish(self, scope: dict[str, Any], status: int) -> None:
+        """The request has ended (its whole stream included): close its account."""
+        tally: Tally | None = scope.pop(TALLY_KEY, None)
+        if tally is not None and tally.finish() and self._backends is not None:
+            self._backends.usage.submit(tally.records(status))
 
     async def authorize(self, request: Request, scope: str) -> Principal:
         principal = await self.authenticate(request)
@@ -198,6 +286,15 @@ class Gateway:
         )
         keys.start()
         memory_channel = insecure_channel(self.settings.memory_addr)
+        auth = auth_grpc.AuthServiceStub(auth_channel)
+        usage = UsageRecorder(
+            auth,
+            max_queue=self.settings.usage_max_queue,
+            batch_size=self.settings.usage_batch_size,
+            flush_seconds=self.settings.usage_flush_seconds,
+            timeout=self.settings.control_timeout_seconds,
+        )
+        usage.start()
         self._backends = Backends(
             providers_channel,
             auth_channel,
@@ -205,6 +302,8 @@ class Gateway:
             keys,
             memory_channel,
             memory_grpc.MemoryServiceStub(memory_channel),
+            auth,
+            usage,
         )
         log.info(
             "gateway ready",
@@ -215,6 +314,8 @@ class Gateway:
         finally:
             self.shutting_down = True
             await keys.close()
+            # Requests have ended: what they used goes to the ledger now.
+            await usage.close()
             await providers_channel.close()
             await auth_channel.close()
             await memory_channel.close()

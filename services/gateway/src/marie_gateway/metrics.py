@@ -52,7 +52,22 @@ time_to_first_token = Children(TIME_TO_FIRST_TOKEN)
 tokens = Children(TOKENS)
 upstream_errors = Children(UPSTREAM_ERRORS)
 KEY_CACHE_HIT = KEY_CACHE.labels("hit")
+USAGE_RECORDED = Counter(
+    "marie_usage_records_recorded", "Usage records acknowledged by auth's ledger."
+)
+USAGE_DROPPED = Counter(
+    "marie_usage_records_dropped",
+    "Usage records given up on: the gateway's queue was full, or auth refused the batch.",
+)
+RATE_LIMITED = Counter(
+    "marie_rate_limited_requests",
+    "Requests refused with 429 by the gateway, by the limit that refused them "
+    "(requests, tokens, tokens_per_day, concurrency, invalid_keys).",
+    ["limit"],
+)
 KEY_CACHE_MISS = KEY_CACHE.labels("miss")
+# Auth unreachable: a cached validation answered instead.
+KEY_CACHE_STALE = KEY_CACHE.labels("stale")
 
 #: The route label of a request that matched no route.
 UNMATCHED = "unmatched"

@@ -10,7 +10,7 @@ from typing import Any
 
 from marie_kit.context import clean_request_id, request_id_var
 
-from marie_gateway.core import Gateway
+from marie_gateway.core import RATE_HEADERS_KEY, Gateway
 from marie_gateway.metrics import UNMATCHED, http_duration, http_requests
 
 access_log = logging.getLogger("marie.access")
@@ -54,6 +54,8 @@ class RequestContext:
                 headers = list(message.get("headers", ()))
                 if not any(k == b"x-request-id" for k, _ in headers):
                     headers.append(rid_header)
+                # A limited route's answer, success or error, says where the key stands.
+                headers.extend(scope.get(RATE_HEADERS_KEY, ()))
                 message = {**message, "headers": headers}
             await send(message)
 
@@ -66,6 +68,7 @@ class RequestContext:
                 raise
         finally:
             self.gw.release(scope)
+            self.gw.finish(scope, status)
             elapsed = time.perf_counter() - started
             method = scope["method"]
             route = scope.get("route")

@@ -31,6 +31,7 @@ from marie_gateway.memory_api import enrich_chat
 from marie_gateway.metrics import STREAMS_IN_FLIGHT, provider_of, time_to_first_token, tokens
 from marie_gateway.protocol import ChatCompletionRequest, EmbeddingsRequest
 from marie_gateway.sse import DONE, DisconnectWatch, EventStreamResponse, event
+from marie_gateway.usage import Tally
 from marie_gateway.web import JSONResponse, current_request_id, parse_body
 
 ChatCall = grpc.aio.UnaryStreamCall[pb.StreamChatCompletionRequest, pb.StreamChatCompletionResponse]
@@ -58,7 +59,9 @@ class OpenAIRoutes:
         gw = self.gw
         rid = current_request_id()
         principal = await gw.authorize(request, SCOPE_CHAT)
+        tally = await gw.admit(request, principal, "chat")
         body = parse_body(ChatCompletionRequest, await gw.read_body(request))
+        tally.requested = body.model
         completion_id = "chatcmpl-" + secrets.token_hex(12)
         started = time.perf_counter()
         chat = chat_request_to_proto(
@@ -91,7 +94,7 @@ class OpenAIRoutes:
                 # The event stream watches for the disconnect itself from here on.
                 await watch.stop()
                 include_usage = bool(body.stream_options and body.stream_options.include_usage)
-                events = self._sse_events(call, first, created, include_usage, rid)
+                events = self._sse_events(call, first, created, include_usage, rid, tally=tally)
                 streaming = True
                 return EventStreamResponse(
                     events,
@@ -104,6 +107,9 @@ class OpenAIRoutes:
                 aggregate.add(chunk)
             if aggregate.usage is not None:
                 count_tokens(first.model, aggregate.usage)
+                tally.add(
+                    first.model, aggregate.usage.prompt_tokens, aggregate.usage.completion_tokens
+                )
             return JSONResponse(aggregate.response(first.id, created, first.model))
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc, rid) from None
@@ -126,6 +132,8 @@ class OpenAIRoutes:
         created: int,
         include_usage: bool,
         rid: str,
+        *,
+        tally: Tally,
     ) -> AsyncIterator[bytes]:
         head = {"id": first.id, "object": "chat.completion.chunk", "created": created}
         model = first.model
@@ -152,6 +160,7 @@ class OpenAIRoutes:
                 except grpc.aio.AioRpcError as exc:
                     # After the first byte the status is committed: the error
                     # travels as an event, then the stream ends normally.
+                    tally.failed = True
                     yield event(from_rpc_error(exc, rid).envelope())
                     yield DONE
                     return
@@ -160,6 +169,7 @@ class OpenAIRoutes:
                         raise
                     # The grace period is over: say so, and end the stream
                     # properly rather than cutting it mid-air.
+                    tally.failed = True
                     yield event(service_unavailable(SHUTDOWN_MESSAGE).envelope())
                     yield DONE
                     return
@@ -176,6 +186,7 @@ class OpenAIRoutes:
             STREAMS_IN_FLIGHT.dec()
             if usage is not None:
                 count_tokens(model, usage)
+                tally.add(model, usage.prompt_tokens, usage.completion_tokens)
 
     async def list_models(self, request: Request) -> Response:
         gw = self.gw
@@ -207,7 +218,9 @@ class OpenAIRoutes:
     async def embeddings(self, request: Request) -> Response:
         gw = self.gw
         principal = await gw.authorize(request, SCOPE_EMBEDDINGS)
+        tally = await gw.admit(request, principal, "embeddings")
         body = parse_body(EmbeddingsRequest, await gw.read_body(request))
+        tally.requested = body.model
         inputs = [body.input] if isinstance(body.input, str) else body.input
         try:
             reply = await gw.backends().providers.CreateEmbeddings(
@@ -222,6 +235,7 @@ class OpenAIRoutes:
             )
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc, current_request_id()) from None
+        tally.add(reply.model, reply.usage.prompt_tokens, 0)
         as_base64 = body.encoding_format == "base64"
         data = [
             {

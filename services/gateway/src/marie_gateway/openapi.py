@@ -22,11 +22,13 @@ from starlette.responses import HTMLResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from marie_gateway import memory_docs, protocol, responses
-from marie_gateway.access import SCOPE_CHAT, SCOPE_EMBEDDINGS, SCOPE_MODELS
+from marie_gateway import admin_api, memory_docs, protocol, responses
+from marie_gateway.access import SCOPE_ADMIN, SCOPE_CHAT, SCOPE_EMBEDDINGS, SCOPE_MODELS
 from marie_gateway.web import JSONResponse
 
 Method = Literal["get", "post", "put", "patch", "delete"]
+#: The `scope` of an operation open to any valid key.
+ANY_KEY = ""
 
 
 @dataclass(frozen=True)
@@ -185,6 +187,77 @@ OPERATIONS: tuple[Operation, ...] = (
         for spec in memory_docs.OPERATIONS
     ),
     Operation(
+        "/api/usage",
+        "get",
+        "Usage totals: the caller's own key; any key or owner with `admin`",
+        "Usage",
+        ANY_KEY,
+        response=responses.UsageReport,
+        query=(
+            Param(
+                "from",
+                "Start, inclusive: ISO 8601 date or time (UTC), or unix seconds; "
+                "default 30 days before `to`.",
+            ),
+            Param("to", "End, exclusive; default now."),
+            Param("group_by", "day, model or key; none: only the totals."),
+            Param("key_id", "Only this key (admin, or the caller's own)."),
+            Param("owner", "Only this owner's keys (admin)."),
+        ),
+    ),
+    Operation(
+        "/api/keys",
+        "post",
+        "Create a key (its plaintext is in this answer only)",
+        "Keys",
+        SCOPE_ADMIN,
+        admin_api.CreateKeyRequest,
+        responses.CreatedApiKey,
+    ),
+    Operation(
+        "/api/keys",
+        "get",
+        "List keys, newest first, page by page",
+        "Keys",
+        SCOPE_ADMIN,
+        response=responses.ApiKeyList,
+        query=(
+            Param("owner", "Only this owner's keys."),
+            Param("include_inactive", "true includes revoked and expired keys.", type="boolean"),
+            Param("page_size", "1 to 500, default 50.", type="integer"),
+            Param("page_token", "next_page_token of the previous page."),
+        ),
+    ),
+    Operation(
+        "/api/keys/{key_id}", "get", "One key", "Keys", SCOPE_ADMIN, response=responses.ApiKeyOut
+    ),
+    Operation(
+        "/api/keys/{key_id}",
+        "patch",
+        "Change a key's settings (only the fields sent)",
+        "Keys",
+        SCOPE_ADMIN,
+        admin_api.KeySettings,
+        responses.ApiKeyOut,
+    ),
+    Operation(
+        "/api/keys/{key_id}",
+        "delete",
+        "Revoke a key, at once and for good",
+        "Keys",
+        SCOPE_ADMIN,
+        response=responses.ApiKeyOut,
+    ),
+    Operation(
+        "/api/keys/{key_id}/rotate",
+        "post",
+        "Replace a key's secret (the new plaintext is in this answer only)",
+        "Keys",
+        SCOPE_ADMIN,
+        admin_api.RotateKeyRequest,
+        responses.CreatedApiKey,
+    ),
+    Operation(
         "/healthz", "get", "The process is up", "Operations", None, response=responses.Health
     ),
     Operation(
@@ -293,7 +366,9 @@ def _operation(op: Operation, refs: Refs) -> dict[str, Any]:
     responses_: dict[str, Any] = {"200": {"description": "OK", "content": content}}
     if op.scope is not None:
         out["security"] = [{"bearerAuth": []}, {"apiKeyHeader": []}]
-        out["description"] = f"Needs a key with the `{op.scope}` scope."
+        out["description"] = (
+            f"Needs a key with the `{op.scope}` scope." if op.scope else "Needs any valid key."
+        )
         for status in _ERROR_STATUSES:
             responses_[status] = {"$ref": "#/components/responses/Error"}
     else:

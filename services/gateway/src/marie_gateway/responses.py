@@ -247,3 +247,80 @@ class EmbeddingList(_Out):
 class Health(_Out):
     status: str
     checks: dict[str, bool] | None = None
+
+
+# -- usage ------------------------------------------------------------------------
+
+
+class UsageTotals(_Out):
+    group: str | None = Field(
+        description="The UTC day (YYYY-MM-DD), model id or key id; null for the overall totals."
+    )
+    requests: int = Field(description="Requests (a comparison counts once per model).")
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    errors: int = Field(
+        description="Answers with status 400 or above, and streams that ended with an error."
+    )
+    latency_p50_ms: float = Field(description="Median latency, admission to the end of the answer.")
+    latency_p95_ms: float
+
+
+class UsageReport(_Out):
+    """`GET /api/usage`: totals over [from, to)."""
+
+    object: Literal["usage"]
+    start: str = Field(serialization_alias="from", description="ISO 8601, inclusive.")
+    end: str = Field(serialization_alias="to", description="ISO 8601, exclusive.")
+    group_by: Literal["day", "model", "key"] | None
+    key_id: str | None = Field(description="Only this key's usage; null for every key.")
+    owner: str | None = Field(description="Only this owner's keys; null for every owner.")
+    total: UsageTotals
+    groups: list[UsageTotals] = Field(description="One entry per group, in order.")
+
+
+# -- keys (admin) -------------------------------------------------------------------
+
+
+class KeyLimitsOut(_Out):
+    requests_per_minute: int
+    tokens_per_minute: int
+    tokens_per_day: int
+    max_concurrent_requests: int
+
+
+class ApiKeyOut(_Out):
+    """A key's metadata; never its secret."""
+
+    object: Literal["api_key"]
+    id: str
+    name: str
+    owner: str
+    display: str = Field(description="Prefix and last four characters, e.g. 'mk-…a1b2'.")
+    state: Literal["active", "revoked", "expired"]
+    scopes: list[str] = Field(description="Empty: every scope but admin.")
+    allowed_models: list[str] = Field(description="Empty: every model.")
+    limits: KeyLimitsOut = Field(description="0 means no limit.")
+    labels: dict[str, str]
+    created_at: str | None
+    updated_at: str | None
+    expires_at: str | None
+    revoked_at: str | None
+    last_used_at: str | None = Field(description="Coarse (about a minute).")
+
+
+class CreatedApiKey(_Out):
+    """A new key (create, rotate): the plaintext is shown this once."""
+
+    key: str = Field(description="The plaintext key; store it now.")
+    api_key: ApiKeyOut
+    previous_id: str | None = Field(
+        default=None, description="Rotate: the replaced key, revoked now or after the grace."
+    )
+
+
+class ApiKeyList(_Out):
+    object: Literal["list"]
+    data: list[ApiKeyOut] = Field(description="Newest first.")
+    next_page_token: str | None = Field(description="Pass as page_token for the next page.")

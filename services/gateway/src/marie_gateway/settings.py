@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import AliasChoices, Field, model_validator
+from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_PROVIDERS_PORT = 50051
@@ -123,6 +123,46 @@ class GatewaySettings(BaseSettings):
         ge=0,
         validation_alias=AliasChoices("MARIE_GRACE_SECONDS", "grace_seconds"),
         description="How long in-flight requests may run on after SIGTERM.",
+    )
+
+    invalid_key_threshold: int = Field(
+        default=20,
+        ge=0,
+        description="Invalid API keys one client address may present within "
+        "invalid_key_window_seconds before it gets 429 for keys not validated recently "
+        "(0 disables the slow-down).",
+    )
+    invalid_key_window_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        le=86_400,
+        description="The window of invalid_key_threshold: the allowance refills over it.",
+    )
+
+    admin_key: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("MARIE_ADMIN_KEY", "admin_key"),
+        description="A secret accepted as an API key with the admin scope (the first "
+        "admin, before any key exists); compared as a digest, never logged. Unset or "
+        "empty: none.",
+    )
+    usage_flush_seconds: float = Field(
+        default=1.0,
+        gt=0,
+        le=60,
+        description="How often queued usage records are sent to auth's ledger.",
+    )
+    usage_batch_size: int = Field(
+        default=200,
+        ge=1,
+        le=1000,
+        description="Usage records per batch; a full batch is sent at once.",
+    )
+    usage_max_queue: int = Field(
+        default=100_000,
+        ge=1,
+        description="Usage records held while auth is unreachable; beyond, new ones are "
+        "dropped (counted in marie_usage_records_dropped_total).",
     )
 
     @model_validator(mode="after")

@@ -139,6 +139,63 @@ func (KeyEventType) EnumDescriptor() ([]byte, []int) {
 	return file_marie_auth_v1_auth_service_proto_rawDescGZIP(), []int{1}
 }
 
+// UsageGroupBy is how QueryUsage groups its totals.
+type UsageGroupBy int32
+
+const (
+	// No groups: only the overall totals.
+	UsageGroupBy_USAGE_GROUP_BY_UNSPECIFIED UsageGroupBy = 0
+	// By UTC day, "2026-12-02".
+	UsageGroupBy_USAGE_GROUP_BY_DAY UsageGroupBy = 1
+	// By model id.
+	UsageGroupBy_USAGE_GROUP_BY_MODEL UsageGroupBy = 2
+	// By key id.
+	UsageGroupBy_USAGE_GROUP_BY_KEY UsageGroupBy = 3
+)
+
+// Enum value maps for UsageGroupBy.
+var (
+	UsageGroupBy_name = map[int32]string{
+		0: "USAGE_GROUP_BY_UNSPECIFIED",
+		1: "USAGE_GROUP_BY_DAY",
+		2: "USAGE_GROUP_BY_MODEL",
+		3: "USAGE_GROUP_BY_KEY",
+	}
+	UsageGroupBy_value = map[string]int32{
+		"USAGE_GROUP_BY_UNSPECIFIED": 0,
+		"USAGE_GROUP_BY_DAY":         1,
+		"USAGE_GROUP_BY_MODEL":       2,
+		"USAGE_GROUP_BY_KEY":         3,
+	}
+)
+
+func (x UsageGroupBy) Enum() *UsageGroupBy {
+	p := new(UsageGroupBy)
+	*p = x
+	return p
+}
+
+func (x UsageGroupBy) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (UsageGroupBy) Descriptor() protoreflect.EnumDescriptor {
+	return file_marie_auth_v1_auth_service_proto_enumTypes[2].Descriptor()
+}
+
+func (UsageGroupBy) Type() protoreflect.EnumType {
+	return &file_marie_auth_v1_auth_service_proto_enumTypes[2]
+}
+
+func (x UsageGroupBy) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use UsageGroupBy.Descriptor instead.
+func (UsageGroupBy) EnumDescriptor() ([]byte, []int) {
+	return file_marie_auth_v1_auth_service_proto_rawDescGZIP(), []int{2}
+}
+
 // KeyLimits are per-key limits. Zero means no limit.
 type KeyLimits struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -147,9 +204,12 @@ type KeyLimits struct {
 	// Tokens (prompt + completion) allowed per minute.
 	TokensPerMinute int32 `protobuf:"varint,2,opt,name=tokens_per_minute,json=tokensPerMinute,proto3" json:"tokens_per_minute,omitempty"`
 	// Tokens allowed per UTC day.
-	TokensPerDay  int64 `protobuf:"varint,3,opt,name=tokens_per_day,json=tokensPerDay,proto3" json:"tokens_per_day,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	TokensPerDay int64 `protobuf:"varint,3,opt,name=tokens_per_day,json=tokensPerDay,proto3" json:"tokens_per_day,omitempty"`
+	// Requests of this key allowed to run at the same time (a stream counts
+	// until it ends).
+	MaxConcurrentRequests int32 `protobuf:"varint,4,opt,name=max_concurrent_requests,json=maxConcurrentRequests,proto3" json:"max_concurrent_requests,omitempty"`
+	unknownFields         protoimpl.UnknownFields
+	sizeCache             protoimpl.SizeCache
 }
 
 func (x *KeyLimits) Reset() {
@@ -199,6 +259,13 @@ func (x *KeyLimits) GetTokensPerMinute() int32 {
 func (x *KeyLimits) GetTokensPerDay() int64 {
 	if x != nil {
 		return x.TokensPerDay
+	}
+	return 0
+}
+
+func (x *KeyLimits) GetMaxConcurrentRequests() int32 {
+	if x != nil {
+		return x.MaxConcurrentRequests
 	}
 	return 0
 }
@@ -1363,15 +1430,482 @@ func (x *WatchKeyEventsResponse) GetEventTime() *timestamppb.Timestamp {
 	return nil
 }
 
+// UsageRecord is one finished request (or, for a comparison, one model of it).
+type UsageRecord struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Unique id chosen by the recorder (e.g. 24 random hex digits); required.
+	// Makes a retried batch harmless.
+	Id string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	// The key that made the request; required.
+	KeyId string `protobuf:"bytes,2,opt,name=key_id,json=keyId,proto3" json:"key_id,omitempty"`
+	// The key's owner (user or team id) at the time.
+	Owner string `protobuf:"bytes,3,opt,name=owner,proto3" json:"owner,omitempty"`
+	// Provider that served it, e.g. "ollama"; empty when none was reached.
+	Provider string `protobuf:"bytes,4,opt,name=provider,proto3" json:"provider,omitempty"`
+	// Model id, e.g. "ollama/llama3.2:latest" (as resolved when known).
+	Model string `protobuf:"bytes,5,opt,name=model,proto3" json:"model,omitempty"`
+	// What was asked: "chat", "embeddings", "compare", ...
+	Operation string `protobuf:"bytes,6,opt,name=operation,proto3" json:"operation,omitempty"`
+	// Prompt tokens; not negative.
+	PromptTokens int64 `protobuf:"varint,7,opt,name=prompt_tokens,json=promptTokens,proto3" json:"prompt_tokens,omitempty"`
+	// Completion tokens; not negative.
+	CompletionTokens int64 `protobuf:"varint,8,opt,name=completion_tokens,json=completionTokens,proto3" json:"completion_tokens,omitempty"`
+	// Milliseconds from the request's admission to the end of its answer.
+	LatencyMs float64 `protobuf:"fixed64,9,opt,name=latency_ms,json=latencyMs,proto3" json:"latency_ms,omitempty"`
+	// HTTP status of the answer; 400 and above count as errors.
+	Status int32 `protobuf:"varint,10,opt,name=status,proto3" json:"status,omitempty"`
+	// When the request arrived; required.
+	Time          *timestamppb.Timestamp `protobuf:"bytes,11,opt,name=time,proto3" json:"time,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UsageRecord) Reset() {
+	*x = UsageRecord{}
+	mi := &file_marie_auth_v1_auth_service_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UsageRecord) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UsageRecord) ProtoMessage() {}
+
+func (x *UsageRecord) ProtoReflect() protoreflect.Message {
+	mi := &file_marie_auth_v1_auth_service_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UsageRecord.ProtoReflect.Descriptor instead.
+func (*UsageRecord) Descriptor() ([]byte, []int) {
+	return file_marie_auth_v1_auth_service_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *UsageRecord) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *UsageRecord) GetKeyId() string {
+	if x != nil {
+		return x.KeyId
+	}
+	return ""
+}
+
+func (x *UsageRecord) GetOwner() string {
+	if x != nil {
+		return x.Owner
+	}
+	return ""
+}
+
+func (x *UsageRecord) GetProvider() string {
+	if x != nil {
+		return x.Provider
+	}
+	return ""
+}
+
+func (x *UsageRecord) GetModel() string {
+	if x != nil {
+		return x.Model
+	}
+	return ""
+}
+
+func (x *UsageRecord) GetOperation() string {
+	if x != nil {
+		return x.Operation
+	}
+	return ""
+}
+
+func (x *UsageRecord) GetPromptTokens() int64 {
+	if x != nil {
+		return x.PromptTokens
+	}
+	return 0
+}
+
+func (x *UsageRecord) GetCompletionTokens() int64 {
+	if x != nil {
+		return x.CompletionTokens
+	}
+	return 0
+}
+
+func (x *UsageRecord) GetLatencyMs() float64 {
+	if x != nil {
+		return x.LatencyMs
+	}
+	return 0
+}
+
+func (x *UsageRecord) GetStatus() int32 {
+	if x != nil {
+		return x.Status
+	}
+	return 0
+}
+
+func (x *UsageRecord) GetTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Time
+	}
+	return nil
+}
+
+// RecordUsageRequest is a batch of records.
+type RecordUsageRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// 1 to 1000 records.
+	Records       []*UsageRecord `protobuf:"bytes,1,rep,name=records,proto3" json:"records,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RecordUsageRequest) Reset() {
+	*x = RecordUsageRequest{}
+	mi := &file_marie_auth_v1_auth_service_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RecordUsageRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RecordUsageRequest) ProtoMessage() {}
+
+func (x *RecordUsageRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_marie_auth_v1_auth_service_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RecordUsageRequest.ProtoReflect.Descriptor instead.
+func (*RecordUsageRequest) Descriptor() ([]byte, []int) {
+	return file_marie_auth_v1_auth_service_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *RecordUsageRequest) GetRecords() []*UsageRecord {
+	if x != nil {
+		return x.Records
+	}
+	return nil
+}
+
+// RecordUsageResponse acknowledges a stored batch.
+type RecordUsageResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Records newly stored (ids already stored are not counted).
+	Recorded      int32 `protobuf:"varint,1,opt,name=recorded,proto3" json:"recorded,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RecordUsageResponse) Reset() {
+	*x = RecordUsageResponse{}
+	mi := &file_marie_auth_v1_auth_service_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RecordUsageResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RecordUsageResponse) ProtoMessage() {}
+
+func (x *RecordUsageResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_marie_auth_v1_auth_service_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RecordUsageResponse.ProtoReflect.Descriptor instead.
+func (*RecordUsageResponse) Descriptor() ([]byte, []int) {
+	return file_marie_auth_v1_auth_service_proto_rawDescGZIP(), []int{21}
+}
+
+func (x *RecordUsageResponse) GetRecorded() int32 {
+	if x != nil {
+		return x.Recorded
+	}
+	return 0
+}
+
+// QueryUsageRequest selects the records to total.
+type QueryUsageRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Records at or after this time; required.
+	StartTime *timestamppb.Timestamp `protobuf:"bytes,1,opt,name=start_time,json=startTime,proto3" json:"start_time,omitempty"`
+	// Records before this time; required, after start_time.
+	EndTime *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=end_time,json=endTime,proto3" json:"end_time,omitempty"`
+	// Only this key's records; empty for every key.
+	KeyId string `protobuf:"bytes,3,opt,name=key_id,json=keyId,proto3" json:"key_id,omitempty"`
+	// Only this owner's records; empty for every owner.
+	Owner string `protobuf:"bytes,4,opt,name=owner,proto3" json:"owner,omitempty"`
+	// How to group.
+	GroupBy       UsageGroupBy `protobuf:"varint,5,opt,name=group_by,json=groupBy,proto3,enum=marie.auth.v1.UsageGroupBy" json:"group_by,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *QueryUsageRequest) Reset() {
+	*x = QueryUsageRequest{}
+	mi := &file_marie_auth_v1_auth_service_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *QueryUsageRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*QueryUsageRequest) ProtoMessage() {}
+
+func (x *QueryUsageRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_marie_auth_v1_auth_service_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use QueryUsageRequest.ProtoReflect.Descriptor instead.
+func (*QueryUsageRequest) Descriptor() ([]byte, []int) {
+	return file_marie_auth_v1_auth_service_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *QueryUsageRequest) GetStartTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.StartTime
+	}
+	return nil
+}
+
+func (x *QueryUsageRequest) GetEndTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.EndTime
+	}
+	return nil
+}
+
+func (x *QueryUsageRequest) GetKeyId() string {
+	if x != nil {
+		return x.KeyId
+	}
+	return ""
+}
+
+func (x *QueryUsageRequest) GetOwner() string {
+	if x != nil {
+		return x.Owner
+	}
+	return ""
+}
+
+func (x *QueryUsageRequest) GetGroupBy() UsageGroupBy {
+	if x != nil {
+		return x.GroupBy
+	}
+	return UsageGroupBy_USAGE_GROUP_BY_UNSPECIFIED
+}
+
+// UsageTotals are the totals of a set of records.
+type UsageTotals struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The group: a day, model id or key id; empty for the overall totals.
+	Group string `protobuf:"bytes,1,opt,name=group,proto3" json:"group,omitempty"`
+	// Records (requests; a comparison counts once per model).
+	Requests int64 `protobuf:"varint,2,opt,name=requests,proto3" json:"requests,omitempty"`
+	// Prompt tokens.
+	PromptTokens int64 `protobuf:"varint,3,opt,name=prompt_tokens,json=promptTokens,proto3" json:"prompt_tokens,omitempty"`
+	// Completion tokens.
+	CompletionTokens int64 `protobuf:"varint,4,opt,name=completion_tokens,json=completionTokens,proto3" json:"completion_tokens,omitempty"`
+	// Records with status 400 or above.
+	Errors int64 `protobuf:"varint,5,opt,name=errors,proto3" json:"errors,omitempty"`
+	// Median latency in milliseconds (nearest rank); 0 without records.
+	LatencyP50Ms float64 `protobuf:"fixed64,6,opt,name=latency_p50_ms,json=latencyP50Ms,proto3" json:"latency_p50_ms,omitempty"`
+	// 95th percentile latency in milliseconds (nearest rank).
+	LatencyP95Ms  float64 `protobuf:"fixed64,7,opt,name=latency_p95_ms,json=latencyP95Ms,proto3" json:"latency_p95_ms,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UsageTotals) Reset() {
+	*x = UsageTotals{}
+	mi := &file_marie_auth_v1_auth_service_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UsageTotals) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UsageTotals) ProtoMessage() {}
+
+func (x *UsageTotals) ProtoReflect() protoreflect.Message {
+	mi := &file_marie_auth_v1_auth_service_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UsageTotals.ProtoReflect.Descriptor instead.
+func (*UsageTotals) Descriptor() ([]byte, []int) {
+	return file_marie_auth_v1_auth_service_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *UsageTotals) GetGroup() string {
+	if x != nil {
+		return x.Group
+	}
+	return ""
+}
+
+func (x *UsageTotals) GetRequests() int64 {
+	if x != nil {
+		return x.Requests
+	}
+	return 0
+}
+
+func (x *UsageTotals) GetPromptTokens() int64 {
+	if x != nil {
+		return x.PromptTokens
+	}
+	return 0
+}
+
+func (x *UsageTotals) GetCompletionTokens() int64 {
+	if x != nil {
+		return x.CompletionTokens
+	}
+	return 0
+}
+
+func (x *UsageTotals) GetErrors() int64 {
+	if x != nil {
+		return x.Errors
+	}
+	return 0
+}
+
+func (x *UsageTotals) GetLatencyP50Ms() float64 {
+	if x != nil {
+		return x.LatencyP50Ms
+	}
+	return 0
+}
+
+func (x *UsageTotals) GetLatencyP95Ms() float64 {
+	if x != nil {
+		return x.LatencyP95Ms
+	}
+	return 0
+}
+
+// QueryUsageResponse carries the totals.
+type QueryUsageResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Totals over every selected record.
+	Total *UsageTotals `protobuf:"bytes,1,opt,name=total,proto3" json:"total,omitempty"`
+	// One entry per group, in group order; empty without group_by.
+	Groups        []*UsageTotals `protobuf:"bytes,2,rep,name=groups,proto3" json:"groups,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *QueryUsageResponse) Reset() {
+	*x = QueryUsageResponse{}
+	mi := &file_marie_auth_v1_auth_service_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *QueryUsageResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*QueryUsageResponse) ProtoMessage() {}
+
+func (x *QueryUsageResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_marie_auth_v1_auth_service_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use QueryUsageResponse.ProtoReflect.Descriptor instead.
+func (*QueryUsageResponse) Descriptor() ([]byte, []int) {
+	return file_marie_auth_v1_auth_service_proto_rawDescGZIP(), []int{24}
+}
+
+func (x *QueryUsageResponse) GetTotal() *UsageTotals {
+	if x != nil {
+		return x.Total
+	}
+	return nil
+}
+
+func (x *QueryUsageResponse) GetGroups() []*UsageTotals {
+	if x != nil {
+		return x.Groups
+	}
+	return nil
+}
+
 var File_marie_auth_v1_auth_service_proto protoreflect.FileDescriptor
 
 const file_marie_auth_v1_auth_service_proto_rawDesc = "" +
 	"\n" +
-	" marie/auth/v1/auth_service.proto\x12\rmarie.auth.v1\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8d\x01\n" +
+	" marie/auth/v1/auth_service.proto\x12\rmarie.auth.v1\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc5\x01\n" +
 	"\tKeyLimits\x12.\n" +
 	"\x13requests_per_minute\x18\x01 \x01(\x05R\x11requestsPerMinute\x12*\n" +
 	"\x11tokens_per_minute\x18\x02 \x01(\x05R\x0ftokensPerMinute\x12$\n" +
-	"\x0etokens_per_day\x18\x03 \x01(\x03R\ftokensPerDay\"\xab\x05\n" +
+	"\x0etokens_per_day\x18\x03 \x01(\x03R\ftokensPerDay\x126\n" +
+	"\x17max_concurrent_requests\x18\x04 \x01(\x05R\x15maxConcurrentRequests\"\xab\x05\n" +
 	"\x06ApiKey\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12\x14\n" +
@@ -1460,7 +1994,43 @@ const file_marie_auth_v1_auth_service_proto_rawDesc = "" +
 	"\x04type\x18\x01 \x01(\x0e2\x1b.marie.auth.v1.KeyEventTypeR\x04type\x12\x15\n" +
 	"\x06key_id\x18\x02 \x01(\tR\x05keyId\x129\n" +
 	"\n" +
-	"event_time\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\teventTime*|\n" +
+	"event_time\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\teventTime\"\xd3\x02\n" +
+	"\vUsageRecord\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x15\n" +
+	"\x06key_id\x18\x02 \x01(\tR\x05keyId\x12\x14\n" +
+	"\x05owner\x18\x03 \x01(\tR\x05owner\x12\x1a\n" +
+	"\bprovider\x18\x04 \x01(\tR\bprovider\x12\x14\n" +
+	"\x05model\x18\x05 \x01(\tR\x05model\x12\x1c\n" +
+	"\toperation\x18\x06 \x01(\tR\toperation\x12#\n" +
+	"\rprompt_tokens\x18\a \x01(\x03R\fpromptTokens\x12+\n" +
+	"\x11completion_tokens\x18\b \x01(\x03R\x10completionTokens\x12\x1d\n" +
+	"\n" +
+	"latency_ms\x18\t \x01(\x01R\tlatencyMs\x12\x16\n" +
+	"\x06status\x18\n" +
+	" \x01(\x05R\x06status\x12.\n" +
+	"\x04time\x18\v \x01(\v2\x1a.google.protobuf.TimestampR\x04time\"J\n" +
+	"\x12RecordUsageRequest\x124\n" +
+	"\arecords\x18\x01 \x03(\v2\x1a.marie.auth.v1.UsageRecordR\arecords\"1\n" +
+	"\x13RecordUsageResponse\x12\x1a\n" +
+	"\brecorded\x18\x01 \x01(\x05R\brecorded\"\xea\x01\n" +
+	"\x11QueryUsageRequest\x129\n" +
+	"\n" +
+	"start_time\x18\x01 \x01(\v2\x1a.google.protobuf.TimestampR\tstartTime\x125\n" +
+	"\bend_time\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\aendTime\x12\x15\n" +
+	"\x06key_id\x18\x03 \x01(\tR\x05keyId\x12\x14\n" +
+	"\x05owner\x18\x04 \x01(\tR\x05owner\x126\n" +
+	"\bgroup_by\x18\x05 \x01(\x0e2\x1b.marie.auth.v1.UsageGroupByR\agroupBy\"\xf5\x01\n" +
+	"\vUsageTotals\x12\x14\n" +
+	"\x05group\x18\x01 \x01(\tR\x05group\x12\x1a\n" +
+	"\brequests\x18\x02 \x01(\x03R\brequests\x12#\n" +
+	"\rprompt_tokens\x18\x03 \x01(\x03R\fpromptTokens\x12+\n" +
+	"\x11completion_tokens\x18\x04 \x01(\x03R\x10completionTokens\x12\x16\n" +
+	"\x06errors\x18\x05 \x01(\x03R\x06errors\x12$\n" +
+	"\x0elatency_p50_ms\x18\x06 \x01(\x01R\flatencyP50Ms\x12$\n" +
+	"\x0elatency_p95_ms\x18\a \x01(\x01R\flatencyP95Ms\"z\n" +
+	"\x12QueryUsageResponse\x120\n" +
+	"\x05total\x18\x01 \x01(\v2\x1a.marie.auth.v1.UsageTotalsR\x05total\x122\n" +
+	"\x06groups\x18\x02 \x03(\v2\x1a.marie.auth.v1.UsageTotalsR\x06groups*|\n" +
 	"\vApiKeyState\x12\x1d\n" +
 	"\x19API_KEY_STATE_UNSPECIFIED\x10\x00\x12\x18\n" +
 	"\x14API_KEY_STATE_ACTIVE\x10\x01\x12\x19\n" +
@@ -1470,7 +2040,12 @@ const file_marie_auth_v1_auth_service_proto_rawDesc = "" +
 	"\x1aKEY_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x17\n" +
 	"\x13KEY_EVENT_TYPE_SYNC\x10\x01\x12\x1a\n" +
 	"\x16KEY_EVENT_TYPE_REVOKED\x10\x02\x12\x1a\n" +
-	"\x16KEY_EVENT_TYPE_UPDATED\x10\x032\xd7\x05\n" +
+	"\x16KEY_EVENT_TYPE_UPDATED\x10\x03*x\n" +
+	"\fUsageGroupBy\x12\x1e\n" +
+	"\x1aUSAGE_GROUP_BY_UNSPECIFIED\x10\x00\x12\x16\n" +
+	"\x12USAGE_GROUP_BY_DAY\x10\x01\x12\x18\n" +
+	"\x14USAGE_GROUP_BY_MODEL\x10\x02\x12\x16\n" +
+	"\x12USAGE_GROUP_BY_KEY\x10\x032\x80\a\n" +
 	"\vAuthService\x12W\n" +
 	"\fCreateApiKey\x12\".marie.auth.v1.CreateApiKeyRequest\x1a#.marie.auth.v1.CreateApiKeyResponse\x12N\n" +
 	"\tGetApiKey\x12\x1f.marie.auth.v1.GetApiKeyRequest\x1a .marie.auth.v1.GetApiKeyResponse\x12T\n" +
@@ -1479,7 +2054,10 @@ const file_marie_auth_v1_auth_service_proto_rawDesc = "" +
 	"\fRevokeApiKey\x12\".marie.auth.v1.RevokeApiKeyRequest\x1a#.marie.auth.v1.RevokeApiKeyResponse\x12W\n" +
 	"\fRotateApiKey\x12\".marie.auth.v1.RotateApiKeyRequest\x1a#.marie.auth.v1.RotateApiKeyResponse\x12]\n" +
 	"\x0eValidateApiKey\x12$.marie.auth.v1.ValidateApiKeyRequest\x1a%.marie.auth.v1.ValidateApiKeyResponse\x12_\n" +
-	"\x0eWatchKeyEvents\x12$.marie.auth.v1.WatchKeyEventsRequest\x1a%.marie.auth.v1.WatchKeyEventsResponse0\x01B\xb7\x01\n" +
+	"\x0eWatchKeyEvents\x12$.marie.auth.v1.WatchKeyEventsRequest\x1a%.marie.auth.v1.WatchKeyEventsResponse0\x01\x12T\n" +
+	"\vRecordUsage\x12!.marie.auth.v1.RecordUsageRequest\x1a\".marie.auth.v1.RecordUsageResponse\x12Q\n" +
+	"\n" +
+	"QueryUsage\x12 .marie.auth.v1.QueryUsageRequest\x1a!.marie.auth.v1.QueryUsageResponseB\xb7\x01\n" +
 	"\x11com.marie.auth.v1B\x10AuthServiceProtoP\x01Z:github.com/marie/marie/clients/go/gen/marie/auth/v1;authv1\xa2\x02\x03MAX\xaa\x02\rMarie.Auth.V1\xca\x02\rMarie\\Auth\\V1\xe2\x02\x19Marie\\Auth\\V1\\GPBMetadata\xea\x02\x0fMarie::Auth::V1b\x06proto3"
 
 var (
@@ -1494,81 +2072,99 @@ func file_marie_auth_v1_auth_service_proto_rawDescGZIP() []byte {
 	return file_marie_auth_v1_auth_service_proto_rawDescData
 }
 
-var file_marie_auth_v1_auth_service_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_marie_auth_v1_auth_service_proto_msgTypes = make([]protoimpl.MessageInfo, 21)
+var file_marie_auth_v1_auth_service_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
+var file_marie_auth_v1_auth_service_proto_msgTypes = make([]protoimpl.MessageInfo, 27)
 var file_marie_auth_v1_auth_service_proto_goTypes = []any{
 	(ApiKeyState)(0),               // 0: marie.auth.v1.ApiKeyState
 	(KeyEventType)(0),              // 1: marie.auth.v1.KeyEventType
-	(*KeyLimits)(nil),              // 2: marie.auth.v1.KeyLimits
-	(*ApiKey)(nil),                 // 3: marie.auth.v1.ApiKey
-	(*CreateApiKeyRequest)(nil),    // 4: marie.auth.v1.CreateApiKeyRequest
-	(*CreateApiKeyResponse)(nil),   // 5: marie.auth.v1.CreateApiKeyResponse
-	(*GetApiKeyRequest)(nil),       // 6: marie.auth.v1.GetApiKeyRequest
-	(*GetApiKeyResponse)(nil),      // 7: marie.auth.v1.GetApiKeyResponse
-	(*ListApiKeysRequest)(nil),     // 8: marie.auth.v1.ListApiKeysRequest
-	(*ListApiKeysResponse)(nil),    // 9: marie.auth.v1.ListApiKeysResponse
-	(*UpdateApiKeyRequest)(nil),    // 10: marie.auth.v1.UpdateApiKeyRequest
-	(*UpdateApiKeyResponse)(nil),   // 11: marie.auth.v1.UpdateApiKeyResponse
-	(*RevokeApiKeyRequest)(nil),    // 12: marie.auth.v1.RevokeApiKeyRequest
-	(*RevokeApiKeyResponse)(nil),   // 13: marie.auth.v1.RevokeApiKeyResponse
-	(*RotateApiKeyRequest)(nil),    // 14: marie.auth.v1.RotateApiKeyRequest
-	(*RotateApiKeyResponse)(nil),   // 15: marie.auth.v1.RotateApiKeyResponse
-	(*ValidateApiKeyRequest)(nil),  // 16: marie.auth.v1.ValidateApiKeyRequest
-	(*Principal)(nil),              // 17: marie.auth.v1.Principal
-	(*ValidateApiKeyResponse)(nil), // 18: marie.auth.v1.ValidateApiKeyResponse
-	(*WatchKeyEventsRequest)(nil),  // 19: marie.auth.v1.WatchKeyEventsRequest
-	(*WatchKeyEventsResponse)(nil), // 20: marie.auth.v1.WatchKeyEventsResponse
-	nil,                            // 21: marie.auth.v1.ApiKey.LabelsEntry
-	nil,                            // 22: marie.auth.v1.CreateApiKeyRequest.LabelsEntry
-	(*timestamppb.Timestamp)(nil),  // 23: google.protobuf.Timestamp
-	(*fieldmaskpb.FieldMask)(nil),  // 24: google.protobuf.FieldMask
+	(UsageGroupBy)(0),              // 2: marie.auth.v1.UsageGroupBy
+	(*KeyLimits)(nil),              // 3: marie.auth.v1.KeyLimits
+	(*ApiKey)(nil),                 // 4: marie.auth.v1.ApiKey
+	(*CreateApiKeyRequest)(nil),    // 5: marie.auth.v1.CreateApiKeyRequest
+	(*CreateApiKeyResponse)(nil),   // 6: marie.auth.v1.CreateApiKeyResponse
+	(*GetApiKeyRequest)(nil),       // 7: marie.auth.v1.GetApiKeyRequest
+	(*GetApiKeyResponse)(nil),      // 8: marie.auth.v1.GetApiKeyResponse
+	(*ListApiKeysRequest)(nil),     // 9: marie.auth.v1.ListApiKeysRequest
+	(*ListApiKeysResponse)(nil),    // 10: marie.auth.v1.ListApiKeysResponse
+	(*UpdateApiKeyRequest)(nil),    // 11: marie.auth.v1.UpdateApiKeyRequest
+	(*UpdateApiKeyResponse)(nil),   // 12: marie.auth.v1.UpdateApiKeyResponse
+	(*RevokeApiKeyRequest)(nil),    // 13: marie.auth.v1.RevokeApiKeyRequest
+	(*RevokeApiKeyResponse)(nil),   // 14: marie.auth.v1.RevokeApiKeyResponse
+	(*RotateApiKeyRequest)(nil),    // 15: marie.auth.v1.RotateApiKeyRequest
+	(*RotateApiKeyResponse)(nil),   // 16: marie.auth.v1.RotateApiKeyResponse
+	(*ValidateApiKeyRequest)(nil),  // 17: marie.auth.v1.ValidateApiKeyRequest
+	(*Principal)(nil),              // 18: marie.auth.v1.Principal
+	(*ValidateApiKeyResponse)(nil), // 19: marie.auth.v1.ValidateApiKeyResponse
+	(*WatchKeyEventsRequest)(nil),  // 20: marie.auth.v1.WatchKeyEventsRequest
+	(*WatchKeyEventsResponse)(nil), // 21: marie.auth.v1.WatchKeyEventsResponse
+	(*UsageRecord)(nil),            // 22: marie.auth.v1.UsageRecord
+	(*RecordUsageRequest)(nil),     // 23: marie.auth.v1.RecordUsageRequest
+	(*RecordUsageResponse)(nil),    // 24: marie.auth.v1.RecordUsageResponse
+	(*QueryUsageRequest)(nil),      // 25: marie.auth.v1.QueryUsageRequest
+	(*UsageTotals)(nil),            // 26: marie.auth.v1.UsageTotals
+	(*QueryUsageResponse)(nil),     // 27: marie.auth.v1.QueryUsageResponse
+	nil,                            // 28: marie.auth.v1.ApiKey.LabelsEntry
+	nil,                            // 29: marie.auth.v1.CreateApiKeyRequest.LabelsEntry
+	(*timestamppb.Timestamp)(nil),  // 30: google.protobuf.Timestamp
+	(*fieldmaskpb.FieldMask)(nil),  // 31: google.protobuf.FieldMask
 }
 var file_marie_auth_v1_auth_service_proto_depIdxs = []int32{
-	2,  // 0: marie.auth.v1.ApiKey.limits:type_name -> marie.auth.v1.KeyLimits
+	3,  // 0: marie.auth.v1.ApiKey.limits:type_name -> marie.auth.v1.KeyLimits
 	0,  // 1: marie.auth.v1.ApiKey.state:type_name -> marie.auth.v1.ApiKeyState
-	23, // 2: marie.auth.v1.ApiKey.create_time:type_name -> google.protobuf.Timestamp
-	23, // 3: marie.auth.v1.ApiKey.update_time:type_name -> google.protobuf.Timestamp
-	23, // 4: marie.auth.v1.ApiKey.expire_time:type_name -> google.protobuf.Timestamp
-	23, // 5: marie.auth.v1.ApiKey.revoke_time:type_name -> google.protobuf.Timestamp
-	23, // 6: marie.auth.v1.ApiKey.last_used_time:type_name -> google.protobuf.Timestamp
-	21, // 7: marie.auth.v1.ApiKey.labels:type_name -> marie.auth.v1.ApiKey.LabelsEntry
-	2,  // 8: marie.auth.v1.CreateApiKeyRequest.limits:type_name -> marie.auth.v1.KeyLimits
-	23, // 9: marie.auth.v1.CreateApiKeyRequest.expire_time:type_name -> google.protobuf.Timestamp
-	22, // 10: marie.auth.v1.CreateApiKeyRequest.labels:type_name -> marie.auth.v1.CreateApiKeyRequest.LabelsEntry
-	3,  // 11: marie.auth.v1.CreateApiKeyResponse.api_key:type_name -> marie.auth.v1.ApiKey
-	3,  // 12: marie.auth.v1.GetApiKeyResponse.api_key:type_name -> marie.auth.v1.ApiKey
-	3,  // 13: marie.auth.v1.ListApiKeysResponse.api_keys:type_name -> marie.auth.v1.ApiKey
-	3,  // 14: marie.auth.v1.UpdateApiKeyRequest.api_key:type_name -> marie.auth.v1.ApiKey
-	24, // 15: marie.auth.v1.UpdateApiKeyRequest.update_mask:type_name -> google.protobuf.FieldMask
-	3,  // 16: marie.auth.v1.UpdateApiKeyResponse.api_key:type_name -> marie.auth.v1.ApiKey
-	3,  // 17: marie.auth.v1.RevokeApiKeyResponse.api_key:type_name -> marie.auth.v1.ApiKey
-	3,  // 18: marie.auth.v1.RotateApiKeyResponse.api_key:type_name -> marie.auth.v1.ApiKey
-	2,  // 19: marie.auth.v1.Principal.limits:type_name -> marie.auth.v1.KeyLimits
-	23, // 20: marie.auth.v1.Principal.expire_time:type_name -> google.protobuf.Timestamp
-	17, // 21: marie.auth.v1.ValidateApiKeyResponse.principal:type_name -> marie.auth.v1.Principal
+	30, // 2: marie.auth.v1.ApiKey.create_time:type_name -> google.protobuf.Timestamp
+	30, // 3: marie.auth.v1.ApiKey.update_time:type_name -> google.protobuf.Timestamp
+	30, // 4: marie.auth.v1.ApiKey.expire_time:type_name -> google.protobuf.Timestamp
+	30, // 5: marie.auth.v1.ApiKey.revoke_time:type_name -> google.protobuf.Timestamp
+	30, // 6: marie.auth.v1.ApiKey.last_used_time:type_name -> google.protobuf.Timestamp
+	28, // 7: marie.auth.v1.ApiKey.labels:type_name -> marie.auth.v1.ApiKey.LabelsEntry
+	3,  // 8: marie.auth.v1.CreateApiKeyRequest.limits:type_name -> marie.auth.v1.KeyLimits
+	30, // 9: marie.auth.v1.CreateApiKeyRequest.expire_time:type_name -> google.protobuf.Timestamp
+	29, // 10: marie.auth.v1.CreateApiKeyRequest.labels:type_name -> marie.auth.v1.CreateApiKeyRequest.LabelsEntry
+	4,  // 11: marie.auth.v1.CreateApiKeyResponse.api_key:type_name -> marie.auth.v1.ApiKey
+	4,  // 12: marie.auth.v1.GetApiKeyResponse.api_key:type_name -> marie.auth.v1.ApiKey
+	4,  // 13: marie.auth.v1.ListApiKeysResponse.api_keys:type_name -> marie.auth.v1.ApiKey
+	4,  // 14: marie.auth.v1.UpdateApiKeyRequest.api_key:type_name -> marie.auth.v1.ApiKey
+	31, // 15: marie.auth.v1.UpdateApiKeyRequest.update_mask:type_name -> google.protobuf.FieldMask
+	4,  // 16: marie.auth.v1.UpdateApiKeyResponse.api_key:type_name -> marie.auth.v1.ApiKey
+	4,  // 17: marie.auth.v1.RevokeApiKeyResponse.api_key:type_name -> marie.auth.v1.ApiKey
+	4,  // 18: marie.auth.v1.RotateApiKeyResponse.api_key:type_name -> marie.auth.v1.ApiKey
+	3,  // 19: marie.auth.v1.Principal.limits:type_name -> marie.auth.v1.KeyLimits
+	30, // 20: marie.auth.v1.Principal.expire_time:type_name -> google.protobuf.Timestamp
+	18, // 21: marie.auth.v1.ValidateApiKeyResponse.principal:type_name -> marie.auth.v1.Principal
 	1,  // 22: marie.auth.v1.WatchKeyEventsResponse.type:type_name -> marie.auth.v1.KeyEventType
-	23, // 23: marie.auth.v1.WatchKeyEventsResponse.event_time:type_name -> google.protobuf.Timestamp
-	4,  // 24: marie.auth.v1.AuthService.CreateApiKey:input_type -> marie.auth.v1.CreateApiKeyRequest
-	6,  // 25: marie.auth.v1.AuthService.GetApiKey:input_type -> marie.auth.v1.GetApiKeyRequest
-	8,  // 26: marie.auth.v1.AuthService.ListApiKeys:input_type -> marie.auth.v1.ListApiKeysRequest
-	10, // 27: marie.auth.v1.AuthService.UpdateApiKey:input_type -> marie.auth.v1.UpdateApiKeyRequest
-	12, // 28: marie.auth.v1.AuthService.RevokeApiKey:input_type -> marie.auth.v1.RevokeApiKeyRequest
-	14, // 29: marie.auth.v1.AuthService.RotateApiKey:input_type -> marie.auth.v1.RotateApiKeyRequest
-	16, // 30: marie.auth.v1.AuthService.ValidateApiKey:input_type -> marie.auth.v1.ValidateApiKeyRequest
-	19, // 31: marie.auth.v1.AuthService.WatchKeyEvents:input_type -> marie.auth.v1.WatchKeyEventsRequest
-	5,  // 32: marie.auth.v1.AuthService.CreateApiKey:output_type -> marie.auth.v1.CreateApiKeyResponse
-	7,  // 33: marie.auth.v1.AuthService.GetApiKey:output_type -> marie.auth.v1.GetApiKeyResponse
-	9,  // 34: marie.auth.v1.AuthService.ListApiKeys:output_type -> marie.auth.v1.ListApiKeysResponse
-	11, // 35: marie.auth.v1.AuthService.UpdateApiKey:output_type -> marie.auth.v1.UpdateApiKeyResponse
-	13, // 36: marie.auth.v1.AuthService.RevokeApiKey:output_type -> marie.auth.v1.RevokeApiKeyResponse
-	15, // 37: marie.auth.v1.AuthService.RotateApiKey:output_type -> marie.auth.v1.RotateApiKeyResponse
-	18, // 38: marie.auth.v1.AuthService.ValidateApiKey:output_type -> marie.auth.v1.ValidateApiKeyResponse
-	20, // 39: marie.auth.v1.AuthService.WatchKeyEvents:output_type -> marie.auth.v1.WatchKeyEventsResponse
-	32, // [32:40] is the sub-list for method output_type
-	24, // [24:32] is the sub-list for method input_type
-	24, // [24:24] is the sub-list for extension type_name
-	24, // [24:24] is the sub-list for extension extendee
-	0,  // [0:24] is the sub-list for field type_name
+	30, // 23: marie.auth.v1.WatchKeyEventsResponse.event_time:type_name -> google.protobuf.Timestamp
+	30, // 24: marie.auth.v1.UsageRecord.time:type_name -> google.protobuf.Timestamp
+	22, // 25: marie.auth.v1.RecordUsageRequest.records:type_name -> marie.auth.v1.UsageRecord
+	30, // 26: marie.auth.v1.QueryUsageRequest.start_time:type_name -> google.protobuf.Timestamp
+	30, // 27: marie.auth.v1.QueryUsageRequest.end_time:type_name -> google.protobuf.Timestamp
+	2,  // 28: marie.auth.v1.QueryUsageRequest.group_by:type_name -> marie.auth.v1.UsageGroupBy
+	26, // 29: marie.auth.v1.QueryUsageResponse.total:type_name -> marie.auth.v1.UsageTotals
+	26, // 30: marie.auth.v1.QueryUsageResponse.groups:type_name -> marie.auth.v1.UsageTotals
+	5,  // 31: marie.auth.v1.AuthService.CreateApiKey:input_type -> marie.auth.v1.CreateApiKeyRequest
+	7,  // 32: marie.auth.v1.AuthService.GetApiKey:input_type -> marie.auth.v1.GetApiKeyRequest
+	9,  // 33: marie.auth.v1.AuthService.ListApiKeys:input_type -> marie.auth.v1.ListApiKeysRequest
+	11, // 34: marie.auth.v1.AuthService.UpdateApiKey:input_type -> marie.auth.v1.UpdateApiKeyRequest
+	13, // 35: marie.auth.v1.AuthService.RevokeApiKey:input_type -> marie.auth.v1.RevokeApiKeyRequest
+	15, // 36: marie.auth.v1.AuthService.RotateApiKey:input_type -> marie.auth.v1.RotateApiKeyRequest
+	17, // 37: marie.auth.v1.AuthService.ValidateApiKey:input_type -> marie.auth.v1.ValidateApiKeyRequest
+	20, // 38: marie.auth.v1.AuthService.WatchKeyEvents:input_type -> marie.auth.v1.WatchKeyEventsRequest
+	23, // 39: marie.auth.v1.AuthService.RecordUsage:input_type -> marie.auth.v1.RecordUsageRequest
+	25, // 40: marie.auth.v1.AuthService.QueryUsage:input_type -> marie.auth.v1.QueryUsageRequest
+	6,  // 41: marie.auth.v1.AuthService.CreateApiKey:output_type -> marie.auth.v1.CreateApiKeyResponse
+	8,  // 42: marie.auth.v1.AuthService.GetApiKey:output_type -> marie.auth.v1.GetApiKeyResponse
+	10, // 43: marie.auth.v1.AuthService.ListApiKeys:output_type -> marie.auth.v1.ListApiKeysResponse
+	12, // 44: marie.auth.v1.AuthService.UpdateApiKey:output_type -> marie.auth.v1.UpdateApiKeyResponse
+	14, // 45: marie.auth.v1.AuthService.RevokeApiKey:output_type -> marie.auth.v1.RevokeApiKeyResponse
+	16, // 46: marie.auth.v1.AuthService.RotateApiKey:output_type -> marie.auth.v1.RotateApiKeyResponse
+	19, // 47: marie.auth.v1.AuthService.ValidateApiKey:output_type -> marie.auth.v1.ValidateApiKeyResponse
+	21, // 48: marie.auth.v1.AuthService.WatchKeyEvents:output_type -> marie.auth.v1.WatchKeyEventsResponse
+	24, // 49: marie.auth.v1.AuthService.RecordUsage:output_type -> marie.auth.v1.RecordUsageResponse
+	27, // 50: marie.auth.v1.AuthService.QueryUsage:output_type -> marie.auth.v1.QueryUsageResponse
+	41, // [41:51] is the sub-list for method output_type
+	31, // [31:41] is the sub-list for method input_type
+	31, // [31:31] is the sub-list for extension type_name
+	31, // [31:31] is the sub-list for extension extendee
+	0,  // [0:31] is the sub-list for field type_name
 }
 
 func init() { file_marie_auth_v1_auth_service_proto_init() }
@@ -1581,8 +2177,8 @@ func file_marie_auth_v1_auth_service_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_marie_auth_v1_auth_service_proto_rawDesc), len(file_marie_auth_v1_auth_service_proto_rawDesc)),
-			NumEnums:      2,
-			NumMessages:   21,
+			NumEnums:      3,
+			NumMessages:   27,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

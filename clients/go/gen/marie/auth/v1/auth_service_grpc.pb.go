@@ -27,6 +27,8 @@ const (
 	AuthService_RotateApiKey_FullMethodName   = "/marie.auth.v1.AuthService/RotateApiKey"
 	AuthService_ValidateApiKey_FullMethodName = "/marie.auth.v1.AuthService/ValidateApiKey"
 	AuthService_WatchKeyEvents_FullMethodName = "/marie.auth.v1.AuthService/WatchKeyEvents"
+	AuthService_RecordUsage_FullMethodName    = "/marie.auth.v1.AuthService/RecordUsage"
+	AuthService_QueryUsage_FullMethodName     = "/marie.auth.v1.AuthService/QueryUsage"
 )
 
 // AuthServiceClient is the client API for AuthService service.
@@ -64,6 +66,14 @@ type AuthServiceClient interface {
 	// gateways can drop cached validations at once. The stream first sends a
 	// SYNC event, then one event per change; it never ends on its own.
 	WatchKeyEvents(ctx context.Context, in *WatchKeyEventsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchKeyEventsResponse], error)
+	// Appends finished requests to the usage ledger. The answer comes once
+	// every record is stored durably; sending a batch again is safe (a record
+	// whose id is already stored is skipped). INVALID_ARGUMENT names the first
+	// bad field, e.g. "records[3].key_id"; nothing of the batch is stored then.
+	RecordUsage(ctx context.Context, in *RecordUsageRequest, opts ...grpc.CallOption) (*RecordUsageResponse, error)
+	// Totals of the usage ledger over a time range, optionally for one key or
+	// owner, and grouped by day, model or key.
+	QueryUsage(ctx context.Context, in *QueryUsageRequest, opts ...grpc.CallOption) (*QueryUsageResponse, error)
 }
 
 type authServiceClient struct {
@@ -163,6 +173,26 @@ func (c *authServiceClient) WatchKeyEvents(ctx context.Context, in *WatchKeyEven
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type AuthService_WatchKeyEventsClient = grpc.ServerStreamingClient[WatchKeyEventsResponse]
 
+func (c *authServiceClient) RecordUsage(ctx context.Context, in *RecordUsageRequest, opts ...grpc.CallOption) (*RecordUsageResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RecordUsageResponse)
+	err := c.cc.Invoke(ctx, AuthService_RecordUsage_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *authServiceClient) QueryUsage(ctx context.Context, in *QueryUsageRequest, opts ...grpc.CallOption) (*QueryUsageResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(QueryUsageResponse)
+	err := c.cc.Invoke(ctx, AuthService_QueryUsage_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AuthServiceServer is the server API for AuthService service.
 // All implementations must embed UnimplementedAuthServiceServer
 // for forward compatibility.
@@ -198,6 +228,14 @@ type AuthServiceServer interface {
 	// gateways can drop cached validations at once. The stream first sends a
 	// SYNC event, then one event per change; it never ends on its own.
 	WatchKeyEvents(*WatchKeyEventsRequest, grpc.ServerStreamingServer[WatchKeyEventsResponse]) error
+	// Appends finished requests to the usage ledger. The answer comes once
+	// every record is stored durably; sending a batch again is safe (a record
+	// whose id is already stored is skipped). INVALID_ARGUMENT names the first
+	// bad field, e.g. "records[3].key_id"; nothing of the batch is stored then.
+	RecordUsage(context.Context, *RecordUsageRequest) (*RecordUsageResponse, error)
+	// Totals of the usage ledger over a time range, optionally for one key or
+	// owner, and grouped by day, model or key.
+	QueryUsage(context.Context, *QueryUsageRequest) (*QueryUsageResponse, error)
 	mustEmbedUnimplementedAuthServiceServer()
 }
 
@@ -231,6 +269,12 @@ func (UnimplementedAuthServiceServer) ValidateApiKey(context.Context, *ValidateA
 }
 func (UnimplementedAuthServiceServer) WatchKeyEvents(*WatchKeyEventsRequest, grpc.ServerStreamingServer[WatchKeyEventsResponse]) error {
 	return status.Error(codes.Unimplemented, "method WatchKeyEvents not implemented")
+}
+func (UnimplementedAuthServiceServer) RecordUsage(context.Context, *RecordUsageRequest) (*RecordUsageResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method RecordUsage not implemented")
+}
+func (UnimplementedAuthServiceServer) QueryUsage(context.Context, *QueryUsageRequest) (*QueryUsageResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method QueryUsage not implemented")
 }
 func (UnimplementedAuthServiceServer) mustEmbedUnimplementedAuthServiceServer() {}
 func (UnimplementedAuthServiceServer) testEmbeddedByValue()                     {}
@@ -390,6 +434,42 @@ func _AuthService_WatchKeyEvents_Handler(srv interface{}, stream grpc.ServerStre
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type AuthService_WatchKeyEventsServer = grpc.ServerStreamingServer[WatchKeyEventsResponse]
 
+func _AuthService_RecordUsage_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RecordUsageRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AuthServiceServer).RecordUsage(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AuthService_RecordUsage_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AuthServiceServer).RecordUsage(ctx, req.(*RecordUsageRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AuthService_QueryUsage_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(QueryUsageRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AuthServiceServer).QueryUsage(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AuthService_QueryUsage_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AuthServiceServer).QueryUsage(ctx, req.(*QueryUsageRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // AuthService_ServiceDesc is the grpc.ServiceDesc for AuthService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -424,6 +504,14 @@ var AuthService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ValidateApiKey",
 			Handler:    _AuthService_ValidateApiKey_Handler,
+		},
+		{
+			MethodName: "RecordUsage",
+			Handler:    _AuthService_RecordUsage_Handler,
+		},
+		{
+			MethodName: "QueryUsage",
+			Handler:    _AuthService_QueryUsage_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

@@ -1,0 +1,330 @@
+"""Usage: what one limited request (chat, embeddings, compare) used, the
+recorder that sends it to auth's ledger off the response path, and
+`GET /api/usage`.
+
+A request's `Tally` charges its tokens to the key's limits the moment they
+are known and gives its concurrency slot back when the request ends; then it
+becomes ledger records (one per model) that the `UsageRecorder` queues.
+
+The recorder never blocks or fails a request: records go into a bounded
+in-memory queue, sent to auth's `RecordUsage` in batches every
+`usage_flush_seconds` or as soon as `usage_batch_size` are waiting. A batch
+that auth does not acknowledge (auth down, timeout) stays queued and is sent
+again (record ids make that harmless); a full queue drops new records and
+counts them in `marie_usage_records_dropped_total`. Records still queued
+when the gateway stops are sent during the shutdown, within a few seconds;
+a gateway that crashes loses what was not yet acknowledged (at most about
+one flush interval's records).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import secrets
+from collections import deque
+from dataclasses import dataclass, field
+from time import perf_counter
+from time import time as unix_time
+from typing import TYPE_CHECKING, Literal
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+from marie.auth.v1 import auth_service_pb2 as auth_pb
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from marie_gateway.access import SCOPE_ADMIN, Principal
+from marie_gateway.errors import bad_request, from_rpc_error, permission_denied
+from marie_gateway.limits import Grant, Limiter
+from marie_gateway.metrics import USAGE_DROPPED, USAGE_RECORDED, provider_of
+from marie_gateway.responses import UsageReport, UsageTotals
+from marie_gateway.web import JSONResponse, current_request_id
+
+if TYPE_CHECKING:
+    from marie.auth.v1.auth_service_pb2_grpc import AuthServiceAsyncStub
+
+    from marie_gateway.core import Gateway
+
+log = logging.getLogger("marie.gateway.usage")
+
+#: Status recorded for an answer that failed after it started (an error event).
+FAILED_STREAM_STATUS = 502
+_RETRY_MAX_SECONDS = 5.0
+_CLOSE_SECONDS = 5.0
+
+
+@dataclass(slots=True)
+class ModelUse:
+    """Tokens one model used for the request (a comparison has several)."""
+
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    failed: bool = False
+
+
+@dataclass(slots=True)
+class Tally:
+    """One admitted request's account."""
+
+    principal: Principal
+    grant: Grant
+    limiter: Limiter
+    #: "chat", "embeddings" or "compare".
+    operation: str
+    #: The model asked for, once the body is read (recorded if no answer came).
+    requested: str = ""
+    #: Unix time of admission, and the performance counter then.
+    time: float = field(default_factory=unix_time)
+    started: float = field(default_factory=perf_counter)
+    uses: list[ModelUse] = field(default_factory=list)
+    #: Set when the answer failed after it started (an error event).
+    failed: bool = False
+    finished: bool = False
+
+    def add(self, model: str, prompt_tokens: int, completion_tokens: int) -> None:
+        """Count what `model` used; charged to the key's token limits at once."""
+        self.uses.append(ModelUse(model, prompt_tokens, completion_tokens))
+        self.limiter.charge(self.grant, prompt_tokens + completion_tokens)
+
+    def add_failure(self, model: str) -> None:
+        """`model` failed without reporting usage (one arm of a comparison)."""
+        self.uses.append(ModelUse(model, 0, 0, failed=True))
+
+    def finish(self) -> bool:
+        """The request ended: free its slot. False when it had already ended."""
+        if self.finished:
+            return False
+        self.finished = True
+        self.limiter.release(self.grant)
+        return True
+
+    def records(self, status: int) -> list[auth_pb.UsageRecord]:
+        """The ledger records of the ended request, one per model."""
+        latency_ms = (perf_counter() - self.started) * 1000
+        at = Timestamp()
+        at.FromNanoseconds(int(self.time * 1e9))
+        uses = self.uses or [ModelUse(self.requested, 0, 0)]
+        out = []
+        for use in uses:
+            failed = use.failed or (self.failed and status < 400)
+            out.append(
+                auth_pb.UsageRecord(
+                    id=secrets.token_hex(12),
+                    key_id=self.principal.key_id,
+                    owner=self.principal.owner,
+                    provider=provider_of(use.model)[0],
+                    model=use.model[:256],
+                    operation=self.operation,
+                    prompt_tokens=use.prompt_tokens,
+                    completion_tokens=use.completion_tokens,
+                    latency_ms=latency_ms,
+                    status=FAILED_STREAM_STATUS if failed else status,
+                    time=at,
+                )
+            )
+        return out
+
+
+class UsageRecorder:
+    """Queues usage records and sends them to auth in batches."""
+
+    def __init__(
+        self,
+        stub: AuthServiceAsyncStub,
+        *,
+        max_queue: int,
+        batch_size: int,
+        flush_seconds: float,
+        timeout: float,
+    ) -> None:
+        self._stub = stub
+        self._max = max_queue
+        self._batch = batch_size
+        self._interval = flush_seconds
+        self._timeout = timeout
+        self._queue: deque[auth_pb.UsageRecord] = deque()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def pending(self) -> int:
+        return len(self._queue)
+
+    def submit(self, records: list[auth_pb.UsageRecord]) -> None:
+        """Queue records; never blocks. A full queue drops them (counted)."""
+        for record in records:
+            if len(self._queue) >= self._max:
+                USAGE_DROPPED.inc()
+                continue
+            self._queue.append(record)
+        if len(self._queue) >= self._batch:
+            self._wake.set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="usage-recorder")
+
+    async def _run(self) -> None:
+        delay = self._interval
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
+            self._wake.clear()
+            delay = self._interval
+            while self._queue:
+                if not await self._send_one():
+                    # Auth did not take it: wait longer before trying again.
+                    delay = min(_RETRY_MAX_SECONDS, delay * 2)
+                    break
+                if len(self._queue) < self._batch:
+                    break
+
+    async def _send_one(self) -> bool:
+        """Send the oldest batch; True once auth acknowledged (or refused) it."""
+        batch = [self._queue.popleft() for _ in range(min(self._batch, len(self._queue)))]
+        try:
+            await self._stub.RecordUsage(
+                auth_pb.RecordUsageRequest(records=batch), timeout=self._timeout
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                # Never accepted, however often sent: a bug, not an outage.
+                log.error("usage batch refused: %s", exc.details())
+                USAGE_DROPPED.inc(len(batch))
+                return True
+            log.warning("usage batch not recorded yet: %s", exc.code().name)
+            # Back to the front, oldest first, within the queue's bound.
+            room = max(0, self._max - len(self._queue))
+            USAGE_DROPPED.inc(len(batch) - min(room, len(batch)))
+            self._queue.extendleft(reversed(batch[:room]))
+            return False
+        USAGE_RECORDED.inc(len(batch))
+        return True
+
+    async def close(self) -> None:
+        """Stop; send what is still queued, for a few seconds at most."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        try:
+            async with asyncio.timeout(_CLOSE_SECONDS):
+                while self._queue and await self._send_one():
+                    pass
+        except TimeoutError:
+            pass
+        if self._queue:
+            log.warning("usage records not recorded at shutdown: %d", len(self._queue))
+
+
+# -- GET /api/usage -------------------------------------------------------------
+
+_GROUP_BY = {
+    "": auth_pb.USAGE_GROUP_BY_UNSPECIFIED,
+    "day": auth_pb.USAGE_GROUP_BY_DAY,
+    "model": auth_pb.USAGE_GROUP_BY_MODEL,
+    "key": auth_pb.USAGE_GROUP_BY_KEY,
+}
+_GROUP_NAMES: dict[str, Literal["day", "model", "key"] | None] = {
+    "": None,
+    "day": "day",
+    "model": "model",
+    "key": "key",
+}
+DEFAULT_DAYS = 30
+
+
+def parse_time(value: str, param: str) -> float:
+    """Unix seconds from an ISO 8601 date or date-time (UTC unless it says
+    otherwise) or a number of unix seconds; 400 naming `param` otherwise."""
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise bad_request(
+            f"'{param}' must be an ISO 8601 date or time, or unix seconds.", param
+        ) from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=dt.UTC)
+    return parsed.timestamp()
+
+
+def _iso(seconds: float) -> str:
+    return dt.datetime.fromtimestamp(seconds, dt.UTC).isoformat().replace("+00:00", "Z")
+
+
+def _ts(seconds: float) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def _totals(t: auth_pb.UsageTotals) -> UsageTotals:
+    return UsageTotals(
+        group=t.group or None,
+        requests=t.requests,
+        prompt_tokens=t.prompt_tokens,
+        completion_tokens=t.completion_tokens,
+        total_tokens=t.prompt_tokens + t.completion_tokens,
+        errors=t.errors,
+        latency_p50_ms=round(t.latency_p50_ms, 3),
+        latency_p95_ms=round(t.latency_p95_ms, 3),
+    )
+
+
+class UsageRoutes:
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
+
+    def routes(self) -> list[BaseRoute]:
+        return [Route("/api/usage", self.usage, methods=["GET"])]
+
+    async def usage(self, request: Request) -> Response:
+        """Totals of the caller's own key; with `admin`, of any key or owner."""
+        principal = await self.gw.authenticate(request)
+        q = request.query_params
+        group_by = q.get("group_by", "")
+        if group_by not in _GROUP_BY:
+            raise bad_request("'group_by' must be day, model or key.", "group_by")
+        now = unix_time()
+        end = parse_time(q["to"], "to") if q.get("to") else now
+        start = parse_time(q["from"], "from") if q.get("from") else end - DEFAULT_DAYS * 86_400
+        if end <= start:
+            raise bad_request("'to' must be after 'from'.", "to")
+        key_id, owner = q.get("key_id", ""), q.get("owner", "")
+        if SCOPE_ADMIN not in principal.scopes:
+            if (key_id and key_id != principal.key_id) or owner:
+                raise permission_denied(
+                    "Only a key with the 'admin' scope may read other keys' usage."
+                )
+            key_id = principal.key_id
+        try:
+            reply = await self.gw.backends().auth.QueryUsage(
+                auth_pb.QueryUsageRequest(
+                    start_time=_ts(start),
+                    end_time=_ts(end),
+                    key_id=key_id,
+                    owner=owner,
+                    group_by=_GROUP_BY[group_by],
+                ),
+                timeout=self.gw.settings.control_timeout_seconds,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc, current_request_id()) from None
+        report = UsageReport(
+            object="usage",
+            start=_iso(start),
+            end=_iso(end),
+            group_by=_GROUP_NAMES[group_by],
+            key_id=key_id or None,
+            owner=owner or None,
+            total=_totals(reply.total),
+            groups=[_totals(g) for g in reply.groups],
+        )
+        return JSONResponse(report.model_dump(mode="json", by_alias=True))

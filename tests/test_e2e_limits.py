@@ -1,0 +1,229 @@
+"""Per-key limits through the running suite: requests and tokens per minute,
+tokens per day, the concurrency cap, the `x-ratelimit-*` headers on every
+answer of the limited routes, and the slow-down of invalid keys."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from marie_kit.apikeys import generate_key
+
+from tests.fakes import FakeModel, FakeOllama
+from tests.stack import Stack, start_stack
+
+# Every chat answer of this model costs exactly 10 + 20 tokens.
+COUNTED = FakeModel(name="counted:latest", reply="one two", prompt_eval_count=10, eval_count=20)
+COUNTED_ID = "ollama/counted:latest"
+TWIN = FakeModel(name="twin:latest", reply="three", prompt_eval_count=10, eval_count=20)
+HELLO = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def counted_model(ollama: FakeOllama) -> None:
+    ollama.add_model(COUNTED)
+    ollama.add_model(TWIN)
+
+
+def limited_key(stack: Stack, name: str, *limits: str) -> str:
+    return stack.create_key(name, *limits)
+
+
+def chat(stack: Stack, key: str, model: str = COUNTED_ID, **extra: Any) -> httpx.Response:
+    return httpx.post(
+        f"{stack.base_url}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {key}"},
+        json={"model": model, "messages": HELLO, **extra},
+        timeout=30,
+    )
+
+
+def rate_headers(r: httpx.Response) -> dict[str, str]:
+    return {k: v for k, v in r.headers.items() if k.startswith("x-ratelimit-")}
+
+
+def assert_rate_limited(r: httpx.Response, kind: str) -> None:
+    assert r.status_code == 429, r.text
+    error = r.json()["error"]
+    assert error["code"] == "rate_limit_exceeded"
+    assert error["type"] == kind
+    assert error["message"].startswith("Rate limit reached") or "concurrent" in error["message"]
+    assert int(r.headers["retry-after"]) >= 1
+
+
+def test_requests_per_minute_exact_at_the_boundary_with_headers(stack: Stack) -> None:
+    key = limited_key(stack, "rpm-3", "--rpm", "3")
+    answers = [chat(stack, key) for _ in range(3)]
+    assert [r.status_code for r in answers] == [200, 200, 200]
+    assert [r.headers["x-ratelimit-remaining-requests"] for r in answers] == ["2", "1", "0"]
+    for r in answers:
+        assert r.headers["x-ratelimit-limit-requests"] == "3"
+        # The bucket refills at 3 a minute: full again within 60 s.
+        assert r.headers["x-ratelimit-reset-requests"].endswith("s")
+    # Only request limits: no token headers.
+    assert "x-ratelimit-limit-tokens" not in answers[0].headers
+
+    refused = chat(stack, key)
+    assert_rate_limited(refused, "requests")
+    # One request comes back every 20 s.
+    assert 19 <= int(refused.headers["retry-after"]) <= 20
+    assert refused.headers["x-ratelimit-remaining-requests"] == "0"
+    # The embeddings route shares the key's counters.
+    emb = httpx.post(
+        f"{stack.base_url}/v1/embeddings",
+        headers={"Authorization": f"Bearer {key}"},
+        json={"model": "ollama/llama3.2:latest", "input": "x"},
+    )
+    assert_rate_limited(emb, "requests")
+
+
+def test_tokens_per_minute_count_after_the_answer_and_refuse_the_next(stack: Stack) -> None:
+    key = limited_key(stack, "tpm-50", "--tpm", "50")
+    first = chat(stack, key)
+    assert first.status_code == 200
+    assert first.json()["usage"]["total_tokens"] == 30
+    assert rate_headers(first) | {"x-ratelimit-reset-tokens": ""} == {
+        "x-ratelimit-limit-tokens": "50",
+        "x-ratelimit-remaining-tokens": "50",
+        "x-ratelimit-reset-tokens": "",
+    }
+    # A stream is counted when it ends.
+    second = chat(stack, key, stream=True)
+    assert second.status_code == 200
+    assert second.headers["x-ratelimit-remaining-tokens"] == "20"
+    assert second.text.rstrip().endswith("data: [DONE]")
+    # 60 of 50 used: the next one is refused until 11 tokens have refilled.
+    refused = chat(stack, key)
+    assert_rate_limited(refused, "tokens")
+    assert refused.headers["x-ratelimit-remaining-tokens"] == "0"
+    assert 13 <= int(refused.headers["retry-after"]) <= 14
+
+
+def test_tokens_per_day(stack: Stack) -> None:
+    key = limited_key(stack, "tpd-45", "--tpd", "45")
+    assert chat(stack, key).status_code == 200
+    second = chat(stack, key)
+    assert second.status_code == 200
+    assert second.headers["x-ratelimit-limit-tokens"] == "45"
+    assert second.headers["x-ratelimit-remaining-tokens"] == "15"
+    refused = chat(stack, key)
+    assert_rate_limited(refused, "tokens")
+    assert "per day" in refused.json()["error"]["message"]
+    # Until the next UTC midnight.
+    assert 1 <= int(refused.headers["retry-after"]) <= 86_400
+
+
+def test_concurrency_cap_holds_a_stream_until_it_ends(stack: Stack) -> None:
+    key = limited_key(stack, "one-at-a-time", "--max-concurrent", "1")
+    with httpx.stream(
+        "POST",
+        f"{stack.base_url}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {key}"},
+        json={"model": "ollama/endless:latest", "messages": HELLO, "stream": True},
+        timeout=30,
+    ) as running:
+        assert running.status_code == 200
+        # Keep the line iterator: dropping it would close the stream.
+        lines = running.iter_lines()
+        assert next(lines).startswith("data: ")
+        refused = chat(stack, key)
+        assert_rate_limited(refused, "requests")
+        assert "1 at once" in refused.json()["error"]["message"]
+    # The slot comes back once the server has seen the client leave.
+    for _ in range(100):
+        after = chat(stack, key)
+        if after.status_code == 200:
+            break
+        time.sleep(0.05)
+    assert after.status_code == 200
+
+
+def test_compare_is_one_request_charged_every_models_tokens(stack: Stack) -> None:
+    key = limited_key(stack, "compare-tpm", "--tpm", "70", "--rpm", "10")
+    r = httpx.post(
+        f"{stack.base_url}/api/compare",
+        headers={"Authorization": f"Bearer {key}"},
+        json={"models": [COUNTED_ID, "ollama/twin:latest"], "messages": HELLO},
+        timeout=30,
+    )
+    assert r.status_code == 200
+    assert r.headers["x-ratelimit-remaining-requests"] == "9"
+    assert r.headers["x-ratelimit-limit-tokens"] == "70"
+    assert r.text.rstrip().endswith("data: [DONE]")
+    # 60 tokens used: 10 left, so one more request passes, then none.
+    after = chat(stack, key)
+    assert after.status_code == 200
+    assert after.headers["x-ratelimit-remaining-tokens"] == "10"
+    assert after.headers["x-ratelimit-remaining-requests"] == "8"
+    assert_rate_limited(chat(stack, key), "tokens")
+
+
+def test_error_answers_of_limited_routes_carry_the_headers(stack: Stack) -> None:
+    key = limited_key(stack, "errors-count", "--rpm", "5")
+    bad = httpx.post(
+        f"{stack.base_url}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {key}"},
+        content=b"{not json",
+    )
+    assert bad.status_code == 400
+    assert bad.headers["x-ratelimit-remaining-requests"] == "4"
+    missing = chat(stack, key, model="ollama/no-such-model:latest")
+    assert missing.status_code == 404
+    assert missing.headers["x-ratelimit-remaining-requests"] == "3"
+
+
+def test_keys_without_limits_are_not_limited(stack: Stack, api_key: str) -> None:
+    answers = [chat(stack, api_key) for _ in range(5)]
+    assert all(r.status_code == 200 for r in answers)
+    assert rate_headers(answers[-1]) == {}
+
+
+def test_bad_limits_are_refused_by_the_cli(stack: Stack) -> None:
+    done = stack.marie("keys", "create", "--name", "neg", "--max-concurrent", "-1", "--json")
+    assert done.returncode == 1
+    assert "max_concurrent_requests" in done.stderr
+
+
+# -- invalid keys --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def strict(ollama: FakeOllama, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """A suite that slows an address down after 3 invalid keys in 30 seconds."""
+    running = start_stack(
+        Path(tmp_path_factory.mktemp("strict")),
+        ollama.base_url,
+        MARIE_GATEWAY_INVALID_KEY_THRESHOLD="3",
+        MARIE_GATEWAY_INVALID_KEY_WINDOW_SECONDS="30",
+    )
+    yield running
+    running.stop()
+
+
+def models(stack: Stack, key: str) -> httpx.Response:
+    return httpx.get(f"{stack.base_url}/v1/models", headers={"Authorization": f"Bearer {key}"})
+
+
+def test_repeated_invalid_keys_are_slowed_down_without_affecting_valid_keys(
+    strict: Stack,
+) -> None:
+    valid = strict.create_key("in-use")
+    assert models(strict, valid).status_code == 200
+    wrong = generate_key()  # well formed, but no such key
+    assert [models(strict, wrong).status_code for _ in range(3)] == [401, 401, 401]
+    slowed = models(strict, wrong)
+    assert slowed.status_code == 429
+    assert slowed.json()["error"]["code"] == "rate_limit_exceeded"
+    # One more try comes back every 10 s.
+    assert 1 <= int(slowed.headers["retry-after"]) <= 10
+    # A key in use keeps working from the same address.
+    assert models(strict, valid).status_code == 200
+    assert chat(strict, valid, model="ollama/llama3.2:latest").status_code == 200
+    # Unknown keys stay refused without auth being asked (the refill over
+    # time is covered by the limiter's own tests on a fake clock).
+    assert models(strict, wrong).status_code == 429
+    assert models(strict, generate_key()).status_code == 429
