@@ -181,3 +181,23 @@ def test_recorded_usage_survives_a_restart(ollama: FakeOllama, tmp_path: Path) -
     finally:
         second.stop()
     assert after == before
+
+
+def test_a_conversation_turn_is_limited_and_counted_like_a_chat(stack: Stack) -> None:
+    key = stack.create_key("turns", "--rpm", "1")
+    created = post(
+        stack, key, "/api/conversations", {"title": "t", "model": "ollama/counted:latest"}
+    )
+    assert created.status_code == 201, created.text
+    path = f"/api/conversations/{created.json()['id']}/messages"
+    first = post(stack, key, path, {"content": "hello", "stream": False})
+    assert first.status_code == 200, first.text
+    assert first.headers["x-ratelimit-limit-requests"] == "1"
+    second = post(stack, key, path, {"content": "again", "stream": False})
+    assert second.status_code == 429
+    assert second.json()["error"]["code"] == "rate_limit_exceeded"
+    report = usage_when(stack, key, 1, group_by="model")
+    assert report["total"]["requests"] == 1
+    assert report["total"]["prompt_tokens"] == 10
+    assert report["total"]["completion_tokens"] == 20
+    assert [g["group"] for g in report["groups"]] == ["ollama/counted:latest"]

@@ -41,6 +41,7 @@ from marie_gateway.core import Gateway
 from marie_gateway.errors import ApiError, bad_request, from_rpc_error, from_service_error
 from marie_gateway.mapping import FINISH_REASONS, chunk_delta, usage_dict
 from marie_gateway.sse import DONE, EventStreamResponse, event
+from marie_gateway.usage import Tally
 from marie_gateway.web import JSONResponse, current_request_id, parse_body
 
 log = logging.getLogger("marie.gateway.memory")
@@ -500,9 +501,12 @@ class MemoryRoutes:
         rid = current_request_id()
         principal = await self._principal(request)
         principal.require_scope(SCOPE_CHAT)
+        # A turn is a chat: the key's limits hold and the ledger counts it.
+        tally = await gw.admit(request, principal, "chat")
         body = parse_body(TurnCreate, await gw.read_body(request))
         user_id = user_id_of(principal, body.user, body.tenant)
         conversation = await self._get_conversation(user_id, request.path_params["id"])
+        tally.requested = conversation.model
         if not conversation.model:
             raise bad_request("This conversation has no model: PATCH it with one first.", "model")
         history = await self._call(
@@ -535,7 +539,7 @@ class MemoryRoutes:
             chat.sampling.temperature = body.temperature
         if body.max_tokens is not None:
             chat.sampling.max_tokens = body.max_tokens
-        turn = _Turn(self, user_id, conversation, body.content, rid)
+        turn = _Turn(self, user_id, conversation, body.content, request_id=rid, tally=tally)
         call = gw.backends().providers.StreamChatCompletion(
             chat,
             timeout=gw.settings.request_timeout_seconds,
@@ -817,9 +821,12 @@ class _Turn:
         user_id: str,
         conversation: mpb.Conversation,
         content: str,
+        *,
         request_id: str,
+        tally: Tally,
     ) -> None:
         self._routes = routes
+        self._tally = tally
         self._user_id = user_id
         self._conversation = conversation
         self._content = content
@@ -844,6 +851,10 @@ class _Turn:
     async def store(self, *, partial: bool) -> mpb.Message:
         """Appends the user's message and the answer, then queues them for extraction."""
         self.stored = True
+        if self.usage is not None:
+            self._tally.add(self.model, self.usage.prompt_tokens, self.usage.completion_tokens)
+        if partial:
+            self._tally.failed = True
         metadata = {
             "latency_ms": str(round((time.monotonic() - self._started) * 1000)),
             "request_id": self._request_id,
