@@ -306,7 +306,11 @@ def test_a_client_leaving_a_comparison_cancels_every_model(
         headers={"authorization": f"Bearer {key}"},
         timeout=30,
     ) as response:
-        next(response.iter_lines())
+        lines = response.iter_lines()  # held: dropping it would close the stream
+        next(lines)
+        # Leave only once both upstream streams are open: else there is
+        # nothing to cancel yet for the slower one.
+        assert fake.wait_for_active_streams(2, timeout=10)
     assert fake.wait_for_disconnect(timeout=10, count=before + 2)
 
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import orjson
+
+log = logging.getLogger("marie.gateway.sse")
 
 DONE = b"data: [DONE]\n\n"
 # A comment line: clients ignore it; proxies and clients with read timeouts
@@ -94,7 +97,11 @@ class EventStreamResponse:
         finally:
             for task in (sender, watcher, ticker):
                 task.cancel()
-            await asyncio.gather(sender, watcher, ticker, return_exceptions=True)
+            results = await asyncio.gather(sender, watcher, ticker, return_exceptions=True)
+            for result in results:
+                if isinstance(result, Exception):
+                    # A failing event source must not end a stream unseen.
+                    log.error("event stream failed", exc_info=result)
             aclose = getattr(self.events, "aclose", None)
             if aclose is not None:
                 with contextlib.suppress(Exception):
