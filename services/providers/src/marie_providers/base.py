@@ -23,6 +23,8 @@ class Provider(ABC):
     supports_embeddings: bool = False
     #: Model used when a request names the provider but no model; may be empty.
     default_model: str = ""
+    #: The only model names this provider may serve (configuration's `models`); None: any.
+    allowed_models: frozenset[str] | None = None
 
     @property
     @abstractmethod
