@@ -159,14 +159,20 @@ async def _provider_health(target: str) -> str:
             reply = await stub.GetProviderHealth(
                 pb.GetProviderHealthRequest(), timeout=HEALTH_TIMEOUT_SECONDS
             )
+            configured = await stub.ListProviders(
+                pb.ListProvidersRequest(), timeout=HEALTH_TIMEOUT_SECONDS
+            )
         except grpc.aio.AioRpcError as exc:
             return f"Providers: health unknown ({exc.code().name})"
+    urls = {p.name: p.base_url for p in configured.providers}
     lines = ["Providers:"]
     for h in reply.providers:
         if h.available:
             lines.append(f"  {h.provider:<10} healthy, {h.models_count} models")
         else:
-            lines.append(f"  {h.provider:<10} NOT AVAILABLE: {h.error}")
+            # The person at the terminal is the operator: the URL is theirs to fix.
+            where = f" (at {urls[h.provider]})" if urls.get(h.provider) else ""
+            lines.append(f"  {h.provider:<10} NOT AVAILABLE{where}: {h.error}")
     if len(lines) == 1:
         lines.append("  none configured")
     return "\n".join(lines)

@@ -72,6 +72,12 @@ def _past() -> Timestamp:
         ({"scopes": ["chat", "sudo"]}, "scopes"),
         ({"allowed_models": ["ollama/*/latest"]}, "allowed_models"),
         ({"allowed_models": [""]}, "allowed_models"),
+        # Patterns that could never match a model id "provider/model".
+        ({"allowed_models": ["llama3.2"]}, "allowed_models"),
+        ({"allowed_models": ["ollama/llama*"]}, "allowed_models"),
+        ({"allowed_models": ["*"]}, "allowed_models"),
+        ({"allowed_models": ["ollama/"]}, "allowed_models"),
+        ({"allowed_models": ["/llama3.2"]}, "allowed_models"),
         ({"limits": pb.KeyLimits(requests_per_minute=-1)}, "limits.requests_per_minute"),
         ({"limits": pb.KeyLimits(tokens_per_day=-5)}, "limits.tokens_per_day"),
         ({"expire_time": _past()}, "expire_time"),
@@ -101,6 +107,10 @@ async def test_bad_settings_are_invalid_argument_naming_the_field(
 
 
 async def test_model_ids_and_trailing_star_patterns_are_accepted(create: CreateKey) -> None:
-    created = await create(allowed_models=["ollama/llama3.2:latest", "openai/*", "*"])
+    created = await create(allowed_models=["ollama/llama3.2:latest", "openai/*", "hf/a/b:groq"])
 
-    assert list(created.api_key.allowed_models) == ["ollama/llama3.2:latest", "openai/*", "*"]
+    assert list(created.api_key.allowed_models) == [
+        "ollama/llama3.2:latest",
+        "openai/*",
+        "hf/a/b:groq",
+    ]

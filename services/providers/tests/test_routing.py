@@ -413,3 +413,53 @@ async def test_an_unknown_routed_name_is_model_not_found(service: Service) -> No
 
     assert error is not None and error.code == grpc.StatusCode.NOT_FOUND
     assert missing.code == grpc.StatusCode.NOT_FOUND
+
+
+# ---------------------------------------------------------------------------
+# Model restrictions of keys
+# ---------------------------------------------------------------------------
+
+
+def allowed(*patterns: str) -> tuple[tuple[str, str], ...]:
+    return (("x-marie-allowed-models", ",".join(patterns)),)
+
+
+async def test_a_restricted_key_is_routed_only_to_deployments_it_may_use(
+    service: Service, upstreams: tuple[FakeOpenAI, FakeOpenAI]
+) -> None:
+    primary, _ = upstreams
+
+    chunks, error = await stream_outcome(
+        service.stub.StreamChatCompletion(chat("fast"), metadata=allowed("b/*"))
+    )
+
+    assert error is None
+    assert text(chunks) == "answer from backup"
+    # The prompt never reached the deployment the key may not use.
+    assert primary.requests_to("/v1/chat/completions") == []
+
+
+async def test_a_routed_name_with_no_allowed_target_is_not_allowed(
+    service: Service, upstreams: tuple[FakeOpenAI, FakeOpenAI]
+) -> None:
+    _, error = await stream_outcome(
+        service.stub.StreamChatCompletion(chat("fast"), metadata=allowed("other/*"))
+    )
+    missing = await rpc_error(
+        service.stub.GetModel(pb.GetModelRequest(model="fast"), metadata=allowed("other/*"))
+    )
+
+    assert error is not None
+    assert (error.code, error.reason) == (grpc.StatusCode.PERMISSION_DENIED, "MODEL_NOT_ALLOWED")
+    assert missing.code == grpc.StatusCode.NOT_FOUND
+    assert all(s.requests == [] for s in upstreams)
+
+
+async def test_a_restricted_key_sees_only_the_routes_and_targets_it_may_use(
+    service: Service,
+) -> None:
+    reply = await service.stub.ListModels(pb.ListModelsRequest(), metadata=allowed("b/m"))
+
+    routes = {m.id: [t.model for t in m.route.targets] for m in reply.models if m.HasField("route")}
+    assert routes == {"ab": ["b/m"], "fast": ["b/m"], "slowpoke": ["b/m"]}
+    assert [m.id for m in reply.models if not m.HasField("route")] == ["b/m"]

@@ -4,8 +4,9 @@ Rules (the limits are also listed in the README):
 - name: 1 to 100 printable characters, not only spaces;
 - owner: at most 256 printable characters, may be empty;
 - scopes: names from `scopes.KNOWN_SCOPES`; duplicates are dropped;
-- allowed_models: exact model ids ("ollama/llama3.2:latest") or prefixes ending
-  in "*" ("ollama/*"), at most 256 characters each, no spaces; "*" only last;
+- allowed_models: model ids "provider/model" ("ollama/llama3.2:latest") or
+  "provider/*" (every model of a provider), at most 256 characters each, no
+  spaces; any other pattern could never match a model id and is refused;
 - limits: not negative (zero means no limit);
 - expire_time: in the future, when set;
 - labels: at most 64; keys 1 to 63 characters without spaces, values at most 256.
@@ -14,6 +15,7 @@ Rules (the limits are also listed in the README):
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Collection, Mapping
 
 from marie_auth.errors import invalid_argument
@@ -57,12 +59,14 @@ def _check_scopes(scopes: Collection[str]) -> tuple[str, ...]:
     return normalize_scopes(scopes)
 
 
+# "provider/model" or "provider/*"; provider names are configuration keys.
+_MODEL_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}/(\*|[^*\s]+)")
+
+
 def _is_model_pattern(pattern: str) -> bool:
     if not 1 <= len(pattern) <= MAX_MODEL_PATTERN_LENGTH or not pattern.isprintable():
         return False
-    if any(c.isspace() for c in pattern):
-        return False
-    return "*" not in pattern[:-1]
+    return _MODEL_PATTERN.fullmatch(pattern) is not None
 
 
 def _check_allowed_models(patterns: Collection[str]) -> tuple[str, ...]:
@@ -74,7 +78,7 @@ def _check_allowed_models(patterns: Collection[str]) -> tuple[str, ...]:
         if not _is_model_pattern(pattern):
             raise invalid_argument(
                 "allowed_models",
-                f"{pattern!r} is not a model id or a pattern ending in '*'",
+                f"{pattern!r} is neither a model id 'provider/model' nor 'provider/*'",
             )
     return tuple(dict.fromkeys(patterns))
 

@@ -1,4 +1,4 @@
-"""`marie-gateway`: serve the HTTP gateway with uvicorn (uvloop + httptools)."""
+"""`marie-gateway`: serve the HTTP gateway (uvicorn, uvloop, httptools; see server.py)."""
 
 from __future__ import annotations
 
@@ -6,26 +6,29 @@ import uvicorn
 from marie_kit.logs import setup_logging
 from marie_kit.settings import load_settings
 
-from marie_gateway.app import RequestContext, create_app
+from marie_gateway.app import create_app
+from marie_gateway.server import GatewayServer, protocol_class
 from marie_gateway.settings import GatewaySettings
 
 
 def main() -> None:
     settings = load_settings(GatewaySettings)
     setup_logging("gateway", settings.log_level)
+    app = create_app(settings)
     config = uvicorn.Config(
-        RequestContext(create_app(settings)),
+        app,
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        http="httptools",
+        http=protocol_class(settings.header_timeout_seconds),
         lifespan="on",
         access_log=False,  # our own access log carries the request id
         log_config=None,
         server_header=False,
+        timeout_keep_alive=int(max(settings.keep_alive_seconds, 1)),
         timeout_graceful_shutdown=int(settings.grace_seconds),
     )
-    uvicorn.Server(config).run()
+    GatewayServer(config, app.gw).run()
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ import asyncio
 import hashlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from urllib.parse import quote
 
 import grpc
 from marie.auth.v1 import auth_service_pb2 as auth_pb
@@ -21,6 +22,11 @@ from marie_kit.apikeys import is_well_formed
 from marie_kit.context import outgoing_metadata
 
 from marie_gateway.errors import from_rpc_error, invalid_api_key, permission_denied
+
+# The metadata that carries a key's allowed models to the services, which
+# check the resolved model before any upstream call (providers'
+# model_access.py); Envoy's key check sends the same header.
+ALLOWED_MODELS_HEADER = "x-marie-allowed-models"
 
 log = logging.getLogger("marie.gateway.access")
 
@@ -42,25 +48,22 @@ class Principal:
     owner: str
     scopes: frozenset[str]
     allowed_models: tuple[str, ...]
+    #: `allowed_models` as metadata for the services; empty when unrestricted.
+    models_metadata: tuple[tuple[str, str], ...] = field(init=False, default=())
+
+    def __post_init__(self) -> None:
+        if self.allowed_models:
+            value = ",".join(quote(p, safe="/*:@+") for p in self.allowed_models)
+            object.__setattr__(self, "models_metadata", ((ALLOWED_MODELS_HEADER, value),))
 
     def require_scope(self, scope: str) -> None:
         if scope not in self.scopes and SCOPE_ADMIN not in self.scopes:
             raise permission_denied(f"This API key lacks the '{scope}' scope.")
 
-    def may_use(self, model_id: str) -> bool:
-        if not self.allowed_models:
-            return True
-        for pattern in self.allowed_models:
-            if pattern.endswith("*"):
-                if model_id.startswith(pattern[:-1]):
-                    return True
-            elif pattern == model_id:
-                return True
-        return False
-
-    def require_model(self, model_id: str) -> None:
-        if not self.may_use(model_id):
-            raise permission_denied(f"This API key may not use the model '{model_id}'.")
+    def call_metadata(self) -> tuple[tuple[str, str], ...]:
+        """Metadata of a call made for this caller: the request id and, for a
+        key limited to some models, those models."""
+        return outgoing_metadata() + self.models_metadata
 
 
 def extract_key(authorization: str | None, x_api_key: str | None) -> str:

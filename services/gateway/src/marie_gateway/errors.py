@@ -3,9 +3,13 @@ that maps gRPC errors from the services onto it."""
 
 from __future__ import annotations
 
+import logging
+
 import grpc
 import orjson
 from marie_kit.errors import ServiceError
+
+log = logging.getLogger("marie.gateway.errors")
 
 
 class ApiError(Exception):
@@ -23,6 +27,7 @@ class ApiError(Exception):
         param: str | None = None,
         *,
         retry_after: int | None = None,
+        close: bool = False,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -31,6 +36,8 @@ class ApiError(Exception):
         self.code = code
         self.param = param
         self.retry_after = retry_after
+        # The connection cannot be reused (e.g. an unread body is still coming).
+        self.close = close
 
     def envelope(self) -> dict[str, dict[str, str | None]]:
         return {
@@ -56,6 +63,15 @@ def invalid_api_key(message: str = "Invalid API key provided.") -> ApiError:
 
 def permission_denied(message: str) -> ApiError:
     return ApiError(403, message, "permission_error", "permission_denied")
+
+
+def service_unavailable(message: str) -> ApiError:
+    return ApiError(503, message, "server_error", "service_unavailable", retry_after=1)
+
+
+def client_closed() -> ApiError:
+    """The client left before its answer: nobody reads this, the access log does."""
+    return ApiError(499, "Client closed the request.", code="client_closed")
 
 
 # (gRPC code, ErrorInfo reason or None for any) -> (HTTP status, type, code).
@@ -85,19 +101,51 @@ _BY_CODE: dict[grpc.StatusCode, tuple[int, str, str]] = {
     grpc.StatusCode.CANCELLED: (499, "server_error", "cancelled"),
 }
 _DEFAULT = (500, "server_error", "server_error")
-# Messages of these are the services' own words, safe and useful to pass on;
-# for internal errors the client gets a generic message and the request id.
-_SERVER_SIDE = {500}
+
+# What a client is told of a server-side failure: plain words and the request
+# id. The services' own messages name addresses, URLs and transport states
+# ("ipv4:127.0.0.1:37217: Failed to connect"), which are for the operator: they
+# go to the log line carrying the same request id.
+_SERVER_SIDE_MESSAGES: dict[str, str] = {
+    "PROVIDER_UNAVAILABLE": "The provider{of} is not reachable right now",
+    "UPSTREAM_ERROR": "The provider{of} failed to answer",
+    "UPSTREAM_TIMEOUT": "The provider{of} did not answer in time",
+}
+_SERVER_SIDE_BY_STATUS: dict[int, str] = {
+    501: "This operation is not implemented",
+    503: "A Marie service is unavailable right now",
+    504: "The request took too long to complete",
+}
+
+
+def _client_message(error: ServiceError, status: int, request_id: str) -> str:
+    if status < 500:
+        # Client errors are the services' own words about the request: useful.
+        return error.message
+    provider = error.metadata.get("provider")
+    of = f" '{provider}'" if provider else ""
+    text = _SERVER_SIDE_MESSAGES.get(error.reason) or _SERVER_SIDE_BY_STATUS.get(status)
+    if text is None:
+        text = "The server had an error processing the request"
+    return f"{text.format(of=of)} (request id {request_id})."
 
 
 def from_service_error(error: ServiceError, request_id: str) -> ApiError:
     """Map a service's error onto the OpenAI envelope."""
     status, type_, code = _BY_REASON.get(error.reason) or _BY_CODE.get(error.code) or _DEFAULT
-    message = error.message
-    if status in _SERVER_SIDE:
-        message = f"The server had an error processing the request (request id {request_id})."
-    param = error.metadata.get("field")
-    retry_after = 1 if status == 429 else None
+    if status >= 500:
+        log.warning(
+            "backend error",
+            extra={
+                "grpc_code": error.code.name,
+                "reason": error.reason,
+                "detail": error.message,
+                **{f"info_{k}": v for k, v in error.metadata.items()},
+            },
+        )
+    message = _client_message(error, status, request_id)
+    param = error.metadata.get("field") if status < 500 else None
+    retry_after = 1 if status in (429, 503) else None
     return ApiError(status, message, type_, code, param, retry_after=retry_after)
 
 

@@ -6,14 +6,15 @@ and key headers: `POST /_authz/marie.providers.v1.ProviderService/ListModels`.
 The gateway answers with the same key checks as its HTTP API (one
 `KeyValidator`, so the same cache and the same at-once revocation):
 
-- 200 with `x-marie-key-id` and `x-marie-owner`, which Envoy adds to the call;
+- 200 with `x-marie-key-id`, `x-marie-owner` and, for a key limited to some
+  models, `x-marie-allowed-models`, which Envoy adds to the call;
 - 401 when the key is missing, malformed, unknown, revoked or expired;
 - 403 when the key lacks the method's scope, or the method is not in the table.
 
 Envoy turns a refusal of a gRPC call into a gRPC status (401 UNAUTHENTICATED,
-403 PERMISSION_DENIED). Only the key's scopes are checked here: Envoy sends no
-request body (a protobuf message, possibly a long stream), so a key's
-allowed-models list is enforced on the HTTP API only, not on gRPC calls.
+403 PERMISSION_DENIED). Only the key's scopes are checked here (Envoy sends no
+request body); its allowed models travel on to the providers service, which
+checks the model a call resolves to, as it does for the HTTP API.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ from urllib.parse import quote
 from google.protobuf.descriptor import FileDescriptor
 from marie.auth.v1 import auth_service_pb2
 from marie.memory.v1 import memory_service_pb2
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
 
 from marie_gateway.access import (
     SCOPE_ADMIN,
@@ -34,7 +38,9 @@ from marie_gateway.access import (
     SCOPE_MODELS,
     Principal,
 )
+from marie_gateway.core import Gateway
 from marie_gateway.errors import permission_denied
+from marie_gateway.web import AnyMethod
 
 KEY_ID_HEADER = "x-marie-key-id"
 OWNER_HEADER = "x-marie-owner"
@@ -80,7 +86,22 @@ def required_scope(method: str) -> str:
 
 def upstream_headers(principal: Principal) -> dict[str, str]:
     """What Envoy adds to an allowed call: who is calling."""
-    return {
+    headers = {
         KEY_ID_HEADER: principal.key_id,
         OWNER_HEADER: quote(principal.owner, safe=_OWNER_SAFE),
     }
+    headers.update(principal.models_metadata)
+    return headers
+
+
+def routes(gw: Gateway) -> list[BaseRoute]:
+    """`/_authz/{package.Service}/{Method}` for every HTTP method (gRPC's is POST)."""
+
+    async def grpc_authz(request: Request) -> Response:
+        principal = await gw.authenticate(request)
+        principal.require_scope(required_scope("/" + request.path_params["method"]))
+        return Response(headers=upstream_headers(principal))
+
+    # Internal: Envoy's ext_authz check, prefixed to the gRPC call's path and
+    # sent with its method (Envoy answers 404 for /_authz from outside).
+    return [Route("/_authz/{method:path}", AnyMethod(grpc_authz))]

@@ -3,9 +3,10 @@ providers contract (protobuf), in one place."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
-from google.protobuf import struct_pb2
+import orjson
 from marie.providers.v1 import provider_service_pb2 as pb
 
 from marie_gateway.protocol import (
@@ -41,10 +42,13 @@ FINISH_REASONS: dict[int, str | None] = {
 }
 
 
-def _struct(value: dict[str, Any]) -> struct_pb2.Struct:
-    out = struct_pb2.Struct()
-    out.update(value)
-    return out
+def json_text(value: dict[str, Any]) -> str:
+    """A free-form JSON object as text, key order and numbers as the client
+    wrote them (orjson, or the standard encoder for integers beyond 64 bits)."""
+    try:
+        return orjson.dumps(value).decode()
+    except orjson.JSONEncodeError:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
 def _message(msg: ChatMessage) -> pb.ChatMessage:
@@ -109,7 +113,7 @@ def chat_request_to_proto(
         if body.response_format.json_schema is not None:
             js = body.response_format.json_schema
             rf.name = js.name
-            rf.json_schema.CopyFrom(_struct(js.schema_))
+            rf.json_schema_json = json_text(js.schema_)
             rf.strict = bool(js.strict)
     for tool in body.tools or ():
         fn = tool.function
@@ -118,7 +122,7 @@ def chat_request_to_proto(
             function=pb.FunctionDefinition(
                 name=fn.name,
                 description=fn.description or "",
-                parameters=_struct(fn.parameters) if fn.parameters is not None else None,
+                parameters_json=json_text(fn.parameters) if fn.parameters is not None else "",
                 strict=bool(fn.strict),
             ),
         )

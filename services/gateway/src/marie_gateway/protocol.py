@@ -1,14 +1,23 @@
 """Pydantic models of the OpenAI request bodies the gateway accepts.
 
 Lenient to unknown fields (SDKs send vendor extras), strict about the ones we
-use: a bad value is a 400 naming the field, never a silent default.
+use: a bad value is a 400 naming the field, never a silent default. Strict
+also about JSON types, as OpenAI is: `"stream": "yes"` and `"max_tokens": "10"`
+are mistakes, not values to convert.
+
+Every whole number that travels on in a protobuf field is bounded by that
+field's range here (`Int32`, `PositiveInt32`, `Int64`), so that a number too
+large is a 400 naming the field rather than a failed conversion later; a test
+checks that no integer field of any request model goes unbounded.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -20,15 +29,46 @@ from pydantic import (
 MAX_STOP_SEQUENCES = 4
 # Longest model id accepted (providers refuses longer ones too).
 MAX_MODEL_LENGTH = 512
+INT32_MAX = 2**31 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # OpenAI's rule for function names.
 FUNCTION_NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
+# Deepest nesting of a free-form JSON value (a JSON Schema): far beyond any
+# real schema, well within every parser and encoder on the way.
+MAX_JSON_DEPTH = 64
 
 NonEmptyStr = Annotated[str, Field(min_length=1)]
+# Whole numbers by the protobuf field they end up in.
+PositiveInt32 = Annotated[int, Field(ge=1, le=INT32_MAX)]
+Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
+
+
+def _plain_json(value: Any, depth: int = 0) -> None:
+    """Refuse what is not plain JSON once parsed: numbers that overflowed to
+    infinity (`1e400`) and nesting too deep to pass on."""
+    if depth > MAX_JSON_DEPTH:
+        raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels")
+    if isinstance(value, dict):
+        for item in value.values():
+            _plain_json(item, depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            _plain_json(item, depth + 1)
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("numbers must be finite")
+
+
+def _json_object(value: dict[str, Any]) -> dict[str, Any]:
+    _plain_json(value)
+    return value
+
+
+#: A free-form JSON object (a JSON Schema) passed on to the upstream as written.
+JsonObject = Annotated[dict[str, Any], AfterValidator(_json_object)]
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    model_config = ConfigDict(extra="ignore", frozen=True, strict=True)
 
 
 class TextPart(_Body):
@@ -83,7 +123,7 @@ class StreamOptions(_Body):
 class JsonSchemaBody(_Body):
     name: str = Field(min_length=1, max_length=64)
     description: str | None = None
-    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    schema_: JsonObject = Field(default_factory=dict, alias="schema")
     strict: bool | None = None
 
 
@@ -101,7 +141,7 @@ class ResponseFormatBody(_Body):
 class FunctionDefinitionBody(_Body):
     name: str = Field(pattern=FUNCTION_NAME_PATTERN)
     description: str | None = None
-    parameters: dict[str, Any] | None = None
+    parameters: JsonObject | None = None
     strict: bool | None = None
 
 
@@ -131,11 +171,11 @@ class ChatCompletionRequest(_Body):
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, ge=0, le=1)
-    top_k: int | None = Field(default=None, ge=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    top_k: PositiveInt32 | None = None
+    max_tokens: PositiveInt32 | None = None
+    max_completion_tokens: PositiveInt32 | None = None
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
-    seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
+    seed: Int64 | None = None
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     n: int = Field(default=1, ge=1, le=1, description="Only one choice per request is supported.")
@@ -164,5 +204,5 @@ class EmbeddingsRequest(_Body):
     model: str = Field(min_length=1, max_length=MAX_MODEL_LENGTH)
     input: NonEmptyStr | list[NonEmptyStr] = Field(min_length=1, max_length=2048)
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(default=None, ge=1)
+    dimensions: PositiveInt32 | None = None
     user: str | None = Field(default=None, max_length=256)

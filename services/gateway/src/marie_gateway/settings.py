@@ -56,6 +56,30 @@ class GatewaySettings(BaseSettings):
     max_body_bytes: int = Field(
         default=16 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 above)."
     )
+    max_inflight_body_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        ge=1024,
+        description="Request-body bytes held at once across all requests; more waits "
+        "(within the body timeout) for others to finish. At least max_body_bytes.",
+    )
+    header_timeout_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        le=600,
+        description="Time a client has to send a request's headers, from its first byte "
+        "(or from connecting); then 408 and the connection closes.",
+    )
+    body_timeout_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description="Time a client has to send a whole request body; then 408.",
+    )
+    keep_alive_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        le=3600,
+        description="How long an idle keep-alive connection stays open.",
+    )
     grace_seconds: float = Field(
         default=10.0,
         ge=0,
@@ -70,4 +94,9 @@ class GatewaySettings(BaseSettings):
             object.__setattr__(self, "providers_addr", f"127.0.0.1:{self.providers_port}")
         if not self.auth_addr:
             object.__setattr__(self, "auth_addr", f"127.0.0.1:{self.auth_port}")
+        if self.max_inflight_body_bytes < self.max_body_bytes:
+            raise ValueError(
+                "MARIE_GATEWAY_MAX_INFLIGHT_BODY_BYTES must be at least "
+                "MARIE_GATEWAY_MAX_BODY_BYTES, or the largest body could never be read"
+            )
         return self

@@ -18,7 +18,7 @@ from marie.providers.v1 import provider_service_pb2 as pb
 
 from marie_providers.errors import UpstreamProtocolError, UpstreamStatusError, bad_request
 from marie_providers.openai_translate import float32
-from marie_providers.structs import struct_to_dict
+from marie_providers.structs import schema_value
 
 # Anthropic requires max_tokens; OpenAI's callers rarely send it.
 DEFAULT_MAX_TOKENS = 4096
@@ -142,7 +142,9 @@ def _json_instruction(response_format: pb.ResponseFormat) -> str:
     if response_format.type == pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT:
         return JSON_INSTRUCTION
     if response_format.type == pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA:
-        schema = orjson.dumps(struct_to_dict(response_format.json_schema)).decode()
+        schema = orjson.dumps(
+            schema_value(response_format.json_schema_json, response_format.json_schema)
+        ).decode()
         return f"{JSON_INSTRUCTION} It must follow this JSON Schema: {schema}"
     return ""
 
@@ -181,10 +183,11 @@ def messages_payload(request: pb.StreamChatCompletionRequest, model_name: str) -
     if request.tools:
         tools = []
         for tool in request.tools:
+            fn = tool.function
             entry: dict[str, Any] = {
-                "name": tool.function.name,
-                "input_schema": struct_to_dict(tool.function.parameters)
-                if tool.function.HasField("parameters")
+                "name": fn.name,
+                "input_schema": schema_value(fn.parameters_json, fn.parameters)
+                if fn.parameters_json or fn.HasField("parameters")
                 else {"type": "object", "properties": {}},
             }
             if tool.function.description:

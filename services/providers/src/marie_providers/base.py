@@ -66,6 +66,11 @@ class Provider(ABC):
     async def aclose(self) -> None:
         """Close the upstream connections."""
 
+    def canonical_model_name(self, model_name: str) -> str:
+        """The one spelling of a model name that this upstream treats as the same
+        model as `model_name` (used to compare names, never sent upstream)."""
+        return model_name
+
     def model_id(self, model_name: str) -> str:
         """The globally unique id clients use for one of this provider's models."""
         return f"{self.name}/{model_name}"

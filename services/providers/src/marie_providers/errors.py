@@ -144,55 +144,21 @@ def _clip(text: str) -> str:
 
 
 def upstream_error(
-    exc: Exception, *, provider: str, url: str, model: str = "", for_operator: bool = False
+    exc: Exception, *, provider: str, url: str, model: str = "", log_failure: bool = True
 ) -> ServiceError:
     """Map any failure talking to an upstream to a ServiceError.
 
-    Callers of the API must not learn internal addresses, so the message names
-    the provider only and the URL goes to the log. `for_operator` (health
-    probes, which an operator reads to fix a PROVIDER_UNAVAILABLE) names it.
+    The caller sees the provider's name and what went wrong in plain words;
+    `url` (the provider's public base URL, never one with credentials), which
+    an operator needs to fix it, goes to the log line with the request id.
+    Background health probes pass `log_failure=False`: the health monitor logs
+    changes of health instead of every failed probe.
     """
     if isinstance(exc, ServiceError):
         return exc
-    where = f" at {url}" if for_operator else ""
-    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
-        error = ServiceError(
-            grpc.StatusCode.UNAVAILABLE,
-            "PROVIDER_UNAVAILABLE",
-            f"{provider} is not reachable{where}: {_connect_failure(exc)}",
-            domain=DOMAIN,
-            metadata={"provider": provider},
-        )
-    elif isinstance(exc, httpx.TimeoutException | TimeoutError):
-        error = ServiceError(
-            grpc.StatusCode.DEADLINE_EXCEEDED,
-            "UPSTREAM_TIMEOUT",
-            f"{provider}{where} did not answer in time",
-            domain=DOMAIN,
-            metadata={"provider": provider},
-        )
-    elif isinstance(exc, UpstreamStatusError):
-        error = _status_error(exc, provider=provider, model=model)
-    elif isinstance(exc, UpstreamProtocolError):
-        error = ServiceError(
-            grpc.StatusCode.UNAVAILABLE,
-            "UPSTREAM_ERROR",
-            f"{provider} sent a malformed response: {_clip(str(exc))}",
-            domain=DOMAIN,
-            metadata={"provider": provider},
-        )
-    else:
-        # Connection dropped mid-response, protocol violations and the like;
-        # httpx's own text may hold the URL, so it goes to the log only.
-        error = ServiceError(
-            grpc.StatusCode.UNAVAILABLE,
-            "UPSTREAM_ERROR",
-            f"{provider}{where} failed: {type(exc).__name__}",
-            domain=DOMAIN,
-            metadata={"provider": provider},
-        )
-    if not for_operator:
-        log.info(
+    error = _map(exc, provider=provider, model=model)
+    if log_failure and error.code != grpc.StatusCode.NOT_FOUND:
+        log.warning(
             "upstream failure",
             extra={
                 "provider": provider,
@@ -202,6 +168,44 @@ def upstream_error(
             },
         )
     return error
+
+
+def _map(exc: Exception, *, provider: str, model: str) -> ServiceError:
+    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+        return ServiceError(
+            grpc.StatusCode.UNAVAILABLE,
+            "PROVIDER_UNAVAILABLE",
+            f"{provider} is not reachable: {_connect_failure(exc)}",
+            domain=DOMAIN,
+            metadata={"provider": provider},
+        )
+    if isinstance(exc, httpx.TimeoutException | TimeoutError):
+        return ServiceError(
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            "UPSTREAM_TIMEOUT",
+            f"{provider} did not answer in time",
+            domain=DOMAIN,
+            metadata={"provider": provider},
+        )
+    if isinstance(exc, UpstreamStatusError):
+        return _status_error(exc, provider=provider, model=model)
+    if isinstance(exc, UpstreamProtocolError):
+        return ServiceError(
+            grpc.StatusCode.UNAVAILABLE,
+            "UPSTREAM_ERROR",
+            f"{provider} sent a malformed response: {_clip(str(exc))}",
+            domain=DOMAIN,
+            metadata={"provider": provider},
+        )
+    # Connection dropped mid-response, protocol violations and the like;
+    # httpx's own text may hold the URL, so it goes to the log only.
+    return ServiceError(
+        grpc.StatusCode.UNAVAILABLE,
+        "UPSTREAM_ERROR",
+        f"{provider} failed while answering ({type(exc).__name__})",
+        domain=DOMAIN,
+        metadata={"provider": provider},
+    )
 
 
 def _status_error(exc: UpstreamStatusError, *, provider: str, model: str) -> ServiceError:

@@ -38,7 +38,20 @@ class HealthMonitor:
         except Exception:
             log.exception("health probe of %s failed", provider.name)
             return
+        previous = self._latest.get(provider.name)
         self._latest[provider.name] = health
+        if previous is None or previous.status != health.status:
+            # Changes only: a provider down for hours is one line, not one per probe.
+            log.log(
+                logging.INFO if health.available else logging.WARNING,
+                "provider health changed",
+                extra={
+                    "provider": provider.name,
+                    "url": provider.base_url,
+                    "status": pb.HealthStatus.Name(health.status),
+                    "error": health.error,
+                },
+            )
 
     def _start_round(self) -> list[asyncio.Task[None]]:
         """Probe every provider whose previous probe has finished."""

@@ -171,11 +171,9 @@ class HttpProvider(Provider):
     def base_url(self) -> str:
         return self._base_url
 
-    def _error(
-        self, exc: Exception, model: str = "", *, for_operator: bool = False
-    ) -> ServiceError:
+    def _error(self, exc: Exception, model: str = "", *, quiet: bool = False) -> ServiceError:
         return upstream_error(
-            exc, provider=self.name, url=self._base_url, model=model, for_operator=for_operator
+            exc, provider=self.name, url=self._base_url, model=model, log_failure=not quiet
         )
 
     def require_credentials(self) -> None:
@@ -197,7 +195,7 @@ class HttpProvider(Provider):
         body: dict[str, Any] | None = None,
         model: str = "",
         timeout: float | None = None,
-        for_operator: bool = False,
+        quiet: bool = False,
     ) -> Any:
         """One request with a JSON answer; every failure comes back as a ServiceError."""
         extra: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
@@ -215,7 +213,7 @@ class HttpProvider(Provider):
             except orjson.JSONDecodeError as exc:
                 raise UpstreamProtocolError(f"{path} answered with invalid JSON") from exc
         except (httpx.HTTPError, UpstreamStatusError, UpstreamProtocolError) as exc:
-            raise self._error(exc, model, for_operator=for_operator) from exc
+            raise self._error(exc, model, quiet=quiet) from exc
 
     def new_health(self) -> pb.ProviderHealth:
         return pb.ProviderHealth(
@@ -234,9 +232,7 @@ class HttpProvider(Provider):
             health.error = reason
         else:
             try:
-                await self.request_json(
-                    "GET", path, timeout=self._health_timeout, for_operator=True
-                )
+                await self.request_json("GET", path, timeout=self._health_timeout, quiet=True)
             except ServiceError as exc:
                 unreachable = exc.reason in ("PROVIDER_UNAVAILABLE", "UPSTREAM_TIMEOUT")
                 health.status = (

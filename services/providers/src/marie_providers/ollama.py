@@ -124,11 +124,14 @@ class OllamaProvider(Provider):
     def base_url(self) -> str:
         return self._base_url
 
-    def _error(
-        self, exc: Exception, model: str = "", *, for_operator: bool = False
-    ) -> ServiceError:
+    def canonical_model_name(self, model_name: str) -> str:
+        # Ollama: an untagged name means ":latest", and names ignore case.
+        name = model_name.lower()
+        return name if ":" in name.rpartition("/")[2] else name + ":latest"
+
+    def _error(self, exc: Exception, model: str = "", *, quiet: bool = False) -> ServiceError:
         return upstream_error(
-            exc, provider=self.name, url=self._base_url, model=model, for_operator=for_operator
+            exc, provider=self.name, url=self._base_url, model=model, log_failure=not quiet
         )
 
     async def _request_json(
@@ -139,7 +142,7 @@ class OllamaProvider(Provider):
         body: dict[str, Any] | None = None,
         model: str = "",
         timeout: float | None = None,
-        for_operator: bool = False,
+        quiet: bool = False,
     ) -> Any:
         """One request with a JSON answer; every failure comes back as a ServiceError."""
         extra: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
@@ -161,7 +164,7 @@ class OllamaProvider(Provider):
             except orjson.JSONDecodeError as exc:
                 raise UpstreamProtocolError(f"{path} answered with invalid JSON") from exc
         except (httpx.HTTPError, UpstreamStatusError, UpstreamProtocolError) as exc:
-            raise self._error(exc, model, for_operator=for_operator) from exc
+            raise self._error(exc, model, quiet=quiet) from exc
 
     async def list_models(self) -> list[pb.ModelInfo]:
         body = await self._request_json("GET", "/api/tags")
@@ -274,12 +277,12 @@ class OllamaProvider(Provider):
         started = time.perf_counter()
         try:
             body = await self._request_json(
-                "GET", "/api/version", timeout=self._health_timeout, for_operator=True
+                "GET", "/api/version", timeout=self._health_timeout, quiet=True
             )
             if not isinstance(body, dict) or not isinstance(body.get("version"), str):
                 raise self._error(
                     UpstreamProtocolError("/api/version answered without a version"),
-                    for_operator=True,
+                    quiet=True,
                 )
         except ServiceError as exc:
             unreachable = exc.reason in ("PROVIDER_UNAVAILABLE", "UPSTREAM_TIMEOUT")

@@ -15,7 +15,7 @@ from google.protobuf import timestamp_pb2
 from marie.providers.v1 import provider_service_pb2 as pb
 
 from marie_providers.errors import UpstreamProtocolError, UpstreamStatusError, bad_request
-from marie_providers.structs import struct_to_dict
+from marie_providers.structs import schema_value
 
 # Ollama has no developer role; OpenAI defines developer as the newer system.
 ROLE_NAMES: Mapping[int, str] = {
@@ -257,11 +257,11 @@ def _options(sampling: pb.SamplingParameters) -> dict[str, Any]:
     return options
 
 
-def _format(response_format: pb.ResponseFormat) -> str | dict[str, Any] | None:
+def _format(response_format: pb.ResponseFormat) -> Any:
     if response_format.type == pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT:
         return "json"
     if response_format.type == pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA:
-        return struct_to_dict(response_format.json_schema)
+        return schema_value(response_format.json_schema_json, response_format.json_schema)
     return None
 
 
@@ -282,9 +282,10 @@ def _tools(tools: Sequence[pb.Tool], choice: pb.ToolChoice) -> list[dict[str, An
         if tool.function.description:
             function["description"] = tool.function.description
         # Templates render the parameters; an absent schema means "no parameters".
+        fn = tool.function
         function["parameters"] = (
-            struct_to_dict(tool.function.parameters)
-            if tool.function.HasField("parameters")
+            schema_value(fn.parameters_json, fn.parameters)
+            if fn.parameters_json or fn.HasField("parameters")
             else {"type": "object", "properties": {}}
         )
         out.append({"type": "function", "function": function})

@@ -12,7 +12,7 @@ from google.protobuf import timestamp_pb2
 from marie.providers.v1 import provider_service_pb2 as pb
 
 from marie_providers.errors import UpstreamProtocolError, UpstreamStatusError
-from marie_providers.structs import struct_to_dict
+from marie_providers.structs import schema_value
 
 # "developer" is OpenAI's newer name for system; most compatible servers
 # (vLLM, llama.cpp, Groq) know only system, which OpenAI still accepts.
@@ -116,7 +116,7 @@ def response_format_dict(response_format: pb.ResponseFormat) -> dict[str, Any] |
     if kind == pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA:
         schema: dict[str, Any] = {
             "name": response_format.name or "response",
-            "schema": struct_to_dict(response_format.json_schema),
+            "schema": schema_value(response_format.json_schema_json, response_format.json_schema),
         }
         if response_format.strict:
             schema["strict"] = True
@@ -130,8 +130,10 @@ def tools_list(tools: Sequence[pb.Tool]) -> list[dict[str, Any]]:
         function: dict[str, Any] = {"name": tool.function.name}
         if tool.function.description:
             function["description"] = tool.function.description
-        if tool.function.HasField("parameters"):
-            function["parameters"] = struct_to_dict(tool.function.parameters)
+        fn = tool.function
+        if fn.parameters_json or fn.HasField("parameters"):
+            # The caller's own text when it sent one: key order and numbers kept.
+            function["parameters"] = schema_value(fn.parameters_json, fn.parameters)
         if tool.function.strict:
             function["strict"] = True
         out.append({"type": "function", "function": function})

@@ -19,6 +19,7 @@ from marie_kit.errors import ServiceError
 
 from marie_providers.base import Provider
 from marie_providers.errors import DOMAIN, model_not_found, provider_not_found
+from marie_providers.model_access import UNRESTRICTED, ModelAccess, model_not_allowed
 
 log = logging.getLogger("marie.providers.registry")
 
@@ -217,6 +218,7 @@ class ModelRegistry:
         *,
         force_refresh: bool = False,
         capability: pb.ModelCapability = pb.MODEL_CAPABILITY_UNSPECIFIED,
+        access: ModelAccess = UNRESTRICTED,
     ) -> tuple[list[pb.ModelInfo], list[pb.ProviderError]]:
         """Models ordered by provider then name, and the providers whose listing failed.
 
@@ -226,7 +228,7 @@ class ModelRegistry:
         """
         selected = self.select(provider)
         listings, failed = await self._listings(selected, max_age=0 if force_refresh else None)
-        models = _flatten(listings)
+        models = self._allowed(_flatten(listings), access)
         _raise_if_all_failed(selected, failed)
         errors = [
             pb.ProviderError(provider=owner.name, reason=exc.reason, message=exc.message)
@@ -239,9 +241,17 @@ class ModelRegistry:
 
     # -- single models -----------------------------------------------------
 
-    async def get_model(self, model: str, provider: str = "") -> pb.ModelInfo:
-        """One model with details loaded; NOT_FOUND (MODEL_NOT_FOUND) when unknown."""
-        owner, name = await self.resolve(model, provider)
+    async def get_model(
+        self, model: str, provider: str = "", access: ModelAccess = UNRESTRICTED
+    ) -> pb.ModelInfo:
+        """One model with details loaded; NOT_FOUND (MODEL_NOT_FOUND) when unknown
+        or outside the caller's allowance (the two are not told apart)."""
+        try:
+            owner, name = await self.resolve(model, provider, access)
+        except ServiceError as exc:
+            if exc.reason == "MODEL_NOT_ALLOWED":
+                raise model_not_found(model) from None
+            raise
         details = await self._details_for(owner, name)
         try:
             listing = await self._listing(owner)
@@ -251,25 +261,55 @@ class ModelRegistry:
         listed = _find(listing, name)
         return _merge(listed, details) if listed is not None else details
 
-    async def resolve(self, model: str, provider: str = "") -> tuple[Provider, str]:
+    def canonical(self, provider: str, name: str) -> str | None:
+        """The canonical form of a model name of `provider` (None: no such provider)."""
+        owner = self._providers.get(provider)
+        return owner.canonical_model_name(name) if owner is not None else None
+
+    def _may_use(self, access: ModelAccess, owner: Provider, name: str) -> bool:
+        return access.allows(owner.name, owner.canonical_model_name(name), self.canonical)
+
+    def _allowed(
+        self, models: list[tuple[Provider, pb.ModelInfo]], access: ModelAccess
+    ) -> list[tuple[Provider, pb.ModelInfo]]:
+        if not access.restricted:
+            return models
+        return [(o, m) for o, m in models if self._may_use(access, o, m.name)]
+
+    async def resolve(
+        self, model: str, provider: str = "", access: ModelAccess = UNRESTRICTED
+    ) -> tuple[Provider, str]:
         """The provider serving `model` and that provider's own name for it.
 
         "<provider>/<name>" (or `provider` set) is taken as given without calling
         the upstream: an unknown name fails there, as NOT_FOUND. A bare name is
         looked up in the cached listings and must be served by exactly one provider.
+        A model outside `access` is PERMISSION_DENIED (MODEL_NOT_ALLOWED) whether
+        it exists or not, decided before any upstream generates anything.
         """
+        explicit: Provider | None = None
+        name = model
         if provider:
-            owner = self.provider(provider)
-            return owner, model.removeprefix(f"{owner.name}/")
-        # Split on the first "/" only for a configured provider: hub ids
-        # ("meta-llama/Llama-3.1-8B-Instruct") contain slashes of their own.
-        prefix, slash, rest = model.partition("/")
-        if slash and rest and prefix in self._providers:
-            return self._providers[prefix], rest
+            explicit = self.provider(provider)
+            name = model.removeprefix(f"{explicit.name}/")
+        else:
+            # Split on the first "/" only for a configured provider: hub ids
+            # ("meta-llama/Llama-3.1-8B-Instruct") contain slashes of their own.
+            prefix, slash, rest = model.partition("/")
+            if slash and rest and prefix in self._providers:
+                explicit, name = self._providers[prefix], rest
+        if explicit is not None:
+            if not self._may_use(access, explicit, name):
+                raise model_not_allowed(explicit.model_id(name))
+            return explicit, name
         found = await self._lookup(model)
         if not found:
             # The model may have been pulled since the listing was cached.
             found = await self._lookup(model, max_age=min(self._ttl, MISS_REFRESH_SECONDS))
+        if access.restricted:
+            found = [(o, n) for o, n in found if self._may_use(access, o, n)]
+            if not found:
+                raise model_not_allowed(model)
         if len(found) == 1:
             return found[0]
         if not found:
@@ -301,7 +341,13 @@ class ModelRegistry:
 
     # -- search ------------------------------------------------------------
 
-    async def search(self, query: str, provider: str = "", limit: int = 50) -> list[pb.ModelInfo]:
+    async def search(
+        self,
+        query: str,
+        provider: str = "",
+        limit: int = 50,
+        access: ModelAccess = UNRESTRICTED,
+    ) -> list[pb.ModelInfo]:
         """Models matching every term of `query`, best first: exact name, prefix, substring."""
         terms = query.lower().split()
         phrase = " ".join(terms)
@@ -309,7 +355,7 @@ class ModelRegistry:
         listings, failed = await self._listings(selected)
         _raise_if_all_failed(selected, failed)
         # Capabilities are searchable, and only details know them.
-        models = await self._with_details(_flatten(listings))
+        models = await self._with_details(self._allowed(_flatten(listings), access))
         ranked: list[tuple[int, int, pb.ModelInfo]] = []
         for order, info in enumerate(models):
             fields = [info.id, info.name, info.description, info.family]

@@ -27,6 +27,7 @@ from marie_kit.errors import ServiceError
 from marie_providers.base import Provider
 from marie_providers.config import RoutingConfig
 from marie_providers.errors import DOMAIN, RETRY_AFTER_KEY, model_not_found, retry_after_of
+from marie_providers.model_access import UNRESTRICTED, ModelAccess, model_not_allowed
 from marie_providers.registry import ModelRegistry
 from marie_providers.resilience import Circuit, CircuitBreaker, ConcurrencyLimit
 
@@ -175,20 +176,45 @@ class Router:
     def is_route(self, name: str) -> bool:
         return name in self._routes
 
-    async def plan(self, model: str, provider: str = "", user: str = "") -> RoutePlan:
+    def _allowed_targets(self, route: _Route, access: ModelAccess) -> list[tuple[str, str, int]]:
+        """The route's targets the caller may use, in configuration order."""
+        if not access.restricted:
+            return list(route.targets)
+        canonical = self.registry.canonical
+        return [
+            (p, name, weight)
+            for p, name, weight in route.targets
+            if access.allows(p, canonical(p, name) or name, canonical)
+        ]
+
+    async def plan(
+        self,
+        model: str,
+        provider: str = "",
+        user: str = "",
+        access: ModelAccess = UNRESTRICTED,
+    ) -> RoutePlan:
         """The deployments that may serve `model`, in the order to try them.
 
         An alias gives its targets in order; a split its weighted pick for
         `user` first, then its other arms by weight. Anything else is one
         model resolved by the registry (no upstream call for "<provider>/<model>").
+
+        A key's model restrictions (`access`) hold for every deployment: a
+        routed name keeps only the targets the key may use (a prompt never
+        reaches an upstream the key may not use), and is MODEL_NOT_ALLOWED when
+        none is left. Keys name models, never routed names, so the targets are
+        what is checked.
         """
         route = None if provider else self._routes.get(model)
         if route is None:
-            owner, name = await self.registry.resolve(model, provider)
+            owner, name = await self.registry.resolve(model, provider, access)
             if owner.allowed_models is not None and name not in owner.allowed_models:
                 raise model_not_found(name, owner.name)
             return RoutePlan(model, pb.ROUTE_KIND_UNSPECIFIED, (self.deployment(owner, name),))
-        targets = list(route.targets)
+        targets = self._allowed_targets(route, access)
+        if not targets:
+            raise model_not_allowed(model)
         if route.kind == pb.ROUTE_KIND_SPLIT:
             fraction = sticky_fraction(model, user) if user else self._rng.random()
             chosen = targets.pop(pick_arm([w for _, _, w in targets], fraction))
@@ -368,15 +394,19 @@ class Router:
 
     # -- describing ----------------------------------------------------------
 
-    def route_models(self) -> list[pb.ModelInfo]:
-        """Every alias and split as a ModelInfo naming what it routes to, by name."""
+    def route_models(self, access: ModelAccess = UNRESTRICTED) -> list[pb.ModelInfo]:
+        """Every alias and split as a ModelInfo naming what it routes to, by name;
+        for a restricted caller, only the targets it may use (and only routes with one)."""
         out = []
         for name in sorted(self._routes):
             route = self._routes[name]
+            allowed = self._allowed_targets(route, access)
+            if not allowed:
+                continue
             info = pb.ModelInfo(id=name, name=name)
             info.route.kind = route.kind
             targets = []
-            for provider, model, weight in route.targets:
+            for provider, model, weight in allowed:
                 model_id = f"{provider}/{model}"
                 info.route.targets.add(model=model_id, weight=weight)
                 targets.append(f"{model_id} ({weight})" if weight else model_id)
@@ -384,15 +414,16 @@ class Router:
                 info.description = "Alias: tries " + ", then ".join(targets)
             else:
                 info.description = "Split by user: " + ", ".join(targets)
-            info.metadata["routes_to"] = ",".join(f"{p}/{m}" for p, m, _ in route.targets)
+            info.metadata["routes_to"] = ",".join(f"{p}/{m}" for p, m, _ in allowed)
             out.append(info)
         return out
 
-    def route_model(self, name: str) -> pb.ModelInfo | None:
-        """The ModelInfo of one alias or split; None when `name` is neither."""
+    def route_model(self, name: str, access: ModelAccess = UNRESTRICTED) -> pb.ModelInfo | None:
+        """The ModelInfo of one alias or split; None when `name` is neither, or when
+        the caller may use none of its targets."""
         if name not in self._routes:
             return None
-        return next(m for m in self.route_models() if m.id == name)
+        return next((m for m in self.route_models(access) if m.id == name), None)
 
     def deployment_health(self, provider: str) -> list[pb.DeploymentHealth]:
         """The routing state of `provider`'s known deployments, by model id."""

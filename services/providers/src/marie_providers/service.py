@@ -19,13 +19,15 @@ import grpc
 from marie.providers.v1 import provider_service_pb2 as pb
 from marie.providers.v1 import provider_service_pb2_grpc as pb_grpc
 from marie_kit.errors import ServiceError
+from marie_kit.memory import LargeRequests
 
 from marie_providers import provider_types
 from marie_providers.base import Provider
 from marie_providers.chunks import ChunkMerger
 from marie_providers.config import MarieConfig, config_from_environment, load_config_file
-from marie_providers.errors import DOMAIN
+from marie_providers.errors import DOMAIN, model_not_found
 from marie_providers.health import HealthMonitor
+from marie_providers.model_access import ModelAccess
 from marie_providers.registry import ModelRegistry
 from marie_providers.routing import Router
 from marie_providers.settings import ProvidersSettings
@@ -91,6 +93,11 @@ async def within_deadline(context: Context) -> AsyncIterator[None]:
         ) from None
 
 
+def _access(context: Context) -> ModelAccess:
+    """The caller's allowed models, from the metadata its key check added."""
+    return ModelAccess.from_metadata(context.invocation_metadata())
+
+
 @dataclass(frozen=True)
 class Core:
     """What the servicer serves from once the component has started."""
@@ -105,6 +112,7 @@ class ProviderServicer(pb_grpc.ProviderServiceServicer):
 
     def __init__(self) -> None:
         self.core: Core | None = None
+        self._large = LargeRequests()
 
     def _core(self) -> Core:
         if self.core is None:
@@ -137,33 +145,40 @@ class ProviderServicer(pb_grpc.ProviderServiceServicer):
         self, request: pb.ListModelsRequest, context: Context
     ) -> pb.ListModelsResponse:
         core = self._core()
+        access = _access(context)
         async with within_deadline(context):
             models, errors = await core.registry.list_models(
                 request.provider,
                 force_refresh=request.force_refresh,
                 capability=request.capability,
+                access=access,
             )
         if not request.provider and request.capability == pb.MODEL_CAPABILITY_UNSPECIFIED:
             # Aliases and splits are models to a caller; they belong to no provider.
-            models.extend(core.router.route_models())
+            models.extend(core.router.route_models(access))
         return pb.ListModelsResponse(models=models, provider_errors=errors)
 
     async def GetModel(self, request: pb.GetModelRequest, context: Context) -> pb.GetModelResponse:
         check_get_model_request(request)
         core = self._core()
-        if not request.provider and (route := core.router.route_model(request.model)) is not None:
+        access = _access(context)
+        if not request.provider and core.router.is_route(request.model):
+            route = core.router.route_model(request.model, access)
+            if route is None:
+                # Told apart from an unknown model by nobody, as for any model.
+                raise model_not_found(request.model)
             return pb.GetModelResponse(model=route)
         async with within_deadline(context):
-            model = await core.registry.get_model(request.model, request.provider)
+            model = await core.registry.get_model(request.model, request.provider, access)
         return pb.GetModelResponse(model=model)
 
     async def SearchModels(
         self, request: pb.SearchModelsRequest, context: Context
     ) -> pb.SearchModelsResponse:
         limit = check_search_request(request)
-        registry = self._registry()
+        registry = self._core().registry
         async with within_deadline(context):
-            models = await registry.search(request.query, request.provider, limit)
+            models = await registry.search(request.query, request.provider, limit, _access(context))
         return pb.SearchModelsResponse(models=models)
 
     async def StreamChatCompletion(
@@ -171,28 +186,37 @@ class ProviderServicer(pb_grpc.ProviderServiceServicer):
     ) -> AsyncIterator[pb.StreamChatCompletionResponse]:
         check_chat_request(request)
         router = self._core().router
-        async with within_deadline(context):
-            plan = await router.plan(request.model, request.provider, request.user)
-        completion_id = request.completion_id or new_completion_id()
-        # The stream itself is bounded by gRPC: a passed deadline or a client
-        # going away cancels this handler, and aclosing then closes the
-        # router's stream, which closes the upstream request.
-        chunks = router.stream(
-            plan, request, completion_id, int(time.time()), deadline=_deadline(context)
-        )
-        async with aclosing(chunks):
-            if not request.aggregate:
+        # A large request leaves a large heap behind: trimmed after the last one.
+        large = self._large.started(request.ByteSize())
+        try:
+            async with within_deadline(context):
+                # Every deployment the plan holds is one the caller may use.
+                plan = await router.plan(
+                    request.model, request.provider, request.user, _access(context)
+                )
+            completion_id = request.completion_id or new_completion_id()
+            # The stream itself is bounded by gRPC: a passed deadline or a client
+            # going away cancels this handler, and aclosing then closes the
+            # router's stream, which closes the upstream request.
+            chunks = router.stream(
+                plan, request, completion_id, int(time.time()), deadline=_deadline(context)
+            )
+            async with aclosing(chunks):
+                if not request.aggregate:
+                    async for chunk in chunks:
+                        yield chunk
+                    return
+                # The caller wants the whole reply: one message where one will do
+                # (every chunk is a gRPC message to send and to read).
+                merger = ChunkMerger()
                 async for chunk in chunks:
-                    yield chunk
-                return
-            # The caller wants the whole reply: one message where one will do
-            # (every chunk is a gRPC message to send and to read).
-            merger = ChunkMerger()
-            async for chunk in chunks:
-                if (ready := merger.add(chunk)) is not None:
-                    yield ready
-            if (last := merger.flush()) is not None:
-                yield last
+                    if (ready := merger.add(chunk)) is not None:
+                        yield ready
+                if (last := merger.flush()) is not None:
+                    yield last
+        finally:
+            if large:
+                self._large.ended()
 
     async def CreateEmbeddings(
         self, request: pb.CreateEmbeddingsRequest, context: Context
@@ -200,7 +224,9 @@ class ProviderServicer(pb_grpc.ProviderServiceServicer):
         check_embeddings_request(request)
         router = self._core().router
         async with within_deadline(context):
-            plan = await router.plan(request.model, request.provider, request.user)
+            plan = await router.plan(
+                request.model, request.provider, request.user, _access(context)
+            )
             return await router.embed(plan, request, deadline=_deadline(context))
 
 

@@ -1,10 +1,38 @@
-"""google.protobuf.Struct to plain JSON values, the way upstream APIs expect them."""
+"""JSON Schemas and other free-form JSON from requests, as upstream bodies take them."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+import orjson
 from google.protobuf import struct_pb2
+
+# Doubles hold every whole number up to 2^53 exactly; beyond, a "whole" double
+# is a rounding of what the caller wrote, and no int should pretend otherwise.
+_EXACT_INT_LIMIT = 2.0**53
+
+
+def schema_value(text: str, struct: struct_pb2.Struct) -> Any:
+    """A JSON Schema for an orjson-encoded upstream body: the caller's own text
+    when it sent one (embedded byte for byte: key order and every number kept),
+    else the Struct as a dict."""
+    if text:
+        return orjson.Fragment(text)
+    return struct_to_dict(struct)
+
+
+def parse_json_object(text: str) -> dict[str, Any] | None:
+    """`text` as a dict when it is a JSON object, else None. Integers beyond
+    64 bits, which orjson refuses, are valid JSON: the standard parser takes them."""
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        try:
+            value = json.loads(text)
+        except ValueError:
+            return None
+    return value if isinstance(value, dict) else None
 
 
 def struct_to_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
@@ -24,7 +52,9 @@ def _value(value: struct_pb2.Value) -> Any:
         return [_value(item) for item in value.list_value.values]
     if kind == "number_value":
         number = value.number_value
-        return int(number) if number.is_integer() else number
+        if number.is_integer() and abs(number) <= _EXACT_INT_LIMIT:
+            return int(number)
+        return number
     if kind == "string_value":
         return value.string_value
     if kind == "bool_value":

@@ -9,6 +9,7 @@ from __future__ import annotations
 from marie.providers.v1 import provider_service_pb2 as pb
 
 from marie_providers.errors import bad_request
+from marie_providers.structs import parse_json_object
 
 MAX_STOP_SEQUENCES = 4
 MAX_EMBEDDING_INPUTS = 2048
@@ -80,6 +81,11 @@ def _check_tools(request: pb.StreamChatCompletionRequest) -> None:
             raise bad_request(f"tools[{index}].type", "only function tools are supported")
         if not tool.function.name:
             raise bad_request(f"tools[{index}].function.name", "a tool needs a function name")
+        text = tool.function.parameters_json
+        if text and parse_json_object(text) is None:
+            raise bad_request(
+                f"tools[{index}].function.parameters_json", "parameters must be a JSON object"
+            )
         names.add(tool.function.name)
     mode = request.tool_choice.mode
     if mode in (pb.TOOL_CHOICE_MODE_REQUIRED, pb.TOOL_CHOICE_MODE_FUNCTION) and not names:
@@ -97,7 +103,12 @@ def check_chat_request(request: pb.StreamChatCompletionRequest) -> None:
     _check_sampling(request.sampling)
     _check_tools(request)
     response_format = request.response_format
-    if response_format.type == pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA and not (
+    if response_format.json_schema_json:
+        if not parse_json_object(response_format.json_schema_json):
+            raise bad_request(
+                "response_format.json_schema_json", "the schema must be a non-empty JSON object"
+            )
+    elif response_format.type == pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA and not (
         response_format.HasField("json_schema") and response_format.json_schema.fields
     ):
         raise bad_request("response_format.json_schema", "a json_schema response needs a schema")

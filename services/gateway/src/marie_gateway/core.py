@@ -1,0 +1,213 @@
+"""The state every gateway surface shares: settings, long-lived channels and
+stubs, key checks, bounded body reading, and the shutdown of running calls."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from marie.providers.v1 import provider_service_pb2_grpc as pb_grpc
+from marie_kit.channels import insecure_channel
+from marie_kit.memory import LARGE_REQUEST_BYTES, schedule_trim
+from starlette.applications import Starlette
+from starlette.requests import ClientDisconnect, Request
+
+from marie_gateway.access import KeyValidator, Principal, extract_key
+from marie_gateway.errors import ApiError, client_closed, service_unavailable
+from marie_gateway.settings import GatewaySettings
+from marie_gateway.web import current_request_id
+
+if TYPE_CHECKING:
+    from marie.providers.v1.provider_service_pb2_grpc import ProviderServiceAsyncStub
+
+log = logging.getLogger("marie.gateway")
+
+# Where the request-context middleware finds what a request reserved of the
+# body budget, to give it back when the request ends.
+BODY_RESERVATION_KEY = "marie.body_bytes"
+
+
+@dataclass
+class Backends:
+    """Long-lived channels and stubs, made once at start-up."""
+
+    providers_channel: grpc.aio.Channel
+    auth_channel: grpc.aio.Channel
+    providers: ProviderServiceAsyncStub
+    keys: KeyValidator
+
+
+class BodyBudget:
+    """Bounds the request-body bytes held in memory at once, across requests.
+
+    A request takes its share before reading (its declared length, or chunk by
+    chunk when it declares none) and gives it back when it ends; a request that
+    cannot get its share within the body timeout gets a 503. Small bodies never
+    wait in practice; it is the large uploads that queue."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_use = 0
+        self._waiters = 0
+        self._freed = asyncio.Condition()
+
+    async def take(self, size: int) -> None:
+        if self.in_use + size <= self.limit:  # the fast path: no await
+            self.in_use += size
+            return
+        self._waiters += 1
+        try:
+            async with self._freed:
+                await self._freed.wait_for(lambda: self.in_use + size <= self.limit)
+                self.in_use += size
+        finally:
+            self._waiters -= 1
+
+    def give_back(self, size: int) -> None:
+        if size:
+            self.in_use -= size
+            if self._waiters:
+                asyncio.get_running_loop().create_task(self._notify())
+
+    async def _notify(self) -> None:
+        async with self._freed:
+            self._freed.notify_all()
+
+
+class Gateway:
+    """Settings and backends shared by the route modules, plus what every
+    route does first: read the body within its bounds, check the key."""
+
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.settings = settings
+        self._backends: Backends | None = None
+        self.bodies = BodyBudget(settings.max_inflight_body_bytes)
+        # Calls that a shutdown must end cleanly (see cut_calls).
+        self.calls: set[grpc.aio.Call] = set()
+        # Set when shutdown starts (readiness turns 503), and when the grace
+        # period is nearly over (running calls are ended, new ones refused).
+        self.draining = False
+        self.shutting_down = False
+
+    def backends(self) -> Backends:
+        assert self._backends is not None, "used before the lifespan started"
+        return self._backends
+
+    async def read_body(self, request: Request) -> bytes:
+        """The whole body, within the size limit, the body time limit and the
+        gateway's budget of in-flight body bytes."""
+        limit = self.settings.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise _too_large(limit)
+        try:
+            async with asyncio.timeout(self.settings.body_timeout_seconds):
+                return await self._read_within_budget(request, int(declared or 0), limit)
+        except TimeoutError:
+            raise ApiError(
+                408,
+                "The request body did not arrive in time.",
+                code="request_timeout",
+                close=True,
+            ) from None
+        except ClientDisconnect:
+            raise client_closed() from None
+
+    async def _read_within_budget(self, request: Request, declared: int, limit: int) -> bytes:
+        scope = request.scope
+        if declared:
+            await self.bodies.take(declared)
+            scope[BODY_RESERVATION_KEY] = declared
+        chunks: list[bytes] = []
+        size = 0
+        async for part in request.stream():
+            size += len(part)
+            if size > limit:
+                raise _too_large(limit)
+            if size > declared and size > scope.get(BODY_RESERVATION_KEY, 0):
+                # No (or a wrong) declared length: take the budget as bytes come.
+                extra = size - scope.get(BODY_RESERVATION_KEY, 0)
+                await self.bodies.take(extra)
+                scope[BODY_RESERVATION_KEY] = scope.get(BODY_RESERVATION_KEY, 0) + extra
+            chunks.append(part)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def release(self, scope: dict[str, Any]) -> None:
+        """Give back what the request reserved of the body budget."""
+        reserved = scope.pop(BODY_RESERVATION_KEY, 0)
+        if reserved:
+            self.bodies.give_back(reserved)
+            if reserved >= LARGE_REQUEST_BYTES:
+                # glibc keeps the freed heap of a large body: hand it back.
+                schedule_trim()
+
+    async def authenticate(self, request: Request) -> Principal:
+        """The caller's principal from its key header; 401 without a valid key."""
+        headers = request.headers
+        key = extract_key(headers.get("authorization"), headers.get("x-api-key"))
+        return await self.backends().keys.validate(key, current_request_id())
+
+    async def authorize(self, request: Request, scope: str) -> Principal:
+        principal = await self.authenticate(request)
+        principal.require_scope(scope)
+        return principal
+
+    def track(self, call: grpc.aio.Call) -> None:
+        """Register a long call that shutdown must end with a proper answer."""
+        if self.shutting_down:
+            call.cancel()
+            raise service_unavailable("The server is shutting down; retry the request.")
+        self.calls.add(call)
+
+    def untrack(self, call: grpc.aio.Call) -> None:
+        self.calls.discard(call)
+
+    def cut_calls(self) -> None:
+        """End every tracked call: the grace period is over. Each route sees
+        its call cancelled while `shutting_down` is set and answers the client
+        (an error event and `[DONE]` on streams) instead of being cut mid-air."""
+        self.shutting_down = True
+        if self.calls:
+            log.warning("grace period over: ending %d call(s)", len(self.calls))
+        for call in list(self.calls):
+            call.cancel()
+
+    def cut_by_shutdown(self) -> bool:
+        """Whether a CancelledError seen now came from `cut_calls` (the call was
+        cancelled) rather than from this task being cancelled."""
+        task = asyncio.current_task()
+        return self.shutting_down and (task is None or task.cancelling() == 0)
+
+    @asynccontextmanager
+    async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        providers_channel = insecure_channel(self.settings.providers_addr)
+        auth_channel = insecure_channel(self.settings.auth_addr)
+        keys = KeyValidator(
+            auth_channel,
+            cache_ttl=self.settings.key_cache_ttl_seconds,
+            timeout=self.settings.control_timeout_seconds,
+        )
+        keys.start()
+        self._backends = Backends(
+            providers_channel, auth_channel, pb_grpc.ProviderServiceStub(providers_channel), keys
+        )
+        log.info(
+            "gateway ready",
+            extra={"providers": self.settings.providers_addr, "auth": self.settings.auth_addr},
+        )
+        try:
+            yield
+        finally:
+            self.shutting_down = True
+            await keys.close()
+            await providers_channel.close()
+            await auth_channel.close()
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, f"Request body larger than {limit} bytes.", close=True)

@@ -1,0 +1,76 @@
+"""The request context of every HTTP request: its id in and out, one access-log
+line, and the body budget it reserved given back when it ends."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from marie_kit.context import clean_request_id, request_id_var
+
+from marie_gateway.core import Gateway
+
+access_log = logging.getLogger("marie.access")
+
+ASGIApp = Callable[
+    [dict[str, Any], Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]],
+    Awaitable[None],
+]
+
+
+class RequestContext:
+    """Pure ASGI middleware (not BaseHTTPMiddleware): it runs on every request
+    and must cost microseconds."""
+
+    def __init__(self, app: ASGIApp, gw: Gateway) -> None:
+        self.app = app
+        self.gw = gw
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = None
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                incoming = value.decode("latin-1")
+                break
+        # The id becomes gRPC metadata and a log field: only a safe one is kept.
+        rid = clean_request_id(incoming)
+        request_id_var.set(rid)
+        started = time.perf_counter()
+        status = 500
+        response_started = False
+        rid_header = (b"x-request-id", rid.encode())
+
+        async def send_with_id(message: dict[str, Any]) -> None:
+            nonlocal status, response_started
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                response_started = True
+                headers = list(message.get("headers", ()))
+                if not any(k == b"x-request-id" for k, _ in headers):
+                    headers.append(rid_header)
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            # Starlette re-raises after its 500 handler has logged the error and
+            # answered; once answered, there is nothing left to do with it.
+            if not response_started:
+                raise
+        finally:
+            self.gw.release(scope)
+            access_log.info(
+                "http",
+                extra={
+                    "method": scope["method"],
+                    "path": scope["path"],
+                    "status": status,
+                    "latency_ms": round((time.perf_counter() - started) * 1000, 3),
+                },
+            )

@@ -1,0 +1,90 @@
+"""What every HTTP surface of the gateway shares: JSON responses, error
+responses, body validation that names the bad field, and routing helpers."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
+
+import orjson
+from marie_kit.context import new_request_id, request_id_var
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import request_response
+
+from marie_gateway.errors import ApiError, bad_request
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class JSONResponse(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
+def error_response(error: ApiError, headers: Mapping[str, str] | None = None) -> Response:
+    """The OpenAI envelope of `error`, with `Retry-After` when it has one."""
+    out = dict(headers or {})
+    if error.retry_after:
+        out["retry-after"] = str(error.retry_after)
+    return Response(error.body(), error.status, headers=out, media_type="application/json")
+
+
+_TYPE_LABELS = frozenset({"str", "int", "float", "bool", "dict", "list", "none"})
+
+
+def field_path(loc: tuple[int | str, ...]) -> str:
+    """The field path of a pydantic error location, OpenAI style: `messages[0].role`."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part.isidentifier() and part not in _TYPE_LABELS and not part[:1].isupper():
+            # Union branch labels ("str", "list[…]", model names) are not fields.
+            out += f".{part}" if out else part
+    return out
+
+
+def parse_body(model: type[M], raw: bytes) -> M:
+    """Validate a JSON body; 400 naming the first bad field."""
+    if not raw:
+        raise bad_request("The request body is empty; expected a JSON object.")
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+
+
+def validation_error(exc: ValidationError) -> ApiError:
+    """The 400 for a failed validation, naming the field that says most."""
+    errors = exc.errors(include_url=False)
+    # Of a union's per-branch errors, the deepest one says most about the
+    # mistake ("unknown content part type", not "should be a string"); at
+    # equal depth, a broken rule beats a mere "wrong type" for another branch.
+    first = max(errors, key=lambda e: (len(e["loc"]), not e["type"].endswith("_type")))
+    if first["type"] == "json_invalid":
+        return bad_request(f"The request body is not valid JSON: {first['msg']}")
+    if first["type"] == "model_type" and not first["loc"]:
+        return bad_request("The request body must be a JSON object.")
+    param = field_path(first["loc"])
+    where = f"'{param}': " if param else ""
+    return bad_request(f"Invalid request: {where}{first['msg']}", param or None)
+
+
+def current_request_id() -> str:
+    """The id of the request being served (set by the request-context middleware)."""
+    return request_id_var.get() or new_request_id()
+
+
+class AnyMethod:
+    """A request handler routed for every HTTP method (Starlette routes a plain
+    function for GET only unless told a list)."""
+
+    def __init__(self, handler: Callable[[Request], Awaitable[Response]]) -> None:
+        self._app = request_response(handler)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self._app(scope, receive, send)
