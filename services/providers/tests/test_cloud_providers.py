@@ -652,3 +652,21 @@ async def test_an_unreachable_cloud_provider_is_unavailable_without_its_address(
     [provider] = health.providers
     assert provider.status == pb.HEALTH_STATUS_ERROR
     assert provider.error == "local is not reachable: connection refused"
+
+
+async def test_hf_with_a_token_but_the_router_down_still_lists_the_curated_models() -> None:
+    dead = closed_port_url()
+    entry = ProviderConfig(type="huggingface", base_url=f"{dead}/v1", api_key_env="FAKE_HF_TOKEN")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FAKE_HF_TOKEN", "hf_x")
+        async with running_service(
+            settings_for_tests(), config=one_provider("hf", entry)
+        ) as service:
+            models = await service.stub.ListModels(pb.ListModelsRequest())
+            health = await service.stub.GetProviderHealth(pb.GetProviderHealthRequest())
+
+    assert len(models.models) == 5
+    assert all(m.metadata["curated"] == "true" for m in models.models)
+    [provider] = health.providers
+    assert provider.status == pb.HEALTH_STATUS_ERROR
+    assert provider.error == "hf is not reachable: connection refused"

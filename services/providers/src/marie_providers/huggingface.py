@@ -9,12 +9,16 @@ token the provider is listed as unavailable, which is never an error at start.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from marie.providers.v1 import provider_service_pb2 as pb
+from marie_kit.errors import ServiceError
 
 from marie_providers.errors import model_not_found
 from marie_providers.openai_compatible import OpenAICompatibleProvider
+
+log = logging.getLogger("marie.providers.huggingface")
 
 DEFAULT_HF_BASE_URL = "https://router.huggingface.co/v1"
 
@@ -117,8 +121,14 @@ class HuggingFaceProvider(OpenAICompatibleProvider):
 
     async def list_models(self) -> list[pb.ModelInfo]:
         models = _curated()
+        live_models: list[pb.ModelInfo] = []
         if not self.missing_credentials():
-            for live in await self._listing():
+            try:
+                live_models = await self._listing()
+            except ServiceError as exc:
+                # The curated list is always shown; health says the router is down.
+                log.warning("hugging face router listing failed: %s", exc.message)
+            for live in live_models:
                 curated = models.get(live.name)
                 if curated is not None:
                     live.description = curated.description
