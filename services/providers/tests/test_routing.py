@@ -18,6 +18,7 @@ from marie_providers.routing import pick_arm, sticky_fraction
 from marie_providers.settings import ProvidersSettings
 from providers_testkit import Service, chat, closed_port_url, running_service, stream_outcome
 
+from tests.fakes.ollama import FakeOllama
 from tests.fakes.openai_server import FakeChatModel, FakeOpenAI
 from tests.fakes.upstream import Cue
 from tests.grpc_testing import rpc_error
@@ -463,3 +464,19 @@ async def test_a_restricted_key_sees_only_the_routes_and_targets_it_may_use(
     routes = {m.id: [t.model for t in m.route.targets] for m in reply.models if m.HasField("route")}
     assert routes == {"ab": ["b/m"], "fast": ["b/m"], "slowpoke": ["b/m"]}
     assert [m.id for m in reply.models if not m.HasField("route")] == ["b/m"]
+
+
+async def test_spellings_of_one_ollama_model_share_one_breaker(fake: FakeOllama) -> None:
+    fake.set_model("llama3.2:latest", status_error=(500, "GPU fell over"))
+    cfg = MarieConfig(
+        providers={"ollama": ProviderConfig(type="ollama", base_url=fake.base_url)},
+        routing=RoutingConfig(retries=0, breaker_failures=1),
+    )
+    async with running_service(SETTINGS, config=cfg) as service:
+        _, first = await stream_outcome(service.stub.StreamChatCompletion(chat("ollama/llama3.2")))
+        _, second = await stream_outcome(
+            service.stub.StreamChatCompletion(chat("ollama/llama3.2:latest"))
+        )
+
+    assert first is not None and first.reason == "UPSTREAM_ERROR"
+    assert second is not None and second.reason == "CIRCUIT_OPEN"

@@ -157,8 +157,9 @@ class Router:
     # -- resolution ----------------------------------------------------------
 
     def deployment(self, provider: Provider, model: str) -> Deployment:
-        """The (one, shared) deployment of `model` on `provider`."""
-        key = (provider.name, model)
+        """The (one, shared) deployment of `model` on `provider`: spellings the
+        provider takes for the same model ("llama3.2", "llama3.2:latest") share it."""
+        key = (provider.name, provider.canonical_model_name(model))
         found = self._deployments.get(key)
         if found is None:
             limit = self._limits.get(provider.name, self.policy.max_concurrency)
