@@ -210,6 +210,8 @@ def test_models_lists_every_provider_and_the_routed_names(client: openai.OpenAI)
     # The curated Hugging Face list is there beside the router's live one.
     assert "hf/HuggingFaceH4/zephyr-7b-beta" in ids
     assert alias.id == "fast"
+    assert alias.owned_by == "marie"
+    assert alias.model_extra == {"routes_to": ["oai/flaky", "claude/claude-fake"]}
 
 
 def test_an_alias_falls_back_before_the_first_token(
@@ -301,3 +303,28 @@ def test_marie_up_reports_each_provider_healthy(cloud_stack: Stack) -> None:
 
     for name, count in (("oai", 5), ("hf", 7), ("claude", 3)):
         assert re.search(rf"^  {name} +healthy, {count} models$", log, re.MULTILINE), log
+
+
+def test_a_restricted_key_is_routed_only_where_it_may_go(
+    cloud_stack: Stack, upstreams: Upstreams
+) -> None:
+    key = cloud_stack.create_key("claude-only", "--model", "claude/*")
+    before = len(upstreams.oai.requests_to("/v1/chat/completions"))
+    with openai.OpenAI(base_url=f"{cloud_stack.base_url}/v1", api_key=key, max_retries=0) as c:
+        reply = c.chat.completions.create(model="fast", messages=HELLO)
+        listed = {m.id: m for m in c.models.list()}
+
+    assert reply.model == "claude/claude-fake"
+    # The alias's first target is an upstream this key may not use: never asked.
+    assert len(upstreams.oai.requests_to("/v1/chat/completions")) == before
+    assert listed["fast"].model_extra == {"routes_to": ["claude/claude-fake"]}
+    assert not any(i.startswith("oai/") for i in listed)
+
+
+def test_a_key_allowed_none_of_an_alias_targets_gets_403(cloud_stack: Stack) -> None:
+    key = cloud_stack.create_key("ollama-only", "--model", "ollama/*")
+    with (
+        openai.OpenAI(base_url=f"{cloud_stack.base_url}/v1", api_key=key, max_retries=0) as c,
+        pytest.raises(openai.PermissionDeniedError),
+    ):
+        c.chat.completions.create(model="fast", messages=HELLO)
