@@ -325,17 +325,18 @@ async def test_openai_400_with_param_is_invalid_argument_naming_it(
     assert "temperature is too high" in error.message
 
 
-async def test_openai_hang_before_first_byte_is_a_first_token_timeout(
+async def test_openai_hang_before_first_byte_ends_at_the_deadline_and_closes_upstream(
     openai_service: Service, oai: FakeOpenAI
 ) -> None:
     oai.fail_next(Cue.hang())
     started = time.monotonic()
-    _, error = await stream_outcome(openai_service.stub.StreamChatCompletion(chat("oai/gpt-fake")))
+    _, error = await stream_outcome(
+        openai_service.stub.StreamChatCompletion(chat("oai/gpt-fake"), timeout=1)
+    )
 
     assert error is not None
-    assert (error.code, error.reason) == (grpc.StatusCode.DEADLINE_EXCEEDED, "UPSTREAM_TIMEOUT")
-    assert "first token within 2s" in error.message
-    assert 1.9 < time.monotonic() - started < 4
+    assert error.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert time.monotonic() - started < 2
     assert await asyncio.to_thread(oai.wait_for_disconnect, 1)
 
 

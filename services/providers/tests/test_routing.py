@@ -136,6 +136,20 @@ async def test_an_alias_fails_over_when_the_first_deployment_refuses_connections
     assert text(chunks) == "answer from backup"
 
 
+async def test_the_last_deployment_gets_all_the_time_it_needs_for_a_first_token(
+    service: Service, upstreams: tuple[FakeOpenAI, FakeOpenAI]
+) -> None:
+    primary, _ = upstreams
+    # Longer than the 1 s first-token timeout: a model loading, say.
+    primary.fail_next(Cue.slow_first(1.5))
+
+    chunks, error = await stream_outcome(service.stub.StreamChatCompletion(chat("a/m")))
+
+    assert error is None
+    assert text(chunks) == "answer from primary"
+    assert len(primary.requests_to("/v1/chat/completions")) == 1
+
+
 async def test_no_failover_once_output_has_started(
     service: Service, upstreams: tuple[FakeOpenAI, FakeOpenAI]
 ) -> None:

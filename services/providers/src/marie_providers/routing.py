@@ -47,7 +47,11 @@ DEPLOYMENT_FAILURES = frozenset(
     }
 )
 # Failures a second try on the same deployment can't fix.
-NOT_RETRIED_REASONS = frozenset({"UPSTREAM_AUTH_FAILED", "CIRCUIT_OPEN", "DEPLOYMENT_BUSY"})
+# A first-token timeout is not retried either: trying the same deployment again
+# would abort what it was busy with (an Ollama model loading) and start over.
+NOT_RETRIED_REASONS = frozenset(
+    {"UPSTREAM_AUTH_FAILED", "CIRCUIT_OPEN", "DEPLOYMENT_BUSY", "FIRST_TOKEN_TIMEOUT"}
+)
 
 CIRCUIT_STATES: Mapping[Circuit, pb.CircuitState] = {
     Circuit.CLOSED: pb.CIRCUIT_STATE_CLOSED,
@@ -324,8 +328,14 @@ class Router:
         created: int,
         deadline: float | None = None,
     ) -> AsyncGenerator[pb.StreamChatCompletionResponse, None]:
-        """The completion's chunks from the first deployment that produces a first chunk."""
+        """The completion's chunks from the first deployment that produces a first chunk.
+
+        The first-token timeout applies while another deployment is left to
+        try: it is a reason to fail over, not to give up (the last deployment
+        is bounded by the read timeout and the caller's deadline).
+        """
         first_token_timeout = self.policy.first_token_timeout_seconds
+        last = plan.deployments[-1]
 
         async def opened(
             deployment: Deployment,
@@ -335,17 +345,17 @@ class Router:
             chunks = deployment.provider.stream_chat(
                 request, deployment.model, completion_id, created
             )
+            limit = (
+                first_token_timeout if first_token_timeout > 0 and deployment is not last else None
+            )
             try:
-                if first_token_timeout > 0:
-                    async with asyncio.timeout(first_token_timeout):
-                        first = await anext(chunks)
-                else:
+                async with asyncio.timeout(limit):
                     first = await anext(chunks)
             except TimeoutError:
                 await chunks.aclose()
                 raise ServiceError(
                     grpc.StatusCode.DEADLINE_EXCEEDED,
-                    "UPSTREAM_TIMEOUT",
+                    "FIRST_TOKEN_TIMEOUT",
                     f"{deployment.id} sent no first token within {first_token_timeout:g}s",
                     domain=DOMAIN,
                     metadata={"provider": deployment.provider.name},
