@@ -4,6 +4,7 @@ against local servers speaking each upstream's wire protocol."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 
@@ -671,3 +672,31 @@ async def test_hf_with_a_token_but_the_router_down_still_lists_the_curated_model
     [provider] = health.providers
     assert provider.status == pb.HEALTH_STATUS_ERROR
     assert provider.error == "hf is not reachable: connection refused"
+
+
+async def test_health_answers_from_memory_while_an_upstream_hangs() -> None:
+    # A listening socket nobody accepts from: connections open, nothing answers.
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    url = f"http://127.0.0.1:{silent.getsockname()[1]}/v1"
+    entry = ProviderConfig(type="openai", base_url=url)
+    config = MarieConfig(
+        providers={"silent": entry}, routing=RoutingConfig(health_interval_seconds=0.1)
+    )
+    try:
+        async with running_service(settings_for_tests(), config=config) as service:
+            timings = []
+            for _ in range(5):
+                started = time.monotonic()
+                reply = await service.stub.GetProviderHealth(pb.GetProviderHealthRequest())
+                timings.append(time.monotonic() - started)
+                await asyncio.sleep(0.1)
+    finally:
+        silent.close()
+
+    # Each probe takes the whole 1 s probe timeout; no health call waited for one.
+    assert max(timings) < 0.25
+    [provider] = reply.providers
+    assert provider.status == pb.HEALTH_STATUS_ERROR
+    assert provider.error == "silent did not answer in time"
