@@ -700,3 +700,20 @@ async def test_health_answers_from_memory_while_an_upstream_hangs() -> None:
     [provider] = reply.providers
     assert provider.status == pb.HEALTH_STATUS_ERROR
     assert provider.error == "silent did not answer in time"
+
+
+async def test_a_models_allow_list_limits_listing_and_chat(oai: FakeOpenAI) -> None:
+    entry = ProviderConfig(
+        type="openai", base_url=f"{oai.base_url}/v1", api_key_env=KEY_ENV, models=("gpt-fake",)
+    )
+    async with running_service(settings_for_tests(), config=one_provider("oai", entry)) as service:
+        listed = await service.stub.ListModels(pb.ListModelsRequest())
+        _, refused = await stream_outcome(service.stub.StreamChatCompletion(chat("oai/tooly")))
+        chunks, error = await stream_outcome(
+            service.stub.StreamChatCompletion(chat("oai/gpt-fake"))
+        )
+
+    assert [m.id for m in listed.models] == ["oai/gpt-fake"]
+    assert refused is not None and refused.reason == "MODEL_NOT_FOUND"
+    assert error is None and text_of(chunks) == "Hello there, friend"
+    assert [r.body["model"] for r in oai.requests_to("/v1/chat/completions")] == ["gpt-fake"]

@@ -214,8 +214,11 @@ class Router:
         route = None if provider else self._routes.get(model)
         if route is None:
             owner, name = await self.registry.resolve(model, provider, access)
-            if owner.allowed_models is not None and name not in owner.allowed_models:
-                raise model_not_found(name, owner.name)
+            if owner.allowed_models is not None:
+                # The configuration's allow-list, compared in the provider's own spelling.
+                allowed = {owner.canonical_model_name(m) for m in owner.allowed_models}
+                if owner.canonical_model_name(name) not in allowed:
+                    raise model_not_found(name, owner.name)
             return RoutePlan(model, pb.ROUTE_KIND_UNSPECIFIED, (self.deployment(owner, name),))
         targets = self._allowed_targets(route, access)
         if not targets:
