@@ -9,6 +9,8 @@ import json
 import re
 from collections.abc import Iterator
 
+import httpx
+import jsonschema
 import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam, ChatCompletionToolParam
@@ -328,3 +330,22 @@ def test_a_key_allowed_none_of_an_alias_targets_gets_403(cloud_stack: Stack) -> 
         pytest.raises(openai.PermissionDeniedError),
     ):
         c.chat.completions.create(model="fast", messages=HELLO)
+
+
+def test_routed_names_fit_the_documented_schemas(cloud_stack: Stack, client: openai.OpenAI) -> None:
+    document = httpx.get(f"{cloud_stack.base_url}/openapi.json").json()
+    headers = {"authorization": f"Bearer {client.api_key}"}
+    models = httpx.get(f"{cloud_stack.base_url}/v1/models", headers=headers).json()
+    catalogue = httpx.get(f"{cloud_stack.base_url}/api/models", headers=headers).json()
+
+    schema = {"$ref": "#/components/schemas/OpenAIModelList", **document}
+    jsonschema.validate(models, schema, cls=jsonschema.Draft202012Validator)
+    assert {
+        "id": "fast",
+        "object": "model",
+        "created": 0,
+        "owned_by": "marie",
+        "routes_to": ["oai/flaky", "claude/claude-fake"],
+    } in models["data"]
+    # The catalogue by provider has no place for names that belong to none.
+    assert set(catalogue["models"]) == {"ollama", "oai", "hf", "claude"}

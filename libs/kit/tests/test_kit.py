@@ -309,3 +309,60 @@ async def test_channels_spread_calls_over_every_resolved_replica() -> None:
         await first.stop(0)
         await second.stop(0)
     assert answers == {b"one", b"two"}
+
+
+async def _reflect(channel: grpc.aio.Channel, service: str, request: Any) -> Any:
+    from grpc_reflection.v1alpha import reflection_pb2  # noqa: PLC0415
+
+    call = channel.stream_stream(
+        f"/{service}/ServerReflectionInfo",
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+    )
+    async for reply in call(iter([request])):
+        return reply
+    raise AssertionError("no reply")
+
+
+@pytest.mark.parametrize(
+    "service", ["grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection"]
+)
+async def test_reflection_finds_the_file_of_a_method(
+    probe: tuple[RunningServer, ProbeComponent], service: str
+) -> None:
+    """`grpcurl describe pkg.Service.Method` asks for a method symbol."""
+    from google.protobuf import descriptor_pb2  # noqa: PLC0415
+    from grpc_reflection.v1alpha import reflection_pb2  # noqa: PLC0415
+    from marie.providers.v1 import provider_service_pb2  # noqa: F401, PLC0415
+
+    running, _ = probe
+    async with insecure_channel(running.target) as channel:
+        reply = await _reflect(
+            channel,
+            service,
+            reflection_pb2.ServerReflectionRequest(
+                file_containing_symbol="marie.providers.v1.ProviderService.ListModels"
+            ),
+        )
+        missing = await _reflect(
+            channel,
+            service,
+            reflection_pb2.ServerReflectionRequest(
+                file_containing_symbol="marie.providers.v1.ProviderService.NoSuchMethod"
+            ),
+        )
+        listed = await _reflect(
+            channel, service, reflection_pb2.ServerReflectionRequest(list_services="")
+        )
+    assert not reply.HasField("error_response")
+    files = [
+        descriptor_pb2.FileDescriptorProto.FromString(raw)
+        for raw in reply.file_descriptor_response.file_descriptor_proto
+    ]
+    assert "marie/providers/v1/provider_service.proto" in [f.name for f in files]
+    assert missing.error_response.error_code == grpc.StatusCode.NOT_FOUND.value[0]
+    names = {s.name for s in listed.list_services_response.service}
+    assert {
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    } <= names

@@ -2,7 +2,8 @@
 
 - request id: taken from `x-request-id` metadata (or created), bound to a
   context variable for logs and downstream calls, echoed in initial metadata;
-- access log: one line per call with method, status code and latency;
+- access log: one line per call with method, status code and latency, and
+  the same as Prometheus metrics (`marie_kit.metrics`);
 - errors: `ServiceError` becomes its rich status; anything else becomes
   INTERNAL with ErrorInfo and no stack trace for the client (it is logged).
 """
@@ -20,6 +21,7 @@ import grpc
 
 from marie_kit.context import REQUEST_ID_HEADER, clean_request_id, request_id_var
 from marie_kit.errors import ServiceError
+from marie_kit.metrics import rpc_calls, rpc_duration, rpc_streams_in_flight
 
 log = logging.getLogger("marie.access")
 
@@ -84,13 +86,12 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         return error.code
 
     def _log(self, method: str, code: grpc.StatusCode, started: float) -> None:
+        elapsed = time.perf_counter() - started
+        rpc_calls(method, code.name).inc()
+        rpc_duration(method).observe(elapsed)
         log.info(
             "rpc",
-            extra={
-                "method": method,
-                "code": code.name,
-                "latency_ms": round((time.perf_counter() - started) * 1000, 3),
-            },
+            extra={"method": method, "code": code.name, "latency_ms": round(elapsed * 1000, 3)},
         )
 
     def _wrap_unary(self, behavior: Any, method: str, incoming: Any) -> Any:
@@ -118,6 +119,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             started = time.perf_counter()
             self._begin(context, incoming)
             code = grpc.StatusCode.OK
+            in_flight = rpc_streams_in_flight(method)
+            in_flight.inc()
             try:
                 # aclosing: a cancelled call closes the handler's generator now
                 # (and with it any upstream request), not at garbage collection.
@@ -133,6 +136,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             except Exception as exc:
                 code = await self._fail(context, exc, method)
             finally:
+                in_flight.dec()
                 self._log(method, code, started)
 
         return stream

@@ -18,9 +18,10 @@ from typing import Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from marie_kit.interceptors import ServerInterceptor
+from marie_kit.metrics import start_metrics_server
+from marie_kit.reflection import enable_reflection
 
 log = logging.getLogger("marie.server")
 
@@ -96,9 +97,7 @@ async def start_server(
     names = [n for c in components for n in c.service_names]
     for component in components:
         component.register(server)
-    reflection.enable_server_reflection(
-        [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
-    )
+    enable_reflection([*names, health.SERVICE_NAME], server)
     # Not serving until every component has opened what it needs.
     not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
     for name in ["", *names]:
@@ -123,9 +122,19 @@ async def start_server(
     return RunningServer(server, bound, health_servicer, components)
 
 
-async def serve(components: Sequence[Component], *, host: str, port: int, grace: float) -> None:
-    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+async def serve(
+    components: Sequence[Component],
+    *,
+    host: str,
+    port: int,
+    grace: float,
+    metrics_port: int = 0,
+) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully. With a
+    `metrics_port`, Prometheus metrics are served there as well."""
     try:
+        if metrics_port:
+            start_metrics_server(host, metrics_port)
         running = await start_server(components, host=host, port=port)
     except OSError as exc:
         # One clear line, not a traceback: the operator has a port to change.

@@ -44,6 +44,12 @@ class ServiceSettings(BaseSettings):
         validation_alias=AliasChoices("MARIE_GRACE_SECONDS", "grace_seconds"),
         description="How long in-flight calls may run on after SIGTERM.",
     )
+    metrics_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="Port of the Prometheus /metrics endpoint (on `host`); 0: no endpoint.",
+    )
 
 
 S = TypeVar("S", bound=BaseSettings)

@@ -19,6 +19,7 @@ def main() -> None:
             host=settings.host,
             port=settings.port,
             grace=settings.grace_seconds,
+            metrics_port=settings.metrics_port,
         )
     )
 

@@ -22,6 +22,7 @@ from marie_kit.apikeys import is_well_formed
 from marie_kit.context import outgoing_metadata
 
 from marie_gateway.errors import from_rpc_error, invalid_api_key, permission_denied
+from marie_gateway.metrics import KEY_CACHE_HIT, KEY_CACHE_MISS
 
 # The metadata that carries a key's allowed models to the services, which
 # check the resolved model before any upstream call (providers'
@@ -110,7 +111,9 @@ class KeyValidator:
         hit = self._cache.get(digest)
         now = time.monotonic()
         if hit is not None and hit[1] > now and self._events_live:
+            KEY_CACHE_HIT.inc()
             return hit[0]
+        KEY_CACHE_MISS.inc()
         try:
             reply = await self._stub.ValidateApiKey(
                 auth_pb.ValidateApiKeyRequest(key=key),

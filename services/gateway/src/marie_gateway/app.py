@@ -1,20 +1,26 @@
 """The gateway's HTTP application, assembled: each surface (the OpenAI `/v1`
-routes, health, Envoy's key check) lives in its own module; this one wires
-them to the shared state, the error handlers and the request context."""
+routes, the model API, comparison, health, metrics, the OpenAPI document,
+Envoy's key check) lives in its own module; this one wires them to the shared
+state, the error handlers, CORS and the request context."""
 
 from __future__ import annotations
 
 import logging
+from importlib.metadata import version
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 
-from marie_gateway import grpc_authz, health
+from marie_gateway import grpc_authz, health, metrics, openapi
+from marie_gateway.compare import CompareRoutes
 from marie_gateway.core import Gateway
 from marie_gateway.errors import ApiError
 from marie_gateway.middleware import RequestContext
+from marie_gateway.models_api import ModelRoutes
 from marie_gateway.openai_api import OpenAIRoutes
 from marie_gateway.settings import GatewaySettings
 from marie_gateway.web import current_request_id, error_response
@@ -50,11 +56,28 @@ def create_app(settings: GatewaySettings) -> RequestContext:
     gw = Gateway(settings)
     routes = [
         *OpenAIRoutes(gw).routes(),
+        *ModelRoutes(gw).routes(),
+        *CompareRoutes(gw).routes(),
         *health.routes(gw),
+        *metrics.routes(),
+        *openapi.routes(version("marie-gateway")),
         *grpc_authz.routes(gw),
     ]
+    middleware = []
+    if settings.cors_origins:
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=[o.strip() for o in settings.cors_origins.split(",") if o.strip()],
+                allow_methods=["GET", "POST", "PATCH", "DELETE"],
+                allow_headers=["authorization", "x-api-key", "content-type", "x-request-id"],
+                expose_headers=["x-request-id", "retry-after"],
+                max_age=600,
+            )
+        )
     app = Starlette(
         routes=routes,
+        middleware=middleware,
         lifespan=gw.lifespan,
         exception_handlers={
             ApiError: _api_error,

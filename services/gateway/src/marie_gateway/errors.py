@@ -9,6 +9,8 @@ import grpc
 import orjson
 from marie_kit.errors import ServiceError
 
+from marie_gateway.metrics import upstream_errors
+
 log = logging.getLogger("marie.gateway.errors")
 
 
@@ -132,6 +134,7 @@ def _client_message(error: ServiceError, status: int, request_id: str) -> str:
 
 def from_service_error(error: ServiceError, request_id: str) -> ApiError:
     """Map a service's error onto the OpenAI envelope."""
+    upstream_errors(error.reason).inc()
     status, type_, code = _BY_REASON.get(error.reason) or _BY_CODE.get(error.code) or _DEFAULT
     if status >= 500:
         log.warning(

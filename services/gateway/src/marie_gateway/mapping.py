@@ -10,8 +10,8 @@ import orjson
 from marie.providers.v1 import provider_service_pb2 as pb
 
 from marie_gateway.protocol import (
-    ChatCompletionRequest,
     ChatMessage,
+    ChatParameters,
     NamedToolChoice,
     TextPart,
 )
@@ -77,17 +77,17 @@ def _message(msg: ChatMessage) -> pb.ChatMessage:
 
 
 def chat_request_to_proto(
-    body: ChatCompletionRequest, completion_id: str
+    body: ChatParameters, completion_id: str, *, model: str, aggregate: bool
 ) -> pb.StreamChatCompletionRequest:
-    """The providers request for an OpenAI chat completion body."""
+    """The providers request for a chat on `model`. `aggregate` when the reply
+    is assembled here anyway (non-streaming): providers then sends it in as
+    few messages as it can."""
     req = pb.StreamChatCompletionRequest(
-        model=body.model,
+        model=model,
         messages=[_message(m) for m in body.messages],
         user=body.user or "",
         completion_id=completion_id,
-        # A non-streaming reply is assembled here anyway: let providers send it
-        # in as few messages as it can.
-        aggregate=not body.stream,
+        aggregate=aggregate,
     )
     s = req.sampling
     if body.temperature is not None:

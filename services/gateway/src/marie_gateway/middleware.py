@@ -11,6 +11,7 @@ from typing import Any
 from marie_kit.context import clean_request_id, request_id_var
 
 from marie_gateway.core import Gateway
+from marie_gateway.metrics import UNMATCHED, http_duration, http_requests
 
 access_log = logging.getLogger("marie.access")
 
@@ -65,12 +66,19 @@ class RequestContext:
                 raise
         finally:
             self.gw.release(scope)
+            elapsed = time.perf_counter() - started
+            method = scope["method"]
+            route = scope.get("route")
+            # The template, never the raw path: a client must not mint labels.
+            template = getattr(route, "path", UNMATCHED)
+            http_requests(template, method, status).inc()
+            http_duration(template, method).observe(elapsed)
             access_log.info(
                 "http",
                 extra={
-                    "method": scope["method"],
+                    "method": method,
                     "path": scope["path"],
                     "status": status,
-                    "latency_ms": round((time.perf_counter() - started) * 1000, 3),
+                    "latency_ms": round(elapsed * 1000, 3),
                 },
             )

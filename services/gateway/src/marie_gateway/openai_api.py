@@ -27,6 +27,7 @@ from marie_gateway.mapping import (
     chunk_delta,
     usage_dict,
 )
+from marie_gateway.metrics import STREAMS_IN_FLIGHT, provider_of, time_to_first_token, tokens
 from marie_gateway.protocol import ChatCompletionRequest, EmbeddingsRequest
 from marie_gateway.sse import DONE, DisconnectWatch, EventStreamResponse, event
 from marie_gateway.web import JSONResponse, current_request_id, parse_body
@@ -45,6 +46,8 @@ class OpenAIRoutes:
     def routes(self) -> list[BaseRoute]:
         return [
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+            # The original design's developer API path: the same handler.
+            Route("/api/v1/chat/completions", self.chat_completions, methods=["POST"]),
             Route("/v1/models", self.list_models, methods=["GET"]),
             Route("/v1/models/{model_id:path}", self.get_model, methods=["GET"]),
             Route("/v1/embeddings", self.embeddings, methods=["POST"]),
@@ -56,10 +59,11 @@ class OpenAIRoutes:
         principal = await gw.authorize(request, SCOPE_CHAT)
         body = parse_body(ChatCompletionRequest, await gw.read_body(request))
         completion_id = "chatcmpl-" + secrets.token_hex(12)
+        started = time.perf_counter()
         # The key's allowed models travel with the call: providers checks the
         # model it resolves before any upstream call.
         call: ChatCall = gw.backends().providers.StreamChatCompletion(
-            chat_request_to_proto(body, completion_id),
+            chat_request_to_proto(body, completion_id, model=body.model, aggregate=not body.stream),
             timeout=gw.settings.request_timeout_seconds,
             metadata=principal.call_metadata(),
         )
@@ -76,6 +80,7 @@ class OpenAIRoutes:
                 raise ApiError(
                     502, "The provider ended the stream without a reply.", "server_error"
                 )
+            time_to_first_token(*provider_of(first.model)).observe(time.perf_counter() - started)
             created = first.created or int(time.time())
             if body.stream:
                 # The event stream watches for the disconnect itself from here on.
@@ -83,11 +88,17 @@ class OpenAIRoutes:
                 include_usage = bool(body.stream_options and body.stream_options.include_usage)
                 events = self._sse_events(call, first, created, include_usage, rid)
                 streaming = True
-                return EventStreamResponse(events, [(b"x-request-id", rid.encode())])
+                return EventStreamResponse(
+                    events,
+                    [(b"x-request-id", rid.encode())],
+                    keep_alive_seconds=gw.settings.sse_keep_alive_seconds,
+                )
             aggregate = CompletionAggregate()
             aggregate.add(first)
             while isinstance(chunk := await call.read(), pb.StreamChatCompletionResponse):
                 aggregate.add(chunk)
+            if aggregate.usage is not None:
+                count_tokens(first.model, aggregate.usage)
             return JSONResponse(aggregate.response(first.id, created, first.model))
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc, rid) from None
@@ -114,6 +125,7 @@ class OpenAIRoutes:
         head = {"id": first.id, "object": "chat.completion.chunk", "created": created}
         model = first.model
         usage: pb.Usage | None = None
+        STREAMS_IN_FLIGHT.inc()
         try:
             chunk = first
             while True:
@@ -156,6 +168,9 @@ class OpenAIRoutes:
             # Reached on normal end, on error, and when the client disconnects.
             call.cancel()
             self.gw.untrack(call)
+            STREAMS_IN_FLIGHT.dec()
+            if usage is not None:
+                count_tokens(model, usage)
 
     async def list_models(self, request: Request) -> Response:
         gw = self.gw
@@ -220,6 +235,12 @@ class OpenAIRoutes:
             "total_tokens": reply.usage.total_tokens,
         }
         return JSONResponse({"object": "list", "data": data, "model": reply.model, "usage": usage})
+
+
+def count_tokens(model: str, usage: pb.Usage) -> None:
+    provider, model_id = provider_of(model)
+    tokens(provider, model_id, "in").inc(usage.prompt_tokens)
+    tokens(provider, model_id, "out").inc(usage.completion_tokens)
 
 
 def _model_object(model: pb.ModelInfo) -> dict[str, Any]:

@@ -162,13 +162,15 @@ class NamedToolChoice(_Body):
 ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice | None
 
 
-class ChatCompletionRequest(_Body):
-    """`POST /v1/chat/completions`."""
+ModelId = Annotated[str, Field(min_length=1, max_length=MAX_MODEL_LENGTH)]
+#: How many models one comparison may run at once.
+MAX_COMPARE_MODELS = 8
 
-    model: str = Field(min_length=1, max_length=MAX_MODEL_LENGTH)
+
+class ChatParameters(_Body):
+    """What a chat request says besides its model: messages, sampling, tools."""
+
     messages: list[ChatMessage] = Field(min_length=1)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, ge=0, le=1)
     top_k: PositiveInt32 | None = None
@@ -178,14 +180,10 @@ class ChatCompletionRequest(_Body):
     seed: Int64 | None = None
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    n: int = Field(default=1, ge=1, le=1, description="Only one choice per request is supported.")
     response_format: ResponseFormatBody | None = None
     tools: list[ToolBody] | None = None
     tool_choice: ToolChoice = None
     user: str | None = Field(default=None, max_length=256)
-    logprobs: Literal[False] | None = Field(
-        default=None, description="Log probabilities are not supported yet."
-    )
 
     @field_validator("tool_choice")
     @classmethod
@@ -198,10 +196,35 @@ class ChatCompletionRequest(_Body):
         return choice
 
 
+class ChatCompletionRequest(ChatParameters):
+    """`POST /v1/chat/completions`."""
+
+    model: ModelId
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(default=1, ge=1, le=1, description="Only one choice per request is supported.")
+    logprobs: Literal[False] | None = Field(
+        default=None, description="Log probabilities are not supported yet."
+    )
+
+
+class CompareRequest(ChatParameters):
+    """`POST /api/compare`: one prompt, run on several models at once."""
+
+    models: list[ModelId] = Field(min_length=2, max_length=MAX_COMPARE_MODELS)
+
+    @field_validator("models")
+    @classmethod
+    def _distinct(cls, models: list[str]) -> list[str]:
+        if len(set(models)) != len(models):
+            raise ValueError("each model may appear once")
+        return models
+
+
 class EmbeddingsRequest(_Body):
     """`POST /v1/embeddings`."""
 
-    model: str = Field(min_length=1, max_length=MAX_MODEL_LENGTH)
+    model: ModelId
     input: NonEmptyStr | list[NonEmptyStr] = Field(min_length=1, max_length=2048)
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: PositiveInt32 | None = None

@@ -74,6 +74,17 @@ class GatewaySettings(BaseSettings):
         gt=0,
         description="Time a client has to send a whole request body; then 408.",
     )
+    sse_keep_alive_seconds: float = Field(
+        default=15.0,
+        gt=0,
+        le=3600,
+        description="Quiet time after which an open SSE stream gets a comment line.",
+    )
+    cors_origins: str = Field(
+        default="",
+        description="Comma-separated origins browsers may call from ('*' for any); "
+        "none by default.",
+    )
     keep_alive_seconds: float = Field(
         default=5.0,
         gt=0,

@@ -11,6 +11,10 @@ from typing import Any
 import orjson
 
 DONE = b"data: [DONE]\n\n"
+# A comment line: clients ignore it; proxies and clients with read timeouts
+# see the stream is alive while a slow model thinks.
+KEEP_ALIVE = b": keep-alive\n\n"
+KEEP_ALIVE_SECONDS = 15.0
 HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
@@ -64,34 +68,64 @@ class EventStreamResponse:
     """
 
     def __init__(
-        self, events: AsyncIterator[bytes], headers: list[tuple[bytes, bytes]] | None = None
+        self,
+        events: AsyncIterator[bytes],
+        headers: list[tuple[bytes, bytes]] | None = None,
+        *,
+        keep_alive_seconds: float = KEEP_ALIVE_SECONDS,
     ) -> None:
         self.events = events
         self.headers = HEADERS + (headers or [])
+        self.keep_alive_seconds = keep_alive_seconds
+        # Loop time of the last write; the keep-alive task writes only after
+        # a quiet `keep_alive_seconds`.
+        self._last_write = 0.0
+        self._finished = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": self.headers})
-        sender = asyncio.create_task(self._send_all(send))
+        loop = asyncio.get_running_loop()
+        self._last_write = loop.time()
+        sender = asyncio.create_task(self._send_all(send, loop))
         watcher = asyncio.create_task(self._wait_disconnect(receive))
+        ticker = asyncio.create_task(self._keep_alive(send, loop))
         try:
             await asyncio.wait((sender, watcher), return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in (sender, watcher):
+            for task in (sender, watcher, ticker):
                 task.cancel()
-            await asyncio.gather(sender, watcher, return_exceptions=True)
+            await asyncio.gather(sender, watcher, ticker, return_exceptions=True)
             aclose = getattr(self.events, "aclose", None)
             if aclose is not None:
                 with contextlib.suppress(Exception):
                     await aclose()
 
-    async def _send_all(self, send: Send) -> None:
+    async def _send_all(self, send: Send, loop: asyncio.AbstractEventLoop) -> None:
         try:
             async for data in self.events:
                 await send({"type": "http.response.body", "body": data, "more_body": True})
+                self._last_write = loop.time()
+            self._finished = True
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:
             # The client went away while we wrote; nothing more to send.
             return
+
+    async def _keep_alive(self, send: Send, loop: asyncio.AbstractEventLoop) -> None:
+        """A comment after every quiet `keep_alive_seconds` (one timer per
+        stream, none per event)."""
+        while True:
+            quiet = loop.time() - self._last_write
+            if quiet < self.keep_alive_seconds:
+                await asyncio.sleep(self.keep_alive_seconds - quiet)
+                continue
+            if self._finished:
+                return
+            self._last_write = loop.time()
+            try:
+                await send({"type": "http.response.body", "body": KEEP_ALIVE, "more_body": True})
+            except OSError:
+                return
 
     @staticmethod
     async def _wait_disconnect(receive: Receive) -> None:

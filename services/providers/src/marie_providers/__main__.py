@@ -20,7 +20,15 @@ def main() -> None:
         fail(f"invalid configuration: {exc}")
     setup_logging("providers", settings.log_level)
     component = ProvidersComponent(settings, config=config)
-    run(serve([component], host=settings.host, port=settings.port, grace=settings.grace_seconds))
+    run(
+        serve(
+            [component],
+            host=settings.host,
+            port=settings.port,
+            grace=settings.grace_seconds,
+            metrics_port=settings.metrics_port,
+        )
+    )
 
 
 if __name__ == "__main__":

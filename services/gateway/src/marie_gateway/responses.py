@@ -1,0 +1,253 @@
+"""Pydantic models of what the gateway answers.
+
+Marie's own `/api` answers are built through these models, so the OpenAPI
+document (generated from them) describes exactly what is sent. The OpenAI
+`/v1` answers are built as plain dicts on the hot path; their models here
+describe them, and the tests check live answers against the document.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, RootModel
+
+Capability = Literal["chat", "completion", "embeddings", "tools", "vision"]
+HealthStatus = Literal["healthy", "unhealthy", "error", "unknown"]
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+# -- errors -------------------------------------------------------------------
+
+
+class ErrorDetail(_Out):
+    message: str
+    type: str = Field(description="invalid_request_error, authentication_error, …")
+    param: str | None = Field(description="The request field at fault, when one is.")
+    code: str | None = Field(description="A stable machine-readable code.")
+
+
+class ErrorEnvelope(_Out):
+    """Every error, on every route: OpenAI's envelope."""
+
+    error: ErrorDetail
+
+
+# -- Marie's model API ----------------------------------------------------------
+
+
+class MarieModel(_Out):
+    """A model as Marie's own API shows it (the original design's ModelInfo)."""
+
+    id: str = Field(description="The provider's own name, e.g. 'llama3.2:latest'.")
+    name: str = Field(description="Display name.")
+    provider: str
+    full_id: str = Field(description="What /v1 takes: 'ollama/llama3.2:latest'.")
+    description: str | None = None
+    parameters: str | None = Field(default=None, description="Parameter count, e.g. '3.2B'.")
+    quantization: str | None = Field(default=None, description="e.g. 'Q4_K_M'.")
+    size: str | None = Field(default=None, description="Human size, e.g. '2.0GB'.")
+    size_bytes: int | None = None
+    context_length: int | None = None
+    max_tokens: int | None = None
+    capabilities: list[Capability]
+    metadata: dict[str, Any] = Field(
+        default_factory=dict, description="Provider-specific details (family, format, …)."
+    )
+
+
+class ProviderListingError(_Out):
+    provider: str
+    reason: str
+    message: str
+
+
+class ModelsByProvider(_Out):
+    """`GET /api/models`."""
+
+    models: dict[str, list[MarieModel]]
+    total: int
+    errors: list[ProviderListingError] = Field(
+        default_factory=list,
+        description="Providers whose listing failed; their models are left out.",
+    )
+
+
+class ProviderModels(_Out):
+    """`GET /api/models/{provider}`."""
+
+    provider: str
+    models: list[MarieModel]
+    total: int
+
+
+class ModelSearchResults(_Out):
+    """`GET /api/models/search`."""
+
+    query: str
+    models: list[MarieModel]
+    total: int
+
+
+class ProviderSummary(_Out):
+    name: str
+    type: str
+    available: bool
+    supports_streaming: bool
+    supports_embeddings: bool
+    default_model: str | None
+    models_count: int
+
+
+class ProvidersList(_Out):
+    """`GET /api/models/providers`."""
+
+    providers: list[ProviderSummary]
+
+
+class ProviderHealthInfo(_Out):
+    status: HealthStatus
+    available: bool
+    models_count: int
+    supports_streaming: bool
+    supports_embeddings: bool
+    default_model: str | None
+    latency_ms: float | None
+    error: str | None
+
+
+class ProvidersHealth(RootModel[dict[str, ProviderHealthInfo]]):
+    """`GET /api/models/providers/health`: provider name → its health."""
+
+
+# -- comparison -------------------------------------------------------------------
+
+
+class CompareLatency(_Out):
+    first_token_ms: float | None
+    total_ms: float
+
+
+class CompareUsage(_Out):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompareEvent(_Out):
+    """One `data:` event of `POST /api/compare`; the stream ends with `data: [DONE]`."""
+
+    type: Literal["delta", "done", "error"]
+    index: int = Field(description="Position of the model in the request's `models`.")
+    model: str = Field(description="The model as the request named it.")
+    resolved_model: str | None = Field(default=None, description="The model id that answered.")
+    delta: dict[str, Any] | None = Field(
+        default=None, description="type delta: an OpenAI chunk delta (role, content, tool_calls)."
+    )
+    finish_reason: str | None = None
+    usage: CompareUsage | None = None
+    latency: CompareLatency | None = None
+    error: ErrorDetail | None = None
+
+
+# -- the OpenAI surface (described; built as dicts on the hot path) ------------------
+
+
+class Usage(_Out):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ToolCallFunction(_Out):
+    name: str
+    arguments: str
+
+
+class ToolCall(_Out):
+    id: str
+    type: Literal["function"]
+    function: ToolCallFunction
+
+
+class AssistantMessage(_Out):
+    role: Literal["assistant"]
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
+
+
+class Choice(_Out):
+    index: int
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length", "tool_calls", "content_filter"]
+    logprobs: None = None
+
+
+class ChatCompletion(_Out):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage | None = None
+
+
+class ChunkChoice(_Out):
+    index: int
+    delta: dict[str, Any]
+    logprobs: None = None
+    finish_reason: str | None
+
+
+class ChatCompletionChunk(_Out):
+    """One `data:` event of a streamed chat completion; the stream ends with
+    `data: [DONE]`, and an error after the first event is an ErrorEnvelope event."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+
+
+class OpenAIModel(_Out):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    routes_to: list[str] | None = Field(
+        default=None,
+        description='For an alias or split (owned_by "marie"): the models it routes to.',
+    )
+
+
+class OpenAIModelList(_Out):
+    object: Literal["list"]
+    data: list[OpenAIModel]
+
+
+class Embedding(_Out):
+    object: Literal["embedding"]
+    index: int
+    embedding: list[float] | str = Field(description="Floats, or base64 of float32 values.")
+
+
+class EmbeddingUsage(_Out):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(_Out):
+    object: Literal["list"]
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+
+
+class Health(_Out):
+    status: str
+    checks: dict[str, bool] | None = None
