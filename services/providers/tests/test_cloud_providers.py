@@ -717,3 +717,23 @@ async def test_a_models_allow_list_limits_listing_and_chat(oai: FakeOpenAI) -> N
     assert refused is not None and refused.reason == "MODEL_NOT_FOUND"
     assert error is None and text_of(chunks) == "Hello there, friend"
     assert [r.body["model"] for r in oai.requests_to("/v1/chat/completions")] == ["gpt-fake"]
+
+
+async def test_openai_whole_replies_are_asked_for_whole(
+    openai_service: Service, oai: FakeOpenAI
+) -> None:
+    request = chat("oai/tooly", tools=[WEATHER_TOOL], aggregate=True)
+    chunks, error = await stream_outcome(openai_service.stub.StreamChatCompletion(request))
+
+    assert error is None
+    [chunk] = chunks
+    assert chunk.role == pb.ROLE_ASSISTANT
+    assert calls_of(chunks) == {
+        0: {"id": "call_fake0", "name": "get_weather", "arguments": '{"city": "Paris"}'}
+    }
+    assert chunk.finish_reason == pb.FINISH_REASON_TOOL_CALLS
+    assert chunk.usage.prompt_tokens == 2
+    [sent] = oai.requests_to("/v1/chat/completions")
+    # Usage comes with a whole reply even from servers that ignore stream_options.
+    assert sent.body["stream"] is False
+    assert "stream_options" not in sent.body

@@ -52,6 +52,12 @@ class Provider(ABC):
         Closing the iterator early must close the upstream request.
         """
 
+    def first_chunk_is_whole_reply(self, request: pb.StreamChatCompletionRequest) -> bool:
+        """True when this provider answers `request` in one piece (it asks the upstream
+        for the whole reply), so its first chunk comes only when generation ends:
+        a first-token timeout would cut off a long reply."""
+        return False
+
     @abstractmethod
     async def embed(
         self, request: pb.CreateEmbeddingsRequest, model_name: str

@@ -25,6 +25,7 @@ from marie_providers.http_provider import JSON_HEADERS, HttpProvider, status_err
 from marie_providers.openai_translate import (
     ChatStreamTranslator,
     chat_payload,
+    chunk_from_completion,
     models_from_listing,
 )
 from marie_providers.sse import iter_sse_batches
@@ -71,6 +72,9 @@ class OpenAICompatibleProvider(HttpProvider):
                 return info
         raise model_not_found(name, self.name)
 
+    def first_chunk_is_whole_reply(self, request: pb.StreamChatCompletionRequest) -> bool:
+        return request.aggregate
+
     async def stream_chat(
         self,
         request: pb.StreamChatCompletionRequest,
@@ -79,6 +83,26 @@ class OpenAICompatibleProvider(HttpProvider):
         created: int,
     ) -> AsyncGenerator[pb.StreamChatCompletionResponse, None]:
         self.require_credentials()
+        if request.aggregate:
+            # The caller wants the whole reply: ask for it whole. Servers that
+            # ignore stream_options (llama.cpp's Python server) report usage only so.
+            body = await self.request_json(
+                "POST",
+                "chat/completions",
+                body=chat_payload(request, model_name, stream=False),
+                model=model_name,
+            )
+            try:
+                yield chunk_from_completion(
+                    body,
+                    completion_id=completion_id,
+                    model_id=self.model_id(model_name),
+                    provider=self.name,
+                    created=created,
+                )
+            except (UpstreamStatusError, UpstreamProtocolError) as exc:
+                raise self._error(exc, model_name) from exc
+            return
         payload = orjson.dumps(chat_payload(request, model_name))
         translator = ChatStreamTranslator(
             completion_id=completion_id,

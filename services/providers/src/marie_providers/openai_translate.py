@@ -146,14 +146,18 @@ def tool_choice_value(choice: pb.ToolChoice) -> str | dict[str, Any] | None:
     return TOOL_CHOICES.get(choice.mode)
 
 
-def chat_payload(request: pb.StreamChatCompletionRequest, model_name: str) -> dict[str, Any]:
-    """The `/chat/completions` body for a validated request, always streamed with usage."""
+def chat_payload(
+    request: pb.StreamChatCompletionRequest, model_name: str, *, stream: bool = True
+) -> dict[str, Any]:
+    """The `/chat/completions` body for a validated request: streamed with usage, or
+    (`stream=False`) whole, which is how servers that stream no usage still report it."""
     payload: dict[str, Any] = {
         "model": model_name,
         "messages": [message_dict(m) for m in request.messages],
-        "stream": True,
-        "stream_options": {"include_usage": True},
+        "stream": stream,
     }
+    if stream:
+        payload["stream_options"] = {"include_usage": True}
     payload.update(sampling_dict(request.sampling))
     if (response_format := response_format_dict(request.response_format)) is not None:
         payload["response_format"] = response_format
@@ -324,6 +328,48 @@ class ChatStreamTranslator:
         """The held-back last chunk, if any."""
         held, self._held = self._held, None
         return [held] if held is not None else []
+
+
+def chunk_from_completion(
+    body: Any, *, completion_id: str, model_id: str, provider: str, created: int
+) -> pb.StreamChatCompletionResponse:
+    """A whole (non-streamed) `/chat/completions` answer as the one chunk that says it all."""
+    if not isinstance(body, dict):
+        raise UpstreamProtocolError("/chat/completions answer is not a JSON object")
+    if "error" in body:
+        error = body["error"]
+        message = error.get("message") if isinstance(error, dict) else error
+        raise UpstreamStatusError(200, str(message or "error"))
+    choices = body.get("choices")
+    choice = choices[0] if isinstance(choices, list) and choices else None
+    if not isinstance(choice, dict) or not isinstance(choice.get("message"), dict):
+        raise UpstreamProtocolError("/chat/completions answer has no message")
+    message = choice["message"]
+    chunk = pb.StreamChatCompletionResponse(
+        id=completion_id,
+        model=model_id,
+        provider=provider,
+        created=created,
+        role=pb.ROLE_ASSISTANT,
+    )
+    content = message.get("content")
+    if isinstance(content, str):
+        chunk.content = content
+    calls = message.get("tool_calls")
+    if isinstance(calls, list):
+        for index, call in enumerate(calls):
+            delta = _tool_call_delta({"index": index, **call} if isinstance(call, dict) else call)
+            delta.type = delta.type or "function"
+            chunk.tool_calls.append(delta)
+    finish = choice.get("finish_reason")
+    chunk.finish_reason = FINISH_REASONS.get(str(finish), pb.FINISH_REASON_STOP)
+    if chunk.tool_calls and chunk.finish_reason == pb.FINISH_REASON_STOP:
+        # Some servers say "stop" after calling tools; OpenAI says "tool_calls".
+        chunk.finish_reason = pb.FINISH_REASON_TOOL_CALLS
+    usage = usage_from(body.get("usage"))
+    if usage is not None:
+        chunk.usage.CopyFrom(usage)
+    return chunk
 
 
 def _tool_call_delta(call: Any) -> pb.ToolCallDelta:

@@ -349,7 +349,11 @@ class Router:
                 request, deployment.model, completion_id, created
             )
             limit = (
-                first_token_timeout if first_token_timeout > 0 and deployment is not last else None
+                first_token_timeout
+                if first_token_timeout > 0
+                and deployment is not last
+                and not deployment.provider.first_chunk_is_whole_reply(request)
+                else None
             )
             try:
                 async with asyncio.timeout(limit):
