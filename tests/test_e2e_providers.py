@@ -253,6 +253,8 @@ def test_upstream_rate_limits_reach_the_client_as_429(
         client.chat.completions.create(model="claude/claude-fake", messages=HELLO)
 
     assert caught.value.status_code == 429
+    # The upstream's own Retry-After reaches the client.
+    assert caught.value.response.headers["retry-after"] == "2"
 
 
 def test_upstream_credential_failures_are_not_blamed_on_the_callers_key(
