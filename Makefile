@@ -84,7 +84,7 @@ lint: bootstrap $(BUF)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy libs/kit/src/marie_kit services/*/src cli/src deploy/healthcheck.py
 	# Test folders one by one: each has its own conftest module.
-	for d in libs/kit/tests services/*/tests tests bench; do $(VENV)/bin/mypy $$d || exit 1; done
+	for d in libs/kit/tests services/*/tests cli/tests tests bench; do $(VENV)/bin/mypy $$d || exit 1; done
 	$(BUF) lint
 	$(BUF) breaking --against protos/baseline.binpb
 

@@ -83,6 +83,29 @@ class Stack:
         key: str = orjson.loads(done.stdout)["key"]
         return key
 
+    def service_pids(self) -> dict[str, int]:
+        """The service processes `marie up` runs now (`python -m marie_<name>`),
+        by name, from /proc."""
+        pids: dict[str, int] = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                # The name may hold spaces; the parent pid follows the ')'.
+                ppid = int(stat.read_text().rpartition(")")[2].split()[1])
+                argv = (stat.parent / "cmdline").read_bytes().split(b"\0")
+            except (OSError, ValueError, IndexError):
+                continue  # exited meanwhile
+            if ppid == self.process.pid and len(argv) > 2 and argv[1] == b"-m":
+                pids[argv[2].decode().removeprefix("marie_")] = int(stat.parent.name)
+        return pids
+
+    def wait_for_log(self, text: str, timeout: float = 30.0) -> None:
+        """Wait until `marie up` has logged `text`; AssertionError with the log if not."""
+        deadline = time.monotonic() + timeout
+        while text not in self.log():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{text!r} not logged in {timeout}s:\n{self.log()}")
+            time.sleep(0.02)
+
     def stop(self) -> int:
         """Ctrl-C, as a person would; returns `marie up`'s exit code."""
         if self.process.poll() is None:

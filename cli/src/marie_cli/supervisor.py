@@ -1,5 +1,7 @@
 """`marie up`: start every service as its own process, wait until each is
-ready, and stop them all cleanly on Ctrl-C or SIGTERM."""
+ready, keep them running (a service that crashes is restarted with backoff
+while the others go on serving), and stop them all cleanly on Ctrl-C or
+SIGTERM."""
 
 from __future__ import annotations
 
@@ -14,11 +16,60 @@ import httpx
 from marie.providers.v1 import provider_service_pb2 as pb
 from marie.providers.v1 import provider_service_pb2_grpc as pb_grpc
 from marie_kit.channels import insecure_channel, wait_until_serving
+from marie_kit.settings import load_settings
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Extra time past the services' own grace period before stragglers are killed.
 KILL_MARGIN_SECONDS = 5.0
 READY_TIMEOUT_SECONDS = 60.0
 HEALTH_TIMEOUT_SECONDS = 5.0
+HOST = "127.0.0.1"
+
+
+class SupervisorSettings(BaseSettings):
+    """How `marie up` restarts crashed services (MARIE_UP_*)."""
+
+    model_config = SettingsConfigDict(env_prefix="MARIE_UP_", extra="ignore", frozen=True)
+
+    restart_delay_seconds: float = Field(
+        default=0.5, gt=0, le=60, description="Wait before the first restart after a crash."
+    )
+    restart_max_delay_seconds: float = Field(
+        default=30.0, gt=0, le=600, description="Longest wait between restarts (it doubles)."
+    )
+    max_restarts: int = Field(
+        default=5,
+        ge=0,
+        le=1000,
+        description="Restarts in a row, each crashing soon after, before marie up gives up.",
+    )
+    stable_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="A run at least this long counts as healthy: the backoff starts over.",
+    )
+
+
+@dataclass
+class Backoff:
+    """When to restart a service that exited: the delay doubles with every
+    quick crash in a row (a run shorter than `stable_seconds`), a longer run
+    starts it over, and more than `max_restarts` quick crashes is a loop."""
+
+    settings: SupervisorSettings
+    quick_crashes: int = 0
+
+    def crashed(self, ran_for: float) -> float | None:
+        """The wait before the next restart, or None to give up."""
+        if ran_for >= self.settings.stable_seconds:
+            self.quick_crashes = 0
+        self.quick_crashes += 1
+        if self.quick_crashes > self.settings.max_restarts:
+            return None
+        doubled: float = self.settings.restart_delay_seconds * 2.0 ** (self.quick_crashes - 1)
+        return min(doubled, self.settings.restart_max_delay_seconds)
 
 
 @dataclass(frozen=True)
@@ -31,14 +82,9 @@ class ServiceSpec:
     grpc: bool  # ready through gRPC health; else through HTTP /readyz
 
 
-@dataclass
-class Running:
-    spec: ServiceSpec
-    process: asyncio.subprocess.Process
-
-
 def services_from_env(env: dict[str, str]) -> list[ServiceSpec]:
-    """The suite in start order (dependencies first), ports from the environment."""
+    """The suite in start order (dependencies first), ports from the environment.
+    Adding a service is one line here."""
 
     def port(var: str, default: int) -> int:
         raw = env.get(var, str(default))
@@ -53,23 +99,110 @@ def services_from_env(env: dict[str, str]) -> list[ServiceSpec]:
     ]
 
 
-async def _wait_ready(spec: ServiceSpec, host: str, process: asyncio.subprocess.Process) -> None:
+class StartFailed(Exception):
+    """A service exited, or did not become ready in time, while starting."""
+
+
+def say(message: str) -> None:
+    """One line for the person at the terminal (stderr, like the services' errors)."""
+    print(f"marie: {message}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Service:
+    """One supervised service: its current process and its crash history."""
+
+    spec: ServiceSpec
+    env: dict[str, str]
+    settings: SupervisorSettings
+    process: asyncio.subprocess.Process | None = None
+    started_at: float = 0.0
+    restarts: int = 0
+
+    async def start(self) -> None:
+        """Start the process and wait until it is ready; StartFailed if it is not."""
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            self.spec.module,
+            env=self.env,
+            # Children ignore the terminal's Ctrl-C: this supervisor stops them in order.
+            start_new_session=True,
+        )
+        self.started_at = time.monotonic()
+        await _wait_ready(self.spec, self.process)
+
+    async def supervise(self) -> None:
+        """Restart the process whenever it exits; return only when it crashes in
+        a loop (more than `max_restarts` quick crashes in a row)."""
+        backoff = Backoff(self.settings)
+        while True:
+            assert self.process is not None
+            code = await self.process.wait()
+            delay = backoff.crashed(time.monotonic() - self.started_at)
+            if delay is None:
+                say(
+                    f"{self.spec.name} exited with code {code} and keeps crashing "
+                    f"({backoff.quick_crashes} times in a row, each within "
+                    f"{self.settings.stable_seconds:g} s of starting); giving up"
+                )
+                return
+            self.restarts += 1
+            say(
+                f"{self.spec.name} exited with code {code}; restarting in {delay:.1f} s "
+                f"(restart {self.restarts})"
+            )
+            await asyncio.sleep(delay)
+            try:
+                await self.start()
+            except StartFailed as exc:
+                say(f"restart of {self.spec.name} failed: {exc}")
+                await self.kill()
+                continue
+            say(f"{self.spec.name} is back, ready on {HOST}:{self.spec.port}")
+
+    async def kill(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.kill()
+            await self.process.wait()
+
+    async def stop(self, grace: float) -> None:
+        """SIGTERM, then SIGKILL if it outlives the grace period."""
+        process = self.process
+        if process is None or process.returncode is not None:
+            return
+        process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(process.wait(), grace + KILL_MARGIN_SECONDS)
+        except TimeoutError:
+            say(f"{self.spec.name} did not stop in time; killing it")
+            await self.kill()
+
+
+async def _wait_ready(spec: ServiceSpec, process: asyncio.subprocess.Process) -> None:
     deadline = time.monotonic() + READY_TIMEOUT_SECONDS
     if spec.grpc:
         waiter = asyncio.create_task(
-            wait_until_serving(f"{host}:{spec.port}", timeout=READY_TIMEOUT_SECONDS)
+            wait_until_serving(f"{HOST}:{spec.port}", timeout=READY_TIMEOUT_SECONDS)
         )
     else:
         waiter = asyncio.create_task(
-            _wait_http_ready(f"http://{host}:{spec.port}/readyz", deadline)
+            _wait_http_ready(f"http://{HOST}:{spec.port}/readyz", deadline)
         )
     exited = asyncio.create_task(process.wait())
-    done, _ = await asyncio.wait((waiter, exited), return_when=asyncio.FIRST_COMPLETED)
-    if exited in done:
-        waiter.cancel()
-        raise RuntimeError(f"{spec.name} exited with code {process.returncode} while starting")
-    exited.cancel()
-    waiter.result()
+    try:
+        done, _ = await asyncio.wait((waiter, exited), return_when=asyncio.FIRST_COMPLETED)
+        if exited in done:
+            raise StartFailed(f"{spec.name} exited with code {process.returncode} while starting")
+        try:
+            waiter.result()
+        except TimeoutError as exc:
+            raise StartFailed(str(exc)) from None
+    finally:
+        # Also on cancellation (Ctrl-C while a service starts): no task left behind.
+        for task in (waiter, exited):
+            task.cancel()
+        await asyncio.gather(waiter, exited, return_exceptions=True)
 
 
 async def _wait_http_ready(url: str, deadline: float) -> None:
@@ -85,70 +218,83 @@ async def _wait_http_ready(url: str, deadline: float) -> None:
             await asyncio.sleep(0.1)
 
 
-async def _stop_all(running: list[Running], grace: float) -> None:
-    """SIGTERM in reverse start order, then SIGKILL whatever outlives the grace period."""
-    for item in reversed(running):
-        if item.process.returncode is None:
-            item.process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(item.process.wait(), grace + KILL_MARGIN_SECONDS)
-            except TimeoutError:
-                print(f"marie: {item.spec.name} did not stop in time; killing it", file=sys.stderr)
-                item.process.kill()
-                await item.process.wait()
-
-
 async def up(env: dict[str, str]) -> int:
     """Start the suite; returns the exit code once it has stopped.
 
     `env` is passed to every service; its MARIE_DATA_DIR must be absolute so
-    all services share one data directory whatever their working directory."""
+    all services share one data directory whatever their working directory.
+
+    A service that fails before it was ever ready stops the suite at once
+    (its own error line says why: a bad setting, a port in use). One that
+    exits after having served is restarted with exponential backoff while the
+    others keep serving; a run of at least `stable_seconds` resets the backoff.
+    Only a crash loop (more than `max_restarts` quick crashes in a row) stops
+    the suite, with exit code 1."""
     specs = services_from_env(env)
-    host = "127.0.0.1"
+    settings = load_settings(
+        SupervisorSettings,
+        **{
+            name.removeprefix("MARIE_UP_").lower(): value
+            for name, value in env.items()
+            if name.startswith("MARIE_UP_")
+        },
+    )
     grace = float(env.get("MARIE_GRACE_SECONDS", "10"))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    running: list[Running] = []
-    code = 0
+    services = [Service(spec, env, settings) for spec in specs]
     try:
-        for spec in specs:
-            process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                spec.module,
-                env=env,
-                # Children ignore the terminal's Ctrl-C: this supervisor stops them in order.
-                start_new_session=True,
-            )
-            running.append(Running(spec, process))
-            await _wait_ready(spec, host, process)
-            print(f"marie: {spec.name} ready on {host}:{spec.port}", flush=True)
-        gateway = next(s for s in specs if s.name == "gateway")
-        providers = next(s for s in specs if s.name == "providers")
-        print(_banner(host, specs, gateway.port, env["MARIE_DATA_DIR"]), flush=True)
-        print(await _provider_health(f"{host}:{providers.port}"), flush=True)
-        exits = [asyncio.create_task(r.process.wait()) for r in running]
-        stopper = asyncio.create_task(stop.wait())
-        await asyncio.wait([*exits, stopper], return_when=asyncio.FIRST_COMPLETED)
-        stopper.cancel()
-        for task in exits:
-            task.cancel()
-        for r in running:
-            if r.process.returncode is not None:
-                print(
-                    f"marie: {r.spec.name} exited with code {r.process.returncode}", file=sys.stderr
-                )
-                code = 1
-    except (RuntimeError, TimeoutError) as exc:
-        print(f"marie: {exc}", file=sys.stderr)
-        code = 1
+        code = await _run(services, stop, env["MARIE_DATA_DIR"])
     finally:
         print("marie: stopping…", flush=True)
-        await _stop_all(running, grace)
+        # Reverse start order: the gateway first, the services it needs last.
+        for service in reversed(services):
+            await service.stop(grace)
     print("marie: stopped", flush=True)
     return code
+
+
+async def _until_stopped(work: asyncio.Future[None], stop: asyncio.Event) -> bool:
+    """Run `work` unless `stop` is set first (then cancel it); True if it finished."""
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait((work, stopper), return_when=asyncio.FIRST_COMPLETED)
+    stopper.cancel()
+    if work.done():
+        return True
+    work.cancel()
+    await asyncio.gather(work, return_exceptions=True)
+    return False
+
+
+async def _run(services: list[Service], stop: asyncio.Event, data_dir: str) -> int:
+    """Start and supervise; the exit code once stopped (by a signal or a crash loop)."""
+    for service in services:
+        starting = asyncio.ensure_future(service.start())
+        if not await _until_stopped(starting, stop):
+            return 0
+        try:
+            starting.result()
+        except StartFailed as exc:
+            say(f"{exc}; stopping (nothing is restarted before it has started once)")
+            return 1
+        print(f"marie: {service.spec.name} ready on {HOST}:{service.spec.port}", flush=True)
+    specs = [s.spec for s in services]
+    gateway = next(s for s in specs if s.name == "gateway")
+    providers = next(s for s in specs if s.name == "providers")
+    print(_banner(HOST, specs, gateway.port, data_dir), flush=True)
+    print(await _provider_health(f"{HOST}:{providers.port}"), flush=True)
+    # Each watcher returns only when it gives up on its service.
+    watchers = [asyncio.create_task(s.supervise()) for s in services]
+    stopper = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait([*watchers, stopper], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (*watchers, stopper):
+            task.cancel()
+        await asyncio.gather(*watchers, stopper, return_exceptions=True)
+    return 0 if stop.is_set() else 1
 
 
 async def _provider_health(target: str) -> str:

@@ -142,7 +142,7 @@ def _scalar(node: yaml.Node) -> Any:
     if not isinstance(node, yaml.ScalarNode):
         raise ConfigError(f"line {node.start_mark.line + 1}: expected a plain value here")
     # The safe loader's own rules for plain values (ints, floats, booleans, null).
-    return yaml.SafeLoader("").construct_object(node)  # type: ignore[no-untyped-call]
+    return yaml.SafeLoader("").construct_object(node)
 
 
 def _line(lines: Mapping[Path_, int], path: Path_) -> int:
