@@ -58,6 +58,7 @@ class Stack:
     gateway_port: int
     providers_port: int
     auth_port: int
+    memory_port: int
 
     @property
     def base_url(self) -> str:
@@ -120,13 +121,14 @@ class Stack:
 
 def start_stack(data_dir: Path, ollama_url: str, **extra_env: str) -> Stack:
     """Start the suite with `marie up` and wait until the gateway is ready."""
-    gateway, providers, auth = free_ports(3)
+    gateway, providers, auth, memory = free_ports(4)
     env = {
         **{k: v for k, v in os.environ.items() if k not in PROVIDER_VARIABLES},
         "MARIE_DATA_DIR": str(data_dir),
         "MARIE_GATEWAY_PORT": str(gateway),
         "MARIE_PROVIDERS_PORT": str(providers),
         "MARIE_AUTH_PORT": str(auth),
+        "MARIE_MEMORY_PORT": str(memory),
         "OLLAMA_BASE_URL": ollama_url,
         "MARIE_GRACE_SECONDS": "2",
         **extra_env,
@@ -137,7 +139,7 @@ def start_stack(data_dir: Path, ollama_url: str, **extra_env: str) -> Stack:
         process = subprocess.Popen(
             [str(MARIE), "up"], env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT
         )
-    stack = Stack(process, env, log_path, gateway, providers, auth)
+    stack = Stack(process, env, log_path, gateway, providers, auth, memory)
     deadline = time.monotonic() + START_TIMEOUT_SECONDS
     while time.monotonic() < deadline:
         if process.poll() is not None:

@@ -49,6 +49,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
+from tests.fakes.structured import structured_answer
+
 __all__ = [
     "FakeModel",
     "FakeOllama",
@@ -114,6 +116,9 @@ class FakeModel:
     # --- /api/chat behaviour ---
     # None means "Hello from <model>! You said: <last message content>".
     reply: str | None = None
+    # Replies used once each, first in first out, before `reply` (e.g. a bad
+    # JSON answer, then a good one).
+    replies: list[str] = field(default_factory=list)
     # Returned in message.tool_calls, verbatim: [{"function": {"name": ...,
     # "arguments": {...}}}]. With tool calls and reply None the content is "".
     tool_calls: list[JSONObject] = field(default_factory=list)
@@ -222,16 +227,29 @@ class RecordedRequest:
     raw_body: bytes
 
 
+def _seeded_unit(seed_text: str, dimension: int) -> list[float]:
+    seed = int.from_bytes(hashlib.sha256(seed_text.encode("utf-8")).digest()[:8], "big")
+    rng = random.Random(seed)
+    return [rng.gauss(0.0, 1.0) for _ in range(dimension)]
+
+
 def fake_embedding(text: str, dimension: int) -> list[float]:
     """The deterministic unit vector /api/embed returns for ``text``.
 
     It depends only on the text and the dimension (not on the model), so a
-    test can compute the expected vector. Like Ollama's /api/embed, vectors
-    are L2-normalised.
+    test can compute the expected vector. Texts that share words are near:
+    the vector is the normalised sum of one fixed random vector per distinct
+    lower-cased word (a text without words gets a vector of its own). Like
+    Ollama's /api/embed, vectors are L2-normalised.
     """
-    seed = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big")
-    rng = random.Random(seed)
-    vector = [rng.gauss(0.0, 1.0) for _ in range(dimension)]
+    words = sorted(set(re.findall(r"\w+", text.lower())))
+    if not words:
+        vector = _seeded_unit(text, dimension)
+    else:
+        vector = [0.0] * dimension
+        for word in words:
+            for i, x in enumerate(_seeded_unit(word, dimension)):
+                vector[i] += x
     norm = math.sqrt(sum(x * x for x in vector)) or 1.0
     return [x / norm for x in vector]
 
@@ -1062,11 +1080,16 @@ class FakeOllama:
                     "done": True,
                 },
             )
-        return _ChatResponse(self, self._plan(model, name, messages, stream is not False))
+        plan = self._plan(model, name, messages, stream is not False, body.get("format"))
+        return _ChatResponse(self, plan)
 
     @staticmethod
     def _plan(
-        model: FakeModel, requested: str, messages: list[JSONObject], stream: bool
+        model: FakeModel,
+        requested: str,
+        messages: list[JSONObject],
+        stream: bool,
+        response_format: Any = None,
     ) -> _ChatPlan:
         last = messages[-1] if messages else {}
         after_tool_result = last.get("role") == "tool"
@@ -1074,6 +1097,11 @@ class FakeOllama:
         if after_tool_result and not model.tool_calls_after_tool_result:
             tool_calls = []
         reply = model.reply
+        if model.replies:
+            reply = model.replies.pop(0)
+        elif reply is None and isinstance(response_format, dict) and not tool_calls:
+            # A schema in `format`: answer JSON that follows it, as a real model does.
+            reply = json.dumps(structured_answer(response_format, messages))
         if reply is None:
             if tool_calls:
                 reply = ""

@@ -95,6 +95,7 @@ def services_from_env(env: dict[str, str]) -> list[ServiceSpec]:
     return [
         ServiceSpec("providers", "marie_providers", port("MARIE_PROVIDERS_PORT", 50051), True),
         ServiceSpec("auth", "marie_auth", port("MARIE_AUTH_PORT", 50053), True),
+        ServiceSpec("memory", "marie_memory", port("MARIE_MEMORY_PORT", 50052), True),
         ServiceSpec("gateway", "marie_gateway", port("MARIE_GATEWAY_PORT", 8000), False),
     ]
 

@@ -1,7 +1,7 @@
 """The gateway's HTTP application, assembled: each surface (the OpenAI `/v1`
-routes, the model API, comparison, health, metrics, the OpenAPI document,
-Envoy's key check) lives in its own module; this one wires them to the shared
-state, the error handlers, CORS and the request context."""
+routes, the memory `/api` routes, the model API, comparison, health, metrics,
+the OpenAPI document, Envoy's key check) lives in its own module; this one wires
+them to the shared state, the error handlers, CORS and the request context."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from marie_gateway import grpc_authz, health, metrics, openapi
 from marie_gateway.compare import CompareRoutes
 from marie_gateway.core import Gateway
 from marie_gateway.errors import ApiError
+from marie_gateway.memory_api import MemoryRoutes
 from marie_gateway.middleware import RequestContext
 from marie_gateway.models_api import ModelRoutes
 from marie_gateway.openai_api import OpenAIRoutes
@@ -56,6 +57,7 @@ def create_app(settings: GatewaySettings) -> RequestContext:
     gw = Gateway(settings)
     routes = [
         *OpenAIRoutes(gw).routes(),
+        *MemoryRoutes(gw).routes(),
         *ModelRoutes(gw).routes(),
         *CompareRoutes(gw).routes(),
         *health.routes(gw),

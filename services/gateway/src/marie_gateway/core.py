@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import grpc
+from marie.memory.v1 import memory_service_pb2_grpc as memory_grpc
 from marie.providers.v1 import provider_service_pb2_grpc as pb_grpc
 from marie_kit.channels import insecure_channel
 from marie_kit.memory import LARGE_REQUEST_BYTES, schedule_trim
@@ -23,6 +24,7 @@ from marie_gateway.settings import GatewaySettings
 from marie_gateway.web import current_request_id
 
 if TYPE_CHECKING:
+    from marie.memory.v1.memory_service_pb2_grpc import MemoryServiceAsyncStub
     from marie.providers.v1.provider_service_pb2_grpc import ProviderServiceAsyncStub
 
 log = logging.getLogger("marie.gateway")
@@ -40,6 +42,8 @@ class Backends:
     auth_channel: grpc.aio.Channel
     providers: ProviderServiceAsyncStub
     keys: KeyValidator
+    memory_channel: grpc.aio.Channel
+    memory: MemoryServiceAsyncStub
 
 
 class BodyBudget:
@@ -193,8 +197,14 @@ class Gateway:
             timeout=self.settings.control_timeout_seconds,
         )
         keys.start()
+        memory_channel = insecure_channel(self.settings.memory_addr)
         self._backends = Backends(
-            providers_channel, auth_channel, pb_grpc.ProviderServiceStub(providers_channel), keys
+            providers_channel,
+            auth_channel,
+            pb_grpc.ProviderServiceStub(providers_channel),
+            keys,
+            memory_channel,
+            memory_grpc.MemoryServiceStub(memory_channel),
         )
         log.info(
             "gateway ready",
@@ -207,6 +217,7 @@ class Gateway:
             await keys.close()
             await providers_channel.close()
             await auth_channel.close()
+            await memory_channel.close()
 
 
 def _too_large(limit: int) -> ApiError:

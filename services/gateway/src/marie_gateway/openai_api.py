@@ -27,6 +27,7 @@ from marie_gateway.mapping import (
     chunk_delta,
     usage_dict,
 )
+from marie_gateway.memory_api import enrich_chat
 from marie_gateway.metrics import STREAMS_IN_FLIGHT, provider_of, time_to_first_token, tokens
 from marie_gateway.protocol import ChatCompletionRequest, EmbeddingsRequest
 from marie_gateway.sse import DONE, DisconnectWatch, EventStreamResponse, event
@@ -60,10 +61,14 @@ class OpenAIRoutes:
         body = parse_body(ChatCompletionRequest, await gw.read_body(request))
         completion_id = "chatcmpl-" + secrets.token_hex(12)
         started = time.perf_counter()
+        chat = chat_request_to_proto(
+            body, completion_id, model=body.model, aggregate=not body.stream
+        )
+        await enrich_chat(gw, principal, body.user, chat)
         # The key's allowed models travel with the call: providers checks the
         # model it resolves before any upstream call.
         call: ChatCall = gw.backends().providers.StreamChatCompletion(
-            chat_request_to_proto(body, completion_id, model=body.model, aggregate=not body.stream),
+            chat,
             timeout=gw.settings.request_timeout_seconds,
             metadata=principal.call_metadata(),
         )

@@ -22,7 +22,7 @@ from starlette.responses import HTMLResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from marie_gateway import protocol, responses
+from marie_gateway import memory_docs, protocol, responses
 from marie_gateway.access import SCOPE_CHAT, SCOPE_EMBEDDINGS, SCOPE_MODELS
 from marie_gateway.web import JSONResponse
 
@@ -169,6 +169,20 @@ OPERATIONS: tuple[Operation, ...] = (
         SCOPE_CHAT,
         protocol.CompareRequest,
         events=responses.CompareEvent,
+    ),
+    *(
+        Operation(
+            spec["path"],
+            spec["method"],
+            spec["summary"],
+            memory_docs.TAG,
+            memory_docs.SCOPE,
+            spec.get("request"),
+            spec.get("response"),
+            spec.get("events"),
+            tuple(Param(*q) for q in spec.get("query", ())),
+        )
+        for spec in memory_docs.OPERATIONS
     ),
     Operation(
         "/healthz", "get", "The process is up", "Operations", None, response=responses.Health

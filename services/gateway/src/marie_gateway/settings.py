@@ -9,6 +9,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_PROVIDERS_PORT = 50051
 DEFAULT_AUTH_PORT = 50053
+DEFAULT_MEMORY_PORT = 50052
 
 
 class GatewaySettings(BaseSettings):
@@ -39,6 +40,32 @@ class GatewaySettings(BaseSettings):
         ge=1,
         le=65535,
         validation_alias=AliasChoices("MARIE_AUTH_PORT", "auth_port"),
+    )
+    memory_addr: str = Field(
+        default="",
+        description="host:port of the memory service; default 127.0.0.1:$MARIE_MEMORY_PORT.",
+    )
+    memory_port: int = Field(
+        default=DEFAULT_MEMORY_PORT,
+        ge=1,
+        le=65535,
+        validation_alias=AliasChoices("MARIE_MEMORY_PORT", "memory_port"),
+    )
+    memory: Literal["off", "conversations", "all"] = Field(
+        default="conversations",
+        description=(
+            "Which chats are enriched with the user's memories: none, conversation turns "
+            "(/api/conversations/{id}/messages), or also /v1/chat/completions calls with `user`."
+        ),
+    )
+    memory_timeout_seconds: float = Field(
+        default=0.3,
+        gt=0,
+        le=10,
+        description="Deadline of the memory lookup before a chat; after it the chat goes on.",
+    )
+    memory_top_k: int = Field(
+        default=5, ge=1, le=50, description="Memories added to an enriched chat at most."
     )
     key_cache_ttl_seconds: float = Field(
         default=60.0,
@@ -105,6 +132,8 @@ class GatewaySettings(BaseSettings):
             object.__setattr__(self, "providers_addr", f"127.0.0.1:{self.providers_port}")
         if not self.auth_addr:
             object.__setattr__(self, "auth_addr", f"127.0.0.1:{self.auth_port}")
+        if not self.memory_addr:
+            object.__setattr__(self, "memory_addr", f"127.0.0.1:{self.memory_port}")
         if self.max_inflight_body_bytes < self.max_body_bytes:
             raise ValueError(
                 "MARIE_GATEWAY_MAX_INFLIGHT_BODY_BYTES must be at least "

@@ -1,0 +1,751 @@
+"""The memory service's core, free of gRPC: validation, paging, search and memory changes.
+
+Every method takes the `user_id` and only ever reads or writes that user's
+data; a resource of another user is answered exactly like a missing one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import secrets
+import time
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+
+from marie_memory import limits
+from marie_memory.embedding import Embeddings
+from marie_memory.errors import (
+    conversation_not_found,
+    extraction_model_not_configured,
+    invalid_argument,
+    memory_not_found,
+)
+from marie_memory.paging import decode_token, encode_token, page_size
+from marie_memory.records import (
+    EVENT_ADD,
+    EVENT_DELETE,
+    EVENT_NONE,
+    EVENT_UPDATE,
+    ROLE_SYSTEM,
+    Conversation,
+    ExtractionJob,
+    HistoryEntry,
+    Memory,
+    MemoryChange,
+    MemoryFilter,
+    Message,
+    MessageHit,
+    ScoredMemory,
+    Store,
+)
+
+if TYPE_CHECKING:
+    from marie_memory.extraction import Extractor
+
+log = logging.getLogger("marie.memory.core")
+
+# SearchMode values (same numbers as the proto enum).
+MODE_UNSPECIFIED = 0
+MODE_HYBRID = 1
+MODE_VECTOR = 2
+MODE_KEYWORD = 3
+
+CONVERSATION_FIELDS = frozenset({"title", "provider", "model", "metadata"})
+MEMORY_FIELDS = frozenset({"text", "categories", "metadata"})
+# Candidates fetched from each ranking before hybrid scores are combined.
+MIN_CANDIDATES = 50
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(12)}"
+
+
+def text_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class SourceMessage:
+    role: int
+    content: str
+    message_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class AddResult:
+    event: int
+    memory: Memory
+    previous_text: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ScoredHit:
+    message: Message
+    conversation_title: str
+    score: float
+    snippets: Sequence[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Ranked:
+    """One page of ranked results with the mode actually used."""
+
+    mode_used: int
+    mode_note: str
+    memories: list[ScoredMemory] = field(default_factory=list)
+    hits: list[ScoredHit] = field(default_factory=list)
+    next_page_token: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class AddRequest:
+    user_id: str
+    messages: Sequence[SourceMessage]
+    infer: bool = True
+    extraction_provider: str = ""
+    extraction_model: str = ""
+    categories: Sequence[str] = ()
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    conversation_id: str = ""
+    actor: str = ""
+
+
+class MemoryCore:
+    """What the servicer calls; holds the store, the embeddings and the extractor."""
+
+    def __init__(
+        self,
+        store: Store,
+        embeddings: Embeddings,
+        *,
+        extractor: Extractor | None = None,
+        default_extraction_model: str = "",
+        vector_weight: float = 0.7,
+        keyword_weight: float = 0.3,
+        similar_memories: int = 5,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.embeddings = embeddings
+        self.extractor = extractor
+        self.default_extraction_model = default_extraction_model
+        total = vector_weight + keyword_weight
+        self._vector_weight = vector_weight / total
+        self._keyword_weight = keyword_weight / total
+        self._similar = similar_memories
+        self._clock = clock
+        #: Called after a job is queued (the queue's wake-up).
+        self.on_enqueue: Callable[[], None] | None = None
+        # Memory writes of one user run one at a time, so dedupe sees every write.
+        self._user_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+
+    @property
+    def similar_count(self) -> int:
+        """How many similar stored memories each extracted fact is compared with."""
+        return self._similar
+
+    def now(self) -> float:
+        return self._clock()
+
+    # --- conversations ----------------------------------------------------
+
+    async def create_conversation(
+        self,
+        user_id: str,
+        title: str,
+        provider: str,
+        model: str,
+        metadata: Mapping[str, str],
+    ) -> Conversation:
+        now = self._clock()
+        conversation = Conversation(
+            id=new_id("conv"),
+            user_id=limits.user_id(user_id),
+            title=limits.text("title", title, limits.MAX_TITLE),
+            provider=limits.text("provider", provider, limits.MAX_PROVIDER),
+            model=limits.text("model", model, limits.MAX_MODEL),
+            metadata=limits.metadata("metadata", metadata),
+            create_time=now,
+            update_time=now,
+        )
+        await self.store.create_conversation(conversation)
+        return conversation
+
+    async def get_conversation(self, user_id: str, conversation_id: str) -> Conversation:
+        limits.user_id(user_id)
+        limits.required_id("conversation_id", conversation_id)
+        found = await self.store.get_conversation(user_id, conversation_id)
+        if found is None:
+            raise conversation_not_found(conversation_id)
+        return found
+
+    async def list_conversations(
+        self, user_id: str, size: int, token: str, order_by: str
+    ) -> tuple[list[Conversation], str]:
+        limits.user_id(user_id)
+        order = order_by.strip() or "create_time desc"
+        if order not in ("create_time desc", "update_time desc"):
+            raise invalid_argument(
+                "order_by", 'order_by is "create_time desc" or "update_time desc"'
+            )
+        by_update = order == "update_time desc"
+        limit = page_size(size, 20, 100)
+        fields = ["conversations", user_id, order]
+        cursor = decode_token(token, fields)
+        after = _time_cursor(cursor)
+        items = await self.store.list_conversations(user_id, by_update, after, limit + 1)
+        next_token = ""
+        if len(items) > limit:
+            items = items[:limit]
+            last = items[-1]
+            next_token = encode_token(
+                [last.update_time if by_update else last.create_time, last.id], fields
+            )
+        return items, next_token
+
+    async def update_conversation(
+        self, user_id: str, conversation_id: str, values: Conversation, paths: Sequence[str]
+    ) -> Conversation:
+        limits.user_id(user_id)
+        limits.required_id("conversation.id", conversation_id)
+        if not paths:
+            raise invalid_argument("update_mask", "update_mask names no field")
+        changes: dict[str, object] = {}
+        for path in paths:
+            if path not in CONVERSATION_FIELDS:
+                raise invalid_argument(
+                    "update_mask", f"{path!r} cannot be changed (title, provider, model, metadata)"
+                )
+            if path == "metadata":
+                changes[path] = limits.metadata("conversation.metadata", values.metadata)
+            else:
+                maximum = {"title": limits.MAX_TITLE, "provider": limits.MAX_PROVIDER}.get(
+                    path, limits.MAX_MODEL
+                )
+                changes[path] = limits.text(f"conversation.{path}", getattr(values, path), maximum)
+        updated = await self.store.update_conversation(
+            user_id, conversation_id, changes, self._clock()
+        )
+        if updated is None:
+            raise conversation_not_found(conversation_id)
+        return updated
+
+    async def delete_conversation(self, user_id: str, conversation_id: str) -> int:
+        limits.user_id(user_id)
+        limits.required_id("conversation_id", conversation_id)
+        deleted = await self.store.delete_conversation(user_id, conversation_id)
+        if deleted is None:
+            raise conversation_not_found(conversation_id)
+        return deleted
+
+    # --- messages ---------------------------------------------------------
+
+    async def append_messages(
+        self, user_id: str, conversation_id: str, messages: Sequence[Message]
+    ) -> tuple[list[Message], Conversation]:
+        limits.user_id(user_id)
+        limits.required_id("conversation_id", conversation_id)
+        if not 1 <= len(messages) <= limits.MAX_MESSAGES:
+            raise invalid_argument("messages", f"1 to {limits.MAX_MESSAGES} messages")
+        checked = []
+        for i, m in enumerate(messages):
+            name = f"messages[{i}]"
+            if not 1 <= m.role <= 4:
+                raise invalid_argument(f"{name}.role", "role is required")
+            if len(m.content.encode("utf-8")) > limits.MAX_MESSAGE_BYTES:
+                raise invalid_argument(f"{name}.content", "content is larger than 1 MiB")
+            if not m.content and not m.tool_calls:
+                raise invalid_argument(f"{name}.content", "content is required")
+            if m.prompt_tokens < 0 or m.completion_tokens < 0:
+                raise invalid_argument(f"{name}.prompt_tokens", "token counts are never negative")
+            limits.metadata(f"{name}.metadata", m.metadata)
+            limits.text(f"{name}.name", m.name, limits.MAX_NAME)
+            limits.text(f"{name}.provider", m.provider, limits.MAX_PROVIDER)
+            limits.text(f"{name}.model", m.model, limits.MAX_MODEL)
+            for j, call in enumerate(m.tool_calls):
+                limits.text(f"{name}.tool_calls[{j}].id", call.id, limits.MAX_NAME)
+                limits.text(
+                    f"{name}.tool_calls[{j}].function_name",
+                    call.function_name,
+                    limits.MAX_NAME,
+                    required=True,
+                )
+            checked.append(replace(m, id=new_id("msg"), conversation_id=conversation_id))
+        result = await self.store.append_messages(user_id, conversation_id, checked, self._clock())
+        if result is None:
+            raise conversation_not_found(conversation_id)
+        self.embeddings.wake()  # the new messages get their vectors in the background
+        return result
+
+    async def list_messages(
+        self, user_id: str, conversation_id: str, size: int, token: str, order_by: str
+    ) -> tuple[list[Message], str]:
+        limits.user_id(user_id)
+        limits.required_id("conversation_id", conversation_id)
+        order = order_by.strip() or "position asc"
+        if order not in ("position asc", "position desc"):
+            raise invalid_argument("order_by", 'order_by is "position asc" or "position desc"')
+        descending = order == "position desc"
+        limit = page_size(size, 100, 1000)
+        fields = ["messages", user_id, conversation_id, order]
+        cursor = decode_token(token, fields)
+        if cursor is not None and (not isinstance(cursor, int) or isinstance(cursor, bool)):
+            raise invalid_argument("page_token", "malformed page token")
+        items = await self.store.list_messages(
+            user_id, conversation_id, descending, cursor, limit + 1
+        )
+        if items is None:
+            raise conversation_not_found(conversation_id)
+        next_token = ""
+        if len(items) > limit:
+            items = items[:limit]
+            next_token = encode_token(items[-1].position, fields)
+        return items, next_token
+
+    async def search_messages(
+        self,
+        user_id: str,
+        query: str,
+        *,
+        conversation_id: str,
+        size: int,
+        token: str,
+        mode: int,
+        roles: Sequence[int],
+    ) -> Ranked:
+        limits.user_id(user_id)
+        limits.query(query)
+        for i, role in enumerate(roles):
+            if not 1 <= role <= 4:
+                raise invalid_argument(f"roles[{i}]", "unknown role")
+        limit = page_size(size, 20, 100)
+        fields = ["search", user_id, query, conversation_id, mode, sorted(roles)]
+        offset = decode_token(token, fields) or 0
+        if not isinstance(offset, int) or offset < 0:
+            raise invalid_argument("page_token", "malformed page token")
+        if mode not in (MODE_UNSPECIFIED, MODE_HYBRID, MODE_VECTOR, MODE_KEYWORD):
+            raise invalid_argument("mode", "unknown search mode")
+        if conversation_id and await self.store.get_conversation(user_id, conversation_id) is None:
+            raise conversation_not_found(conversation_id)
+        used, note, vector = await self._query_vector(query, mode)
+        wanted = offset + limit + 1
+        scores: dict[str, float] = {}
+        found: dict[str, MessageHit] = {}
+        if vector is not None:
+            for hit in await self.store.vector_search_messages(
+                user_id, vector, conversation_id, roles, wanted
+            ):
+                found[hit.message.id] = hit
+                scores[hit.message.id] = (
+                    self._vector_weight if used == MODE_HYBRID else 1.0
+                ) * max(0.0, min(1.0, hit.relevance))
+        if used in (MODE_HYBRID, MODE_KEYWORD):
+            keyword = await self.store.search_messages(
+                user_id, query, conversation_id, roles, wanted
+            )
+            best = keyword[0].relevance if keyword else 1.0
+            weight = self._keyword_weight if used == MODE_HYBRID else 1.0
+            for hit in keyword:
+                # Keyword hits carry the highlighted snippets: they win over vector ones.
+                found[hit.message.id] = hit
+                scores[hit.message.id] = scores.get(hit.message.id, 0.0) + weight * _ratio(
+                    hit.relevance, best
+                )
+        # Ties go oldest first, as the stores order equal ranks (pages stay stable).
+        ranked = sorted(
+            scores.items(),
+            key=lambda item: (
+                -item[1],
+                found[item[0]].message.create_time,
+                found[item[0]].message.conversation_id,
+                found[item[0]].message.position,
+            ),
+        )
+        page = ranked[offset : offset + limit]
+        hits = [
+            ScoredHit(
+                found[message_id].message,
+                found[message_id].conversation_title,
+                score,
+                found[message_id].snippets,
+            )
+            for message_id, score in page
+        ]
+        next_token = encode_token(offset + limit, fields) if len(ranked) > offset + limit else ""
+        if vector is not None and self.embeddings.messages_pending and not note:
+            note = "recent messages are still being embedded: vector results may be incomplete"
+        return Ranked(used, note, hits=hits, next_page_token=next_token)
+
+    # --- memories ---------------------------------------------------------
+
+    async def get_memory(self, user_id: str, memory_id: str) -> Memory:
+        limits.user_id(user_id)
+        limits.required_id("memory_id", memory_id)
+        found = await self.store.get_memory(user_id, memory_id)
+        if found is None:
+            raise memory_not_found(memory_id)
+        return found
+
+    async def list_memories(
+        self, user_id: str, size: int, token: str, memory_filter: MemoryFilter
+    ) -> tuple[list[Memory], str]:
+        limits.user_id(user_id)
+        _check_filter(memory_filter)
+        limit = page_size(size, 50, 500)
+        fields = [
+            "memories",
+            user_id,
+            sorted(memory_filter.metadata.items()),
+            sorted(memory_filter.categories),
+            memory_filter.source_conversation_id,
+        ]
+        after = _time_cursor(decode_token(token, fields))
+        items = await self.store.list_memories(user_id, memory_filter, after, limit + 1)
+        next_token = ""
+        if len(items) > limit:
+            items = items[:limit]
+            next_token = encode_token([items[-1].create_time, items[-1].id], fields)
+        return items, next_token
+
+    async def search_memories(
+        self,
+        user_id: str,
+        query: str,
+        *,
+        top_k: int,
+        threshold: float,
+        memory_filter: MemoryFilter,
+        mode: int,
+    ) -> Ranked:
+        limits.user_id(user_id)
+        limits.query(query)
+        _check_filter(memory_filter)
+        if not 0 <= threshold <= 1:
+            raise invalid_argument("score_threshold", "score_threshold is from 0 to 1")
+        if mode not in (MODE_UNSPECIFIED, MODE_HYBRID, MODE_VECTOR, MODE_KEYWORD):
+            raise invalid_argument("mode", "unknown search mode")
+        k = page_size(top_k, 10, 100, "top_k")
+        used, note, vector = await self._query_vector(query, mode)
+        candidates = max(MIN_CANDIDATES, 4 * k)
+        scores: dict[str, float] = {}
+        found: dict[str, Memory] = {}
+        if vector is not None:
+            for hit in await self.store.vector_search_memories(
+                user_id, vector, memory_filter, candidates
+            ):
+                found[hit.memory.id] = hit.memory
+                scores[hit.memory.id] = max(0.0, min(1.0, hit.score))
+        if used == MODE_HYBRID:
+            keyword = await self.store.keyword_search_memories(
+                user_id, query, memory_filter, candidates
+            )
+            best = keyword[0].score if keyword else 1.0
+            vector_scores = scores
+            scores = {}
+            for memory_id, value in vector_scores.items():
+                scores[memory_id] = self._vector_weight * value
+            for hit in keyword:
+                found.setdefault(hit.memory.id, hit.memory)
+                scores[hit.memory.id] = scores.get(hit.memory.id, 0.0) + (
+                    self._keyword_weight * _ratio(hit.score, best)
+                )
+        elif used == MODE_KEYWORD:
+            keyword = await self.store.keyword_search_memories(
+                user_id, query, memory_filter, candidates
+            )
+            best = keyword[0].score if keyword else 1.0
+            for hit in keyword:
+                found[hit.memory.id] = hit.memory
+                scores[hit.memory.id] = _ratio(hit.score, best)
+        ranked = sorted(scores.items(), key=lambda item: (-item[1], item[0]))
+        results = [
+            ScoredMemory(found[memory_id], score)
+            for memory_id, score in ranked
+            if score >= threshold and (score > 0 or threshold == 0)
+        ][:k]
+        if self.embeddings.backfilling and vector is not None and not note:
+            note = "memories are being re-embedded: vector results may be incomplete"
+        return Ranked(used, note, memories=results)
+
+    async def _query_vector(self, query: str, mode: int) -> tuple[int, str, list[float] | None]:
+        """The mode to use, why it differs from the request, and the query's vector."""
+        if mode == MODE_KEYWORD:
+            return MODE_KEYWORD, "", None
+        if mode == MODE_VECTOR:
+            return MODE_VECTOR, "", (await self.embeddings.embed([query]))[0]
+        if not self.embeddings.configured:
+            return MODE_KEYWORD, "no embedding model configured", None
+        try:
+            vector = (await self.embeddings.embed([query]))[0]
+        except Exception as exc:  # any failure to embed falls back to keywords
+            log.info("hybrid search fell back to keywords", extra={"error": str(exc)})
+            return MODE_KEYWORD, "the embedding model could not be reached", None
+        return MODE_HYBRID, "", vector
+
+    async def update_memory(
+        self, user_id: str, values: Memory, paths: Sequence[str], actor: str
+    ) -> Memory:
+        limits.user_id(user_id)
+        limits.required_id("memory.id", values.id)
+        limits.text("actor", actor, limits.MAX_ACTOR)
+        if not paths:
+            raise invalid_argument("update_mask", "update_mask names no field")
+        for path in paths:
+            if path not in MEMORY_FIELDS:
+                raise invalid_argument(
+                    "update_mask", f"{path!r} cannot be changed (text, categories, metadata)"
+                )
+        if "text" in paths:
+            limits.text("memory.text", values.text, limits.MAX_MEMORY_TEXT, required=True)
+        if "categories" in paths:
+            limits.categories("memory.categories", values.categories)
+        if "metadata" in paths:
+            limits.metadata("memory.metadata", values.metadata)
+        async with self._user_locks[user_id]:
+            current = await self.store.get_memory(user_id, values.id)
+            if current is None:
+                raise memory_not_found(values.id)
+            now = self._clock()
+            updated = replace(current, update_time=now)
+            vector = None
+            if "text" in paths and values.text != current.text:
+                updated = replace(updated, text=values.text, hash=text_hash(values.text))
+                if self.embeddings.configured:
+                    vector = (await self.embeddings.embed([values.text]))[0]
+            if "categories" in paths:
+                updated = replace(updated, categories=tuple(values.categories))
+            if "metadata" in paths:
+                updated = replace(updated, metadata=dict(values.metadata))
+            entry = HistoryEntry(
+                new_id("hist"),
+                current.id,
+                EVENT_UPDATE,
+                current.text,
+                updated.text,
+                now,
+                actor or user_id,
+                False,
+            )
+            await self.store.apply_memory_changes(
+                user_id, [MemoryChange(EVENT_UPDATE, updated, entry, vector)]
+            )
+            return updated
+
+    async def delete_memory(
+        self, user_id: str, memory_id: str, erase_history: bool, actor: str
+    ) -> None:
+        limits.user_id(user_id)
+        limits.required_id("memory_id", memory_id)
+        limits.text("actor", actor, limits.MAX_ACTOR)
+        async with self._user_locks[user_id]:
+            current = await self.store.get_memory(user_id, memory_id)
+            if current is None:
+                raise memory_not_found(memory_id)
+            entry = None
+            if not erase_history:
+                entry = HistoryEntry(
+                    new_id("hist"),
+                    memory_id,
+                    EVENT_DELETE,
+                    current.text,
+                    "",
+                    self._clock(),
+                    actor or user_id,
+                    False,
+                )
+            change = MemoryChange(EVENT_DELETE, current, entry, erase_history=erase_history)
+            await self.store.apply_memory_changes(user_id, [change])
+
+    async def delete_all_memories(self, user_id: str) -> int:
+        limits.user_id(user_id)
+        async with self._user_locks[user_id]:
+            return await self.store.delete_all_memories(user_id)
+
+    async def memory_history(
+        self, user_id: str, memory_id: str, size: int, token: str
+    ) -> tuple[list[HistoryEntry], str]:
+        limits.user_id(user_id)
+        limits.required_id("memory_id", memory_id)
+        limit = page_size(size, 100, 1000)
+        fields = ["history", user_id, memory_id]
+        cursor = decode_token(token, fields)
+        if cursor is not None and (not isinstance(cursor, int) or isinstance(cursor, bool)):
+            raise invalid_argument("page_token", "malformed page token")
+        rows = await self.store.history(user_id, memory_id, cursor, limit + 1)
+        if rows is None:
+            raise memory_not_found(memory_id)
+        next_token = ""
+        if len(rows) > limit:
+            rows = rows[:limit]
+            next_token = encode_token(rows[-1][0], fields)
+        return [entry for _, entry in rows], next_token
+
+    # --- AddMemories ------------------------------------------------------
+
+    def check_add(self, request: AddRequest) -> None:
+        """Validates an AddMemories request (also before queueing it)."""
+        limits.user_id(request.user_id)
+        if not 1 <= len(request.messages) <= limits.MAX_MESSAGES:
+            raise invalid_argument("messages", f"1 to {limits.MAX_MESSAGES} messages")
+        total = 0
+        for i, m in enumerate(request.messages):
+            if not 1 <= m.role <= 4:
+                raise invalid_argument(f"messages[{i}].role", "role is required")
+            if not m.content:
+                raise invalid_argument(f"messages[{i}].content", "content is required")
+            total += len(m.content.encode("utf-8"))
+            if not request.infer and m.role != ROLE_SYSTEM:
+                limits.text(f"messages[{i}].content", m.content, limits.MAX_MEMORY_TEXT)
+        if total > limits.MAX_MESSAGE_BYTES:
+            raise invalid_argument("messages", "the messages hold more than 1 MiB together")
+        limits.categories("categories", request.categories)
+        limits.metadata("metadata", request.metadata)
+        limits.text("actor", request.actor, limits.MAX_ACTOR)
+        limits.text("extraction_model", request.extraction_model, limits.MAX_MODEL)
+        limits.text("extraction_provider", request.extraction_provider, limits.MAX_PROVIDER)
+
+    def extraction_model(self, request: AddRequest) -> str:
+        """The model inference will use; FAILED_PRECONDITION when there is none."""
+        model = request.extraction_model or self.default_extraction_model
+        if not model:
+            raise extraction_model_not_configured()
+        if request.extraction_provider and request.extraction_model:
+            return f"{request.extraction_provider}/{request.extraction_model}"
+        return model
+
+    async def _check_add_fully(self, request: AddRequest) -> str:
+        """Everything AddMemories checks before changing anything; the model to use."""
+        self.check_add(request)
+        model = self.extraction_model(request) if request.infer else ""
+        if request.infer and self.extractor is None:
+            raise extraction_model_not_configured()
+        if request.conversation_id:
+            found = await self.store.get_conversation(request.user_id, request.conversation_id)
+            if found is None:
+                raise conversation_not_found(request.conversation_id)
+        return model
+
+    async def enqueue_memories(self, request: AddRequest) -> str:
+        """Checks an inferring AddMemories request and queues it durably; the job id."""
+        await self._check_add_fully(request)
+        from marie_memory.queue import encode_request  # noqa: PLC0415 - import cycle
+
+        now = self._clock()
+        job = ExtractionJob(new_id("job"), request.user_id, encode_request(request), 0, now, now)
+        await self.store.enqueue_job(job)
+        if self.on_enqueue is not None:
+            self.on_enqueue()
+        return job.id
+
+    async def add_memories(self, request: AddRequest) -> tuple[list[AddResult], str]:
+        model = await self._check_add_fully(request)
+        user_id = request.user_id
+        async with self._user_locks[user_id]:
+            if request.infer:
+                assert self.extractor is not None
+                results = await self.extractor.run(self, request, model)
+            else:
+                results = await self._add_verbatim(request)
+        return results, model
+
+    def new_memory(self, request: AddRequest, text: str, categories: Sequence[str]) -> Memory:
+        now = self._clock()
+        merged = list(dict.fromkeys([*categories, *request.categories]))[: limits.MAX_CATEGORIES]
+        return Memory(
+            id=new_id("mem"),
+            user_id=request.user_id,
+            text=text,
+            hash=text_hash(text),
+            categories=tuple(merged),
+            metadata=dict(request.metadata),
+            source_conversation_id=request.conversation_id,
+            source_message_ids=tuple(m.message_id for m in request.messages if m.message_id),
+            create_time=now,
+            update_time=now,
+        )
+
+    def history_entry(
+        self,
+        request: AddRequest,
+        memory_id: str,
+        event: int,
+        *,
+        old: str,
+        new: str,
+        inferred: bool,
+    ) -> HistoryEntry:
+        return HistoryEntry(
+            new_id("hist"),
+            memory_id,
+            event,
+            old,
+            new,
+            self._clock(),
+            request.actor or request.user_id,
+            inferred,
+        )
+
+    async def vectors_for(self, texts: Sequence[str]) -> list[list[float]] | list[None]:
+        """Vectors for new texts, or Nones when no embedding model is configured."""
+        if not self.embeddings.configured:
+            return [None] * len(texts)
+        return await self.embeddings.embed(texts)
+
+    async def _add_verbatim(self, request: AddRequest) -> list[AddResult]:
+        results: list[AddResult] = []
+        seen: dict[str, Memory] = {}
+        fresh: list[Memory] = []
+        for m in request.messages:
+            if m.role == ROLE_SYSTEM:
+                continue
+            digest = text_hash(m.content)
+            existing = seen.get(digest) or await self.store.find_memory_by_hash(
+                request.user_id, digest
+            )
+            if existing is not None:
+                results.append(AddResult(EVENT_NONE, existing))
+                continue
+            memory = self.new_memory(request, m.content, ())
+            seen[digest] = memory
+            fresh.append(memory)
+            results.append(AddResult(EVENT_ADD, memory))
+        vectors = await self.vectors_for([m.text for m in fresh])
+        changes = [
+            MemoryChange(
+                EVENT_ADD,
+                memory,
+                self.history_entry(
+                    request, memory.id, EVENT_ADD, old="", new=memory.text, inferred=False
+                ),
+                vector,
+            )
+            for memory, vector in zip(fresh, vectors, strict=True)
+        ]
+        if changes:
+            await self.store.apply_memory_changes(request.user_id, changes)
+        return results
+
+
+def _ratio(value: float, best: float) -> float:
+    if best <= 0:
+        return 0.0
+    return max(0.0, min(1.0, value / best))
+
+
+def _time_cursor(cursor: object) -> tuple[float, str] | None:
+    if cursor is None:
+        return None
+    match cursor:
+        case [float() | int() as at, str() as last_id] if not isinstance(at, bool):
+            return float(at), last_id
+    raise invalid_argument("page_token", "malformed page token")
+
+
+def _check_filter(memory_filter: MemoryFilter) -> None:
+    limits.metadata("filter.metadata", memory_filter.metadata)
+    for i, category in enumerate(memory_filter.categories):
+        limits.text(f"filter.categories[{i}]", category, limits.MAX_CATEGORY)

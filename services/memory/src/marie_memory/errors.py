@@ -1,0 +1,89 @@
+"""The memory service's errors: stable reasons in the "marie.memory" ErrorInfo domain."""
+
+from __future__ import annotations
+
+import grpc
+from marie_kit.errors import ServiceError
+from marie_kit.errors import invalid_argument as _invalid_argument
+
+DOMAIN = "marie.memory"
+
+
+def invalid_argument(field: str, message: str) -> ServiceError:
+    return _invalid_argument(field, message, domain=DOMAIN)
+
+
+def conversation_not_found(conversation_id: str) -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.NOT_FOUND,
+        "CONVERSATION_NOT_FOUND",
+        f"conversation {conversation_id!r} not found",
+        domain=DOMAIN,
+        metadata={"conversation_id": conversation_id},
+    )
+
+
+def memory_not_found(memory_id: str) -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.NOT_FOUND,
+        "MEMORY_NOT_FOUND",
+        f"memory {memory_id!r} not found",
+        domain=DOMAIN,
+        metadata={"memory_id": memory_id},
+    )
+
+
+def model_not_found(model: str) -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "MODEL_NOT_FOUND",
+        f"extraction model {model!r} is unknown to the providers service",
+        domain=DOMAIN,
+        metadata={"model": model},
+    )
+
+
+def embeddings_not_configured() -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "EMBEDDINGS_NOT_CONFIGURED",
+        "vector search needs an embedding model (MARIE_MEMORY_EMBEDDING_MODEL)",
+        domain=DOMAIN,
+    )
+
+
+def extraction_model_not_configured() -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "EXTRACTION_MODEL_NOT_CONFIGURED",
+        "inference needs an extraction model: name one in the request or set "
+        "MARIE_MEMORY_EXTRACTION_MODEL",
+        domain=DOMAIN,
+    )
+
+
+def provider_unavailable(what: str) -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.UNAVAILABLE,
+        "PROVIDER_UNAVAILABLE",
+        f"the providers service failed while {what}; safe to retry",
+        domain=DOMAIN,
+    )
+
+
+def extraction_failed(why: str) -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.UNAVAILABLE,
+        "EXTRACTION_FAILED",
+        f"the extraction model's output could not be used ({why}); nothing was changed",
+        domain=DOMAIN,
+    )
+
+
+def store_unavailable() -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.UNAVAILABLE,
+        "STORE_UNAVAILABLE",
+        "the memory store is not open",
+        domain=DOMAIN,
+    )

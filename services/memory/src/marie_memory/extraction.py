@@ -1,0 +1,408 @@
+"""LLM fact extraction, as mem0 does it, through providers' StreamChatCompletion.
+
+Two calls, each constrained by a JSON schema (response_format JSON_SCHEMA, so
+any provider with structured output works):
+
+1. facts: short self-contained facts about the user, from the user and
+   assistant messages (system messages are never shown to the model);
+2. decisions: the facts next to the user's most similar stored memories
+   (ids replaced by small integers so the model cannot invent real ids), and
+   per fact ADD / UPDATE / DELETE / NONE.
+
+An answer that is not valid JSON or does not follow the schema is asked for
+once more; a second bad answer is EXTRACTION_FAILED. Every change is applied
+in one store transaction after both steps succeed, with its history entry,
+so a failure at any point changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Protocol
+
+import grpc
+from marie.providers.v1 import provider_service_pb2 as ppb
+from marie_kit.context import outgoing_metadata
+from marie_kit.errors import ServiceError
+
+from marie_memory import limits
+from marie_memory.errors import extraction_failed, model_not_found, provider_unavailable
+from marie_memory.records import (
+    EVENT_ADD,
+    EVENT_DELETE,
+    EVENT_NONE,
+    EVENT_UPDATE,
+    ROLE_ASSISTANT,
+    ROLE_USER,
+    Memory,
+    MemoryChange,
+    MemoryFilter,
+)
+
+if TYPE_CHECKING:
+    from marie.providers.v1.provider_service_pb2_grpc import (
+        ProviderServiceAsyncStub as ProvidersStub,
+    )
+
+    from marie_memory.core import AddRequest, AddResult, MemoryCore
+else:
+    ProvidersStub = Any
+
+log = logging.getLogger("marie.memory.extraction")
+
+FACTS_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "facts": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "text": {"type": "string"},
+                    "categories": {"type": "array", "items": {"type": "string"}},
+                },
+                "required": ["text", "categories"],
+            },
+        }
+    },
+    "required": ["facts"],
+}
+
+DECISIONS_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "memory": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "id": {"type": "string"},
+                    "text": {"type": "string"},
+                    "event": {"type": "string", "enum": ["ADD", "UPDATE", "DELETE", "NONE"]},
+                },
+                "required": ["id", "text", "event"],
+            },
+        }
+    },
+    "required": ["memory"],
+}
+
+FACTS_PROMPT = """You extract long-term memories about the user from a conversation.
+Return short, self-contained facts about the user (preferences, personal details,
+plans, relationships, health, work), each one sentence written in the third person
+without a subject, e.g. "Is vegetarian", "Lives in Lisbon", "Has a dog named Rex".
+Only facts the conversation states or clearly implies about the user; nothing about
+the assistant, no greetings, no questions, no general knowledge. Give each fact zero
+to three short lowercase categories such as "preferences", "health", "work".
+If there is nothing worth remembering, return an empty list.
+Answer with JSON only: {"facts": [{"text": "...", "categories": ["..."]}]}."""
+
+DECISIONS_PROMPT = """You keep a user's long-term memories up to date.
+You get the user's existing memories (each with an id) and newly extracted facts.
+For each new fact decide:
+- ADD: the fact is new; give its text (id: a new number, not an existing id);
+- UPDATE: the fact refines or changes an existing memory about the same thing;
+  give that memory's id and the new combined text;
+- DELETE: the fact contradicts an existing memory that is no longer true; give its id;
+- NONE: an existing memory already says it; give that memory's id.
+Answer with JSON only:
+{"memory": [{"id": "...", "text": "...", "event": "ADD|UPDATE|DELETE|NONE"}]}."""
+
+ROLE_NAMES = {ROLE_USER: "user", ROLE_ASSISTANT: "assistant"}
+
+
+class Extractor(Protocol):
+    """What the core asks of an extractor: run AddMemories with inference."""
+
+    async def run(self, core: MemoryCore, request: AddRequest, model: str) -> list[AddResult]: ...
+
+
+class BadOutput(Exception):
+    """The model's answer is not JSON following the schema."""
+
+
+@dataclass(frozen=True, slots=True)
+class Fact:
+    text: str
+    categories: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    event: int
+    text: str
+    #: Index into the existing memories shown to the model; -1 for ADD.
+    target: int
+
+
+def _categories(value: Any) -> tuple[str, ...]:
+    """Categories the model chose that fit the limits (others are dropped, not fatal)."""
+    if not isinstance(value, list):
+        raise BadOutput("categories is not a list")
+    kept = []
+    for item in value:
+        if not isinstance(item, str):
+            raise BadOutput("a category is not a string")
+        category = item.strip().lower()
+        if 1 <= len(category) <= limits.MAX_CATEGORY and category not in kept:
+            kept.append(category)
+    return tuple(kept[:3])
+
+
+def parse_facts(content: str) -> list[Fact]:
+    try:
+        value = json.loads(content)
+    except ValueError as exc:
+        raise BadOutput("not JSON") from exc
+    if not isinstance(value, dict) or not isinstance(value.get("facts"), list):
+        raise BadOutput('no "facts" list')
+    facts = []
+    for item in value["facts"]:
+        if not isinstance(item, dict) or not isinstance(item.get("text"), str):
+            raise BadOutput("a fact has no text")
+        text = item["text"].strip()
+        if not text:
+            continue
+        if len(text) > limits.MAX_MEMORY_TEXT:
+            raise BadOutput("a fact is too long")
+        facts.append(Fact(text, _categories(item.get("categories", []))))
+    return facts
+
+
+def parse_decisions(content: str, existing: int) -> list[Decision]:
+    try:
+        value = json.loads(content)
+    except ValueError as exc:
+        raise BadOutput("not JSON") from exc
+    if not isinstance(value, dict) or not isinstance(value.get("memory"), list):
+        raise BadOutput('no "memory" list')
+    events = {"ADD": EVENT_ADD, "UPDATE": EVENT_UPDATE, "DELETE": EVENT_DELETE, "NONE": EVENT_NONE}
+    decisions = []
+    for item in value["memory"]:
+        if not isinstance(item, dict):
+            raise BadOutput("a decision is not an object")
+        event = events.get(item.get("event"))  # type: ignore[arg-type]
+        text = item.get("text", "")
+        raw_id = item.get("id", "")
+        if event is None or not isinstance(text, str) or not isinstance(raw_id, str | int):
+            raise BadOutput("a decision does not follow the schema")
+        text = text.strip()
+        if event == EVENT_ADD:
+            if not text or len(text) > limits.MAX_MEMORY_TEXT:
+                raise BadOutput("an ADD without a usable text")
+            decisions.append(Decision(EVENT_ADD, text, -1))
+            continue
+        try:
+            target = int(raw_id)
+        except ValueError as exc:
+            raise BadOutput(f"unknown memory id {raw_id!r}") from exc
+        if not 0 <= target < existing:
+            raise BadOutput(f"unknown memory id {raw_id!r}")
+        if event == EVENT_UPDATE and (not text or len(text) > limits.MAX_MEMORY_TEXT):
+            raise BadOutput("an UPDATE without a usable text")
+        decisions.append(Decision(event, text, target))
+    return decisions
+
+
+class LlmExtractor:
+    """The `Extractor` of the core: two schema-constrained calls through providers."""
+
+    def __init__(self, providers: ProvidersStub, timeout: float) -> None:
+        self._providers = providers
+        self._timeout = timeout
+
+    async def _complete(
+        self, model: str, system: str, user: str, schema: dict[str, Any], name: str
+    ) -> str:
+        request = ppb.StreamChatCompletionRequest(
+            model=model,
+            messages=[
+                ppb.ChatMessage(role=ppb.ROLE_SYSTEM, content=system),
+                ppb.ChatMessage(role=ppb.ROLE_USER, content=user),
+            ],
+            sampling=ppb.SamplingParameters(temperature=0.0),
+            response_format=ppb.ResponseFormat(
+                type=ppb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA,
+                name=name,
+                json_schema_json=json.dumps(schema),
+                strict=True,
+            ),
+            aggregate=True,
+        )
+        parts: list[str] = []
+        try:
+            async for chunk in self._providers.StreamChatCompletion(
+                request, timeout=self._timeout, metadata=outgoing_metadata()
+            ):
+                parts.append(chunk.content)
+        except grpc.aio.AioRpcError as exc:
+            error = ServiceError.from_rpc_error(exc)
+            if error.reason in ("MODEL_NOT_FOUND", "PROVIDER_NOT_FOUND"):
+                raise model_not_found(model) from exc
+            log.warning(
+                "extraction call failed",
+                extra={"model": model, "code": exc.code().name, "reason": error.reason},
+            )
+            raise provider_unavailable("extracting") from exc
+        return "".join(parts)
+
+    async def _twice(
+        self,
+        model: str,
+        system: str,
+        user: str,
+        *,
+        schema: dict[str, Any],
+        name: str,
+        parse: Any,
+    ) -> Any:
+        why = ""
+        for _ in range(2):
+            content = await self._complete(model, system, user, schema, name)
+            try:
+                return parse(content)
+            except BadOutput as exc:
+                why = str(exc)
+                log.info("extraction output refused", extra={"model": model, "why": why})
+        raise extraction_failed(why)
+
+    async def facts(self, model: str, request: AddRequest) -> list[Fact]:
+        lines = [
+            f"{ROLE_NAMES[m.role]}: {m.content}"
+            for m in request.messages
+            if m.role in ROLE_NAMES  # never system prompts (nor tool output)
+        ]
+        if not lines:
+            return []
+        conversation = "Conversation:\n" + "\n".join(lines)
+        result: list[Fact] = await self._twice(
+            model,
+            FACTS_PROMPT,
+            conversation,
+            schema=FACTS_SCHEMA,
+            name="memory_facts",
+            parse=parse_facts,
+        )
+        return result
+
+    async def decisions(
+        self, model: str, existing: Sequence[Memory], facts: Sequence[Fact]
+    ) -> list[Decision]:
+        payload = json.dumps(
+            {
+                "existing_memories": [
+                    {"id": str(i), "text": m.text} for i, m in enumerate(existing)
+                ],
+                "new_facts": [f.text for f in facts],
+            },
+            ensure_ascii=False,
+        )
+        result: list[Decision] = await self._twice(
+            model,
+            DECISIONS_PROMPT,
+            payload,
+            schema=DECISIONS_SCHEMA,
+            name="memory_decisions",
+            parse=lambda content: parse_decisions(content, len(existing)),
+        )
+        return result
+
+    async def run(self, core: MemoryCore, request: AddRequest, model: str) -> list[AddResult]:
+
+        facts = await self.facts(model, request)
+        if not facts:
+            return []
+        # The user's most similar memories, for every fact, without duplicates.
+        existing: dict[str, Memory] = {}
+        for fact in facts:
+            ranked = await core.search_memories(
+                request.user_id,
+                fact.text,
+                top_k=core.similar_count,
+                threshold=0.0,
+                memory_filter=MemoryFilter(),
+                mode=0,
+            )
+            for scored in ranked.memories:
+                existing.setdefault(scored.memory.id, scored.memory)
+        shown = list(existing.values())
+        decisions = await self.decisions(model, shown, facts)
+        return await self._apply(core, request, facts, shown, decisions)
+
+    async def _apply(
+        self,
+        core: MemoryCore,
+        request: AddRequest,
+        facts: Sequence[Fact],
+        shown: Sequence[Memory],
+        decisions: Sequence[Decision],
+    ) -> list[AddResult]:
+        from marie_memory.core import AddResult, text_hash  # noqa: PLC0415 - import cycle
+
+        categories = {f.text: f.categories for f in facts}
+        results: list[AddResult] = []
+        changes: list[MemoryChange] = []
+        texts: list[str] = []  # texts needing a vector, by change index
+        touched: set[int] = set()
+        now_memories = {m.hash for m in shown}
+        for decision in decisions:
+            if decision.event == EVENT_ADD:
+                digest = text_hash(decision.text)
+                duplicate = await core.store.find_memory_by_hash(request.user_id, digest)
+                if duplicate is not None or digest in now_memories:
+                    if duplicate is not None:
+                        results.append(AddResult(EVENT_NONE, duplicate))
+                    continue
+                now_memories.add(digest)
+                memory = core.new_memory(request, decision.text, categories.get(decision.text, ()))
+                entry = core.history_entry(
+                    request, memory.id, EVENT_ADD, old="", new=memory.text, inferred=True
+                )
+                changes.append(MemoryChange(EVENT_ADD, memory, entry))
+                texts.append(memory.text)
+                results.append(AddResult(EVENT_ADD, memory))
+                continue
+            target = shown[decision.target]
+            if decision.target in touched:
+                continue  # one change per memory and call
+            if decision.event == EVENT_NONE:
+                results.append(AddResult(EVENT_NONE, target))
+                continue
+            touched.add(decision.target)
+            if decision.event == EVENT_DELETE:
+                entry = core.history_entry(
+                    request, target.id, EVENT_DELETE, old=target.text, new="", inferred=True
+                )
+                changes.append(MemoryChange(EVENT_DELETE, target, entry))
+                results.append(AddResult(EVENT_DELETE, target))
+                continue
+            if decision.text == target.text:
+                results.append(AddResult(EVENT_NONE, target))
+                continue
+            merged = list(dict.fromkeys([*target.categories, *request.categories]))
+            updated = replace(
+                target,
+                text=decision.text,
+                hash=text_hash(decision.text),
+                categories=tuple(merged[: limits.MAX_CATEGORIES]),
+                metadata={**target.metadata, **request.metadata},
+                update_time=core.now(),
+            )
+            entry = core.history_entry(
+                request, target.id, EVENT_UPDATE, old=target.text, new=updated.text, inferred=True
+            )
+            changes.append(MemoryChange(EVENT_UPDATE, updated, entry))
+            texts.append(updated.text)
+            results.append(AddResult(EVENT_UPDATE, updated, previous_text=target.text))
+        # Vectors for every new text, then one transaction for everything.
+        vectors = iter(await core.vectors_for(texts))
+        final = [
+            replace(change, vector=next(vectors)) if change.event != EVENT_DELETE else change
+            for change in changes
+        ]
+        if final:
+            await core.store.apply_memory_changes(request.user_id, final)
+        return results

@@ -1,0 +1,1030 @@
+"""The OpenSearch store (`MARIE_MEMORY_STORE=opensearch`), on opensearch-py's async client.
+
+Indices (`<prefix>_…`, prefix `marie` by default): `conversations`,
+`messages`, `memory` (the original design's `marie_memory`), `memory_vectors`
+(one `knn_vector` per memory, HNSW on the lucene engine, cosine), `history`,
+`jobs` and `meta` (the embedding space). Every document carries its
+`user_id`; every query filters on it (inside the knn clause for vectors).
+
+Writes that must be read back at once use `refresh=wait_for`, and a write is
+acknowledged by OpenSearch before the call returns. OpenSearch has no
+multi-document transactions: a change set is checked before it is written
+(ids free, memories present), written with one bulk request, and on a
+partial failure the documents it created are removed again (best effort).
+
+Vectors live in their own index so that a new embedding space (another
+dimension) only drops and recreates that index. A memory records the space
+of its vector (`vector_space`), so memories lacking one are found by query.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import html
+import json
+import time
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from opensearchpy import AsyncOpenSearch, NotFoundError
+
+from marie_memory.records import (
+    EVENT_ADD,
+    EVENT_DELETE,
+    EVENT_UPDATE,
+    Conversation,
+    EmbeddingSpace,
+    ExtractionJob,
+    HistoryEntry,
+    Memory,
+    MemoryChange,
+    MemoryFilter,
+    Message,
+    MessageHit,
+    ScoredMemory,
+    ToolCall,
+)
+from marie_memory.sqlite_store import _WORD, STOPWORDS
+
+WAIT = "wait_for"
+MAX_RESULTS = 10_000
+_DISABLED = {"type": "object", "enabled": False}
+_KEYWORD = {"type": "keyword"}
+
+MAPPINGS: dict[str, dict[str, Any]] = {
+    "conversations": {
+        "id": _KEYWORD,
+        "user_id": _KEYWORD,
+        "title": {"type": "text"},
+        "provider": _KEYWORD,
+        "model": _KEYWORD,
+        "metadata": _DISABLED,
+        "create_time": {"type": "double"},
+        "update_time": {"type": "double"},
+        "message_count": {"type": "long"},
+    },
+    "messages": {
+        "id": _KEYWORD,
+        "conversation_id": _KEYWORD,
+        "user_id": _KEYWORD,
+        "position": {"type": "long"},
+        "role": {"type": "integer"},
+        "content": {"type": "text"},
+        "create_time": {"type": "double"},
+        "metadata": _DISABLED,
+        "tool_calls": _DISABLED,
+        "has_content": {"type": "boolean"},
+        "vector_space": _KEYWORD,
+    },
+    "memory": {
+        "id": _KEYWORD,
+        "user_id": _KEYWORD,
+        "text": {"type": "text"},
+        "hash": _KEYWORD,
+        "categories": _KEYWORD,
+        "metadata": _DISABLED,
+        # "key\u0000value" per metadata pair: what metadata filters match.
+        "meta_pairs": _KEYWORD,
+        "source_conversation_id": _KEYWORD,
+        "create_time": {"type": "double"},
+        "update_time": {"type": "double"},
+        "vector_space": _KEYWORD,
+    },
+    "history": {
+        "id": _KEYWORD,
+        "memory_id": _KEYWORD,
+        "user_id": _KEYWORD,
+        "seq": {"type": "long"},
+    },
+    "jobs": {
+        "id": _KEYWORD,
+        "user_id": _KEYWORD,
+        "next_attempt_time": {"type": "double"},
+        "create_time": {"type": "double"},
+    },
+    "meta": {"value": _DISABLED},
+}
+
+
+def keyword_text(query: str) -> str:
+    """The words of a free-text query, common words dropped (as in the SQLite store)."""
+    words = _WORD.findall(query)
+    return " ".join([w for w in words if w.lower() not in STOPWORDS] or words)
+
+
+def space_key(space: EmbeddingSpace) -> str:
+    return f"{space.model}#{space.dimension}"
+
+
+def vector_index_body(dimension: int, *, messages: bool = False) -> dict[str, Any]:
+    """A vectors index: knn_vector with HNSW on the lucene engine, cosine similarity,
+    beside the keyword fields its knn filters use."""
+    if messages:
+        fields: dict[str, Any] = {
+            "message_id": _KEYWORD,
+            "conversation_id": _KEYWORD,
+            "role": {"type": "integer"},
+        }
+    else:
+        fields = {
+            "memory_id": _KEYWORD,
+            "categories": _KEYWORD,
+            "meta_pairs": _KEYWORD,
+            "source_conversation_id": _KEYWORD,
+        }
+    return {
+        "settings": {"index": {"knn": True}},
+        "mappings": {
+            "properties": {
+                "user_id": _KEYWORD,
+                **fields,
+                "vector": {
+                    "type": "knn_vector",
+                    "dimension": dimension,
+                    "method": {"name": "hnsw", "space_type": "cosinesimil", "engine": "lucene"},
+                },
+            }
+        },
+    }
+
+
+def filter_clauses(user_id: str, memory_filter: MemoryFilter) -> list[dict[str, Any]]:
+    """The bool filter of a user's memories (and of their vectors) under a MemoryFilter."""
+    clauses: list[dict[str, Any]] = [{"term": {"user_id": user_id}}]
+    if memory_filter.source_conversation_id:
+        clauses.append({"term": {"source_conversation_id": memory_filter.source_conversation_id}})
+    if memory_filter.categories:
+        clauses.append({"terms": {"categories": list(memory_filter.categories)}})
+    for key, value in sorted(memory_filter.metadata.items()):
+        clauses.append({"term": {"meta_pairs": f"{key}\u0000{value}"}})
+    return clauses
+
+
+def knn_query_body(
+    user_id: str, vector: Sequence[float], memory_filter: MemoryFilter, k: int
+) -> dict[str, Any]:
+    """A knn search of one user's vectors; the user filter sits inside the knn clause
+    (lucene engine: filtering during the HNSW search, so k results of that user)."""
+    return {
+        "size": k,
+        "_source": ["memory_id"],
+        "query": {
+            "knn": {
+                "vector": {
+                    "vector": [float(x) for x in vector],
+                    "k": k,
+                    "filter": {"bool": {"filter": filter_clauses(user_id, memory_filter)}},
+                }
+            }
+        },
+    }
+
+
+def message_knn_body(
+    user_id: str, vector: Sequence[float], conversation_id: str, roles: Sequence[int], k: int
+) -> dict[str, Any]:
+    """A knn search of one user's message vectors, the filters inside the knn clause."""
+    filters: list[dict[str, Any]] = [{"term": {"user_id": user_id}}]
+    if conversation_id:
+        filters.append({"term": {"conversation_id": conversation_id}})
+    if roles:
+        filters.append({"terms": {"role": list(roles)}})
+    return {
+        "size": k,
+        "_source": ["message_id"],
+        "query": {
+            "knn": {
+                "vector": {
+                    "vector": [float(x) for x in vector],
+                    "k": k,
+                    "filter": {"bool": {"filter": filters}},
+                }
+            }
+        },
+    }
+
+
+def keyword_query_body(
+    user_id: str, query: str, memory_filter: MemoryFilter, limit: int
+) -> dict[str, Any]:
+    return {
+        "size": limit,
+        "query": {
+            "bool": {
+                "must": [{"match": {"text": {"query": keyword_text(query), "operator": "or"}}}],
+                "filter": filter_clauses(user_id, memory_filter),
+            }
+        },
+        "sort": [{"_score": "desc"}, {"id": "asc"}],
+    }
+
+
+def message_search_body(
+    user_id: str, query: str, conversation_id: str, roles: Sequence[int], limit: int
+) -> dict[str, Any]:
+    filters: list[dict[str, Any]] = [{"term": {"user_id": user_id}}]
+    if conversation_id:
+        filters.append({"term": {"conversation_id": conversation_id}})
+    if roles:
+        filters.append({"terms": {"role": list(roles)}})
+    return {
+        "size": limit,
+        "query": {
+            "bool": {
+                "must": [{"match": {"content": {"query": keyword_text(query), "operator": "or"}}}],
+                "filter": filters,
+            }
+        },
+        "sort": [{"_score": "desc"}, {"create_time": "asc"}, {"id": "asc"}],
+        "highlight": {
+            "pre_tags": ["<mark>"],
+            "post_tags": ["</mark>"],
+            "encoder": "html",
+            "fields": {"content": {"number_of_fragments": 3, "fragment_size": 200}},
+        },
+    }
+
+
+def _meta_pairs(metadata: Mapping[str, str]) -> list[str]:
+    return [f"{k}\u0000{v}" for k, v in sorted(metadata.items())]
+
+
+def _conversation_doc(c: Conversation) -> dict[str, Any]:
+    return {
+        "id": c.id,
+        "user_id": c.user_id,
+        "title": c.title,
+        "provider": c.provider,
+        "model": c.model,
+        "metadata": dict(c.metadata),
+        "create_time": c.create_time,
+        "update_time": c.update_time,
+        "message_count": c.message_count,
+    }
+
+
+def _conversation(src: Mapping[str, Any]) -> Conversation:
+    return Conversation(
+        id=src["id"],
+        user_id=src["user_id"],
+        title=src["title"],
+        provider=src["provider"],
+        model=src["model"],
+        metadata=dict(src.get("metadata") or {}),
+        create_time=src["create_time"],
+        update_time=src["update_time"],
+        message_count=src["message_count"],
+    )
+
+
+def _message_doc(user_id: str, m: Message) -> dict[str, Any]:
+    return {
+        "id": m.id,
+        "conversation_id": m.conversation_id,
+        "user_id": user_id,
+        "position": m.position,
+        "role": m.role,
+        "content": m.content,
+        "provider": m.provider,
+        "model": m.model,
+        "prompt_tokens": m.prompt_tokens,
+        "completion_tokens": m.completion_tokens,
+        "create_time": m.create_time,
+        "metadata": dict(m.metadata),
+        "name": m.name,
+        "tool_calls": {"calls": [[c.id, c.function_name, c.arguments] for c in m.tool_calls]},
+        "tool_call_id": m.tool_call_id,
+        "has_content": bool(m.content),
+    }
+
+
+def _message(src: Mapping[str, Any]) -> Message:
+    return Message(
+        id=src["id"],
+        conversation_id=src["conversation_id"],
+        role=src["role"],
+        content=src["content"],
+        provider=src["provider"],
+        model=src["model"],
+        prompt_tokens=src["prompt_tokens"],
+        completion_tokens=src["completion_tokens"],
+        create_time=src["create_time"],
+        metadata=dict(src.get("metadata") or {}),
+        position=src["position"],
+        name=src["name"],
+        tool_calls=tuple(ToolCall(*c) for c in (src.get("tool_calls") or {}).get("calls", [])),
+        tool_call_id=src["tool_call_id"],
+    )
+
+
+def _memory_doc(m: Memory, vector_space: str = "") -> dict[str, Any]:
+    return {
+        "id": m.id,
+        "user_id": m.user_id,
+        "text": m.text,
+        "hash": m.hash,
+        "categories": list(m.categories),
+        "metadata": dict(m.metadata),
+        "meta_pairs": _meta_pairs(m.metadata),
+        "source_conversation_id": m.source_conversation_id,
+        "source_message_ids": list(m.source_message_ids),
+        "create_time": m.create_time,
+        "update_time": m.update_time,
+        "vector_space": vector_space,
+    }
+
+
+def _memory(src: Mapping[str, Any]) -> Memory:
+    return Memory(
+        id=src["id"],
+        user_id=src["user_id"],
+        text=src["text"],
+        hash=src["hash"],
+        categories=tuple(src.get("categories") or ()),
+        metadata=dict(src.get("metadata") or {}),
+        source_conversation_id=src.get("source_conversation_id", ""),
+        source_message_ids=tuple(src.get("source_message_ids") or ()),
+        create_time=src["create_time"],
+        update_time=src["update_time"],
+    )
+
+
+def _history_doc(user_id: str, seq: int, e: HistoryEntry) -> dict[str, Any]:
+    return {
+        "id": e.id,
+        "memory_id": e.memory_id,
+        "user_id": user_id,
+        "seq": seq,
+        "event": e.event,
+        "old_text": e.old_text,
+        "new_text": e.new_text,
+        "create_time": e.create_time,
+        "actor": e.actor,
+        "inferred": e.inferred,
+    }
+
+
+def _history(src: Mapping[str, Any]) -> HistoryEntry:
+    return HistoryEntry(
+        id=src["id"],
+        memory_id=src["memory_id"],
+        event=src["event"],
+        old_text=src["old_text"],
+        new_text=src["new_text"],
+        create_time=src["create_time"],
+        actor=src["actor"],
+        inferred=bool(src["inferred"]),
+    )
+
+
+def _job_doc(j: ExtractionJob) -> dict[str, Any]:
+    return {
+        "id": j.id,
+        "user_id": j.user_id,
+        "payload": j.payload,
+        "attempts": j.attempts,
+        "next_attempt_time": j.next_attempt_time,
+        "create_time": j.create_time,
+        "last_error": j.last_error,
+    }
+
+
+def _job(src: Mapping[str, Any]) -> ExtractionJob:
+    return ExtractionJob(
+        id=src["id"],
+        user_id=src["user_id"],
+        payload=src["payload"],
+        attempts=src["attempts"],
+        next_attempt_time=src["next_attempt_time"],
+        create_time=src["create_time"],
+        last_error=src.get("last_error", ""),
+    )
+
+
+class OpenSearchStore:
+    """The `Store` on an OpenSearch cluster. Open with `await OpenSearchStore.open(url)`."""
+
+    def __init__(self, client: AsyncOpenSearch, prefix: str) -> None:
+        self._client = client
+        self._prefix = prefix
+        # Appends to one conversation are serialised in this process; the
+        # conversation's count is also updated with optimistic concurrency.
+        self._conversation_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._space: EmbeddingSpace | None = None
+        self._seq = 0
+
+    @classmethod
+    async def open(cls, url: str, *, prefix: str = "marie") -> OpenSearchStore:
+        client = AsyncOpenSearch(hosts=[url], timeout=30)
+        store = cls(client, prefix)
+        try:
+            await store._create_indices()
+            store._space = await store.get_embedding_space()
+        except BaseException:
+            await client.close()
+            raise
+        return store
+
+    def index(self, name: str) -> str:
+        return f"{self._prefix}_{name}"
+
+    async def _create_indices(self) -> None:
+        for name, properties in MAPPINGS.items():
+            index = self.index(name)
+            if not await self._client.indices.exists(index=index):
+                await self._client.indices.create(
+                    index=index, body={"mappings": {"properties": properties}}
+                )
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    def _next_seq(self) -> int:
+        # History order: time in microseconds, strictly increasing in this process.
+        self._seq = max(self._seq + 1, int(time.time() * 1_000_000))
+        return self._seq
+
+    async def _get(self, name: str, doc_id: str) -> dict[str, Any] | None:
+        # A missing document is an answer, not an error (nor a warning in the log).
+        found = await self._client.get(index=self.index(name), id=doc_id, ignore=404)
+        if not found.get("found"):
+            return None
+        source: dict[str, Any] = found["_source"]
+        return source
+
+    async def _search(self, name: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+        reply = await self._client.search(index=self.index(name), body=body)
+        hits: list[dict[str, Any]] = reply["hits"]["hits"]
+        return hits
+
+    # --- embedding space --------------------------------------------------
+
+    async def get_embedding_space(self) -> EmbeddingSpace | None:
+        doc = await self._get("meta", "embedding_space")
+        if doc is None:
+            return None
+        value = json.loads(doc["value"]["json"])
+        return EmbeddingSpace(value["model"], int(value["dimension"]))
+
+    async def set_embedding_space(self, space: EmbeddingSpace | None) -> None:
+        if space == await self.get_embedding_space():
+            return
+        for name in ("memory_vectors", "message_vectors"):
+            if await self._client.indices.exists(index=self.index(name)):
+                await self._client.indices.delete(index=self.index(name))
+        if space is None:
+            await self._client.delete(index=self.index("meta"), id="embedding_space", refresh=WAIT)
+        else:
+            await self._client.indices.create(
+                index=self.index("memory_vectors"), body=vector_index_body(space.dimension)
+            )
+            await self._client.indices.create(
+                index=self.index("message_vectors"),
+                body=vector_index_body(space.dimension, messages=True),
+            )
+            value = {"model": space.model, "dimension": space.dimension}
+            await self._client.index(
+                index=self.index("meta"),
+                id="embedding_space",
+                body={"value": {"json": json.dumps(value)}},
+                refresh=WAIT,
+            )
+        self._space = space
+
+    async def memories_without_vectors(self, limit: int) -> list[Memory]:
+        if self._space is None:
+            must_not: list[dict[str, Any]] = []
+        else:
+            must_not = [{"term": {"vector_space": space_key(self._space)}}]
+        hits = await self._search(
+            "memory",
+            {
+                "size": limit,
+                "query": {"bool": {"must_not": must_not}},
+                "sort": [{"create_time": "asc"}, {"id": "asc"}],
+            },
+        )
+        return [_memory(h["_source"]) for h in hits]
+
+    async def set_vectors(self, vectors: Sequence[tuple[str, str, Sequence[float]]]) -> None:
+        if self._space is None or not vectors:
+            return
+        key = space_key(self._space)
+        actions: list[dict[str, Any]] = []
+        for user_id, memory_id, vector in vectors:
+            memory = await self.get_memory(user_id, memory_id)
+            if memory is None:
+                continue  # unknown, or another user's: skipped
+            actions += [
+                {"index": {"_index": self.index("memory_vectors"), "_id": memory_id}},
+                self._vector_doc(memory, vector),
+                {"update": {"_index": self.index("memory"), "_id": memory_id}},
+                {"doc": {"vector_space": key}},
+            ]
+        if actions:
+            await self._bulk(actions)
+
+    async def messages_without_vectors(self, limit: int) -> list[tuple[str, Message]]:
+        must_not: list[dict[str, Any]] = []
+        if self._space is not None:
+            must_not.append({"term": {"vector_space": space_key(self._space)}})
+        hits = await self._search(
+            "messages",
+            {
+                "size": limit,
+                "query": {
+                    "bool": {"filter": [{"term": {"has_content": True}}], "must_not": must_not}
+                },
+                "sort": [{"create_time": "asc"}, {"id": "asc"}],
+            },
+        )
+        return [(h["_source"]["user_id"], _message(h["_source"])) for h in hits]
+
+    async def set_message_vectors(
+        self, vectors: Sequence[tuple[str, str, Sequence[float]]]
+    ) -> None:
+        if self._space is None or not vectors:
+            return
+        key = space_key(self._space)
+        actions: list[dict[str, Any]] = []
+        for user_id, message_id, vector in vectors:
+            doc = await self._get("messages", message_id)
+            if doc is None or doc["user_id"] != user_id:
+                continue
+            actions += [
+                {"index": {"_index": self.index("message_vectors"), "_id": message_id}},
+                {
+                    "user_id": user_id,
+                    "message_id": message_id,
+                    "conversation_id": doc["conversation_id"],
+                    "role": doc["role"],
+                    "vector": [float(x) for x in vector],
+                },
+                {"update": {"_index": self.index("messages"), "_id": message_id}},
+                {"doc": {"vector_space": key}},
+            ]
+        if actions:
+            await self._bulk(actions)
+
+    async def vector_search_messages(
+        self,
+        user_id: str,
+        vector: Sequence[float],
+        conversation_id: str,
+        roles: Sequence[int],
+        limit: int,
+    ) -> list[MessageHit]:
+        if self._space is None or len(vector) != self._space.dimension:
+            return []
+        hits = await self._search(
+            "message_vectors",
+            message_knn_body(user_id, vector, conversation_id, roles, min(limit, MAX_RESULTS)),
+        )
+        out = []
+        titles: dict[str, str] = {}
+        for h in hits:
+            doc = await self._get("messages", h["_source"]["message_id"])
+            if doc is None or doc["user_id"] != user_id:
+                continue
+            message = _message(doc)
+            if message.conversation_id not in titles:
+                found = await self.get_conversation(user_id, message.conversation_id)
+                titles[message.conversation_id] = found.title if found else ""
+            out.append(
+                MessageHit(
+                    message=message,
+                    conversation_title=titles[message.conversation_id],
+                    relevance=2.0 * float(h["_score"]) - 1.0,
+                    snippets=[html.escape(message.content[:200])],
+                )
+            )
+        return out
+
+    def _vector_doc(self, memory: Memory, vector: Sequence[float]) -> dict[str, Any]:
+        return {
+            "user_id": memory.user_id,
+            "memory_id": memory.id,
+            "categories": list(memory.categories),
+            "meta_pairs": _meta_pairs(memory.metadata),
+            "source_conversation_id": memory.source_conversation_id,
+            "vector": [float(x) for x in vector],
+        }
+
+    async def _bulk(self, actions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        reply = await self._client.bulk(body=actions, refresh=WAIT)
+        items: list[dict[str, Any]] = reply["items"]
+        if reply.get("errors"):
+            failed = [i for i in items if next(iter(i.values())).get("error")]
+            raise RuntimeError(f"OpenSearch refused {len(failed)} write(s): {failed[:1]}")
+        return items
+
+    # --- conversations ----------------------------------------------------
+
+    async def create_conversation(self, conversation: Conversation) -> None:
+        await self._client.index(
+            index=self.index("conversations"),
+            id=conversation.id,
+            body=_conversation_doc(conversation),
+            op_type="create",
+            refresh=WAIT,
+        )
+
+    async def get_conversation(self, user_id: str, conversation_id: str) -> Conversation | None:
+        doc = await self._get("conversations", conversation_id)
+        if doc is None or doc["user_id"] != user_id:
+            return None
+        return _conversation(doc)
+
+    async def list_conversations(
+        self, user_id: str, order_by_update: bool, after: tuple[float, str] | None, limit: int
+    ) -> list[Conversation]:
+        column = "update_time" if order_by_update else "create_time"
+        body: dict[str, Any] = {
+            "size": limit,
+            "query": {"bool": {"filter": [{"term": {"user_id": user_id}}]}},
+            "sort": [{column: "desc"}, {"id": "desc"}],
+        }
+        if after is not None:
+            body["search_after"] = [after[0], after[1]]
+        return [_conversation(h["_source"]) for h in await self._search("conversations", body)]
+
+    async def update_conversation(
+        self, user_id: str, conversation_id: str, changes: Mapping[str, object], update_time: float
+    ) -> Conversation | None:
+        current = await self.get_conversation(user_id, conversation_id)
+        if current is None:
+            return None
+        doc = {**_conversation_doc(current), **changes, "update_time": update_time}
+        await self._client.index(
+            index=self.index("conversations"), id=conversation_id, body=doc, refresh=WAIT
+        )
+        return _conversation(doc)
+
+    async def delete_conversation(self, user_id: str, conversation_id: str) -> int | None:
+        if await self.get_conversation(user_id, conversation_id) is None:
+            return None
+        reply = await self._client.delete_by_query(
+            index=self.index("messages"),
+            body={
+                "query": {
+                    "bool": {
+                        "filter": [
+                            {"term": {"conversation_id": conversation_id}},
+                            {"term": {"user_id": user_id}},
+                        ]
+                    }
+                }
+            },
+            refresh=True,
+        )
+        if self._space is not None:
+            await self._client.delete_by_query(
+                index=self.index("message_vectors"),
+                body={
+                    "query": {
+                        "bool": {
+                            "filter": [
+                                {"term": {"conversation_id": conversation_id}},
+                                {"term": {"user_id": user_id}},
+                            ]
+                        }
+                    }
+                },
+                refresh=True,
+            )
+        await self._client.delete(
+            index=self.index("conversations"), id=conversation_id, refresh=WAIT
+        )
+        return int(reply.get("deleted", 0))
+
+    # --- messages ---------------------------------------------------------
+
+    async def append_messages(
+        self, user_id: str, conversation_id: str, messages: Sequence[Message], now: float
+    ) -> tuple[list[Message], Conversation] | None:
+        async with self._conversation_locks[conversation_id]:
+            current = await self.get_conversation(user_id, conversation_id)
+            if current is None:
+                return None
+            stored = [
+                Message(
+                    id=m.id,
+                    conversation_id=conversation_id,
+                    role=m.role,
+                    content=m.content,
+                    provider=m.provider,
+                    model=m.model,
+                    prompt_tokens=m.prompt_tokens,
+                    completion_tokens=m.completion_tokens,
+                    create_time=now,
+                    metadata=dict(m.metadata),
+                    position=current.message_count + i,
+                    name=m.name,
+                    tool_calls=tuple(m.tool_calls),
+                    tool_call_id=m.tool_call_id,
+                )
+                for i, m in enumerate(messages)
+            ]
+            updated = Conversation(
+                **{
+                    **_conversation_doc(current),
+                    "message_count": current.message_count + len(stored),
+                    "update_time": now,
+                }
+            )
+            actions: list[dict[str, Any]] = []
+            for m in stored:
+                actions += [
+                    {"create": {"_index": self.index("messages"), "_id": m.id}},
+                    _message_doc(user_id, m),
+                ]
+            actions += [
+                {"index": {"_index": self.index("conversations"), "_id": conversation_id}},
+                _conversation_doc(updated),
+            ]
+            try:
+                await self._bulk(actions)
+            except RuntimeError:
+                await self._undo_creates("messages", [m.id for m in stored])
+                raise
+            return stored, updated
+
+    async def _undo_creates(self, name: str, ids: Sequence[str]) -> None:
+        actions = [{"delete": {"_index": self.index(name), "_id": i}} for i in ids]
+        if actions:
+            await self._client.bulk(body=actions, refresh=WAIT)
+
+    async def list_messages(
+        self, user_id: str, conversation_id: str, descending: bool, after: int | None, limit: int
+    ) -> list[Message] | None:
+        if await self.get_conversation(user_id, conversation_id) is None:
+            return None
+        body: dict[str, Any] = {
+            "size": limit,
+            "query": {
+                "bool": {
+                    "filter": [
+                        {"term": {"conversation_id": conversation_id}},
+                        {"term": {"user_id": user_id}},
+                    ]
+                }
+            },
+            "sort": [{"position": "desc" if descending else "asc"}],
+        }
+        if after is not None:
+            body["search_after"] = [after]
+        return [_message(h["_source"]) for h in await self._search("messages", body)]
+
+    async def search_messages(
+        self,
+        user_id: str,
+        query: str,
+        conversation_id: str,
+        roles: Sequence[int],
+        limit: int,
+    ) -> list[MessageHit]:
+        if not keyword_text(query):
+            return []
+        hits = await self._search(
+            "messages",
+            message_search_body(user_id, query, conversation_id, roles, min(limit, MAX_RESULTS)),
+        )
+        titles: dict[str, str] = {}
+        out = []
+        for h in hits:
+            message = _message(h["_source"])
+            if message.conversation_id not in titles:
+                found = await self.get_conversation(user_id, message.conversation_id)
+                titles[message.conversation_id] = found.title if found else ""
+            snippets = (h.get("highlight") or {}).get("content") or []
+            out.append(
+                MessageHit(
+                    message=message,
+                    conversation_title=titles[message.conversation_id],
+                    relevance=float(h.get("_score") or 0.0),
+                    snippets=list(snippets)[:3],
+                )
+            )
+        return out
+
+    # --- memories ---------------------------------------------------------
+
+    async def get_memory(self, user_id: str, memory_id: str) -> Memory | None:
+        doc = await self._get("memory", memory_id)
+        if doc is None or doc["user_id"] != user_id:
+            return None
+        return _memory(doc)
+
+    async def find_memory_by_hash(self, user_id: str, text_hash: str) -> Memory | None:
+        hits = await self._search(
+            "memory",
+            {
+                "size": 1,
+                "query": {
+                    "bool": {
+                        "filter": [{"term": {"user_id": user_id}}, {"term": {"hash": text_hash}}]
+                    }
+                },
+                "sort": [{"create_time": "asc"}],
+            },
+        )
+        return _memory(hits[0]["_source"]) if hits else None
+
+    async def list_memories(
+        self,
+        user_id: str,
+        memory_filter: MemoryFilter,
+        after: tuple[float, str] | None,
+        limit: int,
+    ) -> list[Memory]:
+        body: dict[str, Any] = {
+            "size": limit,
+            "query": {"bool": {"filter": filter_clauses(user_id, memory_filter)}},
+            "sort": [{"create_time": "desc"}, {"id": "desc"}],
+        }
+        if after is not None:
+            body["search_after"] = [after[0], after[1]]
+        return [_memory(h["_source"]) for h in await self._search("memory", body)]
+
+    async def apply_memory_changes(self, user_id: str, changes: Sequence[MemoryChange]) -> None:
+        # Check first: every change must be possible before anything is written.
+        for change in changes:
+            if change.memory.user_id != user_id:
+                raise ValueError("a change names another user's memory")
+            existing = await self._get("memory", change.memory.id)
+            if change.event == EVENT_ADD and existing is not None:
+                raise ValueError(f"memory {change.memory.id} already exists")
+            if change.event != EVENT_ADD and (existing is None or existing["user_id"] != user_id):
+                raise ValueError(f"memory {change.memory.id} does not exist")
+        key = space_key(self._space) if self._space else ""
+        memories, vectors, history = (
+            self.index("memory"),
+            self.index("memory_vectors"),
+            self.index("history"),
+        )
+        actions: list[dict[str, Any]] = []
+        created: list[str] = []
+        erased: list[str] = []
+        for change in changes:
+            memory = change.memory
+            if change.event in (EVENT_ADD, EVENT_UPDATE):
+                has_vector = change.vector is not None and self._space is not None
+                space = key if has_vector else ""
+                if change.event == EVENT_UPDATE and change.vector is None:
+                    previous = await self._get("memory", memory.id)
+                    space = (previous or {}).get("vector_space", "")
+                op = "create" if change.event == EVENT_ADD else "index"
+                actions += [
+                    {op: {"_index": memories, "_id": memory.id}},
+                    _memory_doc(memory, space),
+                ]
+                if change.event == EVENT_ADD:
+                    created.append(memory.id)
+                if has_vector:
+                    assert change.vector is not None
+                    actions += [
+                        {"index": {"_index": vectors, "_id": memory.id}},
+                        self._vector_doc(memory, change.vector),
+                    ]
+            elif change.event == EVENT_DELETE:
+                actions += [
+                    {"delete": {"_index": memories, "_id": memory.id}},
+                    {"delete": {"_index": vectors, "_id": memory.id}},
+                ]
+                if change.erase_history:
+                    erased.append(memory.id)
+            if change.history is not None:
+                actions += [
+                    {"create": {"_index": history, "_id": change.history.id}},
+                    _history_doc(user_id, self._next_seq(), change.history),
+                ]
+        if actions:
+            reply = await self._client.bulk(body=actions, refresh=WAIT)
+            failed = [
+                item
+                for item in reply["items"]
+                for op, result in item.items()
+                if result.get("error") and not (op == "delete" and result.get("status") == 404)
+            ]
+            if failed:
+                await self._undo_creates("memory", created)
+                raise RuntimeError(f"OpenSearch refused {len(failed)} write(s): {failed[:1]}")
+        for memory_id in erased:
+            await self._client.delete_by_query(
+                index=history,
+                body={
+                    "query": {
+                        "bool": {
+                            "filter": [
+                                {"term": {"user_id": user_id}},
+                                {"term": {"memory_id": memory_id}},
+                            ]
+                        }
+                    }
+                },
+                refresh=True,
+            )
+
+    async def delete_all_memories(self, user_id: str) -> int:
+        query = {"query": {"bool": {"filter": [{"term": {"user_id": user_id}}]}}}
+        reply = await self._client.delete_by_query(
+            index=self.index("memory"), body=query, refresh=True
+        )
+        for name in ("history", "jobs"):
+            await self._client.delete_by_query(index=self.index(name), body=query, refresh=True)
+        if self._space is not None:
+            await self._client.delete_by_query(
+                index=self.index("memory_vectors"), body=query, refresh=True
+            )
+        return int(reply.get("deleted", 0))
+
+    async def history(
+        self, user_id: str, memory_id: str, after: int | None, limit: int
+    ) -> list[tuple[int, HistoryEntry]] | None:
+        body: dict[str, Any] = {
+            "size": limit,
+            "query": {
+                "bool": {
+                    "filter": [{"term": {"user_id": user_id}}, {"term": {"memory_id": memory_id}}]
+                }
+            },
+            "sort": [{"seq": "asc"}],
+        }
+        if after is not None:
+            body["search_after"] = [after]
+        hits = await self._search("history", body)
+        if not hits and after is None and await self.get_memory(user_id, memory_id) is None:
+            return None
+        return [(int(h["_source"]["seq"]), _history(h["_source"])) for h in hits]
+
+    async def keyword_search_memories(
+        self, user_id: str, query: str, memory_filter: MemoryFilter, limit: int
+    ) -> list[ScoredMemory]:
+        if not keyword_text(query):
+            return []
+        hits = await self._search(
+            "memory", keyword_query_body(user_id, query, memory_filter, min(limit, MAX_RESULTS))
+        )
+        return [ScoredMemory(_memory(h["_source"]), float(h["_score"] or 0.0)) for h in hits]
+
+    async def vector_search_memories(
+        self, user_id: str, vector: Sequence[float], memory_filter: MemoryFilter, limit: int
+    ) -> list[ScoredMemory]:
+        if self._space is None or len(vector) != self._space.dimension:
+            return []
+        hits = await self._search(
+            "memory_vectors", knn_query_body(user_id, vector, memory_filter, limit)
+        )
+        out = []
+        for h in hits:
+            memory = await self.get_memory(user_id, h["_source"]["memory_id"])
+            if memory is not None:
+                # The lucene engine's cosine score is (1 + cos) / 2.
+                out.append(ScoredMemory(memory, 2.0 * float(h["_score"]) - 1.0))
+        return out
+
+    # --- extraction queue -------------------------------------------------
+
+    async def enqueue_job(self, job: ExtractionJob) -> None:
+        await self._client.index(
+            index=self.index("jobs"), id=job.id, body=_job_doc(job), op_type="create", refresh=WAIT
+        )
+
+    async def due_jobs(self, now: float, limit: int) -> list[ExtractionJob]:
+        hits = await self._search(
+            "jobs",
+            {
+                "size": limit,
+                "query": {"range": {"next_attempt_time": {"lte": now}}},
+                "sort": [{"next_attempt_time": "asc"}, {"create_time": "asc"}],
+            },
+        )
+        return [_job(h["_source"]) for h in hits]
+
+    async def finish_job(self, job_id: str) -> None:
+        try:
+            await self._client.delete(index=self.index("jobs"), id=job_id, refresh=WAIT)
+        except NotFoundError:
+            return
+
+    async def retry_job(self, job_id: str, next_attempt_time: float, error: str) -> None:
+        doc = await self._get("jobs", job_id)
+        if doc is None:
+            return
+        doc.update(
+            attempts=doc["attempts"] + 1,
+            next_attempt_time=next_attempt_time,
+            last_error=error[:1000],
+        )
+        await self._client.index(index=self.index("jobs"), id=job_id, body=doc, refresh=WAIT)
+
+    async def count_jobs(self) -> int:
+        reply = await self._client.count(index=self.index("jobs"))
+        return int(reply["count"])
+
+
+def index_prefix(text: str) -> str:
+    """A valid index prefix from any text (tests use one per test)."""
+    return "t" + hashlib.sha256(text.encode()).hexdigest()[:12]

@@ -1,0 +1,136 @@
+"""Fixtures for the memory service's tests.
+
+`store` runs the store contract suite (test_memory_store_contract.py) against
+every store implementation (STORE_KINDS).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from marie.memory.v1 import memory_service_pb2_grpc as pb_grpc
+from marie_kit.channels import insecure_channel
+from marie_kit.server import RunningServer, start_server
+from marie_memory.opensearch_store import OpenSearchStore, index_prefix
+from marie_memory.records import Store
+from marie_memory.service import MemoryComponent
+from marie_memory.settings import MemorySettings
+from marie_memory.sqlite_store import SqliteStore
+from marie_providers.service import ProvidersComponent
+from marie_providers.settings import ProvidersSettings
+from memory_testkit import EMBEDDING_MODEL, EXTRACTION_MODEL, MemoryStub, StartMemory
+
+from tests.fakes.ollama import FakeOllama
+
+STOP_GRACE_SECONDS = 0.5
+
+
+STORE_KINDS = ["sqlite", "opensearch"]
+
+
+@pytest.fixture(params=STORE_KINDS)
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    """Every store implementation: SQLite on a file in tmp_path; OpenSearch on the
+    cluster at OPENSEARCH_URL when set, else on a fresh osmem-server clone."""
+    opened: Store
+    if request.param == "sqlite":
+        opened = await SqliteStore.open(tmp_path / "memory.sqlite3")
+    else:
+        url = os.environ.get("OPENSEARCH_URL") or request.getfixturevalue("osmem_clone").url
+        opened = await OpenSearchStore.open(url, prefix=index_prefix(str(tmp_path)))
+    yield opened
+    await opened.close()
+
+
+@pytest.fixture
+def emulated(request: pytest.FixtureRequest, store: Store) -> bool:
+    """True when the store runs on osmem-server (no knn query)."""
+    return isinstance(store, OpenSearchStore) and not os.environ.get("OPENSEARCH_URL")
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> MemorySettings:
+    # Explicit values win over whatever MARIE_* variables the environment holds.
+    return MemorySettings(
+        data_dir=tmp_path / "data", port=0, embedding_model="", extraction_model=""
+    )
+
+
+@pytest.fixture
+async def start_memory() -> AsyncIterator[StartMemory]:
+    """Starts memory servers (each on a fresh port); stops those still running at the end."""
+    running: list[RunningServer] = []
+
+    async def start(settings: MemorySettings) -> RunningServer:
+        server = await start_server([MemoryComponent(settings)])
+        running.append(server)
+        return server
+
+    yield start
+    for server in running:
+        await server.stop(STOP_GRACE_SECONDS)
+
+
+@pytest.fixture
+async def server(start_memory: StartMemory, settings: MemorySettings) -> RunningServer:
+    return await start_memory(settings)
+
+
+@pytest.fixture
+async def stub(server: RunningServer) -> AsyncIterator[MemoryStub]:
+    async with insecure_channel(server.target) as channel:
+        yield pb_grpc.MemoryServiceStub(channel)
+
+
+@pytest.fixture(scope="session")
+def ollama_server() -> Iterator[FakeOllama]:
+    with FakeOllama() as fake:
+        yield fake
+
+
+@pytest.fixture
+def ollama(ollama_server: FakeOllama) -> FakeOllama:
+    """The fake Ollama with its default models and no recorded requests."""
+    ollama_server.reset(models=True)
+    return ollama_server
+
+
+@pytest.fixture
+async def providers(ollama: FakeOllama) -> AsyncIterator[RunningServer]:
+    """A real providers service in front of the fake Ollama."""
+    settings = ProvidersSettings(
+        ollama_base_url=ollama.base_url,
+        ollama_enabled=True,
+        port=0,
+        connect_timeout_seconds=2,
+        read_timeout_seconds=10,
+    )
+    server = await start_server([ProvidersComponent(settings)])
+    yield server
+    await server.stop(STOP_GRACE_SECONDS)
+
+
+@pytest.fixture
+def ai_settings(tmp_path: Path, providers: RunningServer) -> MemorySettings:
+    """Settings with embeddings and extraction through the providers service."""
+    return MemorySettings(
+        data_dir=tmp_path / "data",
+        port=0,
+        providers_addr=providers.target,
+        embedding_model=EMBEDDING_MODEL,
+        extraction_model=EXTRACTION_MODEL,
+        queue_poll_seconds=0.05,
+        queue_backoff_seconds=0.05,
+    )
+
+
+@pytest.fixture
+async def ai_stub(
+    start_memory: StartMemory, ai_settings: MemorySettings
+) -> AsyncIterator[MemoryStub]:
+    server = await start_memory(ai_settings)
+    async with insecure_channel(server.target) as channel:
+        yield pb_grpc.MemoryServiceStub(channel)

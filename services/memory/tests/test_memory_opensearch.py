@@ -1,0 +1,146 @@
+"""The OpenSearch store beyond the contract suite: the query bodies it sends for what
+osmem-server cannot run (knn), checked against OpenSearch's documented query DSL, and
+the whole service on the OpenSearch store (osmem-server, or OPENSEARCH_URL when set)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from marie.memory.v1 import memory_service_pb2 as pb
+from marie.memory.v1 import memory_service_pb2_grpc as pb_grpc
+from marie_kit.channels import insecure_channel, is_serving
+from marie_memory.opensearch_store import (
+    filter_clauses,
+    index_prefix,
+    keyword_query_body,
+    knn_query_body,
+    message_knn_body,
+    message_search_body,
+    vector_index_body,
+)
+from marie_memory.records import MemoryFilter
+from marie_memory.settings import MemorySettings
+from memory_testkit import StartMemory
+
+
+def test_knn_search_filters_by_user_inside_the_knn_clause() -> None:
+    # https://opensearch.org/docs/latest/search-plugins/knn/filter-search-knn/
+    # ("Efficient k-NN filtering": lucene engine, `filter` inside the knn field).
+    body = knn_query_body(
+        "alice", [0.5, -0.5], MemoryFilter(categories=("food",), metadata={"app": "web"}), 7
+    )
+    assert body == {
+        "size": 7,
+        "_source": ["memory_id"],
+        "query": {
+            "knn": {
+                "vector": {
+                    "vector": [0.5, -0.5],
+                    "k": 7,
+                    "filter": {
+                        "bool": {
+                            "filter": [
+                                {"term": {"user_id": "alice"}},
+                                {"terms": {"categories": ["food"]}},
+                                {"term": {"meta_pairs": "app\u0000web"}},
+                            ]
+                        }
+                    },
+                }
+            }
+        },
+    }
+
+
+def test_message_knn_search_filters_inside_the_knn_clause() -> None:
+    body = message_knn_body("alice", [1.0], "conv_1", [2, 3], 4)
+    assert body["query"]["knn"]["vector"] == {
+        "vector": [1.0],
+        "k": 4,
+        "filter": {
+            "bool": {
+                "filter": [
+                    {"term": {"user_id": "alice"}},
+                    {"term": {"conversation_id": "conv_1"}},
+                    {"terms": {"role": [2, 3]}},
+                ]
+            }
+        },
+    }
+    messages = vector_index_body(8, messages=True)["mappings"]["properties"]
+    assert set(messages) == {"user_id", "message_id", "conversation_id", "role", "vector"}
+
+
+def test_the_vector_index_is_hnsw_on_lucene_with_cosine() -> None:
+    # https://opensearch.org/docs/latest/field-types/supported-field-types/knn-vector/
+    body = vector_index_body(768)
+    assert body["settings"] == {"index": {"knn": True}}
+    assert body["mappings"]["properties"]["vector"] == {
+        "type": "knn_vector",
+        "dimension": 768,
+        "method": {"name": "hnsw", "space_type": "cosinesimil", "engine": "lucene"},
+    }
+    assert body["mappings"]["properties"]["user_id"] == {"type": "keyword"}
+
+
+def test_keyword_and_message_queries_always_filter_by_user() -> None:
+    memories = keyword_query_body("bob", "the green tea", MemoryFilter(), 5)
+    assert memories["query"]["bool"]["must"] == [
+        {"match": {"text": {"query": "green tea", "operator": "or"}}}
+    ]
+    assert memories["query"]["bool"]["filter"] == filter_clauses("bob", MemoryFilter())
+    messages = message_search_body("bob", "lisbon", "conv_1", [2], 20)
+    assert messages["query"]["bool"]["filter"] == [
+        {"term": {"user_id": "bob"}},
+        {"term": {"conversation_id": "conv_1"}},
+        {"terms": {"role": [2]}},
+    ]
+    assert messages["highlight"]["pre_tags"] == ["<mark>"]
+    assert messages["highlight"]["encoder"] == "html"  # the rest of the text is escaped
+
+
+async def test_the_service_runs_on_the_opensearch_store(
+    start_memory: StartMemory, osmem_clone: Any, tmp_path: Path
+) -> None:
+    settings = MemorySettings(
+        data_dir=tmp_path,
+        port=0,
+        store="opensearch",
+        opensearch_url=os.environ.get("OPENSEARCH_URL") or osmem_clone.url,
+        opensearch_index_prefix=index_prefix(str(tmp_path)),
+        embedding_model="",
+    )
+    server = await start_memory(settings)
+    async with insecure_channel(server.target) as channel:
+        assert await is_serving(channel, "marie.memory.v1.MemoryService")
+        stub = pb_grpc.MemoryServiceStub(channel)
+        conv = (
+            await stub.CreateConversation(pb.CreateConversationRequest(user_id="u", title="Trip"))
+        ).conversation
+        await stub.AppendMessages(
+            pb.AppendMessagesRequest(
+                user_id="u",
+                conversation_id=conv.id,
+                messages=[pb.Message(role=pb.MESSAGE_ROLE_USER, content="Lisbon <in> May")],
+            )
+        )
+        found = await stub.SearchMessages(pb.SearchMessagesRequest(user_id="u", query="lisbon"))
+        assert found.hits[0].snippets == ["<mark>Lisbon</mark> &lt;in&gt; May"]
+        assert found.hits[0].conversation_title == "Trip"
+        await stub.AddMemories(
+            pb.AddMemoriesRequest(
+                user_id="u",
+                infer=False,
+                messages=[pb.SourceMessage(role=pb.MESSAGE_ROLE_USER, content="Likes green tea")],
+            )
+        )
+        search = await stub.SearchMemories(pb.SearchMemoriesRequest(user_id="u", query="tea"))
+        assert search.mode_used == pb.SEARCH_MODE_KEYWORD
+        assert [r.memory.text for r in search.results] == ["Likes green tea"]
+        assert (
+            await stub.SearchMemories(pb.SearchMemoriesRequest(user_id="v", query="tea"))
+        ).results == []
+        erased = await stub.DeleteAllMemories(pb.DeleteAllMemoriesRequest(user_id="u"))
+        assert erased.deleted_count == 1
