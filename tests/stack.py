@@ -19,6 +19,19 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 MARIE = Path(sys.executable).parent / "marie"
 START_TIMEOUT_SECONDS = 60.0
+# Variables that would add real cloud providers (or a config file) from the
+# machine running the tests; a test that wants one passes it explicitly.
+PROVIDER_VARIABLES = frozenset(
+    {
+        "MARIE_CONFIG",
+        "HF_TOKEN",
+        "HUGGINGFACE_API_KEY",
+        "OPENAI_API_KEY",
+        "OPENAI_BASE_URL",
+        "ANTHROPIC_API_KEY",
+        "ANTHROPIC_BASE_URL",
+    }
+)
 
 
 def free_ports(count: int) -> list[int]:
@@ -110,7 +123,7 @@ def start_stack(data_dir: Path, ollama_url: str, **extra_env: str) -> Stack:
     """Start the suite with `marie up` and wait until the gateway is ready."""
     gateway, providers, auth, memory = free_ports(4)
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if k not in PROVIDER_VARIABLES},
         "MARIE_DATA_DIR": str(data_dir),
         "MARIE_GATEWAY_PORT": str(gateway),
         "MARIE_PROVIDERS_PORT": str(providers),

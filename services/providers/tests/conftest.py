@@ -13,6 +13,24 @@ from providers_testkit import Service, running_service
 
 from tests.fakes.ollama import FakeOllama
 
+# Variables that would configure providers (or a config file) from the machine running the tests.
+PROVIDER_VARIABLES = (
+    "MARIE_CONFIG",
+    "HF_TOKEN",
+    "HUGGINGFACE_API_KEY",
+    "OPENAI_API_KEY",
+    "OPENAI_BASE_URL",
+    "ANTHROPIC_API_KEY",
+    "ANTHROPIC_BASE_URL",
+)
+
+
+@pytest.fixture(autouse=True)
+def no_provider_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests configure providers themselves; none leak in from the environment."""
+    for name in PROVIDER_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+
 
 @pytest.fixture(scope="session")
 def ollama_server() -> Iterator[FakeOllama]:
@@ -42,6 +60,9 @@ def settings(fake: FakeOllama) -> ProvidersSettings:
 
 
 @pytest.fixture
-async def service(settings: ProvidersSettings) -> AsyncIterator[Service]:
+async def service(settings: ProvidersSettings, fake: FakeOllama) -> AsyncIterator[Service]:
     async with running_service(settings) as running:
+        # The service's first health round (at start) has run: the fake
+        # records only what the test itself causes.
+        fake.reset()
         yield running

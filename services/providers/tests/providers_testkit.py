@@ -14,6 +14,7 @@ from marie_kit.channels import insecure_channel
 from marie_kit.errors import ServiceError
 from marie_kit.server import RunningServer, start_server
 from marie_providers.base import Provider
+from marie_providers.config import MarieConfig
 from marie_providers.ollama import OllamaProvider
 from marie_providers.service import ProviderFactory, ProvidersComponent
 from marie_providers.settings import ProvidersSettings
@@ -33,14 +34,12 @@ class Service:
 
 @asynccontextmanager
 async def running_service(
-    settings: ProvidersSettings, providers: ProviderFactory | None = None
+    settings: ProvidersSettings,
+    providers: ProviderFactory | None = None,
+    config: MarieConfig | None = None,
 ) -> AsyncIterator[Service]:
     """A real gRPC server on an ephemeral port, stopped (and its clients closed) on exit."""
-    component = (
-        ProvidersComponent(settings)
-        if providers is None
-        else ProvidersComponent(settings, providers=providers)
-    )
+    component = ProvidersComponent(settings, providers=providers, config=config)
     server = await start_server([component])
     try:
         async with insecure_channel(server.target) as channel:

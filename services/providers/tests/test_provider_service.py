@@ -141,11 +141,20 @@ async def test_list_models_maps_ollama_tags_to_model_info(service: Service) -> N
 async def test_list_models_is_served_from_cache_on_the_second_call(
     service: Service, fake: FakeOllama
 ) -> None:
-    first = await service.stub.ListModels(pb.ListModelsRequest())
+    first = await service.stub.ListModels(pb.ListModelsRequest(force_refresh=True))
     second = await service.stub.ListModels(pb.ListModelsRequest())
 
     assert second == first
     assert len(fake.requests_to("/api/tags")) == 1
+
+
+async def test_the_health_round_at_start_warms_the_listing_cache(
+    service: Service, fake: FakeOllama
+) -> None:
+    reply = await service.stub.ListModels(pb.ListModelsRequest())
+
+    assert len(reply.models) == 4
+    assert fake.requests_to("/api/tags") == []
 
 
 async def test_list_models_with_force_refresh_asks_ollama_again(
@@ -157,7 +166,8 @@ async def test_list_models_with_force_refresh_asks_ollama_again(
     reply = await service.stub.ListModels(pb.ListModelsRequest(force_refresh=True))
 
     assert "ollama/phi3:mini" in [m.id for m in reply.models]
-    assert len(fake.requests_to("/api/tags")) == 2
+    # The first call was served by the listing the start-up health round cached.
+    assert len(fake.requests_to("/api/tags")) == 1
 
 
 async def test_list_models_filtered_by_capability_loads_details(service: Service) -> None:
@@ -250,6 +260,8 @@ async def test_search_ranks_exact_name_then_prefix_then_substring(
 ) -> None:
     fake.add_model(FakeModel(name="tinyllama3.2:1b"))
     fake.add_model(FakeModel(name="llama3.2-vision:11b", capabilities=["completion", "vision"]))
+    # The health round at start cached the listing from before these were added.
+    await service.stub.ListModels(pb.ListModelsRequest(force_refresh=True))
 
     reply = await service.stub.SearchModels(pb.SearchModelsRequest(query="LLAMA3.2"))
 
@@ -638,7 +650,7 @@ async def test_chat_error_mid_stream_ends_the_call_after_the_chunks_sent(
     assert "GPU fell over" in error.message
 
 
-async def test_chat_with_ollama_down_is_unavailable_naming_the_url(
+async def test_chat_with_ollama_down_is_unavailable_without_its_url(
     settings: ProvidersSettings,
 ) -> None:
     dead = closed_port_url()

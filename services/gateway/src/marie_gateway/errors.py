@@ -4,6 +4,7 @@ that maps gRPC errors from the services onto it."""
 from __future__ import annotations
 
 import logging
+import math
 
 import grpc
 import orjson
@@ -148,8 +149,17 @@ def from_service_error(error: ServiceError, request_id: str) -> ApiError:
         )
     message = _client_message(error, status, request_id)
     param = error.metadata.get("field") if status < 500 else None
-    retry_after = 1 if status in (429, 503) else None
+    retry_after = _retry_after(error) if status in (429, 503) else None
     return ApiError(status, message, type_, code, param, retry_after=retry_after)
+
+
+def _retry_after(error: ServiceError) -> int:
+    """Whole seconds to wait: what the upstream asked for, when providers passed it on."""
+    try:
+        asked = float(error.metadata.get("retry_after_seconds", "1"))
+    except ValueError:
+        asked = 1.0
+    return max(1, math.ceil(asked)) if math.isfinite(asked) else 1
 
 
 def from_rpc_error(error: grpc.aio.AioRpcError, request_id: str) -> ApiError:

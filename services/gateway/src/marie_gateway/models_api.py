@@ -125,14 +125,16 @@ class ModelRoutes:
                 metadata=principal.call_metadata(),
             )
         )
+        # Aliases and splits belong to no provider: they are in /v1/models.
+        listed = [m for m in reply.models if not m.HasField("route")]
         by_provider: dict[str, list[MarieModel]] = {}
-        for m in reply.models:
+        for m in listed:
             by_provider.setdefault(m.provider, []).append(marie_model(m))
         errors = [
             ProviderListingError(provider=e.provider, reason=e.reason, message=e.message)
             for e in reply.provider_errors
         ]
-        return _json(ModelsByProvider(models=by_provider, total=len(reply.models), errors=errors))
+        return _json(ModelsByProvider(models=by_provider, total=len(listed), errors=errors))
 
     async def provider_models(self, request: Request) -> Response:
         principal = await self.gw.authorize(request, SCOPE_MODELS)

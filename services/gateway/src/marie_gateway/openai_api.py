@@ -264,4 +264,14 @@ def count_tokens(model: str, usage: pb.Usage) -> None:
 
 def _model_object(model: pb.ModelInfo) -> dict[str, Any]:
     created = model.modified_time.seconds if model.HasField("modified_time") else 0
+    if model.HasField("route"):
+        # An alias or split of the providers' configuration: what it routes to.
+        targets = [t.model for t in model.route.targets]
+        return {
+            "id": model.id,
+            "object": "model",
+            "created": 0,
+            "owned_by": "marie",
+            "routes_to": targets,
+        }
     return {"id": model.id, "object": "model", "created": created, "owned_by": model.provider}

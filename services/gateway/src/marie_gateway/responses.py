@@ -219,6 +219,10 @@ class OpenAIModel(_Out):
     object: Literal["model"]
     created: int
     owned_by: str
+    routes_to: list[str] | None = Field(
+        default=None,
+        description='For an alias or split (owned_by "marie"): the models it routes to.',
+    )
 
 
 class OpenAIModelList(_Out):

@@ -4,17 +4,22 @@ from __future__ import annotations
 
 from marie_kit.logs import setup_logging
 from marie_kit.server import run, serve
-from marie_kit.settings import load_settings
+from marie_kit.settings import fail, load_settings
 
-from marie_providers.service import ProvidersComponent
+from marie_providers.config import ConfigError
+from marie_providers.service import ProvidersComponent, load_config
 from marie_providers.settings import ProvidersSettings
 
 
 def main() -> None:
     """Read the settings, then serve until SIGTERM or SIGINT."""
     settings = load_settings(ProvidersSettings)
+    try:
+        config = load_config(settings)
+    except ConfigError as exc:
+        fail(f"invalid configuration: {exc}")
     setup_logging("providers", settings.log_level)
-    component = ProvidersComponent(settings)
+    component = ProvidersComponent(settings, config=config)
     run(
         serve(
             [component],

@@ -23,6 +23,8 @@ class Provider(ABC):
     supports_embeddings: bool = False
     #: Model used when a request names the provider but no model; may be empty.
     default_model: str = ""
+    #: The only model names this provider may serve (configuration's `models`); None: any.
+    allowed_models: frozenset[str] | None = None
 
     @property
     @abstractmethod
@@ -49,6 +51,12 @@ class Provider(ABC):
 
         Closing the iterator early must close the upstream request.
         """
+
+    def first_chunk_is_whole_reply(self, request: pb.StreamChatCompletionRequest) -> bool:
+        """True when this provider answers `request` in one piece (it asks the upstream
+        for the whole reply), so its first chunk comes only when generation ends:
+        a first-token timeout would cut off a long reply."""
+        return False
 
     @abstractmethod
     async def embed(

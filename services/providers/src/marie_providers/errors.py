@@ -7,8 +7,11 @@ of them to `upstream_error`, so each provider reports failures alike.
 
 from __future__ import annotations
 
+import email.utils
 import logging
+import math
 import socket
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -19,17 +22,64 @@ DOMAIN = "marie.providers"
 
 log = logging.getLogger("marie.providers.upstream")
 
+# ErrorInfo metadata key carrying how long the upstream asked us to wait (seconds).
+RETRY_AFTER_KEY = "retry_after_seconds"
+# A Retry-After longer than this is treated as this: nobody waits an hour in a call.
+MAX_RETRY_AFTER_SECONDS = 3600.0
+
 # Upstream error text is relayed to the caller; a runaway body must not be.
 MAX_UPSTREAM_MESSAGE = 500
 
 
 class UpstreamStatusError(Exception):
-    """The upstream answered with an error: an HTTP error status or an error line mid-stream."""
+    """The upstream answered with an error: an HTTP error status or an error line mid-stream.
 
-    def __init__(self, status: int, message: str) -> None:
+    `retry_after` is the wait (seconds) the upstream asked for; `param` the request
+    field it blamed, when it named one.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        param: str = "",
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.retry_after = retry_after
+        self.param = param
+
+
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """Seconds to wait from a `Retry-After` header (delta-seconds or HTTP date); None if absent."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            moment = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        seconds = moment.timestamp() - (time.time() if now is None else now)
+    if not math.isfinite(seconds):
+        return None
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER_SECONDS)
+
+
+def retry_after_of(error: ServiceError) -> float | None:
+    """The wait an upstream asked for, as carried by a ServiceError; None when it asked none."""
+    value = error.metadata.get(RETRY_AFTER_KEY)
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return None
 
 
 class UpstreamProtocolError(Exception):
@@ -93,17 +143,21 @@ def _clip(text: str) -> str:
     return text if len(text) <= MAX_UPSTREAM_MESSAGE else text[:MAX_UPSTREAM_MESSAGE] + "…"
 
 
-def upstream_error(exc: Exception, *, provider: str, url: str, model: str = "") -> ServiceError:
+def upstream_error(
+    exc: Exception, *, provider: str, url: str, model: str = "", log_failure: bool = True
+) -> ServiceError:
     """Map any failure talking to an upstream to a ServiceError.
 
     The caller sees the provider's name and what went wrong in plain words;
     `url` (the provider's public base URL, never one with credentials), which
     an operator needs to fix it, goes to the log line with the request id.
+    Background health probes pass `log_failure=False`: the health monitor logs
+    changes of health instead of every failed probe.
     """
     if isinstance(exc, ServiceError):
         return exc
     error = _map(exc, provider=provider, model=model)
-    if error.code != grpc.StatusCode.NOT_FOUND:
+    if log_failure and error.code != grpc.StatusCode.NOT_FOUND:
         log.warning(
             "upstream failure",
             extra={
@@ -143,7 +197,8 @@ def _map(exc: Exception, *, provider: str, model: str) -> ServiceError:
             domain=DOMAIN,
             metadata={"provider": provider},
         )
-    # Connection dropped mid-response, protocol violations and the like.
+    # Connection dropped mid-response, protocol violations and the like;
+    # httpx's own text may hold the URL, so it goes to the log only.
     return ServiceError(
         grpc.StatusCode.UNAVAILABLE,
         "UPSTREAM_ERROR",
@@ -159,12 +214,31 @@ def _status_error(exc: UpstreamStatusError, *, provider: str, model: str) -> Ser
     # Ollama answers an unknown model with 404, and some versions with 400 "… not found".
     if model and (status == 404 or (status == 400 and "not found" in text.lower())):
         return model_not_found(model, provider)
-    if status == 400:
+    if status in (401, 403):
+        # Marie's own credentials for the upstream, never the caller's key:
+        # the caller can do nothing about it, an operator can.
+        return ServiceError(
+            grpc.StatusCode.UNAVAILABLE,
+            "UPSTREAM_AUTH_FAILED",
+            f"{provider} refused the credentials Marie is configured with (HTTP {status});"
+            " an operator must check its API key",
+            domain=DOMAIN,
+            metadata=metadata,
+        )
+    if status == 404:
+        code, reason = grpc.StatusCode.NOT_FOUND, "UPSTREAM_NOT_FOUND"
+    elif status in (400, 422):
         code, reason = grpc.StatusCode.INVALID_ARGUMENT, "UPSTREAM_BAD_REQUEST"
+        if exc.param:
+            metadata["field"] = exc.param
     elif status == 429:
         code, reason = grpc.StatusCode.RESOURCE_EXHAUSTED, "UPSTREAM_RATE_LIMITED"
+    elif status in (408, 504):
+        code, reason = grpc.StatusCode.DEADLINE_EXCEEDED, "UPSTREAM_TIMEOUT"
     else:
         code, reason = grpc.StatusCode.UNAVAILABLE, "UPSTREAM_ERROR"
+    if exc.retry_after is not None:
+        metadata[RETRY_AFTER_KEY] = f"{exc.retry_after:g}"
     where = f"HTTP {status}" if status >= 400 else "an error mid-stream"
     return ServiceError(
         code,

@@ -20,10 +20,12 @@ from marie_kit.errors import ServiceError
 
 from marie_providers.base import Provider
 from marie_providers.chunks import ChunkMerger
+from marie_providers.config import ProviderConfig
 from marie_providers.errors import (
     UpstreamProtocolError,
     UpstreamStatusError,
     bad_request,
+    parse_retry_after,
     upstream_error,
 )
 from marie_providers.ndjson import iter_ndjson_batches
@@ -102,6 +104,22 @@ class OllamaProvider(Provider):
             health_timeout=settings.health_timeout_seconds,
         )
 
+    @classmethod
+    def from_config(
+        cls, name: str, config: ProviderConfig, settings: ProvidersSettings
+    ) -> OllamaProvider:
+        """The provider as one entry of the configuration describes it."""
+        provider = cls(
+            config.base_url or settings.ollama_base_url,
+            name=name,
+            connect_timeout=settings.connect_timeout_seconds,
+            read_timeout=settings.read_timeout_seconds,
+            health_timeout=settings.health_timeout_seconds,
+        )
+        if config.models is not None:
+            provider.allowed_models = frozenset(config.models)
+        return provider
+
     @property
     def base_url(self) -> str:
         return self._base_url
@@ -111,8 +129,10 @@ class OllamaProvider(Provider):
         name = model_name.lower()
         return name if ":" in name.rpartition("/")[2] else name + ":latest"
 
-    def _error(self, exc: Exception, model: str = "") -> ServiceError:
-        return upstream_error(exc, provider=self.name, url=self._base_url, model=model)
+    def _error(self, exc: Exception, model: str = "", *, quiet: bool = False) -> ServiceError:
+        return upstream_error(
+            exc, provider=self.name, url=self._base_url, model=model, log_failure=not quiet
+        )
 
     async def _request_json(
         self,
@@ -122,6 +142,7 @@ class OllamaProvider(Provider):
         body: dict[str, Any] | None = None,
         model: str = "",
         timeout: float | None = None,
+        quiet: bool = False,
     ) -> Any:
         """One request with a JSON answer; every failure comes back as a ServiceError."""
         extra: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
@@ -133,13 +154,17 @@ class OllamaProvider(Provider):
                     method, path, content=orjson.dumps(body), headers=JSON_HEADERS, **extra
                 )
             if response.status_code >= 400:
-                raise UpstreamStatusError(response.status_code, _error_text(response.content))
+                raise UpstreamStatusError(
+                    response.status_code,
+                    _error_text(response.content),
+                    retry_after=parse_retry_after(response.headers.get("retry-after")),
+                )
             try:
                 return orjson.loads(response.content)
             except orjson.JSONDecodeError as exc:
                 raise UpstreamProtocolError(f"{path} answered with invalid JSON") from exc
         except (httpx.HTTPError, UpstreamStatusError, UpstreamProtocolError) as exc:
-            raise self._error(exc, model) from exc
+            raise self._error(exc, model, quiet=quiet) from exc
 
     async def list_models(self) -> list[pb.ModelInfo]:
         body = await self._request_json("GET", "/api/tags")
@@ -177,7 +202,11 @@ class OllamaProvider(Provider):
             ) as response:
                 if response.status_code >= 400:
                     body = await response.aread()
-                    raise UpstreamStatusError(response.status_code, _error_text(body))
+                    raise UpstreamStatusError(
+                        response.status_code,
+                        _error_text(body),
+                        retry_after=parse_retry_after(response.headers.get("retry-after")),
+                    )
                 batches = iter_ndjson_batches(response.aiter_bytes())
                 async with aclosing(batches):
                     async for batch in batches:
@@ -247,9 +276,14 @@ class OllamaProvider(Provider):
         )
         started = time.perf_counter()
         try:
-            body = await self._request_json("GET", "/api/version", timeout=self._health_timeout)
+            body = await self._request_json(
+                "GET", "/api/version", timeout=self._health_timeout, quiet=True
+            )
             if not isinstance(body, dict) or not isinstance(body.get("version"), str):
-                raise self._error(UpstreamProtocolError("/api/version answered without a version"))
+                raise self._error(
+                    UpstreamProtocolError("/api/version answered without a version"),
+                    quiet=True,
+                )
         except ServiceError as exc:
             unreachable = exc.reason in ("PROVIDER_UNAVAILABLE", "UPSTREAM_TIMEOUT")
             health.status = pb.HEALTH_STATUS_ERROR if unreachable else pb.HEALTH_STATUS_UNHEALTHY

@@ -12,6 +12,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing, asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -20,12 +21,15 @@ from marie.providers.v1 import provider_service_pb2_grpc as pb_grpc
 from marie_kit.errors import ServiceError
 from marie_kit.memory import LargeRequests
 
+from marie_providers import provider_types
 from marie_providers.base import Provider
 from marie_providers.chunks import ChunkMerger
-from marie_providers.errors import DOMAIN
+from marie_providers.config import MarieConfig, config_from_environment, load_config_file
+from marie_providers.errors import DOMAIN, model_not_found
+from marie_providers.health import HealthMonitor
 from marie_providers.model_access import ModelAccess
-from marie_providers.ollama import OllamaProvider
 from marie_providers.registry import ModelRegistry
+from marie_providers.routing import Router
 from marie_providers.settings import ProvidersSettings
 from marie_providers.validation import (
     check_chat_request,
@@ -41,14 +45,28 @@ COMPLETION_ID_BYTES = 12
 
 Context = grpc.aio.ServicerContext[Any, Any]
 ProviderFactory = Callable[[ProvidersSettings], Sequence[Provider]]
+# A health round at start waits this much longer than one probe may take.
+FIRST_HEALTH_SLACK_SECONDS = 1.0
 
 
-def build_providers(settings: ProvidersSettings) -> list[Provider]:
-    """The providers the settings enable, in configuration order."""
-    providers: list[Provider] = []
-    if settings.ollama_enabled:
-        providers.append(OllamaProvider.from_settings(settings))
-    return providers
+def load_config(settings: ProvidersSettings) -> MarieConfig:
+    """The file `MARIE_CONFIG` names, or the environment shortcuts; ConfigError when bad."""
+    if settings.config is not None:
+        return load_config_file(settings.config)
+    return config_from_environment(
+        ollama_base_url=settings.ollama_base_url if settings.ollama_enabled else None
+    )
+
+
+def build_providers(settings: ProvidersSettings, config: MarieConfig) -> list[Provider]:
+    """The providers the configuration describes, in its order."""
+    return [provider_types.build(name, entry, settings) for name, entry in config.providers.items()]
+
+
+def _deadline(context: Context) -> float | None:
+    """The caller's deadline on the monotonic clock the router uses; None when it set none."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
 
 
 def new_completion_id() -> str:
@@ -80,22 +98,34 @@ def _access(context: Context) -> ModelAccess:
     return ModelAccess.from_metadata(context.invocation_metadata())
 
 
+@dataclass(frozen=True)
+class Core:
+    """What the servicer serves from once the component has started."""
+
+    registry: ModelRegistry
+    router: Router
+    health: HealthMonitor
+
+
 class ProviderServicer(pb_grpc.ProviderServiceServicer):
-    """ProviderService over a ModelRegistry, which the component sets once started."""
+    """ProviderService over the registry, router and health monitor the component starts."""
 
     def __init__(self) -> None:
-        self.registry: ModelRegistry | None = None
+        self.core: Core | None = None
         self._large = LargeRequests()
 
-    def _registry(self) -> ModelRegistry:
-        if self.registry is None:
+    def _core(self) -> Core:
+        if self.core is None:
             raise ServiceError(
                 grpc.StatusCode.UNAVAILABLE,
                 "NOT_READY",
                 "the providers service is not started",
                 domain=DOMAIN,
             )
-        return self.registry
+        return self.core
+
+    def _registry(self) -> ModelRegistry:
+        return self._core().registry
 
     async def ListProviders(
         self, request: pb.ListProvidersRequest, context: Context
@@ -106,36 +136,47 @@ class ProviderServicer(pb_grpc.ProviderServiceServicer):
     async def GetProviderHealth(
         self, request: pb.GetProviderHealthRequest, context: Context
     ) -> pb.GetProviderHealthResponse:
-        registry = self._registry()
-        async with within_deadline(context):
-            health = await registry.health(request.provider)
-        return pb.GetProviderHealthResponse(providers=health)
+        # Served from memory: probes run in the background, never in this call.
+        return pb.GetProviderHealthResponse(
+            providers=self._core().health.snapshot(request.provider)
+        )
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: Context
     ) -> pb.ListModelsResponse:
-        registry = self._registry()
+        core = self._core()
+        access = _access(context)
         async with within_deadline(context):
-            models, errors = await registry.list_models(
+            models, errors = await core.registry.list_models(
                 request.provider,
                 force_refresh=request.force_refresh,
                 capability=request.capability,
-                access=_access(context),
+                access=access,
             )
+        if not request.provider and request.capability == pb.MODEL_CAPABILITY_UNSPECIFIED:
+            # Aliases and splits are models to a caller; they belong to no provider.
+            models.extend(core.router.route_models(access))
         return pb.ListModelsResponse(models=models, provider_errors=errors)
 
     async def GetModel(self, request: pb.GetModelRequest, context: Context) -> pb.GetModelResponse:
         check_get_model_request(request)
-        registry = self._registry()
+        core = self._core()
+        access = _access(context)
+        if not request.provider and core.router.is_route(request.model):
+            route = core.router.route_model(request.model, access)
+            if route is None:
+                # Told apart from an unknown model by nobody, as for any model.
+                raise model_not_found(request.model)
+            return pb.GetModelResponse(model=route)
         async with within_deadline(context):
-            model = await registry.get_model(request.model, request.provider, _access(context))
+            model = await core.registry.get_model(request.model, request.provider, access)
         return pb.GetModelResponse(model=model)
 
     async def SearchModels(
         self, request: pb.SearchModelsRequest, context: Context
     ) -> pb.SearchModelsResponse:
         limit = check_search_request(request)
-        registry = self._registry()
+        registry = self._core().registry
         async with within_deadline(context):
             models = await registry.search(request.query, request.provider, limit, _access(context))
         return pb.SearchModelsResponse(models=models)
@@ -144,19 +185,22 @@ class ProviderServicer(pb_grpc.ProviderServiceServicer):
         self, request: pb.StreamChatCompletionRequest, context: Context
     ) -> AsyncIterator[pb.StreamChatCompletionResponse]:
         check_chat_request(request)
-        registry = self._registry()
+        router = self._core().router
         # A large request leaves a large heap behind: trimmed after the last one.
         large = self._large.started(request.ByteSize())
         try:
             async with within_deadline(context):
-                provider, model_name = await registry.resolve(
-                    request.model, request.provider, _access(context)
+                # Every deployment the plan holds is one the caller may use.
+                plan = await router.plan(
+                    request.model, request.provider, request.user, _access(context)
                 )
             completion_id = request.completion_id or new_completion_id()
             # The stream itself is bounded by gRPC: a passed deadline or a client
             # going away cancels this handler, and aclosing then closes the
-            # provider's stream, which closes the upstream request.
-            chunks = provider.stream_chat(request, model_name, completion_id, int(time.time()))
+            # router's stream, which closes the upstream request.
+            chunks = router.stream(
+                plan, request, completion_id, int(time.time()), deadline=_deadline(context)
+            )
             async with aclosing(chunks):
                 if not request.aggregate:
                     async for chunk in chunks:
@@ -178,28 +222,34 @@ class ProviderServicer(pb_grpc.ProviderServiceServicer):
         self, request: pb.CreateEmbeddingsRequest, context: Context
     ) -> pb.CreateEmbeddingsResponse:
         check_embeddings_request(request)
-        registry = self._registry()
+        router = self._core().router
         async with within_deadline(context):
-            provider, model_name = await registry.resolve(
-                request.model, request.provider, _access(context)
+            plan = await router.plan(
+                request.model, request.provider, request.user, _access(context)
             )
-            return await provider.embed(request, model_name)
+            return await router.embed(plan, request, deadline=_deadline(context))
 
 
 class ProvidersComponent:
     """The providers service as the kit's server bootstrap runs it.
 
-    `providers` builds the providers from the settings; tests pass their own
-    to run several providers side by side.
+    `config` is the loaded configuration (read from the settings when None);
+    `providers` replaces the providers it describes, for tests that run
+    several side by side.
     """
 
     service_names: Sequence[str] = (SERVICE_NAME,)
     domain: str = DOMAIN
 
     def __init__(
-        self, settings: ProvidersSettings, *, providers: ProviderFactory = build_providers
+        self,
+        settings: ProvidersSettings,
+        *,
+        providers: ProviderFactory | None = None,
+        config: MarieConfig | None = None,
     ) -> None:
         self.settings = settings
+        self.config = config if config is not None else load_config(settings)
         self._build_providers = providers
         self.servicer = ProviderServicer()
 
@@ -207,17 +257,37 @@ class ProvidersComponent:
         pb_grpc.add_ProviderServiceServicer_to_server(self.servicer, server)
 
     async def start(self) -> None:
-        providers = list(self._build_providers(self.settings))
+        config = self.config
+        if self._build_providers is not None:
+            providers = list(self._build_providers(self.settings))
+        else:
+            providers = build_providers(self.settings, config)
         try:
             registry = ModelRegistry(providers, ttl_seconds=self.settings.model_cache_ttl_seconds)
+            router = Router(
+                registry,
+                aliases=config.aliases,
+                splits=config.splits,
+                routing=config.routing,
+                max_concurrency={
+                    name: entry.max_concurrency
+                    for name, entry in config.providers.items()
+                    if entry.max_concurrency is not None
+                },
+            )
         except BaseException:
             for provider in providers:
                 await provider.aclose()
             raise
-        self.servicer.registry = registry
+        monitor = HealthMonitor(registry, router, interval=config.routing.health_interval_seconds)
+        await monitor.start(self.settings.health_timeout_seconds + FIRST_HEALTH_SLACK_SECONDS)
+        self.servicer.core = Core(registry, router, monitor)
         log.info(
             "providers configured",
-            extra={"providers": {p.name: p.base_url for p in providers}},
+            extra={
+                "providers": {p.name: p.base_url for p in providers},
+                "routes": sorted(config.aliases) + sorted(config.splits),
+            },
         )
 
     async def stopping(self) -> None:
@@ -225,6 +295,7 @@ class ProvidersComponent:
         work that finishes on its own, so it gets the grace period."""
 
     async def close(self) -> None:
-        registry, self.servicer.registry = self.servicer.registry, None
-        if registry is not None:
-            await registry.aclose()
+        core, self.servicer.core = self.servicer.core, None
+        if core is not None:
+            await core.health.aclose()
+            await core.registry.aclose()

@@ -1,6 +1,9 @@
-"""Settings of the providers service, read from `MARIE_PROVIDERS_*` (and `OLLAMA_BASE_URL`)."""
+"""Settings of the providers service, read from `MARIE_PROVIDERS_*` (and `OLLAMA_BASE_URL`,
+`MARIE_CONFIG`); providers, aliases and routing come from `config.py`."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import httpx
 from marie_kit.settings import ServiceSettings
@@ -24,6 +27,14 @@ class ProvidersSettings(ServiceSettings):
         # The un-prefixed name is the one Ollama's own tools and docs use.
         validation_alias=AliasChoices("OLLAMA_BASE_URL", "ollama_base_url"),
         description="Base URL of the Ollama server (http or https).",
+    )
+    config: Path | None = Field(
+        default=None,
+        validation_alias=AliasChoices("MARIE_CONFIG", "config"),
+        description=(
+            "YAML file of providers, aliases, splits and routing; without it, environment"
+            " shortcuts (OLLAMA_BASE_URL, HF_TOKEN, OPENAI_API_KEY, ANTHROPIC_API_KEY) apply."
+        ),
     )
     ollama_enabled: bool = Field(
         default=True, description="Whether the Ollama provider is configured at all."

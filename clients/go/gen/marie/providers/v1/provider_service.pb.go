@@ -80,6 +80,65 @@ func (HealthStatus) EnumDescriptor() ([]byte, []int) {
 	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{0}
 }
 
+// CircuitState is what a deployment's circuit breaker lets through.
+type CircuitState int32
+
+const (
+	// Not set; never returned by the service.
+	CircuitState_CIRCUIT_STATE_UNSPECIFIED CircuitState = 0
+	// Requests flow normally.
+	CircuitState_CIRCUIT_STATE_CLOSED CircuitState = 1
+	// Consecutive failures opened the circuit: requests skip this deployment
+	// (an alias tries its next one) until `retry_time`.
+	CircuitState_CIRCUIT_STATE_OPEN CircuitState = 2
+	// The open period is over: one probe request is let through; its success
+	// closes the circuit, its failure opens it again.
+	CircuitState_CIRCUIT_STATE_HALF_OPEN CircuitState = 3
+)
+
+// Enum value maps for CircuitState.
+var (
+	CircuitState_name = map[int32]string{
+		0: "CIRCUIT_STATE_UNSPECIFIED",
+		1: "CIRCUIT_STATE_CLOSED",
+		2: "CIRCUIT_STATE_OPEN",
+		3: "CIRCUIT_STATE_HALF_OPEN",
+	}
+	CircuitState_value = map[string]int32{
+		"CIRCUIT_STATE_UNSPECIFIED": 0,
+		"CIRCUIT_STATE_CLOSED":      1,
+		"CIRCUIT_STATE_OPEN":        2,
+		"CIRCUIT_STATE_HALF_OPEN":   3,
+	}
+)
+
+func (x CircuitState) Enum() *CircuitState {
+	p := new(CircuitState)
+	*p = x
+	return p
+}
+
+func (x CircuitState) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (CircuitState) Descriptor() protoreflect.EnumDescriptor {
+	return file_marie_providers_v1_provider_service_proto_enumTypes[1].Descriptor()
+}
+
+func (CircuitState) Type() protoreflect.EnumType {
+	return &file_marie_providers_v1_provider_service_proto_enumTypes[1]
+}
+
+func (x CircuitState) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use CircuitState.Descriptor instead.
+func (CircuitState) EnumDescriptor() ([]byte, []int) {
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{1}
+}
+
 // ModelCapability is something a model can do.
 type ModelCapability int32
 
@@ -129,11 +188,11 @@ func (x ModelCapability) String() string {
 }
 
 func (ModelCapability) Descriptor() protoreflect.EnumDescriptor {
-	return file_marie_providers_v1_provider_service_proto_enumTypes[1].Descriptor()
+	return file_marie_providers_v1_provider_service_proto_enumTypes[2].Descriptor()
 }
 
 func (ModelCapability) Type() protoreflect.EnumType {
-	return &file_marie_providers_v1_provider_service_proto_enumTypes[1]
+	return &file_marie_providers_v1_provider_service_proto_enumTypes[2]
 }
 
 func (x ModelCapability) Number() protoreflect.EnumNumber {
@@ -142,7 +201,62 @@ func (x ModelCapability) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use ModelCapability.Descriptor instead.
 func (ModelCapability) EnumDescriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{1}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{2}
+}
+
+// RouteKind is how a routed name picks a deployment.
+type RouteKind int32
+
+const (
+	// Not set; never returned by the service.
+	RouteKind_ROUTE_KIND_UNSPECIFIED RouteKind = 0
+	// Targets are tried in order; the next one is tried when one fails before
+	// its first token (connection error, 429, 5xx, first-token timeout).
+	RouteKind_ROUTE_KIND_ALIAS RouteKind = 1
+	// One target is picked by weight, the same for the same `user`; the others
+	// are fallbacks.
+	RouteKind_ROUTE_KIND_SPLIT RouteKind = 2
+)
+
+// Enum value maps for RouteKind.
+var (
+	RouteKind_name = map[int32]string{
+		0: "ROUTE_KIND_UNSPECIFIED",
+		1: "ROUTE_KIND_ALIAS",
+		2: "ROUTE_KIND_SPLIT",
+	}
+	RouteKind_value = map[string]int32{
+		"ROUTE_KIND_UNSPECIFIED": 0,
+		"ROUTE_KIND_ALIAS":       1,
+		"ROUTE_KIND_SPLIT":       2,
+	}
+)
+
+func (x RouteKind) Enum() *RouteKind {
+	p := new(RouteKind)
+	*p = x
+	return p
+}
+
+func (x RouteKind) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (RouteKind) Descriptor() protoreflect.EnumDescriptor {
+	return file_marie_providers_v1_provider_service_proto_enumTypes[3].Descriptor()
+}
+
+func (RouteKind) Type() protoreflect.EnumType {
+	return &file_marie_providers_v1_provider_service_proto_enumTypes[3]
+}
+
+func (x RouteKind) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use RouteKind.Descriptor instead.
+func (RouteKind) EnumDescriptor() ([]byte, []int) {
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{3}
 }
 
 // Role is the author of a chat message.
@@ -195,11 +309,11 @@ func (x Role) String() string {
 }
 
 func (Role) Descriptor() protoreflect.EnumDescriptor {
-	return file_marie_providers_v1_provider_service_proto_enumTypes[2].Descriptor()
+	return file_marie_providers_v1_provider_service_proto_enumTypes[4].Descriptor()
 }
 
 func (Role) Type() protoreflect.EnumType {
-	return &file_marie_providers_v1_provider_service_proto_enumTypes[2]
+	return &file_marie_providers_v1_provider_service_proto_enumTypes[4]
 }
 
 func (x Role) Number() protoreflect.EnumNumber {
@@ -208,7 +322,7 @@ func (x Role) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use Role.Descriptor instead.
 func (Role) EnumDescriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{2}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{4}
 }
 
 // ToolChoiceMode says whether and how the model uses tools.
@@ -256,11 +370,11 @@ func (x ToolChoiceMode) String() string {
 }
 
 func (ToolChoiceMode) Descriptor() protoreflect.EnumDescriptor {
-	return file_marie_providers_v1_provider_service_proto_enumTypes[3].Descriptor()
+	return file_marie_providers_v1_provider_service_proto_enumTypes[5].Descriptor()
 }
 
 func (ToolChoiceMode) Type() protoreflect.EnumType {
-	return &file_marie_providers_v1_provider_service_proto_enumTypes[3]
+	return &file_marie_providers_v1_provider_service_proto_enumTypes[5]
 }
 
 func (x ToolChoiceMode) Number() protoreflect.EnumNumber {
@@ -269,7 +383,7 @@ func (x ToolChoiceMode) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use ToolChoiceMode.Descriptor instead.
 func (ToolChoiceMode) EnumDescriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{3}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{5}
 }
 
 // ResponseFormatType is the shape the reply must take.
@@ -313,11 +427,11 @@ func (x ResponseFormatType) String() string {
 }
 
 func (ResponseFormatType) Descriptor() protoreflect.EnumDescriptor {
-	return file_marie_providers_v1_provider_service_proto_enumTypes[4].Descriptor()
+	return file_marie_providers_v1_provider_service_proto_enumTypes[6].Descriptor()
 }
 
 func (ResponseFormatType) Type() protoreflect.EnumType {
-	return &file_marie_providers_v1_provider_service_proto_enumTypes[4]
+	return &file_marie_providers_v1_provider_service_proto_enumTypes[6]
 }
 
 func (x ResponseFormatType) Number() protoreflect.EnumNumber {
@@ -326,7 +440,7 @@ func (x ResponseFormatType) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use ResponseFormatType.Descriptor instead.
 func (ResponseFormatType) EnumDescriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{4}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{6}
 }
 
 // FinishReason says why generation stopped.
@@ -374,11 +488,11 @@ func (x FinishReason) String() string {
 }
 
 func (FinishReason) Descriptor() protoreflect.EnumDescriptor {
-	return file_marie_providers_v1_provider_service_proto_enumTypes[5].Descriptor()
+	return file_marie_providers_v1_provider_service_proto_enumTypes[7].Descriptor()
 }
 
 func (FinishReason) Type() protoreflect.EnumType {
-	return &file_marie_providers_v1_provider_service_proto_enumTypes[5]
+	return &file_marie_providers_v1_provider_service_proto_enumTypes[7]
 }
 
 func (x FinishReason) Number() protoreflect.EnumNumber {
@@ -387,7 +501,7 @@ func (x FinishReason) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use FinishReason.Descriptor instead.
 func (FinishReason) EnumDescriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{5}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{7}
 }
 
 // Provider describes one configured provider.
@@ -586,7 +700,10 @@ type ProviderHealth struct {
 	// Round-trip time of the probe, in milliseconds.
 	LatencyMs float64 `protobuf:"fixed64,9,opt,name=latency_ms,json=latencyMs,proto3" json:"latency_ms,omitempty"`
 	// When the probe finished.
-	CheckTime     *timestamppb.Timestamp `protobuf:"bytes,10,opt,name=check_time,json=checkTime,proto3" json:"check_time,omitempty"`
+	CheckTime *timestamppb.Timestamp `protobuf:"bytes,10,opt,name=check_time,json=checkTime,proto3" json:"check_time,omitempty"`
+	// Routing state of each of this provider's models that requests have used
+	// or that an alias or split routes to, ordered by model id.
+	Deployments   []*DeploymentHealth `protobuf:"bytes,11,rep,name=deployments,proto3" json:"deployments,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -691,6 +808,105 @@ func (x *ProviderHealth) GetCheckTime() *timestamppb.Timestamp {
 	return nil
 }
 
+func (x *ProviderHealth) GetDeployments() []*DeploymentHealth {
+	if x != nil {
+		return x.Deployments
+	}
+	return nil
+}
+
+// DeploymentHealth is the routing state of one model of one provider.
+type DeploymentHealth struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Model id, "<provider>/<model>".
+	Model string `protobuf:"bytes,1,opt,name=model,proto3" json:"model,omitempty"`
+	// State of the deployment's circuit breaker.
+	Circuit CircuitState `protobuf:"varint,2,opt,name=circuit,proto3,enum=marie.providers.v1.CircuitState" json:"circuit,omitempty"`
+	// Failures in a row (connection errors, 429s, 5xx, timeouts) since the last success.
+	ConsecutiveFailures int32 `protobuf:"varint,3,opt,name=consecutive_failures,json=consecutiveFailures,proto3" json:"consecutive_failures,omitempty"`
+	// Requests being served by this deployment right now.
+	InFlight int32 `protobuf:"varint,4,opt,name=in_flight,json=inFlight,proto3" json:"in_flight,omitempty"`
+	// Most requests served at once; 0 means no limit. Requests over it wait
+	// briefly, then fail over (or fail with RESOURCE_EXHAUSTED).
+	MaxConcurrency int32 `protobuf:"varint,5,opt,name=max_concurrency,json=maxConcurrency,proto3" json:"max_concurrency,omitempty"`
+	// When an open circuit lets a probe through; unset unless OPEN.
+	RetryTime     *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=retry_time,json=retryTime,proto3" json:"retry_time,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeploymentHealth) Reset() {
+	*x = DeploymentHealth{}
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeploymentHealth) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeploymentHealth) ProtoMessage() {}
+
+func (x *DeploymentHealth) ProtoReflect() protoreflect.Message {
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeploymentHealth.ProtoReflect.Descriptor instead.
+func (*DeploymentHealth) Descriptor() ([]byte, []int) {
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *DeploymentHealth) GetModel() string {
+	if x != nil {
+		return x.Model
+	}
+	return ""
+}
+
+func (x *DeploymentHealth) GetCircuit() CircuitState {
+	if x != nil {
+		return x.Circuit
+	}
+	return CircuitState_CIRCUIT_STATE_UNSPECIFIED
+}
+
+func (x *DeploymentHealth) GetConsecutiveFailures() int32 {
+	if x != nil {
+		return x.ConsecutiveFailures
+	}
+	return 0
+}
+
+func (x *DeploymentHealth) GetInFlight() int32 {
+	if x != nil {
+		return x.InFlight
+	}
+	return 0
+}
+
+func (x *DeploymentHealth) GetMaxConcurrency() int32 {
+	if x != nil {
+		return x.MaxConcurrency
+	}
+	return 0
+}
+
+func (x *DeploymentHealth) GetRetryTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.RetryTime
+	}
+	return nil
+}
+
 // GetProviderHealthRequest selects the providers to probe.
 type GetProviderHealthRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -702,7 +918,7 @@ type GetProviderHealthRequest struct {
 
 func (x *GetProviderHealthRequest) Reset() {
 	*x = GetProviderHealthRequest{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[4]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -714,7 +930,7 @@ func (x *GetProviderHealthRequest) String() string {
 func (*GetProviderHealthRequest) ProtoMessage() {}
 
 func (x *GetProviderHealthRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[4]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -727,7 +943,7 @@ func (x *GetProviderHealthRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetProviderHealthRequest.ProtoReflect.Descriptor instead.
 func (*GetProviderHealthRequest) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{4}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *GetProviderHealthRequest) GetProvider() string {
@@ -748,7 +964,7 @@ type GetProviderHealthResponse struct {
 
 func (x *GetProviderHealthResponse) Reset() {
 	*x = GetProviderHealthResponse{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[5]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -760,7 +976,7 @@ func (x *GetProviderHealthResponse) String() string {
 func (*GetProviderHealthResponse) ProtoMessage() {}
 
 func (x *GetProviderHealthResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[5]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -773,7 +989,7 @@ func (x *GetProviderHealthResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetProviderHealthResponse.ProtoReflect.Descriptor instead.
 func (*GetProviderHealthResponse) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{5}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *GetProviderHealthResponse) GetProviders() []*ProviderHealth {
@@ -820,13 +1036,17 @@ type ModelInfo struct {
 	// True when the fields that need a details call (context_length,
 	// capabilities) have been filled in from it.
 	DetailsLoaded bool `protobuf:"varint,16,opt,name=details_loaded,json=detailsLoaded,proto3" json:"details_loaded,omitempty"`
+	// Set when this entry is not a model but a name Marie routes (an alias or
+	// a split of the configuration): what it routes to. `id` and `name` are
+	// then the routed name, e.g. "fast", and `provider` is empty.
+	Route         *RouteInfo `protobuf:"bytes,17,opt,name=route,proto3" json:"route,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ModelInfo) Reset() {
 	*x = ModelInfo{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[6]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -838,7 +1058,7 @@ func (x *ModelInfo) String() string {
 func (*ModelInfo) ProtoMessage() {}
 
 func (x *ModelInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[6]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -851,7 +1071,7 @@ func (x *ModelInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ModelInfo.ProtoReflect.Descriptor instead.
 func (*ModelInfo) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{6}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *ModelInfo) GetId() string {
@@ -966,6 +1186,123 @@ func (x *ModelInfo) GetDetailsLoaded() bool {
 	return false
 }
 
+func (x *ModelInfo) GetRoute() *RouteInfo {
+	if x != nil {
+		return x.Route
+	}
+	return nil
+}
+
+// RouteInfo describes what a routed name leads to.
+type RouteInfo struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// How a target is picked.
+	Kind RouteKind `protobuf:"varint,1,opt,name=kind,proto3,enum=marie.providers.v1.RouteKind" json:"kind,omitempty"`
+	// The targets, in configuration order.
+	Targets       []*RouteTarget `protobuf:"bytes,2,rep,name=targets,proto3" json:"targets,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RouteInfo) Reset() {
+	*x = RouteInfo{}
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RouteInfo) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RouteInfo) ProtoMessage() {}
+
+func (x *RouteInfo) ProtoReflect() protoreflect.Message {
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RouteInfo.ProtoReflect.Descriptor instead.
+func (*RouteInfo) Descriptor() ([]byte, []int) {
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *RouteInfo) GetKind() RouteKind {
+	if x != nil {
+		return x.Kind
+	}
+	return RouteKind_ROUTE_KIND_UNSPECIFIED
+}
+
+func (x *RouteInfo) GetTargets() []*RouteTarget {
+	if x != nil {
+		return x.Targets
+	}
+	return nil
+}
+
+// RouteTarget is one model a routed name may lead to.
+type RouteTarget struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Model id, "<provider>/<model>".
+	Model string `protobuf:"bytes,1,opt,name=model,proto3" json:"model,omitempty"`
+	// Relative weight (splits only; 0 for aliases).
+	Weight        int32 `protobuf:"varint,2,opt,name=weight,proto3" json:"weight,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RouteTarget) Reset() {
+	*x = RouteTarget{}
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RouteTarget) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RouteTarget) ProtoMessage() {}
+
+func (x *RouteTarget) ProtoReflect() protoreflect.Message {
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RouteTarget.ProtoReflect.Descriptor instead.
+func (*RouteTarget) Descriptor() ([]byte, []int) {
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *RouteTarget) GetModel() string {
+	if x != nil {
+		return x.Model
+	}
+	return ""
+}
+
+func (x *RouteTarget) GetWeight() int32 {
+	if x != nil {
+		return x.Weight
+	}
+	return 0
+}
+
 // ListModelsRequest selects which models to list.
 type ListModelsRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -981,7 +1318,7 @@ type ListModelsRequest struct {
 
 func (x *ListModelsRequest) Reset() {
 	*x = ListModelsRequest{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[7]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -993,7 +1330,7 @@ func (x *ListModelsRequest) String() string {
 func (*ListModelsRequest) ProtoMessage() {}
 
 func (x *ListModelsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[7]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1006,7 +1343,7 @@ func (x *ListModelsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListModelsRequest.ProtoReflect.Descriptor instead.
 func (*ListModelsRequest) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{7}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *ListModelsRequest) GetProvider() string {
@@ -1044,7 +1381,7 @@ type ListModelsResponse struct {
 
 func (x *ListModelsResponse) Reset() {
 	*x = ListModelsResponse{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[8]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1056,7 +1393,7 @@ func (x *ListModelsResponse) String() string {
 func (*ListModelsResponse) ProtoMessage() {}
 
 func (x *ListModelsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[8]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1069,7 +1406,7 @@ func (x *ListModelsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListModelsResponse.ProtoReflect.Descriptor instead.
 func (*ListModelsResponse) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{8}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *ListModelsResponse) GetModels() []*ModelInfo {
@@ -1101,7 +1438,7 @@ type ProviderError struct {
 
 func (x *ProviderError) Reset() {
 	*x = ProviderError{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[9]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1113,7 +1450,7 @@ func (x *ProviderError) String() string {
 func (*ProviderError) ProtoMessage() {}
 
 func (x *ProviderError) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[9]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1126,7 +1463,7 @@ func (x *ProviderError) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProviderError.ProtoReflect.Descriptor instead.
 func (*ProviderError) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{9}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *ProviderError) GetProvider() string {
@@ -1164,7 +1501,7 @@ type GetModelRequest struct {
 
 func (x *GetModelRequest) Reset() {
 	*x = GetModelRequest{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[10]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1176,7 +1513,7 @@ func (x *GetModelRequest) String() string {
 func (*GetModelRequest) ProtoMessage() {}
 
 func (x *GetModelRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[10]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1189,7 +1526,7 @@ func (x *GetModelRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetModelRequest.ProtoReflect.Descriptor instead.
 func (*GetModelRequest) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{10}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *GetModelRequest) GetModel() string {
@@ -1217,7 +1554,7 @@ type GetModelResponse struct {
 
 func (x *GetModelResponse) Reset() {
 	*x = GetModelResponse{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[11]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1229,7 +1566,7 @@ func (x *GetModelResponse) String() string {
 func (*GetModelResponse) ProtoMessage() {}
 
 func (x *GetModelResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[11]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1242,7 +1579,7 @@ func (x *GetModelResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetModelResponse.ProtoReflect.Descriptor instead.
 func (*GetModelResponse) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{11}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *GetModelResponse) GetModel() *ModelInfo {
@@ -1267,7 +1604,7 @@ type SearchModelsRequest struct {
 
 func (x *SearchModelsRequest) Reset() {
 	*x = SearchModelsRequest{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[12]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1279,7 +1616,7 @@ func (x *SearchModelsRequest) String() string {
 func (*SearchModelsRequest) ProtoMessage() {}
 
 func (x *SearchModelsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[12]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1292,7 +1629,7 @@ func (x *SearchModelsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SearchModelsRequest.ProtoReflect.Descriptor instead.
 func (*SearchModelsRequest) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{12}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *SearchModelsRequest) GetQuery() string {
@@ -1327,7 +1664,7 @@ type SearchModelsResponse struct {
 
 func (x *SearchModelsResponse) Reset() {
 	*x = SearchModelsResponse{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[13]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1339,7 +1676,7 @@ func (x *SearchModelsResponse) String() string {
 func (*SearchModelsResponse) ProtoMessage() {}
 
 func (x *SearchModelsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[13]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1352,7 +1689,7 @@ func (x *SearchModelsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SearchModelsResponse.ProtoReflect.Descriptor instead.
 func (*SearchModelsResponse) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{13}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *SearchModelsResponse) GetModels() []*ModelInfo {
@@ -1378,7 +1715,7 @@ type ContentPart struct {
 
 func (x *ContentPart) Reset() {
 	*x = ContentPart{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[14]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1390,7 +1727,7 @@ func (x *ContentPart) String() string {
 func (*ContentPart) ProtoMessage() {}
 
 func (x *ContentPart) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[14]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1403,7 +1740,7 @@ func (x *ContentPart) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ContentPart.ProtoReflect.Descriptor instead.
 func (*ContentPart) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{14}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *ContentPart) GetPart() isContentPart_Part {
@@ -1462,7 +1799,7 @@ type ImageUrl struct {
 
 func (x *ImageUrl) Reset() {
 	*x = ImageUrl{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[15]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1474,7 +1811,7 @@ func (x *ImageUrl) String() string {
 func (*ImageUrl) ProtoMessage() {}
 
 func (x *ImageUrl) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[15]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1487,7 +1824,7 @@ func (x *ImageUrl) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ImageUrl.ProtoReflect.Descriptor instead.
 func (*ImageUrl) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{15}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *ImageUrl) GetUrl() string {
@@ -1520,7 +1857,7 @@ type ToolCall struct {
 
 func (x *ToolCall) Reset() {
 	*x = ToolCall{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[16]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1532,7 +1869,7 @@ func (x *ToolCall) String() string {
 func (*ToolCall) ProtoMessage() {}
 
 func (x *ToolCall) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[16]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1545,7 +1882,7 @@ func (x *ToolCall) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ToolCall.ProtoReflect.Descriptor instead.
 func (*ToolCall) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{16}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *ToolCall) GetId() string {
@@ -1582,7 +1919,7 @@ type FunctionCall struct {
 
 func (x *FunctionCall) Reset() {
 	*x = FunctionCall{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[17]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1594,7 +1931,7 @@ func (x *FunctionCall) String() string {
 func (*FunctionCall) ProtoMessage() {}
 
 func (x *FunctionCall) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[17]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1607,7 +1944,7 @@ func (x *FunctionCall) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FunctionCall.ProtoReflect.Descriptor instead.
 func (*FunctionCall) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{17}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *FunctionCall) GetName() string {
@@ -1645,7 +1982,7 @@ type ChatMessage struct {
 
 func (x *ChatMessage) Reset() {
 	*x = ChatMessage{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[18]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1657,7 +1994,7 @@ func (x *ChatMessage) String() string {
 func (*ChatMessage) ProtoMessage() {}
 
 func (x *ChatMessage) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[18]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1670,7 +2007,7 @@ func (x *ChatMessage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ChatMessage.ProtoReflect.Descriptor instead.
 func (*ChatMessage) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{18}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *ChatMessage) GetRole() Role {
@@ -1728,7 +2065,7 @@ type Tool struct {
 
 func (x *Tool) Reset() {
 	*x = Tool{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[19]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1740,7 +2077,7 @@ func (x *Tool) String() string {
 func (*Tool) ProtoMessage() {}
 
 func (x *Tool) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[19]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1753,7 +2090,7 @@ func (x *Tool) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Tool.ProtoReflect.Descriptor instead.
 func (*Tool) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{19}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *Tool) GetType() string {
@@ -1792,7 +2129,7 @@ type FunctionDefinition struct {
 
 func (x *FunctionDefinition) Reset() {
 	*x = FunctionDefinition{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[20]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1804,7 +2141,7 @@ func (x *FunctionDefinition) String() string {
 func (*FunctionDefinition) ProtoMessage() {}
 
 func (x *FunctionDefinition) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[20]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1817,7 +2154,7 @@ func (x *FunctionDefinition) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FunctionDefinition.ProtoReflect.Descriptor instead.
 func (*FunctionDefinition) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{20}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *FunctionDefinition) GetName() string {
@@ -1868,7 +2205,7 @@ type ToolChoice struct {
 
 func (x *ToolChoice) Reset() {
 	*x = ToolChoice{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[21]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1880,7 +2217,7 @@ func (x *ToolChoice) String() string {
 func (*ToolChoice) ProtoMessage() {}
 
 func (x *ToolChoice) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[21]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1893,7 +2230,7 @@ func (x *ToolChoice) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ToolChoice.ProtoReflect.Descriptor instead.
 func (*ToolChoice) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{21}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *ToolChoice) GetMode() ToolChoiceMode {
@@ -1931,7 +2268,7 @@ type ResponseFormat struct {
 
 func (x *ResponseFormat) Reset() {
 	*x = ResponseFormat{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[22]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1943,7 +2280,7 @@ func (x *ResponseFormat) String() string {
 func (*ResponseFormat) ProtoMessage() {}
 
 func (x *ResponseFormat) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[22]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1956,7 +2293,7 @@ func (x *ResponseFormat) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResponseFormat.ProtoReflect.Descriptor instead.
 func (*ResponseFormat) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{22}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *ResponseFormat) GetType() ResponseFormatType {
@@ -2019,7 +2356,7 @@ type SamplingParameters struct {
 
 func (x *SamplingParameters) Reset() {
 	*x = SamplingParameters{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[23]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2031,7 +2368,7 @@ func (x *SamplingParameters) String() string {
 func (*SamplingParameters) ProtoMessage() {}
 
 func (x *SamplingParameters) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[23]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2044,7 +2381,7 @@ func (x *SamplingParameters) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SamplingParameters.ProtoReflect.Descriptor instead.
 func (*SamplingParameters) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{23}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *SamplingParameters) GetTemperature() float32 {
@@ -2138,7 +2475,7 @@ type StreamChatCompletionRequest struct {
 
 func (x *StreamChatCompletionRequest) Reset() {
 	*x = StreamChatCompletionRequest{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[24]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2150,7 +2487,7 @@ func (x *StreamChatCompletionRequest) String() string {
 func (*StreamChatCompletionRequest) ProtoMessage() {}
 
 func (x *StreamChatCompletionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[24]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2163,7 +2500,7 @@ func (x *StreamChatCompletionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamChatCompletionRequest.ProtoReflect.Descriptor instead.
 func (*StreamChatCompletionRequest) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{24}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *StreamChatCompletionRequest) GetModel() string {
@@ -2257,7 +2594,7 @@ type ToolCallDelta struct {
 
 func (x *ToolCallDelta) Reset() {
 	*x = ToolCallDelta{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[25]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2269,7 +2606,7 @@ func (x *ToolCallDelta) String() string {
 func (*ToolCallDelta) ProtoMessage() {}
 
 func (x *ToolCallDelta) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[25]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2282,7 +2619,7 @@ func (x *ToolCallDelta) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ToolCallDelta.ProtoReflect.Descriptor instead.
 func (*ToolCallDelta) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{25}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *ToolCallDelta) GetIndex() int32 {
@@ -2335,7 +2672,7 @@ type Usage struct {
 
 func (x *Usage) Reset() {
 	*x = Usage{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[26]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2347,7 +2684,7 @@ func (x *Usage) String() string {
 func (*Usage) ProtoMessage() {}
 
 func (x *Usage) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[26]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2360,7 +2697,7 @@ func (x *Usage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Usage.ProtoReflect.Descriptor instead.
 func (*Usage) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{26}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *Usage) GetPromptTokens() int32 {
@@ -2411,7 +2748,7 @@ type StreamChatCompletionResponse struct {
 
 func (x *StreamChatCompletionResponse) Reset() {
 	*x = StreamChatCompletionResponse{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[27]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2423,7 +2760,7 @@ func (x *StreamChatCompletionResponse) String() string {
 func (*StreamChatCompletionResponse) ProtoMessage() {}
 
 func (x *StreamChatCompletionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[27]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2436,7 +2773,7 @@ func (x *StreamChatCompletionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamChatCompletionResponse.ProtoReflect.Descriptor instead.
 func (*StreamChatCompletionResponse) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{27}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *StreamChatCompletionResponse) GetId() string {
@@ -2522,7 +2859,7 @@ type CreateEmbeddingsRequest struct {
 
 func (x *CreateEmbeddingsRequest) Reset() {
 	*x = CreateEmbeddingsRequest{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[28]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2534,7 +2871,7 @@ func (x *CreateEmbeddingsRequest) String() string {
 func (*CreateEmbeddingsRequest) ProtoMessage() {}
 
 func (x *CreateEmbeddingsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[28]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2547,7 +2884,7 @@ func (x *CreateEmbeddingsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateEmbeddingsRequest.ProtoReflect.Descriptor instead.
 func (*CreateEmbeddingsRequest) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{28}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *CreateEmbeddingsRequest) GetModel() string {
@@ -2598,7 +2935,7 @@ type Embedding struct {
 
 func (x *Embedding) Reset() {
 	*x = Embedding{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[29]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2610,7 +2947,7 @@ func (x *Embedding) String() string {
 func (*Embedding) ProtoMessage() {}
 
 func (x *Embedding) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[29]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2623,7 +2960,7 @@ func (x *Embedding) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Embedding.ProtoReflect.Descriptor instead.
 func (*Embedding) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{29}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *Embedding) GetIndex() int32 {
@@ -2655,7 +2992,7 @@ type CreateEmbeddingsResponse struct {
 
 func (x *CreateEmbeddingsResponse) Reset() {
 	*x = CreateEmbeddingsResponse{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[30]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2667,7 +3004,7 @@ func (x *CreateEmbeddingsResponse) String() string {
 func (*CreateEmbeddingsResponse) ProtoMessage() {}
 
 func (x *CreateEmbeddingsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[30]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2680,7 +3017,7 @@ func (x *CreateEmbeddingsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateEmbeddingsResponse.ProtoReflect.Descriptor instead.
 func (*CreateEmbeddingsResponse) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{30}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *CreateEmbeddingsResponse) GetModel() string {
@@ -2718,7 +3055,7 @@ const file_marie_providers_v1_provider_service_proto_rawDesc = "" +
 	"\rdefault_model\x18\x06 \x01(\tR\fdefaultModel\"\x16\n" +
 	"\x14ListProvidersRequest\"S\n" +
 	"\x15ListProvidersResponse\x12:\n" +
-	"\tproviders\x18\x01 \x03(\v2\x1c.marie.providers.v1.ProviderR\tproviders\"\x9c\x03\n" +
+	"\tproviders\x18\x01 \x03(\v2\x1c.marie.providers.v1.ProviderR\tproviders\"\xe4\x03\n" +
 	"\x0eProviderHealth\x12\x1a\n" +
 	"\bprovider\x18\x01 \x01(\tR\bprovider\x128\n" +
 	"\x06status\x18\x02 \x01(\x0e2 .marie.providers.v1.HealthStatusR\x06status\x12\x1c\n" +
@@ -2732,11 +3069,20 @@ const file_marie_providers_v1_provider_service_proto_rawDesc = "" +
 	"latency_ms\x18\t \x01(\x01R\tlatencyMs\x129\n" +
 	"\n" +
 	"check_time\x18\n" +
-	" \x01(\v2\x1a.google.protobuf.TimestampR\tcheckTime\"6\n" +
+	" \x01(\v2\x1a.google.protobuf.TimestampR\tcheckTime\x12F\n" +
+	"\vdeployments\x18\v \x03(\v2$.marie.providers.v1.DeploymentHealthR\vdeployments\"\x98\x02\n" +
+	"\x10DeploymentHealth\x12\x14\n" +
+	"\x05model\x18\x01 \x01(\tR\x05model\x12:\n" +
+	"\acircuit\x18\x02 \x01(\x0e2 .marie.providers.v1.CircuitStateR\acircuit\x121\n" +
+	"\x14consecutive_failures\x18\x03 \x01(\x05R\x13consecutiveFailures\x12\x1b\n" +
+	"\tin_flight\x18\x04 \x01(\x05R\binFlight\x12'\n" +
+	"\x0fmax_concurrency\x18\x05 \x01(\x05R\x0emaxConcurrency\x129\n" +
+	"\n" +
+	"retry_time\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\tretryTime\"6\n" +
 	"\x18GetProviderHealthRequest\x12\x1a\n" +
 	"\bprovider\x18\x01 \x01(\tR\bprovider\"]\n" +
 	"\x19GetProviderHealthResponse\x12@\n" +
-	"\tproviders\x18\x01 \x03(\v2\".marie.providers.v1.ProviderHealthR\tproviders\"\x91\x05\n" +
+	"\tproviders\x18\x01 \x03(\v2\".marie.providers.v1.ProviderHealthR\tproviders\"\xc6\x05\n" +
 	"\tModelInfo\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12\x1a\n" +
@@ -2758,10 +3104,17 @@ const file_marie_providers_v1_provider_service_proto_rawDesc = "" +
 	"\x06format\x18\r \x01(\tR\x06format\x12G\n" +
 	"\bmetadata\x18\x0e \x03(\v2+.marie.providers.v1.ModelInfo.MetadataEntryR\bmetadata\x12?\n" +
 	"\rmodified_time\x18\x0f \x01(\v2\x1a.google.protobuf.TimestampR\fmodifiedTime\x12%\n" +
-	"\x0edetails_loaded\x18\x10 \x01(\bR\rdetailsLoaded\x1a;\n" +
+	"\x0edetails_loaded\x18\x10 \x01(\bR\rdetailsLoaded\x123\n" +
+	"\x05route\x18\x11 \x01(\v2\x1d.marie.providers.v1.RouteInfoR\x05route\x1a;\n" +
 	"\rMetadataEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x99\x01\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"y\n" +
+	"\tRouteInfo\x121\n" +
+	"\x04kind\x18\x01 \x01(\x0e2\x1d.marie.providers.v1.RouteKindR\x04kind\x129\n" +
+	"\atargets\x18\x02 \x03(\v2\x1f.marie.providers.v1.RouteTargetR\atargets\";\n" +
+	"\vRouteTarget\x12\x14\n" +
+	"\x05model\x18\x01 \x01(\tR\x05model\x12\x16\n" +
+	"\x06weight\x18\x02 \x01(\x05R\x06weight\"\x99\x01\n" +
 	"\x11ListModelsRequest\x12\x1a\n" +
 	"\bprovider\x18\x01 \x01(\tR\bprovider\x12#\n" +
 	"\rforce_refresh\x18\x02 \x01(\bR\fforceRefresh\x12C\n" +
@@ -2903,14 +3256,23 @@ const file_marie_providers_v1_provider_service_proto_rawDesc = "" +
 	"\x19HEALTH_STATUS_UNSPECIFIED\x10\x00\x12\x19\n" +
 	"\x15HEALTH_STATUS_HEALTHY\x10\x01\x12\x1b\n" +
 	"\x17HEALTH_STATUS_UNHEALTHY\x10\x02\x12\x17\n" +
-	"\x13HEALTH_STATUS_ERROR\x10\x03*\xc9\x01\n" +
+	"\x13HEALTH_STATUS_ERROR\x10\x03*|\n" +
+	"\fCircuitState\x12\x1d\n" +
+	"\x19CIRCUIT_STATE_UNSPECIFIED\x10\x00\x12\x18\n" +
+	"\x14CIRCUIT_STATE_CLOSED\x10\x01\x12\x16\n" +
+	"\x12CIRCUIT_STATE_OPEN\x10\x02\x12\x1b\n" +
+	"\x17CIRCUIT_STATE_HALF_OPEN\x10\x03*\xc9\x01\n" +
 	"\x0fModelCapability\x12 \n" +
 	"\x1cMODEL_CAPABILITY_UNSPECIFIED\x10\x00\x12\x19\n" +
 	"\x15MODEL_CAPABILITY_CHAT\x10\x01\x12\x1f\n" +
 	"\x1bMODEL_CAPABILITY_COMPLETION\x10\x02\x12\x1f\n" +
 	"\x1bMODEL_CAPABILITY_EMBEDDINGS\x10\x03\x12\x1a\n" +
 	"\x16MODEL_CAPABILITY_TOOLS\x10\x04\x12\x1b\n" +
-	"\x17MODEL_CAPABILITY_VISION\x10\x05*s\n" +
+	"\x17MODEL_CAPABILITY_VISION\x10\x05*S\n" +
+	"\tRouteKind\x12\x1a\n" +
+	"\x16ROUTE_KIND_UNSPECIFIED\x10\x00\x12\x14\n" +
+	"\x10ROUTE_KIND_ALIAS\x10\x01\x12\x14\n" +
+	"\x10ROUTE_KIND_SPLIT\x10\x02*s\n" +
 	"\x04Role\x12\x14\n" +
 	"\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n" +
 	"\vROLE_SYSTEM\x10\x01\x12\r\n" +
@@ -2958,103 +3320,114 @@ func file_marie_providers_v1_provider_service_proto_rawDescGZIP() []byte {
 	return file_marie_providers_v1_provider_service_proto_rawDescData
 }
 
-var file_marie_providers_v1_provider_service_proto_enumTypes = make([]protoimpl.EnumInfo, 6)
-var file_marie_providers_v1_provider_service_proto_msgTypes = make([]protoimpl.MessageInfo, 32)
+var file_marie_providers_v1_provider_service_proto_enumTypes = make([]protoimpl.EnumInfo, 8)
+var file_marie_providers_v1_provider_service_proto_msgTypes = make([]protoimpl.MessageInfo, 35)
 var file_marie_providers_v1_provider_service_proto_goTypes = []any{
 	(HealthStatus)(0),                    // 0: marie.providers.v1.HealthStatus
-	(ModelCapability)(0),                 // 1: marie.providers.v1.ModelCapability
-	(Role)(0),                            // 2: marie.providers.v1.Role
-	(ToolChoiceMode)(0),                  // 3: marie.providers.v1.ToolChoiceMode
-	(ResponseFormatType)(0),              // 4: marie.providers.v1.ResponseFormatType
-	(FinishReason)(0),                    // 5: marie.providers.v1.FinishReason
-	(*Provider)(nil),                     // 6: marie.providers.v1.Provider
-	(*ListProvidersRequest)(nil),         // 7: marie.providers.v1.ListProvidersRequest
-	(*ListProvidersResponse)(nil),        // 8: marie.providers.v1.ListProvidersResponse
-	(*ProviderHealth)(nil),               // 9: marie.providers.v1.ProviderHealth
-	(*GetProviderHealthRequest)(nil),     // 10: marie.providers.v1.GetProviderHealthRequest
-	(*GetProviderHealthResponse)(nil),    // 11: marie.providers.v1.GetProviderHealthResponse
-	(*ModelInfo)(nil),                    // 12: marie.providers.v1.ModelInfo
-	(*ListModelsRequest)(nil),            // 13: marie.providers.v1.ListModelsRequest
-	(*ListModelsResponse)(nil),           // 14: marie.providers.v1.ListModelsResponse
-	(*ProviderError)(nil),                // 15: marie.providers.v1.ProviderError
-	(*GetModelRequest)(nil),              // 16: marie.providers.v1.GetModelRequest
-	(*GetModelResponse)(nil),             // 17: marie.providers.v1.GetModelResponse
-	(*SearchModelsRequest)(nil),          // 18: marie.providers.v1.SearchModelsRequest
-	(*SearchModelsResponse)(nil),         // 19: marie.providers.v1.SearchModelsResponse
-	(*ContentPart)(nil),                  // 20: marie.providers.v1.ContentPart
-	(*ImageUrl)(nil),                     // 21: marie.providers.v1.ImageUrl
-	(*ToolCall)(nil),                     // 22: marie.providers.v1.ToolCall
-	(*FunctionCall)(nil),                 // 23: marie.providers.v1.FunctionCall
-	(*ChatMessage)(nil),                  // 24: marie.providers.v1.ChatMessage
-	(*Tool)(nil),                         // 25: marie.providers.v1.Tool
-	(*FunctionDefinition)(nil),           // 26: marie.providers.v1.FunctionDefinition
-	(*ToolChoice)(nil),                   // 27: marie.providers.v1.ToolChoice
-	(*ResponseFormat)(nil),               // 28: marie.providers.v1.ResponseFormat
-	(*SamplingParameters)(nil),           // 29: marie.providers.v1.SamplingParameters
-	(*StreamChatCompletionRequest)(nil),  // 30: marie.providers.v1.StreamChatCompletionRequest
-	(*ToolCallDelta)(nil),                // 31: marie.providers.v1.ToolCallDelta
-	(*Usage)(nil),                        // 32: marie.providers.v1.Usage
-	(*StreamChatCompletionResponse)(nil), // 33: marie.providers.v1.StreamChatCompletionResponse
-	(*CreateEmbeddingsRequest)(nil),      // 34: marie.providers.v1.CreateEmbeddingsRequest
-	(*Embedding)(nil),                    // 35: marie.providers.v1.Embedding
-	(*CreateEmbeddingsResponse)(nil),     // 36: marie.providers.v1.CreateEmbeddingsResponse
-	nil,                                  // 37: marie.providers.v1.ModelInfo.MetadataEntry
-	(*timestamppb.Timestamp)(nil),        // 38: google.protobuf.Timestamp
-	(*structpb.Struct)(nil),              // 39: google.protobuf.Struct
+	(CircuitState)(0),                    // 1: marie.providers.v1.CircuitState
+	(ModelCapability)(0),                 // 2: marie.providers.v1.ModelCapability
+	(RouteKind)(0),                       // 3: marie.providers.v1.RouteKind
+	(Role)(0),                            // 4: marie.providers.v1.Role
+	(ToolChoiceMode)(0),                  // 5: marie.providers.v1.ToolChoiceMode
+	(ResponseFormatType)(0),              // 6: marie.providers.v1.ResponseFormatType
+	(FinishReason)(0),                    // 7: marie.providers.v1.FinishReason
+	(*Provider)(nil),                     // 8: marie.providers.v1.Provider
+	(*ListProvidersRequest)(nil),         // 9: marie.providers.v1.ListProvidersRequest
+	(*ListProvidersResponse)(nil),        // 10: marie.providers.v1.ListProvidersResponse
+	(*ProviderHealth)(nil),               // 11: marie.providers.v1.ProviderHealth
+	(*DeploymentHealth)(nil),             // 12: marie.providers.v1.DeploymentHealth
+	(*GetProviderHealthRequest)(nil),     // 13: marie.providers.v1.GetProviderHealthRequest
+	(*GetProviderHealthResponse)(nil),    // 14: marie.providers.v1.GetProviderHealthResponse
+	(*ModelInfo)(nil),                    // 15: marie.providers.v1.ModelInfo
+	(*RouteInfo)(nil),                    // 16: marie.providers.v1.RouteInfo
+	(*RouteTarget)(nil),                  // 17: marie.providers.v1.RouteTarget
+	(*ListModelsRequest)(nil),            // 18: marie.providers.v1.ListModelsRequest
+	(*ListModelsResponse)(nil),           // 19: marie.providers.v1.ListModelsResponse
+	(*ProviderError)(nil),                // 20: marie.providers.v1.ProviderError
+	(*GetModelRequest)(nil),              // 21: marie.providers.v1.GetModelRequest
+	(*GetModelResponse)(nil),             // 22: marie.providers.v1.GetModelResponse
+	(*SearchModelsRequest)(nil),          // 23: marie.providers.v1.SearchModelsRequest
+	(*SearchModelsResponse)(nil),         // 24: marie.providers.v1.SearchModelsResponse
+	(*ContentPart)(nil),                  // 25: marie.providers.v1.ContentPart
+	(*ImageUrl)(nil),                     // 26: marie.providers.v1.ImageUrl
+	(*ToolCall)(nil),                     // 27: marie.providers.v1.ToolCall
+	(*FunctionCall)(nil),                 // 28: marie.providers.v1.FunctionCall
+	(*ChatMessage)(nil),                  // 29: marie.providers.v1.ChatMessage
+	(*Tool)(nil),                         // 30: marie.providers.v1.Tool
+	(*FunctionDefinition)(nil),           // 31: marie.providers.v1.FunctionDefinition
+	(*ToolChoice)(nil),                   // 32: marie.providers.v1.ToolChoice
+	(*ResponseFormat)(nil),               // 33: marie.providers.v1.ResponseFormat
+	(*SamplingParameters)(nil),           // 34: marie.providers.v1.SamplingParameters
+	(*StreamChatCompletionRequest)(nil),  // 35: marie.providers.v1.StreamChatCompletionRequest
+	(*ToolCallDelta)(nil),                // 36: marie.providers.v1.ToolCallDelta
+	(*Usage)(nil),                        // 37: marie.providers.v1.Usage
+	(*StreamChatCompletionResponse)(nil), // 38: marie.providers.v1.StreamChatCompletionResponse
+	(*CreateEmbeddingsRequest)(nil),      // 39: marie.providers.v1.CreateEmbeddingsRequest
+	(*Embedding)(nil),                    // 40: marie.providers.v1.Embedding
+	(*CreateEmbeddingsResponse)(nil),     // 41: marie.providers.v1.CreateEmbeddingsResponse
+	nil,                                  // 42: marie.providers.v1.ModelInfo.MetadataEntry
+	(*timestamppb.Timestamp)(nil),        // 43: google.protobuf.Timestamp
+	(*structpb.Struct)(nil),              // 44: google.protobuf.Struct
 }
 var file_marie_providers_v1_provider_service_proto_depIdxs = []int32{
-	6,  // 0: marie.providers.v1.ListProvidersResponse.providers:type_name -> marie.providers.v1.Provider
+	8,  // 0: marie.providers.v1.ListProvidersResponse.providers:type_name -> marie.providers.v1.Provider
 	0,  // 1: marie.providers.v1.ProviderHealth.status:type_name -> marie.providers.v1.HealthStatus
-	38, // 2: marie.providers.v1.ProviderHealth.check_time:type_name -> google.protobuf.Timestamp
-	9,  // 3: marie.providers.v1.GetProviderHealthResponse.providers:type_name -> marie.providers.v1.ProviderHealth
-	1,  // 4: marie.providers.v1.ModelInfo.capabilities:type_name -> marie.providers.v1.ModelCapability
-	37, // 5: marie.providers.v1.ModelInfo.metadata:type_name -> marie.providers.v1.ModelInfo.MetadataEntry
-	38, // 6: marie.providers.v1.ModelInfo.modified_time:type_name -> google.protobuf.Timestamp
-	1,  // 7: marie.providers.v1.ListModelsRequest.capability:type_name -> marie.providers.v1.ModelCapability
-	12, // 8: marie.providers.v1.ListModelsResponse.models:type_name -> marie.providers.v1.ModelInfo
-	15, // 9: marie.providers.v1.ListModelsResponse.provider_errors:type_name -> marie.providers.v1.ProviderError
-	12, // 10: marie.providers.v1.GetModelResponse.model:type_name -> marie.providers.v1.ModelInfo
-	12, // 11: marie.providers.v1.SearchModelsResponse.models:type_name -> marie.providers.v1.ModelInfo
-	21, // 12: marie.providers.v1.ContentPart.image_url:type_name -> marie.providers.v1.ImageUrl
-	23, // 13: marie.providers.v1.ToolCall.function:type_name -> marie.providers.v1.FunctionCall
-	2,  // 14: marie.providers.v1.ChatMessage.role:type_name -> marie.providers.v1.Role
-	20, // 15: marie.providers.v1.ChatMessage.parts:type_name -> marie.providers.v1.ContentPart
-	22, // 16: marie.providers.v1.ChatMessage.tool_calls:type_name -> marie.providers.v1.ToolCall
-	26, // 17: marie.providers.v1.Tool.function:type_name -> marie.providers.v1.FunctionDefinition
-	39, // 18: marie.providers.v1.FunctionDefinition.parameters:type_name -> google.protobuf.Struct
-	3,  // 19: marie.providers.v1.ToolChoice.mode:type_name -> marie.providers.v1.ToolChoiceMode
-	4,  // 20: marie.providers.v1.ResponseFormat.type:type_name -> marie.providers.v1.ResponseFormatType
-	39, // 21: marie.providers.v1.ResponseFormat.json_schema:type_name -> google.protobuf.Struct
-	24, // 22: marie.providers.v1.StreamChatCompletionRequest.messages:type_name -> marie.providers.v1.ChatMessage
-	29, // 23: marie.providers.v1.StreamChatCompletionRequest.sampling:type_name -> marie.providers.v1.SamplingParameters
-	28, // 24: marie.providers.v1.StreamChatCompletionRequest.response_format:type_name -> marie.providers.v1.ResponseFormat
-	25, // 25: marie.providers.v1.StreamChatCompletionRequest.tools:type_name -> marie.providers.v1.Tool
-	27, // 26: marie.providers.v1.StreamChatCompletionRequest.tool_choice:type_name -> marie.providers.v1.ToolChoice
-	2,  // 27: marie.providers.v1.StreamChatCompletionResponse.role:type_name -> marie.providers.v1.Role
-	31, // 28: marie.providers.v1.StreamChatCompletionResponse.tool_calls:type_name -> marie.providers.v1.ToolCallDelta
-	5,  // 29: marie.providers.v1.StreamChatCompletionResponse.finish_reason:type_name -> marie.providers.v1.FinishReason
-	32, // 30: marie.providers.v1.StreamChatCompletionResponse.usage:type_name -> marie.providers.v1.Usage
-	35, // 31: marie.providers.v1.CreateEmbeddingsResponse.embeddings:type_name -> marie.providers.v1.Embedding
-	32, // 32: marie.providers.v1.CreateEmbeddingsResponse.usage:type_name -> marie.providers.v1.Usage
-	7,  // 33: marie.providers.v1.ProviderService.ListProviders:input_type -> marie.providers.v1.ListProvidersRequest
-	10, // 34: marie.providers.v1.ProviderService.GetProviderHealth:input_type -> marie.providers.v1.GetProviderHealthRequest
-	13, // 35: marie.providers.v1.ProviderService.ListModels:input_type -> marie.providers.v1.ListModelsRequest
-	16, // 36: marie.providers.v1.ProviderService.GetModel:input_type -> marie.providers.v1.GetModelRequest
-	18, // 37: marie.providers.v1.ProviderService.SearchModels:input_type -> marie.providers.v1.SearchModelsRequest
-	30, // 38: marie.providers.v1.ProviderService.StreamChatCompletion:input_type -> marie.providers.v1.StreamChatCompletionRequest
-	34, // 39: marie.providers.v1.ProviderService.CreateEmbeddings:input_type -> marie.providers.v1.CreateEmbeddingsRequest
-	8,  // 40: marie.providers.v1.ProviderService.ListProviders:output_type -> marie.providers.v1.ListProvidersResponse
-	11, // 41: marie.providers.v1.ProviderService.GetProviderHealth:output_type -> marie.providers.v1.GetProviderHealthResponse
-	14, // 42: marie.providers.v1.ProviderService.ListModels:output_type -> marie.providers.v1.ListModelsResponse
-	17, // 43: marie.providers.v1.ProviderService.GetModel:output_type -> marie.providers.v1.GetModelResponse
-	19, // 44: marie.providers.v1.ProviderService.SearchModels:output_type -> marie.providers.v1.SearchModelsResponse
-	33, // 45: marie.providers.v1.ProviderService.StreamChatCompletion:output_type -> marie.providers.v1.StreamChatCompletionResponse
-	36, // 46: marie.providers.v1.ProviderService.CreateEmbeddings:output_type -> marie.providers.v1.CreateEmbeddingsResponse
-	40, // [40:47] is the sub-list for method output_type
-	33, // [33:40] is the sub-list for method input_type
-	33, // [33:33] is the sub-list for extension type_name
-	33, // [33:33] is the sub-list for extension extendee
-	0,  // [0:33] is the sub-list for field type_name
+	43, // 2: marie.providers.v1.ProviderHealth.check_time:type_name -> google.protobuf.Timestamp
+	12, // 3: marie.providers.v1.ProviderHealth.deployments:type_name -> marie.providers.v1.DeploymentHealth
+	1,  // 4: marie.providers.v1.DeploymentHealth.circuit:type_name -> marie.providers.v1.CircuitState
+	43, // 5: marie.providers.v1.DeploymentHealth.retry_time:type_name -> google.protobuf.Timestamp
+	11, // 6: marie.providers.v1.GetProviderHealthResponse.providers:type_name -> marie.providers.v1.ProviderHealth
+	2,  // 7: marie.providers.v1.ModelInfo.capabilities:type_name -> marie.providers.v1.ModelCapability
+	42, // 8: marie.providers.v1.ModelInfo.metadata:type_name -> marie.providers.v1.ModelInfo.MetadataEntry
+	43, // 9: marie.providers.v1.ModelInfo.modified_time:type_name -> google.protobuf.Timestamp
+	16, // 10: marie.providers.v1.ModelInfo.route:type_name -> marie.providers.v1.RouteInfo
+	3,  // 11: marie.providers.v1.RouteInfo.kind:type_name -> marie.providers.v1.RouteKind
+	17, // 12: marie.providers.v1.RouteInfo.targets:type_name -> marie.providers.v1.RouteTarget
+	2,  // 13: marie.providers.v1.ListModelsRequest.capability:type_name -> marie.providers.v1.ModelCapability
+	15, // 14: marie.providers.v1.ListModelsResponse.models:type_name -> marie.providers.v1.ModelInfo
+	20, // 15: marie.providers.v1.ListModelsResponse.provider_errors:type_name -> marie.providers.v1.ProviderError
+	15, // 16: marie.providers.v1.GetModelResponse.model:type_name -> marie.providers.v1.ModelInfo
+	15, // 17: marie.providers.v1.SearchModelsResponse.models:type_name -> marie.providers.v1.ModelInfo
+	26, // 18: marie.providers.v1.ContentPart.image_url:type_name -> marie.providers.v1.ImageUrl
+	28, // 19: marie.providers.v1.ToolCall.function:type_name -> marie.providers.v1.FunctionCall
+	4,  // 20: marie.providers.v1.ChatMessage.role:type_name -> marie.providers.v1.Role
+	25, // 21: marie.providers.v1.ChatMessage.parts:type_name -> marie.providers.v1.ContentPart
+	27, // 22: marie.providers.v1.ChatMessage.tool_calls:type_name -> marie.providers.v1.ToolCall
+	31, // 23: marie.providers.v1.Tool.function:type_name -> marie.providers.v1.FunctionDefinition
+	44, // 24: marie.providers.v1.FunctionDefinition.parameters:type_name -> google.protobuf.Struct
+	5,  // 25: marie.providers.v1.ToolChoice.mode:type_name -> marie.providers.v1.ToolChoiceMode
+	6,  // 26: marie.providers.v1.ResponseFormat.type:type_name -> marie.providers.v1.ResponseFormatType
+	44, // 27: marie.providers.v1.ResponseFormat.json_schema:type_name -> google.protobuf.Struct
+	29, // 28: marie.providers.v1.StreamChatCompletionRequest.messages:type_name -> marie.providers.v1.ChatMessage
+	34, // 29: marie.providers.v1.StreamChatCompletionRequest.sampling:type_name -> marie.providers.v1.SamplingParameters
+	33, // 30: marie.providers.v1.StreamChatCompletionRequest.response_format:type_name -> marie.providers.v1.ResponseFormat
+	30, // 31: marie.providers.v1.StreamChatCompletionRequest.tools:type_name -> marie.providers.v1.Tool
+	32, // 32: marie.providers.v1.StreamChatCompletionRequest.tool_choice:type_name -> marie.providers.v1.ToolChoice
+	4,  // 33: marie.providers.v1.StreamChatCompletionResponse.role:type_name -> marie.providers.v1.Role
+	36, // 34: marie.providers.v1.StreamChatCompletionResponse.tool_calls:type_name -> marie.providers.v1.ToolCallDelta
+	7,  // 35: marie.providers.v1.StreamChatCompletionResponse.finish_reason:type_name -> marie.providers.v1.FinishReason
+	37, // 36: marie.providers.v1.StreamChatCompletionResponse.usage:type_name -> marie.providers.v1.Usage
+	40, // 37: marie.providers.v1.CreateEmbeddingsResponse.embeddings:type_name -> marie.providers.v1.Embedding
+	37, // 38: marie.providers.v1.CreateEmbeddingsResponse.usage:type_name -> marie.providers.v1.Usage
+	9,  // 39: marie.providers.v1.ProviderService.ListProviders:input_type -> marie.providers.v1.ListProvidersRequest
+	13, // 40: marie.providers.v1.ProviderService.GetProviderHealth:input_type -> marie.providers.v1.GetProviderHealthRequest
+	18, // 41: marie.providers.v1.ProviderService.ListModels:input_type -> marie.providers.v1.ListModelsRequest
+	21, // 42: marie.providers.v1.ProviderService.GetModel:input_type -> marie.providers.v1.GetModelRequest
+	23, // 43: marie.providers.v1.ProviderService.SearchModels:input_type -> marie.providers.v1.SearchModelsRequest
+	35, // 44: marie.providers.v1.ProviderService.StreamChatCompletion:input_type -> marie.providers.v1.StreamChatCompletionRequest
+	39, // 45: marie.providers.v1.ProviderService.CreateEmbeddings:input_type -> marie.providers.v1.CreateEmbeddingsRequest
+	10, // 46: marie.providers.v1.ProviderService.ListProviders:output_type -> marie.providers.v1.ListProvidersResponse
+	14, // 47: marie.providers.v1.ProviderService.GetProviderHealth:output_type -> marie.providers.v1.GetProviderHealthResponse
+	19, // 48: marie.providers.v1.ProviderService.ListModels:output_type -> marie.providers.v1.ListModelsResponse
+	22, // 49: marie.providers.v1.ProviderService.GetModel:output_type -> marie.providers.v1.GetModelResponse
+	24, // 50: marie.providers.v1.ProviderService.SearchModels:output_type -> marie.providers.v1.SearchModelsResponse
+	38, // 51: marie.providers.v1.ProviderService.StreamChatCompletion:output_type -> marie.providers.v1.StreamChatCompletionResponse
+	41, // 52: marie.providers.v1.ProviderService.CreateEmbeddings:output_type -> marie.providers.v1.CreateEmbeddingsResponse
+	46, // [46:53] is the sub-list for method output_type
+	39, // [39:46] is the sub-list for method input_type
+	39, // [39:39] is the sub-list for extension type_name
+	39, // [39:39] is the sub-list for extension extendee
+	0,  // [0:39] is the sub-list for field type_name
 }
 
 func init() { file_marie_providers_v1_provider_service_proto_init() }
@@ -3062,18 +3435,18 @@ func file_marie_providers_v1_provider_service_proto_init() {
 	if File_marie_providers_v1_provider_service_proto != nil {
 		return
 	}
-	file_marie_providers_v1_provider_service_proto_msgTypes[14].OneofWrappers = []any{
+	file_marie_providers_v1_provider_service_proto_msgTypes[17].OneofWrappers = []any{
 		(*ContentPart_Text)(nil),
 		(*ContentPart_ImageUrl)(nil),
 	}
-	file_marie_providers_v1_provider_service_proto_msgTypes[23].OneofWrappers = []any{}
+	file_marie_providers_v1_provider_service_proto_msgTypes[26].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_marie_providers_v1_provider_service_proto_rawDesc), len(file_marie_providers_v1_provider_service_proto_rawDesc)),
-			NumEnums:      6,
-			NumMessages:   32,
+			NumEnums:      8,
+			NumMessages:   35,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -43,9 +43,15 @@ const (
 // RPC: INVALID_ARGUMENT (a field is missing or out of range; metadata "field"
 // names it), PROVIDER_NOT_FOUND, MODEL_NOT_FOUND, AMBIGUOUS_MODEL (a bare
 // model name served by several providers), PROVIDER_UNAVAILABLE (the upstream
-// could not be reached; metadata "url" names it), UPSTREAM_ERROR (the upstream
+// could not be reached; metadata "provider" names it, the address is in the
+// service's log and in GetProviderHealth), UPSTREAM_ERROR (the upstream
 // answered with an error; metadata "upstream_status" carries its HTTP status),
-// UPSTREAM_TIMEOUT, INTERNAL.
+// UPSTREAM_AUTH_FAILED (the upstream refused Marie's own credentials; never
+// the caller's key), UPSTREAM_RATE_LIMITED (metadata "retry_after_seconds"
+// when the upstream said how long to wait), UPSTREAM_BAD_REQUEST (metadata
+// "field" when the upstream named one), UPSTREAM_TIMEOUT, CIRCUIT_OPEN (every
+// deployment of the model is failing and skipped for a while),
+// DEPLOYMENT_BUSY (over the concurrency limit), INTERNAL.
 type ProviderServiceClient interface {
 	// Lists the configured providers and what each supports.
 	ListProviders(ctx context.Context, in *ListProvidersRequest, opts ...grpc.CallOption) (*ListProvidersResponse, error)
@@ -175,9 +181,15 @@ func (c *providerServiceClient) CreateEmbeddings(ctx context.Context, in *Create
 // RPC: INVALID_ARGUMENT (a field is missing or out of range; metadata "field"
 // names it), PROVIDER_NOT_FOUND, MODEL_NOT_FOUND, AMBIGUOUS_MODEL (a bare
 // model name served by several providers), PROVIDER_UNAVAILABLE (the upstream
-// could not be reached; metadata "url" names it), UPSTREAM_ERROR (the upstream
+// could not be reached; metadata "provider" names it, the address is in the
+// service's log and in GetProviderHealth), UPSTREAM_ERROR (the upstream
 // answered with an error; metadata "upstream_status" carries its HTTP status),
-// UPSTREAM_TIMEOUT, INTERNAL.
+// UPSTREAM_AUTH_FAILED (the upstream refused Marie's own credentials; never
+// the caller's key), UPSTREAM_RATE_LIMITED (metadata "retry_after_seconds"
+// when the upstream said how long to wait), UPSTREAM_BAD_REQUEST (metadata
+// "field" when the upstream named one), UPSTREAM_TIMEOUT, CIRCUIT_OPEN (every
+// deployment of the model is failing and skipped for a while),
+// DEPLOYMENT_BUSY (over the concurrency limit), INTERNAL.
 type ProviderServiceServer interface {
 	// Lists the configured providers and what each supports.
 	ListProviders(context.Context, *ListProvidersRequest) (*ListProvidersResponse, error)

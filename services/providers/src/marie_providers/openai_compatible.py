@@ -1,0 +1,189 @@
+"""Any OpenAI-compatible endpoint (OpenAI, vLLM, llama.cpp server, LM Studio, Groq, Together,
+OpenRouter, DeepSeek, …): `/models`, streamed `/chat/completions`, `/embeddings`.
+
+The stream is read as server-sent events and translated event by event (see
+`openai_translate`); closing the iterator closes the upstream request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
+from typing import Any
+
+import httpx
+import orjson
+from marie.providers.v1 import provider_service_pb2 as pb
+
+from marie_providers.chunks import ChunkMerger
+from marie_providers.errors import (
+    UpstreamProtocolError,
+    UpstreamStatusError,
+    model_not_found,
+)
+from marie_providers.http_provider import JSON_HEADERS, HttpProvider, status_error
+from marie_providers.openai_translate import (
+    ChatStreamTranslator,
+    chat_payload,
+    chunk_from_completion,
+    models_from_listing,
+)
+from marie_providers.sse import iter_sse_batches
+
+DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
+
+
+class OpenAICompatibleProvider(HttpProvider):
+    """An upstream speaking OpenAI's `/v1` API with a Bearer key (or none, for local servers)."""
+
+    kind = "openai"
+    default_base_url = DEFAULT_OPENAI_BASE_URL
+    default_api_key_env = ""
+    supports_streaming = True
+    supports_embeddings = True
+
+    def enrich(self, info: pb.ModelInfo, entry: dict[str, Any]) -> None:
+        """Add what this kind of upstream's listing says beyond OpenAI's fields."""
+
+    async def _listing(self) -> list[pb.ModelInfo]:
+        self.require_credentials()
+        body = await self.request_json("GET", "models")
+        try:
+            pairs = models_from_listing(body, self.name)
+        except UpstreamProtocolError as exc:
+            raise self._error(exc) from exc
+        models = []
+        for info, entry in pairs:
+            if self.allowed_models is not None and info.name not in self.allowed_models:
+                continue
+            self.enrich(info, entry)
+            models.append(info)
+        return models
+
+    async def list_models(self) -> list[pb.ModelInfo]:
+        return await self._listing()
+
+    async def model_details(self, name: str) -> pb.ModelInfo:
+        # `/models/{id}` is OpenAI's, but many compatible servers lack it; the
+        # listing has everything they can tell.
+        for info in await self._listing():
+            if info.name == name:
+                info.details_loaded = True
+                return info
+        raise model_not_found(name, self.name)
+
+    def first_chunk_is_whole_reply(self, request: pb.StreamChatCompletionRequest) -> bool:
+        return request.aggregate
+
+    async def stream_chat(
+        self,
+        request: pb.StreamChatCompletionRequest,
+        model_name: str,
+        completion_id: str,
+        created: int,
+    ) -> AsyncGenerator[pb.StreamChatCompletionResponse, None]:
+        self.require_credentials()
+        if request.aggregate:
+            # The caller wants the whole reply: ask for it whole. Servers that
+            # ignore stream_options (llama.cpp's Python server) report usage only so.
+            body = await self.request_json(
+                "POST",
+                "chat/completions",
+                body=chat_payload(request, model_name, stream=False),
+                model=model_name,
+            )
+            try:
+                yield chunk_from_completion(
+                    body,
+                    completion_id=completion_id,
+                    model_id=self.model_id(model_name),
+                    provider=self.name,
+                    created=created,
+                )
+            except (UpstreamStatusError, UpstreamProtocolError) as exc:
+                raise self._error(exc, model_name) from exc
+            return
+        payload = orjson.dumps(chat_payload(request, model_name))
+        translator = ChatStreamTranslator(
+            completion_id=completion_id,
+            model_id=self.model_id(model_name),
+            provider=self.name,
+            created=created,
+        )
+        try:
+            async with self._client.stream(
+                "POST",
+                "chat/completions",
+                content=payload,
+                headers={**JSON_HEADERS, "accept": "text/event-stream"},
+            ) as response:
+                if response.status_code >= 400:
+                    raise status_error(response, await response.aread())
+                batches = iter_sse_batches(response.aiter_bytes())
+                async with aclosing(batches):
+                    async for batch in batches:
+                        merger = ChunkMerger()
+                        try:
+                            for event in batch:
+                                if translator.done:
+                                    break
+                                for chunk in translator.translate(event.data):
+                                    if (ready := merger.add(chunk)) is not None:
+                                        yield ready
+                        except (UpstreamStatusError, UpstreamProtocolError):
+                            if (last := merger.flush()) is not None:
+                                yield last
+                            raise
+                        if (last := merger.flush()) is not None:
+                            yield last
+            # Servers that end the body without "[DONE]" still sent a finish.
+            for chunk in translator.flush():
+                yield chunk
+            if not translator.finished:
+                raise UpstreamProtocolError("chat stream ended before its finish reason")
+        except (httpx.HTTPError, UpstreamStatusError, UpstreamProtocolError) as exc:
+            raise self._error(exc, model_name) from exc
+
+    async def embed(
+        self, request: pb.CreateEmbeddingsRequest, model_name: str
+    ) -> pb.CreateEmbeddingsResponse:
+        self.require_credentials()
+        body: dict[str, Any] = {
+            "model": model_name,
+            "input": list(request.inputs),
+            "encoding_format": "float",
+        }
+        if request.dimensions:
+            body["dimensions"] = request.dimensions
+        if request.user:
+            body["user"] = request.user
+        answer = await self.request_json("POST", "embeddings", body=body, model=model_name)
+        data = answer.get("data") if isinstance(answer, dict) else None
+        if not isinstance(data, list) or len(data) != len(request.inputs):
+            raise self._error(
+                UpstreamProtocolError(
+                    f"/embeddings answered {len(data) if isinstance(data, list) else 'no'}"
+                    f" embeddings for {len(request.inputs)} inputs"
+                ),
+                model_name,
+            )
+        response = pb.CreateEmbeddingsResponse(model=self.model_id(model_name))
+        ordered = sorted(data, key=lambda e: e.get("index", 0) if isinstance(e, dict) else 0)
+        for index, entry in enumerate(ordered):
+            vector = entry.get("embedding") if isinstance(entry, dict) else None
+            try:
+                response.embeddings.add(index=index, values=vector)
+            except (TypeError, ValueError) as exc:
+                malformed = UpstreamProtocolError("an embedding is not a list of numbers")
+                raise self._error(malformed, model_name) from exc
+        usage = answer.get("usage")
+        if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int):
+            response.usage.prompt_tokens = usage["prompt_tokens"]
+            total = usage.get("total_tokens")
+            response.usage.total_tokens = (
+                total if isinstance(total, int) else usage["prompt_tokens"]
+            )
+        return response
+
+    async def probe(self) -> pb.ProviderHealth:
+        return await self.probe_path("models")

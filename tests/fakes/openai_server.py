@@ -1,0 +1,338 @@
+"""A fake OpenAI-compatible server (and, with `huggingface=True`, the Hugging Face router)
+speaking the real wire protocol: `/v1/models`, streamed and whole
+`/v1/chat/completions` (SSE `data:` events, tool-call deltas, a usage chunk
+with `stream_options.include_usage`, `data: [DONE]`), `/v1/embeddings`,
+OpenAI's error envelope. Failures on cue: see `upstream.py`.
+
+Usage::
+
+    with FakeOpenAI(models=[FakeChatModel("gpt-4o-mini")]) as fake:
+        provider = OpenAICompatibleProvider("openai", fake.base_url + "/v1", ...)
+        fake.fail_next(Cue.status_error(429, retry_after="1"))
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from .upstream import (
+    SSE_HEADERS,
+    Cue,
+    EventWriter,
+    FakeUpstream,
+    JSONObject,
+    StreamedResponse,
+    abort,
+    hang,
+    json_response,
+    words,
+)
+
+CREATED = 1_715_367_049
+
+ERROR_TYPES = {
+    400: ("invalid_request_error", None),
+    401: ("invalid_request_error", "invalid_api_key"),
+    403: ("permission_denied", "permission_denied"),
+    404: ("invalid_request_error", "model_not_found"),
+    429: ("rate_limit_exceeded", "rate_limit_exceeded"),
+    500: ("server_error", None),
+    503: ("server_error", None),
+}
+
+
+@dataclass
+class FakeChatModel:
+    """One model and how it answers."""
+
+    id: str
+    # None: "Hello from <id>! You said: <last user text>".
+    reply: str | None = None
+    # [{"name": ..., "arguments": {...}}]: streamed as tool-call deltas in fragments.
+    tool_calls: list[JSONObject] = field(default_factory=list)
+    chunk_delay: float = 0.0
+    finish_reason: str | None = None
+    embedding_dimension: int = 8
+    # Extra fields of the /v1/models entry (HF router: "providers", "architecture").
+    listing: JSONObject = field(default_factory=dict)
+    # Keep streaming until the client leaves.
+    endless: bool = False
+
+
+def fake_vector(text: str, dimension: int) -> list[float]:
+    digest = hashlib.sha256(text.encode()).digest()
+    raw = [(digest[i % len(digest)] - 128) / 128 for i in range(dimension)]
+    norm = math.sqrt(sum(v * v for v in raw)) or 1.0
+    return [v / norm for v in raw]
+
+
+def error_body(status: int, message: str, param: str | None = None) -> JSONObject:
+    type_, code = ERROR_TYPES.get(status, ("server_error", None))
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def _last_user_text(messages: list[Any]) -> str:
+    for message in reversed(messages):
+        if isinstance(message, dict) and message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, str):
+                return content
+            if isinstance(content, list):
+                return " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return ""
+
+
+class FakeOpenAI(FakeUpstream):
+    """An OpenAI-compatible `/v1` server (`huggingface=True`: the HF router's listing)."""
+
+    def __init__(
+        self,
+        models: Iterable[FakeChatModel] = (),
+        *,
+        api_key: str = "test-key",
+        huggingface: bool = False,
+    ) -> None:
+        super().__init__(api_key=api_key)
+        self.huggingface = huggingface
+        self.models = {m.id: m for m in models}
+
+    def add(self, model: FakeChatModel) -> FakeChatModel:
+        self.models[model.id] = model
+        return model
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/v1/models", self._models, methods=["GET"]),
+            Route("/v1/chat/completions", self._chat, methods=["POST"]),
+            Route("/v1/embeddings", self._embeddings, methods=["POST"]),
+        ]
+
+    def _unauthorized(self, request: Request) -> Response | None:
+        if request.headers.get("authorization") != f"Bearer {self.api_key}":
+            return json_response(401, error_body(401, "Incorrect API key provided: sk-...abcd."))
+        return None
+
+    def _model(self, name: Any) -> FakeChatModel | None:
+        if not isinstance(name, str):
+            return None
+        if self.huggingface:
+            # Hub ids may carry a routing suffix: ":fastest", ":cheapest", ":groq".
+            base, colon, _ = name.rpartition(":")
+            if colon and base in self.models:
+                return self.models[base]
+        return self.models.get(name)
+
+    async def _models(self, request: Request) -> Response:
+        await self.record(request)
+        if (denied := self._unauthorized(request)) is not None:
+            return denied
+        data = []
+        for model in self.models.values():
+            entry: JSONObject = {
+                "id": model.id,
+                "object": "model",
+                "created": CREATED,
+                "owned_by": model.id.split("/")[0] if "/" in model.id else "fake",
+            }
+            entry.update(model.listing)
+            data.append(entry)
+        return json_response(200, {"object": "list", "data": data})
+
+    def _cue_response(self, cue: Cue | None) -> Response | None:
+        if cue is None or cue.kind != "status":
+            return None
+        headers = {"retry-after": cue.retry_after} if cue.retry_after else None
+        message = cue.message or f"fake failure {cue.status}"
+        return json_response(cue.status, error_body(cue.status, message, cue.param), headers)
+
+    async def _embeddings(self, request: Request) -> Response:
+        body = await self.record(request)
+        if (denied := self._unauthorized(request)) is not None:
+            return denied
+        cue = self.next_cue()
+        if (failed := self._cue_response(cue)) is not None:
+            return failed
+        model = self._model(body.get("model") if isinstance(body, dict) else None)
+        if model is None:
+            return json_response(404, error_body(404, "The model does not exist."))
+        inputs = body.get("input")
+        texts = [inputs] if isinstance(inputs, str) else list(inputs or [])
+        dimension = body.get("dimensions") or model.embedding_dimension
+        data = [
+            {"object": "embedding", "index": i, "embedding": fake_vector(t, dimension)}
+            for i, t in enumerate(texts)
+        ]
+        tokens = sum(len(t.split()) for t in texts)
+        return json_response(
+            200,
+            {
+                "object": "list",
+                "data": data,
+                "model": model.id,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            },
+        )
+
+    async def _chat(self, request: Request) -> Response:
+        body = await self.record(request)
+        if (denied := self._unauthorized(request)) is not None:
+            return denied
+        if not isinstance(body, dict):
+            return json_response(400, error_body(400, "We could not parse the JSON body."))
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            return json_response(
+                400, error_body(400, "'messages' must be a non-empty array", "messages")
+            )
+        temperature = body.get("temperature")
+        if isinstance(temperature, int | float) and temperature > 2:
+            return json_response(
+                400,
+                error_body(400, "temperature must be at most 2", "temperature"),
+            )
+        cue = self.next_cue()
+        if (failed := self._cue_response(cue)) is not None:
+            return failed
+        model = self._model(body.get("model"))
+        if model is None:
+            message = f"The model `{body.get('model')}` does not exist."
+            return json_response(404, error_body(404, message))
+        plan = _Plan(self, model, body, cue)
+        if body.get("stream"):
+            return StreamedResponse(self, plan.stream)
+        return StreamedResponse(self, plan.whole)
+
+
+class _Plan:
+    def __init__(self, fake: FakeOpenAI, model: FakeChatModel, body: JSONObject, cue: Cue | None):
+        self.fake = fake
+        self.model = model
+        self.body = body
+        self.cue = cue
+        self.id = f"chatcmpl-fake{int(time.time() * 1000)}"
+        reply = model.reply
+        if reply is None:
+            reply = (
+                ""
+                if model.tool_calls
+                else (f"Hello from {model.id}! You said: {_last_user_text(body['messages'])}")
+            )
+        self.pieces = words(reply)
+        self.prompt_tokens = sum(
+            len(str(m.get("content") or "").split())
+            for m in body["messages"]
+            if isinstance(m, dict)
+        )
+
+    def _finish(self) -> str:
+        if self.model.finish_reason:
+            return self.model.finish_reason
+        return "tool_calls" if self.model.tool_calls else "stop"
+
+    def _chunk(self, delta: JSONObject, finish: str | None = None) -> bytes:
+        event = {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": self.body["model"],
+            "system_fingerprint": "fp_fake",
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        }
+        return b"data: " + json.dumps(event).encode() + b"\n\n"
+
+    async def _before_first_byte(self, writer: EventWriter) -> None:
+        if self.cue is not None and self.cue.kind == "hang":
+            await hang(writer)
+        if self.cue is not None and self.cue.kind == "slow_first":
+            await writer.pause(self.cue.seconds)
+
+    async def stream(self, writer: EventWriter) -> None:
+        await self._before_first_byte(writer)
+        await writer.start(200, SSE_HEADERS)
+        await writer.write(self._chunk({"role": "assistant", "content": ""}))
+        await writer.write(b": keep-alive\n\n")
+        sent = 0
+        pieces = list(self.pieces)
+        while pieces or self.model.endless:
+            piece = pieces.pop(0) if pieces else " more"
+            if self.cue is not None and self.cue.kind == "die_after" and sent >= self.cue.events:
+                abort()
+            if self.model.chunk_delay:
+                await writer.pause(self.model.chunk_delay)
+            await writer.write(self._chunk({"content": piece}))
+            sent += 1
+        for index, call in enumerate(self.model.tool_calls):
+            arguments = json.dumps(call.get("arguments", {}))
+            head = {
+                "index": index,
+                "id": f"call_fake{index}",
+                "type": "function",
+                "function": {"name": call["name"], "arguments": ""},
+            }
+            await writer.write(self._chunk({"tool_calls": [head]}))
+            middle = len(arguments) // 2
+            for fragment in (arguments[:middle], arguments[middle:]):
+                await writer.write(
+                    self._chunk(
+                        {"tool_calls": [{"index": index, "function": {"arguments": fragment}}]}
+                    )
+                )
+        await writer.write(self._chunk({}, self._finish()))
+        options = self.body.get("stream_options")
+        if isinstance(options, dict) and options.get("include_usage"):
+            usage = {
+                "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": sent,
+                "total_tokens": self.prompt_tokens + sent,
+            }
+            event = {
+                "id": self.id,
+                "object": "chat.completion.chunk",
+                "created": int(time.time()),
+                "model": self.body["model"],
+                "choices": [],
+                "usage": usage,
+            }
+            await writer.write(b"data: " + json.dumps(event).encode() + b"\n\n")
+        await writer.write(b"data: [DONE]\n\n")
+
+    async def whole(self, writer: EventWriter) -> None:
+        await self._before_first_byte(writer)
+        message: JSONObject = {"role": "assistant", "content": "".join(self.pieces) or None}
+        if self.model.tool_calls:
+            message["tool_calls"] = [
+                {
+                    "id": f"call_fake{i}",
+                    "type": "function",
+                    "function": {
+                        "name": c["name"],
+                        "arguments": json.dumps(c.get("arguments", {})),
+                    },
+                }
+                for i, c in enumerate(self.model.tool_calls)
+            ]
+        completion = len(self.pieces)
+        body = {
+            "id": self.id,
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": self.body["model"],
+            "choices": [{"index": 0, "message": message, "finish_reason": self._finish()}],
+            "usage": {
+                "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": completion,
+                "total_tokens": self.prompt_tokens + completion,
+            },
+        }
+        await writer.start(200, [(b"content-type", b"application/json")])
+        await writer.write(json.dumps(body).encode())
