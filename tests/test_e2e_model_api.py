@@ -514,3 +514,33 @@ def test_no_cors_unless_configured() -> None:
 
     app = create_app(GatewaySettings())
     assert app.app.user_middleware == []  # type: ignore[attr-defined]
+
+
+def test_a_failing_provider_is_left_out_and_named_in_errors(
+    fake: FakeOllama, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    (dead,) = free_ports(1)
+    data = tmp_path_factory.mktemp("two")
+    config = data / "marie.yaml"
+    config.write_text(
+        "providers:\n"
+        f"  ollama: {{type: ollama, base_url: '{fake.base_url}'}}\n"
+        f"  spare: {{type: ollama, base_url: 'http://127.0.0.1:{dead}'}}\n"
+    )
+    two = start_stack(data / "suite", fake.base_url, MARIE_CONFIG=str(config))
+    try:
+        key = two.create_key("two")
+        body = get(two, key, "/api/models").json()
+        assert list(body["models"]) == ["ollama"]
+        assert body["total"] == len(body["models"]["ollama"]) > 0
+        [error] = body["errors"]
+        assert error["provider"] == "spare"
+        assert error["reason"] == "PROVIDER_UNAVAILABLE"
+        assert str(dead) not in error["message"]
+        health = get(two, key, "/api/models/providers/health").json()
+        assert health["ollama"]["status"] == "healthy"
+        assert health["spare"]["available"] is False
+        assert health["spare"]["status"] in ("unhealthy", "error")
+        assert get(two, key, "/api/models/spare").status_code == 503
+    finally:
+        two.stop()
