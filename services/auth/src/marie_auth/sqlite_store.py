@@ -19,11 +19,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+from marie_kit.sqlite import open_on_thread
+
 from marie_auth.store import InvalidPageToken, KeyLimits, KeyPage, KeyRecord, KeySpec, KeyState
 
 SCHEMA_VERSION = 1
-# Another process (the CLI, a backup) may hold the write lock briefly.
-BUSY_TIMEOUT_MS = 5000
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS api_keys (
@@ -203,37 +203,10 @@ class SqliteKeyStore:
     @classmethod
     async def open(cls, path: Path) -> SqliteKeyStore:
         """Create the file (and its directory) if needed, migrate, and return the store."""
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="marie-auth-sqlite")
-        loop = asyncio.get_running_loop()
-        try:
-            connection = await loop.run_in_executor(executor, cls._connect, path)
-        except BaseException:
-            executor.shutdown(wait=False)
-            raise
+        connection, executor = await open_on_thread(
+            path, _SCHEMA, thread_name="marie-auth-sqlite", schema_version=SCHEMA_VERSION
+        )
         return cls(path, connection, executor)
-
-    @staticmethod
-    def _connect(path: Path) -> sqlite3.Connection:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # isolation_level=None: autocommit; multi-statement writes open their own transaction.
-        db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        try:
-            db.row_factory = sqlite3.Row
-            db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            db.execute("PRAGMA journal_mode = WAL")
-            # FULL: a revocation, once answered, survives even a power cut. Writes are rare.
-            db.execute("PRAGMA synchronous = FULL")
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise RuntimeError(
-                    f"{path} has schema version {version}; this build knows {SCHEMA_VERSION}"
-                )
-            db.executescript(_SCHEMA)
-            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        except BaseException:
-            db.close()
-            raise
-        return db
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         if self._closed:

@@ -21,11 +21,12 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
 
+from marie_kit.sqlite import open_on_thread
+
 from marie_auth.errors import invalid_argument
 
 MAX_BATCH = 1000
 MAX_TEXT = 256
-BUSY_TIMEOUT_MS = 5000
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS usage_records (
@@ -142,29 +143,8 @@ class SqliteUsageStore:
 
     @classmethod
     async def open(cls, path: Path) -> SqliteUsageStore:
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="marie-auth-usage")
-        loop = asyncio.get_running_loop()
-        try:
-            connection = await loop.run_in_executor(executor, cls._connect, path)
-        except BaseException:
-            executor.shutdown(wait=False)
-            raise
+        connection, executor = await open_on_thread(path, _SCHEMA, thread_name="marie-auth-usage")
         return cls(connection, executor)
-
-    @staticmethod
-    def _connect(path: Path) -> sqlite3.Connection:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        try:
-            db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            db.execute("PRAGMA journal_mode = WAL")
-            # FULL: an acknowledged batch survives a power cut.
-            db.execute("PRAGMA synchronous = FULL")
-            db.executescript(_SCHEMA)
-        except BaseException:
-            db.close()
-            raise
-        return db
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         if self._closed:

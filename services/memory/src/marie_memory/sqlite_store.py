@@ -36,6 +36,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
+from marie_kit.sqlite import open_on_thread
 
 from marie_memory.records import (
     EVENT_ADD,
@@ -55,7 +56,6 @@ from marie_memory.records import (
 )
 
 SCHEMA_VERSION = 1
-BUSY_TIMEOUT_MS = 5000
 # Users whose vectors stay in memory; each costs 4 bytes x dimension x memories.
 VECTOR_CACHE_USERS = 32
 # Characters of context on each side of a highlighted term in a snippet.
@@ -513,37 +513,14 @@ class SqliteStore:
 
     @classmethod
     async def open(cls, path: Path) -> SqliteStore:
-        loop = asyncio.get_running_loop()
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="marie-memory-sqlite")
-        try:
-            connection = await loop.run_in_executor(executor, cls._connect, path)
-        except BaseException:
-            executor.shutdown(wait=False)
-            raise
+        connection, executor = await open_on_thread(
+            path,
+            _SCHEMA,
+            thread_name="marie-memory-sqlite",
+            schema_version=SCHEMA_VERSION,
+            foreign_keys=True,
+        )
         return cls(path, connection, executor)
-
-    @staticmethod
-    def _connect(path: Path) -> sqlite3.Connection:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        try:
-            db.row_factory = sqlite3.Row
-            db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            db.execute("PRAGMA journal_mode = WAL")
-            db.execute("PRAGMA synchronous = FULL")
-            db.execute("PRAGMA foreign_keys = ON")
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise RuntimeError(
-                    f"{path} has schema version {version}; this marie-memory knows "
-                    f"{SCHEMA_VERSION} at most"
-                )
-            db.executescript(_SCHEMA)
-            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        except BaseException:
-            db.close()
-            raise
-        return db
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()

@@ -1,0 +1,73 @@
+"""Embedded SQLite stores' common ground: one connection per store, opened on
+a worker thread of its own (all SQLite work stays off the event loop), in WAL
+mode with synchronous=FULL (an acknowledged write survives a crash or a power
+cut), a busy timeout for other processes on the same file, and a schema
+applied idempotently under a version check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+#: How long a write waits for another process (another replica) holding the lock.
+BUSY_TIMEOUT_MS = 5000
+
+
+def connect(
+    path: Path, schema: str, *, schema_version: int | None = None, foreign_keys: bool = False
+) -> sqlite3.Connection:
+    """Open (creating it and its folder) and migrate `path`; rows are `sqlite3.Row`.
+
+    Autocommit (`isolation_level=None`): multi-statement writes open their own
+    transaction. A file of a newer `schema_version` than this build knows is
+    refused rather than misread.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        db.row_factory = sqlite3.Row
+        db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("PRAGMA synchronous = FULL")
+        if foreign_keys:
+            db.execute("PRAGMA foreign_keys = ON")
+        if schema_version is not None:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > schema_version:
+                raise RuntimeError(
+                    f"{path} has schema version {version}; this build knows "
+                    f"{schema_version} at most"
+                )
+        db.executescript(schema)
+        if schema_version is not None:
+            db.execute(f"PRAGMA user_version = {schema_version}")
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+async def open_on_thread(
+    path: Path,
+    schema: str,
+    *,
+    thread_name: str,
+    schema_version: int | None = None,
+    foreign_keys: bool = False,
+) -> tuple[sqlite3.Connection, ThreadPoolExecutor]:
+    """`connect` on a new single worker thread; the store then runs every call
+    on that thread (`loop.run_in_executor(executor, …)`)."""
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=thread_name)
+    loop = asyncio.get_running_loop()
+    try:
+        db = await loop.run_in_executor(
+            executor,
+            lambda: connect(path, schema, schema_version=schema_version, foreign_keys=foreign_keys),
+        )
+    except BaseException:
+        executor.shutdown(wait=False)
+        raise
+    return db, executor
