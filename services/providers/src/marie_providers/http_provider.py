@@ -82,6 +82,32 @@ def status_error(response: httpx.Response, body: bytes) -> UpstreamStatusError:
     return UpstreamStatusError(response.status_code, message, retry_after=retry_after, param=param)
 
 
+async def fetch_json(
+    client: httpx.AsyncClient,
+    method: str,
+    path: str,
+    *,
+    body: dict[str, Any] | None = None,
+    timeout: float | None = None,
+) -> Any:
+    """One request with a JSON answer. Raises what the network did (httpx),
+    an error status (UpstreamStatusError) or a body that is not JSON
+    (UpstreamProtocolError), for the provider to map with `upstream_error`."""
+    extra: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
+    if body is None:
+        response = await client.request(method, path, **extra)
+    else:
+        response = await client.request(
+            method, path, content=orjson.dumps(body), headers=JSON_HEADERS, **extra
+        )
+    if response.status_code >= 400:
+        raise status_error(response, response.content)
+    try:
+        return orjson.loads(response.content)
+    except orjson.JSONDecodeError as exc:
+        raise UpstreamProtocolError(f"{path} answered with invalid JSON") from exc
+
+
 def now() -> timestamp_pb2.Timestamp:
     stamp = timestamp_pb2.Timestamp()
     stamp.GetCurrentTime()
@@ -198,20 +224,8 @@ class HttpProvider(Provider):
         quiet: bool = False,
     ) -> Any:
         """One request with a JSON answer; every failure comes back as a ServiceError."""
-        extra: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
         try:
-            if body is None:
-                response = await self._client.request(method, path, **extra)
-            else:
-                response = await self._client.request(
-                    method, path, content=orjson.dumps(body), headers=JSON_HEADERS, **extra
-                )
-            if response.status_code >= 400:
-                raise status_error(response, response.content)
-            try:
-                return orjson.loads(response.content)
-            except orjson.JSONDecodeError as exc:
-                raise UpstreamProtocolError(f"{path} answered with invalid JSON") from exc
+            return await fetch_json(self._client, method, path, body=body, timeout=timeout)
         except (httpx.HTTPError, UpstreamStatusError, UpstreamProtocolError) as exc:
             raise self._error(exc, model, quiet=quiet) from exc
 

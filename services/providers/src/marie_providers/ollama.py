@@ -25,9 +25,9 @@ from marie_providers.errors import (
     UpstreamProtocolError,
     UpstreamStatusError,
     bad_request,
-    parse_retry_after,
     upstream_error,
 )
+from marie_providers.http_provider import fetch_json, status_error
 from marie_providers.ndjson import iter_ndjson_batches
 from marie_providers.ollama_translate import (
     ChatStreamTranslator,
@@ -145,24 +145,8 @@ class OllamaProvider(Provider):
         quiet: bool = False,
     ) -> Any:
         """One request with a JSON answer; every failure comes back as a ServiceError."""
-        extra: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
         try:
-            if body is None:
-                response = await self._client.request(method, path, **extra)
-            else:
-                response = await self._client.request(
-                    method, path, content=orjson.dumps(body), headers=JSON_HEADERS, **extra
-                )
-            if response.status_code >= 400:
-                raise UpstreamStatusError(
-                    response.status_code,
-                    _error_text(response.content),
-                    retry_after=parse_retry_after(response.headers.get("retry-after")),
-                )
-            try:
-                return orjson.loads(response.content)
-            except orjson.JSONDecodeError as exc:
-                raise UpstreamProtocolError(f"{path} answered with invalid JSON") from exc
+            return await fetch_json(self._client, method, path, body=body, timeout=timeout)
         except (httpx.HTTPError, UpstreamStatusError, UpstreamProtocolError) as exc:
             raise self._error(exc, model, quiet=quiet) from exc
 
@@ -201,12 +185,7 @@ class OllamaProvider(Provider):
                 "POST", "/api/chat", content=payload, headers=JSON_HEADERS
             ) as response:
                 if response.status_code >= 400:
-                    body = await response.aread()
-                    raise UpstreamStatusError(
-                        response.status_code,
-                        _error_text(body),
-                        retry_after=parse_retry_after(response.headers.get("retry-after")),
-                    )
+                    raise status_error(response, await response.aread())
                 batches = iter_ndjson_batches(response.aiter_bytes())
                 async with aclosing(batches):
                     async for batch in batches:
@@ -303,18 +282,6 @@ def _now() -> timestamp_pb2.Timestamp:
     stamp = timestamp_pb2.Timestamp()
     stamp.GetCurrentTime()
     return stamp
-
-
-def _error_text(body: bytes) -> str:
-    """The message of an Ollama error body (`{"error": "…"}`), or the body itself."""
-    try:
-        value = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return body.decode("utf-8", "replace")
-    message = value.get("error") if isinstance(value, dict) else None
-    if isinstance(message, str):
-        return message
-    return body.decode("utf-8", "replace")
 
 
 def _truncate(vector: list[Any], dimensions: int) -> list[float]:
