@@ -142,6 +142,23 @@ def usage_dict(usage: pb.Usage) -> dict[str, int]:
     }
 
 
+def chunk_payload(
+    head: dict[str, Any], model: str, delta: dict[str, Any], finish: str | None
+) -> dict[str, Any]:
+    """One `chat.completion.chunk` event: `head` (id, object, created), the
+    model, and the single choice's delta and finish reason."""
+    return {
+        **head,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+    }
+
+
+def usage_payload(head: dict[str, Any], model: str, usage: pb.Usage) -> dict[str, Any]:
+    """The last event of a stream asked for `include_usage`: no choices, the usage."""
+    return {**head, "model": model, "choices": [], "usage": usage_dict(usage)}
+
+
 def chunk_delta(chunk: pb.StreamChatCompletionResponse) -> dict[str, Any]:
     """The OpenAI `delta` of one providers chunk."""
     delta: dict[str, Any] = {}

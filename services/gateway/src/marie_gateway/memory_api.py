@@ -39,7 +39,12 @@ from starlette.routing import BaseRoute, Route
 from marie_gateway.access import SCOPE_ADMIN, SCOPE_CHAT, SCOPE_MEMORY, Principal
 from marie_gateway.core import Gateway
 from marie_gateway.errors import ApiError, bad_request, from_rpc_error, from_service_error
-from marie_gateway.mapping import FINISH_REASONS, chunk_delta, usage_dict
+from marie_gateway.mapping import (
+    FINISH_REASONS,
+    chunk_delta,
+    chunk_payload,
+    usage_payload,
+)
 from marie_gateway.sse import DONE, EventStreamResponse, event
 from marie_gateway.usage import Tally
 from marie_gateway.web import JSONResponse, current_request_id, parse_body
@@ -934,20 +939,7 @@ class _Turn:
                 delta = chunk_delta(chunk)
                 finish = FINISH_REASONS.get(chunk.finish_reason)
                 if delta or finish:
-                    yield event(
-                        {
-                            **head,
-                            "model": first.model,
-                            "choices": [
-                                {
-                                    "index": 0,
-                                    "delta": delta,
-                                    "logprobs": None,
-                                    "finish_reason": finish,
-                                }
-                            ],
-                        }
-                    )
+                    yield event(chunk_payload(head, first.model, delta, finish))
                 try:
                     read = await call.read()
                 except grpc.aio.AioRpcError as exc:
@@ -959,9 +951,7 @@ class _Turn:
                     break
                 chunk = read
             if self.usage is not None:
-                yield event(
-                    {**head, "model": first.model, "choices": [], "usage": usage_dict(self.usage)}
-                )
+                yield event(usage_payload(head, first.model, self.usage))
             try:
                 stored = await self.store(partial=False)
                 yield event({"object": "conversation.message", "id": stored.id})

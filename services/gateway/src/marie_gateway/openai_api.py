@@ -25,7 +25,8 @@ from marie_gateway.mapping import (
     CompletionAggregate,
     chat_request_to_proto,
     chunk_delta,
-    usage_dict,
+    chunk_payload,
+    usage_payload,
 )
 from marie_gateway.memory_api import enrich_chat
 from marie_gateway.metrics import STREAMS_IN_FLIGHT, provider_of, time_to_first_token, tokens
@@ -147,14 +148,7 @@ class OpenAIRoutes:
                 if chunk.HasField("usage"):
                     usage = chunk.usage
                 if delta or finish:
-                    payload: dict[str, Any] = {
-                        **head,
-                        "model": model,
-                        "choices": [
-                            {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-                        ],
-                    }
-                    yield event(payload)
+                    yield event(chunk_payload(head, model, delta, finish))
                 try:
                     read = await call.read()
                 except grpc.aio.AioRpcError as exc:
@@ -177,7 +171,7 @@ class OpenAIRoutes:
                     break
                 chunk = read
             if include_usage and usage is not None:
-                yield event({**head, "model": model, "choices": [], "usage": usage_dict(usage)})
+                yield event(usage_payload(head, model, usage))
             yield DONE
         finally:
             # Reached on normal end, on error, and when the client disconnects.
