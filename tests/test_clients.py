@@ -10,8 +10,13 @@ A cancelled stream must reach the upstream while the client is still running
 (not merely when its process exits): the program asks the probe server below,
 which watches the fake's disconnect count, before it goes on.
 
-Not covered yet: UNAUTHENTICATED through Envoy without a key (needs the
-real-Envoy test set-up; direct calls are trusted by design).
+Through Envoy (the real binary on deploy/envoy/envoy.yaml, tests/envoy.py),
+whose ext_authz asks the gateway's /_authz: the client with its key lists
+models, which proves the key went as `authorization: Bearer` (the only header
+it sends it in); a call without a key is UNAUTHENTICATED. Envoy's refusal
+carries the gateway's 401 JSON envelope as grpc-message and no
+grpc-status-details-bin, so no ErrorInfo: each program checks the code, the
+reason its error type falls back to (the code's name) and the message.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from urllib.parse import parse_qs, urlparse
 import grpc
 import pytest
 
+from tests.envoy import Envoy, start_envoy
 from tests.fakes import FakeOllama
 from tests.stack import ROOT, Stack
 
@@ -47,6 +53,8 @@ CHECKS = (
     "invalid_argument",
     "not_found",
     "bearer",
+    "envoy_models",
+    "unauthenticated",
 )
 RUN_TIMEOUT_SECONDS = 300
 
@@ -110,9 +118,19 @@ def recorder() -> Iterator[tuple[MetadataRecorder, str]]:
     server.stop(grace=None)
 
 
+@pytest.fixture(scope="module")
+def envoy(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Envoy]:
+    running = start_envoy(
+        tmp_path_factory.mktemp("envoy"),
+        {"gateway": stack.gateway_port, "providers": stack.providers_port, "auth": stack.auth_port},
+    )
+    yield running
+    running.stop()
+
+
 @pytest.fixture
 def client_env(
-    stack: Stack, probe_url: str, recorder: tuple[MetadataRecorder, str]
+    stack: Stack, probe_url: str, recorder: tuple[MetadataRecorder, str], envoy: Envoy
 ) -> dict[str, str]:
     prompt = f"hello client {uuid.uuid4().hex[:8]}"
     return {
@@ -125,6 +143,7 @@ def client_env(
         "MARIE_ENDLESS_MODEL": ENDLESS_MODEL,
         "MARIE_PROBE_URL": probe_url,
         "MARIE_RECORDER_ADDRESS": recorder[1],
+        "MARIE_ENVOY_ADDRESS": envoy.target,
     }
 
 
@@ -152,6 +171,9 @@ def assert_checks(
     assert not missing, f"checks not reported: {missing}\n{output}"
     assert passed["stream_chat"].endswith(env["MARIE_EXPECTED_REPLY"])
     assert passed["invalid_argument"].split()[2] == "sampling.temperature"
+    # Through Envoy: the key was accepted; without it, the gateway's refusal.
+    assert int(passed["envoy_models"].split()[2]) > 0
+    assert passed["unauthenticated"].split()[2:4] == ["UNAUTHENTICATED", "UNAUTHENTICATED"]
     # The chat went upstream with the client's own words.
     said = [
         r.body["messages"][-1]["content"]
