@@ -188,23 +188,27 @@ def assert_checks(
     ]
 
 
-def need(tool: str) -> str:
+def need(language: str, tool: str) -> str:
+    """The tool's path, or a skip that names the language left untested and why."""
     path = shutil.which(tool)
     if path is None:
-        pytest.skip(f"{tool} is not installed: this language's client test cannot run here")
+        pytest.skip(f"{language} client not tested: {tool} is not installed (.ci/run installs it)")
     return path
 
 
-def need_version(tool: str, query: list[str], minimum: tuple[int, ...]) -> str:
+def need_version(language: str, tool: str, query: list[str], minimum: tuple[int, ...]) -> str:
     """The tool's path, or a skip naming the version found when it is too old."""
-    path = need(tool)
+    path = need(language, tool)
     done = subprocess.run([path, *query], capture_output=True, text=True, check=False, timeout=60)
     # The first line of its answer (`java -version` writes to stderr).
     found = next(iter((done.stdout or done.stderr).splitlines()), "no version")
     numbers = tuple(int(n) for n in re.findall(r"\d+", found)[: len(minimum)])
     if numbers < minimum:
         wanted = ".".join(map(str, minimum))
-        pytest.skip(f"{tool} {found.strip()} is older than {wanted}, which this client needs")
+        pytest.skip(
+            f"{language} client not tested: {tool} {found.strip()} is older than {wanted}, "
+            "which it needs"
+        )
     return path
 
 
@@ -227,8 +231,8 @@ def test_python_client(
 def test_typescript_client(
     client_env: dict[str, str], ollama: FakeOllama, recorder: tuple[MetadataRecorder, str]
 ) -> None:
-    need_version("node", ["--version"], (20,))
-    need("npm")
+    need_version("TypeScript", "node", ["--version"], (20,))
+    need("TypeScript", "npm")
     run(["make", "-s", "clients-typescript"])
     output = run(["node", "clients/typescript/test/e2e.mjs"], env=client_env)
     assert_checks(output, client_env, ollama, recorder[0])
@@ -238,7 +242,7 @@ def test_go_client(
     client_env: dict[str, str], ollama: FakeOllama, recorder: tuple[MetadataRecorder, str]
 ) -> None:
     # Go 1.21+ fetches the toolchain go.mod names (1.26) from the module proxy itself.
-    go = need_version("go", ["env", "GOVERSION"], (1, 21))
+    go = need_version("Go", "go", ["env", "GOVERSION"], (1, 21))
     # gen/ is committed (Go modules are source); `make clients-check` keeps it current.
     output = run(
         [go, "test", "-count=1", "-v", "-run", "TestE2E", "."],
@@ -251,9 +255,9 @@ def test_go_client(
 def test_java_client(
     client_env: dict[str, str], ollama: FakeOllama, recorder: tuple[MetadataRecorder, str]
 ) -> None:
-    need_version("java", ["-version"], (17,))
-    need("javac")  # a JDK, not only a runtime
-    mvn = need("mvn")
+    need_version("Java", "java", ["-version"], (17,))
+    need("Java", "javac")  # a JDK, not only a runtime
+    mvn = need("Java", "mvn")
     maven = [mvn, "-T", "1", "-q", "-B", "-ntp", "-Dstyle.color=never", "test"]
     java_dir = ROOT / "clients" / "java"
     # Offline once ~/.m2 holds the build's plugins and libraries: no remote
