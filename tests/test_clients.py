@@ -55,8 +55,14 @@ CHECKS = (
     "bearer",
     "envoy_models",
     "unauthenticated",
+    "auth_stub",
+    "memory_stub",
 )
 RUN_TIMEOUT_SECONDS = 300
+# A cold build (npm ci, Go's first compile, Maven's first resolve and compile)
+# on a busy machine outlasts the suite's 120 s per test; each step is still
+# bounded by RUN_TIMEOUT_SECONDS.
+pytestmark = pytest.mark.timeout(2 * RUN_TIMEOUT_SECONDS)
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +150,8 @@ def client_env(
         "MARIE_PROBE_URL": probe_url,
         "MARIE_RECORDER_ADDRESS": recorder[1],
         "MARIE_ENVOY_ADDRESS": envoy.target,
+        "MARIE_MEMORY_ADDRESS": f"127.0.0.1:{stack.memory_port}",
+        "MARIE_MEMORY_USER": f"client-user-{uuid.uuid4().hex[:8]}",
     }
 
 
@@ -174,6 +182,8 @@ def assert_checks(
     # Through Envoy: the key was accepted; without it, the gateway's refusal.
     assert int(passed["envoy_models"].split()[2]) > 0
     assert passed["unauthenticated"].split()[2:4] == ["UNAUTHENTICATED", "UNAUTHENTICATED"]
+    # The client's key on its AuthService stub (through Envoy): known, but not admin.
+    assert passed["auth_stub"].split()[2] == "PERMISSION_DENIED"
     # The chat went upstream with the client's own words.
     said = [
         r.body["messages"][-1]["content"]

@@ -20,6 +20,8 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 
 	marie "github.com/marie/marie/clients/go"
+	authv1 "github.com/marie/marie/clients/go/gen/marie/auth/v1"
+	memoryv1 "github.com/marie/marie/clients/go/gen/marie/memory/v1"
 	providersv1 "github.com/marie/marie/clients/go/gen/marie/providers/v1"
 )
 
@@ -224,4 +226,25 @@ func TestE2E(t *testing.T) {
 		t.Fatalf("without a key through Envoy: %+v", refused)
 	}
 	fmt.Printf("ok unauthenticated UNAUTHENTICATED %s %s\n", refused.Reason, refused.Message)
+
+	// AuthService through Envoy with the key: it needs the admin scope, which
+	// this key lacks (a call without the key would be Unauthenticated).
+	_, err = edge.Auth.ListApiKeys(ctx, &authv1.ListApiKeysRequest{})
+	if denied := marie.FromError(err); denied == nil || denied.Code != codes.PermissionDenied {
+		t.Fatalf("AuthService through Envoy: %v", err)
+	}
+	fmt.Println("ok auth_stub PERMISSION_DENIED")
+
+	// MemoryService at its own address.
+	memory, err := marie.New(os.Getenv("MARIE_MEMORY_ADDRESS"), os.Getenv("MARIE_API_KEY"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer memory.Close()
+	listed, err := memory.Memory.ListConversations(ctx,
+		&memoryv1.ListConversationsRequest{UserId: os.Getenv("MARIE_MEMORY_USER")})
+	if err != nil || len(listed.GetConversations()) != 0 {
+		t.Fatalf("MemoryService: %v %v", listed, err)
+	}
+	fmt.Printf("ok memory_stub %d\n", len(listed.GetConversations()))
 }

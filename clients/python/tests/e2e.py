@@ -17,6 +17,8 @@ import sys
 import urllib.request
 
 import grpc
+from marie.auth.v1 import auth_service_pb2 as auth_pb
+from marie.memory.v1 import memory_service_pb2 as memory_pb
 from marie_client import MarieClient, MarieError, pb
 
 
@@ -121,6 +123,24 @@ async def main() -> None:
         assert refused.reason == "UNAUTHENTICATED" and not refused.metadata, refused
         assert "API key" in refused.message, refused
         print(f"ok unauthenticated {refused.code.name} {refused.reason} {refused.message}")
+        # AuthService through Envoy with the key: it needs the admin scope,
+        # which this key lacks (a call without the key would be UNAUTHENTICATED).
+        try:
+            await edge.call(edge.auth.ListApiKeys, auth_pb.ListApiKeysRequest())
+        except MarieError as denied:
+            assert denied.code == grpc.StatusCode.PERMISSION_DENIED, denied
+            print(f"ok auth_stub {denied.code.name}")
+        else:
+            raise AssertionError("a key without the admin scope listed keys")
+
+    # MemoryService at its own address.
+    async with MarieClient(env["MARIE_MEMORY_ADDRESS"], env["MARIE_API_KEY"]) as memory:
+        listed = await memory.call(
+            memory.memory.ListConversations,
+            memory_pb.ListConversationsRequest(user_id=env["MARIE_MEMORY_USER"]),
+        )
+        assert list(listed.conversations) == [], listed
+        print(f"ok memory_stub {len(listed.conversations)}")
 
 
 if __name__ == "__main__":

@@ -125,8 +125,31 @@ try {
   const { models } = await edge.listModels();
   assert.ok(models.some((m) => m.id === env.MARIE_CHAT_MODEL));
   console.log(`ok envoy_models ${models.length}`);
+  // AuthService through Envoy with the key: it needs the admin scope, which
+  // this key lacks (a call without the key would be Unauthenticated).
+  try {
+    await edge.auth.listApiKeys({}, { timeoutMs: 10_000 });
+    assert.fail("a key without the admin scope listed keys");
+  } catch (raw) {
+    const denied = MarieError.from(raw);
+    assert.equal(denied.code, Code.PermissionDenied, String(raw));
+    console.log(`ok auth_stub ${denied.codeName}`);
+  }
 } finally {
   edge.close();
+}
+
+// MemoryService at its own address.
+const memory = new MarieClient({ address: env.MARIE_MEMORY_ADDRESS, apiKey: env.MARIE_API_KEY });
+try {
+  const listed = await memory.memory.listConversations(
+    { userId: env.MARIE_MEMORY_USER },
+    { timeoutMs: 10_000 },
+  );
+  assert.equal(listed.conversations.length, 0);
+  console.log(`ok memory_stub ${listed.conversations.length}`);
+} finally {
+  memory.close();
 }
 // The generated client on a transport without the key: no key at all.
 const bare = createClient(

@@ -5,6 +5,9 @@ import static org.junit.jupiter.api.Assertions.assertThrows;
 import static org.junit.jupiter.api.Assertions.assertTrue;
 import static org.junit.jupiter.api.Assumptions.assumeTrue;
 
+import dev.marie.auth.v1.ListApiKeysRequest;
+import dev.marie.memory.v1.ListConversationsRequest;
+import dev.marie.memory.v1.ListConversationsResponse;
 import dev.marie.providers.v1.FinishReason;
 import dev.marie.providers.v1.ListModelsRequest;
 import dev.marie.providers.v1.ModelInfo;
@@ -124,6 +127,25 @@ class E2ETest {
       List<ModelInfo> models = edge.listModels().getModelsList();
       assertTrue(models.stream().anyMatch(m -> m.getId().equals(chatModel)), models.toString());
       System.out.println("ok envoy_models " + models.size());
+      // AuthService through Envoy with the key: it needs the admin scope, which this key lacks
+      // (a call without the key would be UNAUTHENTICATED).
+      MarieException denied = assertThrows(MarieException.class, () -> {
+        try {
+          edge.auth().listApiKeys(ListApiKeysRequest.getDefaultInstance());
+        } catch (RuntimeException error) {
+          throw MarieException.from(error);
+        }
+      });
+      assertEquals(Status.Code.PERMISSION_DENIED, denied.code());
+      System.out.println("ok auth_stub " + denied.code());
+    }
+    // MemoryService at its own address.
+    try (MarieClient memory =
+        MarieClient.builder(env("MARIE_MEMORY_ADDRESS"), env("MARIE_API_KEY")).build()) {
+      ListConversationsResponse listed = memory.memory().listConversations(
+          ListConversationsRequest.newBuilder().setUserId(env("MARIE_MEMORY_USER")).build());
+      assertEquals(0, listed.getConversationsCount());
+      System.out.println("ok memory_stub " + listed.getConversationsCount());
     }
     // The generated stub on a channel without the key: no key at all.
     ManagedChannel bare = Grpc.newChannelBuilder(envoy, InsecureChannelCredentials.create()).build();
