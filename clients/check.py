@@ -52,6 +52,12 @@ def package_versions() -> dict[str, str]:
     if pom.exists():
         pattern = r"<artifactId>marie-client</artifactId>.*?<version>(.+?)</version>"
         found["java/pom.xml"] = re.search(pattern, pom.read_text(), re.S)[1]  # type: ignore[index]
+    ts_index = CLIENTS / "typescript/src/index.ts"
+    if ts_index.exists():
+        found["typescript/src/index.ts"] = re.search(r'VERSION = "(.+)"', ts_index.read_text())[1]  # type: ignore[index]
+    java = CLIENTS / "java/src/main/java/dev/marie/client/MarieClient.java"
+    if java.exists():
+        found["java/MarieClient.java"] = re.search(r'VERSION = "(.+)"', java.read_text())[1]  # type: ignore[index]
     go = CLIENTS / "go/version.go"
     if go.exists():
         found["go/version.go"] = re.search(r'Version = "(.+)"', go.read_text())[1]  # type: ignore[index]

@@ -19,6 +19,8 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 
+	authv1 "github.com/marie/marie/clients/go/gen/marie/auth/v1"
+	memoryv1 "github.com/marie/marie/clients/go/gen/marie/memory/v1"
 	providersv1 "github.com/marie/marie/clients/go/gen/marie/providers/v1"
 )
 
@@ -36,6 +38,12 @@ type Client struct {
 	// Providers is the generated stub, for anything the helpers do not
 	// cover; the key and the default deadlines apply to it as well.
 	Providers providersv1.ProviderServiceClient
+	// Auth and Memory are the generated stubs of AuthService and
+	// MemoryService on the same connection, key and default deadlines
+	// included: for a Client of Envoy (one address for every routed
+	// service) or of that service's own address. Errors: marie.FromError.
+	Auth   authv1.AuthServiceClient
+	Memory memoryv1.MemoryServiceClient
 }
 
 type settings struct {
@@ -103,6 +111,8 @@ func New(address, apiKey string, opts ...Option) (*Client, error) {
 	}
 	c.conn = conn
 	c.Providers = providersv1.NewProviderServiceClient(conn)
+	c.Auth = authv1.NewAuthServiceClient(conn)
+	c.Memory = memoryv1.NewMemoryServiceClient(conn)
 	return c, nil
 }
 

@@ -15,9 +15,13 @@ import (
 	"strings"
 	"testing"
 
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
 
 	marie "github.com/marie/marie/clients/go"
+	authv1 "github.com/marie/marie/clients/go/gen/marie/auth/v1"
+	memoryv1 "github.com/marie/marie/clients/go/gen/marie/memory/v1"
 	providersv1 "github.com/marie/marie/clients/go/gen/marie/providers/v1"
 )
 
@@ -190,4 +194,57 @@ func TestE2E(t *testing.T) {
 		t.Fatalf("recorder: %v", err)
 	}
 	fmt.Println("ok bearer")
+
+	// Through Envoy, which lets a call pass only with a key the gateway accepts.
+	envoyAddress := os.Getenv("MARIE_ENVOY_ADDRESS")
+	edge, err := marie.New(envoyAddress, os.Getenv("MARIE_API_KEY"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer edge.Close()
+	viaEnvoy, err := edge.ListModels(ctx, nil)
+	if err != nil {
+		t.Fatalf("through Envoy with the key: %v", err)
+	}
+	fmt.Printf("ok envoy_models %d\n", len(viaEnvoy.GetModels()))
+
+	// The generated stub on a connection without the key: no key at all.
+	bare, err := grpc.NewClient(envoyAddress, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer bare.Close()
+	timed, cancel := context.WithTimeout(ctx, marie.DefaultTimeout)
+	defer cancel()
+	_, err = providersv1.NewProviderServiceClient(bare).ListModels(timed, &providersv1.ListModelsRequest{})
+	refused := marie.FromError(err)
+	if refused == nil || refused.Code != codes.Unauthenticated {
+		t.Fatalf("without a key through Envoy: %v", err)
+	}
+	// Envoy's refusal has no ErrorInfo: the reason is the code's name.
+	if refused.Reason != "UNAUTHENTICATED" || len(refused.Metadata) != 0 || !strings.Contains(refused.Message, "API key") {
+		t.Fatalf("without a key through Envoy: %+v", refused)
+	}
+	fmt.Printf("ok unauthenticated UNAUTHENTICATED %s %s\n", refused.Reason, refused.Message)
+
+	// AuthService through Envoy with the key: it needs the admin scope, which
+	// this key lacks (a call without the key would be Unauthenticated).
+	_, err = edge.Auth.ListApiKeys(ctx, &authv1.ListApiKeysRequest{})
+	if denied := marie.FromError(err); denied == nil || denied.Code != codes.PermissionDenied {
+		t.Fatalf("AuthService through Envoy: %v", err)
+	}
+	fmt.Println("ok auth_stub PERMISSION_DENIED")
+
+	// MemoryService at its own address.
+	memory, err := marie.New(os.Getenv("MARIE_MEMORY_ADDRESS"), os.Getenv("MARIE_API_KEY"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer memory.Close()
+	listed, err := memory.Memory.ListConversations(ctx,
+		&memoryv1.ListConversationsRequest{UserId: os.Getenv("MARIE_MEMORY_USER")})
+	if err != nil || len(listed.GetConversations()) != 0 {
+		t.Fatalf("MemoryService: %v %v", listed, err)
+	}
+	fmt.Printf("ok memory_stub %d\n", len(listed.GetConversations()))
 }

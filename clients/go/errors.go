@@ -52,6 +52,19 @@ var codeNames = map[codes.Code]string{
 	codes.Unauthenticated: "UNAUTHENTICATED",
 }
 
+// FromError decodes an error from any gRPC call (the generated stubs'
+// included) into *Error; nil for nil.
+func FromError(err error) *Error {
+	if err == nil {
+		return nil
+	}
+	var known *Error
+	if errors.As(asError(err), &known) {
+		return known
+	}
+	return nil
+}
+
 // asError turns any error from a call into *Error (nil stays nil).
 func asError(err error) error {
 	if err == nil {

@@ -3,7 +3,9 @@
 Run by tests/test_clients.py, which starts the suite with a fake Ollama and
 passes, in the environment: MARIE_ADDRESS (providers gRPC), MARIE_API_KEY,
 MARIE_CHAT_MODEL, MARIE_PROMPT, MARIE_EXPECTED_REPLY, MARIE_ENDLESS_MODEL and
-MARIE_PROBE_URL (a helper that reports the fake upstream's disconnects).
+MARIE_PROBE_URL (a helper that reports the fake upstream's disconnects),
+MARIE_RECORDER_ADDRESS (a gRPC server that records the metadata it gets)
+and MARIE_ENVOY_ADDRESS (Envoy's public listener, which checks keys).
 Prints one ``ok <check> <detail>`` line per check; exits non-zero on failure.
 """
 
@@ -15,6 +17,8 @@ import sys
 import urllib.request
 
 import grpc
+from marie.auth.v1 import auth_service_pb2 as auth_pb
+from marie.memory.v1 import memory_service_pb2 as memory_pb
 from marie_client import MarieClient, MarieError, pb
 
 
@@ -101,6 +105,42 @@ async def main() -> None:
         except MarieError as refused:
             assert refused.code == grpc.StatusCode.UNIMPLEMENTED, refused
             print("ok bearer")
+
+    # Through Envoy, which lets a call pass only with a key the gateway accepts.
+    async with MarieClient(env["MARIE_ENVOY_ADDRESS"], env["MARIE_API_KEY"]) as edge:
+        ids = [m.id for m in (await edge.list_models()).models]
+        assert env["MARIE_CHAT_MODEL"] in ids, ids
+        print(f"ok envoy_models {len(ids)}")
+        # The raw stub, called without the client's metadata: no key at all.
+        try:
+            await edge.providers.ListModels(pb.ListModelsRequest(), timeout=10)
+        except grpc.aio.AioRpcError as raw:
+            refused = MarieError.from_rpc_error(raw)
+        else:
+            raise AssertionError("Envoy let a call without a key through")
+        assert refused.code == grpc.StatusCode.UNAUTHENTICATED, refused
+        # Envoy's refusal has no ErrorInfo: the reason is the code's name.
+        assert refused.reason == "UNAUTHENTICATED" and not refused.metadata, refused
+        assert "API key" in refused.message, refused
+        print(f"ok unauthenticated {refused.code.name} {refused.reason} {refused.message}")
+        # AuthService through Envoy with the key: it needs the admin scope,
+        # which this key lacks (a call without the key would be UNAUTHENTICATED).
+        try:
+            await edge.call(edge.auth.ListApiKeys, auth_pb.ListApiKeysRequest())
+        except MarieError as denied:
+            assert denied.code == grpc.StatusCode.PERMISSION_DENIED, denied
+            print(f"ok auth_stub {denied.code.name}")
+        else:
+            raise AssertionError("a key without the admin scope listed keys")
+
+    # MemoryService at its own address.
+    async with MarieClient(env["MARIE_MEMORY_ADDRESS"], env["MARIE_API_KEY"]) as memory:
+        listed = await memory.call(
+            memory.memory.ListConversations,
+            memory_pb.ListConversationsRequest(user_id=env["MARIE_MEMORY_USER"]),
+        )
+        assert list(listed.conversations) == [], listed
+        print(f"ok memory_stub {len(listed.conversations)}")
 
 
 if __name__ == "__main__":

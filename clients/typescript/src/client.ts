@@ -21,6 +21,8 @@ import {
   type Usage,
   type CreateEmbeddingsResponse,
 } from "./gen/marie/providers/v1/provider_service_pb.js";
+import { AuthService } from "./gen/marie/auth/v1/auth_service_pb.js";
+import { MemoryService } from "./gen/marie/memory/v1/memory_service_pb.js";
 import { MarieError } from "./errors.js";
 
 export const DEFAULT_TIMEOUT_MS = 10_000;
@@ -103,6 +105,13 @@ function toMessage(message: MessageLike): ChatMessageInit {
 export class MarieClient {
   /** The generated client, for anything the helpers below do not cover (the key applies; pass `timeoutMs`). */
   readonly providers: Client<typeof ProviderService>;
+  /**
+   * AuthService and MemoryService on the same session (the key applies; pass
+   * `timeoutMs`; `MarieError.from` decodes failures): for a client of Envoy (one
+   * address for every routed service) or of that service's own address.
+   */
+  readonly auth: Client<typeof AuthService>;
+  readonly memory: Client<typeof MemoryService>;
   readonly timeoutMs: number;
   readonly streamTimeoutMs: number;
   private readonly sessions: Http2SessionManager;
@@ -124,6 +133,8 @@ export class MarieClient {
       sessionManager: this.sessions,
     });
     this.providers = createClient(ProviderService, transport);
+    this.auth = createClient(AuthService, transport);
+    this.memory = createClient(MemoryService, transport);
   }
 
   /** Close the HTTP/2 session (calls in flight are aborted). */

@@ -5,7 +5,10 @@
 
 import assert from "node:assert/strict";
 
-import { Code, FinishReason, MarieClient, MarieError, collectChat } from "../dist/index.js";
+import { createClient } from "@connectrpc/connect";
+import { createGrpcTransport } from "@connectrpc/connect-node";
+
+import { Code, FinishReason, MarieClient, MarieError, collectChat, pb } from "../dist/index.js";
 
 const env = process.env;
 
@@ -114,4 +117,54 @@ try {
   console.log("ok bearer");
 } finally {
   recorded.close();
+}
+
+// Through Envoy, which lets a call pass only with a key the gateway accepts.
+const edge = new MarieClient({ address: env.MARIE_ENVOY_ADDRESS, apiKey: env.MARIE_API_KEY });
+try {
+  const { models } = await edge.listModels();
+  assert.ok(models.some((m) => m.id === env.MARIE_CHAT_MODEL));
+  console.log(`ok envoy_models ${models.length}`);
+  // AuthService through Envoy with the key: it needs the admin scope, which
+  // this key lacks (a call without the key would be Unauthenticated).
+  try {
+    await edge.auth.listApiKeys({}, { timeoutMs: 10_000 });
+    assert.fail("a key without the admin scope listed keys");
+  } catch (raw) {
+    const denied = MarieError.from(raw);
+    assert.equal(denied.code, Code.PermissionDenied, String(raw));
+    console.log(`ok auth_stub ${denied.codeName}`);
+  }
+} finally {
+  edge.close();
+}
+
+// MemoryService at its own address.
+const memory = new MarieClient({ address: env.MARIE_MEMORY_ADDRESS, apiKey: env.MARIE_API_KEY });
+try {
+  const listed = await memory.memory.listConversations(
+    { userId: env.MARIE_MEMORY_USER },
+    { timeoutMs: 10_000 },
+  );
+  assert.equal(listed.conversations.length, 0);
+  console.log(`ok memory_stub ${listed.conversations.length}`);
+} finally {
+  memory.close();
+}
+// The generated client on a transport without the key: no key at all.
+const bare = createClient(
+  pb.ProviderService,
+  createGrpcTransport({ baseUrl: `http://${env.MARIE_ENVOY_ADDRESS}` }),
+);
+try {
+  await bare.listModels({}, { timeoutMs: 10_000 });
+  assert.fail("Envoy let a call without a key through");
+} catch (raw) {
+  const refused = MarieError.from(raw);
+  assert.equal(refused.code, Code.Unauthenticated);
+  // Envoy's refusal has no ErrorInfo: the reason is the code's name.
+  assert.equal(refused.reason, "UNAUTHENTICATED");
+  assert.deepEqual(refused.metadata, {});
+  assert.ok(refused.rawMessage.includes("API key"), refused.rawMessage);
+  console.log(`ok unauthenticated ${refused.codeName} ${refused.reason} ${refused.rawMessage}`);
 }

@@ -123,7 +123,7 @@ async def test_list_models_maps_ollama_tags_to_model_info(service: Service) -> N
     assert llama.parameters == "3.2B"
     assert llama.quantization == "Q4_K_M"
     assert llama.size_bytes == 2_019_393_189
-    assert llama.size == "2.0GB"
+    assert llama.size_label == "2.0GB"
     assert llama.family == "llama"
     assert llama.format == "gguf"
     assert llama.metadata["digest"] == (

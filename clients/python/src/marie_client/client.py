@@ -7,6 +7,8 @@ from types import TracebackType
 from typing import Any
 
 import grpc
+from marie.auth.v1 import auth_service_pb2_grpc as auth_grpc
+from marie.memory.v1 import memory_service_pb2_grpc as memory_grpc
 from marie.providers.v1 import provider_service_pb2 as pb
 from marie.providers.v1 import provider_service_pb2_grpc as pb_grpc
 
@@ -50,6 +52,11 @@ class MarieClient:
         self.metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {api_key}"),)
         #: The generated stub, for anything the helpers below do not cover.
         self.providers = pb_grpc.ProviderServiceStub(self.channel)
+        #: AuthService and MemoryService on the same channel: through Envoy
+        #: (one address for every routed service) or with a client made for
+        #: that service's own address. Call them with :meth:`call`.
+        self.auth = auth_grpc.AuthServiceStub(self.channel)
+        self.memory = memory_grpc.MemoryServiceStub(self.channel)
 
     async def __aenter__(self) -> MarieClient:
         return self
@@ -65,11 +72,17 @@ class MarieClient:
     async def close(self) -> None:
         await self.channel.close()
 
-    async def _unary(self, method: Any, request: Any, timeout: float | None) -> Any:
+    async def call(self, method: Any, request: Any, *, timeout: float | None = None) -> Any:
+        """One unary call of any generated stub method on this channel, e.g.
+        ``await marie.call(marie.auth.ListApiKeys, auth_pb.ListApiKeysRequest())``,
+        with the key, the default deadline and :class:`MarieError` on failure."""
         try:
             return await method(request, metadata=self.metadata, timeout=timeout or self.timeout)
         except grpc.aio.AioRpcError as error:
             raise MarieError.from_rpc_error(error) from None
+
+    async def _unary(self, method: Any, request: Any, timeout: float | None) -> Any:
+        return await self.call(method, request, timeout=timeout)
 
     async def list_providers(self, *, timeout: float | None = None) -> list[pb.Provider]:
         response = await self._unary(

@@ -68,7 +68,7 @@ def marie_model(m: pb.ModelInfo) -> MarieModel:
         description=m.description or None,
         parameters=m.parameters or None,
         quantization=m.quantization or None,
-        size=m.size or None,
+        size=m.size_label or None,
         size_bytes=m.size_bytes or None,
         context_length=m.context_length or None,
         max_tokens=m.max_tokens or None,

@@ -116,7 +116,7 @@ def model_from_listing(entry: Any, provider: str) -> pb.ModelInfo | None:
         name=name,
         provider=provider,
         size_bytes=size_bytes,
-        size=human_size(size_bytes),
+        size_label=human_size(size_bytes),
     )
     _apply_details(info, entry.get("details"))
     if digest := _text(entry, "digest"):

@@ -1020,7 +1020,11 @@ type ModelInfo struct {
 	// Quantization level, e.g. "Q4_K_M"; empty for unquantized or unknown.
 	Quantization string `protobuf:"bytes,8,opt,name=quantization,proto3" json:"quantization,omitempty"`
 	// Size on disk in human form with one decimal, e.g. "2.0GB"; may be empty.
-	Size string `protobuf:"bytes,9,opt,name=size,proto3" json:"size,omitempty"`
+	// Named `size` until clients 1.0 (same number, type and JSON name "size"):
+	// renamed because protobuf-java generates getSizeBytes() both for a string
+	// field `size` (its UTF-8 bytes) and for `size_bytes` below, so the Java
+	// ModelInfo did not compile. Wire and JSON unchanged; generated names change.
+	SizeLabel string `protobuf:"bytes,9,opt,name=size_label,json=size,proto3" json:"size_label,omitempty"`
 	// Size on disk in bytes; 0 when unknown.
 	SizeBytes int64 `protobuf:"varint,10,opt,name=size_bytes,json=sizeBytes,proto3" json:"size_bytes,omitempty"`
 	// What the model can do.
@@ -1130,9 +1134,9 @@ func (x *ModelInfo) GetQuantization() string {
 	return ""
 }
 
-func (x *ModelInfo) GetSize() string {
+func (x *ModelInfo) GetSizeLabel() string {
 	if x != nil {
-		return x.Size
+		return x.SizeLabel
 	}
 	return ""
 }
@@ -3082,7 +3086,7 @@ const file_marie_providers_v1_provider_service_proto_rawDesc = "" +
 	"\x18GetProviderHealthRequest\x12\x1a\n" +
 	"\bprovider\x18\x01 \x01(\tR\bprovider\"]\n" +
 	"\x19GetProviderHealthResponse\x12@\n" +
-	"\tproviders\x18\x01 \x03(\v2\".marie.providers.v1.ProviderHealthR\tproviders\"\xc6\x05\n" +
+	"\tproviders\x18\x01 \x03(\v2\".marie.providers.v1.ProviderHealthR\tproviders\"\xcc\x05\n" +
 	"\tModelInfo\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12\x1a\n" +
@@ -3094,8 +3098,9 @@ const file_marie_providers_v1_provider_service_proto_rawDesc = "" +
 	"\n" +
 	"parameters\x18\a \x01(\tR\n" +
 	"parameters\x12\"\n" +
-	"\fquantization\x18\b \x01(\tR\fquantization\x12\x12\n" +
-	"\x04size\x18\t \x01(\tR\x04size\x12\x1d\n" +
+	"\fquantization\x18\b \x01(\tR\fquantization\x12\x18\n" +
+	"\n" +
+	"size_label\x18\t \x01(\tR\x04size\x12\x1d\n" +
 	"\n" +
 	"size_bytes\x18\n" +
 	" \x01(\x03R\tsizeBytes\x12G\n" +

@@ -1,5 +1,7 @@
 package dev.marie.client;
 
+import dev.marie.auth.v1.AuthServiceGrpc;
+import dev.marie.memory.v1.MemoryServiceGrpc;
 import dev.marie.providers.v1.ChatMessage;
 import dev.marie.providers.v1.CreateEmbeddingsRequest;
 import dev.marie.providers.v1.CreateEmbeddingsResponse;
@@ -81,6 +83,22 @@ public final class MarieClient implements AutoCloseable {
   /** The channel, for the generated stubs (the key applies; set your own deadlines). */
   public Channel channel() {
     return channel;
+  }
+
+  /**
+   * AuthService's generated stub on this channel, with the key and a fresh default deadline: for a
+   * client of Envoy (one address for every routed service) or of auth's own address. Decode its
+   * failures with {@link MarieException#from}.
+   */
+  public AuthServiceGrpc.AuthServiceBlockingStub auth() {
+    return AuthServiceGrpc.newBlockingStub(channel)
+        .withDeadlineAfter(timeout.toMillis(), TimeUnit.MILLISECONDS);
+  }
+
+  /** MemoryService's generated stub on this channel, as {@link #auth()}. */
+  public MemoryServiceGrpc.MemoryServiceBlockingStub memory() {
+    return MemoryServiceGrpc.newBlockingStub(channel)
+        .withDeadlineAfter(timeout.toMillis(), TimeUnit.MILLISECONDS);
   }
 
   private ProviderServiceGrpc.ProviderServiceBlockingStub unary() {

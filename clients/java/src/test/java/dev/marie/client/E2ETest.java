@@ -5,17 +5,26 @@ import static org.junit.jupiter.api.Assertions.assertThrows;
 import static org.junit.jupiter.api.Assertions.assertTrue;
 import static org.junit.jupiter.api.Assumptions.assumeTrue;
 
+import dev.marie.auth.v1.ListApiKeysRequest;
+import dev.marie.memory.v1.ListConversationsRequest;
+import dev.marie.memory.v1.ListConversationsResponse;
 import dev.marie.providers.v1.FinishReason;
+import dev.marie.providers.v1.ListModelsRequest;
 import dev.marie.providers.v1.ModelInfo;
+import dev.marie.providers.v1.ProviderServiceGrpc;
 import dev.marie.providers.v1.SamplingParameters;
 import dev.marie.providers.v1.StreamChatCompletionRequest;
 import dev.marie.providers.v1.StreamChatCompletionResponse;
+import io.grpc.Grpc;
+import io.grpc.InsecureChannelCredentials;
+import io.grpc.ManagedChannel;
 import io.grpc.Status;
 import java.net.URI;
 import java.net.http.HttpClient;
 import java.net.http.HttpRequest;
 import java.net.http.HttpResponse;
 import java.util.List;
+import java.util.concurrent.TimeUnit;
 import org.junit.jupiter.api.Test;
 
 /**
@@ -111,6 +120,53 @@ class E2ETest {
       MarieException unimplemented = assertThrows(MarieException.class, recorded::listModels);
       assertEquals(Status.Code.UNIMPLEMENTED, unimplemented.code());
       System.out.println("ok bearer");
+    }
+    // Through Envoy, which lets a call pass only with a key the gateway accepts.
+    String envoy = env("MARIE_ENVOY_ADDRESS");
+    try (MarieClient edge = MarieClient.builder(envoy, env("MARIE_API_KEY")).build()) {
+      List<ModelInfo> models = edge.listModels().getModelsList();
+      assertTrue(models.stream().anyMatch(m -> m.getId().equals(chatModel)), models.toString());
+      System.out.println("ok envoy_models " + models.size());
+      // AuthService through Envoy with the key: it needs the admin scope, which this key lacks
+      // (a call without the key would be UNAUTHENTICATED).
+      MarieException denied = assertThrows(MarieException.class, () -> {
+        try {
+          edge.auth().listApiKeys(ListApiKeysRequest.getDefaultInstance());
+        } catch (RuntimeException error) {
+          throw MarieException.from(error);
+        }
+      });
+      assertEquals(Status.Code.PERMISSION_DENIED, denied.code());
+      System.out.println("ok auth_stub " + denied.code());
+    }
+    // MemoryService at its own address.
+    try (MarieClient memory =
+        MarieClient.builder(env("MARIE_MEMORY_ADDRESS"), env("MARIE_API_KEY")).build()) {
+      ListConversationsResponse listed = memory.memory().listConversations(
+          ListConversationsRequest.newBuilder().setUserId(env("MARIE_MEMORY_USER")).build());
+      assertEquals(0, listed.getConversationsCount());
+      System.out.println("ok memory_stub " + listed.getConversationsCount());
+    }
+    // The generated stub on a channel without the key: no key at all.
+    ManagedChannel bare = Grpc.newChannelBuilder(envoy, InsecureChannelCredentials.create()).build();
+    try {
+      MarieException refused = assertThrows(MarieException.class, () -> {
+        try {
+          ProviderServiceGrpc.newBlockingStub(bare).withDeadlineAfter(10, TimeUnit.SECONDS)
+              .listModels(ListModelsRequest.getDefaultInstance());
+        } catch (RuntimeException error) {
+          throw MarieException.from(error);
+        }
+      });
+      assertEquals(Status.Code.UNAUTHENTICATED, refused.code());
+      // Envoy's refusal has no ErrorInfo: the reason is the code's name.
+      assertEquals("UNAUTHENTICATED", refused.reason());
+      assertTrue(refused.metadata().isEmpty(), refused.metadata().toString());
+      assertTrue(refused.getMessage().contains("API key"), refused.getMessage());
+      System.out.println("ok unauthenticated " + refused.code() + " " + refused.reason() + " "
+          + refused.getMessage());
+    } finally {
+      bare.shutdownNow();
     }
   }
 }
