@@ -20,7 +20,12 @@ from marie_providers.anthropic_translate import (
     model_from_entry,
 )
 from marie_providers.chunks import ChunkMerger
-from marie_providers.errors import UpstreamProtocolError, UpstreamStatusError, bad_request
+from marie_providers.errors import (
+    UpstreamProtocolError,
+    UpstreamStatusError,
+    bad_request,
+    unsupported,
+)
 from marie_providers.http_provider import JSON_HEADERS, HttpProvider, status_error
 from marie_providers.sse import iter_sse_batches
 
@@ -74,6 +79,10 @@ class AnthropicProvider(HttpProvider):
         created: int,
     ) -> AsyncGenerator[pb.StreamChatCompletionResponse, None]:
         self.require_credentials()
+        if request.logprobs:
+            raise unsupported(
+                self.name, "logprobs", f"{self.name} (Anthropic) does not report log probabilities"
+            )
         payload = orjson.dumps(messages_payload(request, model_name))
         translator = MessageStreamTranslator(
             completion_id=completion_id,

@@ -323,7 +323,7 @@ class Router:
             return None
         return delay
 
-    async def stream(
+    def stream(
         self,
         plan: RoutePlan,
         request: pb.StreamChatCompletionRequest,
@@ -331,7 +331,38 @@ class Router:
         created: int,
         deadline: float | None = None,
     ) -> AsyncGenerator[pb.StreamChatCompletionResponse, None]:
-        """The completion's chunks from the first deployment that produces a first chunk.
+        """The chat completion's chunks from the first deployment that produces a first chunk."""
+        return self._stream(
+            plan,
+            lambda d: d.provider.stream_chat(request, d.model, completion_id, created),
+            request,
+            deadline,
+        )
+
+    def stream_completion(
+        self,
+        plan: RoutePlan,
+        request: pb.StreamCompletionRequest,
+        completion_id: str,
+        created: int,
+        deadline: float | None = None,
+    ) -> AsyncGenerator[pb.StreamChatCompletionResponse, None]:
+        """The text completion's chunks, routed exactly as a chat completion's."""
+        return self._stream(
+            plan,
+            lambda d: d.provider.stream_completion(request, d.model, completion_id, created),
+            request,
+            deadline,
+        )
+
+    async def _stream(
+        self,
+        plan: RoutePlan,
+        open_stream: Callable[[Deployment], AsyncGenerator[pb.StreamChatCompletionResponse, None]],
+        request: pb.StreamChatCompletionRequest | pb.StreamCompletionRequest,
+        deadline: float | None,
+    ) -> AsyncGenerator[pb.StreamChatCompletionResponse, None]:
+        """The chunks of `open_stream` on the first deployment that produces a first chunk.
 
         The first-token timeout applies while another deployment is left to
         try: it is a reason to fail over, not to give up (the last deployment
@@ -345,9 +376,7 @@ class Router:
         ) -> tuple[
             pb.StreamChatCompletionResponse, AsyncGenerator[pb.StreamChatCompletionResponse, None]
         ]:
-            chunks = deployment.provider.stream_chat(
-                request, deployment.model, completion_id, created
-            )
+            chunks = open_stream(deployment)
             limit = (
                 first_token_timeout
                 if first_token_timeout > 0

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -29,10 +29,11 @@ from marie_providers.errors import DOMAIN, model_not_found
 from marie_providers.health import HealthMonitor
 from marie_providers.model_access import ModelAccess
 from marie_providers.registry import ModelRegistry
-from marie_providers.routing import Router
+from marie_providers.routing import RoutePlan, Router
 from marie_providers.settings import ProvidersSettings
 from marie_providers.validation import (
     check_chat_request,
+    check_completion_request,
     check_embeddings_request,
     check_get_model_request,
     check_search_request,
@@ -72,6 +73,29 @@ def _deadline(context: Context) -> float | None:
 def new_completion_id() -> str:
     """A fresh completion id in OpenAI's shape: "chatcmpl-" and 96 random bits."""
     return f"chatcmpl-{secrets.token_hex(COMPLETION_ID_BYTES)}"
+
+
+def new_text_completion_id() -> str:
+    """A fresh text completion id in OpenAI's shape: "cmpl-" and 96 random bits."""
+    return f"cmpl-{secrets.token_hex(COMPLETION_ID_BYTES)}"
+
+
+def text_chunk(
+    chunk: pb.StreamChatCompletionResponse, echo: str = ""
+) -> pb.StreamCompletionResponse:
+    """A chunk of the shared stream as a text completion chunk; `echo` goes before its text."""
+    out = pb.StreamCompletionResponse(
+        id=chunk.id,
+        model=chunk.model,
+        provider=chunk.provider,
+        created=chunk.created,
+        text=echo + chunk.content if echo else chunk.content,
+        finish_reason=chunk.finish_reason,
+        logprobs=chunk.logprobs,
+    )
+    if chunk.HasField("usage"):
+        out.usage.CopyFrom(chunk.usage)
+    return out
 
 
 @asynccontextmanager
@@ -186,6 +210,45 @@ class ProviderServicer(pb_grpc.ProviderServiceServicer):
     ) -> AsyncIterator[pb.StreamChatCompletionResponse]:
         check_chat_request(request)
         router = self._core().router
+        async for chunk in self._relay(
+            request,
+            context,
+            lambda plan, cid, created: router.stream(
+                plan, request, cid, created, deadline=_deadline(context)
+            ),
+            new_completion_id,
+        ):
+            yield chunk
+
+    async def StreamCompletion(
+        self, request: pb.StreamCompletionRequest, context: Context
+    ) -> AsyncIterator[pb.StreamCompletionResponse]:
+        check_completion_request(request)
+        router = self._core().router
+        echo = request.prompt if request.echo else ""
+        async for chunk in self._relay(
+            request,
+            context,
+            lambda plan, cid, created: router.stream_completion(
+                plan, request, cid, created, deadline=_deadline(context)
+            ),
+            new_text_completion_id,
+        ):
+            yield text_chunk(chunk, echo)
+            echo = ""
+
+    async def _relay(
+        self,
+        request: pb.StreamChatCompletionRequest | pb.StreamCompletionRequest,
+        context: Context,
+        open_stream: Callable[
+            [RoutePlan, str, int], AsyncGenerator[pb.StreamChatCompletionResponse, None]
+        ],
+        new_id: Callable[[], str],
+    ) -> AsyncIterator[pb.StreamChatCompletionResponse]:
+        """Plan the request's route, open its stream there and pass the chunks on
+        (merged where the caller wants only the whole reply)."""
+        router = self._core().router
         # A large request leaves a large heap behind: trimmed after the last one.
         large = self._large.started(request.ByteSize())
         try:
@@ -194,13 +257,10 @@ class ProviderServicer(pb_grpc.ProviderServiceServicer):
                 plan = await router.plan(
                     request.model, request.provider, request.user, _access(context)
                 )
-            completion_id = request.completion_id or new_completion_id()
             # The stream itself is bounded by gRPC: a passed deadline or a client
             # going away cancels this handler, and aclosing then closes the
             # router's stream, which closes the upstream request.
-            chunks = router.stream(
-                plan, request, completion_id, int(time.time()), deadline=_deadline(context)
-            )
+            chunks = open_stream(plan, request.completion_id or new_id(), int(time.time()))
             async with aclosing(chunks):
                 if not request.aggregate:
                     async for chunk in chunks:
