@@ -134,7 +134,11 @@ async def test_list_models_maps_ollama_tags_to_model_info(service: Service) -> N
     assert llama.modified_time.ToDatetime(tzinfo=UTC) == datetime(
         2025, 3, 14, 8, 26, 53, 589793, tzinfo=UTC
     )
-    assert not llama.details_loaded
+    # A plain listing is useful: what only /api/show tells is loaded too.
+    assert llama.details_loaded
+    assert llama.context_length == 131072
+    assert pb.MODEL_CAPABILITY_CHAT in llama.capabilities
+    assert pb.MODEL_CAPABILITY_TOOLS in llama.capabilities
     assert not reply.provider_errors
 
 

@@ -4,6 +4,7 @@ providers contract (protobuf), in one place."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -142,15 +143,57 @@ def usage_dict(usage: pb.Usage) -> dict[str, int]:
     }
 
 
+def _top(entry: pb.TopLogprob | pb.TokenLogprob) -> dict[str, Any]:
+    return {
+        "token": entry.token,
+        "logprob": entry.logprob,
+        "bytes": list(entry.bytes) if entry.bytes else None,
+    }
+
+
+def chat_logprobs(entries: Sequence[pb.TokenLogprob]) -> dict[str, Any] | None:
+    """A chat choice's `logprobs` (`{"content": [...], "refusal": null}`); None without any."""
+    if not entries:
+        return None
+    content = [{**_top(e), "top_logprobs": [_top(t) for t in e.top_logprobs]} for e in entries]
+    return {"content": content, "refusal": None}
+
+
+def text_logprobs(entries: Sequence[pb.TokenLogprob], offset: int) -> dict[str, Any]:
+    """A legacy completion choice's `logprobs`: parallel lists, the first token at
+    character `offset` of the choice's text."""
+    offsets = []
+    for entry in entries:
+        offsets.append(offset)
+        offset += len(entry.token)
+    return {
+        "tokens": [e.token for e in entries],
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": [{t.token: t.logprob for t in e.top_logprobs} for e in entries],
+        "text_offset": offsets,
+    }
+
+
 def chunk_payload(
-    head: dict[str, Any], model: str, delta: dict[str, Any], finish: str | None
+    head: dict[str, Any],
+    model: str,
+    delta: dict[str, Any],
+    finish: str | None,
+    logprobs: Sequence[pb.TokenLogprob] = (),
 ) -> dict[str, Any]:
     """One `chat.completion.chunk` event: `head` (id, object, created), the
-    model, and the single choice's delta and finish reason."""
+    model, and the single choice's delta, log probabilities and finish reason."""
     return {
         **head,
         "model": model,
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        "choices": [
+            {
+                "index": 0,
+                "delta": delta,
+                "logprobs": chat_logprobs(logprobs),
+                "finish_reason": finish,
+            }
+        ],
     }
 
 
@@ -185,10 +228,11 @@ def chunk_delta(chunk: pb.StreamChatCompletionResponse) -> dict[str, Any]:
 class CompletionAggregate:
     """Folds a stream of chunks into one non-streaming `chat.completion`."""
 
-    __slots__ = ("content", "finish_reason", "tool_calls", "usage")
+    __slots__ = ("content", "finish_reason", "logprobs", "tool_calls", "usage")
 
     def __init__(self) -> None:
         self.content: list[str] = []
+        self.logprobs: list[pb.TokenLogprob] = []
         self.tool_calls: dict[int, dict[str, Any]] = {}
         self.finish_reason: str | None = None
         self.usage: pb.Usage | None = None
@@ -196,6 +240,8 @@ class CompletionAggregate:
     def add(self, chunk: pb.StreamChatCompletionResponse) -> None:
         if chunk.content:
             self.content.append(chunk.content)
+        if chunk.logprobs:
+            self.logprobs.extend(chunk.logprobs)
         for tc in chunk.tool_calls:
             call = self.tool_calls.setdefault(
                 tc.index,
@@ -228,7 +274,7 @@ class CompletionAggregate:
                     "index": 0,
                     "message": message,
                     "finish_reason": self.finish_reason or "stop",
-                    "logprobs": None,
+                    "logprobs": chat_logprobs(self.logprobs),
                 }
             ],
         }

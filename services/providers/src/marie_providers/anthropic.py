@@ -43,6 +43,8 @@ class AnthropicProvider(HttpProvider):
     default_api_key_env = "ANTHROPIC_API_KEY"
     supports_streaming = True
     supports_embeddings = False
+    # /v1/models/{id} answers with the listing's own entry.
+    listing_is_detailed = True
 
     def auth_headers(self, api_key: str) -> dict[str, str]:
         headers = {"anthropic-version": ANTHROPIC_VERSION}

@@ -25,6 +25,9 @@ class Provider(ABC):
     supports_embeddings: bool = False
     #: Model used when a request names the provider but no model; may be empty.
     default_model: str = ""
+    #: True when the listing already tells all a details call would (no per-model call
+    #: can add anything): its entries count as having their details loaded.
+    listing_is_detailed: bool = False
     #: The only model names this provider may serve (configuration's `models`); None: any.
     allowed_models: frozenset[str] | None = None
 

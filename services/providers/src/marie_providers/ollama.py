@@ -212,7 +212,11 @@ class OllamaProvider(Provider):
                 "POST", path, content=payload, headers=JSON_HEADERS
             ) as response:
                 if response.status_code >= 400:
-                    raise status_error(response, await response.aread())
+                    error = status_error(response, await response.aread())
+                    if "suffix" in body and "does not support insert" in error.message:
+                        # The model has no fill-in-the-middle template: the suffix is at fault.
+                        error.param = error.param or "suffix"
+                    raise error
                 batches = iter_ndjson_batches(response.aiter_bytes())
                 async with aclosing(batches):
                     async for batch in batches:

@@ -43,6 +43,7 @@ class OpenAICompatibleProvider(HttpProvider):
     default_api_key_env = ""
     supports_streaming = True
     supports_embeddings = True
+    listing_is_detailed = True
     #: Whether `/embeddings` takes inputs as token ids (OpenAI's own and vLLM do).
     accepts_token_inputs = True
 
