@@ -142,6 +142,8 @@ class FakeModel:
     # Answer the whole request (chat and embed) with this status and
     # {"error": message}.
     status_error: tuple[int, str] | None = None
+    # Answer /api/show for this model with this status and {"error": message}.
+    show_error: tuple[int, str] | None = None
     # Keep streaming content lines until the client disconnects (or the
     # server stops). With stream:false: never answer.
     endless: bool = False
@@ -1059,6 +1061,8 @@ class FakeOllama:
         model = self._lookup(name)
         if model is None:
             return _not_found_error(name)
+        if model.show_error is not None:
+            return _error(*model.show_error)
         arch = model.architecture or model.family
         model_info: JSONObject = {"general.architecture": arch}
         parameter_count = _parameter_count(model.parameter_size)
@@ -1150,8 +1154,11 @@ class FakeOllama:
         plan.top_logprobs = _int_or(body.get("top_logprobs"), 0)
         return _ChatResponse(self, plan)
 
-    async def _generate(self, request: Request) -> Response:
-        body = await self._read_object(request, "api.GenerateRequest")
+    async def _model_request(
+        self, request: Request, go_type: str
+    ) -> tuple[JSONObject, str, FakeModel] | Response:
+        """The body, the model name as requested and the model; or the error Ollama answers."""
+        body = await self._read_object(request, go_type)
         if isinstance(body, Response):
             return body
         name = body.get("model")
@@ -1160,6 +1167,13 @@ class FakeOllama:
         model = self._lookup(name)
         if model is None:
             return _not_found_error(name)
+        return body, name, model
+
+    async def _generate(self, request: Request) -> Response:
+        found = await self._model_request(request, "api.GenerateRequest")
+        if isinstance(found, Response):
+            return found
+        body, name, model = found
         prompt = body.get("prompt")
         prompt = prompt if isinstance(prompt, str) else ""
         if model.status_error is None:
@@ -1250,15 +1264,10 @@ class FakeOllama:
         )
 
     async def _embed(self, request: Request) -> Response:
-        body = await self._read_object(request, "api.EmbedRequest")
-        if isinstance(body, Response):
-            return body
-        name = body.get("model")
-        if not isinstance(name, str) or not name:
-            return _error(400, "model is required")
-        model = self._lookup(name)
-        if model is None:
-            return _not_found_error(name)
+        found = await self._model_request(request, "api.EmbedRequest")
+        if isinstance(found, Response):
+            return found
+        body, name, model = found
         if model.first_byte_delay > 0:
             await asyncio.sleep(model.first_byte_delay)
         if model.status_error is not None:

@@ -212,17 +212,7 @@ class FakeOpenAI(FakeUpstream):
                 400,
                 error_body(400, "temperature must be at most 2", "temperature"),
             )
-        cue = self.next_cue()
-        if (failed := self._cue_response(cue)) is not None:
-            return failed
-        model = self._model(body.get("model"))
-        if model is None:
-            message = f"The model `{body.get('model')}` does not exist."
-            return json_response(404, error_body(404, message))
-        plan = _Plan(self, model, body, cue)
-        if body.get("stream"):
-            return StreamedResponse(self, plan.stream)
-        return StreamedResponse(self, plan.whole)
+        return self._answer(body)
 
     async def _completions(self, request: Request) -> Response:
         body = await self.record(request)
@@ -233,6 +223,10 @@ class FakeOpenAI(FakeUpstream):
         logprobs = body.get("logprobs")
         if logprobs is not None and not (isinstance(logprobs, int) and 0 <= logprobs <= 5):
             return json_response(400, error_body(400, "logprobs must be 0 to 5", "logprobs"))
+        return self._answer(body, text=True)
+
+    def _answer(self, body: JSONObject, *, text: bool = False) -> Response:
+        """A checked chat (or text) completion request's answer, or the failure cued."""
         cue = self.next_cue()
         if (failed := self._cue_response(cue)) is not None:
             return failed
@@ -240,7 +234,7 @@ class FakeOpenAI(FakeUpstream):
         if model is None:
             message = f"The model `{body.get('model')}` does not exist."
             return json_response(404, error_body(404, message))
-        plan = _Plan(self, model, body, cue, text=True)
+        plan = _Plan(self, model, body, cue, text=text)
         return StreamedResponse(self, plan.stream if body.get("stream") else plan.whole)
 
 

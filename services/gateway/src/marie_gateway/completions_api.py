@@ -18,7 +18,7 @@ from starlette.routing import BaseRoute, Route
 
 from marie_gateway.access import SCOPE_CHAT
 from marie_gateway.core import Gateway
-from marie_gateway.mapping import FINISH_REASONS, text_logprobs, usage_dict
+from marie_gateway.mapping import FINISH_REASONS, fill_sampling, text_logprobs, usage_dict
 from marie_gateway.openai_api import add_usage, relay
 from marie_gateway.protocol import CompletionRequest
 from marie_gateway.sse import EventStreamResponse
@@ -136,21 +136,7 @@ def completion_request_to_proto(
     )
     if body.logprobs is not None:
         req.logprobs = body.logprobs
-    s = req.sampling
-    if body.temperature is not None:
-        s.temperature = body.temperature
-    if body.top_p is not None:
-        s.top_p = body.top_p
-    if body.max_tokens is not None:
-        s.max_tokens = body.max_tokens
-    if body.stop is not None:
-        s.stop.extend([body.stop] if isinstance(body.stop, str) else body.stop)
-    if body.seed is not None:
-        s.seed = body.seed
-    if body.presence_penalty is not None:
-        s.presence_penalty = body.presence_penalty
-    if body.frequency_penalty is not None:
-        s.frequency_penalty = body.frequency_penalty
+    fill_sampling(req.sampling, body, body.max_tokens)
     return req
 
 

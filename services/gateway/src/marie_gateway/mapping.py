@@ -13,6 +13,7 @@ from marie.providers.v1 import provider_service_pb2 as pb
 from marie_gateway.protocol import (
     ChatMessage,
     ChatParameters,
+    CompletionRequest,
     NamedToolChoice,
     TextPart,
 )
@@ -77,6 +78,26 @@ def _message(msg: ChatMessage) -> pb.ChatMessage:
     return out
 
 
+def fill_sampling(
+    s: pb.SamplingParameters, body: ChatParameters | CompletionRequest, max_tokens: int | None
+) -> None:
+    """The sampling parameters chat and text completions share, where the body sets them."""
+    if body.temperature is not None:
+        s.temperature = body.temperature
+    if body.top_p is not None:
+        s.top_p = body.top_p
+    if max_tokens is not None:
+        s.max_tokens = max_tokens
+    if body.stop is not None:
+        s.stop.extend([body.stop] if isinstance(body.stop, str) else body.stop)
+    if body.seed is not None:
+        s.seed = body.seed
+    if body.presence_penalty is not None:
+        s.presence_penalty = body.presence_penalty
+    if body.frequency_penalty is not None:
+        s.frequency_penalty = body.frequency_penalty
+
+
 def chat_request_to_proto(
     body: ChatParameters, completion_id: str, *, model: str, aggregate: bool
 ) -> pb.StreamChatCompletionRequest:
@@ -90,24 +111,9 @@ def chat_request_to_proto(
         completion_id=completion_id,
         aggregate=aggregate,
     )
-    s = req.sampling
-    if body.temperature is not None:
-        s.temperature = body.temperature
-    if body.top_p is not None:
-        s.top_p = body.top_p
+    fill_sampling(req.sampling, body, body.max_completion_tokens or body.max_tokens)
     if body.top_k is not None:
-        s.top_k = body.top_k
-    max_tokens = body.max_completion_tokens or body.max_tokens
-    if max_tokens is not None:
-        s.max_tokens = max_tokens
-    if body.stop is not None:
-        s.stop.extend([body.stop] if isinstance(body.stop, str) else body.stop)
-    if body.seed is not None:
-        s.seed = body.seed
-    if body.presence_penalty is not None:
-        s.presence_penalty = body.presence_penalty
-    if body.frequency_penalty is not None:
-        s.frequency_penalty = body.frequency_penalty
+        req.sampling.top_k = body.top_k
     if body.response_format is not None:
         rf = req.response_format
         rf.type = _RESPONSE_FORMAT[body.response_format.type]

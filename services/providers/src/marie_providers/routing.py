@@ -326,34 +326,23 @@ class Router:
     def stream(
         self,
         plan: RoutePlan,
-        request: pb.StreamChatCompletionRequest,
+        request: pb.StreamChatCompletionRequest | pb.StreamCompletionRequest,
         completion_id: str,
         created: int,
         deadline: float | None = None,
     ) -> AsyncGenerator[pb.StreamChatCompletionResponse, None]:
-        """The chat completion's chunks from the first deployment that produces a first chunk."""
-        return self._stream(
-            plan,
-            lambda d: d.provider.stream_chat(request, d.model, completion_id, created),
-            request,
-            deadline,
-        )
+        """The chunks of a chat completion (or a text completion: chat chunks whose
+        content is the text) from the first deployment that produces a first chunk."""
 
-    def stream_completion(
-        self,
-        plan: RoutePlan,
-        request: pb.StreamCompletionRequest,
-        completion_id: str,
-        created: int,
-        deadline: float | None = None,
-    ) -> AsyncGenerator[pb.StreamChatCompletionResponse, None]:
-        """The text completion's chunks, routed exactly as a chat completion's."""
-        return self._stream(
-            plan,
-            lambda d: d.provider.stream_completion(request, d.model, completion_id, created),
-            request,
-            deadline,
-        )
+        def open_stream(
+            deployment: Deployment,
+        ) -> AsyncGenerator[pb.StreamChatCompletionResponse, None]:
+            provider, model = deployment.provider, deployment.model
+            if isinstance(request, pb.StreamCompletionRequest):
+                return provider.stream_completion(request, model, completion_id, created)
+            return provider.stream_chat(request, model, completion_id, created)
+
+        return self._stream(plan, open_stream, request, deadline)
 
     async def _stream(
         self,

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +29,7 @@ from marie_providers.errors import DOMAIN, model_not_found
 from marie_providers.health import HealthMonitor
 from marie_providers.model_access import ModelAccess
 from marie_providers.registry import ModelRegistry
-from marie_providers.routing import RoutePlan, Router
+from marie_providers.routing import Router
 from marie_providers.settings import ProvidersSettings
 from marie_providers.validation import (
     check_chat_request,
@@ -209,31 +209,15 @@ class ProviderServicer(pb_grpc.ProviderServiceServicer):
         self, request: pb.StreamChatCompletionRequest, context: Context
     ) -> AsyncIterator[pb.StreamChatCompletionResponse]:
         check_chat_request(request)
-        router = self._core().router
-        async for chunk in self._relay(
-            request,
-            context,
-            lambda plan, cid, created: router.stream(
-                plan, request, cid, created, deadline=_deadline(context)
-            ),
-            new_completion_id,
-        ):
+        async for chunk in self._relay(request, context, new_completion_id):
             yield chunk
 
     async def StreamCompletion(
         self, request: pb.StreamCompletionRequest, context: Context
     ) -> AsyncIterator[pb.StreamCompletionResponse]:
         check_completion_request(request)
-        router = self._core().router
         echo = request.prompt if request.echo else ""
-        async for chunk in self._relay(
-            request,
-            context,
-            lambda plan, cid, created: router.stream_completion(
-                plan, request, cid, created, deadline=_deadline(context)
-            ),
-            new_text_completion_id,
-        ):
+        async for chunk in self._relay(request, context, new_text_completion_id):
             yield text_chunk(chunk, echo)
             echo = ""
 
@@ -241,9 +225,6 @@ class ProviderServicer(pb_grpc.ProviderServiceServicer):
         self,
         request: pb.StreamChatCompletionRequest | pb.StreamCompletionRequest,
         context: Context,
-        open_stream: Callable[
-            [RoutePlan, str, int], AsyncGenerator[pb.StreamChatCompletionResponse, None]
-        ],
         new_id: Callable[[], str],
     ) -> AsyncIterator[pb.StreamChatCompletionResponse]:
         """Plan the request's route, open its stream there and pass the chunks on
@@ -260,7 +241,13 @@ class ProviderServicer(pb_grpc.ProviderServiceServicer):
             # The stream itself is bounded by gRPC: a passed deadline or a client
             # going away cancels this handler, and aclosing then closes the
             # router's stream, which closes the upstream request.
-            chunks = open_stream(plan, request.completion_id or new_id(), int(time.time()))
+            chunks = router.stream(
+                plan,
+                request,
+                request.completion_id or new_id(),
+                int(time.time()),
+                deadline=_deadline(context),
+            )
             async with aclosing(chunks):
                 if not request.aggregate:
                     async for chunk in chunks:
