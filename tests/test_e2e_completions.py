@@ -5,8 +5,12 @@ servers speaking their wire formats; every service a real process."""
 
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import openai
@@ -18,7 +22,7 @@ from tests.fakes import FakeModel, FakeOllama
 from tests.fakes.anthropic_server import FakeAnthropic, FakeClaude
 from tests.fakes.openai_server import FakeChatModel, FakeOpenAI, fake_vector
 from tests.fakes.upstream import piece_logprob, words
-from tests.stack import Stack, start_stack
+from tests.stack import ROOT, Stack, start_stack
 
 KEY = "upstream-test-key"
 LLAMA = "ollama/llama3.2:latest"
@@ -225,6 +229,43 @@ def test_a_client_that_leaves_a_completion_stream_stops_the_generation(
         lines = response.iter_lines()
         assert next(line for line in lines if line.startswith("data: "))
     assert upstreams.ollama.wait_for_disconnect(timeout=5, count=before + 1)
+
+
+def test_the_official_node_sdk_creates_completions(completions_stack: Stack, key: str) -> None:
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        pytest.skip("the Node SDK test needs node and npm on PATH")
+    folder = ROOT / "tests" / "node_completions"
+    if not (folder / "node_modules" / "openai").is_dir():
+        subprocess.run(
+            [npm, "ci", "--no-audit", "--no-fund", "--silent"], cwd=folder, check=True, timeout=300
+        )
+    done = subprocess.run(
+        [node, "completions.mjs"],
+        check=False,
+        cwd=folder,
+        env={
+            "PATH": str(Path(node).parent),
+            "MARIE_BASE_URL": f"{completions_stack.base_url}/v1",
+            "MARIE_API_KEY": key,
+            "MARIE_MODEL": LLAMA,
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["plain"]["object"] == "text_completion"
+    assert out["plain"]["id"].startswith("cmpl-")
+    assert out["plain"]["text"] == said("llama3.2:latest", "Once upon")
+    assert out["plain"]["usage"]["completion_tokens"] > 0
+    assert out["list"] == [[0, said("llama3.2:latest", "one")], [1, said("llama3.2:latest", "two")]]
+    assert out["streamed"]["text"] == said("llama3.2:latest", "streamed")
+    assert out["streamed"]["finish"] == "stop"
+    assert out["streamed"]["usage"]["prompt_tokens"] == 1
+    assert out["echo"] == "Echo." + said("llama3.2:latest", "Echo.")
+    assert out["stop"] == ["Hello from llama3.2:latest", "stop"]
 
 
 # -- /v1/completions on other providers ----------------------------------------------
