@@ -268,6 +268,21 @@ def test_the_official_node_sdk_creates_completions(completions_stack: Stack, key
     assert out["stop"] == ["Hello from llama3.2:latest", "stop"]
 
 
+def test_a_client_that_leaves_before_the_answer_stops_every_choice(
+    completions_stack: Stack, key: str, upstreams: Upstreams
+) -> None:
+    before = upstreams.ollama.disconnects
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            f"{completions_stack.base_url}/v1/completions",
+            headers={"authorization": f"Bearer {key}"},
+            json={"model": "ollama/endless:latest", "prompt": ["a", "b"]},
+            timeout=1.5,
+        )
+    # Two choices, two upstream generations: both stopped.
+    assert upstreams.ollama.wait_for_disconnect(timeout=5, count=before + 2)
+
+
 # -- /v1/completions on other providers ----------------------------------------------
 
 

@@ -319,6 +319,9 @@ async def relay(
     finally:
         await watch.stop()
         if not streaming:
+            # A failure part-way leaves no call generating for nobody (several
+            # choices are several calls); a finished call ignores this.
+            call.cancel()
             gw.untrack(call)
 
 
