@@ -172,6 +172,38 @@ def test_a_stopped_stream_leaves_the_real_server_serving(client: openai.OpenAI) 
     assert again.choices[0].message.content
 
 
+def test_a_legacy_text_completion_from_the_real_server(client: openai.OpenAI) -> None:
+    whole = client.completions.create(
+        model="local/tiny", prompt="hello world", max_tokens=8, temperature=0, logprobs=1
+    )
+    choice = whole.choices[0]
+    assert whole.object == "text_completion"
+    assert choice.text
+    assert choice.finish_reason in ("length", "stop")
+    assert whole.usage is not None and 1 <= whole.usage.completion_tokens <= 8
+    assert choice.logprobs is not None and choice.logprobs.tokens
+    assert all(v <= 0 for v in choice.logprobs.token_logprobs or [])
+    streamed = client.completions.create(
+        model="local/tiny", prompt="hello world", max_tokens=8, temperature=0, stream=True
+    )
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == choice.text
+
+
+def test_chat_logprobs_from_the_real_server(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(
+        model="local/tiny",
+        messages=HELLO,
+        max_tokens=4,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+    )
+    logprobs = reply.choices[0].logprobs
+    assert logprobs is not None and logprobs.content
+    assert 1 <= len(logprobs.content) <= 4
+    assert all(e.logprob <= 0 and len(e.top_logprobs) <= 2 for e in logprobs.content)
+
+
 def test_the_model_file_is_written_by_the_test(tmp_path: Path) -> None:
     subprocess.run(
         [

@@ -19,6 +19,11 @@ Usage::
         fake.set_model("llama3.2:latest", reply="Hi!", chunk_delay=0.01)
         assert fake.chat_requests[-1].body["model"] == "llama3.2"
 
+`/api/generate` answers like `/api/chat` (text in `response`, `context` on
+the last line unless `raw`), honouring `options.stop` and `num_predict`; both
+report `logprobs` (one token per streamed piece, see `piece_logprob`) when the
+request asks for them.
+
 Chat behaviour is scripted per model (see :class:`FakeModel`), so one server
 can serve many scenarios at once: give each scenario its own model name.
 """
@@ -50,6 +55,7 @@ from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
 from tests.fakes.structured import structured_answer
+from tests.fakes.upstream import cut_reply, piece_logprob
 
 __all__ = [
     "FakeModel",
@@ -57,6 +63,7 @@ __all__ = [
     "RecordedRequest",
     "default_models",
     "fake_embedding",
+    "piece_logprob",
     "split_reply",
 ]
 
@@ -135,6 +142,8 @@ class FakeModel:
     # Answer the whole request (chat and embed) with this status and
     # {"error": message}.
     status_error: tuple[int, str] | None = None
+    # Answer /api/show for this model with this status and {"error": message}.
+    show_error: tuple[int, str] | None = None
     # Keep streaming content lines until the client disconnects (or the
     # server stops). With stream:false: never answer.
     endless: bool = False
@@ -342,6 +351,20 @@ def _timings(prompt_eval_count: int, eval_count: int) -> JSONObject:
     return {key: value for key, value in metrics.items() if value}
 
 
+def _int_or(value: Any, default: int) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+def _limit(pieces: list[str], options: JSONObject, done_reason: str) -> tuple[list[str], str]:
+    """The reply as `options` cut it: at the first stop sequence (done_reason
+    "stop") or after `num_predict` tokens (one piece is one token; "length")."""
+    text, cut, limit = cut_reply("".join(pieces), options.get("stop"), options.get("num_predict"))
+    pieces = split_reply(text)
+    if limit is not None and limit < len(pieces):
+        return pieces[:limit], "length"
+    return pieces, "stop" if cut else done_reason
+
+
 def _json_kind(value: Any) -> str:
     if isinstance(value, list):
         return "array"
@@ -377,6 +400,27 @@ class _ChatPlan:
     done_reason: str
     prompt_eval_count: int
     eval_count: int | None
+    # "generate": /api/generate lines (text in `response`, `context` on the last).
+    kind: Literal["chat", "generate"] = "chat"
+    # The request's `logprobs` and `top_logprobs`: each content line then
+    # carries `logprobs` for its piece (one token per piece).
+    logprobs: bool = False
+    top_logprobs: int = 0
+    # /api/generate's last line (not in raw mode): the conversation as token ids.
+    context: list[int] | None = None
+
+
+def _token_entry(token: str, logprob: float) -> JSONObject:
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+
+def _logprobs(piece: str, position: int, top: int) -> list[JSONObject]:
+    """Ollama's `logprobs` for one piece: the chosen token first among the alternatives."""
+    chosen = _token_entry(piece, piece_logprob(position))
+    alternatives = [chosen] + [
+        _token_entry(f"alt{n}", piece_logprob(position) - n) for n in range(1, top)
+    ]
+    return [{**chosen, "top_logprobs": alternatives[:top]}]
 
 
 class _Connection:
@@ -517,7 +561,7 @@ class _ChatResponse(Response):
                 break
             if lines and await conn.pause(delay):
                 return
-            await conn.line(self._chunk({"role": "assistant", "content": piece}))
+            await conn.line(self._content_line(piece, lines))
             lines += 1
         if plan.error_after is not None:
             # Ollama's mid-stream failure: an error line, status still 200.
@@ -539,15 +583,7 @@ class _ChatResponse(Response):
             )
         if (lines or plan.tool_calls) and await conn.pause(delay):
             return
-        final = {
-            "model": plan.model,
-            "created_at": _now_go_time(),
-            "message": {"role": "assistant", "content": ""},
-            "done_reason": plan.done_reason,
-            "done": True,
-            **self._metrics(lines),
-        }
-        await conn.finish(_dumps(final) + b"\n")
+        await conn.finish(_dumps(self._final("", lines)) + b"\n")
 
     async def _whole(self, conn: _Connection) -> None:
         plan = self._plan
@@ -563,20 +599,46 @@ class _ChatResponse(Response):
         if plan.error_after is not None:
             await conn.respond(500, {"error": plan.error_message})
             return
-        message: JSONObject = {"role": "assistant", "content": "".join(plan.pieces)}
-        if plan.tool_calls:
-            message["tool_calls"] = copy.deepcopy(plan.tool_calls)
-        await conn.respond(
-            200,
-            {
-                "model": plan.model,
+        await conn.respond(200, self._final("".join(plan.pieces), len(plan.pieces)))
+
+    def _final(self, text: str, lines: int) -> JSONObject:
+        """The last line (or the whole non-streamed answer) with `text` as its content."""
+        plan = self._plan
+        final: JSONObject = {"model": plan.model, "created_at": _now_go_time()}
+        if plan.kind == "generate":
+            final["response"] = text
+        else:
+            message: JSONObject = {"role": "assistant", "content": text}
+            if plan.tool_calls and not plan.stream:
+                message["tool_calls"] = copy.deepcopy(plan.tool_calls)
+            final["message"] = message
+        final["done"] = True
+        final["done_reason"] = plan.done_reason
+        if plan.kind == "generate" and plan.context is not None:
+            final["context"] = plan.context
+        final.update(self._metrics(lines))
+        if plan.logprobs and not plan.stream and text:
+            final["logprobs"] = [
+                entry
+                for position, piece in enumerate(plan.pieces)
+                for entry in _logprobs(piece, position, plan.top_logprobs)
+            ]
+        return final
+
+    def _content_line(self, piece: str, position: int) -> JSONObject:
+        """One streamed line carrying `piece` (and its logprobs when asked)."""
+        if self._plan.kind == "generate":
+            line: JSONObject = {
+                "model": self._plan.model,
                 "created_at": _now_go_time(),
-                "message": message,
-                "done_reason": plan.done_reason,
-                "done": True,
-                **self._metrics(len(plan.pieces)),
-            },
-        )
+                "response": piece,
+                "done": False,
+            }
+        else:
+            line = self._chunk({"role": "assistant", "content": piece})
+        if self._plan.logprobs:
+            line["logprobs"] = _logprobs(piece, position, self._plan.top_logprobs)
+        return line
 
     def _chunk(self, message: JSONObject) -> JSONObject:
         return {
@@ -812,6 +874,10 @@ class FakeOllama:
         return self.requests_to("/api/chat")
 
     @property
+    def generate_requests(self) -> list[RecordedRequest]:
+        return self.requests_to("/api/generate")
+
+    @property
     def embed_requests(self) -> list[RecordedRequest]:
         return self.requests_to("/api/embed")
 
@@ -894,6 +960,7 @@ class FakeOllama:
                 Route("/api/ps", self._ps, methods=["GET"]),
                 Route("/api/show", self._show, methods=["POST"]),
                 Route("/api/chat", self._chat, methods=["POST"]),
+                Route("/api/generate", self._generate, methods=["POST"]),
                 Route("/api/embed", self._embed, methods=["POST"]),
             ],
             exception_handlers={404: not_found, 405: not_found},
@@ -994,6 +1061,8 @@ class FakeOllama:
         model = self._lookup(name)
         if model is None:
             return _not_found_error(name)
+        if model.show_error is not None:
+            return _error(*model.show_error)
         arch = model.architecture or model.family
         model_info: JSONObject = {"general.architecture": arch}
         parameter_count = _parameter_count(model.parameter_size)
@@ -1081,7 +1150,73 @@ class FakeOllama:
                 },
             )
         plan = self._plan(model, name, messages, stream is not False, body.get("format"))
+        plan.logprobs = body.get("logprobs") is True
+        plan.top_logprobs = _int_or(body.get("top_logprobs"), 0)
         return _ChatResponse(self, plan)
+
+    async def _model_request(
+        self, request: Request, go_type: str
+    ) -> tuple[JSONObject, str, FakeModel] | Response:
+        """The body, the model name as requested and the model; or the error Ollama answers."""
+        body = await self._read_object(request, go_type)
+        if isinstance(body, Response):
+            return body
+        name = body.get("model")
+        if not isinstance(name, str) or not name:
+            return _error(400, "model is required")
+        model = self._lookup(name)
+        if model is None:
+            return _not_found_error(name)
+        return body, name, model
+
+    async def _generate(self, request: Request) -> Response:
+        found = await self._model_request(request, "api.GenerateRequest")
+        if isinstance(found, Response):
+            return found
+        body, name, model = found
+        prompt = body.get("prompt")
+        prompt = prompt if isinstance(prompt, str) else ""
+        if model.status_error is None:
+            if "completion" not in model.capabilities:
+                return _error(400, f"{_go_quote(name)} does not support generate")
+            if body.get("suffix") and "insert" not in model.capabilities:
+                return _error(
+                    400, f"registry.ollama.ai/library/{model.name} does not support insert"
+                )
+            self._mark_loaded(model.name)
+        if not prompt and model.status_error is None:
+            # An empty prompt only loads the model, as for chat.
+            return _json_response(
+                200,
+                {
+                    "model": name,
+                    "created_at": _now_go_time(),
+                    "response": "",
+                    "done": True,
+                    "done_reason": "load",
+                },
+            )
+        stream = body.get("stream") is not False
+        plan = self._plan(model, name, [{"role": "user", "content": prompt}], stream)
+        options = body.get("options")
+        pieces, done_reason = _limit(
+            plan.pieces, options if isinstance(options, dict) else {}, plan.done_reason
+        )
+        raw = body.get("raw") is True
+        return _ChatResponse(
+            self,
+            dataclasses.replace(
+                plan,
+                kind="generate",
+                pieces=pieces,
+                tool_calls=[],
+                done_reason=done_reason,
+                logprobs=body.get("logprobs") is True,
+                top_logprobs=_int_or(body.get("top_logprobs"), 0),
+                # Raw mode keeps no conversation, so it returns no context.
+                context=None if raw else list(range(1, plan.prompt_eval_count + len(pieces) + 1)),
+            ),
+        )
 
     @staticmethod
     def _plan(
@@ -1129,15 +1264,10 @@ class FakeOllama:
         )
 
     async def _embed(self, request: Request) -> Response:
-        body = await self._read_object(request, "api.EmbedRequest")
-        if isinstance(body, Response):
-            return body
-        name = body.get("model")
-        if not isinstance(name, str) or not name:
-            return _error(400, "model is required")
-        model = self._lookup(name)
-        if model is None:
-            return _not_found_error(name)
+        found = await self._model_request(request, "api.EmbedRequest")
+        if isinstance(found, Response):
+            return found
+        body, name, model = found
         if model.first_byte_delay > 0:
             await asyncio.sleep(model.first_byte_delay)
         if model.status_error is not None:

@@ -1,8 +1,11 @@
 """A fake OpenAI-compatible server (and, with `huggingface=True`, the Hugging Face router)
 speaking the real wire protocol: `/v1/models`, streamed and whole
 `/v1/chat/completions` (SSE `data:` events, tool-call deltas, a usage chunk
-with `stream_options.include_usage`, `data: [DONE]`), `/v1/embeddings`,
-OpenAI's error envelope. Failures on cue: see `upstream.py`.
+with `stream_options.include_usage`, `data: [DONE]`), the legacy
+`/v1/completions` (`text_completion` objects, `stop` and `max_tokens`
+honoured, `suffix` recorded), `logprobs` in chat's and in the legacy shape,
+`/v1/embeddings` (texts or token arrays), OpenAI's error envelope. Failures
+on cue: see `upstream.py`.
 
 Usage::
 
@@ -33,8 +36,10 @@ from .upstream import (
     JSONObject,
     StreamedResponse,
     abort,
+    cut_reply,
     hang,
     json_response,
+    piece_logprob,
     words,
 )
 
@@ -114,6 +119,7 @@ class FakeOpenAI(FakeUpstream):
         return [
             Route("/v1/models", self._models, methods=["GET"]),
             Route("/v1/chat/completions", self._chat, methods=["POST"]),
+            Route("/v1/completions", self._completions, methods=["POST"]),
             Route("/v1/embeddings", self._embeddings, methods=["POST"]),
         ]
 
@@ -166,7 +172,13 @@ class FakeOpenAI(FakeUpstream):
         if model is None:
             return json_response(404, error_body(404, "The model does not exist."))
         inputs = body.get("input")
+        if isinstance(inputs, list) and inputs and all(isinstance(t, int) for t in inputs):
+            inputs = [inputs]  # one input as token ids
         texts = [inputs] if isinstance(inputs, str) else list(inputs or [])
+        if not all(isinstance(t, str) or _token_ids(t) for t in texts):
+            return json_response(400, error_body(400, "'input' is not valid", "input"))
+        # Token arrays embed as their text form: the same ids, the same vector.
+        texts = [t if isinstance(t, str) else " ".join(map(str, t)) for t in texts]
         dimension = body.get("dimensions") or model.embedding_dimension
         data = [
             {"object": "embedding", "index": i, "embedding": fake_vector(t, dimension)}
@@ -200,6 +212,21 @@ class FakeOpenAI(FakeUpstream):
                 400,
                 error_body(400, "temperature must be at most 2", "temperature"),
             )
+        return self._answer(body)
+
+    async def _completions(self, request: Request) -> Response:
+        body = await self.record(request)
+        if (denied := self._unauthorized(request)) is not None:
+            return denied
+        if not isinstance(body, dict) or not isinstance(body.get("prompt"), str):
+            return json_response(400, error_body(400, "'prompt' must be a string", "prompt"))
+        logprobs = body.get("logprobs")
+        if logprobs is not None and not (isinstance(logprobs, int) and 0 <= logprobs <= 5):
+            return json_response(400, error_body(400, "logprobs must be 0 to 5", "logprobs"))
+        return self._answer(body, text=True)
+
+    def _answer(self, body: JSONObject, *, text: bool = False) -> Response:
+        """A checked chat (or text) completion request's answer, or the failure cued."""
         cue = self.next_cue()
         if (failed := self._cue_response(cue)) is not None:
             return failed
@@ -207,46 +234,114 @@ class FakeOpenAI(FakeUpstream):
         if model is None:
             message = f"The model `{body.get('model')}` does not exist."
             return json_response(404, error_body(404, message))
-        plan = _Plan(self, model, body, cue)
-        if body.get("stream"):
-            return StreamedResponse(self, plan.stream)
-        return StreamedResponse(self, plan.whole)
+        plan = _Plan(self, model, body, cue, text=text)
+        return StreamedResponse(self, plan.stream if body.get("stream") else plan.whole)
+
+
+def _token_ids(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(t, int) for t in value)
+
+
+def _token(piece: str, logprob: float) -> JSONObject:
+    return {"token": piece, "logprob": logprob, "bytes": list(piece.encode())}
 
 
 class _Plan:
-    def __init__(self, fake: FakeOpenAI, model: FakeChatModel, body: JSONObject, cue: Cue | None):
+    """One chat (or, with `text`, legacy text) completion as the fake will answer it."""
+
+    def __init__(
+        self,
+        fake: FakeOpenAI,
+        model: FakeChatModel,
+        body: JSONObject,
+        cue: Cue | None,
+        *,
+        text: bool = False,
+    ):
         self.fake = fake
         self.model = model
         self.body = body
         self.cue = cue
-        self.id = f"chatcmpl-fake{int(time.time() * 1000)}"
+        self.text = text
+        self.id = f"{'cmpl' if text else 'chatcmpl'}-fake{int(time.time() * 1000)}"
+        said = body["prompt"] if text else _last_user_text(body["messages"])
         reply = model.reply
         if reply is None:
             reply = (
-                ""
-                if model.tool_calls
-                else (f"Hello from {model.id}! You said: {_last_user_text(body['messages'])}")
+                "" if model.tool_calls and not text else f"Hello from {model.id}! You said: {said}"
             )
+        reply, self.stopped, limit = cut_reply(reply, body.get("stop"), body.get("max_tokens"))
         self.pieces = words(reply)
-        self.prompt_tokens = sum(
-            len(str(m.get("content") or "").split())
-            for m in body["messages"]
-            if isinstance(m, dict)
-        )
+        self.cut_short = limit is not None and limit < len(self.pieces)
+        self.pieces = self.pieces[:limit] if limit is not None else self.pieces
+        if text:
+            self.prompt_tokens = len(body["prompt"].split())
+        else:
+            self.prompt_tokens = sum(
+                len(str(m.get("content") or "").split())
+                for m in body["messages"]
+                if isinstance(m, dict)
+            )
+        # Chat: `logprobs: true` (+ `top_logprobs`); legacy: `logprobs: <0..5>`.
+        wanted = body.get("logprobs")
+        self.logprobs = wanted is not None and wanted is not False
+        self.top = (wanted if text else body.get("top_logprobs")) or 0
 
     def _finish(self) -> str:
         if self.model.finish_reason:
             return self.model.finish_reason
-        return "tool_calls" if self.model.tool_calls else "stop"
+        if self.cut_short:
+            return "length"
+        return "tool_calls" if self.model.tool_calls and not self.text else "stop"
 
-    def _chunk(self, delta: JSONObject, finish: str | None = None) -> bytes:
+    def _logprobs(self, start: int, pieces: list[str]) -> JSONObject | None:
+        """The choice's `logprobs` for `pieces`, the first at position `start`."""
+        if not self.logprobs or not pieces:
+            return None
+        entries = []
+        for offset, piece in enumerate(pieces):
+            value = piece_logprob(start + offset)
+            alternatives = [(piece, value)] + [
+                (f"alt{n}", value - n) for n in range(1, int(self.top))
+            ]
+            entries.append((piece, value, alternatives[: int(self.top)]))
+        if not self.text:
+            return {
+                "content": [
+                    {**_token(p, v), "top_logprobs": [_token(a, av) for a, av in alts]}
+                    for p, v, alts in entries
+                ],
+                "refusal": None,
+            }
+        offset = sum(len(p) for p in self.pieces[:start])
+        offsets = []
+        for piece, _, _ in entries:
+            offsets.append(offset)
+            offset += len(piece)
+        return {
+            "tokens": [p for p, _, _ in entries],
+            "token_logprobs": [v for _, v, _ in entries],
+            "top_logprobs": [dict(alts) for _, _, alts in entries],
+            "text_offset": offsets,
+        }
+
+    def _chunk(
+        self, delta: JSONObject, finish: str | None = None, logprobs: JSONObject | None = None
+    ) -> bytes:
+        choice: JSONObject
+        if self.text:
+            choice = {"text": delta.get("content", ""), "index": 0}
+        else:
+            choice = {"index": 0, "delta": delta}
+        choice["logprobs"] = logprobs
+        choice["finish_reason"] = finish
         event = {
             "id": self.id,
-            "object": "chat.completion.chunk",
+            "object": "text_completion" if self.text else "chat.completion.chunk",
             "created": int(time.time()),
             "model": self.body["model"],
             "system_fingerprint": "fp_fake",
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+            "choices": [choice],
         }
         return b"data: " + json.dumps(event).encode() + b"\n\n"
 
@@ -259,7 +354,8 @@ class _Plan:
     async def stream(self, writer: EventWriter) -> None:
         await self._before_first_byte(writer)
         await writer.start(200, SSE_HEADERS)
-        await writer.write(self._chunk({"role": "assistant", "content": ""}))
+        if not self.text:
+            await writer.write(self._chunk({"role": "assistant", "content": ""}))
         await writer.write(b": keep-alive\n\n")
         sent = 0
         pieces = list(self.pieces)
@@ -269,9 +365,9 @@ class _Plan:
                 abort()
             if self.model.chunk_delay:
                 await writer.pause(self.model.chunk_delay)
-            await writer.write(self._chunk({"content": piece}))
+            await writer.write(self._chunk({"content": piece}, None, self._logprobs(sent, [piece])))
             sent += 1
-        for index, call in enumerate(self.model.tool_calls):
+        for index, call in enumerate([] if self.text else self.model.tool_calls):
             arguments = json.dumps(call.get("arguments", {}))
             head = {
                 "index": index,
@@ -297,7 +393,7 @@ class _Plan:
             }
             event = {
                 "id": self.id,
-                "object": "chat.completion.chunk",
+                "object": "text_completion" if self.text else "chat.completion.chunk",
                 "created": int(time.time()),
                 "model": self.body["model"],
                 "choices": [],
@@ -322,12 +418,17 @@ class _Plan:
                 for i, c in enumerate(self.model.tool_calls)
             ]
         completion = len(self.pieces)
+        choice: JSONObject = {"index": 0, "message": message}
+        if self.text:
+            choice = {"text": "".join(self.pieces), "index": 0}
+        choice["logprobs"] = self._logprobs(0, self.pieces)
+        choice["finish_reason"] = self._finish()
         body = {
             "id": self.id,
-            "object": "chat.completion",
+            "object": "text_completion" if self.text else "chat.completion",
             "created": int(time.time()),
             "model": self.body["model"],
-            "choices": [{"index": 0, "message": message, "finish_reason": self._finish()}],
+            "choices": [choice],
             "usage": {
                 "prompt_tokens": self.prompt_tokens,
                 "completion_tokens": completion,

@@ -337,3 +337,20 @@ def words(text: str) -> list[str]:
     for index, word in enumerate(text.split(" ")):
         pieces.append(word if index == 0 else " " + word)
     return [p for p in pieces if p]
+
+
+def piece_logprob(position: int) -> float:
+    """The log probability fakes report for the piece (one token) at `position`."""
+    return round(-0.1 * (position + 1), 6)
+
+
+def cut_reply(text: str, stops: Any, limit: Any) -> tuple[str, bool, int | None]:
+    """`text` cut as a real model's run cuts it: before the first stop sequence
+    found (the second value says whether one was), and the token limit to apply
+    to the pieces afterwards (None: none)."""
+    cut = False
+    for stop in stops if isinstance(stops, list) else [stops]:
+        at = text.find(stop) if isinstance(stop, str) and stop else -1
+        if at >= 0:
+            text, cut = text[:at], True
+    return text, cut, limit if isinstance(limit, int) and limit > 0 else None

@@ -58,3 +58,10 @@ def test_flush_empties_the_merger() -> None:
     flushed = merger.flush()
     assert flushed is not None and flushed.content == "a"
     assert merger.flush() is None
+
+
+def test_logprobs_follow_the_content_they_belong_to() -> None:
+    first, second = pb.TokenLogprob(token="a", logprob=-0.1), pb.TokenLogprob(token="b")
+    (merged,) = _merge(Chunk(content="a", logprobs=[first]), Chunk(content="b", logprobs=[second]))
+    assert merged.content == "ab"
+    assert list(merged.logprobs) == [first, second]

@@ -9,6 +9,7 @@ import grpc
 import pytest
 from google.protobuf import struct_pb2
 from marie.providers.v1 import provider_service_pb2 as pb
+from marie_kit.errors import ServiceError
 from marie_providers.settings import ProvidersSettings
 from providers_testkit import (
     Service,
@@ -134,7 +135,11 @@ async def test_list_models_maps_ollama_tags_to_model_info(service: Service) -> N
     assert llama.modified_time.ToDatetime(tzinfo=UTC) == datetime(
         2025, 3, 14, 8, 26, 53, 589793, tzinfo=UTC
     )
-    assert not llama.details_loaded
+    # A plain listing is useful: what only /api/show tells is loaded too.
+    assert llama.details_loaded
+    assert llama.context_length == 131072
+    assert pb.MODEL_CAPABILITY_CHAT in llama.capabilities
+    assert pb.MODEL_CAPABILITY_TOOLS in llama.capabilities
     assert not reply.provider_errors
 
 
@@ -879,3 +884,60 @@ async def test_search_without_a_query_is_invalid(service: Service) -> None:
 
     assert error.code == grpc.StatusCode.INVALID_ARGUMENT
     assert error.metadata["field"] == "query"
+
+
+async def test_a_listing_loads_details_and_says_which_are_pending(
+    service: Service, fake: FakeOllama
+) -> None:
+    fake.set_model("gemma3:1b", show_error=(500, "failed to read the model's manifest"))
+    reply = await service.stub.ListModels(pb.ListModelsRequest(force_refresh=True))
+    by_name = {m.name: m for m in reply.models}
+    # A failed details call leaves that model's details pending, and only its.
+    assert not by_name["gemma3:1b"].details_loaded
+    assert not by_name["gemma3:1b"].capabilities
+    embedder = by_name["nomic-embed-text:latest"]
+    assert embedder.details_loaded
+    assert list(embedder.capabilities) == [pb.MODEL_CAPABILITY_EMBEDDINGS]
+    assert embedder.context_length == 2048
+    shows = len(fake.requests_to("/api/show"))
+    # Details are cached like listings: a second listing asks only for what failed.
+    await service.stub.ListModels(pb.ListModelsRequest())
+    assert len(fake.requests_to("/api/show")) == shows + 1
+
+
+async def test_a_text_completion_echoes_the_prompt_with_logprobs_of_the_generated_tokens(
+    service: Service, fake: FakeOllama
+) -> None:
+    request = pb.StreamCompletionRequest(
+        model="ollama/llama3.2:latest", prompt="Go on", echo=True, logprobs=2, aggregate=True
+    )
+    chunks = [c async for c in service.stub.StreamCompletion(request)]
+    text = "".join(c.text for c in chunks)
+    reply = "Hello from llama3.2:latest! You said: Go on"
+    assert text == "Go on" + reply
+    assert chunks[0].id.startswith("cmpl-")
+    tokens = [t for c in chunks for t in c.logprobs]
+    assert "".join(t.token for t in tokens) == reply
+    assert all(len(t.top_logprobs) == 2 for t in tokens)
+    assert chunks[-1].finish_reason == pb.FINISH_REASON_STOP
+    assert chunks[-1].usage.completion_tokens > 0
+    sent = fake.generate_requests[-1].body
+    assert sent["raw"] is True and sent["logprobs"] is True and sent["top_logprobs"] == 2
+
+
+async def test_a_text_completion_without_a_prompt_is_invalid(service: Service) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for _ in service.stub.StreamCompletion(
+            pb.StreamCompletionRequest(model="ollama/llama3.2:latest")
+        ):
+            pass
+    assert ServiceError.from_rpc_error(caught.value).metadata["field"] == "prompt"
+
+
+async def test_token_inputs_are_refused_by_ollama_naming_the_field(service: Service) -> None:
+    request = pb.CreateEmbeddingsRequest(model="ollama/nomic-embed-text:latest")
+    request.token_inputs.add(ids=[1, 2, 3])
+    error = await rpc_error(service.stub.CreateEmbeddings(request))
+    assert error.reason == "UNSUPPORTED_BY_PROVIDER"
+    assert error.metadata["field"] == "token_inputs"
+    assert "check_embedding_ctx_length=False" in error.message

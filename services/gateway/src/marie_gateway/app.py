@@ -18,6 +18,7 @@ from starlette.responses import Response
 from marie_gateway import grpc_authz, health, metrics, openapi
 from marie_gateway.admin_api import AdminRoutes
 from marie_gateway.compare import CompareRoutes
+from marie_gateway.completions_api import CompletionRoutes
 from marie_gateway.core import Gateway
 from marie_gateway.errors import ApiError
 from marie_gateway.limits import RATE_LIMIT_HEADERS
@@ -60,6 +61,7 @@ def create_app(settings: GatewaySettings) -> RequestContext:
     gw = Gateway(settings)
     routes = [
         *OpenAIRoutes(gw).routes(),
+        *CompletionRoutes(gw).routes(),
         *MemoryRoutes(gw).routes(),
         *ModelRoutes(gw).routes(),
         *CompareRoutes(gw).routes(),

@@ -11,7 +11,7 @@ import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 from marie.auth.v1 import auth_service_pb2_grpc as auth_grpc
@@ -54,6 +54,12 @@ RATE_HEADERS_KEY = "marie.ratelimit_headers"
 ADMIN_PRINCIPAL = Principal(
     key_id="admin-env", owner="", scopes=frozenset({SCOPE_ADMIN}), allowed_models=()
 )
+
+
+class Cancellable(Protocol):
+    """A running call that shutdown can end: a gRPC call, or several read as one."""
+
+    def cancel(self) -> bool: ...
 
 
 @dataclass
@@ -116,7 +122,7 @@ class Gateway:
         self._backends: Backends | None = None
         self.bodies = BodyBudget(settings.max_inflight_body_bytes)
         # Calls that a shutdown must end cleanly (see cut_calls).
-        self.calls: set[grpc.aio.Call] = set()
+        self.calls: set[Cancellable] = set()
         # Set when shutdown starts (readiness turns 503), and when the grace
         # period is nearly over (running calls are ended, new ones refused).
         self.draining = False
@@ -249,14 +255,14 @@ class Gateway:
         principal.require_scope(scope)
         return principal
 
-    def track(self, call: grpc.aio.Call) -> None:
+    def track(self, call: Cancellable) -> None:
         """Register a long call that shutdown must end with a proper answer."""
         if self.shutting_down:
             call.cancel()
             raise service_unavailable("The server is shutting down; retry the request.")
         self.calls.add(call)
 
-    def untrack(self, call: grpc.aio.Call) -> None:
+    def untrack(self, call: Cancellable) -> None:
         self.calls.discard(call)
 
     def cut_calls(self) -> None:

@@ -4,6 +4,7 @@ providers contract (protobuf), in one place."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -12,6 +13,7 @@ from marie.providers.v1 import provider_service_pb2 as pb
 from marie_gateway.protocol import (
     ChatMessage,
     ChatParameters,
+    CompletionRequest,
     NamedToolChoice,
     TextPart,
 )
@@ -76,6 +78,26 @@ def _message(msg: ChatMessage) -> pb.ChatMessage:
     return out
 
 
+def fill_sampling(
+    s: pb.SamplingParameters, body: ChatParameters | CompletionRequest, max_tokens: int | None
+) -> None:
+    """The sampling parameters chat and text completions share, where the body sets them."""
+    if body.temperature is not None:
+        s.temperature = body.temperature
+    if body.top_p is not None:
+        s.top_p = body.top_p
+    if max_tokens is not None:
+        s.max_tokens = max_tokens
+    if body.stop is not None:
+        s.stop.extend([body.stop] if isinstance(body.stop, str) else body.stop)
+    if body.seed is not None:
+        s.seed = body.seed
+    if body.presence_penalty is not None:
+        s.presence_penalty = body.presence_penalty
+    if body.frequency_penalty is not None:
+        s.frequency_penalty = body.frequency_penalty
+
+
 def chat_request_to_proto(
     body: ChatParameters, completion_id: str, *, model: str, aggregate: bool
 ) -> pb.StreamChatCompletionRequest:
@@ -89,24 +111,9 @@ def chat_request_to_proto(
         completion_id=completion_id,
         aggregate=aggregate,
     )
-    s = req.sampling
-    if body.temperature is not None:
-        s.temperature = body.temperature
-    if body.top_p is not None:
-        s.top_p = body.top_p
+    fill_sampling(req.sampling, body, body.max_completion_tokens or body.max_tokens)
     if body.top_k is not None:
-        s.top_k = body.top_k
-    max_tokens = body.max_completion_tokens or body.max_tokens
-    if max_tokens is not None:
-        s.max_tokens = max_tokens
-    if body.stop is not None:
-        s.stop.extend([body.stop] if isinstance(body.stop, str) else body.stop)
-    if body.seed is not None:
-        s.seed = body.seed
-    if body.presence_penalty is not None:
-        s.presence_penalty = body.presence_penalty
-    if body.frequency_penalty is not None:
-        s.frequency_penalty = body.frequency_penalty
+        req.sampling.top_k = body.top_k
     if body.response_format is not None:
         rf = req.response_format
         rf.type = _RESPONSE_FORMAT[body.response_format.type]
@@ -142,15 +149,57 @@ def usage_dict(usage: pb.Usage) -> dict[str, int]:
     }
 
 
+def _top(entry: pb.TopLogprob | pb.TokenLogprob) -> dict[str, Any]:
+    return {
+        "token": entry.token,
+        "logprob": entry.logprob,
+        "bytes": list(entry.bytes) if entry.bytes else None,
+    }
+
+
+def chat_logprobs(entries: Sequence[pb.TokenLogprob]) -> dict[str, Any] | None:
+    """A chat choice's `logprobs` (`{"content": [...], "refusal": null}`); None without any."""
+    if not entries:
+        return None
+    content = [{**_top(e), "top_logprobs": [_top(t) for t in e.top_logprobs]} for e in entries]
+    return {"content": content, "refusal": None}
+
+
+def text_logprobs(entries: Sequence[pb.TokenLogprob], offset: int) -> dict[str, Any]:
+    """A legacy completion choice's `logprobs`: parallel lists, the first token at
+    character `offset` of the choice's text."""
+    offsets = []
+    for entry in entries:
+        offsets.append(offset)
+        offset += len(entry.token)
+    return {
+        "tokens": [e.token for e in entries],
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": [{t.token: t.logprob for t in e.top_logprobs} for e in entries],
+        "text_offset": offsets,
+    }
+
+
 def chunk_payload(
-    head: dict[str, Any], model: str, delta: dict[str, Any], finish: str | None
+    head: dict[str, Any],
+    model: str,
+    delta: dict[str, Any],
+    finish: str | None,
+    logprobs: Sequence[pb.TokenLogprob] = (),
 ) -> dict[str, Any]:
     """One `chat.completion.chunk` event: `head` (id, object, created), the
-    model, and the single choice's delta and finish reason."""
+    model, and the single choice's delta, log probabilities and finish reason."""
     return {
         **head,
         "model": model,
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        "choices": [
+            {
+                "index": 0,
+                "delta": delta,
+                "logprobs": chat_logprobs(logprobs),
+                "finish_reason": finish,
+            }
+        ],
     }
 
 
@@ -185,10 +234,11 @@ def chunk_delta(chunk: pb.StreamChatCompletionResponse) -> dict[str, Any]:
 class CompletionAggregate:
     """Folds a stream of chunks into one non-streaming `chat.completion`."""
 
-    __slots__ = ("content", "finish_reason", "tool_calls", "usage")
+    __slots__ = ("content", "finish_reason", "logprobs", "tool_calls", "usage")
 
     def __init__(self) -> None:
         self.content: list[str] = []
+        self.logprobs: list[pb.TokenLogprob] = []
         self.tool_calls: dict[int, dict[str, Any]] = {}
         self.finish_reason: str | None = None
         self.usage: pb.Usage | None = None
@@ -196,6 +246,8 @@ class CompletionAggregate:
     def add(self, chunk: pb.StreamChatCompletionResponse) -> None:
         if chunk.content:
             self.content.append(chunk.content)
+        if chunk.logprobs:
+            self.logprobs.extend(chunk.logprobs)
         for tc in chunk.tool_calls:
             call = self.tool_calls.setdefault(
                 tc.index,
@@ -228,7 +280,7 @@ class CompletionAggregate:
                     "index": 0,
                     "message": message,
                     "finish_reason": self.finish_reason or "stop",
-                    "logprobs": None,
+                    "logprobs": chat_logprobs(self.logprobs),
                 }
             ],
         }

@@ -9,7 +9,7 @@ import base64
 import secrets
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from marie.providers.v1 import provider_service_pb2 as pb
@@ -18,7 +18,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from marie_gateway.access import SCOPE_CHAT, SCOPE_EMBEDDINGS, SCOPE_MODELS
-from marie_gateway.core import Gateway
+from marie_gateway.core import Cancellable, Gateway
 from marie_gateway.errors import ApiError, client_closed, from_rpc_error, service_unavailable
 from marie_gateway.mapping import (
     FINISH_REASONS,
@@ -36,6 +36,30 @@ from marie_gateway.usage import Tally
 from marie_gateway.web import JSONResponse, current_request_id, parse_body
 
 ChatCall = grpc.aio.UnaryStreamCall[pb.StreamChatCompletionRequest, pb.StreamChatCompletionResponse]
+
+
+class Chunk(Protocol):
+    """What every streamed providers chunk has (chat's and text completions')."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def model(self) -> str: ...
+    @property
+    def created(self) -> int: ...
+    @property
+    def usage(self) -> pb.Usage: ...
+    def HasField(self, field_name: Any) -> bool: ...
+
+
+C = TypeVar("C", bound=Chunk)
+
+
+class StreamCall(Cancellable, Protocol):
+    """A streaming gRPC call as the relay uses it (or several read as one)."""
+
+    async def read(self) -> Any: ...
+
 
 SHUTDOWN_MESSAGE = "The server is shutting down; retry the request."
 
@@ -58,7 +82,6 @@ class OpenAIRoutes:
 
     async def chat_completions(self, request: Request) -> Response | EventStreamResponse:
         gw = self.gw
-        rid = current_request_id()
         principal = await gw.authorize(request, SCOPE_CHAT)
         tally = await gw.admit(request, principal, "chat")
         body = parse_body(ChatCompletionRequest, await gw.read_body(request))
@@ -68,6 +91,9 @@ class OpenAIRoutes:
         chat = chat_request_to_proto(
             body, completion_id, model=body.model, aggregate=not body.stream
         )
+        if body.logprobs:
+            chat.logprobs = True
+            chat.top_logprobs = body.top_logprobs or 0
         await enrich_chat(gw, principal, body.user, chat)
         # The key's allowed models travel with the call: providers checks the
         # model it resolves before any upstream call.
@@ -76,111 +102,17 @@ class OpenAIRoutes:
             timeout=gw.settings.request_timeout_seconds,
             metadata=principal.call_metadata(),
         )
-        gw.track(call)
-        # Until the response starts, a client that leaves must still stop the
-        # call (a model loading for 30 s generates for nobody otherwise).
-        watch = DisconnectWatch(request.receive, call)
-        streaming = False
-        try:
-            # Nothing is sent before the first chunk: until then every failure
-            # is a plain HTTP error with the right status.
-            first = await call.read()
-            if not isinstance(first, pb.StreamChatCompletionResponse):  # grpc.aio.EOF
-                raise ApiError(
-                    502, "The provider ended the stream without a reply.", "server_error"
-                )
-            time_to_first_token(*provider_of(first.model)).observe(time.perf_counter() - started)
-            created = first.created or int(time.time())
-            if body.stream:
-                # The event stream watches for the disconnect itself from here on.
-                await watch.stop()
-                include_usage = bool(body.stream_options and body.stream_options.include_usage)
-                events = self._sse_events(call, first, created, include_usage, rid, tally=tally)
-                streaming = True
-                return EventStreamResponse(
-                    events,
-                    [(b"x-request-id", rid.encode())],
-                    keep_alive_seconds=gw.settings.sse_keep_alive_seconds,
-                )
-            aggregate = CompletionAggregate()
-            aggregate.add(first)
-            while isinstance(chunk := await call.read(), pb.StreamChatCompletionResponse):
-                aggregate.add(chunk)
-            if aggregate.usage is not None:
-                count_tokens(first.model, aggregate.usage)
-                tally.add(
-                    first.model, aggregate.usage.prompt_tokens, aggregate.usage.completion_tokens
-                )
-            return JSONResponse(aggregate.response(first.id, created, first.model))
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc, rid) from None
-        except asyncio.CancelledError:
-            if watch.fired:
-                # Nobody is left to answer; 499 shows in the access log only.
-                raise client_closed() from None
-            if gw.cut_by_shutdown():
-                raise service_unavailable(SHUTDOWN_MESSAGE) from None
-            raise
-        finally:
-            await watch.stop()
-            if not streaming:
-                gw.untrack(call)
-
-    async def _sse_events(
-        self,
-        call: ChatCall,
-        first: pb.StreamChatCompletionResponse,
-        created: int,
-        include_usage: bool,
-        rid: str,
-        *,
-        tally: Tally,
-    ) -> AsyncIterator[bytes]:
-        head = {"id": first.id, "object": "chat.completion.chunk", "created": created}
-        model = first.model
-        usage: pb.Usage | None = None
-        STREAMS_IN_FLIGHT.inc()
-        try:
-            chunk = first
-            while True:
-                delta = chunk_delta(chunk)
-                finish = FINISH_REASONS.get(chunk.finish_reason)
-                if chunk.HasField("usage"):
-                    usage = chunk.usage
-                if delta or finish:
-                    yield event(chunk_payload(head, model, delta, finish))
-                try:
-                    read = await call.read()
-                except grpc.aio.AioRpcError as exc:
-                    # After the first byte the status is committed: the error
-                    # travels as an event, then the stream ends normally.
-                    tally.failed = True
-                    yield event(from_rpc_error(exc, rid).envelope())
-                    yield DONE
-                    return
-                except asyncio.CancelledError:
-                    if not self.gw.cut_by_shutdown():
-                        raise
-                    # The grace period is over: say so, and end the stream
-                    # properly rather than cutting it mid-air.
-                    tally.failed = True
-                    yield event(service_unavailable(SHUTDOWN_MESSAGE).envelope())
-                    yield DONE
-                    return
-                if not isinstance(read, pb.StreamChatCompletionResponse):  # grpc.aio.EOF
-                    break
-                chunk = read
-            if include_usage and usage is not None:
-                yield event(usage_payload(head, model, usage))
-            yield DONE
-        finally:
-            # Reached on normal end, on error, and when the client disconnects.
-            call.cancel()
-            self.gw.untrack(call)
-            STREAMS_IN_FLIGHT.dec()
-            if usage is not None:
-                count_tokens(model, usage)
-                tally.add(model, usage.prompt_tokens, usage.completion_tokens)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return await relay(
+            gw,
+            request,
+            call,
+            ChatDialect(),
+            tally=tally,
+            started=started,
+            stream=body.stream,
+            include_usage=include_usage,
+        )
 
     async def list_models(self, request: Request) -> Response:
         gw = self.gw
@@ -215,20 +147,29 @@ class OpenAIRoutes:
         tally = await gw.admit(request, principal, "embeddings")
         body = parse_body(EmbeddingsRequest, await gw.read_body(request))
         tally.requested = body.model
-        inputs = [body.input] if isinstance(body.input, str) else body.input
+        embed = pb.CreateEmbeddingsRequest(
+            model=body.model, dimensions=body.dimensions or 0, user=body.user or ""
+        )
+        given = [body.input] if isinstance(body.input, str) else body.input
+        if given and isinstance(given[0], int):
+            embed.token_inputs.add(ids=given)  # one input as token ids
+        elif given and isinstance(given[0], list):
+            for ids in given:
+                embed.token_inputs.add(ids=ids)
+        else:
+            embed.inputs.extend(given)  # type: ignore[arg-type]  # texts, by elimination
         try:
             reply = await gw.backends().providers.CreateEmbeddings(
-                pb.CreateEmbeddingsRequest(
-                    model=body.model,
-                    inputs=inputs,
-                    dimensions=body.dimensions or 0,
-                    user=body.user or "",
-                ),
+                embed,
                 timeout=gw.settings.request_timeout_seconds,
                 metadata=principal.call_metadata(),
             )
         except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc, current_request_id()) from None
+            error = from_rpc_error(exc, current_request_id())
+            if error.param == "token_inputs":
+                # The client sent `input`; the contract's name for token ids means nothing to it.
+                error.param = "input"
+            raise error from None
         tally.add(reply.model, reply.usage.prompt_tokens, 0)
         as_base64 = body.encoding_format == "base64"
         data = [
@@ -248,6 +189,196 @@ class OpenAIRoutes:
             "total_tokens": reply.usage.total_tokens,
         }
         return JSONResponse({"object": "list", "data": data, "model": reply.model, "usage": usage})
+
+
+class Dialect(Protocol[C]):
+    """How one OpenAI endpoint shows the providers' chunks (chat, legacy text)."""
+
+    #: The providers message the call streams.
+    chunk_type: type[C]
+    #: `object` of the endpoint's streamed events.
+    chunk_object: str
+
+    def event(self, head: dict[str, Any], chunk: C) -> dict[str, Any] | None:
+        """The SSE event for one chunk; None when it carries nothing to send."""
+
+    def add(self, chunk: C) -> None:
+        """Fold one chunk into the whole (non-streaming) answer."""
+
+    def whole(self, completion_id: str, created: int, model: str) -> dict[str, Any]:
+        """The whole answer of the chunks added."""
+
+    @property
+    def usage(self) -> pb.Usage | None:
+        """The usage of the chunks added."""
+
+
+class ChatDialect:
+    """`chat.completion` and `chat.completion.chunk`."""
+
+    chunk_type = pb.StreamChatCompletionResponse
+    chunk_object = "chat.completion.chunk"
+
+    def __init__(self) -> None:
+        self._aggregate = CompletionAggregate()
+
+    def event(
+        self, head: dict[str, Any], chunk: pb.StreamChatCompletionResponse
+    ) -> dict[str, Any] | None:
+        delta = chunk_delta(chunk)
+        finish = FINISH_REASONS.get(chunk.finish_reason)
+        if not (delta or finish or chunk.logprobs):
+            return None
+        return chunk_payload(head, chunk.model, delta, finish, chunk.logprobs)
+
+    def add(self, chunk: pb.StreamChatCompletionResponse) -> None:
+        self._aggregate.add(chunk)
+
+    def whole(self, completion_id: str, created: int, model: str) -> dict[str, Any]:
+        return self._aggregate.response(completion_id, created, model)
+
+    @property
+    def usage(self) -> pb.Usage | None:
+        return self._aggregate.usage
+
+
+def add_usage(total: pb.Usage | None, more: pb.Usage) -> pb.Usage:
+    """`total` + `more` (several calls answer one request: several choices)."""
+    if total is None:
+        return more
+    return pb.Usage(
+        prompt_tokens=total.prompt_tokens + more.prompt_tokens,
+        completion_tokens=total.completion_tokens + more.completion_tokens,
+        total_tokens=total.total_tokens + more.total_tokens,
+    )
+
+
+async def relay(
+    gw: Gateway,
+    request: Request,
+    call: StreamCall,
+    dialect: Dialect[C],
+    *,
+    tally: Tally,
+    started: float,
+    stream: bool,
+    include_usage: bool,
+) -> Response | EventStreamResponse:
+    """Answer a request from a providers stream: as SSE events (`stream`) or as one
+    JSON answer, with the key's usage, metrics, shutdown and disconnect handling
+    every generating route shares."""
+    rid = current_request_id()
+    gw.track(call)
+    # Until the response starts, a client that leaves must still stop the
+    # call (a model loading for 30 s generates for nobody otherwise).
+    watch = DisconnectWatch(request.receive, call)
+    streaming = False
+    try:
+        # Nothing is sent before the first chunk: until then every failure
+        # is a plain HTTP error with the right status.
+        first = await call.read()
+        if not isinstance(first, dialect.chunk_type):  # grpc.aio.EOF
+            raise ApiError(502, "The provider ended the stream without a reply.", "server_error")
+        time_to_first_token(*provider_of(first.model)).observe(time.perf_counter() - started)
+        created = first.created or int(time.time())
+        if stream:
+            # The event stream watches for the disconnect itself from here on.
+            await watch.stop()
+            events = _sse_events(
+                gw,
+                call,
+                dialect,
+                first,
+                created=created,
+                include_usage=include_usage,
+                rid=rid,
+                tally=tally,
+            )
+            streaming = True
+            return EventStreamResponse(
+                events,
+                [(b"x-request-id", rid.encode())],
+                keep_alive_seconds=gw.settings.sse_keep_alive_seconds,
+            )
+        dialect.add(first)
+        while isinstance(chunk := await call.read(), dialect.chunk_type):
+            dialect.add(chunk)
+        if (usage := dialect.usage) is not None:
+            count_tokens(first.model, usage)
+            tally.add(first.model, usage.prompt_tokens, usage.completion_tokens)
+        return JSONResponse(dialect.whole(first.id, created, first.model))
+    except grpc.aio.AioRpcError as exc:
+        raise from_rpc_error(exc, rid) from None
+    except asyncio.CancelledError:
+        if watch.fired:
+            # Nobody is left to answer; 499 shows in the access log only.
+            raise client_closed() from None
+        if gw.cut_by_shutdown():
+            raise service_unavailable(SHUTDOWN_MESSAGE) from None
+        raise
+    finally:
+        await watch.stop()
+        if not streaming:
+            # A failure part-way leaves no call generating for nobody (several
+            # choices are several calls); a finished call ignores this.
+            call.cancel()
+            gw.untrack(call)
+
+
+async def _sse_events(
+    gw: Gateway,
+    call: StreamCall,
+    dialect: Dialect[C],
+    first: C,
+    *,
+    created: int,
+    include_usage: bool,
+    rid: str,
+    tally: Tally,
+) -> AsyncIterator[bytes]:
+    head = {"id": first.id, "object": dialect.chunk_object, "created": created}
+    model = first.model
+    usage: pb.Usage | None = None
+    STREAMS_IN_FLIGHT.inc()
+    try:
+        chunk = first
+        while True:
+            if chunk.HasField("usage"):
+                usage = add_usage(usage, chunk.usage)
+            if (payload := dialect.event(head, chunk)) is not None:
+                yield event(payload)
+            try:
+                read = await call.read()
+            except grpc.aio.AioRpcError as exc:
+                # After the first byte the status is committed: the error
+                # travels as an event, then the stream ends normally.
+                tally.failed = True
+                yield event(from_rpc_error(exc, rid).envelope())
+                yield DONE
+                return
+            except asyncio.CancelledError:
+                if not gw.cut_by_shutdown():
+                    raise
+                # The grace period is over: say so, and end the stream
+                # properly rather than cutting it mid-air.
+                tally.failed = True
+                yield event(service_unavailable(SHUTDOWN_MESSAGE).envelope())
+                yield DONE
+                return
+            if not isinstance(read, dialect.chunk_type):  # grpc.aio.EOF
+                break
+            chunk = read
+        if include_usage and usage is not None:
+            yield event(usage_payload(head, model, usage))
+        yield DONE
+    finally:
+        # Reached on normal end, on error, and when the client disconnects.
+        call.cancel()
+        gw.untrack(call)
+        STREAMS_IN_FLIGHT.dec()
+        if usage is not None:
+            count_tokens(model, usage)
+            tally.add(model, usage.prompt_tokens, usage.completion_tokens)
 
 
 def count_tokens(model: str, usage: pb.Usage) -> None:

@@ -81,6 +81,16 @@ OPERATIONS: tuple[Operation, ...] = (
         responses.ChatCompletionChunk,
     ),
     Operation(
+        "/v1/completions",
+        "post",
+        "Text completion (OpenAI's legacy API); SSE when `stream` is true",
+        "OpenAI",
+        SCOPE_CHAT,
+        protocol.CompletionRequest,
+        responses.TextCompletion,
+        responses.TextCompletion,
+    ),
+    Operation(
         "/v1/models",
         "get",
         "Models this key may use",

@@ -27,10 +27,18 @@ from pydantic import (
 )
 
 MAX_STOP_SEQUENCES = 4
+# OpenAI's bounds for reported alternatives per token: chat 20, legacy completions 5.
+MAX_TOP_LOGPROBS = 20
+MAX_COMPLETION_LOGPROBS = 5
+# Choices one legacy completion request may ask for (prompts times n): each is an
+# upstream generation of its own.
+MAX_COMPLETION_CHOICES = 16
 # Longest model id accepted (providers refuses longer ones too).
 MAX_MODEL_LENGTH = 512
 INT32_MAX = 2**31 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# Token ids are int64 in the contract; real vocabularies stay far below this.
+MAX_TOKEN_ID = INT32_MAX
 # OpenAI's rule for function names.
 FUNCTION_NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
 # Deepest nesting of a free-form JSON value (a JSON Schema): far beyond any
@@ -203,9 +211,20 @@ class ChatCompletionRequest(ChatParameters):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=1, description="Only one choice per request is supported.")
-    logprobs: Literal[False] | None = Field(
-        default=None, description="Log probabilities are not supported yet."
+    logprobs: bool | None = Field(
+        default=None,
+        description="Log probabilities of the reply's tokens, where the provider reports them"
+        " (a 400 naming `logprobs` where it does not).",
     )
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, top: int | None, info: ValidationInfo) -> int | None:
+        # `logprobs` is declared (so validated) before `top_logprobs`.
+        if top and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs set to true")
+        return top
 
 
 class CompareRequest(ChatParameters):
@@ -221,11 +240,53 @@ class CompareRequest(ChatParameters):
         return models
 
 
+TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+
+
 class EmbeddingsRequest(_Body):
-    """`POST /v1/embeddings`."""
+    """`POST /v1/embeddings`: `input` is text, texts, token ids (one input) or lists
+    of token ids (what OpenAI's clients send after tokenizing)."""
 
     model: ModelId
-    input: NonEmptyStr | list[NonEmptyStr] = Field(min_length=1, max_length=2048)
+    input: NonEmptyStr | list[NonEmptyStr] | TokenIds | list[TokenIds] = Field(
+        min_length=1, max_length=2048
+    )
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: PositiveInt32 | None = None
     user: str | None = Field(default=None, max_length=256)
+
+
+class CompletionRequest(_Body):
+    """`POST /v1/completions` (OpenAI's legacy text completions)."""
+
+    model: ModelId
+    prompt: NonEmptyStr | Annotated[list[NonEmptyStr], Field(min_length=1)]
+    suffix: str | None = None
+    max_tokens: PositiveInt32 | None = None
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
+    seed: Int64 | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    echo: bool = False
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_COMPLETION_LOGPROBS)
+    n: int = Field(default=1, ge=1, le=MAX_COMPLETION_CHOICES)
+    best_of: int | None = Field(
+        default=None, ge=1, le=1, description="Only best_of 1 (the default) is supported."
+    )
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = Field(default=None, max_length=256)
+
+    @field_validator("n")
+    @classmethod
+    def _choices_within_bounds(cls, n: int, info: ValidationInfo) -> int:
+        prompt = info.data.get("prompt")
+        prompts = len(prompt) if isinstance(prompt, list) else 1
+        if prompts * n > MAX_COMPLETION_CHOICES:
+            raise ValueError(
+                f"at most {MAX_COMPLETION_CHOICES} choices per request (prompts times n)"
+            )
+        return n

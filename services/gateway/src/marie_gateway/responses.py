@@ -179,11 +179,28 @@ class AssistantMessage(_Out):
     tool_calls: list[ToolCall] | None = None
 
 
+class TopLogprob(_Out):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(_Out):
+    """A chat choice's log probabilities (when the request set `logprobs`)."""
+
+    content: list[TokenLogprob] | None
+    refusal: None = None
+
+
 class Choice(_Out):
     index: int
     message: AssistantMessage
     finish_reason: Literal["stop", "length", "tool_calls", "content_filter"]
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(_Out):
@@ -198,7 +215,7 @@ class ChatCompletion(_Out):
 class ChunkChoice(_Out):
     index: int
     delta: dict[str, Any]
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: str | None
 
 
@@ -211,6 +228,35 @@ class ChatCompletionChunk(_Out):
     created: int
     model: str
     choices: list[ChunkChoice]
+    usage: Usage | None = None
+
+
+class TextLogprobs(_Out):
+    """A legacy completion choice's log probabilities, as parallel lists."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class TextChoice(_Out):
+    text: str
+    index: int = Field(description="The prompt's position times n, plus the choice's.")
+    logprobs: TextLogprobs | None = None
+    finish_reason: Literal["stop", "length", "content_filter"] | None
+
+
+class TextCompletion(_Out):
+    """`POST /v1/completions` (also each `data:` event of its stream, which ends
+    with `data: [DONE]`; with `stream_options.include_usage`, the last event has
+    no choices and the usage)."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[TextChoice]
     usage: Usage | None = None
 
 

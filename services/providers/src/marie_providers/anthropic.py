@@ -20,7 +20,12 @@ from marie_providers.anthropic_translate import (
     model_from_entry,
 )
 from marie_providers.chunks import ChunkMerger
-from marie_providers.errors import UpstreamProtocolError, UpstreamStatusError, bad_request
+from marie_providers.errors import (
+    UpstreamProtocolError,
+    UpstreamStatusError,
+    bad_request,
+    unsupported,
+)
 from marie_providers.http_provider import JSON_HEADERS, HttpProvider, status_error
 from marie_providers.sse import iter_sse_batches
 
@@ -38,6 +43,8 @@ class AnthropicProvider(HttpProvider):
     default_api_key_env = "ANTHROPIC_API_KEY"
     supports_streaming = True
     supports_embeddings = False
+    # /v1/models/{id} answers with the listing's own entry.
+    listing_is_detailed = True
 
     def auth_headers(self, api_key: str) -> dict[str, str]:
         headers = {"anthropic-version": ANTHROPIC_VERSION}
@@ -74,6 +81,10 @@ class AnthropicProvider(HttpProvider):
         created: int,
     ) -> AsyncGenerator[pb.StreamChatCompletionResponse, None]:
         self.require_credentials()
+        if request.logprobs:
+            raise unsupported(
+                self.name, "logprobs", f"{self.name} (Anthropic) does not report log probabilities"
+            )
         payload = orjson.dumps(messages_payload(request, model_name))
         translator = MessageStreamTranslator(
             completion_id=completion_id,

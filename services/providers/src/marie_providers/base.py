@@ -11,6 +11,8 @@ from collections.abc import AsyncGenerator
 
 from marie.providers.v1 import provider_service_pb2 as pb
 
+from marie_providers.errors import unsupported
+
 
 class Provider(ABC):
     """One configured upstream (an Ollama server, an OpenAI-compatible endpoint, …)."""
@@ -23,6 +25,9 @@ class Provider(ABC):
     supports_embeddings: bool = False
     #: Model used when a request names the provider but no model; may be empty.
     default_model: str = ""
+    #: True when the listing already tells all a details call would (no per-model call
+    #: can add anything): its entries count as having their details loaded.
+    listing_is_detailed: bool = False
     #: The only model names this provider may serve (configuration's `models`); None: any.
     allowed_models: frozenset[str] | None = None
 
@@ -52,7 +57,26 @@ class Provider(ABC):
         Closing the iterator early must close the upstream request.
         """
 
-    def first_chunk_is_whole_reply(self, request: pb.StreamChatCompletionRequest) -> bool:
+    def stream_completion(
+        self,
+        request: pb.StreamCompletionRequest,
+        model_name: str,
+        completion_id: str,
+        created: int,
+    ) -> AsyncGenerator[pb.StreamChatCompletionResponse, None]:
+        """Stream the continuation of a validated text prompt, as chat chunks whose
+        `content` is the text (the servicer turns them into completion chunks):
+        one chunk type lets completions share the router, the merger and the
+        stream translators with chat. The default: this upstream has none."""
+        raise unsupported(
+            self.name,
+            "model",
+            f"{self.name} ({self.kind}) has no text completions: use chat completions",
+        )
+
+    def first_chunk_is_whole_reply(
+        self, request: pb.StreamChatCompletionRequest | pb.StreamCompletionRequest
+    ) -> bool:
         """True when this provider answers `request` in one piece (it asks the upstream
         for the whole reply), so its first chunk comes only when generation ends:
         a first-token timeout would cut off a long reply."""

@@ -10,7 +10,8 @@ class ChunkMerger:
 
     Content-only chunks join the chunk before them (which may carry the role),
     and the last chunk's finish reason and usage join the content before it —
-    exactly the shape OpenAI streams have. Tool-call chunks stay on their own.
+    exactly the shape OpenAI streams have. Tool-call chunks stay on their own;
+    token log probabilities follow the content they belong to.
     Content is joined once, when a merged chunk is handed out.
     """
 
@@ -31,6 +32,8 @@ class ChunkMerger:
                 pending.finish_reason = chunk.finish_reason
             if chunk.HasField("usage"):
                 pending.usage.CopyFrom(chunk.usage)
+            if chunk.logprobs:
+                pending.logprobs.extend(chunk.logprobs)
             return None
         done = self.flush()
         self._pending = chunk

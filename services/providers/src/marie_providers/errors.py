@@ -91,6 +91,18 @@ def bad_request(field: str, message: str) -> ServiceError:
     return invalid_argument(field, message, domain=DOMAIN)
 
 
+def unsupported(provider: str, field: str, message: str) -> ServiceError:
+    """INVALID_ARGUMENT (UNSUPPORTED_BY_PROVIDER): `field` asks for what `provider`'s
+    upstream cannot do. Not a deployment failure: no fallback is tried for it."""
+    return ServiceError(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "UNSUPPORTED_BY_PROVIDER",
+        message,
+        domain=DOMAIN,
+        metadata={"field": field, "provider": provider},
+    )
+
+
 def provider_not_found(name: str, known: list[str]) -> ServiceError:
     """NOT_FOUND for a provider name that is not configured."""
     return ServiceError(

@@ -15,6 +15,7 @@ from typing import Any
 from marie.providers.v1 import provider_service_pb2 as pb
 from marie_kit.errors import ServiceError
 
+from marie_providers.base import Provider
 from marie_providers.errors import model_not_found
 from marie_providers.openai_compatible import OpenAICompatibleProvider
 
@@ -86,6 +87,9 @@ class HuggingFaceProvider(OpenAICompatibleProvider):
     default_base_url = DEFAULT_HF_BASE_URL
     default_api_key_env = "HF_TOKEN"
     supports_embeddings = False
+    accepts_token_inputs = False
+    # The router serves chat only: no legacy `/completions`.
+    stream_completion = Provider.stream_completion
 
     def missing_credentials(self) -> str:
         if not self._api_key:

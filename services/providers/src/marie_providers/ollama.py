@@ -25,13 +25,16 @@ from marie_providers.errors import (
     UpstreamProtocolError,
     UpstreamStatusError,
     bad_request,
+    unsupported,
     upstream_error,
 )
 from marie_providers.http_provider import fetch_json, status_error
 from marie_providers.ndjson import iter_ndjson_batches
 from marie_providers.ollama_translate import (
     ChatStreamTranslator,
+    GenerateStreamTranslator,
     chat_payload,
+    generate_payload,
     model_from_show,
     models_from_listing,
 )
@@ -164,28 +167,56 @@ class OllamaProvider(Provider):
         except UpstreamProtocolError as exc:
             raise self._error(exc, name) from exc
 
-    async def stream_chat(
+    def stream_chat(
         self,
         request: pb.StreamChatCompletionRequest,
         model_name: str,
         completion_id: str,
         created: int,
     ) -> AsyncGenerator[pb.StreamChatCompletionResponse, None]:
-        payload = orjson.dumps(chat_payload(request, model_name))
         translator = ChatStreamTranslator(
             completion_id=completion_id,
             model_id=self.model_id(model_name),
             provider=self.name,
             created=created,
         )
+        return self._stream_lines("/api/chat", chat_payload(request, model_name), translator)
+
+    def stream_completion(
+        self,
+        request: pb.StreamCompletionRequest,
+        model_name: str,
+        completion_id: str,
+        created: int,
+    ) -> AsyncGenerator[pb.StreamChatCompletionResponse, None]:
+        translator = GenerateStreamTranslator(
+            completion_id=completion_id,
+            model_id=self.model_id(model_name),
+            provider=self.name,
+            created=created,
+        )
+        return self._stream_lines(
+            "/api/generate", generate_payload(request, model_name), translator
+        )
+
+    async def _stream_lines(
+        self, path: str, body: dict[str, Any], translator: ChatStreamTranslator
+    ) -> AsyncGenerator[pb.StreamChatCompletionResponse, None]:
+        """The chunks of one streamed NDJSON call (`/api/chat`, `/api/generate`)."""
+        model_name = str(body["model"])
+        payload = orjson.dumps(body)
         try:
             # Leaving this block by any route (end, error, the consumer closing
             # us on cancellation) closes the response and so the upstream request.
             async with self._client.stream(
-                "POST", "/api/chat", content=payload, headers=JSON_HEADERS
+                "POST", path, content=payload, headers=JSON_HEADERS
             ) as response:
                 if response.status_code >= 400:
-                    raise status_error(response, await response.aread())
+                    error = status_error(response, await response.aread())
+                    if "suffix" in body and "does not support insert" in error.message:
+                        # The model has no fill-in-the-middle template: the suffix is at fault.
+                        error.param = error.param or "suffix"
+                    raise error
                 batches = iter_ndjson_batches(response.aiter_bytes())
                 async with aclosing(batches):
                     async for batch in batches:
@@ -210,13 +241,21 @@ class OllamaProvider(Provider):
                         if (last := merger.flush()) is not None:
                             yield last
             if not translator.finished:
-                raise UpstreamProtocolError("chat stream ended before its last line")
+                raise UpstreamProtocolError(f"{path} stream ended before its last line")
         except (httpx.HTTPError, UpstreamStatusError, UpstreamProtocolError) as exc:
             raise self._error(exc, model_name) from exc
 
     async def embed(
         self, request: pb.CreateEmbeddingsRequest, model_name: str
     ) -> pb.CreateEmbeddingsResponse:
+        if request.token_inputs:
+            raise unsupported(
+                self.name,
+                "token_inputs",
+                f"{self.name} (Ollama) cannot embed token ids, only text: send the texts"
+                " themselves (LangChain's OpenAIEmbeddings sends token ids unless"
+                " check_embedding_ctx_length=False)",
+            )
         body = await self._request_json(
             "POST",
             "/api/embed",

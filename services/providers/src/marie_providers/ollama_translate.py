@@ -15,6 +15,7 @@ from google.protobuf import timestamp_pb2
 from marie.providers.v1 import provider_service_pb2 as pb
 
 from marie_providers.errors import UpstreamProtocolError, UpstreamStatusError, bad_request
+from marie_providers.logprobs import token_logprob
 from marie_providers.structs import schema_value
 
 # Ollama has no developer role; OpenAI defines developer as the newer system.
@@ -305,6 +306,31 @@ def chat_payload(request: pb.StreamChatCompletionRequest, model_name: str) -> di
         payload["format"] = response_format
     if tools := _tools(request.tools, request.tool_choice):
         payload["tools"] = tools
+    if request.logprobs:
+        _ask_logprobs(payload, request.top_logprobs)
+    return payload
+
+
+def _ask_logprobs(payload: dict[str, Any], top: int) -> None:
+    payload["logprobs"] = True
+    if top:
+        payload["top_logprobs"] = top
+
+
+def generate_payload(request: pb.StreamCompletionRequest, model_name: str) -> dict[str, Any]:
+    """The `/api/generate` body for a validated text completion request."""
+    payload: dict[str, Any] = {"model": model_name, "prompt": request.prompt, "stream": True}
+    if request.suffix:
+        # Fill-in-the-middle needs the model's template to place prompt and suffix;
+        # Ollama refuses a suffix for models without one ("does not support insert").
+        payload["suffix"] = request.suffix
+    else:
+        # The prompt is text to continue as it is, not a user turn for the chat template.
+        payload["raw"] = True
+    if options := _options(request.sampling):
+        payload["options"] = options
+    if request.HasField("logprobs"):
+        _ask_logprobs(payload, request.logprobs)
     return payload
 
 
@@ -337,7 +363,7 @@ class ChatStreamTranslator:
         """
         if "error" in line:
             raise UpstreamStatusError(200, str(line["error"]))
-        message = line.get("message") or {}
+        message = self._message(line)
         if not isinstance(message, dict):
             raise UpstreamProtocolError("chat line has a 'message' that is not an object")
         content = message.get("content") or ""
@@ -347,7 +373,8 @@ class ChatStreamTranslator:
         if not isinstance(raw_calls, list):
             raise UpstreamProtocolError("chat line has 'tool_calls' that is not a list")
         done = bool(line.get("done"))
-        if not (content or raw_calls or done or not self._role_sent):
+        logprobs = line.get("logprobs")
+        if not (content or raw_calls or done or logprobs or not self._role_sent):
             return None
         chunk = pb.StreamChatCompletionResponse(
             id=self._completion_id,
@@ -361,9 +388,15 @@ class ChatStreamTranslator:
             self._role_sent = True
         for call in raw_calls:
             chunk.tool_calls.append(self._tool_call(call))
+        if isinstance(logprobs, list):
+            chunk.logprobs.extend(token_logprob(entry) for entry in logprobs)
         if done:
             self._finish(chunk, line)
         return chunk
+
+    def _message(self, line: Mapping[str, Any]) -> Any:
+        """The part of a line that holds the reply's content (and tool calls)."""
+        return line.get("message") or {}
 
     def _tool_call(self, call: Any) -> pb.ToolCallDelta:
         function = call.get("function") if isinstance(call, dict) else None
@@ -404,3 +437,11 @@ class ChatStreamTranslator:
                     total_tokens=prompt + completion,
                 )
             )
+
+
+class GenerateStreamTranslator(ChatStreamTranslator):
+    """Turns `/api/generate` NDJSON objects into chunks: the text is in `response`
+    (the last line also carries `context`, which Marie does not keep)."""
+
+    def _message(self, line: Mapping[str, Any]) -> Any:
+        return {"content": line.get("response") or ""}

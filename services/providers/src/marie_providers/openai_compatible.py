@@ -7,7 +7,7 @@ The stream is read as server-sent events and translated event by event (see
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from typing import Any
 
@@ -20,12 +20,14 @@ from marie_providers.errors import (
     UpstreamProtocolError,
     UpstreamStatusError,
     model_not_found,
+    unsupported,
 )
 from marie_providers.http_provider import JSON_HEADERS, HttpProvider, status_error
 from marie_providers.openai_translate import (
     ChatStreamTranslator,
     chat_payload,
     chunk_from_completion,
+    completion_payload,
     models_from_listing,
 )
 from marie_providers.sse import iter_sse_batches
@@ -41,6 +43,9 @@ class OpenAICompatibleProvider(HttpProvider):
     default_api_key_env = ""
     supports_streaming = True
     supports_embeddings = True
+    listing_is_detailed = True
+    #: Whether `/embeddings` takes inputs as token ids (OpenAI's own and vLLM do).
+    accepts_token_inputs = True
 
     def enrich(self, info: pb.ModelInfo, entry: dict[str, Any]) -> None:
         """Add what this kind of upstream's listing says beyond OpenAI's fields."""
@@ -72,26 +77,63 @@ class OpenAICompatibleProvider(HttpProvider):
                 return info
         raise model_not_found(name, self.name)
 
-    def first_chunk_is_whole_reply(self, request: pb.StreamChatCompletionRequest) -> bool:
+    def first_chunk_is_whole_reply(
+        self, request: pb.StreamChatCompletionRequest | pb.StreamCompletionRequest
+    ) -> bool:
         return request.aggregate
 
-    async def stream_chat(
+    def stream_chat(
         self,
         request: pb.StreamChatCompletionRequest,
         model_name: str,
         completion_id: str,
         created: int,
     ) -> AsyncGenerator[pb.StreamChatCompletionResponse, None]:
+        return self._generate(
+            "chat/completions",
+            lambda stream: chat_payload(request, model_name, stream=stream),
+            aggregate=request.aggregate,
+            model_name=model_name,
+            completion_id=completion_id,
+            created=created,
+        )
+
+    def stream_completion(
+        self,
+        request: pb.StreamCompletionRequest,
+        model_name: str,
+        completion_id: str,
+        created: int,
+    ) -> AsyncGenerator[pb.StreamChatCompletionResponse, None]:
+        # OpenAI's legacy endpoint, which vLLM, llama.cpp, LM Studio and others serve too.
+        return self._generate(
+            "completions",
+            lambda stream: completion_payload(request, model_name, stream=stream),
+            aggregate=request.aggregate,
+            model_name=model_name,
+            completion_id=completion_id,
+            created=created,
+            text=True,
+        )
+
+    async def _generate(
+        self,
+        path: str,
+        payload_for: Callable[[bool], dict[str, Any]],
+        *,
+        aggregate: bool,
+        model_name: str,
+        completion_id: str,
+        created: int,
+        text: bool = False,
+    ) -> AsyncGenerator[pb.StreamChatCompletionResponse, None]:
+        """The chunks of one `path` call (`chat/completions`, or `completions` with
+        `text`), its body from `payload_for(stream)`."""
         self.require_credentials()
-        if request.aggregate:
+        if aggregate:
             # The caller wants the whole reply: ask for it whole. Servers that
             # ignore stream_options (llama.cpp's Python server) report usage only so.
-            body = await self.request_json(
-                "POST",
-                "chat/completions",
-                body=chat_payload(request, model_name, stream=False),
-                model=model_name,
-            )
+            body = await self.request_json("POST", path, body=payload_for(False), model=model_name)
             try:
                 yield chunk_from_completion(
                     body,
@@ -99,21 +141,23 @@ class OpenAICompatibleProvider(HttpProvider):
                     model_id=self.model_id(model_name),
                     provider=self.name,
                     created=created,
+                    text=text,
                 )
             except (UpstreamStatusError, UpstreamProtocolError) as exc:
                 raise self._error(exc, model_name) from exc
             return
-        payload = orjson.dumps(chat_payload(request, model_name))
+        payload = orjson.dumps(payload_for(True))
         translator = ChatStreamTranslator(
             completion_id=completion_id,
             model_id=self.model_id(model_name),
             provider=self.name,
             created=created,
+            text=text,
         )
         try:
             async with self._client.stream(
                 "POST",
-                "chat/completions",
+                path,
                 content=payload,
                 headers={**JSON_HEADERS, "accept": "text/event-stream"},
             ) as response:
@@ -140,7 +184,7 @@ class OpenAICompatibleProvider(HttpProvider):
             for chunk in translator.flush():
                 yield chunk
             if not translator.finished:
-                raise UpstreamProtocolError("chat stream ended before its finish reason")
+                raise UpstreamProtocolError(f"{path} stream ended before its finish reason")
         except (httpx.HTTPError, UpstreamStatusError, UpstreamProtocolError) as exc:
             raise self._error(exc, model_name) from exc
 
@@ -148,9 +192,20 @@ class OpenAICompatibleProvider(HttpProvider):
         self, request: pb.CreateEmbeddingsRequest, model_name: str
     ) -> pb.CreateEmbeddingsResponse:
         self.require_credentials()
+        inputs: list[Any] = list(request.inputs)
+        if request.token_inputs:
+            if not self.accepts_token_inputs:
+                raise unsupported(
+                    self.name,
+                    "token_inputs",
+                    f"{self.name} cannot embed token ids, only text: send the texts"
+                    " themselves (LangChain's OpenAIEmbeddings sends token ids unless"
+                    " check_embedding_ctx_length=False)",
+                )
+            inputs = [list(tokens.ids) for tokens in request.token_inputs]
         body: dict[str, Any] = {
             "model": model_name,
-            "input": list(request.inputs),
+            "input": inputs,
             "encoding_format": "float",
         }
         if request.dimensions:
@@ -159,11 +214,11 @@ class OpenAICompatibleProvider(HttpProvider):
             body["user"] = request.user
         answer = await self.request_json("POST", "embeddings", body=body, model=model_name)
         data = answer.get("data") if isinstance(answer, dict) else None
-        if not isinstance(data, list) or len(data) != len(request.inputs):
+        if not isinstance(data, list) or len(data) != len(inputs):
             raise self._error(
                 UpstreamProtocolError(
                     f"/embeddings answered {len(data) if isinstance(data, list) else 'no'}"
-                    f" embeddings for {len(request.inputs)} inputs"
+                    f" embeddings for {len(inputs)} inputs"
                 ),
                 model_name,
             )

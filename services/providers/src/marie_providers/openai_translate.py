@@ -12,6 +12,7 @@ from google.protobuf import timestamp_pb2
 from marie.providers.v1 import provider_service_pb2 as pb
 
 from marie_providers.errors import UpstreamProtocolError, UpstreamStatusError
+from marie_providers.logprobs import chat_logprobs, text_logprobs
 from marie_providers.structs import schema_value
 
 # "developer" is OpenAI's newer name for system; most compatible servers
@@ -167,6 +168,28 @@ def chat_payload(
             payload["tool_choice"] = choice
     if request.user:
         payload["user"] = request.user
+    if request.logprobs:
+        payload["logprobs"] = True
+        if request.top_logprobs:
+            payload["top_logprobs"] = request.top_logprobs
+    return payload
+
+
+def completion_payload(
+    request: pb.StreamCompletionRequest, model_name: str, *, stream: bool = True
+) -> dict[str, Any]:
+    """The `/completions` body for a validated text completion request. `echo` is
+    not sent: the servicer adds the prompt itself, the same for every provider."""
+    payload: dict[str, Any] = {"model": model_name, "prompt": request.prompt, "stream": stream}
+    if stream:
+        payload["stream_options"] = {"include_usage": True}
+    if request.suffix:
+        payload["suffix"] = request.suffix
+    if request.HasField("logprobs"):
+        payload["logprobs"] = request.logprobs
+    payload.update(sampling_dict(request.sampling))
+    if request.user:
+        payload["user"] = request.user
     return payload
 
 
@@ -232,14 +255,24 @@ def usage_from(value: Any) -> pb.Usage | None:
 
 
 class ChatStreamTranslator:
-    """Turns `/chat/completions` stream events into chunks, one event at a time.
+    """Turns `/chat/completions` stream events into chunks, one event at a time;
+    with `text`, `/completions` events (the choice's `text` is the content).
 
     The chunk with the finish reason is held back until usage (sent after it
     with `include_usage`) or the end arrives, so the last chunk carries both,
     as the API promises.
     """
 
-    def __init__(self, *, completion_id: str, model_id: str, provider: str, created: int) -> None:
+    def __init__(
+        self,
+        *,
+        completion_id: str,
+        model_id: str,
+        provider: str,
+        created: int,
+        text: bool = False,
+    ) -> None:
+        self._text = text
         self._completion_id = completion_id
         self._model_id = model_id
         self._provider = provider
@@ -300,8 +333,13 @@ class ChatStreamTranslator:
         return out
 
     def _from_choice(self, choice: dict[str, Any]) -> pb.StreamChatCompletionResponse | None:
-        delta = choice.get("delta")
-        delta = delta if isinstance(delta, dict) else {}
+        if self._text:
+            delta: dict[str, Any] = {"content": choice.get("text")}
+            logprobs = text_logprobs(choice.get("logprobs"))
+        else:
+            delta = choice.get("delta") or {}
+            delta = delta if isinstance(delta, dict) else {}
+            logprobs = chat_logprobs(choice.get("logprobs"))
         content = delta.get("content")
         calls = delta.get("tool_calls")
         finish = choice.get("finish_reason")
@@ -310,6 +348,7 @@ class ChatStreamTranslator:
             not has_content
             and not calls
             and not finish
+            and not logprobs
             and not (delta.get("role") and not self._role_sent)
         ):
             # Empty deltas, reasoning traces (not part of the reply): nothing to send.
@@ -322,6 +361,7 @@ class ChatStreamTranslator:
                 chunk.tool_calls.append(_tool_call_delta(call))
         if isinstance(finish, str) and finish:
             chunk.finish_reason = FINISH_REASONS.get(finish, pb.FINISH_REASON_STOP)
+        chunk.logprobs.extend(logprobs)
         return chunk
 
     def flush(self) -> list[pb.StreamChatCompletionResponse]:
@@ -331,19 +371,22 @@ class ChatStreamTranslator:
 
 
 def chunk_from_completion(
-    body: Any, *, completion_id: str, model_id: str, provider: str, created: int
+    body: Any, *, completion_id: str, model_id: str, provider: str, created: int, text: bool = False
 ) -> pb.StreamChatCompletionResponse:
-    """A whole (non-streamed) `/chat/completions` answer as the one chunk that says it all."""
+    """A whole (non-streamed) `/chat/completions` answer (with `text`, a `/completions`
+    answer) as the one chunk that says it all."""
     if not isinstance(body, dict):
-        raise UpstreamProtocolError("/chat/completions answer is not a JSON object")
+        raise UpstreamProtocolError("the completion answer is not a JSON object")
     if "error" in body:
         error = body["error"]
         message = error.get("message") if isinstance(error, dict) else error
         raise UpstreamStatusError(200, str(message or "error"))
     choices = body.get("choices")
     choice = choices[0] if isinstance(choices, list) and choices else None
+    if text and isinstance(choice, dict) and isinstance(choice.get("text"), str):
+        choice = {**choice, "message": {"content": choice["text"]}}
     if not isinstance(choice, dict) or not isinstance(choice.get("message"), dict):
-        raise UpstreamProtocolError("/chat/completions answer has no message")
+        raise UpstreamProtocolError("the completion answer has no message")
     message = choice["message"]
     chunk = pb.StreamChatCompletionResponse(
         id=completion_id,
@@ -369,6 +412,8 @@ def chunk_from_completion(
     usage = usage_from(body.get("usage"))
     if usage is not None:
         chunk.usage.CopyFrom(usage)
+    logprobs = choice.get("logprobs")
+    chunk.logprobs.extend(text_logprobs(logprobs) if text else chat_logprobs(logprobs))
     return chunk
 
 

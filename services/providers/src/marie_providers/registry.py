@@ -126,6 +126,9 @@ class ModelRegistry:
 
     async def _fetch(self, provider: Provider) -> _Listing:
         models = tuple(await provider.list_models())
+        if provider.listing_is_detailed:
+            for model in models:
+                model.details_loaded = True
         listing = _Listing(models, {m.name: m for m in models}, self._clock())
         self._listing_cache[provider.name] = listing
         return listing
@@ -201,17 +204,6 @@ class ModelRegistry:
 
         return list(await asyncio.gather(*(complete(owner, m) for owner, m in models)))
 
-    def _with_cached_details(
-        self, models: list[tuple[Provider, pb.ModelInfo]]
-    ) -> list[pb.ModelInfo]:
-        """The models completed with whatever details are cached, without upstream calls."""
-        out = []
-        for owner, listed in models:
-            cached = self._details.get((owner.name, listed.name))
-            fresh = cached is not None and self._fresh(cached.fetched_at)
-            out.append(_merge(listed, cached.model) if cached is not None and fresh else listed)
-        return out
-
     async def list_models(
         self,
         provider: str = "",
@@ -222,9 +214,12 @@ class ModelRegistry:
     ) -> tuple[list[pb.ModelInfo], list[pb.ProviderError]]:
         """Models ordered by provider then name, and the providers whose listing failed.
 
-        A capability filter loads the details of every model (listings don't
-        tell capabilities); they are cached like listings. Raises the first
-        provider's error when every selected provider failed.
+        Every model comes with its details (capabilities, context length):
+        listings don't tell them, so they are loaded at need, a bounded number
+        at once, and cached like listings. A model whose details call failed is
+        listed without them (`details_loaded` false says those fields are
+        pending). Raises the first provider's error when every selected
+        provider failed.
         """
         selected = self.select(provider)
         listings, failed = await self._listings(selected, max_age=0 if force_refresh else None)
@@ -234,9 +229,9 @@ class ModelRegistry:
             pb.ProviderError(provider=owner.name, reason=exc.reason, message=exc.message)
             for owner, exc in failed
         ]
-        if capability == pb.MODEL_CAPABILITY_UNSPECIFIED:
-            return self._with_cached_details(models), errors
         completed = await self._with_details(models)
+        if capability == pb.MODEL_CAPABILITY_UNSPECIFIED:
+            return completed, errors
         return [m for m in completed if capability in m.capabilities], errors
 
     # -- single models -----------------------------------------------------

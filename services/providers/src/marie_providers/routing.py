@@ -323,15 +323,35 @@ class Router:
             return None
         return delay
 
-    async def stream(
+    def stream(
         self,
         plan: RoutePlan,
-        request: pb.StreamChatCompletionRequest,
+        request: pb.StreamChatCompletionRequest | pb.StreamCompletionRequest,
         completion_id: str,
         created: int,
         deadline: float | None = None,
     ) -> AsyncGenerator[pb.StreamChatCompletionResponse, None]:
-        """The completion's chunks from the first deployment that produces a first chunk.
+        """The chunks of a chat completion (or a text completion: chat chunks whose
+        content is the text) from the first deployment that produces a first chunk."""
+
+        def open_stream(
+            deployment: Deployment,
+        ) -> AsyncGenerator[pb.StreamChatCompletionResponse, None]:
+            provider, model = deployment.provider, deployment.model
+            if isinstance(request, pb.StreamCompletionRequest):
+                return provider.stream_completion(request, model, completion_id, created)
+            return provider.stream_chat(request, model, completion_id, created)
+
+        return self._stream(plan, open_stream, request, deadline)
+
+    async def _stream(
+        self,
+        plan: RoutePlan,
+        open_stream: Callable[[Deployment], AsyncGenerator[pb.StreamChatCompletionResponse, None]],
+        request: pb.StreamChatCompletionRequest | pb.StreamCompletionRequest,
+        deadline: float | None,
+    ) -> AsyncGenerator[pb.StreamChatCompletionResponse, None]:
+        """The chunks of `open_stream` on the first deployment that produces a first chunk.
 
         The first-token timeout applies while another deployment is left to
         try: it is a reason to fail over, not to give up (the last deployment
@@ -345,9 +365,7 @@ class Router:
         ) -> tuple[
             pb.StreamChatCompletionResponse, AsyncGenerator[pb.StreamChatCompletionResponse, None]
         ]:
-            chunks = deployment.provider.stream_chat(
-                request, deployment.model, completion_id, created
-            )
+            chunks = open_stream(deployment)
             limit = (
                 first_token_timeout
                 if first_token_timeout > 0

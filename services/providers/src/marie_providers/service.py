@@ -33,6 +33,7 @@ from marie_providers.routing import Router
 from marie_providers.settings import ProvidersSettings
 from marie_providers.validation import (
     check_chat_request,
+    check_completion_request,
     check_embeddings_request,
     check_get_model_request,
     check_search_request,
@@ -72,6 +73,29 @@ def _deadline(context: Context) -> float | None:
 def new_completion_id() -> str:
     """A fresh completion id in OpenAI's shape: "chatcmpl-" and 96 random bits."""
     return f"chatcmpl-{secrets.token_hex(COMPLETION_ID_BYTES)}"
+
+
+def new_text_completion_id() -> str:
+    """A fresh text completion id in OpenAI's shape: "cmpl-" and 96 random bits."""
+    return f"cmpl-{secrets.token_hex(COMPLETION_ID_BYTES)}"
+
+
+def text_chunk(
+    chunk: pb.StreamChatCompletionResponse, echo: str = ""
+) -> pb.StreamCompletionResponse:
+    """A chunk of the shared stream as a text completion chunk; `echo` goes before its text."""
+    out = pb.StreamCompletionResponse(
+        id=chunk.id,
+        model=chunk.model,
+        provider=chunk.provider,
+        created=chunk.created,
+        text=echo + chunk.content if echo else chunk.content,
+        finish_reason=chunk.finish_reason,
+        logprobs=chunk.logprobs,
+    )
+    if chunk.HasField("usage"):
+        out.usage.CopyFrom(chunk.usage)
+    return out
 
 
 @asynccontextmanager
@@ -185,6 +209,26 @@ class ProviderServicer(pb_grpc.ProviderServiceServicer):
         self, request: pb.StreamChatCompletionRequest, context: Context
     ) -> AsyncIterator[pb.StreamChatCompletionResponse]:
         check_chat_request(request)
+        async for chunk in self._relay(request, context, new_completion_id):
+            yield chunk
+
+    async def StreamCompletion(
+        self, request: pb.StreamCompletionRequest, context: Context
+    ) -> AsyncIterator[pb.StreamCompletionResponse]:
+        check_completion_request(request)
+        echo = request.prompt if request.echo else ""
+        async for chunk in self._relay(request, context, new_text_completion_id):
+            yield text_chunk(chunk, echo)
+            echo = ""
+
+    async def _relay(
+        self,
+        request: pb.StreamChatCompletionRequest | pb.StreamCompletionRequest,
+        context: Context,
+        new_id: Callable[[], str],
+    ) -> AsyncIterator[pb.StreamChatCompletionResponse]:
+        """Plan the request's route, open its stream there and pass the chunks on
+        (merged where the caller wants only the whole reply)."""
         router = self._core().router
         # A large request leaves a large heap behind: trimmed after the last one.
         large = self._large.started(request.ByteSize())
@@ -194,12 +238,15 @@ class ProviderServicer(pb_grpc.ProviderServiceServicer):
                 plan = await router.plan(
                     request.model, request.provider, request.user, _access(context)
                 )
-            completion_id = request.completion_id or new_completion_id()
             # The stream itself is bounded by gRPC: a passed deadline or a client
             # going away cancels this handler, and aclosing then closes the
             # router's stream, which closes the upstream request.
             chunks = router.stream(
-                plan, request, completion_id, int(time.time()), deadline=_deadline(context)
+                plan,
+                request,
+                request.completion_id or new_id(),
+                int(time.time()),
+                deadline=_deadline(context),
             )
             async with aclosing(chunks):
                 if not request.aggregate:

@@ -13,6 +13,9 @@ from marie_providers.structs import parse_json_object
 
 MAX_STOP_SEQUENCES = 4
 MAX_EMBEDDING_INPUTS = 2048
+# OpenAI's bounds: chat reports up to 20 alternatives a token, text completions 5.
+MAX_TOP_LOGPROBS = 20
+MAX_COMPLETION_LOGPROBS = 5
 DEFAULT_SEARCH_LIMIT = 50
 MAX_SEARCH_LIMIT = 500
 
@@ -102,6 +105,10 @@ def check_chat_request(request: pb.StreamChatCompletionRequest) -> None:
     _check_messages(list(request.messages))
     _check_sampling(request.sampling)
     _check_tools(request)
+    if not 0 <= request.top_logprobs <= MAX_TOP_LOGPROBS:
+        raise bad_request("top_logprobs", f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}")
+    if request.top_logprobs and not request.logprobs:
+        raise bad_request("top_logprobs", "top_logprobs needs logprobs")
     response_format = request.response_format
     if response_format.json_schema_json:
         if not parse_json_object(response_format.json_schema_json):
@@ -114,16 +121,35 @@ def check_chat_request(request: pb.StreamChatCompletionRequest) -> None:
         raise bad_request("response_format.json_schema", "a json_schema response needs a schema")
 
 
+def check_completion_request(request: pb.StreamCompletionRequest) -> None:
+    """Reject a text completion request no provider could serve."""
+    _require_model(request.model)
+    if not request.prompt:
+        raise bad_request("prompt", "prompt is required")
+    _check_sampling(request.sampling)
+    if request.HasField("logprobs") and not 0 <= request.logprobs <= MAX_COMPLETION_LOGPROBS:
+        raise bad_request("logprobs", f"logprobs must be between 0 and {MAX_COMPLETION_LOGPROBS}")
+
+
 def check_embeddings_request(request: pb.CreateEmbeddingsRequest) -> None:
     """Reject an embeddings request no provider could serve."""
     _require_model(request.model)
-    if not request.inputs:
+    if request.inputs and request.token_inputs:
+        raise bad_request("token_inputs", "give inputs or token_inputs, not both")
+    field = "token_inputs" if request.token_inputs else "inputs"
+    count = len(request.token_inputs) or len(request.inputs)
+    if not count:
         raise bad_request("inputs", "at least one input is required")
-    if len(request.inputs) > MAX_EMBEDDING_INPUTS:
-        raise bad_request("inputs", f"at most {MAX_EMBEDDING_INPUTS} inputs")
+    if count > MAX_EMBEDDING_INPUTS:
+        raise bad_request(field, f"at most {MAX_EMBEDDING_INPUTS} inputs")
     for index, text in enumerate(request.inputs):
         if not text:
             raise bad_request(f"inputs[{index}]", "inputs must not be empty")
+    for index, tokens in enumerate(request.token_inputs):
+        if not tokens.ids:
+            raise bad_request(f"token_inputs[{index}]", "token inputs must not be empty")
+        if min(tokens.ids) < 0:
+            raise bad_request(f"token_inputs[{index}]", "token ids must not be negative")
     if request.dimensions < 0:
         raise bad_request("dimensions", "dimensions must not be negative")
 

@@ -2472,7 +2472,15 @@ type StreamChatCompletionRequest struct {
 	// non-streaming request): the service may then merge chunks and send fewer,
 	// larger ones. The concatenated content, tool calls, finish reason and usage
 	// are the same either way.
-	Aggregate     bool `protobuf:"varint,10,opt,name=aggregate,proto3" json:"aggregate,omitempty"`
+	Aggregate bool `protobuf:"varint,10,opt,name=aggregate,proto3" json:"aggregate,omitempty"`
+	// True asks for the log probability of each generated token, in the
+	// chunks' `logprobs`. Providers whose upstream cannot report them
+	// (Anthropic) answer INVALID_ARGUMENT with reason UNSUPPORTED_BY_PROVIDER
+	// and metadata "field" = "logprobs".
+	Logprobs bool `protobuf:"varint,11,opt,name=logprobs,proto3" json:"logprobs,omitempty"`
+	// With `logprobs`: how many of the most likely alternatives to report at
+	// each position, 0 to 20; 0 reports only the chosen token.
+	TopLogprobs   int32 `protobuf:"varint,12,opt,name=top_logprobs,json=topLogprobs,proto3" json:"top_logprobs,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2575,6 +2583,20 @@ func (x *StreamChatCompletionRequest) GetAggregate() bool {
 		return x.Aggregate
 	}
 	return false
+}
+
+func (x *StreamChatCompletionRequest) GetLogprobs() bool {
+	if x != nil {
+		return x.Logprobs
+	}
+	return false
+}
+
+func (x *StreamChatCompletionRequest) GetTopLogprobs() int32 {
+	if x != nil {
+		return x.TopLogprobs
+	}
+	return 0
 }
 
 // ToolCallDelta is a fragment of a tool call being streamed. Fragments with
@@ -2745,7 +2767,10 @@ type StreamChatCompletionResponse struct {
 	// Why generation stopped; set on the last chunk only.
 	FinishReason FinishReason `protobuf:"varint,8,opt,name=finish_reason,json=finishReason,proto3,enum=marie.providers.v1.FinishReason" json:"finish_reason,omitempty"`
 	// Token usage; set on the last chunk only, when the upstream reports it.
-	Usage         *Usage `protobuf:"bytes,9,opt,name=usage,proto3" json:"usage,omitempty"`
+	Usage *Usage `protobuf:"bytes,9,opt,name=usage,proto3" json:"usage,omitempty"`
+	// Log probabilities of the tokens this chunk's `content` is made of, in
+	// order; only when the request asked for `logprobs`.
+	Logprobs      []*TokenLogprob `protobuf:"bytes,10,rep,name=logprobs,proto3" json:"logprobs,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2843,6 +2868,151 @@ func (x *StreamChatCompletionResponse) GetUsage() *Usage {
 	return nil
 }
 
+func (x *StreamChatCompletionResponse) GetLogprobs() []*TokenLogprob {
+	if x != nil {
+		return x.Logprobs
+	}
+	return nil
+}
+
+// TokenLogprob is the log probability of one generated token.
+type TokenLogprob struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The token as text (part of a character when the token splits one).
+	Token string `protobuf:"bytes,1,opt,name=token,proto3" json:"token,omitempty"`
+	// Natural log of the token's probability; 0 or less.
+	Logprob float64 `protobuf:"fixed64,2,opt,name=logprob,proto3" json:"logprob,omitempty"`
+	// The token's UTF-8 bytes; empty when the upstream did not give them.
+	Bytes []byte `protobuf:"bytes,3,opt,name=bytes,proto3" json:"bytes,omitempty"`
+	// The most likely tokens at this position, most likely first; as many as
+	// the request's `top_logprobs` asked for, or fewer.
+	TopLogprobs   []*TopLogprob `protobuf:"bytes,4,rep,name=top_logprobs,json=topLogprobs,proto3" json:"top_logprobs,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TokenLogprob) Reset() {
+	*x = TokenLogprob{}
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[31]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TokenLogprob) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TokenLogprob) ProtoMessage() {}
+
+func (x *TokenLogprob) ProtoReflect() protoreflect.Message {
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[31]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TokenLogprob.ProtoReflect.Descriptor instead.
+func (*TokenLogprob) Descriptor() ([]byte, []int) {
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{31}
+}
+
+func (x *TokenLogprob) GetToken() string {
+	if x != nil {
+		return x.Token
+	}
+	return ""
+}
+
+func (x *TokenLogprob) GetLogprob() float64 {
+	if x != nil {
+		return x.Logprob
+	}
+	return 0
+}
+
+func (x *TokenLogprob) GetBytes() []byte {
+	if x != nil {
+		return x.Bytes
+	}
+	return nil
+}
+
+func (x *TokenLogprob) GetTopLogprobs() []*TopLogprob {
+	if x != nil {
+		return x.TopLogprobs
+	}
+	return nil
+}
+
+// TopLogprob is one of the most likely tokens at a position.
+type TopLogprob struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The token as text.
+	Token string `protobuf:"bytes,1,opt,name=token,proto3" json:"token,omitempty"`
+	// Natural log of the token's probability; 0 or less.
+	Logprob float64 `protobuf:"fixed64,2,opt,name=logprob,proto3" json:"logprob,omitempty"`
+	// The token's UTF-8 bytes; empty when the upstream did not give them.
+	Bytes         []byte `protobuf:"bytes,3,opt,name=bytes,proto3" json:"bytes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TopLogprob) Reset() {
+	*x = TopLogprob{}
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[32]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TopLogprob) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TopLogprob) ProtoMessage() {}
+
+func (x *TopLogprob) ProtoReflect() protoreflect.Message {
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[32]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TopLogprob.ProtoReflect.Descriptor instead.
+func (*TopLogprob) Descriptor() ([]byte, []int) {
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{32}
+}
+
+func (x *TopLogprob) GetToken() string {
+	if x != nil {
+		return x.Token
+	}
+	return ""
+}
+
+func (x *TopLogprob) GetLogprob() float64 {
+	if x != nil {
+		return x.Logprob
+	}
+	return 0
+}
+
+func (x *TopLogprob) GetBytes() []byte {
+	if x != nil {
+		return x.Bytes
+	}
+	return nil
+}
+
 // CreateEmbeddingsRequest asks for embeddings of texts.
 type CreateEmbeddingsRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -2850,20 +3020,27 @@ type CreateEmbeddingsRequest struct {
 	Model string `protobuf:"bytes,1,opt,name=model,proto3" json:"model,omitempty"`
 	// Provider to use; empty means: take it from `model`.
 	Provider string `protobuf:"bytes,2,opt,name=provider,proto3" json:"provider,omitempty"`
-	// Texts to embed; 1 to 2048 of them, none empty. Required.
+	// Texts to embed; 1 to 2048 of them, none empty. Required unless
+	// `token_inputs` is set; the two are exclusive.
 	Inputs []string `protobuf:"bytes,3,rep,name=inputs,proto3" json:"inputs,omitempty"`
 	// Truncate the output vectors to this many dimensions where supported;
 	// 0 keeps the model's own dimension.
 	Dimensions int32 `protobuf:"varint,4,opt,name=dimensions,proto3" json:"dimensions,omitempty"`
 	// Opaque end-user id.
-	User          string `protobuf:"bytes,5,opt,name=user,proto3" json:"user,omitempty"`
+	User string `protobuf:"bytes,5,opt,name=user,proto3" json:"user,omitempty"`
+	// Inputs already tokenized with the model's tokenizer (what OpenAI's
+	// clients send to stay within the context length), instead of `inputs`:
+	// 1 to 2048 of them, none empty. Passed on to upstreams that take token ids
+	// (OpenAI-compatible); the others answer INVALID_ARGUMENT with reason
+	// UNSUPPORTED_BY_PROVIDER and metadata "field" = "token_inputs".
+	TokenInputs   []*TokenIds `protobuf:"bytes,6,rep,name=token_inputs,json=tokenInputs,proto3" json:"token_inputs,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *CreateEmbeddingsRequest) Reset() {
 	*x = CreateEmbeddingsRequest{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[31]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2875,7 +3052,7 @@ func (x *CreateEmbeddingsRequest) String() string {
 func (*CreateEmbeddingsRequest) ProtoMessage() {}
 
 func (x *CreateEmbeddingsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[31]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2888,7 +3065,7 @@ func (x *CreateEmbeddingsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateEmbeddingsRequest.ProtoReflect.Descriptor instead.
 func (*CreateEmbeddingsRequest) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{31}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *CreateEmbeddingsRequest) GetModel() string {
@@ -2926,6 +3103,59 @@ func (x *CreateEmbeddingsRequest) GetUser() string {
 	return ""
 }
 
+func (x *CreateEmbeddingsRequest) GetTokenInputs() []*TokenIds {
+	if x != nil {
+		return x.TokenInputs
+	}
+	return nil
+}
+
+// TokenIds is one input given as token ids.
+type TokenIds struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The token ids, in order; each 0 or more.
+	Ids           []int64 `protobuf:"varint,1,rep,packed,name=ids,proto3" json:"ids,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TokenIds) Reset() {
+	*x = TokenIds{}
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[34]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TokenIds) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TokenIds) ProtoMessage() {}
+
+func (x *TokenIds) ProtoReflect() protoreflect.Message {
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[34]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TokenIds.ProtoReflect.Descriptor instead.
+func (*TokenIds) Descriptor() ([]byte, []int) {
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{34}
+}
+
+func (x *TokenIds) GetIds() []int64 {
+	if x != nil {
+		return x.Ids
+	}
+	return nil
+}
+
 // Embedding is the vector of one input.
 type Embedding struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -2939,7 +3169,7 @@ type Embedding struct {
 
 func (x *Embedding) Reset() {
 	*x = Embedding{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[32]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2951,7 +3181,7 @@ func (x *Embedding) String() string {
 func (*Embedding) ProtoMessage() {}
 
 func (x *Embedding) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[32]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2964,7 +3194,7 @@ func (x *Embedding) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Embedding.ProtoReflect.Descriptor instead.
 func (*Embedding) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{32}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *Embedding) GetIndex() int32 {
@@ -2996,7 +3226,7 @@ type CreateEmbeddingsResponse struct {
 
 func (x *CreateEmbeddingsResponse) Reset() {
 	*x = CreateEmbeddingsResponse{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[33]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3008,7 +3238,7 @@ func (x *CreateEmbeddingsResponse) String() string {
 func (*CreateEmbeddingsResponse) ProtoMessage() {}
 
 func (x *CreateEmbeddingsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[33]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3021,7 +3251,7 @@ func (x *CreateEmbeddingsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateEmbeddingsResponse.ProtoReflect.Descriptor instead.
 func (*CreateEmbeddingsResponse) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{33}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *CreateEmbeddingsResponse) GetModel() string {
@@ -3041,6 +3271,251 @@ func (x *CreateEmbeddingsResponse) GetEmbeddings() []*Embedding {
 func (x *CreateEmbeddingsResponse) GetUsage() *Usage {
 	if x != nil {
 		return x.Usage
+	}
+	return nil
+}
+
+// StreamCompletionRequest asks for the continuation of one text prompt.
+type StreamCompletionRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Model, named like StreamChatCompletionRequest.model. Required.
+	Model string `protobuf:"bytes,1,opt,name=model,proto3" json:"model,omitempty"`
+	// Provider to use; empty means: take it from `model`.
+	Provider string `protobuf:"bytes,2,opt,name=provider,proto3" json:"provider,omitempty"`
+	// The text to continue, sent to the model as it is (no chat template).
+	// Required, not empty.
+	Prompt string `protobuf:"bytes,3,opt,name=prompt,proto3" json:"prompt,omitempty"`
+	// Text that comes after the completion (fill-in-the-middle). Only models
+	// trained for it can use it: Ollama refuses it for others (UPSTREAM_BAD_REQUEST).
+	Suffix string `protobuf:"bytes,4,opt,name=suffix,proto3" json:"suffix,omitempty"`
+	// Sampling parameters (max_tokens, stop, temperature, top_p, seed, …).
+	Sampling *SamplingParameters `protobuf:"bytes,5,opt,name=sampling,proto3" json:"sampling,omitempty"`
+	// True makes the first chunk's text begin with the prompt itself.
+	Echo bool `protobuf:"varint,6,opt,name=echo,proto3" json:"echo,omitempty"`
+	// When set, the chunks carry the log probability of each generated token
+	// with this many most likely alternatives at each position (0 to 5, as
+	// OpenAI's API allows); unset asks for none.
+	Logprobs *int32 `protobuf:"varint,7,opt,name=logprobs,proto3,oneof" json:"logprobs,omitempty"`
+	// Opaque end-user id, for abuse monitoring; never shown to other users.
+	User string `protobuf:"bytes,8,opt,name=user,proto3" json:"user,omitempty"`
+	// Id Marie assigns to the completion ("cmpl-…"); generated when empty.
+	CompletionId string `protobuf:"bytes,9,opt,name=completion_id,json=completionId,proto3" json:"completion_id,omitempty"`
+	// True when the caller needs only the complete text: the service may then
+	// send it in fewer, larger chunks (the text, finish reason and usage are
+	// the same either way).
+	Aggregate     bool `protobuf:"varint,10,opt,name=aggregate,proto3" json:"aggregate,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StreamCompletionRequest) Reset() {
+	*x = StreamCompletionRequest{}
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[37]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StreamCompletionRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StreamCompletionRequest) ProtoMessage() {}
+
+func (x *StreamCompletionRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[37]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StreamCompletionRequest.ProtoReflect.Descriptor instead.
+func (*StreamCompletionRequest) Descriptor() ([]byte, []int) {
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{37}
+}
+
+func (x *StreamCompletionRequest) GetModel() string {
+	if x != nil {
+		return x.Model
+	}
+	return ""
+}
+
+func (x *StreamCompletionRequest) GetProvider() string {
+	if x != nil {
+		return x.Provider
+	}
+	return ""
+}
+
+func (x *StreamCompletionRequest) GetPrompt() string {
+	if x != nil {
+		return x.Prompt
+	}
+	return ""
+}
+
+func (x *StreamCompletionRequest) GetSuffix() string {
+	if x != nil {
+		return x.Suffix
+	}
+	return ""
+}
+
+func (x *StreamCompletionRequest) GetSampling() *SamplingParameters {
+	if x != nil {
+		return x.Sampling
+	}
+	return nil
+}
+
+func (x *StreamCompletionRequest) GetEcho() bool {
+	if x != nil {
+		return x.Echo
+	}
+	return false
+}
+
+func (x *StreamCompletionRequest) GetLogprobs() int32 {
+	if x != nil && x.Logprobs != nil {
+		return *x.Logprobs
+	}
+	return 0
+}
+
+func (x *StreamCompletionRequest) GetUser() string {
+	if x != nil {
+		return x.User
+	}
+	return ""
+}
+
+func (x *StreamCompletionRequest) GetCompletionId() string {
+	if x != nil {
+		return x.CompletionId
+	}
+	return ""
+}
+
+func (x *StreamCompletionRequest) GetAggregate() bool {
+	if x != nil {
+		return x.Aggregate
+	}
+	return false
+}
+
+// StreamCompletionResponse is one chunk of a streamed text completion. The
+// last chunk carries the finish reason and, when the upstream reports it,
+// usage.
+type StreamCompletionResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Completion id ("cmpl-…"), the same on every chunk.
+	Id string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	// Resolved model id, "<provider>/<model>", the same on every chunk.
+	Model string `protobuf:"bytes,2,opt,name=model,proto3" json:"model,omitempty"`
+	// Provider that served the completion.
+	Provider string `protobuf:"bytes,3,opt,name=provider,proto3" json:"provider,omitempty"`
+	// Creation time of the completion, Unix seconds, the same on every chunk.
+	Created int64 `protobuf:"varint,4,opt,name=created,proto3" json:"created,omitempty"`
+	// Text appended to the completion by this chunk; may be empty.
+	Text string `protobuf:"bytes,5,opt,name=text,proto3" json:"text,omitempty"`
+	// Why generation stopped (STOP or LENGTH); set on the last chunk only.
+	FinishReason FinishReason `protobuf:"varint,6,opt,name=finish_reason,json=finishReason,proto3,enum=marie.providers.v1.FinishReason" json:"finish_reason,omitempty"`
+	// Token usage; set on the last chunk only, when the upstream reports it.
+	Usage *Usage `protobuf:"bytes,7,opt,name=usage,proto3" json:"usage,omitempty"`
+	// Log probabilities of the generated tokens in `text`, in order (never of
+	// the echoed prompt); only when the request set `logprobs`.
+	Logprobs      []*TokenLogprob `protobuf:"bytes,8,rep,name=logprobs,proto3" json:"logprobs,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StreamCompletionResponse) Reset() {
+	*x = StreamCompletionResponse{}
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[38]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StreamCompletionResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StreamCompletionResponse) ProtoMessage() {}
+
+func (x *StreamCompletionResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[38]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StreamCompletionResponse.ProtoReflect.Descriptor instead.
+func (*StreamCompletionResponse) Descriptor() ([]byte, []int) {
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{38}
+}
+
+func (x *StreamCompletionResponse) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *StreamCompletionResponse) GetModel() string {
+	if x != nil {
+		return x.Model
+	}
+	return ""
+}
+
+func (x *StreamCompletionResponse) GetProvider() string {
+	if x != nil {
+		return x.Provider
+	}
+	return ""
+}
+
+func (x *StreamCompletionResponse) GetCreated() int64 {
+	if x != nil {
+		return x.Created
+	}
+	return 0
+}
+
+func (x *StreamCompletionResponse) GetText() string {
+	if x != nil {
+		return x.Text
+	}
+	return ""
+}
+
+func (x *StreamCompletionResponse) GetFinishReason() FinishReason {
+	if x != nil {
+		return x.FinishReason
+	}
+	return FinishReason_FINISH_REASON_UNSPECIFIED
+}
+
+func (x *StreamCompletionResponse) GetUsage() *Usage {
+	if x != nil {
+		return x.Usage
+	}
+	return nil
+}
+
+func (x *StreamCompletionResponse) GetLogprobs() []*TokenLogprob {
+	if x != nil {
+		return x.Logprobs
 	}
 	return nil
 }
@@ -3205,7 +3680,7 @@ const file_marie_providers_v1_provider_service_proto_rawDesc = "" +
 	"\v_max_tokensB\a\n" +
 	"\x05_seedB\x13\n" +
 	"\x11_presence_penaltyB\x14\n" +
-	"\x12_frequency_penalty\"\xe5\x03\n" +
+	"\x12_frequency_penalty\"\xa4\x04\n" +
 	"\x1bStreamChatCompletionRequest\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\tR\x05model\x12\x1a\n" +
 	"\bprovider\x18\x02 \x01(\tR\bprovider\x12;\n" +
@@ -3218,7 +3693,9 @@ const file_marie_providers_v1_provider_service_proto_rawDesc = "" +
 	"\x04user\x18\b \x01(\tR\x04user\x12#\n" +
 	"\rcompletion_id\x18\t \x01(\tR\fcompletionId\x12\x1c\n" +
 	"\taggregate\x18\n" +
-	" \x01(\bR\taggregate\"{\n" +
+	" \x01(\bR\taggregate\x12\x1a\n" +
+	"\blogprobs\x18\v \x01(\bR\blogprobs\x12!\n" +
+	"\ftop_logprobs\x18\f \x01(\x05R\vtopLogprobs\"{\n" +
 	"\rToolCallDelta\x12\x14\n" +
 	"\x05index\x18\x01 \x01(\x05R\x05index\x12\x0e\n" +
 	"\x02id\x18\x02 \x01(\tR\x02id\x12\x12\n" +
@@ -3228,7 +3705,7 @@ const file_marie_providers_v1_provider_service_proto_rawDesc = "" +
 	"\x05Usage\x12#\n" +
 	"\rprompt_tokens\x18\x01 \x01(\x05R\fpromptTokens\x12+\n" +
 	"\x11completion_tokens\x18\x02 \x01(\x05R\x10completionTokens\x12!\n" +
-	"\ftotal_tokens\x18\x03 \x01(\x05R\vtotalTokens\"\xfc\x02\n" +
+	"\ftotal_tokens\x18\x03 \x01(\x05R\vtotalTokens\"\xba\x03\n" +
 	"\x1cStreamChatCompletionResponse\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x14\n" +
 	"\x05model\x18\x02 \x01(\tR\x05model\x12\x1a\n" +
@@ -3239,7 +3716,19 @@ const file_marie_providers_v1_provider_service_proto_rawDesc = "" +
 	"\n" +
 	"tool_calls\x18\a \x03(\v2!.marie.providers.v1.ToolCallDeltaR\ttoolCalls\x12E\n" +
 	"\rfinish_reason\x18\b \x01(\x0e2 .marie.providers.v1.FinishReasonR\ffinishReason\x12/\n" +
-	"\x05usage\x18\t \x01(\v2\x19.marie.providers.v1.UsageR\x05usage\"\x97\x01\n" +
+	"\x05usage\x18\t \x01(\v2\x19.marie.providers.v1.UsageR\x05usage\x12<\n" +
+	"\blogprobs\x18\n" +
+	" \x03(\v2 .marie.providers.v1.TokenLogprobR\blogprobs\"\x97\x01\n" +
+	"\fTokenLogprob\x12\x14\n" +
+	"\x05token\x18\x01 \x01(\tR\x05token\x12\x18\n" +
+	"\alogprob\x18\x02 \x01(\x01R\alogprob\x12\x14\n" +
+	"\x05bytes\x18\x03 \x01(\fR\x05bytes\x12A\n" +
+	"\ftop_logprobs\x18\x04 \x03(\v2\x1e.marie.providers.v1.TopLogprobR\vtopLogprobs\"R\n" +
+	"\n" +
+	"TopLogprob\x12\x14\n" +
+	"\x05token\x18\x01 \x01(\tR\x05token\x12\x18\n" +
+	"\alogprob\x18\x02 \x01(\x01R\alogprob\x12\x14\n" +
+	"\x05bytes\x18\x03 \x01(\fR\x05bytes\"\xd8\x01\n" +
 	"\x17CreateEmbeddingsRequest\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\tR\x05model\x12\x1a\n" +
 	"\bprovider\x18\x02 \x01(\tR\bprovider\x12\x16\n" +
@@ -3247,7 +3736,10 @@ const file_marie_providers_v1_provider_service_proto_rawDesc = "" +
 	"\n" +
 	"dimensions\x18\x04 \x01(\x05R\n" +
 	"dimensions\x12\x12\n" +
-	"\x04user\x18\x05 \x01(\tR\x04user\"9\n" +
+	"\x04user\x18\x05 \x01(\tR\x04user\x12?\n" +
+	"\ftoken_inputs\x18\x06 \x03(\v2\x1c.marie.providers.v1.TokenIdsR\vtokenInputs\"\x1c\n" +
+	"\bTokenIds\x12\x10\n" +
+	"\x03ids\x18\x01 \x03(\x03R\x03ids\"9\n" +
 	"\tEmbedding\x12\x14\n" +
 	"\x05index\x18\x01 \x01(\x05R\x05index\x12\x16\n" +
 	"\x06values\x18\x02 \x03(\x02R\x06values\"\xa0\x01\n" +
@@ -3256,7 +3748,29 @@ const file_marie_providers_v1_provider_service_proto_rawDesc = "" +
 	"\n" +
 	"embeddings\x18\x02 \x03(\v2\x1d.marie.providers.v1.EmbeddingR\n" +
 	"embeddings\x12/\n" +
-	"\x05usage\x18\x03 \x01(\v2\x19.marie.providers.v1.UsageR\x05usage*~\n" +
+	"\x05usage\x18\x03 \x01(\v2\x19.marie.providers.v1.UsageR\x05usage\"\xd8\x02\n" +
+	"\x17StreamCompletionRequest\x12\x14\n" +
+	"\x05model\x18\x01 \x01(\tR\x05model\x12\x1a\n" +
+	"\bprovider\x18\x02 \x01(\tR\bprovider\x12\x16\n" +
+	"\x06prompt\x18\x03 \x01(\tR\x06prompt\x12\x16\n" +
+	"\x06suffix\x18\x04 \x01(\tR\x06suffix\x12B\n" +
+	"\bsampling\x18\x05 \x01(\v2&.marie.providers.v1.SamplingParametersR\bsampling\x12\x12\n" +
+	"\x04echo\x18\x06 \x01(\bR\x04echo\x12\x1f\n" +
+	"\blogprobs\x18\a \x01(\x05H\x00R\blogprobs\x88\x01\x01\x12\x12\n" +
+	"\x04user\x18\b \x01(\tR\x04user\x12#\n" +
+	"\rcompletion_id\x18\t \x01(\tR\fcompletionId\x12\x1c\n" +
+	"\taggregate\x18\n" +
+	" \x01(\bR\taggregateB\v\n" +
+	"\t_logprobs\"\xc0\x02\n" +
+	"\x18StreamCompletionResponse\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x14\n" +
+	"\x05model\x18\x02 \x01(\tR\x05model\x12\x1a\n" +
+	"\bprovider\x18\x03 \x01(\tR\bprovider\x12\x18\n" +
+	"\acreated\x18\x04 \x01(\x03R\acreated\x12\x12\n" +
+	"\x04text\x18\x05 \x01(\tR\x04text\x12E\n" +
+	"\rfinish_reason\x18\x06 \x01(\x0e2 .marie.providers.v1.FinishReasonR\ffinishReason\x12/\n" +
+	"\x05usage\x18\a \x01(\v2\x19.marie.providers.v1.UsageR\x05usage\x12<\n" +
+	"\blogprobs\x18\b \x03(\v2 .marie.providers.v1.TokenLogprobR\blogprobs*~\n" +
 	"\fHealthStatus\x12\x1d\n" +
 	"\x19HEALTH_STATUS_UNSPECIFIED\x10\x00\x12\x19\n" +
 	"\x15HEALTH_STATUS_HEALTHY\x10\x01\x12\x1b\n" +
@@ -3301,7 +3815,7 @@ const file_marie_providers_v1_provider_service_proto_rawDesc = "" +
 	"\x12FINISH_REASON_STOP\x10\x01\x12\x18\n" +
 	"\x14FINISH_REASON_LENGTH\x10\x02\x12\x1c\n" +
 	"\x18FINISH_REASON_TOOL_CALLS\x10\x03\x12 \n" +
-	"\x1cFINISH_REASON_CONTENT_FILTER\x10\x042\xec\x05\n" +
+	"\x1cFINISH_REASON_CONTENT_FILTER\x10\x042\xdd\x06\n" +
 	"\x0fProviderService\x12d\n" +
 	"\rListProviders\x12(.marie.providers.v1.ListProvidersRequest\x1a).marie.providers.v1.ListProvidersResponse\x12p\n" +
 	"\x11GetProviderHealth\x12,.marie.providers.v1.GetProviderHealthRequest\x1a-.marie.providers.v1.GetProviderHealthResponse\x12[\n" +
@@ -3310,7 +3824,8 @@ const file_marie_providers_v1_provider_service_proto_rawDesc = "" +
 	"\bGetModel\x12#.marie.providers.v1.GetModelRequest\x1a$.marie.providers.v1.GetModelResponse\x12a\n" +
 	"\fSearchModels\x12'.marie.providers.v1.SearchModelsRequest\x1a(.marie.providers.v1.SearchModelsResponse\x12{\n" +
 	"\x14StreamChatCompletion\x12/.marie.providers.v1.StreamChatCompletionRequest\x1a0.marie.providers.v1.StreamChatCompletionResponse0\x01\x12m\n" +
-	"\x10CreateEmbeddings\x12+.marie.providers.v1.CreateEmbeddingsRequest\x1a,.marie.providers.v1.CreateEmbeddingsResponseB\xde\x01\n" +
+	"\x10CreateEmbeddings\x12+.marie.providers.v1.CreateEmbeddingsRequest\x1a,.marie.providers.v1.CreateEmbeddingsResponse\x12o\n" +
+	"\x10StreamCompletion\x12+.marie.providers.v1.StreamCompletionRequest\x1a,.marie.providers.v1.StreamCompletionResponse0\x01B\xde\x01\n" +
 	"\x16com.marie.providers.v1B\x14ProviderServiceProtoP\x01ZDgithub.com/marie/marie/clients/go/gen/marie/providers/v1;providersv1\xa2\x02\x03MPX\xaa\x02\x12Marie.Providers.V1\xca\x02\x12Marie\\Providers\\V1\xe2\x02\x1eMarie\\Providers\\V1\\GPBMetadata\xea\x02\x14Marie::Providers::V1b\x06proto3"
 
 var (
@@ -3326,7 +3841,7 @@ func file_marie_providers_v1_provider_service_proto_rawDescGZIP() []byte {
 }
 
 var file_marie_providers_v1_provider_service_proto_enumTypes = make([]protoimpl.EnumInfo, 8)
-var file_marie_providers_v1_provider_service_proto_msgTypes = make([]protoimpl.MessageInfo, 35)
+var file_marie_providers_v1_provider_service_proto_msgTypes = make([]protoimpl.MessageInfo, 40)
 var file_marie_providers_v1_provider_service_proto_goTypes = []any{
 	(HealthStatus)(0),                    // 0: marie.providers.v1.HealthStatus
 	(CircuitState)(0),                    // 1: marie.providers.v1.CircuitState
@@ -3367,24 +3882,29 @@ var file_marie_providers_v1_provider_service_proto_goTypes = []any{
 	(*ToolCallDelta)(nil),                // 36: marie.providers.v1.ToolCallDelta
 	(*Usage)(nil),                        // 37: marie.providers.v1.Usage
 	(*StreamChatCompletionResponse)(nil), // 38: marie.providers.v1.StreamChatCompletionResponse
-	(*CreateEmbeddingsRequest)(nil),      // 39: marie.providers.v1.CreateEmbeddingsRequest
-	(*Embedding)(nil),                    // 40: marie.providers.v1.Embedding
-	(*CreateEmbeddingsResponse)(nil),     // 41: marie.providers.v1.CreateEmbeddingsResponse
-	nil,                                  // 42: marie.providers.v1.ModelInfo.MetadataEntry
-	(*timestamppb.Timestamp)(nil),        // 43: google.protobuf.Timestamp
-	(*structpb.Struct)(nil),              // 44: google.protobuf.Struct
+	(*TokenLogprob)(nil),                 // 39: marie.providers.v1.TokenLogprob
+	(*TopLogprob)(nil),                   // 40: marie.providers.v1.TopLogprob
+	(*CreateEmbeddingsRequest)(nil),      // 41: marie.providers.v1.CreateEmbeddingsRequest
+	(*TokenIds)(nil),                     // 42: marie.providers.v1.TokenIds
+	(*Embedding)(nil),                    // 43: marie.providers.v1.Embedding
+	(*CreateEmbeddingsResponse)(nil),     // 44: marie.providers.v1.CreateEmbeddingsResponse
+	(*StreamCompletionRequest)(nil),      // 45: marie.providers.v1.StreamCompletionRequest
+	(*StreamCompletionResponse)(nil),     // 46: marie.providers.v1.StreamCompletionResponse
+	nil,                                  // 47: marie.providers.v1.ModelInfo.MetadataEntry
+	(*timestamppb.Timestamp)(nil),        // 48: google.protobuf.Timestamp
+	(*structpb.Struct)(nil),              // 49: google.protobuf.Struct
 }
 var file_marie_providers_v1_provider_service_proto_depIdxs = []int32{
 	8,  // 0: marie.providers.v1.ListProvidersResponse.providers:type_name -> marie.providers.v1.Provider
 	0,  // 1: marie.providers.v1.ProviderHealth.status:type_name -> marie.providers.v1.HealthStatus
-	43, // 2: marie.providers.v1.ProviderHealth.check_time:type_name -> google.protobuf.Timestamp
+	48, // 2: marie.providers.v1.ProviderHealth.check_time:type_name -> google.protobuf.Timestamp
 	12, // 3: marie.providers.v1.ProviderHealth.deployments:type_name -> marie.providers.v1.DeploymentHealth
 	1,  // 4: marie.providers.v1.DeploymentHealth.circuit:type_name -> marie.providers.v1.CircuitState
-	43, // 5: marie.providers.v1.DeploymentHealth.retry_time:type_name -> google.protobuf.Timestamp
+	48, // 5: marie.providers.v1.DeploymentHealth.retry_time:type_name -> google.protobuf.Timestamp
 	11, // 6: marie.providers.v1.GetProviderHealthResponse.providers:type_name -> marie.providers.v1.ProviderHealth
 	2,  // 7: marie.providers.v1.ModelInfo.capabilities:type_name -> marie.providers.v1.ModelCapability
-	42, // 8: marie.providers.v1.ModelInfo.metadata:type_name -> marie.providers.v1.ModelInfo.MetadataEntry
-	43, // 9: marie.providers.v1.ModelInfo.modified_time:type_name -> google.protobuf.Timestamp
+	47, // 8: marie.providers.v1.ModelInfo.metadata:type_name -> marie.providers.v1.ModelInfo.MetadataEntry
+	48, // 9: marie.providers.v1.ModelInfo.modified_time:type_name -> google.protobuf.Timestamp
 	16, // 10: marie.providers.v1.ModelInfo.route:type_name -> marie.providers.v1.RouteInfo
 	3,  // 11: marie.providers.v1.RouteInfo.kind:type_name -> marie.providers.v1.RouteKind
 	17, // 12: marie.providers.v1.RouteInfo.targets:type_name -> marie.providers.v1.RouteTarget
@@ -3399,10 +3919,10 @@ var file_marie_providers_v1_provider_service_proto_depIdxs = []int32{
 	25, // 21: marie.providers.v1.ChatMessage.parts:type_name -> marie.providers.v1.ContentPart
 	27, // 22: marie.providers.v1.ChatMessage.tool_calls:type_name -> marie.providers.v1.ToolCall
 	31, // 23: marie.providers.v1.Tool.function:type_name -> marie.providers.v1.FunctionDefinition
-	44, // 24: marie.providers.v1.FunctionDefinition.parameters:type_name -> google.protobuf.Struct
+	49, // 24: marie.providers.v1.FunctionDefinition.parameters:type_name -> google.protobuf.Struct
 	5,  // 25: marie.providers.v1.ToolChoice.mode:type_name -> marie.providers.v1.ToolChoiceMode
 	6,  // 26: marie.providers.v1.ResponseFormat.type:type_name -> marie.providers.v1.ResponseFormatType
-	44, // 27: marie.providers.v1.ResponseFormat.json_schema:type_name -> google.protobuf.Struct
+	49, // 27: marie.providers.v1.ResponseFormat.json_schema:type_name -> google.protobuf.Struct
 	29, // 28: marie.providers.v1.StreamChatCompletionRequest.messages:type_name -> marie.providers.v1.ChatMessage
 	34, // 29: marie.providers.v1.StreamChatCompletionRequest.sampling:type_name -> marie.providers.v1.SamplingParameters
 	33, // 30: marie.providers.v1.StreamChatCompletionRequest.response_format:type_name -> marie.providers.v1.ResponseFormat
@@ -3412,27 +3932,36 @@ var file_marie_providers_v1_provider_service_proto_depIdxs = []int32{
 	36, // 34: marie.providers.v1.StreamChatCompletionResponse.tool_calls:type_name -> marie.providers.v1.ToolCallDelta
 	7,  // 35: marie.providers.v1.StreamChatCompletionResponse.finish_reason:type_name -> marie.providers.v1.FinishReason
 	37, // 36: marie.providers.v1.StreamChatCompletionResponse.usage:type_name -> marie.providers.v1.Usage
-	40, // 37: marie.providers.v1.CreateEmbeddingsResponse.embeddings:type_name -> marie.providers.v1.Embedding
-	37, // 38: marie.providers.v1.CreateEmbeddingsResponse.usage:type_name -> marie.providers.v1.Usage
-	9,  // 39: marie.providers.v1.ProviderService.ListProviders:input_type -> marie.providers.v1.ListProvidersRequest
-	13, // 40: marie.providers.v1.ProviderService.GetProviderHealth:input_type -> marie.providers.v1.GetProviderHealthRequest
-	18, // 41: marie.providers.v1.ProviderService.ListModels:input_type -> marie.providers.v1.ListModelsRequest
-	21, // 42: marie.providers.v1.ProviderService.GetModel:input_type -> marie.providers.v1.GetModelRequest
-	23, // 43: marie.providers.v1.ProviderService.SearchModels:input_type -> marie.providers.v1.SearchModelsRequest
-	35, // 44: marie.providers.v1.ProviderService.StreamChatCompletion:input_type -> marie.providers.v1.StreamChatCompletionRequest
-	39, // 45: marie.providers.v1.ProviderService.CreateEmbeddings:input_type -> marie.providers.v1.CreateEmbeddingsRequest
-	10, // 46: marie.providers.v1.ProviderService.ListProviders:output_type -> marie.providers.v1.ListProvidersResponse
-	14, // 47: marie.providers.v1.ProviderService.GetProviderHealth:output_type -> marie.providers.v1.GetProviderHealthResponse
-	19, // 48: marie.providers.v1.ProviderService.ListModels:output_type -> marie.providers.v1.ListModelsResponse
-	22, // 49: marie.providers.v1.ProviderService.GetModel:output_type -> marie.providers.v1.GetModelResponse
-	24, // 50: marie.providers.v1.ProviderService.SearchModels:output_type -> marie.providers.v1.SearchModelsResponse
-	38, // 51: marie.providers.v1.ProviderService.StreamChatCompletion:output_type -> marie.providers.v1.StreamChatCompletionResponse
-	41, // 52: marie.providers.v1.ProviderService.CreateEmbeddings:output_type -> marie.providers.v1.CreateEmbeddingsResponse
-	46, // [46:53] is the sub-list for method output_type
-	39, // [39:46] is the sub-list for method input_type
-	39, // [39:39] is the sub-list for extension type_name
-	39, // [39:39] is the sub-list for extension extendee
-	0,  // [0:39] is the sub-list for field type_name
+	39, // 37: marie.providers.v1.StreamChatCompletionResponse.logprobs:type_name -> marie.providers.v1.TokenLogprob
+	40, // 38: marie.providers.v1.TokenLogprob.top_logprobs:type_name -> marie.providers.v1.TopLogprob
+	42, // 39: marie.providers.v1.CreateEmbeddingsRequest.token_inputs:type_name -> marie.providers.v1.TokenIds
+	43, // 40: marie.providers.v1.CreateEmbeddingsResponse.embeddings:type_name -> marie.providers.v1.Embedding
+	37, // 41: marie.providers.v1.CreateEmbeddingsResponse.usage:type_name -> marie.providers.v1.Usage
+	34, // 42: marie.providers.v1.StreamCompletionRequest.sampling:type_name -> marie.providers.v1.SamplingParameters
+	7,  // 43: marie.providers.v1.StreamCompletionResponse.finish_reason:type_name -> marie.providers.v1.FinishReason
+	37, // 44: marie.providers.v1.StreamCompletionResponse.usage:type_name -> marie.providers.v1.Usage
+	39, // 45: marie.providers.v1.StreamCompletionResponse.logprobs:type_name -> marie.providers.v1.TokenLogprob
+	9,  // 46: marie.providers.v1.ProviderService.ListProviders:input_type -> marie.providers.v1.ListProvidersRequest
+	13, // 47: marie.providers.v1.ProviderService.GetProviderHealth:input_type -> marie.providers.v1.GetProviderHealthRequest
+	18, // 48: marie.providers.v1.ProviderService.ListModels:input_type -> marie.providers.v1.ListModelsRequest
+	21, // 49: marie.providers.v1.ProviderService.GetModel:input_type -> marie.providers.v1.GetModelRequest
+	23, // 50: marie.providers.v1.ProviderService.SearchModels:input_type -> marie.providers.v1.SearchModelsRequest
+	35, // 51: marie.providers.v1.ProviderService.StreamChatCompletion:input_type -> marie.providers.v1.StreamChatCompletionRequest
+	41, // 52: marie.providers.v1.ProviderService.CreateEmbeddings:input_type -> marie.providers.v1.CreateEmbeddingsRequest
+	45, // 53: marie.providers.v1.ProviderService.StreamCompletion:input_type -> marie.providers.v1.StreamCompletionRequest
+	10, // 54: marie.providers.v1.ProviderService.ListProviders:output_type -> marie.providers.v1.ListProvidersResponse
+	14, // 55: marie.providers.v1.ProviderService.GetProviderHealth:output_type -> marie.providers.v1.GetProviderHealthResponse
+	19, // 56: marie.providers.v1.ProviderService.ListModels:output_type -> marie.providers.v1.ListModelsResponse
+	22, // 57: marie.providers.v1.ProviderService.GetModel:output_type -> marie.providers.v1.GetModelResponse
+	24, // 58: marie.providers.v1.ProviderService.SearchModels:output_type -> marie.providers.v1.SearchModelsResponse
+	38, // 59: marie.providers.v1.ProviderService.StreamChatCompletion:output_type -> marie.providers.v1.StreamChatCompletionResponse
+	44, // 60: marie.providers.v1.ProviderService.CreateEmbeddings:output_type -> marie.providers.v1.CreateEmbeddingsResponse
+	46, // 61: marie.providers.v1.ProviderService.StreamCompletion:output_type -> marie.providers.v1.StreamCompletionResponse
+	54, // [54:62] is the sub-list for method output_type
+	46, // [46:54] is the sub-list for method input_type
+	46, // [46:46] is the sub-list for extension type_name
+	46, // [46:46] is the sub-list for extension extendee
+	0,  // [0:46] is the sub-list for field type_name
 }
 
 func init() { file_marie_providers_v1_provider_service_proto_init() }
@@ -3445,13 +3974,14 @@ func file_marie_providers_v1_provider_service_proto_init() {
 		(*ContentPart_ImageUrl)(nil),
 	}
 	file_marie_providers_v1_provider_service_proto_msgTypes[26].OneofWrappers = []any{}
+	file_marie_providers_v1_provider_service_proto_msgTypes[37].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_marie_providers_v1_provider_service_proto_rawDesc), len(file_marie_providers_v1_provider_service_proto_rawDesc)),
 			NumEnums:      8,
-			NumMessages:   35,
+			NumMessages:   40,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -26,6 +26,7 @@ const (
 	ProviderService_SearchModels_FullMethodName         = "/marie.providers.v1.ProviderService/SearchModels"
 	ProviderService_StreamChatCompletion_FullMethodName = "/marie.providers.v1.ProviderService/StreamChatCompletion"
 	ProviderService_CreateEmbeddings_FullMethodName     = "/marie.providers.v1.ProviderService/CreateEmbeddings"
+	ProviderService_StreamCompletion_FullMethodName     = "/marie.providers.v1.ProviderService/StreamCompletion"
 )
 
 // ProviderServiceClient is the client API for ProviderService service.
@@ -75,8 +76,15 @@ type ProviderServiceClient interface {
 	// after the chunks already sent. Cancelling the call closes the upstream
 	// request.
 	StreamChatCompletion(ctx context.Context, in *StreamChatCompletionRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[StreamChatCompletionResponse], error)
-	// Embeds one or more texts with an embedding model.
+	// Embeds one or more texts (or token arrays) with an embedding model.
 	CreateEmbeddings(ctx context.Context, in *CreateEmbeddingsRequest, opts ...grpc.CallOption) (*CreateEmbeddingsResponse, error)
+	// Continues a plain text prompt (OpenAI's legacy text completions) and
+	// streams the continuation as chunks, with the same routing, retries,
+	// failover and cancellation as StreamChatCompletion. Providers whose
+	// upstream has no text completion (Hugging Face's router, Anthropic) answer
+	// INVALID_ARGUMENT with reason UNSUPPORTED_BY_PROVIDER (metadata "provider"
+	// and "field" name them).
+	StreamCompletion(ctx context.Context, in *StreamCompletionRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[StreamCompletionResponse], error)
 }
 
 type providerServiceClient struct {
@@ -166,6 +174,25 @@ func (c *providerServiceClient) CreateEmbeddings(ctx context.Context, in *Create
 	return out, nil
 }
 
+func (c *providerServiceClient) StreamCompletion(ctx context.Context, in *StreamCompletionRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[StreamCompletionResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &ProviderService_ServiceDesc.Streams[1], ProviderService_StreamCompletion_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[StreamCompletionRequest, StreamCompletionResponse]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type ProviderService_StreamCompletionClient = grpc.ServerStreamingClient[StreamCompletionResponse]
+
 // ProviderServiceServer is the server API for ProviderService service.
 // All implementations must embed UnimplementedProviderServiceServer
 // for forward compatibility.
@@ -213,8 +240,15 @@ type ProviderServiceServer interface {
 	// after the chunks already sent. Cancelling the call closes the upstream
 	// request.
 	StreamChatCompletion(*StreamChatCompletionRequest, grpc.ServerStreamingServer[StreamChatCompletionResponse]) error
-	// Embeds one or more texts with an embedding model.
+	// Embeds one or more texts (or token arrays) with an embedding model.
 	CreateEmbeddings(context.Context, *CreateEmbeddingsRequest) (*CreateEmbeddingsResponse, error)
+	// Continues a plain text prompt (OpenAI's legacy text completions) and
+	// streams the continuation as chunks, with the same routing, retries,
+	// failover and cancellation as StreamChatCompletion. Providers whose
+	// upstream has no text completion (Hugging Face's router, Anthropic) answer
+	// INVALID_ARGUMENT with reason UNSUPPORTED_BY_PROVIDER (metadata "provider"
+	// and "field" name them).
+	StreamCompletion(*StreamCompletionRequest, grpc.ServerStreamingServer[StreamCompletionResponse]) error
 	mustEmbedUnimplementedProviderServiceServer()
 }
 
@@ -245,6 +279,9 @@ func (UnimplementedProviderServiceServer) StreamChatCompletion(*StreamChatComple
 }
 func (UnimplementedProviderServiceServer) CreateEmbeddings(context.Context, *CreateEmbeddingsRequest) (*CreateEmbeddingsResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method CreateEmbeddings not implemented")
+}
+func (UnimplementedProviderServiceServer) StreamCompletion(*StreamCompletionRequest, grpc.ServerStreamingServer[StreamCompletionResponse]) error {
+	return status.Error(codes.Unimplemented, "method StreamCompletion not implemented")
 }
 func (UnimplementedProviderServiceServer) mustEmbedUnimplementedProviderServiceServer() {}
 func (UnimplementedProviderServiceServer) testEmbeddedByValue()                         {}
@@ -386,6 +423,17 @@ func _ProviderService_CreateEmbeddings_Handler(srv interface{}, ctx context.Cont
 	return interceptor(ctx, in, info, handler)
 }
 
+func _ProviderService_StreamCompletion_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(StreamCompletionRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(ProviderServiceServer).StreamCompletion(m, &grpc.GenericServerStream[StreamCompletionRequest, StreamCompletionResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type ProviderService_StreamCompletionServer = grpc.ServerStreamingServer[StreamCompletionResponse]
+
 // ProviderService_ServiceDesc is the grpc.ServiceDesc for ProviderService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -422,6 +470,11 @@ var ProviderService_ServiceDesc = grpc.ServiceDesc{
 		{
 			StreamName:    "StreamChatCompletion",
 			Handler:       _ProviderService_StreamChatCompletion_Handler,
+			ServerStreams: true,
+		},
+		{
+			StreamName:    "StreamCompletion",
+			Handler:       _ProviderService_StreamCompletion_Handler,
 			ServerStreams: true,
 		},
 	},
