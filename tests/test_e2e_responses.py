@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, SecretStr
 
 from tests.fakes import FakeModel, FakeOllama
 from tests.stack import Stack, free_ports, start_stack
@@ -390,3 +390,32 @@ def test_without_the_memory_service_store_false_works_and_store_true_is_503(
             client.responses.create(model=MODEL, input="hi")
         assert refused.value.status_code == 503
         assert "store: false" in refused.value.message
+
+
+def test_langchain_chat_openai_on_the_responses_api(
+    stack: Stack, api_key: str, ollama: FakeOllama
+) -> None:
+    from langchain_openai import ChatOpenAI  # noqa: PLC0415
+
+    ollama.reset()
+    llm = ChatOpenAI(
+        model=MODEL,
+        base_url=f"{stack.base_url}/v1",
+        api_key=SecretStr(api_key),
+        use_responses_api=True,
+        max_retries=0,
+    )
+    answer = llm.invoke("hi there")
+    assert answer.text == "Hello from llama3.2:latest! You said: hi there"
+    assert answer.usage_metadata is not None and answer.usage_metadata["output_tokens"] > 0
+    assert str(answer.response_metadata["id"]).startswith("resp_")
+    # Its own answer sent back as history, in the shape LangChain sends it.
+    again = llm.invoke([("human", "hi there"), answer, ("human", "and again")])
+    assert again.text == "Hello from llama3.2:latest! You said: and again"
+    assert last_messages(ollama)[1] == {"role": "assistant", "content": answer.text}
+
+    pieces = list(llm.stream("stream please"))
+    assert len([p for p in pieces if p.text]) > 1  # it streamed
+    assert "".join(p.text for p in pieces) == "Hello from llama3.2:latest! You said: stream please"
+    assert last_messages(ollama) == [{"role": "user", "content": "stream please"}]
+    assert ollama.chat_requests[-1].body["stream"] is True
