@@ -6,11 +6,13 @@ continuations are seen to carry the earlier turns."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import jsonschema
 import openai
 import pytest
 from pydantic import BaseModel, SecretStr
@@ -419,3 +421,91 @@ def test_langchain_chat_openai_on_the_responses_api(
     assert "".join(p.text for p in pieces) == "Hello from llama3.2:latest! You said: stream please"
     assert last_messages(ollama) == [{"role": "user", "content": "stream please"}]
     assert ollama.chat_requests[-1].body["stream"] is True
+
+
+def test_a_client_leaving_a_stream_stops_the_upstream_and_keeps_it_cancelled(
+    client: openai.OpenAI, ollama: FakeOllama
+) -> None:
+    before = ollama.disconnects
+    stream = client.responses.create(model="ollama/endless:latest", input="go", stream=True)
+    events = iter(stream)
+    created: Any = next(events)
+    for _ in range(5):
+        next(events)
+    stream.close()
+    assert ollama.wait_for_disconnect(timeout=10, count=before + 1)
+    assert ollama.wait_for_active_streams(0, timeout=10)
+    deadline = time.monotonic() + 10
+    while True:  # kept after the client left, in the background
+        try:
+            kept = client.responses.retrieve(created.response.id)
+            break
+        except openai.NotFoundError:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    assert kept.status == "cancelled"
+    assert kept.output_text  # what was said before the client left
+
+
+def test_usage_and_limits_hold_as_for_chat(stack: Stack) -> None:
+    key = stack.create_key("responses-limited", "--owner", "responses-usage", "--rpm", "2")
+    with openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=key, max_retries=0) as limited:
+        answered = [limited.responses.create(model=MODEL, input="a", store=False)]
+        answered.append(limited.responses.create(model=MODEL, input="b", store=False))
+        with pytest.raises(openai.RateLimitError):
+            limited.responses.create(model=MODEL, input="c", store=False)
+    expected = sum(r.usage.total_tokens for r in answered if r.usage is not None)
+    deadline = time.monotonic() + 10
+    while True:
+        report = httpx.get(
+            f"{stack.base_url}/api/usage",
+            headers={"authorization": f"Bearer {key}"},
+            timeout=10,
+        ).json()
+        if report["total"]["requests"] >= 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert report["total"]["requests"] == 2
+    assert report["total"]["total_tokens"] == expected
+
+
+def test_image_input_reaches_ollama_as_an_image(client: openai.OpenAI, ollama: FakeOllama) -> None:
+    ollama.reset()
+    pixel = (
+        "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5E"
+        "rkJggg=="
+    )
+    client.responses.create(
+        model=MODEL,
+        input=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "input_text", "text": "What is this?"},
+                    {
+                        "type": "input_image",
+                        "image_url": f"data:image/png;base64,{pixel}",
+                        "detail": "auto",
+                    },
+                ],
+            }
+        ],
+    )
+    (message,) = last_messages(ollama)
+    assert message["content"] == "What is this?"
+    assert message["images"] == [pixel]
+
+
+def test_answers_match_the_openapi_document(client: openai.OpenAI, stack: Stack) -> None:
+    document = httpx.get(f"{stack.base_url}/openapi.json").json()
+
+    def conforms(schema_name: str, value: Any) -> None:
+        schema = {"$ref": f"#/components/schemas/{schema_name}", **document}
+        jsonschema.validate(value, schema, cls=jsonschema.Draft202012Validator)
+
+    made = client.responses.create(model="ollama/tooly:latest", input="x", tools=TOOLS)
+    conforms("ResponseObject", made.to_dict())
+    conforms("ResponseObject", client.responses.retrieve(made.id).to_dict())
+    conforms("InputItemList", client.responses.input_items.list(made.id).to_dict())
+    for e in client.responses.create(model=MODEL, input="x", stream=True):
+        conforms("ResponseStreamEvent", e.to_dict())

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 import grpc
 import orjson
@@ -22,6 +23,7 @@ from marie_gateway.errors import ApiError, from_rpc_error, service_unavailable
 from marie_gateway.web import current_request_id
 
 log = logging.getLogger("marie.gateway.responses")
+T = TypeVar("T")
 
 PREFIX = "resp_"
 #: Characters of record per stored message: at most 1 MiB of UTF-8.
@@ -59,6 +61,15 @@ class ResponseStore:
         if exc.code() in _DOWN:
             return service_unavailable(UNAVAILABLE_MESSAGE)
         return from_rpc_error(exc, current_request_id())
+
+    async def _find(self, call: Awaitable[T], response_id: str, param: str | None = None) -> T:
+        """`call` on one stored response: 404 when this tenant has no such one."""
+        try:
+            return await call
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
+                raise not_found(response_id, param) from None
+            raise self._error(exc) from None
 
     async def create(self, user_id: str, model: str) -> str:
         """A new, empty stored response; its id. 503 when memory is down."""
@@ -119,8 +130,8 @@ class ResponseStore:
         if not response_id.startswith(PREFIX) or len(response_id) > 128:
             raise not_found(response_id, param)
         memory, timeout, metadata = self._rpc()
-        try:
-            reply = await memory.ListMessages(
+        reply = await self._find(
+            memory.ListMessages(
                 mpb.ListMessagesRequest(
                     user_id=user_id,
                     conversation_id=response_id[len(PREFIX) :],
@@ -128,11 +139,10 @@ class ResponseStore:
                 ),
                 timeout=timeout,
                 metadata=metadata,
-            )
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
-                raise not_found(response_id, param) from None
-            raise self._error(exc) from None
+            ),
+            response_id,
+            param,
+        )
         if not reply.messages:
             # Created, but its answer never came (or is still coming).
             raise not_found(response_id, param)
@@ -161,18 +171,16 @@ class ResponseStore:
         if not response_id.startswith(PREFIX):
             raise not_found(response_id)
         memory, timeout, metadata = self._rpc()
-        try:
-            await memory.DeleteConversation(
+        await self._find(
+            memory.DeleteConversation(
                 mpb.DeleteConversationRequest(
                     user_id=user_id, conversation_id=response_id[len(PREFIX) :]
                 ),
                 timeout=timeout,
                 metadata=metadata,
-            )
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
-                raise not_found(response_id) from None
-            raise self._error(exc) from None
+            ),
+            response_id,
+        )
 
     def later(self, work: Any, what: str) -> None:
         """Run a save or delete after the request (its client has left)."""
