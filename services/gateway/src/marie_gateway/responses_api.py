@@ -85,15 +85,15 @@ class ResponsesRoutes:
         current = body.input if isinstance(body.input, list) else ITEMS.validate_python(items)
         messages = chat_messages(history + current, body.instructions)
         response_id = await self.store.create(tenant, body.model) if body.store else new_id("resp")
-        chat = chat_request_to_proto(
-            chat_parameters(body, messages),
-            response_id,
-            model=body.model,
-            aggregate=not body.stream,
-        )
-        await enrich_chat(gw, principal, body.user, chat)
         answer = _Answer(self.store, tenant, body, response_id, items)
         try:
+            chat = chat_request_to_proto(
+                chat_parameters(body, messages),
+                response_id,
+                model=body.model,
+                aggregate=not body.stream,
+            )
+            await enrich_chat(gw, principal, body.user, chat)
             call = ChatCall(gw, request, principal, chat, tally)
             async with call.answering():
                 first = await call.first()
