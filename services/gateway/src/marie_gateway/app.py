@@ -1,7 +1,8 @@
 """The gateway's HTTP application, assembled: each surface (the OpenAI `/v1`
-routes, the memory `/api` routes, the model API, comparison, health, metrics,
-the OpenAPI document, Envoy's key check) lives in its own module; this one wires
-them to the shared state, the error handlers, CORS and the request context."""
+routes, the Responses API, the memory `/api` routes, the model API, comparison,
+health, metrics, the OpenAPI document, Envoy's key check) lives in its own
+module; this one wires them to the shared state, the error handlers, CORS and
+the request context."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from marie_gateway.memory_api import MemoryRoutes
 from marie_gateway.middleware import RequestContext
 from marie_gateway.models_api import ModelRoutes
 from marie_gateway.openai_api import OpenAIRoutes
+from marie_gateway.responses_api import ResponsesRoutes
 from marie_gateway.settings import GatewaySettings
 from marie_gateway.usage import UsageRoutes
 from marie_gateway.web import current_request_id, error_response
@@ -62,6 +64,7 @@ def create_app(settings: GatewaySettings) -> RequestContext:
     routes = [
         *OpenAIRoutes(gw).routes(),
         *CompletionRoutes(gw).routes(),
+        *ResponsesRoutes(gw).routes(),
         *MemoryRoutes(gw).routes(),
         *ModelRoutes(gw).routes(),
         *CompareRoutes(gw).routes(),

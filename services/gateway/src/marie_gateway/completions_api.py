@@ -6,7 +6,6 @@ cancellation on disconnect)."""
 from __future__ import annotations
 
 import secrets
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,9 +16,10 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from marie_gateway.access import SCOPE_CHAT
+from marie_gateway.chat_call import GenerationCall, add_usage
 from marie_gateway.core import Gateway
 from marie_gateway.mapping import FINISH_REASONS, fill_sampling, text_logprobs, usage_dict
-from marie_gateway.openai_api import add_usage, relay
+from marie_gateway.openai_api import relay
 from marie_gateway.protocol import CompletionRequest
 from marie_gateway.sse import EventStreamResponse
 from marie_gateway.web import parse_body
@@ -116,10 +116,6 @@ class TextDialect:
             out["usage"] = usage_dict(self._usage)
         return out
 
-    @property
-    def usage(self) -> pb.Usage | None:
-        return self._usage
-
 
 def completion_request_to_proto(
     body: CompletionRequest, prompt: str, completion_id: str, *, aggregate: bool
@@ -156,7 +152,6 @@ class CompletionRoutes:
         body = parse_body(CompletionRequest, await gw.read_body(request))
         tally.requested = body.model
         completion_id = "cmpl-" + secrets.token_hex(12)
-        started = time.perf_counter()
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         stub = gw.backends().providers
         calls: list[TextCall] = [
@@ -170,12 +165,8 @@ class CompletionRoutes:
         ]
         chain = CallChain(calls)
         return await relay(
-            gw,
-            request,
-            chain,
+            GenerationCall(gw, request, chain, pb.StreamCompletionResponse, tally),
             TextDialect(chain, len(calls), logprobs=body.logprobs is not None),
-            tally=tally,
-            started=started,
             stream=body.stream,
             include_usage=bool(body.stream_options and body.stream_options.include_usage),
         )

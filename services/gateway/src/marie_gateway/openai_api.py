@@ -4,12 +4,11 @@
 from __future__ import annotations
 
 import array
-import asyncio
 import base64
 import secrets
 import time
 from collections.abc import AsyncIterator
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 import grpc
 from marie.providers.v1 import provider_service_pb2 as pb
@@ -18,8 +17,9 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from marie_gateway.access import SCOPE_CHAT, SCOPE_EMBEDDINGS, SCOPE_MODELS
-from marie_gateway.core import Cancellable, Gateway
-from marie_gateway.errors import ApiError, client_closed, from_rpc_error, service_unavailable
+from marie_gateway.chat_call import C, GenerationCall, open_chat
+from marie_gateway.core import Gateway
+from marie_gateway.errors import ApiError, from_rpc_error
 from marie_gateway.mapping import (
     FINISH_REASONS,
     CompletionAggregate,
@@ -29,39 +29,9 @@ from marie_gateway.mapping import (
     usage_payload,
 )
 from marie_gateway.memory_api import enrich_chat
-from marie_gateway.metrics import STREAMS_IN_FLIGHT, provider_of, time_to_first_token, tokens
 from marie_gateway.protocol import ChatCompletionRequest, EmbeddingsRequest
-from marie_gateway.sse import DONE, DisconnectWatch, EventStreamResponse, event
-from marie_gateway.usage import Tally
+from marie_gateway.sse import DONE, EventStreamResponse, event
 from marie_gateway.web import JSONResponse, current_request_id, parse_body
-
-ChatCall = grpc.aio.UnaryStreamCall[pb.StreamChatCompletionRequest, pb.StreamChatCompletionResponse]
-
-
-class Chunk(Protocol):
-    """What every streamed providers chunk has (chat's and text completions')."""
-
-    @property
-    def id(self) -> str: ...
-    @property
-    def model(self) -> str: ...
-    @property
-    def created(self) -> int: ...
-    @property
-    def usage(self) -> pb.Usage: ...
-    def HasField(self, field_name: Any) -> bool: ...
-
-
-C = TypeVar("C", bound=Chunk)
-
-
-class StreamCall(Cancellable, Protocol):
-    """A streaming gRPC call as the relay uses it (or several read as one)."""
-
-    async def read(self) -> Any: ...
-
-
-SHUTDOWN_MESSAGE = "The server is shutting down; retry the request."
 
 
 class OpenAIRoutes:
@@ -87,7 +57,6 @@ class OpenAIRoutes:
         body = parse_body(ChatCompletionRequest, await gw.read_body(request))
         tally.requested = body.model
         completion_id = "chatcmpl-" + secrets.token_hex(12)
-        started = time.perf_counter()
         chat = chat_request_to_proto(
             body, completion_id, model=body.model, aggregate=not body.stream
         )
@@ -95,24 +64,9 @@ class OpenAIRoutes:
             chat.logprobs = True
             chat.top_logprobs = body.top_logprobs or 0
         await enrich_chat(gw, principal, body.user, chat)
-        # The key's allowed models travel with the call: providers checks the
-        # model it resolves before any upstream call.
-        call: ChatCall = gw.backends().providers.StreamChatCompletion(
-            chat,
-            timeout=gw.settings.request_timeout_seconds,
-            metadata=principal.call_metadata(),
-        )
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return await relay(
-            gw,
-            request,
-            call,
-            ChatDialect(),
-            tally=tally,
-            started=started,
-            stream=body.stream,
-            include_usage=include_usage,
-        )
+        call = open_chat(gw, request, principal, chat, tally)
+        return await relay(call, ChatDialect(), stream=body.stream, include_usage=include_usage)
 
     async def list_models(self, request: Request) -> Response:
         gw = self.gw
@@ -208,10 +162,6 @@ class Dialect(Protocol[C]):
     def whole(self, completion_id: str, created: int, model: str) -> dict[str, Any]:
         """The whole answer of the chunks added."""
 
-    @property
-    def usage(self) -> pb.Usage | None:
-        """The usage of the chunks added."""
-
 
 class ChatDialect:
     """`chat.completion` and `chat.completion.chunk`."""
@@ -237,154 +187,55 @@ class ChatDialect:
     def whole(self, completion_id: str, created: int, model: str) -> dict[str, Any]:
         return self._aggregate.response(completion_id, created, model)
 
-    @property
-    def usage(self) -> pb.Usage | None:
-        return self._aggregate.usage
-
-
-def add_usage(total: pb.Usage | None, more: pb.Usage) -> pb.Usage:
-    """`total` + `more` (several calls answer one request: several choices)."""
-    if total is None:
-        return more
-    return pb.Usage(
-        prompt_tokens=total.prompt_tokens + more.prompt_tokens,
-        completion_tokens=total.completion_tokens + more.completion_tokens,
-        total_tokens=total.total_tokens + more.total_tokens,
-    )
-
 
 async def relay(
-    gw: Gateway,
-    request: Request,
-    call: StreamCall,
-    dialect: Dialect[C],
-    *,
-    tally: Tally,
-    started: float,
-    stream: bool,
-    include_usage: bool,
+    call: GenerationCall[C], dialect: Dialect[C], *, stream: bool, include_usage: bool
 ) -> Response | EventStreamResponse:
     """Answer a request from a providers stream: as SSE events (`stream`) or as one
-    JSON answer, with the key's usage, metrics, shutdown and disconnect handling
-    every generating route shares."""
-    rid = current_request_id()
-    gw.track(call)
-    # Until the response starts, a client that leaves must still stop the
-    # call (a model loading for 30 s generates for nobody otherwise).
-    watch = DisconnectWatch(request.receive, call)
-    streaming = False
-    try:
-        # Nothing is sent before the first chunk: until then every failure
-        # is a plain HTTP error with the right status.
-        first = await call.read()
-        if not isinstance(first, dialect.chunk_type):  # grpc.aio.EOF
-            raise ApiError(502, "The provider ended the stream without a reply.", "server_error")
-        time_to_first_token(*provider_of(first.model)).observe(time.perf_counter() - started)
+    JSON answer; the call brings the usage, metrics, shutdown and disconnect
+    handling every generating route shares."""
+    async with call.answering():
+        first = await call.first()
         created = first.created or int(time.time())
         if stream:
-            # The event stream watches for the disconnect itself from here on.
-            await watch.stop()
-            events = _sse_events(
-                gw,
-                call,
-                dialect,
-                first,
-                created=created,
-                include_usage=include_usage,
-                rid=rid,
-                tally=tally,
-            )
-            streaming = True
+            call.streaming()
             return EventStreamResponse(
-                events,
-                [(b"x-request-id", rid.encode())],
-                keep_alive_seconds=gw.settings.sse_keep_alive_seconds,
+                _sse_events(call, dialect, first, created, include_usage),
+                [(b"x-request-id", call.request_id.encode())],
+                keep_alive_seconds=call.gw.settings.sse_keep_alive_seconds,
             )
         dialect.add(first)
-        while isinstance(chunk := await call.read(), dialect.chunk_type):
+        async for chunk in call.chunks():
             dialect.add(chunk)
-        if (usage := dialect.usage) is not None:
-            count_tokens(first.model, usage)
-            tally.add(first.model, usage.prompt_tokens, usage.completion_tokens)
         return JSONResponse(dialect.whole(first.id, created, first.model))
-    except grpc.aio.AioRpcError as exc:
-        raise from_rpc_error(exc, rid) from None
-    except asyncio.CancelledError:
-        if watch.fired:
-            # Nobody is left to answer; 499 shows in the access log only.
-            raise client_closed() from None
-        if gw.cut_by_shutdown():
-            raise service_unavailable(SHUTDOWN_MESSAGE) from None
-        raise
-    finally:
-        await watch.stop()
-        if not streaming:
-            # A failure part-way leaves no call generating for nobody (several
-            # choices are several calls); a finished call ignores this.
-            call.cancel()
-            gw.untrack(call)
 
 
 async def _sse_events(
-    gw: Gateway,
-    call: StreamCall,
-    dialect: Dialect[C],
-    first: C,
-    *,
-    created: int,
-    include_usage: bool,
-    rid: str,
-    tally: Tally,
+    call: GenerationCall[C], dialect: Dialect[C], first: C, created: int, include_usage: bool
 ) -> AsyncIterator[bytes]:
     head = {"id": first.id, "object": dialect.chunk_object, "created": created}
-    model = first.model
-    usage: pb.Usage | None = None
-    STREAMS_IN_FLIGHT.inc()
     try:
         chunk = first
+        rest = call.chunks()
         while True:
-            if chunk.HasField("usage"):
-                usage = add_usage(usage, chunk.usage)
             if (payload := dialect.event(head, chunk)) is not None:
                 yield event(payload)
             try:
-                read = await call.read()
-            except grpc.aio.AioRpcError as exc:
+                chunk = await anext(rest)
+            except StopAsyncIteration:
+                break
+            except ApiError as exc:
                 # After the first byte the status is committed: the error
                 # travels as an event, then the stream ends normally.
-                tally.failed = True
-                yield event(from_rpc_error(exc, rid).envelope())
+                yield event(exc.envelope())
                 yield DONE
                 return
-            except asyncio.CancelledError:
-                if not gw.cut_by_shutdown():
-                    raise
-                # The grace period is over: say so, and end the stream
-                # properly rather than cutting it mid-air.
-                tally.failed = True
-                yield event(service_unavailable(SHUTDOWN_MESSAGE).envelope())
-                yield DONE
-                return
-            if not isinstance(read, dialect.chunk_type):  # grpc.aio.EOF
-                break
-            chunk = read
-        if include_usage and usage is not None:
-            yield event(usage_payload(head, model, usage))
+        if include_usage and call.usage is not None:
+            yield event(usage_payload(head, first.model, call.usage))
         yield DONE
     finally:
         # Reached on normal end, on error, and when the client disconnects.
-        call.cancel()
-        gw.untrack(call)
-        STREAMS_IN_FLIGHT.dec()
-        if usage is not None:
-            count_tokens(model, usage)
-            tally.add(model, usage.prompt_tokens, usage.completion_tokens)
-
-
-def count_tokens(model: str, usage: pb.Usage) -> None:
-    provider, model_id = provider_of(model)
-    tokens(provider, model_id, "in").inc(usage.prompt_tokens)
-    tokens(provider, model_id, "out").inc(usage.completion_tokens)
+        call.close()
 
 
 def _model_object(model: pb.ModelInfo) -> dict[str, Any]:

@@ -294,6 +294,104 @@ class EmbeddingList(_Out):
     usage: EmbeddingUsage
 
 
+# -- the Responses API (described; built as dicts) ------------------------------
+
+
+class OutputText(_Out):
+    type: Literal["output_text"]
+    text: str
+    annotations: list[Any]
+    logprobs: list[Any] | None = None
+
+
+class OutputMessage(_Out):
+    id: str
+    type: Literal["message"]
+    role: Literal["assistant"]
+    status: Literal["in_progress", "completed", "incomplete"]
+    content: list[OutputText]
+
+
+class FunctionCallOut(_Out):
+    id: str
+    type: Literal["function_call"]
+    status: Literal["in_progress", "completed", "incomplete"]
+    call_id: str
+    name: str
+    arguments: str = Field(description="The arguments as JSON text.")
+
+
+class ResponseUsage(_Out):
+    input_tokens: int
+    input_tokens_details: dict[str, int]
+    output_tokens: int
+    output_tokens_details: dict[str, int]
+    total_tokens: int
+
+
+class ResponseError(_Out):
+    code: str
+    message: str
+
+
+class IncompleteDetails(_Out):
+    reason: Literal["max_output_tokens", "content_filter"]
+
+
+class ResponseObject(_Out):
+    """A response (`object: "response"`), as OpenAI shapes it; the request's
+    settings are echoed with OpenAI's defaults."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    id: str = Field(description="resp_…; for a stored response, its id in the memory service.")
+    object: Literal["response"]
+    created_at: int
+    completed_at: int | None = None
+    status: Literal["in_progress", "completed", "incomplete", "failed", "cancelled"]
+    model: str
+    output: list[OutputMessage | FunctionCallOut]
+    usage: ResponseUsage | None
+    error: ResponseError | None
+    incomplete_details: IncompleteDetails | None
+    instructions: str | None
+    previous_response_id: str | None
+    store: bool
+    parallel_tool_calls: bool
+    tool_choice: str | dict[str, Any]
+    tools: list[dict[str, Any]]
+    metadata: dict[str, str]
+
+
+class ResponseStreamEvent(_Out):
+    """One event of a streamed response: `event: <type>` then a `data:` line
+    with this object. In order: response.created, response.in_progress, then
+    per output item output_item.added, (content_part.added,
+    output_text.delta…, output_text.done, content_part.done) or
+    (function_call_arguments.delta…, function_call_arguments.done),
+    output_item.done; last response.completed, response.incomplete (cut
+    short), or error and response.failed."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    type: str
+    sequence_number: int
+
+
+class InputItemList(_Out):
+    object: Literal["list"]
+    data: list[dict[str, Any]] = Field(description="Input items, each with an id.")
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
+class ResponseDeleted(_Out):
+    id: str
+    object: Literal["response.deleted"]
+    deleted: Literal[True]
+
+
 class Health(_Out):
     status: str
     checks: dict[str, bool] | None = None

@@ -31,6 +31,13 @@ def event(payload: Any) -> bytes:
     return b"data: " + orjson.dumps(payload) + b"\n\n"
 
 
+def typed_event(payload: dict[str, Any]) -> bytes:
+    """One event named by its payload's `type` (the Responses API's framing:
+    `event: response.created` then the `data:` line)."""
+    kind: str = payload["type"]
+    return b"event: " + kind.encode() + b"\n" + event(payload)
+
+
 Scope = dict[str, Any]
 Receive = Callable[[], Any]
 Send = Callable[[dict[str, Any]], Any]

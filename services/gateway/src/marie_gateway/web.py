@@ -36,29 +36,35 @@ def error_response(error: ApiError, headers: Mapping[str, str] | None = None) ->
 _TYPE_LABELS = frozenset({"str", "int", "float", "bool", "dict", "list", "none"})
 
 
-def field_path(loc: tuple[int | str, ...]) -> str:
-    """The field path of a pydantic error location, OpenAI style: `messages[0].role`."""
+def field_path(loc: tuple[int | str, ...], tags: frozenset[str] = frozenset()) -> str:
+    """The field path of a pydantic error location, OpenAI style: `messages[0].role`.
+    `tags` are the labels of tagged unions, which name no field."""
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part.isidentifier() and part not in _TYPE_LABELS and not part[:1].isupper():
+        elif (
+            part.isidentifier()
+            and part not in _TYPE_LABELS
+            and part not in tags
+            and not part[:1].isupper()
+        ):
             # Union branch labels ("str", "list[…]", model names) are not fields.
             out += f".{part}" if out else part
     return out
 
 
-def parse_body(model: type[M], raw: bytes) -> M:
-    """Validate a JSON body; 400 naming the first bad field."""
+def parse_body(model: type[M], raw: bytes, tags: frozenset[str] = frozenset()) -> M:
+    """Validate a JSON body; 400 naming the first bad field (`tags`: see field_path)."""
     if not raw:
         raise bad_request("The request body is empty; expected a JSON object.")
     try:
         return model.model_validate_json(raw)
     except ValidationError as exc:
-        raise validation_error(exc) from None
+        raise validation_error(exc, tags) from None
 
 
-def validation_error(exc: ValidationError) -> ApiError:
+def validation_error(exc: ValidationError, tags: frozenset[str] = frozenset()) -> ApiError:
     """The 400 for a failed validation, naming the field that says most."""
     errors = exc.errors(include_url=False)
     # Of a union's per-branch errors, the deepest one says most about the
@@ -69,7 +75,7 @@ def validation_error(exc: ValidationError) -> ApiError:
         return bad_request(f"The request body is not valid JSON: {first['msg']}")
     if first["type"] == "model_type" and not first["loc"]:
         return bad_request("The request body must be a JSON object.")
-    param = field_path(first["loc"])
+    param = field_path(first["loc"], tags)
     where = f"'{param}': " if param else ""
     return bad_request(f"Invalid request: {where}{first['msg']}", param or None)
 

@@ -1,0 +1,190 @@
+"""One providers generation call made for an HTTP request, as every generating
+surface (`/v1/chat/completions`, `/v1/completions`, `/v1/responses`) makes it:
+tracked for shutdown, its first chunk awaited while a client disconnect still
+cancels it, the rest read with errors mapped to the OpenAI envelope, and closed
+once: cancelled, untracked, tokens counted and tallied."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, Generic, Protocol, TypeVar
+
+import grpc
+from marie.providers.v1 import provider_service_pb2 as pb
+from starlette.requests import Request
+
+from marie_gateway.access import Principal
+from marie_gateway.core import Cancellable, Gateway
+from marie_gateway.errors import ApiError, client_closed, from_rpc_error, service_unavailable
+from marie_gateway.metrics import STREAMS_IN_FLIGHT, provider_of, time_to_first_token, tokens
+from marie_gateway.sse import DisconnectWatch
+from marie_gateway.usage import Tally
+from marie_gateway.web import current_request_id
+
+SHUTDOWN_MESSAGE = "The server is shutting down; retry the request."
+
+
+class Chunk(Protocol):
+    """What every streamed providers chunk has (chat's and text completions')."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def model(self) -> str: ...
+    @property
+    def created(self) -> int: ...
+    @property
+    def usage(self) -> pb.Usage: ...
+    def HasField(self, field_name: Any) -> bool: ...
+
+
+C = TypeVar("C", bound=Chunk)
+
+
+class StreamCall(Cancellable, Protocol):
+    """A server-streaming gRPC call as read here (or several read as one)."""
+
+    async def read(self) -> Any: ...
+
+
+def count_tokens(model: str, usage: pb.Usage) -> None:
+    provider, model_id = provider_of(model)
+    tokens(provider, model_id, "in").inc(usage.prompt_tokens)
+    tokens(provider, model_id, "out").inc(usage.completion_tokens)
+
+
+def add_usage(total: pb.Usage | None, more: pb.Usage) -> pb.Usage:
+    """`total` + `more` (several calls answer one request: several choices)."""
+    if total is None:
+        return more
+    return pb.Usage(
+        prompt_tokens=total.prompt_tokens + more.prompt_tokens,
+        completion_tokens=total.completion_tokens + more.completion_tokens,
+        total_tokens=total.total_tokens + more.total_tokens,
+    )
+
+
+class GenerationCall(Generic[C]):
+    """A streaming providers call on behalf of one request, yielding `chunk_type`.
+
+    Use: `async with call.answering():` around everything up to the answer
+    (the first chunk, and the whole reply when it is not streamed); for a
+    streamed answer call `streaming()` inside it and read `chunks()` in the
+    event generator, which calls `close()` in its `finally`."""
+
+    def __init__(
+        self, gw: Gateway, request: Request, call: StreamCall, chunk_type: type[C], tally: Tally
+    ) -> None:
+        self.gw = gw
+        self.tally = tally
+        self.request_id = current_request_id()
+        self._started = time.perf_counter()
+        self._chunk_type = chunk_type
+        self.call = call
+        gw.track(call)
+        # Until the response starts, a client that leaves must still stop the
+        # call (a model loading for 30 s generates for nobody otherwise).
+        self._watch = DisconnectWatch(request.receive, self.call)
+        self.model = ""
+        self.usage: pb.Usage | None = None
+        self._streaming = False
+        self._closed = False
+
+    @asynccontextmanager
+    async def answering(self) -> AsyncIterator[None]:
+        """The time before the answer starts: failures become ApiErrors with
+        their HTTP status; the call is closed on leaving unless it streams."""
+        try:
+            yield
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc, self.request_id) from None
+        except asyncio.CancelledError:
+            if self._watch.fired:
+                # Nobody is left to answer; 499 shows in the access log only.
+                raise client_closed() from None
+            if self.gw.cut_by_shutdown():
+                raise service_unavailable(SHUTDOWN_MESSAGE) from None
+            raise
+        finally:
+            await self._watch.stop()
+            if not self._streaming:
+                self.close()
+
+    async def first(self) -> C:
+        """The first chunk. Nothing is sent before it: until then every
+        failure is a plain HTTP error with the right status."""
+        first = await self.call.read()
+        if not isinstance(first, self._chunk_type):  # grpc.aio.EOF
+            raise ApiError(502, "The provider ended the stream without a reply.", "server_error")
+        time_to_first_token(*provider_of(first.model)).observe(time.perf_counter() - self._started)
+        self.model = first.model
+        self._note(first)
+        return first
+
+    def streaming(self) -> None:
+        """The answer is an event stream from here on: it watches for the
+        disconnect itself, and closes the call when it ends."""
+        self._streaming = True
+        STREAMS_IN_FLIGHT.inc()
+
+    async def chunks(self) -> AsyncIterator[C]:
+        """The chunks after the first. A failure raises ApiError: the call's
+        error, or 503 when the shutdown's grace period is over."""
+        while True:
+            try:
+                read = await self.call.read()
+            except grpc.aio.AioRpcError as exc:
+                self.tally.failed = True
+                raise from_rpc_error(exc, self.request_id) from None
+            except asyncio.CancelledError:
+                if not self.gw.cut_by_shutdown():
+                    raise
+                # The grace period is over: the answer says so rather than
+                # being cut mid-air.
+                self.tally.failed = True
+                raise service_unavailable(SHUTDOWN_MESSAGE) from None
+            if not isinstance(read, self._chunk_type):  # grpc.aio.EOF
+                return
+            self._note(read)
+            yield read
+
+    def _note(self, chunk: C) -> None:
+        if chunk.HasField("usage"):
+            # Summed: several calls read as one (choices) each report theirs.
+            self.usage = add_usage(self.usage, chunk.usage)
+
+    def close(self) -> None:
+        """End the call (idempotent): reached on normal end, on error and when
+        the client disconnects; what was used is counted once."""
+        if self._closed:
+            return
+        self._closed = True
+        self.call.cancel()
+        self.gw.untrack(self.call)
+        if self._streaming:
+            STREAMS_IN_FLIGHT.dec()
+        if self.usage is not None:
+            count_tokens(self.model, self.usage)
+            self.tally.add(self.model, self.usage.prompt_tokens, self.usage.completion_tokens)
+
+
+ChatCall = GenerationCall[pb.StreamChatCompletionResponse]
+
+
+def open_chat(
+    gw: Gateway,
+    request: Request,
+    principal: Principal,
+    chat: pb.StreamChatCompletionRequest,
+    tally: Tally,
+) -> ChatCall:
+    """Open a `StreamChatCompletion` call for a request."""
+    # The key's allowed models travel with the call: providers checks the
+    # model it resolves before any upstream call.
+    call = gw.backends().providers.StreamChatCompletion(
+        chat, timeout=gw.settings.request_timeout_seconds, metadata=principal.call_metadata()
+    )
+    return GenerationCall(gw, request, call, pb.StreamChatCompletionResponse, tally)
