@@ -33,7 +33,9 @@ from marie_auth.keys import (
     KeyManager,
     open_store,
 )
+from marie_auth.leases import LeaseBook, SqliteLeaseStore
 from marie_auth.settings import AuthSettings
+from marie_auth.store import KeyLimits
 from marie_auth.usage import SqliteUsageStore, UsageLedger
 
 log = logging.getLogger("marie.auth.service")
@@ -66,6 +68,7 @@ class AuthComponent:
         self._follow_task: asyncio.Task[None] | None = None
         self._keys: KeyManager | None = None
         self._usage: UsageLedger | None = None
+        self._leases: LeaseBook | None = None
         self._expiry_task: asyncio.Task[None] | None = None
 
     @property
@@ -86,6 +89,15 @@ class AuthComponent:
             )
         return self._usage
 
+    @property
+    def leases(self) -> LeaseBook:
+        """The started lease book; UNAVAILABLE before `start()` and after `close()`."""
+        if self._leases is None:
+            raise ServiceError(
+                grpc.StatusCode.UNAVAILABLE, "UNAVAILABLE", "auth service not ready", domain=DOMAIN
+            )
+        return self._leases
+
     def register(self, server: grpc.aio.Server) -> None:
         pb_grpc.add_AuthServiceServicer_to_server(AuthServicer(self), server)
 
@@ -99,6 +111,14 @@ class AuthComponent:
             clock=self._clock,
         )
         self._usage = UsageLedger(await SqliteUsageStore.open(self.settings.db_path))
+        keys = self._keys
+
+        async def limits_of(key_id: str) -> KeyLimits:
+            return (await keys.get(key_id)).spec.limits
+
+        self._leases = LeaseBook(
+            await SqliteLeaseStore.open(self.settings.db_path), limits_of, clock=self._clock
+        )
         self._expiry_task = asyncio.create_task(
             self._keys.notify_expirations(self._expiry_check_seconds)
         )
@@ -128,6 +148,9 @@ class AuthComponent:
         if self._usage is not None:
             usage, self._usage = self._usage, None
             await usage.close()
+        if self._leases is not None:
+            leases, self._leases = self._leases, None
+            await leases.close()
 
 
 class AuthServicer(pb_grpc.AuthServiceServicer):
@@ -229,3 +252,9 @@ class AuthServicer(pb_grpc.AuthServiceServicer):
             group_by=convert.GROUP_BY.get(request.group_by, convert.GROUP_BY[0]),
         )
         return convert.usage_report_to_proto(report)
+
+    async def LeaseCapacity(
+        self, request: pb.LeaseCapacityRequest, context: Context
+    ) -> pb.LeaseCapacityResponse:
+        grant = await self._component.leases.lease(convert.lease_ask_from_proto(request))
+        return convert.lease_grant_to_proto(grant)

@@ -24,6 +24,7 @@ from starlette.requests import ClientDisconnect, Request
 
 from marie_gateway.access import SCOPE_ADMIN, KeyValidator, Principal, extract_key
 from marie_gateway.errors import ApiError, client_closed, service_unavailable
+from marie_gateway.leased_limits import LeasedLimiter
 from marie_gateway.limits import (
     InvalidKeyThrottle,
     Limiter,
@@ -295,6 +296,11 @@ class Gateway:
             timeout=self.settings.control_timeout_seconds,
         )
         usage.start()
+        leased: LeasedLimiter | None = None
+        if self.settings.limits == "auth":
+            leased = LeasedLimiter(auth)
+            leased.start()
+            self.limiter = leased
         self._backends = Backends(
             providers_channel,
             auth_channel,
@@ -307,13 +313,19 @@ class Gateway:
         )
         log.info(
             "gateway ready",
-            extra={"providers": self.settings.providers_addr, "auth": self.settings.auth_addr},
+            extra={
+                "providers": self.settings.providers_addr,
+                "auth": self.settings.auth_addr,
+                "limits": self.settings.limits,
+            },
         )
         try:
             yield
         finally:
             self.shutting_down = True
             await keys.close()
+            if leased is not None:
+                await leased.close()
             # Requests have ended: what they used goes to the ledger now.
             await usage.close()
             await providers_channel.close()

@@ -139,6 +139,13 @@ class GatewaySettings(BaseSettings):
         description="The window of invalid_key_threshold: the allowance refills over it.",
     )
 
+    limits: Literal["local", "auth"] = Field(
+        default="local",
+        description="Where per-key limits are counted: 'local' in this gateway (exact, for "
+        "one gateway), 'auth' in auth's store, leased to each gateway in small shares "
+        "(for several gateway replicas; see docs/decisions.md for the bound).",
+    )
+
     admin_key: SecretStr | None = Field(
         default=None,
         validation_alias=AliasChoices("MARIE_ADMIN_KEY", "admin_key"),
