@@ -23,6 +23,7 @@ from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 
 from marie_gateway.access import SCOPE_ADMIN, KeyValidator, Principal, extract_key
+from marie_gateway.client_address import TrustedProxies, parse_networks
 from marie_gateway.errors import ApiError, client_closed, service_unavailable
 from marie_gateway.leased_limits import LeasedLimiter
 from marie_gateway.limits import (
@@ -126,6 +127,7 @@ class Gateway:
         admin = settings.admin_key.get_secret_value() if settings.admin_key else ""
         # Only a digest is kept; presented keys are compared digest to digest.
         self._admin_digest = hashlib.sha256(admin.encode()).digest() if admin else None
+        self.proxies = TrustedProxies(parse_networks(settings.trusted_proxies))
         self.invalid_keys = InvalidKeyThrottle(
             settings.invalid_key_threshold, settings.invalid_key_window_seconds
         )
@@ -190,7 +192,8 @@ class Gateway:
         headers = request.headers
         key = extract_key(headers.get("authorization"), headers.get("x-api-key"))
         keys = self.backends().keys
-        address = request.client.host if request.client else ""
+        peer = request.client.host if request.client else ""
+        address = self.proxies.client(peer, headers.getlist("x-forwarded-for"))
         wait = self.invalid_keys.retry_after(address)
         if wait:
             known = keys.cached(key)
