@@ -19,6 +19,7 @@ from marie.memory.v1 import memory_service_pb2_grpc as memory_grpc
 from marie.providers.v1 import provider_service_pb2_grpc as pb_grpc
 from marie_kit.channels import insecure_channel
 from marie_kit.memory import LARGE_REQUEST_BYTES, schedule_trim
+from marie_kit.usage import UsageRecorder
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 
@@ -35,7 +36,7 @@ from marie_gateway.limits import (
 )
 from marie_gateway.metrics import RATE_LIMITED
 from marie_gateway.settings import GatewaySettings
-from marie_gateway.usage import Tally, UsageRecorder
+from marie_gateway.usage import Tally
 from marie_gateway.web import current_request_id
 
 if TYPE_CHECKING:
