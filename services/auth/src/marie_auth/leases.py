@@ -30,7 +30,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from marie_kit.sqlite import open_on_thread
 
@@ -322,12 +322,20 @@ class SqliteLeaseStore:
         self._executor.shutdown(wait=True)
 
 
+class LeaseStore(Protocol):
+    """Where the counters live (SQLite or OpenSearch); `lease` is atomic per key."""
+
+    async def lease(self, limits: KeyLimits, ask: LeaseAsk, now: float) -> LeaseGrant: ...
+
+    async def close(self) -> None: ...
+
+
 class LeaseBook:
     """The leases core: checks an ask, reads the key's limits, leases."""
 
     def __init__(
         self,
-        store: SqliteLeaseStore,
+        store: LeaseStore,
         limits_of: Callable[[str], Awaitable[KeyLimits]],
         *,
         clock: Callable[[], float] = time.time,

@@ -33,16 +33,36 @@ from marie_auth.keys import (
     KeyManager,
     open_store,
 )
-from marie_auth.leases import LeaseBook, SqliteLeaseStore
+from marie_auth.leases import LeaseBook, LeaseStore, SqliteLeaseStore
 from marie_auth.settings import AuthSettings
 from marie_auth.store import KeyLimits
-from marie_auth.usage import SqliteUsageStore, UsageLedger
+from marie_auth.usage import SqliteUsageStore, UsageLedger, UsageStore
 
 log = logging.getLogger("marie.auth.service")
 
 SERVICE_NAME = "marie.auth.v1.AuthService"
 
 Context = grpc.aio.ServicerContext[Any, Any]
+
+
+async def open_usage_store(settings: AuthSettings) -> UsageStore:
+    if settings.store == "opensearch":
+        from marie_auth.opensearch_store import OpenSearchUsageStore  # noqa: PLC0415
+
+        return await OpenSearchUsageStore.open(
+            settings.opensearch_url, prefix=settings.opensearch_index_prefix
+        )
+    return await SqliteUsageStore.open(settings.db_path)
+
+
+async def open_lease_store(settings: AuthSettings) -> LeaseStore:
+    if settings.store == "opensearch":
+        from marie_auth.opensearch_store import OpenSearchLeaseStore  # noqa: PLC0415
+
+        return await OpenSearchLeaseStore.open(
+            settings.opensearch_url, prefix=settings.opensearch_index_prefix
+        )
+    return await SqliteLeaseStore.open(settings.db_path)
 
 
 class AuthComponent:
@@ -110,14 +130,14 @@ class AuthComponent:
             events=self.events,
             clock=self._clock,
         )
-        self._usage = UsageLedger(await SqliteUsageStore.open(self.settings.db_path))
+        self._usage = UsageLedger(await open_usage_store(self.settings))
         keys = self._keys
 
         async def limits_of(key_id: str) -> KeyLimits:
             return (await keys.get(key_id)).spec.limits
 
         self._leases = LeaseBook(
-            await SqliteLeaseStore.open(self.settings.db_path), limits_of, clock=self._clock
+            await open_lease_store(self.settings), limits_of, clock=self._clock
         )
         self._expiry_task = asyncio.create_task(
             self._keys.notify_expirations(self._expiry_check_seconds)
