@@ -51,6 +51,9 @@ IDLE_SECONDS = 5.0
 SWEEP_SECONDS = 1.0
 #: Deadline of a lease call: a request waiting on one waits at most this.
 LEASE_TIMEOUT_SECONDS = 2.0
+#: After a failed lease call, requests go to the fallback this long without
+#: asking auth (background renewals keep probing it).
+AUTH_DOWN_SECONDS = 2.0
 #: Share of a limit one lease takes (1/20 = 5%).
 LEASE_FRACTION = 20
 
@@ -109,6 +112,7 @@ class LeasedLimiter:
         self._fallback = LocalLimiter()
         self._sweeper: asyncio.Task[None] | None = None
         self._auth_down_logged = False
+        self._auth_down_until = 0.0
 
     def start(self) -> None:
         self._sweeper = asyncio.create_task(self._sweep_forever())
@@ -139,13 +143,13 @@ class LeasedLimiter:
         if self._short(lease):
             if now < lease.refused_until:
                 raise self._refusal(lease, lease.refused_until - now)
+            if now < self._auth_down_until:
+                return await self._fall_back(key_id, limits)
             try:
                 await self._renew(key_id, lease)
             except grpc.aio.AioRpcError as exc:
                 self._auth_unreachable(exc)
-                grant = await self._fallback.acquire(key_id, limits)
-                grant.fallback = True
-                return grant
+                return await self._fall_back(key_id, limits)
             if self._short(lease):
                 wait = max(lease.retry_after, 0.001)
                 if not self._concurrency_short(lease):
@@ -158,6 +162,12 @@ class LeasedLimiter:
         grant.requests, grant.tokens = self._quotas(lease)
         if self._low(lease):
             self._renew_later(key_id, lease)
+        return grant
+
+    async def _fall_back(self, key_id: str, limits: Limits) -> Grant:
+        """Admit by this gateway's own counters: auth cannot be asked."""
+        grant = await self._fallback.acquire(key_id, limits)
+        grant.fallback = True
         return grant
 
     def charge(self, grant: Grant, tokens: int) -> None:
@@ -265,6 +275,7 @@ class LeasedLimiter:
             lease.tokens += settle  # not settled: still owed
             raise
         self._auth_down_logged = False
+        self._auth_down_until = 0.0
         lease.requests += answer.requests
         lease.tokens += answer.tokens
         lease.slots = answer.slots
@@ -311,6 +322,8 @@ class LeasedLimiter:
                 await self._ask(key_id, lease)
 
     def _auth_unreachable(self, exc: grpc.aio.AioRpcError) -> None:
+        if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            self._auth_down_until = self._clock() + AUTH_DOWN_SECONDS
         if not self._auth_down_logged:
             self._auth_down_logged = True
             log.warning(
