@@ -8,6 +8,8 @@ what Marie adds. CPU is read from /proc for every Marie process, so it counts
 the gateway, providers and auth together.
 
 Usage: make bench   (or .venv/bin/python bench/run.py --requests 500)
+       .venv/bin/python bench/run.py --shared-limits   (limits leased from auth,
+       MARIE_GATEWAY_LIMITS=auth, with a key that has high limits: the lease path)
 """
 
 from __future__ import annotations
@@ -59,15 +61,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument(
+        "--shared-limits",
+        action="store_true",
+        help="count limits in auth (leases) and use a key with limits far above the load",
+    )
     args = parser.parse_args()
 
     upstreams = start_upstreams()
     ollama = upstreams.ollama_url
     with tempfile.TemporaryDirectory() as tmp:
         # Default log level: the access log is part of the real per-request cost.
-        stack = start_stack(Path(tmp), ollama)
+        extra = {"MARIE_GATEWAY_LIMITS": "auth"} if args.shared_limits else {}
+        stack = start_stack(Path(tmp), ollama, **extra)
         try:
-            key = stack.create_key("bench")
+            limits = ("--rpm", "1000000", "--tpm", "100000000") if args.shared_limits else ()
+            key = stack.create_key("bench", *limits)
             direct = httpx.Client(base_url=ollama, timeout=30)
             marie = httpx.Client(
                 base_url=stack.base_url, timeout=30, headers={"Authorization": f"Bearer {key}"}
@@ -115,7 +124,8 @@ def main() -> None:
             stack.stop()
             upstreams.stop()
 
-    print(f"\nMarie hot-path benchmark: {args.requests} requests per path, sequential\n")
+    what = ", limits leased from auth" if args.shared_limits else ""
+    print(f"\nMarie hot-path benchmark: {args.requests} requests per path, sequential{what}\n")
     header = f"{'mode':<11}{'direct p50':>12}{'marie p50':>12}{'added p50':>12}"
     header += f"{'direct p90':>12}{'marie p90':>12}{'ratio p50':>11}{'marie CPU/req':>15}"
     print(header)

@@ -193,12 +193,15 @@ def test_bad_limits_are_refused_by_the_cli(stack: Stack) -> None:
 
 @pytest.fixture(scope="module")
 def strict(ollama: FakeOllama, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """A suite that slows an address down after 3 invalid keys in 30 seconds."""
+    """A suite that slows an address down after 3 invalid keys in 30 seconds,
+    behind a trusted proxy at 127.0.0.2 (connections from there may say who
+    the client is in X-Forwarded-For; from elsewhere the header is ignored)."""
     running = start_stack(
         Path(tmp_path_factory.mktemp("strict")),
         ollama.base_url,
         MARIE_GATEWAY_INVALID_KEY_THRESHOLD="3",
         MARIE_GATEWAY_INVALID_KEY_WINDOW_SECONDS="30",
+        MARIE_GATEWAY_TRUSTED_PROXIES="127.0.0.2/32",
     )
     yield running
     running.stop()
@@ -227,3 +230,36 @@ def test_repeated_invalid_keys_are_slowed_down_without_affecting_valid_keys(
     # time is covered by the limiter's own tests on a fake clock).
     assert models(strict, wrong).status_code == 429
     assert models(strict, generate_key()).status_code == 429
+
+
+def models_from(stack: Stack, peer: str, forwarded_for: str, key: str) -> int:
+    """GET /v1/models over a connection from `peer` (a loopback address)."""
+    transport = httpx.HTTPTransport(local_address=peer)
+    with httpx.Client(transport=transport) as client:
+        r = client.get(
+            f"{stack.base_url}/v1/models",
+            headers={"Authorization": f"Bearer {key}", "X-Forwarded-For": forwarded_for},
+        )
+        return r.status_code
+
+
+def test_behind_a_trusted_proxy_clients_are_told_apart_by_x_forwarded_for(
+    strict: Stack,
+) -> None:
+    wrong = generate_key()
+    proxy = "127.0.0.2"
+    assert [models_from(strict, proxy, "198.51.100.7", wrong) for _ in range(3)] == [401] * 3
+    assert models_from(strict, proxy, "198.51.100.7", wrong) == 429
+    # Prepending addresses of its own does not get that client out of it
+    # (the rightmost address the proxy did not vouch for is the client)...
+    assert models_from(strict, proxy, "9.9.9.9, 198.51.100.7", wrong) == 429
+    # ...while another client behind the same proxy is not slowed down.
+    assert models_from(strict, proxy, "198.51.100.8", wrong) == 401
+
+
+def test_x_forwarded_for_from_an_untrusted_peer_is_ignored(strict: Stack) -> None:
+    wrong = generate_key()
+    peer = "127.0.0.3"  # not a trusted proxy
+    statuses = [models_from(strict, peer, f"203.0.113.{i}", wrong) for i in range(4)]
+    # Each request claims another client; all count against the peer.
+    assert statuses == [401, 401, 401, 429]

@@ -3,10 +3,13 @@ embeddings and extraction through providers and the fake Ollama, real HTTP."""
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -401,3 +404,42 @@ def test_a_slow_or_dead_memory_service_never_fails_or_holds_a_chat(
         hanging.release.set()
         server.stop(0)
         stack.stop()
+
+
+def test_memory_extraction_is_recorded_in_the_ledger_under_the_turns_key(
+    mem_stack: Stack,
+) -> None:
+    done = mem_stack.marie("keys", "create", "--name", "initech", "--owner", "initech", "--json")
+    assert done.returncode == 0, done.stderr
+    created = orjson.loads(done.stdout)
+    key, key_id = created["key"], created["id"]
+    api = client(mem_stack, key)
+    conv = api("POST", "/api/conversations", json={"model": CHAT_MODEL}).json()
+    turn = api(
+        "POST",
+        f"/api/conversations/{conv['id']}/messages",
+        json={"content": "I like oolong tea.", "stream": False},
+    )
+    assert turn.status_code == 200, turn.text
+
+    # The queued extraction's model calls (facts, then decisions) reach auth's
+    # ledger under the key that made the turn and its owner.
+    ledger = Path(mem_stack.env["MARIE_DATA_DIR"]) / "auth.sqlite3"
+
+    def extraction_rows() -> list[sqlite3.Row]:
+        with contextlib.closing(sqlite3.connect(ledger)) as db:
+            db.row_factory = sqlite3.Row
+            return db.execute(
+                "SELECT * FROM usage_records WHERE operation = 'memory_extraction' "
+                "AND key_id = ? ORDER BY time",
+                (key_id,),
+            ).fetchall()
+
+    assert _wait(lambda: len(extraction_rows()) >= 2, timeout=15)
+    rows = extraction_rows()
+    for row in rows:
+        assert row["owner"] == "initech"
+        assert (row["provider"], row["model"]) == ("ollama", CHAT_MODEL)
+        assert row["status"] == 200
+        assert row["prompt_tokens"] > 0 and row["completion_tokens"] > 0
+        assert row["latency_ms"] >= 0

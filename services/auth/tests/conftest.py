@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import pytest
 from auth_testkit import AuthStub, CreateKey, FakeClock, StartAuth
 from marie.auth.v1 import auth_service_pb2 as pb
 from marie.auth.v1 import auth_service_pb2_grpc as pb_grpc
+from marie_auth.opensearch_store import index_prefix
 from marie_auth.service import AuthComponent
 from marie_auth.settings import AuthSettings
 from marie_kit.channels import insecure_channel
@@ -28,10 +30,28 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-@pytest.fixture
-def settings(tmp_path: Path) -> AuthSettings:
+#: Every store the service runs on: the whole suite (keys, events, replicas,
+#: usage, leases) is the store contract, run against each.
+STORE_KINDS = ["sqlite", "opensearch"]
+
+
+@pytest.fixture(params=STORE_KINDS)
+def settings(request: pytest.FixtureRequest, tmp_path: Path) -> AuthSettings:
+    """SQLite on a file in tmp_path; OpenSearch on the cluster at OPENSEARCH_URL
+    when set, else on a fresh osmem-server clone (indices under a prefix of
+    this test's own)."""
     # Explicit values win over whatever MARIE_* variables the environment holds.
-    return AuthSettings(data_dir=tmp_path / "data", port=0, pepper=None)
+    if request.param == "sqlite":
+        return AuthSettings(data_dir=tmp_path / "data", port=0, pepper=None, store="sqlite")
+    url = os.environ.get("OPENSEARCH_URL") or request.getfixturevalue("osmem_clone").url
+    return AuthSettings(
+        data_dir=tmp_path / "data",
+        port=0,
+        pepper=None,
+        store="opensearch",
+        opensearch_url=url,
+        opensearch_index_prefix=index_prefix(str(tmp_path)),
+    )
 
 
 @pytest.fixture

@@ -74,7 +74,7 @@ def test_the_pepper_is_hidden_from_reprs(monkeypatch: pytest.MonkeyPatch) -> Non
     [
         ("MARIE_AUTH_PORT", "not-a-port"),
         ("MARIE_AUTH_VALIDATION_CACHE_TTL_SECONDS", "-1"),
-        ("MARIE_AUTH_STORE", "opensearch"),
+        ("MARIE_AUTH_STORE", "redis"),
     ],
 )
 def test_a_bad_value_stops_with_one_line_naming_the_variable(

@@ -7,6 +7,7 @@ import hmac
 import sqlite3
 from pathlib import Path
 
+import pytest
 from auth_testkit import AuthStub, CreateKey, StartAuth, rpc_error
 from marie.auth.v1 import auth_service_pb2 as pb
 from marie.auth.v1 import auth_service_pb2_grpc as pb_grpc
@@ -14,6 +15,12 @@ from marie_auth.settings import AuthSettings
 from marie_kit.channels import insecure_channel
 from marie_kit.server import RunningServer
 from pydantic import SecretStr
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> AuthSettings:
+    """These tests read the SQLite file itself."""
+    return AuthSettings(data_dir=tmp_path / "data", port=0, pepper=None, store="sqlite")
 
 
 def _with_pepper(settings: AuthSettings, pepper: str) -> AuthSettings:

@@ -13,9 +13,9 @@ from marie.auth.v1 import auth_service_pb2 as auth_pb
 from marie.auth.v1 import auth_service_pb2_grpc as auth_grpc
 from marie_auth.service import AuthComponent
 from marie_auth.settings import AuthSettings
-from marie_gateway.usage import UsageRecorder
 from marie_kit.channels import insecure_channel
 from marie_kit.server import start_server
+from marie_kit.usage import UsageRecorder
 
 
 def free_port() -> int:

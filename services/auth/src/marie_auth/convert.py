@@ -7,6 +7,7 @@ from marie.auth.v1 import auth_service_pb2 as pb
 
 from marie_auth.events import KeyEvent, KeyEventType
 from marie_auth.keys import Principal
+from marie_auth.leases import LeaseAsk, LeaseGrant
 from marie_auth.store import KeyLimits, KeyRecord, KeySpec, KeyState
 from marie_auth.usage import GroupBy, Totals, UsageRecord, UsageReport
 
@@ -156,4 +157,31 @@ def totals_to_proto(totals: Totals) -> pb.UsageTotals:
 def usage_report_to_proto(report: UsageReport) -> pb.QueryUsageResponse:
     return pb.QueryUsageResponse(
         total=totals_to_proto(report.total), groups=[totals_to_proto(g) for g in report.groups]
+    )
+
+
+def lease_ask_from_proto(request: pb.LeaseCapacityRequest) -> LeaseAsk:
+    return LeaseAsk(
+        key_id=request.key_id,
+        holder=request.holder,
+        requests=request.requests,
+        tokens=request.tokens,
+        returned_requests=request.returned_requests,
+        token_balance=request.token_balance,
+        slots=request.slots,
+    )
+
+
+def lease_grant_to_proto(grant: LeaseGrant) -> pb.LeaseCapacityResponse:
+    return pb.LeaseCapacityResponse(
+        requests=grant.requests,
+        tokens=grant.tokens,
+        slots=grant.slots,
+        limits=limits_to_proto(grant.limits),
+        requests_remaining=grant.requests_remaining,
+        requests_reset_seconds=grant.requests_reset_seconds,
+        tokens_remaining=grant.tokens_remaining,
+        tokens_reset_seconds=grant.tokens_reset_seconds,
+        retry_after_seconds=grant.retry_after_seconds,
+        slot_ttl_seconds=grant.slot_ttl_seconds,
     )

@@ -415,6 +415,12 @@ async def open_store(settings: AuthSettings) -> KeyStore:
     match settings.store:
         case "sqlite":
             return await SqliteKeyStore.open(settings.db_path)
+        case "opensearch":
+            from marie_auth.opensearch_store import OpenSearchKeyStore  # noqa: PLC0415
+
+            return await OpenSearchKeyStore.open(
+                settings.opensearch_url, prefix=settings.opensearch_index_prefix
+            )
 
 
 @asynccontextmanager

@@ -33,14 +33,36 @@ from marie_auth.keys import (
     KeyManager,
     open_store,
 )
+from marie_auth.leases import LeaseBook, LeaseStore, SqliteLeaseStore
 from marie_auth.settings import AuthSettings
-from marie_auth.usage import SqliteUsageStore, UsageLedger
+from marie_auth.store import KeyLimits
+from marie_auth.usage import SqliteUsageStore, UsageLedger, UsageStore
 
 log = logging.getLogger("marie.auth.service")
 
 SERVICE_NAME = "marie.auth.v1.AuthService"
 
 Context = grpc.aio.ServicerContext[Any, Any]
+
+
+async def open_usage_store(settings: AuthSettings) -> UsageStore:
+    if settings.store == "opensearch":
+        from marie_auth.opensearch_store import OpenSearchUsageStore  # noqa: PLC0415
+
+        return await OpenSearchUsageStore.open(
+            settings.opensearch_url, prefix=settings.opensearch_index_prefix
+        )
+    return await SqliteUsageStore.open(settings.db_path)
+
+
+async def open_lease_store(settings: AuthSettings) -> LeaseStore:
+    if settings.store == "opensearch":
+        from marie_auth.opensearch_store import OpenSearchLeaseStore  # noqa: PLC0415
+
+        return await OpenSearchLeaseStore.open(
+            settings.opensearch_url, prefix=settings.opensearch_index_prefix
+        )
+    return await SqliteLeaseStore.open(settings.db_path)
 
 
 class AuthComponent:
@@ -66,6 +88,7 @@ class AuthComponent:
         self._follow_task: asyncio.Task[None] | None = None
         self._keys: KeyManager | None = None
         self._usage: UsageLedger | None = None
+        self._leases: LeaseBook | None = None
         self._expiry_task: asyncio.Task[None] | None = None
 
     @property
@@ -86,6 +109,15 @@ class AuthComponent:
             )
         return self._usage
 
+    @property
+    def leases(self) -> LeaseBook:
+        """The started lease book; UNAVAILABLE before `start()` and after `close()`."""
+        if self._leases is None:
+            raise ServiceError(
+                grpc.StatusCode.UNAVAILABLE, "UNAVAILABLE", "auth service not ready", domain=DOMAIN
+            )
+        return self._leases
+
     def register(self, server: grpc.aio.Server) -> None:
         pb_grpc.add_AuthServiceServicer_to_server(AuthServicer(self), server)
 
@@ -98,7 +130,15 @@ class AuthComponent:
             events=self.events,
             clock=self._clock,
         )
-        self._usage = UsageLedger(await SqliteUsageStore.open(self.settings.db_path))
+        self._usage = UsageLedger(await open_usage_store(self.settings))
+        keys = self._keys
+
+        async def limits_of(key_id: str) -> KeyLimits:
+            return (await keys.get(key_id)).spec.limits
+
+        self._leases = LeaseBook(
+            await open_lease_store(self.settings), limits_of, clock=self._clock
+        )
         self._expiry_task = asyncio.create_task(
             self._keys.notify_expirations(self._expiry_check_seconds)
         )
@@ -128,6 +168,9 @@ class AuthComponent:
         if self._usage is not None:
             usage, self._usage = self._usage, None
             await usage.close()
+        if self._leases is not None:
+            leases, self._leases = self._leases, None
+            await leases.close()
 
 
 class AuthServicer(pb_grpc.AuthServiceServicer):
@@ -229,3 +272,9 @@ class AuthServicer(pb_grpc.AuthServiceServicer):
             group_by=convert.GROUP_BY.get(request.group_by, convert.GROUP_BY[0]),
         )
         return convert.usage_report_to_proto(report)
+
+    async def LeaseCapacity(
+        self, request: pb.LeaseCapacityRequest, context: Context
+    ) -> pb.LeaseCapacityResponse:
+        grant = await self._component.leases.lease(convert.lease_ask_from_proto(request))
+        return convert.lease_grant_to_proto(grant)

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Literal, Self
 
 from marie_kit.settings import DEFAULT_DATA_DIR, ServiceSettings
-from pydantic import Field, SecretStr, model_validator
+from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
 DEFAULT_PORT = 50053
@@ -46,8 +46,20 @@ class AuthSettings(ServiceSettings):
             "cache_ttl_seconds (never beyond the key's expiry); 0 disables caching."
         ),
     )
-    store: Literal["sqlite"] = Field(
-        default="sqlite", description="Key store backend; only the embedded SQLite store exists."
+    store: Literal["sqlite", "opensearch"] = Field(
+        default="sqlite",
+        description="Where keys, their events, the usage ledger and the limit counters live: "
+        "the embedded SQLite file, or OpenSearch (OPENSEARCH_URL).",
+    )
+    opensearch_url: str = Field(
+        default="http://localhost:9200",
+        validation_alias=AliasChoices("OPENSEARCH_URL", "opensearch_url"),
+        description="The OpenSearch cluster of the opensearch store.",
+    )
+    opensearch_index_prefix: str = Field(
+        default="marie",
+        pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$",
+        description="Prefix of the store's index names (<prefix>_auth_keys, …).",
     )
     # When not given, derived from data_dir (see _derive_db_path); the static
     # default is what that gives for the default data_dir.

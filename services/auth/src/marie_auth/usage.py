@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from marie_kit.sqlite import open_on_thread
 
@@ -212,10 +212,24 @@ def _totals(group: str, rows: list[tuple[str, int, int, int, float]]) -> Totals:
     )
 
 
+class UsageStore(Protocol):
+    """Where the ledger's records live (SQLite or OpenSearch)."""
+
+    async def insert(self, records: Sequence[UsageRecord]) -> int:
+        """Store the records (one durable write); how many were not stored before."""
+
+    async def select(
+        self, start: float, end: float, key_id: str, owner: str, group_by: GroupBy
+    ) -> list[tuple[str, int, int, int, float]]:
+        """(group, prompt tokens, completion tokens, status, latency) of each selected record."""
+
+    async def close(self) -> None: ...
+
+
 class UsageLedger:
     """Checks and stores batches of usage records; totals them."""
 
-    def __init__(self, store: SqliteUsageStore, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, store: UsageStore, clock: Callable[[], float] = time.time) -> None:
         self._store = store
         self._clock = clock
 

@@ -25,6 +25,9 @@ def main() -> None:
         access_log=False,  # our own access log carries the request id
         log_config=None,
         server_header=False,
+        # X-Forwarded-For is read by the gateway itself, from trusted proxies
+        # only (MARIE_GATEWAY_TRUSTED_PROXIES), never rewritten by uvicorn.
+        proxy_headers=False,
         timeout_keep_alive=int(max(settings.keep_alive_seconds, 1)),
         timeout_graceful_shutdown=int(settings.grace_seconds),
     )

@@ -19,11 +19,14 @@ from marie.memory.v1 import memory_service_pb2_grpc as memory_grpc
 from marie.providers.v1 import provider_service_pb2_grpc as pb_grpc
 from marie_kit.channels import insecure_channel
 from marie_kit.memory import LARGE_REQUEST_BYTES, schedule_trim
+from marie_kit.usage import UsageRecorder
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 
 from marie_gateway.access import SCOPE_ADMIN, KeyValidator, Principal, extract_key
+from marie_gateway.client_address import TrustedProxies, parse_networks
 from marie_gateway.errors import ApiError, client_closed, service_unavailable
+from marie_gateway.leased_limits import LeasedLimiter
 from marie_gateway.limits import (
     InvalidKeyThrottle,
     Limiter,
@@ -33,7 +36,7 @@ from marie_gateway.limits import (
 )
 from marie_gateway.metrics import RATE_LIMITED
 from marie_gateway.settings import GatewaySettings
-from marie_gateway.usage import Tally, UsageRecorder
+from marie_gateway.usage import Tally
 from marie_gateway.web import current_request_id
 
 if TYPE_CHECKING:
@@ -131,6 +134,7 @@ class Gateway:
         admin = settings.admin_key.get_secret_value() if settings.admin_key else ""
         # Only a digest is kept; presented keys are compared digest to digest.
         self._admin_digest = hashlib.sha256(admin.encode()).digest() if admin else None
+        self.proxies = TrustedProxies(parse_networks(settings.trusted_proxies))
         self.invalid_keys = InvalidKeyThrottle(
             settings.invalid_key_threshold, settings.invalid_key_window_seconds
         )
@@ -195,7 +199,8 @@ class Gateway:
         headers = request.headers
         key = extract_key(headers.get("authorization"), headers.get("x-api-key"))
         keys = self.backends().keys
-        address = request.client.host if request.client else ""
+        peer = request.client.host if request.client else ""
+        address = self.proxies.client(peer, headers.getlist("x-forwarded-for"))
         wait = self.invalid_keys.retry_after(address)
         if wait:
             known = keys.cached(key)
@@ -301,6 +306,11 @@ class Gateway:
             timeout=self.settings.control_timeout_seconds,
         )
         usage.start()
+        leased: LeasedLimiter | None = None
+        if self.settings.limits == "auth":
+            leased = LeasedLimiter(auth)
+            leased.start()
+            self.limiter = leased
         self._backends = Backends(
             providers_channel,
             auth_channel,
@@ -313,13 +323,19 @@ class Gateway:
         )
         log.info(
             "gateway ready",
-            extra={"providers": self.settings.providers_addr, "auth": self.settings.auth_addr},
+            extra={
+                "providers": self.settings.providers_addr,
+                "auth": self.settings.auth_addr,
+                "limits": self.settings.limits,
+            },
         )
         try:
             yield
         finally:
             self.shutting_down = True
             await keys.close()
+            if leased is not None:
+                await leased.close()
             # Requests have ended: what they used goes to the ledger now.
             await usage.close()
             await providers_channel.close()

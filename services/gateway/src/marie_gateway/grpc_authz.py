@@ -21,11 +21,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from types import MappingProxyType
-from urllib.parse import quote
 
 from google.protobuf.descriptor import FileDescriptor
 from marie.auth.v1 import auth_service_pb2
 from marie.memory.v1 import memory_service_pb2
+from marie_kit import identity
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
@@ -42,8 +42,8 @@ from marie_gateway.core import Gateway
 from marie_gateway.errors import permission_denied
 from marie_gateway.web import AnyMethod
 
-KEY_ID_HEADER = "x-marie-key-id"
-OWNER_HEADER = "x-marie-owner"
+KEY_ID_HEADER = identity.KEY_ID_HEADER
+OWNER_HEADER = identity.OWNER_HEADER
 
 _PROVIDERS = "/marie.providers.v1.ProviderService/"
 
@@ -71,11 +71,6 @@ METHOD_SCOPES: Mapping[str, str] = MappingProxyType(
     }
 )
 
-# Printable ASCII but '%' and space stays readable in `x-marie-owner`; the rest
-# (non-ASCII owners included) is percent-encoded UTF-8, as gRPC metadata must
-# be printable ASCII.
-_OWNER_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) != "%")
-
 
 def required_scope(method: str) -> str:
     """The scope `method` (`/package.Service/Method`) needs; 403 for an unknown method."""
@@ -87,10 +82,8 @@ def required_scope(method: str) -> str:
 
 def upstream_headers(principal: Principal) -> dict[str, str]:
     """What Envoy adds to an allowed call: who is calling."""
-    headers = {
-        KEY_ID_HEADER: principal.key_id,
-        OWNER_HEADER: quote(principal.owner, safe=_OWNER_SAFE),
-    }
+    # The owner is percent-encoded UTF-8, as gRPC metadata must be printable ASCII.
+    headers = dict(identity.identity_metadata(principal.key_id, principal.owner))
     headers.update(principal.models_metadata)
     return headers
 

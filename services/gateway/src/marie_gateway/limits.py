@@ -87,6 +87,9 @@ class Grant:
     requests: Quota | None = None
     tokens: Quota | None = None
     holds_slot: bool = False
+    #: Admitted by a stand-in limiter (the shared one's fallback): charge and
+    #: release go there.
+    fallback: bool = False
 
 
 class RateLimited(Exception):

@@ -31,6 +31,7 @@ from marie.memory.v1 import memory_service_pb2 as mpb
 from marie.providers.v1 import provider_service_pb2 as ppb
 from marie_kit.context import outgoing_metadata
 from marie_kit.errors import ServiceError
+from marie_kit.identity import identity_metadata
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 from starlette.responses import Response
@@ -645,7 +646,8 @@ class MemoryRoutes:
                 ),
                 # Inference can take seconds: the chat deadline, not the control one.
                 timeout=self.gw.settings.request_timeout_seconds,
-                metadata=outgoing_metadata(),
+                # Extraction's model calls are recorded under this key.
+                metadata=outgoing_metadata() + identity_metadata(principal.key_id, principal.owner),
             )
         )
         return JSONResponse(
@@ -917,7 +919,9 @@ class _Turn:
                     actor="gateway",
                 ),
                 timeout=self._routes.gw.settings.control_timeout_seconds,
-                metadata=outgoing_metadata(),
+                # The queued extraction is recorded under the key of this turn.
+                metadata=outgoing_metadata()
+                + identity_metadata(self._tally.principal.key_id, self._tally.principal.owner),
             )
         except grpc.aio.AioRpcError as exc:
             # No extraction model configured, or memory busy: the turn stays stored.

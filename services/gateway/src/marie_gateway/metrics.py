@@ -52,13 +52,6 @@ time_to_first_token = Children(TIME_TO_FIRST_TOKEN)
 tokens = Children(TOKENS)
 upstream_errors = Children(UPSTREAM_ERRORS)
 KEY_CACHE_HIT = KEY_CACHE.labels("hit")
-USAGE_RECORDED = Counter(
-    "marie_usage_records_recorded", "Usage records acknowledged by auth's ledger."
-)
-USAGE_DROPPED = Counter(
-    "marie_usage_records_dropped",
-    "Usage records given up on: the gateway's queue was full, or auth refused the batch.",
-)
 RATE_LIMITED = Counter(
     "marie_rate_limited_requests",
     "Requests refused with 429 by the gateway, by the limit that refused them "

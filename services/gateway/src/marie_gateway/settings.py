@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from marie_gateway.client_address import parse_networks
 
 DEFAULT_PROVIDERS_PORT = 50051
 DEFAULT_AUTH_PORT = 50053
@@ -139,6 +141,20 @@ class GatewaySettings(BaseSettings):
         description="The window of invalid_key_threshold: the allowance refills over it.",
     )
 
+    trusted_proxies: str = Field(
+        default="",
+        description="Comma-separated CIDRs of the proxies in front of the gateway (Envoy, "
+        "a load balancer) whose X-Forwarded-For is believed, for the client address the "
+        "invalid-key slow-down counts by (the rightmost address not in the list). Empty: "
+        "the header is ignored and the connection's peer is the client.",
+    )
+    limits: Literal["local", "auth"] = Field(
+        default="local",
+        description="Where per-key limits are counted: 'local' in this gateway (exact, for "
+        "one gateway), 'auth' in auth's store, leased to each gateway in small shares "
+        "(for several gateway replicas; see docs/decisions.md for the bound).",
+    )
+
     admin_key: SecretStr | None = Field(
         default=None,
         validation_alias=AliasChoices("MARIE_ADMIN_KEY", "admin_key"),
@@ -164,6 +180,12 @@ class GatewaySettings(BaseSettings):
         description="Usage records held while auth is unreachable; beyond, new ones are "
         "dropped (counted in marie_usage_records_dropped_total).",
     )
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: str) -> str:
+        parse_networks(value)  # a bad CIDR is refused at start, naming it
+        return value
 
     @model_validator(mode="after")
     def _default_addresses(self) -> GatewaySettings:

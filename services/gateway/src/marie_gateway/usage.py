@@ -4,27 +4,15 @@ recorder that sends it to auth's ledger off the response path, and
 
 A request's `Tally` charges its tokens to the key's limits the moment they
 are known and gives its concurrency slot back when the request ends; then it
-becomes ledger records (one per model) that the `UsageRecorder` queues.
-
-The recorder never blocks or fails a request: records go into a bounded
-in-memory queue, sent to auth's `RecordUsage` in batches every
-`usage_flush_seconds` or as soon as `usage_batch_size` are waiting. A batch
-that auth does not acknowledge (auth down, timeout) stays queued and is sent
-again (record ids make that harmless); a full queue drops new records and
-counts them in `marie_usage_records_dropped_total`. Records still queued
-when the gateway stops are sent during the shutdown, within a few seconds;
-a gateway that crashes loses what was not yet acknowledged (at most about
-one flush interval's records).
+becomes ledger records (one per model) that the kit's `UsageRecorder`
+queues and sends in batches (never blocking the request; see
+`marie_kit.usage`).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import datetime as dt
 import logging
-import secrets
-from collections import deque
 from dataclasses import dataclass, field
 from time import perf_counter
 from time import time as unix_time
@@ -33,6 +21,7 @@ from typing import TYPE_CHECKING, Literal
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from marie.auth.v1 import auth_service_pb2 as auth_pb
+from marie_kit.usage import new_record_id, timestamp
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
@@ -40,13 +29,11 @@ from starlette.routing import BaseRoute, Route
 from marie_gateway.access import SCOPE_ADMIN, Principal
 from marie_gateway.errors import bad_request, from_rpc_error, permission_denied
 from marie_gateway.limits import Grant, Limiter
-from marie_gateway.metrics import USAGE_DROPPED, USAGE_RECORDED, provider_of
+from marie_gateway.metrics import provider_of
 from marie_gateway.responses import UsageReport, UsageTotals
 from marie_gateway.web import JSONResponse, current_request_id
 
 if TYPE_CHECKING:
-    from marie.auth.v1.auth_service_pb2_grpc import AuthServiceAsyncStub
-
     from marie_gateway.core import Gateway
 
 log = logging.getLogger("marie.gateway.usage")
@@ -106,15 +93,14 @@ class Tally:
     def records(self, status: int) -> list[auth_pb.UsageRecord]:
         """The ledger records of the ended request, one per model."""
         latency_ms = (perf_counter() - self.started) * 1000
-        at = Timestamp()
-        at.FromNanoseconds(int(self.time * 1e9))
+        at = timestamp(self.time)
         uses = self.uses or [ModelUse(self.requested, 0, 0)]
         out = []
         for use in uses:
             failed = use.failed or (self.failed and status < 400)
             out.append(
                 auth_pb.UsageRecord(
-                    id=secrets.token_hex(12),
+                    id=new_record_id(),
                     key_id=self.principal.key_id,
                     owner=self.principal.owner,
                     provider=provider_of(use.model)[0],
@@ -128,96 +114,6 @@ class Tally:
                 )
             )
         return out
-
-
-class UsageRecorder:
-    """Queues usage records and sends them to auth in batches."""
-
-    def __init__(
-        self,
-        stub: AuthServiceAsyncStub,
-        *,
-        max_queue: int,
-        batch_size: int,
-        flush_seconds: float,
-        timeout: float,
-    ) -> None:
-        self._stub = stub
-        self._max = max_queue
-        self._batch = batch_size
-        self._interval = flush_seconds
-        self._timeout = timeout
-        self._queue: deque[auth_pb.UsageRecord] = deque()
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-
-    @property
-    def pending(self) -> int:
-        return len(self._queue)
-
-    def submit(self, records: list[auth_pb.UsageRecord]) -> None:
-        """Queue records; never blocks. A full queue drops them (counted)."""
-        for record in records:
-            if len(self._queue) >= self._max:
-                USAGE_DROPPED.inc()
-                continue
-            self._queue.append(record)
-        if len(self._queue) >= self._batch:
-            self._wake.set()
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="usage-recorder")
-
-    async def _run(self) -> None:
-        delay = self._interval
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), delay)
-            self._wake.clear()
-            delay = self._interval
-            while self._queue:
-                if not await self._send_one():
-                    # Auth did not take it: wait longer before trying again.
-                    delay = min(_RETRY_MAX_SECONDS, delay * 2)
-                    break
-                if len(self._queue) < self._batch:
-                    break
-
-    async def _send_one(self) -> bool:
-        """Send the oldest batch; True once auth acknowledged (or refused) it."""
-        batch = [self._queue.popleft() for _ in range(min(self._batch, len(self._queue)))]
-        try:
-            await self._stub.RecordUsage(
-                auth_pb.RecordUsageRequest(records=batch), timeout=self._timeout
-            )
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                # Never accepted, however often sent: a bug, not an outage.
-                log.error("usage batch refused: %s", exc.details())
-                USAGE_DROPPED.inc(len(batch))
-                return True
-            log.warning("usage batch not recorded yet: %s", exc.code().name)
-            # Back to the front, oldest first, within the queue's bound.
-            room = max(0, self._max - len(self._queue))
-            USAGE_DROPPED.inc(len(batch) - min(room, len(batch)))
-            self._queue.extendleft(reversed(batch[:room]))
-            return False
-        USAGE_RECORDED.inc(len(batch))
-        return True
-
-    async def close(self) -> None:
-        """Stop; send what is still queued, for a few seconds at most."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        try:
-            async with asyncio.timeout(_CLOSE_SECONDS):
-                while self._queue and await self._send_one():
-                    pass
-        except TimeoutError:
-            pass
-        if self._queue:
-            log.warning("usage records not recorded at shutdown: %d", len(self._queue))
 
 
 # -- GET /api/usage -------------------------------------------------------------

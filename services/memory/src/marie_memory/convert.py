@@ -148,7 +148,10 @@ def history_to_proto(h: HistoryEntry) -> pb.MemoryHistoryEntry:
     )
 
 
-def add_request_from_proto(r: pb.AddMemoriesRequest) -> AddRequest:
+def add_request_from_proto(
+    r: pb.AddMemoriesRequest, identity: tuple[str, str] = ("", "")
+) -> AddRequest:
+    """The core's request; `identity` is the caller's (key id, owner)."""
     return AddRequest(
         user_id=r.user_id,
         messages=tuple(SourceMessage(int(m.role), m.content, m.message_id) for m in r.messages),
@@ -159,6 +162,8 @@ def add_request_from_proto(r: pb.AddMemoriesRequest) -> AddRequest:
         metadata=dict(r.metadata),
         conversation_id=r.conversation_id,
         actor=r.actor,
+        key_id=identity[0],
+        key_owner=identity[1],
     )
 
 

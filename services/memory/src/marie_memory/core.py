@@ -112,6 +112,11 @@ class AddRequest:
     metadata: Mapping[str, str] = field(default_factory=dict)
     conversation_id: str = ""
     actor: str = ""
+    #: The API key (and its owner) the request was made with, from the
+    #: verified identity metadata; extraction's model calls are recorded in
+    #: the usage ledger under them. Empty: not recorded.
+    key_id: str = ""
+    key_owner: str = ""
 
 
 class MemoryCore:

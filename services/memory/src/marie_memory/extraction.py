@@ -19,14 +19,18 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
+from marie.auth.v1 import auth_service_pb2 as auth_pb
 from marie.providers.v1 import provider_service_pb2 as ppb
 from marie_kit.context import outgoing_metadata
 from marie_kit.errors import ServiceError
+from marie_kit.usage import new_record_id, timestamp
 
 from marie_memory import limits
 from marie_memory.errors import extraction_failed, model_not_found, provider_unavailable
@@ -52,6 +56,31 @@ else:
     ProvidersStub = Any
 
 log = logging.getLogger("marie.memory.extraction")
+
+#: What an extraction's model calls are recorded under in the usage ledger.
+USAGE_OPERATION = "memory_extraction"
+#: Where ledger records go (the kit's UsageRecorder.submit); never blocks.
+UsageSink = Callable[[list[auth_pb.UsageRecord]], None]
+# (key id, owner) of the extraction running in this task.
+_ACCOUNT: ContextVar[tuple[str, str]] = ContextVar("marie_memory_account", default=("", ""))
+# An extraction call's HTTP-like status for the ledger, by gRPC code.
+_STATUS = {
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+
+
+def tenant_of(user_id: str) -> str:
+    """The tenant of a gateway-encoded user id (`<len>:<tenant>/<user>`); "" otherwise."""
+    size, colon, rest = user_id.partition(":")
+    if colon and size.isdigit() and len(rest) > int(size) and rest[int(size)] == "/":
+        return rest[: int(size)]
+    return ""
+
 
 FACTS_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -210,9 +239,42 @@ def parse_decisions(content: str, existing: int) -> list[Decision]:
 class LlmExtractor:
     """The `Extractor` of the core: two schema-constrained calls through providers."""
 
-    def __init__(self, providers: ProvidersStub, timeout: float) -> None:
+    def __init__(
+        self, providers: ProvidersStub, timeout: float, *, usage: UsageSink | None = None
+    ) -> None:
         self._providers = providers
         self._timeout = timeout
+        self._usage = usage
+
+    def _record(
+        self,
+        model: str,
+        chunk: ppb.StreamChatCompletionResponse | None,
+        started: float,
+        status: int,
+    ) -> None:
+        """One ledger record for one model call, under the extraction's key."""
+        key_id, owner = _ACCOUNT.get()
+        if self._usage is None or not key_id:
+            return
+        usage = chunk.usage if chunk is not None else ppb.Usage()
+        self._usage(
+            [
+                auth_pb.UsageRecord(
+                    id=new_record_id(),
+                    key_id=key_id,
+                    owner=owner,
+                    provider=chunk.provider if chunk is not None else model.partition("/")[0],
+                    model=(chunk.model if chunk is not None and chunk.model else model)[:256],
+                    operation=USAGE_OPERATION,
+                    prompt_tokens=usage.prompt_tokens,
+                    completion_tokens=usage.completion_tokens,
+                    latency_ms=(time.perf_counter() - started) * 1000,
+                    status=status,
+                    time=timestamp(time.time() - (time.perf_counter() - started)),
+                )
+            ]
+        )
 
     async def _complete(
         self, model: str, system: str, user: str, schema: dict[str, Any], name: str
@@ -233,12 +295,18 @@ class LlmExtractor:
             aggregate=True,
         )
         parts: list[str] = []
+        last: ppb.StreamChatCompletionResponse | None = None
+        started = time.perf_counter()
         try:
             async for chunk in self._providers.StreamChatCompletion(
-                request, timeout=self._timeout, metadata=outgoing_metadata()
+                request,
+                timeout=self._timeout,
+                metadata=outgoing_metadata(),
             ):
                 parts.append(chunk.content)
+                last = chunk
         except grpc.aio.AioRpcError as exc:
+            self._record(model, last, started, _STATUS.get(exc.code(), 502))
             error = ServiceError.from_rpc_error(exc)
             if error.reason in ("MODEL_NOT_FOUND", "PROVIDER_NOT_FOUND"):
                 raise model_not_found(model) from exc
@@ -247,6 +315,7 @@ class LlmExtractor:
                 extra={"model": model, "code": exc.code().name, "reason": error.reason},
             )
             raise provider_unavailable("extracting") from exc
+        self._record(model, last, started, 200)
         return "".join(parts)
 
     async def _twice(
@@ -311,6 +380,13 @@ class LlmExtractor:
         return result
 
     async def run(self, core: MemoryCore, request: AddRequest, model: str) -> list[AddResult]:
+        account = _ACCOUNT.set((request.key_id, request.key_owner or tenant_of(request.user_id)))
+        try:
+            return await self._run(core, request, model)
+        finally:
+            _ACCOUNT.reset(account)
+
+    async def _run(self, core: MemoryCore, request: AddRequest, model: str) -> list[AddResult]:
 
         facts = await self.facts(model, request)
         if not facts:

@@ -16,10 +16,13 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import grpc
+from marie.auth.v1 import auth_service_pb2_grpc as auth_grpc
 from marie.memory.v1 import memory_service_pb2 as pb
 from marie.memory.v1 import memory_service_pb2_grpc as pb_grpc
 from marie.providers.v1 import provider_service_pb2_grpc as ppb_grpc
 from marie_kit.channels import insecure_channel
+from marie_kit.identity import identity_from_metadata
+from marie_kit.usage import UsageRecorder
 
 from marie_memory import convert
 from marie_memory.core import MemoryCore
@@ -41,8 +44,18 @@ else:
 log = logging.getLogger("marie.memory.service")
 
 SERVICE_NAME = "marie.memory.v1.MemoryService"
+# The usage recorder's batching (as the gateway's defaults).
+USAGE_MAX_QUEUE = 100_000
+USAGE_BATCH_SIZE = 200
+USAGE_FLUSH_SECONDS = 1.0
+USAGE_TIMEOUT_SECONDS = 10.0
 
 Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def caller_identity(context: Context) -> tuple[str, str]:
+    """(key id, owner) of the verified caller, from Envoy's or the gateway's metadata."""
+    return identity_from_metadata(context.invocation_metadata())
 
 
 class StoreUnavailable(Exception):
@@ -71,6 +84,8 @@ class MemoryComponent:
         self._core: MemoryCore | None = None
         self._channel: grpc.aio.Channel | None = None
         self._queue: ExtractionQueue | None = None
+        self._auth_channel: grpc.aio.Channel | None = None
+        self._usage: UsageRecorder | None = None
 
     @property
     def core(self) -> MemoryCore:
@@ -94,6 +109,16 @@ class MemoryComponent:
             # A channel connects lazily: it costs nothing until a model is used.
             self._channel = insecure_channel(settings.providers_addr)
             providers: ProvidersStub = ppb_grpc.ProviderServiceStub(self._channel)
+            # Extraction's model calls go to auth's usage ledger, in batches.
+            self._auth_channel = insecure_channel(settings.auth_addr)
+            self._usage = UsageRecorder(
+                auth_grpc.AuthServiceStub(self._auth_channel),
+                max_queue=USAGE_MAX_QUEUE,
+                batch_size=USAGE_BATCH_SIZE,
+                flush_seconds=USAGE_FLUSH_SECONDS,
+                timeout=USAGE_TIMEOUT_SECONDS,
+            )
+            self._usage.start()
             embeddings = Embeddings(
                 store,
                 providers if settings.embedding_model else None,
@@ -104,7 +129,9 @@ class MemoryComponent:
             self._core = MemoryCore(
                 store,
                 embeddings,
-                extractor=LlmExtractor(providers, settings.extraction_timeout_seconds),
+                extractor=LlmExtractor(
+                    providers, settings.extraction_timeout_seconds, usage=self._usage.submit
+                ),
                 default_extraction_model=settings.extraction_model,
                 vector_weight=settings.vector_weight,
                 keyword_weight=settings.keyword_weight,
@@ -144,6 +171,13 @@ class MemoryComponent:
             core, self._core = self._core, None
             await core.embeddings.close()
             await core.store.close()
+        if self._usage is not None:
+            # Extraction has stopped: what it used goes to the ledger now.
+            await self._usage.close()
+            self._usage = None
+        if self._auth_channel is not None:
+            await self._auth_channel.close()
+            self._auth_channel = None
         if self._channel is not None:
             await self._channel.close()
             self._channel = None
@@ -250,7 +284,7 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
     async def AddMemories(
         self, request: pb.AddMemoriesRequest, context: Context
     ) -> pb.AddMemoriesResponse:
-        add = convert.add_request_from_proto(request)
+        add = convert.add_request_from_proto(request, caller_identity(context))
         if add.infer and request.background:
             job_id = await self._core.enqueue_memories(add)
             return pb.AddMemoriesResponse(

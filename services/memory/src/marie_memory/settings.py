@@ -11,6 +11,7 @@ from pydantic_settings import SettingsConfigDict
 
 DEFAULT_PORT = 50052
 DEFAULT_PROVIDERS_PORT = 50051
+DEFAULT_AUTH_PORT = 50053
 DB_FILE_NAME = "memory.sqlite3"
 
 
@@ -50,6 +51,17 @@ class MemorySettings(ServiceSettings):
         ge=1,
         le=65535,
         validation_alias=AliasChoices("MARIE_PROVIDERS_PORT", "providers_port"),
+    )
+    auth_addr: str = Field(
+        default="",
+        description="host:port of the auth service (the usage ledger of extraction calls); "
+        "default 127.0.0.1:$MARIE_AUTH_PORT.",
+    )
+    auth_port: int = Field(
+        default=DEFAULT_AUTH_PORT,
+        ge=1,
+        le=65535,
+        validation_alias=AliasChoices("MARIE_AUTH_PORT", "auth_port"),
     )
     embedding_model: str = Field(
         default="",
@@ -103,6 +115,8 @@ class MemorySettings(ServiceSettings):
             object.__setattr__(self, "db_path", self.data_dir / DB_FILE_NAME)
         if not self.providers_addr:
             object.__setattr__(self, "providers_addr", f"127.0.0.1:{self.providers_port}")
+        if not self.auth_addr:
+            object.__setattr__(self, "auth_addr", f"127.0.0.1:{self.auth_port}")
         if self.vector_weight + self.keyword_weight <= 0:
             raise ValueError(
                 "MARIE_MEMORY_VECTOR_WEIGHT and MARIE_MEMORY_KEYWORD_WEIGHT cannot both be 0"

@@ -1896,6 +1896,240 @@ func (x *QueryUsageResponse) GetGroups() []*UsageTotals {
 	return nil
 }
 
+// LeaseCapacityRequest asks for a share of a key's limits and settles the
+// previous share.
+type LeaseCapacityRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The key; required.
+	KeyId string `protobuf:"bytes,1,opt,name=key_id,json=keyId,proto3" json:"key_id,omitempty"`
+	// Who holds the lease: one id per gateway process; required.
+	Holder string `protobuf:"bytes,2,opt,name=holder,proto3" json:"holder,omitempty"`
+	// Requests wanted (from the requests-per-minute bucket); 0 for none.
+	Requests int64 `protobuf:"varint,3,opt,name=requests,proto3" json:"requests,omitempty"`
+	// Tokens wanted (from the tokens-per-minute bucket and the day's tokens);
+	// 0 for none.
+	Tokens int64 `protobuf:"varint,4,opt,name=tokens,proto3" json:"tokens,omitempty"`
+	// Leased requests the holder did not use and gives back.
+	ReturnedRequests int64 `protobuf:"varint,5,opt,name=returned_requests,json=returnedRequests,proto3" json:"returned_requests,omitempty"`
+	// The holder's token balance handed back: positive, leased tokens it did
+	// not use; negative, tokens its requests used beyond what it leased (taken
+	// from the key's counters now).
+	TokenBalance int64 `protobuf:"varint,6,opt,name=token_balance,json=tokenBalance,proto3" json:"token_balance,omitempty"`
+	// Concurrency slots the holder wants to hold from now on, in total (its
+	// running requests plus headroom); 0 gives every slot back.
+	Slots         int32 `protobuf:"varint,7,opt,name=slots,proto3" json:"slots,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LeaseCapacityRequest) Reset() {
+	*x = LeaseCapacityRequest{}
+	mi := &file_marie_auth_v1_auth_service_proto_msgTypes[25]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LeaseCapacityRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LeaseCapacityRequest) ProtoMessage() {}
+
+func (x *LeaseCapacityRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_marie_auth_v1_auth_service_proto_msgTypes[25]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LeaseCapacityRequest.ProtoReflect.Descriptor instead.
+func (*LeaseCapacityRequest) Descriptor() ([]byte, []int) {
+	return file_marie_auth_v1_auth_service_proto_rawDescGZIP(), []int{25}
+}
+
+func (x *LeaseCapacityRequest) GetKeyId() string {
+	if x != nil {
+		return x.KeyId
+	}
+	return ""
+}
+
+func (x *LeaseCapacityRequest) GetHolder() string {
+	if x != nil {
+		return x.Holder
+	}
+	return ""
+}
+
+func (x *LeaseCapacityRequest) GetRequests() int64 {
+	if x != nil {
+		return x.Requests
+	}
+	return 0
+}
+
+func (x *LeaseCapacityRequest) GetTokens() int64 {
+	if x != nil {
+		return x.Tokens
+	}
+	return 0
+}
+
+func (x *LeaseCapacityRequest) GetReturnedRequests() int64 {
+	if x != nil {
+		return x.ReturnedRequests
+	}
+	return 0
+}
+
+func (x *LeaseCapacityRequest) GetTokenBalance() int64 {
+	if x != nil {
+		return x.TokenBalance
+	}
+	return 0
+}
+
+func (x *LeaseCapacityRequest) GetSlots() int32 {
+	if x != nil {
+		return x.Slots
+	}
+	return 0
+}
+
+// LeaseCapacityResponse is what the holder may spend.
+type LeaseCapacityResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Requests granted (0 to the number asked).
+	Requests int64 `protobuf:"varint,1,opt,name=requests,proto3" json:"requests,omitempty"`
+	// Tokens granted (0 to the number asked).
+	Tokens int64 `protobuf:"varint,2,opt,name=tokens,proto3" json:"tokens,omitempty"`
+	// Concurrency slots the holder now holds; they lapse after
+	// slot_ttl_seconds unless the holder asks again.
+	Slots int32 `protobuf:"varint,3,opt,name=slots,proto3" json:"slots,omitempty"`
+	// The key's limits as stored.
+	Limits *KeyLimits `protobuf:"bytes,4,opt,name=limits,proto3" json:"limits,omitempty"`
+	// Requests left in the key's per-minute bucket after this grant.
+	RequestsRemaining int64 `protobuf:"varint,5,opt,name=requests_remaining,json=requestsRemaining,proto3" json:"requests_remaining,omitempty"`
+	// Seconds until the requests bucket is full again.
+	RequestsResetSeconds float64 `protobuf:"fixed64,6,opt,name=requests_reset_seconds,json=requestsResetSeconds,proto3" json:"requests_reset_seconds,omitempty"`
+	// Tokens left this minute (or, without a per-minute limit, this day).
+	TokensRemaining int64 `protobuf:"varint,7,opt,name=tokens_remaining,json=tokensRemaining,proto3" json:"tokens_remaining,omitempty"`
+	// Seconds until the tokens are back to their limit.
+	TokensResetSeconds float64 `protobuf:"fixed64,8,opt,name=tokens_reset_seconds,json=tokensResetSeconds,proto3" json:"tokens_reset_seconds,omitempty"`
+	// When something asked for was not granted in full: seconds until asking
+	// again may succeed; 0 otherwise.
+	RetryAfterSeconds float64 `protobuf:"fixed64,9,opt,name=retry_after_seconds,json=retryAfterSeconds,proto3" json:"retry_after_seconds,omitempty"`
+	// How long the granted slots are held without a new request.
+	SlotTtlSeconds float64 `protobuf:"fixed64,10,opt,name=slot_ttl_seconds,json=slotTtlSeconds,proto3" json:"slot_ttl_seconds,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *LeaseCapacityResponse) Reset() {
+	*x = LeaseCapacityResponse{}
+	mi := &file_marie_auth_v1_auth_service_proto_msgTypes[26]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LeaseCapacityResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LeaseCapacityResponse) ProtoMessage() {}
+
+func (x *LeaseCapacityResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_marie_auth_v1_auth_service_proto_msgTypes[26]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LeaseCapacityResponse.ProtoReflect.Descriptor instead.
+func (*LeaseCapacityResponse) Descriptor() ([]byte, []int) {
+	return file_marie_auth_v1_auth_service_proto_rawDescGZIP(), []int{26}
+}
+
+func (x *LeaseCapacityResponse) GetRequests() int64 {
+	if x != nil {
+		return x.Requests
+	}
+	return 0
+}
+
+func (x *LeaseCapacityResponse) GetTokens() int64 {
+	if x != nil {
+		return x.Tokens
+	}
+	return 0
+}
+
+func (x *LeaseCapacityResponse) GetSlots() int32 {
+	if x != nil {
+		return x.Slots
+	}
+	return 0
+}
+
+func (x *LeaseCapacityResponse) GetLimits() *KeyLimits {
+	if x != nil {
+		return x.Limits
+	}
+	return nil
+}
+
+func (x *LeaseCapacityResponse) GetRequestsRemaining() int64 {
+	if x != nil {
+		return x.RequestsRemaining
+	}
+	return 0
+}
+
+func (x *LeaseCapacityResponse) GetRequestsResetSeconds() float64 {
+	if x != nil {
+		return x.RequestsResetSeconds
+	}
+	return 0
+}
+
+func (x *LeaseCapacityResponse) GetTokensRemaining() int64 {
+	if x != nil {
+		return x.TokensRemaining
+	}
+	return 0
+}
+
+func (x *LeaseCapacityResponse) GetTokensResetSeconds() float64 {
+	if x != nil {
+		return x.TokensResetSeconds
+	}
+	return 0
+}
+
+func (x *LeaseCapacityResponse) GetRetryAfterSeconds() float64 {
+	if x != nil {
+		return x.RetryAfterSeconds
+	}
+	return 0
+}
+
+func (x *LeaseCapacityResponse) GetSlotTtlSeconds() float64 {
+	if x != nil {
+		return x.SlotTtlSeconds
+	}
+	return 0
+}
+
 var File_marie_auth_v1_auth_service_proto protoreflect.FileDescriptor
 
 const file_marie_auth_v1_auth_service_proto_rawDesc = "" +
@@ -2030,7 +2264,27 @@ const file_marie_auth_v1_auth_service_proto_rawDesc = "" +
 	"\x0elatency_p95_ms\x18\a \x01(\x01R\flatencyP95Ms\"z\n" +
 	"\x12QueryUsageResponse\x120\n" +
 	"\x05total\x18\x01 \x01(\v2\x1a.marie.auth.v1.UsageTotalsR\x05total\x122\n" +
-	"\x06groups\x18\x02 \x03(\v2\x1a.marie.auth.v1.UsageTotalsR\x06groups*|\n" +
+	"\x06groups\x18\x02 \x03(\v2\x1a.marie.auth.v1.UsageTotalsR\x06groups\"\xe1\x01\n" +
+	"\x14LeaseCapacityRequest\x12\x15\n" +
+	"\x06key_id\x18\x01 \x01(\tR\x05keyId\x12\x16\n" +
+	"\x06holder\x18\x02 \x01(\tR\x06holder\x12\x1a\n" +
+	"\brequests\x18\x03 \x01(\x03R\brequests\x12\x16\n" +
+	"\x06tokens\x18\x04 \x01(\x03R\x06tokens\x12+\n" +
+	"\x11returned_requests\x18\x05 \x01(\x03R\x10returnedRequests\x12#\n" +
+	"\rtoken_balance\x18\x06 \x01(\x03R\ftokenBalance\x12\x14\n" +
+	"\x05slots\x18\a \x01(\x05R\x05slots\"\xaf\x03\n" +
+	"\x15LeaseCapacityResponse\x12\x1a\n" +
+	"\brequests\x18\x01 \x01(\x03R\brequests\x12\x16\n" +
+	"\x06tokens\x18\x02 \x01(\x03R\x06tokens\x12\x14\n" +
+	"\x05slots\x18\x03 \x01(\x05R\x05slots\x120\n" +
+	"\x06limits\x18\x04 \x01(\v2\x18.marie.auth.v1.KeyLimitsR\x06limits\x12-\n" +
+	"\x12requests_remaining\x18\x05 \x01(\x03R\x11requestsRemaining\x124\n" +
+	"\x16requests_reset_seconds\x18\x06 \x01(\x01R\x14requestsResetSeconds\x12)\n" +
+	"\x10tokens_remaining\x18\a \x01(\x03R\x0ftokensRemaining\x120\n" +
+	"\x14tokens_reset_seconds\x18\b \x01(\x01R\x12tokensResetSeconds\x12.\n" +
+	"\x13retry_after_seconds\x18\t \x01(\x01R\x11retryAfterSeconds\x12(\n" +
+	"\x10slot_ttl_seconds\x18\n" +
+	" \x01(\x01R\x0eslotTtlSeconds*|\n" +
 	"\vApiKeyState\x12\x1d\n" +
 	"\x19API_KEY_STATE_UNSPECIFIED\x10\x00\x12\x18\n" +
 	"\x14API_KEY_STATE_ACTIVE\x10\x01\x12\x19\n" +
@@ -2045,7 +2299,7 @@ const file_marie_auth_v1_auth_service_proto_rawDesc = "" +
 	"\x1aUSAGE_GROUP_BY_UNSPECIFIED\x10\x00\x12\x16\n" +
 	"\x12USAGE_GROUP_BY_DAY\x10\x01\x12\x18\n" +
 	"\x14USAGE_GROUP_BY_MODEL\x10\x02\x12\x16\n" +
-	"\x12USAGE_GROUP_BY_KEY\x10\x032\x80\a\n" +
+	"\x12USAGE_GROUP_BY_KEY\x10\x032\xdc\a\n" +
 	"\vAuthService\x12W\n" +
 	"\fCreateApiKey\x12\".marie.auth.v1.CreateApiKeyRequest\x1a#.marie.auth.v1.CreateApiKeyResponse\x12N\n" +
 	"\tGetApiKey\x12\x1f.marie.auth.v1.GetApiKeyRequest\x1a .marie.auth.v1.GetApiKeyResponse\x12T\n" +
@@ -2057,7 +2311,8 @@ const file_marie_auth_v1_auth_service_proto_rawDesc = "" +
 	"\x0eWatchKeyEvents\x12$.marie.auth.v1.WatchKeyEventsRequest\x1a%.marie.auth.v1.WatchKeyEventsResponse0\x01\x12T\n" +
 	"\vRecordUsage\x12!.marie.auth.v1.RecordUsageRequest\x1a\".marie.auth.v1.RecordUsageResponse\x12Q\n" +
 	"\n" +
-	"QueryUsage\x12 .marie.auth.v1.QueryUsageRequest\x1a!.marie.auth.v1.QueryUsageResponseB\xb7\x01\n" +
+	"QueryUsage\x12 .marie.auth.v1.QueryUsageRequest\x1a!.marie.auth.v1.QueryUsageResponse\x12Z\n" +
+	"\rLeaseCapacity\x12#.marie.auth.v1.LeaseCapacityRequest\x1a$.marie.auth.v1.LeaseCapacityResponseB\xb7\x01\n" +
 	"\x11com.marie.auth.v1B\x10AuthServiceProtoP\x01Z:github.com/marie/marie/clients/go/gen/marie/auth/v1;authv1\xa2\x02\x03MAX\xaa\x02\rMarie.Auth.V1\xca\x02\rMarie\\Auth\\V1\xe2\x02\x19Marie\\Auth\\V1\\GPBMetadata\xea\x02\x0fMarie::Auth::V1b\x06proto3"
 
 var (
@@ -2073,7 +2328,7 @@ func file_marie_auth_v1_auth_service_proto_rawDescGZIP() []byte {
 }
 
 var file_marie_auth_v1_auth_service_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_marie_auth_v1_auth_service_proto_msgTypes = make([]protoimpl.MessageInfo, 27)
+var file_marie_auth_v1_auth_service_proto_msgTypes = make([]protoimpl.MessageInfo, 29)
 var file_marie_auth_v1_auth_service_proto_goTypes = []any{
 	(ApiKeyState)(0),               // 0: marie.auth.v1.ApiKeyState
 	(KeyEventType)(0),              // 1: marie.auth.v1.KeyEventType
@@ -2103,68 +2358,73 @@ var file_marie_auth_v1_auth_service_proto_goTypes = []any{
 	(*QueryUsageRequest)(nil),      // 25: marie.auth.v1.QueryUsageRequest
 	(*UsageTotals)(nil),            // 26: marie.auth.v1.UsageTotals
 	(*QueryUsageResponse)(nil),     // 27: marie.auth.v1.QueryUsageResponse
-	nil,                            // 28: marie.auth.v1.ApiKey.LabelsEntry
-	nil,                            // 29: marie.auth.v1.CreateApiKeyRequest.LabelsEntry
-	(*timestamppb.Timestamp)(nil),  // 30: google.protobuf.Timestamp
-	(*fieldmaskpb.FieldMask)(nil),  // 31: google.protobuf.FieldMask
+	(*LeaseCapacityRequest)(nil),   // 28: marie.auth.v1.LeaseCapacityRequest
+	(*LeaseCapacityResponse)(nil),  // 29: marie.auth.v1.LeaseCapacityResponse
+	nil,                            // 30: marie.auth.v1.ApiKey.LabelsEntry
+	nil,                            // 31: marie.auth.v1.CreateApiKeyRequest.LabelsEntry
+	(*timestamppb.Timestamp)(nil),  // 32: google.protobuf.Timestamp
+	(*fieldmaskpb.FieldMask)(nil),  // 33: google.protobuf.FieldMask
 }
 var file_marie_auth_v1_auth_service_proto_depIdxs = []int32{
 	3,  // 0: marie.auth.v1.ApiKey.limits:type_name -> marie.auth.v1.KeyLimits
 	0,  // 1: marie.auth.v1.ApiKey.state:type_name -> marie.auth.v1.ApiKeyState
-	30, // 2: marie.auth.v1.ApiKey.create_time:type_name -> google.protobuf.Timestamp
-	30, // 3: marie.auth.v1.ApiKey.update_time:type_name -> google.protobuf.Timestamp
-	30, // 4: marie.auth.v1.ApiKey.expire_time:type_name -> google.protobuf.Timestamp
-	30, // 5: marie.auth.v1.ApiKey.revoke_time:type_name -> google.protobuf.Timestamp
-	30, // 6: marie.auth.v1.ApiKey.last_used_time:type_name -> google.protobuf.Timestamp
-	28, // 7: marie.auth.v1.ApiKey.labels:type_name -> marie.auth.v1.ApiKey.LabelsEntry
+	32, // 2: marie.auth.v1.ApiKey.create_time:type_name -> google.protobuf.Timestamp
+	32, // 3: marie.auth.v1.ApiKey.update_time:type_name -> google.protobuf.Timestamp
+	32, // 4: marie.auth.v1.ApiKey.expire_time:type_name -> google.protobuf.Timestamp
+	32, // 5: marie.auth.v1.ApiKey.revoke_time:type_name -> google.protobuf.Timestamp
+	32, // 6: marie.auth.v1.ApiKey.last_used_time:type_name -> google.protobuf.Timestamp
+	30, // 7: marie.auth.v1.ApiKey.labels:type_name -> marie.auth.v1.ApiKey.LabelsEntry
 	3,  // 8: marie.auth.v1.CreateApiKeyRequest.limits:type_name -> marie.auth.v1.KeyLimits
-	30, // 9: marie.auth.v1.CreateApiKeyRequest.expire_time:type_name -> google.protobuf.Timestamp
-	29, // 10: marie.auth.v1.CreateApiKeyRequest.labels:type_name -> marie.auth.v1.CreateApiKeyRequest.LabelsEntry
+	32, // 9: marie.auth.v1.CreateApiKeyRequest.expire_time:type_name -> google.protobuf.Timestamp
+	31, // 10: marie.auth.v1.CreateApiKeyRequest.labels:type_name -> marie.auth.v1.CreateApiKeyRequest.LabelsEntry
 	4,  // 11: marie.auth.v1.CreateApiKeyResponse.api_key:type_name -> marie.auth.v1.ApiKey
 	4,  // 12: marie.auth.v1.GetApiKeyResponse.api_key:type_name -> marie.auth.v1.ApiKey
 	4,  // 13: marie.auth.v1.ListApiKeysResponse.api_keys:type_name -> marie.auth.v1.ApiKey
 	4,  // 14: marie.auth.v1.UpdateApiKeyRequest.api_key:type_name -> marie.auth.v1.ApiKey
-	31, // 15: marie.auth.v1.UpdateApiKeyRequest.update_mask:type_name -> google.protobuf.FieldMask
+	33, // 15: marie.auth.v1.UpdateApiKeyRequest.update_mask:type_name -> google.protobuf.FieldMask
 	4,  // 16: marie.auth.v1.UpdateApiKeyResponse.api_key:type_name -> marie.auth.v1.ApiKey
 	4,  // 17: marie.auth.v1.RevokeApiKeyResponse.api_key:type_name -> marie.auth.v1.ApiKey
 	4,  // 18: marie.auth.v1.RotateApiKeyResponse.api_key:type_name -> marie.auth.v1.ApiKey
 	3,  // 19: marie.auth.v1.Principal.limits:type_name -> marie.auth.v1.KeyLimits
-	30, // 20: marie.auth.v1.Principal.expire_time:type_name -> google.protobuf.Timestamp
+	32, // 20: marie.auth.v1.Principal.expire_time:type_name -> google.protobuf.Timestamp
 	18, // 21: marie.auth.v1.ValidateApiKeyResponse.principal:type_name -> marie.auth.v1.Principal
 	1,  // 22: marie.auth.v1.WatchKeyEventsResponse.type:type_name -> marie.auth.v1.KeyEventType
-	30, // 23: marie.auth.v1.WatchKeyEventsResponse.event_time:type_name -> google.protobuf.Timestamp
-	30, // 24: marie.auth.v1.UsageRecord.time:type_name -> google.protobuf.Timestamp
+	32, // 23: marie.auth.v1.WatchKeyEventsResponse.event_time:type_name -> google.protobuf.Timestamp
+	32, // 24: marie.auth.v1.UsageRecord.time:type_name -> google.protobuf.Timestamp
 	22, // 25: marie.auth.v1.RecordUsageRequest.records:type_name -> marie.auth.v1.UsageRecord
-	30, // 26: marie.auth.v1.QueryUsageRequest.start_time:type_name -> google.protobuf.Timestamp
-	30, // 27: marie.auth.v1.QueryUsageRequest.end_time:type_name -> google.protobuf.Timestamp
+	32, // 26: marie.auth.v1.QueryUsageRequest.start_time:type_name -> google.protobuf.Timestamp
+	32, // 27: marie.auth.v1.QueryUsageRequest.end_time:type_name -> google.protobuf.Timestamp
 	2,  // 28: marie.auth.v1.QueryUsageRequest.group_by:type_name -> marie.auth.v1.UsageGroupBy
 	26, // 29: marie.auth.v1.QueryUsageResponse.total:type_name -> marie.auth.v1.UsageTotals
 	26, // 30: marie.auth.v1.QueryUsageResponse.groups:type_name -> marie.auth.v1.UsageTotals
-	5,  // 31: marie.auth.v1.AuthService.CreateApiKey:input_type -> marie.auth.v1.CreateApiKeyRequest
-	7,  // 32: marie.auth.v1.AuthService.GetApiKey:input_type -> marie.auth.v1.GetApiKeyRequest
-	9,  // 33: marie.auth.v1.AuthService.ListApiKeys:input_type -> marie.auth.v1.ListApiKeysRequest
-	11, // 34: marie.auth.v1.AuthService.UpdateApiKey:input_type -> marie.auth.v1.UpdateApiKeyRequest
-	13, // 35: marie.auth.v1.AuthService.RevokeApiKey:input_type -> marie.auth.v1.RevokeApiKeyRequest
-	15, // 36: marie.auth.v1.AuthService.RotateApiKey:input_type -> marie.auth.v1.RotateApiKeyRequest
-	17, // 37: marie.auth.v1.AuthService.ValidateApiKey:input_type -> marie.auth.v1.ValidateApiKeyRequest
-	20, // 38: marie.auth.v1.AuthService.WatchKeyEvents:input_type -> marie.auth.v1.WatchKeyEventsRequest
-	23, // 39: marie.auth.v1.AuthService.RecordUsage:input_type -> marie.auth.v1.RecordUsageRequest
-	25, // 40: marie.auth.v1.AuthService.QueryUsage:input_type -> marie.auth.v1.QueryUsageRequest
-	6,  // 41: marie.auth.v1.AuthService.CreateApiKey:output_type -> marie.auth.v1.CreateApiKeyResponse
-	8,  // 42: marie.auth.v1.AuthService.GetApiKey:output_type -> marie.auth.v1.GetApiKeyResponse
-	10, // 43: marie.auth.v1.AuthService.ListApiKeys:output_type -> marie.auth.v1.ListApiKeysResponse
-	12, // 44: marie.auth.v1.AuthService.UpdateApiKey:output_type -> marie.auth.v1.UpdateApiKeyResponse
-	14, // 45: marie.auth.v1.AuthService.RevokeApiKey:output_type -> marie.auth.v1.RevokeApiKeyResponse
-	16, // 46: marie.auth.v1.AuthService.RotateApiKey:output_type -> marie.auth.v1.RotateApiKeyResponse
-	19, // 47: marie.auth.v1.AuthService.ValidateApiKey:output_type -> marie.auth.v1.ValidateApiKeyResponse
-	21, // 48: marie.auth.v1.AuthService.WatchKeyEvents:output_type -> marie.auth.v1.WatchKeyEventsResponse
-	24, // 49: marie.auth.v1.AuthService.RecordUsage:output_type -> marie.auth.v1.RecordUsageResponse
-	27, // 50: marie.auth.v1.AuthService.QueryUsage:output_type -> marie.auth.v1.QueryUsageResponse
-	41, // [41:51] is the sub-list for method output_type
-	31, // [31:41] is the sub-list for method input_type
-	31, // [31:31] is the sub-list for extension type_name
-	31, // [31:31] is the sub-list for extension extendee
-	0,  // [0:31] is the sub-list for field type_name
+	3,  // 31: marie.auth.v1.LeaseCapacityResponse.limits:type_name -> marie.auth.v1.KeyLimits
+	5,  // 32: marie.auth.v1.AuthService.CreateApiKey:input_type -> marie.auth.v1.CreateApiKeyRequest
+	7,  // 33: marie.auth.v1.AuthService.GetApiKey:input_type -> marie.auth.v1.GetApiKeyRequest
+	9,  // 34: marie.auth.v1.AuthService.ListApiKeys:input_type -> marie.auth.v1.ListApiKeysRequest
+	11, // 35: marie.auth.v1.AuthService.UpdateApiKey:input_type -> marie.auth.v1.UpdateApiKeyRequest
+	13, // 36: marie.auth.v1.AuthService.RevokeApiKey:input_type -> marie.auth.v1.RevokeApiKeyRequest
+	15, // 37: marie.auth.v1.AuthService.RotateApiKey:input_type -> marie.auth.v1.RotateApiKeyRequest
+	17, // 38: marie.auth.v1.AuthService.ValidateApiKey:input_type -> marie.auth.v1.ValidateApiKeyRequest
+	20, // 39: marie.auth.v1.AuthService.WatchKeyEvents:input_type -> marie.auth.v1.WatchKeyEventsRequest
+	23, // 40: marie.auth.v1.AuthService.RecordUsage:input_type -> marie.auth.v1.RecordUsageRequest
+	25, // 41: marie.auth.v1.AuthService.QueryUsage:input_type -> marie.auth.v1.QueryUsageRequest
+	28, // 42: marie.auth.v1.AuthService.LeaseCapacity:input_type -> marie.auth.v1.LeaseCapacityRequest
+	6,  // 43: marie.auth.v1.AuthService.CreateApiKey:output_type -> marie.auth.v1.CreateApiKeyResponse
+	8,  // 44: marie.auth.v1.AuthService.GetApiKey:output_type -> marie.auth.v1.GetApiKeyResponse
+	10, // 45: marie.auth.v1.AuthService.ListApiKeys:output_type -> marie.auth.v1.ListApiKeysResponse
+	12, // 46: marie.auth.v1.AuthService.UpdateApiKey:output_type -> marie.auth.v1.UpdateApiKeyResponse
+	14, // 47: marie.auth.v1.AuthService.RevokeApiKey:output_type -> marie.auth.v1.RevokeApiKeyResponse
+	16, // 48: marie.auth.v1.AuthService.RotateApiKey:output_type -> marie.auth.v1.RotateApiKeyResponse
+	19, // 49: marie.auth.v1.AuthService.ValidateApiKey:output_type -> marie.auth.v1.ValidateApiKeyResponse
+	21, // 50: marie.auth.v1.AuthService.WatchKeyEvents:output_type -> marie.auth.v1.WatchKeyEventsResponse
+	24, // 51: marie.auth.v1.AuthService.RecordUsage:output_type -> marie.auth.v1.RecordUsageResponse
+	27, // 52: marie.auth.v1.AuthService.QueryUsage:output_type -> marie.auth.v1.QueryUsageResponse
+	29, // 53: marie.auth.v1.AuthService.LeaseCapacity:output_type -> marie.auth.v1.LeaseCapacityResponse
+	43, // [43:54] is the sub-list for method output_type
+	32, // [32:43] is the sub-list for method input_type
+	32, // [32:32] is the sub-list for extension type_name
+	32, // [32:32] is the sub-list for extension extendee
+	0,  // [0:32] is the sub-list for field type_name
 }
 
 func init() { file_marie_auth_v1_auth_service_proto_init() }
@@ -2178,7 +2438,7 @@ func file_marie_auth_v1_auth_service_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_marie_auth_v1_auth_service_proto_rawDesc), len(file_marie_auth_v1_auth_service_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   27,
+			NumMessages:   29,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -29,6 +29,7 @@ const (
 	AuthService_WatchKeyEvents_FullMethodName = "/marie.auth.v1.AuthService/WatchKeyEvents"
 	AuthService_RecordUsage_FullMethodName    = "/marie.auth.v1.AuthService/RecordUsage"
 	AuthService_QueryUsage_FullMethodName     = "/marie.auth.v1.AuthService/QueryUsage"
+	AuthService_LeaseCapacity_FullMethodName  = "/marie.auth.v1.AuthService/LeaseCapacity"
 )
 
 // AuthServiceClient is the client API for AuthService service.
@@ -74,6 +75,14 @@ type AuthServiceClient interface {
 	// Totals of the usage ledger over a time range, optionally for one key or
 	// owner, and grouped by day, model or key.
 	QueryUsage(ctx context.Context, in *QueryUsageRequest, opts ...grpc.CallOption) (*QueryUsageResponse, error)
+	// Takes a share of a key's limits for one gateway (a lease) and settles
+	// what the gateway did with the previous one, in one transaction on the
+	// key's counters, which every auth replica sharing the store agrees on. The
+	// gateway then admits requests from its share without asking again, and
+	// comes back before the share runs out. Grants may be smaller than asked,
+	// down to zero (then retry_after_seconds says when to ask again).
+	// NOT_FOUND (KEY_NOT_FOUND) for an unknown key.
+	LeaseCapacity(ctx context.Context, in *LeaseCapacityRequest, opts ...grpc.CallOption) (*LeaseCapacityResponse, error)
 }
 
 type authServiceClient struct {
@@ -193,6 +202,16 @@ func (c *authServiceClient) QueryUsage(ctx context.Context, in *QueryUsageReques
 	return out, nil
 }
 
+func (c *authServiceClient) LeaseCapacity(ctx context.Context, in *LeaseCapacityRequest, opts ...grpc.CallOption) (*LeaseCapacityResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(LeaseCapacityResponse)
+	err := c.cc.Invoke(ctx, AuthService_LeaseCapacity_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AuthServiceServer is the server API for AuthService service.
 // All implementations must embed UnimplementedAuthServiceServer
 // for forward compatibility.
@@ -236,6 +255,14 @@ type AuthServiceServer interface {
 	// Totals of the usage ledger over a time range, optionally for one key or
 	// owner, and grouped by day, model or key.
 	QueryUsage(context.Context, *QueryUsageRequest) (*QueryUsageResponse, error)
+	// Takes a share of a key's limits for one gateway (a lease) and settles
+	// what the gateway did with the previous one, in one transaction on the
+	// key's counters, which every auth replica sharing the store agrees on. The
+	// gateway then admits requests from its share without asking again, and
+	// comes back before the share runs out. Grants may be smaller than asked,
+	// down to zero (then retry_after_seconds says when to ask again).
+	// NOT_FOUND (KEY_NOT_FOUND) for an unknown key.
+	LeaseCapacity(context.Context, *LeaseCapacityRequest) (*LeaseCapacityResponse, error)
 	mustEmbedUnimplementedAuthServiceServer()
 }
 
@@ -275,6 +302,9 @@ func (UnimplementedAuthServiceServer) RecordUsage(context.Context, *RecordUsageR
 }
 func (UnimplementedAuthServiceServer) QueryUsage(context.Context, *QueryUsageRequest) (*QueryUsageResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method QueryUsage not implemented")
+}
+func (UnimplementedAuthServiceServer) LeaseCapacity(context.Context, *LeaseCapacityRequest) (*LeaseCapacityResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method LeaseCapacity not implemented")
 }
 func (UnimplementedAuthServiceServer) mustEmbedUnimplementedAuthServiceServer() {}
 func (UnimplementedAuthServiceServer) testEmbeddedByValue()                     {}
@@ -470,6 +500,24 @@ func _AuthService_QueryUsage_Handler(srv interface{}, ctx context.Context, dec f
 	return interceptor(ctx, in, info, handler)
 }
 
+func _AuthService_LeaseCapacity_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(LeaseCapacityRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AuthServiceServer).LeaseCapacity(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AuthService_LeaseCapacity_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AuthServiceServer).LeaseCapacity(ctx, req.(*LeaseCapacityRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // AuthService_ServiceDesc is the grpc.ServiceDesc for AuthService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -512,6 +560,10 @@ var AuthService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "QueryUsage",
 			Handler:    _AuthService_QueryUsage_Handler,
+		},
+		{
+			MethodName: "LeaseCapacity",
+			Handler:    _AuthService_LeaseCapacity_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

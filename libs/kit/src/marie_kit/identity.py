@@ -1,0 +1,40 @@
+"""The verified caller identity that travels with a gRPC call as metadata.
+
+Set by Envoy's key check (for calls from outside) or by the gateway (for the
+calls it makes for a request); Envoy strips any client-sent `x-marie-*`
+header, so a service may trust these. The owner is percent-encoded UTF-8
+(gRPC metadata values are printable ASCII).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from urllib.parse import quote, unquote
+
+KEY_ID_HEADER = "x-marie-key-id"
+OWNER_HEADER = "x-marie-owner"
+
+# Printable ASCII but '%' and space stays readable; the rest is percent-encoded.
+_OWNER_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) != "%")
+
+
+def identity_metadata(key_id: str, owner: str) -> tuple[tuple[str, str], ...]:
+    """The metadata naming a caller (none for an empty key id)."""
+    if not key_id:
+        return ()
+    return ((KEY_ID_HEADER, key_id), (OWNER_HEADER, quote(owner, safe=_OWNER_SAFE)))
+
+
+def identity_from_metadata(
+    metadata: Iterable[tuple[str, str | bytes]] | None,
+) -> tuple[str, str]:
+    """(key id, owner) of a call's metadata; empty strings when absent."""
+    key_id = owner = ""
+    for name, value in metadata or ():
+        if not isinstance(value, str):
+            continue
+        if name == KEY_ID_HEADER:
+            key_id = value
+        elif name == OWNER_HEADER:
+            owner = unquote(value)
+    return key_id, owner
