@@ -4,10 +4,9 @@ the whole service on the OpenSearch store (osmem-server, or OPENSEARCH_URL when 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Any
 
+import pytest
 from marie.memory.v1 import memory_service_pb2 as pb
 from marie.memory.v1 import memory_service_pb2_grpc as pb_grpc
 from marie_kit.channels import insecure_channel, is_serving
@@ -22,7 +21,7 @@ from marie_memory.opensearch_store import (
 )
 from marie_memory.records import MemoryFilter
 from marie_memory.settings import MemorySettings
-from memory_testkit import StartMemory
+from memory_testkit import StartMemory, opensearch_target
 
 
 def test_knn_search_filters_by_user_inside_the_knn_clause() -> None:
@@ -101,14 +100,15 @@ def test_keyword_and_message_queries_always_filter_by_user() -> None:
     assert messages["highlight"]["encoder"] == "html"  # the rest of the text is escaped
 
 
+@pytest.mark.parametrize("kind", ["osmem", "opensearch"])
 async def test_the_service_runs_on_the_opensearch_store(
-    start_memory: StartMemory, osmem_clone: Any, tmp_path: Path
+    start_memory: StartMemory, request: pytest.FixtureRequest, kind: str, tmp_path: Path
 ) -> None:
     settings = MemorySettings(
         data_dir=tmp_path,
         port=0,
         store="opensearch",
-        opensearch_url=os.environ.get("OPENSEARCH_URL") or osmem_clone.url,
+        opensearch_url=opensearch_target(request, kind),
         opensearch_index_prefix=index_prefix(str(tmp_path)),
         embedding_model="",
     )

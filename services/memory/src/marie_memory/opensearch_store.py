@@ -888,6 +888,15 @@ class OpenSearchStore:
                         {"index": {"_index": vectors, "_id": memory.id}},
                         self._vector_doc(memory, change.vector),
                     ]
+                elif change.event == EVENT_UPDATE and key and space == key:
+                    # The vector stays, but the filters knn applies inside its
+                    # clause live on the vector document: keep them in step.
+                    filters = self._vector_doc(memory, ())
+                    del filters["vector"]
+                    actions += [
+                        {"update": {"_index": vectors, "_id": memory.id}},
+                        {"doc": filters},
+                    ]
             elif change.event == EVENT_DELETE:
                 actions += [
                     {"delete": {"_index": memories, "_id": memory.id}},
