@@ -20,6 +20,7 @@ from marie.memory.v1 import memory_service_pb2 as pb
 from marie.memory.v1 import memory_service_pb2_grpc as pb_grpc
 from marie.providers.v1 import provider_service_pb2_grpc as ppb_grpc
 from marie_kit.channels import insecure_channel
+from marie_kit.tenancy import TenantInterceptor
 
 from marie_memory import convert
 from marie_memory.core import MemoryCore
@@ -68,6 +69,9 @@ class MemoryComponent:
 
     def __init__(self, settings: MemorySettings) -> None:
         self.settings = settings
+        # Calls through Envoy carry the key's verified tenant: every user_id
+        # they name must be one of that tenant's.
+        self.interceptors: Sequence[grpc.aio.ServerInterceptor] = (TenantInterceptor(DOMAIN),)
         self._core: MemoryCore | None = None
         self._channel: grpc.aio.Channel | None = None
         self._queue: ExtractionQueue | None = None
