@@ -30,7 +30,7 @@ from memory_testkit import (
 )
 
 from tests.fakes.ollama import FakeOllama
-from tests.opensearch_node import OpenSearchNode, OpenSearchUnavailable
+from tests.opensearch_node import START_TIMEOUT_SECONDS, OpenSearchNode, OpenSearchUnavailable
 
 STOP_GRACE_SECONDS = 0.5
 
@@ -39,6 +39,20 @@ STOP_GRACE_SECONDS = 0.5
 #: opensearch: the OpenSearch store on a real node (OPENSEARCH_URL, or one
 #: assembled from Maven Central for the test session: tests/opensearch_node.py).
 STORE_KINDS = ["sqlite", "osmem", "opensearch"]
+
+
+#: The first test on the real node also waits for it to start (download once,
+#: then ~15-60 s on a busy 2-core machine): more than the suite's 120 s.
+REAL_NODE_TIMEOUT_SECONDS = START_TIMEOUT_SECONDS + 120
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        params = callspec.params if callspec is not None else {}
+        on_node = "opensearch" in (params.get("store"), params.get("kind"))
+        if on_node or "opensearch_url" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.timeout(REAL_NODE_TIMEOUT_SECONDS))
 
 
 @pytest.fixture(scope="session")

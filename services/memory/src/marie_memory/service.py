@@ -54,8 +54,11 @@ async def open_store(settings: MemorySettings) -> Store:
     if settings.store == "opensearch":
         from marie_memory.opensearch_store import OpenSearchStore  # noqa: PLC0415 - optional
 
+        total = settings.vector_weight + settings.keyword_weight
         return await OpenSearchStore.open(
-            settings.opensearch_url, prefix=settings.opensearch_index_prefix
+            settings.opensearch_url,
+            prefix=settings.opensearch_index_prefix,
+            hybrid_weights=(settings.vector_weight / total, settings.keyword_weight / total),
         )
     return await SqliteStore.open(settings.db_path)
 
