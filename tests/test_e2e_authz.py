@@ -111,6 +111,23 @@ def test_memory_service_methods_need_the_memory_scope(stack: Stack) -> None:
     assert check(stack, SEARCH_MEMORIES, rememberer).status_code == 200
 
 
+def test_the_answer_binds_a_keys_tenant_except_for_admin_keys(stack: Stack) -> None:
+    owned = create(stack, "authz-tenant-owned", "--scope", "memory", "--owner", "équipe b")
+    ownerless = create(stack, "authz-tenant-ownerless", "--scope", "memory")
+    admin = create(stack, "authz-tenant-admin", "--scope", "admin", "--owner", "ops")
+    # The owner, percent-encoded as gRPC metadata must be printable ASCII.
+    answer = check(stack, SEARCH_MEMORIES, owned["key"])
+    assert answer.headers["x-marie-tenant"] == "%C3%A9quipe%20b"
+    # No owner: the key id is the tenant, as for the REST routes.
+    assert (
+        check(stack, SEARCH_MEMORIES, ownerless["key"]).headers["x-marie-tenant"]
+        == (ownerless["id"])
+    )
+    # An admin key may name any tenant: nothing binds it.
+    answer = check(stack, SEARCH_MEMORIES, admin["key"])
+    assert answer.status_code == 200 and "x-marie-tenant" not in answer.headers
+
+
 @pytest.mark.parametrize(
     "method",
     [

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import struct
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -20,13 +21,26 @@ import grpc
 import httpx
 import orjson
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from marie.auth.v1 import auth_service_pb2 as auth_pb
 from marie.auth.v1 import auth_service_pb2_grpc as auth_grpc
+from marie.memory.v1 import memory_service_pb2 as memory_pb
+from marie.memory.v1 import memory_service_pb2_grpc as memory_grpc
 from marie.providers.v1 import provider_service_pb2 as pb
 from marie.providers.v1 import provider_service_pb2_grpc as pb_grpc
+from marie_kit.tenancy import tenant_user_id
 from marie_providers.settings import ProvidersSettings
 
-from tests.envoy import Config, Envoy, connection_manager, load_config, start_envoy
+from tests.envoy import (
+    CONFIG,
+    ENVOY,
+    Config,
+    Envoy,
+    connection_manager,
+    load_config,
+    start_envoy,
+)
 from tests.fakes import FakeOllama
 from tests.grpc_recorder import RecordedCall, RecordingProxy
 from tests.stack import Stack
@@ -50,7 +64,12 @@ def auth_hop(stack: Stack) -> Iterator[RecordingProxy]:
 
 
 def _upstreams(stack: Stack, providers: RecordingProxy, auth: RecordingProxy) -> dict[str, int]:
-    return {"gateway": stack.gateway_port, "providers": providers.port, "auth": auth.port}
+    return {
+        "gateway": stack.gateway_port,
+        "providers": providers.port,
+        "auth": auth.port,
+        "memory": stack.memory_port,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +100,11 @@ def providers(channel: grpc.Channel) -> pb_grpc.ProviderServiceStub:
 @pytest.fixture(scope="module")
 def auth(channel: grpc.Channel) -> auth_grpc.AuthServiceStub:
     return auth_grpc.AuthServiceStub(channel)
+
+
+@pytest.fixture(scope="module")
+def memory(channel: grpc.Channel) -> memory_grpc.MemoryServiceStub:
+    return memory_grpc.MemoryServiceStub(channel)
 
 
 @pytest.fixture(scope="module")
@@ -278,6 +302,82 @@ def test_health_and_reflection_are_not_exposed(channel: grpc.Channel) -> None:
     with pytest.raises(grpc.RpcError) as caught:
         check(b"", timeout=10)
     assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+# ------------------------------------------------------ memory, tenant-bound
+
+
+def _error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo:
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert status is not None
+    info = error_details_pb2.ErrorInfo()
+    assert status.details[0].Unpack(info)
+    return info
+
+
+def test_memory_through_envoy_needs_a_key_with_the_memory_scope(
+    memory: memory_grpc.MemoryServiceStub, keys: dict[str, dict[str, Any]]
+) -> None:
+    request = memory_pb.ListMemoriesRequest(user_id=tenant_user_id(keys["full"]["id"], "alice"))
+    with pytest.raises(grpc.RpcError) as caught:
+        memory.ListMemories(request, timeout=10)
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.RpcError) as caught:
+        memory.ListMemories(request, metadata=(bearer(keys["chatter"]),), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "memory" in (caught.value.details() or "")
+
+
+def test_a_key_reaches_its_own_tenants_memory_through_envoy_and_no_other(
+    stack: Stack, memory: memory_grpc.MemoryServiceStub, keys: dict[str, dict[str, Any]]
+) -> None:
+    full = keys["full"]  # no owner: its tenant is its key id
+    # A memory stored over REST (the gateway builds the user id) ...
+    stored = httpx.post(
+        f"{stack.base_url}/api/memories",
+        headers={"authorization": f"Bearer {full['key']}"},
+        json={
+            "messages": [{"role": "user", "content": "Prefers window seats"}],
+            "infer": False,
+            "user": "alice",
+        },
+        timeout=30,
+    )
+    assert stored.status_code == 200, stored.text
+    # ... is the same key's over gRPC through Envoy, under the same user id.
+    mine = tenant_user_id(full["id"], "alice")
+    listed = memory.ListMemories(
+        memory_pb.ListMemoriesRequest(user_id=mine), metadata=(bearer(full),), timeout=10
+    )
+    assert [m.text for m in listed.memories] == ["Prefers window seats"]
+    created = memory.CreateConversation(
+        memory_pb.CreateConversationRequest(user_id=mine, title="via envoy"),
+        metadata=(bearer(full),),
+        timeout=10,
+    )
+    assert created.conversation.user_id == mine
+    # Another tenant's user, even with a forged tenant header (Envoy drops it).
+    theirs = tenant_user_id("team-envoy", "alice")
+    for metadata in ((bearer(full),), (bearer(full), ("x-marie-tenant", "team-envoy"))):
+        with pytest.raises(grpc.RpcError) as caught:
+            memory.ListMemories(
+                memory_pb.ListMemoriesRequest(user_id=theirs), metadata=metadata, timeout=10
+            )
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        info = _error_info(caught.value)
+        assert (info.reason, dict(info.metadata)) == ("TENANT_MISMATCH", {"field": "user_id"})
+    with pytest.raises(grpc.RpcError) as caught:
+        memory.DeleteAllMemories(
+            memory_pb.DeleteAllMemoriesRequest(user_id="alice"),
+            metadata=(bearer(full),),
+            timeout=10,
+        )
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    # An admin key may name any tenant, as over REST.
+    as_admin = memory.ListMemories(
+        memory_pb.ListMemoriesRequest(user_id=mine), metadata=(bearer(keys["admin"]),), timeout=10
+    )
+    assert [m.text for m in as_admin.memories] == ["Prefers window seats"]
 
 
 # -------------------------------------------------------------- header rules
@@ -626,3 +726,16 @@ def test_envoy_outwaits_the_providers_upstream_read_timeout() -> None:
     for listener in ("public", "providers_mesh"):
         idle = connection_manager(config, listener)["stream_idle_timeout"]
         assert float(idle.removesuffix("s")) > read_timeout
+
+
+def test_the_deployed_config_validates_as_written() -> None:
+    """The file as compose runs it (service names, fixed ports), by Envoy itself."""
+    done = subprocess.run(
+        [str(ENVOY), "--mode", "validate", "-c", str(CONFIG), "--disable-hot-restart"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "OK" in done.stdout

@@ -21,25 +21,70 @@ from marie_memory.settings import MemorySettings
 from marie_memory.sqlite_store import SqliteStore
 from marie_providers.service import ProvidersComponent
 from marie_providers.settings import ProvidersSettings
-from memory_testkit import EMBEDDING_MODEL, EXTRACTION_MODEL, MemoryStub, StartMemory
+from memory_testkit import (
+    EMBEDDING_MODEL,
+    EXTRACTION_MODEL,
+    MemoryStub,
+    StartMemory,
+    opensearch_target,
+)
 
 from tests.fakes.ollama import FakeOllama
+from tests.opensearch_node import START_TIMEOUT_SECONDS, OpenSearchNode, OpenSearchUnavailable
 
 STOP_GRACE_SECONDS = 0.5
 
 
-STORE_KINDS = ["sqlite", "opensearch"]
+#: sqlite: a file; osmem: the OpenSearch store on osmem-server (the emulator);
+#: opensearch: the OpenSearch store on a real node (OPENSEARCH_URL, or one
+#: assembled from Maven Central for the test session: tests/opensearch_node.py).
+STORE_KINDS = ["sqlite", "osmem", "opensearch"]
+
+
+#: The first test on the real node also waits for it to start (download once,
+#: then ~15-60 s on a busy 2-core machine): more than the suite's 120 s.
+REAL_NODE_TIMEOUT_SECONDS = START_TIMEOUT_SECONDS + 120
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        params = callspec.params if callspec is not None else {}
+        on_node = "opensearch" in (params.get("store"), params.get("kind"))
+        if on_node or "opensearch_url" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.timeout(REAL_NODE_TIMEOUT_SECONDS))
+
+
+@pytest.fixture(scope="session")
+def opensearch_url() -> Iterator[str]:
+    """A real OpenSearch: OPENSEARCH_URL when set, else one node for the whole
+    session (started on first use, ~15-30 s here; stopped at the end). Without
+    Java 17+ or Maven Central the tests that need it are skipped saying why,
+    except under CI, where that is a failure."""
+    if os.environ.get("OPENSEARCH_URL"):
+        yield os.environ["OPENSEARCH_URL"]
+        return
+    try:
+        node = OpenSearchNode.start()
+    except OpenSearchUnavailable as exc:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"no real OpenSearch node here: {exc}")
+    try:
+        yield node.url
+    finally:
+        node.stop()
 
 
 @pytest.fixture(params=STORE_KINDS)
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    """Every store implementation: SQLite on a file in tmp_path; OpenSearch on the
-    cluster at OPENSEARCH_URL when set, else on a fresh osmem-server clone."""
+    """Every store implementation: SQLite on a file in tmp_path; OpenSearch on
+    osmem-server and on a real node, each test with its own index prefix."""
     opened: Store
     if request.param == "sqlite":
         opened = await SqliteStore.open(tmp_path / "memory.sqlite3")
     else:
-        url = os.environ.get("OPENSEARCH_URL") or request.getfixturevalue("osmem_clone").url
+        url = opensearch_target(request, request.param)
         opened = await OpenSearchStore.open(url, prefix=index_prefix(str(tmp_path)))
     yield opened
     await opened.close()
@@ -48,7 +93,7 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
 @pytest.fixture
 def emulated(request: pytest.FixtureRequest, store: Store) -> bool:
     """True when the store runs on osmem-server (no knn query)."""
-    return isinstance(store, OpenSearchStore) and not os.environ.get("OPENSEARCH_URL")
+    return bool(request.node.callspec.params.get("store") == "osmem")
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+import pytest
 from marie_kit.server import RunningServer
 from marie_memory.records import (
     EVENT_ADD,
@@ -35,6 +36,7 @@ __all__ = [
     "memory",
     "message",
     "new_id",
+    "opensearch_target",
 ]
 
 
@@ -90,3 +92,12 @@ else:
 
 #: The `start_memory` fixture: starts a memory server over the given settings.
 StartMemory = Callable[[MemorySettings], Awaitable[RunningServer]]
+
+
+def opensearch_target(request: pytest.FixtureRequest, kind: str) -> str:
+    """The URL of an OpenSearch store of `kind` (osmem or opensearch)."""
+    if kind == "osmem":
+        url: str = request.getfixturevalue("osmem_clone").url
+        return url
+    url = request.getfixturevalue("opensearch_url")
+    return url

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import quote
 
+import grpc
 import pytest
 from google.protobuf.field_mask_pb2 import FieldMask
 from marie.memory.v1 import memory_service_pb2 as pb
 from marie_kit.errors import ServiceError
+from marie_kit.tenancy import belongs_to, tenant_user_id, user_ids
 from memory_testkit import MemoryStub
 
 from tests.grpc_testing import rpc_error
@@ -151,3 +154,66 @@ async def test_lists_searches_and_erasure_never_cross_users(stub: MemoryStub) ->
     assert len((await stub.ListMemories(pb.ListMemoriesRequest(user_id=OWNER))).memories) == 1
     # user ids are compared exactly: case matters.
     assert (await stub.ListMemories(pb.ListMemoriesRequest(user_id=OWNER.upper()))).memories == []
+
+
+# ---------------------------------------------------- tenant bound by the key check
+
+TENANT = "team-a"
+MINE, THEIRS = tenant_user_id(TENANT, "alice"), tenant_user_id("team-ab", "alice")
+# The tenant header as Envoy adds it from the gateway's key check (percent-encoded).
+AS_TEAM_A = (("x-marie-tenant", "team-a"),)
+
+
+async def test_a_call_with_a_verified_tenant_reaches_only_that_tenants_users(
+    stub: MemoryStub,
+) -> None:
+    created = await stub.CreateConversation(
+        pb.CreateConversationRequest(user_id=MINE, title="ok"), metadata=AS_TEAM_A
+    )
+    assert created.conversation.user_id == MINE
+    # Another tenant's user (a name that merely starts alike too), a bare name,
+    # an empty one: refused before the service looks.
+    for user_id in (THEIRS, "alice", "6:team-a", tenant_user_id("team-", "a/alice"), ""):
+        refused = await rpc_error(
+            stub.ListMemories(pb.ListMemoriesRequest(user_id=user_id), metadata=AS_TEAM_A)
+        )
+        assert (refused.code, refused.reason) == (
+            grpc.StatusCode.PERMISSION_DENIED,
+            "TENANT_MISMATCH",
+        ), user_id
+        assert refused.metadata == {"field": "user_id"}
+    # Nothing was written for the refused call.
+    await stub.CreateConversation(
+        pb.CreateConversationRequest(user_id=MINE, title="x"), metadata=AS_TEAM_A
+    )
+    refused = await rpc_error(
+        stub.CreateConversation(
+            pb.CreateConversationRequest(user_id=THEIRS, title="x"), metadata=AS_TEAM_A
+        )
+    )
+    assert refused.reason == "TENANT_MISMATCH"
+    assert (
+        await stub.ListConversations(pb.ListConversationsRequest(user_id=THEIRS))
+    ).conversations == []
+    # A tenant with characters that are percent-encoded in the header.
+    odd = "équipe b/c"
+    reply = await stub.ListMemories(
+        pb.ListMemoriesRequest(user_id=tenant_user_id(odd, "bob")),
+        metadata=(("x-marie-tenant", quote(odd, safe="")),),
+    )
+    assert list(reply.memories) == []
+    # Without the header (the gateway, inside the deployment) any user id is served.
+    listed = await stub.ListConversations(pb.ListConversationsRequest(user_id=MINE))
+    assert len(listed.conversations) == 2
+
+
+def test_every_user_id_of_a_request_is_checked_nested_ones_included() -> None:
+    request = pb.UpdateConversationRequest(
+        user_id=MINE, conversation=pb.Conversation(id="c", user_id=THEIRS)
+    )
+    assert list(user_ids(request)) == [MINE, THEIRS]
+    # An unset nested user_id (output only) names nobody; an unset top-level one does.
+    assert list(user_ids(pb.UpdateConversationRequest(conversation=pb.Conversation(id="c")))) == [
+        ""
+    ]
+    assert belongs_to(MINE, TENANT) and not belongs_to(THEIRS, TENANT)

@@ -4,15 +4,17 @@ the whole service on the OpenSearch store (osmem-server, or OPENSEARCH_URL when 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Any
 
+import pytest
 from marie.memory.v1 import memory_service_pb2 as pb
 from marie.memory.v1 import memory_service_pb2_grpc as pb_grpc
 from marie_kit.channels import insecure_channel, is_serving
 from marie_memory.opensearch_store import (
+    OpenSearchStore,
     filter_clauses,
+    hybrid_pipeline_body,
+    hybrid_query_body,
     index_prefix,
     keyword_query_body,
     knn_query_body,
@@ -20,9 +22,9 @@ from marie_memory.opensearch_store import (
     message_search_body,
     vector_index_body,
 )
-from marie_memory.records import MemoryFilter
+from marie_memory.records import EmbeddingSpace, MemoryFilter
 from marie_memory.settings import MemorySettings
-from memory_testkit import StartMemory
+from memory_testkit import StartMemory, opensearch_target
 
 
 def test_knn_search_filters_by_user_inside_the_knn_clause() -> None:
@@ -101,14 +103,15 @@ def test_keyword_and_message_queries_always_filter_by_user() -> None:
     assert messages["highlight"]["encoder"] == "html"  # the rest of the text is escaped
 
 
+@pytest.mark.parametrize("kind", ["osmem", "opensearch"])
 async def test_the_service_runs_on_the_opensearch_store(
-    start_memory: StartMemory, osmem_clone: Any, tmp_path: Path
+    start_memory: StartMemory, request: pytest.FixtureRequest, kind: str, tmp_path: Path
 ) -> None:
     settings = MemorySettings(
         data_dir=tmp_path,
         port=0,
         store="opensearch",
-        opensearch_url=os.environ.get("OPENSEARCH_URL") or osmem_clone.url,
+        opensearch_url=opensearch_target(request, kind),
         opensearch_index_prefix=index_prefix(str(tmp_path)),
         embedding_model="",
     )
@@ -144,3 +147,63 @@ async def test_the_service_runs_on_the_opensearch_store(
         ).results == []
         erased = await stub.DeleteAllMemories(pb.DeleteAllMemoriesRequest(user_id="u"))
         assert erased.deleted_count == 1
+
+
+def test_the_hybrid_pipeline_normalises_min_max_and_weights_the_mean() -> None:
+    # https://opensearch.org/docs/latest/search-plugins/search-pipelines/normalization-processor/
+    assert hybrid_pipeline_body(0.7, 0.3)["phase_results_processors"] == [
+        {
+            "normalization-processor": {
+                "normalization": {"technique": "min_max"},
+                "combination": {
+                    "technique": "arithmetic_mean",
+                    # One weight per sub-query of the hybrid query, in its order.
+                    "parameters": {"weights": [0.3, 0.7]},
+                },
+            }
+        }
+    ]
+
+
+def test_the_hybrid_query_holds_bm25_then_knn_with_the_user_filter_inside_knn() -> None:
+    # https://opensearch.org/docs/latest/query-dsl/compound/hybrid/
+    body = hybrid_query_body("alice", "the green tea", [0.5, -0.5], MemoryFilter(), 9)
+    keyword, knn = body["query"]["hybrid"]["queries"]
+    assert keyword == {
+        "bool": {
+            "must": [{"match": {"text": {"query": "green tea", "operator": "or"}}}],
+            "filter": [{"term": {"user_id": "alice"}}],
+        }
+    }
+    assert knn == {
+        "knn": {
+            "vector": {
+                "vector": [0.5, -0.5],
+                "k": 9,
+                "filter": {"bool": {"filter": [{"term": {"user_id": "alice"}}]}},
+            }
+        }
+    }
+    assert body["size"] == 9
+    # The BM25 half runs on the vectors index, which carries the text.
+    assert vector_index_body(4)["mappings"]["properties"]["text"] == {"type": "text"}
+
+
+async def test_a_cluster_without_the_normalization_processor_leaves_hybrid_to_the_service(
+    opensearch_url: str, tmp_path: Path
+) -> None:
+    """The real node has k-NN but not neural-search (not on Maven Central): the
+    pipeline is refused, said once, and hybrid search is the service's."""
+    store = await OpenSearchStore.open(
+        opensearch_url, prefix=index_prefix(str(tmp_path)), hybrid_weights=(0.7, 0.3)
+    )
+    try:
+        assert store.hybrid_pipeline is None
+        assert "normalization-processor" in store.hybrid_pipeline_refusal
+        await store.set_embedding_space(EmbeddingSpace("fake/embed", 2))
+        assert (
+            await store.hybrid_search_memories("alice", "tea", [1.0, 0.0], MemoryFilter(), 5)
+            is None
+        )
+    finally:
+        await store.close()

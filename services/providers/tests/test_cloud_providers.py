@@ -17,6 +17,7 @@ from marie_providers.settings import ProvidersSettings
 from providers_testkit import Service, chat, closed_port_url, running_service, stream_outcome, user
 
 from tests.fakes.anthropic_server import FakeAnthropic, FakeClaude
+from tests.fakes.ollama import FakeOllama
 from tests.fakes.openai_server import FakeChatModel, FakeOpenAI
 from tests.fakes.upstream import Cue
 from tests.grpc_testing import rpc_error
@@ -465,6 +466,44 @@ async def test_hf_chat_keeps_the_routing_suffix_of_the_hub_id(hf: FakeOpenAI) ->
     assert sent.body["model"] == "meta-llama/Llama-3.1-8B-Instruct:fastest"
     assert sent.headers["authorization"] == f"Bearer {hf.api_key}"
     assert details.model.context_length == 131072
+
+
+async def test_a_bare_hub_id_with_a_routing_suffix_goes_to_the_hugging_face_provider(
+    hf: FakeOpenAI, fake: FakeOllama
+) -> None:
+    hub = ProviderConfig(
+        type="huggingface", base_url=f"{hf.base_url}/v1", api_key_env="FAKE_HF_TOKEN"
+    )
+    local = ProviderConfig(type="ollama", base_url=fake.base_url)
+    config = MarieConfig(providers={"hf": hub, "ollama": local}, routing=NO_RETRIES)
+    async with running_service(settings_for_tests(), config=config) as service:
+        # No `hf/` prefix: the name is no listed model, but it is shaped like a
+        # hub id and one Hugging Face provider is configured.
+        chunks, error = await stream_outcome(
+            service.stub.StreamChatCompletion(chat("meta-llama/Llama-3.1-8B-Instruct:fastest"))
+        )
+        cheapest, _ = await stream_outcome(
+            service.stub.StreamChatCompletion(chat("meta-llama/Llama-3.1-8B-Instruct:cheapest"))
+        )
+        # Bare names that a listing holds still go where they are listed.
+        local_chunks, local_error = await stream_outcome(
+            service.stub.StreamChatCompletion(chat("llama3.2:latest"))
+        )
+        # A hub id the router does not know is its NOT_FOUND, not a guess elsewhere.
+        _, unknown = await stream_outcome(
+            service.stub.StreamChatCompletion(chat("nobody/no-such-model:fastest"))
+        )
+
+    assert error is None and local_error is None
+    assert text_of(chunks) == "Hi from the hub" == text_of(cheapest)
+    assert chunks[0].model == "hf/meta-llama/Llama-3.1-8B-Instruct:fastest"
+    sent = [r.body["model"] for r in hf.requests_to("/v1/chat/completions")]
+    assert sent[:2] == [
+        "meta-llama/Llama-3.1-8B-Instruct:fastest",
+        "meta-llama/Llama-3.1-8B-Instruct:cheapest",
+    ]
+    assert local_chunks[0].model == "ollama/llama3.2:latest"
+    assert unknown is not None and unknown.code == grpc.StatusCode.NOT_FOUND
 
 
 # ---------------------------------------------------------------------------

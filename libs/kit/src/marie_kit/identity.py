@@ -18,11 +18,16 @@ OWNER_HEADER = "x-marie-owner"
 _OWNER_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) != "%")
 
 
+def encode_value(text: str) -> str:
+    """`text` as a metadata value: printable ASCII, the rest percent-encoded UTF-8."""
+    return quote(text, safe=_OWNER_SAFE)
+
+
 def identity_metadata(key_id: str, owner: str) -> tuple[tuple[str, str], ...]:
     """The metadata naming a caller (none for an empty key id)."""
     if not key_id:
         return ()
-    return ((KEY_ID_HEADER, key_id), (OWNER_HEADER, quote(owner, safe=_OWNER_SAFE)))
+    return ((KEY_ID_HEADER, key_id), (OWNER_HEADER, encode_value(owner)))
 
 
 def identity_from_metadata(

@@ -34,6 +34,9 @@ class Component(Protocol):
     #: ErrorInfo domain, e.g. "marie.auth".
     domain: str
 
+    # Optional: `interceptors`, a sequence of grpc.aio.ServerInterceptor run
+    # inside the kit's own (e.g. marie_kit.tenancy.TenantInterceptor).
+
     def register(self, server: grpc.aio.Server) -> None:
         """Add the servicers to `server`."""
 
@@ -80,7 +83,12 @@ async def start_server(
     """Start `components` behind one gRPC server; returns once SERVING."""
     domain = components[0].domain if components else "marie"
     server = grpc.aio.server(
-        interceptors=[ServerInterceptor(domain)],
+        # The kit's own first (outermost), so that errors the components'
+        # interceptors raise get its rich status, access log and metrics.
+        interceptors=[
+            ServerInterceptor(domain),
+            *(i for c in components for i in getattr(c, "interceptors", ())),
+        ],
         options=(
             ("grpc.max_receive_message_length", 64 * 1024 * 1024),
             ("grpc.max_send_message_length", 64 * 1024 * 1024),

@@ -75,6 +75,11 @@ class Principal:
         return outgoing_metadata() + self.models_metadata
 
 
+def tenant_of(principal: Principal) -> str:
+    """The tenant a key's data belongs to: its owner, or its id when it has none."""
+    return principal.owner or principal.key_id
+
+
 def extract_key(authorization: str | None, x_api_key: str | None) -> str:
     """The key from `Authorization: Bearer …` or `X-API-Key`; 401 when absent."""
     if authorization:

@@ -6,8 +6,11 @@ and key headers: `POST /_authz/marie.providers.v1.ProviderService/ListModels`.
 The gateway answers with the same key checks as its HTTP API (one
 `KeyValidator`, so the same cache and the same at-once revocation):
 
-- 200 with `x-marie-key-id`, `x-marie-owner` and, for a key limited to some
-  models, `x-marie-allowed-models`, which Envoy adds to the call;
+- 200 with `x-marie-key-id`, `x-marie-owner`, for a key without the `admin`
+  scope `x-marie-tenant` (the key's tenant: its owner, or its id when it has
+  none; the memory service refuses user ids of other tenants,
+  marie_kit.tenancy) and, for a key limited to some models,
+  `x-marie-allowed-models`, which Envoy adds to the call;
 - 401 when the key is missing, malformed, unknown, revoked or expired;
 - 403 when the key lacks the method's scope, or the method is not in the table.
 
@@ -26,6 +29,7 @@ from google.protobuf.descriptor import FileDescriptor
 from marie.auth.v1 import auth_service_pb2
 from marie.memory.v1 import memory_service_pb2
 from marie_kit import identity
+from marie_kit.tenancy import TENANT_HEADER
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
@@ -37,6 +41,7 @@ from marie_gateway.access import (
     SCOPE_MEMORY,
     SCOPE_MODELS,
     Principal,
+    tenant_of,
 )
 from marie_gateway.core import Gateway
 from marie_gateway.errors import permission_denied
@@ -84,6 +89,9 @@ def upstream_headers(principal: Principal) -> dict[str, str]:
     """What Envoy adds to an allowed call: who is calling."""
     # The owner is percent-encoded UTF-8, as gRPC metadata must be printable ASCII.
     headers = dict(identity.identity_metadata(principal.key_id, principal.owner))
+    if SCOPE_ADMIN not in principal.scopes:
+        # An admin key may name any tenant (as over REST): no tenant bound.
+        headers[TENANT_HEADER] = identity.encode_value(tenant_of(principal))
     headers.update(principal.models_metadata)
     return headers
 

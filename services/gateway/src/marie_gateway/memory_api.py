@@ -32,12 +32,14 @@ from marie.providers.v1 import provider_service_pb2 as ppb
 from marie_kit.context import outgoing_metadata
 from marie_kit.errors import ServiceError
 from marie_kit.identity import identity_metadata
+from marie_kit.tenancy import tenant_user_id
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from marie_gateway.access import SCOPE_ADMIN, SCOPE_CHAT, SCOPE_MEMORY, Principal
+from marie_gateway.access import tenant_of as key_tenant
 from marie_gateway.core import Gateway
 from marie_gateway.errors import ApiError, bad_request, from_rpc_error, from_service_error
 from marie_gateway.mapping import (
@@ -243,7 +245,7 @@ def page_json(data: list[dict[str, Any]], token: str) -> dict[str, Any]:
 def tenant_of(principal: Principal, requested: str | None) -> str:
     """The tenant whose data a request reaches: the key's owner (or key id); an
     admin key may name another."""
-    own = principal.owner or principal.key_id
+    own = key_tenant(principal)
     if requested and requested != own:
         if SCOPE_ADMIN not in principal.scopes:
             raise ApiError(
@@ -265,7 +267,7 @@ def user_id_of(principal: Principal, user: str | None, tenant: str | None) -> st
     if user is not None and len(user) > MAX_USER:
         raise bad_request(f"'user' is longer than {MAX_USER} characters.", "user")
     end_user = user if user is not None else owner
-    encoded = f"{len(owner)}:{owner}/{end_user}"
+    encoded = tenant_user_id(owner, end_user)
     if len(encoded) > 256:
         raise bad_request("'user' is too long for this tenant.", "user")
     return encoded

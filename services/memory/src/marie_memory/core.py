@@ -438,13 +438,24 @@ class MemoryCore:
         candidates = max(MIN_CANDIDATES, 4 * k)
         scores: dict[str, float] = {}
         found: dict[str, Memory] = {}
-        if vector is not None:
+        combined = None
+        if used == MODE_HYBRID and vector is not None and not self.embeddings.backfilling:
+            # The store's own hybrid search (OpenSearch's normalization
+            # pipeline), when it has one: scores already weighted, 0..1.
+            combined = await self.store.hybrid_search_memories(
+                user_id, query, vector, memory_filter, candidates
+            )
+        if combined is not None:
+            for hit in combined:
+                found[hit.memory.id] = hit.memory
+                scores[hit.memory.id] = max(0.0, min(1.0, hit.score))
+        elif vector is not None:
             for hit in await self.store.vector_search_memories(
                 user_id, vector, memory_filter, candidates
             ):
                 found[hit.memory.id] = hit.memory
                 scores[hit.memory.id] = max(0.0, min(1.0, hit.score))
-        if used == MODE_HYBRID:
+        if used == MODE_HYBRID and combined is None:
             keyword = await self.store.keyword_search_memories(
                 user_id, query, memory_filter, candidates
             )

@@ -23,12 +23,13 @@ import asyncio
 import hashlib
 import html
 import json
+import logging
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from opensearchpy import AsyncOpenSearch, NotFoundError
+from opensearchpy import AsyncOpenSearch, NotFoundError, TransportError
 
 from marie_memory.records import (
     EVENT_ADD,
@@ -47,6 +48,8 @@ from marie_memory.records import (
     ToolCall,
 )
 from marie_memory.sqlite_store import _WORD, STOPWORDS
+
+log = logging.getLogger("marie.memory.opensearch")
 
 WAIT = "wait_for"
 MAX_RESULTS = 10_000
@@ -130,6 +133,9 @@ def vector_index_body(dimension: int, *, messages: bool = False) -> dict[str, An
     else:
         fields = {
             "memory_id": _KEYWORD,
+            # The memory's text again: the BM25 half of the hybrid query runs
+            # on this index, beside the knn half.
+            "text": {"type": "text"},
             "categories": _KEYWORD,
             "meta_pairs": _KEYWORD,
             "source_conversation_id": _KEYWORD,
@@ -201,6 +207,65 @@ def message_knn_body(
                     "k": k,
                     "filter": {"bool": {"filter": filters}},
                 }
+            }
+        },
+    }
+
+
+def hybrid_pipeline_body(vector_weight: float, keyword_weight: float) -> dict[str, Any]:
+    """The search pipeline of hybrid memory search: each sub-query's scores
+    min-max normalised, then their weighted arithmetic mean (the weights in the
+    order of `hybrid_query_body`'s queries: keyword, then vector)."""
+    return {
+        "description": "Marie hybrid memory search: min_max, weighted arithmetic mean",
+        "phase_results_processors": [
+            {
+                "normalization-processor": {
+                    "normalization": {"technique": "min_max"},
+                    "combination": {
+                        "technique": "arithmetic_mean",
+                        "parameters": {"weights": [keyword_weight, vector_weight]},
+                    },
+                }
+            }
+        ],
+    }
+
+
+def hybrid_query_body(
+    user_id: str, query: str, vector: Sequence[float], memory_filter: MemoryFilter, k: int
+) -> dict[str, Any]:
+    """A `hybrid` query on the vectors index: BM25 on the text and knn on the
+    vector, the user's filter in both (inside the knn clause for knn)."""
+    filters = filter_clauses(user_id, memory_filter)
+    return {
+        "size": k,
+        "_source": ["memory_id"],
+        "query": {
+            "hybrid": {
+                "queries": [
+                    {
+                        "bool": {
+                            "must": [
+                                {
+                                    "match": {
+                                        "text": {"query": keyword_text(query), "operator": "or"}
+                                    }
+                                }
+                            ],
+                            "filter": filters,
+                        }
+                    },
+                    {
+                        "knn": {
+                            "vector": {
+                                "vector": [float(x) for x in vector],
+                                "k": k,
+                                "filter": {"bool": {"filter": filters}},
+                            }
+                        }
+                    },
+                ]
             }
         },
     }
@@ -414,18 +479,60 @@ class OpenSearchStore:
         self._conversation_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._space: EmbeddingSpace | None = None
         self._seq = 0
+        #: The hybrid search pipeline's name, once it exists; None: hybrid
+        #: scores are combined by the service (see `ensure_hybrid_pipeline`).
+        self.hybrid_pipeline: str | None = None
+        #: Why there is no pipeline, when the cluster refused to create one.
+        self.hybrid_pipeline_refusal = ""
 
     @classmethod
-    async def open(cls, url: str, *, prefix: str = "marie") -> OpenSearchStore:
+    async def open(
+        cls,
+        url: str,
+        *,
+        prefix: str = "marie",
+        hybrid_weights: tuple[float, float] | None = None,
+    ) -> OpenSearchStore:
+        """`hybrid_weights` (vector, keyword): create the hybrid search pipeline
+        with them when missing (`ensure_hybrid_pipeline`)."""
         client = AsyncOpenSearch(hosts=[url], timeout=30)
         store = cls(client, prefix)
         try:
             await store._create_indices()
             store._space = await store.get_embedding_space()
+            if hybrid_weights is not None:
+                await store.ensure_hybrid_pipeline(*hybrid_weights)
         except BaseException:
             await client.close()
             raise
         return store
+
+    async def ensure_hybrid_pipeline(self, vector_weight: float, keyword_weight: float) -> bool:
+        """Creates (or updates) `<prefix>_hybrid`, the search pipeline with the
+        normalization processor, and uses it for hybrid memory search. The
+        processor comes with the neural-search plugin: a cluster without it
+        refuses the pipeline (400), and hybrid scores are then combined by the
+        service, as on SQLite. Answers whether the pipeline is in use."""
+        name = self.index("hybrid")
+        body = hybrid_pipeline_body(vector_weight, keyword_weight)
+        try:
+            await self._client.transport.perform_request(
+                "PUT", f"/_search/pipeline/{name}", body=body
+            )
+        except TransportError as exc:
+            if not isinstance(exc.status_code, int) or not 400 <= exc.status_code < 500:
+                raise
+            self.hybrid_pipeline = None
+            self.hybrid_pipeline_refusal = f"{exc.status_code} {exc.error}: {exc.info}"[:500]
+            log.warning(
+                "OpenSearch refused the hybrid search pipeline (no normalization-processor, "
+                "which the neural-search plugin provides); hybrid scores are combined by the "
+                "service",
+                extra={"pipeline": name, "error": self.hybrid_pipeline_refusal},
+            )
+            return False
+        self.hybrid_pipeline = name
+        return True
 
     def index(self, name: str) -> str:
         return f"{self._prefix}_{name}"
@@ -606,6 +713,7 @@ class OpenSearchStore:
         return {
             "user_id": memory.user_id,
             "memory_id": memory.id,
+            "text": memory.text,
             "categories": list(memory.categories),
             "meta_pairs": _meta_pairs(memory.metadata),
             "source_conversation_id": memory.source_conversation_id,
@@ -888,6 +996,15 @@ class OpenSearchStore:
                         {"index": {"_index": vectors, "_id": memory.id}},
                         self._vector_doc(memory, change.vector),
                     ]
+                elif change.event == EVENT_UPDATE and key and space == key:
+                    # The vector stays, but the filters knn applies inside its
+                    # clause live on the vector document: keep them in step.
+                    filters = self._vector_doc(memory, ())
+                    del filters["vector"]
+                    actions += [
+                        {"update": {"_index": vectors, "_id": memory.id}},
+                        {"doc": filters},
+                    ]
             elif change.event == EVENT_DELETE:
                 actions += [
                     {"delete": {"_index": memories, "_id": memory.id}},
@@ -983,6 +1100,30 @@ class OpenSearchStore:
             if memory is not None:
                 # The lucene engine's cosine score is (1 + cos) / 2.
                 out.append(ScoredMemory(memory, 2.0 * float(h["_score"]) - 1.0))
+        return out
+
+    async def hybrid_search_memories(
+        self,
+        user_id: str,
+        query: str,
+        vector: Sequence[float],
+        memory_filter: MemoryFilter,
+        limit: int,
+    ) -> list[ScoredMemory] | None:
+        if self.hybrid_pipeline is None or self._space is None:
+            return None
+        if len(vector) != self._space.dimension or not keyword_text(query):
+            return None
+        reply = await self._client.search(
+            index=self.index("memory_vectors"),
+            body=hybrid_query_body(user_id, query, vector, memory_filter, min(limit, MAX_RESULTS)),
+            params={"search_pipeline": self.hybrid_pipeline},
+        )
+        out = []
+        for h in reply["hits"]["hits"]:
+            memory = await self.get_memory(user_id, h["_source"]["memory_id"])
+            if memory is not None:
+                out.append(ScoredMemory(memory, float(h["_score"] or 0.0)))
         return out
 
     # --- extraction queue -------------------------------------------------

@@ -276,6 +276,18 @@ class Store(Protocol):
     ) -> list[ScoredMemory]:
         """Cosine similarity against the user's vectors, best first."""
 
+    async def hybrid_search_memories(
+        self,
+        user_id: str,
+        query: str,
+        vector: Sequence[float],
+        memory_filter: MemoryFilter,
+        limit: int,
+    ) -> list[ScoredMemory] | None:
+        """Hybrid search done by the store itself, best first, `score` already
+        normalised and weighted (0..1); None when the store cannot (then the
+        service combines vector and keyword searches)."""
+
     # --- extraction queue -------------------------------------------------
     async def enqueue_job(self, job: ExtractionJob) -> None: ...
     async def due_jobs(self, now: float, limit: int) -> list[ExtractionJob]: ...

@@ -22,6 +22,7 @@ from marie.memory.v1 import memory_service_pb2_grpc as pb_grpc
 from marie.providers.v1 import provider_service_pb2_grpc as ppb_grpc
 from marie_kit.channels import insecure_channel
 from marie_kit.identity import identity_from_metadata
+from marie_kit.tenancy import TenantInterceptor
 from marie_kit.usage import UsageRecorder
 
 from marie_memory import convert
@@ -66,8 +67,11 @@ async def open_store(settings: MemorySettings) -> Store:
     if settings.store == "opensearch":
         from marie_memory.opensearch_store import OpenSearchStore  # noqa: PLC0415 - optional
 
+        total = settings.vector_weight + settings.keyword_weight
         return await OpenSearchStore.open(
-            settings.opensearch_url, prefix=settings.opensearch_index_prefix
+            settings.opensearch_url,
+            prefix=settings.opensearch_index_prefix,
+            hybrid_weights=(settings.vector_weight / total, settings.keyword_weight / total),
         )
     return await SqliteStore.open(settings.db_path)
 
@@ -81,6 +85,9 @@ class MemoryComponent:
 
     def __init__(self, settings: MemorySettings) -> None:
         self.settings = settings
+        # Calls through Envoy carry the key's verified tenant: every user_id
+        # they name must be one of that tenant's.
+        self.interceptors: Sequence[grpc.aio.ServerInterceptor] = (TenantInterceptor(DOMAIN),)
         self._core: MemoryCore | None = None
         self._channel: grpc.aio.Channel | None = None
         self._queue: ExtractionQueue | None = None

@@ -1077,6 +1077,16 @@ class SqliteStore:
         ).fetchall()
         return {int(r["seq"]): _memory(r) for r in rows}
 
+    async def hybrid_search_memories(
+        self,
+        user_id: str,
+        query: str,
+        vector: Sequence[float],
+        memory_filter: MemoryFilter,
+        limit: int,
+    ) -> list[ScoredMemory] | None:
+        return None  # combined by the service from the two searches below
+
     async def vector_search_memories(
         self, user_id: str, vector: Sequence[float], memory_filter: MemoryFilter, limit: int
     ) -> list[ScoredMemory]:

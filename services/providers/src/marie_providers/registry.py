@@ -19,6 +19,7 @@ from marie_kit.errors import ServiceError
 
 from marie_providers.base import Provider
 from marie_providers.errors import DOMAIN, model_not_found, provider_not_found
+from marie_providers.huggingface import HuggingFaceProvider
 from marie_providers.model_access import UNRESTRICTED, ModelAccess, model_not_allowed
 
 log = logging.getLogger("marie.providers.registry")
@@ -297,10 +298,23 @@ class ModelRegistry:
             if not self._may_use(access, explicit, name):
                 raise model_not_allowed(explicit.model_id(name))
             return explicit, name
-        found = await self._lookup(model)
-        if not found:
-            # The model may have been pulled since the listing was cached.
-            found = await self._lookup(model, max_age=min(self._ttl, MISS_REFRESH_SECONDS))
+        hub = self._hub_provider(model)
+        try:
+            found = await self._lookup(model)
+            if not found:
+                # The model may have been pulled since the listing was cached.
+                found = await self._lookup(model, max_age=min(self._ttl, MISS_REFRESH_SECONDS))
+        except ServiceError:
+            if hub is None:
+                raise
+            found = []  # a listing failed; the hub id still goes to the router
+        if not found and hub is not None:
+            # A hub id ("meta-llama/Llama-3.1-8B-Instruct:fastest") that no
+            # listing names: the Hugging Face router serves any hub id, with
+            # any routing suffix, and answers NOT_FOUND for an unknown one.
+            if not self._may_use(access, hub, model):
+                raise model_not_allowed(hub.model_id(model))
+            return hub, model
         if access.restricted:
             found = [(o, n) for o, n in found if self._may_use(access, o, n)]
             if not found:
@@ -317,6 +331,16 @@ class ModelRegistry:
             domain=DOMAIN,
             metadata={"model": model, "candidates": candidates},
         )
+
+    def _hub_provider(self, model: str) -> Provider | None:
+        """The one Hugging Face provider, when `model` is shaped like a hub id
+        (`owner/name`, optionally `:provider`, `:fastest` or `:cheapest`) and
+        exactly one such provider is configured; else None."""
+        owner, slash, rest = model.partition("/")
+        if not slash or not owner or not rest.split(":", 1)[0] or "/" in rest:
+            return None
+        hubs = [p for p in self.providers if p.kind == HuggingFaceProvider.kind]
+        return hubs[0] if len(hubs) == 1 else None
 
     async def _lookup(
         self, name: str, *, max_age: float | None = None

@@ -1,0 +1,120 @@
+"""Tenants in user ids, and their enforcement on calls that come through Envoy.
+
+Marie's data belongs to a tenant (an API key's owner, or its id when it has
+none) and, within it, to an end user. Services see one opaque `user_id`;
+the gateway builds it with `tenant_user_id` (`<len(tenant)>:<tenant>/<user>`),
+so the tenant part cannot be forged by a user name holding `/` or `:`.
+
+Calls from the gateway are trusted to name the right user. Calls from
+outside come through Envoy, whose key check (the gateway's ext_authz) adds
+`x-marie-tenant`: the verified tenant of the key, percent-encoded (Envoy drops
+any client-sent `x-marie-*` header first). `TenantInterceptor` refuses such a
+call with PERMISSION_DENIED (reason TENANT_MISMATCH, ErrorInfo field
+`user_id`) unless every `user_id` field of its request belongs to that
+tenant. Keys with the `admin` scope get no tenant header: they may name any
+tenant, as over REST.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+from urllib.parse import unquote
+
+import grpc
+from google.protobuf.message import Message
+
+from marie_kit.errors import ServiceError
+from marie_kit.interceptors import Handler
+
+TENANT_HEADER = "x-marie-tenant"
+TENANT_MISMATCH = "TENANT_MISMATCH"
+USER_ID_FIELD = "user_id"
+
+
+def tenant_user_id(tenant: str, user: str) -> str:
+    """The `user_id` of end user `user` of `tenant`."""
+    return f"{len(tenant)}:{tenant}/{user}"
+
+
+def belongs_to(user_id: str, tenant: str) -> bool:
+    """True when `user_id` (built by `tenant_user_id`) is one of `tenant`'s."""
+    return user_id.startswith(f"{len(tenant)}:{tenant}/")
+
+
+def user_ids(message: Message, *, top: bool = True) -> Iterator[str]:
+    """Every `user_id` string field of `message` that is set, nested messages
+    included, and "" for an unset top-level one (it names no user)."""
+    for field, value in message.ListFields():
+        if field.type == field.TYPE_MESSAGE:
+            entry = field.message_type
+            if entry is not None and entry.GetOptions().map_entry:
+                continue  # maps (metadata) hold no user ids
+            for item in [value] if isinstance(value, Message) else value:
+                yield from user_ids(item, top=False)
+        elif field.name == USER_ID_FIELD and field.type == field.TYPE_STRING:
+            yield value
+    # An unset user_id is no field of ListFields(), but still names a user (none).
+    # Nested ones (a Conversation's, output only) are left to the service.
+    if top and getattr(message, USER_ID_FIELD, None) == "":
+        yield ""
+
+
+class TenantInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses calls carrying `x-marie-tenant` whose request names a user of
+    another tenant (see the module's docstring). Calls without the header
+    pass unchanged."""
+
+    def __init__(self, domain: str) -> None:
+        self.domain = domain
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
+        handler = await continuation(handler_call_details)
+        metadata = handler_call_details.invocation_metadata or ()
+        raw = next((v for k, v in metadata if k == TENANT_HEADER), None)
+        if handler is None or raw is None:
+            return handler
+        tenant = unquote(raw) if isinstance(raw, str) else ""
+        if handler.unary_unary is not None:
+            unary = handler.unary_unary
+
+            async def checked_unary(request: Any, context: Any) -> Any:
+                self._check(request, tenant)
+                return await unary(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(
+                checked_unary,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            stream: Any = handler.unary_stream
+
+            async def checked_stream(request: Any, context: Any) -> Any:
+                self._check(request, tenant)
+                async for response in stream(request, context):
+                    yield response
+
+            return grpc.unary_stream_rpc_method_handler(
+                checked_stream,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        # Client- and bidi-streaming RPCs are not part of Marie's contracts:
+        # refuse rather than pass them unchecked.
+        return None
+
+    def _check(self, request: Message, tenant: str) -> None:
+        for user_id in user_ids(request):
+            if not tenant or not belongs_to(user_id, tenant):
+                raise ServiceError(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    TENANT_MISMATCH,
+                    "user_id does not belong to the tenant of this API key",
+                    domain=self.domain,
+                    metadata={"field": USER_ID_FIELD},
+                )
