@@ -19,5 +19,7 @@ export default defineConfig({
     setupFiles: ["./src/test-setup.ts"],
     include: ["src/**/*.test.{ts,tsx}"],
     css: false,
+    // The machine running CI may be busy: a slow render is not a failure.
+    testTimeout: 30_000,
   },
 });

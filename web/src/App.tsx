@@ -1,6 +1,5 @@
 import {
   ActionIcon,
-  AppShell,
   Burger,
   Button,
   Group,
@@ -34,7 +33,8 @@ function pageFromHash(): PageId {
 }
 
 function ThemeToggle() {
-  const { setColorScheme } = useMantineColorScheme();
+  // keepTransitions: switching must not inject a <style> (the CSP refuses inline styles).
+  const { setColorScheme } = useMantineColorScheme({ keepTransitions: true });
   const scheme = useComputedColorScheme("light");
   const next = scheme === "dark" ? "light" : "dark";
   return (
@@ -80,12 +80,10 @@ export function App() {
   };
 
   return (
-    <AppShell
-      header={{ height: 56 }}
-      navbar={{ width: 220, breakpoint: "sm", collapsed: { mobile: !opened } }}
-      padding="md"
-    >
-      <AppShell.Header>
+    // A plain CSS grid rather than Mantine's AppShell, whose responsive
+    // layout is an injected <style> that the CSP (style-src 'self') refuses.
+    <div className="shell">
+      <header className="shell-header">
         <Group h="100%" px="md" justify="space-between" wrap="nowrap">
           <Group gap="sm" wrap="nowrap">
             <Burger
@@ -94,8 +92,11 @@ export function App() {
               hiddenFrom="sm"
               size="sm"
               aria-label="Menu"
+              aria-expanded={opened}
             />
-            <Title order={3}>Marie</Title>
+            <Title order={1} size="h3">
+              Marie
+            </Title>
           </Group>
           <Group gap="xs" wrap="nowrap">
             <ThemeToggle />
@@ -104,8 +105,8 @@ export function App() {
             </Button>
           </Group>
         </Group>
-      </AppShell.Header>
-      <AppShell.Navbar p="xs" aria-label="Pages">
+      </header>
+      <nav className="shell-nav" data-open={opened || undefined} aria-label="Pages">
         {PAGES.map((p) => (
           <NavLink
             key={p.id}
@@ -116,14 +117,14 @@ export function App() {
             onClick={close}
           />
         ))}
-      </AppShell.Navbar>
-      <AppShell.Main>
+      </nav>
+      <main className="shell-main">
         {page === "chat" && <ChatPage api={api} />}
         {page === "compare" && <ComparePage api={api} />}
         {page === "memories" && <MemoriesPage api={api} />}
         {page === "keys" && <KeysPage api={api} />}
         {page === "usage" && <UsagePage api={api} />}
-      </AppShell.Main>
-    </AppShell>
+      </main>
+    </div>
   );
 }

@@ -73,6 +73,8 @@ describe("ModelSelector", () => {
           ollama: { status: "healthy", available: true, models_count: 2, latency_ms: 1, error: null, default_model: null },
           huggingface: { status: "error", available: false, models_count: 0, latency_ms: null, error: "down", default_model: null },
         };
+      if (path === "/api/models/ollama/llama3.2%3Alatest")
+        return { ...LISTING.models.ollama?.[1], description: "Meta's small model" };
       return LISTING;
     });
     const api = { get } as unknown as Api;
@@ -92,6 +94,8 @@ describe("ModelSelector", () => {
     expect(details).toHaveTextContent("llama");
     expect(details).toHaveTextContent("Q4_K_M");
     expect(details).toHaveTextContent("2.0 GB");
+    // The model's own answer fills in the details.
+    expect(await within(details).findByText("Meta's small model")).toBeInTheDocument();
 
     await userEvent.type(screen.getByLabelText("Search models"), "qwen");
     const options = within(list).getAllByRole("option");

@@ -115,6 +115,21 @@ export function ModelSelector({ api, selected, onSelect }: Props) {
     return null;
   }, [listing, selected]);
 
+  // The listing is the catalogue; one model's own answer adds what only the
+  // provider's details say (context length, capabilities, description).
+  const [detailed, setDetailed] = useState<Model | null>(null);
+  useEffect(() => {
+    if (!current) return;
+    let live = true;
+    api
+      .get<Model>(`/api/models/${encodeURIComponent(current.provider)}/${encodeURIComponent(current.name)}`)
+      .then((m) => live && setDetailed(m))
+      .catch(() => live && setDetailed(null));
+    return () => {
+      live = false;
+    };
+  }, [api, current]);
+
   return (
     <Stack gap="sm">
       <Group gap="xs" aria-label="Providers">
@@ -180,7 +195,9 @@ export function ModelSelector({ api, selected, onSelect }: Props) {
           </Stack>
         </ScrollArea.Autosize>
       )}
-      {current && <ModelDetails model={current} />}
+      {current && (
+        <ModelDetails model={detailed?.full_id === current.full_id ? detailed : current} />
+      )}
     </Stack>
   );
 }

@@ -318,7 +318,7 @@ export function ChatPage({ api }: { api: Api }) {
               >
                 <Button
                   variant={c.id === current?.id ? "light" : "subtle"}
-                  justify="flex-start"
+                  className="conversation-button"
                   flex={1}
                   miw={0}
                   onClick={() => void open(c)}
@@ -344,7 +344,7 @@ export function ChatPage({ api }: { api: Api }) {
                   aria-label={`Delete ${c.title || "Untitled"}`}
                   onClick={() => setDeleting(c)}
                 >
-                  🗑
+                  ✕
                 </ActionIcon>
               </Group>
             ))}
@@ -365,7 +365,7 @@ export function ChatPage({ api }: { api: Api }) {
                 {current.title || "Untitled"}
               </Title>
               <Group gap="xs">
-                <Badge size="lg" variant="light" data-testid="conversation-model">
+                <Badge size="lg" variant="light" tt="none" data-testid="conversation-model">
                   {current.model || "no model"}
                 </Badge>
                 <Button

@@ -8,7 +8,6 @@ import {
   Modal,
   MultiSelect,
   NumberInput,
-  SimpleGrid,
   Stack,
   Table,
   TagsInput,
@@ -125,7 +124,7 @@ function KeyDialog(props: {
             value={form.allowed_models}
             onChange={(allowed_models) => setForm({ ...form, allowed_models })}
           />
-          <SimpleGrid cols={2}>
+          <div className="form-grid">
             {LIMIT_LABELS.map(([field, label]) => (
               <NumberInput
                 key={field}
@@ -139,7 +138,7 @@ function KeyDialog(props: {
                 }
               />
             ))}
-          </SimpleGrid>
+          </div>
           {error && (
             <Alert color="red" role="alert">
               {error}
