@@ -211,6 +211,9 @@ try {
     const marks = await results.locator("mark").allInnerTexts();
     check(marks.some((m) => m.toLowerCase() === "pwnedword"), `marks: ${marks}`);
     check((await results.locator("img, script").count()) === 0, "no img/script in results");
+    // The escaped snippet reads as the text that was sent, not as entities.
+    const said = await results.innerText();
+    check(said.includes('onerror="window.__pwned=1">') && !said.includes("&lt;"), `snippet text: ${said}`);
     check((await page.evaluate(() => window.__pwned)) === undefined, "no script ran");
     await page.getByLabel("Search messages").fill("green");
     await page.getByLabel("Search messages").press("Enter");

@@ -36,6 +36,19 @@ describe("search highlights", () => {
     expect(window.pwned).toBeUndefined();
   });
 
+  it("decodes the escaped snippet into text, never into elements", () => {
+    // The memory service's format: html.escape()d text with <mark> tags.
+    const snippet =
+      "&lt;script&gt;window.pwned = true&lt;/script&gt; &amp; <mark>t&#x27;ea</mark> &lt;img src=x onerror=&quot;window.pwned = true&quot;&gt;";
+    const { container } = render(<Highlighted snippet={snippet} />);
+    expect([...container.querySelectorAll("mark")].map((m) => m.textContent)).toEqual(["t'ea"]);
+    expect(container.querySelector("script, img")).toBeNull();
+    expect(container.textContent).toBe(
+      '<script>window.pwned = true</script> & t\'ea <img src=x onerror="window.pwned = true">',
+    );
+    expect(window.pwned).toBeUndefined();
+  });
+
   it("does not take a mark tag with attributes as a highlight", () => {
     const { container } = render(<Highlighted snippet={'<mark onclick="x()">a</mark>'} />);
     expect(container.querySelector("[onclick]")).toBeNull();

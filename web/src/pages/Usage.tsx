@@ -90,6 +90,7 @@ export function UsagePage({ api }: { api: Api }) {
             data={byModel.groups}
             dataKey="group"
             orientation="vertical"
+            yAxisProps={{ width: 180 }}
             type="stacked"
             series={SERIES}
             withLegend
