@@ -12,7 +12,7 @@ STUBS_DIR := libs/kit/src
 STUBS_STAMP := $(STUBS_DIR)/marie/.stamp
 BUF := node_modules/.bin/buf
 
-.PHONY: all bootstrap stubs run test test-real-server llama-requirements lint breaking proto-baseline fmt bench clean web web-lint
+.PHONY: all bootstrap stubs run test test-real-server llama-requirements lint breaking proto-baseline fmt bench bench-compare bench-requirements clean web web-lint
 
 all: bootstrap
 
@@ -129,8 +129,30 @@ bench: bootstrap
 	$(PY) bench/run.py
 	$(PY) bench/memory_search.py
 
+# Marie against LiteLLM proxy in one run (bench/versus.py): writes
+# docs/benchmarks.md and its plots. LiteLLM and matplotlib live in the
+# benchmark's own venv, never in Marie's dependencies; wrk is Debian's.
+BENCH_VENV := .venv-bench
+BENCH_REQUIREMENTS := bench/versus/requirements.txt
+BENCH_ARGS ?=
+
+bench-requirements: $(UV)
+	$(UV) pip compile -q --python-version 3.11 --custom-compile-command "make bench-requirements" \
+		bench/versus/requirements.in -o $(BENCH_REQUIREMENTS)
+
+$(BENCH_VENV)/.synced: $(UV) $(BENCH_REQUIREMENTS)
+	$(UV) venv -q --allow-existing --python $(PYTHON) $(BENCH_VENV)
+	$(UV) pip install -q --python $(BENCH_VENV)/bin/python -r $(BENCH_REQUIREMENTS)
+	touch $@
+
+bench-compare: bootstrap $(BENCH_VENV)/.synced
+	@command -v wrk >/dev/null || { echo "wrk is missing: apt-get install wrk"; exit 1; }
+	$(PY) bench/versus.py --litellm $(BENCH_VENV)/bin/litellm \
+		--plot-python $(BENCH_VENV)/bin/python $(BENCH_ARGS)
+
 clean:
-	rm -rf $(VENV) $(LLAMA_VENV) $(TOOLS) $(STUBS_DIR)/marie node_modules $(WEB)/node_modules $(WEB)/dist
+	rm -rf $(VENV) $(LLAMA_VENV) $(BENCH_VENV) $(TOOLS) $(STUBS_DIR)/marie node_modules \
+		$(WEB)/node_modules $(WEB)/dist
 
 # --- Client libraries (clients/<language>/, issue 13) ---------------------
 # Each is generated from protos/ by `buf generate` with local plugins from the

@@ -13,9 +13,7 @@ Usage: make bench   (or .venv/bin/python bench/run.py --requests 500)
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,19 +22,12 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.stack import Stack, free_ports, start_stack  # noqa: E402
+from bench.common import cpu_seconds, percentile, start_upstreams
+from tests.stack import Stack, start_stack
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 MESSAGES = [{"role": "user", "content": "Say hello in five words."}]
-
-
-def _cpu_seconds(pid: int) -> float:
-    """utime + stime of a process and its reaped children, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return sum(int(v) for v in fields[11:15]) / CLK_TCK
 
 
 def _marie_pids(stack: Stack) -> dict[str, int]:
@@ -64,33 +55,14 @@ def _time(fn: Callable[[], None], count: int) -> list[float]:
     return samples
 
 
-def _pct(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--warmup", type=int, default=50)
     args = parser.parse_args()
 
-    (ollama_port,) = free_ports(1)
-    fake = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys, time; sys.path.insert(0, sys.argv[2]);"
-            "from tests.fakes import FakeOllama;"
-            "f = FakeOllama(port=int(sys.argv[1])).start(); print('ready', flush=True);"
-            "time.sleep(10**6)",
-            str(ollama_port),
-            str(ROOT),
-        ],
-        stdout=subprocess.PIPE,
-    )
-    assert fake.stdout is not None and fake.stdout.readline().strip() == b"ready"
-    ollama = f"http://127.0.0.1:{ollama_port}"
+    upstreams = start_upstreams()
+    ollama = upstreams.ollama_url
     with tempfile.TemporaryDirectory() as tmp:
         # Default log level: the access log is part of the real per-request cost.
         stack = start_stack(Path(tmp), ollama)
@@ -128,21 +100,20 @@ def main() -> None:
                 _time(call_direct, args.warmup)
                 _time(call_marie, args.warmup)
                 pids = _marie_pids(stack)
-                cpu_before = {name: _cpu_seconds(pid) for name, pid in pids.items()}
+                cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
                 # Interleave the two so machine noise hits both alike.
                 d, m = [], []
                 for _ in range(args.requests // 10):
                     d += _time(call_direct, 10)
                     m += _time(call_marie, 10)
                 cpu_ms = {
-                    name: (_cpu_seconds(pid) - cpu_before[name]) * 1000 / len(m)
+                    name: (cpu_seconds(pid) - cpu_before[name]) * 1000 / len(m)
                     for name, pid in pids.items()
                 }
                 results["stream" if stream else "non-stream"] = (d, m, cpu_ms)
         finally:
             stack.stop()
-            fake.terminate()
-            fake.wait()
+            upstreams.stop()
 
     print(f"\nMarie hot-path benchmark: {args.requests} requests per path, sequential\n")
     header = f"{'mode':<11}{'direct p50':>12}{'marie p50':>12}{'added p50':>12}"
@@ -153,7 +124,7 @@ def main() -> None:
         total_cpu = sum(cpu_ms.values())
         print(
             f"{mode:<11}{dp50:>10.2f}ms{mp50:>10.2f}ms{mp50 - dp50:>10.2f}ms"
-            f"{_pct(d, 0.9):>10.2f}ms{_pct(m, 0.9):>10.2f}ms{mp50 / dp50:>10.2f}x"
+            f"{percentile(d, 0.9):>10.2f}ms{percentile(m, 0.9):>10.2f}ms{mp50 / dp50:>10.2f}x"
             f"{total_cpu:>13.2f}ms"
         )
         split = ", ".join(f"{name} {ms:.2f}ms" for name, ms in sorted(cpu_ms.items()))
