@@ -12,7 +12,7 @@ STUBS_DIR := libs/kit/src
 STUBS_STAMP := $(STUBS_DIR)/marie/.stamp
 BUF := node_modules/.bin/buf
 
-.PHONY: all bootstrap stubs run test test-real-server llama-requirements lint breaking proto-baseline fmt bench bench-compare bench-requirements clean
+.PHONY: all bootstrap stubs run test test-real-server llama-requirements lint breaking proto-baseline fmt bench bench-compare bench-requirements clean web web-lint
 
 all: bootstrap
 
@@ -40,7 +40,35 @@ $(STUBS_STAMP): $(VENV)/.synced $(PROTO_FILES)
 bootstrap: $(STUBS_STAMP)
 stubs: $(STUBS_STAMP)
 
+# The web console (web/, issue 9): built into web/dist, which the gateway
+# serves at /. Never committed; rebuilt when a source or the lock file changes.
+WEB := web
+WEB_DEPS := $(WEB)/node_modules/.stamp
+WEB_BUILD := $(WEB)/dist/index.html
+WEB_SOURCES := $(shell find $(WEB)/src $(WEB)/public -type f 2>/dev/null) \
+	$(WEB)/index.html $(WEB)/vite.config.ts $(WEB)/tsconfig.json $(WEB)/package.json
+
+$(WEB_DEPS): $(WEB)/package.json $(WEB)/package-lock.json
+	cd $(WEB) && npm ci --no-audit --no-fund --silent
+	touch $@
+
+$(WEB_BUILD): $(WEB_DEPS) $(WEB_SOURCES)
+	cd $(WEB) && npm run -s build
+
+web: $(WEB_BUILD)
+
+web-lint: $(WEB_DEPS)
+	cd $(WEB) && npx eslint . --max-warnings 0
+	cd $(WEB) && npx tsc --noEmit
+
+# The console is built when missing or stale; without npm the API still runs.
 run: bootstrap
+	@if command -v npm >/dev/null 2>&1; then \
+		$(MAKE) --no-print-directory web; \
+	else \
+		echo "make run: npm is not installed, so the web console at / is not built."; \
+		echo "          The API works; for the console install Node.js 20+ and npm, then run: make web"; \
+	fi
 	$(VENV)/bin/marie up
 
 test: bootstrap
@@ -79,7 +107,7 @@ $(BUF): package.json package-lock.json
 	npm ci --no-audit --no-fund --silent
 	touch $@
 
-lint: bootstrap $(BUF)
+lint: bootstrap $(BUF) web-lint
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy libs/kit/src/marie_kit services/*/src cli/src deploy/healthcheck.py
@@ -123,7 +151,8 @@ bench-compare: bootstrap $(BENCH_VENV)/.synced
 		--plot-python $(BENCH_VENV)/bin/python $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) $(LLAMA_VENV) $(BENCH_VENV) $(TOOLS) $(STUBS_DIR)/marie node_modules
+	rm -rf $(VENV) $(LLAMA_VENV) $(BENCH_VENV) $(TOOLS) $(STUBS_DIR)/marie node_modules \
+		$(WEB)/node_modules $(WEB)/dist
 
 # --- Client libraries (clients/<language>/, issue 13) ---------------------
 # Each is generated from protos/ by `buf generate` with local plugins from the

@@ -1,8 +1,8 @@
 """The gateway's HTTP application, assembled: each surface (the OpenAI `/v1`
-routes, the Responses API, the memory `/api` routes, the model API, comparison,
-health, metrics, the OpenAPI document, Envoy's key check) lives in its own
-module; this one wires them to the shared state, the error handlers, CORS and
-the request context."""
+routes, legacy completions, the Responses API, the memory `/api` routes, the model
+API, comparison, health, metrics, the OpenAPI document, Envoy's key check, the
+web console) lives in its own module; this one wires them to the shared state,
+the error handlers, CORS and the request context."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 
-from marie_gateway import grpc_authz, health, metrics, openapi
+from marie_gateway import console, grpc_authz, health, metrics, openapi
 from marie_gateway.admin_api import AdminRoutes
 from marie_gateway.compare import CompareRoutes
 from marie_gateway.completions_api import CompletionRoutes
@@ -74,6 +74,7 @@ def create_app(settings: GatewaySettings) -> RequestContext:
         *metrics.routes(),
         *openapi.routes(version("marie-gateway")),
         *grpc_authz.routes(gw),
+        *console.routes(settings.console_dir),
     ]
     middleware = []
     if settings.cors_origins:

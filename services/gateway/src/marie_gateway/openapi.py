@@ -329,10 +329,13 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation(
         "/docs", "get", "Interactive documentation", "Operations", None, raw_response="text/html"
     ),
+    Operation("/", "get", "The web console", "Operations", None, raw_response="text/html"),
 )
 
 #: Routes the app serves that are deliberately not in the document.
-INTERNAL_PATHS = frozenset({"/_authz/{method:path}", "/docs/static"})
+INTERNAL_PATHS = frozenset(
+    {"/_authz/{method:path}", "/docs/static", "/assets/{name:path}", "/favicon.svg"}
+)
 
 _PARAM = re.compile(r"{(\w+)(:\w+)?}")
 _ERROR_STATUSES = {

@@ -114,6 +114,11 @@ class GatewaySettings(BaseSettings):
         description="Comma-separated origins browsers may call from ('*' for any); "
         "none by default.",
     )
+    console_dir: str = Field(
+        default="",
+        description="Directory of the built web console (index.html, assets/); "
+        "default: the checkout's web/dist, built by `make web`.",
+    )
     keep_alive_seconds: float = Field(
         default=5.0,
         gt=0,
