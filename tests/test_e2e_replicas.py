@@ -50,6 +50,9 @@ def spawn(name: str, command: str, env: dict[str, str], port: int, log_dir: Path
     return Proc(process, port, log)
 
 
+STARTUP_SECONDS = 90.0
+
+
 def wait_for(condition: object, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -116,8 +119,11 @@ def replicas(tmp_path: Path) -> Iterator[Replicas]:
         ]
         started += gateways
         for gw in gateways:
+            # Start-up, not behaviour: four processes importing at once take
+            # well over 20 s on a loaded two-core machine.
             wait_for(
-                lambda gw=gw: httpx.get(f"http://127.0.0.1:{gw.port}/healthz").status_code == 200
+                lambda gw=gw: httpx.get(f"http://127.0.0.1:{gw.port}/healthz").status_code == 200,
+                STARTUP_SECONDS,
             )
         yield Replicas(env, auths, gateways)
     finally:

@@ -19,7 +19,7 @@ import pytest
 
 from tests.fakes import FakeModel, FakeOllama
 from tests.stack import Stack, free_ports, start_stack
-from tests.test_e2e_replicas import Proc, spawn, wait_for
+from tests.test_e2e_replicas import STARTUP_SECONDS, Proc, spawn, wait_for
 
 COUNTED = FakeModel(
     name="shared-counted:latest", reply="one two", prompt_eval_count=10, eval_count=20
@@ -72,7 +72,7 @@ def two_gateways(
             )
         )
         second = f"http://127.0.0.1:{gateway_2}"
-        wait_for(lambda: httpx.get(f"{second}/readyz").status_code == 200)
+        wait_for(lambda: httpx.get(f"{second}/readyz").status_code == 200, STARTUP_SECONDS)
         yield TwoGateways(stack, [stack.base_url, second])
     finally:
         for proc in extra:
