@@ -202,6 +202,7 @@ async def relay(
             return EventStreamResponse(
                 _sse_events(call, dialect, first, created, include_usage),
                 [(b"x-request-id", call.request_id.encode())],
+                on_close=call.close,
                 keep_alive_seconds=call.gw.settings.sse_keep_alive_seconds,
             )
         dialect.add(first)

@@ -104,6 +104,7 @@ class ResponsesRoutes:
                     return EventStreamResponse(
                         answer.events(call, first),
                         [(b"x-request-id", call.request_id.encode())],
+                        on_close=call.close,
                         keep_alive_seconds=gw.settings.sse_keep_alive_seconds,
                     )
                 answer.builder.add(first)

@@ -83,8 +83,12 @@ class EventStreamResponse:
         headers: list[tuple[bytes, bytes]] | None = None,
         *,
         keep_alive_seconds: float = KEEP_ALIVE_SECONDS,
+        on_close: Callable[[], None] | None = None,
     ) -> None:
         self.events = events
+        # Called once the response is over, however it ends: also when the
+        # client left before `events` ever started (its `finally` never runs).
+        self.on_close = on_close
         self.headers = HEADERS + (headers or [])
         self.keep_alive_seconds = keep_alive_seconds
         # Loop time of the last write; the keep-alive task writes only after
@@ -93,7 +97,14 @@ class EventStreamResponse:
         self._finished = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": self.headers})
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.headers})
+            await self._stream(receive, send)
+        finally:
+            if self.on_close is not None:
+                self.on_close()
+
+    async def _stream(self, receive: Receive, send: Send) -> None:
         loop = asyncio.get_running_loop()
         self._last_write = loop.time()
         sender = asyncio.create_task(self._send_all(send, loop))
