@@ -156,18 +156,24 @@ def test_the_console_in_a_real_browser(
     titles = [c["title"] for c in conversations["data"]]
     assert "Tea talk" in titles and "Renamed story" not in titles and "Endless story" not in titles
     assert httpx.get(f"{stack.base_url}/api/memories", headers=headers).json()["data"] == []
-    created = result["createdKey"]
-    refused = httpx.get(
-        f"{stack.base_url}/api/usage", headers={"authorization": f"Bearer {created}"}
-    )
-    assert refused.status_code == 401
+    # The key made, edited, rotated and revoked in the browser: both secrets
+    # are refused now, and the API holds what the forms said.
+    for secret in (result["createdKey"], result["rotatedKey"]):
+        refused = httpx.get(
+            f"{stack.base_url}/api/usage", headers={"authorization": f"Bearer {secret}"}
+        )
+        assert refused.status_code == 401
     listed = httpx.get(
         f"{stack.base_url}/api/keys",
         params={"include_inactive": "true"},
         headers={"authorization": f"Bearer {admin}"},
     ).json()["data"]
-    made = next(k for k in listed if k["name"] == result["keyName"])
-    assert made["state"] == "revoked" and made["owner"] == "bob"
-    assert made["limits"]["requests_per_minute"] == 30
+    made = [k for k in listed if k["name"] == result["keyName"]]
+    assert len(made) == 2  # the first secret and its rotation
+    assert {k["state"] for k in made} == {"revoked"} and {k["owner"] for k in made} == {"bob"}
+    assert any(
+        k["limits"]["requests_per_minute"] == 60 and k["allowed_models"] == ["ollama/*"]
+        for k in made
+    )
     for name in ("sign-in", "model-selector", "chat", "search", "compare", "memories", "keys"):
         assert (shots / f"{name}.png").stat().st_size > 5_000

@@ -306,12 +306,35 @@ try {
     check(works.status === 200, `the key shown works: ${works.status}`);
     await page.screenshot({ path: join(SHOTS, "key-created.png") });
     await page.getByRole("dialog").getByRole("button", { name: "Done" }).click();
+    await page.getByRole("dialog").waitFor({ state: "detached" });
     const row = page.locator(`tr[data-key-name="${out.keyName}"]`);
     await row.getByText("active").waitFor();
     check(!(await page.locator("body").innerText()).includes(out.createdKey), "the plaintext is gone from the page");
+    // Edit: limits and allowed models.
+    await page.getByRole("button", { name: `Edit ${out.keyName}` }).click();
+    const edit = page.getByRole("dialog");
+    await edit.getByLabel("Requests per minute").fill("60");
+    await edit.getByLabel("Allowed models").fill("ollama/*");
+    await edit.getByLabel("Allowed models").press("Enter");
+    await edit.getByRole("button", { name: "Save" }).click();
+    await page.getByRole("dialog").waitFor({ state: "detached" });
+    // Rotate: a new secret, shown once; the old one stops working.
+    await page.getByRole("button", { name: `Rotate ${out.keyName}` }).click();
+    await page.getByRole("dialog").getByRole("button", { name: "Rotate" }).click();
+    await secret.waitFor();
+    out.rotatedKey = (await secret.innerText()).trim();
+    check(out.rotatedKey !== out.createdKey, "rotation gives a new secret");
+    const rotated = await fetch(BASE + "/api/usage", { headers: { authorization: `Bearer ${out.rotatedKey}` } });
+    check(rotated.status === 200, `the rotated key works: ${rotated.status}`);
+    const old = await fetch(BASE + "/api/usage", { headers: { authorization: `Bearer ${out.createdKey}` } });
+    check(old.status === 401, `the old secret is refused after rotation: ${old.status}`);
+    await page.getByRole("dialog").getByRole("button", { name: "Done" }).click();
+    await page.getByRole("dialog").waitFor({ state: "detached" });
+    // Revoke (the active key is the rotated one: only active keys have actions).
     await page.getByRole("button", { name: `Revoke ${out.keyName}` }).click();
     await page.getByRole("dialog").getByRole("button", { name: "Revoke" }).click();
-    await row.getByText("revoked").waitFor();
+    await page.getByRole("button", { name: `Revoke ${out.keyName}` }).waitFor({ state: "detached" });
+    check((await row.getByText("active").count()) === 0, "no active key of that name is left");
     await page.screenshot({ path: join(SHOTS, "keys.png") });
   });
 

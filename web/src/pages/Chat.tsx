@@ -185,6 +185,15 @@ export function ChatPage({ api }: { api: Api }) {
     if (!content || current === null || abort.current) return;
     const controller = new AbortController();
     abort.current = controller;
+    if (pending !== null) {
+      // A stopped or failed turn is shown locally; the gateway has stored
+      // what was said of it meanwhile: show the stored history instead.
+      try {
+        await loadMessages(current);
+      } catch {
+        /* the old view stays */
+      }
+    }
     setDraft("");
     setStopped(false);
     setSendError(null);
