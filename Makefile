@@ -64,10 +64,11 @@ web-lint: $(WEB_DEPS)
 # The console is built when missing or stale; without npm the API still runs.
 run: bootstrap
 	@if command -v npm >/dev/null 2>&1; then \
-		$(MAKE) --no-print-directory web; \
+		$(MAKE) --no-print-directory web || \
+		echo "make run: the web console could not be built (above; it needs Node.js 20.19+); the API runs without it."; \
 	else \
 		echo "make run: npm is not installed, so the web console at / is not built."; \
-		echo "          The API works; for the console install Node.js 20+ and npm, then run: make web"; \
+		echo "          The API works; for the console install Node.js 20.19+ and npm, then run: make web"; \
 	fi
 	$(VENV)/bin/marie up
 

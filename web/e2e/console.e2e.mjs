@@ -170,6 +170,8 @@ try {
     await pending.getByTestId("stopped").waitFor();
     await page.getByRole("button", { name: "Send" }).waitFor();
     await sendMessage(page, "Again");
+    // The new turn replaces the stopped one: wait for its own first tokens.
+    await pending.getByTestId("stopped").waitFor({ state: "detached" });
     await pending.locator(".markdown").waitFor();
     await page.keyboard.press("Escape");
     await pending.getByTestId("stopped").waitFor();
