@@ -216,8 +216,11 @@ def write_report(results: dict[str, Any], plots: Path, target: Path) -> str:
         "",
         "## Machine and versions",
         "",
-        f"- CPU: {info['cpu']}, {info['cores']} cores; load average before the run: "
-        + ", ".join(f"{x:.2f}" for x in info["load_before"]),
+        f"- CPU: {info['cpu']}, {info['cores']} cores; load average (1, 5, 15 min) before"
+        " the run: "
+        + ", ".join(f"{x:.2f}" for x in info["load_before"])
+        + "; after: "
+        + ", ".join(f"{x:.2f}" for x in info.get("load_after", ())),
         f"- Linux {info['kernel']}, Python {info['python']}, {info['wrk']}",
         f"- LiteLLM {info['litellm']} (bench/versus/requirements.txt), Marie at this commit",
         f"- Run on {info['date']}: `{info['command']}`",

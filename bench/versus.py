@@ -514,6 +514,7 @@ def main() -> None:
         text=True,
     )
     results["memory_search"] = memory.stdout.strip() if memory.returncode == 0 else None
+    info["load_after"] = os.getloadavg()
 
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
