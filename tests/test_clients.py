@@ -128,7 +128,12 @@ def recorder() -> Iterator[tuple[MetadataRecorder, str]]:
 def envoy(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Envoy]:
     running = start_envoy(
         tmp_path_factory.mktemp("envoy"),
-        {"gateway": stack.gateway_port, "providers": stack.providers_port, "auth": stack.auth_port},
+        {
+            "gateway": stack.gateway_port,
+            "providers": stack.providers_port,
+            "auth": stack.auth_port,
+            "memory": stack.memory_port,
+        },
     )
     yield running
     running.stop()
