@@ -289,6 +289,29 @@ def test_another_tenants_key_gets_404(client: openai.OpenAI, stack: Stack, api_k
     assert client.responses.retrieve(response.id).output_text == response.output_text
 
 
+def test_stored_responses_stay_out_of_the_tenants_conversations(
+    client: openai.OpenAI, stack: Stack, api_key: str
+) -> None:
+    response = client.responses.create(model=MODEL, input="kept apart")
+    headers = {"Authorization": f"Bearer {api_key}"}
+    listed = httpx.get(
+        f"{stack.base_url}/api/conversations", headers=headers, params={"limit": 100}
+    )
+    assert listed.status_code == 200
+    ids = [c["id"] for c in listed.json()["data"]]
+    assert response.id.removeprefix("resp_") not in ids
+    found = httpx.get(f"{stack.base_url}/api/search", headers=headers, params={"q": "kept apart"})
+    assert found.status_code == 200
+    assert found.json()["data"] == []
+    # The reserved end user holding them cannot be named over REST.
+    reserved = httpx.get(
+        f"{stack.base_url}/api/conversations", headers=headers, params={"user": "marie:responses"}
+    )
+    assert reserved.status_code == 400
+    assert reserved.json()["error"]["param"] == "user"
+    assert client.responses.retrieve(response.id).output_text == response.output_text
+
+
 def test_store_false_keeps_nothing(client: openai.OpenAI) -> None:
     response = client.responses.create(model=MODEL, input="hi", store=False)
     assert response.status == "completed"

@@ -57,6 +57,11 @@ log = logging.getLogger("marie.gateway.memory")
 T = TypeVar("T")
 
 MAX_USER = 128
+#: End users named "marie:…" are Marie's own. A tenant's stored Responses API
+#: responses live under RESPONSES_USER (response_store), so no REST `user` may
+#: name it: they never show among the tenant's conversations or search hits.
+RESERVED_USER_PREFIX = "marie:"
+RESPONSES_USER = RESERVED_USER_PREFIX + "responses"
 # Messages of a conversation sent to the model with a new turn (the newest).
 HISTORY_MESSAGES = 100
 ROLES = {
@@ -266,11 +271,20 @@ def user_id_of(principal: Principal, user: str | None, tenant: str | None) -> st
         raise bad_request("'user' must not be empty.", "user")
     if user is not None and len(user) > MAX_USER:
         raise bad_request(f"'user' is longer than {MAX_USER} characters.", "user")
+    if user is not None and user.startswith(RESERVED_USER_PREFIX):
+        raise bad_request(
+            f"'user' names starting with '{RESERVED_USER_PREFIX}' are reserved.", "user"
+        )
     end_user = user if user is not None else owner
     encoded = tenant_user_id(owner, end_user)
     if len(encoded) > 256:
         raise bad_request("'user' is too long for this tenant.", "user")
     return encoded
+
+
+def responses_user_id(principal: Principal) -> str:
+    """The memory service's `user_id` holding the caller's tenant's stored responses."""
+    return tenant_user_id(key_tenant(principal), RESPONSES_USER)
 
 
 def _int_param(request: Request, name: str, default: int = 0) -> int:

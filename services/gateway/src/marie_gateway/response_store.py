@@ -2,9 +2,11 @@
 conversations: one conversation per response, whose id is the response's id
 without its `resp_` prefix, holding one record (the response object, its
 input items) as JSON in its messages' content, split in pieces a message may
-hold. The conversation belongs to the tenant of the key that made it (the
-same `user_id` as the tenant's own conversations, see memory_api), so another
-tenant's key finds nothing: 404, as for an id that never existed."""
+hold. The conversation belongs to the tenant of the key that made it, under
+the tenant's reserved end user `marie:responses` (memory_api.RESPONSES_USER,
+which no REST `user` may name), so responses never show among the tenant's
+conversations or search hits, and another tenant's key finds nothing: 404,
+as for an id that never existed."""
 
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ from marie_gateway.chat_call import ChatCall, open_chat
 from marie_gateway.core import Gateway
 from marie_gateway.errors import ApiError, bad_request
 from marie_gateway.mapping import chat_request_to_proto
-from marie_gateway.memory_api import enrich_chat, user_id_of
+from marie_gateway.memory_api import enrich_chat, responses_user_id
 from marie_gateway.protocol import RESPONSE_ITEM_TAGS, ResponsesRequest
 from marie_gateway.response_items import (
     ITEMS,
@@ -73,8 +73,8 @@ class ResponsesRoutes:
         tally = await gw.admit(request, principal, "responses")
         body = parse_body(ResponsesRequest, await gw.read_body(request), RESPONSE_ITEM_TAGS)
         tally.requested = body.model
-        # Stored responses are the tenant's, as its conversations are.
-        tenant = user_id_of(principal, None, None)
+        # Stored responses are the tenant's, kept apart from its conversations.
+        tenant = responses_user_id(principal)
         history: list[Any] = []
         if body.previous_response_id:
             for record in await self.store.chain(tenant, body.previous_response_id):
@@ -118,7 +118,7 @@ class ResponsesRoutes:
 
     async def _tenant(self, request: Request) -> str:
         principal = await self.gw.authorize(request, SCOPE_CHAT)
-        return user_id_of(principal, None, None)
+        return responses_user_id(principal)
 
     async def retrieve(self, request: Request) -> Response:
         tenant = await self._tenant(request)
