@@ -1027,8 +1027,8 @@ async def enrich_chat(
         (m.content for m in reversed(request.messages) if m.role == ppb.ROLE_USER and m.content),
         "",
     )
-    if not query or len(user) > MAX_USER:
-        return
+    if not query or len(user) > MAX_USER or user.startswith(RESERVED_USER_PREFIX):
+        return  # no memories to add for a user no memory route can name
     added = await memories_message(gw, user_id_of(principal, user, None), query)
     if added:
         messages = [*added, *request.messages]
