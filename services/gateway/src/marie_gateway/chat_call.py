@@ -72,8 +72,10 @@ class GenerationCall(Generic[C]):
 
     Use: `async with call.answering():` around everything up to the answer
     (the first chunk, and the whole reply when it is not streamed); for a
-    streamed answer call `streaming()` inside it and read `chunks()` in the
-    event generator, which calls `close()` in its `finally`."""
+    streamed answer call `streaming()` inside it, read `chunks()` in the
+    event generator, which calls `close()` in its `finally`, and pass `close`
+    as the EventStreamResponse's `on_close` (a generator that never started
+    runs no `finally`)."""
 
     def __init__(
         self, gw: Gateway, request: Request, call: StreamCall, chunk_type: type[C], tally: Tally
