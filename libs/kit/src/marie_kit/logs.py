@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 import traceback
 from typing import Any
 
@@ -26,10 +27,21 @@ class JsonFormatter(logging.Formatter):
     def __init__(self, service: str) -> None:
         super().__init__()
         self.service = service
+        self._second = -1
+        self._second_text = ""
+
+    def _time(self, record: logging.LogRecord) -> str:
+        """`record.created` in UTC, to the millisecond; the seconds part is
+        formatted once per second, not once per line."""
+        second = int(record.created)
+        if second != self._second:
+            self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second = second
+        return f"{self._second_text}.{int(record.msecs):03d}Z"
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "time": self._time(record),
             "level": record.levelname.lower(),
             "service": self.service,
             "logger": record.name,
@@ -48,6 +60,12 @@ class JsonFormatter(logging.Formatter):
 
 def setup_logging(service: str, level: str = "INFO") -> None:
     """Route every logger to stdout as JSON lines; idempotent."""
+    # The logging HOWTO's "Optimization": no caller lookup, thread or process
+    # names on every record; the JSON lines never show them.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(JsonFormatter(service))
     root = logging.getLogger()

@@ -93,11 +93,8 @@ class AnthropicProvider(HttpProvider):
             created=created,
         )
         try:
-            async with self._client.stream(
-                "POST",
-                "v1/messages",
-                content=payload,
-                headers={**JSON_HEADERS, "accept": "text/event-stream"},
+            async with self._upstream.stream(
+                "v1/messages", payload, {**JSON_HEADERS, "accept": "text/event-stream"}
             ) as response:
                 if response.status_code >= 400:
                     raise status_error(response, await response.aread())

@@ -27,6 +27,7 @@ from marie_providers.errors import (
     parse_retry_after,
     upstream_error,
 )
+from marie_providers.transport import UpstreamClient
 
 MAX_CONNECTIONS = 256
 MAX_KEEPALIVE_CONNECTIONS = 32
@@ -142,21 +143,16 @@ class HttpProvider(Provider):
         self.api_key_env = api_key_env
         env = os.environ if environ is None else environ
         self._api_key = env.get(api_key_env, "").strip() if api_key_env else ""
-        self._client = httpx.AsyncClient(
-            base_url=base_url.rstrip("/") + "/",
-            timeout=httpx.Timeout(
-                connect=connect_timeout,
-                read=read_timeout,
-                write=read_timeout,
-                pool=connect_timeout,
-            ),
-            limits=httpx.Limits(
-                max_connections=MAX_CONNECTIONS,
-                max_keepalive_connections=MAX_KEEPALIVE_CONNECTIONS,
-            ),
+        self._upstream = UpstreamClient(
+            base_url.rstrip("/") + "/",
             headers=self.auth_headers(self._api_key),
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            max_connections=MAX_CONNECTIONS,
+            max_keepalive_connections=MAX_KEEPALIVE_CONNECTIONS,
             transport=transport,
         )
+        self._client = self._upstream.http
 
     #: Where the upstream is when the configuration does not say.
     default_base_url: str = ""

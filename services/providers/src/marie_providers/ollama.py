@@ -39,6 +39,7 @@ from marie_providers.ollama_translate import (
     models_from_listing,
 )
 from marie_providers.settings import ProvidersSettings
+from marie_providers.transport import UpstreamClient
 
 # Ollama queues up to 512 requests by default (OLLAMA_MAX_QUEUE); a smaller
 # pool would turn its queueing into our pool timeouts.
@@ -81,21 +82,16 @@ class OllamaProvider(Provider):
         # One client for the provider's lifetime: pooled keep-alive connections
         # spare every request a TCP handshake. The read timeout bounds the gap
         # between two reads, so a long generation is fine, a silent upstream is not.
-        self._client = httpx.AsyncClient(
-            base_url=base_url,
-            timeout=httpx.Timeout(
-                connect=connect_timeout,
-                read=read_timeout,
-                write=read_timeout,
-                pool=connect_timeout,
-            ),
-            limits=httpx.Limits(
-                max_connections=MAX_CONNECTIONS,
-                max_keepalive_connections=MAX_KEEPALIVE_CONNECTIONS,
-            ),
+        self._upstream = UpstreamClient(
+            base_url,
             headers={"accept": "application/json, application/x-ndjson"},
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            max_connections=MAX_CONNECTIONS,
+            max_keepalive_connections=MAX_KEEPALIVE_CONNECTIONS,
             transport=transport,
         )
+        self._client = self._upstream.http
 
     @classmethod
     def from_settings(cls, settings: ProvidersSettings) -> OllamaProvider:
@@ -208,9 +204,7 @@ class OllamaProvider(Provider):
         try:
             # Leaving this block by any route (end, error, the consumer closing
             # us on cancellation) closes the response and so the upstream request.
-            async with self._client.stream(
-                "POST", path, content=payload, headers=JSON_HEADERS
-            ) as response:
+            async with self._upstream.stream(path, payload, JSON_HEADERS) as response:
                 if response.status_code >= 400:
                     error = status_error(response, await response.aread())
                     if "suffix" in body and "does not support insert" in error.message:

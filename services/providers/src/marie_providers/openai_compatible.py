@@ -155,11 +155,8 @@ class OpenAICompatibleProvider(HttpProvider):
             text=text,
         )
         try:
-            async with self._client.stream(
-                "POST",
-                path,
-                content=payload,
-                headers={**JSON_HEADERS, "accept": "text/event-stream"},
+            async with self._upstream.stream(
+                path, payload, {**JSON_HEADERS, "accept": "text/event-stream"}
             ) as response:
                 if response.status_code >= 400:
                     raise status_error(response, await response.aread())
