@@ -98,7 +98,7 @@ class AnthropicProvider(HttpProvider):
             ) as response:
                 if response.status_code >= 400:
                     raise status_error(response, await response.aread())
-                batches = iter_sse_batches(response.aiter_bytes())
+                batches = iter_sse_batches(self._upstream.body(response))
                 async with aclosing(batches):
                     async for batch in batches:
                         merger = ChunkMerger()

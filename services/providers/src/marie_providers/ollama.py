@@ -211,7 +211,7 @@ class OllamaProvider(Provider):
                         # The model has no fill-in-the-middle template: the suffix is at fault.
                         error.param = error.param or "suffix"
                     raise error
-                batches = iter_ndjson_batches(response.aiter_bytes())
+                batches = iter_ndjson_batches(self._upstream.body(response))
                 async with aclosing(batches):
                     async for batch in batches:
                         # Lines that arrived together go on as one chunk where

@@ -34,7 +34,7 @@ import asyncio
 import ssl
 import urllib.request
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import cast
 
@@ -180,7 +180,7 @@ class _Connection(asyncio.Protocol):
             self._error = error
         self._wake()
 
-    async def _wait(self, timeout: float | None, request: httpx.Request) -> None:
+    async def _wait(self, timeout: float | None, request: httpx.Request | None) -> None:
         """Until the parser reports progress, or `timeout` seconds pass."""
         waiter = self._waiter = self._loop.create_future()
         timer = self._loop.call_later(timeout, _expire, waiter) if timeout is not None else None
@@ -199,6 +199,43 @@ class _Connection(asyncio.Protocol):
 
     async def send(self, request: httpx.Request) -> httpx.Response:
         """Write `request`, wait for the response's head; the body streams after."""
+        url = request.url
+        head = [request.method.encode("ascii"), b" ", url.raw_path, b" HTTP/1.1\r\n"]
+        chunked = False
+        for name, value in request.headers.raw:
+            head += (name, b": ", value, _CRLF)
+            if name.lower() == b"transfer-encoding" and value.lower() == b"chunked":
+                chunked = True
+        head.append(_CRLF)
+        timeouts = _timeouts(request)
+        if isinstance(request.stream, httpx.ByteStream) and not chunked:
+            return await self.exchange(b"".join(head) + request.content, timeouts, request=request)
+        stream = request.stream
+        assert isinstance(stream, httpx.AsyncByteStream)
+        return await self.exchange(
+            b"".join(head),
+            timeouts,
+            request=request,
+            stream=stream,
+            chunked=chunked,
+            head_only=request.method == "HEAD",
+        )
+
+    async def exchange(
+        self,
+        data: bytes,
+        timeouts: Mapping[str, float | None],
+        *,
+        request: httpx.Request | None = None,
+        stream: AsyncIterable[bytes] | None = None,
+        chunked: bool = False,
+        head_only: bool = False,
+    ) -> httpx.Response:
+        """Write `data` (a request's head, and its body unless `stream` follows),
+        then wait for the response's head; the body streams after.
+
+        `request` is attached to the errors raised, when the caller has one.
+        """
         transport = self._transport
         assert transport is not None
         if self.closed or transport.is_closing():
@@ -208,31 +245,21 @@ class _Connection(asyncio.Protocol):
         self._head_done = self._complete = False
         self._error = None
         self._got_bytes = False
-        timeouts = _timeouts(request)
-        url = request.url
-        head = [request.method.encode("ascii"), b" ", url.raw_path, b" HTTP/1.1\r\n"]
-        chunked = False
-        for name, value in request.headers.raw:
-            head += (name, b": ", value, _CRLF)
-            if name.lower() == b"transfer-encoding" and value.lower() == b"chunked":
-                chunked = True
-        head.append(_CRLF)
         self.used = True
+        write_timeout = timeouts.get("write")
         try:
-            if isinstance(request.stream, httpx.ByteStream) and not chunked:
-                transport.write(b"".join(head) + request.content)
-            else:
-                transport.write(b"".join(head))
-                async for part in request.stream:  # type: ignore[union-attr]
+            transport.write(data)
+            if stream is not None:
+                async for part in stream:
                     if chunked:
                         if part:
                             transport.write(b"%x\r\n%b\r\n" % (len(part), part))
                     else:
                         transport.write(part)
-                    await self._drained(timeouts.get("write"), request)
+                    await self._drained(write_timeout, request)
                 if chunked:
                     transport.write(b"0\r\n\r\n")
-            await self._drained(timeouts.get("write"), request)
+            await self._drained(write_timeout, request)
         except RuntimeError as exc:  # writing to a closed transport
             raise httpx.WriteError(str(exc), request=request) from exc
         read_timeout = timeouts.get("read")
@@ -240,21 +267,25 @@ class _Connection(asyncio.Protocol):
             await self._wait(read_timeout, request)
         if self._error is not None and not self._head_done:
             self.close()
-            error = self._error
-            if isinstance(error, httpx.RequestError):
-                error.request = request
-            raise error
+            raise self._failure(request)
         headers, self._headers = self._headers, []
-        if request.method == "HEAD" or self._status in _NO_BODY_STATUS:
+        if head_only or self._status in _NO_BODY_STATUS:
             self._complete = True
         return httpx.Response(
             self._status,
             headers=headers,
-            stream=_Body(self, request),
+            stream=_Body(self, request, read_timeout),
             extensions={"http_version": b"HTTP/1.1"},
         )
 
-    async def _drained(self, timeout: float | None, request: httpx.Request) -> None:
+    def _failure(self, request: httpx.Request | None) -> Exception:
+        error = self._error
+        assert error is not None
+        if request is not None and isinstance(error, httpx.RequestError):
+            error.request = request
+        return error
+
+    async def _drained(self, timeout: float | None, request: httpx.Request | None) -> None:
         drain = self._drain
         if drain is None or drain.done():
             return
@@ -264,9 +295,10 @@ class _Connection(asyncio.Protocol):
             self.close()
             raise httpx.WriteTimeout("timed out writing to the upstream", request=request) from None
 
-    async def body(self, request: httpx.Request) -> AsyncIterator[bytes]:
+    async def body(
+        self, request: httpx.Request | None, read_timeout: float | None
+    ) -> AsyncIterator[bytes]:
         """The response body as it arrives: what came in together, as one piece."""
-        read_timeout = _timeouts(request).get("read")
         while True:
             if self._body:
                 body = self._body
@@ -282,10 +314,7 @@ class _Connection(asyncio.Protocol):
                 return
             if self._error is not None:
                 self.close()
-                error = self._error
-                if isinstance(error, httpx.RequestError):
-                    error.request = request
-                raise error
+                raise self._failure(request)
             await self._wait(read_timeout, request)
 
     def finish(self) -> None:
@@ -317,14 +346,17 @@ def _expire(waiter: asyncio.Future[None]) -> None:
 class _Body(httpx.AsyncByteStream):
     """A response body read from its connection; closing it releases the connection."""
 
-    def __init__(self, connection: _Connection, request: httpx.Request) -> None:
+    def __init__(
+        self, connection: _Connection, request: httpx.Request | None, read_timeout: float | None
+    ) -> None:
         self._connection: _Connection | None = connection
         self._request = request
+        self._read_timeout = read_timeout
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         if self._connection is None:
             raise httpx.StreamClosed()
-        return self._connection.body(self._request)
+        return self._connection.body(self._request, self._read_timeout)
 
     async def aclose(self) -> None:
         connection, self._connection = self._connection, None
@@ -365,25 +397,33 @@ class FastTransport(httpx.AsyncBaseTransport):
         scheme = url.raw_scheme
         if scheme not in (b"http", b"https"):
             raise httpx.UnsupportedProtocol(f"unsupported URL scheme {scheme!r}", request=request)
-        port = url.port or (443 if scheme == b"https" else 80)
-        origin = (scheme, url.raw_host, port)
+        origin = (scheme, url.raw_host, url.port or (443 if scheme == b"https" else 80))
+        return await self.roundtrip(origin, _timeouts(request), lambda c: c.send(request), request)
+
+    async def roundtrip(
+        self,
+        origin: tuple[bytes, bytes, int],
+        timeouts: Mapping[str, float | None],
+        send: Callable[[_Connection], Awaitable[httpx.Response]],
+        request: httpx.Request | None = None,
+    ) -> httpx.Response:
+        """`send` on a pooled connection to `origin`, or on a new one."""
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
             # Connections belong to the loop that opened them (tests run several loops).
             self._forget_all()
             self._loop = loop
-        timeouts = _timeouts(request)
         connection = self._reuse(origin, loop.time())
         if connection is not None:
             try:
-                return await connection.send(request)
+                return await send(connection)
             except (_NotAnswered, httpx.WriteError):
                 # The upstream closed the idle connection as we sent: nothing was
                 # processed, so the request goes once more on a new connection.
                 pass
         connection = await self._connect(origin, request, timeouts)
         try:
-            return await connection.send(request)
+            return await send(connection)
         except BaseException:
             connection.close()
             raise
@@ -401,8 +441,8 @@ class FastTransport(httpx.AsyncBaseTransport):
     async def _connect(
         self,
         origin: tuple[bytes, bytes, int],
-        request: httpx.Request,
-        timeouts: dict[str, float | None],
+        request: httpx.Request | None,
+        timeouts: Mapping[str, float | None],
     ) -> _Connection:
         await self._slot(request, timeouts.get("pool"))
         scheme, host, port = origin
@@ -435,7 +475,7 @@ class FastTransport(httpx.AsyncBaseTransport):
             raise
         return connection
 
-    async def _slot(self, request: httpx.Request, timeout: float | None) -> None:
+    async def _slot(self, request: httpx.Request | None, timeout: float | None) -> None:
         """Wait until a new connection may open (closing an idle one if that helps)."""
         while len(self._open) >= self._max_connections:
             if self._idle_count and self._close_oldest_idle():
@@ -549,49 +589,68 @@ class UpstreamClient:
             transport=transport or fast,
         )
         self._direct = fast
-        self._timeouts = {"timeout": timeout.as_dict()}
-        self._base = str(self.http.base_url).rstrip("/") + "/"
-        self._urls: dict[str, httpx.URL] = {}
-        self._headers: dict[tuple[tuple[str, str], ...], list[tuple[bytes, bytes]]] = {}
+        self._timeouts = timeout.as_dict()
+        base = self.http.base_url
+        self._origin = (
+            base.raw_scheme,
+            base.raw_host,
+            base.port or (443 if base.raw_scheme == b"https" else 80),
+        )
+        self._heads: dict[tuple[str, tuple[tuple[str, str], ...]], bytes] = {}
 
-    def _url(self, path: str) -> httpx.URL:
-        url = self._urls.get(path)
-        if url is None:
-            url = self._urls[path] = httpx.URL(self._base + path.lstrip("/"))
-        return url
-
-    def _merged(self, headers: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
-        key = tuple(headers.items())
-        merged = self._headers.get(key)
-        if merged is None:
-            combined = httpx.Headers(self.http.headers)
-            combined.update(headers)
-            merged = self._headers[key] = combined.raw
-        return merged
+    def _head(self, path: str, headers: Mapping[str, str]) -> bytes:
+        """The head of a POST to `path`, up to its content length: what httpx
+        would send (the client's default headers, then `headers`), built once."""
+        key = (path, tuple(headers.items()))
+        head = self._heads.get(key)
+        if head is None:
+            request = self.http.build_request("POST", path, headers=headers, content=b"")
+            lines = [b"POST " + request.url.raw_path + b" HTTP/1.1\r\n"]
+            lines += [
+                name + b": " + value + _CRLF
+                for name, value in request.headers.raw
+                if name.lower() != b"content-length"
+            ]
+            head = self._heads[key] = b"".join(lines)
+        return head
 
     @asynccontextmanager
     async def stream(
         self, path: str, content: bytes, headers: Mapping[str, str]
     ) -> AsyncIterator[httpx.Response]:
-        """A streamed POST of `content` to `path` (relative to the base URL)."""
+        """A streamed POST of `content` to `path` (relative to the base URL).
+
+        On the direct path the response's `stream` yields the body as it
+        arrives; `body` reads it without httpx's decoding layers when there
+        is nothing to decode.
+        """
         direct = self._direct
         if direct is None:
             async with self.http.stream("POST", path, content=content, headers=headers) as response:
                 yield response
             return
-        request = httpx.Request(
-            "POST",
-            self._url(path),
-            headers=self._merged(headers),
-            content=content,
-            extensions=self._timeouts,
+        data = b"%bcontent-length: %d\r\n\r\n%b" % (
+            self._head(path, headers),
+            len(content),
+            content,
         )
-        response = await direct.handle_async_request(request)
-        response.request = request
+        response = await direct.roundtrip(
+            self._origin,
+            self._timeouts,
+            lambda connection: connection.exchange(data, self._timeouts),
+        )
         try:
             yield response
         finally:
             await response.aclose()
+
+    @staticmethod
+    def body(response: httpx.Response) -> AsyncIterator[bytes]:
+        """The bytes of a response from `stream`, decoded as httpx would."""
+        stream = response.stream
+        if isinstance(stream, _Body) and "content-encoding" not in response.headers:
+            return stream.__aiter__()
+        return response.aiter_bytes()
 
     async def aclose(self) -> None:
         await self.http.aclose()
