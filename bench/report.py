@@ -230,8 +230,14 @@ def write_report(results: dict[str, Any], plots: Path, target: Path) -> str:
         if name in results:
             lines += dialect_section(name, results[name])
     if "soak" in results:
+        run = results.get("soak_run", {})
         lines += [
             "## Memory over a soak at a steady rate",
+            "",
+            f"Both gateways side by side, {run.get('rate', '?')} non-streaming requests/s each"
+            f" for {run.get('minutes', '?')} minutes (Ollama dialect); RSS of every process of"
+            " each gateway, sampled every 5 s, growth counted after the first minute"
+            f" (run on {run.get('date', '?')}: `{run.get('command', '?')}`).",
             "",
             "| gateway | RSS after warm-up MB | RSS at end MB | growth MB | failed requests |",
             "|---|---|---|---|---|",

@@ -455,7 +455,16 @@ def main() -> None:
     parser.add_argument("--relay-requests", type=int, default=10)
     parser.add_argument("--soak-minutes", type=float, default=0.0)
     parser.add_argument("--soak-rate", type=float, default=50.0, help="requests/s per gateway")
-    parser.add_argument("--dialects", nargs="+", default=["ollama", "openai"])
+    parser.add_argument("--dialects", nargs="*", default=["ollama", "openai"])
+    parser.add_argument(
+        "--soak-results",
+        type=Path,
+        help="take the soak from this earlier run's results.json (its own date and command"
+        " are reported with it): the soak measures memory, which other load does not disturb",
+    )
+    parser.add_argument(
+        "--no-memory-search", action="store_true", help="skip bench/memory_search.py"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
@@ -505,15 +514,26 @@ def main() -> None:
                     results["soak"] = soak(
                         [(marie, body), (litellm, body)], args.soak_minutes, args.soak_rate
                     )
+                    results["soak_run"] = {
+                        "date": info["date"],
+                        "command": info["command"],
+                        "minutes": args.soak_minutes,
+                        "rate": args.soak_rate,
+                    }
     finally:
         upstreams.stop()
-    memory = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "memory_search.py")],
-        check=False,
-        capture_output=True,
-        text=True,
-    )
-    results["memory_search"] = memory.stdout.strip() if memory.returncode == 0 else None
+    if args.soak_results and "soak" not in results:
+        earlier = json.loads(args.soak_results.read_text())
+        results["soak"] = earlier["soak"]
+        results["soak_run"] = earlier["soak_run"]
+    if not args.no_memory_search:
+        memory = subprocess.run(
+            [sys.executable, str(ROOT / "bench" / "memory_search.py")],
+            check=False,
+            capture_output=True,
+            text=True,
+        )
+        results["memory_search"] = memory.stdout.strip() if memory.returncode == 0 else None
     info["load_after"] = os.getloadavg()
 
     args.out.mkdir(parents=True, exist_ok=True)
