@@ -200,6 +200,41 @@ def targets(runs: dict[str, Any], data: dict[str, Any], best_rps: float) -> list
     return out
 
 
+def floor_section(floor: dict[str, dict[str, float]]) -> list[str]:
+    """What one bare grpc.aio call costs (bench/grpc_floor.py): the floor under the
+    CPU targets, since Marie's chat path makes one gateway -> providers call."""
+    out = [
+        "## The floor: one bare gRPC call",
+        "",
+        "Marie's gateway reaches providers with one server-streaming gRPC call per chat",
+        "request. The same call with nothing around it (grpc.aio on uvloop at both ends,",
+        "one ~300-byte reply, server on core 0, client on core 1; bench/grpc_floor.py):",
+        "",
+        "| call | server CPU ms | client CPU ms | together | wall ms |",
+        "|---|---|---|---|---|",
+    ]
+    for name, row in floor.items():
+        together = row["server_cpu_ms"] + row["client_cpu_ms"]
+        out.append(
+            f"| {name} | {row['server_cpu_ms']:.3f} | {row['client_cpu_ms']:.3f}"
+            f" | {together:.3f} | {row['wall_ms']:.3f} |"
+        )
+    stream = floor.get("unary_stream")
+    if stream is not None:
+        together = stream["server_cpu_ms"] + stream["client_cpu_ms"]
+        verdict = (
+            "is below what this one call costs in Python's gRPC"
+            if together > 1.0
+            else f"leaves {1.0 - together:.2f} ms beside this one call"
+        )
+        out += [
+            "",
+            f"The CPU target of 1 ms per request across all of Marie's processes {verdict}.",
+        ]
+    out.append("")
+    return out
+
+
 def write_report(results: dict[str, Any], plots: Path, target: Path) -> str:
     info = results["machine"]
     lines = [
@@ -226,6 +261,8 @@ def write_report(results: dict[str, Any], plots: Path, target: Path) -> str:
         f"- Run on {info['date']}: `{info['command']}`",
         "",
     ]
+    if "grpc_floor" in results:
+        lines += floor_section(results["grpc_floor"])
     for name in ("ollama", "openai"):
         if name in results:
             lines += dialect_section(name, results[name])

@@ -49,6 +49,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import grpc_floor
 from bench.common import (
     LONG_REPLY_WORDS,
     ROOT,
@@ -477,6 +478,9 @@ def main() -> None:
     info["litellm"] = litellm_version(args.litellm)
     info["command"] = " ".join(["bench/versus.py", *sys.argv[1:]])
     results: dict[str, Any] = {"machine": info, "args": {k: str(v) for k, v in vars(args).items()}}
+    if args.dialects:
+        print("measuring the bare gRPC floor", flush=True)
+        results["grpc_floor"] = grpc_floor.measure(3000, GATEWAY_CPU)
     upstreams = start_upstreams(LOAD_CPU)
     dialects = {
         "ollama": Dialect(
