@@ -325,6 +325,64 @@ async def test_an_aggregate_request_gets_the_whole_reply_in_one_chunk(
     assert chunk.usage.completion_tokens == 4
 
 
+async def test_create_chat_completion_answers_the_whole_reply_at_once(
+    service: Service, fake: FakeOllama
+) -> None:
+    fake.set_model("llama3.2:latest", reply="One two three four.", chunk_delay=0.01, eval_count=4)
+
+    reply = await service.stub.CreateChatCompletion(
+        pb.CreateChatCompletionRequest(chat=chat(LLAMA))
+    )
+
+    (chunk,) = reply.chunks
+    assert (chunk.role, chunk.content) == (pb.ROLE_ASSISTANT, "One two three four.")
+    assert chunk.finish_reason == pb.FINISH_REASON_STOP
+    assert chunk.usage.completion_tokens == 4
+    assert chunk.model == "ollama/llama3.2:latest"
+    (sent,) = fake.chat_requests
+    assert sent.body is not None and sent.body["messages"][-1]["role"] == "user"
+
+
+async def test_create_chat_completion_keeps_tool_calls_apart(
+    service: Service, fake: FakeOllama
+) -> None:
+    fake.set_model(
+        "llama3.2:latest",
+        tool_calls=[{"function": {"name": "lookup", "arguments": {"q": "x"}}}],
+    )
+
+    reply = await service.stub.CreateChatCompletion(
+        pb.CreateChatCompletionRequest(chat=chat(LLAMA))
+    )
+
+    assert [c.tool_calls[0].name for c in reply.chunks if c.tool_calls] == ["lookup"]
+    assert reply.chunks[-1].finish_reason == pb.FINISH_REASON_TOOL_CALLS
+
+
+async def test_create_chat_completion_errors_as_the_stream_does(service: Service) -> None:
+    missing = await rpc_error(service.stub.CreateChatCompletion(pb.CreateChatCompletionRequest()))
+    assert (missing.code, missing.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT")
+    assert missing.metadata["field"] == "chat"
+
+    unknown = await rpc_error(
+        service.stub.CreateChatCompletion(
+            pb.CreateChatCompletionRequest(chat=chat("ollama/nope:latest"))
+        )
+    )
+    assert (unknown.code, unknown.reason) == (grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND")
+
+    not_allowed = await rpc_error(
+        service.stub.CreateChatCompletion(
+            pb.CreateChatCompletionRequest(chat=chat(LLAMA)),
+            metadata=(("x-marie-allowed-models", "ollama/qwen*"),),
+        )
+    )
+    assert (not_allowed.code, not_allowed.reason) == (
+        grpc.StatusCode.PERMISSION_DENIED,
+        "MODEL_NOT_ALLOWED",
+    )
+
+
 async def test_an_aggregate_request_keeps_tool_calls_in_their_own_chunk(
     service: Service, fake: FakeOllama
 ) -> None:

@@ -176,6 +176,33 @@ class GenerationCall(Generic[C]):
 ChatCall = GenerationCall[pb.StreamChatCompletionResponse]
 
 
+class WholeReply:
+    """A unary `CreateChatCompletion` call read as a stream: its chunks, then EOF.
+
+    Cancelling it cancels the call; its errors surface from the first `read`,
+    as a stream's would."""
+
+    __slots__ = ("_call", "_chunks")
+
+    def __init__(
+        self,
+        call: grpc.aio.UnaryUnaryCall[
+            pb.CreateChatCompletionRequest, pb.CreateChatCompletionResponse
+        ],
+    ) -> None:
+        self._call = call
+        self._chunks: list[pb.StreamChatCompletionResponse] | None = None
+
+    async def read(self) -> Any:
+        if self._chunks is None:
+            reply = await self._call
+            self._chunks = list(reversed(reply.chunks))
+        return self._chunks.pop() if self._chunks else grpc.aio.EOF
+
+    def cancel(self) -> bool:
+        return self._call.cancel()
+
+
 def open_chat(
     gw: Gateway,
     request: Request,
@@ -183,10 +210,21 @@ def open_chat(
     chat: pb.StreamChatCompletionRequest,
     tally: Tally,
 ) -> ChatCall:
-    """Open a `StreamChatCompletion` call for a request."""
+    """Open the providers call for a request: `StreamChatCompletion`, or, when
+    only the whole reply is wanted (`chat.aggregate`), `CreateChatCompletion`,
+    a unary call that costs less (bench/grpc_floor.py) and reads the same."""
     # The key's allowed models travel with the call: providers checks the
     # model it resolves before any upstream call.
-    call = gw.backends().providers.StreamChatCompletion(
-        chat, timeout=gw.settings.request_timeout_seconds, metadata=principal.call_metadata()
-    )
+    providers = gw.backends().providers
+    timeout = gw.settings.request_timeout_seconds
+    metadata = principal.call_metadata()
+    call: StreamCall
+    if chat.aggregate:
+        call = WholeReply(
+            providers.CreateChatCompletion(
+                pb.CreateChatCompletionRequest(chat=chat), timeout=timeout, metadata=metadata
+            )
+        )
+    else:
+        call = providers.StreamChatCompletion(chat, timeout=timeout, metadata=metadata)
     return GenerationCall(gw, request, call, pb.StreamChatCompletionResponse, tally)

@@ -64,6 +64,7 @@ def _every_method(file: FileDescriptor, service: str, scope: str) -> dict[str, s
 METHOD_SCOPES: Mapping[str, str] = MappingProxyType(
     {
         f"{_PROVIDERS}StreamChatCompletion": SCOPE_CHAT,
+        f"{_PROVIDERS}CreateChatCompletion": SCOPE_CHAT,
         f"{_PROVIDERS}StreamCompletion": SCOPE_CHAT,
         f"{_PROVIDERS}ListProviders": SCOPE_MODELS,
         f"{_PROVIDERS}GetProviderHealth": SCOPE_MODELS,

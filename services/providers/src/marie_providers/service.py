@@ -25,7 +25,7 @@ from marie_providers import provider_types
 from marie_providers.base import Provider
 from marie_providers.chunks import ChunkMerger
 from marie_providers.config import MarieConfig, config_from_environment, load_config_file
-from marie_providers.errors import DOMAIN, model_not_found
+from marie_providers.errors import DOMAIN, bad_request, model_not_found
 from marie_providers.health import HealthMonitor
 from marie_providers.model_access import ModelAccess
 from marie_providers.registry import ModelRegistry
@@ -211,6 +211,19 @@ class ProviderServicer(pb_grpc.ProviderServiceServicer):
         check_chat_request(request)
         async for chunk in self._relay(request, context, new_completion_id):
             yield chunk
+
+    async def CreateChatCompletion(
+        self, request: pb.CreateChatCompletionRequest, context: Context
+    ) -> pb.CreateChatCompletionResponse:
+        if not request.HasField("chat"):
+            raise bad_request("chat", "chat is required")
+        chat = request.chat
+        check_chat_request(chat)
+        chat.aggregate = True
+        reply = pb.CreateChatCompletionResponse()
+        async for chunk in self._relay(chat, context, new_completion_id):
+            reply.chunks.append(chunk)
+        return reply
 
     async def StreamCompletion(
         self, request: pb.StreamCompletionRequest, context: Context

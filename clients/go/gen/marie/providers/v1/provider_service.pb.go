@@ -2747,6 +2747,99 @@ func (x *Usage) GetTotalTokens() int32 {
 	return 0
 }
 
+// CreateChatCompletionRequest asks for a whole chat completion.
+type CreateChatCompletionRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The chat, as StreamChatCompletion takes it; required.
+	Chat          *StreamChatCompletionRequest `protobuf:"bytes,1,opt,name=chat,proto3" json:"chat,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CreateChatCompletionRequest) Reset() {
+	*x = CreateChatCompletionRequest{}
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[30]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CreateChatCompletionRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CreateChatCompletionRequest) ProtoMessage() {}
+
+func (x *CreateChatCompletionRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[30]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CreateChatCompletionRequest.ProtoReflect.Descriptor instead.
+func (*CreateChatCompletionRequest) Descriptor() ([]byte, []int) {
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{30}
+}
+
+func (x *CreateChatCompletionRequest) GetChat() *StreamChatCompletionRequest {
+	if x != nil {
+		return x.Chat
+	}
+	return nil
+}
+
+// CreateChatCompletionResponse is a whole chat completion.
+type CreateChatCompletionResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The reply as merged chunks, in order: usually one (role, content, finish
+	// reason and usage); one more per tool call.
+	Chunks        []*StreamChatCompletionResponse `protobuf:"bytes,1,rep,name=chunks,proto3" json:"chunks,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CreateChatCompletionResponse) Reset() {
+	*x = CreateChatCompletionResponse{}
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[31]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CreateChatCompletionResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CreateChatCompletionResponse) ProtoMessage() {}
+
+func (x *CreateChatCompletionResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[31]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CreateChatCompletionResponse.ProtoReflect.Descriptor instead.
+func (*CreateChatCompletionResponse) Descriptor() ([]byte, []int) {
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{31}
+}
+
+func (x *CreateChatCompletionResponse) GetChunks() []*StreamChatCompletionResponse {
+	if x != nil {
+		return x.Chunks
+	}
+	return nil
+}
+
 // StreamChatCompletionResponse is one chunk of a streamed completion.
 type StreamChatCompletionResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -2777,7 +2870,7 @@ type StreamChatCompletionResponse struct {
 
 func (x *StreamChatCompletionResponse) Reset() {
 	*x = StreamChatCompletionResponse{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[30]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2789,7 +2882,7 @@ func (x *StreamChatCompletionResponse) String() string {
 func (*StreamChatCompletionResponse) ProtoMessage() {}
 
 func (x *StreamChatCompletionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[30]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2802,7 +2895,7 @@ func (x *StreamChatCompletionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamChatCompletionResponse.ProtoReflect.Descriptor instead.
 func (*StreamChatCompletionResponse) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{30}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *StreamChatCompletionResponse) GetId() string {
@@ -2893,7 +2986,7 @@ type TokenLogprob struct {
 
 func (x *TokenLogprob) Reset() {
 	*x = TokenLogprob{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[31]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2905,7 +2998,7 @@ func (x *TokenLogprob) String() string {
 func (*TokenLogprob) ProtoMessage() {}
 
 func (x *TokenLogprob) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[31]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2918,7 +3011,7 @@ func (x *TokenLogprob) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TokenLogprob.ProtoReflect.Descriptor instead.
 func (*TokenLogprob) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{31}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *TokenLogprob) GetToken() string {
@@ -2964,7 +3057,7 @@ type TopLogprob struct {
 
 func (x *TopLogprob) Reset() {
 	*x = TopLogprob{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[32]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2976,7 +3069,7 @@ func (x *TopLogprob) String() string {
 func (*TopLogprob) ProtoMessage() {}
 
 func (x *TopLogprob) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[32]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2989,7 +3082,7 @@ func (x *TopLogprob) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TopLogprob.ProtoReflect.Descriptor instead.
 func (*TopLogprob) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{32}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *TopLogprob) GetToken() string {
@@ -3040,7 +3133,7 @@ type CreateEmbeddingsRequest struct {
 
 func (x *CreateEmbeddingsRequest) Reset() {
 	*x = CreateEmbeddingsRequest{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[33]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3052,7 +3145,7 @@ func (x *CreateEmbeddingsRequest) String() string {
 func (*CreateEmbeddingsRequest) ProtoMessage() {}
 
 func (x *CreateEmbeddingsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[33]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3065,7 +3158,7 @@ func (x *CreateEmbeddingsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateEmbeddingsRequest.ProtoReflect.Descriptor instead.
 func (*CreateEmbeddingsRequest) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{33}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *CreateEmbeddingsRequest) GetModel() string {
@@ -3121,7 +3214,7 @@ type TokenIds struct {
 
 func (x *TokenIds) Reset() {
 	*x = TokenIds{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[34]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3133,7 +3226,7 @@ func (x *TokenIds) String() string {
 func (*TokenIds) ProtoMessage() {}
 
 func (x *TokenIds) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[34]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3146,7 +3239,7 @@ func (x *TokenIds) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TokenIds.ProtoReflect.Descriptor instead.
 func (*TokenIds) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{34}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *TokenIds) GetIds() []int64 {
@@ -3169,7 +3262,7 @@ type Embedding struct {
 
 func (x *Embedding) Reset() {
 	*x = Embedding{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[35]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3181,7 +3274,7 @@ func (x *Embedding) String() string {
 func (*Embedding) ProtoMessage() {}
 
 func (x *Embedding) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[35]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3194,7 +3287,7 @@ func (x *Embedding) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Embedding.ProtoReflect.Descriptor instead.
 func (*Embedding) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{35}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *Embedding) GetIndex() int32 {
@@ -3226,7 +3319,7 @@ type CreateEmbeddingsResponse struct {
 
 func (x *CreateEmbeddingsResponse) Reset() {
 	*x = CreateEmbeddingsResponse{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[36]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3238,7 +3331,7 @@ func (x *CreateEmbeddingsResponse) String() string {
 func (*CreateEmbeddingsResponse) ProtoMessage() {}
 
 func (x *CreateEmbeddingsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[36]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3251,7 +3344,7 @@ func (x *CreateEmbeddingsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateEmbeddingsResponse.ProtoReflect.Descriptor instead.
 func (*CreateEmbeddingsResponse) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{36}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *CreateEmbeddingsResponse) GetModel() string {
@@ -3310,7 +3403,7 @@ type StreamCompletionRequest struct {
 
 func (x *StreamCompletionRequest) Reset() {
 	*x = StreamCompletionRequest{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[37]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3322,7 +3415,7 @@ func (x *StreamCompletionRequest) String() string {
 func (*StreamCompletionRequest) ProtoMessage() {}
 
 func (x *StreamCompletionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[37]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3335,7 +3428,7 @@ func (x *StreamCompletionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamCompletionRequest.ProtoReflect.Descriptor instead.
 func (*StreamCompletionRequest) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{37}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *StreamCompletionRequest) GetModel() string {
@@ -3436,7 +3529,7 @@ type StreamCompletionResponse struct {
 
 func (x *StreamCompletionResponse) Reset() {
 	*x = StreamCompletionResponse{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[38]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3448,7 +3541,7 @@ func (x *StreamCompletionResponse) String() string {
 func (*StreamCompletionResponse) ProtoMessage() {}
 
 func (x *StreamCompletionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[38]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3461,7 +3554,7 @@ func (x *StreamCompletionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamCompletionResponse.ProtoReflect.Descriptor instead.
 func (*StreamCompletionResponse) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{38}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *StreamCompletionResponse) GetId() string {
@@ -3705,7 +3798,11 @@ const file_marie_providers_v1_provider_service_proto_rawDesc = "" +
 	"\x05Usage\x12#\n" +
 	"\rprompt_tokens\x18\x01 \x01(\x05R\fpromptTokens\x12+\n" +
 	"\x11completion_tokens\x18\x02 \x01(\x05R\x10completionTokens\x12!\n" +
-	"\ftotal_tokens\x18\x03 \x01(\x05R\vtotalTokens\"\xba\x03\n" +
+	"\ftotal_tokens\x18\x03 \x01(\x05R\vtotalTokens\"b\n" +
+	"\x1bCreateChatCompletionRequest\x12C\n" +
+	"\x04chat\x18\x01 \x01(\v2/.marie.providers.v1.StreamChatCompletionRequestR\x04chat\"h\n" +
+	"\x1cCreateChatCompletionResponse\x12H\n" +
+	"\x06chunks\x18\x01 \x03(\v20.marie.providers.v1.StreamChatCompletionResponseR\x06chunks\"\xba\x03\n" +
 	"\x1cStreamChatCompletionResponse\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x14\n" +
 	"\x05model\x18\x02 \x01(\tR\x05model\x12\x1a\n" +
@@ -3815,7 +3912,7 @@ const file_marie_providers_v1_provider_service_proto_rawDesc = "" +
 	"\x12FINISH_REASON_STOP\x10\x01\x12\x18\n" +
 	"\x14FINISH_REASON_LENGTH\x10\x02\x12\x1c\n" +
 	"\x18FINISH_REASON_TOOL_CALLS\x10\x03\x12 \n" +
-	"\x1cFINISH_REASON_CONTENT_FILTER\x10\x042\xdd\x06\n" +
+	"\x1cFINISH_REASON_CONTENT_FILTER\x10\x042\xd8\a\n" +
 	"\x0fProviderService\x12d\n" +
 	"\rListProviders\x12(.marie.providers.v1.ListProvidersRequest\x1a).marie.providers.v1.ListProvidersResponse\x12p\n" +
 	"\x11GetProviderHealth\x12,.marie.providers.v1.GetProviderHealthRequest\x1a-.marie.providers.v1.GetProviderHealthResponse\x12[\n" +
@@ -3823,7 +3920,8 @@ const file_marie_providers_v1_provider_service_proto_rawDesc = "" +
 	"ListModels\x12%.marie.providers.v1.ListModelsRequest\x1a&.marie.providers.v1.ListModelsResponse\x12U\n" +
 	"\bGetModel\x12#.marie.providers.v1.GetModelRequest\x1a$.marie.providers.v1.GetModelResponse\x12a\n" +
 	"\fSearchModels\x12'.marie.providers.v1.SearchModelsRequest\x1a(.marie.providers.v1.SearchModelsResponse\x12{\n" +
-	"\x14StreamChatCompletion\x12/.marie.providers.v1.StreamChatCompletionRequest\x1a0.marie.providers.v1.StreamChatCompletionResponse0\x01\x12m\n" +
+	"\x14StreamChatCompletion\x12/.marie.providers.v1.StreamChatCompletionRequest\x1a0.marie.providers.v1.StreamChatCompletionResponse0\x01\x12y\n" +
+	"\x14CreateChatCompletion\x12/.marie.providers.v1.CreateChatCompletionRequest\x1a0.marie.providers.v1.CreateChatCompletionResponse\x12m\n" +
 	"\x10CreateEmbeddings\x12+.marie.providers.v1.CreateEmbeddingsRequest\x1a,.marie.providers.v1.CreateEmbeddingsResponse\x12o\n" +
 	"\x10StreamCompletion\x12+.marie.providers.v1.StreamCompletionRequest\x1a,.marie.providers.v1.StreamCompletionResponse0\x01B\xde\x01\n" +
 	"\x16com.marie.providers.v1B\x14ProviderServiceProtoP\x01ZDgithub.com/marie/marie/clients/go/gen/marie/providers/v1;providersv1\xa2\x02\x03MPX\xaa\x02\x12Marie.Providers.V1\xca\x02\x12Marie\\Providers\\V1\xe2\x02\x1eMarie\\Providers\\V1\\GPBMetadata\xea\x02\x14Marie::Providers::V1b\x06proto3"
@@ -3841,7 +3939,7 @@ func file_marie_providers_v1_provider_service_proto_rawDescGZIP() []byte {
 }
 
 var file_marie_providers_v1_provider_service_proto_enumTypes = make([]protoimpl.EnumInfo, 8)
-var file_marie_providers_v1_provider_service_proto_msgTypes = make([]protoimpl.MessageInfo, 40)
+var file_marie_providers_v1_provider_service_proto_msgTypes = make([]protoimpl.MessageInfo, 42)
 var file_marie_providers_v1_provider_service_proto_goTypes = []any{
 	(HealthStatus)(0),                    // 0: marie.providers.v1.HealthStatus
 	(CircuitState)(0),                    // 1: marie.providers.v1.CircuitState
@@ -3881,30 +3979,32 @@ var file_marie_providers_v1_provider_service_proto_goTypes = []any{
 	(*StreamChatCompletionRequest)(nil),  // 35: marie.providers.v1.StreamChatCompletionRequest
 	(*ToolCallDelta)(nil),                // 36: marie.providers.v1.ToolCallDelta
 	(*Usage)(nil),                        // 37: marie.providers.v1.Usage
-	(*StreamChatCompletionResponse)(nil), // 38: marie.providers.v1.StreamChatCompletionResponse
-	(*TokenLogprob)(nil),                 // 39: marie.providers.v1.TokenLogprob
-	(*TopLogprob)(nil),                   // 40: marie.providers.v1.TopLogprob
-	(*CreateEmbeddingsRequest)(nil),      // 41: marie.providers.v1.CreateEmbeddingsRequest
-	(*TokenIds)(nil),                     // 42: marie.providers.v1.TokenIds
-	(*Embedding)(nil),                    // 43: marie.providers.v1.Embedding
-	(*CreateEmbeddingsResponse)(nil),     // 44: marie.providers.v1.CreateEmbeddingsResponse
-	(*StreamCompletionRequest)(nil),      // 45: marie.providers.v1.StreamCompletionRequest
-	(*StreamCompletionResponse)(nil),     // 46: marie.providers.v1.StreamCompletionResponse
-	nil,                                  // 47: marie.providers.v1.ModelInfo.MetadataEntry
-	(*timestamppb.Timestamp)(nil),        // 48: google.protobuf.Timestamp
-	(*structpb.Struct)(nil),              // 49: google.protobuf.Struct
+	(*CreateChatCompletionRequest)(nil),  // 38: marie.providers.v1.CreateChatCompletionRequest
+	(*CreateChatCompletionResponse)(nil), // 39: marie.providers.v1.CreateChatCompletionResponse
+	(*StreamChatCompletionResponse)(nil), // 40: marie.providers.v1.StreamChatCompletionResponse
+	(*TokenLogprob)(nil),                 // 41: marie.providers.v1.TokenLogprob
+	(*TopLogprob)(nil),                   // 42: marie.providers.v1.TopLogprob
+	(*CreateEmbeddingsRequest)(nil),      // 43: marie.providers.v1.CreateEmbeddingsRequest
+	(*TokenIds)(nil),                     // 44: marie.providers.v1.TokenIds
+	(*Embedding)(nil),                    // 45: marie.providers.v1.Embedding
+	(*CreateEmbeddingsResponse)(nil),     // 46: marie.providers.v1.CreateEmbeddingsResponse
+	(*StreamCompletionRequest)(nil),      // 47: marie.providers.v1.StreamCompletionRequest
+	(*StreamCompletionResponse)(nil),     // 48: marie.providers.v1.StreamCompletionResponse
+	nil,                                  // 49: marie.providers.v1.ModelInfo.MetadataEntry
+	(*timestamppb.Timestamp)(nil),        // 50: google.protobuf.Timestamp
+	(*structpb.Struct)(nil),              // 51: google.protobuf.Struct
 }
 var file_marie_providers_v1_provider_service_proto_depIdxs = []int32{
 	8,  // 0: marie.providers.v1.ListProvidersResponse.providers:type_name -> marie.providers.v1.Provider
 	0,  // 1: marie.providers.v1.ProviderHealth.status:type_name -> marie.providers.v1.HealthStatus
-	48, // 2: marie.providers.v1.ProviderHealth.check_time:type_name -> google.protobuf.Timestamp
+	50, // 2: marie.providers.v1.ProviderHealth.check_time:type_name -> google.protobuf.Timestamp
 	12, // 3: marie.providers.v1.ProviderHealth.deployments:type_name -> marie.providers.v1.DeploymentHealth
 	1,  // 4: marie.providers.v1.DeploymentHealth.circuit:type_name -> marie.providers.v1.CircuitState
-	48, // 5: marie.providers.v1.DeploymentHealth.retry_time:type_name -> google.protobuf.Timestamp
+	50, // 5: marie.providers.v1.DeploymentHealth.retry_time:type_name -> google.protobuf.Timestamp
 	11, // 6: marie.providers.v1.GetProviderHealthResponse.providers:type_name -> marie.providers.v1.ProviderHealth
 	2,  // 7: marie.providers.v1.ModelInfo.capabilities:type_name -> marie.providers.v1.ModelCapability
-	47, // 8: marie.providers.v1.ModelInfo.metadata:type_name -> marie.providers.v1.ModelInfo.MetadataEntry
-	48, // 9: marie.providers.v1.ModelInfo.modified_time:type_name -> google.protobuf.Timestamp
+	49, // 8: marie.providers.v1.ModelInfo.metadata:type_name -> marie.providers.v1.ModelInfo.MetadataEntry
+	50, // 9: marie.providers.v1.ModelInfo.modified_time:type_name -> google.protobuf.Timestamp
 	16, // 10: marie.providers.v1.ModelInfo.route:type_name -> marie.providers.v1.RouteInfo
 	3,  // 11: marie.providers.v1.RouteInfo.kind:type_name -> marie.providers.v1.RouteKind
 	17, // 12: marie.providers.v1.RouteInfo.targets:type_name -> marie.providers.v1.RouteTarget
@@ -3919,49 +4019,53 @@ var file_marie_providers_v1_provider_service_proto_depIdxs = []int32{
 	25, // 21: marie.providers.v1.ChatMessage.parts:type_name -> marie.providers.v1.ContentPart
 	27, // 22: marie.providers.v1.ChatMessage.tool_calls:type_name -> marie.providers.v1.ToolCall
 	31, // 23: marie.providers.v1.Tool.function:type_name -> marie.providers.v1.FunctionDefinition
-	49, // 24: marie.providers.v1.FunctionDefinition.parameters:type_name -> google.protobuf.Struct
+	51, // 24: marie.providers.v1.FunctionDefinition.parameters:type_name -> google.protobuf.Struct
 	5,  // 25: marie.providers.v1.ToolChoice.mode:type_name -> marie.providers.v1.ToolChoiceMode
 	6,  // 26: marie.providers.v1.ResponseFormat.type:type_name -> marie.providers.v1.ResponseFormatType
-	49, // 27: marie.providers.v1.ResponseFormat.json_schema:type_name -> google.protobuf.Struct
+	51, // 27: marie.providers.v1.ResponseFormat.json_schema:type_name -> google.protobuf.Struct
 	29, // 28: marie.providers.v1.StreamChatCompletionRequest.messages:type_name -> marie.providers.v1.ChatMessage
 	34, // 29: marie.providers.v1.StreamChatCompletionRequest.sampling:type_name -> marie.providers.v1.SamplingParameters
 	33, // 30: marie.providers.v1.StreamChatCompletionRequest.response_format:type_name -> marie.providers.v1.ResponseFormat
 	30, // 31: marie.providers.v1.StreamChatCompletionRequest.tools:type_name -> marie.providers.v1.Tool
 	32, // 32: marie.providers.v1.StreamChatCompletionRequest.tool_choice:type_name -> marie.providers.v1.ToolChoice
-	4,  // 33: marie.providers.v1.StreamChatCompletionResponse.role:type_name -> marie.providers.v1.Role
-	36, // 34: marie.providers.v1.StreamChatCompletionResponse.tool_calls:type_name -> marie.providers.v1.ToolCallDelta
-	7,  // 35: marie.providers.v1.StreamChatCompletionResponse.finish_reason:type_name -> marie.providers.v1.FinishReason
-	37, // 36: marie.providers.v1.StreamChatCompletionResponse.usage:type_name -> marie.providers.v1.Usage
-	39, // 37: marie.providers.v1.StreamChatCompletionResponse.logprobs:type_name -> marie.providers.v1.TokenLogprob
-	40, // 38: marie.providers.v1.TokenLogprob.top_logprobs:type_name -> marie.providers.v1.TopLogprob
-	42, // 39: marie.providers.v1.CreateEmbeddingsRequest.token_inputs:type_name -> marie.providers.v1.TokenIds
-	43, // 40: marie.providers.v1.CreateEmbeddingsResponse.embeddings:type_name -> marie.providers.v1.Embedding
-	37, // 41: marie.providers.v1.CreateEmbeddingsResponse.usage:type_name -> marie.providers.v1.Usage
-	34, // 42: marie.providers.v1.StreamCompletionRequest.sampling:type_name -> marie.providers.v1.SamplingParameters
-	7,  // 43: marie.providers.v1.StreamCompletionResponse.finish_reason:type_name -> marie.providers.v1.FinishReason
-	37, // 44: marie.providers.v1.StreamCompletionResponse.usage:type_name -> marie.providers.v1.Usage
-	39, // 45: marie.providers.v1.StreamCompletionResponse.logprobs:type_name -> marie.providers.v1.TokenLogprob
-	9,  // 46: marie.providers.v1.ProviderService.ListProviders:input_type -> marie.providers.v1.ListProvidersRequest
-	13, // 47: marie.providers.v1.ProviderService.GetProviderHealth:input_type -> marie.providers.v1.GetProviderHealthRequest
-	18, // 48: marie.providers.v1.ProviderService.ListModels:input_type -> marie.providers.v1.ListModelsRequest
-	21, // 49: marie.providers.v1.ProviderService.GetModel:input_type -> marie.providers.v1.GetModelRequest
-	23, // 50: marie.providers.v1.ProviderService.SearchModels:input_type -> marie.providers.v1.SearchModelsRequest
-	35, // 51: marie.providers.v1.ProviderService.StreamChatCompletion:input_type -> marie.providers.v1.StreamChatCompletionRequest
-	41, // 52: marie.providers.v1.ProviderService.CreateEmbeddings:input_type -> marie.providers.v1.CreateEmbeddingsRequest
-	45, // 53: marie.providers.v1.ProviderService.StreamCompletion:input_type -> marie.providers.v1.StreamCompletionRequest
-	10, // 54: marie.providers.v1.ProviderService.ListProviders:output_type -> marie.providers.v1.ListProvidersResponse
-	14, // 55: marie.providers.v1.ProviderService.GetProviderHealth:output_type -> marie.providers.v1.GetProviderHealthResponse
-	19, // 56: marie.providers.v1.ProviderService.ListModels:output_type -> marie.providers.v1.ListModelsResponse
-	22, // 57: marie.providers.v1.ProviderService.GetModel:output_type -> marie.providers.v1.GetModelResponse
-	24, // 58: marie.providers.v1.ProviderService.SearchModels:output_type -> marie.providers.v1.SearchModelsResponse
-	38, // 59: marie.providers.v1.ProviderService.StreamChatCompletion:output_type -> marie.providers.v1.StreamChatCompletionResponse
-	44, // 60: marie.providers.v1.ProviderService.CreateEmbeddings:output_type -> marie.providers.v1.CreateEmbeddingsResponse
-	46, // 61: marie.providers.v1.ProviderService.StreamCompletion:output_type -> marie.providers.v1.StreamCompletionResponse
-	54, // [54:62] is the sub-list for method output_type
-	46, // [46:54] is the sub-list for method input_type
-	46, // [46:46] is the sub-list for extension type_name
-	46, // [46:46] is the sub-list for extension extendee
-	0,  // [0:46] is the sub-list for field type_name
+	35, // 33: marie.providers.v1.CreateChatCompletionRequest.chat:type_name -> marie.providers.v1.StreamChatCompletionRequest
+	40, // 34: marie.providers.v1.CreateChatCompletionResponse.chunks:type_name -> marie.providers.v1.StreamChatCompletionResponse
+	4,  // 35: marie.providers.v1.StreamChatCompletionResponse.role:type_name -> marie.providers.v1.Role
+	36, // 36: marie.providers.v1.StreamChatCompletionResponse.tool_calls:type_name -> marie.providers.v1.ToolCallDelta
+	7,  // 37: marie.providers.v1.StreamChatCompletionResponse.finish_reason:type_name -> marie.providers.v1.FinishReason
+	37, // 38: marie.providers.v1.StreamChatCompletionResponse.usage:type_name -> marie.providers.v1.Usage
+	41, // 39: marie.providers.v1.StreamChatCompletionResponse.logprobs:type_name -> marie.providers.v1.TokenLogprob
+	42, // 40: marie.providers.v1.TokenLogprob.top_logprobs:type_name -> marie.providers.v1.TopLogprob
+	44, // 41: marie.providers.v1.CreateEmbeddingsRequest.token_inputs:type_name -> marie.providers.v1.TokenIds
+	45, // 42: marie.providers.v1.CreateEmbeddingsResponse.embeddings:type_name -> marie.providers.v1.Embedding
+	37, // 43: marie.providers.v1.CreateEmbeddingsResponse.usage:type_name -> marie.providers.v1.Usage
+	34, // 44: marie.providers.v1.StreamCompletionRequest.sampling:type_name -> marie.providers.v1.SamplingParameters
+	7,  // 45: marie.providers.v1.StreamCompletionResponse.finish_reason:type_name -> marie.providers.v1.FinishReason
+	37, // 46: marie.providers.v1.StreamCompletionResponse.usage:type_name -> marie.providers.v1.Usage
+	41, // 47: marie.providers.v1.StreamCompletionResponse.logprobs:type_name -> marie.providers.v1.TokenLogprob
+	9,  // 48: marie.providers.v1.ProviderService.ListProviders:input_type -> marie.providers.v1.ListProvidersRequest
+	13, // 49: marie.providers.v1.ProviderService.GetProviderHealth:input_type -> marie.providers.v1.GetProviderHealthRequest
+	18, // 50: marie.providers.v1.ProviderService.ListModels:input_type -> marie.providers.v1.ListModelsRequest
+	21, // 51: marie.providers.v1.ProviderService.GetModel:input_type -> marie.providers.v1.GetModelRequest
+	23, // 52: marie.providers.v1.ProviderService.SearchModels:input_type -> marie.providers.v1.SearchModelsRequest
+	35, // 53: marie.providers.v1.ProviderService.StreamChatCompletion:input_type -> marie.providers.v1.StreamChatCompletionRequest
+	38, // 54: marie.providers.v1.ProviderService.CreateChatCompletion:input_type -> marie.providers.v1.CreateChatCompletionRequest
+	43, // 55: marie.providers.v1.ProviderService.CreateEmbeddings:input_type -> marie.providers.v1.CreateEmbeddingsRequest
+	47, // 56: marie.providers.v1.ProviderService.StreamCompletion:input_type -> marie.providers.v1.StreamCompletionRequest
+	10, // 57: marie.providers.v1.ProviderService.ListProviders:output_type -> marie.providers.v1.ListProvidersResponse
+	14, // 58: marie.providers.v1.ProviderService.GetProviderHealth:output_type -> marie.providers.v1.GetProviderHealthResponse
+	19, // 59: marie.providers.v1.ProviderService.ListModels:output_type -> marie.providers.v1.ListModelsResponse
+	22, // 60: marie.providers.v1.ProviderService.GetModel:output_type -> marie.providers.v1.GetModelResponse
+	24, // 61: marie.providers.v1.ProviderService.SearchModels:output_type -> marie.providers.v1.SearchModelsResponse
+	40, // 62: marie.providers.v1.ProviderService.StreamChatCompletion:output_type -> marie.providers.v1.StreamChatCompletionResponse
+	39, // 63: marie.providers.v1.ProviderService.CreateChatCompletion:output_type -> marie.providers.v1.CreateChatCompletionResponse
+	46, // 64: marie.providers.v1.ProviderService.CreateEmbeddings:output_type -> marie.providers.v1.CreateEmbeddingsResponse
+	48, // 65: marie.providers.v1.ProviderService.StreamCompletion:output_type -> marie.providers.v1.StreamCompletionResponse
+	57, // [57:66] is the sub-list for method output_type
+	48, // [48:57] is the sub-list for method input_type
+	48, // [48:48] is the sub-list for extension type_name
+	48, // [48:48] is the sub-list for extension extendee
+	0,  // [0:48] is the sub-list for field type_name
 }
 
 func init() { file_marie_providers_v1_provider_service_proto_init() }
@@ -3974,14 +4078,14 @@ func file_marie_providers_v1_provider_service_proto_init() {
 		(*ContentPart_ImageUrl)(nil),
 	}
 	file_marie_providers_v1_provider_service_proto_msgTypes[26].OneofWrappers = []any{}
-	file_marie_providers_v1_provider_service_proto_msgTypes[37].OneofWrappers = []any{}
+	file_marie_providers_v1_provider_service_proto_msgTypes[39].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_marie_providers_v1_provider_service_proto_rawDesc), len(file_marie_providers_v1_provider_service_proto_rawDesc)),
 			NumEnums:      8,
-			NumMessages:   40,
+			NumMessages:   42,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -25,6 +25,7 @@ const (
 	ProviderService_GetModel_FullMethodName             = "/marie.providers.v1.ProviderService/GetModel"
 	ProviderService_SearchModels_FullMethodName         = "/marie.providers.v1.ProviderService/SearchModels"
 	ProviderService_StreamChatCompletion_FullMethodName = "/marie.providers.v1.ProviderService/StreamChatCompletion"
+	ProviderService_CreateChatCompletion_FullMethodName = "/marie.providers.v1.ProviderService/CreateChatCompletion"
 	ProviderService_CreateEmbeddings_FullMethodName     = "/marie.providers.v1.ProviderService/CreateEmbeddings"
 	ProviderService_StreamCompletion_FullMethodName     = "/marie.providers.v1.ProviderService/StreamCompletion"
 )
@@ -76,6 +77,13 @@ type ProviderServiceClient interface {
 	// after the chunks already sent. Cancelling the call closes the upstream
 	// request.
 	StreamChatCompletion(ctx context.Context, in *StreamChatCompletionRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[StreamChatCompletionResponse], error)
+	// Generates a chat completion and answers it whole: StreamChatCompletion's
+	// request (its `aggregate` is implied), routing, retries, failover and
+	// errors, with the reply's chunks merged as far as they merge (content,
+	// finish reason and usage in one; tool calls stay apart) in one message.
+	// For a caller that wants the whole reply, one unary call costs less than
+	// a stream of one message.
+	CreateChatCompletion(ctx context.Context, in *CreateChatCompletionRequest, opts ...grpc.CallOption) (*CreateChatCompletionResponse, error)
 	// Embeds one or more texts (or token arrays) with an embedding model.
 	CreateEmbeddings(ctx context.Context, in *CreateEmbeddingsRequest, opts ...grpc.CallOption) (*CreateEmbeddingsResponse, error)
 	// Continues a plain text prompt (OpenAI's legacy text completions) and
@@ -164,6 +172,16 @@ func (c *providerServiceClient) StreamChatCompletion(ctx context.Context, in *St
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type ProviderService_StreamChatCompletionClient = grpc.ServerStreamingClient[StreamChatCompletionResponse]
 
+func (c *providerServiceClient) CreateChatCompletion(ctx context.Context, in *CreateChatCompletionRequest, opts ...grpc.CallOption) (*CreateChatCompletionResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(CreateChatCompletionResponse)
+	err := c.cc.Invoke(ctx, ProviderService_CreateChatCompletion_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 func (c *providerServiceClient) CreateEmbeddings(ctx context.Context, in *CreateEmbeddingsRequest, opts ...grpc.CallOption) (*CreateEmbeddingsResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(CreateEmbeddingsResponse)
@@ -240,6 +258,13 @@ type ProviderServiceServer interface {
 	// after the chunks already sent. Cancelling the call closes the upstream
 	// request.
 	StreamChatCompletion(*StreamChatCompletionRequest, grpc.ServerStreamingServer[StreamChatCompletionResponse]) error
+	// Generates a chat completion and answers it whole: StreamChatCompletion's
+	// request (its `aggregate` is implied), routing, retries, failover and
+	// errors, with the reply's chunks merged as far as they merge (content,
+	// finish reason and usage in one; tool calls stay apart) in one message.
+	// For a caller that wants the whole reply, one unary call costs less than
+	// a stream of one message.
+	CreateChatCompletion(context.Context, *CreateChatCompletionRequest) (*CreateChatCompletionResponse, error)
 	// Embeds one or more texts (or token arrays) with an embedding model.
 	CreateEmbeddings(context.Context, *CreateEmbeddingsRequest) (*CreateEmbeddingsResponse, error)
 	// Continues a plain text prompt (OpenAI's legacy text completions) and
@@ -276,6 +301,9 @@ func (UnimplementedProviderServiceServer) SearchModels(context.Context, *SearchM
 }
 func (UnimplementedProviderServiceServer) StreamChatCompletion(*StreamChatCompletionRequest, grpc.ServerStreamingServer[StreamChatCompletionResponse]) error {
 	return status.Error(codes.Unimplemented, "method StreamChatCompletion not implemented")
+}
+func (UnimplementedProviderServiceServer) CreateChatCompletion(context.Context, *CreateChatCompletionRequest) (*CreateChatCompletionResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method CreateChatCompletion not implemented")
 }
 func (UnimplementedProviderServiceServer) CreateEmbeddings(context.Context, *CreateEmbeddingsRequest) (*CreateEmbeddingsResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method CreateEmbeddings not implemented")
@@ -405,6 +433,24 @@ func _ProviderService_StreamChatCompletion_Handler(srv interface{}, stream grpc.
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type ProviderService_StreamChatCompletionServer = grpc.ServerStreamingServer[StreamChatCompletionResponse]
 
+func _ProviderService_CreateChatCompletion_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CreateChatCompletionRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ProviderServiceServer).CreateChatCompletion(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: ProviderService_CreateChatCompletion_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ProviderServiceServer).CreateChatCompletion(ctx, req.(*CreateChatCompletionRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _ProviderService_CreateEmbeddings_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(CreateEmbeddingsRequest)
 	if err := dec(in); err != nil {
@@ -460,6 +506,10 @@ var ProviderService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "SearchModels",
 			Handler:    _ProviderService_SearchModels_Handler,
+		},
+		{
+			MethodName: "CreateChatCompletion",
+			Handler:    _ProviderService_CreateChatCompletion_Handler,
 		},
 		{
 			MethodName: "CreateEmbeddings",
