@@ -284,6 +284,19 @@ def test_client_disconnect_closes_the_upstream_stream(
     assert ollama.wait_for_active_streams(0, timeout=10)
 
 
+def test_client_leaving_a_whole_reply_closes_the_upstream(
+    client: openai.OpenAI, ollama: FakeOllama
+) -> None:
+    """A non-streaming request is one unary CreateChatCompletion call: a client
+    that gives up waiting still stops the generation upstream."""
+    before = ollama.disconnects
+    impatient = client.with_options(timeout=1.5, max_retries=0)
+    with pytest.raises(openai.APITimeoutError):
+        impatient.chat.completions.create(model="ollama/endless:latest", messages=HELLO)
+    assert ollama.wait_for_disconnect(timeout=10, count=before + 1)
+    assert ollama.wait_for_active_streams(0, timeout=10)
+
+
 def test_upstream_down_is_a_server_error(tmp_path: Path) -> None:
     (closed_port,) = free_ports(1)
     down = start_stack(tmp_path / "down", f"http://127.0.0.1:{closed_port}")
