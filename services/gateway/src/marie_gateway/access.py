@@ -24,9 +24,9 @@ from marie.auth.v1 import auth_service_pb2 as auth_pb
 from marie.auth.v1 import auth_service_pb2_grpc as auth_grpc
 from marie_kit.apikeys import is_well_formed
 from marie_kit.context import outgoing_metadata
+from marie_kit.limits import NO_LIMITS, Limits
 
 from marie_gateway.errors import from_rpc_error, invalid_api_key, permission_denied
-from marie_gateway.limits import NO_LIMITS, Limits
 from marie_gateway.metrics import KEY_CACHE_HIT, KEY_CACHE_MISS, KEY_CACHE_STALE
 
 # The metadata that carries a key's allowed models to the services, which
