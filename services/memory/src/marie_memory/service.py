@@ -45,11 +45,6 @@ else:
 log = logging.getLogger("marie.memory.service")
 
 SERVICE_NAME = "marie.memory.v1.MemoryService"
-# The usage recorder's batching (as the gateway's defaults).
-USAGE_MAX_QUEUE = 100_000
-USAGE_BATCH_SIZE = 200
-USAGE_FLUSH_SECONDS = 1.0
-USAGE_TIMEOUT_SECONDS = 10.0
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -118,13 +113,8 @@ class MemoryComponent:
             providers: ProvidersStub = ppb_grpc.ProviderServiceStub(self._channel)
             # Extraction's model calls go to auth's usage ledger, in batches.
             self._auth_channel = insecure_channel(settings.auth_addr)
-            self._usage = UsageRecorder(
-                auth_grpc.AuthServiceStub(self._auth_channel),
-                max_queue=USAGE_MAX_QUEUE,
-                batch_size=USAGE_BATCH_SIZE,
-                flush_seconds=USAGE_FLUSH_SECONDS,
-                timeout=USAGE_TIMEOUT_SECONDS,
-            )
+            # The kit's batching defaults (the gateway's too).
+            self._usage = UsageRecorder(auth_grpc.AuthServiceStub(self._auth_channel))
             self._usage.start()
             embeddings = Embeddings(
                 store,
