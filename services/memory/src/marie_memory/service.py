@@ -21,7 +21,7 @@ from marie.memory.v1 import memory_service_pb2 as pb
 from marie.memory.v1 import memory_service_pb2_grpc as pb_grpc
 from marie.providers.v1 import provider_service_pb2_grpc as ppb_grpc
 from marie_kit.channels import insecure_channel
-from marie_kit.identity import identity_from_metadata
+from marie_kit.identity import allowed_models_from_metadata, identity_from_metadata
 from marie_kit.tenancy import TenantInterceptor
 from marie_kit.usage import UsageRecorder
 
@@ -281,7 +281,11 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
     async def AddMemories(
         self, request: pb.AddMemoriesRequest, context: Context
     ) -> pb.AddMemoriesResponse:
-        add = convert.add_request_from_proto(request, caller_identity(context))
+        add = convert.add_request_from_proto(
+            request,
+            caller_identity(context),
+            allowed_models_from_metadata(context.invocation_metadata()),
+        )
         if add.infer and request.background:
             job_id = await self._core.enqueue_memories(add)
             return pb.AddMemoriesResponse(
