@@ -225,8 +225,14 @@ class MeteringInterceptor(grpc.aio.ServerInterceptor):
     ) -> Handler | None:
         handler = await continuation(handler_call_details)
         metadata = handler_call_details.invocation_metadata
-        # The hot path: the gateway's own calls carry no marker.
-        if handler is None or not any(k == LIMITS_HEADER for k, _ in metadata or ()):
+        # The hot path: the gateway's own calls carry no marker (a plain loop,
+        # no generator: this runs on every call).
+        for name, _ in metadata or ():
+            if name == LIMITS_HEADER:
+                break
+        else:
+            return handler
+        if handler is None:
             return handler
         metered = self.methods.get(handler_call_details.method)
         if metered is None:
