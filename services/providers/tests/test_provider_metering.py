@@ -27,6 +27,7 @@ from marie_providers.settings import ProvidersSettings
 from providers_testkit import Service, chat, running_service, stream_outcome
 
 from tests.fakes.ollama import FakeModel, FakeOllama
+from tests.stack import free_ports
 
 MODEL = "ollama/counted:latest"
 COUNTED = FakeModel(name="counted:latest", reply="one two", prompt_eval_count=10, eval_count=20)
@@ -175,13 +176,19 @@ async def test_every_ended_marked_call_is_in_the_ledger(metered: Metered) -> Non
     )
     missing = await chat_outcome(metered.providers, metadata, "ollama/missing:latest")
     assert missing is not None and missing.code == grpc.StatusCode.NOT_FOUND
+    text = stub.StreamCompletion(
+        pb.StreamCompletionRequest(model=MODEL, prompt="Once"), metadata=metadata, timeout=10
+    )
+    assert [chunk async for chunk in text]
     await metered.stop_providers()
     ledger = await metered.ledger("key-ledger")
-    assert ledger.total.requests == 3
+    assert ledger.total.requests == 4
     assert ledger.total.errors == 1
     by_model = {g.group: g for g in ledger.groups}
-    assert by_model[MODEL].prompt_tokens == 10
-    assert by_model[MODEL].completion_tokens == 20
+    # The chat and the text completion, 10 + 20 tokens each.
+    assert by_model[MODEL].requests == 2
+    assert by_model[MODEL].prompt_tokens == 20
+    assert by_model[MODEL].completion_tokens == 40
     assert by_model["ollama/llama3.2:latest"].prompt_tokens == 3
     assert by_model["ollama/missing:latest"].errors == 1
 
@@ -225,3 +232,18 @@ async def test_a_marked_call_of_an_unmetered_method_passes(metered: Metered) -> 
         await metered.providers.stub.ListModels(pb.ListModelsRequest(), metadata=metadata)
     await metered.stop_providers()
     assert (await metered.ledger("key-list")).total.requests == 0
+
+
+async def test_with_auth_unreachable_the_shared_limits_are_counted_here(
+    settings: ProvidersSettings, fake: FakeOllama
+) -> None:
+    # MARIE_PROVIDERS_LIMITS=auth with no auth to lease from: the key is
+    # neither refused for want of counters nor let through unlimited.
+    fake.add_model(COUNTED)
+    (port,) = free_ports(1)
+    alone = settings.model_copy(update={"auth_addr": f"127.0.0.1:{port}", "limits": "auth"})
+    async with running_service(alone) as running:
+        metadata = marked("rpm=1")
+        assert await chat_outcome(running, metadata) is None
+        error = await chat_outcome(running, metadata)
+        assert error is not None and error.metadata["limit"] == "requests"
