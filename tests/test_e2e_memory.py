@@ -443,3 +443,44 @@ def test_memory_extraction_is_recorded_in_the_ledger_under_the_turns_key(
         assert row["status"] == 200
         assert row["prompt_tokens"] > 0 and row["completion_tokens"] > 0
         assert row["latency_ms"] >= 0
+
+
+def test_memory_extraction_is_held_to_the_keys_allowed_models(mem_stack: Stack) -> None:
+    done = mem_stack.marie(
+        "keys", "create", "--name", "gemma-only", "--model", "ollama/gemma3:1b", "--json"
+    )
+    assert done.returncode == 0, done.stderr
+    created = orjson.loads(done.stdout)
+    api = client(mem_stack, created["key"])
+    # The deployment's extraction model is not one of the key's.
+    refused = api(
+        "POST",
+        "/api/memories",
+        json={"messages": [{"role": "user", "content": "I like oolong tea."}], "user": "g"},
+    )
+    assert refused.status_code == 403, refused.text
+    assert "extraction model" in refused.json()["error"]["message"]
+
+    # A turn's queued extraction is refused as well, and recorded so.
+    conv = api("POST", "/api/conversations", json={"model": "ollama/gemma3:1b"}).json()
+    turn = api(
+        "POST",
+        f"/api/conversations/{conv['id']}/messages",
+        json={"content": "I like green tea.", "stream": False},
+    )
+    assert turn.status_code == 200, turn.text
+    ledger = Path(mem_stack.env["MARIE_DATA_DIR"]) / "auth.sqlite3"
+
+    def extraction_statuses() -> list[int]:
+        with contextlib.closing(sqlite3.connect(ledger)) as db:
+            return [
+                status
+                for (status,) in db.execute(
+                    "SELECT status FROM usage_records WHERE operation = 'memory_extraction' "
+                    "AND key_id = ?",
+                    (created["id"],),
+                )
+            ]
+
+    assert _wait(lambda: len(extraction_statuses()) >= 2, timeout=15)
+    assert set(extraction_statuses()) == {403}

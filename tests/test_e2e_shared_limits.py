@@ -29,7 +29,7 @@ GATEWAYS = 2
 
 
 def lease_size(limit: int) -> int:
-    # marie_gateway.leased_limits.lease_size, restated: the test states the bound.
+    # marie_kit.leased_limits.lease_size, restated: the test states the bound.
     return max(1, limit // 20)
 
 

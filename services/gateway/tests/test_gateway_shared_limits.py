@@ -21,9 +21,9 @@ from marie.auth.v1 import auth_service_pb2 as auth_pb
 from marie.auth.v1 import auth_service_pb2_grpc as auth_grpc
 from marie_auth.service import AuthComponent
 from marie_auth.settings import AuthSettings
-from marie_gateway.leased_limits import LeasedLimiter, lease_size
-from marie_gateway.limits import Grant, Limits, RateLimited
 from marie_kit.channels import insecure_channel
+from marie_kit.leased_limits import LeasedLimiter, lease_size
+from marie_kit.limits import Grant, Limits, RateLimited
 from marie_kit.server import RunningServer, start_server
 
 GATEWAYS = 2

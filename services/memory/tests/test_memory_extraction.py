@@ -11,6 +11,8 @@ import grpc
 from marie.memory.v1 import memory_service_pb2 as pb
 from marie.memory.v1 import memory_service_pb2_grpc as pb_grpc
 from marie_kit.channels import insecure_channel
+from marie_memory.core import AddRequest, SourceMessage
+from marie_memory.queue import decode_request, encode_request
 from marie_memory.settings import MemorySettings
 from marie_memory.sqlite_store import SqliteStore
 from memory_testkit import EXTRACTION_MODEL, MemoryStub, StartMemory
@@ -219,3 +221,29 @@ async def test_queued_turns_survive_a_restart_and_wait_for_providers(
         assert await store.count_jobs() == 0
     finally:
         await store.close()
+
+
+async def test_extraction_is_held_to_the_allowed_models_of_the_calling_key(
+    ai_stub: MemoryStub, ollama: FakeOllama
+) -> None:
+    """The key's allowed models (from Envoy's key check or the gateway) go on
+    to the extraction's model calls: providers refuses a model outside them."""
+    turn = _request((USER_ROLE, "I like green tea."))
+    error = await rpc_error(
+        ai_stub.AddMemories(turn, metadata=(("x-marie-allowed-models", "ollama/gemma3%3A1b"),))
+    )
+    assert (error.code, error.reason) == (grpc.StatusCode.PERMISSION_DENIED, "MODEL_NOT_ALLOWED")
+    assert error.metadata["model"] == EXTRACTION_MODEL
+    assert ollama.chat_requests == []
+    allowed = await ai_stub.AddMemories(turn, metadata=(("x-marie-allowed-models", "ollama/*"),))
+    assert [r.memory.text for r in allowed.results] == ["Like green tea"]
+
+
+def test_the_allowed_models_travel_through_the_queue() -> None:
+    request = AddRequest(
+        user_id="u", messages=(SourceMessage(1, "hi", ""),), allowed_models="ollama/*"
+    )
+    assert decode_request(encode_request(request)).allowed_models == "ollama/*"
+    old = json.loads(encode_request(AddRequest(user_id="u", messages=())))
+    del old["allowed_models"]  # a job queued before the field existed
+    assert decode_request(json.dumps(old)).allowed_models == ""

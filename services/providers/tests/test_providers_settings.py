@@ -108,3 +108,16 @@ async def test_the_entry_point_serves_until_sigterm(fake: FakeOllama) -> None:
     assert [p.base_url for p in reply.providers] == [fake.base_url]
     assert process.returncode == 0
     assert b'"message":"serving"' in output
+
+
+def test_auth_and_limits_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The suite's shared MARIE_AUTH_PORT names auth unless an address is given.
+    for name in ("MARIE_PROVIDERS_AUTH_ADDR", "MARIE_PROVIDERS_LIMITS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MARIE_AUTH_PORT", "50999")
+    assert ProvidersSettings().auth_addr == "127.0.0.1:50999"
+    assert ProvidersSettings().limits == "local"
+    monkeypatch.setenv("MARIE_PROVIDERS_AUTH_ADDR", "auth:50053")
+    monkeypatch.setenv("MARIE_PROVIDERS_LIMITS", "auth")
+    settings = ProvidersSettings()
+    assert (settings.auth_addr, settings.limits) == ("auth:50053", "auth")

@@ -8,6 +8,7 @@ status. Clients turn a failed call back into a `ServiceError` with
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import grpc
 from google.protobuf import any_pb2
@@ -28,6 +29,7 @@ class ServiceError(Exception):
         *,
         domain: str = "marie",
         metadata: Mapping[str, str] | None = None,
+        trailers: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.code = code
@@ -35,6 +37,8 @@ class ServiceError(Exception):
         self.message = message
         self.domain = domain
         self.metadata: dict[str, str] = dict(metadata or {})
+        #: Plain trailing metadata sent beside the status (e.g. `retry-after`).
+        self.trailers: dict[str, str] = dict(trailers or {})
 
     def __repr__(self) -> str:
         return f"ServiceError({self.code.name}, {self.reason!r}, {self.message!r})"
@@ -47,7 +51,12 @@ class ServiceError(Exception):
         detail = any_pb2.Any()
         detail.Pack(info)
         proto = status_pb2.Status(code=self.code.value[0], message=self.message, details=[detail])
-        return rpc_status.to_status(proto)
+        status = rpc_status.to_status(proto)
+        if not self.trailers:
+            return status
+        return _Status(
+            status.code, status.details, (*status.trailing_metadata, *self.trailers.items())
+        )
 
     @classmethod
     def from_rpc_error(cls, error: grpc.aio.AioRpcError) -> ServiceError:
@@ -65,6 +74,13 @@ class ServiceError(Exception):
                     detail.Unpack(info)
                     reason, domain, metadata = info.reason, info.domain, dict(info.metadata)
         return cls(code, reason, message, domain=domain, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class _Status(grpc.Status):
+    code: grpc.StatusCode
+    details: str
+    trailing_metadata: tuple[tuple[str, str | bytes], ...]
 
 
 def invalid_argument(field: str, message: str, *, domain: str = "marie") -> ServiceError:

@@ -13,6 +13,11 @@ from urllib.parse import quote, unquote
 
 KEY_ID_HEADER = "x-marie-key-id"
 OWNER_HEADER = "x-marie-owner"
+#: A key's allowed models (percent-encoded patterns, comma-separated); absent
+#: for a key that may use every model. Providers checks it
+#: (marie_providers.model_access); the memory service passes it on to the
+#: model calls it makes for the key.
+ALLOWED_MODELS_HEADER = "x-marie-allowed-models"
 
 # Printable ASCII but '%' and space stays readable; the rest is percent-encoded.
 _OWNER_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) != "%")
@@ -43,3 +48,11 @@ def identity_from_metadata(
         elif name == OWNER_HEADER:
             owner = unquote(value)
     return key_id, owner
+
+
+def allowed_models_from_metadata(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
+    """The `ALLOWED_MODELS_HEADER` value of a call's metadata, as sent; "" when absent."""
+    for name, value in metadata or ():
+        if name == ALLOWED_MODELS_HEADER and isinstance(value, str):
+            return value
+    return ""

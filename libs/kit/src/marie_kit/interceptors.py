@@ -27,6 +27,28 @@ log = logging.getLogger("marie.access")
 
 # Generic only in the type stubs, so the alias exists for the type checker alone.
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+#: Makes a new behaviour of a handler's behaviour (same request and answers).
+Wrap = Callable[[Any], Any]
+
+
+def rewrap(handler: Handler, unary: Wrap, stream: Wrap) -> Handler | None:
+    """A handler of `handler`'s kind and (de)serializers whose behaviour is
+    `unary(its behaviour)` (unary-unary) or `stream(its behaviour)`
+    (unary-stream); None for client- and bidi-streaming handlers, which are
+    not part of Marie's contracts."""
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(
+            unary(handler.unary_unary),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(
+            stream(handler.unary_stream),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    return None
 
 
 class ServerInterceptor(grpc.aio.ServerInterceptor):
@@ -46,20 +68,13 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         method: str = handler_call_details.method
         metadata = handler_call_details.invocation_metadata or ()
         incoming = next((v for k, v in metadata if k == REQUEST_ID_HEADER), None)
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(handler.unary_unary, method, incoming),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(handler.unary_stream, method, incoming),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
+        wrapped = rewrap(
+            handler,
+            lambda behavior: self._wrap_unary(behavior, method, incoming),
+            lambda behavior: self._wrap_stream(behavior, method, incoming),
+        )
         # Client- and bidi-streaming RPCs are not part of Marie's contracts.
-        return handler
+        return wrapped or handler
 
     def _begin(self, context: grpc.aio.ServicerContext[Any, Any], incoming: Any) -> str:
         rid = clean_request_id(incoming if isinstance(incoming, str) else None)

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Literal, NoReturn, TypeVar
+from typing import Any, Literal, NoReturn, Self, TypeVar
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_DATA_DIR = "./.marie"
 DEFAULT_GRACE_SECONDS = 10.0
+DEFAULT_AUTH_PORT = 50053
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "debug", "info", "warning", "error"]
 
@@ -50,6 +51,29 @@ class ServiceSettings(BaseSettings):
         le=65535,
         description="Port of the Prometheus /metrics endpoint (on `host`); 0: no endpoint.",
     )
+
+
+class AuthClientSettings(ServiceSettings):
+    """A service that calls auth (the usage ledger, shared limits)."""
+
+    auth_addr: str = Field(
+        default="",
+        description="host:port of the auth service; default 127.0.0.1:$MARIE_AUTH_PORT.",
+    )
+    auth_port: int = Field(
+        default=DEFAULT_AUTH_PORT,
+        ge=1,
+        le=65535,
+        validation_alias=AliasChoices("MARIE_AUTH_PORT", "auth_port"),
+        description="auth's port on this host, when auth_addr is not set.",
+    )
+
+    @model_validator(mode="after")
+    def _derive_auth_addr(self) -> Self:
+        if not self.auth_addr:
+            # Frozen model: the derived default is filled once, at construction.
+            object.__setattr__(self, "auth_addr", f"127.0.0.1:{self.auth_port}")
+        return self
 
 
 S = TypeVar("S", bound=BaseSettings)

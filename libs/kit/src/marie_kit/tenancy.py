@@ -25,7 +25,7 @@ import grpc
 from google.protobuf.message import Message
 
 from marie_kit.errors import ServiceError
-from marie_kit.interceptors import Handler
+from marie_kit.interceptors import Handler, rewrap
 
 TENANT_HEADER = "x-marie-tenant"
 TENANT_MISMATCH = "TENANT_MISMATCH"
@@ -79,34 +79,25 @@ class TenantInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or raw is None:
             return handler
         tenant = unquote(raw) if isinstance(raw, str) else ""
-        if handler.unary_unary is not None:
-            unary = handler.unary_unary
 
+        def check_unary(unary: Any) -> Any:
             async def checked_unary(request: Any, context: Any) -> Any:
                 self._check(request, tenant)
                 return await unary(request, context)
 
-            return grpc.unary_unary_rpc_method_handler(
-                checked_unary,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream is not None:
-            stream: Any = handler.unary_stream
+            return checked_unary
 
+        def check_stream(stream: Any) -> Any:
             async def checked_stream(request: Any, context: Any) -> Any:
                 self._check(request, tenant)
                 async for response in stream(request, context):
                     yield response
 
-            return grpc.unary_stream_rpc_method_handler(
-                checked_stream,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        # Client- and bidi-streaming RPCs are not part of Marie's contracts:
-        # refuse rather than pass them unchecked.
-        return None
+            return checked_stream
+
+        # Client- and bidi-streaming RPCs (None) are not part of Marie's
+        # contracts: refused rather than passed unchecked.
+        return rewrap(handler, check_unary, check_stream)
 
     def _check(self, request: Message, tenant: str) -> None:
         for user_id in user_ids(request):

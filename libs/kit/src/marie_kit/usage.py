@@ -34,6 +34,11 @@ log = logging.getLogger("marie.usage")
 
 _RETRY_MAX_SECONDS = 5.0
 _CLOSE_SECONDS = 5.0
+#: Defaults of the batching (the gateway's settings have the same).
+MAX_QUEUE = 100_000
+BATCH_SIZE = 200
+FLUSH_SECONDS = 1.0
+TIMEOUT_SECONDS = 10.0
 
 USAGE_RECORDED = Counter(
     "marie_usage_records_recorded", "Usage records acknowledged by auth's ledger."
@@ -62,10 +67,10 @@ class UsageRecorder:
         self,
         stub: AuthServiceAsyncStub,
         *,
-        max_queue: int,
-        batch_size: int,
-        flush_seconds: float,
-        timeout: float,
+        max_queue: int = MAX_QUEUE,
+        batch_size: int = BATCH_SIZE,
+        flush_seconds: float = FLUSH_SECONDS,
+        timeout: float = TIMEOUT_SECONDS,
     ) -> None:
         self._stub = stub
         self._max = max_queue

@@ -24,15 +24,11 @@ from marie.auth.v1 import auth_service_pb2 as auth_pb
 from marie.auth.v1 import auth_service_pb2_grpc as auth_grpc
 from marie_kit.apikeys import is_well_formed
 from marie_kit.context import outgoing_metadata
+from marie_kit.identity import ALLOWED_MODELS_HEADER
+from marie_kit.limits import NO_LIMITS, Limits
 
 from marie_gateway.errors import from_rpc_error, invalid_api_key, permission_denied
-from marie_gateway.limits import NO_LIMITS, Limits
 from marie_gateway.metrics import KEY_CACHE_HIT, KEY_CACHE_MISS, KEY_CACHE_STALE
-
-# The metadata that carries a key's allowed models to the services, which
-# check the resolved model before any upstream call (providers'
-# model_access.py); Envoy's key check sends the same header.
-ALLOWED_MODELS_HEADER = "x-marie-allowed-models"
 
 log = logging.getLogger("marie.gateway.access")
 
@@ -57,7 +53,9 @@ class Principal:
     scopes: frozenset[str]
     allowed_models: tuple[str, ...]
     limits: Limits = NO_LIMITS
-    #: `allowed_models` as metadata for the services; empty when unrestricted.
+    #: `allowed_models` as metadata for the services, which check the resolved
+    #: model before any upstream call (providers' model_access.py); empty when
+    #: unrestricted. Envoy's key check sends the same header.
     models_metadata: tuple[tuple[str, str], ...] = field(init=False, default=())
 
     def __post_init__(self) -> None:

@@ -18,6 +18,8 @@ from marie.auth.v1 import auth_service_pb2_grpc as auth_grpc
 from marie.memory.v1 import memory_service_pb2_grpc as memory_grpc
 from marie.providers.v1 import provider_service_pb2_grpc as pb_grpc
 from marie_kit.channels import insecure_channel
+from marie_kit.leased_limits import LeasedLimiter
+from marie_kit.limits import Limiter, LocalLimiter, RateLimited
 from marie_kit.memory import LARGE_REQUEST_BYTES, schedule_trim
 from marie_kit.usage import UsageRecorder
 from starlette.applications import Starlette
@@ -26,14 +28,7 @@ from starlette.requests import ClientDisconnect, Request
 from marie_gateway.access import SCOPE_ADMIN, KeyValidator, Principal, extract_key
 from marie_gateway.client_address import TrustedProxies, parse_networks
 from marie_gateway.errors import ApiError, client_closed, service_unavailable
-from marie_gateway.leased_limits import LeasedLimiter
-from marie_gateway.limits import (
-    InvalidKeyThrottle,
-    Limiter,
-    LocalLimiter,
-    RateLimited,
-    quota_headers,
-)
+from marie_gateway.limits import InvalidKeyThrottle, quota_headers
 from marie_gateway.metrics import RATE_LIMITED
 from marie_gateway.settings import GatewaySettings
 from marie_gateway.usage import Tally

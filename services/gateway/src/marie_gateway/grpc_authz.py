@@ -9,8 +9,12 @@ The gateway answers with the same key checks as its HTTP API (one
 - 200 with `x-marie-key-id`, `x-marie-owner`, for a key without the `admin`
   scope `x-marie-tenant` (the key's tenant: its owner, or its id when it has
   none; the memory service refuses user ids of other tenants,
-  marie_kit.tenancy) and, for a key limited to some models,
-  `x-marie-allowed-models`, which Envoy adds to the call;
+  marie_kit.tenancy), for a key limited to some models
+  `x-marie-allowed-models`, and for the calls that spend model capacity
+  (`METERED_METHODS`) `x-marie-limits`, the key's limits: the providers
+  service admits such a call against them and records it in the usage
+  ledger (marie_kit.metering), as the gateway does for its HTTP API. Envoy
+  adds these headers to the call;
 - 401 when the key is missing, malformed, unknown, revoked or expired;
 - 403 when the key lacks the method's scope, or the method is not in the table.
 
@@ -29,6 +33,7 @@ from google.protobuf.descriptor import FileDescriptor
 from marie.auth.v1 import auth_service_pb2
 from marie.memory.v1 import memory_service_pb2
 from marie_kit import identity
+from marie_kit.limits import LIMITS_HEADER, limits_value
 from marie_kit.tenancy import TENANT_HEADER
 from starlette.requests import Request
 from starlette.responses import Response
@@ -78,6 +83,18 @@ METHOD_SCOPES: Mapping[str, str] = MappingProxyType(
 )
 
 
+#: The calls that spend model capacity: held to the key's limits and recorded
+#: in the usage ledger by the providers service. Only these carry
+#: `x-marie-limits`; the gateway's own calls never do (it meters them itself).
+METERED_METHODS = frozenset(
+    {
+        f"{_PROVIDERS}StreamChatCompletion",
+        f"{_PROVIDERS}StreamCompletion",
+        f"{_PROVIDERS}CreateEmbeddings",
+    }
+)
+
+
 def required_scope(method: str) -> str:
     """The scope `method` (`/package.Service/Method`) needs; 403 for an unknown method."""
     scope = METHOD_SCOPES.get(method)
@@ -86,14 +103,17 @@ def required_scope(method: str) -> str:
     return scope
 
 
-def upstream_headers(principal: Principal) -> dict[str, str]:
-    """What Envoy adds to an allowed call: who is calling."""
+def upstream_headers(principal: Principal, method: str) -> dict[str, str]:
+    """What Envoy adds to an allowed call of `method`: who is calling and,
+    for a call that spends model capacity, the key's limits."""
     # The owner is percent-encoded UTF-8, as gRPC metadata must be printable ASCII.
     headers = dict(identity.identity_metadata(principal.key_id, principal.owner))
     if SCOPE_ADMIN not in principal.scopes:
         # An admin key may name any tenant (as over REST): no tenant bound.
         headers[TENANT_HEADER] = identity.encode_value(tenant_of(principal))
     headers.update(principal.models_metadata)
+    if method in METERED_METHODS:
+        headers[LIMITS_HEADER] = limits_value(principal.limits)
     return headers
 
 
@@ -102,8 +122,9 @@ def routes(gw: Gateway) -> list[BaseRoute]:
 
     async def grpc_authz(request: Request) -> Response:
         principal = await gw.authenticate(request)
-        principal.require_scope(required_scope("/" + request.path_params["method"]))
-        return Response(headers=upstream_headers(principal))
+        method = "/" + request.path_params["method"]
+        principal.require_scope(required_scope(method))
+        return Response(headers=upstream_headers(principal, method))
 
     # Internal: Envoy's ext_authz check, prefixed to the gRPC call's path and
     # sent with its method (Envoy answers 404 for /_authz from outside).

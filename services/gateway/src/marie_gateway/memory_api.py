@@ -663,7 +663,9 @@ class MemoryRoutes:
                 # Inference can take seconds: the chat deadline, not the control one.
                 timeout=self.gw.settings.request_timeout_seconds,
                 # Extraction's model calls are recorded under this key.
-                metadata=outgoing_metadata() + identity_metadata(principal.key_id, principal.owner),
+                metadata=outgoing_metadata()
+                + identity_metadata(principal.key_id, principal.owner)
+                + principal.models_metadata,
             )
         )
         return JSONResponse(
@@ -937,7 +939,8 @@ class _Turn:
                 timeout=self._routes.gw.settings.control_timeout_seconds,
                 # The queued extraction is recorded under the key of this turn.
                 metadata=outgoing_metadata()
-                + identity_metadata(self._tally.principal.key_id, self._tally.principal.owner),
+                + identity_metadata(self._tally.principal.key_id, self._tally.principal.owner)
+                + self._tally.principal.models_metadata,
             )
         except grpc.aio.AioRpcError as exc:
             # No extraction model configured, or memory busy: the turn stays stored.

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Literal
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from marie.auth.v1 import auth_service_pb2 as auth_pb
+from marie_kit.limits import Grant, Limiter
 from marie_kit.usage import new_record_id, timestamp
 from starlette.requests import Request
 from starlette.responses import Response
@@ -28,7 +29,6 @@ from starlette.routing import BaseRoute, Route
 
 from marie_gateway.access import SCOPE_ADMIN, Principal
 from marie_gateway.errors import bad_request, from_rpc_error, permission_denied
-from marie_gateway.limits import Grant, Limiter
 from marie_gateway.metrics import provider_of
 from marie_gateway.responses import UsageReport, UsageTotals
 from marie_gateway.web import JSONResponse, current_request_id

@@ -149,9 +149,10 @@ def history_to_proto(h: HistoryEntry) -> pb.MemoryHistoryEntry:
 
 
 def add_request_from_proto(
-    r: pb.AddMemoriesRequest, identity: tuple[str, str] = ("", "")
+    r: pb.AddMemoriesRequest, identity: tuple[str, str] = ("", ""), allowed_models: str = ""
 ) -> AddRequest:
-    """The core's request; `identity` is the caller's (key id, owner)."""
+    """The core's request; `identity` is the caller's (key id, owner),
+    `allowed_models` its key's allowed models as the call's metadata said."""
     return AddRequest(
         user_id=r.user_id,
         messages=tuple(SourceMessage(int(m.role), m.content, m.message_id) for m in r.messages),
@@ -164,6 +165,7 @@ def add_request_from_proto(
         actor=r.actor,
         key_id=identity[0],
         key_owner=identity[1],
+        allowed_models=allowed_models,
     )
 
 

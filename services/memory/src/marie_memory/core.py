@@ -117,6 +117,10 @@ class AddRequest:
     #: the usage ledger under them. Empty: not recorded.
     key_id: str = ""
     key_owner: str = ""
+    #: The key's allowed models as the call carried them (`x-marie-allowed-models`,
+    #: as sent); extraction's model calls carry them on, so providers holds
+    #: the extraction model to them. Empty: unrestricted.
+    allowed_models: str = ""
 
 
 class MemoryCore:

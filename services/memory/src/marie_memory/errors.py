@@ -43,6 +43,17 @@ def model_not_found(model: str) -> ServiceError:
     )
 
 
+def model_not_allowed(model: str) -> ServiceError:
+    """The extraction model is outside the allowed models of the key that asked."""
+    return ServiceError(
+        grpc.StatusCode.PERMISSION_DENIED,
+        "MODEL_NOT_ALLOWED",
+        f"This API key may not use the extraction model {model!r}.",
+        domain=DOMAIN,
+        metadata={"model": model},
+    )
+
+
 def embeddings_not_configured() -> ServiceError:
     return ServiceError(
         grpc.StatusCode.FAILED_PRECONDITION,

@@ -30,10 +30,16 @@ from marie.auth.v1 import auth_service_pb2 as auth_pb
 from marie.providers.v1 import provider_service_pb2 as ppb
 from marie_kit.context import outgoing_metadata
 from marie_kit.errors import ServiceError
+from marie_kit.identity import ALLOWED_MODELS_HEADER
 from marie_kit.usage import new_record_id, timestamp
 
 from marie_memory import limits
-from marie_memory.errors import extraction_failed, model_not_found, provider_unavailable
+from marie_memory.errors import (
+    extraction_failed,
+    model_not_allowed,
+    model_not_found,
+    provider_unavailable,
+)
 from marie_memory.records import (
     EVENT_ADD,
     EVENT_DELETE,
@@ -61,8 +67,10 @@ log = logging.getLogger("marie.memory.extraction")
 USAGE_OPERATION = "memory_extraction"
 #: Where ledger records go (the kit's UsageRecorder.submit); never blocks.
 UsageSink = Callable[[list[auth_pb.UsageRecord]], None]
-# (key id, owner) of the extraction running in this task.
-_ACCOUNT: ContextVar[tuple[str, str]] = ContextVar("marie_memory_account", default=("", ""))
+# (key id, owner, allowed models) of the extraction running in this task.
+_ACCOUNT: ContextVar[tuple[str, str, str]] = ContextVar(
+    "marie_memory_account", default=("", "", "")
+)
 # An extraction call's HTTP-like status for the ledger, by gRPC code.
 _STATUS = {
     grpc.StatusCode.NOT_FOUND: 404,
@@ -72,6 +80,12 @@ _STATUS = {
     grpc.StatusCode.UNAVAILABLE: 503,
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
+
+
+def _call_metadata() -> tuple[tuple[str, str], ...]:
+    """Metadata of a model call: the request id and the key's allowed models."""
+    allowed = _ACCOUNT.get()[2]
+    return outgoing_metadata() + (((ALLOWED_MODELS_HEADER, allowed),) if allowed else ())
 
 
 def tenant_of(user_id: str) -> str:
@@ -254,7 +268,7 @@ class LlmExtractor:
         status: int,
     ) -> None:
         """One ledger record for one model call, under the extraction's key."""
-        key_id, owner = _ACCOUNT.get()
+        key_id, owner, _ = _ACCOUNT.get()
         if self._usage is None or not key_id:
             return
         usage = chunk.usage if chunk is not None else ppb.Usage()
@@ -301,7 +315,7 @@ class LlmExtractor:
             async for chunk in self._providers.StreamChatCompletion(
                 request,
                 timeout=self._timeout,
-                metadata=outgoing_metadata(),
+                metadata=_call_metadata(),
             ):
                 parts.append(chunk.content)
                 last = chunk
@@ -310,6 +324,9 @@ class LlmExtractor:
             error = ServiceError.from_rpc_error(exc)
             if error.reason in ("MODEL_NOT_FOUND", "PROVIDER_NOT_FOUND"):
                 raise model_not_found(model) from exc
+            if error.reason == "MODEL_NOT_ALLOWED":
+                # The key's own restriction: no retry will change it.
+                raise model_not_allowed(model) from exc
             log.warning(
                 "extraction call failed",
                 extra={"model": model, "code": exc.code().name, "reason": error.reason},
@@ -380,7 +397,13 @@ class LlmExtractor:
         return result
 
     async def run(self, core: MemoryCore, request: AddRequest, model: str) -> list[AddResult]:
-        account = _ACCOUNT.set((request.key_id, request.key_owner or tenant_of(request.user_id)))
+        account = _ACCOUNT.set(
+            (
+                request.key_id,
+                request.key_owner or tenant_of(request.user_id),
+                request.allowed_models,
+            )
+        )
         try:
             return await self._run(core, request, model)
         finally:

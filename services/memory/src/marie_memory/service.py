@@ -21,7 +21,7 @@ from marie.memory.v1 import memory_service_pb2 as pb
 from marie.memory.v1 import memory_service_pb2_grpc as pb_grpc
 from marie.providers.v1 import provider_service_pb2_grpc as ppb_grpc
 from marie_kit.channels import insecure_channel
-from marie_kit.identity import identity_from_metadata
+from marie_kit.identity import allowed_models_from_metadata, identity_from_metadata
 from marie_kit.tenancy import TenantInterceptor
 from marie_kit.usage import UsageRecorder
 
@@ -45,11 +45,6 @@ else:
 log = logging.getLogger("marie.memory.service")
 
 SERVICE_NAME = "marie.memory.v1.MemoryService"
-# The usage recorder's batching (as the gateway's defaults).
-USAGE_MAX_QUEUE = 100_000
-USAGE_BATCH_SIZE = 200
-USAGE_FLUSH_SECONDS = 1.0
-USAGE_TIMEOUT_SECONDS = 10.0
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -118,13 +113,8 @@ class MemoryComponent:
             providers: ProvidersStub = ppb_grpc.ProviderServiceStub(self._channel)
             # Extraction's model calls go to auth's usage ledger, in batches.
             self._auth_channel = insecure_channel(settings.auth_addr)
-            self._usage = UsageRecorder(
-                auth_grpc.AuthServiceStub(self._auth_channel),
-                max_queue=USAGE_MAX_QUEUE,
-                batch_size=USAGE_BATCH_SIZE,
-                flush_seconds=USAGE_FLUSH_SECONDS,
-                timeout=USAGE_TIMEOUT_SECONDS,
-            )
+            # The kit's batching defaults (the gateway's too).
+            self._usage = UsageRecorder(auth_grpc.AuthServiceStub(self._auth_channel))
             self._usage.start()
             embeddings = Embeddings(
                 store,
@@ -291,7 +281,11 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
     async def AddMemories(
         self, request: pb.AddMemoriesRequest, context: Context
     ) -> pb.AddMemoriesResponse:
-        add = convert.add_request_from_proto(request, caller_identity(context))
+        add = convert.add_request_from_proto(
+            request,
+            caller_identity(context),
+            allowed_models_from_metadata(context.invocation_metadata()),
+        )
         if add.infer and request.background:
             job_id = await self._core.enqueue_memories(add)
             return pb.AddMemoriesResponse(

@@ -5,17 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Self
 
-from marie_kit.settings import DEFAULT_DATA_DIR, ServiceSettings
+from marie_kit.settings import DEFAULT_DATA_DIR, AuthClientSettings
 from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 DEFAULT_PORT = 50052
 DEFAULT_PROVIDERS_PORT = 50051
-DEFAULT_AUTH_PORT = 50053
 DB_FILE_NAME = "memory.sqlite3"
 
 
-class MemorySettings(ServiceSettings):
+class MemorySettings(AuthClientSettings):
     """How the memory service is configured."""
 
     model_config = SettingsConfigDict(env_prefix="MARIE_MEMORY_", env_ignore_empty=True)
@@ -51,17 +50,6 @@ class MemorySettings(ServiceSettings):
         ge=1,
         le=65535,
         validation_alias=AliasChoices("MARIE_PROVIDERS_PORT", "providers_port"),
-    )
-    auth_addr: str = Field(
-        default="",
-        description="host:port of the auth service (the usage ledger of extraction calls); "
-        "default 127.0.0.1:$MARIE_AUTH_PORT.",
-    )
-    auth_port: int = Field(
-        default=DEFAULT_AUTH_PORT,
-        ge=1,
-        le=65535,
-        validation_alias=AliasChoices("MARIE_AUTH_PORT", "auth_port"),
     )
     embedding_model: str = Field(
         default="",
@@ -115,8 +103,6 @@ class MemorySettings(ServiceSettings):
             object.__setattr__(self, "db_path", self.data_dir / DB_FILE_NAME)
         if not self.providers_addr:
             object.__setattr__(self, "providers_addr", f"127.0.0.1:{self.providers_port}")
-        if not self.auth_addr:
-            object.__setattr__(self, "auth_addr", f"127.0.0.1:{self.auth_port}")
         if self.vector_weight + self.keyword_weight <= 0:
             raise ValueError(
                 "MARIE_MEMORY_VECTOR_WEIGHT and MARIE_MEMORY_KEYWORD_WEIGHT cannot both be 0"

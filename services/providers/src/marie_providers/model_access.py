@@ -16,10 +16,9 @@ from urllib.parse import unquote
 
 import grpc
 from marie_kit.errors import ServiceError
+from marie_kit.identity import allowed_models_from_metadata
 
 from marie_providers.errors import DOMAIN
-
-ALLOWED_MODELS_HEADER = "x-marie-allowed-models"
 
 # provider name -> canonical form of one of its model names (None: unknown provider).
 Canonical = Callable[[str, str], str | None]
@@ -34,10 +33,8 @@ class ModelAccess:
     @classmethod
     def from_metadata(cls, metadata: Iterable[tuple[str, str | bytes]] | None) -> ModelAccess:
         """The restriction a call carries; unrestricted when it carries none."""
-        for key, value in metadata or ():
-            if key == ALLOWED_MODELS_HEADER and isinstance(value, str):
-                return cls(tuple(unquote(p) for p in value.split(",") if p))
-        return UNRESTRICTED
+        value = allowed_models_from_metadata(metadata)
+        return cls(tuple(unquote(p) for p in value.split(",") if p)) if value else UNRESTRICTED
 
     @property
     def restricted(self) -> bool:

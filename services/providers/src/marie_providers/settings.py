@@ -4,9 +4,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import httpx
-from marie_kit.settings import ServiceSettings
+from marie_kit.settings import AuthClientSettings
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
@@ -14,7 +15,7 @@ DEFAULT_PORT = 50051
 DEFAULT_OLLAMA_BASE_URL = "http://localhost:11434"
 
 
-class ProvidersSettings(ServiceSettings):
+class ProvidersSettings(AuthClientSettings):
     """What the providers service is configured with."""
 
     model_config = SettingsConfigDict(env_prefix="MARIE_PROVIDERS_")
@@ -57,6 +58,12 @@ class ProvidersSettings(ServiceSettings):
     )
     health_timeout_seconds: float = Field(
         default=2.0, gt=0, description="Time allowed for one provider health probe."
+    )
+    limits: Literal["local", "auth"] = Field(
+        default="local",
+        description="Where the per-key limits of gRPC calls through Envoy are counted: "
+        "'local' in this process, 'auth' in auth's store, leased in small shares and "
+        "shared with the gateways' HTTP API (as MARIE_GATEWAY_LIMITS).",
     )
 
     @field_validator("ollama_base_url")

@@ -1,8 +1,9 @@
-"""Per-key limits shared by several gateways: leases of capacity from auth.
+"""Per-key limits shared by several processes: leases of capacity from auth.
 
 Auth keeps each key's counters (`marie_auth.leases`); every auth replica on
-the same store agrees on them. This gateway holds, per key it serves, a
-*lease*: a few requests, a few tokens and some concurrency slots taken out
+the same store agrees on them. Each holder (a gateway replica for its HTTP
+API, a providers replica for the gRPC calls that come through Envoy) keeps,
+per key it serves, a *lease*: a few requests, a few tokens and some concurrency slots taken out
 of those counters. A request is admitted from the lease with no network
 call; when the lease runs low, a background call (`LeaseCapacity`) tops it
 up and settles the tokens used meanwhile. Only a request that finds its
@@ -11,14 +12,14 @@ auth. Idle leases are given back.
 
 Lease sizes (k): requests max(1, ⌊rpm/20⌋); tokens max(1, ⌊limit/20⌋) of
 the smaller token limit; slots the running requests plus max(1, ⌊cap/4⌋).
-What this allows beyond one gateway's exactness is stated in
+What this allows beyond one process's exactness is stated in
 docs/decisions.md ("Limits across gateway replicas"); in short, over any
-window a key gets at most G·k more requests than its limit (G gateways),
+window a key gets at most G·k more requests than its limit (G holders),
 tokens over-run by G·k plus the answers running when the limit is reached
-(at least one per gateway), and the concurrency cap is exact.
+(at least one per holder), and the concurrency cap is exact.
 
 When auth cannot be reached, requests are admitted by a `LocalLimiter` of
-this gateway (each gateway then enforces the whole limit alone), so an auth
+this process (each holder then enforces the whole limit alone), so an auth
 outage never refuses a key for want of counters.
 """
 
@@ -38,12 +39,12 @@ from typing import TYPE_CHECKING
 import grpc
 from marie.auth.v1 import auth_service_pb2 as auth_pb
 
-from marie_gateway.limits import Grant, Limits, LocalLimiter, Quota, RateLimited
+from marie_kit.limits import Grant, Limits, LocalLimiter, Quota, RateLimited
 
 if TYPE_CHECKING:
     from marie.auth.v1.auth_service_pb2_grpc import AuthServiceAsyncStub
 
-log = logging.getLogger("marie.gateway.limits")
+log = logging.getLogger("marie.limits")
 
 #: A lease unused this long is given back.
 IDLE_SECONDS = 5.0
@@ -75,7 +76,7 @@ class _Lease:
     requests: int = 0
     #: Leased tokens not yet used; negative when answers used more (a debt).
     tokens: int = 0
-    #: Concurrency slots held, and this gateway's running requests of the key.
+    #: Concurrency slots held, and this holder's running requests of the key.
     slots: int = 0
     in_flight: int = 0
     #: The key's counters at auth as of the last call (for the headers).
@@ -165,7 +166,7 @@ class LeasedLimiter:
         return grant
 
     async def _fall_back(self, key_id: str, limits: Limits) -> Grant:
-        """Admit by this gateway's own counters: auth cannot be asked."""
+        """Admit by this process's own counters: auth cannot be asked."""
         grant = await self._fallback.acquire(key_id, limits)
         grant.fallback = True
         return grant
@@ -327,7 +328,7 @@ class LeasedLimiter:
         if not self._auth_down_logged:
             self._auth_down_logged = True
             log.warning(
-                "shared limits unavailable, enforcing them in this gateway alone",
+                "shared limits unavailable, enforcing them in this process alone",
                 extra={"code": exc.code().name},
             )
 

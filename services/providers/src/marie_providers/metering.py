@@ -1,0 +1,60 @@
+"""Which ProviderService calls spend model capacity, and how their usage is
+read: the table the kit's `MeteringInterceptor` meters gRPC calls through
+Envoy by (the key's limits and the usage ledger, `marie_kit.metering`)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+from marie.providers.v1 import provider_service_pb2 as pb
+from marie_kit.metering import Metered, Report
+
+_SERVICE = pb.DESCRIPTOR.services_by_name["ProviderService"].full_name
+
+
+def _provider_of(model: str) -> str:
+    """ "ollama" of "ollama/llama3.2"; "" for a bare name."""
+    provider, slash, _ = model.partition("/")
+    return provider if slash else ""
+
+
+def _requested(request: Any) -> tuple[str, str]:
+    """(provider, model) a request asks for, as it names them."""
+    model: str = request.model
+    return (request.provider or _provider_of(model)), model
+
+
+def _chunk(
+    chunk: pb.StreamChatCompletionResponse | pb.StreamCompletionResponse,
+) -> Report:
+    if chunk.HasField("usage"):
+        return Report(
+            chunk.provider,
+            chunk.model,
+            chunk.usage.prompt_tokens,
+            chunk.usage.completion_tokens,
+            has_usage=True,
+        )
+    return Report(chunk.provider, chunk.model)
+
+
+def _embeddings(response: pb.CreateEmbeddingsResponse) -> Report:
+    return Report(
+        _provider_of(response.model),
+        response.model,
+        response.usage.prompt_tokens,
+        response.usage.completion_tokens,
+        has_usage=response.HasField("usage"),
+    )
+
+
+#: gRPC full method -> how it is metered (ledger operations as the gateway's).
+METERED: Mapping[str, Metered] = MappingProxyType(
+    {
+        f"/{_SERVICE}/StreamChatCompletion": Metered("chat", _requested, _chunk),
+        f"/{_SERVICE}/StreamCompletion": Metered("completions", _requested, _chunk),
+        f"/{_SERVICE}/CreateEmbeddings": Metered("embeddings", _requested, _embeddings),
+    }
+)
