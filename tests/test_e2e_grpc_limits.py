@@ -153,7 +153,12 @@ def test_the_key_check_marks_only_the_calls_that_spend_model_capacity(edge: Edge
     key, _ = edge.key("marks", requests_per_minute=7, max_concurrent_requests=2)
     auth = {"authorization": f"Bearer {key}"}
     base = f"{edge.stack.base_url}/_authz/marie.providers.v1.ProviderService"
-    for method in ("StreamChatCompletion", "StreamCompletion", "CreateEmbeddings"):
+    for method in (
+        "StreamChatCompletion",
+        "CreateChatCompletion",
+        "StreamCompletion",
+        "CreateEmbeddings",
+    ):
         answer = httpx.post(f"{base}/{method}", headers=auth)
         assert answer.status_code == 200
         assert answer.headers[LIMITS_HEADER] == "rpm=7,tpm=0,tpd=0,concurrent=2"
@@ -262,6 +267,30 @@ def test_every_finished_grpc_call_is_in_the_ledger(edge: Edge) -> None:
     assert report["total"]["requests"] == 3
     assert report["total"]["errors"] == 1
     assert report["total"]["total_tokens"] == 33
+
+
+def test_a_whole_chat_over_grpc_is_limited_and_recorded(edge: Edge) -> None:
+    """CreateChatCompletion (the unary whole-reply call) is metered like the stream."""
+    key, key_id = edge.key("grpc-whole", requests_per_minute=1)
+    whole = pb.CreateChatCompletionRequest(
+        chat=pb.StreamChatCompletionRequest(
+            model=MODEL, messages=[pb.ChatMessage(role=pb.ROLE_USER, content="hi")]
+        )
+    )
+    auth = (("authorization", f"Bearer {key}"),)
+    reply = edge.providers.CreateChatCompletion(whole, metadata=auth, timeout=30)
+    assert "".join(c.content for c in reply.chunks) == "one two"
+    with pytest.raises(grpc.RpcError) as caught:
+        edge.providers.CreateChatCompletion(whole, metadata=auth, timeout=30)
+    assert refusal(caught.value).reason == "RATE_LIMITED"
+    (row,) = edge.records_when(key_id, 1)
+    assert (row["operation"], row["provider"], row["model"], row["status"]) == (
+        "chat",
+        "ollama",
+        MODEL,
+        200,
+    )
+    assert (row["prompt_tokens"], row["completion_tokens"]) == (10, 20)
 
 
 def test_an_http_request_is_recorded_once_not_again_by_providers(edge: Edge) -> None:

@@ -89,6 +89,7 @@ METHOD_SCOPES: Mapping[str, str] = MappingProxyType(
 METERED_METHODS = frozenset(
     {
         f"{_PROVIDERS}StreamChatCompletion",
+        f"{_PROVIDERS}CreateChatCompletion",
         f"{_PROVIDERS}StreamCompletion",
         f"{_PROVIDERS}CreateEmbeddings",
     }

@@ -40,6 +40,21 @@ def _chunk(
     return Report(chunk.provider, chunk.model)
 
 
+def _whole_chat(response: pb.CreateChatCompletionResponse) -> Report:
+    """A whole reply: who served it, and the usage its chunks carry."""
+    if not response.chunks:
+        return Report("", "")
+    first = response.chunks[0]
+    prompt = completion = 0
+    has_usage = False
+    for chunk in response.chunks:
+        if chunk.HasField("usage"):
+            prompt += chunk.usage.prompt_tokens
+            completion += chunk.usage.completion_tokens
+            has_usage = True
+    return Report(first.provider, first.model, prompt, completion, has_usage=has_usage)
+
+
 def _embeddings(response: pb.CreateEmbeddingsResponse) -> Report:
     return Report(
         _provider_of(response.model),
@@ -54,6 +69,9 @@ def _embeddings(response: pb.CreateEmbeddingsResponse) -> Report:
 METERED: Mapping[str, Metered] = MappingProxyType(
     {
         f"/{_SERVICE}/StreamChatCompletion": Metered("chat", _requested, _chunk),
+        f"/{_SERVICE}/CreateChatCompletion": Metered(
+            "chat", lambda request: _requested(request.chat), _whole_chat
+        ),
         f"/{_SERVICE}/StreamCompletion": Metered("completions", _requested, _chunk),
         f"/{_SERVICE}/CreateEmbeddings": Metered("embeddings", _requested, _embeddings),
     }
