@@ -420,7 +420,7 @@ class FastTransport(httpx.AsyncBaseTransport):
             except (_NotAnswered, httpx.WriteError):
                 # The upstream closed the idle connection as we sent: nothing was
                 # processed, so the request goes once more on a new connection.
-                pass
+                connection.close()
         connection = await self._connect(origin, request, timeouts)
         try:
             return await send(connection)
