@@ -31,6 +31,21 @@ def ollama() -> Iterator[FakeOllama]:
         yield fake
 
 
+@pytest.fixture
+def paced_llama(ollama: FakeOllama) -> Iterator[None]:
+    """llama3.2's reply written a piece every 5 ms, as a model generates it.
+
+    For tests that check a reply arrives in several chunks: pieces the fake
+    writes back to back can reach providers in one read, and what arrives
+    together travels on as one chunk (docs/decisions.md)."""
+    before = ollama.get_model("llama3.2:latest").chunk_delay
+    ollama.set_model("llama3.2:latest", chunk_delay=0.005)
+    try:
+        yield
+    finally:
+        ollama.set_model("llama3.2:latest", chunk_delay=before)
+
+
 @pytest.fixture(scope="session")
 def stack(ollama: FakeOllama, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     running = start_stack(tmp_path_factory.mktemp("marie"), ollama.base_url)

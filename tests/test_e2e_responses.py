@@ -102,6 +102,7 @@ def test_create_answers_a_response_object(client: openai.OpenAI, ollama: FakeOll
     assert body["options"]["num_predict"] == 50
 
 
+@pytest.mark.usefixtures("paced_llama")
 def test_stream_events_come_in_order_and_the_sdk_assembles_the_text(
     client: openai.OpenAI,
 ) -> None:
@@ -417,6 +418,7 @@ def test_without_the_memory_service_store_false_works_and_store_true_is_503(
         assert "store: false" in refused.value.message
 
 
+@pytest.mark.usefixtures("paced_llama")
 def test_langchain_chat_openai_on_the_responses_api(
     stack: Stack, api_key: str, ollama: FakeOllama
 ) -> None:

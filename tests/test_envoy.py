@@ -189,6 +189,7 @@ def _sse_events(response: httpx.Response) -> Iterator[str]:
             yield line.removeprefix("data: ")
 
 
+@pytest.mark.usefixtures("paced_llama")
 def test_sse_stream_through_envoy_ends_with_done(
     envoy: Envoy, keys: dict[str, dict[str, Any]]
 ) -> None:
@@ -282,6 +283,7 @@ def test_grpc_key_with_the_scope_is_served(
     assert keys["reader"]["id"] in {k.id for k in listed.api_keys}
 
 
+@pytest.mark.usefixtures("paced_llama")
 def test_grpc_server_streaming_chat_through_envoy(
     providers: pb_grpc.ProviderServiceStub, keys: dict[str, dict[str, Any]]
 ) -> None:
