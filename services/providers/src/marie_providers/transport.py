@@ -51,6 +51,12 @@ class _NotAnswered(httpx.RemoteProtocolError):
     """The connection closed before any byte of a response came back."""
 
 
+def _origin(url: httpx.URL) -> tuple[bytes, bytes, int]:
+    """Where a connection for `url` goes: scheme, host and port (the default one when unsaid)."""
+    scheme = url.raw_scheme
+    return scheme, url.raw_host, url.port or (443 if scheme == b"https" else 80)
+
+
 def _timeouts(request: httpx.Request) -> dict[str, float | None]:
     timeouts: dict[str, float | None] = request.extensions.get("timeout", {})
     return timeouts
@@ -66,7 +72,6 @@ class _Connection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self.closed = False
         self.idle_since = 0.0
-        self.used = False  # whether a request was sent on it before
         # The response being read.
         self._parser: httptools.HttpResponseParser | None = None
         self._headers: list[tuple[bytes, bytes]] = []
@@ -245,7 +250,6 @@ class _Connection(asyncio.Protocol):
         self._head_done = self._complete = False
         self._error = None
         self._got_bytes = False
-        self.used = True
         write_timeout = timeouts.get("write")
         try:
             transport.write(data)
@@ -397,8 +401,9 @@ class FastTransport(httpx.AsyncBaseTransport):
         scheme = url.raw_scheme
         if scheme not in (b"http", b"https"):
             raise httpx.UnsupportedProtocol(f"unsupported URL scheme {scheme!r}", request=request)
-        origin = (scheme, url.raw_host, url.port or (443 if scheme == b"https" else 80))
-        return await self.roundtrip(origin, _timeouts(request), lambda c: c.send(request), request)
+        return await self.roundtrip(
+            _origin(url), _timeouts(request), lambda c: c.send(request), request
+        )
 
     async def roundtrip(
         self,
@@ -590,12 +595,7 @@ class UpstreamClient:
         )
         self._direct = fast
         self._timeouts = timeout.as_dict()
-        base = self.http.base_url
-        self._origin = (
-            base.raw_scheme,
-            base.raw_host,
-            base.port or (443 if base.raw_scheme == b"https" else 80),
-        )
+        self._origin = _origin(self.http.base_url)
         self._heads: dict[tuple[str, tuple[tuple[str, str], ...]], bytes] = {}
 
     def _head(self, path: str, headers: Mapping[str, str]) -> bytes:
