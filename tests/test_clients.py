@@ -141,7 +141,11 @@ def envoy(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[En
 
 @pytest.fixture
 def client_env(
-    stack: Stack, probe_url: str, recorder: tuple[MetadataRecorder, str], envoy: Envoy
+    stack: Stack,
+    probe_url: str,
+    recorder: tuple[MetadataRecorder, str],
+    envoy: Envoy,
+    paced_llama: None,  # every client checks its stream arrives in several chunks
 ) -> dict[str, str]:
     prompt = f"hello client {uuid.uuid4().hex[:8]}"
     return {
