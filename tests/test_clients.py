@@ -30,6 +30,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,13 @@ CHECKS = (
     "auth_stub",
     "memory_stub",
 )
+# Unary calls that wait for a model: the clients give them the chat stream's
+# default deadline (600 s), not the lookups' 10 s.
+MODEL_CALLS = {
+    "/marie.providers.v1.ProviderService/CreateChatCompletion",
+    "/marie.providers.v1.ProviderService/CreateEmbeddings",
+    "/marie.memory.v1.MemoryService/AddMemories",
+}
 RUN_TIMEOUT_SECONDS = 300
 # A cold build (npm ci, Go's first compile, Maven's first resolve and compile)
 # on a busy machine outlasts the suite's 120 s per test; each step is still
@@ -100,18 +108,31 @@ def probe_url(ollama: FakeOllama) -> Iterator[str]:
 
 
 class MetadataRecorder(grpc.GenericRpcHandler):
-    """A gRPC server that answers every call UNIMPLEMENTED and records the
-    method and metadata it came with: what the client puts on the wire."""
+    """A gRPC server that answers every call UNIMPLEMENTED and records what
+    the client put on the wire: the method, its metadata and its deadline."""
 
     def __init__(self) -> None:
-        self.calls: list[tuple[str, dict[str, str | bytes]]] = []
+        self.calls: list[RecordedCall] = []
 
     def service(
         self, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        method = handler_call_details.method
         metadata = dict(handler_call_details.invocation_metadata)
-        self.calls.append((handler_call_details.method, metadata))
-        return None
+
+        def refuse(request: bytes, context: grpc.ServicerContext) -> None:
+            # Seconds left of the client's deadline (None: it set none).
+            self.calls.append(RecordedCall(method, metadata, context.time_remaining()))
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, f"recorded {method}")
+
+        return grpc.unary_unary_rpc_method_handler(refuse)
+
+
+@dataclass(frozen=True)
+class RecordedCall:
+    method: str
+    metadata: dict[str, str | bytes]
+    deadline_seconds: float | None
 
 
 @pytest.fixture(scope="module")
@@ -200,11 +221,18 @@ def assert_checks(
         if r.body["model"] == "llama3.2:latest"
     ]
     assert env["MARIE_PROMPT"] in said
-    # The key went on the wire as Envoy expects it.
+    # The key went on the wire as Envoy expects it (each client has its own key).
     bearer = f"Bearer {env['MARIE_API_KEY']}"
-    assert ("/marie.providers.v1.ProviderService/ListModels", bearer) in [
-        (method, metadata.get("authorization")) for method, metadata in recorder.calls
-    ]
+    mine = [call for call in recorder.calls if call.metadata.get("authorization") == bearer]
+    deadlines = {call.method: call.deadline_seconds for call in mine}
+    assert "/marie.providers.v1.ProviderService/ListModels" in deadlines, recorder.calls
+    # Default deadlines: the short one for lookups; the long one for the calls
+    # that wait for a model, which a lookup's 10 s would cut off.
+    lookup = deadlines["/marie.providers.v1.ProviderService/ListModels"]
+    assert lookup is not None and lookup <= 10, deadlines
+    assert "/marie.providers.v1.ProviderService/CreateEmbeddings" in deadlines, deadlines
+    for method in MODEL_CALLS & deadlines.keys():
+        assert (deadlines[method] or 0) > 60, deadlines
 
 
 def need(language: str, tool: str) -> str:

@@ -24,11 +24,21 @@ import (
 	providersv1 "github.com/marie/marie/clients/go/gen/marie/providers/v1"
 )
 
-// Default deadlines, for calls whose context has none.
+// Default deadlines, for calls whose context has none: DefaultTimeout for
+// lookups, DefaultStreamTimeout for streams and for the unary calls that wait
+// for a model: CreateChatCompletion, CreateEmbeddings and AddMemories.
 const (
 	DefaultTimeout       = 10 * time.Second
 	DefaultStreamTimeout = 600 * time.Second
 )
+
+// modelCalls are the unary methods that wait for a model's output, and so
+// get the stream timeout by default: a lookup's 10 s would cut them off.
+var modelCalls = map[string]bool{
+	providersv1.ProviderService_CreateChatCompletion_FullMethodName: true,
+	providersv1.ProviderService_CreateEmbeddings_FullMethodName:     true,
+	memoryv1.MemoryService_AddMemories_FullMethodName:               true,
+}
 
 // Client is safe for concurrent use; make one and reuse it (one connection).
 type Client struct {
@@ -61,10 +71,12 @@ func WithTLS(creds credentials.TransportCredentials) Option {
 	return func(s *settings) { s.creds = creds }
 }
 
-// WithTimeout sets the deadline of unary calls whose context has none.
+// WithTimeout sets the deadline of lookups (unary calls that do not wait for a
+// model) whose context has none.
 func WithTimeout(d time.Duration) Option { return func(s *settings) { s.timeout = d } }
 
-// WithStreamTimeout sets the deadline of chat streams whose context has none.
+// WithStreamTimeout sets the deadline of streams, CreateChatCompletion,
+// CreateEmbeddings and AddMemories whose context has none.
 func WithStreamTimeout(d time.Duration) Option {
 	return func(s *settings) { s.streamTimeout = d }
 }
@@ -122,8 +134,12 @@ func (c *Client) Close() error { return c.conn.Close() }
 func (c *Client) unaryDeadline(ctx context.Context, method string, req, reply any,
 	cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
 	if _, ok := ctx.Deadline(); !ok {
+		timeout := c.timeout
+		if modelCalls[method] {
+			timeout = c.streamTimeout
+		}
 		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, c.timeout)
+		ctx, cancel = context.WithTimeout(ctx, timeout)
 		defer cancel()
 	}
 	return invoker(ctx, method, req, reply, cc, opts...)

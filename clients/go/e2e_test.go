@@ -18,6 +18,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
 
 	marie "github.com/marie/marie/clients/go"
 	authv1 "github.com/marie/marie/clients/go/gen/marie/auth/v1"
@@ -192,6 +193,21 @@ func TestE2E(t *testing.T) {
 	var unimplemented *marie.Error
 	if !errors.As(err, &unimplemented) || unimplemented.Code != codes.Unimplemented {
 		t.Fatalf("recorder: %v", err)
+	}
+	// Calls that wait for a model get the long default deadline (the recorder
+	// checks what arrived): the helper, and raw stubs through the interceptor.
+	_, err = recorded.CreateEmbeddings(ctx, &providersv1.CreateEmbeddingsRequest{
+		Model: "ollama/nomic-embed-text:latest", Inputs: []string{"hi"}})
+	if !errors.As(err, &unimplemented) || unimplemented.Code != codes.Unimplemented {
+		t.Fatalf("recorder embeddings: %v", err)
+	}
+	_, err = recorded.Providers.CreateChatCompletion(ctx, &providersv1.CreateChatCompletionRequest{})
+	if status.Code(err) != codes.Unimplemented {
+		t.Fatalf("recorder chat: %v", err)
+	}
+	_, err = recorded.Memory.AddMemories(ctx, &memoryv1.AddMemoriesRequest{})
+	if status.Code(err) != codes.Unimplemented {
+		t.Fatalf("recorder memories: %v", err)
 	}
 	fmt.Println("ok bearer")
 

@@ -104,7 +104,24 @@ async def main() -> None:
             await recorded.list_models()
         except MarieError as refused:
             assert refused.code == grpc.StatusCode.UNIMPLEMENTED, refused
-            print("ok bearer")
+        else:
+            raise AssertionError("the recorder answered")
+        # Calls that wait for a model get the long default deadline (the
+        # recorder checks what arrived): the helper, and raw stubs via call().
+        chat = recorded.providers.CreateChatCompletion
+        model_calls = (
+            recorded.create_embeddings("ollama/nomic-embed-text:latest", ["hi"]),
+            recorded.call(chat, pb.CreateChatCompletionRequest()),
+            recorded.call(recorded.memory.AddMemories, memory_pb.AddMemoriesRequest()),
+        )
+        for model_call in model_calls:
+            try:
+                await model_call
+            except MarieError as refused:
+                assert refused.code == grpc.StatusCode.UNIMPLEMENTED, refused
+            else:
+                raise AssertionError("the recorder answered")
+        print("ok bearer")
 
     # Through Envoy, which lets a call pass only with a key the gateway accepts.
     async with MarieClient(env["MARIE_ENVOY_ADDRESS"], env["MARIE_API_KEY"]) as edge:

@@ -35,9 +35,9 @@ export interface MarieClientOptions {
   apiKey: string;
   /** Use TLS (https); default false. */
   tls?: boolean;
-  /** Deadline of unary calls; default 10 s. */
+  /** Deadline of lookups (the helpers' unary calls that do not wait for a model); default 10 s. */
   timeoutMs?: number;
-  /** Deadline of a chat stream; default 600 s. */
+  /** Deadline of a chat stream and of the embeddings helper, which wait for a model; default 600 s. */
   streamTimeoutMs?: number;
 }
 
@@ -255,7 +255,10 @@ export class MarieClient {
     request: MessageInitShape<typeof CreateEmbeddingsRequestSchema>,
     options?: RequestOptions,
   ): Promise<CreateEmbeddingsResponse> {
-    return this.unary(() => this.providers.createEmbeddings(request, this.options(options, this.timeoutMs)));
+    // A model call: a lookup's deadline would cut a large batch off.
+    return this.unary(() =>
+      this.providers.createEmbeddings(request, this.options(options, this.streamTimeoutMs)),
+    );
   }
 }
 

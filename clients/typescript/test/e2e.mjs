@@ -114,6 +114,11 @@ try {
 } catch (error) {
   assert.ok(error instanceof MarieError, String(error));
   assert.equal(error.code, Code.Unimplemented);
+  // A call that waits for a model gets the long default deadline (the recorder checks what arrived).
+  await assert.rejects(
+    recorded.createEmbeddings({ model: "ollama/nomic-embed-text:latest", inputs: ["hi"] }),
+    (refused) => refused instanceof MarieError && refused.code === Code.Unimplemented,
+  );
   console.log("ok bearer");
 } finally {
   recorded.close();

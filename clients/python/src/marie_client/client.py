@@ -23,8 +23,10 @@ class MarieClient:
     """Marie over gRPC, direct or through Envoy.
 
     ``address`` is ``host:port``; ``api_key`` travels as ``authorization:
-    Bearer …`` on every call. Unary calls get ``timeout`` seconds, chat
-    streams ``stream_timeout`` (both overridable per call). Failed calls raise
+    Bearer …`` on every call. Lookups get ``timeout`` seconds; chat streams
+    and the unary calls that wait for a model (``CreateChatCompletion``,
+    ``CreateEmbeddings``, ``AddMemories``) get ``stream_timeout`` (both
+    overridable per call). Failed calls raise
     :class:`MarieError`. Use one client for many calls (``async with`` or
     :meth:`close`): the channel and its connection are reused.
     """
@@ -57,6 +59,12 @@ class MarieClient:
         #: that service's own address. Call them with :meth:`call`.
         self.auth = auth_grpc.AuthServiceStub(self.channel)
         self.memory = memory_grpc.MemoryServiceStub(self.channel)
+        # Unary calls that wait for a model: a lookup's deadline would cut them off.
+        self._model_calls = (
+            self.providers.CreateChatCompletion,
+            self.providers.CreateEmbeddings,
+            self.memory.AddMemories,
+        )
 
     async def __aenter__(self) -> MarieClient:
         return self
@@ -76,8 +84,11 @@ class MarieClient:
         """One unary call of any generated stub method on this channel, e.g.
         ``await marie.call(marie.auth.ListApiKeys, auth_pb.ListApiKeysRequest())``,
         with the key, the default deadline and :class:`MarieError` on failure."""
+        if timeout is None:
+            waits_for_model = any(method is call for call in self._model_calls)
+            timeout = self.stream_timeout if waits_for_model else self.timeout
         try:
-            return await method(request, metadata=self.metadata, timeout=timeout or self.timeout)
+            return await method(request, metadata=self.metadata, timeout=timeout)
         except grpc.aio.AioRpcError as error:
             raise MarieError.from_rpc_error(error) from None
 

@@ -30,14 +30,16 @@ import io.grpc.StatusRuntimeException;
 import io.grpc.TlsChannelCredentials;
 import java.time.Duration;
 import java.util.List;
+import java.util.Set;
 import java.util.concurrent.TimeUnit;
 import java.util.function.Supplier;
 
 /**
  * Marie's ProviderService over gRPC, direct or through Envoy. The API key travels as {@code
- * authorization: Bearer …} on every call. Unary calls get {@link #DEFAULT_TIMEOUT}, chat streams
- * {@link #DEFAULT_STREAM_TIMEOUT} unless the builder says otherwise. Failed calls throw {@link
- * MarieException}. Thread-safe: make one and reuse it (one connection); close it when done.
+ * authorization: Bearer …} on every call. A call without a deadline of its own gets one: lookups
+ * {@link #DEFAULT_TIMEOUT}; streams and the unary calls that wait for a model (CreateChatCompletion,
+ * CreateEmbeddings, AddMemories) {@link #DEFAULT_STREAM_TIMEOUT}, unless the builder says
+ * otherwise. Failed calls throw {@link MarieException}. Thread-safe: make one and reuse it (one connection); close it when done.
  */
 public final class MarieClient implements AutoCloseable {
   public static final Duration DEFAULT_TIMEOUT = Duration.ofSeconds(10);
@@ -46,6 +48,11 @@ public final class MarieClient implements AutoCloseable {
 
   private static final Metadata.Key<String> AUTHORIZATION =
       Metadata.Key.of("authorization", Metadata.ASCII_STRING_MARSHALLER);
+  /** Unary calls that wait for a model: a lookup's deadline would cut them off. */
+  private static final Set<String> MODEL_CALLS = Set.of(
+      ProviderServiceGrpc.getCreateChatCompletionMethod().getFullMethodName(),
+      ProviderServiceGrpc.getCreateEmbeddingsMethod().getFullMethodName(),
+      MemoryServiceGrpc.getAddMemoriesMethod().getFullMethodName());
 
   private final ManagedChannel channel;
   private final Duration timeout;
@@ -67,11 +74,24 @@ public final class MarieClient implements AutoCloseable {
         };
       }
     };
-    this.channel = Grpc.newChannelBuilder(builder.address, builder.credentials)
-        .intercept(withKey)
-        .build();
     this.timeout = builder.timeout;
     this.streamTimeout = builder.streamTimeout;
+    ClientInterceptor withDeadline = new ClientInterceptor() {
+      @Override
+      public <Q, R> ClientCall<Q, R> interceptCall(
+          MethodDescriptor<Q, R> method, CallOptions options, Channel next) {
+        if (options.getDeadline() == null) {
+          boolean waitsForModel = method.getType() != MethodDescriptor.MethodType.UNARY
+              || MODEL_CALLS.contains(method.getFullMethodName());
+          Duration after = waitsForModel ? streamTimeout : timeout;
+          options = options.withDeadlineAfter(after.toMillis(), TimeUnit.MILLISECONDS);
+        }
+        return next.newCall(method, options);
+      }
+    };
+    this.channel = Grpc.newChannelBuilder(builder.address, builder.credentials)
+        .intercept(withKey, withDeadline)
+        .build();
     this.providers = ProviderServiceGrpc.newBlockingStub(channel);
   }
 
@@ -80,29 +100,23 @@ public final class MarieClient implements AutoCloseable {
     return new Builder(address, apiKey);
   }
 
-  /** The channel, for the generated stubs (the key applies; set your own deadlines). */
+  /** The channel, for the generated stubs (the key and the default deadlines apply). */
   public Channel channel() {
     return channel;
   }
 
   /**
-   * AuthService's generated stub on this channel, with the key and a fresh default deadline: for a
+   * AuthService's generated stub on this channel, with the key and the default deadlines: for a
    * client of Envoy (one address for every routed service) or of auth's own address. Decode its
    * failures with {@link MarieException#from}.
    */
   public AuthServiceGrpc.AuthServiceBlockingStub auth() {
-    return AuthServiceGrpc.newBlockingStub(channel)
-        .withDeadlineAfter(timeout.toMillis(), TimeUnit.MILLISECONDS);
+    return AuthServiceGrpc.newBlockingStub(channel);
   }
 
   /** MemoryService's generated stub on this channel, as {@link #auth()}. */
   public MemoryServiceGrpc.MemoryServiceBlockingStub memory() {
-    return MemoryServiceGrpc.newBlockingStub(channel)
-        .withDeadlineAfter(timeout.toMillis(), TimeUnit.MILLISECONDS);
-  }
-
-  private ProviderServiceGrpc.ProviderServiceBlockingStub unary() {
-    return providers.withDeadlineAfter(timeout.toMillis(), TimeUnit.MILLISECONDS);
+    return MemoryServiceGrpc.newBlockingStub(channel);
   }
 
   private static <T> T call(Supplier<T> body) {
@@ -114,13 +128,13 @@ public final class MarieClient implements AutoCloseable {
   }
 
   public List<Provider> listProviders() {
-    return call(() -> unary().listProviders(ListProvidersRequest.getDefaultInstance()))
+    return call(() -> providers.listProviders(ListProvidersRequest.getDefaultInstance()))
         .getProvidersList();
   }
 
   /** Every model ({@code getModelsList}) and the providers that failed to list. */
   public ListModelsResponse listModels(ListModelsRequest request) {
-    return call(() -> unary().listModels(request));
+    return call(() -> providers.listModels(request));
   }
 
   public ListModelsResponse listModels() {
@@ -129,12 +143,12 @@ public final class MarieClient implements AutoCloseable {
 
   /** One model's details; {@code model} is "provider/name" or a bare name. */
   public ModelInfo getModel(String model) {
-    return call(() -> unary().getModel(GetModelRequest.newBuilder().setModel(model).build()))
+    return call(() -> providers.getModel(GetModelRequest.newBuilder().setModel(model).build()))
         .getModel();
   }
 
   public CreateEmbeddingsResponse createEmbeddings(CreateEmbeddingsRequest request) {
-    return call(() -> unary().createEmbeddings(request));
+    return call(() -> providers.createEmbeddings(request));
   }
 
   /**
@@ -144,9 +158,7 @@ public final class MarieClient implements AutoCloseable {
   public ChatStream streamChat(StreamChatCompletionRequest request) {
     Context.CancellableContext context = Context.current().withCancellation();
     try {
-      var chunks = context.call(() -> providers
-          .withDeadlineAfter(streamTimeout.toMillis(), TimeUnit.MILLISECONDS)
-          .streamChatCompletion(request));
+      var chunks = context.call(() -> providers.streamChatCompletion(request));
       return new ChatStream(context, chunks);
     } catch (Exception error) {
       context.cancel(null);

@@ -6,8 +6,11 @@ import static org.junit.jupiter.api.Assertions.assertTrue;
 import static org.junit.jupiter.api.Assumptions.assumeTrue;
 
 import dev.marie.auth.v1.ListApiKeysRequest;
+import dev.marie.memory.v1.AddMemoriesRequest;
 import dev.marie.memory.v1.ListConversationsRequest;
 import dev.marie.memory.v1.ListConversationsResponse;
+import dev.marie.providers.v1.CreateChatCompletionRequest;
+import dev.marie.providers.v1.CreateEmbeddingsRequest;
 import dev.marie.providers.v1.FinishReason;
 import dev.marie.providers.v1.ListModelsRequest;
 import dev.marie.providers.v1.ModelInfo;
@@ -19,6 +22,7 @@ import io.grpc.Grpc;
 import io.grpc.InsecureChannelCredentials;
 import io.grpc.ManagedChannel;
 import io.grpc.Status;
+import io.grpc.StatusRuntimeException;
 import java.net.URI;
 import java.net.http.HttpClient;
 import java.net.http.HttpRequest;
@@ -119,6 +123,19 @@ class E2ETest {
         MarieClient.builder(env("MARIE_RECORDER_ADDRESS"), env("MARIE_API_KEY")).build()) {
       MarieException unimplemented = assertThrows(MarieException.class, recorded::listModels);
       assertEquals(Status.Code.UNIMPLEMENTED, unimplemented.code());
+      // Calls that wait for a model get the long default deadline (the recorder checks what
+      // arrived): the helper, and the generated stubs on the client's channel.
+      MarieException embeddings = assertThrows(MarieException.class,
+          () -> recorded.createEmbeddings(CreateEmbeddingsRequest.newBuilder()
+              .setModel("ollama/nomic-embed-text:latest").addInputs("hi").build()));
+      assertEquals(Status.Code.UNIMPLEMENTED, embeddings.code());
+      StatusRuntimeException chat = assertThrows(StatusRuntimeException.class,
+          () -> ProviderServiceGrpc.newBlockingStub(recorded.channel())
+              .createChatCompletion(CreateChatCompletionRequest.getDefaultInstance()));
+      assertEquals(Status.Code.UNIMPLEMENTED, chat.getStatus().getCode());
+      StatusRuntimeException memories = assertThrows(StatusRuntimeException.class,
+          () -> recorded.memory().addMemories(AddMemoriesRequest.getDefaultInstance()));
+      assertEquals(Status.Code.UNIMPLEMENTED, memories.getStatus().getCode());
       System.out.println("ok bearer");
     }
     // Through Envoy, which lets a call pass only with a key the gateway accepts.
