@@ -7,6 +7,7 @@ deployed."""
 
 from __future__ import annotations
 
+import base64
 import copy
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from typing import Any
 import httpx
 import orjson
 import yaml
+from google.rpc import status_pb2
 
 from tests.stack import ROOT, free_ports
 
@@ -165,3 +167,10 @@ def _listener_ports(client: httpx.Client, admin_url: str) -> dict[str, int]:
         status["name"]: status["local_address"]["socket_address"]["port_value"]
         for status in statuses["listener_statuses"]
     }
+
+
+def refusal_status(response: httpx.Response) -> status_pb2.Status:
+    """The rich status of a refusal by the gateway's `/_authz` check, which
+    Envoy passes to the gRPC client as `grpc-status-details-bin`."""
+    value = response.headers["grpc-status-details-bin"]
+    return status_pb2.Status.FromString(base64.b64decode(value + "=" * (-len(value) % 4)))

@@ -13,10 +13,13 @@ which watches the fake's disconnect count, before it goes on.
 Through Envoy (the real binary on deploy/envoy/envoy.yaml, tests/envoy.py),
 whose ext_authz asks the gateway's /_authz: the client with its key lists
 models, which proves the key went as `authorization: Bearer` (the only header
-it sends it in); a call without a key is UNAUTHENTICATED. Envoy's refusal
-carries the gateway's 401 JSON envelope as grpc-message and no
-grpc-status-details-bin, so no ErrorInfo: each program checks the code, the
-reason its error type falls back to (the code's name) and the message.
+it sends it in); a call without a key is UNAUTHENTICATED. Envoy passes on the
+gateway's refusal as a service's own: its plain message as grpc-message and
+its ErrorInfo in grpc-status-details-bin, so each program checks the code, the
+reason (INVALID_API_KEY) and the message.
+
+A recorder server (MetadataRecorder) shows what each client puts on the wire:
+its key, and the default deadline of each call.
 """
 
 from __future__ import annotations
@@ -211,7 +214,7 @@ def assert_checks(
     assert passed["invalid_argument"].split()[2] == "sampling.temperature"
     # Through Envoy: the key was accepted; without it, the gateway's refusal.
     assert int(passed["envoy_models"].split()[2]) > 0
-    assert passed["unauthenticated"].split()[2:4] == ["UNAUTHENTICATED", "UNAUTHENTICATED"]
+    assert passed["unauthenticated"].split()[2:4] == ["UNAUTHENTICATED", "INVALID_API_KEY"]
     # The client's key on its AuthService stub (through Envoy): known, but not admin.
     assert passed["auth_stub"].split()[2] == "PERMISSION_DENIED"
     # The chat went upstream with the client's own words.

@@ -10,10 +10,12 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from google.rpc import code_pb2, error_details_pb2
 from marie.providers.v1 import provider_service_pb2
 from marie_gateway.grpc_authz import METHOD_SCOPES
 from marie_kit.apikeys import generate_key
 
+from tests.envoy import refusal_status
 from tests.stack import Stack
 
 LIST_MODELS = "/marie.providers.v1.ProviderService/ListModels"
@@ -38,9 +40,14 @@ def create(stack: Stack, name: str, *extra: str) -> dict[str, Any]:
 
 
 def error_of(response: httpx.Response) -> dict[str, Any]:
-    error: dict[str, Any] = response.json()["error"]
-    assert error["message"]
-    return error
+    """A refusal as Envoy passes it to the gRPC client: the body (its
+    grpc-message) and the rich status, which must agree with it."""
+    status = refusal_status(response)
+    assert status.message == response.text != ""
+    info = error_details_pb2.ErrorInfo()
+    assert status.details[0].Unpack(info)
+    assert info.domain == "marie"
+    return {"message": status.message, "code": status.code, "reason": info.reason}
 
 
 def test_key_with_the_scope_is_allowed_with_its_identity_for_the_upstream(stack: Stack) -> None:
@@ -60,20 +67,20 @@ def test_missing_key_is_401_with_openai_envelope(stack: Stack) -> None:
     r = check(stack, LIST_MODELS)
     assert r.status_code == 401
     error = error_of(r)
-    assert (error["type"], error["code"]) == ("authentication_error", "invalid_api_key")
+    assert (error["code"], error["reason"]) == (code_pb2.UNAUTHENTICATED, "INVALID_API_KEY")
     assert "x-marie-key-id" not in r.headers
 
 
 def test_malformed_key_is_401(stack: Stack) -> None:
     r = check(stack, LIST_MODELS, "mk-not-a-key")
     assert r.status_code == 401
-    assert error_of(r)["code"] == "invalid_api_key"
+    assert error_of(r)["reason"] == "INVALID_API_KEY"
 
 
 def test_unknown_well_formed_key_is_401(stack: Stack) -> None:
     r = check(stack, LIST_MODELS, generate_key())
     assert r.status_code == 401
-    assert error_of(r)["code"] == "invalid_api_key"
+    assert error_of(r)["reason"] == "INVALID_API_KEY"
 
 
 def test_key_without_the_methods_scope_is_403(stack: Stack) -> None:
@@ -81,7 +88,7 @@ def test_key_without_the_methods_scope_is_403(stack: Stack) -> None:
     r = check(stack, LIST_MODELS, key)
     assert r.status_code == 403
     error = error_of(r)
-    assert (error["type"], error["code"]) == ("permission_error", "permission_denied")
+    assert (error["code"], error["reason"]) == (code_pb2.PERMISSION_DENIED, "PERMISSION_DENIED")
     assert "models:read" in error["message"]
 
 
@@ -141,7 +148,7 @@ def test_unknown_method_is_403_even_for_an_admin_key(stack: Stack, method: str) 
     key = stack.create_key("authz-admin-unknown", "--scope", "admin")
     r = check(stack, method, key)
     assert r.status_code == 403
-    assert error_of(r)["code"] == "permission_denied"
+    assert error_of(r)["reason"] == "PERMISSION_DENIED"
 
 
 def test_revoked_key_is_401_at_once(stack: Stack) -> None:
@@ -152,7 +159,7 @@ def test_revoked_key_is_401_at_once(stack: Stack) -> None:
     assert stack.marie("keys", "revoke", record["id"]).returncode == 0
     r = check(stack, LIST_MODELS, record["key"])
     assert r.status_code == 401
-    assert error_of(r)["code"] == "invalid_api_key"
+    assert error_of(r)["reason"] == "INVALID_API_KEY"
 
 
 @pytest.mark.parametrize("http_method", ["GET", "PUT", "DELETE", "PATCH", "OPTIONS"])

@@ -11,8 +11,10 @@ from typing import Any
 
 import httpx
 import pytest
+from google.rpc import code_pb2, error_details_pb2
 from marie_kit.apikeys import generate_key
 
+from tests.envoy import refusal_status
 from tests.fakes import FakeModel, FakeOllama
 from tests.stack import Stack, start_stack
 
@@ -263,3 +265,29 @@ def test_x_forwarded_for_from_an_untrusted_peer_is_ignored(strict: Stack) -> Non
     statuses = [models_from(strict, peer, f"203.0.113.{i}", wrong) for i in range(4)]
     # Each request claims another client; all count against the peer.
     assert statuses == [401, 401, 401, 429]
+
+
+def test_a_slowed_down_address_gets_rate_limited_from_envoys_grpc_check(strict: Stack) -> None:
+    """The gRPC key check (`/_authz`, asked by Envoy) slows addresses down too,
+    and says so in the rich status Envoy hands the gRPC client."""
+    wrong = generate_key()
+    transport = httpx.HTTPTransport(local_address="127.0.0.2")  # the trusted proxy
+    with httpx.Client(transport=transport) as client:
+
+        def check() -> httpx.Response:
+            return client.post(
+                f"{strict.base_url}/_authz/marie.providers.v1.ProviderService/ListModels",
+                headers={"Authorization": f"Bearer {wrong}", "X-Forwarded-For": "198.51.100.9"},
+            )
+
+        assert [check().status_code for _ in range(3)] == [401, 401, 401]
+        slowed = check()
+    assert slowed.status_code == 429
+    status = refusal_status(slowed)
+    assert status.code == code_pb2.UNAVAILABLE  # what Envoy makes of a 429
+    assert status.message == slowed.text
+    info = error_details_pb2.ErrorInfo()
+    assert status.details[0].Unpack(info)
+    assert info.reason == "RATE_LIMITED"
+    assert info.metadata["retry_after_seconds"] == slowed.headers["retry-after"]
+    assert 1 <= int(slowed.headers["retry-after"]) <= 10

@@ -20,7 +20,9 @@ from pathlib import Path
 import httpx
 import orjson
 import pytest
+from google.rpc import code_pb2
 
+from tests.envoy import refusal_status
 from tests.stack import MARIE, free_ports
 
 BIN = Path(sys.executable).parent
@@ -164,7 +166,9 @@ def test_with_auth_down_warm_keys_work_and_cold_keys_get_503(replicas: Replicas)
         headers={"authorization": f"Bearer {cold}"},
     )
     assert r.status_code == 503
-    assert r.json()["error"]["code"] == "service_unavailable"
+    refused = refusal_status(r)
+    assert refused.code == code_pb2.UNAVAILABLE  # as Envoy maps the 503
+    assert refused.message.startswith("A Marie service is unavailable right now")
     # The other gateway, on the live replica, knows both.
     assert replicas.check(1, cold) == 200
     assert replicas.check(1, warm) == 200

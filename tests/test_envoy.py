@@ -21,7 +21,7 @@ import grpc
 import httpx
 import orjson
 import pytest
-from google.rpc import error_details_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from marie.auth.v1 import auth_service_pb2 as auth_pb
 from marie.auth.v1 import auth_service_pb2_grpc as auth_grpc
@@ -240,6 +240,11 @@ def test_grpc_without_key_is_unauthenticated(providers: pb_grpc.ProviderServiceS
     with pytest.raises(grpc.RpcError) as caught:
         providers.ListModels(pb.ListModelsRequest(), timeout=10)
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    # The gateway's refusal, as a service's own: plain message, ErrorInfo
+    # (rpc_status checks the rich status agrees with the call's code and message).
+    assert (caught.value.details() or "").startswith("You didn't provide an API key")
+    info = _error_info(caught.value)
+    assert (info.reason, info.domain) == ("INVALID_API_KEY", "marie")
 
 
 def test_grpc_with_unknown_key_is_unauthenticated(
@@ -250,6 +255,7 @@ def test_grpc_with_unknown_key_is_unauthenticated(
             pb.ListModelsRequest(), metadata=(("x-api-key", "mk-not-a-key"),), timeout=10
         )
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert _error_info(caught.value).reason == "INVALID_API_KEY"
 
 
 def test_grpc_key_without_the_scope_is_permission_denied(
@@ -262,7 +268,8 @@ def test_grpc_key_without_the_scope_is_permission_denied(
             pb.ListModelsRequest(), metadata=(bearer(keys["chatter"]),), timeout=10
         )
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert "models:read" in (caught.value.details() or "")
+    assert caught.value.details() == "This API key lacks the 'models:read' scope."
+    assert _error_info(caught.value).reason == "PERMISSION_DENIED"
     with pytest.raises(grpc.RpcError) as caught:
         auth.ListApiKeys(auth_pb.ListApiKeysRequest(), metadata=(bearer(keys["full"]),), timeout=10)
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
@@ -599,7 +606,10 @@ def test_grpc_web_call_without_a_key_is_unauthenticated(envoy: Envoy) -> None:
     # the browser may read (exposed by CORS).
     assert r.headers["grpc-status"] == str(grpc.StatusCode.UNAUTHENTICATED.value[0])
     exposed = r.headers["access-control-expose-headers"]
-    assert {"grpc-status", "grpc-message"} <= {h.strip() for h in exposed.split(",")}
+    rich = "grpc-status-details-bin"
+    assert {"grpc-status", "grpc-message", rich} <= {h.strip() for h in exposed.split(",")}
+    details = base64.b64decode(r.headers[rich] + "=" * (-len(r.headers[rich]) % 4))
+    assert status_pb2.Status.FromString(details).code == grpc.StatusCode.UNAUTHENTICATED.value[0]
 
 
 def test_cors_preflight_for_grpc_web(envoy: Envoy) -> None:

@@ -237,8 +237,9 @@ func TestE2E(t *testing.T) {
 	if refused == nil || refused.Code != codes.Unauthenticated {
 		t.Fatalf("without a key through Envoy: %v", err)
 	}
-	// Envoy's refusal has no ErrorInfo: the reason is the code's name.
-	if refused.Reason != "UNAUTHENTICATED" || len(refused.Metadata) != 0 || !strings.Contains(refused.Message, "API key") {
+	// Envoy passes on the gateway's refusal with its ErrorInfo.
+	if refused.Reason != "INVALID_API_KEY" || refused.Domain != "marie" ||
+		!strings.HasPrefix(refused.Message, "You didn't provide an API key") {
 		t.Fatalf("without a key through Envoy: %+v", refused)
 	}
 	fmt.Printf("ok unauthenticated UNAUTHENTICATED %s %s\n", refused.Reason, refused.Message)

@@ -167,9 +167,9 @@ try {
 } catch (raw) {
   const refused = MarieError.from(raw);
   assert.equal(refused.code, Code.Unauthenticated);
-  // Envoy's refusal has no ErrorInfo: the reason is the code's name.
-  assert.equal(refused.reason, "UNAUTHENTICATED");
-  assert.deepEqual(refused.metadata, {});
-  assert.ok(refused.rawMessage.includes("API key"), refused.rawMessage);
+  // Envoy passes on the gateway's refusal with its ErrorInfo.
+  assert.equal(refused.reason, "INVALID_API_KEY");
+  assert.equal(refused.domain, "marie");
+  assert.ok(refused.rawMessage.startsWith("You didn't provide an API key"), refused.rawMessage);
   console.log(`ok unauthenticated ${refused.codeName} ${refused.reason} ${refused.rawMessage}`);
 }

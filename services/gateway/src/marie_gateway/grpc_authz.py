@@ -16,23 +16,36 @@ The gateway answers with the same key checks as its HTTP API (one
   ledger (marie_kit.metering), as the gateway does for its HTTP API. Envoy
   adds these headers to the call;
 - 401 when the key is missing, malformed, unknown, revoked or expired;
-- 403 when the key lacks the method's scope, or the method is not in the table.
+- 403 when the key lacks the method's scope, or the method is not in the table;
+- 429 when the client address sent too many invalid keys lately, 503 when a
+  key cannot be checked because auth is unreachable.
 
-Envoy turns a refusal of a gRPC call into a gRPC status (401 UNAUTHENTICATED,
-403 PERMISSION_DENIED). Only the key's scopes are checked here (Envoy sends no
-request body); its allowed models travel on to the providers service, which
-checks the model a call resolves to, as it does for the HTTP API.
+Envoy turns a refusal into the gRPC call's status, by its own table (401
+UNAUTHENTICATED, 403 PERMISSION_DENIED, 429 and 503 UNAVAILABLE), with the
+body as grpc-message. So a refusal's body is its plain message, and it
+carries `grpc-status-details-bin` (the same code and message, and an
+ErrorInfo: reason INVALID_API_KEY, PERMISSION_DENIED, RATE_LIMITED or
+SERVICE_UNAVAILABLE), which Envoy passes to the client: gRPC clients get
+the same error shape through Envoy as from the services themselves.
+
+Only the key's scopes are checked here (Envoy sends no request body); its
+allowed models travel on to the providers service, which checks the model a
+call resolves to, as it does for the HTTP API.
 """
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Mapping
 from types import MappingProxyType
 
+from google.protobuf import any_pb2
 from google.protobuf.descriptor import FileDescriptor
+from google.rpc import code_pb2, error_details_pb2, status_pb2
 from marie.auth.v1 import auth_service_pb2
 from marie.memory.v1 import memory_service_pb2
 from marie_kit import identity
+from marie_kit.errors import STATUS_DETAILS_KEY
 from marie_kit.limits import LIMITS_HEADER, limits_value
 from marie_kit.tenancy import TENANT_HEADER
 from starlette.requests import Request
@@ -49,7 +62,7 @@ from marie_gateway.access import (
     tenant_of,
 )
 from marie_gateway.core import Gateway
-from marie_gateway.errors import permission_denied
+from marie_gateway.errors import ApiError, permission_denied
 from marie_gateway.web import AnyMethod
 
 KEY_ID_HEADER = identity.KEY_ID_HEADER
@@ -118,13 +131,54 @@ def upstream_headers(principal: Principal, method: str) -> dict[str, str]:
     return headers
 
 
+# The gRPC code Envoy gives a refused call, from the check's HTTP status
+# (Envoy's Grpc::Utility::httpToGrpcStatus): the rich status must agree.
+_ENVOY_GRPC_CODES: Mapping[int, int] = MappingProxyType(
+    {
+        401: code_pb2.UNAUTHENTICATED,
+        403: code_pb2.PERMISSION_DENIED,
+        429: code_pb2.UNAVAILABLE,
+        503: code_pb2.UNAVAILABLE,
+    }
+)
+# ErrorInfo reasons as the services spell them, where the HTTP code differs.
+_REASONS: Mapping[str, str] = MappingProxyType({"rate_limit_exceeded": "RATE_LIMITED"})
+
+
+def refusal(error: ApiError) -> Response:
+    """A refused check as Envoy passes it to a gRPC client: the plain message
+    as body (Envoy's grpc-message) and the rich status in
+    `grpc-status-details-bin`, with `retry-after` when there is one."""
+    code = error.code or "permission_denied"
+    metadata = {"retry_after_seconds": str(error.retry_after)} if error.retry_after else {}
+    info = error_details_pb2.ErrorInfo(
+        reason=_REASONS.get(code, code.upper()), domain="marie", metadata=metadata
+    )
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    status = status_pb2.Status(
+        code=_ENVOY_GRPC_CODES.get(error.status, code_pb2.UNKNOWN),
+        message=error.message,
+        details=[detail],
+    )
+    # Binary metadata is base64 on the wire; gRPC decoders accept it unpadded.
+    details = base64.b64encode(status.SerializeToString()).decode().rstrip("=")
+    headers = {STATUS_DETAILS_KEY: details}
+    if error.retry_after:
+        headers["retry-after"] = str(error.retry_after)
+    return Response(error.message, error.status, headers=headers, media_type="text/plain")
+
+
 def routes(gw: Gateway) -> list[BaseRoute]:
     """`/_authz/{package.Service}/{Method}` for every HTTP method (gRPC's is POST)."""
 
     async def grpc_authz(request: Request) -> Response:
-        principal = await gw.authenticate(request)
         method = "/" + request.path_params["method"]
-        principal.require_scope(required_scope(method))
+        try:
+            principal = await gw.authenticate(request)
+            principal.require_scope(required_scope(method))
+        except ApiError as error:
+            return refusal(error)
         return Response(headers=upstream_headers(principal, method))
 
     # Internal: Envoy's ext_authz check, prefixed to the gRPC call's path and

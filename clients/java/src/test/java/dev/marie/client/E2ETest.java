@@ -176,10 +176,11 @@ class E2ETest {
         }
       });
       assertEquals(Status.Code.UNAUTHENTICATED, refused.code());
-      // Envoy's refusal has no ErrorInfo: the reason is the code's name.
-      assertEquals("UNAUTHENTICATED", refused.reason());
-      assertTrue(refused.metadata().isEmpty(), refused.metadata().toString());
-      assertTrue(refused.getMessage().contains("API key"), refused.getMessage());
+      // Envoy passes on the gateway's refusal with its ErrorInfo.
+      assertEquals("INVALID_API_KEY", refused.reason());
+      assertEquals("marie", refused.domain());
+      assertTrue(refused.getMessage().contains("You didn't provide an API key"),
+          refused.getMessage());
       System.out.println("ok unauthenticated " + refused.code() + " " + refused.reason() + " "
           + refused.getMessage());
     } finally {
