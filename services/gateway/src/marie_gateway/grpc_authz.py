@@ -39,13 +39,12 @@ import base64
 from collections.abc import Mapping
 from types import MappingProxyType
 
-from google.protobuf import any_pb2
+import grpc
 from google.protobuf.descriptor import FileDescriptor
-from google.rpc import code_pb2, error_details_pb2, status_pb2
 from marie.auth.v1 import auth_service_pb2
 from marie.memory.v1 import memory_service_pb2
 from marie_kit import identity
-from marie_kit.errors import STATUS_DETAILS_KEY
+from marie_kit.errors import STATUS_DETAILS_KEY, ServiceError
 from marie_kit.limits import LIMITS_HEADER, limits_value
 from marie_kit.tenancy import TENANT_HEADER
 from starlette.requests import Request
@@ -133,12 +132,12 @@ def upstream_headers(principal: Principal, method: str) -> dict[str, str]:
 
 # The gRPC code Envoy gives a refused call, from the check's HTTP status
 # (Envoy's Grpc::Utility::httpToGrpcStatus): the rich status must agree.
-_ENVOY_GRPC_CODES: Mapping[int, int] = MappingProxyType(
+_ENVOY_GRPC_CODES: Mapping[int, grpc.StatusCode] = MappingProxyType(
     {
-        401: code_pb2.UNAUTHENTICATED,
-        403: code_pb2.PERMISSION_DENIED,
-        429: code_pb2.UNAVAILABLE,
-        503: code_pb2.UNAVAILABLE,
+        401: grpc.StatusCode.UNAUTHENTICATED,
+        403: grpc.StatusCode.PERMISSION_DENIED,
+        429: grpc.StatusCode.UNAVAILABLE,
+        503: grpc.StatusCode.UNAVAILABLE,
     }
 )
 # ErrorInfo reasons as the services spell them, where the HTTP code differs.
@@ -151,19 +150,16 @@ def refusal(error: ApiError) -> Response:
     `grpc-status-details-bin`, with `retry-after` when there is one."""
     code = error.code or "permission_denied"
     metadata = {"retry_after_seconds": str(error.retry_after)} if error.retry_after else {}
-    info = error_details_pb2.ErrorInfo(
-        reason=_REASONS.get(code, code.upper()), domain="marie", metadata=metadata
-    )
-    detail = any_pb2.Any()
-    detail.Pack(info)
-    status = status_pb2.Status(
-        code=_ENVOY_GRPC_CODES.get(error.status, code_pb2.UNKNOWN),
-        message=error.message,
-        details=[detail],
-    )
+    status = ServiceError(
+        _ENVOY_GRPC_CODES.get(error.status, grpc.StatusCode.UNKNOWN),
+        _REASONS.get(code, code.upper()),
+        error.message,
+        metadata=metadata,
+    ).to_status()
+    rich = dict(status.trailing_metadata)[STATUS_DETAILS_KEY]
+    assert isinstance(rich, bytes)
     # Binary metadata is base64 on the wire; gRPC decoders accept it unpadded.
-    details = base64.b64encode(status.SerializeToString()).decode().rstrip("=")
-    headers = {STATUS_DETAILS_KEY: details}
+    headers = {STATUS_DETAILS_KEY: base64.b64encode(rich).decode().rstrip("=")}
     if error.retry_after:
         headers["retry-after"] = str(error.retry_after)
     return Response(error.message, error.status, headers=headers, media_type="text/plain")
