@@ -1,6 +1,6 @@
 """Per-key limits through the running suite: requests and tokens per minute,
 tokens per day, the concurrency cap, the `x-ratelimit-*` headers on every
-answer of the limited routes, and the slow-down of invalid keys."""
+answer of a key's requests, and the slow-down of invalid keys."""
 
 from __future__ import annotations
 
@@ -176,6 +176,44 @@ def test_error_answers_of_limited_routes_carry_the_headers(stack: Stack) -> None
     missing = chat(stack, key, model="ollama/no-such-model:latest")
     assert missing.status_code == 404
     assert missing.headers["x-ratelimit-remaining-requests"] == "3"
+
+
+def get(stack: Stack, key: str, path: str) -> httpx.Response:
+    return httpx.get(f"{stack.base_url}{path}", headers={"Authorization": f"Bearer {key}"})
+
+
+def test_every_request_counts_against_requests_per_minute(stack: Stack) -> None:
+    """Lookups, memory and stored-response calls are requests too: counted,
+    with the headers, and refused at the limit; only `/api/usage` is not
+    counted, so a key at its limits can still see where it stands."""
+    key = limited_key(stack, "rpm-lookups", "--rpm", "4")
+    answers = [
+        get(stack, key, "/v1/models"),
+        get(stack, key, "/api/models/providers"),
+        get(stack, key, "/api/memories?user=alice"),
+    ]
+    assert [r.status_code for r in answers] == [200, 200, 200], answers[-1].text
+    assert [r.headers["x-ratelimit-remaining-requests"] for r in answers] == ["3", "2", "1"]
+    assert all(r.headers["x-ratelimit-limit-requests"] == "4" for r in answers)
+    assert chat(stack, key).status_code == 200
+    refused = get(stack, key, "/v1/models")
+    assert_rate_limited(refused, "requests")
+    assert_rate_limited(chat(stack, key), "requests")
+    missing = get(stack, key, "/v1/responses/resp_0123456789abcdef")
+    assert_rate_limited(missing, "requests")
+    usage = get(stack, key, "/api/usage")
+    assert usage.status_code == 200, usage.text
+    assert "x-ratelimit-remaining-requests" not in usage.headers
+
+
+def test_a_key_out_of_tokens_can_still_make_requests_that_spend_none(stack: Stack) -> None:
+    key = limited_key(stack, "tpm-lookups", "--tpm", "20")
+    assert chat(stack, key).status_code == 200  # 30 tokens of 20
+    assert_rate_limited(chat(stack, key), "tokens")
+    models = get(stack, key, "/v1/models")
+    assert models.status_code == 200
+    assert models.headers["x-ratelimit-remaining-tokens"] == "0"
+    assert get(stack, key, "/api/memories?user=alice").status_code == 200
 
 
 def test_keys_without_limits_are_not_limited(stack: Stack, api_key: str) -> None:

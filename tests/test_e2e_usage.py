@@ -184,7 +184,9 @@ def test_recorded_usage_survives_a_restart(ollama: FakeOllama, tmp_path: Path) -
 
 
 def test_a_conversation_turn_is_limited_and_counted_like_a_chat(stack: Stack) -> None:
-    key = stack.create_key("turns", "--rpm", "1")
+    # Two requests a minute: creating the conversation is one (every request
+    # counts), the first turn the other.
+    key = stack.create_key("turns", "--rpm", "2")
     created = post(
         stack, key, "/api/conversations", {"title": "t", "model": "ollama/counted:latest"}
     )
@@ -192,10 +194,12 @@ def test_a_conversation_turn_is_limited_and_counted_like_a_chat(stack: Stack) ->
     path = f"/api/conversations/{created.json()['id']}/messages"
     first = post(stack, key, path, {"content": "hello", "stream": False})
     assert first.status_code == 200, first.text
-    assert first.headers["x-ratelimit-limit-requests"] == "1"
+    assert first.headers["x-ratelimit-limit-requests"] == "2"
+    assert first.headers["x-ratelimit-remaining-requests"] == "0"
     second = post(stack, key, path, {"content": "again", "stream": False})
     assert second.status_code == 429
     assert second.json()["error"]["code"] == "rate_limit_exceeded"
+    # Only the turn reached a model: the ledger has it alone.
     report = usage_when(stack, key, 1, group_by="model")
     assert report["total"]["requests"] == 1
     assert report["total"]["prompt_tokens"] == 10

@@ -95,6 +95,31 @@ async def test_tokens_are_counted_after_and_refuse_the_next_request(
     await limiter.acquire("k", limits)
 
 
+async def test_a_request_that_spends_no_tokens_is_held_to_requests_and_concurrency_only(
+    limiter: LocalLimiter,
+) -> None:
+    limits = Limits(
+        requests_per_minute=3, tokens_per_minute=50, tokens_per_day=50, max_concurrent_requests=2
+    )
+    grant = await limiter.acquire("k", limits)
+    limiter.charge(grant, 60)  # both token limits spent
+    limiter.release(grant)
+    assert (await refused(limiter, limits)).limit == "tokens"
+    lookup = await limiter.acquire("k", limits, tokens=False)
+    assert lookup.requests == Quota(3, 1, 40.0)
+    assert lookup.tokens is not None and lookup.tokens.remaining == 0
+    # It holds a slot and a request like any other.
+    second = await limiter.acquire("k", limits, tokens=False)
+    with pytest.raises(RateLimited) as info:
+        await limiter.acquire("k", limits, tokens=False)
+    assert info.value.limit == "concurrency"
+    limiter.release(lookup)
+    limiter.release(second)
+    with pytest.raises(RateLimited) as info:
+        await limiter.acquire("k", limits, tokens=False)
+    assert info.value.limit == "requests"
+
+
 async def test_exactly_the_token_limit_exhausts_the_minute(limiter: LocalLimiter) -> None:
     limits = Limits(tokens_per_minute=50)
     grant = await limiter.acquire("k", limits)

@@ -150,6 +150,46 @@ async def test_tokens_per_minute_hold_across_two_gateways(shared: Shared) -> Non
     )
 
 
+async def test_a_key_out_of_tokens_is_still_admitted_for_requests_that_spend_none(
+    shared: Shared,
+) -> None:
+    key_id, limits = await shared.key(requests_per_minute=40, tokens_per_day=100)
+    first, second = shared.limiters
+    grant = await first.acquire(key_id, limits)
+    first.charge(grant, 500)  # the day's tokens, and more
+    first.release(grant)
+    # The debt is settled with auth on the next lease call: then both refuse.
+    for limiter in (first, second):
+        for _ in range(lease_size(40) + 1):
+            if await try_acquire(limiter, key_id, limits) is None:
+                break
+        with pytest.raises(RateLimited) as refused:
+            await limiter.acquire(key_id, limits)
+        assert refused.value.limit == "tokens_per_day"
+        # Requests that spend no tokens still pass, counted against the minute...
+        lookup = await limiter.acquire(key_id, limits, tokens=False)
+        assert lookup.requests is not None and lookup.requests.limit == 40
+        limiter.release(lookup)
+    # ...until the minute's requests run out, with a wait of seconds, not the day's.
+    admitted = 2
+    while (await try_acquire_lookup(second, key_id, limits)) is not None:
+        admitted += 1
+        assert admitted <= 40 + GATEWAYS * lease_size(40)
+    with pytest.raises(RateLimited) as refused:
+        await second.acquire(key_id, limits, tokens=False)
+    assert refused.value.limit == "requests"
+    assert refused.value.retry_after <= 60
+
+
+async def try_acquire_lookup(limiter: LeasedLimiter, key_id: str, limits: Limits) -> Grant | None:
+    try:
+        grant = await limiter.acquire(key_id, limits, tokens=False)
+    except RateLimited:
+        return None
+    limiter.release(grant)
+    return grant
+
+
 async def test_a_given_back_lease_returns_to_the_other_gateway(shared: Shared) -> None:
     key_id, limits = await shared.key(requests_per_minute=100)
     k = lease_size(100)

@@ -132,7 +132,7 @@ class LeasedLimiter:
 
     # -- the Limiter interface -------------------------------------------
 
-    async def acquire(self, key_id: str, limits: Limits) -> Grant:
+    async def acquire(self, key_id: str, limits: Limits, *, tokens: bool = True) -> Grant:
         if limits.unlimited:
             return Grant(key_id, limits)
         lease = self._leases.get(key_id)
@@ -141,19 +141,24 @@ class LeasedLimiter:
         lease.limits = limits
         now = self._clock()
         lease.last_used = now
-        if self._short(lease):
-            if now < lease.refused_until:
+        if self._short(lease, tokens):
+            # A refusal remembered may be for the tokens, whose wait (up to a
+            # day) is not one for a request that spends none: that asks auth.
+            if tokens and now < lease.refused_until:
                 raise self._refusal(lease, lease.refused_until - now)
             if now < self._auth_down_until:
-                return await self._fall_back(key_id, limits)
+                return await self._fall_back(key_id, limits, tokens)
             try:
                 await self._renew(key_id, lease)
             except grpc.aio.AioRpcError as exc:
                 self._auth_unreachable(exc)
-                return await self._fall_back(key_id, limits)
-            if self._short(lease):
+                return await self._fall_back(key_id, limits, tokens)
+            if self._short(lease, tokens):
                 wait = max(lease.retry_after, 0.001)
-                if not self._concurrency_short(lease):
+                if not tokens:
+                    # Auth's wait may be the tokens'; requests refill within a minute.
+                    wait = min(wait, 60.0)
+                elif not self._concurrency_short(lease):
                     lease.refused_until = self._clock() + wait
                 raise self._refusal(lease, wait)
         if limits.requests_per_minute:
@@ -165,9 +170,9 @@ class LeasedLimiter:
             self._renew_later(key_id, lease)
         return grant
 
-    async def _fall_back(self, key_id: str, limits: Limits) -> Grant:
+    async def _fall_back(self, key_id: str, limits: Limits, tokens: bool) -> Grant:
         """Admit by this process's own counters: auth cannot be asked."""
-        grant = await self._fallback.acquire(key_id, limits)
+        grant = await self._fallback.acquire(key_id, limits, tokens=tokens)
         grant.fallback = True
         return grant
 
@@ -203,12 +208,13 @@ class LeasedLimiter:
         cap = lease.limits.max_concurrent_requests
         return bool(cap) and lease.in_flight >= lease.slots
 
-    def _short(self, lease: _Lease) -> bool:
-        """Whether the lease cannot admit one more request now."""
+    def _short(self, lease: _Lease, tokens: bool = True) -> bool:
+        """Whether the lease cannot admit one more request now (one that
+        spends no tokens is not held back by the tokens)."""
         limits = lease.limits
         return (
             (bool(limits.requests_per_minute) and lease.requests < 1)
-            or (bool(_token_limit(limits)) and lease.tokens < 1)
+            or (tokens and bool(_token_limit(limits)) and lease.tokens < 1)
             or self._concurrency_short(lease)
         )
 

@@ -113,8 +113,11 @@ class Limiter(Protocol):
     a shared implementation can fetch capacity, but it must not wait on the
     network for a key well under its limits."""
 
-    async def acquire(self, key_id: str, limits: Limits) -> Grant:
-        """Admit one request of `key_id` or raise `RateLimited`."""
+    async def acquire(self, key_id: str, limits: Limits, *, tokens: bool = True) -> Grant:
+        """Admit one request of `key_id` or raise `RateLimited`. A request
+        that spends no tokens (`tokens=False`: a lookup, a memory or admin
+        call) counts against requests and concurrency only: a key out of
+        tokens may still list models or read its usage."""
         ...
 
     def charge(self, grant: Grant, tokens: int) -> None:
@@ -209,7 +212,7 @@ class LocalLimiter:
         until_midnight = SECONDS_PER_DAY - wall % SECONDS_PER_DAY
         return Quota(limit, max(0, limit - used), until_midnight if used else 0.0)
 
-    async def acquire(self, key_id: str, limits: Limits) -> Grant:
+    async def acquire(self, key_id: str, limits: Limits, *, tokens: bool = True) -> Grant:
         if limits.unlimited:
             return Grant(key_id, limits)
         now = self._clock()
@@ -245,13 +248,13 @@ class LocalLimiter:
                 f"Rate limit reached for requests per minute: limit {limits.requests_per_minute}.",
                 c.requests.seconds_until(1),
             )
-        if c.tokens is not None and c.tokens.level < 1:
+        if tokens and c.tokens is not None and c.tokens.level < 1:
             raise refuse(
                 "tokens",
                 f"Rate limit reached for tokens per minute: limit {limits.tokens_per_minute}.",
                 c.tokens.seconds_until(1),
             )
-        if limits.tokens_per_day and c.day_tokens >= limits.tokens_per_day:
+        if tokens and limits.tokens_per_day and c.day_tokens >= limits.tokens_per_day:
             raise refuse(
                 "tokens_per_day",
                 f"Rate limit reached for tokens per day: limit {limits.tokens_per_day}.",

@@ -160,7 +160,7 @@ class AdminRoutes:
             raise from_rpc_error(exc, current_request_id()) from None
 
     async def create(self, request: Request) -> Response:
-        await self.gw.authorize(request, SCOPE_ADMIN)
+        await self.gw.enter(request, SCOPE_ADMIN)
         body = parse_body(CreateKeyRequest, await self.gw.read_body(request))
         if not body.name:
             raise bad_request("'name' is required.", "name")
@@ -171,7 +171,7 @@ class AdminRoutes:
         return JSONResponse(out.model_dump(mode="json"))
 
     async def list(self, request: Request) -> Response:
-        await self.gw.authorize(request, SCOPE_ADMIN)
+        await self.gw.enter(request, SCOPE_ADMIN)
         q = request.query_params
         size = q.get("page_size", "50")
         if not size.isdigit() or not 1 <= int(size) <= 500:
@@ -193,14 +193,14 @@ class AdminRoutes:
         return JSONResponse(out.model_dump(mode="json"))
 
     async def get(self, request: Request) -> Response:
-        await self.gw.authorize(request, SCOPE_ADMIN)
+        await self.gw.enter(request, SCOPE_ADMIN)
         reply = await self._call(
             "GetApiKey", auth_pb.GetApiKeyRequest(id=request.path_params["key_id"])
         )
         return JSONResponse(key_out(reply.api_key).model_dump(mode="json"))
 
     async def update(self, request: Request) -> Response:
-        await self.gw.authorize(request, SCOPE_ADMIN)
+        await self.gw.enter(request, SCOPE_ADMIN)
         body = parse_body(KeySettings, await self.gw.read_body(request))
         sent = body.model_fields_set
         if not sent:
@@ -219,14 +219,14 @@ class AdminRoutes:
         return JSONResponse(key_out(reply.api_key).model_dump(mode="json"))
 
     async def revoke(self, request: Request) -> Response:
-        await self.gw.authorize(request, SCOPE_ADMIN)
+        await self.gw.enter(request, SCOPE_ADMIN)
         reply = await self._call(
             "RevokeApiKey", auth_pb.RevokeApiKeyRequest(id=request.path_params["key_id"])
         )
         return JSONResponse(key_out(reply.api_key).model_dump(mode="json"))
 
     async def rotate(self, request: Request) -> Response:
-        await self.gw.authorize(request, SCOPE_ADMIN)
+        await self.gw.enter(request, SCOPE_ADMIN)
         raw = await self.gw.read_body(request)
         body = (
             parse_body(RotateKeyRequest, raw) if raw else RotateKeyRequest(grace_period_seconds=0)

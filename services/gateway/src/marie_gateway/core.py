@@ -222,11 +222,17 @@ class Gateway:
                 self.invalid_keys.failed(address)
             raise
 
-    async def admit(self, request: Request, principal: Principal, operation: str) -> Tally:
+    async def admit(
+        self, request: Request, principal: Principal, operation: str, *, tokens: bool = True
+    ) -> Tally:
         """Admit the request within its key's limits, or 429 with `Retry-After`;
-        either way the answer carries the key's `x-ratelimit-*` headers."""
+        either way the answer carries the key's `x-ratelimit-*` headers.
+
+        A request that spends model capacity (`tokens`) is held to the token
+        limits too and recorded in the usage ledger when it ends; one that
+        does not counts against requests per minute and concurrency only."""
         try:
-            grant = await self.limiter.acquire(principal.key_id, principal.limits)
+            grant = await self.limiter.acquire(principal.key_id, principal.limits, tokens=tokens)
         except RateLimited as exc:
             request.scope[RATE_HEADERS_KEY] = quota_headers(exc.requests, exc.tokens)
             RATE_LIMITED.labels(exc.limit).inc()
@@ -240,19 +246,33 @@ class Gateway:
             ) from None
         if grant.requests is not None or grant.tokens is not None:
             request.scope[RATE_HEADERS_KEY] = quota_headers(grant.requests, grant.tokens)
-        tally = Tally(principal, grant, self.limiter, operation)
+        tally = Tally(principal, grant, self.limiter, operation, ledger=tokens)
         request.scope[TALLY_KEY] = tally
         return tally
 
     def finish(self, scope: dict[str, Any], status: int) -> None:
         """The request has ended (its whole stream included): close its account."""
         tally: Tally | None = scope.pop(TALLY_KEY, None)
-        if tally is not None and tally.finish() and self._backends is not None:
+        if tally is not None and tally.finish() and tally.ledger and self._backends is not None:
             self._backends.usage.submit(tally.records(status))
 
     async def authorize(self, request: Request, scope: str) -> Principal:
+        """The caller, with `scope`; 401/403 otherwise. A route that reaches a
+        model then calls `admit` for its limits and its ledger row."""
         principal = await self.authenticate(request)
         principal.require_scope(scope)
+        return principal
+
+    async def enter(self, request: Request, scope: str) -> Principal:
+        """The caller, with `scope`, admitted as a request that spends no
+        tokens: lookups, memory and admin calls count against the key's
+        requests per minute and concurrency, and answer with its
+        `x-ratelimit-*` headers, but a key out of tokens can still make them.
+        (`/api/usage` alone is not counted.)"""
+        principal = await self.authenticate(request)
+        principal.require_scope(scope)
+        if TALLY_KEY not in request.scope:  # once per request, however often asked
+            await self.admit(request, principal, "request", tokens=False)
         return principal
 
     def track(self, call: Cancellable) -> None:

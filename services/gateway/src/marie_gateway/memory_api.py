@@ -367,7 +367,7 @@ class MemoryRoutes:
     # --- plumbing ---------------------------------------------------------
 
     async def _principal(self, request: Request) -> Principal:
-        return await self.gw.authorize(request, SCOPE_MEMORY)
+        return await self.gw.enter(request, SCOPE_MEMORY)
 
     async def _query_user(self, request: Request) -> str:
         principal = await self._principal(request)
@@ -521,7 +521,7 @@ class MemoryRoutes:
     async def post_turn(self, request: Request) -> Response | EventStreamResponse:
         gw = self.gw
         rid = current_request_id()
-        principal = await self._principal(request)
+        principal = await gw.authorize(request, SCOPE_MEMORY)
         principal.require_scope(SCOPE_CHAT)
         # A turn is a chat: the key's limits hold and the ledger counts it.
         tally = await gw.admit(request, principal, "chat")

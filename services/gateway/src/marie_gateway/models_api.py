@@ -117,7 +117,7 @@ class ModelRoutes:
         return self.gw.settings.control_timeout_seconds
 
     async def all_models(self, request: Request) -> Response:
-        principal = await self.gw.authorize(request, SCOPE_MODELS)
+        principal = await self.gw.enter(request, SCOPE_MODELS)
         reply = await self._call(
             self.gw.backends().providers.ListModels(
                 pb.ListModelsRequest(force_refresh=_flag(request, "refresh")),
@@ -137,7 +137,7 @@ class ModelRoutes:
         return _json(ModelsByProvider(models=by_provider, total=len(listed), errors=errors))
 
     async def provider_models(self, request: Request) -> Response:
-        principal = await self.gw.authorize(request, SCOPE_MODELS)
+        principal = await self.gw.enter(request, SCOPE_MODELS)
         provider = request.path_params["provider"]
         reply = await self._call(
             self.gw.backends().providers.ListModels(
@@ -150,7 +150,7 @@ class ModelRoutes:
         return _json(ProviderModels(provider=provider, models=models, total=len(models)))
 
     async def one_model(self, request: Request) -> Response:
-        principal = await self.gw.authorize(request, SCOPE_MODELS)
+        principal = await self.gw.enter(request, SCOPE_MODELS)
         reply = await self._call(
             self.gw.backends().providers.GetModel(
                 pb.GetModelRequest(
@@ -163,7 +163,7 @@ class ModelRoutes:
         return _json(marie_model(reply.model))
 
     async def search(self, request: Request) -> Response:
-        principal = await self.gw.authorize(request, SCOPE_MODELS)
+        principal = await self.gw.enter(request, SCOPE_MODELS)
         params = request.query_params
         query = params.get("q", "").strip()
         if not query:
@@ -211,7 +211,7 @@ class ModelRoutes:
         return listed, health
 
     async def providers(self, request: Request) -> Response:
-        principal = await self.gw.authorize(request, SCOPE_MODELS)
+        principal = await self.gw.enter(request, SCOPE_MODELS)
         listed, health = await self._providers_and_health(principal)
         by_name = {h.provider: h for h in health.providers}
         summaries = []
@@ -231,7 +231,7 @@ class ModelRoutes:
         return _json(ProvidersList(providers=summaries))
 
     async def health(self, request: Request) -> Response:
-        principal = await self.gw.authorize(request, SCOPE_MODELS)
+        principal = await self.gw.enter(request, SCOPE_MODELS)
         listed, health = await self._providers_and_health(principal)
         configured = {p.name: p for p in listed.providers}
         out: dict[str, ProviderHealthInfo] = {}

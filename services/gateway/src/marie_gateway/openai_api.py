@@ -70,7 +70,7 @@ class OpenAIRoutes:
 
     async def list_models(self, request: Request) -> Response:
         gw = self.gw
-        principal = await gw.authorize(request, SCOPE_MODELS)
+        principal = await gw.enter(request, SCOPE_MODELS)
         try:
             reply = await gw.backends().providers.ListModels(
                 pb.ListModelsRequest(),
@@ -83,7 +83,7 @@ class OpenAIRoutes:
 
     async def get_model(self, request: Request) -> Response:
         gw = self.gw
-        principal = await gw.authorize(request, SCOPE_MODELS)
+        principal = await gw.enter(request, SCOPE_MODELS)
         model_id = request.path_params["model_id"]
         try:
             reply = await gw.backends().providers.GetModel(

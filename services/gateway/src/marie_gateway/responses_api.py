@@ -117,7 +117,7 @@ class ResponsesRoutes:
             answer.abandon_unless_kept()
 
     async def _tenant(self, request: Request) -> str:
-        principal = await self.gw.authorize(request, SCOPE_CHAT)
+        principal = await self.gw.enter(request, SCOPE_CHAT)
         return responses_user_id(principal)
 
     async def retrieve(self, request: Request) -> Response:

@@ -61,7 +61,7 @@ class Tally:
     principal: Principal
     grant: Grant
     limiter: Limiter
-    #: "chat", "embeddings" or "compare".
+    #: "chat", "embeddings", "compare", … or "request" (spends no tokens).
     operation: str
     #: The model asked for, once the body is read (recorded if no answer came).
     requested: str = ""
@@ -69,6 +69,8 @@ class Tally:
     time: float = field(default_factory=unix_time)
     started: float = field(default_factory=perf_counter)
     uses: list[ModelUse] = field(default_factory=list)
+    #: Whether the request goes into the usage ledger (it reaches a model).
+    ledger: bool = True
     #: Set when the answer failed after it started (an error event).
     failed: bool = False
     finished: bool = False
@@ -183,6 +185,8 @@ class UsageRoutes:
 
     async def usage(self, request: Request) -> Response:
         """Totals of the caller's own key; with `admin`, of any key or owner."""
+        # Not counted against the key's limits (like GitHub's /rate_limit):
+        # a key at its limits can still see where it stands.
         principal = await self.gw.authenticate(request)
         q = request.query_params
         group_by = q.get("group_by", "")
