@@ -1,11 +1,12 @@
 """gRPC calls through Envoy are held to their key's limits and recorded in the
 usage ledger, as the HTTP API's requests are, without counting anything twice.
 
-The suite runs as compose runs it: `MARIE_GATEWAY_LIMITS=auth` and
-`MARIE_PROVIDERS_LIMITS=auth` (both hold leases of the key's counters at
-auth), real Envoy on deploy/envoy/envoy.yaml in front (tests/envoy.py). The
-gateway's key check adds `x-marie-limits` to the metered calls; providers
-admits, charges, releases and records them (marie_kit.metering).
+The suite runs as compose runs it: `MARIE_GATEWAY_LIMITS=auth`,
+`MARIE_PROVIDERS_LIMITS=auth` and `MARIE_MEMORY_LIMITS=auth` (all hold leases
+of the key's counters at auth), real Envoy on deploy/envoy/envoy.yaml in
+front (tests/envoy.py). The gateway's key check adds `x-marie-limits` to the
+providers' and memory's calls; the service admits, charges, releases and
+records them (marie_kit.metering).
 """
 
 from __future__ import annotations
@@ -24,8 +25,11 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from marie.auth.v1 import auth_service_pb2 as auth_pb
 from marie.auth.v1 import auth_service_pb2_grpc as auth_grpc
+from marie.memory.v1 import memory_service_pb2 as memory_pb
+from marie.memory.v1 import memory_service_pb2_grpc as memory_grpc
 from marie.providers.v1 import provider_service_pb2 as pb
 from marie.providers.v1 import provider_service_pb2_grpc as pb_grpc
+from marie_kit.tenancy import tenant_user_id
 
 from tests.envoy import Envoy, start_envoy
 from tests.fakes import FakeModel, FakeOllama
@@ -47,6 +51,7 @@ class Edge:
     stack: Stack
     envoy: Envoy
     providers: pb_grpc.ProviderServiceStub
+    memory: memory_grpc.MemoryServiceStub
     admin: auth_grpc.AuthServiceStub
     data_dir: Path
 
@@ -55,7 +60,7 @@ class Edge:
         reply = self.admin.CreateApiKey(
             auth_pb.CreateApiKeyRequest(
                 name=name,
-                scopes=["chat", "embeddings", "models:read"],
+                scopes=["chat", "embeddings", "models:read", "memory"],
                 owner=f"team-{name}",
                 limits=auth_pb.KeyLimits(**limits),
             ),
@@ -109,7 +114,11 @@ def edge(ollama: FakeOllama, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     ollama.add_model(COUNTED)
     data = tmp_path_factory.mktemp("grpc-limits")
     stack = start_stack(
-        data, ollama.base_url, MARIE_GATEWAY_LIMITS="auth", MARIE_PROVIDERS_LIMITS="auth"
+        data,
+        ollama.base_url,
+        MARIE_GATEWAY_LIMITS="auth",
+        MARIE_PROVIDERS_LIMITS="auth",
+        MARIE_MEMORY_LIMITS="auth",
     )
     envoy: Envoy | None = None
     try:
@@ -130,6 +139,7 @@ def edge(ollama: FakeOllama, tmp_path_factory: pytest.TempPathFactory) -> Iterat
                 stack,
                 envoy,
                 pb_grpc.ProviderServiceStub(edge_channel),
+                memory_grpc.MemoryServiceStub(edge_channel),
                 auth_grpc.AuthServiceStub(auth_channel),
                 data,
             )
@@ -149,22 +159,98 @@ def refusal(error: grpc.RpcError) -> error_details_pb2.ErrorInfo:
     return info
 
 
-def test_the_key_check_marks_only_the_calls_that_spend_model_capacity(edge: Edge) -> None:
+def test_the_key_check_marks_the_providers_and_memory_calls(edge: Edge) -> None:
     key, _ = edge.key("marks", requests_per_minute=7, max_concurrent_requests=2)
     auth = {"authorization": f"Bearer {key}"}
-    base = f"{edge.stack.base_url}/_authz/marie.providers.v1.ProviderService"
     for method in (
-        "StreamChatCompletion",
-        "CreateChatCompletion",
-        "StreamCompletion",
-        "CreateEmbeddings",
+        "ProviderService/StreamChatCompletion",
+        "ProviderService/CreateChatCompletion",
+        "ProviderService/StreamCompletion",
+        "ProviderService/CreateEmbeddings",
+        "ProviderService/ListModels",
+        "ProviderService/GetModel",
+        "MemoryService/ListMemories",
+        "MemoryService/AddMemories",
     ):
-        answer = httpx.post(f"{base}/{method}", headers=auth)
+        service = "providers" if method.startswith("Provider") else "memory"
+        answer = httpx.post(
+            f"{edge.stack.base_url}/_authz/marie.{service}.v1.{method}", headers=auth
+        )
         assert answer.status_code == 200
         assert answer.headers[LIMITS_HEADER] == "rpm=7,tpm=0,tpd=0,concurrent=2"
-    listing = httpx.post(f"{base}/ListModels", headers=auth)
-    assert listing.status_code == 200
-    assert LIMITS_HEADER not in listing.headers
+
+
+def test_memory_calls_share_the_keys_requests_per_minute(edge: Edge) -> None:
+    """Memory over gRPC, memory over HTTP and a providers lookup draw on one
+    key's requests: three holders of leases (memory, the gateway, providers)
+    admit the limit within the bound of docs/decisions.md (G·k, G = 3, k = 1
+    here), where separate counters would admit three times the limit."""
+    rpm = 6
+    key, _ = edge.key("grpc-memory", requests_per_minute=rpm)
+    auth = (("authorization", f"Bearer {key}"),)
+    # The tenant of a key with an owner is its owner.
+    mine = memory_pb.ListMemoriesRequest(user_id=tenant_user_id("team-grpc-memory", "alice"))
+
+    def memory_grpc() -> bool:
+        try:
+            edge.memory.ListMemories(mine, metadata=auth, timeout=10)
+        except grpc.RpcError as exc:
+            info = refusal(exc)
+            assert (info.domain, info.metadata["limit"]) == ("marie.memory", "requests")
+            return False
+        return True
+
+    def memory_http() -> bool:
+        answer = httpx.get(
+            f"{edge.envoy.url()}/api/memories?user=alice",
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=10,
+        )
+        assert answer.status_code in (200, 429), answer.text
+        return answer.status_code == 200
+
+    def lookup() -> bool:
+        try:
+            edge.providers.ListModels(pb.ListModelsRequest(), metadata=auth, timeout=10)
+        except grpc.RpcError as exc:
+            assert refusal(exc).metadata["limit"] == "requests"
+            return False
+        return True
+
+    kinds = (memory_grpc, memory_http, lookup)
+    admitted = {kind.__name__: 0 for kind in kinds}
+    refused = 0
+    started = time.monotonic()
+    for i in range(3 * rpm):
+        kind = kinds[i % 3]
+        if kind():
+            admitted[kind.__name__] += 1
+        else:
+            refused += 1
+    refilled = (time.monotonic() - started) * rpm / 60
+    total = sum(admitted.values())
+    assert rpm - 3 <= total <= rpm + 3 + refilled, admitted
+    assert refused and admitted["memory_grpc"] and admitted["memory_http"], admitted
+
+
+def test_lookups_count_against_requests_per_minute_but_not_in_the_ledger(edge: Edge) -> None:
+    key, key_id = edge.key("grpc-lookups", requests_per_minute=3, tokens_per_minute=20)
+    auth = (("authorization", f"Bearer {key}"),)
+    listed = edge.providers.ListModels(pb.ListModelsRequest(), metadata=auth, timeout=10)
+    assert MODEL in {m.id for m in listed.models}
+    # 30 tokens of 20: no more chats, but a lookup spends none.
+    assert edge.chat(key)[-1].usage.total_tokens == 30
+    with pytest.raises(grpc.RpcError) as caught:
+        edge.chat(key)
+    assert refusal(caught.value).metadata["limit"] == "tokens"
+    edge.providers.GetModel(pb.GetModelRequest(model=MODEL), metadata=auth, timeout=10)
+    # Three requests this minute (a refusal takes none): the next lookup waits.
+    with pytest.raises(grpc.RpcError) as caught:
+        edge.providers.ListModels(pb.ListModelsRequest(), metadata=auth, timeout=10)
+    assert refusal(caught.value).metadata["limit"] == "requests"
+    # The ledger has the chat alone.
+    time.sleep(2.5)  # recorders send every second
+    assert [row["operation"] for row in edge.records(key_id)] == ["chat"]
 
 
 def test_requests_per_minute_admit_exactly_the_limit_then_resource_exhausted(

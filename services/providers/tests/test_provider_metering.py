@@ -226,10 +226,16 @@ async def test_a_marker_without_the_key_id_is_refused(metered: Metered) -> None:
     assert "x-marie-key-id" in error.message
 
 
-async def test_a_marked_call_of_an_unmetered_method_passes(metered: Metered) -> None:
-    metadata = marked("rpm=1", key_id="key-list")
-    for _ in range(3):
+async def test_a_marked_lookup_is_counted_but_not_recorded(metered: Metered) -> None:
+    metadata = marked("rpm=2,tpm=1,tpd=1", key_id="key-list")
+    # Token limits do not hold a lookup back: it spends none.
+    for _ in range(2):
         await metered.providers.stub.ListModels(pb.ListModelsRequest(), metadata=metadata)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await metered.providers.stub.GetModel(pb.GetModelRequest(model=MODEL), metadata=metadata)
+    refused = ServiceError.from_rpc_error(caught.value)
+    assert (refused.code, refused.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMITED")
+    assert refused.metadata["limit"] == "requests"
     await metered.stop_providers()
     assert (await metered.ledger("key-list")).total.requests == 0
 

@@ -2,9 +2,9 @@
 
 The gateway's key check (Envoy's ext_authz) adds `x-marie-limits`
 (`marie_kit.limits.LIMITS_HEADER`), beside the key's id and owner, to the
-calls through Envoy that spend model capacity. `MeteringInterceptor`, on the
-service that serves them (providers), then does for such a call what the
-gateway does for an HTTP request:
+calls through Envoy of the services that meter them. `MeteringInterceptor`,
+on such a service (providers), then does for a call what the gateway does
+for an HTTP request. A call that spends model capacity is:
 
 - admits it against the key's limits with a `Limiter` (the kit's, as the
   gateway's; with leases from auth both draw on the same counters), or
@@ -15,6 +15,9 @@ gateway does for an HTTP request:
 - holds its concurrency slot until the call ends: the stream's last message,
   an error, or the client going away;
 - queues one usage-ledger record when it ends (never blocking it).
+
+A call that spends none (a lookup: `COUNTED`) is admitted against the
+key's requests per minute and concurrency only, and is not in the ledger.
 
 A call without the header is one the deployment made itself (the gateway's
 own calls, already limited and recorded; the memory service's): it passes
@@ -37,19 +40,24 @@ from typing import Any
 
 import grpc
 from marie.auth.v1 import auth_service_pb2 as auth_pb
+from marie.auth.v1 import auth_service_pb2_grpc as auth_grpc
 
+from marie_kit.channels import insecure_channel
 from marie_kit.errors import ServiceError
 from marie_kit.identity import KEY_ID_HEADER, identity_from_metadata
 from marie_kit.interceptors import Handler, rewrap
+from marie_kit.leased_limits import LeasedLimiter
 from marie_kit.limits import (
     LIMITS_HEADER,
     Grant,
     Limiter,
     Limits,
+    LocalLimiter,
     RateLimited,
     parse_limits_value,
 )
-from marie_kit.usage import new_record_id, timestamp
+from marie_kit.settings import AuthClientSettings
+from marie_kit.usage import UsageRecorder, new_record_id, timestamp
 
 log = logging.getLogger("marie.metering")
 
@@ -98,11 +106,22 @@ class Report:
 @dataclass(frozen=True, slots=True)
 class Metered:
     """How to meter one RPC: its ledger operation, the model its request asks
-    for (recorded when no answer names one), and what an answer message says."""
+    for (recorded when no answer names one), and what an answer message says.
+    One that does not `spend_tokens` is only counted (no tokens, no ledger)."""
 
     operation: str
     requested: Callable[[Any], tuple[str, str]]
     read: Callable[[Any], Report]
+    spends_tokens: bool = True
+
+
+def _nothing(message: Any) -> Report:
+    return Report("", "")
+
+
+#: An RPC that spends no model capacity: counted against the key's requests
+#: per minute and concurrency, not held to its token limits, not recorded.
+COUNTED = Metered("request", lambda request: ("", ""), _nothing, spends_tokens=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,7 +287,9 @@ class MeteringInterceptor(grpc.aio.ServerInterceptor):
                 domain=self.domain,
             )
         try:
-            grant = await limiter.acquire(marker.key_id, marker.limits)
+            grant = await limiter.acquire(
+                marker.key_id, marker.limits, tokens=metered.spends_tokens
+            )
         except RateLimited as exc:
             raise rate_limited(exc, self.domain) from None
         return _Call(marker, metered, grant, request, self._finish)
@@ -287,7 +308,7 @@ class MeteringInterceptor(grpc.aio.ServerInterceptor):
         """The call ended: free its slot, queue its ledger record."""
         if self._limiter is not None:
             self._limiter.release(call.grant)
-        if self._usage is None:
+        if self._usage is None or not call.metered.spends_tokens:
             return
         self._usage(
             [
@@ -345,3 +366,35 @@ def _refusing(handler: Handler, error: ServiceError) -> Handler | None:
         yield  # a generator, as the kind of handler requires
 
     return rewrap(handler, lambda _: refuse_unary, lambda _: refuse_stream)
+
+
+@dataclass
+class MeteringBackends:
+    """What a `MeteringInterceptor` meters with: the channel to auth, the
+    usage recorder (which the service may use for its own ledger rows) and
+    the limiter, local or leased from auth (`settings.limits`)."""
+
+    auth_channel: grpc.aio.Channel
+    usage: UsageRecorder
+    limiter: Limiter
+    leased: LeasedLimiter | None
+
+    @classmethod
+    def start(cls, settings: AuthClientSettings) -> MeteringBackends:
+        # A channel connects lazily: nothing is asked of auth until a metered
+        # call comes (or the recorder has records to send).
+        channel = insecure_channel(settings.auth_addr)
+        auth = auth_grpc.AuthServiceStub(channel)
+        usage = UsageRecorder(auth)
+        usage.start()
+        leased = LeasedLimiter(auth) if settings.limits == "auth" else None
+        if leased is not None:
+            leased.start()
+        return cls(channel, usage, leased or LocalLimiter(), leased)
+
+    async def close(self) -> None:
+        if self.leased is not None:
+            await self.leased.close()
+        # Calls have ended: what they used goes to the ledger now.
+        await self.usage.close()
+        await self.auth_channel.close()

@@ -56,6 +56,13 @@ class ServiceSettings(BaseSettings):
 class AuthClientSettings(ServiceSettings):
     """A service that calls auth (the usage ledger, shared limits)."""
 
+    limits: Literal["local", "auth"] = Field(
+        default="local",
+        description="Where the per-key limits of gRPC calls through Envoy are counted: "
+        "'local' in this process, 'auth' in auth's store, leased in small shares and "
+        "shared with the gateways' HTTP API (as MARIE_GATEWAY_LIMITS).",
+    )
+
     auth_addr: str = Field(
         default="",
         description="host:port of the auth service; default 127.0.0.1:$MARIE_AUTH_PORT.",

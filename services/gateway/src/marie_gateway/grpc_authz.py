@@ -10,11 +10,11 @@ The gateway answers with the same key checks as its HTTP API (one
   scope `x-marie-tenant` (the key's tenant: its owner, or its id when it has
   none; the memory service refuses user ids of other tenants,
   marie_kit.tenancy), for a key limited to some models
-  `x-marie-allowed-models`, and for the calls that spend model capacity
-  (`METERED_METHODS`) `x-marie-limits`, the key's limits: the providers
-  service admits such a call against them and records it in the usage
-  ledger (marie_kit.metering), as the gateway does for its HTTP API. Envoy
-  adds these headers to the call;
+  `x-marie-allowed-models`, and for the calls of the providers and memory
+  services (`METERED_METHODS`) `x-marie-limits`, the key's limits: the
+  service admits such a call against them, and records the ones that spend
+  model capacity in the usage ledger (marie_kit.metering), as the gateway
+  does for its HTTP API. Envoy adds these headers to the call;
 - 401 when the key is missing, malformed, unknown, revoked or expired;
 - 403 when the key lacks the method's scope, or the method is not in the table;
 - 429 when the client address sent too many invalid keys lately, 503 when a
@@ -68,6 +68,7 @@ KEY_ID_HEADER = identity.KEY_ID_HEADER
 OWNER_HEADER = identity.OWNER_HEADER
 
 _PROVIDERS = "/marie.providers.v1.ProviderService/"
+_MEMORY = "/marie.memory.v1.MemoryService/"
 
 
 def _every_method(file: FileDescriptor, service: str, scope: str) -> dict[str, str]:
@@ -95,16 +96,13 @@ METHOD_SCOPES: Mapping[str, str] = MappingProxyType(
 )
 
 
-#: The calls that spend model capacity: held to the key's limits and recorded
-#: in the usage ledger by the providers service. Only these carry
-#: `x-marie-limits`; the gateway's own calls never do (it meters them itself).
+#: The calls their service holds to the key's limits: every call of the
+#: providers and memory services (those that spend model capacity are also
+#: recorded in the usage ledger). AuthService calls, for admin keys, are not
+#: counted. Only these carry `x-marie-limits`; the gateway's own calls never
+#: do (it meters them itself).
 METERED_METHODS = frozenset(
-    {
-        f"{_PROVIDERS}StreamChatCompletion",
-        f"{_PROVIDERS}CreateChatCompletion",
-        f"{_PROVIDERS}StreamCompletion",
-        f"{_PROVIDERS}CreateEmbeddings",
-    }
+    method for method in METHOD_SCOPES if method.startswith((_PROVIDERS, _MEMORY))
 )
 
 

@@ -16,14 +16,13 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import grpc
-from marie.auth.v1 import auth_service_pb2_grpc as auth_grpc
 from marie.memory.v1 import memory_service_pb2 as pb
 from marie.memory.v1 import memory_service_pb2_grpc as pb_grpc
 from marie.providers.v1 import provider_service_pb2_grpc as ppb_grpc
 from marie_kit.channels import insecure_channel
 from marie_kit.identity import allowed_models_from_metadata, identity_from_metadata
+from marie_kit.metering import COUNTED, MeteringBackends, MeteringInterceptor
 from marie_kit.tenancy import TenantInterceptor
-from marie_kit.usage import UsageRecorder
 
 from marie_memory import convert
 from marie_memory.core import MemoryCore
@@ -45,6 +44,7 @@ else:
 log = logging.getLogger("marie.memory.service")
 
 SERVICE_NAME = "marie.memory.v1.MemoryService"
+_SERVICE = pb.DESCRIPTOR.services_by_name["MemoryService"]
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -80,14 +80,22 @@ class MemoryComponent:
 
     def __init__(self, settings: MemorySettings) -> None:
         self.settings = settings
-        # Calls through Envoy carry the key's verified tenant: every user_id
-        # they name must be one of that tenant's.
-        self.interceptors: Sequence[grpc.aio.ServerInterceptor] = (TenantInterceptor(DOMAIN),)
+        # Calls through Envoy are requests of the key: counted against its
+        # requests per minute and concurrency (none spends tokens here; the
+        # model calls extraction makes are metered as its own).
+        self.metering = MeteringInterceptor(
+            DOMAIN, {f"/{SERVICE_NAME}/{m.name}": COUNTED for m in _SERVICE.methods}
+        )
+        # They also carry the key's verified tenant: every user_id they name
+        # must be one of that tenant's.
+        self.interceptors: Sequence[grpc.aio.ServerInterceptor] = (
+            self.metering,
+            TenantInterceptor(DOMAIN),
+        )
         self._core: MemoryCore | None = None
         self._channel: grpc.aio.Channel | None = None
         self._queue: ExtractionQueue | None = None
-        self._auth_channel: grpc.aio.Channel | None = None
-        self._usage: UsageRecorder | None = None
+        self._metering: MeteringBackends | None = None
 
     @property
     def core(self) -> MemoryCore:
@@ -111,11 +119,10 @@ class MemoryComponent:
             # A channel connects lazily: it costs nothing until a model is used.
             self._channel = insecure_channel(settings.providers_addr)
             providers: ProvidersStub = ppb_grpc.ProviderServiceStub(self._channel)
-            # Extraction's model calls go to auth's usage ledger, in batches.
-            self._auth_channel = insecure_channel(settings.auth_addr)
-            # The kit's batching defaults (the gateway's too).
-            self._usage = UsageRecorder(auth_grpc.AuthServiceStub(self._auth_channel))
-            self._usage.start()
+            # Extraction's model calls go to auth's usage ledger, in batches,
+            # through the recorder that meters calls through Envoy.
+            metering = self._metering = MeteringBackends.start(settings)
+            self.metering.start(metering.limiter, metering.usage.submit)
             embeddings = Embeddings(
                 store,
                 providers if settings.embedding_model else None,
@@ -127,7 +134,7 @@ class MemoryComponent:
                 store,
                 embeddings,
                 extractor=LlmExtractor(
-                    providers, settings.extraction_timeout_seconds, usage=self._usage.submit
+                    providers, settings.extraction_timeout_seconds, usage=metering.usage.submit
                 ),
                 default_extraction_model=settings.extraction_model,
                 vector_weight=settings.vector_weight,
@@ -168,13 +175,11 @@ class MemoryComponent:
             core, self._core = self._core, None
             await core.embeddings.close()
             await core.store.close()
-        if self._usage is not None:
+        self.metering.stop()
+        if self._metering is not None:
             # Extraction has stopped: what it used goes to the ledger now.
-            await self._usage.close()
-            self._usage = None
-        if self._auth_channel is not None:
-            await self._auth_channel.close()
-            self._auth_channel = None
+            await self._metering.close()
+            self._metering = None
         if self._channel is not None:
             await self._channel.close()
             self._channel = None

@@ -1,6 +1,7 @@
-"""Which ProviderService calls spend model capacity, and how their usage is
-read: the table the kit's `MeteringInterceptor` meters gRPC calls through
-Envoy by (the key's limits and the usage ledger, `marie_kit.metering`)."""
+"""How each ProviderService call through Envoy is metered: the calls that
+spend model capacity and how their usage is read, and the lookups, which
+are only counted. The table the kit's `MeteringInterceptor` meters gRPC calls
+through Envoy by (the key's limits and the usage ledger, `marie_kit.metering`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from types import MappingProxyType
 from typing import Any
 
 from marie.providers.v1 import provider_service_pb2 as pb
-from marie_kit.metering import Metered, Report
+from marie_kit.metering import COUNTED, Metered, Report
 
 _SERVICE = pb.DESCRIPTOR.services_by_name["ProviderService"].full_name
 
@@ -65,9 +66,14 @@ def _embeddings(response: pb.CreateEmbeddingsResponse) -> Report:
     )
 
 
-#: gRPC full method -> how it is metered (ledger operations as the gateway's).
+#: gRPC full method -> how it is metered (ledger operations as the gateway's);
+#: every other method is a lookup, counted against requests only.
 METERED: Mapping[str, Metered] = MappingProxyType(
     {
+        **{
+            f"/{_SERVICE}/{method.name}": COUNTED
+            for method in pb.DESCRIPTOR.services_by_name["ProviderService"].methods
+        },
         f"/{_SERVICE}/StreamChatCompletion": Metered("chat", _requested, _chunk),
         f"/{_SERVICE}/CreateChatCompletion": Metered(
             "chat", lambda request: _requested(request.chat), _whole_chat

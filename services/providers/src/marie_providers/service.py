@@ -16,16 +16,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from marie.auth.v1 import auth_service_pb2_grpc as auth_grpc
 from marie.providers.v1 import provider_service_pb2 as pb
 from marie.providers.v1 import provider_service_pb2_grpc as pb_grpc
-from marie_kit.channels import insecure_channel
 from marie_kit.errors import ServiceError
-from marie_kit.leased_limits import LeasedLimiter
-from marie_kit.limits import Limiter, LocalLimiter
 from marie_kit.memory import LargeRequests
-from marie_kit.metering import MeteringInterceptor
-from marie_kit.usage import UsageRecorder
+from marie_kit.metering import MeteringBackends, MeteringInterceptor
 
 from marie_providers import provider_types
 from marie_providers.base import Provider
@@ -297,37 +292,6 @@ class ProviderServicer(pb_grpc.ProviderServiceServicer):
             return await router.embed(plan, request, deadline=_deadline(context))
 
 
-@dataclass
-class Metering:
-    """What meters gRPC calls through Envoy: the auth channel, the usage
-    recorder and the limiter (`marie_kit.metering`)."""
-
-    auth_channel: grpc.aio.Channel
-    usage: UsageRecorder
-    limiter: Limiter
-    leased: LeasedLimiter | None
-
-    @classmethod
-    def start(cls, settings: ProvidersSettings) -> Metering:
-        # A channel connects lazily: nothing is asked of auth until a metered
-        # call comes (or the recorder has records to send).
-        channel = insecure_channel(settings.auth_addr)
-        auth = auth_grpc.AuthServiceStub(channel)
-        usage = UsageRecorder(auth)
-        usage.start()
-        leased = LeasedLimiter(auth) if settings.limits == "auth" else None
-        if leased is not None:
-            leased.start()
-        return cls(channel, usage, leased or LocalLimiter(), leased)
-
-    async def close(self) -> None:
-        if self.leased is not None:
-            await self.leased.close()
-        # Calls have ended: what they used goes to the ledger now.
-        await self.usage.close()
-        await self.auth_channel.close()
-
-
 class ProvidersComponent:
     """The providers service as the kit's server bootstrap runs it.
 
@@ -350,12 +314,12 @@ class ProvidersComponent:
         self.config = config if config is not None else load_config(settings)
         self._build_providers = providers
         self.servicer = ProviderServicer()
-        # Calls through Envoy that spend model capacity: the key's limits and
-        # the usage ledger. The gateway's own calls pass at the cost of one
-        # metadata lookup.
+        # Calls through Envoy: the key's limits, and the usage ledger for those
+        # that spend model capacity. The gateway's own calls pass at the cost
+        # of one metadata lookup.
         self.metering = MeteringInterceptor(DOMAIN, METERED)
         self.interceptors: Sequence[grpc.aio.ServerInterceptor] = (self.metering,)
-        self._metering: Metering | None = None
+        self._metering: MeteringBackends | None = None
 
     def register(self, server: grpc.aio.Server) -> None:
         pb_grpc.add_ProviderServiceServicer_to_server(self.servicer, server)
@@ -386,7 +350,7 @@ class ProvidersComponent:
         monitor = HealthMonitor(registry, router, interval=config.routing.health_interval_seconds)
         await monitor.start(self.settings.health_timeout_seconds + FIRST_HEALTH_SLACK_SECONDS)
         self.servicer.core = Core(registry, router, monitor)
-        metering = self._metering = Metering.start(self.settings)
+        metering = self._metering = MeteringBackends.start(self.settings)
         self.metering.start(metering.limiter, metering.usage.submit)
         log.info(
             "providers configured",

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 import httpx
 from marie_kit.settings import AuthClientSettings
@@ -58,12 +57,6 @@ class ProvidersSettings(AuthClientSettings):
     )
     health_timeout_seconds: float = Field(
         default=2.0, gt=0, description="Time allowed for one provider health probe."
-    )
-    limits: Literal["local", "auth"] = Field(
-        default="local",
-        description="Where the per-key limits of gRPC calls through Envoy are counted: "
-        "'local' in this process, 'auth' in auth's store, leased in small shares and "
-        "shared with the gateways' HTTP API (as MARIE_GATEWAY_LIMITS).",
     )
 
     @field_validator("ollama_base_url")
