@@ -3,8 +3,8 @@
 The gateway's key check (Envoy's ext_authz) adds `x-marie-limits`
 (`marie_kit.limits.LIMITS_HEADER`), beside the key's id and owner, to the
 calls through Envoy of the services that meter them. `MeteringInterceptor`,
-on such a service (providers), then does for a call what the gateway does
-for an HTTP request. A call that spends model capacity is:
+on such a service (providers, memory), then does for a call what the
+gateway does for an HTTP request. For a call that spends model capacity, it:
 
 - admits it against the key's limits with a `Limiter` (the kit's, as the
   gateway's; with leases from auth both draw on the same counters), or
@@ -107,7 +107,7 @@ class Report:
 class Metered:
     """How to meter one RPC: its ledger operation, the model its request asks
     for (recorded when no answer names one), and what an answer message says.
-    One that does not `spend_tokens` is only counted (no tokens, no ledger)."""
+    One that does not `spends_tokens` is only counted (no tokens, no ledger)."""
 
     operation: str
     requested: Callable[[Any], tuple[str, str]]
