@@ -1,7 +1,14 @@
 // MarieClient: one long-lived HTTP/2 session to Marie's ProviderService.
 
 import { create, type MessageInitShape } from "@bufbuild/protobuf";
-import { Code, createClient, type CallOptions, type Client, type Interceptor } from "@connectrpc/connect";
+import {
+  Code,
+  createClient,
+  type CallOptions,
+  type Client,
+  type Interceptor,
+  type Transport,
+} from "@connectrpc/connect";
 import { createGrpcTransport, Http2SessionManager } from "@connectrpc/connect-node";
 
 import {
@@ -28,6 +35,13 @@ import { MarieError } from "./errors.js";
 export const DEFAULT_TIMEOUT_MS = 10_000;
 export const DEFAULT_STREAM_TIMEOUT_MS = 600_000;
 
+/** Unary calls that wait for a model: a lookup's deadline would cut them off. */
+const MODEL_CALLS = new Set([
+  "marie.providers.v1.ProviderService/CreateChatCompletion",
+  "marie.providers.v1.ProviderService/CreateEmbeddings",
+  "marie.memory.v1.MemoryService/AddMemories",
+]);
+
 export interface MarieClientOptions {
   /** `host:port` of the providers service (or of Envoy). */
   address: string;
@@ -35,9 +49,12 @@ export interface MarieClientOptions {
   apiKey: string;
   /** Use TLS (https); default false. */
   tls?: boolean;
-  /** Deadline of lookups (the helpers' unary calls that do not wait for a model); default 10 s. */
+  /** Deadline of lookups (unary calls that do not wait for a model); default 10 s. */
   timeoutMs?: number;
-  /** Deadline of a chat stream and of the embeddings helper, which wait for a model; default 600 s. */
+  /**
+   * Deadline of a chat stream and of the unary calls that wait for a model
+   * (CreateChatCompletion, CreateEmbeddings, AddMemories); default 600 s.
+   */
   streamTimeoutMs?: number;
 }
 
@@ -103,11 +120,11 @@ function toMessage(message: MessageLike): ChatMessageInit {
 }
 
 export class MarieClient {
-  /** The generated client, for anything the helpers below do not cover (the key applies; pass `timeoutMs`). */
+  /** The generated client, for anything the helpers below do not cover (the key and the default deadlines apply). */
   readonly providers: Client<typeof ProviderService>;
   /**
-   * AuthService and MemoryService on the same session (the key applies; pass
-   * `timeoutMs`; `MarieError.from` decodes failures): for a client of Envoy (one
+   * AuthService and MemoryService on the same session (the key and the default
+   * deadlines apply; `MarieError.from` decodes failures): for a client of Envoy (one
    * address for every routed service) or of that service's own address.
    */
   readonly auth: Client<typeof AuthService>;
@@ -127,11 +144,26 @@ export class MarieClient {
       return next(request);
     };
     this.sessions = new Http2SessionManager(baseUrl);
-    const transport = createGrpcTransport({
-      baseUrl,
-      interceptors: [withKey],
-      sessionManager: this.sessions,
-    });
+    // One session; a unary call without a deadline of its own gets the one
+    // its method needs. Streams get none from connect (see streamChat).
+    const over = (defaultTimeoutMs?: number) =>
+      createGrpcTransport({
+        baseUrl,
+        interceptors: [withKey],
+        sessionManager: this.sessions,
+        defaultTimeoutMs,
+      });
+    const lookups = over(this.timeoutMs);
+    const modelCalls = over(this.streamTimeoutMs);
+    const streams = over(undefined);
+    const transport: Transport = {
+      unary: (method, ...rest) =>
+        (MODEL_CALLS.has(`${method.parent.typeName}/${method.name}`) ? modelCalls : lookups).unary(
+          method,
+          ...rest,
+        ),
+      stream: (method, ...rest) => streams.stream(method, ...rest),
+    };
     this.providers = createClient(ProviderService, transport);
     this.auth = createClient(AuthService, transport);
     this.memory = createClient(MemoryService, transport);

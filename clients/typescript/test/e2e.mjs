@@ -114,11 +114,15 @@ try {
 } catch (error) {
   assert.ok(error instanceof MarieError, String(error));
   assert.equal(error.code, Code.Unimplemented);
-  // A call that waits for a model gets the long default deadline (the recorder checks what arrived).
+  // Calls that wait for a model get the long default deadline (the recorder
+  // checks what arrived): the helper, and the generated clients.
+  const unimplemented = (refused) => MarieError.from(refused).code === Code.Unimplemented;
   await assert.rejects(
     recorded.createEmbeddings({ model: "ollama/nomic-embed-text:latest", inputs: ["hi"] }),
-    (refused) => refused instanceof MarieError && refused.code === Code.Unimplemented,
+    unimplemented,
   );
+  await assert.rejects(recorded.providers.createChatCompletion({}), unimplemented);
+  await assert.rejects(recorded.memory.addMemories({}), unimplemented);
   console.log("ok bearer");
 } finally {
   recorded.close();
