@@ -269,8 +269,7 @@ class Gateway:
         requests per minute and concurrency, and answer with its
         `x-ratelimit-*` headers, but a key out of tokens can still make them.
         (`/api/usage` alone is not counted.)"""
-        principal = await self.authenticate(request)
-        principal.require_scope(scope)
+        principal = await self.authorize(request, scope)
         if TALLY_KEY not in request.scope:  # once per request, however often asked
             await self.admit(request, principal, "request", tokens=False)
         return principal
