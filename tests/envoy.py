@@ -17,10 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import httpx
 import orjson
 import yaml
-from google.rpc import status_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 from tests.stack import ROOT, free_ports
 
@@ -174,3 +176,18 @@ def refusal_status(response: httpx.Response) -> status_pb2.Status:
     Envoy passes to the gRPC client as `grpc-status-details-bin`."""
     value = response.headers["grpc-status-details-bin"]
     return status_pb2.Status.FromString(base64.b64decode(value + "=" * (-len(value) % 4)))
+
+
+def error_info(status: status_pb2.Status) -> error_details_pb2.ErrorInfo:
+    """The ErrorInfo a rich status carries (first of its details)."""
+    info = error_details_pb2.ErrorInfo()
+    assert status.details[0].Unpack(info)
+    return info
+
+
+def call_error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo:
+    """The ErrorInfo of a failed call; `rpc_status` also checks that its
+    rich status agrees with the call's code and message."""
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert status is not None
+    return error_info(status)

@@ -10,12 +10,12 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from google.rpc import code_pb2, error_details_pb2
+from google.rpc import code_pb2
 from marie.providers.v1 import provider_service_pb2
 from marie_gateway.grpc_authz import METHOD_SCOPES
 from marie_kit.apikeys import generate_key
 
-from tests.envoy import refusal_status
+from tests.envoy import error_info, refusal_status
 from tests.stack import Stack
 
 LIST_MODELS = "/marie.providers.v1.ProviderService/ListModels"
@@ -44,8 +44,7 @@ def error_of(response: httpx.Response) -> dict[str, Any]:
     grpc-message) and the rich status, which must agree with it."""
     status = refusal_status(response)
     assert status.message == response.text != ""
-    info = error_details_pb2.ErrorInfo()
-    assert status.details[0].Unpack(info)
+    info = error_info(status)
     assert info.domain == "marie"
     return {"message": status.message, "code": status.code, "reason": info.reason}
 

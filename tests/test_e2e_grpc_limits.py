@@ -22,7 +22,6 @@ import grpc
 import httpx
 import pytest
 from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from marie.auth.v1 import auth_service_pb2 as auth_pb
 from marie.auth.v1 import auth_service_pb2_grpc as auth_grpc
 from marie.memory.v1 import memory_service_pb2 as memory_pb
@@ -31,7 +30,7 @@ from marie.providers.v1 import provider_service_pb2 as pb
 from marie.providers.v1 import provider_service_pb2_grpc as pb_grpc
 from marie_kit.tenancy import tenant_user_id
 
-from tests.envoy import Envoy, start_envoy
+from tests.envoy import Envoy, call_error_info, start_envoy
 from tests.fakes import FakeModel, FakeOllama
 from tests.stack import Stack, start_stack
 
@@ -152,11 +151,7 @@ def edge(ollama: FakeOllama, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 def refusal(error: grpc.RpcError) -> error_details_pb2.ErrorInfo:
     """The ErrorInfo of a RESOURCE_EXHAUSTED answer."""
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    assert status is not None
-    info = error_details_pb2.ErrorInfo()
-    assert status.details[0].Unpack(info)
-    return info
+    return call_error_info(error)
 
 
 def test_the_key_check_marks_the_providers_and_memory_calls(edge: Edge) -> None:

@@ -11,10 +11,10 @@ from typing import Any
 
 import httpx
 import pytest
-from google.rpc import code_pb2, error_details_pb2
+from google.rpc import code_pb2
 from marie_kit.apikeys import generate_key
 
-from tests.envoy import refusal_status
+from tests.envoy import error_info, refusal_status
 from tests.fakes import FakeModel, FakeOllama
 from tests.stack import Stack, start_stack
 
@@ -324,8 +324,7 @@ def test_a_slowed_down_address_gets_rate_limited_from_envoys_grpc_check(strict: 
     status = refusal_status(slowed)
     assert status.code == code_pb2.UNAVAILABLE  # what Envoy makes of a 429
     assert status.message == slowed.text
-    info = error_details_pb2.ErrorInfo()
-    assert status.details[0].Unpack(info)
+    info = error_info(status)
     assert info.reason == "RATE_LIMITED"
     assert info.metadata["retry_after_seconds"] == slowed.headers["retry-after"]
     assert 1 <= int(slowed.headers["retry-after"]) <= 10

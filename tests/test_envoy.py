@@ -21,8 +21,7 @@ import grpc
 import httpx
 import orjson
 import pytest
-from google.rpc import error_details_pb2, status_pb2
-from grpc_status import rpc_status
+from google.rpc import status_pb2
 from marie.auth.v1 import auth_service_pb2 as auth_pb
 from marie.auth.v1 import auth_service_pb2_grpc as auth_grpc
 from marie.memory.v1 import memory_service_pb2 as memory_pb
@@ -37,6 +36,7 @@ from tests.envoy import (
     ENVOY,
     Config,
     Envoy,
+    call_error_info,
     connection_manager,
     load_config,
     start_envoy,
@@ -243,7 +243,7 @@ def test_grpc_without_key_is_unauthenticated(providers: pb_grpc.ProviderServiceS
     # The gateway's refusal, as a service's own: plain message, ErrorInfo
     # (rpc_status checks the rich status agrees with the call's code and message).
     assert (caught.value.details() or "").startswith("You didn't provide an API key")
-    info = _error_info(caught.value)
+    info = call_error_info(caught.value)
     assert (info.reason, info.domain) == ("INVALID_API_KEY", "marie")
 
 
@@ -255,7 +255,7 @@ def test_grpc_with_unknown_key_is_unauthenticated(
             pb.ListModelsRequest(), metadata=(("x-api-key", "mk-not-a-key"),), timeout=10
         )
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert _error_info(caught.value).reason == "INVALID_API_KEY"
+    assert call_error_info(caught.value).reason == "INVALID_API_KEY"
 
 
 def test_grpc_key_without_the_scope_is_permission_denied(
@@ -269,7 +269,7 @@ def test_grpc_key_without_the_scope_is_permission_denied(
         )
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert caught.value.details() == "This API key lacks the 'models:read' scope."
-    assert _error_info(caught.value).reason == "PERMISSION_DENIED"
+    assert call_error_info(caught.value).reason == "PERMISSION_DENIED"
     with pytest.raises(grpc.RpcError) as caught:
         auth.ListApiKeys(auth_pb.ListApiKeysRequest(), metadata=(bearer(keys["full"]),), timeout=10)
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
@@ -314,14 +314,6 @@ def test_health_and_reflection_are_not_exposed(channel: grpc.Channel) -> None:
 
 
 # ------------------------------------------------------ memory, tenant-bound
-
-
-def _error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo:
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    assert status is not None
-    info = error_details_pb2.ErrorInfo()
-    assert status.details[0].Unpack(info)
-    return info
 
 
 def test_memory_through_envoy_needs_a_key_with_the_memory_scope(
@@ -373,7 +365,7 @@ def test_a_key_reaches_its_own_tenants_memory_through_envoy_and_no_other(
                 memory_pb.ListMemoriesRequest(user_id=theirs), metadata=metadata, timeout=10
             )
         assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
-        info = _error_info(caught.value)
+        info = call_error_info(caught.value)
         assert (info.reason, dict(info.metadata)) == ("TENANT_MISMATCH", {"field": "user_id"})
     with pytest.raises(grpc.RpcError) as caught:
         memory.DeleteAllMemories(
