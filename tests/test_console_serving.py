@@ -10,7 +10,7 @@ from typing import Any, cast
 
 import pytest
 from marie_gateway.app import create_app
-from marie_gateway.console import ASSET_CACHE, CSP
+from marie_gateway.console.routes import ASSET_CACHE, CSP
 from marie_gateway.settings import GatewaySettings
 from starlette.testclient import TestClient
 

@@ -12,7 +12,7 @@ import orjson
 import pytest
 from google.rpc import code_pb2
 from marie.providers.v1 import provider_service_pb2
-from marie_gateway.grpc_authz import METHOD_SCOPES
+from marie_gateway.ops.grpc_authz import METHOD_SCOPES
 from marie_kit.apikeys import generate_key
 
 from tests.envoy import error_info, refusal_status

@@ -13,7 +13,9 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from marie_gateway import protocol
+from marie_gateway.api import schemas as api_schemas
+from marie_gateway.openai import schemas as openai_schemas
+from marie_gateway.openai.responses import schemas as responses_schemas
 from pydantic import BaseModel
 
 from tests.conftest import SLOW_START
@@ -143,12 +145,18 @@ def _leaf_types(annotation: Any, metadata: tuple[Any, ...]) -> list[tuple[Any, t
 
 def test_every_integer_of_every_request_model_is_bounded() -> None:
     """A new integer field must say its protobuf range, or a large value gives 500."""
+    # The request bodies of the OpenAI surface, the Responses API and comparison.
     models = [
         m
-        for m in vars(protocol).values()
-        if isinstance(m, type) and issubclass(m, BaseModel) and m.__module__ == protocol.__name__
+        for module in (openai_schemas, responses_schemas, api_schemas)
+        for m in vars(module).values()
+        if isinstance(m, type)
+        and issubclass(m, openai_schemas._Body)
+        and m.__module__ == module.__name__
     ]
-    assert protocol.ChatCompletionRequest in models
+    assert openai_schemas.ChatCompletionRequest in models
+    assert responses_schemas.ResponsesRequest in models
+    assert api_schemas.CompareRequest in models
     unbounded: list[str] = []
     seen: set[type[BaseModel]] = set()
     for model in models:

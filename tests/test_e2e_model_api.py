@@ -341,7 +341,8 @@ def test_the_openapi_document_is_valid_and_matches_the_routes(
     stack: Stack, document: dict[str, Any]
 ) -> None:
     from marie_gateway.app import create_app  # noqa: PLC0415
-    from marie_gateway.openapi import INTERNAL_PATHS, openapi_path  # noqa: PLC0415
+    from marie_gateway.http.openapi import openapi_path  # noqa: PLC0415
+    from marie_gateway.ops.docs import INTERNAL_PATHS  # noqa: PLC0415
     from marie_gateway.settings import GatewaySettings  # noqa: PLC0415
     from starlette.routing import Mount, Route  # noqa: PLC0415
 

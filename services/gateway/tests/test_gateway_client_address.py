@@ -4,7 +4,7 @@ entry that is not a trusted proxy, and only when the peer is one."""
 from __future__ import annotations
 
 import pytest
-from marie_gateway.client_address import TrustedProxies, parse_networks
+from marie_gateway.http.client_address import TrustedProxies, parse_networks
 
 PROXIES = TrustedProxies(parse_networks("10.0.0.0/8, 192.168.1.1, 2001:db8::/32"))
 

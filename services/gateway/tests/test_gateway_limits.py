@@ -4,7 +4,7 @@ exact at every boundary."""
 from __future__ import annotations
 
 import pytest
-from marie_gateway.limits import InvalidKeyThrottle, duration_text, quota_headers
+from marie_gateway.access.limits import InvalidKeyThrottle, duration_text, quota_headers
 from marie_kit.limits import Limits, LocalLimiter, Quota, RateLimited
 
 # 2026-12-02 12:00:00 UTC: twelve hours before the next UTC midnight.

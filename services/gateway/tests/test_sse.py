@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from marie_gateway.sse import EventStreamResponse
+from marie_gateway.http.sse import EventStreamResponse
 
 
 class Events:

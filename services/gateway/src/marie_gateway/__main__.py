@@ -1,4 +1,4 @@
-"""`marie-gateway`: serve the HTTP gateway (uvicorn, uvloop, httptools; see server.py)."""
+"""`marie-gateway`: serve the HTTP gateway (uvicorn, uvloop, httptools; see http/server.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from marie_kit.logs import setup_logging
 from marie_kit.settings import load_settings
 
 from marie_gateway.app import create_app
-from marie_gateway.server import GatewayServer, protocol_class
+from marie_gateway.http.server import GatewayServer, protocol_class
 from marie_gateway.settings import GatewaySettings
 
 

@@ -1,8 +1,8 @@
-"""The gateway's HTTP application, assembled: each surface (the OpenAI `/v1`
-routes, legacy completions, the Responses API, the memory `/api` routes, the model
-API, comparison, health, metrics, the OpenAPI document, Envoy's key check, the
-web console) lives in its own module; this one wires them to the shared state,
-the error handlers, CORS and the request context."""
+"""The gateway's HTTP application, assembled: each surface (`openai/`: the
+OpenAI `/v1` routes; `api/`: Marie's own `/api`; `console/`; `ops/`: health,
+the OpenAPI document, Envoy's key check; and `/metrics`) lives in its own
+package; this module wires them to the shared state (`core.Gateway`), the
+error handlers, CORS and the request context."""
 
 from __future__ import annotations
 
@@ -16,21 +16,25 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 
-from marie_gateway import console, grpc_authz, health, metrics, openapi
-from marie_gateway.admin_api import AdminRoutes
-from marie_gateway.compare import CompareRoutes
-from marie_gateway.completions_api import CompletionRoutes
+from marie_gateway.access.limits import RATE_LIMIT_HEADERS
+from marie_gateway.api.compare import CompareRoutes
+from marie_gateway.api.conversations import ConversationRoutes
+from marie_gateway.api.keys import KeyRoutes
+from marie_gateway.api.memories import MemoryRoutes
+from marie_gateway.api.models import ModelRoutes
+from marie_gateway.api.usage import UsageRoutes
+from marie_gateway.console import routes as console
 from marie_gateway.core import Gateway
-from marie_gateway.errors import ApiError
-from marie_gateway.limits import RATE_LIMIT_HEADERS
-from marie_gateway.memory_api import MemoryRoutes
-from marie_gateway.middleware import RequestContext
-from marie_gateway.models_api import ModelRoutes
-from marie_gateway.openai_api import OpenAIRoutes
-from marie_gateway.responses_api import ResponsesRoutes
+from marie_gateway.http import metrics
+from marie_gateway.http.context import RequestContext, current_request_id
+from marie_gateway.http.errors import ApiError, error_response
+from marie_gateway.openai.chat import ChatRoutes
+from marie_gateway.openai.completions import CompletionRoutes
+from marie_gateway.openai.embeddings import EmbeddingRoutes
+from marie_gateway.openai.models import OpenAIModelRoutes
+from marie_gateway.openai.responses.routes import ResponsesRoutes
+from marie_gateway.ops import docs, grpc_authz, health
 from marie_gateway.settings import GatewaySettings
-from marie_gateway.usage import UsageRoutes
-from marie_gateway.web import current_request_id, error_response
 
 log = logging.getLogger("marie.gateway")
 
@@ -58,21 +62,24 @@ async def _server_error(request: Request, exc: Exception) -> Response:
     return error_response(ApiError(500, message, "server_error", "server_error"))
 
 
-def create_app(settings: GatewaySettings) -> RequestContext:
+def create_app(settings: GatewaySettings) -> RequestContext[Gateway]:
     """The gateway as one ASGI application; channels open in its lifespan."""
     gw = Gateway(settings)
     routes = [
-        *OpenAIRoutes(gw).routes(),
+        *ChatRoutes(gw).routes(),
+        *OpenAIModelRoutes(gw).routes(),
+        *EmbeddingRoutes(gw).routes(),
         *CompletionRoutes(gw).routes(),
         *ResponsesRoutes(gw).routes(),
+        *ConversationRoutes(gw).routes(),
         *MemoryRoutes(gw).routes(),
         *ModelRoutes(gw).routes(),
         *CompareRoutes(gw).routes(),
         *UsageRoutes(gw).routes(),
-        *AdminRoutes(gw).routes(),
+        *KeyRoutes(gw).routes(),
         *health.routes(gw),
         *metrics.routes(),
-        *openapi.routes(version("marie-gateway")),
+        *docs.routes(version("marie-gateway")),
         *grpc_authz.routes(gw),
         *console.routes(settings.console_dir),
     ]

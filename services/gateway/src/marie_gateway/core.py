@@ -25,14 +25,14 @@ from marie_kit.usage import UsageRecorder
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 
-from marie_gateway.access import SCOPE_ADMIN, KeyValidator, Principal, extract_key
-from marie_gateway.client_address import TrustedProxies, parse_networks
-from marie_gateway.errors import ApiError, client_closed, service_unavailable
-from marie_gateway.limits import InvalidKeyThrottle, quota_headers
-from marie_gateway.metrics import RATE_LIMITED
+from marie_gateway.access.keys import SCOPE_ADMIN, KeyValidator, Principal, extract_key
+from marie_gateway.access.limits import InvalidKeyThrottle, quota_headers
+from marie_gateway.access.tally import Tally
+from marie_gateway.http.client_address import TrustedProxies, parse_networks
+from marie_gateway.http.context import RATE_HEADERS_KEY, current_request_id
+from marie_gateway.http.errors import ApiError, client_closed, service_unavailable
+from marie_gateway.http.metrics import RATE_LIMITED
 from marie_gateway.settings import GatewaySettings
-from marie_gateway.usage import Tally
-from marie_gateway.web import current_request_id
 
 if TYPE_CHECKING:
     from marie.auth.v1.auth_service_pb2_grpc import AuthServiceAsyncStub
@@ -44,10 +44,10 @@ log = logging.getLogger("marie.gateway")
 # Where the request-context middleware finds what a request reserved of the
 # body budget, to give it back when the request ends.
 BODY_RESERVATION_KEY = "marie.body_bytes"
-# Where a limited request keeps its account (see `admit`), and the
-# `x-ratelimit-*` headers the request-context middleware adds to its answer.
+# Where a limited request keeps its account (see `admit`); the `x-ratelimit-*`
+# headers the request-context middleware adds to its answer are kept under
+# RATE_HEADERS_KEY.
 TALLY_KEY = "marie.tally"
-RATE_HEADERS_KEY = "marie.ratelimit_headers"
 #: The principal of MARIE_ADMIN_KEY.
 ADMIN_PRINCIPAL = Principal(
     key_id="admin-env", owner="", scopes=frozenset({SCOPE_ADMIN}), allowed_models=()

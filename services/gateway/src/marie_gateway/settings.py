@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from marie_gateway.client_address import parse_networks
+from marie_gateway.http.client_address import parse_networks
 
 DEFAULT_PROVIDERS_PORT = 50051
 DEFAULT_AUTH_PORT = 50053

@@ -1,0 +1,98 @@
+"""A request's account: what one admitted request (chat, embeddings, compare,
+…) used, charged to its key's limits, and the ledger rows it becomes.
+
+A `Tally` charges its tokens to the key's limits the moment they are known
+and gives its concurrency slot back when the request ends; then it becomes
+ledger records (one per model) that the kit's `UsageRecorder` queues and
+sends to auth in batches (never blocking the request; see `marie_kit.usage`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from time import perf_counter
+from time import time as unix_time
+
+from marie.auth.v1 import auth_service_pb2 as auth_pb
+from marie_kit.limits import Grant, Limiter
+from marie_kit.usage import new_record_id, timestamp
+
+from marie_gateway.access.keys import Principal
+from marie_gateway.http.metrics import provider_of
+
+#: Status recorded for an answer that failed after it started (an error event).
+FAILED_STREAM_STATUS = 502
+
+
+@dataclass(slots=True)
+class ModelUse:
+    """Tokens one model used for the request (a comparison has several)."""
+
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    failed: bool = False
+
+
+@dataclass(slots=True)
+class Tally:
+    """One admitted request's account."""
+
+    principal: Principal
+    grant: Grant
+    limiter: Limiter
+    #: "chat", "embeddings", "compare", … or "request" (spends no tokens).
+    operation: str
+    #: The model asked for, once the body is read (recorded if no answer came).
+    requested: str = ""
+    #: Unix time of admission, and the performance counter then.
+    time: float = field(default_factory=unix_time)
+    started: float = field(default_factory=perf_counter)
+    uses: list[ModelUse] = field(default_factory=list)
+    #: Whether the request goes into the usage ledger (it reaches a model).
+    ledger: bool = True
+    #: Set when the answer failed after it started (an error event).
+    failed: bool = False
+    finished: bool = False
+
+    def add(self, model: str, prompt_tokens: int, completion_tokens: int) -> None:
+        """Count what `model` used; charged to the key's token limits at once."""
+        self.uses.append(ModelUse(model, prompt_tokens, completion_tokens))
+        self.limiter.charge(self.grant, prompt_tokens + completion_tokens)
+
+    def add_failure(self, model: str) -> None:
+        """`model` failed without reporting usage (one arm of a comparison)."""
+        self.uses.append(ModelUse(model, 0, 0, failed=True))
+
+    def finish(self) -> bool:
+        """The request ended: free its slot. False when it had already ended."""
+        if self.finished:
+            return False
+        self.finished = True
+        self.limiter.release(self.grant)
+        return True
+
+    def records(self, status: int) -> list[auth_pb.UsageRecord]:
+        """The ledger records of the ended request, one per model."""
+        latency_ms = (perf_counter() - self.started) * 1000
+        at = timestamp(self.time)
+        uses = self.uses or [ModelUse(self.requested, 0, 0)]
+        out = []
+        for use in uses:
+            failed = use.failed or (self.failed and status < 400)
+            out.append(
+                auth_pb.UsageRecord(
+                    id=new_record_id(),
+                    key_id=self.principal.key_id,
+                    owner=self.principal.owner,
+                    provider=provider_of(use.model)[0],
+                    model=use.model[:256],
+                    operation=self.operation,
+                    prompt_tokens=use.prompt_tokens,
+                    completion_tokens=use.completion_tokens,
+                    latency_ms=latency_ms,
+                    status=FAILED_STREAM_STATUS if failed else status,
+                    time=at,
+                )
+            )
+        return out

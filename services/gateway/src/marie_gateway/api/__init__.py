@@ -1,0 +1,2 @@
+"""Marie's own API, `/api`: models and search, comparison, conversations and
+memories, keys and usage."""

@@ -1,0 +1,213 @@
+"""The memory service as the `/api` routes call it: its errors under this
+surface's field names, the query parameters every route reads, and the JSON
+shapes of its records. Every route needs the `memory` scope; whose data it
+reaches is `access/tenancy.py`'s rule."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+import grpc
+from marie.memory.v1 import memory_service_pb2 as mpb
+from marie_kit.errors import ServiceError
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.requests import Request
+
+from marie_gateway.access.keys import SCOPE_MEMORY, Principal
+from marie_gateway.access.tenancy import MAX_USER, user_id_of
+from marie_gateway.core import Gateway
+from marie_gateway.http.context import current_request_id
+from marie_gateway.http.errors import ApiError, bad_request, from_service_error
+
+T = TypeVar("T")
+
+ROLES = {
+    "system": mpb.MESSAGE_ROLE_SYSTEM,
+    "user": mpb.MESSAGE_ROLE_USER,
+    "assistant": mpb.MESSAGE_ROLE_ASSISTANT,
+    "tool": mpb.MESSAGE_ROLE_TOOL,
+}
+ROLE_NAMES = {v: k for k, v in ROLES.items()}
+MODES = {
+    "hybrid": mpb.SEARCH_MODE_HYBRID,
+    "vector": mpb.SEARCH_MODE_VECTOR,
+    "keyword": mpb.SEARCH_MODE_KEYWORD,
+}
+MODE_NAMES = {v: k for k, v in MODES.items()}
+EVENT_NAMES = {
+    mpb.MEMORY_EVENT_ADD: "ADD",
+    mpb.MEMORY_EVENT_UPDATE: "UPDATE",
+    mpb.MEMORY_EVENT_DELETE: "DELETE",
+    mpb.MEMORY_EVENT_NONE: "NONE",
+}
+# The memory service's field names, as this surface calls them.
+FIELD_NAMES = {
+    "user_id": "user",
+    "query": "q",
+    "page_size": "limit",
+    "update_mask": "body",
+    "score_threshold": "threshold",
+}
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True, strict=True)
+
+
+class _UserBody(_Body):
+    user: str | None = Field(default=None, max_length=MAX_USER)
+    tenant: str | None = Field(default=None, max_length=256)
+
+
+def _time(ts: Any) -> int:
+    return int(ts.seconds)
+
+
+def conversation_json(c: mpb.Conversation) -> dict[str, Any]:
+    return {
+        "id": c.id,
+        "object": "conversation",
+        "title": c.title,
+        "provider": c.provider,
+        "model": c.model,
+        "message_count": c.message_count,
+        "metadata": dict(c.metadata),
+        "created_at": _time(c.create_time),
+        "updated_at": _time(c.update_time),
+    }
+
+
+def message_json(m: mpb.Message) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "id": m.id,
+        "object": "conversation.message",
+        "conversation_id": m.conversation_id,
+        "position": m.position,
+        "role": ROLE_NAMES.get(m.role, "user"),
+        "content": m.content,
+        "provider": m.provider,
+        "model": m.model,
+        "prompt_tokens": m.prompt_tokens,
+        "completion_tokens": m.completion_tokens,
+        "metadata": dict(m.metadata),
+        "created_at": _time(m.create_time),
+    }
+    if m.name:
+        out["name"] = m.name
+    if m.tool_calls:
+        out["tool_calls"] = [
+            {
+                "id": c.id,
+                "type": "function",
+                "function": {"name": c.function_name, "arguments": c.arguments},
+            }
+            for c in m.tool_calls
+        ]
+    if m.tool_call_id:
+        out["tool_call_id"] = m.tool_call_id
+    return out
+
+
+def memory_json(m: mpb.Memory) -> dict[str, Any]:
+    return {
+        "id": m.id,
+        "object": "memory",
+        "text": m.text,
+        "categories": list(m.categories),
+        "metadata": dict(m.metadata),
+        "source_conversation_id": m.source_conversation_id,
+        "source_message_ids": list(m.source_message_ids),
+        "hash": m.hash,
+        "created_at": _time(m.create_time),
+        "updated_at": _time(m.update_time),
+    }
+
+
+def history_json(e: mpb.MemoryHistoryEntry) -> dict[str, Any]:
+    return {
+        "id": e.id,
+        "memory_id": e.memory_id,
+        "event": EVENT_NAMES.get(e.event, "NONE"),
+        "old_text": e.old_text,
+        "new_text": e.new_text,
+        "actor": e.actor,
+        "inferred": e.inferred,
+        "created_at": _time(e.create_time),
+    }
+
+
+def page_json(data: list[dict[str, Any]], token: str) -> dict[str, Any]:
+    return {"object": "list", "data": data, "next_page_token": token}
+
+
+def int_param(request: Request, name: str, default: int = 0) -> int:
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise bad_request(f"'{name}' must be an integer.", name) from None
+
+
+def float_param(request: Request, name: str) -> float:
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return 0.0
+    try:
+        return float(raw)
+    except ValueError:
+        raise bad_request(f"'{name}' must be a number.", name) from None
+
+
+def mode_param(request: Request) -> mpb.SearchMode:
+    raw = request.query_params.get("mode", "")
+    if not raw:
+        return mpb.SEARCH_MODE_UNSPECIFIED
+    if raw not in MODES:
+        raise bad_request("'mode' is one of hybrid, vector, keyword.", "mode")
+    return MODES[raw]
+
+
+def api_error(error: ServiceError) -> ApiError:
+    field = error.metadata.get("field")
+    if field is not None:
+        head, dot, rest = field.partition(".")
+        renamed = FIELD_NAMES.get(head, head)
+        if head in ("conversation", "memory"):
+            renamed = rest or head
+            dot, rest = "", ""
+        error.metadata["field"] = renamed + dot + rest
+    api = from_service_error(error, current_request_id())
+    if api.status in (400, 404) and error.domain == "marie.memory":
+        api.code = error.reason.lower()
+    return api
+
+
+class MemoryCalls:
+    """What the routes over the memory service share: the caller, its end user,
+    and calls whose errors come back in this surface's names."""
+
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
+
+    async def _principal(self, request: Request) -> Principal:
+        return await self.gw.enter(request, SCOPE_MEMORY)
+
+    async def _query_user(self, request: Request) -> str:
+        principal = await self._principal(request)
+        params = request.query_params
+        return user_id_of(principal, params.get("user"), params.get("tenant"))
+
+    async def _call(self, call: Awaitable[T]) -> T:
+        try:
+            return await call
+        except grpc.aio.AioRpcError as exc:
+            raise api_error(ServiceError.from_rpc_error(exc)) from None
+
+    def _timeout(self) -> float:
+        return self.gw.settings.control_timeout_seconds
+
+    def _memory(self) -> Any:
+        return self.gw.backends().memory

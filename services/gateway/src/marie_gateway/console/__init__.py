@@ -1,0 +1,1 @@
+"""The web console (web/, built into web/dist), served at `/`."""

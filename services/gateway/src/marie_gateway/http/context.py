@@ -1,0 +1,108 @@
+"""The request context of every HTTP request: its id in and out, one access-log
+line, its rate-limit headers, and what it held (body budget, key's account)
+given back when it ends."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Generic, Protocol, TypeVar
+
+from marie_kit.context import clean_request_id, new_request_id, request_id_var
+
+from marie_gateway.http.metrics import UNMATCHED, http_duration, http_requests
+
+access_log = logging.getLogger("marie.access")
+
+# Where a limited request keeps the `x-ratelimit-*` headers its answer carries.
+RATE_HEADERS_KEY = "marie.ratelimit_headers"
+
+ASGIApp = Callable[
+    [dict[str, Any], Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]],
+    Awaitable[None],
+]
+
+
+class RequestHolds(Protocol):
+    """What a request holds until it ends (the gateway's `core.Gateway`)."""
+
+    def release(self, scope: dict[str, Any]) -> None:
+        """Give back the body budget the request reserved."""
+
+    def finish(self, scope: dict[str, Any], status: int) -> None:
+        """Close the request's account with its final status."""
+
+
+H = TypeVar("H", bound=RequestHolds)
+
+
+class RequestContext(Generic[H]):
+    """Pure ASGI middleware (not BaseHTTPMiddleware): it runs on every request
+    and must cost microseconds."""
+
+    def __init__(self, app: ASGIApp, gw: H) -> None:
+        self.app = app
+        self.gw = gw
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = None
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                incoming = value.decode("latin-1")
+                break
+        # The id becomes gRPC metadata and a log field: only a safe one is kept.
+        rid = clean_request_id(incoming)
+        request_id_var.set(rid)
+        started = time.perf_counter()
+        status = 500
+        response_started = False
+        rid_header = (b"x-request-id", rid.encode())
+
+        async def send_with_id(message: dict[str, Any]) -> None:
+            nonlocal status, response_started
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                response_started = True
+                headers = list(message.get("headers", ()))
+                if not any(k == b"x-request-id" for k, _ in headers):
+                    headers.append(rid_header)
+                # A limited route's answer, success or error, says where the key stands.
+                headers.extend(scope.get(RATE_HEADERS_KEY, ()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            # Starlette re-raises after its 500 handler has logged the error and
+            # answered; once answered, there is nothing left to do with it.
+            if not response_started:
+                raise
+        finally:
+            self.gw.release(scope)
+            self.gw.finish(scope, status)
+            elapsed = time.perf_counter() - started
+            method = scope["method"]
+            route = scope.get("route")
+            # The template, never the raw path: a client must not mint labels.
+            template = getattr(route, "path", UNMATCHED)
+            http_requests(template, method, status).inc()
+            http_duration(template, method).observe(elapsed)
+            access_log.info(
+                "http",
+                extra={
+                    "method": method,
+                    "path": scope["path"],
+                    "status": status,
+                    "latency_ms": round(elapsed * 1000, 3),
+                },
+            )
+
+
+def current_request_id() -> str:
+    """The id of the request being served (set by the request-context middleware)."""
+    return request_id_var.get() or new_request_id()

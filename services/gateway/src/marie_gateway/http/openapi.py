@@ -1,0 +1,212 @@
+"""The OpenAPI 3.1 document, built from the operations each surface declares
+(`Operation`: a route, its method, scope and the pydantic models of its
+request and answer), and an interactive page for it (`/docs`, Swagger UI
+served from the `swagger-ui-py` package, never from a CDN: users' machines
+may be offline).
+
+Schemas are generated from the pydantic models the handlers validate
+requests with and build answers with, so the document says what is served.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, Literal
+
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, Response
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from marie_gateway.http.bodies import JSONResponse
+from marie_gateway.http.errors import ErrorEnvelope
+
+Method = Literal["get", "post", "put", "patch", "delete"]
+#: The `scope` of an operation open to any valid key.
+ANY_KEY = ""
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    description: str
+    required: bool = False
+    type: str = "string"
+
+
+@dataclass(frozen=True)
+class Operation:
+    """One documented route and method."""
+
+    path: str  # the Starlette template, e.g. "/v1/models/{model_id:path}"
+    method: Method
+    summary: str
+    tag: str
+    scope: str | None  # None: no key needed
+    request: type[BaseModel] | None = None
+    response: type[BaseModel] | None = None
+    # Events of a text/event-stream answer (always, or when the body says stream).
+    events: type[BaseModel] | None = None
+    query: tuple[Param, ...] = ()
+    raw_response: str | None = None  # a non-JSON answer: its media type
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+_PARAM = re.compile(r"{(\w+)(:\w+)?}")
+_ERROR_STATUSES = {
+    "400": "Invalid request (the field is in `param`)",
+    "401": "Missing or invalid API key",
+    "403": "The key lacks the scope, or may not use the model",
+    "404": "Not found",
+    "429": "Rate limited",
+    "503": "A service or provider is unavailable",
+}
+
+
+def openapi_path(template: str) -> str:
+    return _PARAM.sub(lambda m: "{" + m.group(1) + "}", template)
+
+
+Refs = dict[tuple[Any, str], Any]
+
+
+def _schemas(operations: tuple[Operation, ...]) -> tuple[Refs, dict[str, Any]]:
+    models: list[tuple[type[BaseModel], Literal["validation", "serialization"]]] = [
+        (ErrorEnvelope, "serialization")
+    ]
+    for op in operations:
+        if op.request is not None:
+            models.append((op.request, "validation"))
+        for out in (op.response, op.events):
+            if out is not None:
+                models.append((out, "serialization"))
+    refs, defs = models_json_schema(
+        list(dict.fromkeys(models)), ref_template="#/components/schemas/{model}"
+    )
+    found: dict[str, Any] = defs.get("$defs", {})
+    return {(model, mode): schema for (model, mode), schema in refs.items()}, found
+
+
+def _operation(op: Operation, refs: Refs) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "summary": op.summary,
+        "tags": [op.tag],
+        "operationId": f"{op.method}_{openapi_path(op.path).strip('/').replace('/', '_')}".replace(
+            "{", ""
+        )
+        .replace("}", "")
+        .replace(".", "_"),
+    }
+    params: list[dict[str, Any]] = [
+        {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+        for name, _ in _PARAM.findall(op.path)
+    ]
+    params += [
+        {
+            "name": p.name,
+            "in": "query",
+            "required": p.required,
+            "description": p.description,
+            "schema": {"type": p.type},
+        }
+        for p in op.query
+    ]
+    if params:
+        out["parameters"] = params
+    if op.request is not None:
+        out["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": refs[(op.request, "validation")]}},
+        }
+    content: dict[str, Any] = {}
+    if op.response is not None:
+        content["application/json"] = {"schema": refs[(op.response, "serialization")]}
+    if op.events is not None:
+        content["text/event-stream"] = {
+            "schema": {
+                "type": "string",
+                "description": "Server-sent events: `data: <JSON>` lines, each an object of "
+                f"the schema {op.events.__name__}, ending with `data: [DONE]`. Comment lines "
+                "(`: keep-alive`) may come while a model is slow.",
+            },
+            "x-event-schema": refs[(op.events, "serialization")],
+        }
+    if op.raw_response is not None:
+        content[op.raw_response] = {"schema": {"type": "string"}}
+    responses_: dict[str, Any] = {"200": {"description": "OK", "content": content}}
+    if op.scope is not None:
+        out["security"] = [{"bearerAuth": []}, {"apiKeyHeader": []}]
+        out["description"] = (
+            f"Needs a key with the `{op.scope}` scope." if op.scope else "Needs any valid key."
+        )
+        for status in _ERROR_STATUSES:
+            responses_[status] = {"$ref": "#/components/responses/Error"}
+    else:
+        out["security"] = []
+    out["responses"] = responses_
+    return out
+
+
+def build_document(version: str, operations: Iterable[Operation]) -> dict[str, Any]:
+    """The document of `operations`, in their order."""
+    ops = tuple(operations)
+    refs, defs = _schemas(ops)
+    paths: dict[str, dict[str, Any]] = {}
+    for op in ops:
+        paths.setdefault(openapi_path(op.path), {})[op.method] = _operation(op, refs)
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Marie gateway",
+            "version": version,
+            "description": "OpenAI-compatible API (`/v1`) and Marie's own API (`/api`). Every "
+            "error is OpenAI's envelope; every answer carries `x-request-id`.",
+        },
+        "paths": paths,
+        "components": {
+            "schemas": defs,
+            "securitySchemes": {
+                "bearerAuth": {"type": "http", "scheme": "bearer", "description": "API key"},
+                "apiKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+            },
+            "responses": {
+                "Error": {
+                    "description": "An error, in OpenAI's envelope",
+                    "content": {
+                        "application/json": {"schema": refs[(ErrorEnvelope, "serialization")]}
+                    },
+                }
+            },
+        },
+    }
+
+
+_DOCS_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Marie API</title>
+<link rel="stylesheet" href="/docs/static/swagger-ui.css"></head>
+<body><div id="swagger-ui"></div>
+<script src="/docs/static/swagger-ui-bundle.js"></script>
+<script>window.ui = SwaggerUIBundle({url: "/openapi.json", dom_id: "#swagger-ui"});</script>
+</body></html>"""
+
+
+def routes(document: dict[str, Any]) -> list[BaseRoute]:
+    """`/openapi.json` serving `document`, and `/docs`, the page that shows it."""
+
+    async def openapi_json(request: Request) -> Response:
+        return JSONResponse(document)
+
+    async def docs(request: Request) -> Response:
+        return HTMLResponse(_DOCS_PAGE)
+
+    static = resources.files("swagger_ui") / "static"
+    return [
+        Route("/openapi.json", openapi_json, methods=["GET"]),
+        Route("/docs", docs, methods=["GET"]),
+        Mount("/docs/static", StaticFiles(directory=str(static)), name="docs-static"),
+    ]
