@@ -40,8 +40,8 @@ from marie_memory.records import (
     Message,
     MessageHit,
     ScoredMemory,
-    Store,
 )
+from marie_memory.stores.contract import Store
 
 if TYPE_CHECKING:
     from marie_memory.extraction import Extractor
