@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from marie.auth.v1 import auth_service_pb2 as auth_pb
@@ -34,6 +34,7 @@ from marie_kit.identity import ALLOWED_MODELS_HEADER
 from marie_kit.usage import new_record_id, timestamp
 
 from marie_memory import limits
+from marie_memory.core import MemoryCore, text_hash
 from marie_memory.errors import (
     extraction_failed,
     model_not_allowed,
@@ -47,6 +48,8 @@ from marie_memory.records import (
     EVENT_UPDATE,
     ROLE_ASSISTANT,
     ROLE_USER,
+    AddRequest,
+    AddResult,
     Memory,
     MemoryChange,
     MemoryFilter,
@@ -56,8 +59,6 @@ if TYPE_CHECKING:
     from marie.providers.v1.provider_service_pb2_grpc import (
         ProviderServiceAsyncStub as ProvidersStub,
     )
-
-    from marie_memory.core import AddRequest, AddResult, MemoryCore
 else:
     ProvidersStub = Any
 
@@ -155,12 +156,6 @@ Answer with JSON only:
 {"memory": [{"id": "...", "text": "...", "event": "ADD|UPDATE|DELETE|NONE"}]}."""
 
 ROLE_NAMES = {ROLE_USER: "user", ROLE_ASSISTANT: "assistant"}
-
-
-class Extractor(Protocol):
-    """What the core asks of an extractor: run AddMemories with inference."""
-
-    async def run(self, core: MemoryCore, request: AddRequest, model: str) -> list[AddResult]: ...
 
 
 class BadOutput(Exception):
@@ -439,8 +434,6 @@ class LlmExtractor:
         shown: Sequence[Memory],
         decisions: Sequence[Decision],
     ) -> list[AddResult]:
-        from marie_memory.core import AddResult, text_hash  # noqa: PLC0415 - import cycle
-
         categories = {f.text: f.categories for f in facts}
         results: list[AddResult] = []
         changes: list[MemoryChange] = []

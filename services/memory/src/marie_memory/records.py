@@ -1,4 +1,4 @@
-"""What the memory service stores, as plain values.
+"""What the memory service stores and what an AddMemories call asks for, as plain values.
 
 The stores and the core know nothing of gRPC: records are frozen dataclasses,
 times are unix seconds (floats), enums are the proto's integer values.
@@ -146,7 +146,7 @@ class MemoryChange:
 class ExtractionJob:
     id: str
     user_id: str
-    #: JSON document describing the AddMemories call to run.
+    #: The AddMemories call to run, as JSON (`job_payload.encode_request`).
     payload: str
     attempts: int
     next_attempt_time: float
@@ -160,3 +160,43 @@ class EmbeddingSpace:
 
     model: str
     dimension: int
+
+
+# What an AddMemories call asks for (a queued job keeps it as its payload) and
+# what it did to each memory.
+
+
+@dataclass(frozen=True, slots=True)
+class SourceMessage:
+    role: int
+    content: str
+    message_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class AddRequest:
+    user_id: str
+    messages: Sequence[SourceMessage]
+    infer: bool = True
+    extraction_provider: str = ""
+    extraction_model: str = ""
+    categories: Sequence[str] = ()
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    conversation_id: str = ""
+    actor: str = ""
+    #: The API key (and its owner) the request was made with, from the
+    #: verified identity metadata; extraction's model calls are recorded in
+    #: the usage ledger under them. Empty: not recorded.
+    key_id: str = ""
+    key_owner: str = ""
+    #: The key's allowed models as the call carried them (`x-marie-allowed-models`,
+    #: as sent); extraction's model calls carry them on, so providers holds
+    #: the extraction model to them. Empty: unrestricted.
+    allowed_models: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class AddResult:
+    event: int
+    memory: Memory
+    previous_text: str = ""
