@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from marie_memory.extraction import tenant_of
+from marie_memory.extraction.extractor import tenant_of
 from marie_memory.job_payload import decode_request, encode_request
 from marie_memory.records import AddRequest, SourceMessage
 

@@ -28,8 +28,8 @@ from marie_memory import convert
 from marie_memory.core import MemoryCore
 from marie_memory.embedding import Embeddings
 from marie_memory.errors import DOMAIN, store_unavailable
-from marie_memory.extraction import LlmExtractor
-from marie_memory.queue import ExtractionQueue
+from marie_memory.extraction.extractor import LlmExtractor
+from marie_memory.extraction.queue import ExtractionQueue
 from marie_memory.settings import MemorySettings
 from marie_memory.stores.contract import Store
 from marie_memory.stores.sqlite import SqliteStore
