@@ -46,7 +46,7 @@ from marie_memory.records import (  # noqa: E402
 )
 from marie_memory.service import MemoryComponent  # noqa: E402
 from marie_memory.settings import MemorySettings  # noqa: E402
-from marie_memory.sqlite_store import SqliteStore  # noqa: E402
+from marie_memory.stores.sqlite import SqliteStore  # noqa: E402
 from marie_providers.service import ProvidersComponent  # noqa: E402
 from marie_providers.settings import ProvidersSettings  # noqa: E402
 

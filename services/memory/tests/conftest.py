@@ -14,11 +14,11 @@ import pytest
 from marie.memory.v1 import memory_service_pb2_grpc as pb_grpc
 from marie_kit.channels import insecure_channel
 from marie_kit.server import RunningServer, start_server
-from marie_memory.opensearch_store import OpenSearchStore, index_prefix
-from marie_memory.records import Store
 from marie_memory.service import MemoryComponent
 from marie_memory.settings import MemorySettings
-from marie_memory.sqlite_store import SqliteStore
+from marie_memory.stores.contract import Store
+from marie_memory.stores.opensearch import OpenSearchStore, index_prefix
+from marie_memory.stores.sqlite import SqliteStore
 from marie_providers.service import ProvidersComponent
 from marie_providers.settings import ProvidersSettings
 from memory_testkit import (

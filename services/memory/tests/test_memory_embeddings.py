@@ -18,7 +18,7 @@ from marie_memory.embedding import ModelChangeRefused
 from marie_memory.records import EmbeddingSpace
 from marie_memory.service import MemoryComponent
 from marie_memory.settings import MemorySettings
-from marie_memory.sqlite_store import SqliteStore
+from marie_memory.stores.sqlite import SqliteStore
 from memory_testkit import EMBEDDING_MODEL, MemoryStub, StartMemory
 
 from tests.fakes.ollama import FakeModel, FakeOllama

@@ -11,10 +11,10 @@ import grpc
 from marie.memory.v1 import memory_service_pb2 as pb
 from marie.memory.v1 import memory_service_pb2_grpc as pb_grpc
 from marie_kit.channels import insecure_channel
-from marie_memory.core import AddRequest, SourceMessage
-from marie_memory.queue import decode_request, encode_request
+from marie_memory.job_payload import decode_request, encode_request
+from marie_memory.records import AddRequest, SourceMessage
 from marie_memory.settings import MemorySettings
-from marie_memory.sqlite_store import SqliteStore
+from marie_memory.stores.sqlite import SqliteStore
 from memory_testkit import EXTRACTION_MODEL, MemoryStub, StartMemory
 from test_memory_embeddings import _closed_port
 

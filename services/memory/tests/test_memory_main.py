@@ -16,7 +16,7 @@ from marie.memory.v1 import memory_service_pb2 as pb
 from marie.memory.v1 import memory_service_pb2_grpc as pb_grpc
 from marie_kit.channels import insecure_channel, wait_until_serving
 from marie_memory.records import EmbeddingSpace, MemoryFilter
-from marie_memory.sqlite_store import SqliteStore
+from marie_memory.stores.sqlite import SqliteStore
 
 START_TIMEOUT_SECONDS = 20.0
 

@@ -10,7 +10,9 @@ import pytest
 from marie.memory.v1 import memory_service_pb2 as pb
 from marie.memory.v1 import memory_service_pb2_grpc as pb_grpc
 from marie_kit.channels import insecure_channel, is_serving
-from marie_memory.opensearch_store import (
+from marie_memory.records import EmbeddingSpace, MemoryFilter
+from marie_memory.settings import MemorySettings
+from marie_memory.stores.opensearch import (
     OpenSearchStore,
     filter_clauses,
     hybrid_pipeline_body,
@@ -22,8 +24,6 @@ from marie_memory.opensearch_store import (
     message_search_body,
     vector_index_body,
 )
-from marie_memory.records import EmbeddingSpace, MemoryFilter
-from marie_memory.settings import MemorySettings
 from memory_testkit import StartMemory, opensearch_target
 
 

@@ -19,9 +19,9 @@ from marie_memory.records import (
     HistoryEntry,
     MemoryChange,
     MemoryFilter,
-    Store,
     ToolCall,
 )
+from marie_memory.stores.contract import Store
 from memory_testkit import NO_KNN, add, conversation, memory, message, new_id
 
 

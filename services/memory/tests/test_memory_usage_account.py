@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import json
 
-from marie_memory.core import AddRequest, SourceMessage
-from marie_memory.extraction import tenant_of
-from marie_memory.queue import decode_request, encode_request
+from marie_memory.extraction.extractor import tenant_of
+from marie_memory.job_payload import decode_request, encode_request
+from marie_memory.records import AddRequest, SourceMessage
 
 
 def test_the_key_travels_through_the_queue() -> None:

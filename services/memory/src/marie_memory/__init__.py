@@ -4,7 +4,7 @@ user, with keyword, vector and hybrid search and LLM fact extraction.
 What other code uses:
 
 - `MemorySettings` — `MARIE_MEMORY_*` settings;
-- `Store` and the records in `records` — the storage interface;
-- `SqliteStore` — the embedded store;
+- `Store` (`stores.contract`) and the records in `records` — the storage interface;
+- `SqliteStore` (`stores.sqlite`) — the embedded store;
 - `MemoryComponent` — the service for `marie_kit.server.start_server` / `serve`.
 """

@@ -5,14 +5,17 @@ from __future__ import annotations
 from google.protobuf.timestamp_pb2 import Timestamp
 from marie.memory.v1 import memory_service_pb2 as pb
 
-from marie_memory.core import AddRequest, AddResult, ScoredHit, SourceMessage
+from marie_memory.core import ScoredHit
 from marie_memory.records import (
+    AddRequest,
+    AddResult,
     Conversation,
     HistoryEntry,
     Memory,
     MemoryFilter,
     Message,
     ScoredMemory,
+    SourceMessage,
     ToolCall,
 )
 

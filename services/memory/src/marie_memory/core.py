@@ -14,7 +14,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from marie_memory import limits
 from marie_memory.embedding import Embeddings
@@ -24,6 +24,7 @@ from marie_memory.errors import (
     invalid_argument,
     memory_not_found,
 )
+from marie_memory.job_payload import encode_request
 from marie_memory.paging import decode_token, encode_token, page_size
 from marie_memory.records import (
     EVENT_ADD,
@@ -31,6 +32,8 @@ from marie_memory.records import (
     EVENT_NONE,
     EVENT_UPDATE,
     ROLE_SYSTEM,
+    AddRequest,
+    AddResult,
     Conversation,
     ExtractionJob,
     HistoryEntry,
@@ -40,11 +43,8 @@ from marie_memory.records import (
     Message,
     MessageHit,
     ScoredMemory,
-    Store,
 )
-
-if TYPE_CHECKING:
-    from marie_memory.extraction import Extractor
+from marie_memory.stores.contract import Store
 
 log = logging.getLogger("marie.memory.core")
 
@@ -69,20 +69,6 @@ def text_hash(text: str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class SourceMessage:
-    role: int
-    content: str
-    message_id: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class AddResult:
-    event: int
-    memory: Memory
-    previous_text: str = ""
-
-
-@dataclass(frozen=True, slots=True)
 class ScoredHit:
     message: Message
     conversation_title: str
@@ -101,26 +87,10 @@ class Ranked:
     next_page_token: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class AddRequest:
-    user_id: str
-    messages: Sequence[SourceMessage]
-    infer: bool = True
-    extraction_provider: str = ""
-    extraction_model: str = ""
-    categories: Sequence[str] = ()
-    metadata: Mapping[str, str] = field(default_factory=dict)
-    conversation_id: str = ""
-    actor: str = ""
-    #: The API key (and its owner) the request was made with, from the
-    #: verified identity metadata; extraction's model calls are recorded in
-    #: the usage ledger under them. Empty: not recorded.
-    key_id: str = ""
-    key_owner: str = ""
-    #: The key's allowed models as the call carried them (`x-marie-allowed-models`,
-    #: as sent); extraction's model calls carry them on, so providers holds
-    #: the extraction model to them. Empty: unrestricted.
-    allowed_models: str = ""
+class Extractor(Protocol):
+    """What the core asks of an extractor: run AddMemories with inference."""
+
+    async def run(self, core: MemoryCore, request: AddRequest, model: str) -> list[AddResult]: ...
 
 
 class MemoryCore:
@@ -652,8 +622,6 @@ class MemoryCore:
     async def enqueue_memories(self, request: AddRequest) -> str:
         """Checks an inferring AddMemories request and queues it durably; the job id."""
         await self._check_add_fully(request)
-        from marie_memory.queue import encode_request  # noqa: PLC0415 - import cycle
-
         now = self._clock()
         job = ExtractionJob(new_id("job"), request.user_id, encode_request(request), 0, now, now)
         await self.store.enqueue_job(job)

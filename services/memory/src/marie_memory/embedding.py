@@ -28,7 +28,8 @@ from marie.providers.v1 import provider_service_pb2 as ppb
 from marie_kit.context import outgoing_metadata
 
 from marie_memory.errors import embeddings_not_configured, provider_unavailable
-from marie_memory.records import EmbeddingSpace, Store
+from marie_memory.records import EmbeddingSpace
+from marie_memory.stores.contract import Store
 
 if TYPE_CHECKING:
     from marie.providers.v1.provider_service_pb2_grpc import (

@@ -1,16 +1,13 @@
-"""What the memory service stores, as plain values, and the interface every store implements.
+"""What the memory service stores and what an AddMemories call asks for, as plain values.
 
-The store and the core know nothing of gRPC: records are frozen dataclasses,
+The stores and the core know nothing of gRPC: records are frozen dataclasses,
 times are unix seconds (floats), enums are the proto's integer values.
-Every store method that reads or writes user data takes the `user_id` and
-never touches another user's rows.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
 # MessageRole values (same numbers as the proto enum).
 ROLE_SYSTEM = 1
@@ -149,7 +146,7 @@ class MemoryChange:
 class ExtractionJob:
     id: str
     user_id: str
-    #: JSON document describing the AddMemories call to run.
+    #: The AddMemories call to run, as JSON (`job_payload.encode_request`).
     payload: str
     attempts: int
     next_attempt_time: float
@@ -165,132 +162,41 @@ class EmbeddingSpace:
     dimension: int
 
 
-class Store(Protocol):
-    """Storage for conversations, messages, memories, history and the extraction queue.
+# What an AddMemories call asks for (a queued job keeps it as its payload) and
+# what it did to each memory.
 
-    Every write is durable when the awaited call returns. Methods that name
-    a resource return None (or False) when it does not exist for that user.
-    List cursors are opaque tuples produced by the store (`next_cursor`);
-    the core turns them into page tokens.
-    """
 
-    async def close(self) -> None: ...
+@dataclass(frozen=True, slots=True)
+class SourceMessage:
+    role: int
+    content: str
+    message_id: str = ""
 
-    # --- embedding space --------------------------------------------------
-    async def get_embedding_space(self) -> EmbeddingSpace | None: ...
-    async def set_embedding_space(self, space: EmbeddingSpace | None) -> None:
-        """Record the space; None (or a new space) drops every stored vector."""
 
-    async def memories_without_vectors(self, limit: int) -> list[Memory]:
-        """Memories (any user) that have no vector in the current space."""
+@dataclass(frozen=True, slots=True)
+class AddRequest:
+    user_id: str
+    messages: Sequence[SourceMessage]
+    infer: bool = True
+    extraction_provider: str = ""
+    extraction_model: str = ""
+    categories: Sequence[str] = ()
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    conversation_id: str = ""
+    actor: str = ""
+    #: The API key (and its owner) the request was made with, from the
+    #: verified identity metadata; extraction's model calls are recorded in
+    #: the usage ledger under them. Empty: not recorded.
+    key_id: str = ""
+    key_owner: str = ""
+    #: The key's allowed models as the call carried them (`x-marie-allowed-models`,
+    #: as sent); extraction's model calls carry them on, so providers holds
+    #: the extraction model to them. Empty: unrestricted.
+    allowed_models: str = ""
 
-    async def set_vectors(self, vectors: Sequence[tuple[str, str, Sequence[float]]]) -> None:
-        """Store (user_id, memory_id, vector) triples; unknown memories are skipped."""
 
-    async def messages_without_vectors(self, limit: int) -> list[tuple[str, Message]]:
-        """(user_id, message) of messages with content and no vector in the current space."""
-
-    async def set_message_vectors(
-        self, vectors: Sequence[tuple[str, str, Sequence[float]]]
-    ) -> None:
-        """Store (user_id, message_id, vector) triples; unknown messages are skipped."""
-
-    async def vector_search_messages(
-        self,
-        user_id: str,
-        vector: Sequence[float],
-        conversation_id: str,
-        roles: Sequence[int],
-        limit: int,
-    ) -> list[MessageHit]:
-        """Cosine similarity against the user's message vectors, best first; `relevance`
-        is the cosine and the one snippet is the message's start, escaped, no marks."""
-
-    # --- conversations ----------------------------------------------------
-    async def create_conversation(self, conversation: Conversation) -> None: ...
-    async def get_conversation(self, user_id: str, conversation_id: str) -> Conversation | None: ...
-    async def list_conversations(
-        self, user_id: str, order_by_update: bool, after: tuple[float, str] | None, limit: int
-    ) -> list[Conversation]:
-        """Newest first by create (or update) time, ties by id descending,
-        strictly after the (time, id) cursor."""
-
-    async def update_conversation(
-        self, user_id: str, conversation_id: str, changes: Mapping[str, object], update_time: float
-    ) -> Conversation | None: ...
-    async def delete_conversation(self, user_id: str, conversation_id: str) -> int | None:
-        """Deletes it and its messages; the number of messages, or None."""
-
-    # --- messages ---------------------------------------------------------
-    async def append_messages(
-        self, user_id: str, conversation_id: str, messages: Sequence[Message], now: float
-    ) -> tuple[list[Message], Conversation] | None:
-        """Atomically appends; ids are given, positions and times assigned here."""
-
-    async def list_messages(
-        self, user_id: str, conversation_id: str, descending: bool, after: int | None, limit: int
-    ) -> list[Message] | None:
-        """By position, strictly after the `after` position in the given order."""
-
-    async def search_messages(
-        self,
-        user_id: str,
-        query: str,
-        conversation_id: str,
-        roles: Sequence[int],
-        limit: int,
-    ) -> list[MessageHit]:
-        """Keyword (BM25) search, best first, at most `limit` hits."""
-
-    # --- memories ---------------------------------------------------------
-    async def get_memory(self, user_id: str, memory_id: str) -> Memory | None: ...
-    async def find_memory_by_hash(self, user_id: str, text_hash: str) -> Memory | None: ...
-    async def list_memories(
-        self,
-        user_id: str,
-        memory_filter: MemoryFilter,
-        after: tuple[float, str] | None,
-        limit: int,
-    ) -> list[Memory]:
-        """Newest created first, ties by id descending, after the cursor."""
-
-    async def apply_memory_changes(self, user_id: str, changes: Sequence[MemoryChange]) -> None:
-        """Applies every change and its history entry in one transaction."""
-
-    async def delete_all_memories(self, user_id: str) -> int:
-        """Erases memories, vectors and history of the user; the count of memories."""
-
-    async def history(
-        self, user_id: str, memory_id: str, after: int | None, limit: int
-    ) -> list[tuple[int, HistoryEntry]] | None:
-        """(sequence, entry) oldest first after the sequence; None when neither the
-        memory nor any history of it exists for this user."""
-
-    async def keyword_search_memories(
-        self, user_id: str, query: str, memory_filter: MemoryFilter, limit: int
-    ) -> list[ScoredMemory]:
-        """BM25, best first; `score` is the raw relevance (larger is better)."""
-
-    async def vector_search_memories(
-        self, user_id: str, vector: Sequence[float], memory_filter: MemoryFilter, limit: int
-    ) -> list[ScoredMemory]:
-        """Cosine similarity against the user's vectors, best first."""
-
-    async def hybrid_search_memories(
-        self,
-        user_id: str,
-        query: str,
-        vector: Sequence[float],
-        memory_filter: MemoryFilter,
-        limit: int,
-    ) -> list[ScoredMemory] | None:
-        """Hybrid search done by the store itself, best first, `score` already
-        normalised and weighted (0..1); None when the store cannot (then the
-        service combines vector and keyword searches)."""
-
-    # --- extraction queue -------------------------------------------------
-    async def enqueue_job(self, job: ExtractionJob) -> None: ...
-    async def due_jobs(self, now: float, limit: int) -> list[ExtractionJob]: ...
-    async def finish_job(self, job_id: str) -> None: ...
-    async def retry_job(self, job_id: str, next_attempt_time: float, error: str) -> None: ...
-    async def count_jobs(self) -> int: ...
+@dataclass(frozen=True, slots=True)
+class AddResult:
+    event: int
+    memory: Memory
+    previous_text: str = ""

@@ -28,11 +28,11 @@ from marie_memory import convert
 from marie_memory.core import MemoryCore
 from marie_memory.embedding import Embeddings
 from marie_memory.errors import DOMAIN, store_unavailable
-from marie_memory.extraction import LlmExtractor
-from marie_memory.queue import ExtractionQueue
-from marie_memory.records import Store
+from marie_memory.extraction.extractor import LlmExtractor
+from marie_memory.extraction.queue import ExtractionQueue
 from marie_memory.settings import MemorySettings
-from marie_memory.sqlite_store import SqliteStore
+from marie_memory.stores.contract import Store
+from marie_memory.stores.sqlite import SqliteStore
 
 if TYPE_CHECKING:
     from marie.providers.v1.provider_service_pb2_grpc import (
@@ -60,7 +60,7 @@ class StoreUnavailable(Exception):
 
 async def open_store(settings: MemorySettings) -> Store:
     if settings.store == "opensearch":
-        from marie_memory.opensearch_store import OpenSearchStore  # noqa: PLC0415 - optional
+        from marie_memory.stores.opensearch import OpenSearchStore  # noqa: PLC0415 - optional
 
         total = settings.vector_weight + settings.keyword_weight
         return await OpenSearchStore.open(

@@ -47,7 +47,7 @@ from marie_memory.records import (
     ScoredMemory,
     ToolCall,
 )
-from marie_memory.sqlite_store import _WORD, STOPWORDS
+from marie_memory.stores.keywords import query_words
 
 log = logging.getLogger("marie.memory.opensearch")
 
@@ -112,9 +112,8 @@ MAPPINGS: dict[str, dict[str, Any]] = {
 
 
 def keyword_text(query: str) -> str:
-    """The words of a free-text query, common words dropped (as in the SQLite store)."""
-    words = _WORD.findall(query)
-    return " ".join([w for w in words if w.lower() not in STOPWORDS] or words)
+    """The words of a free-text query for a `match` query, read as the SQLite store reads them."""
+    return " ".join(query_words(query))
 
 
 def space_key(space: EmbeddingSpace) -> str:

@@ -22,8 +22,8 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Protocol
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from marie.auth.v1 import auth_service_pb2 as auth_pb
@@ -34,11 +34,23 @@ from marie_kit.identity import ALLOWED_MODELS_HEADER
 from marie_kit.usage import new_record_id, timestamp
 
 from marie_memory import limits
+from marie_memory.core import MemoryCore, text_hash
 from marie_memory.errors import (
     extraction_failed,
     model_not_allowed,
     model_not_found,
     provider_unavailable,
+)
+from marie_memory.extraction.prompts import (
+    DECISIONS_PROMPT,
+    DECISIONS_SCHEMA,
+    FACTS_PROMPT,
+    FACTS_SCHEMA,
+    BadOutput,
+    Decision,
+    Fact,
+    parse_decisions,
+    parse_facts,
 )
 from marie_memory.records import (
     EVENT_ADD,
@@ -47,6 +59,8 @@ from marie_memory.records import (
     EVENT_UPDATE,
     ROLE_ASSISTANT,
     ROLE_USER,
+    AddRequest,
+    AddResult,
     Memory,
     MemoryChange,
     MemoryFilter,
@@ -56,8 +70,6 @@ if TYPE_CHECKING:
     from marie.providers.v1.provider_service_pb2_grpc import (
         ProviderServiceAsyncStub as ProvidersStub,
     )
-
-    from marie_memory.core import AddRequest, AddResult, MemoryCore
 else:
     ProvidersStub = Any
 
@@ -96,158 +108,7 @@ def tenant_of(user_id: str) -> str:
     return ""
 
 
-FACTS_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "facts": {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "properties": {
-                    "text": {"type": "string"},
-                    "categories": {"type": "array", "items": {"type": "string"}},
-                },
-                "required": ["text", "categories"],
-            },
-        }
-    },
-    "required": ["facts"],
-}
-
-DECISIONS_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "memory": {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "properties": {
-                    "id": {"type": "string"},
-                    "text": {"type": "string"},
-                    "event": {"type": "string", "enum": ["ADD", "UPDATE", "DELETE", "NONE"]},
-                },
-                "required": ["id", "text", "event"],
-            },
-        }
-    },
-    "required": ["memory"],
-}
-
-FACTS_PROMPT = """You extract long-term memories about the user from a conversation.
-Return short, self-contained facts about the user (preferences, personal details,
-plans, relationships, health, work), each one sentence written in the third person
-without a subject, e.g. "Is vegetarian", "Lives in Lisbon", "Has a dog named Rex".
-Only facts the conversation states or clearly implies about the user; nothing about
-the assistant, no greetings, no questions, no general knowledge. Give each fact zero
-to three short lowercase categories such as "preferences", "health", "work".
-If there is nothing worth remembering, return an empty list.
-Answer with JSON only: {"facts": [{"text": "...", "categories": ["..."]}]}."""
-
-DECISIONS_PROMPT = """You keep a user's long-term memories up to date.
-You get the user's existing memories (each with an id) and newly extracted facts.
-For each new fact decide:
-- ADD: the fact is new; give its text (id: a new number, not an existing id);
-- UPDATE: the fact refines or changes an existing memory about the same thing;
-  give that memory's id and the new combined text;
-- DELETE: the fact contradicts an existing memory that is no longer true; give its id;
-- NONE: an existing memory already says it; give that memory's id.
-Answer with JSON only:
-{"memory": [{"id": "...", "text": "...", "event": "ADD|UPDATE|DELETE|NONE"}]}."""
-
 ROLE_NAMES = {ROLE_USER: "user", ROLE_ASSISTANT: "assistant"}
-
-
-class Extractor(Protocol):
-    """What the core asks of an extractor: run AddMemories with inference."""
-
-    async def run(self, core: MemoryCore, request: AddRequest, model: str) -> list[AddResult]: ...
-
-
-class BadOutput(Exception):
-    """The model's answer is not JSON following the schema."""
-
-
-@dataclass(frozen=True, slots=True)
-class Fact:
-    text: str
-    categories: tuple[str, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    event: int
-    text: str
-    #: Index into the existing memories shown to the model; -1 for ADD.
-    target: int
-
-
-def _categories(value: Any) -> tuple[str, ...]:
-    """Categories the model chose that fit the limits (others are dropped, not fatal)."""
-    if not isinstance(value, list):
-        raise BadOutput("categories is not a list")
-    kept = []
-    for item in value:
-        if not isinstance(item, str):
-            raise BadOutput("a category is not a string")
-        category = item.strip().lower()
-        if 1 <= len(category) <= limits.MAX_CATEGORY and category not in kept:
-            kept.append(category)
-    return tuple(kept[:3])
-
-
-def parse_facts(content: str) -> list[Fact]:
-    try:
-        value = json.loads(content)
-    except ValueError as exc:
-        raise BadOutput("not JSON") from exc
-    if not isinstance(value, dict) or not isinstance(value.get("facts"), list):
-        raise BadOutput('no "facts" list')
-    facts = []
-    for item in value["facts"]:
-        if not isinstance(item, dict) or not isinstance(item.get("text"), str):
-            raise BadOutput("a fact has no text")
-        text = item["text"].strip()
-        if not text:
-            continue
-        if len(text) > limits.MAX_MEMORY_TEXT:
-            raise BadOutput("a fact is too long")
-        facts.append(Fact(text, _categories(item.get("categories", []))))
-    return facts
-
-
-def parse_decisions(content: str, existing: int) -> list[Decision]:
-    try:
-        value = json.loads(content)
-    except ValueError as exc:
-        raise BadOutput("not JSON") from exc
-    if not isinstance(value, dict) or not isinstance(value.get("memory"), list):
-        raise BadOutput('no "memory" list')
-    events = {"ADD": EVENT_ADD, "UPDATE": EVENT_UPDATE, "DELETE": EVENT_DELETE, "NONE": EVENT_NONE}
-    decisions = []
-    for item in value["memory"]:
-        if not isinstance(item, dict):
-            raise BadOutput("a decision is not an object")
-        event = events.get(item.get("event"))  # type: ignore[arg-type]
-        text = item.get("text", "")
-        raw_id = item.get("id", "")
-        if event is None or not isinstance(text, str) or not isinstance(raw_id, str | int):
-            raise BadOutput("a decision does not follow the schema")
-        text = text.strip()
-        if event == EVENT_ADD:
-            if not text or len(text) > limits.MAX_MEMORY_TEXT:
-                raise BadOutput("an ADD without a usable text")
-            decisions.append(Decision(EVENT_ADD, text, -1))
-            continue
-        try:
-            target = int(raw_id)
-        except ValueError as exc:
-            raise BadOutput(f"unknown memory id {raw_id!r}") from exc
-        if not 0 <= target < existing:
-            raise BadOutput(f"unknown memory id {raw_id!r}")
-        if event == EVENT_UPDATE and (not text or len(text) > limits.MAX_MEMORY_TEXT):
-            raise BadOutput("an UPDATE without a usable text")
-        decisions.append(Decision(event, text, target))
-    return decisions
 
 
 class LlmExtractor:
@@ -439,8 +300,6 @@ class LlmExtractor:
         shown: Sequence[Memory],
         decisions: Sequence[Decision],
     ) -> list[AddResult]:
-        from marie_memory.core import AddResult, text_hash  # noqa: PLC0415 - import cycle
-
         categories = {f.text: f.categories for f in facts}
         results: list[AddResult] = []
         changes: list[MemoryChange] = []

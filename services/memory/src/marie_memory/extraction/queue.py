@@ -11,41 +11,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict
-from typing import TYPE_CHECKING, Any
 
 import grpc
 from marie_kit.errors import ServiceError
 
+from marie_memory.core import MemoryCore
+from marie_memory.job_payload import decode_request
 from marie_memory.records import ExtractionJob
-
-if TYPE_CHECKING:
-    from marie_memory.core import AddRequest, MemoryCore
 
 log = logging.getLogger("marie.memory.queue")
 
 BATCH = 8
 # Errors worth another attempt: the providers service or the model may recover.
 RETRIABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
-
-
-def encode_request(request: AddRequest) -> str:
-    value = asdict(request)
-    value["metadata"] = dict(request.metadata)
-    return json.dumps(value, ensure_ascii=False)
-
-
-def decode_request(payload: str) -> AddRequest:
-    from marie_memory.core import AddRequest, SourceMessage  # noqa: PLC0415 - import cycle
-
-    value: dict[str, Any] = json.loads(payload)
-    value["messages"] = tuple(SourceMessage(**m) for m in value["messages"])
-    value["categories"] = tuple(value["categories"])
-    return AddRequest(**value)
 
 
 class ExtractionQueue:

@@ -25,7 +25,6 @@ import contextlib
 import functools
 import html
 import json
-import re
 import sqlite3
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -54,6 +53,7 @@ from marie_memory.records import (
     ScoredMemory,
     ToolCall,
 )
+from marie_memory.stores.keywords import query_words
 
 SCHEMA_VERSION = 1
 # Users whose vectors stay in memory; each costs 4 bytes x dimension x memories.
@@ -63,7 +63,6 @@ SNIPPET_CONTEXT = 80
 MAX_SNIPPETS = 3
 _MARK_OPEN = "\ue000"
 _MARK_CLOSE = "\ue001"
-_WORD = re.compile(r"\w+", re.UNICODE)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -191,80 +190,9 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
-# Words that match nearly every text: dropped from keyword queries (unless the
-# query holds nothing else), which keeps BM25 fast and its ranking meaningful.
-STOPWORDS = frozenset(
-    (
-        "a",
-        "an",
-        "and",
-        "are",
-        "as",
-        "at",
-        "be",
-        "but",
-        "by",
-        "do",
-        "does",
-        "did",
-        "for",
-        "from",
-        "has",
-        "have",
-        "had",
-        "he",
-        "her",
-        "his",
-        "how",
-        "i",
-        "if",
-        "in",
-        "is",
-        "it",
-        "its",
-        "me",
-        "my",
-        "no",
-        "not",
-        "of",
-        "on",
-        "or",
-        "our",
-        "she",
-        "so",
-        "than",
-        "that",
-        "the",
-        "their",
-        "them",
-        "then",
-        "there",
-        "these",
-        "they",
-        "this",
-        "to",
-        "was",
-        "we",
-        "were",
-        "what",
-        "when",
-        "where",
-        "which",
-        "who",
-        "why",
-        "will",
-        "with",
-        "you",
-        "your",
-    )
-)
-
-
 def fts_query(text: str) -> str:
     """A safe FTS5 query from free text: every word quoted, any of them may match."""
-    words = _WORD.findall(text)
-    words = [w for w in words if w.lower() not in STOPWORDS] or words
-    return " OR ".join('"' + w.replace('"', '""') + '"' for w in words)
+    return " OR ".join('"' + w.replace('"', '""') + '"' for w in query_words(text))
 
 
 def _conversation(row: sqlite3.Row) -> Conversation:

@@ -1,0 +1,1 @@
+"""The stores behind the memory service: their shared interface, SQLite and OpenSearch."""
