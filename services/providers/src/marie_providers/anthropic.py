@@ -19,15 +19,15 @@ from marie_providers.anthropic_translate import (
     messages_payload,
     model_from_entry,
 )
-from marie_providers.chunks import ChunkMerger
 from marie_providers.errors import (
     UpstreamProtocolError,
     UpstreamStatusError,
     bad_request,
     unsupported,
 )
-from marie_providers.http_provider import JSON_HEADERS, HttpProvider, status_error
-from marie_providers.sse import iter_sse_batches
+from marie_providers.upstream.chunks import ChunkMerger
+from marie_providers.upstream.http_provider import JSON_HEADERS, HttpProvider, status_error
+from marie_providers.upstream.sse import iter_sse_batches
 
 DEFAULT_ANTHROPIC_BASE_URL = "https://api.anthropic.com"
 ANTHROPIC_VERSION = "2023-06-01"

@@ -18,8 +18,6 @@ from google.protobuf import timestamp_pb2
 from marie.providers.v1 import provider_service_pb2 as pb
 from marie_kit.errors import ServiceError
 
-from marie_providers.base import Provider
-from marie_providers.chunks import ChunkMerger
 from marie_providers.config import ProviderConfig
 from marie_providers.errors import (
     UpstreamProtocolError,
@@ -28,8 +26,6 @@ from marie_providers.errors import (
     unsupported,
     upstream_error,
 )
-from marie_providers.http_provider import fetch_json, status_error
-from marie_providers.ndjson import iter_ndjson_batches
 from marie_providers.ollama_translate import (
     ChatStreamTranslator,
     GenerateStreamTranslator,
@@ -39,7 +35,11 @@ from marie_providers.ollama_translate import (
     models_from_listing,
 )
 from marie_providers.settings import ProvidersSettings
-from marie_providers.transport import UpstreamClient
+from marie_providers.upstream.chunks import ChunkMerger
+from marie_providers.upstream.http_provider import fetch_json, status_error
+from marie_providers.upstream.ndjson import iter_ndjson_batches
+from marie_providers.upstream.provider import Provider
+from marie_providers.upstream.transport import UpstreamClient
 
 # Ollama queues up to 512 requests by default (OLLAMA_MAX_QUEUE); a smaller
 # pool would turn its queueing into our pool timeouts.

@@ -15,8 +15,8 @@ from google.protobuf import timestamp_pb2
 from marie.providers.v1 import provider_service_pb2 as pb
 
 from marie_providers.errors import UpstreamProtocolError, UpstreamStatusError, bad_request
-from marie_providers.logprobs import token_logprob
-from marie_providers.structs import schema_value
+from marie_providers.upstream.logprobs import token_logprob
+from marie_providers.upstream.structs import schema_value
 
 # Ollama has no developer role; OpenAI defines developer as the newer system.
 ROLE_NAMES: Mapping[int, str] = {

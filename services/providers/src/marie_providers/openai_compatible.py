@@ -15,14 +15,12 @@ import httpx
 import orjson
 from marie.providers.v1 import provider_service_pb2 as pb
 
-from marie_providers.chunks import ChunkMerger
 from marie_providers.errors import (
     UpstreamProtocolError,
     UpstreamStatusError,
     model_not_found,
     unsupported,
 )
-from marie_providers.http_provider import JSON_HEADERS, HttpProvider, status_error
 from marie_providers.openai_translate import (
     ChatStreamTranslator,
     chat_payload,
@@ -30,7 +28,9 @@ from marie_providers.openai_translate import (
     completion_payload,
     models_from_listing,
 )
-from marie_providers.sse import iter_sse_batches
+from marie_providers.upstream.chunks import ChunkMerger
+from marie_providers.upstream.http_provider import JSON_HEADERS, HttpProvider, status_error
+from marie_providers.upstream.sse import iter_sse_batches
 
 DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
 

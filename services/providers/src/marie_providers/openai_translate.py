@@ -12,8 +12,8 @@ from google.protobuf import timestamp_pb2
 from marie.providers.v1 import provider_service_pb2 as pb
 
 from marie_providers.errors import UpstreamProtocolError, UpstreamStatusError
-from marie_providers.logprobs import chat_logprobs, text_logprobs
-from marie_providers.structs import schema_value
+from marie_providers.upstream.logprobs import chat_logprobs, text_logprobs
+from marie_providers.upstream.structs import schema_value
 
 # "developer" is OpenAI's newer name for system; most compatible servers
 # (vLLM, llama.cpp, Groq) know only system, which OpenAI still accepts.

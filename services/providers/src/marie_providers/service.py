@@ -23,8 +23,6 @@ from marie_kit.memory import LargeRequests
 from marie_kit.metering import MeteringBackends, MeteringInterceptor
 
 from marie_providers import provider_types
-from marie_providers.base import Provider
-from marie_providers.chunks import ChunkMerger
 from marie_providers.config import MarieConfig, config_from_environment, load_config_file
 from marie_providers.errors import DOMAIN, bad_request, model_not_found
 from marie_providers.health import HealthMonitor
@@ -33,6 +31,8 @@ from marie_providers.model_access import ModelAccess
 from marie_providers.registry import ModelRegistry
 from marie_providers.routing import Router
 from marie_providers.settings import ProvidersSettings
+from marie_providers.upstream.chunks import ChunkMerger
+from marie_providers.upstream.provider import Provider
 from marie_providers.validation import (
     check_chat_request,
     check_completion_request,
