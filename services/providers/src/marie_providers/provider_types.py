@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-from marie_providers.anthropic import AnthropicProvider
+from marie_providers.anthropic.client import AnthropicProvider
 from marie_providers.config import ProviderConfig
-from marie_providers.huggingface import HuggingFaceProvider
-from marie_providers.ollama import OllamaProvider
-from marie_providers.openai_compatible import OpenAICompatibleProvider
+from marie_providers.huggingface.client import HuggingFaceProvider
+from marie_providers.ollama.client import OllamaProvider
+from marie_providers.openai_compatible.client import OpenAICompatibleProvider
 from marie_providers.settings import ProvidersSettings
 from marie_providers.upstream.provider import Provider
 

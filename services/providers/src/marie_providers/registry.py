@@ -18,7 +18,7 @@ from marie.providers.v1 import provider_service_pb2 as pb
 from marie_kit.errors import ServiceError
 
 from marie_providers.errors import DOMAIN, model_not_found, provider_not_found
-from marie_providers.huggingface import HuggingFaceProvider
+from marie_providers.huggingface.client import HuggingFaceProvider
 from marie_providers.model_access import UNRESTRICTED, ModelAccess, model_not_allowed
 from marie_providers.upstream.provider import Provider
 

@@ -1,7 +1,7 @@
 """Anthropic's Messages API: Claude models, streamed as typed server-sent events.
 
 `x-api-key` and `anthropic-version` on every request; translation lives in
-`anthropic_translate`. Anthropic has no embeddings API.
+`translate.py` beside it. Anthropic has no embeddings API.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import httpx
 import orjson
 from marie.providers.v1 import provider_service_pb2 as pb
 
-from marie_providers.anthropic_translate import (
+from marie_providers.anthropic.translate import (
     MessageStreamTranslator,
     messages_payload,
     model_from_entry,

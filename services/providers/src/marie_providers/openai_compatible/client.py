@@ -2,7 +2,7 @@
 OpenRouter, DeepSeek, …): `/models`, streamed `/chat/completions`, `/embeddings`.
 
 The stream is read as server-sent events and translated event by event (see
-`openai_translate`); closing the iterator closes the upstream request.
+`translate.py` beside it); closing the iterator closes the upstream request.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from marie_providers.errors import (
     model_not_found,
     unsupported,
 )
-from marie_providers.openai_translate import (
+from marie_providers.openai_compatible.translate import (
     ChatStreamTranslator,
     chat_payload,
     chunk_from_completion,

@@ -1,6 +1,6 @@
 """Translation between Ollama's JSON API and Marie's protobuf messages.
 
-Pure functions and one small stateful stream translator, no I/O: `ollama.py`
+Pure functions and one small stateful stream translator, no I/O: `client.py`
 does the HTTP, this module decides what goes on the wire and what comes back.
 """
 

@@ -1,7 +1,7 @@
 """The Ollama provider: Ollama's HTTP API behind Marie's provider abstraction.
 
 One pooled `httpx.AsyncClient` lives as long as the provider; chat streams
-are read as NDJSON and translated line by line (see `ollama_translate`).
+are read as NDJSON and translated line by line (see `translate.py` beside it).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from marie_providers.errors import (
     unsupported,
     upstream_error,
 )
-from marie_providers.ollama_translate import (
+from marie_providers.ollama.translate import (
     ChatStreamTranslator,
     GenerateStreamTranslator,
     chat_payload,

@@ -1,5 +1,5 @@
 """Translation between the OpenAI chat API (as every OpenAI-compatible upstream speaks it)
-and Marie's protobuf messages. No I/O: `openai_compatible.py` does the HTTP.
+and Marie's protobuf messages. No I/O: `client.py` does the HTTP.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from marie.providers.v1 import provider_service_pb2 as pb
 from marie_kit.errors import ServiceError
 
 from marie_providers.errors import model_not_found
-from marie_providers.openai_compatible import OpenAICompatibleProvider
+from marie_providers.openai_compatible.client import OpenAICompatibleProvider
 from marie_providers.upstream.provider import Provider
 
 log = logging.getLogger("marie.providers.huggingface")
