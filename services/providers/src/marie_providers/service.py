@@ -25,11 +25,11 @@ from marie_kit.metering import MeteringBackends, MeteringInterceptor
 from marie_providers import provider_types
 from marie_providers.config import MarieConfig, config_from_environment, load_config_file
 from marie_providers.errors import DOMAIN, bad_request, model_not_found
-from marie_providers.health import HealthMonitor
 from marie_providers.metering import METERED
-from marie_providers.model_access import ModelAccess
-from marie_providers.registry import ModelRegistry
-from marie_providers.routing import Router
+from marie_providers.routing.health import HealthMonitor
+from marie_providers.routing.model_access import ModelAccess
+from marie_providers.routing.registry import ModelRegistry
+from marie_providers.routing.router import Router
 from marie_providers.settings import ProvidersSettings
 from marie_providers.upstream.chunks import ChunkMerger
 from marie_providers.upstream.provider import Provider

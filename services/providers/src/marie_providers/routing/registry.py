@@ -19,7 +19,7 @@ from marie_kit.errors import ServiceError
 
 from marie_providers.errors import DOMAIN, model_not_found, provider_not_found
 from marie_providers.huggingface.client import HuggingFaceProvider
-from marie_providers.model_access import UNRESTRICTED, ModelAccess, model_not_allowed
+from marie_providers.routing.model_access import UNRESTRICTED, ModelAccess, model_not_allowed
 from marie_providers.upstream.provider import Provider
 
 log = logging.getLogger("marie.providers.registry")

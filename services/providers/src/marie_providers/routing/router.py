@@ -26,9 +26,9 @@ from marie_kit.errors import ServiceError
 
 from marie_providers.config import RoutingConfig
 from marie_providers.errors import DOMAIN, RETRY_AFTER_KEY, model_not_found, retry_after_of
-from marie_providers.model_access import UNRESTRICTED, ModelAccess, model_not_allowed
-from marie_providers.registry import ModelRegistry
-from marie_providers.resilience import Circuit, CircuitBreaker, ConcurrencyLimit
+from marie_providers.routing.model_access import UNRESTRICTED, ModelAccess, model_not_allowed
+from marie_providers.routing.registry import ModelRegistry
+from marie_providers.routing.resilience import Circuit, CircuitBreaker, ConcurrencyLimit
 from marie_providers.upstream.provider import Provider
 
 log = logging.getLogger("marie.providers.routing")
