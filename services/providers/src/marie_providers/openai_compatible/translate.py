@@ -13,7 +13,7 @@ from marie.providers.v1 import provider_service_pb2 as pb
 
 from marie_providers.errors import UpstreamProtocolError, UpstreamStatusError
 from marie_providers.upstream.logprobs import chat_logprobs, text_logprobs
-from marie_providers.upstream.structs import schema_value
+from marie_providers.upstream.structs import float32, schema_value
 
 # "developer" is OpenAI's newer name for system; most compatible servers
 # (vLLM, llama.cpp, Groq) know only system, which OpenAI still accepts.
@@ -43,11 +43,6 @@ TOOL_CHOICES: Mapping[int, str] = {
     pb.TOOL_CHOICE_MODE_AUTO: "auto",
     pb.TOOL_CHOICE_MODE_REQUIRED: "required",
 }
-
-
-def float32(value: float) -> float:
-    """Undo float32 widening: a proto `float` 0.7 arrives as 0.699999988079071."""
-    return float(f"{value:.7g}")
 
 
 # ---------------------------------------------------------------------------
