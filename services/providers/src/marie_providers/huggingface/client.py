@@ -88,6 +88,7 @@ class HuggingFaceProvider(OpenAICompatibleProvider):
     default_api_key_env = "HF_TOKEN"
     supports_embeddings = False
     accepts_token_inputs = False
+    serves_any_hub_id = True
     # The router serves chat only: no legacy `/completions`.
     stream_completion = Provider.stream_completion
 
