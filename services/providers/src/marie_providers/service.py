@@ -22,7 +22,7 @@ from marie_kit.errors import ServiceError
 from marie_kit.memory import LargeRequests
 from marie_kit.metering import MeteringBackends, MeteringInterceptor
 
-from marie_providers import provider_types
+from marie_providers import kinds
 from marie_providers.config import MarieConfig, config_from_environment, load_config_file
 from marie_providers.errors import DOMAIN, bad_request, model_not_found
 from marie_providers.metering import METERED
@@ -63,7 +63,7 @@ def load_config(settings: ProvidersSettings) -> MarieConfig:
 
 def build_providers(settings: ProvidersSettings, config: MarieConfig) -> list[Provider]:
     """The providers the configuration describes, in its order."""
-    return [provider_types.build(name, entry, settings) for name, entry in config.providers.items()]
+    return [kinds.build(name, entry, settings) for name, entry in config.providers.items()]
 
 
 def _deadline(context: Context) -> float | None:
