@@ -13,11 +13,11 @@ from marie.providers.v1 import provider_service_pb2_grpc as pb_grpc
 from marie_kit.channels import insecure_channel
 from marie_kit.errors import ServiceError
 from marie_kit.server import RunningServer, start_server
-from marie_providers.base import Provider
 from marie_providers.config import MarieConfig
-from marie_providers.ollama import OllamaProvider
+from marie_providers.ollama.client import OllamaProvider
 from marie_providers.service import ProviderFactory, ProvidersComponent
 from marie_providers.settings import ProvidersSettings
+from marie_providers.upstream.provider import Provider
 
 from tests.stack import free_ports
 

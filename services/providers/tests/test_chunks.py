@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from marie.providers.v1 import provider_service_pb2 as pb
-from marie_providers.chunks import ChunkMerger
+from marie_providers.upstream.chunks import ChunkMerger
 
 Chunk = pb.StreamChatCompletionResponse
 

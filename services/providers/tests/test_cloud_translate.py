@@ -6,13 +6,13 @@ import orjson
 import pytest
 from marie.providers.v1 import provider_service_pb2 as pb
 from marie_kit.errors import ServiceError
-from marie_providers.anthropic_translate import (
+from marie_providers.anthropic.translate import (
     JSON_INSTRUCTION,
     MessageStreamTranslator,
     messages_payload,
 )
 from marie_providers.errors import UpstreamStatusError
-from marie_providers.openai_translate import ChatStreamTranslator, chat_payload
+from marie_providers.openai_compatible.translate import ChatStreamTranslator, chat_payload
 from providers_testkit import chat, user
 
 

@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 from marie_kit.errors import ServiceError
-from marie_providers.ollama import OllamaProvider
-from marie_providers.registry import ModelRegistry
+from marie_providers.ollama.client import OllamaProvider
+from marie_providers.routing.registry import ModelRegistry
 from providers_testkit import closed_port_url
 
 from tests.fakes.ollama import FakeModel, FakeOllama

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 from marie_providers.errors import UpstreamProtocolError
-from marie_providers.ndjson import iter_ndjson
+from marie_providers.upstream.ndjson import iter_ndjson
 
 
 async def chunks(*parts: bytes) -> AsyncIterator[bytes]:

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from marie.providers.v1 import provider_service_pb2 as pb
 from marie_kit.errors import ServiceError
-from marie_providers.ollama import OllamaProvider
+from marie_providers.ollama.client import OllamaProvider
 from providers_testkit import chat, closed_port_url
 
 Handler = Callable[[httpx.Request], httpx.Response]

@@ -10,7 +10,7 @@ from google.protobuf import struct_pb2
 from marie.providers.v1 import provider_service_pb2 as pb
 from marie_kit.errors import ServiceError
 from marie_providers.errors import UpstreamProtocolError, UpstreamStatusError
-from marie_providers.ollama_translate import (
+from marie_providers.ollama.translate import (
     ChatStreamTranslator,
     chat_payload,
     human_size,

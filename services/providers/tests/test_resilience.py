@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from marie_providers.resilience import Circuit, CircuitBreaker, ConcurrencyLimit
+from marie_providers.routing.resilience import Circuit, CircuitBreaker, ConcurrencyLimit
 
 
 def state(breaker: CircuitBreaker) -> Circuit:

@@ -14,7 +14,7 @@ import grpc
 import pytest
 from marie.providers.v1 import provider_service_pb2 as pb
 from marie_providers.config import MarieConfig, ProviderConfig, RoutingConfig
-from marie_providers.routing import pick_arm, sticky_fraction
+from marie_providers.routing.router import pick_arm, sticky_fraction
 from marie_providers.settings import ProvidersSettings
 from providers_testkit import Service, chat, closed_port_url, running_service, stream_outcome
 

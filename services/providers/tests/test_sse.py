@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 from marie_providers.errors import UpstreamProtocolError
-from marie_providers.sse import Event, iter_sse_batches
+from marie_providers.upstream.sse import Event, iter_sse_batches
 
 BODY = (
     b": keep-alive\r\n\r\n"

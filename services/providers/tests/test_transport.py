@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from marie_providers.transport import FastTransport, UpstreamClient
+from marie_providers.upstream.transport import FastTransport, UpstreamClient
 
 # (request head, request body, writer) -> whether to keep the connection open.
 Answer = Callable[[bytes, bytes, asyncio.StreamWriter], Awaitable[bool]]

@@ -15,8 +15,8 @@ KEY_ID_HEADER = "x-marie-key-id"
 OWNER_HEADER = "x-marie-owner"
 #: A key's allowed models (percent-encoded patterns, comma-separated); absent
 #: for a key that may use every model. Providers checks it
-#: (marie_providers.model_access); the memory service passes it on to the
-#: model calls it makes for the key.
+#: (marie_providers.routing.model_access); the memory service passes it on to
+#: the model calls it makes for the key.
 ALLOWED_MODELS_HEADER = "x-marie-allowed-models"
 
 # Printable ASCII but '%' and space stays readable; the rest is percent-encoded.

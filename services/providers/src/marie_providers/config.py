@@ -21,6 +21,9 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 ENV_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Keys that would put a secret in the file; the file names variables instead.
 INLINE_SECRET_KEYS = ("api_key", "token", "key", "password", "secret")
+# The `type` names a provider may have, in the order errors list them; `kinds.py`
+# maps each to its provider class and checks at import that it has exactly these.
+PROVIDER_TYPE_NAMES = ("ollama", "openai", "huggingface", "anthropic")
 
 
 class ConfigError(Exception):
@@ -63,11 +66,8 @@ class ProviderConfig(BaseModel):
     @field_validator("type")
     @classmethod
     def _known_type(cls, value: str) -> str:
-        # Imported here: the provider modules import this one for ProviderConfig.
-        from marie_providers.provider_types import PROVIDER_TYPES  # noqa: PLC0415
-
-        if value not in PROVIDER_TYPES:
-            known = ", ".join(PROVIDER_TYPES)
+        if value not in PROVIDER_TYPE_NAMES:
+            known = ", ".join(PROVIDER_TYPE_NAMES)
             raise ValueError(f"unknown provider type {value!r} (known: {known})")
         return value
 

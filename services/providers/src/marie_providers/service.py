@@ -22,17 +22,17 @@ from marie_kit.errors import ServiceError
 from marie_kit.memory import LargeRequests
 from marie_kit.metering import MeteringBackends, MeteringInterceptor
 
-from marie_providers import provider_types
-from marie_providers.base import Provider
-from marie_providers.chunks import ChunkMerger
+from marie_providers import kinds
 from marie_providers.config import MarieConfig, config_from_environment, load_config_file
 from marie_providers.errors import DOMAIN, bad_request, model_not_found
-from marie_providers.health import HealthMonitor
 from marie_providers.metering import METERED
-from marie_providers.model_access import ModelAccess
-from marie_providers.registry import ModelRegistry
-from marie_providers.routing import Router
+from marie_providers.routing.health import HealthMonitor
+from marie_providers.routing.model_access import ModelAccess
+from marie_providers.routing.registry import ModelRegistry
+from marie_providers.routing.router import Router
 from marie_providers.settings import ProvidersSettings
+from marie_providers.upstream.chunks import ChunkMerger
+from marie_providers.upstream.provider import Provider
 from marie_providers.validation import (
     check_chat_request,
     check_completion_request,
@@ -63,7 +63,7 @@ def load_config(settings: ProvidersSettings) -> MarieConfig:
 
 def build_providers(settings: ProvidersSettings, config: MarieConfig) -> list[Provider]:
     """The providers the configuration describes, in its order."""
-    return [provider_types.build(name, entry, settings) for name, entry in config.providers.items()]
+    return [kinds.build(name, entry, settings) for name, entry in config.providers.items()]
 
 
 def _deadline(context: Context) -> float | None:

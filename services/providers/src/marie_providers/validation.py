@@ -9,7 +9,7 @@ from __future__ import annotations
 from marie.providers.v1 import provider_service_pb2 as pb
 
 from marie_providers.errors import bad_request
-from marie_providers.structs import parse_json_object
+from marie_providers.upstream.structs import parse_json_object
 
 MAX_STOP_SEQUENCES = 4
 MAX_EMBEDDING_INPUTS = 2048

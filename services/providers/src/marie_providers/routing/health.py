@@ -14,9 +14,9 @@ import logging
 
 from marie.providers.v1 import provider_service_pb2 as pb
 
-from marie_providers.base import Provider
-from marie_providers.registry import ModelRegistry
-from marie_providers.routing import Router
+from marie_providers.routing.registry import ModelRegistry
+from marie_providers.routing.router import Router
+from marie_providers.upstream.provider import Provider
 
 log = logging.getLogger("marie.providers.health")
 

@@ -1,7 +1,7 @@
 """Anthropic's Messages API: Claude models, streamed as typed server-sent events.
 
 `x-api-key` and `anthropic-version` on every request; translation lives in
-`anthropic_translate`. Anthropic has no embeddings API.
+`translate.py` beside it. Anthropic has no embeddings API.
 """
 
 from __future__ import annotations
@@ -14,20 +14,20 @@ import httpx
 import orjson
 from marie.providers.v1 import provider_service_pb2 as pb
 
-from marie_providers.anthropic_translate import (
+from marie_providers.anthropic.translate import (
     MessageStreamTranslator,
     messages_payload,
     model_from_entry,
 )
-from marie_providers.chunks import ChunkMerger
 from marie_providers.errors import (
     UpstreamProtocolError,
     UpstreamStatusError,
     bad_request,
     unsupported,
 )
-from marie_providers.http_provider import JSON_HEADERS, HttpProvider, status_error
-from marie_providers.sse import iter_sse_batches
+from marie_providers.upstream.chunks import ChunkMerger
+from marie_providers.upstream.http_provider import JSON_HEADERS, HttpProvider, status_error
+from marie_providers.upstream.sse import iter_sse_batches
 
 DEFAULT_ANTHROPIC_BASE_URL = "https://api.anthropic.com"
 ANTHROPIC_VERSION = "2023-06-01"

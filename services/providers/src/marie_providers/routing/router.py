@@ -24,12 +24,12 @@ from google.protobuf import timestamp_pb2
 from marie.providers.v1 import provider_service_pb2 as pb
 from marie_kit.errors import ServiceError
 
-from marie_providers.base import Provider
 from marie_providers.config import RoutingConfig
 from marie_providers.errors import DOMAIN, RETRY_AFTER_KEY, model_not_found, retry_after_of
-from marie_providers.model_access import UNRESTRICTED, ModelAccess, model_not_allowed
-from marie_providers.registry import ModelRegistry
-from marie_providers.resilience import Circuit, CircuitBreaker, ConcurrencyLimit
+from marie_providers.routing.model_access import UNRESTRICTED, ModelAccess, model_not_allowed
+from marie_providers.routing.registry import ModelRegistry
+from marie_providers.routing.resilience import Circuit, CircuitBreaker, ConcurrencyLimit
+from marie_providers.upstream.provider import Provider
 
 log = logging.getLogger("marie.providers.routing")
 

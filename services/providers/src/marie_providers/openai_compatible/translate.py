@@ -1,5 +1,5 @@
 """Translation between the OpenAI chat API (as every OpenAI-compatible upstream speaks it)
-and Marie's protobuf messages. No I/O: `openai_compatible.py` does the HTTP.
+and Marie's protobuf messages. No I/O: `client.py` does the HTTP.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from google.protobuf import timestamp_pb2
 from marie.providers.v1 import provider_service_pb2 as pb
 
 from marie_providers.errors import UpstreamProtocolError, UpstreamStatusError
-from marie_providers.logprobs import chat_logprobs, text_logprobs
-from marie_providers.structs import schema_value
+from marie_providers.upstream.logprobs import chat_logprobs, text_logprobs
+from marie_providers.upstream.structs import float32, schema_value
 
 # "developer" is OpenAI's newer name for system; most compatible servers
 # (vLLM, llama.cpp, Groq) know only system, which OpenAI still accepts.
@@ -43,11 +43,6 @@ TOOL_CHOICES: Mapping[int, str] = {
     pb.TOOL_CHOICE_MODE_AUTO: "auto",
     pb.TOOL_CHOICE_MODE_REQUIRED: "required",
 }
-
-
-def float32(value: float) -> float:
-    """Undo float32 widening: a proto `float` 0.7 arrives as 0.699999988079071."""
-    return float(f"{value:.7g}")
 
 
 # ---------------------------------------------------------------------------

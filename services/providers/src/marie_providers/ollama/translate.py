@@ -1,6 +1,6 @@
 """Translation between Ollama's JSON API and Marie's protobuf messages.
 
-Pure functions and one small stateful stream translator, no I/O: `ollama.py`
+Pure functions and one small stateful stream translator, no I/O: `client.py`
 does the HTTP, this module decides what goes on the wire and what comes back.
 """
 
@@ -15,8 +15,8 @@ from google.protobuf import timestamp_pb2
 from marie.providers.v1 import provider_service_pb2 as pb
 
 from marie_providers.errors import UpstreamProtocolError, UpstreamStatusError, bad_request
-from marie_providers.logprobs import token_logprob
-from marie_providers.structs import schema_value
+from marie_providers.upstream.logprobs import token_logprob
+from marie_providers.upstream.structs import float32, schema_value
 
 # Ollama has no developer role; OpenAI defines developer as the newer system.
 ROLE_NAMES: Mapping[int, str] = {
@@ -167,11 +167,6 @@ def model_from_show(body: Any, name: str, provider: str) -> pb.ModelInfo:
 # ---------------------------------------------------------------------------
 
 
-def _float32(value: float) -> float:
-    """Undo float32 widening: a proto `float` 0.7 arrives as 0.699999988079071."""
-    return float(f"{value:.7g}")
-
-
 def _image(url: str, field: str) -> str:
     """The base64 payload of a data URL; Ollama takes images as bytes, never as links."""
     if url.startswith(("http://", "https://")):
@@ -240,9 +235,9 @@ def _messages(messages: Sequence[pb.ChatMessage]) -> list[dict[str, Any]]:
 def _options(sampling: pb.SamplingParameters) -> dict[str, Any]:
     options: dict[str, Any] = {}
     if sampling.HasField("temperature"):
-        options["temperature"] = _float32(sampling.temperature)
+        options["temperature"] = float32(sampling.temperature)
     if sampling.HasField("top_p"):
-        options["top_p"] = _float32(sampling.top_p)
+        options["top_p"] = float32(sampling.top_p)
     if sampling.HasField("top_k"):
         options["top_k"] = sampling.top_k
     if sampling.HasField("max_tokens"):
@@ -252,9 +247,9 @@ def _options(sampling: pb.SamplingParameters) -> dict[str, Any]:
     if sampling.HasField("seed"):
         options["seed"] = sampling.seed
     if sampling.HasField("presence_penalty"):
-        options["presence_penalty"] = _float32(sampling.presence_penalty)
+        options["presence_penalty"] = float32(sampling.presence_penalty)
     if sampling.HasField("frequency_penalty"):
-        options["frequency_penalty"] = _float32(sampling.frequency_penalty)
+        options["frequency_penalty"] = float32(sampling.frequency_penalty)
     return options
 
 

@@ -19,7 +19,6 @@ from google.protobuf import timestamp_pb2
 from marie.providers.v1 import provider_service_pb2 as pb
 from marie_kit.errors import ServiceError
 
-from marie_providers.base import Provider
 from marie_providers.errors import (
     DOMAIN,
     UpstreamProtocolError,
@@ -27,7 +26,8 @@ from marie_providers.errors import (
     parse_retry_after,
     upstream_error,
 )
-from marie_providers.transport import UpstreamClient
+from marie_providers.upstream.provider import Provider
+from marie_providers.upstream.transport import UpstreamClient
 
 MAX_CONNECTIONS = 256
 MAX_KEEPALIVE_CONNECTIONS = 32

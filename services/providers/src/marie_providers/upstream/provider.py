@@ -30,6 +30,9 @@ class Provider(ABC):
     listing_is_detailed: bool = False
     #: The only model names this provider may serve (configuration's `models`); None: any.
     allowed_models: frozenset[str] | None = None
+    #: True when the upstream serves any Hugging Face hub id, listed or not (the HF
+    #: router): the registry sends it a bare hub id that no listing names.
+    serves_any_hub_id: bool = False
 
     @property
     @abstractmethod

@@ -2,7 +2,7 @@
 OpenRouter, DeepSeek, …): `/models`, streamed `/chat/completions`, `/embeddings`.
 
 The stream is read as server-sent events and translated event by event (see
-`openai_translate`); closing the iterator closes the upstream request.
+`translate.py` beside it); closing the iterator closes the upstream request.
 """
 
 from __future__ import annotations
@@ -15,22 +15,22 @@ import httpx
 import orjson
 from marie.providers.v1 import provider_service_pb2 as pb
 
-from marie_providers.chunks import ChunkMerger
 from marie_providers.errors import (
     UpstreamProtocolError,
     UpstreamStatusError,
     model_not_found,
     unsupported,
 )
-from marie_providers.http_provider import JSON_HEADERS, HttpProvider, status_error
-from marie_providers.openai_translate import (
+from marie_providers.openai_compatible.translate import (
     ChatStreamTranslator,
     chat_payload,
     chunk_from_completion,
     completion_payload,
     models_from_listing,
 )
-from marie_providers.sse import iter_sse_batches
+from marie_providers.upstream.chunks import ChunkMerger
+from marie_providers.upstream.http_provider import JSON_HEADERS, HttpProvider, status_error
+from marie_providers.upstream.sse import iter_sse_batches
 
 DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
 

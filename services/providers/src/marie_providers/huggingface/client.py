@@ -15,9 +15,9 @@ from typing import Any
 from marie.providers.v1 import provider_service_pb2 as pb
 from marie_kit.errors import ServiceError
 
-from marie_providers.base import Provider
 from marie_providers.errors import model_not_found
-from marie_providers.openai_compatible import OpenAICompatibleProvider
+from marie_providers.openai_compatible.client import OpenAICompatibleProvider
+from marie_providers.upstream.provider import Provider
 
 log = logging.getLogger("marie.providers.huggingface")
 
@@ -88,6 +88,7 @@ class HuggingFaceProvider(OpenAICompatibleProvider):
     default_api_key_env = "HF_TOKEN"
     supports_embeddings = False
     accepts_token_inputs = False
+    serves_any_hub_id = True
     # The router serves chat only: no legacy `/completions`.
     stream_completion = Provider.stream_completion
 

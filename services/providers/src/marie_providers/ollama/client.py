@@ -1,7 +1,7 @@
 """The Ollama provider: Ollama's HTTP API behind Marie's provider abstraction.
 
 One pooled `httpx.AsyncClient` lives as long as the provider; chat streams
-are read as NDJSON and translated line by line (see `ollama_translate`).
+are read as NDJSON and translated line by line (see `translate.py` beside it).
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ from google.protobuf import timestamp_pb2
 from marie.providers.v1 import provider_service_pb2 as pb
 from marie_kit.errors import ServiceError
 
-from marie_providers.base import Provider
-from marie_providers.chunks import ChunkMerger
 from marie_providers.config import ProviderConfig
 from marie_providers.errors import (
     UpstreamProtocolError,
@@ -28,9 +26,7 @@ from marie_providers.errors import (
     unsupported,
     upstream_error,
 )
-from marie_providers.http_provider import fetch_json, status_error
-from marie_providers.ndjson import iter_ndjson_batches
-from marie_providers.ollama_translate import (
+from marie_providers.ollama.translate import (
     ChatStreamTranslator,
     GenerateStreamTranslator,
     chat_payload,
@@ -39,7 +35,11 @@ from marie_providers.ollama_translate import (
     models_from_listing,
 )
 from marie_providers.settings import ProvidersSettings
-from marie_providers.transport import UpstreamClient
+from marie_providers.upstream.chunks import ChunkMerger
+from marie_providers.upstream.http_provider import fetch_json, status_error
+from marie_providers.upstream.ndjson import iter_ndjson_batches
+from marie_providers.upstream.provider import Provider
+from marie_providers.upstream.transport import UpstreamClient
 
 # Ollama queues up to 512 requests by default (OLLAMA_MAX_QUEUE); a smaller
 # pool would turn its queueing into our pool timeouts.

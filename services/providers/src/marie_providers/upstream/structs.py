@@ -1,4 +1,4 @@
-"""JSON Schemas and other free-form JSON from requests, as upstream bodies take them."""
+"""Request values as upstream JSON bodies take them: JSON Schemas, free-form JSON, proto floats."""
 
 from __future__ import annotations
 
@@ -20,6 +20,11 @@ def schema_value(text: str, struct: struct_pb2.Struct) -> Any:
     if text:
         return orjson.Fragment(text)
     return struct_to_dict(struct)
+
+
+def float32(value: float) -> float:
+    """Undo float32 widening: a proto `float` 0.7 arrives as 0.699999988079071."""
+    return float(f"{value:.7g}")
 
 
 def parse_json_object(text: str) -> dict[str, Any] | None:

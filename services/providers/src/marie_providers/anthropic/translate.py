@@ -17,8 +17,7 @@ import orjson
 from marie.providers.v1 import provider_service_pb2 as pb
 
 from marie_providers.errors import UpstreamProtocolError, UpstreamStatusError, bad_request
-from marie_providers.openai_translate import float32
-from marie_providers.structs import schema_value
+from marie_providers.upstream.structs import float32, schema_value
 
 # Anthropic requires max_tokens; OpenAI's callers rarely send it.
 DEFAULT_MAX_TOKENS = 4096

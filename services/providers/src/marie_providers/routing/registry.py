@@ -17,10 +17,9 @@ import grpc
 from marie.providers.v1 import provider_service_pb2 as pb
 from marie_kit.errors import ServiceError
 
-from marie_providers.base import Provider
 from marie_providers.errors import DOMAIN, model_not_found, provider_not_found
-from marie_providers.huggingface import HuggingFaceProvider
-from marie_providers.model_access import UNRESTRICTED, ModelAccess, model_not_allowed
+from marie_providers.routing.model_access import UNRESTRICTED, ModelAccess, model_not_allowed
+from marie_providers.upstream.provider import Provider
 
 log = logging.getLogger("marie.providers.registry")
 
@@ -333,13 +332,13 @@ class ModelRegistry:
         )
 
     def _hub_provider(self, model: str) -> Provider | None:
-        """The one Hugging Face provider, when `model` is shaped like a hub id
-        (`owner/name`, optionally `:provider`, `:fastest` or `:cheapest`) and
-        exactly one such provider is configured; else None."""
+        """The one provider serving any Hugging Face hub id, when `model` is shaped
+        like a hub id (`owner/name`, optionally `:provider`, `:fastest` or `:cheapest`)
+        and exactly one such provider is configured; else None."""
         owner, slash, rest = model.partition("/")
         if not slash or not owner or not rest.split(":", 1)[0] or "/" in rest:
             return None
-        hubs = [p for p in self.providers if p.kind == HuggingFaceProvider.kind]
+        hubs = [p for p in self.providers if p.serves_any_hub_id]
         return hubs[0] if len(hubs) == 1 else None
 
     async def _lookup(

@@ -1,0 +1,1 @@
+"""Hugging Face Inference Providers: the OpenAI-compatible router and its curated models."""

@@ -1,0 +1,1 @@
+"""Ollama: its HTTP client (NDJSON streaming) and the translation of its JSON API."""

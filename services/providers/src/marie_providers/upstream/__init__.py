@@ -1,0 +1,1 @@
+"""What every upstream kind shares: Provider, HttpProvider, transport, stream readers, chunks."""
