@@ -54,7 +54,7 @@ class Principal:
     allowed_models: tuple[str, ...]
     limits: Limits = NO_LIMITS
     #: `allowed_models` as metadata for the services, which check the resolved
-    #: model before any upstream call (providers' model_access.py); empty when
+    #: model before any upstream call (providers' routing/model_access.py); empty when
     #: unrestricted. Envoy's key check sends the same header.
     models_metadata: tuple[tuple[str, str], ...] = field(init=False, default=())
 

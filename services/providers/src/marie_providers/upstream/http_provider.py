@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Self
+from typing import Any, Self
 
 import grpc
 import httpx
@@ -19,6 +19,7 @@ from google.protobuf import timestamp_pb2
 from marie.providers.v1 import provider_service_pb2 as pb
 from marie_kit.errors import ServiceError
 
+from marie_providers.config import ProviderConfig
 from marie_providers.errors import (
     DOMAIN,
     UpstreamProtocolError,
@@ -26,16 +27,13 @@ from marie_providers.errors import (
     parse_retry_after,
     upstream_error,
 )
+from marie_providers.settings import ProvidersSettings
 from marie_providers.upstream.provider import Provider
 from marie_providers.upstream.transport import UpstreamClient
 
 MAX_CONNECTIONS = 256
 MAX_KEEPALIVE_CONNECTIONS = 32
 JSON_HEADERS = {"content-type": "application/json"}
-
-if TYPE_CHECKING:
-    from marie_providers.config import ProviderConfig
-    from marie_providers.settings import ProvidersSettings
 
 
 def public_url(url: str) -> str:
