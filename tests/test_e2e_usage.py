@@ -121,7 +121,7 @@ def test_usage_totals_after_a_mix_of_requests(stack: Stack) -> None:
 
 def test_a_request_refused_before_any_model_answers_writes_no_usage_row(stack: Stack) -> None:
     key = stack.create_key("usage-refused")
-    refused = [
+    refused: list[tuple[str, dict[str, Any], int]] = [
         # A bad body, an unknown model, a bad comparison, bad embeddings input.
         ("/v1/chat/completions", {"model": "ollama/counted:latest", "messages": "hi"}, 400),
         ("/v1/chat/completions", {"model": "ollama/nope:latest", "messages": HELLO}, 404),
