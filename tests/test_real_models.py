@@ -69,6 +69,58 @@ def test_a_streamed_chat_answer_ends_with_usage(
     assert 1 <= usage.completion_tokens <= 8
 
 
+def test_streaming_gives_the_same_greedy_text_as_a_whole_answer(client: openai.OpenAI) -> None:
+    whole = client.chat.completions.create(model=CHAT, messages=HELLO, max_tokens=8, temperature=0)
+    chunks = list(
+        client.chat.completions.create(
+            model=CHAT, messages=HELLO, max_tokens=8, temperature=0, stream=True
+        )
+    )
+
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == (
+        whole.choices[0].finish_reason
+    )
+    assert all(c.model == CHAT for c in chunks)
+
+
+def test_a_stream_the_client_leaves_leaves_the_server_serving(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model=CHAT, messages=HELLO, max_tokens=200, temperature=0, stream=True
+    )
+    next(iter(stream))
+    stream.close()
+
+    again = client.chat.completions.create(model=CHAT, messages=HELLO, max_tokens=4)
+    assert again.choices[0].message.content
+
+
+def test_chat_logprobs_from_the_server(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(
+        model=CHAT, messages=HELLO, max_tokens=4, temperature=0, logprobs=True, top_logprobs=2
+    )
+
+    logprobs = reply.choices[0].logprobs
+    assert logprobs is not None and logprobs.content
+    assert 1 <= len(logprobs.content) <= 4
+    assert all(e.logprob <= 0 and len(e.top_logprobs) <= 2 for e in logprobs.content)
+
+
+def test_a_legacy_text_completion_whole_and_streamed(client: openai.OpenAI) -> None:
+    whole = client.completions.create(
+        model=CHAT, prompt="The capital of France is", max_tokens=6, temperature=0
+    )
+    streamed = client.completions.create(
+        model=CHAT, prompt="The capital of France is", max_tokens=6, temperature=0, stream=True
+    )
+
+    choice = whole.choices[0]
+    assert whole.object == "text_completion" and choice.text
+    assert whole.usage is not None and 1 <= whole.usage.completion_tokens <= 6
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == choice.text
+
+
 def test_json_schema_output_is_held_to_the_schema_by_the_servers_grammar(
     client: openai.OpenAI,
 ) -> None:
