@@ -99,6 +99,7 @@ fmt: bootstrap
 
 bench: bootstrap
 	$(PY) bench/run.py
+	$(PY) bench/real_server.py
 	$(PY) bench/memory_search.py
 
 # Marie against LiteLLM proxy in one run (bench/versus.py): writes
