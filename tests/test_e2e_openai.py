@@ -376,6 +376,14 @@ def test_embeddings_reject_empty_strings(client: openai.OpenAI) -> None:
     assert caught.value.param == "input[1]"
 
 
+def test_embeddings_take_at_most_2048_inputs_of_any_length(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.embeddings.create(model="ollama/nomic-embed-text:latest", input=["x"] * 2049)
+    assert caught.value.param == "input"
+    long_one = client.embeddings.create(model="ollama/nomic-embed-text:latest", input="x" * 5000)
+    assert len(long_one.data) == 1
+
+
 def test_key_without_chat_scope_is_forbidden(stack: Stack) -> None:
     key = stack.create_key("reader", "--scope", "models:read")
     with openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=key, max_retries=0) as c:

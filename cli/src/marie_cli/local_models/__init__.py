@@ -36,6 +36,7 @@ from marie_cli.local_models.servers import (
     ModelServer,
     chat_model_file,
     cpu_flags,
+    free_port,
     prepare,
 )
 
@@ -51,6 +52,7 @@ __all__ = [
     "cache_dir",
     "chat_model_file",
     "cpu_flags",
+    "free_port",
     "missing_bytes",
     "prepare",
 ]

@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from marie_gateway.access.limits import RATE_LIMIT_HEADERS
+from marie_gateway.access.tally import Tally
 from marie_gateway.api.compare import CompareRoutes
 from marie_gateway.api.conversations import ConversationRoutes
 from marie_gateway.api.keys import KeyRoutes
@@ -24,7 +25,7 @@ from marie_gateway.api.memories import MemoryRoutes
 from marie_gateway.api.models import ModelRoutes
 from marie_gateway.api.usage import UsageRoutes
 from marie_gateway.console import routes as console
-from marie_gateway.core import Gateway
+from marie_gateway.core import TALLY_KEY, Gateway
 from marie_gateway.http import metrics
 from marie_gateway.http.context import RequestContext, current_request_id
 from marie_gateway.http.errors import ApiError, error_response
@@ -41,6 +42,9 @@ log = logging.getLogger("marie.gateway")
 
 async def _api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
+    tally: Tally | None = request.scope.get(TALLY_KEY)
+    if tally is not None and not exc.upstream:
+        tally.refused(exc.status)
     return error_response(exc, {"connection": "close"} if exc.close else None)
 
 

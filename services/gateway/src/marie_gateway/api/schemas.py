@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, RootModel, field_validator
+from pydantic import BaseModel, ConfigDict, Field, RootModel
 
 from marie_gateway.http.errors import ErrorDetail
 from marie_gateway.openai.schemas import ChatParameters, ModelId
@@ -114,16 +114,11 @@ MAX_COMPARE_MODELS = 8
 
 
 class CompareRequest(ChatParameters):
-    """`POST /api/compare`: one prompt, run on several models at once."""
+    """`POST /api/compare`: one prompt, run on several models at once. A model
+    may appear more than once (the same model twice shows sampling variance):
+    each arm's events carry its position, `index`."""
 
     models: list[ModelId] = Field(min_length=2, max_length=MAX_COMPARE_MODELS)
-
-    @field_validator("models")
-    @classmethod
-    def _distinct(cls, models: list[str]) -> list[str]:
-        if len(set(models)) != len(models):
-            raise ValueError("each model may appear once")
-        return models
 
 
 class CompareLatency(_Out):
