@@ -21,6 +21,16 @@ from marie_providers.upstream.provider import Provider
 log = logging.getLogger("marie.providers.health")
 
 
+def _refusing(deployment: pb.DeploymentHealth) -> str:
+    operation = pb.Operation.Name(deployment.operation).removeprefix("OPERATION_").lower()
+    what = f"{deployment.model} ({operation})"
+    failures = deployment.consecutive_failures
+    if deployment.circuit == pb.CIRCUIT_STATE_OPEN:
+        until = deployment.retry_time.ToDatetime().strftime("%H:%M:%S UTC")
+        return f"{what} circuit open after {failures} failures in a row, until {until}"
+    return f"{what} circuit half-open after {failures} failures in a row: a request probes it"
+
+
 class HealthMonitor:
     """The last health of every provider, kept fresh by a background task."""
 
@@ -33,11 +43,14 @@ class HealthMonitor:
         self._loop_task: asyncio.Task[None] | None = None
 
     async def _probe(self, provider: Provider) -> None:
+        sent = self._router.now()
         try:
             [health] = await self._registry.health(provider.name)
         except Exception:
             log.exception("health probe of %s failed", provider.name)
             return
+        if health.status == pb.HEALTH_STATUS_HEALTHY:
+            self._router.vouch(provider.name, sent)
         previous = self._latest.get(provider.name)
         self._latest[provider.name] = health
         if previous is None or previous.status != health.status:
@@ -96,6 +109,11 @@ class HealthMonitor:
             else:
                 health.CopyFrom(latest)
             health.deployments.extend(self._router.deployment_health(owner.name))
+            refusing = [d for d in health.deployments if d.circuit != pb.CIRCUIT_STATE_CLOSED]
+            if refusing and health.status == pb.HEALTH_STATUS_HEALTHY:
+                # It answers its probe, yet requests to it are being refused: say so.
+                health.status = pb.HEALTH_STATUS_DEGRADED
+                health.error = "; ".join(_refusing(d) for d in refusing)
             out.append(health)
         return out
 
