@@ -186,6 +186,9 @@ def upstream_error(
     if isinstance(exc, ServiceError):
         return exc
     error = _map(exc, provider=provider, model=model)
+    if model and error.code != grpc.StatusCode.NOT_FOUND:
+        # The caller is told which model failed, not only which provider.
+        error.metadata.setdefault("model", f"{provider}/{model}")
     if log_failure and error.code != grpc.StatusCode.NOT_FOUND:
         log.warning(
             "upstream failure",
