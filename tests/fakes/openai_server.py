@@ -354,6 +354,8 @@ class _Plan:
     async def stream(self, writer: EventWriter) -> None:
         await self._before_first_byte(writer)
         await writer.start(200, SSE_HEADERS)
+        if self.cue is not None and self.cue.kind == "slow_first_chunk":
+            await writer.pause(self.cue.seconds)
         if not self.text:
             await writer.write(self._chunk({"role": "assistant", "content": ""}))
         await writer.write(b": keep-alive\n\n")
@@ -436,4 +438,6 @@ class _Plan:
             },
         }
         await writer.start(200, [(b"content-type", b"application/json")])
+        if self.cue is not None and self.cue.kind == "slow_first_chunk":
+            await writer.pause(self.cue.seconds)
         await writer.write(json.dumps(body).encode())
