@@ -6,12 +6,14 @@ every operation's circuit and calls a provider with one open `degraded`."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterable, AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator
 
 import grpc
 import pytest
 from marie.providers.v1 import provider_service_pb2 as pb
 from marie_providers.config import MarieConfig, ProviderConfig, RoutingConfig
+from marie_providers.routing import health as health_module
 from marie_providers.settings import ProvidersSettings
 from prometheus_client import REGISTRY, generate_latest
 from providers_testkit import Service, chat, running_service, stream_outcome
@@ -302,3 +304,37 @@ async def test_a_provider_answering_its_health_probe_is_probed_by_the_next_user(
     assert opened == pb.CIRCUIT_STATE_OPEN
     assert error is None and chunks
     assert closed == pb.CIRCUIT_STATE_CLOSED
+
+
+async def test_a_user_refused_by_an_open_circuit_has_the_provider_probed_at_once(
+    upstream: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The start-up round probed just now: let a refusal probe again anyway.
+    monkeypatch.setattr(health_module, "SOON_GAP_SECONDS", 0.0)
+    # No health round, and a long open period: only the refusal can bring a probe.
+    routing = RoutingConfig(
+        retries=0, breaker_failures=1, breaker_open_seconds=600, health_interval_seconds=600
+    )
+    async with running_service(SETTINGS, config=config(upstream, routing)) as service:
+        upstream.fail_next(Cue.status_error(503))
+        await stream_outcome(service.stub.StreamChatCompletion(chat("local/m")))
+        upstream.reset()
+        _, refused = await stream_outcome(service.stub.StreamChatCompletion(chat("local/m")))
+        probed = await asyncio.to_thread(
+            lambda: _wait(lambda: bool(upstream.requests_to("/v1/models")), 5)
+        )
+        await asyncio.sleep(0.1)  # the probe's answer is read
+        chunks, error = await stream_outcome(service.stub.StreamChatCompletion(chat("local/m")))
+
+    assert refused is not None and refused.reason == "CIRCUIT_OPEN"
+    assert probed
+    assert error is None and chunks
+
+
+def _wait(condition: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True

@@ -198,6 +198,10 @@ class Router:
                 pb.ROUTE_KIND_SPLIT, tuple((*_split_id(t), w) for t, w in arms.items())
             )
         self._watch = watch_circuits(self.circuit_states)
+        #: Told the provider's name when a user's request is refused by an open
+        #: circuit: the health monitor then probes it soon, so a server back
+        #: from an outage serves the users who wait for it within seconds.
+        self.on_refused: Callable[[str], None] | None = None
         # Deployments that routes lead to are known (and shown in health) from the start.
         for route in self._routes.values():
             for provider, model, _ in route.targets:
@@ -316,6 +320,8 @@ class Router:
             breaker = deployment.breaker(operation)
             if not breaker.allow(background=background):
                 errors.append(_circuit_open(deployment, operation, self._clock(), background))
+                if not background and self.on_refused is not None:
+                    self.on_refused(deployment.provider.name)
                 continue
             lane = deployment.lane(background)
             wait = self.policy.queue_timeout_seconds
