@@ -309,7 +309,8 @@ def test_upstream_down_is_a_server_error(tmp_path: Path) -> None:
         # The client gets plain words and the request id, not internal addresses...
         rid = caught.value.response.headers["x-request-id"]
         assert caught.value.message.endswith(
-            f"The provider 'ollama' is not reachable right now (request id {rid})."
+            f"The provider 'ollama' is not reachable right now for model '{MODEL}'"
+            f" (request id {rid})."
         )
         assert str(closed_port) not in caught.value.response.text
         # ...which the log line with that request id names, for the operator.

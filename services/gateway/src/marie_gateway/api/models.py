@@ -18,9 +18,12 @@ from starlette.routing import BaseRoute, Route
 from marie_gateway.access.keys import SCOPE_MODELS, Principal
 from marie_gateway.api.schemas import (
     Capability,
+    CircuitState,
+    DeploymentState,
     MarieModel,
     ModelsByProvider,
     ModelSearchResults,
+    Operation,
     ProviderHealthInfo,
     ProviderListingError,
     ProviderModels,
@@ -45,8 +48,19 @@ CAPABILITIES: dict[int, Capability] = {
 CAPABILITY_BY_NAME = {name: value for value, name in CAPABILITIES.items()}
 HEALTH = {
     pb.HEALTH_STATUS_HEALTHY: "healthy",
+    pb.HEALTH_STATUS_DEGRADED: "degraded",
     pb.HEALTH_STATUS_UNHEALTHY: "unhealthy",
     pb.HEALTH_STATUS_ERROR: "error",
+}
+CIRCUITS: dict[int, CircuitState] = {
+    pb.CIRCUIT_STATE_CLOSED: "closed",
+    pb.CIRCUIT_STATE_OPEN: "open",
+    pb.CIRCUIT_STATE_HALF_OPEN: "half_open",
+}
+OPERATIONS: dict[int, Operation] = {
+    pb.OPERATION_CHAT: "chat",
+    pb.OPERATION_COMPLETIONS: "completions",
+    pb.OPERATION_EMBEDDINGS: "embeddings",
 }
 # What a search answers unless `limit` says otherwise (and the most it may say).
 DEFAULT_SEARCH_LIMIT = 50
@@ -247,5 +261,20 @@ class ModelRoutes:
                 default_model=(h.default_model or (p.default_model if p else "")) or None,
                 latency_ms=round(h.latency_ms, 3) if h.latency_ms else None,
                 error=h.error or None,
+                deployments=[deployment_state(d) for d in h.deployments],
             )
         return _json(ProvidersHealth(out))
+
+
+def deployment_state(d: pb.DeploymentHealth) -> DeploymentState:
+    return DeploymentState(
+        model=d.model,
+        operation=OPERATIONS.get(d.operation, "unknown"),
+        circuit=CIRCUITS.get(d.circuit, "unknown"),
+        retry_at=d.retry_time.ToJsonString() if d.HasField("retry_time") else None,
+        consecutive_failures=d.consecutive_failures,
+        in_flight=d.in_flight,
+        max_concurrency=d.max_concurrency,
+        background_in_flight=d.background_in_flight,
+        max_background_concurrency=d.max_background_concurrency,
+    )

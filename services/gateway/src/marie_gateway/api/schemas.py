@@ -12,7 +12,9 @@ from marie_gateway.http.errors import ErrorDetail
 from marie_gateway.openai.schemas import ChatParameters, ModelId
 
 Capability = Literal["chat", "completion", "embeddings", "tools", "vision"]
-HealthStatus = Literal["healthy", "unhealthy", "error", "unknown"]
+HealthStatus = Literal["healthy", "degraded", "unhealthy", "error", "unknown"]
+CircuitState = Literal["closed", "open", "half_open", "unknown"]
+Operation = Literal["chat", "completions", "embeddings", "unknown"]
 
 
 class _Out(BaseModel):
@@ -91,8 +93,32 @@ class ProvidersList(_Out):
     providers: list[ProviderSummary]
 
 
+class DeploymentState(_Out):
+    """The routing state of one operation of one model."""
+
+    model: str = Field(description="'<provider>/<model>'.")
+    operation: Operation = Field(description="Each operation has a circuit breaker of its own.")
+    circuit: CircuitState = Field(
+        description="closed: requests flow; open: refused until `retry_at`; half_open: one"
+        " user's request probes it (background work waits)."
+    )
+    retry_at: str | None = Field(
+        description="When an open circuit lets a probe through (RFC 3339, UTC); null unless open."
+    )
+    consecutive_failures: int
+    in_flight: int = Field(description="Users' requests being served by this model now.")
+    max_concurrency: int = Field(description="Most users' requests at once; 0: no limit.")
+    background_in_flight: int = Field(
+        description="Background calls (memory extraction, message embeddings) being served."
+    )
+    max_background_concurrency: int
+
+
 class ProviderHealthInfo(_Out):
-    status: HealthStatus
+    status: HealthStatus = Field(
+        description="degraded: the provider answers its probe, but requests to one of its"
+        " models are refused (a circuit breaker is open; see `deployments`)."
+    )
     available: bool
     models_count: int
     supports_streaming: bool
@@ -100,6 +126,10 @@ class ProviderHealthInfo(_Out):
     default_model: str | None
     latency_ms: float | None
     error: str | None
+    deployments: list[DeploymentState] = Field(
+        default_factory=list,
+        description="Each operation asked of each of its models since the service started.",
+    )
 
 
 class ProvidersHealth(RootModel[dict[str, ProviderHealthInfo]]):

@@ -92,6 +92,10 @@ _BY_REASON: dict[str, tuple[int, str, str]] = {
     "AMBIGUOUS_MODEL": (400, "invalid_request_error", "ambiguous_model"),
     "INVALID_API_KEY": (401, "authentication_error", "invalid_api_key"),
     "PROVIDER_UNAVAILABLE": (503, "server_error", "provider_unavailable"),
+    "CIRCUIT_OPEN": (503, "server_error", "provider_unavailable"),
+    "UPSTREAM_AUTH_FAILED": (503, "server_error", "provider_unavailable"),
+    "INPUT_TOO_LARGE": (400, "invalid_request_error", "context_length_exceeded"),
+    "UNSUPPORTED_BY_PROVIDER": (400, "invalid_request_error", "unsupported_by_provider"),
     "UPSTREAM_ERROR": (502, "server_error", "upstream_error"),
     "UPSTREAM_BAD_REQUEST": (400, "invalid_request_error", "upstream_bad_request"),
     "UPSTREAM_RATE_LIMITED": (429, "rate_limit_error", "rate_limit_exceeded"),
@@ -117,15 +121,27 @@ _DEFAULT = (500, "server_error", "server_error")
 # ("ipv4:127.0.0.1:37217: Failed to connect"), which are for the operator: they
 # go to the log line carrying the same request id.
 _SERVER_SIDE_MESSAGES: dict[str, str] = {
-    "PROVIDER_UNAVAILABLE": "The provider{of} is not reachable right now",
-    "UPSTREAM_ERROR": "The provider{of} failed to answer",
-    "UPSTREAM_TIMEOUT": "The provider{of} did not answer in time",
+    "PROVIDER_UNAVAILABLE": "The provider{of} is not reachable right now{for_model}",
+    "UPSTREAM_ERROR": "The provider{of} failed to answer{for_model}",
+    "UPSTREAM_TIMEOUT": "The provider{of} did not answer in time{for_model}",
+    "CIRCUIT_OPEN": (
+        "The provider{of} is unavailable{for_model} right now: its recent requests"
+        " failed; retry in {retry_after} s"
+    ),
+    "UPSTREAM_AUTH_FAILED": (
+        "The provider{of} refused the credentials Marie is configured with;"
+        " an operator must check its API key"
+    ),
 }
 _SERVER_SIDE_BY_STATUS: dict[int, str] = {
     501: "This operation is not implemented",
     503: "A Marie service is unavailable right now",
     504: "The request took too long to complete",
 }
+# Where a provider's failure comes from (its ErrorInfo domain): told apart from a
+# Marie service that is down, whose failure carries no provider.
+PROVIDERS_DOMAIN = "marie.providers"
+_PROVIDER_UNAVAILABLE = (503, "server_error", "provider_unavailable")
 
 
 def _client_message(error: ServiceError, status: int, request_id: str) -> str:
@@ -133,17 +149,37 @@ def _client_message(error: ServiceError, status: int, request_id: str) -> str:
         # Client errors are the services' own words about the request: useful.
         return error.message
     provider = error.metadata.get("provider")
+    model = error.metadata.get("model")
     of = f" '{provider}'" if provider else ""
+    for_model = f" for model '{model}'" if model else ""
     text = _SERVER_SIDE_MESSAGES.get(error.reason) or _SERVER_SIDE_BY_STATUS.get(status)
+    if error.reason == "UPSTREAM_AUTH_FAILED" and (variable := error.metadata.get("api_key_env")):
+        # No key at all: what to set is the fix, and a variable's name is no secret.
+        text = f"The provider{{of}} has no API key: an operator must set {variable}"
     if text is None:
         text = "The server had an error processing the request"
-    return f"{text.format(of=of)} (request id {request_id})."
+    said = text.format(of=of, for_model=for_model, retry_after=_retry_after(error))
+    return f"{said} (request id {request_id})."
+
+
+def _mapping(error: ServiceError) -> tuple[int, str, str]:
+    found = _BY_REASON.get(error.reason)
+    if found is not None:
+        return found
+    if (
+        error.code == grpc.StatusCode.UNAVAILABLE
+        and error.domain == PROVIDERS_DOMAIN
+        and "provider" in error.metadata
+    ):
+        # An upstream provider is unavailable, not a Marie service.
+        return _PROVIDER_UNAVAILABLE
+    return _BY_CODE.get(error.code) or _DEFAULT
 
 
 def from_service_error(error: ServiceError, request_id: str) -> ApiError:
     """Map a service's error onto the OpenAI envelope."""
     upstream_errors(error.reason).inc()
-    status, type_, code = _BY_REASON.get(error.reason) or _BY_CODE.get(error.code) or _DEFAULT
+    status, type_, code = _mapping(error)
     if status >= 500:
         log.warning(
             "backend error",
