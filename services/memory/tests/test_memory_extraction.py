@@ -58,11 +58,16 @@ async def test_facts_are_extracted_from_the_conversation_never_from_system_promp
     assert list(reply.results[0].memory.categories) == ["personal"]
 
     chats = ollama.chat_requests
-    assert len(chats) == 2  # facts, then decisions
-    facts_call, decisions_call = (r.body for r in chats)
+    # Nothing stored is close to these facts: added without a second model call.
+    assert len(chats) == 1
+    facts_call = chats[0].body
     assert facts_call["model"] == "llama3.2:latest"
-    assert "facts" in facts_call["format"]["properties"]
-    assert "memory" in decisions_call["format"]["properties"]
+    # Bounded: the schema caps items and lengths, the call caps its tokens.
+    facts_schema = facts_call["format"]["properties"]["facts"]
+    assert facts_schema["maxItems"] == 10
+    assert facts_schema["items"]["properties"]["text"]["maxLength"] == 200
+    assert facts_call["options"]["num_predict"] == 1000
+    assert facts_call["options"]["temperature"] == 0
     prompt = json.dumps(facts_call["messages"])
     assert "pirate" not in prompt and "spy" not in prompt
     assert "user: I like green tea." in prompt and "assistant: Noted!" in prompt
@@ -131,14 +136,24 @@ async def test_bad_output_is_asked_for_once_more_then_fails_changing_nothing(
     error = await rpc_error(ai_stub.AddMemories(_request((USER_ROLE, "I own a boat."))))
     assert (error.code, error.reason) == (grpc.StatusCode.UNAVAILABLE, "EXTRACTION_FAILED")
 
-    # A decision naming a memory it was not shown is as bad as broken JSON.
+    # A decision naming a memory it was not shown is as bad as broken JSON (the
+    # fact shares "chess" with a stored memory: the model is asked to decide).
     bad = '{"memory": [{"id": "7", "text": "x", "event": "UPDATE"}]}'
     ollama.set_model(
         "llama3.2:latest",
-        replies=['{"facts": [{"text": "Owns a boat", "categories": []}]}', bad, bad],
+        replies=['{"facts": [{"text": "Plays chess on Sundays", "categories": []}]}', bad, bad],
     )
-    error = await rpc_error(ai_stub.AddMemories(_request((USER_ROLE, "I own a boat."))))
+    ollama.reset()
+    error = await rpc_error(ai_stub.AddMemories(_request((USER_ROLE, "I play chess."))))
     assert error.reason == "EXTRACTION_FAILED"
+    assert "unknown memory id '7'" in error.message
+    # Asked once more, stricter: fewer items, shorter texts, fewer tokens.
+    first, second = (r.body for r in ollama.chat_requests[1:])
+    assert first["options"]["num_predict"] > second["options"]["num_predict"]
+    assert first["format"]["properties"]["memory"]["items"]["properties"]["id"]["enum"] == [
+        "0",
+        "new",
+    ]
     assert await _texts(ai_stub) == sorted([*before, "Play chess"])
 
 

@@ -9,12 +9,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import re
 import secrets
 import time
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
+
+from marie_kit.errors import ServiceError
 
 from marie_memory import limits
 from marie_memory.embedding import Embeddings
@@ -22,6 +25,7 @@ from marie_memory.errors import (
     conversation_not_found,
     extraction_model_not_configured,
     invalid_argument,
+    job_not_found,
     memory_not_found,
 )
 from marie_memory.job_payload import encode_request
@@ -34,6 +38,7 @@ from marie_memory.records import (
     ROLE_SYSTEM,
     AddRequest,
     AddResult,
+    ChangePlan,
     Conversation,
     ExtractionJob,
     HistoryEntry,
@@ -58,6 +63,8 @@ CONVERSATION_FIELDS = frozenset({"title", "provider", "model", "metadata"})
 MEMORY_FIELDS = frozenset({"text", "categories", "metadata"})
 # Candidates fetched from each ranking before hybrid scores are combined.
 MIN_CANDIDATES = 50
+# "user" (and "the user's"): in nearly every extracted fact, so no sign of closeness.
+_USER_WORD = re.compile(r"\b(?:the\s+)?users?(?:'s)?\b", re.IGNORECASE)
 
 
 def new_id(prefix: str) -> str:
@@ -88,9 +95,10 @@ class Ranked:
 
 
 class Extractor(Protocol):
-    """What the core asks of an extractor: run AddMemories with inference."""
+    """What the core asks of an extractor: the changes of AddMemories with inference,
+    planned (model calls made, vectors included) but not written."""
 
-    async def run(self, core: MemoryCore, request: AddRequest, model: str) -> list[AddResult]: ...
+    async def plan(self, core: MemoryCore, request: AddRequest, model: str) -> ChangePlan: ...
 
 
 class MemoryCore:
@@ -106,6 +114,7 @@ class MemoryCore:
         vector_weight: float = 0.7,
         keyword_weight: float = 0.3,
         similar_memories: int = 5,
+        close_similarity: float = 0.9,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
@@ -116,6 +125,7 @@ class MemoryCore:
         self._vector_weight = vector_weight / total
         self._keyword_weight = keyword_weight / total
         self._similar = similar_memories
+        self._close_similarity = close_similarity
         self._clock = clock
         #: Called after a job is queued (the queue's wake-up).
         self.on_enqueue: Callable[[], None] | None = None
@@ -466,11 +476,11 @@ class MemoryCore:
         if mode == MODE_KEYWORD:
             return MODE_KEYWORD, "", None
         if mode == MODE_VECTOR:
-            return MODE_VECTOR, "", (await self.embeddings.embed([query]))[0]
+            return MODE_VECTOR, "", await self.embeddings.embed_query(query)
         if not self.embeddings.configured:
             return MODE_KEYWORD, "no embedding model configured", None
         try:
-            vector = (await self.embeddings.embed([query]))[0]
+            vector = await self.embeddings.embed_query(query)
         except Exception as exc:  # any failure to embed falls back to keywords
             log.info("hybrid search fell back to keywords", extra={"error": str(exc)})
             return MODE_KEYWORD, "the embedding model could not be reached", None
@@ -631,14 +641,79 @@ class MemoryCore:
 
     async def add_memories(self, request: AddRequest) -> tuple[list[AddResult], str]:
         model = await self._check_add_fully(request)
-        user_id = request.user_id
+        async with self._user_locks[request.user_id]:
+            plan = await self._plan(request, model)
+            await self._apply(request.user_id, plan)
+        return list(plan.results), model
+
+    async def plan_memories(self, request: AddRequest) -> tuple[ChangePlan, str]:
+        """What AddMemories would change (the model calls made), written by
+        `apply_planned`; the model used."""
+        model = await self._check_add_fully(request)
+        async with self._user_locks[request.user_id]:
+            return await self._plan(request, model), model
+
+    async def apply_planned(
+        self, user_id: str, plan: ChangePlan, wanted: Callable[[], Awaitable[bool]]
+    ) -> bool:
+        """Writes a plan of `plan_memories` if `wanted()` still says so (checked under
+        the user's lock: an erasure in between wins); whether it was written."""
         async with self._user_locks[user_id]:
-            if request.infer:
-                assert self.extractor is not None
-                results = await self.extractor.run(self, request, model)
-            else:
-                results = await self._add_verbatim(request)
-        return results, model
+            if not await wanted():
+                return False
+            await self._apply(user_id, plan)
+            return True
+
+    async def _plan(self, request: AddRequest, model: str) -> ChangePlan:
+        if request.infer:
+            assert self.extractor is not None
+            return await self.extractor.plan(self, request, model)
+        return await self._plan_verbatim(request)
+
+    async def _apply(self, user_id: str, plan: ChangePlan) -> None:
+        # A memory added since the plan was made (its write may have waited for
+        # the store) is not added twice.
+        changes = []
+        for change in plan.changes:
+            if change.event == EVENT_ADD and await self.store.find_memory_by_hash(
+                user_id, change.memory.hash
+            ):
+                continue
+            changes.append(change)
+        if changes:
+            await self.store.apply_memory_changes(user_id, changes)
+
+    async def close_memories(self, user_id: str, text: str) -> list[Memory]:
+        """The user's stored memories close enough to `text` for a model to compare
+        them: sharing a keyword with it (besides "user"), or, with embeddings, of
+        vector similarity `close_similarity` or more; at most `similar_count`."""
+        found: dict[str, Memory] = {}
+        words = _USER_WORD.sub(" ", text)
+        if words.strip():
+            for hit in await self.store.keyword_search_memories(
+                user_id, words, MemoryFilter(), self._similar
+            ):
+                found.setdefault(hit.memory.id, hit.memory)
+        if self.embeddings.configured:
+            try:
+                vector = await self.embeddings.embed_query(text)
+            except ServiceError:
+                vector = None  # keywords alone, then
+            if vector is not None:
+                for hit in await self.store.vector_search_memories(
+                    user_id, vector, MemoryFilter(), self._similar
+                ):
+                    if hit.score >= self._close_similarity:
+                        found.setdefault(hit.memory.id, hit.memory)
+        return list(found.values())[: self._similar]
+
+    async def get_job(self, user_id: str, job_id: str) -> ExtractionJob:
+        limits.user_id(user_id)
+        limits.required_id("job_id", job_id)
+        found = await self.store.get_job(user_id, job_id)
+        if found is None:
+            raise job_not_found(job_id)
+        return found
 
     def new_memory(self, request: AddRequest, text: str, categories: Sequence[str]) -> Memory:
         now = self._clock()
@@ -683,7 +758,7 @@ class MemoryCore:
             return [None] * len(texts)
         return await self.embeddings.embed(texts)
 
-    async def _add_verbatim(self, request: AddRequest) -> list[AddResult]:
+    async def _plan_verbatim(self, request: AddRequest) -> ChangePlan:
         results: list[AddResult] = []
         seen: dict[str, Memory] = {}
         fresh: list[Memory] = []
@@ -713,9 +788,7 @@ class MemoryCore:
             )
             for memory, vector in zip(fresh, vectors, strict=True)
         ]
-        if changes:
-            await self.store.apply_memory_changes(request.user_id, changes)
-        return results
+        return ChangePlan(tuple(changes), tuple(results))
 
 
 def _ratio(value: float, best: float) -> float:
