@@ -40,7 +40,7 @@ async def _texts(stub: MemoryStub) -> list[str]:
     return sorted(m.text for m in listed.memories)
 
 
-async def test_facts_are_extracted_from_the_conversation_never_from_system_prompts(
+async def test_facts_are_extracted_from_the_users_words_never_from_system_prompts(
     ai_stub: MemoryStub, ollama: FakeOllama
 ) -> None:
     reply = await ai_stub.AddMemories(
@@ -70,7 +70,7 @@ async def test_facts_are_extracted_from_the_conversation_never_from_system_promp
     assert facts_call["options"]["temperature"] == 0
     prompt = json.dumps(facts_call["messages"])
     assert "pirate" not in prompt and "spy" not in prompt
-    assert "user: I like green tea." in prompt and "assistant: Noted!" in prompt
+    assert "user: I like green tea." in prompt and "Noted!" not in prompt
 
     history = await ai_stub.GetMemoryHistory(
         pb.GetMemoryHistoryRequest(user_id=USER, memory_id=reply.results[0].memory.id)

@@ -50,6 +50,7 @@ from marie_memory.records import (
     ScoredMemory,
 )
 from marie_memory.stores.contract import Store
+from marie_memory.stores.keywords import STOPWORDS, WORD
 
 log = logging.getLogger("marie.memory.core")
 
@@ -65,6 +66,18 @@ MEMORY_FIELDS = frozenset({"text", "categories", "metadata"})
 MIN_CANDIDATES = 50
 # "user" (and "the user's"): in nearly every extracted fact, so no sign of closeness.
 _USER_WORD = re.compile(r"\b(?:the\s+)?users?(?:'s)?\b", re.IGNORECASE)
+#: Letters two words must share at their start to count as one (peanut, peanuts).
+STEM_LETTERS = 5
+
+
+def content_stems(text: str) -> set[str]:
+    """The words of `text` that say something (no stopword, no "user", 3 letters
+    or more), each by its first STEM_LETTERS letters."""
+    return {
+        w[:STEM_LETTERS]
+        for w in (m.lower() for m in WORD.findall(text))
+        if len(w) >= 3 and w not in STOPWORDS and w not in ("user", "users")
+    }
 
 
 def new_id(prefix: str) -> str:
@@ -114,7 +127,7 @@ class MemoryCore:
         vector_weight: float = 0.7,
         keyword_weight: float = 0.3,
         similar_memories: int = 5,
-        close_similarity: float = 0.9,
+        close_similarity: float = 0.88,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store

@@ -114,7 +114,7 @@ class MemorySettings(AuthClientSettings):
         "start (a message then says so in its metadata).",
     )
     close_memory_similarity: float = Field(
-        default=0.9,
+        default=0.88,
         ge=0,
         le=1,
         description="Cosine similarity from which a stored memory is close enough to an "

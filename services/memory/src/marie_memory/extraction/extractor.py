@@ -5,8 +5,9 @@ At most two calls, each constrained by a bounded JSON schema
 structured output, Ollama's `format`), with `max_tokens` room for no more
 than the schema allows:
 
-1. facts: short self-contained facts about the user, from the user and
-   assistant messages (system messages are never shown to the model);
+1. facts: short self-contained facts about the user, from the user's
+   messages (the assistant's, system and tool messages are never shown to
+   the model);
 2. decisions, only for the facts that have a close stored memory (sharing a
    keyword, or a vector similarity of MARIE_MEMORY_CLOSE_MEMORY_SIMILARITY or
    more): those facts next to those memories (ids replaced by small integers
@@ -126,6 +127,10 @@ def tenant_of(user_id: str) -> str:
 
 
 ROLE_NAMES = {ROLE_USER: "user", ROLE_ASSISTANT: "assistant"}
+#: The messages facts are taken from: the user's own words. As mem0's user
+#: memory does, the assistant's replies are not shown: a small model takes its
+#: chatter (or its nonsense) for facts about the user.
+FACT_ROLES = frozenset({ROLE_USER})
 
 
 class LlmExtractor:
@@ -260,7 +265,7 @@ class LlmExtractor:
         lines = [
             f"{ROLE_NAMES[m.role]}: {m.content}"
             for m in request.messages
-            if m.role in ROLE_NAMES  # never system prompts (nor tool output)
+            if m.role in FACT_ROLES  # never system prompts, tool output, the assistant
         ]
         if not lines:
             return []
@@ -274,7 +279,7 @@ class LlmExtractor:
                 (shorter, facts_schema(STRICT), STRICT.max_tokens),
             ],
             name="memory_facts",
-            parse=parse_facts,
+            parse=lambda content: parse_facts(content, conversation),
         )
         return result
 

@@ -4,10 +4,12 @@ answer) and how an answer is read: parsed and checked, or refused as `BadOutput`
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from marie_memory import limits
+from marie_memory.core import content_stems
 from marie_memory.records import EVENT_ADD, EVENT_DELETE, EVENT_NONE, EVENT_UPDATE
 
 
@@ -138,7 +140,31 @@ def _categories(value: Any) -> tuple[str, ...]:
     return tuple(kept[:3])
 
 
-def parse_facts(content: str) -> list[Fact]:
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def unlooped(text: str) -> str:
+    """The text with repeated sentences said once, and a last fragment that only
+    starts one of them again dropped: what a small model that loops inside a
+    string leaves ("I have two cats. I have two cats. I have two c")."""
+    kept: list[str] = []
+    for sentence in _SENTENCE_END.split(text.strip()):
+        start = sentence.lower().rstrip(".… ")
+        if kept and any(k.lower().startswith(start) for k in kept):
+            continue  # said already, or the start of it again ("I have two...")
+        kept.append(sentence)
+    return " ".join(kept)
+
+
+def grounded(fact: str, conversation: str) -> bool:
+    """Whether a fact shares a word (by its first letters) with the conversation it
+    was extracted from: a fact that shares none is the model's invention (a small
+    model answers "Paris" to "What is the capital of France?")."""
+    words = content_stems(fact)
+    return not words or bool(words & content_stems(conversation))
+
+
+def parse_facts(content: str, conversation: str = "") -> list[Fact]:
     try:
         value = json.loads(content)
     except ValueError as exc:
@@ -150,9 +176,11 @@ def parse_facts(content: str) -> list[Fact]:
     for item in value["facts"]:
         if not isinstance(item, dict) or not isinstance(item.get("text"), str):
             raise BadOutput("a fact has no text")
-        text = item["text"].strip()
+        text = unlooped(item["text"])
         if not text or text.lower() in seen:
             continue  # a small model repeats itself: once is enough
+        if conversation and not grounded(text, conversation):
+            continue
         if len(text) > limits.MAX_MEMORY_TEXT:
             raise BadOutput("a fact is too long")
         seen.add(text.lower())
