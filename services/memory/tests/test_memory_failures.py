@@ -476,3 +476,30 @@ async def test_a_repeated_query_is_embedded_once(stub: MemoryStub, ollama: FakeO
     for _ in range(3):
         await stub.SearchMemories(pb.SearchMemoriesRequest(user_id=USER, query="favourite food"))
     assert _embedded(ollama).count("favourite food") == 1
+
+
+async def test_a_slow_query_embedding_gives_keyword_results_within_the_deadline(
+    stub: MemoryStub, ollama: FakeOllama
+) -> None:
+    """Issue 19: with a CPU embedding server, enrichment's memory lookup (a 0.3 s
+    deadline) timed out on every turn. The search answers in time by keywords and
+    the vector, once made, serves the next search of the same text."""
+    await stub.AddMemories(
+        pb.AddMemoriesRequest(
+            user_id=USER,
+            infer=False,
+            messages=[pb.SourceMessage(role=pb.MESSAGE_ROLE_USER, content="Likes green tea")],
+        )
+    )
+    ollama.set_model("nomic-embed-text:latest", first_byte_delay=1.0)
+    request = pb.SearchMemoriesRequest(user_id=USER, query="green tea please")
+    started = time.monotonic()
+    found = await stub.SearchMemories(request, timeout=0.4)
+    assert time.monotonic() - started < 0.4
+    assert found.mode_used == pb.SEARCH_MODE_KEYWORD
+    assert found.mode_note == "the query could not be embedded in time"
+    assert [r.memory.text for r in found.results] == ["Likes green tea"]
+    await asyncio.sleep(1.0)  # the late embedding lands in the cache
+    again = await stub.SearchMemories(request, timeout=0.4)
+    assert again.mode_used == pb.SEARCH_MODE_HYBRID
+    assert _embedded(ollama).count("green tea please") == 1

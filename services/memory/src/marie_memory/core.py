@@ -142,6 +142,8 @@ class MemoryCore:
         self._clock = clock
         #: Called after a job is queued (the queue's wake-up).
         self.on_enqueue: Callable[[], None] | None = None
+        # Query embeddings that outlived their search's deadline (they fill the cache).
+        self._pending: set[asyncio.Future[list[float]]] = set()
         # Memory writes of one user run one at a time, so dedupe sees every write.
         self._user_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
@@ -318,6 +320,7 @@ class MemoryCore:
         token: str,
         mode: int,
         roles: Sequence[int],
+        budget: float | None = None,
     ) -> Ranked:
         limits.user_id(user_id)
         limits.query(query)
@@ -333,7 +336,7 @@ class MemoryCore:
             raise invalid_argument("mode", "unknown search mode")
         if conversation_id and await self.store.get_conversation(user_id, conversation_id) is None:
             raise conversation_not_found(conversation_id)
-        used, note, vector = await self._query_vector(query, mode)
+        used, note, vector = await self._query_vector(query, mode, budget)
         wanted = offset + limit + 1
         scores: dict[str, float] = {}
         found: dict[str, MessageHit] = {}
@@ -422,7 +425,11 @@ class MemoryCore:
         threshold: float,
         memory_filter: MemoryFilter,
         mode: int,
+        budget: float | None = None,
     ) -> Ranked:
+        """`budget`: the seconds the caller waits (its deadline); a query embedding not
+        made within most of it gives keyword results, and the vector comes for the
+        next search of the same text."""
         limits.user_id(user_id)
         limits.query(query)
         _check_filter(memory_filter)
@@ -431,7 +438,7 @@ class MemoryCore:
         if mode not in (MODE_UNSPECIFIED, MODE_HYBRID, MODE_VECTOR, MODE_KEYWORD):
             raise invalid_argument("mode", "unknown search mode")
         k = page_size(top_k, 10, 100, "top_k")
-        used, note, vector = await self._query_vector(query, mode)
+        used, note, vector = await self._query_vector(query, mode, budget)
         candidates = max(MIN_CANDIDATES, 4 * k)
         scores: dict[str, float] = {}
         found: dict[str, Memory] = {}
@@ -484,7 +491,9 @@ class MemoryCore:
             note = "memories are being re-embedded: vector results may be incomplete"
         return Ranked(used, note, memories=results)
 
-    async def _query_vector(self, query: str, mode: int) -> tuple[int, str, list[float] | None]:
+    async def _query_vector(
+        self, query: str, mode: int, budget: float | None = None
+    ) -> tuple[int, str, list[float] | None]:
         """The mode to use, why it differs from the request, and the query's vector."""
         if mode == MODE_KEYWORD:
             return MODE_KEYWORD, "", None
@@ -492,8 +501,17 @@ class MemoryCore:
             return MODE_VECTOR, "", await self.embeddings.embed_query(query)
         if not self.embeddings.configured:
             return MODE_KEYWORD, "no embedding model configured", None
+        embedding = asyncio.ensure_future(self.embeddings.embed_query(query))
+        if budget is not None:
+            # Leave the keyword search its share of the caller's deadline.
+            done, _ = await asyncio.wait({embedding}, timeout=budget - min(0.1, budget / 3))
+            if not done:
+                # It goes on, and fills the cache for the next search of this text.
+                self._pending.add(embedding)
+                embedding.add_done_callback(_forget(self._pending))
+                return MODE_KEYWORD, "the query could not be embedded in time", None
         try:
-            vector = await self.embeddings.embed_query(query)
+            vector = await embedding
         except Exception as exc:  # any failure to embed falls back to keywords
             log.info("hybrid search fell back to keywords", extra={"error": str(exc)})
             return MODE_KEYWORD, "the embedding model could not be reached", None
@@ -802,6 +820,17 @@ class MemoryCore:
             for memory, vector in zip(fresh, vectors, strict=True)
         ]
         return ChangePlan(tuple(changes), tuple(results))
+
+
+def _forget(
+    pending: set[asyncio.Future[list[float]]],
+) -> Callable[[asyncio.Future[list[float]]], None]:
+    def done(future: asyncio.Future[list[float]]) -> None:
+        pending.discard(future)
+        if not future.cancelled() and future.exception() is not None:
+            log.info("a late query embedding failed", extra={"error": str(future.exception())})
+
+    return done
 
 
 def _ratio(value: float, best: float) -> float:

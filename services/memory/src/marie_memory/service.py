@@ -278,6 +278,7 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             token=request.page_token,
             mode=int(request.mode),
             roles=[int(r) for r in request.roles],
+            budget=context.time_remaining(),
         )
         return pb.SearchMessagesResponse(
             hits=[convert.hit_to_proto(h) for h in ranked.hits],
@@ -314,6 +315,7 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             threshold=request.score_threshold,
             memory_filter=convert.filter_from_proto(request.filter),
             mode=int(request.mode),
+            budget=context.time_remaining(),
         )
         return pb.SearchMemoriesResponse(
             results=[convert.scored_to_proto(s) for s in ranked.memories],
