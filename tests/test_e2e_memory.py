@@ -214,6 +214,43 @@ def test_memories_routes_add_search_change_and_erase(mem_stack: Stack, acme: str
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "messages"
 
 
+def test_a_background_extraction_reports_its_state_to_its_own_tenant(
+    mem_stack: Stack, acme: str, globex: str
+) -> None:
+    api = client(mem_stack, acme)
+    user = {"user": "mem-jobs"}
+    queued = api(
+        "POST",
+        "/api/memories",
+        json={
+            "messages": [{"role": "user", "content": "I live in Lyon."}],
+            "background": True,
+            **user,
+        },
+    )
+    assert queued.status_code == 200, queued.text
+    job_id = queued.json()["job_id"]
+
+    def job() -> Any:
+        return api("GET", f"/api/memories/jobs/{job_id}", params=user).json()
+
+    assert _wait(lambda: job()["status"] == "succeeded"), job()
+    done = job()
+    assert done["object"] == "memory.extraction_job" and done["id"] == job_id
+    assert [(c["event"], c["text"]) for c in done["data"]] == [("ADD", "Live in Lyon")]
+    assert done["attempts"] == 1 and done["failure_reason"] is None
+    assert done["finished_at"] >= done["created_at"] and done["next_attempt_at"] is None
+    # Another tenant's key, another user, an unknown id: 404 alike.
+    for caller, params, path in (
+        (client(mem_stack, globex), user, job_id),
+        (api, {"user": "someone-else"}, job_id),
+        (api, user, "job_nope"),
+    ):
+        missing = caller("GET", f"/api/memories/jobs/{path}", params=params)
+        assert missing.status_code == 404, missing.text
+        assert missing.json()["error"]["code"] == "job_not_found"
+
+
 def test_tenants_and_end_users_never_see_each_other(
     mem_stack: Stack, acme: str, globex: str
 ) -> None:

@@ -142,6 +142,10 @@ class FakeModel:
     # Answer the whole request (chat and embed) with this status and
     # {"error": message}.
     status_error: tuple[int, str] | None = None
+    # Refuse /api/embed when any input is longer than this many characters:
+    # 500 with the error of a server whose batch is too small for it (what
+    # llama.cpp says of an input over its physical batch size).
+    max_input_chars: int | None = None
     # Answer /api/show for this model with this status and {"error": message}.
     show_error: tuple[int, str] | None = None
     # Keep streaming content lines until the client disconnects (or the
@@ -1282,6 +1286,15 @@ class FakeOllama:
             texts = list(raw_input)
         else:
             return _error(400, "invalid input type")
+        too_long = [
+            len(t) for t in texts if model.max_input_chars and len(t) > model.max_input_chars
+        ]
+        if too_long:
+            return _error(
+                500,
+                f"input ({too_long[0]} tokens) is too large to process. increase the physical "
+                f"batch size (current batch size: {model.max_input_chars})",
+            )
         dimension = model.embedding_dimension
         requested_dimensions = body.get("dimensions")
         if isinstance(requested_dimensions, int) and 0 < requested_dimensions < dimension:

@@ -12,6 +12,9 @@ from marie_memory.records import (
     EVENT_ADD,
     EVENT_DELETE,
     EVENT_UPDATE,
+    JOB_FAILED,
+    JOB_SUCCEEDED,
+    MESSAGE_EMBEDDING_NOTE,
     ROLE_ASSISTANT,
     ROLE_USER,
     EmbeddingSpace,
@@ -19,9 +22,10 @@ from marie_memory.records import (
     HistoryEntry,
     MemoryChange,
     MemoryFilter,
+    MessageVector,
     ToolCall,
 )
-from marie_memory.stores.contract import Store
+from marie_memory.stores.contract import FINISHED_JOB_SECONDS, Store
 from memory_testkit import NO_KNN, add, conversation, memory, message, new_id
 
 
@@ -273,8 +277,40 @@ async def test_the_extraction_queue_delays_retries_and_finishes_jobs(store: Stor
     assert [j.id for j in due] == [later.id]
     retried = (await store.due_jobs(30.0, 10))[-1]
     assert (retried.id, retried.attempts, retried.last_error) == (first.id, 1, "provider down")
-    await store.finish_job(first.id)
+    assert await store.get_job("alice", first.id) == retried
+    assert await store.get_job("bob", first.id) is None
+    await store.finish_job(
+        first.id, state=JOB_FAILED, finish_time=40.0, reason="EXTRACTION_FAILED", error="not JSON"
+    )
     assert [j.id for j in await store.due_jobs(100.0, 10)] == [later.id]
+    assert await store.count_jobs() == 1
+    # The outcome stays, for its user only.
+    failed = await store.get_job("alice", first.id)
+    assert failed is not None
+    assert (failed.state, failed.attempts, failed.finish_time, failed.create_time) == (
+        JOB_FAILED,
+        2,
+        40.0,
+        1.0,
+    )
+    assert (failed.failure_reason, failed.last_error) == ("EXTRACTION_FAILED", "not JSON")
+    assert await store.get_job("bob", first.id) is None
+    await store.finish_job(later.id, state=JOB_SUCCEEDED, finish_time=50.0, results='[{"x": 1}]')
+    done = await store.get_job("alice", later.id)
+    assert done is not None and (done.state, done.results) == (JOB_SUCCEEDED, '[{"x": 1}]')
+    assert await store.count_jobs() == 0
+    # Outcomes older than FINISHED_JOB_SECONDS go as later jobs finish.
+    last = ExtractionJob(new_id("job"), "alice", "{}", 0, 0.0, 3.0)
+    await store.enqueue_job(last)
+    await store.finish_job(last.id, state=JOB_SUCCEEDED, finish_time=45.0 + FINISHED_JOB_SECONDS)
+    assert await store.get_job("alice", first.id) is None
+    assert await store.get_job("alice", later.id) is not None
+    # Erasing the user's memories erases their jobs, queued and finished.
+    queued = ExtractionJob(new_id("job"), "alice", "{}", 0, 0.0, 4.0)
+    await store.enqueue_job(queued)
+    await store.delete_all_memories("alice")
+    assert await store.get_job("alice", queued.id) is None
+    assert await store.get_job("alice", later.id) is None
 
 
 async def test_vector_search_sees_every_change_made_after_earlier_searches(
@@ -343,11 +379,25 @@ async def test_message_vectors_are_per_user_filtered_and_follow_the_space(
         ("bob", "bob's"),
     ]
     await store.set_message_vectors(
-        [("alice", first.id, unit(1)), ("alice", second.id, unit(2)), ("bob", first.id, unit(3))]
+        [
+            MessageVector("alice", first.id, unit(1)),
+            MessageVector("alice", second.id, unit(2), "only the first 6 of 12 characters"),
+            MessageVector("bob", first.id, unit(3)),
+        ]
     )
     assert [(u, m.content) for u, m in await store.messages_without_vectors(10)] == [
         ("bob", "bob's")
     ]
+    listed = await store.list_messages("alice", mine.id, False, None, 10)
+    assert listed is not None
+    assert [dict(m.metadata) for m in listed] == [
+        {},
+        {MESSAGE_EMBEDDING_NOTE: "only the first 6 of 12 characters"},
+    ]
+    # A message marked as getting no vector is never handed out again.
+    bobs = (await store.messages_without_vectors(10))[0][1]
+    await store.set_message_vectors([MessageVector("bob", bobs.id, None, "not embedded")])
+    assert await store.messages_without_vectors(10) == []
     if emulated:
         pytest.skip(NO_KNN)
     hits = await store.vector_search_messages("alice", unit(1), "", (), 10)

@@ -128,6 +128,7 @@ class MemoryComponent:
                 providers if settings.embedding_model else None,
                 settings.embedding_model,
                 settings.embedding_timeout_seconds,
+                max_chars=settings.embedding_max_chars,
             )
             await embeddings.check_model(settings.on_model_change == "refuse")
             self._core = MemoryCore(
@@ -140,12 +141,14 @@ class MemoryComponent:
                 vector_weight=settings.vector_weight,
                 keyword_weight=settings.keyword_weight,
                 similar_memories=settings.similar_memories,
+                close_similarity=settings.close_memory_similarity,
             )
             self._queue = ExtractionQueue(
                 self._core,
                 poll_seconds=settings.queue_poll_seconds,
                 backoff_seconds=settings.queue_backoff_seconds,
-                max_attempts=settings.queue_max_attempts,
+                max_backoff_seconds=settings.queue_max_backoff_seconds,
+                max_age_seconds=settings.queue_max_age_seconds,
             )
             self._core.on_enqueue = self._queue.wake
             embeddings.start()
@@ -275,6 +278,7 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             token=request.page_token,
             mode=int(request.mode),
             roles=[int(r) for r in request.roles],
+            budget=context.time_remaining(),
         )
         return pb.SearchMessagesResponse(
             hits=[convert.hit_to_proto(h) for h in ranked.hits],
@@ -311,6 +315,7 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             threshold=request.score_threshold,
             memory_filter=convert.filter_from_proto(request.filter),
             mode=int(request.mode),
+            budget=context.time_remaining(),
         )
         return pb.SearchMemoriesResponse(
             results=[convert.scored_to_proto(s) for s in ranked.memories],
@@ -361,6 +366,12 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
     ) -> pb.DeleteAllMemoriesResponse:
         count = await self._core.delete_all_memories(request.user_id)
         return pb.DeleteAllMemoriesResponse(deleted_count=count)
+
+    async def GetExtractionJob(
+        self, request: pb.GetExtractionJobRequest, context: Context
+    ) -> pb.GetExtractionJobResponse:
+        job = await self._core.get_job(request.user_id, request.job_id)
+        return pb.GetExtractionJobResponse(job=convert.job_to_proto(job))
 
     async def GetMemoryHistory(
         self, request: pb.GetMemoryHistoryRequest, context: Context

@@ -10,7 +10,7 @@ another tenant's data and no end user another's.
 
 from __future__ import annotations
 
-from marie_kit.tenancy import tenant_user_id
+from marie_kit.tenancy import RESERVED_USER_PREFIX, RESPONSES_USER, tenant_user_id
 
 from marie_gateway.access.keys import SCOPE_ADMIN, Principal
 from marie_gateway.http.errors import ApiError, bad_request
@@ -23,11 +23,11 @@ def key_tenant(principal: Principal) -> str:
 
 #: The longest end-user name a request may give.
 MAX_USER = 128
-#: End users named "marie:…" are Marie's own. A tenant's stored Responses API
-#: responses live under RESPONSES_USER (openai/responses/store.py), so no REST `user` may
-#: name it: they never show among the tenant's conversations or search hits.
-RESERVED_USER_PREFIX = "marie:"
-RESPONSES_USER = RESERVED_USER_PREFIX + "responses"
+# End users named "marie:…" (RESERVED_USER_PREFIX, `marie_kit.tenancy`) are
+# Marie's own. A tenant's stored Responses API responses live under
+# RESPONSES_USER (openai/responses/store.py), so no REST `user` may name it:
+# they never show among the tenant's conversations or search hits, and memory
+# embeds none of their messages.
 
 
 def tenant_of(principal: Principal, requested: str | None) -> str:

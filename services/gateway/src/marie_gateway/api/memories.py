@@ -22,9 +22,11 @@ from marie_gateway.api.memory_client import (
     MemoryCalls,
     _Body,
     _UserBody,
+    change_json,
     float_param,
     history_json,
     int_param,
+    job_json,
     memory_json,
     mode_param,
     page_json,
@@ -63,6 +65,7 @@ class MemoryRoutes(MemoryCalls):
             Route("/api/memories", self.list_memories, methods=["GET"]),
             Route("/api/memories", self.delete_all_memories, methods=["DELETE"]),
             Route("/api/memories/search", self.search_memories, methods=["GET"]),
+            Route("/api/memories/jobs/{id}", self.get_job, methods=["GET"]),
             Route("/api/memories/{id}", self.get_memory, methods=["GET"]),
             Route("/api/memories/{id}", self.update_memory, methods=["PATCH"]),
             Route("/api/memories/{id}", self.delete_memory, methods=["DELETE"]),
@@ -100,14 +103,7 @@ class MemoryRoutes(MemoryCalls):
         return JSONResponse(
             {
                 "object": "list",
-                "data": [
-                    {
-                        "event": EVENT_NAMES.get(r.event, "NONE"),
-                        **memory_json(r.memory),
-                        "previous_text": r.previous_text,
-                    }
-                    for r in reply.results
-                ],
+                "data": [change_json(r) for r in reply.results],
                 "extraction_model": reply.extraction_model,
                 "job_id": reply.job_id,
             }
@@ -163,6 +159,17 @@ class MemoryRoutes(MemoryCalls):
                 "mode_note": reply.mode_note,
             }
         )
+
+    async def get_job(self, request: Request) -> Response:
+        user_id = await self._query_user(request)
+        reply = await self._call(
+            self._memory().GetExtractionJob(
+                mpb.GetExtractionJobRequest(user_id=user_id, job_id=request.path_params["id"]),
+                timeout=self._timeout(),
+                metadata=outgoing_metadata(),
+            )
+        )
+        return JSONResponse(job_json(reply.job))
 
     async def get_memory(self, request: Request) -> Response:
         user_id = await self._query_user(request)

@@ -124,6 +124,36 @@ def memory_json(m: mpb.Memory) -> dict[str, Any]:
     }
 
 
+JOB_STATES = {
+    mpb.EXTRACTION_JOB_STATE_QUEUED: "queued",
+    mpb.EXTRACTION_JOB_STATE_SUCCEEDED: "succeeded",
+    mpb.EXTRACTION_JOB_STATE_FAILED: "failed",
+}
+
+
+def change_json(r: mpb.AddMemoriesResult) -> dict[str, Any]:
+    return {
+        "event": EVENT_NAMES.get(r.event, "NONE"),
+        **memory_json(r.memory),
+        "previous_text": r.previous_text,
+    }
+
+
+def job_json(j: mpb.ExtractionJob) -> dict[str, Any]:
+    return {
+        "id": j.id,
+        "object": "memory.extraction_job",
+        "status": JOB_STATES.get(j.state, "queued"),
+        "attempts": j.attempts,
+        "last_error": j.last_error,
+        "failure_reason": j.failure_reason or None,
+        "created_at": _time(j.create_time),
+        "next_attempt_at": _time(j.next_attempt_time) if j.HasField("next_attempt_time") else None,
+        "finished_at": _time(j.finish_time) if j.HasField("finish_time") else None,
+        "data": [change_json(r) for r in j.results],
+    }
+
+
 def history_json(e: mpb.MemoryHistoryEntry) -> dict[str, Any]:
     return {
         "id": e.id,

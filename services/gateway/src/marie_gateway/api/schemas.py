@@ -363,6 +363,24 @@ class MemoriesAdded(_Out):
     job_id: str
 
 
+class ExtractionJobOut(_Out):
+    """A background extraction (`POST /api/memories` with `background`)."""
+
+    id: str
+    object: Literal["memory.extraction_job"]
+    #: queued: waiting for its turn, or for the model or the store to come back
+    #: (retried by time, never dropped before the age limit); succeeded: `data`
+    #: holds its changes; failed: `failure_reason` says why.
+    status: Literal["queued", "succeeded", "failed"]
+    attempts: int
+    last_error: str
+    failure_reason: str | None
+    created_at: int
+    next_attempt_at: int | None
+    finished_at: int | None
+    data: list[MemoryChangeOut]
+
+
 class ScoredMemoryOut(MemoryOut):
     score: float
 

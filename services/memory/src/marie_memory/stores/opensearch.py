@@ -20,6 +20,7 @@ of its vector (`vector_space`), so memories lacking one are found by query.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import html
 import json
@@ -35,6 +36,7 @@ from marie_memory.records import (
     EVENT_ADD,
     EVENT_DELETE,
     EVENT_UPDATE,
+    MESSAGE_EMBEDDING_NOTE,
     Conversation,
     EmbeddingSpace,
     ExtractionJob,
@@ -44,9 +46,11 @@ from marie_memory.records import (
     MemoryFilter,
     Message,
     MessageHit,
+    MessageVector,
     ScoredMemory,
     ToolCall,
 )
+from marie_memory.stores.contract import FINISHED_JOB_SECONDS
 from marie_memory.stores.keywords import query_words
 
 log = logging.getLogger("marie.memory.opensearch")
@@ -106,6 +110,12 @@ MAPPINGS: dict[str, dict[str, Any]] = {
         "user_id": _KEYWORD,
         "next_attempt_time": {"type": "double"},
         "create_time": {"type": "double"},
+    },
+    "finished_jobs": {
+        "id": _KEYWORD,
+        "user_id": _KEYWORD,
+        "finish_time": {"type": "double"},
+        "results": _DISABLED,
     },
     "meta": {"value": _DISABLED},
 }
@@ -467,6 +477,22 @@ def _job(src: Mapping[str, Any]) -> ExtractionJob:
     )
 
 
+def _finished_job(src: Mapping[str, Any]) -> ExtractionJob:
+    return ExtractionJob(
+        id=src["id"],
+        user_id=src["user_id"],
+        payload="",
+        attempts=src["attempts"],
+        next_attempt_time=0.0,
+        create_time=src["create_time"],
+        last_error=src.get("last_error", ""),
+        state=src["state"],
+        finish_time=src["finish_time"],
+        failure_reason=src.get("failure_reason", ""),
+        results=src.get("results", ""),
+    )
+
+
 class OpenSearchStore:
     """The `Store` on an OpenSearch cluster. Open with `await OpenSearchStore.open(url)`."""
 
@@ -648,28 +674,34 @@ class OpenSearchStore:
         )
         return [(h["_source"]["user_id"], _message(h["_source"])) for h in hits]
 
-    async def set_message_vectors(
-        self, vectors: Sequence[tuple[str, str, Sequence[float]]]
-    ) -> None:
+    async def set_message_vectors(self, vectors: Sequence[MessageVector]) -> None:
+        # A message that gets no vector is marked with the space all the same
+        # (so it is not handed out again), with no document in the vectors index.
         if self._space is None or not vectors:
             return
         key = space_key(self._space)
         actions: list[dict[str, Any]] = []
-        for user_id, message_id, vector in vectors:
-            doc = await self._get("messages", message_id)
-            if doc is None or doc["user_id"] != user_id:
+        for item in vectors:
+            doc = await self._get("messages", item.message_id)
+            if doc is None or doc["user_id"] != item.user_id:
                 continue
+            if item.vector is not None:
+                actions += [
+                    {"index": {"_index": self.index("message_vectors"), "_id": item.message_id}},
+                    {
+                        "user_id": item.user_id,
+                        "message_id": item.message_id,
+                        "conversation_id": doc["conversation_id"],
+                        "role": doc["role"],
+                        "vector": [float(x) for x in item.vector],
+                    },
+                ]
+            change: dict[str, Any] = {"vector_space": key}
+            if item.note:
+                change["metadata"] = {**doc.get("metadata", {}), MESSAGE_EMBEDDING_NOTE: item.note}
             actions += [
-                {"index": {"_index": self.index("message_vectors"), "_id": message_id}},
-                {
-                    "user_id": user_id,
-                    "message_id": message_id,
-                    "conversation_id": doc["conversation_id"],
-                    "role": doc["role"],
-                    "vector": [float(x) for x in vector],
-                },
-                {"update": {"_index": self.index("messages"), "_id": message_id}},
-                {"doc": {"vector_space": key}},
+                {"update": {"_index": self.index("messages"), "_id": item.message_id}},
+                {"doc": change},
             ]
         if actions:
             await self._bulk(actions)
@@ -1048,7 +1080,7 @@ class OpenSearchStore:
         reply = await self._client.delete_by_query(
             index=self.index("memory"), body=query, refresh=True
         )
-        for name in ("history", "jobs"):
+        for name in ("history", "jobs", "finished_jobs"):
             await self._client.delete_by_query(index=self.index(name), body=query, refresh=True)
         if self._space is not None:
             await self._client.delete_by_query(
@@ -1143,11 +1175,53 @@ class OpenSearchStore:
         )
         return [_job(h["_source"]) for h in hits]
 
-    async def finish_job(self, job_id: str) -> None:
-        try:
-            await self._client.delete(index=self.index("jobs"), id=job_id, refresh=WAIT)
-        except NotFoundError:
+    async def get_job(self, user_id: str, job_id: str) -> ExtractionJob | None:
+        doc = await self._get("jobs", job_id)
+        if doc is not None and doc["user_id"] == user_id:
+            return _job(doc)
+        doc = await self._get("finished_jobs", job_id)
+        if doc is not None and doc["user_id"] == user_id:
+            return _finished_job(doc)
+        return None
+
+    async def finish_job(
+        self,
+        job_id: str,
+        *,
+        state: int,
+        finish_time: float,
+        reason: str = "",
+        error: str = "",
+        results: str = "",
+    ) -> None:
+        doc = await self._get("jobs", job_id)
+        if doc is None:
             return
+        # The outcome first: a failure in between leaves the job queued, to be
+        # finished again, never lost.
+        await self._client.index(
+            index=self.index("finished_jobs"),
+            id=job_id,
+            body={
+                "id": job_id,
+                "user_id": doc["user_id"],
+                "attempts": doc["attempts"] + 1,
+                "create_time": doc["create_time"],
+                "finish_time": finish_time,
+                "state": state,
+                "failure_reason": reason,
+                "last_error": error[:1000],
+                "results": results,
+            },
+            refresh=WAIT,
+        )
+        with contextlib.suppress(NotFoundError):
+            await self._client.delete(index=self.index("jobs"), id=job_id, refresh=WAIT)
+        await self._client.delete_by_query(
+            index=self.index("finished_jobs"),
+            body={"query": {"range": {"finish_time": {"lt": finish_time - FINISHED_JOB_SECONDS}}}},
+            refresh=True,
+        )
 
     async def retry_job(self, job_id: str, next_attempt_time: float, error: str) -> None:
         doc = await self._get("jobs", job_id)

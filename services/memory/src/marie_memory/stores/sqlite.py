@@ -41,6 +41,7 @@ from marie_memory.records import (
     EVENT_ADD,
     EVENT_DELETE,
     EVENT_UPDATE,
+    MESSAGE_EMBEDDING_NOTE,
     Conversation,
     EmbeddingSpace,
     ExtractionJob,
@@ -50,9 +51,11 @@ from marie_memory.records import (
     MemoryFilter,
     Message,
     MessageHit,
+    MessageVector,
     ScoredMemory,
     ToolCall,
 )
+from marie_memory.stores.contract import FINISHED_JOB_SECONDS
 from marie_memory.stores.keywords import query_words
 
 SCHEMA_VERSION = 1
@@ -165,6 +168,19 @@ CREATE TABLE IF NOT EXISTS extraction_jobs (
 );
 CREATE INDEX IF NOT EXISTS extraction_jobs_due ON extraction_jobs (next_attempt_time);
 CREATE INDEX IF NOT EXISTS extraction_jobs_by_user ON extraction_jobs (user_id);
+CREATE TABLE IF NOT EXISTS finished_jobs (
+    id             TEXT PRIMARY KEY,
+    user_id        TEXT NOT NULL,
+    attempts       INTEGER NOT NULL,
+    create_time    REAL NOT NULL,
+    finish_time    REAL NOT NULL,
+    state          INTEGER NOT NULL,
+    failure_reason TEXT NOT NULL,
+    last_error     TEXT NOT NULL,
+    results        TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS finished_jobs_by_time ON finished_jobs (finish_time);
+CREATE INDEX IF NOT EXISTS finished_jobs_by_user ON finished_jobs (user_id);
 """
 
 _CONVERSATION_COLUMNS = (
@@ -181,6 +197,9 @@ _MEMORY_COLUMNS = (
 )
 _HISTORY_COLUMNS = "id, memory_id, event, old_text, new_text, create_time, actor, inferred"
 _JOB_COLUMNS = "id, user_id, payload, attempts, next_attempt_time, create_time, last_error"
+_FINISHED_COLUMNS = (
+    "id, user_id, attempts, create_time, finish_time, state, failure_reason, last_error, results"
+)
 
 T = TypeVar("T")
 FloatMatrix = npt.NDArray[np.float32]
@@ -265,6 +284,22 @@ def _job(row: sqlite3.Row) -> ExtractionJob:
         next_attempt_time=row["next_attempt_time"],
         create_time=row["create_time"],
         last_error=row["last_error"],
+    )
+
+
+def _finished_job(row: sqlite3.Row) -> ExtractionJob:
+    return ExtractionJob(
+        id=row["id"],
+        user_id=row["user_id"],
+        payload="",
+        attempts=row["attempts"],
+        next_attempt_time=0.0,
+        create_time=row["create_time"],
+        last_error=row["last_error"],
+        state=row["state"],
+        finish_time=row["finish_time"],
+        failure_reason=row["failure_reason"],
+        results=row["results"],
     )
 
 
@@ -533,14 +568,30 @@ class SqliteStore:
 
         return await self._run(_select)
 
-    async def set_message_vectors(
-        self, vectors: Sequence[tuple[str, str, Sequence[float]]]
-    ) -> None:
+    async def set_message_vectors(self, vectors: Sequence[MessageVector]) -> None:
+        # A message that gets no vector holds an empty blob: not NULL (so it is
+        # not handed out again), and skipped by vector search.
         def _set() -> None:
             with self._transaction():
                 self._db.executemany(
                     "UPDATE messages SET vector = ? WHERE id = ? AND user_id = ?",
-                    [(_vector_blob(v), message_id, user) for user, message_id, v in vectors],
+                    [
+                        (
+                            _vector_blob(v.vector) if v.vector is not None else b"",
+                            v.message_id,
+                            v.user_id,
+                        )
+                        for v in vectors
+                    ],
+                )
+                self._db.executemany(
+                    "UPDATE messages SET metadata = json_set(metadata, ?, ?) "
+                    "WHERE id = ? AND user_id = ?",
+                    [
+                        (f"$.{MESSAGE_EMBEDDING_NOTE}", v.note, v.message_id, v.user_id)
+                        for v in vectors
+                        if v.note
+                    ],
                 )
 
         await self._run(_set)
@@ -554,7 +605,10 @@ class SqliteStore:
         limit: int,
     ) -> list[MessageHit]:
         query = _unit(vector)
-        sql = "SELECT seq, vector FROM messages WHERE user_id = :user AND vector IS NOT NULL"
+        sql = (
+            "SELECT seq, vector FROM messages WHERE user_id = :user AND vector IS NOT NULL "
+            "AND length(vector) > 0"
+        )
         params: dict[str, Any] = {"user": user_id}
         if conversation_id:
             sql += " AND conversation_id = :conv"
@@ -932,6 +986,7 @@ class SqliteStore:
                 ).rowcount
                 self._db.execute("DELETE FROM history WHERE user_id = ?", (user_id,))
                 self._db.execute("DELETE FROM extraction_jobs WHERE user_id = ?", (user_id,))
+                self._db.execute("DELETE FROM finished_jobs WHERE user_id = ?", (user_id,))
             self._vectors.pop(user_id, None)
             return int(count)
 
@@ -1074,10 +1129,62 @@ class SqliteStore:
 
         return await self._run(_select)
 
-    async def finish_job(self, job_id: str) -> None:
-        await self._run(
-            lambda: self._db.execute("DELETE FROM extraction_jobs WHERE id = ?", (job_id,))
-        )
+    async def get_job(self, user_id: str, job_id: str) -> ExtractionJob | None:
+        def _select() -> ExtractionJob | None:
+            row = self._db.execute(
+                f"SELECT {_JOB_COLUMNS} FROM extraction_jobs WHERE id = ? AND user_id = ?",
+                (job_id, user_id),
+            ).fetchone()
+            if row is not None:
+                return _job(row)
+            row = self._db.execute(
+                f"SELECT {_FINISHED_COLUMNS} FROM finished_jobs WHERE id = ? AND user_id = ?",
+                (job_id, user_id),
+            ).fetchone()
+            return None if row is None else _finished_job(row)
+
+        return await self._run(_select)
+
+    async def finish_job(
+        self,
+        job_id: str,
+        *,
+        state: int,
+        finish_time: float,
+        reason: str = "",
+        error: str = "",
+        results: str = "",
+    ) -> None:
+        def _finish() -> None:
+            with self._transaction():
+                row = self._db.execute(
+                    "SELECT user_id, attempts, create_time FROM extraction_jobs WHERE id = ?",
+                    (job_id,),
+                ).fetchone()
+                if row is None:
+                    return
+                self._db.execute("DELETE FROM extraction_jobs WHERE id = ?", (job_id,))
+                self._db.execute(
+                    f"INSERT OR REPLACE INTO finished_jobs ({_FINISHED_COLUMNS}) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        job_id,
+                        row["user_id"],
+                        row["attempts"] + 1,
+                        row["create_time"],
+                        finish_time,
+                        state,
+                        reason,
+                        error[:1000],
+                        results,
+                    ),
+                )
+                self._db.execute(
+                    "DELETE FROM finished_jobs WHERE finish_time < ?",
+                    (finish_time - FINISHED_JOB_SECONDS,),
+                )
+
+        await self._run(_finish)
 
     async def retry_job(self, job_id: str, next_attempt_time: float, error: str) -> None:
         await self._run(
