@@ -7,6 +7,7 @@ error handlers, CORS and the request context."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from importlib.metadata import version
 
 from starlette.applications import Starlette
@@ -17,6 +18,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from marie_gateway.access.limits import RATE_LIMIT_HEADERS
+from marie_gateway.anthropic import errors as anthropic_errors
+from marie_gateway.anthropic.messages import MessagesRoutes
+from marie_gateway.anthropic.models import AnthropicModelRoutes
 from marie_gateway.api.compare import CompareRoutes
 from marie_gateway.api.conversations import ConversationRoutes
 from marie_gateway.api.keys import KeyRoutes
@@ -39,27 +43,36 @@ from marie_gateway.settings import GatewaySettings
 log = logging.getLogger("marie.gateway")
 
 
+def _answer(
+    request: Request, error: ApiError, headers: Mapping[str, str] | None = None
+) -> Response:
+    """An error in the shape of the surface asked: Anthropic's or OpenAI's."""
+    if anthropic_errors.is_anthropic(request):
+        return anthropic_errors.error_response(error, headers)
+    return error_response(error, headers)
+
+
 async def _api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
-    return error_response(exc, {"connection": "close"} if exc.close else None)
+    return _answer(request, exc, {"connection": "close"} if exc.close else None)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 404:
         message = f"Unknown request URL: {request.method} {request.url.path}."
-        return error_response(ApiError(404, message, code="unknown_url"))
+        return _answer(request, ApiError(404, message, code="unknown_url"))
     if exc.status_code == 405:
         message = f"Method {request.method} is not allowed on {request.url.path}."
         # HTTP requires the methods the resource does allow.
-        return error_response(ApiError(405, message, code="method_not_allowed"), exc.headers)
-    return error_response(ApiError(exc.status_code, str(exc.detail)), exc.headers)
+        return _answer(request, ApiError(405, message, code="method_not_allowed"), exc.headers)
+    return _answer(request, ApiError(exc.status_code, str(exc.detail)), exc.headers)
 
 
 async def _server_error(request: Request, exc: Exception) -> Response:
     log.error("unhandled error", exc_info=exc)
     message = f"The server had an error processing the request (request id {current_request_id()})."
-    return error_response(ApiError(500, message, "server_error", "server_error"))
+    return _answer(request, ApiError(500, message, "server_error", "server_error"))
 
 
 def create_app(settings: GatewaySettings) -> RequestContext[Gateway]:
@@ -67,6 +80,9 @@ def create_app(settings: GatewaySettings) -> RequestContext[Gateway]:
     gw = Gateway(settings)
     routes = [
         *ChatRoutes(gw).routes(),
+        *MessagesRoutes(gw).routes(),
+        # Before the OpenAI ones: they answer only callers sending anthropic-version.
+        *AnthropicModelRoutes(gw).routes(),
         *OpenAIModelRoutes(gw).routes(),
         *EmbeddingRoutes(gw).routes(),
         *CompletionRoutes(gw).routes(),
@@ -90,7 +106,14 @@ def create_app(settings: GatewaySettings) -> RequestContext[Gateway]:
                 CORSMiddleware,
                 allow_origins=[o.strip() for o in settings.cors_origins.split(",") if o.strip()],
                 allow_methods=["GET", "POST", "PATCH", "DELETE"],
-                allow_headers=["authorization", "x-api-key", "content-type", "x-request-id"],
+                allow_headers=[
+                    "authorization",
+                    "x-api-key",
+                    "content-type",
+                    "x-request-id",
+                    "anthropic-version",
+                    "anthropic-beta",
+                ],
                 expose_headers=["x-request-id", "retry-after", *RATE_LIMIT_HEADERS],
                 max_age=600,
             )

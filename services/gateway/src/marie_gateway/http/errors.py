@@ -34,6 +34,7 @@ class ApiError(Exception):
         *,
         retry_after: int | None = None,
         close: bool = False,
+        reason: str = "",
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -44,6 +45,9 @@ class ApiError(Exception):
         self.retry_after = retry_after
         # The connection cannot be reused (e.g. an unread body is still coming).
         self.close = close
+        # The ErrorInfo reason of a service's error ("DEPLOYMENT_BUSY"), for
+        # surfaces whose vocabulary tells more cases apart than OpenAI's.
+        self.reason = reason
 
     def envelope(self) -> dict[str, dict[str, str | None]]:
         return {
@@ -153,7 +157,9 @@ def from_service_error(error: ServiceError, request_id: str) -> ApiError:
     message = _client_message(error, status, request_id)
     param = error.metadata.get("field") if status < 500 else None
     retry_after = _retry_after(error) if status in (429, 503) else None
-    return ApiError(status, message, type_, code, param, retry_after=retry_after)
+    return ApiError(
+        status, message, type_, code, param, retry_after=retry_after, reason=error.reason
+    )
 
 
 def _retry_after(error: ServiceError) -> int:
