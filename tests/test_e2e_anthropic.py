@@ -7,9 +7,14 @@ limits, a failing upstream, a busy deployment)."""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import anthropic
@@ -17,7 +22,7 @@ import httpx
 import pytest
 
 from tests.fakes import FakeModel, FakeOllama
-from tests.stack import Stack, start_stack
+from tests.stack import ROOT, Stack, start_stack
 
 #: The Claude names clients insist on, mapped to local models by aliases.
 SONNET = "claude-sonnet-4-6"
@@ -50,7 +55,14 @@ BROKEN = FakeModel(
     name="anthropic-broken:latest", reply="one two three four five six", error_after=2
 )
 SLOW = FakeModel(name="anthropic-slow:latest", endless=True, chunk_delay=0.05)
-MODELS = (TOOLY, TWO_CALLS, FAILING, BROKEN, SLOW)
+#: Claude Code's main model: scripted per test (tool_call_turns).
+AGENT = FakeModel(name="anthropic-agent:latest", capabilities=["completion", "tools"])
+#: The Claude name Claude Code is pointed at, an alias of AGENT.
+OPUS = "claude-opus-4-7"
+MODELS = (TOOLY, TWO_CALLS, FAILING, BROKEN, SLOW, AGENT)
+#: The Node programs (Anthropic's TypeScript SDK, Claude Code), pinned with their lock file.
+NODE_PACKAGE = ROOT / "tests" / "node_anthropic"
+NODE_TIMEOUT_SECONDS = 600
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +79,7 @@ providers:
 aliases:
   {SONNET}: [ollama/llama3.2:latest]
   {HAIKU}: [ollama/qwen2.5:0.5b]
+  {OPUS}: [ollama/{AGENT.name}]
 routing:
   retries: 0
 """
@@ -754,3 +767,143 @@ def test_messages_are_in_the_usage_ledger(claude_stack: Stack) -> None:
         time.sleep(0.1)
     assert report["total"]["requests"] == 1
     assert report["total"]["prompt_tokens"] > 0
+
+
+# -- real clients in Node: Anthropic's TypeScript SDK and Claude Code -------------
+
+
+def _node() -> str:
+    node = shutil.which("node")
+    if node is None or shutil.which("npm") is None:
+        pytest.skip("node and npm are needed to run the TypeScript SDK and Claude Code")
+    version = subprocess.run([node, "--version"], capture_output=True, text=True, check=True)
+    if int(version.stdout.strip().lstrip("v").split(".")[0]) < 20:
+        pytest.skip(f"node {version.stdout.strip()} is older than 20, which the SDK needs")
+    return node
+
+
+def _install_node_clients() -> None:
+    stamp = NODE_PACKAGE / "node_modules" / ".stamp"
+    lock = NODE_PACKAGE / "package-lock.json"
+    if stamp.exists() and stamp.stat().st_mtime >= lock.stat().st_mtime:
+        return
+    subprocess.run(
+        ["npm", "ci", "--no-audit", "--no-fund", "--silent"],
+        cwd=NODE_PACKAGE,
+        check=True,
+        timeout=NODE_TIMEOUT_SECONDS,
+    )
+    stamp.touch()
+
+
+def test_the_typescript_sdk_speaks_the_messages_api(
+    claude_stack: Stack, key: str, ollama: FakeOllama
+) -> None:
+    node = _node()
+    _install_node_clients()
+    ollama.reset()
+    env = {
+        **os.environ,
+        "MARIE_BASE_URL": claude_stack.base_url,
+        "MARIE_API_KEY": key,
+        "MARIE_LIMITED_KEY": claude_stack.create_key("node-limited", "--model", "ollama/none"),
+        "MARIE_RPM_KEY": claude_stack.create_key("node-rpm", "--rpm", "1"),
+        "MARIE_MODEL": SONNET,
+        "MARIE_TOOL_MODEL": "ollama/" + TOOLY.name,
+        "MARIE_FAILING_MODEL": "ollama/" + FAILING.name,
+    }
+    done = subprocess.run(
+        [node, "messages.mjs"],
+        cwd=NODE_PACKAGE,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=NODE_TIMEOUT_SECONDS,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    passed = [line.split()[1] for line in done.stdout.splitlines() if line.startswith("ok ")]
+    assert passed == ["create", "stream", "tools", "count_tokens", "models", "errors"]
+    bodies = [r.body for r in ollama.chat_requests if r.body is not None]
+    tool_turn = next(
+        b for b in bodies if any(m.get("content") == "21C from node" for m in b["messages"])
+    )
+    assert [m["role"] for m in tool_turn["messages"]] == ["user", "assistant", "tool"]
+
+
+def _claude_code(
+    stack: Stack, key: str, workdir: Path, prompt: str, *, model: str
+) -> dict[str, Any]:
+    """Claude Code in headless mode against the stack, with nothing to reach
+    but Marie: its answer (`--output-format json`)."""
+    claude = NODE_PACKAGE / "node_modules" / ".bin" / "claude"
+    home = workdir.parent / "home"
+    home.mkdir(exist_ok=True)
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(home),
+        "ANTHROPIC_BASE_URL": stack.base_url,
+        "ANTHROPIC_API_KEY": key,
+        "ANTHROPIC_MODEL": model,
+        # Background calls (titles, summaries) go to the small model.
+        "ANTHROPIC_DEFAULT_HAIKU_MODEL": HAIKU,
+        "ANTHROPIC_SMALL_FAST_MODEL": HAIKU,
+        "DISABLE_TELEMETRY": "1",
+        "DISABLE_ERROR_REPORTING": "1",
+        "DISABLE_AUTOUPDATER": "1",
+        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+    }
+    done = subprocess.run(
+        [str(claude), "-p", prompt, "--output-format", "json", "--permission-mode", "acceptEdits"],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=NODE_TIMEOUT_SECONDS,
+        check=False,
+    )
+    assert done.stdout, done.stderr
+    answer: dict[str, Any] = json.loads(done.stdout)
+    return answer
+
+
+def test_claude_code_writes_and_reads_a_file_through_marie(
+    claude_stack: Stack, key: str, ollama: FakeOllama, tmp_path: Path
+) -> None:
+    _node()
+    _install_node_clients()
+    workdir = tmp_path / "project"
+    workdir.mkdir()
+    target = workdir / "hello.txt"
+    ollama.set_model(
+        AGENT.name,
+        reply="The file says: hello from marie",
+        tool_call_turns=[
+            [
+                {
+                    "function": {
+                        "name": "Write",
+                        "arguments": {"file_path": str(target), "content": "hello from marie\n"},
+                    }
+                }
+            ],
+            [{"function": {"name": "Read", "arguments": {"file_path": str(target)}}}],
+        ],
+    )
+    ollama.reset()
+    answer = _claude_code(
+        claude_stack, key, workdir, "write hello.txt, then read it back", model=OPUS
+    )
+    assert answer["is_error"] is False, answer
+    assert answer["result"] == "The file says: hello from marie"
+    assert answer["num_turns"] == 3
+    # The Write tool really ran, and the Read tool's output went back up.
+    assert target.read_text() == "hello from marie\n"
+    agent_turns = [r.body for r in ollama.chat_requests if r.body and r.body["model"] == AGENT.name]
+    assert len(agent_turns) == 3
+    last = agent_turns[-1]["messages"]
+    assert [m["role"] for m in last[-4:]] == ["assistant", "tool", "assistant", "tool"]
+    assert "hello from marie" in last[-1]["content"]
+    # Claude Code's tools reached the model as functions.
+    names = {t["function"]["name"] for t in agent_turns[0]["tools"]}
+    assert {"Write", "Read", "Bash"} <= names

@@ -139,6 +139,11 @@ class Tool(_Body):
     description: str | None = None
     input_schema: JsonObject | None = None
     cache_control: CacheControl | None = None
+    defer_loading: bool | None = Field(
+        default=None,
+        description="Accepted; the tool is offered to the model like any other"
+        " (no server-side tool search here).",
+    )
 
 
 class ToolChoiceAuto(_Body):

@@ -44,6 +44,9 @@ STOP_REASONS: dict[int, str] = {
 #: Prefixed to the text of a `tool_result` with `is_error`: the chat contract
 #: has no such flag, and the model must still learn the tool failed.
 TOOL_ERROR_PREFIX = "Error: "
+#: `thinking` types a model that never thinks honours as it is: `adaptive`
+#: leaves it to the model whether to think (Claude Code sends it by default).
+THINKING_ACCEPTED = frozenset({"adaptive", "disabled"})
 
 
 def new_id(prefix: str) -> str:
@@ -157,11 +160,11 @@ def _messages(param: MessageParam, path: str) -> list[pb.ChatMessage]:
 
 
 def _refuse_unavailable(body: MessagesRequest | CountTokensRequest) -> None:
-    if body.thinking is not None and body.thinking.get("type") != "disabled":
+    if body.thinking is not None and body.thinking.get("type") not in THINKING_ACCEPTED:
         raise unsupported(
             "thinking",
             "extended thinking is not supported: no model behind Marie thinks on request"
-            " (send none, or type 'disabled').",
+            " (send none, or type 'adaptive' or 'disabled').",
         )
     if body.mcp_servers:
         raise unsupported("mcp_servers", "MCP servers are not supported here.")
