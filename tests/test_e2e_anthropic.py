@@ -578,6 +578,10 @@ def test_an_unknown_model_is_not_found(client: anthropic.Anthropic) -> None:
             "messages.0.content.0.type: document blocks are not supported",
         ),
         (
+            {"model": SONNET, "max_tokens": 2**40, "messages": [{"role": "user", "content": "x"}]},
+            "max_tokens: Input should be less than or equal to 2147483647",
+        ),
+        (
             {
                 "model": SONNET,
                 "max_tokens": 8,
@@ -907,3 +911,16 @@ def test_claude_code_writes_and_reads_a_file_through_marie(
     # Claude Code's tools reached the model as functions.
     names = {t["function"]["name"] for t in agent_turns[0]["tools"]}
     assert {"Write", "Read", "Bash"} <= names
+
+
+def test_every_integer_of_every_request_model_is_bounded() -> None:
+    """As on the OpenAI surface: a large value is a 400 naming the field, never a 500."""
+    from marie_gateway.anthropic import schemas  # noqa: PLC0415
+
+    from tests.test_e2e_hardening import _int_fields  # noqa: PLC0415
+
+    unbounded: list[str] = []
+    seen: set[type[Any]] = set()
+    for model in (schemas.MessagesRequest, schemas.CountTokensRequest):
+        unbounded += _int_fields(model, seen)
+    assert unbounded == []

@@ -1,5 +1,6 @@
 """The gateway's HTTP application, assembled: each surface (`openai/`: the
-OpenAI `/v1` routes; `api/`: Marie's own `/api`; `console/`; `ops/`: health,
+OpenAI `/v1` routes; `anthropic/`: Anthropic's `/v1/messages`; `api/`:
+Marie's own `/api`; `console/`; `ops/`: health,
 the OpenAPI document, Envoy's key check; and `/metrics`) lives in its own
 package; this module wires them to the shared state (`core.Gateway`), the
 error handlers, CORS and the request context."""
