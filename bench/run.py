@@ -68,6 +68,11 @@ def main() -> None:
         action="store_true",
         help="count limits in auth (leases) and use a key with limits far above the load",
     )
+    parser.add_argument(
+        "--chat-only",
+        action="store_true",
+        help="measure the chat path alone (a baseline from before /v1/messages existed)",
+    )
     args = parser.parse_args()
 
     upstreams = start_upstreams()
@@ -118,7 +123,8 @@ def main() -> None:
 
                 _time(call_direct, args.warmup)
                 _time(call_marie, args.warmup)
-                _time(call_messages, args.warmup)
+                if not args.chat_only:
+                    _time(call_messages, args.warmup)
                 pids = _marie_pids(stack)
                 cpu = {"chat": dict.fromkeys(pids, 0.0), "messages": dict.fromkeys(pids, 0.0)}
 
@@ -139,9 +145,12 @@ def main() -> None:
                 for _ in range(args.requests // 10):
                     d += _time(call_direct, 10)
                     m += measured("chat", call_marie)
-                    a += measured("messages", call_messages)
+                    if not args.chat_only:
+                        a += measured("messages", call_messages)
                 mode = "stream" if stream else "non-stream"
                 for path, samples in (("chat", m), ("messages", a)):
+                    if not samples:
+                        continue
                     cpu_ms = {n: s * 1000 / len(samples) for n, s in cpu[path].items()}
                     results[f"{mode} {path}"] = (d, samples, cpu_ms)
         finally:
