@@ -14,6 +14,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -644,7 +645,13 @@ def test_key_limits_are_rate_limit_errors_with_retry_after(claude_stack: Stack) 
             )
     assert caught.value.body["error"]["type"] == "rate_limit_error"  # type: ignore[index]
     assert int(caught.value.response.headers["retry-after"]) >= 1
-    assert caught.value.response.headers["x-ratelimit-limit-requests"] == "1"
+    headers = caught.value.response.headers
+    assert headers["x-ratelimit-limit-requests"] == "1"
+    # Anthropic's names for the same figures, the reset as a time.
+    assert headers["anthropic-ratelimit-requests-limit"] == "1"
+    assert headers["anthropic-ratelimit-requests-remaining"] == "0"
+    reset = datetime.fromisoformat(headers["anthropic-ratelimit-requests-reset"])
+    assert 0 < (reset - datetime.now(UTC)).total_seconds() <= 61
 
 
 def test_a_failing_upstream_is_an_api_error(client: anthropic.Anthropic) -> None:

@@ -18,6 +18,7 @@ from starlette.routing import BaseRoute, Route
 
 from marie_gateway.access.keys import SCOPE_CHAT
 from marie_gateway.anthropic.errors import REQUEST_ID_HEADER, envelope
+from marie_gateway.anthropic.limits import add_anthropic_headers
 from marie_gateway.anthropic.schemas import (
     CountTokensRequest,
     MessagesRequest,
@@ -96,7 +97,10 @@ class MessagesRoutes:
     async def create(self, request: Request) -> Response | EventStreamResponse:
         gw = self.gw
         principal = await gw.authorize(request, SCOPE_CHAT)
-        tally = await gw.admit(request, principal, "messages")
+        try:
+            tally = await gw.admit(request, principal, "messages")
+        finally:
+            add_anthropic_headers(request.scope)
         body = parse(MessagesRequest, await gw.read_body(request), request)
         tally.requested = body.model
         message_id = new_id("msg")
@@ -128,7 +132,10 @@ class MessagesRoutes:
         upstream reports none; `x-marie-token-count` says which."""
         gw = self.gw
         principal = await gw.authorize(request, SCOPE_CHAT)
-        tally = await gw.admit(request, principal, "count_tokens")
+        try:
+            tally = await gw.admit(request, principal, "count_tokens")
+        finally:
+            add_anthropic_headers(request.scope)
         body = parse(CountTokensRequest, await gw.read_body(request), request)
         tally.requested = body.model
         chat = to_chat(body, new_id("msg"), aggregate=True, max_tokens=COUNT_MAX_TOKENS)

@@ -14,8 +14,9 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Match, Route
 from starlette.types import Scope
 
-from marie_gateway.access.keys import SCOPE_MODELS
+from marie_gateway.access.keys import SCOPE_MODELS, Principal
 from marie_gateway.anthropic.errors import REQUEST_ID_HEADER, VERSION_HEADER
+from marie_gateway.anthropic.limits import add_anthropic_headers
 from marie_gateway.core import Gateway
 from marie_gateway.http.bodies import JSONResponse
 from marie_gateway.http.context import current_request_id
@@ -50,9 +51,15 @@ class AnthropicModelRoutes:
             AnthropicRoute("/v1/models/{model_id:path}", self.get_model, methods=["GET"]),
         ]
 
+    async def _enter(self, request: Request) -> Principal:
+        try:
+            return await self.gw.enter(request, SCOPE_MODELS)
+        finally:
+            add_anthropic_headers(request.scope)
+
     async def list_models(self, request: Request) -> Response:
         gw = self.gw
-        principal = await gw.enter(request, SCOPE_MODELS)
+        principal = await self._enter(request)
         params = request.query_params
         raw_limit = params.get("limit", str(DEFAULT_LIMIT))
         if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_LIMIT:
@@ -94,7 +101,7 @@ class AnthropicModelRoutes:
 
     async def get_model(self, request: Request) -> Response:
         gw = self.gw
-        principal = await gw.enter(request, SCOPE_MODELS)
+        principal = await self._enter(request)
         try:
             reply = await gw.backends().providers.GetModel(
                 pb.GetModelRequest(model=request.path_params["model_id"]),
