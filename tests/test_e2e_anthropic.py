@@ -579,6 +579,18 @@ def test_an_unknown_model_is_not_found(client: anthropic.Anthropic) -> None:
             "messages.0.content.0.type: document blocks are not supported",
         ),
         (
+            {"model": SONNET, "max_tokens": 8, "messages": []},
+            "messages: at least one message is required",
+        ),
+        (
+            {
+                "model": SONNET,
+                "max_tokens": 8,
+                "messages": [{"role": "user", "content": []}, {"role": "user", "content": "x"}],
+            },
+            "messages.0: all messages must have non-empty content",
+        ),
+        (
             {"model": SONNET, "max_tokens": 2**40, "messages": [{"role": "user", "content": "x"}]},
             "max_tokens: Input should be less than or equal to 2147483647",
         ),

@@ -114,7 +114,7 @@ def _messages(param: MessageParam, path: str) -> list[pb.ChatMessage]:
     text and tool calls as one message."""
     role = pb.ROLE_USER if param.role == "user" else pb.ROLE_ASSISTANT
     if isinstance(param.content, str):
-        return [pb.ChatMessage(role=role, content=param.content)]
+        return [pb.ChatMessage(role=role, content=param.content)] if param.content else []
     out: list[pb.ChatMessage] = []
     turn = pb.ChatMessage(role=role)
     texts: list[str] = []
@@ -191,6 +191,8 @@ def to_chat(
     """The providers request for a Messages request (a token count passes
     `max_tokens`, having none of its own)."""
     _refuse_unavailable(body)
+    if not body.messages:
+        raise bad_request("messages: at least one message is required", "messages")
     chat = pb.StreamChatCompletionRequest(
         model=body.model, completion_id=message_id, aggregate=aggregate
     )
@@ -199,10 +201,16 @@ def to_chat(
             chat.messages.add(role=pb.ROLE_SYSTEM, content=body.system)
     elif body.system:
         chat.messages.add(role=pb.ROLE_SYSTEM, content=_text_of(body.system, "system"))
+    last = len(body.messages) - 1
     for i, param in enumerate(body.messages):
-        chat.messages.extend(_messages(param, f"messages.{i}"))
-    if not chat.messages:
-        raise bad_request("messages: at least one message is required", "messages")
+        turn = _messages(param, f"messages.{i}")
+        if not turn and not (i == last and param.role == "assistant"):
+            raise bad_request(
+                f"messages.{i}: all messages must have non-empty content except for the"
+                " optional final assistant message",
+                f"messages.{i}",
+            )
+        chat.messages.extend(turn)
     for tool in body.tools or ():
         chat.tools.add(
             type="function",
