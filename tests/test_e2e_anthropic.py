@@ -56,11 +56,13 @@ BROKEN = FakeModel(
     name="anthropic-broken:latest", reply="one two three four five six", error_after=2
 )
 SLOW = FakeModel(name="anthropic-slow:latest", endless=True, chunk_delay=0.05)
+#: Reports no prompt size (Ollama leaves prompt_eval_count out when it is 0).
+UNCOUNTED = FakeModel(name="anthropic-uncounted:latest", prompt_eval_count=0)
 #: Claude Code's main model: scripted per test (tool_call_turns).
 AGENT = FakeModel(name="anthropic-agent:latest", capabilities=["completion", "tools"])
 #: The Claude name Claude Code is pointed at, an alias of AGENT.
 OPUS = "claude-opus-4-7"
-MODELS = (TOOLY, TWO_CALLS, FAILING, BROKEN, SLOW, AGENT)
+MODELS = (TOOLY, TWO_CALLS, FAILING, BROKEN, SLOW, AGENT, UNCOUNTED)
 #: The Node programs (Anthropic's TypeScript SDK, Claude Code), pinned with their lock file.
 NODE_PACKAGE = ROOT / "tests" / "node_anthropic"
 NODE_TIMEOUT_SECONDS = 600
@@ -421,6 +423,22 @@ def test_count_tokens_is_the_upstream_s_count(
     assert raw.headers["x-marie-token-count"] == "upstream"
 
 
+def test_count_tokens_estimates_where_the_upstream_reports_no_count(
+    claude_stack: Stack, key: str
+) -> None:
+    text = "x" * 400
+    raw = httpx.post(
+        f"{claude_stack.base_url}/v1/messages/count_tokens",
+        headers={"x-api-key": key},
+        json={"model": "ollama/" + UNCOUNTED.name, "messages": [{"role": "user", "content": text}]},
+        timeout=30,
+    )
+    assert raw.status_code == 200, raw.text
+    assert raw.headers["x-marie-token-count"] == "estimate"
+    # 400 characters at four a token, and the template's four for the message.
+    assert raw.json() == {"input_tokens": 104}
+
+
 def test_models_list_in_anthropic_shape_with_anthropic_version(
     client: anthropic.Anthropic, claude_stack: Stack, key: str
 ) -> None:
@@ -591,6 +609,28 @@ def test_an_unknown_model_is_not_found(client: anthropic.Anthropic) -> None:
             "messages.0: all messages must have non-empty content",
         ),
         (
+            {
+                "model": SONNET,
+                "max_tokens": 8,
+                "mcp_servers": [{"type": "url", "url": "https://example.com", "name": "m"}],
+                "messages": [{"role": "user", "content": "x"}],
+            },
+            "mcp_servers: MCP servers are not supported",
+        ),
+        (
+            {
+                "model": SONNET,
+                "max_tokens": 8,
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "text", "text": "x", "citations": [{"a": 1}]}],
+                    }
+                ],
+            },
+            "messages.0.content.0.citations: citations are not supported",
+        ),
+        (
             {"model": SONNET, "max_tokens": 2**40, "messages": [{"role": "user", "content": "x"}]},
             "max_tokens: Input should be less than or equal to 2147483647",
         ),
@@ -666,6 +706,17 @@ def test_key_limits_are_rate_limit_errors_with_retry_after(claude_stack: Stack) 
     assert 0 < (reset - datetime.now(UTC)).total_seconds() <= 61
 
 
+def test_a_body_over_the_size_limit_is_request_too_large(client: anthropic.Anthropic) -> None:
+    with pytest.raises(anthropic.ContentTooLargeError) as caught:
+        client.messages.create(
+            model=SONNET,
+            max_tokens=8,
+            messages=[{"role": "user", "content": "x" * (17 * 1024 * 1024)}],
+        )
+    assert caught.value.status_code == 413
+    assert caught.value.body["error"]["type"] == "request_too_large"  # type: ignore[index]
+
+
 def test_a_failing_upstream_is_an_api_error(client: anthropic.Anthropic) -> None:
     with pytest.raises(anthropic.InternalServerError) as caught:
         client.messages.create(
@@ -714,7 +765,7 @@ def test_a_busy_deployment_is_overloaded_529(
         stop.set()
         thread.join(10)
     assert caught.value.status_code == 529
-    assert isinstance(caught.value, anthropic.InternalServerError)
+    assert isinstance(caught.value, anthropic.OverloadedError)
     assert caught.value.body["error"]["type"] == "overloaded_error"  # type: ignore[index]
     assert int(caught.value.response.headers["retry-after"]) >= 1
 
@@ -790,6 +841,8 @@ def test_messages_are_in_the_usage_ledger(claude_stack: Stack) -> None:
         time.sleep(0.1)
     assert report["total"]["requests"] == 1
     assert report["total"]["prompt_tokens"] > 0
+    metrics = httpx.get(f"{claude_stack.base_url}/metrics").text
+    assert 'route="/v1/messages"' in metrics
 
 
 # -- real clients in Node: Anthropic's TypeScript SDK and Claude Code -------------

@@ -115,7 +115,12 @@ def create_app(settings: GatewaySettings) -> RequestContext[Gateway]:
                     "anthropic-version",
                     "anthropic-beta",
                 ],
-                expose_headers=["x-request-id", "retry-after", *RATE_LIMIT_HEADERS],
+                expose_headers=[
+                    "x-request-id",
+                    "retry-after",
+                    *RATE_LIMIT_HEADERS,
+                    *anthropic_errors.EXPOSED_HEADERS,
+                ],
                 max_age=600,
             )
         )

@@ -21,6 +21,18 @@ from marie_gateway.http.errors import ApiError
 VERSION_HEADER = "anthropic-version"
 #: Where Anthropic's answers carry the request id (its SDKs read it from there).
 REQUEST_ID_HEADER = "request-id"
+#: How a token count was made (`upstream` or `estimate`), on its answer.
+COUNT_HEADER = "x-marie-token-count"
+#: What browsers may read of this surface's answers (besides the gateway's own).
+EXPOSED_HEADERS = (
+    REQUEST_ID_HEADER,
+    COUNT_HEADER,
+    *(
+        f"anthropic-ratelimit-{name}-{what}"
+        for name in ("requests", "tokens")
+        for what in ("limit", "remaining", "reset")
+    ),
+)
 #: The status Anthropic answers when it is overloaded; its SDKs retry it.
 OVERLOADED = 529
 

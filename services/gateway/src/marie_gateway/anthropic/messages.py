@@ -17,7 +17,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from marie_gateway.access.keys import SCOPE_CHAT
-from marie_gateway.anthropic.errors import REQUEST_ID_HEADER, envelope
+from marie_gateway.anthropic.errors import COUNT_HEADER, REQUEST_ID_HEADER, envelope
 from marie_gateway.anthropic.limits import add_anthropic_headers
 from marie_gateway.anthropic.schemas import (
     CountTokensRequest,
@@ -39,8 +39,6 @@ P = TypeVar("P", bound=_Prompt)
 #: Tokens a token count asks the model to generate: its answer is not used,
 #: only the upstream's count of the prompt.
 COUNT_MAX_TOKENS = 1
-#: How the count was made, in this header of the answer.
-COUNT_HEADER = "x-marie-token-count"
 #: Characters per token of the estimate (when the upstream reports no count):
 #: the usual figure for English text with BPE vocabularies.
 CHARS_PER_TOKEN = 4
