@@ -5,7 +5,9 @@ own process): the baseline calls Ollama's /api/chat directly; the Marie path
 calls the gateway's /v1/chat/completions, which validates the key, calls the
 providers service over gRPC, which calls the same upstream. The difference is
 what Marie adds. CPU is read from /proc for every Marie process, so it counts
-the gateway, providers and auth together.
+the gateway, providers and auth together. Anthropic's Messages API
+(`/v1/messages`, the same call behind another surface) is measured beside the
+chat path, interleaved with it.
 
 Usage: make bench   (or .venv/bin/python bench/run.py --requests 500)
        .venv/bin/python bench/run.py --shared-limits   (limits leased from auth,
@@ -66,6 +68,11 @@ def main() -> None:
         action="store_true",
         help="count limits in auth (leases) and use a key with limits far above the load",
     )
+    parser.add_argument(
+        "--chat-only",
+        action="store_true",
+        help="measure the chat path alone (a baseline from before /v1/messages existed)",
+    )
     args = parser.parse_args()
 
     upstreams = start_upstreams()
@@ -100,46 +107,75 @@ def main() -> None:
                         for _ in r.iter_bytes():
                             pass
 
+                messages_body: dict[str, object] = {**marie_body, "max_tokens": 64}
+
                 def call_marie(body: dict[str, object] = marie_body) -> None:
                     with marie.stream("POST", "/v1/chat/completions", json=body) as r:
                         r.raise_for_status()
                         for _ in r.iter_bytes():
                             pass
 
+                def call_messages(body: dict[str, object] = messages_body) -> None:
+                    with marie.stream("POST", "/v1/messages", json=body) as r:
+                        r.raise_for_status()
+                        for _ in r.iter_bytes():
+                            pass
+
                 _time(call_direct, args.warmup)
                 _time(call_marie, args.warmup)
+                if not args.chat_only:
+                    _time(call_messages, args.warmup)
                 pids = _marie_pids(stack)
-                cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
-                # Interleave the two so machine noise hits both alike.
-                d, m = [], []
+                cpu = {"chat": dict.fromkeys(pids, 0.0), "messages": dict.fromkeys(pids, 0.0)}
+
+                def measured(
+                    path: str,
+                    fn: Callable[[], None],
+                    pids: dict[str, int] = pids,
+                    cpu: dict[str, dict[str, float]] = cpu,
+                ) -> list[float]:
+                    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+                    samples = _time(fn, 10)
+                    for name, pid in pids.items():
+                        cpu[path][name] += cpu_seconds(pid) - before[name]
+                    return samples
+
+                # Interleave the three so machine noise hits all alike.
+                d, m, a = [], [], []
                 for _ in range(args.requests // 10):
                     d += _time(call_direct, 10)
-                    m += _time(call_marie, 10)
-                cpu_ms = {
-                    name: (cpu_seconds(pid) - cpu_before[name]) * 1000 / len(m)
-                    for name, pid in pids.items()
-                }
-                results["stream" if stream else "non-stream"] = (d, m, cpu_ms)
+                    m += measured("chat", call_marie)
+                    if not args.chat_only:
+                        a += measured("messages", call_messages)
+                mode = "stream" if stream else "non-stream"
+                for path, samples in (("chat", m), ("messages", a)):
+                    if not samples:
+                        continue
+                    cpu_ms = {n: s * 1000 / len(samples) for n, s in cpu[path].items()}
+                    results[f"{mode} {path}"] = (d, samples, cpu_ms)
         finally:
             stack.stop()
             upstreams.stop()
 
     what = ", limits leased from auth" if args.shared_limits else ""
     print(f"\nMarie hot-path benchmark: {args.requests} requests per path, sequential{what}\n")
-    header = f"{'mode':<11}{'direct p50':>12}{'marie p50':>12}{'added p50':>12}"
+    header = f"{'mode':<20}{'direct p50':>12}{'marie p50':>12}{'added p50':>12}"
     header += f"{'direct p90':>12}{'marie p90':>12}{'ratio p50':>11}{'marie CPU/req':>15}"
     print(header)
     for mode, (d, m, cpu_ms) in results.items():
         dp50, mp50 = statistics.median(d), statistics.median(m)
         total_cpu = sum(cpu_ms.values())
         print(
-            f"{mode:<11}{dp50:>10.2f}ms{mp50:>10.2f}ms{mp50 - dp50:>10.2f}ms"
+            f"{mode:<20}{dp50:>10.2f}ms{mp50:>10.2f}ms{mp50 - dp50:>10.2f}ms"
             f"{percentile(d, 0.9):>10.2f}ms{percentile(m, 0.9):>10.2f}ms{mp50 / dp50:>10.2f}x"
             f"{total_cpu:>13.2f}ms"
         )
         split = ", ".join(f"{name} {ms:.2f}ms" for name, ms in sorted(cpu_ms.items()))
-        print(f"{'':<11}CPU per request by service: {split}")
-    print("\nadded = Marie p50 - direct p50; CPU = gateway + providers + auth, per request.")
+        print(f"{'':<20}CPU per request by service: {split}")
+    print(
+        "\nadded = Marie p50 - direct p50; CPU = gateway + providers + auth, per request;"
+        "\nchat = /v1/chat/completions, messages = /v1/messages (Anthropic's API)."
+    )
 
 
 if __name__ == "__main__":

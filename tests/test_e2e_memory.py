@@ -360,6 +360,37 @@ def test_chat_completions_with_user_are_enriched(
     assert [m["role"] for m in _sent(ollama, "French?")["messages"]] == ["user"]
 
 
+def test_anthropic_messages_with_metadata_user_id_are_enriched(
+    mem_stack: Stack, acme: str, ollama: FakeOllama
+) -> None:
+    """Anthropic's `metadata.user_id` is the end user, as OpenAI's `user` is."""
+    api = client(mem_stack, acme)
+    api(
+        "POST",
+        "/api/memories",
+        json={
+            "messages": [{"role": "user", "content": "Writes Rust at work"}],
+            "infer": False,
+            "user": "claude-user",
+        },
+    )
+    reply = api(
+        "POST",
+        "/v1/messages",
+        json={
+            "model": CHAT_MODEL,
+            "max_tokens": 32,
+            "system": "Be brief.",
+            "metadata": {"user_id": "claude-user"},
+            "messages": [{"role": "user", "content": "Which language do I write at work?"}],
+        },
+    )
+    assert reply.status_code == 200, reply.text
+    sent = _sent(ollama, "Which language do I write at work?")["messages"]
+    assert sent[0]["role"] == "system" and "Writes Rust at work" in sent[0]["content"]
+    assert sent[1] == {"role": "system", "content": "Be brief."}
+
+
 def test_a_client_leaving_mid_answer_leaves_the_partial_answer_marked(
     mem_stack: Stack, acme: str, ollama: FakeOllama
 ) -> None:

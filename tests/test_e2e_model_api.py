@@ -526,6 +526,29 @@ def test_cors_preflight_from_a_configured_origin(stack: Stack) -> None:
     assert "access-control-allow-origin" not in other.headers
 
 
+def test_cors_lets_browsers_use_the_anthropic_surface(stack: Stack) -> None:
+    """Anthropic's browser SDK sends its own headers and reads request-id and
+    the anthropic-ratelimit-* headers."""
+    preflight = httpx.options(
+        f"{stack.base_url}/v1/messages",
+        headers={
+            "origin": ORIGIN,
+            "access-control-request-method": "POST",
+            "access-control-request-headers": "x-api-key, anthropic-version, anthropic-beta",
+        },
+    )
+    assert preflight.status_code == 200
+    allowed = preflight.headers["access-control-allow-headers"].lower()
+    assert {"x-api-key", "anthropic-version", "anthropic-beta"} <= {
+        h.strip() for h in allowed.split(",")
+    }
+    answer = httpx.post(
+        f"{stack.base_url}/v1/messages", headers={"origin": ORIGIN, "x-api-key": "nope"}
+    )
+    exposed = {h.strip() for h in answer.headers["access-control-expose-headers"].split(",")}
+    assert {"request-id", "anthropic-ratelimit-requests-remaining"} <= exposed
+
+
 def test_no_cors_unless_configured() -> None:
     from marie_gateway.app import create_app  # noqa: PLC0415
     from marie_gateway.settings import GatewaySettings  # noqa: PLC0415

@@ -35,6 +35,7 @@ class ApiError(Exception):
         retry_after: int | None = None,
         close: bool = False,
         upstream: bool = False,
+        reason: str = "",
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -48,6 +49,9 @@ class ApiError(Exception):
         # A model server answered this (its refusal passed on): the request
         # reached a model, so it counts in the usage ledger even as a 4xx.
         self.upstream = upstream
+        # The ErrorInfo reason of a service's error ("DEPLOYMENT_BUSY"), for
+        # surfaces whose vocabulary tells more cases apart than OpenAI's.
+        self.reason = reason
 
     def envelope(self) -> dict[str, dict[str, str | None]]:
         return {
@@ -201,6 +205,7 @@ def from_service_error(error: ServiceError, request_id: str) -> ApiError:
         param,
         retry_after=retry_after,
         upstream="upstream_status" in error.metadata,
+        reason=error.reason,
     )
 
 

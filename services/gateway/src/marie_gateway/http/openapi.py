@@ -55,6 +55,10 @@ class Operation:
     query: tuple[Param, ...] = ()
     raw_response: str | None = None  # a non-JSON answer: its media type
     extra: dict[str, Any] = field(default_factory=dict)
+    # A surface with its own error shape (Anthropic's): its schema, and how
+    # its event stream is framed, instead of OpenAI's envelope and `data:` lines.
+    error: type[BaseModel] | None = None
+    events_framing: str | None = None
 
 
 _PARAM = re.compile(r"{(\w+)(:\w+)?}")
@@ -82,7 +86,7 @@ def _schemas(operations: tuple[Operation, ...]) -> tuple[Refs, dict[str, Any]]:
     for op in operations:
         if op.request is not None:
             models.append((op.request, "validation"))
-        for out in (op.response, op.events):
+        for out in (op.response, op.events, op.error):
             if out is not None:
                 models.append((out, "serialization"))
     refs, defs = models_json_schema(
@@ -130,7 +134,8 @@ def _operation(op: Operation, refs: Refs) -> dict[str, Any]:
         content["text/event-stream"] = {
             "schema": {
                 "type": "string",
-                "description": "Server-sent events: `data: <JSON>` lines, each an object of "
+                "description": op.events_framing
+                or "Server-sent events: `data: <JSON>` lines, each an object of "
                 f"the schema {op.events.__name__}, ending with `data: [DONE]`. Comment lines "
                 "(`: keep-alive`) may come while a model is slow.",
             },
@@ -144,8 +149,14 @@ def _operation(op: Operation, refs: Refs) -> dict[str, Any]:
         out["description"] = (
             f"Needs a key with the `{op.scope}` scope." if op.scope else "Needs any valid key."
         )
-        for status in _ERROR_STATUSES:
-            responses_[status] = {"$ref": "#/components/responses/Error"}
+        for status, meaning in _ERROR_STATUSES.items():
+            if op.error is None:
+                responses_[status] = {"$ref": "#/components/responses/Error"}
+            else:
+                responses_[status] = {
+                    "description": meaning,
+                    "content": {"application/json": {"schema": refs[(op.error, "serialization")]}},
+                }
     else:
         out["security"] = []
     out["responses"] = responses_
