@@ -17,14 +17,13 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
-from urllib.parse import quote
 
 import grpc
 from marie.auth.v1 import auth_service_pb2 as auth_pb
 from marie.auth.v1 import auth_service_pb2_grpc as auth_grpc
 from marie_kit.apikeys import is_well_formed
 from marie_kit.context import outgoing_metadata
-from marie_kit.identity import ALLOWED_MODELS_HEADER
+from marie_kit.identity import ALLOWED_MODELS_HEADER, allowed_models_value
 from marie_kit.limits import NO_LIMITS, Limits
 
 from marie_gateway.http.errors import from_rpc_error, invalid_api_key, permission_denied
@@ -60,7 +59,7 @@ class Principal:
 
     def __post_init__(self) -> None:
         if self.allowed_models:
-            value = ",".join(quote(p, safe="/*:@+") for p in self.allowed_models)
+            value = allowed_models_value(self.allowed_models)
             object.__setattr__(self, "models_metadata", ((ALLOWED_MODELS_HEADER, value),))
 
     def require_scope(self, scope: str) -> None:
