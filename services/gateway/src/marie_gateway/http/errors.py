@@ -39,7 +39,8 @@ class ApiError(Exception):
         self.status = status
         self.message = message
         self.type = type
-        self.code = code
+        # Every error has a machine-readable code; the status's when none is given.
+        self.code = code or DEFAULT_CODES.get(status, "error")
         self.param = param
         self.retry_after = retry_after
         # The connection cannot be reused (e.g. an unread body is still coming).
@@ -57,6 +58,28 @@ class ApiError(Exception):
 
     def body(self) -> bytes:
         return orjson.dumps(self.envelope())
+
+
+#: The code of an error that names none, by status. A 400 about a request
+#: field or parameter is `invalid_value` (`missing_field` when a required one
+#: is absent, `invalid_json` for a body that is not a JSON object).
+DEFAULT_CODES = {
+    400: "invalid_value",
+    401: "invalid_api_key",
+    403: "permission_denied",
+    404: "not_found",
+    405: "method_not_allowed",
+    408: "request_timeout",
+    413: "request_too_large",
+    429: "rate_limit_exceeded",
+    499: "client_closed",
+    500: "server_error",
+    501: "not_implemented",
+    502: "upstream_error",
+    503: "service_unavailable",
+    504: "timeout",
+    507: "insufficient_storage",
+}
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:
@@ -94,8 +117,8 @@ _BY_REASON: dict[str, tuple[int, str, str]] = {
     "UPSTREAM_TIMEOUT": (504, "server_error", "upstream_timeout"),
 }
 _BY_CODE: dict[grpc.StatusCode, tuple[int, str, str]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error", "invalid_request"),
-    grpc.StatusCode.OUT_OF_RANGE: (400, "invalid_request_error", "invalid_request"),
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error", "invalid_value"),
+    grpc.StatusCode.OUT_OF_RANGE: (400, "invalid_request_error", "invalid_value"),
     grpc.StatusCode.FAILED_PRECONDITION: (400, "invalid_request_error", "failed_precondition"),
     grpc.StatusCode.NOT_FOUND: (404, "invalid_request_error", "not_found"),
     grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error", "invalid_api_key"),
