@@ -40,7 +40,13 @@ OPERATIONS: tuple[Operation, ...] = (*OPENAI_OPERATIONS, *API_OPERATIONS, *OPS_O
 
 #: Routes the app serves that are deliberately not in the document.
 INTERNAL_PATHS = frozenset(
-    {"/_authz/{method:path}", "/docs/static", "/assets/{name:path}", "/favicon.svg"}
+    {
+        "/_authz/{method:path}",
+        "/docs/static",
+        "/docs/init.js",
+        "/assets/{name:path}",
+        "/favicon.svg",
+    }
 )
 
 
