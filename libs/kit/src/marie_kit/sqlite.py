@@ -8,7 +8,9 @@ applied idempotently under a version check.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,13 +19,19 @@ BUSY_TIMEOUT_MS = 5000
 
 
 def connect(
-    path: Path, schema: str, *, schema_version: int | None = None, foreign_keys: bool = False
+    path: Path,
+    schema: str,
+    *,
+    schema_version: int | None = None,
+    foreign_keys: bool = False,
+    max_bytes: int = 0,
 ) -> sqlite3.Connection:
     """Open (creating it and its folder) and migrate `path`; rows are `sqlite3.Row`.
 
     Autocommit (`isolation_level=None`): multi-statement writes open their own
     transaction. A file of a newer `schema_version` than this build knows is
-    refused rather than misread.
+    refused rather than misread. With `max_bytes`, a write that would grow the
+    file past it fails as on a full disk (SQLITE_FULL).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -44,6 +52,9 @@ def connect(
         db.executescript(schema)
         if schema_version is not None:
             db.execute(f"PRAGMA user_version = {schema_version}")
+        if max_bytes:
+            page_size = db.execute("PRAGMA page_size").fetchone()[0]
+            db.execute(f"PRAGMA max_page_count = {max(1, max_bytes // page_size)}")
     except BaseException:
         db.close()
         raise
@@ -57,6 +68,7 @@ async def open_on_thread(
     thread_name: str,
     schema_version: int | None = None,
     foreign_keys: bool = False,
+    max_bytes: int = 0,
 ) -> tuple[sqlite3.Connection, ThreadPoolExecutor]:
     """`connect` on a new single worker thread; the store then runs every call
     on that thread (`loop.run_in_executor(executor, …)`)."""
@@ -65,9 +77,43 @@ async def open_on_thread(
     try:
         db = await loop.run_in_executor(
             executor,
-            lambda: connect(path, schema, schema_version=schema_version, foreign_keys=foreign_keys),
+            lambda: connect(
+                path,
+                schema,
+                schema_version=schema_version,
+                foreign_keys=foreign_keys,
+                max_bytes=max_bytes,
+            ),
         )
     except BaseException:
         executor.shutdown(wait=False)
         raise
     return db, executor
+
+
+@contextlib.contextmanager
+def write_transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """`BEGIN IMMEDIATE` … `COMMIT`, rolled back when anything fails, the
+    COMMIT included (on a full disk it is often the COMMIT that fails, and a
+    transaction left open would refuse every later write)."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+
+
+#: What a storage probe writes (and removes again): enough to need new pages.
+PROBE_BYTES = 64 * 1024
+
+
+def probe_write(db: sqlite3.Connection) -> None:
+    """One small committed write and its removal (run on the store's thread):
+    raises SQLITE_FULL while the disk, or the file's maximum, has no room."""
+    with write_transaction(db):
+        db.execute("CREATE TABLE IF NOT EXISTS marie_storage_probe (data BLOB)")
+        db.execute("INSERT INTO marie_storage_probe VALUES (zeroblob(?))", (PROBE_BYTES,))
+        db.execute("DELETE FROM marie_storage_probe")

@@ -115,6 +115,8 @@ _BY_REASON: dict[str, tuple[int, str, str]] = {
     "UPSTREAM_BAD_REQUEST": (400, "invalid_request_error", "upstream_bad_request"),
     "UPSTREAM_RATE_LIMITED": (429, "rate_limit_error", "rate_limit_exceeded"),
     "UPSTREAM_TIMEOUT": (504, "server_error", "upstream_timeout"),
+    # A service's store has no room for the write (marie_kit.storage).
+    "STORAGE_FULL": (507, "server_error", "insufficient_storage"),
 }
 _BY_CODE: dict[grpc.StatusCode, tuple[int, str, str]] = {
     grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error", "invalid_value"),
@@ -142,6 +144,7 @@ _SERVER_SIDE_MESSAGES: dict[str, str] = {
 }
 _SERVER_SIDE_BY_STATUS: dict[int, str] = {
     501: "This operation is not implemented",
+    507: "The store has no space left for this change; nothing was changed. Retry later",
     503: "A Marie service is unavailable right now",
     504: "The request took too long to complete",
 }
@@ -175,7 +178,7 @@ def from_service_error(error: ServiceError, request_id: str) -> ApiError:
         )
     message = _client_message(error, status, request_id)
     param = error.metadata.get("field") if status < 500 else None
-    retry_after = _retry_after(error) if status in (429, 503) else None
+    retry_after = _retry_after(error) if status in (429, 503, 507) else None
     return ApiError(status, message, type_, code, param, retry_after=retry_after)
 
 

@@ -547,6 +547,14 @@ class OpenSearchStore:
     async def close(self) -> None:
         await self._client.close()
 
+    async def probe_write(self) -> None:
+        # Refused (cluster_block_exception) while the index is read-only for
+        # lack of disk; a delete is allowed even then.
+        await self._client.index(
+            index=self.index("meta"), id="storage_probe", body={"probe": True}, refresh=False
+        )
+        await self._client.delete(index=self.index("meta"), id="storage_probe", ignore=404)
+
     def _next_seq(self) -> int:
         # History order: time in microseconds, strictly increasing in this process.
         self._seq = max(self._seq + 1, int(time.time() * 1_000_000))

@@ -27,7 +27,7 @@ import html
 import json
 import sqlite3
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
-from marie_kit.sqlite import open_on_thread
+from marie_kit.sqlite import open_on_thread, probe_write, write_transaction
 
 from marie_memory.records import (
     EVENT_ADD,
@@ -440,29 +440,26 @@ class SqliteStore:
         self._vectors: OrderedDict[str, _UserVectors] = OrderedDict()
 
     @classmethod
-    async def open(cls, path: Path) -> SqliteStore:
+    async def open(cls, path: Path, *, max_bytes: int = 0) -> SqliteStore:
         connection, executor = await open_on_thread(
             path,
             _SCHEMA,
             thread_name="marie-memory-sqlite",
             schema_version=SCHEMA_VERSION,
             foreign_keys=True,
+            max_bytes=max_bytes,
         )
         return cls(path, connection, executor)
+
+    async def probe_write(self) -> None:
+        await self._run(probe_write, self._db)
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
 
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[None]:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+    def _transaction(self) -> contextlib.AbstractContextManager[None]:
+        return write_transaction(self._db)
 
     async def close(self) -> None:
         def _close() -> None:
