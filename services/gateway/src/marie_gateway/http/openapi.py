@@ -190,6 +190,7 @@ def build_document(version: str, operations: Iterable[Operation]) -> dict[str, A
 # policy below can forbid every script that is not one of ours.
 _DOCS_PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Marie API</title>
+<link rel="icon" href="/docs/static/favicon-32x32.png">
 <link rel="stylesheet" href="/docs/static/swagger-ui.css"></head>
 <body><div id="swagger-ui"></div>
 <script src="/docs/static/swagger-ui-bundle.js"></script>
