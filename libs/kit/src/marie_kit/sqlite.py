@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,13 +25,18 @@ def connect(
     schema_version: int | None = None,
     foreign_keys: bool = False,
     max_bytes: int = 0,
+    functions: Mapping[str, Callable[[str], str]] | None = None,
+    migrate: Callable[[sqlite3.Connection, int], None] | None = None,
 ) -> sqlite3.Connection:
     """Open (creating it and its folder) and migrate `path`; rows are `sqlite3.Row`.
 
     Autocommit (`isolation_level=None`): multi-statement writes open their own
     transaction. A file of a newer `schema_version` than this build knows is
     refused rather than misread. With `max_bytes`, a write that would grow the
-    file past it fails as on a full disk (SQLITE_FULL).
+    file past it fails as on a full disk (SQLITE_FULL). `functions` (one text
+    argument, deterministic) are registered before the schema runs, so its
+    triggers may call them; `migrate(db, old_version)` runs after it when the
+    file's version is older than `schema_version` (0 for a new file too).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -42,8 +47,10 @@ def connect(
         db.execute("PRAGMA synchronous = FULL")
         if foreign_keys:
             db.execute("PRAGMA foreign_keys = ON")
+        for name, fn in (functions or {}).items():
+            db.create_function(name, 1, fn, deterministic=True)
+        version = db.execute("PRAGMA user_version").fetchone()[0]
         if schema_version is not None:
-            version = db.execute("PRAGMA user_version").fetchone()[0]
             if version > schema_version:
                 raise RuntimeError(
                     f"{path} has schema version {version}; this build knows "
@@ -51,6 +58,8 @@ def connect(
                 )
         db.executescript(schema)
         if schema_version is not None:
+            if migrate is not None and version < schema_version:
+                migrate(db, version)
             db.execute(f"PRAGMA user_version = {schema_version}")
         if max_bytes:
             page_size = db.execute("PRAGMA page_size").fetchone()[0]
@@ -69,6 +78,8 @@ async def open_on_thread(
     schema_version: int | None = None,
     foreign_keys: bool = False,
     max_bytes: int = 0,
+    functions: Mapping[str, Callable[[str], str]] | None = None,
+    migrate: Callable[[sqlite3.Connection, int], None] | None = None,
 ) -> tuple[sqlite3.Connection, ThreadPoolExecutor]:
     """`connect` on a new single worker thread; the store then runs every call
     on that thread (`loop.run_in_executor(executor, …)`)."""
@@ -83,6 +94,8 @@ async def open_on_thread(
                 schema_version=schema_version,
                 foreign_keys=foreign_keys,
                 max_bytes=max_bytes,
+                functions=functions,
+                migrate=migrate,
             ),
         )
     except BaseException:
