@@ -10,8 +10,10 @@ the gateway, providers and auth together. Anthropic's Messages API
 chat path, interleaved with it.
 
 Usage: make bench   (or .venv/bin/python bench/run.py --requests 500)
-       .venv/bin/python bench/run.py --shared-limits   (limits leased from auth,
-       MARIE_GATEWAY_LIMITS=auth, with a key that has high limits: the lease path)
+       .venv/bin/python bench/run.py --shared-limits   (a key with limits far above
+       the load, counted in auth and leased: what `marie up` runs by default)
+       .venv/bin/python bench/run.py --local-limits    (the same key, counted in
+       each process: MARIE_*_LIMITS=local, the baseline of the lease path)
 """
 
 from __future__ import annotations
@@ -63,7 +65,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--warmup", type=int, default=50)
-    parser.add_argument(
+    modes = parser.add_mutually_exclusive_group()
+    modes.add_argument(
         "--shared-limits",
         action="store_true",
         help="count limits in auth (leases) and use a key with limits far above the load",
@@ -73,16 +76,23 @@ def main() -> None:
         action="store_true",
         help="measure the chat path alone (a baseline from before /v1/messages existed)",
     )
+    modes.add_argument(
+        "--local-limits",
+        action="store_true",
+        help="count limits in each process and use a key with limits far above the load",
+    )
     args = parser.parse_args()
 
     upstreams = start_upstreams()
     ollama = upstreams.ollama_url
     with tempfile.TemporaryDirectory() as tmp:
         # Default log level: the access log is part of the real per-request cost.
-        extra = {"MARIE_GATEWAY_LIMITS": "auth"} if args.shared_limits else {}
+        where = "auth" if args.shared_limits else "local" if args.local_limits else ""
+        extra = {f"MARIE_{s}_LIMITS": where for s in ("GATEWAY", "PROVIDERS", "MEMORY") if where}
         stack = start_stack(Path(tmp), ollama, **extra)
         try:
-            limits = ("--rpm", "1000000", "--tpm", "100000000") if args.shared_limits else ()
+            limited = args.shared_limits or args.local_limits
+            limits = ("--rpm", "1000000", "--tpm", "100000000") if limited else ()
             key = stack.create_key("bench", *limits)
             direct = httpx.Client(base_url=ollama, timeout=30)
             marie = httpx.Client(
@@ -157,7 +167,13 @@ def main() -> None:
             stack.stop()
             upstreams.stop()
 
-    what = ", limits leased from auth" if args.shared_limits else ""
+    what = (
+        ", limits leased from auth"
+        if args.shared_limits
+        else ", limits counted in each process"
+        if args.local_limits
+        else ""
+    )
     print(f"\nMarie hot-path benchmark: {args.requests} requests per path, sequential{what}\n")
     header = f"{'mode':<20}{'direct p50':>12}{'marie p50':>12}{'added p50':>12}"
     header += f"{'direct p90':>12}{'marie p90':>12}{'ratio p50':>11}{'marie CPU/req':>15}"

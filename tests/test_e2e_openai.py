@@ -264,7 +264,10 @@ def test_health_endpoints(stack: Stack) -> None:
     assert httpx.get(f"{stack.base_url}/healthz").json() == {"status": "ok"}
     ready = httpx.get(f"{stack.base_url}/readyz")
     assert ready.status_code == 200
-    assert ready.json()["checks"] == {"providers": True, "auth": True}
+    assert ready.json() == {
+        "status": "ready",
+        "checks": {"providers": True, "auth": True, "memory": True},
+    }
 
 
 def test_client_disconnect_closes_the_upstream_stream(

@@ -256,6 +256,13 @@ async def _wait_http_ready(url: str, deadline: float) -> None:
             await asyncio.sleep(0.1)
 
 
+#: Where each service counts a key's limits. Counted by each process on its
+#: own, a key would get its limits once per service (rpm=5 allowed 15 requests
+#: across HTTP and gRPC calls to providers and memory); so, unless told
+#: otherwise, every service holds leases of auth's counters, as in compose.
+SHARED_LIMITS = ("MARIE_GATEWAY_LIMITS", "MARIE_PROVIDERS_LIMITS", "MARIE_MEMORY_LIMITS")
+
+
 async def up(env: dict[str, str]) -> int:
     """Start the suite; returns the exit code once it has stopped.
 
@@ -268,6 +275,8 @@ async def up(env: dict[str, str]) -> int:
     others keep serving; a run of at least `stable_seconds` resets the backoff.
     Only a crash loop (more than `max_restarts` quick crashes in a row) stops
     the suite, with exit code 1."""
+    for name in SHARED_LIMITS:
+        env.setdefault(name, "auth")
     specs = services_from_env(env)
     settings = load_settings(
         SupervisorSettings,

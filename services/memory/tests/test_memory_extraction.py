@@ -267,6 +267,27 @@ async def test_extraction_is_held_to_the_allowed_models_of_the_calling_key(
     assert [r.memory.text for r in allowed.results] == ["Like green tea"]
 
 
+async def test_background_extraction_with_a_model_the_key_may_not_use_is_refused_at_once(
+    ai_stub: MemoryStub, ollama: FakeOllama
+) -> None:
+    """As the synchronous call: PERMISSION_DENIED before anything is queued,
+    rather than a job id for a job that can only be dropped later."""
+    turn = _request((USER_ROLE, "I like green tea."), background=True)
+    for allowed in ("ollama/gemma3%3A1b", "openai/*"):
+        error = await rpc_error(
+            ai_stub.AddMemories(turn, metadata=(("x-marie-allowed-models", allowed),))
+        )
+        assert (error.code, error.reason) == (
+            grpc.StatusCode.PERMISSION_DENIED,
+            "MODEL_NOT_ALLOWED",
+        )
+        assert error.metadata["model"] == EXTRACTION_MODEL
+    assert ollama.chat_requests == []
+    queued = await ai_stub.AddMemories(turn, metadata=(("x-marie-allowed-models", "ollama/*"),))
+    assert queued.job_id
+    assert await _wait_for_texts(ai_stub, ["Like green tea"]) == ["Like green tea"]
+
+
 def test_the_allowed_models_travel_through_the_queue() -> None:
     request = AddRequest(
         user_id="u", messages=(SourceMessage(1, "hi", ""),), allowed_models="ollama/*"

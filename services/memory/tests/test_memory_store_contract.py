@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import html
 import math
 import random
+import sqlite3
+import unicodedata
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from marie_memory.records import (
@@ -26,6 +30,7 @@ from marie_memory.records import (
     ToolCall,
 )
 from marie_memory.stores.contract import FINISHED_JOB_SECONDS, Store
+from marie_memory.stores.sqlite import SqliteStore
 from memory_testkit import NO_KNN, add, conversation, memory, message, new_id
 
 
@@ -202,6 +207,41 @@ async def test_keyword_search_ranks_by_bm25_with_filters(store: Store) -> None:
         "alice", "peanuts", MemoryFilter(categories=("c0",)), 10
     )
     assert [h.memory.id for h in filtered] == [mems[0].id]
+
+
+NFC_ZURICH = unicodedata.normalize("NFC", "Zürich")
+NFD_ZURICH = unicodedata.normalize("NFD", "Zürich")
+FULL_WIDTH_ACME = "\uff21\uff23\uff2d\uff25"
+# (stored, query): each pair is the same word to a reader.
+FOLDED_PAIRS = [
+    (f"Lives in {NFC_ZURICH} now", NFD_ZURICH),
+    (f"Lives in {NFD_ZURICH} now", NFC_ZURICH),
+    (f"Works at {FULL_WIDTH_ACME} Corp", "acme"),
+    ("Works at ACME Corp", FULL_WIDTH_ACME),
+    ("Walks down the Stra\u00dfe", "STRASSE"),
+    ("Reads \ufb01nance news", "finance"),  # a ligature
+]
+
+
+@pytest.mark.parametrize(("stored", "query"), FOLDED_PAIRS)
+async def test_keyword_search_folds_unicode_in_texts_and_queries(
+    store: Store, stored: str, query: str
+) -> None:
+    mem = memory("alice", stored)
+    await store.apply_memory_changes("alice", [add(mem)])
+    hits = await store.keyword_search_memories("alice", query, MemoryFilter(), 10)
+    assert [h.memory.id for h in hits] == [mem.id]
+    assert hits[0].memory.text == stored  # what is stored is never changed
+
+    chat = conversation("alice", "t")
+    await store.create_conversation(chat)
+    await store.append_messages("alice", chat.id, [message(ROLE_USER, stored)], 1.0)
+    [hit] = await store.search_messages("alice", query, "", (), 10)
+    assert hit.message.content == stored
+    # The snippet is the stored text, highlighted where the word is.
+    assert hit.snippets and "<mark>" in hit.snippets[0]
+    unmarked = hit.snippets[0].replace("<mark>", "").replace("</mark>", "")
+    assert unmarked == html.escape(stored)
 
 
 async def test_vectors_search_per_user_and_follow_the_embedding_space(
@@ -412,3 +452,41 @@ async def test_message_vectors_are_per_user_filtered_and_follow_the_space(
     await store.set_embedding_space(EmbeddingSpace("fake/other", 8))
     assert len(await store.messages_without_vectors(10)) == 3
     assert await store.vector_search_messages("alice", unit(1, 8), "", (), 10) == []
+
+
+async def test_a_sqlite_file_of_schema_1_is_indexed_again_folded(tmp_path: Path) -> None:
+    """Rows stored before folding are found by folded queries once the store
+    has reopened the file (its full-text indices are rebuilt, folded)."""
+    path = tmp_path / "memory.sqlite3"
+    store = await SqliteStore.open(path)
+    mem = memory("alice", f"Works at {FULL_WIDTH_ACME} Corp")
+    await store.apply_memory_changes("alice", [add(mem)])
+    chat = conversation("alice", "t")
+    await store.create_conversation(chat)
+    await store.append_messages("alice", chat.id, [message(ROLE_USER, f"in {NFD_ZURICH}")], 1.0)
+    await store.close()
+    # Back to what schema 1 wrote: triggers and indices of the text as it was.
+    db = sqlite3.connect(path)
+    for table, column in (("messages", "content"), ("memories", "text")):
+        for event in ("ai", "ad", "au"):
+            db.execute(f"DROP TRIGGER IF EXISTS {table}_{event}")
+        db.execute(f"INSERT INTO {table}_fts ({table}_fts) VALUES ('delete-all')")
+        db.execute(f"INSERT INTO {table}_fts (rowid, {column}) SELECT seq, {column} FROM {table}")
+    db.execute("PRAGMA user_version = 1")
+    db.commit()
+    db.close()
+
+    store = await SqliteStore.open(path)
+    try:
+        hits = await store.keyword_search_memories("alice", "acme", MemoryFilter(), 10)
+        assert [h.memory.id for h in hits] == [mem.id]
+        assert [
+            h.message.content for h in await store.search_messages("alice", "zurich", "", (), 10)
+        ] == [f"in {NFD_ZURICH}"]
+        # New writes are indexed folded too.
+        later = memory("alice", "Reads \ufb01nance news")
+        await store.apply_memory_changes("alice", [add(later)])
+        hits = await store.keyword_search_memories("alice", "finance", MemoryFilter(), 10)
+        assert [h.memory.id for h in hits] == [later.id]
+    finally:
+        await store.close()

@@ -17,6 +17,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Route
 
 from marie_gateway.access.limits import RATE_LIMIT_HEADERS
 from marie_gateway.access.tally import Tally
@@ -69,9 +70,20 @@ async def _http_error(request: Request, exc: Exception) -> Response:
         return _answer(request, ApiError(404, message, code="unknown_url"))
     if exc.status_code == 405:
         message = f"Method {request.method} is not allowed on {request.url.path}."
-        # HTTP requires the methods the resource does allow.
-        return _answer(request, ApiError(405, message, code="method_not_allowed"), exc.headers)
+        # HTTP requires the methods the resource does allow: those of every
+        # route of this path, not only of the first one Starlette tried.
+        allow = {"allow": ", ".join(_allowed_methods(request))}
+        return _answer(request, ApiError(405, message, code="method_not_allowed"), allow)
     return _answer(request, ApiError(exc.status_code, str(exc.detail)), exc.headers)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    path = request.url.path
+    methods: set[str] = set()
+    for route in request.app.routes:
+        if isinstance(route, Route) and route.methods and route.path_regex.match(path):
+            methods |= route.methods
+    return sorted(methods)
 
 
 async def _server_error(request: Request, exc: Exception) -> Response:

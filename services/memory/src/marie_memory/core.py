@@ -113,6 +113,11 @@ class Extractor(Protocol):
 
     async def plan(self, core: MemoryCore, request: AddRequest, model: str) -> ChangePlan: ...
 
+    async def check_allowed(self, model: str, allowed_models: str) -> None:
+        """PERMISSION_DENIED (MODEL_NOT_ALLOWED) when `model` is outside
+        `allowed_models`; nothing when it is within, or when that cannot be
+        known now (providers unreachable: the job's own calls will tell)."""
+
 
 class MemoryCore:
     """What the servicer calls; holds the store, the embeddings and the extractor."""
@@ -661,8 +666,14 @@ class MemoryCore:
         return model
 
     async def enqueue_memories(self, request: AddRequest) -> str:
-        """Checks an inferring AddMemories request and queues it durably; the job id."""
-        await self._check_add_fully(request)
+        """Checks an inferring AddMemories request and queues it durably; the job id.
+
+        A key limited to some models is refused here, as a synchronous call
+        would be, when the extraction model is not one of them: queued, the
+        job could only be dropped later."""
+        model = await self._check_add_fully(request)
+        if request.allowed_models and self.extractor is not None:
+            await self.extractor.check_allowed(model, request.allowed_models)
         now = self._clock()
         job = ExtractionJob(new_id("job"), request.user_id, encode_request(request), 0, now, now)
         await self.store.enqueue_job(job)

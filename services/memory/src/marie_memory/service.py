@@ -22,6 +22,7 @@ from marie.providers.v1 import provider_service_pb2_grpc as ppb_grpc
 from marie_kit.channels import insecure_channel
 from marie_kit.identity import allowed_models_from_metadata, identity_from_metadata
 from marie_kit.metering import COUNTED, MeteringBackends, MeteringInterceptor
+from marie_kit.storage import StorageWatch
 from marie_kit.tenancy import TenantInterceptor
 
 from marie_memory import convert
@@ -68,7 +69,7 @@ async def open_store(settings: MemorySettings) -> Store:
             prefix=settings.opensearch_index_prefix,
             hybrid_weights=(settings.vector_weight / total, settings.keyword_weight / total),
         )
-    return await SqliteStore.open(settings.db_path)
+    return await SqliteStore.open(settings.db_path, max_bytes=settings.db_max_bytes)
 
 
 class MemoryComponent:
@@ -93,6 +94,9 @@ class MemoryComponent:
             TenantInterceptor(DOMAIN),
         )
         self._core: MemoryCore | None = None
+        # A write refused for lack of space makes the service NOT_SERVING
+        # until a probe write on the store succeeds (marie_kit.storage).
+        self.storage = StorageWatch(self._probe_store)
         self._channel: grpc.aio.Channel | None = None
         self._queue: ExtractionQueue | None = None
         self._metering: MeteringBackends | None = None
@@ -102,6 +106,9 @@ class MemoryComponent:
         if self._core is None:
             raise store_unavailable()
         return self._core
+
+    async def _probe_store(self) -> None:
+        await self.core.store.probe_write()
 
     def register(self, server: grpc.aio.Server) -> None:
         pb_grpc.add_MemoryServiceServicer_to_server(MemoryServicer(self), server)

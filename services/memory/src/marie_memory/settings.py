@@ -41,6 +41,12 @@ class MemorySettings(AuthClientSettings):
         default=Path(DEFAULT_DATA_DIR) / DB_FILE_NAME,
         description=f"SQLite database file; defaults to <MARIE_DATA_DIR>/{DB_FILE_NAME}.",
     )
+    db_max_bytes: int = Field(
+        default=0,
+        ge=0,
+        description="Largest size of the SQLite file; a write past it is refused as on a "
+        "full disk (507, not ready until space is freed). 0: no limit but the disk's.",
+    )
     providers_addr: str = Field(
         default="",
         description="host:port of the providers service; default 127.0.0.1:$MARIE_PROVIDERS_PORT.",

@@ -23,6 +23,8 @@ def key_tenant(principal: Principal) -> str:
 
 #: The longest end-user name a request may give.
 MAX_USER = 128
+#: The longest tenant (a key's owner is at most 256 characters).
+MAX_TENANT = 256
 # End users named "marie:…" (RESERVED_USER_PREFIX, `marie_kit.tenancy`) are
 # Marie's own. A tenant's stored Responses API responses live under
 # RESPONSES_USER (openai/responses/store.py), so no REST `user` may name it:
@@ -34,6 +36,8 @@ def tenant_of(principal: Principal, requested: str | None) -> str:
     """The tenant whose data a request reaches: the key's owner (or key id); an
     admin key may name another."""
     own = key_tenant(principal)
+    if requested and len(requested) > MAX_TENANT:
+        raise bad_request(f"'tenant' is longer than {MAX_TENANT} characters.", "tenant")
     if requested and requested != own:
         if SCOPE_ADMIN not in principal.scopes:
             raise ApiError(

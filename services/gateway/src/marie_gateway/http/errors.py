@@ -41,7 +41,8 @@ class ApiError(Exception):
         self.status = status
         self.message = message
         self.type = type
-        self.code = code
+        # Every error has a machine-readable code; the status's when none is given.
+        self.code = code or DEFAULT_CODES.get(status, "error")
         self.param = param
         self.retry_after = retry_after
         # The connection cannot be reused (e.g. an unread body is still coming).
@@ -65,6 +66,28 @@ class ApiError(Exception):
 
     def body(self) -> bytes:
         return orjson.dumps(self.envelope())
+
+
+#: The code of an error that names none, by status. A 400 about a request
+#: field or parameter is `invalid_value` (`missing_field` when a required one
+#: is absent, `invalid_json` for a body that is not a JSON object).
+DEFAULT_CODES = {
+    400: "invalid_value",
+    401: "invalid_api_key",
+    403: "permission_denied",
+    404: "not_found",
+    405: "method_not_allowed",
+    408: "request_timeout",
+    413: "request_too_large",
+    429: "rate_limit_exceeded",
+    499: "client_closed",
+    500: "server_error",
+    501: "not_implemented",
+    502: "upstream_error",
+    503: "service_unavailable",
+    504: "timeout",
+    507: "insufficient_storage",
+}
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:
@@ -104,10 +127,12 @@ _BY_REASON: dict[str, tuple[int, str, str]] = {
     "UPSTREAM_BAD_REQUEST": (400, "invalid_request_error", "upstream_bad_request"),
     "UPSTREAM_RATE_LIMITED": (429, "rate_limit_error", "rate_limit_exceeded"),
     "UPSTREAM_TIMEOUT": (504, "server_error", "upstream_timeout"),
+    # A service's store has no room for the write (marie_kit.storage).
+    "STORAGE_FULL": (507, "server_error", "insufficient_storage"),
 }
 _BY_CODE: dict[grpc.StatusCode, tuple[int, str, str]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error", "invalid_request"),
-    grpc.StatusCode.OUT_OF_RANGE: (400, "invalid_request_error", "invalid_request"),
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error", "invalid_value"),
+    grpc.StatusCode.OUT_OF_RANGE: (400, "invalid_request_error", "invalid_value"),
     grpc.StatusCode.FAILED_PRECONDITION: (400, "invalid_request_error", "failed_precondition"),
     grpc.StatusCode.NOT_FOUND: (404, "invalid_request_error", "not_found"),
     grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error", "invalid_api_key"),
@@ -139,6 +164,7 @@ _SERVER_SIDE_MESSAGES: dict[str, str] = {
 }
 _SERVER_SIDE_BY_STATUS: dict[int, str] = {
     501: "This operation is not implemented",
+    507: "The store has no space left for this change; nothing was changed. Retry later",
     503: "A Marie service is unavailable right now",
     504: "The request took too long to complete",
 }
@@ -196,7 +222,7 @@ def from_service_error(error: ServiceError, request_id: str) -> ApiError:
         )
     message = _client_message(error, status, request_id)
     param = error.metadata.get("field") if status < 500 else None
-    retry_after = _retry_after(error) if status in (429, 503) else None
+    retry_after = _retry_after(error) if status in (429, 503, 507) else None
     return ApiError(
         status,
         message,

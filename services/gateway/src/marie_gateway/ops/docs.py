@@ -46,7 +46,13 @@ OPERATIONS: tuple[Operation, ...] = (
 
 #: Routes the app serves that are deliberately not in the document.
 INTERNAL_PATHS = frozenset(
-    {"/_authz/{method:path}", "/docs/static", "/assets/{name:path}", "/favicon.svg"}
+    {
+        "/_authz/{method:path}",
+        "/docs/static",
+        "/docs/init.js",
+        "/assets/{name:path}",
+        "/favicon.svg",
+    }
 )
 
 

@@ -145,6 +145,25 @@ class LlmExtractor:
         #: Model calls made, for measurements and tests.
         self.calls = 0
 
+    async def check_allowed(self, model: str, allowed_models: str) -> None:
+        """Whether a key limited to `allowed_models` may use `model`, asked of
+        providers (which alone knows that `ollama/llama3.2` is
+        `ollama/llama3.2:latest`): its GetModel answers NOT_FOUND alike for a
+        model outside the allowance and an unknown one, so both are refused,
+        as the model call itself would be."""
+        try:
+            await self._providers.GetModel(
+                ppb.GetModelRequest(model=model),
+                timeout=self._timeout,
+                metadata=(*outgoing_metadata(), (ALLOWED_MODELS_HEADER, allowed_models)),
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED):
+                raise model_not_allowed(model) from None
+            # Unreachable or slow: the job is queued, and its calls carry the
+            # same restriction (a refusal then drops it).
+            log.info("allowed models not checked now", extra={"code": exc.code().name})
+
     def _record(
         self,
         model: str,

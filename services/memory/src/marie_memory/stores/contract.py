@@ -35,6 +35,10 @@ class Store(Protocol):
 
     async def close(self) -> None: ...
 
+    async def probe_write(self) -> None:
+        """A small write and its removal; raises while the store has no room
+        (marie_kit.storage: how the service knows it can write again)."""
+
     # --- embedding space --------------------------------------------------
     async def get_embedding_space(self) -> EmbeddingSpace | None: ...
     async def set_embedding_space(self, space: EmbeddingSpace | None) -> None:

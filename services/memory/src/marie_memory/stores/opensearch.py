@@ -51,7 +51,7 @@ from marie_memory.records import (
     ToolCall,
 )
 from marie_memory.stores.contract import FINISHED_JOB_SECONDS
-from marie_memory.stores.keywords import query_words
+from marie_memory.stores.keywords import highlight_fragments, mark_words, query_words, search_form
 
 log = logging.getLogger("marie.memory.opensearch")
 
@@ -79,6 +79,8 @@ MAPPINGS: dict[str, dict[str, Any]] = {
         "position": {"type": "long"},
         "role": {"type": "integer"},
         "content": {"type": "text"},
+        # The content as keyword search compares it (keywords.search_form).
+        "content_folded": {"type": "text"},
         "create_time": {"type": "double"},
         "metadata": _DISABLED,
         "tool_calls": _DISABLED,
@@ -89,6 +91,7 @@ MAPPINGS: dict[str, dict[str, Any]] = {
         "id": _KEYWORD,
         "user_id": _KEYWORD,
         "text": {"type": "text"},
+        "text_folded": {"type": "text"},
         "hash": _KEYWORD,
         "categories": _KEYWORD,
         "metadata": _DISABLED,
@@ -126,6 +129,25 @@ def keyword_text(query: str) -> str:
     return " ".join(query_words(query))
 
 
+def folded_words(query: str) -> list[str]:
+    """The words of a query in the form the `*_folded` fields hold."""
+    return [search_form(w) for w in query_words(query)]
+
+
+def keyword_match(field: str, query: str) -> dict[str, Any]:
+    """Any word of `query` in `field`, compared folded (`<field>_folded`, and
+    the field itself for documents written before it existed)."""
+    return {
+        "bool": {
+            "should": [
+                {"match": {f"{field}_folded": {"query": " ".join(folded_words(query))}}},
+                {"match": {field: {"query": keyword_text(query), "operator": "or"}}},
+            ],
+            "minimum_should_match": 1,
+        }
+    }
+
+
 def space_key(space: EmbeddingSpace) -> str:
     return f"{space.model}#{space.dimension}"
 
@@ -145,6 +167,7 @@ def vector_index_body(dimension: int, *, messages: bool = False) -> dict[str, An
             # The memory's text again: the BM25 half of the hybrid query runs
             # on this index, beside the knn half.
             "text": {"type": "text"},
+            "text_folded": {"type": "text"},
             "categories": _KEYWORD,
             "meta_pairs": _KEYWORD,
             "source_conversation_id": _KEYWORD,
@@ -255,13 +278,7 @@ def hybrid_query_body(
                 "queries": [
                     {
                         "bool": {
-                            "must": [
-                                {
-                                    "match": {
-                                        "text": {"query": keyword_text(query), "operator": "or"}
-                                    }
-                                }
-                            ],
+                            "must": [keyword_match("text", query)],
                             "filter": filters,
                         }
                     },
@@ -287,7 +304,7 @@ def keyword_query_body(
         "size": limit,
         "query": {
             "bool": {
-                "must": [{"match": {"text": {"query": keyword_text(query), "operator": "or"}}}],
+                "must": [keyword_match("text", query)],
                 "filter": filter_clauses(user_id, memory_filter),
             }
         },
@@ -307,7 +324,7 @@ def message_search_body(
         "size": limit,
         "query": {
             "bool": {
-                "must": [{"match": {"content": {"query": keyword_text(query), "operator": "or"}}}],
+                "must": [keyword_match("content", query)],
                 "filter": filters,
             }
         },
@@ -317,6 +334,8 @@ def message_search_body(
             "post_tags": ["</mark>"],
             "encoder": "html",
             "fields": {"content": {"number_of_fragments": 3, "fragment_size": 200}},
+            # Words as written: a match found only folded is highlighted by the store.
+            "highlight_query": {"match": {"content": keyword_text(query)}},
         },
     }
 
@@ -361,6 +380,7 @@ def _message_doc(user_id: str, m: Message) -> dict[str, Any]:
         "position": m.position,
         "role": m.role,
         "content": m.content,
+        "content_folded": search_form(m.content),
         "provider": m.provider,
         "model": m.model,
         "prompt_tokens": m.prompt_tokens,
@@ -398,6 +418,7 @@ def _memory_doc(m: Memory, vector_space: str = "") -> dict[str, Any]:
         "id": m.id,
         "user_id": m.user_id,
         "text": m.text,
+        "text_folded": search_form(m.text),
         "hash": m.hash,
         "categories": list(m.categories),
         "metadata": dict(m.metadata),
@@ -509,6 +530,7 @@ class OpenSearchStore:
         self.hybrid_pipeline: str | None = None
         #: Why there is no pipeline, when the cluster refused to create one.
         self.hybrid_pipeline_refusal = ""
+        self._backfill: asyncio.Task[None] | None = None
 
     @classmethod
     async def open(
@@ -530,7 +552,55 @@ class OpenSearchStore:
         except BaseException:
             await client.close()
             raise
+        store._backfill = asyncio.get_running_loop().create_task(
+            store._fold_quietly(), name="opensearch-fold"
+        )
         return store
+
+    async def _fold_quietly(self) -> None:
+        try:
+            await self.fold_older_documents()
+        except Exception as exc:  # the next start tries again
+            log.warning("older documents not folded", extra={"error": repr(exc)[:500]})
+
+    async def fold_older_documents(self, batch: int = 500) -> int:
+        """Give documents written before the `*_folded` fields existed their
+        folded text, a batch at a time (until then keyword search finds them
+        by their words as written); the number updated."""
+        done = 0
+        for name, field in (
+            ("messages", "content"),
+            ("memory", "text"),
+            ("memory_vectors", "text"),
+        ):
+            index = self.index(name)
+            body = {
+                "size": batch,
+                "_source": [field],
+                "query": {
+                    "bool": {
+                        "must": [{"exists": {"field": field}}],
+                        "must_not": [{"exists": {"field": f"{field}_folded"}}],
+                    }
+                },
+            }
+            while True:
+                try:
+                    reply = await self._client.search(index=index, body=body)
+                except NotFoundError:
+                    break
+                hits = reply["hits"]["hits"]
+                if not hits:
+                    break
+                actions: list[dict[str, Any]] = []
+                for h in hits:
+                    actions.append({"update": {"_index": index, "_id": h["_id"]}})
+                    actions.append({"doc": {f"{field}_folded": search_form(h["_source"][field])}})
+                await self._bulk(actions)
+                done += len(hits)
+        if done:
+            log.info("older documents folded for keyword search", extra={"documents": done})
+        return done
 
     async def ensure_hybrid_pipeline(self, vector_weight: float, keyword_weight: float) -> bool:
         """Creates (or updates) `<prefix>_hybrid`, the search pipeline with the
@@ -569,9 +639,23 @@ class OpenSearchStore:
                 await self._client.indices.create(
                     index=index, body={"mappings": {"properties": properties}}
                 )
+            else:
+                # Fields added since the index was made (the `*_folded` ones).
+                await self._client.indices.put_mapping(index=index, body={"properties": properties})
 
     async def close(self) -> None:
+        if self._backfill is not None:
+            self._backfill.cancel()
+            await asyncio.gather(self._backfill, return_exceptions=True)
         await self._client.close()
+
+    async def probe_write(self) -> None:
+        # Refused (cluster_block_exception) while the index is read-only for
+        # lack of disk; a delete is allowed even then.
+        await self._client.index(
+            index=self.index("meta"), id="storage_probe", body={"probe": True}, refresh=False
+        )
+        await self._client.delete(index=self.index("meta"), id="storage_probe", ignore=404)
 
     def _next_seq(self) -> int:
         # History order: time in microseconds, strictly increasing in this process.
@@ -745,6 +829,7 @@ class OpenSearchStore:
             "user_id": memory.user_id,
             "memory_id": memory.id,
             "text": memory.text,
+            "text_folded": search_form(memory.text),
             "categories": list(memory.categories),
             "meta_pairs": _meta_pairs(memory.metadata),
             "source_conversation_id": memory.source_conversation_id,
@@ -937,7 +1022,9 @@ class OpenSearchStore:
             if message.conversation_id not in titles:
                 found = await self.get_conversation(user_id, message.conversation_id)
                 titles[message.conversation_id] = found.title if found else ""
-            snippets = (h.get("highlight") or {}).get("content") or []
+            snippets = (h.get("highlight") or {}).get("content") or highlight_fragments(
+                mark_words(message.content, folded_words(query))
+            )
             out.append(
                 MessageHit(
                     message=message,
