@@ -50,12 +50,10 @@ def connect(
         for name, fn in (functions or {}).items():
             db.create_function(name, 1, fn, deterministic=True)
         version = db.execute("PRAGMA user_version").fetchone()[0]
-        if schema_version is not None:
-            if version > schema_version:
-                raise RuntimeError(
-                    f"{path} has schema version {version}; this build knows "
-                    f"{schema_version} at most"
-                )
+        if schema_version is not None and version > schema_version:
+            raise RuntimeError(
+                f"{path} has schema version {version}; this build knows {schema_version} at most"
+            )
         db.executescript(schema)
         if schema_version is not None:
             if migrate is not None and version < schema_version:

@@ -16,7 +16,6 @@ from starlette.routing import BaseRoute, Route
 
 from marie_gateway.access.tenancy import user_id_of
 from marie_gateway.api.memory_client import (
-    EVENT_NAMES,
     MODE_NAMES,
     ROLES,
     MemoryCalls,

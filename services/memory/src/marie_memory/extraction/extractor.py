@@ -155,7 +155,7 @@ class LlmExtractor:
             await self._providers.GetModel(
                 ppb.GetModelRequest(model=model),
                 timeout=self._timeout,
-                metadata=(*outgoing_metadata(), (ALLOWED_MODELS_HEADER, allowed_models)),
+                metadata=(*lane.call_metadata(), (ALLOWED_MODELS_HEADER, allowed_models)),
             )
         except grpc.aio.AioRpcError as exc:
             if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED):
