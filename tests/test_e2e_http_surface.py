@@ -5,6 +5,7 @@ the query and the body alike."""
 from __future__ import annotations
 
 import httpx
+import orjson
 import pytest
 
 from tests.stack import Stack
@@ -150,3 +151,84 @@ def test_user_in_the_query_and_the_body_must_agree(
     assert response.json()["error"]["param"] == "user"
     same = _api(stack, api_key, method, f"{path}?user=alice", json={**body, "user": "alice"})
     assert same.status_code != 400, same.text
+
+
+# -- what a caller named, named back ---------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["ollama/nope:latest", "ollama/nope", "nope", "nope:latest"])
+def test_an_unknown_model_is_named_as_the_caller_wrote_it(
+    stack: Stack, api_key: str, model: str
+) -> None:
+    hi = [{"role": "user", "content": "hi"}]
+    answers = [
+        _api(stack, api_key, "POST", "/v1/chat/completions", json={"model": model, "messages": hi}),
+        _api(
+            stack,
+            api_key,
+            "POST",
+            "/v1/chat/completions",
+            json={"model": model, "messages": hi, "stream": True},
+        ),
+        _api(stack, api_key, "GET", f"/v1/models/{model}"),
+        _api(stack, api_key, "POST", "/v1/embeddings", json={"model": model, "input": "hi"}),
+        _api(stack, api_key, "POST", "/v1/completions", json={"model": model, "prompt": "hi"}),
+    ]
+    for answer in answers:
+        assert answer.status_code == 404, answer.text
+        error = answer.json()["error"]
+        assert error["code"] == "model_not_found"
+        assert f"'{model}'" in error["message"], error["message"]
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
+
+
+def test_tool_choice_required_is_refused_for_ollama_not_dropped(stack: Stack, api_key: str) -> None:
+    answer = _api(
+        stack,
+        api_key,
+        "POST",
+        "/v1/chat/completions",
+        json={
+            "model": "ollama/tooly:latest",
+            "messages": [{"role": "user", "content": "Weather in Paris?"}],
+            "tools": [WEATHER_TOOL],
+            "tool_choice": "required",
+        },
+    )
+
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["param"] == "tool_choice"
+
+
+def test_streamed_tool_calls_carry_content_null_as_openai_sends(stack: Stack, api_key: str) -> None:
+    answer = _api(
+        stack,
+        api_key,
+        "POST",
+        "/v1/chat/completions",
+        json={
+            "model": "ollama/tooly:latest",
+            "messages": [{"role": "user", "content": "Weather in Paris?"}],
+            "tools": [WEATHER_TOOL],
+            "stream": True,
+        },
+    )
+    deltas = [
+        orjson.loads(line[6:])["choices"][0]["delta"]
+        for line in answer.text.splitlines()
+        if line.startswith("data: {") and '"choices":[{' in line
+    ]
+    with_calls = [d for d in deltas if "tool_calls" in d]
+    assert with_calls, deltas
+    # The first delta of a tool-call answer: role, content null, the call.
+    assert with_calls[0]["role"] == "assistant"
+    assert with_calls[0]["content"] is None
+    assert all(d.get("content") is None for d in with_calls)

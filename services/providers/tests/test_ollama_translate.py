@@ -194,14 +194,19 @@ def test_text_response_format_sends_no_format() -> None:
     assert "format" not in chat_payload(request(response_format=response_format), "m")
 
 
-def test_tool_choice_required_still_offers_every_tool() -> None:
+def test_tool_choice_required_is_refused_since_ollama_cannot_force_a_call() -> None:
+    """Ollama's /api/chat has no tool_choice: offering the tools would let the
+    model answer in text, a 'required' the caller never learns was dropped."""
     tools = [pb.Tool(function=pb.FunctionDefinition(name=n)) for n in ("a", "b")]
 
-    payload = chat_payload(
-        request(tools=tools, tool_choice=pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_REQUIRED)), "m"
-    )
+    with pytest.raises(ServiceError) as refused:
+        chat_payload(
+            request(tools=tools, tool_choice=pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_REQUIRED)), "m"
+        )
 
-    assert [t["function"]["name"] for t in payload["tools"]] == ["a", "b"]
+    assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert refused.value.metadata["field"] == "tool_choice"
+    assert "auto" in refused.value.message
 
 
 # ---------------------------------------------------------------------------

@@ -131,6 +131,26 @@ def provider_not_found(name: str, known: list[str]) -> ServiceError:
     )
 
 
+def as_asked(error: ServiceError, model: str, provider: str = "") -> ServiceError:
+    """MODEL_NOT_FOUND naming the model as the caller wrote it: whichever name
+    a provider tried ("nope" for "ollama/nope:latest", as Ollama spells it),
+    the caller hears of "ollama/nope:latest". Other errors as they are."""
+    if error.reason != "MODEL_NOT_FOUND":
+        return error
+    asked = f"{provider}/{model}" if provider else model
+    where = "" if provider or "/" in model else " on any provider"
+    metadata = {"model": asked}
+    if "provider" in error.metadata:
+        metadata["provider"] = error.metadata["provider"]
+    return ServiceError(
+        grpc.StatusCode.NOT_FOUND,
+        "MODEL_NOT_FOUND",
+        f"model {asked!r} not found{where}",
+        domain=DOMAIN,
+        metadata=metadata,
+    )
+
+
 def model_not_found(model: str, provider: str = "") -> ServiceError:
     """NOT_FOUND for a model no provider (or not the named one) serves."""
     where = f"provider {provider!r}" if provider else "any provider"

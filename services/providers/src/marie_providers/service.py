@@ -25,7 +25,7 @@ from marie_kit.metering import MeteringBackends, MeteringInterceptor
 
 from marie_providers import kinds
 from marie_providers.config import MarieConfig, config_from_environment, load_config_file
-from marie_providers.errors import DOMAIN, bad_request, model_not_found
+from marie_providers.errors import DOMAIN, as_asked, bad_request, model_not_found
 from marie_providers.metering import METERED
 from marie_providers.routing.health import HealthMonitor
 from marie_providers.routing.model_access import ModelAccess
@@ -195,8 +195,11 @@ class ProviderServicer(pb_grpc.ProviderServiceServicer):
                 # Told apart from an unknown model by nobody, as for any model.
                 raise model_not_found(request.model)
             return pb.GetModelResponse(model=route)
-        async with within_deadline(context):
-            model = await core.registry.get_model(request.model, request.provider, access)
+        try:
+            async with within_deadline(context):
+                model = await core.registry.get_model(request.model, request.provider, access)
+        except ServiceError as exc:
+            raise as_asked(exc, request.model, request.provider) from None
         return pb.GetModelResponse(model=model)
 
     async def SearchModels(
@@ -248,12 +251,15 @@ class ProviderServicer(pb_grpc.ProviderServiceServicer):
         router = self._core().router
         # A large request leaves a large heap behind: trimmed after the last one.
         large = self._large.started(request.ByteSize())
+        direct = True
         try:
             async with within_deadline(context):
                 # Every deployment the plan holds is one the caller may use.
                 plan = await router.plan(
                     request.model, request.provider, request.user, _access(context)
                 )
+            # An alias or split names its targets in its errors: they are what is missing.
+            direct = plan.kind == pb.ROUTE_KIND_UNSPECIFIED
             # The stream itself is bounded by gRPC: a passed deadline or a client
             # going away cancels this handler, and aclosing then closes the
             # router's stream, which closes the upstream request.
@@ -278,6 +284,8 @@ class ProviderServicer(pb_grpc.ProviderServiceServicer):
                         yield ready
                 if (last := merger.flush()) is not None:
                     yield last
+        except ServiceError as exc:
+            raise (as_asked(exc, request.model, request.provider) if direct else exc) from None
         finally:
             if large:
                 self._large.ended()
@@ -287,16 +295,21 @@ class ProviderServicer(pb_grpc.ProviderServiceServicer):
     ) -> pb.CreateEmbeddingsResponse:
         check_embeddings_request(request)
         router = self._core().router
-        async with within_deadline(context):
-            plan = await router.plan(
-                request.model, request.provider, request.user, _access(context)
-            )
-            return await router.embed(
-                plan,
-                request,
-                deadline=_deadline(context),
-                background=is_background(context.invocation_metadata()),
-            )
+        direct = True
+        try:
+            async with within_deadline(context):
+                plan = await router.plan(
+                    request.model, request.provider, request.user, _access(context)
+                )
+                direct = plan.kind == pb.ROUTE_KIND_UNSPECIFIED
+                return await router.embed(
+                    plan,
+                    request,
+                    deadline=_deadline(context),
+                    background=is_background(context.invocation_metadata()),
+                )
+        except ServiceError as exc:
+            raise (as_asked(exc, request.model, request.provider) if direct else exc) from None
 
 
 class ProvidersComponent:

@@ -213,8 +213,11 @@ def chunk_delta(chunk: pb.StreamChatCompletionResponse) -> dict[str, Any]:
     delta: dict[str, Any] = {}
     if chunk.role == pb.ROLE_ASSISTANT:
         delta["role"] = "assistant"
-    if chunk.content or "role" in delta:
+    if chunk.content:
         delta["content"] = chunk.content
+    elif "role" in delta:
+        # As OpenAI: the first delta of a tool-call answer has content null.
+        delta["content"] = None if chunk.tool_calls else ""
     if chunk.tool_calls:
         calls = []
         for tc in chunk.tool_calls:

@@ -249,11 +249,18 @@ def _format(response_format: pb.ResponseFormat) -> Any:
 def _tools(tools: Sequence[pb.Tool], choice: pb.ToolChoice) -> list[dict[str, Any]]:
     """The tools to offer: none for NONE, only the named one for FUNCTION.
 
-    Ollama cannot force a tool call, so REQUIRED offers every tool and relies on
-    the prompt; that is the closest it gets.
+    Ollama cannot force a tool call (its /api/chat has no tool_choice), so
+    REQUIRED is refused rather than quietly weakened to "auto": the model could
+    answer in text, and the caller would never know its choice was dropped.
     """
     if choice.mode == pb.TOOL_CHOICE_MODE_NONE:
         return []
+    if choice.mode == pb.TOOL_CHOICE_MODE_REQUIRED:
+        raise bad_request(
+            "tool_choice",
+            "Ollama cannot be made to call a tool: tool_choice 'required' is not supported "
+            "there; send 'auto' (the model decides), or name one function to offer only it",
+        )
     selected: Iterable[pb.Tool] = tools
     if choice.mode == pb.TOOL_CHOICE_MODE_FUNCTION:
         selected = [t for t in tools if t.function.name == choice.function_name]
