@@ -12,7 +12,7 @@ STUBS_DIR := libs/kit/src
 STUBS_STAMP := $(STUBS_DIR)/marie/.stamp
 BUF := node_modules/.bin/buf
 
-.PHONY: all bootstrap stubs run test lint breaking proto-baseline fmt bench bench-compare bench-requirements clean web web-lint
+.PHONY: all bootstrap stubs run test lint breaking proto-baseline protoset fmt bench bench-compare bench-requirements clean web web-lint
 
 all: bootstrap
 
@@ -92,6 +92,19 @@ lint: bootstrap $(BUF) web-lint
 # Refresh it (and commit) only after a deliberate, additive contract change.
 proto-baseline: $(BUF)
 	$(BUF) build -o protos/baseline.binpb
+
+# The descriptor set for gRPC tools that cannot ask for reflection (grpcurl,
+# ghz through Envoy): the contracts, their imports, and google/rpc's status
+# and error details (from googleapis-common-protos, pinned in uv.lock), so
+# the ErrorInfo every error carries decodes. tests/test_protoset.py checks
+# that the committed copy is current.
+PROTOSET ?= deploy/marie.protoset
+protoset: bootstrap $(BUF)
+	@set -e; tree=$$(mktemp -d); trap 'rm -rf "$$tree"' EXIT; \
+	cp -r protos/marie "$$tree/"; mkdir -p "$$tree/google/rpc"; \
+	rpc=$$($(PY) -c 'import os, google.rpc.status_pb2 as m; print(os.path.dirname(m.__file__))'); \
+	cp "$$rpc/status.proto" "$$rpc/error_details.proto" "$$tree/google/rpc/"; \
+	$(BUF) build "$$tree" --as-file-descriptor-set --exclude-source-info -o "$(PROTOSET)#format=binpb"
 
 fmt: bootstrap
 	$(VENV)/bin/ruff format .

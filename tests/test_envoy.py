@@ -15,12 +15,15 @@ import subprocess
 import time
 import uuid
 from collections.abc import Iterator
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
 import grpc
 import httpx
 import orjson
 import pytest
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf.message import Message
 from google.rpc import status_pb2
 from marie.auth.v1 import auth_service_pb2 as auth_pb
 from marie.auth.v1 import auth_service_pb2_grpc as auth_grpc
@@ -45,6 +48,8 @@ from tests.fakes import FakeOllama
 from tests.grpc_recorder import RecordedCall, RecordingProxy
 from tests.stack import Stack
 
+ROOT = Path(__file__).resolve().parents[1]
+PROTOSET = ROOT / "deploy" / "marie.protoset"
 MODEL = "ollama/llama3.2:latest"
 LIST_MODELS = "/marie.providers.v1.ProviderService/ListModels"
 HELLO = [{"role": "user", "content": "hi there"}]
@@ -743,3 +748,74 @@ def test_the_deployed_config_validates_as_written() -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "OK" in done.stdout
+
+
+# ------------------------------------------- the descriptor set for gRPC tools
+
+
+def _protoset_pool() -> descriptor_pool.DescriptorPool:
+    """A pool holding only what deploy/marie.protoset holds, files added after
+    their imports, as a gRPC tool without reflection loads it."""
+    files = descriptor_pb2.FileDescriptorSet.FromString(PROTOSET.read_bytes()).file
+    pool = descriptor_pool.DescriptorPool()
+    added: set[str] = set()
+    while len(added) < len(files):
+        ready = [f for f in files if f.name not in added and set(f.dependency) <= added]
+        assert ready, "the descriptor set lacks an import"
+        for file in ready:
+            pool.Add(file)
+            added.add(file.name)
+    return pool
+
+
+def test_a_tool_with_only_the_descriptor_set_calls_through_envoy_and_decodes_error_info(
+    channel: grpc.Channel, keys: dict[str, dict[str, Any]]
+) -> None:
+    pool = _protoset_pool()
+    method = pool.FindServiceByName("marie.providers.v1.ProviderService").FindMethodByName(
+        "GetModel"
+    )
+    request_class = message_factory.GetMessageClass(method.input_type)
+    call: grpc.UnaryUnaryMultiCallable[Message, bytes] = channel.unary_unary(
+        "/marie.providers.v1.ProviderService/GetModel",
+        request_serializer=lambda message: message.SerializeToString(),
+        response_deserializer=bytes,
+    )
+
+    with pytest.raises(grpc.RpcError) as failed:
+        call(
+            request_class(model="ollama/nope:latest"), metadata=(bearer(keys["full"]),), timeout=10
+        )
+
+    error = cast(grpc.Call, failed.value)
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    trailers = {
+        key: value for key, value in error.trailing_metadata() or () if isinstance(value, bytes)
+    }
+    status: Any = message_factory.GetMessageClass(
+        pool.FindMessageTypeByName("google.rpc.Status")
+    ).FromString(trailers["grpc-status-details-bin"])
+    (detail,) = status.details
+    type_name = detail.type_url.rpartition("/")[2]
+    assert type_name == "google.rpc.ErrorInfo"
+    info: Any = message_factory.GetMessageClass(pool.FindMessageTypeByName(type_name)).FromString(
+        detail.value
+    )
+    assert info.reason == "MODEL_NOT_FOUND"
+    assert info.domain == "marie.providers"
+    assert info.metadata["model"] == "ollama/nope:latest"
+
+
+def test_the_committed_descriptor_set_is_current(tmp_path: Path) -> None:
+    """`make protoset` rebuilds it from protos/ byte for byte: a contract
+    change without a rebuilt set fails here."""
+    rebuilt = tmp_path / "marie.protoset"
+    subprocess.run(
+        ["make", "-s", "protoset", f"PROTOSET={rebuilt}"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+
+    assert rebuilt.read_bytes() == PROTOSET.read_bytes(), "run `make protoset` and commit it"
