@@ -570,6 +570,16 @@ def test_an_unknown_model_is_not_found(client: anthropic.Anthropic) -> None:
             "thinking: extended thinking is not supported",
         ),
         (
+            # A type that is no string was a 500 (found by schemathesis).
+            {
+                "model": SONNET,
+                "max_tokens": 8,
+                "thinking": {"type": {}},
+                "messages": [{"role": "user", "content": "x"}],
+            },
+            "thinking: extended thinking is not supported",
+        ),
+        (
             {
                 "model": SONNET,
                 "max_tokens": 8,

@@ -78,11 +78,19 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 def _allowed_methods(request: Request) -> list[str]:
+    """The methods of the resource at this path. A path a route names as it is
+    (`/api/memories/search`) is that resource, though a route with a parameter
+    (`/api/memories/{id}`) matches it too."""
     path = request.url.path
+    routes = [
+        route
+        for route in request.app.routes
+        if isinstance(route, Route) and route.methods and route.path_regex.match(path)
+    ]
+    exact = [route for route in routes if not route.param_convertors]
     methods: set[str] = set()
-    for route in request.app.routes:
-        if isinstance(route, Route) and route.methods and route.path_regex.match(path):
-            methods |= route.methods
+    for route in exact or routes:
+        methods |= route.methods or set()
     return sorted(methods)
 
 

@@ -25,6 +25,12 @@ def key_tenant(principal: Principal) -> str:
 MAX_USER = 128
 #: The longest tenant (a key's owner is at most 256 characters).
 MAX_TENANT = 256
+#: What `user_id_of` accepts as `user`, as JSON Schema (the OpenAPI document).
+USER_SCHEMA: dict[str, object] = {
+    "minLength": 1,
+    "maxLength": MAX_USER,
+    "not": {"type": "string", "pattern": f"^{RESERVED_USER_PREFIX}"},
+}
 # End users named "marie:…" (RESERVED_USER_PREFIX, `marie_kit.tenancy`) are
 # Marie's own. A tenant's stored Responses API responses live under
 # RESPONSES_USER (openai/responses/store.py), so no REST `user` may name it:

@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from marie_gateway.openai.schemas import INT32_MAX, JsonObject, ModelId, PositiveInt32
+from marie_gateway.openai.schemas import INT32_MAX, JsonObject, ModelId, PositiveInt32, Whole
 
 #: Anthropic's rule for tool names.
 TOOL_NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,128}$"
@@ -30,13 +30,19 @@ MAX_USER_ID = 256
 #: Stop sequences a request may carry (the providers contract's bound).
 MAX_STOP_SEQUENCES = 4
 
-NonNegativeInt32 = Annotated[int, Field(ge=0, le=INT32_MAX)]
+NonNegativeInt32 = Annotated[int, Field(ge=0, le=INT32_MAX), Whole]
 
 
 class _Body(BaseModel):
     # Unknown fields are kept aside (model_extra) and refused by `extra_fields`
     # unless the request opted into betas.
-    model_config = ConfigDict(extra="allow", frozen=True, strict=True)
+    # The schema says what a request without betas may hold: no other field.
+    model_config = ConfigDict(
+        extra="allow",
+        frozen=True,
+        strict=True,
+        json_schema_extra={"additionalProperties": False},
+    )
 
 
 class CacheControl(_Body):
@@ -52,7 +58,9 @@ class TextBlock(_Body):
     text: str
     cache_control: CacheControl | None = None
     citations: list[dict[str, Any]] | None = Field(
-        default=None, description="Refused when not empty: no model behind Marie cites."
+        default=None,
+        description="Refused when not empty: no model behind Marie cites.",
+        json_schema_extra={"maxItems": 0},
     )
 
 
@@ -97,9 +105,12 @@ class ToolResultBlock(_Body):
 
 class UnsupportedBlock(_Body):
     """Blocks Anthropic defines that no model behind Marie produces or reads:
-    refused by the translation, naming the block."""
+    refused by the translation, naming the block. The schema says so: none
+    is valid."""
 
-    model_config = ConfigDict(extra="allow", frozen=True, strict=True)
+    model_config = ConfigDict(
+        extra="allow", frozen=True, strict=True, json_schema_extra={"not": {}}
+    )
 
     type: Literal[
         "document",
@@ -124,9 +135,38 @@ ContentBlock = Annotated[
 ]
 
 
+def _blocks_not(*types: str) -> dict[str, Any]:
+    """Content of a role: a string, or blocks none of which is of `types`."""
+    return {
+        "properties": {
+            "content": {
+                "anyOf": [
+                    {"type": "string"},
+                    {"type": "array", "items": {"properties": {"type": {"not": {"enum": types}}}}},
+                ]
+            }
+        }
+    }
+
+
 class MessageParam(_Body):
+    # Images and tool results come from the user, tool calls from the assistant.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "additionalProperties": False,
+            "allOf": [
+                {
+                    "if": {"properties": {"role": {"const": "user"}}},
+                    "then": _blocks_not("tool_use"),
+                    "else": _blocks_not("image", "tool_result"),
+                }
+            ],
+        }
+    )
+
     role: Literal["user", "assistant"]
-    content: str | list[ContentBlock]
+    # Not empty (the translation says so, in Anthropic's words).
+    content: str | list[ContentBlock] = Field(json_schema_extra={"not": {"enum": ["", []]}})
 
 
 class Tool(_Body):
@@ -134,10 +174,18 @@ class Tool(_Body):
     Anthropic's server tools (web search, code execution, …), which the
     translation refuses."""
 
+    # The schema of what the translation takes (it refuses the rest, in
+    # Anthropic's words): a client tool, with its input schema.
+    model_config = ConfigDict(
+        json_schema_extra={"required": ["name", "input_schema"], "additionalProperties": False}
+    )
+
     name: str = Field(pattern=TOOL_NAME_PATTERN)
-    type: str | None = None
+    type: str | None = Field(default=None, json_schema_extra={"enum": ["custom", None]})
     description: str | None = None
-    input_schema: JsonObject | None = None
+    input_schema: JsonObject | None = Field(
+        default=None, json_schema_extra={"not": {"type": "null"}}
+    )
     cache_control: CacheControl | None = None
     defer_loading: bool | None = Field(
         default=None,
@@ -174,7 +222,7 @@ ToolChoice = Annotated[
 
 class JsonOutputFormat(_Body):
     type: Literal["json_schema"]
-    schema_: JsonObject = Field(alias="schema")
+    schema_: JsonObject = Field(alias="schema", min_length=1)
 
 
 class OutputConfig(_Body):
@@ -197,14 +245,19 @@ class _Prompt(_Body):
     """What both the Messages request and the token count take."""
 
     model: ModelId
-    messages: list[MessageParam]
+    # At least one: checked by the translation, in Anthropic's words.
+    messages: list[MessageParam] = Field(json_schema_extra={"minItems": 1})
     system: str | list[TextBlock] | None = None
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
     thinking: dict[str, Any] | None = Field(
         default=None,
-        description='Only `{"type": "disabled"}` is accepted: no model behind Marie'
-        " thinks on request.",
+        description='Only `{"type": "disabled"}` (or `"adaptive"`) is accepted: no model'
+        " behind Marie thinks on request.",
+        json_schema_extra={
+            "properties": {"type": {"enum": ["adaptive", "disabled"]}},
+            "required": ["type"],
+        },
     )
     output_config: OutputConfig | None = None
     cache_control: CacheControl | None = Field(
@@ -216,7 +269,9 @@ class _Prompt(_Body):
     user_profile_id: str | None = Field(default=None, description="Accepted and ignored.")
     workspace_id: str | None = Field(default=None, description="Accepted and ignored.")
     mcp_servers: list[dict[str, Any]] | None = Field(
-        default=None, description="Refused when not empty: no MCP connector here."
+        default=None,
+        description="Refused when not empty: no MCP connector here.",
+        json_schema_extra={"maxItems": 0},
     )
 
 
@@ -237,7 +292,9 @@ class MessagesRequest(_Prompt):
         default=None, description="Accepted and ignored: one tier here."
     )
     container: str | dict[str, Any] | None = Field(
-        default=None, description="Refused when set: no code-execution containers here."
+        default=None,
+        description="Refused when set: no code-execution containers here.",
+        json_schema_extra={"not": {"type": ["string", "object"]}},
     )
     inference_geo: str | None = Field(default=None, description="Accepted and ignored.")
     diagnostics: dict[str, Any] | None = Field(

@@ -160,7 +160,8 @@ def _messages(param: MessageParam, path: str) -> list[pb.ChatMessage]:
 
 
 def _refuse_unavailable(body: MessagesRequest | CountTokensRequest) -> None:
-    if body.thinking is not None and body.thinking.get("type") not in THINKING_ACCEPTED:
+    kind = body.thinking.get("type") if body.thinking is not None else None
+    if body.thinking is not None and not (isinstance(kind, str) and kind in THINKING_ACCEPTED):
         raise unsupported(
             "thinking",
             "extended thinking is not supported: no model behind Marie thinks on request"

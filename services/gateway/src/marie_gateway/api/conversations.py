@@ -25,7 +25,7 @@ from marie.providers.v1 import provider_service_pb2 as ppb
 from marie_kit.context import outgoing_metadata
 from marie_kit.errors import ServiceError
 from marie_kit.identity import identity_metadata
-from pydantic import Field
+from pydantic import ConfigDict, Field
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
@@ -36,6 +36,7 @@ from marie_gateway.api.memory_client import (
     MODE_NAMES,
     ROLES,
     MemoryCalls,
+    Metadata,
     _UserBody,
     api_error,
     body_user_id,
@@ -44,6 +45,7 @@ from marie_gateway.api.memory_client import (
     message_json,
     mode_param,
     page_json,
+    some_of,
 )
 from marie_gateway.core import Gateway
 from marie_gateway.http.bodies import JSONResponse, parse_body
@@ -58,6 +60,7 @@ from marie_gateway.http.params import (
 from marie_gateway.http.sse import DONE, EventStreamResponse, event
 from marie_gateway.openai.enrichment import memories_message
 from marie_gateway.openai.mapping import FINISH_REASONS, chunk_delta, chunk_payload, usage_payload
+from marie_gateway.openai.schemas import PositiveInt32
 
 log = logging.getLogger("marie.gateway.memory")
 
@@ -78,14 +81,17 @@ class ConversationCreate(_UserBody):
     title: str = Field(default="", max_length=256)
     model: str = Field(default="", max_length=256)
     provider: str = Field(default="", max_length=256)
-    metadata: dict[str, str] = Field(default_factory=dict)
+    metadata: Metadata = Field(default_factory=dict)
 
 
 class ConversationPatch(_UserBody):
+    # At least one thing to change (a null is no change).
+    model_config = ConfigDict(json_schema_extra=some_of("title", "model", "provider", "metadata"))
+
     title: str | None = Field(default=None, max_length=256)
     model: str | None = Field(default=None, max_length=256)
     provider: str | None = Field(default=None, max_length=256)
-    metadata: dict[str, str] | None = None
+    metadata: Metadata | None = None
 
 
 class TurnCreate(_UserBody):
@@ -94,7 +100,7 @@ class TurnCreate(_UserBody):
     )
     stream: bool = True
     temperature: float | None = Field(default=None, ge=0, le=2)
-    max_tokens: int | None = Field(default=None, ge=1, le=2**31 - 1)
+    max_tokens: PositiveInt32 | None = None
 
 
 class ConversationRoutes(MemoryCalls):
@@ -259,7 +265,13 @@ class ConversationRoutes(MemoryCalls):
         conversation = await self._get_conversation(user_id, path_text(request, "id"))
         tally.requested = conversation.model
         if not conversation.model:
-            raise bad_request("This conversation has no model: PATCH it with one first.", "model")
+            # A valid request the conversation's state refuses: a conflict.
+            raise ApiError(
+                409,
+                "This conversation has no model: PATCH it with one first.",
+                code="conversation_has_no_model",
+                param="model",
+            )
         history = await self._call(
             self._memory().ListMessages(
                 mpb.ListMessagesRequest(

@@ -15,7 +15,7 @@ import grpc
 from google.protobuf.field_mask_pb2 import FieldMask
 from google.protobuf.timestamp_pb2 import Timestamp
 from marie.auth.v1 import auth_service_pb2 as auth_pb
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
@@ -25,8 +25,15 @@ from marie_gateway.api.schemas import ApiKeyList, ApiKeyOut, CreatedApiKey, KeyL
 from marie_gateway.core import Gateway
 from marie_gateway.http.bodies import JSONResponse, parse_body
 from marie_gateway.http.context import current_request_id
-from marie_gateway.http.errors import bad_request, from_rpc_error
-from marie_gateway.http.params import MAX_PAGE_TOKEN_LENGTH, int_query, path_text, text_query
+from marie_gateway.http.errors import ApiError, bad_request, from_rpc_error
+from marie_gateway.http.params import (
+    MAX_PAGE_TOKEN_LENGTH,
+    bool_query,
+    int_query,
+    path_text,
+    text_query,
+)
+from marie_gateway.openai.schemas import WholeInt
 
 _STATES: dict[int, Literal["active", "revoked", "expired"]] = {
     auth_pb.API_KEY_STATE_ACTIVE: "active",
@@ -43,19 +50,35 @@ MAX_MODEL_PATTERN = 256
 MAX_ALLOWED_MODELS = 256
 MAX_SCOPE = 32
 MAX_LABELS = 64
-Scope = Annotated[str, StringConstraints(max_length=MAX_SCOPE)]
-ModelPattern = Annotated[str, StringConstraints(min_length=1, max_length=MAX_MODEL_PATTERN)]
+Scope = Annotated[
+    str,
+    StringConstraints(max_length=MAX_SCOPE),
+    WithJsonSchema({"enum": ["chat", "models:read", "embeddings", "memory", "admin"]}),
+]
+# What auth takes as an allowed model: 'provider/model' or 'provider/*'.
+ModelPattern = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=MAX_MODEL_PATTERN),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "maxLength": MAX_MODEL_PATTERN,
+            "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}/(\*|[^*\s]+)$",
+        }
+    ),
+]
 LabelKey = Annotated[str, StringConstraints(min_length=1, max_length=63)]
 LabelValue = Annotated[str, StringConstraints(max_length=256)]
 
 
 class KeyLimitsIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Numbers as the schema says: no booleans or strings read as numbers.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    requests_per_minute: int = Field(0, ge=0, le=2**31 - 1)
-    tokens_per_minute: int = Field(0, ge=0, le=2**31 - 1)
-    tokens_per_day: int = Field(0, ge=0, le=2**63 - 1)
-    max_concurrent_requests: int = Field(0, ge=0, le=2**31 - 1)
+    requests_per_minute: WholeInt = Field(0, ge=0, le=2**31 - 1)
+    tokens_per_minute: WholeInt = Field(0, ge=0, le=2**31 - 1)
+    tokens_per_day: WholeInt = Field(0, ge=0, le=2**63 - 1)
+    max_concurrent_requests: WholeInt = Field(0, ge=0, le=2**31 - 1)
 
 
 class KeySettings(BaseModel):
@@ -63,7 +86,12 @@ class KeySettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str | None = Field(None, description="1 to 100 characters.", max_length=MAX_NAME)
+    name: str | None = Field(
+        None,
+        description="1 to 100 characters.",
+        max_length=MAX_NAME,
+        json_schema_extra={"minLength": 1},
+    )
     owner: str | None = Field(None, description="User or team id.", max_length=MAX_OWNER)
     scopes: list[Scope] | None = Field(
         None,
@@ -82,14 +110,35 @@ class KeySettings(BaseModel):
     labels: dict[LabelKey, LabelValue] | None = Field(None, max_length=MAX_LABELS)
 
 
+def _no_nulls(schema: dict[str, Any]) -> None:
+    """A PATCH's schema: at least one setting, none null but `expires_at`
+    (null removes the expiry)."""
+    schema["minProperties"] = 1
+    for name, field in schema.get("properties", {}).items():
+        if name != "expires_at" and "anyOf" in field:
+            field["anyOf"] = [s for s in field["anyOf"] if s != {"type": "null"}]
+
+
+class KeyPatch(KeySettings):
+    """`PATCH /api/keys/{key_id}`: the settings sent change."""
+
+    model_config = ConfigDict(json_schema_extra=_no_nulls)
+
+
 class CreateKeyRequest(KeySettings):
-    name: str | None = Field(None, description="1 to 100 characters; required.")
+    model_config = ConfigDict(json_schema_extra={"required": ["name"]})
+
+    name: str | None = Field(
+        None,
+        description="1 to 100 characters; required.",
+        json_schema_extra={"type": "string", "minLength": 1, "maxLength": MAX_NAME},
+    )
 
 
 class RotateKeyRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    grace_period_seconds: int = Field(
+    grace_period_seconds: WholeInt = Field(
         0, ge=0, le=86_400, description="How long the old secret keeps working; 0: revoked now."
     )
 
@@ -177,6 +226,9 @@ class KeyRoutes:
                 message, timeout=self.gw.settings.control_timeout_seconds
             )
         except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                # A valid request the key's state refuses (it is revoked): a conflict.
+                raise ApiError(409, exc.details() or "", code="key_inactive") from None
             raise from_rpc_error(exc, current_request_id()) from None
 
     async def create(self, request: Request) -> Response:
@@ -192,13 +244,12 @@ class KeyRoutes:
 
     async def list(self, request: Request) -> Response:
         await self.gw.enter(request, SCOPE_ADMIN)
-        q = request.query_params
         size = int_query(request, "page_size", default=50, minimum=1, maximum=500)
         reply = await self._call(
             "ListApiKeys",
             auth_pb.ListApiKeysRequest(
                 owner=text_query(request, "owner", MAX_OWNER),
-                include_inactive=q.get("include_inactive", "").lower() in ("1", "true"),
+                include_inactive=bool_query(request, "include_inactive"),
                 page_size=size,
                 page_token=text_query(request, "page_token", MAX_PAGE_TOKEN_LENGTH),
             ),
@@ -219,7 +270,7 @@ class KeyRoutes:
 
     async def update(self, request: Request) -> Response:
         await self.gw.enter(request, SCOPE_ADMIN)
-        body = parse_body(KeySettings, await self.gw.read_body(request))
+        body = parse_body(KeyPatch, await self.gw.read_body(request))
         sent = body.model_fields_set
         if not sent:
             raise bad_request("Send at least one setting to change.")

@@ -9,7 +9,7 @@ from google.protobuf.field_mask_pb2 import FieldMask
 from marie.memory.v1 import memory_service_pb2 as mpb
 from marie_kit.context import outgoing_metadata
 from marie_kit.identity import identity_metadata
-from pydantic import Field, StringConstraints
+from pydantic import ConfigDict, Field, StringConstraints
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
@@ -19,6 +19,7 @@ from marie_gateway.api.memory_client import (
     MODE_NAMES,
     ROLES,
     MemoryCalls,
+    Metadata,
     _Body,
     _UserBody,
     body_user_id,
@@ -30,13 +31,14 @@ from marie_gateway.api.memory_client import (
     memory_json,
     mode_param,
     page_json,
+    some_of,
 )
 from marie_gateway.http.bodies import JSONResponse, parse_body
 from marie_gateway.http.errors import bad_request
 from marie_gateway.http.params import (
     MAX_ID_LENGTH,
-    MAX_MODEL_LENGTH,
     MAX_PAGE_TOKEN_LENGTH,
+    bool_query,
     path_text,
     text_query,
     texts_query,
@@ -56,16 +58,24 @@ class MemoriesCreate(_UserBody):
     messages: list[SourceMessageBody] = Field(min_length=1, max_length=100)
     infer: bool = True
     background: bool = False
-    categories: list[Category] = Field(default_factory=list, max_length=16)
-    metadata: dict[str, str] = Field(default_factory=dict)
+    categories: list[Category] = Field(
+        default_factory=list, max_length=16, json_schema_extra={"uniqueItems": True}
+    )
+    metadata: Metadata = Field(default_factory=dict)
     conversation_id: str = Field(default="", max_length=MAX_ID_LENGTH)
-    model: str = Field(default="", max_length=MAX_MODEL_LENGTH)
+    # The memory service keeps the extraction model's name in 256 characters.
+    model: str = Field(default="", max_length=256)
 
 
 class MemoryPatch(_UserBody):
-    text: str | None = None
-    categories: list[Category] | None = Field(default=None, max_length=16)
-    metadata: dict[str, str] | None = None
+    # At least one thing to change (a null is no change).
+    model_config = ConfigDict(json_schema_extra=some_of("text", "categories", "metadata"))
+
+    text: str | None = Field(default=None, min_length=1, max_length=8192)
+    categories: list[Category] | None = Field(
+        default=None, max_length=16, json_schema_extra={"uniqueItems": True}
+    )
+    metadata: Metadata | None = None
 
 
 def _filter(request: Request) -> mpb.MemoryFilter:
@@ -230,7 +240,7 @@ class MemoryRoutes(MemoryCalls):
                 mpb.DeleteMemoryRequest(
                     user_id=user_id,
                     memory_id=memory_id,
-                    erase_history=params.get("erase_history") in ("1", "true"),
+                    erase_history=bool_query(request, "erase_history"),
                     actor=f"key:{principal.key_id}",
                 ),
                 timeout=self._timeout(),

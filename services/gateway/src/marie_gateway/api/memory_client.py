@@ -6,7 +6,7 @@ reaches is `access/tenancy.py`'s rule."""
 from __future__ import annotations
 
 from collections.abc import Awaitable
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import grpc
 from marie.memory.v1 import memory_service_pb2 as mpb
@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 
 from marie_gateway.access.keys import SCOPE_MEMORY, Principal
-from marie_gateway.access.tenancy import MAX_USER, user_id_of
+from marie_gateway.access.tenancy import MAX_TENANT, MAX_USER, USER_SCHEMA, user_id_of
 from marie_gateway.core import Gateway
 from marie_gateway.http.context import current_request_id
 from marie_gateway.http.errors import ApiError, bad_request, from_service_error
@@ -57,8 +57,37 @@ class _Body(BaseModel):
 
 
 class _UserBody(_Body):
-    user: str | None = Field(default=None, max_length=MAX_USER)
-    tenant: str | None = Field(default=None, max_length=256)
+    user: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_USER,
+        json_schema_extra={"not": USER_SCHEMA["not"]},  # type: ignore[dict-item]
+    )
+    tenant: str | None = Field(default=None, max_length=MAX_TENANT)
+
+
+def some_of(*names: str) -> dict[str, Any]:
+    """JSON Schema for a PATCH body: at least one of `names`, not null (a
+    request changing nothing is a 400)."""
+    return {
+        "anyOf": [
+            {"required": [name], "properties": {name: {"not": {"type": "null"}}}} for name in names
+        ]
+    }
+
+
+#: The memory service's bounds on metadata (32 entries, keys of 1 to 64
+#: characters, values of at most 512).
+Metadata = Annotated[
+    dict[str, str],
+    Field(
+        max_length=32,
+        json_schema_extra={
+            "propertyNames": {"minLength": 1, "maxLength": 64},
+            "additionalProperties": {"type": "string", "maxLength": 512},
+        },
+    ),
+]
 
 
 def _time(ts: Any) -> int:

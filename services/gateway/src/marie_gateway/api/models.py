@@ -35,7 +35,13 @@ from marie_gateway.core import Gateway
 from marie_gateway.http.bodies import JSONResponse
 from marie_gateway.http.context import current_request_id
 from marie_gateway.http.errors import bad_request, from_rpc_error
-from marie_gateway.http.params import MAX_MODEL_LENGTH, int_query, path_text, text_query
+from marie_gateway.http.params import (
+    MAX_MODEL_LENGTH,
+    bool_query,
+    int_query,
+    path_text,
+    text_query,
+)
 
 T = TypeVar("T")
 
@@ -100,10 +106,7 @@ def _json(model: BaseModel) -> Response:
 
 
 def _flag(request: Request, name: str) -> bool:
-    value = request.query_params.get(name, "false").lower()
-    if value not in ("true", "false", "1", "0"):
-        raise bad_request(f"'{name}' must be true or false.", name)
-    return value in ("true", "1")
+    return bool_query(request, name)
 
 
 class ModelRoutes:

@@ -6,25 +6,64 @@ from __future__ import annotations
 from typing import Any
 
 from marie_gateway.access.keys import SCOPE_ADMIN, SCOPE_CHAT, SCOPE_MEMORY, SCOPE_MODELS
+from marie_gateway.access.tenancy import MAX_TENANT, USER_SCHEMA
 from marie_gateway.api import conversations, keys, memories, schemas
+from marie_gateway.api.memory_client import MODES, ROLES
+from marie_gateway.api.models import CAPABILITY_BY_NAME, MAX_PROVIDER_LENGTH, MAX_SEARCH_LIMIT
 from marie_gateway.http.openapi import ANY_KEY, Operation, Param
+from marie_gateway.http.params import (
+    INT32_MAX,
+    MAX_ID_LENGTH,
+    MAX_MODEL_LENGTH,
+    MAX_PAGE_TOKEN_LENGTH,
+)
 from marie_gateway.openai.schemas import ChatCompletionChunk
 
 _REFRESH = Param("refresh", "true forces a refresh of the providers' model lists.", type="boolean")
 
-Query = tuple[str, str, bool, str]  # name, description, required, type
-_USER: Query = (
-    "user",
-    "The end user within the key's tenant (default: the tenant).",
-    False,
-    "string",
+_USER = Param(
+    "user", "The end user within the key's tenant (default: the tenant).", schema=USER_SCHEMA
 )
-_TENANT: Query = ("tenant", "Another tenant (keys with the admin scope only).", False, "string")
-_PAGE: tuple[Query, ...] = (
-    ("limit", "Page size.", False, "integer"),
-    ("page_token", "From the previous page's next_page_token.", False, "string"),
+_TENANT = Param(
+    "tenant",
+    "Another tenant (keys with the admin scope only).",
+    schema={"maxLength": MAX_TENANT},
+)
+_PAGE = (
+    Param(
+        "limit",
+        "Page size (0: the default; above the largest, the largest).",
+        type="integer",
+        schema={"minimum": 0, "maximum": INT32_MAX},
+    ),
+    Param(
+        "page_token",
+        "From the previous page's next_page_token.",
+        schema={"maxLength": MAX_PAGE_TOKEN_LENGTH},
+    ),
+)
+_QUERY = Param("q", "What to look for.", True, schema={"minLength": 1, "maxLength": 4096})
+_MODE = Param("mode", "hybrid, vector or keyword.", schema={"enum": ["", *MODES]})
+_CATEGORY = Param("category", "Only these categories (repeatable).", schema={"maxLength": 64})
+_CONVERSATION = Param(
+    "conversation_id", "Only this conversation.", schema={"maxLength": MAX_ID_LENGTH}
 )
 _WHO = (_USER, _TENANT)
+# A time from 1970 to 9999 as /api/usage reads it: unix seconds, an ISO 8601
+# date, or a date and time with seconds and a zone.
+_YEAR = "(19[7-9][0-9]|[2-9][0-9]{3})"
+_TIME: dict[str, Any] = {
+    "anyOf": [
+        {"const": ""},
+        {"pattern": r"^[0-9]{1,11}(\.[0-9]{1,6})?$"},
+        {"format": "date", "pattern": f"^{_YEAR}-[0-9]{{2}}-[0-9]{{2}}$"},
+        {
+            "format": "date-time",
+            "pattern": f"^{_YEAR}-[0-9]{{2}}-[0-9]{{2}}T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]"
+            r"(\.[0-9]{1,6})?(Z|\+00:00)$",
+        },
+    ]
+}
 _C = "/api/conversations"
 _M = "/api/memories"
 
@@ -36,13 +75,22 @@ _MEMORY_ROUTES: tuple[dict[str, Any], ...] = (
         "summary": "Create a conversation",
         "request": conversations.ConversationCreate,
         "response": schemas.ConversationOut,
+        "status": "201",
     },
     {
         "path": _C,
         "method": "get",
         "summary": "The user's conversations, newest first",
         "response": schemas.ConversationList,
-        "query": (*_WHO, *_PAGE, ("order", "created (default) or updated.", False, "string")),
+        "query": (
+            *_WHO,
+            *_PAGE,
+            Param(
+                "order",
+                "created (default) or updated.",
+                schema={"enum": ["", "created", "updated"]},
+            ),
+        ),
     },
     {
         "path": _C + "/{id}",
@@ -70,7 +118,11 @@ _MEMORY_ROUTES: tuple[dict[str, Any], ...] = (
         "method": "get",
         "summary": "A conversation's messages",
         "response": schemas.MessageList,
-        "query": (*_WHO, *_PAGE, ("order", "asc (default) or desc.", False, "string")),
+        "query": (
+            *_WHO,
+            *_PAGE,
+            Param("order", "asc (default) or desc.", schema={"enum": ["asc", "desc"]}),
+        ),
     },
     {
         "path": _C + "/{id}/messages",
@@ -79,6 +131,7 @@ _MEMORY_ROUTES: tuple[dict[str, Any], ...] = (
         "request": conversations.TurnCreate,
         "response": schemas.MessageOut,
         "events": ChatCompletionChunk,
+        "more_errors": {"409": "The conversation has no model yet (PATCH it with one)"},
     },
     {
         "path": "/api/search",
@@ -86,12 +139,12 @@ _MEMORY_ROUTES: tuple[dict[str, Any], ...] = (
         "summary": "Search the user's messages",
         "response": schemas.MessageSearchResults,
         "query": (
-            ("q", "What to look for.", True, "string"),
+            _QUERY,
             *_WHO,
             *_PAGE,
-            ("conversation_id", "Only this conversation.", False, "string"),
-            ("role", "Only this role (repeatable).", False, "string"),
-            ("mode", "hybrid, vector or keyword.", False, "string"),
+            _CONVERSATION,
+            Param("role", "Only this role (repeatable).", schema={"enum": list(ROLES)}),
+            _MODE,
         ),
     },
     {
@@ -109,8 +162,12 @@ _MEMORY_ROUTES: tuple[dict[str, Any], ...] = (
         "query": (
             *_WHO,
             *_PAGE,
-            ("category", "Only these categories (repeatable).", False, "string"),
-            ("conversation_id", "Only memories from this conversation.", False, "string"),
+            _CATEGORY,
+            Param(
+                "conversation_id",
+                "Only memories from this conversation.",
+                schema={"maxLength": MAX_ID_LENGTH},
+            ),
         ),
     },
     {
@@ -126,12 +183,22 @@ _MEMORY_ROUTES: tuple[dict[str, Any], ...] = (
         "summary": "Search the user's memories",
         "response": schemas.MemorySearchResults,
         "query": (
-            ("q", "What to look for.", True, "string"),
+            _QUERY,
             *_WHO,
-            ("top_k", "At most this many (default 10).", False, "integer"),
-            ("threshold", "Minimum score, 0 to 1.", False, "number"),
-            ("mode", "hybrid, vector or keyword.", False, "string"),
-            ("category", "Only these categories (repeatable).", False, "string"),
+            Param(
+                "top_k",
+                "At most this many (0: the default, 10).",
+                type="integer",
+                schema={"minimum": 0, "maximum": INT32_MAX},
+            ),
+            Param(
+                "threshold",
+                "Minimum score, 0 to 1.",
+                type="number",
+                schema={"minimum": 0, "maximum": 1},
+            ),
+            _MODE,
+            _CATEGORY,
         ),
     },
     {
@@ -160,7 +227,7 @@ _MEMORY_ROUTES: tuple[dict[str, Any], ...] = (
         "method": "delete",
         "summary": "Delete one memory",
         "response": schemas.MemoryDeleted,
-        "query": (*_WHO, ("erase_history", "true also erases its history.", False, "boolean")),
+        "query": (*_WHO, Param("erase_history", "true also erases its history.", type="boolean")),
     },
     {
         "path": _M + "/{id}/history",
@@ -189,10 +256,28 @@ OPERATIONS: tuple[Operation, ...] = (
         SCOPE_MODELS,
         response=schemas.ModelSearchResults,
         query=(
-            Param("q", "Words that must all match.", required=True),
-            Param("provider", "Only this provider's models."),
-            Param("capability", "chat, completion, embeddings, tools or vision."),
-            Param("limit", "At most this many (1-200, default 50).", type="integer"),
+            Param(
+                "q",
+                "Words that must all match.",
+                required=True,
+                schema={"maxLength": MAX_MODEL_LENGTH, "pattern": r"\S"},
+            ),
+            Param(
+                "provider",
+                "Only this provider's models.",
+                schema={"maxLength": MAX_PROVIDER_LENGTH},
+            ),
+            Param(
+                "capability",
+                "chat, completion, embeddings, tools or vision.",
+                schema={"enum": ["", *CAPABILITY_BY_NAME]},
+            ),
+            Param(
+                "limit",
+                "At most this many (1-200, default 50).",
+                type="integer",
+                schema={"minimum": 1, "maximum": MAX_SEARCH_LIMIT},
+            ),
         ),
     ),
     Operation(
@@ -219,6 +304,7 @@ OPERATIONS: tuple[Operation, ...] = (
         SCOPE_MODELS,
         response=schemas.ProviderModels,
         query=(_REFRESH,),
+        path_params={"provider": {"maxLength": MAX_PROVIDER_LENGTH}},
     ),
     Operation(
         "/api/models/{provider}/{model:path}",
@@ -227,6 +313,10 @@ OPERATIONS: tuple[Operation, ...] = (
         "Models",
         SCOPE_MODELS,
         response=schemas.MarieModel,
+        path_params={
+            "provider": {"maxLength": MAX_PROVIDER_LENGTH},
+            "model": {"maxLength": MAX_MODEL_LENGTH},
+        },
     ),
     Operation(
         "/api/compare",
@@ -247,7 +337,9 @@ OPERATIONS: tuple[Operation, ...] = (
             spec.get("request"),
             spec.get("response"),
             spec.get("events"),
-            tuple(Param(*q) for q in spec.get("query", ())),
+            spec.get("query", ()),
+            status=spec.get("status", "200"),
+            more_errors=spec.get("more_errors", {}),
         )
         for spec in _MEMORY_ROUTES
     ),
@@ -263,11 +355,20 @@ OPERATIONS: tuple[Operation, ...] = (
                 "from",
                 "Start, inclusive: ISO 8601 date or time (UTC), or unix seconds; "
                 "default 30 days before `to`.",
+                schema=_TIME,
             ),
-            Param("to", "End, exclusive; default now."),
-            Param("group_by", "day, model or key; none: only the totals."),
-            Param("key_id", "Only this key (admin, or the caller's own)."),
-            Param("owner", "Only this owner's keys (admin)."),
+            Param("to", "End, exclusive, after `from`; default now.", schema=_TIME),
+            Param(
+                "group_by",
+                "day, model or key; none: only the totals.",
+                schema={"enum": ["", "day", "model", "key"]},
+            ),
+            Param(
+                "key_id",
+                "Only this key (admin, or the caller's own).",
+                schema={"maxLength": MAX_ID_LENGTH},
+            ),
+            Param("owner", "Only this owner's keys (admin).", schema={"maxLength": 256}),
         ),
     ),
     Operation(
@@ -287,10 +388,19 @@ OPERATIONS: tuple[Operation, ...] = (
         SCOPE_ADMIN,
         response=schemas.ApiKeyList,
         query=(
-            Param("owner", "Only this owner's keys."),
+            Param("owner", "Only this owner's keys.", schema={"maxLength": 256}),
             Param("include_inactive", "true includes revoked and expired keys.", type="boolean"),
-            Param("page_size", "1 to 500, default 50.", type="integer"),
-            Param("page_token", "next_page_token of the previous page."),
+            Param(
+                "page_size",
+                "1 to 500, default 50.",
+                type="integer",
+                schema={"minimum": 1, "maximum": 500},
+            ),
+            Param(
+                "page_token",
+                "next_page_token of the previous page.",
+                schema={"maxLength": MAX_PAGE_TOKEN_LENGTH},
+            ),
         ),
     ),
     Operation(
@@ -302,8 +412,9 @@ OPERATIONS: tuple[Operation, ...] = (
         "Change a key's settings (only the fields sent)",
         "Keys",
         SCOPE_ADMIN,
-        keys.KeySettings,
+        keys.KeyPatch,
         schemas.ApiKeyOut,
+        more_errors={"409": "The key is revoked"},
     ),
     Operation(
         "/api/keys/{key_id}",
@@ -321,5 +432,6 @@ OPERATIONS: tuple[Operation, ...] = (
         SCOPE_ADMIN,
         keys.RotateKeyRequest,
         schemas.CreatedApiKey,
+        more_errors={"409": "The key is revoked"},
     ),
 )

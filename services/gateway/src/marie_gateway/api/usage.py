@@ -111,6 +111,9 @@ class UsageRoutes:
             start = parse_time(q["from"], "from")
         else:
             start = max(0.0, end - DEFAULT_DAYS * 86_400)
+        # Auth's ledger reads a start of 0 as none given: the epoch's first
+        # second holds no usage anyway.
+        start = max(start, 1.0)
         if end <= start:
             raise bad_request("'to' must be after 'from'.", "to")
         key_id = text_query(request, "key_id", MAX_ID_LENGTH)

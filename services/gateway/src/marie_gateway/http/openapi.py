@@ -25,6 +25,7 @@ from starlette.staticfiles import StaticFiles
 
 from marie_gateway.http.bodies import JSONResponse
 from marie_gateway.http.errors import ErrorEnvelope
+from marie_gateway.http.params import MAX_ID_LENGTH
 
 Method = Literal["get", "post", "put", "patch", "delete"]
 #: The `scope` of an operation open to any valid key.
@@ -37,6 +38,9 @@ class Param:
     description: str
     required: bool = False
     type: str = "string"
+    # What the handler accepts beyond the type (bounds, lengths, enums), so
+    # the document refuses what the gateway refuses.
+    schema: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,12 @@ class Operation:
     query: tuple[Param, ...] = ()
     raw_response: str | None = None  # a non-JSON answer: its media type
     extra: dict[str, Any] = field(default_factory=dict)
+    # The status of a success (201 for a creation).
+    status: str = "200"
+    # Error statuses of this operation beyond the common ones, with their meaning.
+    more_errors: dict[str, str] = field(default_factory=dict)
+    # Path parameters' schemas beyond a non-empty id of at most MAX_ID_LENGTH.
+    path_params: dict[str, dict[str, Any]] = field(default_factory=dict)
     # A surface with its own error shape (Anthropic's): its schema, and how
     # its event stream is framed, instead of OpenAI's envelope and `data:` lines.
     error: type[BaseModel] | None = None
@@ -107,7 +117,17 @@ def _operation(op: Operation, refs: Refs) -> dict[str, Any]:
         .replace(".", "_"),
     }
     params: list[dict[str, Any]] = [
-        {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+        {
+            "name": name,
+            "in": "path",
+            "required": True,
+            "schema": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": MAX_ID_LENGTH,
+                **op.path_params.get(name, {}),
+            },
+        }
         for name, _ in _PARAM.findall(op.path)
     ]
     params += [
@@ -116,7 +136,7 @@ def _operation(op: Operation, refs: Refs) -> dict[str, Any]:
             "in": "query",
             "required": p.required,
             "description": p.description,
-            "schema": {"type": p.type},
+            "schema": {"type": p.type, **p.schema},
         }
         for p in op.query
     ]
@@ -131,9 +151,17 @@ def _operation(op: Operation, refs: Refs) -> dict[str, Any]:
     if op.response is not None:
         content["application/json"] = {"schema": refs[(op.response, "serialization")]}
     if op.events is not None:
+        # As OpenAPI 3.1 reads an event stream: the schema of one event.
         content["text/event-stream"] = {
             "schema": {
-                "type": "string",
+                "type": "object",
+                "required": ["data"],
+                "properties": {
+                    "data": {"type": "string"},
+                    "event": {"type": "string"},
+                    "id": {"type": "string"},
+                    "retry": {"type": "integer"},
+                },
                 "description": op.events_framing
                 or "Server-sent events: `data: <JSON>` lines, each an object of "
                 f"the schema {op.events.__name__}, ending with `data: [DONE]`. Comment lines "
@@ -143,19 +171,21 @@ def _operation(op: Operation, refs: Refs) -> dict[str, Any]:
         }
     if op.raw_response is not None:
         content[op.raw_response] = {"schema": {"type": "string"}}
-    responses_: dict[str, Any] = {"200": {"description": "OK", "content": content}}
+    described = "Created" if op.status == "201" else "OK"
+    responses_: dict[str, Any] = {op.status: {"description": described, "content": content}}
     if op.scope is not None:
         out["security"] = [{"bearerAuth": []}, {"apiKeyHeader": []}]
         out["description"] = (
             f"Needs a key with the `{op.scope}` scope." if op.scope else "Needs any valid key."
         )
-        for status, meaning in _ERROR_STATUSES.items():
-            if op.error is None:
+        for status, meaning in {**_ERROR_STATUSES, **op.more_errors}.items():
+            if op.error is None and status not in op.more_errors:
                 responses_[status] = {"$ref": "#/components/responses/Error"}
             else:
+                shape = ErrorEnvelope if op.error is None else op.error
                 responses_[status] = {
                     "description": meaning,
-                    "content": {"application/json": {"schema": refs[(op.error, "serialization")]}},
+                    "content": {"application/json": {"schema": refs[(shape, "serialization")]}},
                 }
     else:
         out["security"] = []

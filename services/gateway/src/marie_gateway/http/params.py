@@ -55,6 +55,14 @@ def float_query(
     return value
 
 
+def bool_query(request: Request, name: str) -> bool:
+    """A flag: true or false (1 or 0, any case); false when absent or empty."""
+    value = request.query_params.get(name, "").lower()
+    if value not in ("", "true", "false", "1", "0"):
+        raise bad_request(f"'{name}' must be true or false.", name)
+    return value in ("true", "1")
+
+
 def text_query(request: Request, name: str, max_length: int, default: str = "") -> str:
     """A text query parameter of at most `max_length` characters."""
     value = request.query_params.get(name, default)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from marie_gateway.access.keys import SCOPE_CHAT, SCOPE_EMBEDDINGS, SCOPE_MODELS
 from marie_gateway.http.openapi import Operation, Param
+from marie_gateway.http.params import MAX_ID_LENGTH, MAX_MODEL_LENGTH
 from marie_gateway.openai import schemas
 from marie_gateway.openai.responses import schemas as responses
 
@@ -56,6 +57,7 @@ OPERATIONS: tuple[Operation, ...] = (
         SCOPE_MODELS,
         None,
         schemas.OpenAIModel,
+        path_params={"model_id": {"maxLength": MAX_MODEL_LENGTH}},
     ),
     Operation(
         "/v1/embeddings",
@@ -103,9 +105,22 @@ OPERATIONS: tuple[Operation, ...] = (
         None,
         responses.InputItemList,
         query=(
-            Param("limit", "1 to 100, default 20.", type="integer"),
-            Param("order", "desc (the default, newest first) or asc."),
-            Param("after", "An item id: the page starts after it."),
+            Param(
+                "limit",
+                "1 to 100, default 20.",
+                type="integer",
+                schema={"minimum": 1, "maximum": 100},
+            ),
+            Param(
+                "order",
+                "desc (the default, newest first) or asc.",
+                schema={"enum": ["asc", "desc"]},
+            ),
+            Param(
+                "after",
+                "An item id of this response: the page starts after it.",
+                schema={"maxLength": MAX_ID_LENGTH},
+            ),
         ),
     ),
 )

@@ -23,6 +23,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationInfo,
@@ -51,8 +52,31 @@ MAX_JSON_DEPTH = 64
 
 NonEmptyStr = Annotated[str, Field(min_length=1)]
 # Whole numbers by the protobuf field they end up in.
-PositiveInt32 = Annotated[int, Field(ge=1, le=INT32_MAX)]
-Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
+
+
+def _whole(value: object) -> object:
+    """A whole number written as a float (`14.0`) is the integer JSON Schema
+    says it is; strict mode would refuse it."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+#: Before an integer field's own checks: accept `14.0` as 14.
+Whole = BeforeValidator(_whole)
+WholeInt = Annotated[int, Whole]
+
+
+#: Integers bounded as their fields are, `14.0` read as 14 (the bounds stay
+#: `minimum`/`maximum` in the schema: the validator comes after them).
+NoLogprobs = Annotated[int, Field(ge=0, le=0), Whole]
+ChatTopLogprobs = Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS), Whole]
+CompletionLogprobs = Annotated[int, Field(ge=0, le=MAX_COMPLETION_LOGPROBS), Whole]
+OnlyOne = Annotated[int, Field(ge=1, le=1), Whole]
+
+
+PositiveInt32 = Annotated[int, Field(ge=1, le=INT32_MAX), Whole]
+Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX), Whole]
 
 
 def _plain_json(value: Any, depth: int = 0) -> None:
@@ -112,7 +136,36 @@ class ToolCallBody(_Body):
     function: FunctionCallBody
 
 
+#: `ChatMessage._check_role_fields` as JSON Schema: a tool message names its
+#: call, and only an assistant message with tool calls may leave out content.
+_ROLE_RULES: dict[str, Any] = {
+    "allOf": [
+        {
+            "if": {"properties": {"role": {"const": "tool"}}},
+            "then": {
+                "required": ["tool_call_id"],
+                "properties": {"tool_call_id": {"type": "string", "minLength": 1}},
+            },
+        },
+        {
+            "if": {
+                "not": {
+                    "required": ["role", "tool_calls"],
+                    "properties": {
+                        "role": {"const": "assistant"},
+                        "tool_calls": {"type": "array", "minItems": 1},
+                    },
+                }
+            },
+            "then": {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}},
+        },
+    ]
+}
+
+
 class ChatMessage(_Body):
+    model_config = ConfigDict(json_schema_extra=_ROLE_RULES)
+
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
@@ -135,11 +188,25 @@ class StreamOptions(_Body):
 class JsonSchemaBody(_Body):
     name: str = Field(min_length=1, max_length=64)
     description: str | None = None
-    schema_: JsonObject = Field(default_factory=dict, alias="schema")
+    # Required, and not empty: every upstream needs one (and providers refuses
+    # `{}`), so a request without one is refused here, before any arm of a
+    # comparison starts.
+    schema_: JsonObject = Field(alias="schema", min_length=1)
     strict: bool | None = None
 
 
 class ResponseFormatBody(_Body):
+    # `_schema_present` as JSON Schema.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "if": {"properties": {"type": {"const": "json_schema"}}},
+            "then": {
+                "required": ["json_schema"],
+                "properties": {"json_schema": {"not": {"type": "null"}}},
+            },
+        }
+    )
+
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaBody | None = None
 
@@ -174,7 +241,8 @@ class NamedToolChoice(_Body):
 ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice | None
 
 
-ModelId = Annotated[str, Field(min_length=1, max_length=MAX_MODEL_LENGTH)]
+# Not blank: a model name has a character other than whitespace.
+ModelId = Annotated[str, Field(min_length=1, max_length=MAX_MODEL_LENGTH, pattern=r"\S")]
 
 
 class ChatParameters(_Body):
@@ -186,7 +254,9 @@ class ChatParameters(_Body):
     top_k: PositiveInt32 | None = None
     max_tokens: PositiveInt32 | None = None
     max_completion_tokens: PositiveInt32 | None = None
-    stop: str | Annotated[list[str], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
+    stop: (
+        NonEmptyStr | Annotated[list[NonEmptyStr], Field(max_length=MAX_STOP_SEQUENCES)] | None
+    ) = None
     seed: Int64 | None = None
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
@@ -209,16 +279,29 @@ class ChatParameters(_Body):
 class ChatCompletionRequest(ChatParameters):
     """`POST /v1/chat/completions`."""
 
+    # `_needs_logprobs` as JSON Schema.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "if": {
+                "required": ["top_logprobs"],
+                "properties": {"top_logprobs": {"type": "integer"}},
+            },
+            "then": {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}},
+        }
+    )
+
     model: ModelId
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(default=1, ge=1, le=1, description="Only one choice per request is supported.")
+    n: WholeInt = Field(
+        default=1, ge=1, le=1, description="Only one choice per request is supported."
+    )
     logprobs: bool | None = Field(
         default=None,
         description="Log probabilities of the reply's tokens, where the provider reports them"
         " (a 400 naming `logprobs` where it does not).",
     )
-    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    top_logprobs: ChatTopLogprobs | None = None
 
     @field_validator("top_logprobs")
     @classmethod
@@ -229,7 +312,7 @@ class ChatCompletionRequest(ChatParameters):
         return top
 
 
-TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
+TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID), Whole]
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 
 
@@ -242,7 +325,12 @@ class EmbeddingsRequest(_Body):
     of token ids (what OpenAI's clients send after tokenizing)."""
 
     model: ModelId
-    input: NonEmptyStr | list[NonEmptyStr] | TokenIds | list[TokenIds]
+    input: (
+        NonEmptyStr
+        | Annotated[list[NonEmptyStr], Field(min_length=1)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(min_length=1)]
+    )
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: PositiveInt32 | None = None
     user: str | None = Field(default=None, max_length=256)
@@ -264,20 +352,29 @@ class CompletionRequest(_Body):
     """`POST /v1/completions` (OpenAI's legacy text completions)."""
 
     model: ModelId
-    prompt: NonEmptyStr | Annotated[list[NonEmptyStr], Field(min_length=1)]
+    # Prompts times n are at most MAX_COMPLETION_CHOICES (`_choices_within_bounds`).
+    prompt: (
+        NonEmptyStr
+        | Annotated[
+            list[NonEmptyStr],
+            Field(min_length=1, json_schema_extra={"maxItems": MAX_COMPLETION_CHOICES}),
+        ]
+    )
     suffix: str | None = None
     max_tokens: PositiveInt32 | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, ge=0, le=1)
-    stop: str | Annotated[list[str], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
+    stop: (
+        NonEmptyStr | Annotated[list[NonEmptyStr], Field(max_length=MAX_STOP_SEQUENCES)] | None
+    ) = None
     seed: Int64 | None = None
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     echo: bool = False
-    logprobs: int | None = Field(default=None, ge=0, le=MAX_COMPLETION_LOGPROBS)
-    n: int = Field(default=1, ge=1, le=MAX_COMPLETION_CHOICES)
-    best_of: int | None = Field(
-        default=None, ge=1, le=1, description="Only best_of 1 (the default) is supported."
+    logprobs: CompletionLogprobs | None = None
+    n: WholeInt = Field(default=1, ge=1, le=MAX_COMPLETION_CHOICES)
+    best_of: OnlyOne | None = Field(
+        default=None, description="Only best_of 1 (the default) is supported."
     )
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -15,6 +15,7 @@ from pydantic import (
     Field,
     Tag,
     ValidationInfo,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -23,6 +24,7 @@ from marie_gateway.openai.schemas import (
     FUNCTION_NAME_PATTERN,
     JsonObject,
     ModelId,
+    NoLogprobs,
     PositiveInt32,
     _Body,
 )
@@ -53,6 +55,12 @@ MAX_INPUT_ITEMS = 2048
 HARMLESS_INCLUDES = frozenset({"reasoning.encrypted_content"})
 
 
+#: The schema of a field Marie refuses: absent or null.
+_ABSENT = WithJsonSchema(
+    {"type": "null", "description": "Not supported by Marie: a set value is a 400."}
+)
+
+
 def _refused(message: str) -> AfterValidator:
     """A field Marie does not support: a set value is a 400 naming it."""
 
@@ -70,10 +78,17 @@ class InputTextPart(_Body):
 
 
 class InputImagePart(_Body):
+    model_config = ConfigDict(json_schema_extra={"required": ["type", "image_url"]})
+
     type: Literal["input_image"]
-    image_url: str | None = Field(default=None, min_length=1)
+    # Required (`_url_present`): the schema says so.
+    image_url: str | None = Field(
+        default=None, min_length=1, json_schema_extra={"not": {"type": "null"}}
+    )
     detail: Literal["auto", "low", "high"] | None = None
-    file_id: Annotated[str | None, _refused("file ids are; send the image as image_url is")] = None
+    file_id: Annotated[
+        str | None, _refused("file ids are; send the image as image_url is"), _ABSENT
+    ] = None
 
     @model_validator(mode="after")
     def _url_present(self) -> InputImagePart:
@@ -155,7 +170,9 @@ def _function_tool_type(value: str) -> str:
 class FunctionToolBody(_Body):
     """A function tool, flat as the Responses API has it."""
 
-    type: Annotated[str, AfterValidator(_function_tool_type)]
+    type: Annotated[
+        str, AfterValidator(_function_tool_type), WithJsonSchema({"enum": ["function"]})
+    ]
     name: str = Field(pattern=FUNCTION_NAME_PATTERN)
     description: str | None = None
     parameters: JsonObject | None = None
@@ -168,15 +185,28 @@ class NamedFunctionChoice(_Body):
 
 
 class TextFormatBody(_Body):
+    # `_schema_present` as JSON Schema.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "if": {"properties": {"type": {"const": "json_schema"}}},
+            "then": {
+                "required": ["name", "schema"],
+                "properties": {"name": {"type": "string"}, "schema": {"type": "object"}},
+            },
+        }
+    )
+
     type: Literal["text", "json_object", "json_schema"]
     name: str | None = Field(default=None, min_length=1, max_length=64)
     description: str | None = None
-    schema_: JsonObject | None = Field(default=None, alias="schema")
+    schema_: JsonObject | None = Field(
+        default=None, alias="schema", json_schema_extra={"minProperties": 1}
+    )
     strict: bool | None = None
 
     @model_validator(mode="after")
     def _schema_present(self) -> TextFormatBody:
-        if self.type == "json_schema" and (self.name is None or self.schema_ is None):
+        if self.type == "json_schema" and (self.name is None or not self.schema_):
             raise ValueError("a json_schema format needs name and schema")
         return self
 
@@ -191,12 +221,13 @@ class ReasoningBody(_Body):
     effort: Annotated[
         Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None,
         AfterValidator(lambda e: _no_reasoning(e, ("none",))),
+        WithJsonSchema({"enum": ["none", None], "description": "Only none: no model reasons."}),
     ] = None
     summary: Annotated[
-        Literal["auto", "concise", "detailed"] | None, AfterValidator(_no_reasoning)
+        Literal["auto", "concise", "detailed"] | None, AfterValidator(_no_reasoning), _ABSENT
     ] = None
     generate_summary: Annotated[
-        Literal["auto", "concise", "detailed"] | None, AfterValidator(_no_reasoning)
+        Literal["auto", "concise", "detailed"] | None, AfterValidator(_no_reasoning), _ABSENT
     ] = None
 
 
@@ -233,7 +264,13 @@ class ResponsesRequest(_Body):
     """`POST /v1/responses`."""
 
     model: ModelId
-    input: str | Annotated[list[InputItem], Field(max_length=MAX_INPUT_ITEMS)]
+    # At least one item (checked by the handler, naming `input`).
+    input: (
+        str
+        | Annotated[
+            list[InputItem], Field(max_length=MAX_INPUT_ITEMS, json_schema_extra={"minItems": 1})
+        ]
+    )
     instructions: str | None = None
     previous_response_id: str | None = Field(default=None, min_length=1, max_length=128)
     store: bool = True
@@ -248,7 +285,11 @@ class ResponsesRequest(_Body):
     parallel_tool_calls: bool | None = None
     user: str | None = Field(default=None, max_length=256)
     metadata: Annotated[dict[str, str], AfterValidator(_metadata)] | None = None
-    include: Annotated[list[str] | None, AfterValidator(_includes)] = None
+    include: Annotated[
+        list[str] | None,
+        AfterValidator(_includes),
+        Field(json_schema_extra={"items": {"enum": sorted(HARMLESS_INCLUDES)}}),
+    ] = None
     reasoning: ReasoningBody | None = None
     # Hints OpenAI documents; nothing here acts on them.
     truncation: Literal["auto", "disabled"] | None = None
@@ -258,13 +299,19 @@ class ResponsesRequest(_Body):
     # Built-in tools only, which Marie has none of.
     max_tool_calls: PositiveInt32 | None = None
     top_logprobs: Annotated[
-        int | None, Field(ge=0, le=0, description="Log probabilities are not supported yet.")
+        NoLogprobs | None, Field(description="Log probabilities are not supported yet.")
     ] = None
-    background: Annotated[bool | None, AfterValidator(lambda b: _not_true(b, "background"))] = None
+    background: Annotated[
+        bool | None,
+        AfterValidator(lambda b: _not_true(b, "background")),
+        WithJsonSchema({"enum": [False, None], "description": "Background responses are refused."}),
+    ] = None
     conversation: Annotated[
-        Any, _refused("conversations are not supported by Marie: use previous_response_id")
+        Any,
+        _refused("conversations are not supported by Marie: use previous_response_id"),
+        _ABSENT,
     ] = None
-    prompt: Annotated[Any, _refused("prompt templates are not supported by Marie")] = None
+    prompt: Annotated[Any, _refused("prompt templates are not supported by Marie"), _ABSENT] = None
 
     @field_validator("tool_choice")
     @classmethod
