@@ -283,11 +283,11 @@ class _Stream:
             await self._write(
                 writer, "content_block_start", {"index": index, "content_block": start}
             )
+            deltas: list[JSONObject] = [{"type": "text_delta", "text": text}]
             if cited:
-                delta = {"type": "citations_delta", "citation": CITATION}
+                deltas.insert(0, {"type": "citations_delta", "citation": CITATION})
+            for delta in deltas:
                 await self._write(writer, "content_block_delta", {"index": index, "delta": delta})
-            delta = {"type": "text_delta", "text": text}
-            await self._write(writer, "content_block_delta", {"index": index, "delta": delta})
             await self._write(writer, "content_block_stop", {"index": index})
             index += 1
         return index
