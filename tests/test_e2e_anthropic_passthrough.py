@@ -343,3 +343,23 @@ def test_count_tokens_passes_server_tools_and_ignores_thinking(
         model=LLAMA, thinking=THINKING, messages=[{"role": "user", "content": "hi"}]
     )
     assert local.input_tokens > 0
+
+
+def test_adaptive_thinking_reaches_anthropic_and_is_a_hint_elsewhere(
+    client: anthropic.Anthropic, claude: FakeAnthropic, ollama: FakeOllama
+) -> None:
+    # What Claude Code sends by default: Anthropic decides to think.
+    adaptive: Any = {"type": "adaptive"}
+    hello: Any = [{"role": "user", "content": "hi"}]
+    message = client.messages.create(
+        model=CLAUDE, max_tokens=256, thinking=adaptive, messages=hello
+    )
+    assert [b.type for b in message.content] == ["thinking", "text"]
+    assert received(claude)["thinking"] == adaptive
+    # A local model first: served without it, and no fallback is skipped for it.
+    local = client.messages.create(
+        model=LOCAL_FIRST, max_tokens=256, thinking=adaptive, messages=hello
+    )
+    assert local.model == LLAMA
+    assert [b.type for b in local.content] == ["text"]
+    assert "thinking" not in ollama.chat_requests[-1].body

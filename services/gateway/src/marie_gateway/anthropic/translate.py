@@ -242,17 +242,21 @@ def _upstream_extras(
     beta: str | None,
 ) -> None:
     """The fields noted in `passing`, as the caller sent them, on `chat`."""
-    sent = orjson.loads(raw)
-    names = set(passing.fields)
+    values: dict[str, Any] = {}
     if isinstance(body, MessagesRequest) and body.thinking is not None:
-        # Anthropic honours every thinking type; it goes along once the request
-        # goes to Anthropic anyway.
-        names.add("thinking")
+        # Every thinking type goes to Anthropic; `adaptive` and `disabled` alone
+        # are hints (no `fields`), which other upstreams serve without.
+        values["thinking"] = body.thinking
+    names = set(passing.fields) - {"thinking"}
     if "tools" in names and body.tool_choice is not None:
         names.add("tool_choice")
+    if names:
+        # The body as sent (its blocks and server tools whole), read again only here.
+        sent = orjson.loads(raw)
+        values.update((n, sent[n]) for n in sorted(names) if n in sent)
     extras = chat.upstream_extras
     extras.kind = PASSTHROUGH_KIND
-    extras.request_json = orjson.dumps({n: sent[n] for n in sorted(names) if n in sent}).decode()
+    extras.request_json = orjson.dumps(values).decode()
     extras.fields.extend(e.param or "" for e in passing.refusals)
     if beta:
         extras.headers["anthropic-beta"] = beta
@@ -355,7 +359,7 @@ def to_chat(
             chat.user = body.metadata.user_id
     elif max_tokens is not None:
         s.max_tokens = max_tokens
-    if passing.fields:
+    if passing.fields or (isinstance(body, MessagesRequest) and body.thinking is not None):
         _upstream_extras(chat, body, passing, raw, beta)
     return chat, passing.refusal
 

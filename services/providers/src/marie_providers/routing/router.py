@@ -598,17 +598,18 @@ class Router:
 
 
 def for_extras(plan: RoutePlan, extras: pb.UpstreamExtras) -> RoutePlan:
-    """The plan for a request carrying one upstream kind's own fields: only
-    deployments of that kind serve it. The route's first choice must be one
-    (else INVALID_ARGUMENT naming the field, as if the field were unknown
-    there); fallbacks of another kind are left out, as they would drop what
-    the caller asked for."""
+    """The plan for a request carrying one upstream kind's own fields that
+    must not be dropped (`fields`): only deployments of that kind serve it.
+    The route's first choice must be one (else INVALID_ARGUMENT naming the
+    field, as if the field were unknown there); fallbacks of another kind are
+    left out, as they would drop what the caller asked for. Extras without
+    `fields` are hints any deployment may serve without."""
     kind = extras.kind
-    if not kind:
+    if not kind or not extras.fields:
         return plan
     first = plan.deployments[0]
     if first.provider.kind != kind:
-        field_name = extras.fields[0] if extras.fields else "upstream_extras"
+        field_name = extras.fields[0]
         raise ServiceError(
             grpc.StatusCode.INVALID_ARGUMENT,
             "UPSTREAM_EXTRAS_UNSUPPORTED",
