@@ -262,6 +262,33 @@ class _Out(BaseModel):
 class TextOut(_Out):
     type: Literal["text"]
     text: str
+    citations: list[dict[str, Any]] | None = Field(
+        default=None, description="From an Anthropic upstream: what the text cites, as sent."
+    )
+
+
+class ThinkingOut(_Out):
+    """From an Anthropic upstream: the model's thinking, to be sent back as it came."""
+
+    type: Literal["thinking"]
+    thinking: str
+    signature: str
+
+
+class RedactedThinkingOut(_Out):
+    """From an Anthropic upstream: thinking it encrypted, to be sent back as it came."""
+
+    type: Literal["redacted_thinking"]
+    data: str
+
+
+class ServerBlockOut(_Out):
+    """From an Anthropic upstream: a server tool's block (`server_tool_use`,
+    `web_search_tool_result`, …), as Anthropic sent it."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    type: str
 
 
 class ToolUseOut(_Out):
@@ -286,7 +313,13 @@ class Message(_Out):
     type: Literal["message"]
     role: Literal["assistant"]
     model: str = Field(description="The model that answered (an alias's target).")
-    content: list[Annotated[TextOut | ToolUseOut, Field(discriminator="type")]]
+    content: list[
+        Annotated[
+            TextOut | ToolUseOut | ThinkingOut | RedactedThinkingOut,
+            Field(discriminator="type"),
+        ]
+        | ServerBlockOut
+    ]
     stop_reason: Literal["end_turn", "max_tokens", "stop_sequence", "tool_use", "refusal"] | None
     stop_sequence: str | None = Field(
         description="Always null: upstreams do not say which stop sequence ended a reply,"
@@ -298,7 +331,9 @@ class Message(_Out):
 class StreamEvent(_Out):
     """One event of a streamed message: `event: <type>` then `data: <JSON>`,
     in order `message_start`, then per content block `content_block_start`,
-    `content_block_delta` (`text_delta` or `input_json_delta`) …,
+    `content_block_delta` (`text_delta` or `input_json_delta`; from an
+    Anthropic upstream also `thinking_delta`, `signature_delta`,
+    `citations_delta`) …,
     `content_block_stop`, then `message_delta` (stop reason, usage) and
     `message_stop`; a `ping` after the first block starts. A failure after the
     first event is an `error` event (an AnthropicError) and the stream ends."""

@@ -131,11 +131,14 @@ def _tool_result(
 def _blocked(block: UnsupportedBlock, path: str) -> ApiError:
     kind = block.type
     if kind in ("thinking", "redacted_thinking"):
-        what = "thinking blocks are not supported: no model behind Marie thinks on request."
+        what = "thinking blocks are not supported: only Anthropic's models read them."
     elif kind in {"document", "search_result"}:
-        what = f"{kind} blocks are not supported here; send the text as a text block."
+        what = (
+            f"{kind} blocks are not supported by this model (only Anthropic's);"
+            " send the text as a text block."
+        )
     else:
-        what = f"{kind} blocks belong to Anthropic's server tools, which are not available here."
+        what = f"{kind} blocks belong to Anthropic's server tools, which only its models have."
     return unsupported(f"{path}.type", what)
 
 
@@ -207,7 +210,7 @@ def _anthropic_only(body: MessagesRequest | CountTokensRequest, passing: Passthr
             "thinking",
             unsupported(
                 "thinking",
-                "extended thinking is not supported: no model behind Marie thinks on request"
+                "extended thinking is not supported: only Anthropic's models think on request"
                 " (send none, or type 'adaptive' or 'disabled').",
             ),
         )
@@ -226,8 +229,9 @@ def _anthropic_only(body: MessagesRequest | CountTokensRequest, passing: Passthr
                 "tools",
                 unsupported(
                     f"tools.{i}.type",
-                    f"'{tool.type}' is one of Anthropic's server tools, which are not available"
-                    " here; define a client tool with name, description and input_schema.",
+                    f"'{tool.type}' is one of Anthropic's server tools, which only Anthropic's"
+                    " models have; define a client tool with name, description and"
+                    " input_schema.",
                 ),
             )
         elif tool.input_schema is None:
