@@ -205,7 +205,7 @@ def test_a_server_tool_is_passed_through_with_its_results_and_citations(
     assert result["content"] == [SEARCH_RESULT]
     texts = [b for b in message.content[2:] if b.type == "text"]
     assert "".join(t.text for t in texts) == "It is sunny in Paris today."
-    assert [t.citations for t in texts][0] is None
+    assert texts[0].citations is None and texts[2].citations is None
     cited = texts[1].citations
     assert cited is not None and [c.model_dump() for c in cited] == [CITATION]
     # What the upstream received: both tools as sent, and the beta header.
