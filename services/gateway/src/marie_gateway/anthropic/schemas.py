@@ -5,9 +5,10 @@ gateway validates them, and its answers as the OpenAPI document describes them
 Like Anthropic's API, a request with a field it does not define is a 400
 (`"<path>: Extra inputs are not permitted"`), JSON types are strict
 (`"max_tokens": "10"` is a mistake), and `max_tokens` is required. Fields that
-Anthropic defines but no model behind Marie can honour (`thinking`, server
+Anthropic defines that only an Anthropic upstream honours (`thinking`, server
 tools, documents, citations, MCP servers, containers) are declared here so
-that the translation refuses them by name; hints that change nothing about the
+that the translation passes them through to an Anthropic upstream and
+refuses them by name where the model routes elsewhere; hints that change nothing about the
 answer (`cache_control`, `service_tier`) are accepted and ignored.
 
 One deliberate difference: a request that carries `anthropic-beta` (Claude
@@ -36,13 +37,7 @@ NonNegativeInt32 = Annotated[int, Field(ge=0, le=INT32_MAX), Whole]
 class _Body(BaseModel):
     # Unknown fields are kept aside (model_extra) and refused by `extra_fields`
     # unless the request opted into betas.
-    # The schema says what a request without betas may hold: no other field.
-    model_config = ConfigDict(
-        extra="allow",
-        frozen=True,
-        strict=True,
-        json_schema_extra={"additionalProperties": False},
-    )
+    model_config = ConfigDict(extra="allow", frozen=True, strict=True)
 
 
 class CacheControl(_Body):
@@ -58,9 +53,7 @@ class TextBlock(_Body):
     text: str
     cache_control: CacheControl | None = None
     citations: list[dict[str, Any]] | None = Field(
-        default=None,
-        description="Refused when not empty: no model behind Marie cites.",
-        json_schema_extra={"maxItems": 0},
+        default=None, description="Passed through to an Anthropic upstream; refused elsewhere."
     )
 
 
@@ -104,13 +97,11 @@ class ToolResultBlock(_Body):
 
 
 class UnsupportedBlock(_Body):
-    """Blocks Anthropic defines that no model behind Marie produces or reads:
-    refused by the translation, naming the block. The schema says so: none
-    is valid."""
+    """Blocks only Anthropic's models read (thinking, documents, server tools'
+    use and results, …): the messages holding them go to an Anthropic upstream
+    as sent; routed elsewhere they are refused, naming the block."""
 
-    model_config = ConfigDict(
-        extra="allow", frozen=True, strict=True, json_schema_extra={"not": {}}
-    )
+    model_config = ConfigDict(extra="allow", frozen=True, strict=True)
 
     type: Literal[
         "document",
@@ -135,57 +126,21 @@ ContentBlock = Annotated[
 ]
 
 
-def _blocks_not(*types: str) -> dict[str, Any]:
-    """Content of a role: a string, or blocks none of which is of `types`."""
-    return {
-        "properties": {
-            "content": {
-                "anyOf": [
-                    {"type": "string"},
-                    {"type": "array", "items": {"properties": {"type": {"not": {"enum": types}}}}},
-                ]
-            }
-        }
-    }
-
-
 class MessageParam(_Body):
-    # Images and tool results come from the user, tool calls from the assistant.
-    model_config = ConfigDict(
-        json_schema_extra={
-            "additionalProperties": False,
-            "allOf": [
-                {
-                    "if": {"properties": {"role": {"const": "user"}}},
-                    "then": _blocks_not("tool_use"),
-                    "else": _blocks_not("image", "tool_result"),
-                }
-            ],
-        }
-    )
-
     role: Literal["user", "assistant"]
-    # Not empty (the translation says so, in Anthropic's words).
-    content: str | list[ContentBlock] = Field(json_schema_extra={"not": {"enum": ["", []]}})
+    content: str | list[ContentBlock]
 
 
 class Tool(_Body):
     """A client tool (`type` absent or `custom`); any other `type` names one of
-    Anthropic's server tools (web search, code execution, …), which the
-    translation refuses."""
-
-    # The schema of what the translation takes (it refuses the rest, in
-    # Anthropic's words): a client tool, with its input schema.
-    model_config = ConfigDict(
-        json_schema_extra={"required": ["name", "input_schema"], "additionalProperties": False}
-    )
+    Anthropic's server tools (web search, code execution, …), passed through
+    to an Anthropic upstream as sent (its own fields too) and refused for any
+    other."""
 
     name: str = Field(pattern=TOOL_NAME_PATTERN)
-    type: str | None = Field(default=None, json_schema_extra={"enum": ["custom", None]})
+    type: str | None = None
     description: str | None = None
-    input_schema: JsonObject | None = Field(
-        default=None, json_schema_extra={"not": {"type": "null"}}
-    )
+    input_schema: JsonObject | None = None
     cache_control: CacheControl | None = None
     defer_loading: bool | None = Field(
         default=None,
@@ -222,7 +177,7 @@ ToolChoice = Annotated[
 
 class JsonOutputFormat(_Body):
     type: Literal["json_schema"]
-    schema_: JsonObject = Field(alias="schema", min_length=1)
+    schema_: JsonObject = Field(alias="schema")
 
 
 class OutputConfig(_Body):
@@ -252,12 +207,8 @@ class _Prompt(_Body):
     tool_choice: ToolChoice | None = None
     thinking: dict[str, Any] | None = Field(
         default=None,
-        description='Only `{"type": "disabled"}` (or `"adaptive"`) is accepted: no model'
-        " behind Marie thinks on request.",
-        json_schema_extra={
-            "properties": {"type": {"enum": ["adaptive", "disabled"]}},
-            "required": ["type"],
-        },
+        description="Passed through to an Anthropic upstream; elsewhere `adaptive` and"
+        " `disabled` are accepted and ignored, `enabled` refused.",
     )
     output_config: OutputConfig | None = None
     cache_control: CacheControl | None = Field(
@@ -269,9 +220,7 @@ class _Prompt(_Body):
     user_profile_id: str | None = Field(default=None, description="Accepted and ignored.")
     workspace_id: str | None = Field(default=None, description="Accepted and ignored.")
     mcp_servers: list[dict[str, Any]] | None = Field(
-        default=None,
-        description="Refused when not empty: no MCP connector here.",
-        json_schema_extra={"maxItems": 0},
+        default=None, description="Passed through to an Anthropic upstream; refused elsewhere."
     )
 
 
@@ -292,9 +241,7 @@ class MessagesRequest(_Prompt):
         default=None, description="Accepted and ignored: one tier here."
     )
     container: str | dict[str, Any] | None = Field(
-        default=None,
-        description="Refused when set: no code-execution containers here.",
-        json_schema_extra={"not": {"type": ["string", "object"]}},
+        default=None, description="Passed through to an Anthropic upstream; refused elsewhere."
     )
     inference_geo: str | None = Field(default=None, description="Accepted and ignored.")
     diagnostics: dict[str, Any] | None = Field(
@@ -316,6 +263,33 @@ class _Out(BaseModel):
 class TextOut(_Out):
     type: Literal["text"]
     text: str
+    citations: list[dict[str, Any]] | None = Field(
+        default=None, description="From an Anthropic upstream: what the text cites, as sent."
+    )
+
+
+class ThinkingOut(_Out):
+    """From an Anthropic upstream: the model's thinking, to be sent back as it came."""
+
+    type: Literal["thinking"]
+    thinking: str
+    signature: str
+
+
+class RedactedThinkingOut(_Out):
+    """From an Anthropic upstream: thinking it encrypted, to be sent back as it came."""
+
+    type: Literal["redacted_thinking"]
+    data: str
+
+
+class ServerBlockOut(_Out):
+    """From an Anthropic upstream: a server tool's block (`server_tool_use`,
+    `web_search_tool_result`, …), as Anthropic sent it."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    type: str
 
 
 class ToolUseOut(_Out):
@@ -340,7 +314,13 @@ class Message(_Out):
     type: Literal["message"]
     role: Literal["assistant"]
     model: str = Field(description="The model that answered (an alias's target).")
-    content: list[Annotated[TextOut | ToolUseOut, Field(discriminator="type")]]
+    content: list[
+        Annotated[
+            TextOut | ToolUseOut | ThinkingOut | RedactedThinkingOut,
+            Field(discriminator="type"),
+        ]
+        | ServerBlockOut
+    ]
     stop_reason: Literal["end_turn", "max_tokens", "stop_sequence", "tool_use", "refusal"] | None
     stop_sequence: str | None = Field(
         description="Always null: upstreams do not say which stop sequence ended a reply,"
@@ -352,7 +332,9 @@ class Message(_Out):
 class StreamEvent(_Out):
     """One event of a streamed message: `event: <type>` then `data: <JSON>`,
     in order `message_start`, then per content block `content_block_start`,
-    `content_block_delta` (`text_delta` or `input_json_delta`) …,
+    `content_block_delta` (`text_delta` or `input_json_delta`; from an
+    Anthropic upstream also `thinking_delta`, `signature_delta`,
+    `citations_delta`) …,
     `content_block_stop`, then `message_delta` (stop reason, usage) and
     `message_stop`; a `ping` after the first block starts. A failure after the
     first event is an `error` event (an AnthropicError) and the stream ends."""
@@ -425,8 +407,11 @@ def loc_path(loc: tuple[int | str, ...], raw: Any) -> str:
 
 def extra_fields(value: BaseModel, path: str = "") -> list[str]:
     """The paths of fields the request holds that its models do not define
-    (blocks refused as a whole are not looked into)."""
-    if isinstance(value, UnsupportedBlock):
+    (blocks and server tools passed to Anthropic as a whole are not looked
+    into: Anthropic checks them)."""
+    if isinstance(value, UnsupportedBlock) or (
+        isinstance(value, Tool) and value.type not in (None, "custom")
+    ):
         return []
     found = [f"{path}{name}" for name in (value.model_extra or {})]
     for name in type(value).model_fields:
