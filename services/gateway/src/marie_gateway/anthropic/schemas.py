@@ -37,7 +37,13 @@ NonNegativeInt32 = Annotated[int, Field(ge=0, le=INT32_MAX), Whole]
 class _Body(BaseModel):
     # Unknown fields are kept aside (model_extra) and refused by `extra_fields`
     # unless the request opted into betas.
-    model_config = ConfigDict(extra="allow", frozen=True, strict=True)
+    # The schema says what a request without betas may hold: no other field.
+    model_config = ConfigDict(
+        extra="allow",
+        frozen=True,
+        strict=True,
+        json_schema_extra={"additionalProperties": False},
+    )
 
 
 class CacheControl(_Body):
@@ -101,7 +107,10 @@ class UnsupportedBlock(_Body):
     use and results, …): the messages holding them go to an Anthropic upstream
     as sent; routed elsewhere they are refused, naming the block."""
 
-    model_config = ConfigDict(extra="allow", frozen=True, strict=True)
+    # Each with the fields Anthropic gives it, passed on as they are.
+    model_config = ConfigDict(
+        extra="allow", frozen=True, strict=True, json_schema_extra={"additionalProperties": True}
+    )
 
     type: Literal[
         "document",
@@ -126,9 +135,39 @@ ContentBlock = Annotated[
 ]
 
 
+def _blocks_not(*types: str) -> dict[str, Any]:
+    """A role's content: a string, or blocks none of which is of `types`."""
+    return {
+        "properties": {
+            "content": {
+                "anyOf": [
+                    {"type": "string"},
+                    {"type": "array", "items": {"properties": {"type": {"not": {"enum": types}}}}},
+                ]
+            }
+        }
+    }
+
+
 class MessageParam(_Body):
+    # Images and tool results come from the user, tool calls from the assistant
+    # (the translation refuses them elsewhere, in Anthropic's words).
+    model_config = ConfigDict(
+        json_schema_extra={
+            "additionalProperties": False,
+            "allOf": [
+                {
+                    "if": {"properties": {"role": {"const": "user"}}},
+                    "then": _blocks_not("tool_use"),
+                    "else": _blocks_not("image", "tool_result"),
+                }
+            ],
+        }
+    )
+
     role: Literal["user", "assistant"]
-    content: str | list[ContentBlock]
+    # Not empty (the translation says so, in Anthropic's words).
+    content: str | list[ContentBlock] = Field(json_schema_extra={"not": {"enum": ["", []]}})
 
 
 class Tool(_Body):
@@ -136,6 +175,18 @@ class Tool(_Body):
     Anthropic's server tools (web search, code execution, …), passed through
     to an Anthropic upstream as sent (its own fields too) and refused for any
     other."""
+
+    # A client tool needs its input schema (the translation says so).
+    model_config = ConfigDict(
+        json_schema_extra={
+            "additionalProperties": False,
+            "if": {"properties": {"type": {"enum": [None, "custom"]}}},
+            "then": {
+                "required": ["input_schema"],
+                "properties": {"input_schema": {"type": "object"}},
+            },
+        }
+    )
 
     name: str = Field(pattern=TOOL_NAME_PATTERN)
     type: str | None = None
@@ -177,7 +228,7 @@ ToolChoice = Annotated[
 
 class JsonOutputFormat(_Body):
     type: Literal["json_schema"]
-    schema_: JsonObject = Field(alias="schema")
+    schema_: JsonObject = Field(alias="schema", min_length=1)
 
 
 class OutputConfig(_Body):
@@ -202,7 +253,13 @@ class _Prompt(_Body):
     model: ModelId
     # At least one: checked by the translation, in Anthropic's words.
     messages: list[MessageParam] = Field(json_schema_extra={"minItems": 1})
-    system: str | list[TextBlock] | None = None
+    # A system prompt cites nothing (the translation refuses its citations).
+    system: str | list[TextBlock] | None = Field(
+        default=None,
+        json_schema_extra={
+            "items": {"properties": {"citations": {"type": ["array", "null"], "maxItems": 0}}}
+        },
+    )
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
     thinking: dict[str, Any] | None = Field(
