@@ -142,7 +142,10 @@ def _blocks_not(*types: str) -> dict[str, Any]:
             "content": {
                 "anyOf": [
                     {"type": "string"},
-                    {"type": "array", "items": {"properties": {"type": {"not": {"enum": types}}}}},
+                    {
+                        "type": "array",
+                        "items": {"properties": {"type": {"not": {"enum": list(types)}}}},
+                    },
                 ]
             }
         }

@@ -117,6 +117,7 @@ def _no_nulls(schema: dict[str, Any]) -> None:
     for name, field in schema.get("properties", {}).items():
         if name != "expires_at" and "anyOf" in field:
             field["anyOf"] = [s for s in field["anyOf"] if s != {"type": "null"}]
+            field.pop("default", None)
 
 
 class KeyPatch(KeySettings):
@@ -125,13 +126,19 @@ class KeyPatch(KeySettings):
     model_config = ConfigDict(json_schema_extra=_no_nulls)
 
 
+def _required_name(schema: dict[str, Any]) -> None:
+    """A new key's name as the handler takes it: a string of 1 to 100
+    characters (it is required, so no default and no null)."""
+    schema.pop("anyOf", None)
+    schema.pop("default", None)
+    schema.update({"type": "string", "minLength": 1, "maxLength": MAX_NAME})
+
+
 class CreateKeyRequest(KeySettings):
     model_config = ConfigDict(json_schema_extra={"required": ["name"]})
 
     name: str | None = Field(
-        None,
-        description="1 to 100 characters; required.",
-        json_schema_extra={"type": "string", "minLength": 1, "maxLength": MAX_NAME},
+        None, description="1 to 100 characters; required.", json_schema_extra=_required_name
     )
 
 

@@ -77,14 +77,19 @@ class InputTextPart(_Body):
     text: str
 
 
+def _required_url(schema: dict[str, Any]) -> None:
+    """The image's URL as `_url_present` takes it: a string, no default."""
+    schema.pop("anyOf", None)
+    schema.pop("default", None)
+    schema.update({"type": "string", "minLength": 1})
+
+
 class InputImagePart(_Body):
     model_config = ConfigDict(json_schema_extra={"required": ["type", "image_url"]})
 
     type: Literal["input_image"]
     # Required (`_url_present`): the schema says so.
-    image_url: str | None = Field(
-        default=None, min_length=1, json_schema_extra={"not": {"type": "null"}}
-    )
+    image_url: str | None = Field(default=None, min_length=1, json_schema_extra=_required_url)
     detail: Literal["auto", "low", "high"] | None = None
     file_id: Annotated[
         str | None, _refused("file ids are; send the image as image_url is"), _ABSENT
