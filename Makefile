@@ -12,7 +12,7 @@ STUBS_DIR := libs/kit/src
 STUBS_STAMP := $(STUBS_DIR)/marie/.stamp
 BUF := node_modules/.bin/buf
 
-.PHONY: all bootstrap stubs run test lint breaking proto-baseline fmt bench bench-compare bench-requirements clean web web-lint
+.PHONY: all bootstrap stubs run test lint breaking proto-baseline fmt bench bench-compare bench-real-models bench-requirements clean web web-lint
 
 all: bootstrap
 
@@ -101,6 +101,11 @@ bench: bootstrap
 	$(PY) bench/run.py
 	$(PY) bench/real_server.py
 	$(PY) bench/memory_search.py
+
+# Issue 19's figures with real models through `marie up` (about 10 minutes;
+# BENCH_ARGS="--outage-seconds 300" for the issue's full outage).
+bench-real-models: bootstrap
+	$(PY) bench/real_models_scenarios.py $(BENCH_ARGS)
 
 # Marie against LiteLLM proxy in one run (bench/versus.py): writes
 # docs/benchmarks.md and its plots. LiteLLM and matplotlib live in the
