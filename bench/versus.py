@@ -59,9 +59,10 @@ from bench.common import (
     pin,
     process_tree,
     rss_bytes,
+    start_suite_as_user,
     start_upstreams,
 )
-from tests.stack import Stack, free_ports, start_stack
+from tests.stack import Stack, free_ports
 
 MESSAGES = [{"role": "user", "content": "Say hello in five words."}]
 LITELLM_KEY = "sk-bench-litellm-master"
@@ -172,15 +173,11 @@ def litellm_config(upstreams: Upstreams, path: Path) -> Path:
 @contextmanager
 def run_marie(upstreams: Upstreams, tmp: Path) -> Iterator[Target]:
     config = marie_config(upstreams, tmp / "marie.yaml")
-    stack = start_stack(
-        tmp / "marie",
-        upstreams.ollama_url,
-        MARIE_CONFIG=str(config),
-        BENCH_UPSTREAM_KEY=UPSTREAM_KEY,
+    stack = start_suite_as_user(
+        tmp / "marie", GATEWAY_CPU, MARIE_CONFIG=str(config), BENCH_UPSTREAM_KEY=UPSTREAM_KEY
     )
     try:
         key = stack.create_key("bench")
-        pin(process_tree(stack.process.pid), GATEWAY_CPU)
 
         def processes(stack: Stack = stack) -> dict[str, int]:
             return {"up": stack.process.pid, **stack.service_pids()}
@@ -451,7 +448,7 @@ def main() -> None:
     parser.add_argument("--plot-python", type=Path, help="a Python with matplotlib, for the plots")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=5, help="length of each wrk run")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 128])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 32, 128])
     parser.add_argument("--ttft-requests", type=int, default=200)
     parser.add_argument("--relay-requests", type=int, default=10)
     parser.add_argument("--soak-minutes", type=float, default=0.0)
