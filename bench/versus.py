@@ -183,6 +183,9 @@ def run_marie(upstreams: Upstreams, tmp: Path) -> Iterator[Target]:
             return {"up": stack.process.pid, **stack.service_pids()}
 
         yield Target("marie", f"{stack.base_url}/v1/chat/completions", f"Bearer {key}", processes)
+    except BaseException:
+        print(f"marie up's log, last lines:\n{stack.log()[-4000:]}", flush=True)
+        raise
     finally:
         stack.stop()
 
@@ -287,7 +290,9 @@ def stream_once(client: httpx.Client, target: Target, body: dict[str, Any]) -> t
     started = time.perf_counter()
     first = None
     with client.stream("POST", target.url, json=body, headers=headers) as response:
-        response.raise_for_status()
+        if response.status_code != 200:
+            response.read()
+            raise RuntimeError(f"{target.name}: {response.status_code} {response.text[:500]}")
         for piece in response.iter_raw():
             if first is None and FIRST_TEXT.search(piece):
                 first = time.perf_counter()
