@@ -74,6 +74,15 @@ def dialect_section(name: str, data: dict[str, Any]) -> list[str]:
     out.append("")
 
     out += [
+        *(
+            [
+                "Streamed calls that failed (not timed): "
+                + ", ".join(f"{k} {v}" for k, v in sorted(data["ttft_failures"].items())),
+                "",
+            ]
+            if data.get("ttft_failures")
+            else []
+        ),
         "### CPU per request, all of each gateway's processes (ms)",
         "",
         "| concurrency | Marie | LiteLLM | LiteLLM / Marie | Marie by process (median) |",

@@ -302,17 +302,30 @@ def stream_once(client: httpx.Client, target: Target, body: dict[str, Any]) -> t
     return (first - started) * 1000, (ended - started) * 1000
 
 
-def ttft(targets: list[tuple[Target, dict[str, Any]]], count: int) -> dict[str, list[float]]:
-    """Time to first token, sequentially, interleaved in blocks of ten."""
+def ttft(
+    targets: list[tuple[Target, dict[str, Any]]], count: int, failures: dict[str, int]
+) -> dict[str, list[float]]:
+    """Time to first token, sequentially, interleaved in blocks of ten. A
+    call that fails is counted in `failures` (and said), not timed."""
     samples: dict[str, list[float]] = {t.name: [] for t, _ in targets}
+
+    def once(target: Target, body: dict[str, Any]) -> float | None:
+        try:
+            return stream_once(client, target, body)[0]
+        except (RuntimeError, httpx.HTTPError) as exc:
+            failures[target.name] = failures.get(target.name, 0) + 1
+            print(f"    {target.name}: a streamed call failed: {exc}", flush=True)
+            return None
+
     with httpx.Client(timeout=30) as client:
         for target, body in targets:  # warm-up
             for _ in range(10):
-                stream_once(client, target, body)
+                once(target, body)
         for _ in range(max(1, count // 10)):
             for target, body in targets:
                 for _ in range(10):
-                    samples[target.name].append(stream_once(client, target, body)[0])
+                    if (first := once(target, body)) is not None:
+                        samples[target.name].append(first)
     return samples
 
 
@@ -402,7 +415,8 @@ def measure_dialect(
                 )
     print(f"  {dialect.name}: time to first token", flush=True)
     stream_targets = [(t, _body(dialect, t, stream=True)) for t in [direct, *gateways]]
-    first_token = ttft(stream_targets, args.ttft_requests)
+    failures: dict[str, int] = {}
+    first_token = ttft(stream_targets, args.ttft_requests, failures)
     print(f"  {dialect.name}: stream relay", flush=True)
     relays = {
         t.name: [relay(t, _body(dialect, t, stream=True, long=True), args.relay_requests)]
@@ -413,7 +427,7 @@ def measure_dialect(
             relays[t.name].append(
                 relay(t, _body(dialect, t, stream=True, long=True), args.relay_requests)
             )
-    return {"wrk": runs, "ttft_ms": first_token, "relay": relays}
+    return {"wrk": runs, "ttft_ms": first_token, "ttft_failures": failures, "relay": relays}
 
 
 def _body(dialect: Dialect, target: Target, *, stream: bool, long: bool = False) -> dict[str, Any]:
