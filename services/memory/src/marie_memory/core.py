@@ -44,7 +44,7 @@ from marie_memory.records import (
     MessageHit,
     ScoredMemory,
 )
-from marie_memory.stores.contract import Store
+from marie_memory.stores.contract import DuplicateMemory, Store
 
 log = logging.getLogger("marie.memory.core")
 
@@ -62,6 +62,13 @@ MIN_CANDIDATES = 50
 
 def new_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(12)}"
+
+
+def derived_id(prefix: str, *parts: str | int) -> str:
+    """An id that a retried call computes again: from the caller's request id
+    and where the resource belongs. Shaped like `new_id`'s."""
+    digest = hashlib.sha256("\u0000".join(str(p) for p in parts).encode()).hexdigest()
+    return f"{prefix}_{digest[:24]}"
 
 
 def text_hash(text: str) -> str:
@@ -139,10 +146,15 @@ class MemoryCore:
         provider: str,
         model: str,
         metadata: Mapping[str, str],
+        *,
+        request_id: str = "",
     ) -> Conversation:
+        limits.request_id(request_id)
         now = self._clock()
         conversation = Conversation(
-            id=new_id("conv"),
+            id=derived_id("conv", user_id, "conversation", request_id)
+            if request_id
+            else new_id("conv"),
             user_id=limits.user_id(user_id),
             title=limits.text("title", title, limits.MAX_TITLE),
             provider=limits.text("provider", provider, limits.MAX_PROVIDER),
@@ -151,8 +163,7 @@ class MemoryCore:
             create_time=now,
             update_time=now,
         )
-        await self.store.create_conversation(conversation)
-        return conversation
+        return await self.store.create_conversation(conversation)
 
     async def get_conversation(self, user_id: str, conversation_id: str) -> Conversation:
         limits.user_id(user_id)
@@ -224,10 +235,15 @@ class MemoryCore:
     # --- messages ---------------------------------------------------------
 
     async def append_messages(
-        self, user_id: str, conversation_id: str, messages: Sequence[Message]
+        self,
+        user_id: str,
+        conversation_id: str,
+        messages: Sequence[Message],
+        request_id: str = "",
     ) -> tuple[list[Message], Conversation]:
         limits.user_id(user_id)
         limits.required_id("conversation_id", conversation_id)
+        limits.request_id(request_id)
         if not 1 <= len(messages) <= limits.MAX_MESSAGES:
             raise invalid_argument("messages", f"1 to {limits.MAX_MESSAGES} messages")
         checked = []
@@ -253,8 +269,15 @@ class MemoryCore:
                     limits.MAX_NAME,
                     required=True,
                 )
-            checked.append(replace(m, id=new_id("msg"), conversation_id=conversation_id))
-        result = await self.store.append_messages(user_id, conversation_id, checked, self._clock())
+            message_id = (
+                derived_id("msg", user_id, conversation_id, request_id, i)
+                if request_id
+                else new_id("msg")
+            )
+            checked.append(replace(m, id=message_id, conversation_id=conversation_id))
+        result = await self.store.append_messages(
+            user_id, conversation_id, checked, self._clock(), request_id
+        )
         if result is None:
             raise conversation_not_found(conversation_id)
         self.embeddings.wake()  # the new messages get their vectors in the background
@@ -597,6 +620,7 @@ class MemoryCore:
         limits.text("actor", request.actor, limits.MAX_ACTOR)
         limits.text("extraction_model", request.extraction_model, limits.MAX_MODEL)
         limits.text("extraction_provider", request.extraction_provider, limits.MAX_PROVIDER)
+        limits.request_id(request.request_id)
 
     def extraction_model(self, request: AddRequest) -> str:
         """The model inference will use; FAILED_PRECONDITION when there is none."""
@@ -623,7 +647,12 @@ class MemoryCore:
         """Checks an inferring AddMemories request and queues it durably; the job id."""
         await self._check_add_fully(request)
         now = self._clock()
-        job = ExtractionJob(new_id("job"), request.user_id, encode_request(request), 0, now, now)
+        job_id = (
+            derived_id("job", request.user_id, "job", request.request_id)
+            if request.request_id
+            else new_id("job")
+        )
+        job = ExtractionJob(job_id, request.user_id, encode_request(request), 0, now, now)
         await self.store.enqueue_job(job)
         if self.on_enqueue is not None:
             self.on_enqueue()
@@ -632,19 +661,25 @@ class MemoryCore:
     async def add_memories(self, request: AddRequest) -> tuple[list[AddResult], str]:
         model = await self._check_add_fully(request)
         user_id = request.user_id
+        if not request.infer:
+            # No lock: the store keeps one memory per text however many
+            # calls (or replicas) add it at once.
+            return await self._add_verbatim(request), model
+        # Extraction compares facts with what is stored: this process's
+        # extractions of one user run one at a time (other replicas' races
+        # end as NONE through the store's text claims).
         async with self._user_locks[user_id]:
-            if request.infer:
-                assert self.extractor is not None
-                results = await self.extractor.run(self, request, model)
-            else:
-                results = await self._add_verbatim(request)
+            assert self.extractor is not None
+            results = await self.extractor.run(self, request, model)
         return results, model
 
-    def new_memory(self, request: AddRequest, text: str, categories: Sequence[str]) -> Memory:
+    def new_memory(
+        self, request: AddRequest, text: str, categories: Sequence[str], memory_id: str = ""
+    ) -> Memory:
         now = self._clock()
         merged = list(dict.fromkeys([*categories, *request.categories]))[: limits.MAX_CATEGORIES]
         return Memory(
-            id=new_id("mem"),
+            id=memory_id or new_id("mem"),
             user_id=request.user_id,
             text=text,
             hash=text_hash(text),
@@ -684,12 +719,30 @@ class MemoryCore:
         return await self.embeddings.embed(texts)
 
     async def _add_verbatim(self, request: AddRequest) -> list[AddResult]:
+        for _ in range(3):
+            try:
+                return await self._add_verbatim_once(request)
+            except DuplicateMemory:
+                # Another call stored one of these texts meanwhile: look again.
+                continue
+        return await self._add_verbatim_once(request)
+
+    async def _add_verbatim_once(self, request: AddRequest) -> list[AddResult]:
         results: list[AddResult] = []
         seen: dict[str, Memory] = {}
         fresh: list[Memory] = []
-        for m in request.messages:
+        for i, m in enumerate(request.messages):
             if m.role == ROLE_SYSTEM:
                 continue
+            memory_id = ""
+            if request.request_id:
+                # A retried call finds what the first one stored under its ids.
+                memory_id = derived_id("mem", request.user_id, request.request_id, i)
+                stored = await self.store.get_memory(request.user_id, memory_id)
+                if stored is not None:
+                    seen[stored.hash] = stored
+                    results.append(AddResult(EVENT_ADD, stored))
+                    continue
             digest = text_hash(m.content)
             existing = seen.get(digest) or await self.store.find_memory_by_hash(
                 request.user_id, digest
@@ -697,7 +750,7 @@ class MemoryCore:
             if existing is not None:
                 results.append(AddResult(EVENT_NONE, existing))
                 continue
-            memory = self.new_memory(request, m.content, ())
+            memory = self.new_memory(request, m.content, (), memory_id)
             seen[digest] = memory
             fresh.append(memory)
             results.append(AddResult(EVENT_ADD, memory))

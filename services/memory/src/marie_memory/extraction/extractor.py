@@ -65,6 +65,7 @@ from marie_memory.records import (
     MemoryChange,
     MemoryFilter,
 )
+from marie_memory.stores.contract import DuplicateMemory
 
 if TYPE_CHECKING:
     from marie.providers.v1.provider_service_pb2_grpc import (
@@ -361,6 +362,28 @@ class LlmExtractor:
             replace(change, vector=next(vectors)) if change.event != EVENT_DELETE else change
             for change in changes
         ]
-        if final:
-            await core.store.apply_memory_changes(request.user_id, final)
-        return results
+        return await _write(core, request.user_id, final, results)
+
+
+async def _write(
+    core: MemoryCore, user_id: str, changes: list[MemoryChange], results: list[AddResult]
+) -> list[AddResult]:
+    """Writes the changes in one transaction; the results as they stand."""
+    while changes:
+        try:
+            await core.store.apply_memory_changes(user_id, changes)
+            break
+        except DuplicateMemory as taken:
+            # Another replica stored one of these texts just now: that one
+            # stands (NONE), the rest is written.
+            held = taken.memory
+            changes = [
+                c for c in changes if not (c.event == EVENT_ADD and c.memory.hash == held.hash)
+            ]
+            results = [
+                AddResult(EVENT_NONE, held)
+                if r.event == EVENT_ADD and r.memory.hash == held.hash
+                else r
+                for r in results
+            ]
+    return results

@@ -25,6 +25,9 @@ from marie_memory.records import ExtractionJob
 log = logging.getLogger("marie.memory.queue")
 
 BATCH = 8
+#: How long the replica that took a job holds it before another may run it
+#: (an extraction is bounded far below this: its model calls have deadlines).
+JOB_LEASE_SECONDS = 600.0
 # Errors worth another attempt: the providers service or the model may recover.
 RETRIABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
@@ -67,7 +70,10 @@ class ExtractionQueue:
             try:
                 jobs = await self._core.store.due_jobs(self._clock(), BATCH)
                 for job in jobs:
-                    await self._attempt(job)
+                    # Every replica's queue sees every job: one takes it. If
+                    # that one dies, the job is due again after the lease.
+                    if await self._core.store.take_job(job.id, self._clock(), JOB_LEASE_SECONDS):
+                        await self._attempt(job)
                 if len(jobs) == BATCH:
                     continue
             except asyncio.CancelledError:
