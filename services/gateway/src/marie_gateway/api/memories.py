@@ -24,6 +24,7 @@ from marie_gateway.api.memory_client import (
     _UserBody,
     float_param,
     history_json,
+    idempotency_key,
     int_param,
     memory_json,
     mode_param,
@@ -73,6 +74,7 @@ class MemoryRoutes(MemoryCalls):
         principal = await self._principal(request)
         body = parse_body(MemoriesCreate, await self.gw.read_body(request))
         user_id = user_id_of(principal, body.user, body.tenant)
+        key = idempotency_key(request)
         reply = await self._call(
             self._memory().AddMemories(
                 mpb.AddMemoriesRequest(
@@ -88,6 +90,7 @@ class MemoryRoutes(MemoryCalls):
                     conversation_id=body.conversation_id,
                     extraction_model=body.model,
                     actor=f"key:{principal.key_id}",
+                    request_id=key,
                 ),
                 # Inference can take seconds: the chat deadline, not the control one.
                 timeout=self.gw.settings.request_timeout_seconds,

@@ -118,6 +118,8 @@ class ResponseStore:
                     user_id=user_id,
                     conversation_id=response_id[len(PREFIX) :],
                     messages=messages,
+                    # One record per response, even when the call is retried.
+                    request_id=response_id,
                 ),
                 timeout=timeout,
                 metadata=metadata,
