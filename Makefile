@@ -12,7 +12,7 @@ STUBS_DIR := libs/kit/src
 STUBS_STAMP := $(STUBS_DIR)/marie/.stamp
 BUF := node_modules/.bin/buf
 
-.PHONY: all bootstrap stubs run test test-real-server llama-requirements lint breaking proto-baseline fmt bench bench-compare bench-requirements clean web web-lint
+.PHONY: all bootstrap stubs run test lint breaking proto-baseline fmt bench bench-compare bench-requirements clean web web-lint
 
 all: bootstrap
 
@@ -75,35 +75,6 @@ run: bootstrap
 test: bootstrap
 	$(VENV)/bin/pytest
 
-# Opt-in: the OpenAI-compatible provider against a real server (llama-cpp-python
-# with a tiny model the test writes). Not part of `make test`: llama.cpp
-# compiles from source (PyPI has no wheel for it), which takes longer than the
-# rest of the suite on two cores. The built wheel is kept outside the clone, in
-# $(WHEEL_CACHE), so fresh clones and venvs on the same machine reuse it.
-LLAMA_VENV := .venv-llama
-LLAMA_REQUIREMENTS := tests/real_llama/requirements.txt
-LLAMA_CPP_VERSION := $(shell sed -n 's/^llama-cpp-python==//p' $(LLAMA_REQUIREMENTS))
-WHEEL_CACHE ?= $(HOME)/.cache/marie-wheels
-
-# Re-pin the real server's packages after changing requirements.in.
-llama-requirements: $(UV)
-	$(UV) pip compile -q --python-version 3.11 --custom-compile-command "make llama-requirements" \
-		tests/real_llama/requirements.in -o $(LLAMA_REQUIREMENTS)
-
-$(LLAMA_VENV)/.synced: $(UV) $(LLAMA_REQUIREMENTS)
-	mkdir -p $(WHEEL_CACHE)
-	ls $(WHEEL_CACHE)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1 || \
-		CMAKE_ARGS="-DGGML_NATIVE=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 $(TOOLS)/bin/pip wheel \
-		--quiet --no-deps llama-cpp-python==$(LLAMA_CPP_VERSION) -w $(WHEEL_CACHE)
-	$(UV) venv -q --allow-existing --python $(PYTHON) $(LLAMA_VENV)
-	$(UV) pip install -q --python $(LLAMA_VENV)/bin/python --find-links $(WHEEL_CACHE) \
-		-r $(LLAMA_REQUIREMENTS)
-	touch $@
-
-test-real-server: bootstrap $(LLAMA_VENV)/.synced
-	MARIE_LLAMA_PYTHON=$(CURDIR)/$(LLAMA_VENV)/bin/python \
-		$(VENV)/bin/pytest tests/test_real_openai_server.py
-
 $(BUF): package.json package-lock.json
 	npm ci --no-audit --no-fund --silent
 	touch $@
@@ -128,6 +99,7 @@ fmt: bootstrap
 
 bench: bootstrap
 	$(PY) bench/run.py
+	$(PY) bench/real_server.py
 	$(PY) bench/memory_search.py
 
 # Marie against LiteLLM proxy in one run (bench/versus.py): writes
@@ -152,7 +124,7 @@ bench-compare: bootstrap $(BENCH_VENV)/.synced
 		--plot-python $(BENCH_VENV)/bin/python $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) $(LLAMA_VENV) $(BENCH_VENV) $(TOOLS) $(STUBS_DIR)/marie node_modules \
+	rm -rf $(VENV) $(BENCH_VENV) $(TOOLS) $(STUBS_DIR)/marie node_modules \
 		$(WEB)/node_modules $(WEB)/dist
 
 # --- Client libraries (clients/<language>/, issue 13) ---------------------

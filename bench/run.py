@@ -5,11 +5,15 @@ own process): the baseline calls Ollama's /api/chat directly; the Marie path
 calls the gateway's /v1/chat/completions, which validates the key, calls the
 providers service over gRPC, which calls the same upstream. The difference is
 what Marie adds. CPU is read from /proc for every Marie process, so it counts
-the gateway, providers and auth together.
+the gateway, providers and auth together. Anthropic's Messages API
+(`/v1/messages`, the same call behind another surface) is measured beside the
+chat path, interleaved with it.
 
 Usage: make bench   (or .venv/bin/python bench/run.py --requests 500)
-       .venv/bin/python bench/run.py --shared-limits   (limits leased from auth,
-       MARIE_GATEWAY_LIMITS=auth, with a key that has high limits: the lease path)
+       .venv/bin/python bench/run.py --shared-limits   (a key with limits far above
+       the load, counted in auth and leased: what `marie up` runs by default)
+       .venv/bin/python bench/run.py --local-limits    (the same key, counted in
+       each process: MARIE_*_LIMITS=local, the baseline of the lease path)
 """
 
 from __future__ import annotations
@@ -61,10 +65,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--warmup", type=int, default=50)
-    parser.add_argument(
+    modes = parser.add_mutually_exclusive_group()
+    modes.add_argument(
         "--shared-limits",
         action="store_true",
         help="count limits in auth (leases) and use a key with limits far above the load",
+    )
+    parser.add_argument(
+        "--chat-only",
+        action="store_true",
+        help="measure the chat path alone (a baseline from before /v1/messages existed)",
+    )
+    modes.add_argument(
+        "--local-limits",
+        action="store_true",
+        help="count limits in each process and use a key with limits far above the load",
     )
     args = parser.parse_args()
 
@@ -72,10 +87,12 @@ def main() -> None:
     ollama = upstreams.ollama_url
     with tempfile.TemporaryDirectory() as tmp:
         # Default log level: the access log is part of the real per-request cost.
-        extra = {"MARIE_GATEWAY_LIMITS": "auth"} if args.shared_limits else {}
+        where = "auth" if args.shared_limits else "local" if args.local_limits else ""
+        extra = {f"MARIE_{s}_LIMITS": where for s in ("GATEWAY", "PROVIDERS", "MEMORY") if where}
         stack = start_stack(Path(tmp), ollama, **extra)
         try:
-            limits = ("--rpm", "1000000", "--tpm", "100000000") if args.shared_limits else ()
+            limited = args.shared_limits or args.local_limits
+            limits = ("--rpm", "1000000", "--tpm", "100000000") if limited else ()
             key = stack.create_key("bench", *limits)
             direct = httpx.Client(base_url=ollama, timeout=30)
             marie = httpx.Client(
@@ -100,46 +117,81 @@ def main() -> None:
                         for _ in r.iter_bytes():
                             pass
 
+                messages_body: dict[str, object] = {**marie_body, "max_tokens": 64}
+
                 def call_marie(body: dict[str, object] = marie_body) -> None:
                     with marie.stream("POST", "/v1/chat/completions", json=body) as r:
                         r.raise_for_status()
                         for _ in r.iter_bytes():
                             pass
 
+                def call_messages(body: dict[str, object] = messages_body) -> None:
+                    with marie.stream("POST", "/v1/messages", json=body) as r:
+                        r.raise_for_status()
+                        for _ in r.iter_bytes():
+                            pass
+
                 _time(call_direct, args.warmup)
                 _time(call_marie, args.warmup)
+                if not args.chat_only:
+                    _time(call_messages, args.warmup)
                 pids = _marie_pids(stack)
-                cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
-                # Interleave the two so machine noise hits both alike.
-                d, m = [], []
+                cpu = {"chat": dict.fromkeys(pids, 0.0), "messages": dict.fromkeys(pids, 0.0)}
+
+                def measured(
+                    path: str,
+                    fn: Callable[[], None],
+                    pids: dict[str, int] = pids,
+                    cpu: dict[str, dict[str, float]] = cpu,
+                ) -> list[float]:
+                    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+                    samples = _time(fn, 10)
+                    for name, pid in pids.items():
+                        cpu[path][name] += cpu_seconds(pid) - before[name]
+                    return samples
+
+                # Interleave the three so machine noise hits all alike.
+                d, m, a = [], [], []
                 for _ in range(args.requests // 10):
                     d += _time(call_direct, 10)
-                    m += _time(call_marie, 10)
-                cpu_ms = {
-                    name: (cpu_seconds(pid) - cpu_before[name]) * 1000 / len(m)
-                    for name, pid in pids.items()
-                }
-                results["stream" if stream else "non-stream"] = (d, m, cpu_ms)
+                    m += measured("chat", call_marie)
+                    if not args.chat_only:
+                        a += measured("messages", call_messages)
+                mode = "stream" if stream else "non-stream"
+                for path, samples in (("chat", m), ("messages", a)):
+                    if not samples:
+                        continue
+                    cpu_ms = {n: s * 1000 / len(samples) for n, s in cpu[path].items()}
+                    results[f"{mode} {path}"] = (d, samples, cpu_ms)
         finally:
             stack.stop()
             upstreams.stop()
 
-    what = ", limits leased from auth" if args.shared_limits else ""
+    what = (
+        ", limits leased from auth"
+        if args.shared_limits
+        else ", limits counted in each process"
+        if args.local_limits
+        else ""
+    )
     print(f"\nMarie hot-path benchmark: {args.requests} requests per path, sequential{what}\n")
-    header = f"{'mode':<11}{'direct p50':>12}{'marie p50':>12}{'added p50':>12}"
+    header = f"{'mode':<20}{'direct p50':>12}{'marie p50':>12}{'added p50':>12}"
     header += f"{'direct p90':>12}{'marie p90':>12}{'ratio p50':>11}{'marie CPU/req':>15}"
     print(header)
     for mode, (d, m, cpu_ms) in results.items():
         dp50, mp50 = statistics.median(d), statistics.median(m)
         total_cpu = sum(cpu_ms.values())
         print(
-            f"{mode:<11}{dp50:>10.2f}ms{mp50:>10.2f}ms{mp50 - dp50:>10.2f}ms"
+            f"{mode:<20}{dp50:>10.2f}ms{mp50:>10.2f}ms{mp50 - dp50:>10.2f}ms"
             f"{percentile(d, 0.9):>10.2f}ms{percentile(m, 0.9):>10.2f}ms{mp50 / dp50:>10.2f}x"
             f"{total_cpu:>13.2f}ms"
         )
         split = ", ".join(f"{name} {ms:.2f}ms" for name, ms in sorted(cpu_ms.items()))
-        print(f"{'':<11}CPU per request by service: {split}")
-    print("\nadded = Marie p50 - direct p50; CPU = gateway + providers + auth, per request.")
+        print(f"{'':<20}CPU per request by service: {split}")
+    print(
+        "\nadded = Marie p50 - direct p50; CPU = gateway + providers + auth, per request;"
+        "\nchat = /v1/chat/completions, messages = /v1/messages (Anthropic's API)."
+    )
 
 
 if __name__ == "__main__":

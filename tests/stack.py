@@ -131,6 +131,9 @@ def start_stack(data_dir: Path, ollama_url: str, **extra_env: str) -> Stack:
         "MARIE_MEMORY_PORT": str(memory),
         "OLLAMA_BASE_URL": ollama_url,
         "MARIE_GRACE_SECONDS": "2",
+        # No local model servers unless a test asks (`marie up` would start
+        # them whenever no provider answers).
+        "MARIE_LOCAL_MODELS": "off",
         **extra_env,
     }
     log_path = data_dir / "marie-up.log"

@@ -190,3 +190,27 @@ def test_the_console_in_a_real_browser(
     )
     for name in ("sign-in", "model-selector", "chat", "search", "compare", "memories", "keys"):
         assert (shots / f"{name}.png").stat().st_size > 5_000
+
+
+@pytest.mark.skipif(NODE_MISSING, reason=NODE_REASON)
+@pytest.mark.skipif(
+    not CHROMIUM.exists(),
+    reason=f"no Chromium at {CHROMIUM} (Debian: apt-get install chromium; .ci/run does)",
+)
+@pytest.mark.timeout(300)
+def test_the_api_docs_page_renders_under_its_content_security_policy(
+    built: None, console_stack: Stack
+) -> None:
+    """/docs allows only this origin's scripts and no inline ones: Swagger UI
+    must still render the document, with nothing refused by the policy."""
+    done = _run(
+        ["node", "e2e/docs.e2e.mjs"],
+        WEB,
+        240,
+        DOCS_URL=f"{console_stack.base_url}/docs",
+        CHROMIUM=str(CHROMIUM),
+    )
+    assert done.returncode == 0, done.stderr[-8000:]
+    result = orjson.loads(done.stdout.strip().splitlines()[-1])
+    assert result["title"].startswith("Marie gateway")
+    assert result["problems"] == []

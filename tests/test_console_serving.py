@@ -10,7 +10,7 @@ from typing import Any, cast
 
 import pytest
 from marie_gateway.app import create_app
-from marie_gateway.console.routes import ASSET_CACHE, CSP
+from marie_gateway.console.routes import ASSET_CACHE, CSP, dist_dir
 from marie_gateway.settings import GatewaySettings
 from starlette.testclient import TestClient
 
@@ -79,3 +79,10 @@ def test_the_api_keeps_its_paths(dist: Path) -> None:
     assert http.get("/docs").headers.get("content-security-policy") is None
     unknown = http.get("/v1/nothing")
     assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "unknown_url"
+
+
+def test_by_default_the_checkouts_own_build_is_served() -> None:
+    # `make web` builds into <repo>/web/dist; with no console_dir the gateway
+    # serves that folder, wherever its package sits in the tree.
+    repo = Path(__file__).resolve().parents[1]
+    assert dist_dir("") == repo / "web" / "dist"

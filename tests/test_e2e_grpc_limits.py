@@ -1,12 +1,12 @@
 """gRPC calls through Envoy are held to their key's limits and recorded in the
 usage ledger, as the HTTP API's requests are, without counting anything twice.
 
-The suite runs as compose runs it: `MARIE_GATEWAY_LIMITS=auth`,
-`MARIE_PROVIDERS_LIMITS=auth` and `MARIE_MEMORY_LIMITS=auth` (all hold leases
-of the key's counters at auth), real Envoy on deploy/envoy/envoy.yaml in
-front (tests/envoy.py). The gateway's key check adds `x-marie-limits` to the
-providers' and memory's calls; the service admits, charges, releases and
-records them (marie_kit.metering).
+The suite runs as `marie up` runs it by default (and compose, explicitly):
+`MARIE_GATEWAY_LIMITS`, `MARIE_PROVIDERS_LIMITS` and `MARIE_MEMORY_LIMITS`
+are `auth` (all hold leases of the key's counters at auth), with real Envoy
+on deploy/envoy/envoy.yaml in front (tests/envoy.py). The gateway's key
+check adds `x-marie-limits` to the providers' and memory's calls; the
+service admits, charges, releases and records them (marie_kit.metering).
 """
 
 from __future__ import annotations
@@ -112,13 +112,8 @@ class Edge:
 def edge(ollama: FakeOllama, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edge]:
     ollama.add_model(COUNTED)
     data = tmp_path_factory.mktemp("grpc-limits")
-    stack = start_stack(
-        data,
-        ollama.base_url,
-        MARIE_GATEWAY_LIMITS="auth",
-        MARIE_PROVIDERS_LIMITS="auth",
-        MARIE_MEMORY_LIMITS="auth",
-    )
+    # marie up's defaults: nothing here says where limits are counted.
+    stack = start_stack(data, ollama.base_url)
     envoy: Envoy | None = None
     try:
         envoy = start_envoy(

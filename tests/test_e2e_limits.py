@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 from google.rpc import code_pb2
 from marie_kit.apikeys import generate_key
@@ -242,6 +243,9 @@ def strict(ollama: FakeOllama, tmp_path_factory: pytest.TempPathFactory) -> Iter
         MARIE_GATEWAY_INVALID_KEY_THRESHOLD="3",
         MARIE_GATEWAY_INVALID_KEY_WINDOW_SECONDS="30",
         MARIE_GATEWAY_TRUSTED_PROXIES="127.0.0.2/32",
+        # Validations expire at once here: a key in use is asked of auth again
+        # while its address is slowed down, as it is every minute by default.
+        MARIE_GATEWAY_KEY_CACHE_TTL_SECONDS="0.5",
     )
     yield running
     running.stop()
@@ -256,20 +260,49 @@ def test_repeated_invalid_keys_are_slowed_down_without_affecting_valid_keys(
 ) -> None:
     valid = strict.create_key("in-use")
     assert models(strict, valid).status_code == 200
-    wrong = generate_key()  # well formed, but no such key
-    assert [models(strict, wrong).status_code for _ in range(3)] == [401, 401, 401]
+    # Well formed, but no such keys: three guesses use up the allowance.
+    assert [models(strict, generate_key()).status_code for _ in range(3)] == [401, 401, 401]
+    wrong = generate_key()
     slowed = models(strict, wrong)
     assert slowed.status_code == 429
     assert slowed.json()["error"]["code"] == "rate_limit_exceeded"
     # One more try comes back every 10 s.
     assert 1 <= int(slowed.headers["retry-after"]) <= 10
-    # A key in use keeps working from the same address.
+    # A key in use keeps working from the same address, also once its
+    # cached validation has expired (auth is asked again, not skipped).
     assert models(strict, valid).status_code == 200
     assert chat(strict, valid, model="ollama/llama3.2:latest").status_code == 200
+    time.sleep(1.0)
+    assert models(strict, valid).status_code == 200
     # Unknown keys stay refused without auth being asked (the refill over
     # time is covered by the limiter's own tests on a fake clock).
     assert models(strict, wrong).status_code == 429
     assert models(strict, generate_key()).status_code == 429
+
+
+def test_a_revoked_key_in_use_is_refused_while_its_address_is_slowed_down(
+    strict: Stack,
+) -> None:
+    peer = "127.0.0.5"
+    made = orjson.loads(strict.marie("keys", "create", "--name", "revoked", "--json").stdout)
+    valid, key_id = made["key"], made["id"]
+    assert models_from(strict, peer, "", valid) == 200
+    for _ in range(4):
+        models_from(strict, peer, "", generate_key())
+    assert models_from(strict, peer, "", generate_key()) == 429
+    assert strict.marie("keys", "revoke", key_id).returncode == 0
+    time.sleep(1.0)
+    # Seen valid, so not held back by the slow-down; but auth says no.
+    assert models_from(strict, peer, "", valid) == 401
+
+
+def test_the_same_invalid_key_retried_counts_once(strict: Stack) -> None:
+    """A misconfigured client retrying its one wrong key does not use up the
+    allowance of everyone at its address (a NAT, an office)."""
+    peer = "127.0.0.6"
+    wrong = generate_key()
+    assert {models_from(strict, peer, "", wrong) for _ in range(10)} == {401}
+    assert models_from(strict, peer, "", strict.create_key("first-use")) == 200
 
 
 def models_from(stack: Stack, peer: str, forwarded_for: str, key: str) -> int:
@@ -286,21 +319,23 @@ def models_from(stack: Stack, peer: str, forwarded_for: str, key: str) -> int:
 def test_behind_a_trusted_proxy_clients_are_told_apart_by_x_forwarded_for(
     strict: Stack,
 ) -> None:
-    wrong = generate_key()
     proxy = "127.0.0.2"
-    assert [models_from(strict, proxy, "198.51.100.7", wrong) for _ in range(3)] == [401] * 3
-    assert models_from(strict, proxy, "198.51.100.7", wrong) == 429
+
+    def guess(forwarded_for: str) -> int:
+        return models_from(strict, proxy, forwarded_for, generate_key())
+
+    assert [guess("198.51.100.7") for _ in range(3)] == [401] * 3
+    assert guess("198.51.100.7") == 429
     # Prepending addresses of its own does not get that client out of it
     # (the rightmost address the proxy did not vouch for is the client)...
-    assert models_from(strict, proxy, "9.9.9.9, 198.51.100.7", wrong) == 429
+    assert guess("9.9.9.9, 198.51.100.7") == 429
     # ...while another client behind the same proxy is not slowed down.
-    assert models_from(strict, proxy, "198.51.100.8", wrong) == 401
+    assert guess("198.51.100.8") == 401
 
 
 def test_x_forwarded_for_from_an_untrusted_peer_is_ignored(strict: Stack) -> None:
-    wrong = generate_key()
     peer = "127.0.0.3"  # not a trusted proxy
-    statuses = [models_from(strict, peer, f"203.0.113.{i}", wrong) for i in range(4)]
+    statuses = [models_from(strict, peer, f"203.0.113.{i}", generate_key()) for i in range(4)]
     # Each request claims another client; all count against the peer.
     assert statuses == [401, 401, 401, 429]
 
@@ -308,11 +343,11 @@ def test_x_forwarded_for_from_an_untrusted_peer_is_ignored(strict: Stack) -> Non
 def test_a_slowed_down_address_gets_rate_limited_from_envoys_grpc_check(strict: Stack) -> None:
     """The gRPC key check (`/_authz`, asked by Envoy) slows addresses down too,
     and says so in the rich status Envoy hands the gRPC client."""
-    wrong = generate_key()
     transport = httpx.HTTPTransport(local_address="127.0.0.2")  # the trusted proxy
     with httpx.Client(transport=transport) as client:
 
         def check() -> httpx.Response:
+            wrong = generate_key()  # a guess: each one different
             return client.post(
                 f"{strict.base_url}/_authz/marie.providers.v1.ProviderService/ListModels",
                 headers={"Authorization": f"Bearer {wrong}", "X-Forwarded-For": "198.51.100.9"},

@@ -214,6 +214,43 @@ def test_memories_routes_add_search_change_and_erase(mem_stack: Stack, acme: str
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "messages"
 
 
+def test_a_background_extraction_reports_its_state_to_its_own_tenant(
+    mem_stack: Stack, acme: str, globex: str
+) -> None:
+    api = client(mem_stack, acme)
+    user = {"user": "mem-jobs"}
+    queued = api(
+        "POST",
+        "/api/memories",
+        json={
+            "messages": [{"role": "user", "content": "I live in Lyon."}],
+            "background": True,
+            **user,
+        },
+    )
+    assert queued.status_code == 200, queued.text
+    job_id = queued.json()["job_id"]
+
+    def job() -> Any:
+        return api("GET", f"/api/memories/jobs/{job_id}", params=user).json()
+
+    assert _wait(lambda: job()["status"] == "succeeded"), job()
+    done = job()
+    assert done["object"] == "memory.extraction_job" and done["id"] == job_id
+    assert [(c["event"], c["text"]) for c in done["data"]] == [("ADD", "Live in Lyon")]
+    assert done["attempts"] == 1 and done["failure_reason"] is None
+    assert done["finished_at"] >= done["created_at"] and done["next_attempt_at"] is None
+    # Another tenant's key, another user, an unknown id: 404 alike.
+    for caller, params, path in (
+        (client(mem_stack, globex), user, job_id),
+        (api, {"user": "someone-else"}, job_id),
+        (api, user, "job_nope"),
+    ):
+        missing = caller("GET", f"/api/memories/jobs/{path}", params=params)
+        assert missing.status_code == 404, missing.text
+        assert missing.json()["error"]["code"] == "job_not_found"
+
+
 def test_tenants_and_end_users_never_see_each_other(
     mem_stack: Stack, acme: str, globex: str
 ) -> None:
@@ -321,6 +358,37 @@ def test_chat_completions_with_user_are_enriched(
         json={"model": CHAT_MODEL, "messages": [{"role": "user", "content": "French?"}]},
     )
     assert [m["role"] for m in _sent(ollama, "French?")["messages"]] == ["user"]
+
+
+def test_anthropic_messages_with_metadata_user_id_are_enriched(
+    mem_stack: Stack, acme: str, ollama: FakeOllama
+) -> None:
+    """Anthropic's `metadata.user_id` is the end user, as OpenAI's `user` is."""
+    api = client(mem_stack, acme)
+    api(
+        "POST",
+        "/api/memories",
+        json={
+            "messages": [{"role": "user", "content": "Writes Rust at work"}],
+            "infer": False,
+            "user": "claude-user",
+        },
+    )
+    reply = api(
+        "POST",
+        "/v1/messages",
+        json={
+            "model": CHAT_MODEL,
+            "max_tokens": 32,
+            "system": "Be brief.",
+            "metadata": {"user_id": "claude-user"},
+            "messages": [{"role": "user", "content": "Which language do I write at work?"}],
+        },
+    )
+    assert reply.status_code == 200, reply.text
+    sent = _sent(ollama, "Which language do I write at work?")["messages"]
+    assert sent[0]["role"] == "system" and "Writes Rust at work" in sent[0]["content"]
+    assert sent[1] == {"role": "system", "content": "Be brief."}
 
 
 def test_a_client_leaving_mid_answer_leaves_the_partial_answer_marked(

@@ -277,11 +277,28 @@ def test_compare_streams_every_model_and_survives_a_failing_one(
     assert by_model[models[1]][-1]["error"]["code"]
 
 
+def test_compare_runs_the_same_model_twice_as_two_arms_told_apart_by_index(
+    stack: Stack, key: str, document: dict[str, Any]
+) -> None:
+    # Sampling variance is a real question: the same model, twice, side by side.
+    model = "ollama/llama3.2:latest"
+    events = compare_events(stack, key, [model, model])
+
+    for e in events:
+        conforms(document, "CompareEvent", e)
+    assert {e["model"] for e in events} == {model}
+    for index in (0, 1):
+        *deltas, done = [e for e in events if e["index"] == index]
+        assert "".join(d["delta"].get("content", "") for d in deltas) == (
+            "Hello from llama3.2:latest! You said: hi"
+        )
+        assert done["type"] == "done" and done["usage"]["completion_tokens"] > 0
+
+
 def test_compare_refuses_bad_requests(stack: Stack, key: str) -> None:
     for body, param in [
         ({"models": ["ollama/llama3.2:latest"]}, "models"),
         ({"models": ["a"] * 9}, "models"),
-        ({"models": ["ollama/llama3.2:latest"] * 2}, "models"),
     ]:
         response = httpx.post(
             f"{stack.base_url}/api/compare",
@@ -507,6 +524,29 @@ def test_cors_preflight_from_a_configured_origin(stack: Stack) -> None:
         headers={"origin": "https://evil.example", "access-control-request-method": "POST"},
     )
     assert "access-control-allow-origin" not in other.headers
+
+
+def test_cors_lets_browsers_use_the_anthropic_surface(stack: Stack) -> None:
+    """Anthropic's browser SDK sends its own headers and reads request-id and
+    the anthropic-ratelimit-* headers."""
+    preflight = httpx.options(
+        f"{stack.base_url}/v1/messages",
+        headers={
+            "origin": ORIGIN,
+            "access-control-request-method": "POST",
+            "access-control-request-headers": "x-api-key, anthropic-version, anthropic-beta",
+        },
+    )
+    assert preflight.status_code == 200
+    allowed = preflight.headers["access-control-allow-headers"].lower()
+    assert {"x-api-key", "anthropic-version", "anthropic-beta"} <= {
+        h.strip() for h in allowed.split(",")
+    }
+    answer = httpx.post(
+        f"{stack.base_url}/v1/messages", headers={"origin": ORIGIN, "x-api-key": "nope"}
+    )
+    exposed = {h.strip() for h in answer.headers["access-control-expose-headers"].split(",")}
+    assert {"request-id", "anthropic-ratelimit-requests-remaining"} <= exposed
 
 
 def test_no_cors_unless_configured() -> None:

@@ -264,7 +264,10 @@ def test_health_endpoints(stack: Stack) -> None:
     assert httpx.get(f"{stack.base_url}/healthz").json() == {"status": "ok"}
     ready = httpx.get(f"{stack.base_url}/readyz")
     assert ready.status_code == 200
-    assert ready.json()["checks"] == {"providers": True, "auth": True}
+    assert ready.json() == {
+        "status": "ready",
+        "checks": {"providers": True, "auth": True, "memory": True},
+    }
 
 
 def test_client_disconnect_closes_the_upstream_stream(
@@ -309,7 +312,8 @@ def test_upstream_down_is_a_server_error(tmp_path: Path) -> None:
         # The client gets plain words and the request id, not internal addresses...
         rid = caught.value.response.headers["x-request-id"]
         assert caught.value.message.endswith(
-            f"The provider 'ollama' is not reachable right now (request id {rid})."
+            f"The provider 'ollama' is not reachable right now for model '{MODEL}'"
+            f" (request id {rid})."
         )
         assert str(closed_port) not in caught.value.response.text
         # ...which the log line with that request id names, for the operator.
@@ -374,6 +378,14 @@ def test_embeddings_reject_empty_strings(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
         client.embeddings.create(model="ollama/nomic-embed-text:latest", input=["ok", ""])
     assert caught.value.param == "input[1]"
+
+
+def test_embeddings_take_at_most_2048_inputs_of_any_length(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.embeddings.create(model="ollama/nomic-embed-text:latest", input=["x"] * 2049)
+    assert caught.value.param == "input"
+    long_one = client.embeddings.create(model="ollama/nomic-embed-text:latest", input="x" * 5000)
+    assert len(long_one.data) == 1
 
 
 def test_key_without_chat_scope_is_forbidden(stack: Stack) -> None:

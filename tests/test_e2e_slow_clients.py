@@ -6,6 +6,8 @@ cannot misbehave on purpose."""
 
 from __future__ import annotations
 
+import contextlib
+import select
 import socket
 import threading
 import time
@@ -157,9 +159,9 @@ def test_large_bodies_wait_for_the_budget_instead_of_piling_up(strict: Stack, ke
     first.sendall(
         f"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n".encode()
         + f"Connection: close\r\nContent-Length: {MAX_BODY}\r\n\r\n".encode()
-        + b"x" * 1000
+        + b"x" * (MAX_BODY - 16)
     )
-    time.sleep(0.2)  # the first now holds the whole budget
+    time.sleep(0.3)  # the first now holds all but 16 bytes of the budget
     done: dict[str, float] = {}
 
     def second() -> None:
@@ -176,12 +178,103 @@ def test_large_bodies_wait_for_the_budget_instead_of_piling_up(strict: Stack, ke
     thread.start()
     time.sleep(0.3)
     assert "second" not in done, "the second body was read while the budget was full"
-    first.sendall(b"x" * (MAX_BODY - 1000))
+    first.sendall(b"x" * 16)
     status, _, _ = split(read_all(first))
     done["first"] = time.monotonic()
     thread.join(10)
     assert status.startswith("HTTP/1.1 400")  # not JSON: it was only ballast
     assert done["second"] >= done["first"] - 0.05
+
+
+SHARED_MAX_BODY = 256 * 1024
+SHARED_BUDGET = 4 * SHARED_MAX_BODY
+SHARED_BODY_TIMEOUT = 30.0
+
+
+@pytest.fixture(scope="module")
+def shared(ollama: FakeOllama, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """Room for four largest bodies at once; a slow body has 30 s to arrive."""
+    running = start_stack(
+        tmp_path_factory.mktemp("shared"),
+        ollama.base_url,
+        MARIE_GATEWAY_MAX_BODY_BYTES=str(SHARED_MAX_BODY),
+        MARIE_GATEWAY_MAX_INFLIGHT_BODY_BYTES=str(SHARED_BUDGET),
+        MARIE_GATEWAY_BODY_TIMEOUT_SECONDS=str(SHARED_BODY_TIMEOUT),
+    )
+    yield running
+    running.stop()
+
+
+def _slow_uploads(stack: Stack, key: str, count: int, sent: bytes) -> list[socket.socket]:
+    """`count` uploads that each declare the largest body, send `sent` and stall."""
+    socks = []
+    for _ in range(count):
+        sock = connect(stack)
+        sock.settimeout(2)
+        # A timeout: the gateway reads no more of it for now (that is the point).
+        with contextlib.suppress(TimeoutError):
+            sock.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                + f"Authorization: Bearer {key}\r\nContent-Type: application/json\r\n".encode()
+                + f"Content-Length: {SHARED_MAX_BODY}\r\n\r\n".encode()
+                + sent
+            )
+        socks.append(sock)
+    time.sleep(0.5)  # what was sent has reached the gateway
+    return socks
+
+
+def _other_tenants_posts(stack: Stack) -> list[int]:
+    """A small chat, conversation and embeddings POST of another tenant. Each
+    must be answered well before the stalled uploads' body timeout (30 s): a
+    client timeout of 20 s fails the test if one waits for them."""
+    key = stack.create_key("bystander", "--owner", "someone-else")
+    headers = {"authorization": f"Bearer {key}"}
+    bodies = [
+        (
+            "/v1/chat/completions",
+            {"model": "ollama/llama3.2:latest", "messages": [{"role": "user", "content": "hi"}]},
+        ),
+        ("/api/conversations", {"title": "t"}),
+        ("/v1/embeddings", {"model": "ollama/nomic-embed-text:latest", "input": "hi"}),
+    ]
+    return [
+        httpx.post(f"{stack.base_url}{path}", json=body, headers=headers, timeout=20).status_code
+        for path, body in bodies
+    ]
+
+
+def _unanswered(socks: list[socket.socket]) -> bool:
+    """None of the stalled uploads has had an answer (or been closed) yet."""
+    readable, _, _ = select.select(socks, [], [], 0)
+    return not readable
+
+
+def test_declared_lengths_do_not_take_the_budget_before_the_bytes_come(shared: Stack) -> None:
+    """Four uploads that each declare the largest body and send a few bytes
+    took the whole budget, so every other tenant's POSTs waited for their
+    body timeout (issue 20: 59 s). Budget is taken as bytes arrive."""
+    socks = _slow_uploads(shared, shared.create_key("stalling"), 4, b'{"model":')
+    try:
+        assert _other_tenants_posts(shared) == [200, 201, 200]
+        assert _unanswered(socks)
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_one_key_cannot_take_the_whole_budget(shared: Stack) -> None:
+    """Bytes really sent count, but one key may hold a quarter of the budget
+    (at least the largest body): its fifth upload waits, others do not."""
+    socks = _slow_uploads(
+        shared, shared.create_key("hogging"), 5, b'{"model": "' + b"x" * (SHARED_MAX_BODY - 64)
+    )
+    try:
+        assert _other_tenants_posts(shared) == [200, 201, 200]
+        assert _unanswered(socks)
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 # -- what the HTTP parser refuses, and HTTP's own rules ---------------------------

@@ -58,7 +58,8 @@ def usage_when(stack: Stack, key: str, requests: int, **params: str) -> dict[str
 
 
 def make_traffic(stack: Stack, key: str) -> None:
-    """Six ledger records: chat, stream, embeddings, an error, a two-model comparison."""
+    """Six ledger records: chat, stream, embeddings, an upstream failure, a
+    two-model comparison."""
     assert (
         post(
             stack,
@@ -79,10 +80,10 @@ def make_traffic(stack: Stack, key: str) -> None:
         stack, key, "/v1/embeddings", {"model": "ollama/llama3.2:latest", "input": "one two three"}
     )
     assert emb.status_code == 200
-    missing = post(
-        stack, key, "/v1/chat/completions", {"model": "ollama/nope:latest", "messages": HELLO}
+    failed = post(
+        stack, key, "/v1/chat/completions", {"model": "ollama/broken:latest", "messages": HELLO}
     )
-    assert missing.status_code == 404
+    assert failed.status_code == 502
     compared = post(
         stack,
         key,
@@ -109,13 +110,40 @@ def test_usage_totals_after_a_mix_of_requests(stack: Stack) -> None:
     assert groups["ollama/counted:latest"]["requests"] == 3
     assert groups["ollama/twin:latest"]["requests"] == 1
     assert groups["ollama/llama3.2:latest"]["prompt_tokens"] == 3
-    assert groups["ollama/nope:latest"]["errors"] == 1
+    assert groups["ollama/broken:latest"]["errors"] == 1
 
     by_day = usage(stack, key, group_by="day").json()
     assert [g["group"] for g in by_day["groups"]] == [time.strftime("%Y-%m-%d", time.gmtime())]
     # A window that ends before the requests holds none of them.
     before = usage(stack, key, to="2000-01-01", **{"from": "1999-01-01"}).json()
     assert before["total"]["requests"] == 0
+
+
+def test_a_request_refused_before_any_model_answers_writes_no_usage_row(stack: Stack) -> None:
+    key = stack.create_key("usage-refused")
+    refused: list[tuple[str, dict[str, Any], int]] = [
+        # A bad body, an unknown model, a bad comparison, bad embeddings input.
+        ("/v1/chat/completions", {"model": "ollama/counted:latest", "messages": "hi"}, 400),
+        ("/v1/chat/completions", {"model": "ollama/nope:latest", "messages": HELLO}, 404),
+        ("/v1/completions", {"model": "ollama/counted:latest", "prompt": ""}, 400),
+        ("/api/compare", {"models": ["ollama/counted:latest"], "messages": HELLO}, 400),
+        ("/v1/embeddings", {"model": "ollama/nope:latest", "input": "x"}, 404),
+        ("/v1/responses", {"model": "ollama/counted:latest", "input": []}, 400),
+    ]
+    for path, body, status in refused:
+        assert post(stack, key, path, body).status_code == status, path
+    # One answered request after them: once its row is in, every earlier one would be.
+    answered = post(
+        stack, key, "/v1/chat/completions", {"model": "ollama/counted:latest", "messages": HELLO}
+    )
+    assert answered.status_code == 200
+    report = usage_when(stack, key, 1, group_by="model")
+    time.sleep(1.5)  # a flush period more: rows of the refused requests would be in by now
+    report = usage(stack, key, group_by="model").json()
+
+    assert report["total"]["requests"] == 1
+    assert report["total"]["errors"] == 0
+    assert [g["group"] for g in report["groups"]] == ["ollama/counted:latest"]
 
 
 def test_a_key_sees_only_its_own_usage_and_admin_sees_any(stack: Stack) -> None:

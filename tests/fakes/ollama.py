@@ -133,6 +133,11 @@ class FakeModel:
     # tool again; that is the default, so agent loops terminate. Set True to
     # return tool_calls even when the last message has role "tool".
     tool_calls_after_tool_result: bool = False
+    # A scripted agent: for each request that offers tools, the next entry is
+    # the answer's tool calls (an empty list: a text reply), first in first
+    # out, before `tool_calls`. Requests without tools (a client's background
+    # calls) leave the script alone.
+    tool_call_turns: list[list[JSONObject]] = field(default_factory=list)
     chunk_delay: float = 0.0
     first_byte_delay: float = 0.0
     # After this many content lines, send {"error": error_message} and end
@@ -142,6 +147,10 @@ class FakeModel:
     # Answer the whole request (chat and embed) with this status and
     # {"error": message}.
     status_error: tuple[int, str] | None = None
+    # Refuse /api/embed when any input is longer than this many characters:
+    # 500 with the error of a server whose batch is too small for it (what
+    # llama.cpp says of an input over its physical batch size).
+    max_input_chars: int | None = None
     # Answer /api/show for this model with this status and {"error": message}.
     show_error: tuple[int, str] | None = None
     # Keep streaming content lines until the client disconnects (or the
@@ -1149,7 +1158,9 @@ class FakeOllama:
                     "done": True,
                 },
             )
-        plan = self._plan(model, name, messages, stream is not False, body.get("format"))
+        plan = self._plan(
+            model, name, messages, stream is not False, body.get("format"), bool(body.get("tools"))
+        )
         plan.logprobs = body.get("logprobs") is True
         plan.top_logprobs = _int_or(body.get("top_logprobs"), 0)
         return _ChatResponse(self, plan)
@@ -1225,12 +1236,15 @@ class FakeOllama:
         messages: list[JSONObject],
         stream: bool,
         response_format: Any = None,
+        offers_tools: bool = False,
     ) -> _ChatPlan:
         last = messages[-1] if messages else {}
         after_tool_result = last.get("role") == "tool"
         tool_calls = model.tool_calls
         if after_tool_result and not model.tool_calls_after_tool_result:
             tool_calls = []
+        if offers_tools and model.tool_call_turns:
+            tool_calls = model.tool_call_turns.pop(0)
         reply = model.reply
         if model.replies:
             reply = model.replies.pop(0)
@@ -1282,6 +1296,15 @@ class FakeOllama:
             texts = list(raw_input)
         else:
             return _error(400, "invalid input type")
+        too_long = [
+            len(t) for t in texts if model.max_input_chars and len(t) > model.max_input_chars
+        ]
+        if too_long:
+            return _error(
+                500,
+                f"input ({too_long[0]} tokens) is too large to process. increase the physical "
+                f"batch size (current batch size: {model.max_input_chars})",
+            )
         dimension = model.embedding_dimension
         requested_dimensions = body.get("dimensions")
         if isinstance(requested_dimensions, int) and 0 < requested_dimensions < dimension:

@@ -5,7 +5,10 @@ with `stream_options.include_usage`, `data: [DONE]`), the legacy
 `/v1/completions` (`text_completion` objects, `stop` and `max_tokens`
 honoured, `suffix` recorded), `logprobs` in chat's and in the legacy shape,
 `/v1/embeddings` (texts or token arrays), OpenAI's error envelope. Failures
-on cue: see `upstream.py`.
+on cue: see `upstream.py`. With `llama_cpp=True` it answers as llama.cpp's
+server does where that differs: legacy completions' `logprobs` in chat's
+shape (`{"content": [{token, logprob, bytes, top_logprobs}]}`); its listing's
+`meta` is a model's `listing`.
 
 Usage::
 
@@ -106,9 +109,12 @@ class FakeOpenAI(FakeUpstream):
         *,
         api_key: str = "test-key",
         huggingface: bool = False,
+        llama_cpp: bool = False,
     ) -> None:
         super().__init__(api_key=api_key)
         self.huggingface = huggingface
+        # llama.cpp's server: legacy completions' logprobs in chat's shape.
+        self.llama_cpp = llama_cpp
         self.models = {m.id: m for m in models}
 
     def add(self, model: FakeChatModel) -> FakeChatModel:
@@ -305,7 +311,7 @@ class _Plan:
                 (f"alt{n}", value - n) for n in range(1, int(self.top))
             ]
             entries.append((piece, value, alternatives[: int(self.top)]))
-        if not self.text:
+        if not self.text or self.fake.llama_cpp:
             return {
                 "content": [
                     {**_token(p, v), "top_logprobs": [_token(a, av) for a, av in alts]}
@@ -354,6 +360,8 @@ class _Plan:
     async def stream(self, writer: EventWriter) -> None:
         await self._before_first_byte(writer)
         await writer.start(200, SSE_HEADERS)
+        if self.cue is not None and self.cue.kind == "slow_first_chunk":
+            await writer.pause(self.cue.seconds)
         if not self.text:
             await writer.write(self._chunk({"role": "assistant", "content": ""}))
         await writer.write(b": keep-alive\n\n")
@@ -436,4 +444,6 @@ class _Plan:
             },
         }
         await writer.start(200, [(b"content-type", b"application/json")])
+        if self.cue is not None and self.cue.kind == "slow_first_chunk":
+            await writer.pause(self.cue.seconds)
         await writer.write(json.dumps(body).encode())

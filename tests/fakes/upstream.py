@@ -10,6 +10,8 @@ A *cue* scripts how the next chat (or embeddings) request fails, in order:
   and the upstream's error envelope (``Retry-After`` header when given);
 - ``Cue.hang()``: accept the request and send nothing until the client leaves;
 - ``Cue.slow_first(seconds)``: wait that long before the first byte, then answer;
+- ``Cue.slow_first_chunk(seconds)``: send the response's headers at once, then
+  wait that long before the first event (a real server reading a long prompt);
 - ``Cue.die_after(n)``: send ``n`` content events, then drop the connection.
 
 "Refuse connections" is a closed port (``closed_port_url`` in the tests) or a
@@ -68,6 +70,10 @@ class Cue:
     @classmethod
     def slow_first(cls, seconds: float) -> Cue:
         return cls("slow_first", seconds=seconds)
+
+    @classmethod
+    def slow_first_chunk(cls, seconds: float) -> Cue:
+        return cls("slow_first_chunk", seconds=seconds)
 
     @classmethod
     def die_after(cls, events: int) -> Cue:

@@ -72,6 +72,21 @@ describe("ModelSelector", () => {
         return {
           ollama: { status: "healthy", available: true, models_count: 2, latency_ms: 1, error: null, default_model: null },
           huggingface: { status: "error", available: false, models_count: 0, latency_ms: null, error: "down", default_model: null },
+          local: {
+            status: "degraded",
+            available: true,
+            models_count: 1,
+            latency_ms: 2,
+            error: "local/m (embeddings) circuit open",
+            default_model: null,
+            deployments: [
+              { model: "local/m", operation: "chat", circuit: "closed", retry_at: null, consecutive_failures: 0,
+                in_flight: 0, max_concurrency: 0, background_in_flight: 0, max_background_concurrency: 1 },
+              { model: "local/m", operation: "embeddings", circuit: "open", retry_at: "2026-01-01T10:00:00Z",
+                consecutive_failures: 5, in_flight: 0, max_concurrency: 0, background_in_flight: 0,
+                max_background_concurrency: 1 },
+            ],
+          },
         };
       if (path === "/api/models/ollama/llama3.2%3Alatest")
         return { ...LISTING.models.ollama?.[1], description: "Meta's small model" };
@@ -86,6 +101,11 @@ describe("ModelSelector", () => {
     );
     expect(await screen.findByText("ollama: healthy")).toBeInTheDocument();
     expect(screen.getByText("huggingface: error")).toBeInTheDocument();
+    // A degraded provider says which model and operation it refuses, and until when.
+    expect(screen.getByText("local: degraded")).toBeInTheDocument();
+    const refusing = screen.getByRole("alert", { name: /local is refusing some requests/ });
+    expect(refusing).toHaveTextContent(/local\/m \(embeddings\): open until .*, after 5 failures/);
+    expect(refusing).not.toHaveTextContent("(chat)");
     const list = screen.getByRole("listbox", { name: "Models" });
     expect(within(list).getAllByRole("option")).toHaveLength(3);
     // Details of the selected model: context length, family, badges.

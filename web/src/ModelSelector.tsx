@@ -14,7 +14,7 @@ import {
 } from "@mantine/core";
 import { useCallback, useEffect, useMemo, useState } from "react";
 import type { Api, Model, ModelsByProvider, ProvidersHealth } from "./api";
-import { formatBytes, groupModels, HEALTH_COLOURS } from "./models";
+import { formatBytes, groupModels, HEALTH_COLOURS, refusals } from "./models";
 
 function ModelBadges({ model }: { model: Model }) {
   const size = model.size ?? formatBytes(model.size_bytes);
@@ -153,6 +153,17 @@ export function ModelSelector({ api, selected, onSelect }: Props) {
           {error}
         </Alert>
       )}
+      {Object.entries(health)
+        .filter(([, h]) => refusals(h.deployments).length > 0)
+        .map(([name, h]) => (
+          <Alert key={`refusing-${name}`} color="yellow" title={`${name} is refusing some requests`}>
+            {refusals(h.deployments).map((line) => (
+              <Text key={line} size="sm">
+                {line}
+              </Text>
+            ))}
+          </Alert>
+        ))}
       {listing?.errors.map((e) => (
         <Alert key={e.provider} color="orange" title={`${e.provider} is not answering`}>
           {e.message}

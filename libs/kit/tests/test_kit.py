@@ -59,6 +59,17 @@ class ProbeComponent:
         async def fail_unknown(request: bytes, context: Any) -> bytes:
             raise RuntimeError("secret internals /etc/passwd")
 
+        async def fail_echoing(request: bytes, context: Any) -> bytes:
+            # What services do with an id they cannot find: name it back.
+            name = request.decode()
+            raise ServiceError(
+                grpc.StatusCode.NOT_FOUND,
+                "THING_NOT_FOUND",
+                f"no thing named {name!r}",
+                domain=self.domain,
+                metadata={"name": name, **{f"extra_{i}": name for i in range(20)}},
+            )
+
         async def stream_then_fail(request: bytes, context: Any) -> AsyncIterator[bytes]:
             yield b"one"
             yield b"two"
@@ -75,6 +86,7 @@ class ProbeComponent:
             "Who": grpc.unary_unary_rpc_method_handler(who, _identity, _identity),
             "FailKnown": grpc.unary_unary_rpc_method_handler(fail_known, _identity, _identity),
             "FailUnknown": grpc.unary_unary_rpc_method_handler(fail_unknown, _identity, _identity),
+            "FailEchoing": grpc.unary_unary_rpc_method_handler(fail_echoing, _identity, _identity),
             "StreamThenFail": grpc.unary_stream_rpc_method_handler(
                 stream_then_fail, _identity, _identity
             ),
@@ -137,6 +149,26 @@ async def test_service_error_arrives_with_code_reason_and_metadata(
         {"name": "x"},
     )
     assert error.message == "no thing named x"
+
+
+@pytest.mark.parametrize("name", ["a" * 5000, "\U0001f600" * 3000])
+async def test_an_error_echoing_a_long_value_keeps_its_code(
+    probe: tuple[RunningServer, ProbeComponent], name: str
+) -> None:
+    # Echoed whole, the value overflows the client's metadata limit (8 KiB)
+    # and the call fails as RESOURCE_EXHAUSTED: a fake rate limit.
+    running, _ = probe
+    async with insecure_channel(running.target) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await _unary(channel, "FailEchoing")(name.encode())
+    error = ServiceError.from_rpc_error(caught.value)
+    assert error.code == grpc.StatusCode.NOT_FOUND
+    assert error.reason == "THING_NOT_FOUND"
+    assert error.message.startswith("no thing named '" + name[:10])
+    assert error.message.endswith("…") and len(error.message.encode()) <= 512
+    assert error.metadata["name"].startswith(name[:10])
+    assert len(error.metadata["name"].encode()) <= 256
+    assert len(error.metadata) <= 8
 
 
 async def test_unhandled_exception_is_internal_without_internals(

@@ -78,6 +78,14 @@ def _past() -> Timestamp:
         ({"allowed_models": ["*"]}, "allowed_models"),
         ({"allowed_models": ["ollama/"]}, "allowed_models"),
         ({"allowed_models": ["/llama3.2"]}, "allowed_models"),
+        # Values a caller sends are echoed in the error: they must not make
+        # it too large for gRPC's trailers (it would arrive as RESOURCE_EXHAUSTED).
+        ({"allowed_models": ["ollama/" + "a" * 5000]}, "allowed_models"),
+        ({"scopes": ["x" * 5000]}, "scopes"),
+        # The allowed models travel as metadata with every call the key makes.
+        ({"allowed_models": [f"ollama/m{i}-" + "a" * 200 for i in range(12)]}, "allowed_models"),
+        # So does the owner (percent-encoded UTF-8).
+        ({"owner": "\U0001f600" * 100}, "owner"),
         ({"limits": pb.KeyLimits(requests_per_minute=-1)}, "limits.requests_per_minute"),
         ({"limits": pb.KeyLimits(tokens_per_day=-5)}, "limits.tokens_per_day"),
         (
@@ -118,3 +126,19 @@ async def test_model_ids_and_trailing_star_patterns_are_accepted(create: CreateK
         "openai/*",
         "hf/a/b:groq",
     ]
+
+
+async def test_get_of_a_very_long_id_is_key_not_found_with_the_id_clipped(stub: AuthStub) -> None:
+    error = await rpc_error(stub.GetApiKey(pb.GetApiKeyRequest(id="k" * 5000)))
+
+    assert (error.code, error.reason) == (grpc.StatusCode.NOT_FOUND, "KEY_NOT_FOUND")
+    assert len(error.message) < 600
+
+
+async def test_the_longest_accepted_settings_fit_in_call_metadata(create: CreateKey) -> None:
+    created = await create(
+        owner="é" * 170,
+        allowed_models=[f"ollama/model-{i}-" + "a" * 200 for i in range(9)],
+    )
+
+    assert len(created.api_key.allowed_models) == 9

@@ -278,3 +278,19 @@ async def test_message_search_highlights_pages_and_says_it_ranks_by_keywords(
     ]:
         error = await rpc_error(stub.SearchMessages(request))
         assert error.metadata["field"] == field
+
+
+async def test_very_long_ids_are_not_found_not_a_metadata_overflow(stub: MemoryStub) -> None:
+    # Echoed whole in the error, a 5,000-character id overflowed the client's
+    # metadata limit: RESOURCE_EXHAUSTED, which HTTP clients read as a rate limit.
+    long_id = "c" * 5000
+    conversation = await rpc_error(
+        stub.GetConversation(pb.GetConversationRequest(user_id=USER, conversation_id=long_id))
+    )
+    memory = await rpc_error(stub.GetMemory(pb.GetMemoryRequest(user_id=USER, memory_id=long_id)))
+
+    assert (conversation.code, conversation.reason) == (
+        grpc.StatusCode.NOT_FOUND,
+        "CONVERSATION_NOT_FOUND",
+    )
+    assert (memory.code, memory.reason) == (grpc.StatusCode.NOT_FOUND, "MEMORY_NOT_FOUND")

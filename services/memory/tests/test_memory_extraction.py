@@ -40,7 +40,7 @@ async def _texts(stub: MemoryStub) -> list[str]:
     return sorted(m.text for m in listed.memories)
 
 
-async def test_facts_are_extracted_from_the_conversation_never_from_system_prompts(
+async def test_facts_are_extracted_from_the_users_words_never_from_system_prompts(
     ai_stub: MemoryStub, ollama: FakeOllama
 ) -> None:
     reply = await ai_stub.AddMemories(
@@ -58,14 +58,19 @@ async def test_facts_are_extracted_from_the_conversation_never_from_system_promp
     assert list(reply.results[0].memory.categories) == ["personal"]
 
     chats = ollama.chat_requests
-    assert len(chats) == 2  # facts, then decisions
-    facts_call, decisions_call = (r.body for r in chats)
+    # Nothing stored is close to these facts: added without a second model call.
+    assert len(chats) == 1
+    facts_call = chats[0].body
     assert facts_call["model"] == "llama3.2:latest"
-    assert "facts" in facts_call["format"]["properties"]
-    assert "memory" in decisions_call["format"]["properties"]
+    # Bounded: the schema caps items and lengths, the call caps its tokens.
+    facts_schema = facts_call["format"]["properties"]["facts"]
+    assert facts_schema["maxItems"] == 10
+    assert facts_schema["items"]["properties"]["text"]["maxLength"] == 200
+    assert facts_call["options"]["num_predict"] == 1000
+    assert facts_call["options"]["temperature"] == 0
     prompt = json.dumps(facts_call["messages"])
     assert "pirate" not in prompt and "spy" not in prompt
-    assert "user: I like green tea." in prompt and "assistant: Noted!" in prompt
+    assert "user: I like green tea." in prompt and "Noted!" not in prompt
 
     history = await ai_stub.GetMemoryHistory(
         pb.GetMemoryHistoryRequest(user_id=USER, memory_id=reply.results[0].memory.id)
@@ -131,14 +136,24 @@ async def test_bad_output_is_asked_for_once_more_then_fails_changing_nothing(
     error = await rpc_error(ai_stub.AddMemories(_request((USER_ROLE, "I own a boat."))))
     assert (error.code, error.reason) == (grpc.StatusCode.UNAVAILABLE, "EXTRACTION_FAILED")
 
-    # A decision naming a memory it was not shown is as bad as broken JSON.
+    # A decision naming a memory it was not shown is as bad as broken JSON (the
+    # fact shares "chess" with a stored memory: the model is asked to decide).
     bad = '{"memory": [{"id": "7", "text": "x", "event": "UPDATE"}]}'
     ollama.set_model(
         "llama3.2:latest",
-        replies=['{"facts": [{"text": "Owns a boat", "categories": []}]}', bad, bad],
+        replies=['{"facts": [{"text": "Plays chess on Sundays", "categories": []}]}', bad, bad],
     )
-    error = await rpc_error(ai_stub.AddMemories(_request((USER_ROLE, "I own a boat."))))
+    ollama.reset()
+    error = await rpc_error(ai_stub.AddMemories(_request((USER_ROLE, "I play chess."))))
     assert error.reason == "EXTRACTION_FAILED"
+    assert "unknown memory id '7'" in error.message
+    # Asked once more, stricter: fewer items, shorter texts, fewer tokens.
+    first, second = (r.body for r in ollama.chat_requests[1:])
+    assert first["options"]["num_predict"] > second["options"]["num_predict"]
+    assert first["format"]["properties"]["memory"]["items"]["properties"]["id"]["enum"] == [
+        "0",
+        "new",
+    ]
     assert await _texts(ai_stub) == sorted([*before, "Play chess"])
 
 
@@ -197,16 +212,20 @@ async def test_queued_turns_survive_a_restart_and_wait_for_providers(
     first = await start_memory(down)
     async with insecure_channel(first.target) as channel:
         stub = pb_grpc.MemoryServiceStub(channel)
-        for text in ("I am vegetarian.", "I live in Lisbon."):
-            await stub.AddMemories(_request((USER_ROLE, text), background=True))
+        job_ids = [
+            (await stub.AddMemories(_request((USER_ROLE, text), background=True))).job_id
+            for text in ("I am vegetarian.", "I live in Lisbon.")
+        ]
         await asyncio.sleep(0.3)  # attempts fail: providers are down
     await first.stop(0.5)
 
     store = await SqliteStore.open(ai_settings.db_path)
     try:
         jobs = await store.due_jobs(float("inf"), 10)
-        assert len(jobs) == 2 and all(j.attempts >= 1 for j in jobs)
-        assert all("PROVIDER_UNAVAILABLE" in j.last_error for j in jobs)
+        assert sorted(j.id for j in jobs) == sorted(job_ids)
+        # The earliest was tried and failed; the queue paused rather than fail the next.
+        tried = [j for j in jobs if j.attempts >= 1]
+        assert tried and all("PROVIDER_UNAVAILABLE" in j.last_error for j in tried)
     finally:
         await store.close()
 
@@ -215,6 +234,15 @@ async def test_queued_turns_survive_a_restart_and_wait_for_providers(
         stub = pb_grpc.MemoryServiceStub(channel)
         expected = ["Is vegetarian", "Live in Lisbon"]
         assert await _wait_for_texts(stub, expected) == expected
+        for job_id in job_ids:
+            for _ in range(100):
+                reply = await stub.GetExtractionJob(
+                    pb.GetExtractionJobRequest(user_id=USER, job_id=job_id)
+                )
+                if reply.job.state == pb.EXTRACTION_JOB_STATE_SUCCEEDED:
+                    break
+                await asyncio.sleep(0.05)
+            assert reply.job.state == pb.EXTRACTION_JOB_STATE_SUCCEEDED
     await second.stop(0.5)
     store = await SqliteStore.open(ai_settings.db_path)
     try:
@@ -237,6 +265,27 @@ async def test_extraction_is_held_to_the_allowed_models_of_the_calling_key(
     assert ollama.chat_requests == []
     allowed = await ai_stub.AddMemories(turn, metadata=(("x-marie-allowed-models", "ollama/*"),))
     assert [r.memory.text for r in allowed.results] == ["Like green tea"]
+
+
+async def test_background_extraction_with_a_model_the_key_may_not_use_is_refused_at_once(
+    ai_stub: MemoryStub, ollama: FakeOllama
+) -> None:
+    """As the synchronous call: PERMISSION_DENIED before anything is queued,
+    rather than a job id for a job that can only be dropped later."""
+    turn = _request((USER_ROLE, "I like green tea."), background=True)
+    for allowed in ("ollama/gemma3%3A1b", "openai/*"):
+        error = await rpc_error(
+            ai_stub.AddMemories(turn, metadata=(("x-marie-allowed-models", allowed),))
+        )
+        assert (error.code, error.reason) == (
+            grpc.StatusCode.PERMISSION_DENIED,
+            "MODEL_NOT_ALLOWED",
+        )
+        assert error.metadata["model"] == EXTRACTION_MODEL
+    assert ollama.chat_requests == []
+    queued = await ai_stub.AddMemories(turn, metadata=(("x-marie-allowed-models", "ollama/*"),))
+    assert queued.job_id
+    assert await _wait_for_texts(ai_stub, ["Like green tea"]) == ["Like green tea"]
 
 
 def test_the_allowed_models_travel_through_the_queue() -> None:

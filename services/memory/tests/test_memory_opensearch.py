@@ -14,6 +14,7 @@ from marie_memory.records import EmbeddingSpace, MemoryFilter
 from marie_memory.settings import MemorySettings
 from marie_memory.stores.opensearch import (
     OpenSearchStore,
+    _memory_doc,
     filter_clauses,
     hybrid_pipeline_body,
     hybrid_query_body,
@@ -24,7 +25,7 @@ from marie_memory.stores.opensearch import (
     message_search_body,
     vector_index_body,
 )
-from memory_testkit import StartMemory, opensearch_target
+from memory_testkit import StartMemory, memory, opensearch_target
 
 
 def test_knn_search_filters_by_user_inside_the_knn_clause() -> None:
@@ -87,11 +88,22 @@ def test_the_vector_index_is_hnsw_on_lucene_with_cosine() -> None:
     assert body["mappings"]["properties"]["user_id"] == {"type": "keyword"}
 
 
+# "the green tea": its words compared folded (the `_folded` field), or as
+# written for documents stored before that field existed.
+GREEN_TEA = {
+    "bool": {
+        "should": [
+            {"match": {"text_folded": {"query": "green tea"}}},
+            {"match": {"text": {"query": "green tea", "operator": "or"}}},
+        ],
+        "minimum_should_match": 1,
+    }
+}
+
+
 def test_keyword_and_message_queries_always_filter_by_user() -> None:
     memories = keyword_query_body("bob", "the green tea", MemoryFilter(), 5)
-    assert memories["query"]["bool"]["must"] == [
-        {"match": {"text": {"query": "green tea", "operator": "or"}}}
-    ]
+    assert memories["query"]["bool"]["must"] == [GREEN_TEA]
     assert memories["query"]["bool"]["filter"] == filter_clauses("bob", MemoryFilter())
     messages = message_search_body("bob", "lisbon", "conv_1", [2], 20)
     assert messages["query"]["bool"]["filter"] == [
@@ -169,12 +181,7 @@ def test_the_hybrid_query_holds_bm25_then_knn_with_the_user_filter_inside_knn() 
     # https://opensearch.org/docs/latest/query-dsl/compound/hybrid/
     body = hybrid_query_body("alice", "the green tea", [0.5, -0.5], MemoryFilter(), 9)
     keyword, knn = body["query"]["hybrid"]["queries"]
-    assert keyword == {
-        "bool": {
-            "must": [{"match": {"text": {"query": "green tea", "operator": "or"}}}],
-            "filter": [{"term": {"user_id": "alice"}}],
-        }
-    }
+    assert keyword == {"bool": {"must": [GREEN_TEA], "filter": [{"term": {"user_id": "alice"}}]}}
     assert knn == {
         "knn": {
             "vector": {
@@ -187,6 +194,7 @@ def test_the_hybrid_query_holds_bm25_then_knn_with_the_user_filter_inside_knn() 
     assert body["size"] == 9
     # The BM25 half runs on the vectors index, which carries the text.
     assert vector_index_body(4)["mappings"]["properties"]["text"] == {"type": "text"}
+    assert vector_index_body(4)["mappings"]["properties"]["text_folded"] == {"type": "text"}
 
 
 async def test_a_cluster_without_the_normalization_processor_leaves_hybrid_to_the_service(
@@ -205,5 +213,30 @@ async def test_a_cluster_without_the_normalization_processor_leaves_hybrid_to_th
             await store.hybrid_search_memories("alice", "tea", [1.0, 0.0], MemoryFilter(), 5)
             is None
         )
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("kind", ["osmem", "opensearch"])
+async def test_documents_stored_before_folding_are_folded_at_start(
+    request: pytest.FixtureRequest, kind: str, tmp_path: Path
+) -> None:
+    """A memory written without its `text_folded` field (as before this
+    field existed) is found by a folded query once the store has given it one."""
+    url = opensearch_target(request, kind)
+    prefix = index_prefix(str(tmp_path))
+    store = await OpenSearchStore.open(url, prefix=prefix)
+    try:
+        await store.fold_older_documents()  # what the start ran, done before we write
+        old = memory("alice", "Works at \uff21\uff23\uff2d\uff25 Corp")
+        doc = {k: v for k, v in _memory_doc(old).items() if k != "text_folded"}
+        await store._client.index(index=store.index("memory"), id=old.id, body=doc, refresh=True)
+        assert await store.keyword_search_memories("alice", "acme", MemoryFilter(), 5) == []
+
+        assert await store.fold_older_documents() == 1
+        await store._client.indices.refresh(index=store.index("memory"))
+        hits = await store.keyword_search_memories("alice", "acme", MemoryFilter(), 5)
+        assert [h.memory.id for h in hits] == [old.id]
+        assert await store.fold_older_documents() == 0
     finally:
         await store.close()

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import hashlib
+import html
 import math
 import random
+import sqlite3
+import unicodedata
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from marie_memory.records import (
     EVENT_ADD,
     EVENT_DELETE,
     EVENT_UPDATE,
+    JOB_FAILED,
+    JOB_SUCCEEDED,
+    MESSAGE_EMBEDDING_NOTE,
     ROLE_ASSISTANT,
     ROLE_USER,
     EmbeddingSpace,
@@ -19,9 +26,11 @@ from marie_memory.records import (
     HistoryEntry,
     MemoryChange,
     MemoryFilter,
+    MessageVector,
     ToolCall,
 )
-from marie_memory.stores.contract import Store
+from marie_memory.stores.contract import FINISHED_JOB_SECONDS, Store
+from marie_memory.stores.sqlite import SqliteStore
 from memory_testkit import NO_KNN, add, conversation, memory, message, new_id
 
 
@@ -200,6 +209,41 @@ async def test_keyword_search_ranks_by_bm25_with_filters(store: Store) -> None:
     assert [h.memory.id for h in filtered] == [mems[0].id]
 
 
+NFC_ZURICH = unicodedata.normalize("NFC", "Zürich")
+NFD_ZURICH = unicodedata.normalize("NFD", "Zürich")
+FULL_WIDTH_ACME = "\uff21\uff23\uff2d\uff25"
+# (stored, query): each pair is the same word to a reader.
+FOLDED_PAIRS = [
+    (f"Lives in {NFC_ZURICH} now", NFD_ZURICH),
+    (f"Lives in {NFD_ZURICH} now", NFC_ZURICH),
+    (f"Works at {FULL_WIDTH_ACME} Corp", "acme"),
+    ("Works at ACME Corp", FULL_WIDTH_ACME),
+    ("Walks down the Stra\u00dfe", "STRASSE"),
+    ("Reads \ufb01nance news", "finance"),  # a ligature
+]
+
+
+@pytest.mark.parametrize(("stored", "query"), FOLDED_PAIRS)
+async def test_keyword_search_folds_unicode_in_texts_and_queries(
+    store: Store, stored: str, query: str
+) -> None:
+    mem = memory("alice", stored)
+    await store.apply_memory_changes("alice", [add(mem)])
+    hits = await store.keyword_search_memories("alice", query, MemoryFilter(), 10)
+    assert [h.memory.id for h in hits] == [mem.id]
+    assert hits[0].memory.text == stored  # what is stored is never changed
+
+    chat = conversation("alice", "t")
+    await store.create_conversation(chat)
+    await store.append_messages("alice", chat.id, [message(ROLE_USER, stored)], 1.0)
+    [hit] = await store.search_messages("alice", query, "", (), 10)
+    assert hit.message.content == stored
+    # The snippet is the stored text, highlighted where the word is.
+    assert hit.snippets and "<mark>" in hit.snippets[0]
+    unmarked = hit.snippets[0].replace("<mark>", "").replace("</mark>", "")
+    assert unmarked == html.escape(stored)
+
+
 async def test_vectors_search_per_user_and_follow_the_embedding_space(
     store: Store, emulated: bool
 ) -> None:
@@ -273,8 +317,40 @@ async def test_the_extraction_queue_delays_retries_and_finishes_jobs(store: Stor
     assert [j.id for j in due] == [later.id]
     retried = (await store.due_jobs(30.0, 10))[-1]
     assert (retried.id, retried.attempts, retried.last_error) == (first.id, 1, "provider down")
-    await store.finish_job(first.id)
+    assert await store.get_job("alice", first.id) == retried
+    assert await store.get_job("bob", first.id) is None
+    await store.finish_job(
+        first.id, state=JOB_FAILED, finish_time=40.0, reason="EXTRACTION_FAILED", error="not JSON"
+    )
     assert [j.id for j in await store.due_jobs(100.0, 10)] == [later.id]
+    assert await store.count_jobs() == 1
+    # The outcome stays, for its user only.
+    failed = await store.get_job("alice", first.id)
+    assert failed is not None
+    assert (failed.state, failed.attempts, failed.finish_time, failed.create_time) == (
+        JOB_FAILED,
+        2,
+        40.0,
+        1.0,
+    )
+    assert (failed.failure_reason, failed.last_error) == ("EXTRACTION_FAILED", "not JSON")
+    assert await store.get_job("bob", first.id) is None
+    await store.finish_job(later.id, state=JOB_SUCCEEDED, finish_time=50.0, results='[{"x": 1}]')
+    done = await store.get_job("alice", later.id)
+    assert done is not None and (done.state, done.results) == (JOB_SUCCEEDED, '[{"x": 1}]')
+    assert await store.count_jobs() == 0
+    # Outcomes older than FINISHED_JOB_SECONDS go as later jobs finish.
+    last = ExtractionJob(new_id("job"), "alice", "{}", 0, 0.0, 3.0)
+    await store.enqueue_job(last)
+    await store.finish_job(last.id, state=JOB_SUCCEEDED, finish_time=45.0 + FINISHED_JOB_SECONDS)
+    assert await store.get_job("alice", first.id) is None
+    assert await store.get_job("alice", later.id) is not None
+    # Erasing the user's memories erases their jobs, queued and finished.
+    queued = ExtractionJob(new_id("job"), "alice", "{}", 0, 0.0, 4.0)
+    await store.enqueue_job(queued)
+    await store.delete_all_memories("alice")
+    assert await store.get_job("alice", queued.id) is None
+    assert await store.get_job("alice", later.id) is None
 
 
 async def test_vector_search_sees_every_change_made_after_earlier_searches(
@@ -343,11 +419,25 @@ async def test_message_vectors_are_per_user_filtered_and_follow_the_space(
         ("bob", "bob's"),
     ]
     await store.set_message_vectors(
-        [("alice", first.id, unit(1)), ("alice", second.id, unit(2)), ("bob", first.id, unit(3))]
+        [
+            MessageVector("alice", first.id, unit(1)),
+            MessageVector("alice", second.id, unit(2), "only the first 6 of 12 characters"),
+            MessageVector("bob", first.id, unit(3)),
+        ]
     )
     assert [(u, m.content) for u, m in await store.messages_without_vectors(10)] == [
         ("bob", "bob's")
     ]
+    listed = await store.list_messages("alice", mine.id, False, None, 10)
+    assert listed is not None
+    assert [dict(m.metadata) for m in listed] == [
+        {},
+        {MESSAGE_EMBEDDING_NOTE: "only the first 6 of 12 characters"},
+    ]
+    # A message marked as getting no vector is never handed out again.
+    bobs = (await store.messages_without_vectors(10))[0][1]
+    await store.set_message_vectors([MessageVector("bob", bobs.id, None, "not embedded")])
+    assert await store.messages_without_vectors(10) == []
     if emulated:
         pytest.skip(NO_KNN)
     hits = await store.vector_search_messages("alice", unit(1), "", (), 10)
@@ -362,3 +452,41 @@ async def test_message_vectors_are_per_user_filtered_and_follow_the_space(
     await store.set_embedding_space(EmbeddingSpace("fake/other", 8))
     assert len(await store.messages_without_vectors(10)) == 3
     assert await store.vector_search_messages("alice", unit(1, 8), "", (), 10) == []
+
+
+async def test_a_sqlite_file_of_schema_1_is_indexed_again_folded(tmp_path: Path) -> None:
+    """Rows stored before folding are found by folded queries once the store
+    has reopened the file (its full-text indices are rebuilt, folded)."""
+    path = tmp_path / "memory.sqlite3"
+    store = await SqliteStore.open(path)
+    mem = memory("alice", f"Works at {FULL_WIDTH_ACME} Corp")
+    await store.apply_memory_changes("alice", [add(mem)])
+    chat = conversation("alice", "t")
+    await store.create_conversation(chat)
+    await store.append_messages("alice", chat.id, [message(ROLE_USER, f"in {NFD_ZURICH}")], 1.0)
+    await store.close()
+    # Back to what schema 1 wrote: triggers and indices of the text as it was.
+    db = sqlite3.connect(path)
+    for table, column in (("messages", "content"), ("memories", "text")):
+        for event in ("ai", "ad", "au"):
+            db.execute(f"DROP TRIGGER IF EXISTS {table}_{event}")
+        db.execute(f"INSERT INTO {table}_fts ({table}_fts) VALUES ('delete-all')")
+        db.execute(f"INSERT INTO {table}_fts (rowid, {column}) SELECT seq, {column} FROM {table}")
+    db.execute("PRAGMA user_version = 1")
+    db.commit()
+    db.close()
+
+    store = await SqliteStore.open(path)
+    try:
+        hits = await store.keyword_search_memories("alice", "acme", MemoryFilter(), 10)
+        assert [h.memory.id for h in hits] == [mem.id]
+        assert [
+            h.message.content for h in await store.search_messages("alice", "zurich", "", (), 10)
+        ] == [f"in {NFD_ZURICH}"]
+        # New writes are indexed folded too.
+        later = memory("alice", "Reads \ufb01nance news")
+        await store.apply_memory_changes("alice", [add(later)])
+        hits = await store.keyword_search_memories("alice", "finance", MemoryFilter(), 10)
+        assert [h.memory.id for h in hits] == [later.id]
+    finally:
+        await store.close()

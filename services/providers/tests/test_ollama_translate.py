@@ -13,10 +13,10 @@ from marie_providers.errors import UpstreamProtocolError, UpstreamStatusError
 from marie_providers.ollama.translate import (
     ChatStreamTranslator,
     chat_payload,
-    human_size,
     model_from_listing,
     model_from_show,
 )
+from marie_providers.upstream.model_facts import human_size
 
 
 def request(*messages: pb.ChatMessage, **fields: Any) -> pb.StreamChatCompletionRequest:

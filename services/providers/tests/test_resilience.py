@@ -95,3 +95,87 @@ async def test_no_limit_never_waits() -> None:
 
     assert all([await limit.acquire(0) for _ in range(100)])
     assert limit.in_flight == 100
+
+
+# ---------------------------------------------------------------------------
+# Background calls: users first
+# ---------------------------------------------------------------------------
+
+
+def test_a_background_call_never_takes_the_half_open_probe() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(threshold=1, open_seconds=10, clock=clock)
+    breaker.failure()
+
+    assert not breaker.allow(background=True)
+    clock.now += 10
+    assert state(breaker) is Circuit.HALF_OPEN
+    assert not breaker.allow(background=True)
+    # The probe is still there for a user.
+    assert breaker.allow()
+    assert breaker.background_retry_at == 120.0
+
+
+def test_background_work_passes_once_no_user_came_to_probe_and_blocks_no_user() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(threshold=1, open_seconds=10, clock=clock)
+    breaker.failure()
+    clock.now += 20
+
+    assert breaker.allow(background=True)
+    # One background call at a time, and a user may still probe alongside it.
+    assert not breaker.allow(background=True)
+    assert breaker.allow()
+    breaker.success()
+    assert state(breaker) is Circuit.CLOSED
+
+
+def test_a_failed_background_probe_reopens_the_circuit() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(threshold=1, open_seconds=10, clock=clock)
+    breaker.failure()
+    clock.now += 20
+    assert breaker.allow(background=True)
+
+    breaker.failure(background=True)
+
+    assert state(breaker) is Circuit.OPEN
+    assert breaker.retry_at == clock.now + 10
+
+
+def test_an_abandoned_background_call_does_not_free_the_users_probe() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(threshold=1, open_seconds=10, clock=clock)
+    breaker.failure()
+    clock.now += 20
+    assert breaker.allow()
+    assert breaker.allow(background=True)
+
+    breaker.abandon(background=True)
+
+    assert not breaker.allow()
+    assert breaker.allow(background=True)
+
+
+def test_a_health_probe_answered_makes_an_open_circuit_due_at_once() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(threshold=1, open_seconds=30, clock=clock)
+    breaker.failure()
+    clock.now += 1
+
+    breaker.vouch(since=clock.now)
+
+    assert state(breaker) is Circuit.HALF_OPEN
+    assert breaker.allow()
+
+
+def test_a_health_probe_sent_before_the_circuit_opened_vouches_for_nothing() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(threshold=1, open_seconds=30, clock=clock)
+    sent = clock.now
+    clock.now += 1
+    breaker.failure()
+
+    breaker.vouch(since=sent)
+
+    assert state(breaker) is Circuit.OPEN

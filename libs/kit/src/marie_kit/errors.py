@@ -17,9 +17,41 @@ from grpc_status import rpc_status
 
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
+# An error's message and ErrorInfo travel as trailing metadata (grpc-message,
+# percent-encoded, and grpc-status-details-bin, base64), which a peer refuses
+# past 8 KiB (the call then fails as RESOURCE_EXHAUSTED, a fake rate limit).
+# Messages often echo what the caller sent (an id it asked for), so every
+# part is clipped to a size that keeps the whole well under that limit, in
+# UTF-8 bytes: at worst about 1.5 KiB of grpc-message and 4 KiB of details.
+MAX_MESSAGE_BYTES = 512
+MAX_METADATA_KEY_BYTES = 64
+MAX_METADATA_VALUE_BYTES = 256
+MAX_METADATA_ENTRIES = 8
+_ELLIPSIS = "…"
+
+
+def clip(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` UTF-8 bytes, ending with "…" when cut."""
+    if len(text) * 4 <= limit or len(encoded := text.encode()) <= limit:
+        return text
+    room = limit - len(_ELLIPSIS.encode())
+    return encoded[:room].decode(errors="ignore") + _ELLIPSIS
+
+
+def _clipped_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in (metadata or {}).items():
+        if len(out) == MAX_METADATA_ENTRIES:
+            break
+        out[clip(key, MAX_METADATA_KEY_BYTES)] = clip(value, MAX_METADATA_VALUE_BYTES)
+    return out
+
 
 class ServiceError(Exception):
-    """An error with a gRPC status code, a stable UPPER_SNAKE reason and metadata."""
+    """An error with a gRPC status code, a stable UPPER_SNAKE reason and metadata.
+
+    The message and metadata are clipped (`clip`) so that the status always
+    fits in a peer's metadata limit, whatever the caller's values were."""
 
     def __init__(
         self,
@@ -31,12 +63,13 @@ class ServiceError(Exception):
         metadata: Mapping[str, str] | None = None,
         trailers: Mapping[str, str] | None = None,
     ) -> None:
+        message = clip(message, MAX_MESSAGE_BYTES)
         super().__init__(message)
         self.code = code
         self.reason = reason
         self.message = message
         self.domain = domain
-        self.metadata: dict[str, str] = dict(metadata or {})
+        self.metadata: dict[str, str] = _clipped_metadata(metadata)
         #: Plain trailing metadata sent beside the status (e.g. `retry-after`).
         self.trailers: dict[str, str] = dict(trailers or {})
 

@@ -19,6 +19,12 @@ OWNER_HEADER = "x-marie-owner"
 #: the model calls it makes for the key.
 ALLOWED_MODELS_HEADER = "x-marie-allowed-models"
 
+# Every call of a key carries its owner (twice through Envoy: owner and
+# tenant) and allowed models as metadata, which gRPC refuses past 8 KiB in
+# all: auth keeps a key's settings within these encoded sizes.
+MAX_OWNER_VALUE = 1024
+MAX_ALLOWED_MODELS_VALUE = 2048
+
 # Printable ASCII but '%' and space stays readable; the rest is percent-encoded.
 _OWNER_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) != "%")
 
@@ -26,6 +32,11 @@ _OWNER_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) != "%")
 def encode_value(text: str) -> str:
     """`text` as a metadata value: printable ASCII, the rest percent-encoded UTF-8."""
     return quote(text, safe=_OWNER_SAFE)
+
+
+def allowed_models_value(patterns: Iterable[str]) -> str:
+    """The `ALLOWED_MODELS_HEADER` value of a key's allowed models."""
+    return ",".join(quote(p, safe="/*:@+") for p in patterns)
 
 
 def identity_metadata(key_id: str, owner: str) -> tuple[tuple[str, str], ...]:

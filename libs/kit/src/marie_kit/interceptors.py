@@ -4,8 +4,10 @@
   context variable for logs and downstream calls, echoed in initial metadata;
 - access log: one line per call with method, status code and latency, and
   the same as Prometheus metrics (`marie_kit.metrics`);
-- errors: `ServiceError` becomes its rich status; anything else becomes
-  INTERNAL with ErrorInfo and no stack trace for the client (it is logged).
+- errors: `ServiceError` becomes its rich status; a write refused for lack
+  of space becomes STORAGE_FULL and is reported to the service's storage
+  watches (`marie_kit.storage`); anything else becomes INTERNAL with
+  ErrorInfo and no stack trace for the client (it is logged).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeAlias
 
 import grpc
@@ -22,6 +24,7 @@ import grpc
 from marie_kit.context import REQUEST_ID_HEADER, clean_request_id, request_id_var
 from marie_kit.errors import ServiceError
 from marie_kit.metrics import rpc_calls, rpc_duration, rpc_streams_in_flight
+from marie_kit.storage import StorageWatch, is_storage_full, storage_full
 
 log = logging.getLogger("marie.access")
 
@@ -54,8 +57,9 @@ def rewrap(handler: Handler, unary: Wrap, stream: Wrap) -> Handler | None:
 class ServerInterceptor(grpc.aio.ServerInterceptor):
     """Request id, access log and error mapping for unary and server-streaming RPCs."""
 
-    def __init__(self, domain: str) -> None:
+    def __init__(self, domain: str, watches: Sequence[StorageWatch] = ()) -> None:
         self.domain = domain
+        self.watches = tuple(watches)
 
     async def intercept_service(
         self,
@@ -84,7 +88,11 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
     async def _fail(
         self, context: grpc.aio.ServicerContext[Any, Any], exc: BaseException, method: str
     ) -> grpc.StatusCode:
-        if isinstance(exc, ServiceError):
+        if is_storage_full(exc):
+            for watch in self.watches:
+                watch.report()
+            error = exc if isinstance(exc, ServiceError) else storage_full(self.domain)
+        elif isinstance(exc, ServiceError):
             error = exc
         else:
             log.error("unhandled error in %s", method, exc_info=exc)

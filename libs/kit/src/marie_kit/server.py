@@ -22,6 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from marie_kit.interceptors import ServerInterceptor
 from marie_kit.metrics import start_metrics_server
 from marie_kit.reflection import enable_reflection
+from marie_kit.storage import StorageWatch
 
 log = logging.getLogger("marie.server")
 
@@ -35,7 +36,10 @@ class Component(Protocol):
     domain: str
 
     # Optional: `interceptors`, a sequence of grpc.aio.ServerInterceptor run
-    # inside the kit's own (e.g. marie_kit.tenancy.TenantInterceptor).
+    # inside the kit's own (e.g. marie_kit.tenancy.TenantInterceptor); and
+    # `storage`, a marie_kit.storage.StorageWatch of the component's store:
+    # a call refused for lack of space reports to it, and the server's
+    # health is NOT_SERVING while it is full.
 
     def register(self, server: grpc.aio.Server) -> None:
         """Add the servicers to `server`."""
@@ -59,6 +63,7 @@ class RunningServer:
     port: int
     health: health.aio.HealthServicer
     components: Sequence[Component]
+    stopping: bool = False
 
     @property
     def target(self) -> str:
@@ -66,7 +71,10 @@ class RunningServer:
 
     async def stop(self, grace: float) -> None:
         """NOT_SERVING first, then let in-flight calls finish, then close components."""
+        self.stopping = True
         await self.health.enter_graceful_shutdown()
+        for watch in _watches(self.components):
+            await watch.close()
         for component in self.components:
             await component.stopping()
         await self.server.stop(grace)
@@ -82,11 +90,12 @@ async def start_server(
 ) -> RunningServer:
     """Start `components` behind one gRPC server; returns once SERVING."""
     domain = components[0].domain if components else "marie"
+    watches = _watches(components)
     server = grpc.aio.server(
         # The kit's own first (outermost), so that errors the components'
         # interceptors raise get its rich status, access log and metrics.
         interceptors=[
-            ServerInterceptor(domain),
+            ServerInterceptor(domain, watches),
             *(i for c in components for i in getattr(c, "interceptors", ())),
         ],
         options=(
@@ -127,7 +136,22 @@ async def start_server(
         raise
     for name in ["", *names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return RunningServer(server, bound, health_servicer, components)
+    running = RunningServer(server, bound, health_servicer, components)
+
+    async def set_ready(ready: bool) -> None:
+        if running.stopping:  # shutdown has said NOT_SERVING for good
+            return
+        status = health_pb2.HealthCheckResponse.SERVING if ready else not_serving
+        for name in ["", *names]:
+            await health_servicer.set(name, status)
+
+    for watch in watches:
+        watch.bind(set_ready)
+    return running
+
+
+def _watches(components: Sequence[Component]) -> list[StorageWatch]:
+    return [w for c in components if (w := getattr(c, "storage", None)) is not None]
 
 
 async def serve(

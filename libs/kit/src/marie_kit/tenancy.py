@@ -28,6 +28,12 @@ from marie_kit.errors import ServiceError
 from marie_kit.interceptors import Handler, rewrap
 
 TENANT_HEADER = "x-marie-tenant"
+#: End users named "marie:…" are Marie's own, never a person: a tenant's stored
+#: Responses API records live under RESPONSES_USER (the gateway refuses these
+#: names as a REST `user`). Services leave their data out of what serves people
+#: (memory embeds none of their messages: no route searches them).
+RESERVED_USER_PREFIX = "marie:"
+RESPONSES_USER = RESERVED_USER_PREFIX + "responses"
 TENANT_MISMATCH = "TENANT_MISMATCH"
 USER_ID_FIELD = "user_id"
 
@@ -35,6 +41,19 @@ USER_ID_FIELD = "user_id"
 def tenant_user_id(tenant: str, user: str) -> str:
     """The `user_id` of end user `user` of `tenant`."""
     return f"{len(tenant)}:{tenant}/{user}"
+
+
+def end_user(user_id: str) -> str:
+    """The end user of a `user_id` built by `tenant_user_id`; the whole id otherwise."""
+    size, colon, rest = user_id.partition(":")
+    if colon and size.isdigit() and len(rest) > int(size) and rest[int(size)] == "/":
+        return rest[int(size) + 1 :]
+    return user_id
+
+
+def is_reserved_user(user_id: str) -> bool:
+    """True for Marie's own end users (RESERVED_USER_PREFIX), as the gateway encodes them."""
+    return end_user(user_id).startswith(RESERVED_USER_PREFIX)
 
 
 def belongs_to(user_id: str, tenant: str) -> bool:

@@ -168,6 +168,10 @@ class KeyManager:
             update_time=now,
         )
 
+    async def probe_store(self) -> None:
+        """A small write and its removal on the store; raises while it has no room."""
+        await self._store.probe_write()
+
     async def get(self, key_id: str) -> KeyRecord:
         """The key with this id; NOT_FOUND (KEY_NOT_FOUND) when there is none."""
         if not key_id:
@@ -414,7 +418,7 @@ async def open_store(settings: AuthSettings) -> KeyStore:
     """The key store `settings` select, opened."""
     match settings.store:
         case "sqlite":
-            return await SqliteKeyStore.open(settings.db_path)
+            return await SqliteKeyStore.open(settings.db_path, max_bytes=settings.db_max_bytes)
         case "opensearch":
             from marie_auth.opensearch_store import OpenSearchKeyStore  # noqa: PLC0415
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from marie_kit.sqlite import open_on_thread
+from marie_kit.sqlite import open_on_thread, write_transaction
 
 from marie_auth.errors import invalid_argument
 from marie_auth.store import KeyLimits
@@ -273,8 +273,10 @@ class SqliteLeaseStore:
         self._executor = executor
 
     @classmethod
-    async def open(cls, path: Path) -> SqliteLeaseStore:
-        connection, executor = await open_on_thread(path, _SCHEMA, thread_name="marie-auth-leases")
+    async def open(cls, path: Path, *, max_bytes: int = 0) -> SqliteLeaseStore:
+        connection, executor = await open_on_thread(
+            path, _SCHEMA, thread_name="marie-auth-leases", max_bytes=max_bytes
+        )
         connection.execute("PRAGMA synchronous = NORMAL")
         return cls(connection, executor)
 
@@ -286,8 +288,7 @@ class SqliteLeaseStore:
 
     def _lease(self, limits: KeyLimits, ask: LeaseAsk, now: float) -> LeaseGrant:
         db = self._db
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with write_transaction(db):
             row = db.execute(_GET_COUNTERS, (ask.key_id,)).fetchone()
             counters = Counters(*row) if row is not None else None
             db.execute(_DROP_LAPSED, (ask.key_id, now))
@@ -311,10 +312,6 @@ class SqliteLeaseStore:
                 )
             else:
                 db.execute(_DROP_SLOTS, (ask.key_id, ask.holder))
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
         return grant
 
     async def close(self) -> None:

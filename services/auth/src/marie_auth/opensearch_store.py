@@ -433,6 +433,13 @@ class OpenSearchKeyStore:
             index=self._ix.index("key_events"), body={"query": {"range": {"time": {"lt": before}}}}
         )
 
+    async def probe_write(self) -> None:
+        # Refused (cluster_block_exception) while the index is read-only for
+        # lack of disk; a delete is allowed even then.
+        index = self._ix.index("meta")
+        await self._ix.client.index(index=index, id="storage_probe", body={"n": 0})
+        await self._ix.client.delete(index=index, id="storage_probe", ignore=404)
+
     async def close(self) -> None:
         await self._ix.close()
 

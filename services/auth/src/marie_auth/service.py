@@ -23,6 +23,7 @@ import grpc
 from marie.auth.v1 import auth_service_pb2 as pb
 from marie.auth.v1 import auth_service_pb2_grpc as pb_grpc
 from marie_kit.errors import ServiceError
+from marie_kit.storage import StorageWatch
 
 from marie_auth import convert
 from marie_auth.errors import DOMAIN
@@ -52,7 +53,7 @@ async def open_usage_store(settings: AuthSettings) -> UsageStore:
         return await OpenSearchUsageStore.open(
             settings.opensearch_url, prefix=settings.opensearch_index_prefix
         )
-    return await SqliteUsageStore.open(settings.db_path)
+    return await SqliteUsageStore.open(settings.db_path, max_bytes=settings.db_max_bytes)
 
 
 async def open_lease_store(settings: AuthSettings) -> LeaseStore:
@@ -62,7 +63,7 @@ async def open_lease_store(settings: AuthSettings) -> LeaseStore:
         return await OpenSearchLeaseStore.open(
             settings.opensearch_url, prefix=settings.opensearch_index_prefix
         )
-    return await SqliteLeaseStore.open(settings.db_path)
+    return await SqliteLeaseStore.open(settings.db_path, max_bytes=settings.db_max_bytes)
 
 
 class AuthComponent:
@@ -90,6 +91,12 @@ class AuthComponent:
         self._usage: UsageLedger | None = None
         self._leases: LeaseBook | None = None
         self._expiry_task: asyncio.Task[None] | None = None
+        # A write refused for lack of space makes the service NOT_SERVING
+        # until a probe write on the key store succeeds (marie_kit.storage).
+        self.storage = StorageWatch(self._probe_store)
+
+    async def _probe_store(self) -> None:
+        await self.keys.probe_store()
 
     @property
     def keys(self) -> KeyManager:

@@ -68,6 +68,13 @@ class AuthSettings(ServiceSettings):
         description=f"SQLite database file; defaults to <MARIE_DATA_DIR>/{DB_FILE_NAME}.",
     )
 
+    db_max_bytes: int = Field(
+        default=0,
+        ge=0,
+        description="Largest size of the SQLite file; a write past it is refused as on a "
+        "full disk (507, not ready until space is freed). 0: no limit but the disk's.",
+    )
+
     @model_validator(mode="after")
     def _derive_db_path(self) -> Self:
         if "db_path" not in self.model_fields_set:

@@ -2,11 +2,13 @@
 
 Rules (the limits are also listed in the README):
 - name: 1 to 100 printable characters, not only spaces;
-- owner: at most 256 printable characters, may be empty;
+- owner: at most 256 printable characters, may be empty, and at most 1024
+  bytes percent-encoded (it travels as metadata with every call of the key);
 - scopes: names from `scopes.KNOWN_SCOPES`; duplicates are dropped;
 - allowed_models: model ids "provider/model" ("ollama/llama3.2:latest") or
   "provider/*" (every model of a provider), at most 256 characters each, no
-  spaces; any other pattern could never match a model id and is refused;
+  spaces; any other pattern could never match a model id and is refused; in
+  all at most 2048 bytes as the call metadata that carries them;
 - limits: not negative (zero means no limit);
 - expire_time: in the future, when set;
 - labels: at most 64; keys 1 to 63 characters without spaces, values at most 256.
@@ -17,6 +19,13 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Collection, Mapping
+
+from marie_kit.identity import (
+    MAX_ALLOWED_MODELS_VALUE,
+    MAX_OWNER_VALUE,
+    allowed_models_value,
+    encode_value,
+)
 
 from marie_auth.errors import invalid_argument
 from marie_auth.scopes import KNOWN_SCOPES, normalize_scopes, unknown_scopes
@@ -46,6 +55,10 @@ def _check_owner(owner: str) -> str:
     if len(owner) > MAX_OWNER_LENGTH or not owner.isprintable():
         raise invalid_argument(
             "owner", f"owner must be at most {MAX_OWNER_LENGTH} printable characters"
+        )
+    if len(encode_value(owner)) > MAX_OWNER_VALUE:
+        raise invalid_argument(
+            "owner", f"owner must be at most {MAX_OWNER_VALUE} bytes once percent-encoded"
         )
     return owner
 
@@ -80,7 +93,14 @@ def _check_allowed_models(patterns: Collection[str]) -> tuple[str, ...]:
                 "allowed_models",
                 f"{pattern!r} is neither a model id 'provider/model' nor 'provider/*'",
             )
-    return tuple(dict.fromkeys(patterns))
+    unique = tuple(dict.fromkeys(patterns))
+    if len(allowed_models_value(unique)) > MAX_ALLOWED_MODELS_VALUE:
+        raise invalid_argument(
+            "allowed_models",
+            f"the allowed models take more than {MAX_ALLOWED_MODELS_VALUE} bytes "
+            "percent-encoded; use 'provider/*' patterns",
+        )
+    return unique
 
 
 def _check_limits(limits: KeyLimits) -> KeyLimits:

@@ -14,12 +14,12 @@ import contextlib
 import functools
 import json
 import sqlite3
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from marie_kit.sqlite import open_on_thread
+from marie_kit.sqlite import open_on_thread, probe_write, write_transaction
 
 from marie_auth.store import InvalidPageToken, KeyLimits, KeyPage, KeyRecord, KeySpec, KeyState
 
@@ -201,12 +201,19 @@ class SqliteKeyStore:
         self._closed = False
 
     @classmethod
-    async def open(cls, path: Path) -> SqliteKeyStore:
+    async def open(cls, path: Path, *, max_bytes: int = 0) -> SqliteKeyStore:
         """Create the file (and its directory) if needed, migrate, and return the store."""
         connection, executor = await open_on_thread(
-            path, _SCHEMA, thread_name="marie-auth-sqlite", schema_version=SCHEMA_VERSION
+            path,
+            _SCHEMA,
+            thread_name="marie-auth-sqlite",
+            schema_version=SCHEMA_VERSION,
+            max_bytes=max_bytes,
         )
         return cls(path, connection, executor)
+
+    async def probe_write(self) -> None:
+        await self._run(probe_write, self._db)
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         if self._closed:
@@ -314,16 +321,9 @@ class SqliteKeyStore:
     async def prune_events(self, before: float) -> None:
         await self._run(lambda: self._db.execute(_PRUNE_EVENTS, {"before": before}))
 
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[None]:
+    def _transaction(self) -> contextlib.AbstractContextManager[None]:
         # The connection is in autocommit mode; this groups statements explicitly.
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+        return write_transaction(self._db)
 
     async def close(self) -> None:
         if self._closed:

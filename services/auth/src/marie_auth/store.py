@@ -149,5 +149,9 @@ class KeyStore(Protocol):
     async def prune_events(self, before: float) -> None:
         """Forget events older than `before`."""
 
+    async def probe_write(self) -> None:
+        """A small write and its removal; raises while the store has no room
+        (marie_kit.storage: how the service knows it can write again)."""
+
     async def close(self) -> None:
         """Release the store's resources; further calls fail."""

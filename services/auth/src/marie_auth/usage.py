@@ -21,7 +21,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from marie_kit.sqlite import open_on_thread
+from marie_kit.sqlite import open_on_thread, write_transaction
 
 from marie_auth.errors import invalid_argument
 
@@ -142,8 +142,10 @@ class SqliteUsageStore:
         self._closed = False
 
     @classmethod
-    async def open(cls, path: Path) -> SqliteUsageStore:
-        connection, executor = await open_on_thread(path, _SCHEMA, thread_name="marie-auth-usage")
+    async def open(cls, path: Path, *, max_bytes: int = 0) -> SqliteUsageStore:
+        connection, executor = await open_on_thread(
+            path, _SCHEMA, thread_name="marie-auth-usage", max_bytes=max_bytes
+        )
         return cls(connection, executor)
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
@@ -154,13 +156,8 @@ class SqliteUsageStore:
 
     def _insert(self, rows: list[dict[str, Any]]) -> int:
         before = self._db.total_changes
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
+        with write_transaction(self._db):
             self._db.executemany(_INSERT, rows)
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
         return self._db.total_changes - before
 
     async def insert(self, records: Sequence[UsageRecord]) -> int:

@@ -1,5 +1,6 @@
 """The gateway's HTTP application, assembled: each surface (`openai/`: the
-OpenAI `/v1` routes; `api/`: Marie's own `/api`; `console/`; `ops/`: health,
+OpenAI `/v1` routes; `anthropic/`: Anthropic's `/v1/messages`; `api/`:
+Marie's own `/api`; `console/`; `ops/`: health,
 the OpenAPI document, Envoy's key check; and `/metrics`) lives in its own
 package; this module wires them to the shared state (`core.Gateway`), the
 error handlers, CORS and the request context."""
@@ -7,6 +8,7 @@ error handlers, CORS and the request context."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from importlib.metadata import version
 
 from starlette.applications import Starlette
@@ -15,8 +17,13 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Route
 
 from marie_gateway.access.limits import RATE_LIMIT_HEADERS
+from marie_gateway.access.tally import Tally
+from marie_gateway.anthropic import errors as anthropic_errors
+from marie_gateway.anthropic.messages import MessagesRoutes
+from marie_gateway.anthropic.models import AnthropicModelRoutes
 from marie_gateway.api.compare import CompareRoutes
 from marie_gateway.api.conversations import ConversationRoutes
 from marie_gateway.api.keys import KeyRoutes
@@ -24,7 +31,7 @@ from marie_gateway.api.memories import MemoryRoutes
 from marie_gateway.api.models import ModelRoutes
 from marie_gateway.api.usage import UsageRoutes
 from marie_gateway.console import routes as console
-from marie_gateway.core import Gateway
+from marie_gateway.core import TALLY_KEY, Gateway
 from marie_gateway.http import metrics
 from marie_gateway.http.context import RequestContext, current_request_id
 from marie_gateway.http.errors import ApiError, error_response
@@ -39,27 +46,50 @@ from marie_gateway.settings import GatewaySettings
 log = logging.getLogger("marie.gateway")
 
 
+def _answer(
+    request: Request, error: ApiError, headers: Mapping[str, str] | None = None
+) -> Response:
+    """An error in the shape of the surface asked: Anthropic's or OpenAI's."""
+    if anthropic_errors.is_anthropic(request):
+        return anthropic_errors.error_response(error, headers)
+    return error_response(error, headers)
+
+
 async def _api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
-    return error_response(exc, {"connection": "close"} if exc.close else None)
+    tally: Tally | None = request.scope.get(TALLY_KEY)
+    if tally is not None and not exc.upstream:
+        tally.refused(exc.status)
+    return _answer(request, exc, {"connection": "close"} if exc.close else None)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 404:
         message = f"Unknown request URL: {request.method} {request.url.path}."
-        return error_response(ApiError(404, message, code="unknown_url"))
+        return _answer(request, ApiError(404, message, code="unknown_url"))
     if exc.status_code == 405:
         message = f"Method {request.method} is not allowed on {request.url.path}."
-        # HTTP requires the methods the resource does allow.
-        return error_response(ApiError(405, message, code="method_not_allowed"), exc.headers)
-    return error_response(ApiError(exc.status_code, str(exc.detail)), exc.headers)
+        # HTTP requires the methods the resource does allow: those of every
+        # route of this path, not only of the first one Starlette tried.
+        allow = {"allow": ", ".join(_allowed_methods(request))}
+        return _answer(request, ApiError(405, message, code="method_not_allowed"), allow)
+    return _answer(request, ApiError(exc.status_code, str(exc.detail)), exc.headers)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    path = request.url.path
+    methods: set[str] = set()
+    for route in request.app.routes:
+        if isinstance(route, Route) and route.methods and route.path_regex.match(path):
+            methods |= route.methods
+    return sorted(methods)
 
 
 async def _server_error(request: Request, exc: Exception) -> Response:
     log.error("unhandled error", exc_info=exc)
     message = f"The server had an error processing the request (request id {current_request_id()})."
-    return error_response(ApiError(500, message, "server_error", "server_error"))
+    return _answer(request, ApiError(500, message, "server_error", "server_error"))
 
 
 def create_app(settings: GatewaySettings) -> RequestContext[Gateway]:
@@ -67,6 +97,9 @@ def create_app(settings: GatewaySettings) -> RequestContext[Gateway]:
     gw = Gateway(settings)
     routes = [
         *ChatRoutes(gw).routes(),
+        *MessagesRoutes(gw).routes(),
+        # Before the OpenAI ones: they answer only callers sending anthropic-version.
+        *AnthropicModelRoutes(gw).routes(),
         *OpenAIModelRoutes(gw).routes(),
         *EmbeddingRoutes(gw).routes(),
         *CompletionRoutes(gw).routes(),
@@ -90,8 +123,20 @@ def create_app(settings: GatewaySettings) -> RequestContext[Gateway]:
                 CORSMiddleware,
                 allow_origins=[o.strip() for o in settings.cors_origins.split(",") if o.strip()],
                 allow_methods=["GET", "POST", "PATCH", "DELETE"],
-                allow_headers=["authorization", "x-api-key", "content-type", "x-request-id"],
-                expose_headers=["x-request-id", "retry-after", *RATE_LIMIT_HEADERS],
+                allow_headers=[
+                    "authorization",
+                    "x-api-key",
+                    "content-type",
+                    "x-request-id",
+                    "anthropic-version",
+                    "anthropic-beta",
+                ],
+                expose_headers=[
+                    "x-request-id",
+                    "retry-after",
+                    *RATE_LIMIT_HEADERS,
+                    *anthropic_errors.EXPOSED_HEADERS,
+                ],
                 max_age=600,
             )
         )

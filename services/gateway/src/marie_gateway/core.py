@@ -30,7 +30,12 @@ from marie_gateway.access.limits import InvalidKeyThrottle, quota_headers
 from marie_gateway.access.tally import Tally
 from marie_gateway.http.client_address import TrustedProxies, parse_networks
 from marie_gateway.http.context import RATE_HEADERS_KEY, current_request_id
-from marie_gateway.http.errors import ApiError, client_closed, service_unavailable
+from marie_gateway.http.errors import (
+    ApiError,
+    client_closed,
+    invalid_api_key,
+    service_unavailable,
+)
 from marie_gateway.http.metrics import RATE_LIMITED
 from marie_gateway.settings import GatewaySettings
 
@@ -42,8 +47,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("marie.gateway")
 
 # Where the request-context middleware finds what a request reserved of the
-# body budget, to give it back when the request ends.
+# body budget (and for whom), to give it back when the request ends.
 BODY_RESERVATION_KEY = "marie.body_bytes"
+BODY_HOLDER_KEY = "marie.body_holder"
 # Where a limited request keeps its account (see `admit`); the `x-ratelimit-*`
 # headers the request-context middleware adds to its answer are kept under
 # RATE_HEADERS_KEY.
@@ -75,34 +81,47 @@ class Backends:
 
 
 class BodyBudget:
-    """Bounds the request-body bytes held in memory at once, across requests.
+    """Bounds the request-body bytes held in memory at once: in all, and by
+    any one holder (an API key, or a client address before its key is known).
 
-    A request takes its share before reading (its declared length, or chunk by
-    chunk when it declares none) and gives it back when it ends; a request that
-    cannot get its share within the body timeout gets a 503. Small bodies never
-    wait in practice; it is the large uploads that queue."""
+    A request takes budget for the bytes that have arrived, as they arrive
+    (never for what its Content-Length only promises: a client that declares
+    16 MiB and sends ten bytes holds ten bytes), and gives it all back when it
+    ends. One holder may hold at most `share` (at least the largest body), so
+    no key can take the whole budget from the others, however many uploads it
+    trickles. A request that cannot get budget waits, reading nothing more,
+    until others give some back (within the body timeout, else 503)."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, share: int) -> None:
         self.limit = limit
+        self.share = min(share, limit)
         self.in_use = 0
+        self._held: dict[str, int] = {}
         self._waiters = 0
         self._freed = asyncio.Condition()
 
-    async def take(self, size: int) -> None:
-        if self.in_use + size <= self.limit:  # the fast path: no await
-            self.in_use += size
-            return
-        self._waiters += 1
-        try:
-            async with self._freed:
-                await self._freed.wait_for(lambda: self.in_use + size <= self.limit)
-                self.in_use += size
-        finally:
-            self._waiters -= 1
+    def _fits(self, holder: str, size: int) -> bool:
+        return self.in_use + size <= self.limit and self._held.get(holder, 0) + size <= self.share
 
-    def give_back(self, size: int) -> None:
+    async def take(self, holder: str, size: int) -> None:
+        if not self._fits(holder, size):
+            self._waiters += 1
+            try:
+                async with self._freed:
+                    await self._freed.wait_for(lambda: self._fits(holder, size))
+            finally:
+                self._waiters -= 1
+        self.in_use += size
+        self._held[holder] = self._held.get(holder, 0) + size
+
+    def give_back(self, holder: str, size: int) -> None:
         if size:
             self.in_use -= size
+            left = self._held.get(holder, 0) - size
+            if left > 0:
+                self._held[holder] = left
+            else:
+                self._held.pop(holder, None)
             if self._waiters:
                 asyncio.get_running_loop().create_task(self._notify())
 
@@ -118,7 +137,11 @@ class Gateway:
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
         self._backends: Backends | None = None
-        self.bodies = BodyBudget(settings.max_inflight_body_bytes)
+        # A quarter of the budget for any one holder, and the largest body at least.
+        self.bodies = BodyBudget(
+            settings.max_inflight_body_bytes,
+            share=max(settings.max_body_bytes, settings.max_inflight_body_bytes // 4),
+        )
         # Calls that a shutdown must end cleanly (see cut_calls).
         self.calls: set[Cancellable] = set()
         # Set when shutdown starts (readiness turns 503), and when the grace
@@ -145,10 +168,27 @@ class Gateway:
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
             raise _too_large(limit)
+        scope = request.scope
+        if BODY_HOLDER_KEY not in scope:
+            # Not authenticated (yet): the client's address holds its budget.
+            peer = request.client.host if request.client else ""
+            address = self.proxies.client(peer, request.headers.getlist("x-forwarded-for"))
+            scope[BODY_HOLDER_KEY] = "address:" + address
+        waiting = [False]
         try:
             async with asyncio.timeout(self.settings.body_timeout_seconds):
-                return await self._read_within_budget(request, int(declared or 0), limit)
+                return await self._read_within_budget(request, limit, waiting)
         except TimeoutError:
+            if waiting[0]:
+                # The client sent in time; the gateway had no room to read it.
+                raise ApiError(
+                    503,
+                    "Too many request bodies are arriving at once; retry shortly.",
+                    "server_error",
+                    "service_unavailable",
+                    retry_after=1,
+                    close=True,
+                ) from None
             raise ApiError(
                 408,
                 "The request body did not arrive in time.",
@@ -158,30 +198,29 @@ class Gateway:
         except ClientDisconnect:
             raise client_closed() from None
 
-    async def _read_within_budget(self, request: Request, declared: int, limit: int) -> bytes:
+    async def _read_within_budget(self, request: Request, limit: int, waiting: list[bool]) -> bytes:
         scope = request.scope
-        if declared:
-            await self.bodies.take(declared)
-            scope[BODY_RESERVATION_KEY] = declared
+        holder: str = scope[BODY_HOLDER_KEY]
         chunks: list[bytes] = []
         size = 0
         async for part in request.stream():
             size += len(part)
             if size > limit:
                 raise _too_large(limit)
-            if size > declared and size > scope.get(BODY_RESERVATION_KEY, 0):
-                # No (or a wrong) declared length: take the budget as bytes come.
-                extra = size - scope.get(BODY_RESERVATION_KEY, 0)
-                await self.bodies.take(extra)
-                scope[BODY_RESERVATION_KEY] = scope.get(BODY_RESERVATION_KEY, 0) + extra
-            chunks.append(part)
+            if part:
+                # Budget for what has arrived, before the next read.
+                waiting[0] = True
+                await self.bodies.take(holder, len(part))
+                waiting[0] = False
+                scope[BODY_RESERVATION_KEY] = scope.get(BODY_RESERVATION_KEY, 0) + len(part)
+                chunks.append(part)
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     def release(self, scope: dict[str, Any]) -> None:
         """Give back what the request reserved of the body budget."""
         reserved = scope.pop(BODY_RESERVATION_KEY, 0)
         if reserved:
-            self.bodies.give_back(reserved)
+            self.bodies.give_back(scope[BODY_HOLDER_KEY], reserved)
             if reserved >= LARGE_REQUEST_BYTES:
                 # glibc keeps the freed heap of a large body: hand it back.
                 schedule_trim()
@@ -191,16 +230,23 @@ class Gateway:
 
         A client address that presented too many invalid keys lately gets 429
         for any key not validated recently, without auth being asked."""
+        principal = await self._authenticate(request)
+        request.scope[BODY_HOLDER_KEY] = "key:" + principal.key_id
+        return principal
+
+    async def _authenticate(self, request: Request) -> Principal:
         headers = request.headers
         key = extract_key(headers.get("authorization"), headers.get("x-api-key"))
         keys = self.backends().keys
+        if keys.refused_recently(key):
+            # Counted against its address once, when it was refused.
+            raise invalid_api_key()
         peer = request.client.host if request.client else ""
         address = self.proxies.client(peer, headers.getlist("x-forwarded-for"))
         wait = self.invalid_keys.retry_after(address)
-        if wait:
-            known = keys.cached(key)
-            if known is not None:
-                return known
+        # A key that validated recently is never held back: only keys the
+        # gateway has not seen valid (guesses) wait for the address's allowance.
+        if wait and not keys.validated_recently(key):
             RATE_LIMITED.labels("invalid_keys").inc()
             raise ApiError(
                 429,
@@ -214,6 +260,7 @@ class Gateway:
         if self._admin_digest is not None and hmac.compare_digest(
             hashlib.sha256(key.encode()).digest(), self._admin_digest
         ):
+            keys.remember_valid(key)
             return ADMIN_PRINCIPAL
         try:
             return await keys.validate(key, current_request_id())

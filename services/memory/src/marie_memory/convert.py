@@ -6,10 +6,13 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from marie.memory.v1 import memory_service_pb2 as pb
 
 from marie_memory.core import ScoredHit
+from marie_memory.job_payload import decode_results
 from marie_memory.records import (
+    JOB_QUEUED,
     AddRequest,
     AddResult,
     Conversation,
+    ExtractionJob,
     HistoryEntry,
     Memory,
     MemoryFilter,
@@ -179,3 +182,20 @@ def add_result_to_proto(result: AddResult) -> pb.AddMemoriesResult:
         memory=memory_to_proto(result.memory),
         previous_text=result.previous_text,
     )
+
+
+def job_to_proto(job: ExtractionJob) -> pb.ExtractionJob:
+    out = pb.ExtractionJob(
+        id=job.id,
+        state=job.state,  # type: ignore[arg-type]
+        attempts=job.attempts,
+        last_error=job.last_error,
+        create_time=timestamp(job.create_time),
+        failure_reason=job.failure_reason,
+        results=[add_result_to_proto(r) for r in decode_results(job.results)],
+    )
+    if job.state == JOB_QUEUED:
+        out.next_attempt_time.CopyFrom(timestamp(job.next_attempt_time))
+    else:
+        out.finish_time.CopyFrom(timestamp(job.finish_time))
+    return out

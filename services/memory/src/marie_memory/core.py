@@ -9,12 +9,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import re
 import secrets
 import time
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
+
+from marie_kit.errors import ServiceError
 
 from marie_memory import limits
 from marie_memory.embedding import Embeddings
@@ -22,6 +25,7 @@ from marie_memory.errors import (
     conversation_not_found,
     extraction_model_not_configured,
     invalid_argument,
+    job_not_found,
     memory_not_found,
 )
 from marie_memory.job_payload import encode_request
@@ -34,6 +38,7 @@ from marie_memory.records import (
     ROLE_SYSTEM,
     AddRequest,
     AddResult,
+    ChangePlan,
     Conversation,
     ExtractionJob,
     HistoryEntry,
@@ -45,6 +50,7 @@ from marie_memory.records import (
     ScoredMemory,
 )
 from marie_memory.stores.contract import DuplicateMemory, Store
+from marie_memory.stores.keywords import STOPWORDS, WORD
 
 log = logging.getLogger("marie.memory.core")
 
@@ -58,6 +64,20 @@ CONVERSATION_FIELDS = frozenset({"title", "provider", "model", "metadata"})
 MEMORY_FIELDS = frozenset({"text", "categories", "metadata"})
 # Candidates fetched from each ranking before hybrid scores are combined.
 MIN_CANDIDATES = 50
+# "user" (and "the user's"): in nearly every extracted fact, so no sign of closeness.
+_USER_WORD = re.compile(r"\b(?:the\s+)?users?(?:'s)?\b", re.IGNORECASE)
+#: Letters two words must share at their start to count as one (peanut, peanuts).
+STEM_LETTERS = 5
+
+
+def content_stems(text: str) -> set[str]:
+    """The words of `text` that say something (no stopword, no "user", 3 letters
+    or more), each by its first STEM_LETTERS letters."""
+    return {
+        w[:STEM_LETTERS]
+        for w in (m.lower() for m in WORD.findall(text))
+        if len(w) >= 3 and w not in STOPWORDS and w not in ("user", "users")
+    }
 
 
 def new_id(prefix: str) -> str:
@@ -95,9 +115,15 @@ class Ranked:
 
 
 class Extractor(Protocol):
-    """What the core asks of an extractor: run AddMemories with inference."""
+    """What the core asks of an extractor: the changes of AddMemories with inference,
+    planned (model calls made, vectors included) but not written."""
 
-    async def run(self, core: MemoryCore, request: AddRequest, model: str) -> list[AddResult]: ...
+    async def plan(self, core: MemoryCore, request: AddRequest, model: str) -> ChangePlan: ...
+
+    async def check_allowed(self, model: str, allowed_models: str) -> None:
+        """PERMISSION_DENIED (MODEL_NOT_ALLOWED) when `model` is outside
+        `allowed_models`; nothing when it is within, or when that cannot be
+        known now (providers unreachable: the job's own calls will tell)."""
 
 
 class MemoryCore:
@@ -113,6 +139,7 @@ class MemoryCore:
         vector_weight: float = 0.7,
         keyword_weight: float = 0.3,
         similar_memories: int = 5,
+        close_similarity: float = 0.88,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
@@ -123,9 +150,12 @@ class MemoryCore:
         self._vector_weight = vector_weight / total
         self._keyword_weight = keyword_weight / total
         self._similar = similar_memories
+        self._close_similarity = close_similarity
         self._clock = clock
         #: Called after a job is queued (the queue's wake-up).
         self.on_enqueue: Callable[[], None] | None = None
+        # Query embeddings that outlived their search's deadline (they fill the cache).
+        self._pending: set[asyncio.Future[list[float]]] = set()
         # Memory writes of one user run one at a time, so dedupe sees every write.
         self._user_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
@@ -318,6 +348,7 @@ class MemoryCore:
         token: str,
         mode: int,
         roles: Sequence[int],
+        budget: float | None = None,
     ) -> Ranked:
         limits.user_id(user_id)
         limits.query(query)
@@ -333,7 +364,7 @@ class MemoryCore:
             raise invalid_argument("mode", "unknown search mode")
         if conversation_id and await self.store.get_conversation(user_id, conversation_id) is None:
             raise conversation_not_found(conversation_id)
-        used, note, vector = await self._query_vector(query, mode)
+        used, note, vector = await self._query_vector(query, mode, budget)
         wanted = offset + limit + 1
         scores: dict[str, float] = {}
         found: dict[str, MessageHit] = {}
@@ -422,7 +453,11 @@ class MemoryCore:
         threshold: float,
         memory_filter: MemoryFilter,
         mode: int,
+        budget: float | None = None,
     ) -> Ranked:
+        """`budget`: the seconds the caller waits (its deadline); a query embedding not
+        made within most of it gives keyword results, and the vector comes for the
+        next search of the same text."""
         limits.user_id(user_id)
         limits.query(query)
         _check_filter(memory_filter)
@@ -431,7 +466,7 @@ class MemoryCore:
         if mode not in (MODE_UNSPECIFIED, MODE_HYBRID, MODE_VECTOR, MODE_KEYWORD):
             raise invalid_argument("mode", "unknown search mode")
         k = page_size(top_k, 10, 100, "top_k")
-        used, note, vector = await self._query_vector(query, mode)
+        used, note, vector = await self._query_vector(query, mode, budget)
         candidates = max(MIN_CANDIDATES, 4 * k)
         scores: dict[str, float] = {}
         found: dict[str, Memory] = {}
@@ -484,16 +519,27 @@ class MemoryCore:
             note = "memories are being re-embedded: vector results may be incomplete"
         return Ranked(used, note, memories=results)
 
-    async def _query_vector(self, query: str, mode: int) -> tuple[int, str, list[float] | None]:
+    async def _query_vector(
+        self, query: str, mode: int, budget: float | None = None
+    ) -> tuple[int, str, list[float] | None]:
         """The mode to use, why it differs from the request, and the query's vector."""
         if mode == MODE_KEYWORD:
             return MODE_KEYWORD, "", None
         if mode == MODE_VECTOR:
-            return MODE_VECTOR, "", (await self.embeddings.embed([query]))[0]
+            return MODE_VECTOR, "", await self.embeddings.embed_query(query)
         if not self.embeddings.configured:
             return MODE_KEYWORD, "no embedding model configured", None
+        embedding = asyncio.ensure_future(self.embeddings.embed_query(query))
+        if budget is not None:
+            # Leave the keyword search its share of the caller's deadline.
+            done, _ = await asyncio.wait({embedding}, timeout=budget - min(0.1, budget / 3))
+            if not done:
+                # It goes on, and fills the cache for the next search of this text.
+                self._pending.add(embedding)
+                embedding.add_done_callback(_forget(self._pending))
+                return MODE_KEYWORD, "the query could not be embedded in time", None
         try:
-            vector = (await self.embeddings.embed([query]))[0]
+            vector = await embedding
         except Exception as exc:  # any failure to embed falls back to keywords
             log.info("hybrid search fell back to keywords", extra={"error": str(exc)})
             return MODE_KEYWORD, "the embedding model could not be reached", None
@@ -644,8 +690,14 @@ class MemoryCore:
         return model
 
     async def enqueue_memories(self, request: AddRequest) -> str:
-        """Checks an inferring AddMemories request and queues it durably; the job id."""
-        await self._check_add_fully(request)
+        """Checks an inferring AddMemories request and queues it durably; the job id.
+
+        A key limited to some models is refused here, as a synchronous call
+        would be, when the extraction model is not one of them: queued, the
+        job could only be dropped later."""
+        model = await self._check_add_fully(request)
+        if request.allowed_models and self.extractor is not None:
+            await self.extractor.check_allowed(model, request.allowed_models)
         now = self._clock()
         job_id = (
             derived_id("job", request.user_id, "job", request.request_id)
@@ -660,18 +712,100 @@ class MemoryCore:
 
     async def add_memories(self, request: AddRequest) -> tuple[list[AddResult], str]:
         model = await self._check_add_fully(request)
-        user_id = request.user_id
-        if not request.infer:
-            # No lock: the store keeps one memory per text however many
-            # calls (or replicas) add it at once.
-            return await self._add_verbatim(request), model
-        # Extraction compares facts with what is stored: this process's
-        # extractions of one user run one at a time (other replicas' races
-        # end as NONE through the store's text claims).
+        # The lock spares this process's calls for one user a race among
+        # themselves; nothing rests on it: other replicas' races end in the
+        # store's text claims (DuplicateMemory), as NONE.
+        async with self._user_locks[request.user_id]:
+            plan = await self._plan(request, model)
+            plan = await self._apply(request.user_id, plan)
+        return list(plan.results), model
+
+    async def plan_memories(self, request: AddRequest) -> tuple[ChangePlan, str]:
+        """What AddMemories would change (the model calls made), written by
+        `apply_planned`; the model used."""
+        model = await self._check_add_fully(request)
+        async with self._user_locks[request.user_id]:
+            return await self._plan(request, model), model
+
+    async def apply_planned(
+        self, user_id: str, plan: ChangePlan, wanted: Callable[[], Awaitable[bool]]
+    ) -> ChangePlan | None:
+        """Writes a plan of `plan_memories` if `wanted()` still says so (checked under
+        the user's lock: an erasure in between wins); the plan as written, or None."""
         async with self._user_locks[user_id]:
+            if not await wanted():
+                return None
+            return await self._apply(user_id, plan)
+
+    async def _plan(self, request: AddRequest, model: str) -> ChangePlan:
+        if request.infer:
             assert self.extractor is not None
-            results = await self.extractor.run(self, request, model)
-        return results, model
+            return await self.extractor.plan(self, request, model)
+        return await self._plan_verbatim(request)
+
+    async def _apply(self, user_id: str, plan: ChangePlan) -> ChangePlan:
+        """Writes a plan; the plan as written: a memory added meanwhile (by this
+        process, whose write may have waited for the store, or by another
+        replica) with the text of one to add stands, and that add is NONE."""
+        changes = list(plan.changes)
+        results = list(plan.results)
+
+        def keep(held: Memory) -> None:
+            nonlocal changes, results
+            changes = [
+                c for c in changes if not (c.event == EVENT_ADD and c.memory.hash == held.hash)
+            ]
+            results = [
+                AddResult(EVENT_NONE, held)
+                if r.event == EVENT_ADD and r.memory.hash == held.hash and r.memory.id != held.id
+                else r
+                for r in results
+            ]
+
+        for change in list(changes):
+            if change.event == EVENT_ADD:
+                found = await self.store.find_memory_by_hash(user_id, change.memory.hash)
+                if found is not None:
+                    keep(found)
+        while changes:
+            try:
+                await self.store.apply_memory_changes(user_id, changes)
+                break
+            except DuplicateMemory as taken:
+                keep(taken.memory)
+        return ChangePlan(tuple(changes), tuple(results))
+
+    async def close_memories(self, user_id: str, text: str) -> list[Memory]:
+        """The user's stored memories close enough to `text` for a model to compare
+        them: sharing a keyword with it (besides "user"), or, with embeddings, of
+        vector similarity `close_similarity` or more; at most `similar_count`."""
+        found: dict[str, Memory] = {}
+        words = _USER_WORD.sub(" ", text)
+        if words.strip():
+            for hit in await self.store.keyword_search_memories(
+                user_id, words, MemoryFilter(), self._similar
+            ):
+                found.setdefault(hit.memory.id, hit.memory)
+        if self.embeddings.configured:
+            try:
+                vector = await self.embeddings.embed_query(text)
+            except ServiceError:
+                vector = None  # keywords alone, then
+            if vector is not None:
+                for hit in await self.store.vector_search_memories(
+                    user_id, vector, MemoryFilter(), self._similar
+                ):
+                    if hit.score >= self._close_similarity:
+                        found.setdefault(hit.memory.id, hit.memory)
+        return list(found.values())[: self._similar]
+
+    async def get_job(self, user_id: str, job_id: str) -> ExtractionJob:
+        limits.user_id(user_id)
+        limits.required_id("job_id", job_id)
+        found = await self.store.get_job(user_id, job_id)
+        if found is None:
+            raise job_not_found(job_id)
+        return found
 
     def new_memory(
         self, request: AddRequest, text: str, categories: Sequence[str], memory_id: str = ""
@@ -718,16 +852,7 @@ class MemoryCore:
             return [None] * len(texts)
         return await self.embeddings.embed(texts)
 
-    async def _add_verbatim(self, request: AddRequest) -> list[AddResult]:
-        for _ in range(3):
-            try:
-                return await self._add_verbatim_once(request)
-            except DuplicateMemory:
-                # Another call stored one of these texts meanwhile: look again.
-                continue
-        return await self._add_verbatim_once(request)
-
-    async def _add_verbatim_once(self, request: AddRequest) -> list[AddResult]:
+    async def _plan_verbatim(self, request: AddRequest) -> ChangePlan:
         results: list[AddResult] = []
         seen: dict[str, Memory] = {}
         fresh: list[Memory] = []
@@ -766,9 +891,18 @@ class MemoryCore:
             )
             for memory, vector in zip(fresh, vectors, strict=True)
         ]
-        if changes:
-            await self.store.apply_memory_changes(request.user_id, changes)
-        return results
+        return ChangePlan(tuple(changes), tuple(results))
+
+
+def _forget(
+    pending: set[asyncio.Future[list[float]]],
+) -> Callable[[asyncio.Future[list[float]]], None]:
+    def done(future: asyncio.Future[list[float]]) -> None:
+        pending.discard(future)
+        if not future.cancelled() and future.exception() is not None:
+            log.info("a late query embedding failed", extra={"error": str(future.exception())})
+
+    return done
 
 
 def _ratio(value: float, best: float) -> float:

@@ -13,6 +13,25 @@ of two models never mix:
   and switches to vectors as soon as they answer;
 - messages are embedded in the background after they are appended, so an
   append never waits for the embedding model.
+
+Real embedding servers refuse inputs over their batch size and go away for
+minutes, so the background rounds (messages, re-embedding) are careful:
+
+- a text longer than `max_chars` is cut to its start before it is sent, and
+  the message says so in its metadata (MESSAGE_EMBEDDING_NOTE);
+- a batch the model refuses is split in halves until only the inputs it
+  refuses alone are left; those are tried shortened (a half, a quarter), and
+  one still refused is marked as having no vector, so it is never sent again:
+  one poison input never holds back the others;
+- a round that fails because the model cannot be reached (a probe with a
+  short text fails too, or providers says the circuit is open) waits, with a
+  backoff that doubles up to a minute or for the wait providers gives, and
+  logs one line; nothing is marked;
+- messages of Marie's own reserved users (stored Responses records, which no
+  route searches) are never embedded.
+
+Query vectors (searches, the gateway's enrichment) are cached per text for
+the configured model, so a repeated query costs no model call.
 """
 
 from __future__ import annotations
@@ -20,15 +39,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import grpc
 from marie.providers.v1 import provider_service_pb2 as ppb
-from marie_kit.context import outgoing_metadata
+from marie_kit.errors import ServiceError
+from marie_kit.tenancy import is_reserved_user
 
-from marie_memory.errors import embeddings_not_configured, provider_unavailable
-from marie_memory.records import EmbeddingSpace
+from marie_memory import lane
+from marie_memory.errors import (
+    DOMAIN,
+    RETRY_AFTER_KEY,
+    embeddings_not_configured,
+    provider_unavailable,
+)
+from marie_memory.records import EmbeddingSpace, MessageVector
 from marie_memory.stores.contract import Store
 
 if TYPE_CHECKING:
@@ -41,31 +69,86 @@ else:
 log = logging.getLogger("marie.memory.embedding")
 
 BATCH = 64
+#: First wait after a background round failed; it doubles up to MAX_RETRY_SECONDS.
 RETRY_SECONDS = 5.0
+MAX_RETRY_SECONDS = 60.0
+#: Default of MARIE_MEMORY_EMBEDDING_MAX_CHARS: about 500 tokens of English,
+#: within the 512-token batch of a llama.cpp embedding server and of e5 models.
+DEFAULT_MAX_CHARS = 2000
+#: Shortened tries of an input the model refuses alone: its half, its quarter.
+SHORTENINGS = 2
+#: Query vectors kept (per text, for the configured model).
+QUERY_CACHE_SIZE = 1024
+PROBE_TEXT = "dimension probe"
+#: Providers' reasons that mean "wait", whatever the input: no probe is needed.
+_WAIT_REASONS = frozenset({"CIRCUIT_OPEN", "DEPLOYMENT_BUSY"})
 
 
 class ModelChangeRefused(Exception):
     """The store holds vectors of another model and the settings say refuse."""
 
 
+class Outage(Exception):
+    """The embedding model cannot be reached now: the round waits, nothing is marked."""
+
+    def __init__(self, error: ServiceError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+    @property
+    def retry_after(self) -> float | None:
+        """The wait providers asked for (an open circuit), in seconds."""
+        return retry_after(self.error)
+
+
+def retry_after(error: ServiceError) -> float | None:
+    """The seconds to wait that a providers error names (CIRCUIT_OPEN's), if any."""
+    try:
+        value = float(error.metadata.get(RETRY_AFTER_KEY, ""))
+    except ValueError:
+        return None
+    return value if math.isfinite(value) and value >= 0 else None
+
+
+def shortened_note(kept: int, total: int) -> str:
+    return f"only the first {kept} of {total} characters are embedded"
+
+
 class Embeddings:
-    """The configured embedding model, its vector space and the background re-embedder."""
+    """The configured embedding model, its vector space and the background embedder."""
 
     def __init__(
-        self, store: Store, providers: ProvidersStub | None, model: str, timeout: float
+        self,
+        store: Store,
+        providers: ProvidersStub | None,
+        model: str,
+        timeout: float,
+        *,
+        max_chars: int = DEFAULT_MAX_CHARS,
+        retry_seconds: float = RETRY_SECONDS,
+        max_retry_seconds: float = MAX_RETRY_SECONDS,
     ) -> None:
         self._store = store
         self._providers = providers
         self.model = model
         self._timeout = timeout
+        self._max_chars = max_chars
+        self._retry_seconds = retry_seconds
+        self._max_retry_seconds = max_retry_seconds
         self.space: EmbeddingSpace | None = None
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._queries: OrderedDict[str, list[float]] = OrderedDict()
+        # Memories the model refused even shortened (this process only: a
+        # memory holds at most 8 KiB, so this stays empty but for a broken model).
+        self._unembeddable: set[str] = set()
         #: True while memories of the store still lack a vector of this model.
         self.backfilling = False
         #: True while messages still wait for their vectors.
         self.messages_pending = False
+        #: Model calls made, for measurements and tests.
+        self.calls = 0
 
     @property
     def configured(self) -> bool:
@@ -104,23 +187,33 @@ class Embeddings:
     def wake(self) -> None:
         self._wake.set()
 
+    def _fit(self, text: str) -> str:
+        return text[: self._max_chars]
+
     async def _call(self, texts: Sequence[str]) -> list[list[float]]:
+        """One CreateEmbeddings call, in the lane of the running task; raises the
+        providers service's error as a ServiceError."""
         assert self._providers is not None
+        self.calls += 1
         try:
             reply = await self._providers.CreateEmbeddings(
                 ppb.CreateEmbeddingsRequest(model=self.model, inputs=list(texts)),
                 timeout=self._timeout,
-                metadata=outgoing_metadata(),
+                metadata=lane.call_metadata(),
             )
         except grpc.aio.AioRpcError as exc:
-            log.warning(
-                "embedding failed",
-                extra={"model": self.model, "code": exc.code().name, "error": exc.details()},
-            )
-            raise provider_unavailable("embedding") from exc
+            raise ServiceError.from_rpc_error(exc) from exc
         vectors = [list(e.values) for e in sorted(reply.embeddings, key=lambda e: e.index)]
         if len(vectors) != len(texts) or len({len(v) for v in vectors}) > 1 or not vectors[0]:
-            raise provider_unavailable("embedding (the model answered malformed vectors)")
+            raise ServiceError(
+                grpc.StatusCode.UNAVAILABLE,
+                "PROVIDER_UNAVAILABLE",
+                "the embedding model answered malformed vectors",
+                domain=DOMAIN,
+            )
+        space = self.space or await self._ensure_space(len(vectors[0]))
+        if len(vectors[0]) != space.dimension:
+            await self._ensure_space(len(vectors[0]))
         return vectors
 
     async def _ensure_space(self, dimension: int) -> EmbeddingSpace:
@@ -133,55 +226,191 @@ class Embeddings:
                 log.warning("embedding dimension changed", extra={"dimension": dimension})
             await self._store.set_embedding_space(space)
             self.space = space
+            self._queries.clear()
             self.backfilling = True
             self._wake.set()
             return space
 
     async def embed(self, texts: Sequence[str]) -> list[list[float]]:
-        """Vectors for `texts` in the store's space; FAILED_PRECONDITION when no model
-        is configured, UNAVAILABLE (PROVIDER_UNAVAILABLE) when providers fail."""
+        """Vectors for `texts` (each cut to `max_chars`) in the store's space;
+        FAILED_PRECONDITION when no model is configured, UNAVAILABLE
+        (PROVIDER_UNAVAILABLE) when providers fail."""
         if not self.configured:
             raise embeddings_not_configured()
         if not texts:
             return []
-        vectors = await self._call(texts)
-        space = self.space or await self._ensure_space(len(vectors[0]))
-        if len(vectors[0]) != space.dimension:
-            await self._ensure_space(len(vectors[0]))
-        return vectors
+        try:
+            return await self._call([self._fit(t) for t in texts])
+        except ServiceError as exc:
+            log.info(
+                "embedding failed",
+                extra={"model": self.model, "code": exc.code.name, "reason": exc.reason},
+            )
+            raise provider_unavailable("embedding", cause=exc) from exc
+
+    async def embed_query(self, text: str) -> list[float]:
+        """The vector of a search query, from the cache when this text was embedded
+        lately; errors as `embed`."""
+        cached = self._queries.get(text)
+        if cached is not None:
+            self._queries.move_to_end(text)
+            return cached
+        vector = (await self.embed([text]))[0]
+        self._queries[text] = vector
+        while len(self._queries) > QUERY_CACHE_SIZE:
+            self._queries.popitem(last=False)
+        return vector
+
+    # --- the background embedder ----------------------------------------
+
+    async def _probe(self) -> None:
+        """Raises Outage unless the model embeds a short text now."""
+        try:
+            await self._call([PROBE_TEXT])
+        except ServiceError as exc:
+            raise Outage(exc) from exc
+
+    async def _each(self, texts: Sequence[str]) -> list[list[float] | None]:
+        """Vectors of `texts`, None for those the model refuses alone; a refused
+        batch is split in halves. Raises Outage when the model cannot be reached."""
+        try:
+            return list(await self._call(texts))
+        except ServiceError as exc:
+            if exc.reason in _WAIT_REASONS:
+                raise Outage(exc) from exc
+            if exc.code != grpc.StatusCode.INVALID_ARGUMENT:
+                # A failure that may be the input's or the model's: the input's
+                # if a short text still goes through.
+                await self._probe()
+            log.debug(
+                "embedding batch refused; splitting it",
+                extra={"inputs": len(texts), "reason": exc.reason},
+            )
+        if len(texts) == 1:
+            return [None]
+        middle = len(texts) // 2
+        return [*await self._each(texts[:middle]), *await self._each(texts[middle:])]
+
+    async def _embed_fitted(self, texts: Sequence[str]) -> list[tuple[list[float] | None, str]]:
+        """(vector, note) per text: the whole text (cut to `max_chars`), or a shorter
+        start of it when the model refuses it, or (None, why) when it refuses even that."""
+        fitted = [self._fit(t) for t in texts]
+        vectors = await self._each(fitted) if fitted else []
+        out: list[tuple[list[float] | None, str]] = []
+        for text, short, vector in zip(texts, fitted, vectors, strict=True):
+            if vector is not None:
+                cut = len(short) < len(text)
+                out.append((vector, shortened_note(len(short), len(text)) if cut else ""))
+                continue
+            kept = short
+            for _ in range(SHORTENINGS):
+                kept = kept[: max(1, len(kept) // 2)]
+                (shorter,) = await self._each([kept])
+                if shorter is not None:
+                    out.append((shorter, shortened_note(len(kept), len(text))))
+                    break
+            else:
+                out.append((None, "not embedded: the embedding model refused it"))
+        return out
+
+    async def _messages_round(self, pending: Sequence[tuple[str, Any]]) -> None:
+        results: list[MessageVector] = []
+        searchable = []
+        for user_id, message in pending:
+            if is_reserved_user(user_id):
+                results.append(MessageVector(user_id, message.id, None))
+            else:
+                searchable.append((user_id, message))
+        made = await self._embed_fitted([m.content for _, m in searchable])
+        for (user_id, message), (vector, note) in zip(searchable, made, strict=True):
+            if vector is None:
+                log.warning(
+                    "a message could not be embedded; it is left out of vector search",
+                    extra={"message_id": message.id, "characters": len(message.content)},
+                )
+            results.append(MessageVector(user_id, message.id, vector, note))
+        await self._store.set_message_vectors(results)
+
+    async def _memories_round(self) -> bool:
+        """One batch of memories without a vector; False when none is left."""
+        fetched = await self._store.memories_without_vectors(BATCH + len(self._unembeddable))
+        memories = [m for m in fetched if m.id not in self._unembeddable][:BATCH]
+        if not memories:
+            return False
+        self.backfilling = True
+        made = await self._embed_fitted([m.text for m in memories])
+        done = []
+        for memory, (vector, _) in zip(memories, made, strict=True):
+            if vector is None:
+                self._unembeddable.add(memory.id)
+                log.warning(
+                    "a memory could not be embedded; it is left out of vector search",
+                    extra={"memory_id": memory.id},
+                )
+            else:
+                done.append((memory.user_id, memory.id, vector))
+        if done:
+            await self._store.set_vectors(done)
+        return True
+
+    async def _round(self) -> bool:
+        """One round of background work; False when there is nothing left to do."""
+        if self.space is None:
+            await self._probe()
+        if await self._memories_round():
+            return True
+        self.backfilling = False
+        # Messages are embedded here, off the append path, as they arrive.
+        messages = await self._store.messages_without_vectors(BATCH)
+        if messages:
+            self.messages_pending = True
+            await self._messages_round(messages)
+            return True
+        self.messages_pending = False
+        return False
 
     async def _maintain(self) -> None:
-        """Learn the space, then give every memory and message lacking a vector one;
-        forever. The wake-up is cleared before looking, so a wake() that comes while
-        a round runs is never lost."""
+        """Learn the space, then give every memory and message lacking a vector one
+        (or a mark that it gets none); forever, in the background lane. The wake-up
+        is cleared before looking, so a wake() that comes while a round runs is
+        never lost. A failed round logs one line (the traceback at debug level)
+        and waits; wake-ups do not cut that wait short."""
+        lane.enter_background()
+        failures = 0
         while True:
             self._wake.clear()
             try:
-                if self.space is None:
-                    await self.embed(["dimension probe"])
-                memories = await self._store.memories_without_vectors(BATCH)
-                if memories:
-                    self.backfilling = True
-                    vectors = await self.embed([m.text for m in memories])
-                    await self._store.set_vectors(
-                        [(m.user_id, m.id, v) for m, v in zip(memories, vectors, strict=True)]
-                    )
-                    continue
-                self.backfilling = False
-                # Messages are embedded here, off the append path, as they arrive.
-                messages = await self._store.messages_without_vectors(BATCH)
-                if messages:
-                    self.messages_pending = True
-                    vectors = await self.embed([m.content for _, m in messages])
-                    await self._store.set_message_vectors(
-                        [(u, m.id, v) for (u, m), v in zip(messages, vectors, strict=True)]
-                    )
-                    continue
-                self.messages_pending = False
-                await self._wake.wait()
+                more = await self._round()
+                failures = 0
+                if not more:
+                    await self._wake.wait()
+                continue
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.warning("embedding maintenance failed; will retry", exc_info=True)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), RETRY_SECONDS)
+            except Outage as exc:
+                failures += 1
+                delay = self._backoff(failures, exc.retry_after)
+                log.warning(
+                    "embedding round failed: the embedding model cannot be reached; will retry",
+                    extra={
+                        "model": self.model,
+                        "code": exc.error.code.name,
+                        "reason": exc.error.reason,
+                        "error": exc.error.message,
+                        "retry_in_seconds": delay,
+                    },
+                )
+            except Exception as exc:
+                failures += 1
+                delay = self._backoff(failures, None)
+                log.warning(
+                    "embedding round failed; will retry",
+                    extra={"model": self.model, "error": repr(exc), "retry_in_seconds": delay},
+                )
+                log.debug("embedding round failure", exc_info=True)
+            await asyncio.sleep(delay)
+
+    def _backoff(self, failures: int, asked: float | None) -> float:
+        if asked is not None:  # an open circuit's wait: at least a second, at most 10 min
+            return min(max(asked, min(1.0, self._retry_seconds)), 600.0)
+        return min(self._max_retry_seconds, self._retry_seconds * 2.0 ** (failures - 1))

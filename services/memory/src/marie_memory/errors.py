@@ -73,12 +73,24 @@ def extraction_model_not_configured() -> ServiceError:
     )
 
 
-def provider_unavailable(what: str) -> ServiceError:
+#: ErrorInfo metadata of PROVIDER_UNAVAILABLE: the providers service's own reason
+#: (e.g. CIRCUIT_OPEN), and the seconds it asked callers to wait, when it did.
+CAUSE_KEY = "cause"
+RETRY_AFTER_KEY = "retry_after_seconds"
+
+
+def provider_unavailable(what: str, *, cause: ServiceError | None = None) -> ServiceError:
+    metadata = {}
+    if cause is not None:
+        metadata[CAUSE_KEY] = cause.reason
+        if RETRY_AFTER_KEY in cause.metadata:
+            metadata[RETRY_AFTER_KEY] = cause.metadata[RETRY_AFTER_KEY]
     return ServiceError(
         grpc.StatusCode.UNAVAILABLE,
         "PROVIDER_UNAVAILABLE",
         f"the providers service failed while {what}; safe to retry",
         domain=DOMAIN,
+        metadata=metadata,
     )
 
 
@@ -88,6 +100,16 @@ def extraction_failed(why: str) -> ServiceError:
         "EXTRACTION_FAILED",
         f"the extraction model's output could not be used ({why}); nothing was changed",
         domain=DOMAIN,
+    )
+
+
+def job_not_found(job_id: str) -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.NOT_FOUND,
+        "JOB_NOT_FOUND",
+        f"extraction job {job_id[:64]!r} not found",
+        domain=DOMAIN,
+        metadata={"job_id": job_id[:64]},
     )
 
 

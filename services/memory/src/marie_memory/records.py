@@ -142,6 +142,12 @@ class MemoryChange:
     erase_history: bool = False
 
 
+# ExtractionJobState values (same numbers as the proto enum).
+JOB_QUEUED = 1
+JOB_SUCCEEDED = 2
+JOB_FAILED = 3
+
+
 @dataclass(frozen=True, slots=True)
 class ExtractionJob:
     id: str
@@ -152,6 +158,35 @@ class ExtractionJob:
     next_attempt_time: float
     create_time: float
     last_error: str = ""
+    state: int = JOB_QUEUED
+    #: When it succeeded or failed for good; 0 while queued.
+    finish_time: float = 0.0
+    #: Why it failed for good: a stable UPPER_SNAKE reason (EXTRACTION_FAILED, …).
+    failure_reason: str = ""
+    #: What it changed, as JSON (`job_payload.encode_results`); "" until it succeeded.
+    results: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class MessageVector:
+    """What the embedder made of one message (`Store.set_message_vectors`).
+
+    `vector` None: no vector will be made for it in this embedding space (a
+    record no route searches, or an input the model refused even shortened);
+    the store remembers that, so the message is not handed out again.
+    `note`, when set, is written to the message's metadata under
+    MESSAGE_EMBEDDING_NOTE (e.g. that only its start was embedded).
+    """
+
+    user_id: str
+    message_id: str
+    vector: Sequence[float] | None
+    note: str = ""
+
+
+#: The message metadata key where the embedder says what it did when it did
+#: not embed the whole text.
+MESSAGE_EMBEDDING_NOTE = "marie_embedding"
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,3 +237,12 @@ class AddResult:
     event: int
     memory: Memory
     previous_text: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ChangePlan:
+    """What an AddMemories call will change, made (model calls, vectors) but not
+    yet written: `Store.apply_memory_changes` of `changes` writes it."""
+
+    changes: Sequence[MemoryChange]
+    results: Sequence[AddResult]

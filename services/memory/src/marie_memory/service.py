@@ -22,6 +22,7 @@ from marie.providers.v1 import provider_service_pb2_grpc as ppb_grpc
 from marie_kit.channels import insecure_channel
 from marie_kit.identity import allowed_models_from_metadata, identity_from_metadata
 from marie_kit.metering import COUNTED, MeteringBackends, MeteringInterceptor
+from marie_kit.storage import StorageWatch
 from marie_kit.tenancy import TenantInterceptor
 
 from marie_memory import convert
@@ -68,7 +69,7 @@ async def open_store(settings: MemorySettings) -> Store:
             prefix=settings.opensearch_index_prefix,
             hybrid_weights=(settings.vector_weight / total, settings.keyword_weight / total),
         )
-    return await SqliteStore.open(settings.db_path)
+    return await SqliteStore.open(settings.db_path, max_bytes=settings.db_max_bytes)
 
 
 class MemoryComponent:
@@ -93,6 +94,9 @@ class MemoryComponent:
             TenantInterceptor(DOMAIN),
         )
         self._core: MemoryCore | None = None
+        # A write refused for lack of space makes the service NOT_SERVING
+        # until a probe write on the store succeeds (marie_kit.storage).
+        self.storage = StorageWatch(self._probe_store)
         self._channel: grpc.aio.Channel | None = None
         self._queue: ExtractionQueue | None = None
         self._metering: MeteringBackends | None = None
@@ -102,6 +106,9 @@ class MemoryComponent:
         if self._core is None:
             raise store_unavailable()
         return self._core
+
+    async def _probe_store(self) -> None:
+        await self.core.store.probe_write()
 
     def register(self, server: grpc.aio.Server) -> None:
         pb_grpc.add_MemoryServiceServicer_to_server(MemoryServicer(self), server)
@@ -128,6 +135,7 @@ class MemoryComponent:
                 providers if settings.embedding_model else None,
                 settings.embedding_model,
                 settings.embedding_timeout_seconds,
+                max_chars=settings.embedding_max_chars,
             )
             await embeddings.check_model(settings.on_model_change == "refuse")
             self._core = MemoryCore(
@@ -140,12 +148,14 @@ class MemoryComponent:
                 vector_weight=settings.vector_weight,
                 keyword_weight=settings.keyword_weight,
                 similar_memories=settings.similar_memories,
+                close_similarity=settings.close_memory_similarity,
             )
             self._queue = ExtractionQueue(
                 self._core,
                 poll_seconds=settings.queue_poll_seconds,
                 backoff_seconds=settings.queue_backoff_seconds,
-                max_attempts=settings.queue_max_attempts,
+                max_backoff_seconds=settings.queue_max_backoff_seconds,
+                max_age_seconds=settings.queue_max_age_seconds,
             )
             self._core.on_enqueue = self._queue.wake
             embeddings.start()
@@ -281,6 +291,7 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             token=request.page_token,
             mode=int(request.mode),
             roles=[int(r) for r in request.roles],
+            budget=context.time_remaining(),
         )
         return pb.SearchMessagesResponse(
             hits=[convert.hit_to_proto(h) for h in ranked.hits],
@@ -317,6 +328,7 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             threshold=request.score_threshold,
             memory_filter=convert.filter_from_proto(request.filter),
             mode=int(request.mode),
+            budget=context.time_remaining(),
         )
         return pb.SearchMemoriesResponse(
             results=[convert.scored_to_proto(s) for s in ranked.memories],
@@ -367,6 +379,12 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
     ) -> pb.DeleteAllMemoriesResponse:
         count = await self._core.delete_all_memories(request.user_id)
         return pb.DeleteAllMemoriesResponse(deleted_count=count)
+
+    async def GetExtractionJob(
+        self, request: pb.GetExtractionJobRequest, context: Context
+    ) -> pb.GetExtractionJobResponse:
+        job = await self._core.get_job(request.user_id, request.job_id)
+        return pb.GetExtractionJobResponse(job=convert.job_to_proto(job))
 
     async def GetMemoryHistory(
         self, request: pb.GetMemoryHistoryRequest, context: Context

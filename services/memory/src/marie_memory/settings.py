@@ -41,6 +41,12 @@ class MemorySettings(AuthClientSettings):
         default=Path(DEFAULT_DATA_DIR) / DB_FILE_NAME,
         description=f"SQLite database file; defaults to <MARIE_DATA_DIR>/{DB_FILE_NAME}.",
     )
+    db_max_bytes: int = Field(
+        default=0,
+        ge=0,
+        description="Largest size of the SQLite file; a write past it is refused as on a "
+        "full disk (507, not ready until space is freed). 0: no limit but the disk's.",
+    )
     providers_addr: str = Field(
         default="",
         description="host:port of the providers service; default 127.0.0.1:$MARIE_PROVIDERS_PORT.",
@@ -86,14 +92,39 @@ class MemorySettings(AuthClientSettings):
     queue_poll_seconds: float = Field(
         default=1.0, gt=0, le=3600, description="How often the extraction queue is checked."
     )
-    queue_max_attempts: int = Field(
-        default=8,
-        ge=1,
-        le=1000,
-        description="Attempts of a queued extraction before it is dropped.",
-    )
     queue_backoff_seconds: float = Field(
-        default=2.0, gt=0, le=3600, description="First retry delay; doubles on each attempt."
+        default=2.0,
+        gt=0,
+        le=3600,
+        description="First retry delay of a queued job; doubles on each attempt.",
+    )
+    queue_max_backoff_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="Longest wait between two attempts of a queued job (unless providers "
+        "asks for a longer one).",
+    )
+    queue_max_age_seconds: float = Field(
+        default=86_400.0,
+        gt=0,
+        le=365 * 86_400,
+        description="Age after which a queued job that has never succeeded (the model or "
+        "the store away all that time) is marked failed.",
+    )
+    embedding_max_chars: int = Field(
+        default=2000,
+        ge=16,
+        le=1_048_576,
+        description="Longest text sent to the embedding model; longer texts are cut to their "
+        "start (a message then says so in its metadata).",
+    )
+    close_memory_similarity: float = Field(
+        default=0.88,
+        ge=0,
+        le=1,
+        description="Cosine similarity from which a stored memory is close enough to an "
+        "extracted fact for the model to decide between them (a shared keyword also is).",
     )
 
     @model_validator(mode="after")

@@ -50,6 +50,7 @@ class ProviderConfig(BaseModel):
     api_key_env: str | None = None
     models: tuple[str, ...] | None = None
     max_concurrency: int | None = Field(default=None, ge=1)
+    background_concurrency: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="before")
     @classmethod
@@ -96,6 +97,7 @@ class RoutingConfig(BaseModel):
     breaker_failures: int = Field(default=5, ge=1, le=1000)
     breaker_open_seconds: float = Field(default=30.0, gt=0, le=3600)
     max_concurrency: int = Field(default=0, ge=0)
+    background_concurrency: int = Field(default=1, ge=1)
     queue_timeout_seconds: float = Field(default=1.0, ge=0, le=600)
     health_interval_seconds: float = Field(default=15.0, gt=0, le=3600)
 

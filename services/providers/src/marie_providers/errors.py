@@ -30,6 +30,23 @@ MAX_RETRY_AFTER_SECONDS = 3600.0
 # Upstream error text is relayed to the caller; a runaway body must not be.
 MAX_UPSTREAM_MESSAGE = 500
 
+# How upstreams say an input is more than they take at once (llama.cpp answers
+# some of these with a 500, vLLM and OpenAI with a 400): the request's
+# problem, never the deployment's.
+TOO_LARGE_PHRASES = (
+    "too large to process",  # llama.cpp: "input (513 tokens) is too large to process. …"
+    "physical batch size",  # llama.cpp: "… increase the physical batch size"
+    "exceeds the available context size",  # llama.cpp
+    "larger than the max context size",  # llama.cpp
+    "maximum context length",  # OpenAI, vLLM
+    "context_length_exceeded",  # OpenAI's code
+    "prompt is too long",  # Anthropic
+)
+# Statuses an upstream answers a request it cannot do at all with: a server
+# without the feature (llama.cpp's /v1/embeddings without --embeddings: 501),
+# or without the route.
+UNSUPPORTED_STATUSES = frozenset({405, 501})
+
 
 class UpstreamStatusError(Exception):
     """The upstream answered with an error: an HTTP error status or an error line mid-stream.
@@ -169,6 +186,9 @@ def upstream_error(
     if isinstance(exc, ServiceError):
         return exc
     error = _map(exc, provider=provider, model=model)
+    if model and error.code != grpc.StatusCode.NOT_FOUND:
+        # The caller is told which model failed, not only which provider.
+        error.metadata.setdefault("model", f"{provider}/{model}")
     if log_failure and error.code != grpc.StatusCode.NOT_FOUND:
         log.warning(
             "upstream failure",
@@ -220,12 +240,41 @@ def _map(exc: Exception, *, provider: str, model: str) -> ServiceError:
     )
 
 
+def _names_model(text: str, model: str) -> bool:
+    """Whether an upstream's 404 is about the model (not about the route it was sent to)."""
+    lowered = text.lower()
+    return "model" in lowered or model.lower() in lowered
+
+
 def _status_error(exc: UpstreamStatusError, *, provider: str, model: str) -> ServiceError:
     status, text = exc.status, _clip(exc.message)
     metadata = {"provider": provider, "upstream_status": str(status)}
+    lowered = text.lower()
     # Ollama answers an unknown model with 404, and some versions with 400 "… not found".
-    if model and (status == 404 or (status == 400 and "not found" in text.lower())):
+    if model and (
+        (status == 404 and _names_model(text, model)) or (status == 400 and "not found" in lowered)
+    ):
         return model_not_found(model, provider)
+    if status == 413 or (
+        status in (400, 422, 500) and any(p in lowered for p in TOO_LARGE_PHRASES)
+    ):
+        return ServiceError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INPUT_TOO_LARGE",
+            f"{provider} cannot take an input this large (HTTP {status}): {text or 'no message'}",
+            domain=DOMAIN,
+            metadata=metadata,
+        )
+    if status in UNSUPPORTED_STATUSES or (status == 404 and model):
+        # The upstream cannot do this at all (a server started without embeddings,
+        # one without /completions): the request's problem, not a failing deployment.
+        return ServiceError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "UNSUPPORTED_BY_PROVIDER",
+            f"{provider} cannot do this (HTTP {status}): {text or 'no message'}",
+            domain=DOMAIN,
+            metadata={**metadata, "field": "model"},
+        )
     if status in (401, 403):
         # Marie's own credentials for the upstream, never the caller's key:
         # the caller can do nothing about it, an operator can.

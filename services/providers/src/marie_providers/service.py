@@ -19,6 +19,7 @@ import grpc
 from marie.providers.v1 import provider_service_pb2 as pb
 from marie.providers.v1 import provider_service_pb2_grpc as pb_grpc
 from marie_kit.errors import ServiceError
+from marie_kit.lanes import is_background
 from marie_kit.memory import LargeRequests
 from marie_kit.metering import MeteringBackends, MeteringInterceptor
 
@@ -262,6 +263,7 @@ class ProviderServicer(pb_grpc.ProviderServiceServicer):
                 request.completion_id or new_id(),
                 int(time.time()),
                 deadline=_deadline(context),
+                background=is_background(context.invocation_metadata()),
             )
             async with aclosing(chunks):
                 if not request.aggregate:
@@ -289,7 +291,12 @@ class ProviderServicer(pb_grpc.ProviderServiceServicer):
             plan = await router.plan(
                 request.model, request.provider, request.user, _access(context)
             )
-            return await router.embed(plan, request, deadline=_deadline(context))
+            return await router.embed(
+                plan,
+                request,
+                deadline=_deadline(context),
+                background=is_background(context.invocation_metadata()),
+            )
 
 
 class ProvidersComponent:
@@ -342,6 +349,11 @@ class ProvidersComponent:
                     for name, entry in config.providers.items()
                     if entry.max_concurrency is not None
                 },
+                background_concurrency={
+                    name: entry.background_concurrency
+                    for name, entry in config.providers.items()
+                    if entry.background_concurrency is not None
+                },
             )
         except BaseException:
             for provider in providers:
@@ -369,6 +381,7 @@ class ProvidersComponent:
     async def close(self) -> None:
         core, self.servicer.core = self.servicer.core, None
         if core is not None:
+            core.router.close()
             await core.health.aclose()
             await core.registry.aclose()
         metering, self._metering = self._metering, None

@@ -17,14 +17,13 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
-from urllib.parse import quote
 
 import grpc
 from marie.auth.v1 import auth_service_pb2 as auth_pb
 from marie.auth.v1 import auth_service_pb2_grpc as auth_grpc
 from marie_kit.apikeys import is_well_formed
 from marie_kit.context import outgoing_metadata
-from marie_kit.identity import ALLOWED_MODELS_HEADER
+from marie_kit.identity import ALLOWED_MODELS_HEADER, allowed_models_value
 from marie_kit.limits import NO_LIMITS, Limits
 
 from marie_gateway.http.errors import from_rpc_error, invalid_api_key, permission_denied
@@ -40,6 +39,13 @@ SCOPE_MEMORY = "memory"
 SCOPE_ADMIN = "admin"
 _RECONNECT_MAX_SECONDS = 5.0
 _CACHE_MAX_ENTRIES = 100_000
+#: A key validated within this time is never held back by the invalid-key
+#: slow-down of its address (it is still checked: cached, or asked of auth).
+RECENTLY_VALID_SECONDS = 24 * 3600.0
+#: A key refused within this time is refused again without asking auth, and
+#: counts once against its address however often it is retried.
+RECENTLY_REFUSED_SECONDS = 60.0
+_RECENT_MAX_ENTRIES = 100_000
 # Auth could not answer: the cache may stand in for it.
 _AUTH_DOWN = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
@@ -60,7 +66,7 @@ class Principal:
 
     def __post_init__(self) -> None:
         if self.allowed_models:
-            value = ",".join(quote(p, safe="/*:@+") for p in self.allowed_models)
+            value = allowed_models_value(self.allowed_models)
             object.__setattr__(self, "models_metadata", ((ALLOWED_MODELS_HEADER, value),))
 
     def require_scope(self, scope: str) -> None:
@@ -97,6 +103,10 @@ class KeyValidator:
         self._timeout = timeout
         # sha256(key) -> (principal, expires at monotonic); no plaintext keys kept.
         self._cache: dict[bytes, tuple[Principal, float]] = {}
+        # sha256(key) -> when it last validated / was last refused (monotonic),
+        # oldest first; digests only, never a key.
+        self._valid_seen: dict[bytes, float] = {}
+        self._refused_seen: dict[bytes, float] = {}
         self._events_live = False
         self._watcher: asyncio.Task[None] | None = None
 
@@ -117,6 +127,18 @@ class KeyValidator:
             return hit[0]
         return None
 
+    def validated_recently(self, key: str) -> bool:
+        """Whether `key` was found valid within RECENTLY_VALID_SECONDS."""
+        return _seen_within(self._valid_seen, key, RECENTLY_VALID_SECONDS)
+
+    def refused_recently(self, key: str) -> bool:
+        """Whether `key` was found invalid within RECENTLY_REFUSED_SECONDS."""
+        return _seen_within(self._refused_seen, key, RECENTLY_REFUSED_SECONDS)
+
+    def remember_valid(self, key: str) -> None:
+        """Note a key found valid without auth (the admin secret)."""
+        _remember(self._valid_seen, hashlib.sha256(key.encode()).digest())
+
     async def validate(self, key: str, request_id: str) -> Principal:
         """The principal of `key`; ApiError 401 when it is not valid."""
         digest = hashlib.sha256(key.encode()).digest()
@@ -127,6 +149,7 @@ class KeyValidator:
             KEY_CACHE_HIT.inc()
             return hit[0]
         if not is_well_formed(key):
+            _remember(self._refused_seen, digest)
             raise invalid_api_key()
         KEY_CACHE_MISS.inc()
         try:
@@ -138,6 +161,8 @@ class KeyValidator:
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
                 # Unknown, revoked, expired and malformed keys: one answer.
+                _remember(self._refused_seen, digest)
+                self._valid_seen.pop(digest, None)
                 raise invalid_api_key() from None
             if exc.code() in _AUTH_DOWN and hit is not None and hit[1] > now:
                 # Auth is unreachable: a recent validation stands until it expires.
@@ -157,6 +182,7 @@ class KeyValidator:
                 max_concurrent_requests=p.limits.max_concurrent_requests,
             ),
         )
+        _remember(self._valid_seen, digest)
         ttl = min(self._cache_ttl, reply.cache_ttl_seconds)
         if p.HasField("expire_time"):
             ttl = min(ttl, p.expire_time.ToSeconds() - time.time())
@@ -169,6 +195,8 @@ class KeyValidator:
         return principal
 
     def _drop_key(self, key_id: str) -> None:
+        # Validated recently stays true of a revoked key: it only spares the
+        # key the slow-down, and auth refuses it (then it is forgotten).
         for digest in [d for d, (p, _) in self._cache.items() if p.key_id == key_id]:
             del self._cache[digest]
 
@@ -198,3 +226,17 @@ class KeyValidator:
             self._events_live = False
             await asyncio.sleep(delay)
             delay = min(delay * 2, _RECONNECT_MAX_SECONDS)
+
+
+def _seen_within(seen: dict[bytes, float], key: str, seconds: float) -> bool:
+    at = seen.get(hashlib.sha256(key.encode()).digest())
+    return at is not None and time.monotonic() - at < seconds
+
+
+def _remember(seen: dict[bytes, float], digest: bytes) -> None:
+    """Note `digest` now, newest last; the oldest go when the map is full."""
+    seen.pop(digest, None)
+    if len(seen) >= _RECENT_MAX_ENTRIES:
+        for old in list(seen)[: _RECENT_MAX_ENTRIES // 10]:
+            del seen[old]
+    seen[digest] = time.monotonic()

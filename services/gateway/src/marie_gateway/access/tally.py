@@ -64,6 +64,12 @@ class Tally:
         """`model` failed without reporting usage (one arm of a comparison)."""
         self.uses.append(ModelUse(model, 0, 0, failed=True))
 
+    def refused(self, status: int) -> None:
+        """The request was answered `status` by Marie itself: a 4xx before any
+        model answered (bad body, unknown model, …) goes into no ledger."""
+        if 400 <= status < 499 and not self.uses:  # 499: the client left, not refused
+            self.ledger = False
+
     def finish(self) -> bool:
         """The request ended: free its slot. False when it had already ended."""
         if self.finished:

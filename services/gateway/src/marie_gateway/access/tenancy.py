@@ -10,7 +10,7 @@ another tenant's data and no end user another's.
 
 from __future__ import annotations
 
-from marie_kit.tenancy import tenant_user_id
+from marie_kit.tenancy import RESERVED_USER_PREFIX, RESPONSES_USER, tenant_user_id
 
 from marie_gateway.access.keys import SCOPE_ADMIN, Principal
 from marie_gateway.http.errors import ApiError, bad_request
@@ -23,17 +23,21 @@ def key_tenant(principal: Principal) -> str:
 
 #: The longest end-user name a request may give.
 MAX_USER = 128
-#: End users named "marie:…" are Marie's own. A tenant's stored Responses API
-#: responses live under RESPONSES_USER (openai/responses/store.py), so no REST `user` may
-#: name it: they never show among the tenant's conversations or search hits.
-RESERVED_USER_PREFIX = "marie:"
-RESPONSES_USER = RESERVED_USER_PREFIX + "responses"
+#: The longest tenant (a key's owner is at most 256 characters).
+MAX_TENANT = 256
+# End users named "marie:…" (RESERVED_USER_PREFIX, `marie_kit.tenancy`) are
+# Marie's own. A tenant's stored Responses API responses live under
+# RESPONSES_USER (openai/responses/store.py), so no REST `user` may name it:
+# they never show among the tenant's conversations or search hits, and memory
+# embeds none of their messages.
 
 
 def tenant_of(principal: Principal, requested: str | None) -> str:
     """The tenant whose data a request reaches: the key's owner (or key id); an
     admin key may name another."""
     own = key_tenant(principal)
+    if requested and len(requested) > MAX_TENANT:
+        raise bad_request(f"'tenant' is longer than {MAX_TENANT} characters.", "tenant")
     if requested and requested != own:
         if SCOPE_ADMIN not in principal.scopes:
             raise ApiError(

@@ -1,5 +1,6 @@
 """`POST /api/compare`: one prompt on 2 to 8 models at once, streamed as one SSE
-stream of events tagged with the model (scope `chat`).
+stream of events tagged with the model and its arm's index (scope `chat`); a
+model named twice runs twice.
 
 Each model runs in its own task feeding one bounded queue (so a slow reader
 slows the models down rather than piling chunks up). A model failing or being

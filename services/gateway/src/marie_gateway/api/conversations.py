@@ -32,13 +32,13 @@ from starlette.routing import BaseRoute, Route
 
 from marie_gateway.access.keys import SCOPE_CHAT, SCOPE_MEMORY
 from marie_gateway.access.tally import Tally
-from marie_gateway.access.tenancy import user_id_of
 from marie_gateway.api.memory_client import (
     MODE_NAMES,
     ROLES,
     MemoryCalls,
     _UserBody,
     api_error,
+    body_user_id,
     conversation_json,
     idempotency_key,
     int_param,
@@ -50,6 +50,12 @@ from marie_gateway.core import Gateway
 from marie_gateway.http.bodies import JSONResponse, parse_body
 from marie_gateway.http.context import current_request_id
 from marie_gateway.http.errors import ApiError, bad_request, from_rpc_error
+from marie_gateway.http.params import (
+    MAX_ID_LENGTH,
+    MAX_PAGE_TOKEN_LENGTH,
+    path_text,
+    text_query,
+)
 from marie_gateway.http.sse import DONE, EventStreamResponse, event
 from marie_gateway.openai.enrichment import memories_message
 from marie_gateway.openai.mapping import FINISH_REASONS, chunk_delta, chunk_payload, usage_payload
@@ -58,6 +64,9 @@ log = logging.getLogger("marie.gateway.memory")
 
 # Messages of a conversation sent to the model with a new turn (the newest).
 HISTORY_MESSAGES = 100
+#: The largest message the memory service stores (1 MiB of UTF-8): a turn
+#: larger than that is refused before the model is asked, not after.
+MAX_TURN_BYTES = 1_048_576
 TO_PROVIDER_ROLE = {
     mpb.MESSAGE_ROLE_SYSTEM: ppb.ROLE_SYSTEM,
     mpb.MESSAGE_ROLE_USER: ppb.ROLE_USER,
@@ -81,7 +90,9 @@ class ConversationPatch(_UserBody):
 
 
 class TurnCreate(_UserBody):
-    content: str = Field(min_length=1)
+    content: str = Field(
+        min_length=1, max_length=MAX_TURN_BYTES, description="At most 1 MiB in UTF-8."
+    )
     stream: bool = True
     temperature: float | None = Field(default=None, ge=0, le=2)
     max_tokens: int | None = Field(default=None, ge=1, le=2**31 - 1)
@@ -110,7 +121,7 @@ class ConversationRoutes(MemoryCalls):
     async def create_conversation(self, request: Request) -> Response:
         principal = await self._principal(request)
         body = parse_body(ConversationCreate, await self.gw.read_body(request))
-        user_id = user_id_of(principal, body.user, body.tenant)
+        user_id = body_user_id(request, principal, body)
         key = idempotency_key(request)
         reply = await self._call(
             self._memory().CreateConversation(
@@ -139,7 +150,7 @@ class ConversationRoutes(MemoryCalls):
                 mpb.ListConversationsRequest(
                     user_id=user_id,
                     page_size=int_param(request, "limit"),
-                    page_token=request.query_params.get("page_token", ""),
+                    page_token=text_query(request, "page_token", MAX_PAGE_TOKEN_LENGTH),
                     order_by=order_by,
                 ),
                 timeout=self._timeout(),
@@ -163,13 +174,13 @@ class ConversationRoutes(MemoryCalls):
 
     async def get_conversation(self, request: Request) -> Response:
         user_id = await self._query_user(request)
-        found = await self._get_conversation(user_id, request.path_params["id"])
+        found = await self._get_conversation(user_id, path_text(request, "id"))
         return JSONResponse(conversation_json(found))
 
     async def update_conversation(self, request: Request) -> Response:
         principal = await self._principal(request)
         body = parse_body(ConversationPatch, await self.gw.read_body(request))
-        user_id = user_id_of(principal, body.user, body.tenant)
+        user_id = body_user_id(request, principal, body)
         paths = [
             name
             for name in ("title", "model", "provider", "metadata")
@@ -182,7 +193,7 @@ class ConversationRoutes(MemoryCalls):
                 mpb.UpdateConversationRequest(
                     user_id=user_id,
                     conversation=mpb.Conversation(
-                        id=request.path_params["id"],
+                        id=path_text(request, "id"),
                         title=body.title or "",
                         model=body.model or "",
                         provider=body.provider or "",
@@ -198,7 +209,7 @@ class ConversationRoutes(MemoryCalls):
 
     async def delete_conversation(self, request: Request) -> Response:
         user_id = await self._query_user(request)
-        conversation_id = request.path_params["id"]
+        conversation_id = path_text(request, "id")
         reply = await self._call(
             self._memory().DeleteConversation(
                 mpb.DeleteConversationRequest(user_id=user_id, conversation_id=conversation_id),
@@ -224,9 +235,9 @@ class ConversationRoutes(MemoryCalls):
             self._memory().ListMessages(
                 mpb.ListMessagesRequest(
                     user_id=user_id,
-                    conversation_id=request.path_params["id"],
+                    conversation_id=path_text(request, "id"),
                     page_size=int_param(request, "limit"),
-                    page_token=request.query_params.get("page_token", ""),
+                    page_token=text_query(request, "page_token", MAX_PAGE_TOKEN_LENGTH),
                     order_by=f"position {order}",
                 ),
                 timeout=self._timeout(),
@@ -245,12 +256,14 @@ class ConversationRoutes(MemoryCalls):
         # A turn is a chat: the key's limits hold and the ledger counts it.
         tally = await gw.admit(request, principal, "chat")
         body = parse_body(TurnCreate, await gw.read_body(request))
+        if len(body.content.encode()) > MAX_TURN_BYTES:
+            raise bad_request("'content' is larger than 1 MiB (UTF-8).", "content")
         # Checked before the model runs. The two messages are stored once under
         # it: a repeated turn runs the model again, but stores (and, unless
         # streaming, answers with) what the first one stored.
         key = idempotency_key(request)
-        user_id = user_id_of(principal, body.user, body.tenant)
-        conversation = await self._get_conversation(user_id, request.path_params["id"])
+        user_id = body_user_id(request, principal, body)
+        conversation = await self._get_conversation(user_id, path_text(request, "id"))
         tally.requested = conversation.model
         if not conversation.model:
             raise bad_request("This conversation has no model: PATCH it with one first.", "model")
@@ -336,9 +349,9 @@ class ConversationRoutes(MemoryCalls):
                 mpb.SearchMessagesRequest(
                     user_id=user_id,
                     query=params.get("q", ""),
-                    conversation_id=params.get("conversation_id", ""),
+                    conversation_id=text_query(request, "conversation_id", MAX_ID_LENGTH),
                     page_size=int_param(request, "limit"),
-                    page_token=params.get("page_token", ""),
+                    page_token=text_query(request, "page_token", MAX_PAGE_TOKEN_LENGTH),
                     mode=mode_param(request),
                     roles=roles,
                 ),

@@ -9,13 +9,13 @@ with `param`); a revoked key cannot be changed (400 `failed_precondition`).
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import grpc
 from google.protobuf.field_mask_pb2 import FieldMask
 from google.protobuf.timestamp_pb2 import Timestamp
 from marie.auth.v1 import auth_service_pb2 as auth_pb
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
@@ -26,12 +26,27 @@ from marie_gateway.core import Gateway
 from marie_gateway.http.bodies import JSONResponse, parse_body
 from marie_gateway.http.context import current_request_id
 from marie_gateway.http.errors import bad_request, from_rpc_error
+from marie_gateway.http.params import MAX_PAGE_TOKEN_LENGTH, int_query, path_text, text_query
 
 _STATES: dict[int, Literal["active", "revoked", "expired"]] = {
     auth_pb.API_KEY_STATE_ACTIVE: "active",
     auth_pb.API_KEY_STATE_REVOKED: "revoked",
     auth_pb.API_KEY_STATE_EXPIRED: "expired",
 }
+
+
+# Auth's own limits (services/auth, spec_rules.py), checked here too so that a
+# value far too long is refused before it travels anywhere.
+MAX_NAME = 100
+MAX_OWNER = 256
+MAX_MODEL_PATTERN = 256
+MAX_ALLOWED_MODELS = 256
+MAX_SCOPE = 32
+MAX_LABELS = 64
+Scope = Annotated[str, StringConstraints(max_length=MAX_SCOPE)]
+ModelPattern = Annotated[str, StringConstraints(min_length=1, max_length=MAX_MODEL_PATTERN)]
+LabelKey = Annotated[str, StringConstraints(min_length=1, max_length=63)]
+LabelValue = Annotated[str, StringConstraints(max_length=256)]
 
 
 class KeyLimitsIn(BaseModel):
@@ -48,19 +63,23 @@ class KeySettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str | None = Field(None, description="1 to 100 characters.")
-    owner: str | None = Field(None, description="User or team id.")
-    scopes: list[str] | None = Field(
-        None, description="chat, models:read, embeddings, memory, admin; [] means all but admin."
+    name: str | None = Field(None, description="1 to 100 characters.", max_length=MAX_NAME)
+    owner: str | None = Field(None, description="User or team id.", max_length=MAX_OWNER)
+    scopes: list[Scope] | None = Field(
+        None,
+        description="chat, models:read, embeddings, memory, admin; [] means all but admin.",
+        max_length=16,
     )
-    allowed_models: list[str] | None = Field(
-        None, description="Model ids or 'provider/*'; [] means every model."
+    allowed_models: list[ModelPattern] | None = Field(
+        None,
+        description="Model ids or 'provider/*'; [] means every model.",
+        max_length=MAX_ALLOWED_MODELS,
     )
     limits: KeyLimitsIn | None = None
     expires_at: dt.datetime | None = Field(
         None, description="ISO 8601; null (in a PATCH) removes the expiry."
     )
-    labels: dict[str, str] | None = None
+    labels: dict[LabelKey, LabelValue] | None = Field(None, max_length=MAX_LABELS)
 
 
 class CreateKeyRequest(KeySettings):
@@ -174,16 +193,14 @@ class KeyRoutes:
     async def list(self, request: Request) -> Response:
         await self.gw.enter(request, SCOPE_ADMIN)
         q = request.query_params
-        size = q.get("page_size", "50")
-        if not size.isdigit() or not 1 <= int(size) <= 500:
-            raise bad_request("'page_size' must be 1 to 500.", "page_size")
+        size = int_query(request, "page_size", default=50, minimum=1, maximum=500)
         reply = await self._call(
             "ListApiKeys",
             auth_pb.ListApiKeysRequest(
-                owner=q.get("owner", ""),
+                owner=text_query(request, "owner", MAX_OWNER),
                 include_inactive=q.get("include_inactive", "").lower() in ("1", "true"),
-                page_size=int(size),
-                page_token=q.get("page_token", ""),
+                page_size=size,
+                page_token=text_query(request, "page_token", MAX_PAGE_TOKEN_LENGTH),
             ),
         )
         out = ApiKeyList(
@@ -196,7 +213,7 @@ class KeyRoutes:
     async def get(self, request: Request) -> Response:
         await self.gw.enter(request, SCOPE_ADMIN)
         reply = await self._call(
-            "GetApiKey", auth_pb.GetApiKeyRequest(id=request.path_params["key_id"])
+            "GetApiKey", auth_pb.GetApiKeyRequest(id=path_text(request, "key_id"))
         )
         return JSONResponse(key_out(reply.api_key).model_dump(mode="json"))
 
@@ -209,7 +226,7 @@ class KeyRoutes:
         for name in sent - {"expires_at"}:
             if getattr(body, name) is None:
                 raise bad_request(f"'{name}' must not be null.", name)
-        key = auth_pb.ApiKey(id=request.path_params["key_id"])
+        key = auth_pb.ApiKey(id=path_text(request, "key_id"))
         _apply(body, key)
         reply = await self._call(
             "UpdateApiKey",
@@ -222,7 +239,7 @@ class KeyRoutes:
     async def revoke(self, request: Request) -> Response:
         await self.gw.enter(request, SCOPE_ADMIN)
         reply = await self._call(
-            "RevokeApiKey", auth_pb.RevokeApiKeyRequest(id=request.path_params["key_id"])
+            "RevokeApiKey", auth_pb.RevokeApiKeyRequest(id=path_text(request, "key_id"))
         )
         return JSONResponse(key_out(reply.api_key).model_dump(mode="json"))
 
@@ -235,7 +252,7 @@ class KeyRoutes:
         reply = await self._call(
             "RotateApiKey",
             auth_pb.RotateApiKeyRequest(
-                id=request.path_params["key_id"],
+                id=path_text(request, "key_id"),
                 grace_period_seconds=body.grace_period_seconds,
             ),
         )

@@ -3,35 +3,49 @@ delete, erase all) and each memory's history, over the memory service."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from google.protobuf.field_mask_pb2 import FieldMask
 from marie.memory.v1 import memory_service_pb2 as mpb
 from marie_kit.context import outgoing_metadata
 from marie_kit.identity import identity_metadata
-from pydantic import Field
+from pydantic import Field, StringConstraints
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from marie_gateway.access.tenancy import user_id_of
 from marie_gateway.api.memory_client import (
-    EVENT_NAMES,
     MODE_NAMES,
     ROLES,
     MemoryCalls,
     _Body,
     _UserBody,
+    body_user_id,
+    change_json,
     float_param,
     history_json,
     idempotency_key,
     int_param,
+    job_json,
     memory_json,
     mode_param,
     page_json,
 )
 from marie_gateway.http.bodies import JSONResponse, parse_body
 from marie_gateway.http.errors import bad_request
+from marie_gateway.http.params import (
+    MAX_ID_LENGTH,
+    MAX_MODEL_LENGTH,
+    MAX_PAGE_TOKEN_LENGTH,
+    path_text,
+    text_query,
+    texts_query,
+)
+
+#: The memory service's limit of a category's length.
+MAX_CATEGORY_LENGTH = 64
+Category = Annotated[str, StringConstraints(min_length=1, max_length=MAX_CATEGORY_LENGTH)]
 
 
 class SourceMessageBody(_Body):
@@ -43,16 +57,23 @@ class MemoriesCreate(_UserBody):
     messages: list[SourceMessageBody] = Field(min_length=1, max_length=100)
     infer: bool = True
     background: bool = False
-    categories: list[str] = Field(default_factory=list)
+    categories: list[Category] = Field(default_factory=list, max_length=16)
     metadata: dict[str, str] = Field(default_factory=dict)
-    conversation_id: str = ""
-    model: str = ""
+    conversation_id: str = Field(default="", max_length=MAX_ID_LENGTH)
+    model: str = Field(default="", max_length=MAX_MODEL_LENGTH)
 
 
 class MemoryPatch(_UserBody):
     text: str | None = None
-    categories: list[str] | None = None
+    categories: list[Category] | None = Field(default=None, max_length=16)
     metadata: dict[str, str] | None = None
+
+
+def _filter(request: Request) -> mpb.MemoryFilter:
+    return mpb.MemoryFilter(
+        categories=texts_query(request, "category", MAX_CATEGORY_LENGTH),
+        source_conversation_id=text_query(request, "conversation_id", MAX_ID_LENGTH),
+    )
 
 
 class MemoryRoutes(MemoryCalls):
@@ -64,6 +85,7 @@ class MemoryRoutes(MemoryCalls):
             Route("/api/memories", self.list_memories, methods=["GET"]),
             Route("/api/memories", self.delete_all_memories, methods=["DELETE"]),
             Route("/api/memories/search", self.search_memories, methods=["GET"]),
+            Route("/api/memories/jobs/{id}", self.get_job, methods=["GET"]),
             Route("/api/memories/{id}", self.get_memory, methods=["GET"]),
             Route("/api/memories/{id}", self.update_memory, methods=["PATCH"]),
             Route("/api/memories/{id}", self.delete_memory, methods=["DELETE"]),
@@ -73,7 +95,7 @@ class MemoryRoutes(MemoryCalls):
     async def add_memories(self, request: Request) -> Response:
         principal = await self._principal(request)
         body = parse_body(MemoriesCreate, await self.gw.read_body(request))
-        user_id = user_id_of(principal, body.user, body.tenant)
+        user_id = body_user_id(request, principal, body)
         key = idempotency_key(request)
         reply = await self._call(
             self._memory().AddMemories(
@@ -103,14 +125,7 @@ class MemoryRoutes(MemoryCalls):
         return JSONResponse(
             {
                 "object": "list",
-                "data": [
-                    {
-                        "event": EVENT_NAMES.get(r.event, "NONE"),
-                        **memory_json(r.memory),
-                        "previous_text": r.previous_text,
-                    }
-                    for r in reply.results
-                ],
+                "data": [change_json(r) for r in reply.results],
                 "extraction_model": reply.extraction_model,
                 "job_id": reply.job_id,
             }
@@ -118,17 +133,13 @@ class MemoryRoutes(MemoryCalls):
 
     async def list_memories(self, request: Request) -> Response:
         user_id = await self._query_user(request)
-        params = request.query_params
         reply = await self._call(
             self._memory().ListMemories(
                 mpb.ListMemoriesRequest(
                     user_id=user_id,
                     page_size=int_param(request, "limit"),
-                    page_token=params.get("page_token", ""),
-                    filter=mpb.MemoryFilter(
-                        categories=params.getlist("category"),
-                        source_conversation_id=params.get("conversation_id", ""),
-                    ),
+                    page_token=text_query(request, "page_token", MAX_PAGE_TOKEN_LENGTH),
+                    filter=_filter(request),
                 ),
                 timeout=self._timeout(),
                 metadata=outgoing_metadata(),
@@ -149,10 +160,7 @@ class MemoryRoutes(MemoryCalls):
                     top_k=int_param(request, "top_k"),
                     score_threshold=float_param(request, "threshold"),
                     mode=mode_param(request),
-                    filter=mpb.MemoryFilter(
-                        categories=params.getlist("category"),
-                        source_conversation_id=params.get("conversation_id", ""),
-                    ),
+                    filter=_filter(request),
                 ),
                 timeout=self._timeout(),
                 metadata=outgoing_metadata(),
@@ -167,11 +175,22 @@ class MemoryRoutes(MemoryCalls):
             }
         )
 
+    async def get_job(self, request: Request) -> Response:
+        user_id = await self._query_user(request)
+        reply = await self._call(
+            self._memory().GetExtractionJob(
+                mpb.GetExtractionJobRequest(user_id=user_id, job_id=request.path_params["id"]),
+                timeout=self._timeout(),
+                metadata=outgoing_metadata(),
+            )
+        )
+        return JSONResponse(job_json(reply.job))
+
     async def get_memory(self, request: Request) -> Response:
         user_id = await self._query_user(request)
         reply = await self._call(
             self._memory().GetMemory(
-                mpb.GetMemoryRequest(user_id=user_id, memory_id=request.path_params["id"]),
+                mpb.GetMemoryRequest(user_id=user_id, memory_id=path_text(request, "id")),
                 timeout=self._timeout(),
                 metadata=outgoing_metadata(),
             )
@@ -181,7 +200,7 @@ class MemoryRoutes(MemoryCalls):
     async def update_memory(self, request: Request) -> Response:
         principal = await self._principal(request)
         body = parse_body(MemoryPatch, await self.gw.read_body(request))
-        user_id = user_id_of(principal, body.user, body.tenant)
+        user_id = body_user_id(request, principal, body)
         paths = [n for n in ("text", "categories", "metadata") if getattr(body, n) is not None]
         if not paths:
             raise bad_request("Nothing to change: give text, categories or metadata.")
@@ -190,7 +209,7 @@ class MemoryRoutes(MemoryCalls):
                 mpb.UpdateMemoryRequest(
                     user_id=user_id,
                     memory=mpb.Memory(
-                        id=request.path_params["id"],
+                        id=path_text(request, "id"),
                         text=body.text or "",
                         categories=body.categories or [],
                         metadata=body.metadata or {},
@@ -208,7 +227,7 @@ class MemoryRoutes(MemoryCalls):
         principal = await self._principal(request)
         params = request.query_params
         user_id = user_id_of(principal, params.get("user"), params.get("tenant"))
-        memory_id = request.path_params["id"]
+        memory_id = path_text(request, "id")
         await self._call(
             self._memory().DeleteMemory(
                 mpb.DeleteMemoryRequest(
@@ -240,9 +259,9 @@ class MemoryRoutes(MemoryCalls):
             self._memory().GetMemoryHistory(
                 mpb.GetMemoryHistoryRequest(
                     user_id=user_id,
-                    memory_id=request.path_params["id"],
+                    memory_id=path_text(request, "id"),
                     page_size=int_param(request, "limit"),
-                    page_token=request.query_params.get("page_token", ""),
+                    page_token=text_query(request, "page_token", MAX_PAGE_TOKEN_LENGTH),
                 ),
                 timeout=self._timeout(),
                 metadata=outgoing_metadata(),

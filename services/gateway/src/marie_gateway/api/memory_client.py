@@ -20,6 +20,7 @@ from marie_gateway.access.tenancy import MAX_USER, user_id_of
 from marie_gateway.core import Gateway
 from marie_gateway.http.context import current_request_id
 from marie_gateway.http.errors import ApiError, bad_request, from_service_error
+from marie_gateway.http.params import INT32_MAX, float_query, int_query
 
 T = TypeVar("T")
 
@@ -148,6 +149,36 @@ def memory_json(m: mpb.Memory) -> dict[str, Any]:
     }
 
 
+JOB_STATES = {
+    mpb.EXTRACTION_JOB_STATE_QUEUED: "queued",
+    mpb.EXTRACTION_JOB_STATE_SUCCEEDED: "succeeded",
+    mpb.EXTRACTION_JOB_STATE_FAILED: "failed",
+}
+
+
+def change_json(r: mpb.AddMemoriesResult) -> dict[str, Any]:
+    return {
+        "event": EVENT_NAMES.get(r.event, "NONE"),
+        **memory_json(r.memory),
+        "previous_text": r.previous_text,
+    }
+
+
+def job_json(j: mpb.ExtractionJob) -> dict[str, Any]:
+    return {
+        "id": j.id,
+        "object": "memory.extraction_job",
+        "status": JOB_STATES.get(j.state, "queued"),
+        "attempts": j.attempts,
+        "last_error": j.last_error,
+        "failure_reason": j.failure_reason or None,
+        "created_at": _time(j.create_time),
+        "next_attempt_at": _time(j.next_attempt_time) if j.HasField("next_attempt_time") else None,
+        "finished_at": _time(j.finish_time) if j.HasField("finish_time") else None,
+        "data": [change_json(r) for r in j.results],
+    }
+
+
 def history_json(e: mpb.MemoryHistoryEntry) -> dict[str, Any]:
     return {
         "id": e.id,
@@ -161,28 +192,37 @@ def history_json(e: mpb.MemoryHistoryEntry) -> dict[str, Any]:
     }
 
 
+def _given_once(body: str | None, query: str | None, name: str) -> str | None:
+    if body is not None and query is not None and body != query:
+        raise bad_request(
+            f"'{name}' is given in the query and in the body, with different values.", name
+        )
+    return body if body is not None else query
+
+
+def body_user_id(request: Request, principal: Principal, body: _UserBody) -> str:
+    """The memory service's user id of a request with a body: `user` and
+    `tenant` may come in the body or the query (as on the routes without a
+    body), and must agree when they come in both."""
+    params = request.query_params
+    user = _given_once(body.user, params.get("user"), "user")
+    tenant = _given_once(body.tenant, params.get("tenant"), "tenant")
+    return user_id_of(principal, user, tenant)
+
+
 def page_json(data: list[dict[str, Any]], token: str) -> dict[str, Any]:
     return {"object": "list", "data": data, "next_page_token": token}
 
 
-def int_param(request: Request, name: str, default: int = 0) -> int:
-    raw = request.query_params.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise bad_request(f"'{name}' must be an integer.", name) from None
+def int_param(request: Request, name: str) -> int:
+    """A page size or `top_k`: 0 (the default) to the largest int32; the
+    memory service cuts sizes above its maximum to it."""
+    return int_query(request, name, minimum=0, maximum=INT32_MAX)
 
 
 def float_param(request: Request, name: str) -> float:
-    raw = request.query_params.get(name)
-    if raw is None or raw == "":
-        return 0.0
-    try:
-        return float(raw)
-    except ValueError:
-        raise bad_request(f"'{name}' must be a number.", name) from None
+    """A score threshold: a finite number from 0 to 1."""
+    return float_query(request, name, minimum=0.0, maximum=1.0)
 
 
 def mode_param(request: Request) -> mpb.SearchMode:
@@ -204,7 +244,10 @@ def api_error(error: ServiceError) -> ApiError:
             dot, rest = "", ""
         error.metadata["field"] = renamed + dot + rest
     api = from_service_error(error, current_request_id())
-    if api.status in (400, 404) and error.domain == "marie.memory":
+    # The memory service's reasons say more than the status (e.g.
+    # `conversation_not_found`), but a bad field is `invalid_value` on every route.
+    own = api.status in (400, 404) and error.domain == "marie.memory"
+    if own and error.reason != "INVALID_ARGUMENT":
         api.code = error.reason.lower()
     return api
 

@@ -18,9 +18,12 @@ from starlette.routing import BaseRoute, Route
 from marie_gateway.access.keys import SCOPE_MODELS, Principal
 from marie_gateway.api.schemas import (
     Capability,
+    CircuitState,
+    DeploymentState,
     MarieModel,
     ModelsByProvider,
     ModelSearchResults,
+    Operation,
     ProviderHealthInfo,
     ProviderListingError,
     ProviderModels,
@@ -32,6 +35,7 @@ from marie_gateway.core import Gateway
 from marie_gateway.http.bodies import JSONResponse
 from marie_gateway.http.context import current_request_id
 from marie_gateway.http.errors import bad_request, from_rpc_error
+from marie_gateway.http.params import MAX_MODEL_LENGTH, int_query, path_text, text_query
 
 T = TypeVar("T")
 
@@ -45,12 +49,25 @@ CAPABILITIES: dict[int, Capability] = {
 CAPABILITY_BY_NAME = {name: value for value, name in CAPABILITIES.items()}
 HEALTH = {
     pb.HEALTH_STATUS_HEALTHY: "healthy",
+    pb.HEALTH_STATUS_DEGRADED: "degraded",
     pb.HEALTH_STATUS_UNHEALTHY: "unhealthy",
     pb.HEALTH_STATUS_ERROR: "error",
+}
+CIRCUITS: dict[int, CircuitState] = {
+    pb.CIRCUIT_STATE_CLOSED: "closed",
+    pb.CIRCUIT_STATE_OPEN: "open",
+    pb.CIRCUIT_STATE_HALF_OPEN: "half_open",
+}
+OPERATIONS: dict[int, Operation] = {
+    pb.OPERATION_CHAT: "chat",
+    pb.OPERATION_COMPLETIONS: "completions",
+    pb.OPERATION_EMBEDDINGS: "embeddings",
 }
 # What a search answers unless `limit` says otherwise (and the most it may say).
 DEFAULT_SEARCH_LIMIT = 50
 MAX_SEARCH_LIMIT = 200
+#: Provider names are configuration keys of at most 64 characters.
+MAX_PROVIDER_LENGTH = 64
 
 
 def marie_model(m: pb.ModelInfo) -> MarieModel:
@@ -139,7 +156,7 @@ class ModelRoutes:
 
     async def provider_models(self, request: Request) -> Response:
         principal = await self.gw.enter(request, SCOPE_MODELS)
-        provider = request.path_params["provider"]
+        provider = path_text(request, "provider", MAX_PROVIDER_LENGTH)
         reply = await self._call(
             self.gw.backends().providers.ListModels(
                 pb.ListModelsRequest(provider=provider, force_refresh=_flag(request, "refresh")),
@@ -155,7 +172,8 @@ class ModelRoutes:
         reply = await self._call(
             self.gw.backends().providers.GetModel(
                 pb.GetModelRequest(
-                    provider=request.path_params["provider"], model=request.path_params["model"]
+                    provider=path_text(request, "provider", MAX_PROVIDER_LENGTH),
+                    model=path_text(request, "model", MAX_MODEL_LENGTH),
                 ),
                 timeout=self._timeout,
                 metadata=principal.call_metadata(),
@@ -166,21 +184,20 @@ class ModelRoutes:
     async def search(self, request: Request) -> Response:
         principal = await self.gw.enter(request, SCOPE_MODELS)
         params = request.query_params
-        query = params.get("q", "").strip()
+        query = text_query(request, "q", MAX_MODEL_LENGTH).strip()
         if not query:
             raise bad_request("Search needs a query: ?q=…", "q")
         capability = params.get("capability", "")
         if capability and capability not in CAPABILITY_BY_NAME:
             names = ", ".join(CAPABILITY_BY_NAME)
             raise bad_request(f"Unknown capability '{capability}'; one of: {names}.", "capability")
-        limit_text = params.get("limit", str(DEFAULT_SEARCH_LIMIT))
-        if not limit_text.isdigit() or not 1 <= int(limit_text) <= MAX_SEARCH_LIMIT:
-            raise bad_request(f"'limit' must be 1 to {MAX_SEARCH_LIMIT}.", "limit")
+        limit = int_query(
+            request, "limit", default=DEFAULT_SEARCH_LIMIT, minimum=1, maximum=MAX_SEARCH_LIMIT
+        )
+        provider = text_query(request, "provider", MAX_PROVIDER_LENGTH)
         reply = await self._call(
             self.gw.backends().providers.SearchModels(
-                pb.SearchModelsRequest(
-                    query=query, provider=params.get("provider", ""), limit=int(limit_text)
-                ),
+                pb.SearchModelsRequest(query=query, provider=provider, limit=limit),
                 timeout=self._timeout,
                 metadata=principal.call_metadata(),
             )
@@ -247,5 +264,20 @@ class ModelRoutes:
                 default_model=(h.default_model or (p.default_model if p else "")) or None,
                 latency_ms=round(h.latency_ms, 3) if h.latency_ms else None,
                 error=h.error or None,
+                deployments=[deployment_state(d) for d in h.deployments],
             )
         return _json(ProvidersHealth(out))
+
+
+def deployment_state(d: pb.DeploymentHealth) -> DeploymentState:
+    return DeploymentState(
+        model=d.model,
+        operation=OPERATIONS.get(d.operation, "unknown"),
+        circuit=CIRCUITS.get(d.circuit, "unknown"),
+        retry_at=d.retry_time.ToJsonString() if d.HasField("retry_time") else None,
+        consecutive_failures=d.consecutive_failures,
+        in_flight=d.in_flight,
+        max_concurrency=d.max_concurrency,
+        background_in_flight=d.background_in_flight,
+        max_background_concurrency=d.max_background_concurrency,
+    )

@@ -148,6 +148,13 @@ _MEMORY_ROUTES: tuple[dict[str, Any], ...] = (
         ),
     },
     {
+        "path": _M + "/jobs/{id}",
+        "method": "get",
+        "summary": "A background extraction: queued, succeeded (its changes) or failed (why)",
+        "response": schemas.ExtractionJobOut,
+        "query": _WHO,
+    },
+    {
         "path": _M + "/{id}",
         "method": "get",
         "summary": "One memory",

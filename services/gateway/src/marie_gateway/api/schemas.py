@@ -6,13 +6,15 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, RootModel, field_validator
+from pydantic import BaseModel, ConfigDict, Field, RootModel
 
 from marie_gateway.http.errors import ErrorDetail
 from marie_gateway.openai.schemas import ChatParameters, ModelId
 
 Capability = Literal["chat", "completion", "embeddings", "tools", "vision"]
-HealthStatus = Literal["healthy", "unhealthy", "error", "unknown"]
+HealthStatus = Literal["healthy", "degraded", "unhealthy", "error", "unknown"]
+CircuitState = Literal["closed", "open", "half_open", "unknown"]
+Operation = Literal["chat", "completions", "embeddings", "unknown"]
 
 
 class _Out(BaseModel):
@@ -91,8 +93,32 @@ class ProvidersList(_Out):
     providers: list[ProviderSummary]
 
 
+class DeploymentState(_Out):
+    """The routing state of one operation of one model."""
+
+    model: str = Field(description="'<provider>/<model>'.")
+    operation: Operation = Field(description="Each operation has a circuit breaker of its own.")
+    circuit: CircuitState = Field(
+        description="closed: requests flow; open: refused until `retry_at`; half_open: one"
+        " user's request probes it (background work waits)."
+    )
+    retry_at: str | None = Field(
+        description="When an open circuit lets a probe through (RFC 3339, UTC); null unless open."
+    )
+    consecutive_failures: int
+    in_flight: int = Field(description="Users' requests being served by this model now.")
+    max_concurrency: int = Field(description="Most users' requests at once; 0: no limit.")
+    background_in_flight: int = Field(
+        description="Background calls (memory extraction, message embeddings) being served."
+    )
+    max_background_concurrency: int
+
+
 class ProviderHealthInfo(_Out):
-    status: HealthStatus
+    status: HealthStatus = Field(
+        description="degraded: the provider answers its probe, but requests to one of its"
+        " models are refused (a circuit breaker is open; see `deployments`)."
+    )
     available: bool
     models_count: int
     supports_streaming: bool
@@ -100,6 +126,10 @@ class ProviderHealthInfo(_Out):
     default_model: str | None
     latency_ms: float | None
     error: str | None
+    deployments: list[DeploymentState] = Field(
+        default_factory=list,
+        description="Each operation asked of each of its models since the service started.",
+    )
 
 
 class ProvidersHealth(RootModel[dict[str, ProviderHealthInfo]]):
@@ -114,16 +144,11 @@ MAX_COMPARE_MODELS = 8
 
 
 class CompareRequest(ChatParameters):
-    """`POST /api/compare`: one prompt, run on several models at once."""
+    """`POST /api/compare`: one prompt, run on several models at once. A model
+    may appear more than once (the same model twice shows sampling variance):
+    each arm's events carry its position, `index`."""
 
     models: list[ModelId] = Field(min_length=2, max_length=MAX_COMPARE_MODELS)
-
-    @field_validator("models")
-    @classmethod
-    def _distinct(cls, models: list[str]) -> list[str]:
-        if len(set(models)) != len(models):
-            raise ValueError("each model may appear once")
-        return models
 
 
 class CompareLatency(_Out):
@@ -336,6 +361,24 @@ class MemoriesAdded(_Out):
     extraction_model: str
     #: Set when `background` queued the extraction instead of running it.
     job_id: str
+
+
+class ExtractionJobOut(_Out):
+    """A background extraction (`POST /api/memories` with `background`)."""
+
+    id: str
+    object: Literal["memory.extraction_job"]
+    #: queued: waiting for its turn, or for the model or the store to come back
+    #: (retried by time, never dropped before the age limit); succeeded: `data`
+    #: holds its changes; failed: `failure_reason` says why.
+    status: Literal["queued", "succeeded", "failed"]
+    attempts: int
+    last_error: str
+    failure_reason: str | None
+    created_at: int
+    next_attempt_at: int | None
+    finished_at: int | None
+    data: list[MemoryChangeOut]
 
 
 class ScoredMemoryOut(MemoryOut):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import math
 from time import time as unix_time
 from typing import Literal
 
@@ -20,6 +21,7 @@ from marie_gateway.core import Gateway
 from marie_gateway.http.bodies import JSONResponse
 from marie_gateway.http.context import current_request_id
 from marie_gateway.http.errors import bad_request, from_rpc_error, permission_denied
+from marie_gateway.http.params import MAX_ID_LENGTH, text_query
 
 _GROUP_BY = {
     "": auth_pb.USAGE_GROUP_BY_UNSPECIFIED,
@@ -38,24 +40,30 @@ _GROUP_NAMES: dict[str, Literal["day", "model", "key"] | None] = {
 
 
 DEFAULT_DAYS = 30
+#: The times a usage query may name: 1970-01-01 to 9999-12-31 (UTC).
+LATEST = 253_402_300_799
+#: The longest owner (auth's limit).
+MAX_OWNER = 256
 
 
 def parse_time(value: str, param: str) -> float:
     """Unix seconds from an ISO 8601 date or date-time (UTC unless it says
     otherwise) or a number of unix seconds; 400 naming `param` otherwise."""
     try:
-        return float(value)
+        seconds = float(value)
     except ValueError:
-        pass
-    try:
-        parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise bad_request(
-            f"'{param}' must be an ISO 8601 date or time, or unix seconds.", param
-        ) from None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=dt.UTC)
-    return parsed.timestamp()
+        try:
+            parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            raise bad_request(
+                f"'{param}' must be an ISO 8601 date or time, or unix seconds.", param
+            ) from None
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=dt.UTC)
+        seconds = parsed.timestamp()
+    if not math.isfinite(seconds) or not 0 <= seconds <= LATEST:
+        raise bad_request(f"'{param}' must be a time from 1970 to 9999.", param)
+    return seconds
 
 
 def _iso(seconds: float) -> str:
@@ -99,10 +107,14 @@ class UsageRoutes:
             raise bad_request("'group_by' must be day, model or key.", "group_by")
         now = unix_time()
         end = parse_time(q["to"], "to") if q.get("to") else now
-        start = parse_time(q["from"], "from") if q.get("from") else end - DEFAULT_DAYS * 86_400
+        if q.get("from"):
+            start = parse_time(q["from"], "from")
+        else:
+            start = max(0.0, end - DEFAULT_DAYS * 86_400)
         if end <= start:
             raise bad_request("'to' must be after 'from'.", "to")
-        key_id, owner = q.get("key_id", ""), q.get("owner", "")
+        key_id = text_query(request, "key_id", MAX_ID_LENGTH)
+        owner = text_query(request, "owner", MAX_OWNER)
         if SCOPE_ADMIN not in principal.scopes:
             if (key_id and key_id != principal.key_id) or owner:
                 raise permission_denied(

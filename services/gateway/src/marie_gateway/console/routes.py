@@ -31,7 +31,7 @@ PAGE_CACHE = "no-cache"
 ASSET_CACHE = "public, max-age=31536000, immutable"
 
 #: Where `make web` builds the console in a checkout: <repo>/web/dist.
-DEFAULT_DIST = Path(__file__).resolve().parents[4] / "web" / "dist"
+DEFAULT_DIST = Path(__file__).resolve().parents[5] / "web" / "dist"
 
 NOT_BUILT = """\
 The Marie console is not built yet.

@@ -45,7 +45,7 @@ def field_path(loc: tuple[int | str, ...], tags: frozenset[str] = frozenset()) -
 def parse_body(model: type[M], raw: bytes, tags: frozenset[str] = frozenset()) -> M:
     """Validate a JSON body; 400 naming the first bad field (`tags`: see field_path)."""
     if not raw:
-        raise bad_request("The request body is empty; expected a JSON object.")
+        raise bad_request("The request body is empty; expected a JSON object.", code="invalid_json")
     try:
         return model.model_validate_json(raw)
     except ValidationError as exc:
@@ -60,9 +60,11 @@ def validation_error(exc: ValidationError, tags: frozenset[str] = frozenset()) -
     # equal depth, a broken rule beats a mere "wrong type" for another branch.
     first = max(errors, key=lambda e: (len(e["loc"]), not e["type"].endswith("_type")))
     if first["type"] == "json_invalid":
-        return bad_request(f"The request body is not valid JSON: {first['msg']}")
+        message = f"The request body is not valid JSON: {first['msg']}"
+        return bad_request(message, code="invalid_json")
     if first["type"] == "model_type" and not first["loc"]:
-        return bad_request("The request body must be a JSON object.")
+        return bad_request("The request body must be a JSON object.", code="invalid_json")
     param = field_path(first["loc"], tags)
     where = f"'{param}': " if param else ""
-    return bad_request(f"Invalid request: {where}{first['msg']}", param or None)
+    code = "missing_field" if first["type"] == "missing" else "invalid_value"
+    return bad_request(f"Invalid request: {where}{first['msg']}", param or None, code)

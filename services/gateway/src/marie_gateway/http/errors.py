@@ -34,16 +34,25 @@ class ApiError(Exception):
         *,
         retry_after: int | None = None,
         close: bool = False,
+        upstream: bool = False,
+        reason: str = "",
     ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.type = type
-        self.code = code
+        # Every error has a machine-readable code; the status's when none is given.
+        self.code = code or DEFAULT_CODES.get(status, "error")
         self.param = param
         self.retry_after = retry_after
         # The connection cannot be reused (e.g. an unread body is still coming).
         self.close = close
+        # A model server answered this (its refusal passed on): the request
+        # reached a model, so it counts in the usage ledger even as a 4xx.
+        self.upstream = upstream
+        # The ErrorInfo reason of a service's error ("DEPLOYMENT_BUSY"), for
+        # surfaces whose vocabulary tells more cases apart than OpenAI's.
+        self.reason = reason
 
     def envelope(self) -> dict[str, dict[str, str | None]]:
         return {
@@ -57,6 +66,28 @@ class ApiError(Exception):
 
     def body(self) -> bytes:
         return orjson.dumps(self.envelope())
+
+
+#: The code of an error that names none, by status. A 400 about a request
+#: field or parameter is `invalid_value` (`missing_field` when a required one
+#: is absent, `invalid_json` for a body that is not a JSON object).
+DEFAULT_CODES = {
+    400: "invalid_value",
+    401: "invalid_api_key",
+    403: "permission_denied",
+    404: "not_found",
+    405: "method_not_allowed",
+    408: "request_timeout",
+    413: "request_too_large",
+    429: "rate_limit_exceeded",
+    499: "client_closed",
+    500: "server_error",
+    501: "not_implemented",
+    502: "upstream_error",
+    503: "service_unavailable",
+    504: "timeout",
+    507: "insufficient_storage",
+}
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:
@@ -88,14 +119,20 @@ _BY_REASON: dict[str, tuple[int, str, str]] = {
     "AMBIGUOUS_MODEL": (400, "invalid_request_error", "ambiguous_model"),
     "INVALID_API_KEY": (401, "authentication_error", "invalid_api_key"),
     "PROVIDER_UNAVAILABLE": (503, "server_error", "provider_unavailable"),
+    "CIRCUIT_OPEN": (503, "server_error", "provider_unavailable"),
+    "UPSTREAM_AUTH_FAILED": (503, "server_error", "provider_unavailable"),
+    "INPUT_TOO_LARGE": (400, "invalid_request_error", "context_length_exceeded"),
+    "UNSUPPORTED_BY_PROVIDER": (400, "invalid_request_error", "unsupported_by_provider"),
     "UPSTREAM_ERROR": (502, "server_error", "upstream_error"),
     "UPSTREAM_BAD_REQUEST": (400, "invalid_request_error", "upstream_bad_request"),
     "UPSTREAM_RATE_LIMITED": (429, "rate_limit_error", "rate_limit_exceeded"),
     "UPSTREAM_TIMEOUT": (504, "server_error", "upstream_timeout"),
+    # A service's store has no room for the write (marie_kit.storage).
+    "STORAGE_FULL": (507, "server_error", "insufficient_storage"),
 }
 _BY_CODE: dict[grpc.StatusCode, tuple[int, str, str]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error", "invalid_request"),
-    grpc.StatusCode.OUT_OF_RANGE: (400, "invalid_request_error", "invalid_request"),
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error", "invalid_value"),
+    grpc.StatusCode.OUT_OF_RANGE: (400, "invalid_request_error", "invalid_value"),
     grpc.StatusCode.FAILED_PRECONDITION: (400, "invalid_request_error", "failed_precondition"),
     grpc.StatusCode.NOT_FOUND: (404, "invalid_request_error", "not_found"),
     grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error", "invalid_api_key"),
@@ -113,15 +150,28 @@ _DEFAULT = (500, "server_error", "server_error")
 # ("ipv4:127.0.0.1:37217: Failed to connect"), which are for the operator: they
 # go to the log line carrying the same request id.
 _SERVER_SIDE_MESSAGES: dict[str, str] = {
-    "PROVIDER_UNAVAILABLE": "The provider{of} is not reachable right now",
-    "UPSTREAM_ERROR": "The provider{of} failed to answer",
-    "UPSTREAM_TIMEOUT": "The provider{of} did not answer in time",
+    "PROVIDER_UNAVAILABLE": "The provider{of} is not reachable right now{for_model}",
+    "UPSTREAM_ERROR": "The provider{of} failed to answer{for_model}",
+    "UPSTREAM_TIMEOUT": "The provider{of} did not answer in time{for_model}",
+    "CIRCUIT_OPEN": (
+        "The provider{of} is unavailable{for_model} right now: its recent requests"
+        " failed; retry in {retry_after} s"
+    ),
+    "UPSTREAM_AUTH_FAILED": (
+        "The provider{of} refused the credentials Marie is configured with;"
+        " an operator must check its API key"
+    ),
 }
 _SERVER_SIDE_BY_STATUS: dict[int, str] = {
     501: "This operation is not implemented",
+    507: "The store has no space left for this change; nothing was changed. Retry later",
     503: "A Marie service is unavailable right now",
     504: "The request took too long to complete",
 }
+# Where a provider's failure comes from (its ErrorInfo domain): told apart from a
+# Marie service that is down, whose failure carries no provider.
+PROVIDERS_DOMAIN = "marie.providers"
+_PROVIDER_UNAVAILABLE = (503, "server_error", "provider_unavailable")
 
 
 def _client_message(error: ServiceError, status: int, request_id: str) -> str:
@@ -129,17 +179,37 @@ def _client_message(error: ServiceError, status: int, request_id: str) -> str:
         # Client errors are the services' own words about the request: useful.
         return error.message
     provider = error.metadata.get("provider")
+    model = error.metadata.get("model")
     of = f" '{provider}'" if provider else ""
+    for_model = f" for model '{model}'" if model else ""
     text = _SERVER_SIDE_MESSAGES.get(error.reason) or _SERVER_SIDE_BY_STATUS.get(status)
+    if error.reason == "UPSTREAM_AUTH_FAILED" and (variable := error.metadata.get("api_key_env")):
+        # No key at all: what to set is the fix, and a variable's name is no secret.
+        text = f"The provider{{of}} has no API key: an operator must set {variable}"
     if text is None:
         text = "The server had an error processing the request"
-    return f"{text.format(of=of)} (request id {request_id})."
+    said = text.format(of=of, for_model=for_model, retry_after=_retry_after(error))
+    return f"{said} (request id {request_id})."
+
+
+def _mapping(error: ServiceError) -> tuple[int, str, str]:
+    found = _BY_REASON.get(error.reason)
+    if found is not None:
+        return found
+    if (
+        error.code == grpc.StatusCode.UNAVAILABLE
+        and error.domain == PROVIDERS_DOMAIN
+        and "provider" in error.metadata
+    ):
+        # An upstream provider is unavailable, not a Marie service.
+        return _PROVIDER_UNAVAILABLE
+    return _BY_CODE.get(error.code) or _DEFAULT
 
 
 def from_service_error(error: ServiceError, request_id: str) -> ApiError:
     """Map a service's error onto the OpenAI envelope."""
     upstream_errors(error.reason).inc()
-    status, type_, code = _BY_REASON.get(error.reason) or _BY_CODE.get(error.code) or _DEFAULT
+    status, type_, code = _mapping(error)
     if status >= 500:
         log.warning(
             "backend error",
@@ -152,8 +222,17 @@ def from_service_error(error: ServiceError, request_id: str) -> ApiError:
         )
     message = _client_message(error, status, request_id)
     param = error.metadata.get("field") if status < 500 else None
-    retry_after = _retry_after(error) if status in (429, 503) else None
-    return ApiError(status, message, type_, code, param, retry_after=retry_after)
+    retry_after = _retry_after(error) if status in (429, 503, 507) else None
+    return ApiError(
+        status,
+        message,
+        type_,
+        code,
+        param,
+        retry_after=retry_after,
+        upstream="upstream_status" in error.metadata,
+        reason=error.reason,
+    )
 
 
 def _retry_after(error: ServiceError) -> int:

@@ -56,6 +56,10 @@ class Operation:
     headers: tuple[Param, ...] = ()
     raw_response: str | None = None  # a non-JSON answer: its media type
     extra: dict[str, Any] = field(default_factory=dict)
+    # A surface with its own error shape (Anthropic's): its schema, and how
+    # its event stream is framed, instead of OpenAI's envelope and `data:` lines.
+    error: type[BaseModel] | None = None
+    events_framing: str | None = None
 
 
 _PARAM = re.compile(r"{(\w+)(:\w+)?}")
@@ -83,7 +87,7 @@ def _schemas(operations: tuple[Operation, ...]) -> tuple[Refs, dict[str, Any]]:
     for op in operations:
         if op.request is not None:
             models.append((op.request, "validation"))
-        for out in (op.response, op.events):
+        for out in (op.response, op.events, op.error):
             if out is not None:
                 models.append((out, "serialization"))
     refs, defs = models_json_schema(
@@ -141,7 +145,8 @@ def _operation(op: Operation, refs: Refs) -> dict[str, Any]:
         content["text/event-stream"] = {
             "schema": {
                 "type": "string",
-                "description": "Server-sent events: `data: <JSON>` lines, each an object of "
+                "description": op.events_framing
+                or "Server-sent events: `data: <JSON>` lines, each an object of "
                 f"the schema {op.events.__name__}, ending with `data: [DONE]`. Comment lines "
                 "(`: keep-alive`) may come while a model is slow.",
             },
@@ -155,8 +160,14 @@ def _operation(op: Operation, refs: Refs) -> dict[str, Any]:
         out["description"] = (
             f"Needs a key with the `{op.scope}` scope." if op.scope else "Needs any valid key."
         )
-        for status in _ERROR_STATUSES:
-            responses_[status] = {"$ref": "#/components/responses/Error"}
+        for status, meaning in _ERROR_STATUSES.items():
+            if op.error is None:
+                responses_[status] = {"$ref": "#/components/responses/Error"}
+            else:
+                responses_[status] = {
+                    "description": meaning,
+                    "content": {"application/json": {"schema": refs[(op.error, "serialization")]}},
+                }
     else:
         out["security"] = []
     out["responses"] = responses_
@@ -197,27 +208,64 @@ def build_document(version: str, operations: Iterable[Operation]) -> dict[str, A
     }
 
 
+# No inline script: the page's one line of set-up is a file of its own, so the
+# policy below can forbid every script that is not one of ours.
 _DOCS_PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Marie API</title>
+<link rel="icon" href="/docs/static/favicon-32x32.png">
 <link rel="stylesheet" href="/docs/static/swagger-ui.css"></head>
 <body><div id="swagger-ui"></div>
 <script src="/docs/static/swagger-ui-bundle.js"></script>
-<script>window.ui = SwaggerUIBundle({url: "/openapi.json", dom_id: "#swagger-ui"});</script>
+<script src="/docs/init.js"></script>
 </body></html>"""
+_DOCS_INIT = 'window.ui = SwaggerUIBundle({url: "/openapi.json", dom_id: "#swagger-ui"});\n'
+
+#: The documentation page may load and run only what this origin serves, and
+#: no one may frame it (clickjacking); Swagger UI's stylesheet draws its icons
+#: from data: URLs.
+DOCS_CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "font-src 'self'; connect-src 'self'; object-src 'none'; base-uri 'self'; "
+    "form-action 'self'; frame-ancestors 'none'"
+)
+DOCS_HEADERS = {
+    "content-security-policy": DOCS_CSP,
+    "x-frame-options": "DENY",
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+}
+#: The document is data: it runs nothing, loads nothing and is never framed.
+DOCUMENT_HEADERS = {
+    "content-security-policy": "default-src 'none'; frame-ancestors 'none'",
+    "x-content-type-options": "nosniff",
+}
+
+
+class _DocsStatic(StaticFiles):
+    """Swagger UI's files, with the page's headers."""
+
+    async def get_response(self, path: str, scope: Any) -> Response:
+        response = await super().get_response(path, scope)
+        response.headers.update(DOCS_HEADERS)
+        return response
 
 
 def routes(document: dict[str, Any]) -> list[BaseRoute]:
     """`/openapi.json` serving `document`, and `/docs`, the page that shows it."""
 
     async def openapi_json(request: Request) -> Response:
-        return JSONResponse(document)
+        return JSONResponse(document, headers=DOCUMENT_HEADERS)
 
     async def docs(request: Request) -> Response:
-        return HTMLResponse(_DOCS_PAGE)
+        return HTMLResponse(_DOCS_PAGE, headers=DOCS_HEADERS)
+
+    async def docs_init(request: Request) -> Response:
+        return Response(_DOCS_INIT, media_type="text/javascript", headers=DOCS_HEADERS)
 
     static = resources.files("swagger_ui") / "static"
     return [
         Route("/openapi.json", openapi_json, methods=["GET"]),
         Route("/docs", docs, methods=["GET"]),
-        Mount("/docs/static", StaticFiles(directory=str(static)), name="docs-static"),
+        Route("/docs/init.js", docs_init, methods=["GET"]),
+        Mount("/docs/static", _DocsStatic(directory=str(static)), name="docs-static"),
     ]

@@ -11,9 +11,10 @@ import grpc
 from marie.memory.v1 import memory_service_pb2 as mpb
 from marie.providers.v1 import provider_service_pb2 as ppb
 from marie_kit.context import outgoing_metadata
+from marie_kit.tenancy import RESERVED_USER_PREFIX
 
 from marie_gateway.access.keys import SCOPE_ADMIN, SCOPE_MEMORY, Principal
-from marie_gateway.access.tenancy import MAX_USER, RESERVED_USER_PREFIX, user_id_of
+from marie_gateway.access.tenancy import MAX_USER, user_id_of
 from marie_gateway.core import Gateway
 
 log = logging.getLogger("marie.gateway.memory")

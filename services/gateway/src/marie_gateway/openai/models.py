@@ -16,6 +16,7 @@ from marie_gateway.core import Gateway
 from marie_gateway.http.bodies import JSONResponse
 from marie_gateway.http.context import current_request_id
 from marie_gateway.http.errors import from_rpc_error
+from marie_gateway.http.params import MAX_MODEL_LENGTH, path_text
 
 
 class OpenAIModelRoutes:
@@ -46,7 +47,7 @@ class OpenAIModelRoutes:
     async def get_model(self, request: Request) -> Response:
         gw = self.gw
         principal = await gw.enter(request, SCOPE_MODELS)
-        model_id = request.path_params["model_id"]
+        model_id = path_text(request, "model_id", MAX_MODEL_LENGTH)
         try:
             reply = await gw.backends().providers.GetModel(
                 pb.GetModelRequest(model=model_id),

@@ -233,17 +233,31 @@ TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 
 
+#: Inputs one embeddings request may carry (OpenAI's limit).
+MAX_EMBEDDING_INPUTS = 2048
+
+
 class EmbeddingsRequest(_Body):
     """`POST /v1/embeddings`: `input` is text, texts, token ids (one input) or lists
     of token ids (what OpenAI's clients send after tokenizing)."""
 
     model: ModelId
-    input: NonEmptyStr | list[NonEmptyStr] | TokenIds | list[TokenIds] = Field(
-        min_length=1, max_length=2048
-    )
+    input: NonEmptyStr | list[NonEmptyStr] | TokenIds | list[TokenIds]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: PositiveInt32 | None = None
     user: str | None = Field(default=None, max_length=256)
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _count(cls, value: object) -> object:
+        # At most 2048 inputs, as OpenAI; the bound is on the list of inputs,
+        # not on one text's length nor on one input's token ids (the model's).
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("at least one input is needed")
+            if len(value) > MAX_EMBEDDING_INPUTS and not all(isinstance(v, int) for v in value):
+                raise ValueError(f"at most {MAX_EMBEDDING_INPUTS} inputs in one request")
+        return value
 
 
 class CompletionRequest(_Body):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from starlette.routing import BaseRoute
 
+from marie_gateway.anthropic.operations import OPERATIONS as ANTHROPIC_OPERATIONS
 from marie_gateway.api.operations import OPERATIONS as API_OPERATIONS
 from marie_gateway.http import openapi
 from marie_gateway.http.openapi import Operation
@@ -36,11 +37,22 @@ OPS_OPERATIONS: tuple[Operation, ...] = (
 )
 
 #: Every documented route and method, in the document's order.
-OPERATIONS: tuple[Operation, ...] = (*OPENAI_OPERATIONS, *API_OPERATIONS, *OPS_OPERATIONS)
+OPERATIONS: tuple[Operation, ...] = (
+    *OPENAI_OPERATIONS,
+    *ANTHROPIC_OPERATIONS,
+    *API_OPERATIONS,
+    *OPS_OPERATIONS,
+)
 
 #: Routes the app serves that are deliberately not in the document.
 INTERNAL_PATHS = frozenset(
-    {"/_authz/{method:path}", "/docs/static", "/assets/{name:path}", "/favicon.svg"}
+    {
+        "/_authz/{method:path}",
+        "/docs/static",
+        "/docs/init.js",
+        "/assets/{name:path}",
+        "/favicon.svg",
+    }
 )
 
 

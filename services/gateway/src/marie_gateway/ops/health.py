@@ -3,6 +3,8 @@ it needs answer SERVING)."""
 
 from __future__ import annotations
 
+import asyncio
+
 from marie_kit.channels import is_serving
 from pydantic import BaseModel, ConfigDict
 from starlette.requests import Request
@@ -30,14 +32,18 @@ def routes(gw: Gateway) -> list[BaseRoute]:
 
     async def readyz(request: Request) -> Response:
         b = gw.backends()
-        checks = {
-            "providers": await is_serving(b.providers_channel, timeout=PROBE_TIMEOUT_SECONDS),
-            "auth": await is_serving(b.auth_channel, timeout=PROBE_TIMEOUT_SECONDS),
-        }
-        ready = all(checks.values()) and not gw.draining
-        return JSONResponse(
-            {"status": "ready" if ready else "not ready", "checks": checks}, 200 if ready else 503
+        providers, auth, memory = await asyncio.gather(
+            is_serving(b.providers_channel, timeout=PROBE_TIMEOUT_SECONDS),
+            is_serving(b.auth_channel, timeout=PROBE_TIMEOUT_SECONDS),
+            is_serving(b.memory_channel, timeout=PROBE_TIMEOUT_SECONDS),
         )
+        checks = {"providers": providers, "auth": auth, "memory": memory}
+        ready = providers and auth and not gw.draining
+        # Chats go on without memory (enrichment is best effort), so a memory
+        # service that cannot serve (down, or its store full) is reported but
+        # does not take the gateway out of its load balancer.
+        status = "not ready" if not ready else "ready" if memory else "degraded"
+        return JSONResponse({"status": status, "checks": checks}, 200 if ready else 503)
 
     return [
         Route("/healthz", healthz, methods=["GET"]),

@@ -1,18 +1,29 @@
-"""LLM fact extraction, as mem0 does it, through providers' StreamChatCompletion.
+"""LLM fact extraction, after mem0, through providers' StreamChatCompletion.
 
-Two calls, each constrained by a JSON schema (response_format JSON_SCHEMA, so
-any provider with structured output works):
+At most two calls, each constrained by a bounded JSON schema
+(response_format JSON_SCHEMA: grammar-enforced on llama.cpp, OpenAI's
+structured output, Ollama's `format`), with `max_tokens` room for no more
+than the schema allows:
 
-1. facts: short self-contained facts about the user, from the user and
-   assistant messages (system messages are never shown to the model);
-2. decisions: the facts next to the user's most similar stored memories
-   (ids replaced by small integers so the model cannot invent real ids), and
-   per fact ADD / UPDATE / DELETE / NONE.
+1. facts: short self-contained facts about the user, from the user's
+   messages (the assistant's, system and tool messages are never shown to
+   the model);
+2. decisions, only for the facts that have a close stored memory (sharing a
+   keyword, or a vector similarity of MARIE_MEMORY_CLOSE_MEMORY_SIMILARITY or
+   more): those facts next to those memories (ids replaced by small integers
+   so the model cannot invent real ids), and per fact ADD / UPDATE / DELETE /
+   NONE. Facts with no close memory are added without asking (and a fact
+   whose exact text is stored is not added again), so a user's new facts
+   cost one model call, not two as in mem0.
 
-An answer that is not valid JSON or does not follow the schema is asked for
-once more; a second bad answer is EXTRACTION_FAILED. Every change is applied
-in one store transaction after both steps succeed, with its history entry,
-so a failure at any point changes nothing.
+An answer that is not JSON following the schema, or is cut off at
+`max_tokens` (a small model looping), or does not end within the deadline
+once it has begun, is asked for once more, stricter (fewer items, shorter
+texts, fewer tokens, a shorter conversation); a second bad answer is
+EXTRACTION_FAILED. The changes are planned (with their vectors) before
+anything is written, then applied in one store transaction with their
+history entries, so a failure at any point changes nothing, and a plan whose
+write failed can be applied later without asking the model again.
 """
 
 from __future__ import annotations
@@ -28,12 +39,11 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from marie.auth.v1 import auth_service_pb2 as auth_pb
 from marie.providers.v1 import provider_service_pb2 as ppb
-from marie_kit.context import outgoing_metadata
 from marie_kit.errors import ServiceError
 from marie_kit.identity import ALLOWED_MODELS_HEADER
 from marie_kit.usage import new_record_id, timestamp
 
-from marie_memory import limits
+from marie_memory import lane, limits
 from marie_memory.core import MemoryCore, text_hash
 from marie_memory.errors import (
     extraction_failed,
@@ -43,12 +53,15 @@ from marie_memory.errors import (
 )
 from marie_memory.extraction.prompts import (
     DECISIONS_PROMPT,
-    DECISIONS_SCHEMA,
     FACTS_PROMPT,
-    FACTS_SCHEMA,
+    FIRST,
+    STRICT,
     BadOutput,
+    Bounds,
     Decision,
     Fact,
+    decisions_schema,
+    facts_schema,
     parse_decisions,
     parse_facts,
 )
@@ -61,11 +74,10 @@ from marie_memory.records import (
     ROLE_USER,
     AddRequest,
     AddResult,
+    ChangePlan,
     Memory,
     MemoryChange,
-    MemoryFilter,
 )
-from marie_memory.stores.contract import DuplicateMemory
 
 if TYPE_CHECKING:
     from marie.providers.v1.provider_service_pb2_grpc import (
@@ -95,10 +107,15 @@ _STATUS = {
 }
 
 
+#: Characters of conversation the stricter retry shows the model (its end).
+STRICT_CONVERSATION_CHARS = 3000
+
+
 def _call_metadata() -> tuple[tuple[str, str], ...]:
-    """Metadata of a model call: the request id and the key's allowed models."""
+    """Metadata of a model call: the request id, the lane (a queued job's calls are
+    background work) and the key's allowed models."""
     allowed = _ACCOUNT.get()[2]
-    return outgoing_metadata() + (((ALLOWED_MODELS_HEADER, allowed),) if allowed else ())
+    return lane.call_metadata() + (((ALLOWED_MODELS_HEADER, allowed),) if allowed else ())
 
 
 def tenant_of(user_id: str) -> str:
@@ -110,10 +127,14 @@ def tenant_of(user_id: str) -> str:
 
 
 ROLE_NAMES = {ROLE_USER: "user", ROLE_ASSISTANT: "assistant"}
+#: The messages facts are taken from: the user's own words. As mem0's user
+#: memory does, the assistant's replies are not shown: a small model takes its
+#: chatter (or its nonsense) for facts about the user.
+FACT_ROLES = frozenset({ROLE_USER})
 
 
 class LlmExtractor:
-    """The `Extractor` of the core: two schema-constrained calls through providers."""
+    """The `Extractor` of the core: bounded, schema-constrained calls through providers."""
 
     def __init__(
         self, providers: ProvidersStub, timeout: float, *, usage: UsageSink | None = None
@@ -121,6 +142,27 @@ class LlmExtractor:
         self._providers = providers
         self._timeout = timeout
         self._usage = usage
+        #: Model calls made, for measurements and tests.
+        self.calls = 0
+
+    async def check_allowed(self, model: str, allowed_models: str) -> None:
+        """Whether a key limited to `allowed_models` may use `model`, asked of
+        providers (which alone knows that `ollama/llama3.2` is
+        `ollama/llama3.2:latest`): its GetModel answers NOT_FOUND alike for a
+        model outside the allowance and an unknown one, so both are refused,
+        as the model call itself would be."""
+        try:
+            await self._providers.GetModel(
+                ppb.GetModelRequest(model=model),
+                timeout=self._timeout,
+                metadata=(*lane.call_metadata(), (ALLOWED_MODELS_HEADER, allowed_models)),
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED):
+                raise model_not_allowed(model) from None
+            # Unreachable or slow: the job is queued, and its calls carry the
+            # same restriction (a refusal then drops it).
+            log.info("allowed models not checked now", extra={"code": exc.code().name})
 
     def _record(
         self,
@@ -153,26 +195,37 @@ class LlmExtractor:
         )
 
     async def _complete(
-        self, model: str, system: str, user: str, schema: dict[str, Any], name: str
+        self,
+        model: str,
+        system: str,
+        user: str,
+        schema: dict[str, Any],
+        *,
+        name: str,
+        max_tokens: int,
     ) -> str:
+        """One model call's answer. BadOutput when the answer is cut off or the model
+        refuses the request as too large; UNAVAILABLE (PROVIDER_UNAVAILABLE, with the
+        cause's reason and wait in its metadata) when the model cannot be reached."""
         request = ppb.StreamChatCompletionRequest(
             model=model,
             messages=[
                 ppb.ChatMessage(role=ppb.ROLE_SYSTEM, content=system),
                 ppb.ChatMessage(role=ppb.ROLE_USER, content=user),
             ],
-            sampling=ppb.SamplingParameters(temperature=0.0),
+            sampling=ppb.SamplingParameters(temperature=0.0, max_tokens=max_tokens),
             response_format=ppb.ResponseFormat(
                 type=ppb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA,
                 name=name,
                 json_schema_json=json.dumps(schema),
                 strict=True,
             ),
-            aggregate=True,
         )
         parts: list[str] = []
         last: ppb.StreamChatCompletionResponse | None = None
+        finish = ppb.FINISH_REASON_UNSPECIFIED
         started = time.perf_counter()
+        self.calls += 1
         try:
             async for chunk in self._providers.StreamChatCompletion(
                 request,
@@ -181,6 +234,8 @@ class LlmExtractor:
             ):
                 parts.append(chunk.content)
                 last = chunk
+                if chunk.finish_reason:
+                    finish = chunk.finish_reason
         except grpc.aio.AioRpcError as exc:
             self._record(model, last, started, _STATUS.get(exc.code(), 502))
             error = ServiceError.from_rpc_error(exc)
@@ -189,29 +244,37 @@ class LlmExtractor:
             if error.reason == "MODEL_NOT_ALLOWED":
                 # The key's own restriction: no retry will change it.
                 raise model_not_allowed(model) from exc
-            log.warning(
-                "extraction call failed",
-                extra={"model": model, "code": exc.code().name, "reason": error.reason},
-            )
-            raise provider_unavailable("extracting") from exc
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "".join(parts):
+                # It answered, slowly and at length: a loop more than an outage.
+                raise BadOutput(f"the answer did not end within {self._timeout:g} s") from exc
+            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                # e.g. the conversation over the model's context: a shorter try may do.
+                raise BadOutput(f"the model refused the request ({error.message})") from exc
+            raise provider_unavailable("extracting", cause=error) from exc
         self._record(model, last, started, 200)
+        if finish == ppb.FINISH_REASON_LENGTH:
+            raise BadOutput(f"the answer was cut off at {max_tokens} tokens")
         return "".join(parts)
 
-    async def _twice(
+    async def _ask(
         self,
         model: str,
         system: str,
-        user: str,
+        tries: Sequence[tuple[str, dict[str, Any], int]],
         *,
-        schema: dict[str, Any],
         name: str,
         parse: Any,
     ) -> Any:
+        """The parsed answer of the first try that gives a usable one: (user content,
+        schema, max_tokens) per try; EXTRACTION_FAILED when none does."""
         why = ""
-        for _ in range(2):
-            content = await self._complete(model, system, user, schema, name)
+        for user, schema, max_tokens in tries:
             try:
-                return parse(content)
+                return parse(
+                    await self._complete(
+                        model, system, user, schema, name=name, max_tokens=max_tokens
+                    )
+                )
             except BadOutput as exc:
                 why = str(exc)
                 log.info("extraction output refused", extra={"model": model, "why": why})
@@ -221,18 +284,21 @@ class LlmExtractor:
         lines = [
             f"{ROLE_NAMES[m.role]}: {m.content}"
             for m in request.messages
-            if m.role in ROLE_NAMES  # never system prompts (nor tool output)
+            if m.role in FACT_ROLES  # never system prompts, tool output, the assistant
         ]
         if not lines:
             return []
         conversation = "Conversation:\n" + "\n".join(lines)
-        result: list[Fact] = await self._twice(
+        shorter = "Conversation:\n" + "\n".join(lines)[-STRICT_CONVERSATION_CHARS:]
+        result: list[Fact] = await self._ask(
             model,
             FACTS_PROMPT,
-            conversation,
-            schema=FACTS_SCHEMA,
+            [
+                (conversation, facts_schema(FIRST), FIRST.max_tokens),
+                (shorter, facts_schema(STRICT), STRICT.max_tokens),
+            ],
             name="memory_facts",
-            parse=parse_facts,
+            parse=lambda content: parse_facts(content, conversation),
         )
         return result
 
@@ -248,17 +314,21 @@ class LlmExtractor:
             },
             ensure_ascii=False,
         )
-        result: list[Decision] = await self._twice(
+
+        def tried(bounds: Bounds) -> tuple[str, dict[str, Any], int]:
+            return payload, decisions_schema(bounds, len(existing), len(facts)), bounds.max_tokens
+
+        result: list[Decision] = await self._ask(
             model,
             DECISIONS_PROMPT,
-            payload,
-            schema=DECISIONS_SCHEMA,
+            [tried(FIRST), tried(STRICT)],
             name="memory_decisions",
             parse=lambda content: parse_decisions(content, len(existing)),
         )
         return result
 
-    async def run(self, core: MemoryCore, request: AddRequest, model: str) -> list[AddResult]:
+    async def plan(self, core: MemoryCore, request: AddRequest, model: str) -> ChangePlan:
+        """The changes extraction makes for `request` (model calls, vectors), unwritten."""
         account = _ACCOUNT.set(
             (
                 request.key_id,
@@ -267,40 +337,44 @@ class LlmExtractor:
             )
         )
         try:
-            return await self._run(core, request, model)
+            return await self._plan(core, request, model)
         finally:
             _ACCOUNT.reset(account)
 
-    async def _run(self, core: MemoryCore, request: AddRequest, model: str) -> list[AddResult]:
-
+    async def _plan(self, core: MemoryCore, request: AddRequest, model: str) -> ChangePlan:
         facts = await self.facts(model, request)
         if not facts:
-            return []
-        # The user's most similar memories, for every fact, without duplicates.
-        existing: dict[str, Memory] = {}
+            return ChangePlan((), ())
+        # Facts with a close stored memory are for the model to judge; the others
+        # (and those whose exact text is stored: NONE) need no model call.
+        direct: list[Decision] = []
+        judged: list[Fact] = []
+        close: dict[str, Memory] = {}
         for fact in facts:
-            ranked = await core.search_memories(
-                request.user_id,
-                fact.text,
-                top_k=core.similar_count,
-                threshold=0.0,
-                memory_filter=MemoryFilter(),
-                mode=0,
-            )
-            for scored in ranked.memories:
-                existing.setdefault(scored.memory.id, scored.memory)
-        shown = list(existing.values())
-        decisions = await self.decisions(model, shown, facts)
-        return await self._apply(core, request, facts, shown, decisions)
+            if await core.store.find_memory_by_hash(request.user_id, text_hash(fact.text)):
+                direct.append(Decision(EVENT_ADD, fact.text, -1))
+                continue
+            near = await core.close_memories(request.user_id, fact.text)
+            if not near:
+                direct.append(Decision(EVENT_ADD, fact.text, -1))
+                continue
+            judged.append(fact)
+            for memory in near:
+                close.setdefault(memory.id, memory)
+        shown = list(close.values())
+        decisions = direct
+        if judged:
+            decisions = [*direct, *await self.decisions(model, shown, judged)]
+        return await self._changes(core, request, facts, shown, decisions)
 
-    async def _apply(
+    async def _changes(
         self,
         core: MemoryCore,
         request: AddRequest,
         facts: Sequence[Fact],
         shown: Sequence[Memory],
         decisions: Sequence[Decision],
-    ) -> list[AddResult]:
+    ) -> ChangePlan:
         categories = {f.text: f.categories for f in facts}
         results: list[AddResult] = []
         changes: list[MemoryChange] = []
@@ -356,34 +430,10 @@ class LlmExtractor:
             changes.append(MemoryChange(EVENT_UPDATE, updated, entry))
             texts.append(updated.text)
             results.append(AddResult(EVENT_UPDATE, updated, previous_text=target.text))
-        # Vectors for every new text, then one transaction for everything.
+        # Vectors for every new text; the plan is then written in one transaction.
         vectors = iter(await core.vectors_for(texts))
         final = [
             replace(change, vector=next(vectors)) if change.event != EVENT_DELETE else change
             for change in changes
         ]
-        return await _write(core, request.user_id, final, results)
-
-
-async def _write(
-    core: MemoryCore, user_id: str, changes: list[MemoryChange], results: list[AddResult]
-) -> list[AddResult]:
-    """Writes the changes in one transaction; the results as they stand."""
-    while changes:
-        try:
-            await core.store.apply_memory_changes(user_id, changes)
-            break
-        except DuplicateMemory as taken:
-            # Another replica stored one of these texts just now: that one
-            # stands (NONE), the rest is written.
-            held = taken.memory
-            changes = [
-                c for c in changes if not (c.event == EVENT_ADD and c.memory.hash == held.hash)
-            ]
-            results = [
-                AddResult(EVENT_NONE, held)
-                if r.event == EVENT_ADD and r.memory.hash == held.hash
-                else r
-                for r in results
-            ]
-    return results
+        return ChangePlan(tuple(final), tuple(results))

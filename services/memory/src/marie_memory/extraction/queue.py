@@ -1,10 +1,25 @@
 """The durable extraction queue: AddMemories jobs kept in the store and run in the
-background, with retries and exponential backoff, surviving restarts.
+background lane, one at a time, surviving restarts and outages.
 
-A job is removed only once its extraction has been applied (or has failed for
-good), so a crash or a restart at any point loses no queued turn; a job cut
-short by a crash runs again (extraction is then applied once more, which the
-ADD/NONE dedupe absorbs).
+What a failed attempt means decides what happens next:
+
+- **an outage** (providers or the model unreachable, 5xx, an open circuit,
+  no answer before the deadline): the job stays queued and the whole queue
+  pauses, retrying by time (a backoff doubling from
+  MARIE_MEMORY_QUEUE_BACKOFF_SECONDS up to _MAX_BACKOFF_SECONDS, or the wait
+  an open circuit names). No attempt limit: only a job older than
+  MARIE_MEMORY_QUEUE_MAX_AGE_SECONDS is given up (failed, JOB_EXPIRED);
+- **a bad answer** (not JSON, wrong schema, a loop): the extractor has
+  already asked once more, stricter; the job fails for good with the reason;
+  so does a request no retry can change (model unknown or not allowed);
+- **a store error** (disk full, the cluster away): an attempt with backoff,
+  like an outage, never a hot loop; the planned changes are kept (in this
+  process) and written when the store is back, so the model is not asked
+  (nor billed) again for them.
+
+A finished job (succeeded or failed) leaves the queue and keeps its outcome
+for 7 days: GetExtractionJob reports it. A job cut short by a crash runs again
+(its changes may then be planned once more; the ADD/NONE dedupe absorbs them).
 """
 
 from __future__ import annotations
@@ -14,13 +29,16 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 import grpc
 from marie_kit.errors import ServiceError
 
+from marie_memory import lane
 from marie_memory.core import MemoryCore
-from marie_memory.job_payload import decode_request
-from marie_memory.records import ExtractionJob
+from marie_memory.errors import RETRY_AFTER_KEY
+from marie_memory.job_payload import decode_request, encode_results
+from marie_memory.records import JOB_FAILED, JOB_QUEUED, JOB_SUCCEEDED, ChangePlan, ExtractionJob
 
 log = logging.getLogger("marie.memory.queue")
 
@@ -28,8 +46,21 @@ BATCH = 8
 #: How long the replica that took a job holds it before another may run it
 #: (an extraction is bounded far below this: its model calls have deadlines).
 JOB_LEASE_SECONDS = 600.0
-# Errors worth another attempt: the providers service or the model may recover.
-RETRIABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+#: Reasons (of providers or the model, as memory reports them) that mean "wait".
+OUTAGE_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.ABORTED,
+    }
+)
+#: Failures no retry would change, though their code says UNAVAILABLE.
+FINAL_REASONS = frozenset({"EXTRACTION_FAILED"})
+STORE_REASONS = frozenset({"STORE_UNAVAILABLE"})
+EXPIRED = "JOB_EXPIRED"
+MALFORMED = "MALFORMED_JOB"
+STORE_ERROR = "STORE_ERROR"
 
 
 class ExtractionQueue:
@@ -41,16 +72,30 @@ class ExtractionQueue:
         *,
         poll_seconds: float,
         backoff_seconds: float,
-        max_attempts: int,
+        max_backoff_seconds: float = 30.0,
+        max_age_seconds: float = 86_400.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._core = core
         self._poll = poll_seconds
         self._backoff = backoff_seconds
-        self._max_attempts = max_attempts
+        self._max_backoff = max_backoff_seconds
+        self._max_age = max_age_seconds
         self._clock = clock
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        # Plans whose write failed, by job id: written without a new model call.
+        self._plans: dict[str, ChangePlan] = {}
+        # Outcomes the store could not record yet, by job id: recorded at the job's
+        # next turn, without running it again.
+        self._outcomes: dict[str, dict[str, Any]] = {}
+        #: Jobs this replica took whose retry or outcome the store refused: their
+        #: lease is this replica's, so it runs them again after its pause
+        #: instead of leaving them until the lease ends.
+        self._held: dict[str, ExtractionJob] = {}
+        # Failed attempts in a row (outages, store errors): the pause grows with them.
+        self._failures = 0
+        self._paused_until = 0.0
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run())
@@ -65,53 +110,167 @@ class ExtractionQueue:
     def wake(self) -> None:
         self._wake.set()
 
+    @property
+    def paused(self) -> bool:
+        return self._clock() < self._paused_until
+
     async def _run(self) -> None:
+        lane.enter_background()
         while True:
+            self._wake.clear()
+            jobs: list[ExtractionJob] = []
             try:
-                jobs = await self._core.store.due_jobs(self._clock(), BATCH)
-                for job in jobs:
-                    # Every replica's queue sees every job: one takes it. If
-                    # that one dies, the job is due again after the lease.
-                    if await self._core.store.take_job(job.id, self._clock(), JOB_LEASE_SECONDS):
-                        await self._attempt(job)
-                if len(jobs) == BATCH:
-                    continue
+                if not self.paused:
+                    jobs = await self._core.store.due_jobs(self._clock(), BATCH)
+                    held = [j for j in self._held.values() if j.id not in {d.id for d in jobs}]
+                    for job in [*held, *jobs]:
+                        # Every replica's queue sees every job: one takes it. If
+                        # that one dies, the job is due again after the lease.
+                        if job.id not in self._held and not await self._core.store.take_job(
+                            job.id, self._clock(), JOB_LEASE_SECONDS
+                        ):
+                            continue
+                        if not await self._attempt(job):
+                            break  # paused: the next jobs would meet the same outage
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("extraction queue failed; will retry")
+            except Exception as exc:  # the store could not list the jobs
+                self._pause(self._delay(None), "the store failed", repr(exc))
+                log.debug("extraction queue failure", exc_info=True)
+            if len(jobs) == BATCH and not self.paused:
+                continue
+            pause = self._paused_until - self._clock()
+            if pause > 0:
+                # A wake-up (a new job) does not cut a pause short: it would meet
+                # the same outage.
+                await asyncio.sleep(min(pause, self._max_backoff * 10))
+                continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._poll)
-            self._wake.clear()
 
-    async def _attempt(self, job: ExtractionJob) -> None:
+    def _delay(self, asked: float | None) -> float:
+        self._failures += 1
+        if asked is not None:
+            return max(asked, self._backoff)
+        return min(self._max_backoff, self._backoff * 2.0 ** (self._failures - 1))
+
+    def _pause(self, delay: float, why: str, error: str, job_id: str = "") -> None:
+        self._paused_until = self._clock() + delay
+        log.warning(
+            f"extraction paused: {why}; will retry",
+            extra={"job_id": job_id or None, "error": error, "retry_in_seconds": round(delay, 3)},
+        )
+
+    async def _attempt(self, job: ExtractionJob) -> bool:
+        """Runs one job; False when the queue is paused by its failure."""
         store = self._core.store
         try:
             request = decode_request(job.payload)
         except (ValueError, TypeError, KeyError):
-            log.error("dropped a malformed extraction job", extra={"job_id": job.id})
-            await store.finish_job(job.id)
-            return
+            log.error("a malformed extraction job failed", extra={"job_id": job.id})
+            return await self._finish(
+                job, state=JOB_FAILED, reason=MALFORMED, error="unreadable payload"
+            )
+        outcome = self._outcomes.get(job.id)
+        if outcome is not None:  # only its outcome is left to record
+            return await self._finish(job, **outcome)
+        if self._clock() - job.create_time > self._max_age:
+            log.error(
+                "an extraction job expired",
+                extra={"job_id": job.id, "attempts": job.attempts, "error": job.last_error},
+            )
+            return await self._finish(
+                job,
+                state=JOB_FAILED,
+                reason=EXPIRED,
+                error=f"not done within {self._max_age:g} s; last error: {job.last_error}",
+            )
+
+        async def wanted() -> bool:
+            current = await store.get_job(job.user_id, job.id)
+            return current is not None and current.state == JOB_QUEUED
+
+        plan = self._plans.get(job.id)
         try:
-            results, model = await self._core.add_memories(request)
+            if plan is None:
+                plan, _ = await self._core.plan_memories(request)
+                self._plans[job.id] = plan
+            written = await self._core.apply_planned(job.user_id, plan, wanted)
         except ServiceError as exc:
-            attempts = job.attempts + 1
-            if exc.code in RETRIABLE and attempts < self._max_attempts:
-                delay = self._backoff * 2 ** (attempts - 1)
-                log.warning(
-                    "extraction job failed; will retry",
-                    extra={"job_id": job.id, "reason": exc.reason, "retry_in_seconds": delay},
-                )
-                await store.retry_job(job.id, self._clock() + delay, f"{exc.reason}: {exc}")
-            else:
-                log.error(
-                    "extraction job dropped",
-                    extra={"job_id": job.id, "reason": exc.reason, "attempts": attempts},
-                )
-                await store.finish_job(job.id)
-            return
-        await store.finish_job(job.id)
+            return await self._failed(job, exc)
+        except Exception as exc:  # the store failed: disk full, cluster away
+            delay = self._delay(None)
+            self._pause(delay, "the store failed", repr(exc), job.id)
+            log.debug("extraction store failure", exc_info=True)
+            await self._retry(job, delay, f"{STORE_ERROR}: {exc!r}")
+            return False
+        del self._plans[job.id]
+        self._failures = 0
+        if written is None:  # erased meanwhile (DeleteAllMemories): nothing to record
+            self._held.pop(job.id, None)
+            return True
+        plan = written
         log.info(
             "extraction job done",
-            extra={"job_id": job.id, "model": model, "changes": len(results)},
+            extra={"job_id": job.id, "changes": len(plan.results), "attempts": job.attempts + 1},
         )
+        return await self._finish(
+            job, state=JOB_SUCCEEDED, results=encode_results(list(plan.results))
+        )
+
+    async def _failed(self, job: ExtractionJob, exc: ServiceError) -> bool:
+        error = f"{exc.reason}: {exc.message}"
+        if exc.reason in STORE_REASONS or (
+            exc.code in OUTAGE_CODES and exc.reason not in FINAL_REASONS
+        ):
+            asked = exc.metadata.get(RETRY_AFTER_KEY)
+            delay = self._delay(float(asked) if asked and asked.isdigit() else None)
+            what = "the store failed" if exc.reason in STORE_REASONS else "the model is away"
+            self._pause(delay, what, error, job.id)
+            await self._retry(job, delay, error)
+            return False
+        # A bad answer (already asked once more) or a request no retry changes.
+        self._plans.pop(job.id, None)
+        self._failures = 0
+        log.warning(
+            "an extraction job failed",
+            extra={"job_id": job.id, "reason": exc.reason, "error": exc.message},
+        )
+        return await self._finish(job, state=JOB_FAILED, reason=exc.reason, error=error)
+
+    async def _retry(self, job: ExtractionJob, delay: float, error: str) -> None:
+        try:
+            await self._core.store.retry_job(job.id, self._clock() + delay, error)
+        except Exception as exc:  # the store is failing too: the pause holds, in memory
+            self._held[job.id] = job
+            log.debug("could not record a retry", extra={"error": repr(exc)})
+        else:
+            self._held.pop(job.id, None)  # due again, for whichever replica takes it
+
+    async def _finish(
+        self,
+        job: ExtractionJob,
+        *,
+        state: int,
+        reason: str = "",
+        error: str = "",
+        results: str = "",
+    ) -> bool:
+        """Records a job's outcome; False (the queue paused) when the store fails."""
+        outcome: dict[str, Any] = {
+            "state": state,
+            "reason": reason,
+            "error": error,
+            "results": results,
+        }
+        try:
+            await self._core.store.finish_job(job.id, finish_time=self._clock(), **outcome)
+        except Exception as exc:  # kept queued: its outcome is recorded at its next turn
+            self._outcomes[job.id] = outcome
+            self._held[job.id] = job
+            self._pause(self._delay(None), "the store failed", repr(exc), job.id)
+            log.debug("could not record an outcome", exc_info=True)
+            return False
+        self._outcomes.pop(job.id, None)
+        self._held.pop(job.id, None)
+        return True

@@ -19,6 +19,7 @@ from marie_memory.records import (
     MemoryFilter,
     Message,
     MessageHit,
+    MessageVector,
     ScoredMemory,
 )
 
@@ -44,6 +45,10 @@ class Store(Protocol):
 
     async def close(self) -> None: ...
 
+    async def probe_write(self) -> None:
+        """A small write and its removal; raises while the store has no room
+        (marie_kit.storage: how the service knows it can write again)."""
+
     # --- embedding space --------------------------------------------------
     async def get_embedding_space(self) -> EmbeddingSpace | None: ...
     async def set_embedding_space(self, space: EmbeddingSpace | None) -> None:
@@ -56,12 +61,13 @@ class Store(Protocol):
         """Store (user_id, memory_id, vector) triples; unknown memories are skipped."""
 
     async def messages_without_vectors(self, limit: int) -> list[tuple[str, Message]]:
-        """(user_id, message) of messages with content and no vector in the current space."""
+        """(user_id, message) of messages with content, oldest first, that have
+        neither a vector in the current space nor a mark that they get none."""
 
-    async def set_message_vectors(
-        self, vectors: Sequence[tuple[str, str, Sequence[float]]]
-    ) -> None:
-        """Store (user_id, message_id, vector) triples; unknown messages are skipped."""
+    async def set_message_vectors(self, vectors: Sequence[MessageVector]) -> None:
+        """Store each message's vector, or the mark that it gets none in the current
+        space (vector None), and its note in its metadata (MESSAGE_EMBEDDING_NOTE);
+        unknown messages are skipped. A new space clears both."""
 
     async def vector_search_messages(
         self,
@@ -172,14 +178,38 @@ class Store(Protocol):
 
     # --- extraction queue -------------------------------------------------
     async def enqueue_job(self, job: ExtractionJob) -> None:
-        """Queues it; a job whose id is queued already is left as it is."""
+        """Queues it; a job whose id is queued (or finished) already is left as it is."""
 
-    async def due_jobs(self, now: float, limit: int) -> list[ExtractionJob]: ...
+    async def due_jobs(self, now: float, limit: int) -> list[ExtractionJob]:
+        """Queued jobs due at `now`, the earliest due first."""
+
     async def take_job(self, job_id: str, now: float, lease_seconds: float) -> bool:
         """Takes a due job for one run: moves its next attempt `lease_seconds`
         on, unless it is not due (any more). True for exactly one of several
         callers (processes) taking the same job at once."""
 
-    async def finish_job(self, job_id: str) -> None: ...
-    async def retry_job(self, job_id: str, next_attempt_time: float, error: str) -> None: ...
-    async def count_jobs(self) -> int: ...
+    async def get_job(self, user_id: str, job_id: str) -> ExtractionJob | None:
+        """A queued job, or a finished one (kept FINISHED_JOB_SECONDS), of this user."""
+
+    async def finish_job(
+        self,
+        job_id: str,
+        *,
+        state: int,
+        finish_time: float,
+        reason: str = "",
+        error: str = "",
+        results: str = "",
+    ) -> None:
+        """Takes a job off the queue and keeps its outcome (JOB_SUCCEEDED or
+        JOB_FAILED) for FINISHED_JOB_SECONDS; outcomes older than that go."""
+
+    async def retry_job(self, job_id: str, next_attempt_time: float, error: str) -> None:
+        """Counts a failed attempt and makes the job due again at `next_attempt_time`."""
+
+    async def count_jobs(self) -> int:
+        """Queued jobs."""
+
+
+#: How long a finished extraction job's outcome is kept.
+FINISHED_JOB_SECONDS = 7 * 86_400.0

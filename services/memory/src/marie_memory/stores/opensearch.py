@@ -46,6 +46,7 @@ from marie_memory.records import (
     EVENT_ADD,
     EVENT_DELETE,
     EVENT_UPDATE,
+    MESSAGE_EMBEDDING_NOTE,
     Conversation,
     EmbeddingSpace,
     ExtractionJob,
@@ -55,11 +56,12 @@ from marie_memory.records import (
     MemoryFilter,
     Message,
     MessageHit,
+    MessageVector,
     ScoredMemory,
     ToolCall,
 )
-from marie_memory.stores.contract import DuplicateMemory
-from marie_memory.stores.keywords import query_words
+from marie_memory.stores.contract import FINISHED_JOB_SECONDS, DuplicateMemory
+from marie_memory.stores.keywords import highlight_fragments, mark_words, query_words, search_form
 
 log = logging.getLogger("marie.memory.opensearch")
 
@@ -95,6 +97,8 @@ MAPPINGS: dict[str, dict[str, Any]] = {
         "position": {"type": "long"},
         "role": {"type": "integer"},
         "content": {"type": "text"},
+        # The content as keyword search compares it (keywords.search_form).
+        "content_folded": {"type": "text"},
         "create_time": {"type": "double"},
         "metadata": _DISABLED,
         "tool_calls": _DISABLED,
@@ -105,6 +109,7 @@ MAPPINGS: dict[str, dict[str, Any]] = {
         "id": _KEYWORD,
         "user_id": _KEYWORD,
         "text": {"type": "text"},
+        "text_folded": {"type": "text"},
         "hash": _KEYWORD,
         "categories": _KEYWORD,
         "metadata": _DISABLED,
@@ -127,6 +132,12 @@ MAPPINGS: dict[str, dict[str, Any]] = {
         "next_attempt_time": {"type": "double"},
         "create_time": {"type": "double"},
     },
+    "finished_jobs": {
+        "id": _KEYWORD,
+        "user_id": _KEYWORD,
+        "finish_time": {"type": "double"},
+        "results": _DISABLED,
+    },
     "meta": {"value": _DISABLED},
     # One document per (user, text hash): the memory that holds that text.
     "memory_hashes": {"user_id": _KEYWORD, "memory_id": _KEYWORD},
@@ -141,6 +152,25 @@ def _jitter(most: float) -> float:
 def keyword_text(query: str) -> str:
     """The words of a free-text query for a `match` query, read as the SQLite store reads them."""
     return " ".join(query_words(query))
+
+
+def folded_words(query: str) -> list[str]:
+    """The words of a query in the form the `*_folded` fields hold."""
+    return [search_form(w) for w in query_words(query)]
+
+
+def keyword_match(field: str, query: str) -> dict[str, Any]:
+    """Any word of `query` in `field`, compared folded (`<field>_folded`, and
+    the field itself for documents written before it existed)."""
+    return {
+        "bool": {
+            "should": [
+                {"match": {f"{field}_folded": {"query": " ".join(folded_words(query))}}},
+                {"match": {field: {"query": keyword_text(query), "operator": "or"}}},
+            ],
+            "minimum_should_match": 1,
+        }
+    }
 
 
 def space_key(space: EmbeddingSpace) -> str:
@@ -162,6 +192,7 @@ def vector_index_body(dimension: int, *, messages: bool = False) -> dict[str, An
             # The memory's text again: the BM25 half of the hybrid query runs
             # on this index, beside the knn half.
             "text": {"type": "text"},
+            "text_folded": {"type": "text"},
             "categories": _KEYWORD,
             "meta_pairs": _KEYWORD,
             "source_conversation_id": _KEYWORD,
@@ -272,13 +303,7 @@ def hybrid_query_body(
                 "queries": [
                     {
                         "bool": {
-                            "must": [
-                                {
-                                    "match": {
-                                        "text": {"query": keyword_text(query), "operator": "or"}
-                                    }
-                                }
-                            ],
+                            "must": [keyword_match("text", query)],
                             "filter": filters,
                         }
                     },
@@ -304,7 +329,7 @@ def keyword_query_body(
         "size": limit,
         "query": {
             "bool": {
-                "must": [{"match": {"text": {"query": keyword_text(query), "operator": "or"}}}],
+                "must": [keyword_match("text", query)],
                 "filter": filter_clauses(user_id, memory_filter),
             }
         },
@@ -324,7 +349,7 @@ def message_search_body(
         "size": limit,
         "query": {
             "bool": {
-                "must": [{"match": {"content": {"query": keyword_text(query), "operator": "or"}}}],
+                "must": [keyword_match("content", query)],
                 "filter": filters,
             }
         },
@@ -334,6 +359,8 @@ def message_search_body(
             "post_tags": ["</mark>"],
             "encoder": "html",
             "fields": {"content": {"number_of_fragments": 3, "fragment_size": 200}},
+            # Words as written: a match found only folded is highlighted by the store.
+            "highlight_query": {"match": {"content": keyword_text(query)}},
         },
     }
 
@@ -378,6 +405,7 @@ def _message_doc(user_id: str, m: Message) -> dict[str, Any]:
         "position": m.position,
         "role": m.role,
         "content": m.content,
+        "content_folded": search_form(m.content),
         "provider": m.provider,
         "model": m.model,
         "prompt_tokens": m.prompt_tokens,
@@ -434,6 +462,7 @@ def _memory_doc(m: Memory, vector_space: str = "") -> dict[str, Any]:
         "id": m.id,
         "user_id": m.user_id,
         "text": m.text,
+        "text_folded": search_form(m.text),
         "hash": m.hash,
         "categories": list(m.categories),
         "metadata": dict(m.metadata),
@@ -513,6 +542,22 @@ def _job(src: Mapping[str, Any]) -> ExtractionJob:
     )
 
 
+def _finished_job(src: Mapping[str, Any]) -> ExtractionJob:
+    return ExtractionJob(
+        id=src["id"],
+        user_id=src["user_id"],
+        payload="",
+        attempts=src["attempts"],
+        next_attempt_time=0.0,
+        create_time=src["create_time"],
+        last_error=src.get("last_error", ""),
+        state=src["state"],
+        finish_time=src["finish_time"],
+        failure_reason=src.get("failure_reason", ""),
+        results=src.get("results", ""),
+    )
+
+
 class OpenSearchStore:
     """The `Store` on an OpenSearch cluster. Open with `await OpenSearchStore.open(url)`."""
 
@@ -529,6 +574,7 @@ class OpenSearchStore:
         self.hybrid_pipeline: str | None = None
         #: Why there is no pipeline, when the cluster refused to create one.
         self.hybrid_pipeline_refusal = ""
+        self._backfill: asyncio.Task[None] | None = None
 
     @classmethod
     async def open(
@@ -550,7 +596,56 @@ class OpenSearchStore:
         except BaseException:
             await client.close()
             raise
+        store._backfill = asyncio.get_running_loop().create_task(
+            store._fold_quietly(), name="opensearch-fold"
+        )
         return store
+
+    async def _fold_quietly(self) -> None:
+        try:
+            await self.fold_older_documents()
+        except Exception as exc:  # the next start tries again
+            log.warning("older documents not folded", extra={"error": repr(exc)[:500]})
+
+    async def fold_older_documents(self, batch: int = 500) -> int:
+        """Give documents written before the `*_folded` fields existed their
+        folded text, a batch at a time (until then keyword search finds them
+        by their words as written); the number updated."""
+        done = 0
+        for name, field in (
+            ("messages", "content"),
+            ("memory", "text"),
+            ("memory_vectors", "text"),
+        ):
+            index = self.index(name)
+            body = {
+                "size": batch,
+                "_source": [field],
+                "query": {
+                    "bool": {
+                        "must": [{"exists": {"field": field}}],
+                        "must_not": [{"exists": {"field": f"{field}_folded"}}],
+                    }
+                },
+            }
+            while True:
+                try:
+                    reply = await self._client.search(index=index, body=body)
+                except NotFoundError:
+                    break
+                hits = reply["hits"]["hits"]
+                if not hits:
+                    break
+                actions: list[dict[str, Any]] = []
+                for h in hits:
+                    actions.append({"update": {"_index": index, "_id": h["_id"]}})
+                    actions.append({"doc": {f"{field}_folded": search_form(h["_source"][field])}})
+                await self._bulk(actions)
+                await self._refresh(name)  # the next search must not find these again
+                done += len(hits)
+        if done:
+            log.info("older documents folded for keyword search", extra={"documents": done})
+        return done
 
     async def ensure_hybrid_pipeline(self, vector_weight: float, keyword_weight: float) -> bool:
         """Creates (or updates) `<prefix>_hybrid`, the search pipeline with the
@@ -598,6 +693,12 @@ class OpenSearchStore:
             # Fields added since the index was created (adding is allowed).
             await self._client.indices.put_mapping(index=index, body={"properties": properties})
 
+    async def _delete_where(self, *, index: str, body: dict[str, Any], refresh: bool) -> Any:
+        """delete_by_query after a refresh: it deletes what a search finds, and
+        a write of any replica since the last refresh is not found yet."""
+        await self._client.indices.refresh(index=index)
+        return await self._client.delete_by_query(index=index, body=body, refresh=refresh)
+
     async def _refresh(self, name: str) -> None:
         self._dirty.discard(name)
         await self._client.indices.refresh(index=self.index(name))
@@ -608,7 +709,18 @@ class OpenSearchStore:
             await self._refresh(name)
 
     async def close(self) -> None:
+        if self._backfill is not None:
+            self._backfill.cancel()
+            await asyncio.gather(self._backfill, return_exceptions=True)
         await self._client.close()
+
+    async def probe_write(self) -> None:
+        # Refused (cluster_block_exception) while the index is read-only for
+        # lack of disk; a delete is allowed even then.
+        await self._client.index(
+            index=self.index("meta"), id="storage_probe", body={"probe": True}, refresh=False
+        )
+        await self._client.delete(index=self.index("meta"), id="storage_probe", ignore=404)
 
     def _next_seq(self) -> int:
         # History order: time in microseconds, strictly increasing in this process.
@@ -712,28 +824,34 @@ class OpenSearchStore:
         )
         return [(h["_source"]["user_id"], _message(h["_source"])) for h in hits]
 
-    async def set_message_vectors(
-        self, vectors: Sequence[tuple[str, str, Sequence[float]]]
-    ) -> None:
+    async def set_message_vectors(self, vectors: Sequence[MessageVector]) -> None:
+        # A message that gets no vector is marked with the space all the same
+        # (so it is not handed out again), with no document in the vectors index.
         if self._space is None or not vectors:
             return
         key = space_key(self._space)
         actions: list[dict[str, Any]] = []
-        for user_id, message_id, vector in vectors:
-            doc = await self._get("messages", message_id)
-            if doc is None or doc["user_id"] != user_id:
+        for item in vectors:
+            doc = await self._get("messages", item.message_id)
+            if doc is None or doc["user_id"] != item.user_id:
                 continue
+            if item.vector is not None:
+                actions += [
+                    {"index": {"_index": self.index("message_vectors"), "_id": item.message_id}},
+                    {
+                        "user_id": item.user_id,
+                        "message_id": item.message_id,
+                        "conversation_id": doc["conversation_id"],
+                        "role": doc["role"],
+                        "vector": [float(x) for x in item.vector],
+                    },
+                ]
+            change: dict[str, Any] = {"vector_space": key}
+            if item.note:
+                change["metadata"] = {**doc.get("metadata", {}), MESSAGE_EMBEDDING_NOTE: item.note}
             actions += [
-                {"index": {"_index": self.index("message_vectors"), "_id": message_id}},
-                {
-                    "user_id": user_id,
-                    "message_id": message_id,
-                    "conversation_id": doc["conversation_id"],
-                    "role": doc["role"],
-                    "vector": [float(x) for x in vector],
-                },
-                {"update": {"_index": self.index("messages"), "_id": message_id}},
-                {"doc": {"vector_space": key}},
+                {"update": {"_index": self.index("messages"), "_id": item.message_id}},
+                {"doc": change},
             ]
         if actions:
             await self._bulk(actions)
@@ -777,6 +895,7 @@ class OpenSearchStore:
             "user_id": memory.user_id,
             "memory_id": memory.id,
             "text": memory.text,
+            "text_folded": search_form(memory.text),
             "categories": list(memory.categories),
             "meta_pairs": _meta_pairs(memory.metadata),
             "source_conversation_id": memory.source_conversation_id,
@@ -880,7 +999,7 @@ class OpenSearchStore:
     async def delete_conversation(self, user_id: str, conversation_id: str) -> int | None:
         if await self.get_conversation(user_id, conversation_id) is None:
             return None
-        reply = await self._client.delete_by_query(
+        reply = await self._delete_where(
             index=self.index("messages"),
             body={
                 "query": {
@@ -895,7 +1014,7 @@ class OpenSearchStore:
             refresh=True,
         )
         if self._space is not None:
-            await self._client.delete_by_query(
+            await self._delete_where(
                 index=self.index("message_vectors"),
                 body={
                     "query": {
@@ -1066,7 +1185,9 @@ class OpenSearchStore:
             if message.conversation_id not in titles:
                 found = await self.get_conversation(user_id, message.conversation_id)
                 titles[message.conversation_id] = found.title if found else ""
-            snippets = (h.get("highlight") or {}).get("content") or []
+            snippets = (h.get("highlight") or {}).get("content") or highlight_fragments(
+                mark_words(message.content, folded_words(query))
+            )
             out.append(
                 MessageHit(
                     message=message,
@@ -1262,7 +1383,7 @@ class OpenSearchStore:
                 await self._refused(user_id, reply["items"], created, claimed)
         await self._follow_claims(user_id, changes, previous)
         for memory_id in erased:
-            await self._client.delete_by_query(
+            await self._delete_where(
                 index=history,
                 body={
                     "query": {
@@ -1341,15 +1462,11 @@ class OpenSearchStore:
 
     async def delete_all_memories(self, user_id: str) -> int:
         query = {"query": {"bool": {"filter": [{"term": {"user_id": user_id}}]}}}
-        reply = await self._client.delete_by_query(
-            index=self.index("memory"), body=query, refresh=True
-        )
-        for name in ("history", "jobs", "memory_hashes"):
-            await self._client.delete_by_query(index=self.index(name), body=query, refresh=True)
+        reply = await self._delete_where(index=self.index("memory"), body=query, refresh=True)
+        for name in ("history", "jobs", "finished_jobs", "memory_hashes"):
+            await self._delete_where(index=self.index(name), body=query, refresh=True)
         if self._space is not None:
-            await self._client.delete_by_query(
-                index=self.index("memory_vectors"), body=query, refresh=True
-            )
+            await self._delete_where(index=self.index("memory_vectors"), body=query, refresh=True)
         return int(reply.get("deleted", 0))
 
     async def history(
@@ -1427,6 +1544,8 @@ class OpenSearchStore:
 
     async def enqueue_job(self, job: ExtractionJob) -> None:
         # No refresh: the queue finds it within the refresh interval.
+        if await self._get("finished_jobs", job.id) is not None:
+            return  # a retried call's job that ran already
         self._dirty.add("jobs")
         try:
             await self._client.index(
@@ -1461,11 +1580,53 @@ class OpenSearchStore:
             return False
         return True
 
-    async def finish_job(self, job_id: str) -> None:
-        try:
-            await self._client.delete(index=self.index("jobs"), id=job_id, refresh=WAIT)
-        except NotFoundError:
+    async def get_job(self, user_id: str, job_id: str) -> ExtractionJob | None:
+        doc = await self._get("jobs", job_id)
+        if doc is not None and doc["user_id"] == user_id:
+            return _job(doc)
+        doc = await self._get("finished_jobs", job_id)
+        if doc is not None and doc["user_id"] == user_id:
+            return _finished_job(doc)
+        return None
+
+    async def finish_job(
+        self,
+        job_id: str,
+        *,
+        state: int,
+        finish_time: float,
+        reason: str = "",
+        error: str = "",
+        results: str = "",
+    ) -> None:
+        doc = await self._get("jobs", job_id)
+        if doc is None:
             return
+        # The outcome first: a failure in between leaves the job queued, to be
+        # finished again, never lost.
+        await self._client.index(
+            index=self.index("finished_jobs"),
+            id=job_id,
+            body={
+                "id": job_id,
+                "user_id": doc["user_id"],
+                "attempts": doc["attempts"] + 1,
+                "create_time": doc["create_time"],
+                "finish_time": finish_time,
+                "state": state,
+                "failure_reason": reason,
+                "last_error": error[:1000],
+                "results": results,
+            },
+            refresh=WAIT,
+        )
+        with contextlib.suppress(NotFoundError):
+            await self._client.delete(index=self.index("jobs"), id=job_id, refresh=WAIT)
+        await self._delete_where(
+            index=self.index("finished_jobs"),
+            body={"query": {"range": {"finish_time": {"lt": finish_time - FINISHED_JOB_SECONDS}}}},
+            refresh=True,
+        )
 
     async def retry_job(self, job_id: str, next_attempt_time: float, error: str) -> None:
         doc = await self._get("jobs", job_id)

@@ -27,7 +27,7 @@ import html
 import json
 import sqlite3
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,12 +35,13 @@ from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
-from marie_kit.sqlite import open_on_thread
+from marie_kit.sqlite import open_on_thread, probe_write, write_transaction
 
 from marie_memory.records import (
     EVENT_ADD,
     EVENT_DELETE,
     EVENT_UPDATE,
+    MESSAGE_EMBEDDING_NOTE,
     Conversation,
     EmbeddingSpace,
     ExtractionJob,
@@ -50,19 +51,31 @@ from marie_memory.records import (
     MemoryFilter,
     Message,
     MessageHit,
+    MessageVector,
     ScoredMemory,
     ToolCall,
 )
-from marie_memory.stores.keywords import query_words
+from marie_memory.stores.contract import FINISHED_JOB_SECONDS
+from marie_memory.stores.keywords import (
+    MARK_CLOSE,
+    MARK_OPEN,
+    SNIPPET_CONTEXT,
+    fold_in_place,
+    highlight_fragments,
+    query_words,
+)
 
-SCHEMA_VERSION = 1
+# 2: the full-text indices hold folded text (keywords.fold_in_place).
+SCHEMA_VERSION = 2
+_FOLDING_TRIGGERS = (
+    "messages_ai",
+    "messages_ad",
+    "memories_ai",
+    "memories_ad",
+    "memories_au",
+)
 # Users whose vectors stay in memory; each costs 4 bytes x dimension x memories.
 VECTOR_CACHE_USERS = 32
-# Characters of context on each side of a highlighted term in a snippet.
-SNIPPET_CONTEXT = 80
-MAX_SNIPPETS = 3
-_MARK_OPEN = "\ue000"
-_MARK_CLOSE = "\ue001"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -105,11 +118,11 @@ CREATE VIRTUAL TABLE IF NOT EXISTS messages_fts USING fts5(
     content, content='messages', content_rowid='seq', tokenize='unicode61 remove_diacritics 2'
 );
 CREATE TRIGGER IF NOT EXISTS messages_ai AFTER INSERT ON messages BEGIN
-    INSERT INTO messages_fts (rowid, content) VALUES (new.seq, new.content);
+    INSERT INTO messages_fts (rowid, content) VALUES (new.seq, marie_fold(new.content));
 END;
 CREATE TRIGGER IF NOT EXISTS messages_ad AFTER DELETE ON messages BEGIN
     INSERT INTO messages_fts (messages_fts, rowid, content)
-    VALUES ('delete', old.seq, old.content);
+    VALUES ('delete', old.seq, marie_fold(old.content));
 END;
 CREATE TABLE IF NOT EXISTS memories (
     seq                    INTEGER PRIMARY KEY,
@@ -132,14 +145,16 @@ CREATE VIRTUAL TABLE IF NOT EXISTS memories_fts USING fts5(
     text, content='memories', content_rowid='seq', tokenize='unicode61 remove_diacritics 2'
 );
 CREATE TRIGGER IF NOT EXISTS memories_ai AFTER INSERT ON memories BEGIN
-    INSERT INTO memories_fts (rowid, text) VALUES (new.seq, new.text);
+    INSERT INTO memories_fts (rowid, text) VALUES (new.seq, marie_fold(new.text));
 END;
 CREATE TRIGGER IF NOT EXISTS memories_ad AFTER DELETE ON memories BEGIN
-    INSERT INTO memories_fts (memories_fts, rowid, text) VALUES ('delete', old.seq, old.text);
+    INSERT INTO memories_fts (memories_fts, rowid, text)
+    VALUES ('delete', old.seq, marie_fold(old.text));
 END;
 CREATE TRIGGER IF NOT EXISTS memories_au AFTER UPDATE OF text ON memories BEGIN
-    INSERT INTO memories_fts (memories_fts, rowid, text) VALUES ('delete', old.seq, old.text);
-    INSERT INTO memories_fts (rowid, text) VALUES (new.seq, new.text);
+    INSERT INTO memories_fts (memories_fts, rowid, text)
+    VALUES ('delete', old.seq, marie_fold(old.text));
+    INSERT INTO memories_fts (rowid, text) VALUES (new.seq, marie_fold(new.text));
 END;
 CREATE TABLE IF NOT EXISTS history (
     seq         INTEGER PRIMARY KEY,
@@ -165,6 +180,19 @@ CREATE TABLE IF NOT EXISTS extraction_jobs (
 );
 CREATE INDEX IF NOT EXISTS extraction_jobs_due ON extraction_jobs (next_attempt_time);
 CREATE INDEX IF NOT EXISTS extraction_jobs_by_user ON extraction_jobs (user_id);
+CREATE TABLE IF NOT EXISTS finished_jobs (
+    id             TEXT PRIMARY KEY,
+    user_id        TEXT NOT NULL,
+    attempts       INTEGER NOT NULL,
+    create_time    REAL NOT NULL,
+    finish_time    REAL NOT NULL,
+    state          INTEGER NOT NULL,
+    failure_reason TEXT NOT NULL,
+    last_error     TEXT NOT NULL,
+    results        TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS finished_jobs_by_time ON finished_jobs (finish_time);
+CREATE INDEX IF NOT EXISTS finished_jobs_by_user ON finished_jobs (user_id);
 """
 
 _CONVERSATION_COLUMNS = (
@@ -181,6 +209,9 @@ _MEMORY_COLUMNS = (
 )
 _HISTORY_COLUMNS = "id, memory_id, event, old_text, new_text, create_time, actor, inferred"
 _JOB_COLUMNS = "id, user_id, payload, attempts, next_attempt_time, create_time, last_error"
+_FINISHED_COLUMNS = (
+    "id, user_id, attempts, create_time, finish_time, state, failure_reason, last_error, results"
+)
 
 T = TypeVar("T")
 FloatMatrix = npt.NDArray[np.float32]
@@ -188,6 +219,29 @@ FloatMatrix = npt.NDArray[np.float32]
 
 def _dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _migrate(db: sqlite3.Connection, version: int) -> None:
+    """Files of schema 1 indexed text as it was written: their triggers index
+    the folded text from now on, and every row already stored is indexed
+    again, folded (one transaction, at start: seconds per 100k rows)."""
+    if version >= 2:
+        return
+    with write_transaction(db):
+        for trigger in _FOLDING_TRIGGERS:
+            db.execute(f"DROP TRIGGER IF EXISTS {trigger}")
+        for chunk in _SCHEMA.split("END;"):
+            if "CREATE TRIGGER" in chunk:
+                db.execute(chunk[chunk.index("CREATE TRIGGER") :] + "END;")
+        db.execute("INSERT INTO messages_fts (messages_fts) VALUES ('delete-all')")
+        db.execute(
+            "INSERT INTO messages_fts (rowid, content) "
+            "SELECT seq, marie_fold(content) FROM messages"
+        )
+        db.execute("INSERT INTO memories_fts (memories_fts) VALUES ('delete-all')")
+        db.execute(
+            "INSERT INTO memories_fts (rowid, text) SELECT seq, marie_fold(text) FROM memories"
+        )
 
 
 def fts_query(text: str) -> str:
@@ -268,6 +322,22 @@ def _job(row: sqlite3.Row) -> ExtractionJob:
     )
 
 
+def _finished_job(row: sqlite3.Row) -> ExtractionJob:
+    return ExtractionJob(
+        id=row["id"],
+        user_id=row["user_id"],
+        payload="",
+        attempts=row["attempts"],
+        next_attempt_time=0.0,
+        create_time=row["create_time"],
+        last_error=row["last_error"],
+        state=row["state"],
+        finish_time=row["finish_time"],
+        failure_reason=row["failure_reason"],
+        results=row["results"],
+    )
+
+
 def _memory_columns(memory: Memory) -> dict[str, Any]:
     return {
         "id": memory.id,
@@ -307,49 +377,6 @@ def _filter_sql(memory_filter: MemoryFilter, params: dict[str, Any]) -> str:
 
 def _vector_blob(vector: Sequence[float]) -> bytes:
     return np.asarray(vector, dtype=np.float32).tobytes()
-
-
-def highlight_fragments(marked: str) -> list[str]:
-    """Up to 3 fragments around the marked terms of `marked` (sentinel marks),
-    best (most marks) first, HTML-escaped, with `<mark>` tags."""
-    spans: list[tuple[int, int]] = []
-    plain: list[str] = []
-    position = 0
-    start = -1
-    for char in marked:
-        if char == _MARK_OPEN:
-            start = position
-        elif char == _MARK_CLOSE:
-            spans.append((start, position))
-        else:
-            plain.append(char)
-            position += 1
-    text = "".join(plain)
-    if not spans:
-        return [html.escape(text[: 2 * SNIPPET_CONTEXT])]
-    # Group marks into windows of about 2 x SNIPPET_CONTEXT characters.
-    windows: list[list[tuple[int, int]]] = []
-    for span in spans:
-        if windows and span[1] - windows[-1][0][0] <= 2 * SNIPPET_CONTEXT:
-            windows[-1].append(span)
-        else:
-            windows.append([span])
-    ranked = sorted(windows, key=lambda w: -len(w))[:MAX_SNIPPETS]
-    fragments = []
-    for window in ranked:
-        first, last = window[0][0], window[-1][1]
-        room = max(0, 2 * SNIPPET_CONTEXT - (last - first)) // 2
-        begin, end = max(0, first - room), min(len(text), last + room)
-        out = ["…" if begin > 0 else ""]
-        cursor = begin
-        for span_start, span_end in window:
-            out.append(html.escape(text[cursor:span_start]))
-            out.append("<mark>" + html.escape(text[span_start:span_end]) + "</mark>")
-            cursor = span_end
-        out.append(html.escape(text[cursor:end]))
-        out.append("…" if end < len(text) else "")
-        fragments.append("".join(out))
-    return fragments
 
 
 @dataclass(frozen=True, slots=True)
@@ -440,29 +467,28 @@ class SqliteStore:
         self._vectors: OrderedDict[str, _UserVectors] = OrderedDict()
 
     @classmethod
-    async def open(cls, path: Path) -> SqliteStore:
+    async def open(cls, path: Path, *, max_bytes: int = 0) -> SqliteStore:
         connection, executor = await open_on_thread(
             path,
             _SCHEMA,
             thread_name="marie-memory-sqlite",
             schema_version=SCHEMA_VERSION,
             foreign_keys=True,
+            max_bytes=max_bytes,
+            functions={"marie_fold": fold_in_place},
+            migrate=_migrate,
         )
         return cls(path, connection, executor)
+
+    async def probe_write(self) -> None:
+        await self._run(probe_write, self._db)
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
 
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[None]:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+    def _transaction(self) -> contextlib.AbstractContextManager[None]:
+        return write_transaction(self._db)
 
     async def close(self) -> None:
         def _close() -> None:
@@ -533,14 +559,30 @@ class SqliteStore:
 
         return await self._run(_select)
 
-    async def set_message_vectors(
-        self, vectors: Sequence[tuple[str, str, Sequence[float]]]
-    ) -> None:
+    async def set_message_vectors(self, vectors: Sequence[MessageVector]) -> None:
+        # A message that gets no vector holds an empty blob: not NULL (so it is
+        # not handed out again), and skipped by vector search.
         def _set() -> None:
             with self._transaction():
                 self._db.executemany(
                     "UPDATE messages SET vector = ? WHERE id = ? AND user_id = ?",
-                    [(_vector_blob(v), message_id, user) for user, message_id, v in vectors],
+                    [
+                        (
+                            _vector_blob(v.vector) if v.vector is not None else b"",
+                            v.message_id,
+                            v.user_id,
+                        )
+                        for v in vectors
+                    ],
+                )
+                self._db.executemany(
+                    "UPDATE messages SET metadata = json_set(metadata, ?, ?) "
+                    "WHERE id = ? AND user_id = ?",
+                    [
+                        (f"$.{MESSAGE_EMBEDDING_NOTE}", v.note, v.message_id, v.user_id)
+                        for v in vectors
+                        if v.note
+                    ],
                 )
 
         await self._run(_set)
@@ -554,7 +596,10 @@ class SqliteStore:
         limit: int,
     ) -> list[MessageHit]:
         query = _unit(vector)
-        sql = "SELECT seq, vector FROM messages WHERE user_id = :user AND vector IS NOT NULL"
+        sql = (
+            "SELECT seq, vector FROM messages WHERE user_id = :user AND vector IS NOT NULL "
+            "AND length(vector) > 0"
+        )
         params: dict[str, Any] = {"user": user_id}
         if conversation_id:
             sql += " AND conversation_id = :conv"
@@ -800,7 +845,7 @@ class SqliteStore:
         columns = ", ".join(f"m.{c.strip()}" for c in _MESSAGE_COLUMNS.split(","))
         sql = (
             f"SELECT {columns}, c.title AS conversation_title, bm25(messages_fts) AS rank, "
-            f"highlight(messages_fts, 0, '{_MARK_OPEN}', '{_MARK_CLOSE}') AS marked "
+            f"highlight(messages_fts, 0, '{MARK_OPEN}', '{MARK_CLOSE}') AS marked "
             "FROM messages_fts JOIN messages m ON m.seq = messages_fts.rowid "
             "JOIN conversations c ON c.id = m.conversation_id "
             "WHERE messages_fts MATCH :match AND m.user_id = :user"
@@ -955,6 +1000,7 @@ class SqliteStore:
                 ).rowcount
                 self._db.execute("DELETE FROM history WHERE user_id = ?", (user_id,))
                 self._db.execute("DELETE FROM extraction_jobs WHERE user_id = ?", (user_id,))
+                self._db.execute("DELETE FROM finished_jobs WHERE user_id = ?", (user_id,))
             self._vectors.pop(user_id, None)
             return int(count)
 
@@ -1071,6 +1117,10 @@ class SqliteStore:
 
     async def enqueue_job(self, job: ExtractionJob) -> None:
         def _insert() -> None:
+            # A retried call's job (its id derives from the request id) that
+            # ran already is not queued again.
+            if self._db.execute("SELECT 1 FROM finished_jobs WHERE id = ?", (job.id,)).fetchone():
+                return
             self._db.execute(
                 f"INSERT OR IGNORE INTO extraction_jobs ({_JOB_COLUMNS}) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -1098,10 +1148,62 @@ class SqliteStore:
 
         return await self._run(_select)
 
-    async def finish_job(self, job_id: str) -> None:
-        await self._run(
-            lambda: self._db.execute("DELETE FROM extraction_jobs WHERE id = ?", (job_id,))
-        )
+    async def get_job(self, user_id: str, job_id: str) -> ExtractionJob | None:
+        def _select() -> ExtractionJob | None:
+            row = self._db.execute(
+                f"SELECT {_JOB_COLUMNS} FROM extraction_jobs WHERE id = ? AND user_id = ?",
+                (job_id, user_id),
+            ).fetchone()
+            if row is not None:
+                return _job(row)
+            row = self._db.execute(
+                f"SELECT {_FINISHED_COLUMNS} FROM finished_jobs WHERE id = ? AND user_id = ?",
+                (job_id, user_id),
+            ).fetchone()
+            return None if row is None else _finished_job(row)
+
+        return await self._run(_select)
+
+    async def finish_job(
+        self,
+        job_id: str,
+        *,
+        state: int,
+        finish_time: float,
+        reason: str = "",
+        error: str = "",
+        results: str = "",
+    ) -> None:
+        def _finish() -> None:
+            with self._transaction():
+                row = self._db.execute(
+                    "SELECT user_id, attempts, create_time FROM extraction_jobs WHERE id = ?",
+                    (job_id,),
+                ).fetchone()
+                if row is None:
+                    return
+                self._db.execute("DELETE FROM extraction_jobs WHERE id = ?", (job_id,))
+                self._db.execute(
+                    f"INSERT OR REPLACE INTO finished_jobs ({_FINISHED_COLUMNS}) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        job_id,
+                        row["user_id"],
+                        row["attempts"] + 1,
+                        row["create_time"],
+                        finish_time,
+                        state,
+                        reason,
+                        error[:1000],
+                        results,
+                    ),
+                )
+                self._db.execute(
+                    "DELETE FROM finished_jobs WHERE finish_time < ?",
+                    (finish_time - FINISHED_JOB_SECONDS,),
+                )
+
+        await self._run(_finish)
 
     async def take_job(self, job_id: str, now: float, lease_seconds: float) -> bool:
         cursor = await self._run(

@@ -16,6 +16,7 @@ from marie.providers.v1 import provider_service_pb2 as pb
 
 from marie_providers.errors import UpstreamProtocolError, UpstreamStatusError, bad_request
 from marie_providers.upstream.logprobs import token_logprob
+from marie_providers.upstream.model_facts import human_size
 from marie_providers.upstream.structs import float32, schema_value
 
 # Ollama has no developer role; OpenAI defines developer as the newer system.
@@ -40,8 +41,6 @@ FINISH_REASONS: Mapping[str, pb.FinishReason] = {
     "length": pb.FINISH_REASON_LENGTH,
 }
 
-SIZE_UNITS = ("KB", "MB", "GB", "TB", "PB")
-
 # Tool-call ids Marie makes up for Ollama, which issues none: "call_" + 96 random bits.
 TOOL_CALL_ID_BYTES = 12
 
@@ -49,20 +48,6 @@ TOOL_CALL_ID_BYTES = 12
 # ---------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------
-
-
-def human_size(size_bytes: int) -> str:
-    """Size in decimal units with one decimal, as Ollama's CLI shows it: 2019393189 → "2.0GB"."""
-    if size_bytes <= 0:
-        return ""
-    if size_bytes < 1000:
-        return f"{size_bytes}B"
-    value = float(size_bytes)
-    for unit in SIZE_UNITS:
-        value /= 1000
-        if value < 999.95 or unit == SIZE_UNITS[-1]:
-            return f"{value:.1f}{unit}"
-    raise AssertionError("unreachable")
 
 
 def _text(mapping: Mapping[str, Any], key: str) -> str:

@@ -13,6 +13,7 @@ from marie.providers.v1 import provider_service_pb2 as pb
 
 from marie_providers.errors import UpstreamProtocolError, UpstreamStatusError
 from marie_providers.upstream.logprobs import chat_logprobs, text_logprobs
+from marie_providers.upstream.model_facts import human_size, parameter_count
 from marie_providers.upstream.structs import float32, schema_value
 
 # "developer" is OpenAI's newer name for system; most compatible servers
@@ -212,11 +213,48 @@ def model_from_entry(entry: Any, provider: str) -> pb.ModelInfo | None:
         info.metadata["owned_by"] = owner
     # Several servers (vLLM, OpenRouter, Together) add the context window.
     for key in ("context_length", "max_model_len", "context_window"):
-        value = entry.get(key)
-        if isinstance(value, int) and 0 < value < 2**31:
+        if 0 < (value := _count(entry.get(key))) < 2**31:
             info.context_length = value
             break
+    root = entry.get("root")
+    if isinstance(root, str) and root and root != name:
+        info.metadata["root"] = root  # vLLM: the weights a served name stands for
+    meta = entry.get("meta")
+    if isinstance(meta, dict):
+        _read_llama_cpp_meta(info, meta)
     return info
+
+
+def _count(value: Any) -> int:
+    """`value` when it is a positive whole number a ModelInfo can hold, else 0."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 2**63:
+        return value
+    return 0
+
+
+def _read_llama_cpp_meta(info: pb.ModelInfo, meta: dict[str, Any]) -> None:
+    """What llama.cpp's server says of its model in `meta`: `n_ctx` (what one
+    request may use on this server, its slot's share of `--ctx-size`),
+    `n_ctx_train` (what the model was trained for), `n_params`, `size` (bytes),
+    `ftype` (the weights' type, e.g. "Q4_1" or "F16"), `n_embd`, `n_vocab`."""
+    # The server's own limit is the one a request meets; the model's is the fallback.
+    for key in ("n_ctx", "n_ctx_train"):
+        if 0 < (value := _count(meta.get(key))) < 2**31:
+            info.context_length = value
+            break
+    for key in ("n_ctx_train", "n_ctx", "n_embd", "n_vocab"):
+        if value := _count(meta.get(key)):
+            info.metadata[key] = str(value)
+    if params := _count(meta.get("n_params")):
+        info.parameters = parameter_count(params)
+    if size := _count(meta.get("size")):
+        info.size_bytes = size
+        info.size_label = human_size(size)
+    ftype = meta.get("ftype")
+    if isinstance(ftype, str) and ftype:
+        info.quantization = ftype
+    # llama.cpp serves GGUF files only.
+    info.format = "gguf"
 
 
 def models_from_listing(body: Any, provider: str) -> list[tuple[pb.ModelInfo, dict[str, Any]]]:

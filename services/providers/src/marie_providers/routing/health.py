@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 
 from marie.providers.v1 import provider_service_pb2 as pb
 
@@ -19,6 +20,19 @@ from marie_providers.routing.router import Router
 from marie_providers.upstream.provider import Provider
 
 log = logging.getLogger("marie.providers.health")
+
+# Users refused by an open circuit ask for a probe of its provider at most this often.
+SOON_GAP_SECONDS = 1.0
+
+
+def _refusing(deployment: pb.DeploymentHealth) -> str:
+    operation = pb.Operation.Name(deployment.operation).removeprefix("OPERATION_").lower()
+    what = f"{deployment.model} ({operation})"
+    failures = deployment.consecutive_failures
+    if deployment.circuit == pb.CIRCUIT_STATE_OPEN:
+        until = deployment.retry_time.ToDatetime().strftime("%H:%M:%S UTC")
+        return f"{what} circuit open after {failures} failures in a row, until {until}"
+    return f"{what} circuit half-open after {failures} failures in a row: a request probes it"
 
 
 class HealthMonitor:
@@ -30,14 +44,32 @@ class HealthMonitor:
         self._interval = interval
         self._latest: dict[str, pb.ProviderHealth] = {}
         self._probes: dict[str, asyncio.Task[None]] = {}
+        self._sent: dict[str, float] = {}
         self._loop_task: asyncio.Task[None] | None = None
+        self._closed = False
+        router.on_refused = self.probe_soon
+
+    def probe_soon(self, name: str) -> None:
+        """Probe `name` now, unless a probe of it is running or began less than
+        `SOON_GAP_SECONDS` ago: users refused by its open circuit are waiting."""
+        running = self._probes.get(name)
+        if self._closed or (running is not None and not running.done()):
+            return
+        if self._router.now() - self._sent.get(name, -math.inf) < SOON_GAP_SECONDS:
+            return
+        provider = next((p for p in self._registry.providers if p.name == name), None)
+        if provider is not None:
+            self._probes[name] = asyncio.ensure_future(self._probe(provider))
 
     async def _probe(self, provider: Provider) -> None:
+        sent = self._sent[provider.name] = self._router.now()
         try:
             [health] = await self._registry.health(provider.name)
         except Exception:
             log.exception("health probe of %s failed", provider.name)
             return
+        if health.status == pb.HEALTH_STATUS_HEALTHY:
+            self._router.vouch(provider.name, sent)
         previous = self._latest.get(provider.name)
         self._latest[provider.name] = health
         if previous is None or previous.status != health.status:
@@ -96,10 +128,16 @@ class HealthMonitor:
             else:
                 health.CopyFrom(latest)
             health.deployments.extend(self._router.deployment_health(owner.name))
+            refusing = [d for d in health.deployments if d.circuit != pb.CIRCUIT_STATE_CLOSED]
+            if refusing and health.status == pb.HEALTH_STATUS_HEALTHY:
+                # It answers its probe, yet requests to it are being refused: say so.
+                health.status = pb.HEALTH_STATUS_DEGRADED
+                health.error = "; ".join(_refusing(d) for d in refusing)
             out.append(health)
         return out
 
     async def aclose(self) -> None:
+        self._closed = True
         tasks = [t for t in (self._loop_task, *self._probes.values()) if t is not None]
         for task in tasks:
             task.cancel()

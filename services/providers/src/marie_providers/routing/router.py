@@ -12,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import random
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from enum import Enum
 from typing import TypeVar
 
 import grpc
@@ -26,6 +28,7 @@ from marie_kit.errors import ServiceError
 
 from marie_providers.config import RoutingConfig
 from marie_providers.errors import DOMAIN, RETRY_AFTER_KEY, model_not_found, retry_after_of
+from marie_providers.routing.metrics import refused, watch_circuits
 from marie_providers.routing.model_access import UNRESTRICTED, ModelAccess, model_not_allowed
 from marie_providers.routing.registry import ModelRegistry
 from marie_providers.routing.resilience import Circuit, CircuitBreaker, ConcurrencyLimit
@@ -52,6 +55,8 @@ DEPLOYMENT_FAILURES = frozenset(
 NOT_RETRIED_REASONS = frozenset(
     {"UPSTREAM_AUTH_FAILED", "CIRCUIT_OPEN", "DEPLOYMENT_BUSY", "FIRST_TOKEN_TIMEOUT"}
 )
+# Reasons of a call refused before any upstream was asked.
+REFUSALS = frozenset({"CIRCUIT_OPEN", "DEPLOYMENT_BUSY"})
 
 CIRCUIT_STATES: Mapping[Circuit, pb.CircuitState] = {
     Circuit.CLOSED: pb.CIRCUIT_STATE_CLOSED,
@@ -60,34 +65,71 @@ CIRCUIT_STATES: Mapping[Circuit, pb.CircuitState] = {
 }
 
 
+class Operation(Enum):
+    """What a request asks of a deployment; each has a circuit breaker of its own."""
+
+    CHAT = "chat"
+    COMPLETIONS = "completions"
+    EMBEDDINGS = "embeddings"
+
+
+OPERATIONS: Mapping[Operation, pb.Operation] = {
+    Operation.CHAT: pb.OPERATION_CHAT,
+    Operation.COMPLETIONS: pb.OPERATION_COMPLETIONS,
+    Operation.EMBEDDINGS: pb.OPERATION_EMBEDDINGS,
+}
+
+
 @dataclass(eq=False)
 class Deployment:
-    """One model of one provider, with the state that protects it."""
+    """One model of one provider, with the state that protects it: a circuit
+    breaker per operation, a concurrency limit for users' requests and a lane
+    of its own for background calls."""
 
     provider: Provider
     model: str
-    breaker: CircuitBreaker
+    new_breaker: Callable[[], CircuitBreaker]
     limit: ConcurrencyLimit
+    background: ConcurrencyLimit
+    breakers: dict[Operation, CircuitBreaker] = field(default_factory=dict)
 
     @property
     def id(self) -> str:
         return self.provider.model_id(self.model)
 
-    def health(self, wall_offset: float) -> pb.DeploymentHealth:
-        """This deployment's state; `wall_offset` turns clock times into Unix times."""
-        health = pb.DeploymentHealth(
-            model=self.id,
-            circuit=CIRCUIT_STATES[self.breaker.state],
-            consecutive_failures=self.breaker.failures,
-            in_flight=self.limit.in_flight,
-            max_concurrency=self.limit.limit,
-        )
-        retry_at = self.breaker.retry_at
-        if self.breaker.state is Circuit.OPEN and retry_at is not None:
-            stamp = timestamp_pb2.Timestamp()
-            stamp.FromNanoseconds(int((retry_at + wall_offset) * 1e9))
-            health.retry_time.CopyFrom(stamp)
-        return health
+    def breaker(self, operation: Operation) -> CircuitBreaker:
+        """The breaker of `operation` (made at its first use)."""
+        found = self.breakers.get(operation)
+        if found is None:
+            found = self.breakers[operation] = self.new_breaker()
+        return found
+
+    def lane(self, background: bool) -> ConcurrencyLimit:
+        return self.background if background else self.limit
+
+    def health(self, wall_offset: float) -> list[pb.DeploymentHealth]:
+        """The state of each operation asked of this deployment; `wall_offset` turns
+        clock times into Unix times."""
+        out = []
+        for operation, breaker in sorted(self.breakers.items(), key=lambda o: o[0].value):
+            state = breaker.state
+            health = pb.DeploymentHealth(
+                model=self.id,
+                operation=OPERATIONS[operation],
+                circuit=CIRCUIT_STATES[state],
+                consecutive_failures=breaker.failures,
+                in_flight=self.limit.in_flight,
+                max_concurrency=self.limit.limit,
+                background_in_flight=self.background.in_flight,
+                max_background_concurrency=self.background.limit,
+            )
+            retry_at = breaker.retry_at
+            if state is Circuit.OPEN and retry_at is not None:
+                stamp = timestamp_pb2.Timestamp()
+                stamp.FromNanoseconds(int((retry_at + wall_offset) * 1e9))
+                health.retry_time.CopyFrom(stamp)
+            out.append(health)
+        return out
 
 
 @dataclass(frozen=True)
@@ -133,6 +175,7 @@ class Router:
         splits: Mapping[str, Mapping[str, int]] | None = None,
         routing: RoutingConfig | None = None,
         max_concurrency: Mapping[str, int] | None = None,
+        background_concurrency: Mapping[str, int] | None = None,
         clock: Clock = time.monotonic,
         sleep: Sleep = asyncio.sleep,
         rng: random.Random | None = None,
@@ -140,6 +183,7 @@ class Router:
         self.registry = registry
         self.policy = routing or RoutingConfig()
         self._limits = dict(max_concurrency or {})
+        self._background_limits = dict(background_concurrency or {})
         self._clock = clock
         self._sleep = sleep
         self._rng = rng or random.Random()  # noqa: S311 - jitter and arm choice, not secrets
@@ -153,10 +197,15 @@ class Router:
             self._routes[name] = _Route(
                 pb.ROUTE_KIND_SPLIT, tuple((*_split_id(t), w) for t, w in arms.items())
             )
+        self._watch = watch_circuits(self.circuit_states)
+        #: Told the provider's name when a user's request is refused by an open
+        #: circuit: the health monitor then probes it soon, so a server back
+        #: from an outage serves the users who wait for it within seconds.
+        self.on_refused: Callable[[str], None] | None = None
         # Deployments that routes lead to are known (and shown in health) from the start.
         for route in self._routes.values():
             for provider, model, _ in route.targets:
-                self.deployment(registry.provider(provider), model)
+                self.deployment(registry.provider(provider), model).breaker(Operation.CHAT)
 
     # -- resolution ----------------------------------------------------------
 
@@ -167,16 +216,32 @@ class Router:
         found = self._deployments.get(key)
         if found is None:
             limit = self._limits.get(provider.name, self.policy.max_concurrency)
+            background = self._background_limits.get(
+                provider.name, self.policy.background_concurrency
+            )
+            policy, clock = self.policy, self._clock
             found = Deployment(
                 provider,
                 model,
-                CircuitBreaker(
-                    self.policy.breaker_failures, self.policy.breaker_open_seconds, self._clock
-                ),
+                lambda: CircuitBreaker(policy.breaker_failures, policy.breaker_open_seconds, clock),
                 ConcurrencyLimit(limit),
+                ConcurrencyLimit(background),
             )
             self._deployments[key] = found
         return found
+
+    def now(self) -> float:
+        """The time on the clock breakers keep."""
+        return self._clock()
+
+    def vouch(self, provider: str, since: float) -> None:
+        """`provider` answered a health probe sent at `since` (see `now`): its circuits
+        opened before then are due for a probe now, so a server back from an outage
+        serves users within one health interval, not a whole open period later."""
+        for (owner, _), deployment in self._deployments.items():
+            if owner == provider:
+                for breaker in deployment.breakers.values():
+                    breaker.vouch(since)
 
     def is_route(self, name: str) -> bool:
         return name in self._routes
@@ -238,40 +303,73 @@ class Router:
     async def _attempts(
         self,
         plan: RoutePlan,
+        operation: Operation,
         call: Callable[[Deployment], Awaitable[T]],
         deadline: float | None,
+        *,
+        background: bool,
     ) -> tuple[Deployment, T]:
         """`call` on the plan's deployments until one succeeds: retried with backoff on
         the same deployment, then the next one. Returns with the winner's
-        concurrency slot held: the caller releases it when done."""
+        concurrency slot (of the call's lane) held: the caller releases it when done.
+
+        A background call never takes a circuit's half-open probe and waits for
+        a slot of its own lane only, up to its deadline: users go first."""
         errors: list[ServiceError] = []
         for deployment in plan.deployments:
-            if not deployment.breaker.allow():
-                errors.append(_circuit_open(deployment, self._clock()))
+            breaker = deployment.breaker(operation)
+            if not breaker.allow(background=background):
+                errors.append(_circuit_open(deployment, operation, self._clock(), background))
+                if not background and self.on_refused is not None:
+                    self.on_refused(deployment.provider.name)
                 continue
+            lane = deployment.lane(background)
             wait = self.policy.queue_timeout_seconds
             if deadline is not None:
-                wait = max(0.0, min(wait, deadline - self._clock()))
-            if not await deployment.limit.acquire(wait):
-                deployment.breaker.abandon()
-                errors.append(_busy(deployment))
+                left = max(0.0, deadline - self._clock())
+                # Background work is in no hurry: it waits its turn as long as it may.
+                wait = left if background else min(wait, left)
+            if not await lane.acquire(wait):
+                breaker.abandon(background=background)
+                errors.append(_busy(deployment, lane, background))
                 continue
             outcome: tuple[Deployment, T] | None = None
             try:
-                outcome = await self._retrying(deployment, call, deadline, errors)
+                outcome = await self._retrying(
+                    deployment, breaker, call, deadline, errors, background=background
+                )
             finally:
                 if outcome is None:
-                    deployment.limit.release()
+                    lane.release()
             if outcome is not None:
                 return outcome
-        raise _final_error(plan, errors)
+        final = _final_error(plan, errors)
+        if all(e.reason in REFUSALS for e in errors):
+            # Nothing reached an upstream (whose failures upstream_error logs):
+            # the refusal is this call's one log line.
+            refused(plan.deployments[0].provider.name, operation.value, final.reason, background)
+            log.log(
+                logging.INFO if background else logging.WARNING,
+                "request refused",
+                extra={
+                    "model": plan.requested,
+                    "operation": operation.value,
+                    "lane": "background" if background else "user",
+                    "reason": final.reason,
+                    "detail": final.message,
+                },
+            )
+        raise final
 
     async def _retrying(
         self,
         deployment: Deployment,
+        breaker: CircuitBreaker,
         call: Callable[[Deployment], Awaitable[T]],
         deadline: float | None,
         errors: list[ServiceError],
+        *,
+        background: bool,
     ) -> tuple[Deployment, T] | None:
         """`call` on one deployment with retries; None (the error in `errors`) to fail over."""
         attempt = 0
@@ -280,26 +378,28 @@ class Router:
                 result = await call(deployment)
             except ServiceError as exc:
                 if exc.code not in DEPLOYMENT_FAILURES:
-                    # The request's own problem: no other deployment will do better.
-                    deployment.breaker.abandon()
+                    # The request's own problem (the upstream refused it as wrong,
+                    # or cannot do it at all): no verdict on the deployment, and
+                    # no other deployment will do better.
+                    breaker.abandon(background=background)
                     raise
-                deployment.breaker.failure()
+                breaker.failure(background=background)
                 errors.append(exc)
                 log.info(
                     "deployment failed",
                     extra={"model": deployment.id, "reason": exc.reason, "attempt": attempt + 1},
                 )
                 delay = self._retry_delay(exc, attempt, deadline)
-                if delay is None or not deployment.breaker.allow():
+                if delay is None or not breaker.allow(background=background):
                     return None
                 await self._sleep(delay)
                 attempt += 1
                 continue
             except BaseException:
                 # Cancelled (the caller left) or a bug: no verdict on the deployment.
-                deployment.breaker.abandon()
+                breaker.abandon(background=background)
                 raise
-            deployment.breaker.success()
+            breaker.success()
             return deployment, result
 
     def _retry_delay(
@@ -330,9 +430,12 @@ class Router:
         completion_id: str,
         created: int,
         deadline: float | None = None,
+        *,
+        background: bool = False,
     ) -> AsyncGenerator[pb.StreamChatCompletionResponse, None]:
         """The chunks of a chat completion (or a text completion: chat chunks whose
-        content is the text) from the first deployment that produces a first chunk."""
+        content is the text) from the first deployment that produces a first chunk;
+        `background` for a call in the background lane."""
 
         def open_stream(
             deployment: Deployment,
@@ -342,7 +445,7 @@ class Router:
                 return provider.stream_completion(request, model, completion_id, created)
             return provider.stream_chat(request, model, completion_id, created)
 
-        return self._stream(plan, open_stream, request, deadline)
+        return self._stream(plan, open_stream, request, deadline, background)
 
     async def _stream(
         self,
@@ -350,6 +453,7 @@ class Router:
         open_stream: Callable[[Deployment], AsyncGenerator[pb.StreamChatCompletionResponse, None]],
         request: pb.StreamChatCompletionRequest | pb.StreamCompletionRequest,
         deadline: float | None,
+        background: bool,
     ) -> AsyncGenerator[pb.StreamChatCompletionResponse, None]:
         """The chunks of `open_stream` on the first deployment that produces a first chunk.
 
@@ -398,7 +502,14 @@ class Router:
                 raise
             return first, chunks
 
-        deployment, (first, chunks) = await self._attempts(plan, opened, deadline)
+        operation = (
+            Operation.COMPLETIONS
+            if isinstance(request, pb.StreamCompletionRequest)
+            else Operation.CHAT
+        )
+        deployment, (first, chunks) = await self._attempts(
+            plan, operation, opened, deadline, background=background
+        )
         # Committed: from here on an error reaches the caller, never a fallback.
         try:
             async with aclosing(chunks):
@@ -408,24 +519,28 @@ class Router:
                         yield chunk
                 except ServiceError as exc:
                     if exc.code in DEPLOYMENT_FAILURES:
-                        deployment.breaker.failure()
+                        deployment.breaker(operation).failure(background=background)
                     raise
         finally:
-            deployment.limit.release()
+            deployment.lane(background).release()
 
     async def embed(
         self,
         plan: RoutePlan,
         request: pb.CreateEmbeddingsRequest,
         deadline: float | None = None,
+        *,
+        background: bool = False,
     ) -> pb.CreateEmbeddingsResponse:
         """Embeddings from the first deployment that answers."""
 
         async def call(deployment: Deployment) -> pb.CreateEmbeddingsResponse:
             return await deployment.provider.embed(request, deployment.model)
 
-        deployment, response = await self._attempts(plan, call, deadline)
-        deployment.limit.release()
+        deployment, response = await self._attempts(
+            plan, Operation.EMBEDDINGS, call, deadline, background=background
+        )
+        deployment.lane(background).release()
         return response
 
     # -- describing ----------------------------------------------------------
@@ -465,7 +580,19 @@ class Router:
         """The routing state of `provider`'s known deployments, by model id."""
         offset = time.time() - self._clock()
         found = [d for (p, _), d in self._deployments.items() if p == provider]
-        return [d.health(offset) for d in sorted(found, key=lambda d: d.id)]
+        return [h for d in sorted(found, key=lambda d: d.id) for h in d.health(offset)]
+
+    def close(self) -> None:
+        """The service stopped: its breakers leave the metrics."""
+        self._watch.close()
+
+    def circuit_states(self) -> list[tuple[str, str, str, Circuit]]:
+        """(provider, model id, operation, state) of every breaker, for the metrics."""
+        return [
+            (d.provider.name, d.id, operation.value, breaker.state)
+            for d in self._deployments.values()
+            for operation, breaker in d.breakers.items()
+        ]
 
 
 def _split_id(model_id: str) -> tuple[str, str]:
@@ -473,26 +600,53 @@ def _split_id(model_id: str) -> tuple[str, str]:
     return provider, model
 
 
-def _circuit_open(deployment: Deployment, now: float) -> ServiceError:
-    retry_at = deployment.breaker.retry_at
+def _circuit_open(
+    deployment: Deployment, operation: Operation, now: float, background: bool
+) -> ServiceError:
+    """CIRCUIT_OPEN, with the whole seconds until this call's lane may pass."""
+    breaker = deployment.breaker(operation)
+    retry_at = breaker.background_retry_at if background else breaker.retry_at
     wait = max(0.0, (retry_at or now) - now)
+    seconds = max(1, math.ceil(wait))
+    what = f"{deployment.id} ({operation.value})"
+    if background:
+        message = (
+            f"{what} is recovering from {breaker.failures} failures in a row;"
+            f" background work waits {seconds}s so that users' requests probe it first"
+        )
+    elif wait > 0:
+        message = (
+            f"{what} failed {breaker.failures} times in a row;"
+            f" requests skip it for another {seconds}s"
+        )
+    else:
+        message = f"{what} failed {breaker.failures} times in a row; a request is probing it now"
     return ServiceError(
         grpc.StatusCode.UNAVAILABLE,
         "CIRCUIT_OPEN",
-        f"{deployment.id} failed {deployment.breaker.failures} times in a row;"
-        f" requests skip it for another {wait:.0f}s",
+        message,
         domain=DOMAIN,
-        metadata={"provider": deployment.provider.name, RETRY_AFTER_KEY: f"{wait:.0f}"},
+        metadata={
+            "provider": deployment.provider.name,
+            "model": deployment.id,
+            "operation": operation.value,
+            RETRY_AFTER_KEY: str(seconds),
+        },
     )
 
 
-def _busy(deployment: Deployment) -> ServiceError:
+def _busy(deployment: Deployment, lane: ConcurrencyLimit, background: bool) -> ServiceError:
+    whose = "background calls" if background else "requests"
     return ServiceError(
         grpc.StatusCode.RESOURCE_EXHAUSTED,
         "DEPLOYMENT_BUSY",
-        f"{deployment.id} is serving its limit of {deployment.limit.limit} requests at once",
+        f"{deployment.id} is serving its limit of {lane.limit} {whose} at once",
         domain=DOMAIN,
-        metadata={"provider": deployment.provider.name, RETRY_AFTER_KEY: "1"},
+        metadata={
+            "provider": deployment.provider.name,
+            "model": deployment.id,
+            RETRY_AFTER_KEY: "1",
+        },
     )
 
 

@@ -204,7 +204,11 @@ class HttpProvider(Provider):
                 "UPSTREAM_AUTH_FAILED",
                 reason,
                 domain=DOMAIN,
-                metadata={"provider": self.name},
+                # The variable's name (never its value): what an operator must set.
+                metadata={
+                    "provider": self.name,
+                    "api_key_env": self.api_key_env or self.default_api_key_env,
+                },
             )
 
     async def request_json(

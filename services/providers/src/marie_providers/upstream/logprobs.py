@@ -53,7 +53,12 @@ def chat_logprobs(value: Any) -> list[pb.TokenLogprob]:
 
 def text_logprobs(value: Any) -> list[pb.TokenLogprob]:
     """A text completion choice's `logprobs` (parallel lists `tokens`,
-    `token_logprobs`, `top_logprobs` of `{token: logprob}`) as TokenLogprobs."""
+    `token_logprobs`, `top_logprobs` of `{token: logprob}`) as TokenLogprobs.
+
+    llama.cpp's server answers `/completions` in chat's shape instead
+    (`{"content": [{token, logprob, bytes, top_logprobs}]}`): read as such."""
+    if isinstance(value, dict) and isinstance(value.get("content"), list):
+        return chat_logprobs(value)
     if not isinstance(value, dict) or not isinstance(value.get("tokens"), list):
         return []
     values = value.get("token_logprobs")

@@ -35,6 +35,10 @@ const (
 	HealthStatus_HEALTH_STATUS_UNHEALTHY HealthStatus = 2
 	// The provider could not be reached (connection refused, timeout, DNS).
 	HealthStatus_HEALTH_STATUS_ERROR HealthStatus = 3
+	// The provider answered its probe, but requests to at least one of its
+	// deployments are being refused: a circuit breaker is open or half-open
+	// (see `deployments` for which model and operation, and until when).
+	HealthStatus_HEALTH_STATUS_DEGRADED HealthStatus = 4
 )
 
 // Enum value maps for HealthStatus.
@@ -44,12 +48,14 @@ var (
 		1: "HEALTH_STATUS_HEALTHY",
 		2: "HEALTH_STATUS_UNHEALTHY",
 		3: "HEALTH_STATUS_ERROR",
+		4: "HEALTH_STATUS_DEGRADED",
 	}
 	HealthStatus_value = map[string]int32{
 		"HEALTH_STATUS_UNSPECIFIED": 0,
 		"HEALTH_STATUS_HEALTHY":     1,
 		"HEALTH_STATUS_UNHEALTHY":   2,
 		"HEALTH_STATUS_ERROR":       3,
+		"HEALTH_STATUS_DEGRADED":    4,
 	}
 )
 
@@ -139,6 +145,65 @@ func (CircuitState) EnumDescriptor() ([]byte, []int) {
 	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{1}
 }
 
+// Operation is what a request asks a deployment to do. Each operation of a
+// deployment has a circuit breaker of its own: embeddings failing on a model
+// never stop its chat, nor the other way round.
+type Operation int32
+
+const (
+	// Not set; never returned by the service.
+	Operation_OPERATION_UNSPECIFIED Operation = 0
+	// Chat completions (StreamChatCompletion, CreateChatCompletion).
+	Operation_OPERATION_CHAT Operation = 1
+	// Text completions (StreamCompletion).
+	Operation_OPERATION_COMPLETIONS Operation = 2
+	// Embeddings (CreateEmbeddings).
+	Operation_OPERATION_EMBEDDINGS Operation = 3
+)
+
+// Enum value maps for Operation.
+var (
+	Operation_name = map[int32]string{
+		0: "OPERATION_UNSPECIFIED",
+		1: "OPERATION_CHAT",
+		2: "OPERATION_COMPLETIONS",
+		3: "OPERATION_EMBEDDINGS",
+	}
+	Operation_value = map[string]int32{
+		"OPERATION_UNSPECIFIED": 0,
+		"OPERATION_CHAT":        1,
+		"OPERATION_COMPLETIONS": 2,
+		"OPERATION_EMBEDDINGS":  3,
+	}
+)
+
+func (x Operation) Enum() *Operation {
+	p := new(Operation)
+	*p = x
+	return p
+}
+
+func (x Operation) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (Operation) Descriptor() protoreflect.EnumDescriptor {
+	return file_marie_providers_v1_provider_service_proto_enumTypes[2].Descriptor()
+}
+
+func (Operation) Type() protoreflect.EnumType {
+	return &file_marie_providers_v1_provider_service_proto_enumTypes[2]
+}
+
+func (x Operation) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use Operation.Descriptor instead.
+func (Operation) EnumDescriptor() ([]byte, []int) {
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{2}
+}
+
 // ModelCapability is something a model can do.
 type ModelCapability int32
 
@@ -188,11 +253,11 @@ func (x ModelCapability) String() string {
 }
 
 func (ModelCapability) Descriptor() protoreflect.EnumDescriptor {
-	return file_marie_providers_v1_provider_service_proto_enumTypes[2].Descriptor()
+	return file_marie_providers_v1_provider_service_proto_enumTypes[3].Descriptor()
 }
 
 func (ModelCapability) Type() protoreflect.EnumType {
-	return &file_marie_providers_v1_provider_service_proto_enumTypes[2]
+	return &file_marie_providers_v1_provider_service_proto_enumTypes[3]
 }
 
 func (x ModelCapability) Number() protoreflect.EnumNumber {
@@ -201,7 +266,7 @@ func (x ModelCapability) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use ModelCapability.Descriptor instead.
 func (ModelCapability) EnumDescriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{2}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{3}
 }
 
 // RouteKind is how a routed name picks a deployment.
@@ -243,11 +308,11 @@ func (x RouteKind) String() string {
 }
 
 func (RouteKind) Descriptor() protoreflect.EnumDescriptor {
-	return file_marie_providers_v1_provider_service_proto_enumTypes[3].Descriptor()
+	return file_marie_providers_v1_provider_service_proto_enumTypes[4].Descriptor()
 }
 
 func (RouteKind) Type() protoreflect.EnumType {
-	return &file_marie_providers_v1_provider_service_proto_enumTypes[3]
+	return &file_marie_providers_v1_provider_service_proto_enumTypes[4]
 }
 
 func (x RouteKind) Number() protoreflect.EnumNumber {
@@ -256,7 +321,7 @@ func (x RouteKind) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use RouteKind.Descriptor instead.
 func (RouteKind) EnumDescriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{3}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{4}
 }
 
 // Role is the author of a chat message.
@@ -309,11 +374,11 @@ func (x Role) String() string {
 }
 
 func (Role) Descriptor() protoreflect.EnumDescriptor {
-	return file_marie_providers_v1_provider_service_proto_enumTypes[4].Descriptor()
+	return file_marie_providers_v1_provider_service_proto_enumTypes[5].Descriptor()
 }
 
 func (Role) Type() protoreflect.EnumType {
-	return &file_marie_providers_v1_provider_service_proto_enumTypes[4]
+	return &file_marie_providers_v1_provider_service_proto_enumTypes[5]
 }
 
 func (x Role) Number() protoreflect.EnumNumber {
@@ -322,7 +387,7 @@ func (x Role) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use Role.Descriptor instead.
 func (Role) EnumDescriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{4}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{5}
 }
 
 // ToolChoiceMode says whether and how the model uses tools.
@@ -370,11 +435,11 @@ func (x ToolChoiceMode) String() string {
 }
 
 func (ToolChoiceMode) Descriptor() protoreflect.EnumDescriptor {
-	return file_marie_providers_v1_provider_service_proto_enumTypes[5].Descriptor()
+	return file_marie_providers_v1_provider_service_proto_enumTypes[6].Descriptor()
 }
 
 func (ToolChoiceMode) Type() protoreflect.EnumType {
-	return &file_marie_providers_v1_provider_service_proto_enumTypes[5]
+	return &file_marie_providers_v1_provider_service_proto_enumTypes[6]
 }
 
 func (x ToolChoiceMode) Number() protoreflect.EnumNumber {
@@ -383,7 +448,7 @@ func (x ToolChoiceMode) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use ToolChoiceMode.Descriptor instead.
 func (ToolChoiceMode) EnumDescriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{5}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{6}
 }
 
 // ResponseFormatType is the shape the reply must take.
@@ -427,11 +492,11 @@ func (x ResponseFormatType) String() string {
 }
 
 func (ResponseFormatType) Descriptor() protoreflect.EnumDescriptor {
-	return file_marie_providers_v1_provider_service_proto_enumTypes[6].Descriptor()
+	return file_marie_providers_v1_provider_service_proto_enumTypes[7].Descriptor()
 }
 
 func (ResponseFormatType) Type() protoreflect.EnumType {
-	return &file_marie_providers_v1_provider_service_proto_enumTypes[6]
+	return &file_marie_providers_v1_provider_service_proto_enumTypes[7]
 }
 
 func (x ResponseFormatType) Number() protoreflect.EnumNumber {
@@ -440,7 +505,7 @@ func (x ResponseFormatType) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use ResponseFormatType.Descriptor instead.
 func (ResponseFormatType) EnumDescriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{6}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{7}
 }
 
 // FinishReason says why generation stopped.
@@ -488,11 +553,11 @@ func (x FinishReason) String() string {
 }
 
 func (FinishReason) Descriptor() protoreflect.EnumDescriptor {
-	return file_marie_providers_v1_provider_service_proto_enumTypes[7].Descriptor()
+	return file_marie_providers_v1_provider_service_proto_enumTypes[8].Descriptor()
 }
 
 func (FinishReason) Type() protoreflect.EnumType {
-	return &file_marie_providers_v1_provider_service_proto_enumTypes[7]
+	return &file_marie_providers_v1_provider_service_proto_enumTypes[8]
 }
 
 func (x FinishReason) Number() protoreflect.EnumNumber {
@@ -501,7 +566,7 @@ func (x FinishReason) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use FinishReason.Descriptor instead.
 func (FinishReason) EnumDescriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{7}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{8}
 }
 
 // Provider describes one configured provider.
@@ -815,24 +880,38 @@ func (x *ProviderHealth) GetDeployments() []*DeploymentHealth {
 	return nil
 }
 
-// DeploymentHealth is the routing state of one model of one provider.
+// DeploymentHealth is the routing state of one operation of one model of one
+// provider: one entry per operation the model has been asked for since the
+// service started (a model an alias or split routes to is listed for chat
+// from the start).
 type DeploymentHealth struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Model id, "<provider>/<model>".
 	Model string `protobuf:"bytes,1,opt,name=model,proto3" json:"model,omitempty"`
-	// State of the deployment's circuit breaker.
+	// State of the circuit breaker of this model's `operation`.
 	Circuit CircuitState `protobuf:"varint,2,opt,name=circuit,proto3,enum=marie.providers.v1.CircuitState" json:"circuit,omitempty"`
-	// Failures in a row (connection errors, 429s, 5xx, timeouts) since the last success.
+	// Failures in a row of this operation (connection errors, 429s, 5xx,
+	// timeouts; never a request the upstream refused as wrong) since its last
+	// success.
 	ConsecutiveFailures int32 `protobuf:"varint,3,opt,name=consecutive_failures,json=consecutiveFailures,proto3" json:"consecutive_failures,omitempty"`
-	// Requests being served by this deployment right now.
+	// Users' requests (every operation) being served by this model right now.
 	InFlight int32 `protobuf:"varint,4,opt,name=in_flight,json=inFlight,proto3" json:"in_flight,omitempty"`
-	// Most requests served at once; 0 means no limit. Requests over it wait
-	// briefly, then fail over (or fail with RESOURCE_EXHAUSTED).
+	// Most users' requests served at once; 0 means no limit. Requests over it
+	// wait briefly, then fail over (or fail with RESOURCE_EXHAUSTED).
 	MaxConcurrency int32 `protobuf:"varint,5,opt,name=max_concurrency,json=maxConcurrency,proto3" json:"max_concurrency,omitempty"`
-	// When an open circuit lets a probe through; unset unless OPEN.
-	RetryTime     *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=retry_time,json=retryTime,proto3" json:"retry_time,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	// When an open circuit lets a user's probe through; unset unless OPEN.
+	RetryTime *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=retry_time,json=retryTime,proto3" json:"retry_time,omitempty"`
+	// The operation this entry's circuit breaker guards.
+	Operation Operation `protobuf:"varint,7,opt,name=operation,proto3,enum=marie.providers.v1.Operation" json:"operation,omitempty"`
+	// Background calls (calls marked with the metadata "x-marie-lane:
+	// background": memory extraction, message embeddings) being served by this
+	// model right now. They have a lane of their own and never take a user's
+	// place.
+	BackgroundInFlight int32 `protobuf:"varint,8,opt,name=background_in_flight,json=backgroundInFlight,proto3" json:"background_in_flight,omitempty"`
+	// Most background calls served at once by this model.
+	MaxBackgroundConcurrency int32 `protobuf:"varint,9,opt,name=max_background_concurrency,json=maxBackgroundConcurrency,proto3" json:"max_background_concurrency,omitempty"`
+	unknownFields            protoimpl.UnknownFields
+	sizeCache                protoimpl.SizeCache
 }
 
 func (x *DeploymentHealth) Reset() {
@@ -905,6 +984,27 @@ func (x *DeploymentHealth) GetRetryTime() *timestamppb.Timestamp {
 		return x.RetryTime
 	}
 	return nil
+}
+
+func (x *DeploymentHealth) GetOperation() Operation {
+	if x != nil {
+		return x.Operation
+	}
+	return Operation_OPERATION_UNSPECIFIED
+}
+
+func (x *DeploymentHealth) GetBackgroundInFlight() int32 {
+	if x != nil {
+		return x.BackgroundInFlight
+	}
+	return 0
+}
+
+func (x *DeploymentHealth) GetMaxBackgroundConcurrency() int32 {
+	if x != nil {
+		return x.MaxBackgroundConcurrency
+	}
+	return 0
 }
 
 // GetProviderHealthRequest selects the providers to probe.
@@ -3642,7 +3742,7 @@ const file_marie_providers_v1_provider_service_proto_rawDesc = "" +
 	"\n" +
 	"check_time\x18\n" +
 	" \x01(\v2\x1a.google.protobuf.TimestampR\tcheckTime\x12F\n" +
-	"\vdeployments\x18\v \x03(\v2$.marie.providers.v1.DeploymentHealthR\vdeployments\"\x98\x02\n" +
+	"\vdeployments\x18\v \x03(\v2$.marie.providers.v1.DeploymentHealthR\vdeployments\"\xc5\x03\n" +
 	"\x10DeploymentHealth\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\tR\x05model\x12:\n" +
 	"\acircuit\x18\x02 \x01(\x0e2 .marie.providers.v1.CircuitStateR\acircuit\x121\n" +
@@ -3650,7 +3750,10 @@ const file_marie_providers_v1_provider_service_proto_rawDesc = "" +
 	"\tin_flight\x18\x04 \x01(\x05R\binFlight\x12'\n" +
 	"\x0fmax_concurrency\x18\x05 \x01(\x05R\x0emaxConcurrency\x129\n" +
 	"\n" +
-	"retry_time\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\tretryTime\"6\n" +
+	"retry_time\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\tretryTime\x12;\n" +
+	"\toperation\x18\a \x01(\x0e2\x1d.marie.providers.v1.OperationR\toperation\x120\n" +
+	"\x14background_in_flight\x18\b \x01(\x05R\x12backgroundInFlight\x12<\n" +
+	"\x1amax_background_concurrency\x18\t \x01(\x05R\x18maxBackgroundConcurrency\"6\n" +
 	"\x18GetProviderHealthRequest\x12\x1a\n" +
 	"\bprovider\x18\x01 \x01(\tR\bprovider\"]\n" +
 	"\x19GetProviderHealthResponse\x12@\n" +
@@ -3867,17 +3970,23 @@ const file_marie_providers_v1_provider_service_proto_rawDesc = "" +
 	"\x04text\x18\x05 \x01(\tR\x04text\x12E\n" +
 	"\rfinish_reason\x18\x06 \x01(\x0e2 .marie.providers.v1.FinishReasonR\ffinishReason\x12/\n" +
 	"\x05usage\x18\a \x01(\v2\x19.marie.providers.v1.UsageR\x05usage\x12<\n" +
-	"\blogprobs\x18\b \x03(\v2 .marie.providers.v1.TokenLogprobR\blogprobs*~\n" +
+	"\blogprobs\x18\b \x03(\v2 .marie.providers.v1.TokenLogprobR\blogprobs*\x9a\x01\n" +
 	"\fHealthStatus\x12\x1d\n" +
 	"\x19HEALTH_STATUS_UNSPECIFIED\x10\x00\x12\x19\n" +
 	"\x15HEALTH_STATUS_HEALTHY\x10\x01\x12\x1b\n" +
 	"\x17HEALTH_STATUS_UNHEALTHY\x10\x02\x12\x17\n" +
-	"\x13HEALTH_STATUS_ERROR\x10\x03*|\n" +
+	"\x13HEALTH_STATUS_ERROR\x10\x03\x12\x1a\n" +
+	"\x16HEALTH_STATUS_DEGRADED\x10\x04*|\n" +
 	"\fCircuitState\x12\x1d\n" +
 	"\x19CIRCUIT_STATE_UNSPECIFIED\x10\x00\x12\x18\n" +
 	"\x14CIRCUIT_STATE_CLOSED\x10\x01\x12\x16\n" +
 	"\x12CIRCUIT_STATE_OPEN\x10\x02\x12\x1b\n" +
-	"\x17CIRCUIT_STATE_HALF_OPEN\x10\x03*\xc9\x01\n" +
+	"\x17CIRCUIT_STATE_HALF_OPEN\x10\x03*o\n" +
+	"\tOperation\x12\x19\n" +
+	"\x15OPERATION_UNSPECIFIED\x10\x00\x12\x12\n" +
+	"\x0eOPERATION_CHAT\x10\x01\x12\x19\n" +
+	"\x15OPERATION_COMPLETIONS\x10\x02\x12\x18\n" +
+	"\x14OPERATION_EMBEDDINGS\x10\x03*\xc9\x01\n" +
 	"\x0fModelCapability\x12 \n" +
 	"\x1cMODEL_CAPABILITY_UNSPECIFIED\x10\x00\x12\x19\n" +
 	"\x15MODEL_CAPABILITY_CHAT\x10\x01\x12\x1f\n" +
@@ -3938,134 +4047,136 @@ func file_marie_providers_v1_provider_service_proto_rawDescGZIP() []byte {
 	return file_marie_providers_v1_provider_service_proto_rawDescData
 }
 
-var file_marie_providers_v1_provider_service_proto_enumTypes = make([]protoimpl.EnumInfo, 8)
+var file_marie_providers_v1_provider_service_proto_enumTypes = make([]protoimpl.EnumInfo, 9)
 var file_marie_providers_v1_provider_service_proto_msgTypes = make([]protoimpl.MessageInfo, 42)
 var file_marie_providers_v1_provider_service_proto_goTypes = []any{
 	(HealthStatus)(0),                    // 0: marie.providers.v1.HealthStatus
 	(CircuitState)(0),                    // 1: marie.providers.v1.CircuitState
-	(ModelCapability)(0),                 // 2: marie.providers.v1.ModelCapability
-	(RouteKind)(0),                       // 3: marie.providers.v1.RouteKind
-	(Role)(0),                            // 4: marie.providers.v1.Role
-	(ToolChoiceMode)(0),                  // 5: marie.providers.v1.ToolChoiceMode
-	(ResponseFormatType)(0),              // 6: marie.providers.v1.ResponseFormatType
-	(FinishReason)(0),                    // 7: marie.providers.v1.FinishReason
-	(*Provider)(nil),                     // 8: marie.providers.v1.Provider
-	(*ListProvidersRequest)(nil),         // 9: marie.providers.v1.ListProvidersRequest
-	(*ListProvidersResponse)(nil),        // 10: marie.providers.v1.ListProvidersResponse
-	(*ProviderHealth)(nil),               // 11: marie.providers.v1.ProviderHealth
-	(*DeploymentHealth)(nil),             // 12: marie.providers.v1.DeploymentHealth
-	(*GetProviderHealthRequest)(nil),     // 13: marie.providers.v1.GetProviderHealthRequest
-	(*GetProviderHealthResponse)(nil),    // 14: marie.providers.v1.GetProviderHealthResponse
-	(*ModelInfo)(nil),                    // 15: marie.providers.v1.ModelInfo
-	(*RouteInfo)(nil),                    // 16: marie.providers.v1.RouteInfo
-	(*RouteTarget)(nil),                  // 17: marie.providers.v1.RouteTarget
-	(*ListModelsRequest)(nil),            // 18: marie.providers.v1.ListModelsRequest
-	(*ListModelsResponse)(nil),           // 19: marie.providers.v1.ListModelsResponse
-	(*ProviderError)(nil),                // 20: marie.providers.v1.ProviderError
-	(*GetModelRequest)(nil),              // 21: marie.providers.v1.GetModelRequest
-	(*GetModelResponse)(nil),             // 22: marie.providers.v1.GetModelResponse
-	(*SearchModelsRequest)(nil),          // 23: marie.providers.v1.SearchModelsRequest
-	(*SearchModelsResponse)(nil),         // 24: marie.providers.v1.SearchModelsResponse
-	(*ContentPart)(nil),                  // 25: marie.providers.v1.ContentPart
-	(*ImageUrl)(nil),                     // 26: marie.providers.v1.ImageUrl
-	(*ToolCall)(nil),                     // 27: marie.providers.v1.ToolCall
-	(*FunctionCall)(nil),                 // 28: marie.providers.v1.FunctionCall
-	(*ChatMessage)(nil),                  // 29: marie.providers.v1.ChatMessage
-	(*Tool)(nil),                         // 30: marie.providers.v1.Tool
-	(*FunctionDefinition)(nil),           // 31: marie.providers.v1.FunctionDefinition
-	(*ToolChoice)(nil),                   // 32: marie.providers.v1.ToolChoice
-	(*ResponseFormat)(nil),               // 33: marie.providers.v1.ResponseFormat
-	(*SamplingParameters)(nil),           // 34: marie.providers.v1.SamplingParameters
-	(*StreamChatCompletionRequest)(nil),  // 35: marie.providers.v1.StreamChatCompletionRequest
-	(*ToolCallDelta)(nil),                // 36: marie.providers.v1.ToolCallDelta
-	(*Usage)(nil),                        // 37: marie.providers.v1.Usage
-	(*CreateChatCompletionRequest)(nil),  // 38: marie.providers.v1.CreateChatCompletionRequest
-	(*CreateChatCompletionResponse)(nil), // 39: marie.providers.v1.CreateChatCompletionResponse
-	(*StreamChatCompletionResponse)(nil), // 40: marie.providers.v1.StreamChatCompletionResponse
-	(*TokenLogprob)(nil),                 // 41: marie.providers.v1.TokenLogprob
-	(*TopLogprob)(nil),                   // 42: marie.providers.v1.TopLogprob
-	(*CreateEmbeddingsRequest)(nil),      // 43: marie.providers.v1.CreateEmbeddingsRequest
-	(*TokenIds)(nil),                     // 44: marie.providers.v1.TokenIds
-	(*Embedding)(nil),                    // 45: marie.providers.v1.Embedding
-	(*CreateEmbeddingsResponse)(nil),     // 46: marie.providers.v1.CreateEmbeddingsResponse
-	(*StreamCompletionRequest)(nil),      // 47: marie.providers.v1.StreamCompletionRequest
-	(*StreamCompletionResponse)(nil),     // 48: marie.providers.v1.StreamCompletionResponse
-	nil,                                  // 49: marie.providers.v1.ModelInfo.MetadataEntry
-	(*timestamppb.Timestamp)(nil),        // 50: google.protobuf.Timestamp
-	(*structpb.Struct)(nil),              // 51: google.protobuf.Struct
+	(Operation)(0),                       // 2: marie.providers.v1.Operation
+	(ModelCapability)(0),                 // 3: marie.providers.v1.ModelCapability
+	(RouteKind)(0),                       // 4: marie.providers.v1.RouteKind
+	(Role)(0),                            // 5: marie.providers.v1.Role
+	(ToolChoiceMode)(0),                  // 6: marie.providers.v1.ToolChoiceMode
+	(ResponseFormatType)(0),              // 7: marie.providers.v1.ResponseFormatType
+	(FinishReason)(0),                    // 8: marie.providers.v1.FinishReason
+	(*Provider)(nil),                     // 9: marie.providers.v1.Provider
+	(*ListProvidersRequest)(nil),         // 10: marie.providers.v1.ListProvidersRequest
+	(*ListProvidersResponse)(nil),        // 11: marie.providers.v1.ListProvidersResponse
+	(*ProviderHealth)(nil),               // 12: marie.providers.v1.ProviderHealth
+	(*DeploymentHealth)(nil),             // 13: marie.providers.v1.DeploymentHealth
+	(*GetProviderHealthRequest)(nil),     // 14: marie.providers.v1.GetProviderHealthRequest
+	(*GetProviderHealthResponse)(nil),    // 15: marie.providers.v1.GetProviderHealthResponse
+	(*ModelInfo)(nil),                    // 16: marie.providers.v1.ModelInfo
+	(*RouteInfo)(nil),                    // 17: marie.providers.v1.RouteInfo
+	(*RouteTarget)(nil),                  // 18: marie.providers.v1.RouteTarget
+	(*ListModelsRequest)(nil),            // 19: marie.providers.v1.ListModelsRequest
+	(*ListModelsResponse)(nil),           // 20: marie.providers.v1.ListModelsResponse
+	(*ProviderError)(nil),                // 21: marie.providers.v1.ProviderError
+	(*GetModelRequest)(nil),              // 22: marie.providers.v1.GetModelRequest
+	(*GetModelResponse)(nil),             // 23: marie.providers.v1.GetModelResponse
+	(*SearchModelsRequest)(nil),          // 24: marie.providers.v1.SearchModelsRequest
+	(*SearchModelsResponse)(nil),         // 25: marie.providers.v1.SearchModelsResponse
+	(*ContentPart)(nil),                  // 26: marie.providers.v1.ContentPart
+	(*ImageUrl)(nil),                     // 27: marie.providers.v1.ImageUrl
+	(*ToolCall)(nil),                     // 28: marie.providers.v1.ToolCall
+	(*FunctionCall)(nil),                 // 29: marie.providers.v1.FunctionCall
+	(*ChatMessage)(nil),                  // 30: marie.providers.v1.ChatMessage
+	(*Tool)(nil),                         // 31: marie.providers.v1.Tool
+	(*FunctionDefinition)(nil),           // 32: marie.providers.v1.FunctionDefinition
+	(*ToolChoice)(nil),                   // 33: marie.providers.v1.ToolChoice
+	(*ResponseFormat)(nil),               // 34: marie.providers.v1.ResponseFormat
+	(*SamplingParameters)(nil),           // 35: marie.providers.v1.SamplingParameters
+	(*StreamChatCompletionRequest)(nil),  // 36: marie.providers.v1.StreamChatCompletionRequest
+	(*ToolCallDelta)(nil),                // 37: marie.providers.v1.ToolCallDelta
+	(*Usage)(nil),                        // 38: marie.providers.v1.Usage
+	(*CreateChatCompletionRequest)(nil),  // 39: marie.providers.v1.CreateChatCompletionRequest
+	(*CreateChatCompletionResponse)(nil), // 40: marie.providers.v1.CreateChatCompletionResponse
+	(*StreamChatCompletionResponse)(nil), // 41: marie.providers.v1.StreamChatCompletionResponse
+	(*TokenLogprob)(nil),                 // 42: marie.providers.v1.TokenLogprob
+	(*TopLogprob)(nil),                   // 43: marie.providers.v1.TopLogprob
+	(*CreateEmbeddingsRequest)(nil),      // 44: marie.providers.v1.CreateEmbeddingsRequest
+	(*TokenIds)(nil),                     // 45: marie.providers.v1.TokenIds
+	(*Embedding)(nil),                    // 46: marie.providers.v1.Embedding
+	(*CreateEmbeddingsResponse)(nil),     // 47: marie.providers.v1.CreateEmbeddingsResponse
+	(*StreamCompletionRequest)(nil),      // 48: marie.providers.v1.StreamCompletionRequest
+	(*StreamCompletionResponse)(nil),     // 49: marie.providers.v1.StreamCompletionResponse
+	nil,                                  // 50: marie.providers.v1.ModelInfo.MetadataEntry
+	(*timestamppb.Timestamp)(nil),        // 51: google.protobuf.Timestamp
+	(*structpb.Struct)(nil),              // 52: google.protobuf.Struct
 }
 var file_marie_providers_v1_provider_service_proto_depIdxs = []int32{
-	8,  // 0: marie.providers.v1.ListProvidersResponse.providers:type_name -> marie.providers.v1.Provider
+	9,  // 0: marie.providers.v1.ListProvidersResponse.providers:type_name -> marie.providers.v1.Provider
 	0,  // 1: marie.providers.v1.ProviderHealth.status:type_name -> marie.providers.v1.HealthStatus
-	50, // 2: marie.providers.v1.ProviderHealth.check_time:type_name -> google.protobuf.Timestamp
-	12, // 3: marie.providers.v1.ProviderHealth.deployments:type_name -> marie.providers.v1.DeploymentHealth
+	51, // 2: marie.providers.v1.ProviderHealth.check_time:type_name -> google.protobuf.Timestamp
+	13, // 3: marie.providers.v1.ProviderHealth.deployments:type_name -> marie.providers.v1.DeploymentHealth
 	1,  // 4: marie.providers.v1.DeploymentHealth.circuit:type_name -> marie.providers.v1.CircuitState
-	50, // 5: marie.providers.v1.DeploymentHealth.retry_time:type_name -> google.protobuf.Timestamp
-	11, // 6: marie.providers.v1.GetProviderHealthResponse.providers:type_name -> marie.providers.v1.ProviderHealth
-	2,  // 7: marie.providers.v1.ModelInfo.capabilities:type_name -> marie.providers.v1.ModelCapability
-	49, // 8: marie.providers.v1.ModelInfo.metadata:type_name -> marie.providers.v1.ModelInfo.MetadataEntry
-	50, // 9: marie.providers.v1.ModelInfo.modified_time:type_name -> google.protobuf.Timestamp
-	16, // 10: marie.providers.v1.ModelInfo.route:type_name -> marie.providers.v1.RouteInfo
-	3,  // 11: marie.providers.v1.RouteInfo.kind:type_name -> marie.providers.v1.RouteKind
-	17, // 12: marie.providers.v1.RouteInfo.targets:type_name -> marie.providers.v1.RouteTarget
-	2,  // 13: marie.providers.v1.ListModelsRequest.capability:type_name -> marie.providers.v1.ModelCapability
-	15, // 14: marie.providers.v1.ListModelsResponse.models:type_name -> marie.providers.v1.ModelInfo
-	20, // 15: marie.providers.v1.ListModelsResponse.provider_errors:type_name -> marie.providers.v1.ProviderError
-	15, // 16: marie.providers.v1.GetModelResponse.model:type_name -> marie.providers.v1.ModelInfo
-	15, // 17: marie.providers.v1.SearchModelsResponse.models:type_name -> marie.providers.v1.ModelInfo
-	26, // 18: marie.providers.v1.ContentPart.image_url:type_name -> marie.providers.v1.ImageUrl
-	28, // 19: marie.providers.v1.ToolCall.function:type_name -> marie.providers.v1.FunctionCall
-	4,  // 20: marie.providers.v1.ChatMessage.role:type_name -> marie.providers.v1.Role
-	25, // 21: marie.providers.v1.ChatMessage.parts:type_name -> marie.providers.v1.ContentPart
-	27, // 22: marie.providers.v1.ChatMessage.tool_calls:type_name -> marie.providers.v1.ToolCall
-	31, // 23: marie.providers.v1.Tool.function:type_name -> marie.providers.v1.FunctionDefinition
-	51, // 24: marie.providers.v1.FunctionDefinition.parameters:type_name -> google.protobuf.Struct
-	5,  // 25: marie.providers.v1.ToolChoice.mode:type_name -> marie.providers.v1.ToolChoiceMode
-	6,  // 26: marie.providers.v1.ResponseFormat.type:type_name -> marie.providers.v1.ResponseFormatType
-	51, // 27: marie.providers.v1.ResponseFormat.json_schema:type_name -> google.protobuf.Struct
-	29, // 28: marie.providers.v1.StreamChatCompletionRequest.messages:type_name -> marie.providers.v1.ChatMessage
-	34, // 29: marie.providers.v1.StreamChatCompletionRequest.sampling:type_name -> marie.providers.v1.SamplingParameters
-	33, // 30: marie.providers.v1.StreamChatCompletionRequest.response_format:type_name -> marie.providers.v1.ResponseFormat
-	30, // 31: marie.providers.v1.StreamChatCompletionRequest.tools:type_name -> marie.providers.v1.Tool
-	32, // 32: marie.providers.v1.StreamChatCompletionRequest.tool_choice:type_name -> marie.providers.v1.ToolChoice
-	35, // 33: marie.providers.v1.CreateChatCompletionRequest.chat:type_name -> marie.providers.v1.StreamChatCompletionRequest
-	40, // 34: marie.providers.v1.CreateChatCompletionResponse.chunks:type_name -> marie.providers.v1.StreamChatCompletionResponse
-	4,  // 35: marie.providers.v1.StreamChatCompletionResponse.role:type_name -> marie.providers.v1.Role
-	36, // 36: marie.providers.v1.StreamChatCompletionResponse.tool_calls:type_name -> marie.providers.v1.ToolCallDelta
-	7,  // 37: marie.providers.v1.StreamChatCompletionResponse.finish_reason:type_name -> marie.providers.v1.FinishReason
-	37, // 38: marie.providers.v1.StreamChatCompletionResponse.usage:type_name -> marie.providers.v1.Usage
-	41, // 39: marie.providers.v1.StreamChatCompletionResponse.logprobs:type_name -> marie.providers.v1.TokenLogprob
-	42, // 40: marie.providers.v1.TokenLogprob.top_logprobs:type_name -> marie.providers.v1.TopLogprob
-	44, // 41: marie.providers.v1.CreateEmbeddingsRequest.token_inputs:type_name -> marie.providers.v1.TokenIds
-	45, // 42: marie.providers.v1.CreateEmbeddingsResponse.embeddings:type_name -> marie.providers.v1.Embedding
-	37, // 43: marie.providers.v1.CreateEmbeddingsResponse.usage:type_name -> marie.providers.v1.Usage
-	34, // 44: marie.providers.v1.StreamCompletionRequest.sampling:type_name -> marie.providers.v1.SamplingParameters
-	7,  // 45: marie.providers.v1.StreamCompletionResponse.finish_reason:type_name -> marie.providers.v1.FinishReason
-	37, // 46: marie.providers.v1.StreamCompletionResponse.usage:type_name -> marie.providers.v1.Usage
-	41, // 47: marie.providers.v1.StreamCompletionResponse.logprobs:type_name -> marie.providers.v1.TokenLogprob
-	9,  // 48: marie.providers.v1.ProviderService.ListProviders:input_type -> marie.providers.v1.ListProvidersRequest
-	13, // 49: marie.providers.v1.ProviderService.GetProviderHealth:input_type -> marie.providers.v1.GetProviderHealthRequest
-	18, // 50: marie.providers.v1.ProviderService.ListModels:input_type -> marie.providers.v1.ListModelsRequest
-	21, // 51: marie.providers.v1.ProviderService.GetModel:input_type -> marie.providers.v1.GetModelRequest
-	23, // 52: marie.providers.v1.ProviderService.SearchModels:input_type -> marie.providers.v1.SearchModelsRequest
-	35, // 53: marie.providers.v1.ProviderService.StreamChatCompletion:input_type -> marie.providers.v1.StreamChatCompletionRequest
-	38, // 54: marie.providers.v1.ProviderService.CreateChatCompletion:input_type -> marie.providers.v1.CreateChatCompletionRequest
-	43, // 55: marie.providers.v1.ProviderService.CreateEmbeddings:input_type -> marie.providers.v1.CreateEmbeddingsRequest
-	47, // 56: marie.providers.v1.ProviderService.StreamCompletion:input_type -> marie.providers.v1.StreamCompletionRequest
-	10, // 57: marie.providers.v1.ProviderService.ListProviders:output_type -> marie.providers.v1.ListProvidersResponse
-	14, // 58: marie.providers.v1.ProviderService.GetProviderHealth:output_type -> marie.providers.v1.GetProviderHealthResponse
-	19, // 59: marie.providers.v1.ProviderService.ListModels:output_type -> marie.providers.v1.ListModelsResponse
-	22, // 60: marie.providers.v1.ProviderService.GetModel:output_type -> marie.providers.v1.GetModelResponse
-	24, // 61: marie.providers.v1.ProviderService.SearchModels:output_type -> marie.providers.v1.SearchModelsResponse
-	40, // 62: marie.providers.v1.ProviderService.StreamChatCompletion:output_type -> marie.providers.v1.StreamChatCompletionResponse
-	39, // 63: marie.providers.v1.ProviderService.CreateChatCompletion:output_type -> marie.providers.v1.CreateChatCompletionResponse
-	46, // 64: marie.providers.v1.ProviderService.CreateEmbeddings:output_type -> marie.providers.v1.CreateEmbeddingsResponse
-	48, // 65: marie.providers.v1.ProviderService.StreamCompletion:output_type -> marie.providers.v1.StreamCompletionResponse
-	57, // [57:66] is the sub-list for method output_type
-	48, // [48:57] is the sub-list for method input_type
-	48, // [48:48] is the sub-list for extension type_name
-	48, // [48:48] is the sub-list for extension extendee
-	0,  // [0:48] is the sub-list for field type_name
+	51, // 5: marie.providers.v1.DeploymentHealth.retry_time:type_name -> google.protobuf.Timestamp
+	2,  // 6: marie.providers.v1.DeploymentHealth.operation:type_name -> marie.providers.v1.Operation
+	12, // 7: marie.providers.v1.GetProviderHealthResponse.providers:type_name -> marie.providers.v1.ProviderHealth
+	3,  // 8: marie.providers.v1.ModelInfo.capabilities:type_name -> marie.providers.v1.ModelCapability
+	50, // 9: marie.providers.v1.ModelInfo.metadata:type_name -> marie.providers.v1.ModelInfo.MetadataEntry
+	51, // 10: marie.providers.v1.ModelInfo.modified_time:type_name -> google.protobuf.Timestamp
+	17, // 11: marie.providers.v1.ModelInfo.route:type_name -> marie.providers.v1.RouteInfo
+	4,  // 12: marie.providers.v1.RouteInfo.kind:type_name -> marie.providers.v1.RouteKind
+	18, // 13: marie.providers.v1.RouteInfo.targets:type_name -> marie.providers.v1.RouteTarget
+	3,  // 14: marie.providers.v1.ListModelsRequest.capability:type_name -> marie.providers.v1.ModelCapability
+	16, // 15: marie.providers.v1.ListModelsResponse.models:type_name -> marie.providers.v1.ModelInfo
+	21, // 16: marie.providers.v1.ListModelsResponse.provider_errors:type_name -> marie.providers.v1.ProviderError
+	16, // 17: marie.providers.v1.GetModelResponse.model:type_name -> marie.providers.v1.ModelInfo
+	16, // 18: marie.providers.v1.SearchModelsResponse.models:type_name -> marie.providers.v1.ModelInfo
+	27, // 19: marie.providers.v1.ContentPart.image_url:type_name -> marie.providers.v1.ImageUrl
+	29, // 20: marie.providers.v1.ToolCall.function:type_name -> marie.providers.v1.FunctionCall
+	5,  // 21: marie.providers.v1.ChatMessage.role:type_name -> marie.providers.v1.Role
+	26, // 22: marie.providers.v1.ChatMessage.parts:type_name -> marie.providers.v1.ContentPart
+	28, // 23: marie.providers.v1.ChatMessage.tool_calls:type_name -> marie.providers.v1.ToolCall
+	32, // 24: marie.providers.v1.Tool.function:type_name -> marie.providers.v1.FunctionDefinition
+	52, // 25: marie.providers.v1.FunctionDefinition.parameters:type_name -> google.protobuf.Struct
+	6,  // 26: marie.providers.v1.ToolChoice.mode:type_name -> marie.providers.v1.ToolChoiceMode
+	7,  // 27: marie.providers.v1.ResponseFormat.type:type_name -> marie.providers.v1.ResponseFormatType
+	52, // 28: marie.providers.v1.ResponseFormat.json_schema:type_name -> google.protobuf.Struct
+	30, // 29: marie.providers.v1.StreamChatCompletionRequest.messages:type_name -> marie.providers.v1.ChatMessage
+	35, // 30: marie.providers.v1.StreamChatCompletionRequest.sampling:type_name -> marie.providers.v1.SamplingParameters
+	34, // 31: marie.providers.v1.StreamChatCompletionRequest.response_format:type_name -> marie.providers.v1.ResponseFormat
+	31, // 32: marie.providers.v1.StreamChatCompletionRequest.tools:type_name -> marie.providers.v1.Tool
+	33, // 33: marie.providers.v1.StreamChatCompletionRequest.tool_choice:type_name -> marie.providers.v1.ToolChoice
+	36, // 34: marie.providers.v1.CreateChatCompletionRequest.chat:type_name -> marie.providers.v1.StreamChatCompletionRequest
+	41, // 35: marie.providers.v1.CreateChatCompletionResponse.chunks:type_name -> marie.providers.v1.StreamChatCompletionResponse
+	5,  // 36: marie.providers.v1.StreamChatCompletionResponse.role:type_name -> marie.providers.v1.Role
+	37, // 37: marie.providers.v1.StreamChatCompletionResponse.tool_calls:type_name -> marie.providers.v1.ToolCallDelta
+	8,  // 38: marie.providers.v1.StreamChatCompletionResponse.finish_reason:type_name -> marie.providers.v1.FinishReason
+	38, // 39: marie.providers.v1.StreamChatCompletionResponse.usage:type_name -> marie.providers.v1.Usage
+	42, // 40: marie.providers.v1.StreamChatCompletionResponse.logprobs:type_name -> marie.providers.v1.TokenLogprob
+	43, // 41: marie.providers.v1.TokenLogprob.top_logprobs:type_name -> marie.providers.v1.TopLogprob
+	45, // 42: marie.providers.v1.CreateEmbeddingsRequest.token_inputs:type_name -> marie.providers.v1.TokenIds
+	46, // 43: marie.providers.v1.CreateEmbeddingsResponse.embeddings:type_name -> marie.providers.v1.Embedding
+	38, // 44: marie.providers.v1.CreateEmbeddingsResponse.usage:type_name -> marie.providers.v1.Usage
+	35, // 45: marie.providers.v1.StreamCompletionRequest.sampling:type_name -> marie.providers.v1.SamplingParameters
+	8,  // 46: marie.providers.v1.StreamCompletionResponse.finish_reason:type_name -> marie.providers.v1.FinishReason
+	38, // 47: marie.providers.v1.StreamCompletionResponse.usage:type_name -> marie.providers.v1.Usage
+	42, // 48: marie.providers.v1.StreamCompletionResponse.logprobs:type_name -> marie.providers.v1.TokenLogprob
+	10, // 49: marie.providers.v1.ProviderService.ListProviders:input_type -> marie.providers.v1.ListProvidersRequest
+	14, // 50: marie.providers.v1.ProviderService.GetProviderHealth:input_type -> marie.providers.v1.GetProviderHealthRequest
+	19, // 51: marie.providers.v1.ProviderService.ListModels:input_type -> marie.providers.v1.ListModelsRequest
+	22, // 52: marie.providers.v1.ProviderService.GetModel:input_type -> marie.providers.v1.GetModelRequest
+	24, // 53: marie.providers.v1.ProviderService.SearchModels:input_type -> marie.providers.v1.SearchModelsRequest
+	36, // 54: marie.providers.v1.ProviderService.StreamChatCompletion:input_type -> marie.providers.v1.StreamChatCompletionRequest
+	39, // 55: marie.providers.v1.ProviderService.CreateChatCompletion:input_type -> marie.providers.v1.CreateChatCompletionRequest
+	44, // 56: marie.providers.v1.ProviderService.CreateEmbeddings:input_type -> marie.providers.v1.CreateEmbeddingsRequest
+	48, // 57: marie.providers.v1.ProviderService.StreamCompletion:input_type -> marie.providers.v1.StreamCompletionRequest
+	11, // 58: marie.providers.v1.ProviderService.ListProviders:output_type -> marie.providers.v1.ListProvidersResponse
+	15, // 59: marie.providers.v1.ProviderService.GetProviderHealth:output_type -> marie.providers.v1.GetProviderHealthResponse
+	20, // 60: marie.providers.v1.ProviderService.ListModels:output_type -> marie.providers.v1.ListModelsResponse
+	23, // 61: marie.providers.v1.ProviderService.GetModel:output_type -> marie.providers.v1.GetModelResponse
+	25, // 62: marie.providers.v1.ProviderService.SearchModels:output_type -> marie.providers.v1.SearchModelsResponse
+	41, // 63: marie.providers.v1.ProviderService.StreamChatCompletion:output_type -> marie.providers.v1.StreamChatCompletionResponse
+	40, // 64: marie.providers.v1.ProviderService.CreateChatCompletion:output_type -> marie.providers.v1.CreateChatCompletionResponse
+	47, // 65: marie.providers.v1.ProviderService.CreateEmbeddings:output_type -> marie.providers.v1.CreateEmbeddingsResponse
+	49, // 66: marie.providers.v1.ProviderService.StreamCompletion:output_type -> marie.providers.v1.StreamCompletionResponse
+	58, // [58:67] is the sub-list for method output_type
+	49, // [49:58] is the sub-list for method input_type
+	49, // [49:49] is the sub-list for extension type_name
+	49, // [49:49] is the sub-list for extension extendee
+	0,  // [0:49] is the sub-list for field type_name
 }
 
 func init() { file_marie_providers_v1_provider_service_proto_init() }
@@ -4084,7 +4195,7 @@ func file_marie_providers_v1_provider_service_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_marie_providers_v1_provider_service_proto_rawDesc), len(file_marie_providers_v1_provider_service_proto_rawDesc)),
-			NumEnums:      8,
+			NumEnums:      9,
 			NumMessages:   42,
 			NumExtensions: 0,
 			NumServices:   1,

@@ -48,12 +48,25 @@ const (
 // could not be reached; metadata "provider" names it, the address is in the
 // service's log and in GetProviderHealth), UPSTREAM_ERROR (the upstream
 // answered with an error; metadata "upstream_status" carries its HTTP status),
-// UPSTREAM_AUTH_FAILED (the upstream refused Marie's own credentials; never
-// the caller's key), UPSTREAM_RATE_LIMITED (metadata "retry_after_seconds"
-// when the upstream said how long to wait), UPSTREAM_BAD_REQUEST (metadata
+// UPSTREAM_AUTH_FAILED (the upstream refused Marie's own credentials, never
+// the caller's key; or the provider has none: metadata "api_key_env" then
+// names the environment variable to set), UPSTREAM_RATE_LIMITED (metadata
+// "retry_after_seconds" when the upstream said how long to wait),
+// UPSTREAM_BAD_REQUEST (metadata
 // "field" when the upstream named one), UPSTREAM_TIMEOUT, CIRCUIT_OPEN (every
-// deployment of the model is failing and skipped for a while),
-// DEPLOYMENT_BUSY (over the concurrency limit), INTERNAL.
+// deployment of the model is failing and skipped for a while; UNAVAILABLE
+// with metadata "provider", "model", "operation" and "retry_after_seconds",
+// the wait until the circuit lets a probe through), DEPLOYMENT_BUSY (over
+// the concurrency limit), INPUT_TOO_LARGE (INVALID_ARGUMENT: the upstream
+// refused an input over its context or batch size), UNSUPPORTED_BY_PROVIDER
+// (INVALID_ARGUMENT: the upstream cannot do what was asked, e.g. embeddings
+// on a server started without them), INTERNAL.
+//
+// Calls whose metadata carries "x-marie-lane: background" (Marie's own
+// background work) travel in a lane of their own: they never take the
+// half-open probe of a circuit breaker (an open circuit refuses them at once
+// with CIRCUIT_OPEN and the wait), and they have their own concurrency limit
+// per model, so a user's request is never queued behind them.
 type ProviderServiceClient interface {
 	// Lists the configured providers and what each supports.
 	ListProviders(ctx context.Context, in *ListProvidersRequest, opts ...grpc.CallOption) (*ListProvidersResponse, error)
@@ -229,12 +242,25 @@ type ProviderService_StreamCompletionClient = grpc.ServerStreamingClient[StreamC
 // could not be reached; metadata "provider" names it, the address is in the
 // service's log and in GetProviderHealth), UPSTREAM_ERROR (the upstream
 // answered with an error; metadata "upstream_status" carries its HTTP status),
-// UPSTREAM_AUTH_FAILED (the upstream refused Marie's own credentials; never
-// the caller's key), UPSTREAM_RATE_LIMITED (metadata "retry_after_seconds"
-// when the upstream said how long to wait), UPSTREAM_BAD_REQUEST (metadata
+// UPSTREAM_AUTH_FAILED (the upstream refused Marie's own credentials, never
+// the caller's key; or the provider has none: metadata "api_key_env" then
+// names the environment variable to set), UPSTREAM_RATE_LIMITED (metadata
+// "retry_after_seconds" when the upstream said how long to wait),
+// UPSTREAM_BAD_REQUEST (metadata
 // "field" when the upstream named one), UPSTREAM_TIMEOUT, CIRCUIT_OPEN (every
-// deployment of the model is failing and skipped for a while),
-// DEPLOYMENT_BUSY (over the concurrency limit), INTERNAL.
+// deployment of the model is failing and skipped for a while; UNAVAILABLE
+// with metadata "provider", "model", "operation" and "retry_after_seconds",
+// the wait until the circuit lets a probe through), DEPLOYMENT_BUSY (over
+// the concurrency limit), INPUT_TOO_LARGE (INVALID_ARGUMENT: the upstream
+// refused an input over its context or batch size), UNSUPPORTED_BY_PROVIDER
+// (INVALID_ARGUMENT: the upstream cannot do what was asked, e.g. embeddings
+// on a server started without them), INTERNAL.
+//
+// Calls whose metadata carries "x-marie-lane: background" (Marie's own
+// background work) travel in a lane of their own: they never take the
+// half-open probe of a circuit breaker (an open circuit refuses them at once
+// with CIRCUIT_OPEN and the wait), and they have their own concurrency limit
+// per model, so a user's request is never queued behind them.
 type ProviderServiceServer interface {
 	// Lists the configured providers and what each supports.
 	ListProviders(context.Context, *ListProvidersRequest) (*ListProvidersResponse, error)

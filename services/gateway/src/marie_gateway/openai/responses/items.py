@@ -443,6 +443,9 @@ class ResponseBuilder:
         """The response failed mid-way: an `error` event, then `response.failed`
         with what was produced so far."""
         code = error.code if error.code in _ERROR_CODES else "server_error"
+        # What had arrived is part of the answer (its deltas were sent): the
+        # open items keep it, marked incomplete.
+        self._close_incomplete()
         self.response["status"] = "failed"
         self.response["error"] = {"code": code, "message": error.message}
         if self.usage is not None:
@@ -451,6 +454,16 @@ class ResponseBuilder:
             self._event("error", code=error.code, message=error.message, param=error.param),
             self._event("response.failed", response=self._snapshot()),
         ]
+
+    def _close_incomplete(self) -> None:
+        """Close the open items without events, as cut short."""
+        if self._message is not None:
+            item = self._message
+            self._close_message()
+            item["status"] = "incomplete"
+        for item in self._calls.values():
+            if item["status"] == "in_progress":
+                item["status"] = "incomplete"
 
     def cancelled(self) -> None:
         """The client left mid-answer: what is kept says so."""

@@ -30,6 +30,7 @@ from marie_gateway.access.tenancy import responses_user_id
 from marie_gateway.core import Gateway
 from marie_gateway.http.bodies import JSONResponse, parse_body
 from marie_gateway.http.errors import ApiError, bad_request
+from marie_gateway.http.params import MAX_ID_LENGTH, int_query, path_text, text_query
 from marie_gateway.http.sse import EventStreamResponse, typed_event
 from marie_gateway.openai.enrichment import enrich_chat
 from marie_gateway.openai.generation import ChatCall, open_chat
@@ -125,7 +126,7 @@ class ResponsesRoutes:
         tenant = await self._tenant(request)
         if request.query_params.get("stream") in ("true", "1"):
             raise bad_request("Streaming a stored response again is not supported.", "stream")
-        record = await self.store.load(tenant, request.path_params["response_id"])
+        record = await self.store.load(tenant, path_text(request, "response_id"))
         return JSONResponse(record["response"])
 
     async def list_input(self, request: Request) -> Response:
@@ -134,20 +135,18 @@ class ResponsesRoutes:
         order = params.get("order", "desc")
         if order not in ("asc", "desc"):
             raise bad_request("'order' is 'asc' or 'desc'.", "order")
-        raw_limit = params.get("limit", str(DEFAULT_PAGE))
-        if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_PAGE:
-            raise bad_request(f"'limit' is a whole number from 1 to {MAX_PAGE}.", "limit")
-        record = await self.store.load(tenant, request.path_params["response_id"])
+        limit = int_query(request, "limit", default=DEFAULT_PAGE, minimum=1, maximum=MAX_PAGE)
+        record = await self.store.load(tenant, path_text(request, "response_id"))
         items: list[dict[str, Any]] = record["input"]
         if order == "desc":
             items = items[::-1]
-        after = params.get("after")
+        after = text_query(request, "after", MAX_ID_LENGTH)
         if after:
             ids = [i["id"] for i in items]
             if after not in ids:
                 raise bad_request(f"No input item with id '{after}'.", "after")
             items = items[ids.index(after) + 1 :]
-        page = items[: int(raw_limit)]
+        page = items[:limit]
         return JSONResponse(
             {
                 "object": "list",
@@ -160,7 +159,7 @@ class ResponsesRoutes:
 
     async def delete(self, request: Request) -> Response:
         tenant = await self._tenant(request)
-        response_id = request.path_params["response_id"]
+        response_id = path_text(request, "response_id")
         await self.store.delete(tenant, response_id)
         return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})
 

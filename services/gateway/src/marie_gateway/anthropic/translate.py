@@ -1,0 +1,429 @@
+"""Translation between Anthropic's Messages API and the providers contract:
+a Messages request (or a token count) becomes a `StreamChatCompletionRequest`;
+the providers' chunks become a `message`, or its stream of events.
+
+What a model behind Marie cannot do is refused here with a 400 naming the
+field (`thinking`, server tools, documents, citations, MCP servers,
+containers); see the gateway README for the whole list."""
+
+from __future__ import annotations
+
+import secrets
+import string
+from typing import Any
+
+import orjson
+from marie.providers.v1 import provider_service_pb2 as pb
+
+from marie_gateway.anthropic.schemas import (
+    CountTokensRequest,
+    ImageBlock,
+    MessageParam,
+    MessagesRequest,
+    TextBlock,
+    ToolChoiceAny,
+    ToolChoiceAuto,
+    ToolChoiceNone,
+    ToolChoiceTool,
+    ToolResultBlock,
+    ToolUseBlock,
+    UnsupportedBlock,
+)
+from marie_gateway.http.errors import ApiError, bad_request
+from marie_gateway.openai.mapping import json_text
+
+_ALPHABET = string.ascii_letters + string.digits
+#: Anthropic's stop reasons of the providers' finish reasons.
+STOP_REASONS: dict[int, str] = {
+    pb.FINISH_REASON_UNSPECIFIED: "end_turn",
+    pb.FINISH_REASON_STOP: "end_turn",
+    pb.FINISH_REASON_LENGTH: "max_tokens",
+    pb.FINISH_REASON_TOOL_CALLS: "tool_use",
+    pb.FINISH_REASON_CONTENT_FILTER: "refusal",
+}
+#: Prefixed to the text of a `tool_result` with `is_error`: the chat contract
+#: has no such flag, and the model must still learn the tool failed.
+TOOL_ERROR_PREFIX = "Error: "
+#: `thinking` types a model that never thinks honours as it is: `adaptive`
+#: leaves it to the model whether to think (Claude Code sends it by default).
+THINKING_ACCEPTED = frozenset({"adaptive", "disabled"})
+
+
+def new_id(prefix: str) -> str:
+    """An id in Anthropic's form: `msg_01…`, `toolu_01…` (24 base62 characters)."""
+    return f"{prefix}_01" + "".join(secrets.choice(_ALPHABET) for _ in range(22))
+
+
+def unsupported(path: str, what: str) -> ApiError:
+    return bad_request(f"{path}: {what}", path)
+
+
+def _image_part(block: ImageBlock) -> pb.ContentPart:
+    source = block.source
+    if source.type == "base64":
+        url = f"data:{source.media_type};base64,{source.data}"
+    else:
+        url = source.url
+    return pb.ContentPart(image_url=pb.ImageUrl(url=url))
+
+
+def _text_of(blocks: list[TextBlock], path: str) -> str:
+    for i, block in enumerate(blocks):
+        if block.citations:
+            raise unsupported(f"{path}.{i}.citations", "citations are not supported here.")
+    return "\n".join(b.text for b in blocks)
+
+
+def _tool_result(block: ToolResultBlock, path: str) -> tuple[pb.ChatMessage, list[pb.ContentPart]]:
+    """The tool message of a result, and the images it held (they follow in a
+    user message: tool messages carry text only upstream)."""
+    images: list[pb.ContentPart] = []
+    if isinstance(block.content, str) or block.content is None:
+        text = block.content or ""
+    else:
+        texts = []
+        for i, part in enumerate(block.content):
+            if isinstance(part, TextBlock):
+                if part.citations:
+                    raise unsupported(
+                        f"{path}.content.{i}.citations", "citations are not supported here."
+                    )
+                texts.append(part.text)
+            else:
+                images.append(_image_part(part))
+        text = "\n".join(texts)
+    if block.is_error:
+        text = TOOL_ERROR_PREFIX + text
+    return pb.ChatMessage(role=pb.ROLE_TOOL, content=text, tool_call_id=block.tool_use_id), images
+
+
+def _blocked(block: UnsupportedBlock, path: str) -> ApiError:
+    kind = block.type
+    if kind in ("thinking", "redacted_thinking"):
+        what = "thinking blocks are not supported: no model behind Marie thinks on request."
+    elif kind in {"document", "search_result"}:
+        what = f"{kind} blocks are not supported here; send the text as a text block."
+    else:
+        what = f"{kind} blocks belong to Anthropic's server tools, which are not available here."
+    return unsupported(f"{path}.type", what)
+
+
+def _messages(param: MessageParam, path: str) -> list[pb.ChatMessage]:
+    """The chat messages of one Anthropic message: a user turn's tool results
+    first (each a tool message), then its text and images; an assistant turn's
+    text and tool calls as one message."""
+    role = pb.ROLE_USER if param.role == "user" else pb.ROLE_ASSISTANT
+    if isinstance(param.content, str):
+        return [pb.ChatMessage(role=role, content=param.content)] if param.content else []
+    out: list[pb.ChatMessage] = []
+    turn = pb.ChatMessage(role=role)
+    texts: list[str] = []
+    has_image = False
+    for i, block in enumerate(param.content):
+        where = f"{path}.content.{i}"
+        if isinstance(block, UnsupportedBlock):
+            raise _blocked(block, where)
+        if isinstance(block, TextBlock):
+            if block.citations:
+                raise unsupported(f"{where}.citations", "citations are not supported here.")
+            texts.append(block.text)
+            turn.parts.add(text=block.text)
+        elif isinstance(block, ImageBlock):
+            if role != pb.ROLE_USER:
+                raise unsupported(f"{where}.type", "images are sent in user messages.")
+            has_image = True
+            turn.parts.append(_image_part(block))
+        elif isinstance(block, ToolUseBlock):
+            if role != pb.ROLE_ASSISTANT:
+                raise unsupported(
+                    f"{where}.type", "tool_use blocks are sent in assistant messages."
+                )
+            turn.tool_calls.add(
+                id=block.id,
+                type="function",
+                function=pb.FunctionCall(name=block.name, arguments=json_text(block.input)),
+            )
+        else:
+            if role != pb.ROLE_USER:
+                raise unsupported(f"{where}.type", "tool_result blocks are sent in user messages.")
+            tool, images = _tool_result(block, where)
+            out.append(tool)
+            if images:
+                out.append(pb.ChatMessage(role=pb.ROLE_USER, parts=images))
+    if not has_image:
+        # Text only: one string, as every upstream takes it.
+        del turn.parts[:]
+        turn.content = "\n".join(texts) if len(texts) != 1 else texts[0]
+    if texts or has_image or turn.tool_calls:
+        out.append(turn)
+    return out
+
+
+def _refuse_unavailable(body: MessagesRequest | CountTokensRequest) -> None:
+    if body.thinking is not None and body.thinking.get("type") not in THINKING_ACCEPTED:
+        raise unsupported(
+            "thinking",
+            "extended thinking is not supported: no model behind Marie thinks on request"
+            " (send none, or type 'adaptive' or 'disabled').",
+        )
+    if body.mcp_servers:
+        raise unsupported("mcp_servers", "MCP servers are not supported here.")
+    if isinstance(body, MessagesRequest) and body.container is not None:
+        raise unsupported("container", "code-execution containers are not supported here.")
+    for i, tool in enumerate(body.tools or ()):
+        if tool.type not in (None, "custom"):
+            raise unsupported(
+                f"tools.{i}.type",
+                f"'{tool.type}' is one of Anthropic's server tools, which are not available"
+                " here; define a client tool with name, description and input_schema.",
+            )
+        if tool.input_schema is None:
+            raise bad_request(f"tools.{i}.input_schema: Field required", f"tools.{i}.input_schema")
+
+
+def to_chat(
+    body: MessagesRequest | CountTokensRequest,
+    message_id: str,
+    *,
+    aggregate: bool,
+    max_tokens: int | None = None,
+) -> pb.StreamChatCompletionRequest:
+    """The providers request for a Messages request (a token count passes
+    `max_tokens`, having none of its own)."""
+    _refuse_unavailable(body)
+    if not body.messages:
+        raise bad_request("messages: at least one message is required", "messages")
+    chat = pb.StreamChatCompletionRequest(
+        model=body.model, completion_id=message_id, aggregate=aggregate
+    )
+    if isinstance(body.system, str):
+        if body.system:
+            chat.messages.add(role=pb.ROLE_SYSTEM, content=body.system)
+    elif body.system:
+        chat.messages.add(role=pb.ROLE_SYSTEM, content=_text_of(body.system, "system"))
+    last = len(body.messages) - 1
+    for i, param in enumerate(body.messages):
+        turn = _messages(param, f"messages.{i}")
+        if not turn and not (i == last and param.role == "assistant"):
+            raise bad_request(
+                f"messages.{i}: all messages must have non-empty content except for the"
+                " optional final assistant message",
+                f"messages.{i}",
+            )
+        chat.messages.extend(turn)
+    for tool in body.tools or ():
+        chat.tools.add(
+            type="function",
+            function=pb.FunctionDefinition(
+                name=tool.name,
+                description=tool.description or "",
+                parameters_json=json_text(tool.input_schema or {}),
+            ),
+        )
+    choice = body.tool_choice
+    if isinstance(choice, ToolChoiceTool):
+        if choice.name not in {t.name for t in body.tools or ()}:
+            raise bad_request(
+                "tool_choice.name: names a tool that is not in tools", "tool_choice.name"
+            )
+        chat.tool_choice.mode = pb.TOOL_CHOICE_MODE_FUNCTION
+        chat.tool_choice.function_name = choice.name
+    elif isinstance(choice, ToolChoiceAny):
+        chat.tool_choice.mode = pb.TOOL_CHOICE_MODE_REQUIRED
+    elif isinstance(choice, ToolChoiceNone):
+        chat.tool_choice.mode = pb.TOOL_CHOICE_MODE_NONE
+    elif isinstance(choice, ToolChoiceAuto):
+        chat.tool_choice.mode = pb.TOOL_CHOICE_MODE_AUTO
+    output = body.output_config.format if body.output_config else None
+    if output is not None:
+        chat.response_format.type = pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA
+        chat.response_format.name = "output"
+        chat.response_format.json_schema_json = json_text(output.schema_)
+        chat.response_format.strict = True
+    s = chat.sampling
+    if isinstance(body, MessagesRequest):
+        s.max_tokens = body.max_tokens
+        if body.temperature is not None:
+            s.temperature = body.temperature
+        if body.top_p is not None:
+            s.top_p = body.top_p
+        if body.top_k:
+            s.top_k = body.top_k
+        if body.stop_sequences:
+            s.stop.extend(body.stop_sequences)
+        if body.metadata is not None and body.metadata.user_id:
+            chat.user = body.metadata.user_id
+    elif max_tokens is not None:
+        s.max_tokens = max_tokens
+    return chat
+
+
+def single_tool_call(body: MessagesRequest) -> bool:
+    """Whether the answer keeps only the first tool call (`disable_parallel_tool_use`)."""
+    choice = body.tool_choice
+    return not isinstance(choice, ToolChoiceNone | None) and bool(choice.disable_parallel_tool_use)
+
+
+# -- answers --------------------------------------------------------------------
+
+
+def usage(input_tokens: int, output_tokens: int) -> dict[str, int]:
+    return {
+        "input_tokens": input_tokens,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 0,
+        "output_tokens": output_tokens,
+    }
+
+
+class MessageBuilder:
+    """Folds the providers' chunks into Anthropic's content blocks, as the
+    events of a stream (`add` returns them) and as the whole `message`."""
+
+    def __init__(self, message_id: str, model: str, *, single_tool: bool) -> None:
+        self.message_id = message_id
+        self.model = model
+        self._single_tool = single_tool
+        self.blocks: list[dict[str, Any]] = []
+        # The open block: its index in `blocks`, and for a tool call its
+        # upstream index and the JSON text of its input so far.
+        self._open: int | None = None
+        self._tool_index: int | None = None
+        self._json: dict[int, list[str]] = {}
+        self._tools: dict[int, int] = {}  # upstream tool index -> block index
+        self._skipped: set[int] = set()
+        self.finish = pb.FINISH_REASON_UNSPECIFIED
+        self.input_tokens = 0
+        self.output_tokens = 0
+
+    def start(self) -> list[dict[str, Any]]:
+        """The stream's first event."""
+        message = self.message(stop_reason=None)
+        return [{"type": "message_start", "message": message}]
+
+    def _close(self) -> list[dict[str, Any]]:
+        if self._open is None:
+            return []
+        index, self._open = self._open, None
+        return [{"type": "content_block_stop", "index": index}]
+
+    def _begin(self, block: dict[str, Any]) -> list[dict[str, Any]]:
+        events = self._close()
+        self.blocks.append(block)
+        self._open = len(self.blocks) - 1
+        shown = {**block, "input": {}} if block["type"] == "tool_use" else {**block, "text": ""}
+        events.append({"type": "content_block_start", "index": self._open, "content_block": shown})
+        if self._open == 0:
+            events.append({"type": "ping"})
+        return events
+
+    def add(self, chunk: pb.StreamChatCompletionResponse) -> list[dict[str, Any]]:
+        events: list[dict[str, Any]] = []
+        if chunk.content:
+            if self._open is None or self.blocks[self._open]["type"] != "text":
+                events += self._begin({"type": "text", "text": ""})
+            assert self._open is not None
+            self.blocks[self._open]["text"] += chunk.content
+            events.append(
+                {
+                    "type": "content_block_delta",
+                    "index": self._open,
+                    "delta": {"type": "text_delta", "text": chunk.content},
+                }
+            )
+        for call in chunk.tool_calls:
+            events += self._tool_delta(call)
+        if chunk.finish_reason:
+            self.finish = chunk.finish_reason
+        if chunk.HasField("usage"):
+            self.input_tokens = chunk.usage.prompt_tokens
+            self.output_tokens = chunk.usage.completion_tokens
+        return events
+
+    def _tool_delta(self, call: pb.ToolCallDelta) -> list[dict[str, Any]]:
+        events: list[dict[str, Any]] = []
+        if call.index in self._skipped:
+            return events
+        block_index = self._tools.get(call.index)
+        if block_index is None:
+            if self._single_tool and self._tools:
+                self._skipped.add(call.index)
+                return events
+            events += self._begin(
+                {"type": "tool_use", "id": new_id("toolu"), "name": call.name, "input": {}}
+            )
+            assert self._open is not None
+            block_index = self._tools[call.index] = self._open
+            self._json[block_index] = []
+        elif call.name and not self.blocks[block_index]["name"]:
+            self.blocks[block_index]["name"] = call.name
+        if call.arguments:
+            self._json[block_index].append(call.arguments)
+            if self._open != block_index:
+                # Interleaved calls (rare): Anthropic's blocks do not interleave,
+                # so a late fragment reopens nothing and joins its block's input.
+                return events
+            events.append(
+                {
+                    "type": "content_block_delta",
+                    "index": block_index,
+                    "delta": {"type": "input_json_delta", "partial_json": call.arguments},
+                }
+            )
+        return events
+
+    def stop_reason(self) -> str:
+        if self._tools and self.finish in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_UNSPECIFIED):
+            return "tool_use"
+        return STOP_REASONS.get(self.finish, "end_turn")
+
+    def finish_events(self) -> list[dict[str, Any]]:
+        """The stream's last events: the open block closed, the stop reason
+        and usage, `message_stop`."""
+        events = self._close()
+        events.append(
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": self.stop_reason(), "stop_sequence": None},
+                "usage": usage(self.input_tokens, self.output_tokens),
+            }
+        )
+        events.append({"type": "message_stop"})
+        return events
+
+    def _content(self) -> list[dict[str, Any]]:
+        out = []
+        for index, block in enumerate(self.blocks):
+            if block["type"] == "tool_use":
+                out.append({**block, "input": _tool_input(self._json.get(index, []))})
+            else:
+                out.append(block)
+        return out
+
+    def message(self, *, stop_reason: str | None = "") -> dict[str, Any]:
+        """The `message` object: whole (by default), or as `message_start` shows it."""
+        final = stop_reason == ""
+        return {
+            "id": self.message_id,
+            "type": "message",
+            "role": "assistant",
+            "model": self.model,
+            "content": self._content() if final else [],
+            "stop_reason": self.stop_reason() if final else None,
+            "stop_sequence": None,
+            "usage": usage(self.input_tokens, self.output_tokens),
+        }
+
+
+def _tool_input(fragments: list[str]) -> dict[str, Any]:
+    """A tool call's input object from its JSON text; a model that wrote no
+    arguments called it with `{}`, and text that is not a JSON object is kept
+    whole under `"input"` rather than lost."""
+    text = "".join(fragments).strip()
+    if not text:
+        return {}
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return {"input": text}
+    return value if isinstance(value, dict) else {"input": value}
