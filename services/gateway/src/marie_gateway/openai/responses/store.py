@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
@@ -83,6 +84,8 @@ class ResponseStore:
                     title="OpenAI response",
                     model=model[:256],
                     metadata={"object": "response"},
+                    # A call retried on another replica creates one.
+                    request_id="gw:" + secrets.token_hex(16),
                 ),
                 timeout=timeout,
                 metadata=metadata,
