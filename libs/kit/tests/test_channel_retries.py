@@ -22,7 +22,7 @@ class Replica:
     calls: list[str] = field(default_factory=list)
     server: grpc.aio.Server | None = None
 
-    def handler(self, method: str) -> grpc.RpcMethodHandler:
+    def handler(self, method: str) -> grpc.RpcMethodHandler[bytes, bytes]:
         async def answer(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
             self.calls.append(method)
             if self.dying:
