@@ -28,8 +28,8 @@ CHANNEL_OPTIONS: tuple[tuple[str, int | str], ...] = (
 #: Calls that may run twice with the same effect: a call of these that fails
 #: UNAVAILABLE (its replica is dying: GOAWAY, reset, refused connection, or
 #: readiness gone) is made once more, on another replica when the target has
-#: several (round_robin moves on). Reads, and model calls (whose dying
-#: replica never answered or recorded them).
+#: several (round_robin moves on). Reads and embeddings; never a chat, which
+#: the dying replica may have run upstream already (it is not run twice).
 IDEMPOTENT_METHODS: dict[str, tuple[str, ...]] = {
     "marie.providers.v1.ProviderService": (
         "ListProviders",
@@ -37,9 +37,6 @@ IDEMPOTENT_METHODS: dict[str, tuple[str, ...]] = {
         "ListModels",
         "GetModel",
         "SearchModels",
-        "CreateChatCompletion",
-        "StreamChatCompletion",
-        "StreamCompletion",
         "CreateEmbeddings",
     ),
     "marie.auth.v1.AuthService": ("GetApiKey", "ListApiKeys", "ValidateApiKey", "QueryUsage"),
