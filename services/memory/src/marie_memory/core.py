@@ -712,9 +712,14 @@ class MemoryCore:
 
     async def add_memories(self, request: AddRequest) -> tuple[list[AddResult], str]:
         model = await self._check_add_fully(request)
+        if not request.infer and self.store.claims_texts:
+            # The store keeps one memory per text however many calls (or
+            # replicas) add it at once: no turns to take.
+            plan = await self._apply(request.user_id, await self._plan(request, model))
+            return list(plan.results), model
         # The lock spares this process's calls for one user a race among
-        # themselves; nothing rests on it: other replicas' races end in the
-        # store's text claims (DuplicateMemory), as NONE.
+        # themselves; nothing rests on it with a store that claims texts:
+        # other replicas' races end in the claims (DuplicateMemory), as NONE.
         async with self._user_locks[request.user_id]:
             plan = await self._plan(request, model)
             plan = await self._apply(request.user_id, plan)
@@ -762,11 +767,12 @@ class MemoryCore:
                 for r in results
             ]
 
-        for change in list(changes):
-            if change.event == EVENT_ADD:
-                found = await self.store.find_memory_by_hash(user_id, change.memory.hash)
-                if found is not None:
-                    keep(found)
+        if not self.store.claims_texts:  # else the store refuses a duplicate itself
+            for change in list(changes):
+                if change.event == EVENT_ADD:
+                    found = await self.store.find_memory_by_hash(user_id, change.memory.hash)
+                    if found is not None:
+                        keep(found)
         while changes:
             try:
                 await self.store.apply_memory_changes(user_id, changes)

@@ -43,6 +43,10 @@ class Store(Protocol):
     the core turns them into page tokens.
     """
 
+    #: Whether the store itself keeps one memory per text of a user under
+    #: concurrent adds (raising DuplicateMemory), across processes.
+    claims_texts: bool
+
     async def close(self) -> None: ...
 
     async def probe_write(self) -> None:

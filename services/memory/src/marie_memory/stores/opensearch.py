@@ -40,6 +40,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from marie_kit.settings import opensearch_hosts
 from opensearchpy import AsyncOpenSearch, ConflictError, NotFoundError, TransportError
 
 from marie_memory.records import (
@@ -70,6 +71,8 @@ MAX_RESULTS = 10_000
 #: How long a claim on a text without its memory is taken for a write in
 #: progress (then for a writer that died).
 CLAIM_WRITE_SECONDS = 5.0
+#: The `meta` document that says every stored memory's text is claimed.
+CLAIMS_DONE = "hash_claims_complete"
 #: Request ids of a conversation's most recent appends, kept on its document:
 #: how far back a retried append is recognised.
 RECENT_APPENDS = 64
@@ -561,6 +564,10 @@ def _finished_job(src: Mapping[str, Any]) -> ExtractionJob:
 class OpenSearchStore:
     """The `Store` on an OpenSearch cluster. Open with `await OpenSearchStore.open(url)`."""
 
+    #: One text is one memory however many processes add it at once (the
+    #: text's claim): verbatim adds need no lock in the process.
+    claims_texts = True
+
     def __init__(self, client: AsyncOpenSearch, prefix: str) -> None:
         self._client = client
         self._prefix = prefix
@@ -575,6 +582,9 @@ class OpenSearchStore:
         #: Why there is no pipeline, when the cluster refused to create one.
         self.hybrid_pipeline_refusal = ""
         self._backfill: asyncio.Task[None] | None = None
+        #: Every stored memory's text is claimed (older ones by
+        #: `claim_older_memories`): a text without a claim is not stored.
+        self._claims_complete = False
 
     @classmethod
     async def open(
@@ -586,11 +596,12 @@ class OpenSearchStore:
     ) -> OpenSearchStore:
         """`hybrid_weights` (vector, keyword): create the hybrid search pipeline
         with them when missing (`ensure_hybrid_pipeline`)."""
-        client = AsyncOpenSearch(hosts=[url], timeout=30)
+        client = AsyncOpenSearch(hosts=opensearch_hosts(url), timeout=30)
         store = cls(client, prefix)
         try:
             await store._create_indices()
             store._space = await store.get_embedding_space()
+            store._claims_complete = await store._get("meta", CLAIMS_DONE) is not None
             if hybrid_weights is not None:
                 await store.ensure_hybrid_pipeline(*hybrid_weights)
         except BaseException:
@@ -606,6 +617,52 @@ class OpenSearchStore:
             await self.fold_older_documents()
         except Exception as exc:  # the next start tries again
             log.warning("older documents not folded", extra={"error": repr(exc)[:500]})
+        try:
+            await self.claim_older_memories()
+        except Exception as exc:  # the next start tries again
+            log.warning("older memories not claimed", extra={"error": repr(exc)[:500]})
+
+    async def claim_older_memories(self, batch: int = 500) -> int:
+        """Claims the texts of memories stored before texts were claimed (once
+        per cluster; a replica doing it at the same time is harmless); then an
+        add looks a text up by its claim alone. The number claimed."""
+        if self._claims_complete:
+            return 0
+        done = 0
+        after: list[Any] | None = None
+        while True:
+            body: dict[str, Any] = {
+                "size": batch,
+                "_source": ["id", "user_id", "hash", "create_time"],
+                "sort": [{"create_time": "asc"}, {"id": "asc"}],
+            }
+            if after is not None:
+                body["search_after"] = after
+            hits = await self._search("memory", body)
+            if not hits:
+                break
+            actions: list[dict[str, Any]] = []
+            for h in hits:
+                m = h["_source"]
+                actions.append(
+                    {
+                        "create": {
+                            "_index": self.index("memory_hashes"),
+                            "_id": self._claim_id(m["user_id"], m["hash"]),
+                        }
+                    }
+                )
+                actions.append({"user_id": m["user_id"], "memory_id": m["id"], "time": 0.0})
+            reply = await self._client.bulk(body=actions)
+            done += sum(1 for i in reply["items"] if i["create"].get("status") == 201)
+            after = hits[-1]["sort"]
+        await self._client.index(
+            index=self.index("meta"), id=CLAIMS_DONE, body={"value": {"done": True}}
+        )
+        self._claims_complete = True
+        if done:
+            log.info("older memories' texts claimed", extra={"memories": done})
+        return done
 
     async def fold_older_documents(self, batch: int = 500) -> int:
         """Give documents written before the `*_folded` fields existed their
@@ -737,6 +794,9 @@ class OpenSearchStore:
 
     async def _search(self, name: str, body: dict[str, Any]) -> list[dict[str, Any]]:
         await self._searchable(name)
+        return await self._search_as_is(name, body)
+
+    async def _search_as_is(self, name: str, body: dict[str, Any]) -> list[dict[str, Any]]:
         reply = await self._client.search(index=self.index(name), body=body)
         hits: list[dict[str, Any]] = reply["hits"]["hits"]
         return hits
@@ -1272,8 +1332,12 @@ class OpenSearchStore:
         claimed = await self._claimed(user_id, text_hash)
         if claimed is not None:
             return claimed
-        # Memories stored before hashes were claimed.
-        hits = await self._search(
+        if self._claims_complete:
+            return None
+        # Memories stored before texts were claimed, until they are: searchable
+        # long since, so no refresh (memories stored since are found by their
+        # claims, in real time).
+        hits = await self._search_as_is(
             "memory",
             {
                 "size": 1,

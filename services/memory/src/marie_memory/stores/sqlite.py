@@ -459,6 +459,9 @@ class _UserVectors:
 class SqliteStore:
     """The `Store` on one SQLite file. Open with `await SqliteStore.open(path)`."""
 
+    #: One process writes the file: its memory adds of a user take turns.
+    claims_texts = False
+
     def __init__(self, path: Path, connection: sqlite3.Connection, executor: ThreadPoolExecutor):
         self.path = path
         self._db = connection
