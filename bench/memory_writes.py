@@ -60,7 +60,10 @@ async def _timed(calls: int, one: Callable[[int], Awaitable[object]]) -> list[fl
     return out
 
 
-def _row(store: str, what: str, ms: list[float]) -> tuple[str, str, float, float, float]:
+Row = tuple[str, str, float, float, float]
+
+
+def _row(store: str, what: str, ms: list[float]) -> Row:
     ms = sorted(ms)
     return (
         store,
@@ -71,9 +74,9 @@ def _row(store: str, what: str, ms: list[float]) -> tuple[str, str, float, float
     )
 
 
-async def _measure(settings: MemorySettings, calls: int, label: str) -> list[tuple]:  # type: ignore[type-arg]
+async def _measure(settings: MemorySettings, calls: int, label: str) -> list[Row]:
     server = await start_server([MemoryComponent(settings)])
-    rows = []
+    rows: list[Row] = []
     try:
         async with insecure_channel(server.target) as channel:
             stub = mpb_grpc.MemoryServiceStub(channel)
@@ -143,8 +146,27 @@ async def _measure(settings: MemorySettings, calls: int, label: str) -> list[tup
     return rows
 
 
-async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+async def _both(url: str, calls: int) -> list[Row]:
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        sqlite = MemorySettings(data_dir=Path(tmp) / "sqlite", port=0)
+        rows += await _measure(sqlite, calls, "sqlite")
+        rows += await _measure(
+            MemorySettings(
+                data_dir=Path(tmp) / "os",
+                port=0,
+                store="opensearch",
+                opensearch_url=url,
+                opensearch_index_prefix="bench",
+            ),
+            calls,
+            "opensearch",
+        )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=400)
     args = parser.parse_args()
     node = OpenSearchNode.start()
@@ -162,22 +184,7 @@ async def main() -> None:
             },
             timeout=30,
         ).raise_for_status()
-        rows = []
-        with tempfile.TemporaryDirectory() as tmp:
-            rows += await _measure(
-                MemorySettings(data_dir=Path(tmp) / "sqlite", port=0), args.calls, "sqlite"
-            )
-            rows += await _measure(
-                MemorySettings(
-                    data_dir=Path(tmp) / "os",
-                    port=0,
-                    store="opensearch",
-                    opensearch_url=node.url,
-                    opensearch_index_prefix="bench",
-                ),
-                args.calls,
-                "opensearch",
-            )
+        rows = asyncio.run(_both(node.url, args.calls))
     finally:
         node.stop()
     print(f"\nMemory writes, {args.calls} calls each at concurrency {CONCURRENCY}:")
@@ -187,4 +194,4 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    main()
