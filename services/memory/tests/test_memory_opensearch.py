@@ -256,7 +256,9 @@ async def test_memories_stored_before_texts_were_claimed_are_claimed_at_start(
     prefix = index_prefix(str(tmp_path))
     store = await OpenSearchStore.open(url, prefix=prefix)
     try:
-        await store.claim_older_memories()  # what the start ran, on empty indices
+        assert store._backfill is not None
+        await store._backfill  # what the start runs, on empty indices: all claimed
+        assert store._claims_complete
         old = memory("alice", "Keeps bees")
         await store._client.index(
             index=store.index("memory"), id=old.id, body=_memory_doc(old), refresh=True

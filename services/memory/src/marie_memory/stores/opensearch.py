@@ -1374,6 +1374,10 @@ class OpenSearchStore:
         for change in changes:
             if change.memory.user_id != user_id:
                 raise ValueError("a change names another user's memory")
+            if change.event == EVENT_ADD:
+                # Written with `create`: an id taken already is refused by
+                # OpenSearch itself (409, undone below), no lookup needed.
+                continue
             existing = await self._get("memory", change.memory.id)
             if change.event == EVENT_ADD and existing is not None:
                 raise ValueError(f"memory {change.memory.id} already exists")
@@ -1476,6 +1480,16 @@ class OpenSearchStore:
         # other call's memory.
         mine = {r["_id"] for op, r in results if op == "create" and r.get("status") == 201}
         await self._undo_creates("memory", [i for i in created if i in mine])
+        # And the history entries it wrote for them.
+        history = self.index("history")
+        await self._undo_creates(
+            "history",
+            [
+                r["_id"]
+                for op, r in results
+                if op == "create" and r.get("status") == 201 and r.get("_index") == history
+            ],
+        )
         taken = [
             r["_id"]
             for op, r in results
