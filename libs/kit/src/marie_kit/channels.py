@@ -9,6 +9,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from marie_kit import tracing
+
 # Keepalive lets a channel notice a dead peer (and a restarted one) quickly;
 # message limits allow large embedding batches.
 CHANNEL_OPTIONS: tuple[tuple[str, int | str], ...] = (
@@ -25,8 +27,11 @@ CHANNEL_OPTIONS: tuple[tuple[str, int | str], ...] = (
 
 
 def insecure_channel(target: str) -> grpc.aio.Channel:
-    """A channel meant to live as long as the process and be shared by every call."""
-    return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+    """A channel meant to live as long as the process and be shared by every call.
+    With tracing on, each call gets a client span and carries its context."""
+    return grpc.aio.insecure_channel(
+        target, options=CHANNEL_OPTIONS, interceptors=tracing.client_interceptors() or None
+    )
 
 
 async def is_serving(channel: grpc.aio.Channel, service: str = "", timeout: float = 1.0) -> bool:

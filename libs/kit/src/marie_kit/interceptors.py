@@ -21,6 +21,7 @@ from typing import Any, TypeAlias
 
 import grpc
 
+from marie_kit import tracing
 from marie_kit.context import REQUEST_ID_HEADER, clean_request_id, request_id_var
 from marie_kit.errors import ServiceError
 from marie_kit.metrics import rpc_calls, rpc_duration, rpc_streams_in_flight
@@ -83,6 +84,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
     def _begin(self, context: grpc.aio.ServicerContext[Any, Any], incoming: Any) -> str:
         rid = clean_request_id(incoming if isinstance(incoming, str) else None)
         request_id_var.set(rid)
+        if tracing.STATE.enabled and (span := tracing.current_span()) is not None:
+            # Whoever has the request id of a log line or an answer finds its trace.
+            span.set_attribute(tracing.REQUEST_ID_ATTRIBUTE, rid)
         return rid
 
     async def _fail(

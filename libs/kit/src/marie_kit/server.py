@@ -19,6 +19,7 @@ from typing import Protocol
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from marie_kit import tracing
 from marie_kit.interceptors import ServerInterceptor
 from marie_kit.metrics import start_metrics_server
 from marie_kit.reflection import enable_reflection
@@ -94,7 +95,10 @@ async def start_server(
     server = grpc.aio.server(
         # The kit's own first (outermost), so that errors the components'
         # interceptors raise get its rich status, access log and metrics.
+        # Tracing's (when on) outermost of all: the call's span is current
+        # while the kit's access log line is written.
         interceptors=[
+            *tracing.server_interceptors(),
             ServerInterceptor(domain, watches),
             *(i for c in components for i in getattr(c, "interceptors", ())),
         ],
@@ -187,6 +191,7 @@ async def serve(
     log.info("shutting down", extra={"grace_seconds": grace})
     await running.stop(grace)
     log.info("stopped")
+    tracing.shutdown()
 
 
 def run(main: object) -> None:

@@ -9,11 +9,15 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, Protocol, TypeVar
 
+from marie_kit import tracing
 from marie_kit.context import clean_request_id, new_request_id, request_id_var
 
 from marie_gateway.http.metrics import UNMATCHED, http_duration, http_requests
 
 access_log = logging.getLogger("marie.access")
+
+#: The answer header naming the request's trace (tracing on only).
+TRACE_ID_HEADER = b"x-trace-id"
 
 # Where a limited request keeps the `x-ratelimit-*` headers its answer carries.
 RATE_HEADERS_KEY = "marie.ratelimit_headers"
@@ -39,11 +43,30 @@ H = TypeVar("H", bound=RequestHolds)
 
 class RequestContext(Generic[H]):
     """Pure ASGI middleware (not BaseHTTPMiddleware): it runs on every request
-    and must cost microseconds."""
+    and must cost microseconds.
+
+    With tracing on (`marie_kit.tracing`), `traced` puts OpenTelemetry's ASGI
+    middleware in front: it continues the caller's `traceparent` (Envoy's)
+    and keeps the request's server span current while this one runs."""
 
     def __init__(self, app: ASGIApp, gw: H) -> None:
         self.app = app
         self.gw = gw
+
+    def traced(self) -> ASGIApp:
+        """This middleware behind OpenTelemetry's ASGI one: one server span per
+        request (none for probes and /metrics), no span per body part sent."""
+        from opentelemetry.instrumentation.asgi import (  # noqa: PLC0415 - tracing on only
+            OpenTelemetryMiddleware,
+        )
+
+        middleware: ASGIApp = OpenTelemetryMiddleware(
+            self,
+            excluded_urls="/healthz,/readyz,/metrics",
+            exclude_spans=["receive", "send"],
+            tracer_provider=tracing.STATE.provider,
+        )
+        return middleware
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -61,6 +84,15 @@ class RequestContext(Generic[H]):
         status = 500
         response_started = False
         rid_header = (b"x-request-id", rid.encode())
+        span = tracing.current_span() if tracing.STATE.enabled else None
+        if span is not None:
+            # Whoever has the request id (from a log line, or the answer's
+            # x-request-id) finds the trace by it; the answer names the trace too.
+            span.set_attribute(tracing.REQUEST_ID_ATTRIBUTE, rid)
+            trace_id = format(span.get_span_context().trace_id, "032x")
+            extra_headers: tuple[tuple[bytes, bytes], ...] = ((TRACE_ID_HEADER, trace_id.encode()),)
+        else:
+            extra_headers = ()
 
         async def send_with_id(message: dict[str, Any]) -> None:
             nonlocal status, response_started
@@ -70,6 +102,7 @@ class RequestContext(Generic[H]):
                 headers = list(message.get("headers", ()))
                 if not any(k == b"x-request-id" for k, _ in headers):
                     headers.append(rid_header)
+                headers.extend(extra_headers)
                 # A limited route's answer, success or error, says where the key stands.
                 headers.extend(scope.get(RATE_HEADERS_KEY, ()))
                 message = {**message, "headers": headers}
@@ -90,6 +123,9 @@ class RequestContext(Generic[H]):
             route = scope.get("route")
             # The template, never the raw path: a client must not mint labels.
             template = getattr(route, "path", UNMATCHED)
+            if span is not None:
+                span.update_name(f"{method} {template}")
+                span.set_attribute("http.route", template)
             http_requests(template, method, status).inc()
             http_duration(template, method).observe(elapsed)
             access_log.info(

@@ -32,12 +32,13 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
+from marie_kit import tracing
 from marie_kit.errors import ServiceError
 
 from marie_memory import lane
 from marie_memory.core import MemoryCore
 from marie_memory.errors import RETRY_AFTER_KEY
-from marie_memory.job_payload import decode_request, encode_results
+from marie_memory.job_payload import decode_request, decode_trace_context, encode_results
 from marie_memory.records import JOB_FAILED, JOB_QUEUED, JOB_SUCCEEDED, ChangePlan, ExtractionJob
 
 log = logging.getLogger("marie.memory.queue")
@@ -148,7 +149,19 @@ class ExtractionQueue:
         )
 
     async def _attempt(self, job: ExtractionJob) -> bool:
-        """Runs one job; False when the queue is paused by its failure."""
+        """Runs one job; False when the queue is paused by its failure. With
+        tracing on, the attempt is the root span of a trace of its own, linked
+        to the call that queued the job."""
+        if not tracing.STATE.enabled:
+            return await self._run_job(job)
+        with tracing.linked_root_span(
+            "memory.extraction_job",
+            decode_trace_context(job.payload),
+            {"marie.job_id": job.id, "marie.job.attempt": job.attempts + 1},
+        ):
+            return await self._run_job(job)
+
+    async def _run_job(self, job: ExtractionJob) -> bool:
         store = self._core.store
         try:
             request = decode_request(job.payload)

@@ -1,0 +1,288 @@
+"""OpenTelemetry tracing, set up once per process by every service's entry point.
+
+Configured by the standard variables: `OTEL_EXPORTER_OTLP_ENDPOINT` (or
+`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) turns it on, `OTEL_SDK_DISABLED=true`
+keeps it off, `OTEL_SERVICE_NAME` names the service (default `marie-<name>`),
+`OTEL_EXPORTER_OTLP_PROTOCOL` picks `http/protobuf` (default) or `grpc`,
+`OTEL_TRACES_SAMPLER`/`OTEL_TRACES_SAMPLER_ARG` sample (default: parent-based,
+always on). Marie's own: `MARIE_TRACE_CONTENT=true` records prompts and
+completions on model-call spans (off: they may hold personal data),
+`MARIE_TRACE_STORE_CALLS=true` adds a span per store call (debug level).
+
+Off, nothing is installed: the SDK is not even imported, the gRPC servers and
+channels get no interceptor, and `span()` hands back one shared no-op context
+manager, so an untraced request pays one attribute read per span site.
+
+W3C `traceparent`/`tracestate` travel in HTTP headers and gRPC metadata (the
+SDK's default propagator); the gRPC spans come from the maintained
+instrumentation's aio interceptors, HTTP server spans from its ASGI one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator, Mapping, MutableMapping
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import grpc
+    from opentelemetry.context import Context
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.trace import Span, Tracer
+
+log = logging.getLogger("marie.tracing")
+
+#: Prefix of Marie's own span attributes.
+REQUEST_ID_ATTRIBUTE = "marie.request_id"
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+
+
+class _State:
+    """What `setup_tracing` installed; all empty while tracing is off."""
+
+    enabled = False
+    content = False
+    store_calls = False
+    provider: TracerProvider | None = None
+    tracer: Tracer | None = None
+
+
+STATE = _State()
+_NOOP = contextlib.nullcontext()
+
+
+def _flag(environ: Mapping[str, str], name: str) -> bool:
+    return environ.get(name, "").strip().lower() in _TRUE
+
+
+def wanted(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether the environment asks for traces: an OTLP endpoint is set and
+    the SDK is not disabled."""
+    env = os.environ if environ is None else environ
+    if _flag(env, "OTEL_SDK_DISABLED"):
+        return False
+    return bool(
+        env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip()
+        or env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()
+    )
+
+
+def enabled() -> bool:
+    return STATE.enabled
+
+
+def content_enabled() -> bool:
+    """Whether prompts and completions may be recorded (MARIE_TRACE_CONTENT)."""
+    return STATE.content
+
+
+def setup_tracing(service: str, environ: Mapping[str, str] | None = None) -> bool:
+    """Install the tracer provider and exporter when the environment asks for
+    traces; True when it did. Idempotent."""
+    env = os.environ if environ is None else environ
+    if STATE.enabled or not wanted(env):
+        return STATE.enabled
+    # Imported here: a process without an endpoint never loads the SDK.
+    from opentelemetry import trace  # noqa: PLC0415
+    from opentelemetry.sdk.resources import SERVICE_NAME, Resource  # noqa: PLC0415
+    from opentelemetry.sdk.trace import TracerProvider  # noqa: PLC0415
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor  # noqa: PLC0415
+
+    name = env.get("OTEL_SERVICE_NAME", "").strip() or f"marie-{service}"
+    # Resource.create reads OTEL_RESOURCE_ATTRIBUTES; the sampler comes from
+    # OTEL_TRACES_SAMPLER(_ARG) inside TracerProvider.
+    provider = TracerProvider(resource=Resource.create({SERVICE_NAME: name}))
+    provider.add_span_processor(BatchSpanProcessor(_exporter(env)))
+    trace.set_tracer_provider(provider)
+    STATE.provider = provider
+    STATE.tracer = provider.get_tracer("marie")
+    STATE.content = _flag(env, "MARIE_TRACE_CONTENT")
+    STATE.store_calls = _flag(env, "MARIE_TRACE_STORE_CALLS")
+    STATE.enabled = True
+    log.info("tracing on", extra={"otel_service_name": name})
+    return True
+
+
+def _exporter(env: Mapping[str, str]) -> Any:
+    protocol = (
+        env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "")
+        or env.get("OTEL_EXPORTER_OTLP_PROTOCOL", "")
+        or "http/protobuf"
+    ).strip()
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (  # noqa: PLC0415
+            OTLPSpanExporter as GrpcExporter,
+        )
+
+        return GrpcExporter()
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # noqa: PLC0415
+        OTLPSpanExporter,
+    )
+
+    return OTLPSpanExporter()
+
+
+def shutdown() -> None:
+    """Export what is buffered and stop; for the end of the process."""
+    if STATE.provider is not None:
+        STATE.provider.shutdown()
+
+
+def server_interceptors() -> list[grpc.aio.ServerInterceptor]:
+    """The gRPC server interceptors that open a span per call (continuing the
+    caller's trace); none when tracing is off."""
+    if not STATE.enabled:
+        return []
+    from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters  # noqa: PLC0415
+
+    # Health checks (probes every few seconds) would each make a trace of their own.
+    return [
+        aio_server_interceptor(  # type: ignore[no-untyped-call]
+            tracer_provider=STATE.provider, filter_=filters.negate(filters.health_check())
+        )
+    ]
+
+
+def client_interceptors() -> list[grpc.aio.ClientInterceptor]:
+    """The gRPC channel interceptors that open a client span per call and send
+    its context in the metadata; none when tracing is off."""
+    if not STATE.enabled:
+        return []
+    from opentelemetry.instrumentation.grpc import aio_client_interceptors, filters  # noqa: PLC0415
+
+    interceptors: list[grpc.aio.ClientInterceptor] = aio_client_interceptors(  # type: ignore[no-untyped-call]
+        tracer_provider=STATE.provider, filter_=filters.negate(filters.health_check())
+    )
+    return interceptors
+
+
+def span(
+    name: str, attributes: Mapping[str, Any] | None = None, *, kind: str = "internal"
+) -> contextlib.AbstractContextManager[Span | None]:
+    """A child span of the current one, current while the block runs; a
+    shared no-op (yielding None) when tracing is off."""
+    if STATE.tracer is None:
+        return _NOOP
+    return _span(name, attributes, kind)
+
+
+def store_span(
+    name: str, attributes: Mapping[str, Any] | None = None
+) -> contextlib.AbstractContextManager[Span | None]:
+    """A span for one store call, only when MARIE_TRACE_STORE_CALLS is on."""
+    if not STATE.store_calls:
+        return _NOOP
+    return _span(name, attributes, "client")
+
+
+@contextlib.contextmanager
+def _span(name: str, attributes: Mapping[str, Any] | None, kind: str) -> Iterator[Span]:
+    from opentelemetry.trace import SpanKind  # noqa: PLC0415
+
+    assert STATE.tracer is not None
+    with STATE.tracer.start_as_current_span(
+        name, kind=SpanKind[kind.upper()], attributes=attributes
+    ) as current:
+        yield current
+
+
+def start_client_span(name: str, attributes: Mapping[str, Any]) -> tuple[Span, dict[str, str]]:
+    """A CLIENT span for an outgoing call, child of the current span but not
+    made current (the caller ends it), and the headers that carry its context
+    to the peer (`traceparent`, `tracestate`). Tracing must be on."""
+    from opentelemetry import trace  # noqa: PLC0415
+    from opentelemetry.propagate import inject as otel_inject  # noqa: PLC0415
+    from opentelemetry.trace import SpanKind  # noqa: PLC0415
+
+    assert STATE.tracer is not None, "tracing is off"
+    started = STATE.tracer.start_span(name, kind=SpanKind.CLIENT, attributes=attributes)
+    headers: dict[str, str] = {}
+    otel_inject(headers, context=trace.set_span_in_context(started))
+    return started, headers
+
+
+def http_answered(current: Span, status: int) -> None:
+    """Record an HTTP answer's status on a client span (an error from 400 on)."""
+    from opentelemetry.trace import Status, StatusCode  # noqa: PLC0415
+
+    current.set_attribute("http.response.status_code", status)
+    if status >= 400:
+        current.set_attribute("error.type", str(status))
+        current.set_status(Status(StatusCode.ERROR))
+
+
+def record_failure(current: Span, exc: BaseException) -> None:
+    """Mark a span failed by `exc` (its type only: messages may quote input)."""
+    from opentelemetry.trace import Status, StatusCode  # noqa: PLC0415
+
+    if isinstance(exc, GeneratorExit):
+        return
+    current.set_attribute("error.type", type(exc).__name__)
+    current.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+
+
+def current_span() -> Span | None:
+    """The span being recorded now, or None (tracing off, or no span)."""
+    if not STATE.enabled:
+        return None
+    from opentelemetry import trace  # noqa: PLC0415
+
+    current = trace.get_current_span()
+    return current if current.is_recording() else None
+
+
+def current_ids() -> tuple[str, str] | None:
+    """The current trace id and span id as hex, for log lines; None outside a span."""
+    if not STATE.enabled:
+        return None
+    from opentelemetry import trace  # noqa: PLC0415
+
+    ctx = trace.get_current_span().get_span_context()
+    if not ctx.is_valid:
+        return None
+    return format(ctx.trace_id, "032x"), format(ctx.span_id, "016x")
+
+
+def inject(carrier: MutableMapping[str, str]) -> None:
+    """Write the current trace context (`traceparent`, `tracestate`) into `carrier`."""
+    if not STATE.enabled:
+        return
+    from opentelemetry.propagate import inject as otel_inject  # noqa: PLC0415
+
+    otel_inject(carrier)
+
+
+def extract(carrier: Mapping[str, str]) -> Context | None:
+    """The trace context a carrier (headers, a job's payload) holds, or None."""
+    if not STATE.enabled or not carrier:
+        return None
+    from opentelemetry.propagate import extract as otel_extract  # noqa: PLC0415
+
+    return otel_extract(carrier)
+
+
+@contextlib.contextmanager
+def linked_root_span(
+    name: str, carrier: Mapping[str, str], attributes: Mapping[str, Any] | None = None
+) -> Iterator[Span | None]:
+    """A new trace for background work, linked to the span whose context
+    `carrier` holds (the request that queued the work); no-op when off."""
+    if STATE.tracer is None:
+        yield None
+        return
+    from opentelemetry import context as otel_context  # noqa: PLC0415
+    from opentelemetry import trace  # noqa: PLC0415
+
+    links = []
+    if carrier:
+        parent = trace.get_current_span(extract(carrier))
+        if parent.get_span_context().is_valid:
+            links.append(trace.Link(parent.get_span_context()))
+    # A root of its own: the job may run long after the request has ended.
+    with STATE.tracer.start_as_current_span(
+        name, context=otel_context.Context(), links=links, attributes=attributes
+    ) as current:
+        yield current
