@@ -103,6 +103,12 @@ class RequestContext(Generic[H]):
                 if not any(k == b"x-request-id" for k, _ in headers):
                     headers.append(rid_header)
                 headers.extend(extra_headers)
+                if span is not None:
+                    # Named by its route, now known (the span may end with the
+                    # last body part, before this middleware's own end).
+                    template = getattr(scope.get("route"), "path", UNMATCHED)
+                    span.update_name(f"{scope['method']} {template}")
+                    span.set_attribute("http.route", template)
                 # A limited route's answer, success or error, says where the key stands.
                 headers.extend(scope.get(RATE_HEADERS_KEY, ()))
                 message = {**message, "headers": headers}
@@ -123,9 +129,6 @@ class RequestContext(Generic[H]):
             route = scope.get("route")
             # The template, never the raw path: a client must not mint labels.
             template = getattr(route, "path", UNMATCHED)
-            if span is not None:
-                span.update_name(f"{method} {template}")
-                span.set_attribute("http.route", template)
             http_requests(template, method, status).inc()
             http_duration(template, method).observe(elapsed)
             access_log.info(

@@ -637,7 +637,8 @@ class UpstreamClient:
                     # Host, port and path only: the base URL may hold credentials.
                     "server.address": self._origin[1].decode(),
                     "server.port": self._origin[2],
-                    "url.path": self.http.base_url.path + path,
+                    # As httpx joins them (the base URL ends with "/").
+                    "url.path": self.http.base_url.path + path.lstrip("/"),
                 },
             )
         try:
