@@ -131,8 +131,10 @@ def start_receiver() -> OtlpReceiver:
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
-            length = int(self.headers.get("content-length", "0"))
-            body = self.rfile.read(length)
+            if self.headers.get("transfer-encoding", "").lower() == "chunked":
+                body = self._chunked()  # Envoy's exporter sends no length
+            else:
+                body = self.rfile.read(int(self.headers.get("content-length", "0")))
             if self.headers.get("content-encoding") == "gzip":
                 body = gzip.decompress(body)
             if self.path != "/v1/traces":
@@ -146,6 +148,16 @@ def start_receiver() -> OtlpReceiver:
             self.send_header("content-length", str(len(answer)))
             self.end_headers()
             self.wfile.write(answer)
+
+        def _chunked(self) -> bytes:
+            parts = []
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip(), 16)
+                if size == 0:
+                    self.rfile.readline()
+                    return b"".join(parts)
+                parts.append(self.rfile.read(size))
+                self.rfile.readline()
 
         def log_message(self, format: str, *args: Any) -> None:
             pass

@@ -10,10 +10,14 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import grpc
 import httpx
 import orjson
 import pytest
+from marie.providers.v1 import provider_service_pb2 as pb
+from marie.providers.v1 import provider_service_pb2_grpc as pb_grpc
 
+from tests.envoy import Envoy, start_envoy
 from tests.fakes import FakeOllama
 from tests.fakes.openai_server import FakeChatModel, FakeOpenAI
 from tests.otlp_receiver import CLIENT, SERVER, OtlpReceiver, Span, start_receiver
@@ -360,3 +364,75 @@ def test_a_turn_and_the_extraction_it_queues_are_linked_traces(
         )
     )
     _assert_no_secret(receiver, key, "I like green tea.")
+
+
+@pytest.fixture(scope="module")
+def envoy(
+    traced: Stack, receiver: OtlpReceiver, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Envoy]:
+    running = start_envoy(
+        tmp_path_factory.mktemp("envoy-traces"),
+        {
+            "gateway": traced.gateway_port,
+            "providers": traced.providers_port,
+            "auth": traced.auth_port,
+            "memory": traced.memory_port,
+            "otel_collector": receiver.server.server_address[1],
+        },
+    )
+    yield running
+    running.stop()
+
+
+def test_a_grpc_call_through_envoy_is_one_trace_from_envoy_to_the_model(
+    envoy: Envoy, key: str, receiver: OtlpReceiver
+) -> None:
+    with grpc.insecure_channel(envoy.target) as channel:
+        stub = pb_grpc.ProviderServiceStub(channel)
+        reply = stub.CreateChatCompletion(
+            pb.CreateChatCompletionRequest(
+                chat=pb.StreamChatCompletionRequest(
+                    model=CHAT_MODEL,
+                    messages=[pb.ChatMessage(role=pb.ROLE_USER, content="through envoy")],
+                )
+            ),
+            metadata=(("authorization", f"Bearer {key}"), ("x-request-id", "trace-envoy-1")),
+            timeout=30,
+        )
+    completion_id = reply.chunks[0].id
+
+    def model_call(spans: list[Span]) -> Span | None:
+        return next(
+            (s for s in spans if s.attributes.get("gen_ai.response.id") == completion_id), None
+        )
+
+    found = receiver.wait_for(lambda spans: model_call(spans) is not None)
+    call = model_call(found)
+    assert call is not None
+    trace_id = call.trace_id
+
+    # Envoy's spans arrive in its own batches (every 5 s at most).
+    def complete(spans: list[Span]) -> bool:
+        mine = [s for s in spans if s.trace_id == trace_id]
+        return {"envoy", "marie-gateway", "marie-providers"} <= {s.service for s in mine}
+
+    receiver.wait_for(complete, timeout=20)
+    time.sleep(0.3)
+    spans = receiver.trace(trace_id)
+    ids = _by_id(spans)
+    roots = [s for s in spans if s.parent_id not in ids]
+    # One trace, started by Envoy.
+    assert [(r.service, r.parent_id) for r in roots] == [("envoy", "")], [
+        (s.service, s.name, s.parent_id) for s in spans
+    ]
+    server = _one(
+        spans, "marie-providers", "/marie.providers.v1.ProviderService/CreateChatCompletion"
+    )
+    assert ids[server.parent_id].service == "envoy"
+    assert server.attributes["marie.request_id"] == "trace-envoy-1"
+    assert ids[call.parent_id] is server
+    # Envoy's key check, a call to the gateway, is in the same trace.
+    authz = [s for s in spans if s.service == "marie-gateway" and s.kind == SERVER]
+    assert len(authz) == 1 and authz[0].attributes["http.route"].startswith("/_authz")
+    assert ids[authz[0].parent_id].service == "envoy"
+    _assert_no_secret(receiver, key, "through envoy")
