@@ -625,4 +625,5 @@ def test_an_absurdly_long_model_id_is_a_400_not_a_transport_error(
     )
     assert r.status_code == 400 and r.json()["error"]["param"] == "model"
     r = httpx.get(f"{stack.base_url}/v1/models/{'m' * 10_000}", headers=headers)
-    assert r.status_code == 400 and r.json()["error"]["param"] == "model"
+    # The path parameter as the OpenAPI document names it.
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model_id"

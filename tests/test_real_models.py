@@ -179,11 +179,6 @@ def test_one_long_text_is_embedded_not_refused(client: openai.OpenAI) -> None:
     assert len(reply.data) == 1 and len(reply.data[0].embedding) == 384
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 19, part B (branch routing): llama.cpp's 500 for an input over its batch "
-    "is answered as a 502 without the reason until providers read it as the request's error",
-)
 def test_an_input_over_the_embedding_servers_batch_is_a_400_naming_the_cause(
     client: openai.OpenAI,
 ) -> None:
@@ -203,11 +198,6 @@ def test_a_prompt_over_the_context_is_a_400_naming_the_context(client: openai.Op
     assert "context" in caught.value.message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 19, part B (branch routing): llama.cpp answers logprobs.content, which "
-    "providers do not map to the legacy tokens/token_logprobs/top_logprobs yet",
-)
 def test_legacy_completions_carry_the_servers_logprobs(client: openai.OpenAI) -> None:
     reply = client.completions.create(
         model=CHAT, prompt="The capital of France is", max_tokens=3, logprobs=2, temperature=0

@@ -226,13 +226,19 @@ async def test_a_looping_model_is_cut_off_at_max_tokens_and_the_job_fails_saying
     assert len(ollama.chat_requests) == 2
 
 
-async def test_a_model_the_key_may_not_use_fails_the_job_at_once(stub: MemoryStub) -> None:
-    queued = await stub.AddMemories(
-        _turn("I like tea.", background=True),
-        metadata=(("x-marie-allowed-models", "ollama/gemma3%3A1b"),),
+async def test_a_model_the_key_may_not_use_is_refused_before_a_job_is_queued(
+    stub: MemoryStub, ollama: FakeOllama
+) -> None:
+    # As the synchronous call is: providers is asked first, so no job is queued
+    # that could only fail, and the model never hears of it.
+    error = await rpc_error(
+        stub.AddMemories(
+            _turn("I like tea.", background=True),
+            metadata=(("x-marie-allowed-models", "ollama/gemma3%3A1b"),),
+        )
     )
-    job = await _until(stub, queued.job_id, pb.EXTRACTION_JOB_STATE_FAILED)
-    assert (job.failure_reason, job.attempts) == ("MODEL_NOT_ALLOWED", 1)
+    assert (error.code, error.reason) == (grpc.StatusCode.PERMISSION_DENIED, "MODEL_NOT_ALLOWED")
+    assert ollama.chat_requests == []
 
 
 async def test_a_job_is_found_only_by_its_own_user(stub: MemoryStub) -> None:
