@@ -85,14 +85,7 @@ class RequestContext(Generic[H]):
         response_started = False
         rid_header = (b"x-request-id", rid.encode())
         span = tracing.current_span() if tracing.STATE.enabled else None
-        if span is not None:
-            # Whoever has the request id (from a log line, or the answer's
-            # x-request-id) finds the trace by it; the answer names the trace too.
-            span.set_attribute(tracing.REQUEST_ID_ATTRIBUTE, rid)
-            trace_id = format(span.get_span_context().trace_id, "032x")
-            extra_headers: tuple[tuple[bytes, bytes], ...] = ((TRACE_ID_HEADER, trace_id.encode()),)
-        else:
-            extra_headers = ()
+        trace_headers = _trace_headers(span, rid) if span is not None else ()
 
         async def send_with_id(message: dict[str, Any]) -> None:
             nonlocal status, response_started
@@ -102,13 +95,9 @@ class RequestContext(Generic[H]):
                 headers = list(message.get("headers", ()))
                 if not any(k == b"x-request-id" for k, _ in headers):
                     headers.append(rid_header)
-                headers.extend(extra_headers)
                 if span is not None:
-                    # Named by its route, now known (the span may end with the
-                    # last body part, before this middleware's own end).
-                    template = getattr(scope.get("route"), "path", UNMATCHED)
-                    span.update_name(f"{scope['method']} {template}")
-                    span.set_attribute("http.route", template)
+                    headers.extend(trace_headers)
+                    _name_span(span, scope)
                 # A limited route's answer, success or error, says where the key stands.
                 headers.extend(scope.get(RATE_HEADERS_KEY, ()))
                 message = {**message, "headers": headers}
@@ -140,6 +129,23 @@ class RequestContext(Generic[H]):
                     "latency_ms": round(elapsed * 1000, 3),
                 },
             )
+
+
+def _trace_headers(span: Any, rid: str) -> tuple[tuple[bytes, bytes], ...]:
+    """Ties the request's span and its id both ways: whoever has the request
+    id (a log line, the answer's x-request-id) finds the trace by the span's
+    attribute, and the answer names its trace."""
+    span.set_attribute(tracing.REQUEST_ID_ATTRIBUTE, rid)
+    trace_id = format(span.get_span_context().trace_id, "032x")
+    return ((TRACE_ID_HEADER, trace_id.encode()),)
+
+
+def _name_span(span: Any, scope: dict[str, Any]) -> None:
+    """Names the request's span by its route, known once the answer starts
+    (the span may end with the last body part, before this middleware does)."""
+    template = getattr(scope.get("route"), "path", UNMATCHED)
+    span.update_name(f"{scope['method']} {template}")
+    span.set_attribute("http.route", template)
 
 
 def current_request_id() -> str:
