@@ -150,7 +150,7 @@ def start_receiver() -> OtlpReceiver:
             self.wfile.write(answer)
 
         def _chunked(self) -> bytes:
-            parts = []
+            parts: list[bytes] = []
             while True:
                 size = int(self.rfile.readline().split(b";")[0].strip(), 16)
                 if size == 0:

@@ -328,9 +328,9 @@ def test_a_turn_and_the_extraction_it_queues_are_linked_traces(
     assert turn.headers["x-trace-id"] == trace_id
 
     def queued(spans: list[Span]) -> bool:
-        return any(
-            s.trace_id == trace_id and s.name.endswith("/AddMemories") and s.kind == SERVER
-            for s in spans
+        mine = [s for s in spans if s.trace_id == trace_id]
+        return any(s.name.endswith("/AddMemories") and s.kind == SERVER for s in mine) and any(
+            s.service == "marie-gateway" and s.kind == SERVER for s in mine
         )
 
     receiver.wait_for(queued)

@@ -95,10 +95,9 @@ async def start_server(
     server = grpc.aio.server(
         # The kit's own first (outermost), so that errors the components'
         # interceptors raise get its rich status, access log and metrics.
-        # Tracing's (when on) outermost of all: the call's span is current
-        # while the kit's access log line is written.
+        # With tracing on, the kit's own opens each call's span
+        # (marie_kit.tracing.server_span).
         interceptors=[
-            *tracing.server_interceptors(),
             ServerInterceptor(domain, watches),
             *(i for c in components for i in getattr(c, "interceptors", ())),
         ],

@@ -45,28 +45,18 @@ class RequestContext(Generic[H]):
     """Pure ASGI middleware (not BaseHTTPMiddleware): it runs on every request
     and must cost microseconds.
 
-    With tracing on (`marie_kit.tracing`), `traced` puts OpenTelemetry's ASGI
-    middleware in front: it continues the caller's `traceparent` (Envoy's)
-    and keeps the request's server span current while this one runs."""
+    With tracing on (`marie_kit.tracing`), `traced` wraps it in the request's
+    SERVER span, continuing the caller's `traceparent` (Envoy's), current
+    while this one runs."""
 
     def __init__(self, app: ASGIApp, gw: H) -> None:
         self.app = app
         self.gw = gw
 
     def traced(self) -> ASGIApp:
-        """This middleware behind OpenTelemetry's ASGI one: one server span per
-        request (none for probes and /metrics), no span per body part sent."""
-        from opentelemetry.instrumentation.asgi import (  # noqa: PLC0415 - tracing on only
-            OpenTelemetryMiddleware,
-        )
-
-        middleware: ASGIApp = OpenTelemetryMiddleware(
-            self,
-            excluded_urls="/healthz,/readyz,/metrics",
-            exclude_spans=["receive", "send"],
-            tracer_provider=tracing.STATE.provider,
-        )
-        return middleware
+        """This middleware inside a SERVER span per request (none for probes
+        and /metrics), continuing the caller's `traceparent`."""
+        return _Traced(self)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -97,7 +87,7 @@ class RequestContext(Generic[H]):
                     headers.append(rid_header)
                 if span is not None:
                     headers.extend(trace_headers)
-                    _name_span(span, scope)
+                    _name_span(span, scope, status)
                 # A limited route's answer, success or error, says where the key stands.
                 headers.extend(scope.get(RATE_HEADERS_KEY, ()))
                 message = {**message, "headers": headers}
@@ -131,6 +121,28 @@ class RequestContext(Generic[H]):
             )
 
 
+#: Paths never traced: probes and scrapes, every few seconds.
+UNTRACED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+class _Traced:
+    """`RequestContext` inside the request's span (with tracing on only).
+
+    Not OpenTelemetry's ASGI middleware: measured with `make bench`, it costs
+    about 0.05 ms of CPU per request unsampled and more sampled, for
+    attributes (headers, URL parts) the conventions no longer ask for."""
+
+    def __init__(self, inner: RequestContext[Any]) -> None:
+        self.inner = inner
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] in UNTRACED_PATHS:
+            await self.inner(scope, receive, send)
+            return
+        with tracing.http_server_span(scope["method"], scope["path"], scope["headers"]):
+            await self.inner(scope, receive, send)
+
+
 def _trace_headers(span: Any, rid: str) -> tuple[tuple[bytes, bytes], ...]:
     """Ties the request's span and its id both ways: whoever has the request
     id (a log line, the answer's x-request-id) finds the trace by the span's
@@ -140,12 +152,13 @@ def _trace_headers(span: Any, rid: str) -> tuple[tuple[bytes, bytes], ...]:
     return ((TRACE_ID_HEADER, trace_id.encode()),)
 
 
-def _name_span(span: Any, scope: dict[str, Any]) -> None:
-    """Names the request's span by its route, known once the answer starts
-    (the span may end with the last body part, before this middleware does)."""
+def _name_span(span: Any, scope: dict[str, Any], status: int) -> None:
+    """Names the request's span by its route, known once the answer starts,
+    and records the answer's status."""
     template = getattr(scope.get("route"), "path", UNMATCHED)
     span.update_name(f"{scope['method']} {template}")
     span.set_attribute("http.route", template)
+    tracing.http_answered_server(span, status)
 
 
 def current_request_id() -> str:
