@@ -436,3 +436,24 @@ def test_a_grpc_call_through_envoy_is_one_trace_from_envoy_to_the_model(
     assert len(authz) == 1 and authz[0].attributes["http.route"].startswith("/_authz")
     assert ids[authz[0].parent_id].service == "envoy"
     _assert_no_secret(receiver, key, "through envoy")
+
+
+def test_a_caller_that_did_not_sample_its_trace_gets_no_span_anywhere(
+    traced: Stack, key: str, receiver: OtlpReceiver
+) -> None:
+    trace_id, parent = _traceparent()
+    unsampled = parent[:-2] + "00"
+    reply = _api(traced, key)(
+        "POST",
+        "/v1/chat/completions",
+        headers={"traceparent": unsampled},
+        json={"model": CHAT_MODEL, "messages": [{"role": "user", "content": "not sampled"}]},
+    )
+    assert reply.status_code == 200, reply.text
+    assert reply.headers["x-trace-id"] == trace_id
+    # A later sampled request's spans arrive; none of the unsampled one ever does.
+    later, sampled = _traceparent()
+    _api(traced, key)("GET", "/v1/models", headers={"traceparent": sampled})
+    receiver.wait_for(lambda spans: any(s.trace_id == later for s in spans))
+    time.sleep(0.5)
+    assert receiver.trace(trace_id) == []

@@ -52,6 +52,16 @@ def _start(
     tracer = tracing.STATE.tracer
     if tracer is None or method.startswith(_HEALTH):
         return None, details
+    if not tracing.recording():
+        # An unsampled trace: no span, but the callee learns the decision.
+        unsampled: dict[str, str] = {}
+        inject(unsampled)
+        if not unsampled:
+            return None, details
+        metadata = grpc.aio.Metadata(*(details.metadata or ()), *unsampled.items())
+        return None, grpc.aio.ClientCallDetails(
+            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+        )
     span = tracer.start_span(
         method, kind=SpanKind.CLIENT, attributes=tracing._rpc_attributes(method)
     )

@@ -230,17 +230,29 @@ def span(
     name: str, attributes: Mapping[str, Any] | None = None, *, kind: str = "internal"
 ) -> contextlib.AbstractContextManager[Span | None]:
     """A child span of the current one, current while the block runs; a
-    shared no-op (yielding None) when tracing is off."""
-    if STATE.tracer is None:
+    shared no-op (yielding None) when tracing is off or the current trace is
+    not sampled (its children would not be either)."""
+    if STATE.tracer is None or not recording():
         return _NOOP
     return _span(name, attributes, kind)
+
+
+def recording() -> bool:
+    """Whether a span started now would be recorded: tracing is on, and the
+    current trace (if any) is sampled. A new root is left to the sampler."""
+    if STATE.tracer is None:
+        return False
+    from opentelemetry import trace  # noqa: PLC0415
+
+    current = trace.get_current_span()
+    return current.is_recording() or not current.get_span_context().is_valid
 
 
 def store_span(
     name: str, attributes: Mapping[str, Any] | None = None
 ) -> contextlib.AbstractContextManager[Span | None]:
     """A span for one store call, only when MARIE_TRACE_STORE_CALLS is on."""
-    if not STATE.store_calls:
+    if not STATE.store_calls or not recording():
         return _NOOP
     return _span(name, attributes, "client")
 

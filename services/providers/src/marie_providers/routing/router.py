@@ -446,7 +446,7 @@ class Router:
                 chunks = provider.stream_completion(request, model, completion_id, created)
             else:
                 chunks = provider.stream_chat(request, model, completion_id, created)
-            if tracing.STATE.enabled:
+            if tracing.STATE.enabled and tracing.recording():
                 from marie_providers.upstream import telemetry  # noqa: PLC0415 - tracing on only
 
                 return telemetry.traced_stream(provider, model, request, chunks)
@@ -543,7 +543,7 @@ class Router:
 
         async def call(deployment: Deployment) -> pb.CreateEmbeddingsResponse:
             provider, model = deployment.provider, deployment.model
-            if tracing.STATE.enabled:
+            if tracing.STATE.enabled and tracing.recording():
                 from marie_providers.upstream import telemetry  # noqa: PLC0415 - tracing on only
 
                 return await telemetry.traced_embed(

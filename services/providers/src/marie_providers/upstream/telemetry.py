@@ -112,11 +112,16 @@ async def traced_stream(
     parts: list[str] = []
     try:
         while True:
-            with trace.use_span(span, end_on_exit=False, record_exception=False):
-                try:
+            try:
+                if first:
+                    # Current while the upstream call starts (its HTTP span is
+                    # a child); later chunks only read the open response.
+                    with trace.use_span(span, end_on_exit=False, record_exception=False):
+                        chunk = await anext(chunks)
+                else:
                     chunk = await anext(chunks)
-                except StopAsyncIteration:
-                    break
+            except StopAsyncIteration:
+                break
             if first:
                 first = False
                 span.add_event(

@@ -629,7 +629,7 @@ class UpstreamClient:
         """
         span = None
         trace_headers: dict[str, str] = {}
-        if tracing.STATE.enabled:
+        if tracing.STATE.enabled and tracing.recording():
             span, trace_headers = tracing.start_client_span(
                 "POST",
                 {
