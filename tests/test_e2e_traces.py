@@ -38,7 +38,8 @@ def receiver() -> Iterator[OtlpReceiver]:
 def hosted() -> Iterator[FakeOpenAI]:
     """A hosted OpenAI-compatible API whose key must never reach a trace."""
     models = [FakeChatModel("gpt-fake", reply="Hello from the hosted fake")]
-    with FakeOpenAI(models, api_key=UPSTREAM_KEY) as fake:
+    fake = FakeOpenAI(models, api_key=UPSTREAM_KEY)
+    with fake:
         yield fake
 
 
