@@ -4,6 +4,7 @@ fake Ollama, every service a real process."""
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import cast
@@ -450,12 +451,20 @@ def test_the_request_id_follows_the_call_into_every_service(stack: Stack, api_ke
     )
     assert r.status_code == 200
     assert r.headers["x-request-id"] == "trace-me-42"
-    services = {
-        orjson.loads(line)["service"]
-        for line in stack.log().splitlines()
-        if line.startswith("{") and '"request_id":"trace-me-42"' in line
-    }
-    assert {"gateway", "providers"} <= services
+
+    def services() -> set[str]:
+        return {
+            orjson.loads(line)["service"]
+            for line in stack.log().splitlines()
+            if line.startswith("{") and '"request_id":"trace-me-42"' in line
+        }
+
+    # The gateway's access line is written once the answer is sent, and reaches
+    # marie up's log through a pipe: it may come a moment after the answer.
+    deadline = time.monotonic() + 10
+    while not {"gateway", "providers"} <= services() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert {"gateway", "providers"} <= services()
 
 
 def test_a_tool_round_trip_reaches_ollama_in_its_own_shape(

@@ -5,10 +5,21 @@ streamed `/v1/messages` as typed SSE events (`message_start`,
 `input_json_delta`, `message_delta` with the stop reason and usage,
 `message_stop`, `ping`), errors as `{"type": "error", "error": {...}}`.
 Failures on cue: see `upstream.py`.
+
+Extended thinking as the real API streams it: with `thinking` enabled a
+`thinking` block first (`thinking_delta`s, then one `signature_delta`), and a
+`redacted_thinking` block when the model has one; thinking blocks sent back
+in a later turn must carry the signature this fake gave them (else 400, as
+Anthropic refuses a tampered block). With the `web_search` server tool in
+`tools`: a `server_tool_use` block (its input as `input_json_delta`), a
+`web_search_tool_result` block, then the answer as text blocks, the cited one
+starting with a `citations_delta`.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -52,6 +63,32 @@ class FakeClaude:
     stop_reason: str | None = None
     chunk_delay: float = 0.0
     endless: bool = False
+    # What the model thinks before answering, when the request enables thinking.
+    thinking: str = "Let me think about this step by step."
+    # The data of a redacted_thinking block sent after the thinking, if any.
+    redacted_thinking: str | None = None
+
+
+def signature(thinking: str) -> str:
+    """The signature this fake gives a thinking text (the real one is opaque)."""
+    return base64.b64encode(hashlib.sha256(thinking.encode()).digest()).decode()
+
+
+#: What the web search server tool finds, and the citation of it.
+SEARCH_RESULT: JSONObject = {
+    "type": "web_search_result",
+    "url": "https://example.com/weather",
+    "title": "Weather in Paris",
+    "encrypted_content": "EqgfCioIARgBIiQ3YTAwMjY1Mi1mZjM5LTQ1NGUtODgxNC1kNjNjNTk1ZWI3Y2ESDN",
+    "page_age": "April 30, 2025",
+}
+CITATION: JSONObject = {
+    "type": "web_search_result_location",
+    "url": "https://example.com/weather",
+    "title": "Weather in Paris",
+    "encrypted_index": "Eo8BCioIAhgBIiQyYjQ0OWJmZi1lNm",
+    "cited_text": "Sunny, 24 degrees.",
+}
 
 
 def error_body(status: int, message: str) -> JSONObject:
@@ -138,7 +175,29 @@ class FakeAnthropic(FakeUpstream):
         model = self.models.get(body.get("model", ""))
         if model is None:
             return json_response(404, error_body(404, f"model: {body.get('model')}"))
+        if (refused := _check_thinking(body)) is not None:
+            return json_response(400, error_body(400, refused))
         return StreamedResponse(self, _Stream(model, body, cue).run)
+
+
+def _check_thinking(body: JSONObject) -> str | None:
+    """Anthropic's checks of thinking: a budget of at least 1024 below
+    `max_tokens`, and thinking blocks sent back as they were given."""
+    thinking = body.get("thinking")
+    if isinstance(thinking, dict) and thinking.get("type") == "enabled":
+        budget = thinking.get("budget_tokens")
+        if not isinstance(budget, int) or budget < 1024:
+            return "thinking.enabled.budget_tokens: Input should be greater than or equal to 1024"
+        if budget >= body["max_tokens"]:
+            return "`max_tokens` must be greater than `thinking.budget_tokens`"
+    for i, message in enumerate(body.get("messages", [])):
+        content = message.get("content")
+        for j, block in enumerate(content if isinstance(content, list) else []):
+            if block.get("type") == "thinking" and block.get("signature") != signature(
+                str(block.get("thinking"))
+            ):
+                return f"messages.{i}.content.{j}: Invalid `signature` in `thinking` block"
+    return None
 
 
 def _event(kind: str, data: JSONObject) -> bytes:
@@ -170,6 +229,69 @@ class _Stream:
             )
         self.pieces = words(reply)
 
+    async def _write(self, writer: EventWriter, kind: str, data: JSONObject) -> None:
+        await writer.write(_event(kind, {"type": kind, **data}))
+
+    async def _thinking(self, writer: EventWriter, index: int) -> int:
+        """The thinking blocks, when the request enables thinking; the next index."""
+        thinking = self.body.get("thinking")
+        if not isinstance(thinking, dict) or thinking.get("type") not in ("enabled", "adaptive"):
+            return index
+        start = {"type": "thinking", "thinking": "", "signature": ""}
+        await self._write(writer, "content_block_start", {"index": index, "content_block": start})
+        for piece in words(self.model.thinking):
+            delta = {"type": "thinking_delta", "thinking": piece}
+            await self._write(writer, "content_block_delta", {"index": index, "delta": delta})
+        delta = {"type": "signature_delta", "signature": signature(self.model.thinking)}
+        await self._write(writer, "content_block_delta", {"index": index, "delta": delta})
+        await self._write(writer, "content_block_stop", {"index": index})
+        index += 1
+        if self.model.redacted_thinking is not None:
+            block = {"type": "redacted_thinking", "data": self.model.redacted_thinking}
+            await self._write(
+                writer, "content_block_start", {"index": index, "content_block": block}
+            )
+            await self._write(writer, "content_block_stop", {"index": index})
+            index += 1
+        return index
+
+    async def _web_search(self, writer: EventWriter, index: int) -> int | None:
+        """A web search and the answer citing it, when the request offers the
+        server tool; the next index (None when it does not)."""
+        tools = self.body.get("tools") or []
+        if not any(str(t.get("type", "")).startswith("web_search_") for t in tools):
+            return None
+        use = {"type": "server_tool_use", "id": "srvtoolu_fake1", "name": "web_search", "input": {}}
+        await self._write(writer, "content_block_start", {"index": index, "content_block": use})
+        query = json.dumps({"query": _last_user_text(self.body["messages"])})
+        for fragment in (query[: len(query) // 2], query[len(query) // 2 :]):
+            delta = {"type": "input_json_delta", "partial_json": fragment}
+            await self._write(writer, "content_block_delta", {"index": index, "delta": delta})
+        await self._write(writer, "content_block_stop", {"index": index})
+        result = {
+            "type": "web_search_tool_result",
+            "tool_use_id": "srvtoolu_fake1",
+            "content": [SEARCH_RESULT],
+        }
+        await self._write(
+            writer, "content_block_start", {"index": index + 1, "content_block": result}
+        )
+        await self._write(writer, "content_block_stop", {"index": index + 1})
+        index += 2
+        for text, cited in (("It is ", False), ("sunny in Paris", True), (" today.", False)):
+            start = {"type": "text", "text": ""}
+            await self._write(
+                writer, "content_block_start", {"index": index, "content_block": start}
+            )
+            deltas: list[JSONObject] = [{"type": "text_delta", "text": text}]
+            if cited:
+                deltas.insert(0, {"type": "citations_delta", "citation": CITATION})
+            for delta in deltas:
+                await self._write(writer, "content_block_delta", {"index": index, "delta": delta})
+            await self._write(writer, "content_block_stop", {"index": index})
+            index += 1
+        return index
+
     async def run(self, writer: EventWriter) -> None:
         if self.cue is not None and self.cue.kind == "hang":
             await hang(writer)
@@ -196,15 +318,18 @@ class _Stream:
             )
         )
         await writer.write(_event("ping", {"type": "ping"}))
-        index = 0
+        index = await self._thinking(writer, 0)
         sent = 0
-        if self.pieces or self.model.endless:
+        searched = await self._web_search(writer, index)
+        if searched is not None:
+            index = searched
+        elif self.pieces or self.model.endless:
             await writer.write(
                 _event(
                     "content_block_start",
                     {
                         "type": "content_block_start",
-                        "index": 0,
+                        "index": index,
                         "content_block": {"type": "text", "text": ""},
                     },
                 )
@@ -225,16 +350,16 @@ class _Stream:
                         "content_block_delta",
                         {
                             "type": "content_block_delta",
-                            "index": 0,
+                            "index": index,
                             "delta": {"type": "text_delta", "text": piece},
                         },
                     )
                 )
                 sent += 1
             await writer.write(
-                _event("content_block_stop", {"type": "content_block_stop", "index": 0})
+                _event("content_block_stop", {"type": "content_block_stop", "index": index})
             )
-            index = 1
+            index += 1
         for use in self.model.tool_uses:
             await writer.write(
                 _event(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import orjson
 import pytest
 from marie.providers.v1 import provider_service_pb2 as pb
@@ -9,10 +11,13 @@ from marie_kit.errors import ServiceError
 from marie_providers.anthropic.translate import (
     JSON_INSTRUCTION,
     MessageStreamTranslator,
+    extra_headers,
     messages_payload,
 )
 from marie_providers.errors import UpstreamStatusError
 from marie_providers.openai_compatible.translate import ChatStreamTranslator, chat_payload
+from marie_providers.upstream.chunks import ChunkMerger
+from marie_providers.validation import check_chat_request
 from providers_testkit import chat, user
 
 
@@ -59,6 +64,158 @@ def test_anthropic_stream_error_event_is_an_upstream_error() -> None:
 
     with pytest.raises(UpstreamStatusError, match="Overloaded"):
         translator.translate("error", orjson.dumps(event).decode())
+
+
+def _extras(request_json: str = "", **headers: str) -> pb.UpstreamExtras:
+    return pb.UpstreamExtras(
+        kind="anthropic", request_json=request_json, fields=["thinking"], headers=headers
+    )
+
+
+def test_anthropic_extras_replace_the_translated_fields() -> None:
+    history = [{"role": "user", "content": [{"type": "document", "source": {"type": "text"}}]}]
+    fields = {"thinking": {"type": "enabled", "budget_tokens": 1024}, "messages": history}
+    request = chat("m", user("hi"), upstream_extras=_extras(orjson.dumps(fields).decode()))
+
+    payload = messages_payload(request, "claude-x")
+
+    assert payload["thinking"] == fields["thinking"]
+    assert payload["messages"] == history
+    # What the caller may not change stays the translation's.
+    assert payload["model"] == "claude-x" and payload["stream"] is True
+
+
+@pytest.mark.parametrize("name", ["model", "stream", "max_tokens", "system"])
+def test_anthropic_extras_cannot_set_what_marie_decides(name: str) -> None:
+    request = chat("m", user("hi"), upstream_extras=_extras(orjson.dumps({name: 1}).decode()))
+
+    with pytest.raises(ServiceError) as caught:
+        messages_payload(request, "m")
+
+    assert caught.value.metadata["field"] == f"upstream_extras.request_json.{name}"
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("x-api-key", "stolen"), ("anthropic-version", "2099-01-01"), ("anthropic-beta", "a\r\nx: y")],
+)
+def test_anthropic_extras_send_only_a_clean_beta_header(name: str, value: str) -> None:
+    with pytest.raises(ServiceError) as caught:
+        extra_headers(_extras(**{name: value}))
+
+    assert caught.value.code.name == "INVALID_ARGUMENT"
+    assert extra_headers(_extras(**{"anthropic-beta": "web-search-2025-03-05"})) == {
+        "anthropic-beta": "web-search-2025-03-05"
+    }
+
+
+@pytest.mark.parametrize(
+    ("extras", "field"),
+    [
+        (pb.UpstreamExtras(request_json="{}"), "upstream_extras.kind"),
+        (pb.UpstreamExtras(kind="anthropic", request_json="[1]"), "upstream_extras.request_json"),
+    ],
+)
+def test_malformed_extras_are_invalid_arguments(extras: pb.UpstreamExtras, field: str) -> None:
+    with pytest.raises(ServiceError) as caught:
+        check_chat_request(chat("m", user("hi"), upstream_extras=extras))
+
+    assert caught.value.metadata["field"] == field
+
+
+def _translate(events: list[dict[str, object]]) -> list[pb.StreamChatCompletionResponse]:
+    translator = MessageStreamTranslator(completion_id="c", model_id="a/m", provider="a", created=1)
+    chunks = [translator.translate(str(e["type"]), orjson.dumps(e).decode()) for e in events]
+    return [c for c in chunks if c is not None]
+
+
+def _block(index: int, block: Mapping[str, object]) -> dict[str, object]:
+    return {"type": "content_block_start", "index": index, "content_block": block}
+
+
+def _delta(index: int, delta: Mapping[str, object]) -> dict[str, object]:
+    return {"type": "content_block_delta", "index": index, "delta": delta}
+
+
+def test_anthropic_thinking_becomes_reasoning_numbered_by_block() -> None:
+    chunks = _translate(
+        [
+            {"type": "message_start", "message": {"usage": {"input_tokens": 3}}},
+            _block(0, {"type": "thinking", "thinking": "", "signature": ""}),
+            _delta(0, {"type": "thinking_delta", "thinking": "Hmm."}),
+            _delta(0, {"type": "signature_delta", "signature": "c2ln"}),
+            {"type": "content_block_stop", "index": 0},
+            _block(1, {"type": "redacted_thinking", "data": "ZGF0YQ=="}),
+            {"type": "content_block_stop", "index": 1},
+            _block(2, {"type": "text", "text": ""}),
+            _delta(2, {"type": "text_delta", "text": "42"}),
+        ]
+    )
+
+    shown = [
+        (c.block, c.reasoning.text, c.reasoning.signature, c.reasoning.redacted, c.content)
+        for c in chunks[1:]
+    ]
+    assert shown == [
+        (1, "", "", "", ""),
+        (1, "Hmm.", "", "", ""),
+        (1, "", "c2ln", "", ""),
+        (2, "", "", "ZGF0YQ==", ""),
+        (3, "", "", "", "42"),
+    ]
+
+
+def test_anthropic_server_blocks_come_whole_and_citations_with_their_text() -> None:
+    use = {"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search", "input": {}}
+    result = {"type": "web_search_tool_result", "tool_use_id": "srvtoolu_1", "content": []}
+    citation = {"type": "web_search_result_location", "url": "https://e.x", "cited_text": "c"}
+    chunks = _translate(
+        [
+            {"type": "message_start", "message": {"usage": {"input_tokens": 3}}},
+            _block(0, use),
+            _delta(0, {"type": "input_json_delta", "partial_json": '{"query": '}),
+            _delta(0, {"type": "input_json_delta", "partial_json": '"paris"}'}),
+            {"type": "content_block_stop", "index": 0},
+            _block(1, result),
+            {"type": "content_block_stop", "index": 1},
+            _block(2, {"type": "text", "text": ""}),
+            _delta(2, {"type": "citations_delta", "citation": citation}),
+            _delta(2, {"type": "text_delta", "text": "Sunny."}),
+        ]
+    )
+
+    blocks = [orjson.loads(c.upstream_block_json) for c in chunks if c.upstream_block_json]
+    assert blocks == [{**use, "input": {"query": "paris"}}, result]
+    assert [orjson.loads(t) for c in chunks for t in c.citations_json] == [citation]
+    assert chunks[-1].content == "Sunny." and chunks[-1].block == 3
+
+
+def test_the_merger_keeps_thinking_and_blocks_apart() -> None:
+    def chunk(**fields: object) -> pb.StreamChatCompletionResponse:
+        return pb.StreamChatCompletionResponse(**fields)  # type: ignore[arg-type]
+
+    merger = ChunkMerger()
+    out = [
+        merger.add(c)
+        for c in (
+            chunk(role=pb.ROLE_ASSISTANT),
+            chunk(block=1, reasoning=pb.Reasoning(text="a")),
+            chunk(block=2, content="x"),
+            chunk(block=2, content="y"),
+            chunk(block=3, content="z"),
+            chunk(finish_reason=pb.FINISH_REASON_STOP),
+        )
+    ]
+    out.append(merger.flush())
+    merged = [c for c in out if c is not None]
+
+    assert [(c.block, c.reasoning.text, c.content) for c in merged] == [
+        (0, "", ""),
+        (1, "a", ""),
+        (2, "", "xy"),
+        (3, "", "z"),
+    ]
+    assert merged[-1].finish_reason == pb.FINISH_REASON_STOP
 
 
 def test_openai_tool_schemas_sent_as_text_keep_their_key_order() -> None:

@@ -105,6 +105,7 @@ def check_chat_request(request: pb.StreamChatCompletionRequest) -> None:
     _check_messages(list(request.messages))
     _check_sampling(request.sampling)
     _check_tools(request)
+    _check_extras(request.upstream_extras)
     if not 0 <= request.top_logprobs <= MAX_TOP_LOGPROBS:
         raise bad_request("top_logprobs", f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}")
     if request.top_logprobs and not request.logprobs:
@@ -119,6 +120,16 @@ def check_chat_request(request: pb.StreamChatCompletionRequest) -> None:
         response_format.HasField("json_schema") and response_format.json_schema.fields
     ):
         raise bad_request("response_format.json_schema", "a json_schema response needs a schema")
+
+
+def _check_extras(extras: pb.UpstreamExtras) -> None:
+    """The shape of `upstream_extras`; what each kind takes is its translator's check."""
+    if not extras.kind:
+        if extras.request_json or extras.headers or extras.fields:
+            raise bad_request("upstream_extras.kind", "upstream_extras needs the upstream kind")
+        return
+    if extras.request_json and parse_json_object(extras.request_json) is None:
+        raise bad_request("upstream_extras.request_json", "must be a JSON object")
 
 
 def check_completion_request(request: pb.StreamCompletionRequest) -> None:

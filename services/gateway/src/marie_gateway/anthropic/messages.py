@@ -9,6 +9,7 @@ import math
 from collections.abc import AsyncIterator
 from typing import TypeVar
 
+import grpc
 import orjson
 from marie.providers.v1 import provider_service_pb2 as pb
 from pydantic import ValidationError
@@ -26,10 +27,16 @@ from marie_gateway.anthropic.schemas import (
     extra_fields,
     loc_path,
 )
-from marie_gateway.anthropic.translate import MessageBuilder, new_id, single_tool_call, to_chat
+from marie_gateway.anthropic.translate import (
+    PASSTHROUGH_REFUSED,
+    MessageBuilder,
+    new_id,
+    single_tool_call,
+    to_chat,
+)
 from marie_gateway.core import Gateway
 from marie_gateway.http.bodies import JSONResponse
-from marie_gateway.http.errors import ApiError, bad_request
+from marie_gateway.http.errors import ApiError, bad_request, from_rpc_error
 from marie_gateway.http.sse import EventStreamResponse, typed_event
 from marie_gateway.openai.enrichment import enrich_chat
 from marie_gateway.openai.generation import ChatCall, open_chat
@@ -99,14 +106,21 @@ class MessagesRoutes:
             tally = await gw.admit(request, principal, "messages")
         finally:
             add_anthropic_headers(request.scope)
-        body = parse(MessagesRequest, await gw.read_body(request), request)
+        raw = await gw.read_body(request)
+        body = parse(MessagesRequest, raw, request)
         tally.requested = body.model
         message_id = new_id("msg")
-        chat = to_chat(body, message_id, aggregate=not body.stream)
+        chat, refusal = to_chat(
+            body,
+            message_id,
+            aggregate=not body.stream,
+            raw=raw,
+            beta=request.headers.get("anthropic-beta"),
+        )
         await enrich_chat(gw, principal, chat.user or None, chat)
         call = open_chat(gw, request, principal, chat, tally)
         async with call.answering():
-            first = await call.first()
+            first = await _first(call, refusal)
             builder = MessageBuilder(message_id, first.model, single_tool=single_tool_call(body))
             if body.stream:
                 call.streaming()
@@ -134,12 +148,20 @@ class MessagesRoutes:
             tally = await gw.admit(request, principal, "count_tokens")
         finally:
             add_anthropic_headers(request.scope)
-        body = parse(CountTokensRequest, await gw.read_body(request), request)
+        raw = await gw.read_body(request)
+        body = parse(CountTokensRequest, raw, request)
         tally.requested = body.model
-        chat = to_chat(body, new_id("msg"), aggregate=True, max_tokens=COUNT_MAX_TOKENS)
+        chat, refusal = to_chat(
+            body,
+            new_id("msg"),
+            aggregate=True,
+            max_tokens=COUNT_MAX_TOKENS,
+            raw=raw,
+            beta=request.headers.get("anthropic-beta"),
+        )
         call = open_chat(gw, request, principal, chat, tally)
         async with call.answering():
-            await call.first()
+            await _first(call, refusal)
             async for _ in call.chunks():
                 pass
         counted = call.usage.prompt_tokens if call.usage is not None else 0
@@ -149,6 +171,19 @@ class MessagesRoutes:
             {"input_tokens": tokens},
             headers={COUNT_HEADER: how, REQUEST_ID_HEADER: call.request_id},
         )
+
+
+async def _first(call: ChatCall, refusal: ApiError | None) -> pb.StreamChatCompletionResponse:
+    """The answer's first chunk; where the request carries what only an
+    Anthropic upstream takes and its route is not Anthropic's, the 400 naming
+    the first such field."""
+    try:
+        return await call.first()
+    except grpc.aio.AioRpcError as exc:
+        if refusal is None:
+            raise
+        error = from_rpc_error(exc, call.request_id)
+        raise (refusal if error.reason == PASSTHROUGH_REFUSED else error) from None
 
 
 def estimate_tokens(chat: pb.StreamChatCompletionRequest) -> int:

@@ -5,9 +5,10 @@ gateway validates them, and its answers as the OpenAPI document describes them
 Like Anthropic's API, a request with a field it does not define is a 400
 (`"<path>: Extra inputs are not permitted"`), JSON types are strict
 (`"max_tokens": "10"` is a mistake), and `max_tokens` is required. Fields that
-Anthropic defines but no model behind Marie can honour (`thinking`, server
+Anthropic defines that only an Anthropic upstream honours (`thinking`, server
 tools, documents, citations, MCP servers, containers) are declared here so
-that the translation refuses them by name; hints that change nothing about the
+that the translation passes them through to an Anthropic upstream and
+refuses them by name where the model routes elsewhere; hints that change nothing about the
 answer (`cache_control`, `service_tier`) are accepted and ignored.
 
 One deliberate difference: a request that carries `anthropic-beta` (Claude
@@ -52,7 +53,7 @@ class TextBlock(_Body):
     text: str
     cache_control: CacheControl | None = None
     citations: list[dict[str, Any]] | None = Field(
-        default=None, description="Refused when not empty: no model behind Marie cites."
+        default=None, description="Passed through to an Anthropic upstream; refused elsewhere."
     )
 
 
@@ -96,8 +97,9 @@ class ToolResultBlock(_Body):
 
 
 class UnsupportedBlock(_Body):
-    """Blocks Anthropic defines that no model behind Marie produces or reads:
-    refused by the translation, naming the block."""
+    """Blocks only Anthropic's models read (thinking, documents, server tools'
+    use and results, …): the messages holding them go to an Anthropic upstream
+    as sent; routed elsewhere they are refused, naming the block."""
 
     model_config = ConfigDict(extra="allow", frozen=True, strict=True)
 
@@ -131,8 +133,9 @@ class MessageParam(_Body):
 
 class Tool(_Body):
     """A client tool (`type` absent or `custom`); any other `type` names one of
-    Anthropic's server tools (web search, code execution, …), which the
-    translation refuses."""
+    Anthropic's server tools (web search, code execution, …), passed through
+    to an Anthropic upstream as sent (its own fields too) and refused for any
+    other."""
 
     name: str = Field(pattern=TOOL_NAME_PATTERN)
     type: str | None = None
@@ -203,8 +206,8 @@ class _Prompt(_Body):
     tool_choice: ToolChoice | None = None
     thinking: dict[str, Any] | None = Field(
         default=None,
-        description='Only `{"type": "disabled"}` is accepted: no model behind Marie'
-        " thinks on request.",
+        description="Passed through to an Anthropic upstream; elsewhere `adaptive` and"
+        " `disabled` are accepted and ignored, `enabled` refused.",
     )
     output_config: OutputConfig | None = None
     cache_control: CacheControl | None = Field(
@@ -216,7 +219,7 @@ class _Prompt(_Body):
     user_profile_id: str | None = Field(default=None, description="Accepted and ignored.")
     workspace_id: str | None = Field(default=None, description="Accepted and ignored.")
     mcp_servers: list[dict[str, Any]] | None = Field(
-        default=None, description="Refused when not empty: no MCP connector here."
+        default=None, description="Passed through to an Anthropic upstream; refused elsewhere."
     )
 
 
@@ -237,7 +240,7 @@ class MessagesRequest(_Prompt):
         default=None, description="Accepted and ignored: one tier here."
     )
     container: str | dict[str, Any] | None = Field(
-        default=None, description="Refused when set: no code-execution containers here."
+        default=None, description="Passed through to an Anthropic upstream; refused elsewhere."
     )
     inference_geo: str | None = Field(default=None, description="Accepted and ignored.")
     diagnostics: dict[str, Any] | None = Field(
@@ -259,6 +262,33 @@ class _Out(BaseModel):
 class TextOut(_Out):
     type: Literal["text"]
     text: str
+    citations: list[dict[str, Any]] | None = Field(
+        default=None, description="From an Anthropic upstream: what the text cites, as sent."
+    )
+
+
+class ThinkingOut(_Out):
+    """From an Anthropic upstream: the model's thinking, to be sent back as it came."""
+
+    type: Literal["thinking"]
+    thinking: str
+    signature: str
+
+
+class RedactedThinkingOut(_Out):
+    """From an Anthropic upstream: thinking it encrypted, to be sent back as it came."""
+
+    type: Literal["redacted_thinking"]
+    data: str
+
+
+class ServerBlockOut(_Out):
+    """From an Anthropic upstream: a server tool's block (`server_tool_use`,
+    `web_search_tool_result`, …), as Anthropic sent it."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    type: str
 
 
 class ToolUseOut(_Out):
@@ -283,7 +313,13 @@ class Message(_Out):
     type: Literal["message"]
     role: Literal["assistant"]
     model: str = Field(description="The model that answered (an alias's target).")
-    content: list[Annotated[TextOut | ToolUseOut, Field(discriminator="type")]]
+    content: list[
+        Annotated[
+            TextOut | ToolUseOut | ThinkingOut | RedactedThinkingOut,
+            Field(discriminator="type"),
+        ]
+        | ServerBlockOut
+    ]
     stop_reason: Literal["end_turn", "max_tokens", "stop_sequence", "tool_use", "refusal"] | None
     stop_sequence: str | None = Field(
         description="Always null: upstreams do not say which stop sequence ended a reply,"
@@ -295,7 +331,9 @@ class Message(_Out):
 class StreamEvent(_Out):
     """One event of a streamed message: `event: <type>` then `data: <JSON>`,
     in order `message_start`, then per content block `content_block_start`,
-    `content_block_delta` (`text_delta` or `input_json_delta`) …,
+    `content_block_delta` (`text_delta` or `input_json_delta`; from an
+    Anthropic upstream also `thinking_delta`, `signature_delta`,
+    `citations_delta`) …,
     `content_block_stop`, then `message_delta` (stop reason, usage) and
     `message_stop`; a `ping` after the first block starts. A failure after the
     first event is an `error` event (an AnthropicError) and the stream ends."""
@@ -368,8 +406,11 @@ def loc_path(loc: tuple[int | str, ...], raw: Any) -> str:
 
 def extra_fields(value: BaseModel, path: str = "") -> list[str]:
     """The paths of fields the request holds that its models do not define
-    (blocks refused as a whole are not looked into)."""
-    if isinstance(value, UnsupportedBlock):
+    (blocks and server tools passed to Anthropic as a whole are not looked
+    into: Anthropic checks them)."""
+    if isinstance(value, UnsupportedBlock) or (
+        isinstance(value, Tool) and value.type not in (None, "custom")
+    ):
         return []
     found = [f"{path}{name}" for name in (value.model_extra or {})]
     for name in type(value).model_fields:

@@ -2,14 +2,18 @@
 a Messages request (or a token count) becomes a `StreamChatCompletionRequest`;
 the providers' chunks become a `message`, or its stream of events.
 
-What a model behind Marie cannot do is refused here with a 400 naming the
-field (`thinking`, server tools, documents, citations, MCP servers,
-containers); see the gateway README for the whole list."""
+What only Anthropic's own models can do (`thinking`, server tools,
+documents, citations, MCP servers, containers) is passed through to an
+Anthropic upstream as it was sent (`upstream_extras`); the providers service
+refuses it where the route's deployment is of another kind, and the gateway
+then answers the 400 naming the field this translation noted (`Passthrough`).
+See the gateway README for the whole list."""
 
 from __future__ import annotations
 
 import secrets
 import string
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -47,6 +51,28 @@ TOOL_ERROR_PREFIX = "Error: "
 #: `thinking` types a model that never thinks honours as it is: `adaptive`
 #: leaves it to the model whether to think (Claude Code sends it by default).
 THINKING_ACCEPTED = frozenset({"adaptive", "disabled"})
+#: The upstream kind that takes the fields passed through.
+PASSTHROUGH_KIND = "anthropic"
+#: The providers' reason for a pass-through the route cannot serve.
+PASSTHROUGH_REFUSED = "UPSTREAM_EXTRAS_UNSUPPORTED"
+
+
+@dataclass
+class Passthrough:
+    """What a request asks that only an Anthropic upstream can do: the
+    top-level fields to send it as they were sent, and the 400 naming the
+    first such field for any other upstream."""
+
+    fields: set[str] = field(default_factory=set)
+    refusals: list[ApiError] = field(default_factory=list)
+
+    def need(self, name: str, refusal: ApiError) -> None:
+        self.fields.add(name)
+        self.refusals.append(refusal)
+
+    @property
+    def refusal(self) -> ApiError | None:
+        return self.refusals[0] if self.refusals else None
 
 
 def new_id(prefix: str) -> str:
@@ -74,7 +100,9 @@ def _text_of(blocks: list[TextBlock], path: str) -> str:
     return "\n".join(b.text for b in blocks)
 
 
-def _tool_result(block: ToolResultBlock, path: str) -> tuple[pb.ChatMessage, list[pb.ContentPart]]:
+def _tool_result(
+    block: ToolResultBlock, path: str, passing: Passthrough
+) -> tuple[pb.ChatMessage, list[pb.ContentPart]]:
     """The tool message of a result, and the images it held (they follow in a
     user message: tool messages carry text only upstream)."""
     images: list[pb.ContentPart] = []
@@ -85,8 +113,11 @@ def _tool_result(block: ToolResultBlock, path: str) -> tuple[pb.ChatMessage, lis
         for i, part in enumerate(block.content):
             if isinstance(part, TextBlock):
                 if part.citations:
-                    raise unsupported(
-                        f"{path}.content.{i}.citations", "citations are not supported here."
+                    passing.need(
+                        "messages",
+                        unsupported(
+                            f"{path}.content.{i}.citations", "citations are not supported here."
+                        ),
                     )
                 texts.append(part.text)
             else:
@@ -100,18 +131,23 @@ def _tool_result(block: ToolResultBlock, path: str) -> tuple[pb.ChatMessage, lis
 def _blocked(block: UnsupportedBlock, path: str) -> ApiError:
     kind = block.type
     if kind in ("thinking", "redacted_thinking"):
-        what = "thinking blocks are not supported: no model behind Marie thinks on request."
+        what = "thinking blocks are not supported: only Anthropic's models read them."
     elif kind in {"document", "search_result"}:
-        what = f"{kind} blocks are not supported here; send the text as a text block."
+        what = (
+            f"{kind} blocks are not supported by this model (only Anthropic's);"
+            " send the text as a text block."
+        )
     else:
-        what = f"{kind} blocks belong to Anthropic's server tools, which are not available here."
+        what = f"{kind} blocks belong to Anthropic's server tools, which only its models have."
     return unsupported(f"{path}.type", what)
 
 
-def _messages(param: MessageParam, path: str) -> list[pb.ChatMessage]:
+def _messages(param: MessageParam, path: str, passing: Passthrough) -> list[pb.ChatMessage]:
     """The chat messages of one Anthropic message: a user turn's tool results
     first (each a tool message), then its text and images; an assistant turn's
-    text and tool calls as one message."""
+    text and tool calls as one message. Blocks only Anthropic reads are left
+    out of them and noted in `passing` (the messages then go to Anthropic as
+    they were sent)."""
     role = pb.ROLE_USER if param.role == "user" else pb.ROLE_ASSISTANT
     if isinstance(param.content, str):
         return [pb.ChatMessage(role=role, content=param.content)] if param.content else []
@@ -122,10 +158,12 @@ def _messages(param: MessageParam, path: str) -> list[pb.ChatMessage]:
     for i, block in enumerate(param.content):
         where = f"{path}.content.{i}"
         if isinstance(block, UnsupportedBlock):
-            raise _blocked(block, where)
+            passing.need("messages", _blocked(block, where))
+            continue
         if isinstance(block, TextBlock):
             if block.citations:
-                raise unsupported(f"{where}.citations", "citations are not supported here.")
+                cited = unsupported(f"{where}.citations", "citations are not supported here.")
+                passing.need("messages", cited)
             texts.append(block.text)
             turn.parts.add(text=block.text)
         elif isinstance(block, ImageBlock):
@@ -146,7 +184,7 @@ def _messages(param: MessageParam, path: str) -> list[pb.ChatMessage]:
         else:
             if role != pb.ROLE_USER:
                 raise unsupported(f"{where}.type", "tool_result blocks are sent in user messages.")
-            tool, images = _tool_result(block, where)
+            tool, images = _tool_result(block, where, passing)
             out.append(tool)
             if images:
                 out.append(pb.ChatMessage(role=pb.ROLE_USER, parts=images))
@@ -159,26 +197,98 @@ def _messages(param: MessageParam, path: str) -> list[pb.ChatMessage]:
     return out
 
 
-def _refuse_unavailable(body: MessagesRequest | CountTokensRequest) -> None:
-    if body.thinking is not None and body.thinking.get("type") not in THINKING_ACCEPTED:
-        raise unsupported(
+def _anthropic_only(body: MessagesRequest | CountTokensRequest, passing: Passthrough) -> None:
+    """Note the top-level fields only an Anthropic upstream takes."""
+    counting = isinstance(body, CountTokensRequest)
+    # A count ignores `thinking`: it changes what is generated, not the prompt.
+    if (
+        not counting
+        and body.thinking is not None
+        and body.thinking.get("type") not in THINKING_ACCEPTED
+    ):
+        passing.need(
             "thinking",
-            "extended thinking is not supported: no model behind Marie thinks on request"
-            " (send none, or type 'adaptive' or 'disabled').",
+            unsupported(
+                "thinking",
+                "extended thinking is not supported: only Anthropic's models think on request"
+                " (send none, or type 'adaptive' or 'disabled').",
+            ),
         )
     if body.mcp_servers:
-        raise unsupported("mcp_servers", "MCP servers are not supported here.")
+        passing.need(
+            "mcp_servers", unsupported("mcp_servers", "MCP servers are not supported here.")
+        )
     if isinstance(body, MessagesRequest) and body.container is not None:
-        raise unsupported("container", "code-execution containers are not supported here.")
+        passing.need(
+            "container",
+            unsupported("container", "code-execution containers are not supported here."),
+        )
     for i, tool in enumerate(body.tools or ()):
         if tool.type not in (None, "custom"):
-            raise unsupported(
-                f"tools.{i}.type",
-                f"'{tool.type}' is one of Anthropic's server tools, which are not available"
-                " here; define a client tool with name, description and input_schema.",
+            passing.need(
+                "tools",
+                unsupported(
+                    f"tools.{i}.type",
+                    f"'{tool.type}' is one of Anthropic's server tools, which only Anthropic's"
+                    " models have; define a client tool with name, description and"
+                    " input_schema.",
+                ),
             )
-        if tool.input_schema is None:
+        elif tool.input_schema is None:
             raise bad_request(f"tools.{i}.input_schema: Field required", f"tools.{i}.input_schema")
+
+
+def _upstream_extras(
+    chat: pb.StreamChatCompletionRequest,
+    body: MessagesRequest | CountTokensRequest,
+    passing: Passthrough,
+    raw: bytes,
+    beta: str | None,
+) -> None:
+    """The fields noted in `passing`, as the caller sent them, on `chat`."""
+    values: dict[str, Any] = {}
+    if isinstance(body, MessagesRequest) and body.thinking is not None:
+        # Every thinking type goes to Anthropic; `adaptive` and `disabled` alone
+        # are hints (no `fields`), which other upstreams serve without.
+        values["thinking"] = body.thinking
+    names = set(passing.fields) - {"thinking"}
+    if "tools" in names and body.tool_choice is not None:
+        names.add("tool_choice")
+    if names:
+        # The body as sent (its blocks and server tools whole), read again only here.
+        sent = orjson.loads(raw)
+        values.update((n, sent[n]) for n in sorted(names) if n in sent)
+    extras = chat.upstream_extras
+    extras.kind = PASSTHROUGH_KIND
+    extras.request_json = orjson.dumps(values).decode()
+    extras.fields.extend(e.param or "" for e in passing.refusals)
+    if beta:
+        extras.headers["anthropic-beta"] = beta
+
+
+def _tool_choice(
+    chat: pb.StreamChatCompletionRequest, body: MessagesRequest | CountTokensRequest
+) -> None:
+    """`tool_choice` in the chat contract's terms, where it concerns client
+    tools (one naming a server tool goes to Anthropic with the tools)."""
+    choice = body.tool_choice
+    client_tools = {t.function.name for t in chat.tools}
+    if isinstance(choice, ToolChoiceTool):
+        if choice.name not in {t.name for t in body.tools or ()}:
+            raise bad_request(
+                "tool_choice.name: names a tool that is not in tools", "tool_choice.name"
+            )
+        if choice.name in client_tools:
+            chat.tool_choice.mode = pb.TOOL_CHOICE_MODE_FUNCTION
+            chat.tool_choice.function_name = choice.name
+        # A server tool's name: the choice goes to Anthropic with the tools.
+    elif isinstance(choice, ToolChoiceAny):
+        if client_tools or not body.tools:
+            chat.tool_choice.mode = pb.TOOL_CHOICE_MODE_REQUIRED
+    elif isinstance(choice, ToolChoiceNone):
+        chat.tool_choice.mode = pb.TOOL_CHOICE_MODE_NONE
+    elif isinstance(choice, ToolChoiceAuto):
+        chat.tool_choice.mode = pb.TOOL_CHOICE_MODE_AUTO
 
 
 def to_chat(
@@ -187,10 +297,15 @@ def to_chat(
     *,
     aggregate: bool,
     max_tokens: int | None = None,
-) -> pb.StreamChatCompletionRequest:
+    raw: bytes = b"",
+    beta: str | None = None,
+) -> tuple[pb.StreamChatCompletionRequest, ApiError | None]:
     """The providers request for a Messages request (a token count passes
-    `max_tokens`, having none of its own)."""
-    _refuse_unavailable(body)
+    `max_tokens`, having none of its own), and the 400 to answer should its
+    route not be Anthropic's when it carries what only Anthropic takes (`raw`
+    is the body as sent, `beta` its `anthropic-beta`)."""
+    passing = Passthrough()
+    _anthropic_only(body, passing)
     if not body.messages:
         raise bad_request("messages: at least one message is required", "messages")
     chat = pb.StreamChatCompletionRequest(
@@ -203,7 +318,11 @@ def to_chat(
         chat.messages.add(role=pb.ROLE_SYSTEM, content=_text_of(body.system, "system"))
     last = len(body.messages) - 1
     for i, param in enumerate(body.messages):
-        turn = _messages(param, f"messages.{i}")
+        turn = _messages(param, f"messages.{i}", passing)
+        if not turn and passing.fields:
+            # Its blocks go to Anthropic as sent; the contract keeps the turn.
+            role = pb.ROLE_USER if param.role == "user" else pb.ROLE_ASSISTANT
+            turn = [pb.ChatMessage(role=role)]
         if not turn and not (i == last and param.role == "assistant"):
             raise bad_request(
                 f"messages.{i}: all messages must have non-empty content except for the"
@@ -212,6 +331,8 @@ def to_chat(
             )
         chat.messages.extend(turn)
     for tool in body.tools or ():
+        if tool.type not in (None, "custom"):
+            continue
         chat.tools.add(
             type="function",
             function=pb.FunctionDefinition(
@@ -220,20 +341,7 @@ def to_chat(
                 parameters_json=json_text(tool.input_schema or {}),
             ),
         )
-    choice = body.tool_choice
-    if isinstance(choice, ToolChoiceTool):
-        if choice.name not in {t.name for t in body.tools or ()}:
-            raise bad_request(
-                "tool_choice.name: names a tool that is not in tools", "tool_choice.name"
-            )
-        chat.tool_choice.mode = pb.TOOL_CHOICE_MODE_FUNCTION
-        chat.tool_choice.function_name = choice.name
-    elif isinstance(choice, ToolChoiceAny):
-        chat.tool_choice.mode = pb.TOOL_CHOICE_MODE_REQUIRED
-    elif isinstance(choice, ToolChoiceNone):
-        chat.tool_choice.mode = pb.TOOL_CHOICE_MODE_NONE
-    elif isinstance(choice, ToolChoiceAuto):
-        chat.tool_choice.mode = pb.TOOL_CHOICE_MODE_AUTO
+    _tool_choice(chat, body)
     output = body.output_config.format if body.output_config else None
     if output is not None:
         chat.response_format.type = pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA
@@ -255,7 +363,9 @@ def to_chat(
             chat.user = body.metadata.user_id
     elif max_tokens is not None:
         s.max_tokens = max_tokens
-    return chat
+    if passing.fields or (isinstance(body, MessagesRequest) and body.thinking is not None):
+        _upstream_extras(chat, body, passing, raw, beta)
+    return chat, passing.refusal
 
 
 def single_tool_call(body: MessagesRequest) -> bool:
@@ -292,6 +402,8 @@ class MessageBuilder:
         self._json: dict[int, list[str]] = {}
         self._tools: dict[int, int] = {}  # upstream tool index -> block index
         self._skipped: set[int] = set()
+        # The upstream's number of the open block (`chunk.block`), 0 when unsaid.
+        self._upstream_block = 0
         self.finish = pb.FINISH_REASON_UNSPECIFIED
         self.input_tokens = 0
         self.output_tokens = 0
@@ -307,21 +419,100 @@ class MessageBuilder:
         index, self._open = self._open, None
         return [{"type": "content_block_stop", "index": index}]
 
-    def _begin(self, block: dict[str, Any]) -> list[dict[str, Any]]:
+    def _begin(
+        self, block: dict[str, Any], shown: dict[str, Any] | None = None, upstream: int = 0
+    ) -> list[dict[str, Any]]:
+        """Open `block` (its `content_block_start` shows `shown`, or the block
+        as it is when it starts empty)."""
         events = self._close()
         self.blocks.append(block)
         self._open = len(self.blocks) - 1
-        shown = {**block, "input": {}} if block["type"] == "tool_use" else {**block, "text": ""}
-        events.append({"type": "content_block_start", "index": self._open, "content_block": shown})
+        self._upstream_block = upstream
+        events.append(
+            {
+                "type": "content_block_start",
+                "index": self._open,
+                "content_block": dict(block) if shown is None else shown,
+            }
+        )
         if self._open == 0:
             events.append({"type": "ping"})
         return events
 
+    def _opened(self, kind: str, upstream: int) -> bool:
+        """Whether the open block is of `kind` and the upstream's same block."""
+        return (
+            self._open is not None
+            and self.blocks[self._open]["type"] == kind
+            and (not upstream or upstream == self._upstream_block)
+        )
+
+    def _delta(self, delta: dict[str, Any]) -> dict[str, Any]:
+        return {"type": "content_block_delta", "index": self._open, "delta": delta}
+
+    def _reasoning(self, reasoning: pb.Reasoning, upstream: int) -> list[dict[str, Any]]:
+        """Thinking: a `thinking` block growing by `thinking_delta`, ended by its
+        `signature_delta`; or a whole `redacted_thinking` block."""
+        if reasoning.redacted:
+            block = {"type": "redacted_thinking", "data": reasoning.redacted}
+            return self._begin(block, upstream=upstream)
+        events: list[dict[str, Any]] = []
+        if not self._opened("thinking", upstream) or (
+            reasoning.text and self.blocks[self._open or 0]["signature"]
+        ):
+            events += self._begin(
+                {"type": "thinking", "thinking": "", "signature": ""}, upstream=upstream
+            )
+        assert self._open is not None
+        block = self.blocks[self._open]
+        if reasoning.text:
+            block["thinking"] += reasoning.text
+            events.append(self._delta({"type": "thinking_delta", "thinking": reasoning.text}))
+        if reasoning.signature:
+            block["signature"] += reasoning.signature
+            events.append(
+                self._delta({"type": "signature_delta", "signature": reasoning.signature})
+            )
+        return events
+
+    def _upstream(self, text: str, upstream: int) -> list[dict[str, Any]]:
+        """A whole block of Anthropic's own (server tool use and results, …), as
+        Anthropic streams it: a tool use's input as one `input_json_delta`."""
+        block = orjson.loads(text)
+        if not isinstance(block, dict) or not isinstance(block.get("type"), str):
+            return []
+        tool_input = block.get("input")
+        if not block["type"].endswith("tool_use") or not isinstance(tool_input, dict):
+            return self._begin(block, upstream=upstream)
+        events = self._begin(block, {**block, "input": {}}, upstream)
+        if tool_input:
+            events.append(
+                self._delta({"type": "input_json_delta", "partial_json": json_text(tool_input)})
+            )
+        return events
+
+    def _text_block(self, upstream: int) -> list[dict[str, Any]]:
+        if self._opened("text", upstream):
+            return []
+        return self._begin({"type": "text", "text": ""}, upstream=upstream)
+
     def add(self, chunk: pb.StreamChatCompletionResponse) -> list[dict[str, Any]]:
         events: list[dict[str, Any]] = []
+        upstream = chunk.block
+        if chunk.HasField("reasoning"):
+            events += self._reasoning(chunk.reasoning, upstream)
+        if chunk.upstream_block_json:
+            events += self._upstream(chunk.upstream_block_json, upstream)
+        if chunk.citations_json:
+            events += self._text_block(upstream)
+            assert self._open is not None
+            cited = self.blocks[self._open].setdefault("citations", [])
+            for text in chunk.citations_json:
+                citation = orjson.loads(text)
+                cited.append(citation)
+                events.append(self._delta({"type": "citations_delta", "citation": citation}))
         if chunk.content:
-            if self._open is None or self.blocks[self._open]["type"] != "text":
-                events += self._begin({"type": "text", "text": ""})
+            events += self._text_block(upstream)
             assert self._open is not None
             self.blocks[self._open]["text"] += chunk.content
             events.append(

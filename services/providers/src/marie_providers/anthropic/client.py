@@ -16,6 +16,7 @@ from marie.providers.v1 import provider_service_pb2 as pb
 
 from marie_providers.anthropic.translate import (
     MessageStreamTranslator,
+    extra_headers,
     messages_payload,
     model_from_entry,
 )
@@ -86,6 +87,8 @@ class AnthropicProvider(HttpProvider):
                 self.name, "logprobs", f"{self.name} (Anthropic) does not report log probabilities"
             )
         payload = orjson.dumps(messages_payload(request, model_name))
+        headers = {**JSON_HEADERS, "accept": "text/event-stream"}
+        headers.update(extra_headers(request.upstream_extras))
         translator = MessageStreamTranslator(
             completion_id=completion_id,
             model_id=self.model_id(model_name),
@@ -93,9 +96,7 @@ class AnthropicProvider(HttpProvider):
             created=created,
         )
         try:
-            async with self._upstream.stream(
-                "v1/messages", payload, {**JSON_HEADERS, "accept": "text/event-stream"}
-            ) as response:
+            async with self._upstream.stream("v1/messages", payload, headers) as response:
                 if response.status_code >= 400:
                     raise status_error(response, await response.aread())
                 batches = iter_sse_batches(self._upstream.body(response))

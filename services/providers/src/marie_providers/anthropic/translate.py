@@ -34,6 +34,23 @@ STOP_REASONS: Mapping[str, pb.FinishReason] = {
 }
 
 JSON_INSTRUCTION = "Answer with a single JSON object and nothing else."
+#: Top-level fields of a Messages request that `upstream_extras` may set,
+#: each replacing what the translation sends under that name.
+EXTRA_FIELDS = frozenset(
+    {
+        "thinking",
+        "tools",
+        "tool_choice",
+        "messages",
+        "mcp_servers",
+        "container",
+        "context_management",
+    }
+)
+#: Headers `upstream_extras` may send: the betas a pass-through field needs.
+EXTRA_HEADERS = frozenset({"anthropic-beta"})
+#: Content blocks the chat contract carries on its own fields.
+_OWN_BLOCKS = frozenset({"text", "tool_use", "thinking", "redacted_thinking"})
 
 
 # ---------------------------------------------------------------------------
@@ -197,7 +214,35 @@ def messages_payload(request: pb.StreamChatCompletionRequest, model_name: str) -
             payload["tool_choice"] = choice
     if request.user:
         payload["metadata"] = {"user_id": request.user}
+    payload.update(extra_fields(request.upstream_extras))
     return payload
+
+
+def extra_fields(extras: pb.UpstreamExtras) -> dict[str, Any]:
+    """The request fields `upstream_extras` passes through (INVALID_ARGUMENT
+    for one this translation does not let a caller set, like `model`)."""
+    if not extras.request_json:
+        return {}
+    fields = orjson.loads(extras.request_json)
+    for name in fields:
+        if name not in EXTRA_FIELDS:
+            raise bad_request(
+                f"upstream_extras.request_json.{name}",
+                f"anthropic takes {', '.join(sorted(EXTRA_FIELDS))} as extras",
+            )
+    return dict(fields)
+
+
+def extra_headers(extras: pb.UpstreamExtras) -> dict[str, str]:
+    """The request headers `upstream_extras` adds (only betas)."""
+    for name, value in extras.headers.items():
+        if name.lower() not in EXTRA_HEADERS:
+            raise bad_request(
+                f"upstream_extras.headers.{name}", "anthropic takes anthropic-beta as a header"
+            )
+        if not value.isascii() or not value.isprintable():
+            raise bad_request(f"upstream_extras.headers.{name}", "must be printable ASCII")
+    return {name.lower(): value for name, value in extras.headers.items()}
 
 
 # ---------------------------------------------------------------------------
@@ -254,16 +299,22 @@ class MessageStreamTranslator:
         self._role_sent = False
         # Content block index → tool call index, for tool_use blocks.
         self._tools: dict[int, int] = {}
+        # Blocks the chat contract has no field for (server tools' use and
+        # results…): index → the block so far and its input's JSON text,
+        # sent whole when the block stops.
+        self._other: dict[int, tuple[dict[str, Any], list[str]]] = {}
         self._input_tokens = 0
         self.finished = False
 
-    def _chunk(self) -> pb.StreamChatCompletionResponse:
+    def _chunk(self, index: object = None) -> pb.StreamChatCompletionResponse:
         chunk = pb.StreamChatCompletionResponse(
             id=self._completion_id,
             model=self._model_id,
             provider=self._provider,
             created=self._created,
         )
+        if isinstance(index, int) and 0 <= index < 2**31 - 1:
+            chunk.block = index + 1
         if not self._role_sent:
             chunk.role = pb.ROLE_ASSISTANT
             self._role_sent = True
@@ -298,7 +349,9 @@ class MessageStreamTranslator:
             if not self.finished:
                 raise UpstreamProtocolError("message_stop before a stop reason")
             return None
-        # ping, content_block_stop, and event types added later.
+        if kind == "content_block_stop":
+            return self._block_stop(event)
+        # ping, and event types added later.
         return None
 
     def _block_start(self, event: dict[str, Any]) -> pb.StreamChatCompletionResponse | None:
@@ -309,7 +362,7 @@ class MessageStreamTranslator:
         if block.get("type") == "tool_use":
             position = len(self._tools)
             self._tools[index] = position
-            chunk = self._chunk()
+            chunk = self._chunk(index)
             chunk.tool_calls.append(
                 pb.ToolCallDelta(
                     index=position,
@@ -320,37 +373,89 @@ class MessageStreamTranslator:
                 )
             )
             return chunk
+        kind = block.get("type")
+        if kind == "thinking":
+            chunk = self._chunk(index)
+            chunk.reasoning.text = str(block.get("thinking") or "")
+            chunk.reasoning.signature = str(block.get("signature") or "")
+            return chunk
+        if kind == "redacted_thinking":
+            chunk = self._chunk(index)
+            chunk.reasoning.redacted = str(block.get("data") or "")
+            return chunk
+        if kind not in _OWN_BLOCKS:
+            self._other[index] = (block, [])
+            return None
         text = block.get("text")
-        if block.get("type") == "text" and isinstance(text, str) and text:
-            chunk = self._chunk()
-            chunk.content = text
+        citations = block.get("citations")
+        if kind == "text" and ((isinstance(text, str) and text) or citations):
+            chunk = self._chunk(index)
+            chunk.content = text if isinstance(text, str) else ""
+            if isinstance(citations, list):
+                chunk.citations_json.extend(orjson.dumps(c).decode() for c in citations)
             return chunk
         return None
+
+    def _block_stop(self, event: dict[str, Any]) -> pb.StreamChatCompletionResponse | None:
+        index = event.get("index")
+        other = self._other.pop(index, None) if isinstance(index, int) else None
+        if other is None:
+            return None
+        block, fragments = other
+        if fragments:
+            text = "".join(fragments)
+            try:
+                block = {**block, "input": orjson.loads(text)}
+            except orjson.JSONDecodeError as exc:
+                raise UpstreamProtocolError(f"a block's input is not JSON: {exc}") from exc
+        chunk = self._chunk(index)
+        chunk.upstream_block_json = orjson.dumps(block).decode()
+        return chunk
 
     def _block_delta(self, event: dict[str, Any]) -> pb.StreamChatCompletionResponse | None:
         delta = event.get("delta")
         if not isinstance(delta, dict):
             raise UpstreamProtocolError("content_block_delta without a delta")
         kind = delta.get("type")
+        index = event.get("index")
         if kind == "text_delta":
             text = delta.get("text")
             if not isinstance(text, str) or not text:
                 return None
-            chunk = self._chunk()
+            chunk = self._chunk(index)
             chunk.content = text
             return chunk
         if kind == "input_json_delta":
-            index = event.get("index")
+            fragment = delta.get("partial_json")
+            if isinstance(index, int) and index in self._other:
+                if isinstance(fragment, str):
+                    self._other[index][1].append(fragment)
+                return None
             position = self._tools.get(index) if isinstance(index, int) else None
             if position is None:
                 raise UpstreamProtocolError("input_json_delta for a block that is not a tool_use")
-            fragment = delta.get("partial_json")
             if not isinstance(fragment, str) or not fragment:
                 return None
-            chunk = self._chunk()
+            chunk = self._chunk(index)
             chunk.tool_calls.append(pb.ToolCallDelta(index=position, arguments=fragment))
             return chunk
-        # thinking_delta, signature_delta, citations: not part of the reply's text.
+        if kind in ("thinking_delta", "signature_delta"):
+            field, value = ("text", delta.get("thinking"))
+            if kind == "signature_delta":
+                field, value = ("signature", delta.get("signature"))
+            if not isinstance(value, str) or not value:
+                return None
+            chunk = self._chunk(index)
+            setattr(chunk.reasoning, field, value)
+            return chunk
+        if kind == "citations_delta":
+            citation = delta.get("citation")
+            if not isinstance(citation, dict):
+                return None
+            chunk = self._chunk(index)
+            chunk.citations_json.append(orjson.dumps(citation).decode())
+            return chunk
+        # Deltas added later: not part of the reply.
         return None
 
     def _message_delta(self, event: dict[str, Any]) -> pb.StreamChatCompletionResponse:

@@ -17,7 +17,7 @@ import random
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import TypeVar
 
@@ -509,6 +509,8 @@ class Router:
                 raise
             return first, chunks
 
+        if isinstance(request, pb.StreamChatCompletionRequest):
+            plan = for_extras(plan, request.upstream_extras)
         operation = (
             Operation.COMPLETIONS
             if isinstance(request, pb.StreamCompletionRequest)
@@ -607,6 +609,30 @@ class Router:
             for d in self._deployments.values()
             for operation, breaker in d.breakers.items()
         ]
+
+
+def for_extras(plan: RoutePlan, extras: pb.UpstreamExtras) -> RoutePlan:
+    """The plan for a request carrying one upstream kind's own fields that
+    must not be dropped (`fields`): only deployments of that kind serve it.
+    The route's first choice must be one (else INVALID_ARGUMENT naming the
+    field, as if the field were unknown there); fallbacks of another kind are
+    left out, as they would drop what the caller asked for. Extras without
+    `fields` are hints any deployment may serve without."""
+    kind = extras.kind
+    if not kind or not extras.fields:
+        return plan
+    first = plan.deployments[0]
+    if first.provider.kind != kind:
+        field_name = extras.fields[0]
+        raise ServiceError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "UPSTREAM_EXTRAS_UNSUPPORTED",
+            f"{field_name}: passed through to {kind} upstreams only;"
+            f" {first.id} is served by {first.provider.kind}",
+            domain=DOMAIN,
+            metadata={"field": field_name, "provider": first.provider.name, "kind": kind},
+        )
+    return replace(plan, deployments=tuple(d for d in plan.deployments if d.provider.kind == kind))
 
 
 def _split_id(model_id: str) -> tuple[str, str]:

@@ -12,7 +12,9 @@ class ChunkMerger:
     and the last chunk's finish reason and usage join the content before it —
     exactly the shape OpenAI streams have. Tool-call chunks stay on their own;
     token log probabilities follow the content they belong to.
-    Content is joined once, when a merged chunk is handed out.
+    Content is joined once, when a merged chunk is handed out. Thinking,
+    upstream blocks and citations stay on their own, and content of another
+    upstream block (`block`) starts a chunk of its own.
     """
 
     __slots__ = ("_parts", "_pending")
@@ -24,9 +26,20 @@ class ChunkMerger:
     def add(self, chunk: pb.StreamChatCompletionResponse) -> pb.StreamChatCompletionResponse | None:
         """Take `chunk`; returns the previous merged chunk when `chunk` cannot join it."""
         pending = self._pending
-        if pending is not None and not (
-            pending.finish_reason or pending.tool_calls or chunk.tool_calls or chunk.role
+        if (
+            pending is not None
+            and not (
+                pending.finish_reason
+                or pending.tool_calls
+                or chunk.tool_calls
+                or chunk.role
+                or _has_blocks(pending)
+                or _has_blocks(chunk)
+            )
+            and (not pending.block or not chunk.block or pending.block == chunk.block)
         ):
+            if chunk.block:
+                pending.block = chunk.block
             self._parts.append(chunk.content)
             if chunk.finish_reason:
                 pending.finish_reason = chunk.finish_reason
@@ -47,3 +60,8 @@ class ChunkMerger:
             pending.content = "".join(self._parts)
         self._parts = []
         return pending
+
+
+def _has_blocks(chunk: pb.StreamChatCompletionResponse) -> bool:
+    """Whether `chunk` carries thinking, an upstream block or citations."""
+    return bool(chunk.HasField("reasoning") or chunk.upstream_block_json or chunk.citations_json)

@@ -211,6 +211,63 @@ func (MemoryEvent) EnumDescriptor() ([]byte, []int) {
 	return file_marie_memory_v1_memory_service_proto_rawDescGZIP(), []int{2}
 }
 
+// ExtractionJobState is where a background extraction job stands.
+type ExtractionJobState int32
+
+const (
+	// Not set; never returned.
+	ExtractionJobState_EXTRACTION_JOB_STATE_UNSPECIFIED ExtractionJobState = 0
+	// Waiting for its turn, or for the model or the store to come back.
+	ExtractionJobState_EXTRACTION_JOB_STATE_QUEUED ExtractionJobState = 1
+	// Done: its changes are applied (`results`).
+	ExtractionJobState_EXTRACTION_JOB_STATE_SUCCEEDED ExtractionJobState = 2
+	// Given up for good (`failure_reason`); nothing was changed.
+	ExtractionJobState_EXTRACTION_JOB_STATE_FAILED ExtractionJobState = 3
+)
+
+// Enum value maps for ExtractionJobState.
+var (
+	ExtractionJobState_name = map[int32]string{
+		0: "EXTRACTION_JOB_STATE_UNSPECIFIED",
+		1: "EXTRACTION_JOB_STATE_QUEUED",
+		2: "EXTRACTION_JOB_STATE_SUCCEEDED",
+		3: "EXTRACTION_JOB_STATE_FAILED",
+	}
+	ExtractionJobState_value = map[string]int32{
+		"EXTRACTION_JOB_STATE_UNSPECIFIED": 0,
+		"EXTRACTION_JOB_STATE_QUEUED":      1,
+		"EXTRACTION_JOB_STATE_SUCCEEDED":   2,
+		"EXTRACTION_JOB_STATE_FAILED":      3,
+	}
+)
+
+func (x ExtractionJobState) Enum() *ExtractionJobState {
+	p := new(ExtractionJobState)
+	*p = x
+	return p
+}
+
+func (x ExtractionJobState) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (ExtractionJobState) Descriptor() protoreflect.EnumDescriptor {
+	return file_marie_memory_v1_memory_service_proto_enumTypes[3].Descriptor()
+}
+
+func (ExtractionJobState) Type() protoreflect.EnumType {
+	return &file_marie_memory_v1_memory_service_proto_enumTypes[3]
+}
+
+func (x ExtractionJobState) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use ExtractionJobState.Descriptor instead.
+func (ExtractionJobState) EnumDescriptor() ([]byte, []int) {
+	return file_marie_memory_v1_memory_service_proto_rawDescGZIP(), []int{3}
+}
+
 // Conversation is a chat between one user and one or more models. Its
 // messages are read with ListMessages.
 type Conversation struct {
@@ -1990,9 +2047,10 @@ type AddMemoriesRequest struct {
 	// extraction in the background and answer at once with `job_id` and no
 	// results. The request is checked first (INVALID_ARGUMENT, NOT_FOUND,
 	// FAILED_PRECONDITION as above); once answered, the job is durable: it
-	// survives restarts and is retried with backoff while the providers
-	// service is unavailable or the model's output is unusable. Extraction
-	// errors are then only logged. Ignored when not inferring.
+	// survives restarts, waits out outages of the model and of the store
+	// (retried by time, up to an age limit), and fails only when the model's
+	// output is unusable twice or no retry can help (e.g. MODEL_NOT_ALLOWED).
+	// GetExtractionJob tells its state. Ignored when not inferring.
 	Background    bool `protobuf:"varint,10,opt,name=background,proto3" json:"background,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -3252,6 +3310,231 @@ func (x *GetMemoryHistoryResponse) GetNextPageToken() string {
 	return ""
 }
 
+// ExtractionJob is a background extraction queued by AddMemories.
+type ExtractionJob struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The job's id, as AddMemoriesResponse.job_id gave it.
+	Id string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	// Where it stands.
+	State ExtractionJobState `protobuf:"varint,2,opt,name=state,proto3,enum=marie.memory.v1.ExtractionJobState" json:"state,omitempty"`
+	// Attempts made so far (failed ones, and the last one once finished).
+	Attempts int32 `protobuf:"varint,3,opt,name=attempts,proto3" json:"attempts,omitempty"`
+	// Why the latest failed attempt failed, for people (e.g.
+	// "PROVIDER_UNAVAILABLE: …"); empty when none failed.
+	LastError string `protobuf:"bytes,4,opt,name=last_error,json=lastError,proto3" json:"last_error,omitempty"`
+	// When AddMemories queued it.
+	CreateTime *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=create_time,json=createTime,proto3" json:"create_time,omitempty"`
+	// QUEUED: when it is tried next (unset once finished).
+	NextAttemptTime *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=next_attempt_time,json=nextAttemptTime,proto3" json:"next_attempt_time,omitempty"`
+	// SUCCEEDED or FAILED: when it finished.
+	FinishTime *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=finish_time,json=finishTime,proto3" json:"finish_time,omitempty"`
+	// FAILED: a stable UPPER_SNAKE reason: EXTRACTION_FAILED (the model's
+	// output was unusable twice; `last_error` says how), MODEL_NOT_FOUND,
+	// MODEL_NOT_ALLOWED, CONVERSATION_NOT_FOUND, JOB_EXPIRED (not done within
+	// the age limit: the model or the store was away all that time),
+	// MALFORMED_JOB. Empty otherwise.
+	FailureReason string `protobuf:"bytes,8,opt,name=failure_reason,json=failureReason,proto3" json:"failure_reason,omitempty"`
+	// SUCCEEDED: what it did to each memory, as AddMemoriesResponse.results
+	// would have (memories as they were then).
+	Results       []*AddMemoriesResult `protobuf:"bytes,9,rep,name=results,proto3" json:"results,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExtractionJob) Reset() {
+	*x = ExtractionJob{}
+	mi := &file_marie_memory_v1_memory_service_proto_msgTypes[42]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExtractionJob) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExtractionJob) ProtoMessage() {}
+
+func (x *ExtractionJob) ProtoReflect() protoreflect.Message {
+	mi := &file_marie_memory_v1_memory_service_proto_msgTypes[42]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExtractionJob.ProtoReflect.Descriptor instead.
+func (*ExtractionJob) Descriptor() ([]byte, []int) {
+	return file_marie_memory_v1_memory_service_proto_rawDescGZIP(), []int{42}
+}
+
+func (x *ExtractionJob) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *ExtractionJob) GetState() ExtractionJobState {
+	if x != nil {
+		return x.State
+	}
+	return ExtractionJobState_EXTRACTION_JOB_STATE_UNSPECIFIED
+}
+
+func (x *ExtractionJob) GetAttempts() int32 {
+	if x != nil {
+		return x.Attempts
+	}
+	return 0
+}
+
+func (x *ExtractionJob) GetLastError() string {
+	if x != nil {
+		return x.LastError
+	}
+	return ""
+}
+
+func (x *ExtractionJob) GetCreateTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.CreateTime
+	}
+	return nil
+}
+
+func (x *ExtractionJob) GetNextAttemptTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.NextAttemptTime
+	}
+	return nil
+}
+
+func (x *ExtractionJob) GetFinishTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.FinishTime
+	}
+	return nil
+}
+
+func (x *ExtractionJob) GetFailureReason() string {
+	if x != nil {
+		return x.FailureReason
+	}
+	return ""
+}
+
+func (x *ExtractionJob) GetResults() []*AddMemoriesResult {
+	if x != nil {
+		return x.Results
+	}
+	return nil
+}
+
+// GetExtractionJobRequest names one background extraction job.
+type GetExtractionJobRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The user the job was queued for. Required.
+	UserId string `protobuf:"bytes,1,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
+	// The job's id (AddMemoriesResponse.job_id). Required.
+	JobId         string `protobuf:"bytes,2,opt,name=job_id,json=jobId,proto3" json:"job_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetExtractionJobRequest) Reset() {
+	*x = GetExtractionJobRequest{}
+	mi := &file_marie_memory_v1_memory_service_proto_msgTypes[43]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetExtractionJobRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetExtractionJobRequest) ProtoMessage() {}
+
+func (x *GetExtractionJobRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_marie_memory_v1_memory_service_proto_msgTypes[43]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetExtractionJobRequest.ProtoReflect.Descriptor instead.
+func (*GetExtractionJobRequest) Descriptor() ([]byte, []int) {
+	return file_marie_memory_v1_memory_service_proto_rawDescGZIP(), []int{43}
+}
+
+func (x *GetExtractionJobRequest) GetUserId() string {
+	if x != nil {
+		return x.UserId
+	}
+	return ""
+}
+
+func (x *GetExtractionJobRequest) GetJobId() string {
+	if x != nil {
+		return x.JobId
+	}
+	return ""
+}
+
+// GetExtractionJobResponse carries the job.
+type GetExtractionJobResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The job.
+	Job           *ExtractionJob `protobuf:"bytes,1,opt,name=job,proto3" json:"job,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetExtractionJobResponse) Reset() {
+	*x = GetExtractionJobResponse{}
+	mi := &file_marie_memory_v1_memory_service_proto_msgTypes[44]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetExtractionJobResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetExtractionJobResponse) ProtoMessage() {}
+
+func (x *GetExtractionJobResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_marie_memory_v1_memory_service_proto_msgTypes[44]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetExtractionJobResponse.ProtoReflect.Descriptor instead.
+func (*GetExtractionJobResponse) Descriptor() ([]byte, []int) {
+	return file_marie_memory_v1_memory_service_proto_rawDescGZIP(), []int{44}
+}
+
+func (x *GetExtractionJobResponse) GetJob() *ExtractionJob {
+	if x != nil {
+		return x.Job
+	}
+	return nil
+}
+
 var File_marie_memory_v1_memory_service_proto protoreflect.FileDescriptor
 
 const file_marie_memory_v1_memory_service_proto_rawDesc = "" +
@@ -3497,7 +3780,25 @@ const file_marie_memory_v1_memory_service_proto_rawDesc = "" +
 	"page_token\x18\x04 \x01(\tR\tpageToken\"\x81\x01\n" +
 	"\x18GetMemoryHistoryResponse\x12=\n" +
 	"\aentries\x18\x01 \x03(\v2#.marie.memory.v1.MemoryHistoryEntryR\aentries\x12&\n" +
-	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken*\x8e\x01\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"\xbc\x03\n" +
+	"\rExtractionJob\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x129\n" +
+	"\x05state\x18\x02 \x01(\x0e2#.marie.memory.v1.ExtractionJobStateR\x05state\x12\x1a\n" +
+	"\battempts\x18\x03 \x01(\x05R\battempts\x12\x1d\n" +
+	"\n" +
+	"last_error\x18\x04 \x01(\tR\tlastError\x12;\n" +
+	"\vcreate_time\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"createTime\x12F\n" +
+	"\x11next_attempt_time\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\x0fnextAttemptTime\x12;\n" +
+	"\vfinish_time\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"finishTime\x12%\n" +
+	"\x0efailure_reason\x18\b \x01(\tR\rfailureReason\x12<\n" +
+	"\aresults\x18\t \x03(\v2\".marie.memory.v1.AddMemoriesResultR\aresults\"I\n" +
+	"\x17GetExtractionJobRequest\x12\x17\n" +
+	"\auser_id\x18\x01 \x01(\tR\x06userId\x12\x15\n" +
+	"\x06job_id\x18\x02 \x01(\tR\x05jobId\"L\n" +
+	"\x18GetExtractionJobResponse\x120\n" +
+	"\x03job\x18\x01 \x01(\v2\x1e.marie.memory.v1.ExtractionJobR\x03job*\x8e\x01\n" +
 	"\vMessageRole\x12\x1c\n" +
 	"\x18MESSAGE_ROLE_UNSPECIFIED\x10\x00\x12\x17\n" +
 	"\x13MESSAGE_ROLE_SYSTEM\x10\x01\x12\x15\n" +
@@ -3515,7 +3816,12 @@ const file_marie_memory_v1_memory_service_proto_rawDesc = "" +
 	"\x10MEMORY_EVENT_ADD\x10\x01\x12\x17\n" +
 	"\x13MEMORY_EVENT_UPDATE\x10\x02\x12\x17\n" +
 	"\x13MEMORY_EVENT_DELETE\x10\x03\x12\x15\n" +
-	"\x11MEMORY_EVENT_NONE\x10\x042\xce\f\n" +
+	"\x11MEMORY_EVENT_NONE\x10\x04*\xa0\x01\n" +
+	"\x12ExtractionJobState\x12$\n" +
+	" EXTRACTION_JOB_STATE_UNSPECIFIED\x10\x00\x12\x1f\n" +
+	"\x1bEXTRACTION_JOB_STATE_QUEUED\x10\x01\x12\"\n" +
+	"\x1eEXTRACTION_JOB_STATE_SUCCEEDED\x10\x02\x12\x1f\n" +
+	"\x1bEXTRACTION_JOB_STATE_FAILED\x10\x032\xb7\r\n" +
 	"\rMemoryService\x12m\n" +
 	"\x12CreateConversation\x12*.marie.memory.v1.CreateConversationRequest\x1a+.marie.memory.v1.CreateConversationResponse\x12d\n" +
 	"\x0fGetConversation\x12'.marie.memory.v1.GetConversationRequest\x1a(.marie.memory.v1.GetConversationResponse\x12j\n" +
@@ -3532,7 +3838,8 @@ const file_marie_memory_v1_memory_service_proto_rawDesc = "" +
 	"\fUpdateMemory\x12$.marie.memory.v1.UpdateMemoryRequest\x1a%.marie.memory.v1.UpdateMemoryResponse\x12[\n" +
 	"\fDeleteMemory\x12$.marie.memory.v1.DeleteMemoryRequest\x1a%.marie.memory.v1.DeleteMemoryResponse\x12j\n" +
 	"\x11DeleteAllMemories\x12).marie.memory.v1.DeleteAllMemoriesRequest\x1a*.marie.memory.v1.DeleteAllMemoriesResponse\x12g\n" +
-	"\x10GetMemoryHistory\x12(.marie.memory.v1.GetMemoryHistoryRequest\x1a).marie.memory.v1.GetMemoryHistoryResponseB\xc7\x01\n" +
+	"\x10GetMemoryHistory\x12(.marie.memory.v1.GetMemoryHistoryRequest\x1a).marie.memory.v1.GetMemoryHistoryResponse\x12g\n" +
+	"\x10GetExtractionJob\x12(.marie.memory.v1.GetExtractionJobRequest\x1a).marie.memory.v1.GetExtractionJobResponseB\xc7\x01\n" +
 	"\x13com.marie.memory.v1B\x12MemoryServiceProtoP\x01Z>github.com/marie/marie/clients/go/gen/marie/memory/v1;memoryv1\xa2\x02\x03MMX\xaa\x02\x0fMarie.Memory.V1\xca\x02\x0fMarie\\Memory\\V1\xe2\x02\x1bMarie\\Memory\\V1\\GPBMetadata\xea\x02\x11Marie::Memory::V1b\x06proto3"
 
 var (
@@ -3547,148 +3854,160 @@ func file_marie_memory_v1_memory_service_proto_rawDescGZIP() []byte {
 	return file_marie_memory_v1_memory_service_proto_rawDescData
 }
 
-var file_marie_memory_v1_memory_service_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_marie_memory_v1_memory_service_proto_msgTypes = make([]protoimpl.MessageInfo, 48)
+var file_marie_memory_v1_memory_service_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
+var file_marie_memory_v1_memory_service_proto_msgTypes = make([]protoimpl.MessageInfo, 51)
 var file_marie_memory_v1_memory_service_proto_goTypes = []any{
 	(MessageRole)(0),                   // 0: marie.memory.v1.MessageRole
 	(SearchMode)(0),                    // 1: marie.memory.v1.SearchMode
 	(MemoryEvent)(0),                   // 2: marie.memory.v1.MemoryEvent
-	(*Conversation)(nil),               // 3: marie.memory.v1.Conversation
-	(*CreateConversationRequest)(nil),  // 4: marie.memory.v1.CreateConversationRequest
-	(*CreateConversationResponse)(nil), // 5: marie.memory.v1.CreateConversationResponse
-	(*GetConversationRequest)(nil),     // 6: marie.memory.v1.GetConversationRequest
-	(*GetConversationResponse)(nil),    // 7: marie.memory.v1.GetConversationResponse
-	(*ListConversationsRequest)(nil),   // 8: marie.memory.v1.ListConversationsRequest
-	(*ListConversationsResponse)(nil),  // 9: marie.memory.v1.ListConversationsResponse
-	(*UpdateConversationRequest)(nil),  // 10: marie.memory.v1.UpdateConversationRequest
-	(*UpdateConversationResponse)(nil), // 11: marie.memory.v1.UpdateConversationResponse
-	(*DeleteConversationRequest)(nil),  // 12: marie.memory.v1.DeleteConversationRequest
-	(*DeleteConversationResponse)(nil), // 13: marie.memory.v1.DeleteConversationResponse
-	(*ToolCall)(nil),                   // 14: marie.memory.v1.ToolCall
-	(*Message)(nil),                    // 15: marie.memory.v1.Message
-	(*AppendMessagesRequest)(nil),      // 16: marie.memory.v1.AppendMessagesRequest
-	(*AppendMessagesResponse)(nil),     // 17: marie.memory.v1.AppendMessagesResponse
-	(*ListMessagesRequest)(nil),        // 18: marie.memory.v1.ListMessagesRequest
-	(*ListMessagesResponse)(nil),       // 19: marie.memory.v1.ListMessagesResponse
-	(*SearchMessagesRequest)(nil),      // 20: marie.memory.v1.SearchMessagesRequest
-	(*MessageSearchHit)(nil),           // 21: marie.memory.v1.MessageSearchHit
-	(*SearchMessagesResponse)(nil),     // 22: marie.memory.v1.SearchMessagesResponse
-	(*Memory)(nil),                     // 23: marie.memory.v1.Memory
-	(*MemoryFilter)(nil),               // 24: marie.memory.v1.MemoryFilter
-	(*SourceMessage)(nil),              // 25: marie.memory.v1.SourceMessage
-	(*AddMemoriesRequest)(nil),         // 26: marie.memory.v1.AddMemoriesRequest
-	(*AddMemoriesResult)(nil),          // 27: marie.memory.v1.AddMemoriesResult
-	(*AddMemoriesResponse)(nil),        // 28: marie.memory.v1.AddMemoriesResponse
-	(*SearchMemoriesRequest)(nil),      // 29: marie.memory.v1.SearchMemoriesRequest
-	(*ScoredMemory)(nil),               // 30: marie.memory.v1.ScoredMemory
-	(*SearchMemoriesResponse)(nil),     // 31: marie.memory.v1.SearchMemoriesResponse
-	(*GetMemoryRequest)(nil),           // 32: marie.memory.v1.GetMemoryRequest
-	(*GetMemoryResponse)(nil),          // 33: marie.memory.v1.GetMemoryResponse
-	(*ListMemoriesRequest)(nil),        // 34: marie.memory.v1.ListMemoriesRequest
-	(*ListMemoriesResponse)(nil),       // 35: marie.memory.v1.ListMemoriesResponse
-	(*UpdateMemoryRequest)(nil),        // 36: marie.memory.v1.UpdateMemoryRequest
-	(*UpdateMemoryResponse)(nil),       // 37: marie.memory.v1.UpdateMemoryResponse
-	(*DeleteMemoryRequest)(nil),        // 38: marie.memory.v1.DeleteMemoryRequest
-	(*DeleteMemoryResponse)(nil),       // 39: marie.memory.v1.DeleteMemoryResponse
-	(*DeleteAllMemoriesRequest)(nil),   // 40: marie.memory.v1.DeleteAllMemoriesRequest
-	(*DeleteAllMemoriesResponse)(nil),  // 41: marie.memory.v1.DeleteAllMemoriesResponse
-	(*MemoryHistoryEntry)(nil),         // 42: marie.memory.v1.MemoryHistoryEntry
-	(*GetMemoryHistoryRequest)(nil),    // 43: marie.memory.v1.GetMemoryHistoryRequest
-	(*GetMemoryHistoryResponse)(nil),   // 44: marie.memory.v1.GetMemoryHistoryResponse
-	nil,                                // 45: marie.memory.v1.Conversation.MetadataEntry
-	nil,                                // 46: marie.memory.v1.CreateConversationRequest.MetadataEntry
-	nil,                                // 47: marie.memory.v1.Message.MetadataEntry
-	nil,                                // 48: marie.memory.v1.Memory.MetadataEntry
-	nil,                                // 49: marie.memory.v1.MemoryFilter.MetadataEntry
-	nil,                                // 50: marie.memory.v1.AddMemoriesRequest.MetadataEntry
-	(*timestamppb.Timestamp)(nil),      // 51: google.protobuf.Timestamp
-	(*fieldmaskpb.FieldMask)(nil),      // 52: google.protobuf.FieldMask
+	(ExtractionJobState)(0),            // 3: marie.memory.v1.ExtractionJobState
+	(*Conversation)(nil),               // 4: marie.memory.v1.Conversation
+	(*CreateConversationRequest)(nil),  // 5: marie.memory.v1.CreateConversationRequest
+	(*CreateConversationResponse)(nil), // 6: marie.memory.v1.CreateConversationResponse
+	(*GetConversationRequest)(nil),     // 7: marie.memory.v1.GetConversationRequest
+	(*GetConversationResponse)(nil),    // 8: marie.memory.v1.GetConversationResponse
+	(*ListConversationsRequest)(nil),   // 9: marie.memory.v1.ListConversationsRequest
+	(*ListConversationsResponse)(nil),  // 10: marie.memory.v1.ListConversationsResponse
+	(*UpdateConversationRequest)(nil),  // 11: marie.memory.v1.UpdateConversationRequest
+	(*UpdateConversationResponse)(nil), // 12: marie.memory.v1.UpdateConversationResponse
+	(*DeleteConversationRequest)(nil),  // 13: marie.memory.v1.DeleteConversationRequest
+	(*DeleteConversationResponse)(nil), // 14: marie.memory.v1.DeleteConversationResponse
+	(*ToolCall)(nil),                   // 15: marie.memory.v1.ToolCall
+	(*Message)(nil),                    // 16: marie.memory.v1.Message
+	(*AppendMessagesRequest)(nil),      // 17: marie.memory.v1.AppendMessagesRequest
+	(*AppendMessagesResponse)(nil),     // 18: marie.memory.v1.AppendMessagesResponse
+	(*ListMessagesRequest)(nil),        // 19: marie.memory.v1.ListMessagesRequest
+	(*ListMessagesResponse)(nil),       // 20: marie.memory.v1.ListMessagesResponse
+	(*SearchMessagesRequest)(nil),      // 21: marie.memory.v1.SearchMessagesRequest
+	(*MessageSearchHit)(nil),           // 22: marie.memory.v1.MessageSearchHit
+	(*SearchMessagesResponse)(nil),     // 23: marie.memory.v1.SearchMessagesResponse
+	(*Memory)(nil),                     // 24: marie.memory.v1.Memory
+	(*MemoryFilter)(nil),               // 25: marie.memory.v1.MemoryFilter
+	(*SourceMessage)(nil),              // 26: marie.memory.v1.SourceMessage
+	(*AddMemoriesRequest)(nil),         // 27: marie.memory.v1.AddMemoriesRequest
+	(*AddMemoriesResult)(nil),          // 28: marie.memory.v1.AddMemoriesResult
+	(*AddMemoriesResponse)(nil),        // 29: marie.memory.v1.AddMemoriesResponse
+	(*SearchMemoriesRequest)(nil),      // 30: marie.memory.v1.SearchMemoriesRequest
+	(*ScoredMemory)(nil),               // 31: marie.memory.v1.ScoredMemory
+	(*SearchMemoriesResponse)(nil),     // 32: marie.memory.v1.SearchMemoriesResponse
+	(*GetMemoryRequest)(nil),           // 33: marie.memory.v1.GetMemoryRequest
+	(*GetMemoryResponse)(nil),          // 34: marie.memory.v1.GetMemoryResponse
+	(*ListMemoriesRequest)(nil),        // 35: marie.memory.v1.ListMemoriesRequest
+	(*ListMemoriesResponse)(nil),       // 36: marie.memory.v1.ListMemoriesResponse
+	(*UpdateMemoryRequest)(nil),        // 37: marie.memory.v1.UpdateMemoryRequest
+	(*UpdateMemoryResponse)(nil),       // 38: marie.memory.v1.UpdateMemoryResponse
+	(*DeleteMemoryRequest)(nil),        // 39: marie.memory.v1.DeleteMemoryRequest
+	(*DeleteMemoryResponse)(nil),       // 40: marie.memory.v1.DeleteMemoryResponse
+	(*DeleteAllMemoriesRequest)(nil),   // 41: marie.memory.v1.DeleteAllMemoriesRequest
+	(*DeleteAllMemoriesResponse)(nil),  // 42: marie.memory.v1.DeleteAllMemoriesResponse
+	(*MemoryHistoryEntry)(nil),         // 43: marie.memory.v1.MemoryHistoryEntry
+	(*GetMemoryHistoryRequest)(nil),    // 44: marie.memory.v1.GetMemoryHistoryRequest
+	(*GetMemoryHistoryResponse)(nil),   // 45: marie.memory.v1.GetMemoryHistoryResponse
+	(*ExtractionJob)(nil),              // 46: marie.memory.v1.ExtractionJob
+	(*GetExtractionJobRequest)(nil),    // 47: marie.memory.v1.GetExtractionJobRequest
+	(*GetExtractionJobResponse)(nil),   // 48: marie.memory.v1.GetExtractionJobResponse
+	nil,                                // 49: marie.memory.v1.Conversation.MetadataEntry
+	nil,                                // 50: marie.memory.v1.CreateConversationRequest.MetadataEntry
+	nil,                                // 51: marie.memory.v1.Message.MetadataEntry
+	nil,                                // 52: marie.memory.v1.Memory.MetadataEntry
+	nil,                                // 53: marie.memory.v1.MemoryFilter.MetadataEntry
+	nil,                                // 54: marie.memory.v1.AddMemoriesRequest.MetadataEntry
+	(*timestamppb.Timestamp)(nil),      // 55: google.protobuf.Timestamp
+	(*fieldmaskpb.FieldMask)(nil),      // 56: google.protobuf.FieldMask
 }
 var file_marie_memory_v1_memory_service_proto_depIdxs = []int32{
-	51, // 0: marie.memory.v1.Conversation.create_time:type_name -> google.protobuf.Timestamp
-	51, // 1: marie.memory.v1.Conversation.update_time:type_name -> google.protobuf.Timestamp
-	45, // 2: marie.memory.v1.Conversation.metadata:type_name -> marie.memory.v1.Conversation.MetadataEntry
-	46, // 3: marie.memory.v1.CreateConversationRequest.metadata:type_name -> marie.memory.v1.CreateConversationRequest.MetadataEntry
-	3,  // 4: marie.memory.v1.CreateConversationResponse.conversation:type_name -> marie.memory.v1.Conversation
-	3,  // 5: marie.memory.v1.GetConversationResponse.conversation:type_name -> marie.memory.v1.Conversation
-	3,  // 6: marie.memory.v1.ListConversationsResponse.conversations:type_name -> marie.memory.v1.Conversation
-	3,  // 7: marie.memory.v1.UpdateConversationRequest.conversation:type_name -> marie.memory.v1.Conversation
-	52, // 8: marie.memory.v1.UpdateConversationRequest.update_mask:type_name -> google.protobuf.FieldMask
-	3,  // 9: marie.memory.v1.UpdateConversationResponse.conversation:type_name -> marie.memory.v1.Conversation
+	55, // 0: marie.memory.v1.Conversation.create_time:type_name -> google.protobuf.Timestamp
+	55, // 1: marie.memory.v1.Conversation.update_time:type_name -> google.protobuf.Timestamp
+	49, // 2: marie.memory.v1.Conversation.metadata:type_name -> marie.memory.v1.Conversation.MetadataEntry
+	50, // 3: marie.memory.v1.CreateConversationRequest.metadata:type_name -> marie.memory.v1.CreateConversationRequest.MetadataEntry
+	4,  // 4: marie.memory.v1.CreateConversationResponse.conversation:type_name -> marie.memory.v1.Conversation
+	4,  // 5: marie.memory.v1.GetConversationResponse.conversation:type_name -> marie.memory.v1.Conversation
+	4,  // 6: marie.memory.v1.ListConversationsResponse.conversations:type_name -> marie.memory.v1.Conversation
+	4,  // 7: marie.memory.v1.UpdateConversationRequest.conversation:type_name -> marie.memory.v1.Conversation
+	56, // 8: marie.memory.v1.UpdateConversationRequest.update_mask:type_name -> google.protobuf.FieldMask
+	4,  // 9: marie.memory.v1.UpdateConversationResponse.conversation:type_name -> marie.memory.v1.Conversation
 	0,  // 10: marie.memory.v1.Message.role:type_name -> marie.memory.v1.MessageRole
-	51, // 11: marie.memory.v1.Message.create_time:type_name -> google.protobuf.Timestamp
-	47, // 12: marie.memory.v1.Message.metadata:type_name -> marie.memory.v1.Message.MetadataEntry
-	14, // 13: marie.memory.v1.Message.tool_calls:type_name -> marie.memory.v1.ToolCall
-	15, // 14: marie.memory.v1.AppendMessagesRequest.messages:type_name -> marie.memory.v1.Message
-	15, // 15: marie.memory.v1.AppendMessagesResponse.messages:type_name -> marie.memory.v1.Message
-	3,  // 16: marie.memory.v1.AppendMessagesResponse.conversation:type_name -> marie.memory.v1.Conversation
-	15, // 17: marie.memory.v1.ListMessagesResponse.messages:type_name -> marie.memory.v1.Message
+	55, // 11: marie.memory.v1.Message.create_time:type_name -> google.protobuf.Timestamp
+	51, // 12: marie.memory.v1.Message.metadata:type_name -> marie.memory.v1.Message.MetadataEntry
+	15, // 13: marie.memory.v1.Message.tool_calls:type_name -> marie.memory.v1.ToolCall
+	16, // 14: marie.memory.v1.AppendMessagesRequest.messages:type_name -> marie.memory.v1.Message
+	16, // 15: marie.memory.v1.AppendMessagesResponse.messages:type_name -> marie.memory.v1.Message
+	4,  // 16: marie.memory.v1.AppendMessagesResponse.conversation:type_name -> marie.memory.v1.Conversation
+	16, // 17: marie.memory.v1.ListMessagesResponse.messages:type_name -> marie.memory.v1.Message
 	1,  // 18: marie.memory.v1.SearchMessagesRequest.mode:type_name -> marie.memory.v1.SearchMode
 	0,  // 19: marie.memory.v1.SearchMessagesRequest.roles:type_name -> marie.memory.v1.MessageRole
-	15, // 20: marie.memory.v1.MessageSearchHit.message:type_name -> marie.memory.v1.Message
-	21, // 21: marie.memory.v1.SearchMessagesResponse.hits:type_name -> marie.memory.v1.MessageSearchHit
+	16, // 20: marie.memory.v1.MessageSearchHit.message:type_name -> marie.memory.v1.Message
+	22, // 21: marie.memory.v1.SearchMessagesResponse.hits:type_name -> marie.memory.v1.MessageSearchHit
 	1,  // 22: marie.memory.v1.SearchMessagesResponse.mode_used:type_name -> marie.memory.v1.SearchMode
-	48, // 23: marie.memory.v1.Memory.metadata:type_name -> marie.memory.v1.Memory.MetadataEntry
-	51, // 24: marie.memory.v1.Memory.create_time:type_name -> google.protobuf.Timestamp
-	51, // 25: marie.memory.v1.Memory.update_time:type_name -> google.protobuf.Timestamp
-	49, // 26: marie.memory.v1.MemoryFilter.metadata:type_name -> marie.memory.v1.MemoryFilter.MetadataEntry
+	52, // 23: marie.memory.v1.Memory.metadata:type_name -> marie.memory.v1.Memory.MetadataEntry
+	55, // 24: marie.memory.v1.Memory.create_time:type_name -> google.protobuf.Timestamp
+	55, // 25: marie.memory.v1.Memory.update_time:type_name -> google.protobuf.Timestamp
+	53, // 26: marie.memory.v1.MemoryFilter.metadata:type_name -> marie.memory.v1.MemoryFilter.MetadataEntry
 	0,  // 27: marie.memory.v1.SourceMessage.role:type_name -> marie.memory.v1.MessageRole
-	25, // 28: marie.memory.v1.AddMemoriesRequest.messages:type_name -> marie.memory.v1.SourceMessage
-	50, // 29: marie.memory.v1.AddMemoriesRequest.metadata:type_name -> marie.memory.v1.AddMemoriesRequest.MetadataEntry
+	26, // 28: marie.memory.v1.AddMemoriesRequest.messages:type_name -> marie.memory.v1.SourceMessage
+	54, // 29: marie.memory.v1.AddMemoriesRequest.metadata:type_name -> marie.memory.v1.AddMemoriesRequest.MetadataEntry
 	2,  // 30: marie.memory.v1.AddMemoriesResult.event:type_name -> marie.memory.v1.MemoryEvent
-	23, // 31: marie.memory.v1.AddMemoriesResult.memory:type_name -> marie.memory.v1.Memory
-	27, // 32: marie.memory.v1.AddMemoriesResponse.results:type_name -> marie.memory.v1.AddMemoriesResult
-	24, // 33: marie.memory.v1.SearchMemoriesRequest.filter:type_name -> marie.memory.v1.MemoryFilter
+	24, // 31: marie.memory.v1.AddMemoriesResult.memory:type_name -> marie.memory.v1.Memory
+	28, // 32: marie.memory.v1.AddMemoriesResponse.results:type_name -> marie.memory.v1.AddMemoriesResult
+	25, // 33: marie.memory.v1.SearchMemoriesRequest.filter:type_name -> marie.memory.v1.MemoryFilter
 	1,  // 34: marie.memory.v1.SearchMemoriesRequest.mode:type_name -> marie.memory.v1.SearchMode
-	23, // 35: marie.memory.v1.ScoredMemory.memory:type_name -> marie.memory.v1.Memory
-	30, // 36: marie.memory.v1.SearchMemoriesResponse.results:type_name -> marie.memory.v1.ScoredMemory
+	24, // 35: marie.memory.v1.ScoredMemory.memory:type_name -> marie.memory.v1.Memory
+	31, // 36: marie.memory.v1.SearchMemoriesResponse.results:type_name -> marie.memory.v1.ScoredMemory
 	1,  // 37: marie.memory.v1.SearchMemoriesResponse.mode_used:type_name -> marie.memory.v1.SearchMode
-	23, // 38: marie.memory.v1.GetMemoryResponse.memory:type_name -> marie.memory.v1.Memory
-	24, // 39: marie.memory.v1.ListMemoriesRequest.filter:type_name -> marie.memory.v1.MemoryFilter
-	23, // 40: marie.memory.v1.ListMemoriesResponse.memories:type_name -> marie.memory.v1.Memory
-	23, // 41: marie.memory.v1.UpdateMemoryRequest.memory:type_name -> marie.memory.v1.Memory
-	52, // 42: marie.memory.v1.UpdateMemoryRequest.update_mask:type_name -> google.protobuf.FieldMask
-	23, // 43: marie.memory.v1.UpdateMemoryResponse.memory:type_name -> marie.memory.v1.Memory
+	24, // 38: marie.memory.v1.GetMemoryResponse.memory:type_name -> marie.memory.v1.Memory
+	25, // 39: marie.memory.v1.ListMemoriesRequest.filter:type_name -> marie.memory.v1.MemoryFilter
+	24, // 40: marie.memory.v1.ListMemoriesResponse.memories:type_name -> marie.memory.v1.Memory
+	24, // 41: marie.memory.v1.UpdateMemoryRequest.memory:type_name -> marie.memory.v1.Memory
+	56, // 42: marie.memory.v1.UpdateMemoryRequest.update_mask:type_name -> google.protobuf.FieldMask
+	24, // 43: marie.memory.v1.UpdateMemoryResponse.memory:type_name -> marie.memory.v1.Memory
 	2,  // 44: marie.memory.v1.MemoryHistoryEntry.event:type_name -> marie.memory.v1.MemoryEvent
-	51, // 45: marie.memory.v1.MemoryHistoryEntry.create_time:type_name -> google.protobuf.Timestamp
-	42, // 46: marie.memory.v1.GetMemoryHistoryResponse.entries:type_name -> marie.memory.v1.MemoryHistoryEntry
-	4,  // 47: marie.memory.v1.MemoryService.CreateConversation:input_type -> marie.memory.v1.CreateConversationRequest
-	6,  // 48: marie.memory.v1.MemoryService.GetConversation:input_type -> marie.memory.v1.GetConversationRequest
-	8,  // 49: marie.memory.v1.MemoryService.ListConversations:input_type -> marie.memory.v1.ListConversationsRequest
-	10, // 50: marie.memory.v1.MemoryService.UpdateConversation:input_type -> marie.memory.v1.UpdateConversationRequest
-	12, // 51: marie.memory.v1.MemoryService.DeleteConversation:input_type -> marie.memory.v1.DeleteConversationRequest
-	16, // 52: marie.memory.v1.MemoryService.AppendMessages:input_type -> marie.memory.v1.AppendMessagesRequest
-	18, // 53: marie.memory.v1.MemoryService.ListMessages:input_type -> marie.memory.v1.ListMessagesRequest
-	20, // 54: marie.memory.v1.MemoryService.SearchMessages:input_type -> marie.memory.v1.SearchMessagesRequest
-	26, // 55: marie.memory.v1.MemoryService.AddMemories:input_type -> marie.memory.v1.AddMemoriesRequest
-	29, // 56: marie.memory.v1.MemoryService.SearchMemories:input_type -> marie.memory.v1.SearchMemoriesRequest
-	32, // 57: marie.memory.v1.MemoryService.GetMemory:input_type -> marie.memory.v1.GetMemoryRequest
-	34, // 58: marie.memory.v1.MemoryService.ListMemories:input_type -> marie.memory.v1.ListMemoriesRequest
-	36, // 59: marie.memory.v1.MemoryService.UpdateMemory:input_type -> marie.memory.v1.UpdateMemoryRequest
-	38, // 60: marie.memory.v1.MemoryService.DeleteMemory:input_type -> marie.memory.v1.DeleteMemoryRequest
-	40, // 61: marie.memory.v1.MemoryService.DeleteAllMemories:input_type -> marie.memory.v1.DeleteAllMemoriesRequest
-	43, // 62: marie.memory.v1.MemoryService.GetMemoryHistory:input_type -> marie.memory.v1.GetMemoryHistoryRequest
-	5,  // 63: marie.memory.v1.MemoryService.CreateConversation:output_type -> marie.memory.v1.CreateConversationResponse
-	7,  // 64: marie.memory.v1.MemoryService.GetConversation:output_type -> marie.memory.v1.GetConversationResponse
-	9,  // 65: marie.memory.v1.MemoryService.ListConversations:output_type -> marie.memory.v1.ListConversationsResponse
-	11, // 66: marie.memory.v1.MemoryService.UpdateConversation:output_type -> marie.memory.v1.UpdateConversationResponse
-	13, // 67: marie.memory.v1.MemoryService.DeleteConversation:output_type -> marie.memory.v1.DeleteConversationResponse
-	17, // 68: marie.memory.v1.MemoryService.AppendMessages:output_type -> marie.memory.v1.AppendMessagesResponse
-	19, // 69: marie.memory.v1.MemoryService.ListMessages:output_type -> marie.memory.v1.ListMessagesResponse
-	22, // 70: marie.memory.v1.MemoryService.SearchMessages:output_type -> marie.memory.v1.SearchMessagesResponse
-	28, // 71: marie.memory.v1.MemoryService.AddMemories:output_type -> marie.memory.v1.AddMemoriesResponse
-	31, // 72: marie.memory.v1.MemoryService.SearchMemories:output_type -> marie.memory.v1.SearchMemoriesResponse
-	33, // 73: marie.memory.v1.MemoryService.GetMemory:output_type -> marie.memory.v1.GetMemoryResponse
-	35, // 74: marie.memory.v1.MemoryService.ListMemories:output_type -> marie.memory.v1.ListMemoriesResponse
-	37, // 75: marie.memory.v1.MemoryService.UpdateMemory:output_type -> marie.memory.v1.UpdateMemoryResponse
-	39, // 76: marie.memory.v1.MemoryService.DeleteMemory:output_type -> marie.memory.v1.DeleteMemoryResponse
-	41, // 77: marie.memory.v1.MemoryService.DeleteAllMemories:output_type -> marie.memory.v1.DeleteAllMemoriesResponse
-	44, // 78: marie.memory.v1.MemoryService.GetMemoryHistory:output_type -> marie.memory.v1.GetMemoryHistoryResponse
-	63, // [63:79] is the sub-list for method output_type
-	47, // [47:63] is the sub-list for method input_type
-	47, // [47:47] is the sub-list for extension type_name
-	47, // [47:47] is the sub-list for extension extendee
-	0,  // [0:47] is the sub-list for field type_name
+	55, // 45: marie.memory.v1.MemoryHistoryEntry.create_time:type_name -> google.protobuf.Timestamp
+	43, // 46: marie.memory.v1.GetMemoryHistoryResponse.entries:type_name -> marie.memory.v1.MemoryHistoryEntry
+	3,  // 47: marie.memory.v1.ExtractionJob.state:type_name -> marie.memory.v1.ExtractionJobState
+	55, // 48: marie.memory.v1.ExtractionJob.create_time:type_name -> google.protobuf.Timestamp
+	55, // 49: marie.memory.v1.ExtractionJob.next_attempt_time:type_name -> google.protobuf.Timestamp
+	55, // 50: marie.memory.v1.ExtractionJob.finish_time:type_name -> google.protobuf.Timestamp
+	28, // 51: marie.memory.v1.ExtractionJob.results:type_name -> marie.memory.v1.AddMemoriesResult
+	46, // 52: marie.memory.v1.GetExtractionJobResponse.job:type_name -> marie.memory.v1.ExtractionJob
+	5,  // 53: marie.memory.v1.MemoryService.CreateConversation:input_type -> marie.memory.v1.CreateConversationRequest
+	7,  // 54: marie.memory.v1.MemoryService.GetConversation:input_type -> marie.memory.v1.GetConversationRequest
+	9,  // 55: marie.memory.v1.MemoryService.ListConversations:input_type -> marie.memory.v1.ListConversationsRequest
+	11, // 56: marie.memory.v1.MemoryService.UpdateConversation:input_type -> marie.memory.v1.UpdateConversationRequest
+	13, // 57: marie.memory.v1.MemoryService.DeleteConversation:input_type -> marie.memory.v1.DeleteConversationRequest
+	17, // 58: marie.memory.v1.MemoryService.AppendMessages:input_type -> marie.memory.v1.AppendMessagesRequest
+	19, // 59: marie.memory.v1.MemoryService.ListMessages:input_type -> marie.memory.v1.ListMessagesRequest
+	21, // 60: marie.memory.v1.MemoryService.SearchMessages:input_type -> marie.memory.v1.SearchMessagesRequest
+	27, // 61: marie.memory.v1.MemoryService.AddMemories:input_type -> marie.memory.v1.AddMemoriesRequest
+	30, // 62: marie.memory.v1.MemoryService.SearchMemories:input_type -> marie.memory.v1.SearchMemoriesRequest
+	33, // 63: marie.memory.v1.MemoryService.GetMemory:input_type -> marie.memory.v1.GetMemoryRequest
+	35, // 64: marie.memory.v1.MemoryService.ListMemories:input_type -> marie.memory.v1.ListMemoriesRequest
+	37, // 65: marie.memory.v1.MemoryService.UpdateMemory:input_type -> marie.memory.v1.UpdateMemoryRequest
+	39, // 66: marie.memory.v1.MemoryService.DeleteMemory:input_type -> marie.memory.v1.DeleteMemoryRequest
+	41, // 67: marie.memory.v1.MemoryService.DeleteAllMemories:input_type -> marie.memory.v1.DeleteAllMemoriesRequest
+	44, // 68: marie.memory.v1.MemoryService.GetMemoryHistory:input_type -> marie.memory.v1.GetMemoryHistoryRequest
+	47, // 69: marie.memory.v1.MemoryService.GetExtractionJob:input_type -> marie.memory.v1.GetExtractionJobRequest
+	6,  // 70: marie.memory.v1.MemoryService.CreateConversation:output_type -> marie.memory.v1.CreateConversationResponse
+	8,  // 71: marie.memory.v1.MemoryService.GetConversation:output_type -> marie.memory.v1.GetConversationResponse
+	10, // 72: marie.memory.v1.MemoryService.ListConversations:output_type -> marie.memory.v1.ListConversationsResponse
+	12, // 73: marie.memory.v1.MemoryService.UpdateConversation:output_type -> marie.memory.v1.UpdateConversationResponse
+	14, // 74: marie.memory.v1.MemoryService.DeleteConversation:output_type -> marie.memory.v1.DeleteConversationResponse
+	18, // 75: marie.memory.v1.MemoryService.AppendMessages:output_type -> marie.memory.v1.AppendMessagesResponse
+	20, // 76: marie.memory.v1.MemoryService.ListMessages:output_type -> marie.memory.v1.ListMessagesResponse
+	23, // 77: marie.memory.v1.MemoryService.SearchMessages:output_type -> marie.memory.v1.SearchMessagesResponse
+	29, // 78: marie.memory.v1.MemoryService.AddMemories:output_type -> marie.memory.v1.AddMemoriesResponse
+	32, // 79: marie.memory.v1.MemoryService.SearchMemories:output_type -> marie.memory.v1.SearchMemoriesResponse
+	34, // 80: marie.memory.v1.MemoryService.GetMemory:output_type -> marie.memory.v1.GetMemoryResponse
+	36, // 81: marie.memory.v1.MemoryService.ListMemories:output_type -> marie.memory.v1.ListMemoriesResponse
+	38, // 82: marie.memory.v1.MemoryService.UpdateMemory:output_type -> marie.memory.v1.UpdateMemoryResponse
+	40, // 83: marie.memory.v1.MemoryService.DeleteMemory:output_type -> marie.memory.v1.DeleteMemoryResponse
+	42, // 84: marie.memory.v1.MemoryService.DeleteAllMemories:output_type -> marie.memory.v1.DeleteAllMemoriesResponse
+	45, // 85: marie.memory.v1.MemoryService.GetMemoryHistory:output_type -> marie.memory.v1.GetMemoryHistoryResponse
+	48, // 86: marie.memory.v1.MemoryService.GetExtractionJob:output_type -> marie.memory.v1.GetExtractionJobResponse
+	70, // [70:87] is the sub-list for method output_type
+	53, // [53:70] is the sub-list for method input_type
+	53, // [53:53] is the sub-list for extension type_name
+	53, // [53:53] is the sub-list for extension extendee
+	0,  // [0:53] is the sub-list for field type_name
 }
 
 func init() { file_marie_memory_v1_memory_service_proto_init() }
@@ -3702,8 +4021,8 @@ func file_marie_memory_v1_memory_service_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_marie_memory_v1_memory_service_proto_rawDesc), len(file_marie_memory_v1_memory_service_proto_rawDesc)),
-			NumEnums:      3,
-			NumMessages:   48,
+			NumEnums:      4,
+			NumMessages:   51,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -35,6 +35,7 @@ const (
 	MemoryService_DeleteMemory_FullMethodName       = "/marie.memory.v1.MemoryService/DeleteMemory"
 	MemoryService_DeleteAllMemories_FullMethodName  = "/marie.memory.v1.MemoryService/DeleteAllMemories"
 	MemoryService_GetMemoryHistory_FullMethodName   = "/marie.memory.v1.MemoryService/GetMemoryHistory"
+	MemoryService_GetExtractionJob_FullMethodName   = "/marie.memory.v1.MemoryService/GetExtractionJob"
 )
 
 // MemoryServiceClient is the client API for MemoryService service.
@@ -94,6 +95,8 @@ const (
 //     with output that could not be used; safe to retry, nothing was changed.
 //   - UNAVAILABLE (reason STORE_UNAVAILABLE): the store could not be reached;
 //     safe to retry for reads, and for writes when the RPC says so.
+//   - NOT_FOUND (reason JOB_NOT_FOUND, metadata "job_id"): no such extraction
+//     job for this user (or its outcome is older than 7 days).
 //   - DEADLINE_EXCEEDED and CANCELLED: the caller's deadline passed or the
 //     caller cancelled; a write may or may not have been applied.
 //   - INTERNAL (reason INTERNAL): a bug; the message never carries a stack
@@ -194,6 +197,15 @@ type MemoryServiceClient interface {
 	// Errors: INVALID_ARGUMENT, NOT_FOUND (MEMORY_NOT_FOUND, when neither the
 	// memory nor any history of it exists for this user).
 	GetMemoryHistory(ctx context.Context, in *GetMemoryHistoryRequest, opts ...grpc.CallOption) (*GetMemoryHistoryResponse, error)
+	// Returns a background extraction job (AddMemories with `background`):
+	// queued (with its attempts and why the last one failed), succeeded (with
+	// what it changed) or failed (with the reason). A queued job waits out
+	// outages of the model and of the store for as long as the service's age
+	// limit (24 hours by default) and is never dropped before; a job whose
+	// model answers unusable output twice fails. Finished jobs are kept for 7
+	// days, then answered NOT_FOUND; so is a job of another user.
+	// Errors: INVALID_ARGUMENT, NOT_FOUND (JOB_NOT_FOUND, metadata "job_id").
+	GetExtractionJob(ctx context.Context, in *GetExtractionJobRequest, opts ...grpc.CallOption) (*GetExtractionJobResponse, error)
 }
 
 type memoryServiceClient struct {
@@ -364,6 +376,16 @@ func (c *memoryServiceClient) GetMemoryHistory(ctx context.Context, in *GetMemor
 	return out, nil
 }
 
+func (c *memoryServiceClient) GetExtractionJob(ctx context.Context, in *GetExtractionJobRequest, opts ...grpc.CallOption) (*GetExtractionJobResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(GetExtractionJobResponse)
+	err := c.cc.Invoke(ctx, MemoryService_GetExtractionJob_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // MemoryServiceServer is the server API for MemoryService service.
 // All implementations must embed UnimplementedMemoryServiceServer
 // for forward compatibility.
@@ -421,6 +443,8 @@ func (c *memoryServiceClient) GetMemoryHistory(ctx context.Context, in *GetMemor
 //     with output that could not be used; safe to retry, nothing was changed.
 //   - UNAVAILABLE (reason STORE_UNAVAILABLE): the store could not be reached;
 //     safe to retry for reads, and for writes when the RPC says so.
+//   - NOT_FOUND (reason JOB_NOT_FOUND, metadata "job_id"): no such extraction
+//     job for this user (or its outcome is older than 7 days).
 //   - DEADLINE_EXCEEDED and CANCELLED: the caller's deadline passed or the
 //     caller cancelled; a write may or may not have been applied.
 //   - INTERNAL (reason INTERNAL): a bug; the message never carries a stack
@@ -521,6 +545,15 @@ type MemoryServiceServer interface {
 	// Errors: INVALID_ARGUMENT, NOT_FOUND (MEMORY_NOT_FOUND, when neither the
 	// memory nor any history of it exists for this user).
 	GetMemoryHistory(context.Context, *GetMemoryHistoryRequest) (*GetMemoryHistoryResponse, error)
+	// Returns a background extraction job (AddMemories with `background`):
+	// queued (with its attempts and why the last one failed), succeeded (with
+	// what it changed) or failed (with the reason). A queued job waits out
+	// outages of the model and of the store for as long as the service's age
+	// limit (24 hours by default) and is never dropped before; a job whose
+	// model answers unusable output twice fails. Finished jobs are kept for 7
+	// days, then answered NOT_FOUND; so is a job of another user.
+	// Errors: INVALID_ARGUMENT, NOT_FOUND (JOB_NOT_FOUND, metadata "job_id").
+	GetExtractionJob(context.Context, *GetExtractionJobRequest) (*GetExtractionJobResponse, error)
 	mustEmbedUnimplementedMemoryServiceServer()
 }
 
@@ -578,6 +611,9 @@ func (UnimplementedMemoryServiceServer) DeleteAllMemories(context.Context, *Dele
 }
 func (UnimplementedMemoryServiceServer) GetMemoryHistory(context.Context, *GetMemoryHistoryRequest) (*GetMemoryHistoryResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetMemoryHistory not implemented")
+}
+func (UnimplementedMemoryServiceServer) GetExtractionJob(context.Context, *GetExtractionJobRequest) (*GetExtractionJobResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetExtractionJob not implemented")
 }
 func (UnimplementedMemoryServiceServer) mustEmbedUnimplementedMemoryServiceServer() {}
 func (UnimplementedMemoryServiceServer) testEmbeddedByValue()                       {}
@@ -888,6 +924,24 @@ func _MemoryService_GetMemoryHistory_Handler(srv interface{}, ctx context.Contex
 	return interceptor(ctx, in, info, handler)
 }
 
+func _MemoryService_GetExtractionJob_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetExtractionJobRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(MemoryServiceServer).GetExtractionJob(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: MemoryService_GetExtractionJob_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(MemoryServiceServer).GetExtractionJob(ctx, req.(*GetExtractionJobRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // MemoryService_ServiceDesc is the grpc.ServiceDesc for MemoryService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -958,6 +1012,10 @@ var MemoryService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "GetMemoryHistory",
 			Handler:    _MemoryService_GetMemoryHistory_Handler,
+		},
+		{
+			MethodName: "GetExtractionJob",
+			Handler:    _MemoryService_GetExtractionJob_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

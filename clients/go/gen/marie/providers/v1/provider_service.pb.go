@@ -2580,9 +2580,18 @@ type StreamChatCompletionRequest struct {
 	Logprobs bool `protobuf:"varint,11,opt,name=logprobs,proto3" json:"logprobs,omitempty"`
 	// With `logprobs`: how many of the most likely alternatives to report at
 	// each position, 0 to 20; 0 reports only the chosen token.
-	TopLogprobs   int32 `protobuf:"varint,12,opt,name=top_logprobs,json=topLogprobs,proto3" json:"top_logprobs,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	TopLogprobs int32 `protobuf:"varint,12,opt,name=top_logprobs,json=topLogprobs,proto3" json:"top_logprobs,omitempty"`
+	// What the chat contract has no field for, passed through to an upstream
+	// of one kind as that upstream's own API takes it (Anthropic's `thinking`,
+	// server tools, documents, citations…). With `fields` set, only
+	// deployments of that kind serve such a request: when the route's first
+	// deployment is of another kind the answer is INVALID_ARGUMENT with reason
+	// UPSTREAM_EXTRAS_UNSUPPORTED and metadata "field" = the first of
+	// `fields`; fallbacks of another kind are skipped (they would drop what
+	// was asked).
+	UpstreamExtras *UpstreamExtras `protobuf:"bytes,13,opt,name=upstream_extras,json=upstreamExtras,proto3" json:"upstream_extras,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *StreamChatCompletionRequest) Reset() {
@@ -2699,6 +2708,163 @@ func (x *StreamChatCompletionRequest) GetTopLogprobs() int32 {
 	return 0
 }
 
+func (x *StreamChatCompletionRequest) GetUpstreamExtras() *UpstreamExtras {
+	if x != nil {
+		return x.UpstreamExtras
+	}
+	return nil
+}
+
+// UpstreamExtras carries request fields of one upstream kind's own API.
+type UpstreamExtras struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The upstream kind that understands them ("anthropic"); required when
+	// any other field is set.
+	Kind string `protobuf:"bytes,1,opt,name=kind,proto3" json:"kind,omitempty"`
+	// A JSON object of top-level fields of that upstream's request body, each
+	// replacing the field of that name the translation of this request would
+	// send. For "anthropic": `thinking`, `tools` (client and server tools),
+	// `tool_choice`, `messages` (with their thinking, document, search result,
+	// server-tool and citation blocks), `mcp_servers`, `container`,
+	// `context_management`; any other key is INVALID_ARGUMENT.
+	RequestJson string `protobuf:"bytes,2,opt,name=request_json,json=requestJson,proto3" json:"request_json,omitempty"`
+	// Where each extra that must not be dropped came from in the caller's
+	// request ("thinking", "tools.1.type", "messages.0.content.2.type"), for
+	// the error above. With none, the extras are hints: a deployment of
+	// another kind serves the request without them.
+	Fields []string `protobuf:"bytes,3,rep,name=fields,proto3" json:"fields,omitempty"`
+	// Request headers of that upstream's API, sent with the request. For
+	// "anthropic": `anthropic-beta` only; any other name is INVALID_ARGUMENT.
+	Headers       map[string]string `protobuf:"bytes,4,rep,name=headers,proto3" json:"headers,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UpstreamExtras) Reset() {
+	*x = UpstreamExtras{}
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[28]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UpstreamExtras) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UpstreamExtras) ProtoMessage() {}
+
+func (x *UpstreamExtras) ProtoReflect() protoreflect.Message {
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[28]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UpstreamExtras.ProtoReflect.Descriptor instead.
+func (*UpstreamExtras) Descriptor() ([]byte, []int) {
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{28}
+}
+
+func (x *UpstreamExtras) GetKind() string {
+	if x != nil {
+		return x.Kind
+	}
+	return ""
+}
+
+func (x *UpstreamExtras) GetRequestJson() string {
+	if x != nil {
+		return x.RequestJson
+	}
+	return ""
+}
+
+func (x *UpstreamExtras) GetFields() []string {
+	if x != nil {
+		return x.Fields
+	}
+	return nil
+}
+
+func (x *UpstreamExtras) GetHeaders() map[string]string {
+	if x != nil {
+		return x.Headers
+	}
+	return nil
+}
+
+// Reasoning is the model's thinking before (or between) parts of its answer,
+// as an upstream that shows it reports it (Anthropic's thinking blocks).
+type Reasoning struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// A fragment of the thinking text.
+	Text string `protobuf:"bytes,1,opt,name=text,proto3" json:"text,omitempty"`
+	// A fragment of the signature that verifies the thinking when it is sent
+	// back in a later turn (Anthropic's `signature_delta`); it ends the block.
+	Signature string `protobuf:"bytes,2,opt,name=signature,proto3" json:"signature,omitempty"`
+	// A whole thinking block the upstream encrypted (Anthropic's
+	// `redacted_thinking` `data`), to be sent back as it is.
+	Redacted      string `protobuf:"bytes,3,opt,name=redacted,proto3" json:"redacted,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Reasoning) Reset() {
+	*x = Reasoning{}
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[29]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Reasoning) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Reasoning) ProtoMessage() {}
+
+func (x *Reasoning) ProtoReflect() protoreflect.Message {
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[29]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Reasoning.ProtoReflect.Descriptor instead.
+func (*Reasoning) Descriptor() ([]byte, []int) {
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{29}
+}
+
+func (x *Reasoning) GetText() string {
+	if x != nil {
+		return x.Text
+	}
+	return ""
+}
+
+func (x *Reasoning) GetSignature() string {
+	if x != nil {
+		return x.Signature
+	}
+	return ""
+}
+
+func (x *Reasoning) GetRedacted() string {
+	if x != nil {
+		return x.Redacted
+	}
+	return ""
+}
+
 // ToolCallDelta is a fragment of a tool call being streamed. Fragments with
 // the same `index` belong to one call: `id`, `type` and `name` come once, in
 // the first fragment; `arguments` fragments are concatenated.
@@ -2720,7 +2886,7 @@ type ToolCallDelta struct {
 
 func (x *ToolCallDelta) Reset() {
 	*x = ToolCallDelta{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[28]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2732,7 +2898,7 @@ func (x *ToolCallDelta) String() string {
 func (*ToolCallDelta) ProtoMessage() {}
 
 func (x *ToolCallDelta) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[28]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2745,7 +2911,7 @@ func (x *ToolCallDelta) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ToolCallDelta.ProtoReflect.Descriptor instead.
 func (*ToolCallDelta) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{28}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *ToolCallDelta) GetIndex() int32 {
@@ -2798,7 +2964,7 @@ type Usage struct {
 
 func (x *Usage) Reset() {
 	*x = Usage{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[29]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2810,7 +2976,7 @@ func (x *Usage) String() string {
 func (*Usage) ProtoMessage() {}
 
 func (x *Usage) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[29]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2823,7 +2989,7 @@ func (x *Usage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Usage.ProtoReflect.Descriptor instead.
 func (*Usage) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{29}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *Usage) GetPromptTokens() int32 {
@@ -2858,7 +3024,7 @@ type CreateChatCompletionRequest struct {
 
 func (x *CreateChatCompletionRequest) Reset() {
 	*x = CreateChatCompletionRequest{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[30]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2870,7 +3036,7 @@ func (x *CreateChatCompletionRequest) String() string {
 func (*CreateChatCompletionRequest) ProtoMessage() {}
 
 func (x *CreateChatCompletionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[30]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2883,7 +3049,7 @@ func (x *CreateChatCompletionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateChatCompletionRequest.ProtoReflect.Descriptor instead.
 func (*CreateChatCompletionRequest) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{30}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *CreateChatCompletionRequest) GetChat() *StreamChatCompletionRequest {
@@ -2905,7 +3071,7 @@ type CreateChatCompletionResponse struct {
 
 func (x *CreateChatCompletionResponse) Reset() {
 	*x = CreateChatCompletionResponse{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[31]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2917,7 +3083,7 @@ func (x *CreateChatCompletionResponse) String() string {
 func (*CreateChatCompletionResponse) ProtoMessage() {}
 
 func (x *CreateChatCompletionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[31]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2930,7 +3096,7 @@ func (x *CreateChatCompletionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateChatCompletionResponse.ProtoReflect.Descriptor instead.
 func (*CreateChatCompletionResponse) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{31}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *CreateChatCompletionResponse) GetChunks() []*StreamChatCompletionResponse {
@@ -2963,14 +3129,30 @@ type StreamChatCompletionResponse struct {
 	Usage *Usage `protobuf:"bytes,9,opt,name=usage,proto3" json:"usage,omitempty"`
 	// Log probabilities of the tokens this chunk's `content` is made of, in
 	// order; only when the request asked for `logprobs`.
-	Logprobs      []*TokenLogprob `protobuf:"bytes,10,rep,name=logprobs,proto3" json:"logprobs,omitempty"`
+	Logprobs []*TokenLogprob `protobuf:"bytes,10,rep,name=logprobs,proto3" json:"logprobs,omitempty"`
+	// The model's thinking carried by this chunk (before this chunk's content);
+	// only from upstreams that show it, when the request's `upstream_extras`
+	// asked for it.
+	Reasoning *Reasoning `protobuf:"bytes,11,opt,name=reasoning,proto3" json:"reasoning,omitempty"`
+	// A whole content block of the upstream's own API that the chat contract
+	// has no field for, as JSON, in its place among content and tool calls
+	// (Anthropic's `server_tool_use`, `web_search_tool_result`, …); only for
+	// requests with `upstream_extras`.
+	UpstreamBlockJson string `protobuf:"bytes,12,opt,name=upstream_block_json,json=upstreamBlockJson,proto3" json:"upstream_block_json,omitempty"`
+	// Citations of the text this chunk starts or continues, each a JSON
+	// object as the upstream sent it (Anthropic's `citations_delta`).
+	CitationsJson []string `protobuf:"bytes,13,rep,name=citations_json,json=citationsJson,proto3" json:"citations_json,omitempty"`
+	// Position of the upstream's content block this chunk belongs to, from 1;
+	// 0 when the upstream does not number its blocks. Content of a new number
+	// starts a new block (Anthropic's text blocks around citations).
+	Block         int32 `protobuf:"varint,14,opt,name=block,proto3" json:"block,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *StreamChatCompletionResponse) Reset() {
 	*x = StreamChatCompletionResponse{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[32]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2982,7 +3164,7 @@ func (x *StreamChatCompletionResponse) String() string {
 func (*StreamChatCompletionResponse) ProtoMessage() {}
 
 func (x *StreamChatCompletionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[32]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2995,7 +3177,7 @@ func (x *StreamChatCompletionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamChatCompletionResponse.ProtoReflect.Descriptor instead.
 func (*StreamChatCompletionResponse) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{32}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *StreamChatCompletionResponse) GetId() string {
@@ -3068,6 +3250,34 @@ func (x *StreamChatCompletionResponse) GetLogprobs() []*TokenLogprob {
 	return nil
 }
 
+func (x *StreamChatCompletionResponse) GetReasoning() *Reasoning {
+	if x != nil {
+		return x.Reasoning
+	}
+	return nil
+}
+
+func (x *StreamChatCompletionResponse) GetUpstreamBlockJson() string {
+	if x != nil {
+		return x.UpstreamBlockJson
+	}
+	return ""
+}
+
+func (x *StreamChatCompletionResponse) GetCitationsJson() []string {
+	if x != nil {
+		return x.CitationsJson
+	}
+	return nil
+}
+
+func (x *StreamChatCompletionResponse) GetBlock() int32 {
+	if x != nil {
+		return x.Block
+	}
+	return 0
+}
+
 // TokenLogprob is the log probability of one generated token.
 type TokenLogprob struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -3086,7 +3296,7 @@ type TokenLogprob struct {
 
 func (x *TokenLogprob) Reset() {
 	*x = TokenLogprob{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[33]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3098,7 +3308,7 @@ func (x *TokenLogprob) String() string {
 func (*TokenLogprob) ProtoMessage() {}
 
 func (x *TokenLogprob) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[33]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3111,7 +3321,7 @@ func (x *TokenLogprob) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TokenLogprob.ProtoReflect.Descriptor instead.
 func (*TokenLogprob) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{33}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *TokenLogprob) GetToken() string {
@@ -3157,7 +3367,7 @@ type TopLogprob struct {
 
 func (x *TopLogprob) Reset() {
 	*x = TopLogprob{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[34]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3169,7 +3379,7 @@ func (x *TopLogprob) String() string {
 func (*TopLogprob) ProtoMessage() {}
 
 func (x *TopLogprob) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[34]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3182,7 +3392,7 @@ func (x *TopLogprob) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TopLogprob.ProtoReflect.Descriptor instead.
 func (*TopLogprob) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{34}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *TopLogprob) GetToken() string {
@@ -3233,7 +3443,7 @@ type CreateEmbeddingsRequest struct {
 
 func (x *CreateEmbeddingsRequest) Reset() {
 	*x = CreateEmbeddingsRequest{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[35]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3245,7 +3455,7 @@ func (x *CreateEmbeddingsRequest) String() string {
 func (*CreateEmbeddingsRequest) ProtoMessage() {}
 
 func (x *CreateEmbeddingsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[35]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3258,7 +3468,7 @@ func (x *CreateEmbeddingsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateEmbeddingsRequest.ProtoReflect.Descriptor instead.
 func (*CreateEmbeddingsRequest) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{35}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *CreateEmbeddingsRequest) GetModel() string {
@@ -3314,7 +3524,7 @@ type TokenIds struct {
 
 func (x *TokenIds) Reset() {
 	*x = TokenIds{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[36]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3326,7 +3536,7 @@ func (x *TokenIds) String() string {
 func (*TokenIds) ProtoMessage() {}
 
 func (x *TokenIds) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[36]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3339,7 +3549,7 @@ func (x *TokenIds) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TokenIds.ProtoReflect.Descriptor instead.
 func (*TokenIds) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{36}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *TokenIds) GetIds() []int64 {
@@ -3362,7 +3572,7 @@ type Embedding struct {
 
 func (x *Embedding) Reset() {
 	*x = Embedding{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[37]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3374,7 +3584,7 @@ func (x *Embedding) String() string {
 func (*Embedding) ProtoMessage() {}
 
 func (x *Embedding) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[37]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3387,7 +3597,7 @@ func (x *Embedding) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Embedding.ProtoReflect.Descriptor instead.
 func (*Embedding) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{37}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *Embedding) GetIndex() int32 {
@@ -3419,7 +3629,7 @@ type CreateEmbeddingsResponse struct {
 
 func (x *CreateEmbeddingsResponse) Reset() {
 	*x = CreateEmbeddingsResponse{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[38]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3431,7 +3641,7 @@ func (x *CreateEmbeddingsResponse) String() string {
 func (*CreateEmbeddingsResponse) ProtoMessage() {}
 
 func (x *CreateEmbeddingsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[38]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3444,7 +3654,7 @@ func (x *CreateEmbeddingsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateEmbeddingsResponse.ProtoReflect.Descriptor instead.
 func (*CreateEmbeddingsResponse) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{38}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *CreateEmbeddingsResponse) GetModel() string {
@@ -3503,7 +3713,7 @@ type StreamCompletionRequest struct {
 
 func (x *StreamCompletionRequest) Reset() {
 	*x = StreamCompletionRequest{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[39]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3515,7 +3725,7 @@ func (x *StreamCompletionRequest) String() string {
 func (*StreamCompletionRequest) ProtoMessage() {}
 
 func (x *StreamCompletionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[39]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3528,7 +3738,7 @@ func (x *StreamCompletionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamCompletionRequest.ProtoReflect.Descriptor instead.
 func (*StreamCompletionRequest) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{39}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *StreamCompletionRequest) GetModel() string {
@@ -3629,7 +3839,7 @@ type StreamCompletionResponse struct {
 
 func (x *StreamCompletionResponse) Reset() {
 	*x = StreamCompletionResponse{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[40]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3641,7 +3851,7 @@ func (x *StreamCompletionResponse) String() string {
 func (*StreamCompletionResponse) ProtoMessage() {}
 
 func (x *StreamCompletionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[40]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3654,7 +3864,7 @@ func (x *StreamCompletionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamCompletionResponse.ProtoReflect.Descriptor instead.
 func (*StreamCompletionResponse) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{40}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *StreamCompletionResponse) GetId() string {
@@ -3876,7 +4086,7 @@ const file_marie_providers_v1_provider_service_proto_rawDesc = "" +
 	"\v_max_tokensB\a\n" +
 	"\x05_seedB\x13\n" +
 	"\x11_presence_penaltyB\x14\n" +
-	"\x12_frequency_penalty\"\xa4\x04\n" +
+	"\x12_frequency_penalty\"\xf1\x04\n" +
 	"\x1bStreamChatCompletionRequest\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\tR\x05model\x12\x1a\n" +
 	"\bprovider\x18\x02 \x01(\tR\bprovider\x12;\n" +
@@ -3891,7 +4101,20 @@ const file_marie_providers_v1_provider_service_proto_rawDesc = "" +
 	"\taggregate\x18\n" +
 	" \x01(\bR\taggregate\x12\x1a\n" +
 	"\blogprobs\x18\v \x01(\bR\blogprobs\x12!\n" +
-	"\ftop_logprobs\x18\f \x01(\x05R\vtopLogprobs\"{\n" +
+	"\ftop_logprobs\x18\f \x01(\x05R\vtopLogprobs\x12K\n" +
+	"\x0fupstream_extras\x18\r \x01(\v2\".marie.providers.v1.UpstreamExtrasR\x0eupstreamExtras\"\xe6\x01\n" +
+	"\x0eUpstreamExtras\x12\x12\n" +
+	"\x04kind\x18\x01 \x01(\tR\x04kind\x12!\n" +
+	"\frequest_json\x18\x02 \x01(\tR\vrequestJson\x12\x16\n" +
+	"\x06fields\x18\x03 \x03(\tR\x06fields\x12I\n" +
+	"\aheaders\x18\x04 \x03(\v2/.marie.providers.v1.UpstreamExtras.HeadersEntryR\aheaders\x1a:\n" +
+	"\fHeadersEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"Y\n" +
+	"\tReasoning\x12\x12\n" +
+	"\x04text\x18\x01 \x01(\tR\x04text\x12\x1c\n" +
+	"\tsignature\x18\x02 \x01(\tR\tsignature\x12\x1a\n" +
+	"\bredacted\x18\x03 \x01(\tR\bredacted\"{\n" +
 	"\rToolCallDelta\x12\x14\n" +
 	"\x05index\x18\x01 \x01(\x05R\x05index\x12\x0e\n" +
 	"\x02id\x18\x02 \x01(\tR\x02id\x12\x12\n" +
@@ -3905,7 +4128,7 @@ const file_marie_providers_v1_provider_service_proto_rawDesc = "" +
 	"\x1bCreateChatCompletionRequest\x12C\n" +
 	"\x04chat\x18\x01 \x01(\v2/.marie.providers.v1.StreamChatCompletionRequestR\x04chat\"h\n" +
 	"\x1cCreateChatCompletionResponse\x12H\n" +
-	"\x06chunks\x18\x01 \x03(\v20.marie.providers.v1.StreamChatCompletionResponseR\x06chunks\"\xba\x03\n" +
+	"\x06chunks\x18\x01 \x03(\v20.marie.providers.v1.StreamChatCompletionResponseR\x06chunks\"\xe4\x04\n" +
 	"\x1cStreamChatCompletionResponse\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x14\n" +
 	"\x05model\x18\x02 \x01(\tR\x05model\x12\x1a\n" +
@@ -3918,7 +4141,11 @@ const file_marie_providers_v1_provider_service_proto_rawDesc = "" +
 	"\rfinish_reason\x18\b \x01(\x0e2 .marie.providers.v1.FinishReasonR\ffinishReason\x12/\n" +
 	"\x05usage\x18\t \x01(\v2\x19.marie.providers.v1.UsageR\x05usage\x12<\n" +
 	"\blogprobs\x18\n" +
-	" \x03(\v2 .marie.providers.v1.TokenLogprobR\blogprobs\"\x97\x01\n" +
+	" \x03(\v2 .marie.providers.v1.TokenLogprobR\blogprobs\x12;\n" +
+	"\treasoning\x18\v \x01(\v2\x1d.marie.providers.v1.ReasoningR\treasoning\x12.\n" +
+	"\x13upstream_block_json\x18\f \x01(\tR\x11upstreamBlockJson\x12%\n" +
+	"\x0ecitations_json\x18\r \x03(\tR\rcitationsJson\x12\x14\n" +
+	"\x05block\x18\x0e \x01(\x05R\x05block\"\x97\x01\n" +
 	"\fTokenLogprob\x12\x14\n" +
 	"\x05token\x18\x01 \x01(\tR\x05token\x12\x18\n" +
 	"\alogprob\x18\x02 \x01(\x01R\alogprob\x12\x14\n" +
@@ -4048,7 +4275,7 @@ func file_marie_providers_v1_provider_service_proto_rawDescGZIP() []byte {
 }
 
 var file_marie_providers_v1_provider_service_proto_enumTypes = make([]protoimpl.EnumInfo, 9)
-var file_marie_providers_v1_provider_service_proto_msgTypes = make([]protoimpl.MessageInfo, 42)
+var file_marie_providers_v1_provider_service_proto_msgTypes = make([]protoimpl.MessageInfo, 45)
 var file_marie_providers_v1_provider_service_proto_goTypes = []any{
 	(HealthStatus)(0),                    // 0: marie.providers.v1.HealthStatus
 	(CircuitState)(0),                    // 1: marie.providers.v1.CircuitState
@@ -4087,35 +4314,38 @@ var file_marie_providers_v1_provider_service_proto_goTypes = []any{
 	(*ResponseFormat)(nil),               // 34: marie.providers.v1.ResponseFormat
 	(*SamplingParameters)(nil),           // 35: marie.providers.v1.SamplingParameters
 	(*StreamChatCompletionRequest)(nil),  // 36: marie.providers.v1.StreamChatCompletionRequest
-	(*ToolCallDelta)(nil),                // 37: marie.providers.v1.ToolCallDelta
-	(*Usage)(nil),                        // 38: marie.providers.v1.Usage
-	(*CreateChatCompletionRequest)(nil),  // 39: marie.providers.v1.CreateChatCompletionRequest
-	(*CreateChatCompletionResponse)(nil), // 40: marie.providers.v1.CreateChatCompletionResponse
-	(*StreamChatCompletionResponse)(nil), // 41: marie.providers.v1.StreamChatCompletionResponse
-	(*TokenLogprob)(nil),                 // 42: marie.providers.v1.TokenLogprob
-	(*TopLogprob)(nil),                   // 43: marie.providers.v1.TopLogprob
-	(*CreateEmbeddingsRequest)(nil),      // 44: marie.providers.v1.CreateEmbeddingsRequest
-	(*TokenIds)(nil),                     // 45: marie.providers.v1.TokenIds
-	(*Embedding)(nil),                    // 46: marie.providers.v1.Embedding
-	(*CreateEmbeddingsResponse)(nil),     // 47: marie.providers.v1.CreateEmbeddingsResponse
-	(*StreamCompletionRequest)(nil),      // 48: marie.providers.v1.StreamCompletionRequest
-	(*StreamCompletionResponse)(nil),     // 49: marie.providers.v1.StreamCompletionResponse
-	nil,                                  // 50: marie.providers.v1.ModelInfo.MetadataEntry
-	(*timestamppb.Timestamp)(nil),        // 51: google.protobuf.Timestamp
-	(*structpb.Struct)(nil),              // 52: google.protobuf.Struct
+	(*UpstreamExtras)(nil),               // 37: marie.providers.v1.UpstreamExtras
+	(*Reasoning)(nil),                    // 38: marie.providers.v1.Reasoning
+	(*ToolCallDelta)(nil),                // 39: marie.providers.v1.ToolCallDelta
+	(*Usage)(nil),                        // 40: marie.providers.v1.Usage
+	(*CreateChatCompletionRequest)(nil),  // 41: marie.providers.v1.CreateChatCompletionRequest
+	(*CreateChatCompletionResponse)(nil), // 42: marie.providers.v1.CreateChatCompletionResponse
+	(*StreamChatCompletionResponse)(nil), // 43: marie.providers.v1.StreamChatCompletionResponse
+	(*TokenLogprob)(nil),                 // 44: marie.providers.v1.TokenLogprob
+	(*TopLogprob)(nil),                   // 45: marie.providers.v1.TopLogprob
+	(*CreateEmbeddingsRequest)(nil),      // 46: marie.providers.v1.CreateEmbeddingsRequest
+	(*TokenIds)(nil),                     // 47: marie.providers.v1.TokenIds
+	(*Embedding)(nil),                    // 48: marie.providers.v1.Embedding
+	(*CreateEmbeddingsResponse)(nil),     // 49: marie.providers.v1.CreateEmbeddingsResponse
+	(*StreamCompletionRequest)(nil),      // 50: marie.providers.v1.StreamCompletionRequest
+	(*StreamCompletionResponse)(nil),     // 51: marie.providers.v1.StreamCompletionResponse
+	nil,                                  // 52: marie.providers.v1.ModelInfo.MetadataEntry
+	nil,                                  // 53: marie.providers.v1.UpstreamExtras.HeadersEntry
+	(*timestamppb.Timestamp)(nil),        // 54: google.protobuf.Timestamp
+	(*structpb.Struct)(nil),              // 55: google.protobuf.Struct
 }
 var file_marie_providers_v1_provider_service_proto_depIdxs = []int32{
 	9,  // 0: marie.providers.v1.ListProvidersResponse.providers:type_name -> marie.providers.v1.Provider
 	0,  // 1: marie.providers.v1.ProviderHealth.status:type_name -> marie.providers.v1.HealthStatus
-	51, // 2: marie.providers.v1.ProviderHealth.check_time:type_name -> google.protobuf.Timestamp
+	54, // 2: marie.providers.v1.ProviderHealth.check_time:type_name -> google.protobuf.Timestamp
 	13, // 3: marie.providers.v1.ProviderHealth.deployments:type_name -> marie.providers.v1.DeploymentHealth
 	1,  // 4: marie.providers.v1.DeploymentHealth.circuit:type_name -> marie.providers.v1.CircuitState
-	51, // 5: marie.providers.v1.DeploymentHealth.retry_time:type_name -> google.protobuf.Timestamp
+	54, // 5: marie.providers.v1.DeploymentHealth.retry_time:type_name -> google.protobuf.Timestamp
 	2,  // 6: marie.providers.v1.DeploymentHealth.operation:type_name -> marie.providers.v1.Operation
 	12, // 7: marie.providers.v1.GetProviderHealthResponse.providers:type_name -> marie.providers.v1.ProviderHealth
 	3,  // 8: marie.providers.v1.ModelInfo.capabilities:type_name -> marie.providers.v1.ModelCapability
-	50, // 9: marie.providers.v1.ModelInfo.metadata:type_name -> marie.providers.v1.ModelInfo.MetadataEntry
-	51, // 10: marie.providers.v1.ModelInfo.modified_time:type_name -> google.protobuf.Timestamp
+	52, // 9: marie.providers.v1.ModelInfo.metadata:type_name -> marie.providers.v1.ModelInfo.MetadataEntry
+	54, // 10: marie.providers.v1.ModelInfo.modified_time:type_name -> google.protobuf.Timestamp
 	17, // 11: marie.providers.v1.ModelInfo.route:type_name -> marie.providers.v1.RouteInfo
 	4,  // 12: marie.providers.v1.RouteInfo.kind:type_name -> marie.providers.v1.RouteKind
 	18, // 13: marie.providers.v1.RouteInfo.targets:type_name -> marie.providers.v1.RouteTarget
@@ -4130,53 +4360,56 @@ var file_marie_providers_v1_provider_service_proto_depIdxs = []int32{
 	26, // 22: marie.providers.v1.ChatMessage.parts:type_name -> marie.providers.v1.ContentPart
 	28, // 23: marie.providers.v1.ChatMessage.tool_calls:type_name -> marie.providers.v1.ToolCall
 	32, // 24: marie.providers.v1.Tool.function:type_name -> marie.providers.v1.FunctionDefinition
-	52, // 25: marie.providers.v1.FunctionDefinition.parameters:type_name -> google.protobuf.Struct
+	55, // 25: marie.providers.v1.FunctionDefinition.parameters:type_name -> google.protobuf.Struct
 	6,  // 26: marie.providers.v1.ToolChoice.mode:type_name -> marie.providers.v1.ToolChoiceMode
 	7,  // 27: marie.providers.v1.ResponseFormat.type:type_name -> marie.providers.v1.ResponseFormatType
-	52, // 28: marie.providers.v1.ResponseFormat.json_schema:type_name -> google.protobuf.Struct
+	55, // 28: marie.providers.v1.ResponseFormat.json_schema:type_name -> google.protobuf.Struct
 	30, // 29: marie.providers.v1.StreamChatCompletionRequest.messages:type_name -> marie.providers.v1.ChatMessage
 	35, // 30: marie.providers.v1.StreamChatCompletionRequest.sampling:type_name -> marie.providers.v1.SamplingParameters
 	34, // 31: marie.providers.v1.StreamChatCompletionRequest.response_format:type_name -> marie.providers.v1.ResponseFormat
 	31, // 32: marie.providers.v1.StreamChatCompletionRequest.tools:type_name -> marie.providers.v1.Tool
 	33, // 33: marie.providers.v1.StreamChatCompletionRequest.tool_choice:type_name -> marie.providers.v1.ToolChoice
-	36, // 34: marie.providers.v1.CreateChatCompletionRequest.chat:type_name -> marie.providers.v1.StreamChatCompletionRequest
-	41, // 35: marie.providers.v1.CreateChatCompletionResponse.chunks:type_name -> marie.providers.v1.StreamChatCompletionResponse
-	5,  // 36: marie.providers.v1.StreamChatCompletionResponse.role:type_name -> marie.providers.v1.Role
-	37, // 37: marie.providers.v1.StreamChatCompletionResponse.tool_calls:type_name -> marie.providers.v1.ToolCallDelta
-	8,  // 38: marie.providers.v1.StreamChatCompletionResponse.finish_reason:type_name -> marie.providers.v1.FinishReason
-	38, // 39: marie.providers.v1.StreamChatCompletionResponse.usage:type_name -> marie.providers.v1.Usage
-	42, // 40: marie.providers.v1.StreamChatCompletionResponse.logprobs:type_name -> marie.providers.v1.TokenLogprob
-	43, // 41: marie.providers.v1.TokenLogprob.top_logprobs:type_name -> marie.providers.v1.TopLogprob
-	45, // 42: marie.providers.v1.CreateEmbeddingsRequest.token_inputs:type_name -> marie.providers.v1.TokenIds
-	46, // 43: marie.providers.v1.CreateEmbeddingsResponse.embeddings:type_name -> marie.providers.v1.Embedding
-	38, // 44: marie.providers.v1.CreateEmbeddingsResponse.usage:type_name -> marie.providers.v1.Usage
-	35, // 45: marie.providers.v1.StreamCompletionRequest.sampling:type_name -> marie.providers.v1.SamplingParameters
-	8,  // 46: marie.providers.v1.StreamCompletionResponse.finish_reason:type_name -> marie.providers.v1.FinishReason
-	38, // 47: marie.providers.v1.StreamCompletionResponse.usage:type_name -> marie.providers.v1.Usage
-	42, // 48: marie.providers.v1.StreamCompletionResponse.logprobs:type_name -> marie.providers.v1.TokenLogprob
-	10, // 49: marie.providers.v1.ProviderService.ListProviders:input_type -> marie.providers.v1.ListProvidersRequest
-	14, // 50: marie.providers.v1.ProviderService.GetProviderHealth:input_type -> marie.providers.v1.GetProviderHealthRequest
-	19, // 51: marie.providers.v1.ProviderService.ListModels:input_type -> marie.providers.v1.ListModelsRequest
-	22, // 52: marie.providers.v1.ProviderService.GetModel:input_type -> marie.providers.v1.GetModelRequest
-	24, // 53: marie.providers.v1.ProviderService.SearchModels:input_type -> marie.providers.v1.SearchModelsRequest
-	36, // 54: marie.providers.v1.ProviderService.StreamChatCompletion:input_type -> marie.providers.v1.StreamChatCompletionRequest
-	39, // 55: marie.providers.v1.ProviderService.CreateChatCompletion:input_type -> marie.providers.v1.CreateChatCompletionRequest
-	44, // 56: marie.providers.v1.ProviderService.CreateEmbeddings:input_type -> marie.providers.v1.CreateEmbeddingsRequest
-	48, // 57: marie.providers.v1.ProviderService.StreamCompletion:input_type -> marie.providers.v1.StreamCompletionRequest
-	11, // 58: marie.providers.v1.ProviderService.ListProviders:output_type -> marie.providers.v1.ListProvidersResponse
-	15, // 59: marie.providers.v1.ProviderService.GetProviderHealth:output_type -> marie.providers.v1.GetProviderHealthResponse
-	20, // 60: marie.providers.v1.ProviderService.ListModels:output_type -> marie.providers.v1.ListModelsResponse
-	23, // 61: marie.providers.v1.ProviderService.GetModel:output_type -> marie.providers.v1.GetModelResponse
-	25, // 62: marie.providers.v1.ProviderService.SearchModels:output_type -> marie.providers.v1.SearchModelsResponse
-	41, // 63: marie.providers.v1.ProviderService.StreamChatCompletion:output_type -> marie.providers.v1.StreamChatCompletionResponse
-	40, // 64: marie.providers.v1.ProviderService.CreateChatCompletion:output_type -> marie.providers.v1.CreateChatCompletionResponse
-	47, // 65: marie.providers.v1.ProviderService.CreateEmbeddings:output_type -> marie.providers.v1.CreateEmbeddingsResponse
-	49, // 66: marie.providers.v1.ProviderService.StreamCompletion:output_type -> marie.providers.v1.StreamCompletionResponse
-	58, // [58:67] is the sub-list for method output_type
-	49, // [49:58] is the sub-list for method input_type
-	49, // [49:49] is the sub-list for extension type_name
-	49, // [49:49] is the sub-list for extension extendee
-	0,  // [0:49] is the sub-list for field type_name
+	37, // 34: marie.providers.v1.StreamChatCompletionRequest.upstream_extras:type_name -> marie.providers.v1.UpstreamExtras
+	53, // 35: marie.providers.v1.UpstreamExtras.headers:type_name -> marie.providers.v1.UpstreamExtras.HeadersEntry
+	36, // 36: marie.providers.v1.CreateChatCompletionRequest.chat:type_name -> marie.providers.v1.StreamChatCompletionRequest
+	43, // 37: marie.providers.v1.CreateChatCompletionResponse.chunks:type_name -> marie.providers.v1.StreamChatCompletionResponse
+	5,  // 38: marie.providers.v1.StreamChatCompletionResponse.role:type_name -> marie.providers.v1.Role
+	39, // 39: marie.providers.v1.StreamChatCompletionResponse.tool_calls:type_name -> marie.providers.v1.ToolCallDelta
+	8,  // 40: marie.providers.v1.StreamChatCompletionResponse.finish_reason:type_name -> marie.providers.v1.FinishReason
+	40, // 41: marie.providers.v1.StreamChatCompletionResponse.usage:type_name -> marie.providers.v1.Usage
+	44, // 42: marie.providers.v1.StreamChatCompletionResponse.logprobs:type_name -> marie.providers.v1.TokenLogprob
+	38, // 43: marie.providers.v1.StreamChatCompletionResponse.reasoning:type_name -> marie.providers.v1.Reasoning
+	45, // 44: marie.providers.v1.TokenLogprob.top_logprobs:type_name -> marie.providers.v1.TopLogprob
+	47, // 45: marie.providers.v1.CreateEmbeddingsRequest.token_inputs:type_name -> marie.providers.v1.TokenIds
+	48, // 46: marie.providers.v1.CreateEmbeddingsResponse.embeddings:type_name -> marie.providers.v1.Embedding
+	40, // 47: marie.providers.v1.CreateEmbeddingsResponse.usage:type_name -> marie.providers.v1.Usage
+	35, // 48: marie.providers.v1.StreamCompletionRequest.sampling:type_name -> marie.providers.v1.SamplingParameters
+	8,  // 49: marie.providers.v1.StreamCompletionResponse.finish_reason:type_name -> marie.providers.v1.FinishReason
+	40, // 50: marie.providers.v1.StreamCompletionResponse.usage:type_name -> marie.providers.v1.Usage
+	44, // 51: marie.providers.v1.StreamCompletionResponse.logprobs:type_name -> marie.providers.v1.TokenLogprob
+	10, // 52: marie.providers.v1.ProviderService.ListProviders:input_type -> marie.providers.v1.ListProvidersRequest
+	14, // 53: marie.providers.v1.ProviderService.GetProviderHealth:input_type -> marie.providers.v1.GetProviderHealthRequest
+	19, // 54: marie.providers.v1.ProviderService.ListModels:input_type -> marie.providers.v1.ListModelsRequest
+	22, // 55: marie.providers.v1.ProviderService.GetModel:input_type -> marie.providers.v1.GetModelRequest
+	24, // 56: marie.providers.v1.ProviderService.SearchModels:input_type -> marie.providers.v1.SearchModelsRequest
+	36, // 57: marie.providers.v1.ProviderService.StreamChatCompletion:input_type -> marie.providers.v1.StreamChatCompletionRequest
+	41, // 58: marie.providers.v1.ProviderService.CreateChatCompletion:input_type -> marie.providers.v1.CreateChatCompletionRequest
+	46, // 59: marie.providers.v1.ProviderService.CreateEmbeddings:input_type -> marie.providers.v1.CreateEmbeddingsRequest
+	50, // 60: marie.providers.v1.ProviderService.StreamCompletion:input_type -> marie.providers.v1.StreamCompletionRequest
+	11, // 61: marie.providers.v1.ProviderService.ListProviders:output_type -> marie.providers.v1.ListProvidersResponse
+	15, // 62: marie.providers.v1.ProviderService.GetProviderHealth:output_type -> marie.providers.v1.GetProviderHealthResponse
+	20, // 63: marie.providers.v1.ProviderService.ListModels:output_type -> marie.providers.v1.ListModelsResponse
+	23, // 64: marie.providers.v1.ProviderService.GetModel:output_type -> marie.providers.v1.GetModelResponse
+	25, // 65: marie.providers.v1.ProviderService.SearchModels:output_type -> marie.providers.v1.SearchModelsResponse
+	43, // 66: marie.providers.v1.ProviderService.StreamChatCompletion:output_type -> marie.providers.v1.StreamChatCompletionResponse
+	42, // 67: marie.providers.v1.ProviderService.CreateChatCompletion:output_type -> marie.providers.v1.CreateChatCompletionResponse
+	49, // 68: marie.providers.v1.ProviderService.CreateEmbeddings:output_type -> marie.providers.v1.CreateEmbeddingsResponse
+	51, // 69: marie.providers.v1.ProviderService.StreamCompletion:output_type -> marie.providers.v1.StreamCompletionResponse
+	61, // [61:70] is the sub-list for method output_type
+	52, // [52:61] is the sub-list for method input_type
+	52, // [52:52] is the sub-list for extension type_name
+	52, // [52:52] is the sub-list for extension extendee
+	0,  // [0:52] is the sub-list for field type_name
 }
 
 func init() { file_marie_providers_v1_provider_service_proto_init() }
@@ -4189,14 +4422,14 @@ func file_marie_providers_v1_provider_service_proto_init() {
 		(*ContentPart_ImageUrl)(nil),
 	}
 	file_marie_providers_v1_provider_service_proto_msgTypes[26].OneofWrappers = []any{}
-	file_marie_providers_v1_provider_service_proto_msgTypes[39].OneofWrappers = []any{}
+	file_marie_providers_v1_provider_service_proto_msgTypes[41].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_marie_providers_v1_provider_service_proto_rawDesc), len(file_marie_providers_v1_provider_service_proto_rawDesc)),
 			NumEnums:      9,
-			NumMessages:   42,
+			NumMessages:   45,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
