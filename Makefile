@@ -101,6 +101,7 @@ bench: bootstrap
 	$(PY) bench/run.py
 	$(PY) bench/real_server.py
 	$(PY) bench/memory_search.py
+	$(PY) bench/tracing.py
 
 # Marie against LiteLLM proxy in one run (bench/versus.py): writes
 # docs/benchmarks.md and its plots. LiteLLM and matplotlib live in the

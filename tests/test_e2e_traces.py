@@ -330,8 +330,10 @@ def test_a_turn_and_the_extraction_it_queues_are_linked_traces(
 
     def queued(spans: list[Span]) -> bool:
         mine = [s for s in spans if s.trace_id == trace_id]
-        return any(s.name.endswith("/AddMemories") and s.kind == SERVER for s in mine) and any(
-            s.service == "marie-gateway" and s.kind == SERVER for s in mine
+        return (
+            any(s.name.endswith("/AddMemories") and s.kind == SERVER for s in mine)
+            and any(s.service == "marie-gateway" and s.kind == SERVER for s in mine)
+            and any(s.name == "chat llama3.2:latest" for s in mine)
         )
 
     receiver.wait_for(queued)
