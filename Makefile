@@ -101,6 +101,7 @@ bench: bootstrap
 	$(PY) bench/run.py
 	$(PY) bench/real_server.py
 	$(PY) bench/memory_search.py
+	$(PY) bench/memory_writes.py
 	$(PY) bench/tracing.py
 
 # Marie against LiteLLM proxy in one run (bench/versus.py): writes
@@ -132,7 +133,7 @@ clean:
 # Each is generated from protos/ by `buf generate` with local plugins from the
 # language's own registry. tests/test_clients.py builds and tests them against
 # the real suite; `make clients-check` is the contract check CI runs.
-.PHONY: clients clients-python clients-typescript clients-go clients-java clients-check
+.PHONY: clients clients-python clients-typescript clients-go clients-java clients-check helm-check
 
 PY_CLIENT_STAMP := clients/python/src/marie/.stamp
 
@@ -172,5 +173,10 @@ clients: clients-python clients-typescript clients-go clients-java
 
 # Regenerating every client leaves what is committed unchanged, and every
 # package carries clients/VERSION, whose major is the contracts' version.
+# The Helm chart (deploy/helm/): helm lint, helm template, kubeconform against
+# the Kubernetes 1.31 schemas; tools pinned and cached under .tools/.
+helm-check: bootstrap
+	deploy/helm/check.sh
+
 clients-check: bootstrap
 	$(PY) clients/check.py

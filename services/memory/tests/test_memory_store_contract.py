@@ -186,9 +186,12 @@ async def test_a_failing_change_set_changes_nothing(store: Store) -> None:
     m1 = memory("alice", "one")
     await store.apply_memory_changes("alice", [add(m1)])
     duplicate = add(m1)  # same id: the insert fails
+    two = memory("alice", "two")
     with pytest.raises(Exception):  # noqa: B017 - any store error will do
-        await store.apply_memory_changes("alice", [add(memory("alice", "two")), duplicate])
+        await store.apply_memory_changes("alice", [add(two), duplicate])
     assert [m.text for m in await store.list_memories("alice", MemoryFilter(), None, 10)] == ["one"]
+    # Nor is its history kept.
+    assert await store.history("alice", two.id, None, 10) is None
 
 
 async def test_keyword_search_ranks_by_bm25_with_filters(store: Store) -> None:

@@ -365,7 +365,8 @@ class Gateway:
             timeout=self.settings.control_timeout_seconds,
         )
         keys.start()
-        memory_channel = insecure_channel(self.settings.memory_addr)
+        # Every write the gateway makes to memory carries a request id.
+        memory_channel = insecure_channel(self.settings.memory_addr, keyed_writes=True)
         auth = auth_grpc.AuthServiceStub(auth_channel)
         usage = UsageRecorder(
             auth,

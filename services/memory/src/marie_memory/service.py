@@ -213,7 +213,12 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         self, request: pb.CreateConversationRequest, context: Context
     ) -> pb.CreateConversationResponse:
         created = await self._core.create_conversation(
-            request.user_id, request.title, request.provider, request.model, request.metadata
+            request.user_id,
+            request.title,
+            request.provider,
+            request.model,
+            request.metadata,
+            request_id=request.request_id,
         )
         return pb.CreateConversationResponse(conversation=convert.conversation_to_proto(created))
 
@@ -258,6 +263,7 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             request.user_id,
             request.conversation_id,
             [convert.message_from_proto(m) for m in request.messages],
+            request.request_id,
         )
         return pb.AppendMessagesResponse(
             messages=[convert.message_to_proto(m) for m in stored],

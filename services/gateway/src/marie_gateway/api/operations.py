@@ -25,6 +25,16 @@ _PAGE: tuple[Query, ...] = (
     ("page_token", "From the previous page's next_page_token.", False, "string"),
 )
 _WHO = (_USER, _TENANT)
+_IDEMPOTENT = (
+    Param(
+        "Idempotency-Key",
+        "Makes a retry take effect once: a request repeating a key (1 to 128 printable "
+        "ASCII characters) of the same user stores nothing new and answers with what "
+        "the first one stored (a repeated turn runs the model again; a streamed one "
+        "shows the new answer, the stored one is the first). Without it, each request "
+        "is its own.",
+    ),
+)
 _C = "/api/conversations"
 _M = "/api/memories"
 
@@ -36,6 +46,7 @@ _MEMORY_ROUTES: tuple[dict[str, Any], ...] = (
         "summary": "Create a conversation",
         "request": conversations.ConversationCreate,
         "response": schemas.ConversationOut,
+        "headers": _IDEMPOTENT,
     },
     {
         "path": _C,
@@ -79,6 +90,7 @@ _MEMORY_ROUTES: tuple[dict[str, Any], ...] = (
         "request": conversations.TurnCreate,
         "response": schemas.MessageOut,
         "events": ChatCompletionChunk,
+        "headers": _IDEMPOTENT,
     },
     {
         "path": "/api/search",
@@ -100,6 +112,7 @@ _MEMORY_ROUTES: tuple[dict[str, Any], ...] = (
         "summary": "Remember from messages (extracted or verbatim)",
         "request": memories.MemoriesCreate,
         "response": schemas.MemoriesAdded,
+        "headers": _IDEMPOTENT,
     },
     {
         "path": _M,
@@ -248,6 +261,7 @@ OPERATIONS: tuple[Operation, ...] = (
             spec.get("response"),
             spec.get("events"),
             tuple(Param(*q) for q in spec.get("query", ())),
+            headers=spec.get("headers", ()),
         )
         for spec in _MEMORY_ROUTES
     ),

@@ -46,6 +46,9 @@ from marie_memory.records import JOB_FAILED, JOB_QUEUED, JOB_SUCCEEDED, ChangePl
 log = logging.getLogger("marie.memory.queue")
 
 BATCH = 8
+#: How long the replica that took a job holds it before another may run it
+#: (an extraction is bounded far below this: its model calls have deadlines).
+JOB_LEASE_SECONDS = 600.0
 #: Reasons (of providers or the model, as memory reports them) that mean "wait".
 OUTAGE_CODES = frozenset(
     {
@@ -114,6 +117,10 @@ class ExtractionQueue:
         # Outcomes the store could not record yet, by job id: recorded at the job's
         # next turn, without running it again.
         self._outcomes: dict[str, dict[str, Any]] = {}
+        #: Jobs this replica took whose retry or outcome the store refused: their
+        #: lease is this replica's, so it runs them again after its pause
+        #: instead of leaving them until the lease ends.
+        self._held: dict[str, ExtractionJob] = {}
         # Failed attempts in a row (outages, store errors): the pause grows with them.
         self._failures = 0
         self._paused_until = 0.0
@@ -158,7 +165,14 @@ class ExtractionQueue:
             try:
                 if not self.paused:
                     jobs = await self._core.store.due_jobs(self._clock(), BATCH)
-                    for job in jobs:
+                    held = [j for j in self._held.values() if j.id not in {d.id for d in jobs}]
+                    for job in [*held, *jobs]:
+                        # Every replica's queue sees every job: one takes it. If
+                        # that one dies, the job is due again after the lease.
+                        if job.id not in self._held and not await self._core.store.take_job(
+                            job.id, self._clock(), JOB_LEASE_SECONDS
+                        ):
+                            continue
                         if not await self._attempt(job):
                             break  # paused: the next jobs would meet the same outage
             except asyncio.CancelledError:
@@ -236,7 +250,7 @@ class ExtractionQueue:
             if plan is None:
                 plan, _ = await self._core.plan_memories(request)
                 self._plans[job.id] = plan
-            applied = await self._core.apply_planned(job.user_id, plan, wanted)
+            written = await self._core.apply_planned(job.user_id, plan, wanted)
         except ServiceError as exc:
             return await self._failed(job, exc)
         except Exception as exc:  # the store failed: disk full, cluster away
@@ -247,8 +261,10 @@ class ExtractionQueue:
             return False
         del self._plans[job.id]
         self._failures = 0
-        if not applied:  # erased meanwhile (DeleteAllMemories): nothing to record
+        if written is None:  # erased meanwhile (DeleteAllMemories): nothing to record
+            self._held.pop(job.id, None)
             return True
+        plan = written
         log.info(
             "extraction job done",
             extra={"job_id": job.id, "changes": len(plan.results), "attempts": job.attempts + 1},
@@ -281,7 +297,10 @@ class ExtractionQueue:
         try:
             await self._core.store.retry_job(job.id, self._clock() + delay, error)
         except Exception as exc:  # the store is failing too: the pause holds, in memory
+            self._held[job.id] = job
             log.debug("could not record a retry", extra={"error": repr(exc)})
+        else:
+            self._held.pop(job.id, None)  # due again, for whichever replica takes it
 
     async def _finish(
         self,
@@ -303,8 +322,10 @@ class ExtractionQueue:
             await self._core.store.finish_job(job.id, finish_time=self._clock(), **outcome)
         except Exception as exc:  # kept queued: its outcome is recorded at its next turn
             self._outcomes[job.id] = outcome
+            self._held[job.id] = job
             self._pause(self._delay(None), "the store failed", repr(exc), job.id)
             log.debug("could not record an outcome", exc_info=True)
             return False
         self._outcomes.pop(job.id, None)
+        self._held.pop(job.id, None)
         return True
