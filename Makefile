@@ -102,6 +102,7 @@ bench: bootstrap
 	$(PY) bench/real_server.py
 	$(PY) bench/memory_search.py
 	$(PY) bench/memory_writes.py
+	$(PY) bench/tracing.py
 
 # Issue 19's figures with real models through `marie up` (about 10 minutes;
 # BENCH_ARGS="--outage-seconds 300" for the issue's full outage).

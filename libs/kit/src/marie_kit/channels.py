@@ -10,6 +10,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from marie_kit import tracing
+
 # Keepalive lets a channel notice a dead peer (and a restarted one) quickly;
 # message limits allow large embedding batches.
 CHANNEL_OPTIONS: tuple[tuple[str, int | str], ...] = (
@@ -89,12 +91,15 @@ def insecure_channel(target: str, *, keyed_writes: bool = False) -> grpc.aio.Cha
     """A channel meant to live as long as the process and be shared by every call.
 
     `keyed_writes`: the caller sets `request_id` on every memory write that
-    takes one, so those are retried as well."""
+    takes one, so those are retried as well. With tracing on, each call gets
+    a client span and carries its context."""
     options = (
         *CHANNEL_OPTIONS,
         ("grpc.service_config", service_config(keyed_writes=keyed_writes)),
     )
-    return grpc.aio.insecure_channel(target, options=options)
+    return grpc.aio.insecure_channel(
+        target, options=options, interceptors=tracing.client_interceptors() or None
+    )
 
 
 async def is_serving(channel: grpc.aio.Channel, service: str = "", timeout: float = 1.0) -> bool:

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
+from marie_kit import tracing
 from marie_kit.errors import ServiceError
 
 from marie_memory import limits
@@ -458,6 +459,28 @@ class MemoryCore:
         """`budget`: the seconds the caller waits (its deadline); a query embedding not
         made within most of it gives keyword results, and the vector comes for the
         next search of the same text."""
+        with tracing.span("memory.search", {"marie.memory.top_k": top_k}):
+            return await self._search_memories(
+                user_id,
+                query,
+                top_k=top_k,
+                threshold=threshold,
+                memory_filter=memory_filter,
+                mode=mode,
+                budget=budget,
+            )
+
+    async def _search_memories(
+        self,
+        user_id: str,
+        query: str,
+        *,
+        top_k: int,
+        threshold: float,
+        memory_filter: MemoryFilter,
+        mode: int,
+        budget: float | None,
+    ) -> Ranked:
         limits.user_id(user_id)
         limits.query(query)
         _check_filter(memory_filter)
@@ -704,7 +727,13 @@ class MemoryCore:
             if request.request_id
             else new_id("job")
         )
-        job = ExtractionJob(job_id, request.user_id, encode_request(request), 0, now, now)
+        # The job carries the trace context of the call that queued it: its
+        # span, when it runs, is linked to that call.
+        trace_context: dict[str, str] = {}
+        tracing.inject(trace_context)
+        job = ExtractionJob(
+            job_id, request.user_id, encode_request(request, trace_context), 0, now, now
+        )
         await self.store.enqueue_job(job)
         if self.on_enqueue is not None:
             self.on_enqueue()

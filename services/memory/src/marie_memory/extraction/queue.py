@@ -27,17 +27,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Any
 
 import grpc
+from marie_kit import tracing
 from marie_kit.errors import ServiceError
+from prometheus_client import Gauge
 
 from marie_memory import lane
 from marie_memory.core import MemoryCore
 from marie_memory.errors import RETRY_AFTER_KEY
-from marie_memory.job_payload import decode_request, encode_results
+from marie_memory.job_payload import decode_request, decode_trace_context, encode_results
 from marie_memory.records import JOB_FAILED, JOB_QUEUED, JOB_SUCCEEDED, ChangePlan, ExtractionJob
 
 log = logging.getLogger("marie.memory.queue")
@@ -61,6 +64,31 @@ STORE_REASONS = frozenset({"STORE_UNAVAILABLE"})
 EXPIRED = "JOB_EXPIRED"
 MALFORMED = "MALFORMED_JOB"
 STORE_ERROR = "STORE_ERROR"
+#: How often, at most, the queue's size and oldest job are read from the store.
+STATS_SECONDS = 1.0
+
+QUEUE_DEPTH = Gauge(
+    "marie_memory_extraction_queue_depth",
+    "Extraction jobs queued (waiting or being retried), as last read from the store.",
+)
+OLDEST_AGE = Gauge(
+    "marie_memory_extraction_oldest_job_age_seconds",
+    "Seconds since the oldest queued extraction job was queued; 0 when none is.",
+)
+
+
+class _Oldest:
+    """When the oldest queued job was queued (wall clock), for OLDEST_AGE: its
+    age is computed when scraped, so it grows between two reads of the store."""
+
+    time: float | None = None
+
+    @classmethod
+    def age(cls) -> float:
+        return 0.0 if cls.time is None else max(0.0, time.time() - cls.time)
+
+
+OLDEST_AGE.set_function(_Oldest.age)
 
 
 class ExtractionQueue:
@@ -96,6 +124,7 @@ class ExtractionQueue:
         # Failed attempts in a row (outages, store errors): the pause grows with them.
         self._failures = 0
         self._paused_until = 0.0
+        self._stats_read = -math.inf
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run())
@@ -114,10 +143,24 @@ class ExtractionQueue:
     def paused(self) -> bool:
         return self._clock() < self._paused_until
 
+    async def _read_stats(self) -> None:
+        """The queue's size and oldest job for /metrics, at most once per STATS_SECONDS."""
+        now = time.monotonic()
+        if now - self._stats_read < STATS_SECONDS:
+            return
+        self._stats_read = now
+        store = self._core.store
+        try:
+            QUEUE_DEPTH.set(await store.count_jobs())
+            _Oldest.time = await store.oldest_job_time()
+        except Exception:  # the store is away: the last figures stay, the age grows
+            log.debug("extraction queue stats not read", exc_info=True)
+
     async def _run(self) -> None:
         lane.enter_background()
         while True:
             self._wake.clear()
+            await self._read_stats()
             jobs: list[ExtractionJob] = []
             try:
                 if not self.paused:
@@ -162,7 +205,19 @@ class ExtractionQueue:
         )
 
     async def _attempt(self, job: ExtractionJob) -> bool:
-        """Runs one job; False when the queue is paused by its failure."""
+        """Runs one job; False when the queue is paused by its failure. With
+        tracing on, the attempt is the root span of a trace of its own, linked
+        to the call that queued the job."""
+        if not tracing.STATE.enabled:
+            return await self._run_job(job)
+        with tracing.linked_root_span(
+            "memory.extraction_job",
+            decode_trace_context(job.payload),
+            {"marie.job_id": job.id, "marie.job.attempt": job.attempts + 1},
+        ):
+            return await self._run_job(job)
+
+    async def _run_job(self, job: ExtractionJob) -> bool:
         store = self._core.store
         try:
             request = decode_request(job.payload)

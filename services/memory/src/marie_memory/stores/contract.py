@@ -214,6 +214,10 @@ class Store(Protocol):
     async def count_jobs(self) -> int:
         """Queued jobs."""
 
+    async def oldest_job_time(self) -> float | None:
+        """When the oldest queued job was queued (its `create_time`); None when
+        the queue is empty."""
+
 
 #: How long a finished extraction job's outcome is kept.
 FINISHED_JOB_SECONDS = 7 * 86_400.0

@@ -1722,6 +1722,12 @@ class OpenSearchStore:
         reply = await self._client.count(index=self.index("jobs"))
         return int(reply["count"])
 
+    async def oldest_job_time(self) -> float | None:
+        hits = await self._search(
+            "jobs", {"size": 1, "query": {"match_all": {}}, "sort": [{"create_time": "asc"}]}
+        )
+        return float(hits[0]["_source"]["create_time"]) if hits else None
+
 
 def index_prefix(text: str) -> str:
     """A valid index prefix from any text (tests use one per test)."""

@@ -1232,3 +1232,9 @@ class SqliteStore:
             lambda: self._db.execute("SELECT COUNT(*) FROM extraction_jobs").fetchone()
         )
         return int(row[0])
+
+    async def oldest_job_time(self) -> float | None:
+        row = await self._run(
+            lambda: self._db.execute("SELECT MIN(create_time) FROM extraction_jobs").fetchone()
+        )
+        return None if row[0] is None else float(row[0])
