@@ -12,7 +12,7 @@ STUBS_DIR := libs/kit/src
 STUBS_STAMP := $(STUBS_DIR)/marie/.stamp
 BUF := node_modules/.bin/buf
 
-.PHONY: all bootstrap stubs run test lint breaking proto-baseline protoset fmt bench bench-compare bench-requirements clean web web-lint
+.PHONY: all bootstrap stubs run test lint breaking proto-baseline protoset fmt bench bench-compare bench-real-models bench-requirements clean web web-lint
 
 all: bootstrap
 
@@ -114,6 +114,13 @@ bench: bootstrap
 	$(PY) bench/run.py
 	$(PY) bench/real_server.py
 	$(PY) bench/memory_search.py
+	$(PY) bench/memory_writes.py
+	$(PY) bench/tracing.py
+
+# Issue 19's figures with real models through `marie up` (about 10 minutes;
+# BENCH_ARGS="--outage-seconds 300" for the issue's full outage).
+bench-real-models: bootstrap
+	$(PY) bench/real_models_scenarios.py $(BENCH_ARGS)
 
 # Marie against LiteLLM proxy in one run (bench/versus.py): writes
 # docs/benchmarks.md and its plots. LiteLLM and matplotlib live in the
@@ -144,7 +151,7 @@ clean:
 # Each is generated from protos/ by `buf generate` with local plugins from the
 # language's own registry. tests/test_clients.py builds and tests them against
 # the real suite; `make clients-check` is the contract check CI runs.
-.PHONY: clients clients-python clients-typescript clients-go clients-java clients-check
+.PHONY: clients clients-python clients-typescript clients-go clients-java clients-check helm-check
 
 PY_CLIENT_STAMP := clients/python/src/marie/.stamp
 
@@ -184,5 +191,10 @@ clients: clients-python clients-typescript clients-go clients-java
 
 # Regenerating every client leaves what is committed unchanged, and every
 # package carries clients/VERSION, whose major is the contracts' version.
+# The Helm chart (deploy/helm/): helm lint, helm template, kubeconform against
+# the Kubernetes 1.31 schemas; tools pinned and cached under .tools/.
+helm-check: bootstrap
+	deploy/helm/check.sh
+
 clients-check: bootstrap
 	$(PY) clients/check.py

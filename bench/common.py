@@ -6,12 +6,18 @@ Everything here reads Linux's /proc; the benchmarks run on Linux only.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import httpx
+
+from tests.stack import MARIE, START_TIMEOUT_SECONDS, Stack, free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -111,3 +117,48 @@ def start_upstreams(cpus: set[int] | None = None) -> Upstreams:
     assert process.stdout is not None
     urls = json.loads(process.stdout.readline())
     return Upstreams(process, urls["ollama"], urls["openai"])
+
+
+# What a person's shell passes to `marie up`; nothing else of the benchmark's
+# own environment reaches the measured suite.
+USER_VARIABLES = ("PATH", "HOME", "LANG", "LC_ALL", "TERM", "TMPDIR", "USER")
+
+
+def start_suite_as_user(data_dir: Path, cpus: set[int], **settings: str) -> Stack:
+    """`marie up` as a person runs it: `taskset -c <cpus> marie up` from a
+    plain shell environment plus `settings`, so every service is on `cpus`
+    from its first instruction and no variable of the benchmark's driver (or
+    of whoever started it) changes what is measured."""
+    gateway, providers, auth, memory = free_ports(4)
+    env = {name: os.environ[name] for name in USER_VARIABLES if name in os.environ}
+    env |= {
+        "MARIE_DATA_DIR": str(data_dir),
+        "MARIE_GATEWAY_PORT": str(gateway),
+        "MARIE_PROVIDERS_PORT": str(providers),
+        "MARIE_AUTH_PORT": str(auth),
+        "MARIE_MEMORY_PORT": str(memory),
+        **settings,
+    }
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log_path = data_dir / "marie-up.log"
+    core_list = ",".join(map(str, sorted(cpus)))
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            ["taskset", "-c", core_list, str(MARIE), "up"],
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            cwd=data_dir,
+        )
+    stack = Stack(process, env, log_path, gateway, providers, auth, memory)
+    deadline = time.monotonic() + START_TIMEOUT_SECONDS
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"marie up exited with {process.returncode}:\n{stack.log()}")
+        if "Marie is up." in stack.log():
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{stack.base_url}/readyz", timeout=1).status_code == 200:
+                    return stack
+        time.sleep(0.1)
+    stack.stop()
+    raise RuntimeError(f"marie up not ready after {START_TIMEOUT_SECONDS}s:\n{stack.log()}")

@@ -74,6 +74,15 @@ def dialect_section(name: str, data: dict[str, Any]) -> list[str]:
     out.append("")
 
     out += [
+        *(
+            [
+                "Streamed calls that failed (not timed): "
+                + ", ".join(f"{k} {v}" for k, v in sorted(data["ttft_failures"].items())),
+                "",
+            ]
+            if data.get("ttft_failures")
+            else []
+        ),
         "### CPU per request, all of each gateway's processes (ms)",
         "",
         "| concurrency | Marie | LiteLLM | LiteLLM / Marie | Marie by process (median) |",
@@ -246,9 +255,15 @@ def write_report(results: dict[str, Any], plots: Path, target: Path) -> str:
         "in a process of their own) with the same request bodies. The gateways run pinned to",
         "core 0 (one at a time under load, alternating round by round); wrk, the upstreams and",
         "the driver run on core 1. Figures are medians over the rounds, with min-max in brackets.",
-        "Key checks, limits, metrics and usage recording are on in Marie (its defaults);",
-        "memory enrichment is off for `/v1` calls (the default). LiteLLM runs with a master key,",
-        "no database, no callbacks, retries off, one worker, logs at ERROR.",
+        "Marie is started as a person starts it: `taskset -c 0 marie up` from a plain shell",
+        "environment (bench/common.py), with its defaults: key checks, limits counted by auth,",
+        "metrics, usage recording, access log at info; memory enrichment is off for `/v1` calls",
+        "(the default). LiteLLM runs with a master key, no database, no callbacks, retries off,",
+        "one worker, logs at ERROR.",
+        "",
+        "CPU per request falls as load rises (at concurrency 1 every request wakes five",
+        "processes alone; at 16 and more, wake-ups are shared), and every figure depends on the",
+        "machine: the bare gRPC call below is the yardstick to compare runs by.",
         "",
         "## Machine and versions",
         "",

@@ -59,9 +59,10 @@ from bench.common import (
     pin,
     process_tree,
     rss_bytes,
+    start_suite_as_user,
     start_upstreams,
 )
-from tests.stack import Stack, free_ports, start_stack
+from tests.stack import Stack, free_ports
 
 MESSAGES = [{"role": "user", "content": "Say hello in five words."}]
 LITELLM_KEY = "sk-bench-litellm-master"
@@ -172,20 +173,19 @@ def litellm_config(upstreams: Upstreams, path: Path) -> Path:
 @contextmanager
 def run_marie(upstreams: Upstreams, tmp: Path) -> Iterator[Target]:
     config = marie_config(upstreams, tmp / "marie.yaml")
-    stack = start_stack(
-        tmp / "marie",
-        upstreams.ollama_url,
-        MARIE_CONFIG=str(config),
-        BENCH_UPSTREAM_KEY=UPSTREAM_KEY,
+    stack = start_suite_as_user(
+        tmp / "marie", GATEWAY_CPU, MARIE_CONFIG=str(config), BENCH_UPSTREAM_KEY=UPSTREAM_KEY
     )
     try:
         key = stack.create_key("bench")
-        pin(process_tree(stack.process.pid), GATEWAY_CPU)
 
         def processes(stack: Stack = stack) -> dict[str, int]:
             return {"up": stack.process.pid, **stack.service_pids()}
 
         yield Target("marie", f"{stack.base_url}/v1/chat/completions", f"Bearer {key}", processes)
+    except BaseException:
+        print(f"marie up's log, last lines:\n{stack.log()[-4000:]}", flush=True)
+        raise
     finally:
         stack.stop()
 
@@ -290,7 +290,9 @@ def stream_once(client: httpx.Client, target: Target, body: dict[str, Any]) -> t
     started = time.perf_counter()
     first = None
     with client.stream("POST", target.url, json=body, headers=headers) as response:
-        response.raise_for_status()
+        if response.status_code != 200:
+            response.read()
+            raise RuntimeError(f"{target.name}: {response.status_code} {response.text[:500]}")
         for piece in response.iter_raw():
             if first is None and FIRST_TEXT.search(piece):
                 first = time.perf_counter()
@@ -300,17 +302,30 @@ def stream_once(client: httpx.Client, target: Target, body: dict[str, Any]) -> t
     return (first - started) * 1000, (ended - started) * 1000
 
 
-def ttft(targets: list[tuple[Target, dict[str, Any]]], count: int) -> dict[str, list[float]]:
-    """Time to first token, sequentially, interleaved in blocks of ten."""
+def ttft(
+    targets: list[tuple[Target, dict[str, Any]]], count: int, failures: dict[str, int]
+) -> dict[str, list[float]]:
+    """Time to first token, sequentially, interleaved in blocks of ten. A
+    call that fails is counted in `failures` (and said), not timed."""
     samples: dict[str, list[float]] = {t.name: [] for t, _ in targets}
+
+    def once(target: Target, body: dict[str, Any]) -> float | None:
+        try:
+            return stream_once(client, target, body)[0]
+        except (RuntimeError, httpx.HTTPError) as exc:
+            failures[target.name] = failures.get(target.name, 0) + 1
+            print(f"    {target.name}: a streamed call failed: {exc}", flush=True)
+            return None
+
     with httpx.Client(timeout=30) as client:
         for target, body in targets:  # warm-up
             for _ in range(10):
-                stream_once(client, target, body)
+                once(target, body)
         for _ in range(max(1, count // 10)):
             for target, body in targets:
                 for _ in range(10):
-                    samples[target.name].append(stream_once(client, target, body)[0])
+                    if (first := once(target, body)) is not None:
+                        samples[target.name].append(first)
     return samples
 
 
@@ -400,7 +415,8 @@ def measure_dialect(
                 )
     print(f"  {dialect.name}: time to first token", flush=True)
     stream_targets = [(t, _body(dialect, t, stream=True)) for t in [direct, *gateways]]
-    first_token = ttft(stream_targets, args.ttft_requests)
+    failures: dict[str, int] = {}
+    first_token = ttft(stream_targets, args.ttft_requests, failures)
     print(f"  {dialect.name}: stream relay", flush=True)
     relays = {
         t.name: [relay(t, _body(dialect, t, stream=True, long=True), args.relay_requests)]
@@ -411,7 +427,7 @@ def measure_dialect(
             relays[t.name].append(
                 relay(t, _body(dialect, t, stream=True, long=True), args.relay_requests)
             )
-    return {"wrk": runs, "ttft_ms": first_token, "relay": relays}
+    return {"wrk": runs, "ttft_ms": first_token, "ttft_failures": failures, "relay": relays}
 
 
 def _body(dialect: Dialect, target: Target, *, stream: bool, long: bool = False) -> dict[str, Any]:
@@ -451,7 +467,7 @@ def main() -> None:
     parser.add_argument("--plot-python", type=Path, help="a Python with matplotlib, for the plots")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=5, help="length of each wrk run")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 128])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 32, 128])
     parser.add_argument("--ttft-requests", type=int, default=200)
     parser.add_argument("--relay-requests", type=int, default=10)
     parser.add_argument("--soak-minutes", type=float, default=0.0)

@@ -50,7 +50,9 @@ def rewrite_addresses(config: Config, upstreams: Mapping[str, int], admin_port: 
     resources = config["static_resources"]
     for listener in resources["listeners"]:
         listener["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": 0}
-    ports = {**upstreams, "envoy_admin": admin_port}
+    # Without a collector of its own, a test's Envoy exports its spans to a
+    # port nobody listens on: dropped, as in compose without the profile.
+    ports = {"otel_collector": free_ports(1)[0], **upstreams, "envoy_admin": admin_port}
     for cluster in resources["clusters"]:
         port = ports[cluster["name"]]
         for group in cluster["load_assignment"]["endpoints"]:
@@ -59,11 +61,15 @@ def rewrite_addresses(config: Config, upstreams: Mapping[str, int], admin_port: 
                     "address": "127.0.0.1",
                     "port_value": port,
                 }
-    # The ext_authz check names the gateway by URI as well as by cluster.
+    # The ext_authz check names the gateway by URI as well as by cluster, and
+    # the tracer its collector.
     for http_filter in _http_filters(config, "public"):
         if http_filter["name"] == "envoy.filters.http.ext_authz":
             server_uri = http_filter["typed_config"]["http_service"]["server_uri"]
             server_uri["uri"] = f"http://127.0.0.1:{ports[server_uri['cluster']]}"
+    tracer = connection_manager(config, "public")["tracing"]["provider"]["typed_config"]
+    http_uri = tracer["http_service"]["http_uri"]
+    http_uri["uri"] = f"http://127.0.0.1:{ports[http_uri['cluster']]}/v1/traces"
     return config
 
 

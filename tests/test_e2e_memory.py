@@ -60,7 +60,7 @@ Client = Callable[..., httpx.Response]
 
 def client(stack: Stack, key: str) -> Client:
     def call(method: str, path: str, **kwargs: Any) -> httpx.Response:
-        headers = {"authorization": f"Bearer {key}"}
+        headers = {"authorization": f"Bearer {key}", **kwargs.pop("headers", {})}
         return httpx.request(
             method, f"{stack.base_url}{path}", headers=headers, timeout=30, **kwargs
         )
@@ -557,3 +557,61 @@ def test_memory_extraction_is_held_to_the_keys_allowed_models(mem_stack: Stack) 
             (created["id"],),
         ).fetchone()[0]
     assert rows == 0
+
+
+def test_an_idempotency_key_makes_a_retried_write_take_effect_once(
+    mem_stack: Stack, acme: str
+) -> None:
+    api = client(mem_stack, acme)
+    user = {"user": "idem"}
+
+    def post(path: str, body: dict[str, Any], **headers: str) -> httpx.Response:
+        return api("POST", path, json={**body, **user}, headers=headers)
+
+    body = {"title": "Retried", "model": CHAT_MODEL}
+    first = post("/api/conversations", body, **{"Idempotency-Key": "conv-1"})
+    again = post("/api/conversations", body, **{"Idempotency-Key": "conv-1"})
+    assert first.status_code == again.status_code == 201, again.text
+    assert first.json()["id"] == again.json()["id"]
+    conv = first.json()["id"]
+    other = post("/api/conversations", body, **{"Idempotency-Key": "conv-2"})
+    assert other.json()["id"] != conv
+    # The same X-Request-Id on two writes without a key: two writes.
+    plain = [post("/api/conversations", body, **{"X-Request-Id": "same-rid"}) for _ in range(2)]
+    assert plain[0].json()["id"] != plain[1].json()["id"]
+    listed = api("GET", "/api/conversations", params=user).json()["data"]
+    assert sorted(c["id"] for c in listed) == sorted(
+        [conv, other.json()["id"], plain[0].json()["id"], plain[1].json()["id"]]
+    )
+
+    turn = {"content": "Store me once.", "stream": False}
+    path = f"/api/conversations/{conv}/messages"
+    answers = [post(path, turn, **{"Idempotency-Key": "turn-1"}) for _ in range(2)]
+    assert [a.status_code for a in answers] == [200, 200], answers[1].text
+    assert answers[0].json()["id"] == answers[1].json()["id"]
+    stored = api("GET", path, params=user).json()["data"]
+    assert [(m["role"], m["position"]) for m in stored] == [("user", 0), ("assistant", 1)]
+    assert api("GET", f"/api/conversations/{conv}", params=user).json()["message_count"] == 2
+
+    memory = {"messages": [{"role": "user", "content": "Keeps bees"}], "infer": False}
+    added = [post("/api/memories", memory, **{"Idempotency-Key": "mem-1"}) for _ in range(2)]
+    assert [a.json()["data"][0]["event"] for a in added] == ["ADD", "ADD"]
+    assert added[0].json()["data"][0]["id"] == added[1].json()["data"][0]["id"]
+
+    def texts() -> list[str]:
+        data = api("GET", "/api/memories", params=user).json()["data"]
+        return [m["text"] for m in data if m["text"] != "Store me once"]  # the turn's
+
+    assert texts() == ["Keeps bees"]
+
+    # A malformed key is refused in the error envelope, and nothing is stored.
+    for bad in ("x" * 129, "caf\u00e9"):
+        refused = api(
+            "POST",
+            "/api/memories",
+            json={"messages": [{"role": "user", "content": "Refused"}], "infer": False, **user},
+            headers={"Idempotency-Key": bad.encode()},
+        )
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["error"]["param"] == "Idempotency-Key"
+    assert texts() == ["Keeps bees"]

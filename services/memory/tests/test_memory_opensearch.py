@@ -13,6 +13,7 @@ from marie_kit.channels import insecure_channel, is_serving
 from marie_memory.records import EmbeddingSpace, MemoryFilter
 from marie_memory.settings import MemorySettings
 from marie_memory.stores.opensearch import (
+    CLAIMS_DONE,
     OpenSearchStore,
     _memory_doc,
     filter_clauses,
@@ -25,7 +26,9 @@ from marie_memory.stores.opensearch import (
     message_search_body,
     vector_index_body,
 )
-from memory_testkit import StartMemory, memory, opensearch_target
+from memory_testkit import StartMemory, add, memory, opensearch_target
+
+from tests.stack import free_ports
 
 
 def test_knn_search_filters_by_user_inside_the_knn_clause() -> None:
@@ -238,5 +241,61 @@ async def test_documents_stored_before_folding_are_folded_at_start(
         hits = await store.keyword_search_memories("alice", "acme", MemoryFilter(), 5)
         assert [h.memory.id for h in hits] == [old.id]
         assert await store.fold_older_documents() == 0
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("kind", ["osmem", "opensearch"])
+async def test_memories_stored_before_texts_were_claimed_are_claimed_at_start(
+    request: pytest.FixtureRequest, kind: str, tmp_path: Path
+) -> None:
+    """A memory written without its text's claim (as before claims existed) is
+    found by its text before and after the store claims it, and once every
+    text is claimed an unclaimed text is answered without a search."""
+    url = opensearch_target(request, kind)
+    prefix = index_prefix(str(tmp_path))
+    store = await OpenSearchStore.open(url, prefix=prefix)
+    try:
+        assert store._backfill is not None
+        await store._backfill  # what the start runs, on empty indices: all claimed
+        assert store._claims_complete
+        old = memory("alice", "Keeps bees")
+        await store._client.index(
+            index=store.index("memory"), id=old.id, body=_memory_doc(old), refresh=True
+        )
+        await store._client.delete(index=store.index("meta"), id=CLAIMS_DONE, refresh=True)
+    finally:
+        await store.close()
+    store = await OpenSearchStore.open(url, prefix=prefix)
+    try:
+        if store._backfill is not None:
+            await store._backfill  # the start's backfill: folding, then claims
+        assert store._claims_complete
+        assert await store.claim_older_memories() == 0
+        found = await store.find_memory_by_hash("alice", old.hash)
+        assert found is not None and found.id == old.id
+        claim = await store._get("memory_hashes", store._claim_id("alice", old.hash))
+        assert claim is not None and claim["memory_id"] == old.id
+        assert await store.find_memory_by_hash("bob", old.hash) is None
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("kind", ["osmem"])
+async def test_a_dead_node_among_several_is_skipped(
+    request: pytest.FixtureRequest, kind: str, tmp_path: Path
+) -> None:
+    """OPENSEARCH_URL may name several nodes: with one of them dead (nothing
+    listens there), the store opens and answers through the other."""
+    url = opensearch_target(request, kind)
+    (dead,) = free_ports(1)
+    store = await OpenSearchStore.open(
+        f"http://127.0.0.1:{dead}, {url}", prefix=index_prefix(str(tmp_path))
+    )
+    try:
+        for i in range(6):  # the client takes turns: the dead node comes up
+            await store.apply_memory_changes("alice", [add(memory("alice", f"fact {i}"))])
+        listed = await store.list_memories("alice", MemoryFilter(), None, 10)
+        assert sorted(m.text for m in listed) == [f"fact {i}" for i in range(6)]
     finally:
         await store.close()

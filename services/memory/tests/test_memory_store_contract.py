@@ -186,9 +186,12 @@ async def test_a_failing_change_set_changes_nothing(store: Store) -> None:
     m1 = memory("alice", "one")
     await store.apply_memory_changes("alice", [add(m1)])
     duplicate = add(m1)  # same id: the insert fails
+    two = memory("alice", "two")
     with pytest.raises(Exception):  # noqa: B017 - any store error will do
-        await store.apply_memory_changes("alice", [add(memory("alice", "two")), duplicate])
+        await store.apply_memory_changes("alice", [add(two), duplicate])
     assert [m.text for m in await store.list_memories("alice", MemoryFilter(), None, 10)] == ["one"]
+    # Nor is its history kept.
+    assert await store.history("alice", two.id, None, 10) is None
 
 
 async def test_keyword_search_ranks_by_bm25_with_filters(store: Store) -> None:
@@ -308,9 +311,11 @@ async def test_delete_all_memories_erases_everything_of_one_user_only(
 async def test_the_extraction_queue_delays_retries_and_finishes_jobs(store: Store) -> None:
     first = ExtractionJob(new_id("job"), "alice", '{"n": 1}', 0, 10.0, 1.0)
     later = ExtractionJob(new_id("job"), "alice", '{"n": 2}', 0, 20.0, 2.0)
+    assert await store.oldest_job_time() is None
     await store.enqueue_job(later)
     await store.enqueue_job(first)
     assert await store.count_jobs() == 2
+    assert await store.oldest_job_time() == 1.0
     assert [j.id for j in await store.due_jobs(15.0, 10)] == [first.id]
     await store.retry_job(first.id, 30.0, "provider down")
     due = await store.due_jobs(25.0, 10)
@@ -324,6 +329,7 @@ async def test_the_extraction_queue_delays_retries_and_finishes_jobs(store: Stor
     )
     assert [j.id for j in await store.due_jobs(100.0, 10)] == [later.id]
     assert await store.count_jobs() == 1
+    assert await store.oldest_job_time() == 2.0
     # The outcome stays, for its user only.
     failed = await store.get_job("alice", first.id)
     assert failed is not None

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from marie_kit import tracing
 
 # Keepalive lets a channel notice a dead peer (and a restarted one) quickly;
 # message limits allow large embedding batches.
@@ -24,9 +27,79 @@ CHANNEL_OPTIONS: tuple[tuple[str, int | str], ...] = (
 )
 
 
-def insecure_channel(target: str) -> grpc.aio.Channel:
-    """A channel meant to live as long as the process and be shared by every call."""
-    return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+#: Calls that may run twice with the same effect: a call of these that fails
+#: UNAVAILABLE (its replica is dying: GOAWAY, reset, refused connection, or
+#: readiness gone) is made once more, on another replica when the target has
+#: several (round_robin moves on). Reads and embeddings; never a chat, which
+#: the dying replica may have run upstream already (it is not run twice).
+IDEMPOTENT_METHODS: dict[str, tuple[str, ...]] = {
+    "marie.providers.v1.ProviderService": (
+        "ListProviders",
+        "GetProviderHealth",
+        "ListModels",
+        "GetModel",
+        "SearchModels",
+        "CreateEmbeddings",
+    ),
+    "marie.auth.v1.AuthService": ("GetApiKey", "ListApiKeys", "ValidateApiKey", "QueryUsage"),
+    "marie.memory.v1.MemoryService": (
+        "GetConversation",
+        "ListConversations",
+        "ListMessages",
+        "SearchMessages",
+        "SearchMemories",
+        "GetMemory",
+        "ListMemories",
+        "GetMemoryHistory",
+        "GetExtractionJob",
+    ),
+}
+#: Writes that are idempotent only with a `request_id`: retried only on a
+#: channel whose caller sets one on every such call (`keyed_writes=True`).
+KEYED_WRITES: dict[str, tuple[str, ...]] = {
+    "marie.memory.v1.MemoryService": ("CreateConversation", "AppendMessages", "AddMemories"),
+}
+RETRY_POLICY = {
+    "maxAttempts": 2,
+    "initialBackoff": "0.05s",
+    "maxBackoff": "0.2s",
+    "backoffMultiplier": 2,
+    "retryableStatusCodes": ["UNAVAILABLE"],
+}
+#: A retry costs a token, a success gives a tenth back: when more than half of
+#: 100 are spent (a whole service is down, not one replica) retries stop.
+RETRY_THROTTLING = {"maxTokens": 100, "tokenRatio": 0.1}
+
+
+def service_config(*, keyed_writes: bool = False) -> str:
+    """The channel's service config (JSON): the retry policy of the methods above."""
+    methods = {s: list(m) for s, m in IDEMPOTENT_METHODS.items()}
+    if keyed_writes:
+        for service, names in KEYED_WRITES.items():
+            methods.setdefault(service, []).extend(names)
+    listed = [{"service": s, "method": m} for s, ms in methods.items() for m in ms]
+    return json.dumps(
+        {
+            "loadBalancingConfig": [{"round_robin": {}}],
+            "methodConfig": [{"name": listed, "retryPolicy": RETRY_POLICY}],
+            "retryThrottling": RETRY_THROTTLING,
+        }
+    )
+
+
+def insecure_channel(target: str, *, keyed_writes: bool = False) -> grpc.aio.Channel:
+    """A channel meant to live as long as the process and be shared by every call.
+
+    `keyed_writes`: the caller sets `request_id` on every memory write that
+    takes one, so those are retried as well. With tracing on, each call gets
+    a client span and carries its context."""
+    options = (
+        *CHANNEL_OPTIONS,
+        ("grpc.service_config", service_config(keyed_writes=keyed_writes)),
+    )
+    return grpc.aio.insecure_channel(
+        target, options=options, interceptors=tracing.client_interceptors() or None
+    )
 
 
 async def is_serving(channel: grpc.aio.Channel, service: str = "", timeout: float = 1.0) -> bool:

@@ -21,6 +21,7 @@ from typing import Any, TypeAlias
 
 import grpc
 
+from marie_kit import tracing
 from marie_kit.context import REQUEST_ID_HEADER, clean_request_id, request_id_var
 from marie_kit.errors import ServiceError
 from marie_kit.metrics import rpc_calls, rpc_duration, rpc_streams_in_flight
@@ -72,17 +73,27 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         method: str = handler_call_details.method
         metadata = handler_call_details.invocation_metadata or ()
         incoming = next((v for k, v in metadata if k == REQUEST_ID_HEADER), None)
-        wrapped = rewrap(
-            handler,
-            lambda behavior: self._wrap_unary(behavior, method, incoming),
-            lambda behavior: self._wrap_stream(behavior, method, incoming),
-        )
+        if tracing.STATE.enabled:
+            wrapped = rewrap(
+                handler,
+                lambda behavior: self._traced_unary(behavior, method, incoming, metadata),
+                lambda behavior: self._traced_stream(behavior, method, incoming, metadata),
+            )
+        else:
+            wrapped = rewrap(
+                handler,
+                lambda behavior: self._wrap_unary(behavior, method, incoming),
+                lambda behavior: self._wrap_stream(behavior, method, incoming),
+            )
         # Client- and bidi-streaming RPCs are not part of Marie's contracts.
         return wrapped or handler
 
     def _begin(self, context: grpc.aio.ServicerContext[Any, Any], incoming: Any) -> str:
         rid = clean_request_id(incoming if isinstance(incoming, str) else None)
         request_id_var.set(rid)
+        if tracing.STATE.enabled and (span := tracing.current_span()) is not None:
+            # Whoever has the request id of a log line or an answer finds its trace.
+            span.set_attribute(tracing.REQUEST_ID_ATTRIBUTE, rid)
         return rid
 
     async def _fail(
@@ -107,6 +118,32 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         context.set_details(status.details)
         context.set_trailing_metadata(status.trailing_metadata)
         return error.code
+
+    def _traced_unary(self, behavior: Any, method: str, incoming: Any, metadata: Any) -> Any:
+        """The call inside its SERVER span (tracing on): the span is current
+        while the handler and the access log run, and records the status."""
+        inner = self._wrap_unary(behavior, method, incoming)
+
+        async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            with tracing.server_span(method, metadata) as span:
+                return await inner(request, _Recording(context, span))
+
+        return unary
+
+    def _traced_stream(self, behavior: Any, method: str, incoming: Any, metadata: Any) -> Any:
+        inner = self._wrap_stream(behavior, method, incoming)
+
+        async def stream(
+            request: Any, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
+            with tracing.server_span(method, metadata) as span:
+                async with contextlib.aclosing(
+                    inner(request, _Recording(context, span))
+                ) as responses:
+                    async for response in responses:
+                        yield response
+
+        return stream
 
     def _log(self, method: str, code: grpc.StatusCode, started: float) -> None:
         elapsed = time.perf_counter() - started
@@ -163,3 +200,21 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 self._log(method, code, started)
 
         return stream
+
+
+class _Recording:
+    """A servicer context that also records the status set on it on the
+    call's span (`set_code` is how the kit's interceptor answers errors)."""
+
+    def __init__(self, context: grpc.aio.ServicerContext[Any, Any], span: Any) -> None:
+        self._context = context
+        self._span = span
+        if span is not None:
+            tracing.rpc_ended(span, "OK", 0)
+
+    def set_code(self, code: grpc.StatusCode) -> None:
+        tracing.rpc_ended(self._span, code.name, code.value[0])
+        self._context.set_code(code)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)

@@ -1,4 +1,5 @@
-"""JSON-lines logging to stdout, with the request id and service name on every line."""
+"""JSON-lines logging to stdout, with the request id and service name on every
+line, and the trace and span ids on every line written inside a span."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 
 import orjson
 
+from marie_kit import tracing
 from marie_kit.context import request_id_var
 
 # Attributes every LogRecord has; anything else passed through `extra=` is emitted.
@@ -50,6 +52,8 @@ class JsonFormatter(logging.Formatter):
         rid = request_id_var.get()
         if rid:
             entry["request_id"] = rid
+        if tracing.STATE.enabled and (ids := tracing.current_ids()) is not None:
+            entry["trace_id"], entry["span_id"] = ids
         for key, value in record.__dict__.items():
             if key not in _RESERVED and not key.startswith("_"):
                 entry[key] = value

@@ -19,6 +19,7 @@ from typing import Protocol
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from marie_kit import tracing
 from marie_kit.interceptors import ServerInterceptor
 from marie_kit.metrics import start_metrics_server
 from marie_kit.reflection import enable_reflection
@@ -94,6 +95,8 @@ async def start_server(
     server = grpc.aio.server(
         # The kit's own first (outermost), so that errors the components'
         # interceptors raise get its rich status, access log and metrics.
+        # With tracing on, the kit's own opens each call's span
+        # (marie_kit.tracing.server_span).
         interceptors=[
             ServerInterceptor(domain, watches),
             *(i for c in components for i in getattr(c, "interceptors", ())),
@@ -187,6 +190,7 @@ async def serve(
     log.info("shutting down", extra={"grace_seconds": grace})
     await running.stop(grace)
     log.info("stopped")
+    tracing.shutdown()
 
 
 def run(main: object) -> None:

@@ -135,3 +135,12 @@ def load_settings(settings_cls: type[S], **overrides: Any) -> S:
     except ValidationError as exc:
         prefix = str(settings_cls.model_config.get("env_prefix", ""))
         fail(describe_error(exc, prefix, settings_cls))
+
+
+def opensearch_hosts(url: str) -> list[str]:
+    """The nodes of `OPENSEARCH_URL`: one URL, or several separated by commas
+    (the client spreads requests over them and moves on from a dead one)."""
+    hosts = [part.strip() for part in url.split(",") if part.strip()]
+    if not hosts:
+        raise ValueError("OPENSEARCH_URL names no node")
+    return hosts

@@ -5,6 +5,7 @@ from __future__ import annotations
 from marie_kit.logs import setup_logging
 from marie_kit.server import run, serve
 from marie_kit.settings import load_settings
+from marie_kit.tracing import setup_tracing
 
 from marie_auth.service import AuthComponent
 from marie_auth.settings import AuthSettings
@@ -13,6 +14,7 @@ from marie_auth.settings import AuthSettings
 def main() -> None:
     settings = load_settings(AuthSettings)
     setup_logging("auth", settings.log_level)
+    setup_tracing("auth")
     run(
         serve(
             [AuthComponent(settings)],

@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from marie_kit.settings import opensearch_hosts
 from opensearchpy import AsyncOpenSearch, ConflictError, NotFoundError, RequestError
 
 from marie_auth.leases import (
@@ -140,7 +141,7 @@ class _Indices:
 
 
 async def _open(url: str, prefix: str, *names: str) -> _Indices:
-    indices = _Indices(AsyncOpenSearch(hosts=[url], timeout=30), prefix)
+    indices = _Indices(AsyncOpenSearch(hosts=opensearch_hosts(url), timeout=30), prefix)
     try:
         await indices.create(*names)
     except BaseException:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import uvicorn
+from marie_kit import tracing
 from marie_kit.logs import setup_logging
 from marie_kit.settings import load_settings
+from marie_kit.tracing import setup_tracing
 
 from marie_gateway.app import create_app
 from marie_gateway.http.server import GatewayServer, protocol_class
@@ -14,9 +16,10 @@ from marie_gateway.settings import GatewaySettings
 def main() -> None:
     settings = load_settings(GatewaySettings)
     setup_logging("gateway", settings.log_level)
+    setup_tracing("gateway")
     app = create_app(settings)
     config = uvicorn.Config(
-        app,
+        app.traced() if tracing.enabled() else app,
         host=settings.host,
         port=settings.port,
         loop="uvloop",
@@ -31,7 +34,10 @@ def main() -> None:
         timeout_keep_alive=int(max(settings.keep_alive_seconds, 1)),
         timeout_graceful_shutdown=int(settings.grace_seconds),
     )
-    GatewayServer(config, app.gw).run()
+    try:
+        GatewayServer(config, app.gw).run()
+    finally:
+        tracing.shutdown()
 
 
 if __name__ == "__main__":

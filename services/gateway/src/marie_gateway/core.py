@@ -17,6 +17,7 @@ import grpc
 from marie.auth.v1 import auth_service_pb2_grpc as auth_grpc
 from marie.memory.v1 import memory_service_pb2_grpc as memory_grpc
 from marie.providers.v1 import provider_service_pb2_grpc as pb_grpc
+from marie_kit import tracing
 from marie_kit.channels import insecure_channel
 from marie_kit.leased_limits import LeasedLimiter
 from marie_kit.limits import Limiter, LocalLimiter, RateLimited
@@ -230,7 +231,11 @@ class Gateway:
 
         A client address that presented too many invalid keys lately gets 429
         for any key not validated recently, without auth being asked."""
-        principal = await self._authenticate(request)
+        with tracing.span("gateway.check_key") as span:
+            principal = await self._authenticate(request)
+            if span is not None:
+                # The key's id, never the key.
+                span.set_attribute("marie.key_id", principal.key_id)
         request.scope[BODY_HOLDER_KEY] = "key:" + principal.key_id
         return principal
 
@@ -279,7 +284,10 @@ class Gateway:
         limits too and recorded in the usage ledger when it ends; one that
         does not counts against requests per minute and concurrency only."""
         try:
-            grant = await self.limiter.acquire(principal.key_id, principal.limits, tokens=tokens)
+            with tracing.span("gateway.limits", {"marie.operation": operation}):
+                grant = await self.limiter.acquire(
+                    principal.key_id, principal.limits, tokens=tokens
+                )
         except RateLimited as exc:
             request.scope[RATE_HEADERS_KEY] = quota_headers(exc.requests, exc.tokens)
             RATE_LIMITED.labels(exc.limit).inc()
@@ -357,7 +365,8 @@ class Gateway:
             timeout=self.settings.control_timeout_seconds,
         )
         keys.start()
-        memory_channel = insecure_channel(self.settings.memory_addr)
+        # Every write the gateway makes to memory carries a request id.
+        memory_channel = insecure_channel(self.settings.memory_addr, keyed_writes=True)
         auth = auth_grpc.AuthServiceStub(auth_channel)
         usage = UsageRecorder(
             auth,

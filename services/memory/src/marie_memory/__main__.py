@@ -7,6 +7,7 @@ import logging
 from marie_kit.logs import setup_logging
 from marie_kit.server import run, serve
 from marie_kit.settings import fail, load_settings
+from marie_kit.tracing import setup_tracing
 
 from marie_memory.embedding import ModelChangeRefused
 from marie_memory.service import MemoryComponent, StoreUnavailable
@@ -31,6 +32,7 @@ async def _serve(settings: MemorySettings) -> None:
 def main() -> None:
     settings = load_settings(MemorySettings)
     setup_logging("memory", settings.log_level)
+    setup_tracing("memory")
     run(_serve(settings))
 
 

@@ -172,6 +172,7 @@ def add_request_from_proto(
         key_id=identity[0],
         key_owner=identity[1],
         allowed_models=allowed_models,
+        request_id=r.request_id,
     )
 
 

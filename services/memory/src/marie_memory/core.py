@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
+from marie_kit import tracing
 from marie_kit.errors import ServiceError
 
 from marie_memory import limits
@@ -49,7 +50,7 @@ from marie_memory.records import (
     MessageHit,
     ScoredMemory,
 )
-from marie_memory.stores.contract import Store
+from marie_memory.stores.contract import DuplicateMemory, Store
 from marie_memory.stores.keywords import STOPWORDS, WORD
 
 log = logging.getLogger("marie.memory.core")
@@ -82,6 +83,13 @@ def content_stems(text: str) -> set[str]:
 
 def new_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(12)}"
+
+
+def derived_id(prefix: str, *parts: str | int) -> str:
+    """An id that a retried call computes again: from the caller's request id
+    and where the resource belongs. Shaped like `new_id`'s."""
+    digest = hashlib.sha256("\u0000".join(str(p) for p in parts).encode()).hexdigest()
+    return f"{prefix}_{digest[:24]}"
 
 
 def text_hash(text: str) -> str:
@@ -169,10 +177,15 @@ class MemoryCore:
         provider: str,
         model: str,
         metadata: Mapping[str, str],
+        *,
+        request_id: str = "",
     ) -> Conversation:
+        limits.request_id(request_id)
         now = self._clock()
         conversation = Conversation(
-            id=new_id("conv"),
+            id=derived_id("conv", user_id, "conversation", request_id)
+            if request_id
+            else new_id("conv"),
             user_id=limits.user_id(user_id),
             title=limits.text("title", title, limits.MAX_TITLE),
             provider=limits.text("provider", provider, limits.MAX_PROVIDER),
@@ -181,8 +194,7 @@ class MemoryCore:
             create_time=now,
             update_time=now,
         )
-        await self.store.create_conversation(conversation)
-        return conversation
+        return await self.store.create_conversation(conversation)
 
     async def get_conversation(self, user_id: str, conversation_id: str) -> Conversation:
         limits.user_id(user_id)
@@ -254,10 +266,15 @@ class MemoryCore:
     # --- messages ---------------------------------------------------------
 
     async def append_messages(
-        self, user_id: str, conversation_id: str, messages: Sequence[Message]
+        self,
+        user_id: str,
+        conversation_id: str,
+        messages: Sequence[Message],
+        request_id: str = "",
     ) -> tuple[list[Message], Conversation]:
         limits.user_id(user_id)
         limits.required_id("conversation_id", conversation_id)
+        limits.request_id(request_id)
         if not 1 <= len(messages) <= limits.MAX_MESSAGES:
             raise invalid_argument("messages", f"1 to {limits.MAX_MESSAGES} messages")
         checked = []
@@ -283,8 +300,15 @@ class MemoryCore:
                     limits.MAX_NAME,
                     required=True,
                 )
-            checked.append(replace(m, id=new_id("msg"), conversation_id=conversation_id))
-        result = await self.store.append_messages(user_id, conversation_id, checked, self._clock())
+            message_id = (
+                derived_id("msg", user_id, conversation_id, request_id, i)
+                if request_id
+                else new_id("msg")
+            )
+            checked.append(replace(m, id=message_id, conversation_id=conversation_id))
+        result = await self.store.append_messages(
+            user_id, conversation_id, checked, self._clock(), request_id
+        )
         if result is None:
             raise conversation_not_found(conversation_id)
         self.embeddings.wake()  # the new messages get their vectors in the background
@@ -435,6 +459,28 @@ class MemoryCore:
         """`budget`: the seconds the caller waits (its deadline); a query embedding not
         made within most of it gives keyword results, and the vector comes for the
         next search of the same text."""
+        with tracing.span("memory.search", {"marie.memory.top_k": top_k}):
+            return await self._search_memories(
+                user_id,
+                query,
+                top_k=top_k,
+                threshold=threshold,
+                memory_filter=memory_filter,
+                mode=mode,
+                budget=budget,
+            )
+
+    async def _search_memories(
+        self,
+        user_id: str,
+        query: str,
+        *,
+        top_k: int,
+        threshold: float,
+        memory_filter: MemoryFilter,
+        mode: int,
+        budget: float | None,
+    ) -> Ranked:
         limits.user_id(user_id)
         limits.query(query)
         _check_filter(memory_filter)
@@ -643,6 +689,7 @@ class MemoryCore:
         limits.text("actor", request.actor, limits.MAX_ACTOR)
         limits.text("extraction_model", request.extraction_model, limits.MAX_MODEL)
         limits.text("extraction_provider", request.extraction_provider, limits.MAX_PROVIDER)
+        limits.request_id(request.request_id)
 
     def extraction_model(self, request: AddRequest) -> str:
         """The model inference will use; FAILED_PRECONDITION when there is none."""
@@ -675,7 +722,18 @@ class MemoryCore:
         if request.allowed_models and self.extractor is not None:
             await self.extractor.check_allowed(model, request.allowed_models)
         now = self._clock()
-        job = ExtractionJob(new_id("job"), request.user_id, encode_request(request), 0, now, now)
+        job_id = (
+            derived_id("job", request.user_id, "job", request.request_id)
+            if request.request_id
+            else new_id("job")
+        )
+        # The job carries the trace context of the call that queued it: its
+        # span, when it runs, is linked to that call.
+        trace_context: dict[str, str] = {}
+        tracing.inject(trace_context)
+        job = ExtractionJob(
+            job_id, request.user_id, encode_request(request, trace_context), 0, now, now
+        )
         await self.store.enqueue_job(job)
         if self.on_enqueue is not None:
             self.on_enqueue()
@@ -683,9 +741,17 @@ class MemoryCore:
 
     async def add_memories(self, request: AddRequest) -> tuple[list[AddResult], str]:
         model = await self._check_add_fully(request)
+        if not request.infer and self.store.claims_texts:
+            # The store keeps one memory per text however many calls (or
+            # replicas) add it at once: no turns to take.
+            plan = await self._apply(request.user_id, await self._plan(request, model))
+            return list(plan.results), model
+        # The lock spares this process's calls for one user a race among
+        # themselves; nothing rests on it with a store that claims texts:
+        # other replicas' races end in the claims (DuplicateMemory), as NONE.
         async with self._user_locks[request.user_id]:
             plan = await self._plan(request, model)
-            await self._apply(request.user_id, plan)
+            plan = await self._apply(request.user_id, plan)
         return list(plan.results), model
 
     async def plan_memories(self, request: AddRequest) -> tuple[ChangePlan, str]:
@@ -697,14 +763,13 @@ class MemoryCore:
 
     async def apply_planned(
         self, user_id: str, plan: ChangePlan, wanted: Callable[[], Awaitable[bool]]
-    ) -> bool:
+    ) -> ChangePlan | None:
         """Writes a plan of `plan_memories` if `wanted()` still says so (checked under
-        the user's lock: an erasure in between wins); whether it was written."""
+        the user's lock: an erasure in between wins); the plan as written, or None."""
         async with self._user_locks[user_id]:
             if not await wanted():
-                return False
-            await self._apply(user_id, plan)
-            return True
+                return None
+            return await self._apply(user_id, plan)
 
     async def _plan(self, request: AddRequest, model: str) -> ChangePlan:
         if request.infer:
@@ -712,18 +777,38 @@ class MemoryCore:
             return await self.extractor.plan(self, request, model)
         return await self._plan_verbatim(request)
 
-    async def _apply(self, user_id: str, plan: ChangePlan) -> None:
-        # A memory added since the plan was made (its write may have waited for
-        # the store) is not added twice.
-        changes = []
-        for change in plan.changes:
-            if change.event == EVENT_ADD and await self.store.find_memory_by_hash(
-                user_id, change.memory.hash
-            ):
-                continue
-            changes.append(change)
-        if changes:
-            await self.store.apply_memory_changes(user_id, changes)
+    async def _apply(self, user_id: str, plan: ChangePlan) -> ChangePlan:
+        """Writes a plan; the plan as written: a memory added meanwhile (by this
+        process, whose write may have waited for the store, or by another
+        replica) with the text of one to add stands, and that add is NONE."""
+        changes = list(plan.changes)
+        results = list(plan.results)
+
+        def keep(held: Memory) -> None:
+            nonlocal changes, results
+            changes = [
+                c for c in changes if not (c.event == EVENT_ADD and c.memory.hash == held.hash)
+            ]
+            results = [
+                AddResult(EVENT_NONE, held)
+                if r.event == EVENT_ADD and r.memory.hash == held.hash and r.memory.id != held.id
+                else r
+                for r in results
+            ]
+
+        if not self.store.claims_texts:  # else the store refuses a duplicate itself
+            for change in list(changes):
+                if change.event == EVENT_ADD:
+                    found = await self.store.find_memory_by_hash(user_id, change.memory.hash)
+                    if found is not None:
+                        keep(found)
+        while changes:
+            try:
+                await self.store.apply_memory_changes(user_id, changes)
+                break
+            except DuplicateMemory as taken:
+                keep(taken.memory)
+        return ChangePlan(tuple(changes), tuple(results))
 
     async def close_memories(self, user_id: str, text: str) -> list[Memory]:
         """The user's stored memories close enough to `text` for a model to compare
@@ -757,11 +842,13 @@ class MemoryCore:
             raise job_not_found(job_id)
         return found
 
-    def new_memory(self, request: AddRequest, text: str, categories: Sequence[str]) -> Memory:
+    def new_memory(
+        self, request: AddRequest, text: str, categories: Sequence[str], memory_id: str = ""
+    ) -> Memory:
         now = self._clock()
         merged = list(dict.fromkeys([*categories, *request.categories]))[: limits.MAX_CATEGORIES]
         return Memory(
-            id=new_id("mem"),
+            id=memory_id or new_id("mem"),
             user_id=request.user_id,
             text=text,
             hash=text_hash(text),
@@ -804,9 +891,18 @@ class MemoryCore:
         results: list[AddResult] = []
         seen: dict[str, Memory] = {}
         fresh: list[Memory] = []
-        for m in request.messages:
+        for i, m in enumerate(request.messages):
             if m.role == ROLE_SYSTEM:
                 continue
+            memory_id = ""
+            if request.request_id:
+                # A retried call finds what the first one stored under its ids.
+                memory_id = derived_id("mem", request.user_id, request.request_id, i)
+                stored = await self.store.get_memory(request.user_id, memory_id)
+                if stored is not None:
+                    seen[stored.hash] = stored
+                    results.append(AddResult(EVENT_ADD, stored))
+                    continue
             digest = text_hash(m.content)
             existing = seen.get(digest) or await self.store.find_memory_by_hash(
                 request.user_id, digest
@@ -814,7 +910,7 @@ class MemoryCore:
             if existing is not None:
                 results.append(AddResult(EVENT_NONE, existing))
                 continue
-            memory = self.new_memory(request, m.content, ())
+            memory = self.new_memory(request, m.content, (), memory_id)
             seen[digest] = memory
             fresh.append(memory)
             results.append(AddResult(EVENT_ADD, memory))

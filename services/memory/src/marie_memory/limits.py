@@ -22,6 +22,7 @@ MAX_ACTOR = 128
 MAX_MESSAGES = 100
 MAX_NAME = 256
 MAX_ID = 64
+MAX_REQUEST_ID = 128
 
 
 def user_id(value: str) -> str:
@@ -72,6 +73,15 @@ def categories(field: str, value: Sequence[str]) -> tuple[str, ...]:
                 f"{field}[{i}]", f"categories are 1 to {MAX_CATEGORY} characters"
             )
     return tuple(value)
+
+
+def request_id(value: str) -> str:
+    """An idempotency key: empty, or 1 to 128 printable ASCII characters."""
+    if len(value) > MAX_REQUEST_ID or not all(" " <= c <= "~" for c in value):
+        raise invalid_argument(
+            "request_id", f"request_id is at most {MAX_REQUEST_ID} printable ASCII characters"
+        )
+    return value
 
 
 def query(value: str) -> str:

@@ -228,6 +228,8 @@ class AddRequest:
     #: as sent); extraction's model calls carry them on, so providers holds
     #: the extraction model to them. Empty: unrestricted.
     allowed_models: str = ""
+    #: The caller's idempotency key (see AddMemoriesRequest.request_id); empty: none.
+    request_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 from marie.memory.v1 import memory_service_pb2 as pb
 from marie.memory.v1 import memory_service_pb2_grpc as pb_grpc
 from marie.providers.v1 import provider_service_pb2_grpc as ppb_grpc
+from marie_kit import tracing
 from marie_kit.channels import insecure_channel
 from marie_kit.identity import allowed_models_from_metadata, identity_from_metadata
 from marie_kit.metering import COUNTED, MeteringBackends, MeteringInterceptor
@@ -34,6 +35,7 @@ from marie_memory.extraction.queue import ExtractionQueue
 from marie_memory.settings import MemorySettings
 from marie_memory.stores.contract import Store
 from marie_memory.stores.sqlite import SqliteStore
+from marie_memory.stores.traced import TracedStore
 
 if TYPE_CHECKING:
     from marie.providers.v1.provider_service_pb2_grpc import (
@@ -122,6 +124,8 @@ class MemoryComponent:
             raise StoreUnavailable(
                 f"cannot open the {settings.store} store at {where}: {exc}"
             ) from exc
+        if tracing.STATE.store_calls:
+            store = cast(Store, TracedStore(store, settings.store))
         try:
             # A channel connects lazily: it costs nothing until a model is used.
             self._channel = insecure_channel(settings.providers_addr)
@@ -209,7 +213,12 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         self, request: pb.CreateConversationRequest, context: Context
     ) -> pb.CreateConversationResponse:
         created = await self._core.create_conversation(
-            request.user_id, request.title, request.provider, request.model, request.metadata
+            request.user_id,
+            request.title,
+            request.provider,
+            request.model,
+            request.metadata,
+            request_id=request.request_id,
         )
         return pb.CreateConversationResponse(conversation=convert.conversation_to_proto(created))
 
@@ -254,6 +263,7 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             request.user_id,
             request.conversation_id,
             [convert.message_from_proto(m) for m in request.messages],
+            request.request_id,
         )
         return pb.AppendMessagesResponse(
             messages=[convert.message_to_proto(m) for m in stored],

@@ -5,6 +5,7 @@ from __future__ import annotations
 from marie_kit.logs import setup_logging
 from marie_kit.server import run, serve
 from marie_kit.settings import fail, load_settings
+from marie_kit.tracing import setup_tracing
 
 from marie_providers.config import ConfigError
 from marie_providers.service import ProvidersComponent, load_config
@@ -19,6 +20,7 @@ def main() -> None:
     except ConfigError as exc:
         fail(f"invalid configuration: {exc}")
     setup_logging("providers", settings.log_level)
+    setup_tracing("providers")
     component = ProvidersComponent(settings, config=config)
     run(
         serve(

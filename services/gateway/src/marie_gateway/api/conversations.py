@@ -41,6 +41,7 @@ from marie_gateway.api.memory_client import (
     api_error,
     body_user_id,
     conversation_json,
+    idempotency_key,
     int_param,
     message_json,
     mode_param,
@@ -127,6 +128,7 @@ class ConversationRoutes(MemoryCalls):
         principal = await self._principal(request)
         body = parse_body(ConversationCreate, await self.gw.read_body(request))
         user_id = body_user_id(request, principal, body)
+        key = idempotency_key(request)
         reply = await self._call(
             self._memory().CreateConversation(
                 mpb.CreateConversationRequest(
@@ -135,6 +137,7 @@ class ConversationRoutes(MemoryCalls):
                     provider=body.provider,
                     model=body.model,
                     metadata=body.metadata,
+                    request_id=key,
                 ),
                 timeout=self._timeout(),
                 metadata=outgoing_metadata(),
@@ -261,6 +264,10 @@ class ConversationRoutes(MemoryCalls):
         body = parse_body(TurnCreate, await gw.read_body(request))
         if len(body.content.encode()) > MAX_TURN_BYTES:
             raise bad_request("'content' is larger than 1 MiB (UTF-8).", "content")
+        # Checked before the model runs. The two messages are stored once under
+        # it: a repeated turn runs the model again, but stores (and, unless
+        # streaming, answers with) what the first one stored.
+        key = idempotency_key(request)
         user_id = body_user_id(request, principal, body)
         conversation = await self._get_conversation(user_id, path_text(request, "id"))
         tally.requested = conversation.model
@@ -302,7 +309,9 @@ class ConversationRoutes(MemoryCalls):
             chat.sampling.temperature = body.temperature
         if body.max_tokens is not None:
             chat.sampling.max_tokens = body.max_tokens
-        turn = _Turn(self, user_id, conversation, body.content, request_id=rid, tally=tally)
+        turn = _Turn(
+            self, user_id, conversation, body.content, request_id=rid, key=key, tally=tally
+        )
         call = gw.backends().providers.StreamChatCompletion(
             chat,
             timeout=gw.settings.request_timeout_seconds,
@@ -405,6 +414,7 @@ class _Turn:
         content: str,
         *,
         request_id: str,
+        key: str,
         tally: Tally,
     ) -> None:
         self._routes = routes
@@ -413,6 +423,7 @@ class _Turn:
         self._conversation = conversation
         self._content = content
         self._request_id = request_id
+        self._key = key
         self._started = time.monotonic()
         self.parts: list[str] = []
         self.usage: ppb.Usage | None = None
@@ -466,6 +477,7 @@ class _Turn:
                         mpb.Message(role=mpb.MESSAGE_ROLE_USER, content=self._content),
                         answer,
                     ],
+                    request_id=self._key,
                 ),
                 timeout=timeout,
                 metadata=outgoing_metadata(),
@@ -492,6 +504,8 @@ class _Turn:
                     background=True,
                     conversation_id=self._conversation.id,
                     actor="gateway",
+                    # A retried turn queues its extraction once.
+                    request_id=self._key,
                 ),
                 timeout=self._routes.gw.settings.control_timeout_seconds,
                 # The queued extraction is recorded under the key of this turn.

@@ -26,6 +26,7 @@ from marie_gateway.api.memory_client import (
     change_json,
     float_param,
     history_json,
+    idempotency_key,
     int_param,
     job_json,
     memory_json,
@@ -105,6 +106,7 @@ class MemoryRoutes(MemoryCalls):
         principal = await self._principal(request)
         body = parse_body(MemoriesCreate, await self.gw.read_body(request))
         user_id = body_user_id(request, principal, body)
+        key = idempotency_key(request)
         reply = await self._call(
             self._memory().AddMemories(
                 mpb.AddMemoriesRequest(
@@ -120,6 +122,7 @@ class MemoryRoutes(MemoryCalls):
                     conversation_id=body.conversation_id,
                     extraction_model=body.model,
                     actor=f"key:{principal.key_id}",
+                    request_id=key,
                 ),
                 # Inference can take seconds: the chat deadline, not the control one.
                 timeout=self.gw.settings.request_timeout_seconds,

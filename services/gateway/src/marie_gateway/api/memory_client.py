@@ -5,6 +5,7 @@ reaches is `access/tenancy.py`'s rule."""
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Awaitable
 from typing import Annotated, Any, TypeVar
 
@@ -88,6 +89,29 @@ Metadata = Annotated[
         },
     ),
 ]
+
+
+#: The header that makes a write idempotent, and its longest value (the memory
+#: service's request_id).
+IDEMPOTENCY_HEADER = "idempotency-key"
+MAX_IDEMPOTENCY_KEY = 128
+
+
+def idempotency_key(request: Request) -> str:
+    """The request's Idempotency-Key (400 when malformed), else a key of this
+    request alone: a write the channel retries on another memory replica is
+    applied once either way, and a client that sends the key may retry the
+    request itself. Not the request id: a client may repeat its X-Request-Id
+    over different writes, which must not fold into one."""
+    value = request.headers.get(IDEMPOTENCY_HEADER)
+    if value is None:
+        return "gw:" + secrets.token_hex(16)
+    if not 1 <= len(value) <= MAX_IDEMPOTENCY_KEY or not all(" " <= c <= "~" for c in value):
+        raise bad_request(
+            f"'Idempotency-Key' is 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII characters.",
+            "Idempotency-Key",
+        )
+    return "key:" + value
 
 
 def _time(ts: Any) -> int:

@@ -64,6 +64,16 @@ _TIME: dict[str, Any] = {
         },
     ]
 }
+_IDEMPOTENT = (
+    Param(
+        "Idempotency-Key",
+        "Makes a retry take effect once: a request repeating a key (1 to 128 printable "
+        "ASCII characters) of the same user stores nothing new and answers with what "
+        "the first one stored (a repeated turn runs the model again; a streamed one "
+        "shows the new answer, the stored one is the first). Without it, each request "
+        "is its own.",
+    ),
+)
 _C = "/api/conversations"
 _M = "/api/memories"
 
@@ -76,6 +86,7 @@ _MEMORY_ROUTES: tuple[dict[str, Any], ...] = (
         "request": conversations.ConversationCreate,
         "response": schemas.ConversationOut,
         "status": "201",
+        "headers": _IDEMPOTENT,
     },
     {
         "path": _C,
@@ -132,6 +143,7 @@ _MEMORY_ROUTES: tuple[dict[str, Any], ...] = (
         "response": schemas.MessageOut,
         "events": ChatCompletionChunk,
         "more_errors": {"409": "The conversation has no model yet (PATCH it with one)"},
+        "headers": _IDEMPOTENT,
     },
     {
         "path": "/api/search",
@@ -153,6 +165,7 @@ _MEMORY_ROUTES: tuple[dict[str, Any], ...] = (
         "summary": "Remember from messages (extracted or verbatim)",
         "request": memories.MemoriesCreate,
         "response": schemas.MemoriesAdded,
+        "headers": _IDEMPOTENT,
     },
     {
         "path": _M,
@@ -340,6 +353,7 @@ OPERATIONS: tuple[Operation, ...] = (
             spec.get("query", ()),
             status=spec.get("status", "200"),
             more_errors=spec.get("more_errors", {}),
+            headers=spec.get("headers", ()),
         )
         for spec in _MEMORY_ROUTES
     ),

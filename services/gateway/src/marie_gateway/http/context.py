@@ -9,11 +9,15 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, Protocol, TypeVar
 
+from marie_kit import tracing
 from marie_kit.context import clean_request_id, new_request_id, request_id_var
 
 from marie_gateway.http.metrics import UNMATCHED, http_duration, http_requests
 
 access_log = logging.getLogger("marie.access")
+
+#: The answer header naming the request's trace (tracing on only).
+TRACE_ID_HEADER = b"x-trace-id"
 
 # Where a limited request keeps the `x-ratelimit-*` headers its answer carries.
 RATE_HEADERS_KEY = "marie.ratelimit_headers"
@@ -39,11 +43,20 @@ H = TypeVar("H", bound=RequestHolds)
 
 class RequestContext(Generic[H]):
     """Pure ASGI middleware (not BaseHTTPMiddleware): it runs on every request
-    and must cost microseconds."""
+    and must cost microseconds.
+
+    With tracing on (`marie_kit.tracing`), `traced` wraps it in the request's
+    SERVER span, continuing the caller's `traceparent` (Envoy's), current
+    while this one runs."""
 
     def __init__(self, app: ASGIApp, gw: H) -> None:
         self.app = app
         self.gw = gw
+
+    def traced(self) -> ASGIApp:
+        """This middleware inside a SERVER span per request (none for probes
+        and /metrics), continuing the caller's `traceparent`."""
+        return _Traced(self)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -61,6 +74,8 @@ class RequestContext(Generic[H]):
         status = 500
         response_started = False
         rid_header = (b"x-request-id", rid.encode())
+        span = tracing.current_span() if tracing.STATE.enabled else None
+        trace_headers = _trace_headers(span, rid) if span is not None else ()
 
         async def send_with_id(message: dict[str, Any]) -> None:
             nonlocal status, response_started
@@ -70,6 +85,9 @@ class RequestContext(Generic[H]):
                 headers = list(message.get("headers", ()))
                 if not any(k == b"x-request-id" for k, _ in headers):
                     headers.append(rid_header)
+                if span is not None:
+                    headers.extend(trace_headers)
+                    _name_span(span, scope, status)
                 # A limited route's answer, success or error, says where the key stands.
                 headers.extend(scope.get(RATE_HEADERS_KEY, ()))
                 message = {**message, "headers": headers}
@@ -101,6 +119,46 @@ class RequestContext(Generic[H]):
                     "latency_ms": round(elapsed * 1000, 3),
                 },
             )
+
+
+#: Paths never traced: probes and scrapes, every few seconds.
+UNTRACED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+class _Traced:
+    """`RequestContext` inside the request's span (with tracing on only).
+
+    Not OpenTelemetry's ASGI middleware: measured with `make bench`, it costs
+    about 0.05 ms of CPU per request unsampled and more sampled, for
+    attributes (headers, URL parts) the conventions no longer ask for."""
+
+    def __init__(self, inner: RequestContext[Any]) -> None:
+        self.inner = inner
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] in UNTRACED_PATHS:
+            await self.inner(scope, receive, send)
+            return
+        with tracing.http_server_span(scope["method"], scope["path"], scope["headers"]):
+            await self.inner(scope, receive, send)
+
+
+def _trace_headers(span: Any, rid: str) -> tuple[tuple[bytes, bytes], ...]:
+    """Ties the request's span and its id both ways: whoever has the request
+    id (a log line, the answer's x-request-id) finds the trace by the span's
+    attribute, and the answer names its trace."""
+    span.set_attribute(tracing.REQUEST_ID_ATTRIBUTE, rid)
+    trace_id = format(span.get_span_context().trace_id, "032x")
+    return ((TRACE_ID_HEADER, trace_id.encode()),)
+
+
+def _name_span(span: Any, scope: dict[str, Any], status: int) -> None:
+    """Names the request's span by its route, known once the answer starts,
+    and records the answer's status."""
+    template = getattr(scope.get("route"), "path", UNMATCHED)
+    span.update_name(f"{scope['method']} {template}")
+    span.set_attribute("http.route", template)
+    tracing.http_answered_server(span, status)
 
 
 def current_request_id() -> str:

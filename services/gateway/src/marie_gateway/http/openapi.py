@@ -57,6 +57,7 @@ class Operation:
     # Events of a text/event-stream answer (always, or when the body says stream).
     events: type[BaseModel] | None = None
     query: tuple[Param, ...] = ()
+    headers: tuple[Param, ...] = ()
     raw_response: str | None = None  # a non-JSON answer: its media type
     extra: dict[str, Any] = field(default_factory=dict)
     # The status of a success (201 for a creation).
@@ -139,6 +140,16 @@ def _operation(op: Operation, refs: Refs) -> dict[str, Any]:
             "schema": {"type": p.type, **p.schema},
         }
         for p in op.query
+    ]
+    params += [
+        {
+            "name": p.name,
+            "in": "header",
+            "required": p.required,
+            "description": p.description,
+            "schema": {"type": p.type, "maxLength": 128, "pattern": "^[ -~]+$"},
+        }
+        for p in op.headers
     ]
     if params:
         out["parameters"] = params

@@ -10,6 +10,7 @@ import logging
 import grpc
 from marie.memory.v1 import memory_service_pb2 as mpb
 from marie.providers.v1 import provider_service_pb2 as ppb
+from marie_kit import tracing
 from marie_kit.context import outgoing_metadata
 from marie_kit.tenancy import RESERVED_USER_PREFIX
 
@@ -26,17 +27,22 @@ async def memories_message(gw: Gateway, user_id: str, query: str) -> list[ppb.Ch
     """A system message with the user's most relevant memories, or nothing when
     there are none or the memory service does not answer within its deadline."""
     settings = gw.settings
-    try:
-        reply = await gw.backends().memory.SearchMemories(
-            mpb.SearchMemoriesRequest(
-                user_id=user_id, query=query[:4096], top_k=settings.memory_top_k
-            ),
-            timeout=settings.memory_timeout_seconds,
-            metadata=outgoing_metadata(),
-        )
-    except grpc.aio.AioRpcError as exc:
-        log.warning("chat goes on without memories", extra={"code": exc.code().name})
-        return []
+    with tracing.span(
+        "gateway.memory_lookup", {"marie.memory.top_k": settings.memory_top_k}
+    ) as span:
+        try:
+            reply = await gw.backends().memory.SearchMemories(
+                mpb.SearchMemoriesRequest(
+                    user_id=user_id, query=query[:4096], top_k=settings.memory_top_k
+                ),
+                timeout=settings.memory_timeout_seconds,
+                metadata=outgoing_metadata(),
+            )
+        except grpc.aio.AioRpcError as exc:
+            log.warning("chat goes on without memories", extra={"code": exc.code().name})
+            return []
+        if span is not None:
+            span.set_attribute("marie.memory.results", len(reply.results))
     if not reply.results:
         return []
     lines = "\n".join(f"- {r.memory.text}" for r in reply.results)

@@ -27,22 +27,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Any
 
 import grpc
+from marie_kit import tracing
 from marie_kit.errors import ServiceError
+from prometheus_client import Gauge
 
 from marie_memory import lane
 from marie_memory.core import MemoryCore
 from marie_memory.errors import RETRY_AFTER_KEY
-from marie_memory.job_payload import decode_request, encode_results
+from marie_memory.job_payload import decode_request, decode_trace_context, encode_results
 from marie_memory.records import JOB_FAILED, JOB_QUEUED, JOB_SUCCEEDED, ChangePlan, ExtractionJob
 
 log = logging.getLogger("marie.memory.queue")
 
 BATCH = 8
+#: How long the replica that took a job holds it before another may run it
+#: (an extraction is bounded far below this: its model calls have deadlines).
+JOB_LEASE_SECONDS = 600.0
 #: Reasons (of providers or the model, as memory reports them) that mean "wait".
 OUTAGE_CODES = frozenset(
     {
@@ -58,6 +64,31 @@ STORE_REASONS = frozenset({"STORE_UNAVAILABLE"})
 EXPIRED = "JOB_EXPIRED"
 MALFORMED = "MALFORMED_JOB"
 STORE_ERROR = "STORE_ERROR"
+#: How often, at most, the queue's size and oldest job are read from the store.
+STATS_SECONDS = 1.0
+
+QUEUE_DEPTH = Gauge(
+    "marie_memory_extraction_queue_depth",
+    "Extraction jobs queued (waiting or being retried), as last read from the store.",
+)
+OLDEST_AGE = Gauge(
+    "marie_memory_extraction_oldest_job_age_seconds",
+    "Seconds since the oldest queued extraction job was queued; 0 when none is.",
+)
+
+
+class _Oldest:
+    """When the oldest queued job was queued (wall clock), for OLDEST_AGE: its
+    age is computed when scraped, so it grows between two reads of the store."""
+
+    time: float | None = None
+
+    @classmethod
+    def age(cls) -> float:
+        return 0.0 if cls.time is None else max(0.0, time.time() - cls.time)
+
+
+OLDEST_AGE.set_function(_Oldest.age)
 
 
 class ExtractionQueue:
@@ -86,9 +117,14 @@ class ExtractionQueue:
         # Outcomes the store could not record yet, by job id: recorded at the job's
         # next turn, without running it again.
         self._outcomes: dict[str, dict[str, Any]] = {}
+        #: Jobs this replica took whose retry or outcome the store refused: their
+        #: lease is this replica's, so it runs them again after its pause
+        #: instead of leaving them until the lease ends.
+        self._held: dict[str, ExtractionJob] = {}
         # Failed attempts in a row (outages, store errors): the pause grows with them.
         self._failures = 0
         self._paused_until = 0.0
+        self._stats_read = -math.inf
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run())
@@ -107,15 +143,36 @@ class ExtractionQueue:
     def paused(self) -> bool:
         return self._clock() < self._paused_until
 
+    async def _read_stats(self) -> None:
+        """The queue's size and oldest job for /metrics, at most once per STATS_SECONDS."""
+        now = time.monotonic()
+        if now - self._stats_read < STATS_SECONDS:
+            return
+        self._stats_read = now
+        store = self._core.store
+        try:
+            QUEUE_DEPTH.set(await store.count_jobs())
+            _Oldest.time = await store.oldest_job_time()
+        except Exception:  # the store is away: the last figures stay, the age grows
+            log.debug("extraction queue stats not read", exc_info=True)
+
     async def _run(self) -> None:
         lane.enter_background()
         while True:
             self._wake.clear()
+            await self._read_stats()
             jobs: list[ExtractionJob] = []
             try:
                 if not self.paused:
                     jobs = await self._core.store.due_jobs(self._clock(), BATCH)
-                    for job in jobs:
+                    held = [j for j in self._held.values() if j.id not in {d.id for d in jobs}]
+                    for job in [*held, *jobs]:
+                        # Every replica's queue sees every job: one takes it. If
+                        # that one dies, the job is due again after the lease.
+                        if job.id not in self._held and not await self._core.store.take_job(
+                            job.id, self._clock(), JOB_LEASE_SECONDS
+                        ):
+                            continue
                         if not await self._attempt(job):
                             break  # paused: the next jobs would meet the same outage
             except asyncio.CancelledError:
@@ -148,7 +205,19 @@ class ExtractionQueue:
         )
 
     async def _attempt(self, job: ExtractionJob) -> bool:
-        """Runs one job; False when the queue is paused by its failure."""
+        """Runs one job; False when the queue is paused by its failure. With
+        tracing on, the attempt is the root span of a trace of its own, linked
+        to the call that queued the job."""
+        if not tracing.STATE.enabled:
+            return await self._run_job(job)
+        with tracing.linked_root_span(
+            "memory.extraction_job",
+            decode_trace_context(job.payload),
+            {"marie.job_id": job.id, "marie.job.attempt": job.attempts + 1},
+        ):
+            return await self._run_job(job)
+
+    async def _run_job(self, job: ExtractionJob) -> bool:
         store = self._core.store
         try:
             request = decode_request(job.payload)
@@ -181,7 +250,7 @@ class ExtractionQueue:
             if plan is None:
                 plan, _ = await self._core.plan_memories(request)
                 self._plans[job.id] = plan
-            applied = await self._core.apply_planned(job.user_id, plan, wanted)
+            written = await self._core.apply_planned(job.user_id, plan, wanted)
         except ServiceError as exc:
             return await self._failed(job, exc)
         except Exception as exc:  # the store failed: disk full, cluster away
@@ -192,8 +261,10 @@ class ExtractionQueue:
             return False
         del self._plans[job.id]
         self._failures = 0
-        if not applied:  # erased meanwhile (DeleteAllMemories): nothing to record
+        if written is None:  # erased meanwhile (DeleteAllMemories): nothing to record
+            self._held.pop(job.id, None)
             return True
+        plan = written
         log.info(
             "extraction job done",
             extra={"job_id": job.id, "changes": len(plan.results), "attempts": job.attempts + 1},
@@ -226,7 +297,10 @@ class ExtractionQueue:
         try:
             await self._core.store.retry_job(job.id, self._clock() + delay, error)
         except Exception as exc:  # the store is failing too: the pause holds, in memory
+            self._held[job.id] = job
             log.debug("could not record a retry", extra={"error": repr(exc)})
+        else:
+            self._held.pop(job.id, None)  # due again, for whichever replica takes it
 
     async def _finish(
         self,
@@ -248,8 +322,10 @@ class ExtractionQueue:
             await self._core.store.finish_job(job.id, finish_time=self._clock(), **outcome)
         except Exception as exc:  # kept queued: its outcome is recorded at its next turn
             self._outcomes[job.id] = outcome
+            self._held[job.id] = job
             self._pause(self._delay(None), "the store failed", repr(exc), job.id)
             log.debug("could not record an outcome", exc_info=True)
             return False
         self._outcomes.pop(job.id, None)
+        self._held.pop(job.id, None)
         return True

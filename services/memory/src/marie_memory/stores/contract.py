@@ -24,6 +24,16 @@ from marie_memory.records import (
 )
 
 
+class DuplicateMemory(Exception):
+    """Raised by `apply_memory_changes` (stores shared by several processes) when
+    a memory to add has the text of a memory another call has just stored;
+    nothing of the change set was written."""
+
+    def __init__(self, memory: Memory) -> None:
+        super().__init__(f"memory {memory.id} holds this text already")
+        self.memory = memory
+
+
 class Store(Protocol):
     """Storage for conversations, messages, memories, history and the extraction queue.
 
@@ -32,6 +42,10 @@ class Store(Protocol):
     List cursors are opaque tuples produced by the store (`next_cursor`);
     the core turns them into page tokens.
     """
+
+    #: Whether the store itself keeps one memory per text of a user under
+    #: concurrent adds (raising DuplicateMemory), across processes.
+    claims_texts: bool
 
     async def close(self) -> None: ...
 
@@ -71,7 +85,11 @@ class Store(Protocol):
         is the cosine and the one snippet is the message's start, escaped, no marks."""
 
     # --- conversations ----------------------------------------------------
-    async def create_conversation(self, conversation: Conversation) -> None: ...
+    async def create_conversation(self, conversation: Conversation) -> Conversation:
+        """Stores it; when its id exists already for the same user (a retried
+        create: the id derives from the request id), changes nothing and
+        returns the stored one."""
+
     async def get_conversation(self, user_id: str, conversation_id: str) -> Conversation | None: ...
     async def list_conversations(
         self, user_id: str, order_by_update: bool, after: tuple[float, str] | None, limit: int
@@ -87,9 +105,18 @@ class Store(Protocol):
 
     # --- messages ---------------------------------------------------------
     async def append_messages(
-        self, user_id: str, conversation_id: str, messages: Sequence[Message], now: float
+        self,
+        user_id: str,
+        conversation_id: str,
+        messages: Sequence[Message],
+        now: float,
+        request_id: str = "",
     ) -> tuple[list[Message], Conversation] | None:
-        """Atomically appends; ids are given, positions and times assigned here."""
+        """Atomically appends; ids are given, positions and times assigned here.
+        With a `request_id` (the ids then derive from it), an append already
+        made under it is not made again: the messages it stored are returned.
+        Positions are unique and `message_count` counts the stored messages
+        however many processes append to one conversation at once."""
 
     async def list_messages(
         self, user_id: str, conversation_id: str, descending: bool, after: int | None, limit: int
@@ -119,7 +146,8 @@ class Store(Protocol):
         """Newest created first, ties by id descending, after the cursor."""
 
     async def apply_memory_changes(self, user_id: str, changes: Sequence[MemoryChange]) -> None:
-        """Applies every change and its history entry in one transaction."""
+        """Applies every change and its history entry in one transaction; may
+        raise DuplicateMemory (then nothing was written)."""
 
     async def delete_all_memories(self, user_id: str) -> int:
         """Erases memories, vectors and history of the user; the count of memories."""
@@ -153,9 +181,16 @@ class Store(Protocol):
         service combines vector and keyword searches)."""
 
     # --- extraction queue -------------------------------------------------
-    async def enqueue_job(self, job: ExtractionJob) -> None: ...
+    async def enqueue_job(self, job: ExtractionJob) -> None:
+        """Queues it; a job whose id is queued (or finished) already is left as it is."""
+
     async def due_jobs(self, now: float, limit: int) -> list[ExtractionJob]:
         """Queued jobs due at `now`, the earliest due first."""
+
+    async def take_job(self, job_id: str, now: float, lease_seconds: float) -> bool:
+        """Takes a due job for one run: moves its next attempt `lease_seconds`
+        on, unless it is not due (any more). True for exactly one of several
+        callers (processes) taking the same job at once."""
 
     async def get_job(self, user_id: str, job_id: str) -> ExtractionJob | None:
         """A queued job, or a finished one (kept FINISHED_JOB_SECONDS), of this user."""
@@ -178,6 +213,10 @@ class Store(Protocol):
 
     async def count_jobs(self) -> int:
         """Queued jobs."""
+
+    async def oldest_job_time(self) -> float | None:
+        """When the oldest queued job was queued (its `create_time`); None when
+        the queue is empty."""
 
 
 #: How long a finished extraction job's outcome is kept.

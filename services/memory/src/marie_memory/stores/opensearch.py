@@ -6,11 +6,21 @@ Indices (`<prefix>_…`, prefix `marie` by default): `conversations`,
 `jobs` and `meta` (the embedding space). Every document carries its
 `user_id`; every query filters on it (inside the knn clause for vectors).
 
-Writes that must be read back at once use `refresh=wait_for`, and a write is
-acknowledged by OpenSearch before the call returns. OpenSearch has no
-multi-document transactions: a change set is checked before it is written
-(ids free, memories present), written with one bulk request, and on a
-partial failure the documents it created are removed again (best effort).
+Several memory replicas may write to one cluster at once, so no invariant
+rests on a lock inside one process. A write is acknowledged by OpenSearch
+before the call returns, but no request waits for an index refresh
+(`refresh=wait_for` costs up to a second): documents are read back by id
+(realtime get), and listings refresh the index first when what they need may
+not be searchable yet. Appends reserve their positions on the conversation
+document with optimistic concurrency (`if_seq_no`/`if_primary_term`), then
+write the messages: positions are unique and `message_count` counts what is
+stored. A memory's text hash is claimed (a document created only if absent)
+before the memory is written, so one text is stored once per user however
+many replicas add it. OpenSearch has no multi-document transactions: a change
+set is checked before it is written (ids free, memories present), written
+with one bulk request, and on a partial failure the documents it created are
+removed again (best effort). Searches see a write within the index's refresh
+interval (1 s); a replica's own writes at once.
 
 Vectors live in their own index so that a new embedding space (another
 dimension) only drops and recreates that index. A memory records the space
@@ -25,12 +35,13 @@ import hashlib
 import html
 import json
 import logging
+import random
 import time
-from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from opensearchpy import AsyncOpenSearch, NotFoundError, TransportError
+from marie_kit.settings import opensearch_hosts
+from opensearchpy import AsyncOpenSearch, ConflictError, NotFoundError, TransportError
 
 from marie_memory.records import (
     EVENT_ADD,
@@ -50,13 +61,21 @@ from marie_memory.records import (
     ScoredMemory,
     ToolCall,
 )
-from marie_memory.stores.contract import FINISHED_JOB_SECONDS
+from marie_memory.stores.contract import FINISHED_JOB_SECONDS, DuplicateMemory
 from marie_memory.stores.keywords import highlight_fragments, mark_words, query_words, search_form
 
 log = logging.getLogger("marie.memory.opensearch")
 
 WAIT = "wait_for"
 MAX_RESULTS = 10_000
+#: How long a claim on a text without its memory is taken for a write in
+#: progress (then for a writer that died).
+CLAIM_WRITE_SECONDS = 5.0
+#: The `meta` document that says every stored memory's text is claimed.
+CLAIMS_DONE = "hash_claims_complete"
+#: Request ids of a conversation's most recent appends, kept on its document:
+#: how far back a retried append is recognised.
+RECENT_APPENDS = 64
 _DISABLED = {"type": "object", "enabled": False}
 _KEYWORD = {"type": "keyword"}
 
@@ -71,6 +90,8 @@ MAPPINGS: dict[str, dict[str, Any]] = {
         "create_time": {"type": "double"},
         "update_time": {"type": "double"},
         "message_count": {"type": "long"},
+        # The last appends' request ids with their first position and count.
+        "appends": _DISABLED,
     },
     "messages": {
         "id": _KEYWORD,
@@ -121,7 +142,14 @@ MAPPINGS: dict[str, dict[str, Any]] = {
         "results": _DISABLED,
     },
     "meta": {"value": _DISABLED},
+    # One document per (user, text hash): the memory that holds that text.
+    "memory_hashes": {"user_id": _KEYWORD, "memory_id": _KEYWORD},
 }
+
+
+def _jitter(most: float) -> float:
+    """A random wait before trying a conflicting write again (no secret: spreading only)."""
+    return random.uniform(0, most)  # noqa: S311
 
 
 def keyword_text(query: str) -> str:
@@ -413,6 +441,25 @@ def _message(src: Mapping[str, Any]) -> Message:
     )
 
 
+def _positioned(conversation_id: str, m: Message, position: int, now: float) -> Message:
+    return Message(
+        id=m.id,
+        conversation_id=conversation_id,
+        role=m.role,
+        content=m.content,
+        provider=m.provider,
+        model=m.model,
+        prompt_tokens=m.prompt_tokens,
+        completion_tokens=m.completion_tokens,
+        create_time=now,
+        metadata=dict(m.metadata),
+        position=position,
+        name=m.name,
+        tool_calls=tuple(m.tool_calls),
+        tool_call_id=m.tool_call_id,
+    )
+
+
 def _memory_doc(m: Memory, vector_space: str = "") -> dict[str, Any]:
     return {
         "id": m.id,
@@ -517,12 +564,16 @@ def _finished_job(src: Mapping[str, Any]) -> ExtractionJob:
 class OpenSearchStore:
     """The `Store` on an OpenSearch cluster. Open with `await OpenSearchStore.open(url)`."""
 
+    #: One text is one memory however many processes add it at once (the
+    #: text's claim): verbatim adds need no lock in the process.
+    claims_texts = True
+
     def __init__(self, client: AsyncOpenSearch, prefix: str) -> None:
         self._client = client
         self._prefix = prefix
-        # Appends to one conversation are serialised in this process; the
-        # conversation's count is also updated with optimistic concurrency.
-        self._conversation_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        # Indices this process wrote to since it last refreshed them: its own
+        # searches refresh those first (read-your-writes without wait_for).
+        self._dirty: set[str] = set()
         self._space: EmbeddingSpace | None = None
         self._seq = 0
         #: The hybrid search pipeline's name, once it exists; None: hybrid
@@ -531,6 +582,9 @@ class OpenSearchStore:
         #: Why there is no pipeline, when the cluster refused to create one.
         self.hybrid_pipeline_refusal = ""
         self._backfill: asyncio.Task[None] | None = None
+        #: Every stored memory's text is claimed (older ones by
+        #: `claim_older_memories`): a text without a claim is not stored.
+        self._claims_complete = False
 
     @classmethod
     async def open(
@@ -542,11 +596,12 @@ class OpenSearchStore:
     ) -> OpenSearchStore:
         """`hybrid_weights` (vector, keyword): create the hybrid search pipeline
         with them when missing (`ensure_hybrid_pipeline`)."""
-        client = AsyncOpenSearch(hosts=[url], timeout=30)
+        client = AsyncOpenSearch(hosts=opensearch_hosts(url), timeout=30)
         store = cls(client, prefix)
         try:
             await store._create_indices()
             store._space = await store.get_embedding_space()
+            store._claims_complete = await store._get("meta", CLAIMS_DONE) is not None
             if hybrid_weights is not None:
                 await store.ensure_hybrid_pipeline(*hybrid_weights)
         except BaseException:
@@ -562,6 +617,52 @@ class OpenSearchStore:
             await self.fold_older_documents()
         except Exception as exc:  # the next start tries again
             log.warning("older documents not folded", extra={"error": repr(exc)[:500]})
+        try:
+            await self.claim_older_memories()
+        except Exception as exc:  # the next start tries again
+            log.warning("older memories not claimed", extra={"error": repr(exc)[:500]})
+
+    async def claim_older_memories(self, batch: int = 500) -> int:
+        """Claims the texts of memories stored before texts were claimed (once
+        per cluster; a replica doing it at the same time is harmless); then an
+        add looks a text up by its claim alone. The number claimed."""
+        if self._claims_complete:
+            return 0
+        done = 0
+        after: list[Any] | None = None
+        while True:
+            body: dict[str, Any] = {
+                "size": batch,
+                "_source": ["id", "user_id", "hash", "create_time"],
+                "sort": [{"create_time": "asc"}, {"id": "asc"}],
+            }
+            if after is not None:
+                body["search_after"] = after
+            hits = await self._search("memory", body)
+            if not hits:
+                break
+            actions: list[dict[str, Any]] = []
+            for h in hits:
+                m = h["_source"]
+                actions.append(
+                    {
+                        "create": {
+                            "_index": self.index("memory_hashes"),
+                            "_id": self._claim_id(m["user_id"], m["hash"]),
+                        }
+                    }
+                )
+                actions.append({"user_id": m["user_id"], "memory_id": m["id"], "time": 0.0})
+            reply = await self._client.bulk(body=actions)
+            done += sum(1 for i in reply["items"] if i["create"].get("status") == 201)
+            after = hits[-1]["sort"]
+        await self._client.index(
+            index=self.index("meta"), id=CLAIMS_DONE, body={"value": {"done": True}}
+        )
+        self._claims_complete = True
+        if done:
+            log.info("older memories' texts claimed", extra={"memories": done})
+        return done
 
     async def fold_older_documents(self, batch: int = 500) -> int:
         """Give documents written before the `*_folded` fields existed their
@@ -597,6 +698,7 @@ class OpenSearchStore:
                     actions.append({"update": {"_index": index, "_id": h["_id"]}})
                     actions.append({"doc": {f"{field}_folded": search_form(h["_source"][field])}})
                 await self._bulk(actions)
+                await self._refresh(name)  # the next search must not find these again
                 done += len(hits)
         if done:
             log.info("older documents folded for keyword search", extra={"documents": done})
@@ -636,12 +738,32 @@ class OpenSearchStore:
         for name, properties in MAPPINGS.items():
             index = self.index(name)
             if not await self._client.indices.exists(index=index):
-                await self._client.indices.create(
-                    index=index, body={"mappings": {"properties": properties}}
-                )
-            else:
-                # Fields added since the index was made (the `*_folded` ones).
-                await self._client.indices.put_mapping(index=index, body={"properties": properties})
+                try:
+                    await self._client.indices.create(
+                        index=index, body={"mappings": {"properties": properties}}
+                    )
+                    continue
+                except TransportError as exc:
+                    # Another replica starting at the same time created it.
+                    if exc.error != "resource_already_exists_exception":
+                        raise
+            # Fields added since the index was created (adding is allowed).
+            await self._client.indices.put_mapping(index=index, body={"properties": properties})
+
+    async def _delete_where(self, *, index: str, body: dict[str, Any], refresh: bool) -> Any:
+        """delete_by_query after a refresh: it deletes what a search finds, and
+        a write of any replica since the last refresh is not found yet."""
+        await self._client.indices.refresh(index=index)
+        return await self._client.delete_by_query(index=index, body=body, refresh=refresh)
+
+    async def _refresh(self, name: str) -> None:
+        self._dirty.discard(name)
+        await self._client.indices.refresh(index=self.index(name))
+
+    async def _searchable(self, name: str) -> None:
+        """Refreshes `name` when this process wrote to it since its last refresh."""
+        if name in self._dirty:
+            await self._refresh(name)
 
     async def close(self) -> None:
         if self._backfill is not None:
@@ -671,6 +793,10 @@ class OpenSearchStore:
         return source
 
     async def _search(self, name: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+        await self._searchable(name)
+        return await self._search_as_is(name, body)
+
+    async def _search_as_is(self, name: str, body: dict[str, Any]) -> list[dict[str, Any]]:
         reply = await self._client.search(index=self.index(name), body=body)
         hits: list[dict[str, Any]] = reply["hits"]["hits"]
         return hits
@@ -837,23 +963,58 @@ class OpenSearchStore:
         }
 
     async def _bulk(self, actions: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        reply = await self._client.bulk(body=actions, refresh=WAIT)
+        self._touch(actions)
+        reply = await self._client.bulk(body=actions)
         items: list[dict[str, Any]] = reply["items"]
         if reply.get("errors"):
             failed = [i for i in items if next(iter(i.values())).get("error")]
             raise RuntimeError(f"OpenSearch refused {len(failed)} write(s): {failed[:1]}")
         return items
 
+    def _touch(self, actions: Sequence[Mapping[str, Any]]) -> None:
+        prefix = f"{self._prefix}_"
+        for action in actions:
+            for op in ("create", "index", "update", "delete"):
+                meta = action.get(op)
+                if isinstance(meta, Mapping) and "_index" in meta:
+                    self._dirty.add(str(meta["_index"]).removeprefix(prefix))
+
+    async def _get_versioned(
+        self, name: str, doc_id: str
+    ) -> tuple[dict[str, Any], int, int] | None:
+        """(source, seq_no, primary_term) by realtime get, or None."""
+        found = await self._client.get(index=self.index(name), id=doc_id, ignore=404)
+        if not found.get("found"):
+            return None
+        return found["_source"], int(found["_seq_no"]), int(found["_primary_term"])
+
+    async def _put_if(
+        self, name: str, doc_id: str, body: Mapping[str, Any], seq: int, term: int
+    ) -> None:
+        """Writes the document only if it is still at (seq, term); ConflictError otherwise."""
+        self._dirty.add(name)
+        await self._client.index(
+            index=self.index(name), id=doc_id, body=body, if_seq_no=seq, if_primary_term=term
+        )
+
     # --- conversations ----------------------------------------------------
 
-    async def create_conversation(self, conversation: Conversation) -> None:
-        await self._client.index(
-            index=self.index("conversations"),
-            id=conversation.id,
-            body=_conversation_doc(conversation),
-            op_type="create",
-            refresh=WAIT,
-        )
+    async def create_conversation(self, conversation: Conversation) -> Conversation:
+        self._dirty.add("conversations")
+        try:
+            await self._client.index(
+                index=self.index("conversations"),
+                id=conversation.id,
+                body=_conversation_doc(conversation),
+                op_type="create",
+            )
+        except ConflictError:
+            # A retried create (the id derives from the request id).
+            stored = await self.get_conversation(conversation.user_id, conversation.id)
+            if stored is None:
+                raise ValueError(f"{conversation.id} is another user's conversation") from None
+            return stored
+        return conversation
 
     async def get_conversation(self, user_id: str, conversation_id: str) -> Conversation | None:
         doc = await self._get("conversations", conversation_id)
@@ -872,24 +1033,33 @@ class OpenSearchStore:
         }
         if after is not None:
             body["search_after"] = [after[0], after[1]]
+        # Another replica may have just created one: a listing sees every
+        # acknowledged write (a refresh with nothing new costs little).
+        await self._refresh("conversations")
         return [_conversation(h["_source"]) for h in await self._search("conversations", body)]
 
     async def update_conversation(
         self, user_id: str, conversation_id: str, changes: Mapping[str, object], update_time: float
     ) -> Conversation | None:
-        current = await self.get_conversation(user_id, conversation_id)
-        if current is None:
-            return None
-        doc = {**_conversation_doc(current), **changes, "update_time": update_time}
-        await self._client.index(
-            index=self.index("conversations"), id=conversation_id, body=doc, refresh=WAIT
-        )
-        return _conversation(doc)
+        # Optimistic concurrency: an append on another replica between the
+        # read and the write must not lose its message_count.
+        while True:
+            found = await self._get_versioned("conversations", conversation_id)
+            if found is None or found[0]["user_id"] != user_id:
+                return None
+            source, seq, term = found
+            doc = {**source, **changes, "update_time": update_time}
+            try:
+                await self._put_if("conversations", conversation_id, doc, seq, term)
+            except ConflictError:
+                await asyncio.sleep(_jitter(0.01))
+                continue
+            return _conversation(doc)
 
     async def delete_conversation(self, user_id: str, conversation_id: str) -> int | None:
         if await self.get_conversation(user_id, conversation_id) is None:
             return None
-        reply = await self._client.delete_by_query(
+        reply = await self._delete_where(
             index=self.index("messages"),
             body={
                 "query": {
@@ -904,7 +1074,7 @@ class OpenSearchStore:
             refresh=True,
         )
         if self._space is not None:
-            await self._client.delete_by_query(
+            await self._delete_where(
                 index=self.index("message_vectors"),
                 body={
                     "query": {
@@ -919,71 +1089,112 @@ class OpenSearchStore:
                 refresh=True,
             )
         await self._client.delete(
-            index=self.index("conversations"), id=conversation_id, refresh=WAIT
+            index=self.index("conversations"), id=conversation_id, refresh=True
         )
         return int(reply.get("deleted", 0))
 
     # --- messages ---------------------------------------------------------
 
     async def append_messages(
-        self, user_id: str, conversation_id: str, messages: Sequence[Message], now: float
+        self,
+        user_id: str,
+        conversation_id: str,
+        messages: Sequence[Message],
+        now: float,
+        request_id: str = "",
     ) -> tuple[list[Message], Conversation] | None:
-        async with self._conversation_locks[conversation_id]:
-            current = await self.get_conversation(user_id, conversation_id)
-            if current is None:
+        # Once positions are reserved, the messages are written even if the
+        # caller gives up meanwhile: a reservation never stays without them.
+        return await asyncio.shield(
+            self._append(user_id, conversation_id, list(messages), now, request_id)
+        )
+
+    async def _append(
+        self,
+        user_id: str,
+        conversation_id: str,
+        messages: list[Message],
+        now: float,
+        request_id: str,
+    ) -> tuple[list[Message], Conversation] | None:
+        attempt = 0
+        while True:
+            found = await self._get_versioned("conversations", conversation_id)
+            if found is None or found[0]["user_id"] != user_id:
                 return None
+            source, seq, term = found
+            recent = list((source.get("appends") or {}).get("recent") or [])
+            if request_id:
+                for rid, first, count in recent:
+                    if rid == request_id and count == len(messages):
+                        return await self._replay(user_id, source, messages, first, now)
+            first = int(source["message_count"])
             stored = [
-                Message(
-                    id=m.id,
-                    conversation_id=conversation_id,
-                    role=m.role,
-                    content=m.content,
-                    provider=m.provider,
-                    model=m.model,
-                    prompt_tokens=m.prompt_tokens,
-                    completion_tokens=m.completion_tokens,
-                    create_time=now,
-                    metadata=dict(m.metadata),
-                    position=current.message_count + i,
-                    name=m.name,
-                    tool_calls=tuple(m.tool_calls),
-                    tool_call_id=m.tool_call_id,
-                )
-                for i, m in enumerate(messages)
+                _positioned(conversation_id, m, first + i, now) for i, m in enumerate(messages)
             ]
-            updated = Conversation(
-                **{
-                    **_conversation_doc(current),
-                    "message_count": current.message_count + len(stored),
-                    "update_time": now,
-                }
-            )
-            actions: list[dict[str, Any]] = []
-            for m in stored:
-                actions += [
-                    {"create": {"_index": self.index("messages"), "_id": m.id}},
-                    _message_doc(user_id, m),
-                ]
-            actions += [
-                {"index": {"_index": self.index("conversations"), "_id": conversation_id}},
-                _conversation_doc(updated),
-            ]
+            if request_id:
+                recent = [*recent, [request_id, first, len(stored)]][-RECENT_APPENDS:]
+            doc = {
+                **source,
+                "message_count": first + len(stored),
+                "update_time": now,
+                "appends": {"recent": recent},
+            }
             try:
-                await self._bulk(actions)
-            except RuntimeError:
-                await self._undo_creates("messages", [m.id for m in stored])
-                raise
-            return stored, updated
+                # The reservation: positions first..first+n-1 are this call's.
+                await self._put_if("conversations", conversation_id, doc, seq, term)
+            except ConflictError:
+                # Another append (any replica) came first: read again.
+                attempt += 1
+                await asyncio.sleep(_jitter(min(0.05, 0.002 * 2**attempt)))
+                continue
+            await self._write_messages(user_id, stored)
+            return stored, _conversation(doc)
+
+    async def _replay(
+        self,
+        user_id: str,
+        conversation: Mapping[str, Any],
+        messages: Sequence[Message],
+        first: int,
+        now: float,
+    ) -> tuple[list[Message], Conversation]:
+        """A retried append: the messages stored under its request id (written
+        now if the first call reserved their positions but did not get to it)."""
+        ids = [m.id for m in messages]
+        reply = await self._client.mget(index=self.index("messages"), body={"ids": ids})
+        docs = {d["_id"]: d["_source"] for d in reply["docs"] if d.get("found")}
+        missing = [
+            _positioned(conversation["id"], m, first + i, now)
+            for i, m in enumerate(messages)
+            if m.id not in docs
+        ]
+        if missing:
+            await self._write_messages(user_id, missing)
+            docs.update({m.id: _message_doc(user_id, m) for m in missing})
+        return [_message(docs[i]) for i in ids], _conversation(conversation)
+
+    async def _write_messages(self, user_id: str, stored: Sequence[Message]) -> None:
+        actions: list[dict[str, Any]] = []
+        for m in stored:
+            # `index`, not `create`: writing a reserved message again is harmless.
+            actions += [
+                {"index": {"_index": self.index("messages"), "_id": m.id}},
+                _message_doc(user_id, m),
+            ]
+        await self._bulk(actions)
 
     async def _undo_creates(self, name: str, ids: Sequence[str]) -> None:
         actions = [{"delete": {"_index": self.index(name), "_id": i}} for i in ids]
         if actions:
-            await self._client.bulk(body=actions, refresh=WAIT)
+            self._dirty.add(name)
+            await self._client.bulk(body=actions)
 
     async def list_messages(
         self, user_id: str, conversation_id: str, descending: bool, after: int | None, limit: int
     ) -> list[Message] | None:
-        if await self.get_conversation(user_id, conversation_id) is None:
+        conversation = await self.get_conversation(user_id, conversation_id)
+        if conversation is None:
             return None
         body: dict[str, Any] = {
             "size": limit,
@@ -999,7 +1210,19 @@ class OpenSearchStore:
         }
         if after is not None:
             body["search_after"] = [after]
-        return [_message(h["_source"]) for h in await self._search("messages", body)]
+        found = [_message(h["_source"]) for h in await self._search("messages", body)]
+        # The count is read in real time, the messages by search: fewer than
+        # the count promises means some are not searchable yet (appended on
+        # any replica since the last refresh).
+        count = conversation.message_count
+        if descending:
+            expected = min(limit, count if after is None else max(0, min(after, count)))
+        else:
+            expected = min(limit, max(0, count - (0 if after is None else after + 1)))
+        if len(found) < expected:
+            await self._refresh("messages")
+            found = [_message(h["_source"]) for h in await self._search("messages", body)]
+        return found
 
     async def search_messages(
         self,
@@ -1043,8 +1266,78 @@ class OpenSearchStore:
             return None
         return _memory(doc)
 
+    def _claim_id(self, user_id: str, text_hash: str) -> str:
+        return hashlib.sha256(f"{user_id}\u0000{text_hash}".encode()).hexdigest()
+
+    async def _claimed(self, user_id: str, text_hash: str) -> Memory | None:
+        """The live memory holding this text, by its claim (realtime)."""
+        claim = await self._get("memory_hashes", self._claim_id(user_id, text_hash))
+        if claim is None:
+            return None
+        memory = await self.get_memory(user_id, claim["memory_id"])
+        return memory if memory is not None and memory.hash == text_hash else None
+
+    async def _claim(self, memory: Memory) -> None:
+        """Claims the memory's text for it; DuplicateMemory when a live memory holds it."""
+        claim_id = self._claim_id(memory.user_id, memory.hash)
+        body = {"user_id": memory.user_id, "memory_id": memory.id, "time": time.time()}
+        self._dirty.add("memory_hashes")
+        waited = 0.0
+        while True:
+            try:
+                await self._client.index(
+                    index=self.index("memory_hashes"), id=claim_id, body=body, op_type="create"
+                )
+                return
+            except ConflictError:
+                pass
+            found = await self._get_versioned("memory_hashes", claim_id)
+            if found is None:
+                continue  # released meanwhile
+            source, seq, term = found
+            if source["memory_id"] == memory.id:
+                return
+            holder = await self.get_memory(memory.user_id, source["memory_id"])
+            if holder is not None and holder.hash == memory.hash:
+                raise DuplicateMemory(holder)
+            # No memory behind the claim: its writer is still writing it (a
+            # fresh claim), or it was rewritten, deleted or never written.
+            fresh = time.time() - float(source.get("time", 0.0)) < CLAIM_WRITE_SECONDS
+            if holder is None and fresh and waited < CLAIM_WRITE_SECONDS:
+                await asyncio.sleep(0.02)
+                waited += 0.02
+                continue
+            try:
+                await self._put_if("memory_hashes", claim_id, body, seq, term)
+                return
+            except ConflictError:
+                continue
+
+    async def _release(self, memory_id: str, user_id: str, text_hash: str) -> None:
+        claim_id = self._claim_id(user_id, text_hash)
+        found = await self._get_versioned("memory_hashes", claim_id)
+        if found is None or found[0]["memory_id"] != memory_id:
+            return
+        try:
+            await self._client.delete(
+                index=self.index("memory_hashes"),
+                id=claim_id,
+                if_seq_no=found[1],
+                if_primary_term=found[2],
+            )
+        except (ConflictError, NotFoundError):
+            return
+
     async def find_memory_by_hash(self, user_id: str, text_hash: str) -> Memory | None:
-        hits = await self._search(
+        claimed = await self._claimed(user_id, text_hash)
+        if claimed is not None:
+            return claimed
+        if self._claims_complete:
+            return None
+        # Memories stored before texts were claimed, until they are: searchable
+        # long since, so no refresh (memories stored since are found by their
+        # claims, in real time).
+        hits = await self._search_as_is(
             "memory",
             {
                 "size": 1,
@@ -1072,18 +1365,29 @@ class OpenSearchStore:
         }
         if after is not None:
             body["search_after"] = [after[0], after[1]]
+        await self._refresh("memory")
         return [_memory(h["_source"]) for h in await self._search("memory", body)]
 
     async def apply_memory_changes(self, user_id: str, changes: Sequence[MemoryChange]) -> None:
         # Check first: every change must be possible before anything is written.
+        previous: dict[str, dict[str, Any]] = {}
         for change in changes:
             if change.memory.user_id != user_id:
                 raise ValueError("a change names another user's memory")
+            if change.event == EVENT_ADD:
+                # Written with `create`: an id taken already is refused by
+                # OpenSearch itself (409, undone below), no lookup needed.
+                continue
             existing = await self._get("memory", change.memory.id)
             if change.event == EVENT_ADD and existing is not None:
                 raise ValueError(f"memory {change.memory.id} already exists")
             if change.event != EVENT_ADD and (existing is None or existing["user_id"] != user_id):
                 raise ValueError(f"memory {change.memory.id} does not exist")
+            if existing is not None:
+                previous[change.memory.id] = existing
+        # Then the texts added: a text another replica has just stored is
+        # refused as a whole (DuplicateMemory), before anything is written.
+        claimed = await self._claim_all([c.memory for c in changes if c.event == EVENT_ADD])
         key = space_key(self._space) if self._space else ""
         memories, vectors, history = (
             self.index("memory"),
@@ -1099,8 +1403,7 @@ class OpenSearchStore:
                 has_vector = change.vector is not None and self._space is not None
                 space = key if has_vector else ""
                 if change.event == EVENT_UPDATE and change.vector is None:
-                    previous = await self._get("memory", memory.id)
-                    space = (previous or {}).get("vector_space", "")
+                    space = previous.get(memory.id, {}).get("vector_space", "")
                 op = "create" if change.event == EVENT_ADD else "index"
                 actions += [
                     {op: {"_index": memories, "_id": memory.id}},
@@ -1136,7 +1439,8 @@ class OpenSearchStore:
                     _history_doc(user_id, self._next_seq(), change.history),
                 ]
         if actions:
-            reply = await self._client.bulk(body=actions, refresh=WAIT)
+            self._touch(actions)
+            reply = await self._client.bulk(body=actions)
             failed = [
                 item
                 for item in reply["items"]
@@ -1144,10 +1448,10 @@ class OpenSearchStore:
                 if result.get("error") and not (op == "delete" and result.get("status") == 404)
             ]
             if failed:
-                await self._undo_creates("memory", created)
-                raise RuntimeError(f"OpenSearch refused {len(failed)} write(s): {failed[:1]}")
+                await self._refused(user_id, reply["items"], created, claimed)
+        await self._follow_claims(user_id, changes, previous)
         for memory_id in erased:
-            await self._client.delete_by_query(
+            await self._delete_where(
                 index=history,
                 body={
                     "query": {
@@ -1162,17 +1466,85 @@ class OpenSearchStore:
                 refresh=True,
             )
 
+    async def _refused(
+        self,
+        user_id: str,
+        items: Sequence[Mapping[str, Any]],
+        created: Sequence[str],
+        claimed: Sequence[Memory],
+    ) -> None:
+        """Undoes a change set OpenSearch refused in part, then raises: DuplicateMemory
+        when a memory to create exists already (the same request, retried)."""
+        results = [(op, result) for item in items for op, result in item.items()]
+        # Undo only what this call created: a create refused with 409 is the
+        # other call's memory.
+        mine = {r["_id"] for op, r in results if op == "create" and r.get("status") == 201}
+        await self._undo_creates("memory", [i for i in created if i in mine])
+        # And the history entries it wrote for them.
+        history = self.index("history")
+        await self._undo_creates(
+            "history",
+            [
+                r["_id"]
+                for op, r in results
+                if op == "create" and r.get("status") == 201 and r.get("_index") == history
+            ],
+        )
+        taken = [
+            r["_id"]
+            for op, r in results
+            if op == "create" and r.get("status") == 409 and r["_id"] in created
+        ]
+        for memory in claimed:
+            if memory.id not in taken:
+                await self._release(memory.id, memory.user_id, memory.hash)
+        holder = await self.get_memory(user_id, taken[0]) if taken else None
+        if holder is not None:
+            raise DuplicateMemory(holder)
+        failed = [r for op, r in results if r.get("error")]
+        raise RuntimeError(f"OpenSearch refused {len(failed)} write(s): {failed[:1]}")
+
+    async def _claim_all(self, memories: Sequence[Memory]) -> list[Memory]:
+        """Claims every text, or none (DuplicateMemory)."""
+        claimed: list[Memory] = []
+        try:
+            for memory in memories:
+                await self._claim(memory)
+                claimed.append(memory)
+        except DuplicateMemory:
+            for memory in claimed:
+                await self._release(memory.id, memory.user_id, memory.hash)
+            raise
+        return claimed
+
+    async def _follow_claims(
+        self,
+        user_id: str,
+        changes: Sequence[MemoryChange],
+        previous: Mapping[str, Mapping[str, Any]],
+    ) -> None:
+        """Claims follow texts that changed or went (a stale claim is harmless:
+        it is checked against its memory, and taken over)."""
+        for change in changes:
+            before = previous.get(change.memory.id)
+            if before is None:
+                continue
+            if change.event == EVENT_DELETE or (
+                change.event == EVENT_UPDATE and before["hash"] != change.memory.hash
+            ):
+                await self._release(change.memory.id, user_id, before["hash"])
+            if change.event == EVENT_UPDATE and before["hash"] != change.memory.hash:
+                # Another memory may hold this text already: it keeps the claim.
+                with contextlib.suppress(DuplicateMemory):
+                    await self._claim(change.memory)
+
     async def delete_all_memories(self, user_id: str) -> int:
         query = {"query": {"bool": {"filter": [{"term": {"user_id": user_id}}]}}}
-        reply = await self._client.delete_by_query(
-            index=self.index("memory"), body=query, refresh=True
-        )
-        for name in ("history", "jobs", "finished_jobs"):
-            await self._client.delete_by_query(index=self.index(name), body=query, refresh=True)
+        reply = await self._delete_where(index=self.index("memory"), body=query, refresh=True)
+        for name in ("history", "jobs", "finished_jobs", "memory_hashes"):
+            await self._delete_where(index=self.index(name), body=query, refresh=True)
         if self._space is not None:
-            await self._client.delete_by_query(
-                index=self.index("memory_vectors"), body=query, refresh=True
-            )
+            await self._delete_where(index=self.index("memory_vectors"), body=query, refresh=True)
         return int(reply.get("deleted", 0))
 
     async def history(
@@ -1189,6 +1561,7 @@ class OpenSearchStore:
         }
         if after is not None:
             body["search_after"] = [after]
+        await self._refresh("history")
         hits = await self._search("history", body)
         if not hits and after is None and await self.get_memory(user_id, memory_id) is None:
             return None
@@ -1232,6 +1605,7 @@ class OpenSearchStore:
             return None
         if len(vector) != self._space.dimension or not keyword_text(query):
             return None
+        await self._searchable("memory_vectors")
         reply = await self._client.search(
             index=self.index("memory_vectors"),
             body=hybrid_query_body(user_id, query, vector, memory_filter, min(limit, MAX_RESULTS)),
@@ -1247,9 +1621,16 @@ class OpenSearchStore:
     # --- extraction queue -------------------------------------------------
 
     async def enqueue_job(self, job: ExtractionJob) -> None:
-        await self._client.index(
-            index=self.index("jobs"), id=job.id, body=_job_doc(job), op_type="create", refresh=WAIT
-        )
+        # No refresh: the queue finds it within the refresh interval.
+        if await self._get("finished_jobs", job.id) is not None:
+            return  # a retried call's job that ran already
+        self._dirty.add("jobs")
+        try:
+            await self._client.index(
+                index=self.index("jobs"), id=job.id, body=_job_doc(job), op_type="create"
+            )
+        except ConflictError:
+            return  # queued already (a retried call: the id derives from its request id)
 
     async def due_jobs(self, now: float, limit: int) -> list[ExtractionJob]:
         hits = await self._search(
@@ -1261,6 +1642,21 @@ class OpenSearchStore:
             },
         )
         return [_job(h["_source"]) for h in hits]
+
+    async def take_job(self, job_id: str, now: float, lease_seconds: float) -> bool:
+        # Optimistic concurrency: of the replicas that found the job due, the
+        # first to move its next attempt past the lease runs it.
+        found = await self._get_versioned("jobs", job_id)
+        if found is None or found[0]["next_attempt_time"] > now:
+            return False
+        source, seq, term = found
+        try:
+            await self._put_if(
+                "jobs", job_id, {**source, "next_attempt_time": now + lease_seconds}, seq, term
+            )
+        except (ConflictError, NotFoundError):
+            return False
+        return True
 
     async def get_job(self, user_id: str, job_id: str) -> ExtractionJob | None:
         doc = await self._get("jobs", job_id)
@@ -1304,7 +1700,7 @@ class OpenSearchStore:
         )
         with contextlib.suppress(NotFoundError):
             await self._client.delete(index=self.index("jobs"), id=job_id, refresh=WAIT)
-        await self._client.delete_by_query(
+        await self._delete_where(
             index=self.index("finished_jobs"),
             body={"query": {"range": {"finish_time": {"lt": finish_time - FINISHED_JOB_SECONDS}}}},
             refresh=True,
@@ -1322,8 +1718,15 @@ class OpenSearchStore:
         await self._client.index(index=self.index("jobs"), id=job_id, body=doc, refresh=WAIT)
 
     async def count_jobs(self) -> int:
+        await self._searchable("jobs")
         reply = await self._client.count(index=self.index("jobs"))
         return int(reply["count"])
+
+    async def oldest_job_time(self) -> float | None:
+        hits = await self._search(
+            "jobs", {"size": 1, "query": {"match_all": {}}, "sort": [{"create_time": "asc"}]}
+        )
+        return float(hits[0]["_source"]["create_time"]) if hits else None
 
 
 def index_prefix(text: str) -> str:

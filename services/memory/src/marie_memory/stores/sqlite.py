@@ -459,6 +459,9 @@ class _UserVectors:
 class SqliteStore:
     """The `Store` on one SQLite file. Open with `await SqliteStore.open(path)`."""
 
+    #: One process writes the file: its memory adds of a user take turns.
+    claims_texts = False
+
     def __init__(self, path: Path, connection: sqlite3.Connection, executor: ThreadPoolExecutor):
         self.path = path
         self._db = connection
@@ -642,26 +645,33 @@ class SqliteStore:
 
     # --- conversations ----------------------------------------------------
 
-    async def create_conversation(self, conversation: Conversation) -> None:
-        def _insert() -> None:
+    async def create_conversation(self, conversation: Conversation) -> Conversation:
+        def _insert() -> Conversation:
             c = conversation
-            self._db.execute(
-                f"INSERT INTO conversations ({_CONVERSATION_COLUMNS}) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    c.id,
-                    c.user_id,
-                    c.title,
-                    c.provider,
-                    c.model,
-                    _dumps(dict(c.metadata)),
-                    c.create_time,
-                    c.update_time,
-                    c.message_count,
-                ),
-            )
+            with self._transaction():
+                # An id that exists already is a retried create (ids from a
+                # request id): the stored conversation is the answer.
+                self._db.execute(
+                    f"INSERT OR IGNORE INTO conversations ({_CONVERSATION_COLUMNS}) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        c.id,
+                        c.user_id,
+                        c.title,
+                        c.provider,
+                        c.model,
+                        _dumps(dict(c.metadata)),
+                        c.create_time,
+                        c.update_time,
+                        c.message_count,
+                    ),
+                )
+                stored = self._get_conversation(c.user_id, c.id)
+            if stored is None:
+                raise ValueError(f"conversation {c.id} belongs to another user")
+            return stored
 
-        await self._run(_insert)
+        return await self._run(_insert)
 
     def _get_conversation(self, user_id: str, conversation_id: str) -> Conversation | None:
         row = self._db.execute(
@@ -730,13 +740,29 @@ class SqliteStore:
     # --- messages ---------------------------------------------------------
 
     async def append_messages(
-        self, user_id: str, conversation_id: str, messages: Sequence[Message], now: float
+        self,
+        user_id: str,
+        conversation_id: str,
+        messages: Sequence[Message],
+        now: float,
+        request_id: str = "",
     ) -> tuple[list[Message], Conversation] | None:
         def _append() -> tuple[list[Message], Conversation] | None:
             with self._transaction():
                 conversation = self._get_conversation(user_id, conversation_id)
                 if conversation is None:
                     return None
+                if request_id:
+                    # Ids derive from the request id: stored ids mean a retried call.
+                    ids = [m.id for m in messages]
+                    marks = ", ".join("?" * len(ids))
+                    rows = self._db.execute(
+                        f"SELECT {_MESSAGE_COLUMNS} FROM messages "
+                        f"WHERE conversation_id = ? AND id IN ({marks}) ORDER BY position",
+                        (conversation_id, *ids),
+                    ).fetchall()
+                    if rows:
+                        return [_message(r) for r in rows], conversation
                 stored = []
                 for offset, m in enumerate(messages):
                     position = conversation.message_count + offset
@@ -1094,8 +1120,13 @@ class SqliteStore:
 
     async def enqueue_job(self, job: ExtractionJob) -> None:
         def _insert() -> None:
+            # A retried call's job (its id derives from the request id) that
+            # ran already is not queued again.
+            if self._db.execute("SELECT 1 FROM finished_jobs WHERE id = ?", (job.id,)).fetchone():
+                return
             self._db.execute(
-                f"INSERT INTO extraction_jobs ({_JOB_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT OR IGNORE INTO extraction_jobs ({_JOB_COLUMNS}) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
                     job.id,
                     job.user_id,
@@ -1177,6 +1208,16 @@ class SqliteStore:
 
         await self._run(_finish)
 
+    async def take_job(self, job_id: str, now: float, lease_seconds: float) -> bool:
+        cursor = await self._run(
+            lambda: self._db.execute(
+                "UPDATE extraction_jobs SET next_attempt_time = ? "
+                "WHERE id = ? AND next_attempt_time <= ?",
+                (now + lease_seconds, job_id, now),
+            )
+        )
+        return bool(cursor.rowcount == 1)
+
     async def retry_job(self, job_id: str, next_attempt_time: float, error: str) -> None:
         await self._run(
             lambda: self._db.execute(
@@ -1191,3 +1232,9 @@ class SqliteStore:
             lambda: self._db.execute("SELECT COUNT(*) FROM extraction_jobs").fetchone()
         )
         return int(row[0])
+
+    async def oldest_job_time(self) -> float | None:
+        row = await self._run(
+            lambda: self._db.execute("SELECT MIN(create_time) FROM extraction_jobs").fetchone()
+        )
+        return None if row[0] is None else float(row[0])

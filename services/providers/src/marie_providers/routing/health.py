@@ -15,6 +15,7 @@ import math
 
 from marie.providers.v1 import provider_service_pb2 as pb
 
+from marie_providers.routing.metrics import HEALTHY
 from marie_providers.routing.registry import ModelRegistry
 from marie_providers.routing.router import Router
 from marie_providers.upstream.provider import Provider
@@ -68,7 +69,9 @@ class HealthMonitor:
         except Exception:
             log.exception("health probe of %s failed", provider.name)
             return
-        if health.status == pb.HEALTH_STATUS_HEALTHY:
+        healthy = health.status == pb.HEALTH_STATUS_HEALTHY
+        HEALTHY.labels(provider.name).set(1.0 if healthy else 0.0)
+        if healthy:
             self._router.vouch(provider.name, sent)
         previous = self._latest.get(provider.name)
         self._latest[provider.name] = health

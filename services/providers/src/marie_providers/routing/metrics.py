@@ -1,6 +1,6 @@
 """The routing's Prometheus metrics: each circuit breaker's state (read when
-scraped, never kept up to date on the request path) and the calls refused
-without asking an upstream, by lane.
+scraped, never kept up to date on the request path), the calls refused
+without asking an upstream, by lane, and each provider's last probed health.
 
 Labels are provider, model id (only models a provider lists or the
 configuration names ever get a breaker), operation, reason and lane.
@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Iterator
 from enum import Enum
 
 from marie_kit.metrics import Children
-from prometheus_client import REGISTRY, Counter
+from prometheus_client import REGISTRY, Counter, Gauge
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -29,6 +29,13 @@ REFUSED = Counter(
     ["provider", "operation", "reason", "lane"],
 )
 _refused = Children(REFUSED)
+
+HEALTHY = Gauge(
+    "marie_providers_healthy",
+    "1 when the provider's last health probe found it healthy, else 0"
+    " (unreachable, an error, or no key).",
+    ["provider"],
+)
 
 
 def refused(provider: str, operation: str, reason: str, background: bool) -> None:

@@ -24,6 +24,7 @@ from typing import TypeVar
 import grpc
 from google.protobuf import timestamp_pb2
 from marie.providers.v1 import provider_service_pb2 as pb
+from marie_kit import tracing
 from marie_kit.errors import ServiceError
 
 from marie_providers.config import RoutingConfig
@@ -442,8 +443,14 @@ class Router:
         ) -> AsyncGenerator[pb.StreamChatCompletionResponse, None]:
             provider, model = deployment.provider, deployment.model
             if isinstance(request, pb.StreamCompletionRequest):
-                return provider.stream_completion(request, model, completion_id, created)
-            return provider.stream_chat(request, model, completion_id, created)
+                chunks = provider.stream_completion(request, model, completion_id, created)
+            else:
+                chunks = provider.stream_chat(request, model, completion_id, created)
+            if tracing.STATE.enabled and tracing.recording():
+                from marie_providers.upstream import telemetry  # noqa: PLC0415 - tracing on only
+
+                return telemetry.traced_stream(provider, model, request, chunks)
+            return chunks
 
         return self._stream(plan, open_stream, request, deadline, background)
 
@@ -537,7 +544,14 @@ class Router:
         """Embeddings from the first deployment that answers."""
 
         async def call(deployment: Deployment) -> pb.CreateEmbeddingsResponse:
-            return await deployment.provider.embed(request, deployment.model)
+            provider, model = deployment.provider, deployment.model
+            if tracing.STATE.enabled and tracing.recording():
+                from marie_providers.upstream import telemetry  # noqa: PLC0415 - tracing on only
+
+                return await telemetry.traced_embed(
+                    provider, model, lambda: provider.embed(request, model)
+                )
+            return await provider.embed(request, model)
 
         deployment, response = await self._attempts(
             plan, Operation.EMBEDDINGS, call, deadline, background=background

@@ -40,6 +40,7 @@ from typing import cast
 
 import httptools
 import httpx
+from marie_kit import tracing
 
 #: Unread response bytes past which the socket is not read until some are consumed.
 _HIGH_WATER = 256 * 1024
@@ -622,27 +623,61 @@ class UpstreamClient:
 
         On the direct path the response's `stream` yields the body as it
         arrives; `body` reads it without httpx's decoding layers when there
-        is nothing to decode.
+        is nothing to decode. With tracing on, the call is a CLIENT span
+        (until the response is closed) whose context the upstream receives
+        in `traceparent`.
         """
-        direct = self._direct
-        if direct is None:
-            async with self.http.stream("POST", path, content=content, headers=headers) as response:
-                yield response
-            return
-        data = b"%bcontent-length: %d\r\n\r\n%b" % (
-            self._head(path, headers),
-            len(content),
-            content,
-        )
-        response = await direct.roundtrip(
-            self._origin,
-            self._timeouts,
-            lambda connection: connection.exchange(data, self._timeouts),
-        )
+        span = None
+        trace_headers: dict[str, str] = {}
+        if tracing.STATE.enabled and tracing.recording():
+            span, trace_headers = tracing.start_client_span(
+                "POST",
+                {
+                    "http.request.method": "POST",
+                    # Host, port and path only: the base URL may hold credentials.
+                    "server.address": self._origin[1].decode(),
+                    "server.port": self._origin[2],
+                    # As httpx joins them (the base URL ends with "/").
+                    "url.path": self.http.base_url.path + path.lstrip("/"),
+                },
+            )
         try:
-            yield response
+            direct = self._direct
+            if direct is None:
+                async with self.http.stream(
+                    "POST", path, content=content, headers={**headers, **trace_headers}
+                ) as response:
+                    if span is not None:
+                        tracing.http_answered(span, response.status_code)
+                    yield response
+                return
+            extra = b"".join(
+                k.encode() + b": " + v.encode() + _CRLF for k, v in trace_headers.items()
+            )
+            data = b"%b%bcontent-length: %d\r\n\r\n%b" % (
+                self._head(path, headers),
+                extra,
+                len(content),
+                content,
+            )
+            response = await direct.roundtrip(
+                self._origin,
+                self._timeouts,
+                lambda connection: connection.exchange(data, self._timeouts),
+            )
+            if span is not None:
+                tracing.http_answered(span, response.status_code)
+            try:
+                yield response
+            finally:
+                await response.aclose()
+        except BaseException as exc:
+            if span is not None:
+                tracing.record_failure(span, exc)
+            raise
         finally:
-            await response.aclose()
+            if span is not None:
+                span.end()
 
     @staticmethod
     def body(response: httpx.Response) -> AsyncIterator[bytes]:

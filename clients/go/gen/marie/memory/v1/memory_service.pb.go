@@ -408,7 +408,13 @@ type CreateConversationRequest struct {
 	// the service does not check it against the providers service.
 	Model string `protobuf:"bytes,4,opt,name=model,proto3" json:"model,omitempty"`
 	// Metadata. Optional.
-	Metadata      map[string]string `protobuf:"bytes,5,rep,name=metadata,proto3" json:"metadata,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	Metadata map[string]string `protobuf:"bytes,5,rep,name=metadata,proto3" json:"metadata,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	// Optional idempotency key, unique per call for this user (e.g. a UUID, or
+	// the caller's request id); at most 128 printable ASCII characters. A
+	// retried call with the same `request_id` creates nothing and returns the
+	// conversation the first call created (as it is now). Empty: every call
+	// creates a conversation.
+	RequestId     string `protobuf:"bytes,6,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -476,6 +482,13 @@ func (x *CreateConversationRequest) GetMetadata() map[string]string {
 		return x.Metadata
 	}
 	return nil
+}
+
+func (x *CreateConversationRequest) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
 }
 
 // CreateConversationResponse carries the new conversation.
@@ -1222,7 +1235,12 @@ type AppendMessagesRequest struct {
 	// The messages to append, in order; 1 to 100 of them. Each needs a `role`;
 	// the output-only fields (`id`, `conversation_id`, `create_time`,
 	// `position`) are ignored and assigned by the service.
-	Messages      []*Message `protobuf:"bytes,3,rep,name=messages,proto3" json:"messages,omitempty"`
+	Messages []*Message `protobuf:"bytes,3,rep,name=messages,proto3" json:"messages,omitempty"`
+	// Optional idempotency key, unique per append (e.g. a UUID, or the
+	// caller's request id); at most 128 printable ASCII characters. A call
+	// repeating a `request_id` among the conversation's last 64 appends stores
+	// nothing and returns the messages stored under it. Empty: not idempotent.
+	RequestId     string `protobuf:"bytes,4,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1276,6 +1294,13 @@ func (x *AppendMessagesRequest) GetMessages() []*Message {
 		return x.Messages
 	}
 	return nil
+}
+
+func (x *AppendMessagesRequest) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
 }
 
 // AppendMessagesResponse carries the stored messages.
@@ -2051,7 +2076,13 @@ type AddMemoriesRequest struct {
 	// (retried by time, up to an age limit), and fails only when the model's
 	// output is unusable twice or no retry can help (e.g. MODEL_NOT_ALLOWED).
 	// GetExtractionJob tells its state. Ignored when not inferring.
-	Background    bool `protobuf:"varint,10,opt,name=background,proto3" json:"background,omitempty"`
+	Background bool `protobuf:"varint,10,opt,name=background,proto3" json:"background,omitempty"`
+	// Optional idempotency key, unique per call for this user (e.g. a UUID, or
+	// the caller's request id); at most 128 printable ASCII characters. With
+	// `infer` false, the memories a retried call would add are those the first
+	// call added (same ids), so nothing is stored twice; with `background`,
+	// the same job is answered. Empty: not idempotent.
+	RequestId     string `protobuf:"bytes,11,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2154,6 +2185,13 @@ func (x *AddMemoriesRequest) GetBackground() bool {
 		return x.Background
 	}
 	return false
+}
+
+func (x *AddMemoriesRequest) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
 }
 
 // AddMemoriesResult is what happened to one memory during AddMemories.
@@ -3554,13 +3592,15 @@ const file_marie_memory_v1_memory_service_proto_rawDesc = "" +
 	"\bmetadata\x18\t \x03(\v2+.marie.memory.v1.Conversation.MetadataEntryR\bmetadata\x1a;\n" +
 	"\rMetadataEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x8f\x02\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xae\x02\n" +
 	"\x19CreateConversationRequest\x12\x17\n" +
 	"\auser_id\x18\x01 \x01(\tR\x06userId\x12\x14\n" +
 	"\x05title\x18\x02 \x01(\tR\x05title\x12\x1a\n" +
 	"\bprovider\x18\x03 \x01(\tR\bprovider\x12\x14\n" +
 	"\x05model\x18\x04 \x01(\tR\x05model\x12T\n" +
-	"\bmetadata\x18\x05 \x03(\v28.marie.memory.v1.CreateConversationRequest.MetadataEntryR\bmetadata\x1a;\n" +
+	"\bmetadata\x18\x05 \x03(\v28.marie.memory.v1.CreateConversationRequest.MetadataEntryR\bmetadata\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x06 \x01(\tR\trequestId\x1a;\n" +
 	"\rMetadataEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"_\n" +
@@ -3617,11 +3657,13 @@ const file_marie_memory_v1_memory_service_proto_rawDesc = "" +
 	"toolCallId\x1a;\n" +
 	"\rMetadataEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x8f\x01\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xae\x01\n" +
 	"\x15AppendMessagesRequest\x12\x17\n" +
 	"\auser_id\x18\x01 \x01(\tR\x06userId\x12'\n" +
 	"\x0fconversation_id\x18\x02 \x01(\tR\x0econversationId\x124\n" +
-	"\bmessages\x18\x03 \x03(\v2\x18.marie.memory.v1.MessageR\bmessages\"\x91\x01\n" +
+	"\bmessages\x18\x03 \x03(\v2\x18.marie.memory.v1.MessageR\bmessages\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x04 \x01(\tR\trequestId\"\x91\x01\n" +
 	"\x16AppendMessagesResponse\x124\n" +
 	"\bmessages\x18\x01 \x03(\v2\x18.marie.memory.v1.MessageR\bmessages\x12A\n" +
 	"\fconversation\x18\x02 \x01(\v2\x1d.marie.memory.v1.ConversationR\fconversation\"\xae\x01\n" +
@@ -3687,7 +3729,7 @@ const file_marie_memory_v1_memory_service_proto_rawDesc = "" +
 	"\x04role\x18\x01 \x01(\x0e2\x1c.marie.memory.v1.MessageRoleR\x04role\x12\x18\n" +
 	"\acontent\x18\x02 \x01(\tR\acontent\x12\x1d\n" +
 	"\n" +
-	"message_id\x18\x03 \x01(\tR\tmessageId\"\xf5\x03\n" +
+	"message_id\x18\x03 \x01(\tR\tmessageId\"\x94\x04\n" +
 	"\x12AddMemoriesRequest\x12\x17\n" +
 	"\auser_id\x18\x01 \x01(\tR\x06userId\x12:\n" +
 	"\bmessages\x18\x02 \x03(\v2\x1e.marie.memory.v1.SourceMessageR\bmessages\x12\x19\n" +
@@ -3703,7 +3745,9 @@ const file_marie_memory_v1_memory_service_proto_rawDesc = "" +
 	"\n" +
 	"background\x18\n" +
 	" \x01(\bR\n" +
-	"background\x1a;\n" +
+	"background\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\v \x01(\tR\trequestId\x1a;\n" +
 	"\rMetadataEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01B\b\n" +

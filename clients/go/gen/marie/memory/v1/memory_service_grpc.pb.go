@@ -102,7 +102,8 @@ const (
 //   - INTERNAL (reason INTERNAL): a bug; the message never carries a stack
 //     trace.
 type MemoryServiceClient interface {
-	// Creates an empty conversation for a user.
+	// Creates an empty conversation for a user. Idempotent when `request_id`
+	// is set.
 	// Errors: INVALID_ARGUMENT.
 	CreateConversation(ctx context.Context, in *CreateConversationRequest, opts ...grpc.CallOption) (*CreateConversationResponse, error)
 	// Returns one conversation (without its messages).
@@ -125,8 +126,10 @@ type MemoryServiceClient interface {
 	DeleteConversation(ctx context.Context, in *DeleteConversationRequest, opts ...grpc.CallOption) (*DeleteConversationResponse, error)
 	// Appends one or more messages to the end of a conversation, in the order
 	// given, atomically: either all of them are stored or none is. Updates the
-	// conversation's `message_count` and `update_time`. Not idempotent: a
-	// retried call appends the messages again.
+	// conversation's `message_count` and `update_time`. Idempotent when
+	// `request_id` is set: a retried call with the same `request_id` appends
+	// nothing and answers with the messages the first call stored. Without it,
+	// a retried call appends the messages again.
 	// Errors: INVALID_ARGUMENT, NOT_FOUND (CONVERSATION_NOT_FOUND).
 	AppendMessages(ctx context.Context, in *AppendMessagesRequest, opts ...grpc.CallOption) (*AppendMessagesResponse, error)
 	// Lists a conversation's messages, oldest first by default, page by page.
@@ -155,7 +158,11 @@ type MemoryServiceClient interface {
 	//
 	// Every ADD, UPDATE and DELETE is written to the memory's history. This
 	// call can take seconds when inferring; give it a deadline that allows it.
-	// Not idempotent with `infer` true.
+	// Idempotent when `request_id` is set and `infer` is false (the memories
+	// are stored once, and a retried call answers with them), or with
+	// `background` (the job is queued once, and a retried call answers with
+	// its id). A retried synchronous inferring call runs extraction again,
+	// whose dedupe against stored memories usually answers NONE.
 	// Errors: INVALID_ARGUMENT, INVALID_ARGUMENT (MODEL_NOT_FOUND), NOT_FOUND
 	// (CONVERSATION_NOT_FOUND, when `conversation_id` is set),
 	// FAILED_PRECONDITION (EXTRACTION_MODEL_NOT_CONFIGURED), UNAVAILABLE
@@ -450,7 +457,8 @@ func (c *memoryServiceClient) GetExtractionJob(ctx context.Context, in *GetExtra
 //   - INTERNAL (reason INTERNAL): a bug; the message never carries a stack
 //     trace.
 type MemoryServiceServer interface {
-	// Creates an empty conversation for a user.
+	// Creates an empty conversation for a user. Idempotent when `request_id`
+	// is set.
 	// Errors: INVALID_ARGUMENT.
 	CreateConversation(context.Context, *CreateConversationRequest) (*CreateConversationResponse, error)
 	// Returns one conversation (without its messages).
@@ -473,8 +481,10 @@ type MemoryServiceServer interface {
 	DeleteConversation(context.Context, *DeleteConversationRequest) (*DeleteConversationResponse, error)
 	// Appends one or more messages to the end of a conversation, in the order
 	// given, atomically: either all of them are stored or none is. Updates the
-	// conversation's `message_count` and `update_time`. Not idempotent: a
-	// retried call appends the messages again.
+	// conversation's `message_count` and `update_time`. Idempotent when
+	// `request_id` is set: a retried call with the same `request_id` appends
+	// nothing and answers with the messages the first call stored. Without it,
+	// a retried call appends the messages again.
 	// Errors: INVALID_ARGUMENT, NOT_FOUND (CONVERSATION_NOT_FOUND).
 	AppendMessages(context.Context, *AppendMessagesRequest) (*AppendMessagesResponse, error)
 	// Lists a conversation's messages, oldest first by default, page by page.
@@ -503,7 +513,11 @@ type MemoryServiceServer interface {
 	//
 	// Every ADD, UPDATE and DELETE is written to the memory's history. This
 	// call can take seconds when inferring; give it a deadline that allows it.
-	// Not idempotent with `infer` true.
+	// Idempotent when `request_id` is set and `infer` is false (the memories
+	// are stored once, and a retried call answers with them), or with
+	// `background` (the job is queued once, and a retried call answers with
+	// its id). A retried synchronous inferring call runs extraction again,
+	// whose dedupe against stored memories usually answers NONE.
 	// Errors: INVALID_ARGUMENT, INVALID_ARGUMENT (MODEL_NOT_FOUND), NOT_FOUND
 	// (CONVERSATION_NOT_FOUND, when `conversation_id` is set),
 	// FAILED_PRECONDITION (EXTRACTION_MODEL_NOT_CONFIGURED), UNAVAILABLE

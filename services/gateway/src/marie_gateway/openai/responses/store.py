@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
@@ -83,6 +84,8 @@ class ResponseStore:
                     title="OpenAI response",
                     model=model[:256],
                     metadata={"object": "response"},
+                    # A call retried on another replica creates one.
+                    request_id="gw:" + secrets.token_hex(16),
                 ),
                 timeout=timeout,
                 metadata=metadata,
@@ -118,6 +121,8 @@ class ResponseStore:
                     user_id=user_id,
                     conversation_id=response_id[len(PREFIX) :],
                     messages=messages,
+                    # One record per response, even when the call is retried.
+                    request_id=response_id,
                 ),
                 timeout=timeout,
                 metadata=metadata,

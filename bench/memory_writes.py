@@ -1,0 +1,197 @@
+"""Memory writes with replicas in mind: `AddMemories` (`infer: false`) and
+conversation turns (`AppendMessages` of two messages), over gRPC, on a real
+OpenSearch node at the store's own refresh interval (1 s, not the tests'
+100 ms), with the SQLite store measured in the same run as the baseline.
+
+Concurrency 16. Memory writes: each call one new text (a new memory, its
+text claimed, its history written). Turns: all on one conversation (positions
+reserved with optimistic concurrency, so conflicts are part of the cost),
+then checked: unique positions, `message_count` = messages stored.
+No embedding model: the store's path alone (an embedding model adds its own
+call per text).
+
+Usage: make bench   (or .venv/bin/python bench/memory_writes.py --calls 400)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from marie.memory.v1 import memory_service_pb2 as mpb  # noqa: E402
+from marie.memory.v1 import memory_service_pb2_grpc as mpb_grpc  # noqa: E402
+from marie_kit.channels import insecure_channel  # noqa: E402
+from marie_kit.server import start_server  # noqa: E402
+from marie_memory.service import MemoryComponent  # noqa: E402
+from marie_memory.settings import MemorySettings  # noqa: E402
+
+from tests.opensearch_node import OpenSearchNode  # noqa: E402
+
+CONCURRENCY = 16
+USER = "bench-user"
+
+
+async def _timed(calls: int, one: Callable[[int], Awaitable[object]]) -> list[float]:
+    """Latencies (ms) of `calls` calls of `one(i)`, CONCURRENCY at a time."""
+    out: list[float] = []
+    next_i = 0
+
+    async def worker() -> None:
+        nonlocal next_i
+        while next_i < calls:
+            i = next_i
+            next_i += 1
+            started = time.perf_counter()
+            await one(i)
+            out.append((time.perf_counter() - started) * 1000)
+
+    await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+    return out
+
+
+Row = tuple[str, str, float, float, float]
+
+
+def _row(store: str, what: str, ms: list[float]) -> Row:
+    ms = sorted(ms)
+    return (
+        store,
+        what,
+        statistics.median(ms),
+        ms[int(len(ms) * 0.95) - 1],
+        len(ms) / (sum(ms) / 1000 / CONCURRENCY),
+    )
+
+
+async def _measure(settings: MemorySettings, calls: int, label: str) -> list[Row]:
+    server = await start_server([MemoryComponent(settings)])
+    rows: list[Row] = []
+    try:
+        async with insecure_channel(server.target) as channel:
+            stub = mpb_grpc.MemoryServiceStub(channel)
+            # Warm-up (index creation, first connections), not measured.
+            await stub.AddMemories(
+                mpb.AddMemoriesRequest(
+                    user_id=USER,
+                    messages=[mpb.SourceMessage(role=mpb.MESSAGE_ROLE_USER, content="warm up")],
+                    infer=False,
+                )
+            )
+
+            async def add(i: int) -> object:
+                return await stub.AddMemories(
+                    mpb.AddMemoriesRequest(
+                        user_id=USER,
+                        messages=[
+                            mpb.SourceMessage(
+                                role=mpb.MESSAGE_ROLE_USER, content=f"Fact number {i} of {label}"
+                            )
+                        ],
+                        infer=False,
+                        request_id=f"add-{label}-{i}",
+                    )
+                )
+
+            rows.append(_row(label, "AddMemories infer=false", await _timed(calls, add)))
+            conv = (
+                await stub.CreateConversation(
+                    mpb.CreateConversationRequest(user_id=USER, title="bench")
+                )
+            ).conversation
+
+            async def turn(i: int) -> object:
+                return await stub.AppendMessages(
+                    mpb.AppendMessagesRequest(
+                        user_id=USER,
+                        conversation_id=conv.id,
+                        messages=[
+                            mpb.Message(role=mpb.MESSAGE_ROLE_USER, content=f"question {i}"),
+                            mpb.Message(role=mpb.MESSAGE_ROLE_ASSISTANT, content=f"answer {i}"),
+                        ],
+                        request_id=f"turn-{i}",
+                    )
+                )
+
+            rows.append(_row(label, "AppendMessages (1 conversation)", await _timed(calls, turn)))
+            got = await stub.GetConversation(
+                mpb.GetConversationRequest(user_id=USER, conversation_id=conv.id)
+            )
+            positions: list[int] = []
+            token = ""
+            while True:
+                page = await stub.ListMessages(
+                    mpb.ListMessagesRequest(
+                        user_id=USER, conversation_id=conv.id, page_size=100, page_token=token
+                    )
+                )
+                positions += [m.position for m in page.messages]
+                token = page.next_page_token
+                if not token:
+                    break
+            assert len(set(positions)) == len(positions) == 2 * calls, (len(positions), calls)
+            assert got.conversation.message_count == 2 * calls
+    finally:
+        await server.stop(0)
+    return rows
+
+
+async def _both(url: str, calls: int) -> list[Row]:
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        sqlite = MemorySettings(data_dir=Path(tmp) / "sqlite", port=0)
+        rows += await _measure(sqlite, calls, "sqlite")
+        rows += await _measure(
+            MemorySettings(
+                data_dir=Path(tmp) / "os",
+                port=0,
+                store="opensearch",
+                opensearch_url=url,
+                opensearch_index_prefix="bench",
+            ),
+            calls,
+            "opensearch",
+        )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--calls", type=int, default=400)
+    args = parser.parse_args()
+    node = OpenSearchNode.start()
+    try:
+        # The store's refresh interval in production (the node's test template
+        # says 100 ms): what a write waiting for a refresh would pay.
+        httpx.put(
+            f"{node.url}/_index_template/bench",
+            json={
+                "index_patterns": ["bench*"],
+                "priority": 10,
+                "template": {
+                    "settings": {"index.number_of_replicas": 0, "index.refresh_interval": "1s"}
+                },
+            },
+            timeout=30,
+        ).raise_for_status()
+        rows = asyncio.run(_both(node.url, args.calls))
+    finally:
+        node.stop()
+    print(f"\nMemory writes, {args.calls} calls each at concurrency {CONCURRENCY}:")
+    print(f"{'store':<11} {'call':<34} {'p50 ms':>8} {'p95 ms':>8} {'calls/s':>8}")
+    for store, what, p50, p95, rate in rows:
+        print(f"{store:<11} {what:<34} {p50:8.1f} {p95:8.1f} {rate:8.0f}")
+
+
+if __name__ == "__main__":
+    main()
