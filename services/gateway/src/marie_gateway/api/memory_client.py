@@ -5,6 +5,7 @@ reaches is `access/tenancy.py`'s rule."""
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from collections.abc import Awaitable
 from typing import Annotated, Any, TypeVar
@@ -95,6 +96,8 @@ Metadata = Annotated[
 #: service's request_id).
 IDEMPOTENCY_HEADER = "idempotency-key"
 MAX_IDEMPOTENCY_KEY = 128
+#: The longest request id the memory service stores.
+MAX_REQUEST_ID = 128
 
 
 def idempotency_key(request: Request) -> str:
@@ -111,7 +114,11 @@ def idempotency_key(request: Request) -> str:
             f"'Idempotency-Key' is 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII characters.",
             "Idempotency-Key",
         )
-    return "key:" + value
+    if len(value) <= MAX_REQUEST_ID - len("key:"):
+        return "key:" + value
+    # The memory service keeps request ids in 128 characters: a key too long
+    # for its prefix is named by its digest (another prefix, so no clash).
+    return "keyh:" + hashlib.sha256(value.encode()).hexdigest()
 
 
 def _time(ts: Any) -> int:
