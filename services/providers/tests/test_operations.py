@@ -297,7 +297,13 @@ async def test_a_provider_answering_its_health_probe_is_probed_by_the_next_user(
         upstream.fail_next(Cue.status_error(503))
         await stream_outcome(service.stub.StreamChatCompletion(chat("local/m")))
         opened = (await deployments(service))["local/m", pb.OPERATION_CHAT].circuit
-        await asyncio.sleep(0.5)  # more than one health round
+        # A health round that finds the provider answering lets the next user
+        # probe: the circuit is half-open from then on (waited for, not slept).
+        for _ in range(100):
+            state = (await deployments(service))["local/m", pb.OPERATION_CHAT].circuit
+            if state != pb.CIRCUIT_STATE_OPEN:
+                break
+            await asyncio.sleep(0.05)
         chunks, error = await stream_outcome(service.stub.StreamChatCompletion(chat("local/m")))
         closed = (await deployments(service))["local/m", pb.OPERATION_CHAT].circuit
 
