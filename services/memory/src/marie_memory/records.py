@@ -7,7 +7,7 @@ times are unix seconds (floats), enums are the proto's integer values.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 # MessageRole values (same numbers as the proto enum).
 ROLE_SYSTEM = 1
@@ -58,6 +58,18 @@ class Message:
     name: str = ""
     tool_calls: Sequence[ToolCall] = ()
     tool_call_id: str = ""
+
+    def stored(self, conversation_id: str, position: int, now: float) -> Message:
+        """The message as a store keeps it: in its conversation, at its position,
+        written now, with copies of what the caller could still change."""
+        return replace(
+            self,
+            conversation_id=conversation_id,
+            create_time=now,
+            metadata=dict(self.metadata),
+            position=position,
+            tool_calls=tuple(self.tool_calls),
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -441,25 +441,6 @@ def _message(src: Mapping[str, Any]) -> Message:
     )
 
 
-def _positioned(conversation_id: str, m: Message, position: int, now: float) -> Message:
-    return Message(
-        id=m.id,
-        conversation_id=conversation_id,
-        role=m.role,
-        content=m.content,
-        provider=m.provider,
-        model=m.model,
-        prompt_tokens=m.prompt_tokens,
-        completion_tokens=m.completion_tokens,
-        create_time=now,
-        metadata=dict(m.metadata),
-        position=position,
-        name=m.name,
-        tool_calls=tuple(m.tool_calls),
-        tool_call_id=m.tool_call_id,
-    )
-
-
 def _memory_doc(m: Memory, vector_space: str = "") -> dict[str, Any]:
     return {
         "id": m.id,
@@ -1129,9 +1110,7 @@ class OpenSearchStore:
                     if rid == request_id and count == len(messages):
                         return await self._replay(user_id, source, messages, first, now)
             first = int(source["message_count"])
-            stored = [
-                _positioned(conversation_id, m, first + i, now) for i, m in enumerate(messages)
-            ]
+            stored = [m.stored(conversation_id, first + i, now) for i, m in enumerate(messages)]
             if request_id:
                 recent = [*recent, [request_id, first, len(stored)]][-RECENT_APPENDS:]
             doc = {
@@ -1165,7 +1144,7 @@ class OpenSearchStore:
         reply = await self._client.mget(index=self.index("messages"), body={"ids": ids})
         docs = {d["_id"]: d["_source"] for d in reply["docs"] if d.get("found")}
         missing = [
-            _positioned(conversation["id"], m, first + i, now)
+            m.stored(conversation["id"], first + i, now)
             for i, m in enumerate(messages)
             if m.id not in docs
         ]

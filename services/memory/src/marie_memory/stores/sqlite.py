@@ -787,24 +787,7 @@ class SqliteStore:
                             m.tool_call_id,
                         ),
                     )
-                    stored.append(
-                        Message(
-                            id=m.id,
-                            conversation_id=conversation_id,
-                            role=m.role,
-                            content=m.content,
-                            provider=m.provider,
-                            model=m.model,
-                            prompt_tokens=m.prompt_tokens,
-                            completion_tokens=m.completion_tokens,
-                            create_time=now,
-                            metadata=dict(m.metadata),
-                            position=position,
-                            name=m.name,
-                            tool_calls=tuple(m.tool_calls),
-                            tool_call_id=m.tool_call_id,
-                        )
-                    )
+                    stored.append(m.stored(conversation_id, position, now))
                 self._db.execute(
                     "UPDATE conversations SET message_count = message_count + ?, "
                     "update_time = ? WHERE id = ?",
