@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import threading
 import time
@@ -23,6 +22,7 @@ import httpx
 import pytest
 
 from tests.fakes import FakeModel, FakeOllama
+from tests.node_tools import node_or_skip, npm_ci
 from tests.stack import ROOT, Stack, start_stack
 
 #: The Claude names clients insist on, mapped to local models by aliases.
@@ -859,35 +859,11 @@ def test_messages_are_in_the_usage_ledger(claude_stack: Stack) -> None:
 # -- real clients in Node: Anthropic's TypeScript SDK and Claude Code -------------
 
 
-def _node() -> str:
-    node = shutil.which("node")
-    if node is None or shutil.which("npm") is None:
-        pytest.skip("node and npm are needed to run the TypeScript SDK and Claude Code")
-    version = subprocess.run([node, "--version"], capture_output=True, text=True, check=True)
-    if int(version.stdout.strip().lstrip("v").split(".")[0]) < 20:
-        pytest.skip(f"node {version.stdout.strip()} is older than 20, which the SDK needs")
-    return node
-
-
-def _install_node_clients() -> None:
-    stamp = NODE_PACKAGE / "node_modules" / ".stamp"
-    lock = NODE_PACKAGE / "package-lock.json"
-    if stamp.exists() and stamp.stat().st_mtime >= lock.stat().st_mtime:
-        return
-    subprocess.run(
-        ["npm", "ci", "--no-audit", "--no-fund", "--silent"],
-        cwd=NODE_PACKAGE,
-        check=True,
-        timeout=NODE_TIMEOUT_SECONDS,
-    )
-    stamp.touch()
-
-
 def test_the_typescript_sdk_speaks_the_messages_api(
     claude_stack: Stack, key: str, ollama: FakeOllama
 ) -> None:
-    node = _node()
-    _install_node_clients()
+    node = node_or_skip("the TypeScript SDK and Claude Code")
+    npm_ci(NODE_PACKAGE, NODE_TIMEOUT_SECONDS)
     ollama.reset()
     env = {
         **os.environ,
@@ -957,8 +933,8 @@ def _claude_code(
 def test_claude_code_writes_and_reads_a_file_through_marie(
     claude_stack: Stack, key: str, ollama: FakeOllama, tmp_path: Path
 ) -> None:
-    _node()
-    _install_node_clients()
+    node_or_skip("the TypeScript SDK and Claude Code")
+    npm_ci(NODE_PACKAGE, NODE_TIMEOUT_SECONDS)
     workdir = tmp_path / "project"
     workdir.mkdir()
     target = workdir / "hello.txt"

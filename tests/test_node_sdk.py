@@ -6,12 +6,10 @@ the checks, then what the fake upstream received."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 
-import pytest
-
 from tests.fakes import FakeOllama
+from tests.node_tools import node_or_skip, npm_ci
 from tests.stack import ROOT, Stack
 
 PACKAGE = ROOT / "tests" / "node_sdk"
@@ -28,35 +26,11 @@ CHECKS = (
 RUN_TIMEOUT_SECONDS = 300
 
 
-def _node() -> str:
-    node = shutil.which("node")
-    if node is None or shutil.which("npm") is None:
-        pytest.skip("node and npm are needed to run the Node SDK")
-    version = subprocess.run([node, "--version"], capture_output=True, text=True, check=True)
-    if int(version.stdout.strip().lstrip("v").split(".")[0]) < 20:
-        pytest.skip(f"node {version.stdout.strip()} is older than 20, which the SDK needs")
-    return node
-
-
-def _install() -> None:
-    stamp = PACKAGE / "node_modules" / ".stamp"
-    lock = PACKAGE / "package-lock.json"
-    if stamp.exists() and stamp.stat().st_mtime >= lock.stat().st_mtime:
-        return
-    subprocess.run(
-        ["npm", "ci", "--no-audit", "--no-fund", "--silent"],
-        cwd=PACKAGE,
-        check=True,
-        timeout=RUN_TIMEOUT_SECONDS,
-    )
-    stamp.touch()
-
-
 def test_the_node_sdk_speaks_the_responses_api(
     stack: Stack, api_key: str, ollama: FakeOllama
 ) -> None:
-    node = _node()
-    _install()
+    node = node_or_skip("the Node SDK")
+    npm_ci(PACKAGE, RUN_TIMEOUT_SECONDS)
     ollama.reset()
     env = {
         **os.environ,

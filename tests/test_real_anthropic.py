@@ -14,9 +14,10 @@ import anthropic
 import httpx
 import pytest
 
+from tests.node_tools import node_or_skip, npm_ci
 from tests.real_models import CHAT
 from tests.stack import Stack
-from tests.test_e2e_anthropic import _claude_code, _install_node_clients, _node
+from tests.test_e2e_anthropic import NODE_PACKAGE, NODE_TIMEOUT_SECONDS, _claude_code
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +77,8 @@ def test_claude_code_hears_that_its_prompt_is_too_long_for_the_model(
     9,000 of SmolLM2's tokens) does not fit the test server's 2,048-token
     slots: llama-server refuses it, and Claude Code reports it as the prompt
     being too long instead of retrying or crashing."""
-    _node()
-    _install_node_clients()
+    node_or_skip("Claude Code")
+    npm_ci(NODE_PACKAGE, NODE_TIMEOUT_SECONDS)
     workdir = tmp_path / "project"
     workdir.mkdir()
     answer = _claude_code(real_stack, real_key, workdir, "write hello.txt", model=CHAT)
