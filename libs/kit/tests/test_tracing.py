@@ -67,7 +67,8 @@ from marie_kit.logs import setup_logging
 import marie_gateway.app, marie_providers.service, marie_memory.service, marie_auth.service
 
 assert tracing.setup_tracing("probe") is False
-assert tracing.client_interceptors() == []
+channel = insecure_channel('localhost:1')
+assert not isinstance(channel, tracing.TracedChannel)
 assert tracing.server_span("/a.B/C", ()) is tracing.span("x")
 assert tracing.span("a") is tracing.span("b")  # one shared no-op
 with tracing.span("a") as current:
@@ -95,7 +96,8 @@ from marie_kit.logs import setup_logging
 
 setup_logging("probe")
 assert tracing.setup_tracing("probe") is True
-assert len(tracing.client_interceptors()) == 2
+from marie_kit.channels import insecure_channel
+assert isinstance(insecure_channel('localhost:1'), tracing.TracedChannel)
 with tracing.span("outer", {"marie.thing": 1}) as outer:
     logging.getLogger("probe").info("inside")
     carrier = {}

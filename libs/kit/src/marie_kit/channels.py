@@ -97,9 +97,7 @@ def insecure_channel(target: str, *, keyed_writes: bool = False) -> grpc.aio.Cha
         *CHANNEL_OPTIONS,
         ("grpc.service_config", service_config(keyed_writes=keyed_writes)),
     )
-    return grpc.aio.insecure_channel(
-        target, options=options, interceptors=tracing.client_interceptors() or None
-    )
+    return tracing.traced_channel(grpc.aio.insecure_channel(target, options=options))
 
 
 async def is_serving(channel: grpc.aio.Channel, service: str = "", timeout: float = 1.0) -> bool:

@@ -15,10 +15,11 @@ manager, so an untraced request pays one attribute read per span site.
 
 W3C `traceparent`/`tracestate` travel in HTTP headers and gRPC metadata,
 written and read by the SDK's default propagator. The spans of gRPC calls
-are opened by the kit's own server interceptor and a lean client interceptor
-(below), not by opentelemetry-instrumentation-grpc: measured with
-`make bench`, the latter's aio interceptors cost about 0.1 ms of CPU per call
-and side even unsampled, more than the whole budget of a traced request.
+are opened by the kit's own server interceptor and a channel wrapper
+(`traced_channel`, below), not by opentelemetry-instrumentation-grpc: measured
+with `make bench`, the latter's aio interceptors cost about 0.1 ms of CPU per
+call and side even unsampled, more than the whole budget of a traced request,
+and so did a client interceptor of our own.
 """
 
 from __future__ import annotations
@@ -56,6 +57,35 @@ class _State:
 
 STATE = _State()
 _NOOP = contextlib.nullcontext()
+
+
+class _Otel:
+    """The OpenTelemetry names the span helpers use, imported once by
+    `setup_tracing` (not at each call: an import statement in a function
+    costs a lookup and a call every time it runs)."""
+
+    trace: Any = None
+    context: Any = None
+    extract: Any = None
+    inject: Any = None
+    SpanKind: Any = None
+    Status: Any = None
+    StatusCode: Any = None
+
+
+_otel = _Otel()
+
+
+def _load_api() -> None:
+    from opentelemetry import context, propagate, trace  # noqa: PLC0415
+
+    _otel.trace = trace
+    _otel.context = context
+    _otel.extract = propagate.extract
+    _otel.inject = propagate.inject
+    _otel.SpanKind = trace.SpanKind
+    _otel.Status = trace.Status
+    _otel.StatusCode = trace.StatusCode
 
 
 def _flag(environ: Mapping[str, str], name: str) -> bool:
@@ -101,6 +131,7 @@ def setup_tracing(service: str, environ: Mapping[str, str] | None = None) -> boo
     provider = TracerProvider(resource=Resource.create({SERVICE_NAME: name}))
     provider.add_span_processor(BatchSpanProcessor(_exporter(env)))
     trace.set_tracer_provider(provider)
+    _load_api()
     STATE.provider = provider
     STATE.tracer = provider.get_tracer("marie")
     STATE.content = _flag(env, "MARIE_TRACE_CONTENT")
@@ -156,14 +187,12 @@ def server_span(
     for health checks (probes every few seconds would each make a trace)."""
     if STATE.tracer is None or method.startswith(_HEALTH):
         return _NOOP
-    from opentelemetry.propagate import extract as otel_extract  # noqa: PLC0415
-    from opentelemetry.trace import SpanKind  # noqa: PLC0415
 
     carrier = {k: v for k, v in metadata if k in ("traceparent", "tracestate")}
     return STATE.tracer.start_as_current_span(
         method,
-        context=otel_extract(carrier) if carrier else None,
-        kind=SpanKind.SERVER,
+        context=_otel.extract(carrier) if carrier else None,
+        kind=_otel.SpanKind.SERVER,
         attributes=_rpc_attributes(method),
         record_exception=False,
         set_status_on_exception=False,
@@ -178,8 +207,6 @@ def http_server_span(
     server names it by its route once known. No-op when off."""
     if STATE.tracer is None:
         return _NOOP
-    from opentelemetry.propagate import extract as otel_extract  # noqa: PLC0415
-    from opentelemetry.trace import SpanKind  # noqa: PLC0415
 
     carrier = {
         k.decode("latin-1"): v.decode("latin-1")
@@ -188,8 +215,8 @@ def http_server_span(
     }
     return STATE.tracer.start_as_current_span(
         method,
-        context=otel_extract(carrier) if carrier else None,
-        kind=SpanKind.SERVER,
+        context=_otel.extract(carrier) if carrier else None,
+        kind=_otel.SpanKind.SERVER,
         attributes={"http.request.method": method, "url.path": path},
         record_exception=False,
         set_status_on_exception=False,
@@ -198,31 +225,21 @@ def http_server_span(
 
 def http_answered_server(current: Span, status: int) -> None:
     """Record an HTTP answer's status on a server span (an error from 500 on)."""
-    from opentelemetry.trace import Status, StatusCode  # noqa: PLC0415
 
     current.set_attribute("http.response.status_code", status)
     if status >= 500:
         current.set_attribute("error.type", str(status))
-        current.set_status(Status(StatusCode.ERROR))
+        current.set_status(_otel.Status(_otel.StatusCode.ERROR))
 
 
 def rpc_ended(current: Span | None, code: str, value: int) -> None:
     """Record a call's status code on its span (an error on a server fault)."""
     if current is None:
         return
-    from opentelemetry.trace import Status, StatusCode  # noqa: PLC0415
 
     current.set_attribute("rpc.grpc.status_code", value)
     if code in _SERVER_ERRORS:
-        current.set_status(Status(StatusCode.ERROR, code))
-
-
-def client_interceptors() -> list[grpc.aio.ClientInterceptor]:
-    """The gRPC channel interceptors that open a CLIENT span per call and sends
-    its context in the call's metadata; none when tracing is off."""
-    if not STATE.enabled:
-        return []
-    return [UnaryTracing(), StreamTracing()]
+        current.set_status(_otel.Status(_otel.StatusCode.ERROR, code))
 
 
 def span(
@@ -241,9 +258,8 @@ def recording() -> bool:
     current trace (if any) is sampled. A new root is left to the sampler."""
     if STATE.tracer is None:
         return False
-    from opentelemetry import trace  # noqa: PLC0415
 
-    current = trace.get_current_span()
+    current = _otel.trace.get_current_span()
     return current.is_recording() or not current.get_span_context().is_valid
 
 
@@ -258,11 +274,10 @@ def store_span(
 
 @contextlib.contextmanager
 def _span(name: str, attributes: Mapping[str, Any] | None, kind: str) -> Iterator[Span]:
-    from opentelemetry.trace import SpanKind  # noqa: PLC0415
 
     assert STATE.tracer is not None
     with STATE.tracer.start_as_current_span(
-        name, kind=SpanKind[kind.upper()], attributes=attributes
+        name, kind=_otel.SpanKind[kind.upper()], attributes=attributes
     ) as current:
         yield current
 
@@ -271,44 +286,38 @@ def start_client_span(name: str, attributes: Mapping[str, Any]) -> tuple[Span, d
     """A CLIENT span for an outgoing call, child of the current span but not
     made current (the caller ends it), and the headers that carry its context
     to the peer (`traceparent`, `tracestate`). Tracing must be on."""
-    from opentelemetry import trace  # noqa: PLC0415
-    from opentelemetry.propagate import inject as otel_inject  # noqa: PLC0415
-    from opentelemetry.trace import SpanKind  # noqa: PLC0415
 
     assert STATE.tracer is not None, "tracing is off"
-    started = STATE.tracer.start_span(name, kind=SpanKind.CLIENT, attributes=attributes)
+    started = STATE.tracer.start_span(name, kind=_otel.SpanKind.CLIENT, attributes=attributes)
     headers: dict[str, str] = {}
-    otel_inject(headers, context=trace.set_span_in_context(started))
+    _otel.inject(headers, context=_otel.trace.set_span_in_context(started))
     return started, headers
 
 
 def http_answered(current: Span, status: int) -> None:
     """Record an HTTP answer's status on a client span (an error from 400 on)."""
-    from opentelemetry.trace import Status, StatusCode  # noqa: PLC0415
 
     current.set_attribute("http.response.status_code", status)
     if status >= 400:
         current.set_attribute("error.type", str(status))
-        current.set_status(Status(StatusCode.ERROR))
+        current.set_status(_otel.Status(_otel.StatusCode.ERROR))
 
 
 def record_failure(current: Span, exc: BaseException) -> None:
     """Mark a span failed by `exc` (its type only: messages may quote input)."""
-    from opentelemetry.trace import Status, StatusCode  # noqa: PLC0415
 
     if isinstance(exc, GeneratorExit):
         return
     current.set_attribute("error.type", type(exc).__name__)
-    current.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+    current.set_status(_otel.Status(_otel.StatusCode.ERROR, type(exc).__name__))
 
 
 def current_span() -> Span | None:
     """The span being recorded now, or None (tracing off, or no span)."""
     if not STATE.enabled:
         return None
-    from opentelemetry import trace  # noqa: PLC0415
 
-    current = trace.get_current_span()
+    current = _otel.trace.get_current_span()
     return current if current.is_recording() else None
 
 
@@ -316,9 +325,8 @@ def current_ids() -> tuple[str, str] | None:
     """The current trace id and span id as hex, for log lines; None outside a span."""
     if not STATE.enabled:
         return None
-    from opentelemetry import trace  # noqa: PLC0415
 
-    ctx = trace.get_current_span().get_span_context()
+    ctx = _otel.trace.get_current_span().get_span_context()
     if not ctx.is_valid:
         return None
     return format(ctx.trace_id, "032x"), format(ctx.span_id, "016x")
@@ -328,18 +336,17 @@ def inject(carrier: MutableMapping[str, str]) -> None:
     """Write the current trace context (`traceparent`, `tracestate`) into `carrier`."""
     if not STATE.enabled:
         return
-    from opentelemetry.propagate import inject as otel_inject  # noqa: PLC0415
 
-    otel_inject(carrier)
+    _otel.inject(carrier)
 
 
 def extract(carrier: Mapping[str, str]) -> Context | None:
     """The trace context a carrier (headers, a job's payload) holds, or None."""
     if not STATE.enabled or not carrier:
         return None
-    from opentelemetry.propagate import extract as otel_extract  # noqa: PLC0415
 
-    return otel_extract(carrier)
+    found: Context = _otel.extract(carrier)
+    return found
 
 
 @contextlib.contextmanager
@@ -351,17 +358,15 @@ def linked_root_span(
     if STATE.tracer is None:
         yield None
         return
-    from opentelemetry import context as otel_context  # noqa: PLC0415
-    from opentelemetry import trace  # noqa: PLC0415
 
     links = []
     if carrier:
-        parent = trace.get_current_span(extract(carrier))
+        parent = _otel.trace.get_current_span(extract(carrier))
         if parent.get_span_context().is_valid:
-            links.append(trace.Link(parent.get_span_context()))
+            links.append(_otel.trace.Link(parent.get_span_context()))
     # A root of its own: the job may run long after the request has ended.
     with STATE.tracer.start_as_current_span(
-        name, context=otel_context.Context(), links=links, attributes=attributes
+        name, context=_otel.context.Context(), links=links, attributes=attributes
     ) as current:
         yield current
 
@@ -395,58 +400,142 @@ def _ended(span: Span) -> Callable[[Any], None]:
     return done
 
 
-def _start_call(
-    details: grpc.aio.ClientCallDetails,
-) -> tuple[Span | None, grpc.aio.ClientCallDetails]:
-    """A call's CLIENT span (none for health checks or in an unsampled
-    trace) and its details with the trace context added to the metadata."""
-    from opentelemetry import trace  # noqa: PLC0415
-    from opentelemetry.propagate import inject  # noqa: PLC0415
-    from opentelemetry.trace import SpanKind  # noqa: PLC0415
+Metadata = grpc.aio.Metadata | Sequence[tuple[str, str | bytes]] | None
 
-    raw = details.method
-    method = raw.decode() if isinstance(raw, bytes) else str(raw)
+
+def _start_call(method: str, metadata: Metadata) -> tuple[Span | None, Metadata]:
+    """A call's CLIENT span (none for health checks or in an unsampled
+    trace) and its metadata with the trace context added."""
+
     tracer = STATE.tracer
     if tracer is None or method.startswith(_HEALTH):
-        return None, details
-    if not recording():
-        # An unsampled trace: no span, but the callee learns the decision.
-        unsampled: dict[str, str] = {}
-        inject(unsampled)
-        if not unsampled:
-            return None, details
-        metadata = grpc.aio.Metadata(*(details.metadata or ()), *unsampled.items())
-        return None, grpc.aio.ClientCallDetails(
-            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
-        )
-    span = tracer.start_span(method, kind=SpanKind.CLIENT, attributes=_rpc_attributes(method))
+        return None, metadata
     carrier: dict[str, str] = {}
-    inject(carrier, context=trace.set_span_in_context(span))
-    metadata = grpc.aio.Metadata(*(details.metadata or ()), *carrier.items())
-    return span, grpc.aio.ClientCallDetails(
-        details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
-    )
+    span = None
+    if recording():
+        kind = _otel.SpanKind.CLIENT
+        span = tracer.start_span(method, kind=kind, attributes=_rpc_attributes(method))
+        _otel.inject(carrier, context=_otel.trace.set_span_in_context(span))
+    else:
+        # An unsampled trace: no span, but the callee learns the decision.
+        _otel.inject(carrier)
+        if not carrier:
+            return None, metadata
+    return span, (*(metadata or ()), *carrier.items())
 
 
-# One object per kind of call: a channel files each interceptor under the
-# first kind it is an instance of, and only there.
-class UnaryTracing(grpc.aio.UnaryUnaryClientInterceptor):
-    async def intercept_unary_unary(
-        self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails, request: Any
-    ) -> Any:
-        span, details = _start_call(client_call_details)
-        call = await continuation(details, request)
+class _TracedUnaryUnary(grpc.aio.UnaryUnaryMultiCallable):  # type: ignore[type-arg]
+    __slots__ = ("_call", "_method")
+
+    def __init__(self, call: grpc.aio.UnaryUnaryMultiCallable, method: str) -> None:  # type: ignore[type-arg]
+        self._call = call
+        self._method = method
+
+    def __call__(self, request: Any, *, metadata: Metadata = None, **options: Any) -> Any:
+        span, metadata = _start_call(self._method, metadata)
+        call = self._call(request, metadata=metadata, **options)
         if span is not None:
             call.add_done_callback(_ended(span))
         return call
 
 
-class StreamTracing(grpc.aio.UnaryStreamClientInterceptor):
-    async def intercept_unary_stream(
-        self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails, request: Any
-    ) -> Any:
-        span, details = _start_call(client_call_details)
-        call = await continuation(details, request)
+class _TracedUnaryStream(grpc.aio.UnaryStreamMultiCallable):  # type: ignore[type-arg]
+    __slots__ = ("_call", "_method")
+
+    def __init__(self, call: grpc.aio.UnaryStreamMultiCallable, method: str) -> None:  # type: ignore[type-arg]
+        self._call = call
+        self._method = method
+
+    def __call__(self, request: Any, *, metadata: Metadata = None, **options: Any) -> Any:
+        span, metadata = _start_call(self._method, metadata)
+        call = self._call(request, metadata=metadata, **options)
         if span is not None:
             call.add_done_callback(_ended(span))
         return call
+
+
+class TracedChannel(grpc.aio.Channel):
+    """A channel whose unary-request calls each get a CLIENT span (when the
+    current trace is sampled) and carry the trace context in their metadata.
+
+    A thin wrapper of the multi-callables rather than gRPC's client
+    interceptors: an intercepted aio call runs through an extra task and
+    wrapper call object, which cost about 0.1 ms of CPU per call here even
+    unsampled (measured with bench/tracing.py); this adds one Python call.
+    Streaming-request methods (none in Marie's contracts) pass untraced."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self._channel = channel
+        # The same, untyped: the stubs' signatures lack `_registered_method`,
+        # which the generated stubs pass.
+        self._inner: Any = channel
+
+    def unary_unary(
+        self,
+        method: str,
+        request_serializer: Any = None,
+        response_deserializer: Any = None,
+        _registered_method: bool | None = False,
+    ) -> Any:
+        inner = self._inner.unary_unary(
+            method, request_serializer, response_deserializer, _registered_method
+        )
+        return _TracedUnaryUnary(inner, method)
+
+    def unary_stream(
+        self,
+        method: str,
+        request_serializer: Any = None,
+        response_deserializer: Any = None,
+        _registered_method: bool | None = False,
+    ) -> Any:
+        inner = self._inner.unary_stream(
+            method, request_serializer, response_deserializer, _registered_method
+        )
+        return _TracedUnaryStream(inner, method)
+
+    def stream_unary(
+        self,
+        method: str,
+        request_serializer: Any = None,
+        response_deserializer: Any = None,
+        _registered_method: bool | None = False,
+    ) -> Any:
+        return self._inner.stream_unary(
+            method, request_serializer, response_deserializer, _registered_method
+        )
+
+    def stream_stream(
+        self,
+        method: str,
+        request_serializer: Any = None,
+        response_deserializer: Any = None,
+        _registered_method: bool | None = False,
+    ) -> Any:
+        return self._inner.stream_stream(
+            method, request_serializer, response_deserializer, _registered_method
+        )
+
+    async def __aenter__(self) -> TracedChannel:
+        await self._channel.__aenter__()
+        return self
+
+    async def __aexit__(self, exc_type: Any, exc_val: Any, exc_tb: Any) -> None:
+        await self._channel.__aexit__(exc_type, exc_val, exc_tb)
+
+    async def close(self, grace: float | None = None) -> None:
+        await self._channel.close(grace)
+
+    def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
+        return self._channel.get_state(try_to_connect)
+
+    async def wait_for_state_change(self, last_observed_state: grpc.ChannelConnectivity) -> None:
+        await self._channel.wait_for_state_change(last_observed_state)
+
+    async def channel_ready(self) -> None:
+        await self._channel.channel_ready()
+
+
+def traced_channel(channel: grpc.aio.Channel) -> grpc.aio.Channel:
+    """`channel` wrapped so its calls are traced; itself when tracing is off."""
+    return TracedChannel(channel) if STATE.enabled else channel
