@@ -27,6 +27,9 @@ def _methods(header: str) -> set[str]:
         ("PUT", "/api/keys/x", {"GET", "HEAD", "PATCH", "DELETE"}),
         ("DELETE", "/api/keys", {"GET", "HEAD", "POST"}),
         ("POST", "/api/models/search", {"GET", "HEAD"}),
+        # A path named as it is by one route is not an id of another's.
+        ("PATCH", "/api/memories/search", {"GET", "HEAD"}),
+        ("DELETE", "/api/memories/search", {"GET", "HEAD"}),
     ],
 )
 def test_405_lists_every_method_the_path_allows(

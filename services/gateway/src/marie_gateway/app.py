@@ -8,6 +8,7 @@ error handlers, CORS and the request context."""
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping
 from importlib.metadata import version
 
@@ -17,7 +18,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
 from marie_gateway.access.limits import RATE_LIMIT_HEADERS
 from marie_gateway.access.tally import Tally
@@ -78,20 +79,29 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 def _allowed_methods(request: Request) -> list[str]:
-    """The methods of the resource at this path. A path a route names as it is
-    (`/api/memories/search`) is that resource, though a route with a parameter
-    (`/api/memories/{id}`) matches it too."""
+    """The methods of the resource at this path: those of every route matching it."""
     path = request.url.path
-    routes = [
-        route
-        for route in request.app.routes
-        if isinstance(route, Route) and route.methods and route.path_regex.match(path)
-    ]
-    exact = [route for route in routes if not route.param_convertors]
     methods: set[str] = set()
-    for route in exact or routes:
-        methods |= route.methods or set()
+    for route in request.app.routes:
+        if isinstance(route, Route) and route.methods and route.path_regex.match(path):
+            methods |= route.methods
     return sorted(methods)
+
+
+def _literal_paths_first(routes: list[BaseRoute]) -> None:
+    """A path some route names as it is (`/api/memories/search`) is that
+    resource alone: routes with a parameter (`/api/memories/{id}`) stop
+    matching it, so `PATCH /api/memories/search` is a 405 naming GET, not a
+    lookup of the memory called "search"."""
+    literal = {r.path for r in routes if isinstance(r, Route) and not r.param_convertors}
+    for route in routes:
+        if not isinstance(route, Route) or not route.param_convertors:
+            continue
+        shadowed = sorted(p for p in literal if route.path_regex.match(p))
+        if shadowed:
+            excluded = "|".join(re.escape(p) for p in shadowed)
+            pattern = route.path_regex.pattern.removeprefix("^")
+            route.path_regex = re.compile(f"^(?!(?:{excluded})$){pattern}")
 
 
 async def _server_error(request: Request, exc: Exception) -> Response:
@@ -124,6 +134,7 @@ def create_app(settings: GatewaySettings) -> RequestContext[Gateway]:
         *grpc_authz.routes(gw),
         *console.routes(settings.console_dir),
     ]
+    _literal_paths_first(routes)
     middleware = []
     if settings.cors_origins:
         middleware.append(
