@@ -2597,8 +2597,28 @@ type StreamChatCompletionRequest struct {
 	// `fields`; fallbacks of another kind are skipped (they would drop what
 	// was asked).
 	UpstreamExtras *UpstreamExtras `protobuf:"bytes,13,opt,name=upstream_extras,json=upstreamExtras,proto3" json:"upstream_extras,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// True asks for the last chunk's `stop_sequence` from every upstream, also
+	// from those that do not say which stop sequence ended a reply (Ollama,
+	// llama.cpp, other OpenAI-compatible servers): the service then keeps
+	// `sampling.stop` from them and finds the sequences itself in the text it
+	// relays, holding back only text that could still begin one, and closes
+	// the upstream request at the first match. The usage of a reply ended so
+	// is the upstream's when it reported it before the match, else an
+	// estimate (about four characters a token). Upstreams that say which
+	// sequence matched (Anthropic) are sent the stop sequences as ever. False
+	// (the default): the upstream stops at them, and `stop_sequence` is set
+	// only where it says which matched.
+	ReportStopSequence bool `protobuf:"varint,14,opt,name=report_stop_sequence,json=reportStopSequence,proto3" json:"report_stop_sequence,omitempty"`
+	// True when only the prompt's size is wanted (Anthropic's count_tokens):
+	// an upstream that counts without generating (Anthropic's own
+	// count_tokens endpoint, which takes `thinking`, server tools and every
+	// other field of `upstream_extras`, and counts them exactly) answers one
+	// chunk with finish reason STOP, no content and the count in
+	// `usage.prompt_tokens`. Others generate as asked: send
+	// `sampling.max_tokens` 1, and read only `usage.prompt_tokens`.
+	CountOnly     bool `protobuf:"varint,15,opt,name=count_only,json=countOnly,proto3" json:"count_only,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *StreamChatCompletionRequest) Reset() {
@@ -2720,6 +2740,20 @@ func (x *StreamChatCompletionRequest) GetUpstreamExtras() *UpstreamExtras {
 		return x.UpstreamExtras
 	}
 	return nil
+}
+
+func (x *StreamChatCompletionRequest) GetReportStopSequence() bool {
+	if x != nil {
+		return x.ReportStopSequence
+	}
+	return false
+}
+
+func (x *StreamChatCompletionRequest) GetCountOnly() bool {
+	if x != nil {
+		return x.CountOnly
+	}
+	return false
 }
 
 // UpstreamExtras carries request fields of one upstream kind's own API.
@@ -3167,8 +3201,8 @@ type StreamChatCompletionResponse struct {
 	// The stop sequence (one of the request's `sampling.stop`) that ended
 	// generation; set on the last chunk only, with finish reason STOP, and
 	// empty when the reply ended otherwise. From the upstream where it says
-	// which sequence matched (Anthropic, vLLM, SGLang); found by the service
-	// in the text it relays where the upstream does not (Ollama, llama.cpp).
+	// which sequence matched (Anthropic, vLLM, SGLang); from others (Ollama,
+	// llama.cpp) only when the request set `report_stop_sequence`.
 	StopSequence string `protobuf:"bytes,15,opt,name=stop_sequence,json=stopSequence,proto3" json:"stop_sequence,omitempty"`
 	// A fragment of the input JSON of the upstream block this chunk belongs to
 	// (`block`), as the upstream streams it: a block whose input streams
@@ -4130,7 +4164,7 @@ const file_marie_providers_v1_provider_service_proto_rawDesc = "" +
 	"\v_max_tokensB\a\n" +
 	"\x05_seedB\x13\n" +
 	"\x11_presence_penaltyB\x14\n" +
-	"\x12_frequency_penalty\"\xf1\x04\n" +
+	"\x12_frequency_penalty\"\xc2\x05\n" +
 	"\x1bStreamChatCompletionRequest\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\tR\x05model\x12\x1a\n" +
 	"\bprovider\x18\x02 \x01(\tR\bprovider\x12;\n" +
@@ -4146,7 +4180,10 @@ const file_marie_providers_v1_provider_service_proto_rawDesc = "" +
 	" \x01(\bR\taggregate\x12\x1a\n" +
 	"\blogprobs\x18\v \x01(\bR\blogprobs\x12!\n" +
 	"\ftop_logprobs\x18\f \x01(\x05R\vtopLogprobs\x12K\n" +
-	"\x0fupstream_extras\x18\r \x01(\v2\".marie.providers.v1.UpstreamExtrasR\x0eupstreamExtras\"\xe6\x01\n" +
+	"\x0fupstream_extras\x18\r \x01(\v2\".marie.providers.v1.UpstreamExtrasR\x0eupstreamExtras\x120\n" +
+	"\x14report_stop_sequence\x18\x0e \x01(\bR\x12reportStopSequence\x12\x1d\n" +
+	"\n" +
+	"count_only\x18\x0f \x01(\bR\tcountOnly\"\xe6\x01\n" +
 	"\x0eUpstreamExtras\x12\x12\n" +
 	"\x04kind\x18\x01 \x01(\tR\x04kind\x12!\n" +
 	"\frequest_json\x18\x02 \x01(\tR\vrequestJson\x12\x16\n" +
