@@ -19,8 +19,10 @@ from tests.fakes import FakeOllama
 from tests.fakes.anthropic_server import (
     CITATION,
     SEARCH_RESULT,
+    THINKING_TOKENS,
     FakeAnthropic,
     FakeClaude,
+    count_tokens,
     signature,
 )
 from tests.fakes.upstream import Cue
@@ -226,6 +228,9 @@ def test_a_streamed_server_tool_and_its_citations(
         events = list(stream)
         final = stream.get_final_message()
     deltas = [e.delta.type for e in events if e.type == "content_block_delta"]
+    # The server tool's input in as many fragments as reached Marie together
+    # (tests/test_e2e_anthropic_stops.py has them apart).
+    deltas = [d for i, d in enumerate(deltas) if d != "input_json_delta" or i == 0]
     assert deltas == [
         "input_json_delta",
         "text_delta",
@@ -325,24 +330,45 @@ def test_a_fallback_of_another_kind_never_drops_thinking(
     assert [b.type for b in thought.content] == ["thinking", "text"]
 
 
-def test_count_tokens_passes_server_tools_and_ignores_thinking(
-    client: anthropic.Anthropic, claude: FakeAnthropic, ollama: FakeOllama
+def test_count_tokens_with_thinking_is_anthropic_s_own_count(
+    client: anthropic.Anthropic, claude: FakeAnthropic
 ) -> None:
-    counted = client.messages.count_tokens(
-        model=CLAUDE,
-        thinking=THINKING,
-        tools=[WEB_SEARCH],
-        messages=[{"role": "user", "content": "Weather in Paris?"}],
+    messages: Any = [{"role": "user", "content": "Weather in Paris?"}]
+    raw = client.messages.with_raw_response.count_tokens(
+        model=CLAUDE, system="Be brief.", thinking=THINKING, tools=[WEB_SEARCH], messages=messages
     )
-    assert counted.input_tokens > 0
-    body = received(claude)
-    assert body["tools"] == [WEB_SEARCH]
-    # A one-token count cannot carry a thinking budget; the prompt is the same.
-    assert "thinking" not in body
-    local = client.messages.count_tokens(
+    assert raw.headers["x-marie-token-count"] == "upstream"
+    # Anthropic's count_tokens was asked, with the thinking and the server
+    # tool as sent, and nothing was generated for it.
+    body = claude.requests_to("/v1/messages/count_tokens")[-1].body
+    assert body == {
+        "model": "claude-think",
+        "system": "Be brief.",
+        # As the gateway translated them (a text block), as every route gets them.
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "Weather in Paris?"}]}],
+        "tools": [WEB_SEARCH],
+        "thinking": THINKING,
+    }
+    assert raw.parse().input_tokens == count_tokens(body)
+    assert claude.requests_to("/v1/messages") == []
+    # Thinking counts: the same prompt without it is counted smaller.
+    plain = client.messages.count_tokens(
+        model=CLAUDE, system="Be brief.", tools=[WEB_SEARCH], messages=messages
+    )
+    assert plain.input_tokens == raw.parse().input_tokens - THINKING_TOKENS
+
+
+def test_count_tokens_with_thinking_on_a_local_model_counts_the_prompt(
+    client: anthropic.Anthropic, ollama: FakeOllama
+) -> None:
+    raw = client.messages.with_raw_response.count_tokens(
         model=LLAMA, thinking=THINKING, messages=[{"role": "user", "content": "hi"}]
     )
-    assert local.input_tokens > 0
+    # The model's own count of the prompt: a model that cannot think counts
+    # no thinking, and the request is not refused for it (create would be).
+    assert raw.headers["x-marie-token-count"] == "upstream"
+    assert raw.parse().input_tokens > 0
+    assert "thinking" not in ollama.chat_requests[-1].body
 
 
 def test_adaptive_thinking_reaches_anthropic_and_is_a_hint_elsewhere(

@@ -19,6 +19,10 @@ from tests.real_models import CHAT
 from tests.stack import Stack
 from tests.test_e2e_anthropic import NODE_PACKAGE, NODE_TIMEOUT_SECONDS, _claude_code
 
+#: Greedy sampling, so the same prompt gets the same reply (no longer in the
+#: SDK's signature; the Messages API still takes it).
+GREEDY = {"temperature": 0}
+
 
 @pytest.fixture(scope="module")
 def client(real_stack: Stack, real_key: str) -> Iterator[anthropic.Anthropic]:
@@ -87,3 +91,42 @@ def test_claude_code_hears_that_its_prompt_is_too_long_for_the_model(
     assert answer["terminal_reason"] == "prompt_too_long"
     assert "exceeds the available context size" in answer["result"]
     assert not (workdir / "hello.txt").exists()
+
+
+def test_a_real_model_s_reply_ends_at_a_stop_sequence_named_in_the_answer(
+    client: anthropic.Anthropic,
+) -> None:
+    """llama-server stops at a stop sequence without saying which: Marie
+    finds it in the text and names it, whole and streamed. The sequence is
+    taken from the model's own greedy reply, so it is met."""
+    messages: list[anthropic.types.MessageParam] = [
+        {"role": "user", "content": "Count from 1 to 10, separated by commas."}
+    ]
+    free = client.messages.create(model=CHAT, max_tokens=24, extra_body=GREEDY, messages=messages)
+    text = free.content[0].text  # type: ignore[union-attr]
+    words = text.split()
+    assert len(words) >= 3, text
+    stop = words[len(words) // 2]
+    before = text[: text.index(stop)]
+    whole = client.messages.create(
+        model=CHAT, max_tokens=24, extra_body=GREEDY, stop_sequences=[stop], messages=messages
+    )
+    assert whole.stop_reason == "stop_sequence" and whole.stop_sequence == stop
+    assert whole.content[0].text == before  # type: ignore[union-attr]
+    assert whole.usage.input_tokens > 0 and whole.usage.output_tokens > 0
+    with client.messages.stream(
+        model=CHAT, max_tokens=24, extra_body=GREEDY, stop_sequences=[stop], messages=messages
+    ) as stream:
+        streamed = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert streamed == before
+    assert final.stop_reason == "stop_sequence" and final.stop_sequence == stop
+    never = client.messages.create(
+        model=CHAT,
+        max_tokens=24,
+        extra_body=GREEDY,
+        stop_sequences=["never written by anyone"],
+        messages=messages,
+    )
+    assert never.content[0].text == text  # type: ignore[union-attr]
+    assert never.stop_reason == free.stop_reason and never.stop_sequence is None

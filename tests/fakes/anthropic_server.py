@@ -13,7 +13,9 @@ in a later turn must carry the signature this fake gave them (else 400, as
 Anthropic refuses a tampered block). With the `web_search` server tool in
 `tools`: a `server_tool_use` block (its input as `input_json_delta`), a
 `web_search_tool_result` block, then the answer as text blocks, the cited one
-starting with a `citations_delta`.
+starting with a `citations_delta`, and `usage.server_tool_use` counting the
+search. `stop_sequences` cut the reply as the real API does: before the
+first found, with `stop_reason` "stop_sequence" and `stop_sequence` naming it.
 """
 
 from __future__ import annotations
@@ -67,6 +69,9 @@ class FakeClaude:
     thinking: str = "Let me think about this step by step."
     # The data of a redacted_thinking block sent after the thinking, if any.
     redacted_thinking: str | None = None
+    # Seconds between the fragments of a server tool's input (a search's
+    # query being written), so that a test sees them arrive apart.
+    input_pause: float = 0.0
 
 
 def signature(thinking: str) -> str:
@@ -112,6 +117,7 @@ class FakeAnthropic(FakeUpstream):
             Route("/v1/models", self._list, methods=["GET"]),
             Route("/v1/models/{model_id:path}", self._get, methods=["GET"]),
             Route("/v1/messages", self._messages, methods=["POST"]),
+            Route("/v1/messages/count_tokens", self._count, methods=["POST"]),
         ]
 
     def _check_headers(self, request: Request) -> Response | None:
@@ -179,6 +185,38 @@ class FakeAnthropic(FakeUpstream):
             return json_response(400, error_body(400, refused))
         return StreamedResponse(self, _Stream(model, body, cue).run)
 
+    async def _count(self, request: Request) -> Response:
+        """`count_tokens` as Anthropic's: the body a Messages request would
+        have less `max_tokens` and sampling (any of them is a 400); the count
+        of `count_tokens(body)`, thinking included."""
+        body = await self.record(request)
+        if (denied := self._check_headers(request)) is not None:
+            return denied
+        if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+            return json_response(400, error_body(400, "messages: Field required"))
+        for name in ("max_tokens", "stream", "temperature", "stop_sequences", "metadata"):
+            if name in body:
+                return json_response(
+                    400, error_body(400, f"{name}: Extra inputs are not permitted")
+                )
+        if body.get("model") not in self.models:
+            return json_response(404, error_body(404, f"model: {body.get('model')}"))
+        return json_response(200, {"input_tokens": count_tokens(body)})
+
+
+def count_tokens(body: JSONObject) -> int:
+    """The fake's count of a prompt: a token a word of its JSON, system, tools
+    and messages; enabled thinking adds its own few (as Anthropic's does)."""
+    words = sum(len(json.dumps(body.get(k) or "").split()) for k in ("system", "tools", "messages"))
+    thinking = body.get("thinking")
+    return words + (
+        THINKING_TOKENS if isinstance(thinking, dict) and thinking.get("type") == "enabled" else 0
+    )
+
+
+#: What enabled thinking adds to the fake's count of a prompt.
+THINKING_TOKENS = 7
+
 
 def _check_thinking(body: JSONObject) -> str | None:
     """Anthropic's checks of thinking: a budget of at least 1024 below
@@ -227,7 +265,18 @@ class _Stream:
                 if model.tool_uses
                 else (f"Hello from {model.id}! You said: {_last_user_text(body['messages'])}")
             )
+        # Anthropic ends the reply before the earliest stop sequence and names it.
+        self.matched: str | None = None
+        found = [
+            (reply.find(stop), stop)
+            for stop in body.get("stop_sequences") or []
+            if isinstance(stop, str) and stop and stop in reply
+        ]
+        if found:
+            at, self.matched = min(found, key=lambda f: f[0])
+            reply = reply[:at]
         self.pieces = words(reply)
+        self.searched = False
 
     async def _write(self, writer: EventWriter, kind: str, data: JSONObject) -> None:
         await writer.write(_event(kind, {"type": kind, **data}))
@@ -261,10 +310,13 @@ class _Stream:
         tools = self.body.get("tools") or []
         if not any(str(t.get("type", "")).startswith("web_search_") for t in tools):
             return None
+        self.searched = True
         use = {"type": "server_tool_use", "id": "srvtoolu_fake1", "name": "web_search", "input": {}}
         await self._write(writer, "content_block_start", {"index": index, "content_block": use})
         query = json.dumps({"query": _last_user_text(self.body["messages"])})
-        for fragment in (query[: len(query) // 2], query[len(query) // 2 :]):
+        for position, fragment in enumerate((query[: len(query) // 2], query[len(query) // 2 :])):
+            if position and self.model.input_pause:
+                await writer.pause(self.model.input_pause)
             delta = {"type": "input_json_delta", "partial_json": fragment}
             await self._write(writer, "content_block_delta", {"index": index, "delta": delta})
         await self._write(writer, "content_block_stop", {"index": index})
@@ -394,13 +446,18 @@ class _Stream:
             )
             index += 1
         stop = self.model.stop_reason or ("tool_use" if self.model.tool_uses else "end_turn")
+        if self.matched is not None:
+            stop = "stop_sequence"
+        usage: JSONObject = {"output_tokens": sent + 1}
+        if self.searched:
+            usage["server_tool_use"] = {"web_search_requests": 1}
         await writer.write(
             _event(
                 "message_delta",
                 {
                     "type": "message_delta",
-                    "delta": {"stop_reason": stop, "stop_sequence": None},
-                    "usage": {"output_tokens": sent + 1},
+                    "delta": {"stop_reason": stop, "stop_sequence": self.matched},
+                    "usage": usage,
                 },
             )
         )

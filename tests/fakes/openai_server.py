@@ -8,7 +8,8 @@ honoured, `suffix` recorded), `logprobs` in chat's and in the legacy shape,
 on cue: see `upstream.py`. With `llama_cpp=True` it answers as llama.cpp's
 server does where that differs: legacy completions' `logprobs` in chat's
 shape (`{"content": [{token, logprob, bytes, top_logprobs}]}`); its listing's
-`meta` is a model's `listing`.
+`meta` is a model's `listing`. With `vllm=True` it names the stop sequence
+that ended a reply as vLLM does (the choice's `stop_reason`; null otherwise).
 
 Usage::
 
@@ -110,8 +111,11 @@ class FakeOpenAI(FakeUpstream):
         api_key: str = "test-key",
         huggingface: bool = False,
         llama_cpp: bool = False,
+        vllm: bool = False,
     ) -> None:
         super().__init__(api_key=api_key)
+        # vLLM: the finishing choice's `stop_reason` names the stop sequence matched.
+        self.vllm = vllm
         self.huggingface = huggingface
         # llama.cpp's server: legacy completions' logprobs in chat's shape.
         self.llama_cpp = llama_cpp
@@ -276,9 +280,18 @@ class _Plan:
             reply = (
                 "" if model.tool_calls and not text else f"Hello from {model.id}! You said: {said}"
             )
-        reply, self.stopped, limit = cut_reply(reply, body.get("stop"), body.get("max_tokens"))
+        stops = body.get("stop")
+        found = [
+            (reply.find(s), s)
+            for s in (stops if isinstance(stops, list) else [stops])
+            if isinstance(s, str) and s and s in reply
+        ]
+        self.matched = min(found, key=lambda f: f[0])[1] if found else None
+        reply, self.stopped, limit = cut_reply(reply, stops, body.get("max_tokens"))
         self.pieces = words(reply)
         self.cut_short = limit is not None and limit < len(self.pieces)
+        if self.cut_short:
+            self.matched = None
         self.pieces = self.pieces[:limit] if limit is not None else self.pieces
         if text:
             self.prompt_tokens = len(body["prompt"].split())
@@ -341,6 +354,8 @@ class _Plan:
             choice = {"index": 0, "delta": delta}
         choice["logprobs"] = logprobs
         choice["finish_reason"] = finish
+        if finish and self.fake.vllm:
+            choice["stop_reason"] = self.matched
         event = {
             "id": self.id,
             "object": "text_completion" if self.text else "chat.completion.chunk",
@@ -431,6 +446,8 @@ class _Plan:
             choice = {"text": "".join(self.pieces), "index": 0}
         choice["logprobs"] = self._logprobs(0, self.pieces)
         choice["finish_reason"] = self._finish()
+        if self.fake.vllm:
+            choice["stop_reason"] = self.matched
         body = {
             "id": self.id,
             "object": "text_completion" if self.text else "chat.completion",

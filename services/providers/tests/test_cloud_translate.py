@@ -165,7 +165,7 @@ def test_anthropic_thinking_becomes_reasoning_numbered_by_block() -> None:
     ]
 
 
-def test_anthropic_server_blocks_come_whole_and_citations_with_their_text() -> None:
+def test_anthropic_server_blocks_come_as_they_start_and_their_input_as_streamed() -> None:
     use = {"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search", "input": {}}
     result = {"type": "web_search_tool_result", "tool_use_id": "srvtoolu_1", "content": []}
     citation = {"type": "web_search_result_location", "url": "https://e.x", "cited_text": "c"}
@@ -185,7 +185,10 @@ def test_anthropic_server_blocks_come_whole_and_citations_with_their_text() -> N
     )
 
     blocks = [orjson.loads(c.upstream_block_json) for c in chunks if c.upstream_block_json]
-    assert blocks == [{**use, "input": {"query": "paris"}}, result]
+    assert blocks == [use, result]
+    # The input's fragments follow the block, as the upstream sent them.
+    inputs = [(c.block, c.upstream_input_json) for c in chunks if c.upstream_input_json]
+    assert inputs == [(1, '{"query": '), (1, '"paris"}')]
     assert [orjson.loads(t) for c in chunks for t in c.citations_json] == [citation]
     assert chunks[-1].content == "Sunny." and chunks[-1].block == 3
 
@@ -244,3 +247,71 @@ def test_openai_usage_after_the_finish_joins_the_last_chunk() -> None:
     assert chunks[-1].finish_reason == pb.FINISH_REASON_LENGTH
     assert chunks[-1].usage.total_tokens == 4
     assert translator.done
+
+
+def _finish(delta: dict[str, object], usage: dict[str, object]) -> pb.StreamChatCompletionResponse:
+    chunks = _translate(
+        [
+            {"type": "message_start", "message": {"usage": {"input_tokens": 3}}},
+            {"type": "message_delta", "delta": delta, "usage": usage},
+        ]
+    )
+    return chunks[-1]
+
+
+def test_anthropic_s_matched_stop_sequence_is_on_the_last_chunk() -> None:
+    last = _finish({"stop_reason": "stop_sequence", "stop_sequence": "END"}, {"output_tokens": 2})
+    assert last.finish_reason == pb.FINISH_REASON_STOP and last.stop_sequence == "END"
+    natural = _finish({"stop_reason": "end_turn", "stop_sequence": None}, {"output_tokens": 2})
+    assert natural.finish_reason == pb.FINISH_REASON_STOP and natural.stop_sequence == ""
+
+
+def test_anthropic_s_pause_turn_and_server_tool_counts() -> None:
+    last = _finish(
+        {"stop_reason": "pause_turn", "stop_sequence": None},
+        {"output_tokens": 5, "server_tool_use": {"web_search_requests": 2, "odd": "x"}},
+    )
+    assert last.finish_reason == pb.FINISH_REASON_PAUSE_TURN
+    assert dict(last.usage.server_tool_requests) == {"web_search_requests": 2}
+    assert last.usage.completion_tokens == 5 and last.usage.prompt_tokens == 3
+
+
+def test_the_merger_joins_a_server_tool_s_input_fragments_and_keeps_the_stop() -> None:
+    use = orjson.dumps({"type": "server_tool_use", "id": "s", "name": "web_search", "input": {}})
+    merger = ChunkMerger()
+    out = [
+        merger.add(c)
+        for c in (
+            pb.StreamChatCompletionResponse(role=pb.ROLE_ASSISTANT),
+            pb.StreamChatCompletionResponse(block=1, upstream_block_json=use.decode()),
+            pb.StreamChatCompletionResponse(block=1, upstream_input_json='{"q": '),
+            pb.StreamChatCompletionResponse(block=1, upstream_input_json='"x"}'),
+            pb.StreamChatCompletionResponse(block=2, content="Hi"),
+            pb.StreamChatCompletionResponse(
+                finish_reason=pb.FINISH_REASON_STOP, stop_sequence="END"
+            ),
+        )
+    ]
+    out.append(merger.flush())
+    merged = [c for c in out if c is not None]
+    assert [c.upstream_input_json for c in merged] == ["", "", '{"q": "x"}', ""]
+    assert merged[-1].content == "Hi" and merged[-1].stop_sequence == "END"
+
+
+def test_vllm_and_sglang_name_the_stop_sequence_matched() -> None:
+    for key in ("stop_reason", "matched_stop"):
+        translator = ChatStreamTranslator(
+            completion_id="c", model_id="m/x", provider="m", created=1
+        )
+        event = {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop", key: "END"}]}
+        chunks = translator.translate(orjson.dumps(event).decode()) + translator.flush()
+        assert chunks[-1].stop_sequence == "END" and translator.names_stops
+    # A stop token's id is no sequence; llama.cpp's choice has no such field.
+    translator = ChatStreamTranslator(completion_id="c", model_id="m/x", provider="m", created=1)
+    event = {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop", "stop_reason": 2}]}
+    chunks = translator.translate(orjson.dumps(event).decode()) + translator.flush()
+    assert chunks[-1].stop_sequence == "" and translator.names_stops
+    llama = {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+    translator = ChatStreamTranslator(completion_id="c", model_id="m/x", provider="m", created=1)
+    translator.translate(orjson.dumps(llama).decode())
+    assert not translator.names_stops

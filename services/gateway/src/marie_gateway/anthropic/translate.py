@@ -44,6 +44,7 @@ STOP_REASONS: dict[int, str] = {
     pb.FINISH_REASON_LENGTH: "max_tokens",
     pb.FINISH_REASON_TOOL_CALLS: "tool_use",
     pb.FINISH_REASON_CONTENT_FILTER: "refusal",
+    pb.FINISH_REASON_PAUSE_TURN: "pause_turn",
 }
 #: Prefixed to the text of a `tool_result` with `is_error`: the chat contract
 #: has no such flag, and the model must still learn the tool failed.
@@ -248,9 +249,10 @@ def _upstream_extras(
 ) -> None:
     """The fields noted in `passing`, as the caller sent them, on `chat`."""
     values: dict[str, Any] = {}
-    if isinstance(body, MessagesRequest) and body.thinking is not None:
+    if body.thinking is not None:
         # Every thinking type goes to Anthropic; `adaptive` and `disabled` alone
-        # are hints (no `fields`), which other upstreams serve without.
+        # are hints (no `fields`), which other upstreams serve without. A
+        # count's thinking is always one: Anthropic counts it, others ignore it.
         values["thinking"] = body.thinking
     names = set(passing.fields) - {"thinking"}
     if "tools" in names and body.tool_choice is not None:
@@ -360,11 +362,14 @@ def to_chat(
             s.top_k = body.top_k
         if body.stop_sequences:
             s.stop.extend(body.stop_sequences)
+            # Anthropic's answer names the sequence that matched, whatever the upstream.
+            chat.report_stop_sequence = True
         if body.metadata is not None and body.metadata.user_id:
             chat.user = body.metadata.user_id
     elif max_tokens is not None:
         s.max_tokens = max_tokens
-    if passing.fields or (isinstance(body, MessagesRequest) and body.thinking is not None):
+        chat.count_only = True
+    if passing.fields or body.thinking is not None:
         _upstream_extras(chat, body, passing, raw, beta)
     return chat, passing.refusal
 
@@ -378,13 +383,19 @@ def single_tool_call(body: MessagesRequest) -> bool:
 # -- answers --------------------------------------------------------------------
 
 
-def usage(input_tokens: int, output_tokens: int) -> dict[str, int]:
-    return {
+def usage(
+    input_tokens: int, output_tokens: int, server_tools: dict[str, int] | None = None
+) -> dict[str, Any]:
+    """Anthropic's `usage`; `server_tool_use` only when server tools ran, as Anthropic's."""
+    out: dict[str, Any] = {
         "input_tokens": input_tokens,
         "cache_creation_input_tokens": 0,
         "cache_read_input_tokens": 0,
         "output_tokens": output_tokens,
     }
+    if server_tools:
+        out["server_tool_use"] = server_tools
+    return out
 
 
 class MessageBuilder:
@@ -406,8 +417,11 @@ class MessageBuilder:
         # The upstream's number of the open block (`chunk.block`), 0 when unsaid.
         self._upstream_block = 0
         self.finish = pb.FINISH_REASON_UNSPECIFIED
+        #: The stop sequence that ended the reply, when one did.
+        self.stop_sequence: str | None = None
         self.input_tokens = 0
         self.output_tokens = 0
+        self.server_tools: dict[str, int] = {}
 
     def start(self) -> list[dict[str, Any]]:
         """The stream's first event."""
@@ -477,8 +491,9 @@ class MessageBuilder:
         return events
 
     def _upstream(self, text: str, upstream: int) -> list[dict[str, Any]]:
-        """A whole block of Anthropic's own (server tool use and results, …), as
-        Anthropic streams it: a tool use's input as one `input_json_delta`."""
+        """A block of Anthropic's own (server tool use and results, …) as it
+        starts: a tool use's input follows in `upstream_input_json` fragments
+        (or, given whole, goes out as one `input_json_delta`)."""
         block = orjson.loads(text)
         if not isinstance(block, dict) or not isinstance(block.get("type"), str):
             return []
@@ -486,11 +501,23 @@ class MessageBuilder:
         if not block["type"].endswith("tool_use") or not isinstance(tool_input, dict):
             return self._begin(block, upstream=upstream)
         events = self._begin(block, {**block, "input": {}}, upstream)
+        assert self._open is not None
+        self._json[self._open] = []
         if tool_input:
-            events.append(
-                self._delta({"type": "input_json_delta", "partial_json": json_text(tool_input)})
-            )
+            events += self._upstream_input(json_text(tool_input), upstream)
         return events
+
+    def _upstream_input(self, fragment: str, upstream: int) -> list[dict[str, Any]]:
+        """A fragment of the open server tool use's input, as Anthropic streams it."""
+        if (
+            self._open is None
+            or self._open not in self._json
+            or not (not upstream or upstream == self._upstream_block)
+        ):
+            # No such block open (an upstream out of order): nothing to add it to.
+            return []
+        self._json[self._open].append(fragment)
+        return [self._delta({"type": "input_json_delta", "partial_json": fragment})]
 
     def _text_block(self, upstream: int) -> list[dict[str, Any]]:
         if self._opened("text", upstream):
@@ -504,6 +531,8 @@ class MessageBuilder:
             events += self._reasoning(chunk.reasoning, upstream)
         if chunk.upstream_block_json:
             events += self._upstream(chunk.upstream_block_json, upstream)
+        if chunk.upstream_input_json:
+            events += self._upstream_input(chunk.upstream_input_json, upstream)
         if chunk.citations_json:
             events += self._text_block(upstream)
             assert self._open is not None
@@ -527,9 +556,11 @@ class MessageBuilder:
             events += self._tool_delta(call)
         if chunk.finish_reason:
             self.finish = chunk.finish_reason
+            self.stop_sequence = chunk.stop_sequence or None
         if chunk.HasField("usage"):
             self.input_tokens = chunk.usage.prompt_tokens
             self.output_tokens = chunk.usage.completion_tokens
+            self.server_tools = dict(chunk.usage.server_tool_requests)
         return events
 
     def _tool_delta(self, call: pb.ToolCallDelta) -> list[dict[str, Any]]:
@@ -565,9 +596,14 @@ class MessageBuilder:
         return events
 
     def stop_reason(self) -> str:
+        if self.finish == pb.FINISH_REASON_STOP and self.stop_sequence is not None:
+            return "stop_sequence"
         if self._tools and self.finish in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_UNSPECIFIED):
             return "tool_use"
         return STOP_REASONS.get(self.finish, "end_turn")
+
+    def _stop_sequence(self) -> str | None:
+        return self.stop_sequence if self.stop_reason() == "stop_sequence" else None
 
     def finish_events(self) -> list[dict[str, Any]]:
         """The stream's last events: the open block closed, the stop reason
@@ -576,8 +612,11 @@ class MessageBuilder:
         events.append(
             {
                 "type": "message_delta",
-                "delta": {"stop_reason": self.stop_reason(), "stop_sequence": None},
-                "usage": usage(self.input_tokens, self.output_tokens),
+                "delta": {
+                    "stop_reason": self.stop_reason(),
+                    "stop_sequence": self._stop_sequence(),
+                },
+                "usage": usage(self.input_tokens, self.output_tokens, self.server_tools),
             }
         )
         events.append({"type": "message_stop"})
@@ -586,8 +625,8 @@ class MessageBuilder:
     def _content(self) -> list[dict[str, Any]]:
         out = []
         for index, block in enumerate(self.blocks):
-            if block["type"] == "tool_use":
-                out.append({**block, "input": _tool_input(self._json.get(index, []))})
+            if index in self._json:
+                out.append({**block, "input": _tool_input(self._json[index])})
             else:
                 out.append(block)
         return out
@@ -602,8 +641,8 @@ class MessageBuilder:
             "model": self.model,
             "content": self._content() if final else [],
             "stop_reason": self.stop_reason() if final else None,
-            "stop_sequence": None,
-            "usage": usage(self.input_tokens, self.output_tokens),
+            "stop_sequence": self._stop_sequence() if final else None,
+            "usage": usage(self.input_tokens, self.output_tokens, self.server_tools),
         }
 
 

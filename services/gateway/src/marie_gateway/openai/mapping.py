@@ -41,6 +41,8 @@ FINISH_REASONS: dict[int, str | None] = {
     pb.FINISH_REASON_LENGTH: "length",
     pb.FINISH_REASON_TOOL_CALLS: "tool_calls",
     pb.FINISH_REASON_CONTENT_FILTER: "content_filter",
+    # OpenAI's contract has no paused turn: the reply stopped, as far as it can say.
+    pb.FINISH_REASON_PAUSE_TURN: "stop",
 }
 
 

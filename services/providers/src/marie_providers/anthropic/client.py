@@ -16,6 +16,8 @@ from marie.providers.v1 import provider_service_pb2 as pb
 
 from marie_providers.anthropic.translate import (
     MessageStreamTranslator,
+    count_chunk,
+    count_payload,
     extra_headers,
     messages_payload,
     model_from_entry,
@@ -40,6 +42,8 @@ class AnthropicProvider(HttpProvider):
     """Claude through the Messages API."""
 
     kind = "anthropic"
+    # Its `message_delta` names the stop sequence that matched.
+    reports_stop_sequence = True
     default_base_url = DEFAULT_ANTHROPIC_BASE_URL
     default_api_key_env = "ANTHROPIC_API_KEY"
     supports_streaming = True
@@ -86,6 +90,26 @@ class AnthropicProvider(HttpProvider):
             raise unsupported(
                 self.name, "logprobs", f"{self.name} (Anthropic) does not report log probabilities"
             )
+        if request.count_only:
+            # Anthropic counts without generating, thinking and server tools included.
+            body = await self.request_json(
+                "POST",
+                "v1/messages/count_tokens",
+                body=count_payload(request, model_name),
+                model=model_name,
+                headers=extra_headers(request.upstream_extras),
+            )
+            try:
+                yield count_chunk(
+                    body,
+                    completion_id=completion_id,
+                    model_id=self.model_id(model_name),
+                    provider=self.name,
+                    created=created,
+                )
+            except UpstreamProtocolError as exc:
+                raise self._error(exc, model_name) from exc
+            return
         payload = orjson.dumps(messages_payload(request, model_name))
         headers = {**JSON_HEADERS, "accept": "text/event-stream"}
         headers.update(extra_headers(request.upstream_extras))

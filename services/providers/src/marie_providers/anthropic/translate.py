@@ -26,7 +26,7 @@ ANTHROPIC_MAX_TEMPERATURE = 1.0
 STOP_REASONS: Mapping[str, pb.FinishReason] = {
     "end_turn": pb.FINISH_REASON_STOP,
     "stop_sequence": pb.FINISH_REASON_STOP,
-    "pause_turn": pb.FINISH_REASON_STOP,
+    "pause_turn": pb.FINISH_REASON_PAUSE_TURN,
     "max_tokens": pb.FINISH_REASON_LENGTH,
     "model_context_window_exceeded": pb.FINISH_REASON_LENGTH,
     "tool_use": pb.FINISH_REASON_TOOL_CALLS,
@@ -218,6 +218,46 @@ def messages_payload(request: pb.StreamChatCompletionRequest, model_name: str) -
     return payload
 
 
+#: The fields of a Messages body that `/v1/messages/count_tokens` takes.
+COUNT_FIELDS = frozenset(
+    {
+        "model",
+        "messages",
+        "system",
+        "tools",
+        "tool_choice",
+        "thinking",
+        "mcp_servers",
+        "context_management",
+    }
+)
+
+
+def count_payload(request: pb.StreamChatCompletionRequest, model_name: str) -> dict[str, Any]:
+    """The `/v1/messages/count_tokens` body of a request (its Messages body
+    less what a count does not take: `max_tokens`, sampling, `stream`, …)."""
+    payload = messages_payload(request, model_name)
+    return {name: value for name, value in payload.items() if name in COUNT_FIELDS}
+
+
+def count_chunk(
+    body: Any, *, completion_id: str, model_id: str, provider: str, created: int
+) -> pb.StreamChatCompletionResponse:
+    """A count_tokens answer as the one chunk a `count_only` request gets."""
+    tokens = body.get("input_tokens") if isinstance(body, dict) else None
+    if not isinstance(tokens, int) or not 0 <= tokens < 2**31:
+        raise UpstreamProtocolError("count_tokens answered without input_tokens")
+    return pb.StreamChatCompletionResponse(
+        id=completion_id,
+        model=model_id,
+        provider=provider,
+        created=created,
+        role=pb.ROLE_ASSISTANT,
+        finish_reason=pb.FINISH_REASON_STOP,
+        usage=pb.Usage(prompt_tokens=tokens, total_tokens=tokens),
+    )
+
+
 def extra_fields(extras: pb.UpstreamExtras) -> dict[str, Any]:
     """The request fields `upstream_extras` passes through (INVALID_ARGUMENT
     for one this translation does not let a caller set, like `model`)."""
@@ -300,9 +340,8 @@ class MessageStreamTranslator:
         # Content block index → tool call index, for tool_use blocks.
         self._tools: dict[int, int] = {}
         # Blocks the chat contract has no field for (server tools' use and
-        # results…): index → the block so far and its input's JSON text,
-        # sent whole when the block stops.
-        self._other: dict[int, tuple[dict[str, Any], list[str]]] = {}
+        # results…), sent as they start; their input streams after them.
+        self._other: set[int] = set()
         self._input_tokens = 0
         self.finished = False
 
@@ -350,7 +389,8 @@ class MessageStreamTranslator:
                 raise UpstreamProtocolError("message_stop before a stop reason")
             return None
         if kind == "content_block_stop":
-            return self._block_stop(event)
+            self._block_stop(event)
+            return None
         # ping, and event types added later.
         return None
 
@@ -384,8 +424,12 @@ class MessageStreamTranslator:
             chunk.reasoning.redacted = str(block.get("data") or "")
             return chunk
         if kind not in _OWN_BLOCKS:
-            self._other[index] = (block, [])
-            return None
+            # At once, as Anthropic streams it: a server tool's use shows its
+            # name while its input is still being written.
+            self._other.add(index)
+            chunk = self._chunk(index)
+            chunk.upstream_block_json = orjson.dumps(block).decode()
+            return chunk
         text = block.get("text")
         citations = block.get("citations")
         if kind == "text" and ((isinstance(text, str) and text) or citations):
@@ -396,21 +440,10 @@ class MessageStreamTranslator:
             return chunk
         return None
 
-    def _block_stop(self, event: dict[str, Any]) -> pb.StreamChatCompletionResponse | None:
+    def _block_stop(self, event: dict[str, Any]) -> None:
         index = event.get("index")
-        other = self._other.pop(index, None) if isinstance(index, int) else None
-        if other is None:
-            return None
-        block, fragments = other
-        if fragments:
-            text = "".join(fragments)
-            try:
-                block = {**block, "input": orjson.loads(text)}
-            except orjson.JSONDecodeError as exc:
-                raise UpstreamProtocolError(f"a block's input is not JSON: {exc}") from exc
-        chunk = self._chunk(index)
-        chunk.upstream_block_json = orjson.dumps(block).decode()
-        return chunk
+        if isinstance(index, int):
+            self._other.discard(index)
 
     def _block_delta(self, event: dict[str, Any]) -> pb.StreamChatCompletionResponse | None:
         delta = event.get("delta")
@@ -428,9 +461,11 @@ class MessageStreamTranslator:
         if kind == "input_json_delta":
             fragment = delta.get("partial_json")
             if isinstance(index, int) and index in self._other:
-                if isinstance(fragment, str):
-                    self._other[index][1].append(fragment)
-                return None
+                if not isinstance(fragment, str) or not fragment:
+                    return None
+                chunk = self._chunk(index)
+                chunk.upstream_input_json = fragment
+                return chunk
             position = self._tools.get(index) if isinstance(index, int) else None
             if position is None:
                 raise UpstreamProtocolError("input_json_delta for a block that is not a tool_use")
@@ -463,6 +498,9 @@ class MessageStreamTranslator:
         reason = delta.get("stop_reason") if isinstance(delta, dict) else None
         chunk = self._chunk()
         chunk.finish_reason = STOP_REASONS.get(str(reason), pb.FINISH_REASON_STOP)
+        matched = delta.get("stop_sequence") if isinstance(delta, dict) else None
+        if reason == "stop_sequence" and isinstance(matched, str):
+            chunk.stop_sequence = matched
         usage = event.get("usage")
         output = usage.get("output_tokens") if isinstance(usage, dict) else None
         output = output if isinstance(output, int) else 0
@@ -471,5 +509,10 @@ class MessageStreamTranslator:
         chunk.usage.CopyFrom(
             pb.Usage(prompt_tokens=prompt, completion_tokens=output, total_tokens=prompt + output)
         )
+        tools = usage.get("server_tool_use") if isinstance(usage, dict) else None
+        if isinstance(tools, dict):
+            chunk.usage.server_tool_requests.update(
+                {k: v for k, v in tools.items() if isinstance(v, int) and 0 < v < 2**31}
+            )
         self.finished = True
         return chunk

@@ -27,6 +27,7 @@ from marie_providers.openai_compatible.translate import (
     chunk_from_completion,
     completion_payload,
     models_from_listing,
+    names_stops,
 )
 from marie_providers.upstream.chunks import ChunkMerger
 from marie_providers.upstream.http_provider import JSON_HEADERS, HttpProvider, status_error
@@ -46,6 +47,10 @@ class OpenAICompatibleProvider(HttpProvider):
     listing_is_detailed = True
     #: Whether `/embeddings` takes inputs as token ids (OpenAI's own and vLLM do).
     accepts_token_inputs = True
+    #: Learnt from the upstream's first finished reply: True once one had a
+    #: field naming the stop sequence matched (vLLM, SGLang); until then
+    #: (and for OpenAI's own API and llama.cpp, always) Marie finds it.
+    reports_stop_sequence = False
 
     def enrich(self, info: pb.ModelInfo, entry: dict[str, Any]) -> None:
         """Add what this kind of upstream's listing says beyond OpenAI's fields."""
@@ -134,6 +139,9 @@ class OpenAICompatibleProvider(HttpProvider):
             # The caller wants the whole reply: ask for it whole. Servers that
             # ignore stream_options (llama.cpp's Python server) report usage only so.
             body = await self.request_json("POST", path, body=payload_for(False), model=model_name)
+            choices = body.get("choices") if isinstance(body, dict) else None
+            if isinstance(choices, list) and choices and names_stops(choices[0]):
+                self.reports_stop_sequence = True
             try:
                 yield chunk_from_completion(
                     body,
@@ -180,6 +188,8 @@ class OpenAICompatibleProvider(HttpProvider):
             # Servers that end the body without "[DONE]" still sent a finish.
             for chunk in translator.flush():
                 yield chunk
+            if translator.names_stops:
+                self.reports_stop_sequence = True
             if not translator.finished:
                 raise UpstreamProtocolError(f"{path} stream ended before its finish reason")
         except (httpx.HTTPError, UpstreamStatusError, UpstreamProtocolError) as exc:

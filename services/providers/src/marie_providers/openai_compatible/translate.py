@@ -287,6 +287,30 @@ def usage_from(value: Any) -> pb.Usage | None:
     return pb.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=total)
 
 
+#: The keys of a finishing choice that name the stop sequence matched.
+STOP_KEYS = ("stop_reason", "matched_stop")
+
+
+def names_stops(choice: Any) -> bool:
+    """Whether an upstream's finishing choice has a field naming the stop
+    sequence matched (null when none did): vLLM and SGLang have one, OpenAI's
+    own API and llama.cpp's server none."""
+    return isinstance(choice, dict) and any(key in choice for key in STOP_KEYS)
+
+
+def matched_stop(choice: dict[str, Any], finish: int) -> str:
+    """The stop sequence a choice says ended it: vLLM's `stop_reason`, SGLang's
+    `matched_stop` (a string; a number there is a stop token's id, no
+    sequence); "" when it says none (OpenAI, llama.cpp, Ollama say none)."""
+    if finish != pb.FINISH_REASON_STOP:
+        return ""
+    for key in STOP_KEYS:
+        value = choice.get(key)
+        if isinstance(value, str) and value:
+            return value
+    return ""
+
+
 class ChatStreamTranslator:
     """Turns `/chat/completions` stream events into chunks, one event at a time;
     with `text`, `/completions` events (the choice's `text` is the content).
@@ -313,6 +337,8 @@ class ChatStreamTranslator:
         self._role_sent = False
         self._held: pb.StreamChatCompletionResponse | None = None
         self.finished = False
+        #: Whether the finishing choice had a field naming the stop matched.
+        self.names_stops = False
         self.done = False
 
     def _chunk(self) -> pb.StreamChatCompletionResponse:
@@ -394,6 +420,8 @@ class ChatStreamTranslator:
                 chunk.tool_calls.append(_tool_call_delta(call))
         if isinstance(finish, str) and finish:
             chunk.finish_reason = FINISH_REASONS.get(finish, pb.FINISH_REASON_STOP)
+            chunk.stop_sequence = matched_stop(choice, chunk.finish_reason)
+            self.names_stops = names_stops(choice)
         chunk.logprobs.extend(logprobs)
         return chunk
 
@@ -442,6 +470,7 @@ def chunk_from_completion(
     if chunk.tool_calls and chunk.finish_reason == pb.FINISH_REASON_STOP:
         # Some servers say "stop" after calling tools; OpenAI says "tool_calls".
         chunk.finish_reason = pb.FINISH_REASON_TOOL_CALLS
+    chunk.stop_sequence = matched_stop(choice, chunk.finish_reason)
     usage = usage_from(body.get("usage"))
     if usage is not None:
         chunk.usage.CopyFrom(usage)

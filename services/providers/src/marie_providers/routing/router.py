@@ -34,6 +34,7 @@ from marie_providers.routing.model_access import UNRESTRICTED, ModelAccess, mode
 from marie_providers.routing.registry import ModelRegistry
 from marie_providers.routing.resilience import Circuit, CircuitBreaker, ConcurrencyLimit
 from marie_providers.upstream.provider import Provider
+from marie_providers.upstream.stops import matching_stops, without_stops
 
 log = logging.getLogger("marie.providers.routing")
 
@@ -444,6 +445,16 @@ class Router:
             provider, model = deployment.provider, deployment.model
             if isinstance(request, pb.StreamCompletionRequest):
                 chunks = provider.stream_completion(request, model, completion_id, created)
+            elif (
+                request.report_stop_sequence
+                and request.sampling.stop
+                and not provider.reports_stop_sequence
+            ):
+                # The upstream would stop without saying at which: stop here.
+                chunks = matching_stops(
+                    provider.stream_chat(without_stops(request), model, completion_id, created),
+                    request,
+                )
             else:
                 chunks = provider.stream_chat(request, model, completion_id, created)
             if tracing.STATE.enabled and tracing.recording():

@@ -43,25 +43,58 @@ class ChunkMerger:
             self._parts.append(chunk.content)
             if chunk.finish_reason:
                 pending.finish_reason = chunk.finish_reason
+                pending.stop_sequence = chunk.stop_sequence
             if chunk.HasField("usage"):
                 pending.usage.CopyFrom(chunk.usage)
             if chunk.logprobs:
                 pending.logprobs.extend(chunk.logprobs)
             return None
+        if (
+            pending is not None
+            and chunk.upstream_input_json
+            and pending.upstream_input_json
+            and pending.block == chunk.block
+            and _only_input(chunk)
+        ):
+            # A server tool's input streamed in fragments: one fragment.
+            self._parts.append(chunk.upstream_input_json)
+            return None
         done = self.flush()
         self._pending = chunk
-        self._parts = [chunk.content]
+        self._parts = [chunk.upstream_input_json or chunk.content]
         return done
 
     def flush(self) -> pb.StreamChatCompletionResponse | None:
         """The merged chunk held so far, if any; the merger is empty afterwards."""
         pending, self._pending = self._pending, None
         if pending is not None and len(self._parts) > 1:
-            pending.content = "".join(self._parts)
+            if pending.upstream_input_json:
+                pending.upstream_input_json = "".join(self._parts)
+            else:
+                pending.content = "".join(self._parts)
         self._parts = []
         return pending
 
 
 def _has_blocks(chunk: pb.StreamChatCompletionResponse) -> bool:
-    """Whether `chunk` carries thinking, an upstream block or citations."""
-    return bool(chunk.HasField("reasoning") or chunk.upstream_block_json or chunk.citations_json)
+    """Whether `chunk` carries thinking, an upstream block (or its input) or citations."""
+    return bool(
+        chunk.HasField("reasoning")
+        or chunk.upstream_block_json
+        or chunk.upstream_input_json
+        or chunk.citations_json
+    )
+
+
+def _only_input(chunk: pb.StreamChatCompletionResponse) -> bool:
+    """Whether `chunk` carries nothing but a fragment of an upstream block's input."""
+    return not (
+        chunk.content
+        or chunk.role
+        or chunk.tool_calls
+        or chunk.finish_reason
+        or chunk.HasField("usage")
+        or chunk.HasField("reasoning")
+        or chunk.upstream_block_json
+        or chunk.citations_json
+    )

@@ -88,16 +88,22 @@ async def fetch_json(
     *,
     body: dict[str, Any] | None = None,
     timeout: float | None = None,
+    headers: dict[str, str] | None = None,
 ) -> Any:
-    """One request with a JSON answer. Raises what the network did (httpx),
-    an error status (UpstreamStatusError) or a body that is not JSON
-    (UpstreamProtocolError), for the provider to map with `upstream_error`."""
+    """One request with a JSON answer (`headers` added to the JSON ones).
+    Raises what the network did (httpx), an error status (UpstreamStatusError)
+    or a body that is not JSON (UpstreamProtocolError), for the provider to
+    map with `upstream_error`."""
     extra: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
     if body is None:
         response = await client.request(method, path, **extra)
     else:
         response = await client.request(
-            method, path, content=orjson.dumps(body), headers=JSON_HEADERS, **extra
+            method,
+            path,
+            content=orjson.dumps(body),
+            headers={**JSON_HEADERS, **headers} if headers else JSON_HEADERS,
+            **extra,
         )
     if response.status_code >= 400:
         raise status_error(response, response.content)
@@ -220,10 +226,13 @@ class HttpProvider(Provider):
         model: str = "",
         timeout: float | None = None,
         quiet: bool = False,
+        headers: dict[str, str] | None = None,
     ) -> Any:
         """One request with a JSON answer; every failure comes back as a ServiceError."""
         try:
-            return await fetch_json(self._client, method, path, body=body, timeout=timeout)
+            return await fetch_json(
+                self._client, method, path, body=body, timeout=timeout, headers=headers
+            )
         except (httpx.HTTPError, UpstreamStatusError, UpstreamProtocolError) as exc:
             raise self._error(exc, model, quiet=quiet) from exc
 

@@ -33,6 +33,10 @@ class Provider(ABC):
     #: True when the upstream serves any Hugging Face hub id, listed or not (the HF
     #: router): the registry sends it a bare hub id that no listing names.
     serves_any_hub_id: bool = False
+    #: True when the upstream says which stop sequence ended a reply (the last
+    #: chunk's `stop_sequence`); else a request's `report_stop_sequence` has
+    #: the service find it (`upstream.stops`).
+    reports_stop_sequence: bool = False
 
     @property
     @abstractmethod

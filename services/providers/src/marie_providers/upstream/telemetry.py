@@ -34,6 +34,7 @@ _FINISH = {
     pb.FINISH_REASON_LENGTH: "length",
     pb.FINISH_REASON_TOOL_CALLS: "tool_calls",
     pb.FINISH_REASON_CONTENT_FILTER: "content_filter",
+    pb.FINISH_REASON_PAUSE_TURN: "pause_turn",
 }
 _ROLES = {
     pb.ROLE_SYSTEM: "system",

@@ -522,6 +522,11 @@ const (
 	FinishReason_FINISH_REASON_TOOL_CALLS FinishReason = 3
 	// Content was filtered by the provider.
 	FinishReason_FINISH_REASON_CONTENT_FILTER FinishReason = 4
+	// The upstream paused a long turn (Anthropic's `pause_turn`, while its
+	// server tools work): send the reply back as an assistant turn to let it
+	// continue. Only from upstreams that pause, for requests with
+	// `upstream_extras`; an OpenAI-shaped answer reports it as "stop".
+	FinishReason_FINISH_REASON_PAUSE_TURN FinishReason = 5
 )
 
 // Enum value maps for FinishReason.
@@ -532,6 +537,7 @@ var (
 		2: "FINISH_REASON_LENGTH",
 		3: "FINISH_REASON_TOOL_CALLS",
 		4: "FINISH_REASON_CONTENT_FILTER",
+		5: "FINISH_REASON_PAUSE_TURN",
 	}
 	FinishReason_value = map[string]int32{
 		"FINISH_REASON_UNSPECIFIED":    0,
@@ -539,6 +545,7 @@ var (
 		"FINISH_REASON_LENGTH":         2,
 		"FINISH_REASON_TOOL_CALLS":     3,
 		"FINISH_REASON_CONTENT_FILTER": 4,
+		"FINISH_REASON_PAUSE_TURN":     5,
 	}
 )
 
@@ -2590,8 +2597,28 @@ type StreamChatCompletionRequest struct {
 	// `fields`; fallbacks of another kind are skipped (they would drop what
 	// was asked).
 	UpstreamExtras *UpstreamExtras `protobuf:"bytes,13,opt,name=upstream_extras,json=upstreamExtras,proto3" json:"upstream_extras,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// True asks for the last chunk's `stop_sequence` from every upstream, also
+	// from those that do not say which stop sequence ended a reply (Ollama,
+	// llama.cpp, other OpenAI-compatible servers): the service then keeps
+	// `sampling.stop` from them and finds the sequences itself in the text it
+	// relays, holding back only text that could still begin one, and closes
+	// the upstream request at the first match. The usage of a reply ended so
+	// is the upstream's when it reported it before the match, else an
+	// estimate (about four characters a token). Upstreams that say which
+	// sequence matched (Anthropic) are sent the stop sequences as ever. False
+	// (the default): the upstream stops at them, and `stop_sequence` is set
+	// only where it says which matched.
+	ReportStopSequence bool `protobuf:"varint,14,opt,name=report_stop_sequence,json=reportStopSequence,proto3" json:"report_stop_sequence,omitempty"`
+	// True when only the prompt's size is wanted (Anthropic's count_tokens):
+	// an upstream that counts without generating (Anthropic's own
+	// count_tokens endpoint, which takes `thinking`, server tools and every
+	// other field of `upstream_extras`, and counts them exactly) answers one
+	// chunk with finish reason STOP, no content and the count in
+	// `usage.prompt_tokens`. Others generate as asked: send
+	// `sampling.max_tokens` 1, and read only `usage.prompt_tokens`.
+	CountOnly     bool `protobuf:"varint,15,opt,name=count_only,json=countOnly,proto3" json:"count_only,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *StreamChatCompletionRequest) Reset() {
@@ -2713,6 +2740,20 @@ func (x *StreamChatCompletionRequest) GetUpstreamExtras() *UpstreamExtras {
 		return x.UpstreamExtras
 	}
 	return nil
+}
+
+func (x *StreamChatCompletionRequest) GetReportStopSequence() bool {
+	if x != nil {
+		return x.ReportStopSequence
+	}
+	return false
+}
+
+func (x *StreamChatCompletionRequest) GetCountOnly() bool {
+	if x != nil {
+		return x.CountOnly
+	}
+	return false
 }
 
 // UpstreamExtras carries request fields of one upstream kind's own API.
@@ -2957,9 +2998,13 @@ type Usage struct {
 	// Tokens generated.
 	CompletionTokens int32 `protobuf:"varint,2,opt,name=completion_tokens,json=completionTokens,proto3" json:"completion_tokens,omitempty"`
 	// prompt_tokens + completion_tokens.
-	TotalTokens   int32 `protobuf:"varint,3,opt,name=total_tokens,json=totalTokens,proto3" json:"total_tokens,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	TotalTokens int32 `protobuf:"varint,3,opt,name=total_tokens,json=totalTokens,proto3" json:"total_tokens,omitempty"`
+	// Requests the upstream's own server tools made for this reply, by kind as
+	// the upstream names them (Anthropic's `web_search_requests`,
+	// `web_fetch_requests`); empty when none ran.
+	ServerToolRequests map[string]int32 `protobuf:"bytes,4,rep,name=server_tool_requests,json=serverToolRequests,proto3" json:"server_tool_requests,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
 }
 
 func (x *Usage) Reset() {
@@ -3011,6 +3056,13 @@ func (x *Usage) GetTotalTokens() int32 {
 		return x.TotalTokens
 	}
 	return 0
+}
+
+func (x *Usage) GetServerToolRequests() map[string]int32 {
+	if x != nil {
+		return x.ServerToolRequests
+	}
+	return nil
 }
 
 // CreateChatCompletionRequest asks for a whole chat completion.
@@ -3145,9 +3197,21 @@ type StreamChatCompletionResponse struct {
 	// Position of the upstream's content block this chunk belongs to, from 1;
 	// 0 when the upstream does not number its blocks. Content of a new number
 	// starts a new block (Anthropic's text blocks around citations).
-	Block         int32 `protobuf:"varint,14,opt,name=block,proto3" json:"block,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Block int32 `protobuf:"varint,14,opt,name=block,proto3" json:"block,omitempty"`
+	// The stop sequence (one of the request's `sampling.stop`) that ended
+	// generation; set on the last chunk only, with finish reason STOP, and
+	// empty when the reply ended otherwise. From the upstream where it says
+	// which sequence matched (Anthropic, vLLM, SGLang); from others (Ollama,
+	// llama.cpp) only when the request set `report_stop_sequence`.
+	StopSequence string `protobuf:"bytes,15,opt,name=stop_sequence,json=stopSequence,proto3" json:"stop_sequence,omitempty"`
+	// A fragment of the input JSON of the upstream block this chunk belongs to
+	// (`block`), as the upstream streams it: a block whose input streams
+	// (Anthropic's `server_tool_use`, `mcp_tool_use`) comes first in
+	// `upstream_block_json` with an empty `input`, then its input's JSON text
+	// in these fragments, to be concatenated.
+	UpstreamInputJson string `protobuf:"bytes,16,opt,name=upstream_input_json,json=upstreamInputJson,proto3" json:"upstream_input_json,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
 }
 
 func (x *StreamChatCompletionResponse) Reset() {
@@ -3276,6 +3340,20 @@ func (x *StreamChatCompletionResponse) GetBlock() int32 {
 		return x.Block
 	}
 	return 0
+}
+
+func (x *StreamChatCompletionResponse) GetStopSequence() string {
+	if x != nil {
+		return x.StopSequence
+	}
+	return ""
+}
+
+func (x *StreamChatCompletionResponse) GetUpstreamInputJson() string {
+	if x != nil {
+		return x.UpstreamInputJson
+	}
+	return ""
 }
 
 // TokenLogprob is the log probability of one generated token.
@@ -4086,7 +4164,7 @@ const file_marie_providers_v1_provider_service_proto_rawDesc = "" +
 	"\v_max_tokensB\a\n" +
 	"\x05_seedB\x13\n" +
 	"\x11_presence_penaltyB\x14\n" +
-	"\x12_frequency_penalty\"\xf1\x04\n" +
+	"\x12_frequency_penalty\"\xc2\x05\n" +
 	"\x1bStreamChatCompletionRequest\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\tR\x05model\x12\x1a\n" +
 	"\bprovider\x18\x02 \x01(\tR\bprovider\x12;\n" +
@@ -4102,7 +4180,10 @@ const file_marie_providers_v1_provider_service_proto_rawDesc = "" +
 	" \x01(\bR\taggregate\x12\x1a\n" +
 	"\blogprobs\x18\v \x01(\bR\blogprobs\x12!\n" +
 	"\ftop_logprobs\x18\f \x01(\x05R\vtopLogprobs\x12K\n" +
-	"\x0fupstream_extras\x18\r \x01(\v2\".marie.providers.v1.UpstreamExtrasR\x0eupstreamExtras\"\xe6\x01\n" +
+	"\x0fupstream_extras\x18\r \x01(\v2\".marie.providers.v1.UpstreamExtrasR\x0eupstreamExtras\x120\n" +
+	"\x14report_stop_sequence\x18\x0e \x01(\bR\x12reportStopSequence\x12\x1d\n" +
+	"\n" +
+	"count_only\x18\x0f \x01(\bR\tcountOnly\"\xe6\x01\n" +
 	"\x0eUpstreamExtras\x12\x12\n" +
 	"\x04kind\x18\x01 \x01(\tR\x04kind\x12!\n" +
 	"\frequest_json\x18\x02 \x01(\tR\vrequestJson\x12\x16\n" +
@@ -4120,15 +4201,19 @@ const file_marie_providers_v1_provider_service_proto_rawDesc = "" +
 	"\x02id\x18\x02 \x01(\tR\x02id\x12\x12\n" +
 	"\x04type\x18\x03 \x01(\tR\x04type\x12\x12\n" +
 	"\x04name\x18\x04 \x01(\tR\x04name\x12\x1c\n" +
-	"\targuments\x18\x05 \x01(\tR\targuments\"|\n" +
+	"\targuments\x18\x05 \x01(\tR\targuments\"\xa8\x02\n" +
 	"\x05Usage\x12#\n" +
 	"\rprompt_tokens\x18\x01 \x01(\x05R\fpromptTokens\x12+\n" +
 	"\x11completion_tokens\x18\x02 \x01(\x05R\x10completionTokens\x12!\n" +
-	"\ftotal_tokens\x18\x03 \x01(\x05R\vtotalTokens\"b\n" +
+	"\ftotal_tokens\x18\x03 \x01(\x05R\vtotalTokens\x12c\n" +
+	"\x14server_tool_requests\x18\x04 \x03(\v21.marie.providers.v1.Usage.ServerToolRequestsEntryR\x12serverToolRequests\x1aE\n" +
+	"\x17ServerToolRequestsEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\x05R\x05value:\x028\x01\"b\n" +
 	"\x1bCreateChatCompletionRequest\x12C\n" +
 	"\x04chat\x18\x01 \x01(\v2/.marie.providers.v1.StreamChatCompletionRequestR\x04chat\"h\n" +
 	"\x1cCreateChatCompletionResponse\x12H\n" +
-	"\x06chunks\x18\x01 \x03(\v20.marie.providers.v1.StreamChatCompletionResponseR\x06chunks\"\xe4\x04\n" +
+	"\x06chunks\x18\x01 \x03(\v20.marie.providers.v1.StreamChatCompletionResponseR\x06chunks\"\xb9\x05\n" +
 	"\x1cStreamChatCompletionResponse\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x14\n" +
 	"\x05model\x18\x02 \x01(\tR\x05model\x12\x1a\n" +
@@ -4145,7 +4230,9 @@ const file_marie_providers_v1_provider_service_proto_rawDesc = "" +
 	"\treasoning\x18\v \x01(\v2\x1d.marie.providers.v1.ReasoningR\treasoning\x12.\n" +
 	"\x13upstream_block_json\x18\f \x01(\tR\x11upstreamBlockJson\x12%\n" +
 	"\x0ecitations_json\x18\r \x03(\tR\rcitationsJson\x12\x14\n" +
-	"\x05block\x18\x0e \x01(\x05R\x05block\"\x97\x01\n" +
+	"\x05block\x18\x0e \x01(\x05R\x05block\x12#\n" +
+	"\rstop_sequence\x18\x0f \x01(\tR\fstopSequence\x12.\n" +
+	"\x13upstream_input_json\x18\x10 \x01(\tR\x11upstreamInputJson\"\x97\x01\n" +
 	"\fTokenLogprob\x12\x14\n" +
 	"\x05token\x18\x01 \x01(\tR\x05token\x12\x18\n" +
 	"\alogprob\x18\x02 \x01(\x01R\alogprob\x12\x14\n" +
@@ -4242,13 +4329,14 @@ const file_marie_providers_v1_provider_service_proto_rawDesc = "" +
 	" RESPONSE_FORMAT_TYPE_UNSPECIFIED\x10\x00\x12\x1d\n" +
 	"\x19RESPONSE_FORMAT_TYPE_TEXT\x10\x01\x12$\n" +
 	" RESPONSE_FORMAT_TYPE_JSON_OBJECT\x10\x02\x12$\n" +
-	" RESPONSE_FORMAT_TYPE_JSON_SCHEMA\x10\x03*\x9f\x01\n" +
+	" RESPONSE_FORMAT_TYPE_JSON_SCHEMA\x10\x03*\xbd\x01\n" +
 	"\fFinishReason\x12\x1d\n" +
 	"\x19FINISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n" +
 	"\x12FINISH_REASON_STOP\x10\x01\x12\x18\n" +
 	"\x14FINISH_REASON_LENGTH\x10\x02\x12\x1c\n" +
 	"\x18FINISH_REASON_TOOL_CALLS\x10\x03\x12 \n" +
-	"\x1cFINISH_REASON_CONTENT_FILTER\x10\x042\xd8\a\n" +
+	"\x1cFINISH_REASON_CONTENT_FILTER\x10\x04\x12\x1c\n" +
+	"\x18FINISH_REASON_PAUSE_TURN\x10\x052\xd8\a\n" +
 	"\x0fProviderService\x12d\n" +
 	"\rListProviders\x12(.marie.providers.v1.ListProvidersRequest\x1a).marie.providers.v1.ListProvidersResponse\x12p\n" +
 	"\x11GetProviderHealth\x12,.marie.providers.v1.GetProviderHealthRequest\x1a-.marie.providers.v1.GetProviderHealthResponse\x12[\n" +
@@ -4275,7 +4363,7 @@ func file_marie_providers_v1_provider_service_proto_rawDescGZIP() []byte {
 }
 
 var file_marie_providers_v1_provider_service_proto_enumTypes = make([]protoimpl.EnumInfo, 9)
-var file_marie_providers_v1_provider_service_proto_msgTypes = make([]protoimpl.MessageInfo, 45)
+var file_marie_providers_v1_provider_service_proto_msgTypes = make([]protoimpl.MessageInfo, 46)
 var file_marie_providers_v1_provider_service_proto_goTypes = []any{
 	(HealthStatus)(0),                    // 0: marie.providers.v1.HealthStatus
 	(CircuitState)(0),                    // 1: marie.providers.v1.CircuitState
@@ -4331,21 +4419,22 @@ var file_marie_providers_v1_provider_service_proto_goTypes = []any{
 	(*StreamCompletionResponse)(nil),     // 51: marie.providers.v1.StreamCompletionResponse
 	nil,                                  // 52: marie.providers.v1.ModelInfo.MetadataEntry
 	nil,                                  // 53: marie.providers.v1.UpstreamExtras.HeadersEntry
-	(*timestamppb.Timestamp)(nil),        // 54: google.protobuf.Timestamp
-	(*structpb.Struct)(nil),              // 55: google.protobuf.Struct
+	nil,                                  // 54: marie.providers.v1.Usage.ServerToolRequestsEntry
+	(*timestamppb.Timestamp)(nil),        // 55: google.protobuf.Timestamp
+	(*structpb.Struct)(nil),              // 56: google.protobuf.Struct
 }
 var file_marie_providers_v1_provider_service_proto_depIdxs = []int32{
 	9,  // 0: marie.providers.v1.ListProvidersResponse.providers:type_name -> marie.providers.v1.Provider
 	0,  // 1: marie.providers.v1.ProviderHealth.status:type_name -> marie.providers.v1.HealthStatus
-	54, // 2: marie.providers.v1.ProviderHealth.check_time:type_name -> google.protobuf.Timestamp
+	55, // 2: marie.providers.v1.ProviderHealth.check_time:type_name -> google.protobuf.Timestamp
 	13, // 3: marie.providers.v1.ProviderHealth.deployments:type_name -> marie.providers.v1.DeploymentHealth
 	1,  // 4: marie.providers.v1.DeploymentHealth.circuit:type_name -> marie.providers.v1.CircuitState
-	54, // 5: marie.providers.v1.DeploymentHealth.retry_time:type_name -> google.protobuf.Timestamp
+	55, // 5: marie.providers.v1.DeploymentHealth.retry_time:type_name -> google.protobuf.Timestamp
 	2,  // 6: marie.providers.v1.DeploymentHealth.operation:type_name -> marie.providers.v1.Operation
 	12, // 7: marie.providers.v1.GetProviderHealthResponse.providers:type_name -> marie.providers.v1.ProviderHealth
 	3,  // 8: marie.providers.v1.ModelInfo.capabilities:type_name -> marie.providers.v1.ModelCapability
 	52, // 9: marie.providers.v1.ModelInfo.metadata:type_name -> marie.providers.v1.ModelInfo.MetadataEntry
-	54, // 10: marie.providers.v1.ModelInfo.modified_time:type_name -> google.protobuf.Timestamp
+	55, // 10: marie.providers.v1.ModelInfo.modified_time:type_name -> google.protobuf.Timestamp
 	17, // 11: marie.providers.v1.ModelInfo.route:type_name -> marie.providers.v1.RouteInfo
 	4,  // 12: marie.providers.v1.RouteInfo.kind:type_name -> marie.providers.v1.RouteKind
 	18, // 13: marie.providers.v1.RouteInfo.targets:type_name -> marie.providers.v1.RouteTarget
@@ -4360,10 +4449,10 @@ var file_marie_providers_v1_provider_service_proto_depIdxs = []int32{
 	26, // 22: marie.providers.v1.ChatMessage.parts:type_name -> marie.providers.v1.ContentPart
 	28, // 23: marie.providers.v1.ChatMessage.tool_calls:type_name -> marie.providers.v1.ToolCall
 	32, // 24: marie.providers.v1.Tool.function:type_name -> marie.providers.v1.FunctionDefinition
-	55, // 25: marie.providers.v1.FunctionDefinition.parameters:type_name -> google.protobuf.Struct
+	56, // 25: marie.providers.v1.FunctionDefinition.parameters:type_name -> google.protobuf.Struct
 	6,  // 26: marie.providers.v1.ToolChoice.mode:type_name -> marie.providers.v1.ToolChoiceMode
 	7,  // 27: marie.providers.v1.ResponseFormat.type:type_name -> marie.providers.v1.ResponseFormatType
-	55, // 28: marie.providers.v1.ResponseFormat.json_schema:type_name -> google.protobuf.Struct
+	56, // 28: marie.providers.v1.ResponseFormat.json_schema:type_name -> google.protobuf.Struct
 	30, // 29: marie.providers.v1.StreamChatCompletionRequest.messages:type_name -> marie.providers.v1.ChatMessage
 	35, // 30: marie.providers.v1.StreamChatCompletionRequest.sampling:type_name -> marie.providers.v1.SamplingParameters
 	34, // 31: marie.providers.v1.StreamChatCompletionRequest.response_format:type_name -> marie.providers.v1.ResponseFormat
@@ -4371,45 +4460,46 @@ var file_marie_providers_v1_provider_service_proto_depIdxs = []int32{
 	33, // 33: marie.providers.v1.StreamChatCompletionRequest.tool_choice:type_name -> marie.providers.v1.ToolChoice
 	37, // 34: marie.providers.v1.StreamChatCompletionRequest.upstream_extras:type_name -> marie.providers.v1.UpstreamExtras
 	53, // 35: marie.providers.v1.UpstreamExtras.headers:type_name -> marie.providers.v1.UpstreamExtras.HeadersEntry
-	36, // 36: marie.providers.v1.CreateChatCompletionRequest.chat:type_name -> marie.providers.v1.StreamChatCompletionRequest
-	43, // 37: marie.providers.v1.CreateChatCompletionResponse.chunks:type_name -> marie.providers.v1.StreamChatCompletionResponse
-	5,  // 38: marie.providers.v1.StreamChatCompletionResponse.role:type_name -> marie.providers.v1.Role
-	39, // 39: marie.providers.v1.StreamChatCompletionResponse.tool_calls:type_name -> marie.providers.v1.ToolCallDelta
-	8,  // 40: marie.providers.v1.StreamChatCompletionResponse.finish_reason:type_name -> marie.providers.v1.FinishReason
-	40, // 41: marie.providers.v1.StreamChatCompletionResponse.usage:type_name -> marie.providers.v1.Usage
-	44, // 42: marie.providers.v1.StreamChatCompletionResponse.logprobs:type_name -> marie.providers.v1.TokenLogprob
-	38, // 43: marie.providers.v1.StreamChatCompletionResponse.reasoning:type_name -> marie.providers.v1.Reasoning
-	45, // 44: marie.providers.v1.TokenLogprob.top_logprobs:type_name -> marie.providers.v1.TopLogprob
-	47, // 45: marie.providers.v1.CreateEmbeddingsRequest.token_inputs:type_name -> marie.providers.v1.TokenIds
-	48, // 46: marie.providers.v1.CreateEmbeddingsResponse.embeddings:type_name -> marie.providers.v1.Embedding
-	40, // 47: marie.providers.v1.CreateEmbeddingsResponse.usage:type_name -> marie.providers.v1.Usage
-	35, // 48: marie.providers.v1.StreamCompletionRequest.sampling:type_name -> marie.providers.v1.SamplingParameters
-	8,  // 49: marie.providers.v1.StreamCompletionResponse.finish_reason:type_name -> marie.providers.v1.FinishReason
-	40, // 50: marie.providers.v1.StreamCompletionResponse.usage:type_name -> marie.providers.v1.Usage
-	44, // 51: marie.providers.v1.StreamCompletionResponse.logprobs:type_name -> marie.providers.v1.TokenLogprob
-	10, // 52: marie.providers.v1.ProviderService.ListProviders:input_type -> marie.providers.v1.ListProvidersRequest
-	14, // 53: marie.providers.v1.ProviderService.GetProviderHealth:input_type -> marie.providers.v1.GetProviderHealthRequest
-	19, // 54: marie.providers.v1.ProviderService.ListModels:input_type -> marie.providers.v1.ListModelsRequest
-	22, // 55: marie.providers.v1.ProviderService.GetModel:input_type -> marie.providers.v1.GetModelRequest
-	24, // 56: marie.providers.v1.ProviderService.SearchModels:input_type -> marie.providers.v1.SearchModelsRequest
-	36, // 57: marie.providers.v1.ProviderService.StreamChatCompletion:input_type -> marie.providers.v1.StreamChatCompletionRequest
-	41, // 58: marie.providers.v1.ProviderService.CreateChatCompletion:input_type -> marie.providers.v1.CreateChatCompletionRequest
-	46, // 59: marie.providers.v1.ProviderService.CreateEmbeddings:input_type -> marie.providers.v1.CreateEmbeddingsRequest
-	50, // 60: marie.providers.v1.ProviderService.StreamCompletion:input_type -> marie.providers.v1.StreamCompletionRequest
-	11, // 61: marie.providers.v1.ProviderService.ListProviders:output_type -> marie.providers.v1.ListProvidersResponse
-	15, // 62: marie.providers.v1.ProviderService.GetProviderHealth:output_type -> marie.providers.v1.GetProviderHealthResponse
-	20, // 63: marie.providers.v1.ProviderService.ListModels:output_type -> marie.providers.v1.ListModelsResponse
-	23, // 64: marie.providers.v1.ProviderService.GetModel:output_type -> marie.providers.v1.GetModelResponse
-	25, // 65: marie.providers.v1.ProviderService.SearchModels:output_type -> marie.providers.v1.SearchModelsResponse
-	43, // 66: marie.providers.v1.ProviderService.StreamChatCompletion:output_type -> marie.providers.v1.StreamChatCompletionResponse
-	42, // 67: marie.providers.v1.ProviderService.CreateChatCompletion:output_type -> marie.providers.v1.CreateChatCompletionResponse
-	49, // 68: marie.providers.v1.ProviderService.CreateEmbeddings:output_type -> marie.providers.v1.CreateEmbeddingsResponse
-	51, // 69: marie.providers.v1.ProviderService.StreamCompletion:output_type -> marie.providers.v1.StreamCompletionResponse
-	61, // [61:70] is the sub-list for method output_type
-	52, // [52:61] is the sub-list for method input_type
-	52, // [52:52] is the sub-list for extension type_name
-	52, // [52:52] is the sub-list for extension extendee
-	0,  // [0:52] is the sub-list for field type_name
+	54, // 36: marie.providers.v1.Usage.server_tool_requests:type_name -> marie.providers.v1.Usage.ServerToolRequestsEntry
+	36, // 37: marie.providers.v1.CreateChatCompletionRequest.chat:type_name -> marie.providers.v1.StreamChatCompletionRequest
+	43, // 38: marie.providers.v1.CreateChatCompletionResponse.chunks:type_name -> marie.providers.v1.StreamChatCompletionResponse
+	5,  // 39: marie.providers.v1.StreamChatCompletionResponse.role:type_name -> marie.providers.v1.Role
+	39, // 40: marie.providers.v1.StreamChatCompletionResponse.tool_calls:type_name -> marie.providers.v1.ToolCallDelta
+	8,  // 41: marie.providers.v1.StreamChatCompletionResponse.finish_reason:type_name -> marie.providers.v1.FinishReason
+	40, // 42: marie.providers.v1.StreamChatCompletionResponse.usage:type_name -> marie.providers.v1.Usage
+	44, // 43: marie.providers.v1.StreamChatCompletionResponse.logprobs:type_name -> marie.providers.v1.TokenLogprob
+	38, // 44: marie.providers.v1.StreamChatCompletionResponse.reasoning:type_name -> marie.providers.v1.Reasoning
+	45, // 45: marie.providers.v1.TokenLogprob.top_logprobs:type_name -> marie.providers.v1.TopLogprob
+	47, // 46: marie.providers.v1.CreateEmbeddingsRequest.token_inputs:type_name -> marie.providers.v1.TokenIds
+	48, // 47: marie.providers.v1.CreateEmbeddingsResponse.embeddings:type_name -> marie.providers.v1.Embedding
+	40, // 48: marie.providers.v1.CreateEmbeddingsResponse.usage:type_name -> marie.providers.v1.Usage
+	35, // 49: marie.providers.v1.StreamCompletionRequest.sampling:type_name -> marie.providers.v1.SamplingParameters
+	8,  // 50: marie.providers.v1.StreamCompletionResponse.finish_reason:type_name -> marie.providers.v1.FinishReason
+	40, // 51: marie.providers.v1.StreamCompletionResponse.usage:type_name -> marie.providers.v1.Usage
+	44, // 52: marie.providers.v1.StreamCompletionResponse.logprobs:type_name -> marie.providers.v1.TokenLogprob
+	10, // 53: marie.providers.v1.ProviderService.ListProviders:input_type -> marie.providers.v1.ListProvidersRequest
+	14, // 54: marie.providers.v1.ProviderService.GetProviderHealth:input_type -> marie.providers.v1.GetProviderHealthRequest
+	19, // 55: marie.providers.v1.ProviderService.ListModels:input_type -> marie.providers.v1.ListModelsRequest
+	22, // 56: marie.providers.v1.ProviderService.GetModel:input_type -> marie.providers.v1.GetModelRequest
+	24, // 57: marie.providers.v1.ProviderService.SearchModels:input_type -> marie.providers.v1.SearchModelsRequest
+	36, // 58: marie.providers.v1.ProviderService.StreamChatCompletion:input_type -> marie.providers.v1.StreamChatCompletionRequest
+	41, // 59: marie.providers.v1.ProviderService.CreateChatCompletion:input_type -> marie.providers.v1.CreateChatCompletionRequest
+	46, // 60: marie.providers.v1.ProviderService.CreateEmbeddings:input_type -> marie.providers.v1.CreateEmbeddingsRequest
+	50, // 61: marie.providers.v1.ProviderService.StreamCompletion:input_type -> marie.providers.v1.StreamCompletionRequest
+	11, // 62: marie.providers.v1.ProviderService.ListProviders:output_type -> marie.providers.v1.ListProvidersResponse
+	15, // 63: marie.providers.v1.ProviderService.GetProviderHealth:output_type -> marie.providers.v1.GetProviderHealthResponse
+	20, // 64: marie.providers.v1.ProviderService.ListModels:output_type -> marie.providers.v1.ListModelsResponse
+	23, // 65: marie.providers.v1.ProviderService.GetModel:output_type -> marie.providers.v1.GetModelResponse
+	25, // 66: marie.providers.v1.ProviderService.SearchModels:output_type -> marie.providers.v1.SearchModelsResponse
+	43, // 67: marie.providers.v1.ProviderService.StreamChatCompletion:output_type -> marie.providers.v1.StreamChatCompletionResponse
+	42, // 68: marie.providers.v1.ProviderService.CreateChatCompletion:output_type -> marie.providers.v1.CreateChatCompletionResponse
+	49, // 69: marie.providers.v1.ProviderService.CreateEmbeddings:output_type -> marie.providers.v1.CreateEmbeddingsResponse
+	51, // 70: marie.providers.v1.ProviderService.StreamCompletion:output_type -> marie.providers.v1.StreamCompletionResponse
+	62, // [62:71] is the sub-list for method output_type
+	53, // [53:62] is the sub-list for method input_type
+	53, // [53:53] is the sub-list for extension type_name
+	53, // [53:53] is the sub-list for extension extendee
+	0,  // [0:53] is the sub-list for field type_name
 }
 
 func init() { file_marie_providers_v1_provider_service_proto_init() }
@@ -4429,7 +4519,7 @@ func file_marie_providers_v1_provider_service_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_marie_providers_v1_provider_service_proto_rawDesc), len(file_marie_providers_v1_provider_service_proto_rawDesc)),
 			NumEnums:      9,
-			NumMessages:   45,
+			NumMessages:   46,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
