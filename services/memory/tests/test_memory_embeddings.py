@@ -88,6 +88,29 @@ async def test_hybrid_is_the_default_and_ranks_by_meaning_and_keywords(
         await store.close()
 
 
+async def test_a_strong_keyword_match_outside_the_vector_candidates_leads_hybrid(
+    ai_stub: MemoryStub,
+) -> None:
+    # As with real embedders, every vector candidate is close to the query (cosine
+    # ~0.67: two of its three words), and one memory only keyword search finds: the
+    # query's rare word among many others, so its vector is far (outside the vector
+    # side's 50 candidates). Adding raw cosines to BM25 ratios never let it in.
+    await _remember(ai_stub, *(f"quartz stone {i}" for i in range(60)))
+    filler = " ".join(f"w{i}" for i in range(30))
+    [pebble] = await _remember(ai_stub, f"pebble {filler}")
+
+    vector = await _search(ai_stub, "quartz stone pebble", mode=pb.SEARCH_MODE_VECTOR, top_k=50)
+    assert pebble.id not in [r.memory.id for r in vector.results]
+    keyword = await _search(ai_stub, "quartz stone pebble", mode=pb.SEARCH_MODE_KEYWORD)
+    assert keyword.results[0].memory.id == pebble.id
+
+    hybrid = await _search(ai_stub, "quartz stone pebble")
+
+    assert hybrid.mode_used == pb.SEARCH_MODE_HYBRID
+    assert hybrid.results[0].memory.id == pebble.id
+    assert all(0 <= r.score <= 1 for r in hybrid.results)
+
+
 async def test_a_new_text_gets_a_new_vector(ai_stub: MemoryStub) -> None:
     memory = (await _remember(ai_stub, "Lives in Lisbon"))[0]
     await _remember(ai_stub, "Owns a bicycle")
