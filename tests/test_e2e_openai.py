@@ -251,6 +251,31 @@ def test_embeddings(client: openai.OpenAI) -> None:
     assert reply.data[0].embedding != reply.data[1].embedding
 
 
+def test_embeddings_take_an_input_type_and_refuse_an_unknown_one(
+    client: openai.OpenAI, stack: Stack, api_key: str
+) -> None:
+    # Accepted in every spelling retrieval uses (the fake Ollama is configured
+    # with no embedding instructions, so the vectors are the same).
+    for input_type in ("query", "search_query", "document", "passage", "search_document"):
+        reply = client.embeddings.create(
+            model="ollama/nomic-embed-text:latest",
+            input="alpha",
+            extra_body={"input_type": input_type},
+        )
+        assert len(reply.data[0].embedding) == 768
+
+    bad = httpx.post(
+        f"{stack.base_url}/v1/embeddings",
+        headers={"Authorization": f"Bearer {api_key}"},
+        json={"model": "ollama/nomic-embed-text:latest", "input": "x", "input_type": "classify"},
+    )
+
+    assert bad.status_code == 400
+    error = bad.json()["error"]
+    assert error["param"] == "input_type"
+    assert error["type"] == "invalid_request_error"
+
+
 def test_unknown_route_is_404_envelope(stack: Stack) -> None:
     r = httpx.get(f"{stack.base_url}/v1/nothing-here")
     assert r.status_code == 404

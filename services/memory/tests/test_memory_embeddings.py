@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -13,12 +14,14 @@ from google.protobuf.field_mask_pb2 import FieldMask
 from marie.memory.v1 import memory_service_pb2 as pb
 from marie.memory.v1 import memory_service_pb2_grpc as pb_grpc
 from marie_kit.channels import insecure_channel
-from marie_kit.server import start_server
+from marie_kit.server import RunningServer, start_server
 from marie_memory.embedding import ModelChangeRefused
 from marie_memory.records import EmbeddingSpace
 from marie_memory.service import MemoryComponent
 from marie_memory.settings import MemorySettings
 from marie_memory.stores.sqlite import SqliteStore
+from marie_providers.service import ProvidersComponent
+from marie_providers.settings import ProvidersSettings
 from memory_testkit import EMBEDDING_MODEL, MemoryStub, StartMemory
 
 from tests.fakes.ollama import FakeModel, FakeOllama
@@ -83,6 +86,29 @@ async def test_hybrid_is_the_default_and_ranks_by_meaning_and_keywords(
         assert await store.get_embedding_space() == EmbeddingSpace(EMBEDDING_MODEL, 768)
     finally:
         await store.close()
+
+
+async def test_a_strong_keyword_match_outside_the_vector_candidates_leads_hybrid(
+    ai_stub: MemoryStub,
+) -> None:
+    # As with real embedders, every vector candidate is close to the query (cosine
+    # ~0.67: two of its three words), and one memory only keyword search finds: the
+    # query's rare word among many others, so its vector is far (outside the vector
+    # side's 50 candidates). Adding raw cosines to BM25 ratios never let it in.
+    await _remember(ai_stub, *(f"quartz stone {i}" for i in range(60)))
+    filler = " ".join(f"w{i}" for i in range(30))
+    [pebble] = await _remember(ai_stub, f"pebble {filler}")
+
+    vector = await _search(ai_stub, "quartz stone pebble", mode=pb.SEARCH_MODE_VECTOR, top_k=50)
+    assert pebble.id not in [r.memory.id for r in vector.results]
+    keyword = await _search(ai_stub, "quartz stone pebble", mode=pb.SEARCH_MODE_KEYWORD)
+    assert keyword.results[0].memory.id == pebble.id
+
+    hybrid = await _search(ai_stub, "quartz stone pebble")
+
+    assert hybrid.mode_used == pb.SEARCH_MODE_HYBRID
+    assert hybrid.results[0].memory.id == pebble.id
+    assert all(0 <= r.score <= 1 for r in hybrid.results)
 
 
 async def test_a_new_text_gets_a_new_vector(ai_stub: MemoryStub) -> None:
@@ -154,6 +180,86 @@ async def test_a_changed_model_is_refused_or_re_embedded_never_mixed(
         assert await store.memories_without_vectors(10) == []
     finally:
         await store.close()
+
+
+async def _providers_with_prefixes(ollama: FakeOllama, folder: Path) -> RunningServer:
+    config = folder / "marie.yaml"
+    config.write_text(
+        "providers:\n"
+        f"  ollama:\n    type: ollama\n    base_url: {ollama.base_url}\n"
+        "    embedding_prefixes: {query: 'search_query: ', document: 'search_document: '}\n"
+    )
+    settings = ProvidersSettings(config=config, ollama_enabled=False, port=0)
+    return await start_server([ProvidersComponent(settings)])
+
+
+async def test_stored_texts_are_documents_and_searches_queries_and_a_new_handling_re_embeds(
+    start_memory: StartMemory, ai_settings: MemorySettings, ollama: FakeOllama, tmp_path: Path
+) -> None:
+    first = await start_memory(ai_settings)
+    async with insecure_channel(first.target) as channel:
+        memories = await _remember(
+            pb_grpc.MemoryServiceStub(channel), "Likes green tea", "Has a dog", "Reads novels"
+        )
+    await first.stop(0.5)
+    texts = {m.text for m in memories}
+
+    providers = await _providers_with_prefixes(ollama, tmp_path)
+    try:
+        ollama.reset()
+        server = await start_memory(
+            ai_settings.model_copy(update={"providers_addr": providers.target})
+        )
+        async with insecure_channel(server.target) as channel:
+            stub = pb_grpc.MemoryServiceStub(channel)
+            for _ in range(200):
+                reply = await _search(stub, "green tea", mode=pb.SEARCH_MODE_VECTOR)
+                if len(reply.results) == 3 and reply.mode_note == "":
+                    break
+                await asyncio.sleep(0.05)
+            assert len(reply.results) == 3 and reply.mode_note == ""
+            assert reply.results[0].memory.id == memories[0].id
+            [added] = await _remember(stub, "Drinks coffee")
+            hybrid = await _search(stub, "a hot drink")
+            assert hybrid.mode_used == pb.SEARCH_MODE_HYBRID
+        sent = [t for r in ollama.embed_requests for t in r.body["input"]]
+        # Every stored memory was embedded again, as a document; every search as a query.
+        assert {f"search_document: {t}" for t in texts | {added.text}} <= set(sent)
+        assert {"search_query: green tea", "search_query: a hot drink"} <= set(sent)
+        assert not set(sent) & (texts | {"green tea", "a hot drink"})
+        await server.stop(0.5)
+    finally:
+        await providers.stop(0.5)
+    store = await SqliteStore.open(ai_settings.db_path)
+    try:
+        space = await store.get_embedding_space()
+        assert space is not None and space.model.startswith(f"{EMBEDDING_MODEL}#prefixes:")
+        assert await store.memories_without_vectors(10) == []
+    finally:
+        await store.close()
+
+
+async def test_a_repeated_query_is_embedded_once_whatever_the_mode(
+    start_memory: StartMemory, ai_settings: MemorySettings, ollama: FakeOllama, tmp_path: Path
+) -> None:
+    providers = await _providers_with_prefixes(ollama, tmp_path)
+    try:
+        server = await start_memory(
+            ai_settings.model_copy(update={"providers_addr": providers.target})
+        )
+        async with insecure_channel(server.target) as channel:
+            stub = pb_grpc.MemoryServiceStub(channel)
+            await _remember(stub, "green tea")
+            ollama.reset()
+            for mode in (pb.SEARCH_MODE_HYBRID, pb.SEARCH_MODE_VECTOR, pb.SEARCH_MODE_HYBRID):
+                reply = await _search(stub, "green tea", mode=mode)
+                assert reply.results[0].memory.text == "green tea"
+        await server.stop(0.5)
+    finally:
+        await providers.stop(0.5)
+
+    sent = [t for r in ollama.embed_requests for t in r.body["input"]]
+    assert sent == ["search_query: green tea"]
 
 
 def replace_setting(settings: MemorySettings, **changes: Any) -> MemorySettings:

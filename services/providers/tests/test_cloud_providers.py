@@ -276,6 +276,97 @@ async def test_openai_embeddings(openai_service: Service, oai: FakeOpenAI) -> No
     assert sent.body["input"] == ["a b", "c"]
 
 
+async def test_openai_embeddings_send_no_input_type_unless_configured(
+    openai_service: Service, oai: FakeOpenAI
+) -> None:
+    reply = await openai_service.stub.CreateEmbeddings(
+        pb.CreateEmbeddingsRequest(
+            model="oai/embedder", inputs=["a b"], input_type=pb.EMBEDDING_INPUT_TYPE_QUERY
+        )
+    )
+
+    assert reply.input_handling == ""
+    [sent] = oai.requests_to("/v1/embeddings")
+    assert "input_type" not in sent.body
+    assert sent.body["input"] == ["a b"]
+
+
+@pytest.mark.parametrize(
+    ("input_type", "sent_type"),
+    [
+        (pb.EMBEDDING_INPUT_TYPE_QUERY, "query"),
+        (pb.EMBEDDING_INPUT_TYPE_DOCUMENT, "document"),
+        (pb.EMBEDDING_INPUT_TYPE_UNSPECIFIED, None),
+    ],
+)
+async def test_embedding_input_type_is_passed_upstream_when_configured(
+    oai: FakeOpenAI, input_type: pb.EmbeddingInputType, sent_type: str | None
+) -> None:
+    entry = ProviderConfig(
+        type="openai",
+        base_url=f"{oai.base_url}/v1",
+        api_key_env=KEY_ENV,
+        embedding_input_type=True,
+    )
+    async with running_service(settings_for_tests(), config=one_provider("oai", entry)) as service:
+        oai.reset()
+        reply = await service.stub.CreateEmbeddings(
+            pb.CreateEmbeddingsRequest(model="oai/embedder", inputs=["a b"], input_type=input_type)
+        )
+
+    assert reply.input_handling == "input_type"
+    [sent] = oai.requests_to("/v1/embeddings")
+    assert sent.body.get("input_type") == sent_type
+    assert sent.body["input"] == ["a b"]
+
+
+async def test_embedding_prefixes_are_put_before_the_texts(oai: FakeOpenAI) -> None:
+    entry = ProviderConfig.model_validate(
+        {
+            "type": "openai",
+            "base_url": f"{oai.base_url}/v1",
+            "api_key_env": KEY_ENV,
+            "embedding_prefixes": {"query": "query: ", "document": "passage: "},
+        }
+    )
+    async with running_service(settings_for_tests(), config=one_provider("oai", entry)) as service:
+        oai.reset()
+        handlings = []
+        for input_type in (
+            pb.EMBEDDING_INPUT_TYPE_QUERY,
+            pb.EMBEDDING_INPUT_TYPE_DOCUMENT,
+            pb.EMBEDDING_INPUT_TYPE_UNSPECIFIED,
+        ):
+            reply = await service.stub.CreateEmbeddings(
+                pb.CreateEmbeddingsRequest(
+                    model="oai/embedder", inputs=["a b", "c"], input_type=input_type
+                )
+            )
+            handlings.append(reply.input_handling)
+            assert [e.index for e in reply.embeddings] == [0, 1]
+
+    sent = [r.body for r in oai.requests_to("/v1/embeddings")]
+    assert [b["input"] for b in sent] == [
+        ["query: a b", "query: c"],
+        ["passage: a b", "passage: c"],
+        ["a b", "c"],
+    ]
+    assert all("input_type" not in b for b in sent)
+    # One handling per configuration, whatever the request said.
+    assert len(set(handlings)) == 1 and handlings[0].startswith("prefixes:")
+
+
+async def test_an_unknown_input_type_is_invalid_argument(openai_service: Service) -> None:
+    error = await rpc_error(
+        openai_service.stub.CreateEmbeddings(
+            pb.CreateEmbeddingsRequest(model="oai/embedder", inputs=["a"], input_type=7)  # type: ignore[arg-type]
+        )
+    )
+
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.metadata["field"] == "input_type"
+
+
 @pytest.mark.parametrize(
     ("cue", "code", "reason"),
     [

@@ -90,6 +90,46 @@ def test_an_unknown_key_names_its_line() -> None:
     assert error_of(text) == "marie.yaml, line 3: routnig: Extra inputs are not permitted"
 
 
+def test_embedding_input_handling_parses() -> None:
+    config = parse_config(
+        "providers:\n"
+        "  e5: {type: openai, base_url: 'http://x/v1', embedding_input_type: true}\n"
+        "  nomic:\n"
+        "    type: ollama\n"
+        "    embedding_prefixes: {query: 'search_query: ', document: 'search_document: '}\n",
+        "marie.yaml",
+    )
+
+    assert config.providers["e5"].embedding_input_type is True
+    prefixes = config.providers["nomic"].embedding_prefixes
+    assert prefixes is not None and prefixes.query == "search_query: "
+    assert prefixes.document == "search_document: "
+
+
+def test_embedding_input_type_on_a_provider_that_takes_none_is_refused() -> None:
+    message = error_of("providers:\n  o:\n    type: ollama\n    embedding_input_type: true\n")
+
+    assert message.startswith("marie.yaml, line 2: providers.o: ")
+    assert "takes none (use embedding_prefixes)" in message
+
+
+def test_embedding_input_type_and_prefixes_together_are_refused() -> None:
+    message = error_of(
+        "providers:\n  a:\n    type: openai\n    embedding_input_type: true\n"
+        "    embedding_prefixes: {query: 'q: ', document: 'd: '}\n"
+    )
+
+    assert "exclude each other" in message
+
+
+def test_embedding_prefixes_need_both_prefixes() -> None:
+    message = error_of(
+        "providers:\n  a:\n    type: openai\n    embedding_prefixes: {query: 'q: '}\n"
+    )
+
+    assert "providers.a.embedding_prefixes.document" in message
+
+
 def test_an_alias_to_an_unconfigured_provider_names_its_line() -> None:
     text = (
         "providers:\n  a: {type: openai, base_url: 'http://x'}\naliases:\n  fast: [a/m, nope/m]\n"

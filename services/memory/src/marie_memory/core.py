@@ -20,8 +20,8 @@ from typing import Protocol
 from marie_kit import tracing
 from marie_kit.errors import ServiceError
 
-from marie_memory import limits
-from marie_memory.embedding import Embeddings
+from marie_memory import fusion, limits
+from marie_memory.embedding import DOCUMENT, Embeddings
 from marie_memory.errors import (
     conversation_not_found,
     extraction_model_not_configured,
@@ -137,8 +137,8 @@ class MemoryCore:
         *,
         extractor: Extractor | None = None,
         default_extraction_model: str = "",
-        vector_weight: float = 0.7,
-        keyword_weight: float = 0.3,
+        vector_weight: float = 0.35,
+        keyword_weight: float = 0.65,
         similar_memories: int = 5,
         close_similarity: float = 0.88,
         clock: Callable[[], float] = time.time,
@@ -369,26 +369,32 @@ class MemoryCore:
         wanted = offset + limit + 1
         scores: dict[str, float] = {}
         found: dict[str, MessageHit] = {}
+        vector_hits: list[MessageHit] = []
+        keyword_hits: list[MessageHit] = []
         if vector is not None:
-            for hit in await self.store.vector_search_messages(
+            vector_hits = await self.store.vector_search_messages(
                 user_id, vector, conversation_id, roles, wanted
-            ):
-                found[hit.message.id] = hit
-                scores[hit.message.id] = (
-                    self._vector_weight if used == MODE_HYBRID else 1.0
-                ) * max(0.0, min(1.0, hit.relevance))
+            )
         if used in (MODE_HYBRID, MODE_KEYWORD):
-            keyword = await self.store.search_messages(
+            keyword_hits = await self.store.search_messages(
                 user_id, query, conversation_id, roles, wanted
             )
-            best = keyword[0].relevance if keyword else 1.0
-            weight = self._keyword_weight if used == MODE_HYBRID else 1.0
-            for hit in keyword:
-                # Keyword hits carry the highlighted snippets: they win over vector ones.
-                found[hit.message.id] = hit
-                scores[hit.message.id] = scores.get(hit.message.id, 0.0) + weight * _ratio(
-                    hit.relevance, best
-                )
+        # Keyword hits carry the highlighted snippets: they win over vector ones.
+        for hit in (*vector_hits, *keyword_hits):
+            found[hit.message.id] = hit
+        if used == MODE_HYBRID:
+            # As memories (fusion.py): each side min-max scaled, then weighted.
+            scores = fusion.min_max_fusion(
+                [(hit.message.id, hit.relevance) for hit in vector_hits],
+                [(hit.message.id, hit.relevance) for hit in keyword_hits],
+                vector_weight=self._vector_weight,
+                keyword_weight=self._keyword_weight,
+            )
+        elif used == MODE_KEYWORD:
+            best = keyword_hits[0].relevance if keyword_hits else 1.0
+            scores = {hit.message.id: _ratio(hit.relevance, best) for hit in keyword_hits}
+        else:
+            scores = {hit.message.id: max(0.0, min(1.0, hit.relevance)) for hit in vector_hits}
         # Ties go oldest first, as the stores order equal ranks (pages stay stable).
         ranked = sorted(
             scores.items(),
@@ -489,49 +495,32 @@ class MemoryCore:
         if mode not in (MODE_UNSPECIFIED, MODE_HYBRID, MODE_VECTOR, MODE_KEYWORD):
             raise invalid_argument("mode", "unknown search mode")
         k = page_size(top_k, 10, 100, "top_k")
-        used, note, vector = await self._query_vector(query, mode, budget)
         candidates = max(MIN_CANDIDATES, 4 * k)
-        scores: dict[str, float] = {}
-        found: dict[str, Memory] = {}
-        combined = None
-        if used == MODE_HYBRID and vector is not None and not self.embeddings.backfilling:
-            # The store's own hybrid search (OpenSearch's normalization
-            # pipeline), when it has one: scores already weighted, 0..1.
-            combined = await self.store.hybrid_search_memories(
-                user_id, query, vector, memory_filter, candidates
+        # Keyword candidates are looked up while the query is embedded (the
+        # embedding is most of a hybrid search's time); unused when the store
+        # combines both itself.
+        keyword_lookup: asyncio.Future[list[ScoredMemory]] | None = None
+        if mode != MODE_VECTOR:
+            keyword_lookup = asyncio.ensure_future(
+                self.store.keyword_search_memories(user_id, query, memory_filter, candidates)
             )
-        if combined is not None:
-            for hit in combined:
-                found[hit.memory.id] = hit.memory
-                scores[hit.memory.id] = max(0.0, min(1.0, hit.score))
-        elif vector is not None:
-            for hit in await self.store.vector_search_memories(
-                user_id, vector, memory_filter, candidates
-            ):
-                found[hit.memory.id] = hit.memory
-                scores[hit.memory.id] = max(0.0, min(1.0, hit.score))
-        if used == MODE_HYBRID and combined is None:
-            keyword = await self.store.keyword_search_memories(
-                user_id, query, memory_filter, candidates
+        try:
+            used, note, vector = await self._query_vector(query, mode, budget)
+            scores, found = await self._ranked_memories(
+                user_id=user_id,
+                query=query,
+                memory_filter=memory_filter,
+                candidates=candidates,
+                used=used,
+                vector=vector,
+                keyword_lookup=keyword_lookup,
             )
-            best = keyword[0].score if keyword else 1.0
-            vector_scores = scores
-            scores = {}
-            for memory_id, value in vector_scores.items():
-                scores[memory_id] = self._vector_weight * value
-            for hit in keyword:
-                found.setdefault(hit.memory.id, hit.memory)
-                scores[hit.memory.id] = scores.get(hit.memory.id, 0.0) + (
-                    self._keyword_weight * _ratio(hit.score, best)
-                )
-        elif used == MODE_KEYWORD:
-            keyword = await self.store.keyword_search_memories(
-                user_id, query, memory_filter, candidates
-            )
-            best = keyword[0].score if keyword else 1.0
-            for hit in keyword:
-                found[hit.memory.id] = hit.memory
-                scores[hit.memory.id] = _ratio(hit.score, best)
+        finally:
+            if keyword_lookup is not None:
+                if not keyword_lookup.done():
+                    keyword_lookup.cancel()
+                elif not keyword_lookup.cancelled():
+                    keyword_lookup.exception()  # an unused lookup's failure is not news
         ranked = sorted(scores.items(), key=lambda item: (-item[1], item[0]))
         results = [
             ScoredMemory(found[memory_id], score)
@@ -541,6 +530,56 @@ class MemoryCore:
         if self.embeddings.backfilling and vector is not None and not note:
             note = "memories are being re-embedded: vector results may be incomplete"
         return Ranked(used, note, memories=results)
+
+    async def _ranked_memories(
+        self,
+        *,
+        user_id: str,
+        query: str,
+        memory_filter: MemoryFilter,
+        candidates: int,
+        used: int,
+        vector: list[float] | None,
+        keyword_lookup: asyncio.Future[list[ScoredMemory]] | None,
+    ) -> tuple[dict[str, float], dict[str, Memory]]:
+        """Each candidate's score (0..1) and the candidates, for the mode used."""
+        found: dict[str, Memory] = {}
+        if used == MODE_HYBRID and vector is not None and not self.embeddings.backfilling:
+            # The store's own hybrid search (OpenSearch's normalization
+            # pipeline), when it has one: scores already weighted, 0..1.
+            combined = await self.store.hybrid_search_memories(
+                user_id, query, vector, memory_filter, candidates
+            )
+            if combined is not None:
+                found = {hit.memory.id: hit.memory for hit in combined}
+                return {hit.memory.id: max(0.0, min(1.0, hit.score)) for hit in combined}, found
+        vector_hits: list[ScoredMemory] = []
+        if vector is not None:
+            vector_hits = await self.store.vector_search_memories(
+                user_id, vector, memory_filter, candidates
+            )
+        if used == MODE_VECTOR:
+            found = {hit.memory.id: hit.memory for hit in vector_hits}
+            return {hit.memory.id: max(0.0, min(1.0, hit.score)) for hit in vector_hits}, found
+        assert keyword_lookup is not None
+        keyword_hits = await keyword_lookup
+        for hit in (*vector_hits, *keyword_hits):
+            found.setdefault(hit.memory.id, hit.memory)
+        if used == MODE_KEYWORD:
+            best = keyword_hits[0].score if keyword_hits else 1.0
+            return {hit.memory.id: _ratio(hit.score, best) for hit in keyword_hits}, found
+        return self._fuse(vector_hits, keyword_hits), found
+
+    def _fuse(
+        self, vector_hits: Sequence[ScoredMemory], keyword_hits: Sequence[ScoredMemory]
+    ) -> dict[str, float]:
+        """Hybrid scores from the two candidate lists (fusion.py says how and why)."""
+        return fusion.min_max_fusion(
+            [(hit.memory.id, hit.score) for hit in vector_hits],
+            [(hit.memory.id, hit.score) for hit in keyword_hits],
+            vector_weight=self._vector_weight,
+            keyword_weight=self._keyword_weight,
+        )
 
     async def _query_vector(
         self, query: str, mode: int, budget: float | None = None
@@ -823,7 +862,8 @@ class MemoryCore:
                 found.setdefault(hit.memory.id, hit.memory)
         if self.embeddings.configured:
             try:
-                vector = await self.embeddings.embed_query(text)
+                # A fact compared with stored facts: a document, as they are.
+                vector = await self.embeddings.embed_query(text, DOCUMENT)
             except ServiceError:
                 vector = None  # keywords alone, then
             if vector is not None:

@@ -30,8 +30,16 @@ minutes, so the background rounds (messages, re-embedding) are careful:
 - messages of Marie's own reserved users (stored Responses records, which no
   route searches) are never embedded.
 
-Query vectors (searches, the gateway's enrichment) are cached per text for
-the configured model, so a repeated query costs no model call.
+Every text is sent with what it is for (providers' `input_type`): stored
+memories and messages as documents, searches as queries, which instruction-
+tuned embedders (e5, bge, nomic, Cohere) need to rank well. How the provider
+applies it (its `embedding_input_type` / `embedding_prefixes`, answered as
+`input_handling`) is part of the embedding space: vectors of one handling
+never mix with another's, and a change re-embeds every memory as a model
+change does.
+
+Query vectors (searches, the gateway's enrichment) are cached per (model,
+input type, text), so a repeated query costs no model call.
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ import logging
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import grpc
 from marie.providers.v1 import provider_service_pb2 as ppb
@@ -80,6 +88,22 @@ SHORTENINGS = 2
 #: Query vectors kept (per text, for the configured model).
 QUERY_CACHE_SIZE = 1024
 PROBE_TEXT = "dimension probe"
+InputType: TypeAlias = ppb.EmbeddingInputType
+QUERY = ppb.EMBEDDING_INPUT_TYPE_QUERY
+DOCUMENT = ppb.EMBEDDING_INPUT_TYPE_DOCUMENT
+
+
+def space_model(model: str, handling: str) -> str:
+    """The model an EmbeddingSpace names: the model id, with the provider's
+    input handling after a "#" when it has one ("e5/e5-small#input_type")."""
+    return f"{model}#{handling}" if handling else model
+
+
+def base_model(space_model_name: str) -> str:
+    """The model id of an EmbeddingSpace's model (its handling left off)."""
+    return space_model_name.split("#", 1)[0]
+
+
 #: Providers' reasons that mean "wait", whatever the input: no probe is needed.
 _WAIT_REASONS = frozenset({"CIRCUIT_OPEN", "DEPLOYMENT_BUSY"})
 
@@ -139,7 +163,7 @@ class Embeddings:
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._queries: OrderedDict[str, list[float]] = OrderedDict()
+        self._queries: OrderedDict[tuple[str, InputType, str], list[float]] = OrderedDict()
         # Memories the model refused even shortened (this process only: a
         # memory holds at most 8 KiB, so this stays empty but for a broken model).
         self._unembeddable: set[str] = set()
@@ -159,7 +183,8 @@ class Embeddings:
         stored = await self._store.get_embedding_space()
         if not self.configured or stored is None:
             return
-        if stored.model == self.model:
+        if base_model(stored.model) == self.model:
+            # Same model; a changed input handling shows at the first call.
             self.space = stored
             return
         if refuse_change:
@@ -190,14 +215,18 @@ class Embeddings:
     def _fit(self, text: str) -> str:
         return text[: self._max_chars]
 
-    async def _call(self, texts: Sequence[str]) -> list[list[float]]:
+    async def _call(self, texts: Sequence[str], input_type: InputType) -> list[list[float]]:
         """One CreateEmbeddings call, in the lane of the running task; raises the
         providers service's error as a ServiceError."""
         assert self._providers is not None
         self.calls += 1
         try:
             reply = await self._providers.CreateEmbeddings(
-                ppb.CreateEmbeddingsRequest(model=self.model, inputs=list(texts)),
+                ppb.CreateEmbeddingsRequest(
+                    model=self.model,
+                    inputs=list(texts),
+                    input_type=input_type,
+                ),
                 timeout=self._timeout,
                 metadata=lane.call_metadata(),
             )
@@ -211,19 +240,26 @@ class Embeddings:
                 "the embedding model answered malformed vectors",
                 domain=DOMAIN,
             )
-        space = self.space or await self._ensure_space(len(vectors[0]))
-        if len(vectors[0]) != space.dimension:
-            await self._ensure_space(len(vectors[0]))
+        space = EmbeddingSpace(space_model(self.model, reply.input_handling), len(vectors[0]))
+        if space != self.space:
+            await self._ensure_space(space)
         return vectors
 
-    async def _ensure_space(self, dimension: int) -> EmbeddingSpace:
+    async def _ensure_space(self, space: EmbeddingSpace) -> EmbeddingSpace:
         async with self._lock:
-            space = EmbeddingSpace(self.model, dimension)
             if self.space == space:
                 return space
             if self.space is not None:
-                # Same model name, new dimension (re-pulled, or a new version).
-                log.warning("embedding dimension changed", extra={"dimension": dimension})
+                # Same model name, new dimension (re-pulled, or a new version), or
+                # the provider applies input types another way (its configuration).
+                log.warning(
+                    "embedding space changed: vectors will be rebuilt",
+                    extra={
+                        "previous": self.space.model,
+                        "space": space.model,
+                        "dimension": space.dimension,
+                    },
+                )
             await self._store.set_embedding_space(space)
             self.space = space
             self._queries.clear()
@@ -231,16 +267,18 @@ class Embeddings:
             self._wake.set()
             return space
 
-    async def embed(self, texts: Sequence[str]) -> list[list[float]]:
-        """Vectors for `texts` (each cut to `max_chars`) in the store's space;
-        FAILED_PRECONDITION when no model is configured, UNAVAILABLE
-        (PROVIDER_UNAVAILABLE) when providers fail."""
+    async def embed(
+        self, texts: Sequence[str], input_type: InputType = DOCUMENT
+    ) -> list[list[float]]:
+        """Vectors for `texts` (each cut to `max_chars`) in the store's space, as
+        documents unless said otherwise; FAILED_PRECONDITION when no model is
+        configured, UNAVAILABLE (PROVIDER_UNAVAILABLE) when providers fail."""
         if not self.configured:
             raise embeddings_not_configured()
         if not texts:
             return []
         try:
-            return await self._call([self._fit(t) for t in texts])
+            return await self._call([self._fit(t) for t in texts], input_type)
         except ServiceError as exc:
             log.info(
                 "embedding failed",
@@ -248,15 +286,17 @@ class Embeddings:
             )
             raise provider_unavailable("embedding", cause=exc) from exc
 
-    async def embed_query(self, text: str) -> list[float]:
-        """The vector of a search query, from the cache when this text was embedded
-        lately; errors as `embed`."""
-        cached = self._queries.get(text)
+    async def embed_query(self, text: str, input_type: InputType = QUERY) -> list[float]:
+        """The vector of a search query (or of a text compared with documents, as
+        `input_type` says), from the cache when this text was embedded lately for
+        this model; errors as `embed`."""
+        key = (self.model, input_type, text)
+        cached = self._queries.get(key)
         if cached is not None:
-            self._queries.move_to_end(text)
+            self._queries.move_to_end(key)
             return cached
-        vector = (await self.embed([text]))[0]
-        self._queries[text] = vector
+        vector = (await self.embed([text], input_type))[0]
+        self._queries[key] = vector
         while len(self._queries) > QUERY_CACHE_SIZE:
             self._queries.popitem(last=False)
         return vector
@@ -266,7 +306,7 @@ class Embeddings:
     async def _probe(self) -> None:
         """Raises Outage unless the model embeds a short text now."""
         try:
-            await self._call([PROBE_TEXT])
+            await self._call([PROBE_TEXT], DOCUMENT)
         except ServiceError as exc:
             raise Outage(exc) from exc
 
@@ -274,7 +314,7 @@ class Embeddings:
         """Vectors of `texts`, None for those the model refuses alone; a refused
         batch is split in halves. Raises Outage when the model cannot be reached."""
         try:
-            return list(await self._call(texts))
+            return list(await self._call(texts, DOCUMENT))
         except ServiceError as exc:
             if exc.reason in _WAIT_REASONS:
                 raise Outage(exc) from exc

@@ -4,8 +4,9 @@ component the kit's server bootstrap runs.
 Beyond the proto comments:
 - messages are embedded in the background after AppendMessages; until then
   vector search does not see them (`mode_note` says so while some wait);
-- hybrid scores (memories and messages) are `w_v * max(0, cosine) + w_k * bm25 / best_bm25`
-  with the weights of MARIE_MEMORY_VECTOR_WEIGHT / _KEYWORD_WEIGHT
+- hybrid scores (memories and messages) are `w_v * v + w_k * k`, where v
+  and k are each side's scores min-max scaled within its candidates
+  (fusion.py) and the weights MARIE_MEMORY_VECTOR_WEIGHT / _KEYWORD_WEIGHT
   (normalised to sum to 1); vector scores are `max(0, cosine)`.
 """
 

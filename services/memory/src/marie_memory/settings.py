@@ -75,10 +75,16 @@ class MemorySettings(AuthClientSettings):
         ),
     )
     vector_weight: float = Field(
-        default=0.7, ge=0, le=1, description="Weight of vector similarity in hybrid scores."
+        default=0.35,
+        ge=0,
+        le=1,
+        description="Weight of vector similarity (min-max scaled) in hybrid scores.",
     )
     keyword_weight: float = Field(
-        default=0.3, ge=0, le=1, description="Weight of BM25 relevance in hybrid scores."
+        default=0.65,
+        ge=0,
+        le=1,
+        description="Weight of BM25 relevance (min-max scaled) in hybrid scores.",
     )
     embedding_timeout_seconds: float = Field(
         default=10.0, gt=0, le=600, description="Deadline of one embedding call."

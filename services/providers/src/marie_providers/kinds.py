@@ -35,4 +35,9 @@ if tuple(PROVIDER_TYPES) != PROVIDER_TYPE_NAMES:
 
 def build(name: str, config: ProviderConfig, settings: ProvidersSettings) -> Provider:
     """The provider one configuration entry describes."""
-    return PROVIDER_TYPES[config.type](name, config, settings)
+    provider = PROVIDER_TYPES[config.type](name, config, settings)
+    provider.embedding_input_type = config.embedding_input_type
+    if config.embedding_prefixes is not None:
+        prefixes = config.embedding_prefixes
+        provider.embedding_prefixes = (prefixes.query, prefixes.document)
+    return provider

@@ -163,6 +163,8 @@ def check_embeddings_request(request: pb.CreateEmbeddingsRequest) -> None:
             raise bad_request(f"token_inputs[{index}]", "token ids must not be negative")
     if request.dimensions < 0:
         raise bad_request("dimensions", "dimensions must not be negative")
+    if request.input_type not in pb.EmbeddingInputType.values():
+        raise bad_request("input_type", "input_type is unspecified, query or document")
 
 
 def check_get_model_request(request: pb.GetModelRequest) -> None:

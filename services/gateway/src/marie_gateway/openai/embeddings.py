@@ -19,6 +19,15 @@ from marie_gateway.http.context import current_request_id
 from marie_gateway.http.errors import from_rpc_error
 from marie_gateway.openai.schemas import EmbeddingsRequest
 
+_INPUT_TYPES = {
+    None: pb.EMBEDDING_INPUT_TYPE_UNSPECIFIED,
+    "query": pb.EMBEDDING_INPUT_TYPE_QUERY,
+    "search_query": pb.EMBEDDING_INPUT_TYPE_QUERY,
+    "document": pb.EMBEDDING_INPUT_TYPE_DOCUMENT,
+    "passage": pb.EMBEDDING_INPUT_TYPE_DOCUMENT,
+    "search_document": pb.EMBEDDING_INPUT_TYPE_DOCUMENT,
+}
+
 
 class EmbeddingRoutes:
     """Handler of `/v1/embeddings`."""
@@ -36,7 +45,10 @@ class EmbeddingRoutes:
         body = parse_body(EmbeddingsRequest, await gw.read_body(request))
         tally.requested = body.model
         embed = pb.CreateEmbeddingsRequest(
-            model=body.model, dimensions=body.dimensions or 0, user=body.user or ""
+            model=body.model,
+            dimensions=body.dimensions or 0,
+            user=body.user or "",
+            input_type=_INPUT_TYPES[body.input_type],
         )
         given = [body.input] if isinstance(body.input, str) else body.input
         if given and isinstance(given[0], int):

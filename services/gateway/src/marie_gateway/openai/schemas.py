@@ -334,6 +334,11 @@ class EmbeddingsRequest(_Body):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: PositiveInt32 | None = None
     user: str | None = Field(default=None, max_length=256)
+    # What the texts are for (instruction-tuned embedders): vLLM/NVIDIA and
+    # Cohere spellings of the two that retrieval uses.
+    input_type: (
+        Literal["query", "search_query", "document", "passage", "search_document"] | None
+    ) = None
 
     @field_validator("input", mode="before")
     @classmethod

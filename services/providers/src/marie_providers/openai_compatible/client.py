@@ -34,6 +34,11 @@ from marie_providers.upstream.http_provider import JSON_HEADERS, HttpProvider, s
 from marie_providers.upstream.sse import iter_sse_batches
 
 DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
+#: CreateEmbeddingsRequest.input_type as servers that take one spell it.
+_INPUT_TYPES = {
+    pb.EMBEDDING_INPUT_TYPE_QUERY: "query",
+    pb.EMBEDDING_INPUT_TYPE_DOCUMENT: "document",
+}
 
 
 class OpenAICompatibleProvider(HttpProvider):
@@ -219,6 +224,8 @@ class OpenAICompatibleProvider(HttpProvider):
             body["dimensions"] = request.dimensions
         if request.user:
             body["user"] = request.user
+        if self.embedding_input_type and request.input_type in _INPUT_TYPES:
+            body["input_type"] = _INPUT_TYPES[request.input_type]
         answer = await self.request_json("POST", "embeddings", body=body, model=model_name)
         data = answer.get("data") if isinstance(answer, dict) else None
         if not isinstance(data, list) or len(data) != len(inputs):

@@ -556,13 +556,17 @@ class Router:
 
         async def call(deployment: Deployment) -> pb.CreateEmbeddingsResponse:
             provider, model = deployment.provider, deployment.model
+            upstream_request, handling = provider.embedding_request(request)
             if tracing.STATE.enabled and tracing.recording():
                 from marie_providers.upstream import telemetry  # noqa: PLC0415 - tracing on only
 
-                return await telemetry.traced_embed(
-                    provider, model, lambda: provider.embed(request, model)
+                response = await telemetry.traced_embed(
+                    provider, model, lambda: provider.embed(upstream_request, model)
                 )
-            return await provider.embed(request, model)
+            else:
+                response = await provider.embed(upstream_request, model)
+            response.input_handling = handling
+            return response
 
         deployment, response = await self._attempts(
             plan, Operation.EMBEDDINGS, call, deadline, background=background

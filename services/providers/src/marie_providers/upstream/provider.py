@@ -6,6 +6,7 @@ chunks the servicer sends, so the hot path converts each upstream line once.
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator
 
@@ -37,6 +38,39 @@ class Provider(ABC):
     #: chunk's `stop_sequence`); else a request's `report_stop_sequence` has
     #: the service find it (`upstream.stops`).
     reports_stop_sequence: bool = False
+    #: Configuration's `embedding_input_type`: input_type is passed upstream.
+    embedding_input_type: bool = False
+    #: Configuration's `embedding_prefixes`, (query, document); None: no prefixes.
+    embedding_prefixes: tuple[str, str] | None = None
+
+    def embedding_request(
+        self, request: pb.CreateEmbeddingsRequest
+    ) -> tuple[pb.CreateEmbeddingsRequest, str]:
+        """The request as this provider's `embed` takes it, and how its input_type
+        was applied (CreateEmbeddingsResponse.input_handling): passed on as is
+        ("input_type", the adapter sends it), as prefixes of the texts
+        ("prefixes:<digest>"), or not at all (""). The handling names the
+        configuration, not the request, so every vector of one configuration
+        compares with every other."""
+        if self.embedding_input_type:
+            return request, "input_type"
+        if self.embedding_prefixes is None:
+            return request, ""
+        query, document = self.embedding_prefixes
+        handling = "prefixes:" + hashlib.sha256(f"{query}\0{document}".encode()).hexdigest()[:8]
+        prefix = {
+            pb.EMBEDDING_INPUT_TYPE_QUERY: query,
+            pb.EMBEDDING_INPUT_TYPE_DOCUMENT: document,
+        }.get(request.input_type, "")
+        if not prefix or request.token_inputs:
+            # Unspecified input_type: texts as the caller wrote them. Token ids
+            # cannot take a text prefix.
+            return request, handling
+        prefixed = pb.CreateEmbeddingsRequest()
+        prefixed.CopyFrom(request)
+        del prefixed.inputs[:]
+        prefixed.inputs.extend(prefix + text for text in request.inputs)
+        return prefixed, handling
 
     @property
     @abstractmethod

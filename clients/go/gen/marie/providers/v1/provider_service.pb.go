@@ -576,6 +576,59 @@ func (FinishReason) EnumDescriptor() ([]byte, []int) {
 	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{8}
 }
 
+// EmbeddingInputType says what embedded texts are for.
+type EmbeddingInputType int32
+
+const (
+	// Not said: the upstream's default (most treat texts as queries).
+	EmbeddingInputType_EMBEDDING_INPUT_TYPE_UNSPECIFIED EmbeddingInputType = 0
+	// A search query.
+	EmbeddingInputType_EMBEDDING_INPUT_TYPE_QUERY EmbeddingInputType = 1
+	// A document (a stored text that queries should find).
+	EmbeddingInputType_EMBEDDING_INPUT_TYPE_DOCUMENT EmbeddingInputType = 2
+)
+
+// Enum value maps for EmbeddingInputType.
+var (
+	EmbeddingInputType_name = map[int32]string{
+		0: "EMBEDDING_INPUT_TYPE_UNSPECIFIED",
+		1: "EMBEDDING_INPUT_TYPE_QUERY",
+		2: "EMBEDDING_INPUT_TYPE_DOCUMENT",
+	}
+	EmbeddingInputType_value = map[string]int32{
+		"EMBEDDING_INPUT_TYPE_UNSPECIFIED": 0,
+		"EMBEDDING_INPUT_TYPE_QUERY":       1,
+		"EMBEDDING_INPUT_TYPE_DOCUMENT":    2,
+	}
+)
+
+func (x EmbeddingInputType) Enum() *EmbeddingInputType {
+	p := new(EmbeddingInputType)
+	*p = x
+	return p
+}
+
+func (x EmbeddingInputType) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (EmbeddingInputType) Descriptor() protoreflect.EnumDescriptor {
+	return file_marie_providers_v1_provider_service_proto_enumTypes[9].Descriptor()
+}
+
+func (EmbeddingInputType) Type() protoreflect.EnumType {
+	return &file_marie_providers_v1_provider_service_proto_enumTypes[9]
+}
+
+func (x EmbeddingInputType) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use EmbeddingInputType.Descriptor instead.
+func (EmbeddingInputType) EnumDescriptor() ([]byte, []int) {
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{9}
+}
+
 // Provider describes one configured provider.
 type Provider struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -3514,7 +3567,14 @@ type CreateEmbeddingsRequest struct {
 	// 1 to 2048 of them, none empty. Passed on to upstreams that take token ids
 	// (OpenAI-compatible); the others answer INVALID_ARGUMENT with reason
 	// UNSUPPORTED_BY_PROVIDER and metadata "field" = "token_inputs".
-	TokenInputs   []*TokenIds `protobuf:"bytes,6,rep,name=token_inputs,json=tokenInputs,proto3" json:"token_inputs,omitempty"`
+	TokenInputs []*TokenIds `protobuf:"bytes,6,rep,name=token_inputs,json=tokenInputs,proto3" json:"token_inputs,omitempty"`
+	// What the inputs are for, to instruction-tuned embedders (e5, bge, nomic,
+	// Cohere, NVIDIA): a search query, or a document stored to be found.
+	// Passed upstream as `input_type` ("query" / "document") by providers
+	// configured with `embedding_input_type: true`, or as a text prefix by those
+	// configured with `embedding_prefixes`; others ignore it. CreateEmbeddingsResponse.
+	// input_handling says which applied.
+	InputType     EmbeddingInputType `protobuf:"varint,7,opt,name=input_type,json=inputType,proto3,enum=marie.providers.v1.EmbeddingInputType" json:"input_type,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -3589,6 +3649,13 @@ func (x *CreateEmbeddingsRequest) GetTokenInputs() []*TokenIds {
 		return x.TokenInputs
 	}
 	return nil
+}
+
+func (x *CreateEmbeddingsRequest) GetInputType() EmbeddingInputType {
+	if x != nil {
+		return x.InputType
+	}
+	return EmbeddingInputType_EMBEDDING_INPUT_TYPE_UNSPECIFIED
 }
 
 // TokenIds is one input given as token ids.
@@ -3700,7 +3767,12 @@ type CreateEmbeddingsResponse struct {
 	// The embeddings.
 	Embeddings []*Embedding `protobuf:"bytes,2,rep,name=embeddings,proto3" json:"embeddings,omitempty"`
 	// Token usage (completion_tokens is 0).
-	Usage         *Usage `protobuf:"bytes,3,opt,name=usage,proto3" json:"usage,omitempty"`
+	Usage *Usage `protobuf:"bytes,3,opt,name=usage,proto3" json:"usage,omitempty"`
+	// How the provider applied CreateEmbeddingsRequest.input_type: "" (not at
+	// all: its configuration says neither), "input_type" (passed upstream), or
+	// "prefixes:<8 hex digits of their digest>". Vectors made with different
+	// handlings do not compare; memory re-embeds when it changes.
+	InputHandling string `protobuf:"bytes,4,opt,name=input_handling,json=inputHandling,proto3" json:"input_handling,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -3754,6 +3826,13 @@ func (x *CreateEmbeddingsResponse) GetUsage() *Usage {
 		return x.Usage
 	}
 	return nil
+}
+
+func (x *CreateEmbeddingsResponse) GetInputHandling() string {
+	if x != nil {
+		return x.InputHandling
+	}
+	return ""
 }
 
 // StreamCompletionRequest asks for the continuation of one text prompt.
@@ -4242,7 +4321,7 @@ const file_marie_providers_v1_provider_service_proto_rawDesc = "" +
 	"TopLogprob\x12\x14\n" +
 	"\x05token\x18\x01 \x01(\tR\x05token\x12\x18\n" +
 	"\alogprob\x18\x02 \x01(\x01R\alogprob\x12\x14\n" +
-	"\x05bytes\x18\x03 \x01(\fR\x05bytes\"\xd8\x01\n" +
+	"\x05bytes\x18\x03 \x01(\fR\x05bytes\"\x9f\x02\n" +
 	"\x17CreateEmbeddingsRequest\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\tR\x05model\x12\x1a\n" +
 	"\bprovider\x18\x02 \x01(\tR\bprovider\x12\x16\n" +
@@ -4251,18 +4330,21 @@ const file_marie_providers_v1_provider_service_proto_rawDesc = "" +
 	"dimensions\x18\x04 \x01(\x05R\n" +
 	"dimensions\x12\x12\n" +
 	"\x04user\x18\x05 \x01(\tR\x04user\x12?\n" +
-	"\ftoken_inputs\x18\x06 \x03(\v2\x1c.marie.providers.v1.TokenIdsR\vtokenInputs\"\x1c\n" +
+	"\ftoken_inputs\x18\x06 \x03(\v2\x1c.marie.providers.v1.TokenIdsR\vtokenInputs\x12E\n" +
+	"\n" +
+	"input_type\x18\a \x01(\x0e2&.marie.providers.v1.EmbeddingInputTypeR\tinputType\"\x1c\n" +
 	"\bTokenIds\x12\x10\n" +
 	"\x03ids\x18\x01 \x03(\x03R\x03ids\"9\n" +
 	"\tEmbedding\x12\x14\n" +
 	"\x05index\x18\x01 \x01(\x05R\x05index\x12\x16\n" +
-	"\x06values\x18\x02 \x03(\x02R\x06values\"\xa0\x01\n" +
+	"\x06values\x18\x02 \x03(\x02R\x06values\"\xc7\x01\n" +
 	"\x18CreateEmbeddingsResponse\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\tR\x05model\x12=\n" +
 	"\n" +
 	"embeddings\x18\x02 \x03(\v2\x1d.marie.providers.v1.EmbeddingR\n" +
 	"embeddings\x12/\n" +
-	"\x05usage\x18\x03 \x01(\v2\x19.marie.providers.v1.UsageR\x05usage\"\xd8\x02\n" +
+	"\x05usage\x18\x03 \x01(\v2\x19.marie.providers.v1.UsageR\x05usage\x12%\n" +
+	"\x0einput_handling\x18\x04 \x01(\tR\rinputHandling\"\xd8\x02\n" +
 	"\x17StreamCompletionRequest\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\tR\x05model\x12\x1a\n" +
 	"\bprovider\x18\x02 \x01(\tR\bprovider\x12\x16\n" +
@@ -4336,7 +4418,11 @@ const file_marie_providers_v1_provider_service_proto_rawDesc = "" +
 	"\x14FINISH_REASON_LENGTH\x10\x02\x12\x1c\n" +
 	"\x18FINISH_REASON_TOOL_CALLS\x10\x03\x12 \n" +
 	"\x1cFINISH_REASON_CONTENT_FILTER\x10\x04\x12\x1c\n" +
-	"\x18FINISH_REASON_PAUSE_TURN\x10\x052\xd8\a\n" +
+	"\x18FINISH_REASON_PAUSE_TURN\x10\x05*}\n" +
+	"\x12EmbeddingInputType\x12$\n" +
+	" EMBEDDING_INPUT_TYPE_UNSPECIFIED\x10\x00\x12\x1e\n" +
+	"\x1aEMBEDDING_INPUT_TYPE_QUERY\x10\x01\x12!\n" +
+	"\x1dEMBEDDING_INPUT_TYPE_DOCUMENT\x10\x022\xd8\a\n" +
 	"\x0fProviderService\x12d\n" +
 	"\rListProviders\x12(.marie.providers.v1.ListProvidersRequest\x1a).marie.providers.v1.ListProvidersResponse\x12p\n" +
 	"\x11GetProviderHealth\x12,.marie.providers.v1.GetProviderHealthRequest\x1a-.marie.providers.v1.GetProviderHealthResponse\x12[\n" +
@@ -4362,7 +4448,7 @@ func file_marie_providers_v1_provider_service_proto_rawDescGZIP() []byte {
 	return file_marie_providers_v1_provider_service_proto_rawDescData
 }
 
-var file_marie_providers_v1_provider_service_proto_enumTypes = make([]protoimpl.EnumInfo, 9)
+var file_marie_providers_v1_provider_service_proto_enumTypes = make([]protoimpl.EnumInfo, 10)
 var file_marie_providers_v1_provider_service_proto_msgTypes = make([]protoimpl.MessageInfo, 46)
 var file_marie_providers_v1_provider_service_proto_goTypes = []any{
 	(HealthStatus)(0),                    // 0: marie.providers.v1.HealthStatus
@@ -4374,132 +4460,134 @@ var file_marie_providers_v1_provider_service_proto_goTypes = []any{
 	(ToolChoiceMode)(0),                  // 6: marie.providers.v1.ToolChoiceMode
 	(ResponseFormatType)(0),              // 7: marie.providers.v1.ResponseFormatType
 	(FinishReason)(0),                    // 8: marie.providers.v1.FinishReason
-	(*Provider)(nil),                     // 9: marie.providers.v1.Provider
-	(*ListProvidersRequest)(nil),         // 10: marie.providers.v1.ListProvidersRequest
-	(*ListProvidersResponse)(nil),        // 11: marie.providers.v1.ListProvidersResponse
-	(*ProviderHealth)(nil),               // 12: marie.providers.v1.ProviderHealth
-	(*DeploymentHealth)(nil),             // 13: marie.providers.v1.DeploymentHealth
-	(*GetProviderHealthRequest)(nil),     // 14: marie.providers.v1.GetProviderHealthRequest
-	(*GetProviderHealthResponse)(nil),    // 15: marie.providers.v1.GetProviderHealthResponse
-	(*ModelInfo)(nil),                    // 16: marie.providers.v1.ModelInfo
-	(*RouteInfo)(nil),                    // 17: marie.providers.v1.RouteInfo
-	(*RouteTarget)(nil),                  // 18: marie.providers.v1.RouteTarget
-	(*ListModelsRequest)(nil),            // 19: marie.providers.v1.ListModelsRequest
-	(*ListModelsResponse)(nil),           // 20: marie.providers.v1.ListModelsResponse
-	(*ProviderError)(nil),                // 21: marie.providers.v1.ProviderError
-	(*GetModelRequest)(nil),              // 22: marie.providers.v1.GetModelRequest
-	(*GetModelResponse)(nil),             // 23: marie.providers.v1.GetModelResponse
-	(*SearchModelsRequest)(nil),          // 24: marie.providers.v1.SearchModelsRequest
-	(*SearchModelsResponse)(nil),         // 25: marie.providers.v1.SearchModelsResponse
-	(*ContentPart)(nil),                  // 26: marie.providers.v1.ContentPart
-	(*ImageUrl)(nil),                     // 27: marie.providers.v1.ImageUrl
-	(*ToolCall)(nil),                     // 28: marie.providers.v1.ToolCall
-	(*FunctionCall)(nil),                 // 29: marie.providers.v1.FunctionCall
-	(*ChatMessage)(nil),                  // 30: marie.providers.v1.ChatMessage
-	(*Tool)(nil),                         // 31: marie.providers.v1.Tool
-	(*FunctionDefinition)(nil),           // 32: marie.providers.v1.FunctionDefinition
-	(*ToolChoice)(nil),                   // 33: marie.providers.v1.ToolChoice
-	(*ResponseFormat)(nil),               // 34: marie.providers.v1.ResponseFormat
-	(*SamplingParameters)(nil),           // 35: marie.providers.v1.SamplingParameters
-	(*StreamChatCompletionRequest)(nil),  // 36: marie.providers.v1.StreamChatCompletionRequest
-	(*UpstreamExtras)(nil),               // 37: marie.providers.v1.UpstreamExtras
-	(*Reasoning)(nil),                    // 38: marie.providers.v1.Reasoning
-	(*ToolCallDelta)(nil),                // 39: marie.providers.v1.ToolCallDelta
-	(*Usage)(nil),                        // 40: marie.providers.v1.Usage
-	(*CreateChatCompletionRequest)(nil),  // 41: marie.providers.v1.CreateChatCompletionRequest
-	(*CreateChatCompletionResponse)(nil), // 42: marie.providers.v1.CreateChatCompletionResponse
-	(*StreamChatCompletionResponse)(nil), // 43: marie.providers.v1.StreamChatCompletionResponse
-	(*TokenLogprob)(nil),                 // 44: marie.providers.v1.TokenLogprob
-	(*TopLogprob)(nil),                   // 45: marie.providers.v1.TopLogprob
-	(*CreateEmbeddingsRequest)(nil),      // 46: marie.providers.v1.CreateEmbeddingsRequest
-	(*TokenIds)(nil),                     // 47: marie.providers.v1.TokenIds
-	(*Embedding)(nil),                    // 48: marie.providers.v1.Embedding
-	(*CreateEmbeddingsResponse)(nil),     // 49: marie.providers.v1.CreateEmbeddingsResponse
-	(*StreamCompletionRequest)(nil),      // 50: marie.providers.v1.StreamCompletionRequest
-	(*StreamCompletionResponse)(nil),     // 51: marie.providers.v1.StreamCompletionResponse
-	nil,                                  // 52: marie.providers.v1.ModelInfo.MetadataEntry
-	nil,                                  // 53: marie.providers.v1.UpstreamExtras.HeadersEntry
-	nil,                                  // 54: marie.providers.v1.Usage.ServerToolRequestsEntry
-	(*timestamppb.Timestamp)(nil),        // 55: google.protobuf.Timestamp
-	(*structpb.Struct)(nil),              // 56: google.protobuf.Struct
+	(EmbeddingInputType)(0),              // 9: marie.providers.v1.EmbeddingInputType
+	(*Provider)(nil),                     // 10: marie.providers.v1.Provider
+	(*ListProvidersRequest)(nil),         // 11: marie.providers.v1.ListProvidersRequest
+	(*ListProvidersResponse)(nil),        // 12: marie.providers.v1.ListProvidersResponse
+	(*ProviderHealth)(nil),               // 13: marie.providers.v1.ProviderHealth
+	(*DeploymentHealth)(nil),             // 14: marie.providers.v1.DeploymentHealth
+	(*GetProviderHealthRequest)(nil),     // 15: marie.providers.v1.GetProviderHealthRequest
+	(*GetProviderHealthResponse)(nil),    // 16: marie.providers.v1.GetProviderHealthResponse
+	(*ModelInfo)(nil),                    // 17: marie.providers.v1.ModelInfo
+	(*RouteInfo)(nil),                    // 18: marie.providers.v1.RouteInfo
+	(*RouteTarget)(nil),                  // 19: marie.providers.v1.RouteTarget
+	(*ListModelsRequest)(nil),            // 20: marie.providers.v1.ListModelsRequest
+	(*ListModelsResponse)(nil),           // 21: marie.providers.v1.ListModelsResponse
+	(*ProviderError)(nil),                // 22: marie.providers.v1.ProviderError
+	(*GetModelRequest)(nil),              // 23: marie.providers.v1.GetModelRequest
+	(*GetModelResponse)(nil),             // 24: marie.providers.v1.GetModelResponse
+	(*SearchModelsRequest)(nil),          // 25: marie.providers.v1.SearchModelsRequest
+	(*SearchModelsResponse)(nil),         // 26: marie.providers.v1.SearchModelsResponse
+	(*ContentPart)(nil),                  // 27: marie.providers.v1.ContentPart
+	(*ImageUrl)(nil),                     // 28: marie.providers.v1.ImageUrl
+	(*ToolCall)(nil),                     // 29: marie.providers.v1.ToolCall
+	(*FunctionCall)(nil),                 // 30: marie.providers.v1.FunctionCall
+	(*ChatMessage)(nil),                  // 31: marie.providers.v1.ChatMessage
+	(*Tool)(nil),                         // 32: marie.providers.v1.Tool
+	(*FunctionDefinition)(nil),           // 33: marie.providers.v1.FunctionDefinition
+	(*ToolChoice)(nil),                   // 34: marie.providers.v1.ToolChoice
+	(*ResponseFormat)(nil),               // 35: marie.providers.v1.ResponseFormat
+	(*SamplingParameters)(nil),           // 36: marie.providers.v1.SamplingParameters
+	(*StreamChatCompletionRequest)(nil),  // 37: marie.providers.v1.StreamChatCompletionRequest
+	(*UpstreamExtras)(nil),               // 38: marie.providers.v1.UpstreamExtras
+	(*Reasoning)(nil),                    // 39: marie.providers.v1.Reasoning
+	(*ToolCallDelta)(nil),                // 40: marie.providers.v1.ToolCallDelta
+	(*Usage)(nil),                        // 41: marie.providers.v1.Usage
+	(*CreateChatCompletionRequest)(nil),  // 42: marie.providers.v1.CreateChatCompletionRequest
+	(*CreateChatCompletionResponse)(nil), // 43: marie.providers.v1.CreateChatCompletionResponse
+	(*StreamChatCompletionResponse)(nil), // 44: marie.providers.v1.StreamChatCompletionResponse
+	(*TokenLogprob)(nil),                 // 45: marie.providers.v1.TokenLogprob
+	(*TopLogprob)(nil),                   // 46: marie.providers.v1.TopLogprob
+	(*CreateEmbeddingsRequest)(nil),      // 47: marie.providers.v1.CreateEmbeddingsRequest
+	(*TokenIds)(nil),                     // 48: marie.providers.v1.TokenIds
+	(*Embedding)(nil),                    // 49: marie.providers.v1.Embedding
+	(*CreateEmbeddingsResponse)(nil),     // 50: marie.providers.v1.CreateEmbeddingsResponse
+	(*StreamCompletionRequest)(nil),      // 51: marie.providers.v1.StreamCompletionRequest
+	(*StreamCompletionResponse)(nil),     // 52: marie.providers.v1.StreamCompletionResponse
+	nil,                                  // 53: marie.providers.v1.ModelInfo.MetadataEntry
+	nil,                                  // 54: marie.providers.v1.UpstreamExtras.HeadersEntry
+	nil,                                  // 55: marie.providers.v1.Usage.ServerToolRequestsEntry
+	(*timestamppb.Timestamp)(nil),        // 56: google.protobuf.Timestamp
+	(*structpb.Struct)(nil),              // 57: google.protobuf.Struct
 }
 var file_marie_providers_v1_provider_service_proto_depIdxs = []int32{
-	9,  // 0: marie.providers.v1.ListProvidersResponse.providers:type_name -> marie.providers.v1.Provider
+	10, // 0: marie.providers.v1.ListProvidersResponse.providers:type_name -> marie.providers.v1.Provider
 	0,  // 1: marie.providers.v1.ProviderHealth.status:type_name -> marie.providers.v1.HealthStatus
-	55, // 2: marie.providers.v1.ProviderHealth.check_time:type_name -> google.protobuf.Timestamp
-	13, // 3: marie.providers.v1.ProviderHealth.deployments:type_name -> marie.providers.v1.DeploymentHealth
+	56, // 2: marie.providers.v1.ProviderHealth.check_time:type_name -> google.protobuf.Timestamp
+	14, // 3: marie.providers.v1.ProviderHealth.deployments:type_name -> marie.providers.v1.DeploymentHealth
 	1,  // 4: marie.providers.v1.DeploymentHealth.circuit:type_name -> marie.providers.v1.CircuitState
-	55, // 5: marie.providers.v1.DeploymentHealth.retry_time:type_name -> google.protobuf.Timestamp
+	56, // 5: marie.providers.v1.DeploymentHealth.retry_time:type_name -> google.protobuf.Timestamp
 	2,  // 6: marie.providers.v1.DeploymentHealth.operation:type_name -> marie.providers.v1.Operation
-	12, // 7: marie.providers.v1.GetProviderHealthResponse.providers:type_name -> marie.providers.v1.ProviderHealth
+	13, // 7: marie.providers.v1.GetProviderHealthResponse.providers:type_name -> marie.providers.v1.ProviderHealth
 	3,  // 8: marie.providers.v1.ModelInfo.capabilities:type_name -> marie.providers.v1.ModelCapability
-	52, // 9: marie.providers.v1.ModelInfo.metadata:type_name -> marie.providers.v1.ModelInfo.MetadataEntry
-	55, // 10: marie.providers.v1.ModelInfo.modified_time:type_name -> google.protobuf.Timestamp
-	17, // 11: marie.providers.v1.ModelInfo.route:type_name -> marie.providers.v1.RouteInfo
+	53, // 9: marie.providers.v1.ModelInfo.metadata:type_name -> marie.providers.v1.ModelInfo.MetadataEntry
+	56, // 10: marie.providers.v1.ModelInfo.modified_time:type_name -> google.protobuf.Timestamp
+	18, // 11: marie.providers.v1.ModelInfo.route:type_name -> marie.providers.v1.RouteInfo
 	4,  // 12: marie.providers.v1.RouteInfo.kind:type_name -> marie.providers.v1.RouteKind
-	18, // 13: marie.providers.v1.RouteInfo.targets:type_name -> marie.providers.v1.RouteTarget
+	19, // 13: marie.providers.v1.RouteInfo.targets:type_name -> marie.providers.v1.RouteTarget
 	3,  // 14: marie.providers.v1.ListModelsRequest.capability:type_name -> marie.providers.v1.ModelCapability
-	16, // 15: marie.providers.v1.ListModelsResponse.models:type_name -> marie.providers.v1.ModelInfo
-	21, // 16: marie.providers.v1.ListModelsResponse.provider_errors:type_name -> marie.providers.v1.ProviderError
-	16, // 17: marie.providers.v1.GetModelResponse.model:type_name -> marie.providers.v1.ModelInfo
-	16, // 18: marie.providers.v1.SearchModelsResponse.models:type_name -> marie.providers.v1.ModelInfo
-	27, // 19: marie.providers.v1.ContentPart.image_url:type_name -> marie.providers.v1.ImageUrl
-	29, // 20: marie.providers.v1.ToolCall.function:type_name -> marie.providers.v1.FunctionCall
+	17, // 15: marie.providers.v1.ListModelsResponse.models:type_name -> marie.providers.v1.ModelInfo
+	22, // 16: marie.providers.v1.ListModelsResponse.provider_errors:type_name -> marie.providers.v1.ProviderError
+	17, // 17: marie.providers.v1.GetModelResponse.model:type_name -> marie.providers.v1.ModelInfo
+	17, // 18: marie.providers.v1.SearchModelsResponse.models:type_name -> marie.providers.v1.ModelInfo
+	28, // 19: marie.providers.v1.ContentPart.image_url:type_name -> marie.providers.v1.ImageUrl
+	30, // 20: marie.providers.v1.ToolCall.function:type_name -> marie.providers.v1.FunctionCall
 	5,  // 21: marie.providers.v1.ChatMessage.role:type_name -> marie.providers.v1.Role
-	26, // 22: marie.providers.v1.ChatMessage.parts:type_name -> marie.providers.v1.ContentPart
-	28, // 23: marie.providers.v1.ChatMessage.tool_calls:type_name -> marie.providers.v1.ToolCall
-	32, // 24: marie.providers.v1.Tool.function:type_name -> marie.providers.v1.FunctionDefinition
-	56, // 25: marie.providers.v1.FunctionDefinition.parameters:type_name -> google.protobuf.Struct
+	27, // 22: marie.providers.v1.ChatMessage.parts:type_name -> marie.providers.v1.ContentPart
+	29, // 23: marie.providers.v1.ChatMessage.tool_calls:type_name -> marie.providers.v1.ToolCall
+	33, // 24: marie.providers.v1.Tool.function:type_name -> marie.providers.v1.FunctionDefinition
+	57, // 25: marie.providers.v1.FunctionDefinition.parameters:type_name -> google.protobuf.Struct
 	6,  // 26: marie.providers.v1.ToolChoice.mode:type_name -> marie.providers.v1.ToolChoiceMode
 	7,  // 27: marie.providers.v1.ResponseFormat.type:type_name -> marie.providers.v1.ResponseFormatType
-	56, // 28: marie.providers.v1.ResponseFormat.json_schema:type_name -> google.protobuf.Struct
-	30, // 29: marie.providers.v1.StreamChatCompletionRequest.messages:type_name -> marie.providers.v1.ChatMessage
-	35, // 30: marie.providers.v1.StreamChatCompletionRequest.sampling:type_name -> marie.providers.v1.SamplingParameters
-	34, // 31: marie.providers.v1.StreamChatCompletionRequest.response_format:type_name -> marie.providers.v1.ResponseFormat
-	31, // 32: marie.providers.v1.StreamChatCompletionRequest.tools:type_name -> marie.providers.v1.Tool
-	33, // 33: marie.providers.v1.StreamChatCompletionRequest.tool_choice:type_name -> marie.providers.v1.ToolChoice
-	37, // 34: marie.providers.v1.StreamChatCompletionRequest.upstream_extras:type_name -> marie.providers.v1.UpstreamExtras
-	53, // 35: marie.providers.v1.UpstreamExtras.headers:type_name -> marie.providers.v1.UpstreamExtras.HeadersEntry
-	54, // 36: marie.providers.v1.Usage.server_tool_requests:type_name -> marie.providers.v1.Usage.ServerToolRequestsEntry
-	36, // 37: marie.providers.v1.CreateChatCompletionRequest.chat:type_name -> marie.providers.v1.StreamChatCompletionRequest
-	43, // 38: marie.providers.v1.CreateChatCompletionResponse.chunks:type_name -> marie.providers.v1.StreamChatCompletionResponse
+	57, // 28: marie.providers.v1.ResponseFormat.json_schema:type_name -> google.protobuf.Struct
+	31, // 29: marie.providers.v1.StreamChatCompletionRequest.messages:type_name -> marie.providers.v1.ChatMessage
+	36, // 30: marie.providers.v1.StreamChatCompletionRequest.sampling:type_name -> marie.providers.v1.SamplingParameters
+	35, // 31: marie.providers.v1.StreamChatCompletionRequest.response_format:type_name -> marie.providers.v1.ResponseFormat
+	32, // 32: marie.providers.v1.StreamChatCompletionRequest.tools:type_name -> marie.providers.v1.Tool
+	34, // 33: marie.providers.v1.StreamChatCompletionRequest.tool_choice:type_name -> marie.providers.v1.ToolChoice
+	38, // 34: marie.providers.v1.StreamChatCompletionRequest.upstream_extras:type_name -> marie.providers.v1.UpstreamExtras
+	54, // 35: marie.providers.v1.UpstreamExtras.headers:type_name -> marie.providers.v1.UpstreamExtras.HeadersEntry
+	55, // 36: marie.providers.v1.Usage.server_tool_requests:type_name -> marie.providers.v1.Usage.ServerToolRequestsEntry
+	37, // 37: marie.providers.v1.CreateChatCompletionRequest.chat:type_name -> marie.providers.v1.StreamChatCompletionRequest
+	44, // 38: marie.providers.v1.CreateChatCompletionResponse.chunks:type_name -> marie.providers.v1.StreamChatCompletionResponse
 	5,  // 39: marie.providers.v1.StreamChatCompletionResponse.role:type_name -> marie.providers.v1.Role
-	39, // 40: marie.providers.v1.StreamChatCompletionResponse.tool_calls:type_name -> marie.providers.v1.ToolCallDelta
+	40, // 40: marie.providers.v1.StreamChatCompletionResponse.tool_calls:type_name -> marie.providers.v1.ToolCallDelta
 	8,  // 41: marie.providers.v1.StreamChatCompletionResponse.finish_reason:type_name -> marie.providers.v1.FinishReason
-	40, // 42: marie.providers.v1.StreamChatCompletionResponse.usage:type_name -> marie.providers.v1.Usage
-	44, // 43: marie.providers.v1.StreamChatCompletionResponse.logprobs:type_name -> marie.providers.v1.TokenLogprob
-	38, // 44: marie.providers.v1.StreamChatCompletionResponse.reasoning:type_name -> marie.providers.v1.Reasoning
-	45, // 45: marie.providers.v1.TokenLogprob.top_logprobs:type_name -> marie.providers.v1.TopLogprob
-	47, // 46: marie.providers.v1.CreateEmbeddingsRequest.token_inputs:type_name -> marie.providers.v1.TokenIds
-	48, // 47: marie.providers.v1.CreateEmbeddingsResponse.embeddings:type_name -> marie.providers.v1.Embedding
-	40, // 48: marie.providers.v1.CreateEmbeddingsResponse.usage:type_name -> marie.providers.v1.Usage
-	35, // 49: marie.providers.v1.StreamCompletionRequest.sampling:type_name -> marie.providers.v1.SamplingParameters
-	8,  // 50: marie.providers.v1.StreamCompletionResponse.finish_reason:type_name -> marie.providers.v1.FinishReason
-	40, // 51: marie.providers.v1.StreamCompletionResponse.usage:type_name -> marie.providers.v1.Usage
-	44, // 52: marie.providers.v1.StreamCompletionResponse.logprobs:type_name -> marie.providers.v1.TokenLogprob
-	10, // 53: marie.providers.v1.ProviderService.ListProviders:input_type -> marie.providers.v1.ListProvidersRequest
-	14, // 54: marie.providers.v1.ProviderService.GetProviderHealth:input_type -> marie.providers.v1.GetProviderHealthRequest
-	19, // 55: marie.providers.v1.ProviderService.ListModels:input_type -> marie.providers.v1.ListModelsRequest
-	22, // 56: marie.providers.v1.ProviderService.GetModel:input_type -> marie.providers.v1.GetModelRequest
-	24, // 57: marie.providers.v1.ProviderService.SearchModels:input_type -> marie.providers.v1.SearchModelsRequest
-	36, // 58: marie.providers.v1.ProviderService.StreamChatCompletion:input_type -> marie.providers.v1.StreamChatCompletionRequest
-	41, // 59: marie.providers.v1.ProviderService.CreateChatCompletion:input_type -> marie.providers.v1.CreateChatCompletionRequest
-	46, // 60: marie.providers.v1.ProviderService.CreateEmbeddings:input_type -> marie.providers.v1.CreateEmbeddingsRequest
-	50, // 61: marie.providers.v1.ProviderService.StreamCompletion:input_type -> marie.providers.v1.StreamCompletionRequest
-	11, // 62: marie.providers.v1.ProviderService.ListProviders:output_type -> marie.providers.v1.ListProvidersResponse
-	15, // 63: marie.providers.v1.ProviderService.GetProviderHealth:output_type -> marie.providers.v1.GetProviderHealthResponse
-	20, // 64: marie.providers.v1.ProviderService.ListModels:output_type -> marie.providers.v1.ListModelsResponse
-	23, // 65: marie.providers.v1.ProviderService.GetModel:output_type -> marie.providers.v1.GetModelResponse
-	25, // 66: marie.providers.v1.ProviderService.SearchModels:output_type -> marie.providers.v1.SearchModelsResponse
-	43, // 67: marie.providers.v1.ProviderService.StreamChatCompletion:output_type -> marie.providers.v1.StreamChatCompletionResponse
-	42, // 68: marie.providers.v1.ProviderService.CreateChatCompletion:output_type -> marie.providers.v1.CreateChatCompletionResponse
-	49, // 69: marie.providers.v1.ProviderService.CreateEmbeddings:output_type -> marie.providers.v1.CreateEmbeddingsResponse
-	51, // 70: marie.providers.v1.ProviderService.StreamCompletion:output_type -> marie.providers.v1.StreamCompletionResponse
-	62, // [62:71] is the sub-list for method output_type
-	53, // [53:62] is the sub-list for method input_type
-	53, // [53:53] is the sub-list for extension type_name
-	53, // [53:53] is the sub-list for extension extendee
-	0,  // [0:53] is the sub-list for field type_name
+	41, // 42: marie.providers.v1.StreamChatCompletionResponse.usage:type_name -> marie.providers.v1.Usage
+	45, // 43: marie.providers.v1.StreamChatCompletionResponse.logprobs:type_name -> marie.providers.v1.TokenLogprob
+	39, // 44: marie.providers.v1.StreamChatCompletionResponse.reasoning:type_name -> marie.providers.v1.Reasoning
+	46, // 45: marie.providers.v1.TokenLogprob.top_logprobs:type_name -> marie.providers.v1.TopLogprob
+	48, // 46: marie.providers.v1.CreateEmbeddingsRequest.token_inputs:type_name -> marie.providers.v1.TokenIds
+	9,  // 47: marie.providers.v1.CreateEmbeddingsRequest.input_type:type_name -> marie.providers.v1.EmbeddingInputType
+	49, // 48: marie.providers.v1.CreateEmbeddingsResponse.embeddings:type_name -> marie.providers.v1.Embedding
+	41, // 49: marie.providers.v1.CreateEmbeddingsResponse.usage:type_name -> marie.providers.v1.Usage
+	36, // 50: marie.providers.v1.StreamCompletionRequest.sampling:type_name -> marie.providers.v1.SamplingParameters
+	8,  // 51: marie.providers.v1.StreamCompletionResponse.finish_reason:type_name -> marie.providers.v1.FinishReason
+	41, // 52: marie.providers.v1.StreamCompletionResponse.usage:type_name -> marie.providers.v1.Usage
+	45, // 53: marie.providers.v1.StreamCompletionResponse.logprobs:type_name -> marie.providers.v1.TokenLogprob
+	11, // 54: marie.providers.v1.ProviderService.ListProviders:input_type -> marie.providers.v1.ListProvidersRequest
+	15, // 55: marie.providers.v1.ProviderService.GetProviderHealth:input_type -> marie.providers.v1.GetProviderHealthRequest
+	20, // 56: marie.providers.v1.ProviderService.ListModels:input_type -> marie.providers.v1.ListModelsRequest
+	23, // 57: marie.providers.v1.ProviderService.GetModel:input_type -> marie.providers.v1.GetModelRequest
+	25, // 58: marie.providers.v1.ProviderService.SearchModels:input_type -> marie.providers.v1.SearchModelsRequest
+	37, // 59: marie.providers.v1.ProviderService.StreamChatCompletion:input_type -> marie.providers.v1.StreamChatCompletionRequest
+	42, // 60: marie.providers.v1.ProviderService.CreateChatCompletion:input_type -> marie.providers.v1.CreateChatCompletionRequest
+	47, // 61: marie.providers.v1.ProviderService.CreateEmbeddings:input_type -> marie.providers.v1.CreateEmbeddingsRequest
+	51, // 62: marie.providers.v1.ProviderService.StreamCompletion:input_type -> marie.providers.v1.StreamCompletionRequest
+	12, // 63: marie.providers.v1.ProviderService.ListProviders:output_type -> marie.providers.v1.ListProvidersResponse
+	16, // 64: marie.providers.v1.ProviderService.GetProviderHealth:output_type -> marie.providers.v1.GetProviderHealthResponse
+	21, // 65: marie.providers.v1.ProviderService.ListModels:output_type -> marie.providers.v1.ListModelsResponse
+	24, // 66: marie.providers.v1.ProviderService.GetModel:output_type -> marie.providers.v1.GetModelResponse
+	26, // 67: marie.providers.v1.ProviderService.SearchModels:output_type -> marie.providers.v1.SearchModelsResponse
+	44, // 68: marie.providers.v1.ProviderService.StreamChatCompletion:output_type -> marie.providers.v1.StreamChatCompletionResponse
+	43, // 69: marie.providers.v1.ProviderService.CreateChatCompletion:output_type -> marie.providers.v1.CreateChatCompletionResponse
+	50, // 70: marie.providers.v1.ProviderService.CreateEmbeddings:output_type -> marie.providers.v1.CreateEmbeddingsResponse
+	52, // 71: marie.providers.v1.ProviderService.StreamCompletion:output_type -> marie.providers.v1.StreamCompletionResponse
+	63, // [63:72] is the sub-list for method output_type
+	54, // [54:63] is the sub-list for method input_type
+	54, // [54:54] is the sub-list for extension type_name
+	54, // [54:54] is the sub-list for extension extendee
+	0,  // [0:54] is the sub-list for field type_name
 }
 
 func init() { file_marie_providers_v1_provider_service_proto_init() }
@@ -4518,7 +4606,7 @@ func file_marie_providers_v1_provider_service_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_marie_providers_v1_provider_service_proto_rawDesc), len(file_marie_providers_v1_provider_service_proto_rawDesc)),
-			NumEnums:      9,
+			NumEnums:      10,
 			NumMessages:   46,
 			NumExtensions: 0,
 			NumServices:   1,
