@@ -508,6 +508,119 @@ func (ResponseFormatType) EnumDescriptor() ([]byte, []int) {
 	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{7}
 }
 
+// CacheMode is what a call does with the response cache.
+type CacheMode int32
+
+const (
+	// The operation's default (see CachePolicy.mode).
+	CacheMode_CACHE_MODE_UNSPECIFIED CacheMode = 0
+	// Answer from the cache when a fresh answer is stored; otherwise call the
+	// upstream and store its whole answer.
+	CacheMode_CACHE_MODE_USE CacheMode = 1
+	// Skip the lookup, call the upstream and store its answer (HTTP
+	// `Cache-Control: no-cache`: revalidate).
+	CacheMode_CACHE_MODE_REFRESH CacheMode = 2
+	// Neither look up nor store (HTTP `Cache-Control: no-store`).
+	CacheMode_CACHE_MODE_BYPASS CacheMode = 3
+)
+
+// Enum value maps for CacheMode.
+var (
+	CacheMode_name = map[int32]string{
+		0: "CACHE_MODE_UNSPECIFIED",
+		1: "CACHE_MODE_USE",
+		2: "CACHE_MODE_REFRESH",
+		3: "CACHE_MODE_BYPASS",
+	}
+	CacheMode_value = map[string]int32{
+		"CACHE_MODE_UNSPECIFIED": 0,
+		"CACHE_MODE_USE":         1,
+		"CACHE_MODE_REFRESH":     2,
+		"CACHE_MODE_BYPASS":      3,
+	}
+)
+
+func (x CacheMode) Enum() *CacheMode {
+	p := new(CacheMode)
+	*p = x
+	return p
+}
+
+func (x CacheMode) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (CacheMode) Descriptor() protoreflect.EnumDescriptor {
+	return file_marie_providers_v1_provider_service_proto_enumTypes[8].Descriptor()
+}
+
+func (CacheMode) Type() protoreflect.EnumType {
+	return &file_marie_providers_v1_provider_service_proto_enumTypes[8]
+}
+
+func (x CacheMode) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use CacheMode.Descriptor instead.
+func (CacheMode) EnumDescriptor() ([]byte, []int) {
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{8}
+}
+
+// CacheResult says how the response cache took part in an answer.
+type CacheResult int32
+
+const (
+	// The cache was not used (bypassed, no owner, or not configured).
+	CacheResult_CACHE_RESULT_UNSPECIFIED CacheResult = 0
+	// The answer was replayed from the cache: no upstream call was made.
+	CacheResult_CACHE_RESULT_HIT CacheResult = 1
+	// The cache was used and the answer comes from the upstream (nothing
+	// fresh was stored, or the call asked to revalidate).
+	CacheResult_CACHE_RESULT_MISS CacheResult = 2
+)
+
+// Enum value maps for CacheResult.
+var (
+	CacheResult_name = map[int32]string{
+		0: "CACHE_RESULT_UNSPECIFIED",
+		1: "CACHE_RESULT_HIT",
+		2: "CACHE_RESULT_MISS",
+	}
+	CacheResult_value = map[string]int32{
+		"CACHE_RESULT_UNSPECIFIED": 0,
+		"CACHE_RESULT_HIT":         1,
+		"CACHE_RESULT_MISS":        2,
+	}
+)
+
+func (x CacheResult) Enum() *CacheResult {
+	p := new(CacheResult)
+	*p = x
+	return p
+}
+
+func (x CacheResult) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (CacheResult) Descriptor() protoreflect.EnumDescriptor {
+	return file_marie_providers_v1_provider_service_proto_enumTypes[9].Descriptor()
+}
+
+func (CacheResult) Type() protoreflect.EnumType {
+	return &file_marie_providers_v1_provider_service_proto_enumTypes[9]
+}
+
+func (x CacheResult) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use CacheResult.Descriptor instead.
+func (CacheResult) EnumDescriptor() ([]byte, []int) {
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{9}
+}
+
 // FinishReason says why generation stopped.
 type FinishReason int32
 
@@ -553,11 +666,11 @@ func (x FinishReason) String() string {
 }
 
 func (FinishReason) Descriptor() protoreflect.EnumDescriptor {
-	return file_marie_providers_v1_provider_service_proto_enumTypes[8].Descriptor()
+	return file_marie_providers_v1_provider_service_proto_enumTypes[10].Descriptor()
 }
 
 func (FinishReason) Type() protoreflect.EnumType {
-	return &file_marie_providers_v1_provider_service_proto_enumTypes[8]
+	return &file_marie_providers_v1_provider_service_proto_enumTypes[10]
 }
 
 func (x FinishReason) Number() protoreflect.EnumNumber {
@@ -566,7 +679,7 @@ func (x FinishReason) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use FinishReason.Descriptor instead.
 func (FinishReason) EnumDescriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{8}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{10}
 }
 
 // Provider describes one configured provider.
@@ -2590,8 +2703,11 @@ type StreamChatCompletionRequest struct {
 	// `fields`; fallbacks of another kind are skipped (they would drop what
 	// was asked).
 	UpstreamExtras *UpstreamExtras `protobuf:"bytes,13,opt,name=upstream_extras,json=upstreamExtras,proto3" json:"upstream_extras,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// How this call uses the response cache; unset: not at all (chat is
+	// cached only when the caller asks).
+	Cache         *CachePolicy `protobuf:"bytes,14,opt,name=cache,proto3" json:"cache,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *StreamChatCompletionRequest) Reset() {
@@ -2715,6 +2831,74 @@ func (x *StreamChatCompletionRequest) GetUpstreamExtras() *UpstreamExtras {
 	return nil
 }
 
+func (x *StreamChatCompletionRequest) GetCache() *CachePolicy {
+	if x != nil {
+		return x.Cache
+	}
+	return nil
+}
+
+// CachePolicy says how one call uses the response cache: exact-match answers
+// of earlier calls of the same owner (the caller's `x-marie-owner`, which the
+// gateway or Envoy's key check sets) to the same normalised request on the
+// same resolved model. A call without an owner never uses the cache.
+type CachePolicy struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// What the call does with the cache; unspecified: the operation's default
+	// (embeddings: USE; chat and text completions: BYPASS).
+	Mode CacheMode `protobuf:"varint,1,opt,name=mode,proto3,enum=marie.providers.v1.CacheMode" json:"mode,omitempty"`
+	// With USE: the oldest stored answer the caller accepts, in seconds (HTTP
+	// `Cache-Control: max-age`); 0: any answer within the service's TTL.
+	// Answers are kept for the service's TTL whatever this says. Not negative.
+	MaxAgeSeconds int32 `protobuf:"varint,2,opt,name=max_age_seconds,json=maxAgeSeconds,proto3" json:"max_age_seconds,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CachePolicy) Reset() {
+	*x = CachePolicy{}
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[28]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CachePolicy) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CachePolicy) ProtoMessage() {}
+
+func (x *CachePolicy) ProtoReflect() protoreflect.Message {
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[28]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CachePolicy.ProtoReflect.Descriptor instead.
+func (*CachePolicy) Descriptor() ([]byte, []int) {
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{28}
+}
+
+func (x *CachePolicy) GetMode() CacheMode {
+	if x != nil {
+		return x.Mode
+	}
+	return CacheMode_CACHE_MODE_UNSPECIFIED
+}
+
+func (x *CachePolicy) GetMaxAgeSeconds() int32 {
+	if x != nil {
+		return x.MaxAgeSeconds
+	}
+	return 0
+}
+
 // UpstreamExtras carries request fields of one upstream kind's own API.
 type UpstreamExtras struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -2742,7 +2926,7 @@ type UpstreamExtras struct {
 
 func (x *UpstreamExtras) Reset() {
 	*x = UpstreamExtras{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[28]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2754,7 +2938,7 @@ func (x *UpstreamExtras) String() string {
 func (*UpstreamExtras) ProtoMessage() {}
 
 func (x *UpstreamExtras) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[28]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2767,7 +2951,7 @@ func (x *UpstreamExtras) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpstreamExtras.ProtoReflect.Descriptor instead.
 func (*UpstreamExtras) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{28}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *UpstreamExtras) GetKind() string {
@@ -2816,7 +3000,7 @@ type Reasoning struct {
 
 func (x *Reasoning) Reset() {
 	*x = Reasoning{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[29]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2828,7 +3012,7 @@ func (x *Reasoning) String() string {
 func (*Reasoning) ProtoMessage() {}
 
 func (x *Reasoning) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[29]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2841,7 +3025,7 @@ func (x *Reasoning) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Reasoning.ProtoReflect.Descriptor instead.
 func (*Reasoning) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{29}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *Reasoning) GetText() string {
@@ -2886,7 +3070,7 @@ type ToolCallDelta struct {
 
 func (x *ToolCallDelta) Reset() {
 	*x = ToolCallDelta{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[30]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2898,7 +3082,7 @@ func (x *ToolCallDelta) String() string {
 func (*ToolCallDelta) ProtoMessage() {}
 
 func (x *ToolCallDelta) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[30]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2911,7 +3095,7 @@ func (x *ToolCallDelta) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ToolCallDelta.ProtoReflect.Descriptor instead.
 func (*ToolCallDelta) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{30}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *ToolCallDelta) GetIndex() int32 {
@@ -2964,7 +3148,7 @@ type Usage struct {
 
 func (x *Usage) Reset() {
 	*x = Usage{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[31]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2976,7 +3160,7 @@ func (x *Usage) String() string {
 func (*Usage) ProtoMessage() {}
 
 func (x *Usage) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[31]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2989,7 +3173,7 @@ func (x *Usage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Usage.ProtoReflect.Descriptor instead.
 func (*Usage) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{31}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *Usage) GetPromptTokens() int32 {
@@ -3024,7 +3208,7 @@ type CreateChatCompletionRequest struct {
 
 func (x *CreateChatCompletionRequest) Reset() {
 	*x = CreateChatCompletionRequest{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[32]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3036,7 +3220,7 @@ func (x *CreateChatCompletionRequest) String() string {
 func (*CreateChatCompletionRequest) ProtoMessage() {}
 
 func (x *CreateChatCompletionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[32]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3049,7 +3233,7 @@ func (x *CreateChatCompletionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateChatCompletionRequest.ProtoReflect.Descriptor instead.
 func (*CreateChatCompletionRequest) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{32}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *CreateChatCompletionRequest) GetChat() *StreamChatCompletionRequest {
@@ -3071,7 +3255,7 @@ type CreateChatCompletionResponse struct {
 
 func (x *CreateChatCompletionResponse) Reset() {
 	*x = CreateChatCompletionResponse{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[33]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3083,7 +3267,7 @@ func (x *CreateChatCompletionResponse) String() string {
 func (*CreateChatCompletionResponse) ProtoMessage() {}
 
 func (x *CreateChatCompletionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[33]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3096,7 +3280,7 @@ func (x *CreateChatCompletionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateChatCompletionResponse.ProtoReflect.Descriptor instead.
 func (*CreateChatCompletionResponse) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{33}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *CreateChatCompletionResponse) GetChunks() []*StreamChatCompletionResponse {
@@ -3145,14 +3329,18 @@ type StreamChatCompletionResponse struct {
 	// Position of the upstream's content block this chunk belongs to, from 1;
 	// 0 when the upstream does not number its blocks. Content of a new number
 	// starts a new block (Anthropic's text blocks around citations).
-	Block         int32 `protobuf:"varint,14,opt,name=block,proto3" json:"block,omitempty"`
+	Block int32 `protobuf:"varint,14,opt,name=block,proto3" json:"block,omitempty"`
+	// How the response cache took part: set on the first chunk of every
+	// answer that used it, and on every chunk of a cache hit (whose `id` and
+	// `created` are new; its usage is the original call's).
+	Cache         CacheResult `protobuf:"varint,15,opt,name=cache,proto3,enum=marie.providers.v1.CacheResult" json:"cache,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *StreamChatCompletionResponse) Reset() {
 	*x = StreamChatCompletionResponse{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[34]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3164,7 +3352,7 @@ func (x *StreamChatCompletionResponse) String() string {
 func (*StreamChatCompletionResponse) ProtoMessage() {}
 
 func (x *StreamChatCompletionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[34]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3177,7 +3365,7 @@ func (x *StreamChatCompletionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamChatCompletionResponse.ProtoReflect.Descriptor instead.
 func (*StreamChatCompletionResponse) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{34}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *StreamChatCompletionResponse) GetId() string {
@@ -3278,6 +3466,13 @@ func (x *StreamChatCompletionResponse) GetBlock() int32 {
 	return 0
 }
 
+func (x *StreamChatCompletionResponse) GetCache() CacheResult {
+	if x != nil {
+		return x.Cache
+	}
+	return CacheResult_CACHE_RESULT_UNSPECIFIED
+}
+
 // TokenLogprob is the log probability of one generated token.
 type TokenLogprob struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -3296,7 +3491,7 @@ type TokenLogprob struct {
 
 func (x *TokenLogprob) Reset() {
 	*x = TokenLogprob{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[35]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3308,7 +3503,7 @@ func (x *TokenLogprob) String() string {
 func (*TokenLogprob) ProtoMessage() {}
 
 func (x *TokenLogprob) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[35]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3321,7 +3516,7 @@ func (x *TokenLogprob) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TokenLogprob.ProtoReflect.Descriptor instead.
 func (*TokenLogprob) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{35}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *TokenLogprob) GetToken() string {
@@ -3367,7 +3562,7 @@ type TopLogprob struct {
 
 func (x *TopLogprob) Reset() {
 	*x = TopLogprob{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[36]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3379,7 +3574,7 @@ func (x *TopLogprob) String() string {
 func (*TopLogprob) ProtoMessage() {}
 
 func (x *TopLogprob) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[36]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3392,7 +3587,7 @@ func (x *TopLogprob) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TopLogprob.ProtoReflect.Descriptor instead.
 func (*TopLogprob) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{36}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *TopLogprob) GetToken() string {
@@ -3436,14 +3631,16 @@ type CreateEmbeddingsRequest struct {
 	// 1 to 2048 of them, none empty. Passed on to upstreams that take token ids
 	// (OpenAI-compatible); the others answer INVALID_ARGUMENT with reason
 	// UNSUPPORTED_BY_PROVIDER and metadata "field" = "token_inputs".
-	TokenInputs   []*TokenIds `protobuf:"bytes,6,rep,name=token_inputs,json=tokenInputs,proto3" json:"token_inputs,omitempty"`
+	TokenInputs []*TokenIds `protobuf:"bytes,6,rep,name=token_inputs,json=tokenInputs,proto3" json:"token_inputs,omitempty"`
+	// How this call uses the response cache; unset: USE.
+	Cache         *CachePolicy `protobuf:"bytes,7,opt,name=cache,proto3" json:"cache,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *CreateEmbeddingsRequest) Reset() {
 	*x = CreateEmbeddingsRequest{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[37]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3455,7 +3652,7 @@ func (x *CreateEmbeddingsRequest) String() string {
 func (*CreateEmbeddingsRequest) ProtoMessage() {}
 
 func (x *CreateEmbeddingsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[37]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3468,7 +3665,7 @@ func (x *CreateEmbeddingsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateEmbeddingsRequest.ProtoReflect.Descriptor instead.
 func (*CreateEmbeddingsRequest) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{37}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *CreateEmbeddingsRequest) GetModel() string {
@@ -3513,6 +3710,13 @@ func (x *CreateEmbeddingsRequest) GetTokenInputs() []*TokenIds {
 	return nil
 }
 
+func (x *CreateEmbeddingsRequest) GetCache() *CachePolicy {
+	if x != nil {
+		return x.Cache
+	}
+	return nil
+}
+
 // TokenIds is one input given as token ids.
 type TokenIds struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -3524,7 +3728,7 @@ type TokenIds struct {
 
 func (x *TokenIds) Reset() {
 	*x = TokenIds{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[38]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3536,7 +3740,7 @@ func (x *TokenIds) String() string {
 func (*TokenIds) ProtoMessage() {}
 
 func (x *TokenIds) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[38]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3549,7 +3753,7 @@ func (x *TokenIds) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TokenIds.ProtoReflect.Descriptor instead.
 func (*TokenIds) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{38}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *TokenIds) GetIds() []int64 {
@@ -3572,7 +3776,7 @@ type Embedding struct {
 
 func (x *Embedding) Reset() {
 	*x = Embedding{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[39]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3584,7 +3788,7 @@ func (x *Embedding) String() string {
 func (*Embedding) ProtoMessage() {}
 
 func (x *Embedding) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[39]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3597,7 +3801,7 @@ func (x *Embedding) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Embedding.ProtoReflect.Descriptor instead.
 func (*Embedding) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{39}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *Embedding) GetIndex() int32 {
@@ -3621,15 +3825,17 @@ type CreateEmbeddingsResponse struct {
 	Model string `protobuf:"bytes,1,opt,name=model,proto3" json:"model,omitempty"`
 	// The embeddings.
 	Embeddings []*Embedding `protobuf:"bytes,2,rep,name=embeddings,proto3" json:"embeddings,omitempty"`
-	// Token usage (completion_tokens is 0).
-	Usage         *Usage `protobuf:"bytes,3,opt,name=usage,proto3" json:"usage,omitempty"`
+	// Token usage (completion_tokens is 0); on a cache hit, the original call's.
+	Usage *Usage `protobuf:"bytes,3,opt,name=usage,proto3" json:"usage,omitempty"`
+	// How the response cache took part in this answer.
+	Cache         CacheResult `protobuf:"varint,4,opt,name=cache,proto3,enum=marie.providers.v1.CacheResult" json:"cache,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *CreateEmbeddingsResponse) Reset() {
 	*x = CreateEmbeddingsResponse{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[40]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3641,7 +3847,7 @@ func (x *CreateEmbeddingsResponse) String() string {
 func (*CreateEmbeddingsResponse) ProtoMessage() {}
 
 func (x *CreateEmbeddingsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[40]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3654,7 +3860,7 @@ func (x *CreateEmbeddingsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateEmbeddingsResponse.ProtoReflect.Descriptor instead.
 func (*CreateEmbeddingsResponse) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{40}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *CreateEmbeddingsResponse) GetModel() string {
@@ -3676,6 +3882,13 @@ func (x *CreateEmbeddingsResponse) GetUsage() *Usage {
 		return x.Usage
 	}
 	return nil
+}
+
+func (x *CreateEmbeddingsResponse) GetCache() CacheResult {
+	if x != nil {
+		return x.Cache
+	}
+	return CacheResult_CACHE_RESULT_UNSPECIFIED
 }
 
 // StreamCompletionRequest asks for the continuation of one text prompt.
@@ -3706,14 +3919,16 @@ type StreamCompletionRequest struct {
 	// True when the caller needs only the complete text: the service may then
 	// send it in fewer, larger chunks (the text, finish reason and usage are
 	// the same either way).
-	Aggregate     bool `protobuf:"varint,10,opt,name=aggregate,proto3" json:"aggregate,omitempty"`
+	Aggregate bool `protobuf:"varint,10,opt,name=aggregate,proto3" json:"aggregate,omitempty"`
+	// How this call uses the response cache; unset: not at all.
+	Cache         *CachePolicy `protobuf:"bytes,11,opt,name=cache,proto3" json:"cache,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *StreamCompletionRequest) Reset() {
 	*x = StreamCompletionRequest{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[41]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3725,7 +3940,7 @@ func (x *StreamCompletionRequest) String() string {
 func (*StreamCompletionRequest) ProtoMessage() {}
 
 func (x *StreamCompletionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[41]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3738,7 +3953,7 @@ func (x *StreamCompletionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamCompletionRequest.ProtoReflect.Descriptor instead.
 func (*StreamCompletionRequest) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{41}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *StreamCompletionRequest) GetModel() string {
@@ -3811,6 +4026,13 @@ func (x *StreamCompletionRequest) GetAggregate() bool {
 	return false
 }
 
+func (x *StreamCompletionRequest) GetCache() *CachePolicy {
+	if x != nil {
+		return x.Cache
+	}
+	return nil
+}
+
 // StreamCompletionResponse is one chunk of a streamed text completion. The
 // last chunk carries the finish reason and, when the upstream reports it,
 // usage.
@@ -3832,14 +4054,16 @@ type StreamCompletionResponse struct {
 	Usage *Usage `protobuf:"bytes,7,opt,name=usage,proto3" json:"usage,omitempty"`
 	// Log probabilities of the generated tokens in `text`, in order (never of
 	// the echoed prompt); only when the request set `logprobs`.
-	Logprobs      []*TokenLogprob `protobuf:"bytes,8,rep,name=logprobs,proto3" json:"logprobs,omitempty"`
+	Logprobs []*TokenLogprob `protobuf:"bytes,8,rep,name=logprobs,proto3" json:"logprobs,omitempty"`
+	// How the response cache took part, as StreamChatCompletionResponse.cache.
+	Cache         CacheResult `protobuf:"varint,9,opt,name=cache,proto3,enum=marie.providers.v1.CacheResult" json:"cache,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *StreamCompletionResponse) Reset() {
 	*x = StreamCompletionResponse{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[42]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3851,7 +4075,7 @@ func (x *StreamCompletionResponse) String() string {
 func (*StreamCompletionResponse) ProtoMessage() {}
 
 func (x *StreamCompletionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[42]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3864,7 +4088,7 @@ func (x *StreamCompletionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamCompletionResponse.ProtoReflect.Descriptor instead.
 func (*StreamCompletionResponse) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{42}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *StreamCompletionResponse) GetId() string {
@@ -3921,6 +4145,13 @@ func (x *StreamCompletionResponse) GetLogprobs() []*TokenLogprob {
 		return x.Logprobs
 	}
 	return nil
+}
+
+func (x *StreamCompletionResponse) GetCache() CacheResult {
+	if x != nil {
+		return x.Cache
+	}
+	return CacheResult_CACHE_RESULT_UNSPECIFIED
 }
 
 var File_marie_providers_v1_provider_service_proto protoreflect.FileDescriptor
@@ -4086,7 +4317,7 @@ const file_marie_providers_v1_provider_service_proto_rawDesc = "" +
 	"\v_max_tokensB\a\n" +
 	"\x05_seedB\x13\n" +
 	"\x11_presence_penaltyB\x14\n" +
-	"\x12_frequency_penalty\"\xf1\x04\n" +
+	"\x12_frequency_penalty\"\xa8\x05\n" +
 	"\x1bStreamChatCompletionRequest\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\tR\x05model\x12\x1a\n" +
 	"\bprovider\x18\x02 \x01(\tR\bprovider\x12;\n" +
@@ -4102,7 +4333,11 @@ const file_marie_providers_v1_provider_service_proto_rawDesc = "" +
 	" \x01(\bR\taggregate\x12\x1a\n" +
 	"\blogprobs\x18\v \x01(\bR\blogprobs\x12!\n" +
 	"\ftop_logprobs\x18\f \x01(\x05R\vtopLogprobs\x12K\n" +
-	"\x0fupstream_extras\x18\r \x01(\v2\".marie.providers.v1.UpstreamExtrasR\x0eupstreamExtras\"\xe6\x01\n" +
+	"\x0fupstream_extras\x18\r \x01(\v2\".marie.providers.v1.UpstreamExtrasR\x0eupstreamExtras\x125\n" +
+	"\x05cache\x18\x0e \x01(\v2\x1f.marie.providers.v1.CachePolicyR\x05cache\"h\n" +
+	"\vCachePolicy\x121\n" +
+	"\x04mode\x18\x01 \x01(\x0e2\x1d.marie.providers.v1.CacheModeR\x04mode\x12&\n" +
+	"\x0fmax_age_seconds\x18\x02 \x01(\x05R\rmaxAgeSeconds\"\xe6\x01\n" +
 	"\x0eUpstreamExtras\x12\x12\n" +
 	"\x04kind\x18\x01 \x01(\tR\x04kind\x12!\n" +
 	"\frequest_json\x18\x02 \x01(\tR\vrequestJson\x12\x16\n" +
@@ -4128,7 +4363,7 @@ const file_marie_providers_v1_provider_service_proto_rawDesc = "" +
 	"\x1bCreateChatCompletionRequest\x12C\n" +
 	"\x04chat\x18\x01 \x01(\v2/.marie.providers.v1.StreamChatCompletionRequestR\x04chat\"h\n" +
 	"\x1cCreateChatCompletionResponse\x12H\n" +
-	"\x06chunks\x18\x01 \x03(\v20.marie.providers.v1.StreamChatCompletionResponseR\x06chunks\"\xe4\x04\n" +
+	"\x06chunks\x18\x01 \x03(\v20.marie.providers.v1.StreamChatCompletionResponseR\x06chunks\"\x9b\x05\n" +
 	"\x1cStreamChatCompletionResponse\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x14\n" +
 	"\x05model\x18\x02 \x01(\tR\x05model\x12\x1a\n" +
@@ -4145,7 +4380,8 @@ const file_marie_providers_v1_provider_service_proto_rawDesc = "" +
 	"\treasoning\x18\v \x01(\v2\x1d.marie.providers.v1.ReasoningR\treasoning\x12.\n" +
 	"\x13upstream_block_json\x18\f \x01(\tR\x11upstreamBlockJson\x12%\n" +
 	"\x0ecitations_json\x18\r \x03(\tR\rcitationsJson\x12\x14\n" +
-	"\x05block\x18\x0e \x01(\x05R\x05block\"\x97\x01\n" +
+	"\x05block\x18\x0e \x01(\x05R\x05block\x125\n" +
+	"\x05cache\x18\x0f \x01(\x0e2\x1f.marie.providers.v1.CacheResultR\x05cache\"\x97\x01\n" +
 	"\fTokenLogprob\x12\x14\n" +
 	"\x05token\x18\x01 \x01(\tR\x05token\x12\x18\n" +
 	"\alogprob\x18\x02 \x01(\x01R\alogprob\x12\x14\n" +
@@ -4155,7 +4391,7 @@ const file_marie_providers_v1_provider_service_proto_rawDesc = "" +
 	"TopLogprob\x12\x14\n" +
 	"\x05token\x18\x01 \x01(\tR\x05token\x12\x18\n" +
 	"\alogprob\x18\x02 \x01(\x01R\alogprob\x12\x14\n" +
-	"\x05bytes\x18\x03 \x01(\fR\x05bytes\"\xd8\x01\n" +
+	"\x05bytes\x18\x03 \x01(\fR\x05bytes\"\x8f\x02\n" +
 	"\x17CreateEmbeddingsRequest\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\tR\x05model\x12\x1a\n" +
 	"\bprovider\x18\x02 \x01(\tR\bprovider\x12\x16\n" +
@@ -4164,18 +4400,20 @@ const file_marie_providers_v1_provider_service_proto_rawDesc = "" +
 	"dimensions\x18\x04 \x01(\x05R\n" +
 	"dimensions\x12\x12\n" +
 	"\x04user\x18\x05 \x01(\tR\x04user\x12?\n" +
-	"\ftoken_inputs\x18\x06 \x03(\v2\x1c.marie.providers.v1.TokenIdsR\vtokenInputs\"\x1c\n" +
+	"\ftoken_inputs\x18\x06 \x03(\v2\x1c.marie.providers.v1.TokenIdsR\vtokenInputs\x125\n" +
+	"\x05cache\x18\a \x01(\v2\x1f.marie.providers.v1.CachePolicyR\x05cache\"\x1c\n" +
 	"\bTokenIds\x12\x10\n" +
 	"\x03ids\x18\x01 \x03(\x03R\x03ids\"9\n" +
 	"\tEmbedding\x12\x14\n" +
 	"\x05index\x18\x01 \x01(\x05R\x05index\x12\x16\n" +
-	"\x06values\x18\x02 \x03(\x02R\x06values\"\xa0\x01\n" +
+	"\x06values\x18\x02 \x03(\x02R\x06values\"\xd7\x01\n" +
 	"\x18CreateEmbeddingsResponse\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\tR\x05model\x12=\n" +
 	"\n" +
 	"embeddings\x18\x02 \x03(\v2\x1d.marie.providers.v1.EmbeddingR\n" +
 	"embeddings\x12/\n" +
-	"\x05usage\x18\x03 \x01(\v2\x19.marie.providers.v1.UsageR\x05usage\"\xd8\x02\n" +
+	"\x05usage\x18\x03 \x01(\v2\x19.marie.providers.v1.UsageR\x05usage\x125\n" +
+	"\x05cache\x18\x04 \x01(\x0e2\x1f.marie.providers.v1.CacheResultR\x05cache\"\x8f\x03\n" +
 	"\x17StreamCompletionRequest\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\tR\x05model\x12\x1a\n" +
 	"\bprovider\x18\x02 \x01(\tR\bprovider\x12\x16\n" +
@@ -4187,8 +4425,9 @@ const file_marie_providers_v1_provider_service_proto_rawDesc = "" +
 	"\x04user\x18\b \x01(\tR\x04user\x12#\n" +
 	"\rcompletion_id\x18\t \x01(\tR\fcompletionId\x12\x1c\n" +
 	"\taggregate\x18\n" +
-	" \x01(\bR\taggregateB\v\n" +
-	"\t_logprobs\"\xc0\x02\n" +
+	" \x01(\bR\taggregate\x125\n" +
+	"\x05cache\x18\v \x01(\v2\x1f.marie.providers.v1.CachePolicyR\x05cacheB\v\n" +
+	"\t_logprobs\"\xf7\x02\n" +
 	"\x18StreamCompletionResponse\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x14\n" +
 	"\x05model\x18\x02 \x01(\tR\x05model\x12\x1a\n" +
@@ -4197,7 +4436,8 @@ const file_marie_providers_v1_provider_service_proto_rawDesc = "" +
 	"\x04text\x18\x05 \x01(\tR\x04text\x12E\n" +
 	"\rfinish_reason\x18\x06 \x01(\x0e2 .marie.providers.v1.FinishReasonR\ffinishReason\x12/\n" +
 	"\x05usage\x18\a \x01(\v2\x19.marie.providers.v1.UsageR\x05usage\x12<\n" +
-	"\blogprobs\x18\b \x03(\v2 .marie.providers.v1.TokenLogprobR\blogprobs*\x9a\x01\n" +
+	"\blogprobs\x18\b \x03(\v2 .marie.providers.v1.TokenLogprobR\blogprobs\x125\n" +
+	"\x05cache\x18\t \x01(\x0e2\x1f.marie.providers.v1.CacheResultR\x05cache*\x9a\x01\n" +
 	"\fHealthStatus\x12\x1d\n" +
 	"\x19HEALTH_STATUS_UNSPECIFIED\x10\x00\x12\x19\n" +
 	"\x15HEALTH_STATUS_HEALTHY\x10\x01\x12\x1b\n" +
@@ -4242,7 +4482,16 @@ const file_marie_providers_v1_provider_service_proto_rawDesc = "" +
 	" RESPONSE_FORMAT_TYPE_UNSPECIFIED\x10\x00\x12\x1d\n" +
 	"\x19RESPONSE_FORMAT_TYPE_TEXT\x10\x01\x12$\n" +
 	" RESPONSE_FORMAT_TYPE_JSON_OBJECT\x10\x02\x12$\n" +
-	" RESPONSE_FORMAT_TYPE_JSON_SCHEMA\x10\x03*\x9f\x01\n" +
+	" RESPONSE_FORMAT_TYPE_JSON_SCHEMA\x10\x03*j\n" +
+	"\tCacheMode\x12\x1a\n" +
+	"\x16CACHE_MODE_UNSPECIFIED\x10\x00\x12\x12\n" +
+	"\x0eCACHE_MODE_USE\x10\x01\x12\x16\n" +
+	"\x12CACHE_MODE_REFRESH\x10\x02\x12\x15\n" +
+	"\x11CACHE_MODE_BYPASS\x10\x03*X\n" +
+	"\vCacheResult\x12\x1c\n" +
+	"\x18CACHE_RESULT_UNSPECIFIED\x10\x00\x12\x14\n" +
+	"\x10CACHE_RESULT_HIT\x10\x01\x12\x15\n" +
+	"\x11CACHE_RESULT_MISS\x10\x02*\x9f\x01\n" +
 	"\fFinishReason\x12\x1d\n" +
 	"\x19FINISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n" +
 	"\x12FINISH_REASON_STOP\x10\x01\x12\x18\n" +
@@ -4274,8 +4523,8 @@ func file_marie_providers_v1_provider_service_proto_rawDescGZIP() []byte {
 	return file_marie_providers_v1_provider_service_proto_rawDescData
 }
 
-var file_marie_providers_v1_provider_service_proto_enumTypes = make([]protoimpl.EnumInfo, 9)
-var file_marie_providers_v1_provider_service_proto_msgTypes = make([]protoimpl.MessageInfo, 45)
+var file_marie_providers_v1_provider_service_proto_enumTypes = make([]protoimpl.EnumInfo, 11)
+var file_marie_providers_v1_provider_service_proto_msgTypes = make([]protoimpl.MessageInfo, 46)
 var file_marie_providers_v1_provider_service_proto_goTypes = []any{
 	(HealthStatus)(0),                    // 0: marie.providers.v1.HealthStatus
 	(CircuitState)(0),                    // 1: marie.providers.v1.CircuitState
@@ -4285,131 +4534,141 @@ var file_marie_providers_v1_provider_service_proto_goTypes = []any{
 	(Role)(0),                            // 5: marie.providers.v1.Role
 	(ToolChoiceMode)(0),                  // 6: marie.providers.v1.ToolChoiceMode
 	(ResponseFormatType)(0),              // 7: marie.providers.v1.ResponseFormatType
-	(FinishReason)(0),                    // 8: marie.providers.v1.FinishReason
-	(*Provider)(nil),                     // 9: marie.providers.v1.Provider
-	(*ListProvidersRequest)(nil),         // 10: marie.providers.v1.ListProvidersRequest
-	(*ListProvidersResponse)(nil),        // 11: marie.providers.v1.ListProvidersResponse
-	(*ProviderHealth)(nil),               // 12: marie.providers.v1.ProviderHealth
-	(*DeploymentHealth)(nil),             // 13: marie.providers.v1.DeploymentHealth
-	(*GetProviderHealthRequest)(nil),     // 14: marie.providers.v1.GetProviderHealthRequest
-	(*GetProviderHealthResponse)(nil),    // 15: marie.providers.v1.GetProviderHealthResponse
-	(*ModelInfo)(nil),                    // 16: marie.providers.v1.ModelInfo
-	(*RouteInfo)(nil),                    // 17: marie.providers.v1.RouteInfo
-	(*RouteTarget)(nil),                  // 18: marie.providers.v1.RouteTarget
-	(*ListModelsRequest)(nil),            // 19: marie.providers.v1.ListModelsRequest
-	(*ListModelsResponse)(nil),           // 20: marie.providers.v1.ListModelsResponse
-	(*ProviderError)(nil),                // 21: marie.providers.v1.ProviderError
-	(*GetModelRequest)(nil),              // 22: marie.providers.v1.GetModelRequest
-	(*GetModelResponse)(nil),             // 23: marie.providers.v1.GetModelResponse
-	(*SearchModelsRequest)(nil),          // 24: marie.providers.v1.SearchModelsRequest
-	(*SearchModelsResponse)(nil),         // 25: marie.providers.v1.SearchModelsResponse
-	(*ContentPart)(nil),                  // 26: marie.providers.v1.ContentPart
-	(*ImageUrl)(nil),                     // 27: marie.providers.v1.ImageUrl
-	(*ToolCall)(nil),                     // 28: marie.providers.v1.ToolCall
-	(*FunctionCall)(nil),                 // 29: marie.providers.v1.FunctionCall
-	(*ChatMessage)(nil),                  // 30: marie.providers.v1.ChatMessage
-	(*Tool)(nil),                         // 31: marie.providers.v1.Tool
-	(*FunctionDefinition)(nil),           // 32: marie.providers.v1.FunctionDefinition
-	(*ToolChoice)(nil),                   // 33: marie.providers.v1.ToolChoice
-	(*ResponseFormat)(nil),               // 34: marie.providers.v1.ResponseFormat
-	(*SamplingParameters)(nil),           // 35: marie.providers.v1.SamplingParameters
-	(*StreamChatCompletionRequest)(nil),  // 36: marie.providers.v1.StreamChatCompletionRequest
-	(*UpstreamExtras)(nil),               // 37: marie.providers.v1.UpstreamExtras
-	(*Reasoning)(nil),                    // 38: marie.providers.v1.Reasoning
-	(*ToolCallDelta)(nil),                // 39: marie.providers.v1.ToolCallDelta
-	(*Usage)(nil),                        // 40: marie.providers.v1.Usage
-	(*CreateChatCompletionRequest)(nil),  // 41: marie.providers.v1.CreateChatCompletionRequest
-	(*CreateChatCompletionResponse)(nil), // 42: marie.providers.v1.CreateChatCompletionResponse
-	(*StreamChatCompletionResponse)(nil), // 43: marie.providers.v1.StreamChatCompletionResponse
-	(*TokenLogprob)(nil),                 // 44: marie.providers.v1.TokenLogprob
-	(*TopLogprob)(nil),                   // 45: marie.providers.v1.TopLogprob
-	(*CreateEmbeddingsRequest)(nil),      // 46: marie.providers.v1.CreateEmbeddingsRequest
-	(*TokenIds)(nil),                     // 47: marie.providers.v1.TokenIds
-	(*Embedding)(nil),                    // 48: marie.providers.v1.Embedding
-	(*CreateEmbeddingsResponse)(nil),     // 49: marie.providers.v1.CreateEmbeddingsResponse
-	(*StreamCompletionRequest)(nil),      // 50: marie.providers.v1.StreamCompletionRequest
-	(*StreamCompletionResponse)(nil),     // 51: marie.providers.v1.StreamCompletionResponse
-	nil,                                  // 52: marie.providers.v1.ModelInfo.MetadataEntry
-	nil,                                  // 53: marie.providers.v1.UpstreamExtras.HeadersEntry
-	(*timestamppb.Timestamp)(nil),        // 54: google.protobuf.Timestamp
-	(*structpb.Struct)(nil),              // 55: google.protobuf.Struct
+	(CacheMode)(0),                       // 8: marie.providers.v1.CacheMode
+	(CacheResult)(0),                     // 9: marie.providers.v1.CacheResult
+	(FinishReason)(0),                    // 10: marie.providers.v1.FinishReason
+	(*Provider)(nil),                     // 11: marie.providers.v1.Provider
+	(*ListProvidersRequest)(nil),         // 12: marie.providers.v1.ListProvidersRequest
+	(*ListProvidersResponse)(nil),        // 13: marie.providers.v1.ListProvidersResponse
+	(*ProviderHealth)(nil),               // 14: marie.providers.v1.ProviderHealth
+	(*DeploymentHealth)(nil),             // 15: marie.providers.v1.DeploymentHealth
+	(*GetProviderHealthRequest)(nil),     // 16: marie.providers.v1.GetProviderHealthRequest
+	(*GetProviderHealthResponse)(nil),    // 17: marie.providers.v1.GetProviderHealthResponse
+	(*ModelInfo)(nil),                    // 18: marie.providers.v1.ModelInfo
+	(*RouteInfo)(nil),                    // 19: marie.providers.v1.RouteInfo
+	(*RouteTarget)(nil),                  // 20: marie.providers.v1.RouteTarget
+	(*ListModelsRequest)(nil),            // 21: marie.providers.v1.ListModelsRequest
+	(*ListModelsResponse)(nil),           // 22: marie.providers.v1.ListModelsResponse
+	(*ProviderError)(nil),                // 23: marie.providers.v1.ProviderError
+	(*GetModelRequest)(nil),              // 24: marie.providers.v1.GetModelRequest
+	(*GetModelResponse)(nil),             // 25: marie.providers.v1.GetModelResponse
+	(*SearchModelsRequest)(nil),          // 26: marie.providers.v1.SearchModelsRequest
+	(*SearchModelsResponse)(nil),         // 27: marie.providers.v1.SearchModelsResponse
+	(*ContentPart)(nil),                  // 28: marie.providers.v1.ContentPart
+	(*ImageUrl)(nil),                     // 29: marie.providers.v1.ImageUrl
+	(*ToolCall)(nil),                     // 30: marie.providers.v1.ToolCall
+	(*FunctionCall)(nil),                 // 31: marie.providers.v1.FunctionCall
+	(*ChatMessage)(nil),                  // 32: marie.providers.v1.ChatMessage
+	(*Tool)(nil),                         // 33: marie.providers.v1.Tool
+	(*FunctionDefinition)(nil),           // 34: marie.providers.v1.FunctionDefinition
+	(*ToolChoice)(nil),                   // 35: marie.providers.v1.ToolChoice
+	(*ResponseFormat)(nil),               // 36: marie.providers.v1.ResponseFormat
+	(*SamplingParameters)(nil),           // 37: marie.providers.v1.SamplingParameters
+	(*StreamChatCompletionRequest)(nil),  // 38: marie.providers.v1.StreamChatCompletionRequest
+	(*CachePolicy)(nil),                  // 39: marie.providers.v1.CachePolicy
+	(*UpstreamExtras)(nil),               // 40: marie.providers.v1.UpstreamExtras
+	(*Reasoning)(nil),                    // 41: marie.providers.v1.Reasoning
+	(*ToolCallDelta)(nil),                // 42: marie.providers.v1.ToolCallDelta
+	(*Usage)(nil),                        // 43: marie.providers.v1.Usage
+	(*CreateChatCompletionRequest)(nil),  // 44: marie.providers.v1.CreateChatCompletionRequest
+	(*CreateChatCompletionResponse)(nil), // 45: marie.providers.v1.CreateChatCompletionResponse
+	(*StreamChatCompletionResponse)(nil), // 46: marie.providers.v1.StreamChatCompletionResponse
+	(*TokenLogprob)(nil),                 // 47: marie.providers.v1.TokenLogprob
+	(*TopLogprob)(nil),                   // 48: marie.providers.v1.TopLogprob
+	(*CreateEmbeddingsRequest)(nil),      // 49: marie.providers.v1.CreateEmbeddingsRequest
+	(*TokenIds)(nil),                     // 50: marie.providers.v1.TokenIds
+	(*Embedding)(nil),                    // 51: marie.providers.v1.Embedding
+	(*CreateEmbeddingsResponse)(nil),     // 52: marie.providers.v1.CreateEmbeddingsResponse
+	(*StreamCompletionRequest)(nil),      // 53: marie.providers.v1.StreamCompletionRequest
+	(*StreamCompletionResponse)(nil),     // 54: marie.providers.v1.StreamCompletionResponse
+	nil,                                  // 55: marie.providers.v1.ModelInfo.MetadataEntry
+	nil,                                  // 56: marie.providers.v1.UpstreamExtras.HeadersEntry
+	(*timestamppb.Timestamp)(nil),        // 57: google.protobuf.Timestamp
+	(*structpb.Struct)(nil),              // 58: google.protobuf.Struct
 }
 var file_marie_providers_v1_provider_service_proto_depIdxs = []int32{
-	9,  // 0: marie.providers.v1.ListProvidersResponse.providers:type_name -> marie.providers.v1.Provider
+	11, // 0: marie.providers.v1.ListProvidersResponse.providers:type_name -> marie.providers.v1.Provider
 	0,  // 1: marie.providers.v1.ProviderHealth.status:type_name -> marie.providers.v1.HealthStatus
-	54, // 2: marie.providers.v1.ProviderHealth.check_time:type_name -> google.protobuf.Timestamp
-	13, // 3: marie.providers.v1.ProviderHealth.deployments:type_name -> marie.providers.v1.DeploymentHealth
+	57, // 2: marie.providers.v1.ProviderHealth.check_time:type_name -> google.protobuf.Timestamp
+	15, // 3: marie.providers.v1.ProviderHealth.deployments:type_name -> marie.providers.v1.DeploymentHealth
 	1,  // 4: marie.providers.v1.DeploymentHealth.circuit:type_name -> marie.providers.v1.CircuitState
-	54, // 5: marie.providers.v1.DeploymentHealth.retry_time:type_name -> google.protobuf.Timestamp
+	57, // 5: marie.providers.v1.DeploymentHealth.retry_time:type_name -> google.protobuf.Timestamp
 	2,  // 6: marie.providers.v1.DeploymentHealth.operation:type_name -> marie.providers.v1.Operation
-	12, // 7: marie.providers.v1.GetProviderHealthResponse.providers:type_name -> marie.providers.v1.ProviderHealth
+	14, // 7: marie.providers.v1.GetProviderHealthResponse.providers:type_name -> marie.providers.v1.ProviderHealth
 	3,  // 8: marie.providers.v1.ModelInfo.capabilities:type_name -> marie.providers.v1.ModelCapability
-	52, // 9: marie.providers.v1.ModelInfo.metadata:type_name -> marie.providers.v1.ModelInfo.MetadataEntry
-	54, // 10: marie.providers.v1.ModelInfo.modified_time:type_name -> google.protobuf.Timestamp
-	17, // 11: marie.providers.v1.ModelInfo.route:type_name -> marie.providers.v1.RouteInfo
+	55, // 9: marie.providers.v1.ModelInfo.metadata:type_name -> marie.providers.v1.ModelInfo.MetadataEntry
+	57, // 10: marie.providers.v1.ModelInfo.modified_time:type_name -> google.protobuf.Timestamp
+	19, // 11: marie.providers.v1.ModelInfo.route:type_name -> marie.providers.v1.RouteInfo
 	4,  // 12: marie.providers.v1.RouteInfo.kind:type_name -> marie.providers.v1.RouteKind
-	18, // 13: marie.providers.v1.RouteInfo.targets:type_name -> marie.providers.v1.RouteTarget
+	20, // 13: marie.providers.v1.RouteInfo.targets:type_name -> marie.providers.v1.RouteTarget
 	3,  // 14: marie.providers.v1.ListModelsRequest.capability:type_name -> marie.providers.v1.ModelCapability
-	16, // 15: marie.providers.v1.ListModelsResponse.models:type_name -> marie.providers.v1.ModelInfo
-	21, // 16: marie.providers.v1.ListModelsResponse.provider_errors:type_name -> marie.providers.v1.ProviderError
-	16, // 17: marie.providers.v1.GetModelResponse.model:type_name -> marie.providers.v1.ModelInfo
-	16, // 18: marie.providers.v1.SearchModelsResponse.models:type_name -> marie.providers.v1.ModelInfo
-	27, // 19: marie.providers.v1.ContentPart.image_url:type_name -> marie.providers.v1.ImageUrl
-	29, // 20: marie.providers.v1.ToolCall.function:type_name -> marie.providers.v1.FunctionCall
+	18, // 15: marie.providers.v1.ListModelsResponse.models:type_name -> marie.providers.v1.ModelInfo
+	23, // 16: marie.providers.v1.ListModelsResponse.provider_errors:type_name -> marie.providers.v1.ProviderError
+	18, // 17: marie.providers.v1.GetModelResponse.model:type_name -> marie.providers.v1.ModelInfo
+	18, // 18: marie.providers.v1.SearchModelsResponse.models:type_name -> marie.providers.v1.ModelInfo
+	29, // 19: marie.providers.v1.ContentPart.image_url:type_name -> marie.providers.v1.ImageUrl
+	31, // 20: marie.providers.v1.ToolCall.function:type_name -> marie.providers.v1.FunctionCall
 	5,  // 21: marie.providers.v1.ChatMessage.role:type_name -> marie.providers.v1.Role
-	26, // 22: marie.providers.v1.ChatMessage.parts:type_name -> marie.providers.v1.ContentPart
-	28, // 23: marie.providers.v1.ChatMessage.tool_calls:type_name -> marie.providers.v1.ToolCall
-	32, // 24: marie.providers.v1.Tool.function:type_name -> marie.providers.v1.FunctionDefinition
-	55, // 25: marie.providers.v1.FunctionDefinition.parameters:type_name -> google.protobuf.Struct
+	28, // 22: marie.providers.v1.ChatMessage.parts:type_name -> marie.providers.v1.ContentPart
+	30, // 23: marie.providers.v1.ChatMessage.tool_calls:type_name -> marie.providers.v1.ToolCall
+	34, // 24: marie.providers.v1.Tool.function:type_name -> marie.providers.v1.FunctionDefinition
+	58, // 25: marie.providers.v1.FunctionDefinition.parameters:type_name -> google.protobuf.Struct
 	6,  // 26: marie.providers.v1.ToolChoice.mode:type_name -> marie.providers.v1.ToolChoiceMode
 	7,  // 27: marie.providers.v1.ResponseFormat.type:type_name -> marie.providers.v1.ResponseFormatType
-	55, // 28: marie.providers.v1.ResponseFormat.json_schema:type_name -> google.protobuf.Struct
-	30, // 29: marie.providers.v1.StreamChatCompletionRequest.messages:type_name -> marie.providers.v1.ChatMessage
-	35, // 30: marie.providers.v1.StreamChatCompletionRequest.sampling:type_name -> marie.providers.v1.SamplingParameters
-	34, // 31: marie.providers.v1.StreamChatCompletionRequest.response_format:type_name -> marie.providers.v1.ResponseFormat
-	31, // 32: marie.providers.v1.StreamChatCompletionRequest.tools:type_name -> marie.providers.v1.Tool
-	33, // 33: marie.providers.v1.StreamChatCompletionRequest.tool_choice:type_name -> marie.providers.v1.ToolChoice
-	37, // 34: marie.providers.v1.StreamChatCompletionRequest.upstream_extras:type_name -> marie.providers.v1.UpstreamExtras
-	53, // 35: marie.providers.v1.UpstreamExtras.headers:type_name -> marie.providers.v1.UpstreamExtras.HeadersEntry
-	36, // 36: marie.providers.v1.CreateChatCompletionRequest.chat:type_name -> marie.providers.v1.StreamChatCompletionRequest
-	43, // 37: marie.providers.v1.CreateChatCompletionResponse.chunks:type_name -> marie.providers.v1.StreamChatCompletionResponse
-	5,  // 38: marie.providers.v1.StreamChatCompletionResponse.role:type_name -> marie.providers.v1.Role
-	39, // 39: marie.providers.v1.StreamChatCompletionResponse.tool_calls:type_name -> marie.providers.v1.ToolCallDelta
-	8,  // 40: marie.providers.v1.StreamChatCompletionResponse.finish_reason:type_name -> marie.providers.v1.FinishReason
-	40, // 41: marie.providers.v1.StreamChatCompletionResponse.usage:type_name -> marie.providers.v1.Usage
-	44, // 42: marie.providers.v1.StreamChatCompletionResponse.logprobs:type_name -> marie.providers.v1.TokenLogprob
-	38, // 43: marie.providers.v1.StreamChatCompletionResponse.reasoning:type_name -> marie.providers.v1.Reasoning
-	45, // 44: marie.providers.v1.TokenLogprob.top_logprobs:type_name -> marie.providers.v1.TopLogprob
-	47, // 45: marie.providers.v1.CreateEmbeddingsRequest.token_inputs:type_name -> marie.providers.v1.TokenIds
-	48, // 46: marie.providers.v1.CreateEmbeddingsResponse.embeddings:type_name -> marie.providers.v1.Embedding
-	40, // 47: marie.providers.v1.CreateEmbeddingsResponse.usage:type_name -> marie.providers.v1.Usage
-	35, // 48: marie.providers.v1.StreamCompletionRequest.sampling:type_name -> marie.providers.v1.SamplingParameters
-	8,  // 49: marie.providers.v1.StreamCompletionResponse.finish_reason:type_name -> marie.providers.v1.FinishReason
-	40, // 50: marie.providers.v1.StreamCompletionResponse.usage:type_name -> marie.providers.v1.Usage
-	44, // 51: marie.providers.v1.StreamCompletionResponse.logprobs:type_name -> marie.providers.v1.TokenLogprob
-	10, // 52: marie.providers.v1.ProviderService.ListProviders:input_type -> marie.providers.v1.ListProvidersRequest
-	14, // 53: marie.providers.v1.ProviderService.GetProviderHealth:input_type -> marie.providers.v1.GetProviderHealthRequest
-	19, // 54: marie.providers.v1.ProviderService.ListModels:input_type -> marie.providers.v1.ListModelsRequest
-	22, // 55: marie.providers.v1.ProviderService.GetModel:input_type -> marie.providers.v1.GetModelRequest
-	24, // 56: marie.providers.v1.ProviderService.SearchModels:input_type -> marie.providers.v1.SearchModelsRequest
-	36, // 57: marie.providers.v1.ProviderService.StreamChatCompletion:input_type -> marie.providers.v1.StreamChatCompletionRequest
-	41, // 58: marie.providers.v1.ProviderService.CreateChatCompletion:input_type -> marie.providers.v1.CreateChatCompletionRequest
-	46, // 59: marie.providers.v1.ProviderService.CreateEmbeddings:input_type -> marie.providers.v1.CreateEmbeddingsRequest
-	50, // 60: marie.providers.v1.ProviderService.StreamCompletion:input_type -> marie.providers.v1.StreamCompletionRequest
-	11, // 61: marie.providers.v1.ProviderService.ListProviders:output_type -> marie.providers.v1.ListProvidersResponse
-	15, // 62: marie.providers.v1.ProviderService.GetProviderHealth:output_type -> marie.providers.v1.GetProviderHealthResponse
-	20, // 63: marie.providers.v1.ProviderService.ListModels:output_type -> marie.providers.v1.ListModelsResponse
-	23, // 64: marie.providers.v1.ProviderService.GetModel:output_type -> marie.providers.v1.GetModelResponse
-	25, // 65: marie.providers.v1.ProviderService.SearchModels:output_type -> marie.providers.v1.SearchModelsResponse
-	43, // 66: marie.providers.v1.ProviderService.StreamChatCompletion:output_type -> marie.providers.v1.StreamChatCompletionResponse
-	42, // 67: marie.providers.v1.ProviderService.CreateChatCompletion:output_type -> marie.providers.v1.CreateChatCompletionResponse
-	49, // 68: marie.providers.v1.ProviderService.CreateEmbeddings:output_type -> marie.providers.v1.CreateEmbeddingsResponse
-	51, // 69: marie.providers.v1.ProviderService.StreamCompletion:output_type -> marie.providers.v1.StreamCompletionResponse
-	61, // [61:70] is the sub-list for method output_type
-	52, // [52:61] is the sub-list for method input_type
-	52, // [52:52] is the sub-list for extension type_name
-	52, // [52:52] is the sub-list for extension extendee
-	0,  // [0:52] is the sub-list for field type_name
+	58, // 28: marie.providers.v1.ResponseFormat.json_schema:type_name -> google.protobuf.Struct
+	32, // 29: marie.providers.v1.StreamChatCompletionRequest.messages:type_name -> marie.providers.v1.ChatMessage
+	37, // 30: marie.providers.v1.StreamChatCompletionRequest.sampling:type_name -> marie.providers.v1.SamplingParameters
+	36, // 31: marie.providers.v1.StreamChatCompletionRequest.response_format:type_name -> marie.providers.v1.ResponseFormat
+	33, // 32: marie.providers.v1.StreamChatCompletionRequest.tools:type_name -> marie.providers.v1.Tool
+	35, // 33: marie.providers.v1.StreamChatCompletionRequest.tool_choice:type_name -> marie.providers.v1.ToolChoice
+	40, // 34: marie.providers.v1.StreamChatCompletionRequest.upstream_extras:type_name -> marie.providers.v1.UpstreamExtras
+	39, // 35: marie.providers.v1.StreamChatCompletionRequest.cache:type_name -> marie.providers.v1.CachePolicy
+	8,  // 36: marie.providers.v1.CachePolicy.mode:type_name -> marie.providers.v1.CacheMode
+	56, // 37: marie.providers.v1.UpstreamExtras.headers:type_name -> marie.providers.v1.UpstreamExtras.HeadersEntry
+	38, // 38: marie.providers.v1.CreateChatCompletionRequest.chat:type_name -> marie.providers.v1.StreamChatCompletionRequest
+	46, // 39: marie.providers.v1.CreateChatCompletionResponse.chunks:type_name -> marie.providers.v1.StreamChatCompletionResponse
+	5,  // 40: marie.providers.v1.StreamChatCompletionResponse.role:type_name -> marie.providers.v1.Role
+	42, // 41: marie.providers.v1.StreamChatCompletionResponse.tool_calls:type_name -> marie.providers.v1.ToolCallDelta
+	10, // 42: marie.providers.v1.StreamChatCompletionResponse.finish_reason:type_name -> marie.providers.v1.FinishReason
+	43, // 43: marie.providers.v1.StreamChatCompletionResponse.usage:type_name -> marie.providers.v1.Usage
+	47, // 44: marie.providers.v1.StreamChatCompletionResponse.logprobs:type_name -> marie.providers.v1.TokenLogprob
+	41, // 45: marie.providers.v1.StreamChatCompletionResponse.reasoning:type_name -> marie.providers.v1.Reasoning
+	9,  // 46: marie.providers.v1.StreamChatCompletionResponse.cache:type_name -> marie.providers.v1.CacheResult
+	48, // 47: marie.providers.v1.TokenLogprob.top_logprobs:type_name -> marie.providers.v1.TopLogprob
+	50, // 48: marie.providers.v1.CreateEmbeddingsRequest.token_inputs:type_name -> marie.providers.v1.TokenIds
+	39, // 49: marie.providers.v1.CreateEmbeddingsRequest.cache:type_name -> marie.providers.v1.CachePolicy
+	51, // 50: marie.providers.v1.CreateEmbeddingsResponse.embeddings:type_name -> marie.providers.v1.Embedding
+	43, // 51: marie.providers.v1.CreateEmbeddingsResponse.usage:type_name -> marie.providers.v1.Usage
+	9,  // 52: marie.providers.v1.CreateEmbeddingsResponse.cache:type_name -> marie.providers.v1.CacheResult
+	37, // 53: marie.providers.v1.StreamCompletionRequest.sampling:type_name -> marie.providers.v1.SamplingParameters
+	39, // 54: marie.providers.v1.StreamCompletionRequest.cache:type_name -> marie.providers.v1.CachePolicy
+	10, // 55: marie.providers.v1.StreamCompletionResponse.finish_reason:type_name -> marie.providers.v1.FinishReason
+	43, // 56: marie.providers.v1.StreamCompletionResponse.usage:type_name -> marie.providers.v1.Usage
+	47, // 57: marie.providers.v1.StreamCompletionResponse.logprobs:type_name -> marie.providers.v1.TokenLogprob
+	9,  // 58: marie.providers.v1.StreamCompletionResponse.cache:type_name -> marie.providers.v1.CacheResult
+	12, // 59: marie.providers.v1.ProviderService.ListProviders:input_type -> marie.providers.v1.ListProvidersRequest
+	16, // 60: marie.providers.v1.ProviderService.GetProviderHealth:input_type -> marie.providers.v1.GetProviderHealthRequest
+	21, // 61: marie.providers.v1.ProviderService.ListModels:input_type -> marie.providers.v1.ListModelsRequest
+	24, // 62: marie.providers.v1.ProviderService.GetModel:input_type -> marie.providers.v1.GetModelRequest
+	26, // 63: marie.providers.v1.ProviderService.SearchModels:input_type -> marie.providers.v1.SearchModelsRequest
+	38, // 64: marie.providers.v1.ProviderService.StreamChatCompletion:input_type -> marie.providers.v1.StreamChatCompletionRequest
+	44, // 65: marie.providers.v1.ProviderService.CreateChatCompletion:input_type -> marie.providers.v1.CreateChatCompletionRequest
+	49, // 66: marie.providers.v1.ProviderService.CreateEmbeddings:input_type -> marie.providers.v1.CreateEmbeddingsRequest
+	53, // 67: marie.providers.v1.ProviderService.StreamCompletion:input_type -> marie.providers.v1.StreamCompletionRequest
+	13, // 68: marie.providers.v1.ProviderService.ListProviders:output_type -> marie.providers.v1.ListProvidersResponse
+	17, // 69: marie.providers.v1.ProviderService.GetProviderHealth:output_type -> marie.providers.v1.GetProviderHealthResponse
+	22, // 70: marie.providers.v1.ProviderService.ListModels:output_type -> marie.providers.v1.ListModelsResponse
+	25, // 71: marie.providers.v1.ProviderService.GetModel:output_type -> marie.providers.v1.GetModelResponse
+	27, // 72: marie.providers.v1.ProviderService.SearchModels:output_type -> marie.providers.v1.SearchModelsResponse
+	46, // 73: marie.providers.v1.ProviderService.StreamChatCompletion:output_type -> marie.providers.v1.StreamChatCompletionResponse
+	45, // 74: marie.providers.v1.ProviderService.CreateChatCompletion:output_type -> marie.providers.v1.CreateChatCompletionResponse
+	52, // 75: marie.providers.v1.ProviderService.CreateEmbeddings:output_type -> marie.providers.v1.CreateEmbeddingsResponse
+	54, // 76: marie.providers.v1.ProviderService.StreamCompletion:output_type -> marie.providers.v1.StreamCompletionResponse
+	68, // [68:77] is the sub-list for method output_type
+	59, // [59:68] is the sub-list for method input_type
+	59, // [59:59] is the sub-list for extension type_name
+	59, // [59:59] is the sub-list for extension extendee
+	0,  // [0:59] is the sub-list for field type_name
 }
 
 func init() { file_marie_providers_v1_provider_service_proto_init() }
@@ -4422,14 +4681,14 @@ func file_marie_providers_v1_provider_service_proto_init() {
 		(*ContentPart_ImageUrl)(nil),
 	}
 	file_marie_providers_v1_provider_service_proto_msgTypes[26].OneofWrappers = []any{}
-	file_marie_providers_v1_provider_service_proto_msgTypes[41].OneofWrappers = []any{}
+	file_marie_providers_v1_provider_service_proto_msgTypes[42].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_marie_providers_v1_provider_service_proto_rawDesc), len(file_marie_providers_v1_provider_service_proto_rawDesc)),
-			NumEnums:      9,
-			NumMessages:   45,
+			NumEnums:      11,
+			NumMessages:   46,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
