@@ -5,6 +5,7 @@ for whom, and what is never stored."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -364,3 +365,31 @@ async def test_chat_by_default_caches_only_temperature_zero(
         pb.CACHE_RESULT_UNSPECIFIED,
         pb.CACHE_RESULT_UNSPECIFIED,
     ]
+
+
+async def test_a_store_that_does_not_answer_is_a_miss_within_the_lookup_timeout(
+    settings: ProvidersSettings, fake: FakeOllama
+) -> None:
+    # An OpenSearch address where a listener accepts and never answers.
+    server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    silent = settings.model_copy(
+        update={
+            "cache_store": "opensearch",
+            "opensearch_url": f"http://127.0.0.1:{port}",
+            "cache_lookup_timeout_seconds": 0.3,
+        }
+    )
+    try:
+        async with running_service(silent) as service:
+            fake.reset()
+            errors = lookups("chat", "error")
+            started = time.monotonic()
+            chunks = await stream(service, chat(LLAMA, cache=USE))
+            took = time.monotonic() - started
+    finally:
+        server.close()
+    assert chunks[0].cache == pb.CACHE_RESULT_MISS
+    assert text(chunks)
+    assert took < 2.0
+    assert lookups("chat", "error") == errors + 1

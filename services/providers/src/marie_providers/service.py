@@ -431,6 +431,7 @@ async def open_cache(settings: ProvidersSettings) -> ResponseCache | None:
             ttl_seconds=settings.cache_ttl_seconds,
             max_entry_bytes=settings.cache_max_entry_bytes,
             chat_by_default=settings.cache_chat_by_default,
+            lookup_timeout_seconds=settings.cache_lookup_timeout_seconds,
         ),
     )
 

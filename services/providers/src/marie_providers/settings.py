@@ -100,6 +100,12 @@ class ProvidersSettings(AuthClientSettings):
         gt=0,
         description="Largest answer stored (serialized); larger ones are not cached.",
     )
+    cache_lookup_timeout_seconds: float = Field(
+        default=0.5,
+        gt=0,
+        description="Longest a cache lookup may take; a slower one (a store down or"
+        " overloaded) is a miss, so the cache never delays an answer by more.",
+    )
     cache_chat_by_default: bool = Field(
         default=False,
         description="Cache chat and text completions the caller did not ask about too, when"

@@ -22,6 +22,8 @@ from marie_providers.cache.store import Entry
 log = logging.getLogger("marie.providers.cache")
 
 SWEEP_SECONDS = 60.0
+#: Longest a write or sweep request may take (lookups are bounded by the caller).
+WRITE_TIMEOUT_SECONDS = 10
 #: Entries one eviction round reads, oldest first.
 EVICT_PAGE = 1000
 #: A sweep over the size limit frees a tenth of it more, so it is not at once over again.
@@ -49,27 +51,28 @@ class OpenSearchCacheStore:
         self._index = index
         self._max_bytes = max_bytes
         self._swept = 0.0
+        self._created = False
 
     @classmethod
     async def open(cls, url: str, *, prefix: str, max_bytes: int) -> OpenSearchCacheStore:
-        client = AsyncOpenSearch(hosts=opensearch_hosts(url), timeout=30)
-        index = f"{prefix}_providers_cache"
+        """The store; it asks nothing of the cluster yet (a cache never keeps
+        the service from starting): the index is made by the first write."""
+        client = AsyncOpenSearch(hosts=opensearch_hosts(url), timeout=WRITE_TIMEOUT_SECONDS)
+        return cls(client, f"{prefix}_providers_cache", max_bytes)
+
+    async def _create(self) -> None:
+        if await self._client.indices.exists(index=self._index):
+            return
         try:
-            if not await client.indices.exists(index=index):
-                try:
-                    await client.indices.create(index=index, body={"mappings": MAPPINGS})
-                except RequestError as exc:  # another replica made it meanwhile
-                    if "already_exists" not in str(exc.error):
-                        raise
-        except BaseException:
-            await client.close()
-            raise
-        return cls(client, index, max_bytes)
+            await self._client.indices.create(index=self._index, body={"mappings": MAPPINGS})
+        except RequestError as exc:  # another replica made it meanwhile
+            if "already_exists" not in str(exc.error):
+                raise
 
     async def get(self, key: str, tenant: str, now: float) -> Entry | None:
         try:
             found = await self._client.get(index=self._index, id=key)
-        except NotFoundError:
+        except NotFoundError:  # no such entry, or no index yet
             return None
         s = found["_source"]
         if s["tenant"] != tenant or s["expires"] <= now:
@@ -79,6 +82,9 @@ class OpenSearchCacheStore:
         )
 
     async def put(self, entry: Entry) -> None:
+        if not self._created:
+            await self._create()
+            self._created = True
         await self._client.index(
             index=self._index,
             id=entry.key,

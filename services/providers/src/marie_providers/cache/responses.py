@@ -33,7 +33,8 @@ LOOKUPS = Counter(
     "marie_providers_cache_lookups",
     "Response cache lookups by operation (chat, completions, embeddings) and"
     " result: 'hit' (answered from the cache, no upstream call) or 'miss'"
-    " (nothing fresh stored, or the call asked to revalidate).",
+    " (nothing fresh stored, or the call asked to revalidate); a lookup that failed"
+    " or timed out is counted 'error' as well as 'miss'.",
     ["operation", "result"],
 )
 _lookups = Children(LOOKUPS)
@@ -59,6 +60,9 @@ class Settings:
     ttl_seconds: float
     max_entry_bytes: int
     chat_by_default: bool
+    #: A lookup that takes longer is a miss: a slow or unreachable store
+    #: never holds an answer back by more than this.
+    lookup_timeout_seconds: float
 
 
 class ResponseCache:
@@ -94,8 +98,10 @@ class ResponseCache:
         if use.lookup:
             now = time.time()
             try:
-                entry = await self._store.get(key, tenant, now)
+                async with asyncio.timeout(self.settings.lookup_timeout_seconds):
+                    entry = await self._store.get(key, tenant, now)
             except Exception as exc:
+                _lookups(operation, "error").inc()
                 log.warning("response cache lookup failed", extra={"error": repr(exc)})
                 entry = None
             if entry is not None and now - entry.stored <= use.max_age:
