@@ -5,6 +5,7 @@ for whom, and what is never stored."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 
@@ -393,3 +394,20 @@ async def test_a_store_that_does_not_answer_is_a_miss_within_the_lookup_timeout(
     assert text(chunks)
     assert took < 2.0
     assert lookups("chat", "error") == errors + 1
+
+
+async def test_an_unreadable_entry_is_a_miss(
+    service: Service, fake: FakeOllama, settings: ProvidersSettings
+) -> None:
+    await stream(service, chat(LLAMA, cache=USE))
+    await stored(service)
+    db = sqlite3.connect(settings.cache_path)
+    with db:
+        db.execute("UPDATE cache_entries SET body = x'ffffffff'")
+    db.close()
+
+    after = await stream(service, chat(LLAMA, cache=USE))
+
+    assert after[0].cache == pb.CACHE_RESULT_MISS
+    assert text(after)
+    assert len(fake.chat_requests) == 2

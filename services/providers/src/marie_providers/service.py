@@ -248,7 +248,8 @@ class ProviderServicer(pb_grpc.ProviderServiceServicer):
         echo = request.prompt if request.echo else ""
         async for chunk in self._relay(request, context, new_text_completion_id, cache.COMPLETIONS):
             out = text_chunk(chunk, echo)
-            out.cache = chunk.cache
+            if chunk.cache:
+                out.cache = chunk.cache
             yield out
             echo = ""
 
@@ -284,10 +285,15 @@ class ProviderServicer(pb_grpc.ProviderServiceServicer):
                     cached = Cached(core.cache, operation, key, tenant, use)
                     async with within_deadline(context):
                         body = await cached.lookup()
-                    if body is not None:
-                        for chunk in cache.replay_chat(
+                    replay = (
+                        cache.replay_chat(
                             body, completion_id, int(time.time()), aggregate=request.aggregate
-                        ):
+                        )
+                        if body is not None
+                        else None
+                    )
+                    if replay:
+                        for chunk in replay:
                             yield chunk
                         return
             # The stream itself is bounded by gRPC: a passed deadline or a client
@@ -355,10 +361,9 @@ class ProviderServicer(pb_grpc.ProviderServiceServicer):
                         )
                         cached = Cached(core.cache, cache.EMBEDDINGS, key, tenant, use)
                         body = await cached.lookup()
-                        if body is not None:
-                            reply = pb.CreateEmbeddingsResponse.FromString(body)
-                            reply.cache = pb.CACHE_RESULT_HIT
-                            return reply
+                        hit = cache.replay_embeddings(body) if body is not None else None
+                        if hit is not None:
+                            return hit
                 reply = await router.embed(
                     plan,
                     request,

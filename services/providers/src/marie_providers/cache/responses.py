@@ -16,9 +16,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 
+from google.protobuf.message import DecodeError
 from marie.providers.v1 import provider_service_pb2 as pb
 from marie_kit.metrics import Children
 from prometheus_client import Counter
@@ -137,10 +138,15 @@ class ResponseCache:
 
 def replay_chat(
     body: bytes, completion_id: str, created: int, *, aggregate: bool
-) -> Iterator[pb.StreamChatCompletionResponse]:
+) -> list[pb.StreamChatCompletionResponse]:
     """A stored chat answer as chunks of a new completion (merged when the
-    caller wants only the whole reply), every one marked HIT."""
-    stored = pb.CreateChatCompletionResponse.FromString(body).chunks
+    caller wants only the whole reply), every one marked HIT; empty for an
+    entry that cannot be read (a miss, then)."""
+    try:
+        stored = pb.CreateChatCompletionResponse.FromString(body).chunks
+    except DecodeError:
+        log.warning("response cache entry unreadable: treated as a miss")
+        return []
     out: Iterable[pb.StreamChatCompletionResponse] = stored
     if aggregate:
         merger = ChunkMerger()
@@ -148,11 +154,23 @@ def replay_chat(
         if (last := merger.flush()) is not None:
             merged.append(last)
         out = merged
-    for chunk in out:
+    replay = list(out)
+    for chunk in replay:
         chunk.id = completion_id
         chunk.created = created
         chunk.cache = pb.CACHE_RESULT_HIT
-        yield chunk
+    return replay
+
+
+def replay_embeddings(body: bytes) -> pb.CreateEmbeddingsResponse | None:
+    """A stored embeddings answer marked HIT; None for one that cannot be read."""
+    try:
+        reply = pb.CreateEmbeddingsResponse.FromString(body)
+    except DecodeError:
+        log.warning("response cache entry unreadable: treated as a miss")
+        return None
+    reply.cache = pb.CACHE_RESULT_HIT
+    return reply
 
 
 def complete(chunks: Iterable[pb.StreamChatCompletionResponse]) -> bool:
