@@ -40,6 +40,7 @@ class Use:
 
 
 BYPASS = Use(lookup=False, store=False, max_age=0.0)
+_MODES = frozenset(pb.CacheMode.values())
 
 
 def tenant_of(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
@@ -56,7 +57,7 @@ def tenant_of(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
 
 def check_policy(policy: pb.CachePolicy) -> None:
     """INVALID_ARGUMENT for a policy no caller could mean."""
-    if policy.mode not in pb.CacheMode.values():
+    if policy.mode not in _MODES:
         raise bad_request("cache.mode", f"unknown cache mode {policy.mode}")
     if policy.max_age_seconds < 0:
         raise bad_request("cache.max_age_seconds", "cache.max_age_seconds must not be negative")
