@@ -503,7 +503,8 @@ async def test_a_key_allowed_fewer_targets_of_an_alias_never_gets_the_others_cac
     # One owner, two keys: the first may use both targets and is answered
     # by a/m; the second may use b/m only, so a/m's answer is not its to see.
     routing = RoutingConfig(retries=0, first_token_timeout_seconds=1, breaker_failures=50)
-    settings = SETTINGS.model_copy(update={"data_dir": tmp_path})
+    # (model_copy runs no validator: the cache path is given, not derived.)
+    settings = SETTINGS.model_copy(update={"cache_path": tmp_path / "cache.sqlite3"})
     cached = pb.CachePolicy(mode=pb.CACHE_MODE_USE)
     owner = (("x-marie-key-id", "key-1"), ("x-marie-owner", "team-a"))
     narrow = (
