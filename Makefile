@@ -112,6 +112,7 @@ fmt: bootstrap
 
 bench: bootstrap
 	$(PY) bench/run.py
+	$(PY) bench/cache.py
 	$(PY) bench/real_server.py
 	$(PY) bench/memory_search.py
 	$(PY) bench/memory_writes.py

@@ -405,3 +405,36 @@ def test_http_and_grpc_draw_on_the_same_requests_per_minute(edge: Edge) -> None:
     refilled = (time.monotonic() - started) * rpm / 60
     assert rpm - 2 <= http_ok + grpc_ok <= rpm + 2 + refilled
     assert http_ok and grpc_ok and http_refused and grpc_refused
+
+
+def test_grpc_clients_through_envoy_share_the_response_cache_per_owner(edge: Edge) -> None:
+    key, key_id = edge.key("grpc-cache")
+    other, _ = edge.key("grpc-cache-other")
+    asked = pb.StreamChatCompletionRequest(
+        model=MODEL,
+        messages=[pb.ChatMessage(role=pb.ROLE_USER, content="cache me over grpc")],
+        cache=pb.CachePolicy(mode=pb.CACHE_MODE_USE),
+    )
+
+    def chat(plaintext: str) -> list[pb.StreamChatCompletionResponse]:
+        chunks = list(
+            edge.providers.StreamChatCompletion(
+                asked, metadata=(("authorization", f"Bearer {plaintext}"),), timeout=30
+            )
+        )
+        time.sleep(0.3)  # the answer is stored just after it is sent
+        return chunks
+
+    first, second, theirs = chat(key), chat(key), chat(other)
+
+    assert (first[0].cache, second[0].cache, theirs[0].cache) == (
+        pb.CACHE_RESULT_MISS,
+        pb.CACHE_RESULT_HIT,
+        pb.CACHE_RESULT_MISS,
+    )
+    assert "".join(c.content for c in second) == "".join(c.content for c in first)
+    rows = edge.records_when(key_id, 2)
+    assert [(r["cached"], r["prompt_tokens"], r["completion_tokens"]) for r in rows] == [
+        (0, 10, 20),
+        (1, 0, 0),
+    ]

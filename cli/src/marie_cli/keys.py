@@ -92,6 +92,7 @@ def _totals_dict(t: pb.UsageTotals) -> dict[str, Any]:
         "errors": t.errors,
         "latency_p50_ms": round(t.latency_p50_ms, 3),
         "latency_p95_ms": round(t.latency_p95_ms, 3),
+        "cached_requests": t.cached_requests,
     }
 
 

@@ -3,13 +3,16 @@ totals grouped by day, model and key, percentiles, and bad input."""
 
 from __future__ import annotations
 
+import sqlite3
+from pathlib import Path
+
 import grpc
 from auth_testkit import AuthStub, StartAuth, rpc_error
 from google.protobuf.timestamp_pb2 import Timestamp
 from marie.auth.v1 import auth_service_pb2 as pb
 from marie.auth.v1 import auth_service_pb2_grpc as pb_grpc
 from marie_auth.settings import AuthSettings
-from marie_auth.usage import percentile
+from marie_auth.usage import SqliteUsageStore, UsageLedger, UsageRecord, percentile
 from marie_kit.channels import insecure_channel
 
 # 2026-12-01 00:00:00 UTC
@@ -150,3 +153,71 @@ def test_percentile_nearest_rank() -> None:
     assert percentile(values, 50) == 10.0
     assert percentile(values, 95) == 19.0
     assert percentile(values, 100) == 20.0
+
+
+async def test_cached_answers_are_counted_apart_in_totals_and_groups(stub: AuthStub) -> None:
+    records = [
+        record("c1"),
+        record("c2", cached=True, prompt_tokens=0, completion_tokens=0),
+        record("c3", cached=True, prompt_tokens=0, completion_tokens=0, time=ts(DAY2 + 60)),
+    ]
+    await stub.RecordUsage(pb.RecordUsageRequest(records=records))
+
+    total = (await stub.QueryUsage(query())).total
+    by_day = await stub.QueryUsage(query(group_by=pb.USAGE_GROUP_BY_DAY))
+
+    assert (total.requests, total.cached_requests, total.prompt_tokens) == (3, 2, 10)
+    assert [(g.group, g.requests, g.cached_requests) for g in by_day.groups] == [
+        ("2026-12-01", 2, 1),
+        ("2026-12-02", 1, 1),
+    ]
+
+
+async def test_a_ledger_from_before_the_cached_column_is_migrated(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite3"
+    old = sqlite3.connect(path)
+    old.executescript(OLD_USAGE_SCHEMA)
+    old.execute(
+        "INSERT INTO usage_records VALUES ('old1', 'key_a', 'team-a', 'ollama', 'm', 'chat',"
+        f" 3, 4, 10.0, 200, {DAY1 + 10})"
+    )
+    old.commit()
+    old.close()
+
+    store = await SqliteUsageStore.open(path)
+    try:
+        ledger = UsageLedger(store)
+        await ledger.record(
+            [
+                UsageRecord(
+                    "new1",
+                    "key_a",
+                    "team-a",
+                    "ollama",
+                    "m",
+                    "chat",
+                    0,
+                    0,
+                    1.0,
+                    200,
+                    DAY1 + 20,
+                    cached=True,
+                )
+            ]
+        )
+        report = await ledger.query(DAY1, DAY2)
+    finally:
+        await store.close()
+    assert (report.total.requests, report.total.cached_requests) == (2, 1)
+    assert report.total.prompt_tokens == 3
+
+
+#: The ledger's table as it was before `cached`.
+OLD_USAGE_SCHEMA = """
+CREATE TABLE usage_records (
+    id TEXT PRIMARY KEY, key_id TEXT NOT NULL, owner TEXT NOT NULL, provider TEXT NOT NULL,
+    model TEXT NOT NULL, operation TEXT NOT NULL, prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL, latency_ms REAL NOT NULL, status INTEGER NOT NULL,
+    time REAL NOT NULL
+) WITHOUT ROWID;
+"""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -46,9 +47,10 @@ def fake(ollama_server: FakeOllama) -> FakeOllama:
 
 
 @pytest.fixture
-def settings(fake: FakeOllama) -> ProvidersSettings:
+def settings(fake: FakeOllama, tmp_path: Path) -> ProvidersSettings:
     # Explicit values win over whatever MARIE_* variables the environment holds.
     return ProvidersSettings(
+        data_dir=tmp_path,
         ollama_base_url=fake.base_url,
         ollama_enabled=True,
         port=0,

@@ -7,6 +7,7 @@ import asyncio
 import socket
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -318,6 +319,43 @@ async def test_embedding_input_type_is_passed_upstream_when_configured(
     [sent] = oai.requests_to("/v1/embeddings")
     assert sent.body.get("input_type") == sent_type
     assert sent.body["input"] == ["a b"]
+
+
+async def test_cached_vectors_of_other_prefixes_are_not_served(
+    oai: FakeOpenAI, tmp_path: Path
+) -> None:
+    """The response cache keys embeddings on how the provider applies
+    input_type: after a change of prefixes the same request is a miss (and
+    the upstream is asked), never the old configuration's vectors."""
+    settings = settings_for_tests().model_copy(
+        update={"data_dir": tmp_path, "cache_path": tmp_path / "cache.sqlite3"}
+    )
+    caller = (("x-marie-key-id", "key-1"), ("x-marie-owner", "team-a"))
+    request = pb.CreateEmbeddingsRequest(
+        model="oai/embedder", inputs=["a b"], input_type=pb.EMBEDDING_INPUT_TYPE_QUERY
+    )
+    results = []
+    for prefix in ("query: ", "query: ", "search_query: "):
+        entry = ProviderConfig.model_validate(
+            {
+                "type": "openai",
+                "base_url": f"{oai.base_url}/v1",
+                "api_key_env": KEY_ENV,
+                "embedding_prefixes": {"query": prefix, "document": "passage: "},
+            }
+        )
+        async with running_service(settings, config=one_provider("oai", entry)) as service:
+            reply = await service.stub.CreateEmbeddings(request, metadata=caller)
+            results.append((reply.cache, reply.input_handling.startswith("prefixes:")))
+            await asyncio.sleep(0.2)  # the background store of a miss
+
+    assert results == [
+        (pb.CACHE_RESULT_MISS, True),
+        (pb.CACHE_RESULT_HIT, True),
+        (pb.CACHE_RESULT_MISS, True),
+    ]
+    sent = [r.body["input"] for r in oai.requests_to("/v1/embeddings")]
+    assert sent[-1] == ["search_query: a b"]
 
 
 async def test_embedding_prefixes_are_put_before_the_texts(oai: FakeOpenAI) -> None:

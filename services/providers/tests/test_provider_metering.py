@@ -253,3 +253,23 @@ async def test_with_auth_unreachable_the_shared_limits_are_counted_here(
         assert await chat_outcome(running, metadata) is None
         error = await chat_outcome(running, metadata)
         assert error is not None and error.metadata["limit"] == "requests"
+
+
+async def test_a_cache_hit_is_recorded_as_cached_with_no_tokens(metered: Metered) -> None:
+    # 30 tokens a call against 40 a minute: the hit, which spends none, is
+    # admitted after the first, and a third call from the cache too.
+    metadata = marked("rpm=0,tpm=40,tpd=0,concurrent=0")
+    cached = chat(MODEL, cache=pb.CachePolicy(mode=pb.CACHE_MODE_USE))
+    for _ in range(3):
+        chunks, error = await stream_outcome(
+            metered.providers.stub.StreamChatCompletion(cached, metadata=metadata, timeout=10)
+        )
+        assert error is None
+        await asyncio.sleep(0.2)  # the answer is stored in the background
+    assert chunks[-1].cache == pb.CACHE_RESULT_HIT
+    # The replayed answer shows the original call's usage.
+    assert chunks[-1].usage.prompt_tokens == 10
+    await metered.stop_providers()
+    total = (await metered.ledger("key-1")).total
+    assert (total.requests, total.cached_requests) == (3, 2)
+    assert (total.prompt_tokens, total.completion_tokens) == (10, 20)

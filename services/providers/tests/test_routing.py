@@ -9,6 +9,7 @@ import itertools
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -494,3 +495,33 @@ async def test_spellings_of_one_ollama_model_share_one_breaker(fake: FakeOllama)
 
     assert first is not None and first.reason == "UPSTREAM_ERROR"
     assert second is not None and second.reason == "CIRCUIT_OPEN"
+
+
+async def test_a_key_allowed_fewer_targets_of_an_alias_never_gets_the_others_cached_answer(
+    upstreams: tuple[FakeOpenAI, FakeOpenAI], tmp_path: Path
+) -> None:
+    # One owner, two keys: the first may use both targets and is answered
+    # by a/m; the second may use b/m only, so a/m's answer is not its to see.
+    routing = RoutingConfig(retries=0, first_token_timeout_seconds=1, breaker_failures=50)
+    # (model_copy runs no validator: the cache path is given, not derived.)
+    settings = SETTINGS.model_copy(update={"cache_path": tmp_path / "cache.sqlite3"})
+    cached = pb.CachePolicy(mode=pb.CACHE_MODE_USE)
+    owner = (("x-marie-key-id", "key-1"), ("x-marie-owner", "team-a"))
+    narrow = (
+        ("x-marie-key-id", "key-2"),
+        ("x-marie-owner", "team-a"),
+        ("x-marie-allowed-models", "b/m"),
+    )
+    async with running_service(settings, config=config(upstreams, routing)) as service:
+        wide, _ = await stream_outcome(
+            service.stub.StreamChatCompletion(chat("fast", cache=cached), metadata=owner)
+        )
+        await asyncio.sleep(0.2)
+        again, _ = await stream_outcome(
+            service.stub.StreamChatCompletion(chat("fast", cache=cached), metadata=owner)
+        )
+        only_b, _ = await stream_outcome(
+            service.stub.StreamChatCompletion(chat("fast", cache=cached), metadata=narrow)
+        )
+    assert (text(wide), again[0].cache) == ("answer from primary", pb.CACHE_RESULT_HIT)
+    assert (text(only_b), only_b[0].cache) == ("answer from backup", pb.CACHE_RESULT_MISS)

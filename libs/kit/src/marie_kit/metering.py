@@ -101,6 +101,9 @@ class Report:
     completion_tokens: int = 0
     #: Whether the message carries the call's token counts.
     has_usage: bool = False
+    #: Whether the answer came from the response cache: its token counts are
+    #: the original call's, charged to nobody (the ledger row says cached).
+    cached: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +183,7 @@ class _Call:
     gets it with the code the call ended with (however it ended)."""
 
     __slots__ = (
+        "cached",
         "completion",
         "grant",
         "marker",
@@ -208,6 +212,7 @@ class _Call:
         self.started = perf_counter()
         self.provider, self.model = metered.requested(request)
         self.prompt = self.completion = 0
+        self.cached = False
 
     def __enter__(self) -> _Call:
         return self
@@ -298,7 +303,9 @@ class MeteringInterceptor(grpc.aio.ServerInterceptor):
         report = call.metered.read(response)
         if report.model:
             call.provider, call.model = report.provider, report.model
-        if report.has_usage:
+        if report.cached:
+            call.cached = True
+        elif report.has_usage:
             call.prompt += report.prompt_tokens
             call.completion += report.completion_tokens
             if self._limiter is not None:
@@ -324,6 +331,7 @@ class MeteringInterceptor(grpc.aio.ServerInterceptor):
                     latency_ms=(perf_counter() - call.started) * 1000,
                     status=HTTP_STATUS.get(code, 500),
                     time=timestamp(call.time),
+                    cached=call.cached,
                 )
             ]
         )

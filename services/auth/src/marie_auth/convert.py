@@ -139,6 +139,7 @@ def usage_record_from_proto(record: pb.UsageRecord) -> UsageRecord:
         latency_ms=record.latency_ms,
         status=record.status,
         time=unix_seconds(record.time) if record.HasField("time") else 0.0,
+        cached=record.cached,
     )
 
 
@@ -151,6 +152,7 @@ def totals_to_proto(totals: Totals) -> pb.UsageTotals:
         errors=totals.errors,
         latency_p50_ms=totals.latency_p50_ms,
         latency_p95_ms=totals.latency_p95_ms,
+        cached_requests=totals.cached_requests,
     )
 
 

@@ -88,6 +88,7 @@ MAPPINGS: dict[str, dict[str, Any]] = {
         "latency_ms": _DOUBLE,
         "status": {"type": "integer"},
         "time": _DOUBLE,
+        "cached": {"type": "boolean"},
     },
     "key_counters": {"slots": _DISABLED},
 }
@@ -473,6 +474,7 @@ def usage_query(start: float, end: float, key_id: str, owner: str) -> dict[str, 
             "completion_tokens",
             "status",
             "latency_ms",
+            "cached",
         ],
     }
 
@@ -485,7 +487,17 @@ class OpenSearchUsageStore:
 
     @classmethod
     async def open(cls, url: str, *, prefix: str = "marie") -> OpenSearchUsageStore:
-        return cls(await _open(url, prefix, "usage"))
+        indices = await _open(url, prefix, "usage")
+        try:
+            # Migration: an index made before `cached` gets its mapping (adding
+            # a field to a mapping is allowed and idempotent).
+            await indices.client.indices.put_mapping(
+                index=indices.index("usage"), body={"properties": {"cached": {"type": "boolean"}}}
+            )
+        except BaseException:
+            await indices.close()
+            raise
+        return cls(indices)
 
     async def insert(self, records: Sequence[UsageRecord]) -> int:
         """One bulk request of `create`s: ids already stored conflict and are not
@@ -506,9 +518,9 @@ class OpenSearchUsageStore:
 
     async def select(
         self, start: float, end: float, key_id: str, owner: str, group_by: GroupBy
-    ) -> list[tuple[str, int, int, int, float]]:
+    ) -> list[tuple[str, int, int, int, float, bool]]:
         body = usage_query(start, end, key_id, owner)
-        rows: list[tuple[str, int, int, int, float]] = []
+        rows: list[tuple[str, int, int, int, float, bool]] = []
         while True:
             hits = await self._ix.search("usage", body)
             for hit in hits:
@@ -526,6 +538,8 @@ class OpenSearchUsageStore:
                         int(s["completion_tokens"]),
                         int(s["status"]),
                         float(s["latency_ms"]),
+                        # Records stored before the field have none: not cached.
+                        bool(s.get("cached", False)),
                     )
                 )
             if len(hits) < MAX_RESULTS:

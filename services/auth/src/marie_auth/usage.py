@@ -48,10 +48,20 @@ CREATE INDEX IF NOT EXISTS usage_owner_time ON usage_records (owner, time);
 """
 _INSERT = (
     "INSERT OR IGNORE INTO usage_records (id, key_id, owner, provider, model, operation, "
-    "prompt_tokens, completion_tokens, latency_ms, status, time) VALUES "
+    "prompt_tokens, completion_tokens, latency_ms, status, time, cached) VALUES "
     "(:id, :key_id, :owner, :provider, :model, :operation, :prompt_tokens, "
-    ":completion_tokens, :latency_ms, :status, :time)"
+    ":completion_tokens, :latency_ms, :status, :time, :cached)"
 )
+
+
+def add_cached_column(db: sqlite3.Connection) -> None:
+    """Migration: the `cached` column (answers from the response cache), added
+    to a ledger made before it; 0 in the rows already there."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(usage_records)")}
+    if "cached" not in columns:
+        db.execute("ALTER TABLE usage_records ADD COLUMN cached INTEGER NOT NULL DEFAULT 0")
+
+
 # The group expression is chosen from this table, never from input.
 _GROUP_SQL = {
     "": "''",
@@ -85,6 +95,8 @@ class UsageRecord:
     latency_ms: float
     status: int
     time: float
+    #: Answered from the response cache (no upstream call; no tokens).
+    cached: bool = False
 
 
 @dataclass
@@ -96,6 +108,7 @@ class Totals:
     errors: int = 0
     latency_p50_ms: float = 0.0
     latency_p95_ms: float = 0.0
+    cached_requests: int = 0
 
 
 @dataclass
@@ -146,7 +159,13 @@ class SqliteUsageStore:
         connection, executor = await open_on_thread(
             path, _SCHEMA, thread_name="marie-auth-usage", max_bytes=max_bytes
         )
-        return cls(connection, executor)
+        store = cls(connection, executor)
+        try:
+            await store._run(add_cached_column, connection)
+        except BaseException:
+            await store.close()
+            raise
+        return store
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         if self._closed:
@@ -166,7 +185,7 @@ class SqliteUsageStore:
 
     def _select(
         self, start: float, end: float, key_id: str, owner: str, group_by: GroupBy
-    ) -> list[tuple[str, int, int, int, float]]:
+    ) -> list[tuple[str, int, int, int, float, bool]]:
         clauses = ["time >= :start", "time < :end"]
         params: dict[str, Any] = {"start": start, "end": end}
         if key_id:
@@ -179,13 +198,13 @@ class SqliteUsageStore:
         # _GROUP_SQL, the clauses are literals; values are bound parameters.
         sql = (
             f"SELECT {_GROUP_SQL[group_by.value]} AS grp, prompt_tokens, completion_tokens, "  # noqa: S608
-            f"status, latency_ms FROM usage_records WHERE {' AND '.join(clauses)}"
+            f"status, latency_ms, cached FROM usage_records WHERE {' AND '.join(clauses)}"
         )
-        return [tuple(row) for row in self._db.execute(sql, params)]
+        return [(*row[:5], bool(row[5])) for row in self._db.execute(sql, params)]
 
     async def select(
         self, start: float, end: float, key_id: str, owner: str, group_by: GroupBy
-    ) -> list[tuple[str, int, int, int, float]]:
+    ) -> list[tuple[str, int, int, int, float, bool]]:
         return await self._run(self._select, start, end, key_id, owner, group_by)
 
     async def close(self) -> None:
@@ -196,7 +215,7 @@ class SqliteUsageStore:
         self._executor.shutdown(wait=False)
 
 
-def _totals(group: str, rows: list[tuple[str, int, int, int, float]]) -> Totals:
+def _totals(group: str, rows: list[tuple[str, int, int, int, float, bool]]) -> Totals:
     latencies = sorted(row[4] for row in rows)
     return Totals(
         group=group,
@@ -206,6 +225,7 @@ def _totals(group: str, rows: list[tuple[str, int, int, int, float]]) -> Totals:
         errors=sum(1 for row in rows if row[3] >= 400),
         latency_p50_ms=percentile(latencies, 50),
         latency_p95_ms=percentile(latencies, 95),
+        cached_requests=sum(1 for row in rows if row[5]),
     )
 
 
@@ -217,8 +237,9 @@ class UsageStore(Protocol):
 
     async def select(
         self, start: float, end: float, key_id: str, owner: str, group_by: GroupBy
-    ) -> list[tuple[str, int, int, int, float]]:
-        """(group, prompt tokens, completion tokens, status, latency) of each selected record."""
+    ) -> list[tuple[str, int, int, int, float, bool]]:
+        """(group, prompt tokens, completion tokens, status, latency, cached) of each
+        selected record."""
 
     async def close(self) -> None: ...
 
@@ -256,7 +277,7 @@ class UsageLedger:
         rows = await self._store.select(start, end, key_id, owner, group_by)
         report = UsageReport(_totals("", rows))
         if group_by is not GroupBy.NONE:
-            by_group: dict[str, list[tuple[str, int, int, int, float]]] = {}
+            by_group: dict[str, list[tuple[str, int, int, int, float, bool]]] = {}
             for row in rows:
                 by_group.setdefault(str(row[0]), []).append(row)
             report.groups = [_totals(g, by_group[g]) for g in sorted(by_group)]

@@ -30,6 +30,9 @@ def _requested(request: Any) -> tuple[str, str]:
 def _chunk(
     chunk: pb.StreamChatCompletionResponse | pb.StreamCompletionResponse,
 ) -> Report:
+    if chunk.cache == pb.CACHE_RESULT_HIT:
+        # Replayed: no upstream call, no tokens spent.
+        return Report(chunk.provider, chunk.model, cached=True)
     if chunk.HasField("usage"):
         return Report(
             chunk.provider,
@@ -46,6 +49,8 @@ def _whole_chat(response: pb.CreateChatCompletionResponse) -> Report:
     if not response.chunks:
         return Report("", "")
     first = response.chunks[0]
+    if first.cache == pb.CACHE_RESULT_HIT:
+        return Report(first.provider, first.model, cached=True)
     prompt = completion = 0
     has_usage = False
     for chunk in response.chunks:
@@ -57,6 +62,8 @@ def _whole_chat(response: pb.CreateChatCompletionResponse) -> Report:
 
 
 def _embeddings(response: pb.CreateEmbeddingsResponse) -> Report:
+    if response.cache == pb.CACHE_RESULT_HIT:
+        return Report(_provider_of(response.model), response.model, cached=True)
     return Report(
         _provider_of(response.model),
         response.model,

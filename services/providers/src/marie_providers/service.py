@@ -24,6 +24,11 @@ from marie_kit.memory import LargeRequests
 from marie_kit.metering import MeteringBackends, MeteringInterceptor
 
 from marie_providers import kinds
+from marie_providers.cache import responses as cache
+from marie_providers.cache.keys import Use, cache_key, check_policy
+from marie_providers.cache.opensearch_store import OpenSearchCacheStore
+from marie_providers.cache.responses import ResponseCache
+from marie_providers.cache.sqlite_store import SQLiteCacheStore
 from marie_providers.config import MarieConfig, config_from_environment, load_config_file
 from marie_providers.errors import DOMAIN, as_asked, bad_request, model_not_found
 from marie_providers.metering import METERED
@@ -132,6 +137,8 @@ class Core:
     registry: ModelRegistry
     router: Router
     health: HealthMonitor
+    #: None when the cache is off.
+    cache: ResponseCache | None = None
 
 
 class ProviderServicer(pb_grpc.ProviderServiceServicer):
@@ -215,7 +222,8 @@ class ProviderServicer(pb_grpc.ProviderServiceServicer):
         self, request: pb.StreamChatCompletionRequest, context: Context
     ) -> AsyncIterator[pb.StreamChatCompletionResponse]:
         check_chat_request(request)
-        async for chunk in self._relay(request, context, new_completion_id):
+        check_policy(request.cache)
+        async for chunk in self._relay(request, context, new_completion_id, cache.CHAT):
             yield chunk
 
     async def CreateChatCompletion(
@@ -225,9 +233,10 @@ class ProviderServicer(pb_grpc.ProviderServiceServicer):
             raise bad_request("chat", "chat is required")
         chat = request.chat
         check_chat_request(chat)
+        check_policy(chat.cache)
         chat.aggregate = True
         reply = pb.CreateChatCompletionResponse()
-        async for chunk in self._relay(chat, context, new_completion_id):
+        async for chunk in self._relay(chat, context, new_completion_id, cache.CHAT):
             reply.chunks.append(chunk)
         return reply
 
@@ -235,9 +244,13 @@ class ProviderServicer(pb_grpc.ProviderServiceServicer):
         self, request: pb.StreamCompletionRequest, context: Context
     ) -> AsyncIterator[pb.StreamCompletionResponse]:
         check_completion_request(request)
+        check_policy(request.cache)
         echo = request.prompt if request.echo else ""
-        async for chunk in self._relay(request, context, new_text_completion_id):
-            yield text_chunk(chunk, echo)
+        async for chunk in self._relay(request, context, new_text_completion_id, cache.COMPLETIONS):
+            out = text_chunk(chunk, echo)
+            if chunk.cache:
+                out.cache = chunk.cache
+            yield out
             echo = ""
 
     async def _relay(
@@ -245,10 +258,13 @@ class ProviderServicer(pb_grpc.ProviderServiceServicer):
         request: pb.StreamChatCompletionRequest | pb.StreamCompletionRequest,
         context: Context,
         new_id: Callable[[], str],
+        operation: str,
     ) -> AsyncIterator[pb.StreamChatCompletionResponse]:
         """Plan the request's route, open its stream there and pass the chunks on
-        (merged where the caller wants only the whole reply)."""
-        router = self._core().router
+        (merged where the caller wants only the whole reply); answer from the
+        response cache, or store the answer there, as the call's policy says."""
+        core = self._core()
+        router = core.router
         # A large request leaves a large heap behind: trimmed after the last one.
         large = self._large.started(request.ByteSize())
         direct = True
@@ -260,13 +276,33 @@ class ProviderServicer(pb_grpc.ProviderServiceServicer):
                 )
             # An alias or split names its targets in its errors: they are what is missing.
             direct = plan.kind == pb.ROUTE_KIND_UNSPECIFIED
+            completion_id = request.completion_id or new_id()
+            cached: Cached | None = None
+            if core.cache is not None:
+                use, tenant = core.cache.use(operation, request, context.invocation_metadata())
+                if use.store:
+                    key = cache_key(tenant, operation, [d.id for d in plan.deployments], request)
+                    cached = Cached(core.cache, operation, key, tenant, use)
+                    async with within_deadline(context):
+                        body = await cached.lookup()
+                    replay = (
+                        cache.replay_chat(
+                            body, completion_id, int(time.time()), aggregate=request.aggregate
+                        )
+                        if body is not None
+                        else None
+                    )
+                    if replay:
+                        for chunk in replay:
+                            yield chunk
+                        return
             # The stream itself is bounded by gRPC: a passed deadline or a client
             # going away cancels this handler, and aclosing then closes the
             # router's stream, which closes the upstream request.
             chunks = router.stream(
                 plan,
                 request,
-                request.completion_id or new_id(),
+                completion_id,
                 int(time.time()),
                 deadline=_deadline(context),
                 background=is_background(context.invocation_metadata()),
@@ -274,16 +310,26 @@ class ProviderServicer(pb_grpc.ProviderServiceServicer):
             async with aclosing(chunks):
                 if not request.aggregate:
                     async for chunk in chunks:
+                        if cached is not None:
+                            cached.sent(chunk)
                         yield chunk
-                    return
-                # The caller wants the whole reply: one message where one will do
-                # (every chunk is a gRPC message to send and to read).
-                merger = ChunkMerger()
-                async for chunk in chunks:
-                    if (ready := merger.add(chunk)) is not None:
-                        yield ready
-                if (last := merger.flush()) is not None:
-                    yield last
+                else:
+                    # The caller wants the whole reply: one message where one will do
+                    # (every chunk is a gRPC message to send and to read).
+                    merger = ChunkMerger()
+                    async for chunk in chunks:
+                        if (ready := merger.add(chunk)) is not None:
+                            if cached is not None:
+                                cached.sent(ready)
+                            yield ready
+                    if (last := merger.flush()) is not None:
+                        if cached is not None:
+                            cached.sent(last)
+                        yield last
+            if cached is not None:
+                # Reached only when the whole answer went out: an error, a
+                # passed deadline or a caller that left stored nothing.
+                cached.store()
         except ServiceError as exc:
             raise (as_asked(exc, request.model, request.provider) if direct else exc) from None
         finally:
@@ -294,7 +340,9 @@ class ProviderServicer(pb_grpc.ProviderServiceServicer):
         self, request: pb.CreateEmbeddingsRequest, context: Context
     ) -> pb.CreateEmbeddingsResponse:
         check_embeddings_request(request)
-        router = self._core().router
+        check_policy(request.cache)
+        core = self._core()
+        router = core.router
         direct = True
         try:
             async with within_deadline(context):
@@ -302,14 +350,98 @@ class ProviderServicer(pb_grpc.ProviderServiceServicer):
                     request.model, request.provider, request.user, _access(context)
                 )
                 direct = plan.kind == pb.ROUTE_KIND_UNSPECIFIED
-                return await router.embed(
+                cached: Cached | None = None
+                if core.cache is not None:
+                    use, tenant = core.cache.use(
+                        cache.EMBEDDINGS, request, context.invocation_metadata()
+                    )
+                    if use.store:
+                        # With how each applies input_type: vectors of another
+                        # configuration of the same model are other vectors.
+                        targets = [
+                            f"{d.id}#{d.provider.embedding_handling}" for d in plan.deployments
+                        ]
+                        key = cache_key(tenant, cache.EMBEDDINGS, targets, request)
+                        cached = Cached(core.cache, cache.EMBEDDINGS, key, tenant, use)
+                        body = await cached.lookup()
+                        hit = cache.replay_embeddings(body) if body is not None else None
+                        if hit is not None:
+                            return hit
+                reply = await router.embed(
                     plan,
                     request,
                     deadline=_deadline(context),
                     background=is_background(context.invocation_metadata()),
                 )
+                if cached is not None:
+                    cached.store_embeddings(reply)
+                    reply.cache = pb.CACHE_RESULT_MISS
+                return reply
         except ServiceError as exc:
             raise (as_asked(exc, request.model, request.provider) if direct else exc) from None
+
+
+class Cached:
+    """One call's part in the response cache: its key, the lookup, the chunks
+    of a miss as they go out, and their store once the answer is whole."""
+
+    __slots__ = ("_cache", "_chunks", "_key", "_operation", "_tenant", "_use")
+
+    def __init__(
+        self, response_cache: ResponseCache, operation: str, key: str, tenant: str, use: Use
+    ) -> None:
+        self._cache = response_cache
+        self._operation = operation
+        self._key = key
+        self._tenant = tenant
+        self._use = use
+        self._chunks: list[pb.StreamChatCompletionResponse] = []
+
+    async def lookup(self) -> bytes | None:
+        return await self._cache.lookup(self._operation, self._key, self._tenant, self._use)
+
+    def sent(self, chunk: pb.StreamChatCompletionResponse) -> None:
+        """Keep a chunk as it goes out (the first is marked MISS); a chunk
+        is never changed once sent."""
+        if not self._chunks:
+            chunk.cache = pb.CACHE_RESULT_MISS
+        self._chunks.append(chunk)
+
+    def store(self) -> None:
+        """Store the answer sent, when it is whole (it says why it finished)."""
+        kept = self._chunks
+        if not cache.complete(kept):
+            return
+        body = pb.CreateChatCompletionResponse(chunks=kept)
+        body.chunks[0].ClearField("cache")
+        self._cache.store_later(self._operation, self._key, self._tenant, body.SerializeToString())
+
+    def store_embeddings(self, reply: pb.CreateEmbeddingsResponse) -> None:
+        self._cache.store_later(self._operation, self._key, self._tenant, reply.SerializeToString())
+
+
+async def open_cache(settings: ProvidersSettings) -> ResponseCache | None:
+    """The response cache the settings describe; None when it is off."""
+    store: SQLiteCacheStore | OpenSearchCacheStore
+    if settings.cache_store == "off":
+        return None
+    if settings.cache_store == "opensearch":
+        store = await OpenSearchCacheStore.open(
+            settings.opensearch_url,
+            prefix=settings.opensearch_index_prefix,
+            max_bytes=settings.cache_max_bytes,
+        )
+    else:
+        store = await SQLiteCacheStore.open(settings.cache_path, max_bytes=settings.cache_max_bytes)
+    return ResponseCache(
+        store,
+        cache.Settings(
+            ttl_seconds=settings.cache_ttl_seconds,
+            max_entry_bytes=settings.cache_max_entry_bytes,
+            chat_by_default=settings.cache_chat_by_default,
+            lookup_timeout_seconds=settings.cache_lookup_timeout_seconds,
+        ),
+    )
 
 
 class ProvidersComponent:
@@ -374,7 +506,13 @@ class ProvidersComponent:
             raise
         monitor = HealthMonitor(registry, router, interval=config.routing.health_interval_seconds)
         await monitor.start(self.settings.health_timeout_seconds + FIRST_HEALTH_SLACK_SECONDS)
-        self.servicer.core = Core(registry, router, monitor)
+        try:
+            response_cache = await open_cache(self.settings)
+        except BaseException:
+            await monitor.aclose()
+            await registry.aclose()
+            raise
+        self.servicer.core = Core(registry, router, monitor, response_cache)
         metering = self._metering = MeteringBackends.start(self.settings)
         self.metering.start(metering.limiter, metering.usage.submit)
         log.info(
@@ -397,6 +535,8 @@ class ProvidersComponent:
             core.router.close()
             await core.health.aclose()
             await core.registry.aclose()
+            if core.cache is not None:
+                await core.cache.close()
         metering, self._metering = self._metering, None
         self.metering.stop()
         if metering is not None:

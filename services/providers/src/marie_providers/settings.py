@@ -4,14 +4,19 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal, Self
 
 import httpx
-from marie_kit.settings import AuthClientSettings
-from pydantic import AliasChoices, Field, field_validator
+from marie_kit.settings import DEFAULT_DATA_DIR, AuthClientSettings
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 DEFAULT_PORT = 50051
 DEFAULT_OLLAMA_BASE_URL = "http://localhost:11434"
+CACHE_FILE_NAME = "providers_cache.sqlite3"
+DEFAULT_CACHE_TTL_SECONDS = 3600.0
+DEFAULT_CACHE_MAX_BYTES = 512 * 1024 * 1024
+DEFAULT_CACHE_MAX_ENTRY_BYTES = 4 * 1024 * 1024
 
 
 class ProvidersSettings(AuthClientSettings):
@@ -58,6 +63,61 @@ class ProvidersSettings(AuthClientSettings):
     health_timeout_seconds: float = Field(
         default=2.0, gt=0, description="Time allowed for one provider health probe."
     )
+
+    cache_store: Literal["sqlite", "opensearch", "off"] = Field(
+        default="sqlite",
+        description="Where the response cache keeps answers: the embedded SQLite file"
+        " (cache_path), OpenSearch (OPENSEARCH_URL; shared by every replica), or off"
+        " (no call is answered from or stored in a cache).",
+    )
+    cache_path: Path = Field(
+        default=Path(DEFAULT_DATA_DIR) / CACHE_FILE_NAME,
+        description=f"The cache's SQLite file; defaults to <MARIE_DATA_DIR>/{CACHE_FILE_NAME}.",
+    )
+    opensearch_url: str = Field(
+        default="http://localhost:9200",
+        validation_alias=AliasChoices("OPENSEARCH_URL", "opensearch_url"),
+        description="The OpenSearch cluster of the opensearch cache store.",
+    )
+    opensearch_index_prefix: str = Field(
+        default="marie",
+        pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$",
+        description="Prefix of the cache's index name (<prefix>_providers_cache).",
+    )
+    cache_ttl_seconds: float = Field(
+        default=DEFAULT_CACHE_TTL_SECONDS,
+        gt=0,
+        description="How long a stored answer may be replayed; a caller's max-age can only"
+        " shorten it.",
+    )
+    cache_max_bytes: int = Field(
+        default=DEFAULT_CACHE_MAX_BYTES,
+        gt=0,
+        description="Total size of the stored answers; past it the oldest are evicted.",
+    )
+    cache_max_entry_bytes: int = Field(
+        default=DEFAULT_CACHE_MAX_ENTRY_BYTES,
+        gt=0,
+        description="Largest answer stored (serialized); larger ones are not cached.",
+    )
+    cache_lookup_timeout_seconds: float = Field(
+        default=0.5,
+        gt=0,
+        description="Longest a cache lookup may take; a slower one (a store down or"
+        " overloaded) is a miss, so the cache never delays an answer by more.",
+    )
+    cache_chat_by_default: bool = Field(
+        default=False,
+        description="Cache chat and text completions the caller did not ask about too, when"
+        " they sample at temperature 0 (never at a temperature above 0 unless asked).",
+    )
+
+    @model_validator(mode="after")
+    def _derive_cache_path(self) -> Self:
+        if "cache_path" not in self.model_fields_set:
+            # Frozen model: this is its own construction (as in the auth settings).
+            object.__setattr__(self, "cache_path", self.data_dir / CACHE_FILE_NAME)
+        return self
 
     @field_validator("ollama_base_url")
     @classmethod

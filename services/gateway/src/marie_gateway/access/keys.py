@@ -23,7 +23,7 @@ from marie.auth.v1 import auth_service_pb2 as auth_pb
 from marie.auth.v1 import auth_service_pb2_grpc as auth_grpc
 from marie_kit.apikeys import is_well_formed
 from marie_kit.context import outgoing_metadata
-from marie_kit.identity import ALLOWED_MODELS_HEADER, allowed_models_value
+from marie_kit.identity import ALLOWED_MODELS_HEADER, allowed_models_value, identity_metadata
 from marie_kit.limits import NO_LIMITS, Limits
 
 from marie_gateway.http.errors import from_rpc_error, invalid_api_key, permission_denied
@@ -63,11 +63,15 @@ class Principal:
     #: model before any upstream call (providers' routing/model_access.py); empty when
     #: unrestricted. Envoy's key check sends the same header.
     models_metadata: tuple[tuple[str, str], ...] = field(init=False, default=())
+    #: The key id and owner as metadata: whose entries of the providers'
+    #: response cache a model call may see (marie_providers.cache).
+    identity: tuple[tuple[str, str], ...] = field(init=False, default=())
 
     def __post_init__(self) -> None:
         if self.allowed_models:
             value = allowed_models_value(self.allowed_models)
             object.__setattr__(self, "models_metadata", ((ALLOWED_MODELS_HEADER, value),))
+        object.__setattr__(self, "identity", identity_metadata(self.key_id, self.owner))
 
     def require_scope(self, scope: str) -> None:
         if scope not in self.scopes and SCOPE_ADMIN not in self.scopes:
@@ -77,6 +81,11 @@ class Principal:
         """Metadata of a call made for this caller: the request id and, for a
         key limited to some models, those models."""
         return outgoing_metadata() + self.models_metadata
+
+    def model_call_metadata(self) -> tuple[tuple[str, str], ...]:
+        """`call_metadata` of a generation or embeddings call: with the caller's
+        identity, by which the providers' response cache keeps tenants apart."""
+        return outgoing_metadata() + self.models_metadata + self.identity
 
 
 def extract_key(authorization: str | None, x_api_key: str | None) -> str:

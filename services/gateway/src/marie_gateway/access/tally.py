@@ -32,6 +32,8 @@ class ModelUse:
     prompt_tokens: int
     completion_tokens: int
     failed: bool = False
+    #: Answered from the response cache: no upstream call, no tokens.
+    cached: bool = False
 
 
 @dataclass(slots=True)
@@ -59,6 +61,11 @@ class Tally:
         """Count what `model` used; charged to the key's token limits at once."""
         self.uses.append(ModelUse(model, prompt_tokens, completion_tokens))
         self.limiter.charge(self.grant, prompt_tokens + completion_tokens)
+
+    def add_cached(self, model: str) -> None:
+        """`model`'s answer came from the response cache: a ledger row marked
+        cached, with no tokens (none were spent), charged to no token limit."""
+        self.uses.append(ModelUse(model, 0, 0, cached=True))
 
     def add_failure(self, model: str) -> None:
         """`model` failed without reporting usage (one arm of a comparison)."""
@@ -99,6 +106,7 @@ class Tally:
                     latency_ms=latency_ms,
                     status=FAILED_STREAM_STATUS if failed else status,
                     time=at,
+                    cached=use.cached,
                 )
             )
         return out

@@ -35,6 +35,7 @@ from marie_gateway.anthropic.translate import (
     to_chat,
 )
 from marie_gateway.core import Gateway
+from marie_gateway.http import caching
 from marie_gateway.http.bodies import JSONResponse
 from marie_gateway.http.errors import ApiError, bad_request, from_rpc_error
 from marie_gateway.http.sse import EventStreamResponse, typed_event
@@ -117,6 +118,9 @@ class MessagesRoutes:
             raw=raw,
             beta=request.headers.get("anthropic-beta"),
         )
+        metadata = {"cache": body.metadata.cache} if body.metadata and body.metadata.cache else None
+        if (policy := caching.request_policy(request.headers, metadata)) is not None:
+            chat.cache.CopyFrom(policy)
         await enrich_chat(gw, principal, chat.user or None, chat)
         call = open_chat(gw, request, principal, chat, tally)
         async with call.answering():
@@ -129,6 +133,7 @@ class MessagesRoutes:
                     [
                         (b"x-request-id", call.request_id.encode()),
                         (REQUEST_ID_HEADER.encode(), call.request_id.encode()),
+                        *call.cache_headers(),
                     ],
                     on_close=call.close,
                     keep_alive_seconds=gw.settings.sse_keep_alive_seconds,
@@ -136,7 +141,9 @@ class MessagesRoutes:
             builder.add(first)
             async for chunk in call.chunks():
                 builder.add(chunk)
-            return JSONResponse(builder.message(), headers={REQUEST_ID_HEADER: call.request_id})
+            headers = {REQUEST_ID_HEADER: call.request_id}
+            headers.update((k.decode(), v.decode()) for k, v in call.cache_headers())
+            return JSONResponse(builder.message(), headers=headers)
 
     async def count_tokens(self, request: Request) -> Response:
         """The prompt's size: the upstream's own count of it (from a generation

@@ -28,6 +28,8 @@ from marie_gateway.openai.schemas import INT32_MAX, JsonObject, ModelId, Positiv
 TOOL_NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,128}$"
 #: Longest `metadata.user_id` Anthropic takes.
 MAX_USER_ID = 256
+#: Longest `metadata.cache` (Cache-Control directives).
+MAX_CACHE_VALUE = 512
 #: Stop sequences a request may carry (the providers contract's bound).
 MAX_STOP_SEQUENCES = 4
 
@@ -247,6 +249,12 @@ class Metadata(_Body):
         default=None,
         max_length=MAX_USER_ID,
         description="The end user: whose memories enrich the chat, when the key asks for it.",
+    )
+    cache: str | None = Field(
+        default=None,
+        max_length=MAX_CACHE_VALUE,
+        description="Marie's response cache: Cache-Control directives ('max-age=300',"
+        " 'no-cache', 'no-store') or 'true'/'false', as the Cache-Control request header.",
     )
 
 

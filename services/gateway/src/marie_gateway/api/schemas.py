@@ -194,6 +194,10 @@ class UsageTotals(_Out):
     )
     latency_p50_ms: float = Field(description="Median latency, admission to the end of the answer.")
     latency_p95_ms: float
+    cached_requests: int = Field(
+        description="Requests answered from the response cache (in `requests` too; no"
+        " upstream call, no tokens counted)."
+    )
 
 
 class UsageReport(_Out):

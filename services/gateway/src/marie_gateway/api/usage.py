@@ -86,6 +86,7 @@ def _totals(t: auth_pb.UsageTotals) -> UsageTotals:
         errors=t.errors,
         latency_p50_ms=round(t.latency_p50_ms, 3),
         latency_p95_ms=round(t.latency_p95_ms, 3),
+        cached_requests=t.cached_requests,
     )
 
 

@@ -14,6 +14,7 @@ from starlette.routing import BaseRoute, Route
 
 from marie_gateway.access.keys import SCOPE_CHAT
 from marie_gateway.core import Gateway
+from marie_gateway.http import caching
 from marie_gateway.http.bodies import parse_body
 from marie_gateway.http.sse import EventStreamResponse
 from marie_gateway.openai.enrichment import enrich_chat
@@ -54,6 +55,8 @@ class ChatRoutes:
         if body.logprobs:
             chat.logprobs = True
             chat.top_logprobs = body.top_logprobs or 0
+        if (policy := caching.request_policy(request.headers, body.metadata)) is not None:
+            chat.cache.CopyFrom(policy)
         await enrich_chat(gw, principal, body.user, chat)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         call = open_chat(gw, request, principal, chat, tally)

@@ -17,6 +17,7 @@ from starlette.routing import BaseRoute, Route
 
 from marie_gateway.access.keys import SCOPE_CHAT
 from marie_gateway.core import Gateway
+from marie_gateway.http import caching
 from marie_gateway.http.bodies import parse_body
 from marie_gateway.http.sse import EventStreamResponse
 from marie_gateway.openai.generation import GenerationCall, add_usage, relay
@@ -152,16 +153,25 @@ class CompletionRoutes:
         tally.requested = body.model
         completion_id = "cmpl-" + secrets.token_hex(12)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        policy = caching.request_policy(request.headers)
+        if body.n > 1:
+            # n samples of one prompt are n answers: a cache would make them one.
+            policy = pb.CachePolicy(mode=pb.CACHE_MODE_BYPASS)
         stub = gw.backends().providers
-        calls: list[TextCall] = [
-            stub.StreamCompletion(
-                completion_request_to_proto(body, prompt, completion_id, aggregate=not body.stream),
-                timeout=gw.settings.request_timeout_seconds,
-                metadata=principal.call_metadata(),
+        metadata = principal.model_call_metadata()
+        calls: list[TextCall] = []
+        for prompt in prompts:
+            proto = completion_request_to_proto(
+                body, prompt, completion_id, aggregate=not body.stream
             )
-            for prompt in prompts
-            for _ in range(body.n)
-        ]
+            if policy is not None:
+                proto.cache.CopyFrom(policy)
+            calls.extend(
+                stub.StreamCompletion(
+                    proto, timeout=gw.settings.request_timeout_seconds, metadata=metadata
+                )
+                for _ in range(body.n)
+            )
         chain = CallChain(calls)
         return await relay(
             GenerationCall(gw, request, chain, pb.StreamCompletionResponse, tally),

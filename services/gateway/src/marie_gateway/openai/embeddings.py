@@ -14,6 +14,7 @@ from starlette.routing import BaseRoute, Route
 
 from marie_gateway.access.keys import SCOPE_EMBEDDINGS
 from marie_gateway.core import Gateway
+from marie_gateway.http import caching
 from marie_gateway.http.bodies import JSONResponse, parse_body
 from marie_gateway.http.context import current_request_id
 from marie_gateway.http.errors import from_rpc_error
@@ -58,11 +59,13 @@ class EmbeddingRoutes:
                 embed.token_inputs.add(ids=ids)
         else:
             embed.inputs.extend(given)  # type: ignore[arg-type]  # texts, by elimination
+        if (policy := caching.request_policy(request.headers)) is not None:
+            embed.cache.CopyFrom(policy)
         try:
             reply = await gw.backends().providers.CreateEmbeddings(
                 embed,
                 timeout=gw.settings.request_timeout_seconds,
-                metadata=principal.call_metadata(),
+                metadata=principal.model_call_metadata(),
             )
         except grpc.aio.AioRpcError as exc:
             error = from_rpc_error(exc, current_request_id())
@@ -70,7 +73,10 @@ class EmbeddingRoutes:
                 # The client sent `input`; the contract's name for token ids means nothing to it.
                 error.param = "input"
             raise error from None
-        tally.add(reply.model, reply.usage.prompt_tokens, 0)
+        if reply.cache == pb.CACHE_RESULT_HIT:
+            tally.add_cached(reply.model)
+        else:
+            tally.add(reply.model, reply.usage.prompt_tokens, 0)
         as_base64 = body.encoding_format == "base64"
         data = [
             {
@@ -88,4 +94,8 @@ class EmbeddingRoutes:
             "prompt_tokens": reply.usage.prompt_tokens,
             "total_tokens": reply.usage.total_tokens,
         }
-        return JSONResponse({"object": "list", "data": data, "model": reply.model, "usage": usage})
+        header = caching.answer_header(reply.cache)
+        return JSONResponse(
+            {"object": "list", "data": data, "model": reply.model, "usage": usage},
+            headers={header[0].decode(): header[1].decode()} if header else None,
+        )

@@ -21,6 +21,7 @@ from starlette.responses import Response
 from marie_gateway.access.keys import Principal
 from marie_gateway.access.tally import Tally
 from marie_gateway.core import Cancellable, Gateway
+from marie_gateway.http import caching
 from marie_gateway.http.bodies import JSONResponse
 from marie_gateway.http.context import current_request_id
 from marie_gateway.http.errors import ApiError, client_closed, from_rpc_error, service_unavailable
@@ -42,6 +43,8 @@ class Chunk(Protocol):
     def created(self) -> int: ...
     @property
     def usage(self) -> pb.Usage: ...
+    @property
+    def cache(self) -> int: ...
     def HasField(self, field_name: Any) -> bool: ...
 
 
@@ -95,7 +98,13 @@ class GenerationCall(Generic[C]):
         # call (a model loading for 30 s generates for nobody otherwise).
         self._watch = DisconnectWatch(request.receive, self.call)
         self.model = ""
+        #: The answer's usage, as its chunks report it (a cache hit's is the
+        #: original call's); `spent`: what upstream calls of this request used.
         self.usage: pb.Usage | None = None
+        self.spent: pb.Usage | None = None
+        #: The first chunk's cache result; whether any chunk was replayed.
+        self.cache: int = pb.CACHE_RESULT_UNSPECIFIED
+        self.hit = False
         self._streaming = False
         self._closed = False
 
@@ -127,8 +136,14 @@ class GenerationCall(Generic[C]):
             raise ApiError(502, "The provider ended the stream without a reply.", "server_error")
         time_to_first_token(*provider_of(first.model)).observe(time.perf_counter() - self._started)
         self.model = first.model
+        self.cache = first.cache
         self._note(first)
         return first
+
+    def cache_headers(self) -> list[tuple[bytes, bytes]]:
+        """`x-marie-cache: hit|miss` when the response cache took part."""
+        header = caching.answer_header(self.cache)
+        return [header] if header else []
 
     def streaming(self) -> None:
         """The answer is an event stream from here on: it watches for the
@@ -158,9 +173,14 @@ class GenerationCall(Generic[C]):
             yield read
 
     def _note(self, chunk: C) -> None:
+        replayed = chunk.cache == pb.CACHE_RESULT_HIT
+        if replayed:
+            self.hit = True
         if chunk.HasField("usage"):
             # Summed: several calls read as one (choices) each report theirs.
             self.usage = add_usage(self.usage, chunk.usage)
+            if not replayed:
+                self.spent = add_usage(self.spent, chunk.usage)
 
     def close(self) -> None:
         """End the call (idempotent): reached on normal end, on error and when
@@ -172,9 +192,11 @@ class GenerationCall(Generic[C]):
         self.gw.untrack(self.call)
         if self._streaming:
             STREAMS_IN_FLIGHT.dec()
-        if self.usage is not None:
-            count_tokens(self.model, self.usage)
-            self.tally.add(self.model, self.usage.prompt_tokens, self.usage.completion_tokens)
+        if self.spent is not None:
+            count_tokens(self.model, self.spent)
+            self.tally.add(self.model, self.spent.prompt_tokens, self.spent.completion_tokens)
+        if self.hit:
+            self.tally.add_cached(self.model)
 
 
 ChatCall = GenerationCall[pb.StreamChatCompletionResponse]
@@ -221,7 +243,7 @@ def open_chat(
     # model it resolves before any upstream call.
     providers = gw.backends().providers
     timeout = gw.settings.request_timeout_seconds
-    metadata = principal.call_metadata()
+    metadata = principal.model_call_metadata()
     call: StreamCall
     if chat.aggregate:
         call = WholeReply(
@@ -265,14 +287,15 @@ async def relay(
             call.streaming()
             return EventStreamResponse(
                 _sse_events(call, dialect, first, created, include_usage),
-                [(b"x-request-id", call.request_id.encode())],
+                [(b"x-request-id", call.request_id.encode()), *call.cache_headers()],
                 on_close=call.close,
                 keep_alive_seconds=call.gw.settings.sse_keep_alive_seconds,
             )
         dialect.add(first)
         async for chunk in call.chunks():
             dialect.add(chunk)
-        return JSONResponse(dialect.whole(first.id, created, first.model))
+        headers = {k.decode(): v.decode() for k, v in call.cache_headers()}
+        return JSONResponse(dialect.whole(first.id, created, first.model), headers=headers or None)
 
 
 async def _sse_events(

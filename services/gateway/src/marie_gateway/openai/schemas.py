@@ -243,6 +243,11 @@ ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice | None
 
 # Not blank: a model name has a character other than whitespace.
 ModelId = Annotated[str, Field(min_length=1, max_length=MAX_MODEL_LENGTH, pattern=r"\S")]
+#: OpenAI's `metadata`: up to 16 pairs, keys up to 64 characters, values up to 512.
+Metadata = Annotated[
+    dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]],
+    Field(max_length=16),
+]
 
 
 class ChatParameters(_Body):
@@ -302,6 +307,11 @@ class ChatCompletionRequest(ChatParameters):
         " (a 400 naming `logprobs` where it does not).",
     )
     top_logprobs: ChatTopLogprobs | None = None
+    metadata: Metadata | None = Field(
+        default=None,
+        description="Kept with nothing but `cache`: Marie's response cache, as Cache-Control"
+        " directives ('max-age=300', 'no-cache', 'no-store') or 'true'/'false'.",
+    )
 
     @field_validator("top_logprobs")
     @classmethod

@@ -43,21 +43,30 @@ class Provider(ABC):
     #: Configuration's `embedding_prefixes`, (query, document); None: no prefixes.
     embedding_prefixes: tuple[str, str] | None = None
 
+    @property
+    def embedding_handling(self) -> str:
+        """How this provider applies an embeddings request's input_type
+        (CreateEmbeddingsResponse.input_handling): passed on as is
+        ("input_type", the adapter sends it), as prefixes of the texts
+        ("prefixes:<digest>"), or not at all (""). It names the configuration,
+        not the request, so every vector of one configuration compares with
+        every other (and the response cache keys on it)."""
+        if self.embedding_input_type:
+            return "input_type"
+        if self.embedding_prefixes is None:
+            return ""
+        query, document = self.embedding_prefixes
+        return "prefixes:" + hashlib.sha256(f"{query}\0{document}".encode()).hexdigest()[:8]
+
     def embedding_request(
         self, request: pb.CreateEmbeddingsRequest
     ) -> tuple[pb.CreateEmbeddingsRequest, str]:
-        """The request as this provider's `embed` takes it, and how its input_type
-        was applied (CreateEmbeddingsResponse.input_handling): passed on as is
-        ("input_type", the adapter sends it), as prefixes of the texts
-        ("prefixes:<digest>"), or not at all (""). The handling names the
-        configuration, not the request, so every vector of one configuration
-        compares with every other."""
-        if self.embedding_input_type:
-            return request, "input_type"
-        if self.embedding_prefixes is None:
-            return request, ""
+        """The request as this provider's `embed` takes it, and how its
+        input_type was applied (`embedding_handling`)."""
+        handling = self.embedding_handling
+        if self.embedding_input_type or self.embedding_prefixes is None:
+            return request, handling
         query, document = self.embedding_prefixes
-        handling = "prefixes:" + hashlib.sha256(f"{query}\0{document}".encode()).hexdigest()[:8]
         prefix = {
             pb.EMBEDDING_INPUT_TYPE_QUERY: query,
             pb.EMBEDDING_INPUT_TYPE_DOCUMENT: document,

@@ -1455,7 +1455,11 @@ type UsageRecord struct {
 	// HTTP status of the answer; 400 and above count as errors.
 	Status int32 `protobuf:"varint,10,opt,name=status,proto3" json:"status,omitempty"`
 	// When the request arrived; required.
-	Time          *timestamppb.Timestamp `protobuf:"bytes,11,opt,name=time,proto3" json:"time,omitempty"`
+	Time *timestamppb.Timestamp `protobuf:"bytes,11,opt,name=time,proto3" json:"time,omitempty"`
+	// True when the answer came from the response cache: no upstream call was
+	// made, and the token counts are 0 (the answer itself shows the tokens the
+	// original call used).
+	Cached        bool `protobuf:"varint,20,opt,name=cached,proto3" json:"cached,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1565,6 +1569,13 @@ func (x *UsageRecord) GetTime() *timestamppb.Timestamp {
 		return x.Time
 	}
 	return nil
+}
+
+func (x *UsageRecord) GetCached() bool {
+	if x != nil {
+		return x.Cached
+	}
+	return false
 }
 
 // RecordUsageRequest is a batch of records.
@@ -1757,9 +1768,11 @@ type UsageTotals struct {
 	// Median latency in milliseconds (nearest rank); 0 without records.
 	LatencyP50Ms float64 `protobuf:"fixed64,6,opt,name=latency_p50_ms,json=latencyP50Ms,proto3" json:"latency_p50_ms,omitempty"`
 	// 95th percentile latency in milliseconds (nearest rank).
-	LatencyP95Ms  float64 `protobuf:"fixed64,7,opt,name=latency_p95_ms,json=latencyP95Ms,proto3" json:"latency_p95_ms,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	LatencyP95Ms float64 `protobuf:"fixed64,7,opt,name=latency_p95_ms,json=latencyP95Ms,proto3" json:"latency_p95_ms,omitempty"`
+	// Records answered from the response cache (counted in `requests` too).
+	CachedRequests int64 `protobuf:"varint,20,opt,name=cached_requests,json=cachedRequests,proto3" json:"cached_requests,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *UsageTotals) Reset() {
@@ -1837,6 +1850,13 @@ func (x *UsageTotals) GetLatencyP50Ms() float64 {
 func (x *UsageTotals) GetLatencyP95Ms() float64 {
 	if x != nil {
 		return x.LatencyP95Ms
+	}
+	return 0
+}
+
+func (x *UsageTotals) GetCachedRequests() int64 {
+	if x != nil {
+		return x.CachedRequests
 	}
 	return 0
 }
@@ -2228,7 +2248,7 @@ const file_marie_auth_v1_auth_service_proto_rawDesc = "" +
 	"\x04type\x18\x01 \x01(\x0e2\x1b.marie.auth.v1.KeyEventTypeR\x04type\x12\x15\n" +
 	"\x06key_id\x18\x02 \x01(\tR\x05keyId\x129\n" +
 	"\n" +
-	"event_time\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\teventTime\"\xd3\x02\n" +
+	"event_time\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\teventTime\"\xeb\x02\n" +
 	"\vUsageRecord\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x15\n" +
 	"\x06key_id\x18\x02 \x01(\tR\x05keyId\x12\x14\n" +
@@ -2242,7 +2262,8 @@ const file_marie_auth_v1_auth_service_proto_rawDesc = "" +
 	"latency_ms\x18\t \x01(\x01R\tlatencyMs\x12\x16\n" +
 	"\x06status\x18\n" +
 	" \x01(\x05R\x06status\x12.\n" +
-	"\x04time\x18\v \x01(\v2\x1a.google.protobuf.TimestampR\x04time\"J\n" +
+	"\x04time\x18\v \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12\x16\n" +
+	"\x06cached\x18\x14 \x01(\bR\x06cached\"J\n" +
 	"\x12RecordUsageRequest\x124\n" +
 	"\arecords\x18\x01 \x03(\v2\x1a.marie.auth.v1.UsageRecordR\arecords\"1\n" +
 	"\x13RecordUsageResponse\x12\x1a\n" +
@@ -2253,7 +2274,7 @@ const file_marie_auth_v1_auth_service_proto_rawDesc = "" +
 	"\bend_time\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\aendTime\x12\x15\n" +
 	"\x06key_id\x18\x03 \x01(\tR\x05keyId\x12\x14\n" +
 	"\x05owner\x18\x04 \x01(\tR\x05owner\x126\n" +
-	"\bgroup_by\x18\x05 \x01(\x0e2\x1b.marie.auth.v1.UsageGroupByR\agroupBy\"\xf5\x01\n" +
+	"\bgroup_by\x18\x05 \x01(\x0e2\x1b.marie.auth.v1.UsageGroupByR\agroupBy\"\x9e\x02\n" +
 	"\vUsageTotals\x12\x14\n" +
 	"\x05group\x18\x01 \x01(\tR\x05group\x12\x1a\n" +
 	"\brequests\x18\x02 \x01(\x03R\brequests\x12#\n" +
@@ -2261,7 +2282,8 @@ const file_marie_auth_v1_auth_service_proto_rawDesc = "" +
 	"\x11completion_tokens\x18\x04 \x01(\x03R\x10completionTokens\x12\x16\n" +
 	"\x06errors\x18\x05 \x01(\x03R\x06errors\x12$\n" +
 	"\x0elatency_p50_ms\x18\x06 \x01(\x01R\flatencyP50Ms\x12$\n" +
-	"\x0elatency_p95_ms\x18\a \x01(\x01R\flatencyP95Ms\"z\n" +
+	"\x0elatency_p95_ms\x18\a \x01(\x01R\flatencyP95Ms\x12'\n" +
+	"\x0fcached_requests\x18\x14 \x01(\x03R\x0ecachedRequests\"z\n" +
 	"\x12QueryUsageResponse\x120\n" +
 	"\x05total\x18\x01 \x01(\v2\x1a.marie.auth.v1.UsageTotalsR\x05total\x122\n" +
 	"\x06groups\x18\x02 \x03(\v2\x1a.marie.auth.v1.UsageTotalsR\x06groups\"\xe1\x01\n" +

@@ -508,6 +508,119 @@ func (ResponseFormatType) EnumDescriptor() ([]byte, []int) {
 	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{7}
 }
 
+// CacheMode is what a call does with the response cache.
+type CacheMode int32
+
+const (
+	// The operation's default (see CachePolicy.mode).
+	CacheMode_CACHE_MODE_UNSPECIFIED CacheMode = 0
+	// Answer from the cache when a fresh answer is stored; otherwise call the
+	// upstream and store its whole answer.
+	CacheMode_CACHE_MODE_USE CacheMode = 1
+	// Skip the lookup, call the upstream and store its answer (HTTP
+	// `Cache-Control: no-cache`: revalidate).
+	CacheMode_CACHE_MODE_REFRESH CacheMode = 2
+	// Neither look up nor store (HTTP `Cache-Control: no-store`).
+	CacheMode_CACHE_MODE_BYPASS CacheMode = 3
+)
+
+// Enum value maps for CacheMode.
+var (
+	CacheMode_name = map[int32]string{
+		0: "CACHE_MODE_UNSPECIFIED",
+		1: "CACHE_MODE_USE",
+		2: "CACHE_MODE_REFRESH",
+		3: "CACHE_MODE_BYPASS",
+	}
+	CacheMode_value = map[string]int32{
+		"CACHE_MODE_UNSPECIFIED": 0,
+		"CACHE_MODE_USE":         1,
+		"CACHE_MODE_REFRESH":     2,
+		"CACHE_MODE_BYPASS":      3,
+	}
+)
+
+func (x CacheMode) Enum() *CacheMode {
+	p := new(CacheMode)
+	*p = x
+	return p
+}
+
+func (x CacheMode) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (CacheMode) Descriptor() protoreflect.EnumDescriptor {
+	return file_marie_providers_v1_provider_service_proto_enumTypes[8].Descriptor()
+}
+
+func (CacheMode) Type() protoreflect.EnumType {
+	return &file_marie_providers_v1_provider_service_proto_enumTypes[8]
+}
+
+func (x CacheMode) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use CacheMode.Descriptor instead.
+func (CacheMode) EnumDescriptor() ([]byte, []int) {
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{8}
+}
+
+// CacheResult says how the response cache took part in an answer.
+type CacheResult int32
+
+const (
+	// The cache was not used (bypassed, no owner, or not configured).
+	CacheResult_CACHE_RESULT_UNSPECIFIED CacheResult = 0
+	// The answer was replayed from the cache: no upstream call was made.
+	CacheResult_CACHE_RESULT_HIT CacheResult = 1
+	// The cache was used and the answer comes from the upstream (nothing
+	// fresh was stored, or the call asked to revalidate).
+	CacheResult_CACHE_RESULT_MISS CacheResult = 2
+)
+
+// Enum value maps for CacheResult.
+var (
+	CacheResult_name = map[int32]string{
+		0: "CACHE_RESULT_UNSPECIFIED",
+		1: "CACHE_RESULT_HIT",
+		2: "CACHE_RESULT_MISS",
+	}
+	CacheResult_value = map[string]int32{
+		"CACHE_RESULT_UNSPECIFIED": 0,
+		"CACHE_RESULT_HIT":         1,
+		"CACHE_RESULT_MISS":        2,
+	}
+)
+
+func (x CacheResult) Enum() *CacheResult {
+	p := new(CacheResult)
+	*p = x
+	return p
+}
+
+func (x CacheResult) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (CacheResult) Descriptor() protoreflect.EnumDescriptor {
+	return file_marie_providers_v1_provider_service_proto_enumTypes[9].Descriptor()
+}
+
+func (CacheResult) Type() protoreflect.EnumType {
+	return &file_marie_providers_v1_provider_service_proto_enumTypes[9]
+}
+
+func (x CacheResult) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use CacheResult.Descriptor instead.
+func (CacheResult) EnumDescriptor() ([]byte, []int) {
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{9}
+}
+
 // FinishReason says why generation stopped.
 type FinishReason int32
 
@@ -560,11 +673,11 @@ func (x FinishReason) String() string {
 }
 
 func (FinishReason) Descriptor() protoreflect.EnumDescriptor {
-	return file_marie_providers_v1_provider_service_proto_enumTypes[8].Descriptor()
+	return file_marie_providers_v1_provider_service_proto_enumTypes[10].Descriptor()
 }
 
 func (FinishReason) Type() protoreflect.EnumType {
-	return &file_marie_providers_v1_provider_service_proto_enumTypes[8]
+	return &file_marie_providers_v1_provider_service_proto_enumTypes[10]
 }
 
 func (x FinishReason) Number() protoreflect.EnumNumber {
@@ -573,7 +686,7 @@ func (x FinishReason) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use FinishReason.Descriptor instead.
 func (FinishReason) EnumDescriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{8}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{10}
 }
 
 // EmbeddingInputType says what embedded texts are for.
@@ -613,11 +726,11 @@ func (x EmbeddingInputType) String() string {
 }
 
 func (EmbeddingInputType) Descriptor() protoreflect.EnumDescriptor {
-	return file_marie_providers_v1_provider_service_proto_enumTypes[9].Descriptor()
+	return file_marie_providers_v1_provider_service_proto_enumTypes[11].Descriptor()
 }
 
 func (EmbeddingInputType) Type() protoreflect.EnumType {
-	return &file_marie_providers_v1_provider_service_proto_enumTypes[9]
+	return &file_marie_providers_v1_provider_service_proto_enumTypes[11]
 }
 
 func (x EmbeddingInputType) Number() protoreflect.EnumNumber {
@@ -626,7 +739,7 @@ func (x EmbeddingInputType) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use EmbeddingInputType.Descriptor instead.
 func (EmbeddingInputType) EnumDescriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{9}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{11}
 }
 
 // Provider describes one configured provider.
@@ -2669,7 +2782,10 @@ type StreamChatCompletionRequest struct {
 	// chunk with finish reason STOP, no content and the count in
 	// `usage.prompt_tokens`. Others generate as asked: send
 	// `sampling.max_tokens` 1, and read only `usage.prompt_tokens`.
-	CountOnly     bool `protobuf:"varint,15,opt,name=count_only,json=countOnly,proto3" json:"count_only,omitempty"`
+	CountOnly bool `protobuf:"varint,15,opt,name=count_only,json=countOnly,proto3" json:"count_only,omitempty"`
+	// How this call uses the response cache; unset: not at all (chat is
+	// cached only when the caller asks).
+	Cache         *CachePolicy `protobuf:"bytes,16,opt,name=cache,proto3" json:"cache,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2809,6 +2925,74 @@ func (x *StreamChatCompletionRequest) GetCountOnly() bool {
 	return false
 }
 
+func (x *StreamChatCompletionRequest) GetCache() *CachePolicy {
+	if x != nil {
+		return x.Cache
+	}
+	return nil
+}
+
+// CachePolicy says how one call uses the response cache: exact-match answers
+// of earlier calls of the same owner (the caller's `x-marie-owner`, which the
+// gateway or Envoy's key check sets) to the same normalised request on the
+// same resolved model. A call without an owner never uses the cache.
+type CachePolicy struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// What the call does with the cache; unspecified: the operation's default
+	// (embeddings: USE; chat and text completions: BYPASS).
+	Mode CacheMode `protobuf:"varint,1,opt,name=mode,proto3,enum=marie.providers.v1.CacheMode" json:"mode,omitempty"`
+	// With USE: the oldest stored answer the caller accepts, in seconds (HTTP
+	// `Cache-Control: max-age`); 0: any answer within the service's TTL.
+	// Answers are kept for the service's TTL whatever this says. Not negative.
+	MaxAgeSeconds int32 `protobuf:"varint,2,opt,name=max_age_seconds,json=maxAgeSeconds,proto3" json:"max_age_seconds,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CachePolicy) Reset() {
+	*x = CachePolicy{}
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[28]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CachePolicy) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CachePolicy) ProtoMessage() {}
+
+func (x *CachePolicy) ProtoReflect() protoreflect.Message {
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[28]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CachePolicy.ProtoReflect.Descriptor instead.
+func (*CachePolicy) Descriptor() ([]byte, []int) {
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{28}
+}
+
+func (x *CachePolicy) GetMode() CacheMode {
+	if x != nil {
+		return x.Mode
+	}
+	return CacheMode_CACHE_MODE_UNSPECIFIED
+}
+
+func (x *CachePolicy) GetMaxAgeSeconds() int32 {
+	if x != nil {
+		return x.MaxAgeSeconds
+	}
+	return 0
+}
+
 // UpstreamExtras carries request fields of one upstream kind's own API.
 type UpstreamExtras struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -2836,7 +3020,7 @@ type UpstreamExtras struct {
 
 func (x *UpstreamExtras) Reset() {
 	*x = UpstreamExtras{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[28]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2848,7 +3032,7 @@ func (x *UpstreamExtras) String() string {
 func (*UpstreamExtras) ProtoMessage() {}
 
 func (x *UpstreamExtras) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[28]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2861,7 +3045,7 @@ func (x *UpstreamExtras) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpstreamExtras.ProtoReflect.Descriptor instead.
 func (*UpstreamExtras) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{28}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *UpstreamExtras) GetKind() string {
@@ -2910,7 +3094,7 @@ type Reasoning struct {
 
 func (x *Reasoning) Reset() {
 	*x = Reasoning{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[29]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2922,7 +3106,7 @@ func (x *Reasoning) String() string {
 func (*Reasoning) ProtoMessage() {}
 
 func (x *Reasoning) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[29]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2935,7 +3119,7 @@ func (x *Reasoning) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Reasoning.ProtoReflect.Descriptor instead.
 func (*Reasoning) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{29}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *Reasoning) GetText() string {
@@ -2980,7 +3164,7 @@ type ToolCallDelta struct {
 
 func (x *ToolCallDelta) Reset() {
 	*x = ToolCallDelta{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[30]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2992,7 +3176,7 @@ func (x *ToolCallDelta) String() string {
 func (*ToolCallDelta) ProtoMessage() {}
 
 func (x *ToolCallDelta) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[30]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3005,7 +3189,7 @@ func (x *ToolCallDelta) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ToolCallDelta.ProtoReflect.Descriptor instead.
 func (*ToolCallDelta) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{30}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *ToolCallDelta) GetIndex() int32 {
@@ -3062,7 +3246,7 @@ type Usage struct {
 
 func (x *Usage) Reset() {
 	*x = Usage{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[31]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3074,7 +3258,7 @@ func (x *Usage) String() string {
 func (*Usage) ProtoMessage() {}
 
 func (x *Usage) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[31]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3087,7 +3271,7 @@ func (x *Usage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Usage.ProtoReflect.Descriptor instead.
 func (*Usage) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{31}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *Usage) GetPromptTokens() int32 {
@@ -3129,7 +3313,7 @@ type CreateChatCompletionRequest struct {
 
 func (x *CreateChatCompletionRequest) Reset() {
 	*x = CreateChatCompletionRequest{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[32]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3141,7 +3325,7 @@ func (x *CreateChatCompletionRequest) String() string {
 func (*CreateChatCompletionRequest) ProtoMessage() {}
 
 func (x *CreateChatCompletionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[32]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3154,7 +3338,7 @@ func (x *CreateChatCompletionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateChatCompletionRequest.ProtoReflect.Descriptor instead.
 func (*CreateChatCompletionRequest) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{32}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *CreateChatCompletionRequest) GetChat() *StreamChatCompletionRequest {
@@ -3176,7 +3360,7 @@ type CreateChatCompletionResponse struct {
 
 func (x *CreateChatCompletionResponse) Reset() {
 	*x = CreateChatCompletionResponse{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[33]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3188,7 +3372,7 @@ func (x *CreateChatCompletionResponse) String() string {
 func (*CreateChatCompletionResponse) ProtoMessage() {}
 
 func (x *CreateChatCompletionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[33]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3201,7 +3385,7 @@ func (x *CreateChatCompletionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateChatCompletionResponse.ProtoReflect.Descriptor instead.
 func (*CreateChatCompletionResponse) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{33}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *CreateChatCompletionResponse) GetChunks() []*StreamChatCompletionResponse {
@@ -3263,13 +3447,17 @@ type StreamChatCompletionResponse struct {
 	// `upstream_block_json` with an empty `input`, then its input's JSON text
 	// in these fragments, to be concatenated.
 	UpstreamInputJson string `protobuf:"bytes,16,opt,name=upstream_input_json,json=upstreamInputJson,proto3" json:"upstream_input_json,omitempty"`
-	unknownFields     protoimpl.UnknownFields
-	sizeCache         protoimpl.SizeCache
+	// How the response cache took part: set on the first chunk of every
+	// answer that used it, and on every chunk of a cache hit (whose `id` and
+	// `created` are new; its usage is the original call's).
+	Cache         CacheResult `protobuf:"varint,17,opt,name=cache,proto3,enum=marie.providers.v1.CacheResult" json:"cache,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *StreamChatCompletionResponse) Reset() {
 	*x = StreamChatCompletionResponse{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[34]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3281,7 +3469,7 @@ func (x *StreamChatCompletionResponse) String() string {
 func (*StreamChatCompletionResponse) ProtoMessage() {}
 
 func (x *StreamChatCompletionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[34]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3294,7 +3482,7 @@ func (x *StreamChatCompletionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamChatCompletionResponse.ProtoReflect.Descriptor instead.
 func (*StreamChatCompletionResponse) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{34}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *StreamChatCompletionResponse) GetId() string {
@@ -3409,6 +3597,13 @@ func (x *StreamChatCompletionResponse) GetUpstreamInputJson() string {
 	return ""
 }
 
+func (x *StreamChatCompletionResponse) GetCache() CacheResult {
+	if x != nil {
+		return x.Cache
+	}
+	return CacheResult_CACHE_RESULT_UNSPECIFIED
+}
+
 // TokenLogprob is the log probability of one generated token.
 type TokenLogprob struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -3427,7 +3622,7 @@ type TokenLogprob struct {
 
 func (x *TokenLogprob) Reset() {
 	*x = TokenLogprob{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[35]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3439,7 +3634,7 @@ func (x *TokenLogprob) String() string {
 func (*TokenLogprob) ProtoMessage() {}
 
 func (x *TokenLogprob) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[35]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3452,7 +3647,7 @@ func (x *TokenLogprob) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TokenLogprob.ProtoReflect.Descriptor instead.
 func (*TokenLogprob) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{35}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *TokenLogprob) GetToken() string {
@@ -3498,7 +3693,7 @@ type TopLogprob struct {
 
 func (x *TopLogprob) Reset() {
 	*x = TopLogprob{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[36]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3510,7 +3705,7 @@ func (x *TopLogprob) String() string {
 func (*TopLogprob) ProtoMessage() {}
 
 func (x *TopLogprob) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[36]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3523,7 +3718,7 @@ func (x *TopLogprob) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TopLogprob.ProtoReflect.Descriptor instead.
 func (*TopLogprob) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{36}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *TopLogprob) GetToken() string {
@@ -3574,14 +3769,16 @@ type CreateEmbeddingsRequest struct {
 	// configured with `embedding_input_type: true`, or as a text prefix by those
 	// configured with `embedding_prefixes`; others ignore it. CreateEmbeddingsResponse.
 	// input_handling says which applied.
-	InputType     EmbeddingInputType `protobuf:"varint,7,opt,name=input_type,json=inputType,proto3,enum=marie.providers.v1.EmbeddingInputType" json:"input_type,omitempty"`
+	InputType EmbeddingInputType `protobuf:"varint,7,opt,name=input_type,json=inputType,proto3,enum=marie.providers.v1.EmbeddingInputType" json:"input_type,omitempty"`
+	// How this call uses the response cache; unset: USE.
+	Cache         *CachePolicy `protobuf:"bytes,8,opt,name=cache,proto3" json:"cache,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *CreateEmbeddingsRequest) Reset() {
 	*x = CreateEmbeddingsRequest{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[37]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3593,7 +3790,7 @@ func (x *CreateEmbeddingsRequest) String() string {
 func (*CreateEmbeddingsRequest) ProtoMessage() {}
 
 func (x *CreateEmbeddingsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[37]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3606,7 +3803,7 @@ func (x *CreateEmbeddingsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateEmbeddingsRequest.ProtoReflect.Descriptor instead.
 func (*CreateEmbeddingsRequest) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{37}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *CreateEmbeddingsRequest) GetModel() string {
@@ -3658,6 +3855,13 @@ func (x *CreateEmbeddingsRequest) GetInputType() EmbeddingInputType {
 	return EmbeddingInputType_EMBEDDING_INPUT_TYPE_UNSPECIFIED
 }
 
+func (x *CreateEmbeddingsRequest) GetCache() *CachePolicy {
+	if x != nil {
+		return x.Cache
+	}
+	return nil
+}
+
 // TokenIds is one input given as token ids.
 type TokenIds struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -3669,7 +3873,7 @@ type TokenIds struct {
 
 func (x *TokenIds) Reset() {
 	*x = TokenIds{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[38]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3681,7 +3885,7 @@ func (x *TokenIds) String() string {
 func (*TokenIds) ProtoMessage() {}
 
 func (x *TokenIds) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[38]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3694,7 +3898,7 @@ func (x *TokenIds) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TokenIds.ProtoReflect.Descriptor instead.
 func (*TokenIds) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{38}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *TokenIds) GetIds() []int64 {
@@ -3717,7 +3921,7 @@ type Embedding struct {
 
 func (x *Embedding) Reset() {
 	*x = Embedding{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[39]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3729,7 +3933,7 @@ func (x *Embedding) String() string {
 func (*Embedding) ProtoMessage() {}
 
 func (x *Embedding) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[39]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3742,7 +3946,7 @@ func (x *Embedding) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Embedding.ProtoReflect.Descriptor instead.
 func (*Embedding) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{39}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *Embedding) GetIndex() int32 {
@@ -3766,20 +3970,22 @@ type CreateEmbeddingsResponse struct {
 	Model string `protobuf:"bytes,1,opt,name=model,proto3" json:"model,omitempty"`
 	// The embeddings.
 	Embeddings []*Embedding `protobuf:"bytes,2,rep,name=embeddings,proto3" json:"embeddings,omitempty"`
-	// Token usage (completion_tokens is 0).
+	// Token usage (completion_tokens is 0); on a cache hit, the original call's.
 	Usage *Usage `protobuf:"bytes,3,opt,name=usage,proto3" json:"usage,omitempty"`
 	// How the provider applied CreateEmbeddingsRequest.input_type: "" (not at
 	// all: its configuration says neither), "input_type" (passed upstream), or
 	// "prefixes:<8 hex digits of their digest>". Vectors made with different
 	// handlings do not compare; memory re-embeds when it changes.
 	InputHandling string `protobuf:"bytes,4,opt,name=input_handling,json=inputHandling,proto3" json:"input_handling,omitempty"`
+	// How the response cache took part in this answer.
+	Cache         CacheResult `protobuf:"varint,5,opt,name=cache,proto3,enum=marie.providers.v1.CacheResult" json:"cache,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *CreateEmbeddingsResponse) Reset() {
 	*x = CreateEmbeddingsResponse{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[40]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3791,7 +3997,7 @@ func (x *CreateEmbeddingsResponse) String() string {
 func (*CreateEmbeddingsResponse) ProtoMessage() {}
 
 func (x *CreateEmbeddingsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[40]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3804,7 +4010,7 @@ func (x *CreateEmbeddingsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateEmbeddingsResponse.ProtoReflect.Descriptor instead.
 func (*CreateEmbeddingsResponse) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{40}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *CreateEmbeddingsResponse) GetModel() string {
@@ -3835,6 +4041,13 @@ func (x *CreateEmbeddingsResponse) GetInputHandling() string {
 	return ""
 }
 
+func (x *CreateEmbeddingsResponse) GetCache() CacheResult {
+	if x != nil {
+		return x.Cache
+	}
+	return CacheResult_CACHE_RESULT_UNSPECIFIED
+}
+
 // StreamCompletionRequest asks for the continuation of one text prompt.
 type StreamCompletionRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -3863,14 +4076,16 @@ type StreamCompletionRequest struct {
 	// True when the caller needs only the complete text: the service may then
 	// send it in fewer, larger chunks (the text, finish reason and usage are
 	// the same either way).
-	Aggregate     bool `protobuf:"varint,10,opt,name=aggregate,proto3" json:"aggregate,omitempty"`
+	Aggregate bool `protobuf:"varint,10,opt,name=aggregate,proto3" json:"aggregate,omitempty"`
+	// How this call uses the response cache; unset: not at all.
+	Cache         *CachePolicy `protobuf:"bytes,11,opt,name=cache,proto3" json:"cache,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *StreamCompletionRequest) Reset() {
 	*x = StreamCompletionRequest{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[41]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3882,7 +4097,7 @@ func (x *StreamCompletionRequest) String() string {
 func (*StreamCompletionRequest) ProtoMessage() {}
 
 func (x *StreamCompletionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[41]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3895,7 +4110,7 @@ func (x *StreamCompletionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamCompletionRequest.ProtoReflect.Descriptor instead.
 func (*StreamCompletionRequest) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{41}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *StreamCompletionRequest) GetModel() string {
@@ -3968,6 +4183,13 @@ func (x *StreamCompletionRequest) GetAggregate() bool {
 	return false
 }
 
+func (x *StreamCompletionRequest) GetCache() *CachePolicy {
+	if x != nil {
+		return x.Cache
+	}
+	return nil
+}
+
 // StreamCompletionResponse is one chunk of a streamed text completion. The
 // last chunk carries the finish reason and, when the upstream reports it,
 // usage.
@@ -3989,14 +4211,16 @@ type StreamCompletionResponse struct {
 	Usage *Usage `protobuf:"bytes,7,opt,name=usage,proto3" json:"usage,omitempty"`
 	// Log probabilities of the generated tokens in `text`, in order (never of
 	// the echoed prompt); only when the request set `logprobs`.
-	Logprobs      []*TokenLogprob `protobuf:"bytes,8,rep,name=logprobs,proto3" json:"logprobs,omitempty"`
+	Logprobs []*TokenLogprob `protobuf:"bytes,8,rep,name=logprobs,proto3" json:"logprobs,omitempty"`
+	// How the response cache took part, as StreamChatCompletionResponse.cache.
+	Cache         CacheResult `protobuf:"varint,9,opt,name=cache,proto3,enum=marie.providers.v1.CacheResult" json:"cache,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *StreamCompletionResponse) Reset() {
 	*x = StreamCompletionResponse{}
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[42]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4008,7 +4232,7 @@ func (x *StreamCompletionResponse) String() string {
 func (*StreamCompletionResponse) ProtoMessage() {}
 
 func (x *StreamCompletionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[42]
+	mi := &file_marie_providers_v1_provider_service_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4021,7 +4245,7 @@ func (x *StreamCompletionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamCompletionResponse.ProtoReflect.Descriptor instead.
 func (*StreamCompletionResponse) Descriptor() ([]byte, []int) {
-	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{42}
+	return file_marie_providers_v1_provider_service_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *StreamCompletionResponse) GetId() string {
@@ -4078,6 +4302,13 @@ func (x *StreamCompletionResponse) GetLogprobs() []*TokenLogprob {
 		return x.Logprobs
 	}
 	return nil
+}
+
+func (x *StreamCompletionResponse) GetCache() CacheResult {
+	if x != nil {
+		return x.Cache
+	}
+	return CacheResult_CACHE_RESULT_UNSPECIFIED
 }
 
 var File_marie_providers_v1_provider_service_proto protoreflect.FileDescriptor
@@ -4243,7 +4474,7 @@ const file_marie_providers_v1_provider_service_proto_rawDesc = "" +
 	"\v_max_tokensB\a\n" +
 	"\x05_seedB\x13\n" +
 	"\x11_presence_penaltyB\x14\n" +
-	"\x12_frequency_penalty\"\xc2\x05\n" +
+	"\x12_frequency_penalty\"\xf9\x05\n" +
 	"\x1bStreamChatCompletionRequest\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\tR\x05model\x12\x1a\n" +
 	"\bprovider\x18\x02 \x01(\tR\bprovider\x12;\n" +
@@ -4262,7 +4493,11 @@ const file_marie_providers_v1_provider_service_proto_rawDesc = "" +
 	"\x0fupstream_extras\x18\r \x01(\v2\".marie.providers.v1.UpstreamExtrasR\x0eupstreamExtras\x120\n" +
 	"\x14report_stop_sequence\x18\x0e \x01(\bR\x12reportStopSequence\x12\x1d\n" +
 	"\n" +
-	"count_only\x18\x0f \x01(\bR\tcountOnly\"\xe6\x01\n" +
+	"count_only\x18\x0f \x01(\bR\tcountOnly\x125\n" +
+	"\x05cache\x18\x10 \x01(\v2\x1f.marie.providers.v1.CachePolicyR\x05cache\"h\n" +
+	"\vCachePolicy\x121\n" +
+	"\x04mode\x18\x01 \x01(\x0e2\x1d.marie.providers.v1.CacheModeR\x04mode\x12&\n" +
+	"\x0fmax_age_seconds\x18\x02 \x01(\x05R\rmaxAgeSeconds\"\xe6\x01\n" +
 	"\x0eUpstreamExtras\x12\x12\n" +
 	"\x04kind\x18\x01 \x01(\tR\x04kind\x12!\n" +
 	"\frequest_json\x18\x02 \x01(\tR\vrequestJson\x12\x16\n" +
@@ -4292,7 +4527,7 @@ const file_marie_providers_v1_provider_service_proto_rawDesc = "" +
 	"\x1bCreateChatCompletionRequest\x12C\n" +
 	"\x04chat\x18\x01 \x01(\v2/.marie.providers.v1.StreamChatCompletionRequestR\x04chat\"h\n" +
 	"\x1cCreateChatCompletionResponse\x12H\n" +
-	"\x06chunks\x18\x01 \x03(\v20.marie.providers.v1.StreamChatCompletionResponseR\x06chunks\"\xb9\x05\n" +
+	"\x06chunks\x18\x01 \x03(\v20.marie.providers.v1.StreamChatCompletionResponseR\x06chunks\"\xf0\x05\n" +
 	"\x1cStreamChatCompletionResponse\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x14\n" +
 	"\x05model\x18\x02 \x01(\tR\x05model\x12\x1a\n" +
@@ -4311,7 +4546,8 @@ const file_marie_providers_v1_provider_service_proto_rawDesc = "" +
 	"\x0ecitations_json\x18\r \x03(\tR\rcitationsJson\x12\x14\n" +
 	"\x05block\x18\x0e \x01(\x05R\x05block\x12#\n" +
 	"\rstop_sequence\x18\x0f \x01(\tR\fstopSequence\x12.\n" +
-	"\x13upstream_input_json\x18\x10 \x01(\tR\x11upstreamInputJson\"\x97\x01\n" +
+	"\x13upstream_input_json\x18\x10 \x01(\tR\x11upstreamInputJson\x125\n" +
+	"\x05cache\x18\x11 \x01(\x0e2\x1f.marie.providers.v1.CacheResultR\x05cache\"\x97\x01\n" +
 	"\fTokenLogprob\x12\x14\n" +
 	"\x05token\x18\x01 \x01(\tR\x05token\x12\x18\n" +
 	"\alogprob\x18\x02 \x01(\x01R\alogprob\x12\x14\n" +
@@ -4321,7 +4557,7 @@ const file_marie_providers_v1_provider_service_proto_rawDesc = "" +
 	"TopLogprob\x12\x14\n" +
 	"\x05token\x18\x01 \x01(\tR\x05token\x12\x18\n" +
 	"\alogprob\x18\x02 \x01(\x01R\alogprob\x12\x14\n" +
-	"\x05bytes\x18\x03 \x01(\fR\x05bytes\"\x9f\x02\n" +
+	"\x05bytes\x18\x03 \x01(\fR\x05bytes\"\xd6\x02\n" +
 	"\x17CreateEmbeddingsRequest\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\tR\x05model\x12\x1a\n" +
 	"\bprovider\x18\x02 \x01(\tR\bprovider\x12\x16\n" +
@@ -4332,19 +4568,21 @@ const file_marie_providers_v1_provider_service_proto_rawDesc = "" +
 	"\x04user\x18\x05 \x01(\tR\x04user\x12?\n" +
 	"\ftoken_inputs\x18\x06 \x03(\v2\x1c.marie.providers.v1.TokenIdsR\vtokenInputs\x12E\n" +
 	"\n" +
-	"input_type\x18\a \x01(\x0e2&.marie.providers.v1.EmbeddingInputTypeR\tinputType\"\x1c\n" +
+	"input_type\x18\a \x01(\x0e2&.marie.providers.v1.EmbeddingInputTypeR\tinputType\x125\n" +
+	"\x05cache\x18\b \x01(\v2\x1f.marie.providers.v1.CachePolicyR\x05cache\"\x1c\n" +
 	"\bTokenIds\x12\x10\n" +
 	"\x03ids\x18\x01 \x03(\x03R\x03ids\"9\n" +
 	"\tEmbedding\x12\x14\n" +
 	"\x05index\x18\x01 \x01(\x05R\x05index\x12\x16\n" +
-	"\x06values\x18\x02 \x03(\x02R\x06values\"\xc7\x01\n" +
+	"\x06values\x18\x02 \x03(\x02R\x06values\"\xfe\x01\n" +
 	"\x18CreateEmbeddingsResponse\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\tR\x05model\x12=\n" +
 	"\n" +
 	"embeddings\x18\x02 \x03(\v2\x1d.marie.providers.v1.EmbeddingR\n" +
 	"embeddings\x12/\n" +
 	"\x05usage\x18\x03 \x01(\v2\x19.marie.providers.v1.UsageR\x05usage\x12%\n" +
-	"\x0einput_handling\x18\x04 \x01(\tR\rinputHandling\"\xd8\x02\n" +
+	"\x0einput_handling\x18\x04 \x01(\tR\rinputHandling\x125\n" +
+	"\x05cache\x18\x05 \x01(\x0e2\x1f.marie.providers.v1.CacheResultR\x05cache\"\x8f\x03\n" +
 	"\x17StreamCompletionRequest\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\tR\x05model\x12\x1a\n" +
 	"\bprovider\x18\x02 \x01(\tR\bprovider\x12\x16\n" +
@@ -4356,8 +4594,9 @@ const file_marie_providers_v1_provider_service_proto_rawDesc = "" +
 	"\x04user\x18\b \x01(\tR\x04user\x12#\n" +
 	"\rcompletion_id\x18\t \x01(\tR\fcompletionId\x12\x1c\n" +
 	"\taggregate\x18\n" +
-	" \x01(\bR\taggregateB\v\n" +
-	"\t_logprobs\"\xc0\x02\n" +
+	" \x01(\bR\taggregate\x125\n" +
+	"\x05cache\x18\v \x01(\v2\x1f.marie.providers.v1.CachePolicyR\x05cacheB\v\n" +
+	"\t_logprobs\"\xf7\x02\n" +
 	"\x18StreamCompletionResponse\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x14\n" +
 	"\x05model\x18\x02 \x01(\tR\x05model\x12\x1a\n" +
@@ -4366,7 +4605,8 @@ const file_marie_providers_v1_provider_service_proto_rawDesc = "" +
 	"\x04text\x18\x05 \x01(\tR\x04text\x12E\n" +
 	"\rfinish_reason\x18\x06 \x01(\x0e2 .marie.providers.v1.FinishReasonR\ffinishReason\x12/\n" +
 	"\x05usage\x18\a \x01(\v2\x19.marie.providers.v1.UsageR\x05usage\x12<\n" +
-	"\blogprobs\x18\b \x03(\v2 .marie.providers.v1.TokenLogprobR\blogprobs*\x9a\x01\n" +
+	"\blogprobs\x18\b \x03(\v2 .marie.providers.v1.TokenLogprobR\blogprobs\x125\n" +
+	"\x05cache\x18\t \x01(\x0e2\x1f.marie.providers.v1.CacheResultR\x05cache*\x9a\x01\n" +
 	"\fHealthStatus\x12\x1d\n" +
 	"\x19HEALTH_STATUS_UNSPECIFIED\x10\x00\x12\x19\n" +
 	"\x15HEALTH_STATUS_HEALTHY\x10\x01\x12\x1b\n" +
@@ -4411,7 +4651,16 @@ const file_marie_providers_v1_provider_service_proto_rawDesc = "" +
 	" RESPONSE_FORMAT_TYPE_UNSPECIFIED\x10\x00\x12\x1d\n" +
 	"\x19RESPONSE_FORMAT_TYPE_TEXT\x10\x01\x12$\n" +
 	" RESPONSE_FORMAT_TYPE_JSON_OBJECT\x10\x02\x12$\n" +
-	" RESPONSE_FORMAT_TYPE_JSON_SCHEMA\x10\x03*\xbd\x01\n" +
+	" RESPONSE_FORMAT_TYPE_JSON_SCHEMA\x10\x03*j\n" +
+	"\tCacheMode\x12\x1a\n" +
+	"\x16CACHE_MODE_UNSPECIFIED\x10\x00\x12\x12\n" +
+	"\x0eCACHE_MODE_USE\x10\x01\x12\x16\n" +
+	"\x12CACHE_MODE_REFRESH\x10\x02\x12\x15\n" +
+	"\x11CACHE_MODE_BYPASS\x10\x03*X\n" +
+	"\vCacheResult\x12\x1c\n" +
+	"\x18CACHE_RESULT_UNSPECIFIED\x10\x00\x12\x14\n" +
+	"\x10CACHE_RESULT_HIT\x10\x01\x12\x15\n" +
+	"\x11CACHE_RESULT_MISS\x10\x02*\xbd\x01\n" +
 	"\fFinishReason\x12\x1d\n" +
 	"\x19FINISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n" +
 	"\x12FINISH_REASON_STOP\x10\x01\x12\x18\n" +
@@ -4448,8 +4697,8 @@ func file_marie_providers_v1_provider_service_proto_rawDescGZIP() []byte {
 	return file_marie_providers_v1_provider_service_proto_rawDescData
 }
 
-var file_marie_providers_v1_provider_service_proto_enumTypes = make([]protoimpl.EnumInfo, 10)
-var file_marie_providers_v1_provider_service_proto_msgTypes = make([]protoimpl.MessageInfo, 46)
+var file_marie_providers_v1_provider_service_proto_enumTypes = make([]protoimpl.EnumInfo, 12)
+var file_marie_providers_v1_provider_service_proto_msgTypes = make([]protoimpl.MessageInfo, 47)
 var file_marie_providers_v1_provider_service_proto_goTypes = []any{
 	(HealthStatus)(0),                    // 0: marie.providers.v1.HealthStatus
 	(CircuitState)(0),                    // 1: marie.providers.v1.CircuitState
@@ -4459,135 +4708,145 @@ var file_marie_providers_v1_provider_service_proto_goTypes = []any{
 	(Role)(0),                            // 5: marie.providers.v1.Role
 	(ToolChoiceMode)(0),                  // 6: marie.providers.v1.ToolChoiceMode
 	(ResponseFormatType)(0),              // 7: marie.providers.v1.ResponseFormatType
-	(FinishReason)(0),                    // 8: marie.providers.v1.FinishReason
-	(EmbeddingInputType)(0),              // 9: marie.providers.v1.EmbeddingInputType
-	(*Provider)(nil),                     // 10: marie.providers.v1.Provider
-	(*ListProvidersRequest)(nil),         // 11: marie.providers.v1.ListProvidersRequest
-	(*ListProvidersResponse)(nil),        // 12: marie.providers.v1.ListProvidersResponse
-	(*ProviderHealth)(nil),               // 13: marie.providers.v1.ProviderHealth
-	(*DeploymentHealth)(nil),             // 14: marie.providers.v1.DeploymentHealth
-	(*GetProviderHealthRequest)(nil),     // 15: marie.providers.v1.GetProviderHealthRequest
-	(*GetProviderHealthResponse)(nil),    // 16: marie.providers.v1.GetProviderHealthResponse
-	(*ModelInfo)(nil),                    // 17: marie.providers.v1.ModelInfo
-	(*RouteInfo)(nil),                    // 18: marie.providers.v1.RouteInfo
-	(*RouteTarget)(nil),                  // 19: marie.providers.v1.RouteTarget
-	(*ListModelsRequest)(nil),            // 20: marie.providers.v1.ListModelsRequest
-	(*ListModelsResponse)(nil),           // 21: marie.providers.v1.ListModelsResponse
-	(*ProviderError)(nil),                // 22: marie.providers.v1.ProviderError
-	(*GetModelRequest)(nil),              // 23: marie.providers.v1.GetModelRequest
-	(*GetModelResponse)(nil),             // 24: marie.providers.v1.GetModelResponse
-	(*SearchModelsRequest)(nil),          // 25: marie.providers.v1.SearchModelsRequest
-	(*SearchModelsResponse)(nil),         // 26: marie.providers.v1.SearchModelsResponse
-	(*ContentPart)(nil),                  // 27: marie.providers.v1.ContentPart
-	(*ImageUrl)(nil),                     // 28: marie.providers.v1.ImageUrl
-	(*ToolCall)(nil),                     // 29: marie.providers.v1.ToolCall
-	(*FunctionCall)(nil),                 // 30: marie.providers.v1.FunctionCall
-	(*ChatMessage)(nil),                  // 31: marie.providers.v1.ChatMessage
-	(*Tool)(nil),                         // 32: marie.providers.v1.Tool
-	(*FunctionDefinition)(nil),           // 33: marie.providers.v1.FunctionDefinition
-	(*ToolChoice)(nil),                   // 34: marie.providers.v1.ToolChoice
-	(*ResponseFormat)(nil),               // 35: marie.providers.v1.ResponseFormat
-	(*SamplingParameters)(nil),           // 36: marie.providers.v1.SamplingParameters
-	(*StreamChatCompletionRequest)(nil),  // 37: marie.providers.v1.StreamChatCompletionRequest
-	(*UpstreamExtras)(nil),               // 38: marie.providers.v1.UpstreamExtras
-	(*Reasoning)(nil),                    // 39: marie.providers.v1.Reasoning
-	(*ToolCallDelta)(nil),                // 40: marie.providers.v1.ToolCallDelta
-	(*Usage)(nil),                        // 41: marie.providers.v1.Usage
-	(*CreateChatCompletionRequest)(nil),  // 42: marie.providers.v1.CreateChatCompletionRequest
-	(*CreateChatCompletionResponse)(nil), // 43: marie.providers.v1.CreateChatCompletionResponse
-	(*StreamChatCompletionResponse)(nil), // 44: marie.providers.v1.StreamChatCompletionResponse
-	(*TokenLogprob)(nil),                 // 45: marie.providers.v1.TokenLogprob
-	(*TopLogprob)(nil),                   // 46: marie.providers.v1.TopLogprob
-	(*CreateEmbeddingsRequest)(nil),      // 47: marie.providers.v1.CreateEmbeddingsRequest
-	(*TokenIds)(nil),                     // 48: marie.providers.v1.TokenIds
-	(*Embedding)(nil),                    // 49: marie.providers.v1.Embedding
-	(*CreateEmbeddingsResponse)(nil),     // 50: marie.providers.v1.CreateEmbeddingsResponse
-	(*StreamCompletionRequest)(nil),      // 51: marie.providers.v1.StreamCompletionRequest
-	(*StreamCompletionResponse)(nil),     // 52: marie.providers.v1.StreamCompletionResponse
-	nil,                                  // 53: marie.providers.v1.ModelInfo.MetadataEntry
-	nil,                                  // 54: marie.providers.v1.UpstreamExtras.HeadersEntry
-	nil,                                  // 55: marie.providers.v1.Usage.ServerToolRequestsEntry
-	(*timestamppb.Timestamp)(nil),        // 56: google.protobuf.Timestamp
-	(*structpb.Struct)(nil),              // 57: google.protobuf.Struct
+	(CacheMode)(0),                       // 8: marie.providers.v1.CacheMode
+	(CacheResult)(0),                     // 9: marie.providers.v1.CacheResult
+	(FinishReason)(0),                    // 10: marie.providers.v1.FinishReason
+	(EmbeddingInputType)(0),              // 11: marie.providers.v1.EmbeddingInputType
+	(*Provider)(nil),                     // 12: marie.providers.v1.Provider
+	(*ListProvidersRequest)(nil),         // 13: marie.providers.v1.ListProvidersRequest
+	(*ListProvidersResponse)(nil),        // 14: marie.providers.v1.ListProvidersResponse
+	(*ProviderHealth)(nil),               // 15: marie.providers.v1.ProviderHealth
+	(*DeploymentHealth)(nil),             // 16: marie.providers.v1.DeploymentHealth
+	(*GetProviderHealthRequest)(nil),     // 17: marie.providers.v1.GetProviderHealthRequest
+	(*GetProviderHealthResponse)(nil),    // 18: marie.providers.v1.GetProviderHealthResponse
+	(*ModelInfo)(nil),                    // 19: marie.providers.v1.ModelInfo
+	(*RouteInfo)(nil),                    // 20: marie.providers.v1.RouteInfo
+	(*RouteTarget)(nil),                  // 21: marie.providers.v1.RouteTarget
+	(*ListModelsRequest)(nil),            // 22: marie.providers.v1.ListModelsRequest
+	(*ListModelsResponse)(nil),           // 23: marie.providers.v1.ListModelsResponse
+	(*ProviderError)(nil),                // 24: marie.providers.v1.ProviderError
+	(*GetModelRequest)(nil),              // 25: marie.providers.v1.GetModelRequest
+	(*GetModelResponse)(nil),             // 26: marie.providers.v1.GetModelResponse
+	(*SearchModelsRequest)(nil),          // 27: marie.providers.v1.SearchModelsRequest
+	(*SearchModelsResponse)(nil),         // 28: marie.providers.v1.SearchModelsResponse
+	(*ContentPart)(nil),                  // 29: marie.providers.v1.ContentPart
+	(*ImageUrl)(nil),                     // 30: marie.providers.v1.ImageUrl
+	(*ToolCall)(nil),                     // 31: marie.providers.v1.ToolCall
+	(*FunctionCall)(nil),                 // 32: marie.providers.v1.FunctionCall
+	(*ChatMessage)(nil),                  // 33: marie.providers.v1.ChatMessage
+	(*Tool)(nil),                         // 34: marie.providers.v1.Tool
+	(*FunctionDefinition)(nil),           // 35: marie.providers.v1.FunctionDefinition
+	(*ToolChoice)(nil),                   // 36: marie.providers.v1.ToolChoice
+	(*ResponseFormat)(nil),               // 37: marie.providers.v1.ResponseFormat
+	(*SamplingParameters)(nil),           // 38: marie.providers.v1.SamplingParameters
+	(*StreamChatCompletionRequest)(nil),  // 39: marie.providers.v1.StreamChatCompletionRequest
+	(*CachePolicy)(nil),                  // 40: marie.providers.v1.CachePolicy
+	(*UpstreamExtras)(nil),               // 41: marie.providers.v1.UpstreamExtras
+	(*Reasoning)(nil),                    // 42: marie.providers.v1.Reasoning
+	(*ToolCallDelta)(nil),                // 43: marie.providers.v1.ToolCallDelta
+	(*Usage)(nil),                        // 44: marie.providers.v1.Usage
+	(*CreateChatCompletionRequest)(nil),  // 45: marie.providers.v1.CreateChatCompletionRequest
+	(*CreateChatCompletionResponse)(nil), // 46: marie.providers.v1.CreateChatCompletionResponse
+	(*StreamChatCompletionResponse)(nil), // 47: marie.providers.v1.StreamChatCompletionResponse
+	(*TokenLogprob)(nil),                 // 48: marie.providers.v1.TokenLogprob
+	(*TopLogprob)(nil),                   // 49: marie.providers.v1.TopLogprob
+	(*CreateEmbeddingsRequest)(nil),      // 50: marie.providers.v1.CreateEmbeddingsRequest
+	(*TokenIds)(nil),                     // 51: marie.providers.v1.TokenIds
+	(*Embedding)(nil),                    // 52: marie.providers.v1.Embedding
+	(*CreateEmbeddingsResponse)(nil),     // 53: marie.providers.v1.CreateEmbeddingsResponse
+	(*StreamCompletionRequest)(nil),      // 54: marie.providers.v1.StreamCompletionRequest
+	(*StreamCompletionResponse)(nil),     // 55: marie.providers.v1.StreamCompletionResponse
+	nil,                                  // 56: marie.providers.v1.ModelInfo.MetadataEntry
+	nil,                                  // 57: marie.providers.v1.UpstreamExtras.HeadersEntry
+	nil,                                  // 58: marie.providers.v1.Usage.ServerToolRequestsEntry
+	(*timestamppb.Timestamp)(nil),        // 59: google.protobuf.Timestamp
+	(*structpb.Struct)(nil),              // 60: google.protobuf.Struct
 }
 var file_marie_providers_v1_provider_service_proto_depIdxs = []int32{
-	10, // 0: marie.providers.v1.ListProvidersResponse.providers:type_name -> marie.providers.v1.Provider
+	12, // 0: marie.providers.v1.ListProvidersResponse.providers:type_name -> marie.providers.v1.Provider
 	0,  // 1: marie.providers.v1.ProviderHealth.status:type_name -> marie.providers.v1.HealthStatus
-	56, // 2: marie.providers.v1.ProviderHealth.check_time:type_name -> google.protobuf.Timestamp
-	14, // 3: marie.providers.v1.ProviderHealth.deployments:type_name -> marie.providers.v1.DeploymentHealth
+	59, // 2: marie.providers.v1.ProviderHealth.check_time:type_name -> google.protobuf.Timestamp
+	16, // 3: marie.providers.v1.ProviderHealth.deployments:type_name -> marie.providers.v1.DeploymentHealth
 	1,  // 4: marie.providers.v1.DeploymentHealth.circuit:type_name -> marie.providers.v1.CircuitState
-	56, // 5: marie.providers.v1.DeploymentHealth.retry_time:type_name -> google.protobuf.Timestamp
+	59, // 5: marie.providers.v1.DeploymentHealth.retry_time:type_name -> google.protobuf.Timestamp
 	2,  // 6: marie.providers.v1.DeploymentHealth.operation:type_name -> marie.providers.v1.Operation
-	13, // 7: marie.providers.v1.GetProviderHealthResponse.providers:type_name -> marie.providers.v1.ProviderHealth
+	15, // 7: marie.providers.v1.GetProviderHealthResponse.providers:type_name -> marie.providers.v1.ProviderHealth
 	3,  // 8: marie.providers.v1.ModelInfo.capabilities:type_name -> marie.providers.v1.ModelCapability
-	53, // 9: marie.providers.v1.ModelInfo.metadata:type_name -> marie.providers.v1.ModelInfo.MetadataEntry
-	56, // 10: marie.providers.v1.ModelInfo.modified_time:type_name -> google.protobuf.Timestamp
-	18, // 11: marie.providers.v1.ModelInfo.route:type_name -> marie.providers.v1.RouteInfo
+	56, // 9: marie.providers.v1.ModelInfo.metadata:type_name -> marie.providers.v1.ModelInfo.MetadataEntry
+	59, // 10: marie.providers.v1.ModelInfo.modified_time:type_name -> google.protobuf.Timestamp
+	20, // 11: marie.providers.v1.ModelInfo.route:type_name -> marie.providers.v1.RouteInfo
 	4,  // 12: marie.providers.v1.RouteInfo.kind:type_name -> marie.providers.v1.RouteKind
-	19, // 13: marie.providers.v1.RouteInfo.targets:type_name -> marie.providers.v1.RouteTarget
+	21, // 13: marie.providers.v1.RouteInfo.targets:type_name -> marie.providers.v1.RouteTarget
 	3,  // 14: marie.providers.v1.ListModelsRequest.capability:type_name -> marie.providers.v1.ModelCapability
-	17, // 15: marie.providers.v1.ListModelsResponse.models:type_name -> marie.providers.v1.ModelInfo
-	22, // 16: marie.providers.v1.ListModelsResponse.provider_errors:type_name -> marie.providers.v1.ProviderError
-	17, // 17: marie.providers.v1.GetModelResponse.model:type_name -> marie.providers.v1.ModelInfo
-	17, // 18: marie.providers.v1.SearchModelsResponse.models:type_name -> marie.providers.v1.ModelInfo
-	28, // 19: marie.providers.v1.ContentPart.image_url:type_name -> marie.providers.v1.ImageUrl
-	30, // 20: marie.providers.v1.ToolCall.function:type_name -> marie.providers.v1.FunctionCall
+	19, // 15: marie.providers.v1.ListModelsResponse.models:type_name -> marie.providers.v1.ModelInfo
+	24, // 16: marie.providers.v1.ListModelsResponse.provider_errors:type_name -> marie.providers.v1.ProviderError
+	19, // 17: marie.providers.v1.GetModelResponse.model:type_name -> marie.providers.v1.ModelInfo
+	19, // 18: marie.providers.v1.SearchModelsResponse.models:type_name -> marie.providers.v1.ModelInfo
+	30, // 19: marie.providers.v1.ContentPart.image_url:type_name -> marie.providers.v1.ImageUrl
+	32, // 20: marie.providers.v1.ToolCall.function:type_name -> marie.providers.v1.FunctionCall
 	5,  // 21: marie.providers.v1.ChatMessage.role:type_name -> marie.providers.v1.Role
-	27, // 22: marie.providers.v1.ChatMessage.parts:type_name -> marie.providers.v1.ContentPart
-	29, // 23: marie.providers.v1.ChatMessage.tool_calls:type_name -> marie.providers.v1.ToolCall
-	33, // 24: marie.providers.v1.Tool.function:type_name -> marie.providers.v1.FunctionDefinition
-	57, // 25: marie.providers.v1.FunctionDefinition.parameters:type_name -> google.protobuf.Struct
+	29, // 22: marie.providers.v1.ChatMessage.parts:type_name -> marie.providers.v1.ContentPart
+	31, // 23: marie.providers.v1.ChatMessage.tool_calls:type_name -> marie.providers.v1.ToolCall
+	35, // 24: marie.providers.v1.Tool.function:type_name -> marie.providers.v1.FunctionDefinition
+	60, // 25: marie.providers.v1.FunctionDefinition.parameters:type_name -> google.protobuf.Struct
 	6,  // 26: marie.providers.v1.ToolChoice.mode:type_name -> marie.providers.v1.ToolChoiceMode
 	7,  // 27: marie.providers.v1.ResponseFormat.type:type_name -> marie.providers.v1.ResponseFormatType
-	57, // 28: marie.providers.v1.ResponseFormat.json_schema:type_name -> google.protobuf.Struct
-	31, // 29: marie.providers.v1.StreamChatCompletionRequest.messages:type_name -> marie.providers.v1.ChatMessage
-	36, // 30: marie.providers.v1.StreamChatCompletionRequest.sampling:type_name -> marie.providers.v1.SamplingParameters
-	35, // 31: marie.providers.v1.StreamChatCompletionRequest.response_format:type_name -> marie.providers.v1.ResponseFormat
-	32, // 32: marie.providers.v1.StreamChatCompletionRequest.tools:type_name -> marie.providers.v1.Tool
-	34, // 33: marie.providers.v1.StreamChatCompletionRequest.tool_choice:type_name -> marie.providers.v1.ToolChoice
-	38, // 34: marie.providers.v1.StreamChatCompletionRequest.upstream_extras:type_name -> marie.providers.v1.UpstreamExtras
-	54, // 35: marie.providers.v1.UpstreamExtras.headers:type_name -> marie.providers.v1.UpstreamExtras.HeadersEntry
-	55, // 36: marie.providers.v1.Usage.server_tool_requests:type_name -> marie.providers.v1.Usage.ServerToolRequestsEntry
-	37, // 37: marie.providers.v1.CreateChatCompletionRequest.chat:type_name -> marie.providers.v1.StreamChatCompletionRequest
-	44, // 38: marie.providers.v1.CreateChatCompletionResponse.chunks:type_name -> marie.providers.v1.StreamChatCompletionResponse
-	5,  // 39: marie.providers.v1.StreamChatCompletionResponse.role:type_name -> marie.providers.v1.Role
-	40, // 40: marie.providers.v1.StreamChatCompletionResponse.tool_calls:type_name -> marie.providers.v1.ToolCallDelta
-	8,  // 41: marie.providers.v1.StreamChatCompletionResponse.finish_reason:type_name -> marie.providers.v1.FinishReason
-	41, // 42: marie.providers.v1.StreamChatCompletionResponse.usage:type_name -> marie.providers.v1.Usage
-	45, // 43: marie.providers.v1.StreamChatCompletionResponse.logprobs:type_name -> marie.providers.v1.TokenLogprob
-	39, // 44: marie.providers.v1.StreamChatCompletionResponse.reasoning:type_name -> marie.providers.v1.Reasoning
-	46, // 45: marie.providers.v1.TokenLogprob.top_logprobs:type_name -> marie.providers.v1.TopLogprob
-	48, // 46: marie.providers.v1.CreateEmbeddingsRequest.token_inputs:type_name -> marie.providers.v1.TokenIds
-	9,  // 47: marie.providers.v1.CreateEmbeddingsRequest.input_type:type_name -> marie.providers.v1.EmbeddingInputType
-	49, // 48: marie.providers.v1.CreateEmbeddingsResponse.embeddings:type_name -> marie.providers.v1.Embedding
-	41, // 49: marie.providers.v1.CreateEmbeddingsResponse.usage:type_name -> marie.providers.v1.Usage
-	36, // 50: marie.providers.v1.StreamCompletionRequest.sampling:type_name -> marie.providers.v1.SamplingParameters
-	8,  // 51: marie.providers.v1.StreamCompletionResponse.finish_reason:type_name -> marie.providers.v1.FinishReason
-	41, // 52: marie.providers.v1.StreamCompletionResponse.usage:type_name -> marie.providers.v1.Usage
-	45, // 53: marie.providers.v1.StreamCompletionResponse.logprobs:type_name -> marie.providers.v1.TokenLogprob
-	11, // 54: marie.providers.v1.ProviderService.ListProviders:input_type -> marie.providers.v1.ListProvidersRequest
-	15, // 55: marie.providers.v1.ProviderService.GetProviderHealth:input_type -> marie.providers.v1.GetProviderHealthRequest
-	20, // 56: marie.providers.v1.ProviderService.ListModels:input_type -> marie.providers.v1.ListModelsRequest
-	23, // 57: marie.providers.v1.ProviderService.GetModel:input_type -> marie.providers.v1.GetModelRequest
-	25, // 58: marie.providers.v1.ProviderService.SearchModels:input_type -> marie.providers.v1.SearchModelsRequest
-	37, // 59: marie.providers.v1.ProviderService.StreamChatCompletion:input_type -> marie.providers.v1.StreamChatCompletionRequest
-	42, // 60: marie.providers.v1.ProviderService.CreateChatCompletion:input_type -> marie.providers.v1.CreateChatCompletionRequest
-	47, // 61: marie.providers.v1.ProviderService.CreateEmbeddings:input_type -> marie.providers.v1.CreateEmbeddingsRequest
-	51, // 62: marie.providers.v1.ProviderService.StreamCompletion:input_type -> marie.providers.v1.StreamCompletionRequest
-	12, // 63: marie.providers.v1.ProviderService.ListProviders:output_type -> marie.providers.v1.ListProvidersResponse
-	16, // 64: marie.providers.v1.ProviderService.GetProviderHealth:output_type -> marie.providers.v1.GetProviderHealthResponse
-	21, // 65: marie.providers.v1.ProviderService.ListModels:output_type -> marie.providers.v1.ListModelsResponse
-	24, // 66: marie.providers.v1.ProviderService.GetModel:output_type -> marie.providers.v1.GetModelResponse
-	26, // 67: marie.providers.v1.ProviderService.SearchModels:output_type -> marie.providers.v1.SearchModelsResponse
-	44, // 68: marie.providers.v1.ProviderService.StreamChatCompletion:output_type -> marie.providers.v1.StreamChatCompletionResponse
-	43, // 69: marie.providers.v1.ProviderService.CreateChatCompletion:output_type -> marie.providers.v1.CreateChatCompletionResponse
-	50, // 70: marie.providers.v1.ProviderService.CreateEmbeddings:output_type -> marie.providers.v1.CreateEmbeddingsResponse
-	52, // 71: marie.providers.v1.ProviderService.StreamCompletion:output_type -> marie.providers.v1.StreamCompletionResponse
-	63, // [63:72] is the sub-list for method output_type
-	54, // [54:63] is the sub-list for method input_type
-	54, // [54:54] is the sub-list for extension type_name
-	54, // [54:54] is the sub-list for extension extendee
-	0,  // [0:54] is the sub-list for field type_name
+	60, // 28: marie.providers.v1.ResponseFormat.json_schema:type_name -> google.protobuf.Struct
+	33, // 29: marie.providers.v1.StreamChatCompletionRequest.messages:type_name -> marie.providers.v1.ChatMessage
+	38, // 30: marie.providers.v1.StreamChatCompletionRequest.sampling:type_name -> marie.providers.v1.SamplingParameters
+	37, // 31: marie.providers.v1.StreamChatCompletionRequest.response_format:type_name -> marie.providers.v1.ResponseFormat
+	34, // 32: marie.providers.v1.StreamChatCompletionRequest.tools:type_name -> marie.providers.v1.Tool
+	36, // 33: marie.providers.v1.StreamChatCompletionRequest.tool_choice:type_name -> marie.providers.v1.ToolChoice
+	41, // 34: marie.providers.v1.StreamChatCompletionRequest.upstream_extras:type_name -> marie.providers.v1.UpstreamExtras
+	40, // 35: marie.providers.v1.StreamChatCompletionRequest.cache:type_name -> marie.providers.v1.CachePolicy
+	8,  // 36: marie.providers.v1.CachePolicy.mode:type_name -> marie.providers.v1.CacheMode
+	57, // 37: marie.providers.v1.UpstreamExtras.headers:type_name -> marie.providers.v1.UpstreamExtras.HeadersEntry
+	58, // 38: marie.providers.v1.Usage.server_tool_requests:type_name -> marie.providers.v1.Usage.ServerToolRequestsEntry
+	39, // 39: marie.providers.v1.CreateChatCompletionRequest.chat:type_name -> marie.providers.v1.StreamChatCompletionRequest
+	47, // 40: marie.providers.v1.CreateChatCompletionResponse.chunks:type_name -> marie.providers.v1.StreamChatCompletionResponse
+	5,  // 41: marie.providers.v1.StreamChatCompletionResponse.role:type_name -> marie.providers.v1.Role
+	43, // 42: marie.providers.v1.StreamChatCompletionResponse.tool_calls:type_name -> marie.providers.v1.ToolCallDelta
+	10, // 43: marie.providers.v1.StreamChatCompletionResponse.finish_reason:type_name -> marie.providers.v1.FinishReason
+	44, // 44: marie.providers.v1.StreamChatCompletionResponse.usage:type_name -> marie.providers.v1.Usage
+	48, // 45: marie.providers.v1.StreamChatCompletionResponse.logprobs:type_name -> marie.providers.v1.TokenLogprob
+	42, // 46: marie.providers.v1.StreamChatCompletionResponse.reasoning:type_name -> marie.providers.v1.Reasoning
+	9,  // 47: marie.providers.v1.StreamChatCompletionResponse.cache:type_name -> marie.providers.v1.CacheResult
+	49, // 48: marie.providers.v1.TokenLogprob.top_logprobs:type_name -> marie.providers.v1.TopLogprob
+	51, // 49: marie.providers.v1.CreateEmbeddingsRequest.token_inputs:type_name -> marie.providers.v1.TokenIds
+	11, // 50: marie.providers.v1.CreateEmbeddingsRequest.input_type:type_name -> marie.providers.v1.EmbeddingInputType
+	40, // 51: marie.providers.v1.CreateEmbeddingsRequest.cache:type_name -> marie.providers.v1.CachePolicy
+	52, // 52: marie.providers.v1.CreateEmbeddingsResponse.embeddings:type_name -> marie.providers.v1.Embedding
+	44, // 53: marie.providers.v1.CreateEmbeddingsResponse.usage:type_name -> marie.providers.v1.Usage
+	9,  // 54: marie.providers.v1.CreateEmbeddingsResponse.cache:type_name -> marie.providers.v1.CacheResult
+	38, // 55: marie.providers.v1.StreamCompletionRequest.sampling:type_name -> marie.providers.v1.SamplingParameters
+	40, // 56: marie.providers.v1.StreamCompletionRequest.cache:type_name -> marie.providers.v1.CachePolicy
+	10, // 57: marie.providers.v1.StreamCompletionResponse.finish_reason:type_name -> marie.providers.v1.FinishReason
+	44, // 58: marie.providers.v1.StreamCompletionResponse.usage:type_name -> marie.providers.v1.Usage
+	48, // 59: marie.providers.v1.StreamCompletionResponse.logprobs:type_name -> marie.providers.v1.TokenLogprob
+	9,  // 60: marie.providers.v1.StreamCompletionResponse.cache:type_name -> marie.providers.v1.CacheResult
+	13, // 61: marie.providers.v1.ProviderService.ListProviders:input_type -> marie.providers.v1.ListProvidersRequest
+	17, // 62: marie.providers.v1.ProviderService.GetProviderHealth:input_type -> marie.providers.v1.GetProviderHealthRequest
+	22, // 63: marie.providers.v1.ProviderService.ListModels:input_type -> marie.providers.v1.ListModelsRequest
+	25, // 64: marie.providers.v1.ProviderService.GetModel:input_type -> marie.providers.v1.GetModelRequest
+	27, // 65: marie.providers.v1.ProviderService.SearchModels:input_type -> marie.providers.v1.SearchModelsRequest
+	39, // 66: marie.providers.v1.ProviderService.StreamChatCompletion:input_type -> marie.providers.v1.StreamChatCompletionRequest
+	45, // 67: marie.providers.v1.ProviderService.CreateChatCompletion:input_type -> marie.providers.v1.CreateChatCompletionRequest
+	50, // 68: marie.providers.v1.ProviderService.CreateEmbeddings:input_type -> marie.providers.v1.CreateEmbeddingsRequest
+	54, // 69: marie.providers.v1.ProviderService.StreamCompletion:input_type -> marie.providers.v1.StreamCompletionRequest
+	14, // 70: marie.providers.v1.ProviderService.ListProviders:output_type -> marie.providers.v1.ListProvidersResponse
+	18, // 71: marie.providers.v1.ProviderService.GetProviderHealth:output_type -> marie.providers.v1.GetProviderHealthResponse
+	23, // 72: marie.providers.v1.ProviderService.ListModels:output_type -> marie.providers.v1.ListModelsResponse
+	26, // 73: marie.providers.v1.ProviderService.GetModel:output_type -> marie.providers.v1.GetModelResponse
+	28, // 74: marie.providers.v1.ProviderService.SearchModels:output_type -> marie.providers.v1.SearchModelsResponse
+	47, // 75: marie.providers.v1.ProviderService.StreamChatCompletion:output_type -> marie.providers.v1.StreamChatCompletionResponse
+	46, // 76: marie.providers.v1.ProviderService.CreateChatCompletion:output_type -> marie.providers.v1.CreateChatCompletionResponse
+	53, // 77: marie.providers.v1.ProviderService.CreateEmbeddings:output_type -> marie.providers.v1.CreateEmbeddingsResponse
+	55, // 78: marie.providers.v1.ProviderService.StreamCompletion:output_type -> marie.providers.v1.StreamCompletionResponse
+	70, // [70:79] is the sub-list for method output_type
+	61, // [61:70] is the sub-list for method input_type
+	61, // [61:61] is the sub-list for extension type_name
+	61, // [61:61] is the sub-list for extension extendee
+	0,  // [0:61] is the sub-list for field type_name
 }
 
 func init() { file_marie_providers_v1_provider_service_proto_init() }
@@ -4600,14 +4859,14 @@ func file_marie_providers_v1_provider_service_proto_init() {
 		(*ContentPart_ImageUrl)(nil),
 	}
 	file_marie_providers_v1_provider_service_proto_msgTypes[26].OneofWrappers = []any{}
-	file_marie_providers_v1_provider_service_proto_msgTypes[41].OneofWrappers = []any{}
+	file_marie_providers_v1_provider_service_proto_msgTypes[42].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_marie_providers_v1_provider_service_proto_rawDesc), len(file_marie_providers_v1_provider_service_proto_rawDesc)),
-			NumEnums:      10,
-			NumMessages:   46,
+			NumEnums:      12,
+			NumMessages:   47,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
