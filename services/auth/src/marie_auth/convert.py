@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from google.protobuf.timestamp_pb2 import Timestamp
 from marie.auth.v1 import auth_service_pb2 as pb
+from marie_kit.prices import CURRENCY, usd_text
 
 from marie_auth.events import KeyEvent, KeyEventType
 from marie_auth.keys import Principal
@@ -123,6 +124,7 @@ GROUP_BY: dict[int, GroupBy] = {
     pb.USAGE_GROUP_BY_DAY: GroupBy.DAY,
     pb.USAGE_GROUP_BY_MODEL: GroupBy.MODEL,
     pb.USAGE_GROUP_BY_KEY: GroupBy.KEY,
+    pb.USAGE_GROUP_BY_OWNER: GroupBy.OWNER,
 }
 
 
@@ -139,6 +141,9 @@ def usage_record_from_proto(record: pb.UsageRecord) -> UsageRecord:
         latency_ms=record.latency_ms,
         status=record.status,
         time=unix_seconds(record.time) if record.HasField("time") else 0.0,
+        cached_prompt_tokens=record.cached_prompt_tokens,
+        cost_picodollars=record.cost_picodollars,
+        priced=record.priced,
     )
 
 
@@ -151,12 +156,17 @@ def totals_to_proto(totals: Totals) -> pb.UsageTotals:
         errors=totals.errors,
         latency_p50_ms=totals.latency_p50_ms,
         latency_p95_ms=totals.latency_p95_ms,
+        cost=usd_text(totals.cost_picodollars),
+        cached_prompt_tokens=totals.cached_prompt_tokens,
+        unpriced_requests=totals.unpriced_requests,
     )
 
 
 def usage_report_to_proto(report: UsageReport) -> pb.QueryUsageResponse:
     return pb.QueryUsageResponse(
-        total=totals_to_proto(report.total), groups=[totals_to_proto(g) for g in report.groups]
+        total=totals_to_proto(report.total),
+        groups=[totals_to_proto(g) for g in report.groups],
+        currency=CURRENCY,
     )
 
 

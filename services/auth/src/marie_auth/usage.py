@@ -5,6 +5,10 @@ keeps the records in a table of the auth SQLite file, on its own connection
 and worker thread (WAL lets it write beside the key store). A batch is one
 transaction with `synchronous = FULL`: once `record` returns, the batch
 survives a crash or a power cut. Record ids make a re-sent batch harmless.
+
+Each row carries its cost in picodollars (10⁻¹² USD, an integer), computed
+by the recorder from the price table (`marie_kit.prices`); totals add those
+integers, so a total is exactly the sum of its rows.
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
+from marie_kit.prices import MAX_PICODOLLARS
 from marie_kit.sqlite import open_on_thread, write_transaction
 
 from marie_auth.errors import invalid_argument
@@ -46,11 +51,21 @@ CREATE INDEX IF NOT EXISTS usage_time ON usage_records (time);
 CREATE INDEX IF NOT EXISTS usage_key_time ON usage_records (key_id, time);
 CREATE INDEX IF NOT EXISTS usage_owner_time ON usage_records (owner, time);
 """
+#: Columns added after the table's first version; added by name when missing
+#: (the file's PRAGMA user_version belongs to the key store).
+_SPEND_COLUMNS = (
+    ("cached_prompt_tokens", "INTEGER NOT NULL DEFAULT 0"),
+    ("cost_picodollars", "INTEGER NOT NULL DEFAULT 0"),
+    # Rows from before prices existed were not priced.
+    ("priced", "INTEGER NOT NULL DEFAULT 0"),
+)
 _INSERT = (
     "INSERT OR IGNORE INTO usage_records (id, key_id, owner, provider, model, operation, "
-    "prompt_tokens, completion_tokens, latency_ms, status, time) VALUES "
+    "prompt_tokens, completion_tokens, latency_ms, status, time, cached_prompt_tokens, "
+    "cost_picodollars, priced) VALUES "
     "(:id, :key_id, :owner, :provider, :model, :operation, :prompt_tokens, "
-    ":completion_tokens, :latency_ms, :status, :time)"
+    ":completion_tokens, :latency_ms, :status, :time, :cached_prompt_tokens, "
+    ":cost_picodollars, :priced)"
 )
 # The group expression is chosen from this table, never from input.
 _GROUP_SQL = {
@@ -58,6 +73,7 @@ _GROUP_SQL = {
     "day": "strftime('%Y-%m-%d', time, 'unixepoch')",
     "model": "model",
     "key": "key_id",
+    "owner": "owner",
 }
 
 T = TypeVar("T")
@@ -68,6 +84,7 @@ class GroupBy(StrEnum):
     DAY = "day"
     MODEL = "model"
     KEY = "key"
+    OWNER = "owner"
 
 
 @dataclass(frozen=True)
@@ -85,6 +102,22 @@ class UsageRecord:
     latency_ms: float
     status: int
     time: float
+    cached_prompt_tokens: int = 0
+    cost_picodollars: int = 0
+    priced: bool = False
+
+
+class Row(NamedTuple):
+    """What totals need of one selected record."""
+
+    group: str
+    prompt_tokens: int
+    completion_tokens: int
+    status: int
+    latency_ms: float
+    cached_prompt_tokens: int
+    cost_picodollars: int
+    priced: bool
 
 
 @dataclass
@@ -96,6 +129,10 @@ class Totals:
     errors: int = 0
     latency_p50_ms: float = 0.0
     latency_p95_ms: float = 0.0
+    cached_prompt_tokens: int = 0
+    #: Picodollars (10⁻¹² USD), exact.
+    cost_picodollars: int = 0
+    unpriced_requests: int = 0
 
 
 @dataclass
@@ -123,10 +160,19 @@ def _check(records: Sequence[UsageRecord]) -> None:
         for name in ("id", "key_id", "owner", "provider", "model", "operation"):
             if len(getattr(r, name)) > MAX_TEXT:
                 raise invalid_argument(f"{where}.{name}", f"{name} is at most {MAX_TEXT} chars")
-        for name in ("prompt_tokens", "completion_tokens", "latency_ms"):
+        for name in ("prompt_tokens", "completion_tokens", "latency_ms", "cached_prompt_tokens"):
             value = getattr(r, name)
             if value < 0 or not math.isfinite(value):
                 raise invalid_argument(f"{where}.{name}", f"{name} must not be negative")
+        if r.cached_prompt_tokens > r.prompt_tokens:
+            raise invalid_argument(
+                f"{where}.cached_prompt_tokens", "cached_prompt_tokens must not exceed prompt_tokens"
+            )
+        if not 0 <= r.cost_picodollars <= MAX_PICODOLLARS:
+            raise invalid_argument(
+                f"{where}.cost_picodollars",
+                f"cost_picodollars must be between 0 and {MAX_PICODOLLARS}",
+            )
         if not 100 <= r.status <= 599:
             raise invalid_argument(f"{where}.status", "status must be an HTTP status")
         if r.time <= 0:
@@ -145,6 +191,9 @@ class SqliteUsageStore:
     async def open(cls, path: Path, *, max_bytes: int = 0) -> SqliteUsageStore:
         connection, executor = await open_on_thread(
             path, _SCHEMA, thread_name="marie-auth-usage", max_bytes=max_bytes
+        )
+        await asyncio.get_running_loop().run_in_executor(
+            executor, functools.partial(_add_spend_columns, connection)
         )
         return cls(connection, executor)
 
@@ -166,7 +215,7 @@ class SqliteUsageStore:
 
     def _select(
         self, start: float, end: float, key_id: str, owner: str, group_by: GroupBy
-    ) -> list[tuple[str, int, int, int, float]]:
+    ) -> list[Row]:
         clauses = ["time >= :start", "time < :end"]
         params: dict[str, Any] = {"start": start, "end": end}
         if key_id:
@@ -179,13 +228,17 @@ class SqliteUsageStore:
         # _GROUP_SQL, the clauses are literals; values are bound parameters.
         sql = (
             f"SELECT {_GROUP_SQL[group_by.value]} AS grp, prompt_tokens, completion_tokens, "  # noqa: S608
-            f"status, latency_ms FROM usage_records WHERE {' AND '.join(clauses)}"
+            f"status, latency_ms, cached_prompt_tokens, cost_picodollars, priced "
+            f"FROM usage_records WHERE {' AND '.join(clauses)}"
         )
-        return [tuple(row) for row in self._db.execute(sql, params)]
+        return [
+            Row(str(r[0]), r[1], r[2], r[3], r[4], r[5], r[6], bool(r[7]))
+            for r in self._db.execute(sql, params)
+        ]
 
     async def select(
         self, start: float, end: float, key_id: str, owner: str, group_by: GroupBy
-    ) -> list[tuple[str, int, int, int, float]]:
+    ) -> list[Row]:
         return await self._run(self._select, start, end, key_id, owner, group_by)
 
     async def close(self) -> None:
@@ -196,16 +249,28 @@ class SqliteUsageStore:
         self._executor.shutdown(wait=False)
 
 
-def _totals(group: str, rows: list[tuple[str, int, int, int, float]]) -> Totals:
-    latencies = sorted(row[4] for row in rows)
+def _add_spend_columns(db: sqlite3.Connection) -> None:
+    """Add the spend columns to a ledger made before them (idempotent)."""
+    have = {str(row[1]) for row in db.execute("PRAGMA table_info(usage_records)")}
+    with write_transaction(db):
+        for name, spec in _SPEND_COLUMNS:
+            if name not in have:
+                db.execute(f"ALTER TABLE usage_records ADD COLUMN {name} {spec}")
+
+
+def _totals(group: str, rows: list[Row]) -> Totals:
+    latencies = sorted(row.latency_ms for row in rows)
     return Totals(
         group=group,
         requests=len(rows),
-        prompt_tokens=sum(row[1] for row in rows),
-        completion_tokens=sum(row[2] for row in rows),
-        errors=sum(1 for row in rows if row[3] >= 400),
+        prompt_tokens=sum(row.prompt_tokens for row in rows),
+        completion_tokens=sum(row.completion_tokens for row in rows),
+        errors=sum(1 for row in rows if row.status >= 400),
         latency_p50_ms=percentile(latencies, 50),
         latency_p95_ms=percentile(latencies, 95),
+        cached_prompt_tokens=sum(row.cached_prompt_tokens for row in rows),
+        cost_picodollars=sum(row.cost_picodollars for row in rows),
+        unpriced_requests=sum(1 for row in rows if not row.priced),
     )
 
 
@@ -217,8 +282,8 @@ class UsageStore(Protocol):
 
     async def select(
         self, start: float, end: float, key_id: str, owner: str, group_by: GroupBy
-    ) -> list[tuple[str, int, int, int, float]]:
-        """(group, prompt tokens, completion tokens, status, latency) of each selected record."""
+    ) -> list[Row]:
+        """What totals need of each selected record."""
 
     async def close(self) -> None: ...
 
@@ -256,9 +321,9 @@ class UsageLedger:
         rows = await self._store.select(start, end, key_id, owner, group_by)
         report = UsageReport(_totals("", rows))
         if group_by is not GroupBy.NONE:
-            by_group: dict[str, list[tuple[str, int, int, int, float]]] = {}
+            by_group: dict[str, list[Row]] = {}
             for row in rows:
-                by_group.setdefault(str(row[0]), []).append(row)
+                by_group.setdefault(row.group, []).append(row)
             report.groups = [_totals(g, by_group[g]) for g in sorted(by_group)]
         return report
 
