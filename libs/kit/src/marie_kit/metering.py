@@ -57,6 +57,7 @@ from marie_kit.limits import (
     parse_limits_value,
 )
 from marie_kit.settings import AuthClientSettings
+from marie_kit.prices import NO_PRICES, PriceTable
 from marie_kit.usage import UsageRecorder, new_record_id, timestamp
 
 log = logging.getLogger("marie.metering")
@@ -101,6 +102,8 @@ class Report:
     completion_tokens: int = 0
     #: Whether the message carries the call's token counts.
     has_usage: bool = False
+    #: Of prompt_tokens, those read from the upstream's prompt cache.
+    cached_prompt_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +183,7 @@ class _Call:
     gets it with the code the call ended with (however it ended)."""
 
     __slots__ = (
+        "cached",
         "completion",
         "grant",
         "marker",
@@ -207,7 +211,7 @@ class _Call:
         self.time = unix_time()
         self.started = perf_counter()
         self.provider, self.model = metered.requested(request)
-        self.prompt = self.completion = 0
+        self.prompt = self.completion = self.cached = 0
 
     def __enter__(self) -> _Call:
         return self
@@ -224,9 +228,13 @@ class MeteringInterceptor(grpc.aio.ServerInterceptor):
     `start` has given the limiter and the ledger; before, a marked call is
     refused with UNAVAILABLE (the service is not ready)."""
 
-    def __init__(self, domain: str, methods: Mapping[str, Metered]) -> None:
+    def __init__(
+        self, domain: str, methods: Mapping[str, Metered], prices: PriceTable = NO_PRICES
+    ) -> None:
         self.domain = domain
         self.methods = methods
+        #: What each ledger record's cost is computed from (MARIE_CONFIG `prices`).
+        self.prices = prices
         self._limiter: Limiter | None = None
         self._usage: UsageSink | None = None
 
@@ -301,6 +309,7 @@ class MeteringInterceptor(grpc.aio.ServerInterceptor):
         if report.has_usage:
             call.prompt += report.prompt_tokens
             call.completion += report.completion_tokens
+            call.cached += min(report.cached_prompt_tokens, report.prompt_tokens)
             if self._limiter is not None:
                 self._limiter.charge(call.grant, report.prompt_tokens + report.completion_tokens)
 
@@ -310,6 +319,7 @@ class MeteringInterceptor(grpc.aio.ServerInterceptor):
             self._limiter.release(call.grant)
         if self._usage is None or not call.metered.spends_tokens:
             return
+        cost = self.prices.cost(call.model, call.prompt, call.completion, call.cached)
         self._usage(
             [
                 auth_pb.UsageRecord(
@@ -324,6 +334,9 @@ class MeteringInterceptor(grpc.aio.ServerInterceptor):
                     latency_ms=(perf_counter() - call.started) * 1000,
                     status=HTTP_STATUS.get(code, 500),
                     time=timestamp(call.time),
+                    cached_prompt_tokens=call.cached,
+                    cost_picodollars=cost.picodollars,
+                    priced=cost.priced,
                 )
             ]
         )

@@ -22,6 +22,7 @@ from marie_kit.channels import insecure_channel
 from marie_kit.leased_limits import LeasedLimiter
 from marie_kit.limits import Limiter, LocalLimiter, RateLimited
 from marie_kit.memory import LARGE_REQUEST_BYTES, schedule_trim
+from marie_kit.prices import PriceTable
 from marie_kit.usage import UsageRecorder
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
@@ -150,6 +151,8 @@ class Gateway:
         self.draining = False
         self.shutting_down = False
         self.limiter: Limiter = LocalLimiter()
+        # A bad price table stops the start, naming the file and the entry.
+        self.prices = PriceTable.load(settings.config)
         admin = settings.admin_key.get_secret_value() if settings.admin_key else ""
         # Only a digest is kept; presented keys are compared digest to digest.
         self._admin_digest = hashlib.sha256(admin.encode()).digest() if admin else None
@@ -301,7 +304,7 @@ class Gateway:
             ) from None
         if grant.requests is not None or grant.tokens is not None:
             request.scope[RATE_HEADERS_KEY] = quota_headers(grant.requests, grant.tokens)
-        tally = Tally(principal, grant, self.limiter, operation, ledger=tokens)
+        tally = Tally(principal, grant, self.limiter, operation, ledger=tokens, prices=self.prices)
         request.scope[TALLY_KEY] = tally
         return tally
 

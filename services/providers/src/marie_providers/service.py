@@ -337,7 +337,7 @@ class ProvidersComponent:
         # Calls through Envoy: the key's limits, and the usage ledger for those
         # that spend model capacity. The gateway's own calls pass at the cost
         # of one metadata lookup.
-        self.metering = MeteringInterceptor(DOMAIN, METERED)
+        self.metering = MeteringInterceptor(DOMAIN, METERED, self.config.price_table())
         self.interceptors: Sequence[grpc.aio.ServerInterceptor] = (self.metering,)
         self._metering: MeteringBackends | None = None
 

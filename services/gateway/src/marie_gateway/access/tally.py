@@ -5,6 +5,8 @@ A `Tally` charges its tokens to the key's limits the moment they are known
 and gives its concurrency slot back when the request ends; then it becomes
 ledger records (one per model) that the kit's `UsageRecorder` queues and
 sends to auth in batches (never blocking the request; see `marie_kit.usage`).
+Each record's cost is the price table's (`marie_kit.prices`) for the model
+as resolved.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from time import perf_counter
 from time import time as unix_time
 
 from marie.auth.v1 import auth_service_pb2 as auth_pb
+from marie.providers.v1 import provider_service_pb2 as pb
 from marie_kit.limits import Grant, Limiter
+from marie_kit.prices import NO_PRICES, PriceTable
 from marie_kit.usage import new_record_id, timestamp
 
 from marie_gateway.access.keys import Principal
@@ -32,6 +36,8 @@ class ModelUse:
     prompt_tokens: int
     completion_tokens: int
     failed: bool = False
+    #: Of prompt_tokens, those read from the upstream's prompt cache.
+    cached_prompt_tokens: int = 0
 
 
 @dataclass(slots=True)
@@ -54,11 +60,15 @@ class Tally:
     #: Set when the answer failed after it started (an error event).
     failed: bool = False
     finished: bool = False
+    #: What the records' costs are computed from.
+    prices: PriceTable = NO_PRICES
 
-    def add(self, model: str, prompt_tokens: int, completion_tokens: int) -> None:
+    def add(self, model: str, usage: pb.Usage) -> None:
         """Count what `model` used; charged to the key's token limits at once."""
-        self.uses.append(ModelUse(model, prompt_tokens, completion_tokens))
-        self.limiter.charge(self.grant, prompt_tokens + completion_tokens)
+        prompt, completion = usage.prompt_tokens, usage.completion_tokens
+        cached = min(usage.cached_prompt_tokens, prompt)
+        self.uses.append(ModelUse(model, prompt, completion, cached_prompt_tokens=cached))
+        self.limiter.charge(self.grant, prompt + completion)
 
     def add_failure(self, model: str) -> None:
         """`model` failed without reporting usage (one arm of a comparison)."""
@@ -86,6 +96,9 @@ class Tally:
         out = []
         for use in uses:
             failed = use.failed or (self.failed and status < 400)
+            cost = self.prices.cost(
+                use.model, use.prompt_tokens, use.completion_tokens, use.cached_prompt_tokens
+            )
             out.append(
                 auth_pb.UsageRecord(
                     id=new_record_id(),
@@ -99,6 +112,9 @@ class Tally:
                     latency_ms=latency_ms,
                     status=FAILED_STREAM_STATUS if failed else status,
                     time=at,
+                    cached_prompt_tokens=use.cached_prompt_tokens,
+                    cost_picodollars=cost.picodollars,
+                    priced=cost.priced,
                 )
             )
         return out

@@ -183,7 +183,8 @@ class CompareEvent(_Out):
 
 class UsageTotals(_Out):
     group: str | None = Field(
-        description="The UTC day (YYYY-MM-DD), model id or key id; null for the overall totals."
+        description="The UTC day (YYYY-MM-DD), model id, key id or owner; null for the "
+        "overall totals."
     )
     requests: int = Field(description="Requests (a comparison counts once per model).")
     prompt_tokens: int
@@ -194,6 +195,18 @@ class UsageTotals(_Out):
     )
     latency_p50_ms: float = Field(description="Median latency, admission to the end of the answer.")
     latency_p95_ms: float
+    cached_prompt_tokens: int = Field(
+        description="Of prompt_tokens, those the upstream read from its prompt cache."
+    )
+    cost: str = Field(
+        description="What the requests cost, in the report's currency, as exact decimal text "
+        '(e.g. "0.0315"; "0" for none): the sum of the ledger rows\' costs, each computed '
+        "when its request ended from the price of its model as resolved.",
+        examples=["0.0315"],
+    )
+    unpriced_requests: int = Field(
+        description="Requests whose model had no price in MARIE_CONFIG `prices` (they cost 0)."
+    )
 
 
 class UsageReport(_Out):
@@ -202,7 +215,8 @@ class UsageReport(_Out):
     object: Literal["usage"]
     start: str = Field(serialization_alias="from", description="ISO 8601, inclusive.")
     end: str = Field(serialization_alias="to", description="ISO 8601, exclusive.")
-    group_by: Literal["day", "model", "key"] | None
+    group_by: Literal["day", "model", "key", "owner"] | None
+    currency: Literal["USD"] = Field(description="The currency of every cost.")
     key_id: str | None = Field(description="Only this key's usage; null for every key.")
     owner: str | None = Field(description="Only this owner's keys; null for every owner.")
     total: UsageTotals

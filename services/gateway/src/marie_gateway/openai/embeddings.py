@@ -58,7 +58,7 @@ class EmbeddingRoutes:
                 # The client sent `input`; the contract's name for token ids means nothing to it.
                 error.param = "input"
             raise error from None
-        tally.add(reply.model, reply.usage.prompt_tokens, 0)
+        tally.add(reply.model, reply.usage)
         as_base64 = body.encoding_format == "base64"
         data = [
             {

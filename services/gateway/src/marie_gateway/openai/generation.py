@@ -68,6 +68,7 @@ def add_usage(total: pb.Usage | None, more: pb.Usage) -> pb.Usage:
         prompt_tokens=total.prompt_tokens + more.prompt_tokens,
         completion_tokens=total.completion_tokens + more.completion_tokens,
         total_tokens=total.total_tokens + more.total_tokens,
+        cached_prompt_tokens=total.cached_prompt_tokens + more.cached_prompt_tokens,
     )
 
 
@@ -174,7 +175,7 @@ class GenerationCall(Generic[C]):
             STREAMS_IN_FLIGHT.dec()
         if self.usage is not None:
             count_tokens(self.model, self.usage)
-            self.tally.add(self.model, self.usage.prompt_tokens, self.usage.completion_tokens)
+            self.tally.add(self.model, self.usage)
 
 
 ChatCall = GenerationCall[pb.StreamChatCompletionResponse]

@@ -151,6 +151,8 @@ const (
 	UsageGroupBy_USAGE_GROUP_BY_MODEL UsageGroupBy = 2
 	// By key id.
 	UsageGroupBy_USAGE_GROUP_BY_KEY UsageGroupBy = 3
+	// By owner (the key's owner when the request was made).
+	UsageGroupBy_USAGE_GROUP_BY_OWNER UsageGroupBy = 4
 )
 
 // Enum value maps for UsageGroupBy.
@@ -160,12 +162,14 @@ var (
 		1: "USAGE_GROUP_BY_DAY",
 		2: "USAGE_GROUP_BY_MODEL",
 		3: "USAGE_GROUP_BY_KEY",
+		4: "USAGE_GROUP_BY_OWNER",
 	}
 	UsageGroupBy_value = map[string]int32{
 		"USAGE_GROUP_BY_UNSPECIFIED": 0,
 		"USAGE_GROUP_BY_DAY":         1,
 		"USAGE_GROUP_BY_MODEL":       2,
 		"USAGE_GROUP_BY_KEY":         3,
+		"USAGE_GROUP_BY_OWNER":       4,
 	}
 )
 
@@ -1455,7 +1459,18 @@ type UsageRecord struct {
 	// HTTP status of the answer; 400 and above count as errors.
 	Status int32 `protobuf:"varint,10,opt,name=status,proto3" json:"status,omitempty"`
 	// When the request arrived; required.
-	Time          *timestamppb.Timestamp `protobuf:"bytes,11,opt,name=time,proto3" json:"time,omitempty"`
+	Time *timestamppb.Timestamp `protobuf:"bytes,11,opt,name=time,proto3" json:"time,omitempty"`
+	// Of prompt_tokens, those the upstream read from its prompt cache (OpenAI's
+	// prompt_tokens_details.cached_tokens, Anthropic's cache_read_input_tokens);
+	// at most prompt_tokens.
+	CachedPromptTokens int64 `protobuf:"varint,12,opt,name=cached_prompt_tokens,json=cachedPromptTokens,proto3" json:"cached_prompt_tokens,omitempty"`
+	// What the request cost, in picodollars (10^-12 USD), computed by the
+	// recorder from the price table (MARIE_CONFIG `prices`) for the model as
+	// resolved; not negative. 0 when the model has no price (then priced is
+	// false).
+	CostPicodollars int64 `protobuf:"varint,13,opt,name=cost_picodollars,json=costPicodollars,proto3" json:"cost_picodollars,omitempty"`
+	// Whether the model had a price when the request was recorded.
+	Priced        bool `protobuf:"varint,14,opt,name=priced,proto3" json:"priced,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1565,6 +1580,27 @@ func (x *UsageRecord) GetTime() *timestamppb.Timestamp {
 		return x.Time
 	}
 	return nil
+}
+
+func (x *UsageRecord) GetCachedPromptTokens() int64 {
+	if x != nil {
+		return x.CachedPromptTokens
+	}
+	return 0
+}
+
+func (x *UsageRecord) GetCostPicodollars() int64 {
+	if x != nil {
+		return x.CostPicodollars
+	}
+	return 0
+}
+
+func (x *UsageRecord) GetPriced() bool {
+	if x != nil {
+		return x.Priced
+	}
+	return false
 }
 
 // RecordUsageRequest is a batch of records.
@@ -1757,9 +1793,16 @@ type UsageTotals struct {
 	// Median latency in milliseconds (nearest rank); 0 without records.
 	LatencyP50Ms float64 `protobuf:"fixed64,6,opt,name=latency_p50_ms,json=latencyP50Ms,proto3" json:"latency_p50_ms,omitempty"`
 	// 95th percentile latency in milliseconds (nearest rank).
-	LatencyP95Ms  float64 `protobuf:"fixed64,7,opt,name=latency_p95_ms,json=latencyP95Ms,proto3" json:"latency_p95_ms,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	LatencyP95Ms float64 `protobuf:"fixed64,7,opt,name=latency_p95_ms,json=latencyP95Ms,proto3" json:"latency_p95_ms,omitempty"`
+	// What the records cost, in US dollars, as exact decimal text, e.g.
+	// "0.00315" ("0" for none): the sum of the records' costs.
+	Cost string `protobuf:"bytes,8,opt,name=cost,proto3" json:"cost,omitempty"`
+	// Of prompt_tokens, those read from the upstream's prompt cache.
+	CachedPromptTokens int64 `protobuf:"varint,9,opt,name=cached_prompt_tokens,json=cachedPromptTokens,proto3" json:"cached_prompt_tokens,omitempty"`
+	// Records whose model had no price (they cost 0).
+	UnpricedRequests int64 `protobuf:"varint,10,opt,name=unpriced_requests,json=unpricedRequests,proto3" json:"unpriced_requests,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *UsageTotals) Reset() {
@@ -1841,13 +1884,36 @@ func (x *UsageTotals) GetLatencyP95Ms() float64 {
 	return 0
 }
 
+func (x *UsageTotals) GetCost() string {
+	if x != nil {
+		return x.Cost
+	}
+	return ""
+}
+
+func (x *UsageTotals) GetCachedPromptTokens() int64 {
+	if x != nil {
+		return x.CachedPromptTokens
+	}
+	return 0
+}
+
+func (x *UsageTotals) GetUnpricedRequests() int64 {
+	if x != nil {
+		return x.UnpricedRequests
+	}
+	return 0
+}
+
 // QueryUsageResponse carries the totals.
 type QueryUsageResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Totals over every selected record.
 	Total *UsageTotals `protobuf:"bytes,1,opt,name=total,proto3" json:"total,omitempty"`
 	// One entry per group, in group order; empty without group_by.
-	Groups        []*UsageTotals `protobuf:"bytes,2,rep,name=groups,proto3" json:"groups,omitempty"`
+	Groups []*UsageTotals `protobuf:"bytes,2,rep,name=groups,proto3" json:"groups,omitempty"`
+	// The currency of every cost: "USD".
+	Currency      string `protobuf:"bytes,3,opt,name=currency,proto3" json:"currency,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1894,6 +1960,13 @@ func (x *QueryUsageResponse) GetGroups() []*UsageTotals {
 		return x.Groups
 	}
 	return nil
+}
+
+func (x *QueryUsageResponse) GetCurrency() string {
+	if x != nil {
+		return x.Currency
+	}
+	return ""
 }
 
 // LeaseCapacityRequest asks for a share of a key's limits and settles the
@@ -2228,7 +2301,7 @@ const file_marie_auth_v1_auth_service_proto_rawDesc = "" +
 	"\x04type\x18\x01 \x01(\x0e2\x1b.marie.auth.v1.KeyEventTypeR\x04type\x12\x15\n" +
 	"\x06key_id\x18\x02 \x01(\tR\x05keyId\x129\n" +
 	"\n" +
-	"event_time\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\teventTime\"\xd3\x02\n" +
+	"event_time\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\teventTime\"\xc8\x03\n" +
 	"\vUsageRecord\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x15\n" +
 	"\x06key_id\x18\x02 \x01(\tR\x05keyId\x12\x14\n" +
@@ -2242,7 +2315,10 @@ const file_marie_auth_v1_auth_service_proto_rawDesc = "" +
 	"latency_ms\x18\t \x01(\x01R\tlatencyMs\x12\x16\n" +
 	"\x06status\x18\n" +
 	" \x01(\x05R\x06status\x12.\n" +
-	"\x04time\x18\v \x01(\v2\x1a.google.protobuf.TimestampR\x04time\"J\n" +
+	"\x04time\x18\v \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x120\n" +
+	"\x14cached_prompt_tokens\x18\f \x01(\x03R\x12cachedPromptTokens\x12)\n" +
+	"\x10cost_picodollars\x18\r \x01(\x03R\x0fcostPicodollars\x12\x16\n" +
+	"\x06priced\x18\x0e \x01(\bR\x06priced\"J\n" +
 	"\x12RecordUsageRequest\x124\n" +
 	"\arecords\x18\x01 \x03(\v2\x1a.marie.auth.v1.UsageRecordR\arecords\"1\n" +
 	"\x13RecordUsageResponse\x12\x1a\n" +
@@ -2253,7 +2329,7 @@ const file_marie_auth_v1_auth_service_proto_rawDesc = "" +
 	"\bend_time\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\aendTime\x12\x15\n" +
 	"\x06key_id\x18\x03 \x01(\tR\x05keyId\x12\x14\n" +
 	"\x05owner\x18\x04 \x01(\tR\x05owner\x126\n" +
-	"\bgroup_by\x18\x05 \x01(\x0e2\x1b.marie.auth.v1.UsageGroupByR\agroupBy\"\xf5\x01\n" +
+	"\bgroup_by\x18\x05 \x01(\x0e2\x1b.marie.auth.v1.UsageGroupByR\agroupBy\"\xe8\x02\n" +
 	"\vUsageTotals\x12\x14\n" +
 	"\x05group\x18\x01 \x01(\tR\x05group\x12\x1a\n" +
 	"\brequests\x18\x02 \x01(\x03R\brequests\x12#\n" +
@@ -2261,10 +2337,15 @@ const file_marie_auth_v1_auth_service_proto_rawDesc = "" +
 	"\x11completion_tokens\x18\x04 \x01(\x03R\x10completionTokens\x12\x16\n" +
 	"\x06errors\x18\x05 \x01(\x03R\x06errors\x12$\n" +
 	"\x0elatency_p50_ms\x18\x06 \x01(\x01R\flatencyP50Ms\x12$\n" +
-	"\x0elatency_p95_ms\x18\a \x01(\x01R\flatencyP95Ms\"z\n" +
+	"\x0elatency_p95_ms\x18\a \x01(\x01R\flatencyP95Ms\x12\x12\n" +
+	"\x04cost\x18\b \x01(\tR\x04cost\x120\n" +
+	"\x14cached_prompt_tokens\x18\t \x01(\x03R\x12cachedPromptTokens\x12+\n" +
+	"\x11unpriced_requests\x18\n" +
+	" \x01(\x03R\x10unpricedRequests\"\x96\x01\n" +
 	"\x12QueryUsageResponse\x120\n" +
 	"\x05total\x18\x01 \x01(\v2\x1a.marie.auth.v1.UsageTotalsR\x05total\x122\n" +
-	"\x06groups\x18\x02 \x03(\v2\x1a.marie.auth.v1.UsageTotalsR\x06groups\"\xe1\x01\n" +
+	"\x06groups\x18\x02 \x03(\v2\x1a.marie.auth.v1.UsageTotalsR\x06groups\x12\x1a\n" +
+	"\bcurrency\x18\x03 \x01(\tR\bcurrency\"\xe1\x01\n" +
 	"\x14LeaseCapacityRequest\x12\x15\n" +
 	"\x06key_id\x18\x01 \x01(\tR\x05keyId\x12\x16\n" +
 	"\x06holder\x18\x02 \x01(\tR\x06holder\x12\x1a\n" +
@@ -2294,12 +2375,13 @@ const file_marie_auth_v1_auth_service_proto_rawDesc = "" +
 	"\x1aKEY_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x17\n" +
 	"\x13KEY_EVENT_TYPE_SYNC\x10\x01\x12\x1a\n" +
 	"\x16KEY_EVENT_TYPE_REVOKED\x10\x02\x12\x1a\n" +
-	"\x16KEY_EVENT_TYPE_UPDATED\x10\x03*x\n" +
+	"\x16KEY_EVENT_TYPE_UPDATED\x10\x03*\x92\x01\n" +
 	"\fUsageGroupBy\x12\x1e\n" +
 	"\x1aUSAGE_GROUP_BY_UNSPECIFIED\x10\x00\x12\x16\n" +
 	"\x12USAGE_GROUP_BY_DAY\x10\x01\x12\x18\n" +
 	"\x14USAGE_GROUP_BY_MODEL\x10\x02\x12\x16\n" +
-	"\x12USAGE_GROUP_BY_KEY\x10\x032\xdc\a\n" +
+	"\x12USAGE_GROUP_BY_KEY\x10\x03\x12\x18\n" +
+	"\x14USAGE_GROUP_BY_OWNER\x10\x042\xdc\a\n" +
 	"\vAuthService\x12W\n" +
 	"\fCreateApiKey\x12\".marie.auth.v1.CreateApiKeyRequest\x1a#.marie.auth.v1.CreateApiKeyResponse\x12N\n" +
 	"\tGetApiKey\x12\x1f.marie.auth.v1.GetApiKeyRequest\x1a .marie.auth.v1.GetApiKeyResponse\x12T\n" +

@@ -73,7 +73,7 @@ type AuthServiceClient interface {
 	// bad field, e.g. "records[3].key_id"; nothing of the batch is stored then.
 	RecordUsage(ctx context.Context, in *RecordUsageRequest, opts ...grpc.CallOption) (*RecordUsageResponse, error)
 	// Totals of the usage ledger over a time range, optionally for one key or
-	// owner, and grouped by day, model or key.
+	// owner, and grouped by day, model, key or owner, with their cost.
 	QueryUsage(ctx context.Context, in *QueryUsageRequest, opts ...grpc.CallOption) (*QueryUsageResponse, error)
 	// Takes a share of a key's limits for one gateway (a lease) and settles
 	// what the gateway did with the previous one, in one transaction on the
@@ -253,7 +253,7 @@ type AuthServiceServer interface {
 	// bad field, e.g. "records[3].key_id"; nothing of the batch is stored then.
 	RecordUsage(context.Context, *RecordUsageRequest) (*RecordUsageResponse, error)
 	// Totals of the usage ledger over a time range, optionally for one key or
-	// owner, and grouped by day, model or key.
+	// owner, and grouped by day, model, key or owner, with their cost.
 	QueryUsage(context.Context, *QueryUsageRequest) (*QueryUsageResponse, error)
 	// Takes a share of a key's limits for one gateway (a lease) and settles
 	// what the gateway did with the previous one, in one transaction on the

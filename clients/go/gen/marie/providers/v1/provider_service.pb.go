@@ -2957,9 +2957,13 @@ type Usage struct {
 	// Tokens generated.
 	CompletionTokens int32 `protobuf:"varint,2,opt,name=completion_tokens,json=completionTokens,proto3" json:"completion_tokens,omitempty"`
 	// prompt_tokens + completion_tokens.
-	TotalTokens   int32 `protobuf:"varint,3,opt,name=total_tokens,json=totalTokens,proto3" json:"total_tokens,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	TotalTokens int32 `protobuf:"varint,3,opt,name=total_tokens,json=totalTokens,proto3" json:"total_tokens,omitempty"`
+	// Of prompt_tokens, those the upstream read from its prompt cache
+	// (OpenAI's prompt_tokens_details.cached_tokens, Anthropic's
+	// cache_read_input_tokens); priced at a model's cached_input price.
+	CachedPromptTokens int32 `protobuf:"varint,4,opt,name=cached_prompt_tokens,json=cachedPromptTokens,proto3" json:"cached_prompt_tokens,omitempty"`
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
 }
 
 func (x *Usage) Reset() {
@@ -3009,6 +3013,13 @@ func (x *Usage) GetCompletionTokens() int32 {
 func (x *Usage) GetTotalTokens() int32 {
 	if x != nil {
 		return x.TotalTokens
+	}
+	return 0
+}
+
+func (x *Usage) GetCachedPromptTokens() int32 {
+	if x != nil {
+		return x.CachedPromptTokens
 	}
 	return 0
 }
@@ -4120,11 +4131,12 @@ const file_marie_providers_v1_provider_service_proto_rawDesc = "" +
 	"\x02id\x18\x02 \x01(\tR\x02id\x12\x12\n" +
 	"\x04type\x18\x03 \x01(\tR\x04type\x12\x12\n" +
 	"\x04name\x18\x04 \x01(\tR\x04name\x12\x1c\n" +
-	"\targuments\x18\x05 \x01(\tR\targuments\"|\n" +
+	"\targuments\x18\x05 \x01(\tR\targuments\"\xae\x01\n" +
 	"\x05Usage\x12#\n" +
 	"\rprompt_tokens\x18\x01 \x01(\x05R\fpromptTokens\x12+\n" +
 	"\x11completion_tokens\x18\x02 \x01(\x05R\x10completionTokens\x12!\n" +
-	"\ftotal_tokens\x18\x03 \x01(\x05R\vtotalTokens\"b\n" +
+	"\ftotal_tokens\x18\x03 \x01(\x05R\vtotalTokens\x120\n" +
+	"\x14cached_prompt_tokens\x18\x04 \x01(\x05R\x12cachedPromptTokens\"b\n" +
 	"\x1bCreateChatCompletionRequest\x12C\n" +
 	"\x04chat\x18\x01 \x01(\v2/.marie.providers.v1.StreamChatCompletionRequestR\x04chat\"h\n" +
 	"\x1cCreateChatCompletionResponse\x12H\n" +
