@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from google.protobuf.timestamp_pb2 import Timestamp
 from marie.auth.v1 import auth_service_pb2 as pb
-from marie_kit.prices import CURRENCY, usd_text
+from marie_kit.prices import CURRENCY, PriceError, parse_budget, usd_text
 
+from marie_auth.budgets import KEY, OWNER, BudgetView
+from marie_auth.errors import invalid_argument
 from marie_auth.events import KeyEvent, KeyEventType
 from marie_auth.keys import Principal
 from marie_auth.leases import LeaseAsk, LeaseGrant
@@ -195,3 +197,56 @@ def lease_grant_to_proto(grant: LeaseGrant) -> pb.LeaseCapacityResponse:
         retry_after_seconds=grant.retry_after_seconds,
         slot_ttl_seconds=grant.slot_ttl_seconds,
     )
+
+
+def budget_subject(
+    message: pb.Budget | pb.GetBudgetRequest, prefix: str = ""
+) -> tuple[str, str]:
+    """("key", id) or ("owner", owner) of a message's `subject`; INVALID_ARGUMENT without one."""
+    which = message.WhichOneof("subject")
+    if which == "key_id":
+        return KEY, message.key_id
+    if which == "owner":
+        return OWNER, message.owner
+    raise invalid_argument(f"{prefix}subject", "a key_id or an owner is required")
+
+
+_BUDGET_FIELDS = ("daily_usd", "monthly_usd")
+
+
+def budget_limits_from_proto(request: pb.UpdateBudgetRequest) -> tuple[int | None, int | None]:
+    """(daily, monthly) in picodollars of the fields in the mask (None: not changed)."""
+    paths = list(request.update_mask.paths) or list(_BUDGET_FIELDS)
+    for path in paths:
+        if path not in _BUDGET_FIELDS:
+            raise invalid_argument(
+                "update_mask", f"unknown field {path!r} (known: {', '.join(_BUDGET_FIELDS)})"
+            )
+    out: list[int | None] = []
+    for name in _BUDGET_FIELDS:
+        if name not in paths:
+            out.append(None)
+            continue
+        try:
+            out.append(parse_budget(getattr(request.budget, name), name))
+        except PriceError as exc:
+            raise invalid_argument(f"budget.{name}", str(exc)) from None
+    return out[0], out[1]
+
+
+def budget_to_proto(view: BudgetView) -> pb.Budget:
+    b = view.budget
+    out = pb.Budget(
+        daily_usd=usd_text(b.limits.daily) if b.limits.daily else "",
+        monthly_usd=usd_text(b.limits.monthly) if b.limits.monthly else "",
+        spent_today_usd=usd_text(view.spent_today),
+        spent_this_month_usd=usd_text(view.spent_this_month),
+    )
+    if b.kind == KEY:
+        out.key_id = b.subject
+    else:
+        out.owner = b.subject
+    updated = timestamp(b.update_time) if b.update_time else None
+    if updated is not None:
+        out.update_time.CopyFrom(updated)
+    return out
