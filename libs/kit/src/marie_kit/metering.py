@@ -57,12 +57,14 @@ from marie_kit.limits import (
     parse_limits_value,
 )
 from marie_kit.settings import AuthClientSettings
+from marie_kit.budgets import BudgetExceeded, BudgetHold, BudgetLeaser
 from marie_kit.prices import NO_PRICES, PriceTable
 from marie_kit.usage import UsageRecorder, new_record_id, timestamp
 
 log = logging.getLogger("marie.metering")
 
 RATE_LIMITED = "RATE_LIMITED"
+BUDGET_EXCEEDED = "BUDGET_EXCEEDED"
 BAD_METERING_METADATA = "BAD_METERING_METADATA"
 RETRY_AFTER = "retry-after"
 
@@ -166,6 +168,19 @@ def rate_limited(exc: RateLimited, domain: str) -> ServiceError:
     )
 
 
+def budget_exceeded(exc: BudgetExceeded, domain: str) -> ServiceError:
+    """RESOURCE_EXHAUSTED for a call refused by a budget, saying which and when it resets."""
+    wait = str(max(1, math.ceil(exc.reset_seconds)))
+    return ServiceError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        BUDGET_EXCEEDED,
+        exc.message,
+        domain=domain,
+        metadata={"limit": exc.limit, "retry_after_seconds": wait},
+        trailers={RETRY_AFTER: wait},
+    )
+
+
 def status_of(exc: BaseException | None) -> grpc.StatusCode:
     """The code a call ends with when its handler ended with `exc` (None: OK)."""
     if exc is None:
@@ -186,6 +201,7 @@ class _Call:
         "cached",
         "completion",
         "grant",
+        "hold",
         "marker",
         "metered",
         "model",
@@ -212,6 +228,7 @@ class _Call:
         self.started = perf_counter()
         self.provider, self.model = metered.requested(request)
         self.prompt = self.completion = self.cached = 0
+        self.hold: BudgetHold | None = None
 
     def __enter__(self) -> _Call:
         return self
@@ -237,13 +254,18 @@ class MeteringInterceptor(grpc.aio.ServerInterceptor):
         self.prices = prices
         self._limiter: Limiter | None = None
         self._usage: UsageSink | None = None
+        self._budgets: BudgetLeaser | None = None
 
-    def start(self, limiter: Limiter, usage: UsageSink) -> None:
+    def start(
+        self, limiter: Limiter, usage: UsageSink, budgets: BudgetLeaser | None = None
+    ) -> None:
         self._limiter = limiter
         self._usage = usage
+        self._budgets = budgets
 
     def stop(self) -> None:
         self._limiter = self._usage = None
+        self._budgets = None
 
     async def intercept_service(
         self,
@@ -294,13 +316,24 @@ class MeteringInterceptor(grpc.aio.ServerInterceptor):
                 "the service is not started",
                 domain=self.domain,
             )
+        hold: BudgetHold | None = None
+        budgets = self._budgets
+        if budgets is not None and metered.spends_tokens:
+            try:
+                hold = await budgets.admit(marker.key_id)
+            except BudgetExceeded as exc:
+                raise budget_exceeded(exc, self.domain) from None
         try:
             grant = await limiter.acquire(
                 marker.key_id, marker.limits, tokens=metered.spends_tokens
             )
         except RateLimited as exc:
+            if hold is not None and budgets is not None:
+                budgets.settle(hold, 0)
             raise rate_limited(exc, self.domain) from None
-        return _Call(marker, metered, grant, request, self._finish)
+        call = _Call(marker, metered, grant, request, self._finish)
+        call.hold = hold
+        return call
 
     def _read(self, call: _Call, response: Any) -> None:
         report = call.metered.read(response)
@@ -317,9 +350,11 @@ class MeteringInterceptor(grpc.aio.ServerInterceptor):
         """The call ended: free its slot, queue its ledger record."""
         if self._limiter is not None:
             self._limiter.release(call.grant)
+        cost = self.prices.cost(call.model, call.prompt, call.completion, call.cached)
+        if call.hold is not None and self._budgets is not None:
+            self._budgets.settle(call.hold, cost.picodollars)
         if self._usage is None or not call.metered.spends_tokens:
             return
-        cost = self.prices.cost(call.model, call.prompt, call.completion, call.cached)
         self._usage(
             [
                 auth_pb.UsageRecord(
@@ -391,6 +426,7 @@ class MeteringBackends:
     usage: UsageRecorder
     limiter: Limiter
     leased: LeasedLimiter | None
+    budgets: BudgetLeaser
 
     @classmethod
     def start(cls, settings: AuthClientSettings) -> MeteringBackends:
@@ -403,11 +439,15 @@ class MeteringBackends:
         leased = LeasedLimiter(auth) if settings.limits == "auth" else None
         if leased is not None:
             leased.start()
-        return cls(channel, usage, leased or LocalLimiter(), leased)
+        # Budgets are always leased from auth (their counters outlive a process).
+        budgets = BudgetLeaser(auth)
+        budgets.start()
+        return cls(channel, usage, leased or LocalLimiter(), leased, budgets)
 
     async def close(self) -> None:
         if self.leased is not None:
             await self.leased.close()
+        await self.budgets.close()
         # Calls have ended: what they used goes to the ledger now.
         await self.usage.close()
         await self.auth_channel.close()

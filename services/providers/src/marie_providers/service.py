@@ -376,7 +376,7 @@ class ProvidersComponent:
         await monitor.start(self.settings.health_timeout_seconds + FIRST_HEALTH_SLACK_SECONDS)
         self.servicer.core = Core(registry, router, monitor)
         metering = self._metering = MeteringBackends.start(self.settings)
-        self.metering.start(metering.limiter, metering.usage.submit)
+        self.metering.start(metering.limiter, metering.usage.submit, metering.budgets)
         log.info(
             "providers configured",
             extra={

@@ -17,6 +17,7 @@ from time import time as unix_time
 
 from marie.auth.v1 import auth_service_pb2 as auth_pb
 from marie.providers.v1 import provider_service_pb2 as pb
+from marie_kit.budgets import BudgetHold, BudgetLeaser
 from marie_kit.limits import Grant, Limiter
 from marie_kit.prices import NO_PRICES, PriceTable
 from marie_kit.usage import new_record_id, timestamp
@@ -62,6 +63,9 @@ class Tally:
     finished: bool = False
     #: What the records' costs are computed from.
     prices: PriceTable = NO_PRICES
+    #: The budget reservation, settled with the request's cost when it ends.
+    budgets: BudgetLeaser | None = None
+    hold: BudgetHold | None = None
 
     def add(self, model: str, usage: pb.Usage) -> None:
         """Count what `model` used; charged to the key's token limits at once."""
@@ -86,7 +90,18 @@ class Tally:
             return False
         self.finished = True
         self.limiter.release(self.grant)
+        if self.hold is not None and self.budgets is not None:
+            self.budgets.settle(self.hold, self.cost())
         return True
+
+    def cost(self) -> int:
+        """What the request cost so far, in picodollars (the sum of its records')."""
+        return sum(
+            self.prices.cost(
+                u.model, u.prompt_tokens, u.completion_tokens, u.cached_prompt_tokens
+            ).picodollars
+            for u in self.uses
+        )
 
     def records(self, status: int) -> list[auth_pb.UsageRecord]:
         """The ledger records of the ended request, one per model."""
