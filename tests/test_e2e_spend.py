@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import orjson
 import httpx
 import pytest
 from marie.auth.v1 import auth_service_pb2 as auth_pb
@@ -352,3 +353,74 @@ def test_two_gateways_and_grpc_spending_one_budget_overspend_by_at_most_one_leas
         expected = "BUDGET_EXCEEDED" if name.startswith("grpc") else "budget_exceeded"
         assert set(codes) <= {"ok", expected}, (name, codes)
         assert codes[-1] == expected, (name, codes)
+
+
+# -- the CLI -----------------------------------------------------------------------
+
+
+def test_marie_keys_create_and_update_set_a_keys_budget(spend: Spend) -> None:
+    created = spend.stack.marie(
+        "keys", "create", "--name", "cli-budget", "--budget-day", "0.05", "--json"
+    )
+    assert created.returncode == 0, created.stderr
+    made = orjson.loads(created.stdout)
+    assert made["budget"]["daily_usd"] == "0.05"
+    assert spend.chat(made["key"]).status_code == 200
+    assert spend.chat(made["key"]).status_code == 429
+    updated = spend.stack.marie(
+        "keys", "update", made["id"], "--budget-day", "0", "--budget-month", "12.5", "--json"
+    )
+    assert updated.returncode == 0, updated.stderr
+    budget = orjson.loads(updated.stdout)["budget"]
+    assert (budget["daily_usd"], budget["monthly_usd"]) == (None, "12.5")
+
+
+def test_marie_owners_budget_sets_shows_and_lists(spend: Spend) -> None:
+    key, _ = spend.key("cli-owner", owner="team-cli")
+    assert spend.chat(key).status_code == 200
+    set_ = spend.stack.marie("owners", "budget", "team-cli", "--budget-month", "3")
+    assert set_.returncode == 0, set_.stderr
+    assert "owner team-cli" in set_.stdout and "3 USD" in set_.stdout
+    deadline = time.monotonic() + 10
+    while True:
+        shown = orjson.loads(spend.stack.marie("owners", "budget", "team-cli", "--json").stdout)
+        if shown["spent_this_month_usd"] == "0.05" or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert (shown["monthly_usd"], shown["spent_this_month_usd"]) == ("3", "0.05")
+    listed = orjson.loads(spend.stack.marie("owners", "list", "--json").stdout)
+    assert "team-cli" in [b["owner"] for b in listed["budgets"]]
+
+
+def test_marie_keys_usage_shows_money_beside_tokens(spend: Spend) -> None:
+    key, key_id = spend.key("cli-usage")
+    assert spend.chat(key).status_code == 200
+    assert spend.chat(key, model="ollama/spend-free:latest").status_code == 200
+    spend.rows_when(key_id, 2)
+    done = spend.stack.marie("keys", "usage", "--key", key_id, "--group-by", "model")
+    assert done.returncode == 0, done.stderr
+    assert "0.05 USD" in done.stdout
+    assert "1 request(s) on models without a price" in done.stdout
+    as_json = orjson.loads(
+        spend.stack.marie("keys", "usage", "--key", key_id, "--group-by", "owner", "--json").stdout
+    )
+    assert as_json["currency"] == "USD"
+    assert [(g["group"], g["cost"]) for g in as_json["groups"]] == [("team-cli-usage", "0.05")]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["keys", "create", "--name", "x", "--budget-day", "ten"], "--budget-day: 'ten' is not a number"),
+        (["keys", "create", "--name", "x", "--budget-month", "-1"], "--budget-month: must be a finite"),
+        (["owners", "budget", "t", "--budget-day", "0.0000001"], "at most 6 decimal places"),
+    ],
+)
+def test_bad_budget_options_are_refused_before_anything_changes(
+    spend: Spend, args: list[str], message: str
+) -> None:
+    done = spend.stack.marie(*args)
+    assert done.returncode == 1
+    assert message in done.stderr
+    listed = orjson.loads(spend.stack.marie("keys", "list", "--json").stdout)
+    assert "x" not in [k["name"] for k in listed["keys"]]
