@@ -424,3 +424,77 @@ def test_bad_budget_options_are_refused_before_anything_changes(
     assert message in done.stderr
     listed = orjson.loads(spend.stack.marie("keys", "list", "--json").stdout)
     assert "x" not in [k["name"] for k in listed["keys"]]
+
+
+# -- the HTTP budgets API ------------------------------------------------------------
+
+
+def test_admins_set_and_read_budgets_over_http_and_a_key_reads_its_own(spend: Spend) -> None:
+    admin = spend.stack.create_key("budget-admin", "--scope", "admin")
+    key, key_id = spend.key("http-budget", owner="team-http")
+    base = spend.gateways[0]
+    auth = {"Authorization": f"Bearer {admin}"}
+
+    set_key = httpx.patch(
+        f"{base}/api/budgets/keys/{key_id}", headers=auth, json={"daily_usd": "0.5"}, timeout=10
+    )
+    assert set_key.status_code == 200, set_key.text
+    assert set_key.json()["daily_usd"] == "0.5"
+    assert set_key.json()["monthly_usd"] is None
+    set_owner = httpx.patch(
+        f"{base}/api/budgets/owners/team-http", headers=auth, json={"monthly_usd": "7"}, timeout=10
+    )
+    assert (set_owner.status_code, set_owner.json()["owner"]) == (200, "team-http")
+
+    assert spend.chat(key).status_code == 200
+    spend.rows_when(key_id, 1)
+    own = httpx.get(
+        f"{base}/api/budgets/keys/{key_id}", headers={"Authorization": f"Bearer {key}"}, timeout=10
+    )
+    assert own.status_code == 200
+    assert (own.json()["spent_today_usd"], own.json()["currency"]) == ("0.05", "USD")
+    other, _ = spend.key("http-other")
+    refused = httpx.get(
+        f"{base}/api/budgets/keys/{key_id}", headers={"Authorization": f"Bearer {other}"}, timeout=10
+    )
+    assert refused.status_code == 403
+    listed = httpx.get(f"{base}/api/budgets", headers=auth, params={"page_size": 500}, timeout=10)
+    subjects = [(b["key_id"], b["owner"]) for b in listed.json()["data"]]
+    assert (key_id, None) in subjects and (None, "team-http") in subjects
+
+    cleared = httpx.patch(
+        f"{base}/api/budgets/keys/{key_id}", headers=auth, json={"daily_usd": None}, timeout=10
+    )
+    assert cleared.json()["daily_usd"] is None
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"daily_usd": "ten"}, "daily_usd"),
+        ({"daily_usd": 5}, "daily_usd"),
+        ({"monthly_usd": "1.0000001"}, "monthly_usd"),
+        ({"weekly_usd": "1"}, "weekly_usd"),
+        ({}, None),
+    ],
+)
+def test_bad_budget_bodies_are_400_naming_the_field(
+    spend: Spend, body: dict[str, Any], param: str | None
+) -> None:
+    admin = spend.stack.create_key("budget-admin-bad", "--scope", "admin")
+    _, key_id = spend.key("http-bad")
+    r = httpx.patch(
+        f"{spend.gateways[0]}/api/budgets/keys/{key_id}",
+        headers={"Authorization": f"Bearer {admin}"},
+        json=body,
+        timeout=10,
+    )
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+    unknown = httpx.patch(
+        f"{spend.gateways[0]}/api/budgets/keys/key_nope",
+        headers={"Authorization": f"Bearer {admin}"},
+        json={"daily_usd": "1"},
+        timeout=10,
+    )
+    assert unknown.status_code == 404

@@ -26,6 +26,7 @@ from marie_gateway.anthropic.messages import MessagesRoutes
 from marie_gateway.anthropic.models import AnthropicModelRoutes
 from marie_gateway.api.compare import CompareRoutes
 from marie_gateway.api.conversations import ConversationRoutes
+from marie_gateway.api.budgets import BudgetRoutes
 from marie_gateway.api.keys import KeyRoutes
 from marie_gateway.api.memories import MemoryRoutes
 from marie_gateway.api.models import ModelRoutes
@@ -118,6 +119,7 @@ def create_app(settings: GatewaySettings) -> RequestContext[Gateway]:
         *CompareRoutes(gw).routes(),
         *UsageRoutes(gw).routes(),
         *KeyRoutes(gw).routes(),
+        *BudgetRoutes(gw).routes(),
         *health.routes(gw),
         *metrics.routes(),
         *docs.routes(version("marie-gateway")),

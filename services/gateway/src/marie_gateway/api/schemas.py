@@ -223,6 +223,29 @@ class UsageReport(_Out):
     groups: list[UsageTotals] = Field(description="One entry per group, in order.")
 
 
+# -- budgets -------------------------------------------------------------------------
+
+
+class BudgetOut(_Out):
+    """A key's or an owner's spend limits, and what it spent (from the usage ledger)."""
+
+    object: Literal["budget"]
+    key_id: str | None = Field(description="The key, for a key's budget.")
+    owner: str | None = Field(description="The owner, for an owner's budget (all its keys).")
+    currency: Literal["USD"]
+    daily_usd: str | None = Field(description="Most spent per UTC day; null: no limit.")
+    monthly_usd: str | None = Field(description="Most spent per UTC month; null: no limit.")
+    spent_today_usd: str = Field(description="Spent this UTC day, exact decimal text.")
+    spent_this_month_usd: str = Field(description="Spent this UTC month, exact decimal text.")
+    updated_at: str | None = Field(description="When the limits last changed (ISO 8601).")
+
+
+class BudgetList(_Out):
+    object: Literal["list"]
+    data: list[BudgetOut] = Field(description="Keys' budgets, then owners', each by id.")
+    next_page_token: str | None = Field(description="Pass as page_token for the next page.")
+
+
 # -- keys (admin) -------------------------------------------------------------------
 
 
