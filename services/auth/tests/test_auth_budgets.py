@@ -216,3 +216,18 @@ async def test_bad_budget_requests_name_the_field(stub: AuthStub, create: Create
     assert (unknown.code, unknown.reason) == (grpc.StatusCode.NOT_FOUND, "KEY_NOT_FOUND")
     unknown = await rpc_error(stub.LeaseBudget(lease("key_nope")))
     assert unknown.code == grpc.StatusCode.NOT_FOUND
+
+
+async def test_a_rotated_key_keeps_its_budget_and_what_it_spent(
+    stub: AuthStub, create: CreateKey, clock: FakeClock
+) -> None:
+    old_id = (await create(owner="team-r")).api_key.id
+    await stub.UpdateBudget(set_budget(key_id=old_id, daily_usd="1"))
+    await stub.RecordUsage(
+        pb.RecordUsageRequest(records=[spend_record(old_id, "team-r", USD // 2, clock.now - 1)])
+    )
+    rotated = await stub.RotateApiKey(pb.RotateApiKeyRequest(id=old_id))
+    budget = (await stub.GetBudget(pb.GetBudgetRequest(key_id=rotated.api_key.id))).budget
+    assert budget.daily_usd == "1"
+    got = await stub.LeaseBudget(lease(rotated.api_key.id, spend=USD))
+    assert got.spend == USD // 2

@@ -443,6 +443,17 @@ class BudgetBook:
             view.spent_this_month,
         )
 
+    async def carry(self, old_key_id: str, new_key_id: str) -> None:
+        """A rotated key's budget goes to its successor, counting what the old
+        key spent this day and month (the ledger keeps that under the old id)."""
+        old = await self._store.get(KEY, old_key_id)
+        if old is None:
+            return
+        now = self._clock()
+        spent = await self._view(old, now)
+        seed = SpendCounters(day_of(now), spent.spent_today, month_of(now), spent.spent_this_month)
+        await self._store.put(Budget(KEY, new_key_id, old.limits, now), seed, now)
+
     async def list(self, page_size: int, page_token: str) -> tuple[list[BudgetView], str]:
         if page_size < 0 or page_size > MAX_PAGE_SIZE:
             raise invalid_argument("page_size", f"page_size must be between 0 and {MAX_PAGE_SIZE}")

@@ -281,6 +281,8 @@ class AuthServicer(pb_grpc.AuthServiceServicer):
         self, request: pb.RotateApiKeyRequest, context: Context
     ) -> pb.RotateApiKeyResponse:
         rotated = await self._keys.rotate(request.id, request.grace_period_seconds)
+        # The new key keeps the old one's budget, and what the old one spent counts.
+        await self._component.budgets.carry(rotated.previous.id, rotated.record.id)
         return pb.RotateApiKeyResponse(
             api_key=convert.api_key_to_proto(rotated.record, self._keys.now()),
             key=rotated.key,
