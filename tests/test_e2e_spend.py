@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import orjson
 import httpx
+import orjson
 import pytest
 from marie.auth.v1 import auth_service_pb2 as auth_pb
 from marie.auth.v1 import auth_service_pb2_grpc as auth_grpc
@@ -71,15 +71,21 @@ class Spend:
 
     def budget(self, **fields: str) -> auth_pb.Budget:
         return self.admin.UpdateBudget(
-            auth_pb.UpdateBudgetRequest(budget=auth_pb.Budget(**fields)), timeout=10
+            auth_pb.UpdateBudgetRequest(budget=auth_pb.Budget(**fields)),  # type: ignore[arg-type]
+            timeout=10,
         ).budget
 
     def post(
-        self, key: str, path: str, body: dict[str, Any], gateway: int = 0, **headers: str
+        self,
+        key: str,
+        path: str,
+        body: dict[str, Any],
+        gateway: int = 0,
+        headers: dict[str, str] | None = None,
     ) -> httpx.Response:
         return httpx.post(
             f"{self.gateways[gateway]}{path}",
-            headers={"Authorization": f"Bearer {key}", **headers},
+            headers={"Authorization": f"Bearer {key}", **(headers or {})},
             json=body,
             timeout=30,
         )
@@ -255,7 +261,7 @@ def test_a_key_past_its_budget_is_refused_with_budget_exceeded_and_its_reset(
         key,
         "/v1/messages",
         {"model": MODEL, "max_tokens": 10, "messages": HELLO},
-        **{"anthropic-version": "2023-06-01"},
+        headers={"anthropic-version": "2023-06-01"},
     )
     assert messages.status_code == 429
     assert messages.json()["error"]["type"] == "rate_limit_error"
@@ -333,7 +339,11 @@ def test_two_gateways_and_grpc_spending_one_budget_overspend_by_at_most_one_leas
                 outcomes.setdefault(name, []).append(code)
 
     threads = [
-        *(threading.Thread(target=http_worker, args=(f"gw{g}-{c}", g)) for g in (0, 1) for c in (0, 1)),
+        *(
+            threading.Thread(target=http_worker, args=(f"gw{g}-{c}", g))
+            for g in (0, 1)
+            for c in (0, 1)
+        ),
         *(threading.Thread(target=grpc_worker, args=(f"grpc-{c}",)) for c in (0, 1)),
     ]
     for t in threads:
@@ -411,8 +421,14 @@ def test_marie_keys_usage_shows_money_beside_tokens(spend: Spend) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["keys", "create", "--name", "x", "--budget-day", "ten"], "--budget-day: 'ten' is not a number"),
-        (["keys", "create", "--name", "x", "--budget-month", "-1"], "--budget-month: must be a finite"),
+        (
+            ["keys", "create", "--name", "x", "--budget-day", "ten"],
+            "--budget-day: 'ten' is not a number",
+        ),
+        (
+            ["keys", "create", "--name", "x", "--budget-month", "-1"],
+            "--budget-month: must be a finite",
+        ),
         (["owners", "budget", "t", "--budget-day", "0.0000001"], "at most 6 decimal places"),
     ],
 )
@@ -455,7 +471,9 @@ def test_admins_set_and_read_budgets_over_http_and_a_key_reads_its_own(spend: Sp
     assert (own.json()["spent_today_usd"], own.json()["currency"]) == ("0.05", "USD")
     other, _ = spend.key("http-other")
     refused = httpx.get(
-        f"{base}/api/budgets/keys/{key_id}", headers={"Authorization": f"Bearer {other}"}, timeout=10
+        f"{base}/api/budgets/keys/{key_id}",
+        headers={"Authorization": f"Bearer {other}"},
+        timeout=10,
     )
     assert refused.status_code == 403
     listed = httpx.get(f"{base}/api/budgets", headers=auth, params={"page_size": 500}, timeout=10)

@@ -138,9 +138,7 @@ def _budget_changes(args: argparse.Namespace) -> tuple[pb.Budget, list[str]]:
     return budget, paths
 
 
-async def _set_budget(
-    stub: AuthServiceAsyncStub, budget: pb.Budget, paths: list[str]
-) -> pb.Budget:
+async def _set_budget(stub: AuthServiceAsyncStub, budget: pb.Budget, paths: list[str]) -> pb.Budget:
     reply = await stub.UpdateBudget(
         pb.UpdateBudgetRequest(budget=budget, update_mask=FieldMask(paths=paths)),
         timeout=CONTROL_TIMEOUT_SECONDS,

@@ -19,7 +19,11 @@ TABLE = PriceTable.parse(
 
 def test_the_exact_id_wins_over_a_pattern_and_the_longest_pattern_over_a_shorter() -> None:
     table = PriceTable.parse(
-        {"*": {"input": 1, "output": 1}, "a/*": {"input": 2, "output": 2}, "a/b": {"input": 3, "output": 3}}
+        {
+            "*": {"input": 1, "output": 1},
+            "a/*": {"input": 2, "output": 2},
+            "a/b": {"input": 3, "output": 3},
+        }
     )
     assert [table.cost(m, 1_000_000, 0).picodollars for m in ("a/b", "a/c", "z/z")] == [
         3 * 10**12,
@@ -37,13 +41,15 @@ def test_cost_is_exact_for_decimal_prices() -> None:
 
 
 def test_cached_prompt_tokens_are_charged_at_the_cached_input_price() -> None:
-    # 1000 prompt tokens of which 800 cached: 200 × 0.15 + 800 × 0.075 per M.
+    # 1000 prompt tokens of which 800 cached: 200 at 0.15 + 800 at 0.075 per M.
     cost = TABLE.cost("openai/gpt-4o-mini", 1000, 0, cached_prompt_tokens=800)
     assert usd_text(cost.picodollars) == "0.00009"
     # Without a cached_input price, cached tokens cost the input price.
     assert TABLE.cost("openai/o1", 10, 0, 10) == TABLE.cost("openai/o1", 10, 0, 0)
     # A cached count above the prompt is capped at the prompt.
-    assert TABLE.cost("openai/gpt-4o-mini", 10, 0, 50) == TABLE.cost("openai/gpt-4o-mini", 10, 0, 10)
+    assert TABLE.cost("openai/gpt-4o-mini", 10, 0, 50) == TABLE.cost(
+        "openai/gpt-4o-mini", 10, 0, 10
+    )
 
 
 def test_a_model_without_a_price_costs_nothing_and_says_so() -> None:
@@ -89,7 +95,7 @@ def test_load_reads_only_the_prices_of_the_file(tmp_path: Path) -> None:
     table = PriceTable.load(path)
     assert usd_text(table.cost("ollama/x", 10, 10).picodollars) == "0.000003"
     assert len(PriceTable.load(None)) == 0
-    with pytest.raises(PriceError, match="missing.yaml"):
+    with pytest.raises(PriceError, match=r"missing\.yaml"):
         PriceTable.load(tmp_path / "missing.yaml")
 
 

@@ -32,7 +32,7 @@ def lease(key_id: str, holder: str = "gw-1", **fields: int | bool) -> pb.LeaseBu
 
 
 def set_budget(**fields: str) -> pb.UpdateBudgetRequest:
-    return pb.UpdateBudgetRequest(budget=pb.Budget(**fields))
+    return pb.UpdateBudgetRequest(budget=pb.Budget(**fields))  # type: ignore[arg-type]
 
 
 def spend_record(key_id: str, owner: str, cost: int, at: float) -> pb.UsageRecord:
@@ -191,9 +191,15 @@ async def test_bad_budget_requests_name_the_field(stub: AuthStub, create: Create
     cases: list[tuple[object, str]] = [
         (stub.UpdateBudget(set_budget(key_id=key_id, daily_usd="ten")), "budget.daily_usd"),
         (stub.UpdateBudget(set_budget(key_id=key_id, daily_usd="-1")), "budget.daily_usd"),
-        (stub.UpdateBudget(set_budget(key_id=key_id, monthly_usd="0.0000001")), "budget.monthly_usd"),
+        (
+            stub.UpdateBudget(set_budget(key_id=key_id, monthly_usd="0.0000001")),
+            "budget.monthly_usd",
+        ),
         (stub.UpdateBudget(set_budget(key_id=key_id, monthly_usd="1e30")), "budget.monthly_usd"),
-        (stub.UpdateBudget(pb.UpdateBudgetRequest(budget=pb.Budget(daily_usd="1"))), "budget.subject"),
+        (
+            stub.UpdateBudget(pb.UpdateBudgetRequest(budget=pb.Budget(daily_usd="1"))),
+            "budget.subject",
+        ),
         (
             stub.UpdateBudget(
                 pb.UpdateBudgetRequest(

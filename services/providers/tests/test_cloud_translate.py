@@ -279,7 +279,11 @@ def test_anthropic_prompt_counts_cache_reads_and_writes_and_names_the_reads() ->
             _block(0, {"type": "text", "text": ""}),
             _delta(0, {"type": "text_delta", "text": "ok"}),
             {"type": "content_block_stop", "index": 0},
-            {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 5}},
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": "end_turn"},
+                "usage": {"output_tokens": 5},
+            },
         ]
     )
 

@@ -42,6 +42,7 @@ import grpc
 from marie.auth.v1 import auth_service_pb2 as auth_pb
 from marie.auth.v1 import auth_service_pb2_grpc as auth_grpc
 
+from marie_kit.budgets import BudgetExceeded, BudgetHold, BudgetLeaser
 from marie_kit.channels import insecure_channel
 from marie_kit.errors import ServiceError
 from marie_kit.identity import KEY_ID_HEADER, identity_from_metadata
@@ -56,9 +57,8 @@ from marie_kit.limits import (
     RateLimited,
     parse_limits_value,
 )
-from marie_kit.settings import AuthClientSettings
-from marie_kit.budgets import BudgetExceeded, BudgetHold, BudgetLeaser
 from marie_kit.prices import NO_PRICES, PriceTable
+from marie_kit.settings import AuthClientSettings
 from marie_kit.usage import UsageRecorder, new_record_id, timestamp
 
 log = logging.getLogger("marie.metering")

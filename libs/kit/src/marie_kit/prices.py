@@ -109,7 +109,9 @@ def _price(entry: Any, where: str) -> Price:
         raise PriceError(f"{where}: must be a mapping with input and output (USD per 1M tokens)")
     unknown = sorted(set(entry) - set(_PRICE_FIELDS))
     if unknown:
-        raise PriceError(f"{where}: unknown field {unknown[0]!r} (known: {', '.join(_PRICE_FIELDS)})")
+        raise PriceError(
+            f"{where}: unknown field {unknown[0]!r} (known: {', '.join(_PRICE_FIELDS)})"
+        )
     amounts: dict[str, int] = {}
     for name in ("input", "output"):
         if name not in entry:

@@ -170,6 +170,7 @@ def apply_budget_lease(
     key_counters: SpendCounters | None,
     owner_budget: BudgetLimits,
     owner_counters: SpendCounters | None,
+    *,
     ask: BudgetAsk,
     now: float,
 ) -> tuple[SpendCounters | None, SpendCounters | None, BudgetGrant]:
@@ -241,9 +242,7 @@ class BudgetStore(Protocol):
 
     async def get(self, kind: str, subject: str) -> Budget | None: ...
 
-    async def put(
-        self, budget: Budget, seed: SpendCounters, now: float
-    ) -> None: ...
+    async def put(self, budget: Budget, seed: SpendCounters, now: float) -> None: ...
 
     async def list_page(self, after: tuple[str, str] | None, limit: int) -> list[Budget]: ...
 
@@ -311,8 +310,8 @@ class SqliteBudgetStore:
                 self._counters(KEY, ask.key_id),
                 owner_budget,
                 self._counters(OWNER, owner) if owner else None,
-                ask,
-                now,
+                ask=ask,
+                now=now,
             )
             self._save(KEY, ask.key_id, key_c)
             if owner:
@@ -439,7 +438,8 @@ class BudgetBook:
         seed = SpendCounters(day_of(now), view.spent_today, month_of(now), view.spent_this_month)
         await self._store.put(budget, seed, now)
         return BudgetView(
-            budget if limits.any else Budget(kind, subject, limits), view.spent_today,
+            budget if limits.any else Budget(kind, subject, limits),
+            view.spent_today,
             view.spent_this_month,
         )
 

@@ -199,9 +199,7 @@ def lease_grant_to_proto(grant: LeaseGrant) -> pb.LeaseCapacityResponse:
     )
 
 
-def budget_subject(
-    message: pb.Budget | pb.GetBudgetRequest, prefix: str = ""
-) -> tuple[str, str]:
+def budget_subject(message: pb.Budget | pb.GetBudgetRequest, prefix: str = "") -> tuple[str, str]:
     """("key", id) or ("owner", owner) of a message's `subject`; INVALID_ARGUMENT without one."""
     which = message.WhichOneof("subject")
     if which == "key_id":

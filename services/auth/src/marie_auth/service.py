@@ -26,6 +26,14 @@ from marie_kit.errors import ServiceError
 from marie_kit.storage import StorageWatch
 
 from marie_auth import convert
+from marie_auth.budgets import (
+    KEY,
+    BudgetAsk,
+    BudgetBook,
+    BudgetStore,
+    NoBudgetStore,
+    SqliteBudgetStore,
+)
 from marie_auth.errors import DOMAIN
 from marie_auth.events import KeyEventBroadcaster
 from marie_auth.keys import (
@@ -37,14 +45,6 @@ from marie_auth.keys import (
 from marie_auth.leases import LeaseBook, LeaseStore, SqliteLeaseStore
 from marie_auth.settings import AuthSettings
 from marie_auth.store import KeyLimits
-from marie_auth.budgets import (
-    KEY,
-    BudgetAsk,
-    BudgetBook,
-    BudgetStore,
-    NoBudgetStore,
-    SqliteBudgetStore,
-)
 from marie_auth.usage import SqliteUsageStore, UsageLedger, UsageStore
 
 log = logging.getLogger("marie.auth.service")
@@ -330,7 +330,9 @@ class AuthServicer(pb_grpc.AuthServiceServicer):
         grant = await self._component.leases.lease(convert.lease_ask_from_proto(request))
         return convert.lease_grant_to_proto(grant)
 
-    async def GetBudget(self, request: pb.GetBudgetRequest, context: Context) -> pb.GetBudgetResponse:
+    async def GetBudget(
+        self, request: pb.GetBudgetRequest, context: Context
+    ) -> pb.GetBudgetResponse:
         kind, subject = convert.budget_subject(request)
         view = await self._component.budgets.get(kind, subject)
         return pb.GetBudgetResponse(budget=convert.budget_to_proto(view))

@@ -166,7 +166,8 @@ def _check(records: Sequence[UsageRecord]) -> None:
                 raise invalid_argument(f"{where}.{name}", f"{name} must not be negative")
         if r.cached_prompt_tokens > r.prompt_tokens:
             raise invalid_argument(
-                f"{where}.cached_prompt_tokens", "cached_prompt_tokens must not exceed prompt_tokens"
+                f"{where}.cached_prompt_tokens",
+                "cached_prompt_tokens must not exceed prompt_tokens",
             )
         if not 0 <= r.cost_picodollars <= MAX_PICODOLLARS:
             raise invalid_argument(

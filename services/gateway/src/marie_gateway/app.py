@@ -24,9 +24,9 @@ from marie_gateway.access.tally import Tally
 from marie_gateway.anthropic import errors as anthropic_errors
 from marie_gateway.anthropic.messages import MessagesRoutes
 from marie_gateway.anthropic.models import AnthropicModelRoutes
+from marie_gateway.api.budgets import BudgetRoutes
 from marie_gateway.api.compare import CompareRoutes
 from marie_gateway.api.conversations import ConversationRoutes
-from marie_gateway.api.budgets import BudgetRoutes
 from marie_gateway.api.keys import KeyRoutes
 from marie_gateway.api.memories import MemoryRoutes
 from marie_gateway.api.models import ModelRoutes

@@ -56,7 +56,12 @@ def _whole_chat(response: pb.CreateChatCompletionResponse) -> Report:
             cached += chunk.usage.cached_prompt_tokens
             has_usage = True
     return Report(
-        first.provider, first.model, prompt, completion, has_usage=has_usage, cached_prompt_tokens=cached
+        first.provider,
+        first.model,
+        prompt,
+        completion,
+        has_usage=has_usage,
+        cached_prompt_tokens=cached,
     )
 
 

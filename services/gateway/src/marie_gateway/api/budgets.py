@@ -30,9 +30,7 @@ from marie_gateway.http.params import MAX_PAGE_TOKEN_LENGTH, int_query, path_tex
 #: The longest owner (auth's limit).
 MAX_OWNER = 256
 #: What auth takes: dollars with at most 6 decimals (0 clears the limit).
-Usd = Annotated[
-    str, StringConstraints(max_length=32, pattern=r"^([0-9]{1,13}(\.[0-9]{1,6})?)?$")
-]
+Usd = Annotated[str, StringConstraints(max_length=32, pattern=r"^([0-9]{1,13}(\.[0-9]{1,6})?)?$")]
 
 
 class BudgetPatch(BaseModel):
@@ -41,10 +39,10 @@ class BudgetPatch(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     daily_usd: Usd | None = Field(
-        None, description="Most spent per UTC day, in USD; null, \"\" or \"0\": no limit."
+        None, description='Most spent per UTC day, in USD; null, "" or "0": no limit.'
     )
     monthly_usd: Usd | None = Field(
-        None, description="Most spent per UTC calendar month, in USD; null, \"\" or \"0\": none."
+        None, description='Most spent per UTC calendar month, in USD; null, "" or "0": none.'
     )
 
 

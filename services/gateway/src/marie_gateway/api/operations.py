@@ -393,8 +393,15 @@ OPERATIONS: tuple[Operation, ...] = (
         SCOPE_ADMIN,
         response=schemas.BudgetList,
         query=(
-            Param("page_size", "1 to 500, default 50.", type="integer", schema={"minimum": 1, "maximum": 500}),
-            Param("page_token", "From the previous page.", schema={"maxLength": MAX_PAGE_TOKEN_LENGTH}),
+            Param(
+                "page_size",
+                "1 to 500, default 50.",
+                type="integer",
+                schema={"minimum": 1, "maximum": 500},
+            ),
+            Param(
+                "page_token", "From the previous page.", schema={"maxLength": MAX_PAGE_TOKEN_LENGTH}
+            ),
         ),
     ),
     Operation(
