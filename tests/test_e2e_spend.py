@@ -516,3 +516,40 @@ def test_bad_budget_bodies_are_400_naming_the_field(
         timeout=10,
     )
     assert unknown.status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "param"),
+    [
+        ("get", "/api/budgets?page_size=100000", "page_size"),
+        ("get", "/api/budgets?page_token=" + "x" * 5000, "page_token"),
+        ("get", "/api/budgets?page_token=nonsense", "page_token"),
+        ("get", "/api/budgets/keys/" + "k" * 300, "key_id"),
+        ("patch", "/api/budgets/owners/" + "o" * 300, "owner"),
+    ],
+)
+def test_budget_routes_refuse_values_out_of_range_naming_them(
+    spend: Spend, method: str, path: str, param: str
+) -> None:
+    admin = spend.stack.create_key("budget-admin-bounds", "--scope", "admin")
+    r = httpx.request(
+        method,
+        f"{spend.gateways[0]}{path}",
+        headers={"Authorization": f"Bearer {admin}"},
+        json={"daily_usd": "1"},
+        timeout=10,
+    )
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+
+
+def test_an_owner_with_a_slash_has_a_budget_over_http(spend: Spend) -> None:
+    admin = spend.stack.create_key("budget-admin-slash", "--scope", "admin")
+    r = httpx.patch(
+        f"{spend.gateways[0]}/api/budgets/owners/org/team-a",
+        headers={"Authorization": f"Bearer {admin}"},
+        json={"monthly_usd": "2"},
+        timeout=10,
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["owner"] == "org/team-a"

@@ -69,8 +69,9 @@ class BudgetRoutes:
             Route("/api/budgets", self.list, methods=["GET"]),
             Route("/api/budgets/keys/{key_id}", self.get_key, methods=["GET"]),
             Route("/api/budgets/keys/{key_id}", self.update_key, methods=["PATCH"]),
-            Route("/api/budgets/owners/{owner}", self.get_owner, methods=["GET"]),
-            Route("/api/budgets/owners/{owner}", self.update_owner, methods=["PATCH"]),
+            # An owner is free text: it may hold a '/'.
+            Route("/api/budgets/owners/{owner:path}", self.get_owner, methods=["GET"]),
+            Route("/api/budgets/owners/{owner:path}", self.update_owner, methods=["PATCH"]),
         ]
 
     async def _call(self, method: str, message: Any) -> Any:

@@ -422,7 +422,7 @@ OPERATIONS: tuple[Operation, ...] = (
         schemas.BudgetOut,
     ),
     Operation(
-        "/api/budgets/owners/{owner}",
+        "/api/budgets/owners/{owner:path}",
         "get",
         "An owner's budget (over all its keys) and what it spent",
         "Budgets",
@@ -431,7 +431,7 @@ OPERATIONS: tuple[Operation, ...] = (
         path_params={"owner": {"minLength": 1, "maxLength": 256}},
     ),
     Operation(
-        "/api/budgets/owners/{owner}",
+        "/api/budgets/owners/{owner:path}",
         "patch",
         "Set or clear an owner's daily and monthly spend limits",
         "Budgets",
