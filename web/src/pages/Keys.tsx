@@ -254,7 +254,7 @@ export function KeysPage({ api }: { api: Api }) {
         </Alert>
       )}
       {keys !== null && (
-        <Table.ScrollContainer minWidth={640}>
+        <Table.ScrollContainer minWidth={880}>
           <Table striped highlightOnHover data-testid="keys-table">
             <Table.Thead>
               <Table.Tr>
@@ -263,7 +263,7 @@ export function KeysPage({ api }: { api: Api }) {
                 <Table.Th>Owner</Table.Th>
                 <Table.Th>Scopes</Table.Th>
                 <Table.Th>State</Table.Th>
-                <Table.Th>Spent this month (USD)</Table.Th>
+                <Table.Th>Spent / budget this month (USD)</Table.Th>
                 <Table.Th>Actions</Table.Th>
               </Table.Tr>
             </Table.Thead>
