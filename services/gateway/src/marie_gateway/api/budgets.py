@@ -2,8 +2,8 @@
 `GET/PATCH /api/budgets/keys/{key_id}` and `GET/PATCH /api/budgets/owners/{owner}`
 (admin; a key may read its own budget).
 
-Amounts are US dollars as exact decimal text ("12.5"), at most 6 decimals;
-`null`, `""` or `"0"` clear a limit. What was spent comes from the usage
+Amounts are US dollars below a million as exact decimal text ("12.5"), at
+most 6 decimals; `null`, `""` or `"0"` clear a limit. What was spent comes from the usage
 ledger (this UTC day and month).
 """
 
@@ -29,14 +29,20 @@ from marie_gateway.http.params import MAX_PAGE_TOKEN_LENGTH, int_query, path_tex
 
 #: The longest owner (auth's limit).
 MAX_OWNER = 256
-#: What auth takes: dollars with at most 6 decimals (0 clears the limit).
-Usd = Annotated[str, StringConstraints(max_length=32, pattern=r"^([0-9]{1,13}(\.[0-9]{1,6})?)?$")]
+#: What auth takes: dollars below a million, at most 6 decimals (0 clears
+#: the limit; auth keeps limits as int64 picodollars).
+Usd = Annotated[str, StringConstraints(max_length=32, pattern=r"^([0-9]{1,6}(\.[0-9]{1,6})?)?$")]
+
+
+def _at_least_one(schema: dict[str, Any]) -> None:
+    """The document says what the handler refuses: an empty body changes nothing."""
+    schema["minProperties"] = 1
 
 
 class BudgetPatch(BaseModel):
     """The limits to change; a field left out keeps its value."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_at_least_one)
 
     daily_usd: Usd | None = Field(
         None, description='Most spent per UTC day, in USD; null, "" or "0": no limit.'
