@@ -188,6 +188,13 @@ def test_the_console_in_a_real_browser(
         k["limits"]["requests_per_minute"] == 60 and k["allowed_models"] == ["ollama/*"]
         for k in made
     )
+    # The monthly budget typed in the create form is the key's budget.
+    first = min(made, key=lambda k: k["created_at"])
+    budget = httpx.get(
+        f"{stack.base_url}/api/budgets/keys/{first['id']}",
+        headers={"authorization": f"Bearer {admin}"},
+    ).json()
+    assert budget["monthly_usd"] == "5"
     for name in ("sign-in", "model-selector", "chat", "search", "compare", "memories", "keys"):
         assert (shots / f"{name}.png").stat().st_size > 5_000
 

@@ -299,6 +299,7 @@ try {
     await dialog.getByLabel("Name").fill(out.keyName);
     await dialog.getByLabel("Owner (user or team)").fill("bob");
     await dialog.getByLabel("Requests per minute").fill("30");
+    await dialog.getByLabel("Monthly budget (USD)").fill("5");
     await dialog.getByRole("button", { name: "Create" }).click();
     const secret = page.getByTestId("new-key");
     await secret.waitFor();
@@ -311,6 +312,8 @@ try {
     await page.getByRole("dialog").waitFor({ state: "detached" });
     const row = page.locator(`tr[data-key-name="${out.keyName}"]`);
     await row.getByText("active").waitFor();
+    // Spent this month beside the monthly budget set in the form.
+    await row.getByTestId("key-spend").getByText("0 / 5").waitFor();
     check(!(await page.locator("body").innerText()).includes(out.createdKey), "the plaintext is gone from the page");
     // Edit: limits and allowed models.
     await page.getByRole("button", { name: `Edit ${out.keyName}` }).click();
@@ -345,7 +348,12 @@ try {
     await page.getByTestId("usage-total").waitFor();
     await page.locator(".recharts-surface").nth(1).waitFor();
     check((await page.locator(".recharts-bar-rectangle").count()) > 0, "bars drawn");
-    await page.screenshot({ path: join(SHOTS, "usage.png") });
+    check((await page.getByTestId("usage-total").innerText()).includes("USD"), "money beside tokens");
+    for (const table of ["spend-by-model", "spend-by-key", "spend-by-owner"]) {
+      await page.getByTestId(table).waitFor();
+      check((await page.getByTestId(table).locator("tbody tr").count()) > 0, `${table} has rows`);
+    }
+    await page.screenshot({ path: join(SHOTS, "usage.png"), fullPage: true });
   });
 
   await step("phone width and dark theme", async () => {

@@ -241,9 +241,30 @@ export interface UsageTotals {
   errors: number;
   latency_p50_ms: number;
   latency_p95_ms: number;
+  cached_prompt_tokens: number;
+  /** USD, exact decimal text ("0.0315"). */
+  cost: string;
+  unpriced_requests: number;
 }
 
 export interface UsageReport {
+  currency: string;
   total: UsageTotals;
   groups: UsageTotals[];
+}
+
+/** A key's or an owner's spend limits (USD, exact decimal text) and what it spent. */
+export interface Budget {
+  key_id: string | null;
+  owner: string | null;
+  currency: string;
+  daily_usd: string | null;
+  monthly_usd: string | null;
+  spent_today_usd: string;
+  spent_this_month_usd: string;
+}
+
+/** The first instant of this UTC month, ISO 8601. */
+export function monthStart(now: Date = new Date()): string {
+  return new Date(Date.UTC(now.getUTCFullYear(), now.getUTCMonth(), 1)).toISOString();
 }

@@ -1,4 +1,5 @@
-"""`marie keys …`: API-key management through the auth service's gRPC API.
+"""`marie keys …` and `marie owners …`: API keys and budgets through the auth
+service's gRPC API.
 
 When no auth service is running, the command starts the auth component
 in-process on an ephemeral port over the same data directory, so the exact
@@ -19,6 +20,7 @@ from marie.auth.v1 import auth_service_pb2 as pb
 from marie.auth.v1 import auth_service_pb2_grpc as pb_grpc
 from marie_kit.channels import insecure_channel, is_serving
 from marie_kit.errors import ServiceError
+from marie_kit.prices import PriceError, parse_budget
 from marie_kit.server import start_server
 from marie_kit.settings import load_settings
 
@@ -79,6 +81,7 @@ _GROUP_BY = {
     "day": pb.USAGE_GROUP_BY_DAY,
     "model": pb.USAGE_GROUP_BY_MODEL,
     "key": pb.USAGE_GROUP_BY_KEY,
+    "owner": pb.USAGE_GROUP_BY_OWNER,
 }
 
 
@@ -93,7 +96,83 @@ def _totals_dict(t: pb.UsageTotals) -> dict[str, Any]:
         "latency_p50_ms": round(t.latency_p50_ms, 3),
         "latency_p95_ms": round(t.latency_p95_ms, 3),
         "cached_requests": t.cached_requests,
+        "cached_prompt_tokens": t.cached_prompt_tokens,
+        "cost": t.cost or "0",
+        "unpriced_requests": t.unpriced_requests,
     }
+
+
+def _budget_dict(b: pb.Budget) -> dict[str, Any]:
+    return {
+        "key_id": b.key_id or None,
+        "owner": b.owner or None,
+        "daily_usd": b.daily_usd or None,
+        "monthly_usd": b.monthly_usd or None,
+        "spent_today_usd": b.spent_today_usd or "0",
+        "spent_this_month_usd": b.spent_this_month_usd or "0",
+    }
+
+
+def _budget_text(b: pb.Budget) -> str:
+    who = f"key {b.key_id}" if b.key_id else f"owner {b.owner}"
+    day = f"{b.spent_today_usd or '0'} / {b.daily_usd or 'no limit'}"
+    month = f"{b.spent_this_month_usd or '0'} / {b.monthly_usd or 'no limit'}"
+    return f"{who}: today {day} USD, this month {month} USD"
+
+
+def _budget_changes(args: argparse.Namespace) -> tuple[pb.Budget, list[str]]:
+    """The budget fields the options give (checked here, before anything changes)."""
+    budget, paths = pb.Budget(), []
+    for option, name, field_name in (
+        ("budget_day", "--budget-day", "daily_usd"),
+        ("budget_month", "--budget-month", "monthly_usd"),
+    ):
+        value = getattr(args, option, None)
+        if value is None:
+            continue
+        try:
+            parse_budget(value, name)
+        except PriceError as exc:
+            raise CliError(str(exc)) from None
+        setattr(budget, field_name, "" if value.strip() in ("", "0") else value.strip())
+        paths.append(field_name)
+    return budget, paths
+
+
+async def _set_budget(stub: AuthServiceAsyncStub, budget: pb.Budget, paths: list[str]) -> pb.Budget:
+    reply = await stub.UpdateBudget(
+        pb.UpdateBudgetRequest(budget=budget, update_mask=FieldMask(paths=paths)),
+        timeout=CONTROL_TIMEOUT_SECONDS,
+    )
+    return reply.budget
+
+
+async def _owners(stub: AuthServiceAsyncStub, args: argparse.Namespace) -> Result:
+    if args.owners_command == "list":
+        budgets: list[pb.Budget] = []
+        token = ""
+        while True:
+            page = await stub.ListBudgets(
+                pb.ListBudgetsRequest(page_size=500, page_token=token),
+                timeout=CONTROL_TIMEOUT_SECONDS,
+            )
+            budgets.extend(b for b in page.budgets if b.WhichOneof("subject") == "owner")
+            token = page.next_page_token
+            if not token:
+                break
+        text = "\n".join(_budget_text(b) for b in budgets) or "(no owner has a budget)"
+        return Result(text, {"budgets": [_budget_dict(b) for b in budgets]})
+    changes, paths = _budget_changes(args)
+    changes.owner = args.owner
+    if paths:
+        budget = await _set_budget(stub, changes, paths)
+    else:
+        budget = (
+            await stub.GetBudget(
+                pb.GetBudgetRequest(owner=args.owner), timeout=CONTROL_TIMEOUT_SECONDS
+            )
+        ).budget
+    return Result(_budget_text(budget), _budget_dict(budget))
 
 
 async def _update(stub: AuthServiceAsyncStub, args: argparse.Namespace) -> Result:
@@ -122,13 +201,28 @@ async def _update(stub: AuthServiceAsyncStub, args: argparse.Namespace) -> Resul
         if args.expires != "never":
             key.expire_time.CopyFrom(_timestamp(args.expires, "--expires"))
         paths.append("expire_time")
-    if not paths:
+    budget, budget_paths = _budget_changes(args)
+    if not paths and not budget_paths:
         raise CliError("nothing to update: give at least one option")
-    updated = await stub.UpdateApiKey(
-        pb.UpdateApiKeyRequest(api_key=key, update_mask=FieldMask(paths=paths)),
-        timeout=CONTROL_TIMEOUT_SECONDS,
-    )
-    return Result(f"updated {updated.api_key.id}", _key_dict(updated.api_key))
+    if paths:
+        api_key = (
+            await stub.UpdateApiKey(
+                pb.UpdateApiKeyRequest(api_key=key, update_mask=FieldMask(paths=paths)),
+                timeout=CONTROL_TIMEOUT_SECONDS,
+            )
+        ).api_key
+    else:
+        api_key = (
+            await stub.GetApiKey(pb.GetApiKeyRequest(id=args.id), timeout=CONTROL_TIMEOUT_SECONDS)
+        ).api_key
+    data = _key_dict(api_key)
+    text = f"updated {api_key.id}"
+    if budget_paths:
+        budget.key_id = args.id
+        set_budget = await _set_budget(stub, budget, budget_paths)
+        data["budget"] = _budget_dict(set_budget)
+        text += f"\n{_budget_text(set_budget)}"
+    return Result(text, data)
 
 
 async def _usage(stub: AuthServiceAsyncStub, args: argparse.Namespace) -> Result:
@@ -154,13 +248,20 @@ async def _usage(stub: AuthServiceAsyncStub, args: argparse.Namespace) -> Result
     groups = [_totals_dict(g) for g in reply.groups]
     lines = [
         f"{(g['group'] or 'total'):<40} {g['requests']:>8} req {g['total_tokens']:>10} tok "
+        f"{g['cost']:>14} USD{'*' if g['unpriced_requests'] else ' '} "
         f"{g['errors']:>6} err  p50 {g['latency_p50_ms']} ms  p95 {g['latency_p95_ms']} ms"
         for g in [*groups, total]
     ]
+    if total["unpriced_requests"]:
+        lines.append(
+            f"* {total['unpriced_requests']} request(s) on models without a price "
+            "(MARIE_CONFIG prices) cost 0"
+        )
     data = {
         "from": start.ToJsonString(),
         "to": end.ToJsonString(),
         "group_by": args.group_by or None,
+        "currency": reply.currency or "USD",
         "total": total,
         "groups": groups,
     }
@@ -188,7 +289,10 @@ async def _call(args: argparse.Namespace, channel: grpc.aio.Channel) -> Result:
     stub = pb_grpc.AuthServiceStub(channel)
     t = CONTROL_TIMEOUT_SECONDS
     try:
+        if args.command == "owners":
+            return await _owners(stub, args)
         if args.keys_command == "create":
+            budget, budget_paths = _budget_changes(args)  # checked before the key exists
             created = await stub.CreateApiKey(
                 pb.CreateApiKeyRequest(
                     name=args.name,
@@ -204,7 +308,19 @@ async def _call(args: argparse.Namespace, channel: grpc.aio.Channel) -> Result:
                 f"{created.key}\n"
                 f"(id {created.api_key.id}; store this key now, it is not shown again)"
             )
-            return Result(text, data)
+            note = ""
+            if budget_paths:
+                budget.key_id = created.api_key.id
+                try:
+                    data["budget"] = _budget_dict(await _set_budget(stub, budget, budget_paths))
+                except grpc.aio.AioRpcError as exc:
+                    # The key exists and its secret is shown only now: print it anyway.
+                    error = ServiceError.from_rpc_error(exc)
+                    note = (
+                        f"marie: the key was created but its budget was not set: "
+                        f"{error.message} ({error.reason}); set it with `marie keys update`"
+                    )
+            return Result(text, data, note)
         if args.keys_command == "list":
             keys: list[pb.ApiKey] = []
             token = ""

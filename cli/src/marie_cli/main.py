@@ -1,4 +1,5 @@
-"""The `marie` command: `marie up` starts the suite; `marie keys …` manages API keys.
+"""The `marie` command: `marie up` starts the suite; `marie keys …` manages API keys;
+`marie owners …` manages owners' budgets.
 
 Every command honours the same environment variables as the services
 (`MARIE_AUTH_PORT`, `MARIE_DATA_DIR`, …).
@@ -49,6 +50,7 @@ def _parser() -> argparse.ArgumentParser:
         help="a model id or 'provider/*' pattern the key may use (repeatable); default: all",
     )
     _limit_options(create)
+    _budget_options(create)
     create.add_argument("--json", action="store_true", help="print one JSON object")
 
     lst = keys_sub.add_parser("list", help="list keys (never their secrets)")
@@ -57,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     lst.add_argument("--json", action="store_true", help="print one JSON object")
 
     update = keys_sub.add_parser(
-        "update", help="change a key's name, owner, scopes, models, limits or expiry"
+        "update", help="change a key's name, owner, scopes, models, limits, budget or expiry"
     )
     update.add_argument("id")
     update.add_argument("--name")
@@ -69,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
         "--model", action="append", dest="models", help="replaces the allowed models (repeatable)"
     )
     _limit_options(update)
+    _budget_options(update)
     update.add_argument("--expires", help="ISO 8601 date or time, or 'never'")
     update.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -82,18 +85,42 @@ def _parser() -> argparse.ArgumentParser:
     )
     rotate.add_argument("--json", action="store_true", help="print one JSON object")
 
-    usage = keys_sub.add_parser("usage", help="usage totals from the ledger")
+    usage = keys_sub.add_parser("usage", help="usage and cost totals from the ledger")
     usage.add_argument("--key", default="", help="only this key id")
     usage.add_argument("--owner", default="", help="only this owner's keys")
     usage.add_argument("--from", dest="start", help="ISO 8601 start (default: 30 days ago)")
     usage.add_argument("--to", help="ISO 8601 end, exclusive (default: now)")
-    usage.add_argument("--group-by", choices=["day", "model", "key"], default="")
+    usage.add_argument("--group-by", choices=["day", "model", "key", "owner"], default="")
     usage.add_argument("--json", action="store_true", help="print one JSON object")
 
     revoke = keys_sub.add_parser("revoke", help="revoke a key by id")
     revoke.add_argument("id")
     revoke.add_argument("--json", action="store_true", help="print one JSON object")
+
+    owners_parser = sub.add_parser("owners", help="manage owners' budgets")
+    owners_sub = owners_parser.add_subparsers(dest="owners_command", required=True)
+    budget = owners_sub.add_parser(
+        "budget", help="show an owner's budget and spend, or set it with the options"
+    )
+    budget.add_argument("owner", help="the owner (user or team id) of the keys")
+    _budget_options(budget)
+    budget.add_argument("--json", action="store_true", help="print one JSON object")
+    owners_list = owners_sub.add_parser("list", help="the owners that have a budget")
+    owners_list.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
+
+
+def _budget_options(parser: argparse.ArgumentParser) -> None:
+    """Spend limits in US dollars (exact, up to 6 decimals; 0 = no limit)."""
+    parser.add_argument(
+        "--budget-day", dest="budget_day", metavar="USD", help="spend per UTC day (0 = no limit)"
+    )
+    parser.add_argument(
+        "--budget-month",
+        dest="budget_month",
+        metavar="USD",
+        help="spend per UTC calendar month (0 = no limit)",
+    )
 
 
 def _limit_options(parser: argparse.ArgumentParser) -> None:

@@ -315,3 +315,52 @@ def test_vllm_and_sglang_name_the_stop_sequence_matched() -> None:
     translator = ChatStreamTranslator(completion_id="c", model_id="m/x", provider="m", created=1)
     translator.translate(orjson.dumps(llama).decode())
     assert not translator.names_stops
+
+
+def test_openai_cached_prompt_tokens_are_carried_in_the_usage() -> None:
+    translator = ChatStreamTranslator(completion_id="c", model_id="o/m", provider="o", created=1)
+    usage = {
+        "prompt_tokens": 2006,
+        "completion_tokens": 300,
+        "total_tokens": 2306,
+        "prompt_tokens_details": {"cached_tokens": 1920},
+    }
+    events = [
+        {"choices": [{"index": 0, "delta": {"role": "assistant", "content": "Hi"}}]},
+        {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+        {"choices": [], "usage": usage},
+    ]
+    chunks = [c for e in events for c in translator.translate(orjson.dumps(e).decode())]
+    chunks += translator.translate("[DONE]")
+
+    assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.cached_prompt_tokens) == (2006, 1920)
+
+
+def test_anthropic_prompt_counts_cache_reads_and_writes_and_names_the_reads() -> None:
+    # Anthropic counts cache reads and writes apart from input_tokens; the
+    # prompt is all three, and the reads are the cached part.
+    start_usage = {
+        "input_tokens": 21,
+        "cache_creation_input_tokens": 188,
+        "cache_read_input_tokens": 1000,
+    }
+    chunks = _translate(
+        [
+            {"type": "message_start", "message": {"usage": start_usage}},
+            _block(0, {"type": "text", "text": ""}),
+            _delta(0, {"type": "text_delta", "text": "ok"}),
+            {"type": "content_block_stop", "index": 0},
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": "end_turn"},
+                "usage": {"output_tokens": 5},
+            },
+        ]
+    )
+
+    usage = chunks[-1].usage
+    assert (usage.prompt_tokens, usage.cached_prompt_tokens, usage.completion_tokens) == (
+        1209,
+        1000,
+        5,
+    )

@@ -37,6 +37,11 @@ def test_compose_mounts_the_example_config_where_marie_config_points() -> None:
     named = {p.api_key_env for p in config.providers.values() if p.api_key_env}
     assert named == {"HF_TOKEN", "OPENAI_API_KEY", "ANTHROPIC_API_KEY"}
     assert named <= providers["environment"].keys()
+    # The gateway reads the same file (for its prices).
+    gateway = _compose()["services"]["gateway"]
+    assert gateway["environment"]["MARIE_CONFIG"] == target
+    assert f"{source}:{target}:ro" in gateway["volumes"]
+    assert len(config.price_table()) == 1
     # Ollama is the compose service of that name.
     assert config.providers["ollama"].base_url == "http://ollama:11434"
     assert "ollama" in _compose()["services"]

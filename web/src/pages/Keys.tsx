@@ -16,8 +16,8 @@ import {
   Title,
 } from "@mantine/core";
 import { useCallback, useEffect, useState } from "react";
-import type { Api, ApiKey, CreatedKey, KeyLimits, Page } from "../api";
-import { ApiError } from "../api";
+import type { Api, ApiKey, Budget, CreatedKey, KeyLimits, Page, UsageReport } from "../api";
+import { ApiError, monthStart } from "../api";
 
 const SCOPES = ["chat", "models:read", "embeddings", "memory", "admin"];
 
@@ -27,6 +27,9 @@ interface KeyForm {
   scopes: string[];
   allowed_models: string[];
   limits: KeyLimits;
+  /** USD per UTC day and month, as typed ("" : no limit). */
+  daily_usd: string;
+  monthly_usd: string;
 }
 
 const EMPTY_FORM: KeyForm = {
@@ -35,7 +38,26 @@ const EMPTY_FORM: KeyForm = {
   scopes: [],
   allowed_models: [],
   limits: { requests_per_minute: 0, tokens_per_minute: 0, tokens_per_day: 0, max_concurrent_requests: 0 },
+  daily_usd: "",
+  monthly_usd: "",
 };
+
+/** What a key spent this month and its monthly budget, for the keys table. */
+interface Spend {
+  spent: string;
+  budget: Budget | null;
+}
+
+/** Sets a key's budget when the form changed it. */
+async function saveBudget(api: Api, keyId: string, form: KeyForm, before: Budget | null) {
+  const daily = form.daily_usd.trim();
+  const monthly = form.monthly_usd.trim();
+  if (daily === (before?.daily_usd ?? "") && monthly === (before?.monthly_usd ?? "")) return;
+  await api.json("PATCH", `/api/budgets/keys/${encodeURIComponent(keyId)}`, {
+    daily_usd: daily,
+    monthly_usd: monthly,
+  });
+}
 
 function errorText(exc: unknown): string {
   if (exc instanceof ApiError && exc.status === 403) {
@@ -125,6 +147,20 @@ function KeyDialog(props: {
             onChange={(allowed_models) => setForm({ ...form, allowed_models })}
           />
           <div className="form-grid">
+            <TextInput
+              label="Daily budget (USD)"
+              description="Spend per UTC day; empty: no limit"
+              inputMode="decimal"
+              value={form.daily_usd}
+              onChange={(e) => setForm({ ...form, daily_usd: e.currentTarget.value })}
+            />
+            <TextInput
+              label="Monthly budget (USD)"
+              description="Spend per UTC month; empty: no limit"
+              inputMode="decimal"
+              value={form.monthly_usd}
+              onChange={(e) => setForm({ ...form, monthly_usd: e.currentTarget.value })}
+            />
             {LIMIT_LABELS.map(([field, label]) => (
               <NumberInput
                 key={field}
@@ -160,6 +196,7 @@ function KeyDialog(props: {
 
 export function KeysPage({ api }: { api: Api }) {
   const [keys, setKeys] = useState<ApiKey[] | null>(null);
+  const [spend, setSpend] = useState<Map<string, Spend>>(new Map());
   const [error, setError] = useState<string | null>(null);
   const [creating, setCreating] = useState<KeyForm | null>(null);
   const [editing, setEditing] = useState<{ key: ApiKey; form: KeyForm } | null>(null);
@@ -171,6 +208,17 @@ export function KeysPage({ api }: { api: Api }) {
       const page = await api.get<Page<ApiKey>>("/api/keys?include_inactive=true&page_size=500");
       setKeys(page.data);
       setError(null);
+      // Spend this month per key (from the ledger) beside its budget, if any.
+      const [budgets, usage] = await Promise.all([
+        api.get<Page<Budget>>("/api/budgets?page_size=500"),
+        api.get<UsageReport>(`/api/usage?group_by=key&from=${encodeURIComponent(monthStart())}`),
+      ]);
+      const byKey = new Map<string, Spend>();
+      for (const g of usage.groups) if (g.group) byKey.set(g.group, { spent: g.cost, budget: null });
+      for (const b of budgets.data) {
+        if (b.key_id) byKey.set(b.key_id, { spent: b.spent_this_month_usd, budget: b });
+      }
+      setSpend(byKey);
     } catch (exc) {
       setKeys(null);
       setError(errorText(exc));
@@ -206,7 +254,7 @@ export function KeysPage({ api }: { api: Api }) {
         </Alert>
       )}
       {keys !== null && (
-        <Table.ScrollContainer minWidth={640}>
+        <Table.ScrollContainer minWidth={880}>
           <Table striped highlightOnHover data-testid="keys-table">
             <Table.Thead>
               <Table.Tr>
@@ -215,6 +263,7 @@ export function KeysPage({ api }: { api: Api }) {
                 <Table.Th>Owner</Table.Th>
                 <Table.Th>Scopes</Table.Th>
                 <Table.Th>State</Table.Th>
+                <Table.Th>Spent / budget this month (USD)</Table.Th>
                 <Table.Th>Actions</Table.Th>
               </Table.Tr>
             </Table.Thead>
@@ -232,6 +281,11 @@ export function KeysPage({ api }: { api: Api }) {
                       {k.state}
                     </Badge>
                   </Table.Td>
+                  <Table.Td data-testid="key-spend">
+                    {spend.get(k.id)?.spent ?? "0"}
+                    {spend.get(k.id)?.budget?.monthly_usd ? ` / ${spend.get(k.id)?.budget?.monthly_usd}` : ""}
+                    {spend.get(k.id)?.budget?.daily_usd ? ` (daily ${spend.get(k.id)?.budget?.daily_usd})` : ""}
+                  </Table.Td>
                   <Table.Td>
                     {k.state === "active" && (
                       <Group gap={4} wrap="nowrap">
@@ -248,6 +302,8 @@ export function KeysPage({ api }: { api: Api }) {
                                 scopes: k.scopes,
                                 allowed_models: k.allowed_models,
                                 limits: k.limits,
+                                daily_usd: spend.get(k.id)?.budget?.daily_usd ?? "",
+                                monthly_usd: spend.get(k.id)?.budget?.monthly_usd ?? "",
                               },
                             })
                           }
@@ -282,8 +338,14 @@ export function KeysPage({ api }: { api: Api }) {
             allowed_models: form.allowed_models,
             limits: form.limits,
           };
-          setCreated(await api.json<CreatedKey>("POST", "/api/keys", body));
+          const made = await api.json<CreatedKey>("POST", "/api/keys", body);
+          setCreated(made);
           setCreating(null);
+          try {
+            await saveBudget(api, made.api_key.id, form, null);
+          } catch (exc) {
+            setError(`The key was created, but its budget was not set: ${errorText(exc)}`);
+          }
           await load();
         }}
       />
@@ -301,6 +363,7 @@ export function KeysPage({ api }: { api: Api }) {
             allowed_models: form.allowed_models,
             limits: form.limits,
           });
+          await saveBudget(api, editing.key.id, form, spend.get(editing.key.id)?.budget ?? null);
           setEditing(null);
           await load();
         }}

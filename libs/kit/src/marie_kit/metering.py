@@ -42,6 +42,7 @@ import grpc
 from marie.auth.v1 import auth_service_pb2 as auth_pb
 from marie.auth.v1 import auth_service_pb2_grpc as auth_grpc
 
+from marie_kit.budgets import BudgetExceeded, BudgetHold, BudgetLeaser
 from marie_kit.channels import insecure_channel
 from marie_kit.errors import ServiceError
 from marie_kit.identity import KEY_ID_HEADER, identity_from_metadata
@@ -56,12 +57,14 @@ from marie_kit.limits import (
     RateLimited,
     parse_limits_value,
 )
+from marie_kit.prices import NO_PRICES, PriceTable
 from marie_kit.settings import AuthClientSettings
 from marie_kit.usage import UsageRecorder, new_record_id, timestamp
 
 log = logging.getLogger("marie.metering")
 
 RATE_LIMITED = "RATE_LIMITED"
+BUDGET_EXCEEDED = "BUDGET_EXCEEDED"
 BAD_METERING_METADATA = "BAD_METERING_METADATA"
 RETRY_AFTER = "retry-after"
 
@@ -104,6 +107,8 @@ class Report:
     #: Whether the answer came from the response cache: its token counts are
     #: the original call's, charged to nobody (the ledger row says cached).
     cached: bool = False
+    #: Of prompt_tokens, those read from the upstream's prompt cache.
+    cached_prompt_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +171,19 @@ def rate_limited(exc: RateLimited, domain: str) -> ServiceError:
     )
 
 
+def budget_exceeded(exc: BudgetExceeded, domain: str) -> ServiceError:
+    """RESOURCE_EXHAUSTED for a call refused by a budget, saying which and when it resets."""
+    wait = str(max(1, math.ceil(exc.reset_seconds)))
+    return ServiceError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        BUDGET_EXCEEDED,
+        exc.message,
+        domain=domain,
+        metadata={"limit": exc.limit, "retry_after_seconds": wait},
+        trailers={RETRY_AFTER: wait},
+    )
+
+
 def status_of(exc: BaseException | None) -> grpc.StatusCode:
     """The code a call ends with when its handler ended with `exc` (None: OK)."""
     if exc is None:
@@ -184,8 +202,10 @@ class _Call:
 
     __slots__ = (
         "cached",
+        "cached_prompt",
         "completion",
         "grant",
+        "hold",
         "marker",
         "metered",
         "model",
@@ -211,8 +231,10 @@ class _Call:
         self.time = unix_time()
         self.started = perf_counter()
         self.provider, self.model = metered.requested(request)
-        self.prompt = self.completion = 0
+        self.prompt = self.completion = self.cached_prompt = 0
+        #: Answered from the response cache (a ledger row with no tokens).
         self.cached = False
+        self.hold: BudgetHold | None = None
 
     def __enter__(self) -> _Call:
         return self
@@ -229,18 +251,27 @@ class MeteringInterceptor(grpc.aio.ServerInterceptor):
     `start` has given the limiter and the ledger; before, a marked call is
     refused with UNAVAILABLE (the service is not ready)."""
 
-    def __init__(self, domain: str, methods: Mapping[str, Metered]) -> None:
+    def __init__(
+        self, domain: str, methods: Mapping[str, Metered], prices: PriceTable = NO_PRICES
+    ) -> None:
         self.domain = domain
         self.methods = methods
+        #: What each ledger record's cost is computed from (MARIE_CONFIG `prices`).
+        self.prices = prices
         self._limiter: Limiter | None = None
         self._usage: UsageSink | None = None
+        self._budgets: BudgetLeaser | None = None
 
-    def start(self, limiter: Limiter, usage: UsageSink) -> None:
+    def start(
+        self, limiter: Limiter, usage: UsageSink, budgets: BudgetLeaser | None = None
+    ) -> None:
         self._limiter = limiter
         self._usage = usage
+        self._budgets = budgets
 
     def stop(self) -> None:
         self._limiter = self._usage = None
+        self._budgets = None
 
     async def intercept_service(
         self,
@@ -291,13 +322,24 @@ class MeteringInterceptor(grpc.aio.ServerInterceptor):
                 "the service is not started",
                 domain=self.domain,
             )
+        hold: BudgetHold | None = None
+        budgets = self._budgets
+        if budgets is not None and metered.spends_tokens:
+            try:
+                hold = await budgets.admit(marker.key_id)
+            except BudgetExceeded as exc:
+                raise budget_exceeded(exc, self.domain) from None
         try:
             grant = await limiter.acquire(
                 marker.key_id, marker.limits, tokens=metered.spends_tokens
             )
         except RateLimited as exc:
+            if hold is not None and budgets is not None:
+                budgets.settle(hold, 0)
             raise rate_limited(exc, self.domain) from None
-        return _Call(marker, metered, grant, request, self._finish)
+        call = _Call(marker, metered, grant, request, self._finish)
+        call.hold = hold
+        return call
 
     def _read(self, call: _Call, response: Any) -> None:
         report = call.metered.read(response)
@@ -308,6 +350,7 @@ class MeteringInterceptor(grpc.aio.ServerInterceptor):
         elif report.has_usage:
             call.prompt += report.prompt_tokens
             call.completion += report.completion_tokens
+            call.cached_prompt += min(report.cached_prompt_tokens, report.prompt_tokens)
             if self._limiter is not None:
                 self._limiter.charge(call.grant, report.prompt_tokens + report.completion_tokens)
 
@@ -315,6 +358,9 @@ class MeteringInterceptor(grpc.aio.ServerInterceptor):
         """The call ended: free its slot, queue its ledger record."""
         if self._limiter is not None:
             self._limiter.release(call.grant)
+        cost = self.prices.cost(call.model, call.prompt, call.completion, call.cached_prompt)
+        if call.hold is not None and self._budgets is not None:
+            self._budgets.settle(call.hold, cost.picodollars)
         if self._usage is None or not call.metered.spends_tokens:
             return
         self._usage(
@@ -332,6 +378,9 @@ class MeteringInterceptor(grpc.aio.ServerInterceptor):
                     status=HTTP_STATUS.get(code, 500),
                     time=timestamp(call.time),
                     cached=call.cached,
+                    cached_prompt_tokens=call.cached_prompt,
+                    cost_picodollars=cost.picodollars,
+                    priced=cost.priced,
                 )
             ]
         )
@@ -386,6 +435,7 @@ class MeteringBackends:
     usage: UsageRecorder
     limiter: Limiter
     leased: LeasedLimiter | None
+    budgets: BudgetLeaser
 
     @classmethod
     def start(cls, settings: AuthClientSettings) -> MeteringBackends:
@@ -398,11 +448,15 @@ class MeteringBackends:
         leased = LeasedLimiter(auth) if settings.limits == "auth" else None
         if leased is not None:
             leased.start()
-        return cls(channel, usage, leased or LocalLimiter(), leased)
+        # Budgets are always leased from auth (their counters outlive a process).
+        budgets = BudgetLeaser(auth)
+        budgets.start()
+        return cls(channel, usage, leased or LocalLimiter(), leased, budgets)
 
     async def close(self) -> None:
         if self.leased is not None:
             await self.leased.close()
+        await self.budgets.close()
         # Calls have ended: what they used goes to the ledger now.
         await self.usage.close()
         await self.auth_channel.close()

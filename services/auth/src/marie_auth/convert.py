@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from google.protobuf.timestamp_pb2 import Timestamp
 from marie.auth.v1 import auth_service_pb2 as pb
+from marie_kit.prices import CURRENCY, PriceError, parse_budget, usd_text
 
+from marie_auth.budgets import KEY, OWNER, BudgetView
+from marie_auth.errors import invalid_argument
 from marie_auth.events import KeyEvent, KeyEventType
 from marie_auth.keys import Principal
 from marie_auth.leases import LeaseAsk, LeaseGrant
@@ -123,6 +126,7 @@ GROUP_BY: dict[int, GroupBy] = {
     pb.USAGE_GROUP_BY_DAY: GroupBy.DAY,
     pb.USAGE_GROUP_BY_MODEL: GroupBy.MODEL,
     pb.USAGE_GROUP_BY_KEY: GroupBy.KEY,
+    pb.USAGE_GROUP_BY_OWNER: GroupBy.OWNER,
 }
 
 
@@ -140,6 +144,9 @@ def usage_record_from_proto(record: pb.UsageRecord) -> UsageRecord:
         status=record.status,
         time=unix_seconds(record.time) if record.HasField("time") else 0.0,
         cached=record.cached,
+        cached_prompt_tokens=record.cached_prompt_tokens,
+        cost_picodollars=record.cost_picodollars,
+        priced=record.priced,
     )
 
 
@@ -153,12 +160,17 @@ def totals_to_proto(totals: Totals) -> pb.UsageTotals:
         latency_p50_ms=totals.latency_p50_ms,
         latency_p95_ms=totals.latency_p95_ms,
         cached_requests=totals.cached_requests,
+        cost=usd_text(totals.cost_picodollars),
+        cached_prompt_tokens=totals.cached_prompt_tokens,
+        unpriced_requests=totals.unpriced_requests,
     )
 
 
 def usage_report_to_proto(report: UsageReport) -> pb.QueryUsageResponse:
     return pb.QueryUsageResponse(
-        total=totals_to_proto(report.total), groups=[totals_to_proto(g) for g in report.groups]
+        total=totals_to_proto(report.total),
+        groups=[totals_to_proto(g) for g in report.groups],
+        currency=CURRENCY,
     )
 
 
@@ -187,3 +199,54 @@ def lease_grant_to_proto(grant: LeaseGrant) -> pb.LeaseCapacityResponse:
         retry_after_seconds=grant.retry_after_seconds,
         slot_ttl_seconds=grant.slot_ttl_seconds,
     )
+
+
+def budget_subject(message: pb.Budget | pb.GetBudgetRequest, prefix: str = "") -> tuple[str, str]:
+    """("key", id) or ("owner", owner) of a message's `subject`; INVALID_ARGUMENT without one."""
+    which = message.WhichOneof("subject")
+    if which == "key_id":
+        return KEY, message.key_id
+    if which == "owner":
+        return OWNER, message.owner
+    raise invalid_argument(f"{prefix}subject", "a key_id or an owner is required")
+
+
+_BUDGET_FIELDS = ("daily_usd", "monthly_usd")
+
+
+def budget_limits_from_proto(request: pb.UpdateBudgetRequest) -> tuple[int | None, int | None]:
+    """(daily, monthly) in picodollars of the fields in the mask (None: not changed)."""
+    paths = list(request.update_mask.paths) or list(_BUDGET_FIELDS)
+    for path in paths:
+        if path not in _BUDGET_FIELDS:
+            raise invalid_argument(
+                "update_mask", f"unknown field {path!r} (known: {', '.join(_BUDGET_FIELDS)})"
+            )
+    out: list[int | None] = []
+    for name in _BUDGET_FIELDS:
+        if name not in paths:
+            out.append(None)
+            continue
+        try:
+            out.append(parse_budget(getattr(request.budget, name), name))
+        except PriceError as exc:
+            raise invalid_argument(f"budget.{name}", str(exc)) from None
+    return out[0], out[1]
+
+
+def budget_to_proto(view: BudgetView) -> pb.Budget:
+    b = view.budget
+    out = pb.Budget(
+        daily_usd=usd_text(b.limits.daily) if b.limits.daily else "",
+        monthly_usd=usd_text(b.limits.monthly) if b.limits.monthly else "",
+        spent_today_usd=usd_text(view.spent_today),
+        spent_this_month_usd=usd_text(view.spent_this_month),
+    )
+    if b.kind == KEY:
+        out.key_id = b.subject
+    else:
+        out.owner = b.subject
+    updated = timestamp(b.update_time) if b.update_time else None
+    if updated is not None:
+        out.update_time.CopyFrom(updated)
+    return out

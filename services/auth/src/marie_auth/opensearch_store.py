@@ -44,7 +44,7 @@ from marie_auth.leases import (
 )
 from marie_auth.sqlite_store import decode_page_token, encode_page_token
 from marie_auth.store import KeyLimits, KeyPage, KeyRecord, KeySpec, KeyState
-from marie_auth.usage import GroupBy, UsageRecord
+from marie_auth.usage import GroupBy, Row, UsageRecord
 
 WAIT = "wait_for"
 MAX_RESULTS = 10_000
@@ -89,6 +89,9 @@ MAPPINGS: dict[str, dict[str, Any]] = {
         "status": {"type": "integer"},
         "time": _DOUBLE,
         "cached": {"type": "boolean"},
+        "cached_prompt_tokens": {"type": "long"},
+        "cost_picodollars": {"type": "long"},
+        "priced": {"type": "boolean"},
     },
     "key_counters": {"slots": _DISABLED},
 }
@@ -452,7 +455,7 @@ def _replace(record: KeyRecord, **changes: Any) -> KeyRecord:
 
 # -- usage ----------------------------------------------------------------------
 
-_GROUP_FIELD = {GroupBy.MODEL: "model", GroupBy.KEY: "key_id"}
+_GROUP_FIELD = {GroupBy.MODEL: "model", GroupBy.KEY: "key_id", GroupBy.OWNER: "owner"}
 
 
 def usage_query(start: float, end: float, key_id: str, owner: str) -> dict[str, Any]:
@@ -470,11 +473,15 @@ def usage_query(start: float, end: float, key_id: str, owner: str) -> dict[str, 
             "time",
             "model",
             "key_id",
+            "owner",
             "prompt_tokens",
             "completion_tokens",
             "status",
             "latency_ms",
             "cached",
+            "cached_prompt_tokens",
+            "cost_picodollars",
+            "priced",
         ],
     }
 
@@ -518,9 +525,9 @@ class OpenSearchUsageStore:
 
     async def select(
         self, start: float, end: float, key_id: str, owner: str, group_by: GroupBy
-    ) -> list[tuple[str, int, int, int, float, bool]]:
+    ) -> list[Row]:
         body = usage_query(start, end, key_id, owner)
-        rows: list[tuple[str, int, int, int, float, bool]] = []
+        rows: list[Row] = []
         while True:
             hits = await self._ix.search("usage", body)
             for hit in hits:
@@ -532,7 +539,7 @@ class OpenSearchUsageStore:
                 else:
                     group = str(s[_GROUP_FIELD[group_by]])
                 rows.append(
-                    (
+                    Row(
                         group,
                         int(s["prompt_tokens"]),
                         int(s["completion_tokens"]),
@@ -540,6 +547,10 @@ class OpenSearchUsageStore:
                         float(s["latency_ms"]),
                         # Records stored before the field have none: not cached.
                         bool(s.get("cached", False)),
+                        # Documents from before the spend fields lack them.
+                        int(s.get("cached_prompt_tokens", 0)),
+                        int(s.get("cost_picodollars", 0)),
+                        bool(s.get("priced", False)),
                     )
                 )
             if len(hits) < MAX_RESULTS:

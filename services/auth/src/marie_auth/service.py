@@ -26,6 +26,14 @@ from marie_kit.errors import ServiceError
 from marie_kit.storage import StorageWatch
 
 from marie_auth import convert
+from marie_auth.budgets import (
+    KEY,
+    BudgetAsk,
+    BudgetBook,
+    BudgetStore,
+    NoBudgetStore,
+    SqliteBudgetStore,
+)
 from marie_auth.errors import DOMAIN
 from marie_auth.events import KeyEventBroadcaster
 from marie_auth.keys import (
@@ -66,6 +74,12 @@ async def open_lease_store(settings: AuthSettings) -> LeaseStore:
     return await SqliteLeaseStore.open(settings.db_path, max_bytes=settings.db_max_bytes)
 
 
+async def open_budget_store(settings: AuthSettings) -> BudgetStore:
+    if settings.store == "opensearch":
+        return NoBudgetStore()
+    return await SqliteBudgetStore.open(settings.db_path, max_bytes=settings.db_max_bytes)
+
+
 class AuthComponent:
     """The auth service as a kit `Component`: opens the key store in `start()`,
     closes it (and ends every WatchKeyEvents stream) in `close()`."""
@@ -90,6 +104,7 @@ class AuthComponent:
         self._keys: KeyManager | None = None
         self._usage: UsageLedger | None = None
         self._leases: LeaseBook | None = None
+        self._budgets: BudgetBook | None = None
         self._expiry_task: asyncio.Task[None] | None = None
         # A write refused for lack of space makes the service NOT_SERVING
         # until a probe write on the key store succeeds (marie_kit.storage).
@@ -125,6 +140,15 @@ class AuthComponent:
             )
         return self._leases
 
+    @property
+    def budgets(self) -> BudgetBook:
+        """The started budget book; UNAVAILABLE before `start()` and after `close()`."""
+        if self._budgets is None:
+            raise ServiceError(
+                grpc.StatusCode.UNAVAILABLE, "UNAVAILABLE", "auth service not ready", domain=DOMAIN
+            )
+        return self._budgets
+
     def register(self, server: grpc.aio.Server) -> None:
         pb_grpc.add_AuthServiceServicer_to_server(AuthServicer(self), server)
 
@@ -145,6 +169,21 @@ class AuthComponent:
 
         self._leases = LeaseBook(
             await open_lease_store(self.settings), limits_of, clock=self._clock
+        )
+        usage = self._usage
+
+        async def owner_of(key_id: str) -> str:
+            return (await keys.get(key_id)).spec.owner
+
+        async def spent(kind: str, subject: str, start: float, end: float) -> int:
+            if kind == KEY:
+                report = await usage.query(start, end, key_id=subject)
+            else:
+                report = await usage.query(start, end, owner=subject)
+            return report.total.cost_picodollars
+
+        self._budgets = BudgetBook(
+            await open_budget_store(self.settings), owner_of, spent, clock=self._clock
         )
         self._expiry_task = asyncio.create_task(
             self._keys.notify_expirations(self._expiry_check_seconds)
@@ -178,6 +217,9 @@ class AuthComponent:
         if self._leases is not None:
             leases, self._leases = self._leases, None
             await leases.close()
+        if self._budgets is not None:
+            budgets, self._budgets = self._budgets, None
+            await budgets.close()
 
 
 class AuthServicer(pb_grpc.AuthServiceServicer):
@@ -239,6 +281,8 @@ class AuthServicer(pb_grpc.AuthServiceServicer):
         self, request: pb.RotateApiKeyRequest, context: Context
     ) -> pb.RotateApiKeyResponse:
         rotated = await self._keys.rotate(request.id, request.grace_period_seconds)
+        # The new key keeps the old one's budget, and what the old one spent counts.
+        await self._component.budgets.carry(rotated.previous.id, rotated.record.id)
         return pb.RotateApiKeyResponse(
             api_key=convert.api_key_to_proto(rotated.record, self._keys.now()),
             key=rotated.key,
@@ -285,3 +329,48 @@ class AuthServicer(pb_grpc.AuthServiceServicer):
     ) -> pb.LeaseCapacityResponse:
         grant = await self._component.leases.lease(convert.lease_ask_from_proto(request))
         return convert.lease_grant_to_proto(grant)
+
+    async def GetBudget(
+        self, request: pb.GetBudgetRequest, context: Context
+    ) -> pb.GetBudgetResponse:
+        kind, subject = convert.budget_subject(request)
+        view = await self._component.budgets.get(kind, subject)
+        return pb.GetBudgetResponse(budget=convert.budget_to_proto(view))
+
+    async def UpdateBudget(
+        self, request: pb.UpdateBudgetRequest, context: Context
+    ) -> pb.UpdateBudgetResponse:
+        kind, subject = convert.budget_subject(request.budget, "budget.")
+        daily, monthly = convert.budget_limits_from_proto(request)
+        view = await self._component.budgets.update(kind, subject, daily, monthly)
+        return pb.UpdateBudgetResponse(budget=convert.budget_to_proto(view))
+
+    async def ListBudgets(
+        self, request: pb.ListBudgetsRequest, context: Context
+    ) -> pb.ListBudgetsResponse:
+        views, token = await self._component.budgets.list(request.page_size, request.page_token)
+        return pb.ListBudgetsResponse(
+            budgets=[convert.budget_to_proto(v) for v in views], next_page_token=token
+        )
+
+    async def LeaseBudget(
+        self, request: pb.LeaseBudgetRequest, context: Context
+    ) -> pb.LeaseBudgetResponse:
+        grant = await self._component.budgets.lease(
+            BudgetAsk(
+                key_id=request.key_id,
+                holder=request.holder,
+                spend=request.spend,
+                spend_balance=request.spend_balance,
+                release=request.release,
+            )
+        )
+        return pb.LeaseBudgetResponse(
+            budgeted=grant.budgeted,
+            spend=grant.spend,
+            remaining=grant.remaining,
+            limit=int(grant.limit),  # type: ignore[arg-type]
+            limit_amount=grant.limit_amount,
+            reset_seconds=grant.reset_seconds,
+            lease_size=grant.lease_size,
+        )

@@ -5,6 +5,10 @@ keeps the records in a table of the auth SQLite file, on its own connection
 and worker thread (WAL lets it write beside the key store). A batch is one
 transaction with `synchronous = FULL`: once `record` returns, the batch
 survives a crash or a power cut. Record ids make a re-sent batch harmless.
+
+Each row carries its cost in picodollars (10⁻¹² USD, an integer), computed
+by the recorder from the price table (`marie_kit.prices`); totals add those
+integers, so a total is exactly the sum of its rows.
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
+from marie_kit.prices import MAX_PICODOLLARS
 from marie_kit.sqlite import open_on_thread, write_transaction
 
 from marie_auth.errors import invalid_argument
@@ -46,20 +51,24 @@ CREATE INDEX IF NOT EXISTS usage_time ON usage_records (time);
 CREATE INDEX IF NOT EXISTS usage_key_time ON usage_records (key_id, time);
 CREATE INDEX IF NOT EXISTS usage_owner_time ON usage_records (owner, time);
 """
+#: Columns added after the table's first version; added by name when missing
+#: (the file's PRAGMA user_version belongs to the key store).
+_ADDED_COLUMNS = (
+    # Answered from the response cache (no upstream call, no tokens).
+    ("cached", "INTEGER NOT NULL DEFAULT 0"),
+    ("cached_prompt_tokens", "INTEGER NOT NULL DEFAULT 0"),
+    ("cost_picodollars", "INTEGER NOT NULL DEFAULT 0"),
+    # Rows from before prices existed were not priced.
+    ("priced", "INTEGER NOT NULL DEFAULT 0"),
+)
 _INSERT = (
     "INSERT OR IGNORE INTO usage_records (id, key_id, owner, provider, model, operation, "
-    "prompt_tokens, completion_tokens, latency_ms, status, time, cached) VALUES "
+    "prompt_tokens, completion_tokens, latency_ms, status, time, cached, cached_prompt_tokens, "
+    "cost_picodollars, priced) VALUES "
     "(:id, :key_id, :owner, :provider, :model, :operation, :prompt_tokens, "
-    ":completion_tokens, :latency_ms, :status, :time, :cached)"
+    ":completion_tokens, :latency_ms, :status, :time, :cached, :cached_prompt_tokens, "
+    ":cost_picodollars, :priced)"
 )
-
-
-def add_cached_column(db: sqlite3.Connection) -> None:
-    """Migration: the `cached` column (answers from the response cache), added
-    to a ledger made before it; 0 in the rows already there."""
-    columns = {row[1] for row in db.execute("PRAGMA table_info(usage_records)")}
-    if "cached" not in columns:
-        db.execute("ALTER TABLE usage_records ADD COLUMN cached INTEGER NOT NULL DEFAULT 0")
 
 
 # The group expression is chosen from this table, never from input.
@@ -68,6 +77,7 @@ _GROUP_SQL = {
     "day": "strftime('%Y-%m-%d', time, 'unixepoch')",
     "model": "model",
     "key": "key_id",
+    "owner": "owner",
 }
 
 T = TypeVar("T")
@@ -78,6 +88,7 @@ class GroupBy(StrEnum):
     DAY = "day"
     MODEL = "model"
     KEY = "key"
+    OWNER = "owner"
 
 
 @dataclass(frozen=True)
@@ -97,6 +108,23 @@ class UsageRecord:
     time: float
     #: Answered from the response cache (no upstream call; no tokens).
     cached: bool = False
+    cached_prompt_tokens: int = 0
+    cost_picodollars: int = 0
+    priced: bool = False
+
+
+class Row(NamedTuple):
+    """What totals need of one selected record."""
+
+    group: str
+    prompt_tokens: int
+    completion_tokens: int
+    status: int
+    latency_ms: float
+    cached: bool
+    cached_prompt_tokens: int
+    cost_picodollars: int
+    priced: bool
 
 
 @dataclass
@@ -109,6 +137,10 @@ class Totals:
     latency_p50_ms: float = 0.0
     latency_p95_ms: float = 0.0
     cached_requests: int = 0
+    cached_prompt_tokens: int = 0
+    #: Picodollars (10⁻¹² USD), exact.
+    cost_picodollars: int = 0
+    unpriced_requests: int = 0
 
 
 @dataclass
@@ -136,10 +168,20 @@ def _check(records: Sequence[UsageRecord]) -> None:
         for name in ("id", "key_id", "owner", "provider", "model", "operation"):
             if len(getattr(r, name)) > MAX_TEXT:
                 raise invalid_argument(f"{where}.{name}", f"{name} is at most {MAX_TEXT} chars")
-        for name in ("prompt_tokens", "completion_tokens", "latency_ms"):
+        for name in ("prompt_tokens", "completion_tokens", "latency_ms", "cached_prompt_tokens"):
             value = getattr(r, name)
             if value < 0 or not math.isfinite(value):
                 raise invalid_argument(f"{where}.{name}", f"{name} must not be negative")
+        if r.cached_prompt_tokens > r.prompt_tokens:
+            raise invalid_argument(
+                f"{where}.cached_prompt_tokens",
+                "cached_prompt_tokens must not exceed prompt_tokens",
+            )
+        if not 0 <= r.cost_picodollars <= MAX_PICODOLLARS:
+            raise invalid_argument(
+                f"{where}.cost_picodollars",
+                f"cost_picodollars must be between 0 and {MAX_PICODOLLARS}",
+            )
         if not 100 <= r.status <= 599:
             raise invalid_argument(f"{where}.status", "status must be an HTTP status")
         if r.time <= 0:
@@ -161,7 +203,7 @@ class SqliteUsageStore:
         )
         store = cls(connection, executor)
         try:
-            await store._run(add_cached_column, connection)
+            await store._run(_add_columns, connection)
         except BaseException:
             await store.close()
             raise
@@ -185,7 +227,7 @@ class SqliteUsageStore:
 
     def _select(
         self, start: float, end: float, key_id: str, owner: str, group_by: GroupBy
-    ) -> list[tuple[str, int, int, int, float, bool]]:
+    ) -> list[Row]:
         clauses = ["time >= :start", "time < :end"]
         params: dict[str, Any] = {"start": start, "end": end}
         if key_id:
@@ -198,13 +240,17 @@ class SqliteUsageStore:
         # _GROUP_SQL, the clauses are literals; values are bound parameters.
         sql = (
             f"SELECT {_GROUP_SQL[group_by.value]} AS grp, prompt_tokens, completion_tokens, "  # noqa: S608
-            f"status, latency_ms, cached FROM usage_records WHERE {' AND '.join(clauses)}"
+            f"status, latency_ms, cached, cached_prompt_tokens, cost_picodollars, priced "
+            f"FROM usage_records WHERE {' AND '.join(clauses)}"
         )
-        return [(*row[:5], bool(row[5])) for row in self._db.execute(sql, params)]
+        return [
+            Row(str(r[0]), r[1], r[2], r[3], r[4], bool(r[5]), r[6], r[7], bool(r[8]))
+            for r in self._db.execute(sql, params)
+        ]
 
     async def select(
         self, start: float, end: float, key_id: str, owner: str, group_by: GroupBy
-    ) -> list[tuple[str, int, int, int, float, bool]]:
+    ) -> list[Row]:
         return await self._run(self._select, start, end, key_id, owner, group_by)
 
     async def close(self) -> None:
@@ -215,17 +261,30 @@ class SqliteUsageStore:
         self._executor.shutdown(wait=False)
 
 
-def _totals(group: str, rows: list[tuple[str, int, int, int, float, bool]]) -> Totals:
-    latencies = sorted(row[4] for row in rows)
+def _add_columns(db: sqlite3.Connection) -> None:
+    """Migration: the columns added after the table's first version, added to a
+    ledger made before them (idempotent; 0 in the rows already there)."""
+    have = {str(row[1]) for row in db.execute("PRAGMA table_info(usage_records)")}
+    with write_transaction(db):
+        for name, spec in _ADDED_COLUMNS:
+            if name not in have:
+                db.execute(f"ALTER TABLE usage_records ADD COLUMN {name} {spec}")
+
+
+def _totals(group: str, rows: list[Row]) -> Totals:
+    latencies = sorted(row.latency_ms for row in rows)
     return Totals(
         group=group,
         requests=len(rows),
-        prompt_tokens=sum(row[1] for row in rows),
-        completion_tokens=sum(row[2] for row in rows),
-        errors=sum(1 for row in rows if row[3] >= 400),
+        prompt_tokens=sum(row.prompt_tokens for row in rows),
+        completion_tokens=sum(row.completion_tokens for row in rows),
+        errors=sum(1 for row in rows if row.status >= 400),
         latency_p50_ms=percentile(latencies, 50),
         latency_p95_ms=percentile(latencies, 95),
-        cached_requests=sum(1 for row in rows if row[5]),
+        cached_requests=sum(1 for row in rows if row.cached),
+        cached_prompt_tokens=sum(row.cached_prompt_tokens for row in rows),
+        cost_picodollars=sum(row.cost_picodollars for row in rows),
+        unpriced_requests=sum(1 for row in rows if not row.priced),
     )
 
 
@@ -237,9 +296,8 @@ class UsageStore(Protocol):
 
     async def select(
         self, start: float, end: float, key_id: str, owner: str, group_by: GroupBy
-    ) -> list[tuple[str, int, int, int, float, bool]]:
-        """(group, prompt tokens, completion tokens, status, latency, cached) of each
-        selected record."""
+    ) -> list[Row]:
+        """What totals need of each selected record."""
 
     async def close(self) -> None: ...
 
@@ -277,9 +335,9 @@ class UsageLedger:
         rows = await self._store.select(start, end, key_id, owner, group_by)
         report = UsageReport(_totals("", rows))
         if group_by is not GroupBy.NONE:
-            by_group: dict[str, list[tuple[str, int, int, int, float, bool]]] = {}
+            by_group: dict[str, list[Row]] = {}
             for row in rows:
-                by_group.setdefault(str(row[0]), []).append(row)
+                by_group.setdefault(row.group, []).append(row)
             report.groups = [_totals(g, by_group[g]) for g in sorted(by_group)]
         return report
 

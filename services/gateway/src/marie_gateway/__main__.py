@@ -5,6 +5,7 @@ from __future__ import annotations
 import uvicorn
 from marie_kit import tracing
 from marie_kit.logs import setup_logging
+from marie_kit.prices import PriceError
 from marie_kit.settings import load_settings
 from marie_kit.tracing import setup_tracing
 
@@ -17,7 +18,10 @@ def main() -> None:
     settings = load_settings(GatewaySettings)
     setup_logging("gateway", settings.log_level)
     setup_tracing("gateway")
-    app = create_app(settings)
+    try:
+        app = create_app(settings)
+    except PriceError as exc:
+        raise SystemExit(f"marie-gateway: {exc}") from None
     config = uvicorn.Config(
         app.traced() if tracing.enabled() else app,
         host=settings.host,

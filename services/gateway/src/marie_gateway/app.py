@@ -25,6 +25,7 @@ from marie_gateway.access.tally import Tally
 from marie_gateway.anthropic import errors as anthropic_errors
 from marie_gateway.anthropic.messages import MessagesRoutes
 from marie_gateway.anthropic.models import AnthropicModelRoutes
+from marie_gateway.api.budgets import BudgetRoutes
 from marie_gateway.api.compare import CompareRoutes
 from marie_gateway.api.conversations import ConversationRoutes
 from marie_gateway.api.keys import KeyRoutes
@@ -128,6 +129,7 @@ def create_app(settings: GatewaySettings) -> RequestContext[Gateway]:
         *CompareRoutes(gw).routes(),
         *UsageRoutes(gw).routes(),
         *KeyRoutes(gw).routes(),
+        *BudgetRoutes(gw).routes(),
         *health.routes(gw),
         *metrics.routes(),
         *docs.routes(version("marie-gateway")),

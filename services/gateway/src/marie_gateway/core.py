@@ -18,16 +18,18 @@ from marie.auth.v1 import auth_service_pb2_grpc as auth_grpc
 from marie.memory.v1 import memory_service_pb2_grpc as memory_grpc
 from marie.providers.v1 import provider_service_pb2_grpc as pb_grpc
 from marie_kit import tracing
+from marie_kit.budgets import BudgetExceeded, BudgetHold, BudgetLeaser
 from marie_kit.channels import insecure_channel
 from marie_kit.leased_limits import LeasedLimiter
 from marie_kit.limits import Limiter, LocalLimiter, RateLimited
 from marie_kit.memory import LARGE_REQUEST_BYTES, schedule_trim
+from marie_kit.prices import PriceTable
 from marie_kit.usage import UsageRecorder
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 
 from marie_gateway.access.keys import SCOPE_ADMIN, KeyValidator, Principal, extract_key
-from marie_gateway.access.limits import InvalidKeyThrottle, quota_headers
+from marie_gateway.access.limits import InvalidKeyThrottle, budget_headers, quota_headers
 from marie_gateway.access.tally import Tally
 from marie_gateway.http.client_address import TrustedProxies, parse_networks
 from marie_gateway.http.context import RATE_HEADERS_KEY, current_request_id
@@ -150,6 +152,10 @@ class Gateway:
         self.draining = False
         self.shutting_down = False
         self.limiter: Limiter = LocalLimiter()
+        # Budgets are always leased from auth (their counters outlive a process).
+        self.budgets: BudgetLeaser | None = None
+        # A bad price table stops the start, naming the file and the entry.
+        self.prices = PriceTable.load(settings.config)
         admin = settings.admin_key.get_secret_value() if settings.admin_key else ""
         # Only a digest is kept; presented keys are compared digest to digest.
         self._admin_digest = hashlib.sha256(admin.encode()).digest() if admin else None
@@ -283,12 +289,28 @@ class Gateway:
         A request that spends model capacity (`tokens`) is held to the token
         limits too and recorded in the usage ledger when it ends; one that
         does not counts against requests per minute and concurrency only."""
+        hold: BudgetHold | None = None
+        if tokens and self.budgets is not None:
+            try:
+                hold = await self.budgets.admit(principal.key_id)
+            except BudgetExceeded as exc:
+                RATE_LIMITED.labels(f"budget_{exc.limit}").inc()
+                request.scope[RATE_HEADERS_KEY] = budget_headers(0, exc.resets_at)
+                raise ApiError(
+                    429,
+                    exc.message,
+                    "insufficient_quota",
+                    "budget_exceeded",
+                    retry_after=max(1, math.ceil(exc.reset_seconds)),
+                ) from None
         try:
             with tracing.span("gateway.limits", {"marie.operation": operation}):
                 grant = await self.limiter.acquire(
                     principal.key_id, principal.limits, tokens=tokens
                 )
         except RateLimited as exc:
+            if hold is not None and self.budgets is not None:
+                self.budgets.settle(hold, 0)
             request.scope[RATE_HEADERS_KEY] = quota_headers(exc.requests, exc.tokens)
             RATE_LIMITED.labels(exc.limit).inc()
             kind = "tokens" if exc.limit.startswith("tokens") else "requests"
@@ -299,9 +321,23 @@ class Gateway:
                 "rate_limit_exceeded",
                 retry_after=max(1, math.ceil(exc.retry_after)),
             ) from None
+        headers: list[tuple[bytes, bytes]] = []
         if grant.requests is not None or grant.tokens is not None:
-            request.scope[RATE_HEADERS_KEY] = quota_headers(grant.requests, grant.tokens)
-        tally = Tally(principal, grant, self.limiter, operation, ledger=tokens)
+            headers = quota_headers(grant.requests, grant.tokens)
+        if hold is not None:
+            headers = headers + budget_headers(hold.remaining)
+        if headers:
+            request.scope[RATE_HEADERS_KEY] = headers
+        tally = Tally(
+            principal,
+            grant,
+            self.limiter,
+            operation,
+            ledger=tokens,
+            prices=self.prices,
+            budgets=self.budgets,
+            hold=hold,
+        )
         request.scope[TALLY_KEY] = tally
         return tally
 
@@ -376,6 +412,9 @@ class Gateway:
             timeout=self.settings.control_timeout_seconds,
         )
         usage.start()
+        budgets = BudgetLeaser(auth, timeout=self.settings.control_timeout_seconds)
+        budgets.start()
+        self.budgets = budgets
         leased: LeasedLimiter | None = None
         if self.settings.limits == "auth":
             leased = LeasedLimiter(auth)
@@ -406,6 +445,8 @@ class Gateway:
             await keys.close()
             if leased is not None:
                 await leased.close()
+            self.budgets = None
+            await budgets.close()
             # Requests have ended: what they used goes to the ledger now.
             await usage.close()
             await providers_channel.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
@@ -160,6 +161,13 @@ class GatewaySettings(BaseSettings):
         "(for several gateway replicas; see docs/decisions.md for the bound).",
     )
 
+    config: Path | None = Field(
+        default=None,
+        validation_alias=AliasChoices("MARIE_CONFIG", "config"),
+        description="The suite's YAML configuration file (the providers service's); the "
+        "gateway reads its `prices` map, from which every usage record's cost is computed.",
+    )
+
     admin_key: SecretStr | None = Field(
         default=None,
         validation_alias=AliasChoices("MARIE_ADMIN_KEY", "admin_key"),
@@ -185,6 +193,11 @@ class GatewaySettings(BaseSettings):
         description="Usage records held while auth is unreachable; beyond, new ones are "
         "dropped (counted in marie_usage_records_dropped_total).",
     )
+
+    @field_validator("config", mode="before")
+    @classmethod
+    def _no_config(cls, value: object) -> object:
+        return None if value == "" else value
 
     @field_validator("trusted_proxies")
     @classmethod

@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import yaml
+from marie_kit.prices import PriceTable
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -142,6 +143,18 @@ class MarieConfig(BaseModel):
     aliases: dict[str, tuple[str, ...]] = Field(default_factory=dict)
     splits: dict[str, dict[str, int]] = Field(default_factory=dict)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    #: Model ids or patterns to USD per million tokens (`marie_kit.prices`);
+    #: the gateway reads the same map from the same file.
+    prices: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("prices")
+    @classmethod
+    def _prices(cls, value: dict[str, Any]) -> dict[str, Any]:
+        PriceTable.parse(value)  # PriceError (a ValueError) names the bad entry
+        return value
+
+    def price_table(self) -> PriceTable:
+        return PriceTable.parse(self.prices)
 
 
 # ---------------------------------------------------------------------------

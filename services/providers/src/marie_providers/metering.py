@@ -40,6 +40,7 @@ def _chunk(
             chunk.usage.prompt_tokens,
             chunk.usage.completion_tokens,
             has_usage=True,
+            cached_prompt_tokens=chunk.usage.cached_prompt_tokens,
         )
     return Report(chunk.provider, chunk.model)
 
@@ -51,14 +52,22 @@ def _whole_chat(response: pb.CreateChatCompletionResponse) -> Report:
     first = response.chunks[0]
     if first.cache == pb.CACHE_RESULT_HIT:
         return Report(first.provider, first.model, cached=True)
-    prompt = completion = 0
+    prompt = completion = cached = 0
     has_usage = False
     for chunk in response.chunks:
         if chunk.HasField("usage"):
             prompt += chunk.usage.prompt_tokens
             completion += chunk.usage.completion_tokens
+            cached += chunk.usage.cached_prompt_tokens
             has_usage = True
-    return Report(first.provider, first.model, prompt, completion, has_usage=has_usage)
+    return Report(
+        first.provider,
+        first.model,
+        prompt,
+        completion,
+        has_usage=has_usage,
+        cached_prompt_tokens=cached,
+    )
 
 
 def _embeddings(response: pb.CreateEmbeddingsResponse) -> Report:

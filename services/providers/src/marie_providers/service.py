@@ -469,7 +469,7 @@ class ProvidersComponent:
         # Calls through Envoy: the key's limits, and the usage ledger for those
         # that spend model capacity. The gateway's own calls pass at the cost
         # of one metadata lookup.
-        self.metering = MeteringInterceptor(DOMAIN, METERED)
+        self.metering = MeteringInterceptor(DOMAIN, METERED, self.config.price_table())
         self.interceptors: Sequence[grpc.aio.ServerInterceptor] = (self.metering,)
         self._metering: MeteringBackends | None = None
 
@@ -514,7 +514,7 @@ class ProvidersComponent:
             raise
         self.servicer.core = Core(registry, router, monitor, response_cache)
         metering = self._metering = MeteringBackends.start(self.settings)
-        self.metering.start(metering.limiter, metering.usage.submit)
+        self.metering.start(metering.limiter, metering.usage.submit, metering.budgets)
         log.info(
             "providers configured",
             extra={

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 
 from marie_kit.limits import SECONDS_PER_MINUTE, Quota
+from marie_kit.prices import usd_text
 
 #: The headers every answer of a limited route carries (for the key's limits).
 RATE_LIMIT_HEADERS = tuple(
@@ -44,6 +45,23 @@ def quota_headers(requests: Quota | None, tokens: Quota | None) -> list[tuple[by
             out.append((b"x-ratelimit-limit-" + name, str(quota.limit).encode()))
             out.append((b"x-ratelimit-remaining-" + name, str(quota.remaining).encode()))
             out.append((b"x-ratelimit-reset-" + name, duration_text(quota.reset_seconds).encode()))
+    return out
+
+
+#: What a budgeted key may still spend, in USD (exact decimal text): the
+#: tightest of its own and its owner's daily and monthly budgets, as of this
+#: gateway's last word with auth (other replicas' spend since is not in it).
+BUDGET_REMAINING_HEADER = b"x-marie-budget-remaining"
+#: When a refused budget resets (RFC 3339, UTC), on `budget_exceeded` answers.
+BUDGET_RESET_HEADER = b"x-marie-budget-reset"
+
+
+def budget_headers(remaining: int, resets_at: float | None = None) -> list[tuple[bytes, bytes]]:
+    """The budget headers: `remaining` picodollars, and the reset time of a refusal."""
+    out = [(BUDGET_REMAINING_HEADER, usd_text(max(0, remaining)).encode())]
+    if resets_at is not None:
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(resets_at + 0.5))
+        out.append((BUDGET_RESET_HEADER, when.encode()))
     return out
 
 

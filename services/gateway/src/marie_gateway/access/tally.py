@@ -5,6 +5,8 @@ A `Tally` charges its tokens to the key's limits the moment they are known
 and gives its concurrency slot back when the request ends; then it becomes
 ledger records (one per model) that the kit's `UsageRecorder` queues and
 sends to auth in batches (never blocking the request; see `marie_kit.usage`).
+Each record's cost is the price table's (`marie_kit.prices`) for the model
+as resolved.
 """
 
 from __future__ import annotations
@@ -14,7 +16,10 @@ from time import perf_counter
 from time import time as unix_time
 
 from marie.auth.v1 import auth_service_pb2 as auth_pb
+from marie.providers.v1 import provider_service_pb2 as pb
+from marie_kit.budgets import BudgetHold, BudgetLeaser
 from marie_kit.limits import Grant, Limiter
+from marie_kit.prices import NO_PRICES, PriceTable
 from marie_kit.usage import new_record_id, timestamp
 
 from marie_gateway.access.keys import Principal
@@ -34,6 +39,8 @@ class ModelUse:
     failed: bool = False
     #: Answered from the response cache: no upstream call, no tokens.
     cached: bool = False
+    #: Of prompt_tokens, those read from the upstream's prompt cache.
+    cached_prompt_tokens: int = 0
 
 
 @dataclass(slots=True)
@@ -56,11 +63,18 @@ class Tally:
     #: Set when the answer failed after it started (an error event).
     failed: bool = False
     finished: bool = False
+    #: What the records' costs are computed from.
+    prices: PriceTable = NO_PRICES
+    #: The budget reservation, settled with the request's cost when it ends.
+    budgets: BudgetLeaser | None = None
+    hold: BudgetHold | None = None
 
-    def add(self, model: str, prompt_tokens: int, completion_tokens: int) -> None:
+    def add(self, model: str, usage: pb.Usage) -> None:
         """Count what `model` used; charged to the key's token limits at once."""
-        self.uses.append(ModelUse(model, prompt_tokens, completion_tokens))
-        self.limiter.charge(self.grant, prompt_tokens + completion_tokens)
+        prompt, completion = usage.prompt_tokens, usage.completion_tokens
+        cached = min(usage.cached_prompt_tokens, prompt)
+        self.uses.append(ModelUse(model, prompt, completion, cached_prompt_tokens=cached))
+        self.limiter.charge(self.grant, prompt + completion)
 
     def add_cached(self, model: str) -> None:
         """`model`'s answer came from the response cache: a ledger row marked
@@ -83,7 +97,18 @@ class Tally:
             return False
         self.finished = True
         self.limiter.release(self.grant)
+        if self.hold is not None and self.budgets is not None:
+            self.budgets.settle(self.hold, self.cost())
         return True
+
+    def cost(self) -> int:
+        """What the request cost so far, in picodollars (the sum of its records')."""
+        return sum(
+            self.prices.cost(
+                u.model, u.prompt_tokens, u.completion_tokens, u.cached_prompt_tokens
+            ).picodollars
+            for u in self.uses
+        )
 
     def records(self, status: int) -> list[auth_pb.UsageRecord]:
         """The ledger records of the ended request, one per model."""
@@ -93,6 +118,9 @@ class Tally:
         out = []
         for use in uses:
             failed = use.failed or (self.failed and status < 400)
+            cost = self.prices.cost(
+                use.model, use.prompt_tokens, use.completion_tokens, use.cached_prompt_tokens
+            )
             out.append(
                 auth_pb.UsageRecord(
                     id=new_record_id(),
@@ -107,6 +135,9 @@ class Tally:
                     status=FAILED_STREAM_STATUS if failed else status,
                     time=at,
                     cached=use.cached,
+                    cached_prompt_tokens=use.cached_prompt_tokens,
+                    cost_picodollars=cost.picodollars,
+                    priced=cost.priced,
                 )
             )
         return out

@@ -34,6 +34,8 @@ def add_anthropic_headers(scope: MutableMapping[str, Any]) -> None:
     now = datetime.now(UTC)
     extra: list[tuple[bytes, bytes]] = []
     for name, value in headers:
+        if not name.startswith(b"x-ratelimit-"):
+            continue  # Marie's own (x-marie-budget-*) go out as they are
         what, _, kind = name.removeprefix(b"x-ratelimit-").partition(b"-")
         out = b"anthropic-ratelimit-" + kind + b"-" + what
         if what == b"reset":

@@ -127,7 +127,7 @@ class CompareRoutes:
                     await queue.put(event({"type": "delta", **tag, "delta": delta}))
             total = time.perf_counter() - started
             if usage is not None:
-                arm.tally.add(resolved or model, usage.prompt_tokens, usage.completion_tokens)
+                arm.tally.add(resolved or model, usage)
             done: dict[str, Any] = {
                 "type": "done",
                 **tag,

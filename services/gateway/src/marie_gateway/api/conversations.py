@@ -445,7 +445,7 @@ class _Turn:
         """Appends the user's message and the answer, then queues them for extraction."""
         self.stored = True
         if self.usage is not None:
-            self._tally.add(self.model, self.usage.prompt_tokens, self.usage.completion_tokens)
+            self._tally.add(self.model, self.usage)
         if partial:
             self._tally.failed = True
         metadata = {

@@ -7,7 +7,7 @@ from typing import Any
 
 from marie_gateway.access.keys import SCOPE_ADMIN, SCOPE_CHAT, SCOPE_MEMORY, SCOPE_MODELS
 from marie_gateway.access.tenancy import MAX_TENANT, USER_SCHEMA
-from marie_gateway.api import conversations, keys, memories, schemas
+from marie_gateway.api import budgets, conversations, keys, memories, schemas
 from marie_gateway.api.memory_client import MODES, ROLES
 from marie_gateway.api.models import CAPABILITY_BY_NAME, MAX_PROVIDER_LENGTH, MAX_SEARCH_LIMIT
 from marie_gateway.http.openapi import ANY_KEY, Operation, Param
@@ -374,8 +374,8 @@ OPERATIONS: tuple[Operation, ...] = (
             Param("to", "End, exclusive, after `from`; default now.", schema=_TIME),
             Param(
                 "group_by",
-                "day, model or key; none: only the totals.",
-                schema={"enum": ["", "day", "model", "key"]},
+                "day, model, key or owner; none: only the totals.",
+                schema={"enum": ["", "day", "model", "key", "owner"]},
             ),
             Param(
                 "key_id",
@@ -384,6 +384,61 @@ OPERATIONS: tuple[Operation, ...] = (
             ),
             Param("owner", "Only this owner's keys (admin).", schema={"maxLength": 256}),
         ),
+    ),
+    Operation(
+        "/api/budgets",
+        "get",
+        "List the keys and owners that have a budget, with what they spent",
+        "Budgets",
+        SCOPE_ADMIN,
+        response=schemas.BudgetList,
+        query=(
+            Param(
+                "page_size",
+                "1 to 500, default 50.",
+                type="integer",
+                schema={"minimum": 1, "maximum": 500},
+            ),
+            Param(
+                "page_token", "From the previous page.", schema={"maxLength": MAX_PAGE_TOKEN_LENGTH}
+            ),
+        ),
+    ),
+    Operation(
+        "/api/budgets/keys/{key_id}",
+        "get",
+        "A key's budget and what it spent today and this month (its own, or any with admin)",
+        "Budgets",
+        ANY_KEY,
+        response=schemas.BudgetOut,
+    ),
+    Operation(
+        "/api/budgets/keys/{key_id}",
+        "patch",
+        "Set or clear a key's daily and monthly spend limits",
+        "Budgets",
+        SCOPE_ADMIN,
+        budgets.BudgetPatch,
+        schemas.BudgetOut,
+    ),
+    Operation(
+        "/api/budgets/owners/{owner:path}",
+        "get",
+        "An owner's budget (over all its keys) and what it spent",
+        "Budgets",
+        SCOPE_ADMIN,
+        response=schemas.BudgetOut,
+        path_params={"owner": {"minLength": 1, "maxLength": 256}},
+    ),
+    Operation(
+        "/api/budgets/owners/{owner:path}",
+        "patch",
+        "Set or clear an owner's daily and monthly spend limits",
+        "Budgets",
+        SCOPE_ADMIN,
+        budgets.BudgetPatch,
+        schemas.BudgetOut,
+        path_params={"owner": {"minLength": 1, "maxLength": 256}},
     ),
     Operation(
         "/api/keys",

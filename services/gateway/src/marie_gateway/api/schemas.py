@@ -183,7 +183,8 @@ class CompareEvent(_Out):
 
 class UsageTotals(_Out):
     group: str | None = Field(
-        description="The UTC day (YYYY-MM-DD), model id or key id; null for the overall totals."
+        description="The UTC day (YYYY-MM-DD), model id, key id or owner; null for the "
+        "overall totals."
     )
     requests: int = Field(description="Requests (a comparison counts once per model).")
     prompt_tokens: int
@@ -198,6 +199,18 @@ class UsageTotals(_Out):
         description="Requests answered from the response cache (in `requests` too; no"
         " upstream call, no tokens counted)."
     )
+    cached_prompt_tokens: int = Field(
+        description="Of prompt_tokens, those the upstream read from its prompt cache."
+    )
+    cost: str = Field(
+        description="What the requests cost, in the report's currency, as exact decimal text "
+        '(e.g. "0.0315"; "0" for none): the sum of the ledger rows\' costs, each computed '
+        "when its request ended from the price of its model as resolved.",
+        examples=["0.0315"],
+    )
+    unpriced_requests: int = Field(
+        description="Requests whose model had no price in MARIE_CONFIG `prices` (they cost 0)."
+    )
 
 
 class UsageReport(_Out):
@@ -206,11 +219,35 @@ class UsageReport(_Out):
     object: Literal["usage"]
     start: str = Field(serialization_alias="from", description="ISO 8601, inclusive.")
     end: str = Field(serialization_alias="to", description="ISO 8601, exclusive.")
-    group_by: Literal["day", "model", "key"] | None
+    group_by: Literal["day", "model", "key", "owner"] | None
+    currency: Literal["USD"] = Field(description="The currency of every cost.")
     key_id: str | None = Field(description="Only this key's usage; null for every key.")
     owner: str | None = Field(description="Only this owner's keys; null for every owner.")
     total: UsageTotals
     groups: list[UsageTotals] = Field(description="One entry per group, in order.")
+
+
+# -- budgets -------------------------------------------------------------------------
+
+
+class BudgetOut(_Out):
+    """A key's or an owner's spend limits, and what it spent (from the usage ledger)."""
+
+    object: Literal["budget"]
+    key_id: str | None = Field(description="The key, for a key's budget.")
+    owner: str | None = Field(description="The owner, for an owner's budget (all its keys).")
+    currency: Literal["USD"]
+    daily_usd: str | None = Field(description="Most spent per UTC day; null: no limit.")
+    monthly_usd: str | None = Field(description="Most spent per UTC month; null: no limit.")
+    spent_today_usd: str = Field(description="Spent this UTC day, exact decimal text.")
+    spent_this_month_usd: str = Field(description="Spent this UTC month, exact decimal text.")
+    updated_at: str | None = Field(description="When the limits last changed (ISO 8601).")
+
+
+class BudgetList(_Out):
+    object: Literal["list"]
+    data: list[BudgetOut] = Field(description="Keys' budgets, then owners', each by id.")
+    next_page_token: str | None = Field(description="Pass as page_token for the next page.")
 
 
 # -- keys (admin) -------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""`GET /api/usage`: the usage ledger's totals, of the caller's own key, or with
-`admin` of any key or owner, grouped by day, model or key."""
+"""`GET /api/usage`: the usage ledger's totals and their cost, of the caller's
+own key, or with `admin` of any key or owner, grouped by day, model, key or
+owner."""
 
 from __future__ import annotations
 
@@ -28,14 +29,16 @@ _GROUP_BY = {
     "day": auth_pb.USAGE_GROUP_BY_DAY,
     "model": auth_pb.USAGE_GROUP_BY_MODEL,
     "key": auth_pb.USAGE_GROUP_BY_KEY,
+    "owner": auth_pb.USAGE_GROUP_BY_OWNER,
 }
 
 
-_GROUP_NAMES: dict[str, Literal["day", "model", "key"] | None] = {
+_GROUP_NAMES: dict[str, Literal["day", "model", "key", "owner"] | None] = {
     "": None,
     "day": "day",
     "model": "model",
     "key": "key",
+    "owner": "owner",
 }
 
 
@@ -87,6 +90,9 @@ def _totals(t: auth_pb.UsageTotals) -> UsageTotals:
         latency_p50_ms=round(t.latency_p50_ms, 3),
         latency_p95_ms=round(t.latency_p95_ms, 3),
         cached_requests=t.cached_requests,
+        cached_prompt_tokens=t.cached_prompt_tokens,
+        cost=t.cost or "0",
+        unpriced_requests=t.unpriced_requests,
     )
 
 
@@ -105,7 +111,7 @@ class UsageRoutes:
         q = request.query_params
         group_by = q.get("group_by", "")
         if group_by not in _GROUP_BY:
-            raise bad_request("'group_by' must be day, model or key.", "group_by")
+            raise bad_request("'group_by' must be day, model, key or owner.", "group_by")
         now = unix_time()
         end = parse_time(q["to"], "to") if q.get("to") else now
         if q.get("from"):
@@ -143,6 +149,7 @@ class UsageRoutes:
             start=_iso(start),
             end=_iso(end),
             group_by=_GROUP_NAMES[group_by],
+            currency="USD",
             key_id=key_id or None,
             owner=owner or None,
             total=_totals(reply.total),

@@ -55,7 +55,8 @@ KEY_CACHE_HIT = KEY_CACHE.labels("hit")
 RATE_LIMITED = Counter(
     "marie_rate_limited_requests",
     "Requests refused with 429 by the gateway, by the limit that refused them "
-    "(requests, tokens, tokens_per_day, concurrency, invalid_keys).",
+    "(requests, tokens, tokens_per_day, concurrency, invalid_keys, budget_key_daily, "
+    "budget_key_monthly, budget_owner_daily, budget_owner_monthly).",
     ["limit"],
 )
 KEY_CACHE_MISS = KEY_CACHE.labels("miss")

@@ -76,7 +76,7 @@ class EmbeddingRoutes:
         if reply.cache == pb.CACHE_RESULT_HIT:
             tally.add_cached(reply.model)
         else:
-            tally.add(reply.model, reply.usage.prompt_tokens, 0)
+            tally.add(reply.model, reply.usage)
         as_base64 = body.encoding_format == "base64"
         data = [
             {

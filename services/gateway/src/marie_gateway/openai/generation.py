@@ -71,6 +71,7 @@ def add_usage(total: pb.Usage | None, more: pb.Usage) -> pb.Usage:
         prompt_tokens=total.prompt_tokens + more.prompt_tokens,
         completion_tokens=total.completion_tokens + more.completion_tokens,
         total_tokens=total.total_tokens + more.total_tokens,
+        cached_prompt_tokens=total.cached_prompt_tokens + more.cached_prompt_tokens,
     )
 
 
@@ -194,7 +195,7 @@ class GenerationCall(Generic[C]):
             STREAMS_IN_FLIGHT.dec()
         if self.spent is not None:
             count_tokens(self.model, self.spent)
-            self.tally.add(self.model, self.spent.prompt_tokens, self.spent.completion_tokens)
+            self.tally.add(self.model, self.spent)
         if self.hit:
             self.tally.add_cached(self.model)
 

@@ -328,6 +328,23 @@ def model_from_entry(entry: Any, provider: str) -> pb.ModelInfo | None:
 # ---------------------------------------------------------------------------
 
 
+def prompt_tokens_of(usage: Any) -> tuple[int, int]:
+    """(prompt tokens, of them read from the prompt cache) of an Anthropic usage.
+
+    Anthropic counts cache reads and cache writes apart from `input_tokens`;
+    the prompt is all three (OpenAI's meaning, which the ledger keeps), and
+    the cache reads are what a model's `cached_input` price applies to."""
+    if not isinstance(usage, dict):
+        return 0, 0
+    counts = [usage.get(name) for name in _PROMPT_FIELDS]
+    prompt = sum(n for n in counts if isinstance(n, int) and n > 0)
+    read = usage.get("cache_read_input_tokens")
+    return prompt, (read if isinstance(read, int) and read > 0 else 0)
+
+
+_PROMPT_FIELDS = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+
+
 class MessageStreamTranslator:
     """Turns Messages API stream events into chunks, one event at a time."""
 
@@ -343,6 +360,7 @@ class MessageStreamTranslator:
         # results…), sent as they start; their input streams after them.
         self._other: set[int] = set()
         self._input_tokens = 0
+        self._cached_tokens = 0
         self.finished = False
 
     def _chunk(self, index: object = None) -> pb.StreamChatCompletionResponse:
@@ -374,8 +392,7 @@ class MessageStreamTranslator:
             raise UpstreamStatusError(200, str(message or "error mid-stream"))
         if kind == "message_start":
             usage = (event.get("message") or {}).get("usage") or {}
-            tokens = usage.get("input_tokens") if isinstance(usage, dict) else None
-            self._input_tokens = tokens if isinstance(tokens, int) else 0
+            self._input_tokens, self._cached_tokens = prompt_tokens_of(usage)
             # The role goes out at once: the caller learns the stream started.
             return self._chunk()
         if kind == "content_block_start":
@@ -504,10 +521,16 @@ class MessageStreamTranslator:
         usage = event.get("usage")
         output = usage.get("output_tokens") if isinstance(usage, dict) else None
         output = output if isinstance(output, int) else 0
-        inputs = usage.get("input_tokens") if isinstance(usage, dict) else None
-        prompt = inputs if isinstance(inputs, int) and inputs else self._input_tokens
+        prompt, cached = prompt_tokens_of(usage)
+        if not prompt:
+            prompt, cached = self._input_tokens, self._cached_tokens
         chunk.usage.CopyFrom(
-            pb.Usage(prompt_tokens=prompt, completion_tokens=output, total_tokens=prompt + output)
+            pb.Usage(
+                prompt_tokens=prompt,
+                completion_tokens=output,
+                total_tokens=prompt + output,
+                cached_prompt_tokens=cached,
+            )
         )
         tools = usage.get("server_tool_use") if isinstance(usage, dict) else None
         if isinstance(tools, dict):

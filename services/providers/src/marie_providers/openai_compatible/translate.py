@@ -284,7 +284,15 @@ def usage_from(value: Any) -> pb.Usage | None:
     completion = completion if isinstance(completion, int) else 0
     total = value.get("total_tokens")
     total = total if isinstance(total, int) else prompt + completion
-    return pb.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=total)
+    details = value.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    cached = min(cached, prompt) if isinstance(cached, int) and cached > 0 else 0
+    return pb.Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=total,
+        cached_prompt_tokens=cached,
+    )
 
 
 #: The keys of a finishing choice that name the stop sequence matched.

@@ -151,6 +151,8 @@ const (
 	UsageGroupBy_USAGE_GROUP_BY_MODEL UsageGroupBy = 2
 	// By key id.
 	UsageGroupBy_USAGE_GROUP_BY_KEY UsageGroupBy = 3
+	// By owner (the key's owner when the request was made).
+	UsageGroupBy_USAGE_GROUP_BY_OWNER UsageGroupBy = 4
 )
 
 // Enum value maps for UsageGroupBy.
@@ -160,12 +162,14 @@ var (
 		1: "USAGE_GROUP_BY_DAY",
 		2: "USAGE_GROUP_BY_MODEL",
 		3: "USAGE_GROUP_BY_KEY",
+		4: "USAGE_GROUP_BY_OWNER",
 	}
 	UsageGroupBy_value = map[string]int32{
 		"USAGE_GROUP_BY_UNSPECIFIED": 0,
 		"USAGE_GROUP_BY_DAY":         1,
 		"USAGE_GROUP_BY_MODEL":       2,
 		"USAGE_GROUP_BY_KEY":         3,
+		"USAGE_GROUP_BY_OWNER":       4,
 	}
 )
 
@@ -194,6 +198,67 @@ func (x UsageGroupBy) Number() protoreflect.EnumNumber {
 // Deprecated: Use UsageGroupBy.Descriptor instead.
 func (UsageGroupBy) EnumDescriptor() ([]byte, []int) {
 	return file_marie_auth_v1_auth_service_proto_rawDescGZIP(), []int{2}
+}
+
+// BudgetLimit names one of the limits a key is held to.
+type BudgetLimit int32
+
+const (
+	// None.
+	BudgetLimit_BUDGET_LIMIT_UNSPECIFIED BudgetLimit = 0
+	// The key's daily limit.
+	BudgetLimit_BUDGET_LIMIT_KEY_DAILY BudgetLimit = 1
+	// The key's monthly limit.
+	BudgetLimit_BUDGET_LIMIT_KEY_MONTHLY BudgetLimit = 2
+	// Its owner's daily limit.
+	BudgetLimit_BUDGET_LIMIT_OWNER_DAILY BudgetLimit = 3
+	// Its owner's monthly limit.
+	BudgetLimit_BUDGET_LIMIT_OWNER_MONTHLY BudgetLimit = 4
+)
+
+// Enum value maps for BudgetLimit.
+var (
+	BudgetLimit_name = map[int32]string{
+		0: "BUDGET_LIMIT_UNSPECIFIED",
+		1: "BUDGET_LIMIT_KEY_DAILY",
+		2: "BUDGET_LIMIT_KEY_MONTHLY",
+		3: "BUDGET_LIMIT_OWNER_DAILY",
+		4: "BUDGET_LIMIT_OWNER_MONTHLY",
+	}
+	BudgetLimit_value = map[string]int32{
+		"BUDGET_LIMIT_UNSPECIFIED":   0,
+		"BUDGET_LIMIT_KEY_DAILY":     1,
+		"BUDGET_LIMIT_KEY_MONTHLY":   2,
+		"BUDGET_LIMIT_OWNER_DAILY":   3,
+		"BUDGET_LIMIT_OWNER_MONTHLY": 4,
+	}
+)
+
+func (x BudgetLimit) Enum() *BudgetLimit {
+	p := new(BudgetLimit)
+	*p = x
+	return p
+}
+
+func (x BudgetLimit) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (BudgetLimit) Descriptor() protoreflect.EnumDescriptor {
+	return file_marie_auth_v1_auth_service_proto_enumTypes[3].Descriptor()
+}
+
+func (BudgetLimit) Type() protoreflect.EnumType {
+	return &file_marie_auth_v1_auth_service_proto_enumTypes[3]
+}
+
+func (x BudgetLimit) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use BudgetLimit.Descriptor instead.
+func (BudgetLimit) EnumDescriptor() ([]byte, []int) {
+	return file_marie_auth_v1_auth_service_proto_rawDescGZIP(), []int{3}
 }
 
 // KeyLimits are per-key limits. Zero means no limit.
@@ -1459,7 +1524,18 @@ type UsageRecord struct {
 	// True when the answer came from the response cache: no upstream call was
 	// made, and the token counts are 0 (the answer itself shows the tokens the
 	// original call used).
-	Cached        bool `protobuf:"varint,20,opt,name=cached,proto3" json:"cached,omitempty"`
+	Cached bool `protobuf:"varint,20,opt,name=cached,proto3" json:"cached,omitempty"`
+	// Of prompt_tokens, those the upstream read from its prompt cache (OpenAI's
+	// prompt_tokens_details.cached_tokens, Anthropic's cache_read_input_tokens);
+	// at most prompt_tokens.
+	CachedPromptTokens int64 `protobuf:"varint,12,opt,name=cached_prompt_tokens,json=cachedPromptTokens,proto3" json:"cached_prompt_tokens,omitempty"`
+	// What the request cost, in picodollars (10^-12 USD), computed by the
+	// recorder from the price table (MARIE_CONFIG `prices`) for the model as
+	// resolved; not negative. 0 when the model has no price (then priced is
+	// false).
+	CostPicodollars int64 `protobuf:"varint,13,opt,name=cost_picodollars,json=costPicodollars,proto3" json:"cost_picodollars,omitempty"`
+	// Whether the model had a price when the request was recorded.
+	Priced        bool `protobuf:"varint,14,opt,name=priced,proto3" json:"priced,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1574,6 +1650,27 @@ func (x *UsageRecord) GetTime() *timestamppb.Timestamp {
 func (x *UsageRecord) GetCached() bool {
 	if x != nil {
 		return x.Cached
+	}
+	return false
+}
+
+func (x *UsageRecord) GetCachedPromptTokens() int64 {
+	if x != nil {
+		return x.CachedPromptTokens
+	}
+	return 0
+}
+
+func (x *UsageRecord) GetCostPicodollars() int64 {
+	if x != nil {
+		return x.CostPicodollars
+	}
+	return 0
+}
+
+func (x *UsageRecord) GetPriced() bool {
+	if x != nil {
+		return x.Priced
 	}
 	return false
 }
@@ -1771,8 +1868,15 @@ type UsageTotals struct {
 	LatencyP95Ms float64 `protobuf:"fixed64,7,opt,name=latency_p95_ms,json=latencyP95Ms,proto3" json:"latency_p95_ms,omitempty"`
 	// Records answered from the response cache (counted in `requests` too).
 	CachedRequests int64 `protobuf:"varint,20,opt,name=cached_requests,json=cachedRequests,proto3" json:"cached_requests,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// What the records cost, in US dollars, as exact decimal text, e.g.
+	// "0.00315" ("0" for none): the sum of the records' costs.
+	Cost string `protobuf:"bytes,8,opt,name=cost,proto3" json:"cost,omitempty"`
+	// Of prompt_tokens, those read from the upstream's prompt cache.
+	CachedPromptTokens int64 `protobuf:"varint,9,opt,name=cached_prompt_tokens,json=cachedPromptTokens,proto3" json:"cached_prompt_tokens,omitempty"`
+	// Records whose model had no price (they cost 0).
+	UnpricedRequests int64 `protobuf:"varint,10,opt,name=unpriced_requests,json=unpricedRequests,proto3" json:"unpriced_requests,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *UsageTotals) Reset() {
@@ -1861,13 +1965,36 @@ func (x *UsageTotals) GetCachedRequests() int64 {
 	return 0
 }
 
+func (x *UsageTotals) GetCost() string {
+	if x != nil {
+		return x.Cost
+	}
+	return ""
+}
+
+func (x *UsageTotals) GetCachedPromptTokens() int64 {
+	if x != nil {
+		return x.CachedPromptTokens
+	}
+	return 0
+}
+
+func (x *UsageTotals) GetUnpricedRequests() int64 {
+	if x != nil {
+		return x.UnpricedRequests
+	}
+	return 0
+}
+
 // QueryUsageResponse carries the totals.
 type QueryUsageResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Totals over every selected record.
 	Total *UsageTotals `protobuf:"bytes,1,opt,name=total,proto3" json:"total,omitempty"`
 	// One entry per group, in group order; empty without group_by.
-	Groups        []*UsageTotals `protobuf:"bytes,2,rep,name=groups,proto3" json:"groups,omitempty"`
+	Groups []*UsageTotals `protobuf:"bytes,2,rep,name=groups,proto3" json:"groups,omitempty"`
+	// The currency of every cost: "USD".
+	Currency      string `protobuf:"bytes,3,opt,name=currency,proto3" json:"currency,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1914,6 +2041,13 @@ func (x *QueryUsageResponse) GetGroups() []*UsageTotals {
 		return x.Groups
 	}
 	return nil
+}
+
+func (x *QueryUsageResponse) GetCurrency() string {
+	if x != nil {
+		return x.Currency
+	}
+	return ""
 }
 
 // LeaseCapacityRequest asks for a share of a key's limits and settles the
@@ -2150,6 +2284,668 @@ func (x *LeaseCapacityResponse) GetSlotTtlSeconds() float64 {
 	return 0
 }
 
+// Budget is a spend limit of one key or one owner, per UTC day and per UTC
+// month. Amounts are US dollars as exact decimal text with at most 6 decimal
+// places, e.g. "12.5".
+type Budget struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Whose budget it is.
+	//
+	// Types that are valid to be assigned to Subject:
+	//
+	//	*Budget_KeyId
+	//	*Budget_Owner
+	Subject isBudget_Subject `protobuf_oneof:"subject"`
+	// Most that may be spent per UTC day; "" (or "0") means no daily limit.
+	DailyUsd string `protobuf:"bytes,3,opt,name=daily_usd,json=dailyUsd,proto3" json:"daily_usd,omitempty"`
+	// Most that may be spent per UTC calendar month; "" (or "0") means none.
+	MonthlyUsd string `protobuf:"bytes,4,opt,name=monthly_usd,json=monthlyUsd,proto3" json:"monthly_usd,omitempty"`
+	// Spent this UTC day, from the usage ledger (output only).
+	SpentTodayUsd string `protobuf:"bytes,5,opt,name=spent_today_usd,json=spentTodayUsd,proto3" json:"spent_today_usd,omitempty"`
+	// Spent this UTC month, from the usage ledger (output only).
+	SpentThisMonthUsd string `protobuf:"bytes,6,opt,name=spent_this_month_usd,json=spentThisMonthUsd,proto3" json:"spent_this_month_usd,omitempty"`
+	// When the limits last changed; unset if never set (output only).
+	UpdateTime    *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=update_time,json=updateTime,proto3" json:"update_time,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Budget) Reset() {
+	*x = Budget{}
+	mi := &file_marie_auth_v1_auth_service_proto_msgTypes[27]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Budget) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Budget) ProtoMessage() {}
+
+func (x *Budget) ProtoReflect() protoreflect.Message {
+	mi := &file_marie_auth_v1_auth_service_proto_msgTypes[27]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Budget.ProtoReflect.Descriptor instead.
+func (*Budget) Descriptor() ([]byte, []int) {
+	return file_marie_auth_v1_auth_service_proto_rawDescGZIP(), []int{27}
+}
+
+func (x *Budget) GetSubject() isBudget_Subject {
+	if x != nil {
+		return x.Subject
+	}
+	return nil
+}
+
+func (x *Budget) GetKeyId() string {
+	if x != nil {
+		if x, ok := x.Subject.(*Budget_KeyId); ok {
+			return x.KeyId
+		}
+	}
+	return ""
+}
+
+func (x *Budget) GetOwner() string {
+	if x != nil {
+		if x, ok := x.Subject.(*Budget_Owner); ok {
+			return x.Owner
+		}
+	}
+	return ""
+}
+
+func (x *Budget) GetDailyUsd() string {
+	if x != nil {
+		return x.DailyUsd
+	}
+	return ""
+}
+
+func (x *Budget) GetMonthlyUsd() string {
+	if x != nil {
+		return x.MonthlyUsd
+	}
+	return ""
+}
+
+func (x *Budget) GetSpentTodayUsd() string {
+	if x != nil {
+		return x.SpentTodayUsd
+	}
+	return ""
+}
+
+func (x *Budget) GetSpentThisMonthUsd() string {
+	if x != nil {
+		return x.SpentThisMonthUsd
+	}
+	return ""
+}
+
+func (x *Budget) GetUpdateTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.UpdateTime
+	}
+	return nil
+}
+
+type isBudget_Subject interface {
+	isBudget_Subject()
+}
+
+type Budget_KeyId struct {
+	// A key id.
+	KeyId string `protobuf:"bytes,1,opt,name=key_id,json=keyId,proto3,oneof"`
+}
+
+type Budget_Owner struct {
+	// An owner (user or team id), over every key it owns.
+	Owner string `protobuf:"bytes,2,opt,name=owner,proto3,oneof"`
+}
+
+func (*Budget_KeyId) isBudget_Subject() {}
+
+func (*Budget_Owner) isBudget_Subject() {}
+
+// GetBudgetRequest names the subject.
+type GetBudgetRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Whose budget; one is required.
+	//
+	// Types that are valid to be assigned to Subject:
+	//
+	//	*GetBudgetRequest_KeyId
+	//	*GetBudgetRequest_Owner
+	Subject       isGetBudgetRequest_Subject `protobuf_oneof:"subject"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetBudgetRequest) Reset() {
+	*x = GetBudgetRequest{}
+	mi := &file_marie_auth_v1_auth_service_proto_msgTypes[28]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetBudgetRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetBudgetRequest) ProtoMessage() {}
+
+func (x *GetBudgetRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_marie_auth_v1_auth_service_proto_msgTypes[28]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetBudgetRequest.ProtoReflect.Descriptor instead.
+func (*GetBudgetRequest) Descriptor() ([]byte, []int) {
+	return file_marie_auth_v1_auth_service_proto_rawDescGZIP(), []int{28}
+}
+
+func (x *GetBudgetRequest) GetSubject() isGetBudgetRequest_Subject {
+	if x != nil {
+		return x.Subject
+	}
+	return nil
+}
+
+func (x *GetBudgetRequest) GetKeyId() string {
+	if x != nil {
+		if x, ok := x.Subject.(*GetBudgetRequest_KeyId); ok {
+			return x.KeyId
+		}
+	}
+	return ""
+}
+
+func (x *GetBudgetRequest) GetOwner() string {
+	if x != nil {
+		if x, ok := x.Subject.(*GetBudgetRequest_Owner); ok {
+			return x.Owner
+		}
+	}
+	return ""
+}
+
+type isGetBudgetRequest_Subject interface {
+	isGetBudgetRequest_Subject()
+}
+
+type GetBudgetRequest_KeyId struct {
+	// A key id.
+	KeyId string `protobuf:"bytes,1,opt,name=key_id,json=keyId,proto3,oneof"`
+}
+
+type GetBudgetRequest_Owner struct {
+	// An owner.
+	Owner string `protobuf:"bytes,2,opt,name=owner,proto3,oneof"`
+}
+
+func (*GetBudgetRequest_KeyId) isGetBudgetRequest_Subject() {}
+
+func (*GetBudgetRequest_Owner) isGetBudgetRequest_Subject() {}
+
+// GetBudgetResponse carries the budget.
+type GetBudgetResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The budget and what was spent.
+	Budget        *Budget `protobuf:"bytes,1,opt,name=budget,proto3" json:"budget,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetBudgetResponse) Reset() {
+	*x = GetBudgetResponse{}
+	mi := &file_marie_auth_v1_auth_service_proto_msgTypes[29]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetBudgetResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetBudgetResponse) ProtoMessage() {}
+
+func (x *GetBudgetResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_marie_auth_v1_auth_service_proto_msgTypes[29]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetBudgetResponse.ProtoReflect.Descriptor instead.
+func (*GetBudgetResponse) Descriptor() ([]byte, []int) {
+	return file_marie_auth_v1_auth_service_proto_rawDescGZIP(), []int{29}
+}
+
+func (x *GetBudgetResponse) GetBudget() *Budget {
+	if x != nil {
+		return x.Budget
+	}
+	return nil
+}
+
+// UpdateBudgetRequest sets a subject's limits.
+type UpdateBudgetRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The subject and the new values of the fields in update_mask.
+	Budget *Budget `protobuf:"bytes,1,opt,name=budget,proto3" json:"budget,omitempty"`
+	// Fields to change: "daily_usd", "monthly_usd"; empty changes both.
+	UpdateMask    *fieldmaskpb.FieldMask `protobuf:"bytes,2,opt,name=update_mask,json=updateMask,proto3" json:"update_mask,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UpdateBudgetRequest) Reset() {
+	*x = UpdateBudgetRequest{}
+	mi := &file_marie_auth_v1_auth_service_proto_msgTypes[30]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UpdateBudgetRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UpdateBudgetRequest) ProtoMessage() {}
+
+func (x *UpdateBudgetRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_marie_auth_v1_auth_service_proto_msgTypes[30]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UpdateBudgetRequest.ProtoReflect.Descriptor instead.
+func (*UpdateBudgetRequest) Descriptor() ([]byte, []int) {
+	return file_marie_auth_v1_auth_service_proto_rawDescGZIP(), []int{30}
+}
+
+func (x *UpdateBudgetRequest) GetBudget() *Budget {
+	if x != nil {
+		return x.Budget
+	}
+	return nil
+}
+
+func (x *UpdateBudgetRequest) GetUpdateMask() *fieldmaskpb.FieldMask {
+	if x != nil {
+		return x.UpdateMask
+	}
+	return nil
+}
+
+// UpdateBudgetResponse carries the budget after the change.
+type UpdateBudgetResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The budget and what was spent.
+	Budget        *Budget `protobuf:"bytes,1,opt,name=budget,proto3" json:"budget,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UpdateBudgetResponse) Reset() {
+	*x = UpdateBudgetResponse{}
+	mi := &file_marie_auth_v1_auth_service_proto_msgTypes[31]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UpdateBudgetResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UpdateBudgetResponse) ProtoMessage() {}
+
+func (x *UpdateBudgetResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_marie_auth_v1_auth_service_proto_msgTypes[31]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UpdateBudgetResponse.ProtoReflect.Descriptor instead.
+func (*UpdateBudgetResponse) Descriptor() ([]byte, []int) {
+	return file_marie_auth_v1_auth_service_proto_rawDescGZIP(), []int{31}
+}
+
+func (x *UpdateBudgetResponse) GetBudget() *Budget {
+	if x != nil {
+		return x.Budget
+	}
+	return nil
+}
+
+// ListBudgetsRequest selects a page of budgets.
+type ListBudgetsRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Maximum budgets per page; default 50, at most 500.
+	PageSize int32 `protobuf:"varint,1,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
+	// Token from a previous response's next_page_token; empty for the first page.
+	PageToken     string `protobuf:"bytes,2,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListBudgetsRequest) Reset() {
+	*x = ListBudgetsRequest{}
+	mi := &file_marie_auth_v1_auth_service_proto_msgTypes[32]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListBudgetsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListBudgetsRequest) ProtoMessage() {}
+
+func (x *ListBudgetsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_marie_auth_v1_auth_service_proto_msgTypes[32]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListBudgetsRequest.ProtoReflect.Descriptor instead.
+func (*ListBudgetsRequest) Descriptor() ([]byte, []int) {
+	return file_marie_auth_v1_auth_service_proto_rawDescGZIP(), []int{32}
+}
+
+func (x *ListBudgetsRequest) GetPageSize() int32 {
+	if x != nil {
+		return x.PageSize
+	}
+	return 0
+}
+
+func (x *ListBudgetsRequest) GetPageToken() string {
+	if x != nil {
+		return x.PageToken
+	}
+	return ""
+}
+
+// ListBudgetsResponse is one page of budgets, keys' and owners', by subject.
+type ListBudgetsResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The budgets, with what was spent.
+	Budgets []*Budget `protobuf:"bytes,1,rep,name=budgets,proto3" json:"budgets,omitempty"`
+	// Token for the next page; empty on the last page.
+	NextPageToken string `protobuf:"bytes,2,opt,name=next_page_token,json=nextPageToken,proto3" json:"next_page_token,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListBudgetsResponse) Reset() {
+	*x = ListBudgetsResponse{}
+	mi := &file_marie_auth_v1_auth_service_proto_msgTypes[33]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListBudgetsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListBudgetsResponse) ProtoMessage() {}
+
+func (x *ListBudgetsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_marie_auth_v1_auth_service_proto_msgTypes[33]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListBudgetsResponse.ProtoReflect.Descriptor instead.
+func (*ListBudgetsResponse) Descriptor() ([]byte, []int) {
+	return file_marie_auth_v1_auth_service_proto_rawDescGZIP(), []int{33}
+}
+
+func (x *ListBudgetsResponse) GetBudgets() []*Budget {
+	if x != nil {
+		return x.Budgets
+	}
+	return nil
+}
+
+func (x *ListBudgetsResponse) GetNextPageToken() string {
+	if x != nil {
+		return x.NextPageToken
+	}
+	return ""
+}
+
+// LeaseBudgetRequest asks for a share of what a key may still spend and
+// settles the previous share. Amounts are picodollars (10^-12 USD).
+type LeaseBudgetRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The key; required.
+	KeyId string `protobuf:"bytes,1,opt,name=key_id,json=keyId,proto3" json:"key_id,omitempty"`
+	// Who holds the lease: one id per process; required.
+	Holder string `protobuf:"bytes,2,opt,name=holder,proto3" json:"holder,omitempty"`
+	// Picodollars wanted; 0 asks for the service's usual share.
+	Spend int64 `protobuf:"varint,3,opt,name=spend,proto3" json:"spend,omitempty"`
+	// The holder's balance handed back: positive, leased spend it did not use;
+	// negative, what its requests cost beyond what it leased (counted now).
+	SpendBalance int64 `protobuf:"varint,4,opt,name=spend_balance,json=spendBalance,proto3" json:"spend_balance,omitempty"`
+	// True gives the whole share back (spend is then ignored).
+	Release       bool `protobuf:"varint,5,opt,name=release,proto3" json:"release,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LeaseBudgetRequest) Reset() {
+	*x = LeaseBudgetRequest{}
+	mi := &file_marie_auth_v1_auth_service_proto_msgTypes[34]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LeaseBudgetRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LeaseBudgetRequest) ProtoMessage() {}
+
+func (x *LeaseBudgetRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_marie_auth_v1_auth_service_proto_msgTypes[34]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LeaseBudgetRequest.ProtoReflect.Descriptor instead.
+func (*LeaseBudgetRequest) Descriptor() ([]byte, []int) {
+	return file_marie_auth_v1_auth_service_proto_rawDescGZIP(), []int{34}
+}
+
+func (x *LeaseBudgetRequest) GetKeyId() string {
+	if x != nil {
+		return x.KeyId
+	}
+	return ""
+}
+
+func (x *LeaseBudgetRequest) GetHolder() string {
+	if x != nil {
+		return x.Holder
+	}
+	return ""
+}
+
+func (x *LeaseBudgetRequest) GetSpend() int64 {
+	if x != nil {
+		return x.Spend
+	}
+	return 0
+}
+
+func (x *LeaseBudgetRequest) GetSpendBalance() int64 {
+	if x != nil {
+		return x.SpendBalance
+	}
+	return 0
+}
+
+func (x *LeaseBudgetRequest) GetRelease() bool {
+	if x != nil {
+		return x.Release
+	}
+	return false
+}
+
+// LeaseBudgetResponse is what the holder may spend.
+type LeaseBudgetResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Whether the key or its owner has a budget; false: no need to lease.
+	Budgeted bool `protobuf:"varint,1,opt,name=budgeted,proto3" json:"budgeted,omitempty"`
+	// Picodollars granted (0 to what was asked).
+	Spend int64 `protobuf:"varint,2,opt,name=spend,proto3" json:"spend,omitempty"`
+	// Picodollars left after this grant, of the tightest limit.
+	Remaining int64 `protobuf:"varint,3,opt,name=remaining,proto3" json:"remaining,omitempty"`
+	// The tightest limit (the one with the least room).
+	Limit BudgetLimit `protobuf:"varint,4,opt,name=limit,proto3,enum=marie.auth.v1.BudgetLimit" json:"limit,omitempty"`
+	// The tightest limit's amount, in picodollars.
+	LimitAmount int64 `protobuf:"varint,5,opt,name=limit_amount,json=limitAmount,proto3" json:"limit_amount,omitempty"`
+	// Seconds until the tightest limit resets (UTC midnight or month start).
+	ResetSeconds float64 `protobuf:"fixed64,6,opt,name=reset_seconds,json=resetSeconds,proto3" json:"reset_seconds,omitempty"`
+	// The share the holder should ask for next time (about 5% of the limit).
+	LeaseSize     int64 `protobuf:"varint,7,opt,name=lease_size,json=leaseSize,proto3" json:"lease_size,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LeaseBudgetResponse) Reset() {
+	*x = LeaseBudgetResponse{}
+	mi := &file_marie_auth_v1_auth_service_proto_msgTypes[35]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LeaseBudgetResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LeaseBudgetResponse) ProtoMessage() {}
+
+func (x *LeaseBudgetResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_marie_auth_v1_auth_service_proto_msgTypes[35]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LeaseBudgetResponse.ProtoReflect.Descriptor instead.
+func (*LeaseBudgetResponse) Descriptor() ([]byte, []int) {
+	return file_marie_auth_v1_auth_service_proto_rawDescGZIP(), []int{35}
+}
+
+func (x *LeaseBudgetResponse) GetBudgeted() bool {
+	if x != nil {
+		return x.Budgeted
+	}
+	return false
+}
+
+func (x *LeaseBudgetResponse) GetSpend() int64 {
+	if x != nil {
+		return x.Spend
+	}
+	return 0
+}
+
+func (x *LeaseBudgetResponse) GetRemaining() int64 {
+	if x != nil {
+		return x.Remaining
+	}
+	return 0
+}
+
+func (x *LeaseBudgetResponse) GetLimit() BudgetLimit {
+	if x != nil {
+		return x.Limit
+	}
+	return BudgetLimit_BUDGET_LIMIT_UNSPECIFIED
+}
+
+func (x *LeaseBudgetResponse) GetLimitAmount() int64 {
+	if x != nil {
+		return x.LimitAmount
+	}
+	return 0
+}
+
+func (x *LeaseBudgetResponse) GetResetSeconds() float64 {
+	if x != nil {
+		return x.ResetSeconds
+	}
+	return 0
+}
+
+func (x *LeaseBudgetResponse) GetLeaseSize() int64 {
+	if x != nil {
+		return x.LeaseSize
+	}
+	return 0
+}
+
 var File_marie_auth_v1_auth_service_proto protoreflect.FileDescriptor
 
 const file_marie_auth_v1_auth_service_proto_rawDesc = "" +
@@ -2248,7 +3044,7 @@ const file_marie_auth_v1_auth_service_proto_rawDesc = "" +
 	"\x04type\x18\x01 \x01(\x0e2\x1b.marie.auth.v1.KeyEventTypeR\x04type\x12\x15\n" +
 	"\x06key_id\x18\x02 \x01(\tR\x05keyId\x129\n" +
 	"\n" +
-	"event_time\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\teventTime\"\xeb\x02\n" +
+	"event_time\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\teventTime\"\xe0\x03\n" +
 	"\vUsageRecord\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x15\n" +
 	"\x06key_id\x18\x02 \x01(\tR\x05keyId\x12\x14\n" +
@@ -2263,7 +3059,10 @@ const file_marie_auth_v1_auth_service_proto_rawDesc = "" +
 	"\x06status\x18\n" +
 	" \x01(\x05R\x06status\x12.\n" +
 	"\x04time\x18\v \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12\x16\n" +
-	"\x06cached\x18\x14 \x01(\bR\x06cached\"J\n" +
+	"\x06cached\x18\x14 \x01(\bR\x06cached\x120\n" +
+	"\x14cached_prompt_tokens\x18\f \x01(\x03R\x12cachedPromptTokens\x12)\n" +
+	"\x10cost_picodollars\x18\r \x01(\x03R\x0fcostPicodollars\x12\x16\n" +
+	"\x06priced\x18\x0e \x01(\bR\x06priced\"J\n" +
 	"\x12RecordUsageRequest\x124\n" +
 	"\arecords\x18\x01 \x03(\v2\x1a.marie.auth.v1.UsageRecordR\arecords\"1\n" +
 	"\x13RecordUsageResponse\x12\x1a\n" +
@@ -2274,7 +3073,7 @@ const file_marie_auth_v1_auth_service_proto_rawDesc = "" +
 	"\bend_time\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\aendTime\x12\x15\n" +
 	"\x06key_id\x18\x03 \x01(\tR\x05keyId\x12\x14\n" +
 	"\x05owner\x18\x04 \x01(\tR\x05owner\x126\n" +
-	"\bgroup_by\x18\x05 \x01(\x0e2\x1b.marie.auth.v1.UsageGroupByR\agroupBy\"\x9e\x02\n" +
+	"\bgroup_by\x18\x05 \x01(\x0e2\x1b.marie.auth.v1.UsageGroupByR\agroupBy\"\x91\x03\n" +
 	"\vUsageTotals\x12\x14\n" +
 	"\x05group\x18\x01 \x01(\tR\x05group\x12\x1a\n" +
 	"\brequests\x18\x02 \x01(\x03R\brequests\x12#\n" +
@@ -2283,10 +3082,15 @@ const file_marie_auth_v1_auth_service_proto_rawDesc = "" +
 	"\x06errors\x18\x05 \x01(\x03R\x06errors\x12$\n" +
 	"\x0elatency_p50_ms\x18\x06 \x01(\x01R\flatencyP50Ms\x12$\n" +
 	"\x0elatency_p95_ms\x18\a \x01(\x01R\flatencyP95Ms\x12'\n" +
-	"\x0fcached_requests\x18\x14 \x01(\x03R\x0ecachedRequests\"z\n" +
+	"\x0fcached_requests\x18\x14 \x01(\x03R\x0ecachedRequests\x12\x12\n" +
+	"\x04cost\x18\b \x01(\tR\x04cost\x120\n" +
+	"\x14cached_prompt_tokens\x18\t \x01(\x03R\x12cachedPromptTokens\x12+\n" +
+	"\x11unpriced_requests\x18\n" +
+	" \x01(\x03R\x10unpricedRequests\"\x96\x01\n" +
 	"\x12QueryUsageResponse\x120\n" +
 	"\x05total\x18\x01 \x01(\v2\x1a.marie.auth.v1.UsageTotalsR\x05total\x122\n" +
-	"\x06groups\x18\x02 \x03(\v2\x1a.marie.auth.v1.UsageTotalsR\x06groups\"\xe1\x01\n" +
+	"\x06groups\x18\x02 \x03(\v2\x1a.marie.auth.v1.UsageTotalsR\x06groups\x12\x1a\n" +
+	"\bcurrency\x18\x03 \x01(\tR\bcurrency\"\xe1\x01\n" +
 	"\x14LeaseCapacityRequest\x12\x15\n" +
 	"\x06key_id\x18\x01 \x01(\tR\x05keyId\x12\x16\n" +
 	"\x06holder\x18\x02 \x01(\tR\x06holder\x12\x1a\n" +
@@ -2306,7 +3110,52 @@ const file_marie_auth_v1_auth_service_proto_rawDesc = "" +
 	"\x14tokens_reset_seconds\x18\b \x01(\x01R\x12tokensResetSeconds\x12.\n" +
 	"\x13retry_after_seconds\x18\t \x01(\x01R\x11retryAfterSeconds\x12(\n" +
 	"\x10slot_ttl_seconds\x18\n" +
-	" \x01(\x01R\x0eslotTtlSeconds*|\n" +
+	" \x01(\x01R\x0eslotTtlSeconds\"\x98\x02\n" +
+	"\x06Budget\x12\x17\n" +
+	"\x06key_id\x18\x01 \x01(\tH\x00R\x05keyId\x12\x16\n" +
+	"\x05owner\x18\x02 \x01(\tH\x00R\x05owner\x12\x1b\n" +
+	"\tdaily_usd\x18\x03 \x01(\tR\bdailyUsd\x12\x1f\n" +
+	"\vmonthly_usd\x18\x04 \x01(\tR\n" +
+	"monthlyUsd\x12&\n" +
+	"\x0fspent_today_usd\x18\x05 \x01(\tR\rspentTodayUsd\x12/\n" +
+	"\x14spent_this_month_usd\x18\x06 \x01(\tR\x11spentThisMonthUsd\x12;\n" +
+	"\vupdate_time\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"updateTimeB\t\n" +
+	"\asubject\"N\n" +
+	"\x10GetBudgetRequest\x12\x17\n" +
+	"\x06key_id\x18\x01 \x01(\tH\x00R\x05keyId\x12\x16\n" +
+	"\x05owner\x18\x02 \x01(\tH\x00R\x05ownerB\t\n" +
+	"\asubject\"B\n" +
+	"\x11GetBudgetResponse\x12-\n" +
+	"\x06budget\x18\x01 \x01(\v2\x15.marie.auth.v1.BudgetR\x06budget\"\x81\x01\n" +
+	"\x13UpdateBudgetRequest\x12-\n" +
+	"\x06budget\x18\x01 \x01(\v2\x15.marie.auth.v1.BudgetR\x06budget\x12;\n" +
+	"\vupdate_mask\x18\x02 \x01(\v2\x1a.google.protobuf.FieldMaskR\n" +
+	"updateMask\"E\n" +
+	"\x14UpdateBudgetResponse\x12-\n" +
+	"\x06budget\x18\x01 \x01(\v2\x15.marie.auth.v1.BudgetR\x06budget\"P\n" +
+	"\x12ListBudgetsRequest\x12\x1b\n" +
+	"\tpage_size\x18\x01 \x01(\x05R\bpageSize\x12\x1d\n" +
+	"\n" +
+	"page_token\x18\x02 \x01(\tR\tpageToken\"n\n" +
+	"\x13ListBudgetsResponse\x12/\n" +
+	"\abudgets\x18\x01 \x03(\v2\x15.marie.auth.v1.BudgetR\abudgets\x12&\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"\x98\x01\n" +
+	"\x12LeaseBudgetRequest\x12\x15\n" +
+	"\x06key_id\x18\x01 \x01(\tR\x05keyId\x12\x16\n" +
+	"\x06holder\x18\x02 \x01(\tR\x06holder\x12\x14\n" +
+	"\x05spend\x18\x03 \x01(\x03R\x05spend\x12#\n" +
+	"\rspend_balance\x18\x04 \x01(\x03R\fspendBalance\x12\x18\n" +
+	"\arelease\x18\x05 \x01(\bR\arelease\"\xfe\x01\n" +
+	"\x13LeaseBudgetResponse\x12\x1a\n" +
+	"\bbudgeted\x18\x01 \x01(\bR\bbudgeted\x12\x14\n" +
+	"\x05spend\x18\x02 \x01(\x03R\x05spend\x12\x1c\n" +
+	"\tremaining\x18\x03 \x01(\x03R\tremaining\x120\n" +
+	"\x05limit\x18\x04 \x01(\x0e2\x1a.marie.auth.v1.BudgetLimitR\x05limit\x12!\n" +
+	"\flimit_amount\x18\x05 \x01(\x03R\vlimitAmount\x12#\n" +
+	"\rreset_seconds\x18\x06 \x01(\x01R\fresetSeconds\x12\x1d\n" +
+	"\n" +
+	"lease_size\x18\a \x01(\x03R\tleaseSize*|\n" +
 	"\vApiKeyState\x12\x1d\n" +
 	"\x19API_KEY_STATE_UNSPECIFIED\x10\x00\x12\x18\n" +
 	"\x14API_KEY_STATE_ACTIVE\x10\x01\x12\x19\n" +
@@ -2316,12 +3165,20 @@ const file_marie_auth_v1_auth_service_proto_rawDesc = "" +
 	"\x1aKEY_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x17\n" +
 	"\x13KEY_EVENT_TYPE_SYNC\x10\x01\x12\x1a\n" +
 	"\x16KEY_EVENT_TYPE_REVOKED\x10\x02\x12\x1a\n" +
-	"\x16KEY_EVENT_TYPE_UPDATED\x10\x03*x\n" +
+	"\x16KEY_EVENT_TYPE_UPDATED\x10\x03*\x92\x01\n" +
 	"\fUsageGroupBy\x12\x1e\n" +
 	"\x1aUSAGE_GROUP_BY_UNSPECIFIED\x10\x00\x12\x16\n" +
 	"\x12USAGE_GROUP_BY_DAY\x10\x01\x12\x18\n" +
 	"\x14USAGE_GROUP_BY_MODEL\x10\x02\x12\x16\n" +
-	"\x12USAGE_GROUP_BY_KEY\x10\x032\xdc\a\n" +
+	"\x12USAGE_GROUP_BY_KEY\x10\x03\x12\x18\n" +
+	"\x14USAGE_GROUP_BY_OWNER\x10\x04*\xa3\x01\n" +
+	"\vBudgetLimit\x12\x1c\n" +
+	"\x18BUDGET_LIMIT_UNSPECIFIED\x10\x00\x12\x1a\n" +
+	"\x16BUDGET_LIMIT_KEY_DAILY\x10\x01\x12\x1c\n" +
+	"\x18BUDGET_LIMIT_KEY_MONTHLY\x10\x02\x12\x1c\n" +
+	"\x18BUDGET_LIMIT_OWNER_DAILY\x10\x03\x12\x1e\n" +
+	"\x1aBUDGET_LIMIT_OWNER_MONTHLY\x10\x042\xb1\n" +
+	"\n" +
 	"\vAuthService\x12W\n" +
 	"\fCreateApiKey\x12\".marie.auth.v1.CreateApiKeyRequest\x1a#.marie.auth.v1.CreateApiKeyResponse\x12N\n" +
 	"\tGetApiKey\x12\x1f.marie.auth.v1.GetApiKeyRequest\x1a .marie.auth.v1.GetApiKeyResponse\x12T\n" +
@@ -2334,7 +3191,11 @@ const file_marie_auth_v1_auth_service_proto_rawDesc = "" +
 	"\vRecordUsage\x12!.marie.auth.v1.RecordUsageRequest\x1a\".marie.auth.v1.RecordUsageResponse\x12Q\n" +
 	"\n" +
 	"QueryUsage\x12 .marie.auth.v1.QueryUsageRequest\x1a!.marie.auth.v1.QueryUsageResponse\x12Z\n" +
-	"\rLeaseCapacity\x12#.marie.auth.v1.LeaseCapacityRequest\x1a$.marie.auth.v1.LeaseCapacityResponseB\xb7\x01\n" +
+	"\rLeaseCapacity\x12#.marie.auth.v1.LeaseCapacityRequest\x1a$.marie.auth.v1.LeaseCapacityResponse\x12N\n" +
+	"\tGetBudget\x12\x1f.marie.auth.v1.GetBudgetRequest\x1a .marie.auth.v1.GetBudgetResponse\x12W\n" +
+	"\fUpdateBudget\x12\".marie.auth.v1.UpdateBudgetRequest\x1a#.marie.auth.v1.UpdateBudgetResponse\x12T\n" +
+	"\vListBudgets\x12!.marie.auth.v1.ListBudgetsRequest\x1a\".marie.auth.v1.ListBudgetsResponse\x12T\n" +
+	"\vLeaseBudget\x12!.marie.auth.v1.LeaseBudgetRequest\x1a\".marie.auth.v1.LeaseBudgetResponseB\xb7\x01\n" +
 	"\x11com.marie.auth.v1B\x10AuthServiceProtoP\x01Z:github.com/marie/marie/clients/go/gen/marie/auth/v1;authv1\xa2\x02\x03MAX\xaa\x02\rMarie.Auth.V1\xca\x02\rMarie\\Auth\\V1\xe2\x02\x19Marie\\Auth\\V1\\GPBMetadata\xea\x02\x0fMarie::Auth::V1b\x06proto3"
 
 var (
@@ -2349,104 +3210,129 @@ func file_marie_auth_v1_auth_service_proto_rawDescGZIP() []byte {
 	return file_marie_auth_v1_auth_service_proto_rawDescData
 }
 
-var file_marie_auth_v1_auth_service_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_marie_auth_v1_auth_service_proto_msgTypes = make([]protoimpl.MessageInfo, 29)
+var file_marie_auth_v1_auth_service_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
+var file_marie_auth_v1_auth_service_proto_msgTypes = make([]protoimpl.MessageInfo, 38)
 var file_marie_auth_v1_auth_service_proto_goTypes = []any{
 	(ApiKeyState)(0),               // 0: marie.auth.v1.ApiKeyState
 	(KeyEventType)(0),              // 1: marie.auth.v1.KeyEventType
 	(UsageGroupBy)(0),              // 2: marie.auth.v1.UsageGroupBy
-	(*KeyLimits)(nil),              // 3: marie.auth.v1.KeyLimits
-	(*ApiKey)(nil),                 // 4: marie.auth.v1.ApiKey
-	(*CreateApiKeyRequest)(nil),    // 5: marie.auth.v1.CreateApiKeyRequest
-	(*CreateApiKeyResponse)(nil),   // 6: marie.auth.v1.CreateApiKeyResponse
-	(*GetApiKeyRequest)(nil),       // 7: marie.auth.v1.GetApiKeyRequest
-	(*GetApiKeyResponse)(nil),      // 8: marie.auth.v1.GetApiKeyResponse
-	(*ListApiKeysRequest)(nil),     // 9: marie.auth.v1.ListApiKeysRequest
-	(*ListApiKeysResponse)(nil),    // 10: marie.auth.v1.ListApiKeysResponse
-	(*UpdateApiKeyRequest)(nil),    // 11: marie.auth.v1.UpdateApiKeyRequest
-	(*UpdateApiKeyResponse)(nil),   // 12: marie.auth.v1.UpdateApiKeyResponse
-	(*RevokeApiKeyRequest)(nil),    // 13: marie.auth.v1.RevokeApiKeyRequest
-	(*RevokeApiKeyResponse)(nil),   // 14: marie.auth.v1.RevokeApiKeyResponse
-	(*RotateApiKeyRequest)(nil),    // 15: marie.auth.v1.RotateApiKeyRequest
-	(*RotateApiKeyResponse)(nil),   // 16: marie.auth.v1.RotateApiKeyResponse
-	(*ValidateApiKeyRequest)(nil),  // 17: marie.auth.v1.ValidateApiKeyRequest
-	(*Principal)(nil),              // 18: marie.auth.v1.Principal
-	(*ValidateApiKeyResponse)(nil), // 19: marie.auth.v1.ValidateApiKeyResponse
-	(*WatchKeyEventsRequest)(nil),  // 20: marie.auth.v1.WatchKeyEventsRequest
-	(*WatchKeyEventsResponse)(nil), // 21: marie.auth.v1.WatchKeyEventsResponse
-	(*UsageRecord)(nil),            // 22: marie.auth.v1.UsageRecord
-	(*RecordUsageRequest)(nil),     // 23: marie.auth.v1.RecordUsageRequest
-	(*RecordUsageResponse)(nil),    // 24: marie.auth.v1.RecordUsageResponse
-	(*QueryUsageRequest)(nil),      // 25: marie.auth.v1.QueryUsageRequest
-	(*UsageTotals)(nil),            // 26: marie.auth.v1.UsageTotals
-	(*QueryUsageResponse)(nil),     // 27: marie.auth.v1.QueryUsageResponse
-	(*LeaseCapacityRequest)(nil),   // 28: marie.auth.v1.LeaseCapacityRequest
-	(*LeaseCapacityResponse)(nil),  // 29: marie.auth.v1.LeaseCapacityResponse
-	nil,                            // 30: marie.auth.v1.ApiKey.LabelsEntry
-	nil,                            // 31: marie.auth.v1.CreateApiKeyRequest.LabelsEntry
-	(*timestamppb.Timestamp)(nil),  // 32: google.protobuf.Timestamp
-	(*fieldmaskpb.FieldMask)(nil),  // 33: google.protobuf.FieldMask
+	(BudgetLimit)(0),               // 3: marie.auth.v1.BudgetLimit
+	(*KeyLimits)(nil),              // 4: marie.auth.v1.KeyLimits
+	(*ApiKey)(nil),                 // 5: marie.auth.v1.ApiKey
+	(*CreateApiKeyRequest)(nil),    // 6: marie.auth.v1.CreateApiKeyRequest
+	(*CreateApiKeyResponse)(nil),   // 7: marie.auth.v1.CreateApiKeyResponse
+	(*GetApiKeyRequest)(nil),       // 8: marie.auth.v1.GetApiKeyRequest
+	(*GetApiKeyResponse)(nil),      // 9: marie.auth.v1.GetApiKeyResponse
+	(*ListApiKeysRequest)(nil),     // 10: marie.auth.v1.ListApiKeysRequest
+	(*ListApiKeysResponse)(nil),    // 11: marie.auth.v1.ListApiKeysResponse
+	(*UpdateApiKeyRequest)(nil),    // 12: marie.auth.v1.UpdateApiKeyRequest
+	(*UpdateApiKeyResponse)(nil),   // 13: marie.auth.v1.UpdateApiKeyResponse
+	(*RevokeApiKeyRequest)(nil),    // 14: marie.auth.v1.RevokeApiKeyRequest
+	(*RevokeApiKeyResponse)(nil),   // 15: marie.auth.v1.RevokeApiKeyResponse
+	(*RotateApiKeyRequest)(nil),    // 16: marie.auth.v1.RotateApiKeyRequest
+	(*RotateApiKeyResponse)(nil),   // 17: marie.auth.v1.RotateApiKeyResponse
+	(*ValidateApiKeyRequest)(nil),  // 18: marie.auth.v1.ValidateApiKeyRequest
+	(*Principal)(nil),              // 19: marie.auth.v1.Principal
+	(*ValidateApiKeyResponse)(nil), // 20: marie.auth.v1.ValidateApiKeyResponse
+	(*WatchKeyEventsRequest)(nil),  // 21: marie.auth.v1.WatchKeyEventsRequest
+	(*WatchKeyEventsResponse)(nil), // 22: marie.auth.v1.WatchKeyEventsResponse
+	(*UsageRecord)(nil),            // 23: marie.auth.v1.UsageRecord
+	(*RecordUsageRequest)(nil),     // 24: marie.auth.v1.RecordUsageRequest
+	(*RecordUsageResponse)(nil),    // 25: marie.auth.v1.RecordUsageResponse
+	(*QueryUsageRequest)(nil),      // 26: marie.auth.v1.QueryUsageRequest
+	(*UsageTotals)(nil),            // 27: marie.auth.v1.UsageTotals
+	(*QueryUsageResponse)(nil),     // 28: marie.auth.v1.QueryUsageResponse
+	(*LeaseCapacityRequest)(nil),   // 29: marie.auth.v1.LeaseCapacityRequest
+	(*LeaseCapacityResponse)(nil),  // 30: marie.auth.v1.LeaseCapacityResponse
+	(*Budget)(nil),                 // 31: marie.auth.v1.Budget
+	(*GetBudgetRequest)(nil),       // 32: marie.auth.v1.GetBudgetRequest
+	(*GetBudgetResponse)(nil),      // 33: marie.auth.v1.GetBudgetResponse
+	(*UpdateBudgetRequest)(nil),    // 34: marie.auth.v1.UpdateBudgetRequest
+	(*UpdateBudgetResponse)(nil),   // 35: marie.auth.v1.UpdateBudgetResponse
+	(*ListBudgetsRequest)(nil),     // 36: marie.auth.v1.ListBudgetsRequest
+	(*ListBudgetsResponse)(nil),    // 37: marie.auth.v1.ListBudgetsResponse
+	(*LeaseBudgetRequest)(nil),     // 38: marie.auth.v1.LeaseBudgetRequest
+	(*LeaseBudgetResponse)(nil),    // 39: marie.auth.v1.LeaseBudgetResponse
+	nil,                            // 40: marie.auth.v1.ApiKey.LabelsEntry
+	nil,                            // 41: marie.auth.v1.CreateApiKeyRequest.LabelsEntry
+	(*timestamppb.Timestamp)(nil),  // 42: google.protobuf.Timestamp
+	(*fieldmaskpb.FieldMask)(nil),  // 43: google.protobuf.FieldMask
 }
 var file_marie_auth_v1_auth_service_proto_depIdxs = []int32{
-	3,  // 0: marie.auth.v1.ApiKey.limits:type_name -> marie.auth.v1.KeyLimits
+	4,  // 0: marie.auth.v1.ApiKey.limits:type_name -> marie.auth.v1.KeyLimits
 	0,  // 1: marie.auth.v1.ApiKey.state:type_name -> marie.auth.v1.ApiKeyState
-	32, // 2: marie.auth.v1.ApiKey.create_time:type_name -> google.protobuf.Timestamp
-	32, // 3: marie.auth.v1.ApiKey.update_time:type_name -> google.protobuf.Timestamp
-	32, // 4: marie.auth.v1.ApiKey.expire_time:type_name -> google.protobuf.Timestamp
-	32, // 5: marie.auth.v1.ApiKey.revoke_time:type_name -> google.protobuf.Timestamp
-	32, // 6: marie.auth.v1.ApiKey.last_used_time:type_name -> google.protobuf.Timestamp
-	30, // 7: marie.auth.v1.ApiKey.labels:type_name -> marie.auth.v1.ApiKey.LabelsEntry
-	3,  // 8: marie.auth.v1.CreateApiKeyRequest.limits:type_name -> marie.auth.v1.KeyLimits
-	32, // 9: marie.auth.v1.CreateApiKeyRequest.expire_time:type_name -> google.protobuf.Timestamp
-	31, // 10: marie.auth.v1.CreateApiKeyRequest.labels:type_name -> marie.auth.v1.CreateApiKeyRequest.LabelsEntry
-	4,  // 11: marie.auth.v1.CreateApiKeyResponse.api_key:type_name -> marie.auth.v1.ApiKey
-	4,  // 12: marie.auth.v1.GetApiKeyResponse.api_key:type_name -> marie.auth.v1.ApiKey
-	4,  // 13: marie.auth.v1.ListApiKeysResponse.api_keys:type_name -> marie.auth.v1.ApiKey
-	4,  // 14: marie.auth.v1.UpdateApiKeyRequest.api_key:type_name -> marie.auth.v1.ApiKey
-	33, // 15: marie.auth.v1.UpdateApiKeyRequest.update_mask:type_name -> google.protobuf.FieldMask
-	4,  // 16: marie.auth.v1.UpdateApiKeyResponse.api_key:type_name -> marie.auth.v1.ApiKey
-	4,  // 17: marie.auth.v1.RevokeApiKeyResponse.api_key:type_name -> marie.auth.v1.ApiKey
-	4,  // 18: marie.auth.v1.RotateApiKeyResponse.api_key:type_name -> marie.auth.v1.ApiKey
-	3,  // 19: marie.auth.v1.Principal.limits:type_name -> marie.auth.v1.KeyLimits
-	32, // 20: marie.auth.v1.Principal.expire_time:type_name -> google.protobuf.Timestamp
-	18, // 21: marie.auth.v1.ValidateApiKeyResponse.principal:type_name -> marie.auth.v1.Principal
+	42, // 2: marie.auth.v1.ApiKey.create_time:type_name -> google.protobuf.Timestamp
+	42, // 3: marie.auth.v1.ApiKey.update_time:type_name -> google.protobuf.Timestamp
+	42, // 4: marie.auth.v1.ApiKey.expire_time:type_name -> google.protobuf.Timestamp
+	42, // 5: marie.auth.v1.ApiKey.revoke_time:type_name -> google.protobuf.Timestamp
+	42, // 6: marie.auth.v1.ApiKey.last_used_time:type_name -> google.protobuf.Timestamp
+	40, // 7: marie.auth.v1.ApiKey.labels:type_name -> marie.auth.v1.ApiKey.LabelsEntry
+	4,  // 8: marie.auth.v1.CreateApiKeyRequest.limits:type_name -> marie.auth.v1.KeyLimits
+	42, // 9: marie.auth.v1.CreateApiKeyRequest.expire_time:type_name -> google.protobuf.Timestamp
+	41, // 10: marie.auth.v1.CreateApiKeyRequest.labels:type_name -> marie.auth.v1.CreateApiKeyRequest.LabelsEntry
+	5,  // 11: marie.auth.v1.CreateApiKeyResponse.api_key:type_name -> marie.auth.v1.ApiKey
+	5,  // 12: marie.auth.v1.GetApiKeyResponse.api_key:type_name -> marie.auth.v1.ApiKey
+	5,  // 13: marie.auth.v1.ListApiKeysResponse.api_keys:type_name -> marie.auth.v1.ApiKey
+	5,  // 14: marie.auth.v1.UpdateApiKeyRequest.api_key:type_name -> marie.auth.v1.ApiKey
+	43, // 15: marie.auth.v1.UpdateApiKeyRequest.update_mask:type_name -> google.protobuf.FieldMask
+	5,  // 16: marie.auth.v1.UpdateApiKeyResponse.api_key:type_name -> marie.auth.v1.ApiKey
+	5,  // 17: marie.auth.v1.RevokeApiKeyResponse.api_key:type_name -> marie.auth.v1.ApiKey
+	5,  // 18: marie.auth.v1.RotateApiKeyResponse.api_key:type_name -> marie.auth.v1.ApiKey
+	4,  // 19: marie.auth.v1.Principal.limits:type_name -> marie.auth.v1.KeyLimits
+	42, // 20: marie.auth.v1.Principal.expire_time:type_name -> google.protobuf.Timestamp
+	19, // 21: marie.auth.v1.ValidateApiKeyResponse.principal:type_name -> marie.auth.v1.Principal
 	1,  // 22: marie.auth.v1.WatchKeyEventsResponse.type:type_name -> marie.auth.v1.KeyEventType
-	32, // 23: marie.auth.v1.WatchKeyEventsResponse.event_time:type_name -> google.protobuf.Timestamp
-	32, // 24: marie.auth.v1.UsageRecord.time:type_name -> google.protobuf.Timestamp
-	22, // 25: marie.auth.v1.RecordUsageRequest.records:type_name -> marie.auth.v1.UsageRecord
-	32, // 26: marie.auth.v1.QueryUsageRequest.start_time:type_name -> google.protobuf.Timestamp
-	32, // 27: marie.auth.v1.QueryUsageRequest.end_time:type_name -> google.protobuf.Timestamp
+	42, // 23: marie.auth.v1.WatchKeyEventsResponse.event_time:type_name -> google.protobuf.Timestamp
+	42, // 24: marie.auth.v1.UsageRecord.time:type_name -> google.protobuf.Timestamp
+	23, // 25: marie.auth.v1.RecordUsageRequest.records:type_name -> marie.auth.v1.UsageRecord
+	42, // 26: marie.auth.v1.QueryUsageRequest.start_time:type_name -> google.protobuf.Timestamp
+	42, // 27: marie.auth.v1.QueryUsageRequest.end_time:type_name -> google.protobuf.Timestamp
 	2,  // 28: marie.auth.v1.QueryUsageRequest.group_by:type_name -> marie.auth.v1.UsageGroupBy
-	26, // 29: marie.auth.v1.QueryUsageResponse.total:type_name -> marie.auth.v1.UsageTotals
-	26, // 30: marie.auth.v1.QueryUsageResponse.groups:type_name -> marie.auth.v1.UsageTotals
-	3,  // 31: marie.auth.v1.LeaseCapacityResponse.limits:type_name -> marie.auth.v1.KeyLimits
-	5,  // 32: marie.auth.v1.AuthService.CreateApiKey:input_type -> marie.auth.v1.CreateApiKeyRequest
-	7,  // 33: marie.auth.v1.AuthService.GetApiKey:input_type -> marie.auth.v1.GetApiKeyRequest
-	9,  // 34: marie.auth.v1.AuthService.ListApiKeys:input_type -> marie.auth.v1.ListApiKeysRequest
-	11, // 35: marie.auth.v1.AuthService.UpdateApiKey:input_type -> marie.auth.v1.UpdateApiKeyRequest
-	13, // 36: marie.auth.v1.AuthService.RevokeApiKey:input_type -> marie.auth.v1.RevokeApiKeyRequest
-	15, // 37: marie.auth.v1.AuthService.RotateApiKey:input_type -> marie.auth.v1.RotateApiKeyRequest
-	17, // 38: marie.auth.v1.AuthService.ValidateApiKey:input_type -> marie.auth.v1.ValidateApiKeyRequest
-	20, // 39: marie.auth.v1.AuthService.WatchKeyEvents:input_type -> marie.auth.v1.WatchKeyEventsRequest
-	23, // 40: marie.auth.v1.AuthService.RecordUsage:input_type -> marie.auth.v1.RecordUsageRequest
-	25, // 41: marie.auth.v1.AuthService.QueryUsage:input_type -> marie.auth.v1.QueryUsageRequest
-	28, // 42: marie.auth.v1.AuthService.LeaseCapacity:input_type -> marie.auth.v1.LeaseCapacityRequest
-	6,  // 43: marie.auth.v1.AuthService.CreateApiKey:output_type -> marie.auth.v1.CreateApiKeyResponse
-	8,  // 44: marie.auth.v1.AuthService.GetApiKey:output_type -> marie.auth.v1.GetApiKeyResponse
-	10, // 45: marie.auth.v1.AuthService.ListApiKeys:output_type -> marie.auth.v1.ListApiKeysResponse
-	12, // 46: marie.auth.v1.AuthService.UpdateApiKey:output_type -> marie.auth.v1.UpdateApiKeyResponse
-	14, // 47: marie.auth.v1.AuthService.RevokeApiKey:output_type -> marie.auth.v1.RevokeApiKeyResponse
-	16, // 48: marie.auth.v1.AuthService.RotateApiKey:output_type -> marie.auth.v1.RotateApiKeyResponse
-	19, // 49: marie.auth.v1.AuthService.ValidateApiKey:output_type -> marie.auth.v1.ValidateApiKeyResponse
-	21, // 50: marie.auth.v1.AuthService.WatchKeyEvents:output_type -> marie.auth.v1.WatchKeyEventsResponse
-	24, // 51: marie.auth.v1.AuthService.RecordUsage:output_type -> marie.auth.v1.RecordUsageResponse
-	27, // 52: marie.auth.v1.AuthService.QueryUsage:output_type -> marie.auth.v1.QueryUsageResponse
-	29, // 53: marie.auth.v1.AuthService.LeaseCapacity:output_type -> marie.auth.v1.LeaseCapacityResponse
-	43, // [43:54] is the sub-list for method output_type
-	32, // [32:43] is the sub-list for method input_type
-	32, // [32:32] is the sub-list for extension type_name
-	32, // [32:32] is the sub-list for extension extendee
-	0,  // [0:32] is the sub-list for field type_name
+	27, // 29: marie.auth.v1.QueryUsageResponse.total:type_name -> marie.auth.v1.UsageTotals
+	27, // 30: marie.auth.v1.QueryUsageResponse.groups:type_name -> marie.auth.v1.UsageTotals
+	4,  // 31: marie.auth.v1.LeaseCapacityResponse.limits:type_name -> marie.auth.v1.KeyLimits
+	42, // 32: marie.auth.v1.Budget.update_time:type_name -> google.protobuf.Timestamp
+	31, // 33: marie.auth.v1.GetBudgetResponse.budget:type_name -> marie.auth.v1.Budget
+	31, // 34: marie.auth.v1.UpdateBudgetRequest.budget:type_name -> marie.auth.v1.Budget
+	43, // 35: marie.auth.v1.UpdateBudgetRequest.update_mask:type_name -> google.protobuf.FieldMask
+	31, // 36: marie.auth.v1.UpdateBudgetResponse.budget:type_name -> marie.auth.v1.Budget
+	31, // 37: marie.auth.v1.ListBudgetsResponse.budgets:type_name -> marie.auth.v1.Budget
+	3,  // 38: marie.auth.v1.LeaseBudgetResponse.limit:type_name -> marie.auth.v1.BudgetLimit
+	6,  // 39: marie.auth.v1.AuthService.CreateApiKey:input_type -> marie.auth.v1.CreateApiKeyRequest
+	8,  // 40: marie.auth.v1.AuthService.GetApiKey:input_type -> marie.auth.v1.GetApiKeyRequest
+	10, // 41: marie.auth.v1.AuthService.ListApiKeys:input_type -> marie.auth.v1.ListApiKeysRequest
+	12, // 42: marie.auth.v1.AuthService.UpdateApiKey:input_type -> marie.auth.v1.UpdateApiKeyRequest
+	14, // 43: marie.auth.v1.AuthService.RevokeApiKey:input_type -> marie.auth.v1.RevokeApiKeyRequest
+	16, // 44: marie.auth.v1.AuthService.RotateApiKey:input_type -> marie.auth.v1.RotateApiKeyRequest
+	18, // 45: marie.auth.v1.AuthService.ValidateApiKey:input_type -> marie.auth.v1.ValidateApiKeyRequest
+	21, // 46: marie.auth.v1.AuthService.WatchKeyEvents:input_type -> marie.auth.v1.WatchKeyEventsRequest
+	24, // 47: marie.auth.v1.AuthService.RecordUsage:input_type -> marie.auth.v1.RecordUsageRequest
+	26, // 48: marie.auth.v1.AuthService.QueryUsage:input_type -> marie.auth.v1.QueryUsageRequest
+	29, // 49: marie.auth.v1.AuthService.LeaseCapacity:input_type -> marie.auth.v1.LeaseCapacityRequest
+	32, // 50: marie.auth.v1.AuthService.GetBudget:input_type -> marie.auth.v1.GetBudgetRequest
+	34, // 51: marie.auth.v1.AuthService.UpdateBudget:input_type -> marie.auth.v1.UpdateBudgetRequest
+	36, // 52: marie.auth.v1.AuthService.ListBudgets:input_type -> marie.auth.v1.ListBudgetsRequest
+	38, // 53: marie.auth.v1.AuthService.LeaseBudget:input_type -> marie.auth.v1.LeaseBudgetRequest
+	7,  // 54: marie.auth.v1.AuthService.CreateApiKey:output_type -> marie.auth.v1.CreateApiKeyResponse
+	9,  // 55: marie.auth.v1.AuthService.GetApiKey:output_type -> marie.auth.v1.GetApiKeyResponse
+	11, // 56: marie.auth.v1.AuthService.ListApiKeys:output_type -> marie.auth.v1.ListApiKeysResponse
+	13, // 57: marie.auth.v1.AuthService.UpdateApiKey:output_type -> marie.auth.v1.UpdateApiKeyResponse
+	15, // 58: marie.auth.v1.AuthService.RevokeApiKey:output_type -> marie.auth.v1.RevokeApiKeyResponse
+	17, // 59: marie.auth.v1.AuthService.RotateApiKey:output_type -> marie.auth.v1.RotateApiKeyResponse
+	20, // 60: marie.auth.v1.AuthService.ValidateApiKey:output_type -> marie.auth.v1.ValidateApiKeyResponse
+	22, // 61: marie.auth.v1.AuthService.WatchKeyEvents:output_type -> marie.auth.v1.WatchKeyEventsResponse
+	25, // 62: marie.auth.v1.AuthService.RecordUsage:output_type -> marie.auth.v1.RecordUsageResponse
+	28, // 63: marie.auth.v1.AuthService.QueryUsage:output_type -> marie.auth.v1.QueryUsageResponse
+	30, // 64: marie.auth.v1.AuthService.LeaseCapacity:output_type -> marie.auth.v1.LeaseCapacityResponse
+	33, // 65: marie.auth.v1.AuthService.GetBudget:output_type -> marie.auth.v1.GetBudgetResponse
+	35, // 66: marie.auth.v1.AuthService.UpdateBudget:output_type -> marie.auth.v1.UpdateBudgetResponse
+	37, // 67: marie.auth.v1.AuthService.ListBudgets:output_type -> marie.auth.v1.ListBudgetsResponse
+	39, // 68: marie.auth.v1.AuthService.LeaseBudget:output_type -> marie.auth.v1.LeaseBudgetResponse
+	54, // [54:69] is the sub-list for method output_type
+	39, // [39:54] is the sub-list for method input_type
+	39, // [39:39] is the sub-list for extension type_name
+	39, // [39:39] is the sub-list for extension extendee
+	0,  // [0:39] is the sub-list for field type_name
 }
 
 func init() { file_marie_auth_v1_auth_service_proto_init() }
@@ -2454,13 +3340,21 @@ func file_marie_auth_v1_auth_service_proto_init() {
 	if File_marie_auth_v1_auth_service_proto != nil {
 		return
 	}
+	file_marie_auth_v1_auth_service_proto_msgTypes[27].OneofWrappers = []any{
+		(*Budget_KeyId)(nil),
+		(*Budget_Owner)(nil),
+	}
+	file_marie_auth_v1_auth_service_proto_msgTypes[28].OneofWrappers = []any{
+		(*GetBudgetRequest_KeyId)(nil),
+		(*GetBudgetRequest_Owner)(nil),
+	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_marie_auth_v1_auth_service_proto_rawDesc), len(file_marie_auth_v1_auth_service_proto_rawDesc)),
-			NumEnums:      3,
-			NumMessages:   29,
+			NumEnums:      4,
+			NumMessages:   38,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

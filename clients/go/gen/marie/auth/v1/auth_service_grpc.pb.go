@@ -30,6 +30,10 @@ const (
 	AuthService_RecordUsage_FullMethodName    = "/marie.auth.v1.AuthService/RecordUsage"
 	AuthService_QueryUsage_FullMethodName     = "/marie.auth.v1.AuthService/QueryUsage"
 	AuthService_LeaseCapacity_FullMethodName  = "/marie.auth.v1.AuthService/LeaseCapacity"
+	AuthService_GetBudget_FullMethodName      = "/marie.auth.v1.AuthService/GetBudget"
+	AuthService_UpdateBudget_FullMethodName   = "/marie.auth.v1.AuthService/UpdateBudget"
+	AuthService_ListBudgets_FullMethodName    = "/marie.auth.v1.AuthService/ListBudgets"
+	AuthService_LeaseBudget_FullMethodName    = "/marie.auth.v1.AuthService/LeaseBudget"
 )
 
 // AuthServiceClient is the client API for AuthService service.
@@ -73,7 +77,7 @@ type AuthServiceClient interface {
 	// bad field, e.g. "records[3].key_id"; nothing of the batch is stored then.
 	RecordUsage(ctx context.Context, in *RecordUsageRequest, opts ...grpc.CallOption) (*RecordUsageResponse, error)
 	// Totals of the usage ledger over a time range, optionally for one key or
-	// owner, and grouped by day, model or key.
+	// owner, and grouped by day, model, key or owner, with their cost.
 	QueryUsage(ctx context.Context, in *QueryUsageRequest, opts ...grpc.CallOption) (*QueryUsageResponse, error)
 	// Takes a share of a key's limits for one gateway (a lease) and settles
 	// what the gateway did with the previous one, in one transaction on the
@@ -83,6 +87,23 @@ type AuthServiceClient interface {
 	// down to zero (then retry_after_seconds says when to ask again).
 	// NOT_FOUND (KEY_NOT_FOUND) for an unknown key.
 	LeaseCapacity(ctx context.Context, in *LeaseCapacityRequest, opts ...grpc.CallOption) (*LeaseCapacityResponse, error)
+	// Returns the budget of a key or an owner, with what it spent this UTC day
+	// and month (from the usage ledger). A subject without a budget answers
+	// with empty limits. NOT_FOUND (KEY_NOT_FOUND) for an unknown key.
+	GetBudget(ctx context.Context, in *GetBudgetRequest, opts ...grpc.CallOption) (*GetBudgetResponse, error)
+	// Sets or clears the daily and monthly spend limits of a key or an owner.
+	// A limit newly set counts what the subject already spent this day or
+	// month (from the usage ledger).
+	UpdateBudget(ctx context.Context, in *UpdateBudgetRequest, opts ...grpc.CallOption) (*UpdateBudgetResponse, error)
+	// Lists the keys and owners that have a budget, page by page.
+	ListBudgets(ctx context.Context, in *ListBudgetsRequest, opts ...grpc.CallOption) (*ListBudgetsResponse, error)
+	// Takes a share of what a key may still spend (the smallest room of its own
+	// budgets and its owner's) for one holder (a gateway or providers
+	// replica), and settles what the holder's requests cost with the previous
+	// share, in one transaction on the shared counters. A key with no budget
+	// (and whose owner has none) answers budgeted = false, and the holder need
+	// not ask again for a while. NOT_FOUND (KEY_NOT_FOUND) for an unknown key.
+	LeaseBudget(ctx context.Context, in *LeaseBudgetRequest, opts ...grpc.CallOption) (*LeaseBudgetResponse, error)
 }
 
 type authServiceClient struct {
@@ -212,6 +233,46 @@ func (c *authServiceClient) LeaseCapacity(ctx context.Context, in *LeaseCapacity
 	return out, nil
 }
 
+func (c *authServiceClient) GetBudget(ctx context.Context, in *GetBudgetRequest, opts ...grpc.CallOption) (*GetBudgetResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(GetBudgetResponse)
+	err := c.cc.Invoke(ctx, AuthService_GetBudget_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *authServiceClient) UpdateBudget(ctx context.Context, in *UpdateBudgetRequest, opts ...grpc.CallOption) (*UpdateBudgetResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(UpdateBudgetResponse)
+	err := c.cc.Invoke(ctx, AuthService_UpdateBudget_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *authServiceClient) ListBudgets(ctx context.Context, in *ListBudgetsRequest, opts ...grpc.CallOption) (*ListBudgetsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListBudgetsResponse)
+	err := c.cc.Invoke(ctx, AuthService_ListBudgets_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *authServiceClient) LeaseBudget(ctx context.Context, in *LeaseBudgetRequest, opts ...grpc.CallOption) (*LeaseBudgetResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(LeaseBudgetResponse)
+	err := c.cc.Invoke(ctx, AuthService_LeaseBudget_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AuthServiceServer is the server API for AuthService service.
 // All implementations must embed UnimplementedAuthServiceServer
 // for forward compatibility.
@@ -253,7 +314,7 @@ type AuthServiceServer interface {
 	// bad field, e.g. "records[3].key_id"; nothing of the batch is stored then.
 	RecordUsage(context.Context, *RecordUsageRequest) (*RecordUsageResponse, error)
 	// Totals of the usage ledger over a time range, optionally for one key or
-	// owner, and grouped by day, model or key.
+	// owner, and grouped by day, model, key or owner, with their cost.
 	QueryUsage(context.Context, *QueryUsageRequest) (*QueryUsageResponse, error)
 	// Takes a share of a key's limits for one gateway (a lease) and settles
 	// what the gateway did with the previous one, in one transaction on the
@@ -263,6 +324,23 @@ type AuthServiceServer interface {
 	// down to zero (then retry_after_seconds says when to ask again).
 	// NOT_FOUND (KEY_NOT_FOUND) for an unknown key.
 	LeaseCapacity(context.Context, *LeaseCapacityRequest) (*LeaseCapacityResponse, error)
+	// Returns the budget of a key or an owner, with what it spent this UTC day
+	// and month (from the usage ledger). A subject without a budget answers
+	// with empty limits. NOT_FOUND (KEY_NOT_FOUND) for an unknown key.
+	GetBudget(context.Context, *GetBudgetRequest) (*GetBudgetResponse, error)
+	// Sets or clears the daily and monthly spend limits of a key or an owner.
+	// A limit newly set counts what the subject already spent this day or
+	// month (from the usage ledger).
+	UpdateBudget(context.Context, *UpdateBudgetRequest) (*UpdateBudgetResponse, error)
+	// Lists the keys and owners that have a budget, page by page.
+	ListBudgets(context.Context, *ListBudgetsRequest) (*ListBudgetsResponse, error)
+	// Takes a share of what a key may still spend (the smallest room of its own
+	// budgets and its owner's) for one holder (a gateway or providers
+	// replica), and settles what the holder's requests cost with the previous
+	// share, in one transaction on the shared counters. A key with no budget
+	// (and whose owner has none) answers budgeted = false, and the holder need
+	// not ask again for a while. NOT_FOUND (KEY_NOT_FOUND) for an unknown key.
+	LeaseBudget(context.Context, *LeaseBudgetRequest) (*LeaseBudgetResponse, error)
 	mustEmbedUnimplementedAuthServiceServer()
 }
 
@@ -305,6 +383,18 @@ func (UnimplementedAuthServiceServer) QueryUsage(context.Context, *QueryUsageReq
 }
 func (UnimplementedAuthServiceServer) LeaseCapacity(context.Context, *LeaseCapacityRequest) (*LeaseCapacityResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method LeaseCapacity not implemented")
+}
+func (UnimplementedAuthServiceServer) GetBudget(context.Context, *GetBudgetRequest) (*GetBudgetResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetBudget not implemented")
+}
+func (UnimplementedAuthServiceServer) UpdateBudget(context.Context, *UpdateBudgetRequest) (*UpdateBudgetResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method UpdateBudget not implemented")
+}
+func (UnimplementedAuthServiceServer) ListBudgets(context.Context, *ListBudgetsRequest) (*ListBudgetsResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListBudgets not implemented")
+}
+func (UnimplementedAuthServiceServer) LeaseBudget(context.Context, *LeaseBudgetRequest) (*LeaseBudgetResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method LeaseBudget not implemented")
 }
 func (UnimplementedAuthServiceServer) mustEmbedUnimplementedAuthServiceServer() {}
 func (UnimplementedAuthServiceServer) testEmbeddedByValue()                     {}
@@ -518,6 +608,78 @@ func _AuthService_LeaseCapacity_Handler(srv interface{}, ctx context.Context, de
 	return interceptor(ctx, in, info, handler)
 }
 
+func _AuthService_GetBudget_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetBudgetRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AuthServiceServer).GetBudget(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AuthService_GetBudget_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AuthServiceServer).GetBudget(ctx, req.(*GetBudgetRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AuthService_UpdateBudget_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(UpdateBudgetRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AuthServiceServer).UpdateBudget(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AuthService_UpdateBudget_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AuthServiceServer).UpdateBudget(ctx, req.(*UpdateBudgetRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AuthService_ListBudgets_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListBudgetsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AuthServiceServer).ListBudgets(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AuthService_ListBudgets_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AuthServiceServer).ListBudgets(ctx, req.(*ListBudgetsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AuthService_LeaseBudget_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(LeaseBudgetRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AuthServiceServer).LeaseBudget(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AuthService_LeaseBudget_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AuthServiceServer).LeaseBudget(ctx, req.(*LeaseBudgetRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // AuthService_ServiceDesc is the grpc.ServiceDesc for AuthService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -564,6 +726,22 @@ var AuthService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "LeaseCapacity",
 			Handler:    _AuthService_LeaseCapacity_Handler,
+		},
+		{
+			MethodName: "GetBudget",
+			Handler:    _AuthService_GetBudget_Handler,
+		},
+		{
+			MethodName: "UpdateBudget",
+			Handler:    _AuthService_UpdateBudget_Handler,
+		},
+		{
+			MethodName: "ListBudgets",
+			Handler:    _AuthService_ListBudgets_Handler,
+		},
+		{
+			MethodName: "LeaseBudget",
+			Handler:    _AuthService_LeaseBudget_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

@@ -3240,6 +3240,10 @@ type Usage struct {
 	// the upstream names them (Anthropic's `web_search_requests`,
 	// `web_fetch_requests`); empty when none ran.
 	ServerToolRequests map[string]int32 `protobuf:"bytes,4,rep,name=server_tool_requests,json=serverToolRequests,proto3" json:"server_tool_requests,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
+	// Of prompt_tokens, those the upstream read from its prompt cache
+	// (OpenAI's prompt_tokens_details.cached_tokens, Anthropic's
+	// cache_read_input_tokens); priced at a model's cached_input price.
+	CachedPromptTokens int32 `protobuf:"varint,5,opt,name=cached_prompt_tokens,json=cachedPromptTokens,proto3" json:"cached_prompt_tokens,omitempty"`
 	unknownFields      protoimpl.UnknownFields
 	sizeCache          protoimpl.SizeCache
 }
@@ -3300,6 +3304,13 @@ func (x *Usage) GetServerToolRequests() map[string]int32 {
 		return x.ServerToolRequests
 	}
 	return nil
+}
+
+func (x *Usage) GetCachedPromptTokens() int32 {
+	if x != nil {
+		return x.CachedPromptTokens
+	}
+	return 0
 }
 
 // CreateChatCompletionRequest asks for a whole chat completion.
@@ -4515,12 +4526,13 @@ const file_marie_providers_v1_provider_service_proto_rawDesc = "" +
 	"\x02id\x18\x02 \x01(\tR\x02id\x12\x12\n" +
 	"\x04type\x18\x03 \x01(\tR\x04type\x12\x12\n" +
 	"\x04name\x18\x04 \x01(\tR\x04name\x12\x1c\n" +
-	"\targuments\x18\x05 \x01(\tR\targuments\"\xa8\x02\n" +
+	"\targuments\x18\x05 \x01(\tR\targuments\"\xda\x02\n" +
 	"\x05Usage\x12#\n" +
 	"\rprompt_tokens\x18\x01 \x01(\x05R\fpromptTokens\x12+\n" +
 	"\x11completion_tokens\x18\x02 \x01(\x05R\x10completionTokens\x12!\n" +
 	"\ftotal_tokens\x18\x03 \x01(\x05R\vtotalTokens\x12c\n" +
-	"\x14server_tool_requests\x18\x04 \x03(\v21.marie.providers.v1.Usage.ServerToolRequestsEntryR\x12serverToolRequests\x1aE\n" +
+	"\x14server_tool_requests\x18\x04 \x03(\v21.marie.providers.v1.Usage.ServerToolRequestsEntryR\x12serverToolRequests\x120\n" +
+	"\x14cached_prompt_tokens\x18\x05 \x01(\x05R\x12cachedPromptTokens\x1aE\n" +
 	"\x17ServerToolRequestsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\x05R\x05value:\x028\x01\"b\n" +
