@@ -1,6 +1,7 @@
 """Budgets: spend limits of keys and owners per UTC day and month, leased to
 holders from counters that every auth replica on the store agrees on, and
-seeded from the usage ledger when a limit is set."""
+seeded from the usage ledger when a limit is set (on each store: SQLite and
+OpenSearch)."""
 
 from __future__ import annotations
 
@@ -19,15 +20,6 @@ from marie_auth.settings import AuthSettings
 from marie_kit.channels import insecure_channel
 
 USD = 10**12  # picodollars
-
-
-@pytest.fixture(autouse=True)
-def sqlite_only(settings: AuthSettings, request: pytest.FixtureRequest) -> None:
-    on_opensearch = "refuses_budgets_on_opensearch" in request.node.name
-    if (settings.store != "sqlite") != on_opensearch:
-        pytest.skip(
-            "budgets are kept in the SQLite store only (OpenSearch refuses them, tested apart)"
-        )
 
 
 def lease(key_id: str, holder: str = "gw-1", **fields: int | bool) -> pb.LeaseBudgetRequest:
@@ -177,16 +169,24 @@ async def test_only_the_masked_limit_changes(stub: AuthStub, create: CreateKey) 
 
 async def test_budgets_are_listed_page_by_page(stub: AuthStub, create: CreateKey) -> None:
     key_id = (await create()).api_key.id
-    for owner in ("a", "b"):
+    # The longest owner name, in a script of two bytes a character, sorts by bytes.
+    long_owner = "é" * 256
+    for owner in (long_owner, "b", "a", "Z"):
         await stub.UpdateBudget(set_budget(owner=owner, monthly_usd="3"))
     await stub.UpdateBudget(set_budget(key_id=key_id, daily_usd="1"))
     first = await stub.ListBudgets(pb.ListBudgetsRequest(page_size=2))
+    # A budget removed between pages does not shift the next page.
+    await stub.UpdateBudget(set_budget(owner="Z", monthly_usd=""))
     second = await stub.ListBudgets(
         pb.ListBudgetsRequest(page_size=2, page_token=first.next_page_token)
     )
     seen = [b.key_id or b.owner for b in [*first.budgets, *second.budgets]]
-    assert seen == [key_id, "a", "b"]
-    assert second.next_page_token == ""
+    assert seen == [key_id, "Z", "a", "b"]
+    third = await stub.ListBudgets(
+        pb.ListBudgetsRequest(page_size=2, page_token=second.next_page_token)
+    )
+    assert [b.owner for b in third.budgets] == [long_owner]
+    assert third.next_page_token == ""
 
 
 async def test_bad_budget_requests_name_the_field(stub: AuthStub, create: CreateKey) -> None:
@@ -242,11 +242,42 @@ async def test_a_rotated_key_keeps_its_budget_and_what_it_spent(
     assert got.spend == USD // 2
 
 
-async def test_auth_refuses_budgets_on_opensearch(stub: AuthStub, create: CreateKey) -> None:
-    key_id = (await create()).api_key.id
-    error = await rpc_error(stub.UpdateBudget(set_budget(key_id=key_id, daily_usd="1")))
-    assert (error.code, error.reason) == (
-        grpc.StatusCode.FAILED_PRECONDITION,
-        "BUDGETS_UNSUPPORTED",
-    )
-    assert not (await stub.LeaseBudget(lease(key_id))).budgeted
+async def test_budgets_and_what_was_leased_outlive_the_auth_process(
+    start_auth: StartAuth, settings: AuthSettings
+) -> None:
+    first = await start_auth(settings)
+    async with insecure_channel(first.target) as channel:
+        stub = pb_grpc.AuthServiceStub(channel)
+        key_id = (await stub.CreateApiKey(pb.CreateApiKeyRequest(name="k", owner="o"))).api_key.id
+        await stub.UpdateBudget(set_budget(key_id=key_id, daily_usd="1"))
+        await stub.UpdateBudget(set_budget(owner="o", monthly_usd="4"))
+        assert (await stub.LeaseBudget(lease(key_id, spend=USD // 4))).spend == USD // 4
+    await first.stop(0.5)
+    second = await start_auth(settings)
+    async with insecure_channel(second.target) as channel:
+        stub = pb_grpc.AuthServiceStub(channel)
+        got = await stub.LeaseBudget(lease(key_id, spend=USD))
+        assert (got.spend, got.limit) == (USD - USD // 4, pb.BUDGET_LIMIT_KEY_DAILY)
+        listed = (await stub.ListBudgets(pb.ListBudgetsRequest())).budgets
+        assert [(b.key_id, b.owner, b.daily_usd, b.monthly_usd) for b in listed] == [
+            (key_id, "", "1", ""),
+            ("", "o", "", "4"),
+        ]
+
+
+async def test_a_key_with_less_room_than_its_owner_takes_no_more_from_the_owner(
+    stub: AuthStub, create: CreateKey
+) -> None:
+    first = (await create(owner="team-k")).api_key.id
+    second = (await create(owner="team-k")).api_key.id
+    await stub.UpdateBudget(set_budget(owner="team-k", daily_usd="3"))
+    await stub.UpdateBudget(set_budget(key_id=first, daily_usd="1"))
+    got = await stub.LeaseBudget(lease(first, spend=2 * USD))
+    assert (got.spend, got.remaining, got.limit) == (USD, 0, pb.BUDGET_LIMIT_KEY_DAILY)
+    # The owner was charged what the key got, not what it asked for.
+    got = await stub.LeaseBudget(lease(second, spend=5 * USD))
+    assert (got.spend, got.limit) == (2 * USD, pb.BUDGET_LIMIT_OWNER_DAILY)
+    # Half a dollar given back by the first key is room again for both (a tie
+    # names the key's limit).
+    got = await stub.LeaseBudget(lease(first, spend_balance=USD // 2, spend=USD))
+    assert (got.spend, got.remaining, got.limit) == (USD // 2, 0, pb.BUDGET_LIMIT_KEY_DAILY)

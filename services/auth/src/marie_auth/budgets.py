@@ -13,7 +13,8 @@ from what the usage ledger says was spent this day and month.
 
 Like the rate-limit leases (`leases.py`), each lease is one `BEGIN IMMEDIATE`
 transaction on the shared SQLite file, so auth replicas on the same file
-agree. `apply_budget_lease` is the arithmetic (pure), `SqliteBudgetStore`
+agree (on OpenSearch, `OpenSearchBudgetStore` writes under optimistic
+concurrency instead). `apply_budget_lease` is the arithmetic (pure), `SqliteBudgetStore`
 the rows, `BudgetBook` the core the servicer calls.
 """
 
@@ -31,12 +32,10 @@ from enum import IntEnum
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-import grpc
-from marie_kit.errors import ServiceError
 from marie_kit.prices import MAX_PICODOLLARS
 from marie_kit.sqlite import open_on_thread, write_transaction
 
-from marie_auth.errors import DOMAIN, invalid_argument
+from marie_auth.errors import invalid_argument
 
 KEY = "key"
 OWNER = "owner"
@@ -47,7 +46,6 @@ MAX_HOLDER = 128
 MAX_SUBJECT = 256
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
-BUDGETS_UNSUPPORTED = "BUDGETS_UNSUPPORTED"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS budgets (
@@ -474,28 +472,3 @@ class BudgetBook:
 
     async def close(self) -> None:
         await self._store.close()
-
-
-class NoBudgetStore:
-    """For stores that do not keep budgets yet (OpenSearch): no key is
-    budgeted, and setting a budget is refused, saying why."""
-
-    async def lease(self, owner: str, ask: BudgetAsk, now: float) -> BudgetGrant:
-        return BudgetGrant(budgeted=False)
-
-    async def get(self, kind: str, subject: str) -> Budget | None:
-        return None
-
-    async def put(self, budget: Budget, seed: SpendCounters, now: float) -> None:
-        raise ServiceError(
-            grpc.StatusCode.FAILED_PRECONDITION,
-            BUDGETS_UNSUPPORTED,
-            "budgets need the SQLite store (MARIE_AUTH_STORE=sqlite) in this version",
-            domain=DOMAIN,
-        )
-
-    async def list_page(self, after: tuple[str, str] | None, limit: int) -> list[Budget]:
-        return []
-
-    async def close(self) -> None:
-        return None

@@ -35,6 +35,16 @@ from typing import Any
 from marie_kit.settings import opensearch_hosts
 from opensearchpy import AsyncOpenSearch, ConflictError, NotFoundError, RequestError
 
+from marie_auth.budgets import (
+    KEY,
+    OWNER,
+    Budget,
+    BudgetAsk,
+    BudgetGrant,
+    BudgetLimits,
+    SpendCounters,
+    apply_budget_lease,
+)
 from marie_auth.leases import (
     SLOT_TTL_SECONDS,
     Counters,
@@ -94,6 +104,14 @@ MAPPINGS: dict[str, dict[str, Any]] = {
         "priced": {"type": "boolean"},
     },
     "key_counters": {"slots": _DISABLED},
+    "budgets": {
+        "kind": _KEYWORD,
+        "subject": _KEYWORD,
+        "daily": {"type": "long"},
+        "monthly": {"type": "long"},
+        "update_time": _DOUBLE,
+        "counters": _DISABLED,
+    },
 }
 
 
@@ -611,3 +629,225 @@ class OpenSearchLeaseStore:
 
     async def close(self) -> None:
         await self._ix.close()
+
+
+# -- budgets -----------------------------------------------------------------------
+
+
+def budget_id(kind: str, subject: str) -> str:
+    """A budget's document id: a digest, as a subject (up to 256 characters of
+    any script) may be longer than OpenSearch's 512-byte id."""
+    return hashlib.sha256(f"{kind}\0{subject}".encode()).hexdigest()
+
+
+def budget_list_query(after: tuple[str, str] | None, limit: int) -> dict[str, Any]:
+    """One page of budgets in (kind, subject) order, as SQLite lists them
+    (keyword fields sort by UTF-8 bytes, as SQLite's BINARY collation)."""
+    body: dict[str, Any] = {
+        "query": {"match_all": {}},
+        "sort": [{"kind": "asc"}, {"subject": "asc"}],
+        "size": limit,
+        "_source": ["kind", "subject", "daily", "monthly", "update_time"],
+    }
+    if after is not None:
+        body["search_after"] = list(after)
+    return body
+
+
+def _budget_from(doc: dict[str, Any]) -> Budget:
+    return Budget(
+        str(doc["kind"]),
+        str(doc["subject"]),
+        BudgetLimits(int(doc["daily"]), int(doc["monthly"])),
+        float(doc["update_time"]),
+    )
+
+
+def _counters_from(doc: dict[str, Any]) -> SpendCounters | None:
+    c = doc.get("counters")
+    return SpendCounters(**{k: int(v) for k, v in c.items()}) if c else None
+
+
+class OpenSearchBudgetStore:
+    """`BudgetStore` on OpenSearch: one document per subject (a key or an
+    owner) holding its limits and its counters, so a budget and what was
+    leased from it change together; every change is a read and a write under
+    optimistic concurrency, retried on conflict, and counters exist only
+    while their document does (a lease never creates one).
+
+    A lease under one budget is one such write, exactly as SQLite's
+    transaction. Under a key budget and its owner's there is no transaction
+    across the two documents: the owner's counters are charged first (at most
+    its room), then the key's (at most the key's room and what the owner
+    granted), and any excess goes back to the owner. No limit is ever granted
+    past; in between, the owner's room may look smaller than it is for one
+    round trip. An auth process that dies between the writes (cancellation
+    does not stop them) leaves up to one lease charged to the owner for the
+    rest of the day and month."""
+
+    def __init__(self, indices: _Indices) -> None:
+        self._ix = indices
+
+    @classmethod
+    async def open(cls, url: str, *, prefix: str = "marie") -> OpenSearchBudgetStore:
+        return cls(await _open(url, prefix, "budgets"))
+
+    async def _get(self, kind: str, subject: str) -> dict[str, Any] | None:
+        return await self._ix.get("budgets", budget_id(kind, subject))
+
+    async def _write(self, found: dict[str, Any], body: dict[str, Any], **kwargs: Any) -> None:
+        await self._ix.client.index(
+            index=self._ix.index("budgets"),
+            id=found["_id"],
+            body=body,
+            if_seq_no=found["_seq_no"],
+            if_primary_term=found["_primary_term"],
+            **kwargs,
+        )
+
+    async def _charge(
+        self,
+        kind: str,
+        subject: str,
+        ask: BudgetAsk,
+        now: float,
+        found: dict[str, Any] | None,
+    ) -> BudgetGrant:
+        """Settle and lease on one subject's counters alone; `found` is its
+        document as just read (one round trip saved), None to read it."""
+        first = True
+        for _ in range(CONFLICT_ATTEMPTS):
+            if not first or found is None:
+                found = await self._get(kind, subject)
+            first = False
+            if found is None:
+                return BudgetGrant(budgeted=False)  # removed meanwhile
+            doc = found["_source"]
+            limits, counters = _budget_from(doc).limits, _counters_from(doc)
+            if kind == KEY:
+                new, _, grant = apply_budget_lease(
+                    limits, counters, BudgetLimits(), None, ask=ask, now=now
+                )
+            else:
+                _, new, grant = apply_budget_lease(
+                    BudgetLimits(), None, limits, counters, ask=ask, now=now
+                )
+            if new is None:
+                return grant  # no limit (a document is never stored without one)
+            try:
+                await self._write(found, {**doc, "counters": dataclasses.asdict(new)})
+            except (ConflictError, NotFoundError):
+                continue
+            return grant
+        raise RuntimeError(f"the budget of {kind} {subject} kept changing under this lease")
+
+    async def lease(self, owner: str, ask: BudgetAsk, now: float) -> BudgetGrant:
+        # Shielded: a cancelled call still finishes its writes (see the class).
+        return await asyncio.shield(self._lease(owner, ask, now))
+
+    async def _lease(self, owner: str, ask: BudgetAsk, now: float) -> BudgetGrant:
+        key_doc, owner_doc = await asyncio.gather(
+            self._get(KEY, ask.key_id),
+            self._get(OWNER, owner) if owner else asyncio.sleep(0, None),
+        )
+        if key_doc is None and owner_doc is None:
+            return BudgetGrant(budgeted=False)  # read-only: nothing to lease
+        if owner_doc is None:
+            return await self._charge(KEY, ask.key_id, ask, now, key_doc)
+        if key_doc is None:
+            return await self._charge(OWNER, owner, ask, now, owner_doc)
+        # Both: what to ask for comes from both as read (the tightest limit's share).
+        key_src, owner_src = key_doc["_source"], owner_doc["_source"]
+        _, _, planned = apply_budget_lease(
+            _budget_from(key_src).limits,
+            _counters_from(key_src),
+            _budget_from(owner_src).limits,
+            _counters_from(owner_src),
+            ask=ask,
+            now=now,
+        )
+        wanted = ask.spend or planned.lease_size
+        on_owner = await self._charge(
+            OWNER, owner, _asking(ask, wanted, ask.spend_balance), now, owner_doc
+        )
+        on_key = await self._charge(
+            KEY,
+            ask.key_id,
+            _asking(ask, on_owner.spend if on_owner.budgeted else wanted, ask.spend_balance),
+            now,
+            key_doc,
+        )
+        if not on_key.budgeted:
+            return on_owner
+        if not on_owner.budgeted:
+            return on_key
+        granted = on_key.spend
+        if on_owner.spend > granted:
+            # The key had less room: the owner gets the difference back.
+            await self._charge(OWNER, owner, _asking(ask, 0, on_owner.spend - granted), now, None)
+        # The tightest of both as each was charged (ties: the key's, as SQLite).
+        key_room = on_key.remaining + on_key.spend
+        owner_room = on_owner.remaining + on_owner.spend
+        tight = on_key if key_room <= owner_room else on_owner
+        room = min(key_room, owner_room)
+        return dataclasses.replace(tight, spend=granted, remaining=max(0, room - granted))
+
+    async def get(self, kind: str, subject: str) -> Budget | None:
+        found = await self._get(kind, subject)
+        return _budget_from(found["_source"]) if found else None
+
+    async def put(self, budget: Budget, seed: SpendCounters, now: float) -> None:
+        """Store the limits (none: delete the document and its counters);
+        counters are seeded with `seed` when the subject had none."""
+        kind, subject, limits = budget.kind, budget.subject, budget.limits
+        doc_id = budget_id(kind, subject)
+        for _ in range(CONFLICT_ATTEMPTS):
+            found = await self._get(kind, subject)
+            try:
+                if not limits.any:
+                    if found is not None:
+                        await self._ix.client.delete(
+                            index=self._ix.index("budgets"),
+                            id=doc_id,
+                            if_seq_no=found["_seq_no"],
+                            if_primary_term=found["_primary_term"],
+                            refresh=WAIT,
+                        )
+                    return
+                counters = (_counters_from(found["_source"]) if found else None) or seed
+                body = {
+                    "kind": kind,
+                    "subject": subject,
+                    "daily": limits.daily,
+                    "monthly": limits.monthly,
+                    "update_time": now,
+                    "counters": dataclasses.asdict(counters),
+                }
+                if found is None:
+                    await self._ix.client.index(
+                        index=self._ix.index("budgets"),
+                        id=doc_id,
+                        body=body,
+                        op_type="create",
+                        refresh=WAIT,
+                    )
+                else:
+                    await self._write(found, body, refresh=WAIT)
+            except (ConflictError, NotFoundError):
+                continue
+            return
+        raise RuntimeError(f"the budget of {kind} {subject} kept changing under this write")
+
+    async def list_page(self, after: tuple[str, str] | None, limit: int) -> list[Budget]:
+        hits = await self._ix.search("budgets", budget_list_query(after, limit))
+        return [_budget_from(h["_source"]) for h in hits]
+
+    async def close(self) -> None:
+        await self._ix.close()
+
+
+def _asking(ask: BudgetAsk, spend: int, balance: int) -> BudgetAsk:
+    """`ask` for one subject: settle `balance`, then lease `spend` (0: nothing)."""
+    return BudgetAsk(
+        ask.key_id, ask.holder, spend=spend, spend_balance=balance, release=ask.release or not spend
+    )

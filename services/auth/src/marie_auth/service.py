@@ -31,7 +31,6 @@ from marie_auth.budgets import (
     BudgetAsk,
     BudgetBook,
     BudgetStore,
-    NoBudgetStore,
     SqliteBudgetStore,
 )
 from marie_auth.errors import DOMAIN
@@ -76,7 +75,11 @@ async def open_lease_store(settings: AuthSettings) -> LeaseStore:
 
 async def open_budget_store(settings: AuthSettings) -> BudgetStore:
     if settings.store == "opensearch":
-        return NoBudgetStore()
+        from marie_auth.opensearch_store import OpenSearchBudgetStore  # noqa: PLC0415
+
+        return await OpenSearchBudgetStore.open(
+            settings.opensearch_url, prefix=settings.opensearch_index_prefix
+        )
     return await SqliteBudgetStore.open(settings.db_path, max_bytes=settings.db_max_bytes)
 
 
