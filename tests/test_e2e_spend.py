@@ -5,11 +5,14 @@ a second gateway beside `marie up`'s (same auth), and real Envoy in front
 for gRPC (tests/envoy.py). Every ledger row carries its cost; `/api/usage`
 totals it; budgets per key and per owner refuse requests once spent, across
 both gateways and gRPC, with the overspend bounded by one lease (the
-top README's "Budgets").
+top README's "Budgets"), on auth's SQLite store and (that test again) on its
+OpenSearch store.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sqlite3
 import threading
 import time
@@ -23,10 +26,12 @@ import grpc
 import httpx
 import orjson
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 from marie.auth.v1 import auth_service_pb2 as auth_pb
 from marie.auth.v1 import auth_service_pb2_grpc as auth_grpc
 from marie.providers.v1 import provider_service_pb2 as pb
 from marie.providers.v1 import provider_service_pb2_grpc as pb_grpc
+from marie_auth.opensearch_store import index_prefix
 
 from tests.envoy import Envoy, call_error_info, start_envoy
 from tests.fakes import FakeModel, FakeOllama
@@ -131,6 +136,26 @@ class Spend:
                 return rows
             time.sleep(0.1)
 
+    def ledger_when(self, key_id: str, count: int, settle: float) -> tuple[int, Decimal]:
+        """The key's requests and cost as auth's QueryUsage totals them (any
+        store), once there are `count` and no new one came for `settle` s."""
+        deadline = time.monotonic() + 15
+        seen, quiet_since = -1, time.monotonic()
+        while True:
+            start, end = Timestamp(), Timestamp()
+            start.FromSeconds(int(time.time()) - 86_400)
+            end.FromSeconds(int(time.time()) + 60)
+            totals = self.admin.QueryUsage(
+                auth_pb.QueryUsageRequest(start_time=start, end_time=end, key_id=key_id),
+                timeout=10,
+            ).total
+            if totals.requests != seen:
+                seen, quiet_since = totals.requests, time.monotonic()
+            enough = seen >= count and time.monotonic() - quiet_since >= settle
+            if enough or time.monotonic() > deadline:
+                return seen, Decimal(totals.cost)
+            time.sleep(0.1)
+
     def usage(self, key: str, **params: str) -> dict[str, Any]:
         r = httpx.get(
             f"{self.gateways[0]}/api/usage",
@@ -145,12 +170,45 @@ class Spend:
 
 @pytest.fixture(scope="module")
 def spend(ollama: FakeOllama, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Spend]:
+    with running_spend(ollama, tmp_path_factory, "spend") as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def spend_on_opensearch(
+    ollama: FakeOllama, tmp_path_factory: pytest.TempPathFactory, osmem_server: Any
+) -> Iterator[Spend]:
+    """The same suite with auth on OpenSearch (MARIE_AUTH_STORE=opensearch, as
+    compose and Helm run it): the osmem-server emulator, or OPENSEARCH_URL."""
+    url = os.environ.get("OPENSEARCH_URL", "")
+    clone = None if url else osmem_server.clone()
+    if clone is not None:
+        url = str(clone.url)
+    try:
+        with running_spend(
+            ollama,
+            tmp_path_factory,
+            "spend-os",
+            MARIE_AUTH_STORE="opensearch",
+            OPENSEARCH_URL=url,
+            MARIE_AUTH_OPENSEARCH_INDEX_PREFIX=index_prefix(str(tmp_path_factory.getbasetemp())),
+        ) as running:
+            yield running
+    finally:
+        if clone is not None:
+            clone.close()
+
+
+@contextlib.contextmanager
+def running_spend(
+    ollama: FakeOllama, tmp_path_factory: pytest.TempPathFactory, name: str, **env: str
+) -> Iterator[Spend]:
     ollama.add_model(PRICED)
     ollama.add_model(UNPRICED)
-    data = tmp_path_factory.mktemp("spend")
+    data = tmp_path_factory.mktemp(name)
     config = data / "marie.yaml"
     config.write_text(CONFIG.format(url=ollama.base_url))
-    stack = start_stack(data / "suite", ollama.base_url, MARIE_CONFIG=str(config))
+    stack = start_stack(data / "suite", ollama.base_url, MARIE_CONFIG=str(config), **env)
     extra: list[Proc] = []
     envoy: Envoy | None = None
     try:
@@ -167,7 +225,7 @@ def spend(ollama: FakeOllama, tmp_path_factory: pytest.TempPathFactory) -> Itera
         second = f"http://127.0.0.1:{gateway_2}"
         wait_for(lambda: httpx.get(f"{second}/readyz").status_code == 200, STARTUP_SECONDS)
         envoy = start_envoy(
-            tmp_path_factory.mktemp("spend-envoy"),
+            tmp_path_factory.mktemp(f"{name}-envoy"),
             {
                 "gateway": stack.gateway_port,
                 "providers": stack.providers_port,
@@ -314,7 +372,21 @@ def test_two_gateways_and_grpc_spending_one_budget_overspend_by_at_most_one_leas
     gRPC through Envoy), two clients each, spend one key's budget at once.
     Counted alone, each would spend the whole budget; together they stop
     within one lease (5% of the budget) of it."""
-    key, key_id = spend.key("concurrent")
+    spend_one_budget_at_once(spend, from_sqlite=True)
+
+
+def test_on_opensearch_two_gateways_and_grpc_overspend_by_at_most_one_lease(
+    spend_on_opensearch: Spend,
+) -> None:
+    """The same with auth's budgets and ledger in OpenSearch, under a key
+    budget and its owner's (two documents per lease)."""
+    spend_one_budget_at_once(spend_on_opensearch, from_sqlite=False)
+
+
+def spend_one_budget_at_once(spend: Spend, *, from_sqlite: bool) -> None:
+    key, key_id = spend.key("concurrent", owner="team-concurrent")
+    if not from_sqlite:  # an owner's budget too, looser than the key's
+        spend.budget(owner="team-concurrent", monthly_usd="5")
     budget = Decimal(1)  # 20 answers
     lease = budget / 20
     spend.budget(key_id=key_id, daily_usd=str(budget))
@@ -352,9 +424,13 @@ def test_two_gateways_and_grpc_spending_one_budget_overspend_by_at_most_one_leas
         t.join()
 
     admitted = sum(codes.count("ok") for codes in outcomes.values())
-    rows = spend.rows_when(key_id, admitted, settle=2.0)
-    assert len(rows) == admitted
-    spent = Decimal(sum(r["cost_picodollars"] for r in rows)) / PICO
+    if from_sqlite:
+        rows = spend.rows_when(key_id, admitted, settle=2.0)
+        assert len(rows) == admitted
+        spent = Decimal(sum(r["cost_picodollars"] for r in rows)) / PICO
+    else:
+        requests, spent = spend.ledger_when(key_id, admitted, settle=2.0)
+        assert requests == admitted
     assert spent <= budget + lease, (spent, outcomes)
     # Nor far under it: at most one answer's worth per holder is left unspent.
     assert spent >= budget - 3 * COST, (spent, outcomes)

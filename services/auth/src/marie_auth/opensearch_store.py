@@ -5,13 +5,14 @@ async client (as the memory service's store).
 Indices (`<prefix>_auth_…`): `keys` (one document per key, id = key id),
 `key_events` (the change log, id = its sequence number), `meta` (the
 change log's sequence counter), `usage` (one document per record, id =
-record id) and `key_counters` (one document per key: buckets, day tokens,
-slots per holder).
+record id), `key_counters` (one document per key: buckets, day tokens,
+slots per holder) and `budgets` (one document per key or owner with a
+budget: limits and spend counters).
 
 OpenSearch has no multi-document transactions; what must not race uses
 optimistic concurrency instead (`if_seq_no` / `if_primary_term`, retried on
 conflict): the event counter, revocations, updates, the counters of a
-lease. A rotation writes the new key (`op_type=create`) then the retired
+lease, budgets and their counters. A rotation writes the new key (`op_type=create`) then the retired
 one, and removes the new key again if the second write fails. Writes that
 are read back by search use `refresh=wait_for`.
 

@@ -48,7 +48,8 @@ class AuthSettings(ServiceSettings):
     )
     store: Literal["sqlite", "opensearch"] = Field(
         default="sqlite",
-        description="Where keys, their events, the usage ledger and the limit counters live: "
+        description="Where keys, their events, the usage ledger, the limit counters and the "
+        "budgets live: "
         "the embedded SQLite file, or OpenSearch (OPENSEARCH_URL).",
     )
     opensearch_url: str = Field(
