@@ -268,6 +268,26 @@ def test_anthropic_messages_are_cached_when_asked(stack: Stack, ollama: FakeOlla
     assert upstream_chats(ollama, "anthropic cached") == 1
 
 
+@pytest.mark.parametrize("value", ["whenever", "", "private, no-store", "max-age=soon"])
+def test_anthropic_metadata_cache_takes_only_what_the_document_says(
+    stack: Stack, api_key: str, value: str
+) -> None:
+    """The OpenAPI document's pattern for `metadata.cache` is what is taken:
+    anything else is Anthropic's 400 naming the field (schemathesis checks the
+    other way: every value the pattern allows is accepted)."""
+    body = {
+        "model": MODEL,
+        "max_tokens": 16,
+        "messages": [{"role": "user", "content": "bad cache value"}],
+        "metadata": {"cache": value},
+    }
+    answer = post(stack, api_key, "/v1/messages", body, {"anthropic-version": "2023-06-01"})
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert "metadata.cache" in error["message"]
+
+
 def test_a_hit_is_a_cached_usage_row_with_no_tokens(stack: Stack) -> None:
     key = stack.create_key("cache-ledger", "--owner", "team-cache-9")
     body = chat_body("ledger of a hit")

@@ -272,12 +272,11 @@ def test_the_embedding_server_down_fails_no_chat_and_health_shows_it(
     try:
         chats: list[int] = []
         embeddings: list[int] = []
-        for _ in range(8):
-            embeddings.append(
-                post(
-                    own_stack, own_key, "/v1/embeddings", {"model": EMBEDDINGS, "input": "x"}
-                ).status_code
-            )
+        for i in range(8):
+            # A text not embedded before: the response cache (on by default
+            # for embeddings) would answer "x" without asking the server.
+            body = {"model": EMBEDDINGS, "input": f"while down {i}"}
+            embeddings.append(post(own_stack, own_key, "/v1/embeddings", body).status_code)
             chats.append(chat(own_stack, own_key, CHAT).status_code)
         emb = health_of(own_stack, own_key, "emb")
         local = health_of(own_stack, own_key, "local")

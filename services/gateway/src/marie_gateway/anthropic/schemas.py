@@ -30,6 +30,12 @@ TOOL_NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,128}$"
 MAX_USER_ID = 256
 #: Longest `metadata.cache` (Cache-Control directives).
 MAX_CACHE_VALUE = 512
+#: What `metadata.cache` takes: the directives Marie's cache uses, or a
+#: boolean as text. Stricter than the Cache-Control header (which ignores
+#: directives it does not use, as HTTP caches do): a body field that names
+#: nothing the cache does is a mistake, refused with the field named.
+_DIRECTIVE = r"(max-age=[0-9]+|no-cache|no-store)"
+CACHE_VALUE_PATTERN = rf"^(true|false|\s*{_DIRECTIVE}(\s*,\s*{_DIRECTIVE})*\s*)$"
 #: Stop sequences a request may carry (the providers contract's bound).
 MAX_STOP_SEQUENCES = 4
 
@@ -253,8 +259,9 @@ class Metadata(_Body):
     cache: str | None = Field(
         default=None,
         max_length=MAX_CACHE_VALUE,
+        pattern=CACHE_VALUE_PATTERN,
         description="Marie's response cache: Cache-Control directives ('max-age=300',"
-        " 'no-cache', 'no-store') or 'true'/'false', as the Cache-Control request header.",
+        " 'no-cache', 'no-store', comma-separated) or 'true'/'false'.",
     )
 
 
