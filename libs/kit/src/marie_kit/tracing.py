@@ -424,25 +424,13 @@ def _start_call(method: str, metadata: Metadata) -> tuple[Span | None, Metadata]
     return span, (*(metadata or ()), *carrier.items())
 
 
-class _TracedUnaryUnary(grpc.aio.UnaryUnaryMultiCallable):  # type: ignore[type-arg]
+class _TracedCall:
+    """A unary-request multi-callable (unary or server-streaming response)
+    whose calls each get a CLIENT span and carry the trace context."""
+
     __slots__ = ("_call", "_method")
 
-    def __init__(self, call: grpc.aio.UnaryUnaryMultiCallable, method: str) -> None:  # type: ignore[type-arg]
-        self._call = call
-        self._method = method
-
-    def __call__(self, request: Any, *, metadata: Metadata = None, **options: Any) -> Any:
-        span, metadata = _start_call(self._method, metadata)
-        call = self._call(request, metadata=metadata, **options)
-        if span is not None:
-            call.add_done_callback(_ended(span))
-        return call
-
-
-class _TracedUnaryStream(grpc.aio.UnaryStreamMultiCallable):  # type: ignore[type-arg]
-    __slots__ = ("_call", "_method")
-
-    def __init__(self, call: grpc.aio.UnaryStreamMultiCallable, method: str) -> None:  # type: ignore[type-arg]
+    def __init__(self, call: Any, method: str) -> None:
         self._call = call
         self._method = method
 
@@ -470,51 +458,17 @@ class TracedChannel(grpc.aio.Channel):
         # which the generated stubs pass.
         self._inner: Any = channel
 
-    def unary_unary(
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: bool | None = False,
-    ) -> Any:
-        inner = self._inner.unary_unary(
-            method, request_serializer, response_deserializer, _registered_method
-        )
-        return _TracedUnaryUnary(inner, method)
+    def unary_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return _TracedCall(self._inner.unary_unary(method, *args, **kwargs), method)
 
-    def unary_stream(
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: bool | None = False,
-    ) -> Any:
-        inner = self._inner.unary_stream(
-            method, request_serializer, response_deserializer, _registered_method
-        )
-        return _TracedUnaryStream(inner, method)
+    def unary_stream(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return _TracedCall(self._inner.unary_stream(method, *args, **kwargs), method)
 
-    def stream_unary(
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: bool | None = False,
-    ) -> Any:
-        return self._inner.stream_unary(
-            method, request_serializer, response_deserializer, _registered_method
-        )
+    def stream_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return self._inner.stream_unary(method, *args, **kwargs)
 
-    def stream_stream(
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: bool | None = False,
-    ) -> Any:
-        return self._inner.stream_stream(
-            method, request_serializer, response_deserializer, _registered_method
-        )
+    def stream_stream(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return self._inner.stream_stream(method, *args, **kwargs)
 
     async def __aenter__(self) -> TracedChannel:
         await self._channel.__aenter__()
