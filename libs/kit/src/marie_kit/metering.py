@@ -358,11 +358,17 @@ class MeteringInterceptor(grpc.aio.ServerInterceptor):
         """The call ended: free its slot, queue its ledger record."""
         if self._limiter is not None:
             self._limiter.release(call.grant)
+        settling = call.hold is not None and self._budgets is not None
+        recording = self._usage is not None and call.metered.spends_tokens
+        if not (settling or recording):
+            return  # nothing reads the cost: no price lookup
         cost = self.prices.cost(call.model, call.prompt, call.completion, call.cached_prompt)
-        if call.hold is not None and self._budgets is not None:
+        if settling:
+            assert call.hold is not None and self._budgets is not None
             self._budgets.settle(call.hold, cost.picodollars)
-        if self._usage is None or not call.metered.spends_tokens:
+        if not recording:
             return
+        assert self._usage is not None
         self._usage(
             [
                 auth_pb.UsageRecord(

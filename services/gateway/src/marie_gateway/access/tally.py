@@ -19,7 +19,7 @@ from marie.auth.v1 import auth_service_pb2 as auth_pb
 from marie.providers.v1 import provider_service_pb2 as pb
 from marie_kit.budgets import BudgetHold, BudgetLeaser
 from marie_kit.limits import Grant, Limiter
-from marie_kit.prices import NO_PRICES, PriceTable
+from marie_kit.prices import NO_PRICES, Cost, PriceTable
 from marie_kit.usage import new_record_id, timestamp
 
 from marie_gateway.access.keys import Principal
@@ -41,6 +41,9 @@ class ModelUse:
     cached: bool = False
     #: Of prompt_tokens, those read from the upstream's prompt cache.
     cached_prompt_tokens: int = 0
+    #: What it cost, priced once (`Tally.priced`): settling the budget and
+    #: writing the ledger row read the same figure.
+    cost: Cost | None = None
 
 
 @dataclass(slots=True)
@@ -103,12 +106,15 @@ class Tally:
 
     def cost(self) -> int:
         """What the request cost so far, in picodollars (the sum of its records')."""
-        return sum(
-            self.prices.cost(
-                u.model, u.prompt_tokens, u.completion_tokens, u.cached_prompt_tokens
-            ).picodollars
-            for u in self.uses
-        )
+        return sum(self.priced(u).picodollars for u in self.uses)
+
+    def priced(self, use: ModelUse) -> Cost:
+        """`use`'s cost from the price table, computed on first asking."""
+        if use.cost is None:
+            use.cost = self.prices.cost(
+                use.model, use.prompt_tokens, use.completion_tokens, use.cached_prompt_tokens
+            )
+        return use.cost
 
     def records(self, status: int) -> list[auth_pb.UsageRecord]:
         """The ledger records of the ended request, one per model."""
@@ -118,9 +124,7 @@ class Tally:
         out = []
         for use in uses:
             failed = use.failed or (self.failed and status < 400)
-            cost = self.prices.cost(
-                use.model, use.prompt_tokens, use.completion_tokens, use.cached_prompt_tokens
-            )
+            cost = self.priced(use)
             out.append(
                 auth_pb.UsageRecord(
                     id=new_record_id(),
