@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -38,14 +40,19 @@ async def running_service(
     providers: ProviderFactory | None = None,
     config: MarieConfig | None = None,
 ) -> AsyncIterator[Service]:
-    """A real gRPC server on an ephemeral port, stopped (and its clients closed) on exit."""
-    component = ProvidersComponent(settings, providers=providers, config=config)
-    server = await start_server([component])
-    try:
-        async with insecure_channel(server.target) as channel:
-            yield Service(server, pb_grpc.ProviderServiceStub(channel))
-    finally:
-        await server.stop(STOP_GRACE_SECONDS)
+    """A real gRPC server on an ephemeral port, stopped (and its clients closed)
+    on exit. Settings that name no data directory get a fresh one, so that no
+    test reads another's (or an earlier run's) cached answers."""
+    with tempfile.TemporaryDirectory(prefix="marie-providers-") as scratch:
+        if "data_dir" not in settings.model_fields_set:
+            settings = settings.model_copy(update={"data_dir": Path(scratch)})
+        component = ProvidersComponent(settings, providers=providers, config=config)
+        server = await start_server([component])
+        try:
+            async with insecure_channel(server.target) as channel:
+                yield Service(server, pb_grpc.ProviderServiceStub(channel))
+        finally:
+            await server.stop(STOP_GRACE_SECONDS)
 
 
 def ollama_providers(**urls: str) -> Callable[[ProvidersSettings], Sequence[Provider]]:

@@ -327,9 +327,7 @@ async def test_cached_vectors_of_other_prefixes_are_not_served(
     """The response cache keys embeddings on how the provider applies
     input_type: after a change of prefixes the same request is a miss (and
     the upstream is asked), never the old configuration's vectors."""
-    settings = settings_for_tests().model_copy(
-        update={"data_dir": tmp_path, "cache_path": tmp_path / "cache.sqlite3"}
-    )
+    settings = settings_for_tests().model_copy(update={"data_dir": tmp_path})
     caller = (("x-marie-key-id", "key-1"), ("x-marie-owner", "team-a"))
     request = pb.CreateEmbeddingsRequest(
         model="oai/embedder", inputs=["a b"], input_type=pb.EMBEDDING_INPUT_TYPE_QUERY

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from marie.providers.v1 import provider_service_pb2 as pb
@@ -63,6 +64,15 @@ def test_settings_come_from_prefixed_variables_and_ollama_base_url(
     assert settings.ollama_base_url == "https://gpu-box.internal:11434"
 
 
+def test_the_cache_file_follows_the_data_dir_unless_named(tmp_path: Path) -> None:
+    default = ProvidersSettings()
+    assert default.cache_file == default.data_dir / "providers_cache.sqlite3"
+    moved = default.model_copy(update={"data_dir": tmp_path})
+    assert moved.cache_file == tmp_path / "providers_cache.sqlite3"
+    named = ProvidersSettings(data_dir=tmp_path, cache_path=tmp_path / "elsewhere.db")
+    assert named.model_copy(update={"data_dir": Path("/x")}).cache_file == tmp_path / "elsewhere.db"
+
+
 @pytest.mark.parametrize("url", ["ftp://gpu-box:11434", "localhost:11434", "http://", "::"])
 def test_a_bad_ollama_url_stops_the_process_with_one_line(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], url: str
@@ -79,10 +89,11 @@ def test_a_bad_ollama_url_stops_the_process_with_one_line(
     assert repr(url) in message
 
 
-async def test_the_entry_point_serves_until_sigterm(fake: FakeOllama) -> None:
+async def test_the_entry_point_serves_until_sigterm(fake: FakeOllama, tmp_path: Path) -> None:
     target_port = free_port()
     env = {
         **os.environ,
+        "MARIE_DATA_DIR": str(tmp_path),
         "MARIE_PROVIDERS_PORT": str(target_port),
         "OLLAMA_BASE_URL": fake.base_url,
     }

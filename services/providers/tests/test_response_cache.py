@@ -401,7 +401,7 @@ async def test_an_unreadable_entry_is_a_miss(
 ) -> None:
     await stream(service, chat(LLAMA, cache=USE))
     await stored(service)
-    db = sqlite3.connect(settings.cache_path)
+    db = sqlite3.connect(settings.cache_file)
     with db:
         db.execute("UPDATE cache_entries SET body = x'ffffffff'")
     db.close()

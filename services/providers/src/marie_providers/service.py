@@ -432,7 +432,7 @@ async def open_cache(settings: ProvidersSettings) -> ResponseCache | None:
             max_bytes=settings.cache_max_bytes,
         )
     else:
-        store = await SQLiteCacheStore.open(settings.cache_path, max_bytes=settings.cache_max_bytes)
+        store = await SQLiteCacheStore.open(settings.cache_file, max_bytes=settings.cache_max_bytes)
     return ResponseCache(
         store,
         cache.Settings(

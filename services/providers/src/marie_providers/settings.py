@@ -4,11 +4,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Self
+from typing import Literal
 
 import httpx
-from marie_kit.settings import DEFAULT_DATA_DIR, AuthClientSettings
-from pydantic import AliasChoices, Field, field_validator, model_validator
+from marie_kit.settings import AuthClientSettings
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
 DEFAULT_PORT = 50051
@@ -70,8 +70,8 @@ class ProvidersSettings(AuthClientSettings):
         " (cache_path), OpenSearch (OPENSEARCH_URL; shared by every replica), or off"
         " (no call is answered from or stored in a cache).",
     )
-    cache_path: Path = Field(
-        default=Path(DEFAULT_DATA_DIR) / CACHE_FILE_NAME,
+    cache_path: Path | None = Field(
+        default=None,
         description=f"The cache's SQLite file; defaults to <MARIE_DATA_DIR>/{CACHE_FILE_NAME}.",
     )
     opensearch_url: str = Field(
@@ -112,12 +112,11 @@ class ProvidersSettings(AuthClientSettings):
         " they sample at temperature 0 (never at a temperature above 0 unless asked).",
     )
 
-    @model_validator(mode="after")
-    def _derive_cache_path(self) -> Self:
-        if "cache_path" not in self.model_fields_set:
-            # Frozen model: this is its own construction (as in the auth settings).
-            object.__setattr__(self, "cache_path", self.data_dir / CACHE_FILE_NAME)
-        return self
+    @property
+    def cache_file(self) -> Path:
+        """The cache's SQLite file: `cache_path`, else in the data directory
+        (derived when read, so a copy with another `data_dir` follows it)."""
+        return self.cache_path or self.data_dir / CACHE_FILE_NAME
 
     @field_validator("ollama_base_url")
     @classmethod
