@@ -30,11 +30,7 @@ their cost is owed, settled when auth answers again.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
-import secrets
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,21 +39,14 @@ from typing import TYPE_CHECKING
 import grpc
 from marie.auth.v1 import auth_service_pb2 as auth_pb
 
+from marie_kit.lease_holder import IDLE_SECONDS, LEASE_TIMEOUT_SECONDS, LeaseHolder
 from marie_kit.prices import usd_text
 
 if TYPE_CHECKING:
     from marie.auth.v1.auth_service_pb2_grpc import AuthServiceAsyncStub
 
-log = logging.getLogger("marie.budgets")
-
 #: A key found without a budget is asked about again after this long.
 RECHECK_SECONDS = 5.0
-#: A lease unused this long is given back.
-IDLE_SECONDS = 5.0
-SWEEP_SECONDS = 1.0
-LEASE_TIMEOUT_SECONDS = 2.0
-#: After a failed call, requests are admitted without asking auth this long.
-AUTH_DOWN_SECONDS = 2.0
 #: After a refusal, refuse without asking auth this long (a raised budget
 #: applies after it).
 REFUSAL_SECONDS = 1.0
@@ -121,8 +110,12 @@ class _Lease:
     renewing: asyncio.Task[None] | None = field(default=None)
 
 
-class BudgetLeaser:
+class BudgetLeaser(LeaseHolder[_Lease]):
     """Admits requests within their key's budgets (see the module doc)."""
+
+    HOLDER_SUFFIX = "-budget"
+    UNREACHABLE_MESSAGE = "budgets unavailable: admitting requests, their cost is settled later"
+    log = logging.getLogger("marie.budgets")
 
     def __init__(
         self,
@@ -133,31 +126,8 @@ class BudgetLeaser:
         recheck_seconds: float = RECHECK_SECONDS,
         idle_seconds: float = IDLE_SECONDS,
     ) -> None:
-        self._auth = auth
-        self._clock = clock
-        self._timeout = timeout
+        super().__init__(auth, clock=clock, timeout=timeout, idle_seconds=idle_seconds)
         self._recheck = recheck_seconds
-        self._idle = idle_seconds
-        self.holder = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}-budget"
-        self._leases: dict[str, _Lease] = {}
-        self._sweeper: asyncio.Task[None] | None = None
-        self._auth_down_until = 0.0
-        self._auth_down_logged = False
-
-    def start(self) -> None:
-        self._sweeper = asyncio.create_task(self._sweep_forever())
-
-    async def close(self) -> None:
-        """Stop, and give every lease back (best effort)."""
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
-        leases, self._leases = self._leases, {}
-        with contextlib.suppress(Exception):
-            await asyncio.gather(
-                *(self._give_back(k, lease) for k, lease in leases.items() if lease.budgeted)
-            )
 
     # -- admission ---------------------------------------------------------
 
@@ -247,19 +217,15 @@ class BudgetLeaser:
             return False
         return True
 
-    def _renew_later(self, key_id: str, lease: _Lease) -> None:
-        if lease.renewing is None or lease.renewing.done():
-            lease.renewing = asyncio.create_task(self._renew_quietly(key_id, lease))
-
-    async def _renew_quietly(self, key_id: str, lease: _Lease) -> None:
-        try:
+    async def _top_up(self, key_id: str, lease: _Lease) -> None:
+        await self._ask(key_id, lease, 0)
+        if lease.budgeted and lease.balance < 0:
+            # Costs that ended during the call: owed, so settled at once
+            # (a debt left standing is spend the other holders cannot see).
             await self._ask(key_id, lease, 0)
-            if lease.budgeted and lease.balance < 0:
-                # Costs that ended during the call: owed, so settled at once
-                # (a debt left standing is spend the other holders cannot see).
-                await self._ask(key_id, lease, 0)
-        except grpc.aio.AioRpcError as exc:
-            self._auth_unreachable(exc)
+
+    def _holds(self, lease: _Lease) -> bool:
+        return bool(lease.budgeted)
 
     async def _ask(self, key_id: str, lease: _Lease, want: int) -> None:
         # A debt is settled now; an unused balance stays for the next requests.
@@ -273,8 +239,7 @@ class BudgetLeaser:
             if exc.code() != grpc.StatusCode.NOT_FOUND:
                 raise
             answer = auth_pb.LeaseBudgetResponse(budgeted=False)  # not a stored key
-        self._auth_down_until = 0.0
-        self._auth_down_logged = False
+        self._auth_answered()
         lease.checked = self._clock()
         lease.budgeted = answer.budgeted
         if not answer.budgeted:
@@ -293,32 +258,11 @@ class BudgetLeaser:
         )
         await self._auth.LeaseBudget(request, timeout=self._timeout)
 
-    async def _sweep_forever(self) -> None:
-        while True:
-            await asyncio.sleep(SWEEP_SECONDS)
-            try:
-                await self._sweep()
-            except grpc.aio.AioRpcError as exc:
-                self._auth_unreachable(exc)
-            except Exception:
-                log.exception("budget lease sweep failed")
-
     async def _sweep(self) -> None:
         now = self._clock()
         for key_id, lease in list(self._leases.items()):
-            busy = lease.renewing is not None and not lease.renewing.done()
-            if busy or lease.in_flight or now - lease.last_used <= self._idle:
+            if self._busy(lease) or lease.in_flight or now - lease.last_used <= self._idle:
                 continue
             del self._leases[key_id]
             if lease.budgeted and lease.balance:
                 await self._give_back(key_id, lease)
-
-    def _auth_unreachable(self, exc: grpc.aio.AioRpcError) -> None:
-        if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-            self._auth_down_until = self._clock() + AUTH_DOWN_SECONDS
-        if not self._auth_down_logged:
-            self._auth_down_logged = True
-            log.warning(
-                "budgets unavailable: admitting requests, their cost is settled later",
-                extra={"code": exc.code().name},
-            )

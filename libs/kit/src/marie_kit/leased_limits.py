@@ -26,11 +26,7 @@ outage never refuses a key for want of counters.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
-import secrets
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,22 +35,12 @@ from typing import TYPE_CHECKING
 import grpc
 from marie.auth.v1 import auth_service_pb2 as auth_pb
 
+from marie_kit.lease_holder import IDLE_SECONDS, LEASE_TIMEOUT_SECONDS, LeaseHolder
 from marie_kit.limits import Grant, Limits, LocalLimiter, Quota, RateLimited
 
 if TYPE_CHECKING:
     from marie.auth.v1.auth_service_pb2_grpc import AuthServiceAsyncStub
 
-log = logging.getLogger("marie.limits")
-
-#: A lease unused this long is given back.
-IDLE_SECONDS = 5.0
-#: How often idle leases are given back and held slots kept alive.
-SWEEP_SECONDS = 1.0
-#: Deadline of a lease call: a request waiting on one waits at most this.
-LEASE_TIMEOUT_SECONDS = 2.0
-#: After a failed lease call, requests go to the fallback this long without
-#: asking auth (background renewals keep probing it).
-AUTH_DOWN_SECONDS = 2.0
 #: Share of a limit one lease takes (1/20 = 5%).
 LEASE_FRACTION = 20
 
@@ -93,8 +79,11 @@ class _Lease:
     renewing: asyncio.Task[None] | None = field(default=None)
 
 
-class LeasedLimiter:
+class LeasedLimiter(LeaseHolder[_Lease]):
     """`Limiter` on leases of auth's shared counters (see the module doc)."""
+
+    UNREACHABLE_MESSAGE = "shared limits unavailable, enforcing them in this process alone"
+    log = logging.getLogger("marie.limits")
 
     def __init__(
         self,
@@ -104,31 +93,8 @@ class LeasedLimiter:
         timeout: float = LEASE_TIMEOUT_SECONDS,
         idle_seconds: float = IDLE_SECONDS,
     ) -> None:
-        self._auth = auth
-        self._clock = clock
-        self._timeout = timeout
-        self._idle = idle_seconds
-        self.holder = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
-        self._leases: dict[str, _Lease] = {}
+        super().__init__(auth, clock=clock, timeout=timeout, idle_seconds=idle_seconds)
         self._fallback = LocalLimiter()
-        self._sweeper: asyncio.Task[None] | None = None
-        self._auth_down_logged = False
-        self._auth_down_until = 0.0
-
-    def start(self) -> None:
-        self._sweeper = asyncio.create_task(self._sweep_forever())
-
-    async def close(self) -> None:
-        """Stop, and give every lease back (best effort)."""
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
-        leases, self._leases = self._leases, {}
-        with contextlib.suppress(Exception):
-            await asyncio.gather(
-                *(self._give_back(key_id, lease) for key_id, lease in leases.items())
-            )
 
     # -- the Limiter interface -------------------------------------------
 
@@ -230,15 +196,8 @@ class LeasedLimiter:
             return True
         return self._concurrency_short(lease)
 
-    def _renew_later(self, key_id: str, lease: _Lease) -> None:
-        if lease.renewing is None or lease.renewing.done():
-            lease.renewing = asyncio.create_task(self._renew_quietly(key_id, lease))
-
-    async def _renew_quietly(self, key_id: str, lease: _Lease) -> None:
-        try:
-            await self._ask(key_id, lease)
-        except grpc.aio.AioRpcError as exc:
-            self._auth_unreachable(exc)
+    async def _top_up(self, key_id: str, lease: _Lease) -> None:
+        await self._ask(key_id, lease)
 
     async def _renew(self, key_id: str, lease: _Lease) -> None:
         """Top the lease up now (joining a call already under way, then
@@ -281,8 +240,7 @@ class LeasedLimiter:
         except BaseException:
             lease.tokens += settle  # not settled: still owed
             raise
-        self._auth_down_logged = False
-        self._auth_down_until = 0.0
+        self._auth_answered()
         lease.requests += answer.requests
         lease.tokens += answer.tokens
         lease.slots = answer.slots
@@ -305,21 +263,10 @@ class LeasedLimiter:
         )
         await self._auth.LeaseCapacity(request, timeout=self._timeout)
 
-    async def _sweep_forever(self) -> None:
-        while True:
-            await asyncio.sleep(SWEEP_SECONDS)
-            try:
-                await self._sweep()
-            except grpc.aio.AioRpcError as exc:
-                self._auth_unreachable(exc)
-            except Exception:
-                log.exception("lease sweep failed")
-
     async def _sweep(self) -> None:
         now = self._clock()
         for key_id, lease in list(self._leases.items()):
-            busy = lease.renewing is not None and not lease.renewing.done()
-            if busy:
+            if self._busy(lease):
                 continue
             if lease.in_flight == 0 and now - lease.last_used > self._idle:
                 del self._leases[key_id]
@@ -327,16 +274,6 @@ class LeasedLimiter:
             elif lease.slots and now - lease.slots_renewed > lease.slot_ttl / 3:
                 # Running requests keep their slots alive (and spare ones go back).
                 await self._ask(key_id, lease)
-
-    def _auth_unreachable(self, exc: grpc.aio.AioRpcError) -> None:
-        if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-            self._auth_down_until = self._clock() + AUTH_DOWN_SECONDS
-        if not self._auth_down_logged:
-            self._auth_down_logged = True
-            log.warning(
-                "shared limits unavailable, enforcing them in this process alone",
-                extra={"code": exc.code().name},
-            )
 
     # -- answers -----------------------------------------------------------
 
