@@ -8,6 +8,7 @@ and fallbacks too, and no other upstream is asked."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -356,6 +357,43 @@ def test_count_tokens_with_thinking_is_anthropic_s_own_count(
         model=CLAUDE, system="Be brief.", tools=[WEB_SEARCH], messages=messages
     )
     assert plain.input_tokens == raw.parse().input_tokens - THINKING_TOKENS
+
+
+def test_a_count_anthropic_makes_without_generating_is_not_charged(
+    stack: Stack, claude: FakeAnthropic, ollama: FakeOllama
+) -> None:
+    """Anthropic counts for free: the key's ledger records the request with no
+    tokens. A local model counts by generating one token, which it spends."""
+    claude.reset()
+    ollama.reset()
+    key = stack.create_key("counting")
+    hello: Any = [{"role": "user", "content": "Weather in Paris?"}]
+    with anthropic.Anthropic(base_url=stack.base_url, api_key=key, max_retries=0) as client:
+        assert client.messages.count_tokens(model=CLAUDE, messages=hello).input_tokens > 0
+        assert client.messages.count_tokens(model=LLAMA, messages=hello).input_tokens > 0
+    groups = _usage_by_model(stack, key, requests=2)
+    assert groups[CLAUDE]["requests"] == 1
+    assert groups[CLAUDE]["prompt_tokens"] == 0
+    assert groups[CLAUDE]["completion_tokens"] == 0
+    assert groups[LLAMA]["prompt_tokens"] > 0
+
+
+def _usage_by_model(stack: Stack, key: str, *, requests: int) -> dict[str, dict[str, Any]]:
+    """The key's usage by model once the ledger holds `requests` rows
+    (rows are written within about a second)."""
+    deadline = time.monotonic() + 10
+    while True:
+        reply = httpx.get(
+            f"{stack.base_url}/api/usage",
+            headers={"Authorization": f"Bearer {key}"},
+            params={"group_by": "model"},
+            timeout=10,
+        )
+        assert reply.status_code == 200, reply.text
+        report: dict[str, Any] = reply.json()
+        if report["total"]["requests"] >= requests or time.monotonic() > deadline:
+            return {group["group"]: group for group in report["groups"]}
+        time.sleep(0.1)
 
 
 def test_count_tokens_with_thinking_on_a_local_model_counts_the_prompt(

@@ -23,6 +23,7 @@ from marie_kit.channels import insecure_channel
 from marie_kit.errors import ServiceError
 from marie_kit.limits import LIMITS_HEADER
 from marie_kit.server import RunningServer, start_server
+from marie_providers.metering import METERED
 from marie_providers.settings import ProvidersSettings
 from providers_testkit import Service, chat, running_service, stream_outcome
 
@@ -273,3 +274,23 @@ async def test_a_cache_hit_is_recorded_as_cached_with_no_tokens(metered: Metered
     total = (await metered.ledger("key-1")).total
     assert (total.requests, total.cached_requests) == (3, 2)
     assert (total.prompt_tokens, total.completion_tokens) == (10, 20)
+
+
+def test_a_count_made_without_generating_charges_no_tokens() -> None:
+    """Anthropic's count_tokens answer (Usage.counted_only) is the prompt's
+    size, not spend; a generated answer's usage is charged as reported."""
+    service = "/marie.providers.v1.ProviderService"
+    counted = pb.StreamChatCompletionResponse(
+        provider="claude",
+        model="claude/sonnet",
+        usage=pb.Usage(prompt_tokens=40, total_tokens=40, counted_only=True),
+    )
+    generated = pb.StreamChatCompletionResponse(
+        provider="claude", model="claude/sonnet", usage=pb.Usage(prompt_tokens=40)
+    )
+    stream = METERED[f"{service}/StreamChatCompletion"]
+    assert not stream.read(counted).has_usage
+    assert stream.read(generated).prompt_tokens == 40
+    whole = METERED[f"{service}/CreateChatCompletion"]
+    assert whole.read(pb.CreateChatCompletionResponse(chunks=[counted])).prompt_tokens == 0
+    assert whole.read(pb.CreateChatCompletionResponse(chunks=[generated])).prompt_tokens == 40

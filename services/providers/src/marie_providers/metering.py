@@ -33,7 +33,7 @@ def _chunk(
     if chunk.cache == pb.CACHE_RESULT_HIT:
         # Replayed: no upstream call, no tokens spent.
         return Report(chunk.provider, chunk.model, cached=True)
-    if chunk.HasField("usage"):
+    if chunk.HasField("usage") and not chunk.usage.counted_only:
         return Report(
             chunk.provider,
             chunk.model,
@@ -55,7 +55,7 @@ def _whole_chat(response: pb.CreateChatCompletionResponse) -> Report:
     prompt = completion = cached = 0
     has_usage = False
     for chunk in response.chunks:
-        if chunk.HasField("usage"):
+        if chunk.HasField("usage") and not chunk.usage.counted_only:
             prompt += chunk.usage.prompt_tokens
             completion += chunk.usage.completion_tokens
             cached += chunk.usage.cached_prompt_tokens

@@ -180,7 +180,8 @@ class GenerationCall(Generic[C]):
         if chunk.HasField("usage"):
             # Summed: several calls read as one (choices) each report theirs.
             self.usage = add_usage(self.usage, chunk.usage)
-            if not replayed:
+            # A count made without generating spent nothing.
+            if not replayed and not chunk.usage.counted_only:
                 self.spent = add_usage(self.spent, chunk.usage)
 
     def close(self) -> None:

@@ -254,7 +254,7 @@ def count_chunk(
         created=created,
         role=pb.ROLE_ASSISTANT,
         finish_reason=pb.FINISH_REASON_STOP,
-        usage=pb.Usage(prompt_tokens=tokens, total_tokens=tokens),
+        usage=pb.Usage(prompt_tokens=tokens, total_tokens=tokens, counted_only=True),
     )
 
 

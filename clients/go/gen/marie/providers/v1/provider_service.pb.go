@@ -3244,8 +3244,12 @@ type Usage struct {
 	// (OpenAI's prompt_tokens_details.cached_tokens, Anthropic's
 	// cache_read_input_tokens); priced at a model's cached_input price.
 	CachedPromptTokens int32 `protobuf:"varint,5,opt,name=cached_prompt_tokens,json=cachedPromptTokens,proto3" json:"cached_prompt_tokens,omitempty"`
-	unknownFields      protoimpl.UnknownFields
-	sizeCache          protoimpl.SizeCache
+	// True on the answer of a `count_only` request that the upstream counted
+	// without generating (Anthropic's count_tokens): prompt_tokens is the
+	// prompt's size, not tokens spent; nothing is charged for it.
+	CountedOnly   bool `protobuf:"varint,6,opt,name=counted_only,json=countedOnly,proto3" json:"counted_only,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Usage) Reset() {
@@ -3311,6 +3315,13 @@ func (x *Usage) GetCachedPromptTokens() int32 {
 		return x.CachedPromptTokens
 	}
 	return 0
+}
+
+func (x *Usage) GetCountedOnly() bool {
+	if x != nil {
+		return x.CountedOnly
+	}
+	return false
 }
 
 // CreateChatCompletionRequest asks for a whole chat completion.
@@ -4526,13 +4537,14 @@ const file_marie_providers_v1_provider_service_proto_rawDesc = "" +
 	"\x02id\x18\x02 \x01(\tR\x02id\x12\x12\n" +
 	"\x04type\x18\x03 \x01(\tR\x04type\x12\x12\n" +
 	"\x04name\x18\x04 \x01(\tR\x04name\x12\x1c\n" +
-	"\targuments\x18\x05 \x01(\tR\targuments\"\xda\x02\n" +
+	"\targuments\x18\x05 \x01(\tR\targuments\"\xfd\x02\n" +
 	"\x05Usage\x12#\n" +
 	"\rprompt_tokens\x18\x01 \x01(\x05R\fpromptTokens\x12+\n" +
 	"\x11completion_tokens\x18\x02 \x01(\x05R\x10completionTokens\x12!\n" +
 	"\ftotal_tokens\x18\x03 \x01(\x05R\vtotalTokens\x12c\n" +
 	"\x14server_tool_requests\x18\x04 \x03(\v21.marie.providers.v1.Usage.ServerToolRequestsEntryR\x12serverToolRequests\x120\n" +
-	"\x14cached_prompt_tokens\x18\x05 \x01(\x05R\x12cachedPromptTokens\x1aE\n" +
+	"\x14cached_prompt_tokens\x18\x05 \x01(\x05R\x12cachedPromptTokens\x12!\n" +
+	"\fcounted_only\x18\x06 \x01(\bR\vcountedOnly\x1aE\n" +
 	"\x17ServerToolRequestsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\x05R\x05value:\x028\x01\"b\n" +
