@@ -12,7 +12,6 @@ import schemathesis
 from marie_gateway.api.usage import DEFAULT_DAYS, parse_time
 from marie_gateway.http.errors import ApiError
 from marie_gateway.openai.schemas import MAX_COMPLETION_CHOICES
-from marie_kit.tenancy import tenant_user_id
 
 
 def _tool_names(tools: Any) -> set[str]:
@@ -77,18 +76,6 @@ def _choices_within_bounds(body: dict[str, Any]) -> dict[str, Any]:
     return body
 
 
-def _fitting_tenant(where: dict[str, Any]) -> dict[str, Any]:
-    """A tenant and its end user (the tenant itself when none is named)
-    together fit the memory service's user id (256 characters): else the
-    tenant is shortened until they do."""
-    tenant, user = where.get("tenant"), where.get("user")
-    if not (isinstance(tenant, str) and tenant):
-        return where
-    while tenant and len(tenant_user_id(tenant, user if isinstance(user, str) else tenant)) > 256:
-        tenant = tenant[:-1]
-    return {**where, "tenant": tenant}
-
-
 @schemathesis.hook
 def before_call(ctx: Any, case: Any, kwargs: Any) -> None:
     """Every phase's requests (the coverage phase's too, which filters do not
@@ -97,7 +84,6 @@ def before_call(ctx: Any, case: Any, kwargs: Any) -> None:
     if not _tool_choice_kept(case.body):
         case.body = {**case.body, "tool_choice": "auto"}
     if isinstance(case.body, dict):
-        case.body = _fitting_tenant(case.body)
         case.body = _choices_within_bounds(case.body)
         expires = case.body.get("expires_at")
         if isinstance(expires, str) and case.path.startswith("/api/keys"):
@@ -132,8 +118,6 @@ def before_call(ctx: Any, case: Any, kwargs: Any) -> None:
             # Auth refuses unprintable key names (str.isprintable: a Unicode
             # rule no JSON Schema pattern spells out).
             case.body = {**case.body, "name": "key"}
-    if isinstance(case.query, dict):
-        case.query = _fitting_tenant(case.query)
     query = case.query
     if isinstance(query, dict):
         if query.get("after"):

@@ -214,6 +214,28 @@ def test_memories_routes_add_search_change_and_erase(mem_stack: Stack, acme: str
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "messages"
 
 
+def test_a_key_with_the_longest_owner_uses_memory_and_conversations(mem_stack: Stack) -> None:
+    """An owner of 256 characters (auth's limit), as the tenant's own end user
+    and with a 128-character `user`: its data is stored, found and listed."""
+    owner = "o" * 255 + "é"
+    api = client(mem_stack, _key(mem_stack, "longest-owner", "--owner", owner))
+    for user in ({}, {"user": "u" * 128}):
+        added = api(
+            "POST",
+            "/api/memories",
+            json={"messages": [{"role": "user", "content": "Plays the cello"}], "infer": False}
+            | user,
+        )
+        assert added.status_code == 200, added.text
+        found = api("GET", "/api/memories/search", params={"q": "cello", **user})
+        assert found.status_code == 200, found.text
+        assert [m["text"] for m in found.json()["data"]] == ["Plays the cello"]
+        made = api("POST", "/api/conversations", json={"title": "long owner"} | user)
+        assert made.status_code == 201, made.text
+        listed = api("GET", "/api/conversations", params=user).json()["data"]
+        assert [c["id"] for c in listed] == [made.json()["id"]]
+
+
 def test_a_background_extraction_reports_its_state_to_its_own_tenant(
     mem_stack: Stack, acme: str, globex: str
 ) -> None:

@@ -36,6 +36,10 @@ RESERVED_USER_PREFIX = "marie:"
 RESPONSES_USER = RESERVED_USER_PREFIX + "responses"
 TENANT_MISMATCH = "TENANT_MISMATCH"
 USER_ID_FIELD = "user_id"
+#: The longest `user_id` (the memory contract's limit). The gateway's longest
+#: is 517 characters: a tenant of 256 (a key's owner) whose end user is the
+#: tenant itself, with the encoding's 5; gRPC callers get the same room.
+MAX_USER_ID = 1024
 
 
 def tenant_user_id(tenant: str, user: str) -> str:

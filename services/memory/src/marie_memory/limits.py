@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from marie_kit.tenancy import MAX_USER_ID
+
 from marie_memory.errors import invalid_argument
 
-MAX_USER_ID = 256
 MAX_TITLE = 256
 MAX_MODEL = 256
 MAX_PROVIDER = 256

@@ -54,7 +54,7 @@ const (
 // conversation, message or memory that exists but belongs to another user is
 // answered exactly as if it did not exist: NOT_FOUND, with the same reason
 // and message. `user_id` is an opaque string chosen by the caller (for
-// example the OpenAI `user` field); 1 to 256 characters, compared exactly
+// example the OpenAI `user` field); 1 to 1024 characters, compared exactly
 // (case-sensitive). The service does not authenticate users: callers (the
 // gateway, Envoy) are trusted to pass the right `user_id`.
 //
@@ -409,7 +409,7 @@ func (c *memoryServiceClient) GetExtractionJob(ctx context.Context, in *GetExtra
 // conversation, message or memory that exists but belongs to another user is
 // answered exactly as if it did not exist: NOT_FOUND, with the same reason
 // and message. `user_id` is an opaque string chosen by the caller (for
-// example the OpenAI `user` field); 1 to 256 characters, compared exactly
+// example the OpenAI `user` field); 1 to 1024 characters, compared exactly
 // (case-sensitive). The service does not authenticate users: callers (the
 // gateway, Envoy) are trusted to pass the right `user_id`.
 //
