@@ -34,6 +34,9 @@ OPERATIONS = ("create", "index", "update", "delete")
 #: At most this many parts (operations, documents) in one request; more wait
 #: for the next.
 MAX_PARTS = 1000
+#: Requests of one kind in flight at once; calls made meanwhile wait for one to
+#: end, then go out together.
+MAX_IN_FLIGHT = 1
 
 Action = Mapping[str, Any]
 Item = dict[str, Any]
@@ -59,12 +62,14 @@ class Grouped(Generic[Part, Result]):
         *,
         name: str,
         max_parts: int = MAX_PARTS,
+        max_in_flight: int = MAX_IN_FLIGHT,
     ) -> None:
         self._send = send
         self._name = name
         self._max = max_parts
+        self._max_in_flight = max_in_flight
         self._waiting: list[_Call[Part, Result]] = []
-        self._sender: asyncio.Task[None] | None = None
+        self._senders: set[asyncio.Task[None]] = set()
         #: Requests sent, and parts in them (what grouping achieved).
         self.requests = 0
         self.parts = 0
@@ -75,14 +80,17 @@ class Grouped(Generic[Part, Result]):
             return []
         call: _Call[Part, Result] = _Call(parts)
         self._waiting.append(call)
-        if self._sender is None or self._sender.done():
-            self._sender = asyncio.get_running_loop().create_task(
-                self._send_waiting(), name=self._name
-            )
+        self._start_sender()
         return await asyncio.shield(call.done)
 
+    def _start_sender(self) -> None:
+        if self._waiting and len(self._senders) < self._max_in_flight:
+            sender = asyncio.get_running_loop().create_task(self._send_waiting(), name=self._name)
+            self._senders.add(sender)
+
     async def _send_waiting(self) -> None:
-        while self._waiting:
+        """Sends what waits when this task runs (every call made meanwhile)."""
+        try:
             batch: list[_Call[Part, Result]] = []
             size = 0
             # At least one call per request, however large.
@@ -90,7 +98,11 @@ class Grouped(Generic[Part, Result]):
                 call = self._waiting.pop(0)
                 batch.append(call)
                 size += len(call.parts)
-            await self._send_batch(batch)
+            if batch:
+                await self._send_batch(batch)
+        finally:
+            self._senders.discard(asyncio.current_task())
+            self._start_sender()
 
     async def _send_batch(self, batch: Sequence[_Call[Part, Result]]) -> None:
         parts = [part for call in batch for part in call.parts]
@@ -114,8 +126,8 @@ class Grouped(Generic[Part, Result]):
 
     async def close(self) -> None:
         """Waits for the calls already handed over."""
-        if self._sender is not None:
-            await asyncio.gather(self._sender, return_exceptions=True)
+        while self._senders:
+            await asyncio.gather(*self._senders, return_exceptions=True)
 
 
 def operations(actions: Sequence[Action]) -> list[list[Action]]:
