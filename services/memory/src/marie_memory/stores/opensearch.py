@@ -14,13 +14,17 @@ before the call returns, but no request waits for an index refresh
 not be searchable yet. Appends reserve their positions on the conversation
 document with optimistic concurrency (`if_seq_no`/`if_primary_term`), then
 write the messages: positions are unique and `message_count` counts what is
-stored. A memory's text hash is claimed (a document created only if absent)
-before the memory is written, so one text is stored once per user however
-many replicas add it. OpenSearch has no multi-document transactions: a change
-set is checked before it is written (ids free, memories present), written
-with one bulk request, and on a partial failure the documents it created are
-removed again (best effort). Searches see a write within the index's refresh
-interval (1 s); a replica's own writes at once.
+stored. Appends to one conversation that meet in one process share one
+reservation (a conditional write, checked by OpenSearch like any other). A
+memory's text hash is claimed (a document created only if absent) before the
+memory is written, so one text is stored once per user however many replicas
+add it. OpenSearch has no multi-document transactions: a change set is
+checked before it is written (ids free, memories present), written with one
+bulk request, and on a partial failure the documents it created are removed
+again (best effort). Concurrent calls' writes go out together in one bulk
+request, their reads by id in one mget (`batching`): one round trip and one
+translog fsync serve many calls. Searches see a write within the index's
+refresh interval (1 s); a replica's own writes at once.
 
 Vectors live in their own index so that a new embedding space (another
 dimension) only drops and recreates that index. A memory records the space
@@ -1245,18 +1249,25 @@ class OpenSearchStore:
         replays: Sequence[tuple[_PendingAppend, int]],
     ) -> None:
         """Writes a batch's messages at their reserved positions, and answers its appends."""
-        conversation = _conversation(doc)
-        # One write per append, sent together: a refused message fails its append alone.
-        written = await asyncio.gather(
-            *(self._write_messages(owner, stored) for _, stored in reserved),
-            return_exceptions=True,
-        )
-        for (pending, stored), error in zip(reserved, written, strict=True):
-            pending.answer(error if isinstance(error, BaseException) else (stored, conversation))
-        for pending, first in replays:
-            try:
-                pending.answer(await self._replay(owner, doc, pending.messages, first, pending.now))
-            except Exception as exc:
+        try:
+            conversation = _conversation(doc)
+            # One write per append, sent together: a refused message fails its append alone.
+            written = await asyncio.gather(
+                *(self._write_messages(owner, stored) for _, stored in reserved),
+                return_exceptions=True,
+            )
+            for (pending, stored), error in zip(reserved, written, strict=True):
+                outcome = error if isinstance(error, BaseException) else (stored, conversation)
+                pending.answer(outcome)
+            for pending, first in replays:
+                try:
+                    pending.answer(
+                        await self._replay(owner, doc, pending.messages, first, pending.now)
+                    )
+                except Exception as exc:
+                    pending.answer(exc)
+        except Exception as exc:  # no caller waits for ever
+            for pending, _ in [*reserved, *replays]:
                 pending.answer(exc)
 
     def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
