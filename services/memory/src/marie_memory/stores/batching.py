@@ -2,15 +2,15 @@
 (group commit: one round trip and one translog fsync serve them all), realtime
 reads by id in one `_mget`.
 
-A caller's request is sent at once when none of its kind is in flight;
-callers that come while one is in flight wait for it, then go out together in
-the next. Nothing waits for a timer, so a lone call pays no extra latency.
-Each caller gets the results of its own parts only, and decides what an
-item's error means for it: one refused write fails its caller alone. When the
-request itself fails (the node unreachable, timed out or failing), every
-caller in it gets UNAVAILABLE and nothing is acknowledged. Durability stays
-the node's (`index.translog.durability: request`): a write is answered only
-after its translog is synced.
+A caller's request is sent at once unless `MAX_IN_FLIGHT` requests of its
+kind are in flight; callers that come meanwhile wait for one of them to end,
+then go out together in the next. Nothing waits for a timer, so a lone call
+pays no extra latency. Each caller gets the results of its own parts only,
+and decides what an item's error means for it: one refused write fails its
+caller alone. When the request itself fails (the node unreachable, timed out
+or failing), every caller in it gets UNAVAILABLE and nothing is acknowledged.
+Durability stays the node's (`index.translog.durability: request`): a write
+is answered only after its translog is synced.
 """
 
 from __future__ import annotations
@@ -35,8 +35,10 @@ OPERATIONS = ("create", "index", "update", "delete")
 #: for the next.
 MAX_PARTS = 1000
 #: Requests of one kind in flight at once; calls made meanwhile wait for one to
-#: end, then go out together.
-MAX_IN_FLIGHT = 1
+#: end, then go out together. Two rather than one: a call need not wait for a
+#: whole request begun just before it (measured at concurrency 16 here: turns'
+#: p95 lower in three interleaved rounds of three, p50 within the noise).
+MAX_IN_FLIGHT = 2
 
 Action = Mapping[str, Any]
 Item = dict[str, Any]
