@@ -11,12 +11,16 @@ No embedding model: the store's path alone (an embedding model adds its own
 call per text).
 
 Usage: make bench   (or .venv/bin/python bench/memory_writes.py --calls 400)
+A/B against another checkout: give both the same running node
+(`--opensearch-url`; each run writes to indices of its own) and run them
+alternately; the load average is printed with the figures.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 import tempfile
@@ -157,7 +161,8 @@ async def _both(url: str, calls: int) -> list[Row]:
                 port=0,
                 store="opensearch",
                 opensearch_url=url,
-                opensearch_index_prefix="bench",
+                # Fresh indices per run: runs may share a node.
+                opensearch_index_prefix=f"bench{time.time_ns()}",
             ),
             calls,
             "opensearch",
@@ -168,13 +173,17 @@ async def _both(url: str, calls: int) -> list[Row]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=400)
+    parser.add_argument(
+        "--opensearch-url", default="", help="a running node to use (else one is started)"
+    )
     args = parser.parse_args()
-    node = OpenSearchNode.start()
+    node = None if args.opensearch_url else OpenSearchNode.start()
+    url = args.opensearch_url or (node.url if node else "")
     try:
         # The store's refresh interval in production (the node's test template
         # says 100 ms): what a write waiting for a refresh would pay.
         httpx.put(
-            f"{node.url}/_index_template/bench",
+            f"{url}/_index_template/bench",
             json={
                 "index_patterns": ["bench*"],
                 "priority": 10,
@@ -184,10 +193,16 @@ def main() -> None:
             },
             timeout=30,
         ).raise_for_status()
-        rows = asyncio.run(_both(node.url, args.calls))
+        load_before = os.getloadavg()[0]
+        rows = asyncio.run(_both(url, args.calls))
+        load_after = os.getloadavg()[0]
     finally:
-        node.stop()
-    print(f"\nMemory writes, {args.calls} calls each at concurrency {CONCURRENCY}:")
+        if node is not None:
+            node.stop()
+    print(
+        f"\nMemory writes, {args.calls} calls each at concurrency {CONCURRENCY}"
+        f" (load average {load_before:.1f} before, {load_after:.1f} after):"
+    )
     print(f"{'store':<11} {'call':<34} {'p50 ms':>8} {'p95 ms':>8} {'calls/s':>8}")
     for store, what, p50, p95, rate in rows:
         print(f"{store:<11} {what:<34} {p50:8.1f} {p95:8.1f} {rate:8.0f}")

@@ -231,7 +231,10 @@ async def test_documents_stored_before_folding_are_folded_at_start(
     prefix = index_prefix(str(tmp_path))
     store = await OpenSearchStore.open(url, prefix=prefix)
     try:
-        await store.fold_older_documents()  # what the start ran, done before we write
+        # What the start runs in the background (folding, then claims), done
+        # before we write: else it may fold the document below itself.
+        assert store._backfill is not None
+        await store._backfill
         old = memory("alice", "Works at \uff21\uff23\uff2d\uff25 Corp")
         doc = {k: v for k, v in _memory_doc(old).items() if k != "text_folded"}
         await store._client.index(index=store.index("memory"), id=old.id, body=doc, refresh=True)

@@ -934,19 +934,22 @@ class MemoryCore:
         for i, m in enumerate(request.messages):
             if m.role == ROLE_SYSTEM:
                 continue
-            memory_id = ""
-            if request.request_id:
-                # A retried call finds what the first one stored under its ids.
-                memory_id = derived_id("mem", request.user_id, request.request_id, i)
-                stored = await self.store.get_memory(request.user_id, memory_id)
-                if stored is not None:
-                    seen[stored.hash] = stored
-                    results.append(AddResult(EVENT_ADD, stored))
-                    continue
-            digest = text_hash(m.content)
-            existing = seen.get(digest) or await self.store.find_memory_by_hash(
-                request.user_id, digest
+            # A retried call finds what the first one stored under its ids.
+            memory_id = (
+                derived_id("mem", request.user_id, request.request_id, i)
+                if request.request_id
+                else ""
             )
+            digest = text_hash(m.content)
+            # Both looked up at once (two round trips to a remote store).
+            stored, existing = await asyncio.gather(
+                self._stored_memory(request.user_id, memory_id),
+                self._stored_by_text(request.user_id, digest, seen),
+            )
+            if stored is not None:
+                seen[stored.hash] = stored
+                results.append(AddResult(EVENT_ADD, stored))
+                continue
             if existing is not None:
                 results.append(AddResult(EVENT_NONE, existing))
                 continue
@@ -967,6 +970,15 @@ class MemoryCore:
             for memory, vector in zip(fresh, vectors, strict=True)
         ]
         return ChangePlan(tuple(changes), tuple(results))
+
+    async def _stored_memory(self, user_id: str, memory_id: str) -> Memory | None:
+        return await self.store.get_memory(user_id, memory_id) if memory_id else None
+
+    async def _stored_by_text(
+        self, user_id: str, digest: str, seen: Mapping[str, Memory]
+    ) -> Memory | None:
+        """The memory holding this text: one of this call's, or a stored one."""
+        return seen.get(digest) or await self.store.find_memory_by_hash(user_id, digest)
 
 
 def _forget(

@@ -113,10 +113,13 @@ def job_not_found(job_id: str) -> ServiceError:
     )
 
 
-def store_unavailable() -> ServiceError:
-    return ServiceError(
-        grpc.StatusCode.UNAVAILABLE,
-        "STORE_UNAVAILABLE",
-        "the memory store is not open",
-        domain=DOMAIN,
+def store_unavailable(message: str = "the memory store is not open") -> ServiceError:
+    return ServiceError(grpc.StatusCode.UNAVAILABLE, "STORE_UNAVAILABLE", message, domain=DOMAIN)
+
+
+def store_unreachable() -> ServiceError:
+    """A write the store's node did not answer (unreachable, timed out, failing)."""
+    return store_unavailable(
+        "the memory store could not be reached or failed; the write may or may not be"
+        " stored: retry it with the same request_id"
     )

@@ -14,13 +14,17 @@ before the call returns, but no request waits for an index refresh
 not be searchable yet. Appends reserve their positions on the conversation
 document with optimistic concurrency (`if_seq_no`/`if_primary_term`), then
 write the messages: positions are unique and `message_count` counts what is
-stored. A memory's text hash is claimed (a document created only if absent)
-before the memory is written, so one text is stored once per user however
-many replicas add it. OpenSearch has no multi-document transactions: a change
-set is checked before it is written (ids free, memories present), written
-with one bulk request, and on a partial failure the documents it created are
-removed again (best effort). Searches see a write within the index's refresh
-interval (1 s); a replica's own writes at once.
+stored. Appends to one conversation that meet in one process share one
+reservation (a conditional write, checked by OpenSearch like any other). A
+memory's text hash is claimed (a document created only if absent) before the
+memory is written, so one text is stored once per user however many replicas
+add it. OpenSearch has no multi-document transactions: a change set is
+checked before it is written (ids free, memories present), written with one
+bulk request, and on a partial failure the documents it created are removed
+again (best effort). Concurrent calls' writes go out together in one bulk
+request, their reads by id in one mget (`batching`): one round trip and one
+translog fsync serve many calls. Searches see a write within the index's
+refresh interval (1 s); a replica's own writes at once.
 
 Vectors live in their own index so that a new embedding space (another
 dimension) only drops and recreates that index. A memory records the space
@@ -31,13 +35,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import html
 import json
 import logging
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Coroutine, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from marie_kit.settings import opensearch_hosts
@@ -61,6 +68,7 @@ from marie_memory.records import (
     ScoredMemory,
     ToolCall,
 )
+from marie_memory.stores.batching import BulkWriter, DocReader, item_result
 from marie_memory.stores.contract import FINISHED_JOB_SECONDS, DuplicateMemory
 from marie_memory.stores.keywords import highlight_fragments, mark_words, query_words, search_form
 
@@ -76,6 +84,12 @@ CLAIMS_DONE = "hash_claims_complete"
 #: Request ids of a conversation's most recent appends, kept on its document:
 #: how far back a retried append is recognised.
 RECENT_APPENDS = 64
+#: Connections to the cluster: enough for every request of a busy replica in
+#: flight at once (opensearch-py's default, 10, queues them in the client).
+CONNECTIONS = 64
+#: Conversations whose last version this process wrote is remembered (an
+#: append then needs no read first; a stale one costs a conflict and a read).
+KNOWN_VERSIONS = 1024
 _DISABLED = {"type": "object", "enabled": False}
 _KEYWORD = {"type": "keyword"}
 
@@ -542,6 +556,30 @@ def _finished_job(src: Mapping[str, Any]) -> ExtractionJob:
     )
 
 
+AppendResult = tuple[list[Message], Conversation] | None
+
+
+@dataclass
+class _PendingAppend:
+    """An append waiting for its conversation's next reservation."""
+
+    user_id: str
+    messages: list[Message]
+    now: float
+    request_id: str
+    done: asyncio.Future[AppendResult] = dataclasses.field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+    def answer(self, result: AppendResult | BaseException) -> None:
+        if self.done.done():
+            return
+        if isinstance(result, BaseException):
+            self.done.set_exception(result)
+        else:
+            self.done.set_result(result)
+
+
 class OpenSearchStore:
     """The `Store` on an OpenSearch cluster. Open with `await OpenSearchStore.open(url)`."""
 
@@ -551,6 +589,15 @@ class OpenSearchStore:
 
     def __init__(self, client: AsyncOpenSearch, prefix: str) -> None:
         self._client = client
+        # Concurrent calls' writes share bulk requests, their reads by id mget requests.
+        self._writer = BulkWriter(client)
+        self._reader = DocReader(client)
+        # Appends waiting for their conversation's next reservation, and the
+        # tasks making them (one per conversation with appends waiting).
+        self._appending: dict[str, list[_PendingAppend]] = {}
+        self._append_runs: set[asyncio.Task[None]] = set()
+        # conversation id -> (document, seq_no, primary_term) this process wrote last.
+        self._versions: OrderedDict[str, tuple[dict[str, Any], int, int]] = OrderedDict()
         self._prefix = prefix
         # Indices this process wrote to since it last refreshed them: its own
         # searches refresh those first (read-your-writes without wait_for).
@@ -577,7 +624,7 @@ class OpenSearchStore:
     ) -> OpenSearchStore:
         """`hybrid_weights` (vector, keyword): create the hybrid search pipeline
         with them when missing (`ensure_hybrid_pipeline`)."""
-        client = AsyncOpenSearch(hosts=opensearch_hosts(url), timeout=30)
+        client = AsyncOpenSearch(hosts=opensearch_hosts(url), timeout=30, maxsize=CONNECTIONS)
         store = cls(client, prefix)
         try:
             await store._create_indices()
@@ -750,6 +797,10 @@ class OpenSearchStore:
         if self._backfill is not None:
             self._backfill.cancel()
             await asyncio.gather(self._backfill, return_exceptions=True)
+        while self._append_runs:
+            await asyncio.gather(*self._append_runs, return_exceptions=True)
+        await self._writer.grouped.close()
+        await self._reader.grouped.close()
         await self._client.close()
 
     async def probe_write(self) -> None:
@@ -766,12 +817,8 @@ class OpenSearchStore:
         return self._seq
 
     async def _get(self, name: str, doc_id: str) -> dict[str, Any] | None:
-        # A missing document is an answer, not an error (nor a warning in the log).
-        found = await self._client.get(index=self.index(name), id=doc_id, ignore=404)
-        if not found.get("found"):
-            return None
-        source: dict[str, Any] = found["_source"]
-        return source
+        found = await self._get_versioned(name, doc_id)
+        return None if found is None else found[0]
 
     async def _search(self, name: str, body: dict[str, Any]) -> list[dict[str, Any]]:
         await self._searchable(name)
@@ -944,13 +991,30 @@ class OpenSearchStore:
         }
 
     async def _bulk(self, actions: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        self._touch(actions)
-        reply = await self._client.bulk(body=actions)
-        items: list[dict[str, Any]] = reply["items"]
-        if reply.get("errors"):
-            failed = [i for i in items if next(iter(i.values())).get("error")]
+        items = await self._write(actions)
+        failed = [i for i in items if item_result(i).get("error")]
+        if failed:
             raise RuntimeError(f"OpenSearch refused {len(failed)} write(s): {failed[:1]}")
         return items
+
+    async def _write(self, actions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The items of `actions`, written with other calls' writes (group commit)."""
+        self._touch(actions)
+        return await self._writer.write(actions)
+
+    async def _write_doc(
+        self, op: str, name: str, doc_id: str, body: Mapping[str, Any], **conditions: int
+    ) -> Mapping[str, Any]:
+        """Writes one document (`op`: create or index) with other calls' writes;
+        its result. ConflictError when it exists (create) or moved on (conditions)."""
+        header = {op: {"_index": self.index(name), "_id": doc_id, **conditions}}
+        [item] = await self._write([header, dict(body)])
+        result = item_result(item)
+        if result.get("status") == 409:
+            raise ConflictError(409, "version_conflict_engine_exception", dict(result))
+        if result.get("error"):
+            raise RuntimeError(f"OpenSearch refused a write: {result}")
+        return result
 
     def _touch(self, actions: Sequence[Mapping[str, Any]]) -> None:
         prefix = f"{self._prefix}_"
@@ -964,19 +1028,24 @@ class OpenSearchStore:
         self, name: str, doc_id: str
     ) -> tuple[dict[str, Any], int, int] | None:
         """(source, seq_no, primary_term) by realtime get, or None."""
-        found = await self._client.get(index=self.index(name), id=doc_id, ignore=404)
+        found = await self._reader.get(self.index(name), doc_id)
+        error = found.get("error")
+        # A missing document (or index) is an answer, not an error.
+        if error is not None and error.get("type") != "index_not_found_exception":
+            raise RuntimeError(f"OpenSearch refused a read: {error}")
         if not found.get("found"):
             return None
         return found["_source"], int(found["_seq_no"]), int(found["_primary_term"])
 
     async def _put_if(
         self, name: str, doc_id: str, body: Mapping[str, Any], seq: int, term: int
-    ) -> None:
-        """Writes the document only if it is still at (seq, term); ConflictError otherwise."""
-        self._dirty.add(name)
-        await self._client.index(
-            index=self.index(name), id=doc_id, body=body, if_seq_no=seq, if_primary_term=term
+    ) -> tuple[int, int]:
+        """Writes the document only if it is still at (seq, term); ConflictError
+        otherwise. Its new (seq, term)."""
+        result = await self._write_doc(
+            "index", name, doc_id, body, if_seq_no=seq, if_primary_term=term
         )
+        return int(result["_seq_no"]), int(result["_primary_term"])
 
     # --- conversations ----------------------------------------------------
 
@@ -1031,15 +1100,17 @@ class OpenSearchStore:
             source, seq, term = found
             doc = {**source, **changes, "update_time": update_time}
             try:
-                await self._put_if("conversations", conversation_id, doc, seq, term)
+                seq, term = await self._put_if("conversations", conversation_id, doc, seq, term)
             except ConflictError:
                 await asyncio.sleep(_jitter(0.01))
                 continue
+            self._remember(conversation_id, doc, seq, term)
             return _conversation(doc)
 
     async def delete_conversation(self, user_id: str, conversation_id: str) -> int | None:
         if await self.get_conversation(user_id, conversation_id) is None:
             return None
+        self._versions.pop(conversation_id, None)
         reply = await self._delete_where(
             index=self.index("messages"),
             body={
@@ -1083,52 +1154,134 @@ class OpenSearchStore:
         messages: Sequence[Message],
         now: float,
         request_id: str = "",
-    ) -> tuple[list[Message], Conversation] | None:
+    ) -> AppendResult:
+        # Appends to one conversation that meet in this process take their
+        # positions together: one reservation (one conditional write) for all
+        # of them, where each alone would conflict with the others. Nothing
+        # rests on it: the reservation is checked by OpenSearch all the same.
+        pending = _PendingAppend(user_id, list(messages), now, request_id)
+        waiting = self._appending.get(conversation_id)
+        if waiting is not None:
+            waiting.append(pending)
+        else:
+            self._appending[conversation_id] = [pending]
+            self._in_background(self._run_appends(conversation_id))
         # Once positions are reserved, the messages are written even if the
         # caller gives up meanwhile: a reservation never stays without them.
-        return await asyncio.shield(
-            self._append(user_id, conversation_id, list(messages), now, request_id)
-        )
+        return await asyncio.shield(pending.done)
 
-    async def _append(
-        self,
-        user_id: str,
-        conversation_id: str,
-        messages: list[Message],
-        now: float,
-        request_id: str,
-    ) -> tuple[list[Message], Conversation] | None:
+    async def _run_appends(self, conversation_id: str) -> None:
+        """Makes the conversation's waiting appends, a batch at a time, until none wait."""
+        try:
+            while waiting := self._appending[conversation_id]:
+                batch = list(waiting)
+                waiting.clear()
+                try:
+                    await self._append_batch(conversation_id, batch)
+                except Exception as exc:  # each caller sees it; the next batch goes on
+                    for pending in batch:
+                        pending.answer(exc)
+        finally:
+            del self._appending[conversation_id]
+
+    async def _append_batch(self, conversation_id: str, batch: Sequence[_PendingAppend]) -> None:
         attempt = 0
         while True:
-            found = await self._get_versioned("conversations", conversation_id)
-            if found is None or found[0]["user_id"] != user_id:
-                return None
+            found = self._versions.get(conversation_id) or await self._get_versioned(
+                "conversations", conversation_id
+            )
+            if found is None:
+                for pending in batch:
+                    pending.answer(None)
+                return
             source, seq, term = found
+            owner = source["user_id"]
             recent = list((source.get("appends") or {}).get("recent") or [])
-            if request_id:
-                for rid, first, count in recent:
-                    if rid == request_id and count == len(messages):
-                        return await self._replay(user_id, source, messages, first, now)
-            first = int(source["message_count"])
-            stored = [m.stored(conversation_id, first + i, now) for i, m in enumerate(messages)]
-            if request_id:
-                recent = [*recent, [request_id, first, len(stored)]][-RECENT_APPENDS:]
-            doc = {
-                **source,
-                "message_count": first + len(stored),
-                "update_time": now,
-                "appends": {"recent": recent},
-            }
-            try:
-                # The reservation: positions first..first+n-1 are this call's.
-                await self._put_if("conversations", conversation_id, doc, seq, term)
-            except ConflictError:
-                # Another append (any replica) came first: read again.
-                attempt += 1
-                await asyncio.sleep(_jitter(min(0.05, 0.002 * 2**attempt)))
-                continue
-            await self._write_messages(user_id, stored)
-            return stored, _conversation(doc)
+            count = int(source["message_count"])
+            reserved: list[tuple[_PendingAppend, list[Message]]] = []
+            replays: list[tuple[_PendingAppend, int]] = []
+            for pending in batch:
+                if pending.user_id != owner:
+                    pending.answer(None)
+                    continue
+                n = len(pending.messages)
+                earlier = [f for rid, f, c in recent if rid == pending.request_id and c == n]
+                if pending.request_id and earlier:
+                    # A retried append (or the same one twice in this batch).
+                    replays.append((pending, earlier[0]))
+                    continue
+                stored = [
+                    m.stored(conversation_id, count + i, pending.now)
+                    for i, m in enumerate(pending.messages)
+                ]
+                if pending.request_id:
+                    recent = [*recent, [pending.request_id, count, n]][-RECENT_APPENDS:]
+                count += n
+                reserved.append((pending, stored))
+            doc = source
+            if reserved:
+                doc = {
+                    **source,
+                    "message_count": count,
+                    "update_time": max(p.now for p, _ in reserved),
+                    "appends": {"recent": recent},
+                }
+                try:
+                    # The reservation: each append's positions are its own.
+                    seq, term = await self._put_if("conversations", conversation_id, doc, seq, term)
+                except ConflictError:
+                    # Another append (any replica) came first: read again.
+                    self._versions.pop(conversation_id, None)
+                    attempt += 1
+                    await asyncio.sleep(_jitter(min(0.05, 0.002 * 2**attempt)))
+                    continue
+                self._remember(conversation_id, doc, seq, term)
+            break
+        # The positions are taken: the next batch reserves while these are
+        # written (its reservation and these messages share a bulk request).
+        self._in_background(self._write_reserved(owner, doc, reserved, replays))
+
+    async def _write_reserved(
+        self,
+        owner: str,
+        doc: Mapping[str, Any],
+        reserved: Sequence[tuple[_PendingAppend, list[Message]]],
+        replays: Sequence[tuple[_PendingAppend, int]],
+    ) -> None:
+        """Writes a batch's messages at their reserved positions, and answers its appends."""
+        try:
+            conversation = _conversation(doc)
+            # One write per append, sent together: a refused message fails its append alone.
+            written = await asyncio.gather(
+                *(self._write_messages(owner, stored) for _, stored in reserved),
+                return_exceptions=True,
+            )
+            for (pending, stored), error in zip(reserved, written, strict=True):
+                outcome = error if isinstance(error, BaseException) else (stored, conversation)
+                pending.answer(outcome)
+            for pending, first in replays:
+                try:
+                    pending.answer(
+                        await self._replay(owner, doc, pending.messages, first, pending.now)
+                    )
+                except Exception as exc:
+                    pending.answer(exc)
+        except Exception as exc:  # no caller waits for ever
+            for pending, _ in [*reserved, *replays]:
+                pending.answer(exc)
+
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        """Runs append work that no caller's cancellation may stop (`close` waits for it)."""
+        task = asyncio.get_running_loop().create_task(work, name="opensearch-appends")
+        self._append_runs.add(task)
+        task.add_done_callback(self._append_runs.discard)
+
+    def _remember(self, conversation_id: str, doc: dict[str, Any], seq: int, term: int) -> None:
+        """The conversation's version this process just wrote: the next append's guess."""
+        self._versions[conversation_id] = (doc, seq, term)
+        self._versions.move_to_end(conversation_id)
+        while len(self._versions) > KNOWN_VERSIONS:
+            self._versions.popitem(last=False)
 
     async def _replay(
         self,
@@ -1164,10 +1317,11 @@ class OpenSearchStore:
         await self._bulk(actions)
 
     async def _undo_creates(self, name: str, ids: Sequence[str]) -> None:
-        actions = [{"delete": {"_index": self.index(name), "_id": i}} for i in ids]
+        actions: list[dict[str, Any]] = [
+            {"delete": {"_index": self.index(name), "_id": i}} for i in ids
+        ]
         if actions:
-            self._dirty.add(name)
-            await self._client.bulk(body=actions)
+            await self._write(actions)
 
     async def list_messages(
         self, user_id: str, conversation_id: str, descending: bool, after: int | None, limit: int
@@ -1260,13 +1414,10 @@ class OpenSearchStore:
         """Claims the memory's text for it; DuplicateMemory when a live memory holds it."""
         claim_id = self._claim_id(memory.user_id, memory.hash)
         body = {"user_id": memory.user_id, "memory_id": memory.id, "time": time.time()}
-        self._dirty.add("memory_hashes")
         waited = 0.0
         while True:
             try:
-                await self._client.index(
-                    index=self.index("memory_hashes"), id=claim_id, body=body, op_type="create"
-                )
+                await self._write_doc("create", "memory_hashes", claim_id, body)
                 return
             except ConflictError:
                 pass
@@ -1418,16 +1569,15 @@ class OpenSearchStore:
                     _history_doc(user_id, self._next_seq(), change.history),
                 ]
         if actions:
-            self._touch(actions)
-            reply = await self._client.bulk(body=actions)
+            items = await self._write(actions)
             failed = [
                 item
-                for item in reply["items"]
+                for item in items
                 for op, result in item.items()
                 if result.get("error") and not (op == "delete" and result.get("status") == 404)
             ]
             if failed:
-                await self._refused(user_id, reply["items"], created, claimed)
+                await self._refused(user_id, items, created, claimed)
         await self._follow_claims(user_id, changes, previous)
         for memory_id in erased:
             await self._delete_where(
