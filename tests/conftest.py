@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.fakes import FakeModel, FakeOllama
-from tests.otel_collector import Collector, start_collector
+from tests.otel_collector import BUILD_TIMEOUT_SECONDS, Collector, collector_binary, start_collector
 from tests.otlp_receiver import OtlpReceiver, start_receiver
 from tests.real_models import RealModels, real_config, real_stack_env, start_real_models
 from tests.stack import Stack, start_stack
@@ -50,6 +50,20 @@ def paced_llama(ollama: FakeOllama) -> Iterator[None]:
         ollama.set_model("llama3.2:latest", chunk_delay=before)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # The first test to need the collector also waits for its build (once per
+    # machine and version, minutes): more than the suite's 120 s.
+    for item in items:
+        if "otelcol" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.timeout(BUILD_TIMEOUT_SECONDS + 120))
+
+
+@pytest.fixture(scope="session")
+def otelcol() -> Path:
+    """The OpenTelemetry Collector binary, built from tests/collector/ if needed."""
+    return collector_binary()
+
+
 @pytest.fixture(scope="module")
 def receiver() -> Iterator[OtlpReceiver]:
     running = start_receiver()
@@ -59,10 +73,11 @@ def receiver() -> Iterator[OtlpReceiver]:
 
 @pytest.fixture(scope="module")
 def collector(
-    receiver: OtlpReceiver, tmp_path_factory: pytest.TempPathFactory
+    otelcol: Path, receiver: OtlpReceiver, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Collector]:
     """The collector on the compose profile's config, passing traces to `receiver`."""
-    running = start_collector(tmp_path_factory.mktemp("otel-collector"), receiver.grpc_target)
+    workdir = tmp_path_factory.mktemp("otel-collector")
+    running = start_collector(otelcol, workdir, receiver.grpc_target)
     yield running
     running.stop()
 

@@ -34,8 +34,8 @@ from tests.stack import ROOT, free_ports
 
 SOURCE = ROOT / "tests" / "collector"
 CONFIG = ROOT / "deploy" / "observability" / "otel-collector.yaml"
-#: A cold build downloads ~500 MB of modules and compiles for minutes on a
-#: loaded 2-core machine; this only stops a hung build.
+#: A cold build downloads ~500 MB of modules and compiles for minutes (11 on a
+#: 2-core machine at load 13 to 37); this only stops a hung build.
 BUILD_TIMEOUT_SECONDS = 1800.0
 START_TIMEOUT_SECONDS = 60.0
 #: What the collector logs once every pipeline is running.
@@ -89,11 +89,11 @@ def collector_binary() -> Path:
     return binary
 
 
-def validate(config_path: Path) -> subprocess.CompletedProcess[str]:
+def validate(binary: Path, config_path: Path) -> subprocess.CompletedProcess[str]:
     """`otelcol validate`: the config parses, every component it names exists
     and accepts its settings, and the pipelines are well formed."""
     return subprocess.run(
-        [str(collector_binary()), "validate", "--config", str(config_path)],
+        [str(binary), "validate", "--config", str(config_path)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -151,10 +151,9 @@ class Collector:
                 self.process.wait()
 
 
-def start_collector(workdir: Path, downstream: str) -> Collector:
+def start_collector(binary: Path, workdir: Path, downstream: str) -> Collector:
     """Start the collector on the project's config with local addresses; return
     once it logs that every pipeline runs."""
-    binary = collector_binary()
     grpc_port, http_port = free_ports(2)
     config = rewrite_addresses(load_config(), grpc_port, http_port, downstream)
     workdir.mkdir(parents=True, exist_ok=True)

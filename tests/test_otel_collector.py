@@ -17,17 +17,19 @@ from tests.otel_collector import CONFIG, Collector, validate
 from tests.otlp_receiver import OtlpReceiver
 
 
-def test_the_compose_profile_collector_config_is_valid() -> None:
-    done = validate(CONFIG)
+def test_the_compose_profile_collector_config_is_valid(otelcol: Path) -> None:
+    done = validate(otelcol, CONFIG)
     assert done.returncode == 0, done.stderr
 
 
-def test_validate_refuses_a_pipeline_naming_an_undeclared_processor(tmp_path: Path) -> None:
+def test_validate_refuses_a_pipeline_naming_an_undeclared_processor(
+    otelcol: Path, tmp_path: Path
+) -> None:
     config = yaml.safe_load(CONFIG.read_text())
     config["service"]["pipelines"]["traces"]["processors"].append("tail_sampling")
     broken = tmp_path / "broken.yaml"
     broken.write_text(yaml.safe_dump(config))
-    done = validate(broken)
+    done = validate(otelcol, broken)
     assert done.returncode != 0
     assert "tail_sampling" in done.stderr
 
