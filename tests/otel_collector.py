@@ -12,7 +12,9 @@ Go's own module and build caches make a rebuild after a source change cheap.
 Envoy: the OTLP receiver's gRPC and HTTP endpoints bind free ports on
 127.0.0.1, and every exporter of the traces pipeline sends to a test's
 receiver (tests/otlp_receiver.py, over gRPC as the `otlp` exporter speaks)
-instead of Jaeger. Its processors (memory_limiter, batch) are the file's.
+instead of Jaeger; the collector's own metrics are off (they would bind
+:8888 on every collector). Its processors (memory_limiter, batch) are the
+file's.
 """
 
 from __future__ import annotations
