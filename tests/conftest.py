@@ -1,5 +1,6 @@
 """Shared fixtures for the cross-service tests: one fake Ollama and one Marie
-suite (real processes via `marie up`) for the whole session."""
+suite (real processes via `marie up`) for the whole session; a trace receiver
+behind a real OpenTelemetry Collector for each module that asks for them."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from tests.fakes import FakeModel, FakeOllama
+from tests.otel_collector import BUILD_TIMEOUT_SECONDS, Collector, collector_binary, start_collector
+from tests.otlp_receiver import OtlpReceiver, start_receiver
 from tests.real_models import RealModels, real_config, real_stack_env, start_real_models
 from tests.stack import Stack, start_stack
 
@@ -45,6 +48,38 @@ def paced_llama(ollama: FakeOllama) -> Iterator[None]:
         yield
     finally:
         ollama.set_model("llama3.2:latest", chunk_delay=before)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # The first test to need the collector also waits for its build (once per
+    # machine and version, minutes): more than the suite's 120 s.
+    for item in items:
+        if "otelcol" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.timeout(BUILD_TIMEOUT_SECONDS + 120))
+
+
+@pytest.fixture(scope="session")
+def otelcol() -> Path:
+    """The OpenTelemetry Collector binary, built from tests/collector/ if needed."""
+    return collector_binary()
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[OtlpReceiver]:
+    running = start_receiver()
+    yield running
+    running.close()
+
+
+@pytest.fixture(scope="module")
+def collector(
+    otelcol: Path, receiver: OtlpReceiver, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Collector]:
+    """The collector on the compose profile's config, passing traces to `receiver`."""
+    workdir = tmp_path_factory.mktemp("otel-collector")
+    running = start_collector(otelcol, workdir, receiver.grpc_target)
+    yield running
+    running.stop()
 
 
 @pytest.fixture(scope="session")

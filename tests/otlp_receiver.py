@@ -1,6 +1,8 @@
-"""An OTLP/HTTP trace receiver for the tests: what a collector's `otlp`
-receiver does for `POST /v1/traces` (protobuf bodies, gzip or not), keeping
-every span it is sent, decoded with `opentelemetry-proto`, to be asserted on."""
+"""An OTLP trace receiver for the tests: what a collector's `otlp` receiver
+does for `POST /v1/traces` (protobuf bodies, gzip or not) and for the gRPC
+`TraceService/Export` (what the real collector's `otlp` exporter sends,
+tests/otel_collector.py), keeping every span it is sent, decoded with
+`opentelemetry-proto`, to be asserted on."""
 
 from __future__ import annotations
 
@@ -8,10 +10,12 @@ import gzip
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import grpc
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
@@ -20,6 +24,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
 SERVER = 2
 CLIENT = 3
+TRACE_SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
 
 
 def _value(value: AnyValue) -> Any:
@@ -58,6 +63,8 @@ class Span:
 @dataclass
 class OtlpReceiver:
     server: ThreadingHTTPServer
+    grpc_server: grpc.Server
+    grpc_port: int
     spans: list[Span] = field(default_factory=list)
     raw: list[bytes] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -66,6 +73,11 @@ class OtlpReceiver:
     def endpoint(self) -> str:
         """For OTEL_EXPORTER_OTLP_ENDPOINT (the exporter appends /v1/traces)."""
         return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    @property
+    def grpc_target(self) -> str:
+        """For a gRPC OTLP exporter's `endpoint`."""
+        return f"127.0.0.1:{self.grpc_port}"
 
     def received(self, body: bytes) -> None:
         request = ExportTraceServiceRequest.FromString(body)
@@ -124,6 +136,7 @@ class OtlpReceiver:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+        self.grpc_server.stop(grace=None)
 
 
 def start_receiver() -> OtlpReceiver:
@@ -163,6 +176,21 @@ def start_receiver() -> OtlpReceiver:
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    receiver = OtlpReceiver(server)
+    grpc_server = grpc.server(ThreadPoolExecutor(max_workers=4))
+    grpc_port = grpc_server.add_insecure_port("127.0.0.1:0")
+    receiver = OtlpReceiver(server, grpc_server, grpc_port)
+
+    def export(body: bytes, context: grpc.ServicerContext) -> ExportTraceServiceResponse:
+        receiver.received(body)  # the request as sent, undecoded
+        return ExportTraceServiceResponse()
+
+    export_handler: grpc.RpcMethodHandler[bytes, ExportTraceServiceResponse]
+    export_handler = grpc.unary_unary_rpc_method_handler(
+        export, response_serializer=ExportTraceServiceResponse.SerializeToString
+    )
+    grpc_server.add_generic_rpc_handlers(
+        [grpc.method_handlers_generic_handler(TRACE_SERVICE, {"Export": export_handler})]
+    )
+    grpc_server.start()
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return receiver

@@ -1,5 +1,7 @@
-"""Traces end to end: the suite as real processes exporting OTLP/HTTP to a
-receiver in the test (tests/otlp_receiver.py), one trace per request across
+"""Traces end to end: the suite as real processes exporting OTLP/gRPC, and a
+real Envoy exporting OTLP/HTTP, to a real OpenTelemetry Collector running the
+compose profile's config (tests/otel_collector.py), which passes them on to a
+receiver in the test (tests/otlp_receiver.py): one trace per request across
 gateway, auth, memory and providers, GenAI attributes on model calls, the
 extraction job linked to the turn that queued it, and no secret anywhere."""
 
@@ -20,18 +22,12 @@ from marie.providers.v1 import provider_service_pb2_grpc as pb_grpc
 from tests.envoy import Envoy, start_envoy
 from tests.fakes import FakeOllama
 from tests.fakes.openai_server import FakeChatModel, FakeOpenAI
-from tests.otlp_receiver import CLIENT, SERVER, OtlpReceiver, Span, start_receiver
+from tests.otel_collector import Collector
+from tests.otlp_receiver import CLIENT, SERVER, OtlpReceiver, Span
 from tests.stack import Stack, start_stack
 
 CHAT_MODEL = "ollama/llama3.2:latest"
 UPSTREAM_KEY = "sk-upstream-secret-for-traces"
-
-
-@pytest.fixture(scope="module")
-def receiver() -> Iterator[OtlpReceiver]:
-    running = start_receiver()
-    yield running
-    running.close()
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +41,7 @@ def hosted() -> Iterator[FakeOpenAI]:
 
 @pytest.fixture(scope="module")
 def traced(
-    receiver: OtlpReceiver,
+    collector: Collector,
     ollama: FakeOllama,
     hosted: FakeOpenAI,
     tmp_path_factory: pytest.TempPathFactory,
@@ -62,7 +58,8 @@ def traced(
         ollama.base_url,
         MARIE_CONFIG=str(config),
         FAKE_OAI_KEY=UPSTREAM_KEY,
-        OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
+        OTEL_EXPORTER_OTLP_ENDPOINT=collector.grpc_endpoint,
+        OTEL_EXPORTER_OTLP_PROTOCOL="grpc",
         # Export within 100 ms, not the default 5 s.
         OTEL_BSP_SCHEDULE_DELAY="100",
         MARIE_MEMORY_EMBEDDING_MODEL="ollama/nomic-embed-text:latest",
@@ -371,7 +368,7 @@ def test_a_turn_and_the_extraction_it_queues_are_linked_traces(
 
 @pytest.fixture(scope="module")
 def envoy(
-    traced: Stack, receiver: OtlpReceiver, tmp_path_factory: pytest.TempPathFactory
+    traced: Stack, collector: Collector, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Envoy]:
     running = start_envoy(
         tmp_path_factory.mktemp("envoy-traces"),
@@ -380,7 +377,7 @@ def envoy(
             "providers": traced.providers_port,
             "auth": traced.auth_port,
             "memory": traced.memory_port,
-            "otel_collector": receiver.server.server_address[1],
+            "otel_collector": collector.http_port,
         },
     )
     yield running
