@@ -8,6 +8,7 @@ import grpc
 import pytest
 from google.protobuf.field_mask_pb2 import FieldMask
 from marie.memory.v1 import memory_service_pb2 as pb
+from marie_kit.tenancy import MAX_USER_ID
 from memory_testkit import MemoryStub
 
 from tests.grpc_testing import rpc_error
@@ -125,7 +126,7 @@ async def test_conversations_page_newest_first_with_tokens_bound_to_the_request(
             "page_token",
         ),
         (pb.ListConversationsRequest(user_id=""), "user_id"),
-        (pb.ListConversationsRequest(user_id="x" * 257), "user_id"),
+        (pb.ListConversationsRequest(user_id="x" * (MAX_USER_ID + 1)), "user_id"),
     ]:
         error = await rpc_error(stub.ListConversations(request))
         assert (error.code, error.reason, error.metadata["field"]) == (
