@@ -56,6 +56,8 @@ class _State:
     enabled = False
     content = False
     store_calls = False
+    #: The sampler follows a remote parent's decision (parentbased_*, the default).
+    follows_parent = False
     provider: TracerProvider | None = None
     tracer: Tracer | None = None
 
@@ -129,6 +131,7 @@ def setup_tracing(service: str, environ: Mapping[str, str] | None = None) -> boo
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource  # noqa: PLC0415
     from opentelemetry.sdk.trace import TracerProvider  # noqa: PLC0415
     from opentelemetry.sdk.trace.export import BatchSpanProcessor  # noqa: PLC0415
+    from opentelemetry.sdk.trace.sampling import ParentBased  # noqa: PLC0415
 
     name = env.get("OTEL_SERVICE_NAME", "").strip() or f"marie-{service}"
     # Resource.create reads OTEL_RESOURCE_ATTRIBUTES; the sampler comes from
@@ -141,6 +144,7 @@ def setup_tracing(service: str, environ: Mapping[str, str] | None = None) -> boo
     STATE.tracer = provider.get_tracer("marie")
     STATE.content = _flag(env, "MARIE_TRACE_CONTENT")
     STATE.store_calls = _flag(env, "MARIE_TRACE_STORE_CALLS")
+    STATE.follows_parent = isinstance(provider.sampler, ParentBased)
     STATE.enabled = True
     log.info("tracing on", extra={"otel_service_name": name})
     return True
@@ -186,14 +190,7 @@ def server_span(
         return _NOOP
 
     carrier = {k: v for k, v in metadata if k in ("traceparent", "tracestate")}
-    return STATE.tracer.start_as_current_span(
-        method,
-        context=_otel.extract(carrier) if carrier else None,
-        kind=_otel.SpanKind.SERVER,
-        attributes=_rpc_attributes(method),
-        record_exception=False,
-        set_status_on_exception=False,
-    )
+    return _server_span(method, carrier, _rpc_attributes(method))
 
 
 def http_server_span(
@@ -210,14 +207,40 @@ def http_server_span(
         for k, v in headers
         if k in (b"traceparent", b"tracestate")
     }
+    return _server_span(method, carrier, {"http.request.method": method, "url.path": path})
+
+
+def _server_span(
+    name: str, carrier: Mapping[str, str], attributes: Mapping[str, Any]
+) -> contextlib.AbstractContextManager[Span | None]:
+    """A SERVER span continuing the trace `carrier` names, current while the
+    block runs. A caller that did not sample its trace gets no span at all
+    when the sampler follows it (the default), only its context made current
+    (so that calls made from here carry the decision on): no sampler, no
+    ids, no span object."""
+    assert STATE.tracer is not None
+    context = _otel.extract(carrier) if carrier else None
+    if context is not None and STATE.follows_parent:
+        parent = _otel.trace.get_current_span(context).get_span_context()
+        if parent.is_valid and not parent.trace_flags.sampled:
+            return _attached(context)
     return STATE.tracer.start_as_current_span(
-        method,
-        context=_otel.extract(carrier) if carrier else None,
+        name,
+        context=context,
         kind=_otel.SpanKind.SERVER,
-        attributes={"http.request.method": method, "url.path": path},
+        attributes=attributes,
         record_exception=False,
         set_status_on_exception=False,
     )
+
+
+@contextlib.contextmanager
+def _attached(context: Context) -> Iterator[None]:
+    token = _otel.context.attach(context)
+    try:
+        yield None
+    finally:
+        _otel.context.detach(token)
 
 
 def http_answered_server(current: Span, status: int) -> None:
