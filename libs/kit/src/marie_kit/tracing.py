@@ -340,18 +340,23 @@ class Step:
 _STEP: contextvars.ContextVar[Step | None] = contextvars.ContextVar("marie_step", default=None)
 
 
-@contextlib.contextmanager
-def step(name: str, attributes: Mapping[str, Any] | None = None) -> Iterator[Step | None]:
+def step(
+    name: str, attributes: Mapping[str, Any] | None = None
+) -> contextlib.AbstractContextManager[Step | None]:
     """A step of the current span that becomes a span of its own only when it
     calls out (a gRPC call on a traced channel, or an upstream HTTP call,
     which are then its children); otherwise it is an event on the current
     span, at the step's start, with its duration (`marie.duration_ms`) and,
     if it failed, `error.type`. A span costs tens of µs of CPU to record and
     export; a key check answered from the cache or limits counted in-process
-    take less than that. Yields None when not recording."""
+    take less than that. The shared no-op (yielding None) when not recording."""
     if STATE.tracer is None or not recording():
-        yield None
-        return
+        return _NOOP
+    return _step(name, attributes)
+
+
+@contextlib.contextmanager
+def _step(name: str, attributes: Mapping[str, Any] | None) -> Iterator[Step]:
     current = Step(name, attributes)
     token = _STEP.set(current)
     try:
