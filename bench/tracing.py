@@ -1,6 +1,7 @@
 """Tracing's cost on the chat hot path: the same suite with tracing off, on at
-100 % and on at 10 % sampling (and, with --baseline-marie, the code from
-before tracing existed), all running at once against the same fake Ollama,
+100 % and on at 10 % sampling (and, with --baseline-marie, the same three of
+another checkout: before a change, side by side with after it), all running
+at once against the same fake Ollama,
 requests interleaved in batches of ten so that the machine's noise hits every
 variant alike. Spans go over OTLP/HTTP to a receiver in a process of its own
 (tests/otlp_receiver.py), so exporting is part of the cost measured. CPU is
@@ -14,6 +15,7 @@ Usage: .venv/bin/python bench/tracing.py [--requests 400]
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -30,6 +32,8 @@ import tests.stack
 from bench.common import cpu_seconds, percentile, start_upstreams
 from tests.stack import Stack, start_stack
 
+#: The name prefix of the --baseline-marie checkout's suites.
+BASELINE = "baseline "
 MESSAGES = [{"role": "user", "content": "Say hello in five words."}]
 RECEIVER = (
     "import sys, time\n"
@@ -65,9 +69,11 @@ def main() -> None:
     parser.add_argument(
         "--baseline-marie",
         type=Path,
-        help="the `marie` command of a checkout from before tracing: its suite runs beside",
+        help="the `marie` command of another checkout: its three suites run beside",
     )
     args = parser.parse_args()
+    # Six suites start one after the other on a shared machine: slowly when loaded.
+    tests.stack.START_TIMEOUT_SECONDS = 300.0
 
     root = Path(__file__).resolve().parent.parent
     receiver = subprocess.Popen(
@@ -94,13 +100,19 @@ def main() -> None:
     }
     stacks: dict[str, Stack] = {}
     results: dict[str, dict[str, tuple[list[float], float]]] = {}
+    loads: dict[str, tuple[float, float, float]] = {}
     try:
         with tempfile.TemporaryDirectory() as tmp:
             if args.baseline_marie is not None:
                 own = tests.stack.MARIE
                 tests.stack.MARIE = args.baseline_marie
                 try:
-                    stacks["before"] = start_stack(Path(tmp) / "before", upstreams.ollama_url)
+                    for name, env in variants.items():
+                        stacks[f"{BASELINE}{name}"] = start_stack(
+                            Path(tmp) / f"base-{name.replace(' ', '')}",
+                            upstreams.ollama_url,
+                            **env,
+                        )
                 finally:
                     tests.stack.MARIE = own
             for name, env in variants.items():
@@ -139,6 +151,7 @@ def main() -> None:
                         samples[name] += _time(_bind(call, client), 10)
                         cpu[name] += sum(cpu_seconds(p) for p in pids[name].values()) - before
                 mode = "stream" if stream else "non-stream"
+                loads[mode] = os.getloadavg()
                 results[mode] = {
                     name: (s, cpu[name] * 1000 / len(s)) for name, s in samples.items()
                 }
@@ -150,14 +163,16 @@ def main() -> None:
     spans = out.strip().splitlines()[-1] if out.strip() else "?"
 
     print(f"\nTracing on the chat hot path: {args.requests} requests per variant, interleaved\n")
-    print(f"{'mode':<12}{'variant':<10}{'p50':>9}{'p90':>9}{'CPU/req':>10}{'CPU vs off':>12}")
+    print(f"{'mode':<12}{'variant':<16}{'p50':>9}{'p90':>9}{'CPU/req':>10}{'CPU vs off':>12}")
     for mode, by_variant in results.items():
-        off_cpu = by_variant["off"][1]
         for name, (s, cpu_ms) in by_variant.items():
+            # Against the same checkout's suite with tracing off.
+            off_cpu = by_variant[BASELINE + "off" if name.startswith(BASELINE) else "off"][1]
             print(
-                f"{mode:<12}{name:<10}{statistics.median(s):>7.2f}ms"
+                f"{mode:<12}{name:<16}{statistics.median(s):>7.2f}ms"
                 f"{percentile(s, 0.9):>7.2f}ms{cpu_ms:>8.3f}ms{cpu_ms - off_cpu:>+10.3f}ms"
             )
+        print(f"{'':<12}load average after {mode}: {' '.join(f'{v:.2f}' for v in loads[mode])}")
     print(
         f"\nCPU = gateway + providers + auth + memory, per request, export threads"
         f" included; spans received: {spans}."

@@ -71,6 +71,7 @@ channel = insecure_channel('localhost:1')
 assert not isinstance(channel, tracing.TracedChannel)
 assert tracing.server_span("/a.B/C", ()) is tracing.span("x")
 assert tracing.span("a") is tracing.span("b")  # one shared no-op
+assert tracing.step("a") is tracing.span("b")
 with tracing.span("a") as current:
     assert current is None
 setup_logging("probe")
@@ -145,3 +146,46 @@ def test_the_sampler_variables_are_honoured(receiver: OtlpReceiver) -> None:
     # Nothing sampled, nothing sent; log lines still name the (unsampled) trace.
     assert receiver.spans == []
     assert '"trace_id":' in done.stdout
+
+
+STEP_PROBE = """
+from marie_kit import tracing
+
+assert tracing.setup_tracing("probe")
+with tracing.span("request"):
+    with tracing.step("cached", {"marie.operation": "chat"}) as step:
+        step.set_attribute("marie.key_id", "k1")
+    try:
+        with tracing.step("refused"):
+            raise ValueError("over the limit")
+    except ValueError:
+        pass
+    with tracing.step("asks_auth", {"marie.operation": "chat"}) as step:
+        call, headers = tracing.start_client_span("POST", {"http.request.method": "POST"})
+        call.end()
+        step.set_attribute("marie.key_id", "k2")
+    print("HEADERS", headers["traceparent"])
+tracing.shutdown()
+"""
+
+
+def test_a_step_is_an_event_unless_it_calls_out(receiver: OtlpReceiver) -> None:
+    done = _run(STEP_PROBE, OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint)
+    assert done.returncode == 0, done.stderr
+    spans = {s.name: s for s in receiver.wait_for(lambda spans: len(spans) == 3)}
+    assert sorted(spans) == ["POST", "asks_auth", "request"]
+    request, step, call = spans["request"], spans["asks_auth"], spans["POST"]
+    # The step that called out is a span, parent of the call, from the step's start.
+    assert step.parent_id == request.span_id and call.parent_id == step.span_id
+    assert step.start <= call.start and call.end <= step.end
+    assert step.attributes == {"marie.operation": "chat", "marie.key_id": "k2"}
+    assert f"-{call.span_id}-" in done.stdout
+    # The others are events on the request's span, with duration and outcome.
+    cached, refused = request.events
+    assert (cached.name, refused.name) == ("cached", "refused")
+    assert cached.attributes["marie.key_id"] == "k1"
+    assert cached.attributes["marie.operation"] == "chat"
+    assert cached.attributes["marie.duration_ms"] >= 0
+    assert "error.type" not in cached.attributes
+    assert refused.attributes["error.type"] == "ValueError"
+    assert refused.attributes["marie.duration_ms"] >= 0

@@ -19,14 +19,19 @@ are opened by the kit's own server interceptor and a channel wrapper
 (`traced_channel`, below), not by opentelemetry-instrumentation-grpc: measured
 with `make bench`, the latter's aio interceptors cost about 0.1 ms of CPU per
 call and side even unsampled, more than the whole budget of a traced request,
-and so did a client interceptor of our own.
+and so did a client interceptor of our own. Finished spans are exported by
+the SDK's OTLP exporters with the kit's own encoder (`marie_kit.otlp`): the
+SDK's builds a protobuf object per attribute, which cost more CPU than the
+spans themselves.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -51,6 +56,8 @@ class _State:
     enabled = False
     content = False
     store_calls = False
+    #: The sampler follows a remote parent's decision (parentbased_*, the default).
+    follows_parent = False
     provider: TracerProvider | None = None
     tracer: Tracer | None = None
 
@@ -124,6 +131,7 @@ def setup_tracing(service: str, environ: Mapping[str, str] | None = None) -> boo
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource  # noqa: PLC0415
     from opentelemetry.sdk.trace import TracerProvider  # noqa: PLC0415
     from opentelemetry.sdk.trace.export import BatchSpanProcessor  # noqa: PLC0415
+    from opentelemetry.sdk.trace.sampling import ParentBased  # noqa: PLC0415
 
     name = env.get("OTEL_SERVICE_NAME", "").strip() or f"marie-{service}"
     # Resource.create reads OTEL_RESOURCE_ATTRIBUTES; the sampler comes from
@@ -136,28 +144,21 @@ def setup_tracing(service: str, environ: Mapping[str, str] | None = None) -> boo
     STATE.tracer = provider.get_tracer("marie")
     STATE.content = _flag(env, "MARIE_TRACE_CONTENT")
     STATE.store_calls = _flag(env, "MARIE_TRACE_STORE_CALLS")
+    STATE.follows_parent = isinstance(provider.sampler, ParentBased)
     STATE.enabled = True
     log.info("tracing on", extra={"otel_service_name": name})
     return True
 
 
 def _exporter(env: Mapping[str, str]) -> Any:
+    from marie_kit import otlp  # noqa: PLC0415 - imports the SDK's exporters
+
     protocol = (
         env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "")
         or env.get("OTEL_EXPORTER_OTLP_PROTOCOL", "")
         or "http/protobuf"
     ).strip()
-    if protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (  # noqa: PLC0415
-            OTLPSpanExporter as GrpcExporter,
-        )
-
-        return GrpcExporter()
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # noqa: PLC0415
-        OTLPSpanExporter,
-    )
-
-    return OTLPSpanExporter()
+    return otlp.grpc_exporter() if protocol == "grpc" else otlp.http_exporter()
 
 
 def shutdown() -> None:
@@ -189,14 +190,7 @@ def server_span(
         return _NOOP
 
     carrier = {k: v for k, v in metadata if k in ("traceparent", "tracestate")}
-    return STATE.tracer.start_as_current_span(
-        method,
-        context=_otel.extract(carrier) if carrier else None,
-        kind=_otel.SpanKind.SERVER,
-        attributes=_rpc_attributes(method),
-        record_exception=False,
-        set_status_on_exception=False,
-    )
+    return _server_span(method, carrier, _rpc_attributes(method))
 
 
 def http_server_span(
@@ -213,14 +207,40 @@ def http_server_span(
         for k, v in headers
         if k in (b"traceparent", b"tracestate")
     }
+    return _server_span(method, carrier, {"http.request.method": method, "url.path": path})
+
+
+def _server_span(
+    name: str, carrier: Mapping[str, str], attributes: Mapping[str, Any]
+) -> contextlib.AbstractContextManager[Span | None]:
+    """A SERVER span continuing the trace `carrier` names, current while the
+    block runs. A caller that did not sample its trace gets no span at all
+    when the sampler follows it (the default), only its context made current
+    (so that calls made from here carry the decision on): no sampler, no
+    ids, no span object."""
+    assert STATE.tracer is not None
+    context = _otel.extract(carrier) if carrier else None
+    if context is not None and STATE.follows_parent:
+        parent = _otel.trace.get_current_span(context).get_span_context()
+        if parent.is_valid and not parent.trace_flags.sampled:
+            return _attached(context)
     return STATE.tracer.start_as_current_span(
-        method,
-        context=_otel.extract(carrier) if carrier else None,
+        name,
+        context=context,
         kind=_otel.SpanKind.SERVER,
-        attributes={"http.request.method": method, "url.path": path},
+        attributes=attributes,
         record_exception=False,
         set_status_on_exception=False,
     )
+
+
+@contextlib.contextmanager
+def _attached(context: Context) -> Iterator[None]:
+    token = _otel.context.attach(context)
+    try:
+        yield None
+    finally:
+        _otel.context.detach(token)
 
 
 def http_answered_server(current: Span, status: int) -> None:
@@ -272,6 +292,92 @@ def store_span(
     return _span(name, attributes, "client")
 
 
+class Step:
+    """A step of a request that is a span only if it calls out (`step`)."""
+
+    __slots__ = ("attributes", "ended", "name", "opened", "parent", "started")
+
+    def __init__(self, name: str, attributes: Mapping[str, Any] | None) -> None:
+        self.name = name
+        self.attributes = dict(attributes or ())
+        self.parent = _otel.context.get_current()
+        self.started = time.time_ns()
+        self.opened: Span | None = None
+        self.ended = False
+
+    def set_attribute(self, key: str, value: Any) -> None:
+        """Set on the span, or on the event that stands for it."""
+        self.attributes[key] = value
+
+    def context(self) -> Context:
+        """The context of the step's span, opened now (back-dated to the
+        step's start) if it was not yet: an outgoing call is its child."""
+        if self.opened is None:
+            assert STATE.tracer is not None
+            self.opened = STATE.tracer.start_span(
+                self.name, context=self.parent, start_time=self.started
+            )
+        found: Context = _otel.trace.set_span_in_context(self.opened)
+        return found
+
+    def end(self, error: BaseException | None) -> None:
+        self.ended = True
+        if error is not None:
+            self.attributes["error.type"] = type(error).__name__
+        if self.opened is not None:
+            self.opened.set_attributes(self.attributes)
+            if error is not None:
+                self.opened.set_status(_otel.Status(_otel.StatusCode.ERROR, type(error).__name__))
+            self.opened.end()
+            return
+        self.attributes["marie.duration_ms"] = (time.time_ns() - self.started) / 1e6
+        _otel.trace.get_current_span(self.parent).add_event(
+            self.name, self.attributes, timestamp=self.started
+        )
+
+
+#: The step being run in this context, whose span outgoing calls open.
+_STEP: contextvars.ContextVar[Step | None] = contextvars.ContextVar("marie_step", default=None)
+
+
+def step(
+    name: str, attributes: Mapping[str, Any] | None = None
+) -> contextlib.AbstractContextManager[Step | None]:
+    """A step of the current span that becomes a span of its own only when it
+    calls out (a gRPC call on a traced channel, or an upstream HTTP call,
+    which are then its children); otherwise it is an event on the current
+    span, at the step's start, with its duration (`marie.duration_ms`) and,
+    if it failed, `error.type`. A span costs tens of µs of CPU to record and
+    export; a key check answered from the cache or limits counted in-process
+    take less than that. The shared no-op (yielding None) when not recording."""
+    if STATE.tracer is None or not recording():
+        return _NOOP
+    return _step(name, attributes)
+
+
+@contextlib.contextmanager
+def _step(name: str, attributes: Mapping[str, Any] | None) -> Iterator[Step]:
+    current = Step(name, attributes)
+    token = _STEP.set(current)
+    try:
+        yield current
+    except BaseException as exc:
+        current.end(exc)
+        raise
+    else:
+        current.end(None)
+    finally:
+        _STEP.reset(token)
+
+
+def _call_context() -> Context | None:
+    """The parent of an outgoing call's span: the running step's span if a
+    step is running (opened now if needed), else the current span."""
+    running = _STEP.get()
+    # A task started inside the step may call out after it has ended.
+    return None if running is None or running.ended else running.context()
+
+
 @contextlib.contextmanager
 def _span(name: str, attributes: Mapping[str, Any] | None, kind: str) -> Iterator[Span]:
 
@@ -288,10 +394,28 @@ def start_client_span(name: str, attributes: Mapping[str, Any]) -> tuple[Span, d
     to the peer (`traceparent`, `tracestate`). Tracing must be on."""
 
     assert STATE.tracer is not None, "tracing is off"
-    started = STATE.tracer.start_span(name, kind=_otel.SpanKind.CLIENT, attributes=attributes)
+    started = STATE.tracer.start_span(
+        name, context=_call_context(), kind=_otel.SpanKind.CLIENT, attributes=attributes
+    )
     headers: dict[str, str] = {}
     _otel.inject(headers, context=_otel.trace.set_span_in_context(started))
     return started, headers
+
+
+def start_http_call(attributes: Mapping[str, Any]) -> tuple[Span, dict[str, str], bool]:
+    """The span of an outgoing HTTP request, the headers carrying its context,
+    and whether the caller ends it. A request made while a CLIENT span is
+    current (a model call's) is that call's transport: its HTTP attributes go
+    on that span, which the upstream sees as its parent (one span, not two,
+    per model call); otherwise a new CLIENT span named by the method."""
+    current = _otel.trace.get_current_span()
+    if getattr(current, "kind", None) is _otel.SpanKind.CLIENT and current.is_recording():
+        current.set_attributes(attributes)
+        headers: dict[str, str] = {}
+        _otel.inject(headers)
+        return current, headers, False
+    span, headers = start_client_span(attributes["http.request.method"], attributes)
+    return span, headers, True
 
 
 def http_answered(current: Span, status: int) -> None:
@@ -414,7 +538,9 @@ def _start_call(method: str, metadata: Metadata) -> tuple[Span | None, Metadata]
     span = None
     if recording():
         kind = _otel.SpanKind.CLIENT
-        span = tracer.start_span(method, kind=kind, attributes=_rpc_attributes(method))
+        span = tracer.start_span(
+            method, context=_call_context(), kind=kind, attributes=_rpc_attributes(method)
+        )
         _otel.inject(carrier, context=_otel.trace.set_span_in_context(span))
     else:
         # An unsampled trace: no span, but the callee learns the decision.

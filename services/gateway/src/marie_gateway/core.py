@@ -237,11 +237,13 @@ class Gateway:
 
         A client address that presented too many invalid keys lately gets 429
         for any key not validated recently, without auth being asked."""
-        with tracing.span("gateway.check_key") as span:
+        # A span when auth is asked, an event on the request's when the key
+        # is answered from the cache.
+        with tracing.step("gateway.check_key") as step:
             principal = await self._authenticate(request)
-            if span is not None:
+            if step is not None:
                 # The key's id, never the key.
-                span.set_attribute("marie.key_id", principal.key_id)
+                step.set_attribute("marie.key_id", principal.key_id)
         request.scope[BODY_HOLDER_KEY] = "key:" + principal.key_id
         return principal
 
@@ -304,7 +306,8 @@ class Gateway:
                     retry_after=max(1, math.ceil(exc.reset_seconds)),
                 ) from None
         try:
-            with tracing.span("gateway.limits", {"marie.operation": operation}):
+            # A span when the limiter asks auth (leases), else an event.
+            with tracing.step("gateway.limits", {"marie.operation": operation}):
                 grant = await self.limiter.acquire(
                     principal.key_id, principal.limits, tokens=tokens
                 )

@@ -624,14 +624,14 @@ class UpstreamClient:
         On the direct path the response's `stream` yields the body as it
         arrives; `body` reads it without httpx's decoding layers when there
         is nothing to decode. With tracing on, the call is a CLIENT span
-        (until the response is closed) whose context the upstream receives
-        in `traceparent`.
+        (until the response is closed; the model call's span when it is
+        current) whose context the upstream receives in `traceparent`.
         """
         span = None
+        owned = False
         trace_headers: dict[str, str] = {}
         if tracing.STATE.enabled and tracing.recording():
-            span, trace_headers = tracing.start_client_span(
-                "POST",
+            span, trace_headers, owned = tracing.start_http_call(
                 {
                     "http.request.method": "POST",
                     # Host, port and path only: the base URL may hold credentials.
@@ -676,7 +676,7 @@ class UpstreamClient:
                 tracing.record_failure(span, exc)
             raise
         finally:
-            if span is not None:
+            if owned and span is not None:
                 span.end()
 
     @staticmethod
