@@ -539,3 +539,29 @@ async def test_a_sqlite_file_of_schema_2_is_indexed_again_stemmed(tmp_path: Path
         assert [h.memory.id for h in hits] == [later.id]
     finally:
         await store.close()
+
+
+async def test_sqlite_keyword_search_weighs_words_by_the_users_own_memories(
+    tmp_path: Path,
+) -> None:
+    """A word nearly all of a user's memories hold tells them apart less than
+    one few of them hold, whatever other users' memories hold: Alice's
+    memories nearly all name Caroline, Bob's all say pottery. Weighed among
+    every user's memories, "caroline" would be the rare word and "pottery"
+    the common one, and a memory naming Caroline would come first."""
+    store = await SqliteStore.open(tmp_path / "memory.sqlite3")
+    try:
+        alice = [memory("alice", f"Caroline: we talked about topic {i}") for i in range(4)]
+        pottery = memory("alice", "Melanie: pottery is fun")
+        await store.apply_memory_changes("alice", [add(m) for m in (*alice, pottery)])
+        bob = [memory("bob", f"pottery class number {i}") for i in range(30)]
+        await store.apply_memory_changes("bob", [add(m) for m in bob])
+
+        hits = await store.keyword_search_memories(
+            "alice", "Caroline's pottery?", MemoryFilter(), 10
+        )
+        assert hits[0].memory.id == pottery.id
+        assert {h.memory.id for h in hits} == {m.id for m in (*alice, pottery)}
+        assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    finally:
+        await store.close()

@@ -25,6 +25,7 @@ import contextlib
 import functools
 import html
 import json
+import math
 import sqlite3
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -268,9 +269,20 @@ def _migrate(db: sqlite3.Connection, version: int) -> None:
         )
 
 
+def _fts_term(word: str) -> str:
+    """One word as an FTS5 query (quoted: no query syntax)."""
+    return '"' + word.replace('"', '""') + '"'
+
+
 def fts_query(text: str) -> str:
     """A safe FTS5 query from free text: every word quoted, any of them may match."""
-    return " OR ".join('"' + w.replace('"', '""') + '"' for w in query_words(text))
+    return " OR ".join(_fts_term(w) for w in query_words(text))
+
+
+def _bm25_idf(total: int, holding: int) -> float:
+    """A term's weight in BM25 as FTS5's bm25() computes it, among `total`
+    texts of which `holding` hold it (never below 1e-6)."""
+    return max(1e-6, math.log((total - holding + 0.5) / (holding + 0.5)))
 
 
 def _conversation(row: sqlite3.Row) -> Conversation:
@@ -1034,22 +1046,63 @@ class SqliteStore:
     async def keyword_search_memories(
         self, user_id: str, query: str, memory_filter: MemoryFilter, limit: int
     ) -> list[ScoredMemory]:
-        match = fts_query(query)
-        if not match:
+        """BM25 with the user's own statistics (`_user_bm25`), best first."""
+        terms = [_fts_term(word) for word in dict.fromkeys(query_words(query))]
+        if not terms:
             return []
-        params: dict[str, Any] = {"match": match, "user": user_id, "limit": limit}
-        sql = (
-            "SELECT m.seq, f.rank FROM memories_fts f JOIN memories m ON m.seq = f.rowid "
-            "WHERE memories_fts MATCH :match AND m.user_id = :user"
-        )
-        sql += _filter_sql(memory_filter, params) + " ORDER BY f.rank, m.seq LIMIT :limit"
 
         def _select() -> list[ScoredMemory]:
-            ranked = [(int(r[0]), -float(r[1])) for r in self._db.execute(sql, params)]
+            scores = self._user_bm25(user_id, terms)
+            if not scores:
+                return []
+            params: dict[str, Any] = {"seqs": _dumps(list(scores))}
+            kept = {
+                int(r[0])
+                for r in self._db.execute(
+                    "SELECT m.seq FROM memories m "
+                    "WHERE m.seq IN (SELECT value FROM json_each(:seqs))"
+                    + _filter_sql(memory_filter, params),
+                    params,
+                )
+            }
+            ranked = sorted(
+                ((seq, score) for seq, score in scores.items() if seq in kept),
+                key=lambda item: (-item[1], item[0]),
+            )[:limit]
             found = self._memories_by_seq([seq for seq, _ in ranked])
             return [ScoredMemory(found[seq], score) for seq, score in ranked if seq in found]
 
         return await self._run(_select)
+
+    def _user_bm25(self, user_id: str, terms: Sequence[str]) -> dict[int, float]:
+        """Each of the user's memories holding a term, with its BM25 score as if
+        the user's memories were the whole collection: FTS5's bm25() weighs a
+        term by its rarity among every user's memories, so a word that
+        nearly all of one user's memories hold (their name: LOCOMO's turns
+        start with the speaker's) counted as rare, and drowned the words that
+        tell the user's memories apart (LOCOMO's tuning half: hybrid R@5/R@10
+        0.615/0.703 -> 0.645/0.730). One query per term: its FTS5 score is
+        that term's rarity among all memories times how well it matches the
+        memory; the rarity is exchanged for the one among the user's."""
+        count = self._db.execute("SELECT count(*) FROM memories WHERE user_id = ?", (user_id,))
+        user_total = int(count.fetchone()[0])
+        total = int(self._db.execute("SELECT count(*) FROM memories").fetchone()[0])
+        scores: dict[int, float] = {}
+        for term in terms:
+            rows = self._db.execute(
+                "SELECT m.seq, f.rank FROM memories_fts f JOIN memories m ON m.seq = f.rowid "
+                "WHERE memories_fts MATCH ? AND m.user_id = ?",
+                (term, user_id),
+            ).fetchall()
+            if not rows:
+                continue
+            everywhere = self._db.execute(
+                "SELECT count(*) FROM memories_fts WHERE memories_fts MATCH ?", (term,)
+            ).fetchone()[0]
+            ratio = _bm25_idf(user_total, len(rows)) / _bm25_idf(total, int(everywhere))
+            for seq, rank in rows:
+                scores[int(seq)] = scores.get(int(seq), 0.0) - float(rank) * ratio
+        return scores
 
     def _user_vectors(self, user_id: str) -> _UserVectors:
         cached = self._vectors.get(user_id)
