@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import heapq
 import html
 import json
 import math
@@ -1053,22 +1054,16 @@ class SqliteStore:
 
         def _select() -> list[ScoredMemory]:
             scores = self._user_bm25(user_id, terms)
-            if not scores:
-                return []
-            params: dict[str, Any] = {"seqs": _dumps(list(scores))}
-            kept = {
-                int(r[0])
-                for r in self._db.execute(
+            if scores and not memory_filter.is_empty():
+                params: dict[str, Any] = {"seqs": _dumps(list(scores))}
+                kept = self._db.execute(
                     "SELECT m.seq FROM memories m "
                     "WHERE m.seq IN (SELECT value FROM json_each(:seqs))"
                     + _filter_sql(memory_filter, params),
                     params,
                 )
-            }
-            ranked = sorted(
-                ((seq, score) for seq, score in scores.items() if seq in kept),
-                key=lambda item: (-item[1], item[0]),
-            )[:limit]
+                scores = {int(r[0]): scores[int(r[0])] for r in kept}
+            ranked = heapq.nsmallest(limit, scores.items(), key=lambda item: (-item[1], item[0]))
             found = self._memories_by_seq([seq for seq, _ in ranked])
             return [ScoredMemory(found[seq], score) for seq, score in ranked if seq in found]
 
@@ -1089,9 +1084,11 @@ class SqliteStore:
         total = int(self._db.execute("SELECT count(*) FROM memories").fetchone()[0])
         scores: dict[int, float] = {}
         for term in terms:
+            # CROSS JOIN: the term's matches first, then their users (SQLite
+            # would otherwise walk the user's memories and match each one).
             rows = self._db.execute(
-                "SELECT m.seq, f.rank FROM memories_fts f JOIN memories m ON m.seq = f.rowid "
-                "WHERE memories_fts MATCH ? AND m.user_id = ?",
+                "SELECT m.seq, f.rank FROM memories_fts f CROSS JOIN memories m "
+                "ON m.seq = f.rowid WHERE memories_fts MATCH ? AND m.user_id = ?",
                 (term, user_id),
             ).fetchall()
             if not rows:
