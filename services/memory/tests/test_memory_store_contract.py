@@ -496,3 +496,72 @@ async def test_a_sqlite_file_of_schema_1_is_indexed_again_folded(tmp_path: Path)
         assert [h.memory.id for h in hits] == [later.id]
     finally:
         await store.close()
+
+
+async def test_a_sqlite_file_of_schema_2_is_indexed_again_stemmed(tmp_path: Path) -> None:
+    """Keyword search matches other forms of a word ("painted" finds
+    "painting"), also for rows stored before stemming, once the store has
+    reopened the file (its full-text indices are made again)."""
+    path = tmp_path / "memory.sqlite3"
+    store = await SqliteStore.open(path)
+    mem = memory("alice", "Went painting by the lake")
+    await store.apply_memory_changes("alice", [add(mem)])
+    chat = conversation("alice", "t")
+    await store.create_conversation(chat)
+    await store.append_messages("alice", chat.id, [message(ROLE_USER, "the kids loved it")], 1.0)
+    await store.close()
+    # Back to what schema 2 wrote: indices without stemming.
+    db = sqlite3.connect(path)
+    for table, column in (("messages", "content"), ("memories", "text")):
+        db.execute(f"DROP TABLE {table}_fts")
+        db.execute(
+            f"CREATE VIRTUAL TABLE {table}_fts USING fts5({column}, content='{table}', "
+            "content_rowid='seq', tokenize='unicode61 remove_diacritics 2')"
+        )
+        db.execute(f"INSERT INTO {table}_fts (rowid, {column}) SELECT seq, {column} FROM {table}")
+    db.execute("PRAGMA user_version = 2")
+    db.commit()
+    unstemmed = db.execute("SELECT count(*) FROM memories_fts WHERE memories_fts MATCH 'painted'")
+    assert unstemmed.fetchone()[0] == 0
+    db.close()
+
+    store = await SqliteStore.open(path)
+    try:
+        hits = await store.keyword_search_memories("alice", "painted", MemoryFilter(), 10)
+        assert [h.memory.id for h in hits] == [mem.id]
+        [hit] = await store.search_messages("alice", "kid loves", "", (), 10)
+        assert hit.message.content == "the kids loved it"
+        assert hit.snippets == ["the <mark>kids</mark> <mark>loved</mark> it"]
+        # New writes are indexed stemmed too.
+        later = memory("alice", "Runs marathons")
+        await store.apply_memory_changes("alice", [add(later)])
+        hits = await store.keyword_search_memories("alice", "marathon running", MemoryFilter(), 10)
+        assert [h.memory.id for h in hits] == [later.id]
+    finally:
+        await store.close()
+
+
+async def test_sqlite_keyword_search_weighs_words_by_the_users_own_memories(
+    tmp_path: Path,
+) -> None:
+    """A word nearly all of a user's memories hold tells them apart less than
+    one few of them hold, whatever other users' memories hold: Alice's
+    memories nearly all name Caroline, Bob's all say pottery. Weighed among
+    every user's memories, "caroline" would be the rare word and "pottery"
+    the common one, and a memory naming Caroline would come first."""
+    store = await SqliteStore.open(tmp_path / "memory.sqlite3")
+    try:
+        alice = [memory("alice", f"Caroline: we talked about topic {i}") for i in range(4)]
+        pottery = memory("alice", "Melanie: pottery is fun")
+        await store.apply_memory_changes("alice", [add(m) for m in (*alice, pottery)])
+        bob = [memory("bob", f"pottery class number {i}") for i in range(30)]
+        await store.apply_memory_changes("bob", [add(m) for m in bob])
+
+        hits = await store.keyword_search_memories(
+            "alice", "Caroline's pottery?", MemoryFilter(), 10
+        )
+        assert hits[0].memory.id == pottery.id
+        assert {h.memory.id for h in hits} == {m.id for m in (*alice, pottery)}
+        assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    finally:
+        await store.close()

@@ -820,6 +820,23 @@ class OpenSearchStore:
         found = await self._get_versioned(name, doc_id)
         return None if found is None else found[0]
 
+    async def _users_docs(
+        self, name: str, user_id: str, doc_ids: Sequence[str]
+    ) -> dict[str, dict[str, Any]]:
+        """The user's documents of these ids that exist, by id, in one round
+        trip (realtime, as `_get`): a search's hits looked up one `get` at a
+        time made a 50-candidate vector search 50 round trips."""
+        if not doc_ids:
+            return {}
+        reply = await self._client.mget(
+            index=self.index(name), body={"ids": list(dict.fromkeys(doc_ids))}
+        )
+        return {
+            d["_id"]: d["_source"]
+            for d in reply["docs"]
+            if d.get("found") and d["_source"]["user_id"] == user_id
+        }
+
     async def _search(self, name: str, body: dict[str, Any]) -> list[dict[str, Any]]:
         await self._searchable(name)
         return await self._search_as_is(name, body)
@@ -958,11 +975,14 @@ class OpenSearchStore:
             "message_vectors",
             message_knn_body(user_id, vector, conversation_id, roles, min(limit, MAX_RESULTS)),
         )
+        docs = await self._users_docs(
+            "messages", user_id, [h["_source"]["message_id"] for h in hits]
+        )
         out = []
         titles: dict[str, str] = {}
         for h in hits:
-            doc = await self._get("messages", h["_source"]["message_id"])
-            if doc is None or doc["user_id"] != user_id:
+            doc = docs.get(h["_source"]["message_id"])
+            if doc is None:
                 continue
             message = _message(doc)
             if message.conversation_id not in titles:
@@ -1714,13 +1734,18 @@ class OpenSearchStore:
         hits = await self._search(
             "memory_vectors", knn_query_body(user_id, vector, memory_filter, limit)
         )
-        out = []
-        for h in hits:
-            memory = await self.get_memory(user_id, h["_source"]["memory_id"])
-            if memory is not None:
-                # The lucene engine's cosine score is (1 + cos) / 2.
-                out.append(ScoredMemory(memory, 2.0 * float(h["_score"]) - 1.0))
-        return out
+        found = await self._memories_of(user_id, [h["_source"]["memory_id"] for h in hits])
+        # The lucene engine's cosine score is (1 + cos) / 2.
+        return [
+            ScoredMemory(found[h["_source"]["memory_id"]], 2.0 * float(h["_score"]) - 1.0)
+            for h in hits
+            if h["_source"]["memory_id"] in found
+        ]
+
+    async def _memories_of(self, user_id: str, memory_ids: Sequence[str]) -> dict[str, Memory]:
+        """The user's memories of these ids that exist, by id."""
+        docs = await self._users_docs("memory", user_id, memory_ids)
+        return {doc_id: _memory(doc) for doc_id, doc in docs.items()}
 
     async def hybrid_search_memories(
         self,
@@ -1740,12 +1765,13 @@ class OpenSearchStore:
             body=hybrid_query_body(user_id, query, vector, memory_filter, min(limit, MAX_RESULTS)),
             params={"search_pipeline": self.hybrid_pipeline},
         )
-        out = []
-        for h in reply["hits"]["hits"]:
-            memory = await self.get_memory(user_id, h["_source"]["memory_id"])
-            if memory is not None:
-                out.append(ScoredMemory(memory, float(h["_score"] or 0.0)))
-        return out
+        hits = reply["hits"]["hits"]
+        found = await self._memories_of(user_id, [h["_source"]["memory_id"] for h in hits])
+        return [
+            ScoredMemory(found[h["_source"]["memory_id"]], float(h["_score"] or 0.0))
+            for h in hits
+            if h["_source"]["memory_id"] in found
+        ]
 
     # --- extraction queue -------------------------------------------------
 

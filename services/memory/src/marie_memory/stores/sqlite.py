@@ -23,8 +23,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import heapq
 import html
 import json
+import math
 import sqlite3
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -66,8 +68,12 @@ from marie_memory.stores.keywords import (
 )
 
 # 2: the full-text indices hold folded text (keywords.fold_in_place).
-SCHEMA_VERSION = 2
-_FOLDING_TRIGGERS = (
+# 3: ... and stem English words (FTS5's porter tokenizer): "painting" finds
+#    "painted" (on LOCOMO's tuning half keyword R@10 0.659 -> 0.692).
+SCHEMA_VERSION = 3
+# How both full-text indices split, fold and stem words.
+FTS_TOKENIZER = "porter unicode61 remove_diacritics 2"
+_FTS_TRIGGERS = (
     "messages_ai",
     "messages_ad",
     "memories_ai",
@@ -114,16 +120,6 @@ CREATE TABLE IF NOT EXISTS messages (
 CREATE UNIQUE INDEX IF NOT EXISTS messages_by_position ON messages (conversation_id, position);
 CREATE INDEX IF NOT EXISTS messages_by_user ON messages (user_id, seq);
 CREATE INDEX IF NOT EXISTS messages_without_vector ON messages (seq) WHERE vector IS NULL;
-CREATE VIRTUAL TABLE IF NOT EXISTS messages_fts USING fts5(
-    content, content='messages', content_rowid='seq', tokenize='unicode61 remove_diacritics 2'
-);
-CREATE TRIGGER IF NOT EXISTS messages_ai AFTER INSERT ON messages BEGIN
-    INSERT INTO messages_fts (rowid, content) VALUES (new.seq, marie_fold(new.content));
-END;
-CREATE TRIGGER IF NOT EXISTS messages_ad AFTER DELETE ON messages BEGIN
-    INSERT INTO messages_fts (messages_fts, rowid, content)
-    VALUES ('delete', old.seq, marie_fold(old.content));
-END;
 CREATE TABLE IF NOT EXISTS memories (
     seq                    INTEGER PRIMARY KEY,
     id                     TEXT NOT NULL UNIQUE,
@@ -141,21 +137,6 @@ CREATE TABLE IF NOT EXISTS memories (
 CREATE INDEX IF NOT EXISTS memories_by_create ON memories (user_id, create_time, id);
 CREATE INDEX IF NOT EXISTS memories_by_hash ON memories (user_id, hash);
 CREATE INDEX IF NOT EXISTS memories_without_vector ON memories (seq) WHERE vector IS NULL;
-CREATE VIRTUAL TABLE IF NOT EXISTS memories_fts USING fts5(
-    text, content='memories', content_rowid='seq', tokenize='unicode61 remove_diacritics 2'
-);
-CREATE TRIGGER IF NOT EXISTS memories_ai AFTER INSERT ON memories BEGIN
-    INSERT INTO memories_fts (rowid, text) VALUES (new.seq, marie_fold(new.text));
-END;
-CREATE TRIGGER IF NOT EXISTS memories_ad AFTER DELETE ON memories BEGIN
-    INSERT INTO memories_fts (memories_fts, rowid, text)
-    VALUES ('delete', old.seq, marie_fold(old.text));
-END;
-CREATE TRIGGER IF NOT EXISTS memories_au AFTER UPDATE OF text ON memories BEGIN
-    INSERT INTO memories_fts (memories_fts, rowid, text)
-    VALUES ('delete', old.seq, marie_fold(old.text));
-    INSERT INTO memories_fts (rowid, text) VALUES (new.seq, marie_fold(new.text));
-END;
 CREATE TABLE IF NOT EXISTS history (
     seq         INTEGER PRIMARY KEY,
     id          TEXT NOT NULL UNIQUE,
@@ -195,6 +176,50 @@ CREATE INDEX IF NOT EXISTS finished_jobs_by_time ON finished_jobs (finish_time);
 CREATE INDEX IF NOT EXISTS finished_jobs_by_user ON finished_jobs (user_id);
 """
 
+# The full-text indices (FTS5 external-content tables) and the triggers that
+# keep them in step with their tables, indexing folded text.
+_FTS_SCHEMA = f"""
+CREATE VIRTUAL TABLE IF NOT EXISTS messages_fts USING fts5(
+    content, content='messages', content_rowid='seq', tokenize='{FTS_TOKENIZER}'
+);
+CREATE TRIGGER IF NOT EXISTS messages_ai AFTER INSERT ON messages BEGIN
+    INSERT INTO messages_fts (rowid, content) VALUES (new.seq, marie_fold(new.content));
+END;
+CREATE TRIGGER IF NOT EXISTS messages_ad AFTER DELETE ON messages BEGIN
+    INSERT INTO messages_fts (messages_fts, rowid, content)
+    VALUES ('delete', old.seq, marie_fold(old.content));
+END;
+CREATE VIRTUAL TABLE IF NOT EXISTS memories_fts USING fts5(
+    text, content='memories', content_rowid='seq', tokenize='{FTS_TOKENIZER}'
+);
+CREATE TRIGGER IF NOT EXISTS memories_ai AFTER INSERT ON memories BEGIN
+    INSERT INTO memories_fts (rowid, text) VALUES (new.seq, marie_fold(new.text));
+END;
+CREATE TRIGGER IF NOT EXISTS memories_ad AFTER DELETE ON memories BEGIN
+    INSERT INTO memories_fts (memories_fts, rowid, text)
+    VALUES ('delete', old.seq, marie_fold(old.text));
+END;
+CREATE TRIGGER IF NOT EXISTS memories_au AFTER UPDATE OF text ON memories BEGIN
+    INSERT INTO memories_fts (memories_fts, rowid, text)
+    VALUES ('delete', old.seq, marie_fold(old.text));
+    INSERT INTO memories_fts (rowid, text) VALUES (new.seq, marie_fold(new.text));
+END;
+"""
+_SCHEMA += _FTS_SCHEMA
+
+
+def _statements(script: str) -> list[str]:
+    """The SQL statements of `script`, one by one (a trigger is one statement)."""
+    statements: list[str] = []
+    pending = ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            statements.append(pending.strip())
+            pending = ""
+    return statements
+
+
 _CONVERSATION_COLUMNS = (
     "id, user_id, title, provider, model, metadata, create_time, update_time, message_count"
 )
@@ -222,31 +247,43 @@ def _dumps(value: Any) -> str:
 
 
 def _migrate(db: sqlite3.Connection, version: int) -> None:
-    """Files of schema 1 indexed text as it was written: their triggers index
-    the folded text from now on, and every row already stored is indexed
-    again, folded (one transaction, at start: seconds per 100k rows)."""
-    if version >= 2:
+    """Files of an older schema get their full-text indices made again, once,
+    at start (one transaction: seconds per 100k rows): those of schema 1
+    indexed text as it was written, those of schema 2 without stemming. The
+    indices and their triggers are dropped, created as `_FTS_SCHEMA` says,
+    and filled with every stored text, folded."""
+    if version >= SCHEMA_VERSION:
         return
     with write_transaction(db):
-        for trigger in _FOLDING_TRIGGERS:
+        for trigger in _FTS_TRIGGERS:
             db.execute(f"DROP TRIGGER IF EXISTS {trigger}")
-        for chunk in _SCHEMA.split("END;"):
-            if "CREATE TRIGGER" in chunk:
-                db.execute(chunk[chunk.index("CREATE TRIGGER") :] + "END;")
-        db.execute("INSERT INTO messages_fts (messages_fts) VALUES ('delete-all')")
+        db.execute("DROP TABLE IF EXISTS messages_fts")
+        db.execute("DROP TABLE IF EXISTS memories_fts")
+        for statement in _statements(_FTS_SCHEMA):
+            db.execute(statement)
         db.execute(
             "INSERT INTO messages_fts (rowid, content) "
             "SELECT seq, marie_fold(content) FROM messages"
         )
-        db.execute("INSERT INTO memories_fts (memories_fts) VALUES ('delete-all')")
         db.execute(
             "INSERT INTO memories_fts (rowid, text) SELECT seq, marie_fold(text) FROM memories"
         )
 
 
+def _fts_term(word: str) -> str:
+    """One word as an FTS5 query (quoted: no query syntax)."""
+    return '"' + word.replace('"', '""') + '"'
+
+
 def fts_query(text: str) -> str:
     """A safe FTS5 query from free text: every word quoted, any of them may match."""
-    return " OR ".join('"' + w.replace('"', '""') + '"' for w in query_words(text))
+    return " OR ".join(_fts_term(w) for w in query_words(text))
+
+
+def _bm25_idf(total: int, holding: int) -> float:
+    """A term's weight in BM25 as FTS5's bm25() computes it, among `total`
+    texts of which `holding` hold it (never below 1e-6)."""
+    return max(1e-6, math.log((total - holding + 0.5) / (holding + 0.5)))
 
 
 def _conversation(row: sqlite3.Row) -> Conversation:
@@ -1010,22 +1047,59 @@ class SqliteStore:
     async def keyword_search_memories(
         self, user_id: str, query: str, memory_filter: MemoryFilter, limit: int
     ) -> list[ScoredMemory]:
-        match = fts_query(query)
-        if not match:
+        """BM25 with the user's own statistics (`_user_bm25`), best first."""
+        terms = [_fts_term(word) for word in dict.fromkeys(query_words(query))]
+        if not terms:
             return []
-        params: dict[str, Any] = {"match": match, "user": user_id, "limit": limit}
-        sql = (
-            "SELECT m.seq, f.rank FROM memories_fts f JOIN memories m ON m.seq = f.rowid "
-            "WHERE memories_fts MATCH :match AND m.user_id = :user"
-        )
-        sql += _filter_sql(memory_filter, params) + " ORDER BY f.rank, m.seq LIMIT :limit"
 
         def _select() -> list[ScoredMemory]:
-            ranked = [(int(r[0]), -float(r[1])) for r in self._db.execute(sql, params)]
+            scores = self._user_bm25(user_id, terms)
+            if scores and not memory_filter.is_empty():
+                params: dict[str, Any] = {"seqs": _dumps(list(scores))}
+                kept = self._db.execute(
+                    "SELECT m.seq FROM memories m "
+                    "WHERE m.seq IN (SELECT value FROM json_each(:seqs))"
+                    + _filter_sql(memory_filter, params),
+                    params,
+                )
+                scores = {int(r[0]): scores[int(r[0])] for r in kept}
+            ranked = heapq.nsmallest(limit, scores.items(), key=lambda item: (-item[1], item[0]))
             found = self._memories_by_seq([seq for seq, _ in ranked])
             return [ScoredMemory(found[seq], score) for seq, score in ranked if seq in found]
 
         return await self._run(_select)
+
+    def _user_bm25(self, user_id: str, terms: Sequence[str]) -> dict[int, float]:
+        """Each of the user's memories holding a term, with its BM25 score as if
+        the user's memories were the whole collection: FTS5's bm25() weighs a
+        term by its rarity among every user's memories, so a word that
+        nearly all of one user's memories hold (their name: LOCOMO's turns
+        start with the speaker's) counted as rare, and drowned the words that
+        tell the user's memories apart (LOCOMO's tuning half: hybrid R@5/R@10
+        0.615/0.703 -> 0.645/0.730). One query per term: its FTS5 score is
+        that term's rarity among all memories times how well it matches the
+        memory; the rarity is exchanged for the one among the user's."""
+        count = self._db.execute("SELECT count(*) FROM memories WHERE user_id = ?", (user_id,))
+        user_total = int(count.fetchone()[0])
+        total = int(self._db.execute("SELECT count(*) FROM memories").fetchone()[0])
+        scores: dict[int, float] = {}
+        for term in terms:
+            # CROSS JOIN: the term's matches first, then their users (SQLite
+            # would otherwise walk the user's memories and match each one).
+            rows = self._db.execute(
+                "SELECT m.seq, f.rank FROM memories_fts f CROSS JOIN memories m "
+                "ON m.seq = f.rowid WHERE memories_fts MATCH ? AND m.user_id = ?",
+                (term, user_id),
+            ).fetchall()
+            if not rows:
+                continue
+            everywhere = self._db.execute(
+                "SELECT count(*) FROM memories_fts WHERE memories_fts MATCH ?", (term,)
+            ).fetchone()[0]
+            ratio = _bm25_idf(user_total, len(rows)) / _bm25_idf(total, int(everywhere))
+            for seq, rank in rows:
+                scores[int(seq)] = scores.get(int(seq), 0.0) - float(rank) * ratio
+        return scores
 
     def _user_vectors(self, user_id: str) -> _UserVectors:
         cached = self._vectors.get(user_id)
