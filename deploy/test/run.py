@@ -231,7 +231,7 @@ async def smoke(stack: Stack, key: str) -> None:
 
 async def spread(stack: Stack, key: str) -> None:
     gateways = lambda: replica_counts(stack, "gateway", 8000, "marie_http_requests_total", route="/v1/chat/completions")  # noqa: E731
-    providers = lambda: replica_counts(stack, "providers", 9464, "marie_rpc_calls_total", method=".*ProviderService/Chat.*")  # noqa: E731
+    providers = lambda: replica_counts(stack, "providers", 9464, "marie_rpc_calls_total", method=".*ProviderService/CreateChatCompletion")  # noqa: E731
     memory = lambda: replica_counts(stack, "memory", 9464, "marie_rpc_calls_total", method=".*MemoryService/ListMemories")  # noqa: E731
     before = {"gateway": gateways(), "providers": providers(), "memory": memory()}
     async with httpx.AsyncClient(base_url=ENVOY, timeout=30, limits=httpx.Limits(max_connections=CONCURRENCY)) as client:
@@ -269,10 +269,13 @@ async def limits(stack: Stack) -> None:
             if i % 2:
                 codes[f"http {(await chat(client, key, f'limit {i}')).status_code}"] += 1
                 return
-            request = providers_pb.ChatRequest(model=MODEL, messages=[providers_pb.Message(role="user", content=f"limit {i}")])
+            chat_request = providers_pb.StreamChatCompletionRequest(
+                model=MODEL,
+                messages=[providers_pb.ChatMessage(role=providers_pb.ROLE_USER, content=f"limit {i}")],
+            )
+            request = providers_pb.CreateChatCompletionRequest(chat=chat_request)
             try:
-                async for _ in stub.Chat(request, metadata=metadata, timeout=30):
-                    pass
+                await stub.CreateChatCompletion(request, metadata=metadata, timeout=30)
                 codes["grpc OK"] += 1
             except grpc.aio.AioRpcError as error:
                 codes[f"grpc {error.code().name}"] += 1
@@ -406,11 +409,13 @@ def main() -> int:
     began = time.monotonic()
     stack.compose("--profile", "tools", "build", "--quiet")
     log(f"images built in {time.monotonic() - began:.0f} s ({load()})")
+    phases = args.only or ["smoke", "spread", "limits", "faults", "rolling"]
+    if "smoke" not in phases:
+        stack.scale = SCALE
     began = time.monotonic()
     stack.up()
     log(f"stack healthy in {time.monotonic() - began:.0f} s ({load()})")
     key = stack.create_key("deploy-test")
-    phases = args.only or ["smoke", "spread", "limits", "faults", "rolling"]
     if "smoke" in phases:
         asyncio.run(smoke(stack, key))
     stack.scale = SCALE
