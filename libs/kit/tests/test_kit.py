@@ -47,6 +47,9 @@ class ProbeComponent:
         async def who(request: bytes, context: Any) -> bytes:
             return self.name.encode()
 
+        async def peer(request: bytes, context: Any) -> bytes:
+            return str(context.peer()).encode()
+
         async def fail_known(request: bytes, context: Any) -> bytes:
             raise ServiceError(
                 grpc.StatusCode.NOT_FOUND,
@@ -84,6 +87,7 @@ class ProbeComponent:
             "SlowStream": grpc.unary_stream_rpc_method_handler(slow_stream, _identity, _identity),
             "EchoId": grpc.unary_unary_rpc_method_handler(echo_id, _identity, _identity),
             "Who": grpc.unary_unary_rpc_method_handler(who, _identity, _identity),
+            "Peer": grpc.unary_unary_rpc_method_handler(peer, _identity, _identity),
             "FailKnown": grpc.unary_unary_rpc_method_handler(fail_known, _identity, _identity),
             "FailUnknown": grpc.unary_unary_rpc_method_handler(fail_unknown, _identity, _identity),
             "FailEchoing": grpc.unary_unary_rpc_method_handler(fail_echoing, _identity, _identity),
@@ -328,6 +332,35 @@ async def test_shutdown_cancels_streams_still_running_after_the_grace_period() -
         with pytest.raises(grpc.aio.AioRpcError):
             while await call.read() is not grpc.aio.EOF:
                 pass
+
+
+async def test_connections_are_renewed_after_their_max_age_and_streams_outlive_it() -> None:
+    """A client connection older than the server's max age is replaced (new
+    calls arrive from a new client port; a DNS client resolves again), while
+    a stream running across the age finishes whole on the old one."""
+    running = await start_server([ProbeComponent()], max_connection_age=0.3)
+    try:
+        async with insecure_channel(running.target) as channel:
+            first = await _unary(channel, "Peer")(b"")
+            stream = channel.unary_stream(f"/{SERVICE}/SlowStream", _identity, _identity)(b"")
+            parts = [part async for part in stream]  # 0.6 s, across the age
+            assert parts == [b"a", b"b", b"c"]
+            assert await stream.code() == grpc.StatusCode.OK
+            later = await _unary(channel, "Peer")(b"")
+        assert first != later
+    finally:
+        await running.stop(0)
+
+
+async def test_connections_live_on_without_a_max_age() -> None:
+    running = await start_server([ProbeComponent()])
+    try:
+        async with insecure_channel(running.target) as channel:
+            first = await _unary(channel, "Peer")(b"")
+            await asyncio.sleep(0.6)
+            assert await _unary(channel, "Peer")(b"") == first
+    finally:
+        await running.stop(0)
 
 
 async def test_channels_spread_calls_over_every_resolved_replica() -> None:

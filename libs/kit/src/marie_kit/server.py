@@ -87,9 +87,17 @@ class RunningServer:
 
 
 async def start_server(
-    components: Sequence[Component], *, host: str = "127.0.0.1", port: int = 0
+    components: Sequence[Component],
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    max_connection_age: float = 0,
 ) -> RunningServer:
-    """Start `components` behind one gRPC server; returns once SERVING."""
+    """Start `components` behind one gRPC server; returns once SERVING.
+    With a `max_connection_age` (seconds), each client connection is sent
+    GOAWAY after about that long: calls in flight finish on it, new ones go
+    on a new connection, and a client of a DNS name (`dns:///memory:50052`,
+    round_robin) resolves it again, so replicas started since get calls."""
     domain = components[0].domain if components else "marie"
     watches = _watches(components)
     server = grpc.aio.server(
@@ -110,6 +118,7 @@ async def start_server(
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
             ("grpc.http2.max_ping_strikes", 0),
+            *_age_options(max_connection_age),
         ),
     )
     health_servicer = health.aio.HealthServicer()
@@ -153,6 +162,15 @@ async def start_server(
     return running
 
 
+def _age_options(max_connection_age: float) -> list[tuple[str, int]]:
+    """gRPC adds ±10 % jitter to the age, so replicas' clients do not all
+    reconnect at once. No grace limit: a long stream (a slow model's answer,
+    a watch) is never cut by its connection's age."""
+    if max_connection_age <= 0:
+        return []
+    return [("grpc.max_connection_age_ms", max(1, round(max_connection_age * 1000)))]
+
+
 def _watches(components: Sequence[Component]) -> list[StorageWatch]:
     return [w for c in components if (w := getattr(c, "storage", None)) is not None]
 
@@ -164,13 +182,16 @@ async def serve(
     port: int,
     grace: float,
     metrics_port: int = 0,
+    max_connection_age: float = 0,
 ) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully. With a
     `metrics_port`, Prometheus metrics are served there as well."""
     try:
         if metrics_port:
             start_metrics_server(host, metrics_port)
-        running = await start_server(components, host=host, port=port)
+        running = await start_server(
+            components, host=host, port=port, max_connection_age=max_connection_age
+        )
     except OSError as exc:
         # One clear line, not a traceback: the operator has a port to change.
         log.error("%s", exc)

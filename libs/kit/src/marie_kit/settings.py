@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_DATA_DIR = "./.marie"
 DEFAULT_GRACE_SECONDS = 10.0
+DEFAULT_MAX_CONNECTION_AGE_SECONDS = 300.0
 DEFAULT_AUTH_PORT = 50053
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "debug", "info", "warning", "error"]
@@ -50,6 +51,16 @@ class ServiceSettings(BaseSettings):
         ge=0,
         le=65535,
         description="Port of the Prometheus /metrics endpoint (on `host`); 0: no endpoint.",
+    )
+    max_connection_age_seconds: float = Field(
+        default=DEFAULT_MAX_CONNECTION_AGE_SECONDS,
+        ge=0,
+        validation_alias=AliasChoices(
+            "MARIE_MAX_CONNECTION_AGE_SECONDS", "max_connection_age_seconds"
+        ),
+        description="After this long (±10 %) a client connection is asked to move on "
+        "(HTTP/2 GOAWAY; calls in flight finish): clients resolve the service's name "
+        "again and reach replicas added since. 0: connections live for ever.",
     )
 
 

@@ -24,6 +24,7 @@ async def _serve(settings: MemorySettings) -> None:
             port=settings.port,
             grace=settings.grace_seconds,
             metrics_port=settings.metrics_port,
+            max_connection_age=settings.max_connection_age_seconds,
         )
     except (ModelChangeRefused, StoreUnavailable) as exc:
         fail(str(exc))

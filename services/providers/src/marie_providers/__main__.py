@@ -29,6 +29,7 @@ def main() -> None:
             port=settings.port,
             grace=settings.grace_seconds,
             metrics_port=settings.metrics_port,
+            max_connection_age=settings.max_connection_age_seconds,
         )
     )
 
