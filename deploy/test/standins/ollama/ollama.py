@@ -12,8 +12,6 @@ import sys
 import threading
 import urllib.request
 
-from tests.fakes.ollama import FakeModel, FakeOllama, default_models
-
 SLOW_REPLY = " ".join(f"word{i}" for i in range(60))
 
 
@@ -23,6 +21,9 @@ def address() -> tuple[str, int]:
 
 
 def serve() -> None:
+    # Imported here: `list` (compose's health check, every 10 s) stays light.
+    from tests.fakes.ollama import FakeModel, FakeOllama, default_models
+
     host, port = address()
     models = [*default_models(), FakeModel("slow", reply=SLOW_REPLY, chunk_delay=0.05)]
     FakeOllama(models, host=host, port=port).start()
