@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 STATE = Path(os.environ.get("MARIE_DEPLOY_STATE", "/var/tmp/marie-deploy"))
 PREFIX = STATE / "prefix"
@@ -38,8 +39,8 @@ def log(message: str) -> None:
     print(f"[test-deploy] {message}", flush=True)
 
 
-def run(*command: str | Path, **kwargs: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(part) for part in command], check=True, text=True, **kwargs)  # type: ignore[call-overload]
+def run(*command: str | Path, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(part) for part in command], check=True, text=True, **kwargs)
 
 
 def environment() -> dict[str, str]:
@@ -65,7 +66,9 @@ def _apt_options(apt_dir: Path) -> list[str]:
 
 def _download(packages: tuple[str, ...], into: Path, apt_options: list[str]) -> None:
     # `_apt` cannot write to a root-owned directory: download unsandboxed.
-    run("apt-get", *apt_options, "-oAPT::Sandbox::User=root", "-qq", "download", *packages, cwd=into)
+    run(
+        "apt-get", *apt_options, "-oAPT::Sandbox::User=root", "-qq", "download", *packages, cwd=into
+    )
 
 
 def install() -> None:
@@ -74,12 +77,24 @@ def install() -> None:
     if missing:
         log(f"installing {' '.join(missing)} (bookworm)")
         run("apt-get", "-qq", "update")
-        run("apt-get", "install", "-y", "-qq", *missing, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+        run(
+            "apt-get",
+            "install",
+            "-y",
+            "-qq",
+            *missing,
+            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+        )
     if (PREFIX / "usr" / "sbin" / "dockerd").exists():
         return
     debs = STATE / "debs"
     apt_dir = STATE / "apt"
-    for folder in (debs, apt_dir / "sources.list.d", apt_dir / "lists" / "partial", apt_dir / "cache" / "archives" / "partial"):
+    for folder in (
+        debs,
+        apt_dir / "sources.list.d",
+        apt_dir / "lists" / "partial",
+        apt_dir / "cache" / "archives" / "partial",
+    ):
         folder.mkdir(parents=True, exist_ok=True)
     (apt_dir / "sources.list").write_text(
         "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] "
@@ -104,6 +119,7 @@ def install() -> None:
 def running() -> bool:
     result = subprocess.run(
         ["docker", "version", "--format", "{{.Server.Version}}"],
+        check=False,
         env=environment(),
         capture_output=True,
         text=True,
@@ -138,7 +154,10 @@ def start() -> None:
     deadline = time.monotonic() + START_TIMEOUT_SECONDS
     while not running():
         if time.monotonic() > deadline:
-            raise RuntimeError(f"dockerd did not answer in {START_TIMEOUT_SECONDS:.0f} s; see {STATE / 'dockerd.log'}")
+            log_file = STATE / "dockerd.log"
+            raise RuntimeError(
+                f"dockerd did not answer in {START_TIMEOUT_SECONDS:.0f} s; see {log_file}"
+            )
         time.sleep(0.5)
 
 

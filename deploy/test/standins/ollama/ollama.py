@@ -22,7 +22,7 @@ def address() -> tuple[str, int]:
 
 def serve() -> None:
     # Imported here: `list` (compose's health check, every 10 s) stays light.
-    from tests.fakes.ollama import FakeModel, FakeOllama, default_models
+    from tests.fakes.ollama import FakeModel, FakeOllama, default_models  # noqa: PLC0415
 
     host, port = address()
     models = [*default_models(), FakeModel("slow", reply=SLOW_REPLY, chunk_delay=0.05)]
