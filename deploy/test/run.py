@@ -156,6 +156,23 @@ class Stack:
         raise TimeoutError(f"{container} not healthy in {timeout:.0f} s")
 
 
+ENVOY_ADMIN = "http://127.0.0.1:9901"
+
+
+def wait_in_envoy(cluster: str, address: str, timeout: float = 60.0) -> None:
+    """Until Envoy's own health check passes `address` again: a replica
+    healthy for Docker may still be marked unhealthy in Envoy for one check
+    interval (5 s), and restarting the next one meanwhile leaves Envoy none."""
+    deadline = time.monotonic() + timeout
+    healthy = f"{cluster}::{address}:"
+    while time.monotonic() < deadline:
+        for line in httpx.get(f"{ENVOY_ADMIN}/clusters", timeout=5).text.splitlines():
+            if line.startswith(healthy) and line.endswith("::health_flags::healthy"):
+                return
+        time.sleep(0.5)
+    raise TimeoutError(f"Envoy did not see {cluster} {address} healthy in {timeout:.0f} s")
+
+
 # --- metrics ---------------------------------------------------------------------
 
 SAMPLE = re.compile(r"^(?P<name>[a-z_]+)\{(?P<labels>[^}]*)\} (?P<value>[0-9.e+]+)$")
@@ -560,10 +577,11 @@ async def rolling_restart(stack: Stack) -> None:
 
     async def restarter() -> None:
         for service in SCALE:
-            for name, _ in stack.replicas(service):
+            for name, address in stack.replicas(service):
                 log(f"docker restart {name}")
                 await asyncio.to_thread(stack.docker, "restart", "-t", "30", name)
                 await asyncio.to_thread(stack.wait_healthy, name)
+                await asyncio.to_thread(wait_in_envoy, service, address)
         stop.set()
 
     async def load_until_done() -> None:
