@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from marie_kit.channels import insecure_channel
+from marie_kit.server import start_server
 
 MEMORY = "marie.memory.v1.MemoryService"
 CALLS = 20
@@ -91,3 +93,26 @@ async def test_a_replica_not_serving_gets_no_calls_and_gets_them_back_when_servi
             if stopping.calls:
                 break
         assert stopping.calls > 0
+
+
+async def test_a_kit_server_answers_the_health_watch_that_channels_use() -> None:
+    """Client-side health checking calls Health/Watch; the kit's server
+    interceptor once failed it INTERNAL, which kept a health-checked channel
+    from ever using the server."""
+    running = await start_server([])
+    try:
+        async with insecure_channel(running.target, health_checked=True) as channel:
+            # The published stubs declare no methods on HealthStub.
+            stub: Any = health_pb2_grpc.HealthStub(channel)
+            watch = stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=5)
+            first = await watch.read()
+            assert first.status == health_pb2.HealthCheckResponse.SERVING
+            watch.cancel()
+            # And a call made on the channel reaches the server (its answer,
+            # UNIMPLEMENTED, is the server's: the channel is usable).
+            call = channel.unary_unary("/none.Service/Method", lambda b: b, lambda b: b)
+            with pytest.raises(grpc.aio.AioRpcError) as failed:
+                await call(b"", timeout=5)
+            assert failed.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        await running.stop(0)
