@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from marie_kit.channels import insecure_channel
+from marie_kit.channels import LIFECYCLE_HEALTH, insecure_channel
 from marie_kit.server import start_server
 
 MEMORY = "marie.memory.v1.MemoryService"
@@ -29,7 +29,9 @@ class Replica:
 
     async def serving(self, serving: bool) -> None:
         statuses = health_pb2.HealthCheckResponse
-        await self.health.set("", statuses.SERVING if serving else statuses.NOT_SERVING)
+        await self.health.set(
+            LIFECYCLE_HEALTH, statuses.SERVING if serving else statuses.NOT_SERVING
+        )
 
 
 async def _serve(replica: Replica) -> None:
@@ -104,12 +106,14 @@ async def test_a_kit_server_answers_the_health_watch_that_channels_use() -> None
         async with insecure_channel(running.target, health_checked=True) as channel:
             # The published stubs declare no methods on HealthStub.
             stub: Any = health_pb2_grpc.HealthStub(channel)
-            watch = stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=5)
+            watch = stub.Watch(health_pb2.HealthCheckRequest(service=LIFECYCLE_HEALTH), timeout=5)
             first = await watch.read()
             assert first.status == health_pb2.HealthCheckResponse.SERVING
             watch.cancel()
-            # And a call made on the channel reaches the server (its answer,
-            # UNIMPLEMENTED, is the server's: the channel is usable).
+            # A full store turns the server NOT_SERVING overall, not for the
+            # channels: a call still reaches it (its answer, UNIMPLEMENTED,
+            # is the server's: the channel is usable).
+            await running.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
             call = channel.unary_unary("/none.Service/Method", lambda b: b, lambda b: b)
             with pytest.raises(grpc.aio.AioRpcError) as failed:
                 await call(b"", timeout=5)
