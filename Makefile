@@ -82,7 +82,7 @@ $(BUF): package.json package-lock.json
 lint: bootstrap $(BUF) web-lint
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy libs/kit/src/marie_kit services/*/src cli/src deploy/healthcheck.py
+	$(VENV)/bin/mypy libs/kit/src/marie_kit services/*/src cli/src deploy/healthcheck.py deploy/test
 	# Test folders one by one: each has its own conftest module.
 	for d in libs/kit/tests services/*/tests cli/tests tests bench; do $(VENV)/bin/mypy $$d || exit 1; done
 	$(BUF) lint
@@ -207,6 +207,14 @@ clients: clients-python clients-typescript clients-go clients-java
 # the Kubernetes 1.31 schemas; tools pinned and cached under .tools/.
 helm-check: bootstrap
 	deploy/helm/check.sh
+
+# docker-compose.yml run for real on a private Docker Engine (Debian's
+# packages, extracted; stand-ins for the third-party images), then scaled,
+# with replicas killed and restarted under load (deploy/README.md,
+# "make test-deploy"). Needs root. ARGS, e.g. ARGS="--cluster --down".
+.PHONY: test-deploy
+test-deploy: bootstrap
+	$(PY) deploy/test/run.py $(ARGS)
 
 clients-check: bootstrap
 	$(PY) clients/check.py

@@ -27,6 +27,13 @@ CHANNEL_OPTIONS: tuple[tuple[str, int | str], ...] = (
 )
 
 
+#: The health name a health-checked channel watches. Servers made with
+#: marie_kit.server say NOT_SERVING for it only while starting and stopping,
+#: not while a full store turns them NOT_SERVING overall: reads still work
+#: then, and a lone replica must keep getting them, as Envoy's panic routing
+#: keeps sending to hosts that all fail their checks.
+LIFECYCLE_HEALTH = "marie.kit.Lifecycle"
+
 #: Calls that may run twice with the same effect: a call of these that fails
 #: UNAVAILABLE (its replica is dying: GOAWAY, reset, refused connection, or
 #: readiness gone) is made once more, on another replica when the target has
@@ -71,32 +78,43 @@ RETRY_POLICY = {
 RETRY_THROTTLING = {"maxTokens": 100, "tokenRatio": 0.1}
 
 
-def service_config(*, keyed_writes: bool = False) -> str:
-    """The channel's service config (JSON): the retry policy of the methods above."""
+def service_config(*, keyed_writes: bool = False, health_checked: bool = False) -> str:
+    """The channel's service config (JSON): the retry policy of the methods
+    above and, when `health_checked`, client-side health checking."""
     methods = {s: list(m) for s, m in IDEMPOTENT_METHODS.items()}
     if keyed_writes:
         for service, names in KEYED_WRITES.items():
             methods.setdefault(service, []).extend(names)
     listed = [{"service": s, "method": m} for s, ms in methods.items() for m in ms]
-    return json.dumps(
-        {
-            "loadBalancingConfig": [{"round_robin": {}}],
-            "methodConfig": [{"name": listed, "retryPolicy": RETRY_POLICY}],
-            "retryThrottling": RETRY_THROTTLING,
-        }
-    )
+    config: dict[str, Any] = {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "methodConfig": [{"name": listed, "retryPolicy": RETRY_POLICY}],
+        "retryThrottling": RETRY_THROTTLING,
+    }
+    if health_checked:
+        config["healthCheckConfig"] = {"serviceName": LIFECYCLE_HEALTH}
+    return json.dumps(config)
 
 
-def insecure_channel(target: str, *, keyed_writes: bool = False) -> grpc.aio.Channel:
+def insecure_channel(
+    target: str, *, keyed_writes: bool = False, health_checked: bool = False
+) -> grpc.aio.Channel:
     """A channel meant to live as long as the process and be shared by every call.
 
     `keyed_writes`: the caller sets `request_id` on every memory write that
-    takes one, so those are retried as well. With tracing on, each call gets
-    a client span and carries its context."""
-    options = (
-        *CHANNEL_OPTIONS,
-        ("grpc.service_config", service_config(keyed_writes=keyed_writes)),
-    )
+    takes one, so those are retried as well. `health_checked`: the target's
+    addresses are the service's own replicas (not a proxy such as Envoy's
+    providers_mesh), servers made with marie_kit.server: round_robin then
+    picks only replicas whose grpc.health.v1 Watch of LIFECYCLE_HEALTH says
+    SERVING, so one that is starting (port open, stores not yet) or stopping
+    (draining) gets no new calls, as Envoy's health checks keep it off too; a
+    server without the health service counts as healthy, one that does not
+    know the name (an older Marie) as not serving: upgrade the servers first.
+    Not through a proxy: the Watch would follow one replica behind it, and
+    that replica's loss would mark the proxy itself unhealthy for a moment.
+    With tracing on, each call gets a client span and carries its context."""
+    config = service_config(keyed_writes=keyed_writes, health_checked=health_checked)
+    options = (*CHANNEL_OPTIONS, ("grpc.service_config", config))
     return tracing.traced_channel(grpc.aio.insecure_channel(target, options=options))
 
 

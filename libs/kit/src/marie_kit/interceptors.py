@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -182,9 +183,16 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             in_flight = rpc_streams_in_flight(method)
             in_flight.inc()
             try:
+                responses = behavior(request, context)
+                if inspect.isawaitable(responses):
+                    # A handler that sends with `context.write` and returns
+                    # nothing: grpc_health's Watch, which client-side health
+                    # checking calls (it failed INTERNAL here before).
+                    await responses
+                    return
                 # aclosing: a cancelled call closes the handler's generator now
                 # (and with it any upstream request), not at garbage collection.
-                async with contextlib.aclosing(behavior(request, context)) as responses:
+                async with contextlib.aclosing(responses):
                     async for response in responses:
                         yield response
             except asyncio.CancelledError:

@@ -447,7 +447,7 @@ class MeteringBackends:
     def start(cls, settings: AuthClientSettings) -> MeteringBackends:
         # A channel connects lazily: nothing is asked of auth until a metered
         # call comes (or the recorder has records to send).
-        channel = insecure_channel(settings.auth_addr)
+        channel = insecure_channel(settings.auth_addr, health_checked=True)
         auth = auth_grpc.AuthServiceStub(channel)
         usage = UsageRecorder(auth)
         usage.start()

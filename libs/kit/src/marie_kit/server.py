@@ -20,6 +20,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from marie_kit import tracing
+from marie_kit.channels import LIFECYCLE_HEALTH
 from marie_kit.interceptors import ServerInterceptor
 from marie_kit.metrics import start_metrics_server
 from marie_kit.reflection import enable_reflection
@@ -129,7 +130,7 @@ async def start_server(
     enable_reflection([*names, health.SERVICE_NAME], server)
     # Not serving until every component has opened what it needs.
     not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
-    for name in ["", *names]:
+    for name in ["", *names, LIFECYCLE_HEALTH]:
         await health_servicer.set(name, not_serving)
     try:
         bound = server.add_insecure_port(f"{host}:{port}")
@@ -146,7 +147,9 @@ async def start_server(
         for component in reversed(started):
             await component.close()
         raise
-    for name in ["", *names]:
+    # LIFECYCLE_HEALTH (health-checked channels watch it) only now and at
+    # shutdown: set_ready below (a full store) leaves it alone.
+    for name in ["", *names, LIFECYCLE_HEALTH]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     running = RunningServer(server, bound, health_servicer, components)
 

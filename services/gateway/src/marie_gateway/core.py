@@ -397,7 +397,9 @@ class Gateway:
     @asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
         providers_channel = insecure_channel(self.settings.providers_addr)
-        auth_channel = insecure_channel(self.settings.auth_addr)
+        # Auth and memory are reached at their replicas' own addresses
+        # (compose's DNS name lists them all): only serving ones get calls.
+        auth_channel = insecure_channel(self.settings.auth_addr, health_checked=True)
         keys = KeyValidator(
             auth_channel,
             cache_ttl=self.settings.key_cache_ttl_seconds,
@@ -405,7 +407,9 @@ class Gateway:
         )
         keys.start()
         # Every write the gateway makes to memory carries a request id.
-        memory_channel = insecure_channel(self.settings.memory_addr, keyed_writes=True)
+        memory_channel = insecure_channel(
+            self.settings.memory_addr, keyed_writes=True, health_checked=True
+        )
         auth = auth_grpc.AuthServiceStub(auth_channel)
         usage = UsageRecorder(
             auth,
