@@ -24,7 +24,7 @@ import yaml
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from tests.stack import ROOT, free_ports
+from tests.stack import ROOT, free_ports, stop_process
 
 ENVOY = Path(sys.executable).parent / "envoy"
 CONFIG = ROOT / "deploy" / "envoy" / "envoy.yaml"
@@ -110,13 +110,7 @@ class Envoy:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
 
 
 def start_envoy(

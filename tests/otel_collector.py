@@ -32,7 +32,7 @@ from typing import Any
 import orjson
 import yaml
 
-from tests.stack import ROOT, free_ports
+from tests.stack import ROOT, free_ports, stop_process
 
 SOURCE = ROOT / "tests" / "collector"
 CONFIG = ROOT / "deploy" / "observability" / "otel-collector.yaml"
@@ -144,13 +144,7 @@ class Collector:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
 
 
 def start_collector(binary: Path, workdir: Path, downstream: str) -> Collector:

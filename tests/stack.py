@@ -48,6 +48,17 @@ def free_ports(count: int) -> list[int]:
             s.close()
 
 
+def stop_process(process: subprocess.Popen[bytes], timeout: float = 10) -> None:
+    """SIGTERM a child process still running, SIGKILL it after `timeout`, reap it."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 @dataclass
 class Stack:
     """A running suite: where to reach it, and the `marie up` process behind it."""

@@ -23,7 +23,7 @@ import pytest
 from google.rpc import code_pb2
 
 from tests.envoy import refusal_status
-from tests.stack import MARIE, free_ports
+from tests.stack import MARIE, free_ports, stop_process
 
 BIN = Path(sys.executable).parent
 CHECK = "/_authz/marie.providers.v1.ProviderService/ListModels"
@@ -36,13 +36,7 @@ class Proc:
     log: Path
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, timeout=15)
 
 
 def spawn(name: str, command: str, env: dict[str, str], port: int, log_dir: Path) -> Proc:
