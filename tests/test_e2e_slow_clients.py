@@ -372,3 +372,39 @@ def test_streams_still_running_at_the_end_of_the_grace_period_end_properly(
     log = stack.log()
     assert "Traceback" not in log
     assert '"level": "error"' not in log and '"level":"error"' not in log
+
+
+def test_uploads_still_arriving_at_the_end_of_the_grace_period_get_503(
+    ollama: FakeOllama, tmp_path: Path
+) -> None:
+    """Bodies still arriving, or waiting for the body budget, when the grace
+    period ends are answered 503 (retry), not cancelled with a traceback and
+    a 500. (The clients may see a reset instead: they are still sending.)"""
+    stack = start_stack(
+        tmp_path / "body-shutdown",
+        ollama.base_url,
+        MARIE_GRACE_SECONDS="2",
+        MARIE_GATEWAY_MAX_BODY_BYTES=str(SHARED_MAX_BODY),
+        MARIE_GATEWAY_MAX_INFLIGHT_BODY_BYTES=str(SHARED_BUDGET),
+        MARIE_GATEWAY_BODY_TIMEOUT_SECONDS=str(SHARED_BODY_TIMEOUT),
+    )
+    # One key's uploads: the first holds its share and waits for its last
+    # bytes, the others wait for budget.
+    socks = _slow_uploads(
+        stack, stack.create_key("waiting"), 5, b'{"model": "' + b"x" * (SHARED_MAX_BODY - 64)
+    )
+    try:
+        stack.stop()
+    finally:
+        for sock in socks:
+            sock.close()
+    assert stack.process.returncode == 0
+    log = stack.log()
+    posts = [
+        orjson.loads(line)["status"]
+        for line in log.splitlines()
+        if '"marie.access"' in line and '"path":"/v1/chat/completions"' in line
+    ]
+    assert posts == [503] * 5, posts
+    assert "Traceback" not in log
+    assert '"level": "error"' not in log and '"level":"error"' not in log

@@ -49,6 +49,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("marie.gateway")
 
+SHUTDOWN_MESSAGE = "The server is shutting down; retry the request."
+
 # Where the request-context middleware finds what a request reserved of the
 # body budget (and for whom), to give it back when the request ends.
 BODY_RESERVATION_KEY = "marie.body_bytes"
@@ -133,6 +135,23 @@ class BodyBudget:
             self._freed.notify_all()
 
 
+class _BodyRead:
+    """A request body being read, as shutdown ends it: its task cancelled,
+    marked so the cancellation becomes a 503 rather than a cut connection."""
+
+    __slots__ = ("cut", "task")
+
+    def __init__(self) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.task = task
+        self.cut = False
+
+    def cancel(self) -> bool:
+        self.cut = True
+        return self.task.cancel()
+
+
 class Gateway:
     """Settings and backends shared by the route modules, plus what every
     route does first: read the body within its bounds, check the key."""
@@ -182,9 +201,20 @@ class Gateway:
             address = self.proxies.client(peer, request.headers.getlist("x-forwarded-for"))
             scope[BODY_HOLDER_KEY] = "address:" + address
         waiting = [False]
+        # Shutdown's end of the grace period answers a body still arriving (or
+        # waiting for budget) 503, as it does a running call (`cut_calls`).
+        if self.shutting_down:
+            raise service_unavailable(SHUTDOWN_MESSAGE)
+        reading = _BodyRead()
+        self.calls.add(reading)
         try:
             async with asyncio.timeout(self.settings.body_timeout_seconds):
                 return await self._read_within_budget(request, limit, waiting)
+        except asyncio.CancelledError:
+            if not reading.cut:
+                raise
+            reading.task.uncancel()
+            raise service_unavailable(SHUTDOWN_MESSAGE) from None
         except TimeoutError:
             if waiting[0]:
                 # The client sent in time; the gateway had no room to read it.
@@ -204,6 +234,8 @@ class Gateway:
             ) from None
         except ClientDisconnect:
             raise client_closed() from None
+        finally:
+            self.calls.discard(reading)
 
     async def _read_within_budget(self, request: Request, limit: int, waiting: list[bool]) -> bytes:
         scope = request.scope
@@ -372,7 +404,7 @@ class Gateway:
         """Register a long call that shutdown must end with a proper answer."""
         if self.shutting_down:
             call.cancel()
-            raise service_unavailable("The server is shutting down; retry the request.")
+            raise service_unavailable(SHUTDOWN_MESSAGE)
         self.calls.add(call)
 
     def untrack(self, call: Cancellable) -> None:

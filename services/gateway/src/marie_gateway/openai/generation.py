@@ -20,7 +20,7 @@ from starlette.responses import Response
 
 from marie_gateway.access.keys import Principal
 from marie_gateway.access.tally import Tally
-from marie_gateway.core import Cancellable, Gateway
+from marie_gateway.core import SHUTDOWN_MESSAGE, Cancellable, Gateway
 from marie_gateway.http import caching
 from marie_gateway.http.bodies import JSONResponse
 from marie_gateway.http.context import current_request_id
@@ -28,8 +28,6 @@ from marie_gateway.http.errors import ApiError, client_closed, from_rpc_error, s
 from marie_gateway.http.metrics import STREAMS_IN_FLIGHT, provider_of, time_to_first_token, tokens
 from marie_gateway.http.sse import DONE, DisconnectWatch, EventStreamResponse, event
 from marie_gateway.openai.mapping import usage_payload
-
-SHUTDOWN_MESSAGE = "The server is shutting down; retry the request."
 
 
 class Chunk(Protocol):
