@@ -190,6 +190,10 @@ class DocReader:
         [doc] = await self.grouped.submit([(index, doc_id)])
         return doc
 
+    async def get_many(self, index: str, doc_ids: Sequence[str]) -> list[Item]:
+        """The documents of `doc_ids`, in order, each as `get` answers it."""
+        return await self.grouped.submit([(index, doc_id) for doc_id in doc_ids])
+
     async def _mget(self, docs: list[tuple[str, str]]) -> list[Item]:
         reply = await self._client.mget(
             body={"docs": [{"_index": index, "_id": doc_id} for index, doc_id in docs]}

@@ -824,16 +824,15 @@ class OpenSearchStore:
         self, name: str, user_id: str, doc_ids: Sequence[str]
     ) -> dict[str, dict[str, Any]]:
         """The user's documents of these ids that exist, by id, in one round
-        trip (realtime, as `_get`): a search's hits looked up one `get` at a
-        time made a 50-candidate vector search 50 round trips."""
+        trip (realtime, as `_get`, grouped with concurrent reads): a search's
+        hits looked up one `get` at a time made a 50-candidate vector search
+        50 round trips."""
         if not doc_ids:
             return {}
-        reply = await self._client.mget(
-            index=self.index(name), body={"ids": list(dict.fromkeys(doc_ids))}
-        )
+        docs = await self._reader.get_many(self.index(name), list(dict.fromkeys(doc_ids)))
         return {
             d["_id"]: d["_source"]
-            for d in reply["docs"]
+            for d in docs
             if d.get("found") and d["_source"]["user_id"] == user_id
         }
 
@@ -1314,8 +1313,8 @@ class OpenSearchStore:
         """A retried append: the messages stored under its request id (written
         now if the first call reserved their positions but did not get to it)."""
         ids = [m.id for m in messages]
-        reply = await self._client.mget(index=self.index("messages"), body={"ids": ids})
-        docs = {d["_id"]: d["_source"] for d in reply["docs"] if d.get("found")}
+        found = await self._reader.get_many(self.index("messages"), ids)
+        docs = {d["_id"]: d["_source"] for d in found if d.get("found")}
         missing = [
             m.stored(conversation["id"], first + i, now)
             for i, m in enumerate(messages)
