@@ -277,6 +277,9 @@ async def up(env: dict[str, str]) -> int:
     the suite, with exit code 1."""
     for name in SHARED_LIMITS:
         env.setdefault(name, "auth")
+    # Usage records wait on disk until auth has them: a service killed or
+    # crashed loses none, and its restart sends them (marie_kit.usage_spool).
+    env.setdefault("MARIE_USAGE_SPOOL_DIR", os.path.join(env["MARIE_DATA_DIR"], "usage-spool"))
     specs = services_from_env(env)
     settings = load_settings(
         SupervisorSettings,

@@ -27,8 +27,8 @@ def test_compose_mounts_the_example_config_where_marie_config_points() -> None:
     target = providers["environment"]["MARIE_CONFIG"]
     mounts = {}
     for volume in providers["volumes"]:
-        source, mounted, mode = volume.split(":")
-        mounts[mounted] = (source, mode)
+        source, mounted, *mode = volume.split(":")
+        mounts[mounted] = (source, mode[0] if mode else "rw")
     source, mode = mounts[target]
     assert mode == "ro"
     assert (ROOT / source).is_file()
@@ -67,3 +67,14 @@ async def test_the_example_config_starts_a_service_that_names_missing_keys(
     ):
         assert not by_name[name].available
         assert variable in by_name[name].error
+
+
+def test_compose_gives_every_usage_recorder_a_spool_on_a_volume() -> None:
+    compose = _compose()
+    for name in ("gateway", "providers", "memory"):
+        service = compose["services"][name]
+        spool = service["environment"]["MARIE_USAGE_SPOOL_DIR"]
+        # On a named volume: it outlives the container (a killed replica's
+        # records are sent by its restart), unlike the read-only root or /tmp.
+        assert f"usage-spool:{spool}" in service["volumes"], name
+    assert "usage-spool" in compose["volumes"]

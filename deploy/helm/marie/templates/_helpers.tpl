@@ -87,6 +87,11 @@ spec:
           env:
             {{- include "marie.commonEnv" $root | nindent 12 }}
             {{- .env | nindent 12 }}
+            {{- if .spool }}
+            # Usage records wait here until auth has them: a container that
+            # is killed or crashes loses none (its restart sends them).
+            - { name: MARIE_USAGE_SPOOL_DIR, value: /data/usage-spool }
+            {{- end }}
           {{- if eq .probe "grpc" }}
           # The gRPC health service: SERVING once ready, NOT_SERVING while
           # starting or draining.
@@ -119,12 +124,21 @@ spec:
             capabilities: { drop: [ALL] }
           volumeMounts:
             - { name: tmp, mountPath: /tmp }
+            {{- if .spool }}
+            - { name: usage-spool, mountPath: /data/usage-spool }
+            {{- end }}
             {{- with .mounts }}
             {{- . | nindent 12 }}
             {{- end }}
       volumes:
         - name: tmp
           emptyDir: {}
+        {{- if .spool }}
+        # Outlives the container (not the pod): a restarted container sends
+        # what its predecessor left.
+        - name: usage-spool
+          emptyDir: {}
+        {{- end }}
         {{- with .volumes }}
         {{- . | nindent 8 }}
         {{- end }}

@@ -449,7 +449,7 @@ class MeteringBackends:
         # call comes (or the recorder has records to send).
         channel = insecure_channel(settings.auth_addr, health_checked=True)
         auth = auth_grpc.AuthServiceStub(channel)
-        usage = UsageRecorder(auth)
+        usage = UsageRecorder(auth, spool=settings.usage_spool_dir)
         usage.start()
         leased = LeasedLimiter(auth) if settings.limits == "auth" else None
         if leased is not None:

@@ -9,14 +9,38 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Literal, NoReturn, Self, TypeVar
+from typing import Annotated, Any, Literal, NoReturn, Self, TypeVar
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    AliasChoices,
+    BeforeValidator,
+    Field,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_DATA_DIR = "./.marie"
 DEFAULT_GRACE_SECONDS = 10.0
 DEFAULT_MAX_CONNECTION_AGE_SECONDS = 300.0
+
+#: A directory that may be left unset (an empty variable counts as unset).
+OptionalDir = Annotated[Path | None, BeforeValidator(lambda v: None if v == "" else v)]
+
+
+def usage_spool_field() -> Any:
+    """The usage spool's setting, the same in every service that records
+    usage (the gateway, and providers and memory for their metered calls)."""
+    return Field(
+        default=None,
+        validation_alias=AliasChoices("MARIE_USAGE_SPOOL_DIR", "usage_spool_dir"),
+        description="Directory where usage records wait on disk until auth's ledger has "
+        "them, so a killed process loses none; the next process started on it sends "
+        "them (several processes may share it). Unset: records wait in memory only.",
+    )
+
+
 DEFAULT_AUTH_PORT = 50053
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "debug", "info", "warning", "error"]
@@ -78,6 +102,7 @@ class AuthClientSettings(ServiceSettings):
         default="",
         description="host:port of the auth service; default 127.0.0.1:$MARIE_AUTH_PORT.",
     )
+    usage_spool_dir: OptionalDir = usage_spool_field()
     auth_port: int = Field(
         default=DEFAULT_AUTH_PORT,
         ge=1,

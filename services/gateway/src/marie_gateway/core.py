@@ -449,6 +449,7 @@ class Gateway:
             batch_size=self.settings.usage_batch_size,
             flush_seconds=self.settings.usage_flush_seconds,
             timeout=self.settings.control_timeout_seconds,
+            spool=self.settings.usage_spool_dir,
         )
         usage.start()
         budgets = BudgetLeaser(auth, timeout=self.settings.control_timeout_seconds)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+from marie_kit.settings import OptionalDir, usage_spool_field
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -187,6 +188,7 @@ class GatewaySettings(BaseSettings):
         le=1000,
         description="Usage records per batch; a full batch is sent at once.",
     )
+    usage_spool_dir: OptionalDir = usage_spool_field()
     usage_max_queue: int = Field(
         default=100_000,
         ge=1,

@@ -91,6 +91,10 @@ class RequestContext(Generic[H]):
                 # A limited route's answer, success or error, says where the key stands.
                 headers.extend(scope.get(RATE_HEADERS_KEY, ()))
                 message = {**message, "headers": headers}
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                # The ledger row is queued (and spooled) before the answer's
+                # last byte leaves: an answered request is never unrecorded.
+                self.gw.finish(scope, status)
             await send(message)
 
         try:
