@@ -25,7 +25,6 @@ kills it and removes the directory.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pwd
 import shutil
@@ -33,18 +32,18 @@ import signal
 import subprocess
 import tempfile
 import time
-import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
+from tests.downloads import DownloadFailed, fetch_pinned
+
 VERSION = "2.19.1"
 KNN_VERSION = "2.19.1.0"
 MAVEN = "https://repo1.maven.org/maven2"
 START_TIMEOUT_SECONDS = 180.0
-DOWNLOAD_TIMEOUT_SECONDS = 120.0
 RUN_AS = "nobody"
 
 
@@ -228,31 +227,10 @@ def cache_dir() -> Path:
 def fetch(artifact: Artifact) -> Path:
     """The artifact's file in the cache, downloaded first when missing; its
     SHA-256 is checked against the pinned one every time."""
-    path = cache_dir() / artifact.file_name
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(path.suffix + ".part")
-        try:
-            with (
-                urllib.request.urlopen(artifact.url, timeout=DOWNLOAD_TIMEOUT_SECONDS) as reply,
-                partial.open("wb") as out,
-            ):
-                shutil.copyfileobj(reply, out, 1 << 20)
-        except OSError as exc:
-            partial.unlink(missing_ok=True)
-            raise OpenSearchUnavailable(f"cannot download {artifact.url}: {exc}") from exc
-        partial.replace(path)
-    digest = hashlib.sha256()
-    with path.open("rb") as data:
-        for block in iter(lambda: data.read(1 << 20), b""):
-            digest.update(block)
-    if digest.hexdigest() != artifact.sha256:
-        path.unlink()
-        raise OpenSearchUnavailable(
-            f"{artifact.file_name}: SHA-256 {digest.hexdigest()} is not the pinned "
-            f"{artifact.sha256}; the cached file was removed"
-        )
-    return path
+    try:
+        return fetch_pinned(artifact.url, artifact.sha256, cache_dir() / artifact.file_name)
+    except DownloadFailed as exc:
+        raise OpenSearchUnavailable(str(exc)) from exc
 
 
 def java_home() -> Path:

@@ -2,11 +2,17 @@
 metrics the services really serve: every PromQL expression is parsed for the
 metric names it reads, and the running suite's /metrics endpoints (gateway,
 providers, auth, memory) are scraped for them. The profile's files hang
-together with docker-compose.yml and Envoy's tracer."""
+together with docker-compose.yml and Envoy's tracer. With a real Prometheus
+(tests/prometheus.py): promtool accepts the rules and the profile's config,
+the alert rules' unit tests (alerts_test.yml) pass, and Prometheus scraping
+the running suite finds series for every dashboard query and evaluates
+every alert rule without error."""
 
 from __future__ import annotations
 
 import re
+import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +24,7 @@ import yaml
 
 from tests.envoy import connection_manager, load_config
 from tests.fakes import FakeOllama
+from tests.prometheus import promtool, start_prometheus
 from tests.stack import ROOT, Stack, free_ports, start_stack
 
 OBSERVABILITY = ROOT / "deploy" / "observability"
@@ -110,7 +117,8 @@ def metrics_stack(ollama: FakeOllama, tmp_path_factory: pytest.TempPathFactory) 
 
 def _traffic(stack: Stack) -> None:
     """What labelled series need before they are served: a chat (tokens, time
-    to first token), an error from a service (an unknown model) and a 429."""
+    to first token), an error from a service (an unknown model), a 429, and
+    a server error (an upstream that fails)."""
     key = stack.create_key("metrics")
     limited = stack.create_key("limited", "--rpm", "1")
     chat = {"model": "ollama/llama3.2:latest", "messages": [{"role": "user", "content": "hi"}]}
@@ -122,9 +130,27 @@ def _traffic(stack: Stack) -> None:
         once = {"authorization": f"Bearer {limited}"}
         statuses = [client.get("/v1/models", headers=once).status_code for _ in range(2)]
         assert statuses == [200, 429]
+        # conftest's BROKEN model fails a whole (non-streamed) answer with 500.
+        broken = {**chat, "model": "ollama/broken:latest"}
+        failed = client.post("/v1/chat/completions", json=broken, headers=auth)
+        assert failed.status_code >= 500, failed.text
 
 
-def test_every_dashboard_and_alert_query_names_a_served_metric(metrics_stack: Stack) -> None:
+def _memory_search(stack: Stack) -> None:
+    """A memory search (its latency is a dashboard panel)."""
+    key = stack.create_key("searcher", "--scope", "memory")
+    reply = httpx.get(
+        f"{stack.base_url}/api/memories/search",
+        params={"q": "hiking"},
+        headers={"authorization": f"Bearer {key}"},
+        timeout=30,
+    )
+    assert reply.status_code == 200, reply.text
+
+
+def test_every_dashboard_and_alert_query_names_a_served_metric(
+    metrics_stack: Stack,
+) -> None:
     _traffic(metrics_stack)
     env = metrics_stack.env
     urls = [f"{metrics_stack.base_url}/metrics"] + [
@@ -191,3 +217,75 @@ def test_the_profile_hangs_together_with_compose_and_envoy() -> None:
     }
     assert "OTEL_EXPORTER_OTLP_ENDPOINT" in compose["x-python-env"]
     assert Path(OBSERVABILITY / "otel-collector.yaml").exists()
+
+
+# -- with Prometheus itself (Debian's 2.42: tests/prometheus.py) -------------------
+
+
+def test_promtool_accepts_the_rules_and_the_profile_config_and_refuses_a_broken_rule(
+    tmp_path: Path,
+) -> None:
+    checked = promtool("check", "rules", str(ALERTS))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "SUCCESS: 6 rules found" in checked.stdout
+    # The profile's config as Prometheus reads it (its rule file at the
+    # container's path, here the repository's).
+    config = yaml.safe_load((OBSERVABILITY / "prometheus.yml").read_text())
+    config["rule_files"] = [str(ALERTS)]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    checked = promtool("check", "config", str(tmp_path / "prometheus.yml"))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+    broken = ALERTS.read_text().replace("(marie_providers_circuit_state)", "(marie_providers_")
+    (tmp_path / "alerts.yml").write_text(broken)
+    refused = promtool("check", "rules", str(tmp_path / "alerts.yml"))
+    assert refused.returncode != 0
+    assert "MarieCircuitOpen" in refused.stdout + refused.stderr
+
+
+def test_every_alert_fires_when_it_should_and_only_then(tmp_path: Path) -> None:
+    tested = promtool("test", "rules", "alerts_test.yml", cwd=OBSERVABILITY)
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+    # The unit tests bite: a breaker alert that waits for the wrong state fails them.
+    shutil.copy(OBSERVABILITY / "alerts_test.yml", tmp_path)
+    wrong = ALERTS.read_text().replace("(marie_providers_circuit_state) == 1", "(x) == 2")
+    assert wrong != ALERTS.read_text()
+    (tmp_path / "alerts.yml").write_text(wrong)
+    failed = promtool("test", "rules", "alerts_test.yml", cwd=tmp_path)
+    assert failed.returncode != 0
+    assert "MarieCircuitOpen" in failed.stdout + failed.stderr
+
+
+def test_prometheus_scrapes_every_service_and_every_query_has_series(
+    metrics_stack: Stack,
+) -> None:
+    env = metrics_stack.env
+    jobs = {"gateway": [f"127.0.0.1:{metrics_stack.gateway_port}"]} | {
+        name: [f"127.0.0.1:{env[f'MARIE_{name.upper()}_METRICS_PORT']}"]
+        for name in ("providers", "auth", "memory")
+    }
+    prometheus = start_prometheus(jobs)
+    try:
+        _traffic(metrics_stack)
+        _memory_search(metrics_stack)
+        deadline = time.monotonic() + 30
+        while True:
+            targets = prometheus.api("targets")["activeTargets"]
+            health = {t["labels"]["job"]: t["health"] for t in targets}
+            if health == dict.fromkeys(jobs, "up"):
+                break
+            assert time.monotonic() < deadline, targets
+            time.sleep(0.2)
+        # Rates need two samples of each series after the traffic.
+        time.sleep(3)
+        empty = [q for q in dashboard_queries() if not prometheus.query(q)]
+        assert empty == [], f"dashboard queries with no series: {empty}"
+        # Every alert rule is loaded and evaluates without error.
+        groups = prometheus.api("rules")["groups"]
+        rules = [r for g in groups for r in g["rules"]]
+        assert len(rules) == len(alert_queries())
+        assert [(r["name"], r["health"], r.get("lastError", "")) for r in rules] == [
+            (r["name"], "ok", "") for r in rules
+        ]
+    finally:
+        prometheus.stop()
