@@ -20,11 +20,11 @@ are durable (auth commits a batch before answering).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import secrets
 import time
-from collections import Counter as Tally
 from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -158,7 +158,8 @@ class UsageRecorder:
     def _settle(self, entries: list[_Entry]) -> None:
         if self._spool is None:
             return
-        for segment, count in Tally(s for _, s in entries if s is not None).items():
+        per_segment = collections.Counter(s for _, s in entries if s is not None)
+        for segment, count in per_segment.items():
             self._spool.settle(segment, count)
 
     async def _run(self) -> None:

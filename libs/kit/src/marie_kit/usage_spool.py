@@ -109,7 +109,11 @@ class Spool:
                 self._seal(segment)
             segment = self._current = self._create()
         data = b"".join(_LENGTH.pack(len(b)) + b for b in map(_bytes, records))
-        os.write(segment.fd, data)
+        if os.write(segment.fd, data) != len(data):
+            # A full disk: what follows a torn record could not be read back.
+            self._current = None
+            self._seal(segment)
+            raise OSError("short write to the usage spool")
         segment.written += len(records)
         segment.unsettled += len(records)
         return segment
