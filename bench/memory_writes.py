@@ -10,6 +10,9 @@ then checked: unique positions, `message_count` = messages stored.
 No embedding model: the store's path alone (an embedding model adds its own
 call per text).
 
+`--http` also measures `POST /api/memories` (`infer: false`, one key, so one
+user) through a whole suite started with `marie up`, memory on the same node.
+
 Usage: make bench   (or .venv/bin/python bench/memory_writes.py --calls 400)
 A/B against another checkout: give both the same running node
 (`--opensearch-url`; each run writes to indices of its own) and run them
@@ -40,8 +43,11 @@ from marie_kit.server import start_server  # noqa: E402
 from marie_memory.service import MemoryComponent  # noqa: E402
 from marie_memory.settings import MemorySettings  # noqa: E402
 
+from bench.common import cpu_seconds  # noqa: E402
 from tests.opensearch_node import OpenSearchNode  # noqa: E402
+from tests.stack import start_stack  # noqa: E402
 
+#: Calls in flight at once (`--concurrency`).
 CONCURRENCY = 16
 USER = "bench-user"
 
@@ -65,6 +71,38 @@ async def _timed(calls: int, one: Callable[[int], Awaitable[object]]) -> list[fl
 
 
 Row = tuple[str, str, float, float, float]
+#: CPU per call of each process, one line per measured call (printed last).
+CPU_NOTES: list[str] = []
+
+
+def _listener(url: str) -> dict[str, int]:
+    """The process listening on the URL's port (the OpenSearch node), if found."""
+    port = int(url.rstrip("/").rsplit(":", 1)[-1])
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(f"socket:[{fields[9]}]")
+    for fd in Path("/proc").glob("[0-9]*/fd/*"):
+        try:
+            if os.readlink(fd) in inodes:
+                return {"opensearch": int(fd.parts[2])}
+        except OSError:
+            continue  # closed or gone meanwhile
+    return {}
+
+
+async def _timed_cpu(
+    what: str, pids: dict[str, int], calls: int, one: Callable[[int], Awaitable[object]]
+) -> list[float]:
+    """`_timed`, noting each process's CPU per call meanwhile."""
+    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    ms = await _timed(calls, one)
+    spent = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
+    per_call = ", ".join(f"{name} {1000 * s / calls:.2f}" for name, s in spent.items())
+    CPU_NOTES.append(f"{what}: {per_call} ms (total {1000 * sum(spent.values()) / calls:.2f})")
+    return ms
 
 
 def _row(store: str, what: str, ms: list[float]) -> Row:
@@ -78,7 +116,9 @@ def _row(store: str, what: str, ms: list[float]) -> Row:
     )
 
 
-async def _measure(settings: MemorySettings, calls: int, label: str) -> list[Row]:
+async def _measure(
+    settings: MemorySettings, calls: int, label: str, node: dict[str, int]
+) -> list[Row]:
     server = await start_server([MemoryComponent(settings)])
     rows: list[Row] = []
     try:
@@ -107,7 +147,9 @@ async def _measure(settings: MemorySettings, calls: int, label: str) -> list[Row
                     )
                 )
 
-            rows.append(_row(label, "AddMemories infer=false", await _timed(calls, add)))
+            pids = {"bench (client and memory)": os.getpid(), **node}
+            added = await _timed_cpu(f"{label} AddMemories", pids, calls, add)
+            rows.append(_row(label, "AddMemories infer=false", added))
             conv = (
                 await stub.CreateConversation(
                     mpb.CreateConversationRequest(user_id=USER, title="bench")
@@ -150,11 +192,50 @@ async def _measure(settings: MemorySettings, calls: int, label: str) -> list[Row
     return rows
 
 
+async def _post_memories(base_url: str, key: str, calls: int, pids: dict[str, int]) -> list[float]:
+    limits = httpx.Limits(max_connections=CONCURRENCY, max_keepalive_connections=CONCURRENCY)
+    headers = {"Authorization": f"Bearer {key}"}
+    async with httpx.AsyncClient(
+        base_url=base_url, headers=headers, limits=limits, timeout=60
+    ) as client:
+
+        async def post(text: str) -> None:
+            reply = await client.post(
+                "/api/memories",
+                json={"messages": [{"role": "user", "content": text}], "infer": False},
+            )
+            assert reply.status_code == 200, reply.text
+
+        await post("warm up")
+        return await _timed_cpu(
+            "POST /api/memories", pids, calls, lambda i: post(f"Fact number {i} over HTTP")
+        )
+
+
+def _http(url: str, calls: int) -> Row:
+    """`POST /api/memories` through a suite whose memory is on the node."""
+    with tempfile.TemporaryDirectory() as tmp:
+        stack = start_stack(
+            Path(tmp),
+            "http://127.0.0.1:9",  # no model is called
+            MARIE_MEMORY_STORE="opensearch",
+            OPENSEARCH_URL=url,
+            MARIE_MEMORY_OPENSEARCH_INDEX_PREFIX=f"bench{time.time_ns()}",
+        )
+        try:
+            key = stack.create_key("bench")
+            pids = {**stack.service_pids(), "client": os.getpid(), **_listener(url)}
+            ms = asyncio.run(_post_memories(stack.base_url, key, calls, pids))
+        finally:
+            stack.stop()
+    return _row("opensearch", "POST /api/memories (HTTP)", ms)
+
+
 async def _both(url: str, calls: int) -> list[Row]:
     rows: list[Row] = []
     with tempfile.TemporaryDirectory() as tmp:
         sqlite = MemorySettings(data_dir=Path(tmp) / "sqlite", port=0)
-        rows += await _measure(sqlite, calls, "sqlite")
+        rows += await _measure(sqlite, calls, "sqlite", {})
         rows += await _measure(
             MemorySettings(
                 data_dir=Path(tmp) / "os",
@@ -166,17 +247,29 @@ async def _both(url: str, calls: int) -> list[Row]:
             ),
             calls,
             "opensearch",
+            _listener(url),
         )
     return rows
 
 
 def main() -> None:
+    global CONCURRENCY  # noqa: PLW0603 (one run, one setting)
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=400)
     parser.add_argument(
         "--opensearch-url", default="", help="a running node to use (else one is started)"
     )
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=CONCURRENCY,
+        help="calls in flight at once (1: a call's own round trips, no queueing)",
+    )
+    parser.add_argument(
+        "--http", action="store_true", help="also POST /api/memories through a whole suite"
+    )
     args = parser.parse_args()
+    CONCURRENCY = args.concurrency
     node = None if args.opensearch_url else OpenSearchNode.start()
     url = args.opensearch_url or (node.url if node else "")
     try:
@@ -195,6 +288,8 @@ def main() -> None:
         ).raise_for_status()
         load_before = os.getloadavg()[0]
         rows = asyncio.run(_both(url, args.calls))
+        if args.http:
+            rows.append(_http(url, args.calls))
         load_after = os.getloadavg()[0]
     finally:
         if node is not None:
@@ -206,6 +301,9 @@ def main() -> None:
     print(f"{'store':<11} {'call':<34} {'p50 ms':>8} {'p95 ms':>8} {'calls/s':>8}")
     for store, what, p50, p95, rate in rows:
         print(f"{store:<11} {what:<34} {p50:8.1f} {p95:8.1f} {rate:8.0f}")
+    print("CPU per call:")
+    for note in CPU_NOTES:
+        print(f"  {note}")
 
 
 if __name__ == "__main__":
