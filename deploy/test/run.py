@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -85,6 +86,7 @@ def load() -> str:
 class Stack:
     env: dict[str, str]
     files: list[str]
+    cluster: bool = False
     scale: dict[str, int] = field(default_factory=dict)
 
     def compose(self, *args: str, capture: bool = False) -> str:
@@ -110,11 +112,14 @@ class Stack:
         scale = [f"--scale={name}={count}" for name, count in self.scale.items()]
         self.compose("up", "-d", "--wait", "--quiet-pull", *scale)
 
+    def containers(self, service: str) -> list[str]:
+        """The ids of the service's running containers."""
+        return self.compose("ps", "-q", service, capture=True).split()
+
     def replicas(self, service: str) -> list[tuple[str, str]]:
         """(container name, address on the compose network) of each replica."""
-        ids = self.compose("ps", "-q", service, capture=True).split()
         found = []
-        for container in ids:
+        for container in self.containers(service):
             name, address = self.docker(
                 "inspect",
                 "-f",
@@ -426,14 +431,39 @@ async def limits(stack: Stack) -> None:
     )
 
 
+KINDS = ("chat", "stream", "turn", "memory")
+
+
 @dataclass
 class Ledger:
-    """What the fault load was told succeeded, to look for afterwards."""
+    """What the fault load sent and was told, to look for afterwards."""
 
+    began: float = field(default_factory=time.monotonic)
     counts: Counter[str] = field(default_factory=Counter)
     failures: list[str] = field(default_factory=list)
+    #: Each request: (seconds from `began` to its sending, kind, ok).
+    sent: list[tuple[float, str, bool]] = field(default_factory=list)
     memories: list[str] = field(default_factory=list)
     turns: dict[str, int] = field(default_factory=dict)
+
+    def record(self, kind: str, at: float, outcome: str, ok: bool, detail: str = "") -> None:
+        """One request sent at `at` (monotonic) ended with `outcome`. A stream
+        that did not end with [DONE] is not a failure here: the checks count
+        its outcomes (error event, cut, hung) instead."""
+        self.counts[f"{kind} {outcome}"] += 1
+        self.sent.append((at - self.began, kind, ok))
+        if not ok and kind != "stream":
+            self.failures.append(f"+{at - self.began:.1f} s {kind} {outcome} {detail}")
+
+    def failed_per_kind(self, since: float) -> str:
+        """`kind failed/total` of the requests sent from `since` (seconds from `began`) on."""
+        totals: Counter[str] = Counter()
+        failed: Counter[str] = Counter()
+        for at, kind, ok in self.sent:
+            if at >= since:
+                totals[kind] += 1
+                failed[kind] += not ok
+        return ", ".join(f"{kind} {failed[kind]}/{totals[kind]}" for kind in KINDS)
 
 
 async def mixed_load(stack: Stack, key: str, seconds: float, ledger: Ledger) -> None:
@@ -449,44 +479,43 @@ async def mixed_load(stack: Stack, key: str, seconds: float, ledger: Ledger) -> 
             conversations.append(created.json()["id"])
             ledger.turns[conversations[-1]] = 0
 
-        def outcome(kind: str, reply: httpx.Response) -> bool:
-            ledger.counts[f"{kind} {reply.status_code}"] += 1
-            if reply.status_code >= 400:
-                ledger.failures.append(f"{kind} {reply.status_code} {reply.text[:160]}")
-            return reply.status_code < 400
+        async def send(kind: str, i: int, conversation: str) -> httpx.Response:
+            if kind == "chat":
+                return await chat(client, key, f"fault {i}")
+            if kind == "turn":
+                return await client.post(
+                    f"/api/conversations/{conversation}/messages",
+                    headers=write_headers(key, f"{batch}-{i}"),
+                    json={"content": f"turn {i}", "stream": False},
+                )
+            return await client.post(
+                "/api/memories",
+                headers=write_headers(key, f"{batch}-{i}"),
+                json={
+                    "messages": [{"role": "user", "content": f"fact number {i}"}],
+                    "infer": False,
+                },
+            )
 
         async def one(i: int) -> None:
-            kind = i % 4
+            kind = KINDS[i % 4]
+            conversation = conversations[(i // 4) % len(conversations)]
+            at = time.monotonic()
+            if kind == "stream":
+                ended = await stream(client, key)
+                ledger.record(kind, at, ended, ended == "done")
+                return
             try:
-                if kind == 0:
-                    outcome("chat", await chat(client, key, f"fault {i}"))
-                elif kind == 1:
-                    ledger.counts[f"stream {await stream(client, key)}"] += 1
-                elif kind == 2:
-                    conversation = conversations[(i // 4) % len(conversations)]
-                    reply = await client.post(
-                        f"/api/conversations/{conversation}/messages",
-                        headers=write_headers(key, f"{batch}-{i}"),
-                        json={"content": f"turn {i}", "stream": False},
-                    )
-                    if outcome("turn", reply):
-                        ledger.turns[conversation] += 1
-                else:
-                    reply = await client.post(
-                        "/api/memories",
-                        headers=write_headers(key, f"{batch}-{i}"),
-                        json={
-                            "messages": [{"role": "user", "content": f"fact number {i}"}],
-                            "infer": False,
-                        },
-                    )
-                    if outcome("memory", reply):
-                        ledger.memories.extend(item["id"] for item in reply.json()["data"])
+                reply = await send(kind, i, conversation)
             except httpx.HTTPError as error:
-                ledger.counts[
-                    f"{('chat', 'stream', 'turn', 'memory')[kind]} {type(error).__name__}"
-                ] += 1
-                ledger.failures.append(f"{kind} {error!r}")
+                ledger.record(kind, at, type(error).__name__, False, repr(error))
+                return
+            ok = reply.status_code < 400
+            ledger.record(kind, at, str(reply.status_code), ok, reply.text[:160])
+            if ok and kind == "turn":
+                ledger.turns[conversation] += 1
+            elif ok and kind == "memory":
+                ledger.memories.extend(item["id"] for item in reply.json()["data"])
 
         await drive(CONCURRENCY, seconds, None, one)
 
@@ -538,21 +567,166 @@ async def check_nothing_lost(key: str, ledger: Ledger) -> None:
             )
 
 
+# --- the OpenSearch cluster (--cluster) -------------------------------------------
+
+# compose.sandbox-cluster.yml: the nodes share the namespace of
+# `opensearch-net`, each on its own HTTP port.
+OPENSEARCH_HOLDER = "opensearch-net"
+OPENSEARCH_NODES = {"opensearch": 9200, "opensearch-2": 9201, "opensearch-3": 9202}
+NODE_LOAD_SECONDS = 30.0  # of the fault load after an OpenSearch node's kill
+REJOIN_TIMEOUT_SECONDS = 300.0
+
+
+@dataclass
+class ClusterWatch:
+    """The OpenSearch cluster's health, asked of any node that answers."""
+
+    address: str
+    began: float = field(default_factory=time.monotonic)
+    #: (seconds from `began`, state) at each change of state.
+    timeline: list[tuple[float, str]] = field(default_factory=list)
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+    _task: asyncio.Task[None] | None = None
+
+    async def get(self, client: httpx.AsyncClient, path: str) -> object:
+        for port in OPENSEARCH_NODES.values():
+            try:
+                reply = await client.get(f"http://{self.address}:{port}{path}", timeout=2)
+            except httpx.HTTPError:
+                continue
+            if reply.status_code == 200:
+                return reply.json()
+        return None
+
+    async def state(self, client: httpx.AsyncClient) -> str:
+        health = await self.get(client, "/_cluster/health")
+        if not isinstance(health, dict):
+            return "no answer"
+        moving = [
+            f"{health[name]} {name.split('_')[0]}"
+            for name in ("unassigned_shards", "initializing_shards", "relocating_shards")
+            if health[name]
+        ]
+        return ", ".join([f"{health['status']}, {health['number_of_nodes']} nodes", *moving])
+
+    async def manager(self) -> str:
+        """The name of the elected cluster manager."""
+        async with httpx.AsyncClient() as client:
+            answer = await self.get(client, "/_cat/cluster_manager?format=json")
+        assert isinstance(answer, list) and answer, f"no cluster manager: {answer}"
+        return str(answer[0]["node"])
+
+    def start(self) -> None:
+        """Records each change of state, asking once a second, until `stop`."""
+        self._task = asyncio.create_task(self._watch())
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._task:
+            await self._task
+
+    async def _watch(self) -> None:
+        async with httpx.AsyncClient() as client:
+            while not self._stop.is_set():
+                state = await self.state(client)
+                if not self.timeline or self.timeline[-1][1] != state:
+                    self.timeline.append((time.monotonic() - self.began, state))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), 1)
+
+    def since(self, moment: float) -> str:
+        return "; ".join(
+            f"{at - (moment - self.began):+.1f} s {state}" for at, state in self.timeline
+        )
+
+    async def wait_green(self, nodes: int, timeout: float) -> bool:
+        """Until the cluster is green with `nodes` nodes (False: not in `timeout` s)."""
+        deadline = time.monotonic() + timeout
+        async with httpx.AsyncClient() as client:
+            while time.monotonic() < deadline:
+                if (await self.state(client)) == f"green, {nodes} nodes":
+                    return True
+                await asyncio.sleep(1)
+        return False
+
+
+async def kill_opensearch_node(stack: Stack, cluster: ClusterWatch) -> tuple[str, float]:
+    """Kills the elected cluster manager (the hardest node to lose: the others
+    elect another) and says which it was and when."""
+    node = await cluster.manager()
+    (container,) = stack.containers(node)
+    log(f"docker kill {container[:12]} (OpenSearch node {node}, the elected cluster manager)")
+    killed_at = time.monotonic()
+    await asyncio.to_thread(stack.docker, "kill", container)
+    return node, killed_at
+
+
+async def check_node_loss(
+    stack: Stack, cluster: ClusterWatch, ledger: Ledger, node: str, killed_at: float
+) -> None:
+    """After an OpenSearch node's kill: what failed, how the cluster's
+    health went, that it stayed writable; then the node back, and green."""
+    since = killed_at - ledger.began
+    late = [at for at, _, ok in ledger.sent if at >= since and not ok]
+    log(
+        f"requests sent after the kill of {node} (failed/total): "
+        f"{ledger.failed_per_kind(since)}; last failure "
+        + (f"{max(late) - since:+.1f} s after the kill" if late else "none")
+    )
+    writes = [ok for at, kind, ok in ledger.sent if at >= since and kind in ("turn", "memory")]
+    FAILURES.check(
+        bool(writes) and all(writes[-10:]),
+        f"writes acknowledged after the kill: {sum(writes)} of {len(writes)}, "
+        f"the last {len(writes[-10:])} all",
+    )
+    key = stack.create_key("after-node-kill")
+    async with httpx.AsyncClient(base_url=ENVOY, timeout=30) as client:
+        models = await client.get("/v1/models", headers=auth(key))
+    FAILURES.check(
+        models.status_code == 200,
+        f"a key created with {node} down works: {models.status_code}",
+    )
+    began = time.monotonic()
+    await asyncio.to_thread(stack.up)  # the node back (and the killed replicas)
+    healthy = time.monotonic() - began
+    green = await cluster.wait_green(len(OPENSEARCH_NODES), REJOIN_TIMEOUT_SECONDS)
+    FAILURES.check(
+        green,
+        f"{node} started again: healthy in {healthy:.0f} s, cluster green with "
+        f"{len(OPENSEARCH_NODES)} nodes {time.monotonic() - began:.0f} s after its start "
+        f"({load()})",
+    )
+    await cluster.stop()
+    log(f"cluster health, from the kill: {cluster.since(killed_at)}")
+    FAILURES.check(
+        all("red" not in state for _, state in cluster.timeline),
+        "the cluster never went red while a node was down",
+    )
+
+
 async def faults(stack: Stack) -> None:
     key = stack.create_key("faults")  # a key of its own: its usage is this phase's
     ledger = Ledger()
     victims = ["providers", "gateway", "memory", "auth"]
     interval = FAULT_SECONDS / (len(victims) + 1)
+    seconds = FAULT_SECONDS + (NODE_LOAD_SECONDS if stack.cluster else 0)
+    cluster = ClusterWatch(stack.replicas(OPENSEARCH_HOLDER)[0][1]) if stack.cluster else None
+    node_killed: list[tuple[str, float]] = []
 
     async def killer() -> None:
         for service in victims:
             await asyncio.sleep(interval)
             name = stack.replicas(service)[0][0]
             log(f"docker kill {name}")
-            stack.docker("kill", name)
+            await asyncio.to_thread(stack.docker, "kill", name)
+        if cluster:
+            await asyncio.sleep(interval)
+            node_killed.append(await kill_opensearch_node(stack, cluster))
 
+    if cluster:
+        cluster.start()
     began = time.monotonic()
-    await asyncio.gather(mixed_load(stack, key, FAULT_SECONDS, ledger), killer())
+    await asyncio.gather(mixed_load(stack, key, seconds, ledger), killer())
     log(
         f"fault load for {time.monotonic() - began:.0f} s: "
         f"{dict(sorted(ledger.counts.items()))} ({load()})"
@@ -566,7 +740,10 @@ async def faults(stack: Stack) -> None:
     FAILURES.check(
         ledger.counts["stream hung"] == 0, f"streams hung: {ledger.counts['stream hung']}"
     )
-    stack.up()  # the killed replicas back
+    if cluster:
+        await check_node_loss(stack, cluster, ledger, *node_killed[0])
+    else:
+        stack.up()  # the killed replicas back
     await check_nothing_lost(key, ledger)
 
 
@@ -579,7 +756,7 @@ async def rolling_restart(stack: Stack) -> None:
         for service in SCALE:
             for name, address in stack.replicas(service):
                 log(f"docker restart {name}")
-                await asyncio.to_thread(stack.docker, "restart", "-t", "30", name)
+                await asyncio.to_thread(stack.docker, "restart", "-t", "35", name)
                 await asyncio.to_thread(stack.wait_healthy, name)
                 await asyncio.to_thread(wait_in_envoy, service, address)
         stop.set()
@@ -627,7 +804,8 @@ def main() -> int:
     files = ["docker-compose.yml", "deploy/test/compose.sandbox.yml"]
     if args.cluster:
         files.insert(1, "docker-compose.opensearch-cluster.yml")
-    stack = Stack(env, files)
+        files.append("deploy/test/compose.sandbox-cluster.yml")
+    stack = Stack(env, files, cluster=args.cluster)
     began = time.monotonic()
     stack.compose("--profile", "tools", "build", "--quiet")
     log(f"images built in {time.monotonic() - began:.0f} s ({load()})")
