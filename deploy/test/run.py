@@ -35,6 +35,7 @@ import engine
 import grpc
 import httpx
 import standins
+import yaml
 from engine import log
 from marie.providers.v1 import provider_service_pb2 as providers_pb
 from marie.providers.v1 import provider_service_pb2_grpc as providers_grpc
@@ -176,6 +177,48 @@ def wait_in_envoy(cluster: str, address: str, timeout: float = 60.0) -> None:
                 return
         time.sleep(0.5)
     raise TimeoutError(f"Envoy did not see {cluster} {address} healthy in {timeout:.0f} s")
+
+
+SERVER_ERRORS = {"UNAVAILABLE", "INTERNAL", "UNKNOWN", "DEADLINE_EXCEEDED"}
+
+
+def envoy_failures(stack: Stack, since: float) -> list[str]:
+    """Envoy's access log lines since `since` (a Unix time) of calls it
+    answered 5xx or that ended with a gRPC error: with the upstream host, the
+    attempts made and the connection failure, what a failed request went through."""
+    (envoy,) = stack.containers("envoy")
+    logs = subprocess.run(
+        ["docker", "logs", "--since", f"{since:.0f}", envoy],
+        env=stack.env,
+        check=True,
+        text=True,
+        capture_output=True,
+    ).stdout
+    failed = []
+    for line in logs.splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(entry, dict) or "status" not in entry:
+            continue
+        if str(entry["status"]).startswith("5") or entry.get("grpc_status") in SERVER_ERRORS:
+            keep = ("time", "path", "status", "grpc_status", "flags", "duration_ms")
+            more = ("upstream_host", "attempts", "upstream_failure")
+            failed.append(" ".join(str(entry.get(name)) for name in (*keep, *more)))
+    return failed
+
+
+def report_failures(what: str, ledger: Ledger, stack: Stack, since: float) -> None:
+    FAILURES.check(
+        not ledger.failures,
+        f"{what}: {len(ledger.failures)}" + "".join(f"\n      {f}" for f in ledger.failures[:12]),
+    )
+    if ledger.failures:
+        lines = envoy_failures(stack, since)
+        log(f"Envoy's log of failed calls ({len(lines)}):")
+        for line in lines[:20]:
+            log(f"  {line}")
 
 
 # --- metrics ---------------------------------------------------------------------
@@ -725,18 +768,13 @@ async def faults(stack: Stack) -> None:
 
     if cluster:
         cluster.start()
-    began = time.monotonic()
+    began, wall = time.monotonic(), time.time()
     await asyncio.gather(mixed_load(stack, key, seconds, ledger), killer())
     log(
         f"fault load for {time.monotonic() - began:.0f} s: "
         f"{dict(sorted(ledger.counts.items()))} ({load()})"
     )
-    failed = ledger.failures
-    FAILURES.check(
-        not failed,
-        f"non-streaming requests failed while replicas were killed: {len(failed)}"
-        + "".join(f"\n      {f}" for f in failed[:12]),
-    )
+    report_failures("non-streaming requests failed while replicas were killed", ledger, stack, wall)
     FAILURES.check(
         ledger.counts["stream hung"] == 0, f"streams hung: {ledger.counts['stream hung']}"
     )
@@ -765,22 +803,126 @@ async def rolling_restart(stack: Stack) -> None:
         while not stop.is_set():
             await mixed_load(stack, key, 10, ledger)
 
-    began = time.monotonic()
+    began, wall = time.monotonic(), time.time()
     await asyncio.gather(load_until_done(), restarter())
     log(
         f"rolling restart in {time.monotonic() - began:.0f} s: "
         f"{dict(sorted(ledger.counts.items()))} ({load()})"
     )
-    FAILURES.check(
-        not ledger.failures,
-        f"requests failed during the rolling restart: {len(ledger.failures)}"
-        + "".join(f"\n      {f}" for f in ledger.failures[:12]),
-    )
+    report_failures("requests failed during the rolling restart", ledger, stack, wall)
     FAILURES.check(
         ledger.counts["stream hung"] == 0 and ledger.counts["stream cut"] == 0,
         "streams during the rolling restart all ended with [DONE]",
     )
     await check_nothing_lost(key, ledger)
+
+
+# --- the observability profile ------------------------------------------------------
+
+OBSERVABILITY = ROOT / "deploy" / "observability"
+#: The profile's services that run here: Grafana has no stand-in (standins.py).
+OBSERVED = ("otel-collector", "jaeger", "prometheus")
+PROMETHEUS = "http://127.0.0.1:9090"
+SCRAPED = {"gateway": SCALE["gateway"], "providers": SCALE["providers"], "memory": SCALE["memory"],
+           "auth": SCALE["auth"], "envoy": 1}  # fmt: skip
+SCRAPE_WAIT_SECONDS = 90.0
+TRACE_WAIT_SECONDS = 60.0
+
+
+def dashboard_queries() -> list[str]:
+    """Every PromQL expression of the provisioned Grafana dashboards."""
+    found: list[str] = []
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            if isinstance(node.get("expr"), str):
+                found.append(node["expr"])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    for dashboard in sorted((OBSERVABILITY / "grafana" / "dashboards").glob("*.json")):
+        walk(json.loads(dashboard.read_text()))
+    return found
+
+
+async def wait_for_targets(client: httpx.AsyncClient) -> dict[str, list[str]]:
+    """Each scrape job's targets' health, once every expected target is up
+    (or SCRAPE_WAIT_SECONDS have passed)."""
+    deadline = time.monotonic() + SCRAPE_WAIT_SECONDS
+    while True:
+        active = (await client.get("/api/v1/targets")).json()["data"]["activeTargets"]
+        health: dict[str, list[str]] = {job: [] for job in SCRAPED}
+        for target in active:
+            health.setdefault(target["labels"]["job"], []).append(target["health"])
+        if time.monotonic() > deadline or all(
+            health[job].count("up") == count for job, count in SCRAPED.items()
+        ):
+            return health
+        await asyncio.sleep(2)
+
+
+async def follow_trace(stack: Stack, key: str) -> set[str]:
+    """The services whose spans of one chat's trace reached the jaeger
+    stand-in through the collector."""
+    trace_id = os.urandom(16).hex()
+    headers = {**auth(key), "traceparent": f"00-{trace_id}-{os.urandom(8).hex()}-01"}
+    async with httpx.AsyncClient(base_url=ENVOY, timeout=30) as client:
+        reply = await client.post(
+            "/v1/chat/completions",
+            headers=headers,
+            json={"model": MODEL, "messages": [{"role": "user", "content": "traced"}]},
+        )
+    FAILURES.check(reply.status_code == 200, f"the traced chat: {reply.status_code}")
+    (jaeger,) = stack.containers("jaeger")
+    wanted = {"envoy", "gateway", "providers"}
+    deadline = time.monotonic() + TRACE_WAIT_SECONDS
+    services: set[str] = set()
+    while time.monotonic() < deadline and not wanted <= services:
+        await asyncio.sleep(2)
+        logs = await asyncio.to_thread(stack.docker, "logs", jaeger)
+        services = {json.loads(line)["service"] for line in logs.splitlines() if trace_id in line}
+    return services
+
+
+async def observability(stack: Stack, key: str) -> None:
+    async with httpx.AsyncClient(base_url=PROMETHEUS, timeout=10) as client:
+        health = await wait_for_targets(client)
+        for job, count in SCRAPED.items():
+            FAILURES.check(
+                health[job].count("up") == count and len(health[job]) == count,
+                f"Prometheus scrapes {job}: {health[job].count('up')} of {count} targets up "
+                f"({health[job]})",
+            )
+        rules = (await client.get("/api/v1/rules")).json()["data"]["groups"]
+        loaded = {rule["name"]: rule.get("health") for group in rules for rule in group["rules"]}
+        alerts = yaml.safe_load((OBSERVABILITY / "alerts.yml").read_text())
+        named = {rule["alert"] for group in alerts["groups"] for rule in group["rules"]}
+        FAILURES.check(
+            named <= set(loaded) and "err" not in loaded.values(),
+            f"alert rules loaded: {len(named & set(loaded))} of {len(named)} ({loaded})",
+        )
+        empty = []
+        for query in dashboard_queries():
+            answer = (await client.get("/api/v1/query", params={"query": query})).json()
+            if answer.get("status") != "success" or not answer["data"]["result"]:
+                empty.append(f"{query} -> {answer.get('error') or 'no series'}")
+        total = len(dashboard_queries())
+        FAILURES.check(
+            not empty,
+            f"dashboard queries with series: {total - len(empty)} of {total}"
+            + "".join(f"\n      {line}" for line in empty),
+        )
+    services = await follow_trace(stack, key)
+    FAILURES.check(
+        {"envoy", "gateway", "providers"} <= services,
+        f"a chat's trace through the collector has spans of: {sorted(services)}",
+    )
+
+
+PHASES = ["smoke", "spread", "limits", "faults", "rolling", "observability"]
 
 
 def main() -> int:
@@ -794,13 +936,12 @@ def main() -> int:
     parser.add_argument(
         "--down", action="store_true", help="remove the stack (and its volumes) at the end"
     )
-    parser.add_argument(
-        "--only", choices=["smoke", "spread", "limits", "faults", "rolling"], action="append"
-    )
+    parser.add_argument("--only", choices=PHASES, action="append")
     args = parser.parse_args()
 
+    phases = args.only or PHASES
     env = engine.ensure()
-    standins.ensure(env, rebuild=args.rebuild)
+    standins.ensure(env, rebuild=args.rebuild, observability="observability" in phases)
     files = ["docker-compose.yml", "deploy/test/compose.sandbox.yml"]
     if args.cluster:
         files.insert(1, "docker-compose.opensearch-cluster.yml")
@@ -809,7 +950,6 @@ def main() -> int:
     began = time.monotonic()
     stack.compose("--profile", "tools", "build", "--quiet")
     log(f"images built in {time.monotonic() - began:.0f} s ({load()})")
-    phases = args.only or ["smoke", "spread", "limits", "faults", "rolling"]
     if "smoke" not in phases:
         stack.scale = SCALE
     began = time.monotonic()
@@ -834,6 +974,14 @@ def main() -> int:
         asyncio.run(rolling_restart(stack))
     if "spread" in phases:
         asyncio.run(spread(stack, key))
+    if "observability" in phases:
+        began = time.monotonic()
+        stack.compose("--profile", "observability", "up", "-d", "--wait", *OBSERVED)
+        # Marie's services again, now sending their spans to the collector.
+        stack.env["OTEL_EXPORTER_OTLP_ENDPOINT"] = "http://otel-collector:4318"
+        stack.up()
+        log(f"observability profile (without Grafana) up in {time.monotonic() - began:.0f} s")
+        asyncio.run(observability(stack, key))
     if args.down:
         stack.compose("down", "-v")
     if FAILURES.items:
