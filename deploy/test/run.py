@@ -826,6 +826,9 @@ PROMETHEUS = "http://127.0.0.1:9090"
 SCRAPED = {"gateway": SCALE["gateway"], "providers": SCALE["providers"], "memory": SCALE["memory"],
            "auth": SCALE["auth"], "envoy": 1}  # fmt: skip
 SCRAPE_WAIT_SECONDS = 90.0
+EXERCISE_SECONDS = 20.0
+#: The services (their OpenTelemetry service.name) a chat's trace crosses.
+TRACED = {"envoy", "marie-gateway", "marie-auth", "marie-providers"}
 TRACE_WAIT_SECONDS = 60.0
 
 
@@ -877,7 +880,7 @@ async def follow_trace(stack: Stack, key: str) -> set[str]:
         )
     FAILURES.check(reply.status_code == 200, f"the traced chat: {reply.status_code}")
     (jaeger,) = stack.containers("jaeger")
-    wanted = {"envoy", "gateway", "providers"}
+    wanted = TRACED
     deadline = time.monotonic() + TRACE_WAIT_SECONDS
     services: set[str] = set()
     while time.monotonic() < deadline and not wanted <= services:
@@ -885,6 +888,39 @@ async def follow_trace(stack: Stack, key: str) -> set[str]:
         logs = await asyncio.to_thread(stack.docker, "logs", jaeger)
         services = {json.loads(line)["service"] for line in logs.splitlines() if trace_id in line}
     return services
+
+
+async def exercise(stack: Stack, key: str) -> None:
+    """Traffic for every panel of the dashboard: the mixed load (chats,
+    streams, turns, memories), memory searches, chats of a model that does
+    not exist (upstream errors, non-OK calls) and of a key over its limit."""
+    await mixed_load(stack, key, EXERCISE_SECONDS, Ledger())
+    limited = stack.create_key("rpm1", "--rpm", "1")
+    async with httpx.AsyncClient(base_url=ENVOY, timeout=30) as client:
+        for i in range(3):
+            await chat(client, limited, f"over the limit {i}")
+            await client.get("/api/memories/search", headers=auth(key), params={"q": "fact"})
+            await client.post(
+                "/v1/chat/completions",
+                headers=auth(key),
+                json={"model": "ollama/nope", "messages": [{"role": "user", "content": "hi"}]},
+            )
+
+
+async def queries_without_series(client: httpx.AsyncClient) -> list[str]:
+    """The dashboard's queries that Prometheus answers with no series (or an
+    error), once none does or SCRAPE_WAIT_SECONDS have passed: a rate needs
+    two scrapes (15 s apart) of the traffic."""
+    deadline = time.monotonic() + SCRAPE_WAIT_SECONDS
+    while True:
+        empty = []
+        for query in dashboard_queries():
+            answer = (await client.get("/api/v1/query", params={"query": query})).json()
+            if answer.get("status") != "success" or not answer["data"]["result"]:
+                empty.append(f"{query} -> {answer.get('error') or 'no series'}")
+        if not empty or time.monotonic() > deadline:
+            return empty
+        await asyncio.sleep(5)
 
 
 async def observability(stack: Stack, key: str) -> None:
@@ -904,20 +940,17 @@ async def observability(stack: Stack, key: str) -> None:
             named <= set(loaded) and "err" not in loaded.values(),
             f"alert rules loaded: {len(named & set(loaded))} of {len(named)} ({loaded})",
         )
-        empty = []
-        for query in dashboard_queries():
-            answer = (await client.get("/api/v1/query", params={"query": query})).json()
-            if answer.get("status") != "success" or not answer["data"]["result"]:
-                empty.append(f"{query} -> {answer.get('error') or 'no series'}")
+        await exercise(stack, key)
+        empty = await queries_without_series(client)
         total = len(dashboard_queries())
         FAILURES.check(
             not empty,
-            f"dashboard queries with series: {total - len(empty)} of {total}"
+            f"dashboard queries with series: {total - len(empty)} of {total} ({load()})"
             + "".join(f"\n      {line}" for line in empty),
         )
     services = await follow_trace(stack, key)
     FAILURES.check(
-        {"envoy", "gateway", "providers"} <= services,
+        services >= TRACED,
         f"a chat's trace through the collector has spans of: {sorted(services)}",
     )
 
