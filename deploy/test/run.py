@@ -187,13 +187,7 @@ def envoy_failures(stack: Stack, since: float) -> list[str]:
     answered 5xx or that ended with a gRPC error: with the upstream host, the
     attempts made and the connection failure, what a failed request went through."""
     (envoy,) = stack.containers("envoy")
-    logs = subprocess.run(
-        ["docker", "logs", "--since", f"{since:.0f}", envoy],
-        env=stack.env,
-        check=True,
-        text=True,
-        capture_output=True,
-    ).stdout
+    logs = stack.docker("logs", "--since", f"{since:.0f}", envoy)  # the access log: stdout
     failed = []
     for line in logs.splitlines():
         try:
