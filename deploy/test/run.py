@@ -9,6 +9,11 @@
    spread of 3,000 requests per path over the replicas (from their
    /metrics), an rpm=50 key across both gateways and gRPC, replicas killed
    under 60 s of mixed load, a rolling restart of every service.
+4. With --cluster, three OpenSearch nodes (docker-compose.opensearch-cluster.yml
+   and, for this sandbox, deploy/test/compose.sandbox-cluster.yml), and the
+   elected cluster manager killed under the same load after the replicas.
+5. The `observability` profile (without Grafana): Prometheus's targets and
+   rules, the dashboard's queries, a chat's trace through the collector.
 
 Prints one line per figure and ends non-zero when a check fails. The stack
 is left running (`--down` removes it) so that it can be looked at.
@@ -664,10 +669,12 @@ class ClusterWatch:
 
     async def _watch(self) -> None:
         async with httpx.AsyncClient() as client:
-            while not self._stop.is_set():
+            while True:  # the state once more after `stop`: the timeline ends with it
                 state = await self.state(client)
                 if not self.timeline or self.timeline[-1][1] != state:
                     self.timeline.append((time.monotonic() - self.began, state))
+                if self._stop.is_set():
+                    return
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), 1)
 
