@@ -1016,8 +1016,8 @@ def main() -> int:
         stack.up()
         log(f"observability profile (without Grafana) up in {time.monotonic() - began:.0f} s")
         asyncio.run(observability(stack, key))
-    if args.down:
-        stack.compose("down", "-v")
+    if args.down:  # the observability profile's services too
+        stack.compose("--profile", "observability", "down", "-v")
     if FAILURES.items:
         log(f"{len(FAILURES.items)} check(s) failed:")
         for item in FAILURES.items:
