@@ -17,7 +17,8 @@ ones do for Marie. They are test fixtures: users run the official images.
   assembles from Maven Central (standins/opensearch).
 - The `observability` profile's (standins/otelcol, prometheus, jaeger):
   `otel/opentelemetry-collector:<tag>`, the collector tests/otel_collector.py
-  builds; `prom/prometheus:<tag>`, Debian bookworm's Prometheus 2.42; and
+  builds; `prom/prometheus:<tag>`, Debian bookworm's Prometheus 2.42 (the
+  package tests/prometheus.py pins); and
   under `jaegertracing/jaeger:<tag>` an OTLP receiver that logs the spans it
   gets (not Jaeger). Grafana has no stand-in: nothing reachable here builds it.
 
@@ -39,7 +40,7 @@ from engine import STATE, log, run
 ROOT_FOR_IMPORTS = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT_FOR_IMPORTS))
 
-from tests import opensearch_node, otel_collector  # noqa: E402
+from tests import opensearch_node, otel_collector, prometheus  # noqa: E402
 
 ROOT = ROOT_FOR_IMPORTS
 HERE = Path(__file__).resolve().parent / "standins"
@@ -156,14 +157,9 @@ def build_otelcol(image: str, env: dict[str, str]) -> None:
 
 
 def build_prometheus(image: str, env: dict[str, str]) -> None:
-    with tempfile.TemporaryDirectory(dir=STATE) as debs:
-        log(f"{image}: bookworm's prometheus .deb")
-        run("apt-get", "-oAPT::Sandbox::User=root", "-qq", "download", "prometheus", cwd=debs)
-        (deb,) = Path(debs).glob("prometheus_*.deb")
-        run("dpkg-deb", "-x", deb, Path(debs) / "root")
-        binaries = Path(debs) / "root" / "usr" / "bin"
-        tools = {name: binaries / name for name in ("prometheus", "promtool")}
-        _build_with(image, env, "prometheus", tools)
+    binaries = prometheus.binaries()  # the tests' pinned Debian package, unpacked
+    tools = {name: binaries / name for name in ("prometheus", "promtool")}
+    _build_with(image, env, "prometheus", tools)
 
 
 def build_jaeger(image: str, env: dict[str, str]) -> None:
