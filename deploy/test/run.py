@@ -881,18 +881,20 @@ async def follow_trace(stack: Stack, key: str) -> set[str]:
 async def exercise(stack: Stack, key: str) -> None:
     """Traffic for every panel of the dashboard: the mixed load (chats,
     streams, turns, memories), memory searches, chats of a model that does
-    not exist (upstream errors, non-OK calls) and of a key over its limit."""
+    not exist (upstream errors, non-OK calls), of a model that fails its
+    answers (server errors) and of a key over its limit."""
     await mixed_load(stack, key, EXERCISE_SECONDS, Ledger())
     limited = stack.create_key("rpm1", "--rpm", "1")
     async with httpx.AsyncClient(base_url=ENVOY, timeout=30) as client:
         for i in range(3):
             await chat(client, limited, f"over the limit {i}")
             await client.get("/api/memories/search", headers=auth(key), params={"q": "fact"})
-            await client.post(
-                "/v1/chat/completions",
-                headers=auth(key),
-                json={"model": "ollama/nope", "messages": [{"role": "user", "content": "hi"}]},
-            )
+            for model in ("ollama/nope", "ollama/broken"):
+                await client.post(
+                    "/v1/chat/completions",
+                    headers=auth(key),
+                    json={"model": model, "messages": [{"role": "user", "content": "hi"}]},
+                )
 
 
 async def queries_without_series(client: httpx.AsyncClient) -> list[str]:
