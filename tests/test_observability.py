@@ -217,6 +217,10 @@ def test_the_profile_hangs_together_with_compose_and_envoy() -> None:
     }
     assert "OTEL_EXPORTER_OTLP_ENDPOINT" in compose["x-python-env"]
     assert Path(OBSERVABILITY / "otel-collector.yaml").exists()
+    # The collector compose runs is the release the tests run its config with.
+    manifest = yaml.safe_load((ROOT / "tests" / "collector" / "manifest.yaml").read_text())
+    image = services["otel-collector"]["image"]
+    assert image == f"otel/opentelemetry-collector:{manifest['dist']['version']}"
 
 
 # -- with Prometheus itself (Debian's 2.42: tests/prometheus.py) -------------------

@@ -9,6 +9,11 @@
    spread of 3,000 requests per path over the replicas (from their
    /metrics), an rpm=50 key across both gateways and gRPC, replicas killed
    under 60 s of mixed load, a rolling restart of every service.
+4. With --cluster, three OpenSearch nodes (docker-compose.opensearch-cluster.yml
+   and, for this sandbox, deploy/test/compose.sandbox-cluster.yml), and the
+   elected cluster manager killed under the same load after the replicas.
+5. The `observability` profile (without Grafana): Prometheus's targets and
+   rules, the dashboard's queries, a chat's trace through the collector.
 
 Prints one line per figure and ends non-zero when a check fails. The stack
 is left running (`--down` removes it) so that it can be looked at.
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -34,6 +40,7 @@ import engine
 import grpc
 import httpx
 import standins
+import yaml
 from engine import log
 from marie.providers.v1 import provider_service_pb2 as providers_pb
 from marie.providers.v1 import provider_service_pb2_grpc as providers_grpc
@@ -85,6 +92,7 @@ def load() -> str:
 class Stack:
     env: dict[str, str]
     files: list[str]
+    cluster: bool = False
     scale: dict[str, int] = field(default_factory=dict)
 
     def compose(self, *args: str, capture: bool = False) -> str:
@@ -110,11 +118,14 @@ class Stack:
         scale = [f"--scale={name}={count}" for name, count in self.scale.items()]
         self.compose("up", "-d", "--wait", "--quiet-pull", *scale)
 
+    def containers(self, service: str) -> list[str]:
+        """The ids of the service's running containers."""
+        return self.compose("ps", "-q", service, capture=True).split()
+
     def replicas(self, service: str) -> list[tuple[str, str]]:
         """(container name, address on the compose network) of each replica."""
-        ids = self.compose("ps", "-q", service, capture=True).split()
         found = []
-        for container in ids:
+        for container in self.containers(service):
             name, address = self.docker(
                 "inspect",
                 "-f",
@@ -171,6 +182,42 @@ def wait_in_envoy(cluster: str, address: str, timeout: float = 60.0) -> None:
                 return
         time.sleep(0.5)
     raise TimeoutError(f"Envoy did not see {cluster} {address} healthy in {timeout:.0f} s")
+
+
+SERVER_ERRORS = {"UNAVAILABLE", "INTERNAL", "UNKNOWN", "DEADLINE_EXCEEDED"}
+
+
+def envoy_failures(stack: Stack, since: float) -> list[str]:
+    """Envoy's access log lines since `since` (a Unix time) of calls it
+    answered 5xx or that ended with a gRPC error: with the upstream host, the
+    attempts made and the connection failure, what a failed request went through."""
+    (envoy,) = stack.containers("envoy")
+    logs = stack.docker("logs", "--since", f"{since:.0f}", envoy)  # the access log: stdout
+    failed = []
+    for line in logs.splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(entry, dict) or "status" not in entry:
+            continue
+        if str(entry["status"]).startswith("5") or entry.get("grpc_status") in SERVER_ERRORS:
+            keep = ("time", "path", "status", "grpc_status", "flags", "duration_ms")
+            more = ("upstream_host", "attempts", "upstream_failure")
+            failed.append(" ".join(str(entry.get(name)) for name in (*keep, *more)))
+    return failed
+
+
+def report_failures(what: str, ledger: Ledger, stack: Stack, since: float) -> None:
+    FAILURES.check(
+        not ledger.failures,
+        f"{what}: {len(ledger.failures)}" + "".join(f"\n      {f}" for f in ledger.failures[:12]),
+    )
+    if ledger.failures:
+        lines = envoy_failures(stack, since)
+        log(f"Envoy's log of failed calls ({len(lines)}):")
+        for line in lines[:20]:
+            log(f"  {line}")
 
 
 # --- metrics ---------------------------------------------------------------------
@@ -426,14 +473,39 @@ async def limits(stack: Stack) -> None:
     )
 
 
+KINDS = ("chat", "stream", "turn", "memory")
+
+
 @dataclass
 class Ledger:
-    """What the fault load was told succeeded, to look for afterwards."""
+    """What the fault load sent and was told, to look for afterwards."""
 
+    began: float = field(default_factory=time.monotonic)
     counts: Counter[str] = field(default_factory=Counter)
     failures: list[str] = field(default_factory=list)
+    #: Each request: (seconds from `began` to its sending, kind, ok).
+    sent: list[tuple[float, str, bool]] = field(default_factory=list)
     memories: list[str] = field(default_factory=list)
     turns: dict[str, int] = field(default_factory=dict)
+
+    def record(self, kind: str, at: float, outcome: str, ok: bool, detail: str = "") -> None:
+        """One request sent at `at` (monotonic) ended with `outcome`. A stream
+        that did not end with [DONE] is not a failure here: the checks count
+        its outcomes (error event, cut, hung) instead."""
+        self.counts[f"{kind} {outcome}"] += 1
+        self.sent.append((at - self.began, kind, ok))
+        if not ok and kind != "stream":
+            self.failures.append(f"+{at - self.began:.1f} s {kind} {outcome} {detail}")
+
+    def failed_per_kind(self, since: float) -> str:
+        """`kind failed/total` of the requests sent from `since` (seconds from `began`) on."""
+        totals: Counter[str] = Counter()
+        failed: Counter[str] = Counter()
+        for at, kind, ok in self.sent:
+            if at >= since:
+                totals[kind] += 1
+                failed[kind] += not ok
+        return ", ".join(f"{kind} {failed[kind]}/{totals[kind]}" for kind in KINDS)
 
 
 async def mixed_load(stack: Stack, key: str, seconds: float, ledger: Ledger) -> None:
@@ -449,44 +521,43 @@ async def mixed_load(stack: Stack, key: str, seconds: float, ledger: Ledger) -> 
             conversations.append(created.json()["id"])
             ledger.turns[conversations[-1]] = 0
 
-        def outcome(kind: str, reply: httpx.Response) -> bool:
-            ledger.counts[f"{kind} {reply.status_code}"] += 1
-            if reply.status_code >= 400:
-                ledger.failures.append(f"{kind} {reply.status_code} {reply.text[:160]}")
-            return reply.status_code < 400
+        async def send(kind: str, i: int, conversation: str) -> httpx.Response:
+            if kind == "chat":
+                return await chat(client, key, f"fault {i}")
+            if kind == "turn":
+                return await client.post(
+                    f"/api/conversations/{conversation}/messages",
+                    headers=write_headers(key, f"{batch}-{i}"),
+                    json={"content": f"turn {i}", "stream": False},
+                )
+            return await client.post(
+                "/api/memories",
+                headers=write_headers(key, f"{batch}-{i}"),
+                json={
+                    "messages": [{"role": "user", "content": f"fact number {i}"}],
+                    "infer": False,
+                },
+            )
 
         async def one(i: int) -> None:
-            kind = i % 4
+            kind = KINDS[i % 4]
+            conversation = conversations[(i // 4) % len(conversations)]
+            at = time.monotonic()
+            if kind == "stream":
+                ended = await stream(client, key)
+                ledger.record(kind, at, ended, ended == "done")
+                return
             try:
-                if kind == 0:
-                    outcome("chat", await chat(client, key, f"fault {i}"))
-                elif kind == 1:
-                    ledger.counts[f"stream {await stream(client, key)}"] += 1
-                elif kind == 2:
-                    conversation = conversations[(i // 4) % len(conversations)]
-                    reply = await client.post(
-                        f"/api/conversations/{conversation}/messages",
-                        headers=write_headers(key, f"{batch}-{i}"),
-                        json={"content": f"turn {i}", "stream": False},
-                    )
-                    if outcome("turn", reply):
-                        ledger.turns[conversation] += 1
-                else:
-                    reply = await client.post(
-                        "/api/memories",
-                        headers=write_headers(key, f"{batch}-{i}"),
-                        json={
-                            "messages": [{"role": "user", "content": f"fact number {i}"}],
-                            "infer": False,
-                        },
-                    )
-                    if outcome("memory", reply):
-                        ledger.memories.extend(item["id"] for item in reply.json()["data"])
+                reply = await send(kind, i, conversation)
             except httpx.HTTPError as error:
-                ledger.counts[
-                    f"{('chat', 'stream', 'turn', 'memory')[kind]} {type(error).__name__}"
-                ] += 1
-                ledger.failures.append(f"{kind} {error!r}")
+                ledger.record(kind, at, type(error).__name__, False, repr(error))
+                return
+            ok = reply.status_code < 400
+            ledger.record(kind, at, str(reply.status_code), ok, reply.text[:160])
+            if ok and kind == "turn":
+                ledger.turns[conversation] += 1
+            elif ok and kind == "memory":
+                ledger.memories.extend(item["id"] for item in reply.json()["data"])
 
         await drive(CONCURRENCY, seconds, None, one)
 
@@ -538,35 +609,180 @@ async def check_nothing_lost(key: str, ledger: Ledger) -> None:
             )
 
 
+# --- the OpenSearch cluster (--cluster) -------------------------------------------
+
+# compose.sandbox-cluster.yml: the nodes share the namespace of
+# `opensearch-net`, each on its own HTTP port.
+OPENSEARCH_HOLDER = "opensearch-net"
+OPENSEARCH_NODES = {"opensearch": 9200, "opensearch-2": 9201, "opensearch-3": 9202}
+NODE_LOAD_SECONDS = 30.0  # of the fault load after an OpenSearch node's kill
+REJOIN_TIMEOUT_SECONDS = 300.0
+
+
+@dataclass
+class ClusterWatch:
+    """The OpenSearch cluster's health, asked of any node that answers."""
+
+    address: str
+    began: float = field(default_factory=time.monotonic)
+    #: (seconds from `began`, state) at each change of state.
+    timeline: list[tuple[float, str]] = field(default_factory=list)
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+    _task: asyncio.Task[None] | None = None
+
+    async def get(self, client: httpx.AsyncClient, path: str) -> object:
+        for port in OPENSEARCH_NODES.values():
+            try:
+                reply = await client.get(f"http://{self.address}:{port}{path}", timeout=2)
+            except httpx.HTTPError:
+                continue
+            if reply.status_code == 200:
+                return reply.json()
+        return None
+
+    async def state(self, client: httpx.AsyncClient) -> str:
+        health = await self.get(client, "/_cluster/health")
+        if not isinstance(health, dict):
+            return "no answer"
+        moving = [
+            f"{health[name]} {name.split('_')[0]}"
+            for name in ("unassigned_shards", "initializing_shards", "relocating_shards")
+            if health[name]
+        ]
+        return ", ".join([f"{health['status']}, {health['number_of_nodes']} nodes", *moving])
+
+    async def manager(self) -> str:
+        """The name of the elected cluster manager."""
+        async with httpx.AsyncClient() as client:
+            answer = await self.get(client, "/_cat/cluster_manager?format=json")
+        assert isinstance(answer, list) and answer, f"no cluster manager: {answer}"
+        return str(answer[0]["node"])
+
+    def start(self) -> None:
+        """Records each change of state, asking once a second, until `stop`."""
+        self._task = asyncio.create_task(self._watch())
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._task:
+            await self._task
+
+    async def _watch(self) -> None:
+        async with httpx.AsyncClient() as client:
+            while True:  # the state once more after `stop`: the timeline ends with it
+                state = await self.state(client)
+                if not self.timeline or self.timeline[-1][1] != state:
+                    self.timeline.append((time.monotonic() - self.began, state))
+                if self._stop.is_set():
+                    return
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), 1)
+
+    def since(self, moment: float) -> str:
+        return "; ".join(
+            f"{at - (moment - self.began):+.1f} s {state}" for at, state in self.timeline
+        )
+
+    async def wait_green(self, nodes: int, timeout: float) -> bool:
+        """Until the cluster is green with `nodes` nodes (False: not in `timeout` s)."""
+        deadline = time.monotonic() + timeout
+        async with httpx.AsyncClient() as client:
+            while time.monotonic() < deadline:
+                if (await self.state(client)) == f"green, {nodes} nodes":
+                    return True
+                await asyncio.sleep(1)
+        return False
+
+
+async def kill_opensearch_node(stack: Stack, cluster: ClusterWatch) -> tuple[str, float]:
+    """Kills the elected cluster manager (the hardest node to lose: the others
+    elect another) and says which it was and when."""
+    node = await cluster.manager()
+    (container,) = stack.containers(node)
+    log(f"docker kill {container[:12]} (OpenSearch node {node}, the elected cluster manager)")
+    killed_at = time.monotonic()
+    await asyncio.to_thread(stack.docker, "kill", container)
+    return node, killed_at
+
+
+async def check_node_loss(
+    stack: Stack, cluster: ClusterWatch, ledger: Ledger, node: str, killed_at: float
+) -> None:
+    """After an OpenSearch node's kill: what failed, how the cluster's
+    health went, that it stayed writable; then the node back, and green."""
+    since = killed_at - ledger.began
+    late = [at for at, _, ok in ledger.sent if at >= since and not ok]
+    log(
+        f"requests sent after the kill of {node} (failed/total): "
+        f"{ledger.failed_per_kind(since)}; last failure "
+        + (f"{max(late) - since:+.1f} s after the kill" if late else "none")
+    )
+    writes = [ok for at, kind, ok in ledger.sent if at >= since and kind in ("turn", "memory")]
+    FAILURES.check(
+        bool(writes) and all(writes[-10:]),
+        f"writes acknowledged after the kill: {sum(writes)} of {len(writes)}, "
+        f"the last {len(writes[-10:])} all",
+    )
+    key = stack.create_key("after-node-kill")
+    async with httpx.AsyncClient(base_url=ENVOY, timeout=30) as client:
+        models = await client.get("/v1/models", headers=auth(key))
+    FAILURES.check(
+        models.status_code == 200,
+        f"a key created with {node} down works: {models.status_code}",
+    )
+    began = time.monotonic()
+    await asyncio.to_thread(stack.up)  # the node back (and the killed replicas)
+    healthy = time.monotonic() - began
+    green = await cluster.wait_green(len(OPENSEARCH_NODES), REJOIN_TIMEOUT_SECONDS)
+    FAILURES.check(
+        green,
+        f"{node} started again: healthy in {healthy:.0f} s, cluster green with "
+        f"{len(OPENSEARCH_NODES)} nodes {time.monotonic() - began:.0f} s after its start "
+        f"({load()})",
+    )
+    await cluster.stop()
+    log(f"cluster health, from the kill: {cluster.since(killed_at)}")
+    FAILURES.check(
+        all("red" not in state for _, state in cluster.timeline),
+        "the cluster never went red while a node was down",
+    )
+
+
 async def faults(stack: Stack) -> None:
     key = stack.create_key("faults")  # a key of its own: its usage is this phase's
     ledger = Ledger()
     victims = ["providers", "gateway", "memory", "auth"]
     interval = FAULT_SECONDS / (len(victims) + 1)
+    seconds = FAULT_SECONDS + (NODE_LOAD_SECONDS if stack.cluster else 0)
+    cluster = ClusterWatch(stack.replicas(OPENSEARCH_HOLDER)[0][1]) if stack.cluster else None
+    node_killed: list[tuple[str, float]] = []
 
     async def killer() -> None:
         for service in victims:
             await asyncio.sleep(interval)
             name = stack.replicas(service)[0][0]
             log(f"docker kill {name}")
-            stack.docker("kill", name)
+            await asyncio.to_thread(stack.docker, "kill", name)
+        if cluster:
+            await asyncio.sleep(interval)
+            node_killed.append(await kill_opensearch_node(stack, cluster))
 
-    began = time.monotonic()
-    await asyncio.gather(mixed_load(stack, key, FAULT_SECONDS, ledger), killer())
+    if cluster:
+        cluster.start()
+    began, wall = time.monotonic(), time.time()
+    await asyncio.gather(mixed_load(stack, key, seconds, ledger), killer())
     log(
         f"fault load for {time.monotonic() - began:.0f} s: "
         f"{dict(sorted(ledger.counts.items()))} ({load()})"
     )
-    failed = ledger.failures
-    FAILURES.check(
-        not failed,
-        f"non-streaming requests failed while replicas were killed: {len(failed)}"
-        + "".join(f"\n      {f}" for f in failed[:12]),
-    )
+    report_failures("non-streaming requests failed while replicas were killed", ledger, stack, wall)
     FAILURES.check(
         ledger.counts["stream hung"] == 0, f"streams hung: {ledger.counts['stream hung']}"
     )
-    stack.up()  # the killed replicas back
+    if cluster:
+        await check_node_loss(stack, cluster, ledger, *node_killed[0])
+    else:
+        stack.up()  # the killed replicas back
     await check_nothing_lost(key, ledger)
 
 
@@ -579,7 +795,7 @@ async def rolling_restart(stack: Stack) -> None:
         for service in SCALE:
             for name, address in stack.replicas(service):
                 log(f"docker restart {name}")
-                await asyncio.to_thread(stack.docker, "restart", "-t", "30", name)
+                await asyncio.to_thread(stack.docker, "restart", "-t", "35", name)
                 await asyncio.to_thread(stack.wait_healthy, name)
                 await asyncio.to_thread(wait_in_envoy, service, address)
         stop.set()
@@ -588,22 +804,148 @@ async def rolling_restart(stack: Stack) -> None:
         while not stop.is_set():
             await mixed_load(stack, key, 10, ledger)
 
-    began = time.monotonic()
+    began, wall = time.monotonic(), time.time()
     await asyncio.gather(load_until_done(), restarter())
     log(
         f"rolling restart in {time.monotonic() - began:.0f} s: "
         f"{dict(sorted(ledger.counts.items()))} ({load()})"
     )
-    FAILURES.check(
-        not ledger.failures,
-        f"requests failed during the rolling restart: {len(ledger.failures)}"
-        + "".join(f"\n      {f}" for f in ledger.failures[:12]),
-    )
+    report_failures("requests failed during the rolling restart", ledger, stack, wall)
     FAILURES.check(
         ledger.counts["stream hung"] == 0 and ledger.counts["stream cut"] == 0,
         "streams during the rolling restart all ended with [DONE]",
     )
     await check_nothing_lost(key, ledger)
+
+
+# --- the observability profile ------------------------------------------------------
+
+OBSERVABILITY = ROOT / "deploy" / "observability"
+#: The profile's services that run here: Grafana has no stand-in (standins.py).
+OBSERVED = ("otel-collector", "jaeger", "prometheus")
+PROMETHEUS = "http://127.0.0.1:9090"
+SCRAPED = {"gateway": SCALE["gateway"], "providers": SCALE["providers"], "memory": SCALE["memory"],
+           "auth": SCALE["auth"], "envoy": 1}  # fmt: skip
+SCRAPE_WAIT_SECONDS = 90.0
+EXERCISE_SECONDS = 20.0
+#: The services (their OpenTelemetry service.name) a chat's trace crosses.
+TRACED = {"envoy", "marie-gateway", "marie-auth", "marie-providers"}
+TRACE_WAIT_SECONDS = 60.0
+
+
+def dashboard_queries() -> list[str]:
+    """Every PromQL expression of the provisioned Grafana dashboard."""
+    dashboard = json.loads((OBSERVABILITY / "grafana" / "dashboards" / "marie.json").read_text())
+    return [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+
+
+async def wait_for_targets(client: httpx.AsyncClient) -> dict[str, list[str]]:
+    """Each scrape job's targets' health, once every expected target is up
+    (or SCRAPE_WAIT_SECONDS have passed)."""
+    deadline = time.monotonic() + SCRAPE_WAIT_SECONDS
+    while True:
+        active = (await client.get("/api/v1/targets")).json()["data"]["activeTargets"]
+        health: dict[str, list[str]] = {job: [] for job in SCRAPED}
+        for target in active:
+            health.setdefault(target["labels"]["job"], []).append(target["health"])
+        if time.monotonic() > deadline or all(
+            health[job].count("up") == count for job, count in SCRAPED.items()
+        ):
+            return health
+        await asyncio.sleep(2)
+
+
+async def follow_trace(stack: Stack, key: str) -> set[str]:
+    """The services whose spans of one chat's trace reached the jaeger
+    stand-in through the collector."""
+    trace_id = os.urandom(16).hex()
+    headers = {**auth(key), "traceparent": f"00-{trace_id}-{os.urandom(8).hex()}-01"}
+    async with httpx.AsyncClient(base_url=ENVOY, timeout=30) as client:
+        reply = await client.post(
+            "/v1/chat/completions",
+            headers=headers,
+            json={"model": MODEL, "messages": [{"role": "user", "content": "traced"}]},
+        )
+    FAILURES.check(reply.status_code == 200, f"the traced chat: {reply.status_code}")
+    (jaeger,) = stack.containers("jaeger")
+    wanted = TRACED
+    deadline = time.monotonic() + TRACE_WAIT_SECONDS
+    services: set[str] = set()
+    while time.monotonic() < deadline and not wanted <= services:
+        await asyncio.sleep(2)
+        logs = await asyncio.to_thread(stack.docker, "logs", jaeger)
+        services = {json.loads(line)["service"] for line in logs.splitlines() if trace_id in line}
+    return services
+
+
+async def exercise(stack: Stack, key: str) -> None:
+    """Traffic for every panel of the dashboard: the mixed load (chats,
+    streams, turns, memories), memory searches, chats of a model that does
+    not exist (upstream errors, non-OK calls), of a model that fails its
+    answers (server errors) and of a key over its limit."""
+    await mixed_load(stack, key, EXERCISE_SECONDS, Ledger())
+    limited = stack.create_key("rpm1", "--rpm", "1")
+    async with httpx.AsyncClient(base_url=ENVOY, timeout=30) as client:
+        for i in range(3):
+            await chat(client, limited, f"over the limit {i}")
+            await client.get("/api/memories/search", headers=auth(key), params={"q": "fact"})
+            for model in ("ollama/nope", "ollama/broken"):
+                await client.post(
+                    "/v1/chat/completions",
+                    headers=auth(key),
+                    json={"model": model, "messages": [{"role": "user", "content": "hi"}]},
+                )
+
+
+async def queries_without_series(client: httpx.AsyncClient) -> list[str]:
+    """The dashboard's queries that Prometheus answers with no series (or an
+    error), once none does or SCRAPE_WAIT_SECONDS have passed: a rate needs
+    two scrapes (15 s apart) of the traffic."""
+    deadline = time.monotonic() + SCRAPE_WAIT_SECONDS
+    while True:
+        empty = []
+        for query in dashboard_queries():
+            answer = (await client.get("/api/v1/query", params={"query": query})).json()
+            if answer.get("status") != "success" or not answer["data"]["result"]:
+                empty.append(f"{query} -> {answer.get('error') or 'no series'}")
+        if not empty or time.monotonic() > deadline:
+            return empty
+        await asyncio.sleep(5)
+
+
+async def observability(stack: Stack, key: str) -> None:
+    async with httpx.AsyncClient(base_url=PROMETHEUS, timeout=10) as client:
+        health = await wait_for_targets(client)
+        for job, count in SCRAPED.items():
+            FAILURES.check(
+                health[job].count("up") == count and len(health[job]) == count,
+                f"Prometheus scrapes {job}: {health[job].count('up')} of {count} targets up "
+                f"({health[job]})",
+            )
+        rules = (await client.get("/api/v1/rules")).json()["data"]["groups"]
+        loaded = {rule["name"]: rule.get("health") for group in rules for rule in group["rules"]}
+        alerts = yaml.safe_load((OBSERVABILITY / "alerts.yml").read_text())
+        named = {rule["alert"] for group in alerts["groups"] for rule in group["rules"]}
+        FAILURES.check(
+            named <= set(loaded) and "err" not in loaded.values(),
+            f"alert rules loaded: {len(named & set(loaded))} of {len(named)} ({loaded})",
+        )
+        await exercise(stack, key)
+        empty = await queries_without_series(client)
+        total = len(dashboard_queries())
+        FAILURES.check(
+            not empty,
+            f"dashboard queries with series: {total - len(empty)} of {total} ({load()})"
+            + "".join(f"\n      {line}" for line in empty),
+        )
+    services = await follow_trace(stack, key)
+    FAILURES.check(
+        services >= TRACED,
+        f"a chat's trace through the collector has spans of: {sorted(services)}",
+    )
+
+
+PHASES = ["smoke", "spread", "limits", "faults", "rolling", "observability"]
 
 
 def main() -> int:
@@ -617,21 +959,20 @@ def main() -> int:
     parser.add_argument(
         "--down", action="store_true", help="remove the stack (and its volumes) at the end"
     )
-    parser.add_argument(
-        "--only", choices=["smoke", "spread", "limits", "faults", "rolling"], action="append"
-    )
+    parser.add_argument("--only", choices=PHASES, action="append")
     args = parser.parse_args()
 
+    phases = args.only or PHASES
     env = engine.ensure()
-    standins.ensure(env, rebuild=args.rebuild)
+    standins.ensure(env, rebuild=args.rebuild, observability="observability" in phases)
     files = ["docker-compose.yml", "deploy/test/compose.sandbox.yml"]
     if args.cluster:
         files.insert(1, "docker-compose.opensearch-cluster.yml")
-    stack = Stack(env, files)
+        files.append("deploy/test/compose.sandbox-cluster.yml")
+    stack = Stack(env, files, cluster=args.cluster)
     began = time.monotonic()
     stack.compose("--profile", "tools", "build", "--quiet")
     log(f"images built in {time.monotonic() - began:.0f} s ({load()})")
-    phases = args.only or ["smoke", "spread", "limits", "faults", "rolling"]
     if "smoke" not in phases:
         stack.scale = SCALE
     began = time.monotonic()
@@ -656,8 +997,16 @@ def main() -> int:
         asyncio.run(rolling_restart(stack))
     if "spread" in phases:
         asyncio.run(spread(stack, key))
-    if args.down:
-        stack.compose("down", "-v")
+    if "observability" in phases:
+        began = time.monotonic()
+        stack.compose("--profile", "observability", "up", "-d", "--wait", *OBSERVED)
+        # Marie's services again, now sending their spans to the collector.
+        stack.env["OTEL_EXPORTER_OTLP_ENDPOINT"] = "http://otel-collector:4318"
+        stack.up()
+        log(f"observability profile (without Grafana) up in {time.monotonic() - began:.0f} s")
+        asyncio.run(observability(stack, key))
+    if args.down:  # the observability profile's services too
+        stack.compose("--profile", "observability", "down", "-v")
     if FAILURES.items:
         log(f"{len(FAILURES.items)} check(s) failed:")
         for item in FAILURES.items:

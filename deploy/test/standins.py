@@ -15,6 +15,12 @@ ones do for Marie. They are test fixtures: users run the official images.
 - `ollama/ollama:<tag>`: tests/fakes/ollama.py (standins/ollama).
 - `opensearchproject/opensearch:<tag>`: the node tests/opensearch_node.py
   assembles from Maven Central (standins/opensearch).
+- The `observability` profile's (standins/otelcol, prometheus, jaeger):
+  `otel/opentelemetry-collector:<tag>`, the collector tests/otel_collector.py
+  builds; `prom/prometheus:<tag>`, Debian bookworm's Prometheus 2.42 (the
+  package tests/prometheus.py pins); and
+  under `jaegertracing/jaeger:<tag>` an OTLP receiver that logs the spans it
+  gets (not Jaeger). Grafana has no stand-in: nothing reachable here builds it.
 
 An image already present is kept (delete it, or `--rebuild`, to rebuild).
 """
@@ -34,7 +40,7 @@ from engine import STATE, log, run
 ROOT_FOR_IMPORTS = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT_FOR_IMPORTS))
 
-from tests import opensearch_node  # noqa: E402
+from tests import opensearch_node, otel_collector, prometheus  # noqa: E402
 
 ROOT = ROOT_FOR_IMPORTS
 HERE = Path(__file__).resolve().parent / "standins"
@@ -114,11 +120,17 @@ def _docker_build(image: str, context: Path, env: dict[str, str]) -> None:
     run("docker", "build", "-q", "-t", image, context, env=env, stdout=subprocess.DEVNULL)
 
 
-def build_envoy(image: str, env: dict[str, str]) -> None:
+def _build_with(image: str, env: dict[str, str], folder: str, files: dict[str, Path]) -> None:
+    """standins/<folder> plus `files` (name in the context: source), built as `image`."""
     with tempfile.TemporaryDirectory(dir=STATE) as context:
-        shutil.copytree(HERE / "envoy", context, dirs_exist_ok=True)
-        shutil.copyfile(Path(envoy.__file__).parent / "_bin" / "envoy", Path(context) / "envoy")
+        shutil.copytree(HERE / folder, context, dirs_exist_ok=True)
+        for name, source in files.items():
+            shutil.copy2(source, Path(context) / name)
         _docker_build(image, Path(context), env)
+
+
+def build_envoy(image: str, env: dict[str, str]) -> None:
+    _build_with(image, env, "envoy", {"envoy": Path(envoy.__file__).parent / "_bin" / "envoy"})
 
 
 def build_ollama(image: str, env: dict[str, str]) -> None:
@@ -140,20 +152,41 @@ def build_opensearch(image: str, env: dict[str, str]) -> None:
         _docker_build(image, Path(context), env)
 
 
+def build_otelcol(image: str, env: dict[str, str]) -> None:
+    _build_with(image, env, "otelcol", {"otelcol": otel_collector.collector_binary()})
+
+
+def build_prometheus(image: str, env: dict[str, str]) -> None:
+    binaries = prometheus.binaries()  # the tests' pinned Debian package, unpacked
+    tools = {name: binaries / name for name in ("prometheus", "promtool")}
+    _build_with(image, env, "prometheus", tools)
+
+
+def build_jaeger(image: str, env: dict[str, str]) -> None:
+    _build_with(image, env, "jaeger", {})
+
+
 BUILDERS = {
     "envoy": build_envoy,
     "ollama": build_ollama,
     "opensearch": build_opensearch,
 }
+OBSERVABILITY_BUILDERS = {
+    "otel-collector": build_otelcol,
+    "prometheus": build_prometheus,
+    "jaeger": build_jaeger,
+}
 
 
-def ensure(env: dict[str, str], *, rebuild: bool = False) -> None:
-    """Every stand-in image, built unless present; python's first (the others are built on it)."""
+def ensure(env: dict[str, str], *, rebuild: bool = False, observability: bool = False) -> None:
+    """Every stand-in image, built unless present; python's first (the others
+    are built on it). The observability profile's only when asked."""
     images = compose_images()
     python = "python:3.11-slim"
     if rebuild or not present(python, env):
         build_python(python, env)
-    for service, builder in BUILDERS.items():
+    builders = {**BUILDERS, **(OBSERVABILITY_BUILDERS if observability else {})}
+    for service, builder in builders.items():
         image = images[service]
         if rebuild or not present(image, env):
             builder(image, env)

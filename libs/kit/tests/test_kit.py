@@ -323,6 +323,23 @@ async def test_shutdown_lets_in_flight_streams_finish_within_the_grace_period() 
     assert await call.code() == grpc.StatusCode.OK
 
 
+async def test_shutdown_takes_new_calls_during_the_drain_delay_while_not_serving() -> None:
+    """A load balancer that polls health needs time to see NOT_SERVING: until
+    the drain delay is over, a new call is answered rather than refused."""
+    running = await start_server([ProbeComponent()])
+    async with insecure_channel(running.target) as channel:
+        health: Any = health_pb2_grpc.HealthStub(channel)
+        watch = health.Watch(health_pb2.HealthCheckRequest(service=""))
+        assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+        stopping = asyncio.create_task(running.stop(1, drain_delay=60))
+        assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert await _unary(channel, "Peer")(b"")
+        stopping.cancel()
+        await running.stop(0)
+        with pytest.raises(grpc.aio.AioRpcError):
+            await _unary(channel, "Peer")(b"", timeout=2)
+
+
 async def test_shutdown_cancels_streams_still_running_after_the_grace_period() -> None:
     running = await start_server([ProbeComponent()])
     async with insecure_channel(running.target) as channel:

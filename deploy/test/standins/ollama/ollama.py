@@ -3,7 +3,8 @@
 
 `serve` runs tests/fakes/ollama.py on OLLAMA_HOST (default 0.0.0.0:11434)
 with its default models plus `slow`, whose replies stream one piece every
-50 ms (streams that are still open when a replica is killed); `list` asks
+50 ms (streams that are still open when a replica is killed), and `broken`,
+which fails its answers midway (server errors for the dashboard's panels); `list` asks
 the server, as the real command does (compose's health check)."""
 
 import json
@@ -25,7 +26,11 @@ def serve() -> None:
     from tests.fakes.ollama import FakeModel, FakeOllama, default_models  # noqa: PLC0415
 
     host, port = address()
-    models = [*default_models(), FakeModel("slow", reply=SLOW_REPLY, chunk_delay=0.05)]
+    models = [
+        *default_models(),
+        FakeModel("slow", reply=SLOW_REPLY, chunk_delay=0.05),
+        FakeModel("broken", reply="one two three four", error_after=2),
+    ]
     FakeOllama(models, host=host, port=port).start()
     print(f"fake ollama listening on {host}:{port}", flush=True)
     threading.Event().wait()

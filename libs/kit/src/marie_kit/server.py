@@ -3,8 +3,9 @@
 A service is a `Component`: it opens its resources in `start()`, registers its
 servicers, and closes everything in `close()`. `start_server` binds the port,
 adds health and reflection, starts the components and only then reports
-SERVING. `serve` runs one until SIGTERM/SIGINT, then marks NOT_SERVING, lets
-in-flight calls finish within the grace period and closes the components.
+SERVING. `serve` runs one until SIGTERM/SIGINT, then marks NOT_SERVING, keeps
+taking calls for the drain delay (while load balancers notice), lets in-flight
+calls finish within the grace period and closes the components.
 """
 
 from __future__ import annotations
@@ -71,10 +72,16 @@ class RunningServer:
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    async def stop(self, grace: float) -> None:
-        """NOT_SERVING first, then let in-flight calls finish, then close components."""
+    async def stop(self, grace: float, drain_delay: float = 0.0) -> None:
+        """NOT_SERVING first; new calls are still taken for `drain_delay`
+        seconds, so that a load balancer that polls health (Envoy: every 5 s)
+        stops sending calls before the port closes, rather than having them
+        refused; then let in-flight calls finish, then close components."""
         self.stopping = True
         await self.health.enter_graceful_shutdown()
+        if drain_delay > 0:
+            log.info("draining", extra={"drain_delay_seconds": drain_delay})
+            await asyncio.sleep(drain_delay)
         for watch in _watches(self.components):
             await watch.close()
         for component in self.components:
@@ -184,11 +191,12 @@ async def serve(
     host: str,
     port: int,
     grace: float,
+    drain_delay: float = 0.0,
     metrics_port: int = 0,
     max_connection_age: float = 0,
 ) -> None:
-    """Run until SIGTERM or SIGINT, then shut down gracefully. With a
-    `metrics_port`, Prometheus metrics are served there as well."""
+    """Run until SIGTERM or SIGINT, then shut down gracefully (RunningServer.stop).
+    With a `metrics_port`, Prometheus metrics are served there as well."""
     try:
         if metrics_port:
             start_metrics_server(host, metrics_port)
@@ -212,7 +220,7 @@ async def serve(
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("shutting down", extra={"grace_seconds": grace})
-    await running.stop(grace)
+    await running.stop(grace, drain_delay)
     log.info("stopped")
     tracing.shutdown()
 

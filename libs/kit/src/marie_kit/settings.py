@@ -42,6 +42,12 @@ def usage_spool_field() -> Any:
 
 
 DEFAULT_AUTH_PORT = 50053
+DRAIN_DELAY_DESCRIPTION = (
+    "After SIGTERM, how long the service goes on taking new calls while it reports "
+    "NOT_SERVING, before it stops listening: a load balancer that polls health (Envoy: "
+    "every 5 s) then stops sending calls in time, instead of having them refused. "
+    "0: stop listening at once (clients that watch health need no delay)."
+)
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "debug", "info", "warning", "error"]
 
@@ -69,6 +75,13 @@ class ServiceSettings(BaseSettings):
         le=600,
         validation_alias=AliasChoices("MARIE_GRACE_SECONDS", "grace_seconds"),
         description="How long in-flight calls may run on after SIGTERM.",
+    )
+    drain_delay_seconds: float = Field(
+        default=0.0,
+        ge=0,
+        le=60,
+        validation_alias=AliasChoices("MARIE_DRAIN_DELAY_SECONDS", "drain_delay_seconds"),
+        description=DRAIN_DELAY_DESCRIPTION,
     )
     metrics_port: int = Field(
         default=0,

@@ -39,7 +39,7 @@ def main() -> None:
         timeout_graceful_shutdown=int(settings.grace_seconds),
     )
     try:
-        GatewayServer(config, app.gw).run()
+        GatewayServer(config, app.gw, settings.drain_delay_seconds).run()
     finally:
         tracing.shutdown()
 

@@ -133,6 +133,15 @@ class GatewaySettings(BaseSettings):
         validation_alias=AliasChoices("MARIE_GRACE_SECONDS", "grace_seconds"),
         description="How long in-flight requests may run on after SIGTERM.",
     )
+    drain_delay_seconds: float = Field(
+        default=0.0,
+        ge=0,
+        le=60,
+        validation_alias=AliasChoices("MARIE_DRAIN_DELAY_SECONDS", "drain_delay_seconds"),
+        description="After SIGTERM, how long the gateway goes on taking new requests "
+        "while /readyz answers 503, before it stops listening: a load balancer that polls "
+        "readiness (Envoy: every 5 s) then stops sending requests in time. 0: at once.",
+    )
 
     invalid_key_threshold: int = Field(
         default=20,

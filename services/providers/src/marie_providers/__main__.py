@@ -28,6 +28,7 @@ def main() -> None:
             host=settings.host,
             port=settings.port,
             grace=settings.grace_seconds,
+            drain_delay=settings.drain_delay_seconds,
             metrics_port=settings.metrics_port,
             max_connection_age=settings.max_connection_age_seconds,
         )

@@ -193,15 +193,23 @@ class Drainable(Protocol):
 
 
 class GatewayServer(uvicorn.Server):
-    """uvicorn's server, ending the gateway's running calls with an answer
-    before its grace period runs out."""
+    """uvicorn's server: on shutdown, /readyz says 503 while requests are still
+    taken for `drain_delay` seconds (Envoy's health checks stop sending them
+    meanwhile), then the port closes and the running calls are ended with an
+    answer before the grace period runs out."""
 
-    def __init__(self, config: uvicorn.Config, gateway: Drainable) -> None:
+    def __init__(
+        self, config: uvicorn.Config, gateway: Drainable, drain_delay: float = 0.0
+    ) -> None:
         super().__init__(config)
         self.gateway = gateway
+        self.drain_delay = drain_delay
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         self.gateway.draining = True
+        if self.drain_delay > 0:
+            log.info("draining", extra={"drain_delay_seconds": self.drain_delay})
+            await asyncio.sleep(self.drain_delay)
         grace = self.config.timeout_graceful_shutdown or 0
         cut = asyncio.get_running_loop().call_later(
             grace * CUT_AT_SHARE_OF_GRACE, self.gateway.cut_calls
