@@ -22,6 +22,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- define "marie.commonEnv" -}}
 - { name: MARIE_LOG_LEVEL, value: {{ .Values.logLevel | quote }} }
 - { name: MARIE_GRACE_SECONDS, value: {{ .Values.graceSeconds | quote }} }
+- { name: MARIE_DRAIN_DELAY_SECONDS, value: {{ .Values.drainDelaySeconds | quote }} }
 {{- end -}}
 
 {{/* The OpenSearch store, for auth and memory. */}}
@@ -67,9 +68,10 @@ spec:
         checksum/config: {{ .checksum }}
       {{- end }}
     spec:
-      # SIGTERM: NOT_SERVING (readiness fails, Services drop the pod), calls
-      # in flight drain within MARIE_GRACE_SECONDS, then the process exits.
-      terminationGracePeriodSeconds: {{ add $root.Values.graceSeconds 5 }}
+      # SIGTERM: NOT_SERVING (readiness fails, Services drop the pod) while
+      # new calls are still taken for MARIE_DRAIN_DELAY_SECONDS, then calls in
+      # flight drain within MARIE_GRACE_SECONDS, then the process exits.
+      terminationGracePeriodSeconds: {{ add $root.Values.graceSeconds $root.Values.drainDelaySeconds 5 }}
       automountServiceAccountToken: false
       securityContext:
         runAsNonRoot: true
