@@ -81,7 +81,9 @@ def _any_value(value: Any) -> bytes:
         return _len(
             b"\x32", b"".join(_len(b"\x0a", _key_value(str(k), v)) for k, v in value.items())
         )
-    raise TypeError(f"attribute value of type {type(value).__name__}")
+    # Spans keep attributes as given: another type is sent as its text (the
+    # SDK's rule), not allowed to fail the whole batch.
+    return _len(b"\x0a", str(value).encode())
 
 
 #: The encoded key field of attribute names seen (a bounded set in practice:

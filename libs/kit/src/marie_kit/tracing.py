@@ -39,8 +39,9 @@ import grpc
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
-    from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.trace import Span, Tracer
+
+    from marie_kit.tracer import TracerProvider
 
 log = logging.getLogger("marie.tracing")
 
@@ -127,24 +128,28 @@ def setup_tracing(service: str, environ: Mapping[str, str] | None = None) -> boo
     if STATE.enabled or not wanted(env):
         return STATE.enabled
     # Imported here: a process without an endpoint never loads the SDK.
+    import atexit  # noqa: PLC0415
+
     from opentelemetry import trace  # noqa: PLC0415
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource  # noqa: PLC0415
-    from opentelemetry.sdk.trace import TracerProvider  # noqa: PLC0415
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor  # noqa: PLC0415
-    from opentelemetry.sdk.trace.sampling import ParentBased  # noqa: PLC0415
+
+    from marie_kit.tracer import TracerProvider  # noqa: PLC0415
 
     name = env.get("OTEL_SERVICE_NAME", "").strip() or f"marie-{service}"
-    # Resource.create reads OTEL_RESOURCE_ATTRIBUTES; the sampler comes from
-    # OTEL_TRACES_SAMPLER(_ARG) inside TracerProvider.
-    provider = TracerProvider(resource=Resource.create({SERVICE_NAME: name}))
-    provider.add_span_processor(BatchSpanProcessor(_exporter(env)))
+    # Resource.create reads OTEL_RESOURCE_ATTRIBUTES; the sampler, limits and
+    # batching come from OTEL_TRACES_SAMPLER(_ARG), OTEL_*_LIMIT, OTEL_BSP_*.
+    provider = TracerProvider.from_env(
+        Resource.create({SERVICE_NAME: name}), _exporter(env), env
+    )
     trace.set_tracer_provider(provider)
+    # As the SDK's provider does: what is queued is exported at exit.
+    atexit.register(provider.shutdown)
     _load_api()
     STATE.provider = provider
     STATE.tracer = provider.get_tracer("marie")
     STATE.content = _flag(env, "MARIE_TRACE_CONTENT")
     STATE.store_calls = _flag(env, "MARIE_TRACE_STORE_CALLS")
-    STATE.follows_parent = isinstance(provider.sampler, ParentBased)
+    STATE.follows_parent = provider.sampler.follows_parent
     STATE.enabled = True
     log.info("tracing on", extra={"otel_service_name": name})
     return True
