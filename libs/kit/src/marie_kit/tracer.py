@@ -57,7 +57,6 @@ _NOT_SAMPLED = TraceFlags(TraceFlags.DEFAULT)
 _UNSET = Status(StatusCode.UNSET)
 _ID_BITS = 64
 _RATIO_MASK = (1 << _ID_BITS) - 1
-_SPAN_KEY = trace._SPAN_KEY  # where the API keeps the current span in a context
 
 # --- sampling -------------------------------------------------------------
 
@@ -248,7 +247,7 @@ class Span(trace.Span):
         "status",
     )
 
-    def __init__(
+    def __init__(  # noqa: PLR0917 - made in one place, Tracer.start_span
         self,
         tracer: Tracer,
         name: str,
@@ -387,7 +386,7 @@ class _CurrentSpan:
         self._end = end
 
     def __enter__(self) -> trace.Span:
-        self._token = context_api.attach(context_api.set_value(_SPAN_KEY, self._span))
+        self._token = context_api.attach(trace.set_span_in_context(self._span))
         return self._span
 
     def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
@@ -419,7 +418,7 @@ class Tracer(trace.Tracer):
         self.resource = resource
         self.scope = scope
 
-    def start_span(
+    def start_span(  # noqa: PLR0917 - the API's signature
         self,
         name: str,
         context: context_api.Context | None = None,
@@ -430,13 +429,13 @@ class Tracer(trace.Tracer):
         record_exception: bool = True,
         set_status_on_exception: bool = True,
     ) -> trace.Span:
-        parent = trace.get_current_span(context).get_span_context()
-        if parent.is_valid:
+        found = trace.get_current_span(context).get_span_context()
+        parent: SpanContext | None = found if found.is_valid else None
+        if parent is not None:
             trace_id = parent.trace_id
             trace_state = parent.trace_state
             sampled = self.sampler.sampled(parent, trace_id)
         else:
-            parent = None
             trace_id = _new_id(128)
             trace_state = DEFAULT_TRACE_STATE
             sampled = self.sampler.sampled(None, trace_id)
@@ -451,7 +450,7 @@ class Tracer(trace.Tracer):
             return NonRecordingSpan(span_context)
         return Span(self, name, span_context, parent, kind, attributes, links, start_time)
 
-    def start_as_current_span(  # type: ignore[override]  # a context manager, not a generator
+    def start_as_current_span(  # type: ignore[override]  # noqa: PLR0917 - the API's
         self,
         name: str,
         context: context_api.Context | None = None,
@@ -493,7 +492,7 @@ class BatchSettings:
 
         def number(name: str, fallback: int) -> int:
             found = _limit(env, name, fallback)
-            return fallback if not found else found
+            return found or fallback
 
         max_queue = number("OTEL_BSP_MAX_QUEUE_SIZE", default.max_queue)
         return cls(

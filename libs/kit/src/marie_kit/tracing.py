@@ -138,9 +138,7 @@ def setup_tracing(service: str, environ: Mapping[str, str] | None = None) -> boo
     name = env.get("OTEL_SERVICE_NAME", "").strip() or f"marie-{service}"
     # Resource.create reads OTEL_RESOURCE_ATTRIBUTES; the sampler, limits and
     # batching come from OTEL_TRACES_SAMPLER(_ARG), OTEL_*_LIMIT, OTEL_BSP_*.
-    provider = TracerProvider.from_env(
-        Resource.create({SERVICE_NAME: name}), _exporter(env), env
-    )
+    provider = TracerProvider.from_env(Resource.create({SERVICE_NAME: name}), _exporter(env), env)
     trace.set_tracer_provider(provider)
     # As the SDK's provider does: what is queued is exported at exit.
     atexit.register(provider.shutdown)
