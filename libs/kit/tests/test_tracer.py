@@ -12,8 +12,17 @@ from typing import Any
 
 import pytest
 from marie_kit import otlp
-from marie_kit.tracer import BatchSettings, Limits, Sampler, Span, SpanQueue, TracerProvider
-from opentelemetry import context, propagate, trace
+from marie_kit.tracer import (
+    BatchSettings,
+    Limits,
+    Sampler,
+    Span,
+    SpanQueue,
+    TracerProvider,
+    current_span_reader,
+    injector,
+)
+from opentelemetry import baggage, context, propagate, trace
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import sampling
@@ -406,3 +415,53 @@ def test_spans_read_back_from_their_otlp_encoding(kept: Kept) -> None:
     (link,) = decoded_job.links
     assert link.span_id == REMOTE.span_id.to_bytes(8, "big")
     assert {a.key: _value(a.value) for a in link.attributes} == {"why": "queued"}
+
+
+# --- the current span and propagation, as the API's ---------------------------
+
+
+def test_the_current_span_reader_answers_as_the_api(provider: TracerProvider) -> None:
+    read = current_span_reader()
+    assert read() is trace.get_current_span() is trace.INVALID_SPAN
+    with provider.get_tracer("t").start_as_current_span("s") as span:
+        assert read() is trace.get_current_span() is span
+    token = context.attach(context.set_value("other", 1))
+    try:
+        assert read() is trace.get_current_span() is trace.INVALID_SPAN
+    finally:
+        context.detach(token)
+
+
+def _both(ctx: context.Context | None) -> tuple[dict[str, str], dict[str, str]]:
+    ours: dict[str, str] = {}
+    injector({})(ours, ctx)
+    apis: dict[str, str] = {}
+    propagate.inject(apis, ctx)
+    return ours, apis
+
+
+@pytest.mark.parametrize(
+    "span_context",
+    [
+        REMOTE,
+        UNSAMPLED_REMOTE,
+        SpanContext(0x1, 0x2, is_remote=False, trace_flags=TraceFlags(TraceFlags.SAMPLED)),
+    ],
+)
+def test_the_injector_writes_the_headers_the_api_writes(span_context: SpanContext) -> None:
+    ctx = trace.set_span_in_context(NonRecordingSpan(span_context))
+    ours, apis = _both(ctx)
+    assert ours == apis and "traceparent" in ours
+    with_baggage = baggage.set_baggage("user", "u1", ctx)
+    ours, apis = _both(with_baggage)
+    assert ours == apis and "baggage" in ours
+    token = context.attach(ctx)
+    try:
+        assert _both(None) == _both(ctx)
+    finally:
+        context.detach(token)
+    assert _both(context.Context()) == ({}, {})
+
+
+def test_other_propagators_are_left_to_the_api() -> None:
+    assert injector({"OTEL_PROPAGATORS": "b3"}) is propagate.inject

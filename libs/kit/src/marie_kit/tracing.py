@@ -75,7 +75,10 @@ class _Otel:
     trace: Any = None
     context: Any = None
     extract: Any = None
+    #: (carrier, context or None): writes the context's trace headers.
     inject: Any = None
+    #: () -> the current span (`trace.get_current_span()`, faster).
+    current_span: Any = None
     SpanKind: Any = None
     Status: Any = None
     StatusCode: Any = None
@@ -84,13 +87,16 @@ class _Otel:
 _otel = _Otel()
 
 
-def _load_api() -> None:
+def _load_api(env: Mapping[str, str]) -> None:
     from opentelemetry import context, propagate, trace  # noqa: PLC0415
+
+    from marie_kit.tracer import current_span_reader, injector  # noqa: PLC0415
 
     _otel.trace = trace
     _otel.context = context
     _otel.extract = propagate.extract
-    _otel.inject = propagate.inject
+    _otel.inject = injector(env)
+    _otel.current_span = current_span_reader()
     _otel.SpanKind = trace.SpanKind
     _otel.Status = trace.Status
     _otel.StatusCode = trace.StatusCode
@@ -142,7 +148,7 @@ def setup_tracing(service: str, environ: Mapping[str, str] | None = None) -> boo
     trace.set_tracer_provider(provider)
     # As the SDK's provider does: what is queued is exported at exit.
     atexit.register(provider.shutdown)
-    _load_api()
+    _load_api(env)
     STATE.provider = provider
     STATE.tracer = provider.get_tracer("marie")
     STATE.content = _flag(env, "MARIE_TRACE_CONTENT")
@@ -282,7 +288,7 @@ def recording() -> bool:
     if STATE.tracer is None:
         return False
 
-    current = _otel.trace.get_current_span()
+    current = _otel.current_span()
     return current.is_recording() or not current.get_span_context().is_valid
 
 
@@ -401,7 +407,7 @@ def start_client_span(name: str, attributes: Mapping[str, Any]) -> tuple[Span, d
         name, context=_call_context(), kind=_otel.SpanKind.CLIENT, attributes=attributes
     )
     headers: dict[str, str] = {}
-    _otel.inject(headers, context=_otel.trace.set_span_in_context(started))
+    _otel.inject(headers, _otel.trace.set_span_in_context(started))
     return started, headers
 
 
@@ -411,11 +417,11 @@ def start_http_call(attributes: Mapping[str, Any]) -> tuple[Span, dict[str, str]
     current (a model call's) is that call's transport: its HTTP attributes go
     on that span, which the upstream sees as its parent (one span, not two,
     per model call); otherwise a new CLIENT span named by the method."""
-    current = _otel.trace.get_current_span()
+    current = _otel.current_span()
     if getattr(current, "kind", None) is _otel.SpanKind.CLIENT and current.is_recording():
         current.set_attributes(attributes)
         headers: dict[str, str] = {}
-        _otel.inject(headers)
+        _otel.inject(headers, None)
         return current, headers, False
     span, headers = start_client_span(attributes["http.request.method"], attributes)
     return span, headers, True
@@ -444,7 +450,7 @@ def current_span() -> Span | None:
     if not STATE.enabled:
         return None
 
-    current = _otel.trace.get_current_span()
+    current = _otel.current_span()
     return current if current.is_recording() else None
 
 
@@ -453,7 +459,7 @@ def current_ids() -> tuple[str, str] | None:
     if not STATE.enabled:
         return None
 
-    ctx = _otel.trace.get_current_span().get_span_context()
+    ctx = _otel.current_span().get_span_context()
     if not ctx.is_valid:
         return None
     return format(ctx.trace_id, "032x"), format(ctx.span_id, "016x")
@@ -464,7 +470,7 @@ def inject(carrier: MutableMapping[str, str]) -> None:
     if not STATE.enabled:
         return
 
-    _otel.inject(carrier)
+    _otel.inject(carrier, None)
 
 
 def extract(carrier: Mapping[str, str]) -> Context | None:
@@ -544,10 +550,10 @@ def _start_call(method: str, metadata: Metadata) -> tuple[Span | None, Metadata]
         span = tracer.start_span(
             method, context=_call_context(), kind=kind, attributes=_rpc_attributes(method)
         )
-        _otel.inject(carrier, context=_otel.trace.set_span_in_context(span))
+        _otel.inject(carrier, _otel.trace.set_span_in_context(span))
     else:
         # An unsampled trace: no span, but the callee learns the decision.
-        _otel.inject(carrier)
+        _otel.inject(carrier, None)
         if not carrier:
             return None, metadata
     return span, (*(metadata or ()), *carrier.items())
