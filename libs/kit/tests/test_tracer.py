@@ -20,6 +20,7 @@ from marie_kit.tracer import (
     SpanQueue,
     TracerProvider,
     current_span_reader,
+    extractor,
     injector,
 )
 from opentelemetry import baggage, context, propagate, trace
@@ -465,3 +466,39 @@ def test_the_injector_writes_the_headers_the_api_writes(span_context: SpanContex
 
 def test_other_propagators_are_left_to_the_api() -> None:
     assert injector({"OTEL_PROPAGATORS": "b3"}) is propagate.inject
+
+
+@pytest.mark.parametrize(
+    "carrier",
+    [
+        {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"},
+        {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"},
+        {"traceparent": "00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01"},
+        {"traceparent": "00-00000000000000000000000000000000-b7ad6b7169203331-01"},
+        {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01"},
+        {"traceparent": "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"},
+        {"traceparent": "01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-later"},
+        {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-x"},
+        {"traceparent": " 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"},
+        {"traceparent": "garbage"},
+        {
+            "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            "tracestate": "vendor=value,other=1",
+        },
+        {
+            "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            "baggage": "user=u1",
+        },
+        {},
+    ],
+)
+def test_the_extractor_reads_the_context_the_api_reads(carrier: dict[str, str]) -> None:
+    ours, apis = extractor({})(carrier), propagate.extract(carrier)
+    assert trace.get_current_span(ours).get_span_context() == (
+        trace.get_current_span(apis).get_span_context()
+    )
+    assert baggage.get_all(ours) == baggage.get_all(apis)
+
+
+def test_other_propagators_extract_through_the_api() -> None:
+    assert extractor({"OTEL_PROPAGATORS": "tracecontext,baggage,b3"}) is propagate.extract

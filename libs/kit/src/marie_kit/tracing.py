@@ -19,10 +19,11 @@ are opened by the kit's own server interceptor and a channel wrapper
 (`traced_channel`, below), not by opentelemetry-instrumentation-grpc: measured
 with `make bench`, the latter's aio interceptors cost about 0.1 ms of CPU per
 call and side even unsampled, more than the whole budget of a traced request,
-and so did a client interceptor of our own. Finished spans are exported by
-the SDK's OTLP exporters with the kit's own encoder (`marie_kit.otlp`): the
-SDK's builds a protobuf object per attribute, which cost more CPU than the
-spans themselves.
+and so did a client interceptor of our own. Spans are recorded by the kit's
+own tracer behind the OpenTelemetry API (`marie_kit.tracer`, which says why
+not the SDK's, with figures) and sent in batches by the SDK's OTLP exporters'
+transport with the kit's own encoder (`marie_kit.otlp`): the SDK's builds a
+protobuf object per attribute, which cost more CPU than the spans themselves.
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ class _Otel:
 
     trace: Any = None
     context: Any = None
+    #: (carrier) -> the context it carries (`propagate.extract`, faster).
     extract: Any = None
     #: (carrier, context or None): writes the context's trace headers.
     inject: Any = None
@@ -88,13 +90,13 @@ _otel = _Otel()
 
 
 def _load_api(env: Mapping[str, str]) -> None:
-    from opentelemetry import context, propagate, trace  # noqa: PLC0415
+    from opentelemetry import context, trace  # noqa: PLC0415
 
-    from marie_kit.tracer import current_span_reader, injector  # noqa: PLC0415
+    from marie_kit.tracer import current_span_reader, extractor, injector  # noqa: PLC0415
 
     _otel.trace = trace
     _otel.context = context
-    _otel.extract = propagate.extract
+    _otel.extract = extractor(env)
     _otel.inject = injector(env)
     _otel.current_span = current_span_reader()
     _otel.SpanKind = trace.SpanKind
