@@ -10,7 +10,7 @@ process, interleaved, load 10-20) puts one chat's tracing calls at 102-107 µs
 of CPU in the gateway and 119-124 µs in providers with the SDK's tracer,
 33-38 and 38-40 µs with this one (a gRPC call's CLIENT span 27-29 against
 8-9 µs), and in the suite (`bench/tracing.py`, README "Traces") a sampled
-chat cost +1.1 to +1.3 ms with the SDK's against +0.3 to +0.8 ms. Here a
+chat cost +0.75 to +1.02 ms with the SDK's against +0.26 to +0.44 ms. Here a
 span stores its attributes as given in a dict (the OTLP encoder,
 `marie_kit.otlp`, is their only reader, and sends any other type as its
 text) and is queued itself when it ends.
