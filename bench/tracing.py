@@ -5,8 +5,9 @@ at once against the same fake Ollama,
 requests interleaved in batches of ten so that the machine's noise hits every
 variant alike. Spans go over OTLP/HTTP to a receiver in a process of its own
 (tests/otlp_receiver.py), so exporting is part of the cost measured. CPU is
-read from /proc for every service process of each suite (gateway, providers,
-auth, memory), export threads included.
+read from /proc (each thread's schedstat, in ns) for every service process of
+each suite (gateway, providers, auth, memory), export threads included, and
+shown per service too.
 
 Usage: .venv/bin/python bench/tracing.py [--requests 400]
        .venv/bin/python bench/tracing.py --baseline-marie OTHER_CHECKOUT/.venv/bin/marie
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,7 +31,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import tests.stack
-from bench.common import cpu_seconds, percentile, start_upstreams
+from bench.common import cpu_ns, percentile, start_upstreams
 from tests.stack import Stack, start_stack
 
 #: The name prefix of the --baseline-marie checkout's suites.
@@ -99,7 +101,8 @@ def main() -> None:
         },
     }
     stacks: dict[str, Stack] = {}
-    results: dict[str, dict[str, tuple[list[float], float]]] = {}
+    # Per mode and variant: latencies, and CPU ms per request by service.
+    results: dict[str, dict[str, tuple[list[float], dict[str, float]]]] = {}
     loads: dict[str, tuple[float, float, float]] = {}
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -144,16 +147,18 @@ def main() -> None:
                     _time(_bind(call, client), args.warmup)
                 pids = {name: _pids(stack) for name, stack in stacks.items()}
                 samples: dict[str, list[float]] = {name: [] for name in stacks}
-                cpu = dict.fromkeys(stacks, 0.0)
+                cpu: dict[str, Counter[str]] = {name: Counter() for name in stacks}
                 for _ in range(args.requests // 10):
                     for name, client in clients.items():
-                        before = sum(cpu_seconds(p) for p in pids[name].values())
+                        before = {service: cpu_ns(p) for service, p in pids[name].items()}
                         samples[name] += _time(_bind(call, client), 10)
-                        cpu[name] += sum(cpu_seconds(p) for p in pids[name].values()) - before
+                        for service, p in pids[name].items():
+                            cpu[name][service] += cpu_ns(p) - before[service]
                 mode = "stream" if stream else "non-stream"
                 loads[mode] = os.getloadavg()
                 results[mode] = {
-                    name: (s, cpu[name] * 1000 / len(s)) for name, s in samples.items()
+                    name: (s, {k: ns / 1e6 / len(s) for k, ns in cpu[name].items()})
+                    for name, s in samples.items()
                 }
     finally:
         for stack in stacks.values():
@@ -163,14 +168,22 @@ def main() -> None:
     spans = out.strip().splitlines()[-1] if out.strip() else "?"
 
     print(f"\nTracing on the chat hot path: {args.requests} requests per variant, interleaved\n")
-    print(f"{'mode':<12}{'variant':<16}{'p50':>9}{'p90':>9}{'CPU/req':>10}{'CPU vs off':>12}")
+    print(
+        f"{'mode':<12}{'variant':<16}{'p50':>9}{'p90':>9}{'CPU/req':>10}{'CPU vs off':>12}"
+        "   by service vs off"
+    )
     for mode, by_variant in results.items():
         for name, (s, cpu_ms) in by_variant.items():
             # Against the same checkout's suite with tracing off.
             off_cpu = by_variant[BASELINE + "off" if name.startswith(BASELINE) else "off"][1]
+            total, off_total = sum(cpu_ms.values()), sum(off_cpu.values())
+            services = " ".join(
+                f"{service} {cpu_ms[service] - off_cpu[service]:+.3f}" for service in sorted(cpu_ms)
+            )
             print(
                 f"{mode:<12}{name:<16}{statistics.median(s):>7.2f}ms"
-                f"{percentile(s, 0.9):>7.2f}ms{cpu_ms:>8.3f}ms{cpu_ms - off_cpu:>+10.3f}ms"
+                f"{percentile(s, 0.9):>7.2f}ms{total:>8.3f}ms{total - off_total:>+10.3f}ms"
+                f"   {services}"
             )
         print(f"{'':<12}load average after {mode}: {' '.join(f'{v:.2f}' for v in loads[mode])}")
     print(

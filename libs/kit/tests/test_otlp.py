@@ -120,3 +120,20 @@ def test_the_grpc_exporter_sends_the_same_request() -> None:
         assert exporter._translate_data(spans) == encode_spans(spans)
     finally:
         exporter.shutdown()
+
+
+def test_a_cached_attribute_is_never_taken_for_an_equal_value_of_another_type() -> None:
+    # True == 1 and hash alike: the encoding cache must still tell them apart.
+    from opentelemetry.proto.common.v1.common_pb2 import KeyValue  # noqa: PLC0415
+
+    for value in (True, 1, "1", 1, True):
+        (field,) = [otlp._attributes(b"\x0a", {"k": value})]
+        decoded = KeyValue.FromString(field[2:])
+        assert (
+            decoded.value.WhichOneof("value")
+            == {
+                bool: "bool_value",
+                int: "int_value",
+                str: "string_value",
+            }[type(value)]
+        )

@@ -74,18 +74,13 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         method: str = handler_call_details.method
         metadata = handler_call_details.invocation_metadata or ()
         incoming = next((v for k, v in metadata if k == REQUEST_ID_HEADER), None)
-        if tracing.STATE.enabled:
-            wrapped = rewrap(
-                handler,
-                lambda behavior: self._traced_unary(behavior, method, incoming, metadata),
-                lambda behavior: self._traced_stream(behavior, method, incoming, metadata),
-            )
-        else:
-            wrapped = rewrap(
-                handler,
-                lambda behavior: self._wrap_unary(behavior, method, incoming),
-                lambda behavior: self._wrap_stream(behavior, method, incoming),
-            )
+        # With tracing on, the trace context the call's SERVER span continues.
+        traced = metadata if tracing.STATE.enabled else None
+        wrapped = rewrap(
+            handler,
+            lambda behavior: self._wrap_unary(behavior, method, incoming, traced),
+            lambda behavior: self._wrap_stream(behavior, method, incoming, traced),
+        )
         # Client- and bidi-streaming RPCs are not part of Marie's contracts.
         return wrapped or handler
 
@@ -120,32 +115,6 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         context.set_trailing_metadata(status.trailing_metadata)
         return error.code
 
-    def _traced_unary(self, behavior: Any, method: str, incoming: Any, metadata: Any) -> Any:
-        """The call inside its SERVER span (tracing on): the span is current
-        while the handler and the access log run, and records the status."""
-        inner = self._wrap_unary(behavior, method, incoming)
-
-        async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            with tracing.server_span(method, metadata) as span:
-                return await inner(request, _Recording(context, span))
-
-        return unary
-
-    def _traced_stream(self, behavior: Any, method: str, incoming: Any, metadata: Any) -> Any:
-        inner = self._wrap_stream(behavior, method, incoming)
-
-        async def stream(
-            request: Any, context: grpc.aio.ServicerContext[Any, Any]
-        ) -> AsyncIterator[Any]:
-            with tracing.server_span(method, metadata) as span:
-                async with contextlib.aclosing(
-                    inner(request, _Recording(context, span))
-                ) as responses:
-                    async for response in responses:
-                        yield response
-
-        return stream
-
     def _log(self, method: str, code: grpc.StatusCode, started: float) -> None:
         elapsed = time.perf_counter() - started
         rpc_calls(method, code.name).inc()
@@ -155,59 +124,76 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             extra={"method": method, "code": code.name, "latency_ms": round(elapsed * 1000, 3)},
         )
 
-    def _wrap_unary(self, behavior: Any, method: str, incoming: Any) -> Any:
-        async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            started = time.perf_counter()
-            self._begin(context, incoming)
-            code = grpc.StatusCode.OK
-            try:
-                return await behavior(request, context)
-            except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
-                raise
-            except Exception as exc:
-                code = await self._fail(context, exc, method)
-                return None
-            finally:
-                self._log(method, code, started)
+    def _wrap_unary(self, behavior: Any, method: str, incoming: Any, traced: Any) -> Any:
+        # `context` is the call's, or it wrapped to record its status on the span.
+        async def unary(request: Any, context: Any) -> Any:
+            with _span(method, traced) as span:
+                if span is not None:
+                    context = _Recording(context, span)
+                started = time.perf_counter()
+                self._begin(context, incoming)
+                code = grpc.StatusCode.OK
+                try:
+                    return await behavior(request, context)
+                except asyncio.CancelledError:
+                    code = grpc.StatusCode.CANCELLED
+                    raise
+                except Exception as exc:
+                    code = await self._fail(context, exc, method)
+                    return None
+                finally:
+                    self._log(method, code, started)
 
         return unary
 
-    def _wrap_stream(self, behavior: Any, method: str, incoming: Any) -> Any:
-        async def stream(
-            request: Any, context: grpc.aio.ServicerContext[Any, Any]
-        ) -> AsyncIterator[Any]:
-            started = time.perf_counter()
-            self._begin(context, incoming)
-            code = grpc.StatusCode.OK
-            in_flight = rpc_streams_in_flight(method)
-            in_flight.inc()
-            try:
-                responses = behavior(request, context)
-                if inspect.isawaitable(responses):
-                    # A handler that sends with `context.write` and returns
-                    # nothing: grpc_health's Watch, which client-side health
-                    # checking calls (it failed INTERNAL here before).
-                    await responses
-                    return
-                # aclosing: a cancelled call closes the handler's generator now
-                # (and with it any upstream request), not at garbage collection.
-                async with contextlib.aclosing(responses):
-                    async for response in responses:
-                        yield response
-            except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
-                raise
-            except GeneratorExit:
-                code = grpc.StatusCode.CANCELLED
-                raise
-            except Exception as exc:
-                code = await self._fail(context, exc, method)
-            finally:
-                in_flight.dec()
-                self._log(method, code, started)
+    def _wrap_stream(self, behavior: Any, method: str, incoming: Any, traced: Any) -> Any:
+        async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
+            with _span(method, traced) as span:
+                if span is not None:
+                    context = _Recording(context, span)
+                started = time.perf_counter()
+                self._begin(context, incoming)
+                code = grpc.StatusCode.OK
+                in_flight = rpc_streams_in_flight(method)
+                in_flight.inc()
+                try:
+                    responses = behavior(request, context)
+                    if inspect.isawaitable(responses):
+                        # A handler that sends with `context.write` and returns
+                        # nothing: grpc_health's Watch, which client-side health
+                        # checking calls (it failed INTERNAL here before).
+                        await responses
+                        return
+                    # aclosing: a cancelled call closes the handler's generator
+                    # now (and with it any upstream request), not at garbage
+                    # collection.
+                    async with contextlib.aclosing(responses):
+                        async for response in responses:
+                            yield response
+                except asyncio.CancelledError:
+                    code = grpc.StatusCode.CANCELLED
+                    raise
+                except GeneratorExit:
+                    code = grpc.StatusCode.CANCELLED
+                    raise
+                except Exception as exc:
+                    code = await self._fail(context, exc, method)
+                finally:
+                    in_flight.dec()
+                    self._log(method, code, started)
 
         return stream
+
+
+_UNTRACED: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+
+
+def _span(method: str, traced: Any) -> contextlib.AbstractContextManager[Any]:
+    """The call's SERVER span, current while its handler and its access log
+    run (in the same coroutine or generator as they: a wrapper of its own
+    would cost a frame per call and per streamed message); `traced` is the
+    call's metadata, None when tracing is off."""
+    return _UNTRACED if traced is None else tracing.server_span(method, traced)
 
 
 class _Recording:

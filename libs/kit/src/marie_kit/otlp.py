@@ -81,7 +81,9 @@ def _any_value(value: Any) -> bytes:
         return _len(
             b"\x32", b"".join(_len(b"\x0a", _key_value(str(k), v)) for k, v in value.items())
         )
-    raise TypeError(f"attribute value of type {type(value).__name__}")
+    # Spans keep attributes as given: another type is sent as its text (the
+    # SDK's rule), not allowed to fail the whole batch.
+    return _len(b"\x0a", str(value).encode())
 
 
 #: The encoded key field of attribute names seen (a bounded set in practice:
@@ -99,11 +101,33 @@ def _key_value(key: str, value: Any) -> bytes:
     return head + _len(b"\x12", _any_value(value))
 
 
+#: Whole encoded attributes (tag, key and value) of the scalar values seen:
+#: most repeat from span to span (the operation, the method, the model, the
+#: provider, a status code), and a lookup costs less than encoding them.
+#: Keyed by the value's type too: True == 1, but they encode differently.
+_FIELDS: dict[tuple[bytes, str, type, Any], bytes] = {}
+_FIELDS_MAX = 4096
+_CACHED_TYPES = frozenset({str, int, bool})
+
+
 def _attributes(tag: bytes, attributes: Mapping[str, Any] | None) -> bytes:
     """Repeated KeyValue fields under `tag`."""
     if not attributes:
         return b""
-    return b"".join(_len(tag, _key_value(k, v)) for k, v in attributes.items())
+    out = []
+    for key, value in attributes.items():
+        kind = type(value)
+        if kind not in _CACHED_TYPES:
+            out.append(_len(tag, _key_value(key, value)))
+            continue
+        cache_key = (tag, key, kind, value)
+        field = _FIELDS.get(cache_key)
+        if field is None:
+            if len(_FIELDS) >= _FIELDS_MAX:
+                _FIELDS.clear()
+            field = _FIELDS[cache_key] = _len(tag, _key_value(key, value))
+        out.append(field)
+    return b"".join(out)
 
 
 def _flags(parent: SpanContext | None) -> int:

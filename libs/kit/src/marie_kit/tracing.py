@@ -19,10 +19,11 @@ are opened by the kit's own server interceptor and a channel wrapper
 (`traced_channel`, below), not by opentelemetry-instrumentation-grpc: measured
 with `make bench`, the latter's aio interceptors cost about 0.1 ms of CPU per
 call and side even unsampled, more than the whole budget of a traced request,
-and so did a client interceptor of our own. Finished spans are exported by
-the SDK's OTLP exporters with the kit's own encoder (`marie_kit.otlp`): the
-SDK's builds a protobuf object per attribute, which cost more CPU than the
-spans themselves.
+and so did a client interceptor of our own. Spans are recorded by the kit's
+own tracer behind the OpenTelemetry API (`marie_kit.tracer`, which says why
+not the SDK's, with figures) and sent in batches by the SDK's OTLP exporters'
+transport with the kit's own encoder (`marie_kit.otlp`): the SDK's builds a
+protobuf object per attribute, which cost more CPU than the spans themselves.
 """
 
 from __future__ import annotations
@@ -39,8 +40,9 @@ import grpc
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
-    from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.trace import Span, Tracer
+
+    from marie_kit.tracer import TracerProvider
 
 log = logging.getLogger("marie.tracing")
 
@@ -73,8 +75,12 @@ class _Otel:
 
     trace: Any = None
     context: Any = None
+    #: (carrier) -> the context it carries (`propagate.extract`, faster).
     extract: Any = None
+    #: (carrier, context or None): writes the context's trace headers.
     inject: Any = None
+    #: () -> the current span (`trace.get_current_span()`, faster).
+    current_span: Any = None
     SpanKind: Any = None
     Status: Any = None
     StatusCode: Any = None
@@ -83,13 +89,16 @@ class _Otel:
 _otel = _Otel()
 
 
-def _load_api() -> None:
-    from opentelemetry import context, propagate, trace  # noqa: PLC0415
+def _load_api(env: Mapping[str, str]) -> None:
+    from opentelemetry import context, trace  # noqa: PLC0415
+
+    from marie_kit.tracer import current_span_reader, extractor, injector  # noqa: PLC0415
 
     _otel.trace = trace
     _otel.context = context
-    _otel.extract = propagate.extract
-    _otel.inject = propagate.inject
+    _otel.extract = extractor(env)
+    _otel.inject = injector(env)
+    _otel.current_span = current_span_reader()
     _otel.SpanKind = trace.SpanKind
     _otel.Status = trace.Status
     _otel.StatusCode = trace.StatusCode
@@ -127,24 +136,26 @@ def setup_tracing(service: str, environ: Mapping[str, str] | None = None) -> boo
     if STATE.enabled or not wanted(env):
         return STATE.enabled
     # Imported here: a process without an endpoint never loads the SDK.
+    import atexit  # noqa: PLC0415
+
     from opentelemetry import trace  # noqa: PLC0415
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource  # noqa: PLC0415
-    from opentelemetry.sdk.trace import TracerProvider  # noqa: PLC0415
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor  # noqa: PLC0415
-    from opentelemetry.sdk.trace.sampling import ParentBased  # noqa: PLC0415
+
+    from marie_kit.tracer import TracerProvider  # noqa: PLC0415
 
     name = env.get("OTEL_SERVICE_NAME", "").strip() or f"marie-{service}"
-    # Resource.create reads OTEL_RESOURCE_ATTRIBUTES; the sampler comes from
-    # OTEL_TRACES_SAMPLER(_ARG) inside TracerProvider.
-    provider = TracerProvider(resource=Resource.create({SERVICE_NAME: name}))
-    provider.add_span_processor(BatchSpanProcessor(_exporter(env)))
+    # Resource.create reads OTEL_RESOURCE_ATTRIBUTES; the sampler, limits and
+    # batching come from OTEL_TRACES_SAMPLER(_ARG), OTEL_*_LIMIT, OTEL_BSP_*.
+    provider = TracerProvider.from_env(Resource.create({SERVICE_NAME: name}), _exporter(env), env)
     trace.set_tracer_provider(provider)
-    _load_api()
+    # As the SDK's provider does: what is queued is exported at exit.
+    atexit.register(provider.shutdown)
+    _load_api(env)
     STATE.provider = provider
     STATE.tracer = provider.get_tracer("marie")
     STATE.content = _flag(env, "MARIE_TRACE_CONTENT")
     STATE.store_calls = _flag(env, "MARIE_TRACE_STORE_CALLS")
-    STATE.follows_parent = isinstance(provider.sampler, ParentBased)
+    STATE.follows_parent = provider.sampler.follows_parent
     STATE.enabled = True
     log.info("tracing on", extra={"otel_service_name": name})
     return True
@@ -279,7 +290,7 @@ def recording() -> bool:
     if STATE.tracer is None:
         return False
 
-    current = _otel.trace.get_current_span()
+    current = _otel.current_span()
     return current.is_recording() or not current.get_span_context().is_valid
 
 
@@ -398,7 +409,7 @@ def start_client_span(name: str, attributes: Mapping[str, Any]) -> tuple[Span, d
         name, context=_call_context(), kind=_otel.SpanKind.CLIENT, attributes=attributes
     )
     headers: dict[str, str] = {}
-    _otel.inject(headers, context=_otel.trace.set_span_in_context(started))
+    _otel.inject(headers, _otel.trace.set_span_in_context(started))
     return started, headers
 
 
@@ -408,11 +419,11 @@ def start_http_call(attributes: Mapping[str, Any]) -> tuple[Span, dict[str, str]
     current (a model call's) is that call's transport: its HTTP attributes go
     on that span, which the upstream sees as its parent (one span, not two,
     per model call); otherwise a new CLIENT span named by the method."""
-    current = _otel.trace.get_current_span()
+    current = _otel.current_span()
     if getattr(current, "kind", None) is _otel.SpanKind.CLIENT and current.is_recording():
         current.set_attributes(attributes)
         headers: dict[str, str] = {}
-        _otel.inject(headers)
+        _otel.inject(headers, None)
         return current, headers, False
     span, headers = start_client_span(attributes["http.request.method"], attributes)
     return span, headers, True
@@ -441,7 +452,7 @@ def current_span() -> Span | None:
     if not STATE.enabled:
         return None
 
-    current = _otel.trace.get_current_span()
+    current = _otel.current_span()
     return current if current.is_recording() else None
 
 
@@ -450,7 +461,7 @@ def current_ids() -> tuple[str, str] | None:
     if not STATE.enabled:
         return None
 
-    ctx = _otel.trace.get_current_span().get_span_context()
+    ctx = _otel.current_span().get_span_context()
     if not ctx.is_valid:
         return None
     return format(ctx.trace_id, "032x"), format(ctx.span_id, "016x")
@@ -461,7 +472,7 @@ def inject(carrier: MutableMapping[str, str]) -> None:
     if not STATE.enabled:
         return
 
-    _otel.inject(carrier)
+    _otel.inject(carrier, None)
 
 
 def extract(carrier: Mapping[str, str]) -> Context | None:
@@ -541,10 +552,10 @@ def _start_call(method: str, metadata: Metadata) -> tuple[Span | None, Metadata]
         span = tracer.start_span(
             method, context=_call_context(), kind=kind, attributes=_rpc_attributes(method)
         )
-        _otel.inject(carrier, context=_otel.trace.set_span_in_context(span))
+        _otel.inject(carrier, _otel.trace.set_span_in_context(span))
     else:
         # An unsampled trace: no span, but the callee learns the decision.
-        _otel.inject(carrier)
+        _otel.inject(carrier, None)
         if not carrier:
             return None, metadata
     return span, (*(metadata or ()), *carrier.items())
