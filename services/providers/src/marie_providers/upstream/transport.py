@@ -386,6 +386,12 @@ class _Body(httpx.AsyncByteStream):
             raise httpx.StreamClosed()
         return self._connection.body(self._request, self._read_timeout)
 
+    @property
+    def arrived(self) -> bool:
+        """Whether some of the body (or its end) is here, waiting to be read."""
+        connection = self._connection
+        return connection is not None and (bool(connection._body) or connection._complete)
+
     async def aclose(self) -> None:
         connection, self._connection = self._connection, None
         if connection is not None:
@@ -566,10 +572,15 @@ class FastTransport(httpx.AsyncBaseTransport):
 
 async def _answered(response: httpx.Response, span: Span | None, accepted: Accepted | None) -> None:
     """A streamed request's response head arrived: its span notes the status,
-    and `accepted` is told when the upstream took the request."""
+    and `accepted` is told when the upstream took the request, unless its
+    output came with the head (an instant upstream): telling would then only
+    delay that output."""
     if span is not None:
         tracing.http_answered(span, response.status_code)
-    if accepted is not None and response.status_code < 400:
+    if accepted is None or response.status_code >= 400:
+        return
+    body = response.stream
+    if not (isinstance(body, _Body) and body.arrived):
         await accepted()
 
 
