@@ -106,6 +106,7 @@ def test_a_hit_replays_as_a_stream(stack: Stack, ollama: FakeOllama) -> None:
     settle()
     second = post(stack, key, "/v1/chat/completions", body, ASK_CACHE)
 
+    assert first.headers["x-marie-cache"] == "miss"
     assert second.headers["x-marie-cache"] == "hit"
     assert second.headers["content-type"].startswith("text/event-stream")
     assert second.text.rstrip().endswith("data: [DONE]")

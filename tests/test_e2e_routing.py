@@ -38,6 +38,8 @@ class Upstreams:
                 FakeChatModel("chat", reply="one two three four five six"),
                 FakeChatModel("fragile", reply="fragile answered"),
                 FakeChatModel("endless", endless=True, chunk_delay=0.02),
+                # Cut after accepting a stream, in tests of its own: its circuit is its own.
+                FakeChatModel("cut", reply="never said"),
             ],
             api_key=KEY,
         )
@@ -257,6 +259,10 @@ LEAVING = {
         {"model": "local/chat", "prompt": "x", "stream": True},
     ),
     "responses-stream": ("/v1/responses", {"model": "local/chat", "input": "hi", "stream": True}),
+    "messages-stream": (
+        "/v1/messages",
+        {"model": "local/chat", "max_tokens": 16, "messages": HELLO, "stream": True},
+    ),
 }
 
 
@@ -287,11 +293,17 @@ def test_a_client_leaving_before_the_first_token_closes_the_upstream_at_once(
             b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
         )
         wait_for(lambda: bool(upstreams.local.requests_to(upstream_path)), 5)
-        # Nothing has come back: the gateway answers with the first chunk.
         time.sleep(0.5)
         client.setblocking(False)
-        with pytest.raises(BlockingIOError):
-            client.recv(1)
+        if cue.kind == "slow_first_chunk" and endpoint.endswith("-stream"):
+            # The upstream accepted the stream: its answer has started, with
+            # no event yet.
+            head = client.recv(65536)
+            assert head.startswith(b"HTTP/1.1 200 ") and head.endswith(b"\r\n\r\n")
+        else:
+            # Nothing has come back: the gateway answers with the first chunk.
+            with pytest.raises(BlockingIOError):
+                client.recv(1)
         left = time.monotonic()
 
     assert upstreams.local.wait_for_disconnect(1, timeout=5)
@@ -387,3 +399,72 @@ def test_a_failed_response_keeps_the_text_that_had_arrived(
     assert message["content"][0]["text"] == "one two three"
     assert stored.status_code == 200
     assert stored.json()["output"] == failed["output"]
+
+
+#: Each streamed API, as called on the "cut" model.
+CUT_STREAMS: dict[str, tuple[str, dict[str, Any]]] = {
+    "chat": ("/v1/chat/completions", {"messages": HELLO}),
+    "completions": ("/v1/completions", {"prompt": "count"}),
+    "responses": ("/v1/responses", {"input": "count"}),
+    "messages": ("/v1/messages", {"max_tokens": 16, "messages": HELLO}),
+}
+
+
+@pytest.mark.parametrize("endpoint", list(CUT_STREAMS))
+def test_a_stream_cut_after_the_upstream_accepted_it_ends_with_an_error_event(
+    routed: Stack, key: str, upstreams: Upstreams, endpoint: str
+) -> None:
+    # The answer started when the upstream accepted the request (as OpenAI's
+    # own streams do): a failure before the first token is an error event of
+    # that answer, as one after it is.
+    assert chat(routed, key, "local/cut").status_code == 200  # its circuit is closed
+    upstreams.local.fail_next(Cue.die_after_head())
+    path, body = CUT_STREAMS[endpoint]
+
+    response = post(routed, key, path, {**body, "model": "local/cut", "stream": True})
+
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    payloads = events(response)
+    if endpoint in ("chat", "completions"):
+        assert payloads[-1] == "[DONE]"
+        [failure, _] = payloads
+        error = failure["error"]
+        assert error["code"] == "upstream_error"
+    elif endpoint == "responses":
+        assert [p["type"] for p in payloads] == [
+            "response.created",
+            "response.in_progress",
+            "error",
+            "response.failed",
+        ]
+        failed = payloads[-1]["response"]
+        assert failed["status"] == "failed"
+        assert failed["model"] == "local/cut"
+        stored = httpx.get(
+            f"{routed.base_url}/v1/responses/{failed['id']}",
+            headers={"authorization": f"Bearer {key}"},
+        )
+        assert stored.json()["status"] == "failed"
+        error = failed["error"]
+    else:
+        [failure] = payloads
+        assert failure["type"] == "error"
+        error = failure["error"]
+    assert "'local'" in error["message"]
+
+
+@pytest.mark.parametrize("endpoint", list(CUT_STREAMS))
+def test_a_stream_the_upstream_refuses_keeps_the_upstreams_status(
+    routed: Stack, key: str, upstreams: Upstreams, endpoint: str
+) -> None:
+    # Not accepted: nothing has started, the answer is the upstream's status.
+    refusal = "max_tokens is too large for this model"
+    upstreams.local.fail_next(Cue.status_error(400, message=refusal, param="max_tokens"))
+    path, body = CUT_STREAMS[endpoint]
+
+    response = post(routed, key, path, {**body, "model": "local/cut", "stream": True})
+
+    assert response.status_code == 400
+    assert response.headers["content-type"].startswith("application/json")
+    assert refusal in response.json()["error"]["message"]

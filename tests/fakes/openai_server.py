@@ -375,6 +375,8 @@ class _Plan:
     async def stream(self, writer: EventWriter) -> None:
         await self._before_first_byte(writer)
         await writer.start(200, SSE_HEADERS)
+        if self.cue is not None and self.cue.kind == "die_after_head":
+            abort()
         if self.cue is not None and self.cue.kind == "slow_first_chunk":
             await writer.pause(self.cue.seconds)
         if not self.text:

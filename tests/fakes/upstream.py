@@ -79,6 +79,11 @@ class Cue:
     def die_after(cls, events: int) -> Cue:
         return cls("die_after", events=events)
 
+    @classmethod
+    def die_after_head(cls) -> Cue:
+        """The stream's status and headers, then the connection dies."""
+        return cls("die_after_head")
+
 
 @dataclass
 class RecordedRequest:

@@ -14,6 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 from marie.providers.v1 import provider_service_pb2 as pb
+from marie_kit.acceptance import accepted_cache_result
 from marie_providers.config import MarieConfig, ProviderConfig, RoutingConfig
 from marie_providers.routing.router import pick_arm, sticky_fraction
 from marie_providers.settings import ProvidersSettings
@@ -106,8 +107,11 @@ def text(chunks: list[pb.StreamChatCompletionResponse]) -> str:
         Cue.status_error(429),
         Cue.hang(),
         Cue.slow_first(3),
+        # Accepted (the caller is told), then silent: the backup's acceptance
+        # is not told again.
+        Cue.slow_first_chunk(3),
     ],
-    ids=["500", "503", "429", "hang", "slow-first-token"],
+    ids=["500", "503", "429", "hang", "slow-first-token", "accepted-then-slow"],
 )
 async def test_an_alias_fails_over_before_the_first_token(
     service: Service, upstreams: tuple[FakeOpenAI, FakeOpenAI], cue: Cue
@@ -122,6 +126,33 @@ async def test_an_alias_fails_over_before_the_first_token(
     assert {c.model for c in chunks} == {"b/m"}
     assert len(primary.requests_to("/v1/chat/completions")) == 1
     assert len(backup.requests_to("/v1/chat/completions")) == 1
+
+
+@pytest.mark.parametrize(
+    ("cue", "accepted"),
+    [(Cue.slow_first_chunk(2), True), (Cue.status_error(400, message="bad"), False)],
+    ids=["accepted", "refused"],
+)
+async def test_a_stream_says_in_its_head_when_its_upstream_accepted_it(
+    service: Service, upstreams: tuple[FakeOpenAI, FakeOpenAI], cue: Cue, accepted: bool
+) -> None:
+    # The upstream sends its status and headers, then works on the first
+    # token: the caller can start its own answer meanwhile. A refusal is the
+    # call's status, with nothing said before it.
+    primary, _ = upstreams
+    primary.fail_next(cue)
+
+    call = service.stub.StreamChatCompletion(chat("a/m"))
+    head = await call.initial_metadata()
+    chunks, error = await stream_outcome(call)
+
+    if accepted:
+        assert accepted_cache_result(head) == pb.CACHE_RESULT_UNSPECIFIED
+        assert (error, text(chunks)) == (None, "answer from primary")
+    else:
+        assert accepted_cache_result(head) is None
+        assert error is not None
+        assert error.code == grpc.StatusCode.INVALID_ARGUMENT
 
 
 async def test_an_alias_fails_over_when_the_first_deployment_refuses_connections(

@@ -379,3 +379,51 @@ async def test_upstream_client_goes_through_a_configured_proxy(
         # An HTTP proxy gets the absolute URL in the request line.
         assert proxy.requests[0][0].startswith(b"POST http://upstream.example:8080/api/chat ")
         await upstream.aclose()
+
+
+@pytest.mark.parametrize(
+    ("status", "with_output", "told"),
+    [(200, False, True), (200, True, False), (400, False, False)],
+    ids=["head-first", "output-with-the-head", "refused"],
+)
+async def test_a_stream_is_accepted_at_its_head_unless_its_output_came_with_it(
+    status: int, with_output: bool, told: bool
+) -> None:
+    # Acceptance lets providers' caller start its answer while the model
+    # works; an upstream whose first output came with its head gains nothing
+    # from it, and a refusal is no acceptance.
+    release = asyncio.Event()
+    head = b"HTTP/1.1 %d X\r\ntransfer-encoding: chunked\r\n\r\n" % status
+    first = b"5\r\nfirst\r\n"
+
+    async def answer(_: bytes, __: bytes, writer: asyncio.StreamWriter) -> bool:
+        writer.write(head + first if with_output else head)
+        await writer.drain()
+        await release.wait()
+        writer.write(b"" if with_output else first)
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        return True
+
+    accepted: list[bool] = []
+
+    async def accept() -> None:
+        accepted.append(True)
+
+    async with RawServer(answer) as server:
+        upstream = UpstreamClient(
+            server.url + "/",
+            headers={},
+            connect_timeout=5,
+            read_timeout=5,
+            max_connections=4,
+            max_keepalive_connections=4,
+        )
+        async with upstream.stream("chat", b"{}", {}, accepted=accept) as response:
+            said = bool(accepted)  # before the rest of the answer was even sent
+            release.set()
+            assert b"".join([piece async for piece in response.aiter_bytes()]) == b"first"
+        await upstream.aclose()
+
+    assert said is told
+    assert accepted == ([True] if told else [])

@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 from marie.providers.v1 import provider_service_pb2 as pb
 from marie.providers.v1 import provider_service_pb2_grpc as pb_grpc
+from marie_kit.acceptance import accepted_metadata
 from marie_kit.errors import ServiceError
 from marie_kit.lanes import is_background
 from marie_kit.memory import LargeRequests
@@ -306,6 +307,9 @@ class ProviderServicer(pb_grpc.ProviderServiceServicer):
                 int(time.time()),
                 deadline=_deadline(context),
                 background=is_background(context.invocation_metadata()),
+                # A caller reading the stream as it comes can start its answer
+                # while the model works; one waiting for the whole reply cannot.
+                accepted=None if request.aggregate else Acceptance(context, cached is not None),
             )
             async with aclosing(chunks):
                 if not request.aggregate:
@@ -379,6 +383,26 @@ class ProviderServicer(pb_grpc.ProviderServiceServicer):
                 return reply
         except ServiceError as exc:
             raise (as_asked(exc, request.model, request.provider) if direct else exc) from None
+
+
+class Acceptance:
+    """Tells the caller, once, that an upstream accepted the request: the
+    stream's initial metadata, sent before its first chunk (marie_kit.acceptance)."""
+
+    __slots__ = ("_cached", "_context", "_told")
+
+    def __init__(self, context: Context, cached: bool) -> None:
+        self._context = context
+        self._cached = cached
+        self._told = False
+
+    async def __call__(self) -> None:
+        if self._told:
+            # A deployment that failed over before its first chunk was accepted too.
+            return
+        self._told = True
+        result = pb.CACHE_RESULT_MISS if self._cached else pb.CACHE_RESULT_UNSPECIFIED
+        await self._context.send_initial_metadata(accepted_metadata(result))
 
 
 class Cached:

@@ -6,7 +6,8 @@ limits, ledger, metrics, memory enrichment and cancellation on disconnect as
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from typing import TypeVar
 
 import grpc
@@ -123,13 +124,14 @@ class MessagesRoutes:
             chat.cache.CopyFrom(policy)
         await enrich_chat(gw, principal, chat.user or None, chat)
         call = open_chat(gw, request, principal, chat, tally)
+        single_tool = single_tool_call(body)
         async with call.answering():
-            first = await _first(call, refusal)
-            builder = MessageBuilder(message_id, first.model, single_tool=single_tool_call(body))
             if body.stream:
+                with _refused(call, refusal):
+                    await call.start()
                 call.streaming()
                 return EventStreamResponse(
-                    _events(call, builder, first),
+                    _events(call, message_id, single_tool),
                     [
                         (b"x-request-id", call.request_id.encode()),
                         (REQUEST_ID_HEADER.encode(), call.request_id.encode()),
@@ -138,6 +140,9 @@ class MessagesRoutes:
                     on_close=call.close,
                     keep_alive_seconds=gw.settings.sse_keep_alive_seconds,
                 )
+            with _refused(call, refusal):
+                first = await call.first()
+            builder = MessageBuilder(message_id, first.model, single_tool=single_tool)
             builder.add(first)
             async for chunk in call.chunks():
                 builder.add(chunk)
@@ -168,7 +173,8 @@ class MessagesRoutes:
         )
         call = open_chat(gw, request, principal, chat, tally)
         async with call.answering():
-            await _first(call, refusal)
+            with _refused(call, refusal):
+                await call.first()
             async for _ in call.chunks():
                 pass
         counted = call.usage.prompt_tokens if call.usage is not None else 0
@@ -180,12 +186,13 @@ class MessagesRoutes:
         )
 
 
-async def _first(call: ChatCall, refusal: ApiError | None) -> pb.StreamChatCompletionResponse:
-    """The answer's first chunk; where the request carries what only an
+@contextmanager
+def _refused(call: ChatCall, refusal: ApiError | None) -> Iterator[None]:
+    """Waiting for the answer to start: where the request carries what only an
     Anthropic upstream takes and its route is not Anthropic's, the 400 naming
     the first such field."""
     try:
-        return await call.first()
+        yield
     except grpc.aio.AioRpcError as exc:
         if refusal is None:
             raise
@@ -207,21 +214,25 @@ def estimate_tokens(chat: pb.StreamChatCompletionRequest) -> int:
     return math.ceil(chars / CHARS_PER_TOKEN) + TOKENS_PER_MESSAGE * len(chat.messages)
 
 
-async def _events(
-    call: ChatCall, builder: MessageBuilder, first: pb.StreamChatCompletionResponse
-) -> AsyncIterator[bytes]:
+async def _events(call: ChatCall, message_id: str, single_tool: bool) -> AsyncIterator[bytes]:
+    builder: MessageBuilder | None = None
     try:
-        for payload in builder.start() + builder.add(first):
-            yield typed_event(payload)
         try:
             async for chunk in call.chunks():
-                for payload in builder.add(chunk):
+                if builder is None:
+                    # `message_start` names the model that answers.
+                    builder = MessageBuilder(message_id, chunk.model, single_tool=single_tool)
+                    payloads = builder.start() + builder.add(chunk)
+                else:
+                    payloads = builder.add(chunk)
+                for payload in payloads:
                     yield typed_event(payload)
         except ApiError as exc:
-            # After the first byte the status is committed: the error is an
-            # `error` event, and the stream ends.
+            # The status is committed (at the upstream's acceptance, or the
+            # first chunk): the error is an `error` event, and the stream ends.
             yield typed_event(envelope(exc, call.request_id))
             return
+        assert builder is not None  # chunks() has a first chunk or raises
         for payload in builder.finish_events():
             yield typed_event(payload)
     finally:

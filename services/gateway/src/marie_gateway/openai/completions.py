@@ -43,6 +43,11 @@ class CallChain:
                 return chunk
             self.index += 1
 
+    async def initial_metadata(self) -> Any:
+        """The first call's: the answer starts with it (the others' failures
+        come after its chunks, as events)."""
+        return await self._calls[0].initial_metadata()
+
     def cancel(self) -> bool:
         return any([call.cancel() for call in self._calls])
 

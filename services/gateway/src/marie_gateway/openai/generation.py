@@ -15,6 +15,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import grpc
 from marie.providers.v1 import provider_service_pb2 as pb
+from marie_kit.acceptance import accepted_cache_result
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -54,6 +55,8 @@ class StreamCall(Cancellable, Protocol):
 
     async def read(self) -> Any: ...
 
+    async def initial_metadata(self) -> Any: ...
+
 
 def count_tokens(model: str, usage: pb.Usage) -> None:
     provider, model_id = provider_of(model)
@@ -77,11 +80,11 @@ class GenerationCall(Generic[C]):
     """A streaming providers call on behalf of one request, yielding `chunk_type`.
 
     Use: `async with call.answering():` around everything up to the answer
-    (the first chunk, and the whole reply when it is not streamed); for a
-    streamed answer call `streaming()` inside it, read `chunks()` in the
-    event generator, which calls `close()` in its `finally`, and pass `close`
-    as the EventStreamResponse's `on_close` (a generator that never started
-    runs no `finally`)."""
+    (`first()` and the whole reply when it is not streamed; `start()` when it
+    is); for a streamed answer call `streaming()` inside it, read `chunks()`
+    (the first chunk among them) in the event generator, which calls
+    `close()` in its `finally`, and pass `close` as the EventStreamResponse's
+    `on_close` (a generator that never started runs no `finally`)."""
 
     def __init__(
         self, gw: Gateway, request: Request, call: StreamCall, chunk_type: type[C], tally: Tally
@@ -106,6 +109,9 @@ class GenerationCall(Generic[C]):
         self.hit = False
         self._streaming = False
         self._closed = False
+        #: Whether the first chunk arrived; one `start()` read, for `chunks()` to pass on.
+        self._answered = False
+        self._ahead: C | None = None
 
     @asynccontextmanager
     async def answering(self) -> AsyncIterator[None]:
@@ -132,12 +138,31 @@ class GenerationCall(Generic[C]):
         failure is a plain HTTP error with the right status."""
         first = await self.call.read()
         if not isinstance(first, self._chunk_type):  # grpc.aio.EOF
-            raise ApiError(502, "The provider ended the stream without a reply.", "server_error")
+            raise _no_reply()
+        self._first_arrived(first)
+        return first
+
+    async def start(self) -> None:
+        """Wait until a streamed answer may start: when providers says an
+        upstream accepted the request (its stream's initial metadata), so the
+        status and headers go out while the model works, off the first
+        token's path; else (a cache hit, a whole reply) at the first chunk,
+        which `chunks()` passes on first. Until then every failure is a plain
+        HTTP error with its status; one after acceptance and before the first
+        chunk comes from `chunks()`, as later ones do (OpenAI's own streams
+        behave so)."""
+        cache_result = accepted_cache_result(await self.call.initial_metadata())
+        if cache_result is not None:
+            self.cache = cache_result
+            return
+        self._ahead = await self.first()
+
+    def _first_arrived(self, first: C) -> None:
         time_to_first_token(*provider_of(first.model)).observe(time.perf_counter() - self._started)
+        self._answered = True
         self.model = first.model
         self.cache = first.cache
         self._note(first)
-        return first
 
     def cache_headers(self) -> list[tuple[bytes, bytes]]:
         """`x-marie-cache: hit|miss` when the response cache took part."""
@@ -151,8 +176,12 @@ class GenerationCall(Generic[C]):
         STREAMS_IN_FLIGHT.inc()
 
     async def chunks(self) -> AsyncIterator[C]:
-        """The chunks after the first. A failure raises ApiError: the call's
-        error, or 503 when the shutdown's grace period is over."""
+        """The chunks not yet read (after `first()`: the rest; after `start()`:
+        all). A failure raises ApiError: the call's error, a stream that ended
+        without a reply, or 503 when the shutdown's grace period is over."""
+        if self._ahead is not None:
+            ahead, self._ahead = self._ahead, None
+            yield ahead
         while True:
             try:
                 read = await self.call.read()
@@ -167,8 +196,14 @@ class GenerationCall(Generic[C]):
                 self.tally.failed = True
                 raise service_unavailable(SHUTDOWN_MESSAGE) from None
             if not isinstance(read, self._chunk_type):  # grpc.aio.EOF
+                if not self._answered:
+                    self.tally.failed = True
+                    raise _no_reply()
                 return
-            self._note(read)
+            if self._answered:
+                self._note(read)
+            else:
+                self._first_arrived(read)
             yield read
 
     def _note(self, chunk: C) -> None:
@@ -202,6 +237,10 @@ class GenerationCall(Generic[C]):
 ChatCall = GenerationCall[pb.StreamChatCompletionResponse]
 
 
+def _no_reply() -> ApiError:
+    return ApiError(502, "The provider ended the stream without a reply.", "server_error")
+
+
 class WholeReply:
     """A unary `CreateChatCompletion` call read as a stream: its chunks, then EOF.
 
@@ -224,6 +263,9 @@ class WholeReply:
             reply = await self._call
             self._chunks = list(reversed(reply.chunks))
         return self._chunks.pop() if self._chunks else grpc.aio.EOF
+
+    async def initial_metadata(self) -> Any:
+        return await self._call.initial_metadata()
 
     def cancel(self) -> bool:
         return self._call.cancel()
@@ -281,45 +323,45 @@ async def relay(
     JSON answer; the call brings the usage, metrics, shutdown and disconnect
     handling every generating route shares."""
     async with call.answering():
-        first = await call.first()
-        created = first.created or int(time.time())
         if stream:
+            await call.start()
             call.streaming()
             return EventStreamResponse(
-                _sse_events(call, dialect, first, created, include_usage),
+                _sse_events(call, dialect, include_usage),
                 [(b"x-request-id", call.request_id.encode()), *call.cache_headers()],
                 on_close=call.close,
                 keep_alive_seconds=call.gw.settings.sse_keep_alive_seconds,
             )
+        first = await call.first()
         dialect.add(first)
         async for chunk in call.chunks():
             dialect.add(chunk)
         headers = {k.decode(): v.decode() for k, v in call.cache_headers()}
+        created = first.created or int(time.time())
         return JSONResponse(dialect.whole(first.id, created, first.model), headers=headers or None)
 
 
 async def _sse_events(
-    call: GenerationCall[C], dialect: Dialect[C], first: C, created: int, include_usage: bool
+    call: GenerationCall[C], dialect: Dialect[C], include_usage: bool
 ) -> AsyncIterator[bytes]:
-    head = {"id": first.id, "object": dialect.chunk_object, "created": created}
+    head: dict[str, Any] = {}
     try:
-        chunk = first
-        rest = call.chunks()
-        while True:
-            if (payload := dialect.event(head, chunk)) is not None:
-                yield event(payload)
-            try:
-                chunk = await anext(rest)
-            except StopAsyncIteration:
-                break
-            except ApiError as exc:
-                # After the first byte the status is committed: the error
-                # travels as an event, then the stream ends normally.
-                yield event(exc.envelope())
-                yield DONE
-                return
+        try:
+            async for chunk in call.chunks():
+                if not head:
+                    created = chunk.created or int(time.time())
+                    head = {"id": chunk.id, "object": dialect.chunk_object, "created": created}
+                if (payload := dialect.event(head, chunk)) is not None:
+                    yield event(payload)
+        except ApiError as exc:
+            # The status is committed (at the upstream's acceptance, or the
+            # first chunk): the error travels as an event, then the stream
+            # ends normally.
+            yield event(exc.envelope())
+            yield DONE
+            return
         if include_usage and call.usage is not None:
-            yield event(usage_payload(head, first.model, call.usage))
+            yield event(usage_payload(head, call.model, call.usage))
         yield DONE
     finally:
         # Reached on normal end, on error, and when the client disconnects.

@@ -31,6 +31,7 @@ from marie_providers.errors import (
 from marie_providers.upstream.chunks import ChunkMerger
 from marie_providers.upstream.http_provider import JSON_HEADERS, HttpProvider, status_error
 from marie_providers.upstream.sse import iter_sse_batches
+from marie_providers.upstream.transport import Accepted
 
 DEFAULT_ANTHROPIC_BASE_URL = "https://api.anthropic.com"
 ANTHROPIC_VERSION = "2023-06-01"
@@ -84,6 +85,8 @@ class AnthropicProvider(HttpProvider):
         model_name: str,
         completion_id: str,
         created: int,
+        *,
+        accepted: Accepted | None = None,
     ) -> AsyncGenerator[pb.StreamChatCompletionResponse, None]:
         self.require_credentials()
         if request.logprobs:
@@ -120,7 +123,9 @@ class AnthropicProvider(HttpProvider):
             created=created,
         )
         try:
-            async with self._upstream.stream("v1/messages", payload, headers) as response:
+            async with self._upstream.stream(
+                "v1/messages", payload, headers, accepted=accepted
+            ) as response:
                 if response.status_code >= 400:
                     raise status_error(response, await response.aread())
                 batches = iter_sse_batches(self._upstream.body(response))

@@ -39,7 +39,7 @@ from marie_providers.upstream.chunks import ChunkMerger
 from marie_providers.upstream.http_provider import fetch_json, status_error
 from marie_providers.upstream.ndjson import iter_ndjson_batches
 from marie_providers.upstream.provider import Provider
-from marie_providers.upstream.transport import UpstreamClient
+from marie_providers.upstream.transport import Accepted, UpstreamClient
 
 # Ollama queues up to 512 requests by default (OLLAMA_MAX_QUEUE); a smaller
 # pool would turn its queueing into our pool timeouts.
@@ -169,6 +169,8 @@ class OllamaProvider(Provider):
         model_name: str,
         completion_id: str,
         created: int,
+        *,
+        accepted: Accepted | None = None,
     ) -> AsyncGenerator[pb.StreamChatCompletionResponse, None]:
         translator = ChatStreamTranslator(
             completion_id=completion_id,
@@ -176,7 +178,9 @@ class OllamaProvider(Provider):
             provider=self.name,
             created=created,
         )
-        return self._stream_lines("/api/chat", chat_payload(request, model_name), translator)
+        return self._stream_lines(
+            "/api/chat", chat_payload(request, model_name), translator, accepted
+        )
 
     def stream_completion(
         self,
@@ -184,6 +188,8 @@ class OllamaProvider(Provider):
         model_name: str,
         completion_id: str,
         created: int,
+        *,
+        accepted: Accepted | None = None,
     ) -> AsyncGenerator[pb.StreamChatCompletionResponse, None]:
         translator = GenerateStreamTranslator(
             completion_id=completion_id,
@@ -192,19 +198,26 @@ class OllamaProvider(Provider):
             created=created,
         )
         return self._stream_lines(
-            "/api/generate", generate_payload(request, model_name), translator
+            "/api/generate", generate_payload(request, model_name), translator, accepted
         )
 
     async def _stream_lines(
-        self, path: str, body: dict[str, Any], translator: ChatStreamTranslator
+        self,
+        path: str,
+        body: dict[str, Any],
+        translator: ChatStreamTranslator,
+        accepted: Accepted | None,
     ) -> AsyncGenerator[pb.StreamChatCompletionResponse, None]:
-        """The chunks of one streamed NDJSON call (`/api/chat`, `/api/generate`)."""
+        """The chunks of one streamed NDJSON call (`/api/chat`, `/api/generate`);
+        `accepted` as for `stream_chat`."""
         model_name = str(body["model"])
         payload = orjson.dumps(body)
         try:
             # Leaving this block by any route (end, error, the consumer closing
             # us on cancellation) closes the response and so the upstream request.
-            async with self._upstream.stream(path, payload, JSON_HEADERS) as response:
+            async with self._upstream.stream(
+                path, payload, JSON_HEADERS, accepted=accepted
+            ) as response:
                 if response.status_code >= 400:
                     error = status_error(response, await response.aread())
                     if "suffix" in body and "does not support insert" in error.message:

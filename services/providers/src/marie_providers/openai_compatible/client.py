@@ -32,6 +32,7 @@ from marie_providers.openai_compatible.translate import (
 from marie_providers.upstream.chunks import ChunkMerger
 from marie_providers.upstream.http_provider import JSON_HEADERS, HttpProvider, status_error
 from marie_providers.upstream.sse import iter_sse_batches
+from marie_providers.upstream.transport import Accepted
 
 DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
 #: CreateEmbeddingsRequest.input_type as servers that take one spell it.
@@ -98,6 +99,8 @@ class OpenAICompatibleProvider(HttpProvider):
         model_name: str,
         completion_id: str,
         created: int,
+        *,
+        accepted: Accepted | None = None,
     ) -> AsyncGenerator[pb.StreamChatCompletionResponse, None]:
         return self._generate(
             "chat/completions",
@@ -106,6 +109,7 @@ class OpenAICompatibleProvider(HttpProvider):
             model_name=model_name,
             completion_id=completion_id,
             created=created,
+            accepted=accepted,
         )
 
     def stream_completion(
@@ -114,6 +118,8 @@ class OpenAICompatibleProvider(HttpProvider):
         model_name: str,
         completion_id: str,
         created: int,
+        *,
+        accepted: Accepted | None = None,
     ) -> AsyncGenerator[pb.StreamChatCompletionResponse, None]:
         # OpenAI's legacy endpoint, which vLLM, llama.cpp, LM Studio and others serve too.
         return self._generate(
@@ -124,6 +130,7 @@ class OpenAICompatibleProvider(HttpProvider):
             completion_id=completion_id,
             created=created,
             text=True,
+            accepted=accepted,
         )
 
     async def _generate(
@@ -136,9 +143,10 @@ class OpenAICompatibleProvider(HttpProvider):
         completion_id: str,
         created: int,
         text: bool = False,
+        accepted: Accepted | None = None,
     ) -> AsyncGenerator[pb.StreamChatCompletionResponse, None]:
         """The chunks of one `path` call (`chat/completions`, or `completions` with
-        `text`), its body from `payload_for(stream)`."""
+        `text`), its body from `payload_for(stream)`; `accepted` as for `stream_chat`."""
         self.require_credentials()
         if aggregate:
             # The caller wants the whole reply: ask for it whole. Servers that
@@ -169,7 +177,7 @@ class OpenAICompatibleProvider(HttpProvider):
         )
         try:
             async with self._upstream.stream(
-                path, payload, {**JSON_HEADERS, "accept": "text/event-stream"}
+                path, payload, {**JSON_HEADERS, "accept": "text/event-stream"}, accepted=accepted
             ) as response:
                 if response.status_code >= 400:
                     raise status_error(response, await response.aread())

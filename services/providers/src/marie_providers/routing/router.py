@@ -35,6 +35,7 @@ from marie_providers.routing.registry import ModelRegistry
 from marie_providers.routing.resilience import Circuit, CircuitBreaker, ConcurrencyLimit
 from marie_providers.upstream.provider import Provider
 from marie_providers.upstream.stops import matching_stops, without_stops
+from marie_providers.upstream.transport import Accepted
 
 log = logging.getLogger("marie.providers.routing")
 
@@ -434,17 +435,22 @@ class Router:
         deadline: float | None = None,
         *,
         background: bool = False,
+        accepted: Accepted | None = None,
     ) -> AsyncGenerator[pb.StreamChatCompletionResponse, None]:
         """The chunks of a chat completion (or a text completion: chat chunks whose
         content is the text) from the first deployment that produces a first chunk;
-        `background` for a call in the background lane."""
+        `background` for a call in the background lane. `accepted` is awaited
+        each time a deployment's upstream accepts the request (more than once
+        when one fails over before its first chunk)."""
 
         def open_stream(
             deployment: Deployment,
         ) -> AsyncGenerator[pb.StreamChatCompletionResponse, None]:
             provider, model = deployment.provider, deployment.model
             if isinstance(request, pb.StreamCompletionRequest):
-                chunks = provider.stream_completion(request, model, completion_id, created)
+                chunks = provider.stream_completion(
+                    request, model, completion_id, created, accepted=accepted
+                )
             elif (
                 request.report_stop_sequence
                 and request.sampling.stop
@@ -452,11 +458,15 @@ class Router:
             ):
                 # The upstream would stop without saying at which: stop here.
                 chunks = matching_stops(
-                    provider.stream_chat(without_stops(request), model, completion_id, created),
+                    provider.stream_chat(
+                        without_stops(request), model, completion_id, created, accepted=accepted
+                    ),
                     request,
                 )
             else:
-                chunks = provider.stream_chat(request, model, completion_id, created)
+                chunks = provider.stream_chat(
+                    request, model, completion_id, created, accepted=accepted
+                )
             if tracing.STATE.enabled and tracing.recording():
                 from marie_providers.upstream import telemetry  # noqa: PLC0415 - tracing on only
 

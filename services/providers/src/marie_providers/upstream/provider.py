@@ -13,6 +13,7 @@ from collections.abc import AsyncGenerator
 from marie.providers.v1 import provider_service_pb2 as pb
 
 from marie_providers.errors import unsupported
+from marie_providers.upstream.transport import Accepted
 
 
 class Provider(ABC):
@@ -101,8 +102,12 @@ class Provider(ABC):
         model_name: str,
         completion_id: str,
         created: int,
+        *,
+        accepted: Accepted | None = None,
     ) -> AsyncGenerator[pb.StreamChatCompletionResponse, None]:
-        """Stream the completion of an already validated request as chunks.
+        """Stream the completion of an already validated request as chunks;
+        `accepted` is awaited once the upstream has accepted the request (its
+        status is a success), before its first chunk.
 
         Closing the iterator early must close the upstream request.
         """
@@ -113,11 +118,14 @@ class Provider(ABC):
         model_name: str,
         completion_id: str,
         created: int,
+        *,
+        accepted: Accepted | None = None,
     ) -> AsyncGenerator[pb.StreamChatCompletionResponse, None]:
         """Stream the continuation of a validated text prompt, as chat chunks whose
         `content` is the text (the servicer turns them into completion chunks):
         one chunk type lets completions share the router, the merger and the
-        stream translators with chat. The default: this upstream has none."""
+        stream translators with chat; `accepted` as for `stream_chat`. The
+        default: this upstream has none."""
         raise unsupported(
             self.name,
             "model",

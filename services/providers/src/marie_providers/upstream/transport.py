@@ -38,11 +38,14 @@ import urllib.request
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import httptools
 import httpx
 from marie_kit import tracing
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
 
 #: Unread response bytes past which the socket is not read until some are consumed.
 _HIGH_WATER = 256 * 1024
@@ -50,6 +53,8 @@ _CRLF = b"\r\n"
 #: Linux's TCP_QUICKACK (None elsewhere): see _Connection._ack_at_once.
 _QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
 _NO_BODY_STATUS = frozenset((204, 304))
+#: Told that the upstream accepted a streamed request (see UpstreamClient.stream).
+Accepted = Callable[[], Awaitable[None]]
 
 
 class _NotAnswered(httpx.RemoteProtocolError):
@@ -381,6 +386,12 @@ class _Body(httpx.AsyncByteStream):
             raise httpx.StreamClosed()
         return self._connection.body(self._request, self._read_timeout)
 
+    @property
+    def arrived(self) -> bool:
+        """Whether some of the body (or its end) is here, waiting to be read."""
+        connection = self._connection
+        return connection is not None and (bool(connection._body) or connection._complete)
+
     async def aclose(self) -> None:
         connection, self._connection = self._connection, None
         if connection is not None:
@@ -559,6 +570,20 @@ class FastTransport(httpx.AsyncBaseTransport):
         self._forget_all()
 
 
+async def _answered(response: httpx.Response, span: Span | None, accepted: Accepted | None) -> None:
+    """A streamed request's response head arrived: its span notes the status,
+    and `accepted` is told when the upstream took the request, unless its
+    output came with the head (an instant upstream): telling would then only
+    delay that output."""
+    if span is not None:
+        tracing.http_answered(span, response.status_code)
+    if accepted is None or response.status_code >= 400:
+        return
+    body = response.stream
+    if not (isinstance(body, _Body) and body.arrived):
+        await accepted()
+
+
 def _proxied(url: httpx.URL) -> bool:
     """Whether the environment names a proxy that httpx would use for `url`."""
     proxies = urllib.request.getproxies()
@@ -635,9 +660,16 @@ class UpstreamClient:
 
     @asynccontextmanager
     async def stream(
-        self, path: str, content: bytes, headers: Mapping[str, str]
+        self,
+        path: str,
+        content: bytes,
+        headers: Mapping[str, str],
+        *,
+        accepted: Accepted | None = None,
     ) -> AsyncIterator[httpx.Response]:
-        """A streamed POST of `content` to `path` (relative to the base URL).
+        """A streamed POST of `content` to `path` (relative to the base URL);
+        `accepted` is awaited when the upstream answers a status below 400,
+        before any of the body is read.
 
         On the direct path the response's `stream` yields the body as it
         arrives; `body` reads it without httpx's decoding layers when there
@@ -665,8 +697,7 @@ class UpstreamClient:
                 async with self.http.stream(
                     "POST", path, content=content, headers={**headers, **trace_headers}
                 ) as response:
-                    if span is not None:
-                        tracing.http_answered(span, response.status_code)
+                    await _answered(response, span, accepted)
                     yield response
                 return
             extra = b"".join(
@@ -683,9 +714,8 @@ class UpstreamClient:
                 self._timeouts,
                 lambda connection: connection.exchange(data, self._timeouts),
             )
-            if span is not None:
-                tracing.http_answered(span, response.status_code)
             try:
+                await _answered(response, span, accepted)
                 yield response
             finally:
                 await response.aclose()

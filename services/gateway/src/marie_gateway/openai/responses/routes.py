@@ -98,17 +98,18 @@ class ResponsesRoutes:
             await enrich_chat(gw, principal, body.user, chat)
             call = open_chat(gw, request, principal, chat, tally)
             async with call.answering():
-                first = await call.first()
-                answer.begin(first)
                 if body.stream:
+                    await call.start()
                     call.streaming()
                     answer.streaming = True
                     return EventStreamResponse(
-                        answer.events(call, first),
+                        answer.events(call),
                         [(b"x-request-id", call.request_id.encode())],
                         on_close=call.close,
                         keep_alive_seconds=gw.settings.sse_keep_alive_seconds,
                     )
+                first = await call.first()
+                answer.begin(first)
                 answer.builder.add(first)
                 async for chunk in call.chunks():
                     answer.builder.add(chunk)
@@ -185,12 +186,18 @@ class _Answer:
         #: The answer is an event stream, which keeps its answer itself.
         self.streaming = False
 
-    def begin(self, first: pb.StreamChatCompletionResponse) -> None:
-        created = first.created or int(time.time())
+    def begin(self, first: pb.StreamChatCompletionResponse | None) -> ResponseBuilder:
+        """The response's builder, from the answer's first chunk; without one
+        (the answer failed or was left before it), in the requested model's name."""
+        if first is None:
+            created, model = int(time.time()), self._body.model
+        else:
+            created, model = first.created or int(time.time()), first.model
         self.builder = ResponseBuilder(
-            response_object(self._body, self.response_id, created, first.model),
+            response_object(self._body, self.response_id, created, model),
             parallel_tool_calls=self._body.parallel_tool_calls is not False,
         )
+        return self.builder
 
     def _record(self) -> dict[str, Any]:
         return {"response": self.builder.response, "input": self._items}
@@ -213,25 +220,30 @@ class _Answer:
             self._kept = True
             self._store.later(self._store.delete(self._tenant, self.response_id), "deleted")
 
-    async def events(
-        self, call: ChatCall, first: pb.StreamChatCompletionResponse
-    ) -> AsyncIterator[bytes]:
-        builder = self.builder
+    async def events(self, call: ChatCall) -> AsyncIterator[bytes]:
+        builder: ResponseBuilder | None = None
         try:
-            for payload in builder.start() + builder.add(first):
-                yield typed_event(payload)
             try:
                 async for chunk in call.chunks():
-                    for payload in builder.add(chunk):
+                    if builder is None:
+                        builder = self.begin(chunk)
+                        payloads = builder.start() + builder.add(chunk)
+                    else:
+                        payloads = builder.add(chunk)
+                    for payload in payloads:
                         yield typed_event(payload)
             except ApiError as exc:
-                # After the first byte the status is committed: the failure
-                # travels as events, and the failed response is kept as such.
-                failed = builder.failed(exc)
+                # The status is committed (at the upstream's acceptance, or the
+                # first chunk): the failure travels as events, and the failed
+                # response is kept as such.
+                started = builder is not None
+                builder = builder or self.begin(None)
+                failed = ([] if started else builder.start()) + builder.failed(exc)
                 await self.save_quietly()
                 for payload in failed:
                     yield typed_event(payload)
                 return
+            assert builder is not None  # chunks() has a first chunk or raises
             last = builder.finish_events()
             # Kept before the client hears it is done: a continuation sent
             # right after finds it.
@@ -242,6 +254,7 @@ class _Answer:
             call.close()
             if not self._kept:
                 # The client left mid-answer: what was said is kept, marked so.
+                builder = builder or self.begin(None)
                 builder.cancelled()
                 self._kept = True
                 self._store.later(
