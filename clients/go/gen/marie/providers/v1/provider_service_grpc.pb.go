@@ -88,7 +88,11 @@ type ProviderServiceClient interface {
 	// the upstream reports it, usage. Errors before the first chunk end the
 	// call with a status; an error after it ends the stream with a status too,
 	// after the chunks already sent. Cancelling the call closes the upstream
-	// request.
+	// request. Once an upstream has accepted the request (answered a success
+	// status), before its first token, the call's initial metadata says so:
+	// "x-marie-accepted", whose value is the answer's CacheResult as a number;
+	// a caller may start its own answer then. A stream never accepted (a cache
+	// hit) sends its initial metadata with the first chunk.
 	StreamChatCompletion(ctx context.Context, in *StreamChatCompletionRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[StreamChatCompletionResponse], error)
 	// Generates a chat completion and answers it whole: StreamChatCompletion's
 	// request (its `aggregate` is implied), routing, retries, failover and
@@ -101,10 +105,10 @@ type ProviderServiceClient interface {
 	CreateEmbeddings(ctx context.Context, in *CreateEmbeddingsRequest, opts ...grpc.CallOption) (*CreateEmbeddingsResponse, error)
 	// Continues a plain text prompt (OpenAI's legacy text completions) and
 	// streams the continuation as chunks, with the same routing, retries,
-	// failover and cancellation as StreamChatCompletion. Providers whose
-	// upstream has no text completion (Hugging Face's router, Anthropic) answer
-	// INVALID_ARGUMENT with reason UNSUPPORTED_BY_PROVIDER (metadata "provider"
-	// and "field" name them).
+	// failover, cancellation and initial metadata as StreamChatCompletion.
+	// Providers whose upstream has no text completion (Hugging Face's router,
+	// Anthropic) answer INVALID_ARGUMENT with reason UNSUPPORTED_BY_PROVIDER
+	// (metadata "provider" and "field" name them).
 	StreamCompletion(ctx context.Context, in *StreamCompletionRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[StreamCompletionResponse], error)
 }
 
@@ -282,7 +286,11 @@ type ProviderServiceServer interface {
 	// the upstream reports it, usage. Errors before the first chunk end the
 	// call with a status; an error after it ends the stream with a status too,
 	// after the chunks already sent. Cancelling the call closes the upstream
-	// request.
+	// request. Once an upstream has accepted the request (answered a success
+	// status), before its first token, the call's initial metadata says so:
+	// "x-marie-accepted", whose value is the answer's CacheResult as a number;
+	// a caller may start its own answer then. A stream never accepted (a cache
+	// hit) sends its initial metadata with the first chunk.
 	StreamChatCompletion(*StreamChatCompletionRequest, grpc.ServerStreamingServer[StreamChatCompletionResponse]) error
 	// Generates a chat completion and answers it whole: StreamChatCompletion's
 	// request (its `aggregate` is implied), routing, retries, failover and
@@ -295,10 +303,10 @@ type ProviderServiceServer interface {
 	CreateEmbeddings(context.Context, *CreateEmbeddingsRequest) (*CreateEmbeddingsResponse, error)
 	// Continues a plain text prompt (OpenAI's legacy text completions) and
 	// streams the continuation as chunks, with the same routing, retries,
-	// failover and cancellation as StreamChatCompletion. Providers whose
-	// upstream has no text completion (Hugging Face's router, Anthropic) answer
-	// INVALID_ARGUMENT with reason UNSUPPORTED_BY_PROVIDER (metadata "provider"
-	// and "field" name them).
+	// failover, cancellation and initial metadata as StreamChatCompletion.
+	// Providers whose upstream has no text completion (Hugging Face's router,
+	// Anthropic) answer INVALID_ARGUMENT with reason UNSUPPORTED_BY_PROVIDER
+	// (metadata "provider" and "field" name them).
 	StreamCompletion(*StreamCompletionRequest, grpc.ServerStreamingServer[StreamCompletionResponse]) error
 	mustEmbedUnimplementedProviderServiceServer()
 }
