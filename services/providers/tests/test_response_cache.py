@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 from marie.providers.v1 import provider_service_pb2 as pb
+from marie_providers.cache import responses
 from marie_providers.settings import ProvidersSettings
 from prometheus_client import REGISTRY
 from providers_testkit import Service, chat, running_service, stream_outcome
@@ -369,8 +370,9 @@ async def test_chat_by_default_caches_only_temperature_zero(
 
 
 async def test_a_store_that_does_not_answer_is_a_miss_within_the_lookup_timeout(
-    settings: ProvidersSettings, fake: FakeOllama
+    settings: ProvidersSettings, fake: FakeOllama, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(responses, "CLOSE_WAIT_SECONDS", 0.2)
     # An OpenSearch address where a listener accepts and never answers.
     server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
@@ -394,6 +396,9 @@ async def test_a_store_that_does_not_answer_is_a_miss_within_the_lookup_timeout(
     assert text(chunks)
     assert took < 2.0
     assert lookups("chat", "error") == errors + 1
+    # The answer's write to the silent store was given up when the service
+    # closed, not left running against a closed client.
+    assert [t for t in asyncio.all_tasks() if t.get_name() == "cache-store"] == []
 
 
 async def test_an_unreadable_entry_is_a_miss(

@@ -131,8 +131,17 @@ class ResponseCache:
         _stores(entry.operation, "stored").inc()
 
     async def close(self) -> None:
+        """Let background writes finish for a while, give up the rest (a
+        cache entry is never owed to anyone), then close the store: a write
+        left running would reopen the store's client after its close (an
+        OpenSearch client's HTTP session, never closed again)."""
         if self._writes:
             await asyncio.wait(list(self._writes), timeout=CLOSE_WAIT_SECONDS)
+        if left := list(self._writes):
+            for task in left:
+                task.cancel()
+            await asyncio.gather(*left, return_exceptions=True)
+            log.info("response cache writes given up at shutdown", extra={"writes": len(left)})
         await self._store.close()
 
 
