@@ -56,8 +56,6 @@ class Segment:
     fd: int
     written: int = 0
     unsettled: int = 0
-    #: No more records go to it (rotated, or adopted from a dead process).
-    sealed: bool = False
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -119,8 +117,9 @@ class Spool:
         return segment
 
     def settle(self, segment: Segment, count: int = 1) -> None:
-        """`count` of the segment's records are settled. A sealed segment with
-        none left is deleted; the current one is emptied (kept, with its lock,
+        """`count` of the segment's records are settled. Any segment but the
+        current one (rotated, or adopted from a dead process) with none left
+        is deleted; the current one is emptied (kept, with its lock,
         for the next records)."""
         segment.unsettled -= count
         if segment.unsettled > 0:
@@ -154,7 +153,9 @@ class Spool:
         return segment
 
     def _seal(self, segment: Segment) -> None:
-        segment.sealed = True
+        """No more records go to `segment` (the caller replaces it as the
+        current one): deleted now if all its records are settled, else by
+        `settle` once they are."""
         if segment.unsettled <= 0:
             self._delete(segment)
 
@@ -191,7 +192,7 @@ def _adopt(path: Path) -> Segment | None:
     if os.fstat(fd).st_nlink == 0:  # adopted and settled by another recorder meanwhile
         os.close(fd)
         return None
-    return Segment(path, fd, sealed=True)
+    return Segment(path, fd)
 
 
 def _read(segment: Segment) -> list[auth_pb.UsageRecord]:
